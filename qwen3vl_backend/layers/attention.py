@@ -1,0 +1,70 @@
+"""Causal attention over a paged KV cache: the batch's one metadata carrier and the torch path.
+
+A step's batch is flat: T new tokens from S sequences laid end to end. Each sequence's keys and
+values live in fixed-size blocks of a per-layer cache `(2, num_blocks, block_size, Hkv, D)`;
+`block_tables[s]` lists sequence s's blocks in order and `slot_mapping[t]` is the flat slot
+(block * block_size + offset) where new token t's K/V are written. The same carrier serves
+prefill (query_len > 1, possibly after a cached prefix), decode (query_len == 1) and both mixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    query_lens: list[int]          # (S,) new tokens per sequence this step
+    context_lens: list[int]        # (S,) tokens in the cache per sequence after this step
+    slot_mapping: torch.Tensor     # (T,) int64 flat cache slot of each new token
+    block_tables: torch.Tensor     # (S, max_blocks) int32, -1 padded
+    block_size: int
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """cache (2, NB, BS, Hkv, D); k, v (T, Hkv, D)."""
+    flat = cache.view(2, -1, *cache.shape[-2:])
+    flat[0].index_copy_(0, slot_mapping, k.to(cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(cache.dtype))
+
+
+def paged_attention_torch(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                          scale: float) -> torch.Tensor:
+    """q (T, H, D) against each sequence's cached keys -> (T, H, D). Plain PyTorch reference."""
+    out = torch.empty_like(q)
+    start = 0
+    for s, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
+        nblocks = -(-ctx // meta.block_size)
+        blocks = meta.block_tables[s, :nblocks].long()
+        k = cache[0, blocks].flatten(0, 1)[:ctx]                               # (ctx, Hkv, D)
+        v = cache[1, blocks].flatten(0, 1)[:ctx]
+        qs = q[start : start + qlen]
+        # query j sits at absolute position ctx - qlen + j and sees keys 0..that position
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos
+        o = F.scaled_dot_product_attention(
+            qs.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )
+        out[start : start + qlen] = o.transpose(0, 1)
+        start += qlen
+    return out
+
+
+def varlen_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                           scale: float) -> torch.Tensor:
+    """Bidirectional attention within each segment of a packed batch (the ViT's frames)."""
+    out = torch.empty_like(q)
+    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        o = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), scale=scale
+        )
+        out[a:b] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,147 @@
+"""Weights: HF-format safetensors (single or sharded) mapped onto our parameters by a table.
+
+Each table row is (checkpoint-name pattern, our parameter name, how to place the tensor).
+Placement is "copy", "transpose" (the released fused experts are stored (E, H, 2I) and
+(E, I, H); we keep linear-layout (E, 2I, H) and (E, H, I)), or one expert's gate/up/down shard
+for checkpoints with per-expert tensors. Anything missing, unexpected or mis-shaped fails the
+load with its name. `dummy` builds random weights at the config's shapes with no files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .model_config import ModelConfig
+from .models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+_EXPERTS = r"(model\.language_model\.layers\.\d+\.mlp\.experts)"
+# (pattern, target, placement); the first matching row wins; targets use the pattern's groups.
+WEIGHT_TABLE: list[tuple[str, str, str]] = [
+    (_EXPERTS + r"\.gate_up_proj$", r"\1.w13", "transpose"),
+    (_EXPERTS + r"\.down_proj$", r"\1.w2", "transpose"),
+    (_EXPERTS + r"\.(\d+)\.gate_proj\.weight$", r"\1.w13", "expert:gate"),
+    (_EXPERTS + r"\.(\d+)\.up_proj\.weight$", r"\1.w13", "expert:up"),
+    (_EXPERTS + r"\.(\d+)\.down_proj\.weight$", r"\1.w2", "expert:down"),
+    (r"^(model\.(visual|language_model)\..+|lm_head\.weight)$", r"\1", "copy"),
+]
+_COMPILED = [(re.compile(p), t, how) for p, t, how in WEIGHT_TABLE]
+
+
+class WeightLoadError(ValueError):
+    pass
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The model with uninitialised storage on `device` (meta allocates nothing)."""
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(cfg)
+    if str(device) != "meta":
+        model = model.to_empty(device=device)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    return model.to(dtype).eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightLoadError(f"no *.safetensors in {path}")
+    return files
+
+
+def _place(param: torch.Tensor, tensor: torch.Tensor, how: str, match: re.Match, name: str) -> None:
+    if how == "transpose":
+        tensor = tensor.transpose(1, 2)
+        dst = param.data
+    elif how.startswith("expert:"):
+        expert, shard = int(match.group(2)), how.split(":")[1]
+        dst = param.data[expert]
+        if shard != "down":
+            half = dst.shape[0] // 2
+            dst = dst[:half] if shard == "gate" else dst[half:]
+    else:
+        dst = param.data
+    if tuple(dst.shape) != tuple(tensor.shape):
+        raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit "
+                              f"parameter shape {tuple(dst.shape)}")
+    dst.copy_(tensor.to(dst.dtype))
+
+
+def load_weights(model: nn.Module, path: str | Path) -> set[str]:
+    """Copy every checkpoint tensor into its parameter; returns the parameter names loaded."""
+    path = Path(path)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    expert_shards: dict[str, int] = {}
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                for pattern, target, how in _COMPILED:
+                    m = pattern.search(name)
+                    if m:
+                        break
+                else:
+                    raise WeightLoadError(f"unexpected tensor {name!r} in {file.name}")
+                pname = m.expand(target)
+                if pname not in params:
+                    raise WeightLoadError(f"unexpected tensor {name!r} in {file.name} (no parameter {pname})")
+                _place(params[pname], f.get_tensor(name), how, m, name)
+                if how.startswith("expert:"):
+                    expert_shards[pname] = expert_shards.get(pname, 0) + 1
+                loaded.add(pname)
+    cfg: ModelConfig = model.cfg
+    for pname, n in expert_shards.items():
+        want = cfg.text.num_experts * (2 if pname.endswith("w13") else 1)
+        if n != want:
+            raise WeightLoadError(f"{pname}: {n} per-expert tensors in the checkpoint, expected {want}")
+    if cfg.tie_word_embeddings:
+        loaded.add("lm_head.weight")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise WeightLoadError(f"checkpoint {path} lacks {len(missing)} tensors: {missing[:5]}{more}")
+    return loaded
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights at real shapes: norms at one, everything else small normal noise."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            std = 0.02
+            if p.device.type == "cpu":
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            else:
+                p.normal_(0.0, std)
+
+
+def load_model(path: str | Path, device="cpu", dtype=torch.float32, load_format: str = "auto"):
+    """Build and fill the model: `auto` reads safetensors, `dummy` draws random weights."""
+    cfg = ModelConfig.from_path(path)
+    model = build_model(cfg, device, dtype)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    elif load_format == "auto":
+        load_weights(model, path)
+    else:
+        raise ValueError(f"unknown load format {load_format!r}: expected auto or dummy")
+    return model

@@ -1,0 +1,75 @@
+"""Qwen3 text decoder (dense or MoE) over a flat token batch and a paged KV cache.
+
+Shapes: T = new tokens in the step, D = hidden, H/Hkv = query/KV heads, Dh = head dim.
+Attention: q/k RMSNorm per head before interleaved mRoPE, grouped-query. DeepStack: the
+vision features of the first len(deepstack) layers are added to those layers' outputs at the
+visual token positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers.attention import AttentionMetadata, paged_attention_torch, write_kv
+from ..layers.moe import GatedMLP, SparseMoE
+from ..layers.norm import RMSNorm
+from ..layers.rotary import apply_rotary
+from ..model_config import TextConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, bias: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+        self.attn_fn = paged_attention_torch
+
+    def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata):
+        t = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim))
+        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_kv(cache, k, v, meta.slot_mapping)
+        o = self.attn_fn(q, cache, meta, self.head_dim ** -0.5)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                   cfg.head_dim, cfg.rms_norm_eps, cfg.attention_bias)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                                 cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, embeds, cos, sin, kv_caches, meta, visual_mask=None, deepstack=()):
+        h = embeds
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, kv_caches[i], meta)
+            if i < len(deepstack):
+                h = h.index_put((visual_mask,), h[visual_mask] + deepstack[i].to(h.dtype))
+        return self.norm(h)

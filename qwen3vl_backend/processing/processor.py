@@ -1,0 +1,146 @@
+"""Chat request -> prompt token ids, media pixel tensors and mRoPE positions.
+
+Mirrors transformers' Qwen3VLProcessor: render the chat template, replace each image pad with
+one pad per merged patch and each video pad with `<t seconds><|vision_start|>pads<|vision_end|>`
+per temporal patch, tokenize the expanded text, then compute 3-D positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .chat import ChatTemplate, MediaRef, RequestError, normalize_messages
+from .media import TRUSTED, MediaPolicy, decode_image, decode_video, fetch_bytes
+from .positions import IMAGE, TEXT, VIDEO, mrope_positions
+from .tokenizer import Tokenizer
+from .vision_inputs import VisionProcessingConfig, process_image, process_video, video_frame_indices
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+
+
+@dataclass
+class MediaItem:
+    kind: str                        # "image" | "video"
+    pixel_values: torch.Tensor       # (patches, C*Tp*P*P) float32
+    grid_thw: tuple[int, int, int]
+    content_hash: str                # identity of the pixels (ViT cache, prefix cache)
+    timestamps: list[float] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w // 4
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt_ids: list[int]
+    media: list[MediaItem]
+    positions: torch.Tensor          # (3, L) long
+    rope_delta: int
+    text: str = ""
+
+
+class Processor:
+    def __init__(self, model_dir: str | Path, tokenizer: Tokenizer | None = None):
+        model_dir = Path(model_dir)
+        self.tokenizer = tokenizer or Tokenizer(model_dir)
+        tmpl = model_dir / "chat_template.jinja"
+        self.template = ChatTemplate((tmpl if tmpl.exists() else DATA / "chat_template.jinja").read_text())
+        self.cfg = VisionProcessingConfig.from_dir(model_dir)
+        self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
+        self.video_pad_id = self.tokenizer.token_to_id(VIDEO_PAD)
+
+    # -- media ---------------------------------------------------------------------------------
+    def load_media(self, ref: MediaRef, policy: MediaPolicy = TRUSTED) -> MediaItem:
+        data = fetch_bytes(ref.source, policy)
+        opts = ref.options
+        if ref.kind == "image":
+            image = decode_image(data)
+            pv, grid = process_image(image, self.cfg, _int_opt(opts, "min_pixels"), _int_opt(opts, "max_pixels"))
+            return MediaItem("image", pv, grid, _hash(pv, grid))
+        fps, max_frames = _num_opt(opts, "fps"), _int_opt(opts, "max_frames")
+        video = decode_video(data, lambda total, vfps: video_frame_indices(total, vfps, self.cfg, fps, max_frames))
+        pv, grid, stamps = process_video(video.frames, video.frame_indices, video.fps, self.cfg,
+                                         _int_opt(opts, "min_pixels"), _int_opt(opts, "max_pixels"))
+        return MediaItem("video", pv, grid, _hash(pv, grid), stamps)
+
+    # -- prompt --------------------------------------------------------------------------------
+    def render(self, messages: list[dict]) -> tuple[str, list[MediaRef]]:
+        template_messages, refs = normalize_messages(messages)
+        return self.template.render(template_messages, add_generation_prompt=True), refs
+
+    def process_messages(self, messages: list[dict], policy: MediaPolicy = TRUSTED) -> ProcessedPrompt:
+        text, refs = self.render(messages)
+        return self.build_prompt(text, [self.load_media(r, policy) for r in refs])
+
+    def build_prompt(self, text: str, media: list[MediaItem]) -> ProcessedPrompt:
+        """Expand the pads of a rendered prompt for `media` (in order), tokenize, and position."""
+        expanded = self._expand(text, media)
+        ids = self.tokenizer.encode(expanded)
+        types = [IMAGE if t == self.image_pad_id else VIDEO if t == self.video_pad_id else TEXT for t in ids]
+        grids = {IMAGE: [m.grid_thw for m in media if m.kind == "image"],
+                 VIDEO: [m.grid_thw for m in media if m.kind == "video"]}
+        positions, delta = mrope_positions(types, grids, self.cfg.merge_size)
+        return ProcessedPrompt(ids, media, positions, delta, expanded)
+
+    def process_text(self, prompt: str) -> ProcessedPrompt:
+        """A plain prompt, tokenized as is (no template)."""
+        return self.build_prompt(prompt, [])
+
+    def _expand(self, text: str, media: list[MediaItem]) -> str:
+        images = [m for m in media if m.kind == "image"]
+        videos = [m for m in media if m.kind == "video"]
+        if text.count(IMAGE_PAD) != len(images) or text.count(VIDEO_PAD) != len(videos):
+            raise RequestError(f"prompt has {text.count(IMAGE_PAD)} image and {text.count(VIDEO_PAD)} video "
+                               f"placeholders for {len(images)} images and {len(videos)} videos")
+        unit = self.cfg.merge_size ** 2
+        out, img_i, vid_i, pos = [], 0, 0, 0
+        while True:
+            i, v = text.find(IMAGE_PAD, pos), text.find(VIDEO_PAD, pos)
+            if i < 0 and v < 0:
+                out.append(text[pos:])
+                break
+            if v < 0 or (0 <= i < v):
+                m = images[img_i]
+                img_i += 1
+                out.append(text[pos:i] + IMAGE_PAD * (m.grid_thw[0] * m.grid_thw[1] * m.grid_thw[2] // unit))
+                pos = i + len(IMAGE_PAD)
+            else:
+                m = videos[vid_i]
+                vid_i += 1
+                per_frame = m.grid_thw[1] * m.grid_thw[2] // unit
+                out.append(text[pos:v] + "".join(
+                    f"<{ts:.1f} seconds>{VISION_START}{VIDEO_PAD * per_frame}{VISION_END}" for ts in m.timestamps))
+                pos = v + len(VIDEO_PAD)
+        return "".join(out)
+
+
+def _hash(pixel_values: torch.Tensor, grid) -> str:
+    h = hashlib.sha256(repr(tuple(grid)).encode())
+    h.update(pixel_values.contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _int_opt(opts: dict, key: str) -> int | None:
+    v = opts.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise RequestError(f"{key} must be a positive integer, got {v!r}")
+    return v
+
+
+def _num_opt(opts: dict, key: str) -> float | None:
+    v = opts.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise RequestError(f"{key} must be a positive number, got {v!r}")
+    return float(v)

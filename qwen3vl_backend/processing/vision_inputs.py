@@ -1,0 +1,156 @@
+"""Qwen3-VL image and video processing, identical to transformers' processors.
+
+Images: `smart_resize` to multiples of patch*merge (32) within [min_pixels, max_pixels],
+bicubic with antialias on the uint8 tensor (what torchvision does on CPU), normalise with
+mean/std 0.5, then patchify in merge-block order with the frame repeated over the temporal
+patch. Videos: sample at `fps` within [min_frames, max_frames], the same resize for all frames
+(pixel budget over t*h*w), pad the frame count to the temporal patch, and timestamp each
+temporal patch with the mean time of its frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .chat import RequestError
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass(frozen=True)
+class VisionProcessingConfig:
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_min_pixels: int = 65536
+    image_max_pixels: int = 16777216
+    video_min_pixels: int = 4096
+    video_max_pixels: int = 25165824
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path | None) -> "VisionProcessingConfig":
+        def read(name):
+            for d in ([Path(model_dir)] if model_dir else []) + [DATA]:
+                if (d / name).exists():
+                    return json.loads((d / name).read_text())
+            return {}
+
+        img, vid = read("preprocessor_config.json"), read("video_preprocessor_config.json")
+        base = cls()
+        return cls(
+            patch_size=img.get("patch_size", base.patch_size),
+            temporal_patch_size=img.get("temporal_patch_size", base.temporal_patch_size),
+            merge_size=img.get("merge_size", base.merge_size),
+            image_mean=tuple(img.get("image_mean", base.image_mean)),
+            image_std=tuple(img.get("image_std", base.image_std)),
+            image_min_pixels=img.get("size", {}).get("shortest_edge", img.get("min_pixels", base.image_min_pixels)),
+            image_max_pixels=img.get("size", {}).get("longest_edge", img.get("max_pixels", base.image_max_pixels)),
+            video_min_pixels=vid.get("size", {}).get("shortest_edge", base.video_min_pixels),
+            video_max_pixels=vid.get("size", {}).get("longest_edge", base.video_max_pixels),
+            video_fps=vid.get("fps", base.video_fps),
+            video_min_frames=vid.get("min_frames", base.video_min_frames),
+            video_max_frames=vid.get("max_frames", base.video_max_frames),
+        )
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int,
+                 num_frames: int = 1, temporal_factor: int = 1) -> tuple[int, int]:
+    """Target (h, w): multiples of `factor`, t*h*w within the pixel budget, aspect kept."""
+    if temporal_factor > 1 and (height < factor or width < factor):   # video frames only, as the reference
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise RequestError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds 200")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _resize(frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """frames (B, 3, H, W) uint8 -> (B, 3, h, w) uint8, bicubic with antialias."""
+    if frames.shape[-2:] == (h, w):
+        return frames
+    return F.interpolate(frames, size=(h, w), mode="bicubic", antialias=True)
+
+
+def _normalize(frames: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tensor:
+    mean = torch.tensor(cfg.image_mean).view(1, -1, 1, 1) * 255.0
+    std = torch.tensor(cfg.image_std).view(1, -1, 1, 1) * 255.0
+    return (frames.float() - mean) / std
+
+
+def _patchify(frames: torch.Tensor, cfg: VisionProcessingConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """frames (T, C, h, w) with T a multiple of the temporal patch -> (gt*gh*gw, C*Tp*P*P)."""
+    t, c, h, w = frames.shape
+    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    gt, gh, gw = t // tp, h // p, w // p
+    x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)            # gt, bh, bw, mh, mw, c, tp, p, p
+    return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+
+
+def process_image(image, cfg: VisionProcessingConfig, min_pixels: int | None = None,
+                  max_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """PIL RGB image -> pixel_values (gh*gw, 1536) float32 and its grid (1, gh, gw)."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
+    h, w = smart_resize(arr.shape[2], arr.shape[3], cfg.factor,
+                        min_pixels or cfg.image_min_pixels, max_pixels or cfg.image_max_pixels)
+    x = _normalize(_resize(arr, h, w), cfg)
+    x = x.expand(cfg.temporal_patch_size, -1, -1, -1)     # one image fills the temporal patch
+    return _patchify(x, cfg)
+
+
+def video_frame_indices(total: int, video_fps: float, cfg: VisionProcessingConfig,
+                        fps: float | None = None, max_frames: int | None = None) -> list[int]:
+    fps = fps or cfg.video_fps
+    max_frames = min(max_frames or cfg.video_max_frames, cfg.video_max_frames)
+    n = int(total / (video_fps or 24) * fps)
+    n = min(max(n, cfg.video_min_frames), max_frames, total)
+    return np.linspace(0, total - 1, n).round().astype(int).tolist()
+
+
+def process_video(frames: np.ndarray, frame_indices: list[int], video_fps: float, cfg: VisionProcessingConfig,
+                  min_pixels: int | None = None, max_pixels: int | None = None):
+    """Sampled frames (T, H, W, 3) uint8 -> pixel_values, grid (gt, gh, gw), timestamps per gt."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    t = x.shape[0]
+    h, w = smart_resize(x.shape[2], x.shape[3], cfg.factor, min_pixels or cfg.video_min_pixels,
+                        max_pixels or cfg.video_max_pixels, num_frames=t, temporal_factor=cfg.temporal_patch_size)
+    x = _normalize(_resize(x, h, w), cfg)
+    pad = -t % cfg.temporal_patch_size
+    if pad:
+        x = torch.cat((x, x[-1:].expand(pad, -1, -1, -1)))
+    pixel_values, grid = _patchify(x, cfg)
+    return pixel_values, grid, video_timestamps(frame_indices, video_fps, cfg.temporal_patch_size)
+
+
+def video_timestamps(indices: list[int], fps: float, temporal_patch: int) -> list[float]:
+    idx = list(indices)
+    if len(idx) % temporal_patch:
+        idx += [idx[-1]] * (temporal_patch - len(idx) % temporal_patch)
+    times = [i / fps for i in idx]
+    return [(times[i] + times[i + temporal_patch - 1]) / 2 for i in range(0, len(times), temporal_patch)]
