@@ -30,12 +30,8 @@ class MediaItem:
     pixel_values: torch.Tensor       # (patches, C*Tp*P*P) float32
     grid_thw: tuple[int, int, int]
     content_hash: str                # identity of the pixels (ViT cache, prefix cache)
+    num_tokens: int                  # pad tokens in the prompt (merged patches)
     timestamps: list[float] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        t, h, w = self.grid_thw
-        return t * h * w // 4
 
 
 @dataclass
@@ -64,12 +60,15 @@ class Processor:
         if ref.kind == "image":
             image = decode_image(data)
             pv, grid = process_image(image, self.cfg, _int_opt(opts, "min_pixels"), _int_opt(opts, "max_pixels"))
-            return MediaItem("image", pv, grid, _hash(pv, grid))
+            return MediaItem("image", pv, grid, _hash(pv, grid), self._num_tokens(grid))
         fps, max_frames = _num_opt(opts, "fps"), _int_opt(opts, "max_frames")
         video = decode_video(data, lambda total, vfps: video_frame_indices(total, vfps, self.cfg, fps, max_frames))
         pv, grid, stamps = process_video(video.frames, video.frame_indices, video.fps, self.cfg,
                                          _int_opt(opts, "min_pixels"), _int_opt(opts, "max_pixels"))
-        return MediaItem("video", pv, grid, _hash(pv, grid), stamps)
+        return MediaItem("video", pv, grid, _hash(pv, grid), self._num_tokens(grid), stamps)
+
+    def _num_tokens(self, grid) -> int:
+        return grid[0] * grid[1] * grid[2] // self.cfg.merge_size ** 2
 
     # -- prompt --------------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> tuple[str, list[MediaRef]]:

@@ -1,0 +1,96 @@
+"""The engine's one validated config, and the one parser of settings into it.
+
+`EngineConfig.from_settings` takes string settings: Triton `config.pbtxt` parameters and the
+launcher's flags both arrive that way, under the same names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    model_path: str = ""
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                   # auto (float32 on cpu, bfloat16 on cuda) | float32 | bfloat16
+    load_format: str = "auto"             # auto | dummy
+    max_model_len: int = 8192
+    block_size: int = 16
+    num_kv_blocks: int = 0                # 0: sized from mem_fraction_static (cuda) or 2048 (cpu)
+    mem_fraction_static: float = 0.88
+    max_num_seqs: int = 64                # SGLang's --max-running-requests
+    max_num_batched_tokens: int = 2048    # SGLang's --chunked-prefill-size
+    enable_prefix_cache: bool = True
+    attention_backend: str = "torch"      # torch | triton | fa3
+    mm_attention_backend: str = "sdpa"    # sdpa | triton | fa3
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.model_path:
+            raise ConfigError("model_path is required")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.load_format == "auto" and not (Path(self.model_path) / "config.json").exists():
+            raise ConfigError(f"model_path {self.model_path!r} has no config.json")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("device cuda requested but no CUDA device is available")
+        if self.dtype == "auto":
+            self.dtype = "float32" if self.device == "cpu" else "bfloat16"
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_kv_blocks < 0:
+            raise ConfigError("num_kv_blocks must be >= 0")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ConfigError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        for name, allowed in (("attention_backend", ("torch", "triton", "fa3")),
+                              ("mm_attention_backend", ("sdpa", "triton", "fa3", "fa2"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, str]) -> "EngineConfig":
+        """String settings (config.pbtxt parameters, launcher flags) -> validated config.
+
+        Values may use `$VAR` / `${VAR}` environment references; unknown names are refused.
+        """
+        types = {f.name: f.type for f in fields(cls)}
+        kwargs = {}
+        for key, raw in settings.items():
+            if key not in types:
+                raise ConfigError(f"unknown engine setting {key!r}")
+            value = os.path.expandvars(str(raw))
+            kind = types[key]
+            try:
+                if kind in ("int", int):
+                    kwargs[key] = int(value)
+                elif kind in ("float", float):
+                    kwargs[key] = float(value)
+                elif kind in ("bool", bool):
+                    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(value)
+                    kwargs[key] = value.lower() in ("1", "true", "yes")
+                else:
+                    kwargs[key] = value
+            except ValueError:
+                raise ConfigError(f"setting {key}={value!r} is not a valid {kind}") from None
+        return cls(**kwargs)

@@ -1,0 +1,207 @@
+"""The engine loop: schedule -> run -> postprocess, one step at a time.
+
+Requests enter with token ids (and, for media, either pixels to encode here or ViT outputs made
+elsewhere); each `step` returns what every affected request gained: new token ids, the text they
+complete, and the finish reason once done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..config import EngineConfig
+from ..processing.processor import MediaItem, ProcessedPrompt
+from ..processing.tokenizer import Tokenizer
+from ..sampling_params import SamplingParams
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner, MultimodalState
+from .scheduler import ScheduledChunk, Scheduler
+from .sequence import Sequence
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    delta_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    cached_tokens: int
+
+
+class _Request:
+    """Engine-side state beyond the scheduler's: detokeniser and the text already sent."""
+
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer):
+        self.seq = seq
+        self.detok = IncrementalDetokenizer(tokenizer, seq.params.skip_special_tokens)
+        self.sent = 0
+        self.hold = max((len(s) for s in seq.params.stop), default=1) - 1
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, tokenizer: Tokenizer | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer or Tokenizer(cfg.model_path)
+        self.runner = ModelRunner(cfg)
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.eos_ids = set(self.tokenizer.eos_token_ids)
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, prompt: ProcessedPrompt | list[int], params: SamplingParams,
+                    request_id: str | None = None, vision_outputs=None) -> str:
+        """Queue a request. Media in `prompt` is encoded here unless `vision_outputs`
+        (embeds, deepstack) for all of it is given."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, list):
+            prompt = ProcessedPrompt(prompt, [], torch.arange(len(prompt)).expand(3, -1), 0)
+        n = len(prompt.prompt_ids)
+        if n == 0:
+            raise PromptTooLongError("the prompt is empty")
+        if n >= self.cfg.max_model_len:
+            raise PromptTooLongError(f"prompt of {n} tokens does not fit the context of "
+                                     f"{self.cfg.max_model_len} tokens (at least one token must be generated)")
+        if vision_outputs is None and prompt.media:
+            vision_outputs = self.encode_media(prompt.media)
+        embeds, deepstack = vision_outputs if vision_outputs is not None else (None, ())
+        mm = MultimodalState.build(prompt.positions, prompt.rope_delta, prompt.prompt_ids,
+                                   self.runner.visual_token_ids, embeds, deepstack)
+        seq = Sequence(request_id, list(prompt.prompt_ids), params, mm=mm, arrival=time.monotonic(),
+                       cache_keys=cache_keys(prompt, self.runner.visual_token_ids))
+        self.scheduler.add(seq)
+        self._requests[request_id] = _Request(seq, self.tokenizer)
+        return request_id
+
+    def encode_media(self, media: list[MediaItem]):
+        pixels = torch.cat([m.pixel_values for m in media])
+        return self.runner.run_vision(pixels, [m.grid_thw for m in media])
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request: its KV blocks are freed at once."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id)
+        self.runner.sampler.forget(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        banned = {c.seq.request_id: self._banned(c.seq) for c in batch if c.samples}
+        tokens = self.runner.run(batch, {k: v for k, v in banned.items() if v})
+        self.scheduler.computed(batch)
+        outputs = []
+        sampled = iter(tokens)
+        for chunk in batch:
+            if chunk.samples:
+                outputs.append(self._postprocess(chunk.seq, next(sampled)))
+        return outputs
+
+    def _banned(self, seq: Sequence) -> set[int]:
+        p = seq.params
+        if len(seq.output_ids) >= p.min_tokens:
+            return set()
+        return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+
+    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
+        req = self._requests[seq.request_id]
+        p = seq.params
+        seq.output_ids.append(token)
+        req.detok.push(token)
+        reason = None
+        n_out = len(seq.output_ids)
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif n_out >= p.max_tokens or seq.num_tokens >= self.cfg.max_model_len:
+            reason = "length"
+        stop_hit = None
+        if p.stop and reason != "stop":
+            stop_hit = _find_stop(req.detok.text, p.stop, max(0, req.sent - req.hold))
+            if stop_hit is not None:
+                reason = "stop"
+        if reason is not None and stop_hit is None:
+            req.detok.flush()
+        text = req.detok.text if stop_hit is None else req.detok.text[:stop_hit]
+        emit_upto = len(text) if reason is not None else max(req.sent, len(text) - req.hold)
+        delta = text[req.sent:emit_upto]
+        req.sent = emit_upto
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.runner.sampler.forget(seq.request_id)
+            del self._requests[seq.request_id]
+        return RequestOutput(seq.request_id, [token], delta, reason is not None, reason, seq.num_prompt,
+                             n_out, seq.num_cached_prompt)
+
+    def prompt_logits(self, prompt: ProcessedPrompt) -> torch.Tensor:
+        """Logits (L, V) at every prompt position, computed in one prefill outside the queue."""
+        embeds, deepstack = self.encode_media(prompt.media) if prompt.media else (None, ())
+        mm = MultimodalState.build(prompt.positions, prompt.rope_delta, prompt.prompt_ids,
+                                   self.runner.visual_token_ids, embeds, deepstack)
+        seq = Sequence("prompt-logits", list(prompt.prompt_ids), SamplingParams(max_tokens=1), mm=mm)
+        if not self.block_manager.ensure(seq, seq.num_prompt):
+            raise PromptTooLongError("not enough free KV blocks to score this prompt")
+        try:
+            return self.runner.logits([ScheduledChunk(seq, 0, seq.num_prompt)])
+        finally:
+            self.block_manager.free(seq)
+
+    # -- convenience -------------------------------------------------------------------------
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams]) -> list[dict]:
+        """Run prompts to completion (offline use, tests, the one-shot CLI)."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results = {i: {"output_token_ids": [], "text": "", "finish_reason": None, "cached_tokens": 0} for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                r = results[out.request_id]
+                r["output_token_ids"].extend(out.new_token_ids)
+                r["text"] += out.delta_text
+                r["cached_tokens"] = out.cached_tokens
+                if out.finished:
+                    r["finish_reason"] = out.finish_reason
+        return [results[i] for i in ids]
+
+
+def _find_stop(text: str, stops: list[str], search_from: int) -> int | None:
+    hits = [i for s in stops if (i := text.find(s, search_from)) >= 0]
+    return min(hits) if hits else None
+
+
+def cache_keys(prompt: ProcessedPrompt, pad_ids: tuple[int, ...]) -> list:
+    """Prefix-cache identity of each prompt token: its id, or (media hash, index) for media pads."""
+    keys: list = list(prompt.prompt_ids)
+    if not prompt.media:
+        return keys
+    media = iter(prompt.media)
+    current, left, k = None, 0, 0
+    for i, tok in enumerate(prompt.prompt_ids):
+        if tok in pad_ids:
+            if left == 0:
+                current = next(media)
+                left, k = current.num_tokens, 0
+            keys[i] = (current.content_hash, k)
+            k += 1
+            left -= 1
+    return keys

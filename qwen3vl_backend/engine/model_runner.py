@@ -1,0 +1,158 @@
+"""Owns every tensor: the model, the KV cache, step inputs, the ViT and the sampler.
+
+`prepare` turns the scheduler's chunks into one flat batch (token ids, (3, T) mRoPE positions,
+slot mapping, block tables, the visual rows that fall inside each chunk); `run` executes it
+and samples the sequences whose chunk reached their last token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import EngineConfig
+from ..layers.attention import AttentionMetadata
+from ..layers.sampler import Sampler
+from ..loader import load_model
+from ..processing.positions import decode_positions
+from .scheduler import ScheduledChunk
+
+
+@dataclass
+class MultimodalState:
+    """Per-sequence vision inputs: prompt positions and the ViT outputs for its visual tokens."""
+
+    positions: torch.Tensor                         # (3, L) long, the prompt's mRoPE positions
+    rope_delta: int
+    visual_embeds: torch.Tensor | None = None       # (Nv, D), visual tokens in prompt order
+    deepstack: list[torch.Tensor] = field(default_factory=list)   # levels x (Nv, D)
+    visual_rank: torch.Tensor | None = None         # (L,) index into visual rows, -1 for text
+
+    @classmethod
+    def build(cls, positions, rope_delta, prompt_ids, visual_token_ids, visual_embeds=None, deepstack=()):
+        ids = torch.tensor(prompt_ids)
+        is_visual = torch.isin(ids, torch.tensor(sorted(visual_token_ids)))
+        rank = torch.where(is_visual, is_visual.long().cumsum(0) - 1, torch.full_like(ids, -1))
+        n = int(is_visual.sum())
+        if n and (visual_embeds is None or visual_embeds.shape[0] != n):
+            got = None if visual_embeds is None else visual_embeds.shape[0]
+            raise ValueError(f"prompt has {n} visual tokens but {got} visual embeddings were given")
+        return cls(positions, rope_delta, visual_embeds, list(deepstack), rank if n else None)
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.dtype = cfg.torch_dtype
+        self.model = load_model(cfg.model_path, self.device, self.dtype, cfg.load_format)
+        self.model_cfg = self.model.cfg
+        t = self.model_cfg.text
+        self.visual_token_ids = (self.model_cfg.image_token_id, self.model_cfg.video_token_id)
+        self.num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
+        shape = (2, self.num_blocks, cfg.block_size, t.num_key_value_heads, t.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(t.num_hidden_layers)]
+        self.sampler = Sampler()
+
+    def _auto_num_blocks(self) -> int:
+        if self.device.type != "cuda":
+            return 2048
+        t = self.model_cfg.text
+        free, total = torch.cuda.mem_get_info(self.device)
+        per_block = 2 * self.cfg.block_size * t.num_key_value_heads * t.head_dim * self.dtype.itemsize
+        per_block *= t.num_hidden_layers
+        budget = total * self.cfg.mem_fraction_static - (total - free)
+        if budget < per_block * 16:
+            raise RuntimeError(f"mem_fraction_static={self.cfg.mem_fraction_static} leaves no room for the KV cache")
+        return int(budget // per_block)
+
+    # -- vision ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_vision(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]):
+        """Packed pixels of several items -> (embeds (N/4, D), deepstack levels)."""
+        pv = pixel_values.to(self.device, self.dtype)
+        return self.model.visual(pv, grids)
+
+    # -- decoder step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, batch: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits (T, V) of every token of the batch (prompt scoring, parity checks)."""
+        ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch)
+        hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
+        return self.model.compute_logits(hidden)
+
+    @torch.no_grad()
+    def run(self, batch: list[ScheduledChunk], banned: dict[str, set[int]] | None = None) -> list[int]:
+        """Execute the batch; returns the sampled token for each chunk with `samples`, in order."""
+        ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch)
+        hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
+        last, rows = [], []
+        end = 0
+        for chunk in batch:
+            end += chunk.num_tokens
+            if chunk.samples:
+                seq = chunk.seq
+                last.append(end - 1)
+                rows.append((seq.request_id, seq.params, seq.prompt_ids, seq.output_ids,
+                             (banned or {}).get(seq.request_id)))
+        if not last:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])
+        return self.sampler.sample(logits, rows)
+
+    def prepare(self, batch: list[ScheduledChunk]):
+        bs = self.cfg.block_size
+        ids, pos, slots, vis_rows, vis_mask = [], [], [], [], []
+        deep_rows: list[list[torch.Tensor]] = []
+        for chunk in batch:
+            seq, a, b = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+            ids.extend(seq.tokens[a:b])
+            pos.append(self._positions(seq, a, b))
+            table = seq.block_table
+            slots.extend(table[j // bs] * bs + j % bs for j in range(a, b))
+            mm = seq.mm
+            mask = torch.zeros(b - a, dtype=torch.bool)
+            if mm is not None and mm.visual_rank is not None and a < seq.num_prompt:
+                rank = mm.visual_rank[a : min(b, seq.num_prompt)]
+                sel = rank >= 0
+                mask[: rank.shape[0]] = sel
+                if sel.any():
+                    picked = rank[sel].to(mm.visual_embeds.device)
+                    vis_rows.append(mm.visual_embeds[picked])
+                    deep_rows.append([d[picked] for d in mm.deepstack])
+            vis_mask.append(mask)
+        dev = self.device
+        max_blocks = max(len(c.seq.block_table) for c in batch)
+        tables = torch.full((len(batch), max_blocks), -1, dtype=torch.int32)
+        for i, c in enumerate(batch):
+            tables[i, : len(c.seq.block_table)] = torch.tensor(c.seq.block_table, dtype=torch.int32)
+        meta = AttentionMetadata(
+            query_lens=[c.num_tokens for c in batch],
+            context_lens=[c.start + c.num_tokens for c in batch],
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=tables.to(dev),
+            block_size=bs,
+        )
+        vis_embeds, deepstack, mask_t = None, (), None
+        if vis_rows:
+            vis_embeds = torch.cat(vis_rows).to(dev)
+            levels = min(len(r) for r in deep_rows)
+            deepstack = [torch.cat([r[level] for r in deep_rows]).to(dev) for level in range(levels)]
+            mask_t = torch.cat(vis_mask).to(dev)
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(pos, dim=1).to(dev), meta,
+                vis_embeds, mask_t, deepstack)
+
+    @staticmethod
+    def _positions(seq, a: int, b: int) -> torch.Tensor:
+        mm = seq.mm
+        if mm is None:
+            return torch.arange(a, b).expand(3, -1)
+        parts = []
+        if a < seq.num_prompt:
+            parts.append(mm.positions[:, a : min(b, seq.num_prompt)])
+        if b > seq.num_prompt:
+            start = max(a, seq.num_prompt)
+            parts.append(decode_positions(start, b - start, mm.rope_delta))
+        return torch.cat(parts, dim=1)

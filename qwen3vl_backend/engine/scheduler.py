@@ -1,0 +1,114 @@
+"""Continuous batching with a token budget per step, chunked prefill and preemption. No torch.
+
+Each step, running sequences go first in arrival order: a decoding sequence takes one token, a
+sequence still prefilling takes the next chunk that fits the budget. Then waiting sequences are
+admitted (after a prefix-cache lookup) while the budget, the sequence cap and the free blocks
+allow. When blocks run out, the most recently admitted running sequence is preempted: its blocks
+are freed and it goes back to the front of the queue to be recomputed later, never failed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int          # first token index computed this step
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token (so its logits are sampled)."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        if max_num_seqs <= 0 or max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if self.bm.blocks_for(seq.num_prompt + 1) > self.bm.num_blocks:
+            raise ValueError(f"prompt of {seq.num_prompt} tokens does not fit the KV cache "
+                             f"({self.bm.num_blocks} blocks of {self.bm.block_size})")
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in list(self.running) + list(self.waiting):
+            if seq.request_id == request_id:
+                self.finish(seq, "abort")
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledChunk] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.remaining, budget)
+            while not self.bm.ensure(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break
+            batch.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if seq.num_computed == 0 and not seq.block_table:
+                seq.num_computed = seq.num_cached_prompt = self.bm.match_prefix(seq)
+            n = min(seq.remaining, budget)
+            if not self.bm.ensure(seq, seq.num_computed + n):
+                self.bm.free(seq)
+                seq.num_computed = seq.num_cached_prompt = 0
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+        return batch
+
+    def computed(self, batch: list[ScheduledChunk]) -> None:
+        """Record that the batch's tokens are now in the cache."""
+        for chunk in batch:
+            chunk.seq.num_computed = chunk.start + chunk.num_tokens
+            self.bm.register(chunk.seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

@@ -1,0 +1,71 @@
+"""Token sampling: penalties, temperature, top-k / top-p / min-p, per-request seeded draws.
+
+A seeded request draws from its own generator, so its tokens do not depend on what else is in
+the batch. Greedy (temperature 0) is an argmax over the penalised logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling_params import SamplingParams
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                    output_ids: list[int]) -> torch.Tensor:
+    """logits (V,) float32, adjusted in place as vLLM/OpenAI define the three penalties."""
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.tensor(output_ids, device=logits.device).unique(return_counts=True)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def filter_probs(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """probs (V,) -> renormalised probs after top-k, top-p and min-p."""
+    if params.top_k and params.top_k > 0 and params.top_k < probs.shape[-1]:
+        kth = torch.topk(probs, params.top_k).values[-1]
+        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cum = sorted_p.cumsum(0)
+        drop = (cum - sorted_p) >= params.top_p        # keep the smallest prefix reaching top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    if params.min_p > 0:
+        probs = torch.where(probs < params.min_p * probs.max(), torch.zeros_like(probs), probs)
+    return probs / probs.sum()
+
+
+class Sampler:
+    def __init__(self):
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def sample(self, logits: torch.Tensor, rows: list) -> list[int]:
+        """logits (B, V); rows[i] = (request_id, params, prompt_ids, output_ids, banned_ids)."""
+        logits = logits.float()
+        out = []
+        for i, (rid, params, prompt_ids, output_ids, banned) in enumerate(rows):
+            row = apply_penalties(logits[i].clone(), params, prompt_ids, output_ids)
+            if banned:
+                row[list(banned)] = float("-inf")
+            if params.greedy:
+                out.append(int(row.argmax()))
+                continue
+            probs = filter_probs(torch.softmax(row / params.temperature, dim=-1), params)
+            gen = self._generator(rid, params, row.device)
+            out.append(int(torch.multinomial(probs, 1, generator=gen)))
+        return out
+
+    def _generator(self, rid: str, params: SamplingParams, device) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        if rid not in self._generators:
+            self._generators[rid] = torch.Generator(device=device).manual_seed(params.seed)
+        return self._generators[rid]

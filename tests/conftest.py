@@ -1,0 +1,83 @@
+"""Shared fixtures: the project's own tiny checkpoints and deterministic test media."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("QWEN3VL_TEST_CACHE", ROOT / ".cache" / "tests"))
+
+
+def _checkpoint(name: str, dense: bool) -> Path:
+    from qwen3vl_backend.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    out = CACHE / name
+    if not (out / "config.json").exists():
+        make_tiny_checkpoint(out, dense=dense)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_moe() -> Path:
+    return _checkpoint("tiny-moe", dense=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dense() -> Path:
+    return _checkpoint("tiny-dense", dense=True)
+
+
+def make_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A smooth pattern with noise: resampling differences show up, nothing is flat."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)),
+                     ((x + y) * 3) % 256], -1).astype(np.int32)
+    arr = np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode == "RGBA":
+        alpha = ((x * 7 + y * 3) % 256).astype(np.uint8)
+        img = Image.fromarray(np.dstack([arr, alpha]), "RGBA")
+    elif mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    return img
+
+
+def image_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def make_video(path: Path, frames: int = 40, fps: int = 10, width: int = 96, height: int = 64) -> Path:
+    """An MPEG-4 clip of a moving pattern, written with PyAV (codec built into every FFmpeg)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.bit_rate = 2_000_000
+        for i in range(frames):
+            arr = np.asarray(make_image(width, height, seed=i)).copy()
+            arr = np.roll(arr, i * 2, axis=1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def video_file(tmp_path_factory) -> Path:
+    return make_video(tmp_path_factory.mktemp("media") / "clip.mp4")
