@@ -64,6 +64,7 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def _place(param: torch.Tensor, tensor: torch.Tensor, how: str, match: re.Match, name: str) -> None:
+    raw_shape = tuple(tensor.shape)
     if how == "transpose":
         tensor = tensor.transpose(1, 2)
         dst = param.data
@@ -76,8 +77,10 @@ def _place(param: torch.Tensor, tensor: torch.Tensor, how: str, match: re.Match,
     else:
         dst = param.data
     if tuple(dst.shape) != tuple(tensor.shape):
-        raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit "
-                              f"parameter shape {tuple(dst.shape)}")
+        want = tuple(dst.shape)
+        if how == "transpose":
+            want = (want[0], want[2], want[1])
+        raise WeightLoadError(f"{name}: checkpoint shape {raw_shape}, expected {want}")
     dst.copy_(tensor.to(dst.dtype))
 
 

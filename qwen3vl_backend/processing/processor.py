@@ -59,13 +59,23 @@ class Processor:
         opts = ref.options
         if ref.kind == "image":
             image = decode_image(data)
-            pv, grid = process_image(image, self.cfg, _int_opt(opts, "min_pixels"), _int_opt(opts, "max_pixels"))
+            lo, hi = self._pixel_bounds(opts, self.cfg.image_min_pixels, self.cfg.image_max_pixels)
+            pv, grid = process_image(image, self.cfg, lo, hi)
             return MediaItem("image", pv, grid, _hash(pv, grid), self._num_tokens(grid))
         fps, max_frames = _num_opt(opts, "fps"), _int_opt(opts, "max_frames")
         video = decode_video(data, lambda total, vfps: video_frame_indices(total, vfps, self.cfg, fps, max_frames))
-        pv, grid, stamps = process_video(video.frames, video.frame_indices, video.fps, self.cfg,
-                                         _int_opt(opts, "min_pixels"), _int_opt(opts, "max_pixels"))
+        lo, hi = self._pixel_bounds(opts, self.cfg.video_min_pixels, self.cfg.video_max_pixels)
+        pv, grid, stamps = process_video(video.frames, video.frame_indices, video.fps, self.cfg, lo, hi)
         return MediaItem("video", pv, grid, _hash(pv, grid), self._num_tokens(grid), stamps)
+
+    @staticmethod
+    def _pixel_bounds(opts: dict, server_min: int, server_max: int) -> tuple[int, int]:
+        """Per-request min/max pixels, clamped into the server's [min, max]."""
+        lo = min(max(_int_opt(opts, "min_pixels") or server_min, server_min), server_max)
+        hi = min(max(_int_opt(opts, "max_pixels") or server_max, server_min), server_max)
+        if lo > hi:
+            raise RequestError(f"min_pixels {lo} exceeds max_pixels {hi}")
+        return lo, hi
 
     def _num_tokens(self, grid) -> int:
         return grid[0] * grid[1] * grid[2] // self.cfg.merge_size ** 2

@@ -1,0 +1,149 @@
+"""Engine behaviour on the tiny MoE checkpoint (CPU, float32)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import data_uri, image_bytes, make_image
+from qwen3vl_backend.config import ConfigError, EngineConfig
+from qwen3vl_backend.engine.llm_engine import LLMEngine, PromptTooLongError
+from qwen3vl_backend.processing.processor import Processor
+from qwen3vl_backend.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def make_engine(path, **kw):
+    return LLMEngine(EngineConfig(model_path=str(path), device="cpu", dtype="float32", **kw))
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_moe):
+    proc = Processor(tiny_moe)
+    img = {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(200, 150, 7)))}}
+    msgs = [[{"role": "user", "content": "Count to ten."}],
+            [{"role": "user", "content": [img, {"type": "text", "text": "Describe the picture."}]}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]]
+    return [proc.process_messages(m) for m in msgs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_moe, prompts):
+    """Each prompt run alone with everything else at defaults."""
+    engine = make_engine(tiny_moe)
+    return [engine.generate([p], GREEDY)[0]["output_token_ids"] for p in prompts]
+
+
+def test_batched_requests_match_running_alone(tiny_moe, prompts, reference):
+    out = make_engine(tiny_moe).generate(prompts, GREEDY)
+    assert [o["output_token_ids"] for o in out] == reference
+
+
+def test_chunked_prefill_matches(tiny_moe, prompts, reference):
+    out = make_engine(tiny_moe, max_num_batched_tokens=7).generate(prompts, GREEDY)
+    assert [o["output_token_ids"] for o in out] == reference
+
+
+def test_preemption_recomputes_to_the_same_output(tiny_moe, prompts, reference):
+    engine = make_engine(tiny_moe, block_size=4, num_kv_blocks=30, enable_prefix_cache=False)
+    out = engine.generate(prompts, GREEDY)
+    assert engine.scheduler.num_preemptions > 0
+    assert [o["output_token_ids"] for o in out] == reference
+
+
+def test_prefix_cache_reuses_kv_and_keeps_outputs(tiny_moe, prompts, reference):
+    engine = make_engine(tiny_moe, block_size=4)
+    first = engine.generate([prompts[1]], GREEDY)[0]
+    again = engine.generate([prompts[1]], GREEDY)[0]
+    assert first["cached_tokens"] == 0 and again["cached_tokens"] >= len(prompts[1].prompt_ids) - 4
+    assert again["output_token_ids"] == first["output_token_ids"] == reference[1]
+
+
+def test_max_tokens_respected(tiny_moe, prompts):
+    out = make_engine(tiny_moe).generate([prompts[0]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert len(out["output_token_ids"]) == 3 and out["finish_reason"] == "length"
+
+
+def test_stop_string_truncates_and_finishes(tiny_moe, prompts):
+    engine = make_engine(tiny_moe)
+    full = engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    stop = full["text"][5:8]
+    assert stop.strip()
+    out = engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
+    assert out["finish_reason"] == "stop"
+    assert out["text"] == full["text"][: full["text"].find(stop)]
+
+
+def test_stop_token_ids_and_min_tokens(tiny_moe, prompts, reference):
+    engine = make_engine(tiny_moe)
+    third = reference[0][2]
+    out = engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[third]))[0]
+    assert out["output_token_ids"] == reference[0][:3] and out["finish_reason"] == "stop"
+    out = engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[reference[0][0]],
+                                                       min_tokens=2))[0]
+    assert out["output_token_ids"][0] != reference[0][0]
+
+
+def test_seed_reproducibility(tiny_moe, prompts):
+    engine = make_engine(tiny_moe)
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=10, ignore_eos=True)
+    a = engine.generate([prompts[0]], p)[0]["output_token_ids"]
+    b = engine.generate([prompts[0], prompts[2]], [p, SamplingParams(temperature=1.0, max_tokens=5)])[0]
+    assert a == b["output_token_ids"]
+
+
+def test_abort_frees_kv_blocks(tiny_moe, prompts):
+    engine = make_engine(tiny_moe)
+    free = engine.block_manager.num_free
+    rid = engine.add_request(prompts[1], SamplingParams(max_tokens=50))
+    engine.step()
+    assert engine.block_manager.num_free < free
+    assert engine.abort(rid)
+    assert engine.block_manager.num_free == free and not engine.has_unfinished()
+
+
+def test_prompt_longer_than_context_is_refused(tiny_moe, prompts):
+    engine = make_engine(tiny_moe, max_model_len=16)
+    with pytest.raises(PromptTooLongError, match="does not fit the context of 16 tokens"):
+        engine.add_request(prompts[1], GREEDY)
+
+
+def test_generation_stops_at_context_length(tiny_moe, prompts):
+    n = len(prompts[0].prompt_ids)
+    out = make_engine(tiny_moe, max_model_len=n + 4).generate([prompts[0]], GREEDY)[0]
+    assert len(out["output_token_ids"]) == 4 and out["finish_reason"] == "length"
+
+
+def test_config_errors_are_clear(tiny_moe, tmp_path):
+    with pytest.raises(ConfigError, match="has no config.json"):
+        EngineConfig(model_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown engine setting 'max_batch'"):
+        EngineConfig.from_settings({"model_path": str(tiny_moe), "max_batch": "4"})
+    with pytest.raises(ConfigError, match="max_num_seqs='many' is not a valid int"):
+        EngineConfig.from_settings({"model_path": str(tiny_moe), "max_num_seqs": "many"})
+    cfg = EngineConfig.from_settings({"model_path": str(tiny_moe), "max_num_seqs": "3", "enable_prefix_cache": "false"})
+    assert cfg.max_num_seqs == 3 and cfg.enable_prefix_cache is False and cfg.device == "cpu"
+
+
+def test_cli_prints_one_json_object(tiny_moe, tmp_path):
+    req = tmp_path / "req.json"
+    img = data_uri(image_bytes(make_image(64, 48, 3)))
+    req.write_text(json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "Hi"}]}], "temperature": 0}))
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_backend.generate", "--model-path", str(tiny_moe),
+                          "--request", str(req), "--max-tokens", "5", "--device", "cpu"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert set(result) == {"prompt_token_ids", "output_token_ids", "text", "finish_reason"}
+    assert 151655 in result["prompt_token_ids"] and 1 <= len(result["output_token_ids"]) <= 5
+
+
+def test_cli_reports_bad_request(tiny_moe, tmp_path):
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": "x"}]}]}))
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_backend.generate", "--model-path", str(tiny_moe),
+                          "--request", str(req)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "unsupported content part type 'audio_url'" in json.loads(out.stderr)["error"]

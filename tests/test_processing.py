@@ -1,0 +1,108 @@
+"""Input processing: message forms, media sources and the errors clients can cause."""
+
+import base64
+
+import pytest
+
+from conftest import data_uri, image_bytes, make_image
+from qwen3vl_backend.processing.chat import RequestError, normalize_messages
+from qwen3vl_backend.processing.media import MediaError, MediaPolicy, decode_image, fetch_bytes
+from qwen3vl_backend.processing.processor import Processor
+from qwen3vl_backend.processing.vision_inputs import smart_resize
+
+
+def test_smart_resize_matches_reference():
+    oracle = pytest.importorskip("oracle")
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as ref_image
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as ref_video
+
+    sizes = [(1, 1), (20, 700), (200, 300), (257, 333), (720, 1280), (4000, 6000), (8191, 64)]
+    for h, w in sizes:
+        assert smart_resize(h, w, 32, 65536, 16777216) == ref_image(h, w, 32, 65536, 16777216)
+        for t in (2, 5, 16):
+            assert smart_resize(h, w, 32, 4096, 25165824, t, 2) == ref_video(t, h, w, 2, 32, 4096, 25165824)
+
+
+def test_extreme_aspect_ratio_is_refused():
+    with pytest.raises(RequestError, match="aspect ratio 250 exceeds 200"):
+        smart_resize(10, 2500, 32, 65536, 16777216)
+
+
+@pytest.mark.parametrize("messages,message", [
+    ([], "'messages' must be a non-empty list"),
+    ([{"content": "hi"}], "needs a 'role'"),
+    ([{"role": "user", "content": 5}], "must be a string or a list of parts"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
+     "unsupported content part type 'input_audio'"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "a image_url part needs a url"),
+])
+def test_malformed_messages_are_refused(messages, message):
+    with pytest.raises(RequestError, match=message):
+        normalize_messages(messages)
+
+
+def test_media_part_options_are_kept():
+    _, media = normalize_messages([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:x", "max_pixels": 4096}},
+        {"type": "video_url", "video_url": {"url": "/v.mp4", "fps": 1, "max_frames": 8}}]}])
+    assert [(m.kind, m.options) for m in media] == [("image", {"max_pixels": 4096}),
+                                                    ("video", {"fps": 1, "max_frames": 8})]
+
+
+def test_corrupt_base64_is_refused():
+    with pytest.raises(MediaError, match="not valid base64"):
+        fetch_bytes("data:image/png;base64,@@@not-base64@@@", MediaPolicy())
+
+
+def test_bytes_that_are_not_an_image_are_refused():
+    with pytest.raises(MediaError, match="not a decodable image"):
+        decode_image(b"definitely not a png")
+
+
+def test_local_paths_need_the_allow_list(tmp_path):
+    f = tmp_path / "a.png"
+    f.write_bytes(image_bytes(make_image(40, 40, 1)))
+    with pytest.raises(MediaError, match="local media paths are disabled"):
+        fetch_bytes(str(f), MediaPolicy())
+    with pytest.raises(MediaError, match="outside the allowed directory"):
+        fetch_bytes(str(f), MediaPolicy(allowed_local_dir=str(tmp_path / "sub")))
+    assert fetch_bytes(str(f), MediaPolicy(allowed_local_dir=str(tmp_path))) == f.read_bytes()
+    with pytest.raises(MediaError, match="outside the allowed directory"):
+        fetch_bytes(str(tmp_path / "sub" / ".." / ".." / "etc" / "passwd"), MediaPolicy(allowed_local_dir=str(tmp_path / "sub")))
+
+
+def test_unreachable_url_is_refused():
+    with pytest.raises(MediaError, match="could not fetch http://127.0.0.1:9/x.png"):
+        fetch_bytes("http://127.0.0.1:9/x.png", MediaPolicy(fetch_timeout_s=2))
+
+
+def test_raw_base64_is_accepted():
+    data = image_bytes(make_image(40, 30, 2))
+    assert fetch_bytes(base64.b64encode(data).decode(), MediaPolicy()) == data
+
+
+def test_palette_image_becomes_rgb():
+    img = decode_image(image_bytes(make_image(40, 30, 2, "P")))
+    assert img.mode == "RGB"
+
+
+def test_per_request_max_pixels_shrinks_the_grid(tiny_dense):
+    proc = Processor(tiny_dense)
+    url = data_uri(image_bytes(make_image(640, 480, 1)))
+    def grid(opts):
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, **opts}}]}]
+        return proc.process_messages(msgs).media[0].grid_thw
+    assert grid({}) == (1, 30, 40)
+    assert grid({"max_pixels": 256 * 256}) == (1, 12, 18)
+    assert grid({"max_pixels": 1}) == grid({"max_pixels": 65536})      # bounded by the server's minimum
+    with pytest.raises(RequestError, match="max_pixels must be a positive integer"):
+        grid({"max_pixels": -1})
+
+
+def test_video_positions_advance_per_frame(tiny_dense, video_file):
+    proc = Processor(tiny_dense)
+    p = proc.process_messages([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": str(video_file)}}]}])
+    [video] = p.media
+    assert video.grid_thw[0] == 4 and len(video.timestamps) == 4
+    assert p.text.count("seconds>") == 4
+    assert p.positions.shape == (3, len(p.prompt_ids)) and p.rope_delta < 0

@@ -1,0 +1,85 @@
+"""Sampling parameters, the sampler and incremental detokenisation."""
+
+import pytest
+import torch
+
+from qwen3vl_backend.engine.detokenizer import IncrementalDetokenizer
+from qwen3vl_backend.layers.sampler import Sampler, apply_penalties, filter_probs
+from qwen3vl_backend.processing.tokenizer import Tokenizer
+from qwen3vl_backend.sampling_params import SamplingError, SamplingParams
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_tokens": 0}, "max_tokens must be a positive integer"),
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ({"top_k": -3}, "top_k must be"),
+    ({"presence_penalty": 3}, r"presence_penalty must be in \[-2, 2\]"),
+    ({"stop": [""]}, "stop must be"),
+    ({"min_tokens": 9, "max_tokens": 4}, "min_tokens must not exceed max_tokens"),
+])
+def test_invalid_sampling_parameters_are_refused(kwargs, message):
+    with pytest.raises(SamplingError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_sampling_parameter_is_refused():
+    with pytest.raises(SamplingError, match="unknown sampling parameters: \\['beam_width'\\]"):
+        SamplingParams.from_dict({"beam_width": 2})
+
+
+def test_max_completion_tokens_is_max_tokens():
+    assert SamplingParams.from_dict({"max_completion_tokens": 5}).max_tokens == 5
+
+
+def test_top_k_top_p_min_p_filters():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    assert filter_probs(probs, SamplingParams(top_k=2)).nonzero().flatten().tolist() == [0, 1]
+    assert filter_probs(probs, SamplingParams(top_p=0.7)).nonzero().flatten().tolist() == [0, 1]
+    assert filter_probs(probs, SamplingParams(min_p=0.5)).nonzero().flatten().tolist() == [0, 1]
+
+
+def test_penalties():
+    logits = apply_penalties(torch.tensor([2.0, -2.0, 1.0]), SamplingParams(repetition_penalty=2.0), [0, 1], [])
+    assert logits.tolist() == [1.0, -4.0, 1.0]
+    logits = apply_penalties(torch.zeros(3), SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [], [2, 2])
+    assert logits.tolist() == [0.0, 0.0, -1.0]
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch():
+    logits = torch.randn(3, 50)
+    p = SamplingParams(temperature=1.0, seed=1234)
+    alone = [Sampler().sample(logits[:1], [("r", p, [], [], None)])[0] for _ in range(2)]
+    s = Sampler()
+    batched = s.sample(logits, [("r", p, [], [], None), ("x", SamplingParams(temperature=1.0), [], [], None),
+                                ("y", SamplingParams(temperature=0.0), [], [], None)])
+    assert alone[0] == alone[1] == batched[0]
+    assert batched[2] == int(logits[2].argmax())
+
+
+def test_banned_tokens_are_never_sampled():
+    logits = torch.zeros(1, 10)
+    logits[0, 3] = 100
+    assert Sampler().sample(logits, [("r", SamplingParams(temperature=0), [], [], {3})])[0] != 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dense):
+    return Tokenizer(tiny_dense)
+
+
+def test_known_tokenizations(tokenizer):
+    assert tokenizer.encode("Hello, world!") == [9707, 11, 1879, 0]
+    assert tokenizer.encode("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n") == \
+        [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]
+    assert tokenizer.eos_token_ids == (151645, 151643)
+
+
+@pytest.mark.parametrize("text", ["Hello  world,  with   spaces", "中文字符和emoji 🎉🚀 mixed", "tabs\tand\nnewlines\n\n x"])
+def test_incremental_detokenizer_reassembles_text_exactly(tokenizer, text):
+    ids = tokenizer.encode(text)
+    d = IncrementalDetokenizer(tokenizer)
+    pieces = [d.push(t) for t in ids] + [d.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
