@@ -1,0 +1,47 @@
+"""Triton `preprocess`: request -> token ids, mRoPE positions, pixels (qwen3vl_backend.serving.preprocess)."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from qwen3vl_backend.processing.chat import RequestError
+from qwen3vl_backend.processing.media import MediaPolicy
+from qwen3vl_backend.processing.processor import Processor
+from qwen3vl_backend.sampling_params import SamplingError
+from qwen3vl_backend.serving.preprocess import preprocess
+from qwen3vl_backend.serving.triton_params import model_settings
+
+OUTPUTS = {"input_ids": "input_ids", "positions": "positions", "rope_delta": "rope_delta",
+           "pixel_values": "pixel_values", "grid_thw": "grid_thw", "media_hashes": "media_hashes",
+           "sampling_parameters": "sampling_parameters_out"}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        s = model_settings(args)
+        self.processor = Processor(s["model_path"])
+        self.policy = MediaPolicy(allowed_local_dir=s.get("allowed_local_media_path") or None,
+                                  fetch_timeout_s=float(s.get("media_fetch_timeout_s", "10")))
+
+    def execute(self, requests):
+        return [self._one(r) for r in requests]
+
+    def _one(self, request):
+        try:
+            text = _strings(request, "text_input")
+            if not text:
+                raise RequestError("text_input is required")
+            sampling = _strings(request, "sampling_parameters")
+            arrays = preprocess(self.processor, text[0], _strings(request, "image"),
+                                sampling[0] if sampling else "", self.policy)
+        except (RequestError, SamplingError) as e:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+        return pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUTS[k], v) for k, v in arrays.items()])
+
+
+def _strings(request, name):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        return []
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in t.as_numpy().reshape(-1)]

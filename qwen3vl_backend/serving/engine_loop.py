@@ -1,0 +1,107 @@
+"""Runs the engine on its own thread; requests arrive from any thread, outputs leave by callback.
+
+Triton's decoupled `execute` hands a request over and returns at once; this loop adds it to
+the engine between steps, polls each request's cancellation flag every step (a client that went
+away gets its request aborted and its KV blocks freed at once), and calls the request's
+callback with every `RequestOutput`, or with the exception that refused it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from ..engine.llm_engine import LLMEngine, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Submission:
+    request_id: str
+    prompt: object
+    params: object
+    vision_outputs: object
+    on_output: Callable[[RequestOutput | Exception], None]
+    is_cancelled: Callable[[], bool]
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self._inbox: queue.Queue[_Submission] = queue.Queue()
+        self._live: dict[str, _Submission] = {}
+        self._stop = threading.Event()
+        self._idle_wait_s = idle_wait_s
+        self.cancelled_total = 0
+        self._thread = threading.Thread(target=self._run, name="qwen3vl-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request_id, prompt, params, on_output, is_cancelled=lambda: False, vision_outputs=None):
+        self._inbox.put(_Submission(request_id, prompt, params, vision_outputs, on_output, is_cancelled))
+
+    def num_live(self) -> int:
+        return len(self._live)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit(block=not self.engine.has_unfinished())
+                self._reap_cancelled()
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        sub = self._live.get(out.request_id)
+                        if out.finished:
+                            self._live.pop(out.request_id, None)
+                        if sub is not None:
+                            _deliver(sub, out)
+            except Exception as e:  # an engine failure must not strand callers: fail them all
+                log.exception("engine step failed")
+                for rid, sub in list(self._live.items()):
+                    self.engine.abort(rid)
+                    _deliver(sub, RuntimeError(f"engine failure: {type(e).__name__}: {e}"))
+                self._live.clear()
+
+    def _admit(self, block: bool) -> None:
+        try:
+            sub = self._inbox.get(timeout=self._idle_wait_s) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            try:
+                self.engine.add_request(sub.prompt, sub.params, sub.request_id, sub.vision_outputs)
+                self._live[sub.request_id] = sub
+            except Exception as e:  # refused at the door (prompt too long, bad features): tell the caller
+                _deliver(sub, e)
+            try:
+                sub = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _reap_cancelled(self) -> None:
+        for rid, sub in list(self._live.items()):
+            if _safe(sub.is_cancelled):
+                self.engine.abort(rid)
+                self._live.pop(rid, None)
+                self.cancelled_total += 1
+
+
+def _safe(fn) -> bool:
+    try:
+        return bool(fn())
+    except Exception:  # a sender whose client is gone may raise instead of answering
+        return True
+
+
+def _deliver(sub: _Submission, item) -> None:
+    try:
+        sub.on_output(item)
+    except Exception:
+        log.exception("output callback for %s failed", sub.request_id)

@@ -1,0 +1,32 @@
+"""Reading Triton model settings: `config.pbtxt` parameters as a plain dict of strings.
+
+`${TRITON_MODEL_DIRECTORY}` in a value is the model's own directory (Triton expands `$$...`
+only in EXECUTION_ENV_PATH). The engine's settings then go through EngineConfig.from_settings,
+the one parser shared with the launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+RESERVED = {"EXECUTION_ENV_PATH"}
+
+
+def model_settings(args: dict) -> dict[str, str]:
+    cfg = json.loads(args["model_config"])
+    model_dir = os.path.join(args["model_repository"]) if "model_repository" in args else ""
+    if model_dir and os.path.basename(model_dir.rstrip("/")) != cfg.get("name"):
+        model_dir = os.path.join(model_dir, cfg.get("name", ""))
+    out = {}
+    for key, value in cfg.get("parameters", {}).items():
+        if key in RESERVED:
+            continue
+        text = value.get("string_value", "") if isinstance(value, dict) else str(value)
+        text = text.replace("${TRITON_MODEL_DIRECTORY}", model_dir).replace("$TRITON_MODEL_DIRECTORY", model_dir)
+        out[key] = os.path.normpath(text) if key.endswith("_path") and text else text
+    return out
+
+
+def pick(settings: dict[str, str], keys) -> dict[str, str]:
+    return {k: settings[k] for k in keys if k in settings}
