@@ -30,3 +30,11 @@ def model_settings(args: dict) -> dict[str, str]:
 
 def pick(settings: dict[str, str], keys) -> dict[str, str]:
     return {k: settings[k] for k in keys if k in settings}
+
+# Triton's streamed errors carry only a message, so client-caused ones are marked by prefix;
+# the OpenAI adapter maps the prefix to HTTP 400 and anything else to 500.
+CLIENT_ERROR_PREFIX = "invalid request: "
+
+
+def client_error_message(e: Exception) -> str:
+    return CLIENT_ERROR_PREFIX + str(e)

@@ -17,7 +17,7 @@ from qwen3vl_backend.processing.processor import ProcessedPrompt
 from qwen3vl_backend.sampling_params import SamplingParams
 from qwen3vl_backend.serving.engine_loop import EngineLoop
 from qwen3vl_backend.serving.preprocess import parse_json_object
-from qwen3vl_backend.serving.triton_params import model_settings
+from qwen3vl_backend.serving.triton_params import client_error_message, model_settings
 
 # TRITONSERVER_RESPONSE_COMPLETE_FINAL; the stub defines its pb_utils name only at run time
 FINAL = 1
@@ -82,8 +82,10 @@ def _parse(request):
 
 
 def _error(e: Exception):
-    code = pb_utils.TritonError.INVALID_ARG if isinstance(e, ValueError) else pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), code))
+    if isinstance(e, ValueError):       # refused input: prompt too long, bad sampling or features
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(client_error_message(e), pb_utils.TritonError.INVALID_ARG))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INTERNAL))
 
 
 class _Stream:

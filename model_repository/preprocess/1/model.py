@@ -10,7 +10,7 @@ from qwen3vl_backend.processing.media import MediaPolicy
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.sampling_params import SamplingError
 from qwen3vl_backend.serving.preprocess import preprocess
-from qwen3vl_backend.serving.triton_params import model_settings
+from qwen3vl_backend.serving.triton_params import client_error_message, model_settings
 
 OUTPUTS = {"input_ids": "input_ids", "positions": "positions", "rope_delta": "rope_delta",
            "pixel_values": "pixel_values", "grid_thw": "grid_thw", "media_hashes": "media_hashes",
@@ -36,7 +36,8 @@ class TritonPythonModel:
             arrays = preprocess(self.processor, text[0], _strings(request, "image"),
                                 sampling[0] if sampling else "", self.policy)
         except (RequestError, SamplingError) as e:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(client_error_message(e), pb_utils.TritonError.INVALID_ARG))
         return pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUTS[k], v) for k, v in arrays.items()])
 
 
