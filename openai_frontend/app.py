@@ -144,9 +144,8 @@ def create_app(settings: FrontendSettings) -> FastAPI:
             yield _event(APIError(400 if e.client_error else 500, str(e)).body())
             yield "data: [DONE]\n\n"
             return
-        except (asyncio.CancelledError, GeneratorExit):
-            await deltas.aclose()            # the HTTP client left: cancel the Triton call
-            raise
+        finally:
+            await deltas.aclose()            # a no-op when done; cancels in Triton if the client left
         yield _event(chunk(cid, model, {}, last.finish_reason))
         if include_usage:
             u = usage(last.num_input_tokens or 0, last.num_output_tokens or 0, last.num_cached_tokens,

@@ -1,13 +1,17 @@
 """Streaming calls to the Triton `qwen3vl` ensemble over gRPC, one call per request.
 
-Each request is its own gRPC stream, so leaving the iterator early (the HTTP client went away)
-cancels that call, and Triton marks the request cancelled for the `llm` model to abort.
+Each request is its own gRPC stream. Leaving the iterator early (the HTTP client went away)
+cancels that call and also sends `llm` an explicit cancel for the request id: Triton 2.51 does
+not pass a gRPC cancellation through an ensemble to its decoupled step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
+
+import grpc
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -38,9 +42,10 @@ def _input(name: str, arr: np.ndarray):
 
 
 class TritonLLMClient:
-    def __init__(self, url: str, model_name: str = "qwen3vl"):
-        self.url, self.model_name = url, model_name
+    def __init__(self, url: str, model_name: str = "qwen3vl", llm_model: str = "llm"):
+        self.url, self.model_name, self.llm_model = url, model_name, llm_model
         self._client = grpcclient.InferenceServerClient(url)
+        self._tasks: set[asyncio.Task] = set()
 
     async def ready(self) -> bool:
         try:
@@ -66,6 +71,7 @@ class TritonLLMClient:
             yield {"model_name": self.model_name, "inputs": inputs, "request_id": request_id}
 
         responses = self._client.stream_infer(inputs_iterator=requests())
+        finished = False
         try:
             async for result, error in responses:
                 if error is not None:
@@ -81,11 +87,35 @@ class TritonLLMClient:
                     num_output_tokens=_scalar(result, "num_output_tokens"),
                     num_cached_tokens=_scalar(result, "num_cached_tokens"),
                 )
-                yield delta
                 if delta.finish_reason:
+                    finished = True
+                yield delta
+                if finished:
                     return
+        except TritonRequestError:
+            finished = True           # refused: nothing is running
+            raise
         finally:
             responses.cancel()
+            if not finished:          # the caller left early: stop the generation in Triton
+                self._tasks.add(t := asyncio.get_running_loop().create_task(self.cancel(request_id)))
+                t.add_done_callback(self._tasks.discard)
+
+    async def cancel(self, request_id: str, timeout_s: float = 10.0) -> None:
+        """Abort the live request with this id in the `llm` model (explicit cancel, see its config)."""
+        async def requests():
+            yield {"model_name": self.llm_model, "request_id": request_id,
+                   "inputs": [_input("cancel", np.array([True]))]}
+
+        call = self._client.stream_infer(inputs_iterator=requests())
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for _ in call:
+                    pass
+        except (TimeoutError, InferenceServerException, grpc.aio.AioRpcError):
+            pass
+        finally:
+            call.cancel()
 
 
 def _scalar(result, name):

@@ -147,3 +147,19 @@ def test_cli_reports_bad_request(tiny_moe, tmp_path):
                           "--request", str(req)], capture_output=True, text=True)
     assert out.returncode == 2
     assert "unsupported content part type 'audio_url'" in json.loads(out.stderr)["error"]
+
+
+def test_visual_tokens_without_media_identity_are_never_shared(tiny_moe, prompts):
+    """Embeddings given without their media hash must not hit another image's cached KV."""
+    from qwen3vl_backend.processing.processor import ProcessedPrompt
+
+    engine = make_engine(tiny_moe, block_size=4)
+    with_image = prompts[1]
+    first_pad = with_image.prompt_ids.index(151655)
+    engine.generate([with_image], GREEDY)
+    again = engine.generate([with_image], GREEDY)[0]
+    assert again["cached_tokens"] > first_pad + 4          # the same image, named by its hash: shared
+    anonymous = ProcessedPrompt(with_image.prompt_ids, [], with_image.positions, with_image.rope_delta)
+    rid = engine.add_request(anonymous, GREEDY, vision_outputs=engine.encode_media(with_image.media))
+    engine.step()
+    assert engine._requests[rid].seq.num_cached_prompt <= first_pad   # text before the image only

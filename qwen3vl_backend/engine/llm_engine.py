@@ -77,7 +77,7 @@ class LLMEngine:
         if n >= self.cfg.max_model_len:
             raise PromptTooLongError(f"prompt of {n} tokens does not fit the context of "
                                      f"{self.cfg.max_model_len} tokens (at least one token must be generated)")
-        if vision_outputs is None and prompt.media:
+        if vision_outputs is None and any(m.pixel_values.numel() for m in prompt.media):
             vision_outputs = self.encode_media(prompt.media)
         embeds, deepstack = vision_outputs if vision_outputs is not None else (None, ())
         mm = MultimodalState.build(prompt.positions, prompt.rope_delta, prompt.prompt_ids,
@@ -190,18 +190,20 @@ def _find_stop(text: str, stops: list[str], search_from: int) -> int | None:
 
 
 def cache_keys(prompt: ProcessedPrompt, pad_ids: tuple[int, ...]) -> list:
-    """Prefix-cache identity of each prompt token: its id, or (media hash, index) for media pads."""
+    """Prefix-cache identity of each prompt token: its id, or (media hash, index) for media pads.
+
+    Pads whose media identity is unknown get keys unique to this request: never shared.
+    """
     keys: list = list(prompt.prompt_ids)
-    if not prompt.media:
-        return keys
     media = iter(prompt.media)
     current, left, k = None, 0, 0
+    unknown = object()
     for i, tok in enumerate(prompt.prompt_ids):
         if tok in pad_ids:
             if left == 0:
-                current = next(media)
-                left, k = current.num_tokens, 0
-            keys[i] = (current.content_hash, k)
+                current = next(media, None)
+                left, k = (current.num_tokens, 0) if current is not None else (1, 0)
+            keys[i] = (current.content_hash, k) if current is not None else (unknown, i)
             k += 1
             left -= 1
     return keys

@@ -30,10 +30,13 @@ class _Submission:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05, on_stats=None):
         self.engine = engine
+        self._on_stats = on_stats
+        self._last_stats: dict = {}
         self._inbox: queue.Queue[_Submission] = queue.Queue()
         self._live: dict[str, _Submission] = {}
+        self._cancel: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self._idle_wait_s = idle_wait_s
         self.cancelled_total = 0
@@ -43,8 +46,18 @@ class EngineLoop:
     def submit(self, request_id, prompt, params, on_output, is_cancelled=lambda: False, vision_outputs=None):
         self._inbox.put(_Submission(request_id, prompt, params, vision_outputs, on_output, is_cancelled))
 
+    def cancel(self, request_id: str) -> None:
+        """Abort a request from any thread (explicit cancellation; see model_repository/llm)."""
+        self._cancel.put(request_id)
+
     def num_live(self) -> int:
         return len(self._live)
+
+    def stats(self) -> dict:
+        bm, sched = self.engine.block_manager, self.engine.scheduler
+        return {"kv_cache_usage": bm.usage, "num_running": len(sched.running), "num_waiting": len(sched.waiting),
+                "requests_cancelled": self.cancelled_total, "num_preemptions": sched.num_preemptions,
+                "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -62,6 +75,11 @@ class EngineLoop:
                             self._live.pop(out.request_id, None)
                         if sub is not None:
                             _deliver(sub, out)
+                if self._on_stats is not None:
+                    stats = self.stats()
+                    if stats != self._last_stats:
+                        self._last_stats = stats
+                        _report(self._on_stats, stats)
             except Exception as e:  # an engine failure must not strand callers: fail them all
                 log.exception("engine step failed")
                 for rid, sub in list(self._live.items()):
@@ -86,11 +104,26 @@ class EngineLoop:
                 return
 
     def _reap_cancelled(self) -> None:
+        asked = set()
+        while True:
+            try:
+                asked.add(self._cancel.get_nowait())
+            except queue.Empty:
+                break
         for rid, sub in list(self._live.items()):
-            if _safe(sub.is_cancelled):
+            if rid in asked or _safe(sub.is_cancelled):
                 self.engine.abort(rid)
                 self._live.pop(rid, None)
                 self.cancelled_total += 1
+                # the request still gets its final response: nothing is left open in Triton
+                _deliver(sub, RequestOutput(rid, [], "", True, "abort", 0, 0, 0))
+
+
+def _report(on_stats, stats: dict) -> None:
+    try:
+        on_stats(stats)
+    except Exception:  # metrics are best effort: never fail requests over them
+        log.exception("reporting engine stats failed")
 
 
 def _safe(fn) -> bool:

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 from pathlib import Path
@@ -26,11 +27,11 @@ def find_installed(dest: Path) -> dict | None:
     on_path = shutil.which("tritonserver")
     if on_path:
         backends = Path(os.environ.get("TRITON_BACKEND_DIR", "/opt/tritonserver/backends"))
-        return {"tritonserver": on_path, "backend_dir": str(backends), "ld_library_path": ""}
+        return {"tritonserver": on_path, "backend_dir": str(backends), "ld_library_path": python_libdir()}
     env_bin = os.environ.get("TRITONSERVER")
     if env_bin and Path(env_bin).exists():
         return {"tritonserver": env_bin, "backend_dir": os.environ.get("TRITON_BACKEND_DIR", ""),
-                "ld_library_path": ""}
+                "ld_library_path": python_libdir()}
     root = dest / "pytriton" / "tritonserver"
     stub = root / "backends" / "python" / "triton_python_backend_stub"
     if (root / "bin" / "tritonserver").exists() and stub.exists():
@@ -38,10 +39,16 @@ def find_installed(dest: Path) -> dict | None:
     return None
 
 
+def python_libdir() -> str:
+    """The libpython of this interpreter: the backend stub must embed it, not a system one of the
+    same minor version whose symbols the venv's stdlib extensions may not find."""
+    return sysconfig.get_config_var("LIBDIR") or ""
+
+
 def _layout(dest: Path) -> dict:
     root = dest / "pytriton" / "tritonserver"
     return {"tritonserver": str(root / "bin" / "tritonserver"), "backend_dir": str(root / "backends"),
-            "ld_library_path": str(dest / "nvidia_pytriton.libs")}
+            "ld_library_path": ":".join(p for p in (python_libdir(), str(dest / "nvidia_pytriton.libs")) if p)}
 
 
 def install(dest: Path) -> dict:

@@ -13,10 +13,11 @@ import triton_python_backend_utils as pb_utils
 
 from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.llm_engine import LLMEngine
-from qwen3vl_backend.processing.processor import ProcessedPrompt
+from qwen3vl_backend.processing.processor import MediaItem, ProcessedPrompt
 from qwen3vl_backend.sampling_params import SamplingParams
 from qwen3vl_backend.serving.engine_loop import EngineLoop
 from qwen3vl_backend.serving.preprocess import parse_json_object
+from qwen3vl_backend.serving.triton_metrics import TritonEngineMetrics
 from qwen3vl_backend.serving.triton_params import client_error_message, model_settings
 
 # TRITONSERVER_RESPONSE_COMPLETE_FINAL; the stub defines its pb_utils name only at run time
@@ -30,43 +31,65 @@ class TritonPythonModel:
     def initialize(self, args):
         s = model_settings(args)
         self.engine = LLMEngine(EngineConfig.from_settings({k: v for k, v in s.items() if k in ENGINE_KEYS}))
-        self.loop = EngineLoop(self.engine)
+        self.merge_unit = self.engine.runner.model_cfg.vision.spatial_merge_size ** 2
+        self.metrics = TritonEngineMetrics(pb_utils)
+        self.loop = EngineLoop(self.engine, on_stats=self.metrics.report)
+        self.live: dict[str, set[str]] = {}       # client request id -> engine request ids
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            client_id = request.request_id()
+            if _flag(request, "cancel"):
+                for rid in list(self.live.get(client_id, ())):
+                    self.loop.cancel(rid)
+                sender.send(flags=FINAL)
+                continue
             try:
-                prompt, vision, params, flags = _parse(request)
+                prompt, vision, params, flags = _parse(request, self.merge_unit)
             except ValueError as e:
                 sender.send(_error(e), flags=FINAL)
                 continue
-            rid = request.request_id() or uuid.uuid4().hex
-            stream = _Stream(sender, flags, self.engine.tokenizer, prompt.prompt_ids)
-            self.loop.submit(f"{rid}-{uuid.uuid4().hex[:8]}", prompt, params, stream.on_output,
-                             sender.is_cancelled, vision)
+            rid = f"{client_id or 'req'}-{uuid.uuid4().hex[:12]}"
+            self.live.setdefault(client_id, set()).add(rid)
+            stream = _Stream(sender, flags, self.engine.tokenizer, prompt.prompt_ids,
+                             on_finish=lambda rid=rid, cid=client_id: self._forget(cid, rid))
+            self.loop.submit(rid, prompt, params, stream.on_output, sender.is_cancelled, vision)
         return None
+
+    def _forget(self, client_id, rid):
+        ids = self.live.get(client_id)
+        if ids is not None:
+            ids.discard(rid)
+            if not ids:
+                self.live.pop(client_id, None)
 
     def finalize(self):
         self.loop.shutdown()
 
 
-def _parse(request):
+def _flag(request, name) -> bool:
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return t is not None and t.as_numpy().size > 0 and bool(t.as_numpy().reshape(-1)[0])
+
+
+def _parse(request, merge_unit: int):
     def get(name):
         t = pb_utils.get_input_tensor_by_name(request, name)
         return None if t is None else t.as_numpy()
 
-    def flag(name, default=False):
-        v = get(name)
-        return bool(v.reshape(-1)[0]) if v is not None and v.size else default
-
-    ids = get("input_ids").reshape(-1).astype(np.int64).tolist()
+    raw_ids = get("input_ids")
+    if raw_ids is None or raw_ids.size == 0:
+        raise ValueError("input_ids is required (and must not be empty)")
+    ids = raw_ids.reshape(-1).astype(np.int64).tolist()
     pos = get("positions")
     delta = get("rope_delta")
     positions = torch.from_numpy(pos.reshape(3, -1).astype(np.int64)) if pos is not None else \
         torch.arange(len(ids)).expand(3, -1)
     if positions.shape[1] != len(ids):
         raise ValueError(f"positions cover {positions.shape[1]} tokens, input_ids has {len(ids)}")
-    prompt = ProcessedPrompt(ids, [], positions, int(delta.reshape(-1)[0]) if delta is not None else 0)
+    prompt = ProcessedPrompt(ids, _media(get("grid_thw"), get("media_hashes"), merge_unit), positions,
+                             int(delta.reshape(-1)[0]) if delta is not None else 0)
     embeds, deepstack = get("visual_embeds"), get("deepstack")
     vision = None
     if embeds is not None and embeds.shape[0] > 0:
@@ -76,9 +99,21 @@ def _parse(request):
     text = raw.reshape(-1)[0] if raw is not None and raw.size else b""
     params = SamplingParams.from_dict(parse_json_object(text.decode() if isinstance(text, bytes) else text,
                                                         "sampling_parameters"))
-    flags = {k: flag(k) for k in ("stream", "exclude_input_in_output", "return_num_input_tokens",
+    flags = {k: _flag(request, k) for k in ("stream", "exclude_input_in_output", "return_num_input_tokens",
                                   "return_num_output_tokens")}
     return prompt, vision, params, flags
+
+
+def _media(grids, hashes, merge_unit: int):
+    """Media identities for the prefix cache (pixels stay with the ViT)."""
+    if grids is None or hashes is None or len(hashes) != len(grids.reshape(-1, 3)):
+        return []
+    out = []
+    for g, h in zip(grids.reshape(-1, 3), hashes.reshape(-1)):
+        t, hh, w = (int(x) for x in g)
+        out.append(MediaItem("media", torch.empty(0), (t, hh, w), h.decode() if isinstance(h, bytes) else str(h),
+                             t * hh * w // merge_unit))
+    return out
 
 
 def _error(e: Exception):
@@ -89,12 +124,14 @@ def _error(e: Exception):
 
 
 class _Stream:
-    def __init__(self, sender, flags, tokenizer, prompt_ids):
-        self.sender, self.flags = sender, flags
+    def __init__(self, sender, flags, tokenizer, prompt_ids, on_finish):
+        self.sender, self.flags, self.on_finish = sender, flags, on_finish
         self.tokenizer, self.prompt_ids = tokenizer, prompt_ids
         self.text = ""
 
     def on_output(self, out):
+        if isinstance(out, Exception) or out.finished:
+            self.on_finish()
         if isinstance(out, Exception):
             self.sender.send(_error(out), flags=FINAL)
             return

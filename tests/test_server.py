@@ -1,0 +1,287 @@
+"""End to end against a real tritonserver (started once for the module) and the OpenAI adapter."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import functools
+import http.server
+import json
+import queue
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import CACHE, data_uri, image_bytes, make_image
+from qwen3vl_backend import generate
+from qwen3vl_backend.config import EngineConfig
+from qwen3vl_backend.engine.llm_engine import LLMEngine
+from qwen3vl_backend.launch import Server, free_port, write_repository
+
+pytestmark = pytest.mark.server
+openai = pytest.importorskip("openai")
+MAX_TOKENS = 16
+MAX_MODEL_LEN = 1024
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory, video_file):
+    d = tmp_path_factory.mktemp("allowed")
+    (d / "cat.png").write_bytes(image_bytes(make_image(160, 120, 11)))
+    (d / "clip.mp4").write_bytes(video_file.read_bytes())
+    return d
+
+
+@pytest.fixture(scope="module")
+def http_media(tmp_path_factory):
+    """A local HTTP server for media URLs."""
+    d = tmp_path_factory.mktemp("web")
+    (d / "dog.png").write_bytes(image_bytes(make_image(200, 100, 12)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(d))
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_moe, media_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    common = {"model_path": str(tiny_moe), "device": "cpu"}
+    repo = write_repository(root / "repo", {
+        "preprocess": {**{k: v for k, v in common.items() if k == "model_path"}, "media_fetch_timeout_s": "3"},
+        "vit": common,
+        "llm": {**common, "max_model_len": str(MAX_MODEL_LEN), "max_num_seqs": "16"},
+    })
+    srv = Server(repo, "127.0.0.1", free_port(), free_port(), free_port(), free_port(), "tiny-moe",
+                 ["--allowed-local-media-path", str(media_dir), "--enable-cache-report"], root / "logs",
+                 CACHE.parent / "triton")
+    try:
+        srv.wait_ready(timeout_s=300)
+    except Exception:
+        srv.stop()
+        raise RuntimeError((root / "logs" / "tritonserver.log").read_text()[-4000:])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def local_engine(tiny_moe):
+    return LLMEngine(EngineConfig(model_path=str(tiny_moe), device="cpu", dtype="float32"))
+
+
+def _expected(tiny_moe, local_engine, messages):
+    return generate.run(str(tiny_moe), {"messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS},
+                        engine=local_engine)
+
+
+def _chat(client, messages, **kw):
+    return client.chat.completions.create(model="tiny-moe", messages=messages, temperature=0, max_tokens=MAX_TOKENS, **kw)
+
+
+def _stream_text(client, messages):
+    parts, usage = [], None
+    for ch in _chat(client, messages, stream=True, stream_options={"include_usage": True}):
+        if ch.choices and ch.choices[0].delta.content:
+            parts.append(ch.choices[0].delta.content)
+        if ch.usage:
+            usage = ch.usage
+    return "".join(parts), usage
+
+
+def _img(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _cases(media_dir, http_media):
+    a, b = make_image(300, 200, 1), make_image(120, 180, 2)
+    return {
+        "text": [{"role": "user", "content": "Tell me about the sea."}],
+        "data_uri_image": [{"role": "user", "content": [_img(data_uri(image_bytes(a))), {"type": "text", "text": "What?"}]}],
+        "http_image": [{"role": "user", "content": [_img(f"{http_media}/dog.png"), {"type": "text", "text": "Who?"}]}],
+        "file_image": [{"role": "user", "content": [_img(str(media_dir / "cat.png")), {"type": "text", "text": "Hm?"}]}],
+        "two_images": [{"role": "user", "content": [_img(data_uri(image_bytes(a))), _img(data_uri(image_bytes(b))),
+                                                    {"type": "text", "text": "Compare."}]}],
+        "video": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": str(media_dir / "clip.mp4")}},
+                                               {"type": "text", "text": "What happens?"}]}],
+        "system_multi_turn": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello."},
+                              {"role": "user", "content": [_img(data_uri(image_bytes(b))), {"type": "text", "text": "This?"}]}],
+    }
+
+
+CASES = ["text", "data_uri_image", "http_image", "file_image", "two_images", "video", "system_multi_turn"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_openai_sdk_matches_cli(client, tiny_moe, local_engine, media_dir, http_media, case):
+    messages = _cases(media_dir, http_media)[case]
+    expected = _expected(tiny_moe, local_engine, [_localize(m, http_media) for m in messages])
+    r = _chat(client, messages)
+    assert r.choices[0].message.content == expected["text"]
+    assert r.choices[0].finish_reason == expected["finish_reason"]
+    assert r.usage.prompt_tokens == len(expected["prompt_token_ids"])
+    assert r.usage.completion_tokens == len(expected["output_token_ids"])
+    text, usage = _stream_text(client, messages)
+    assert text == expected["text"] and usage.prompt_tokens == r.usage.prompt_tokens
+
+
+def _localize(message, http_media):
+    return message        # the CLI fetches the same URLs and paths itself
+
+
+def test_greedy_output_equals_transformers(client, tiny_moe):
+    oracle = pytest.importorskip("oracle")
+    import torch
+
+    processor, model = oracle.load_reference(str(tiny_moe))
+    img = make_image(300, 200, 1)
+    messages = [{"role": "user", "content": [_img(data_uri(image_bytes(img))), {"type": "text", "text": "What?"}]}]
+    ref_text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
+                                             tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[ref_text], images=[img], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    ref = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    r = _chat(client, messages)
+    assert r.choices[0].message.content == ref
+    assert r.usage.prompt_tokens == inputs["input_ids"].shape[1]
+
+
+def test_tritonclient_grpc_stream_to_ensemble(server, tiny_moe, local_engine):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    img = make_image(300, 200, 1)
+    b64 = base64.b64encode(image_bytes(img)).decode()
+    messages = [{"role": "user", "content": "Describe the picture."}]
+    expected = _expected(tiny_moe, local_engine, [{"role": "user", "content": [_img(b64), {"type": "text", "text": "Describe the picture."}]}])
+
+    def inp(name, arr):
+        t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        t.set_data_from_numpy(arr)
+        return t
+
+    results = queue.Queue()
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    c.async_stream_infer("qwen3vl", [
+        inp("text_input", np.array([json.dumps({"messages": messages}).encode()], dtype=np.object_)),
+        inp("image", np.array([b64.encode()], dtype=np.object_)),
+        inp("stream", np.array([True])),
+        inp("sampling_parameters", np.array([json.dumps({"temperature": 0, "max_tokens": MAX_TOKENS}).encode()], dtype=np.object_)),
+    ], request_id="grpc-1")
+    text = ""
+    while True:
+        result, error = results.get(timeout=120)
+        assert error is None, error
+        text += result.as_numpy("text_output")[0].decode()
+        if result.as_numpy("finish_reason")[0]:
+            break
+    c.stop_stream()
+    assert text == expected["text"]
+
+
+def test_sixteen_concurrent_streams_with_mixed_media(client, tiny_moe, local_engine, media_dir, http_media):
+    cases = _cases(media_dir, http_media)
+    names = [CASES[i % len(CASES)] for i in range(16)]
+    expected = {n: _expected(tiny_moe, local_engine, cases[n])["text"] for n in set(names)}
+    with cf.ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(lambda n: _stream_text(client, cases[n])[0], names))
+    assert texts == [expected[n] for n in names]
+
+
+def _metric(server, name):
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+    m = re.search(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_client_disconnect_cancels_and_frees_kv_blocks(server):
+    before = _metric(server, "qwen3vl_requests_cancelled_total") or 0.0
+    body = {"model": "tiny-moe", "messages": [{"role": "user", "content": "Talk forever."}], "stream": True,
+            "max_tokens": 900, "ignore_eos": True, "temperature": 0}
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for _ in range(6):
+                next(lines)
+            assert _metric(server, "qwen3vl_kv_cache_usage") > 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (_metric(server, "qwen3vl_requests_cancelled_total") or 0) > before and _metric(server, "qwen3vl_kv_cache_usage") == 0:
+            break
+        time.sleep(0.2)
+    assert _metric(server, "qwen3vl_requests_cancelled_total") == before + 1
+    assert _metric(server, "qwen3vl_kv_cache_usage") == 0.0
+    assert _metric(server, "qwen3vl_num_running") == 0.0
+
+
+def _post(server, body, raw=None):
+    return httpx.post(f"{server.url}/v1/chat/completions", content=raw if raw is not None else json.dumps(body),
+                      headers={"content-type": "application/json"}, timeout=60)
+
+
+def _msg(content):
+    return {"model": "tiny-moe", "messages": [{"role": "user", "content": content}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("name,body,status,message", [
+    ("invalid_json", "{not json", 400, "not valid JSON"),
+    ("missing_messages", {"model": "tiny-moe"}, 400, "'messages' is required"),
+    ("unknown_model", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+    ("unsupported_part", _msg([{"type": "input_audio", "input_audio": {"data": "x"}}]), 400, "unsupported content part type"),
+    ("corrupt_base64", _msg([_img("data:image/png;base64,%%%%")]), 400, "not valid base64"),
+    ("not_an_image", _msg([_img(data_uri(b"plain text, not pixels"))]), 400, "not a decodable image"),
+    ("url_not_answering", _msg([_img("http://127.0.0.1:9/nothing.png")]), 400, "could not fetch"),
+    ("path_outside_allow_list", _msg([_img("/etc/hostname")]), 400, "outside the allowed directory"),
+    ("prompt_too_long", _msg("word " * 1500), 400, f"does not fit the context of {MAX_MODEL_LEN} tokens"),
+    ("max_tokens_zero", {**_msg("x"), "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
+    ("negative_temperature", {**_msg("x"), "temperature": -1}, 400, "temperature must be >= 0"),
+    ("top_p_zero", {**_msg("x"), "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ("top_p_above_one", {**_msg("x"), "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    ("n_two", {**_msg("x"), "n": 2}, 400, "n > 1 is not supported"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_input_gets_clear_4xx(server, name, body, status, message, stream):
+    if isinstance(body, dict) and stream:
+        body = {**body, "stream": True}
+    elif stream:
+        pytest.skip("invalid JSON has no stream flag")
+    r = _post(server, body, raw=body if isinstance(body, str) else None)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"]
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_server_still_serves_after_errors(client):
+    r = _chat(client, [{"role": "user", "content": "Still there?"}])
+    assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_models_and_health(server):
+    models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["tiny-moe"]
+    assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_prefix_cache_reported_in_usage(client):
+    messages = [{"role": "system", "content": "You are a careful assistant. " * 8},
+                {"role": "user", "content": [_img(data_uri(image_bytes(make_image(256, 256, 21)))), {"type": "text", "text": "Hi"}]}]
+    first = _chat(client, messages)
+    second = _chat(client, messages)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16
+    assert second.choices[0].message.content == first.choices[0].message.content
