@@ -21,6 +21,7 @@ from qwen3vl_backend import generate
 from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.llm_engine import LLMEngine
 from qwen3vl_backend.launch import Server, free_port, write_repository
+from qwen3vl_backend.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.server
 openai = pytest.importorskip("openai")
@@ -126,7 +127,7 @@ CASES = ["text", "data_uri_image", "http_image", "file_image", "two_images", "vi
 @pytest.mark.parametrize("case", CASES)
 def test_openai_sdk_matches_cli(client, tiny_moe, local_engine, media_dir, http_media, case):
     messages = _cases(media_dir, http_media)[case]
-    expected = _expected(tiny_moe, local_engine, [_localize(m, http_media) for m in messages])
+    expected = _expected(tiny_moe, local_engine, messages)   # the CLI fetches the same URLs and paths
     r = _chat(client, messages)
     assert r.choices[0].message.content == expected["text"]
     assert r.choices[0].finish_reason == expected["finish_reason"]
@@ -134,10 +135,6 @@ def test_openai_sdk_matches_cli(client, tiny_moe, local_engine, media_dir, http_
     assert r.usage.completion_tokens == len(expected["output_token_ids"])
     text, usage = _stream_text(client, messages)
     assert text == expected["text"] and usage.prompt_tokens == r.usage.prompt_tokens
-
-
-def _localize(message, http_media):
-    return message        # the CLI fetches the same URLs and paths itself
 
 
 def test_greedy_output_equals_transformers(client, tiny_moe):
@@ -285,3 +282,49 @@ def test_prefix_cache_reported_in_usage(client):
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16
     assert second.choices[0].message.content == first.choices[0].message.content
+
+
+def test_client_cli_streams_over_grpc(server, tiny_moe, local_engine, tmp_path):
+    import io
+    from client.chat import build_messages, stream_chat
+
+    img = tmp_path / "x.png"
+    img.write_bytes(image_bytes(make_image(100, 80, 5)))
+    messages = build_messages("What is it?", [str(img)])
+    buf = io.StringIO()
+    info = stream_chat(f"127.0.0.1:{server.grpc_port}", messages, {"temperature": 0, "max_tokens": MAX_TOKENS}, out=buf)
+    expected = _expected(tiny_moe, local_engine, messages)
+    assert buf.getvalue() == info["text"] == expected["text"]
+    assert info["prompt_tokens"] == len(expected["prompt_token_ids"])
+
+
+def test_http_generate_stream_example(server, tiny_moe, local_engine):
+    import io
+    from client.http_generate_stream import generate_stream
+
+    messages = [{"role": "user", "content": "Hello over HTTP."}]
+    text = generate_stream(server.triton_http, messages, {"temperature": 0, "max_tokens": MAX_TOKENS}, out=io.StringIO())
+    assert text == _expected(tiny_moe, local_engine, messages)["text"]
+
+
+def test_llm_alone_with_token_ids(server, local_engine):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    ids = local_engine.tokenizer.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    expected = local_engine.generate([ids], SamplingParams(temperature=0, max_tokens=8))[0]
+    results = queue.Queue()
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    arr = np.array(ids, dtype=np.int64)
+    t = grpcclient.InferInput("input_ids", list(arr.shape), np_to_triton_dtype(arr.dtype))
+    t.set_data_from_numpy(arr)
+    s = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+    s.set_data_from_numpy(np.array([json.dumps({"temperature": 0, "max_tokens": 8}).encode()], dtype=np.object_))
+    e = grpcclient.InferInput("exclude_input_in_output", [1], "BOOL")
+    e.set_data_from_numpy(np.array([True]))
+    c.async_stream_infer("llm", [t, s, e], request_id="llm-direct")
+    result, error = results.get(timeout=60)
+    c.stop_stream()
+    assert error is None, error
+    assert result.as_numpy("text_output")[0].decode() == expected["text"]
