@@ -32,7 +32,8 @@ class EngineConfig:
     max_num_seqs: int = 64                # SGLang's --max-running-requests
     max_num_batched_tokens: int = 2048    # SGLang's --chunked-prefill-size
     enable_prefix_cache: bool = True
-    attention_backend: str = "torch"      # torch | triton | fa3
+    attention_backend: str = "auto"       # auto (triton on cuda, torch on cpu) | torch | triton | fa3
+    moe_backend: str = "auto"             # auto (triton on cuda, torch on cpu) | torch | triton
     mm_attention_backend: str = "sdpa"    # sdpa | triton | fa3
     seed: int = 0
 
@@ -58,7 +59,10 @@ class EngineConfig:
             raise ConfigError("num_kv_blocks must be >= 0")
         if not 0 < self.mem_fraction_static < 1:
             raise ConfigError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
-        for name, allowed in (("attention_backend", ("torch", "triton", "fa3")),
+        for name in ("attention_backend", "moe_backend"):
+            if getattr(self, name) == "auto":
+                setattr(self, name, "triton" if self.device.startswith("cuda") else "torch")
+        for name, allowed in (("attention_backend", ("torch", "triton", "fa3")), ("moe_backend", ("torch", "triton")),
                               ("mm_attention_backend", ("sdpa", "triton", "fa3", "fa2"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

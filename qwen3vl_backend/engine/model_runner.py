@@ -41,6 +41,27 @@ class MultimodalState:
         return cls(positions, rope_delta, visual_embeds, list(deepstack), rank if n else None)
 
 
+def select_kernels(model, cfg: EngineConfig) -> None:
+    """Point the layers at the Triton kernels the config asks for (GPU); torch code otherwise."""
+    from ..layers.moe import SparseMoE
+    from ..layers.norm import RMSNorm
+    from ..models.text import Attention
+
+    triton_attn, triton_moe = cfg.attention_backend == "triton", cfg.moe_backend == "triton"
+    if triton_attn or triton_moe:
+        from kernels.attention import paged_decode_attention
+        from kernels.fused_moe import fused_moe
+        from kernels.rmsnorm import rmsnorm
+    lm = model.model.language_model
+    for m in lm.modules():
+        if isinstance(m, Attention) and triton_attn:
+            m.decode_fn = paged_decode_attention
+        elif isinstance(m, SparseMoE) and triton_moe:
+            m.experts_fn = fused_moe
+        elif isinstance(m, RMSNorm) and triton_attn and cfg.device.startswith("cuda"):
+            m.kernel = rmsnorm
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -55,6 +76,7 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(t.num_hidden_layers)]
         self.sampler = Sampler()
+        select_kernels(self.model, cfg)
 
     def _auto_num_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -128,12 +150,14 @@ class ModelRunner:
         tables = torch.full((len(batch), max_blocks), -1, dtype=torch.int32)
         for i, c in enumerate(batch):
             tables[i, : len(c.seq.block_table)] = torch.tensor(c.seq.block_table, dtype=torch.int32)
+        context_lens = [c.start + c.num_tokens for c in batch]
         meta = AttentionMetadata(
             query_lens=[c.num_tokens for c in batch],
-            context_lens=[c.start + c.num_tokens for c in batch],
+            context_lens=context_lens,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=tables.to(dev),
             block_size=bs,
+            context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=dev),
         )
         vis_embeds, deepstack, mask_t = None, (), None
         if vis_rows:

@@ -22,6 +22,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor     # (T,) int64 flat cache slot of each new token
     block_tables: torch.Tensor     # (S, max_blocks) int32, -1 padded
     block_size: int
+    context_lens_t: torch.Tensor | None = None   # (S,) int32 on the device, for the kernels
 
     @property
     def is_decode_only(self) -> bool:

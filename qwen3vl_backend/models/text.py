@@ -29,6 +29,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
         self.attn_fn = paged_attention_torch
+        self.decode_fn = None          # a paged decode kernel, set by the model runner on GPU
 
     def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata):
         t = x.shape[0]
@@ -37,7 +38,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         write_kv(cache, k, v, meta.slot_mapping)
-        o = self.attn_fn(q, cache, meta, self.head_dim ** -0.5)
+        if self.decode_fn is not None and meta.is_decode_only:
+            o = self.decode_fn(q, cache, meta.block_tables, meta.context_lens_t, self.head_dim ** -0.5)
+        else:
+            o = self.attn_fn(q, cache, meta, self.head_dim ** -0.5)
         return self.o_proj(o.reshape(t, -1))
 
 

@@ -1,0 +1,179 @@
+"""Fused MoE: route -> align tokens per expert -> grouped GEMM (gate_up) -> SiLU*mul -> grouped GEMM (down,
+routing weight applied) -> combine over the top-k.
+
+Shapes: M = tokens, H = hidden, I = expert intermediate, E = experts, A = experts per token.
+w13 (E, 2I, H) and w2 (E, H, I) in linear layout. The (M*A) token-expert pairs are sorted by
+expert and each expert's run is padded to BLOCK_M, so every program of the grouped GEMM works on
+one expert's weight tile; padding rows carry the sentinel M*A and are neither read nor written.
+Launch configs come from JSON tables keyed by (E, N, K, device), looked up at the nearest M;
+nothing is autotuned on the request path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+    # sizes
+    N, K, num_valid, top_k,
+    # strides
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    # meta
+    A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_padded = tl.load(num_padded_ptr)
+    grid_m = tl.cdiv(num_padded, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: neighbouring programs share B tiles in L2
+    per_group = GROUP_M * grid_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    if pid_m * BLOCK_M >= num_padded:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)                  # token * top_k + slot, or num_valid
+    valid = pair < num_valid
+    a_row = pair if A_ROWS_ARE_PAIRS else pair // top_k
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc += tl.dot(a, b)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if MUL_WEIGHT:
+        w = tl.load(weights_ptr + pair, mask=valid, other=0.0)
+        acc = acc * w[:, None]
+    out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + pair[:, None].to(tl.int64) * stride_cm + out_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (out_n[None, :] < N))
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(M, A) expert ids -> sorted pair ids padded per expert to block_m, expert per block, padded count.
+
+    Pair id p = token * A + slot; padding uses the sentinel M * A. Sizes are bounded without a
+    host sync: at most M*A + E*(block_m - 1) rows.
+    """
+    flat = topk_ids.flatten()
+    n = flat.numel()
+    # scatter_add, not bincount: bincount syncs to size its output, which a CUDA graph cannot hold
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded
+    order = torch.argsort(flat, stable=True)
+    rank = torch.arange(n, device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+    max_rows = n + num_experts * (block_m - 1)
+    max_rows = (max_rows + block_m - 1) // block_m * block_m
+    sorted_ids = torch.full((max_rows,), n, dtype=torch.int32, device=flat.device)
+    sorted_ids[starts[flat[order]] + rank] = order.to(torch.int32)
+    block_starts = torch.arange(0, max_rows, block_m, device=flat.device)
+    # blocks past the real total map past the last expert; num_padded makes the kernel skip them
+    block_expert = torch.searchsorted(torch.cumsum(padded, 0), block_starts, right=True).clamp_(max=num_experts - 1)
+    total = padded.sum().reshape(1).to(torch.int32)
+    return sorted_ids, block_expert.to(torch.int32), total
+
+
+def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_rows_are_pairs, mul_weight, cfg):
+    n, k = b.shape[1], b.shape[2]
+    grid = (triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _grouped_gemm_kernel[grid](
+        a, b, c, weights, sorted_ids, block_expert, total,
+        n, k, c.shape[0], top_k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H)."""
+    m, h = x.shape
+    e, two_i, h2 = w13.shape
+    if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
+        raise ValueError(f"fused_moe shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
+                         f"w2 {tuple(w2.shape)}, topk {tuple(topk_ids.shape)}")
+    if m == 0:
+        return torch.empty_like(x)
+    top_k = topk_ids.shape[1]
+    cfg = config or lookup_config(e, two_i // 2, h, m, x.device)
+    sorted_ids, block_expert, total = align_by_expert(topk_ids, e, cfg["BLOCK_M"])
+    weights = topk_weights.to(torch.float32).flatten().contiguous()
+    gate_up = torch.empty(m * top_k, two_i, dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) * up
+    out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
+    _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg)
+    return out.view(m, top_k, h).sum(dim=1)
+
+
+def fused_moe_reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """Plain PyTorch: one expert at a time over its tokens (float32 accumulation)."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for ex in topk_ids.unique().tolist():
+        tok, slot = torch.where(topk_ids == ex)
+        gate, up = (x[tok].float() @ w13[ex].float().T).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ w2[ex].float().T
+        out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())
+    return out.to(x.dtype)
+
+
+# -- launch configs ---------------------------------------------------------------------------------
+def config_file(e: int, n: int, k: int, device_name: str) -> Path:
+    safe = device_name.replace(" ", "_")
+    return CONFIG_DIR / f"E={e},N={n},K={k},device={safe}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(path: str) -> dict[int, dict] | None:
+    p = Path(path)
+    if not p.exists():
+        return None
+    return {int(m): cfg for m, cfg in json.loads(p.read_text()).items()}
+
+
+def lookup_config(e: int, inter: int, hidden: int, m: int, device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    table = _load_table(str(config_file(e, inter, hidden, name)))
+    if table is None:
+        _warn_default(e, inter, hidden, name)
+        return DEFAULT_CONFIG
+    best = min(table, key=lambda key: abs(key - m))
+    return table[best]
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_default(e, inter, hidden, name):
+    log.warning("no tuned fused-MoE config for E=%d I=%d H=%d on %s; using the default", e, inter, hidden, name)
