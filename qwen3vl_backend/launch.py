@@ -231,7 +231,9 @@ def main(argv=None) -> int:
     server = Server(repo, args.host, args.port, args.grpc_port, args.triton_http_port, args.metrics_port, served,
                     frontend_args, repo.parent / "logs", ROOT / ".cache" / "triton")
     stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    # installed explicitly: a process started in the background inherits SIGINT ignored
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.update(now=True))
     try:
         server.wait_ready()
         print(f"OpenAI API:   {server.url}/v1/chat/completions   (model '{served}')")
