@@ -40,12 +40,12 @@ class WeightLoadError(ValueError):
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """The model with uninitialised storage on `device` (meta allocates nothing)."""
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(cfg)
+        model = Qwen3VLForConditionalGeneration(cfg).to(dtype)     # cast while nothing is allocated
     if str(device) != "meta":
         model = model.to_empty(device=device)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -40,6 +40,11 @@ def filter_probs(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs / probs.sum()
 
 
+def _plain_greedy(params: SamplingParams, banned) -> bool:
+    return (params.greedy and not banned and params.repetition_penalty == 1.0
+            and not params.presence_penalty and not params.frequency_penalty)
+
+
 class Sampler:
     def __init__(self):
         self._generators: dict[str, torch.Generator] = {}
@@ -50,6 +55,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: list) -> list[int]:
         """logits (B, V); rows[i] = (request_id, params, prompt_ids, output_ids, banned_ids)."""
         logits = logits.float()
+        if all(_plain_greedy(r[1], r[4]) for r in rows):           # the common serving case: one argmax
+            return logits.argmax(dim=-1).tolist()
         out = []
         for i, (rid, params, prompt_ids, output_ids, banned) in enumerate(rows):
             row = apply_penalties(logits[i].clone(), params, prompt_ids, output_ids)

@@ -87,6 +87,18 @@ def _init(model: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def write_model_dir(out: str | Path, config: dict) -> Path:
+    """A checkpoint directory without weights (config, tokenizer, processor files): for `dummy` loads."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
+                 "generation_config.json"):
+        shutil.copyfile(DATA / name, out / name)
+    write_tokenizer_files(out)
+    return out
+
+
 def make_tiny_checkpoint(out: str | Path, dense: bool = False, seed: int = 0, shards: int = 2) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,12 +107,7 @@ def make_tiny_checkpoint(out: str | Path, dense: bool = False, seed: int = 0, sh
     _init(model, seed)
     state = checkpoint_state_dict(model)
     _save_sharded(state, out, shards)
-    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
-    for name in ("chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
-                 "generation_config.json"):
-        shutil.copyfile(DATA / name, out / name)
-    write_tokenizer_files(out)
-    return out
+    return write_model_dir(out, cfg_dict)
 
 
 def _save_sharded(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:

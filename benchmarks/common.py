@@ -1,0 +1,77 @@
+"""Shared by the benchmark scripts: device facts, commit, a table printer and the JSON writer."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_info() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=p.name, sms=p.multi_processor_count, memory_gb=round(p.total_memory / 2**30, 1))
+        try:
+            import triton
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def write_result(name: str, settings: dict, rows: list[dict], out_dir: str | Path | None = None) -> Path:
+    out = Path(out_dir or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dev = device_info()
+    path = out / f"{name}-{dev['device'].replace(' ', '_')}-{stamp}.json"
+    path.write_text(json.dumps({"benchmark": name, "commit": commit(), "device": dev, "settings": settings,
+                                "rows": rows, "time": stamp}, indent=2))
+    return path
+
+
+def cuda_time_ms(fn, warmup: int = 3, iters: int = 20) -> float:
+    """Median milliseconds of fn() by CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]

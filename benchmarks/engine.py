@@ -1,0 +1,137 @@
+"""Engine decode and TTFT at real shapes with dummy weights: the issue's serving workload.
+
+    python -m benchmarks.engine [--config Qwen3-VL-30B-A3B-Instruct] [--concurrency 1,8,32,64,128]
+
+Each request: one 1280x720 image + 64 text tokens in, 256 tokens out (ignore_eos, greedy),
+prefix cache off (every request pays its own prefill). Reports TTFT and inter-token latency
+p50/p99, per-stream and total decode tok/s, and each decode step's floor: bytes of attention,
+norm and head weights + the distinct experts a batch of that size routes to (expected count
+under uniform routing, which dummy weights give) + the KV cache read, over measured bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qwen3vl_backend.config import EngineConfig
+from qwen3vl_backend.engine.llm_engine import LLMEngine
+from qwen3vl_backend.model_config import ModelConfig
+from qwen3vl_backend.processing.processor import Processor
+from qwen3vl_backend.sampling_params import SamplingParams
+from qwen3vl_backend.tools.make_tiny_checkpoint import write_model_dir
+
+from .common import print_table, write_result
+from .roofline import measure as roofline
+
+CONFIGS = Path(__file__).resolve().parent.parent / "qwen3vl_backend" / "data" / "configs"
+
+
+def make_prompt(processor: Processor, seed: int):
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    words = " ".join(f"w{i}" for i in range(40))
+    text = processor.tokenizer.decode(processor.tokenizer.encode(words)[:64])
+    return processor.process_messages([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}])
+
+
+def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int) -> float:
+    t = cfg.text
+    attn = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim + \
+        t.num_attention_heads * t.head_dim * t.hidden_size
+    norms = 2 * t.hidden_size + 2 * t.head_dim
+    per_layer = attn + norms + t.num_experts * t.hidden_size           # router too
+    expert = 3 * t.hidden_size * t.moe_intermediate_size
+    hit = t.num_experts * (1 - (1 - t.num_experts_per_tok / t.num_experts) ** batch)
+    weights = t.num_hidden_layers * (per_layer + hit * expert) + t.vocab_size * t.hidden_size + t.hidden_size
+    kv = kv_tokens * t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim
+    return 2.0 * (weights + kv)                                           # bf16
+
+
+def run(engine: LLMEngine, prompts, out_tokens: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=out_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    arrive = {}
+    for i, p in enumerate(prompts):
+        rid = engine.add_request(p, params, request_id=f"b{i}")
+        arrive[rid] = t0
+    torch.cuda.synchronize()
+    first, stamps, steps = {}, {rid: [] for rid in arrive}, []
+    while engine.has_unfinished():
+        s0 = time.perf_counter()
+        outs = engine.step()
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        decoding = [o for o in outs if o.num_output_tokens > 1]
+        if decoding and len(decoding) == len(outs):
+            steps.append((now - s0, len(decoding)))
+        for o in outs:
+            first.setdefault(o.request_id, now)
+            stamps[o.request_id].append(now)
+    ttft = np.array([first[r] - arrive[r] for r in arrive]) * 1e3
+    itl = np.concatenate([np.diff(v) for v in stamps.values()]) * 1e3
+    decode_time = sum(dt for dt, _ in steps)
+    decode_tokens = sum(n for _, n in steps)
+    return {"ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p99_ms": float(np.percentile(ttft, 99)),
+            "itl_p50_ms": float(np.percentile(itl, 50)), "itl_p99_ms": float(np.percentile(itl, 99)),
+            "per_stream_tok_s": 1e3 / float(np.percentile(itl, 50)),
+            "total_decode_tok_s": decode_tokens / decode_time if decode_time else 0.0,
+            "decode_step_ms": 1e3 * decode_time / max(len(steps), 1), "prompt_tokens": len(prompts[0].prompt_ids)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="Qwen3-VL-30B-A3B-Instruct")
+    ap.add_argument("--concurrency", default="1,8,32,64,128")
+    ap.add_argument("--out-tokens", type=int, default=256)
+    ap.add_argument("--mem-fraction-static", type=float, default=0.88)
+    ap.add_argument("--chunked-prefill-size", type=int, default=8192)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    ceil = roofline()
+    torch.cuda.empty_cache()
+    cfg_dict = json.loads((CONFIGS / f"{args.config}.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(Path(tmp) / args.config, cfg_dict)
+        settings = dict(model_path=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
+                        max_model_len=4096, max_num_seqs=128, max_num_batched_tokens=args.chunked_prefill_size,
+                        mem_fraction_static=args.mem_fraction_static, enable_prefix_cache=False)
+        t = time.perf_counter()
+        engine = LLMEngine(EngineConfig(**settings))
+        load_s = time.perf_counter() - t
+        processor = Processor(model_dir, engine.tokenizer)
+        print(f"loaded {args.config} (dummy) in {load_s:.1f}s; KV blocks {engine.runner.num_blocks}; "
+              f"GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+        base = make_prompt(processor, 0)
+        run(engine, [base], 8)                                     # warm up kernels and allocator
+        rows = []
+        for c in (int(x) for x in args.concurrency.split(",")):
+            r = run(engine, [base] * c, args.out_tokens)
+            kv = c * (r["prompt_tokens"] + args.out_tokens // 2)
+            floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+            r.update(concurrency=c, floor_step_ms=floor_ms, floor_over_step=floor_ms / r["decode_step_ms"])
+            rows.append(r)
+            print_table([r], list(r))
+    cols = ["concurrency", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
+            "total_decode_tok_s", "decode_step_ms", "floor_step_ms", "floor_over_step"]
+    print_table(rows, cols)
+    print(write_result("engine", {**settings, "config": args.config, "out_tokens": args.out_tokens,
+                                  "image": "1280x720", "text_tokens": 64, "ceilings": ceil, "load_s": load_s},
+                       rows, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Fused MoE and paged decode attention at Qwen3-VL-30B-A3B shapes, against PyTorch and the floor.
+
+    python -m benchmarks.kernels [--out DIR]
+
+Floor = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both measured here first.
+MoE bytes: the distinct experts the batch routes to (w13 + w2) plus activations in and out.
+"""
+
+import argparse
+
+import torch
+
+from kernels.attention import paged_decode_attention
+from kernels.fused_moe import fused_moe
+from qwen3vl_backend.layers.moe import route
+
+from .common import cuda_time_ms, print_table, write_result
+from .roofline import measure as roofline
+
+E, H, I, A = 128, 2048, 768, 8        # 30B-A3B experts
+
+
+def moe_loop(x, w13, w2, weights, ids):
+    """The per-expert loop transformers runs (bf16)."""
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        tok, slot = torch.where(ids == e)
+        gate, up = (x[tok] @ w13[e].T).chunk(2, dim=-1)
+        out.index_add_(0, tok, ((torch.nn.functional.silu(gate) * up) @ w2[e].T) * weights[tok, slot, None].to(x.dtype))
+    return out
+
+
+def moe_grouped_mm(x, w13_t, w2_t, weights, ids):
+    """torch._grouped_mm over tokens sorted by expert (w13_t (E, H, 2I), w2_t (E, I, H))."""
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xs = x[order // A]
+    gate, up = torch._grouped_mm(xs, w13_t, offs=offs).chunk(2, dim=-1)
+    y = torch._grouped_mm(torch.nn.functional.silu(gate) * up, w2_t, offs=offs)
+    y = y * weights.flatten()[order, None].to(y.dtype)
+    out = torch.zeros(x.shape[0] * A, x.shape[1], dtype=x.dtype, device=x.device)
+    out[order] = y
+    return out.view(-1, A, x.shape[1]).sum(1)
+
+
+def bench_moe(ceil: dict) -> list[dict]:
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    w13_t, w2_t = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
+    rows = []
+    for m in (1, 8, 64, 256, 2048, 8192):
+        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
+        weights, ids = route(torch.randn(m, E, device="cuda"), A, True)
+        experts = int(ids.unique().numel())
+        nbytes = experts * 3 * H * I * 2 + 2 * m * H * 2
+        flops = 2 * m * A * 3 * H * I
+        floor = max(nbytes / (ceil["copy_bandwidth_tb_s"] * 1e12), flops / (ceil["bf16_matmul_tflops"] * 1e12)) * 1e3
+        ours = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids))
+        loop = cuda_time_ms(lambda: moe_loop(x, w13, w2, weights, ids), iters=5)
+        try:
+            gmm = cuda_time_ms(lambda: moe_grouped_mm(x, w13_t, w2_t, weights, ids))
+        except (RuntimeError, AttributeError) as e:
+            gmm = None
+            print(f"torch._grouped_mm unavailable at M={m}: {e}")
+        best_ref = min(t for t in (loop, gmm) if t is not None)
+        rows.append({"M": m, "experts_hit": experts, "fused_ms": ours, "loop_ms": loop, "grouped_mm_ms": gmm,
+                     "floor_ms": floor, "floor_over_fused": floor / ours, "speedup_vs_best_ref": best_ref / ours})
+    return rows
+
+
+def bench_decode_attention(ceil: dict) -> list[dict]:
+    rows = []
+    h, hkv, d, bs = 32, 4, 128, 16
+    for seqs, ctx in ((1, 1024), (8, 1024), (64, 1024), (64, 4096), (128, 2048)):
+        nb = seqs * ctx // bs
+        cache = torch.randn(2, nb, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(seqs, h, d, device="cuda", dtype=torch.bfloat16)
+        tables = torch.arange(nb, device="cuda", dtype=torch.int32).view(seqs, -1)
+        lens = torch.full((seqs,), ctx, device="cuda", dtype=torch.int32)
+        ours = cuda_time_ms(lambda: paged_decode_attention(q, cache, tables, lens, d ** -0.5))
+        k = cache[0].view(seqs, ctx, hkv, d).transpose(1, 2)          # contiguous per sequence: SDPA's best case
+        v = cache[1].view(seqs, ctx, hkv, d).transpose(1, 2)
+        qq = q.view(seqs, h, 1, d)
+        sdpa = cuda_time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qq, k, v, enable_gqa=True))
+        floor = 2 * seqs * ctx * hkv * d * 2 / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+        rows.append({"seqs": seqs, "ctx": ctx, "paged_ms": ours, "sdpa_ms": sdpa, "floor_ms": floor,
+                     "floor_over_paged": floor / ours})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    ceil = roofline()
+    moe = bench_moe(ceil)
+    print("fused MoE, 30B-A3B shapes (E=128, H=2048, I=768, top-8), bf16")
+    print_table(moe, list(moe[0]))
+    attn = bench_decode_attention(ceil)
+    print("paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16")
+    print_table(attn, list(attn[0]))
+    print(write_result("kernels", {"ceilings": ceil, "moe_shape": [E, H, I, A]}, moe + attn, args.out))
+
+
+if __name__ == "__main__":
+    main()
