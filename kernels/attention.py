@@ -63,6 +63,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     if d2 != d or h % hkv or block_tables.shape[0] != s or context_lens.shape[0] != s:
         raise ValueError(f"paged_decode_attention shapes disagree: q {tuple(q.shape)}, cache {tuple(cache.shape)}, "
                          f"block_tables {tuple(block_tables.shape)}, context_lens {tuple(context_lens.shape)}")
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"paged_decode_attention: block size {bs}: needs a power of two >= 16 (tl.dot tiles)")
     if q.stride(-1) != 1 or cache.stride(-1) != 1:
         raise ValueError("paged_decode_attention needs the head dim contiguous")
     group = h // hkv

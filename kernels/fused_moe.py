@@ -92,7 +92,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     starts = torch.cumsum(padded, 0) - padded
     order = torch.argsort(flat, stable=True)
     rank = torch.arange(n, device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
-    max_rows = n + num_experts * (block_m - 1)
+    max_rows = min(n + num_experts * (block_m - 1), n * block_m)   # each pair pads its expert at most once
     max_rows = (max_rows + block_m - 1) // block_m * block_m
     sorted_ids = torch.full((max_rows,), n, dtype=torch.int32, device=flat.device)
     sorted_ids[starts[flat[order]] + rank] = order.to(torch.int32)

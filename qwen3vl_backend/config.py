@@ -35,6 +35,7 @@ class EngineConfig:
     attention_backend: str = "auto"       # auto (triton on cuda, torch on cpu) | torch | triton | fa3
     moe_backend: str = "auto"             # auto (triton on cuda, torch on cpu) | torch | triton
     mm_attention_backend: str = "sdpa"    # sdpa | triton | fa3
+    cuda_graph_max_bs: int = 128          # decode steps up to this batch replay CUDA graphs; 0 disables
     seed: int = 0
 
     def __post_init__(self):
@@ -55,6 +56,11 @@ class EngineConfig:
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.attention_backend == "triton" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise ConfigError(f"block_size must be a power of two >= 16 with the triton attention backend, "
+                              f"got {self.block_size}")
+        if self.cuda_graph_max_bs < 0:
+            raise ConfigError("cuda_graph_max_bs must be >= 0")
         if self.num_kv_blocks < 0:
             raise ConfigError("num_kv_blocks must be >= 0")
         if not 0 < self.mem_fraction_static < 1:

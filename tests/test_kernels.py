@@ -13,6 +13,7 @@ from kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from qwen3vl_backend.layers.moe import route
 
 CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"          # interpreter on CPU, compiled kernels on a GPU
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 SMALL_CFG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
 
@@ -31,13 +32,13 @@ def moe_inputs(m, e, h, i, a, dtype=torch.float32, device="cpu"):
 
 @pytest.mark.parametrize("m,e,h,i,a", [(1, 8, 64, 48, 2), (7, 8, 96, 40, 2), (33, 16, 64, 24, 4), (5, 4, 80, 36, 4)])
 def test_fused_moe_matches_reference(m, e, h, i, a):
-    x, w13, w2, w, ids = moe_inputs(m, e, h, i, a)
+    x, w13, w2, w, ids = moe_inputs(m, e, h, i, a, device=DEV)
     out = fused_moe(x, w13, w2, w, ids, SMALL_CFG)
     assert rel(out, fused_moe_reference(x, w13, w2, w, ids)) < 1e-5
 
 
 def test_align_by_expert_covers_every_pair_once():
-    ids = torch.tensor([[3, 1], [1, 0], [3, 3]])
+    ids = torch.tensor([[3, 1], [1, 0], [3, 3]], device=DEV)
     sorted_ids, block_expert, total = align_by_expert(ids, 4, 4)
     real = sorted_ids[sorted_ids < ids.numel()]
     assert sorted(real.tolist()) == list(range(6)) and int(total) == 12
@@ -48,7 +49,7 @@ def test_align_by_expert_covers_every_pair_once():
 
 
 def test_fused_moe_rejects_mismatched_shapes():
-    x, w13, w2, w, ids = moe_inputs(3, 4, 32, 16, 2)
+    x, w13, w2, w, ids = moe_inputs(3, 4, 32, 16, 2, device=DEV)
     with pytest.raises(ValueError, match="fused_moe shapes disagree"):
         fused_moe(x, w13, w2[:, :, :8], w, ids, SMALL_CFG)
 
@@ -61,24 +62,27 @@ def cache_inputs(s, h, hkv, d, bs, nb, dtype=torch.float32, device="cpu", max_ct
     return q, cache, tables, ctx
 
 
-@pytest.mark.parametrize("s,h,hkv,d,bs,nb", [(1, 4, 2, 32, 16, 8), (3, 8, 1, 64, 16, 20), (2, 6, 2, 32, 8, 10)])
+@pytest.mark.parametrize("s,h,hkv,d,bs,nb", [(1, 4, 2, 32, 16, 8), (3, 8, 1, 64, 16, 20), (2, 6, 2, 32, 32, 10)])
 def test_paged_decode_matches_reference(s, h, hkv, d, bs, nb):
-    q, cache, tables, ctx = cache_inputs(s, h, hkv, d, bs, nb)
+    q, cache, tables, ctx = cache_inputs(s, h, hkv, d, bs, nb, device=DEV)
     out = paged_decode_attention(q, cache, tables, ctx, d ** -0.5)
     assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, d ** -0.5)) < 1e-5
 
 
-def test_paged_decode_rejects_bad_heads():
-    q, cache, tables, ctx = cache_inputs(2, 6, 4, 32, 8, 4)
+def test_paged_decode_rejects_bad_heads_and_small_blocks():
+    q, cache, tables, ctx = cache_inputs(2, 6, 4, 32, 16, 4, device=DEV)
     with pytest.raises(ValueError, match="shapes disagree"):
+        paged_decode_attention(q, cache, tables, ctx, 1.0)
+    q, cache, tables, ctx = cache_inputs(2, 4, 2, 32, 8, 4, device=DEV)
+    with pytest.raises(ValueError, match="block size 8: needs a power of two >= 16"):
         paged_decode_attention(q, cache, tables, ctx, 1.0)
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (5, 100), (3, 7, 48)])
 def test_rmsnorm_matches_reference(shape):
-    x, w = torch.randn(shape), torch.randn(shape[-1])
+    x, w = torch.randn(shape, device=DEV), torch.randn(shape[-1], device=DEV)
     assert rel(rmsnorm(x, w, 1e-6), rmsnorm_reference(x, w, 1e-6)) < 1e-6
-    r = torch.randn(shape)
+    r = torch.randn(shape, device=DEV)
     r2 = r.clone()
     assert rel(rmsnorm(x, w, 1e-6, r2), rmsnorm_reference(x, w, 1e-6, r)) < 1e-6
     assert torch.equal(r2, x + r)

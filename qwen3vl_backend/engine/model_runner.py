@@ -16,6 +16,7 @@ from ..layers.attention import AttentionMetadata
 from ..layers.sampler import Sampler
 from ..loader import load_model
 from ..processing.positions import decode_positions
+from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
 from .scheduler import ScheduledChunk
 
 
@@ -72,11 +73,18 @@ class ModelRunner:
         t = self.model_cfg.text
         self.visual_token_ids = (self.model_cfg.image_token_id, self.model_cfg.video_token_id)
         self.num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
-        shape = (2, self.num_blocks, cfg.block_size, t.num_key_value_heads, t.head_dim)
+        # one block more than the block manager hands out: the scratch block CUDA-graph padding writes to
+        shape = (2, self.num_blocks + 1, cfg.block_size, t.num_key_value_heads, t.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(t.num_hidden_layers)]
         self.sampler = Sampler()
         select_kernels(self.model, cfg)
+        self.graphs = None
+        if self.device.type == "cuda" and cfg.cuda_graph_max_bs and cfg.attention_backend == "triton":
+            sizes = [s for s in DEFAULT_SIZES if s <= cfg.cuda_graph_max_bs] or [cfg.cuda_graph_max_bs]
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, cfg.block_size,
+                                       -(-cfg.max_model_len // cfg.block_size), self.num_blocks, sizes, cfg.device)
+            self.graphs.capture()
 
     def _auto_num_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -85,6 +93,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         per_block = 2 * self.cfg.block_size * t.num_key_value_heads * t.head_dim * self.dtype.itemsize
         per_block *= t.num_hidden_layers
+        # room for activations and CUDA graphs outside the static fraction
         budget = total * self.cfg.mem_fraction_static - (total - free)
         if budget < per_block * 16:
             raise RuntimeError(f"mem_fraction_static={self.cfg.mem_fraction_static} leaves no room for the KV cache")
@@ -109,6 +118,12 @@ class ModelRunner:
     def run(self, batch: list[ScheduledChunk], banned: dict[str, set[int]] | None = None) -> list[int]:
         """Execute the batch; returns the sampled token for each chunk with `samples`, in order."""
         ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch)
+        if (self.graphs is not None and vis_embeds is None and meta.is_decode_only and self.graphs.fits(len(batch))
+                and all(c.samples for c in batch)):
+            logits = self.graphs.run(ids, positions, meta)
+            rows = [(c.seq.request_id, c.seq.params, c.seq.prompt_ids, c.seq.output_ids,
+                     (banned or {}).get(c.seq.request_id)) for c in batch]
+            return self.sampler.sample(logits, rows)
         hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
         last, rows = [], []
         end = 0

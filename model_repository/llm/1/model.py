@@ -5,6 +5,7 @@ back through the request's sender as the engine produces them: one per text delt
 `stream` is set, else one final response with the whole text.
 """
 
+import dataclasses
 import uuid
 
 import numpy as np
@@ -22,9 +23,7 @@ from qwen3vl_backend.serving.triton_params import client_error_message, model_se
 
 # TRITONSERVER_RESPONSE_COMPLETE_FINAL; the stub defines its pb_utils name only at run time
 FINAL = 1
-ENGINE_KEYS = ("model_path", "device", "dtype", "load_format", "max_model_len", "block_size", "num_kv_blocks",
-               "mem_fraction_static", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_cache",
-               "attention_backend", "seed")
+ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 class TritonPythonModel:
