@@ -36,14 +36,19 @@ from .roofline import measure as roofline
 CONFIGS = Path(__file__).resolve().parent.parent / "qwen3vl_backend" / "data" / "configs"
 
 
-def make_prompt(processor: Processor, seed: int):
+def make_request(tokenizer, seed: int) -> tuple[Image.Image, str]:
+    """The workload's request: a 1280x720 image and 64 text tokens."""
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8))
+    words = " ".join(f"w{i}" for i in range(40))
+    return img, tokenizer.decode(tokenizer.encode(words)[:64])
+
+
+def make_prompt(processor: Processor, seed: int):
+    img, text = make_request(processor.tokenizer, seed)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    words = " ".join(f"w{i}" for i in range(40))
-    text = processor.tokenizer.decode(processor.tokenizer.encode(words)[:64])
     return processor.process_messages([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}])
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .common import print_table, write_result
-from .engine import CONFIGS, make_prompt
+from .engine import CONFIGS, make_request
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.tools.make_tiny_checkpoint import write_model_dir
 
@@ -50,14 +50,8 @@ def main(argv=None):
             model = cls._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
         load_s = time.perf_counter() - t
         processor = transformers.AutoProcessor.from_pretrained(model_dir)
-        ours = make_prompt(Processor(model_dir), 0)
-        text = processor.tokenizer.decode(ours.prompt_ids)
-        # the same prompt through the reference processor: image as pixels + grid, text with pads
-        from PIL import Image
-        import numpy as np
-        rng = np.random.default_rng(0)
-        img = Image.fromarray(rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8))
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text.split("<|vision_end|>")[-1].split("<|im_end|>")[0]}]}]
+        img, text = make_request(Processor(model_dir).tokenizer, 0)
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         prompt_text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         for b in (int(x) for x in args.batch.split(",")):
             inputs = processor(text=[prompt_text] * b, images=[img] * b, return_tensors="pt").to("cuda")
