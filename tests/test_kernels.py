@@ -14,6 +14,7 @@ from qwen3vl_backend.layers.moe import route
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"          # interpreter on CPU, compiled kernels on a GPU
+FP32_TOL = 5e-3 if CUDA else 1e-5         # compiled tl.dot takes float32 operands as tf32
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 SMALL_CFG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
 
@@ -34,7 +35,7 @@ def moe_inputs(m, e, h, i, a, dtype=torch.float32, device="cpu"):
 def test_fused_moe_matches_reference(m, e, h, i, a):
     x, w13, w2, w, ids = moe_inputs(m, e, h, i, a, device=DEV)
     out = fused_moe(x, w13, w2, w, ids, SMALL_CFG)
-    assert rel(out, fused_moe_reference(x, w13, w2, w, ids)) < 1e-5
+    assert rel(out, fused_moe_reference(x, w13, w2, w, ids)) < FP32_TOL
 
 
 def test_align_by_expert_covers_every_pair_once():
@@ -66,7 +67,7 @@ def cache_inputs(s, h, hkv, d, bs, nb, dtype=torch.float32, device="cpu", max_ct
 def test_paged_decode_matches_reference(s, h, hkv, d, bs, nb):
     q, cache, tables, ctx = cache_inputs(s, h, hkv, d, bs, nb, device=DEV)
     out = paged_decode_attention(q, cache, tables, ctx, d ** -0.5)
-    assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, d ** -0.5)) < 1e-5
+    assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, d ** -0.5)) < FP32_TOL
 
 
 def test_paged_decode_rejects_bad_heads_and_small_blocks():
