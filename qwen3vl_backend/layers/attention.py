@@ -36,12 +36,24 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
     flat[1].index_copy_(0, slot_mapping, v.to(cache.dtype))
 
 
-def paged_attention_torch(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
-                          scale: float) -> torch.Tensor:
-    """q (T, H, D) against each sequence's cached keys -> (T, H, D). Plain PyTorch reference."""
+def paged_attention_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache: torch.Tensor,
+                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q (T, H, D) against each sequence's cached keys -> (T, H, D). Plain PyTorch reference.
+
+    A sequence with nothing cached before this chunk attends causally over its new keys directly
+    (SDPA's fused path); one with a cached prefix gathers its blocks and uses an explicit mask.
+    """
     out = torch.empty_like(q)
     start = 0
     for s, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
+        if qlen == ctx:
+            sl = slice(start, start + qlen)
+            o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k_new[sl].transpose(0, 1).to(q.dtype),
+                                               v_new[sl].transpose(0, 1).to(q.dtype), is_causal=True, scale=scale,
+                                               enable_gqa=True)
+            out[sl] = o.transpose(0, 1)
+            start += qlen
+            continue
         nblocks = -(-ctx // meta.block_size)
         blocks = meta.block_tables[s, :nblocks].long()
         k = cache[0, blocks].flatten(0, 1)[:ctx]                               # (ctx, Hkv, D)

@@ -41,7 +41,7 @@ class Attention(nn.Module):
         if self.decode_fn is not None and meta.is_decode_only:
             o = self.decode_fn(q, cache, meta.block_tables, meta.context_lens_t, self.head_dim ** -0.5)
         else:
-            o = self.attn_fn(q, cache, meta, self.head_dim ** -0.5)
+            o = self.attn_fn(q, k, v, cache, meta, self.head_dim ** -0.5)
         return self.o_proj(o.reshape(t, -1))
 
 
