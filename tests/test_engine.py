@@ -163,3 +163,19 @@ def test_visual_tokens_without_media_identity_are_never_shared(tiny_moe, prompts
     rid = engine.add_request(anonymous, GREEDY, vision_outputs=engine.encode_media(with_image.media))
     engine.step()
     assert engine._requests[rid].seq.num_cached_prompt <= first_pad   # text before the image only
+
+
+def test_triton_vision_attention_gives_the_same_output(tiny_moe, prompts, reference):
+    """--mm-attention-backend triton (our varlen kernel, interpreted on CPU) against sdpa."""
+    engine = make_engine(tiny_moe, mm_attention_backend="triton")
+    assert engine.generate([prompts[1]], GREEDY)[0]["output_token_ids"] == reference[1]
+
+
+def test_flash_attention_backend_needs_flash_attn(tiny_moe):
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="mm_attention_backend=fa3 needs the flash-attn package"):
+        make_engine(tiny_moe, mm_attention_backend="fa3")

@@ -10,6 +10,8 @@ import torch
 from kernels.attention import paged_decode_attention, paged_decode_attention_reference
 from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_reference
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from kernels.varlen_attention import varlen_attention
+from qwen3vl_backend.layers.attention import varlen_attention_torch
 from qwen3vl_backend.layers.moe import route
 
 CUDA = torch.cuda.is_available()
@@ -87,6 +89,16 @@ def test_rmsnorm_matches_reference(shape):
     r2 = r.clone()
     assert rel(rmsnorm(x, w, 1e-6, r2), rmsnorm_reference(x, w, 1e-6, r)) < 1e-6
     assert torch.equal(r2, x + r)
+
+
+@pytest.mark.parametrize("segments,h,d", [([5], 2, 16), ([37, 64, 3], 2, 24), ([70], 3, 72)])
+def test_varlen_attention_matches_reference(segments, h, d):
+    cu = [0]
+    for n in segments:
+        cu.append(cu[-1] + n)
+    q, k, v = (torch.randn(cu[-1], h, d, device=DEV) for _ in range(3))
+    out = varlen_attention(q, k, v, cu, d ** -0.5)
+    assert rel(out, varlen_attention_torch(q, k, v, cu, d ** -0.5)) < FP32_TOL
 
 
 # -- GPU: real sizes, bf16, CUDA graphs --------------------------------------------------------------

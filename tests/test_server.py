@@ -27,6 +27,7 @@ pytestmark = pytest.mark.server
 openai = pytest.importorskip("openai")
 MAX_TOKENS = 16
 MAX_MODEL_LEN = 1024
+MEDIA_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,18 @@ def http_media(tmp_path_factory):
     """A local HTTP server for media URLs."""
     d = tmp_path_factory.mktemp("web")
     (d / "dog.png").write_bytes(image_bytes(make_image(200, 100, 12)))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(d))
-    handler.log_message = lambda *a, **k: None
+    (d / "slow.png").write_bytes(image_bytes(make_image(64, 64, 13)))
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow.png":
+                time.sleep(MEDIA_TIMEOUT_S + 2)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Handler, directory=str(d))
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
@@ -55,8 +66,9 @@ def server(tiny_moe, media_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     common = {"model_path": str(tiny_moe), "device": "cpu"}
     repo = write_repository(root / "repo", {
-        "preprocess": {**{k: v for k, v in common.items() if k == "model_path"}, "media_fetch_timeout_s": "3"},
-        "vit": common,
+        "preprocess": {"model_path": str(tiny_moe), "media_fetch_timeout_s": "10",
+                       "mm_per_request_timeout": str(MEDIA_TIMEOUT_S), "mm_max_concurrent_calls": "4"},
+        "vit": {**common, "vlm_cache_size_mb": "64"},
         "llm": {**common, "max_model_len": str(MAX_MODEL_LEN), "max_num_seqs": "16"},
     })
     srv = Server(repo, "127.0.0.1", free_port(), free_port(), free_port(), free_port(), "tiny-moe",
@@ -261,6 +273,29 @@ def test_bad_input_gets_clear_4xx(server, name, body, status, message, stream):
     err = r.json()["error"]
     assert message in err["message"] and err["type"]
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_slow_media_times_out_alone(server, http_media, client):
+    started = time.monotonic()
+    r = _post(server, _msg([_img(f"{http_media}/slow.png")]))
+    assert r.status_code == 400 and "per-request limit" in r.json()["error"]["message"]
+    assert time.monotonic() - started < MEDIA_TIMEOUT_S + 1.5
+    assert _chat(client, [{"role": "user", "content": "next"}]).choices[0].finish_reason in ("stop", "length")
+
+
+def test_repeated_image_hits_the_vit_cache(server, client):
+    def hits():
+        text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+        m = re.search(r'^qwen3vl_vit_cache_total\{[^}]*result="hit"[^}]*\} ([0-9.e+-]+)$', text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    messages = [{"role": "user", "content": [_img(data_uri(image_bytes(make_image(180, 140, 31)))),
+                                             {"type": "text", "text": "again"}]}]
+    first = _chat(client, messages)
+    before = hits()
+    second = _chat(client, messages)
+    assert hits() == before + 1
+    assert second.choices[0].message.content == first.choices[0].message.content
 
 
 def test_server_still_serves_after_errors(client):

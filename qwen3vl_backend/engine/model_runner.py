@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import EngineConfig
-from ..layers.attention import AttentionMetadata
+from ..layers.attention import AttentionMetadata, varlen_attention_torch
 from ..layers.sampler import Sampler
 from ..loader import load_model
 from ..processing.positions import decode_positions
@@ -42,12 +42,32 @@ class MultimodalState:
         return cls(positions, rope_delta, visual_embeds, list(deepstack), rank if n else None)
 
 
+def vision_attention(backend: str):
+    """The ViT's varlen attention for --mm-attention-backend."""
+    if backend == "sdpa":
+        return varlen_attention_torch
+    if backend == "triton":
+        from kernels.varlen_attention import varlen_attention
+        return varlen_attention
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        raise RuntimeError(f"mm_attention_backend={backend} needs the flash-attn package") from None
+
+    def fa(q, k, v, cu_seqlens, scale):
+        cu = torch.as_tensor(cu_seqlens, dtype=torch.int32, device=q.device)
+        longest = int((cu[1:] - cu[:-1]).max())
+        return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale)
+    return fa
+
+
 def select_kernels(model, cfg: EngineConfig) -> None:
     """Point the layers at the Triton kernels the config asks for (GPU); torch code otherwise."""
     from ..layers.moe import SparseMoE
     from ..layers.norm import RMSNorm
     from ..models.text import Attention
 
+    model.model.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
     triton_attn, triton_moe = cfg.attention_backend == "triton", cfg.moe_backend == "triton"
     if triton_attn or triton_moe:
         from kernels.attention import paged_decode_attention

@@ -7,6 +7,7 @@ per temporal patch, tokenize the expanded text, then compute 3-D positions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,9 +86,14 @@ class Processor:
         template_messages, refs = normalize_messages(messages)
         return self.template.render(template_messages, add_generation_prompt=True), refs
 
-    def process_messages(self, messages: list[dict], policy: MediaPolicy = TRUSTED) -> ProcessedPrompt:
+    def process_messages(self, messages: list[dict], policy: MediaPolicy = TRUSTED, run_jobs=None) -> ProcessedPrompt:
+        """`run_jobs(list of zero-argument callables) -> results` runs the media work (default: in turn)."""
         text, refs = self.render(messages)
-        return self.build_prompt(text, [self.load_media(r, policy) for r in refs])
+        return self.build_prompt(text, self.load_all(refs, policy, run_jobs))
+
+    def load_all(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, run_jobs=None) -> list[MediaItem]:
+        jobs = [functools.partial(self.load_media, r, policy) for r in refs]
+        return run_jobs(jobs) if run_jobs is not None else [job() for job in jobs]
 
     def build_prompt(self, text: str, media: list[MediaItem]) -> ProcessedPrompt:
         """Expand the pads of a rendered prompt for `media` (in order), tokenize, and position."""

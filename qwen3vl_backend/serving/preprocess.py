@@ -13,7 +13,7 @@ import json
 import numpy as np
 import torch
 
-from ..processing.chat import RequestError
+from ..processing.chat import MediaRef, RequestError
 from ..processing.media import MediaPolicy
 from ..processing.processor import IMAGE_PAD, VISION_END, VISION_START, Processor
 from ..sampling_params import SamplingParams
@@ -35,7 +35,7 @@ def parse_json_object(raw: str, what: str) -> dict:
 
 
 def preprocess(processor: Processor, text_input: str, images: list, sampling_json: str,
-               policy: MediaPolicy) -> dict:
+               policy: MediaPolicy, run_jobs=None) -> dict:
     """-> dict of arrays: input_ids (L,), positions (3, L), rope_delta (1,), pixel_values (N, C),
     grid_thw (M, 3), media_hashes (M,), and the merged, validated sampling_parameters JSON."""
     sampling = parse_json_object(sampling_json, "sampling_parameters")
@@ -48,12 +48,11 @@ def preprocess(processor: Processor, text_input: str, images: list, sampling_jso
         for k in SAMPLING_FIELDS:
             if k in body and k not in sampling:
                 sampling[k] = body[k]
-        prompt = processor.process_messages(messages, policy)
+        prompt = processor.process_messages(messages, policy, run_jobs)
     else:
         if images and IMAGE_PAD not in text_input:
             text_input = f"{VISION_START}{IMAGE_PAD}{VISION_END}" * len(images) + text_input
-        from ..processing.chat import MediaRef
-        media = [processor.load_media(MediaRef("image", img), policy) for img in images]
+        media = processor.load_all([MediaRef("image", img) for img in images], policy, run_jobs)
         prompt = processor.build_prompt(text_input, media)
     params = SamplingParams.from_dict(sampling)     # validate here: fail before the ViT runs
     pixels = [m.pixel_values for m in prompt.media]

@@ -9,6 +9,7 @@ from qwen3vl_backend.processing.chat import RequestError
 from qwen3vl_backend.processing.media import MediaPolicy
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.sampling_params import SamplingError
+from qwen3vl_backend.serving.media_pool import MediaPool
 from qwen3vl_backend.serving.preprocess import preprocess
 from qwen3vl_backend.serving.triton_params import client_error_message, model_settings
 
@@ -23,6 +24,10 @@ class TritonPythonModel:
         self.processor = Processor(s["model_path"])
         self.policy = MediaPolicy(allowed_local_dir=s.get("allowed_local_media_path") or None,
                                   fetch_timeout_s=float(s.get("media_fetch_timeout_s", "10")))
+        self.pool = MediaPool(int(s.get("mm_max_concurrent_calls", "32")), float(s.get("mm_per_request_timeout", "10")))
+
+    def finalize(self):
+        self.pool.shutdown()
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -34,7 +39,7 @@ class TritonPythonModel:
                 raise RequestError("text_input is required")
             sampling = _strings(request, "sampling_parameters")
             arrays = preprocess(self.processor, text[0], _strings(request, "image"),
-                                sampling[0] if sampling else "", self.policy)
+                                sampling[0] if sampling else "", self.policy, self.pool.run_all)
         except (RequestError, SamplingError) as e:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(client_error_message(e), pb_utils.TritonError.INVALID_ARG))

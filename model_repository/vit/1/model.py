@@ -8,21 +8,33 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_backend.config import EngineConfig
+from qwen3vl_backend.engine.model_runner import vision_attention
 from qwen3vl_backend.loader import load_model
 from qwen3vl_backend.serving.triton_params import model_settings, pick
+from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
 
 
 class TritonPythonModel:
     def initialize(self, args):
         s = model_settings(args)
-        cfg = EngineConfig.from_settings(pick(s, ("model_path", "device", "dtype", "load_format")))
+        cfg = EngineConfig.from_settings(pick(s, ("model_path", "device", "dtype", "load_format",
+                                                  "mm_attention_backend")))
         self.device, self.dtype = torch.device(cfg.device), cfg.torch_dtype
         self.model = load_model(cfg.model_path, self.device, self.dtype, cfg.load_format)
+        self.model.model.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
         self.out_dim = self.model.cfg.vision.out_hidden_size
         self.levels = len(self.model.cfg.vision.deepstack_visual_indexes)
+        self.merge_unit = self.model.cfg.vision.spatial_merge_size ** 2
+        self.cache = VisionCache(float(s.get("vlm_cache_size_mb", "0") or 0))
+        family = pb_utils.MetricFamily("qwen3vl_vit_cache_total", "ViT embedding cache lookups by result",
+                                       pb_utils.MetricFamily.COUNTER)
+        self._metrics = (family, family.Metric({"result": "hit"}), family.Metric({"result": "miss"}))
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
+
+    def _encode(self, pixels, grids):
+        return self.model.visual(pixels.to(self.device, self.dtype), grids)
 
     @torch.no_grad()
     def _one(self, request):
@@ -32,8 +44,15 @@ class TritonPythonModel:
             embeds = np.zeros((0, self.out_dim), np.float32)
             deepstack = np.zeros((self.levels, 0, self.out_dim), np.float32)
         else:
-            pv = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, self.dtype)
-            e, ds = self.model.visual(pv, [tuple(int(x) for x in g) for g in grids])
+            hashes = pb_utils.get_input_tensor_by_name(request, "media_hashes")
+            keys = None if hashes is None else [h.decode() if isinstance(h, bytes) else str(h)
+                                                for h in hashes.as_numpy().reshape(-1)]
+            pv = torch.from_numpy(np.ascontiguousarray(pixels))
+            hits, misses = self.cache.hits, self.cache.misses
+            e, ds = encode_with_cache(self._encode, self.cache, pv, [tuple(int(x) for x in g) for g in grids],
+                                      keys, self.merge_unit)
+            self._metrics[1].increment(self.cache.hits - hits)
+            self._metrics[2].increment(self.cache.misses - misses)
             embeds = e.float().cpu().numpy()
             deepstack = torch.stack(ds).float().cpu().numpy()
         return pb_utils.InferenceResponse([pb_utils.Tensor("visual_embeds", embeds),
