@@ -33,7 +33,7 @@ test: venv
 	QWEN3VL_TEST_CACHE=$(CACHE)/tests $(PY) -m pytest -q $(PYTEST_ARGS)
 
 serve: venv tiny triton
-	$(PY) -m qwen3vl_backend.launch --model-path $(MODEL) --host 127.0.0.1 --port 8000
+	$(PY) -m qwen3vl_backend.launch --model-path $(MODEL) --host 127.0.0.1 --port 8000 --enable-metrics --enable-cache-report
 
 clean:
 	rm -rf $(VENV) $(CACHE) .pytest_cache

@@ -46,6 +46,18 @@ class _Metrics:
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10))
         self.e2e = Histogram("openai_e2e_request_latency_seconds", "End-to-end latency", registry=self.registry,
                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.tpot = Histogram("openai_time_per_output_token_seconds", "Time per output token after the first",
+                              registry=self.registry,
+                              buckets=(0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1))
+
+    def finished(self, start: float, first: float, prompt_tokens: int, output_tokens: int) -> None:
+        end = time.monotonic()
+        self.requests.labels("200").inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        self.e2e.observe(end - start)
+        if output_tokens > 1:
+            self.tpot.observe((end - first) / (output_tokens - 1))
 
 
 def create_app(settings: FrontendSettings) -> FastAPI:
@@ -108,27 +120,26 @@ def create_app(settings: FrontendSettings) -> FastAPI:
 
     async def _complete(deltas, cid, start):
         text, last = "", await _first(deltas)
-        metrics.ttft.observe(time.monotonic() - start)
+        first = time.monotonic()
+        metrics.ttft.observe(first - start)
         text += last.text
         try:
             async for d in deltas:
                 text, last = text + d.text, d
         except TritonRequestError as e:
             raise APIError(400 if e.client_error else 500, str(e)) from e
-        metrics.e2e.observe(time.monotonic() - start)
+        metrics.finished(start, first, last.num_input_tokens or 0, last.num_output_tokens or 0)
         return _done(cid, text, last)
 
     def _done(cid, text, last):
-        metrics.requests.labels("200").inc()
-        metrics.prompt_tokens.inc(last.num_input_tokens or 0)
-        metrics.generation_tokens.inc(last.num_output_tokens or 0)
         u = usage(last.num_input_tokens or 0, last.num_output_tokens or 0, last.num_cached_tokens,
                   settings.enable_cache_report)
         return chat_completion(cid, settings.served_model_name, text, last.finish_reason, u)
 
     async def _sse(first, deltas, cid, start, include_usage):
         model = settings.served_model_name
-        metrics.ttft.observe(time.monotonic() - start)
+        first_at = time.monotonic()
+        metrics.ttft.observe(first_at - start)
         yield _event(chunk(cid, model, {"role": "assistant", "content": ""}))
         last = first
         try:
@@ -151,10 +162,7 @@ def create_app(settings: FrontendSettings) -> FastAPI:
             u = usage(last.num_input_tokens or 0, last.num_output_tokens or 0, last.num_cached_tokens,
                       settings.enable_cache_report)
             yield _event(chunk(cid, model, {}, usage_=u, choices=False))
-        metrics.requests.labels("200").inc()
-        metrics.prompt_tokens.inc(last.num_input_tokens or 0)
-        metrics.generation_tokens.inc(last.num_output_tokens or 0)
-        metrics.e2e.observe(time.monotonic() - start)
+        metrics.finished(start, first_at, last.num_input_tokens or 0, last.num_output_tokens or 0)
         yield "data: [DONE]\n\n"
 
     @app.on_event("shutdown")

@@ -79,7 +79,8 @@ class Server:
     """tritonserver + the OpenAI adapter as child processes, stopped together."""
 
     def __init__(self, repo: Path, host: str, port: int, grpc_port: int, triton_http_port: int, metrics_port: int,
-                 served_model_name: str, frontend_args: list[str], log_dir: Path, triton_dest: Path):
+                 served_model_name: str, frontend_args: list[str], log_dir: Path, triton_dest: Path,
+                 enable_metrics: bool = True):
         self.repo, self.host, self.port = repo, host, port
         self.grpc_port, self.metrics_port = grpc_port, metrics_port
         layout = install(triton_dest)
@@ -90,7 +91,8 @@ class Server:
         self.triton_log = open(log_dir / "tritonserver.log", "w")
         self.frontend_log = open(log_dir / "frontend.log", "w")
         cmd = [layout["tritonserver"], "--model-repository", str(repo), "--grpc-port", str(grpc_port),
-               "--http-port", str(triton_http_port), "--metrics-port", str(metrics_port), "--log-verbose", "0"]
+               "--http-port", str(triton_http_port), "--metrics-port", str(metrics_port), "--log-verbose", "0",
+               f"--allow-metrics={'true' if enable_metrics else 'false'}"]
         if layout["backend_dir"]:
             cmd += ["--backend-directory", layout["backend_dir"]]
         self.triton = subprocess.Popen(cmd, stdout=self.triton_log, stderr=subprocess.STDOUT, env=env,
@@ -99,7 +101,8 @@ class Server:
         self.frontend = subprocess.Popen(
             [sys.executable, "-m", "openai_frontend", "--host", host, "--port", str(port),
              "--triton-url", f"127.0.0.1:{grpc_port}", "--served-model-name", served_model_name,
-             "--triton-metrics-url", f"http://127.0.0.1:{metrics_port}/metrics", *frontend_args],
+             *(["--triton-metrics-url", f"http://127.0.0.1:{metrics_port}/metrics"] if enable_metrics else []),
+             *frontend_args],
             stdout=self.frontend_log, stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True)
 
     @property
@@ -184,7 +187,7 @@ def resolve(args) -> dict:
             import flash_attn  # noqa: F401
         except ImportError:
             raise SystemExit("fa3/fa2 attention needs the flash-attn package, which is not installed") from None
-    model_path = str(Path(args.model_path).resolve())
+    model_path = _model_dir(args.model_path, args.load_format)
     llm = {"model_path": model_path, "device": args.device, "dtype": args.dtype, "load_format": args.load_format,
            "max_model_len": str(args.max_model_len), "max_num_seqs": str(args.max_running_requests),
            "max_num_batched_tokens": str(args.chunked_prefill_size),
@@ -204,6 +207,25 @@ def resolve(args) -> dict:
            "mm_max_concurrent_calls": str(args.mm_max_concurrent_calls),
            "mm_per_request_timeout": str(args.mm_per_request_timeout), "use_cuda_ipc_transport": ipc}
     return {"preprocess": pre, "vit": vit, "llm": llm}
+
+
+def _model_dir(model_path: str, load_format: str) -> str:
+    """A local checkpoint directory; with --load-format dummy, a published model name
+    (e.g. Qwen/Qwen3-VL-235B-A22B-Instruct) resolves to its bundled config: no hub is needed."""
+    path = Path(model_path)
+    if path.exists():
+        return str(path.resolve())
+    bundled = ROOT / "qwen3vl_backend" / "data" / "configs" / f"{path.name}.json"
+    if load_format == "dummy" and bundled.exists():
+        from .tools.make_tiny_checkpoint import write_model_dir
+
+        out = ROOT / ".serve" / "models" / path.name
+        if not (out / "config.json").exists():
+            write_model_dir(out, json.loads(bundled.read_text()))
+        return str(out)
+    known = ", ".join(sorted(p.stem for p in bundled.parent.glob("*.json")))
+    raise SystemExit(f"--model-path {model_path!r} is not a local checkpoint directory (no hub is reached; "
+                     f"with --load-format dummy these names work: {known})")
 
 
 def _gpu_count() -> int:
@@ -229,7 +251,7 @@ def main(argv=None) -> int:
     if args.allowed_local_media_path:
         frontend_args += ["--allowed-local-media-path", str(Path(args.allowed_local_media_path).resolve())]
     server = Server(repo, args.host, args.port, args.grpc_port, args.triton_http_port, args.metrics_port, served,
-                    frontend_args, repo.parent / "logs", ROOT / ".cache" / "triton")
+                    frontend_args, repo.parent / "logs", ROOT / ".cache" / "triton", args.enable_metrics)
     stop = {"now": False}
     # installed explicitly: a process started in the background inherits SIGINT ignored
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -237,8 +259,8 @@ def main(argv=None) -> int:
     try:
         server.wait_ready()
         print(f"OpenAI API:   {server.url}/v1/chat/completions   (model '{served}')")
-        print(f"Triton gRPC:  127.0.0.1:{args.grpc_port}   HTTP: {server.triton_http}   metrics: "
-              f"http://127.0.0.1:{args.metrics_port}/metrics")
+        metrics = f"{server.url}/metrics" if args.enable_metrics else "off (--enable-metrics)"
+        print(f"Triton gRPC:  127.0.0.1:{args.grpc_port}   HTTP: {server.triton_http}   metrics: {metrics}")
         print(f"logs: {repo.parent / 'logs'}   Ctrl-C stops both", flush=True)
         while not stop["now"] and server.triton.poll() is None and server.frontend.poll() is None:
             time.sleep(0.5)

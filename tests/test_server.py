@@ -363,3 +363,17 @@ def test_llm_alone_with_token_ids(server, local_engine):
     c.stop_stream()
     assert error is None, error
     assert result.as_numpy("text_output")[0].decode() == expected["text"]
+
+
+def test_prometheus_metrics_cover_serving(server, client):
+    _chat(client, [{"role": "user", "content": [_img(data_uri(image_bytes(make_image(90, 90, 41)))),
+                                                {"type": "text", "text": "metrics"}]}])
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for name in ("openai_prompt_tokens_total", "openai_generation_tokens_total",
+                 "openai_time_to_first_token_seconds_bucket", "openai_time_per_output_token_seconds_bucket",
+                 "openai_e2e_request_latency_seconds_bucket", "qwen3vl_num_running", "qwen3vl_num_waiting",
+                 "qwen3vl_kv_cache_usage", "qwen3vl_prefix_cache_queries_total", "qwen3vl_prefix_cache_hits_total",
+                 "qwen3vl_vit_cache_total", "qwen3vl_media_processing_seconds_total", "qwen3vl_media_requests_total"):
+        assert re.search(rf"^{name}[{{ ]", text, re.M), name
+    prompt = float(re.search(r"^openai_prompt_tokens_total (\S+)$", text, re.M).group(1))
+    assert prompt > 0

@@ -1,6 +1,7 @@
 """Triton `preprocess`: request -> token ids, mRoPE positions, pixels (qwen3vl_backend.serving.preprocess)."""
 
 import json
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -24,7 +25,25 @@ class TritonPythonModel:
         self.processor = Processor(s["model_path"])
         self.policy = MediaPolicy(allowed_local_dir=s.get("allowed_local_media_path") or None,
                                   fetch_timeout_s=float(s.get("media_fetch_timeout_s", "10")))
+        self._families = {
+            "seconds": pb_utils.MetricFamily("qwen3vl_media_processing_seconds_total",
+                                             "Wall time of requests' media work (fetch, decode, process)",
+                                             pb_utils.MetricFamily.COUNTER),
+            "requests": pb_utils.MetricFamily("qwen3vl_media_requests_total", "Requests with media processed",
+                                              pb_utils.MetricFamily.COUNTER)}
+        self.media_seconds = self._families["seconds"].Metric({})
+        self.media_requests = self._families["requests"].Metric({})
         self.pool = MediaPool(int(s.get("mm_max_concurrent_calls", "32")), float(s.get("mm_per_request_timeout", "10")))
+
+    def _timed_media(self, jobs):
+        if not jobs:
+            return []
+        start = time.monotonic()
+        try:
+            return self.pool.run_all(jobs)
+        finally:
+            self.media_seconds.increment(time.monotonic() - start)
+            self.media_requests.increment(1)
 
     def finalize(self):
         self.pool.shutdown()
@@ -39,7 +58,7 @@ class TritonPythonModel:
                 raise RequestError("text_input is required")
             sampling = _strings(request, "sampling_parameters")
             arrays = preprocess(self.processor, text[0], _strings(request, "image"),
-                                sampling[0] if sampling else "", self.policy, self.pool.run_all)
+                                sampling[0] if sampling else "", self.policy, self._timed_media)
         except (RequestError, SamplingError) as e:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(client_error_message(e), pb_utils.TritonError.INVALID_ARG))

@@ -1,0 +1,98 @@
+"""The launcher: SGLang's flags and environment variables, resolved settings, clear refusals."""
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from qwen3vl_backend.launch import build_parser
+
+# The SGLang Qwen3-VL guide's "example usage with the above optimizations", our module name,
+# one GPU and dummy weights (as the issue asks).
+GUIDE = """SGLANG_USE_CUDA_IPC_TRANSPORT=1 SGLANG_VLM_CACHE_SIZE_MB=0 python -m qwen3vl_backend.launch \
+  --model-path Qwen/Qwen3-VL-235B-A22B-Instruct --host 0.0.0.0 --port 30000 --trust-remote-code \
+  --tp-size 1 --enable-cache-report --log-level info --max-running-requests 64 --mem-fraction-static 0.65 \
+  --chunked-prefill-size 8192 --attention-backend fa3 --mm-attention-backend fa3 --enable-metrics \
+  --load-format dummy"""
+
+
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _run(argv, env=None, extra_env=None):
+    import os
+
+    e = dict(os.environ if env is None else env)
+    e.update(extra_env or {})
+    return subprocess.run([sys.executable, "-m", "qwen3vl_backend.launch", *argv], capture_output=True, text=True,
+                          env=e, timeout=120)
+
+
+def test_every_guide_flag_is_understood():
+    words = shlex.split(GUIDE)
+    argv = words[words.index("qwen3vl_backend.launch") + 1:]
+    args = build_parser().parse_args(argv)
+    assert (args.tp, args.max_running_requests, args.chunked_prefill_size) == (1, 64, 8192)
+    assert (args.attention_backend, args.mm_attention_backend, args.enable_metrics) == ("fa3", "fa3", True)
+
+
+def test_guide_command_verbatim(tmp_path):
+    words = shlex.split(GUIDE)
+    env = dict(w.split("=", 1) for w in words[:2])
+    argv = words[words.index("qwen3vl_backend.launch") + 1:] + ["--dry-run"]
+    out = _run(argv, extra_env=env)
+    if not _has_flash_attn():
+        assert out.returncode != 0 and "fa3/fa2 attention needs the flash-attn package" in out.stderr
+        argv = [a if a != "fa3" else "triton" for a in argv]        # the same command with our own kernels
+        out = _run(argv, extra_env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    llm, vit, pre = (report["settings"][k] for k in ("llm", "vit", "preprocess"))
+    assert (llm["max_num_seqs"], llm["max_num_batched_tokens"], llm["mem_fraction_static"]) == ("64", "8192", "0.65")
+    assert llm["load_format"] == "dummy" and llm["model_path"].endswith("Qwen3-VL-235B-A22B-Instruct")
+    assert vit["vlm_cache_size_mb"] == "0" and pre["use_cuda_ipc_transport"] == "1"
+
+
+def test_our_own_environment_names_work_too():
+    out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run"],
+               extra_env={"QWEN3VL_VLM_CACHE_SIZE_MB": "512", "QWEN3VL_USE_CUDA_IPC_TRANSPORT": "1"})
+    report = json.loads(out.stdout)
+    assert report["settings"]["vit"]["vlm_cache_size_mb"] == "512"
+    assert report["settings"]["preprocess"]["use_cuda_ipc_transport"] == "1"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tp", "8"], "--tp 8 needs 8 GPUs"),
+    (["--ep-size", "4"], "--ep 4 needs 4 GPUs"),
+    (["--mem-fraction-static", "1.5"], "mem_fraction_static must be in (0, 1)"),
+    (["--max-running-requests", "0"], "max_num_seqs must be positive"),
+    (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+])
+def test_inconsistent_flags_are_refused(tiny_moe, argv, message):
+    if message.startswith("--tp") or message.startswith("--ep"):
+        import torch
+        if torch.cuda.device_count() >= int(argv[1]):
+            pytest.skip("enough GPUs here")
+    out = _run(["--model-path", str(tiny_moe), "--dry-run", *argv])
+    assert out.returncode != 0 and message in out.stderr
+
+
+def test_unknown_model_name_is_refused_with_the_choices():
+    out = _run(["--model-path", "Qwen/Not-A-Model", "--load-format", "dummy", "--dry-run"])
+    assert out.returncode != 0 and "Qwen3-VL-30B-A3B-Instruct" in out.stderr and "no hub is reached" in out.stderr
+
+
+def test_dry_run_reports_the_repository(tiny_moe, tmp_path):
+    out = _run(["--model-path", str(tiny_moe), "--repository", str(tmp_path / "repo"), "--dry-run",
+                "--disable-radix-cache", "--mm-attention-backend", "triton"])
+    report = json.loads(out.stdout)
+    assert report["repository"] == str(tmp_path / "repo") and not (tmp_path / "repo").exists()
+    assert report["settings"]["llm"]["enable_prefix_cache"] == "false"
+    assert report["settings"]["vit"]["mm_attention_backend"] == "triton"
