@@ -35,6 +35,7 @@ class EngineConfig:
     attention_backend: str = "auto"       # auto (triton on cuda, torch on cpu) | torch | triton | fa3
     moe_backend: str = "auto"             # auto (triton on cuda, torch on cpu) | torch | triton
     mm_attention_backend: str = "sdpa"    # sdpa | triton | fa3
+    vlm_cache_size_mb: float = 0.0       # the engine's own ViT cache (the Triton vit model has its own)
     cuda_graph_max_bs: int = 128          # decode steps up to this batch replay CUDA graphs; 0 disables
     seed: int = 0
 

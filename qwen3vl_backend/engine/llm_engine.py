@@ -17,6 +17,7 @@ from ..config import EngineConfig
 from ..processing.processor import MediaItem, ProcessedPrompt
 from ..processing.tokenizer import Tokenizer
 from ..sampling_params import SamplingParams
+from ..serving.vision_cache import VisionCache, encode_with_cache
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, MultimodalState
@@ -59,6 +60,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._requests: dict[str, _Request] = {}
+        self.vision_cache = VisionCache(cfg.vlm_cache_size_mb)
         self._ids = itertools.count()
 
     # -- requests ----------------------------------------------------------------------------
@@ -89,8 +91,11 @@ class LLMEngine:
         return request_id
 
     def encode_media(self, media: list[MediaItem]):
+        """ViT outputs for the media, reusing cached ones (vlm_cache_size_mb)."""
         pixels = torch.cat([m.pixel_values for m in media])
-        return self.runner.run_vision(pixels, [m.grid_thw for m in media])
+        merge_unit = self.runner.model_cfg.vision.spatial_merge_size ** 2
+        return encode_with_cache(self.runner.run_vision, self.vision_cache, pixels, [m.grid_thw for m in media],
+                                 [m.content_hash for m in media], merge_unit)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request: its KV blocks are freed at once."""

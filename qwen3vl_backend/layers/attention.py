@@ -48,10 +48,9 @@ def paged_attention_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
     for s, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
         if qlen == ctx:
             sl = slice(start, start + qlen)
-            o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k_new[sl].transpose(0, 1).to(q.dtype),
-                                               v_new[sl].transpose(0, 1).to(q.dtype), is_causal=True, scale=scale,
-                                               enable_gqa=True)
-            out[sl] = o.transpose(0, 1)
+            o = _sdpa(q[sl], k_new[sl].to(q.dtype), v_new[sl].to(q.dtype), is_causal=True, scale=scale,
+                      enable_gqa=True)
+            out[sl] = o
             start += qlen
             continue
         nblocks = -(-ctx // meta.block_size)
@@ -62,11 +61,8 @@ def paged_attention_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
         # query j sits at absolute position ctx - qlen + j and sees keys 0..that position
         qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
         mask = torch.arange(ctx, device=q.device)[None, :] <= qpos
-        o = F.scaled_dot_product_attention(
-            qs.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
-            attn_mask=mask, scale=scale, enable_gqa=True,
-        )
-        out[start : start + qlen] = o.transpose(0, 1)
+        out[start : start + qlen] = _sdpa(qs, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
+                                          enable_gqa=True)
         start += qlen
     return out
 
@@ -76,8 +72,12 @@ def varlen_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     """Bidirectional attention within each segment of a packed batch (the ViT's frames)."""
     out = torch.empty_like(q)
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        o = F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), scale=scale
-        )
-        out[a:b] = o.transpose(0, 1)
+        out[a:b] = _sdpa(q[a:b], k[a:b], v[a:b], scale=scale)
     return out
+
+
+def _sdpa(q, k, v, **kw) -> torch.Tensor:
+    """(L, H, D) tensors through SDPA with a batch dimension: 3-D inputs can miss the fused
+    flash / memory-efficient kernels and fall back to materialising the score matrix."""
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], **kw)
+    return o[0].transpose(0, 1)

@@ -1,0 +1,87 @@
+"""On/off rows for the serving features, at real shapes with dummy weights.
+
+    python -m benchmarks.features [--config Qwen3-VL-30B-A3B-Instruct]
+
+- ViT embedding cache: ViT time for a repeated 1280x720 image, cold vs hit.
+- Prefix cache: TTFT of a repeated request (same image + text), cache off vs on.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from qwen3vl_backend.config import EngineConfig
+from qwen3vl_backend.engine.llm_engine import LLMEngine
+from qwen3vl_backend.processing.processor import Processor
+from qwen3vl_backend.sampling_params import SamplingParams
+from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
+from qwen3vl_backend.tools.make_tiny_checkpoint import write_model_dir
+
+from .common import print_table, write_result
+from .engine import CONFIGS, make_prompt
+
+
+def _ms(fn, repeat=5) -> float:
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def ttft_ms(engine: LLMEngine, prompt) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
+    while engine.has_unfinished():
+        engine.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="Qwen3-VL-30B-A3B-Instruct")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    cfg_dict = json.loads((CONFIGS / f"{args.config}.json").read_text())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(Path(tmp) / args.config, cfg_dict)
+        base = dict(model_path=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
+                    max_model_len=4096, mem_fraction_static=0.8)
+        for prefix in (False, True):
+            engine = LLMEngine(EngineConfig(**base, enable_prefix_cache=prefix, vlm_cache_size_mb=100 if prefix else 0))
+            processor = Processor(model_dir, engine.tokenizer)
+            prompt = make_prompt(processor, 0)
+            ttft_ms(engine, prompt)                                   # warm up (and fill the cache when on)
+            t = sorted(ttft_ms(engine, prompt) for _ in range(5))[2]
+            rows.append({"feature": "prefix_cache+vit_cache", "on": prefix, "metric": "TTFT ms, repeated image request",
+                         "value": t, "prompt_tokens": len(prompt.prompt_ids)})
+            if prefix:
+                vit = lambda pv, grids: engine.runner.run_vision(pv, grids)  # noqa: E731
+                media = prompt.media
+                pixels = torch.cat([m.pixel_values for m in media])
+                grids, keys = [m.grid_thw for m in media], [m.content_hash for m in media]
+                cold = _ms(lambda: encode_with_cache(vit, VisionCache(0), pixels, grids, keys, 4))
+                cache = VisionCache(100)
+                encode_with_cache(vit, cache, pixels, grids, keys, 4)
+                hit = _ms(lambda: encode_with_cache(vit, cache, pixels, grids, keys, 4))
+                rows.append({"feature": "vit_cache", "on": False, "metric": "ViT ms, 1280x720", "value": cold})
+                rows.append({"feature": "vit_cache", "on": True, "metric": "ViT ms, 1280x720", "value": hit})
+            del engine
+            torch.cuda.empty_cache()
+    print_table(rows, ["feature", "on", "metric", "value"])
+    print(write_result("features", {"config": args.config, **{k: v for k, v in base.items() if k != "model_path"}},
+                       rows, args.out))
+
+
+if __name__ == "__main__":
+    main()
