@@ -11,7 +11,7 @@ TINY := $(CACHE)/tiny-moe
 MODEL ?= $(TINY)
 PYTEST_ARGS ?=
 
-.PHONY: venv test serve tiny triton clean
+.PHONY: venv test lint serve tiny triton clean
 
 venv: $(STAMP)
 
@@ -29,7 +29,10 @@ tiny: venv
 triton: venv
 	@$(PY) -m qwen3vl_backend.tools.install_triton --dest $(CACHE)/triton
 
-test: venv
+lint: venv
+	$(PY) -m ruff check --select F qwen3vl_backend kernels openai_frontend client benchmarks tests model_repository
+
+test: venv lint
 	QWEN3VL_TEST_CACHE=$(CACHE)/tests $(PY) -m pytest -q $(PYTEST_ARGS)
 
 serve: venv tiny triton

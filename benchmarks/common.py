@@ -11,6 +11,14 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = Path(__file__).resolve().parent.parent / "qwen3vl_backend" / "data" / "configs"
+
+
+def bundled_model_dir(name: str, parent: str | Path) -> Path:
+    """A weights-free checkpoint directory (config, tokenizer, processor files) for a bundled config."""
+    from qwen3vl_backend.tools.make_tiny_checkpoint import write_model_dir
+
+    return write_model_dir(Path(parent) / name, json.loads((CONFIGS / f"{name}.json").read_text()))
 
 
 def device_info() -> dict:

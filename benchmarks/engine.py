@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,13 +26,9 @@ from qwen3vl_backend.engine.llm_engine import LLMEngine
 from qwen3vl_backend.model_config import ModelConfig
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.sampling_params import SamplingParams
-from qwen3vl_backend.tools.make_tiny_checkpoint import write_model_dir
 
-from .common import print_table, write_result
+from .common import bundled_model_dir, print_table, write_result
 from .roofline import measure as roofline
-
-CONFIGS = Path(__file__).resolve().parent.parent / "qwen3vl_backend" / "data" / "configs"
-
 
 def make_request(tokenizer, seed: int) -> tuple[Image.Image, str]:
     """The workload's request: a 1280x720 image and 64 text tokens."""
@@ -108,9 +102,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     ceil = roofline()
     torch.cuda.empty_cache()
-    cfg_dict = json.loads((CONFIGS / f"{args.config}.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_model_dir(Path(tmp) / args.config, cfg_dict)
+        model_dir = bundled_model_dir(args.config, tmp)
         settings = dict(model_path=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
                         max_model_len=4096, max_num_seqs=128, max_num_batched_tokens=args.chunked_prefill_size,
                         mem_fraction_static=args.mem_fraction_static, enable_prefix_cache=False)

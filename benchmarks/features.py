@@ -7,10 +7,8 @@
 """
 
 import argparse
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -19,10 +17,9 @@ from qwen3vl_backend.engine.llm_engine import LLMEngine
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.sampling_params import SamplingParams
 from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
-from qwen3vl_backend.tools.make_tiny_checkpoint import write_model_dir
 
-from .common import print_table, write_result
-from .engine import CONFIGS, make_prompt
+from .common import bundled_model_dir, print_table, write_result
+from .engine import make_prompt
 
 
 def _ms(fn, repeat=5) -> float:
@@ -51,10 +48,9 @@ def main(argv=None):
     ap.add_argument("--config", default="Qwen3-VL-30B-A3B-Instruct")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    cfg_dict = json.loads((CONFIGS / f"{args.config}.json").read_text())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_model_dir(Path(tmp) / args.config, cfg_dict)
+        model_dir = bundled_model_dir(args.config, tmp)
         base = dict(model_path=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
                     max_model_len=4096, mem_fraction_static=0.8)
         for prefix in (False, True):
@@ -66,7 +62,7 @@ def main(argv=None):
             rows.append({"feature": "prefix_cache+vit_cache", "on": prefix, "metric": "TTFT ms, repeated image request",
                          "value": t, "prompt_tokens": len(prompt.prompt_ids)})
             if prefix:
-                vit = lambda pv, grids: engine.runner.run_vision(pv, grids)  # noqa: E731
+                vit = engine.runner.run_vision
                 media = prompt.media
                 pixels = torch.cat([m.pixel_values for m in media])
                 grids, keys = [m.grid_thw for m in media], [m.content_hash for m in media]

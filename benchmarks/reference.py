@@ -9,17 +9,14 @@ longer generate. Batches repeat one request.
 """
 
 import argparse
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from .common import print_table, write_result
-from .engine import CONFIGS, make_request
+from .common import bundled_model_dir, print_table, write_result
+from .engine import make_request
 from qwen3vl_backend.processing.processor import Processor
-from qwen3vl_backend.tools.make_tiny_checkpoint import write_model_dir
 
 
 def timed(fn) -> float:
@@ -39,12 +36,11 @@ def main(argv=None):
     ap.add_argument("--out-tokens", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    cfg_dict = json.loads((CONFIGS / f"{args.config}.json").read_text())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_model_dir(Path(tmp) / args.config, cfg_dict)
+        model_dir = bundled_model_dir(args.config, tmp)
         config = transformers.AutoConfig.from_pretrained(model_dir)
-        cls = getattr(transformers, cfg_dict["architectures"][0])
+        cls = getattr(transformers, config.architectures[0])
         t = time.perf_counter()
         with torch.device("cuda"):
             model = cls._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_step
+
 
 @triton.jit
 def _paged_decode_kernel(
@@ -42,14 +44,7 @@ def _paged_decode_kernel(
         live = blk * BLOCK_SIZE + slots < ctx
         k = tl.load(base, mask=live[:, None], other=0.0)
         v = tl.load(base + stride_ckv, mask=live[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, live, scale, m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_step
+
 
 @triton.jit
 def _varlen_attention_kernel(
@@ -38,14 +40,7 @@ def _varlen_attention_kernel(
         kv = (start + cols)[:, None].to(tl.int64) * stride_t + head * stride_h + dims[None, :]
         k = tl.load(k_ptr + kv, mask=live[:, None] & dmask[None, :], other=0.0)
         v = tl.load(v_ptr + kv, mask=live[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, live, scale, m_i, l_i, acc)
     tl.store(out_ptr + base, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
              mask=(rows < length)[:, None] & dmask[None, :])
 

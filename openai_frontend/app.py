@@ -9,7 +9,6 @@ mistakes come back as OpenAI error objects without a round trip; the rest comes 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid

@@ -7,7 +7,6 @@ identical; prompt logits within 1e-4 of the reference (max abs, relative to the 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -12,7 +12,7 @@ from qwen3vl_backend.processing.vision_inputs import smart_resize
 
 
 def test_smart_resize_matches_reference():
-    oracle = pytest.importorskip("oracle")
+    pytest.importorskip("oracle")        # defines the torchvision op schemas transformers needs
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as ref_image
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as ref_video
 

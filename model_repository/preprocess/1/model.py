@@ -1,9 +1,7 @@
 """Triton `preprocess`: request -> token ids, mRoPE positions, pixels (qwen3vl_backend.serving.preprocess)."""
 
-import json
 import time
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_backend.processing.chat import RequestError
