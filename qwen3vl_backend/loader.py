@@ -19,6 +19,7 @@ from torch import nn
 
 from .model_config import ModelConfig
 from .models.qwen3_vl import Qwen3VLForConditionalGeneration
+from .models.vision import VisionModel
 
 _EXPERTS = r"(model\.language_model\.layers\.\d+\.mlp\.experts)"
 # (pattern, target, placement); the first matching row wins; targets use the pattern's groups.
@@ -84,8 +85,12 @@ def _place(param: torch.Tensor, tensor: torch.Tensor, how: str, match: re.Match,
     dst.copy_(tensor.to(dst.dtype))
 
 
-def load_weights(model: nn.Module, path: str | Path) -> set[str]:
-    """Copy every checkpoint tensor into its parameter; returns the parameter names loaded."""
+def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> set[str]:
+    """Copy every checkpoint tensor into its parameter; returns the parameter names loaded.
+
+    With `prefix` (e.g. "model.visual."), `model` is that submodule: only tensors under the
+    prefix are read, and every one of the submodule's parameters must be among them.
+    """
     path = Path(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
@@ -93,25 +98,27 @@ def load_weights(model: nn.Module, path: str | Path) -> set[str]:
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
+                if not name.startswith(prefix):
+                    continue
                 for pattern, target, how in _COMPILED:
                     m = pattern.search(name)
                     if m:
                         break
                 else:
                     raise WeightLoadError(f"unexpected tensor {name!r} in {file.name}")
-                pname = m.expand(target)
+                pname = m.expand(target)[len(prefix):]
                 if pname not in params:
                     raise WeightLoadError(f"unexpected tensor {name!r} in {file.name} (no parameter {pname})")
                 _place(params[pname], f.get_tensor(name), how, m, name)
                 if how.startswith("expert:"):
                     expert_shards[pname] = expert_shards.get(pname, 0) + 1
                 loaded.add(pname)
-    cfg: ModelConfig = model.cfg
+    cfg = model.cfg
     for pname, n in expert_shards.items():
         want = cfg.text.num_experts * (2 if pname.endswith("w13") else 1)
         if n != want:
             raise WeightLoadError(f"{pname}: {n} per-expert tensors in the checkpoint, expected {want}")
-    if cfg.tie_word_embeddings:
+    if getattr(cfg, "tie_word_embeddings", False):
         loaded.add("lm_head.weight")
     missing = sorted(set(params) - loaded)
     if missing:
@@ -135,6 +142,21 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
             else:
                 p.normal_(0.0, std)
+
+
+def load_vision_model(path: str | Path, device="cpu", dtype=torch.float32, load_format: str = "auto") -> VisionModel:
+    """Only the vision tower (the `vit` Triton model): the decoder's weights are never read."""
+    cfg = ModelConfig.from_path(path)
+    with torch.device("meta"):
+        model = VisionModel(cfg.vision).to(dtype)
+    model = model.to_empty(device=device).eval()
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    elif load_format == "auto":
+        load_weights(model, path, prefix="model.visual.")
+    else:
+        raise ValueError(f"unknown load format {load_format!r}: expected auto or dummy")
+    return model
 
 
 def load_model(path: str | Path, device="cpu", dtype=torch.float32, load_format: str = "auto"):

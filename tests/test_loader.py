@@ -122,3 +122,12 @@ def test_dummy_load_format_needs_no_weight_files(tiny_moe, tmp_path):
     model = load_model(tmp_path, load_format="dummy")
     assert count_parameters(model) == count_parameters(load_model(tiny_moe))
     assert torch.isfinite(model.lm_head.weight).all() and model.lm_head.weight.std() > 0
+
+
+def test_vision_tower_loads_alone(tiny_moe):
+    from qwen3vl_backend.loader import load_vision_model
+
+    full, vision = load_model(tiny_moe), load_vision_model(tiny_moe)
+    assert count_parameters(vision) == count_parameters(full.model.visual) < count_parameters(full) / 2
+    for (n, p), (_, q) in zip(vision.named_parameters(), full.model.visual.named_parameters()):
+        assert torch.equal(p, q), n

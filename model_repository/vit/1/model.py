@@ -9,7 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.model_runner import vision_attention
-from qwen3vl_backend.loader import load_model
+from qwen3vl_backend.loader import load_vision_model
 from qwen3vl_backend.serving.triton_params import model_settings, pick
 from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
 
@@ -20,11 +20,11 @@ class TritonPythonModel:
         cfg = EngineConfig.from_settings(pick(s, ("model_path", "device", "dtype", "load_format",
                                                   "mm_attention_backend")))
         self.device, self.dtype = torch.device(cfg.device), cfg.torch_dtype
-        self.model = load_model(cfg.model_path, self.device, self.dtype, cfg.load_format)
-        self.model.model.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
-        self.out_dim = self.model.cfg.vision.out_hidden_size
-        self.levels = len(self.model.cfg.vision.deepstack_visual_indexes)
-        self.merge_unit = self.model.cfg.vision.spatial_merge_size ** 2
+        self.visual = load_vision_model(cfg.model_path, self.device, self.dtype, cfg.load_format)
+        self.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
+        vcfg = self.visual.cfg
+        self.out_dim, self.levels = vcfg.out_hidden_size, len(vcfg.deepstack_visual_indexes)
+        self.merge_unit = vcfg.spatial_merge_size ** 2
         self.cache = VisionCache(float(s.get("vlm_cache_size_mb", "0") or 0))
         family = pb_utils.MetricFamily("qwen3vl_vit_cache_total", "ViT embedding cache lookups by result",
                                        pb_utils.MetricFamily.COUNTER)
@@ -34,7 +34,7 @@ class TritonPythonModel:
         return [self._one(r) for r in requests]
 
     def _encode(self, pixels, grids):
-        return self.model.visual(pixels.to(self.device, self.dtype), grids)
+        return self.visual(pixels.to(self.device, self.dtype), grids)
 
     @torch.no_grad()
     def _one(self, request):

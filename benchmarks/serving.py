@@ -1,0 +1,79 @@
+"""The engine benchmark's workload through the whole stack: OpenAI adapter -> Triton ensemble.
+
+    python -m benchmarks.serving --url http://127.0.0.1:8000 --model NAME --model-dir DIR [--concurrency 1,8]
+
+Streams each request (one 1280x720 PNG as a data URI + 64 text tokens, `max_tokens` out with
+ignore_eos, greedy) and reports TTFT and inter-token latency as a client sees them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+
+from qwen3vl_backend.processing.tokenizer import Tokenizer
+
+from .common import print_table, write_result
+from .engine import make_request
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    stamps = []
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+    return stamps[0] - start, list(np.diff(stamps))
+
+
+async def run(url: str, body: dict, concurrency: int) -> dict:
+    async with httpx.AsyncClient(timeout=600) as client:
+        await one(client, url, {**body, "max_tokens": 4})                       # warm up
+        t = time.perf_counter()
+        results = await asyncio.gather(*(one(client, url, body) for _ in range(concurrency)))
+        wall = time.perf_counter() - t
+    ttft = np.array([r[0] for r in results]) * 1e3
+    itl = np.concatenate([r[1] for r in results]) * 1e3
+    return {"concurrency": concurrency, "ttft_p50_ms": float(np.percentile(ttft, 50)),
+            "ttft_p99_ms": float(np.percentile(ttft, 99)), "itl_p50_ms": float(np.percentile(itl, 50)),
+            "itl_p99_ms": float(np.percentile(itl, 99)),
+            "total_tok_s": concurrency * body["max_tokens"] / wall}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--model-dir", required=True, help="checkpoint dir (for the tokenizer)")
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--out-tokens", type=int, default=128)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    img, text = make_request(Tokenizer(args.model_dir), 0)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    body = {"model": args.model, "stream": True, "temperature": 0, "ignore_eos": True, "max_tokens": args.out_tokens,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
+                {"type": "text", "text": text}]}]}
+    rows = [asyncio.run(run(args.url, body, int(c))) for c in args.concurrency.split(",")]
+    print_table(rows, list(rows[0]))
+    print(write_result("serving", {"url": args.url, "model": args.model, "out_tokens": args.out_tokens,
+                                   "image": "1280x720 png", "text_tokens": 64, "path": "OpenAI adapter -> Triton"},
+                       rows, args.out))
+
+
+if __name__ == "__main__":
+    main()
