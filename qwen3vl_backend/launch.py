@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-running-requests", type=int, default=64)
     a("--chunked-prefill-size", type=int, default=2048)
     a("--mem-fraction-static", type=float, default=0.88)
-    a("--attention-backend", default="torch", choices=["torch", "triton", "fa3"])
+    a("--attention-backend", default="auto", choices=["auto", "torch", "triton", "fa3"])
     a("--mm-attention-backend", default="sdpa", choices=["sdpa", "triton", "fa3", "fa2"])
     a("--keep-mm-feature-on-device", action="store_true")
     a("--mm-max-concurrent-calls", type=int, default=32)

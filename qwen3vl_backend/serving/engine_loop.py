@@ -1,9 +1,14 @@
 """Runs the engine on its own thread; requests arrive from any thread, outputs leave by callback.
 
 Triton's decoupled `execute` hands a request over and returns at once; this loop adds it to
-the engine between steps, polls each request's cancellation flag every step (a client that went
-away gets its request aborted and its KV blocks freed at once), and calls the request's
-callback with every `RequestOutput`, or with the exception that refused it.
+the engine between steps, polls the requests' cancellation flags (a client that went away gets
+its request aborted and its KV blocks freed), and hands every `RequestOutput`, or the exception
+that refused a request, to that request's callback.
+
+Both the flag and the callback's response are round trips to the Triton server, so neither
+runs once per request per step on the engine's thread: flags are polled every
+`cancel_poll_s`, and callbacks run on one delivery thread (one consumer keeps each request's
+outputs in order) while the engine computes the next step.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,8 +36,12 @@ class _Submission:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05, on_stats=None):
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05, on_stats=None, cancel_poll_s: float = 0.1):
         self.engine = engine
+        self._cancel_poll_s, self._next_poll = cancel_poll_s, 0.0
+        self._outbox: queue.Queue = queue.Queue()
+        self._deliverer = threading.Thread(target=self._deliver_loop, name="qwen3vl-deliver", daemon=True)
+        self._deliverer.start()
         self._on_stats = on_stats
         self._last_stats: dict = {}
         self._inbox: queue.Queue[_Submission] = queue.Queue()
@@ -62,6 +72,19 @@ class EngineLoop:
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+        self._outbox.put(None)
+        self._deliverer.join(timeout)
+
+    def _deliver(self, sub: _Submission, item) -> None:
+        self._outbox.put((sub, item))
+
+    def _deliver_loop(self) -> None:
+        while (entry := self._outbox.get()) is not None:
+            sub, item = entry
+            try:
+                sub.on_output(item)
+            except Exception:
+                log.exception("output callback for %s failed", sub.request_id)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -74,7 +97,7 @@ class EngineLoop:
                         if out.finished:
                             self._live.pop(out.request_id, None)
                         if sub is not None:
-                            _deliver(sub, out)
+                            self._deliver(sub, out)
                 if self._on_stats is not None:
                     stats = self.stats()
                     if stats != self._last_stats:
@@ -84,7 +107,7 @@ class EngineLoop:
                 log.exception("engine step failed")
                 for rid, sub in list(self._live.items()):
                     self.engine.abort(rid)
-                    _deliver(sub, RuntimeError(f"engine failure: {type(e).__name__}: {e}"))
+                    self._deliver(sub, RuntimeError(f"engine failure: {type(e).__name__}: {e}"))
                 self._live.clear()
 
     def _admit(self, block: bool) -> None:
@@ -97,13 +120,17 @@ class EngineLoop:
                 self.engine.add_request(sub.prompt, sub.params, sub.request_id, sub.vision_outputs)
                 self._live[sub.request_id] = sub
             except Exception as e:  # refused at the door (prompt too long, bad features): tell the caller
-                _deliver(sub, e)
+                self._deliver(sub, e)
             try:
                 sub = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
     def _reap_cancelled(self) -> None:
+        now = time.monotonic()
+        poll_flags = now >= self._next_poll
+        if poll_flags:
+            self._next_poll = now + self._cancel_poll_s
         asked = set()
         while True:
             try:
@@ -111,12 +138,12 @@ class EngineLoop:
             except queue.Empty:
                 break
         for rid, sub in list(self._live.items()):
-            if rid in asked or _safe(sub.is_cancelled):
+            if rid in asked or (poll_flags and _safe(sub.is_cancelled)):
                 self.engine.abort(rid)
                 self._live.pop(rid, None)
                 self.cancelled_total += 1
                 # the request still gets its final response: nothing is left open in Triton
-                _deliver(sub, RequestOutput(rid, [], "", True, "abort", 0, 0, 0))
+                self._deliver(sub, RequestOutput(rid, [], "", True, "abort", 0, 0, 0))
 
 
 def _report(on_stats, stats: dict) -> None:
@@ -131,10 +158,3 @@ def _safe(fn) -> bool:
         return bool(fn())
     except Exception:  # a sender whose client is gone may raise instead of answering
         return True
-
-
-def _deliver(sub: _Submission, item) -> None:
-    try:
-        sub.on_output(item)
-    except Exception:
-        log.exception("output callback for %s failed", sub.request_id)
