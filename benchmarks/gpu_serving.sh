@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # On the GPU machine: unpack the Triton bundle, serve 30B-A3B (dummy weights) through the launcher,
-# and run benchmarks.serving against it. Usage: bash benchmarks/gpu_serving.sh OUT_DIR
+# and run benchmarks.serving against it. Usage: bash benchmarks/gpu_serving.sh OUT_DIR [LAUNCH FLAGS...]
 set -uo pipefail
-out=${1:?out dir}
+out=${1:?out dir}; shift
+label="${*:-default}"
 source .gpu-bundle/activate.sh .gpu-bundle >/dev/null
 py=/tmp/pyenv/bin/python
 echo "$PWD" > "$($py -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/qwen3vl.pth"
 export QWEN3VL_CACHE=$PWD/.gpu/cache PYTHONUNBUFFERED=1
 $py -m qwen3vl_backend.launch --model-path Qwen/Qwen3-VL-30B-A3B-Instruct --load-format dummy --port 8000 \
-    --enable-metrics > "$out/launch.log" 2>&1 &
+    --enable-metrics "$@" > "$out/launch.log" 2>&1 &
 launcher=$!
 for i in $(seq 1 200); do sleep 2; grep -q "Ctrl-C" "$out/launch.log" && break; kill -0 $launcher 2>/dev/null || break; done
 tail -3 "$out/launch.log"
 $py -m benchmarks.serving --url http://127.0.0.1:8000 --model Qwen3-VL-30B-A3B-Instruct \
-    --model-dir .serve/models/Qwen3-VL-30B-A3B-Instruct --concurrency 1,8,32 --out-tokens 128 --out "$out"
-kill -INT $launcher; sleep 10
+    --model-dir .serve/models/Qwen3-VL-30B-A3B-Instruct --concurrency ${CONCURRENCY:-1,8,32} --out-tokens 128 \
+    --label "$label" --out "$out"
+kill -INT $launcher; wait $launcher
 cp .serve/logs/*.log "$out/" 2>/dev/null; tail -20 "$out/tritonserver.log" | grep -E "^E|rror" | head -5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import time
@@ -24,9 +25,9 @@ from .common import print_table, write_result
 from .engine import make_request
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, list[float]]:
+async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, list[float], str]:
     start = time.perf_counter()
-    stamps = []
+    stamps, text = [], []
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
@@ -35,7 +36,8 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, l
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
-    return stamps[0] - start, list(np.diff(stamps))
+                    text.append(chunk["choices"][0]["delta"]["content"])
+    return stamps[0] - start, list(np.diff(stamps)), "".join(text)
 
 
 async def run(url: str, body: dict, concurrency: int) -> dict:
@@ -49,7 +51,10 @@ async def run(url: str, body: dict, concurrency: int) -> dict:
     return {"concurrency": concurrency, "ttft_p50_ms": float(np.percentile(ttft, 50)),
             "ttft_p99_ms": float(np.percentile(ttft, 99)), "itl_p50_ms": float(np.percentile(itl, 50)),
             "itl_p99_ms": float(np.percentile(itl, 99)),
-            "total_tok_s": concurrency * body["max_tokens"] / wall}
+            "total_tok_s": concurrency * body["max_tokens"] / wall,
+            # greedy: every request's text is the same; its hash lets two runs be compared
+            "text_sha256": hashlib.sha256(results[0][2].encode()).hexdigest()[:16],
+            "all_texts_equal": len({r[2] for r in results}) == 1}
 
 
 def main(argv=None):
@@ -59,6 +64,7 @@ def main(argv=None):
     ap.add_argument("--model-dir", required=True, help="checkpoint dir (for the tokenizer)")
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--out-tokens", type=int, default=128)
+    ap.add_argument("--label", default="", help="recorded in the settings (e.g. keep-mm-feature-on-device)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     img, text = make_request(Tokenizer(args.model_dir), 0)
@@ -71,7 +77,8 @@ def main(argv=None):
     rows = [asyncio.run(run(args.url, body, int(c))) for c in args.concurrency.split(",")]
     print_table(rows, list(rows[0]))
     print(write_result("serving", {"url": args.url, "model": args.model, "out_tokens": args.out_tokens,
-                                   "image": "1280x720 png", "text_tokens": 64, "path": "OpenAI adapter -> Triton"},
+                                   "image": "1280x720 png", "text_tokens": 64, "path": "OpenAI adapter -> Triton",
+                                   "label": args.label},
                        rows, args.out))
 
 

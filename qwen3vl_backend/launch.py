@@ -80,7 +80,7 @@ class Server:
 
     def __init__(self, repo: Path, host: str, port: int, grpc_port: int, triton_http_port: int, metrics_port: int,
                  served_model_name: str, frontend_args: list[str], log_dir: Path, triton_dest: Path,
-                 enable_metrics: bool = True):
+                 enable_metrics: bool = True, cuda_pool_mb: int = 0):
         self.repo, self.host, self.port = repo, host, port
         self.grpc_port, self.metrics_port = grpc_port, metrics_port
         layout = install(triton_dest)
@@ -95,6 +95,8 @@ class Server:
                f"--allow-metrics={'true' if enable_metrics else 'false'}"]
         if layout["backend_dir"]:
             cmd += ["--backend-directory", layout["backend_dir"]]
+        if cuda_pool_mb:       # room for visual features handed between models as CUDA tensors
+            cmd += [f"--cuda-memory-pool-byte-size=0:{cuda_pool_mb * 2**20}"]
         self.triton = subprocess.Popen(cmd, stdout=self.triton_log, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)
         self.triton_http = f"http://127.0.0.1:{triton_http_port}"
@@ -251,7 +253,8 @@ def main(argv=None) -> int:
     if args.allowed_local_media_path:
         frontend_args += ["--allowed-local-media-path", str(Path(args.allowed_local_media_path).resolve())]
     server = Server(repo, args.host, args.port, args.grpc_port, args.triton_http_port, args.metrics_port, served,
-                    frontend_args, repo.parent / "logs", ROOT / ".cache" / "triton", args.enable_metrics)
+                    frontend_args, repo.parent / "logs", ROOT / ".cache" / "triton", args.enable_metrics,
+                    1024 if args.keep_mm_feature_on_device else 0)
     stop = {"now": False}
     # installed explicitly: a process started in the background inherits SIGINT ignored
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -10,6 +10,7 @@ import uuid
 
 import numpy as np
 import torch
+import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_backend.config import EngineConfig
@@ -67,15 +68,22 @@ class TritonPythonModel:
         self.loop.shutdown()
 
 
+def _torch(request, name):
+    """An input as a torch tensor where it lives (host or GPU), without a copy."""
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else torch.utils.dlpack.from_dlpack(t.to_dlpack())
+
+
 def _flag(request, name) -> bool:
     t = pb_utils.get_input_tensor_by_name(request, name)
     return t is not None and t.as_numpy().size > 0 and bool(t.as_numpy().reshape(-1)[0])
 
 
 def _parse(request, merge_unit: int):
-    def get(name):
+    def get(name):       # host-side inputs: token ids, positions, strings
         t = pb_utils.get_input_tensor_by_name(request, name)
-        return None if t is None else t.as_numpy()
+        return None if t is None else (t.as_numpy() if t.is_cpu() else
+                                       torch.utils.dlpack.from_dlpack(t.to_dlpack()).cpu().numpy())
 
     raw_ids = get("input_ids")
     if raw_ids is None or raw_ids.size == 0:
@@ -89,11 +97,10 @@ def _parse(request, merge_unit: int):
         raise ValueError(f"positions cover {positions.shape[1]} tokens, input_ids has {len(ids)}")
     prompt = ProcessedPrompt(ids, _media(get("grid_thw"), get("media_hashes"), merge_unit), positions,
                              int(delta.reshape(-1)[0]) if delta is not None else 0)
-    embeds, deepstack = get("visual_embeds"), get("deepstack")
+    embeds, deepstack = _torch(request, "visual_embeds"), _torch(request, "deepstack")
     vision = None
     if embeds is not None and embeds.shape[0] > 0:
-        ds = [] if deepstack is None else [torch.from_numpy(np.ascontiguousarray(d)) for d in deepstack]
-        vision = (torch.from_numpy(np.ascontiguousarray(embeds)), ds)
+        vision = (embeds, [] if deepstack is None else list(deepstack.unbind(0)))
     raw = get("sampling_parameters")
     text = raw.reshape(-1)[0] if raw is not None and raw.size else b""
     params = SamplingParams.from_dict(parse_json_object(text.decode() if isinstance(text, bytes) else text,

@@ -25,6 +25,8 @@ class TritonPythonModel:
         vcfg = self.visual.cfg
         self.out_dim, self.levels = vcfg.out_hidden_size, len(vcfg.deepstack_visual_indexes)
         self.merge_unit = vcfg.spatial_merge_size ** 2
+        # --keep-mm-feature-on-device: outputs leave as CUDA tensors (DLPack), never copied to host
+        self.on_device = s.get("keep_mm_feature_on_device", "false").lower() == "true" and self.device.type == "cuda"
         self.cache = VisionCache(float(s.get("vlm_cache_size_mb", "0") or 0))
         family = pb_utils.MetricFamily("qwen3vl_vit_cache_total", "ViT embedding cache lookups by result",
                                        pb_utils.MetricFamily.COUNTER)
@@ -53,7 +55,11 @@ class TritonPythonModel:
                                       keys, self.merge_unit)
             self._metrics[1].increment(self.cache.hits - hits)
             self._metrics[2].increment(self.cache.misses - misses)
-            embeds = e.float().cpu().numpy()
-            deepstack = torch.stack(ds).float().cpu().numpy()
+            embeds, deepstack = e.float().contiguous(), torch.stack(ds).float().contiguous()
+            if self.on_device:
+                return pb_utils.InferenceResponse([
+                    pb_utils.Tensor.from_dlpack("visual_embeds", torch.utils.dlpack.to_dlpack(embeds)),
+                    pb_utils.Tensor.from_dlpack("deepstack", torch.utils.dlpack.to_dlpack(deepstack))])
+            embeds, deepstack = embeds.cpu().numpy(), deepstack.cpu().numpy()
         return pb_utils.InferenceResponse([pb_utils.Tensor("visual_embeds", embeds),
                                            pb_utils.Tensor("deepstack", deepstack)])
