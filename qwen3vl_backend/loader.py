@@ -129,19 +129,20 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> set[st
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights at real shapes: norms at one, everything else small normal noise."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights at real shapes: norms at one, biases zero, the rest small normal noise.
+
+    Seeded per device, so every process that builds the same model gets the same weights (the
+    `vit` and `llm` Triton models, or two launches being compared).
+    """
+    gens: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
         if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight"):
             p.fill_(1.0)
         elif name.endswith("bias"):
             p.zero_()
         else:
-            std = 0.02
-            if p.device.type == "cpu":
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-            else:
-                p.normal_(0.0, std)
+            gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            p.normal_(0.0, 0.02, generator=gen)
 
 
 def load_vision_model(path: str | Path, device="cpu", dtype=torch.float32, load_format: str = "auto") -> VisionModel:

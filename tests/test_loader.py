@@ -131,3 +131,9 @@ def test_vision_tower_loads_alone(tiny_moe):
     assert count_parameters(vision) == count_parameters(full.model.visual) < count_parameters(full) / 2
     for (n, p), (_, q) in zip(vision.named_parameters(), full.model.visual.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_dummy_weights_are_reproducible(tiny_moe, tmp_path):
+    (tmp_path / "config.json").write_text((Path(tiny_moe) / "config.json").read_text())
+    a, b = load_model(tmp_path, load_format="dummy"), load_model(tmp_path, load_format="dummy")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
