@@ -6,6 +6,7 @@ back through the request's sender as the engine produces them: one per text delt
 """
 
 import dataclasses
+import threading
 import uuid
 
 import numpy as np
@@ -35,13 +36,16 @@ class TritonPythonModel:
         self.metrics = TritonEngineMetrics(pb_utils)
         self.loop = EngineLoop(self.engine, on_stats=self.metrics.report)
         self.live: dict[str, set[str]] = {}       # client request id -> engine request ids
+        self.live_lock = threading.Lock()         # execute and the delivery thread both touch it
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             client_id = request.request_id()
             if _flag(request, "cancel"):
-                for rid in list(self.live.get(client_id, ())):
+                with self.live_lock:
+                    targets = list(self.live.get(client_id, ()))
+                for rid in targets:
                     self.loop.cancel(rid)
                 sender.send(flags=FINAL)
                 continue
@@ -51,18 +55,20 @@ class TritonPythonModel:
                 sender.send(_error(e), flags=FINAL)
                 continue
             rid = f"{client_id or 'req'}-{uuid.uuid4().hex[:12]}"
-            self.live.setdefault(client_id, set()).add(rid)
+            with self.live_lock:
+                self.live.setdefault(client_id, set()).add(rid)
             stream = _Stream(sender, flags, self.engine.tokenizer, prompt.prompt_ids,
                              on_finish=lambda rid=rid, cid=client_id: self._forget(cid, rid))
             self.loop.submit(rid, prompt, params, stream.on_output, sender.is_cancelled, vision)
         return None
 
     def _forget(self, client_id, rid):
-        ids = self.live.get(client_id)
-        if ids is not None:
-            ids.discard(rid)
-            if not ids:
-                self.live.pop(client_id, None)
+        with self.live_lock:
+            ids = self.live.get(client_id)
+            if ids is not None:
+                ids.discard(rid)
+                if not ids:
+                    self.live.pop(client_id, None)
 
     def finalize(self):
         self.loop.shutdown()
