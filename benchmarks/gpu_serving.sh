@@ -15,6 +15,6 @@ for i in $(seq 1 200); do sleep 2; grep -q "Ctrl-C" "$out/launch.log" && break; 
 tail -3 "$out/launch.log"
 $py -m benchmarks.serving --url http://127.0.0.1:8000 --model Qwen3-VL-30B-A3B-Instruct \
     --model-dir .serve/models/Qwen3-VL-30B-A3B-Instruct --concurrency ${CONCURRENCY:-1,8,32} --out-tokens 128 \
-    --label="$label" --out "$out"
+    --label="$label" --triton-http http://127.0.0.1:8080 --out "$out"
 kill -INT $launcher; wait $launcher
 cp .serve/logs/*.log "$out/" 2>/dev/null; tail -20 "$out/tritonserver.log" | grep -E "^E|rror" | head -5

@@ -57,6 +57,28 @@ async def run(url: str, body: dict, concurrency: int) -> dict:
             "all_texts_equal": len({r[2] for r in results}) == 1}
 
 
+def triton_stats(triton_http: str) -> dict[str, dict]:
+    """Per-model cumulative request count and queue / compute nanoseconds from Triton."""
+    stats = httpx.get(f"{triton_http}/v2/models/stats", timeout=10).json()
+    out = {}
+    for m in stats.get("model_stats", []):
+        inf = m["inference_stats"]
+        out[m["name"]] = {"count": inf["success"]["count"],
+                          **{k: inf[k]["ns"] for k in ("queue", "compute_input", "compute_infer", "compute_output")}}
+    return out
+
+
+def stage_times(before: dict, after: dict) -> dict:
+    """Average ms per request of each model between two snapshots."""
+    rows = {}
+    for name, a in after.items():
+        b = before.get(name, {k: 0 for k in a})
+        n = a["count"] - b["count"]
+        if n:
+            rows[name] = {k: (a[k] - b[k]) / n / 1e6 for k in a if k != "count"}
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
@@ -65,6 +87,7 @@ def main(argv=None):
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--out-tokens", type=int, default=128)
     ap.add_argument("--label", default="", help="recorded in the settings (e.g. keep-mm-feature-on-device)")
+    ap.add_argument("--triton-http", default=None, help="Triton's HTTP URL: adds per-model times from its statistics")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     img, text = make_request(Tokenizer(args.model_dir), 0)
@@ -74,7 +97,15 @@ def main(argv=None):
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
                 {"type": "text", "text": text}]}]}
-    rows = [asyncio.run(run(args.url, body, int(c))) for c in args.concurrency.split(",")]
+    rows = []
+    for c in args.concurrency.split(","):
+        before = triton_stats(args.triton_http) if args.triton_http else {}
+        rows.append(asyncio.run(run(args.url, body, int(c))))
+        if args.triton_http:       # includes the warm-up request: a rough per-stage split
+            for model, t in stage_times(before, triton_stats(args.triton_http)).items():
+                if model != "llm":  # llm's compute time spans the whole decoupled stream
+                    for k, v in t.items():
+                        rows[-1][f"{model}_{k}_ms"] = v
     print_table(rows, list(rows[0]))
     print(write_result("serving", {"url": args.url, "model": args.model, "out_tokens": args.out_tokens,
                                    "image": "1280x720 png", "text_tokens": 64, "path": "OpenAI adapter -> Triton",

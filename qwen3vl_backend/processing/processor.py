@@ -18,7 +18,8 @@ from .chat import ChatTemplate, MediaRef, RequestError, normalize_messages
 from .media import TRUSTED, MediaPolicy, decode_image, decode_video, fetch_bytes
 from .positions import IMAGE, TEXT, VIDEO, mrope_positions
 from .tokenizer import Tokenizer
-from .vision_inputs import VisionProcessingConfig, process_image, process_video, video_frame_indices
+from .vision_inputs import (VisionProcessingConfig, normalize_patches, process_image, process_video,
+                            video_frame_indices)
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -28,7 +29,7 @@ VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 @dataclass
 class MediaItem:
     kind: str                        # "image" | "video"
-    pixel_values: torch.Tensor       # (patches, C*Tp*P*P) float32
+    pixel_values: torch.Tensor       # (patches, C*Tp*P*P): float32 normalised, or uint8 (normalize=False)
     grid_thw: tuple[int, int, int]
     content_hash: str                # identity of the pixels (ViT cache, prefix cache)
     num_tokens: int                  # pad tokens in the prompt (merged patches)
@@ -55,19 +56,21 @@ class Processor:
         self.video_pad_id = self.tokenizer.token_to_id(VIDEO_PAD)
 
     # -- media ---------------------------------------------------------------------------------
-    def load_media(self, ref: MediaRef, policy: MediaPolicy = TRUSTED) -> MediaItem:
+    def load_media(self, ref: MediaRef, policy: MediaPolicy = TRUSTED, normalize: bool = True) -> MediaItem:
+        """Fetch, decode and process one item; `normalize=False` keeps uint8 patches (for transport)."""
         data = fetch_bytes(ref.source, policy)
         opts = ref.options
+        stamps: list[float] = []
         if ref.kind == "image":
-            image = decode_image(data)
             lo, hi = self._pixel_bounds(opts, self.cfg.image_min_pixels, self.cfg.image_max_pixels)
-            pv, grid = process_image(image, self.cfg, lo, hi)
-            return MediaItem("image", pv, grid, _hash(pv, grid), self._num_tokens(grid))
-        fps, max_frames = _num_opt(opts, "fps"), _int_opt(opts, "max_frames")
-        video = decode_video(data, lambda total, vfps: video_frame_indices(total, vfps, self.cfg, fps, max_frames))
-        lo, hi = self._pixel_bounds(opts, self.cfg.video_min_pixels, self.cfg.video_max_pixels)
-        pv, grid, stamps = process_video(video.frames, video.frame_indices, video.fps, self.cfg, lo, hi)
-        return MediaItem("video", pv, grid, _hash(pv, grid), self._num_tokens(grid), stamps)
+            patches, grid = process_image(decode_image(data), self.cfg, lo, hi)
+        else:
+            fps, max_frames = _num_opt(opts, "fps"), _int_opt(opts, "max_frames")
+            video = decode_video(data, lambda total, vfps: video_frame_indices(total, vfps, self.cfg, fps, max_frames))
+            lo, hi = self._pixel_bounds(opts, self.cfg.video_min_pixels, self.cfg.video_max_pixels)
+            patches, grid, stamps = process_video(video.frames, video.frame_indices, video.fps, self.cfg, lo, hi)
+        pixels = normalize_patches(patches, self.cfg) if normalize else patches
+        return MediaItem(ref.kind, pixels, grid, _hash(patches, grid), self._num_tokens(grid), stamps)
 
     @staticmethod
     def _pixel_bounds(opts: dict, server_min: int, server_max: int) -> tuple[int, int]:
@@ -86,13 +89,15 @@ class Processor:
         template_messages, refs = normalize_messages(messages)
         return self.template.render(template_messages, add_generation_prompt=True), refs
 
-    def process_messages(self, messages: list[dict], policy: MediaPolicy = TRUSTED, run_jobs=None) -> ProcessedPrompt:
+    def process_messages(self, messages: list[dict], policy: MediaPolicy = TRUSTED, run_jobs=None,
+                         normalize: bool = True) -> ProcessedPrompt:
         """`run_jobs(list of zero-argument callables) -> results` runs the media work (default: in turn)."""
         text, refs = self.render(messages)
-        return self.build_prompt(text, self.load_all(refs, policy, run_jobs))
+        return self.build_prompt(text, self.load_all(refs, policy, run_jobs, normalize))
 
-    def load_all(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, run_jobs=None) -> list[MediaItem]:
-        jobs = [functools.partial(self.load_media, r, policy) for r in refs]
+    def load_all(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, run_jobs=None,
+                 normalize: bool = True) -> list[MediaItem]:
+        jobs = [functools.partial(self.load_media, r, policy, normalize) for r in refs]
         return run_jobs(jobs) if run_jobs is not None else [job() for job in jobs]
 
     def build_prompt(self, text: str, media: list[MediaItem]) -> ProcessedPrompt:

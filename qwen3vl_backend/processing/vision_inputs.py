@@ -1,9 +1,9 @@
 """Qwen3-VL image and video processing, identical to transformers' processors.
 
 Images: `smart_resize` to multiples of patch*merge (32) within [min_pixels, max_pixels],
-bicubic with antialias on the uint8 tensor (what torchvision does on CPU), normalise with
-mean/std 0.5, then patchify in merge-block order with the frame repeated over the temporal
-patch. Videos: sample at `fps` within [min_frames, max_frames], the same resize for all frames
+bicubic with antialias on the uint8 tensor (what torchvision does on CPU), patchify in
+merge-block order with the frame repeated over the temporal patch, normalise with mean/std 0.5
+(`normalize_patches`, separate so that pixels can travel as uint8). Videos: sample at `fps` within [min_frames, max_frames], the same resize for all frames
 (pixel budget over t*h*w), pad the frame count to the temporal patch, and timestamp each
 temporal patch with the mean time of its frames.
 """
@@ -97,10 +97,18 @@ def _resize(frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(frames, size=(h, w), mode="bicubic", antialias=True)
 
 
-def _normalize(frames: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tensor:
-    mean = torch.tensor(cfg.image_mean).view(1, -1, 1, 1) * 255.0
-    std = torch.tensor(cfg.image_std).view(1, -1, 1, 1) * 255.0
-    return (frames.float() - mean) / std
+def normalize_patches(patches: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tensor:
+    """uint8 patches (N, C*Tp*P*P) -> float32, (x - 255 mean) / (255 std) per channel.
+
+    The same float32 arithmetic as normalising whole frames, so the values are bitwise equal;
+    done after patchify, the pixels can travel as uint8 (a quarter of the bytes) and be
+    normalised where the ViT runs.
+    """
+    c = len(cfg.image_mean)
+    mean = torch.tensor(cfg.image_mean, device=patches.device).view(1, c, 1) * 255.0
+    std = torch.tensor(cfg.image_std, device=patches.device).view(1, c, 1) * 255.0
+    x = patches.float().view(patches.shape[0], c, -1)
+    return ((x - mean) / std).view(patches.shape[0], -1)
 
 
 def _patchify(frames: torch.Tensor, cfg: VisionProcessingConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -115,12 +123,11 @@ def _patchify(frames: torch.Tensor, cfg: VisionProcessingConfig) -> tuple[torch.
 
 def process_image(image, cfg: VisionProcessingConfig, min_pixels: int | None = None,
                   max_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """PIL RGB image -> pixel_values (gh*gw, 1536) float32 and its grid (1, gh, gw)."""
+    """PIL RGB image -> uint8 patches (gh*gw, 1536) and its grid (1, gh, gw); see normalize_patches."""
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
     h, w = smart_resize(arr.shape[2], arr.shape[3], cfg.factor,
                         min_pixels or cfg.image_min_pixels, max_pixels or cfg.image_max_pixels)
-    x = _normalize(_resize(arr, h, w), cfg)
-    x = x.expand(cfg.temporal_patch_size, -1, -1, -1)     # one image fills the temporal patch
+    x = _resize(arr, h, w).expand(cfg.temporal_patch_size, -1, -1, -1)   # one image fills the temporal patch
     return _patchify(x, cfg)
 
 
@@ -135,12 +142,12 @@ def video_frame_indices(total: int, video_fps: float, cfg: VisionProcessingConfi
 
 def process_video(frames: np.ndarray, frame_indices: list[int], video_fps: float, cfg: VisionProcessingConfig,
                   min_pixels: int | None = None, max_pixels: int | None = None):
-    """Sampled frames (T, H, W, 3) uint8 -> pixel_values, grid (gt, gh, gw), timestamps per gt."""
+    """Sampled frames (T, H, W, 3) uint8 -> uint8 patches, grid (gt, gh, gw), timestamps per gt."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     t = x.shape[0]
     h, w = smart_resize(x.shape[2], x.shape[3], cfg.factor, min_pixels or cfg.video_min_pixels,
                         max_pixels or cfg.video_max_pixels, num_frames=t, temporal_factor=cfg.temporal_patch_size)
-    x = _normalize(_resize(x, h, w), cfg)
+    x = _resize(x, h, w)
     pad = -t % cfg.temporal_patch_size
     if pad:
         x = torch.cat((x, x[-1:].expand(pad, -1, -1, -1)))

@@ -36,7 +36,8 @@ def parse_json_object(raw: str, what: str) -> dict:
 
 def preprocess(processor: Processor, text_input: str, images: list, sampling_json: str,
                policy: MediaPolicy, run_jobs=None) -> dict:
-    """-> dict of arrays: input_ids (L,), positions (3, L), rope_delta (1,), pixel_values (N, C),
+    """-> dict of arrays: input_ids (L,), positions (3, L), rope_delta (1,), pixel_values (N, C) uint8
+    (normalised in the vit model),
     grid_thw (M, 3), media_hashes (M,), and the merged, validated sampling_parameters JSON."""
     sampling = parse_json_object(sampling_json, "sampling_parameters")
     stripped = text_input.lstrip()
@@ -48,11 +49,11 @@ def preprocess(processor: Processor, text_input: str, images: list, sampling_jso
         for k in SAMPLING_FIELDS:
             if k in body and k not in sampling:
                 sampling[k] = body[k]
-        prompt = processor.process_messages(messages, policy, run_jobs)
+        prompt = processor.process_messages(messages, policy, run_jobs, normalize=False)
     else:
         if images and IMAGE_PAD not in text_input:
             text_input = f"{VISION_START}{IMAGE_PAD}{VISION_END}" * len(images) + text_input
-        media = processor.load_all([MediaRef("image", img) for img in images], policy, run_jobs)
+        media = processor.load_all([MediaRef("image", img) for img in images], policy, run_jobs, normalize=False)
         prompt = processor.build_prompt(text_input, media)
     params = SamplingParams.from_dict(sampling)     # validate here: fail before the ViT runs
     pixels = [m.pixel_values for m in prompt.media]
@@ -62,7 +63,7 @@ def preprocess(processor: Processor, text_input: str, images: list, sampling_jso
         "input_ids": np.asarray(prompt.prompt_ids, dtype=np.int64),
         "positions": prompt.positions.numpy().astype(np.int64),
         "rope_delta": np.asarray([prompt.rope_delta], dtype=np.int64),
-        "pixel_values": (torch.cat(pixels).numpy() if pixels else np.zeros((0, width), np.float32)),
+        "pixel_values": (torch.cat(pixels).numpy() if pixels else np.zeros((0, width), np.uint8)),
         "grid_thw": np.asarray([m.grid_thw for m in prompt.media], dtype=np.int64).reshape(-1, 3),
         "media_hashes": np.asarray([m.content_hash.encode() for m in prompt.media], dtype=np.object_),
         "sampling_parameters": np.asarray([json.dumps(_params_dict(params, sampling)).encode()], dtype=np.object_),

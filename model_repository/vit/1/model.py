@@ -10,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.model_runner import vision_attention
 from qwen3vl_backend.loader import load_vision_model
+from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, normalize_patches
 from qwen3vl_backend.serving.triton_params import model_settings, pick
 from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
 
@@ -25,6 +26,7 @@ class TritonPythonModel:
         vcfg = self.visual.cfg
         self.out_dim, self.levels = vcfg.out_hidden_size, len(vcfg.deepstack_visual_indexes)
         self.merge_unit = vcfg.spatial_merge_size ** 2
+        self.pixel_cfg = VisionProcessingConfig.from_dir(cfg.model_path)   # pixels arrive as uint8 patches
         # --keep-mm-feature-on-device: outputs leave as CUDA tensors (DLPack), never copied to host
         self.on_device = s.get("keep_mm_feature_on_device", "false").lower() == "true" and self.device.type == "cuda"
         self.cache = VisionCache(float(s.get("vlm_cache_size_mb", "0") or 0))
@@ -36,7 +38,7 @@ class TritonPythonModel:
         return [self._one(r) for r in requests]
 
     def _encode(self, pixels, grids):
-        return self.visual(pixels.to(self.device, self.dtype), grids)
+        return self.visual(normalize_patches(pixels.to(self.device), self.pixel_cfg).to(self.dtype), grids)
 
     @torch.no_grad()
     def _one(self, request):
