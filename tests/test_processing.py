@@ -106,3 +106,20 @@ def test_video_positions_advance_per_frame(tiny_dense, video_file):
     assert video.grid_thw[0] == 4 and len(video.timestamps) == 4
     assert p.text.count("seconds>") == 4
     assert p.positions.shape == (3, len(p.prompt_ids)) and p.rope_delta < 0
+
+
+def test_per_request_fps_and_max_frames(tiny_dense, video_file):
+    """The 4 s clip at 10 fps: 8 frames at the default 2 fps; fewer when the request asks."""
+    proc = Processor(tiny_dense)
+
+    def frames(**opts):
+        msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": str(video_file), **opts}}]}]
+        [video] = proc.process_messages(msgs).media
+        return video.grid_thw[0] * 2, len(video.timestamps)
+
+    assert frames() == (8, 4)
+    assert frames(fps=1) == (4, 2)
+    assert frames(max_frames=6) == (6, 3)
+    assert frames(max_frames=100000) == frames()           # bounded: never more than fps and the server allow
+    with pytest.raises(RequestError, match="fps must be a positive number"):
+        frames(fps=0)
