@@ -10,7 +10,9 @@ import torch
 from kernels.attention import paged_decode_attention, paged_decode_attention_reference
 from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_reference
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from kernels.rope import rope_
 from kernels.varlen_attention import varlen_attention
+from qwen3vl_backend.layers.rotary import apply_rotary, mrope_axis_map, mrope_cos_sin, rope_inv_freq
 from qwen3vl_backend.layers.attention import varlen_attention_torch
 from qwen3vl_backend.layers.moe import route
 
@@ -101,6 +103,16 @@ def test_varlen_attention_matches_reference(segments, h, d):
     assert rel(out, varlen_attention_torch(q, k, v, cu, d ** -0.5)) < FP32_TOL
 
 
+@pytest.mark.parametrize("t,h,d", [(1, 4, 32), (7, 3, 64), (5, 32, 128)])
+def test_rope_matches_reference(t, h, d):
+    positions = torch.randint(0, 5000, (3, t), device=DEV)
+    cos, sin = mrope_cos_sin(positions, rope_inv_freq(d, 5e6).to(DEV),
+                             mrope_axis_map(d // 2, (d // 8, 3 * d // 16, 3 * d // 16), True).to(DEV))
+    x = torch.randn(t, h, d, device=DEV)
+    want = apply_rotary(x, cos, sin)
+    assert rel(rope_(x.clone(), cos, sin), want) < 1e-6
+
+
 # -- GPU: real sizes, bf16, CUDA graphs --------------------------------------------------------------
 @gpu
 @pytest.mark.parametrize("m", [1, 3, 64, 257, 2048])
@@ -121,13 +133,18 @@ def test_kernels_replay_in_a_cuda_graph():
     x, w13, w2, w, ids = moe_inputs(8, 128, 2048, 768, 8, torch.bfloat16, "cuda")
     q, cache, tables, ctx = cache_inputs(8, 32, 4, 128, 16, 64, torch.bfloat16, "cuda")
     norm_w = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    cos, sin = torch.randn(8, 128, device="cuda"), torch.randn(8, 128, device="cuda")
+    cos, sin = torch.cat([cos[:, :64]] * 2, -1), torch.cat([sin[:, :64]] * 2, -1)
+    rotated = torch.empty_like(q)
     for _ in range(2):      # warm up: compile outside the capture
         fused_moe(x, w13, w2, w, ids), paged_decode_attention(q, cache, tables, ctx, 0.1), rmsnorm(x, norm_w, 1e-6)
+        rope_(rotated.copy_(q), cos, sin)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         moe_out = fused_moe(x, w13, w2, w, ids)
         attn_out = paged_decode_attention(q, cache, tables, ctx, 0.1)
         norm_out = rmsnorm(x, norm_w, 1e-6)
+        rope_(rotated.copy_(q), cos, sin)
     x.copy_(torch.randn_like(x))                     # new inputs in the captured buffers
     q.copy_(torch.randn_like(q))
     new_w, new_ids = route(torch.randn(8, 128, device="cuda"), 8, True)
@@ -138,3 +155,4 @@ def test_kernels_replay_in_a_cuda_graph():
     assert rel(moe_out, fused_moe_reference(x, w13, w2, w, ids)) < 1e-2
     assert rel(attn_out, paged_decode_attention_reference(q, cache, tables, ctx, 0.1)) < 1e-2
     assert rel(norm_out, rmsnorm_reference(x, norm_w, 1e-6)) < 1e-2
+    assert rel(rotated, apply_rotary(q, cos, sin)) < 1e-2

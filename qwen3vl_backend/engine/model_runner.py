@@ -73,10 +73,12 @@ def select_kernels(model, cfg: EngineConfig) -> None:
         from kernels.attention import paged_decode_attention
         from kernels.fused_moe import fused_moe
         from kernels.rmsnorm import rmsnorm
+        from kernels.rope import apply_rope
     lm = model.model.language_model
     for m in lm.modules():
         if isinstance(m, Attention) and triton_attn:
             m.decode_fn = paged_decode_attention
+            m.rope_fn = apply_rope if cfg.device.startswith("cuda") else None
         elif isinstance(m, SparseMoE) and triton_moe:
             m.experts_fn = fused_moe
         elif isinstance(m, RMSNorm) and triton_attn and cfg.device.startswith("cuda"):

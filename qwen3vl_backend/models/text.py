@@ -30,13 +30,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
         self.attn_fn = paged_attention_torch
         self.decode_fn = None          # a paged decode kernel, set by the model runner on GPU
+        self.rope_fn = None            # a fused q/k rotary kernel, likewise
 
     def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata):
         t = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim))
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rope_fn is not None:
+            q, k = self.rope_fn(q, k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         write_kv(cache, k, v, meta.slot_mapping)
         if self.decode_fn is not None and meta.is_decode_only:
             o = self.decode_fn(q, cache, meta.block_tables, meta.context_lens_t, self.head_dim ** -0.5)
