@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from qwen3vl_backend.processing.media import MediaPolicy
 
-from .protocol import APIError, check_chat_request, chat_completion, chunk, completion_id, usage
+from .protocol import APIError, check_chat_request, chat_completion, chunk, completion_id, from_triton, usage
 from .triton_client import TritonLLMClient, TritonRequestError
 
 
@@ -114,8 +114,7 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         try:
             return await deltas.__anext__()
         except TritonRequestError as e:
-            raise APIError(400 if e.client_error else 500, str(e),
-                           "invalid_request_error" if e.client_error else "internal_error") from e
+            raise from_triton(str(e), e.client_error) from e
 
     async def _complete(deltas, cid, start):
         text, last = "", await _first(deltas)
@@ -126,7 +125,7 @@ def create_app(settings: FrontendSettings) -> FastAPI:
             async for d in deltas:
                 text, last = text + d.text, d
         except TritonRequestError as e:
-            raise APIError(400 if e.client_error else 500, str(e)) from e
+            raise from_triton(str(e), e.client_error) from e
         metrics.finished(start, first, last.num_input_tokens or 0, last.num_output_tokens or 0)
         return _done(cid, text, last)
 
@@ -151,7 +150,7 @@ def create_app(settings: FrontendSettings) -> FastAPI:
                     break
                 d = await deltas.__anext__()
         except TritonRequestError as e:
-            yield _event(APIError(400 if e.client_error else 500, str(e)).body())
+            yield _event(from_triton(str(e), e.client_error).body())
             yield "data: [DONE]\n\n"
             return
         finally:

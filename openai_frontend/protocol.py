@@ -9,8 +9,7 @@ import uuid
 
 from qwen3vl_backend.processing.chat import RequestError, normalize_messages
 from qwen3vl_backend.processing.media import MediaError, MediaPolicy, fetch_bytes
-from qwen3vl_backend.sampling_params import SamplingError, SamplingParams
-from qwen3vl_backend.serving.preprocess import SAMPLING_FIELDS
+from qwen3vl_backend.sampling_params import SAMPLING_FIELDS, SamplingError, SamplingParams
 
 
 class APIError(Exception):
@@ -21,6 +20,13 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def from_triton(message: str, client_error: bool) -> APIError:
+    """A Triton-side failure as an OpenAI error: 400 for what the client sent, 500 otherwise."""
+    if client_error:
+        return APIError(400, message)
+    return APIError(500, message, "internal_error")
 
 
 def check_chat_request(body, served_model: str, policy: MediaPolicy) -> tuple[list[dict], dict, bool, bool]:

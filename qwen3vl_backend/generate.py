@@ -18,11 +18,8 @@ from .config import EngineConfig
 from .engine.llm_engine import LLMEngine
 from .processing.chat import RequestError
 from .processing.processor import Processor
-from .sampling_params import SamplingParams
+from .sampling_params import SAMPLING_FIELDS, SamplingParams
 
-_SAMPLING_KEYS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-                  "stop", "stop_token_ids", "ignore_eos", "min_tokens", "repetition_penalty",
-                  "presence_penalty", "frequency_penalty")
 
 
 def run(model_path: str, request: dict, max_tokens: int | None = None, device: str = "auto",
@@ -32,7 +29,7 @@ def run(model_path: str, request: dict, max_tokens: int | None = None, device: s
     engine = engine or LLMEngine(EngineConfig(model_path=model_path, device=device, dtype=dtype))
     processor = Processor(model_path, engine.tokenizer)
     prompt = processor.process_messages(request["messages"])
-    sp = {k: request[k] for k in _SAMPLING_KEYS if k in request}
+    sp = {k: request[k] for k in SAMPLING_FIELDS if k in request}
     if max_tokens is not None:
         sp["max_tokens"] = max_tokens
     [result] = engine.generate([prompt], SamplingParams.from_dict(sp))

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 
+# request-body fields that are sampling parameters (OpenAI names included)
+SAMPLING_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+                   "stop", "stop_token_ids", "ignore_eos", "min_tokens", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty")
+
+
 class SamplingError(ValueError):
     """A sampling parameter the client got wrong (HTTP 400)."""
 

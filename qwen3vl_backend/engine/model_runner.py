@@ -7,6 +7,7 @@ and samples the sequences whose chunk reached their last token.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +86,12 @@ def select_kernels(model, cfg: EngineConfig) -> None:
             m.kernel = rmsnorm
 
 
+def _sample_rows(chunks: list[ScheduledChunk], banned: dict[str, set[int]] | None) -> list[tuple]:
+    """The sampler's view of each sampling sequence: id, params, history, banned token ids."""
+    return [(c.seq.request_id, c.seq.params, c.seq.prompt_ids, c.seq.output_ids, (banned or {}).get(c.seq.request_id))
+            for c in chunks]
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -142,24 +149,14 @@ class ModelRunner:
         ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch)
         if (self.graphs is not None and vis_embeds is None and meta.is_decode_only and self.graphs.fits(len(batch))
                 and all(c.samples for c in batch)):
-            logits = self.graphs.run(ids, positions, meta)
-            rows = [(c.seq.request_id, c.seq.params, c.seq.prompt_ids, c.seq.output_ids,
-                     (banned or {}).get(c.seq.request_id)) for c in batch]
-            return self.sampler.sample(logits, rows)
+            return self.sampler.sample(self.graphs.run(ids, positions, meta), _sample_rows(batch, banned))
         hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
-        last, rows = [], []
-        end = 0
-        for chunk in batch:
-            end += chunk.num_tokens
-            if chunk.samples:
-                seq = chunk.seq
-                last.append(end - 1)
-                rows.append((seq.request_id, seq.params, seq.prompt_ids, seq.output_ids,
-                             (banned or {}).get(seq.request_id)))
+        ends = itertools.accumulate(c.num_tokens for c in batch)
+        last = [end - 1 for end, c in zip(ends, batch) if c.samples]
         if not last:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])
-        return self.sampler.sample(logits, rows)
+        return self.sampler.sample(logits, _sample_rows([c for c in batch if c.samples], banned))
 
     def prepare(self, batch: list[ScheduledChunk]):
         bs = self.cfg.block_size

@@ -16,12 +16,8 @@ import torch
 from ..processing.chat import MediaRef, RequestError
 from ..processing.media import MediaPolicy
 from ..processing.processor import IMAGE_PAD, VISION_END, VISION_START, Processor
-from ..sampling_params import SamplingParams
+from ..sampling_params import SAMPLING_FIELDS, SamplingParams
 
-# request-body fields that are sampling parameters (OpenAI names included)
-SAMPLING_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-                   "stop", "stop_token_ids", "ignore_eos", "min_tokens", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty")
 
 
 def parse_json_object(raw: str, what: str) -> dict:

@@ -15,7 +15,7 @@ RESERVED = {"EXECUTION_ENV_PATH"}
 
 def model_settings(args: dict) -> dict[str, str]:
     cfg = json.loads(args["model_config"])
-    model_dir = os.path.join(args["model_repository"]) if "model_repository" in args else ""
+    model_dir = args.get("model_repository", "")
     if model_dir and os.path.basename(model_dir.rstrip("/")) != cfg.get("name"):
         model_dir = os.path.join(model_dir, cfg.get("name", ""))
     out = {}
