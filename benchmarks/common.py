@@ -83,3 +83,14 @@ def cuda_time_ms(fn, warmup: int = 3, iters: int = 20) -> float:
         times.append(start.elapsed_time(end))
     times.sort()
     return times[len(times) // 2]
+
+
+def graph_time_ms(fn, iters: int = 20) -> float:
+    """Median milliseconds of one replay of fn() captured in a CUDA graph (no launch overhead)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_time_ms(graph.replay, warmup=2, iters=iters)

@@ -16,6 +16,7 @@ import base64
 import io
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from qwen3vl_backend.model_config import ModelConfig
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.sampling_params import SamplingParams
 
-from .common import bundled_model_dir, print_table, write_result
+from .common import RESULTS, bundled_model_dir, print_table, write_result
 from .roofline import measure as roofline
 
 def make_request(tokenizer, seed: int) -> tuple[Image.Image, str]:
@@ -91,6 +92,30 @@ def run(engine: LLMEngine, prompts, out_tokens: int) -> dict:
             "decode_step_ms": 1e3 * decode_time / max(len(steps), 1), "prompt_tokens": len(prompts[0].prompt_ids)}
 
 
+def profile_decode(engine: LLMEngine, prompt, out_dir: Path, steps: int = 8) -> None:
+    """GPU time per kernel over `steps` single-stream decode steps (CUDA graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True), request_id="prof")
+    for _ in range(3):                                  # prefill and the first decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished():
+        engine.step()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    head = (f"{steps} decode steps, concurrency 1: {len(kernels)} GPU kernels ({len(kernels) / steps:.0f} per step), "
+            f"GPU busy {sum(e.device_time for e in kernels) / steps / 1e3:.2f} ms per step\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"profile-decode-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    path.write_text(head + table)
+    print(head + table)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="Qwen3-VL-30B-A3B-Instruct")
@@ -98,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--out-tokens", type=int, default=256)
     ap.add_argument("--mem-fraction-static", type=float, default=0.88)
     ap.add_argument("--chunked-prefill-size", type=int, default=8192)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile 8 single-stream decode steps: per-kernel GPU time, to DIR/profile-*.txt")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     ceil = roofline()
@@ -123,6 +150,8 @@ def main(argv=None):
             r.update(concurrency=c, floor_step_ms=floor_ms, floor_over_step=floor_ms / r["decode_step_ms"])
             rows.append(r)
             print_table([r], list(r))
+        if args.profile:
+            profile_decode(engine, base, Path(args.out or RESULTS))
     cols = ["concurrency", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
             "total_decode_tok_s", "decode_step_ms", "floor_step_ms", "floor_over_step"]
     print_table(rows, cols)

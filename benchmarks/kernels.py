@@ -10,11 +10,12 @@ import argparse
 
 import torch
 
-from kernels.attention import paged_decode_attention
-from kernels.fused_moe import fused_moe
+from kernels.attention import num_splits_for, paged_decode_attention
+from kernels.fused_moe import PAIR_PATH_MAX_M, fused_moe, lookup_config
+from kernels.fused_moe import route as route_kernel
 from qwen3vl_backend.layers.moe import route
 
-from .common import cuda_time_ms, print_table, write_result
+from .common import cuda_time_ms, graph_time_ms, print_table, write_result
 from .roofline import measure as roofline
 
 E, H, I, A = 128, 2048, 768, 8        # 30B-A3B experts
@@ -50,7 +51,7 @@ def bench_moe(ceil: dict) -> list[dict]:
     w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * I ** -0.5
     w13_t, w2_t = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
     rows = []
-    for m in (1, 8, 64, 256, 2048, 8192):
+    for m in (1, 8, 16, 32, 64, 256, 2048, 8192):
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
         weights, ids = route(torch.randn(m, E, device="cuda"), A, True)
         experts = int(ids.unique().numel())
@@ -58,6 +59,12 @@ def bench_moe(ceil: dict) -> list[dict]:
         flops = 2 * m * A * 3 * H * I
         floor = max(nbytes / (ceil["copy_bandwidth_tb_s"] * 1e12), flops / (ceil["bf16_matmul_tflops"] * 1e12)) * 1e3
         ours = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids))
+        # the sorted (grouped GEMM) path at the same M, to place the pair path's threshold
+        grouped_cfg = lookup_config(E, I, H, m, x.device)
+        grouped = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, grouped_cfg))
+        # what a decode step runs: router top-k kernel + experts, inside a CUDA graph
+        logits = torch.randn(m, E, device="cuda", dtype=torch.bfloat16)
+        graphed = graph_time_ms(lambda: fused_moe(x, w13, w2, *route_kernel(logits, A, True)))
         loop = cuda_time_ms(lambda: moe_loop(x, w13, w2, weights, ids), iters=5)
         try:
             gmm = cuda_time_ms(lambda: moe_grouped_mm(x, w13_t, w2_t, weights, ids))
@@ -65,28 +72,32 @@ def bench_moe(ceil: dict) -> list[dict]:
             gmm = None
             print(f"torch._grouped_mm unavailable at M={m}: {e}")
         best_ref = min(t for t in (loop, gmm) if t is not None)
-        rows.append({"M": m, "experts_hit": experts, "fused_ms": ours, "loop_ms": loop, "grouped_mm_ms": gmm,
-                     "floor_ms": floor, "floor_over_fused": floor / ours, "speedup_vs_best_ref": best_ref / ours})
+        rows.append({"M": m, "experts_hit": experts, "path": "pairs" if m <= PAIR_PATH_MAX_M else "sorted",
+                     "fused_ms": ours, "sorted_path_ms": grouped, "route_fused_graph_ms": graphed,
+                     "loop_ms": loop, "grouped_mm_ms": gmm, "floor_ms": floor, "floor_over_fused": floor / ours,
+                     "floor_over_graph": floor / graphed, "speedup_vs_best_ref": best_ref / ours})
     return rows
 
 
 def bench_decode_attention(ceil: dict) -> list[dict]:
     rows = []
     h, hkv, d, bs = 32, 4, 128, 16
-    for seqs, ctx in ((1, 1024), (8, 1024), (64, 1024), (64, 4096), (128, 2048)):
+    for seqs, ctx in ((1, 1024), (1, 8192), (8, 1024), (64, 1024), (64, 4096), (128, 2048)):
         nb = seqs * ctx // bs
         cache = torch.randn(2, nb, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
         q = torch.randn(seqs, h, d, device="cuda", dtype=torch.bfloat16)
         tables = torch.arange(nb, device="cuda", dtype=torch.int32).view(seqs, -1)
         lens = torch.full((seqs,), ctx, device="cuda", dtype=torch.int32)
         ours = cuda_time_ms(lambda: paged_decode_attention(q, cache, tables, lens, d ** -0.5))
+        graphed = graph_time_ms(lambda: paged_decode_attention(q, cache, tables, lens, d ** -0.5))
         k = cache[0].view(seqs, ctx, hkv, d).transpose(1, 2)          # contiguous per sequence: SDPA's best case
         v = cache[1].view(seqs, ctx, hkv, d).transpose(1, 2)
         qq = q.view(seqs, h, 1, d)
         sdpa = cuda_time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qq, k, v, enable_gqa=True))
         floor = 2 * seqs * ctx * hkv * d * 2 / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
-        rows.append({"seqs": seqs, "ctx": ctx, "paged_ms": ours, "sdpa_ms": sdpa, "floor_ms": floor,
-                     "floor_over_paged": floor / ours})
+        rows.append({"seqs": seqs, "ctx": ctx, "splits": num_splits_for(seqs, hkv), "paged_ms": ours,
+                     "paged_graph_ms": graphed, "sdpa_ms": sdpa, "floor_ms": floor, "floor_over_paged": floor / ours,
+                     "floor_over_graph": floor / graphed})
     return rows
 
 

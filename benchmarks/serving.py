@@ -25,36 +25,54 @@ from .common import print_table, write_result
 from .engine import make_request
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, list[float], str]:
+async def one(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[float, list[float], str, float]:
+    """-> TTFT (first content), gaps between content chunks, text, time to the first SSE event.
+    The body is encoded once beforehand: the client's own JSON encoding is not the server's time."""
     start = time.perf_counter()
-    stamps, text = [], []
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+    stamps, text, first_event = [], [], None
+    async with client.stream("POST", f"{url}/v1/chat/completions", content=body,
+                             headers={"content-type": "application/json"}) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
         async for line in r.aiter_lines():
+            if first_event is None and line.startswith("data: "):
+                first_event = time.perf_counter() - start
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
                     text.append(chunk["choices"][0]["delta"]["content"])
-    return stamps[0] - start, list(np.diff(stamps)), "".join(text)
+    return stamps[0] - start, list(np.diff(stamps)), "".join(text), first_event
 
 
-async def run(url: str, body: dict, concurrency: int) -> dict:
+async def run(url: str, body: dict, warmup: dict, concurrency: int) -> dict:
+    """`warmup` carries another image: the measured requests find no ViT or prefix cache entry."""
+    payload = json.dumps(body).encode()
     async with httpx.AsyncClient(timeout=600) as client:
-        await one(client, url, {**body, "max_tokens": 4})                       # warm up
+        await one(client, url, json.dumps({**warmup, "max_tokens": 4}).encode())
         t = time.perf_counter()
-        results = await asyncio.gather(*(one(client, url, body) for _ in range(concurrency)))
+        results = await asyncio.gather(*(one(client, url, payload) for _ in range(concurrency)))
         wall = time.perf_counter() - t
     ttft = np.array([r[0] for r in results]) * 1e3
     itl = np.concatenate([r[1] for r in results]) * 1e3
     return {"concurrency": concurrency, "ttft_p50_ms": float(np.percentile(ttft, 50)),
+            "first_event_p50_ms": float(np.percentile([r[3] * 1e3 for r in results], 50)),
             "ttft_p99_ms": float(np.percentile(ttft, 99)), "itl_p50_ms": float(np.percentile(itl, 50)),
             "itl_p99_ms": float(np.percentile(itl, 99)),
             "total_tok_s": concurrency * body["max_tokens"] / wall,
             # greedy: every request's text is the same; its hash lets two runs be compared
             "text_sha256": hashlib.sha256(results[0][2].encode()).hexdigest()[:16],
             "all_texts_equal": len({r[2] for r in results}) == 1}
+
+
+def chat_body(model: str, tokenizer, seed: int, max_tokens: int) -> dict:
+    img, text = make_request(tokenizer, seed)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"model": model, "stream": True, "temperature": 0, "ignore_eos": True, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": text}]}]}
 
 
 def triton_stats(triton_http: str) -> dict[str, dict]:
@@ -90,17 +108,12 @@ def main(argv=None):
     ap.add_argument("--triton-http", default=None, help="Triton's HTTP URL: adds per-model times from its statistics")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    img, text = make_request(Tokenizer(args.model_dir), 0)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    body = {"model": args.model, "stream": True, "temperature": 0, "ignore_eos": True, "max_tokens": args.out_tokens,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
-                {"type": "text", "text": text}]}]}
+    tokenizer = Tokenizer(args.model_dir)
     rows = []
-    for c in args.concurrency.split(","):
+    for n, c in enumerate(args.concurrency.split(",")):
+        body, warmup = chat_body(args.model, tokenizer, 100 + n, args.out_tokens), chat_body(args.model, tokenizer, n, 4)
         before = triton_stats(args.triton_http) if args.triton_http else {}
-        rows.append(asyncio.run(run(args.url, body, int(c))))
+        rows.append(asyncio.run(run(args.url, body, warmup, int(c))))
         if args.triton_http:       # includes the warm-up request: a rough per-stage split
             for model, t in stage_times(before, triton_stats(args.triton_http)).items():
                 if model != "llm":  # llm's compute time spans the whole decoupled stream

@@ -1,8 +1,12 @@
 """Paged decode attention: one query token per sequence against its KV blocks.
 
-One program per (sequence, KV head) handles that head's whole query group at once (GQA: the
-group's rows share every K/V load), streaming over the sequence's cache blocks with an online
-softmax. The group is padded to 16 rows, the smallest tile `tl.dot` takes.
+One program per (sequence, KV head, split) handles that head's whole query group at once (GQA:
+the group's rows share every K/V load), streaming over its share of the sequence's cache pages
+with an online softmax, several pages per tile. The group is padded to 16 rows, the smallest
+tile `tl.dot` takes. With few sequences the context is split so the GPU has enough programs
+(flash-decoding): each split leaves its running max, normaliser and unnormalised output, and a
+second launch merges them. The split count depends only on the batch shape, so the launch
+is the same on every replay of a CUDA graph; each split finds its pages from the context length.
 Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V.
 """
 
@@ -14,21 +18,31 @@ import triton.language as tl
 
 from .online_softmax import online_softmax_step
 
+TARGET_PROGRAMS = 128      # about one wave on an H100/H200 (132 SMs)
+MAX_SPLITS = 32
+
 
 @triton.jit
 def _paged_decode_kernel(
     # pointers
-    q_ptr, cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
+    q_ptr, cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, m_ptr, l_ptr,
     # scalars
-    scale, GROUP,
+    scale, GROUP, num_heads,
     # strides
     stride_qt, stride_qh, stride_ckv, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
     # meta
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, GROUP_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
+    n_pages = tl.cdiv(ctx, BLOCK_SIZE)
+    per_split = tl.cdiv(n_pages, NUM_SPLITS)
+    first = split * per_split
+    last = tl.minimum(first + per_split, n_pages)
+
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + rows
@@ -37,21 +51,51 @@ def _paged_decode_kernel(
     m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-    slots = tl.arange(0, BLOCK_SIZE)
-    for blk in range(0, tl.cdiv(ctx, BLOCK_SIZE)):
-        phys = tl.load(block_tables_ptr + seq * stride_bt + blk).to(tl.int64)
-        base = cache_ptr + phys * stride_cb + kvh * stride_ch + slots[:, None] * stride_cs + dims[None, :]
-        live = blk * BLOCK_SIZE + slots < ctx
+    tile = tl.arange(0, PAGES * BLOCK_SIZE)
+    page_of, slot_of = tile // BLOCK_SIZE, tile % BLOCK_SIZE
+    for p0 in range(first, last, PAGES):
+        page = p0 + page_of
+        live = (page < last) & (page * BLOCK_SIZE + slot_of < ctx)
+        phys = tl.load(block_tables_ptr + seq * stride_bt + page, mask=page < last, other=0).to(tl.int64)
+        base = cache_ptr + phys[:, None] * stride_cb + slot_of[:, None] * stride_cs + kvh * stride_ch + dims[None, :]
         k = tl.load(base, mask=live[:, None], other=0.0)
         v = tl.load(base + stride_ckv, mask=live[:, None], other=0.0)
         m_i, l_i, acc = online_softmax_step(q, k, v, live, scale, m_i, l_i, acc)
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:   # partials, float32: (S, H, NUM_SPLITS) for m and l, (S, H, NUM_SPLITS, D) for acc
+        part = (seq * num_heads + heads) * NUM_SPLITS + split
+        tl.store(m_ptr + part, m_i, mask=row_ok)
+        tl.store(l_ptr + part, l_i, mask=row_ok)
+        tl.store(out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, num_heads, stride_ot, stride_oh,
+                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    base = (seq * num_heads + head) * NUM_SPLITS
+    m = tl.load(m_ptr + base + splits)
+    l = tl.load(l_ptr + base + splits)
+    w = tl.exp(m - tl.max(m, 0))                 # empty splits: m = -inf, weight 0
+    acc = tl.load(acc_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def num_splits_for(num_seqs: int, kv_heads: int) -> int:
+    """The largest power of two that keeps (sequences x KV heads x splits) within about one wave."""
+    n = TARGET_PROGRAMS // max(1, num_seqs * kv_heads)
+    return 1 if n < 2 else min(MAX_SPLITS, 1 << (n.bit_length() - 1))
 
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
     """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32."""
     s, h, d = q.shape
     _, _, bs, hkv, d2 = cache.shape
@@ -63,15 +107,26 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     if q.stride(-1) != 1 or cache.stride(-1) != 1:
         raise ValueError("paged_decode_attention needs the head dim contiguous")
     group = h // hkv
-    out = torch.empty_like(q) if out is None else out
-    _paged_decode_kernel[(s, hkv)](
-        q, cache, block_tables, context_lens, out,
-        scale, group,
+    out = torch.empty(s, h, d, dtype=q.dtype, device=q.device) if out is None else out
+    splits = num_splits or num_splits_for(s, hkv)
+    if splits & (splits - 1):
+        raise ValueError(f"paged_decode_attention: num_splits {splits} must be a power of two")
+    if splits > 1:
+        acc = torch.empty(s, h, splits, d, dtype=torch.float32, device=q.device)
+        m = torch.empty(s, h, splits, dtype=torch.float32, device=q.device)
+        l_ = torch.empty_like(m)
+    else:
+        acc, m, l_ = out, out, out
+    _paged_decode_kernel[(s, hkv, splits)](
+        q, cache, block_tables, context_lens, acc, m, l_,
+        scale, group, h,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_SIZE=bs, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        num_warps=4, num_stages=2,
+        HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, 64 // bs), GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        NUM_SPLITS=splits, num_warps=4, num_stages=2,
     )
+    if splits > 1:
+        _merge_splits_kernel[(s, h)](acc, m, l_, out, h, out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits)
     return out
 
 

@@ -7,6 +7,12 @@ expert and each expert's run is padded to BLOCK_M, so every program of the group
 one expert's weight tile; padding rows carry the sentinel M*A and are neither read nor written.
 Launch configs come from JSON tables keyed by (E, N, K, device), looked up at the nearest M;
 nothing is autotuned on the request path.
+
+Small batches (decode) take a second path with no sort at all: while M*A pairs are few, reading
+an expert once per pair costs less than aligning, and each pair is a GEMV. Two launches do the
+whole layer: gate_up with SiLU*mul fused (one program per pair and column block), then down with
+the routing weights and the top-k combine fused (one program per token and column block).
+`route` is the matching router: softmax, top-k and renormalisation in one launch.
 """
 
 from __future__ import annotations
@@ -116,6 +122,130 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
     )
 
 
+@triton.jit
+def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, inter, K, top_k,
+                         stride_xm, stride_we, stride_wn, stride_am,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    token = pair // top_k
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)
+    gate_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+    up_ptrs = gate_ptrs + inter * stride_wn
+    x_ptrs = x_ptr + token * stride_xm + offs_k
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        m = n_ok[:, None] & k_ok[None, :]
+        acc_g += tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32) * xk
+        acc_u += tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32) * xk
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    g = tl.sum(acc_g, 1)
+    u = tl.sum(acc_u, 1)
+    act = g / (1.0 + tl.exp(-g)) * u
+    tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, N, K, top_k,
+                      stride_am, stride_we, stride_wn, stride_om,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    token = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    out = tl.zeros((BLOCK_N,), tl.float32)
+    for slot in range(0, top_k):
+        pair = token * top_k + slot
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+        a_ptrs = act_ptr + pair * stride_am + offs_k
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * a
+            w_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+        out += tl.load(weights_ptr + pair) * tl.sum(acc, 1)
+    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+# Below this many tokens the pair path wins (a GEMV per pair beats sorting; measured on H200 by
+# benchmarks.kernels, which times both paths).
+PAIR_PATH_MAX_M = 16
+PAIR_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}
+
+
+def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = None) -> torch.Tensor:
+    """The small-batch path: no sorting; gate_up+SiLU*mul, then down+weights+combine (two launches)."""
+    m, h = x.shape
+    e, two_i, _ = w13.shape
+    top_k = topk_ids.shape[1]
+    inter = two_i // 2
+    if w13.stride(-1) != 1 or w2.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError("fused_moe_pairs needs the last dims of x, w13 and w2 contiguous")
+    cfg = config or PAIR_CONFIG
+    ids = topk_ids.to(torch.int32).contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
+    _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, cfg["BLOCK_N"]))](
+        x, w13, ids, act, inter, h, top_k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    out = torch.empty_like(x)
+    _pair_down_kernel[(m, triton.cdiv(h, cfg["BLOCK_N"]))](
+        act, w2, ids, weights, out, h, inter, top_k, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return out
+
+
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm,
+                  TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    ok = offs < E
+    logits = tl.load(logits_ptr + row * stride_lm + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    p = tl.exp(logits - tl.max(logits, 0))
+    p = tl.where(ok, p, 0.0)
+    denom = tl.sum(p, 0)
+    # pass 1 finds the top-k mass (for the renormalisation); pass 2 writes, largest first
+    left = tl.where(ok, p, -1.0)
+    top_sum = 0.0
+    for _ in tl.static_range(TOP_K):
+        best = tl.max(left, 0)
+        top_sum += best
+        left = tl.where(offs == tl.argmax(left, 0), -1.0, left)
+    norm = top_sum if RENORMALIZE else denom
+    left = tl.where(ok, p, -1.0)
+    for j in tl.static_range(TOP_K):
+        idx = tl.argmax(left, 0)
+        tl.store(weights_ptr + row * TOP_K + j, tl.max(left, 0) / norm)
+        tl.store(ids_ptr + row * TOP_K + j, idx.to(tl.int32))
+        left = tl.where(offs == idx, -1.0, left)
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """router_logits (T, E) -> weights (T, A) float32, expert ids (T, A) int32; one launch."""
+    t, e = router_logits.shape
+    if top_k > e or router_logits.stride(-1) != 1:
+        raise ValueError(f"route: top_k {top_k} of {e} experts (logits' last dim contiguous)")
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
+    if t:
+        _route_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0),
+                            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(e))
+    return weights, ids
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H)."""
@@ -126,6 +256,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                          f"w2 {tuple(w2.shape)}, topk {tuple(topk_ids.shape)}")
     if m == 0:
         return torch.empty_like(x)
+    if config is None and m <= PAIR_PATH_MAX_M:
+        return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids)
     top_k = topk_ids.shape[1]
     cfg = config or lookup_config(e, two_i // 2, h, m, x.device)
     sorted_ids, block_expert, total = align_by_expert(topk_ids, e, cfg["BLOCK_M"])

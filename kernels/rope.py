@@ -1,7 +1,8 @@
-"""Rotary embedding applied to q and k in one launch (rotate-half layout, float32 math).
+"""The step between the fused qkv projection and attention, in one launch: per-head RMSNorm of q
+and k, rotary (rotate-half layout, float32 math), and the K/V write into the paged cache.
 
 cos/sin (T, D) are the per-token tables (mRoPE already folded in); their two halves are equal,
-so only the first half is read. q (T, H, D) and k (T, Hkv, D) are rotated in place.
+so only the first half is read. One program per (token, head) of the q, k and v heads.
 """
 
 from __future__ import annotations
@@ -12,35 +13,54 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, n_heads, stride_xt, stride_xh, stride_ct,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)
-    hb = tl.program_id(1)
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (heads[:, None] < n_heads) & (dims[None, :] < HALF)
-    c = tl.load(cos_ptr + t * stride_ct + dims, mask=dims < HALF, other=0.0)[None, :]
-    s = tl.load(sin_ptr + t * stride_ct + dims, mask=dims < HALF, other=0.0)[None, :]
-    base = x_ptr + t.to(tl.int64) * stride_xt + heads[:, None] * stride_xh + dims[None, :]
-    x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(base, (x1 * c - x2 * s).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(base + HALF, (x2 * c + x1 * s).to(x_ptr.dtype.element_ty), mask=mask)
+def _qkv_prep_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
+                     n_q, n_kv, eps, stride_t, stride_ct, stride_ckv, stride_slot,
+                     HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    dims = tl.arange(0, HALF)
+    row = qkv_ptr + t * stride_t + h * HEAD_DIM + dims
+    x1 = tl.load(row)
+    x2 = tl.load(row + HALF)
+    slot = tl.load(slot_ptr + t)
+    dst = cache_ptr + slot * stride_slot + (h - n_q - n_kv) * HEAD_DIM + dims     # a v head's place
+    if h >= n_q + n_kv:                       # v: only copied into the cache
+        tl.store(dst + stride_ckv, x1)
+        tl.store(dst + stride_ckv + HALF, x2)
+    else:                                     # q or k: RMSNorm (float32 stats, weight after the cast), rotary
+        w_ptr = qw_ptr if h < n_q else kw_ptr
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, 0) + tl.sum(f2 * f2, 0)) / HEAD_DIM + eps)
+        y1 = ((f1 * rstd).to(x1.dtype) * tl.load(w_ptr + dims)).to(x1.dtype).to(tl.float32)
+        y2 = ((f2 * rstd).to(x1.dtype) * tl.load(w_ptr + HALF + dims)).to(x1.dtype).to(tl.float32)
+        c = tl.load(cos_ptr + t * stride_ct + dims)
+        s = tl.load(sin_ptr + t * stride_ct + dims)
+        o1 = (y1 * c - y2 * s).to(x1.dtype)
+        o2 = (y2 * c + y1 * s).to(x1.dtype)
+        tl.store(row, o1)
+        tl.store(row + HALF, o2)
+        if h >= n_q:
+            dst = dst + n_kv * HEAD_DIM       # back from the v offset to this k head's place
+            tl.store(dst, o1)
+            tl.store(dst + HALF, o2)
 
 
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (T, heads, D) in place; cos/sin (T, D) float32. Returns x."""
-    t, h, d = x.shape
-    if cos.shape != (t, d) or sin.shape != (t, d) or d % 2 or x.stride(-1) != 1 or cos.stride(-1) != 1:
-        raise ValueError(f"rope_: x {tuple(x.shape)} (last dim contiguous, even) vs cos/sin {tuple(cos.shape)}")
-    if t == 0:
-        return x
-    block_h = min(16, triton.next_power_of_2(h))
-    _rope_kernel[(t, triton.cdiv(h, block_h))](x, cos, sin, h, x.stride(0), x.stride(1), cos.stride(0),
-                                              HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2))
-    return x
-
-
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """The layers' entry point: same contract as qwen3vl_backend.layers.rotary.apply_rotary on q and k."""
-    return rope_(q.contiguous(), cos, sin), rope_(k.contiguous(), cos, sin)
+def qkv_prep_(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+              cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor):
+    """One launch between the fused qkv projection and attention, in place on qkv (T, (Hq + 2 Hkv) * D):
+    q and k get their per-head RMSNorm and rotary, and k and v are written to the paged cache
+    (2, NB, BS, Hkv, D) at slot_mapping. Returns views q (T, Hq, D), k, v (T, Hkv, D)."""
+    d = cache.shape[-1]
+    t = qkv.shape[0]
+    if (qkv.shape[1] != (n_q + 2 * n_kv) * d or qkv.stride(1) != 1 or cache.shape[-2] != n_kv
+            or not cache.is_contiguous() or cos.shape != (t, d) or d & (d - 1) or slot_mapping.shape != (t,)):
+        raise ValueError(f"qkv_prep_: qkv {tuple(qkv.shape)}, heads {n_q}/{n_kv}, cache {tuple(cache.shape)}, "
+                         f"cos {tuple(cos.shape)}, slots {tuple(slot_mapping.shape)}")
+    if t:
+        _qkv_prep_kernel[(t, n_q + 2 * n_kv)](
+            qkv, q_weight, k_weight, cos, sin, cache, slot_mapping, n_q, n_kv, eps,
+            qkv.stride(0), cos.stride(0), cache.stride(0), n_kv * d, HEAD_DIM=d, HALF=d // 2)
+    q = qkv[:, : n_q * d].view(t, n_q, d)
+    k = qkv[:, n_q * d : (n_q + n_kv) * d].view(t, n_kv, d)
+    v = qkv[:, (n_q + n_kv) * d :].view(t, n_kv, d)
+    return q, k, v

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -97,6 +98,7 @@ class Server:
             cmd += ["--backend-directory", layout["backend_dir"]]
         if cuda_pool_mb:       # room for visual features handed between models as CUDA tensors
             cmd += [f"--cuda-memory-pool-byte-size=0:{cuda_pool_mb * 2**20}"]
+        cmd += shlex.split(os.environ.get("QWEN3VL_TRITON_ARGS", ""))    # e.g. --trace-config flags
         self.triton = subprocess.Popen(cmd, stdout=self.triton_log, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)
         self.triton_http = f"http://127.0.0.1:{triton_http_port}"

@@ -165,6 +165,23 @@ def test_visual_tokens_without_media_identity_are_never_shared(tiny_moe, prompts
     assert engine._requests[rid].seq.num_cached_prompt <= first_pad   # text before the image only
 
 
+def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, monkeypatch):
+    """The GPU's decoder path, interpreted on CPU: one qkv projection + qkv_prep_, the routing
+    kernel, residual RMSNorm kernels, split-context decode attention and the pair-path MoE.
+    One short text prompt: the interpreter pays for every program, so the launches are kept small."""
+    import kernels.attention
+    import kernels.fused_moe
+    from qwen3vl_backend.engine.model_runner import select_kernels
+
+    monkeypatch.setattr(kernels.attention, "MAX_SPLITS", 2)
+    monkeypatch.setattr(kernels.fused_moe, "PAIR_CONFIG", {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4})
+    engine = make_engine(tiny_moe, attention_backend="triton", moe_backend="triton")
+    select_kernels(engine.runner.model, engine.cfg, fuse=True)
+    attn = engine.runner.model.model.language_model.layers[0].self_attn
+    assert attn.prep_fn is not None and attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    assert engine.generate([prompts[0]], GREEDY)[0]["output_token_ids"] == reference[0]
+
+
 def test_triton_vision_attention_gives_the_same_output(tiny_moe, prompts, reference):
     """--mm-attention-backend triton (our varlen kernel, interpreted on CPU) against sdpa."""
     engine = make_engine(tiny_moe, mm_attention_backend="triton")

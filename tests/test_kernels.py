@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from kernels.attention import paged_decode_attention, paged_decode_attention_reference
-from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_reference
+from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_pairs, fused_moe_reference
+from kernels.fused_moe import route as route_kernel
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
-from kernels.rope import rope_
+from kernels.rope import qkv_prep_
 from kernels.varlen_attention import varlen_attention
 from qwen3vl_backend.layers.rotary import apply_rotary, mrope_axis_map, mrope_cos_sin, rope_inv_freq
-from qwen3vl_backend.layers.attention import varlen_attention_torch
+from qwen3vl_backend.layers.attention import varlen_attention_torch, write_kv
 from qwen3vl_backend.layers.moe import route
+from qwen3vl_backend.layers.norm import RMSNorm
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"          # interpreter on CPU, compiled kernels on a GPU
@@ -40,6 +42,23 @@ def test_fused_moe_matches_reference(m, e, h, i, a):
     x, w13, w2, w, ids = moe_inputs(m, e, h, i, a, device=DEV)
     out = fused_moe(x, w13, w2, w, ids, SMALL_CFG)
     assert rel(out, fused_moe_reference(x, w13, w2, w, ids)) < FP32_TOL
+
+
+@pytest.mark.parametrize("m,e,h,i,a", [(1, 8, 64, 48, 2), (3, 6, 40, 24, 3), (5, 16, 96, 40, 4)])
+def test_fused_moe_pair_path_matches_reference(m, e, h, i, a):
+    x, w13, w2, w, ids = moe_inputs(m, e, h, i, a, device=DEV)
+    out = fused_moe_pairs(x, w13, w2, w, ids, {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4})
+    assert rel(out, fused_moe_reference(x, w13, w2, w, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("t,e,a", [(1, 8, 2), (4, 6, 3), (3, 128, 8)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_kernel_matches_torch(t, e, a, renormalize):
+    logits = torch.randn(t, e, device=DEV)
+    want_w, want_ids = route(logits, a, renormalize)
+    got_w, got_ids = route_kernel(logits, a, renormalize)
+    assert torch.equal(got_ids.long(), want_ids)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 
 
 def test_align_by_expert_covers_every_pair_once():
@@ -74,6 +93,14 @@ def test_paged_decode_matches_reference(s, h, hkv, d, bs, nb):
     assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, d ** -0.5)) < FP32_TOL
 
 
+@pytest.mark.parametrize("splits", [2, 8])
+def test_paged_decode_split_context_matches_reference(splits):
+    q, cache, tables, ctx = cache_inputs(3, 8, 2, 32, 16, 24, device=DEV)
+    ctx[0] = 1                                   # most splits of this sequence are empty
+    out = paged_decode_attention(q, cache, tables, ctx, 32 ** -0.5, num_splits=splits)
+    assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, 32 ** -0.5)) < FP32_TOL
+
+
 def test_paged_decode_rejects_bad_heads_and_small_blocks():
     q, cache, tables, ctx = cache_inputs(2, 6, 4, 32, 16, 4, device=DEV)
     with pytest.raises(ValueError, match="shapes disagree"):
@@ -103,14 +130,35 @@ def test_varlen_attention_matches_reference(segments, h, d):
     assert rel(out, varlen_attention_torch(q, k, v, cu, d ** -0.5)) < FP32_TOL
 
 
-@pytest.mark.parametrize("t,h,d", [(1, 4, 32), (7, 3, 64), (5, 32, 128)])
-def test_rope_matches_reference(t, h, d):
-    positions = torch.randint(0, 5000, (3, t), device=DEV)
-    cos, sin = mrope_cos_sin(positions, rope_inv_freq(d, 5e6).to(DEV),
-                             mrope_axis_map(d // 2, (d // 8, 3 * d // 16, 3 * d // 16), True).to(DEV))
-    x = torch.randn(t, h, d, device=DEV)
-    want = apply_rotary(x, cos, sin)
-    assert rel(rope_(x.clone(), cos, sin), want) < 1e-6
+def rope_tables(t, d, device):
+    positions = torch.randint(0, 5000, (3, t), device=device)
+    return mrope_cos_sin(positions, rope_inv_freq(d, 5e6).to(device),
+                         mrope_axis_map(d // 2, (d // 8, 3 * d // 16, 3 * d // 16), True).to(device))
+
+
+def qkv_prep_reference(qkv, hq, hkv, q_norm, k_norm, cos, sin, cache, slots):
+    t, d = qkv.shape[0], cache.shape[-1]
+    q = apply_rotary(q_norm(qkv[:, : hq * d].reshape(t, hq, d)), cos, sin)
+    k = apply_rotary(k_norm(qkv[:, hq * d : (hq + hkv) * d].reshape(t, hkv, d)), cos, sin)
+    v = qkv[:, (hq + hkv) * d :].reshape(t, hkv, d)
+    write_kv(cache, k, v, slots)
+    return q, k, v
+
+
+@pytest.mark.parametrize("t,hq,hkv,d", [(1, 4, 2, 32), (5, 6, 2, 64), (3, 8, 1, 128)])
+def test_qkv_prep_matches_norm_rotary_and_cache_write(t, hq, hkv, d):
+    cos, sin = rope_tables(t, d, DEV)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEV)
+    q_norm, k_norm = RMSNorm(d).to(DEV), RMSNorm(d).to(DEV)
+    q_norm.weight.data.normal_()
+    k_norm.weight.data.normal_()
+    slots = torch.randperm(96, device=DEV)[:t]
+    cache, want_cache = torch.zeros(2, 6, 16, hkv, d, device=DEV), torch.zeros(2, 6, 16, hkv, d, device=DEV)
+    want = qkv_prep_reference(qkv, hq, hkv, q_norm, k_norm, cos, sin, want_cache, slots)
+    got = qkv_prep_(qkv.clone(), hq, hkv, q_norm.weight, k_norm.weight, 1e-6, cos, sin, cache, slots)
+    for g, w in zip(got, want):
+        assert rel(g, w) < 1e-6
+    assert rel(cache, want_cache) < 1e-6
 
 
 # -- GPU: real sizes, bf16, CUDA graphs --------------------------------------------------------------
@@ -133,26 +181,44 @@ def test_kernels_replay_in_a_cuda_graph():
     x, w13, w2, w, ids = moe_inputs(8, 128, 2048, 768, 8, torch.bfloat16, "cuda")
     q, cache, tables, ctx = cache_inputs(8, 32, 4, 128, 16, 64, torch.bfloat16, "cuda")
     norm_w = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
-    cos, sin = torch.randn(8, 128, device="cuda"), torch.randn(8, 128, device="cuda")
-    cos, sin = torch.cat([cos[:, :64]] * 2, -1), torch.cat([sin[:, :64]] * 2, -1)
-    rotated = torch.empty_like(q)
+    cos, sin = rope_tables(8, 128, "cuda")
+    logits = torch.randn(8, 128, device="cuda")
+    qkv = torch.randn(8, 40 * 128, device="cuda", dtype=torch.bfloat16)
+    qkv_in, prep_cache = torch.empty_like(qkv), torch.zeros(2, 4, 16, 4, 128, device="cuda", dtype=torch.bfloat16)
+    q_norm, k_norm = RMSNorm(128).cuda().bfloat16(), RMSNorm(128).cuda().bfloat16()
+    slots = torch.arange(8, device="cuda") * 3
+
+    def step():
+        routed = route_kernel(logits, 8, True)
+        prepped = qkv_prep_(qkv_in.copy_(qkv), 32, 4, q_norm.weight, k_norm.weight, 1e-6, cos, sin, prep_cache,
+                            slots)
+        return (fused_moe(x, w13, w2, w, ids), fused_moe(x[:1], w13, w2, w[:1], ids[:1]),
+                paged_decode_attention(q, cache, tables, ctx, 0.1), paged_decode_attention(q[:1], cache, tables[:1],
+                                                                                         ctx[:1], 0.1),
+                rmsnorm(x, norm_w, 1e-6), routed, prepped[0])
+
     for _ in range(2):      # warm up: compile outside the capture
-        fused_moe(x, w13, w2, w, ids), paged_decode_attention(q, cache, tables, ctx, 0.1), rmsnorm(x, norm_w, 1e-6)
-        rope_(rotated.copy_(q), cos, sin)
+        step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        moe_out = fused_moe(x, w13, w2, w, ids)
-        attn_out = paged_decode_attention(q, cache, tables, ctx, 0.1)
-        norm_out = rmsnorm(x, norm_w, 1e-6)
-        rope_(rotated.copy_(q), cos, sin)
+        outs = step()
     x.copy_(torch.randn_like(x))                     # new inputs in the captured buffers
     q.copy_(torch.randn_like(q))
+    qkv.copy_(torch.randn_like(qkv))
+    logits.copy_(torch.randn_like(logits))
     new_w, new_ids = route(torch.randn(8, 128, device="cuda"), 8, True)
     w.copy_(new_w)
     ids.copy_(new_ids)
+    ctx.copy_(torch.randint(1, 128, ctx.shape, device="cuda", dtype=torch.int32))
     graph.replay()
     torch.cuda.synchronize()
+    moe_out, moe_one, attn_out, attn_one, norm_out, (rw, rids), prep_q = outs
     assert rel(moe_out, fused_moe_reference(x, w13, w2, w, ids)) < 1e-2
+    assert rel(moe_one, fused_moe_reference(x[:1], w13, w2, w[:1], ids[:1])) < 1e-2
     assert rel(attn_out, paged_decode_attention_reference(q, cache, tables, ctx, 0.1)) < 1e-2
+    assert rel(attn_one, paged_decode_attention_reference(q[:1], cache, tables[:1], ctx[:1], 0.1)) < 1e-2
     assert rel(norm_out, rmsnorm_reference(x, norm_w, 1e-6)) < 1e-2
-    assert rel(rotated, apply_rotary(q, cos, sin)) < 1e-2
+    want_w, want_ids = route(logits, 8, True)
+    assert torch.equal(rids.long(), want_ids) and rel(rw, want_w) < 1e-5
+    want_q = qkv_prep_reference(qkv, 32, 4, q_norm, k_norm, cos, sin, torch.zeros_like(prep_cache), slots)[0]
+    assert rel(prep_q, want_q) < 1e-2

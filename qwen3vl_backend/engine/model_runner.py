@@ -62,8 +62,12 @@ def vision_attention(backend: str):
     return fa
 
 
-def select_kernels(model, cfg: EngineConfig) -> None:
-    """Point the layers at the Triton kernels the config asks for (GPU); torch code otherwise."""
+def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
+    """Point the layers at the Triton kernels the config asks for (GPU); torch code otherwise.
+
+    `fuse` (default: on a GPU) adds the small fused kernels: one qkv projection + qkv_prep_, the
+    routing kernel and the residual RMSNorm kernel. On CPU they only cost interpreter time, but
+    tests ask for them to check the GPU's layer path."""
     from ..layers.moe import SparseMoE
     from ..layers.norm import RMSNorm
     from ..models.text import Attention
@@ -72,17 +76,21 @@ def select_kernels(model, cfg: EngineConfig) -> None:
     triton_attn, triton_moe = cfg.attention_backend == "triton", cfg.moe_backend == "triton"
     if triton_attn or triton_moe:
         from kernels.attention import paged_decode_attention
-        from kernels.fused_moe import fused_moe
+        from kernels.fused_moe import fused_moe, route
         from kernels.rmsnorm import rmsnorm
-        from kernels.rope import apply_rope
+        from kernels.rope import qkv_prep_
+    on_gpu = cfg.device.startswith("cuda") if fuse is None else fuse
     lm = model.model.language_model
     for m in lm.modules():
         if isinstance(m, Attention) and triton_attn:
             m.decode_fn = paged_decode_attention
-            m.rope_fn = apply_rope if cfg.device.startswith("cuda") else None
+            if on_gpu:
+                m.fuse_qkv(qkv_prep_)
         elif isinstance(m, SparseMoE) and triton_moe:
             m.experts_fn = fused_moe
-        elif isinstance(m, RMSNorm) and triton_attn and cfg.device.startswith("cuda"):
+            if on_gpu:
+                m.route_fn = route
+        elif isinstance(m, RMSNorm) and triton_attn and on_gpu:
             m.kernel = rmsnorm
 
 

@@ -41,9 +41,10 @@ class SparseMoE(nn.Module):
         self.experts.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.experts.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.experts_fn = moe_experts_torch
+        self.route_fn = route          # kernels.fused_moe.route on GPU (one launch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        weights, ids = self.route_fn(self.gate(x), self.top_k, self.renormalize)
         return self.experts_fn(x, self.experts.w13, self.experts.w2, weights, ids)
 
 

@@ -11,9 +11,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.kernel = None             # kernels.rmsnorm.rmsnorm on GPU, set by the model runner
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`: (norm(x + residual), x + residual), the sum also the new residual."""
+        if residual is not None:
+            if self.kernel is not None and x.stride(-1) == 1 and residual.is_contiguous():
+                residual = residual.clone() if residual.data_ptr() == x.data_ptr() else residual
+                return self.kernel(x, self.weight, self.eps, residual=residual), residual
+            residual = x + residual
+            return self._norm(residual), residual
         if self.kernel is not None and x.stride(-1) == 1:
             return self.kernel(x, self.weight, self.eps)
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -9,6 +9,7 @@ visual token positions.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import AttentionMetadata, paged_attention_torch, write_kv
@@ -30,18 +31,36 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
         self.attn_fn = paged_attention_torch
         self.decode_fn = None          # a paged decode kernel, set by the model runner on GPU
-        self.rope_fn = None            # a fused q/k rotary kernel, likewise
+        self.prep_fn = None            # with fuse_qkv: q/k norm + rotary + cache write in one kernel
+        self.qkv_weight = self.qkv_bias = None
+
+    def fuse_qkv(self, prep_fn) -> None:
+        """One projection for q, k and v (the three weights become views of one tensor) and one
+        kernel after it (kernels.rope.qkv_prep_)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = torch.cat([p.weight.data for p in projs])
+        self.qkv_bias = torch.cat([p.bias.data for p in projs]) if self.q_proj.bias is not None else None
+        start = 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight.data = self.qkv_weight[start : start + n]
+            if p.bias is not None:
+                p.bias.data = self.qkv_bias[start : start + n]
+            start += n
+        self.prep_fn = prep_fn
 
     def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata):
         t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim))
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        if self.rope_fn is not None:
-            q, k = self.rope_fn(q, k, cos, sin)
+        if self.prep_fn is not None:
+            q, k, v = self.prep_fn(F.linear(x, self.qkv_weight, self.qkv_bias), self.heads, self.kv_heads,
+                                   self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, cache,
+                                   meta.slot_mapping)
         else:
+            q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim))
+            k = self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim))
+            v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(cache, k, v, meta.slot_mapping)
+            write_kv(cache, k, v, meta.slot_mapping)
         if self.decode_fn is not None and meta.is_decode_only:
             o = self.decode_fn(q, cache, meta.block_tables, meta.context_lens_t, self.head_dim ** -0.5)
         else:
@@ -62,9 +81,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, cache, meta):
+        """-> (this layer's output, the residual stream before it): their sum is the layer's result,
+        left unsummed so the next norm adds it in its own kernel. `residual` None: x is the stream."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class TextModel(nn.Module):
@@ -75,9 +101,10 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, embeds, cos, sin, kv_caches, meta, visual_mask=None, deepstack=()):
-        h = embeds
+        h, residual = embeds, None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, kv_caches[i], meta)
+            h, residual = layer(h, residual, cos, sin, kv_caches[i], meta)
             if i < len(deepstack):
+                h, residual = h + residual, None
                 h = h.index_put((visual_mask,), h[visual_mask] + deepstack[i].to(h.dtype))
-        return self.norm(h)
+        return self.norm(h, residual)[0] if residual is not None else self.norm(h)
