@@ -4,15 +4,19 @@
 
 - ViT embedding cache: ViT time for a repeated 1280x720 image, cold vs hit.
 - Prefix cache: TTFT of a repeated request (same image + text), cache off vs on.
+- ViT CUDA graphs: ViT time for one image, eager (sdpa or our varlen kernel) vs graph replay.
 """
 
 import argparse
 import tempfile
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 from qwen3vl_backend.config import EngineConfig
+from qwen3vl_backend.processing.chat import MediaRef
 from qwen3vl_backend.engine.llm_engine import LLMEngine
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.sampling_params import SamplingParams
@@ -41,6 +45,37 @@ def ttft_ms(engine: LLMEngine, prompt) -> float:
         engine.step()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) * 1e3
+
+
+def vit_graph_rows(model_dir) -> list[dict]:
+    from kernels.varlen_attention import varlen_attention
+    from qwen3vl_backend.engine.vision_graphs import VisionGraphs
+    from qwen3vl_backend.layers.attention import varlen_attention_torch
+    from qwen3vl_backend.loader import load_vision_model
+
+    visual = load_vision_model(model_dir, torch.device("cuda"), torch.bfloat16, "dummy")
+    graphs = VisionGraphs(visual)
+    graphs.capture()
+    processor = Processor(model_dir)
+    rows = []
+    for w, h in ((1280, 720), (448, 448)):
+        rng = np.random.default_rng(0)
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        media = processor.load_all([MediaRef("image", img)])
+        pixels = torch.cat([m.pixel_values for m in media]).cuda().bfloat16()
+        grids = [m.grid_thw for m in media]
+        metric = f"ViT ms, {w}x{h} ({pixels.shape[0]} patches)"
+        with torch.no_grad():
+            for label, attn in (("eager sdpa", varlen_attention_torch), ("eager triton", varlen_attention)):
+                visual.attn_fn = attn
+                rows.append({"feature": "vit_cuda_graph", "on": False, "metric": f"{metric}, {label}",
+                             "value": _ms(lambda: visual(pixels, grids), repeat=9)})
+            want = visual(pixels, grids)[0]
+            got = graphs(pixels, grids)[0]
+            rel = float((got.float() - want.float()).norm() / want.float().norm())
+            rows.append({"feature": "vit_cuda_graph", "on": True, "metric": f"{metric}, graph (rel diff {rel:.1e})",
+                         "value": _ms(lambda: graphs(pixels, grids), repeat=9)})
+    return rows
 
 
 def main(argv=None):
@@ -74,6 +109,7 @@ def main(argv=None):
                 rows.append({"feature": "vit_cache", "on": True, "metric": "ViT ms, 1280x720", "value": hit})
             del engine
             torch.cuda.empty_cache()
+        rows += vit_graph_rows(str(model_dir))
     print_table(rows, ["feature", "on", "metric", "value"])
     print(write_result("features", {"config": args.config, **{k: v for k, v in base.items() if k != "model_path"}},
                        rows, args.out))

@@ -7,11 +7,13 @@ MoE bytes: the distinct experts the batch routes to (w13 + w2) plus activations 
 """
 
 import argparse
+import itertools
+import json
 
 import torch
 
 from kernels.attention import num_splits_for, paged_decode_attention
-from kernels.fused_moe import PAIR_PATH_MAX_M, fused_moe, lookup_config
+from kernels.fused_moe import PAIR_CONFIG, PAIR_PATH_MAX_M, fused_moe, fused_moe_pairs, lookup_config
 from kernels.fused_moe import route as route_kernel
 from qwen3vl_backend.layers.moe import route
 
@@ -79,6 +81,27 @@ def bench_moe(ceil: dict) -> list[dict]:
     return rows
 
 
+def sweep_pair_configs() -> list[dict]:
+    """Graph-replay time of the pair path over launch shapes at decode sizes: gate_up's swept
+    first, then down's with the best gate_up."""
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    rows = []
+    for m in (1, 8, 16):
+        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
+        weights, ids = route(torch.randn(m, E, device="cuda"), A, True)
+        cfg, best_ms = dict(PAIR_CONFIG), float("inf")
+        for keys in (("BLOCK_N", "BLOCK_K", "num_warps"), ("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps")):
+            best_ms, start = float("inf"), cfg
+            for shape in itertools.product((8, 16, 32), (128, 256, 512), (2, 4)):
+                trial = {**start, **dict(zip(keys, shape))}
+                ms = graph_time_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, trial), iters=10)
+                if ms < best_ms:
+                    best_ms, cfg = ms, trial
+        rows.append({"M": m, "best_ms": best_ms, "config": json.dumps(cfg)})
+    return rows
+
+
 def bench_decode_attention(ceil: dict) -> list[dict]:
     rows = []
     h, hkv, d, bs = 32, 4, 128, 16
@@ -109,10 +132,13 @@ def main(argv=None):
     moe = bench_moe(ceil)
     print("fused MoE, 30B-A3B shapes (E=128, H=2048, I=768, top-8), bf16")
     print_table(moe, list(moe[0]))
+    pairs = sweep_pair_configs()
+    print("pair path launch shapes (graph replay, gate_up then down swept)")
+    print_table(pairs, list(pairs[0]))
     attn = bench_decode_attention(ceil)
     print("paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16")
     print_table(attn, list(attn[0]))
-    print(write_result("kernels", {"ceilings": ceil, "moe_shape": [E, H, I, A]}, moe + attn, args.out))
+    print(write_result("kernels", {"ceilings": ceil, "moe_shape": [E, H, I, A]}, moe + pairs + attn, args.out))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ Launch configs come from JSON tables keyed by (E, N, K, device), looked up at th
 nothing is autotuned on the request path.
 
 Small batches (decode) take a second path with no sort at all: while M*A pairs are few, reading
-an expert once per pair costs less than aligning, and each pair is a GEMV. Two launches do the
-whole layer: gate_up with SiLU*mul fused (one program per pair and column block), then down with
-the routing weights and the top-k combine fused (one program per token and column block).
+an expert once per pair costs less than aligning, and each pair is a GEMV: gate_up with SiLU*mul
+fused, then down with the routing weight applied (one program per pair and column block each),
+then the sum over the top-k.
 `route` is the matching router: softmax, top-k and renormalisation in one launch.
 """
 
@@ -40,7 +40,7 @@ def _grouped_gemm_kernel(
     # strides
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     # meta
-    A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -68,13 +68,18 @@ def _grouped_gemm_kernel(
     a_ptrs = a_ptr + a_row[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # FUSE_SILU: the up rows sit N below gate's
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc += tl.dot(a, b)
+        if FUSE_SILU:
+            acc_up += tl.dot(a, tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0))
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if FUSE_SILU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_WEIGHT:
         w = tl.load(weights_ptr + pair, mask=valid, other=0.0)
         acc = acc * w[:, None]
@@ -83,12 +88,60 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (out_n[None, :] < N))
 
 
+@triton.jit
+def _align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, n,
+                  BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """One program per expert: each counts every expert's pairs (to find where its run starts),
+    then writes its own pairs in order, its padding sentinels and its blocks' expert id."""
+    e = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    offs = tl.arange(0, BLOCK)
+    counts = tl.zeros((E_PAD,), tl.int32)
+    for start in range(0, n, BLOCK):
+        ids = tl.load(ids_ptr + start + offs, mask=start + offs < n, other=-1)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    mine = experts == e
+    first_row = tl.sum(tl.where(mine, ends - padded, 0), 0)
+    count = tl.sum(tl.where(mine, counts, 0), 0)
+    rows = tl.sum(tl.where(mine, padded, 0), 0)
+    seen = 0
+    for start in range(0, n, BLOCK):
+        hit = tl.load(ids_ptr + start + offs, mask=start + offs < n, other=-1) == e
+        rank = seen + tl.cumsum(hit.to(tl.int32), 0) - 1
+        tl.store(sorted_ids_ptr + first_row + rank, start + offs, mask=hit)
+        seen += tl.sum(hit.to(tl.int32), 0)
+    for r in range(count, rows, BLOCK):
+        tl.store(sorted_ids_ptr + first_row + r + offs, n, mask=r + offs < rows)
+    for b in range(0, rows // BLOCK_M, BLOCK):
+        tl.store(block_expert_ptr + first_row // BLOCK_M + b + offs, e, mask=b + offs < rows // BLOCK_M)
+    if e == 0:
+        tl.store(total_ptr, tl.sum(padded, 0))
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """(M, A) expert ids -> sorted pair ids padded per expert to block_m, expert per block, padded count.
 
     Pair id p = token * A + slot; padding uses the sentinel M * A. Sizes are bounded without a
-    host sync: at most M*A + E*(block_m - 1) rows.
+    host sync: at most M*A + E*(block_m - 1) rows; entries past the padded count are left unset
+    (the GEMM stops there). One launch; `align_by_expert_reference` is the same in torch.
     """
+    flat = topk_ids.flatten()
+    n = flat.numel()
+    max_rows = min(n + num_experts * (block_m - 1), n * block_m)
+    max_rows = (max_rows + block_m - 1) // block_m * block_m
+    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(max_rows // block_m, dtype=torch.int32, device=flat.device)
+    total = torch.empty(1, dtype=torch.int32, device=flat.device)
+    e_pad = triton.next_power_of_2(num_experts)
+    _align_kernel[(num_experts,)](flat, sorted_ids, block_expert, total, n, BLOCK_M=block_m,
+                                  BLOCK=max(16, min(64, 8192 // e_pad)), E_PAD=e_pad)
+    return sorted_ids, block_expert, total
+
+
+def align_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """The same contract in plain torch (about twenty launches)."""
     flat = topk_ids.flatten()
     n = flat.numel()
     # scatter_add, not bincount: bincount syncs to size its output, which a CUDA graph cannot hold
@@ -109,14 +162,15 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, block_expert.to(torch.int32), total
 
 
-def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_rows_are_pairs, mul_weight, cfg):
-    n, k = b.shape[1], b.shape[2]
+def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_rows_are_pairs, mul_weight, cfg,
+                  fuse_silu=False):
+    n, k = b.shape[1] // (2 if fuse_silu else 1), b.shape[2]
     grid = (triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _grouped_gemm_kernel[grid](
         a, b, c, weights, sorted_ids, block_expert, total,
         n, k, c.shape[0], top_k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight,
+        A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight, FUSE_SILU=fuse_silu,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -154,57 +208,56 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, inter, K, top_k,
 
 
 @triton.jit
-def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, N, K, top_k,
+def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, N, K,
                       stride_am, stride_we, stride_wn, stride_om,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    token = tl.program_id(0)
+    pair = tl.program_id(0)
     pid_n = tl.program_id(1)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    out = tl.zeros((BLOCK_N,), tl.float32)
-    for slot in range(0, top_k):
-        pair = token * top_k + slot
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
-        a_ptrs = act_ptr + pair * stride_am + offs_k
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_ok = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            acc += tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * a
-            w_ptrs += BLOCK_K
-            a_ptrs += BLOCK_K
-        out += tl.load(weights_ptr + pair) * tl.sum(acc, 1)
-    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+    a_ptrs = act_ptr + pair * stride_am + offs_k
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * a
+        w_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    out = tl.load(weights_ptr + pair) * tl.sum(acc, 1)
+    tl.store(out_ptr + pair * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 # Below this many tokens the pair path wins (a GEMV per pair beats sorting; measured on H200 by
 # benchmarks.kernels, which times both paths).
 PAIR_PATH_MAX_M = 16
-PAIR_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}
+PAIR_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 256,
+               "down_warps": 4}
 
 
 def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = None) -> torch.Tensor:
-    """The small-batch path: no sorting; gate_up+SiLU*mul, then down+weights+combine (two launches)."""
+    """The small-batch path: no sorting; gate_up+SiLU*mul, then down with the routing weight per pair,
+    then the sum over the top-k (three launches)."""
     m, h = x.shape
     e, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
     inter = two_i // 2
     if w13.stride(-1) != 1 or w2.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError("fused_moe_pairs needs the last dims of x, w13 and w2 contiguous")
-    cfg = config or PAIR_CONFIG
+    cfg = {**PAIR_CONFIG, **(config or {})}
     ids = topk_ids.to(torch.int32).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
     _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, w13, ids, act, inter, h, top_k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    out = torch.empty_like(x)
-    _pair_down_kernel[(m, triton.cdiv(h, cfg["BLOCK_N"]))](
-        act, w2, ids, weights, out, h, inter, top_k, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    return out
+    out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
+    _pair_down_kernel[(m * top_k, triton.cdiv(h, cfg["DOWN_BLOCK_N"]))](
+        act, w2, ids, weights, out, h, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BLOCK_N=cfg["DOWN_BLOCK_N"], BLOCK_K=cfg["DOWN_BLOCK_K"], num_warps=cfg["down_warps"])
+    return out.view(m, top_k, h).sum(dim=1)
 
 
 @triton.jit
@@ -262,10 +315,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = config or lookup_config(e, two_i // 2, h, m, x.device)
     sorted_ids, block_expert, total = align_by_expert(topk_ids, e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
-    gate_up = torch.empty(m * top_k, two_i, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg)
-    gate, up = gate_up.chunk(2, dim=-1)
-    act = torch.nn.functional.silu(gate) * up
+    act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, cfg, fuse_silu=True)
     out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg)
     return out.view(m, top_k, h).sum(dim=1)

@@ -49,11 +49,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Same contract as qwen3vl_backend.layers.attention.varlen_attention_torch."""
     if q.shape != k.shape or q.shape != v.shape or q.dim() != 3:
         raise ValueError(f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must match (N, H, D)")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     cu = torch.as_tensor(cu_seqlens, dtype=torch.int32, device=q.device)
     lengths = cu[1:] - cu[:-1]
     max_len = int(lengths.max()) if isinstance(cu_seqlens, torch.Tensor) else max(
         b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    return varlen_attention_bounded(q, k, v, cu, max_len, scale)
+
+
+def varlen_attention_bounded(q, k, v, cu: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
+    """The same with cu_seqlens already an int32 device tensor and a bound on the longest segment:
+    no host sync, so a CUDA graph can hold it (empty segments and blocks past a segment return)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     n, h, d = q.shape
     block_m = 32 if q.device.type == "cpu" else 64

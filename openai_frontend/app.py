@@ -98,13 +98,18 @@ def create_app(settings: FrontendSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        raw = await request.body()
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from e
         messages, sampling, stream, include_usage = check_chat_request(body, settings.served_model_name, policy)
         cid, start = completion_id(), time.monotonic()
-        deltas = client().stream(uuid.uuid4().hex, {"messages": messages}, sampling)
+        # preprocess reads `messages` from a JSON object and takes sampling from its own input, so
+        # the request's bytes go on as they came unless local media had to be inlined: a large
+        # data URI is not encoded a second time
+        text = raw if messages is body["messages"] else json.dumps({"messages": messages}).encode()
+        deltas = client().stream(uuid.uuid4().hex, text, sampling)
         if not stream:
             return await _complete(deltas, cid, start)
         first = await _first(deltas)          # errors before any output still get a proper status code

@@ -61,14 +61,18 @@ def check_chat_request(body, served_model: str, policy: MediaPolicy) -> tuple[li
 
 
 def _inline_local_media(messages: list[dict], policy: MediaPolicy) -> list[dict]:
-    """Local paths become data: URIs here, after the allow-list check, so Triton never reads our disk."""
-    out = []
+    """Local paths become data: URIs here, after the allow-list check, so Triton never reads our disk.
+    Returns `messages` itself when there was nothing to inline (the caller may then forward the
+    request's own bytes instead of encoding it again)."""
+    out, changed = [], False
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
-            content = [_inline_part(p, policy) for p in content]
+            parts = [_inline_part(p, policy) for p in content]
+            changed |= any(a is not b for a, b in zip(parts, content))
+            content = parts
         out.append({**m, "content": content})
-    return out
+    return out if changed else messages
 
 
 def _inline_part(part: dict, policy: MediaPolicy) -> dict:

@@ -56,10 +56,11 @@ class TritonLLMClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def stream(self, request_id: str, body: dict, sampling: dict):
-        """Yields Delta per response until the final one; raises TritonRequestError."""
+    async def stream(self, request_id: str, text: bytes, sampling: dict):
+        """`text`: the JSON chat request (its `messages` are used). Yields Delta per response until
+        the final one; raises TritonRequestError."""
         inputs = [
-            _input("text_input", np.array([json.dumps(body).encode()], dtype=np.object_)),
+            _input("text_input", np.array([text], dtype=np.object_)),
             _input("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_)),
             _input("stream", np.array([True])),
             _input("exclude_input_in_output", np.array([True])),

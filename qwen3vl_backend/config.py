@@ -37,6 +37,7 @@ class EngineConfig:
     mm_attention_backend: str = "sdpa"    # sdpa | triton | fa3
     vlm_cache_size_mb: float = 0.0       # the engine's own ViT cache (the Triton vit model has its own)
     cuda_graph_max_bs: int = 128          # decode steps up to this batch replay CUDA graphs; 0 disables
+    enable_vit_cuda_graph: bool = False   # the ViT replays CUDA graphs bucketed by patch count (cuda only)
     seed: int = 0
 
     def __post_init__(self):

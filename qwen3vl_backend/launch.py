@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attention-backend", default="auto", choices=["auto", "torch", "triton", "fa3"])
     a("--mm-attention-backend", default="sdpa", choices=["sdpa", "triton", "fa3", "fa2"])
     a("--keep-mm-feature-on-device", action="store_true")
+    a("--enable-vit-cuda-graph", action="store_true", help="ViT CUDA graphs bucketed by patch count (GPU)")
     a("--mm-max-concurrent-calls", type=int, default=32)
     a("--mm-per-request-timeout", type=float, default=10.0)
     a("--disable-radix-cache", action="store_true", help="turn the prefix cache off")
@@ -203,10 +204,12 @@ def resolve(args) -> dict:
     except ConfigError as e:
         raise SystemExit(f"invalid settings: {e}") from None
     ipc = _env_flag("QWEN3VL_USE_CUDA_IPC_TRANSPORT", "SGLANG_USE_CUDA_IPC_TRANSPORT") or "0"
+    ipc = "1" if ipc.strip().lower() in ("1", "true", "yes", "on") else "0"
     cache_mb = _env_flag("QWEN3VL_VLM_CACHE_SIZE_MB", "SGLANG_VLM_CACHE_SIZE_MB") or "100"
     vit = {"model_path": model_path, "device": args.device, "dtype": args.dtype, "load_format": args.load_format,
            "mm_attention_backend": args.mm_attention_backend, "vlm_cache_size_mb": cache_mb,
-           "keep_mm_feature_on_device": str(args.keep_mm_feature_on_device).lower()}
+           "keep_mm_feature_on_device": str(args.keep_mm_feature_on_device).lower(),
+           "enable_vit_cuda_graph": str(args.enable_vit_cuda_graph).lower()}
     pre = {"model_path": model_path, "allowed_local_media_path": args.allowed_local_media_path or "",
            "mm_max_concurrent_calls": str(args.mm_max_concurrent_calls),
            "mm_per_request_timeout": str(args.mm_per_request_timeout), "use_cuda_ipc_transport": ipc}
@@ -256,7 +259,8 @@ def main(argv=None) -> int:
         frontend_args += ["--allowed-local-media-path", str(Path(args.allowed_local_media_path).resolve())]
     server = Server(repo, args.host, args.port, args.grpc_port, args.triton_http_port, args.metrics_port, served,
                     frontend_args, repo.parent / "logs", ROOT / ".cache" / "triton", args.enable_metrics,
-                    1024 if args.keep_mm_feature_on_device else 0)
+                    1024 if args.keep_mm_feature_on_device or settings["preprocess"]["use_cuda_ipc_transport"] == "1"
+                    else 0)
     stop = {"now": False}
     # installed explicitly: a process started in the background inherits SIGINT ignored
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -196,3 +196,24 @@ def test_flash_attention_backend_needs_flash_attn(tiny_moe):
         pass
     with pytest.raises(RuntimeError, match="mm_attention_backend=fa3 needs the flash-attn package"):
         make_engine(tiny_moe, mm_attention_backend="fa3")
+
+
+def test_vit_graph_padding_changes_nothing(tiny_moe):
+    """What the ViT CUDA graphs compute (patches padded to a bucket, the padding a segment of its
+    own, a fixed segment table), run eagerly in the interpreter, against the unpadded ViT."""
+    import torch
+
+    from qwen3vl_backend.engine.vision_graphs import VisionGraphs
+    from qwen3vl_backend.loader import load_vision_model
+
+    visual = load_vision_model(str(tiny_moe))        # torch attention: the graphs bring their kernel
+    media = Processor(tiny_moe).process_messages([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(64, 96, 3)))}}]}]).media
+    pixels, grids = torch.cat([m.pixel_values for m in media]), [m.grid_thw for m in media]
+    graphs = VisionGraphs(visual, buckets=(128, 512), max_segments=4)
+    assert 128 < pixels.shape[0] < 512 and graphs.fits(pixels.shape[0], len(grids))
+    want_e, want_ds = visual(pixels, grids)
+    got_e, got_ds = graphs(pixels, grids)
+    for got, want in zip([got_e, *got_ds], [want_e, *want_ds]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not graphs.fits(513, 1) and not graphs.fits(10, 4)

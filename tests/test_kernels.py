@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.attention import paged_decode_attention, paged_decode_attention_reference
-from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_pairs, fused_moe_reference
+from kernels.fused_moe import align_by_expert, align_by_expert_reference, fused_moe, fused_moe_pairs, fused_moe_reference
 from kernels.fused_moe import route as route_kernel
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from kernels.rope import qkv_prep_
@@ -61,15 +61,26 @@ def test_route_kernel_matches_torch(t, e, a, renormalize):
     torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 
 
-def test_align_by_expert_covers_every_pair_once():
+@pytest.mark.parametrize("align", [align_by_expert, align_by_expert_reference])
+def test_align_by_expert_covers_every_pair_once(align):
     ids = torch.tensor([[3, 1], [1, 0], [3, 3]], device=DEV)
-    sorted_ids, block_expert, total = align_by_expert(ids, 4, 4)
+    sorted_ids, block_expert, total = align(ids, 4, 4)
+    sorted_ids = sorted_ids[: int(total)]              # past the padded count nothing is defined
     real = sorted_ids[sorted_ids < ids.numel()]
     assert sorted(real.tolist()) == list(range(6)) and int(total) == 12
     for b in range(int(total) // 4):
         rows = sorted_ids[b * 4 : (b + 1) * 4]
         rows = rows[rows < 6]
         assert (ids.flatten()[rows.long()] == block_expert[b]).all()
+
+
+@pytest.mark.parametrize("m,e,a,block_m", [(1, 8, 2, 16), (33, 16, 4, 16), (100, 128, 8, 16)])
+def test_align_kernel_equals_torch_alignment(m, e, a, block_m):
+    ids = torch.stack([torch.randperm(e, device=DEV)[:a] for _ in range(m)]).int()
+    got, want = align_by_expert(ids, e, block_m), align_by_expert_reference(ids, e, block_m)
+    n = int(want[2])
+    assert int(got[2]) == n
+    assert torch.equal(got[0][:n], want[0][:n]) and torch.equal(got[1][: n // block_m], want[1][: n // block_m].int())
 
 
 def test_fused_moe_rejects_mismatched_shapes():

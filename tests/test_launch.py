@@ -62,10 +62,17 @@ def test_guide_command_verbatim(tmp_path):
 
 def test_our_own_environment_names_work_too():
     out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run"],
-               extra_env={"QWEN3VL_VLM_CACHE_SIZE_MB": "512", "QWEN3VL_USE_CUDA_IPC_TRANSPORT": "1"})
+               extra_env={"QWEN3VL_VLM_CACHE_SIZE_MB": "512", "QWEN3VL_USE_CUDA_IPC_TRANSPORT": "true"})
     report = json.loads(out.stdout)
     assert report["settings"]["vit"]["vlm_cache_size_mb"] == "512"
     assert report["settings"]["preprocess"]["use_cuda_ipc_transport"] == "1"
+    assert report["settings"]["vit"]["enable_vit_cuda_graph"] == "false"
+
+
+def test_vit_cuda_graph_flag_reaches_the_vit_model():
+    out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
+                "--enable-vit-cuda-graph"])
+    assert json.loads(out.stdout)["settings"]["vit"]["enable_vit_cuda_graph"] == "true"
 
 
 @pytest.mark.parametrize("argv,message", [

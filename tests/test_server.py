@@ -275,6 +275,17 @@ def test_bad_input_gets_clear_4xx(server, name, body, status, message, stream):
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
+def test_null_fields_mean_unset(server):
+    """OpenAI clients send null for unset fields; the body is forwarded as it came, so preprocess
+    must read null as unset too (max_tokens null: the default, not an error)."""
+    body = {**_msg("Say hi."), "max_tokens": None, "temperature": None, "top_p": None, "stop": None, "seed": None}
+    r = _post(server, {**body, "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    r = _post(server, body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 def test_slow_media_times_out_alone(server, http_media, client):
     started = time.monotonic()
     r = _post(server, _msg([_img(f"{http_media}/slow.png")]))

@@ -116,6 +116,12 @@ class ModelRunner:
                           for _ in range(t.num_hidden_layers)]
         self.sampler = Sampler()
         select_kernels(self.model, cfg)
+        self.vision_graphs = None
+        if self.device.type == "cuda" and cfg.enable_vit_cuda_graph:
+            from .vision_graphs import VisionGraphs
+
+            self.vision_graphs = VisionGraphs(self.model.visual)
+            self.vision_graphs.capture()
         self.graphs = None
         if self.device.type == "cuda" and cfg.cuda_graph_max_bs and cfg.attention_backend == "triton":
             sizes = [s for s in DEFAULT_SIZES if s <= cfg.cuda_graph_max_bs] or [cfg.cuda_graph_max_bs]
@@ -141,7 +147,7 @@ class ModelRunner:
     def run_vision(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]):
         """Packed pixels of several items -> (embeds (N/4, D), deepstack levels)."""
         pv = pixel_values.to(self.device, self.dtype)
-        return self.model.visual(pv, grids)
+        return (self.vision_graphs or self.model.visual)(pv, grids)
 
     # -- decoder step ------------------------------------------------------------------------
     @torch.no_grad()

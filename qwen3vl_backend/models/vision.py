@@ -105,6 +105,11 @@ class VisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]):
         """pixel_values (N, C), grid_thw per item -> embeds (N/M, Do), deepstack [(N/M, Do)] * levels."""
+        return self.encode(*self.prepare(pixel_values, grid_thw), self.attn_fn)
+
+    def prepare(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]):
+        """The shape-dependent part: patch embedding with resampled positions, rotary tables and the
+        frames' segment offsets -> x (N, Dv), cos, sin (N, head_dim), cu_seqlens (list)."""
         dev = pixel_values.device
         x = self.patch_embed(pixel_values)
         idx, w = self._pos_interp(grid_thw, dev)
@@ -114,9 +119,13 @@ class VisionModel(nn.Module):
         for t, h, wd in grid_thw:
             base = cu[-1]
             cu.extend(base + h * wd * (i + 1) for i in range(t))
+        return x, cos, sin, cu
+
+    def encode(self, x, cos, sin, cu, attn_fn):
+        """Blocks, merger and DeepStack mergers: what the ViT CUDA graphs capture."""
         deepstack = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, cu, self.attn_fn)
+            x = blk(x, cos, sin, cu, attn_fn)
             if i in self.cfg.deepstack_visual_indexes:
                 deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), deepstack

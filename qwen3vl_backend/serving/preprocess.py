@@ -43,7 +43,7 @@ def preprocess(processor: Processor, text_input: str, images: list, sampling_jso
             raise RequestError("a JSON text_input needs 'messages'")
         messages = _with_images(body["messages"], images)
         for k in SAMPLING_FIELDS:
-            if k in body and k not in sampling:
+            if body.get(k) is not None and k not in sampling:   # null is OpenAI's "unset"
                 sampling[k] = body[k]
         prompt = processor.process_messages(messages, policy, run_jobs, normalize=False)
     else:

@@ -1,6 +1,14 @@
-"""Triton `preprocess`: request -> token ids, mRoPE positions, pixels (qwen3vl_backend.serving.preprocess)."""
+"""Triton `preprocess`: request -> token ids, mRoPE positions, pixels (qwen3vl_backend.serving.preprocess).
+
+With `use_cuda_ipc_transport` (SGLANG_USE_CUDA_IPC_TRANSPORT=1) and a GPU, pixels are put on the
+GPU once here and leave as a CUDA tensor (DLPack); Triton hands it to `vit` through CUDA IPC
+instead of a host copy through shared memory.
+"""
 
 import time
+
+import torch
+import torch.utils.dlpack
 
 import triton_python_backend_utils as pb_utils
 
@@ -31,6 +39,7 @@ class TritonPythonModel:
                                               pb_utils.MetricFamily.COUNTER)}
         self.media_seconds = self._families["seconds"].Metric({})
         self.media_requests = self._families["requests"].Metric({})
+        self.ipc = s.get("use_cuda_ipc_transport", "0").lower() in ("1", "true") and torch.cuda.is_available()
         self.pool = MediaPool(int(s.get("mm_max_concurrent_calls", "32")), float(s.get("mm_per_request_timeout", "10")))
 
     def _timed_media(self, jobs):
@@ -60,7 +69,12 @@ class TritonPythonModel:
         except (RequestError, SamplingError) as e:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(client_error_message(e), pb_utils.TritonError.INVALID_ARG))
-        return pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUTS[k], v) for k, v in arrays.items()])
+        return pb_utils.InferenceResponse([self._tensor(OUTPUTS[k], v) for k, v in arrays.items()])
+
+    def _tensor(self, name, array):
+        if self.ipc and name == "pixel_values" and array.size:
+            return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(array).cuda()))
+        return pb_utils.Tensor(name, array)
 
 
 def _strings(request, name):

@@ -9,6 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.model_runner import vision_attention
+from qwen3vl_backend.engine.vision_graphs import VisionGraphs
 from qwen3vl_backend.loader import load_vision_model
 from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, normalize_patches
 from qwen3vl_backend.serving.triton_params import model_settings, pick
@@ -19,10 +20,14 @@ class TritonPythonModel:
     def initialize(self, args):
         s = model_settings(args)
         cfg = EngineConfig.from_settings(pick(s, ("model_path", "device", "dtype", "load_format",
-                                                  "mm_attention_backend")))
+                                                  "mm_attention_backend", "enable_vit_cuda_graph")))
         self.device, self.dtype = torch.device(cfg.device), cfg.torch_dtype
         self.visual = load_vision_model(cfg.model_path, self.device, self.dtype, cfg.load_format)
         self.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
+        self.encoder = self.visual
+        if cfg.enable_vit_cuda_graph and self.device.type == "cuda":
+            self.encoder = VisionGraphs(self.visual)
+            self.encoder.capture()
         vcfg = self.visual.cfg
         self.out_dim, self.levels = vcfg.out_hidden_size, len(vcfg.deepstack_visual_indexes)
         self.merge_unit = vcfg.spatial_merge_size ** 2
@@ -38,12 +43,12 @@ class TritonPythonModel:
         return [self._one(r) for r in requests]
 
     def _encode(self, pixels, grids):
-        return self.visual(normalize_patches(pixels.to(self.device), self.pixel_cfg).to(self.dtype), grids)
+        return self.encoder(normalize_patches(pixels.to(self.device), self.pixel_cfg).to(self.dtype), grids)
 
     @torch.no_grad()
     def _one(self, request):
-        pixels = pb_utils.get_input_tensor_by_name(request, "pixel_values").as_numpy()
-        grids = pb_utils.get_input_tensor_by_name(request, "grid_thw").as_numpy().reshape(-1, 3)
+        pixels = _torch(request, "pixel_values")          # on the GPU when preprocess sent it by CUDA IPC
+        grids = _torch(request, "grid_thw").cpu().numpy().reshape(-1, 3)
         if grids.shape[0] == 0:
             embeds = np.zeros((0, self.out_dim), np.float32)
             deepstack = np.zeros((self.levels, 0, self.out_dim), np.float32)
@@ -51,7 +56,7 @@ class TritonPythonModel:
             hashes = pb_utils.get_input_tensor_by_name(request, "media_hashes")
             keys = None if hashes is None else [h.decode() if isinstance(h, bytes) else str(h)
                                                 for h in hashes.as_numpy().reshape(-1)]
-            pv = torch.from_numpy(np.ascontiguousarray(pixels))
+            pv = pixels.contiguous()
             hits, misses = self.cache.hits, self.cache.misses
             e, ds = encode_with_cache(self._encode, self.cache, pv, [tuple(int(x) for x in g) for g in grids],
                                       keys, self.merge_unit)
@@ -65,3 +70,9 @@ class TritonPythonModel:
             embeds, deepstack = embeds.cpu().numpy(), deepstack.cpu().numpy()
         return pb_utils.InferenceResponse([pb_utils.Tensor("visual_embeds", embeds),
                                            pb_utils.Tensor("deepstack", deepstack)])
+
+
+def _torch(request, name):
+    """An input as a torch tensor where it lives (host or GPU), without a copy."""
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return torch.from_numpy(t.as_numpy()) if t.is_cpu() else torch.utils.dlpack.from_dlpack(t.to_dlpack())
