@@ -142,9 +142,12 @@ def main(argv=None):
               f"GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
         base = make_prompt(processor, 0)
         run(engine, [base], 8)                                     # warm up kernels and allocator
+        # distinct images: identical prompts would decode identical tokens and route every
+        # sequence to the same experts, which no real batch does
+        prompts = [base] + [make_prompt(processor, i) for i in range(1, max(int(x) for x in args.concurrency.split(",")))]
         rows = []
         for c in (int(x) for x in args.concurrency.split(",")):
-            r = run(engine, [base] * c, args.out_tokens)
+            r = run(engine, prompts[:c], args.out_tokens)
             kv = c * (r["prompt_tokens"] + args.out_tokens // 2)
             floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
             r.update(concurrency=c, floor_step_ms=floor_ms, floor_over_step=floor_ms / r["decode_step_ms"])

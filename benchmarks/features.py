@@ -8,6 +8,8 @@
 """
 
 import argparse
+import base64
+import io
 import tempfile
 import time
 
@@ -60,8 +62,9 @@ def vit_graph_rows(model_dir) -> list[dict]:
     rows = []
     for w, h in ((1280, 720), (448, 448)):
         rng = np.random.default_rng(0)
-        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-        media = processor.load_all([MediaRef("image", img)])
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        media = processor.load_all([MediaRef("image", "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())])
         pixels = torch.cat([m.pixel_values for m in media]).cuda().bfloat16()
         grids = [m.grid_thw for m in media]
         metric = f"ViT ms, {w}x{h} ({pixels.shape[0]} patches)"

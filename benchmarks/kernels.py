@@ -12,6 +12,8 @@ import json
 
 import torch
 
+import kernels.fused_moe
+
 from kernels.attention import num_splits_for, paged_decode_attention
 from kernels.fused_moe import PAIR_CONFIG, PAIR_PATH_MAX_M, fused_moe, fused_moe_pairs, lookup_config
 from kernels.fused_moe import route as route_kernel
@@ -64,6 +66,9 @@ def bench_moe(ceil: dict) -> list[dict]:
         # the sorted (grouped GEMM) path at the same M, to place the pair path's threshold
         grouped_cfg = lookup_config(E, I, H, m, x.device)
         grouped = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, grouped_cfg))
+        kernels.fused_moe.FUSE_SILU = False
+        unfused = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, grouped_cfg))
+        kernels.fused_moe.FUSE_SILU = True
         # what a decode step runs: router top-k kernel + experts, inside a CUDA graph
         logits = torch.randn(m, E, device="cuda", dtype=torch.bfloat16)
         graphed = graph_time_ms(lambda: fused_moe(x, w13, w2, *route_kernel(logits, A, True)))
@@ -75,7 +80,7 @@ def bench_moe(ceil: dict) -> list[dict]:
             print(f"torch._grouped_mm unavailable at M={m}: {e}")
         best_ref = min(t for t in (loop, gmm) if t is not None)
         rows.append({"M": m, "experts_hit": experts, "path": "pairs" if m <= PAIR_PATH_MAX_M else "sorted",
-                     "fused_ms": ours, "sorted_path_ms": grouped, "route_fused_graph_ms": graphed,
+                     "fused_ms": ours, "sorted_path_ms": grouped, "sorted_unfused_silu_ms": unfused, "route_fused_graph_ms": graphed,
                      "loop_ms": loop, "grouped_mm_ms": gmm, "floor_ms": floor, "floor_over_fused": floor / ours,
                      "floor_over_graph": floor / graphed, "speedup_vs_best_ref": best_ref / ours})
     return rows
@@ -91,9 +96,10 @@ def sweep_pair_configs() -> list[dict]:
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
         weights, ids = route(torch.randn(m, E, device="cuda"), A, True)
         cfg, best_ms = dict(PAIR_CONFIG), float("inf")
-        for keys in (("BLOCK_N", "BLOCK_K", "num_warps"), ("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps")):
+        for keys, ns, ks in ((("BLOCK_N", "BLOCK_K", "num_warps"), (8, 16, 32), (128, 256, 512)),
+                             (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps"), (4, 8, 16), (64, 128, 256))):
             best_ms, start = float("inf"), cfg
-            for shape in itertools.product((8, 16, 32), (128, 256, 512), (2, 4)):
+            for shape in itertools.product(ns, ks, (2, 4, 8)):
                 trial = {**start, **dict(zip(keys, shape))}
                 ms = graph_time_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, trial), iters=10)
                 if ms < best_ms:

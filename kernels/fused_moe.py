@@ -10,8 +10,8 @@ nothing is autotuned on the request path.
 
 Small batches (decode) take a second path with no sort at all: while M*A pairs are few, reading
 an expert once per pair costs less than aligning, and each pair is a GEMV: gate_up with SiLU*mul
-fused, then down with the routing weight applied (one program per pair and column block each),
-then the sum over the top-k.
+fused (one program per pair and column block), then down with the routing weights and the
+top-k combine fused (one program per token and column block, its top-k experts side by side).
 `route` is the matching router: softmax, top-k and renormalisation in one launch.
 """
 
@@ -98,8 +98,10 @@ def _align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, n,
     offs = tl.arange(0, BLOCK)
     counts = tl.zeros((E_PAD,), tl.int32)
     for start in range(0, n, BLOCK):
-        ids = tl.load(ids_ptr + start + offs, mask=start + offs < n, other=-1)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), 0)
+        ids = tl.load(ids_ptr + start + offs, mask=start + offs < n, other=0).to(tl.int32)
+        counts += tl.histogram(ids, E_PAD).to(tl.int32)
+    # the masked tail of the last chunk was counted as expert 0
+    counts -= tl.where(experts == 0, tl.cdiv(n, BLOCK) * BLOCK - n, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
     mine = experts == e
@@ -108,10 +110,10 @@ def _align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, n,
     rows = tl.sum(tl.where(mine, padded, 0), 0)
     seen = 0
     for start in range(0, n, BLOCK):
-        hit = tl.load(ids_ptr + start + offs, mask=start + offs < n, other=-1) == e
-        rank = seen + tl.cumsum(hit.to(tl.int32), 0) - 1
-        tl.store(sorted_ids_ptr + first_row + rank, start + offs, mask=hit)
-        seen += tl.sum(hit.to(tl.int32), 0)
+        hit = (tl.load(ids_ptr + start + offs, mask=start + offs < n, other=-1) == e).to(tl.int32)
+        rank = seen + tl.cumsum(hit, 0) - 1
+        tl.store(sorted_ids_ptr + first_row + rank, start + offs, mask=hit != 0)
+        seen += tl.sum(hit, 0)
     for r in range(count, rows, BLOCK):
         tl.store(sorted_ids_ptr + first_row + r + offs, n, mask=r + offs < rows)
     for b in range(0, rows // BLOCK_M, BLOCK):
@@ -136,7 +138,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     total = torch.empty(1, dtype=torch.int32, device=flat.device)
     e_pad = triton.next_power_of_2(num_experts)
     _align_kernel[(num_experts,)](flat, sorted_ids, block_expert, total, n, BLOCK_M=block_m,
-                                  BLOCK=max(16, min(64, 8192 // e_pad)), E_PAD=e_pad)
+                                  BLOCK=max(e_pad, min(1024, triton.next_power_of_2(n))), E_PAD=e_pad)
     return sorted_ids, block_expert, total
 
 
@@ -208,56 +210,72 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, inter, K, top_k,
 
 
 @triton.jit
-def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, N, K,
+def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, N, K, top_k,
                       stride_am, stride_we, stride_wn, stride_om,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pair = tl.program_id(0)
+                      TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
+    routing weights and the combine happen in registers (no per-pair output, no sum launch)."""
+    token = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    slots = tl.arange(0, TOP_K_PAD)
+    slot_ok = slots < top_k
+    pairs = token * top_k + slots
+    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
-    a_ptrs = act_ptr + pair * stride_am + offs_k
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    w_ptrs = (w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
+              + offs_k[None, None, :])
+    a_ptrs = act_ptr + pairs[:, None] * stride_am + offs_k[None, :]
+    acc = tl.zeros((TOP_K_PAD, BLOCK_N, BLOCK_K), tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        acc += tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * a
+        a = tl.load(a_ptrs, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
+        acc += tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32) * a[:, None, :]
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
-    out = tl.load(weights_ptr + pair) * tl.sum(acc, 1)
-    tl.store(out_ptr + pair * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
+    out = tl.sum(tl.sum(acc, 2) * weights[:, None], 0)
+    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
+
+# SiLU*mul in the gate_up GEMM's epilogue (benchmarks.kernels times both)
+FUSE_SILU = True
 
 # Below this many tokens the pair path wins (a GEMV per pair beats sorting; measured on H200 by
 # benchmarks.kernels, which times both paths).
 PAIR_PATH_MAX_M = 16
-PAIR_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 256,
+PAIR_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "DOWN_BLOCK_N": 8, "DOWN_BLOCK_K": 128,
                "down_warps": 4}
+# measured best launch shapes by M (benchmarks.kernels sweeps them), nearest M used
+PAIR_CONFIGS = {1: PAIR_CONFIG,
+                8: {**PAIR_CONFIG, "num_warps": 2},
+                16: {**PAIR_CONFIG, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 2}}
 
 
 def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = None) -> torch.Tensor:
-    """The small-batch path: no sorting; gate_up+SiLU*mul, then down with the routing weight per pair,
-    then the sum over the top-k (three launches)."""
+    """The small-batch path: no sorting; gate_up+SiLU*mul per pair, then down with the routing
+    weights and the top-k combine per token (two launches)."""
     m, h = x.shape
     e, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
     inter = two_i // 2
     if w13.stride(-1) != 1 or w2.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError("fused_moe_pairs needs the last dims of x, w13 and w2 contiguous")
-    cfg = {**PAIR_CONFIG, **(config or {})}
+    cfg = {**PAIR_CONFIGS[min(PAIR_CONFIGS, key=lambda key: abs(key - m))], **(config or {})}
     ids = topk_ids.to(torch.int32).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
     _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, w13, ids, act, inter, h, top_k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
-    _pair_down_kernel[(m * top_k, triton.cdiv(h, cfg["DOWN_BLOCK_N"]))](
-        act, w2, ids, weights, out, h, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        BLOCK_N=cfg["DOWN_BLOCK_N"], BLOCK_K=cfg["DOWN_BLOCK_K"], num_warps=cfg["down_warps"])
-    return out.view(m, top_k, h).sum(dim=1)
+    out = torch.empty_like(x)
+    _pair_down_kernel[(m, triton.cdiv(h, cfg["DOWN_BLOCK_N"]))](
+        act, w2, ids, weights, out, h, inter, top_k, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=cfg["DOWN_BLOCK_N"], BLOCK_K=cfg["DOWN_BLOCK_K"],
+        num_warps=cfg["down_warps"])
+    return out
 
 
 @triton.jit
@@ -315,8 +333,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = config or lookup_config(e, two_i // 2, h, m, x.device)
     sorted_ids, block_expert, total = align_by_expert(topk_ids, e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
-    act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, cfg, fuse_silu=True)
+    if FUSE_SILU:     # two accumulators per program: half the columns keeps the tuned register budget
+        act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
+        half = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
+        _grouped_gemm(x, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, half, True)
+    else:
+        gate_up = torch.empty(m * top_k, two_i, dtype=x.dtype, device=x.device)
+        _grouped_gemm(x, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = torch.nn.functional.silu(gate) * up
     out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg)
     return out.view(m, top_k, h).sum(dim=1)

@@ -174,7 +174,8 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     from qwen3vl_backend.engine.model_runner import select_kernels
 
     monkeypatch.setattr(kernels.attention, "MAX_SPLITS", 2)
-    monkeypatch.setattr(kernels.fused_moe, "PAIR_CONFIG", {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4})
+    small = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 64, "down_warps": 4}
+    monkeypatch.setattr(kernels.fused_moe, "PAIR_CONFIGS", {1: small})
     engine = make_engine(tiny_moe, attention_backend="triton", moe_backend="triton")
     select_kernels(engine.runner.model, engine.cfg, fuse=True)
     attn = engine.runner.model.model.language_model.layers[0].self_attn
