@@ -5,8 +5,10 @@
 Each request: one 1280x720 image + 64 text tokens in, 256 tokens out (ignore_eos, greedy),
 prefix cache off (every request pays its own prefill). Reports TTFT and inter-token latency
 p50/p99, per-stream and total decode tok/s, and each decode step's floor: bytes of attention,
-norm and head weights + the distinct experts a batch of that size routes to (expected count
-under uniform routing, which dummy weights give) + the KV cache read, over measured bandwidth.
+norm and head weights + the distinct experts the batch's step routes to (measured on the same
+requests; greedy decoding of dummy weights routes far from uniformly, so the expected count
+under uniform routing is reported beside it) + the KV cache read, over measured bandwidth.
+Every request carries its own image (identical prompts would decode identical tokens).
 """
 
 from __future__ import annotations
@@ -48,17 +50,57 @@ def make_prompt(processor: Processor, seed: int):
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}])
 
 
-def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int) -> float:
+def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float | None = None) -> float:
+    """`hit`: distinct experts per layer in a step (measured); None: expected under uniform routing."""
     t = cfg.text
     attn = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim + \
         t.num_attention_heads * t.head_dim * t.hidden_size
     norms = 2 * t.hidden_size + 2 * t.head_dim
     per_layer = attn + norms + t.num_experts * t.hidden_size           # router too
     expert = 3 * t.hidden_size * t.moe_intermediate_size
-    hit = t.num_experts * (1 - (1 - t.num_experts_per_tok / t.num_experts) ** batch)
+    if hit is None:
+        hit = t.num_experts * (1 - (1 - t.num_experts_per_tok / t.num_experts) ** batch)
     weights = t.num_hidden_layers * (per_layer + hit * expert) + t.vocab_size * t.hidden_size + t.hidden_size
     kv = kv_tokens * t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim
     return 2.0 * (weights + kv)                                           # bf16
+
+
+def experts_hit(engine: LLMEngine, prompts, after: int = 32, steps: int = 2) -> float:
+    """Mean distinct experts per MoE layer in one decode step of this batch, `after` tokens in:
+    the routing of the benchmark's own requests (greedy decoding of dummy weights routes far from
+    uniformly), measured eagerly with a recording router."""
+    from qwen3vl_backend.layers.moe import SparseMoE
+
+    params = SamplingParams(temperature=0, max_tokens=after + steps + 8, ignore_eos=True)
+    ids = [engine.add_request(p, params, request_id=f"hits{i}") for i, p in enumerate(prompts)]
+    done = dict.fromkeys(ids, 0)
+    while min(done.values()) < after:
+        for out in engine.step():
+            done[out.request_id] = out.num_output_tokens
+    seen: list[int] = []
+    moes = [m for m in engine.runner.model.modules() if isinstance(m, SparseMoE)]
+    originals = [m.route_fn for m in moes]
+
+    def recording(route):
+        def fn(logits, top_k, renormalize):
+            weights, chosen = route(logits, top_k, renormalize)
+            seen.append(int(chosen.unique().numel()))
+            return weights, chosen
+        return fn
+
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    try:
+        for m in moes:
+            m.route_fn = recording(m.route_fn)
+        for _ in range(steps):
+            engine.step()
+    finally:
+        engine.runner.graphs = graphs
+        for m, route in zip(moes, originals):
+            m.route_fn = route
+        for rid in ids:
+            engine.abort(rid)
+    return sum(seen) / max(len(seen), 1)
 
 
 def run(engine: LLMEngine, prompts, out_tokens: int) -> dict:
@@ -149,14 +191,18 @@ def main(argv=None):
         for c in (int(x) for x in args.concurrency.split(",")):
             r = run(engine, prompts[:c], args.out_tokens)
             kv = c * (r["prompt_tokens"] + args.out_tokens // 2)
-            floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
-            r.update(concurrency=c, floor_step_ms=floor_ms, floor_over_step=floor_ms / r["decode_step_ms"])
+            hit = experts_hit(engine, prompts[:c])
+            floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, hit) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+            uniform_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+            r.update(concurrency=c, experts_hit=hit, floor_step_ms=floor_ms, floor_over_step=floor_ms / r["decode_step_ms"],
+                     uniform_routing_floor_ms=uniform_ms)
             rows.append(r)
             print_table([r], list(r))
         if args.profile:
             profile_decode(engine, base, Path(args.out or RESULTS))
     cols = ["concurrency", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
-            "total_decode_tok_s", "decode_step_ms", "floor_step_ms", "floor_over_step"]
+            "total_decode_tok_s", "decode_step_ms", "experts_hit", "floor_step_ms", "floor_over_step",
+            "uniform_routing_floor_ms"]
     print_table(rows, cols)
     print(write_result("engine", {**settings, "config": args.config, "out_tokens": args.out_tokens,
                                   "image": "1280x720", "text_tokens": 64, "ceilings": ceil, "load_s": load_s},

@@ -108,6 +108,30 @@ def sweep_pair_configs() -> list[dict]:
     return rows
 
 
+def sweep_varlen_attention() -> list[dict]:
+    """The ViT's attention (16 heads, head dim 72) over one image's frame: our varlen kernel's
+    launch shapes against SDPA on the same segment."""
+    from kernels.varlen_attention import varlen_attention_bounded
+
+    rows = []
+    for n in (3520, 784):
+        q, k, v = (torch.randn(n, 16, 72, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+        sdpa = cuda_time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]))
+        best = (float("inf"), None)
+        for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+            try:
+                ms = cuda_time_ms(lambda: varlen_attention_bounded(q, k, v, cu, n, 72 ** -0.5, cfg), iters=10)
+            except Exception as e:          # out of shared memory for the larger tiles
+                print(f"varlen {cfg}: {type(e).__name__}")
+                continue
+            best = min(best, (ms, json.dumps(cfg)), key=lambda t: t[0])
+        rows.append({"patches": n, "sdpa_ms": sdpa, "best_ms": best[0], "config": best[1]})
+    return rows
+
+
 def bench_decode_attention(ceil: dict) -> list[dict]:
     rows = []
     h, hkv, d, bs = 32, 4, 128, 16
@@ -141,10 +165,13 @@ def main(argv=None):
     pairs = sweep_pair_configs()
     print("pair path launch shapes (graph replay, gate_up then down swept)")
     print_table(pairs, list(pairs[0]))
+    varlen = sweep_varlen_attention()
+    print("ViT varlen attention (16 heads, D=72), bf16")
+    print_table(varlen, list(varlen[0]))
     attn = bench_decode_attention(ceil)
     print("paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16")
     print_table(attn, list(attn[0]))
-    print(write_result("kernels", {"ceilings": ceil, "moe_shape": [E, H, I, A]}, moe + pairs + attn, args.out))
+    print(write_result("kernels", {"ceilings": ceil, "moe_shape": [E, H, I, A]}, moe + pairs + varlen + attn, args.out))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ TEMPLATE = ROOT / "model_repository"
 _PARAM = re.compile(r'parameters \{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}')
 
 
-def write_repository(dest: Path, settings: dict[str, dict[str, str]], python_env: str | None = None) -> Path:
-    """Copy the template repository to dest with each model's parameters overridden by settings[model]."""
+def write_repository(dest: Path, settings: dict[str, dict[str, str]], python_env: str | None = None,
+                     instances: dict[str, int] | None = None) -> Path:
+    """Copy the template repository to dest with each model's parameters overridden by settings[model]
+    and, for the models named in `instances`, that many instances."""
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(TEMPLATE, dest, symlinks=False, ignore=shutil.ignore_patterns("python_env", "__pycache__"))
@@ -49,6 +51,8 @@ def write_repository(dest: Path, settings: dict[str, dict[str, str]], python_env
                 f'parameters {{ key: "{key}" value: {{ string_value: "{overrides.pop(key)}" }} }}'
 
         text = _PARAM.sub(sub, text)
+        if model_dir.name in (instances or {}):
+            text = re.sub(r"count: \d+", f"count: {instances[model_dir.name]}", text, count=1)
         for key, value in overrides.items():
             text += f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
         cfg.write_text(text)
@@ -98,6 +102,10 @@ class Server:
             cmd += ["--backend-directory", layout["backend_dir"]]
         if cuda_pool_mb:       # room for visual features handed between models as CUDA tensors
             cmd += [f"--cuda-memory-pool-byte-size=0:{cuda_pool_mb * 2**20}"]
+        # each Python model's shared-memory region starts at 1 MB and grows 1 MB at a time by
+        # default: one image's visual features (tens of MB) then cost ~30 growth steps per hand-off
+        cmd += [f"--backend-config=python,shm-default-byte-size={64 * 2**20}",
+                f"--backend-config=python,shm-growth-byte-size={64 * 2**20}"]
         cmd += shlex.split(os.environ.get("QWEN3VL_TRITON_ARGS", ""))    # e.g. --trace-config flags
         self.triton = subprocess.Popen(cmd, stdout=self.triton_log, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)
@@ -155,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--keep-mm-feature-on-device", action="store_true")
     a("--enable-vit-cuda-graph", action="store_true", help="ViT CUDA graphs bucketed by patch count (GPU)")
     a("--mm-max-concurrent-calls", type=int, default=32)
+    a("--preprocess-instances", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
+      help="preprocess model instances (requests tokenised and their media decoded in parallel)")
     a("--mm-per-request-timeout", type=float, default=10.0)
     a("--disable-radix-cache", action="store_true", help="turn the prefix cache off")
     a("--enable-cache-report", action="store_true")
@@ -187,6 +197,8 @@ def resolve(args) -> dict:
             raise SystemExit(f"--{name} {n} needs {n} GPUs, {gpus} present")
         if n > 1:
             raise SystemExit(f"--{name} {n}: multi-GPU serving is not implemented in this build yet")
+    if args.preprocess_instances < 1:
+        raise SystemExit("--preprocess-instances must be >= 1")
     if args.attention_backend == "fa3" or args.mm_attention_backend in ("fa3", "fa2"):
         try:
             import flash_attn  # noqa: F401
@@ -251,7 +263,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(json.dumps({"repository": str(repo), "served_model_name": served, "settings": settings}, indent=2))
         return 0
-    write_repository(repo, settings)
+    write_repository(repo, settings, instances={"preprocess": args.preprocess_instances})
     frontend_args = ["--log-level", args.log_level]
     if args.enable_cache_report:
         frontend_args.append("--enable-cache-report")

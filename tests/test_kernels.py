@@ -135,7 +135,8 @@ def test_rmsnorm_matches_reference(shape):
     assert torch.equal(r2, x + r)
 
 
-@pytest.mark.parametrize("segments,h,d", [([5], 2, 16), ([37, 64, 3], 2, 24), ([70], 3, 72)])
+@pytest.mark.parametrize("segments,h,d", [([5], 2, 16), ([37, 64, 3], 2, 24), ([70], 3, 72), ([9, 20], 2, 8),
+                                          ([33], 1, 128)])
 def test_varlen_attention_matches_reference(segments, h, d):
     cu = [0]
     for n in segments:

@@ -81,6 +81,7 @@ def test_vit_cuda_graph_flag_reaches_the_vit_model():
     (["--mem-fraction-static", "1.5"], "mem_fraction_static must be in (0, 1)"),
     (["--max-running-requests", "0"], "max_num_seqs must be positive"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["--preprocess-instances", "0"], "--preprocess-instances must be >= 1"),
 ])
 def test_inconsistent_flags_are_refused(tiny_moe, argv, message):
     if message.startswith("--tp") or message.startswith("--ep"):
@@ -103,3 +104,13 @@ def test_dry_run_reports_the_repository(tiny_moe, tmp_path):
     assert report["repository"] == str(tmp_path / "repo") and not (tmp_path / "repo").exists()
     assert report["settings"]["llm"]["enable_prefix_cache"] == "false"
     assert report["settings"]["vit"]["mm_attention_backend"] == "triton"
+
+
+def test_repository_gets_the_preprocess_instance_count(tmp_path):
+    from qwen3vl_backend.launch import write_repository
+
+    repo = write_repository(tmp_path / "repo", {"preprocess": {"mm_max_concurrent_calls": "5"}},
+                            instances={"preprocess": 3})
+    text = (repo / "preprocess" / "config.pbtxt").read_text()
+    assert "count: 3 kind: KIND_CPU" in text and 'string_value: "5"' in text
+    assert "count: 1 kind: KIND_CPU" in (repo / "llm" / "config.pbtxt").read_text()
