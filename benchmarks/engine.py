@@ -65,13 +65,13 @@ def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float 
     return 2.0 * (weights + kv)                                           # bf16
 
 
-def experts_hit(engine: LLMEngine, prompts, after: int = 32, steps: int = 2) -> float:
+def experts_hit(engine: LLMEngine, prompts, temperature: float = 0.0, after: int = 32, steps: int = 2) -> float:
     """Mean distinct experts per MoE layer in one decode step of this batch, `after` tokens in:
     the routing of the benchmark's own requests (greedy decoding of dummy weights routes far from
     uniformly), measured eagerly with a recording router."""
     from qwen3vl_backend.layers.moe import SparseMoE
 
-    params = SamplingParams(temperature=0, max_tokens=after + steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=after + steps + 8, ignore_eos=True, seed=0)
     ids = [engine.add_request(p, params, request_id=f"hits{i}") for i, p in enumerate(prompts)]
     done = dict.fromkeys(ids, 0)
     while min(done.values()) < after:
@@ -103,8 +103,8 @@ def experts_hit(engine: LLMEngine, prompts, after: int = 32, steps: int = 2) -> 
     return sum(seen) / max(len(seen), 1)
 
 
-def run(engine: LLMEngine, prompts, out_tokens: int) -> dict:
-    params = SamplingParams(temperature=0, max_tokens=out_tokens, ignore_eos=True)
+def run(engine: LLMEngine, prompts, out_tokens: int, temperature: float = 0.0) -> dict:
+    params = SamplingParams(temperature=temperature, max_tokens=out_tokens, ignore_eos=True, seed=0)
     t0 = time.perf_counter()
     arrive = {}
     for i, p in enumerate(prompts):
@@ -134,26 +134,32 @@ def run(engine: LLMEngine, prompts, out_tokens: int) -> dict:
             "decode_step_ms": 1e3 * decode_time / max(len(steps), 1), "prompt_tokens": len(prompts[0].prompt_ids)}
 
 
-def profile_decode(engine: LLMEngine, prompt, out_dir: Path, steps: int = 8) -> None:
-    """GPU time per kernel over `steps` single-stream decode steps (CUDA graph replays included)."""
+def profile_decode(engine: LLMEngine, prompts, out_dir: Path, steps: int = 8) -> None:
+    """GPU time per kernel over `steps` decode steps of this batch (CUDA graph replays included)."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True), request_id="prof")
-    for _ in range(3):                                  # prefill and the first decode steps
-        engine.step()
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    ids = [engine.add_request(p, params, request_id=f"prof{i}") for i, p in enumerate(prompts)]
+    done = dict.fromkeys(ids, 0)
+    while min(done.values()) < 2:                       # every sequence past its prefill
+        for out in engine.step():
+            done[out.request_id] = out.num_output_tokens
     torch.cuda.synchronize()
+    wall = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-    while engine.has_unfinished():
-        engine.step()
+    wall = (time.perf_counter() - wall) / steps * 1e3
+    for rid in ids:
+        engine.abort(rid)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    head = (f"{steps} decode steps, concurrency 1: {len(kernels)} GPU kernels ({len(kernels) / steps:.0f} per step), "
-            f"GPU busy {sum(e.device_time for e in kernels) / steps / 1e3:.2f} ms per step\n")
+    head = (f"{steps} decode steps, concurrency {len(prompts)}: {len(kernels)} GPU kernels "
+            f"({len(kernels) / steps:.0f} per step), GPU busy {sum(e.device_time for e in kernels) / steps / 1e3:.2f} ms "
+            f"per step of {wall:.2f} ms (profiled)\n")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"profile-decode-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    path = out_dir / f"profile-decode-c{len(prompts)}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
     path.write_text(head + table)
     print(head + table)
 
@@ -165,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--out-tokens", type=int, default=256)
     ap.add_argument("--mem-fraction-static", type=float, default=0.88)
     ap.add_argument("--chunked-prefill-size", type=int, default=8192)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sampled decoding spreads the routing the way real weights do; greedy on dummy weights does not")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 8 single-stream decode steps: per-kernel GPU time, to DIR/profile-*.txt")
     ap.add_argument("--out", default=None)
@@ -189,9 +197,9 @@ def main(argv=None):
         prompts = [base] + [make_prompt(processor, i) for i in range(1, max(int(x) for x in args.concurrency.split(",")))]
         rows = []
         for c in (int(x) for x in args.concurrency.split(",")):
-            r = run(engine, prompts[:c], args.out_tokens)
+            r = run(engine, prompts[:c], args.out_tokens, args.temperature)
             kv = c * (r["prompt_tokens"] + args.out_tokens // 2)
-            hit = experts_hit(engine, prompts[:c])
+            hit = experts_hit(engine, prompts[:c], args.temperature)
             floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, hit) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
             uniform_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
             r.update(concurrency=c, experts_hit=hit, floor_step_ms=floor_ms, floor_over_step=floor_ms / r["decode_step_ms"],
@@ -199,12 +207,14 @@ def main(argv=None):
             rows.append(r)
             print_table([r], list(r))
         if args.profile:
-            profile_decode(engine, base, Path(args.out or RESULTS))
+            for c in sorted({1, max(int(x) for x in args.concurrency.split(","))}):
+                profile_decode(engine, prompts[:c], Path(args.out or RESULTS))
     cols = ["concurrency", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
             "total_decode_tok_s", "decode_step_ms", "experts_hit", "floor_step_ms", "floor_over_step",
             "uniform_routing_floor_ms"]
     print_table(rows, cols)
     print(write_result("engine", {**settings, "config": args.config, "out_tokens": args.out_tokens,
+                                  "temperature": args.temperature,
                                   "image": "1280x720", "text_tokens": 64, "ceilings": ceil, "load_s": load_s},
                        rows, args.out))
 

@@ -82,8 +82,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return varlen_attention_bounded(q, k, v, cu, max_len, scale)
 
 
+SPLIT_HEAD_DIM = True      # False: pad the head dim to the next power of two instead
+
+
 def head_dim_split(d: int) -> tuple[int, int]:
     """d -> (power-of-two main part, padded tail or 0): 72 -> (64, 16), 128 -> (128, 0), 24 -> (16, 16)."""
+    if not SPLIT_HEAD_DIM:
+        return max(16, triton.next_power_of_2(d)), 0
     main = 1 << (d.bit_length() - 1)
     if main == d and d >= 16:
         return d, 0

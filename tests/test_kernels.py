@@ -238,3 +238,12 @@ def test_kernels_replay_in_a_cuda_graph():
     assert torch.equal(rids.long(), want_ids) and rel(rw, want_w) < 1e-5
     want_q = qkv_prep_reference(qkv, 32, 4, q_norm, k_norm, cos, sin, torch.zeros_like(prep_cache), slots)[0]
     assert rel(prep_q, want_q) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("n", [784, 3520])
+def test_varlen_attention_gpu_bf16_vit_shape(n):
+    """The real ViT's attention: 16 heads of 72 (a split head dim), one frame, against SDPA."""
+    q, k, v = (torch.randn(n, 16, 72, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = varlen_attention(q, k, v, [0, n], 72 ** -0.5)
+    assert rel(out, varlen_attention_torch(q, k, v, [0, n], 72 ** -0.5)) < 1e-2
