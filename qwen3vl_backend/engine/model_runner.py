@@ -173,48 +173,63 @@ class ModelRunner:
         return self.sampler.sample(logits, _sample_rows([c for c in batch if c.samples], banned))
 
     def prepare(self, batch: list[ScheduledChunk]):
+        """The step's device inputs. Plain Python lists per token, one tensor each at the end: a
+        decode step of many sequences must not pay several small torch ops per sequence."""
         bs = self.cfg.block_size
-        ids, pos, slots, vis_rows, vis_mask = [], [], [], [], []
+        ids, slots, flat_pos, vis_rows, mask_at = [], [], [], [], []
+        pos_parts: list[torch.Tensor] | None = None        # only when a chunk has mRoPE prompt positions
         deep_rows: list[list[torch.Tensor]] = []
         for chunk in batch:
             seq, a, b = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
             ids.extend(seq.tokens[a:b])
-            pos.append(self._positions(seq, a, b))
             table = seq.block_table
             slots.extend(table[j // bs] * bs + j % bs for j in range(a, b))
             mm = seq.mm
-            mask = torch.zeros(b - a, dtype=torch.bool)
+            if mm is None or a >= seq.num_prompt:           # text, or decode: all three axes equal
+                delta = 0 if mm is None else mm.rope_delta
+                part = list(range(a + delta, b + delta))
+                if pos_parts is None:
+                    flat_pos.extend(part)
+                else:
+                    pos_parts.append(torch.tensor(part).expand(3, -1))
+            else:
+                if pos_parts is None:
+                    pos_parts = [torch.tensor(flat_pos, dtype=torch.long).expand(3, -1)]
+                pos_parts.append(self._positions(seq, a, b))
             if mm is not None and mm.visual_rank is not None and a < seq.num_prompt:
                 rank = mm.visual_rank[a : min(b, seq.num_prompt)]
                 sel = rank >= 0
-                mask[: rank.shape[0]] = sel
                 if sel.any():
                     picked = rank[sel].to(mm.visual_embeds.device)
                     vis_rows.append(mm.visual_embeds[picked])
                     deep_rows.append([d[picked] for d in mm.deepstack])
-            vis_mask.append(mask)
+                    mask_at.append((len(ids) - (b - a), sel))
         dev = self.device
         max_blocks = max(len(c.seq.block_table) for c in batch)
-        tables = torch.full((len(batch), max_blocks), -1, dtype=torch.int32)
-        for i, c in enumerate(batch):
-            tables[i, : len(c.seq.block_table)] = torch.tensor(c.seq.block_table, dtype=torch.int32)
+        tables = [c.seq.block_table + [-1] * (max_blocks - len(c.seq.block_table)) for c in batch]
         context_lens = [c.start + c.num_tokens for c in batch]
         meta = AttentionMetadata(
             query_lens=[c.num_tokens for c in batch],
             context_lens=context_lens,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=tables.to(dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             block_size=bs,
             context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=dev),
         )
+        if pos_parts is None:
+            positions = torch.tensor(flat_pos, dtype=torch.long, device=dev).expand(3, -1)
+        else:
+            positions = torch.cat(pos_parts, dim=1).to(dev)
         vis_embeds, deepstack, mask_t = None, (), None
         if vis_rows:
             vis_embeds = torch.cat(vis_rows).to(dev)
             levels = min(len(r) for r in deep_rows)
             deepstack = [torch.cat([r[level] for r in deep_rows]).to(dev) for level in range(levels)]
-            mask_t = torch.cat(vis_mask).to(dev)
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(pos, dim=1).to(dev), meta,
-                vis_embeds, mask_t, deepstack)
+            mask = torch.zeros(len(ids), dtype=torch.bool)
+            for start, sel in mask_at:
+                mask[start : start + sel.shape[0]] = sel
+            mask_t = mask.to(dev)
+        return torch.tensor(ids, dtype=torch.long, device=dev), positions, meta, vis_embeds, mask_t, deepstack
 
     @staticmethod
     def _positions(seq, a: int, b: int) -> torch.Tensor:
