@@ -71,7 +71,7 @@ def experts_hit(engine: LLMEngine, prompts, temperature: float = 0.0, after: int
     uniformly), measured eagerly with a recording router."""
     from qwen3vl_backend.layers.moe import SparseMoE
 
-    params = SamplingParams(temperature=temperature, max_tokens=after + steps + 8, ignore_eos=True, seed=0)
+    params = SamplingParams(temperature=temperature, max_tokens=after + steps + 8, ignore_eos=True)
     ids = [engine.add_request(p, params, request_id=f"hits{i}") for i, p in enumerate(prompts)]
     done = dict.fromkeys(ids, 0)
     while min(done.values()) < after:
@@ -104,7 +104,7 @@ def experts_hit(engine: LLMEngine, prompts, temperature: float = 0.0, after: int
 
 
 def run(engine: LLMEngine, prompts, out_tokens: int, temperature: float = 0.0) -> dict:
-    params = SamplingParams(temperature=temperature, max_tokens=out_tokens, ignore_eos=True, seed=0)
+    params = SamplingParams(temperature=temperature, max_tokens=out_tokens, ignore_eos=True)
     t0 = time.perf_counter()
     arrive = {}
     for i, p in enumerate(prompts):

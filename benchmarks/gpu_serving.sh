@@ -21,5 +21,6 @@ $py -m benchmarks.serving --url http://127.0.0.1:8000 --model Qwen3-VL-30B-A3B-I
     --model-dir .serve/models/Qwen3-VL-30B-A3B-Instruct --concurrency ${CONCURRENCY:-1,8,32} --out-tokens 128 \
     --label="$label" --triton-http http://127.0.0.1:8080 --out "$out"
 kill -INT $launcher; wait $launcher
-$py -m benchmarks.triton_trace "$out"/trace/trace.json.* 2>/dev/null | tail -8
+$py -m benchmarks.triton_trace "$out"/trace/trace.json.* > "$out/trace-summary.txt" 2>/dev/null
+tail -4 "$out/trace-summary.txt"; rm -rf "$out/trace"
 cp .serve/logs/*.log "$out/" 2>/dev/null; tail -20 "$out/tritonserver.log" | grep -E "^E|rror" | head -5

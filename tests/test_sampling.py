@@ -40,6 +40,22 @@ def test_top_k_top_p_min_p_filters():
     assert filter_probs(probs, SamplingParams(min_p=0.5)).nonzero().flatten().tolist() == [0, 1]
 
 
+def test_batched_sampling_draws_from_the_filtered_distributions():
+    """Unseeded rows are drawn together (sample_batch): each row's draws follow its own filters."""
+    from qwen3vl_backend.layers.sampler import sample_batch
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4))
+    params = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.7),
+              SamplingParams(temperature=1.0, min_p=0.5), SamplingParams(temperature=1.0)]
+    draws = torch.tensor([sample_batch(logits, params) for _ in range(4000)])
+    for row in range(3):                      # the filters keep tokens 0 and 1, renormalised 5:3
+        counts = torch.bincount(draws[:, row], minlength=4)
+        assert counts[2:].sum() == 0 and abs(counts[0] / 4000 - 0.625) < 0.03
+    freq = torch.bincount(draws[:, 3], minlength=4) / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+
+
 def test_penalties():
     logits = apply_penalties(torch.tensor([2.0, -2.0, 1.0]), SamplingParams(repetition_penalty=2.0), [0, 1], [])
     assert logits.tolist() == [1.0, -4.0, 1.0]

@@ -45,6 +45,28 @@ def _plain_greedy(params: SamplingParams, banned) -> bool:
             and not params.presence_penalty and not params.frequency_penalty)
 
 
+def _plain_sampling(params: SamplingParams, banned) -> bool:
+    return (not params.greedy and params.seed is None and not banned and params.repetition_penalty == 1.0
+            and not params.presence_penalty and not params.frequency_penalty)
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> list[int]:
+    """One draw per row from the same distribution `filter_probs` gives, for the whole batch at once:
+    temperature, then top-k, top-p and min-p on the rows sorted by probability."""
+    dev = logits.device
+    temp = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    probs = torch.softmax(logits / temp, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=dev)[None, :]
+    top_k = torch.tensor([p.top_k if p.top_k and p.top_k > 0 else probs.shape[-1] for p in params], device=dev)
+    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=dev)[:, None]  # 1: keep all
+    min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+    drop = (rank >= top_k[:, None]) | ((sorted_p.cumsum(-1) - sorted_p) >= top_p) | (sorted_p < min_p * sorted_p[:, :1])
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    picked = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1)
+    return order.gather(1, picked).squeeze(1).tolist()
+
+
 class Sampler:
     def __init__(self):
         self._generators: dict[str, torch.Generator] = {}
@@ -57,17 +79,23 @@ class Sampler:
         logits = logits.float()
         if all(_plain_greedy(r[1], r[4]) for r in rows):           # the common serving case: one argmax
             return logits.argmax(dim=-1).tolist()
-        out = []
+        out: list[int | None] = [None] * len(rows)
+        batched = [i for i, r in enumerate(rows) if _plain_sampling(r[1], r[4])]
+        if len(batched) > 1:         # unseeded sampling without penalties: one batched draw
+            for i, token in zip(batched, sample_batch(logits[batched], [rows[i][1] for i in batched])):
+                out[i] = token
         for i, (rid, params, prompt_ids, output_ids, banned) in enumerate(rows):
+            if out[i] is not None:
+                continue
             row = apply_penalties(logits[i].clone(), params, prompt_ids, output_ids)
             if banned:
                 row[list(banned)] = float("-inf")
             if params.greedy:
-                out.append(int(row.argmax()))
+                out[i] = int(row.argmax())
                 continue
             probs = filter_probs(torch.softmax(row / params.temperature, dim=-1), params)
             gen = self._generator(rid, params, row.device)
-            out.append(int(torch.multinomial(probs, 1, generator=gen)))
+            out[i] = int(torch.multinomial(probs, 1, generator=gen))
         return out
 
     def _generator(self, rid: str, params: SamplingParams, device) -> torch.Generator | None:
