@@ -5,12 +5,16 @@ GPU once here and leave as a CUDA tensor (DLPack); Triton hands it to `vit` thro
 instead of a host copy through shared memory.
 """
 
+import base64
+import io
+import json
 import time
 
 import torch
 import torch.utils.dlpack
 
 import triton_python_backend_utils as pb_utils
+from PIL import Image
 
 from qwen3vl_backend.processing.chat import RequestError
 from qwen3vl_backend.processing.media import MediaPolicy
@@ -41,6 +45,20 @@ class TritonPythonModel:
         self.media_requests = self._families["requests"].Metric({})
         self.ipc = s.get("use_cuda_ipc_transport", "0").lower() in ("1", "true") and torch.cuda.is_available()
         self.pool = MediaPool(int(s.get("mm_max_concurrent_calls", "32")), float(s.get("mm_per_request_timeout", "10")))
+        self._warm_up()
+
+    def _warm_up(self):
+        """One small image request at load: a request arriving at a fresh instance must not pay for
+        lazy imports, the image decoders' first use or (CUDA IPC) creating the CUDA context."""
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (128, 64, 32)).save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        chat = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "warm up"}]}]}
+        arrays = preprocess(self.processor, json.dumps(chat), [], "", self.policy)
+        if self.ipc:
+            torch.from_numpy(arrays["pixel_values"]).cuda()
+            torch.cuda.synchronize()
 
     def _timed_media(self, jobs):
         if not jobs:
