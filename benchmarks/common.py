@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -37,6 +38,9 @@ def device_info() -> dict:
 
 
 def commit() -> str:
+    """HEAD's short hash; QWEN3VL_COMMIT overrides it (a copied checkout may carry a stale .git)."""
+    if os.environ.get("QWEN3VL_COMMIT"):
+        return os.environ["QWEN3VL_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()

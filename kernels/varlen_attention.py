@@ -15,7 +15,7 @@ import triton.language as tl
 from .online_softmax import online_softmax_step
 
 # launch shape on GPUs (benchmarks.kernels sweeps it at the ViT's shape); small tiles in the interpreter
-CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 CPU_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
