@@ -222,10 +222,15 @@ def resolve(args) -> dict:
            "mm_attention_backend": args.mm_attention_backend, "vlm_cache_size_mb": cache_mb,
            "keep_mm_feature_on_device": str(args.keep_mm_feature_on_device).lower(),
            "enable_vit_cuda_graph": str(args.enable_vit_cuda_graph).lower()}
+    # --mm-max-concurrent-calls bounds media jobs server-wide: each preprocess instance gets an
+    # equal share, and there are never more instances than jobs allowed
+    if args.mm_max_concurrent_calls < 1:
+        raise SystemExit("--mm-max-concurrent-calls must be >= 1")
+    instances = min(args.preprocess_instances, args.mm_max_concurrent_calls)
     pre = {"model_path": model_path, "allowed_local_media_path": args.allowed_local_media_path or "",
-           "mm_max_concurrent_calls": str(args.mm_max_concurrent_calls),
+           "mm_max_concurrent_calls": str(args.mm_max_concurrent_calls // instances),
            "mm_per_request_timeout": str(args.mm_per_request_timeout), "use_cuda_ipc_transport": ipc}
-    return {"preprocess": pre, "vit": vit, "llm": llm}
+    return {"preprocess": pre, "vit": vit, "llm": llm, "instances": {"preprocess": instances}}
 
 
 def _model_dir(model_path: str, load_format: str) -> str:
@@ -263,7 +268,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(json.dumps({"repository": str(repo), "served_model_name": served, "settings": settings}, indent=2))
         return 0
-    write_repository(repo, settings, instances={"preprocess": args.preprocess_instances})
+    write_repository(repo, settings, instances=settings["instances"])
     frontend_args = ["--log-level", args.log_level]
     if args.enable_cache_report:
         frontend_args.append("--enable-cache-report")

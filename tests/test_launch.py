@@ -106,6 +106,16 @@ def test_dry_run_reports_the_repository(tiny_moe, tmp_path):
     assert report["settings"]["vit"]["mm_attention_backend"] == "triton"
 
 
+@pytest.mark.parametrize("calls,instances,want", [(32, 4, (4, "8")), (2, 4, (2, "1")), (5, 2, (2, "2")),
+                                                  (1, 1, (1, "1"))])
+def test_media_bound_is_server_wide_across_preprocess_instances(calls, instances, want):
+    out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
+                "--mm-max-concurrent-calls", str(calls), "--preprocess-instances", str(instances)])
+    report = json.loads(out.stdout)["settings"]
+    got = (report["instances"]["preprocess"], report["preprocess"]["mm_max_concurrent_calls"])
+    assert got == want and got[0] * int(got[1]) <= calls
+
+
 def test_repository_gets_the_preprocess_instance_count(tmp_path):
     from qwen3vl_backend.launch import write_repository
 
