@@ -99,3 +99,18 @@ def test_incremental_detokenizer_reassembles_text_exactly(tokenizer, text):
     pieces = [d.push(t) for t in ids] + [d.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_incremental_detokenizer_equals_a_whole_decode_on_arbitrary_ids(tokenizer):
+    """Random ids (byte tokens mid-character, special tokens) decode incrementally to the same
+    text as all at once, also when they stop inside a character (flush gives its U+FFFD)."""
+    import random
+
+    rng = random.Random(0)
+    half_char = tokenizer.encode("𓀀")[:2]            # three byte tokens; two end mid-character
+    for n in range(20):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(60)]
+        ids += tokenizer.encode(" end.") if n % 2 else half_char
+        d = IncrementalDetokenizer(tokenizer)
+        text = "".join(d.push(t) for t in ids) + d.flush()
+        assert text == d.text == tokenizer.decode(ids)

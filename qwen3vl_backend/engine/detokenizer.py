@@ -1,8 +1,8 @@
 """Incremental detokenisation that never splits a UTF-8 character and never drops a space.
 
-Byte-level BPE tokens can end mid-character; decoding a window that starts a few tokens back
-and emitting only the new suffix, held back while it ends in U+FFFD, keeps every character whole
-and every space in place.
+Byte-level BPE tokens can end mid-character. tokenizers' DecodeStream (one Rust call per token)
+returns the text each token completes and holds back bytes that do not yet end a character; the
+tokens held back at the end are decoded on `flush`, an incomplete character as U+FFFD.
 """
 
 from __future__ import annotations
@@ -12,28 +12,23 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tok = tokenizer
         self.skip = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
+        self._step = tokenizer.stream_decoder(skip_special_tokens)
+        self._held: list[int] = []        # tokens since the last text the stream gave back
         self.text = ""
 
     def push(self, token_id: int) -> str:
         """Add one token; returns the text it completes (possibly empty)."""
-        self.ids.append(token_id)
-        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self.text += delta
-            return delta
-        return ""
+        delta = self._step(token_id)
+        if delta is None:
+            self._held.append(token_id)
+            return ""
+        self._held.clear()
+        self.text += delta
+        return delta
 
     def flush(self) -> str:
         """At the end: whatever is still held back (an incomplete character decodes as U+FFFD)."""
-        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
-        delta = full[len(prefix) :]
-        self.prefix_offset = self.read_offset = len(self.ids)
+        delta = self.tok.decode(self._held, self.skip) if self._held else ""
+        self._held.clear()
         self.text += delta
         return delta

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class Tokenizer:
@@ -23,6 +24,12 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, skip_special_tokens: bool = True):
+        """-> step(token_id) returning the text that token completes, or None while its bytes
+        do not yet end a character (tokenizers' DecodeStream, in Rust)."""
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        return lambda token_id: stream.step(self._tok, token_id)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
