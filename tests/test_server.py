@@ -388,3 +388,20 @@ def test_prometheus_metrics_cover_serving(server, client):
         assert re.search(rf"^{name}[{{ ]", text, re.M), name
     prompt = float(re.search(r"^openai_prompt_tokens_total (\S+)$", text, re.M).group(1))
     assert prompt > 0
+
+
+def _where(server, family):
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(rf'^{family}\{{[^}}]*where="(\w+)"[^}}]*\}} ([0-9.e+-]+)$', text, re.M)}
+
+
+def test_tensor_handoffs_are_counted_by_where_they_arrive(server, client):
+    """On CPU pixels and visual features travel through host memory; the counters say so (on a
+    GPU with the IPC and on-device flags, tests/test_server_gpu.py expects `gpu`)."""
+    before = (_where(server, "qwen3vl_vit_pixels_total"), _where(server, "qwen3vl_llm_visual_features_total"))
+    _chat(client, [{"role": "user", "content": [_img(data_uri(image_bytes(make_image(80, 100, 43)))),
+                                                {"type": "text", "text": "where"}]}])
+    after = (_where(server, "qwen3vl_vit_pixels_total"), _where(server, "qwen3vl_llm_visual_features_total"))
+    for b, a in zip(before, after):
+        assert a["host"] == b.get("host", 0) + 1 and a["gpu"] == b.get("gpu", 0) == 0

@@ -34,6 +34,9 @@ class TritonPythonModel:
         self.engine = LLMEngine(EngineConfig.from_settings({k: v for k, v in s.items() if k in ENGINE_KEYS}))
         self.merge_unit = self.engine.runner.model_cfg.vision.spatial_merge_size ** 2
         self.metrics = TritonEngineMetrics(pb_utils)
+        arrived = pb_utils.MetricFamily("qwen3vl_llm_visual_features_total", "Requests' visual features by where they "
+                                        "arrived (gpu: --keep-mm-feature-on-device, host)", pb_utils.MetricFamily.COUNTER)
+        self._arrived = (arrived, {True: arrived.Metric({"where": "gpu"}), False: arrived.Metric({"where": "host"})})
         self.loop = EngineLoop(self.engine, on_stats=self.metrics.report)
         self.live: dict[str, set[str]] = {}       # client request id -> engine request ids
         self.live_lock = threading.Lock()         # execute and the delivery thread both touch it
@@ -51,6 +54,8 @@ class TritonPythonModel:
                 continue
             try:
                 prompt, vision, params, flags = _parse(request, self.merge_unit)
+                if vision is not None:
+                    self._arrived[1][vision[0].is_cuda].increment(1)
             except ValueError as e:
                 sender.send(_error(e), flags=FINAL)
                 continue

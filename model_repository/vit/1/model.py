@@ -38,6 +38,9 @@ class TritonPythonModel:
         family = pb_utils.MetricFamily("qwen3vl_vit_cache_total", "ViT embedding cache lookups by result",
                                        pb_utils.MetricFamily.COUNTER)
         self._metrics = (family, family.Metric({"result": "hit"}), family.Metric({"result": "miss"}))
+        arrived = pb_utils.MetricFamily("qwen3vl_vit_pixels_total", "Requests' pixels by where they arrived (gpu: "
+                                        "CUDA IPC transport, host: shared memory)", pb_utils.MetricFamily.COUNTER)
+        self._arrived = (arrived, {True: arrived.Metric({"where": "gpu"}), False: arrived.Metric({"where": "host"})})
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -48,6 +51,8 @@ class TritonPythonModel:
     @torch.no_grad()
     def _one(self, request):
         pixels = _torch(request, "pixel_values")          # on the GPU when preprocess sent it by CUDA IPC
+        if pixels.numel():
+            self._arrived[1][pixels.is_cuda].increment(1)
         grids = _torch(request, "grid_thw").cpu().numpy().reshape(-1, 3)
         if grids.shape[0] == 0:
             embeds = np.zeros((0, self.out_dim), np.float32)
