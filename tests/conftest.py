@@ -87,3 +87,17 @@ def make_video(path: Path, frames: int = 40, fps: int = 10, width: int = 96, hei
 @pytest.fixture(scope="session")
 def video_file(tmp_path_factory) -> Path:
     return make_video(tmp_path_factory.mktemp("media") / "clip.mp4")
+
+
+def start_server(repo: Path, root: Path, frontend_args=(), cuda_pool_mb: int = 0):
+    """tritonserver + the adapter on free ports for a written repository; the Triton log on failure."""
+    from qwen3vl_backend.launch import Server, free_port
+
+    srv = Server(repo, "127.0.0.1", free_port(), free_port(), free_port(), free_port(), "tiny-moe",
+                 list(frontend_args), root / "logs", CACHE.parent / "triton", cuda_pool_mb=cuda_pool_mb)
+    try:
+        srv.wait_ready(timeout_s=300)
+    except Exception:
+        srv.stop()
+        raise RuntimeError((root / "logs" / "tritonserver.log").read_text()[-4000:]) from None
+    return srv

@@ -16,11 +16,11 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import CACHE, data_uri, image_bytes, make_image
+from conftest import data_uri, image_bytes, make_image, start_server
 from qwen3vl_backend import generate
 from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.llm_engine import LLMEngine
-from qwen3vl_backend.launch import Server, free_port, write_repository
+from qwen3vl_backend.launch import write_repository
 from qwen3vl_backend.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.server
@@ -71,14 +71,7 @@ def server(tiny_moe, media_dir, tmp_path_factory):
         "vit": {**common, "vlm_cache_size_mb": "64"},
         "llm": {**common, "max_model_len": str(MAX_MODEL_LEN), "max_num_seqs": "16"},
     })
-    srv = Server(repo, "127.0.0.1", free_port(), free_port(), free_port(), free_port(), "tiny-moe",
-                 ["--allowed-local-media-path", str(media_dir), "--enable-cache-report"], root / "logs",
-                 CACHE.parent / "triton")
-    try:
-        srv.wait_ready(timeout_s=300)
-    except Exception:
-        srv.stop()
-        raise RuntimeError((root / "logs" / "tritonserver.log").read_text()[-4000:])
+    srv = start_server(repo, root, ["--allowed-local-media-path", str(media_dir), "--enable-cache-report"])
     yield srv
     srv.stop()
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import torch
 
-from conftest import CACHE, data_uri, image_bytes, make_image
-from qwen3vl_backend.launch import Server, free_port, write_repository
+from conftest import data_uri, image_bytes, make_image, start_server
+from qwen3vl_backend.launch import Server, write_repository
 
 pytestmark = [pytest.mark.server, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 MESSAGES = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(w, h, s)))}},
@@ -31,14 +31,7 @@ def _serve(tiny_moe, root, on_device: bool) -> Server:
         "vit": {**gpu, "vlm_cache_size_mb": "0", "keep_mm_feature_on_device": str(on_device).lower()},
         "llm": {**gpu, "max_model_len": "2048", "num_kv_blocks": "512"},
     })
-    srv = Server(repo, "127.0.0.1", free_port(), free_port(), free_port(), free_port(), "tiny-moe", [],
-                 root / "logs", CACHE.parent / "triton", cuda_pool_mb=256 if on_device else 0)
-    try:
-        srv.wait_ready(timeout_s=300)
-    except Exception:
-        srv.stop()
-        raise RuntimeError((root / "logs" / "tritonserver.log").read_text()[-4000:])
-    return srv
+    return start_server(repo, root, cuda_pool_mb=256 if on_device else 0)
 
 
 def _answers_and_counters(srv: Server):
