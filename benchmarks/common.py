@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import platform
@@ -98,3 +100,10 @@ def graph_time_ms(fn, iters: int = 20) -> float:
     with torch.cuda.graph(graph):
         fn()
     return cuda_time_ms(graph.replay, warmup=2, iters=iters)
+
+
+def png_data_uri(img) -> str:
+    """A PIL image as the data: URI a client would send (PNG)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -14,8 +14,6 @@ Every request carries its own image (identical prompts would decode identical to
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from qwen3vl_backend.model_config import ModelConfig
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.sampling_params import SamplingParams
 
-from .common import RESULTS, bundled_model_dir, print_table, write_result
+from .common import RESULTS, bundled_model_dir, png_data_uri, print_table, write_result
 from .roofline import measure as roofline
 
 def make_request(tokenizer, seed: int) -> tuple[Image.Image, str]:
@@ -43,9 +41,7 @@ def make_request(tokenizer, seed: int) -> tuple[Image.Image, str]:
 
 def make_prompt(processor: Processor, seed: int):
     img, text = make_request(processor.tokenizer, seed)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    url = png_data_uri(img)
     return processor.process_messages([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}])
 
@@ -65,6 +61,16 @@ def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float 
     return 2.0 * (weights + kv)                                           # bf16
 
 
+def start_decoding(engine: LLMEngine, prompts, params: SamplingParams, tag: str, tokens: int) -> list[str]:
+    """Add the prompts as requests and step until each has `tokens` output tokens; -> their ids."""
+    ids = [engine.add_request(p, params, request_id=f"{tag}{i}") for i, p in enumerate(prompts)]
+    done = dict.fromkeys(ids, 0)
+    while min(done.values()) < tokens:
+        for out in engine.step():
+            done[out.request_id] = out.num_output_tokens
+    return ids
+
+
 def experts_hit(engine: LLMEngine, prompts, temperature: float = 0.0, after: int = 32, steps: int = 2) -> float:
     """Mean distinct experts per MoE layer in one decode step of this batch, `after` tokens in:
     the routing of the benchmark's own requests (greedy decoding of dummy weights routes far from
@@ -72,11 +78,7 @@ def experts_hit(engine: LLMEngine, prompts, temperature: float = 0.0, after: int
     from qwen3vl_backend.layers.moe import SparseMoE
 
     params = SamplingParams(temperature=temperature, max_tokens=after + steps + 8, ignore_eos=True)
-    ids = [engine.add_request(p, params, request_id=f"hits{i}") for i, p in enumerate(prompts)]
-    done = dict.fromkeys(ids, 0)
-    while min(done.values()) < after:
-        for out in engine.step():
-            done[out.request_id] = out.num_output_tokens
+    ids = start_decoding(engine, prompts, params, "hits", after)
     seen: list[int] = []
     moes = [m for m in engine.runner.model.modules() if isinstance(m, SparseMoE)]
     originals = [m.route_fn for m in moes]
@@ -138,12 +140,8 @@ def profile_decode(engine: LLMEngine, prompts, out_dir: Path, steps: int = 8) ->
     """GPU time per kernel over `steps` decode steps of this batch (CUDA graph replays included)."""
     from torch.profiler import ProfilerActivity, profile
 
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    ids = [engine.add_request(p, params, request_id=f"prof{i}") for i, p in enumerate(prompts)]
-    done = dict.fromkeys(ids, 0)
-    while min(done.values()) < 2:                       # every sequence past its prefill
-        for out in engine.step():
-            done[out.request_id] = out.num_output_tokens
+    # every sequence past its prefill
+    ids = start_decoding(engine, prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), "prof", 2)
     torch.cuda.synchronize()
     wall = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import hashlib
-import io
 import json
 import time
 
@@ -21,7 +19,7 @@ import numpy as np
 
 from qwen3vl_backend.processing.tokenizer import Tokenizer
 
-from .common import print_table, write_result
+from .common import png_data_uri, print_table, write_result
 from .engine import make_request
 
 
@@ -67,9 +65,7 @@ async def run(url: str, body: dict, warmup: dict, concurrency: int) -> dict:
 
 def chat_body(model: str, tokenizer, seed: int, max_tokens: int) -> dict:
     img, text = make_request(tokenizer, seed)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    url = png_data_uri(img)
     return {"model": model, "stream": True, "temperature": 0, "ignore_eos": True, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                       {"type": "text", "text": text}]}]}

@@ -39,14 +39,19 @@ def test_tied_head_shares_the_embedding(tiny_dense):
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
 
 
-def test_missing_tensor_is_named(tiny_dense, tmp_path):
-    d = _copy(tiny_dense, tmp_path / "ckpt")
+def _edit_shard(d, name, edit) -> None:
+    """Rewrite the shard holding tensor `name` after edit(tensors) changes its dict in place."""
     index = json.loads((d / "model.safetensors.index.json").read_text())
-    name = "model.language_model.layers.1.self_attn.k_norm.weight"
     file = d / index["weight_map"][name]
     tensors = load_file(str(file))
-    del tensors[name]
+    edit(tensors)
     save_file(tensors, str(file))
+
+
+def test_missing_tensor_is_named(tiny_dense, tmp_path):
+    d = _copy(tiny_dense, tmp_path / "ckpt")
+    name = "model.language_model.layers.1.self_attn.k_norm.weight"
+    _edit_shard(d, name, lambda tensors: tensors.pop(name))
     with pytest.raises(WeightLoadError, match="lacks 1 tensors.*layers.1.self_attn.k_norm.weight"):
         load_weights(build_model(ModelConfig.from_path(d)), d)
 
@@ -63,12 +68,9 @@ def test_unexpected_tensor_is_named(tiny_dense, tmp_path):
 
 def test_misshaped_tensor_is_named(tiny_moe, tmp_path):
     d = _copy(tiny_moe, tmp_path / "ckpt")
-    index = json.loads((d / "model.safetensors.index.json").read_text())
     name = "model.language_model.layers.2.mlp.experts.down_proj"
-    file = d / index["weight_map"][name]
-    tensors = load_file(str(file))
-    tensors[name] = tensors[name].transpose(1, 2).contiguous()     # the unreleased layout
-    save_file(tensors, str(file))
+    # the unreleased layout
+    _edit_shard(d, name, lambda tensors: tensors.update({name: tensors[name].transpose(1, 2).contiguous()}))
     with pytest.raises(WeightLoadError, match=r"layers.2.mlp.experts.down_proj: checkpoint shape \(8, 64, 48\), expected \(8, 48, 64\)"):
         load_weights(build_model(ModelConfig.from_path(d)), d)
 

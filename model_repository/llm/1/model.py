@@ -11,7 +11,6 @@ import uuid
 
 import numpy as np
 import torch
-import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_backend.config import EngineConfig
@@ -22,6 +21,7 @@ from qwen3vl_backend.serving.engine_loop import EngineLoop
 from qwen3vl_backend.serving.preprocess import parse_json_object
 from qwen3vl_backend.serving.triton_metrics import TritonEngineMetrics
 from qwen3vl_backend.serving.triton_params import client_error_message, model_settings
+from qwen3vl_backend.serving.triton_tensors import as_torch
 
 # TRITONSERVER_RESPONSE_COMPLETE_FINAL; the stub defines its pb_utils name only at run time
 FINAL = 1
@@ -79,12 +79,6 @@ class TritonPythonModel:
         self.loop.shutdown()
 
 
-def _torch(request, name):
-    """An input as a torch tensor where it lives (host or GPU), without a copy."""
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else torch.utils.dlpack.from_dlpack(t.to_dlpack())
-
-
 def _flag(request, name) -> bool:
     t = pb_utils.get_input_tensor_by_name(request, name)
     return t is not None and t.as_numpy().size > 0 and bool(t.as_numpy().reshape(-1)[0])
@@ -93,8 +87,7 @@ def _flag(request, name) -> bool:
 def _parse(request, merge_unit: int):
     def get(name):       # host-side inputs: token ids, positions, strings
         t = pb_utils.get_input_tensor_by_name(request, name)
-        return None if t is None else (t.as_numpy() if t.is_cpu() else
-                                       torch.utils.dlpack.from_dlpack(t.to_dlpack()).cpu().numpy())
+        return None if t is None else (t.as_numpy() if t.is_cpu() else as_torch(t).cpu().numpy())
 
     raw_ids = get("input_ids")
     if raw_ids is None or raw_ids.size == 0:
@@ -108,7 +101,8 @@ def _parse(request, merge_unit: int):
         raise ValueError(f"positions cover {positions.shape[1]} tokens, input_ids has {len(ids)}")
     prompt = ProcessedPrompt(ids, _media(get("grid_thw"), get("media_hashes"), merge_unit), positions,
                              int(delta.reshape(-1)[0]) if delta is not None else 0)
-    embeds, deepstack = _torch(request, "visual_embeds"), _torch(request, "deepstack")
+    embeds, deepstack = (as_torch(pb_utils.get_input_tensor_by_name(request, name))
+                         for name in ("visual_embeds", "deepstack"))
     vision = None
     if embeds is not None and embeds.shape[0] > 0:
         vision = (embeds, [] if deepstack is None else list(deepstack.unbind(0)))

@@ -13,6 +13,7 @@ from qwen3vl_backend.engine.vision_graphs import VisionGraphs
 from qwen3vl_backend.loader import load_vision_model
 from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, normalize_patches
 from qwen3vl_backend.serving.triton_params import model_settings, pick
+from qwen3vl_backend.serving.triton_tensors import as_torch
 from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
 
 
@@ -50,10 +51,11 @@ class TritonPythonModel:
 
     @torch.no_grad()
     def _one(self, request):
-        pixels = _torch(request, "pixel_values")          # on the GPU when preprocess sent it by CUDA IPC
+        # on the GPU when preprocess sent it by CUDA IPC
+        pixels = as_torch(pb_utils.get_input_tensor_by_name(request, "pixel_values"))
         if pixels.numel():
             self._arrived[1][pixels.is_cuda].increment(1)
-        grids = _torch(request, "grid_thw").cpu().numpy().reshape(-1, 3)
+        grids = as_torch(pb_utils.get_input_tensor_by_name(request, "grid_thw")).cpu().numpy().reshape(-1, 3)
         if grids.shape[0] == 0:
             embeds = np.zeros((0, self.out_dim), np.float32)
             deepstack = np.zeros((self.levels, 0, self.out_dim), np.float32)
@@ -75,9 +77,3 @@ class TritonPythonModel:
             embeds, deepstack = embeds.cpu().numpy(), deepstack.cpu().numpy()
         return pb_utils.InferenceResponse([pb_utils.Tensor("visual_embeds", embeds),
                                            pb_utils.Tensor("deepstack", deepstack)])
-
-
-def _torch(request, name):
-    """An input as a torch tensor where it lives (host or GPU), without a copy."""
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return torch.from_numpy(t.as_numpy()) if t.is_cpu() else torch.utils.dlpack.from_dlpack(t.to_dlpack())
