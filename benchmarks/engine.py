@@ -116,8 +116,7 @@ def run(engine: LLMEngine, prompts, out_tokens: int, temperature: float = 0.0) -
     first, stamps, steps = {}, {rid: [] for rid in arrive}, []
     while engine.has_unfinished():
         s0 = time.perf_counter()
-        outs = engine.step()
-        torch.cuda.synchronize()
+        outs = engine.step()        # returns once these tokens are on the host: no sync needed
         now = time.perf_counter()
         decoding = [o for o in outs if o.num_output_tokens > 1]
         if decoding and len(decoding) == len(outs):
@@ -173,6 +172,8 @@ def main(argv=None):
                     help="sampled decoding spreads the routing the way real weights do; greedy on dummy weights does not")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 8 single-stream decode steps: per-kernel GPU time, to DIR/profile-*.txt")
+    ap.add_argument("--compare-overlap", action="store_true",
+                    help="also run the lowest and highest concurrency with the overlap scheduler off")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     ceil = roofline()
@@ -194,20 +195,25 @@ def main(argv=None):
         # sequence to the same experts, which no real batch does
         prompts = [base] + [make_prompt(processor, i) for i in range(1, max(int(x) for x in args.concurrency.split(",")))]
         rows = []
-        for c in (int(x) for x in args.concurrency.split(",")):
+        levels = [(int(x), True) for x in args.concurrency.split(",")]
+        if args.compare_overlap:
+            levels += [(c, False) for c in sorted({levels[0][0], levels[-1][0]})]
+        for c, overlap in levels:
+            engine.cfg.overlap_schedule = overlap
             r = run(engine, prompts[:c], args.out_tokens, args.temperature)
             kv = c * (r["prompt_tokens"] + args.out_tokens // 2)
             hit = experts_hit(engine, prompts[:c], args.temperature)
             floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, hit) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
             uniform_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
-            r.update(concurrency=c, experts_hit=hit, floor_step_ms=floor_ms, floor_over_step=floor_ms / r["decode_step_ms"],
+            r.update(concurrency=c, overlap_schedule=overlap, experts_hit=hit, floor_step_ms=floor_ms, floor_over_step=floor_ms / r["decode_step_ms"],
                      uniform_routing_floor_ms=uniform_ms)
             rows.append(r)
             print_table([r], list(r))
         if args.profile:
             for c in sorted({1, max(int(x) for x in args.concurrency.split(","))}):
                 profile_decode(engine, prompts[:c], Path(args.out or RESULTS))
-    cols = ["concurrency", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
+    engine.cfg.overlap_schedule = True
+    cols = ["concurrency", "overlap_schedule", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
             "total_decode_tok_s", "decode_step_ms", "experts_hit", "floor_step_ms", "floor_over_step",
             "uniform_routing_floor_ms"]
     print_table(rows, cols)

@@ -38,6 +38,7 @@ class EngineConfig:
     vlm_cache_size_mb: float = 0.0       # the engine's own ViT cache (the Triton vit model has its own)
     cuda_graph_max_bs: int = 128          # decode steps up to this batch replay CUDA graphs; 0 disables
     enable_vit_cuda_graph: bool = False   # the ViT replays CUDA graphs bucketed by patch count (cuda only)
+    overlap_schedule: bool = True         # queue step n+1 before reading step n back (SGLang's overlap scheduler)
     seed: int = 0
 
     def __post_init__(self):

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="preprocess model instances (requests tokenised and their media decoded in parallel)")
     a("--mm-per-request-timeout", type=float, default=10.0)
     a("--disable-radix-cache", action="store_true", help="turn the prefix cache off")
+    a("--disable-overlap-schedule", action="store_true",
+      help="read each step back before queueing the next (by default the host prepares the next step meanwhile)")
     a("--enable-cache-report", action="store_true")
     a("--enable-metrics", action="store_true")
     a("--allowed-local-media-path", default=None)
@@ -210,6 +212,7 @@ def resolve(args) -> dict:
            "max_num_batched_tokens": str(args.chunked_prefill_size),
            "mem_fraction_static": str(args.mem_fraction_static),
            "enable_prefix_cache": "false" if args.disable_radix_cache else "true",
+           "overlap_schedule": "false" if args.disable_overlap_schedule else "true",
            "attention_backend": args.attention_backend}
     try:
         EngineConfig.from_settings(llm)

@@ -104,6 +104,42 @@ def test_abort_frees_kv_blocks(tiny_moe, prompts):
     assert engine.block_manager.num_free == free and not engine.has_unfinished()
 
 
+def test_overlap_schedule_changes_no_output(tiny_moe, prompts, reference):
+    """Queueing step n+1 before step n is read back: the same results for every kind of request
+    (stop strings, stop ids under min_tokens, penalties that force a read-back, seeded sampling,
+    preemption), and no step is queued for a sequence already known to end."""
+    stop = make_engine(tiny_moe).generate([prompts[2]], GREEDY)[0]["text"][4:7]
+    params = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
+              SamplingParams(temperature=0, max_tokens=9, stop_token_ids=[reference[0][0]], min_tokens=2),
+              SamplingParams(temperature=0, max_tokens=7, repetition_penalty=1.3, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, seed=7, max_tokens=10, ignore_eos=True)]
+    batch = [prompts[0], prompts[2], prompts[0], prompts[1], prompts[2]]
+    results = {}
+    for overlap in (False, True):
+        engine = make_engine(tiny_moe, overlap_schedule=overlap, block_size=4, num_kv_blocks=26,
+                             enable_prefix_cache=False)
+        queued = []
+        run = engine.runner.run
+        engine.runner.run = lambda b, *a: queued.append(sum(c.num_tokens for c in b)) or run(b, *a)
+        results[overlap] = engine.generate(batch, params), sum(queued), engine.scheduler.num_preemptions
+    (plain, plain_tokens, plain_preempt), (overlapped, tokens, preempt) = results[False], results[True]
+    assert overlapped == plain
+    assert plain[1]["finish_reason"] == "stop"
+    assert plain_preempt > 0 and preempt > 0
+    # only sequences ended by a token the host had not yet seen (a stop) may cost one more token each
+    assert plain_tokens <= tokens <= plain_tokens + 2 + preempt * 64
+
+
+def test_overlap_queues_the_next_step_before_reading_back(tiny_moe, prompts):
+    engine = make_engine(tiny_moe)
+    engine.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    counts = []
+    while engine.has_unfinished():
+        counts.append(len(engine.step()))
+    assert counts == [0, 1, 1, 1, 1]        # outputs come one step late, the last after no new step
+
+
 def test_prompt_longer_than_context_is_refused(tiny_moe, prompts):
     engine = make_engine(tiny_moe, max_model_len=16)
     with pytest.raises(PromptTooLongError, match="does not fit the context of 16 tokens"):

@@ -99,10 +99,11 @@ def test_unknown_model_name_is_refused_with_the_choices():
 
 def test_dry_run_reports_the_repository(tiny_moe, tmp_path):
     out = _run(["--model-path", str(tiny_moe), "--repository", str(tmp_path / "repo"), "--dry-run",
-                "--disable-radix-cache", "--mm-attention-backend", "triton"])
+                "--disable-radix-cache", "--disable-overlap-schedule", "--mm-attention-backend", "triton"])
     report = json.loads(out.stdout)
     assert report["repository"] == str(tmp_path / "repo") and not (tmp_path / "repo").exists()
     assert report["settings"]["llm"]["enable_prefix_cache"] == "false"
+    assert report["settings"]["llm"]["overlap_schedule"] == "false"
     assert report["settings"]["vit"]["mm_attention_backend"] == "triton"
 
 

@@ -48,7 +48,7 @@ def test_batched_sampling_draws_from_the_filtered_distributions():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4))
     params = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.7),
               SamplingParams(temperature=1.0, min_p=0.5), SamplingParams(temperature=1.0)]
-    draws = torch.tensor([sample_batch(logits, params) for _ in range(4000)])
+    draws = torch.stack([sample_batch(logits, params) for _ in range(4000)])
     for row in range(3):                      # the filters keep tokens 0 and 1, renormalised 5:3
         counts = torch.bincount(draws[:, row], minlength=4)
         assert counts[2:].sum() == 0 and abs(counts[0] / 4000 - 0.625) < 0.03

@@ -16,13 +16,14 @@ import torch
 from ..config import EngineConfig
 from ..processing.processor import MediaItem, ProcessedPrompt
 from ..processing.tokenizer import Tokenizer
+from ..layers.sampler import needs_history
 from ..sampling_params import SamplingParams
 from ..serving.vision_cache import VisionCache, encode_with_cache
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, MultimodalState
 from .scheduler import ScheduledChunk, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, Status
 
 
 class PromptTooLongError(ValueError):
@@ -51,6 +52,19 @@ class _Request:
         self.hold = max((len(s) for s in seq.params.stop), default=1) - 1
 
 
+PENDING = -1     # output ids at or below this are placeholders: -1 - i is row i of the step in flight
+
+
+@dataclass
+class _Step:
+    """A step queued on the device: its sampled ids (device, and their host copy once `done`),
+    and for each, the sequence and the output position it fills."""
+    tokens: torch.Tensor
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+    sampled: list[tuple[Sequence, int]]
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, tokenizer: Tokenizer | None = None):
         self.cfg = cfg
@@ -62,6 +76,7 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self.vision_cache = VisionCache(cfg.vlm_cache_size_mb)
         self._ids = itertools.count()
+        self._inflight: _Step | None = None      # the step queued on the device, not yet read back
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: ProcessedPrompt | list[int], params: SamplingParams,
@@ -104,24 +119,74 @@ class LLMEngine:
             return False
         self.scheduler.abort(request_id)
         self.runner.sampler.forget(request_id)
+        if self._inflight is not None and not any(self._live(seq) for seq, _ in self._inflight.sampled):
+            self._inflight = None                 # nothing left to read back from it
         return True
 
+    def _live(self, seq: Sequence) -> bool:
+        req = self._requests.get(seq.request_id)
+        return req is not None and req.seq is seq and seq.status is not Status.FINISHED
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Queue the next batch on the device, then finish the previous one: with overlap on, the
+        host's work for one step (outputs, detokenising, stop checks, scheduling and inputs of the
+        next) runs while the device computes, and the outputs returned are those of the step
+        before. A step's sampled ids feed the next one on the device, as placeholders on the host
+        (`PENDING`) until they are read back."""
+        outputs: list[RequestOutput] = []
+        prev, self._inflight = self._inflight, None
+        if prev is not None and not self._can_overlap(prev):
+            outputs += self._finish_step(prev)
+            prev = None
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        banned = {c.seq.request_id: self._banned(c.seq) for c in batch if c.samples}
-        tokens = self.runner.run(batch, {k: v for k, v in banned.items() if v})
+        launched = self._launch(batch, prev) if batch else None
+        if prev is not None:
+            outputs += self._finish_step(prev)
+        if launched is not None:
+            if self.cfg.overlap_schedule:
+                self._inflight = launched
+            else:
+                outputs += self._finish_step(launched)
+        return outputs
+
+    def _can_overlap(self, prev: _Step) -> bool:
+        """The next step may be queued before `prev` is read back unless a sequence's sampling
+        reads its history (penalties), which holds `prev`'s placeholders."""
+        return not any(needs_history(seq.params) for seq, _ in prev.sampled)
+
+    def _launch(self, batch: list[ScheduledChunk], prev: _Step | None) -> _Step | None:
+        banned = {c.seq.request_id: b for c in batch if c.samples and (b := self._banned(c.seq))}
+        tokens = self.runner.run(batch, banned, None if prev is None else prev.tokens)
         self.scheduler.computed(batch)
+        sampled = []
+        for i, chunk in enumerate(c for c in batch if c.samples):
+            seq = chunk.seq
+            sampled.append((seq, len(seq.output_ids)))
+            seq.output_ids.append(PENDING - i)
+            if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.cfg.max_model_len:
+                seq.finishing = True              # it ends on this token: schedule it no further
+        if tokens is None:
+            return None
+        host = tokens.to("cpu", non_blocking=True) if tokens.is_cuda else tokens
+        done = None
+        if tokens.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return _Step(tokens, host, done, sampled)
+
+    def _finish_step(self, step: _Step) -> list[RequestOutput]:
+        if step.done is not None:
+            step.done.synchronize()
         outputs = []
-        sampled = iter(tokens)
-        for chunk in batch:
-            if chunk.samples:
-                outputs.append(self._postprocess(chunk.seq, next(sampled)))
+        for (seq, pos), token in zip(step.sampled, step.host.tolist()):
+            if not self._live(seq):
+                continue                          # aborted, or ended before this token was needed
+            seq.output_ids[pos] = token
+            outputs.append(self._postprocess(seq, pos, token))
         return outputs
 
     def _banned(self, seq: Sequence) -> set[int]:
@@ -130,16 +195,15 @@ class LLMEngine:
             return set()
         return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
 
-    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
+    def _postprocess(self, seq: Sequence, pos: int, token: int) -> RequestOutput:
         req = self._requests[seq.request_id]
         p = seq.params
-        seq.output_ids.append(token)
         req.detok.push(token)
         reason = None
-        n_out = len(seq.output_ids)
+        n_out = pos + 1
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        elif n_out >= p.max_tokens or seq.num_tokens >= self.cfg.max_model_len:
+        elif n_out >= p.max_tokens or seq.num_prompt + n_out >= self.cfg.max_model_len:
             reason = "length"
         stop_hit = None
         if p.stop and reason != "stop":
@@ -153,6 +217,7 @@ class LLMEngine:
         delta = text[req.sent:emit_upto]
         req.sent = emit_upto
         if reason is not None:
+            del seq.output_ids[n_out:]            # a token queued after the last one is dropped
             self.scheduler.finish(seq, reason)
             self.runner.sampler.forget(seq.request_id)
             del self._requests[seq.request_id]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import EngineConfig
+from ..device import device_tensor
 from ..layers.attention import AttentionMetadata, varlen_attention_torch
 from ..layers.sampler import Sampler
 from ..loader import load_model
@@ -158,9 +159,14 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     @torch.no_grad()
-    def run(self, batch: list[ScheduledChunk], banned: dict[str, set[int]] | None = None) -> list[int]:
-        """Execute the batch; returns the sampled token for each chunk with `samples`, in order."""
-        ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch)
+    def run(self, batch: list[ScheduledChunk], banned: dict[str, set[int]] | None = None,
+            pending: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Queue the batch; returns the sampled ids (device, int64) of the chunks with `samples`, in
+        order, or None when no chunk samples. Nothing here waits for the GPU.
+
+        Token ids not yet known on the host are given as -(1 + i): the i-th id of `pending`, the
+        previous step's sampled ids, still on the device."""
+        ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch, pending)
         if (self.graphs is not None and vis_embeds is None and meta.is_decode_only and self.graphs.fits(len(batch))
                 and all(c.samples for c in batch)):
             return self.sampler.sample(self.graphs.run(ids, positions, meta), _sample_rows(batch, banned))
@@ -168,13 +174,14 @@ class ModelRunner:
         ends = itertools.accumulate(c.num_tokens for c in batch)
         last = [end - 1 for end, c in zip(ends, batch) if c.samples]
         if not last:
-            return []
-        logits = self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])
+            return None
+        logits = self.model.compute_logits(hidden[device_tensor(last, torch.long, self.device)])
         return self.sampler.sample(logits, _sample_rows([c for c in batch if c.samples], banned))
 
-    def prepare(self, batch: list[ScheduledChunk]):
+    def prepare(self, batch: list[ScheduledChunk], pending: torch.Tensor | None = None):
         """The step's device inputs. Plain Python lists per token, one tensor each at the end: a
-        decode step of many sequences must not pay several small torch ops per sequence."""
+        decode step of many sequences must not pay several small torch ops per sequence. Every
+        copy is queued from pinned memory, so preparing a step never waits for the one running."""
         bs = self.cfg.block_size
         ids, slots, flat_pos, vis_rows, mask_at = [], [], [], [], []
         pos_parts: list[torch.Tensor] | None = None        # only when a chunk has mRoPE prompt positions
@@ -211,15 +218,15 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_lens=[c.num_tokens for c in batch],
             context_lens=context_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=device_tensor(slots, torch.long, dev),
+            block_tables=device_tensor(tables, torch.int32, dev),
             block_size=bs,
-            context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            context_lens_t=device_tensor(context_lens, torch.int32, dev),
         )
         if pos_parts is None:
-            positions = torch.tensor(flat_pos, dtype=torch.long, device=dev).expand(3, -1)
+            positions = device_tensor(flat_pos, torch.long, dev).expand(3, -1)
         else:
-            positions = torch.cat(pos_parts, dim=1).to(dev)
+            positions = device_tensor(torch.cat(pos_parts, dim=1), torch.long, dev)
         vis_embeds, deepstack, mask_t = None, (), None
         if vis_rows:
             vis_embeds = torch.cat(vis_rows).to(dev)
@@ -228,8 +235,11 @@ class ModelRunner:
             mask = torch.zeros(len(ids), dtype=torch.bool)
             for start, sel in mask_at:
                 mask[start : start + sel.shape[0]] = sel
-            mask_t = mask.to(dev)
-        return torch.tensor(ids, dtype=torch.long, device=dev), positions, meta, vis_embeds, mask_t, deepstack
+            mask_t = device_tensor(mask, torch.bool, dev)
+        ids_t = device_tensor(ids, torch.long, dev)
+        if pending is not None and min(ids) < 0:            # ids sampled by the step still in flight
+            ids_t = torch.where(ids_t < 0, pending[(-1 - ids_t).clamp_(min=0)], ids_t)
+        return ids_t, positions, meta, vis_embeds, mask_t, deepstack
 
     @staticmethod
     def _positions(seq, a: int, b: int) -> torch.Tensor:

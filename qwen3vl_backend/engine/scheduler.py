@@ -71,6 +71,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.finishing:
+                i += 1
+                continue
             n = min(seq.remaining, budget)
             while not self.bm.ensure(seq, seq.num_computed + n):
                 victim = self.running[-1]

@@ -30,6 +30,8 @@ class Sequence:
     # identity of each prompt token for the prefix cache (media tokens carry their content hash)
     cache_keys: list | None = None
     arrival: float = 0.0
+    # its last token is queued and ends it (max_tokens or the context): the scheduler skips it
+    finishing: bool = False
 
     @property
     def tokens(self) -> list[int]:

@@ -1,13 +1,16 @@
 """Token sampling: penalties, temperature, top-k / top-p / min-p, per-request seeded draws.
 
 A seeded request draws from its own generator, so its tokens do not depend on what else is in
-the batch. Greedy (temperature 0) is an argmax over the penalised logits.
+the batch. Greedy (temperature 0) is an argmax over the penalised logits. The sampled ids stay
+on the logits' device: nothing here waits for the GPU, so the engine can prepare the next step
+while this one runs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..device import device_tensor
 from ..sampling_params import SamplingParams
 
 
@@ -50,21 +53,26 @@ def _plain_sampling(params: SamplingParams, banned) -> bool:
             and not params.presence_penalty and not params.frequency_penalty)
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> list[int]:
+def needs_history(params: SamplingParams) -> bool:
+    """Whether sampling reads the tokens generated so far (so the previous step must be known)."""
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """One draw per row from the same distribution `filter_probs` gives, for the whole batch at once:
     temperature, then top-k, top-p and min-p on the rows sorted by probability."""
     dev = logits.device
-    temp = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    temp = device_tensor([p.temperature for p in params], torch.float32, dev)[:, None]
     probs = torch.softmax(logits / temp, dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[-1], device=dev)[None, :]
-    top_k = torch.tensor([p.top_k if p.top_k and p.top_k > 0 else probs.shape[-1] for p in params], device=dev)
-    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=dev)[:, None]  # 1: keep all
-    min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+    top_k = device_tensor([p.top_k if p.top_k and p.top_k > 0 else probs.shape[-1] for p in params], torch.long, dev)
+    top_p = device_tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], torch.float32, dev)[:, None]  # 1: keep all
+    min_p = device_tensor([p.min_p for p in params], torch.float32, dev)[:, None]
     drop = (rank >= top_k[:, None]) | ((sorted_p.cumsum(-1) - sorted_p) >= top_p) | (sorted_p < min_p * sorted_p[:, :1])
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     picked = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1)
-    return order.gather(1, picked).squeeze(1).tolist()
+    return order.gather(1, picked).squeeze(1)
 
 
 class Sampler:
@@ -74,28 +82,32 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, rows: list) -> list[int]:
-        """logits (B, V); rows[i] = (request_id, params, prompt_ids, output_ids, banned_ids)."""
+    def sample(self, logits: torch.Tensor, rows: list) -> torch.Tensor:
+        """logits (B, V); rows[i] = (request_id, params, prompt_ids, output_ids, banned_ids).
+        Returns the B sampled ids (int64) on the logits' device."""
         logits = logits.float()
         if all(_plain_greedy(r[1], r[4]) for r in rows):           # the common serving case: one argmax
-            return logits.argmax(dim=-1).tolist()
-        out: list[int | None] = [None] * len(rows)
+            return logits.argmax(dim=-1)
+        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         batched = [i for i, r in enumerate(rows) if _plain_sampling(r[1], r[4])]
-        if len(batched) > 1:         # unseeded sampling without penalties: one batched draw
-            for i, token in zip(batched, sample_batch(logits[batched], [rows[i][1] for i in batched])):
-                out[i] = token
+        if len(batched) < 2:
+            batched = []
+        else:                        # unseeded sampling without penalties: one batched draw
+            index = device_tensor(batched, torch.long, logits.device)
+            out[index] = sample_batch(logits[index], [rows[i][1] for i in batched])
+        done = set(batched)
         for i, (rid, params, prompt_ids, output_ids, banned) in enumerate(rows):
-            if out[i] is not None:
+            if i in done:
                 continue
             row = apply_penalties(logits[i].clone(), params, prompt_ids, output_ids)
             if banned:
-                row[list(banned)] = float("-inf")
+                row[device_tensor(sorted(banned), torch.long, row.device)] = float("-inf")
             if params.greedy:
-                out[i] = int(row.argmax())
+                out[i] = row.argmax()
                 continue
             probs = filter_probs(torch.softmax(row / params.temperature, dim=-1), params)
             gen = self._generator(rid, params, row.device)
-            out[i] = int(torch.multinomial(probs, 1, generator=gen))
+            out[i] = torch.multinomial(probs, 1, generator=gen)[0]
         return out
 
     def _generator(self, rid: str, params: SamplingParams, device) -> torch.Generator | None:
