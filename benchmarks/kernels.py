@@ -9,6 +9,7 @@ MoE bytes: the distinct experts the batch routes to (w13 + w2) plus activations 
 import argparse
 import itertools
 import json
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,7 @@ import kernels.fused_moe
 from kernels.attention import num_splits_for, paged_decode_attention
 from kernels.fused_moe import PAIR_CONFIG, PAIR_PATH_MAX_M, fused_moe, fused_moe_pairs, lookup_config
 from kernels.fused_moe import route as route_kernel
+from kernels.linear import config_file
 from qwen3vl_backend.layers.moe import route
 
 from .common import cuda_time_ms, graph_time_ms, print_table, write_result
@@ -86,6 +88,14 @@ def bench_moe(ceil: dict) -> list[dict]:
     return rows
 
 
+def _per_call_ms(fn, calls: int = 10) -> float:
+    """Graph-replay time of one call, `calls` calls captured back to back (no launch overhead)."""
+    def many():
+        for _ in range(calls):
+            fn()
+    return graph_time_ms(many, iters=10) / calls
+
+
 def sweep_pair_configs() -> list[dict]:
     """Graph-replay time of the pair path over launch shapes at decode sizes: gate_up's swept
     first, then down's with the best gate_up."""
@@ -95,17 +105,86 @@ def sweep_pair_configs() -> list[dict]:
     for m in (1, 8, 16):
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
         weights, ids = route(torch.randn(m, E, device="cuda"), A, True)
-        cfg, best_ms = dict(PAIR_CONFIG), float("inf")
-        for keys, ns, ks in ((("BLOCK_N", "BLOCK_K", "num_warps"), (8, 16, 32), (128, 256, 512)),
-                             (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps"), (4, 8, 16), (64, 128, 256))):
+        cfg = dict(kernels.fused_moe.PAIR_CONFIGS[m] if m in kernels.fused_moe.PAIR_CONFIGS else PAIR_CONFIG)
+        start_ms = _per_call_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, cfg))
+        for keys, space in ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (128, 256, 512, 1024), (4, 8), (1, 3))),
+                            (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((2, 4, 8, 16), (128, 256, 1024), (2, 4, 8), (1, 3)))):
             best_ms, start = float("inf"), cfg
-            for shape in itertools.product(ns, ks, (2, 4, 8)):
+            for shape in itertools.product(*space):
+                if shape[0] * shape[1] * (8 if keys[0].startswith("DOWN") else 2) > 65536:
+                    continue                 # accumulators past the register file
                 trial = {**start, **dict(zip(keys, shape))}
-                ms = graph_time_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, trial), iters=10)
+                ms = _per_call_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, trial))
                 if ms < best_ms:
                     best_ms, cfg = ms, trial
-        rows.append({"M": m, "best_ms": best_ms, "config": json.dumps(cfg)})
+        rows.append({"M": m, "current_ms": start_ms, "best_ms": best_ms, "config": json.dumps(cfg)})
     return rows
+
+
+def sweep_concentrated_routing() -> list[dict]:
+    """The sorted path at M=64 where the batch's 512 pairs land on 12 experts (what greedy decoding
+    of dummy weights does) and where they spread (uniform routing): the tuned config against a
+    grid, each config timed on both routings."""
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    m = 64
+    x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
+    uniform = route(torch.randn(m, E, device="cuda"), A, True)
+    hot = torch.randn(m, E, device="cuda")
+    hot[:, :12] += 20.0                          # every token's top-8 among the first 12 experts
+    concentrated = route(hot, A, True)
+    tuned = lookup_config(E, I, H, m, x.device)
+
+    def both(cfg):
+        return tuple(_per_call_ms(lambda: fused_moe(x, w13, w2, *r, cfg), calls=5) for r in (concentrated, uniform))
+
+    base = both(tuned)
+    best = (sum(base), tuned, base)
+    for bm, bn, bk, warps, stages in itertools.product((16, 32, 64), (64, 128), (64, 128), (4, 8), (3, 4)):
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+        try:
+            t = both(cfg)
+        except Exception as e:
+            print(f"sorted {cfg}: {type(e).__name__}")
+            continue
+        best = min(best, (sum(t), cfg, t), key=lambda v: v[0])
+    return [{"M": m, "tuned_concentrated_ms": base[0], "tuned_uniform_ms": base[1],
+             "best_concentrated_ms": best[2][0], "best_uniform_ms": best[2][1], "config": json.dumps(best[1])}]
+
+
+LINEAR_SHAPES = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "router": (128, 2048)}     # (N, K), 30B-A3B
+
+
+def sweep_linear(ceil: dict) -> tuple[list[dict], dict]:
+    """The decoder's projections at decode sizes: cuBLAS (F.linear) against the skinny GEMM's
+    best launch shape; -> rows, and the table kernels.linear reads (per shape and M, the best
+    config or "cublas")."""
+    from kernels.linear import skinny_linear
+
+    rows, table = [], {}
+    for name, (n, k) in LINEAR_SHAPES.items():
+        w = (torch.randn(n, k, device="cuda") * k ** -0.5).bfloat16()
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cublas = _per_call_ms(lambda: torch.nn.functional.linear(x, w))
+            best = (float("inf"), None)
+            block_ns = (2, 4, 8, 16, 32) if m == 1 else (16, 32, 64)
+            for bn, bk, warps, stages in itertools.product(block_ns, (128, 256, 512, 1024), (2, 4, 8), (1, 3)):
+                if m == 1 and bn * bk > 8192:
+                    continue
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+                try:
+                    ms = _per_call_ms(lambda: skinny_linear(x, w, config=cfg))
+                except Exception as e:          # out of shared memory for the larger tiles
+                    print(f"linear {cfg}: {type(e).__name__}")
+                    continue
+                best = min(best, (ms, cfg), key=lambda t: t[0])
+            floor = 2 * n * k / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+            rows.append({"proj": name, "N": n, "K": k, "M": m, "cublas_ms": cublas, "skinny_ms": best[0],
+                         "floor_over_cublas": floor / cublas, "floor_over_skinny": floor / best[0],
+                         "config": json.dumps(best[1])})
+            table.setdefault(f"{n},{k}", {})[str(m)] = best[1] if best[0] < cublas else "cublas"
+    return rows, table
 
 
 def sweep_varlen_attention() -> list[dict]:
@@ -157,21 +236,46 @@ def bench_decode_attention(ceil: dict) -> list[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="moe,pairs,linear,routing,varlen,attention",
+                    help="comma-separated parts to run")
     args = ap.parse_args(argv)
+    parts = set(args.only.split(","))
     ceil = roofline()
-    moe = bench_moe(ceil)
-    print("fused MoE, 30B-A3B shapes (E=128, H=2048, I=768, top-8), bf16")
-    print_table(moe, list(moe[0]))
-    pairs = sweep_pair_configs()
-    print("pair path launch shapes (graph replay, gate_up then down swept)")
-    print_table(pairs, list(pairs[0]))
-    varlen = sweep_varlen_attention()
-    print("ViT varlen attention (16 heads, D=72), bf16")
-    print_table(varlen, list(varlen[0]))
-    attn = bench_decode_attention(ceil)
-    print("paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16")
-    print_table(attn, list(attn[0]))
-    print(write_result("kernels", {"ceilings": ceil, "moe_shape": [E, H, I, A]}, moe + pairs + varlen + attn, args.out))
+    rows = []
+    if "linear" in parts:
+        linear, table = sweep_linear(ceil)
+        print("decoder projections at decode sizes: cuBLAS against the skinny GEMM (graph replay per call)")
+        print_table(linear, list(linear[0]))
+        rows += linear
+        path = Path(args.out or ".") / config_file(torch.cuda.get_device_name()).name
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"skinny GEMM table -> {path} (copy to kernels/configs/ to use it)")
+    if "pairs" in parts:
+        pairs = sweep_pair_configs()
+        print("pair path launch shapes (graph replay, gate_up then down swept)")
+        print_table(pairs, list(pairs[0]))
+        rows += pairs
+    if "routing" in parts:
+        conc = sweep_concentrated_routing()
+        print("sorted path at M=64: 12 experts hit against uniform routing")
+        print_table(conc, list(conc[0]))
+        rows += conc
+    if "moe" in parts:
+        moe = bench_moe(ceil)
+        print("fused MoE, 30B-A3B shapes (E=128, H=2048, I=768, top-8), bf16")
+        print_table(moe, list(moe[0]))
+        rows += moe
+    if "varlen" in parts:
+        varlen = sweep_varlen_attention()
+        print("ViT varlen attention (16 heads, D=72), bf16")
+        print_table(varlen, list(varlen[0]))
+        rows += varlen
+    if "attention" in parts:
+        attn = bench_decode_attention(ceil)
+        print("paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16")
+        print_table(attn, list(attn[0]))
+        rows += attn
+    print(write_result("kernels", {"ceilings": ceil, "moe_shape": [E, H, I, A], "parts": sorted(parts)}, rows, args.out))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from kernels.attention import paged_decode_attention, paged_decode_attention_reference
 from kernels.fused_moe import align_by_expert, align_by_expert_reference, fused_moe, fused_moe_pairs, fused_moe_reference
 from kernels.fused_moe import route as route_kernel
+from kernels.linear import skinny_linear, skinny_linear_reference
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from kernels.rope import qkv_prep_
 from kernels.varlen_attention import varlen_attention
@@ -91,6 +92,22 @@ def test_fused_moe_rejects_mismatched_shapes():
     x, w13, w2, w, ids = moe_inputs(3, 4, 32, 16, 2, device=DEV)
     with pytest.raises(ValueError, match="fused_moe shapes disagree"):
         fused_moe(x, w13, w2[:, :, :8], w, ids, SMALL_CFG)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k,bias", [(24, 100, False), (7, 64, True), (40, 300, False)])
+def test_skinny_linear_matches_reference(m, n, k, bias):
+    x, w = torch.randn(m, k, device=DEV), torch.randn(n, k, device=DEV)
+    b = torch.randn(n, device=DEV) if bias else None
+    cfg = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    assert rel(skinny_linear(x, w, b, cfg), skinny_linear_reference(x, w, b)) < FP32_TOL
+
+
+def test_skinny_linear_leaves_large_batches_to_torch():
+    x, w = torch.randn(17, 32, device=DEV), torch.randn(8, 32, device=DEV)
+    assert torch.equal(skinny_linear(x, w), torch.nn.functional.linear(x, w))
+    with pytest.raises(ValueError, match="M <= 16"):
+        skinny_linear(x, w, config={"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1})
 
 
 def cache_inputs(s, h, hkv, d, bs, nb, dtype=torch.float32, device="cpu", max_ctx=None):
@@ -183,6 +200,16 @@ def test_qkv_prep_matches_norm_rotary_and_cache_write(t, hq, hkv, d):
 def test_fused_moe_gpu_bf16_30b_shapes(m):
     x, w13, w2, w, ids = moe_inputs(m, 128, 2048, 768, 8, torch.bfloat16, "cuda")
     assert rel(fused_moe(x, w13, w2, w, ids), fused_moe_reference(x, w13, w2, w, ids)) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("n,k", [(5120, 2048), (2048, 4096), (128, 2048), (1000, 2000)])
+def test_skinny_linear_gpu_bf16_30b_shapes(m, n, k):
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") * k ** -0.5).bfloat16()
+    for cfg in (None, {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}):
+        assert rel(skinny_linear(x, w, config=cfg), skinny_linear_reference(x, w)) < 1e-2
 
 
 @gpu

@@ -7,6 +7,7 @@ and samples the sequences whose chunk reached their last token.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -67,8 +68,9 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
     """Point the layers at the Triton kernels the config asks for (GPU); torch code otherwise.
 
     `fuse` (default: on a GPU) adds the small fused kernels: one qkv projection + qkv_prep_, the
-    routing kernel and the residual RMSNorm kernel. On CPU they only cost interpreter time, but
-    tests ask for them to check the GPU's layer path."""
+    routing kernel, the residual RMSNorm kernel, and the skinny GEMM for the decoder's projections
+    at decode batch sizes. On CPU they only cost interpreter time, but tests ask for them to check
+    the GPU's layer path."""
     from ..layers.moe import SparseMoE
     from ..layers.norm import RMSNorm
     from ..models.text import Attention
@@ -78,6 +80,7 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
     if triton_attn or triton_moe:
         from kernels.attention import paged_decode_attention
         from kernels.fused_moe import fused_moe, route
+        from kernels.linear import skinny_linear
         from kernels.rmsnorm import rmsnorm
         from kernels.rope import qkv_prep_
     on_gpu = cfg.device.startswith("cuda") if fuse is None else fuse
@@ -86,13 +89,21 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
         if isinstance(m, Attention) and triton_attn:
             m.decode_fn = paged_decode_attention
             if on_gpu:
-                m.fuse_qkv(qkv_prep_)
+                m.fuse_qkv(qkv_prep_, skinny_linear)
         elif isinstance(m, SparseMoE) and triton_moe:
             m.experts_fn = fused_moe
             if on_gpu:
                 m.route_fn = route
         elif isinstance(m, RMSNorm) and triton_attn and on_gpu:
             m.kernel = rmsnorm
+        elif isinstance(m, torch.nn.Linear) and triton_attn and on_gpu:
+            m.forward = functools.partial(_skinny_forward, m, skinny_linear)
+
+
+def _skinny_forward(linear: torch.nn.Linear, fn, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2:
+        return torch.nn.functional.linear(x, linear.weight, linear.bias)
+    return fn(x, linear.weight, linear.bias)
 
 
 def _sample_rows(chunks: list[ScheduledChunk], banned: dict[str, set[int]] | None) -> list[tuple]:

@@ -34,9 +34,9 @@ class Attention(nn.Module):
         self.prep_fn = None            # with fuse_qkv: q/k norm + rotary + cache write in one kernel
         self.qkv_weight = self.qkv_bias = None
 
-    def fuse_qkv(self, prep_fn) -> None:
-        """One projection for q, k and v (the three weights become views of one tensor) and one
-        kernel after it (kernels.rope.qkv_prep_)."""
+    def fuse_qkv(self, prep_fn, linear_fn=F.linear) -> None:
+        """One projection for q, k and v (the three weights become views of one tensor, projected
+        by `linear_fn`) and one kernel after it (kernels.rope.qkv_prep_)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         self.qkv_weight = torch.cat([p.weight.data for p in projs])
         self.qkv_bias = torch.cat([p.bias.data for p in projs]) if self.q_proj.bias is not None else None
@@ -48,11 +48,12 @@ class Attention(nn.Module):
                 p.bias.data = self.qkv_bias[start : start + n]
             start += n
         self.prep_fn = prep_fn
+        self.linear_fn = linear_fn
 
     def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata):
         t = x.shape[0]
         if self.prep_fn is not None:
-            q, k, v = self.prep_fn(F.linear(x, self.qkv_weight, self.qkv_bias), self.heads, self.kv_heads,
+            q, k, v = self.prep_fn(self.linear_fn(x, self.qkv_weight, self.qkv_bias), self.heads, self.kv_heads,
                                    self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, cache,
                                    meta.slot_mapping)
         else:

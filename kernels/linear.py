@@ -1,0 +1,112 @@
+"""Skinny GEMM for decode: y = x @ w.T (+ bias) for a few rows of x (M <= 16).
+
+A decode step's projections read a whole weight matrix for one to sixteen tokens: pure memory
+traffic, where cuBLAS picks small-tile kernels (with a split-K reduction for long K) that reach
+half the copy bandwidth on 17-21 MB matrices. Here each program streams BLOCK_N weight rows once:
+M == 1 multiplies and sums in registers; 2 <= M <= 16 pads the rows to 16 for tl.dot.
+
+Launch shapes per (N, K) and M are data (kernels/configs/skinny_linear,device=*.json), written by
+`python -m benchmarks.kernels --tune-linear`; a shape the table marks "cublas" (or M past the
+table) runs F.linear.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+MAX_M = 16
+DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                   HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, M_PAD)
+    m_ok = offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    if M_PAD == 1:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - k * BLOCK_K
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            xk = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            acc2 += w.to(tl.float32) * xk.to(tl.float32)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = tl.sum(acc2, 1)[None, :]
+    else:
+        acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - k * BLOCK_K
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            xk = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(xk, tl.trans(w), acc)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """x (M, K), w (N, K) -> (M, N); M <= MAX_M rows with our kernel (or the table's choice)."""
+    m, k = x.shape
+    n = w.shape[0]
+    if config is None:
+        config = lookup_config(n, k, m, x.device) if 0 < m <= MAX_M else None
+        if config is None:
+            return F.linear(x, w, bias)
+    if m > MAX_M or w.shape[1] != k or w.stride(-1) != 1:
+        raise ValueError(f"skinny_linear: x {tuple(x.shape)} w {tuple(w.shape)} (M <= {MAX_M}, w's rows contiguous)")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    m_pad = 1 if m == 1 else 16
+    block_n = config["BLOCK_N"] if m_pad == 1 else max(16, config["BLOCK_N"])
+    _skinny_kernel[(triton.cdiv(n, block_n),)](
+        x, w, bias if bias is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return y
+
+
+def config_file(device_name: str) -> Path:
+    return CONFIG_DIR / f"skinny_linear,device={device_name.replace(' ', '_')}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _table(device_name: str) -> dict:
+    """{"N,K": {"M": config or "cublas"}}: this device's table, else the H200's (the only one tuned)."""
+    for path in (config_file(device_name), config_file("NVIDIA H200")):
+        if path.exists():
+            return json.loads(path.read_text())
+    return {}
+
+
+def lookup_config(n: int, k: int, m: int, device: torch.device) -> dict | None:
+    """The launch shape for this (N, K) at the nearest tuned M; None: F.linear is faster there."""
+    if device.type != "cuda":
+        return DEFAULT_CONFIG
+    by_m = _table(torch.cuda.get_device_name(device)).get(f"{n},{k}")
+    if not by_m:
+        return DEFAULT_CONFIG
+    cfg = by_m[min(by_m, key=lambda key: abs(int(key) - m))]
+    return None if cfg == "cublas" else cfg
+
+
+def skinny_linear_reference(x, w, bias=None) -> torch.Tensor:
+    return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
