@@ -9,7 +9,6 @@ MoE bytes: the distinct experts the batch routes to (w13 + w2) plus activations 
 import argparse
 import itertools
 import json
-from pathlib import Path
 
 import torch
 
@@ -88,33 +87,39 @@ def bench_moe(ceil: dict) -> list[dict]:
     return rows
 
 
-def _per_call_ms(fn, calls: int = 10) -> float:
-    """Graph-replay time of one call, `calls` calls captured back to back (no launch overhead)."""
+def _per_call_ms(fn, calls: int = 16) -> float:
+    """Graph-replay time of one call, fn(0) .. fn(calls - 1) captured back to back (no launch
+    overhead). fn(i) should read different weights for different i, so that what one call leaves
+    in L2 does not serve the next: a decode step reads each layer's weights once."""
     def many():
-        for _ in range(calls):
-            fn()
+        for i in range(calls):
+            fn(i)
     return graph_time_ms(many, iters=10) / calls
+
+
+L2_DEFEAT_BYTES = 256 * 2**20        # weights cycled per timing: several times any L2
 
 
 def sweep_pair_configs() -> list[dict]:
     """Graph-replay time of the pair path over launch shapes at decode sizes: gate_up's swept
-    first, then down's with the best gate_up."""
+    first, then down's with the best gate_up. Each call routes to other experts."""
     w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
     w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * I ** -0.5
     rows = []
-    for m in (1, 8, 16):
+    for m in (1, 8):
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
-        weights, ids = route(torch.randn(m, E, device="cuda"), A, True)
-        cfg = dict(kernels.fused_moe.PAIR_CONFIGS[m] if m in kernels.fused_moe.PAIR_CONFIGS else PAIR_CONFIG)
-        start_ms = _per_call_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, cfg))
-        for keys, space in ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (128, 256, 512, 1024), (4, 8), (1, 3))),
-                            (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((2, 4, 8, 16), (128, 256, 1024), (2, 4, 8), (1, 3)))):
+        routings = [route(torch.randn(m, E, device="cuda"), A, True) for _ in range(16)]
+        cfg = dict(kernels.fused_moe.PAIR_CONFIGS.get(m, PAIR_CONFIG))
+
+        def call(c):
+            return lambda i: fused_moe_pairs(x, w13, w2, *routings[i % 16], c)
+        start_ms = _per_call_ms(call(cfg))
+        for keys, space in ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (128, 256, 512), (4, 8), (1, 3))),
+                            (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((4, 8, 16), (128, 256), (2, 4, 8), (1, 3)))):
             best_ms, start = float("inf"), cfg
             for shape in itertools.product(*space):
-                if shape[0] * shape[1] * (8 if keys[0].startswith("DOWN") else 2) > 65536:
-                    continue                 # accumulators past the register file
                 trial = {**start, **dict(zip(keys, shape))}
-                ms = _per_call_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, trial))
+                ms = _per_call_ms(call(trial))
                 if ms < best_ms:
                     best_ms, cfg = ms, trial
         rows.append({"M": m, "current_ms": start_ms, "best_ms": best_ms, "config": json.dumps(cfg)})
@@ -136,11 +141,11 @@ def sweep_concentrated_routing() -> list[dict]:
     tuned = lookup_config(E, I, H, m, x.device)
 
     def both(cfg):
-        return tuple(_per_call_ms(lambda: fused_moe(x, w13, w2, *r, cfg), calls=5) for r in (concentrated, uniform))
+        return tuple(_per_call_ms(lambda i: fused_moe(x, w13, w2, *r, cfg), calls=4) for r in (concentrated, uniform))
 
     base = both(tuned)
     best = (sum(base), tuned, base)
-    for bm, bn, bk, warps, stages in itertools.product((16, 32, 64), (64, 128), (64, 128), (4, 8), (3, 4)):
+    for bm, bn, bk, warps, stages in itertools.product((16, 32, 64), (64, 128), (64, 128), (4, 8), (3,)):
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
         try:
             t = both(cfg)
@@ -163,18 +168,22 @@ def sweep_linear(ceil: dict) -> tuple[list[dict], dict]:
 
     rows, table = [], {}
     for name, (n, k) in LINEAR_SHAPES.items():
-        w = (torch.randn(n, k, device="cuda") * k ** -0.5).bfloat16()
+        copies = max(2, L2_DEFEAT_BYTES // (2 * n * k))
+        ws = [(torch.randn(n, k, device="cuda") * k ** -0.5).bfloat16() for _ in range(copies)]
         for m in (1, 4, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cublas = _per_call_ms(lambda: torch.nn.functional.linear(x, w))
+            cublas = _per_call_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies]))
             best = (float("inf"), None)
-            block_ns = (2, 4, 8, 16, 32) if m == 1 else (16, 32, 64)
-            for bn, bk, warps, stages in itertools.product(block_ns, (128, 256, 512, 1024), (2, 4, 8), (1, 3)):
-                if m == 1 and bn * bk > 8192:
+            if m == 1:
+                space = itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (1, 3))
+            else:
+                space = itertools.product((16, 32), (256, 512), (2, 4), (3,))
+            for bn, bk, warps, stages in space:
+                if bn * bk > 8192:
                     continue
                 cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
                 try:
-                    ms = _per_call_ms(lambda: skinny_linear(x, w, config=cfg))
+                    ms = _per_call_ms(lambda i: skinny_linear(x, ws[i % copies], config=cfg))
                 except Exception as e:          # out of shared memory for the larger tiles
                     print(f"linear {cfg}: {type(e).__name__}")
                     continue
@@ -247,9 +256,8 @@ def main(argv=None):
         print("decoder projections at decode sizes: cuBLAS against the skinny GEMM (graph replay per call)")
         print_table(linear, list(linear[0]))
         rows += linear
-        path = Path(args.out or ".") / config_file(torch.cuda.get_device_name()).name
-        path.write_text(json.dumps(table, indent=1) + "\n")
-        print(f"skinny GEMM table -> {path} (copy to kernels/configs/ to use it)")
+        print("skinny GEMM table for", config_file(torch.cuda.get_device_name()).name)
+        print(json.dumps(table))
     if "pairs" in parts:
         pairs = sweep_pair_configs()
         print("pair path launch shapes (graph replay, gate_up then down swept)")
