@@ -248,10 +248,12 @@ FUSE_SILU = True
 PAIR_PATH_MAX_M = 16
 PAIR_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "DOWN_BLOCK_N": 8, "DOWN_BLOCK_K": 128,
                "down_warps": 4}
-# measured best launch shapes by M (benchmarks.kernels sweeps them), nearest M used
-PAIR_CONFIGS = {1: PAIR_CONFIG,
-                8: {**PAIR_CONFIG, "num_warps": 2},
-                16: {**PAIR_CONFIG, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 2}}
+# measured best launch shapes by M (benchmarks.kernels sweeps them, each call streaming its experts
+# from memory; H100, 2026-11-21), nearest M used
+PAIR_CONFIGS = {1: {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3,
+                    "DOWN_BLOCK_N": 8, "DOWN_BLOCK_K": 256, "down_warps": 4, "down_stages": 1},
+                8: {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 8, "num_stages": 1,
+                    "DOWN_BLOCK_N": 8, "DOWN_BLOCK_K": 128, "down_warps": 2, "down_stages": 1}}
 
 
 def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = None) -> torch.Tensor:
@@ -397,6 +399,8 @@ def _load_table(path: str) -> dict[int, dict] | None:
 def lookup_config(e: int, inter: int, hidden: int, m: int, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     table = _load_table(str(config_file(e, inter, hidden, name)))
+    if table is None and device.type == "cuda":     # another Hopper: the H200's table beats the default
+        table = _load_table(str(config_file(e, inter, hidden, "NVIDIA H200")))
     if table is None:
         _warn_default(e, inter, hidden, name)
         return DEFAULT_CONFIG

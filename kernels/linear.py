@@ -90,8 +90,8 @@ def config_file(device_name: str) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _table(device_name: str) -> dict:
-    """{"N,K": {"M": config or "cublas"}}: this device's table, else the H200's (the only one tuned)."""
-    for path in (config_file(device_name), config_file("NVIDIA H200")):
+    """{"N,K": {"M": config or "cublas"}}: this device's table, else the H100's (tuned there)."""
+    for path in (config_file(device_name), config_file("NVIDIA H100 80GB HBM3")):
         if path.exists():
             return json.loads(path.read_text())
     return {}
