@@ -102,8 +102,13 @@ def graph_time_ms(fn, iters: int = 20) -> float:
     return cuda_time_ms(graph.replay, warmup=2, iters=iters)
 
 
-def png_data_uri(img) -> str:
-    """A PIL image as the data: URI a client would send (PNG)."""
+def image_data_uri(img, fmt: str = "png") -> str:
+    """A PIL image as the data: URI a client would send: PNG (lossless) or JPEG (quality 90)."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    if fmt == "png":
+        img.save(buf, format="PNG")
+    elif fmt == "jpeg":
+        img.save(buf, format="JPEG", quality=90)
+    else:
+        raise ValueError(f"image format {fmt!r}: png or jpeg")
+    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode()

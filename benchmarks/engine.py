@@ -28,7 +28,7 @@ from qwen3vl_backend.model_config import ModelConfig
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.sampling_params import SamplingParams
 
-from .common import RESULTS, bundled_model_dir, png_data_uri, print_table, write_result
+from .common import RESULTS, bundled_model_dir, image_data_uri, print_table, write_result
 from .roofline import measure as roofline
 
 def make_request(tokenizer, seed: int) -> tuple[Image.Image, str]:
@@ -41,7 +41,7 @@ def make_request(tokenizer, seed: int) -> tuple[Image.Image, str]:
 
 def make_prompt(processor: Processor, seed: int):
     img, text = make_request(processor.tokenizer, seed)
-    url = png_data_uri(img)
+    url = image_data_uri(img)
     return processor.process_messages([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}])
 

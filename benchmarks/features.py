@@ -22,7 +22,7 @@ from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.sampling_params import SamplingParams
 from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
 
-from .common import bundled_model_dir, png_data_uri, print_table, write_result
+from .common import bundled_model_dir, image_data_uri, print_table, write_result
 from .engine import make_prompt
 
 
@@ -60,7 +60,7 @@ def vit_graph_rows(model_dir) -> list[dict]:
     rows = []
     for w, h in ((448, 448), (256, 256)):          # within the graphs' buckets (up to 1024 patches)
         img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
-        media = processor.load_all([MediaRef("image", png_data_uri(img))])
+        media = processor.load_all([MediaRef("image", image_data_uri(img))])
         pixels = torch.cat([m.pixel_values for m in media]).cuda().bfloat16()
         grids = [m.grid_thw for m in media]
         metric = f"ViT ms, {w}x{h} ({pixels.shape[0]} patches)"

@@ -18,7 +18,7 @@ for i in $(seq 1 200); do sleep 2; grep -q "Ctrl-C" "$out/launch.log" && break; 
 tail -3 "$out/launch.log"
 $py -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8080/v2/trace/setting', data=b'{\"log_frequency\":\"1\"}', method='POST'))"
 $py -m benchmarks.serving --url http://127.0.0.1:8000 --model Qwen3-VL-30B-A3B-Instruct \
-    --model-dir .serve/models/Qwen3-VL-30B-A3B-Instruct --concurrency ${CONCURRENCY:-1,8,32} --out-tokens 128 \
+    --model-dir .serve/models/Qwen3-VL-30B-A3B-Instruct --concurrency ${CONCURRENCY:-1,8,32} --image-format ${FORMATS:-png} --out-tokens 128 \
     --label="$label" --triton-http http://127.0.0.1:8080 --out "$out"
 kill -INT $launcher; wait $launcher
 $py -m benchmarks.triton_trace "$out"/trace/trace.json.* > "$out/trace-summary.txt" 2>/dev/null

@@ -19,7 +19,7 @@ import numpy as np
 
 from qwen3vl_backend.processing.tokenizer import Tokenizer
 
-from .common import png_data_uri, print_table, write_result
+from .common import image_data_uri, print_table, write_result
 from .engine import make_request
 
 
@@ -63,9 +63,9 @@ async def run(url: str, body: dict, warmup: dict, concurrency: int) -> dict:
             "all_texts_equal": len({r[2] for r in results}) == 1}
 
 
-def chat_body(model: str, tokenizer, seed: int, max_tokens: int) -> dict:
+def chat_body(model: str, tokenizer, seed: int, max_tokens: int, fmt: str = "png") -> dict:
     img, text = make_request(tokenizer, seed)
-    url = png_data_uri(img)
+    url = image_data_uri(img, fmt)
     return {"model": model, "stream": True, "temperature": 0, "ignore_eos": True, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                       {"type": "text", "text": text}]}]}
@@ -102,14 +102,21 @@ def main(argv=None):
     ap.add_argument("--out-tokens", type=int, default=128)
     ap.add_argument("--label", default="", help="recorded in the settings (e.g. keep-mm-feature-on-device)")
     ap.add_argument("--triton-http", default=None, help="Triton's HTTP URL: adds per-model times from its statistics")
+    ap.add_argument("--image-format", default="png",
+                    help="comma-separated: png (a 2.8 MB noise image), jpeg (the same pixels, quality 90, 0.8 MB); "
+                         "formats after the first run at the lowest concurrency only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     tokenizer = Tokenizer(args.model_dir)
     rows = []
-    for n, c in enumerate(args.concurrency.split(",")):
-        body, warmup = chat_body(args.model, tokenizer, 100 + n, args.out_tokens), chat_body(args.model, tokenizer, n, 4)
+    formats = args.image_format.split(",")
+    levels = [(formats[0], c) for c in args.concurrency.split(",")]
+    levels += [(f, args.concurrency.split(",")[0]) for f in formats[1:]]
+    for n, (fmt, c) in enumerate(levels):
+        body = chat_body(args.model, tokenizer, 100 + n, args.out_tokens, fmt)
+        warmup = chat_body(args.model, tokenizer, n, 4, fmt)
         before = triton_stats(args.triton_http) if args.triton_http else {}
-        rows.append(asyncio.run(run(args.url, body, warmup, int(c))))
+        rows.append({"image_format": fmt, **asyncio.run(run(args.url, body, warmup, int(c)))})
         if args.triton_http:       # includes the warm-up request: a rough per-stage split
             for model, t in stage_times(before, triton_stats(args.triton_http)).items():
                 if model != "llm":  # llm's compute time spans the whole decoupled stream
@@ -117,7 +124,7 @@ def main(argv=None):
                         rows[-1][f"{model}_{k}_ms"] = v
     print_table(rows, list(rows[0]))
     print(write_result("serving", {"url": args.url, "model": args.model, "out_tokens": args.out_tokens,
-                                   "image": "1280x720 png", "text_tokens": 64, "path": "OpenAI adapter -> Triton",
+                                   "image": "1280x720 noise", "text_tokens": 64, "path": "OpenAI adapter -> Triton",
                                    "label": args.label},
                        rows, args.out))
 

@@ -144,7 +144,7 @@ class Processor:
 
 def _hash(pixel_values: torch.Tensor, grid) -> str:
     h = hashlib.sha256(repr(tuple(grid)).encode())
-    h.update(pixel_values.contiguous().numpy().tobytes())
+    h.update(memoryview(pixel_values.contiguous().numpy()).cast("B"))     # no copy of the pixels
     return h.hexdigest()[:32]
 
 
