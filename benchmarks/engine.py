@@ -161,6 +161,29 @@ def profile_decode(engine: LLMEngine, prompts, out_dir: Path, steps: int = 8) ->
     print(head + table)
 
 
+def profile_prefill(engine: LLMEngine, prompt, out_dir: Path) -> None:
+    """GPU time per kernel from a request's arrival to its first token: the ViT, then the prefill."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    wall = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), "prefill")
+        while not any(o.request_id == rid for o in engine.step()):
+            pass
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - wall) * 1e3
+    engine.abort(rid)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    head = (f"one request to its first token ({len(prompt.prompt_ids)} prompt tokens, 1280x720 image): "
+            f"{len(kernels)} GPU kernels, GPU busy {sum(e.device_time for e in kernels) / 1e3:.2f} ms of "
+            f"{wall:.2f} ms (profiled)\n")
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"profile-prefill-{time.strftime('%Y%m%d-%H%M%S')}.txt").write_text(head + table)
+    print(head + table)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="Qwen3-VL-30B-A3B-Instruct")
@@ -172,6 +195,8 @@ def main(argv=None):
                     help="sampled decoding spreads the routing the way real weights do; greedy on dummy weights does not")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 8 single-stream decode steps: per-kernel GPU time, to DIR/profile-*.txt")
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="also profile one request from arrival to first token (ViT + prefill)")
     ap.add_argument("--compare-overlap", action="store_true",
                     help="also run the lowest and highest concurrency with the overlap scheduler off")
     ap.add_argument("--out", default=None)
@@ -210,6 +235,8 @@ def main(argv=None):
                      uniform_routing_floor_ms=uniform_ms)
             rows.append(r)
             print_table([r], list(r))
+        if args.profile_prefill:
+            profile_prefill(engine, prompts[0], Path(args.out or RESULTS))
         if args.profile:
             for c in sorted({1, max(int(x) for x in args.concurrency.split(","))}):
                 profile_decode(engine, prompts[:c], Path(args.out or RESULTS))
