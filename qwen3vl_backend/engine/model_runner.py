@@ -248,7 +248,9 @@ class ModelRunner:
                 mask[start : start + sel.shape[0]] = sel
             mask_t = device_tensor(mask, torch.bool, dev)
         ids_t = device_tensor(ids, torch.long, dev)
-        if pending is not None and min(ids) < 0:            # ids sampled by the step still in flight
+        if min(ids) < 0:                                    # ids sampled by the step still in flight
+            if pending is None:
+                raise RuntimeError("a placeholder token id without the step in flight that samples it")
             ids_t = torch.where(ids_t < 0, pending[(-1 - ids_t).clamp_(min=0)], ids_t)
         return ids_t, positions, meta, vis_embeds, mask_t, deepstack
 
