@@ -245,6 +245,8 @@ def bench_decode_attention(ceil: dict) -> list[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--write-configs", action="store_true",
+                    help="write the skinny GEMM's swept table to kernels/configs/ for this GPU")
     ap.add_argument("--only", default="moe,pairs,linear,routing,varlen,attention",
                     help="comma-separated parts to run")
     args = ap.parse_args(argv)
@@ -256,33 +258,24 @@ def main(argv=None):
         print("decoder projections at decode sizes: cuBLAS against the skinny GEMM (graph replay per call)")
         print_table(linear, list(linear[0]))
         rows += linear
-        print("skinny GEMM table for", config_file(torch.cuda.get_device_name()).name)
-        print(json.dumps(table))
-    if "pairs" in parts:
-        pairs = sweep_pair_configs()
-        print("pair path launch shapes (graph replay, gate_up then down swept)")
-        print_table(pairs, list(pairs[0]))
-        rows += pairs
-    if "routing" in parts:
-        conc = sweep_concentrated_routing()
-        print("sorted path at M=64: 12 experts hit against uniform routing")
-        print_table(conc, list(conc[0]))
-        rows += conc
-    if "moe" in parts:
-        moe = bench_moe(ceil)
-        print("fused MoE, 30B-A3B shapes (E=128, H=2048, I=768, top-8), bf16")
-        print_table(moe, list(moe[0]))
-        rows += moe
-    if "varlen" in parts:
-        varlen = sweep_varlen_attention()
-        print("ViT varlen attention (16 heads, D=72), bf16")
-        print_table(varlen, list(varlen[0]))
-        rows += varlen
-    if "attention" in parts:
-        attn = bench_decode_attention(ceil)
-        print("paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16")
-        print_table(attn, list(attn[0]))
-        rows += attn
+        path = config_file(torch.cuda.get_device_name())
+        if args.write_configs:
+            path.write_text(json.dumps(table, indent=1) + "\n")
+            print(f"skinny GEMM table written to {path}")
+        else:
+            print(f"skinny GEMM table for {path.name} (--write-configs writes it):\n{json.dumps(table)}")
+    sections = [("pairs", "pair path launch shapes (graph replay, gate_up then down swept)", sweep_pair_configs),
+                ("routing", "sorted path at M=64: 12 experts hit against uniform routing", sweep_concentrated_routing),
+                ("moe", "fused MoE, 30B-A3B shapes (E=128, H=2048, I=768, top-8), bf16", lambda: bench_moe(ceil)),
+                ("varlen", "ViT varlen attention (16 heads, D=72), bf16", sweep_varlen_attention),
+                ("attention", "paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16",
+                 lambda: bench_decode_attention(ceil))]
+    for name, title, bench in sections:
+        if name in parts:
+            part = bench()
+            print(title)
+            print_table(part, list(part[0]))
+            rows += part
     print(write_result("kernels", {"ceilings": ceil, "moe_shape": [E, H, I, A], "parts": sorted(parts)}, rows, args.out))
 
 
