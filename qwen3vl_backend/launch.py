@@ -215,9 +215,10 @@ def resolve(args) -> dict:
            "overlap_schedule": "false" if args.disable_overlap_schedule else "true",
            "attention_backend": args.attention_backend}
     try:
-        EngineConfig.from_settings(llm)
+        engine_cfg = EngineConfig.from_settings(llm)
     except ConfigError as e:
         raise SystemExit(f"invalid settings: {e}") from None
+    _check_weights_fit(model_path, engine_cfg)
     ipc = _env_flag("QWEN3VL_USE_CUDA_IPC_TRANSPORT", "SGLANG_USE_CUDA_IPC_TRANSPORT") or "0"
     ipc = "1" if ipc.strip().lower() in ("1", "true", "yes", "on") else "0"
     cache_mb = _env_flag("QWEN3VL_VLM_CACHE_SIZE_MB", "SGLANG_VLM_CACHE_SIZE_MB") or "100"
@@ -253,6 +254,30 @@ def _model_dir(model_path: str, load_format: str) -> str:
     known = ", ".join(sorted(p.stem for p in bundled.parent.glob("*.json")))
     raise SystemExit(f"--model-path {model_path!r} is not a local checkpoint directory (no hub is reached; "
                      f"with --load-format dummy these names work: {known})")
+
+
+def weights_bytes(model_path: str, dtype) -> int:
+    """Bytes of the model's weights in `dtype`, counted on the meta device (nothing is allocated)."""
+    from .loader import build_model
+    from .model_config import ModelConfig
+
+    model = build_model(ModelConfig.from_path(model_path), "meta", dtype)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _check_weights_fit(model_path: str, cfg) -> None:
+    """On a GPU: refuse before starting anything when the weights alone pass --mem-fraction-static."""
+    if not cfg.device.startswith("cuda"):
+        return
+    import torch
+
+    need = weights_bytes(model_path, cfg.torch_dtype)
+    total = torch.cuda.mem_get_info(torch.device(cfg.device))[1]
+    if need > total * cfg.mem_fraction_static:
+        raise SystemExit(f"{Path(model_path).name}: its weights need {need / 1e9:.1f} GB ({cfg.dtype}) but "
+                         f"--mem-fraction-static {cfg.mem_fraction_static} of this GPU's {total / 1e9:.1f} GB is "
+                         f"{total * cfg.mem_fraction_static / 1e9:.1f} GB (one GPU: tensor and expert parallelism "
+                         f"are not implemented in this build)")
 
 
 def _gpu_count() -> int:

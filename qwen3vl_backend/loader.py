@@ -53,6 +53,33 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory where the weights would go: the GPU's, or the host's MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_weights_fit(model: nn.Module, device, what: str) -> None:
+    """Refuse, before allocating, weights that cannot fit (instead of an out-of-memory failure
+    half-way through the load, or the host killing the process)."""
+    device = torch.device(device)
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = free_memory_bytes(device)
+    if free is not None and need > free:
+        raise WeightLoadError(
+            f"{what}: the weights need {need / 1e9:.1f} GB ({next(model.parameters()).dtype}) but {device} has "
+            f"{free / 1e9:.1f} GB free; use a device with more memory or a smaller model "
+            f"(tensor and expert parallelism are not implemented in this build)")
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -150,6 +177,7 @@ def load_vision_model(path: str | Path, device="cpu", dtype=torch.float32, load_
     cfg = ModelConfig.from_path(path)
     with torch.device("meta"):
         model = VisionModel(cfg.vision).to(dtype)
+    check_weights_fit(model, device, f"the vision tower of {Path(path).name}")
     model = model.to_empty(device=device).eval()
     if load_format == "dummy":
         init_dummy_weights(model)
@@ -163,6 +191,7 @@ def load_vision_model(path: str | Path, device="cpu", dtype=torch.float32, load_
 def load_model(path: str | Path, device="cpu", dtype=torch.float32, load_format: str = "auto"):
     """Build and fill the model: `auto` reads safetensors, `dummy` draws random weights."""
     cfg = ModelConfig.from_path(path)
+    check_weights_fit(build_model(cfg, "meta", dtype), device, Path(path).name)
     model = build_model(cfg, device, dtype)
     if load_format == "dummy":
         init_dummy_weights(model)

@@ -125,3 +125,20 @@ def test_repository_gets_the_preprocess_instance_count(tmp_path):
     text = (repo / "preprocess" / "config.pbtxt").read_text()
     assert "count: 3 kind: KIND_CPU" in text and 'string_value: "5"' in text
     assert "count: 1 kind: KIND_CPU" in (repo / "llm" / "config.pbtxt").read_text()
+
+
+def test_weights_past_the_gpu_budget_are_refused_before_starting(monkeypatch):
+    """The guide's 235B on one 80 GB GPU: a clear refusal from the launcher, not an OOM in Triton."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qwen3vl_backend import launch
+
+    configs = launch.ROOT / "qwen3vl_backend" / "data" / "configs"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
+    cfg = SimpleNamespace(device="cuda", torch_dtype=torch.bfloat16, dtype="bfloat16", mem_fraction_static=0.65)
+    with pytest.raises(SystemExit, match=r"its weights need 471\.3 GB \(bfloat16\) but --mem-fraction-static 0\.65 "
+                                         r"of this GPU's 80\.0 GB is 52\.0 GB"):
+        launch._check_weights_fit(str(configs / "Qwen3-VL-235B-A22B-Instruct.json"), cfg)
+    launch._check_weights_fit(str(configs / "Qwen3-VL-4B-Instruct.json"), cfg)        # 8.9 GB: fits

@@ -112,6 +112,20 @@ def test_meta_build_reports_real_parameter_count(name, billions):
     assert round(count_parameters(model) / 1e9, 2) == billions
 
 
+def test_weights_that_cannot_fit_are_refused_before_allocating(monkeypatch):
+    import qwen3vl_backend.loader as loader
+
+    monkeypatch.setattr(loader, "free_memory_bytes", lambda device: 8 * 10**9)
+    path = CONFIGS / "Qwen3-VL-235B-A22B-Instruct.json"
+    with pytest.raises(WeightLoadError, match=r"the weights need 471\.3 GB \(torch\.bfloat16\) but cpu has 8\.0 GB free"):
+        load_model(path, "cpu", torch.bfloat16, "dummy")
+    monkeypatch.setattr(loader, "free_memory_bytes", lambda device: 10**8)
+    with pytest.raises(WeightLoadError, match="the vision tower of Qwen3-VL-235B-A22B-Instruct.json: the weights need"):
+        loader.load_vision_model(path, "cpu", torch.bfloat16, "dummy")
+    monkeypatch.setattr(loader, "free_memory_bytes", lambda device: None)      # unknown: no check
+    loader.check_weights_fit(build_model(ModelConfig.from_path(path), "meta", torch.bfloat16), "cpu", "x")
+
+
 def test_param_count_command_on_30b():
     out = subprocess.run([sys.executable, "-m", "qwen3vl_backend.tools.param_count",
                           str(CONFIGS / "Qwen3-VL-30B-A3B-Instruct.json")], capture_output=True, text=True, check=True)
