@@ -35,6 +35,12 @@ def _run(argv, env=None, extra_env=None):
                           env=e, timeout=120)
 
 
+def _report(out) -> dict:
+    """A dry run's JSON report; its stderr when there is none."""
+    assert out.returncode == 0 and out.stdout.strip(), f"exit {out.returncode}: {out.stderr[-2000:]}"
+    return json.loads(out.stdout)
+
+
 def test_every_guide_flag_is_understood():
     words = shlex.split(GUIDE)
     argv = words[words.index("qwen3vl_backend.launch") + 1:]
@@ -53,7 +59,7 @@ def test_guide_command_verbatim(tmp_path):
         argv = [a if a != "fa3" else "triton" for a in argv]        # the same command with our own kernels
         out = _run(argv, extra_env=env)
     assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+    report = _report(out)
     llm, vit, pre = (report["settings"][k] for k in ("llm", "vit", "preprocess"))
     assert (llm["max_num_seqs"], llm["max_num_batched_tokens"], llm["mem_fraction_static"]) == ("64", "8192", "0.65")
     assert llm["load_format"] == "dummy" and llm["model_path"].endswith("Qwen3-VL-235B-A22B-Instruct")
@@ -63,7 +69,7 @@ def test_guide_command_verbatim(tmp_path):
 def test_our_own_environment_names_work_too():
     out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run"],
                extra_env={"QWEN3VL_VLM_CACHE_SIZE_MB": "512", "QWEN3VL_USE_CUDA_IPC_TRANSPORT": "true"})
-    report = json.loads(out.stdout)
+    report = _report(out)
     assert report["settings"]["vit"]["vlm_cache_size_mb"] == "512"
     assert report["settings"]["preprocess"]["use_cuda_ipc_transport"] == "1"
     assert report["settings"]["vit"]["enable_vit_cuda_graph"] == "false"
@@ -72,7 +78,7 @@ def test_our_own_environment_names_work_too():
 def test_vit_cuda_graph_flag_reaches_the_vit_model():
     out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
                 "--enable-vit-cuda-graph"])
-    assert json.loads(out.stdout)["settings"]["vit"]["enable_vit_cuda_graph"] == "true"
+    assert _report(out)["settings"]["vit"]["enable_vit_cuda_graph"] == "true"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -100,7 +106,7 @@ def test_unknown_model_name_is_refused_with_the_choices():
 def test_dry_run_reports_the_repository(tiny_moe, tmp_path):
     out = _run(["--model-path", str(tiny_moe), "--repository", str(tmp_path / "repo"), "--dry-run",
                 "--disable-radix-cache", "--disable-overlap-schedule", "--mm-attention-backend", "triton"])
-    report = json.loads(out.stdout)
+    report = _report(out)
     assert report["repository"] == str(tmp_path / "repo") and not (tmp_path / "repo").exists()
     assert report["settings"]["llm"]["enable_prefix_cache"] == "false"
     assert report["settings"]["llm"]["overlap_schedule"] == "false"
@@ -112,7 +118,7 @@ def test_dry_run_reports_the_repository(tiny_moe, tmp_path):
 def test_media_bound_is_server_wide_across_preprocess_instances(calls, instances, want):
     out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
                 "--mm-max-concurrent-calls", str(calls), "--preprocess-instances", str(instances)])
-    report = json.loads(out.stdout)["settings"]
+    report = _report(out)["settings"]
     got = (report["instances"]["preprocess"], report["preprocess"]["mm_max_concurrent_calls"])
     assert got == want and got[0] * int(got[1]) <= calls
 
