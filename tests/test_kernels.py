@@ -230,6 +230,9 @@ def test_kernels_replay_in_a_cuda_graph():
     qkv_in, prep_cache = torch.empty_like(qkv), torch.zeros(2, 4, 16, 4, 128, device="cuda", dtype=torch.bfloat16)
     q_norm, k_norm = RMSNorm(128).cuda().bfloat16(), RMSNorm(128).cuda().bfloat16()
     slots = torch.arange(8, device="cuda") * 3
+    xs, _, _, ws, idss = moe_inputs(33, 128, 2048, 768, 8, torch.bfloat16, "cuda")     # the sorted path
+    lin = (torch.randn(640, 2048, device="cuda") * 2048 ** -0.5).bfloat16()
+    skinny = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
     def step():
         routed = route_kernel(logits, 8, True)
@@ -238,7 +241,8 @@ def test_kernels_replay_in_a_cuda_graph():
         return (fused_moe(x, w13, w2, w, ids), fused_moe(x[:1], w13, w2, w[:1], ids[:1]),
                 paged_decode_attention(q, cache, tables, ctx, 0.1), paged_decode_attention(q[:1], cache, tables[:1],
                                                                                          ctx[:1], 0.1),
-                rmsnorm(x, norm_w, 1e-6), routed, prepped[0])
+                rmsnorm(x, norm_w, 1e-6), routed, prepped[0], fused_moe(xs, w13, w2, ws, idss),
+                skinny_linear(x[:1], lin, config=skinny), skinny_linear(x, lin, config=skinny))
 
     for _ in range(2):      # warm up: compile outside the capture
         step()
@@ -253,9 +257,16 @@ def test_kernels_replay_in_a_cuda_graph():
     w.copy_(new_w)
     ids.copy_(new_ids)
     ctx.copy_(torch.randint(1, 128, ctx.shape, device="cuda", dtype=torch.int32))
+    xs.copy_(torch.randn_like(xs))
+    new_w, new_ids = route(torch.randn(33, 128, device="cuda"), 8, True)
+    ws.copy_(new_w)
+    idss.copy_(new_ids)
     graph.replay()
     torch.cuda.synchronize()
-    moe_out, moe_one, attn_out, attn_one, norm_out, (rw, rids), prep_q = outs
+    moe_out, moe_one, attn_out, attn_one, norm_out, (rw, rids), prep_q, sorted_out, lin_one, lin_eight = outs
+    assert rel(sorted_out, fused_moe_reference(xs, w13, w2, ws, idss)) < 1e-2
+    assert rel(lin_one, skinny_linear_reference(x[:1], lin)) < 1e-2
+    assert rel(lin_eight, skinny_linear_reference(x, lin)) < 1e-2
     assert rel(moe_out, fused_moe_reference(x, w13, w2, w, ids)) < 1e-2
     assert rel(moe_one, fused_moe_reference(x[:1], w13, w2, w[:1], ids[:1])) < 1e-2
     assert rel(attn_out, paged_decode_attention_reference(q, cache, tables, ctx, 0.1)) < 1e-2
