@@ -256,22 +256,16 @@ def _model_dir(model_path: str, load_format: str) -> str:
                      f"with --load-format dummy these names work: {known})")
 
 
-def weights_bytes(model_path: str, dtype) -> int:
-    """Bytes of the model's weights in `dtype`, counted on the meta device (nothing is allocated)."""
-    from .loader import build_model
-    from .model_config import ModelConfig
-
-    model = build_model(ModelConfig.from_path(model_path), "meta", dtype)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def _check_weights_fit(model_path: str, cfg) -> None:
     """On a GPU: refuse before starting anything when the weights alone pass --mem-fraction-static."""
     if not cfg.device.startswith("cuda"):
         return
     import torch
 
-    need = weights_bytes(model_path, cfg.torch_dtype)
+    from .loader import build_model, weight_bytes
+    from .model_config import ModelConfig
+
+    need = weight_bytes(build_model(ModelConfig.from_path(model_path), "meta", cfg.torch_dtype))
     total = torch.cuda.mem_get_info(torch.device(cfg.device))[1]
     if need > total * cfg.mem_fraction_static:
         raise SystemExit(f"{Path(model_path).name}: its weights need {need / 1e9:.1f} GB ({cfg.dtype}) but "

@@ -42,15 +42,24 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
     """The model with uninitialised storage on `device` (meta allocates nothing)."""
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(cfg).to(dtype)     # cast while nothing is allocated
-    if str(device) != "meta":
-        model = model.to_empty(device=device)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    return model.eval() if str(device) == "meta" else materialize(model, device)
+
+
+def materialize(model: Qwen3VLForConditionalGeneration, device) -> Qwen3VLForConditionalGeneration:
+    """A meta-built model's uninitialised storage on `device`, embeddings tied where the config says."""
+    model = model.to_empty(device=device)
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
     return model.eval()
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters in their dtype (a meta-built model: nothing is allocated)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -71,7 +80,7 @@ def check_weights_fit(model: nn.Module, device, what: str) -> None:
     """Refuse, before allocating, weights that cannot fit (instead of an out-of-memory failure
     half-way through the load, or the host killing the process)."""
     device = torch.device(device)
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = weight_bytes(model)
     free = free_memory_bytes(device)
     if free is not None and need > free:
         raise WeightLoadError(
@@ -191,8 +200,9 @@ def load_vision_model(path: str | Path, device="cpu", dtype=torch.float32, load_
 def load_model(path: str | Path, device="cpu", dtype=torch.float32, load_format: str = "auto"):
     """Build and fill the model: `auto` reads safetensors, `dummy` draws random weights."""
     cfg = ModelConfig.from_path(path)
-    check_weights_fit(build_model(cfg, "meta", dtype), device, Path(path).name)
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, "meta", dtype)
+    check_weights_fit(model, device, Path(path).name)
+    model = materialize(model, device)
     if load_format == "dummy":
         init_dummy_weights(model)
     elif load_format == "auto":
