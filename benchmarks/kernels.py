@@ -51,9 +51,15 @@ def moe_grouped_mm(x, w13_t, w2_t, weights, ids):
     return out.view(-1, A, x.shape[1]).sum(1)
 
 
-def bench_moe(ceil: dict) -> list[dict]:
+def moe_weights() -> tuple[torch.Tensor, torch.Tensor]:
+    """30B-A3B's experts of one layer, bf16: w13 (E, 2I, H), w2 (E, H, I)."""
     w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
     w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    return w13, w2
+
+
+def bench_moe(ceil: dict) -> list[dict]:
+    w13, w2 = moe_weights()
     w13_t, w2_t = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
     rows = []
     for m in (1, 8, 16, 32, 64, 256, 2048, 8192):
@@ -103,8 +109,7 @@ L2_DEFEAT_BYTES = 256 * 2**20        # weights cycled per timing: several times 
 def sweep_pair_configs() -> list[dict]:
     """Graph-replay time of the pair path over launch shapes at decode sizes: gate_up's swept
     first, then down's with the best gate_up. Each call routes to other experts."""
-    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
-    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    w13, w2 = moe_weights()
     rows = []
     for m in (1, 8):
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
@@ -130,8 +135,7 @@ def sweep_concentrated_routing() -> list[dict]:
     """The sorted path at M=64 where the batch's 512 pairs land on 12 experts (what greedy decoding
     of dummy weights does) and where they spread (uniform routing): the tuned config against a
     grid, each config timed on both routings."""
-    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
-    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    w13, w2 = moe_weights()
     m = 64
     x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
     uniform = route(torch.randn(m, E, device="cuda"), A, True)
