@@ -1,14 +1,40 @@
-"""Per-request sampling parameters, validated once where the request enters."""
+"""Per-request sampling parameters, validated once where the request enters.
+
+Every number must be finite and inside a documented range, so that no request can make the
+sampler divide by zero or overflow a tensor and fail the batch it shares:
+
+| field | range |
+| --- | --- |
+| `max_tokens` | 1 .. 2**31 - 1 (the engine also refuses more than its context) |
+| `temperature` | 0 .. 100; below 1e-5 it means greedy |
+| `top_p` | (0, 1] (the most likely token is always kept) |
+| `top_k` | -1 or 0 (off), or positive; clamped to the vocabulary by the engine |
+| `min_p` | 0 .. 1 |
+| `seed` | -2**63 .. 2**64 - 1 |
+| `stop` | up to 32 non-empty strings of at most 1024 characters |
+| `stop_token_ids` | up to 256 ids (the engine checks them against the vocabulary) |
+| `min_tokens` | 0 .. max_tokens |
+| `repetition_penalty` | 0.01 .. 10 |
+| `presence_penalty`, `frequency_penalty` | -2 .. 2 |
+
+Requests from the OpenAI adapter must carry JSON types. Triton clients (genai-perf, perf_analyzer)
+send every value of `sampling_parameters` as a string, as vllm_backend accepts; `from_dict(...,
+coerce_strings=True)` converts those to each field's type first.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
-
 
 # request-body fields that are sampling parameters (OpenAI names included)
 SAMPLING_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                    "stop", "stop_token_ids", "ignore_eos", "min_tokens", "repetition_penalty",
                    "presence_penalty", "frequency_penalty")
+
+GREEDY_BELOW = 1e-5
+MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 32, 1024, 256
+_MAX_INT32 = 2**31 - 1
 
 
 class SamplingError(ValueError):
@@ -35,40 +61,75 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check(_is_int(self.max_tokens) and self.max_tokens > 0, f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        _check(_is_num(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
-        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(_is_int(self.top_k) and self.top_k >= -1, f"top_k must be -1, 0 or a positive integer, got {self.top_k!r}")
-        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
-        _check(self.seed is None or _is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        _check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
-               "stop must be a non-empty string or a list of them")
-        _check(isinstance(self.stop_token_ids, list) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids must be a list of token ids")
-        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens, f"min_tokens must be >= 0, got {self.min_tokens!r}")
+        _check(_is_int(self.max_tokens) and 0 < self.max_tokens <= _MAX_INT32,
+               f"max_tokens must be a positive integer below 2**31, got {_short(self.max_tokens)}")
+        _check(_is_num(self.temperature) and 0 <= self.temperature <= 100,
+               f"temperature must be in [0, 100], got {_short(self.temperature)}")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0                     # 1/t would overflow: it is greedy in all but name
+        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {_short(self.top_p)}")
+        _check(_is_int(self.top_k) and self.top_k >= -1,
+               f"top_k must be -1, 0 or a positive integer, got {_short(self.top_k)}")
+        if self.top_k > _MAX_INT32:
+            self.top_k = 0                             # larger than any vocabulary: no cut
+        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {_short(self.min_p)}")
+        _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64),
+               f"seed must be an integer in [-2**63, 2**64), got {_short(self.seed)}")
+        _check(isinstance(self.stop, list) and len(self.stop) <= MAX_STOP_STRINGS
+               and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS and _utf8(s) for s in self.stop),
+               f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, "
+               f"each at most {MAX_STOP_CHARS} characters of valid text")
+        _check(isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+               and all(_is_int(t) and 0 <= t <= _MAX_INT32 for t in self.stop_token_ids),
+               f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens, f"min_tokens must be >= 0, got {_short(self.min_tokens)}")
         _check(self.min_tokens <= self.max_tokens, "min_tokens must not exceed max_tokens")
-        _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-               f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        _check(_is_num(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 10,
+               f"repetition_penalty must be in [0.01, 10], got {_short(self.repetition_penalty)}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            _check(_is_num(v) and -2 <= v <= 2, f"{name} must be in [-2, 2], got {v!r}")
+            _check(_is_num(v) and -2 <= v <= 2, f"{name} must be in [-2, 2], got {_short(v)}")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos must be a boolean")
+        _check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens must be a boolean")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "SamplingParams":
+    def from_dict(cls, d: dict | None, coerce_strings: bool = False) -> "SamplingParams":
+        """Fields by name (None means unset; `max_completion_tokens` is OpenAI's `max_tokens`).
+        `coerce_strings`: string values are converted to the field's type first (Triton clients)."""
         d = dict(d or {})
         if "max_completion_tokens" in d and d.get("max_completion_tokens") is not None:
             d["max_tokens"] = d.pop("max_completion_tokens")
         d.pop("max_completion_tokens", None)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(d) - set(types))
         if unknown:
             raise SamplingError(f"unknown sampling parameters: {unknown}")
+        if coerce_strings:
+            d = {k: _coerce(k, v, types[k]) for k, v in d.items()}
         return cls(**{k: v for k, v in d.items() if v is not None})
+
+
+def _coerce(name: str, value, kind: str):
+    """'32' -> 32 for an int field, '0.5' -> 0.5, 'true'/'false' for booleans; other values as they are."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        if kind.startswith("bool"):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise SamplingError(f"{name} must be a {kind.split(' ')[0]}, got {_short(value)}") from None
+    return value
 
 
 def _check(ok: bool, message: str) -> None:
@@ -76,9 +137,22 @@ def _check(ok: bool, message: str) -> None:
         raise SamplingError(message)
 
 
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:           # a lone surrogate from a JSON \ud800 escape
+        return False
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

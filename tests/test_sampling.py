@@ -11,7 +11,7 @@ from qwen3vl_backend.sampling_params import SamplingError, SamplingParams
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"max_tokens": 0}, "max_tokens must be a positive integer"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"temperature": -0.5}, r"temperature must be in \[0, 100\]"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ({"top_k": -3}, "top_k must be"),

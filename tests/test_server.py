@@ -250,7 +250,7 @@ def _msg(content):
     ("path_outside_allow_list", _msg([_img("/etc/hostname")]), 400, "outside the allowed directory"),
     ("prompt_too_long", _msg("word " * 1500), 400, f"does not fit the context of {MAX_MODEL_LEN} tokens"),
     ("max_tokens_zero", {**_msg("x"), "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
-    ("negative_temperature", {**_msg("x"), "temperature": -1}, 400, "temperature must be >= 0"),
+    ("negative_temperature", {**_msg("x"), "temperature": -1}, 400, "temperature must be in [0, 100]"),
     ("top_p_zero", {**_msg("x"), "top_p": 0}, 400, "top_p must be in (0, 1]"),
     ("top_p_above_one", {**_msg("x"), "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
     ("n_two", {**_msg("x"), "n": 2}, 400, "n > 1 is not supported"),

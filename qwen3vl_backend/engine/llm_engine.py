@@ -7,7 +7,9 @@ complete, and the finish reason once done.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,8 +27,13 @@ from .model_runner import ModelRunner, MultimodalState
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence, Status
 
+log = logging.getLogger(__name__)
 
-class PromptTooLongError(ValueError):
+class InvalidRequestError(ValueError):
+    """The request cannot run as sent (HTTP 400): refused before it touches the batch."""
+
+
+class PromptTooLongError(InvalidRequestError):
     pass
 
 
@@ -40,6 +47,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     cached_tokens: int
+    error: str | None = None          # finish_reason "error": this request alone failed inside a step
 
 
 class _Request:
@@ -77,6 +85,8 @@ class LLMEngine:
         self.vision_cache = VisionCache(cfg.vlm_cache_size_mb)
         self._ids = itertools.count()
         self._inflight: _Step | None = None      # the step queued on the device, not yet read back
+        self._failed: list[RequestOutput] = []   # requests a step failed, reported by the next step()
+        self.vocab_size = self.runner.model_cfg.text.vocab_size
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: ProcessedPrompt | list[int], params: SamplingParams,
@@ -91,9 +101,8 @@ class LLMEngine:
         n = len(prompt.prompt_ids)
         if n == 0:
             raise PromptTooLongError("the prompt is empty")
-        if n >= self.cfg.max_model_len:
-            raise PromptTooLongError(f"prompt of {n} tokens does not fit the context of "
-                                     f"{self.cfg.max_model_len} tokens (at least one token must be generated)")
+        check_prompt_length(n, self.cfg.max_model_len)
+        params = self._checked_params(prompt, params)
         if vision_outputs is None and any(m.pixel_values.numel() for m in prompt.media):
             vision_outputs = self.encode_media(prompt.media)
         embeds, deepstack = vision_outputs if vision_outputs is not None else (None, ())
@@ -104,6 +113,28 @@ class LLMEngine:
         self.scheduler.add(seq)
         self._requests[request_id] = _Request(seq, self.tokenizer)
         return request_id
+
+    def _checked_params(self, prompt: ProcessedPrompt, params: SamplingParams) -> SamplingParams:
+        """What only the engine can check: ids against the vocabulary, lengths against the context;
+        top_k past the vocabulary is no cut at all."""
+        v = self.vocab_size
+        if any(not 0 <= t < v for t in prompt.prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {v})")
+        if any(t >= v for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {v})")
+        if params.max_tokens > self.cfg.max_model_len:
+            raise InvalidRequestError(f"max_tokens {params.max_tokens} exceeds the context of "
+                                      f"{self.cfg.max_model_len} tokens")
+        if tuple(prompt.positions.shape) != (3, len(prompt.prompt_ids)):
+            raise InvalidRequestError(f"positions must have shape (3, {len(prompt.prompt_ids)})")
+        limit = self.cfg.max_model_len
+        if prompt.positions.numel() and not (0 <= int(prompt.positions.min()) and int(prompt.positions.max()) < limit):
+            raise InvalidRequestError(f"positions must be in [0, {limit})")
+        if not -limit <= prompt.rope_delta <= limit:
+            raise InvalidRequestError(f"rope_delta must be in [-{limit}, {limit}]")
+        if params.top_k > v:
+            params = dataclasses.replace(params, top_k=0)
+        return params
 
     def encode_media(self, media: list[MediaItem]):
         """ViT outputs for the media, reusing cached ones (vlm_cache_size_mb)."""
@@ -136,7 +167,10 @@ class LLMEngine:
         host's work for one step (outputs, detokenising, stop checks, scheduling and inputs of the
         next) runs while the device computes, and the outputs returned are those of the step
         before. A step's sampled ids feed the next one on the device, as placeholders on the host
-        (`PENDING`) until they are read back."""
+        (`PENDING`) until they are read back.
+
+        A step that raises is run again in halves until the sequences that make it fail are
+        alone: those end with finish_reason "error", the others go on as if they had been alone."""
         outputs: list[RequestOutput] = []
         prev, self._inflight = self._inflight, None
         if prev is not None and not self._can_overlap(prev):
@@ -151,7 +185,8 @@ class LLMEngine:
                 self._inflight = launched
             else:
                 outputs += self._finish_step(launched)
-        return outputs
+        failed, self._failed = self._failed, []
+        return outputs + failed
 
     def _can_overlap(self, prev: _Step) -> bool:
         """The next step may be queued before `prev` is read back unless a sequence's sampling
@@ -160,7 +195,10 @@ class LLMEngine:
 
     def _launch(self, batch: list[ScheduledChunk], prev: _Step | None) -> _Step | None:
         banned = {c.seq.request_id: b for c in batch if c.samples and (b := self._banned(c.seq))}
-        tokens = self.runner.run(batch, banned, None if prev is None else prev.tokens)
+        runs = self._run_isolating(batch, banned, None if prev is None else prev.tokens)
+        batch = [c for part, _ in runs for c in part]
+        parts = [t for _, t in runs if t is not None]
+        tokens = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
         self.scheduler.computed(batch)
         sampled = []
         for i, chunk in enumerate(c for c in batch if c.samples):
@@ -178,6 +216,31 @@ class LLMEngine:
             done.record()
         return _Step(tokens, host, done, sampled)
 
+    def _run_isolating(self, batch, banned, pending) -> list[tuple[list[ScheduledChunk], torch.Tensor | None]]:
+        """runner.run on the batch; if it raises, on each half in turn, down to the single chunks
+        that fail (each then fails its request). -> (chunks run, their sampled ids) in batch order."""
+        try:
+            return [(batch, self.runner.run(batch, banned, pending))]
+        except Exception as e:
+            if len(batch) == 1:
+                self._fail(batch[0].seq, e)
+                return []
+            log.warning("a step of %d sequences failed (%s: %s); retrying it in halves", len(batch),
+                        type(e).__name__, e)
+            mid = len(batch) // 2
+            return (self._run_isolating(batch[:mid], banned, pending)
+                    + self._run_isolating(batch[mid:], banned, pending))
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """End one request because of an error in its own step (the others are unaffected)."""
+        log.error("request %s failed in the engine: %s: %s", seq.request_id, type(error).__name__, error)
+        self._requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq, "error")
+        self.runner.sampler.forget(seq.request_id)
+        self._failed.append(RequestOutput(seq.request_id, [], "", True, "error", seq.num_prompt,
+                                          sum(t >= 0 for t in seq.output_ids), seq.num_cached_prompt,
+                                          error=f"{type(error).__name__} while computing this request"))
+
     def _finish_step(self, step: _Step) -> list[RequestOutput]:
         if step.done is not None:
             step.done.synchronize()
@@ -186,7 +249,10 @@ class LLMEngine:
             if not self._live(seq):
                 continue                          # aborted, or ended before this token was needed
             seq.output_ids[pos] = token
-            outputs.append(self._postprocess(seq, pos, token))
+            try:
+                outputs.append(self._postprocess(seq, pos, token))
+            except Exception as e:                # e.g. a token the detokeniser cannot read
+                self._fail(seq, e)
         return outputs
 
     def _banned(self, seq: Sequence) -> set[int]:
@@ -252,6 +318,13 @@ class LLMEngine:
                 if out.finished:
                     r["finish_reason"] = out.finish_reason
         return [results[i] for i in ids]
+
+
+def check_prompt_length(n: int, max_model_len: int) -> None:
+    """The one rule for prompt length (the engine, and preprocess before the ViT runs)."""
+    if n >= max_model_len:
+        raise PromptTooLongError(f"prompt of {n} tokens does not fit the context of "
+                                 f"{max_model_len} tokens (at least one token must be generated)")
 
 
 def _find_stop(text: str, stops: list[str], search_from: int) -> int | None:

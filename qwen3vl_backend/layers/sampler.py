@@ -36,11 +36,23 @@ def filter_probs(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_p, order = probs.sort(descending=True)
         cum = sorted_p.cumsum(0)
         drop = (cum - sorted_p) >= params.top_p        # keep the smallest prefix reaching top_p
+        drop[0] = False                                # and always the most likely token
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     if params.min_p > 0:
         probs = torch.where(probs < params.min_p * probs.max(), torch.zeros_like(probs), probs)
-    return probs / probs.sum()
+    return _safe_probs(probs[None])[0]
+
+
+def _safe_probs(probs: torch.Tensor) -> torch.Tensor:
+    """Rows (B, V) renormalised for multinomial. A row that lost all its mass (non-finite logits
+    from a broken input) puts it on its largest entry: one request's garbage must not raise in,
+    or on a GPU assert inside, the draw of the batch it shares."""
+    probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0.0)
+    total = probs.sum(-1, keepdim=True)
+    empty = total <= 0                       # no host sync: the step must stay queued
+    top = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
+    return torch.where(empty, top, probs / torch.where(empty, torch.ones_like(total), total))
 
 
 def _plain_greedy(params: SamplingParams, banned) -> bool:
@@ -66,12 +78,14 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     probs = torch.softmax(logits / temp, dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[-1], device=dev)[None, :]
-    top_k = device_tensor([p.top_k if p.top_k and p.top_k > 0 else probs.shape[-1] for p in params], torch.long, dev)
+    vocab = probs.shape[-1]
+    top_k = device_tensor([min(p.top_k, vocab) if p.top_k and p.top_k > 0 else vocab for p in params], torch.long, dev)
     top_p = device_tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], torch.float32, dev)[:, None]  # 1: keep all
     min_p = device_tensor([p.min_p for p in params], torch.float32, dev)[:, None]
     drop = (rank >= top_k[:, None]) | ((sorted_p.cumsum(-1) - sorted_p) >= top_p) | (sorted_p < min_p * sorted_p[:, :1])
+    drop[:, 0] = False                      # the most likely token always stays (top_p near 0)
     sorted_p = sorted_p.masked_fill(drop, 0.0)
-    picked = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1)
+    picked = torch.multinomial(_safe_probs(sorted_p), 1)
     return order.gather(1, picked).squeeze(1)
 
 
@@ -96,18 +110,28 @@ class Sampler:
             index = device_tensor(batched, torch.long, logits.device)
             out[index] = sample_batch(logits[index], [rows[i][1] for i in batched])
         done = set(batched)
-        for i, (rid, params, prompt_ids, output_ids, banned) in enumerate(rows):
-            if i in done:
-                continue
-            row = apply_penalties(logits[i].clone(), params, prompt_ids, output_ids)
-            if banned:
-                row[device_tensor(sorted(banned), torch.long, row.device)] = float("-inf")
-            if params.greedy:
-                out[i] = row.argmax()
-                continue
-            probs = filter_probs(torch.softmax(row / params.temperature, dim=-1), params)
-            gen = self._generator(rid, params, row.device)
-            out[i] = torch.multinomial(probs, 1, generator=gen)[0]
+        # a seeded request's stream must not move on a draw whose step then failed: the engine
+        # retries the step without the request that broke it, and the others draw again
+        saved = {r[0]: g.get_state() for r in rows if (g := self._generators.get(r[0])) is not None}
+        try:
+            for i, (rid, params, prompt_ids, output_ids, banned) in enumerate(rows):
+                if i in done:
+                    continue
+                row = apply_penalties(logits[i].clone(), params, prompt_ids, output_ids)
+                if banned:
+                    row[device_tensor(sorted(banned), torch.long, row.device)] = float("-inf")
+                if params.greedy:
+                    out[i] = row.argmax()
+                    continue
+                probs = filter_probs(torch.softmax(row / params.temperature, dim=-1), params)
+                gen = self._generator(rid, params, row.device)
+                out[i] = torch.multinomial(probs, 1, generator=gen)[0]
+        except Exception:
+            for rid, state in saved.items():
+                self._generators[rid].set_state(state)
+            for rid in {r[0] for r in rows} - set(saved):
+                self._generators.pop(rid, None)
+            raise
         return out
 
     def _generator(self, rid: str, params: SamplingParams, device) -> torch.Generator | None:

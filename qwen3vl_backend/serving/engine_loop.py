@@ -25,6 +25,10 @@ from ..engine.llm_engine import LLMEngine, RequestOutput
 log = logging.getLogger(__name__)
 
 
+class EngineRequestError(RuntimeError):
+    """A request the engine had to end because its own step failed (a server fault: HTTP 500)."""
+
+
 @dataclass
 class _Submission:
     request_id: str
@@ -97,7 +101,7 @@ class EngineLoop:
                         if out.finished:
                             self._live.pop(out.request_id, None)
                         if sub is not None:
-                            self._deliver(sub, out)
+                            self._deliver(sub, out if out.error is None else EngineRequestError(out.error))
                 if self._on_stats is not None:
                     stats = self.stats()
                     if stats != self._last_stats:

@@ -51,7 +51,7 @@ def preprocess(processor: Processor, text_input: str, images: list, sampling_jso
             text_input = f"{VISION_START}{IMAGE_PAD}{VISION_END}" * len(images) + text_input
         media = processor.load_all([MediaRef("image", img) for img in images], policy, run_jobs, normalize=False)
         prompt = processor.build_prompt(text_input, media)
-    params = SamplingParams.from_dict(sampling)     # validate here: fail before the ViT runs
+    params = SamplingParams.from_dict(sampling, coerce_strings=True)     # validate here: fail before the ViT runs
     pixels = [m.pixel_values for m in prompt.media]
     c = processor.cfg
     width = 3 * c.temporal_patch_size * c.patch_size ** 2

@@ -108,8 +108,8 @@ def _parse(request, merge_unit: int):
         vision = (embeds, [] if deepstack is None else list(deepstack.unbind(0)))
     raw = get("sampling_parameters")
     text = raw.reshape(-1)[0] if raw is not None and raw.size else b""
-    params = SamplingParams.from_dict(parse_json_object(text.decode() if isinstance(text, bytes) else text,
-                                                        "sampling_parameters"))
+    params = SamplingParams.from_dict(parse_json_object(text.decode("utf-8", "replace") if isinstance(text, bytes)
+                                                        else text, "sampling_parameters"), coerce_strings=True)
     flags = {k: _flag(request, k) for k in ("stream", "exclude_input_in_output", "return_num_input_tokens",
                                   "return_num_output_tokens")}
     return prompt, vision, params, flags
