@@ -1,27 +1,54 @@
 import argparse
+import logging
 
 import uvicorn
+
+from qwen3vl_backend.config import ConfigError, parse_mm_limits
+from qwen3vl_backend.processing.media import MediaPolicy
 
 from .app import FrontendSettings, create_app
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="OpenAI-compatible front for the Triton qwen3vl ensemble")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--triton-url", default="localhost:8001")
-    ap.add_argument("--triton-model", default="qwen3vl")
-    ap.add_argument("--triton-metrics-url", default=None)
-    ap.add_argument("--served-model-name", default="qwen3-vl")
-    ap.add_argument("--allowed-local-media-path", default=None,
-                    help="directory whose files may be named by local path in image_url/video_url (off by default)")
-    ap.add_argument("--enable-cache-report", action="store_true")
-    ap.add_argument("--log-level", default="info")
+    a = ap.add_argument
+    a("--host", default="127.0.0.1")
+    a("--port", type=int, default=8000)
+    a("--triton-url", default="localhost:8001")
+    a("--triton-model", default="qwen3vl")
+    a("--triton-metrics-url", default=None)
+    a("--served-model-name", default="qwen3-vl")
+    a("--enable-cache-report", action="store_true")
+    a("--max-request-body-mb", type=float, default=96, help="larger request bodies are refused with 413 before they are read")
+    # media: the same flags and meaning as the launcher's
+    a("--allowed-local-media-path", default=None, help="directory file:// media URLs may name (off by default)")
+    a("--allowed-media-domains", nargs="+", default=None, help="the only hosts http(s) media is fetched from")
+    a("--allow-private-media-urls", action="store_true", help="also fetch from loopback/private/link-local addresses")
+    a("--media-fetch-timeout", type=float, default=10.0)
+    a("--max-media-mb", type=float, default=64, help="one media item's size limit")
+    a("--mm-max-concurrent-calls", type=int, default=32)
+    a("--mm-per-request-timeout", type=float, default=10.0)
+    a("--limit-mm-per-prompt", default="image=16,video=2")
+    a("--log-level", default="info")
     args = ap.parse_args(argv)
+    if min(args.max_request_body_mb, args.max_media_mb, args.media_fetch_timeout, args.mm_per_request_timeout,
+           args.mm_max_concurrent_calls) <= 0:
+        ap.error("sizes, timeouts and --mm-max-concurrent-calls must be positive")
+    try:
+        limits = parse_mm_limits(args.limit_mm_per_prompt)
+    except ConfigError as e:
+        ap.error(str(e))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    policy = MediaPolicy(allowed_local_dir=args.allowed_local_media_path, fetch_timeout_s=args.media_fetch_timeout,
+                         max_bytes=int(args.max_media_mb * 2**20),
+                         allowed_domains=tuple(d.lower() for d in args.allowed_media_domains or ()) or None,
+                         allow_private=args.allow_private_media_urls)
     app = create_app(FrontendSettings(args.triton_url, args.triton_model, args.served_model_name,
-                                      args.allowed_local_media_path, args.triton_metrics_url,
-                                      args.enable_cache_report))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+                                      args.triton_metrics_url, args.enable_cache_report,
+                                      int(args.max_request_body_mb * 2**20), policy, args.mm_max_concurrent_calls,
+                                      args.mm_per_request_timeout, limits))
+    # a stop must not wait on open streams for long: they end with the server (see the launcher)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
 
 
 if __name__ == "__main__":

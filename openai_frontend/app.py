@@ -9,20 +9,28 @@ mistakes come back as OpenAI error objects without a round trip; the rest comes 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from qwen3vl_backend.processing.media import MediaPolicy
+from qwen3vl_backend.errors import RequestError
+from qwen3vl_backend.processing.media import Cancel, MediaPolicy, video_backend
+
+from .media import MediaFetcher
 
 from .protocol import APIError, check_chat_request, chat_completion, chunk, completion_id, from_triton, usage
 from .triton_client import TritonLLMClient, TritonRequestError
+
+log = logging.getLogger("openai_frontend")
 
 
 @dataclass
@@ -30,9 +38,19 @@ class FrontendSettings:
     triton_url: str = "localhost:8001"
     triton_model: str = "qwen3vl"
     served_model_name: str = "qwen3-vl"
-    allowed_local_media_path: str | None = None
     triton_metrics_url: str | None = None       # e.g. http://localhost:8002/metrics, appended to /metrics
     enable_cache_report: bool = False
+    max_request_body_bytes: int = 96 * 2**20     # larger bodies: 413 before they are read whole
+    media: MediaPolicy = MediaPolicy()            # http(s) and file:// media, fetched here
+    mm_max_concurrent_calls: int = 32
+    mm_per_request_timeout: float = 10.0
+    mm_limits: dict = field(default_factory=lambda: {"image": 16, "video": 2})
+
+
+class _BodyTooLarge(APIError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is larger than this server's {limit} byte limit "
+                              "(--max-request-body-mb)", code="request_too_large")
 
 
 class _Metrics:
@@ -61,7 +79,9 @@ class _Metrics:
 
 def create_app(settings: FrontendSettings) -> FastAPI:
     app = FastAPI(title="Qwen3-VL on Triton")
-    policy = MediaPolicy(allowed_local_dir=settings.allowed_local_media_path or None)
+    fetcher = MediaFetcher(settings.media, settings.mm_max_concurrent_calls, settings.mm_per_request_timeout)
+    decoder = video_backend()
+    log.info("video decoder: %s", decoder or "none (video requests are refused)")
     metrics = _Metrics()
     state: dict = {}
 
@@ -75,10 +95,19 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         metrics.requests.labels(str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def _fault(request: Request, exc: Exception):
+        rid = request.headers.get("x-request-id", "")
+        log.exception("unhandled error in %s %s (request id %s)", request.method, request.url.path, rid)
+        metrics.requests.labels("500").inc()
+        return JSONResponse(APIError(500, f"internal server error (request id {rid})", "internal_error").body(),
+                            status_code=500)
+
     @app.get("/health")
     async def health():
         ok = await client().ready()
-        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "unavailable", "video_decoder": decoder},
+                            status_code=200 if ok else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -98,31 +127,53 @@ def create_app(settings: FrontendSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        raw = await request.body()
+        rid = uuid.uuid4().hex
+        raw = await _read_body(request, settings.max_request_body_bytes)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from e
-        messages, sampling, stream, include_usage = check_chat_request(body, settings.served_model_name, policy)
+        sampling, stream, include_usage = check_chat_request(body, settings.served_model_name, settings.mm_limits)
         cid, start = completion_id(), time.monotonic()
+        cancel = Cancel()
+        try:
+            messages = await _unless_gone(request, fetcher.inline(body["messages"], cancel), cancel.cancel)
+        except RequestError as e:
+            raise APIError(400, str(e), param="messages") from e
+        if messages is None:
+            return Response(status_code=499)
         # preprocess reads `messages` from a JSON object and takes sampling from its own input, so
-        # the request's bytes go on as they came unless local media had to be inlined: a large
-        # data URI is not encoded a second time
+        # the request's bytes go on as they came unless media had to be inlined: a large data URI
+        # is not encoded a second time
         text = raw if messages is body["messages"] else json.dumps({"messages": messages}).encode()
-        deltas = client().stream(uuid.uuid4().hex, text, sampling)
+        deltas = client().stream(rid, text, sampling)
+        headers = {"x-request-id": rid}
         if not stream:
-            return await _complete(deltas, cid, start)
-        first = await _first(deltas)          # errors before any output still get a proper status code
-        return StreamingResponse(_sse(first, deltas, cid, start, include_usage), media_type="text/event-stream")
+            return await _complete_unless_gone(request, deltas, cid, start, rid, headers)
+        first = await _first(deltas, rid)     # errors before any output still get a proper status code
+        return StreamingResponse(_sse(first, deltas, cid, start, include_usage, rid), media_type="text/event-stream",
+                                 headers=headers)
 
-    async def _first(deltas):
+    async def _first(deltas, rid):
         try:
             return await deltas.__anext__()
         except TritonRequestError as e:
-            raise from_triton(str(e), e.client_error) from e
+            raise from_triton(str(e), e.client_error, rid, e.unavailable) from e
 
-    async def _complete(deltas, cid, start):
-        text, last = "", await _first(deltas)
+    async def _complete_unless_gone(request, deltas, cid, start, rid, headers):
+        """The whole answer, or nothing once the client has gone: its request is then cancelled
+        in Triton (closing `deltas` does that) instead of running to max_tokens for nobody."""
+        try:
+            body = await _unless_gone(request, _complete(deltas, cid, start, rid))
+        finally:
+            await deltas.aclose()
+        if body is None:
+            metrics.requests.labels("499").inc()
+            return Response(status_code=499)
+        return JSONResponse(body, headers=headers)
+
+    async def _complete(deltas, cid, start, rid):
+        text, last = "", await _first(deltas, rid)
         first = time.monotonic()
         metrics.ttft.observe(first - start)
         text += last.text
@@ -130,7 +181,7 @@ def create_app(settings: FrontendSettings) -> FastAPI:
             async for d in deltas:
                 text, last = text + d.text, d
         except TritonRequestError as e:
-            raise from_triton(str(e), e.client_error) from e
+            raise from_triton(str(e), e.client_error, rid, e.unavailable) from e
         metrics.finished(start, first, last.num_input_tokens or 0, last.num_output_tokens or 0)
         return _done(cid, text, last)
 
@@ -139,7 +190,7 @@ def create_app(settings: FrontendSettings) -> FastAPI:
                   settings.enable_cache_report)
         return chat_completion(cid, settings.served_model_name, text, last.finish_reason, u)
 
-    async def _sse(first, deltas, cid, start, include_usage):
+    async def _sse(first, deltas, cid, start, include_usage, rid):
         model = settings.served_model_name
         first_at = time.monotonic()
         metrics.ttft.observe(first_at - start)
@@ -155,7 +206,7 @@ def create_app(settings: FrontendSettings) -> FastAPI:
                     break
                 d = await deltas.__anext__()
         except TritonRequestError as e:
-            yield _event(from_triton(str(e), e.client_error).body())
+            yield _event(from_triton(str(e), e.client_error, rid, e.unavailable).body())
             yield "data: [DONE]\n\n"
             return
         finally:
@@ -174,6 +225,41 @@ def create_app(settings: FrontendSettings) -> FastAPI:
             await state["client"].close()
 
     return app
+
+
+async def _unless_gone(request: Request, coro, on_gone=None):
+    """`await coro`, or None as soon as the HTTP client disconnects (the coroutine is cancelled,
+    and `on_gone` called, first)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                if on_gone is not None:
+                    on_gone()
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (by its Content-Length, or while it
+    streams in): a client cannot make the server hold more than the limit."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise _BodyTooLarge(limit)
+    parts, total = [], 0
+    async for part in request.stream():
+        total += len(part)
+        if total > limit:
+            raise _BodyTooLarge(limit)
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _event(obj: dict) -> str:

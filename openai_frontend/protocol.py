@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import mimetypes
+import json
+import logging
 import time
 import uuid
 
 from qwen3vl_backend.processing.chat import RequestError, normalize_messages
-from qwen3vl_backend.processing.media import MediaError, MediaPolicy, fetch_bytes
 from qwen3vl_backend.sampling_params import SAMPLING_FIELDS, SamplingError, SamplingParams
+
+log = logging.getLogger("openai_frontend")
 
 
 class APIError(Exception):
@@ -22,15 +23,43 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def from_triton(message: str, client_error: bool) -> APIError:
-    """A Triton-side failure as an OpenAI error: 400 for what the client sent, 500 otherwise."""
+# OpenAI chat fields this server does not implement yet, with the values that mean "not used":
+# a request that uses one is refused naming it, never served as if it had not asked.
+UNSUPPORTED = {
+    "tools": lambda v: v in (None, []),
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "functions": lambda v: v in (None, []),
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v in (None, 0),
+    "logit_bias": lambda v: v in (None, {}),
+    "n": lambda v: v in (None, 1),
+    "best_of": lambda v: v in (None, 1),
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]),
+    "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    "chat_template_kwargs": lambda v: v in (None, {}),
+}
+
+
+def from_triton(message: str, client_error: bool, request_id: str = "", unavailable: bool = False) -> APIError:
+    """A Triton-side failure as an OpenAI error: 400 with its message for what the client sent;
+    503 while the model server is down or restarting; otherwise 500 without the server's detail
+    (it is logged with the request id, which the client gets to quote)."""
     if client_error:
         return APIError(400, message)
-    return APIError(500, message, "internal_error")
+    log.error("request %s failed in Triton: %s", request_id, message)
+    if unavailable:
+        return APIError(503, f"the model server is unavailable or restarting; retry shortly (request id "
+                             f"{request_id})", "service_unavailable")
+    return APIError(500, f"internal server error (request id {request_id})", "internal_error")
 
 
-def check_chat_request(body, served_model: str, policy: MediaPolicy) -> tuple[list[dict], dict, bool, bool]:
-    """-> (messages with local files inlined, sampling dict, stream, include_usage); raises APIError."""
+def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> tuple[dict, bool, bool]:
+    """-> (sampling dict, stream, include_usage); raises APIError."""
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     model = body.get("model")
@@ -39,13 +68,19 @@ def check_chat_request(body, served_model: str, policy: MediaPolicy) -> tuple[li
                        param="model", code="model_not_found")
     if "messages" not in body:
         raise APIError(400, "'messages' is required", param="messages")
-    n = body.get("n", 1)
-    if n != 1:
-        raise APIError(400, "n > 1 is not supported: send separate requests", param="n")
+    for name, unused in UNSUPPORTED.items():
+        if name in body and not _safe_check(unused, body[name]):
+            raise APIError(400, f"'{name}' is not supported by this server yet (value {_short(body[name])})",
+                           param=name, code="unsupported_parameter")
     try:
-        normalize_messages(body["messages"])
+        _, refs = normalize_messages(body["messages"])
     except RequestError as e:
         raise APIError(400, str(e), param="messages") from e
+    for kind, limit in mm_limits.items():
+        n = sum(r.kind == kind for r in refs)
+        if n > limit:
+            raise APIError(400, f"{n} {kind}s in one request; this server takes at most {limit} "
+                                "(--limit-mm-per-prompt)", param="messages")
     sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
     try:
         SamplingParams.from_dict(sampling)
@@ -57,40 +92,22 @@ def check_chat_request(body, served_model: str, policy: MediaPolicy) -> tuple[li
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options")
-    return _inline_local_media(body["messages"], policy), sampling, stream, bool(opts.get("include_usage"))
+    if opts.get("continuous_usage_stats"):
+        raise APIError(400, "'stream_options.continuous_usage_stats' is not supported by this server yet",
+                       param="stream_options", code="unsupported_parameter")
+    return sampling, stream, bool(opts.get("include_usage"))
 
 
-def _inline_local_media(messages: list[dict], policy: MediaPolicy) -> list[dict]:
-    """Local paths become data: URIs here, after the allow-list check, so Triton never reads our disk.
-    Returns `messages` itself when there was nothing to inline (the caller may then forward the
-    request's own bytes instead of encoding it again)."""
-    out, changed = [], False
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = [_inline_part(p, policy) for p in content]
-            changed |= any(a is not b for a, b in zip(parts, content))
-            content = parts
-        out.append({**m, "content": content})
-    return out if changed else messages
+def _safe_check(fn, value) -> bool:
+    try:
+        return bool(fn(value))
+    except TypeError:              # an unhashable or odd value: not the "unused" one
+        return False
 
 
-def _inline_part(part: dict, policy: MediaPolicy) -> dict:
-    for key in ("image_url", "video_url"):
-        if key not in part:
-            continue
-        value = part[key]
-        url = value.get("url") if isinstance(value, dict) else value
-        if isinstance(url, str) and (url.startswith(("/", "./", "file://"))):
-            try:
-                data = fetch_bytes(url, policy)
-            except MediaError as e:
-                raise APIError(400, str(e), param="messages") from e
-            mime = mimetypes.guess_type(url)[0] or "application/octet-stream"
-            uri = f"data:{mime};base64," + base64.b64encode(data).decode()
-            value = {**value, "url": uri} if isinstance(value, dict) else uri
-            return {**part, key: value}
-    return part
+def _short(v) -> str:
+    text = json.dumps(v, ensure_ascii=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def completion_id() -> str:

@@ -21,9 +21,9 @@ from qwen3vl_backend.serving.triton_params import CLIENT_ERROR_PREFIX
 
 
 class TritonRequestError(Exception):
-    def __init__(self, message: str, client_error: bool):
+    def __init__(self, message: str, client_error: bool, unavailable: bool = False):
         super().__init__(message)
-        self.client_error = client_error
+        self.client_error, self.unavailable = client_error, unavailable
 
 
 @dataclass
@@ -44,7 +44,12 @@ def _input(name: str, arr: np.ndarray):
 class TritonLLMClient:
     def __init__(self, url: str, model_name: str = "qwen3vl", llm_model: str = "llm"):
         self.url, self.model_name, self.llm_model = url, model_name, llm_model
-        self._client = grpcclient.InferenceServerClient(url)
+        # Triton may be restarted under us (the launcher's supervisor): reconnect within a second
+        # instead of gRPC's default backoff of up to two minutes
+        self._client = grpcclient.InferenceServerClient(url, channel_args=[
+            ("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000)])
         self._tasks: set[asyncio.Task] = set()
 
     async def ready(self) -> bool:
@@ -71,10 +76,13 @@ class TritonLLMClient:
         async def requests():
             yield {"model_name": self.model_name, "inputs": inputs, "request_id": request_id}
 
-        responses = self._client.stream_infer(inputs_iterator=requests())
         finished = False
         try:
-            async for result, error in responses:
+            responses = self._client.stream_infer(inputs_iterator=requests())
+        except InferenceServerException as e:
+            raise TritonRequestError(f"could not reach Triton: {e}", False, unavailable=True) from None
+        try:
+            async for result, error in _rpc_errors(responses):
                 if error is not None:
                     message = error.message() or str(error)
                     client = CLIENT_ERROR_PREFIX in message
@@ -93,8 +101,10 @@ class TritonLLMClient:
                 yield delta
                 if finished:
                     return
+            raise TritonRequestError("the model server ended the request without a final response", False,
+                                     unavailable=True)
         except TritonRequestError:
-            finished = True           # refused: nothing is running
+            finished = True           # refused, or the server went away: nothing is running
             raise
         finally:
             responses.cancel()
@@ -103,20 +113,39 @@ class TritonLLMClient:
                 t.add_done_callback(self._tasks.discard)
 
     async def cancel(self, request_id: str, timeout_s: float = 10.0) -> None:
-        """Abort the live request with this id in the `llm` model (explicit cancel, see its config)."""
+        """End the request with this id in `llm`, now or as soon as it arrives there (explicit
+        cancel, see serving/cancel.py)."""
         async def requests():
-            yield {"model_name": self.llm_model, "request_id": request_id,
-                   "inputs": [_input("cancel", np.array([True]))]}
+            yield {"model_name": self.llm_model, "request_id": request_id, "inputs": [_input("cancel", np.array([True]))]}
 
-        call = self._client.stream_infer(inputs_iterator=requests())
+        try:
+            call = self._client.stream_infer(inputs_iterator=requests())
+        except InferenceServerException:
+            return
         try:
             async with asyncio.timeout(timeout_s):
-                async for _ in call:
+                async for _ in call:      # the stream ends once the cancel is answered
                     pass
         except (TimeoutError, InferenceServerException, grpc.aio.AioRpcError):
             pass
         finally:
             call.cancel()
+
+
+async def _rpc_errors(responses):
+    """The response stream, with a broken connection (Triton stopped or restarting) as a
+    TritonRequestError instead of a gRPC exception."""
+    it = responses.__aiter__()
+    while True:
+        try:
+            item = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        except grpc.aio.AioRpcError as e:
+            raise TritonRequestError(f"gRPC {e.code().name}: {e.details()}", False,
+                                     unavailable=e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                                              grpc.StatusCode.INTERNAL)) from None
+        yield item
 
 
 def _scalar(result, name):

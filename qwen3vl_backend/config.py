@@ -82,28 +82,96 @@ class EngineConfig:
 
     @classmethod
     def from_settings(cls, settings: dict[str, str]) -> "EngineConfig":
-        """String settings (config.pbtxt parameters, launcher flags) -> validated config.
+        """String settings (config.pbtxt parameters, launcher flags) -> validated config."""
+        return parse_settings(cls, settings, "engine")
 
-        Values may use `$VAR` / `${VAR}` environment references; unknown names are refused.
-        """
-        types = {f.name: f.type for f in fields(cls)}
-        kwargs = {}
-        for key, raw in settings.items():
-            if key not in types:
-                raise ConfigError(f"unknown engine setting {key!r}")
-            value = os.path.expandvars(str(raw))
-            kind = types[key]
-            try:
-                if kind in ("int", int):
-                    kwargs[key] = int(value)
-                elif kind in ("float", float):
-                    kwargs[key] = float(value)
-                elif kind in ("bool", bool):
-                    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                        raise ValueError(value)
-                    kwargs[key] = value.lower() in ("1", "true", "yes")
-                else:
-                    kwargs[key] = value
-            except ValueError:
-                raise ConfigError(f"setting {key}={value!r} is not a valid {kind}") from None
-        return cls(**kwargs)
+
+def parse_settings(cls, settings: dict[str, str], what: str):
+    """String settings -> the dataclass `cls`, each converted to its field's type.
+
+    Values may use `$VAR` / `${VAR}` environment references; unknown names are refused.
+    """
+    types = {f.name: f.type for f in fields(cls)}
+    kwargs = {}
+    for key, raw in settings.items():
+        if key not in types:
+            raise ConfigError(f"unknown {what} setting {key!r}")
+        value = os.path.expandvars(str(raw))
+        kind = types[key]
+        try:
+            if kind in ("int", int):
+                kwargs[key] = int(value)
+            elif kind in ("float", float):
+                kwargs[key] = float(value)
+            elif kind in ("bool", bool):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                kwargs[key] = value.lower() in ("1", "true", "yes")
+            else:
+                kwargs[key] = value
+        except ValueError:
+            raise ConfigError(f"setting {key}={value!r} is not a valid {kind}") from None
+    return cls(**kwargs)
+
+
+@dataclass
+class PreprocessConfig:
+    """The `preprocess` model's settings: media safety and the limits checked before the ViT."""
+    model_path: str = ""
+    max_model_len: int = 8192
+    allowed_local_media_path: str = ""        # file:// URLs under it; empty: refused
+    allowed_media_domains: str = ""           # comma-separated hosts; empty: any host
+    allow_private_media_urls: bool = False    # loopback/private/link-local addresses (labs, tests)
+    media_fetch_timeout_s: float = 10.0
+    max_media_bytes: int = 64 * 2**20
+    limit_mm_per_prompt: str = '{"image": 16, "video": 2}'     # JSON, or image=16,video=2 (vLLM's two forms)
+    mm_max_concurrent_calls: int = 32
+    mm_per_request_timeout: float = 10.0
+    use_cuda_ipc_transport: bool = False
+
+    def __post_init__(self):
+        if not self.model_path:
+            raise ConfigError("model_path is required")
+        for name in ("max_model_len", "max_media_bytes", "mm_max_concurrent_calls"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("media_fetch_timeout_s", "mm_per_request_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+        self.mm_limits = parse_mm_limits(self.limit_mm_per_prompt)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, str]) -> "PreprocessConfig":
+        return parse_settings(cls, settings, "preprocess")
+
+    def media_policy(self):
+        from .processing.media import MediaPolicy
+
+        hosts = tuple(h.strip().lower() for h in self.allowed_media_domains.split(",") if h.strip())
+        return MediaPolicy(allowed_local_dir=self.allowed_local_media_path or None,
+                           fetch_timeout_s=self.media_fetch_timeout_s, max_bytes=self.max_media_bytes,
+                           allowed_domains=hosts or None, allow_private=self.allow_private_media_urls)
+
+    def limits(self):
+        from .serving.preprocess import PreprocessLimits
+
+        return PreprocessLimits(self.max_model_len, self.mm_limits["image"], self.mm_limits["video"])
+
+
+def parse_mm_limits(text: str) -> dict[str, int]:
+    """`{"image": 4, "video": 1}` or `image=4,video=1` -> {"image": 4, "video": 1} (kinds left out keep
+    their defaults: 16 images, 2 videos)."""
+    import json
+
+    limits = {"image": 16, "video": 2}
+    text = text.strip()
+    try:
+        given = json.loads(text) if text.startswith("{") else \
+            {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"limit_mm_per_prompt {text!r} is neither JSON nor image=N,video=N") from None
+    for kind, n in given.items():
+        if kind not in limits or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ConfigError(f"limit_mm_per_prompt: {kind!r}={n!r} (kinds: image, video; counts >= 0)")
+        limits[kind] = n
+    return limits

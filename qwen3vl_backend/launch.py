@@ -13,17 +13,13 @@ import argparse
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from .tools.install_triton import install
+from .supervisor import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "model_repository"
@@ -59,86 +55,6 @@ def write_repository(dest: Path, settings: dict[str, dict[str, str]], python_env
     return dest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
-
-
-class Server:
-    """tritonserver + the OpenAI adapter as child processes, stopped together."""
-
-    def __init__(self, repo: Path, host: str, port: int, grpc_port: int, triton_http_port: int, metrics_port: int,
-                 served_model_name: str, frontend_args: list[str], log_dir: Path, triton_dest: Path,
-                 enable_metrics: bool = True, cuda_pool_mb: int = 0):
-        self.repo, self.host, self.port = repo, host, port
-        self.grpc_port, self.metrics_port = grpc_port, metrics_port
-        layout = install(triton_dest)
-        env = dict(os.environ)
-        if layout["ld_library_path"]:
-            env["LD_LIBRARY_PATH"] = layout["ld_library_path"] + ":" + env.get("LD_LIBRARY_PATH", "")
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.triton_log = open(log_dir / "tritonserver.log", "w")
-        self.frontend_log = open(log_dir / "frontend.log", "w")
-        cmd = [layout["tritonserver"], "--model-repository", str(repo), "--grpc-port", str(grpc_port),
-               "--http-port", str(triton_http_port), "--metrics-port", str(metrics_port), "--log-verbose", "0",
-               f"--allow-metrics={'true' if enable_metrics else 'false'}"]
-        if layout["backend_dir"]:
-            cmd += ["--backend-directory", layout["backend_dir"]]
-        if cuda_pool_mb:       # room for visual features handed between models as CUDA tensors
-            cmd += [f"--cuda-memory-pool-byte-size=0:{cuda_pool_mb * 2**20}"]
-        # each Python model's shared-memory region starts at 1 MB and grows 1 MB at a time by
-        # default: one image's visual features (tens of MB) then cost ~30 growth steps per hand-off
-        cmd += [f"--backend-config=python,shm-default-byte-size={64 * 2**20}",
-                f"--backend-config=python,shm-growth-byte-size={64 * 2**20}"]
-        cmd += shlex.split(os.environ.get("QWEN3VL_TRITON_ARGS", ""))    # e.g. --trace-config flags
-        self.triton = subprocess.Popen(cmd, stdout=self.triton_log, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)
-        self.triton_http = f"http://127.0.0.1:{triton_http_port}"
-        self.frontend = subprocess.Popen(
-            [sys.executable, "-m", "openai_frontend", "--host", host, "--port", str(port),
-             "--triton-url", f"127.0.0.1:{grpc_port}", "--served-model-name", served_model_name,
-             *(["--triton-metrics-url", f"http://127.0.0.1:{metrics_port}/metrics"] if enable_metrics else []),
-             *frontend_args],
-            stdout=self.frontend_log, stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def wait_ready(self, timeout_s: float = 600) -> None:
-        wait_http(f"{self.triton_http}/v2/health/ready", timeout_s, self.triton)
-        wait_http(f"{self.url}/health", 60, self.frontend)
-
-    def stop(self) -> None:
-        for proc in (self.frontend, self.triton):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (self.frontend, self.triton):
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.triton_log.close()
-        self.frontend_log.close()
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m qwen3vl_backend.launch", description=__doc__.splitlines()[0])
     a = ap.add_argument
@@ -171,7 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
       help="read each step back before queueing the next (by default the host prepares the next step meanwhile)")
     a("--enable-cache-report", action="store_true")
     a("--enable-metrics", action="store_true")
-    a("--allowed-local-media-path", default=None)
+    a("--triton-host", default="127.0.0.1",
+      help="address Triton's own gRPC, HTTP and metrics ports bind to (loopback by default: they take raw "
+           "token ids; 0.0.0.0 exposes them to tritonclient users elsewhere)")
+    a("--allowed-local-media-path", default=None, help="directory file:// media URLs may name (off by default)")
+    a("--allowed-media-domains", nargs="+", default=None,
+      help="the only hosts http(s) media is fetched from (default: any public host)")
+    a("--allow-private-media-urls", action="store_true",
+      help="also fetch media from loopback, private and link-local addresses (labs; never on an exposed server)")
+    a("--media-fetch-timeout", type=float, default=10.0, help="seconds for one media fetch, redirects included")
+    a("--max-media-mb", type=float, default=64.0, help="one media item's size limit")
+    a("--limit-mm-per-prompt", default="image=16,video=2",
+      help='media items per request, vLLM\'s forms: \'{"image": 4, "video": 1}\' or image=4,video=1')
+    a("--max-request-body-mb", type=float, default=96.0, help="the OpenAI adapter answers 413 past this")
     a("--log-level", default="info")
     a("--trust-remote-code", action="store_true", help="accepted for SGLang compatibility; no remote code is run")
     a("--repository", default=None, help="where to write the model repository (default: a .serve folder)")
@@ -188,7 +116,7 @@ def _env_flag(*names: str) -> str | None:
 
 def resolve(args) -> dict:
     """Flags + environment -> per-model settings; raises SystemExit with a clear message."""
-    from .config import ConfigError, EngineConfig
+    from .config import ConfigError, EngineConfig, PreprocessConfig
 
     gpus = _gpu_count()
     for name in ("tp", "ep"):
@@ -231,10 +159,60 @@ def resolve(args) -> dict:
     if args.mm_max_concurrent_calls < 1:
         raise SystemExit("--mm-max-concurrent-calls must be >= 1")
     instances = min(args.preprocess_instances, args.mm_max_concurrent_calls)
-    pre = {"model_path": model_path, "allowed_local_media_path": args.allowed_local_media_path or "",
+    if args.max_request_body_mb <= 0:
+        raise SystemExit("--max-request-body-mb must be positive")
+    local = str(Path(args.allowed_local_media_path).resolve()) if args.allowed_local_media_path else ""
+    pre = {"model_path": model_path, "max_model_len": str(args.max_model_len), "allowed_local_media_path": local,
+           "allowed_media_domains": ",".join(args.allowed_media_domains or ()),
+           "allow_private_media_urls": str(args.allow_private_media_urls).lower(),
+           "media_fetch_timeout_s": str(args.media_fetch_timeout), "max_media_bytes": str(int(args.max_media_mb * 2**20)),
+           "limit_mm_per_prompt": args.limit_mm_per_prompt,
            "mm_max_concurrent_calls": str(args.mm_max_concurrent_calls // instances),
            "mm_per_request_timeout": str(args.mm_per_request_timeout), "use_cuda_ipc_transport": ipc}
+    try:
+        PreprocessConfig.from_settings(pre)
+    except ConfigError as e:
+        raise SystemExit(f"invalid settings: {e}") from None
     return {"preprocess": pre, "vit": vit, "llm": llm, "instances": {"preprocess": instances}}
+
+
+def frontend_args(args, settings: dict) -> list[str]:
+    """The adapter's flags: it fetches http(s) and file:// media itself, under the same rules."""
+    pre = settings["preprocess"]
+    out = ["--log-level", args.log_level, "--max-request-body-mb", str(args.max_request_body_mb),
+           "--max-media-mb", str(args.max_media_mb), "--media-fetch-timeout", str(args.media_fetch_timeout),
+           "--mm-max-concurrent-calls", str(args.mm_max_concurrent_calls),
+           "--mm-per-request-timeout", str(args.mm_per_request_timeout),
+           "--limit-mm-per-prompt", args.limit_mm_per_prompt]
+    if args.enable_cache_report:
+        out.append("--enable-cache-report")
+    if pre["allowed_local_media_path"]:
+        out += ["--allowed-local-media-path", pre["allowed_local_media_path"]]
+    if args.allowed_media_domains:
+        out += ["--allowed-media-domains", *args.allowed_media_domains]
+    if args.allow_private_media_urls:
+        out.append("--allow-private-media-urls")
+    return out
+
+
+def listening(args) -> list[dict]:
+    """Every address and port a launch listens on."""
+    out = [{"service": "OpenAI API (adapter; /metrics too)", "address": args.host, "port": args.port},
+           {"service": "Triton gRPC", "address": args.triton_host, "port": args.grpc_port},
+           {"service": "Triton HTTP", "address": args.triton_host, "port": args.triton_http_port}]
+    if args.enable_metrics:
+        out.append({"service": "Triton metrics", "address": args.triton_host, "port": args.metrics_port})
+    return out
+
+
+def banner(args, served: str) -> str:
+    """What a launch prints once it serves (the README shows the one of `make serve`)."""
+    local = "127.0.0.1" if args.host == "0.0.0.0" else args.host
+    triton = "127.0.0.1" if args.triton_host == "0.0.0.0" else args.triton_host
+    metrics = f"http://{triton}:{args.metrics_port}/metrics" if args.enable_metrics else "off (--enable-metrics)"
+    return (f"OpenAI API:   http://{local}:{args.port}/v1/chat/completions   (model '{served}')\n"
+            f"Triton gRPC:  {triton}:{args.grpc_port}   HTTP: http://{triton}:{args.triton_http_port}   "
+            f"metrics: {metrics}")
 
 
 def _model_dir(model_path: str, load_format: str) -> str:
@@ -282,42 +260,79 @@ def _gpu_count() -> int:
         return 0
 
 
+class _Stopping(Exception):
+    pass
+
+
+def _on_signal(*_):
+    """The first SIGINT/SIGTERM/SIGHUP interrupts whatever the launcher is doing (starting,
+    waiting, restarting); later ones are ignored so that stopping itself runs to the end."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stopping
+
+
 def main(argv=None) -> int:
+    # first of all: a process started in the background inherits SIGINT ignored, and systemd or
+    # `kill` send SIGTERM, which must stop the children too, at any point of the launch
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
+        return _main(argv)
+    except _Stopping:
+        return 0
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     settings = resolve(args)
     repo = Path(args.repository or ROOT / ".serve" / "model_repository").resolve()
     served = args.served_model_name or Path(args.model_path).resolve().name
     if args.dry_run:
-        print(json.dumps({"repository": str(repo), "served_model_name": served, "settings": settings}, indent=2))
+        print(json.dumps({"repository": str(repo), "served_model_name": served, "listening": listening(args),
+                          "settings": settings}, indent=2))
         return 0
     write_repository(repo, settings, instances=settings["instances"])
-    frontend_args = ["--log-level", args.log_level]
-    if args.enable_cache_report:
-        frontend_args.append("--enable-cache-report")
-    if args.allowed_local_media_path:
-        frontend_args += ["--allowed-local-media-path", str(Path(args.allowed_local_media_path).resolve())]
-    server = Server(repo, args.host, args.port, args.grpc_port, args.triton_http_port, args.metrics_port, served,
-                    frontend_args, repo.parent / "logs", ROOT / ".cache" / "triton", args.enable_metrics,
-                    1024 if args.keep_mm_feature_on_device or settings["preprocess"]["use_cuda_ipc_transport"] == "1"
-                    else 0)
-    stop = {"now": False}
-    # installed explicitly: a process started in the background inherits SIGINT ignored
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.update(now=True))
+    server = None
     try:
+        server = Server(repo, args.host, args.port, args.grpc_port, args.triton_http_port, args.metrics_port, served,
+                        frontend_args(args, settings), repo.parent / "logs", ROOT / ".cache" / "triton",
+                        args.enable_metrics, 1024 if args.keep_mm_feature_on_device
+                        or settings["preprocess"]["use_cuda_ipc_transport"] == "1" else 0,
+                        triton_host=args.triton_host)
         server.wait_ready()
-        print(f"OpenAI API:   {server.url}/v1/chat/completions   (model '{served}')")
-        metrics = f"{server.url}/metrics" if args.enable_metrics else "off (--enable-metrics)"
-        print(f"Triton gRPC:  127.0.0.1:{args.grpc_port}   HTTP: {server.triton_http}   metrics: {metrics}")
+        print(banner(args, served))
         print(f"logs: {repo.parent / 'logs'}   Ctrl-C stops both", flush=True)
-        while not stop["now"] and server.triton.poll() is None and server.frontend.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        return supervise(server)
     finally:
-        server.stop()
-    return 0
+        if server is not None:
+            server.stop()
 
+
+def supervise(server: Server, max_restarts: int = 5, window_s: float = 600) -> int:
+    """Watch the service; when Triton or one of its model processes dies, start Triton again
+    (at most `max_restarts` times in `window_s`, then give up)."""
+    restarts: list[float] = []
+    while True:
+        why = server.check()
+        if why is None:
+            time.sleep(0.5)
+            continue
+        if server.frontend.poll() is not None:
+            print(f"{why}: stopping", file=sys.stderr, flush=True)
+            return 1
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < window_s] + [now]
+        if len(restarts) > max_restarts:
+            print(f"{why}: {max_restarts} restarts within {window_s:.0f}s, giving up", file=sys.stderr, flush=True)
+            return 1
+        print(f"{why}: restarting tritonserver", file=sys.stderr, flush=True)
+        try:
+            server.restart()
+        except (RuntimeError, TimeoutError) as e:
+            print(f"tritonserver did not come back: {e}", file=sys.stderr, flush=True)
+            return 1
+        print("serving again", file=sys.stderr, flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

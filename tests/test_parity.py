@@ -41,7 +41,7 @@ def _cases(video_path):
         "rgba_image": ([{"role": "user", "content": [_img_part(make_image(90, 70, 4, "RGBA")),
                                                      {"type": "text", "text": "Colours?"}]}],
                        [make_image(90, 70, 4, "RGBA").convert("RGB")], None),
-        "video": ([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": str(video_path)}},
+        "video": ([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_path.as_uri()}},
                                                 {"type": "text", "text": "What happens?"}]}], [], video_path),
         "system_multi_turn": ([
             {"role": "system", "content": "You are a terse assistant."},

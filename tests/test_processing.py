@@ -101,7 +101,7 @@ def test_per_request_max_pixels_shrinks_the_grid(tiny_dense):
 
 def test_video_positions_advance_per_frame(tiny_dense, video_file):
     proc = Processor(tiny_dense)
-    p = proc.process_messages([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": str(video_file)}}]}])
+    p = proc.process_messages([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_file.as_uri()}}]}])
     [video] = p.media
     assert video.grid_thw[0] == 4 and len(video.timestamps) == 4
     assert p.text.count("seconds>") == 4
@@ -113,7 +113,7 @@ def test_per_request_fps_and_max_frames(tiny_dense, video_file):
     proc = Processor(tiny_dense)
 
     def frames(**opts):
-        msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": str(video_file), **opts}}]}]
+        msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_file.as_uri(), **opts}}]}]
         [video] = proc.process_messages(msgs).media
         return video.grid_thw[0] * 2, len(video.timestamps)
 

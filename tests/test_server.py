@@ -66,12 +66,16 @@ def server(tiny_moe, media_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     common = {"model_path": str(tiny_moe), "device": "cpu"}
     repo = write_repository(root / "repo", {
-        "preprocess": {"model_path": str(tiny_moe), "media_fetch_timeout_s": "10",
-                       "mm_per_request_timeout": str(MEDIA_TIMEOUT_S), "mm_max_concurrent_calls": "4"},
+        # the test's media server is on loopback: this server opts in to private addresses
+        "preprocess": {"model_path": str(tiny_moe), "media_fetch_timeout_s": "10", "allow_private_media_urls": "true",
+                       "max_model_len": str(MAX_MODEL_LEN), "mm_per_request_timeout": str(MEDIA_TIMEOUT_S),
+                       "mm_max_concurrent_calls": "4"},
         "vit": {**common, "vlm_cache_size_mb": "64"},
         "llm": {**common, "max_model_len": str(MAX_MODEL_LEN), "max_num_seqs": "16"},
     })
-    srv = start_server(repo, root, ["--allowed-local-media-path", str(media_dir), "--enable-cache-report"])
+    srv = start_server(repo, root, ["--allowed-local-media-path", str(media_dir), "--enable-cache-report",
+                                    "--allow-private-media-urls", "--mm-per-request-timeout", str(MEDIA_TIMEOUT_S),
+                                    "--mm-max-concurrent-calls", "4"])
     yield srv
     srv.stop()
 
@@ -115,10 +119,10 @@ def _cases(media_dir, http_media):
         "text": [{"role": "user", "content": "Tell me about the sea."}],
         "data_uri_image": [{"role": "user", "content": [_img(data_uri(image_bytes(a))), {"type": "text", "text": "What?"}]}],
         "http_image": [{"role": "user", "content": [_img(f"{http_media}/dog.png"), {"type": "text", "text": "Who?"}]}],
-        "file_image": [{"role": "user", "content": [_img(str(media_dir / "cat.png")), {"type": "text", "text": "Hm?"}]}],
+        "file_image": [{"role": "user", "content": [_img((media_dir / "cat.png").as_uri()), {"type": "text", "text": "Hm?"}]}],
         "two_images": [{"role": "user", "content": [_img(data_uri(image_bytes(a))), _img(data_uri(image_bytes(b))),
                                                     {"type": "text", "text": "Compare."}]}],
-        "video": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": str(media_dir / "clip.mp4")}},
+        "video": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": (media_dir / "clip.mp4").as_uri()}},
                                                {"type": "text", "text": "What happens?"}]}],
         "system_multi_turn": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                               {"role": "assistant", "content": "Hello."},
@@ -247,13 +251,13 @@ def _msg(content):
     ("corrupt_base64", _msg([_img("data:image/png;base64,%%%%")]), 400, "not valid base64"),
     ("not_an_image", _msg([_img(data_uri(b"plain text, not pixels"))]), 400, "not a decodable image"),
     ("url_not_answering", _msg([_img("http://127.0.0.1:9/nothing.png")]), 400, "could not fetch"),
-    ("path_outside_allow_list", _msg([_img("/etc/hostname")]), 400, "outside the allowed directory"),
+    ("path_outside_allow_list", _msg([_img("file:///etc/hostname")]), 400, "under the server's allowed local media path"),
     ("prompt_too_long", _msg("word " * 1500), 400, f"does not fit the context of {MAX_MODEL_LEN} tokens"),
     ("max_tokens_zero", {**_msg("x"), "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
     ("negative_temperature", {**_msg("x"), "temperature": -1}, 400, "temperature must be in [0, 100]"),
     ("top_p_zero", {**_msg("x"), "top_p": 0}, 400, "top_p must be in (0, 1]"),
     ("top_p_above_one", {**_msg("x"), "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
-    ("n_two", {**_msg("x"), "n": 2}, 400, "n > 1 is not supported"),
+    ("n_two", {**_msg("x"), "n": 2}, 400, "'n' is not supported by this server yet"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_bad_input_gets_clear_4xx(server, name, body, status, message, stream):
@@ -310,7 +314,8 @@ def test_server_still_serves_after_errors(client):
 def test_models_and_health(server):
     models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["tiny-moe"]
-    assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+    health = httpx.get(f"{server.url}/health", timeout=10).json()
+    assert health["status"] == "ok" and health["video_decoder"] in ("decord", "pyav")
 
 
 def test_prefix_cache_reported_in_usage(client):

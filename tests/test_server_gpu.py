@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import data_uri, image_bytes, make_image, start_server
-from qwen3vl_backend.launch import Server, write_repository
+from qwen3vl_backend.launch import write_repository
+from qwen3vl_backend.supervisor import Server
 
 pytestmark = [pytest.mark.server, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 MESSAGES = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(w, h, s)))}},

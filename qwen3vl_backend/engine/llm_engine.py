@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EngineConfig
+from ..errors import PromptTooLongError, RequestError, check_prompt_length
 from ..processing.processor import MediaItem, ProcessedPrompt
 from ..processing.tokenizer import Tokenizer
 from ..layers.sampler import needs_history
@@ -29,12 +30,8 @@ from .sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
 
-class InvalidRequestError(ValueError):
+class InvalidRequestError(RequestError):
     """The request cannot run as sent (HTTP 400): refused before it touches the batch."""
-
-
-class PromptTooLongError(InvalidRequestError):
-    pass
 
 
 @dataclass
@@ -105,6 +102,8 @@ class LLMEngine:
         params = self._checked_params(prompt, params)
         if vision_outputs is None and any(m.pixel_values.numel() for m in prompt.media):
             vision_outputs = self.encode_media(prompt.media)
+        elif vision_outputs is not None:
+            self._check_vision(*vision_outputs)
         embeds, deepstack = vision_outputs if vision_outputs is not None else (None, ())
         mm = MultimodalState.build(prompt.positions, prompt.rope_delta, prompt.prompt_ids,
                                    self.runner.visual_token_ids, embeds, deepstack)
@@ -135,6 +134,15 @@ class LLMEngine:
         if params.top_k > v:
             params = dataclasses.replace(params, top_k=0)
         return params
+
+    def _check_vision(self, embeds: torch.Tensor, deepstack) -> None:
+        """ViT outputs handed in from outside (the Triton vit model, or a client calling llm)."""
+        d = self.runner.model_cfg.text.hidden_size
+        levels = len(self.runner.model_cfg.vision.deepstack_visual_indexes)
+        if embeds.dim() != 2 or embeds.shape[1] != d or not embeds.is_floating_point():
+            raise InvalidRequestError(f"visual_embeds must be float (N, {d}), got {tuple(embeds.shape)}")
+        if len(deepstack) != levels or any(tuple(x.shape) != tuple(embeds.shape) for x in deepstack):
+            raise InvalidRequestError(f"deepstack must be ({levels}, {embeds.shape[0]}, {d})")
 
     def encode_media(self, media: list[MediaItem]):
         """ViT outputs for the media, reusing cached ones (vlm_cache_size_mb)."""
@@ -318,13 +326,6 @@ class LLMEngine:
                 if out.finished:
                     r["finish_reason"] = out.finish_reason
         return [results[i] for i in ids]
-
-
-def check_prompt_length(n: int, max_model_len: int) -> None:
-    """The one rule for prompt length (the engine, and preprocess before the ViT runs)."""
-    if n >= max_model_len:
-        raise PromptTooLongError(f"prompt of {n} tokens does not fit the context of "
-                                 f"{max_model_len} tokens (at least one token must be generated)")
 
 
 def _find_stop(text: str, stops: list[str], search_from: int) -> int | None:

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-
-class RequestError(ValueError):
-    """A problem with the request the client sent (maps to HTTP 400)."""
+from ..errors import RequestError
 
 
 @dataclass

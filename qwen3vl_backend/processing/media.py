@@ -1,21 +1,46 @@
-"""Fetch and decode media: data: URIs, raw base64, http(s) URLs, and allow-listed local paths.
+"""Fetch and decode media: data: URIs, raw base64, http(s) URLs, and allow-listed `file://` URLs.
 
-Every failure a client can cause raises `MediaError` (a RequestError) naming what was wrong.
-Videos decode with decord (the model card's choice) and fall back to PyAV where decord is absent.
+Fetching is built to face the internet (`MediaPolicy`):
+- the host is resolved here and every address is checked before connecting; loopback, private,
+  link-local, multicast and reserved addresses (IPv4 and IPv6, mapped and embedded forms too)
+  are refused unless `allow_private` is set, on every redirect hop (at most `max_redirects`);
+  the connection goes to the address that was checked (no second lookup to rebind);
+- `allowed_domains`, when set, is the only hosts fetched from (vLLM's --allowed-media-domains);
+- every network failure reads the same "could not fetch media" (the log has the reason), so a
+  caller cannot map which ports are open;
+- the size limit holds while the body streams in, and one wall-clock deadline covers the whole
+  fetch (lookup, connect, redirects, body): a watchdog shuts the socket down when it passes, or
+  when the request is cancelled (`Cancel`), so a body that trickles cannot hold a worker.
+
+Every failure a client can cause raises `MediaError` (a RequestError, HTTP 400) with a message
+that names what was wrong and never carries a server path or an object's repr.
+Images with transparency are composited onto white before RGB, as the reference processor
+(transformers >= 5.18) and qwen-vl-utils do. Videos decode with decord where present, else PyAV
+(`video_backend()` says which, or None).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import concurrent.futures
+import http.client
 import io
+import ipaddress
+import logging
 import os
+import re
+import socket
+import ssl
 import tempfile
+import threading
+import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .chat import RequestError
 
@@ -24,22 +49,74 @@ try:        # SIMD base64: a 3.7 MB data URI decodes in ~2 ms instead of ~15 (sa
 except ImportError:
     _b64decode = base64.b64decode
 
+log = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_REDIRECTS = (301, 302, 303, 307, 308)
+_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="media-dns")
+
 
 class MediaError(RequestError):
     pass
 
 
+class FetchError(MediaError):
+    """The one message for every network failure (refused, reset, timed out, refused address...)."""
+
+    def __init__(self, url: str):
+        super().__init__(f"could not fetch media from {_shown(url)}")
+
+
 @dataclass(frozen=True)
 class MediaPolicy:
-    allowed_local_dir: str | None = None     # None: local paths refused
-    fetch_timeout_s: float = 10.0
-    max_bytes: int = 256 * 1024 * 1024
+    allowed_local_dir: str | None = None       # file:// URLs under it; None: refused
+    fetch_timeout_s: float = 10.0              # the whole fetch, redirects and body included
+    max_bytes: int = 64 * 2**20                # one media item's bytes (fetched, decoded from base64, read)
+    allowed_domains: tuple[str, ...] | None = None    # None: any host
+    allow_private: bool = False                # loopback/private/link-local addresses (labs, tests)
+    max_redirects: int = 3
+    max_image_pixels: int = 89_478_485         # decoded size limit (PIL's own default); bombs past it are refused
+    max_video_bytes: int = 2**31               # decoded frames held at once (frames x H x W x 3)
 
 
-TRUSTED = MediaPolicy(allowed_local_dir="/")      # the one-shot CLI reads any local file
+TRUSTED = MediaPolicy(allowed_local_dir="/", allow_private=True, max_bytes=2**40)   # the one-shot CLI
 
 
-def fetch_bytes(source, policy: MediaPolicy) -> bytes:
+class Cancel:
+    """Set once, from any thread; callbacks run when it is set (or at once if it already is)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._set = False
+        self._callbacks: list = []
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._set:
+                return
+            self._set, callbacks, self._callbacks = True, self._callbacks, []
+        for fn in callbacks:
+            fn()
+
+    @property
+    def is_set(self) -> bool:
+        return self._set
+
+    def on_cancel(self, fn) -> None:
+        with self._lock:
+            if not self._set:
+                self._callbacks.append(fn)
+                return
+        fn()
+
+    def remove(self, fn) -> None:
+        with self._lock:
+            if fn in self._callbacks:
+                self._callbacks.remove(fn)
+
+
+def fetch_bytes(source, policy: MediaPolicy, cancel: Cancel | None = None) -> bytes:
+    """A media reference's bytes: data: URI, http(s) URL, file:// URL, or raw base64."""
     if isinstance(source, (bytes, bytearray)):
         return bytes(source)
     if not isinstance(source, str):
@@ -48,58 +125,233 @@ def fetch_bytes(source, policy: MediaPolicy) -> bytes:
         header, _, payload = source.partition(",")
         if ";base64" not in header:
             raise MediaError("data: URIs must be base64 encoded")
-        return _b64(payload)
-    if source.startswith(("http://", "https://")):
-        return _http_get(source, policy)
-    if source.startswith("file://"):
-        source = source[len("file://"):]
-    if source.startswith("/") or source.startswith("."):
+        return _b64(payload, policy)
+    scheme = source.split("://", 1)[0].lower() if _SCHEME.match(source) else None
+    if scheme in ("http", "https"):
+        return _http_get(source, policy, cancel or Cancel())
+    if scheme == "file":
         return _read_local(source, policy)
-    return _b64(source)     # raw base64, as Triton's `image` input carries it
+    if scheme is not None:
+        raise MediaError(f"media URL scheme {scheme!r} is not supported (use http(s), data: or file://)")
+    return _b64(source, policy)     # raw base64, as Triton's `image` input carries it (vllm_backend's convention)
 
 
-def _b64(payload: str) -> bytes:
+def _b64(payload: str, policy: MediaPolicy) -> bytes:
+    payload = payload.strip()
+    if len(payload) // 4 * 3 > policy.max_bytes:
+        raise MediaError(f"media is larger than the {policy.max_bytes} byte limit")
     try:
-        return _b64decode(payload.strip(), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise MediaError(f"media is not valid base64: {e}") from e
+        return _b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaError("media is not valid base64 (expected a data: URI, an http(s) or file:// URL, "
+                         "or base64 bytes)") from None
 
 
-def _http_get(url: str, policy: MediaPolicy) -> bytes:
-    import httpx
+# -- http(s) ---------------------------------------------------------------------------------------
 
+def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Only globally routable unicast addresses, also when hidden inside an IPv6 form."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if inner is None and ip in ipaddress.IPv6Network("64:ff9b::/96"):      # NAT64
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None and not address_allowed(inner):
+            return False
+    return ip.is_global and not (ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local
+                                 or ip.is_reserved or ip.is_unspecified)
+
+
+def _http_get(url: str, policy: MediaPolicy, cancel: Cancel) -> bytes:
+    deadline = time.monotonic() + policy.fetch_timeout_s
+    current = url
+    for _ in range(policy.max_redirects + 1):
+        status, location, body = _one_hop(url, current, policy, cancel, deadline)
+        if status in _REDIRECTS:
+            if not location:
+                raise _failed(url, "redirect without a Location")
+            current = urllib.parse.urljoin(current, location)
+            continue
+        if status != 200:
+            raise _failed(url, f"HTTP {status}")
+        return body
+    raise _failed(url, f"more than {policy.max_redirects} redirects")
+
+
+def _one_hop(url: str, current: str, policy: MediaPolicy, cancel: Cancel, deadline: float):
+    """GET one URL at a checked address. -> (status, location, body or b"")."""
+    parts = urllib.parse.urlsplit(current)
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme not in ("http", "https") or not host:
+        raise _failed(url, f"unsupported redirect target {current!r}")
+    if parts.username or parts.password:
+        raise MediaError("media URLs must not carry credentials")
+    if policy.allowed_domains is not None and host.lower() not in policy.allowed_domains:
+        raise MediaError(f"media host {host!r} is not in this server's allowed media domains")
     try:
-        with httpx.Client(timeout=policy.fetch_timeout_s, follow_redirects=True) as client:
-            r = client.get(url)
-    except httpx.HTTPError as e:
-        raise MediaError(f"could not fetch {url}: {type(e).__name__}: {e}") from e
-    if r.status_code != 200:
-        raise MediaError(f"could not fetch {url}: HTTP {r.status_code}")
-    if len(r.content) > policy.max_bytes:
-        raise MediaError(f"{url} is larger than {policy.max_bytes} bytes")
-    return r.content
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise MediaError("media URL has an invalid port") from None
+    ip = _resolve(url, host, port, policy, deadline)
+    conn = _connection(scheme, host, port, ip, deadline)
+    watchdog = _Watchdog(conn, deadline, cancel)
+    try:
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("GET", path, headers={"Host": parts.netloc.rsplit("@", 1)[-1], "Accept-Encoding": "identity",
+                                           "User-Agent": "qwen3vl-triton"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return resp.status, resp.getheader("Location"), b""
+        length = resp.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > policy.max_bytes:
+            raise MediaError(f"media at {_shown(url)} is larger than the {policy.max_bytes} byte limit")
+        chunks, total = [], 0
+        while chunk := resp.read(65536):
+            total += len(chunk)
+            if total > policy.max_bytes:
+                raise MediaError(f"media at {_shown(url)} is larger than the {policy.max_bytes} byte limit")
+            chunks.append(chunk)
+        if watchdog.fired:
+            raise _failed(url, watchdog.why)
+        return 200, None, b"".join(chunks)
+    except MediaError:
+        raise
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise _failed(url, watchdog.why or f"{type(e).__name__}: {e}") from None
+    finally:
+        watchdog.stop()
+        conn.close()
 
 
-def _read_local(path: str, policy: MediaPolicy) -> bytes:
+def _resolve(url: str, host: str, port: int, policy: MediaPolicy, deadline: float) -> str:
+    """The first allowed address of the host, looked up within the deadline."""
+    try:
+        literal = ipaddress.ip_address(host)
+        candidates = [literal]
+    except ValueError:
+        future = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        try:
+            infos = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            raise _failed(url, "name lookup timed out") from None
+        except OSError as e:
+            raise _failed(url, f"name lookup failed: {e}") from None
+        candidates = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+    allowed = [ip for ip in candidates if policy.allow_private or address_allowed(ip)]
+    if not allowed:
+        raise _failed(url, f"{host} resolves only to refused addresses {[str(ip) for ip in candidates]}")
+    return str(allowed[0])
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """HTTP to an address already checked; Host (and TLS SNI) stay the URL's host."""
+
+    def __init__(self, host, port, ip, timeout):
+        super().__init__(host, port, timeout=timeout)
+        self._ip = ip
+
+    def connect(self):
+        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+
+
+_tls: ssl.SSLContext | None = None
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, host, port, ip, timeout):
+        global _tls
+        _tls = _tls or ssl.create_default_context()       # loading the CA store once, not per fetch
+        super().__init__(host, port, timeout=timeout, context=_tls)
+        self._ip = ip
+
+    def connect(self):
+        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _connection(scheme, host, port, ip, deadline):
+    cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
+    return cls(host, port, ip, max(0.01, deadline - time.monotonic()))
+
+
+class _Watchdog:
+    """Shuts the connection's socket down at the deadline or on cancel: any blocked connect, TLS
+    handshake or read returns at once, however slowly the peer trickles bytes."""
+
+    def __init__(self, conn, deadline: float, cancel: Cancel):
+        self.conn, self.cancel, self.fired, self.why = conn, cancel, False, ""
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire, ("deadline passed",))
+        self._timer.daemon = True
+        self._timer.start()
+        self._on_cancel = lambda: self._fire("request cancelled")
+        cancel.on_cancel(self._on_cancel)
+
+    def _fire(self, why: str) -> None:
+        self.fired, self.why = True, why
+        sock = self.conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        else:            # still connecting: the connect's own timeout is the deadline too
+            self.conn.timeout = 0.01
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        self.cancel.remove(self._on_cancel)
+
+
+def _failed(url: str, reason: str) -> FetchError:
+    log.info("media fetch of %s failed: %s", _shown(url), reason)
+    return FetchError(url)
+
+
+def _shown(url: str) -> str:
+    return url if len(url) <= 200 else url[:197] + "..."
+
+
+# -- local files -----------------------------------------------------------------------------------
+
+def _read_local(url: str, policy: MediaPolicy) -> bytes:
     if policy.allowed_local_dir is None:
-        raise MediaError("local media paths are disabled on this server")
+        raise MediaError("local media (file:// URLs) is disabled on this server")
+    path = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
     real = os.path.realpath(path)
     root = os.path.realpath(policy.allowed_local_dir)
     if os.path.commonpath([real, root]) != root:
-        raise MediaError(f"local path {path} is outside the allowed directory")
+        raise MediaError("file:// media must be under the server's allowed local media path")
     if not os.path.isfile(real):
-        raise MediaError(f"local media file {path} does not exist")
+        raise MediaError(f"local media file {_shown(url)} does not exist")
+    if os.path.getsize(real) > policy.max_bytes:
+        raise MediaError(f"local media file is larger than the {policy.max_bytes} byte limit")
     return Path(real).read_bytes()
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB PIL image (RGBA, LA, P and L converted as the reference: PIL's convert)."""
+# -- decoding --------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -> Image.Image:
+    """Bytes -> RGB PIL image. Transparency (RGBA, LA, P or L with a transparent index) is
+    composited onto white first, as transformers' convert_to_rgb does. The size is checked from
+    the header before any pixel is decoded."""
     try:
         img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise MediaError(f"image of {w}x{h} pixels is larger than the {max_pixels} pixel limit")
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise MediaError(f"media is not a decodable image: {e}") from e
-    return img if img.mode == "RGB" else img.convert("RGB")
+        if "A" in img.getbands() or img.info.get("transparency") is not None:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except MediaError:
+        raise
+    except Image.DecompressionBombError:
+        raise MediaError(f"image is larger than the {max_pixels} pixel limit") from None
+    except MemoryError:
+        raise
+    except Exception:   # PIL raises many types (OSError, SyntaxError, struct.error, ...) on damaged data
+        raise MediaError("media is not a decodable image (unknown format or damaged data)") from None
 
 
 @dataclass
@@ -110,44 +362,82 @@ class DecodedVideo:
     total_frames: int
 
 
-def decode_video(data: bytes, pick_indices) -> DecodedVideo:
+def video_backend() -> str | None:
+    """Which video decoder this process has: "decord", "pyav", or None."""
+    for module, name in (("decord", "decord"), ("av", "pyav")):
+        try:
+            __import__(module)
+            return name
+        except ImportError:
+            continue
+    return None
+
+
+def decode_video(data: bytes, pick_indices, policy: MediaPolicy = TRUSTED, cancel: Cancel | None = None) -> DecodedVideo:
     """Decode `pick_indices(total_frames, fps)` frames of a video file's bytes."""
+    backend = video_backend()
+    if backend is None:
+        raise MediaError("this server has no video decoder (install decord or PyAV): video input is unavailable")
     try:
-        import decord  # noqa: F401
-        return _decode_decord(data, pick_indices)
-    except ImportError:
-        return _decode_av(data, pick_indices)
+        if backend == "decord":
+            return _decode_decord(data, pick_indices, policy)
+        return _decode_av(data, pick_indices, policy, cancel)
+    except (MediaError, MemoryError):
+        raise
+    except Exception:    # decord's DECORDError, FFmpeg's errors, ...: damaged or unsupported data
+        raise MediaError("media is not a decodable video (unknown format or damaged data)") from None
 
 
-def _decode_decord(data: bytes, pick_indices) -> DecodedVideo:
+def _check_frames(n: int, h: int, w: int, policy: MediaPolicy) -> None:
+    if h * w > policy.max_image_pixels or n * h * w * 3 > policy.max_video_bytes:
+        raise MediaError(f"video of {n} sampled {w}x{h} frames is larger than this server decodes")
+
+
+def _decode_decord(data: bytes, pick_indices, policy: MediaPolicy) -> DecodedVideo:
     import decord
 
     with tempfile.NamedTemporaryFile(suffix=".video") as f:
         f.write(data)
         f.flush()
-        try:
-            vr = decord.VideoReader(f.name, ctx=decord.cpu(0), num_threads=1)
-        except Exception as e:  # decord raises its own DECORDError and RuntimeError
-            raise MediaError(f"media is not a decodable video: {e}") from e
+        vr = decord.VideoReader(f.name, ctx=decord.cpu(0), num_threads=1)
         total, fps = len(vr), float(vr.get_avg_fps())
         if total == 0:
             raise MediaError("video has no frames")
-        idx = pick_indices(total, fps)
-        frames = vr.get_batch(list(idx)).asnumpy()
-    return DecodedVideo(frames, list(idx), fps, total)
+        idx = list(pick_indices(total, fps))
+        h, w = vr[0].shape[:2]
+        _check_frames(len(idx), h, w, policy)
+        frames = vr.get_batch(idx).asnumpy()
+    return DecodedVideo(frames, idx, fps, total)
 
 
-def _decode_av(data: bytes, pick_indices) -> DecodedVideo:
+def _decode_av(data: bytes, pick_indices, policy: MediaPolicy, cancel: Cancel | None) -> DecodedVideo:
+    """Two passes: count the frames from the packets (no decoding), then decode keeping only the
+    sampled ones, so a long video never sits in memory whole."""
     import av
 
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 24)
-            frames = [fr.to_ndarray(format="rgb24") for fr in container.decode(stream)]
-    except (av.error.FFmpegError, IndexError, ValueError) as e:
-        raise MediaError(f"media is not a decodable video: {e}") from e
-    if not frames:
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 24)
+        total = sum(1 for p in container.demux(stream) if p.size)
+    if total == 0:
         raise MediaError("video has no frames")
-    idx = pick_indices(len(frames), fps)
-    return DecodedVideo(np.stack([frames[i] for i in idx]), list(idx), fps, len(frames))
+    idx = list(pick_indices(total, fps))
+    wanted: dict[int, int] = {}
+    for i in idx:
+        wanted[i] = wanted.get(i, 0) + 1
+    picked: dict[int, np.ndarray] = {}
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        _check_frames(len(idx), stream.height, stream.width, policy)
+        for n, frame in enumerate(container.decode(stream)):
+            if cancel is not None and cancel.is_set:
+                raise MediaError("request cancelled")
+            if n in wanted:
+                picked[n] = frame.to_ndarray(format="rgb24")
+            if n >= idx[-1]:
+                break
+    last = max(picked) if picked else None
+    if last is None:
+        raise MediaError("video has no decodable frames")
+    frames = [picked.get(i, picked[last]) for i in idx]     # a container that over-counted: repeat the last
+    return DecodedVideo(np.stack(frames), idx, fps, total)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .chat import ChatTemplate, MediaRef, RequestError, normalize_messages
-from .media import TRUSTED, MediaPolicy, decode_image, decode_video, fetch_bytes
+from .media import TRUSTED, Cancel, MediaPolicy, decode_image, decode_video, fetch_bytes
 from .positions import IMAGE, TEXT, VIDEO, mrope_positions
 from .tokenizer import Tokenizer
 from .vision_inputs import (VisionProcessingConfig, normalize_patches, process_image, process_video,
@@ -56,17 +56,19 @@ class Processor:
         self.video_pad_id = self.tokenizer.token_to_id(VIDEO_PAD)
 
     # -- media ---------------------------------------------------------------------------------
-    def load_media(self, ref: MediaRef, policy: MediaPolicy = TRUSTED, normalize: bool = True) -> MediaItem:
+    def load_media(self, ref: MediaRef, policy: MediaPolicy = TRUSTED, normalize: bool = True,
+                   cancel: Cancel | None = None) -> MediaItem:
         """Fetch, decode and process one item; `normalize=False` keeps uint8 patches (for transport)."""
-        data = fetch_bytes(ref.source, policy)
+        data = fetch_bytes(ref.source, policy, cancel)
         opts = ref.options
         stamps: list[float] = []
         if ref.kind == "image":
             lo, hi = self._pixel_bounds(opts, self.cfg.image_min_pixels, self.cfg.image_max_pixels)
-            patches, grid = process_image(decode_image(data), self.cfg, lo, hi)
+            patches, grid = process_image(decode_image(data, policy.max_image_pixels), self.cfg, lo, hi)
         else:
             fps, max_frames = _num_opt(opts, "fps"), _int_opt(opts, "max_frames")
-            video = decode_video(data, lambda total, vfps: video_frame_indices(total, vfps, self.cfg, fps, max_frames))
+            video = decode_video(data, lambda total, vfps: video_frame_indices(total, vfps, self.cfg, fps, max_frames),
+                                 policy, cancel)
             lo, hi = self._pixel_bounds(opts, self.cfg.video_min_pixels, self.cfg.video_max_pixels)
             patches, grid, stamps = process_video(video.frames, video.frame_indices, video.fps, self.cfg, lo, hi)
         pixels = normalize_patches(patches, self.cfg) if normalize else patches
@@ -74,9 +76,10 @@ class Processor:
 
     @staticmethod
     def _pixel_bounds(opts: dict, server_min: int, server_max: int) -> tuple[int, int]:
-        """Per-request min/max pixels, clamped into the server's [min, max]."""
-        lo = min(max(_int_opt(opts, "min_pixels") or server_min, server_min), server_max)
-        hi = min(max(_int_opt(opts, "max_pixels") or server_max, server_min), server_max)
+        """Per-request min/max pixels can only lower the server's: a request may ask for fewer
+        pixels (cheaper), never for more than the server would give it."""
+        lo = min(_int_opt(opts, "min_pixels") or server_min, server_min)
+        hi = min(_int_opt(opts, "max_pixels") or server_max, server_max)
         if lo > hi:
             raise RequestError(f"min_pixels {lo} exceeds max_pixels {hi}")
         return lo, hi
@@ -87,18 +90,28 @@ class Processor:
     # -- prompt --------------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> tuple[str, list[MediaRef]]:
         template_messages, refs = normalize_messages(messages)
-        return self.template.render(template_messages, add_generation_prompt=True), refs
+        text = self.template.render(template_messages, add_generation_prompt=True)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError("the messages contain text that is not valid Unicode (an unpaired surrogate "
+                               "such as \\ud800)") from None
+        return text, refs
 
     def process_messages(self, messages: list[dict], policy: MediaPolicy = TRUSTED, run_jobs=None,
                          normalize: bool = True) -> ProcessedPrompt:
-        """`run_jobs(list of zero-argument callables) -> results` runs the media work (default: in turn)."""
+        """`run_jobs(list of job(cancel) callables) -> results` runs the media work (default: in turn)."""
         text, refs = self.render(messages)
         return self.build_prompt(text, self.load_all(refs, policy, run_jobs, normalize))
 
+    def media_jobs(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, normalize: bool = True) -> list:
+        """One `job(cancel) -> MediaItem` per reference, for a pool to run."""
+        return [functools.partial(self.load_media, r, policy, normalize) for r in refs]
+
     def load_all(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, run_jobs=None,
                  normalize: bool = True) -> list[MediaItem]:
-        jobs = [functools.partial(self.load_media, r, policy, normalize) for r in refs]
-        return run_jobs(jobs) if run_jobs is not None else [job() for job in jobs]
+        jobs = self.media_jobs(refs, policy, normalize)
+        return run_jobs(jobs) if run_jobs is not None else [job(None) for job in jobs]
 
     def build_prompt(self, text: str, media: list[MediaItem]) -> ProcessedPrompt:
         """Expand the pads of a rendered prompt for `media` (in order), tokenize, and position."""

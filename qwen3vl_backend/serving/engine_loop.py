@@ -25,6 +25,11 @@ from ..engine.llm_engine import LLMEngine, RequestOutput
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Cancel:
+    request_id: str
+
+
 class EngineRequestError(RuntimeError):
     """A request the engine had to end because its own step failed (a server fault: HTTP 500)."""
 
@@ -48,9 +53,8 @@ class EngineLoop:
         self._deliverer.start()
         self._on_stats = on_stats
         self._last_stats: dict = {}
-        self._inbox: queue.Queue[_Submission] = queue.Queue()
+        self._inbox: queue.Queue[_Submission | _Cancel] = queue.Queue()
         self._live: dict[str, _Submission] = {}
-        self._cancel: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self._idle_wait_s = idle_wait_s
         self.cancelled_total = 0
@@ -61,8 +65,9 @@ class EngineLoop:
         self._inbox.put(_Submission(request_id, prompt, params, vision_outputs, on_output, is_cancelled))
 
     def cancel(self, request_id: str) -> None:
-        """Abort a request from any thread (explicit cancellation; see model_repository/llm)."""
-        self._cancel.put(request_id)
+        """Abort a request from any thread (explicit cancellation; see model_repository/llm). It
+        goes through the submissions' queue, so a cancel sent right after its submit finds it."""
+        self._inbox.put(_Cancel(request_id))
 
     def num_live(self) -> int:
         return len(self._live)
@@ -120,11 +125,14 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
-            try:
-                self.engine.add_request(sub.prompt, sub.params, sub.request_id, sub.vision_outputs)
-                self._live[sub.request_id] = sub
-            except Exception as e:  # refused at the door (prompt too long, bad features): tell the caller
-                self._deliver(sub, e)
+            if isinstance(sub, _Cancel):
+                self._abort(sub.request_id)
+            else:
+                try:
+                    self.engine.add_request(sub.prompt, sub.params, sub.request_id, sub.vision_outputs)
+                    self._live[sub.request_id] = sub
+                except Exception as e:  # refused at the door (prompt too long, bad features): tell the caller
+                    self._deliver(sub, e)
             try:
                 sub = self._inbox.get_nowait()
             except queue.Empty:
@@ -132,22 +140,21 @@ class EngineLoop:
 
     def _reap_cancelled(self) -> None:
         now = time.monotonic()
-        poll_flags = now >= self._next_poll
-        if poll_flags:
-            self._next_poll = now + self._cancel_poll_s
-        asked = set()
-        while True:
-            try:
-                asked.add(self._cancel.get_nowait())
-            except queue.Empty:
-                break
+        if now < self._next_poll:
+            return
+        self._next_poll = now + self._cancel_poll_s
         for rid, sub in list(self._live.items()):
-            if rid in asked or (poll_flags and _safe(sub.is_cancelled)):
-                self.engine.abort(rid)
-                self._live.pop(rid, None)
-                self.cancelled_total += 1
-                # the request still gets its final response: nothing is left open in Triton
-                self._deliver(sub, RequestOutput(rid, [], "", True, "abort", 0, 0, 0))
+            if _safe(sub.is_cancelled):
+                self._abort(rid)
+
+    def _abort(self, rid: str) -> None:
+        sub = self._live.pop(rid, None)
+        if sub is None:
+            return                          # already finished
+        self.engine.abort(rid)
+        self.cancelled_total += 1
+        # the request still gets its final response: nothing is left open in Triton
+        self._deliver(sub, RequestOutput(rid, [], "", True, "abort", 0, 0, 0))
 
 
 def _report(on_stats, stats: dict) -> None:

@@ -3,21 +3,50 @@
 `text_input` is either a plain prompt (used as is) or a JSON chat request with `messages`
 (rendered with the chat template; its sampling fields merge into `sampling_parameters`). Images
 from the `image` input are prepended to the last user message of a chat, or as vision blocks
-ahead of a plain prompt that has no image placeholder of its own.
+ahead of a plain prompt that has no image placeholder of its own; each is a data: URI, an
+http(s) or file:// URL, or raw base64 (vllm_backend's convention).
+
+Cheap checks come first, in the caller's thread: JSON, messages, template, sampling values, the
+per-request media counts, and the text's own length against the context. Only then is media
+fetched and decoded, on the shared `MediaPool` (never blocking the caller: text-only requests
+are answered at once, whatever media work is queued), and the exact prompt length (text plus
+the merged patches of each resized image) is checked again before any pixel leaves for the ViT.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..processing.chat import MediaRef, RequestError
-from ..processing.media import MediaPolicy
-from ..processing.processor import IMAGE_PAD, VISION_END, VISION_START, Processor
+from ..errors import RequestError, check_prompt_length
+from ..processing.chat import MediaRef
+from ..processing.media import Cancel, MediaPolicy
+from ..processing.processor import IMAGE_PAD, VISION_END, VISION_START, MediaItem, Processor
 from ..sampling_params import SAMPLING_FIELDS, SamplingParams
+from .media_pool import MediaPool
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreprocessLimits:
+    max_model_len: int = 8192
+    max_images: int = 16          # per request (vLLM's --limit-mm-per-prompt)
+    max_videos: int = 2
+
+
+@dataclass
+class _Parsed:
+    text: str                     # the rendered prompt, one pad per media item
+    refs: list[MediaRef]
+    params: SamplingParams
+    raw_sampling: dict
 
 
 def parse_json_object(raw: str, what: str) -> dict:
@@ -30,40 +59,90 @@ def parse_json_object(raw: str, what: str) -> dict:
     return value
 
 
-def preprocess(processor: Processor, text_input: str, images: list, sampling_json: str,
-               policy: MediaPolicy, run_jobs=None) -> dict:
-    """-> dict of arrays: input_ids (L,), positions (3, L), rope_delta (1,), pixel_values (N, C) uint8
-    (normalised in the vit model),
-    grid_thw (M, 3), media_hashes (M,), and the merged, validated sampling_parameters JSON."""
-    sampling = parse_json_object(sampling_json, "sampling_parameters")
-    stripped = text_input.lstrip()
-    if stripped.startswith("{"):
-        body = parse_json_object(text_input, "text_input")
-        if "messages" not in body:
-            raise RequestError("a JSON text_input needs 'messages'")
-        messages = _with_images(body["messages"], images)
-        for k in SAMPLING_FIELDS:
-            if body.get(k) is not None and k not in sampling:   # null is OpenAI's "unset"
-                sampling[k] = body[k]
-        prompt = processor.process_messages(messages, policy, run_jobs, normalize=False)
-    else:
-        if images and IMAGE_PAD not in text_input:
-            text_input = f"{VISION_START}{IMAGE_PAD}{VISION_END}" * len(images) + text_input
-        media = processor.load_all([MediaRef("image", img) for img in images], policy, run_jobs, normalize=False)
-        prompt = processor.build_prompt(text_input, media)
-    params = SamplingParams.from_dict(sampling, coerce_strings=True)     # validate here: fail before the ViT runs
-    pixels = [m.pixel_values for m in prompt.media]
-    c = processor.cfg
-    width = 3 * c.temporal_patch_size * c.patch_size ** 2
-    return {
-        "input_ids": np.asarray(prompt.prompt_ids, dtype=np.int64),
-        "positions": prompt.positions.numpy().astype(np.int64),
-        "rope_delta": np.asarray([prompt.rope_delta], dtype=np.int64),
-        "pixel_values": (torch.cat(pixels).numpy() if pixels else np.zeros((0, width), np.uint8)),
-        "grid_thw": np.asarray([m.grid_thw for m in prompt.media], dtype=np.int64).reshape(-1, 3),
-        "media_hashes": np.asarray([m.content_hash.encode() for m in prompt.media], dtype=np.object_),
-        "sampling_parameters": np.asarray([json.dumps(_params_dict(params, sampling)).encode()], dtype=np.object_),
-    }
+class Preprocessor:
+    def __init__(self, processor: Processor, policy: MediaPolicy, pool: MediaPool,
+                 limits: PreprocessLimits = PreprocessLimits()):
+        self.processor, self.policy, self.pool, self.limits = processor, policy, pool, limits
+
+    def start(self, text_input: str, images: list[str], sampling_json: str, cancel: Cancel,
+              on_done: Callable[[dict | Exception], None]) -> None:
+        """Preprocess one request; `on_done(arrays)` or `on_done(error)` exactly once, maybe
+        before this returns (no media), else from the media pool. Never raises."""
+        try:
+            parsed = self._parse(text_input, images, sampling_json)
+            if not parsed.refs:
+                on_done(self._finish(parsed, []))
+                return
+        except Exception as e:          # client errors, and faults: either way this request's alone
+            on_done(e)
+            return
+        jobs = self.processor.media_jobs(parsed.refs, self.policy, normalize=False)
+        self.pool.submit(jobs, lambda media: on_done(media if isinstance(media, Exception)
+                                                     else self._finish_safely(parsed, media)), cancel)
+
+    def run(self, text_input: str, images: list[str] = (), sampling_json: str = "", cancel: Cancel | None = None) -> dict:
+        """`start`, waiting for the outcome (warm-up, offline use, tests); raises its error."""
+        done, box = threading.Event(), []
+        self.start(text_input, list(images), sampling_json, cancel or Cancel(), lambda v: (box.append(v), done.set()))
+        done.wait()
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _parse(self, text_input: str, images: list[str], sampling_json: str) -> _Parsed:
+        sampling = parse_json_object(sampling_json, "sampling_parameters")
+        if text_input.lstrip().startswith("{"):
+            body = parse_json_object(text_input, "text_input")
+            if "messages" not in body:
+                raise RequestError("a JSON text_input needs 'messages'")
+            for k in SAMPLING_FIELDS:
+                if body.get(k) is not None and k not in sampling:   # null is OpenAI's "unset"
+                    sampling[k] = body[k]
+            text, refs = self.processor.render(_with_images(body["messages"], images))
+        else:
+            text = text_input
+            if images and IMAGE_PAD not in text:
+                text = f"{VISION_START}{IMAGE_PAD}{VISION_END}" * len(images) + text
+            refs = [MediaRef("image", img) for img in images]
+        self._check_counts(refs)
+        params = SamplingParams.from_dict(sampling, coerce_strings=True)
+        # the text alone (one pad per media item) already past the context: refuse before any fetch
+        check_prompt_length(len(self.processor.tokenizer.encode(text)), self.limits.max_model_len)
+        return _Parsed(text, refs, params, sampling)
+
+    def _check_counts(self, refs: list[MediaRef]) -> None:
+        for kind, limit in (("image", self.limits.max_images), ("video", self.limits.max_videos)):
+            n = sum(r.kind == kind for r in refs)
+            if n > limit:
+                raise RequestError(f"{n} {kind}s in one request; this server takes at most {limit} "
+                                   f"(--limit-mm-per-prompt)")
+
+    def _finish_safely(self, parsed: _Parsed, media: list[MediaItem]) -> dict | Exception:
+        try:
+            return self._finish(parsed, media)
+        except Exception as e:
+            return e
+
+    def _finish(self, parsed: _Parsed, media: list[MediaItem]) -> dict:
+        """-> dict of arrays: input_ids (L,), positions (3, L), rope_delta (1,), pixel_values (N, C)
+        uint8 (normalised in the vit model), grid_thw (M, 3), media_hashes (M,), and the merged,
+        validated sampling_parameters JSON."""
+        prompt = self.processor.build_prompt(parsed.text, media)
+        check_prompt_length(len(prompt.prompt_ids), self.limits.max_model_len)    # before the ViT
+        pixels = [m.pixel_values for m in prompt.media]
+        c = self.processor.cfg
+        width = 3 * c.temporal_patch_size * c.patch_size ** 2
+        return {
+            "input_ids": np.asarray(prompt.prompt_ids, dtype=np.int64),
+            "positions": prompt.positions.numpy().astype(np.int64),
+            "rope_delta": np.asarray([prompt.rope_delta], dtype=np.int64),
+            "pixel_values": (torch.cat(pixels).numpy() if pixels else np.zeros((0, width), np.uint8)),
+            "grid_thw": np.asarray([m.grid_thw for m in prompt.media], dtype=np.int64).reshape(-1, 3),
+            "media_hashes": np.asarray([m.content_hash.encode() for m in prompt.media], dtype=np.object_),
+            "sampling_parameters": np.asarray([json.dumps(_params_dict(parsed.params, parsed.raw_sampling)).encode()],
+                                              dtype=np.object_),
+        }
 
 
 def _with_images(messages, images: list):
@@ -83,6 +162,7 @@ def _with_images(messages, images: list):
 
 
 def _params_dict(params: SamplingParams, raw: dict) -> dict:
-    out = {k: v for k, v in raw.items() if k != "max_completion_tokens"}
+    """The fields the request set, as validated and typed (`"32"` from a Triton client is 32 here)."""
+    out = {k: getattr(params, k) for k in raw if k != "max_completion_tokens" and raw[k] is not None}
     out["max_tokens"] = params.max_tokens
     return out

@@ -8,9 +8,11 @@ the one parser shared with the launcher.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 RESERVED = {"EXECUTION_ENV_PATH"}
+log = logging.getLogger("qwen3vl")
 
 
 def model_settings(args: dict) -> dict[str, str]:
@@ -38,3 +40,17 @@ CLIENT_ERROR_PREFIX = "invalid request: "
 
 def client_error_message(e: Exception) -> str:
     return CLIENT_ERROR_PREFIX + str(e)
+
+
+def error_response(pb_utils, e: Exception, model: str, request_id: str):
+    """A client mistake (ValueError: RequestError, SamplingError, ...) as INVALID_ARG with its
+    message; anything else is a server fault: logged here with the request id, answered with
+    INTERNAL and no detail (no traceback, path or repr leaves the server)."""
+    if isinstance(e, ValueError):
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(client_error_message(e), pb_utils.TritonError.INVALID_ARG))
+    log.error("%s: request %r failed: %s: %s", model, request_id, type(e).__name__, e, exc_info=e)
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+        f"internal error in {model} (request id {request_id!r}; the server log has the details)",
+        pb_utils.TritonError.INTERNAL))
+

@@ -6,7 +6,6 @@ back through the request's sender as the engine produces them: one per text delt
 """
 
 import dataclasses
-import threading
 import uuid
 
 import numpy as np
@@ -14,13 +13,14 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_backend.config import EngineConfig
-from qwen3vl_backend.engine.llm_engine import LLMEngine
+from qwen3vl_backend.engine.llm_engine import LLMEngine, RequestOutput
 from qwen3vl_backend.processing.processor import MediaItem, ProcessedPrompt
 from qwen3vl_backend.sampling_params import SamplingParams
+from qwen3vl_backend.serving.cancel import CancelRegistry
 from qwen3vl_backend.serving.engine_loop import EngineLoop
 from qwen3vl_backend.serving.preprocess import parse_json_object
 from qwen3vl_backend.serving.triton_metrics import TritonEngineMetrics
-from qwen3vl_backend.serving.triton_params import client_error_message, model_settings
+from qwen3vl_backend.serving.triton_params import error_response, model_settings
 from qwen3vl_backend.serving.triton_tensors import as_torch
 
 # TRITONSERVER_RESPONSE_COMPLETE_FINAL; the stub defines its pb_utils name only at run time
@@ -38,42 +38,33 @@ class TritonPythonModel:
                                         "arrived (gpu: --keep-mm-feature-on-device, host)", pb_utils.MetricFamily.COUNTER)
         self._arrived = (arrived, {True: arrived.Metric({"where": "gpu"}), False: arrived.Metric({"where": "host"})})
         self.loop = EngineLoop(self.engine, on_stats=self.metrics.report)
-        self.live: dict[str, set[str]] = {}       # client request id -> engine request ids
-        self.live_lock = threading.Lock()         # execute and the delivery thread both touch it
+        self.live = CancelRegistry()              # client request id -> its live requests' Cancels
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             client_id = request.request_id()
             if _flag(request, "cancel"):
-                with self.live_lock:
-                    targets = list(self.live.get(client_id, ()))
-                for rid in targets:
-                    self.loop.cancel(rid)
+                self.live.cancel(client_id)
                 sender.send(flags=FINAL)
                 continue
             try:
                 prompt, vision, params, flags = _parse(request, self.merge_unit)
                 if vision is not None:
                     self._arrived[1][vision[0].is_cuda].increment(1)
-            except ValueError as e:
-                sender.send(_error(e), flags=FINAL)
+            except Exception as e:
+                sender.send(error_response(pb_utils, e, "llm", client_id), flags=FINAL)
+                continue
+            cancel = self.live.open(client_id)
+            stream = _Stream(sender, flags, self.engine.tokenizer, prompt.prompt_ids, client_id,
+                             on_finish=lambda cid=client_id, c=cancel: self.live.close(cid, c))
+            if cancel.is_set:                     # its client left while it was in an earlier step
+                stream.on_output(RequestOutput(client_id, [], "", True, "abort", len(prompt.prompt_ids), 0, 0))
                 continue
             rid = f"{client_id or 'req'}-{uuid.uuid4().hex[:12]}"
-            with self.live_lock:
-                self.live.setdefault(client_id, set()).add(rid)
-            stream = _Stream(sender, flags, self.engine.tokenizer, prompt.prompt_ids,
-                             on_finish=lambda rid=rid, cid=client_id: self._forget(cid, rid))
             self.loop.submit(rid, prompt, params, stream.on_output, sender.is_cancelled, vision)
+            cancel.on_cancel(lambda rid=rid: self.loop.cancel(rid))
         return None
-
-    def _forget(self, client_id, rid):
-        with self.live_lock:
-            ids = self.live.get(client_id)
-            if ids is not None:
-                ids.discard(rid)
-                if not ids:
-                    self.live.pop(client_id, None)
 
     def finalize(self):
         self.loop.shutdown()
@@ -127,24 +118,17 @@ def _media(grids, hashes, merge_unit: int):
     return out
 
 
-def _error(e: Exception):
-    if isinstance(e, ValueError):       # refused input: prompt too long, bad sampling or features
-        return pb_utils.InferenceResponse(
-            error=pb_utils.TritonError(client_error_message(e), pb_utils.TritonError.INVALID_ARG))
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INTERNAL))
-
-
 class _Stream:
-    def __init__(self, sender, flags, tokenizer, prompt_ids, on_finish):
+    def __init__(self, sender, flags, tokenizer, prompt_ids, client_id, on_finish):
         self.sender, self.flags, self.on_finish = sender, flags, on_finish
-        self.tokenizer, self.prompt_ids = tokenizer, prompt_ids
+        self.tokenizer, self.prompt_ids, self.client_id = tokenizer, prompt_ids, client_id
         self.text = ""
 
     def on_output(self, out):
         if isinstance(out, Exception) or out.finished:
             self.on_finish()
         if isinstance(out, Exception):
-            self.sender.send(_error(out), flags=FINAL)
+            self.sender.send(error_response(pb_utils, out, "llm", self.client_id), flags=FINAL)
             return
         if self.flags["stream"]:
             if out.delta_text or out.finished:
