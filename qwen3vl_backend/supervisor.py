@@ -8,7 +8,8 @@
   then kills Triton's whole process group, removes the shared memory its processes had mapped,
   and starts it again on the same ports; in-flight streams see their connection drop and end.
 - `stop()` ends everything within a few seconds: SIGTERM, Triton's exit timeout cut to
-  `exit_timeout_s`, SIGKILL after that, and the shared memory regions are removed.
+  `exit_timeout_s`, SIGKILL after that, and the shared memory regions are removed. Regions a
+  Triton killed outright left behind (no process maps them) are swept at start and stop.
 """
 
 from __future__ import annotations
@@ -103,6 +104,25 @@ def shm_files(pids) -> set[str]:
     return out
 
 
+def sweep_stale_regions(min_age_s: float = 60.0) -> list[str]:
+    """Remove Python-backend shared-memory regions that no live process maps and that are older
+    than `min_age_s`: what a Triton killed outright (launcher SIGKILLed, OOM killer) left behind."""
+    regions = [p for p in Path("/dev/shm").glob("triton_python_backend_shm_region_*")
+               if time.time() - p.stat().st_mtime > min_age_s]
+    if not regions:
+        return []
+    mapped = shm_files(int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit())
+    removed = []
+    for p in regions:
+        if str(p) not in mapped:
+            try:
+                p.unlink()
+                removed.append(str(p))
+            except OSError:
+                pass
+    return removed
+
+
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
@@ -144,6 +164,7 @@ class Server:
         self._triton_cmd = cmd
         self.triton_http = f"http://127.0.0.1:{triton_http_port}" if triton_host in ("127.0.0.1", "0.0.0.0") \
             else f"http://{triton_host}:{triton_http_port}"
+        sweep_stale_regions()
         self.restarts = 0
         self._stubs: list[int] = []
         self._shm: set[str] = set()
@@ -205,6 +226,8 @@ class Server:
         self._watch()
 
     def stop(self) -> None:
+        if self.triton.poll() is None:      # stopped while starting: its regions were not seen yet
+            self._shm |= shm_files([self.triton.pid, *children(self.triton.pid, STUB)])
         for proc in (self.frontend, self.triton):
             if proc.poll() is None:
                 _kill_group(proc, signal.SIGTERM)
@@ -217,6 +240,7 @@ class Server:
             _kill_group(proc, signal.SIGKILL)      # the group: stubs Triton left behind too
             proc.wait()
         self._remove_shm()
+        sweep_stale_regions()
         self.triton_log.close()
         self.frontend_log.close()
 

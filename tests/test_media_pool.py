@@ -7,7 +7,8 @@ import pytest
 
 from conftest import data_uri, image_bytes, make_image
 from qwen3vl_backend.processing.processor import Processor
-from qwen3vl_backend.serving.media_pool import MediaPool, MediaTimeoutError
+from qwen3vl_backend.processing.media import Cancel
+from qwen3vl_backend.serving.media_pool import MediaPool, MediaTimeoutError, RequestCancelled
 
 
 def test_at_most_n_jobs_run_and_the_rest_start_in_order():
@@ -15,7 +16,7 @@ def test_at_most_n_jobs_run_and_the_rest_start_in_order():
     lock, running, peak, started = threading.Lock(), [0], [0], []
 
     def job(i):
-        def run():
+        def run(cancel):
             with lock:
                 running[0] += 1
                 peak[0] = max(peak[0], running[0])
@@ -33,8 +34,28 @@ def test_at_most_n_jobs_run_and_the_rest_start_in_order():
 def test_slow_media_fails_only_its_request():
     pool = MediaPool(max_concurrent=4, timeout_s=0.3)
     with pytest.raises(MediaTimeoutError, match=r"longer than the 0.3s per-request limit"):
-        pool.run_all([lambda: time.sleep(2)])
-    assert pool.run_all([lambda: "fine"]) == ["fine"]      # the next request is served normally
+        pool.run_all([lambda c: time.sleep(2)])
+    assert pool.run_all([lambda c: "fine"]) == ["fine"]      # the next request is served normally
+
+
+def test_submit_never_blocks_and_a_cancelled_request_leaves_the_queue():
+    """A request's jobs wait their turn in the pool; once it is cancelled (its client left), they
+    are skipped when their turn comes, and its fetches are told through the Cancel."""
+    pool = MediaPool(max_concurrent=1, timeout_s=30)
+    gate, ran, outcomes = threading.Event(), [], {}
+    started = time.monotonic()
+    pool.submit([lambda c: gate.wait(5) and "first"], lambda v: outcomes.setdefault("a", v))
+    cancel = Cancel()
+    seen = []
+    pool.submit([lambda c: ran.append("b") or "b", lambda c: ran.append("c") or "c"],
+                lambda v: outcomes.setdefault("b", v), cancel)
+    assert time.monotonic() - started < 0.5                    # nothing waited for the busy pool
+    cancel.on_cancel(lambda: seen.append("told"))
+    cancel.cancel()
+    assert isinstance(outcomes["b"], RequestCancelled) and seen == ["told"]
+    gate.set()
+    time.sleep(0.2)
+    assert outcomes["a"] == ["first"] and ran == []
 
 
 def test_processor_media_through_the_pool(tiny_dense):

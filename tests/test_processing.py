@@ -59,21 +59,26 @@ def test_bytes_that_are_not_an_image_are_refused():
         decode_image(b"definitely not a png")
 
 
-def test_local_paths_need_the_allow_list(tmp_path):
+def test_local_files_need_a_file_url_under_the_allow_list(tmp_path):
     f = tmp_path / "a.png"
     f.write_bytes(image_bytes(make_image(40, 40, 1)))
-    with pytest.raises(MediaError, match="local media paths are disabled"):
-        fetch_bytes(str(f), MediaPolicy())
-    with pytest.raises(MediaError, match="outside the allowed directory"):
-        fetch_bytes(str(f), MediaPolicy(allowed_local_dir=str(tmp_path / "sub")))
-    assert fetch_bytes(str(f), MediaPolicy(allowed_local_dir=str(tmp_path))) == f.read_bytes()
-    with pytest.raises(MediaError, match="outside the allowed directory"):
-        fetch_bytes(str(tmp_path / "sub" / ".." / ".." / "etc" / "passwd"), MediaPolicy(allowed_local_dir=str(tmp_path / "sub")))
+    with pytest.raises(MediaError, match="local media \\(file:// URLs\\) is disabled"):
+        fetch_bytes(f.as_uri(), MediaPolicy())
+    with pytest.raises(MediaError, match="under the server's allowed local media path"):
+        fetch_bytes(f.as_uri(), MediaPolicy(allowed_local_dir=str(tmp_path / "sub")))
+    assert fetch_bytes(f.as_uri(), MediaPolicy(allowed_local_dir=str(tmp_path))) == f.read_bytes()
+    with pytest.raises(MediaError, match="under the server's allowed local media path"):
+        fetch_bytes("file://" + str(tmp_path / "sub" / ".." / ".." / "etc" / "passwd"),
+                    MediaPolicy(allowed_local_dir=str(tmp_path / "sub")))
+    with pytest.raises(MediaError, match="not valid base64"):           # a bare path is not a file reference
+        fetch_bytes(str(f), MediaPolicy(allowed_local_dir=str(tmp_path)))
+    with pytest.raises(MediaError, match="larger than the 10 byte limit"):
+        fetch_bytes(f.as_uri(), MediaPolicy(allowed_local_dir=str(tmp_path), max_bytes=10))
 
 
 def test_unreachable_url_is_refused():
-    with pytest.raises(MediaError, match="could not fetch http://127.0.0.1:9/x.png"):
-        fetch_bytes("http://127.0.0.1:9/x.png", MediaPolicy(fetch_timeout_s=2))
+    with pytest.raises(MediaError, match="could not fetch media from http://127.0.0.1:9/x.png"):
+        fetch_bytes("http://127.0.0.1:9/x.png", MediaPolicy(fetch_timeout_s=2, allow_private=True))
 
 
 def test_raw_base64_is_accepted():
@@ -94,7 +99,9 @@ def test_per_request_max_pixels_shrinks_the_grid(tiny_dense):
         return proc.process_messages(msgs).media[0].grid_thw
     assert grid({}) == (1, 30, 40)
     assert grid({"max_pixels": 256 * 256}) == (1, 12, 18)
-    assert grid({"max_pixels": 1}) == grid({"max_pixels": 65536})      # bounded by the server's minimum
+    assert grid({"max_pixels": 1}) == (1, 2, 2)                        # a request may ask for less, down to one token
+    assert grid({"min_pixels": 10**12, "max_pixels": 10**12}) == grid({})   # never for more than the server gives
+    assert grid({"min_pixels": 2000 * 2000}) == grid({})
     with pytest.raises(RequestError, match="max_pixels must be a positive integer"):
         grid({"max_pixels": -1})
 

@@ -75,7 +75,7 @@ def server(tiny_moe, media_dir, tmp_path_factory):
     })
     srv = start_server(repo, root, ["--allowed-local-media-path", str(media_dir), "--enable-cache-report",
                                     "--allow-private-media-urls", "--mm-per-request-timeout", str(MEDIA_TIMEOUT_S),
-                                    "--mm-max-concurrent-calls", "4"])
+                                    "--mm-max-concurrent-calls", "4", "--max-request-body-mb", "4"])
     yield srv
     srv.stop()
 
@@ -403,3 +403,225 @@ def test_tensor_handoffs_are_counted_by_where_they_arrive(server, client):
     after = (_where(server, "qwen3vl_vit_pixels_total"), _where(server, "qwen3vl_llm_visual_features_total"))
     for b, a in zip(before, after):
         assert a["host"] == b.get("host", 0) + 1 and a["gpu"] == b.get("gpu", 0) == 0
+
+
+# -- hostile clients ---------------------------------------------------------------------------
+
+def _bomb_png() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 3751 * 8)) + chunk(b"IEND", b""))
+
+
+HOSTILE = [
+    # (name, body or raw bytes, expected status, expected message part)
+    ("seed_past_64_bits", {**_msg("x"), "seed": 2**64}, 400, "seed must be an integer in"),
+    ("repetition_penalty_tiny", {**_msg("x"), "repetition_penalty": 1e-300}, 400, "repetition_penalty must be in"),
+    ("stop_list_huge", {**_msg("x"), "stop": ["a"] * 100}, 400, "stop must be"),
+    ("lone_surrogate", "{\"model\": \"tiny-moe\", \"messages\": [{\"role\": \"user\", \"content\": \"hi \\ud800\"}]}",
+     400, "not valid Unicode"),
+    ("decompression_bomb", _msg([_img(data_uri(_bomb_png()))]), 400, "pixel limit"),
+    ("damaged_video", _msg([{"type": "video_url", "video_url": {"url": data_uri(b"\x00\x00\x00\x18ftypmp42" + bytes(4000),
+                                                                               "video/mp4")}}]),
+     400, "not a decodable video"),
+    ("closed_port_url", _msg([_img("http://127.0.0.1:9/x.png")]), 400, "could not fetch media"),
+    ("too_many_images", _msg([_img(data_uri(image_bytes(make_image(8, 8, 1))))] * 17), 400, "at most 16"),
+    ("tools", {**_msg("x"), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "'tools' is not supported"),
+    ("response_format", {**_msg("x"), "response_format": {"type": "json_object"}}, 400, "'response_format'"),
+    ("logprobs", {**_msg("x"), "logprobs": True}, 400, "'logprobs' is not supported"),
+    ("image_tokens_past_context", _msg([_img(data_uri(image_bytes(make_image(1400, 1400, 2), "JPEG"), "image/jpeg"))]), 400,
+     f"does not fit the context of {MAX_MODEL_LEN} tokens"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,message", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_requests_get_a_clear_4xx(server, name, body, status, message):
+    r = _post(server, body if isinstance(body, dict) else None, raw=body if isinstance(body, str) else None)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]["message"]
+    assert message in err
+    for leak in ("Traceback", "/work/", ".py", "object at 0x", "BytesIO"):
+        assert leak not in err
+
+
+def test_prompt_past_the_context_is_refused_before_the_vit(server):
+    """The exact prompt length (text + merged patches of the resized image) is known in preprocess:
+    an image that cannot fit never reaches the ViT."""
+    before = _where(server, "qwen3vl_vit_pixels_total").get("host", 0)
+    r = _post(server, _msg([_img(data_uri(image_bytes(make_image(1400, 1400, 3), "JPEG"), "image/jpeg"))]))
+    assert r.status_code == 400 and "does not fit the context" in r.json()["error"]["message"]
+    assert _where(server, "qwen3vl_vit_pixels_total").get("host", 0) == before
+
+
+def test_extreme_but_valid_values_are_served(server):
+    for extra in ({"temperature": 1e-300}, {"top_p": 1e-300, "temperature": 1.0}, {"top_k": 2**63, "temperature": 0.7},
+                  {"max_tokens": 3}):
+        r = _post(server, {**_msg("Hello there."), **extra})
+        assert r.status_code == 200, (extra, r.text)
+    tiny = _img(data_uri(image_bytes(make_image(32, 32, 4))))
+    tiny["image_url"].update(min_pixels=10**12, max_pixels=10**12)      # can only lower the server's limits
+    r = _post(server, _msg([tiny, {"type": "text", "text": "what?"}]))
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] < 200
+
+
+def test_request_body_limit_is_413(server):
+    big = json.dumps(_msg("x" * (5 * 2**20)))
+    r = _post(server, None, raw=big)
+    assert r.status_code == 413 and "byte limit" in r.json()["error"]["message"]
+
+    def chunks():                         # no Content-Length: cut off while it streams in
+        yield b'{"model": "tiny-moe", "messages": [{"role": "user", "content": "'
+        for _ in range(6):
+            yield b"y" * 2**20
+        yield b'"}]}'
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=chunks(), timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_genai_perf_request_shape_through_tritonclient(server, tiny_moe, local_engine):
+    """genai-perf --endpoint-type kserve --backend vllm: every sampling value a string, and a raw
+    base64 JPEG in `image` (which starts with /9j/, like a path)."""
+    import tritonclient.grpc as grpcclient
+
+    jpeg = image_bytes(make_image(64, 48, 6), "JPEG")
+    b64 = base64.b64encode(jpeg).decode()
+    assert b64.startswith("/9j/")
+    sampling = {"max_tokens": str(MAX_TOKENS), "temperature": "0", "ignore_eos": "false", "top_k": "1"}
+
+    def inp(name, arr, dtype):
+        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        return t
+
+    results = queue.Queue()
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    c.async_stream_infer("qwen3vl", [
+        inp("text_input", np.array([b"Describe the picture."], dtype=np.object_), "BYTES"),
+        inp("image", np.array([b64.encode()], dtype=np.object_), "BYTES"),
+        inp("stream", np.array([True]), "BOOL"),
+        inp("exclude_input_in_output", np.array([True]), "BOOL"),
+        inp("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_), "BYTES"),
+    ], request_id="genai-perf-1")
+    text = ""
+    while True:
+        result, error = results.get(timeout=120)
+        assert error is None, error
+        text += result.as_numpy("text_output")[0].decode()
+        if result.as_numpy("finish_reason")[0]:
+            break
+    c.stop_stream()
+    expected = local_engine.generate([_plain_prompt(tiny_moe, local_engine, jpeg, "Describe the picture.")],
+                                     SamplingParams(temperature=0, max_tokens=MAX_TOKENS, top_k=1))[0]["text"]
+    assert text == expected
+
+
+def _plain_prompt(tiny_moe, engine, image: bytes, text: str):
+    """What preprocess builds for a plain prompt with one `image`: a vision block ahead of the text."""
+    from qwen3vl_backend.processing.chat import MediaRef
+    from qwen3vl_backend.processing.processor import IMAGE_PAD, VISION_END, VISION_START, Processor
+
+    proc = Processor(str(tiny_moe), engine.tokenizer)
+    media = proc.load_all([MediaRef("image", base64.b64encode(image).decode())])
+    return proc.build_prompt(f"{VISION_START}{IMAGE_PAD}{VISION_END}{text}", media)
+
+
+def test_llm_refuses_ids_outside_the_vocabulary(server, local_engine):
+    import tritonclient.grpc as grpcclient
+
+    results = queue.Queue()
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    for ids in ([1, 2, local_engine.vocab_size + 7], [5, -3]):
+        arr = np.array(ids, dtype=np.int64)
+        t = grpcclient.InferInput("input_ids", list(arr.shape), "INT64")
+        t.set_data_from_numpy(arr)
+        c.async_stream_infer("llm", [t], request_id="bad-ids")
+        result, error = results.get(timeout=60)
+        assert error is not None and "prompt token ids must be in [0," in error.message()
+    c.stop_stream()
+    assert _chat_ok(server)
+
+
+def _chat_ok(server) -> bool:
+    r = _post(server, {**_msg("Are you fine?"), "temperature": 0})
+    return r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def _sse_text(server, body) -> str:
+    text = ""
+    with httpx.Client(timeout=120) as h, h.stream("POST", f"{server.url}/v1/chat/completions",
+                                                  json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                if event["choices"]:
+                    text += event["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def _leave_midway(server, body, streaming: bool) -> str:
+    body = {**body, "max_tokens": 700, "ignore_eos": True}
+    if streaming:
+        with httpx.Client(timeout=120) as h, h.stream("POST", f"{server.url}/v1/chat/completions",
+                                                      json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+        return "left"
+    try:
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(1.5))
+    except httpx.TimeoutException:
+        return "left"
+    return "finished"
+
+
+def test_load_with_disconnects_and_hostile_requests(server, http_media):
+    """32 honest requests (half streaming), a fifth of them abandoned mid-way, every hostile
+    request above mixed in: each honest request that stayed gets the text it gets alone, and the
+    engine ends empty."""
+    topics = ["the sea", "a cat", "rain", "stars", "bread", "trains", "snow", "jazz"]
+    honest = {t: {**_msg(f"Tell me about {t}."), "temperature": 0, "max_tokens": MAX_TOKENS} for t in topics}
+    alone = {t: _post(server, b).json()["choices"][0]["message"]["content"] for t, b in honest.items()}
+    jobs = []
+    for i in range(32):
+        topic, streaming = topics[i % len(topics)], i % 2 == 0
+        if i % 5 == 0:
+            jobs.append(("leave", topic, lambda b=honest[topic], s=streaming: _leave_midway(server, b, s)))
+        elif streaming:
+            jobs.append(("stay", topic, lambda b=honest[topic]: _sse_text(server, b)))
+        else:
+            jobs.append(("stay", topic, lambda b=honest[topic]: _post(server, b).json()["choices"][0]["message"]["content"]))
+    # under this load a hostile request may also meet the media time limit first: any 4xx is right
+    for name, body, status, _ in HOSTILE:
+        jobs.append(("hostile", name, lambda b=body, st=status: (lambda r: r.status_code == st or r.text)(_post(
+            server, b if isinstance(b, dict) else None, raw=b if isinstance(b, str) else None))))
+    jobs.append(("hostile", "slow_media", lambda: _post(server, _msg([_img(f"{http_media}/slow.png")])).status_code == 400))
+    order = list(range(len(jobs)))
+    import random
+    random.Random(7).shuffle(order)
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {i: pool.submit(jobs[i][2]) for i in order}
+        results = {i: f.result(timeout=300) for i, f in futures.items()}
+    left = sum(1 for kind, _, _ in jobs if kind == "leave")
+    assert left >= 6
+    for i, (kind, what, _) in enumerate(jobs):
+        if kind == "stay":
+            assert results[i] == alone[what], what
+        elif kind == "hostile":
+            assert results[i] is True, (what, results[i])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if all(_metric(server, m) == 0 for m in ("qwen3vl_kv_cache_usage", "qwen3vl_num_running", "qwen3vl_num_waiting")):
+            break
+        time.sleep(0.3)
+    for m in ("qwen3vl_kv_cache_usage", "qwen3vl_num_running", "qwen3vl_num_waiting"):
+        assert _metric(server, m) == 0, m
+    assert _chat_ok(server)

@@ -247,10 +247,11 @@ class _PinnedHTTP(http.client.HTTPConnection):
 
     def __init__(self, host, port, ip, timeout):
         super().__init__(host, port, timeout=timeout)
-        self._ip = ip
+        self._ip, self.live_sock = ip, None
 
     def connect(self):
-        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+        # kept apart from `sock`, which http.client clears once a response owns the connection
+        self.sock = self.live_sock = socket.create_connection((self._ip, self.port), self.timeout)
 
 
 _tls: ssl.SSLContext | None = None
@@ -261,11 +262,11 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         global _tls
         _tls = _tls or ssl.create_default_context()       # loading the CA store once, not per fetch
         super().__init__(host, port, timeout=timeout, context=_tls)
-        self._ip = ip
+        self._ip, self.live_sock = ip, None
 
     def connect(self):
-        sock = socket.create_connection((self._ip, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.live_sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self.live_sock = self._context.wrap_socket(self.live_sock, server_hostname=self.host)
 
 
 def _connection(scheme, host, port, ip, deadline):
@@ -287,7 +288,7 @@ class _Watchdog:
 
     def _fire(self, why: str) -> None:
         self.fired, self.why = True, why
-        sock = self.conn.sock
+        sock = self.conn.live_sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -78,11 +78,11 @@ class Processor:
     def _pixel_bounds(opts: dict, server_min: int, server_max: int) -> tuple[int, int]:
         """Per-request min/max pixels can only lower the server's: a request may ask for fewer
         pixels (cheaper), never for more than the server would give it."""
-        lo = min(_int_opt(opts, "min_pixels") or server_min, server_min)
-        hi = min(_int_opt(opts, "max_pixels") or server_max, server_max)
-        if lo > hi:
-            raise RequestError(f"min_pixels {lo} exceeds max_pixels {hi}")
-        return lo, hi
+        req_lo, req_hi = _int_opt(opts, "min_pixels"), _int_opt(opts, "max_pixels")
+        if req_lo and req_hi and req_lo > req_hi:
+            raise RequestError(f"min_pixels {req_lo} exceeds max_pixels {req_hi}")
+        hi = min(req_hi or server_max, server_max)
+        return min(req_lo or server_min, server_min, hi), hi
 
     def _num_tokens(self, grid) -> int:
         return grid[0] * grid[1] * grid[2] // self.cfg.merge_size ** 2

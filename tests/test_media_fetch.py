@@ -1,0 +1,272 @@
+"""Media fetching that can face the internet, against a hostile HTTP server of our own on loopback.
+
+Loopback is itself a refused address, so each test that needs to reach the server opts in to
+private addresses (`allow_private=True`); the refusal itself is tested without it.
+"""
+
+import base64
+import http.server
+import ipaddress
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+
+from conftest import image_bytes, make_image
+from qwen3vl_backend.processing.media import (Cancel, FetchError, MediaError, MediaPolicy, address_allowed,
+                                              decode_image, decode_video, fetch_bytes)
+
+PNG = image_bytes(make_image(40, 30, 1))
+CHUNKS = 4096                      # 64 MiB offered by the chunked endpoint
+LAB = MediaPolicy(allow_private=True, fetch_timeout_s=2.0, max_bytes=64 * 1024, max_redirects=3)
+
+
+class Hostile(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    sent: dict = {}
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path == "/ok.png":
+            return self._send(PNG, "image/png")
+        if path == "/page.html":
+            return self._send(b"<html><body>not an image</body></html>", "text/html")
+        if path == "/big-declared":
+            return self._send(b"x" * (LAB.max_bytes + 1), "image/png")
+        if path == "/big-chunked":                 # no Content-Length: the limit must hold while streaming
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            sent = 0
+            try:
+                for _ in range(CHUNKS):
+                    chunk = b"y" * 16384
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+            except OSError:
+                pass
+            Hostile.sent["big-chunked"] = sent
+            return
+        if path == "/trickle":                      # one byte at a time, forever: headers first
+            self.send_response(200)
+            self.send_header("Connection", "close")  # no length: the body runs until the server closes
+            self.end_headers()
+            try:
+                for _ in range(600):
+                    self.wfile.write(b"z")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            return
+        if path.startswith("/hop/"):               # /hop/N redirects N more times, then to ok.png
+            n = int(path.rsplit("/", 1)[1])
+            target = f"/hop/{n - 1}" if n > 1 else "/ok.png"
+            return self._redirect(target)
+        if path == "/to-closed-port":
+            return self._redirect(f"http://127.0.0.1:{CLOSED_PORT}/x.png")
+        self._send(b"nope", "text/plain", 404)
+
+    def _send(self, body, ctype, status=200):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:
+            pass
+
+    def _redirect(self, location):
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CLOSED_PORT = _closed_port()
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+@pytest.mark.parametrize("ip,ok", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+    ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
+    ("255.255.255.255", False), ("240.0.0.1", False), ("::1", False), ("::", False), ("fe80::1", False),
+    ("fc00::1", False), ("ff02::1", False), ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False),
+    ("64:ff9b::7f00:1", False), ("2002:7f00:1::1", False), ("2001:db8::1", False),
+])
+def test_only_public_unicast_addresses_are_fetched(ip, ok):
+    assert address_allowed(ipaddress.ip_address(ip)) is ok
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:{port}/ok.png", "http://localhost:{port}/ok.png",
+                                 "http://[::1]:{port}/ok.png", "http://0.0.0.0:{port}/ok.png",
+                                 "http://2130706433:{port}/ok.png"])
+def test_loopback_is_refused_by_default_with_the_uniform_message(hostile, url):
+    port = hostile.rsplit(":", 1)[1]
+    with pytest.raises(FetchError, match="^could not fetch media from "):
+        fetch_bytes(url.format(port=port), MediaPolicy(fetch_timeout_s=2))
+    assert fetch_bytes(f"{hostile}/ok.png", LAB) == PNG          # the same server, opted in
+
+
+def test_open_and_closed_ports_read_the_same(hostile):
+    port = hostile.rsplit(":", 1)[1]
+    messages = set()
+    for url in (f"http://127.0.0.1:{port}/missing.png", f"http://127.0.0.1:{CLOSED_PORT}/x.png",
+                f"{hostile}/to-closed-port"):
+        with pytest.raises(FetchError) as e:
+            fetch_bytes(url, LAB)
+        messages.add(str(e.value).split(" from ")[0])
+    assert messages == {"could not fetch media"}
+
+
+def test_redirects_are_followed_a_few_hops_and_each_hop_is_checked(hostile):
+    assert fetch_bytes(f"{hostile}/hop/3", LAB) == PNG
+    with pytest.raises(FetchError):
+        fetch_bytes(f"{hostile}/hop/4", LAB)
+    # a public first hop that redirects to loopback is refused at the redirect: the check runs per hop
+    from qwen3vl_backend.processing import media
+
+    hops = []
+    real = media._resolve
+
+    def resolve(url, host, port, policy, deadline):
+        hops.append(host)
+        return real(url, host, port, policy, deadline)
+    media._resolve = resolve
+    try:
+        with pytest.raises(FetchError):
+            fetch_bytes(f"{hostile}/hop/1", MediaPolicy(allow_private=False, fetch_timeout_s=2))
+    finally:
+        media._resolve = real
+    assert hops == ["127.0.0.1"]
+
+
+def test_size_limit_holds_while_streaming(hostile):
+    with pytest.raises(MediaError, match=f"larger than the {LAB.max_bytes} byte limit"):
+        fetch_bytes(f"{hostile}/big-declared", LAB)
+    with pytest.raises(MediaError, match="byte limit"):
+        fetch_bytes(f"{hostile}/big-chunked", LAB)
+    time.sleep(0.2)
+    assert Hostile.sent["big-chunked"] < CHUNKS * 16384         # the server was cut off, not read to the end
+
+
+def test_a_trickling_body_is_cut_at_the_deadline(hostile):
+    start = time.monotonic()
+    with pytest.raises(FetchError):
+        fetch_bytes(f"{hostile}/trickle", LAB)
+    assert time.monotonic() - start < LAB.fetch_timeout_s + 1.0
+
+
+def test_a_fetch_ends_when_its_request_is_cancelled(hostile):
+    cancel = Cancel()
+    threading.Timer(0.3, cancel.cancel).start()
+    start = time.monotonic()
+    with pytest.raises(FetchError):
+        fetch_bytes(f"{hostile}/trickle", MediaPolicy(allow_private=True, fetch_timeout_s=30), cancel)
+    assert time.monotonic() - start < 2.0
+
+
+def test_html_is_fetched_but_refused_as_an_image(hostile):
+    data = fetch_bytes(f"{hostile}/page.html", LAB)
+    with pytest.raises(MediaError, match="not a decodable image") as e:
+        decode_image(data)
+    assert "BytesIO" not in str(e.value) and "0x" not in str(e.value)
+
+
+def test_domain_allow_list(hostile):
+    policy = MediaPolicy(allow_private=True, allowed_domains=("images.example.com",))
+    with pytest.raises(MediaError, match="'127.0.0.1' is not in this server's allowed media domains"):
+        fetch_bytes(f"{hostile}/ok.png", policy)
+    assert fetch_bytes(f"{hostile}/ok.png", MediaPolicy(allow_private=True, allowed_domains=("127.0.0.1",))) == PNG
+
+
+@pytest.mark.parametrize("url,message", [
+    ("ftp://example.com/x.png", "scheme 'ftp' is not supported"),
+    ("gopher://example.com/", "scheme 'gopher' is not supported"),
+    ("http://user:pw@example.com/x.png", "must not carry credentials"),
+    ("/etc/passwd", "not valid base64"),                # a bare path is not a file: only file:// URLs are
+    ("file:///etc/passwd", "file:// URLs\\) is disabled"),
+])
+def test_other_sources_are_refused(url, message):
+    with pytest.raises(MediaError, match=message):
+        fetch_bytes(url, MediaPolicy())
+
+
+def test_raw_base64_jpeg_is_base64_not_a_path():
+    jpeg = image_bytes(make_image(32, 32, 5), "JPEG")
+    raw = base64.b64encode(jpeg).decode()
+    assert raw.startswith("/9j/")
+    assert fetch_bytes(raw, MediaPolicy()) == jpeg
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of any size, a few hundred bytes: a decompression bomb."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * 64)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    bomb = _png_header_only(30000, 30000)
+    assert len(bomb) < 10_000
+    start = time.monotonic()
+    with pytest.raises(MediaError, match="is larger than the 89478485 pixel limit"):
+        decode_image(bomb)
+    with pytest.raises(MediaError, match="12000x8000 pixels is larger than the 89478485 pixel limit"):
+        decode_image(_png_header_only(12000, 8000))         # past the limit, short of PIL's own 2x refusal
+    assert time.monotonic() - start < 1.0
+    with pytest.raises(MediaError, match="larger than the 1000 pixel limit"):
+        decode_image(PNG, max_pixels=1000)
+
+
+def test_damaged_video_is_a_client_error(video_file):
+    data = video_file.read_bytes()
+    damaged = data[:200] + bytes(len(data) - 200)
+    with pytest.raises(MediaError, match="not a decodable video"):
+        decode_video(damaged, lambda total, fps: list(range(min(total, 4))))
+    with pytest.raises(MediaError, match="not a decodable video"):
+        decode_video(b"\x00" * 1000, lambda total, fps: [0])
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P-transparent"])
+def test_transparency_is_composited_onto_white_as_the_reference(mode):
+    oracle = pytest.importorskip("oracle")   # noqa: F841  (transformers with its vision deps)
+    import numpy as np
+    from transformers.image_transforms import convert_to_rgb
+
+    img = make_image(24, 16, 3, "RGBA")
+    if mode == "LA":
+        img = img.convert("LA")
+    elif mode == "P-transparent":
+        img = make_image(24, 16, 3, "P")
+        img.info["transparency"] = 0
+    ours = np.asarray(decode_image(image_bytes(img)))
+    from PIL import Image
+    import io
+    ref = convert_to_rgb(Image.open(io.BytesIO(image_bytes(img))), return_numpy=True)
+    assert ours.shape == ref.shape and (ours == ref).all()
+    assert (ours != np.asarray(Image.open(io.BytesIO(image_bytes(img))).convert("RGB"))).any()   # not dropped
