@@ -137,7 +137,7 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         cid, start = completion_id(), time.monotonic()
         cancel = Cancel()
         try:
-            messages = await _unless_gone(request, fetcher.inline(body["messages"], cancel), cancel.cancel)
+            messages = await _unless_gone(request, fetcher.inline(body["messages"], cancel))
         except RequestError as e:
             raise APIError(400, str(e), param="messages") from e
         if messages is None:
@@ -227,9 +227,9 @@ def create_app(settings: FrontendSettings) -> FastAPI:
     return app
 
 
-async def _unless_gone(request: Request, coro, on_gone=None):
-    """`await coro`, or None as soon as the HTTP client disconnects (the coroutine is cancelled,
-    and `on_gone` called, first)."""
+async def _unless_gone(request: Request, coro):
+    """`await coro`, or None as soon as the HTTP client disconnects (the coroutine is cancelled
+    first: a media fetch then shuts its sockets, a Triton stream sends its cancel)."""
     task = asyncio.ensure_future(coro)
     try:
         while True:
@@ -237,8 +237,6 @@ async def _unless_gone(request: Request, coro, on_gone=None):
             if done:
                 return task.result()
             if await request.is_disconnected():
-                if on_gone is not None:
-                    on_gone()
                 return None
     finally:
         if not task.done():

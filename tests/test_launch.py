@@ -88,6 +88,11 @@ def test_vit_cuda_graph_flag_reaches_the_vit_model():
     (["--max-running-requests", "0"], "max_num_seqs must be positive"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--preprocess-instances", "0"], "--preprocess-instances must be >= 1"),
+    (["--limit-mm-per-prompt", "audio=3"], "limit_mm_per_prompt: 'audio'=3"),
+    (["--limit-mm-per-prompt", "image=lots"], "neither JSON nor image=N,video=N"),
+    (["--media-fetch-timeout", "0"], "media_fetch_timeout_s must be a positive number of seconds"),
+    (["--max-media-mb", "-1"], "max_media_bytes must be positive"),
+    (["--max-request-body-mb", "0"], "--max-request-body-mb must be positive"),
 ])
 def test_inconsistent_flags_are_refused(tiny_moe, argv, message):
     if message.startswith("--tp") or message.startswith("--ep"):
@@ -148,3 +153,40 @@ def test_weights_past_the_gpu_budget_are_refused_before_starting(monkeypatch):
                                          r"of this GPU's 80\.0 GB is 52\.0 GB"):
         launch._check_weights_fit(str(configs / "Qwen3-VL-235B-A22B-Instruct.json"), cfg)
     launch._check_weights_fit(str(configs / "Qwen3-VL-4B-Instruct.json"), cfg)        # 8.9 GB: fits
+
+
+def test_dry_run_names_every_address_and_triton_stays_on_loopback(tiny_moe):
+    base = ["--model-path", str(tiny_moe), "--dry-run", "--host", "0.0.0.0", "--port", "30000", "--enable-metrics"]
+    listening = {(x["service"].split(" (")[0], x["address"], x["port"]) for x in _report(_run(base))["listening"]}
+    assert listening == {("OpenAI API", "0.0.0.0", 30000), ("Triton gRPC", "127.0.0.1", 8001),
+                         ("Triton HTTP", "127.0.0.1", 8080), ("Triton metrics", "127.0.0.1", 8002)}
+    exposed = _report(_run([*base, "--triton-host", "0.0.0.0"]))["listening"]
+    assert {x["address"] for x in exposed} == {"0.0.0.0"}
+
+
+def test_media_flags_reach_preprocess_and_the_adapter(tiny_moe, tmp_path):
+    from qwen3vl_backend import launch
+
+    argv = ["--model-path", str(tiny_moe), "--allowed-media-domains", "a.example", "b.example",
+            "--allow-private-media-urls", "--limit-mm-per-prompt", '{"image": 3}', "--max-media-mb", "2",
+            "--allowed-local-media-path", str(tmp_path), "--context-length", "4096"]
+    args = launch.build_parser().parse_args(argv)
+    settings = launch.resolve(args)
+    pre = settings["preprocess"]
+    assert (pre["allowed_media_domains"], pre["allow_private_media_urls"], pre["max_model_len"]) == \
+        ("a.example,b.example", "true", "4096")
+    front = launch.frontend_args(args, settings)
+    assert front[front.index("--allowed-media-domains") + 1:][:2] == ["a.example", "b.example"]
+    assert "--allow-private-media-urls" in front and front[front.index("--max-media-mb") + 1] == "2.0"
+    assert front[front.index("--limit-mm-per-prompt") + 1] == '{"image": 3}'
+
+
+def test_readme_shows_what_make_serve_prints():
+    """The README's block of `make serve` output is the launcher's own banner for those flags."""
+    from qwen3vl_backend import launch
+
+    make = (launch.ROOT / "Makefile").read_text()
+    line = next(x for x in make.splitlines() if "qwen3vl_backend.launch" in x)
+    argv = shlex.split(line.split("qwen3vl_backend.launch", 1)[1].replace("$(MODEL)", ".cache/tiny-moe"))
+    banner = launch.banner(launch.build_parser().parse_args(argv), "tiny-moe")
+    assert banner in (launch.ROOT / "README.md").read_text()

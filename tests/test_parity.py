@@ -130,3 +130,28 @@ def test_interleaved_and_contiguous_mrope_differ(tiny_moe):
     contig = mrope_axis_map(16, (6, 5, 5), False)
     assert inter[:6].tolist() == [0, 1, 2, 0, 1, 2]
     assert contig[:6].tolist() == [0] * 6 and not torch.equal(inter, contig)
+
+
+@pytest.mark.parametrize("cap", [False, True])
+def test_video_pixel_cap_matches_the_reference(tiny_dense, cap):
+    """transformers' per-frame pixel cap (`cap_pixels_per_frame`): off by default as in 5.24, and
+    when a checkpoint's video_preprocessor_config turns it on, the same grid and pixels as the
+    reference. Eight 1280x720 frames: the cap binds (786,432 pixels a frame), the budget does not."""
+    import dataclasses
+
+    import numpy as np
+    from transformers import AutoVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, normalize_patches, process_video
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (8, 720, 1280, 3), dtype=np.uint8)
+    cfg = dataclasses.replace(VisionProcessingConfig.from_dir(tiny_dense), cap_pixels_per_frame=cap)
+    patches, grid, _ = process_video(frames, list(range(8)), 4.0, cfg)
+    ref = AutoVideoProcessor.from_pretrained(str(tiny_dense))(
+        videos=[frames], video_metadata=[VideoMetadata(total_num_frames=8, fps=4.0, frames_indices=list(range(8)))],
+        do_sample_frames=False, cap_pixels_per_frame=cap, return_tensors="pt")
+    assert list(grid) == ref["video_grid_thw"][0].tolist()
+    assert (grid[1] * grid[2] * 16 * 16 <= 768 * 32 * 32) == cap         # within 768 merged patches a frame
+    torch.testing.assert_close(normalize_patches(patches, cfg), ref["pixel_values_videos"], rtol=0, atol=1e-6)

@@ -28,6 +28,7 @@ openai = pytest.importorskip("openai")
 MAX_TOKENS = 16
 MAX_MODEL_LEN = 1024
 MEDIA_TIMEOUT_S = 2.0
+TRICKLE_ENDED: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,19 @@ def http_media(tmp_path_factory):
         def do_GET(self):
             if self.path == "/slow.png":
                 time.sleep(MEDIA_TIMEOUT_S + 2)
+            if self.path.startswith("/trickle"):       # a body that never ends; when did its reader go?
+                self.send_response(200)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                try:
+                    for _ in range(400):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except OSError:
+                    pass
+                TRICKLE_ENDED[self.path] = time.monotonic()
+                return
             super().do_GET()
 
         def log_message(self, *args):
@@ -624,4 +638,18 @@ def test_load_with_disconnects_and_hostile_requests(server, http_media):
         time.sleep(0.3)
     for m in ("qwen3vl_kv_cache_usage", "qwen3vl_num_running", "qwen3vl_num_waiting"):
         assert _metric(server, m) == 0, m
+    assert _chat_ok(server)
+
+
+def test_a_fetch_stops_when_its_client_leaves(server, http_media):
+    """The adapter fetches remote media; a client that gives up ends the fetch at once (its
+    socket is shut), not at the fetch deadline or the per-request media limit."""
+    started = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/chat/completions", json=_msg([_img(f"{http_media}/trickle-gone.png")]),
+                   timeout=0.3)
+    deadline = time.monotonic() + 10
+    while "/trickle-gone.png" not in TRICKLE_ENDED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert TRICKLE_ENDED["/trickle-gone.png"] - started < MEDIA_TIMEOUT_S - 0.3
     assert _chat_ok(server)

@@ -4,8 +4,9 @@ Images: `smart_resize` to multiples of patch*merge (32) within [min_pixels, max_
 bicubic with antialias on the uint8 tensor (what torchvision does on CPU), patchify in
 merge-block order with the frame repeated over the temporal patch, normalise with mean/std 0.5
 (`normalize_patches`, separate so that pixels can travel as uint8). Videos: sample at `fps` within [min_frames, max_frames], the same resize for all frames
-(pixel budget over t*h*w), pad the frame count to the temporal patch, and timestamp each
-temporal patch with the mean time of its frames.
+(pixel budget over t*h*w; with `cap_pixels_per_frame`, as transformers >= 5.18 offers, each
+frame also at most `max_video_tokens` merged patches), pad the frame count to the temporal
+patch, and timestamp each temporal patch with the mean time of its frames.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class VisionProcessingConfig:
     video_fps: float = 2.0
     video_min_frames: int = 4
     video_max_frames: int = 768
+    # transformers' per-frame pixel cap (qwen-vl-utils' behaviour); its default is still off in 5.24
+    cap_pixels_per_frame: bool = False
+    max_video_tokens: int = 768
 
     @property
     def factor(self) -> int:
@@ -66,6 +70,8 @@ class VisionProcessingConfig:
             video_fps=vid.get("fps", base.video_fps),
             video_min_frames=vid.get("min_frames", base.video_min_frames),
             video_max_frames=vid.get("max_frames", base.video_max_frames),
+            cap_pixels_per_frame=bool(vid.get("cap_pixels_per_frame") or base.cap_pixels_per_frame),
+            max_video_tokens=vid.get("max_video_tokens", base.max_video_tokens),
         )
 
 
@@ -145,8 +151,12 @@ def process_video(frames: np.ndarray, frame_indices: list[int], video_fps: float
     """Sampled frames (T, H, W, 3) uint8 -> uint8 patches, grid (gt, gh, gw), timestamps per gt."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     t = x.shape[0]
-    h, w = smart_resize(x.shape[2], x.shape[3], cfg.factor, min_pixels or cfg.video_min_pixels,
-                        max_pixels or cfg.video_max_pixels, num_frames=t, temporal_factor=cfg.temporal_patch_size)
+    min_pixels, max_pixels = min_pixels or cfg.video_min_pixels, max_pixels or cfg.video_max_pixels
+    if cfg.cap_pixels_per_frame:          # each frame at most max_video_tokens, or its share of the budget
+        per_frame = max(min(cfg.max_video_tokens * cfg.factor ** 2, max_pixels // t), int(min_pixels * 1.05))
+        max_pixels = per_frame * t
+    h, w = smart_resize(x.shape[2], x.shape[3], cfg.factor, min_pixels, max_pixels, num_frames=t,
+                        temporal_factor=cfg.temporal_patch_size)
     x = _resize(x, h, w)
     pad = -t % cfg.temporal_patch_size
     if pad:
