@@ -20,6 +20,7 @@ import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 from PIL import Image
 
+from qwen3vl_backend.processing.media import video_backend
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.serving.media_pool import MediaPool
 from qwen3vl_backend.serving.preprocess import Preprocessor
@@ -46,6 +47,9 @@ class TritonPythonModel:
         self.ipc = cfg.use_cuda_ipc_transport and torch.cuda.is_available()
         pool = MediaPool(cfg.mm_max_concurrent_calls, cfg.mm_per_request_timeout)
         self.pre = Preprocessor(Processor(cfg.model_path), cfg.media_policy(), pool, cfg.limits())
+        decoder = video_backend()
+        pb_utils.Logger.log_info(f"preprocess: video decoder {decoder}" if decoder else
+                                 "preprocess: no video decoder (install decord or PyAV): video requests are refused")
         self._warm_up()
 
     def _warm_up(self):
