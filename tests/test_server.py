@@ -179,28 +179,31 @@ def test_greedy_output_equals_transformers(client, tiny_moe):
 
 
 def test_tritonclient_grpc_stream_to_ensemble(server, tiny_moe, local_engine):
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
     img = make_image(300, 200, 1)
     b64 = base64.b64encode(image_bytes(img)).decode()
     messages = [{"role": "user", "content": "Describe the picture."}]
     expected = _expected(tiny_moe, local_engine, [{"role": "user", "content": [_img(b64), {"type": "text", "text": "Describe the picture."}]}])
+    text = _stream_ensemble(
+        server, "grpc-1", text_input=np.array([json.dumps({"messages": messages}).encode()], dtype=np.object_),
+        image=np.array([b64.encode()], dtype=np.object_), stream=np.array([True]),
+        sampling_parameters=np.array([json.dumps({"temperature": 0, "max_tokens": MAX_TOKENS}).encode()], dtype=np.object_))
+    assert text == expected["text"]
 
-    def inp(name, arr):
+
+def _stream_ensemble(server, request_id: str, **arrays) -> str:
+    """One streamed request to the `qwen3vl` ensemble over tritonclient gRPC -> its whole text."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, arr in arrays.items():
         t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
         t.set_data_from_numpy(arr)
-        return t
-
+        inputs.append(t)
     results = queue.Queue()
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     c.start_stream(callback=lambda result, error: results.put((result, error)))
-    c.async_stream_infer("qwen3vl", [
-        inp("text_input", np.array([json.dumps({"messages": messages}).encode()], dtype=np.object_)),
-        inp("image", np.array([b64.encode()], dtype=np.object_)),
-        inp("stream", np.array([True])),
-        inp("sampling_parameters", np.array([json.dumps({"temperature": 0, "max_tokens": MAX_TOKENS}).encode()], dtype=np.object_)),
-    ], request_id="grpc-1")
+    c.async_stream_infer("qwen3vl", inputs, request_id=request_id)
     text = ""
     while True:
         result, error = results.get(timeout=120)
@@ -209,7 +212,7 @@ def test_tritonclient_grpc_stream_to_ensemble(server, tiny_moe, local_engine):
         if result.as_numpy("finish_reason")[0]:
             break
     c.stop_stream()
-    assert text == expected["text"]
+    return text
 
 
 def test_sixteen_concurrent_streams_with_mixed_media(client, tiny_moe, local_engine, media_dir, http_media):
@@ -500,36 +503,15 @@ def test_request_body_limit_is_413(server):
 def test_genai_perf_request_shape_through_tritonclient(server, tiny_moe, local_engine):
     """genai-perf --endpoint-type kserve --backend vllm: every sampling value a string, and a raw
     base64 JPEG in `image` (which starts with /9j/, like a path)."""
-    import tritonclient.grpc as grpcclient
-
     jpeg = image_bytes(make_image(64, 48, 6), "JPEG")
     b64 = base64.b64encode(jpeg).decode()
     assert b64.startswith("/9j/")
     sampling = {"max_tokens": str(MAX_TOKENS), "temperature": "0", "ignore_eos": "false", "top_k": "1"}
-
-    def inp(name, arr, dtype):
-        t = grpcclient.InferInput(name, list(arr.shape), dtype)
-        t.set_data_from_numpy(arr)
-        return t
-
-    results = queue.Queue()
-    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
-    c.start_stream(callback=lambda result, error: results.put((result, error)))
-    c.async_stream_infer("qwen3vl", [
-        inp("text_input", np.array([b"Describe the picture."], dtype=np.object_), "BYTES"),
-        inp("image", np.array([b64.encode()], dtype=np.object_), "BYTES"),
-        inp("stream", np.array([True]), "BOOL"),
-        inp("exclude_input_in_output", np.array([True]), "BOOL"),
-        inp("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_), "BYTES"),
-    ], request_id="genai-perf-1")
-    text = ""
-    while True:
-        result, error = results.get(timeout=120)
-        assert error is None, error
-        text += result.as_numpy("text_output")[0].decode()
-        if result.as_numpy("finish_reason")[0]:
-            break
-    c.stop_stream()
+    text = _stream_ensemble(
+        server, "genai-perf-1", text_input=np.array([b"Describe the picture."], dtype=np.object_),
+        image=np.array([b64.encode()], dtype=np.object_), stream=np.array([True]),
+        exclude_input_in_output=np.array([True]),
+        sampling_parameters=np.array([json.dumps(sampling).encode()], dtype=np.object_))
     expected = local_engine.generate([_plain_prompt(tiny_moe, local_engine, jpeg, "Describe the picture.")],
                                      SamplingParams(temperature=0, max_tokens=MAX_TOKENS, top_k=1))[0]["text"]
     assert text == expected
