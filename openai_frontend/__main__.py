@@ -3,7 +3,8 @@ import logging
 
 import uvicorn
 
-from qwen3vl_backend.config import ConfigError, parse_mm_limits
+from qwen3vl_backend.errors import ConfigError
+from qwen3vl_backend.processing.chat import parse_mm_limits
 from qwen3vl_backend.processing.media import MediaPolicy
 
 from .app import FrontendSettings, create_app
@@ -18,6 +19,8 @@ def main(argv=None) -> None:
     a("--triton-model", default="qwen3vl")
     a("--triton-metrics-url", default=None)
     a("--served-model-name", default="qwen3-vl")
+    a("--model-path", default=None,
+      help="the checkpoint directory: text-only chats are then tokenised here and sent to `llm` directly")
     a("--enable-cache-report", action="store_true")
     a("--max-request-body-mb", type=float, default=96, help="larger request bodies are refused with 413 before they are read")
     # media: the same flags and meaning as the launcher's
@@ -46,7 +49,7 @@ def main(argv=None) -> None:
     app = create_app(FrontendSettings(args.triton_url, args.triton_model, args.served_model_name,
                                       args.triton_metrics_url, args.enable_cache_report,
                                       int(args.max_request_body_mb * 2**20), policy, args.mm_max_concurrent_calls,
-                                      args.mm_per_request_timeout, limits))
+                                      args.mm_per_request_timeout, limits, args.model_path))
     # a stop must not wait on open streams for long: they end with the server (see the launcher)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
 

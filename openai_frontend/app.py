@@ -5,6 +5,9 @@
 `POST /v1/chat/completions` (SSE streaming or not), `GET /v1/models`, `GET /health` (200 only
 when Triton's models are ready), `GET /metrics`. Requests are checked here first, so the common
 mistakes come back as OpenAI error objects without a round trip; the rest comes from Triton.
+Remote and local media are fetched here (media.py); text-only chats go to `llm` directly
+(text_prompts.py), the rest through the `qwen3vl` ensemble. A client that disconnects has its
+request cancelled wherever it is.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from qwen3vl_backend.errors import RequestError
 from qwen3vl_backend.processing.media import Cancel, MediaPolicy, video_backend
 
 from .media import MediaFetcher
+from .text_prompts import TextPrompts
 
 from .protocol import APIError, check_chat_request, chat_completion, chunk, completion_id, from_triton, usage
 from .triton_client import TritonLLMClient, TritonRequestError
@@ -45,6 +49,7 @@ class FrontendSettings:
     mm_max_concurrent_calls: int = 32
     mm_per_request_timeout: float = 10.0
     mm_limits: dict = field(default_factory=lambda: {"image": 16, "video": 2})
+    model_path: str | None = None                 # text-only chats then go to `llm` directly
 
 
 class _BodyTooLarge(APIError):
@@ -80,6 +85,7 @@ class _Metrics:
 def create_app(settings: FrontendSettings) -> FastAPI:
     app = FastAPI(title="Qwen3-VL on Triton")
     fetcher = MediaFetcher(settings.media, settings.mm_max_concurrent_calls, settings.mm_per_request_timeout)
+    prompts = TextPrompts(settings.model_path) if settings.model_path else None
     decoder = video_backend()
     log.info("video decoder: %s", decoder or "none (video requests are refused)")
     metrics = _Metrics()
@@ -142,11 +148,20 @@ def create_app(settings: FrontendSettings) -> FastAPI:
             raise APIError(400, str(e), param="messages") from e
         if messages is None:
             return Response(status_code=499)
-        # preprocess reads `messages` from a JSON object and takes sampling from its own input, so
-        # the request's bytes go on as they came unless media had to be inlined: a large data URI
-        # is not encoded a second time
-        text = raw if messages is body["messages"] else json.dumps({"messages": messages}).encode()
-        deltas = client().stream(rid, text, sampling)
+        ids = None
+        if prompts is not None:
+            try:
+                ids = await asyncio.to_thread(prompts.ids, messages)
+            except RequestError as e:
+                raise APIError(400, str(e), param="messages") from e
+        if ids is not None:
+            deltas = client().stream_ids(rid, ids, sampling)
+        else:
+            # preprocess reads `messages` from a JSON object and takes sampling from its own input,
+            # so the request's bytes go on as they came unless media had to be inlined: a large
+            # data URI is not encoded a second time
+            text = raw if messages is body["messages"] else json.dumps({"messages": messages}).encode()
+            deltas = client().stream(rid, text, sampling)
         headers = {"x-request-id": rid}
         if not stream:
             return await _complete_unless_gone(request, deltas, cid, start, rid, headers)

@@ -61,11 +61,19 @@ class TritonLLMClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def stream(self, request_id: str, text: bytes, sampling: dict):
-        """`text`: the JSON chat request (its `messages` are used). Yields Delta per response until
-        the final one; raises TritonRequestError."""
+    def stream(self, request_id: str, text: bytes, sampling: dict):
+        """`text`: the JSON chat request (its `messages` are used), through the ensemble. Yields
+        Delta per response until the final one; raises TritonRequestError."""
+        return self._stream(self.model_name, request_id, _input("text_input", np.array([text], dtype=np.object_)),
+                            sampling)
+
+    def stream_ids(self, request_id: str, ids: list[int], sampling: dict):
+        """A text-only prompt's token ids straight to `llm` (see text_prompts.py); as `stream`."""
+        return self._stream(self.llm_model, request_id, _input("input_ids", np.asarray(ids, dtype=np.int64)), sampling)
+
+    async def _stream(self, model: str, request_id: str, prompt, sampling: dict):
         inputs = [
-            _input("text_input", np.array([text], dtype=np.object_)),
+            prompt,
             _input("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_)),
             _input("stream", np.array([True])),
             _input("exclude_input_in_output", np.array([True])),
@@ -74,7 +82,7 @@ class TritonLLMClient:
         ]
 
         async def requests():
-            yield {"model_name": self.model_name, "inputs": inputs, "request_id": request_id}
+            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
 
         finished = False
         try:

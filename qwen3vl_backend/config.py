@@ -12,11 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+from .processing.chat import parse_mm_limits
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -156,22 +154,3 @@ class PreprocessConfig:
         from .serving.preprocess import PreprocessLimits
 
         return PreprocessLimits(self.max_model_len, self.mm_limits["image"], self.mm_limits["video"])
-
-
-def parse_mm_limits(text: str) -> dict[str, int]:
-    """`{"image": 4, "video": 1}` or `image=4,video=1` -> {"image": 4, "video": 1} (kinds left out keep
-    their defaults: 16 images, 2 videos)."""
-    import json
-
-    limits = {"image": 16, "video": 2}
-    text = text.strip()
-    try:
-        given = json.loads(text) if text.startswith("{") else \
-            {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
-    except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"limit_mm_per_prompt {text!r} is neither JSON nor image=N,video=N") from None
-    for kind, n in given.items():
-        if kind not in limits or not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ConfigError(f"limit_mm_per_prompt: {kind!r}={n!r} (kinds: image, video; counts >= 0)")
-        limits[kind] = n
-    return limits

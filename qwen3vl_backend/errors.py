@@ -1,11 +1,15 @@
-"""The errors a client can cause (each becomes an HTTP 400 / Triton INVALID_ARG), and the one
-rule for prompt length shared by preprocess (before the ViT runs) and the engine."""
+"""The errors a client can cause (each becomes an HTTP 400 / Triton INVALID_ARG), a setting's
+error, and the one rule for prompt length shared by preprocess (before the ViT runs) and the engine."""
 
 from __future__ import annotations
 
 
 class RequestError(ValueError):
     """A problem with the request the client sent (maps to HTTP 400)."""
+
+
+class ConfigError(ValueError):
+    """A server setting (flag, config.pbtxt parameter) that cannot work."""
 
 
 class PromptTooLongError(RequestError):

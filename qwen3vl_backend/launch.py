@@ -177,9 +177,11 @@ def resolve(args) -> dict:
 
 
 def frontend_args(args, settings: dict) -> list[str]:
-    """The adapter's flags: it fetches http(s) and file:// media itself, under the same rules."""
+    """The adapter's flags: it fetches http(s) and file:// media itself, under the same rules, and
+    tokenises text-only chats for `llm` with the checkpoint's tokenizer."""
     pre = settings["preprocess"]
-    out = ["--log-level", args.log_level, "--max-request-body-mb", str(args.max_request_body_mb),
+    out = ["--model-path", settings["llm"]["model_path"], "--log-level", args.log_level,
+           "--max-request-body-mb", str(args.max_request_body_mb),
            "--max-media-mb", str(args.max_media_mb), "--media-fetch-timeout", str(args.media_fetch_timeout),
            "--mm-max-concurrent-calls", str(args.mm_max_concurrent_calls),
            "--mm-per-request-timeout", str(args.mm_per_request_timeout),

@@ -87,7 +87,8 @@ def server(tiny_moe, media_dir, tmp_path_factory):
         "vit": {**common, "vlm_cache_size_mb": "64"},
         "llm": {**common, "max_model_len": str(MAX_MODEL_LEN), "max_num_seqs": "16"},
     })
-    srv = start_server(repo, root, ["--allowed-local-media-path", str(media_dir), "--enable-cache-report",
+    srv = start_server(repo, root, ["--model-path", str(tiny_moe), "--allowed-local-media-path", str(media_dir),
+                                    "--enable-cache-report",
                                     "--allow-private-media-urls", "--mm-per-request-timeout", str(MEDIA_TIMEOUT_S),
                                     "--mm-max-concurrent-calls", "4", "--max-request-body-mb", "4"])
     yield srv
@@ -190,8 +191,9 @@ def test_tritonclient_grpc_stream_to_ensemble(server, tiny_moe, local_engine):
     assert text == expected["text"]
 
 
-def _stream_ensemble(server, request_id: str, **arrays) -> str:
-    """One streamed request to the `qwen3vl` ensemble over tritonclient gRPC -> its whole text."""
+def _stream_ensemble(server, request_id: str, expect_error: bool = False, **arrays) -> str:
+    """One streamed request to the `qwen3vl` ensemble over tritonclient gRPC -> its whole text
+    (or, with `expect_error`, the error's message)."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
@@ -207,6 +209,10 @@ def _stream_ensemble(server, request_id: str, **arrays) -> str:
     text = ""
     while True:
         result, error = results.get(timeout=120)
+        if expect_error:
+            assert error is not None
+            c.stop_stream()
+            return error.message()
         assert error is None, error
         text += result.as_numpy("text_output")[0].decode()
         if result.as_numpy("finish_reason")[0]:
@@ -635,3 +641,25 @@ def test_a_fetch_stops_when_its_client_leaves(server, http_media):
         time.sleep(0.05)
     assert TRICKLE_ENDED["/trickle-gone.png"] - started < MEDIA_TIMEOUT_S - 0.3
     assert _chat_ok(server)
+
+
+def test_text_never_waits_behind_media(server, http_media):
+    """Direct Triton clients hold the preprocess instance with media that uses its whole time
+    limit; a text-only chat through the adapter goes to `llm` directly and is answered meanwhile."""
+    blocked = {}
+
+    def block(i):
+        blocked[i] = _stream_ensemble(server, f"block-{i}", True, text_input=np.array([b"Look."], dtype=np.object_),
+                                      image=np.array([f"{http_media}/slow.png".encode()], dtype=np.object_))
+    threads = [threading.Thread(target=block, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    r = _post(server, {**_msg("Quick?"), "temperature": 0})
+    took = time.monotonic() - started
+    still_blocked = len(blocked) < 3
+    for t in threads:
+        t.join(60)
+    assert r.status_code == 200 and took < 1.5 and still_blocked, (r.status_code, took)
+    assert all("per-request limit" in m for m in blocked.values())

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import RequestError
+from ..errors import ConfigError, RequestError
+
+DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 @dataclass
@@ -91,3 +94,38 @@ class ChatTemplate:
 
 def _raise(message):
     raise TemplateError(message)
+
+
+def load_chat_template(model_dir: str | Path) -> ChatTemplate:
+    """The checkpoint's chat_template.jinja, or the bundled Qwen3-VL one."""
+    own = Path(model_dir) / "chat_template.jinja"
+    return ChatTemplate((own if own.exists() else DATA / "chat_template.jinja").read_text())
+
+
+def render_chat(template: ChatTemplate, messages) -> tuple[str, list[MediaRef]]:
+    """OpenAI messages -> (the prompt text, one pad per media item; the media in order)."""
+    template_messages, refs = normalize_messages(messages)
+    text = template.render(template_messages, add_generation_prompt=True)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("the messages contain text that is not valid Unicode (an unpaired surrogate "
+                           "such as \\ud800)") from None
+    return text, refs
+
+
+def parse_mm_limits(text: str) -> dict[str, int]:
+    """`{"image": 4, "video": 1}` or `image=4,video=1` -> {"image": 4, "video": 1} (vLLM's two forms
+    of --limit-mm-per-prompt; kinds left out keep their defaults: 16 images, 2 videos)."""
+    limits = {"image": 16, "video": 2}
+    text = text.strip()
+    try:
+        given = json.loads(text) if text.startswith("{") else \
+            {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise ConfigError(f"limit_mm_per_prompt {text!r} is neither JSON nor image=N,video=N") from None
+    for kind, n in given.items():
+        if kind not in limits or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ConfigError(f"limit_mm_per_prompt: {kind!r}={n!r} (kinds: image, video; counts >= 0)")
+        limits[kind] = n
+    return limits

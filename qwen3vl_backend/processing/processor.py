@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .chat import ChatTemplate, MediaRef, RequestError, normalize_messages
+from .chat import MediaRef, RequestError, load_chat_template, render_chat
 from .media import TRUSTED, Cancel, MediaPolicy, decode_image, decode_video, fetch_bytes
 from .positions import IMAGE, TEXT, VIDEO, mrope_positions
 from .tokenizer import Tokenizer
 from .vision_inputs import (VisionProcessingConfig, normalize_patches, process_image, process_video,
                             video_frame_indices)
 
-DATA = Path(__file__).resolve().parent.parent / "data"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
@@ -49,8 +48,7 @@ class Processor:
     def __init__(self, model_dir: str | Path, tokenizer: Tokenizer | None = None):
         model_dir = Path(model_dir)
         self.tokenizer = tokenizer or Tokenizer(model_dir)
-        tmpl = model_dir / "chat_template.jinja"
-        self.template = ChatTemplate((tmpl if tmpl.exists() else DATA / "chat_template.jinja").read_text())
+        self.template = load_chat_template(model_dir)
         self.cfg = VisionProcessingConfig.from_dir(model_dir)
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.video_pad_id = self.tokenizer.token_to_id(VIDEO_PAD)
@@ -89,14 +87,7 @@ class Processor:
 
     # -- prompt --------------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> tuple[str, list[MediaRef]]:
-        template_messages, refs = normalize_messages(messages)
-        text = self.template.render(template_messages, add_generation_prompt=True)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestError("the messages contain text that is not valid Unicode (an unpaired surrogate "
-                               "such as \\ud800)") from None
-        return text, refs
+        return render_chat(self.template, messages)
 
     def process_messages(self, messages: list[dict], policy: MediaPolicy = TRUSTED, run_jobs=None,
                          normalize: bool = True) -> ProcessedPrompt:

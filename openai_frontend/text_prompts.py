@@ -1,0 +1,27 @@
+"""Text-only chats tokenised in the adapter and sent to `llm` directly.
+
+The ids are the ones `preprocess` would make (the same chat template and tokenizer; positions
+are plain for text), so the answer is the same; but the request never queues behind media being
+decoded in `preprocess` or encoded in `vit`, and skips two hops. Needs the checkpoint directory
+(`--model-path`, which the launcher passes); without it everything goes through the ensemble.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen3vl_backend.processing.chat import load_chat_template, normalize_messages, render_chat
+from qwen3vl_backend.processing.tokenizer import Tokenizer
+
+
+class TextPrompts:
+    def __init__(self, model_dir: str | Path):
+        self.template = load_chat_template(model_dir)
+        self.tokenizer = Tokenizer(model_dir)
+
+    def ids(self, messages) -> list[int] | None:
+        """The prompt's token ids, or None when the chat has media (the ensemble's work)."""
+        if normalize_messages(messages)[1]:
+            return None
+        text, _ = render_chat(self.template, messages)
+        return self.tokenizer.encode(text)
