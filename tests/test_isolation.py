@@ -142,3 +142,31 @@ def test_a_failing_sequence_fails_alone(tiny_moe, monkeypatch, where, overlap, a
     assert [o["output_token_ids"] for o in (out[0], out[2], out[3])] == [a["output_token_ids"] for a in alone]
     assert not engine.has_unfinished() and engine.block_manager.usage == 0
     assert engine.generate([prompts[2]], GREEDY)[0]["output_token_ids"] == alone[2]["output_token_ids"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sampler_survives_broken_rows_and_restores_seeded_streams(device, monkeypatch):
+    """On the GPU a NaN reaching multinomial is a device-side assert that kills the process; and
+    a step that fails after a seeded row drew must leave that row's stream where it was."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    logits = torch.randn(3, 50, device=device)
+    logits[1] = float("nan")
+    rows = [("seeded", SamplingParams(temperature=1.0, seed=5), [1], [], None),
+            ("broken", SamplingParams(temperature=1.0, seed=6), [POISON], [], None),
+            ("plain", SamplingParams(temperature=0.8), [2], [], None)]
+    s = sampler_mod.Sampler()
+    out = s.sample(logits, rows)
+    assert out.device.type == device and all(0 <= t < 50 for t in out.tolist())
+
+    fresh = sampler_mod.Sampler()
+    fresh.sample(logits, rows)
+    expected = fresh.sample(logits, rows)[0].item()     # the seeded row's second draw
+
+    real = sampler_mod.apply_penalties
+    monkeypatch.setattr(sampler_mod, "apply_penalties", lambda lg, p, pr, o: (_ for _ in ()).throw(
+        RuntimeError("planted")) if POISON in pr else real(lg, p, pr, o))
+    with pytest.raises(RuntimeError, match="planted"):
+        s.sample(logits, rows)                          # the seeded row drew, then the step failed
+    monkeypatch.setattr(sampler_mod, "apply_penalties", real)
+    assert s.sample(logits, rows)[0].item() == expected
