@@ -1,10 +1,11 @@
 """Weights: HF-format safetensors (single or sharded) mapped onto our parameters by a table.
 
-Each table row is (checkpoint-name pattern, our parameter name, how to place the tensor).
-Placement is "copy", "transpose" (the released fused experts are stored (E, H, 2I) and
-(E, I, H); we keep linear-layout (E, 2I, H) and (E, H, I)), or one expert's gate/up/down shard
-for checkpoints with per-expert tensors. Anything missing, unexpected or mis-shaped fails the
-load with its name. `dummy` builds random weights at the config's shapes with no files.
+Each table row maps a checkpoint-name pattern to our parameter and a shard id; the parameter's
+own `weight_loader(param, tensor, shard_id[, expert_id])` (layers/linear.py, layers/moe.py)
+puts the tensor (this rank's slice of it) where it belongs: q/k/v into the fused qkv weight,
+gate/up into the merged one, the experts from either the released fused tensors or one tensor
+per expert. Anything missing, unexpected, mis-shaped or incomplete fails the load with its name.
+`dummy` builds random weights at the config's shapes with no files.
 """
 
 from __future__ import annotations
@@ -17,21 +18,54 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .layers.linear import ShapeMismatch, default_weight_loader
 from .model_config import ModelConfig
 from .models.qwen3_vl import Qwen3VLForConditionalGeneration
 from .models.vision import VisionModel
 
 _EXPERTS = r"(model\.language_model\.layers\.\d+\.mlp\.experts)"
-# (pattern, target, placement); the first matching row wins; targets use the pattern's groups.
-WEIGHT_TABLE: list[tuple[str, str, str]] = [
-    (_EXPERTS + r"\.gate_up_proj$", r"\1.w13", "transpose"),
-    (_EXPERTS + r"\.down_proj$", r"\1.w2", "transpose"),
-    (_EXPERTS + r"\.(\d+)\.gate_proj\.weight$", r"\1.w13", "expert:gate"),
-    (_EXPERTS + r"\.(\d+)\.up_proj\.weight$", r"\1.w13", "expert:up"),
-    (_EXPERTS + r"\.(\d+)\.down_proj\.weight$", r"\1.w2", "expert:down"),
-    (r"^(model\.(visual|language_model)\..+|lm_head\.weight)$", r"\1", "copy"),
+_LM = r"(model\.language_model\.layers\.\d+)"
+# (pattern, target, shard): the first matching row wins; targets use the pattern's groups; shard
+# is None (the whole tensor) or a function of the match -> (shard id, expert id or None).
+WEIGHT_TABLE: list[tuple[str, str, object]] = [
+    (_EXPERTS + r"\.gate_up_proj$", r"\1.w13", lambda m: ("gate_up", None)),
+    (_EXPERTS + r"\.down_proj$", r"\1.w2", lambda m: ("down", None)),
+    (_EXPERTS + r"\.(\d+)\.(gate|up)_proj\.weight$", r"\1.w13", lambda m: (m.group(3), int(m.group(2)))),
+    (_EXPERTS + r"\.(\d+)\.down_proj\.weight$", r"\1.w2", lambda m: ("down", int(m.group(2)))),
+    (_LM + r"\.self_attn\.(q|k|v)_proj\.(weight|bias)$", r"\1.self_attn.qkv_proj.\3", lambda m: (m.group(2), None)),
+    (_LM + r"\.mlp\.(gate|up)_proj\.weight$", r"\1.mlp.gate_up_proj.weight",
+     lambda m: (0 if m.group(2) == "gate" else 1, None)),
+    (r"^(model\.(visual|language_model)\..+|lm_head\.weight)$", r"\1", None),
 ]
-_COMPILED = [(re.compile(p), t, how) for p, t, how in WEIGHT_TABLE]
+_COMPILED = [(re.compile(p), t, shard) for p, t, shard in WEIGHT_TABLE]
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our parameters under the released checkpoint's names and layouts (the table's inverse):
+    what make_tiny_checkpoint writes, and how the tests read a model back."""
+    out = {}
+    tied = getattr(model.cfg, "tie_word_embeddings", False)
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if tied and name == "lm_head.weight":
+            continue
+        if name.endswith(".qkv_proj.weight") or name.endswith(".qkv_proj.bias"):
+            attn = model.get_submodule(name.rsplit(".", 2)[0]).qkv_proj
+            q, kv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+            base, kind = name.rsplit(".qkv_proj.", 1)
+            for shard, part in zip("qkv", t.split([q, kv, kv])):
+                out[f"{base}.{shard}_proj.{kind}"] = part.contiguous()
+        elif name.endswith(".mlp.gate_up_proj.weight"):
+            gate, up = t.chunk(2)
+            out[name.replace("gate_up_proj", "gate_proj")] = gate.contiguous()
+            out[name.replace("gate_up_proj", "up_proj")] = up.contiguous()
+        elif name.endswith("mlp.experts.w13"):
+            out[name[: -len("w13")] + "gate_up_proj"] = t.transpose(1, 2).contiguous()
+        elif name.endswith("mlp.experts.w2"):
+            out[name[: -len("w2")] + "down_proj"] = t.transpose(1, 2).contiguous()
+        else:
+            out[name] = t.contiguous()
+    return out
 
 
 class WeightLoadError(ValueError):
@@ -50,6 +84,10 @@ def materialize(model: Qwen3VLForConditionalGeneration, device) -> Qwen3VLForCon
     model = model.to_empty(device=device)
     if model.cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    for module in model.modules():        # to_empty made new Parameters: hand their loaders on
+        if hasattr(module, "weight_loader"):
+            for p in module.parameters(recurse=False):
+                p.weight_loader = module.weight_loader
     return model.eval()
 
 
@@ -100,43 +138,21 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def _place(param: torch.Tensor, tensor: torch.Tensor, how: str, match: re.Match, name: str) -> None:
-    raw_shape = tuple(tensor.shape)
-    if how == "transpose":
-        tensor = tensor.transpose(1, 2)
-        dst = param.data
-    elif how.startswith("expert:"):
-        expert, shard = int(match.group(2)), how.split(":")[1]
-        dst = param.data[expert]
-        if shard != "down":
-            half = dst.shape[0] // 2
-            dst = dst[:half] if shard == "gate" else dst[half:]
-    else:
-        dst = param.data
-    if tuple(dst.shape) != tuple(tensor.shape):
-        want = tuple(dst.shape)
-        if how == "transpose":
-            want = (want[0], want[2], want[1])
-        raise WeightLoadError(f"{name}: checkpoint shape {raw_shape}, expected {want}")
-    dst.copy_(tensor.to(dst.dtype))
-
-
 def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> set[str]:
-    """Copy every checkpoint tensor into its parameter; returns the parameter names loaded.
+    """Hand every checkpoint tensor to its parameter's loader; returns the parameter names loaded.
 
     With `prefix` (e.g. "model.visual."), `model` is that submodule: only tensors under the
     prefix are read, and every one of the submodule's parameters must be among them.
     """
     path = Path(path)
     params = dict(model.named_parameters(remove_duplicate=False))
-    loaded: set[str] = set()
-    expert_shards: dict[str, int] = {}
+    pieces: dict[str, set] = {}
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 if not name.startswith(prefix):
                     continue
-                for pattern, target, how in _COMPILED:
+                for pattern, target, shard in _COMPILED:
                     m = pattern.search(name)
                     if m:
                         break
@@ -145,22 +161,40 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> set[st
                 pname = m.expand(target)[len(prefix):]
                 if pname not in params:
                     raise WeightLoadError(f"unexpected tensor {name!r} in {file.name} (no parameter {pname})")
-                _place(params[pname], f.get_tensor(name), how, m, name)
-                if how.startswith("expert:"):
-                    expert_shards[pname] = expert_shards.get(pname, 0) + 1
-                loaded.add(pname)
-    cfg = model.cfg
-    for pname, n in expert_shards.items():
-        want = cfg.text.num_experts * (2 if pname.endswith("w13") else 1)
-        if n != want:
-            raise WeightLoadError(f"{pname}: {n} per-expert tensors in the checkpoint, expected {want}")
-    if getattr(cfg, "tie_word_embeddings", False):
-        loaded.add("lm_head.weight")
-    missing = sorted(set(params) - loaded)
+                param = params[pname]
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                shard_id, expert = shard(m) if shard is not None else (None, None)
+                try:
+                    if expert is None:
+                        loader(param, f.get_tensor(name), shard_id)
+                    else:
+                        loader(param, f.get_tensor(name), shard_id, expert)
+                except ShapeMismatch as e:
+                    raise WeightLoadError(f"{name}: {e}") from None
+                pieces.setdefault(pname, set()).add((shard_id, expert))
+    _check_complete(model, params, pieces, path)
+    return set(pieces) | ({"lm_head.weight"} if getattr(model.cfg, "tie_word_embeddings", False) else set())
+
+
+def _check_complete(model, params: dict, pieces: dict[str, set], path: Path) -> None:
+    """Every parameter loaded, and every piece of a merged one (q/k/v, gate/up, all experts)."""
+    tied = getattr(model.cfg, "tie_word_embeddings", False)
+    missing = sorted(n for n in params if n not in pieces and not (tied and n == "lm_head.weight"))
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise WeightLoadError(f"checkpoint {path} lacks {len(missing)} tensors: {missing[:5]}{more}")
-    return loaded
+    for pname, got in pieces.items():
+        ids = {shard for shard, _ in got}
+        if ids & {"q", "k", "v"} and ids != {"q", "k", "v"}:
+            raise WeightLoadError(f"{pname}: the checkpoint has {sorted(ids)} of q, k, v")
+        if pname.endswith("gate_up_proj.weight") and ids != {0, 1}:
+            raise WeightLoadError(f"{pname}: the checkpoint lacks the {'gate' if 0 not in ids else 'up'} projection")
+        experts = {e for _, e in got if e is not None}
+        if experts:
+            e = model.get_submodule(pname.rsplit(".", 1)[0]).num_experts
+            want = e * (2 if pname.endswith("w13") else 1)
+            if len(got) != want:
+                raise WeightLoadError(f"{pname}: {len(got)} per-expert tensors in the checkpoint, expected {want}")
 
 
 @torch.no_grad()

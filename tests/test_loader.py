@@ -153,3 +153,27 @@ def test_dummy_weights_are_reproducible(tiny_moe, tmp_path):
     (tmp_path / "config.json").write_text((Path(tiny_moe) / "config.json").read_text())
     a, b = load_model(tmp_path, load_format="dummy"), load_model(tmp_path, load_format="dummy")
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("name,message", [
+    ("model.language_model.layers.1.self_attn.k_proj.weight",
+     r"layers.1.self_attn.qkv_proj.weight: the checkpoint has \['q', 'v'\] of q, k, v"),
+    ("model.language_model.layers.2.mlp.up_proj.weight", r"layers.2.mlp.gate_up_proj.weight: the checkpoint lacks the up"),
+])
+def test_a_missing_piece_of_a_merged_weight_is_named(tiny_dense, tmp_path, name, message):
+    d = _copy(tiny_dense, tmp_path / "ckpt")
+    _edit_shard(d, name, lambda tensors: tensors.pop(name))
+    with pytest.raises(WeightLoadError, match=message):
+        load_weights(build_model(ModelConfig.from_path(d)), d)
+
+
+def test_checkpoint_tensors_invert_the_table(tiny_moe):
+    """Reading a loaded model back under the checkpoint's names gives the checkpoint's tensors."""
+    from qwen3vl_backend.loader import checkpoint_tensors
+
+    ckpt = {}
+    for f in sorted(Path(tiny_moe).glob("*.safetensors")):
+        ckpt.update(load_file(str(f)))
+    back = checkpoint_tensors(load_model(tiny_moe))
+    assert set(back) == set(ckpt)
+    assert all(torch.equal(back[n], ckpt[n]) for n in ckpt)

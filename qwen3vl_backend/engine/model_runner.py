@@ -7,7 +7,6 @@ and samples the sequences whose chunk reached their last token.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -67,10 +66,12 @@ def vision_attention(backend: str):
 def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
     """Point the layers at the Triton kernels the config asks for (GPU); torch code otherwise.
 
-    `fuse` (default: on a GPU) adds the small fused kernels: one qkv projection + qkv_prep_, the
-    routing kernel, the residual RMSNorm kernel, and the skinny GEMM for the decoder's projections
-    at decode batch sizes. On CPU they only cost interpreter time, but tests ask for them to check
-    the GPU's layer path."""
+    `fuse` (default: on a GPU) adds the small fused kernels: q/k-norm + rotary + KV write after
+    the qkv projection (qkv_prep_), the routing kernel, the residual RMSNorm kernel, and the
+    skinny GEMM as the linear layers' kernel at decode batch sizes. On CPU they only cost
+    interpreter time, but tests ask for them to check the GPU's layer path. Only kernels are
+    chosen here: the layers own their parameters and how they compute (layers/linear.py)."""
+    from ..layers.linear import LinearBase
     from ..layers.moe import SparseMoE
     from ..layers.norm import RMSNorm
     from ..models.text import Attention
@@ -89,21 +90,15 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
         if isinstance(m, Attention) and triton_attn:
             m.decode_fn = paged_decode_attention
             if on_gpu:
-                m.fuse_qkv(qkv_prep_, skinny_linear)
+                m.prep_fn = qkv_prep_
         elif isinstance(m, SparseMoE) and triton_moe:
             m.experts_fn = fused_moe
             if on_gpu:
                 m.route_fn = route
         elif isinstance(m, RMSNorm) and triton_attn and on_gpu:
             m.kernel = rmsnorm
-        elif isinstance(m, torch.nn.Linear) and triton_attn and on_gpu:
-            m.forward = functools.partial(_skinny_forward, m, skinny_linear)
-
-
-def _skinny_forward(linear: torch.nn.Linear, fn, x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 2:
-        return torch.nn.functional.linear(x, linear.weight, linear.bias)
-    return fn(x, linear.weight, linear.bias)
+        elif isinstance(m, LinearBase) and triton_attn and on_gpu:
+            m.quant_method.skinny = skinny_linear
 
 
 def _sample_rows(chunks: list[ScheduledChunk], banned: dict[str, set[int]] | None) -> list[tuple]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers.linear import ParallelLMHead
 from ..layers.rotary import mrope_axis_map, mrope_cos_sin, rope_inv_freq
 from ..model_config import ModelConfig
 from .text import TextModel
@@ -25,7 +26,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         self.model = nn.Module()
         self.model.visual = VisionModel(cfg.vision)
         self.model.language_model = TextModel(t)
-        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(t.vocab_size, t.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         # float32 and kept off the module's buffers, so a cast to bf16 cannot round them

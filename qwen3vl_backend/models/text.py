@@ -9,10 +9,10 @@ visual token positions.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import AttentionMetadata, paged_attention_torch, write_kv
+from ..layers.linear import QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from ..layers.moe import GatedMLP, SparseMoE
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rotary
@@ -20,46 +20,30 @@ from ..model_config import TextConfig
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, bias: bool):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, bias: bool,
+                 tp_size: int = 1, tp_rank: int = 0):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
+        self.qkv_proj = QKVParallelLinear(hidden, head_dim, heads, kv_heads, bias, tp_size=tp_size, tp_rank=tp_rank)
+        self.heads, self.kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim
+        self.o_proj = RowParallelLinear(heads * head_dim, hidden, bias, tp_size=tp_size, tp_rank=tp_rank)
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
         self.attn_fn = paged_attention_torch
         self.decode_fn = None          # a paged decode kernel, set by the model runner on GPU
-        self.prep_fn = None            # with fuse_qkv: q/k norm + rotary + cache write in one kernel
-        self.qkv_weight = self.qkv_bias = None
-
-    def fuse_qkv(self, prep_fn, linear_fn=F.linear) -> None:
-        """One projection for q, k and v (the three weights become views of one tensor, projected
-        by `linear_fn`) and one kernel after it (kernels.rope.qkv_prep_)."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        self.qkv_weight = torch.cat([p.weight.data for p in projs])
-        self.qkv_bias = torch.cat([p.bias.data for p in projs]) if self.q_proj.bias is not None else None
-        start = 0
-        for p in projs:
-            n = p.weight.shape[0]
-            p.weight.data = self.qkv_weight[start : start + n]
-            if p.bias is not None:
-                p.bias.data = self.qkv_bias[start : start + n]
-            start += n
-        self.prep_fn = prep_fn
-        self.linear_fn = linear_fn
+        self.prep_fn = None            # q/k norm + rotary + cache write in one kernel (kernels.rope.qkv_prep_)
 
     def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata):
         t = x.shape[0]
+        qkv = self.qkv_proj(x)
         if self.prep_fn is not None:
-            q, k, v = self.prep_fn(self.linear_fn(x, self.qkv_weight, self.qkv_bias), self.heads, self.kv_heads,
-                                   self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, cache,
-                                   meta.slot_mapping)
+            q, k, v = self.prep_fn(qkv, self.heads, self.kv_heads, self.q_norm.weight, self.k_norm.weight,
+                                   self.q_norm.eps, cos, sin, cache, meta.slot_mapping)
         else:
-            q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim))
-            k = self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim))
-            v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+            q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                 self.kv_heads * self.head_dim], dim=-1)
+            q = self.q_norm(q.reshape(t, self.heads, self.head_dim))
+            k = self.k_norm(k.reshape(t, self.kv_heads, self.head_dim))
+            v = v.reshape(t, self.kv_heads, self.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             write_kv(cache, k, v, meta.slot_mapping)
         if self.decode_fn is not None and meta.is_decode_only:
@@ -97,7 +81,7 @@ class DecoderLayer(nn.Module):
 class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

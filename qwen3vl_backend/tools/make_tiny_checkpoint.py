@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..loader import build_model
+from ..loader import build_model, checkpoint_tensors
 from ..model_config import DENSE_ARCH, MOE_ARCH, ModelConfig
 from .build_tokenizer import write_tokenizer_files
 
@@ -56,35 +56,25 @@ def tiny_config(dense: bool) -> dict:
     }
 
 
-def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Our parameters under the released checkpoint names and layouts (the loader's inverse)."""
-    out = {}
-    tied = model.cfg.tie_word_embeddings
-    for name, p in model.named_parameters():
-        if tied and name == "lm_head.weight":
-            continue
-        t = p.detach().contiguous()
-        if name.endswith("mlp.experts.w13"):
-            name, t = name[: -len("w13")] + "gate_up_proj", t.transpose(1, 2).contiguous()
-        elif name.endswith("mlp.experts.w2"):
-            name, t = name[: -len("w2")] + "down_proj", t.transpose(1, 2).contiguous()
-        out[name] = t
-    return out
-
-
 @torch.no_grad()
-def _init(model: torch.nn.Module, seed: int) -> None:
-    # Larger than usual init so the tiny model's logits are well separated (greedy is stable).
+def _random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded weights under the released names and layouts (drawn in the checkpoint's own terms,
+    so they do not depend on how our modules group them). Larger than usual init so the tiny
+    model's logits are well separated (greedy is stable)."""
     gen = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
+    state = {}
+    for name, t in sorted(checkpoint_tensors(model).items()):
         if name.endswith("bias"):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            state[name] = torch.randn(t.shape, generator=gen) * 0.02
         elif "norm" in name:
-            p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
+            state[name] = 1.0 + torch.randn(t.shape, generator=gen) * 0.1
         else:
-            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            fan_in = t.shape[-1] if t.dim() > 1 else 1
+            if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+                fan_in = t.shape[1]                         # stored (E, in, out)
             std = 1.0 if "embed" in name else fan_in ** -0.5
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            state[name] = torch.randn(t.shape, generator=gen) * std
+    return state
 
 
 def write_model_dir(out: str | Path, config: dict) -> Path:
@@ -103,9 +93,7 @@ def make_tiny_checkpoint(out: str | Path, dense: bool = False, seed: int = 0, sh
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = tiny_config(dense)
-    model = build_model(ModelConfig.from_dict(cfg_dict), "cpu", torch.float32)
-    _init(model, seed)
-    state = checkpoint_state_dict(model)
+    state = _random_state(build_model(ModelConfig.from_dict(cfg_dict), "meta", torch.float32), seed)
     _save_sharded(state, out, shards)
     return write_model_dir(out, cfg_dict)
 
