@@ -32,8 +32,12 @@ WEIGHT_TABLE: list[tuple[str, str, object]] = [
     (_EXPERTS + r"\.down_proj$", r"\1.w2", lambda m: ("down", None)),
     (_EXPERTS + r"\.(\d+)\.(gate|up)_proj\.weight$", r"\1.w13", lambda m: (m.group(3), int(m.group(2)))),
     (_EXPERTS + r"\.(\d+)\.down_proj\.weight$", r"\1.w2", lambda m: ("down", int(m.group(2)))),
-    (_LM + r"\.self_attn\.(q|k|v)_proj\.(weight|bias)$", r"\1.self_attn.qkv_proj.\3", lambda m: (m.group(2), None)),
-    (_LM + r"\.mlp\.(gate|up)_proj\.weight$", r"\1.mlp.gate_up_proj.weight",
+    (_EXPERTS + r"\.(\d+)\.(gate|up)_proj\.weight_scale_inv$", r"\1.w13_weight_scale_inv",
+     lambda m: (m.group(3), int(m.group(2)))),
+    (_EXPERTS + r"\.(\d+)\.down_proj\.weight_scale_inv$", r"\1.w2_weight_scale_inv", lambda m: ("down", int(m.group(2)))),
+    (_LM + r"\.self_attn\.(q|k|v)_proj\.(weight|bias|weight_scale_inv)$", r"\1.self_attn.qkv_proj.\3",
+     lambda m: (m.group(2), None)),
+    (_LM + r"\.mlp\.(gate|up)_proj\.(weight|weight_scale_inv)$", r"\1.mlp.gate_up_proj.\3",
      lambda m: (0 if m.group(2) == "gate" else 1, None)),
     (r"^(model\.(visual|language_model)\..+|lm_head\.weight)$", r"\1", None),
 ]
@@ -73,21 +77,27 @@ class WeightLoadError(ValueError):
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The model with uninitialised storage on `device` (meta allocates nothing)."""
-    with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(cfg).to(dtype)     # cast while nothing is allocated
+    """The model with uninitialised storage on `device` (meta allocates nothing). `dtype` is the
+    default for every parameter; quantized weights and their scales keep their own."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = Qwen3VLForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(previous)
     return model.eval() if str(device) == "meta" else materialize(model, device)
 
 
 def materialize(model: Qwen3VLForConditionalGeneration, device) -> Qwen3VLForConditionalGeneration:
     """A meta-built model's uninitialised storage on `device`, embeddings tied where the config says."""
+    loaders = {n: p.weight_loader for n, p in model.named_parameters() if hasattr(p, "weight_loader")}
     model = model.to_empty(device=device)
+    for name, p in model.named_parameters():      # to_empty made new Parameters: hand the loaders on
+        if name in loaders:
+            p.weight_loader = loaders[name]
     if model.cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    for module in model.modules():        # to_empty made new Parameters: hand their loaders on
-        if hasattr(module, "weight_loader"):
-            for p in module.parameters(recurse=False):
-                p.weight_loader = module.weight_loader
     return model.eval()
 
 
@@ -172,6 +182,14 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> set[st
                 except ShapeMismatch as e:
                     raise WeightLoadError(f"{name}: {e}") from None
                 pieces.setdefault(pname, set()).add((shard_id, expert))
+    quant = getattr(model.cfg, "quant", None)
+    if quant is not None and quant.online:        # scales came with their weights, quantized on load
+        for name in params:
+            if name.endswith("weight_scale_inv"):
+                owner = name.removesuffix("_scale_inv") if name.endswith(".weight_scale_inv") \
+                    else name.removesuffix("_weight_scale_inv")
+                if owner in pieces:
+                    pieces[name] = pieces[owner]
     _check_complete(model, params, pieces, path)
     return set(pieces) | ({"lm_head.weight"} if getattr(model.cfg, "tie_word_embeddings", False) else set())
 
@@ -187,12 +205,12 @@ def _check_complete(model, params: dict, pieces: dict[str, set], path: Path) -> 
         ids = {shard for shard, _ in got}
         if ids & {"q", "k", "v"} and ids != {"q", "k", "v"}:
             raise WeightLoadError(f"{pname}: the checkpoint has {sorted(ids)} of q, k, v")
-        if pname.endswith("gate_up_proj.weight") and ids != {0, 1}:
+        if ".gate_up_proj." in pname and ids != {0, 1}:
             raise WeightLoadError(f"{pname}: the checkpoint lacks the {'gate' if 0 not in ids else 'up'} projection")
         experts = {e for _, e in got if e is not None}
         if experts:
             e = model.get_submodule(pname.rsplit(".", 1)[0]).num_experts
-            want = e * (2 if pname.endswith("w13") else 1)
+            want = e * (2 if ".w13" in pname else 1)
             if len(got) != want:
                 raise WeightLoadError(f"{pname}: {len(got)} per-expert tensors in the checkpoint, expected {want}")
 

@@ -67,6 +67,50 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """A checkpoint's `quantization_config` (Qwen's FP8 releases: quant_method fp8, fmt e4m3,
+    activation_scheme dynamic, weight_block_size [bn, bk]), or `--quantization fp8` applied to a
+    bf16 checkpoint as it loads (`online`). `ignored` names modules that stay unquantized."""
+    method: str = "fp8"
+    block: tuple[int, int] = (128, 128)
+    ignored: tuple[str, ...] = ()
+    online: bool = False
+
+    # what the releases leave in bf16, and what --quantization fp8 leaves too
+    DEFAULT_IGNORED = ("model.visual", "mlp.gate", "embed_tokens", "lm_head")
+
+    def skips(self, *names: str) -> bool:
+        """Whether modules with these (checkpoint) names stay unquantized: an entry names the
+        module, a module above it, or the end of its dotted name (`mlp.gate`)."""
+        for name in names:
+            for entry in self.ignored:
+                if name == entry or name.startswith(entry + ".") or name.endswith("." + entry):
+                    return True
+        return False
+
+    @classmethod
+    def from_hf(cls, qc: dict | None) -> "QuantConfig | None":
+        if not qc:
+            return None
+        method = qc.get("quant_method")
+        if method != "fp8":
+            raise ValueError(f"quantization_config quant_method {method!r} is not supported (fp8 block is)")
+        if qc.get("fmt", "e4m3") != "e4m3" or qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise ValueError(f"fp8 checkpoints must be e4m3 with dynamic activations, got fmt={qc.get('fmt')!r} "
+                             f"activation_scheme={qc.get('activation_scheme')!r}")
+        block = qc.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ValueError(f"fp8 checkpoints need weight_block_size [bn, bk], got {block!r} (per-tensor fp8 is "
+                             "not supported)")
+        ignored = qc.get("modules_to_not_convert") or qc.get("ignored_layers") or ()
+        return cls("fp8", (block[0], block[1]), tuple(ignored))
+
+    @classmethod
+    def online_fp8(cls) -> "QuantConfig":
+        return cls("fp8", (128, 128), cls.DEFAULT_IGNORED, online=True)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     text: TextConfig
@@ -77,6 +121,7 @@ class ModelConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     torch_dtype: str = "bfloat16"
+    quant: QuantConfig | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -101,6 +146,7 @@ class ModelConfig:
             vision_start_token_id=cfg.get("vision_start_token_id", 151652),
             vision_end_token_id=cfg.get("vision_end_token_id", 151653),
             torch_dtype=cfg["text_config"].get("dtype") or cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16",
+            quant=QuantConfig.from_hf(cfg.get("quantization_config") or cfg["text_config"].get("quantization_config")),
             raw=cfg,
         )
 

@@ -51,8 +51,8 @@ class UnquantizedLinearMethod:
     def __init__(self):
         self.skinny = None
 
-    def create_weights(self, layer: "LinearBase", out_features: int, in_features: int) -> None:
-        layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+    def create_weights(self, layer: "LinearBase", out_features: int, in_features: int, dtype: torch.dtype) -> None:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         layer.weight.weight_loader = layer.weight_loader
 
     def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -62,23 +62,41 @@ class UnquantizedLinearMethod:
 
 
 class LinearBase(nn.Module):
+    """A linear layer: its weight's placement per checkpoint shard (`placement`) and a method
+    that creates the parameters and computes (`quant_method`)."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool, quant_method=None,
-                 tp_size: int = 1, tp_rank: int = 0):
+                 tp_size: int = 1, tp_rank: int = 0, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tp_size, self.tp_rank = tp_size, tp_rank
+        dtype = dtype or torch.get_default_dtype()
         self.quant_method = quant_method or UnquantizedLinearMethod()
-        self.quant_method.create_weights(self, *self._local_shape())
+        self.quant_method.create_weights(self, *self._local_shape(), dtype)
         self.bias = None
         if bias:
-            self.bias = nn.Parameter(torch.empty(self._local_shape()[0]), requires_grad=False)
+            self.bias = nn.Parameter(torch.empty(self._local_shape()[0], dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
 
     def _local_shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
+    def shard_sizes(self) -> list[int]:
+        """Rows of this rank's weight from each checkpoint tensor, in order."""
+        return [self._local_shape()[0]]
+
+    def placement(self, shard_id=None) -> tuple[int, int, int, int, int] | None:
+        """Where a checkpoint tensor goes: (dim, offset, size) in this rank's weight, and which of
+        how many equal slices of the tensor along `dim` is this rank's; None: the whole of it."""
+        return None
+
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
-        copy_checked(param.data, loaded)
+        place = self.placement(shard_id)
+        if place is None or place[0] >= param.dim():         # whole (a row-parallel layer's bias too)
+            copy_checked(param.data, loaded)
+            return
+        dim, offset, size, rank, parts = place
+        copy_checked(param.data.narrow(dim, offset, size), _part(loaded, dim, size, rank, parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
@@ -100,22 +118,24 @@ class ColumnParallelLinear(LinearBase):
     def _local_shape(self):
         return _split(self.out_features, self.tp_size, "output features"), self.in_features
 
-    def weight_loader(self, param, loaded, shard_id=None):
-        copy_checked(param.data, _part(loaded, 0, param.shape[0], self.tp_rank, self.tp_size))
+    def placement(self, shard_id=None):
+        return 0, 0, self._local_shape()[0], self.tp_rank, self.tp_size
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel weights in one matmul (gate and up): shard i goes to its rows."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool, quant_method=None,
-                 tp_size: int = 1, tp_rank: int = 0):
+                 tp_size: int = 1, tp_rank: int = 0, dtype: torch.dtype | None = None):
         self.output_sizes = list(output_sizes)
-        super().__init__(in_features, sum(output_sizes), bias, quant_method, tp_size, tp_rank)
+        super().__init__(in_features, sum(output_sizes), bias, quant_method, tp_size, tp_rank, dtype)
 
-    def weight_loader(self, param, loaded, shard_id=None):
-        sizes = [_split(n, self.tp_size, "output features") for n in self.output_sizes]
-        size, offset = sizes[shard_id], sum(sizes[:shard_id])
-        copy_checked(param.data.narrow(0, offset, size), _part(loaded, 0, size, self.tp_rank, self.tp_size))
+    def shard_sizes(self):
+        return [_split(n, self.tp_size, "output features") for n in self.output_sizes]
+
+    def placement(self, shard_id=None):
+        sizes = self.shard_sizes()
+        return 0, sum(sizes[:shard_id]), sizes[shard_id], self.tp_rank, self.tp_size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -123,7 +143,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     fewer KV heads than ranks, each KV head is held by tp / Hkv consecutive ranks."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 quant_method=None, tp_size: int = 1, tp_rank: int = 0):
+                 quant_method=None, tp_size: int = 1, tp_rank: int = 0, dtype: torch.dtype | None = None):
         self.head_dim = head_dim
         self.num_heads = _split(num_heads, tp_size, "query heads")
         if num_kv_heads >= tp_size:
@@ -131,21 +151,22 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             self.num_kv_heads, self.kv_replicas = 1, _split(tp_size, num_kv_heads, "tensor-parallel size (KV heads)")
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
-        super().__init__(hidden, out, bias, quant_method, tp_size, tp_rank)
+        super().__init__(hidden, out, bias, quant_method, tp_size, tp_rank, dtype)
 
     def _local_shape(self):
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, self.in_features
 
-    def weight_loader(self, param, loaded, shard_id=None):
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    def shard_sizes(self):
+        return [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+
+    def placement(self, shard_id=None):
+        q, kv, _ = self.shard_sizes()
         if shard_id == "q":
-            offset, size, rank, parts = 0, q, self.tp_rank, self.tp_size
-        elif shard_id in ("k", "v"):
-            offset, size = q + (kv if shard_id == "v" else 0), kv
-            rank, parts = self.tp_rank // self.kv_replicas, self.tp_size // self.kv_replicas
-        else:
-            raise ValueError(f"QKV shard id must be q, k or v, got {shard_id!r}")
-        copy_checked(param.data.narrow(0, offset, size), _part(loaded, 0, size, rank, parts))
+            return 0, 0, q, self.tp_rank, self.tp_size
+        if shard_id in ("k", "v"):
+            return (0, q + (kv if shard_id == "v" else 0), kv, self.tp_rank // self.kv_replicas,
+                    self.tp_size // self.kv_replicas)
+        raise ValueError(f"QKV shard id must be q, k or v, got {shard_id!r}")
 
 
 class RowParallelLinear(LinearBase):
@@ -155,11 +176,8 @@ class RowParallelLinear(LinearBase):
     def _local_shape(self):
         return self.out_features, _split(self.in_features, self.tp_size, "input features")
 
-    def weight_loader(self, param, loaded, shard_id=None):
-        if param.dim() == 1:                      # the bias: whole on every rank
-            copy_checked(param.data, loaded)
-            return
-        copy_checked(param.data, _part(loaded, 1, param.shape[1], self.tp_rank, self.tp_size))
+    def placement(self, shard_id=None):
+        return 1, 0, self._local_shape()[1], self.tp_rank, self.tp_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
+
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch
 
 
@@ -44,20 +46,39 @@ class FusedMoE(nn.Module):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, tp_size: int = 1,
-                 tp_rank: int = 0):
+                 tp_rank: int = 0, fp8_block: tuple[int, int] | None = None, fp8_online: bool = False):
         super().__init__()
         if intermediate_size % tp_size:
             raise ValueError(f"expert intermediate size {intermediate_size} does not split over tp {tp_size}")
         self.num_experts, self.hidden, self.inter = num_experts, hidden_size, intermediate_size
         self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.block, self.online = fp8_block, fp8_online
         local = intermediate_size // tp_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, local), requires_grad=False)
+        dtype = FP8 if fp8_block else None
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, local, dtype=dtype), requires_grad=False)
         self.w13.weight_loader = self.w2.weight_loader = self.weight_loader
+        if fp8_block:
+            bn, bk = fp8_block
+            if local % bn or local % bk:
+                raise ValueError(f"fp8 blocks of {fp8_block}: the experts' intermediate size {local} per rank is "
+                                 f"not whole blocks (with expert parallelism each rank holds whole experts)")
+            self.w13_weight_scale_inv = nn.Parameter(torch.empty(num_experts, *scale_grid(2 * local, hidden_size,
+                                                                                          fp8_block)), requires_grad=False)
+            self.w2_weight_scale_inv = nn.Parameter(torch.empty(num_experts, *scale_grid(hidden_size, local, fp8_block)),
+                                                    requires_grad=False)
+            self.w13_weight_scale_inv.weight_loader = self.w2_weight_scale_inv.weight_loader = self.scale_loader
+
+    @property
+    def quantized(self) -> bool:
+        return self.block is not None
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert_id: int | None = None):
         e, h, inter, local = self.num_experts, self.hidden, self.inter, self.inter // self.tp_size
         mine = slice(self.tp_rank * local, (self.tp_rank + 1) * local)
+        if self.online and loaded.dtype != FP8:       # --quantization fp8: quantize expert by expert
+            self._quantize_on_load(param, loaded, shard_id, expert_id)
+            return
         if shard_id == "gate_up":
             _expect(loaded, (e, h, 2 * inter))
             t = loaded.transpose(1, 2)
@@ -77,6 +98,54 @@ class FusedMoE(nn.Module):
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
 
+    def _quantize_on_load(self, param, loaded, shard_id, expert_id) -> None:
+        if expert_id is None:                         # a fused tensor: one expert's shards at a time
+            t = loaded.transpose(1, 2)
+            for x in range(self.num_experts):
+                if shard_id == "gate_up":
+                    _expect(loaded, (self.num_experts, self.hidden, 2 * self.inter))
+                    self._quantize_on_load(param, t[x, : self.inter], "gate", x)
+                    self._quantize_on_load(param, t[x, self.inter :], "up", x)
+                else:
+                    self._quantize_on_load(param, t[x], "down", x)
+            return
+        q, scale = quantize_weight_blocks(loaded, self.block)
+        self.weight_loader(param, q, shard_id, expert_id)
+        target = self.w13_weight_scale_inv if param is self.w13 else self.w2_weight_scale_inv
+        self.scale_loader(target, scale, shard_id, expert_id)
+
+    def scale_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert_id: int | None = None):
+        """One expert's block scales (the per-expert layout of the FP8 releases)."""
+        if expert_id is None:
+            raise ValueError("fp8 experts load from per-expert tensors (experts.N.gate_proj.weight_scale_inv, ...)")
+        bn, bk = self.block
+        local = self.inter // self.tp_size
+        if shard_id in ("gate", "up"):
+            _expect(loaded, scale_grid(self.inter, self.hidden, self.block))
+            rows = local // bn
+            start = 0 if shard_id == "gate" else rows
+            param.data[expert_id, start : start + rows].copy_(loaded[self.tp_rank * rows : (self.tp_rank + 1) * rows])
+        elif shard_id == "down":
+            _expect(loaded, scale_grid(self.hidden, self.inter, self.block))
+            cols = local // bk
+            param.data[expert_id].copy_(loaded[:, self.tp_rank * cols : (self.tp_rank + 1) * cols])
+        else:
+            raise ValueError(f"unknown expert shard {shard_id!r}")
+
+    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The W8A8 reference, one expert at a time: activations quantized per token and group,
+        SiLU(gate) * up quantized again before the down projection."""
+        out = torch.zeros_like(x)
+        weights = weights.to(x.dtype)
+        for e in ids.unique().tolist():
+            token_idx, slot = torch.where(ids == e)
+            gate, up = w8a8_block_linear_reference(x[token_idx], self.w13[e], self.w13_weight_scale_inv[e],
+                                                   self.block).chunk(2, dim=-1)
+            h = w8a8_block_linear_reference(F.silu(gate) * up, self.w2[e], self.w2_weight_scale_inv[e], self.block)
+            out.index_add_(0, token_idx, h * weights[token_idx, slot, None])
+        return out
+
+
 def _expect(t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != shape:
         raise ShapeMismatch(t.shape, shape)
@@ -84,17 +153,21 @@ def _expect(t: torch.Tensor, shape: tuple) -> None:
 
 class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 renormalize: bool, tp_size: int = 1, tp_rank: int = 0):
+                 renormalize: bool, tp_size: int = 1, tp_rank: int = 0, router_method=None,
+                 fp8_block: tuple[int, int] | None = None, fp8_online: bool = False):
         super().__init__()
         self.top_k, self.renormalize, self.tp_size = top_k, renormalize, tp_size
-        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False)     # the router stays unquantized
-        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, tp_size, tp_rank)
+        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, quant_method=router_method)
+        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, tp_size, tp_rank, fp8_block, fp8_online)
         self.experts_fn = moe_experts_torch
         self.route_fn = route          # kernels.fused_moe.route on GPU (one launch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route_fn(self.gate(x), self.top_k, self.renormalize)
-        out = self.experts_fn(x, self.experts.w13, self.experts.w2, weights, ids)
+        if self.experts.quantized:
+            out = self.experts.fp8_forward(x, weights, ids)
+        else:
+            out = self.experts_fn(x, self.experts.w13, self.experts.w2, weights, ids)
         if self.tp_size > 1:                     # each rank summed its slice of every expert
             torch.distributed.all_reduce(out)
         return out
@@ -103,11 +176,13 @@ class SparseMoE(nn.Module):
 class GatedMLP(nn.Module):
     """Dense SwiGLU MLP: gate and up in one column-parallel matmul, down row-parallel."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, tp_size: int = 1, tp_rank: int = 0):
+    def __init__(self, hidden_size: int, intermediate_size: int, tp_size: int = 1, tp_rank: int = 0,
+                 gate_up_method=None, down_method=None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, False,
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, False, gate_up_method,
                                                        tp_size=tp_size, tp_rank=tp_rank)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp_size=tp_size, tp_rank=tp_rank)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, down_method, tp_size=tp_size,
+                                           tp_rank=tp_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -25,7 +25,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         t = cfg.text
         self.model = nn.Module()
         self.model.visual = VisionModel(cfg.vision)
-        self.model.language_model = TextModel(t)
+        self.model.language_model = TextModel(t, cfg.quant)
         self.lm_head = ParallelLMHead(t.vocab_size, t.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight

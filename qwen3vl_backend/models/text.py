@@ -16,16 +16,18 @@ from ..layers.linear import QKVParallelLinear, RowParallelLinear, VocabParallelE
 from ..layers.moe import GatedMLP, SparseMoE
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rotary
-from ..model_config import TextConfig
+from ..layers.quantization import linear_method
+from ..model_config import QuantConfig, TextConfig
 
 
 class Attention(nn.Module):
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, bias: bool,
-                 tp_size: int = 1, tp_rank: int = 0):
+                 tp_size: int = 1, tp_rank: int = 0, qkv_method=None, o_method=None):
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(hidden, head_dim, heads, kv_heads, bias, tp_size=tp_size, tp_rank=tp_rank)
+        self.qkv_proj = QKVParallelLinear(hidden, head_dim, heads, kv_heads, bias, qkv_method, tp_size=tp_size,
+                                          tp_rank=tp_rank)
         self.heads, self.kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim
-        self.o_proj = RowParallelLinear(heads * head_dim, hidden, bias, tp_size=tp_size, tp_rank=tp_rank)
+        self.o_proj = RowParallelLinear(heads * head_dim, hidden, bias, o_method, tp_size=tp_size, tp_rank=tp_rank)
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
         self.attn_fn = paged_attention_torch
@@ -54,15 +56,23 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int):
+    def __init__(self, cfg: TextConfig, layer_idx: int, quant: QuantConfig | None = None):
         super().__init__()
+        at = f"model.language_model.layers.{layer_idx}"          # the checkpoint's module names
         self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                   cfg.head_dim, cfg.rms_norm_eps, cfg.attention_bias)
+                                   cfg.head_dim, cfg.rms_norm_eps, cfg.attention_bias,
+                                   qkv_method=linear_method(quant, *(f"{at}.self_attn.{p}_proj" for p in "qkv")),
+                                   o_method=linear_method(quant, f"{at}.self_attn.o_proj"))
         if cfg.is_moe_layer(layer_idx):
+            fp8 = quant is not None and not quant.skips(f"{at}.mlp.experts")
             self.mlp = SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
-                                 cfg.num_experts_per_tok, cfg.norm_topk_prob)
+                                 cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                                 router_method=linear_method(quant, f"{at}.mlp.gate"),
+                                 fp8_block=quant.block if fp8 else None, fp8_online=fp8 and quant.online)
         else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size,
+                                gate_up_method=linear_method(quant, f"{at}.mlp.gate_proj", f"{at}.mlp.up_proj"),
+                                down_method=linear_method(quant, f"{at}.mlp.down_proj"))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -79,10 +89,10 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, quant: QuantConfig | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, quant) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, embeds, cos, sin, kv_caches, meta, visual_mask=None, deepstack=()):

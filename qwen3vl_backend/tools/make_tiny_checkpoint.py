@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from kernels.fp8 import FP8, dequantize_weight_blocks, quantize_weight_blocks
+
 from ..loader import build_model, checkpoint_tensors
-from ..model_config import DENSE_ARCH, MOE_ARCH, ModelConfig
+from ..model_config import DENSE_ARCH, MOE_ARCH, ModelConfig, QuantConfig
 from .build_tokenizer import write_tokenizer_files
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
-def tiny_config(dense: bool) -> dict:
+def tiny_config(dense: bool, fp8_block: tuple[int, int] | None = None) -> dict:
     # Expert matrices must not be square: transformers skips its layout transpose when the
     # shapes already agree, which would hide a transposition bug on either side.
     text = {
@@ -40,20 +43,89 @@ def tiny_config(dense: bool) -> dict:
         "num_heads": 2, "num_position_embeddings": 2304, "out_hidden_size": 64, "patch_size": 16,
         "spatial_merge_size": 2, "temporal_patch_size": 2,
     }
+    if fp8_block:
+        # every merged shard (q/k/v, gate/up, each expert's gate/up) starts on a block boundary,
+        # as in the releases; the hidden size (64) stays a partial block at 128
+        lcm = math.lcm(*fp8_block)
+        text.update(head_dim=64, rope_scaling={**text["rope_scaling"], "mrope_section": [12, 10, 10]},
+                    intermediate_size=-(-128 // fp8_block[0]) * fp8_block[0])
     if dense:
         text.update(model_type="qwen3_vl_text", tie_word_embeddings=True)
         vision["model_type"] = "qwen3_vl"
         arch, model_type, tie = DENSE_ARCH, "qwen3_vl", True
     else:
         text.update(model_type="qwen3_vl_moe_text", decoder_sparse_step=1, mlp_only_layers=[],
-                    moe_intermediate_size=48, norm_topk_prob=True, num_experts=8, num_experts_per_tok=2)
+                    moe_intermediate_size=48 if not fp8_block else _not_square(-(-48 // lcm) * lcm, lcm, 64),
+                    norm_topk_prob=True,
+                    num_experts=8, num_experts_per_tok=2)
         vision["model_type"] = "qwen3_vl_moe"
         arch, model_type, tie = MOE_ARCH, "qwen3_vl_moe", False
-    return {
+    cfg = {
         "architectures": [arch], "model_type": model_type, "image_token_id": 151655,
         "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
         "text_config": text, "tie_word_embeddings": tie, "vision_config": vision,
     }
+    if fp8_block:
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": list(fp8_block),
+                                      "modules_to_not_convert": list(QuantConfig.DEFAULT_IGNORED)}
+    return cfg
+
+
+def _not_square(size: int, step: int, hidden: int) -> int:
+    """An expert size that is whole blocks and differs from the hidden size (see above)."""
+    return size + step if size == hidden else size
+
+
+def _quantizable(name: str) -> bool:
+    """What Qwen's FP8 releases quantize: the decoder's projections and experts (not the vision
+    tower, the router, the embeddings, the head or any norm)."""
+    return (name.startswith("model.language_model.layers.") and name.endswith("_proj.weight")
+            and ".mlp.gate." not in name)
+
+
+def fp8_state(state: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """A float state under the released names -> the FP8 release's: eligible weights as fp8 with
+    `weight_scale_inv` block scales, the experts as one tensor per expert."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            base = name.rsplit(".", 1)[0]
+            inter = t.shape[2] // 2 if name.endswith("gate_up_proj") else t.shape[1]
+            for e in range(t.shape[0]):
+                w = t[e].T                                   # linear layout: (out, in)
+                parts = {"gate_proj": w[:inter], "up_proj": w[inter:]} if name.endswith("gate_up_proj") \
+                    else {"down_proj": w}
+                for proj, part in parts.items():
+                    q, scale = quantize_weight_blocks(part, block)
+                    out[f"{base}.{e}.{proj}.weight"], out[f"{base}.{e}.{proj}.weight_scale_inv"] = q, scale
+        elif _quantizable(name):
+            out[name], out[name + "_scale_inv"] = quantize_weight_blocks(t, block)
+        else:
+            out[name] = t
+    return out
+
+
+def dequantized_state(state: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The inverse for references: fp8 weights times their scales in float32, experts fused again
+    in the bf16 release's layout (what transformers loads)."""
+    out, experts = {}, {}
+    for name, t in state.items():
+        if name.endswith("_scale_inv"):
+            continue
+        w = dequantize_weight_blocks(t, state[name + "_scale_inv"], block) if t.dtype == FP8 else t
+        parts = name.split(".")
+        if ".mlp.experts." in name:
+            base = ".".join(parts[: parts.index("experts") + 1])
+            experts.setdefault(base, {}).setdefault(int(parts[parts.index("experts") + 1]), {})[parts[-2]] = w
+        else:
+            out[name] = w
+    for base, per in experts.items():
+        n = len(per)
+        out[f"{base}.gate_up_proj"] = torch.stack([torch.cat([per[e]["gate_proj"], per[e]["up_proj"]]).T
+                                                   for e in range(n)]).contiguous()
+        out[f"{base}.down_proj"] = torch.stack([per[e]["down_proj"].T for e in range(n)]).contiguous()
+    return out
 
 
 @torch.no_grad()
@@ -89,13 +161,32 @@ def write_model_dir(out: str | Path, config: dict) -> Path:
     return out
 
 
-def make_tiny_checkpoint(out: str | Path, dense: bool = False, seed: int = 0, shards: int = 2) -> Path:
+def make_tiny_checkpoint(out: str | Path, dense: bool = False, seed: int = 0, shards: int = 2,
+                         fp8_block: tuple[int, int] | None = None) -> Path:
+    """`fp8_block`: an FP8 checkpoint in the releases' layout (block-scaled e4m3, per-expert
+    tensors) with that block; 128 x 128 as released, a smaller one for multi-block scale grids."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = tiny_config(dense)
-    state = _random_state(build_model(ModelConfig.from_dict(cfg_dict), "meta", torch.float32), seed)
-    _save_sharded(state, out, shards)
+    cfg_dict = tiny_config(dense, fp8_block)
+    plain = {k: v for k, v in cfg_dict.items() if k != "quantization_config"}
+    state = _random_state(build_model(ModelConfig.from_dict(plain), "meta", torch.float32), seed)
+    _save_sharded(fp8_state(state, fp8_block) if fp8_block else state, out, shards)
     return write_model_dir(out, cfg_dict)
+
+
+def write_dequantized(src: str | Path, out: str | Path) -> Path:
+    """An FP8 checkpoint dequantized to a float32 one (the reference transformers runs)."""
+    from safetensors.torch import load_file
+
+    src, out = Path(src), Path(out)
+    cfg = json.loads((src / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    state = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    out.mkdir(parents=True, exist_ok=True)
+    _save_sharded(dequantized_state(state, tuple(qc["weight_block_size"])), out, 2)
+    return write_model_dir(out, cfg)
 
 
 def _save_sharded(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:
@@ -118,8 +209,10 @@ def main(argv=None) -> None:
     ap.add_argument("out")
     ap.add_argument("--dense", action="store_true", help="dense Qwen3-VL (default: MoE)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp8", action="store_true", help="block-scaled FP8 in the releases' layout")
+    ap.add_argument("--fp8-block", type=int, nargs=2, default=(128, 128), metavar=("BN", "BK"))
     args = ap.parse_args(argv)
-    print(make_tiny_checkpoint(args.out, args.dense, args.seed))
+    print(make_tiny_checkpoint(args.out, args.dense, args.seed, fp8_block=tuple(args.fp8_block) if args.fp8 else None))
 
 
 if __name__ == "__main__":
