@@ -37,6 +37,7 @@ class EngineConfig:
     cuda_graph_max_bs: int = 128          # decode steps up to this batch replay CUDA graphs; 0 disables
     enable_vit_cuda_graph: bool = False   # the ViT replays CUDA graphs bucketed by patch count (cuda only)
     overlap_schedule: bool = True         # queue step n+1 before reading step n back (SGLang's overlap scheduler)
+    quantization: str = ""                # "" (as the checkpoint is) | fp8: quantize a bf16 checkpoint as it loads
     seed: int = 0
 
     def __post_init__(self):
@@ -62,6 +63,8 @@ class EngineConfig:
                               f"got {self.block_size}")
         if self.cuda_graph_max_bs < 0:
             raise ConfigError("cuda_graph_max_bs must be >= 0")
+        if self.quantization not in ("", "fp8"):
+            raise ConfigError(f"quantization must be fp8 (or empty), got {self.quantization!r}")
         if self.num_kv_blocks < 0:
             raise ConfigError("num_kv_blocks must be >= 0")
         if not 0 < self.mem_fraction_static < 1:

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="auto")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     a("--load-format", default="auto", choices=["auto", "dummy"])
+    a("--quantization", default=None, choices=["fp8"],
+      help="quantize a bf16 checkpoint's decoder weights to 128x128-block fp8 as they load (an fp8 checkpoint needs "
+           "no flag)")
     a("--context-length", "--max-model-len", dest="max_model_len", type=int, default=8192)
     a("--max-running-requests", type=int, default=64)
     a("--chunked-prefill-size", type=int, default=2048)
@@ -141,7 +144,7 @@ def resolve(args) -> dict:
            "mem_fraction_static": str(args.mem_fraction_static),
            "enable_prefix_cache": "false" if args.disable_radix_cache else "true",
            "overlap_schedule": "false" if args.disable_overlap_schedule else "true",
-           "attention_backend": args.attention_backend}
+           "attention_backend": args.attention_backend, "quantization": args.quantization or ""}
     try:
         engine_cfg = EngineConfig.from_settings(llm)
     except ConfigError as e:
@@ -242,10 +245,9 @@ def _check_weights_fit(model_path: str, cfg) -> None:
         return
     import torch
 
-    from .loader import build_model, weight_bytes
-    from .model_config import ModelConfig
+    from .loader import build_model, model_config, weight_bytes
 
-    need = weight_bytes(build_model(ModelConfig.from_path(model_path), "meta", cfg.torch_dtype))
+    need = weight_bytes(build_model(model_config(model_path, cfg.quantization), "meta", cfg.torch_dtype))
     total = torch.cuda.mem_get_info(torch.device(cfg.device))[1]
     if need > total * cfg.mem_fraction_static:
         raise SystemExit(f"{Path(model_path).name}: its weights need {need / 1e9:.1f} GB ({cfg.dtype}) but "

@@ -10,6 +10,7 @@ per expert. Anything missing, unexpected, mis-shaped or incomplete fails the loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,8 +19,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kernels.fp8 import FP8
+
 from .layers.linear import ShapeMismatch, default_weight_loader
-from .model_config import ModelConfig
+from .model_config import ModelConfig, QuantConfig
 from .models.qwen3_vl import Qwen3VLForConditionalGeneration
 from .models.vision import VisionModel
 
@@ -228,6 +231,12 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             p.fill_(1.0)
         elif name.endswith("bias"):
             p.zero_()
+        elif name.endswith("weight_scale_inv"):
+            p.fill_(0.02 / 64)                   # fp8 values ~N(0, 64) below: weights ~N(0, 0.02)
+        elif p.dtype == FP8:
+            gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            for part in (p.data if p.dim() == 3 else p.data[None]):       # an expert at a time
+                part.copy_(torch.empty(part.shape, device=p.device).normal_(0.0, 64.0, generator=gen).clamp_(-448, 448))
         else:
             gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
             p.normal_(0.0, 0.02, generator=gen)
@@ -249,9 +258,20 @@ def load_vision_model(path: str | Path, device="cpu", dtype=torch.float32, load_
     return model
 
 
-def load_model(path: str | Path, device="cpu", dtype=torch.float32, load_format: str = "auto"):
-    """Build and fill the model: `auto` reads safetensors, `dummy` draws random weights."""
+def model_config(path: str | Path, quantization: str = "") -> ModelConfig:
+    """The checkpoint's config; `quantization="fp8"` quantizes a bf16 checkpoint's eligible weights
+    as they load (SGLang's and vLLM's --quantization fp8; a checkpoint already fp8 is as it is)."""
     cfg = ModelConfig.from_path(path)
+    if quantization == "fp8" and cfg.quant is None:
+        cfg = dataclasses.replace(cfg, quant=QuantConfig.online_fp8())
+    elif quantization not in ("", "fp8"):
+        raise ValueError(f"unknown quantization {quantization!r}: expected fp8")
+    return cfg
+
+
+def load_model(path: str | Path, device="cpu", dtype=torch.float32, load_format: str = "auto", quantization: str = ""):
+    """Build and fill the model: `auto` reads safetensors, `dummy` draws random weights."""
+    cfg = model_config(path, quantization)
     model = build_model(cfg, "meta", dtype)
     check_weights_fit(model, device, Path(path).name)
     model = materialize(model, device)

@@ -12,6 +12,8 @@ go either way; measured here the per-token error is 0.002-0.08).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -192,3 +194,51 @@ def test_fp8_checkpoint_keeps_bf16_where_the_release_does(fp8_stack):
     assert lm.embed_tokens.weight.dtype == torch.float32 and engine.runner.model.lm_head.weight.dtype == torch.float32
     assert layer.mlp.experts.w13.dtype == FP8 and layer.mlp.gate.weight.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in engine.runner.model.model.visual.parameters())
+
+
+def test_quantization_flag_quantizes_a_float_checkpoint_as_it_loads():
+    """--quantization fp8 on the float twin of the FP8 checkpoint: the same weights and scales as
+    the checkpoint quantized offline, so the same logits and tokens."""
+    path, ref = _tiny_fp8(False, (128, 128))
+    offline = LLMEngine(EngineConfig(model_path=str(path), device="cpu", dtype="float32"))
+    online = LLMEngine(EngineConfig(model_path=str(ref), device="cpu", dtype="float32", quantization="fp8"))
+    a, b = offline.runner.model.model.language_model.layers[1], online.runner.model.model.language_model.layers[1]
+    assert b.self_attn.qkv_proj.weight.dtype == FP8 and b.mlp.experts.w2.dtype == FP8
+    torch.testing.assert_close(b.mlp.experts.w13_weight_scale_inv, a.mlp.experts.w13_weight_scale_inv)
+    torch.testing.assert_close(b.self_attn.qkv_proj.weight_scale_inv, a.self_attn.qkv_proj.weight_scale_inv)
+    messages = _cases()[0]
+    prompt = Processor(path, offline.tokenizer).process_messages(messages)
+    torch.testing.assert_close(online.prompt_logits(prompt), offline.prompt_logits(prompt), rtol=0, atol=1e-4)
+    with pytest.raises(Exception, match="quantization must be fp8"):
+        EngineConfig(model_path=str(ref), device="cpu", quantization="int4")
+
+
+@pytest.mark.parametrize("name,low,high", [("Qwen3-VL-30B-A3B-Instruct-FP8", 31e9, 34e9),
+                                           ("Qwen3-VL-235B-A22B-Instruct-FP8", 235e9, 245e9)])
+def test_fp8_releases_at_real_shapes_count_fp8_bytes(name, low, high):
+    """Built on meta from the bundled configs (dummy weights use these shapes): half the bf16 bytes."""
+    from qwen3vl_backend.loader import build_model, weight_bytes
+    from qwen3vl_backend.model_config import ModelConfig
+
+    configs = Path(__file__).resolve().parent.parent / "qwen3vl_backend" / "data" / "configs"
+    model = build_model(ModelConfig.from_path(configs / f"{name}.json"), "meta", torch.bfloat16)
+    assert low < weight_bytes(model) < high
+    layer = model.model.language_model.layers[0]
+    assert layer.mlp.experts.w13.dtype == FP8 and layer.mlp.experts.w13_weight_scale_inv.dtype == torch.float32
+    assert layer.mlp.gate.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_dummy_fp8_weights_run(tmp_path):
+    """--load-format dummy on an FP8 config: random fp8 weights and scales that compute."""
+    import json
+    import shutil
+
+    from qwen3vl_backend.loader import load_model
+
+    path, _ = _tiny_fp8(False, (128, 128))
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    model = load_model(tmp_path, load_format="dummy")
+    experts = model.model.language_model.layers[0].mlp.experts
+    w = dequantize_weight_blocks(experts.w13[0], experts.w13_weight_scale_inv[0], (128, 128))
+    assert experts.w13.dtype == FP8 and 0.01 < float(w.std()) < 0.04
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]

@@ -112,7 +112,7 @@ class ModelRunner:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.dtype = cfg.torch_dtype
-        self.model = load_model(cfg.model_path, self.device, self.dtype, cfg.load_format)
+        self.model = load_model(cfg.model_path, self.device, self.dtype, cfg.load_format, cfg.quantization)
         self.model_cfg = self.model.cfg
         t = self.model_cfg.text
         self.visual_token_ids = (self.model_cfg.image_token_id, self.model_cfg.video_token_id)

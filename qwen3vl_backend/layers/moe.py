@@ -63,9 +63,10 @@ class FusedMoE(nn.Module):
             if local % bn or local % bk:
                 raise ValueError(f"fp8 blocks of {fp8_block}: the experts' intermediate size {local} per rank is "
                                  f"not whole blocks (with expert parallelism each rank holds whole experts)")
-            self.w13_weight_scale_inv = nn.Parameter(torch.empty(num_experts, *scale_grid(2 * local, hidden_size,
-                                                                                          fp8_block)), requires_grad=False)
-            self.w2_weight_scale_inv = nn.Parameter(torch.empty(num_experts, *scale_grid(hidden_size, local, fp8_block)),
+            grid13, grid2 = scale_grid(2 * local, hidden_size, fp8_block), scale_grid(hidden_size, local, fp8_block)
+            self.w13_weight_scale_inv = nn.Parameter(torch.empty(num_experts, *grid13, dtype=torch.float32),
+                                                     requires_grad=False)
+            self.w2_weight_scale_inv = nn.Parameter(torch.empty(num_experts, *grid2, dtype=torch.float32),
                                                     requires_grad=False)
             self.w13_weight_scale_inv.weight_loader = self.w2_weight_scale_inv.weight_loader = self.scale_loader
 
