@@ -47,18 +47,41 @@ def make_prompt(processor: Processor, seed: int):
 
 
 def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float | None = None) -> float:
-    """`hit`: distinct experts per layer in a step (measured); None: expected under uniform routing."""
+    """`hit`: distinct experts per layer in a step (measured); None: expected under uniform routing.
+    An fp8 checkpoint reads its projections and experts at one byte per weight (plus a float32
+    scale per 128x128 block); the router, norms, head and KV cache stay bf16."""
     t = cfg.text
+    wbytes = 1.0 + 4.0 / (cfg.quant.block[0] * cfg.quant.block[1]) if cfg.quant is not None else 2.0
     attn = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim + \
         t.num_attention_heads * t.head_dim * t.hidden_size
     norms = 2 * t.hidden_size + 2 * t.head_dim
-    per_layer = attn + norms + t.num_experts * t.hidden_size           # router too
+    router = t.num_experts * t.hidden_size
     expert = 3 * t.hidden_size * t.moe_intermediate_size
     if hit is None:
         hit = t.num_experts * (1 - (1 - t.num_experts_per_tok / t.num_experts) ** batch)
-    weights = t.num_hidden_layers * (per_layer + hit * expert) + t.vocab_size * t.hidden_size + t.hidden_size
+    quantized = t.num_hidden_layers * (attn + hit * expert)
+    bf16 = t.num_hidden_layers * (norms + router) + t.vocab_size * t.hidden_size + t.hidden_size
     kv = kv_tokens * t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim
-    return 2.0 * (weights + kv)                                           # bf16
+    return wbytes * quantized + 2.0 * (bf16 + kv)
+
+
+def uniform_routing(engine: LLMEngine, seed: int = 0, rows: int = 4096) -> None:
+    """Route like a real checkpoint: each token to top-k experts drawn uniformly (seeded), as
+    measured real batches do (~126 of 128 experts at 64 tokens), where dummy weights send a batch
+    to a dozen. Fixed noise, far larger than the router's logits, added before the top-k: no
+    random draw inside the CUDA graphs, and the same kernels run."""
+    from qwen3vl_backend.layers.moe import SparseMoE
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for layer, m in enumerate(x for x in engine.runner.model.modules() if isinstance(x, SparseMoE)):
+        e = m.experts.num_experts
+        noise = (torch.rand(rows, e, generator=gen) * 1e4).to(engine.runner.device)
+
+        def route(logits, top_k, renormalize, base=m.route_fn, noise=noise):
+            t = logits.shape[0]
+            bias = noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]
+            return base((logits.float() + bias).contiguous(), top_k, renormalize)
+        m.route_fn = route
 
 
 def start_decoding(engine: LLMEngine, prompts, params: SamplingParams, tag: str, tokens: int) -> list[str]:
@@ -193,6 +216,9 @@ def main(argv=None):
     ap.add_argument("--chunked-prefill-size", type=int, default=8192)
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sampled decoding spreads the routing the way real weights do; greedy on dummy weights does not")
+    ap.add_argument("--routing", default="uniform",
+                    help="uniform (seeded top-k, as a real checkpoint routes: the headline), measured (the dummy "
+                         "weights' own routing), or both: uniform,measured")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 8 single-stream decode steps: per-kernel GPU time, to DIR/profile-*.txt")
     ap.add_argument("--profile-prefill", action="store_true",
@@ -211,9 +237,11 @@ def main(argv=None):
         t = time.perf_counter()
         engine = LLMEngine(EngineConfig(**settings))
         load_s = time.perf_counter() - t
+        weights_gib = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters()) / 2**30
+        dummy_route = [m.route_fn for m in _moes(engine)]
         processor = Processor(model_dir, engine.tokenizer)
-        print(f"loaded {args.config} (dummy) in {load_s:.1f}s; KV blocks {engine.runner.num_blocks}; "
-              f"GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+        print(f"loaded {args.config} (dummy) in {load_s:.1f}s; weights {weights_gib:.1f} GiB; KV blocks "
+              f"{engine.runner.num_blocks}; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
         base = make_prompt(processor, 0)
         run(engine, [base], 8)                                     # warm up kernels and allocator
         # distinct images: identical prompts would decode identical tokens and route every
@@ -224,31 +252,46 @@ def main(argv=None):
         levels = [(int(x), True) for x in args.concurrency.split(",")]
         if args.compare_overlap:
             levels += [(c, False) for c in sorted({levels[0][0], levels[-1][0]})]
-        for c, overlap in levels:
-            engine.cfg.overlap_schedule = overlap
-            r = run(engine, prompts[:c], args.out_tokens, args.temperature)
-            kv = c * (r["prompt_tokens"] + args.out_tokens // 2)
-            hit = experts_hit(engine, prompts[:c], args.temperature)
-            floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, hit) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
-            uniform_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
-            r.update(concurrency=c, overlap_schedule=overlap, experts_hit=hit, floor_step_ms=floor_ms, floor_over_step=floor_ms / r["decode_step_ms"],
-                     uniform_routing_floor_ms=uniform_ms)
-            rows.append(r)
-            print_table([r], list(r))
+        for routing in args.routing.split(","):
+            for m, route in zip(_moes(engine), dummy_route):
+                m.route_fn = route
+            if routing == "uniform":
+                uniform_routing(engine)
+            elif routing != "measured":
+                raise SystemExit(f"--routing: uniform or measured, got {routing!r}")
+            if engine.runner.graphs is not None:         # the graphs hold the router they captured
+                engine.runner.graphs.capture()
+            for c, overlap in levels:
+                engine.cfg.overlap_schedule = overlap
+                r = run(engine, prompts[:c], args.out_tokens, args.temperature)
+                kv = c * (r["prompt_tokens"] + args.out_tokens // 2)
+                hit = experts_hit(engine, prompts[:c], args.temperature)
+                floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, hit) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+                uniform_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+                r.update(routing=routing, concurrency=c, overlap_schedule=overlap, experts_hit=hit, floor_step_ms=floor_ms,
+                         floor_over_step=floor_ms / r["decode_step_ms"], uniform_routing_floor_ms=uniform_ms)
+                rows.append(r)
+                print_table([r], list(r))
         if args.profile_prefill:
             profile_prefill(engine, prompts[0], Path(args.out or RESULTS))
         if args.profile:
             for c in sorted({1, max(int(x) for x in args.concurrency.split(","))}):
                 profile_decode(engine, prompts[:c], Path(args.out or RESULTS))
     engine.cfg.overlap_schedule = True
-    cols = ["concurrency", "overlap_schedule", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
+    cols = ["routing", "concurrency", "overlap_schedule", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
             "total_decode_tok_s", "decode_step_ms", "experts_hit", "floor_step_ms", "floor_over_step",
             "uniform_routing_floor_ms"]
     print_table(rows, cols)
     print(write_result("engine", {**settings, "config": args.config, "out_tokens": args.out_tokens,
-                                  "temperature": args.temperature,
+                                  "temperature": args.temperature, "routing": args.routing, "weights_gib": weights_gib,
                                   "image": "1280x720", "text_tokens": 64, "ceilings": ceil, "load_s": load_s},
                        rows, args.out))
+
+
+def _moes(engine: LLMEngine) -> list:
+    from qwen3vl_backend.layers.moe import SparseMoE
+
+    return [m for m in engine.runner.model.modules() if isinstance(m, SparseMoE)]
 
 
 if __name__ == "__main__":

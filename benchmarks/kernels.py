@@ -246,12 +246,53 @@ def bench_decode_attention(ceil: dict) -> list[dict]:
     return rows
 
 
+def bench_fp8(ceil: dict) -> list[dict]:
+    """Block-fp8 against bf16 at 30B-A3B shapes, each against its own floor: the decoder's
+    projections (fp8 GEMV / cuBLAS fp8 against the skinny GEMM / cuBLAS bf16) and the fused MoE
+    with uniform routing (fp8 weights dequantized in registers against bf16 weights). Weights
+    cycle past L2 as a decode step reads them."""
+    from kernels.fp8 import fp8_linear, quantize_weight_blocks
+    from kernels.linear import skinny_linear
+
+    bw, block = ceil["copy_bandwidth_tb_s"] * 1e12, (128, 128)
+    rows = []
+    for n, k in ((5120, 2048), (2048, 4096)):          # qkv, o_proj
+        copies = max(2, L2_DEFEAT_BYTES // (n * k * 2))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
+        qs = [quantize_weight_blocks(w.float(), block) for w in ws]
+        for m in (1, 4, 16, 64, 2048):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bf16 = _per_call_ms(lambda i: skinny_linear(x, ws[i % copies]) if m <= 16
+                                else torch.nn.functional.linear(x, ws[i % copies]))
+            fp8 = _per_call_ms(lambda i: fp8_linear(x, *qs[i % copies], block))
+            floor8 = (n * k * (1 + 4 / 128 ** 2) + 2 * m * (n + k)) / bw * 1e3
+            floor16 = (n * k * 2 + 2 * m * (n + k)) / bw * 1e3
+            rows.append({"kernel": f"linear N={n} K={k}", "M": m, "bf16_ms": bf16, "fp8_ms": fp8,
+                         "bf16_floor_ms": floor16, "fp8_floor_ms": floor8, "fp8_floor_over_time": floor8 / fp8,
+                         "bf16_floor_over_time": floor16 / bf16})
+    w13, w2 = moe_weights()
+    q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), block) for w in w13)))
+    q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), block) for w in w2)))
+    for m in (1, 4, 16, 64, 256, 2048):
+        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
+        weights, ids = route(torch.randn(m, E, device="cuda") + torch.rand(m, E, device="cuda") * 1e4, A, True)
+        experts = int(ids.unique().numel())
+        bf16 = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids))
+        fp8 = cuda_time_ms(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2, block=block))
+        floor8 = (experts * 3 * H * I * (1 + 4 / 128 ** 2) + 4 * m * H) / bw * 1e3
+        floor16 = (experts * 3 * H * I * 2 + 4 * m * H) / bw * 1e3
+        rows.append({"kernel": "fused MoE (uniform routing)", "M": m, "experts_hit": experts, "bf16_ms": bf16,
+                     "fp8_ms": fp8, "bf16_floor_ms": floor16, "fp8_floor_ms": floor8,
+                     "fp8_floor_over_time": floor8 / fp8, "bf16_floor_over_time": floor16 / bf16})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-configs", action="store_true",
                     help="write the skinny GEMM's swept table to kernels/configs/ for this GPU")
-    ap.add_argument("--only", default="moe,pairs,linear,routing,varlen,attention",
+    ap.add_argument("--only", default="moe,pairs,linear,routing,varlen,attention,fp8",
                     help="comma-separated parts to run")
     args = ap.parse_args(argv)
     parts = set(args.only.split(","))
@@ -273,7 +314,8 @@ def main(argv=None):
                 ("moe", "fused MoE, 30B-A3B shapes (E=128, H=2048, I=768, top-8), bf16", lambda: bench_moe(ceil)),
                 ("varlen", "ViT varlen attention (16 heads, D=72), bf16", sweep_varlen_attention),
                 ("attention", "paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16",
-                 lambda: bench_decode_attention(ceil))]
+                 lambda: bench_decode_attention(ceil)),
+                ("fp8", "block fp8 against bf16 (30B-A3B shapes), each against its floor", lambda: bench_fp8(ceil))]
     for name, title, bench in sections:
         if name in parts:
             part = bench()

@@ -7,12 +7,26 @@ scale = amax / 448 (e4m3's largest finite value). The W8A8 product is then
 sum over k-groups g of (Xq_g . Wq_g^T) * xs[t, g] * S[n // bn, g].
 
 Shapes: T = tokens, N = output features, K = input features, bn x bk = the block.
-These are the references the GPU kernels are checked against; on CPU the layers run them.
+The references are what the GPU paths are checked against; on CPU the layers run them.
+
+GPU paths (`fp8_linear`): up to 16 rows (decode), `_fp8_gemv_kernel` streams the fp8 weight once
+and dequantizes it in registers (fp8 weights, bf16 activations: half the bytes of bf16, which is
+what a decode step pays for); more rows go to cuBLAS's block-scaled fp8 GEMM
+(torch.nn.functional.scaled_mm, activations quantized per 1x128 group) where the shapes are whole
+128 blocks, else to a bf16 matmul of the dequantized weight.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -70,3 +84,112 @@ def w8a8_block_linear_reference(x: torch.Tensor, wq: torch.Tensor, scale: torch.
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], wq.shape[0])
+
+
+# -- GPU ---------------------------------------------------------------------------------------------
+
+GEMV_MAX_M = 16
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = x @ (Wq * S)^T for M <= 16 rows: each program streams BLOCK_N fp8 rows once; BLOCK_K
+    divides BK, so one scale per row covers a K step."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, M_PAD)
+    m_ok = offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    s_ptrs = s_ptr + (offs_n // BN) * stride_sn
+    if M_PAD == 1:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    else:
+        acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        scale = tl.load(s_ptrs + (k * BLOCK_K) // BK, mask=n_ok, other=0.0)
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * scale[:, None]
+        if M_PAD == 1:
+            xk = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            acc2 += w * xk.to(tl.float32)
+        else:
+            xk = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if M_PAD == 1:
+        acc = tl.sum(acc2, 1)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+
+
+def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+             bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """x (M <= 16, K) in bf16/float32, Wq (N, K) fp8, S (ceil(N/bn), ceil(K/bk)) -> (M, N) in x's dtype."""
+    m, k = x.shape
+    n = wq.shape[0]
+    if m > GEMV_MAX_M or wq.shape[1] != k or wq.stride(-1) != 1 or tuple(scale.shape) != scale_grid(n, k, block):
+        raise ValueError(f"fp8_gemv: x {tuple(x.shape)}, w {tuple(wq.shape)}, scale {tuple(scale.shape)}, block {block}")
+    cfg = {**GEMV_CONFIG, **(config or {})}
+    block_k = min(cfg["BLOCK_K"], block[1])
+    while block[1] % block_k:
+        block_k //= 2
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    m_pad = 1 if m == 1 else 16
+    block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
+    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, wq, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), wq.stride(0), scale.stride(0),
+        y.stride(0), BN=block[0], BK=block[1], HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+def fp8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The GPU's fp8 linear layer: the GEMV kernel for decode rows, cuBLAS fp8 for prefill."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.shape[0] <= GEMV_MAX_M:
+        y = fp8_gemv(x2, wq, scale, block, bias)
+    elif _blockwise_ok(x2, wq, block):
+        y = _scaled_mm_blockwise(x2, wq, scale, bias)
+    else:
+        y = F.linear(x2, dequantize_weight_blocks(wq, scale, block, x.dtype), bias)
+    return y.reshape(*shape[:-1], wq.shape[0])
+
+
+def _blockwise_ok(x, wq, block) -> bool:
+    return (x.is_cuda and block == (128, 128) and wq.shape[0] % 128 == 0 and wq.shape[1] % 128 == 0
+            and _scaled_mm_api() is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def _scaled_mm_api():
+    fn, kinds = getattr(F, "scaled_mm", None), getattr(F, "ScalingType", None)
+    if fn is None or kinds is None:
+        log.warning("torch has no block-scaled fp8 GEMM here: fp8 prefill runs as a bf16 matmul")
+        return None
+    return fn, kinds
+
+
+def _scaled_mm_blockwise(x, wq, scale, bias):
+    fn, kinds = _scaled_mm_api()
+    t, k = x.shape
+    groups = x.float().view(t, k // 128, 128)
+    xs = groups.abs().amax(-1).clamp_(min=1e-12) / FP8_MAX
+    xq = (groups / xs[..., None]).clamp_(-FP8_MAX, FP8_MAX).view(t, k).to(FP8)
+    y = fn(xq, wq.T, xs.t().contiguous().t(), kinds.BlockWise1x128, scale.T, kinds.BlockWise128x128,
+           output_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16)
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias

@@ -34,14 +34,15 @@ DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "nu
 @triton.jit
 def _grouped_gemm_kernel(
     # pointers
-    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, s_ptr,
     # sizes
     N, K, num_valid, top_k,
     # strides
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_se, stride_sn,
     # meta
     A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
 ):
     pid = tl.program_id(0)
     num_padded = tl.load(num_padded_ptr)
@@ -69,13 +70,20 @@ def _grouped_gemm_kernel(
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # FUSE_SILU: the up rows sit N below gate's
+    s_ptrs = s_ptr + expert * stride_se + (offs_n // BN) * stride_sn          # HAS_SCALE: fp8 blocks
+    s_up_ptrs = s_ptr + expert * stride_se + ((offs_n + N) // BN) * stride_sn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if HAS_SCALE:     # dequantized in registers: one scale per column for this K step (BK % BLOCK_K == 0)
+            b = (b.to(tl.float32) * tl.load(s_ptrs + (k * BLOCK_K) // BK)[None, :]).to(a.dtype)
         acc += tl.dot(a, b)
         if FUSE_SILU:
-            acc_up += tl.dot(a, tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0))
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
+            if HAS_SCALE:
+                b_up = (b_up.to(tl.float32) * tl.load(s_up_ptrs + (k * BLOCK_K) // BK)[None, :]).to(a.dtype)
+            acc_up += tl.dot(a, b_up)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if FUSE_SILU:
@@ -165,23 +173,39 @@ def align_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
 
 
 def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_rows_are_pairs, mul_weight, cfg,
-                  fuse_silu=False):
+                  fuse_silu=False, scale=None, block=(128, 128)):
     n, k = b.shape[1] // (2 if fuse_silu else 1), b.shape[2]
-    grid = (triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    block_k = _block_k(cfg["BLOCK_K"], block[1] if scale is not None else None)
+    block_n = min(cfg["BLOCK_N"], block[0]) if scale is not None else cfg["BLOCK_N"]
+    grid = (triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"]) * triton.cdiv(n, block_n),)
+    s = scale if scale is not None else b
     _grouped_gemm_kernel[grid](
-        a, b, c, weights, sorted_ids, block_expert, total,
+        a, b, c, weights, sorted_ids, block_expert, total, s,
         n, k, c.shape[0], top_k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        s.stride(0), s.stride(1),
         A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight, FUSE_SILU=fuse_silu,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
+        HAS_SCALE=scale is not None, BN=block[0], BK=block[1],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
+def _block_k(block_k: int, bk: int | None) -> int:
+    """A K step inside one fp8 scale block (a power of two dividing bk), or the config's own."""
+    if bk is None:
+        return block_k
+    block_k = min(block_k, bk)
+    while bk % block_k:
+        block_k //= 2
+    return max(block_k, 16)
+
+
 @triton.jit
-def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, inter, K, top_k,
-                         stride_xm, stride_we, stride_wn, stride_am,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
+                         stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     token = pair // top_k
@@ -194,12 +218,20 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, inter, K, top_k,
     x_ptrs = x_ptr + token * stride_xm + offs_k
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    s_gate = s_ptr + expert * stride_se + (offs_n // BN) * stride_sn
+    s_up = s_ptr + expert * stride_se + ((offs_n + inter) // BN) * stride_sn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         m = n_ok[:, None] & k_ok[None, :]
-        acc_g += tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32) * xk
-        acc_u += tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32) * xk
+        g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            kb = (k * BLOCK_K) // BK
+            g = g * tl.load(s_gate + kb, mask=n_ok, other=0.0)[:, None]
+            u = u * tl.load(s_up + kb, mask=n_ok, other=0.0)[:, None]
+        acc_g += g * xk
+        acc_u += u * xk
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -210,9 +242,10 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, inter, K, top_k,
 
 
 @triton.jit
-def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, N, K, top_k,
-                      stride_am, stride_we, stride_wn, stride_om,
-                      TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k,
+                      stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
+                      TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch)."""
     token = tl.program_id(0)
@@ -228,11 +261,15 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, N, K, top_k
               + offs_k[None, None, :])
     a_ptrs = act_ptr + pairs[:, None] * stride_am + offs_k[None, :]
     acc = tl.zeros((TOP_K_PAD, BLOCK_N, BLOCK_K), tl.float32)
+    s_ptrs = s_ptr + experts[:, None] * stride_se + (offs_n // BN)[None, :] * stride_sn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
-        acc += tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32) * a[:, None, :]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            w = w * tl.load(s_ptrs + (k * BLOCK_K) // BK, mask=slot_ok[:, None] & n_ok[None, :], other=0.0)[:, :, None]
+        acc += w * a[:, None, :]
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
     weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
@@ -256,9 +293,11 @@ PAIR_CONFIGS = {1: {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 8, "num_stages": 
                     "DOWN_BLOCK_N": 8, "DOWN_BLOCK_K": 128, "down_warps": 2, "down_stages": 1}}
 
 
-def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = None) -> torch.Tensor:
+def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = None, w13_scale=None, w2_scale=None,
+                    block=(128, 128)) -> torch.Tensor:
     """The small-batch path: no sorting; gate_up+SiLU*mul per pair, then down with the routing
-    weights and the top-k combine per token (two launches)."""
+    weights and the top-k combine per token (two launches). With scales, w13/w2 are fp8 blocks
+    dequantized in registers."""
     m, h = x.shape
     e, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
@@ -266,17 +305,20 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     if w13.stride(-1) != 1 or w2.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError("fused_moe_pairs needs the last dims of x, w13 and w2 contiguous")
     cfg = {**PAIR_CONFIGS[min(PAIR_CONFIGS, key=lambda key: abs(key - m))], **(config or {})}
+    fp8 = w13_scale is not None
+    s13, s2 = (w13_scale, w2_scale) if fp8 else (w13, w2)
     ids = topk_ids.to(torch.int32).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
     _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, cfg["BLOCK_N"]))](
-        x, w13, ids, act, inter, h, top_k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-        num_stages=cfg.get("num_stages", 3))
+        x, w13, ids, act, s13, inter, h, top_k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        s13.stride(0), s13.stride(1), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=_block_k(cfg["BLOCK_K"], block[1] if fp8 else None),
+        HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     out = torch.empty_like(x)
     _pair_down_kernel[(m, triton.cdiv(h, cfg["DOWN_BLOCK_N"]))](
-        act, w2, ids, weights, out, h, inter, top_k, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=cfg["DOWN_BLOCK_N"], BLOCK_K=cfg["DOWN_BLOCK_K"],
+        act, w2, ids, weights, out, s2, h, inter, top_k, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=cfg["DOWN_BLOCK_N"],
+        BLOCK_K=_block_k(cfg["DOWN_BLOCK_K"], block[1] if fp8 else None), HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3))
     return out
 
@@ -321,8 +363,11 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H)."""
+              topk_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
+    (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
+    blocks, dequantized in registers (fp8 weights, activations in x's dtype)."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
@@ -331,22 +376,25 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if m == 0:
         return torch.empty_like(x)
     if config is None and m <= PAIR_PATH_MAX_M:
-        return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids)
+        return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]
     cfg = config or lookup_config(e, two_i // 2, h, m, x.device)
     sorted_ids, block_expert, total = align_by_expert(topk_ids, e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
+    fp8 = {"block": block} if w13_scale is not None else {}
     if FUSE_SILU:     # two accumulators per program: half the columns keeps the tuned register budget
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
         half = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
-        _grouped_gemm(x, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, half, True)
+        _grouped_gemm(x, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, half, True,
+                      scale=w13_scale, **fp8)
     else:
         gate_up = torch.empty(m * top_k, two_i, dtype=x.dtype, device=x.device)
-        _grouped_gemm(x, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg)
+        _grouped_gemm(x, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg,
+                      scale=w13_scale, **fp8)
         gate, up = gate_up.chunk(2, dim=-1)
         act = torch.nn.functional.silu(gate) * up
     out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
-    _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg)
+    _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg, scale=w2_scale, **fp8)
     return sum_top_k(out.view(m, top_k, h))
 
 

@@ -242,3 +242,90 @@ def test_dummy_fp8_weights_run(tmp_path):
     w = dequantize_weight_blocks(experts.w13[0], experts.w13_weight_scale_inv[0], (128, 128))
     assert experts.w13.dtype == FP8 and 0.01 < float(w.std()) < 0.04
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
+
+
+# -- GPU kernels (Triton's interpreter on CPU, compiled on a GPU) -----------------------------------
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+KTOL = 2e-2 if CUDA else 1e-5          # against the same dequantized weights; tf32/bf16 dots on a GPU
+
+
+def _rel(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _fp8_experts(e, h, i, block, device):
+    w13 = torch.randn(e, 2 * i, h) * h ** -0.5
+    w2 = torch.randn(e, h, i) * i ** -0.5
+    q13, s13 = zip(*(quantize_weight_blocks(w, block) for w in w13))
+    q2, s2 = zip(*(quantize_weight_blocks(w, block) for w in w2))
+    q13, s13, q2, s2 = (torch.stack(t).to(device) for t in (q13, s13, q2, s2))
+    d13 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q13.cpu(), s13.cpu())]).to(device)
+    d2 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q2.cpu(), s2.cpu())]).to(device)
+    return q13, s13, q2, s2, d13, d2
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("n,k,block", [(40, 70, (32, 32)), (130, 96, (128, 128)), (64, 200, (16, 64))])
+def test_fp8_gemv_dequantizes_in_registers(m, n, k, block):
+    from kernels.fp8 import fp8_gemv
+
+    x = torch.randn(m, k, device=DEV)
+    q, s = quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block)
+    q, s, bias = q.to(DEV), s.to(DEV), torch.randn(n, device=DEV)
+    want = x @ dequantize_weight_blocks(q, s, block).T + bias
+    assert _rel(fp8_gemv(x, q, s, block, bias, {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}), want) < KTOL
+    with pytest.raises(ValueError, match="fp8_gemv"):
+        fp8_gemv(torch.randn(17, k, device=DEV), q, s, block)
+
+
+@pytest.mark.parametrize("m,e,h,i,a,block", [(1, 8, 64, 64, 2, (32, 32)), (3, 6, 96, 32, 3, (16, 32)),
+                                             (5, 4, 80, 32, 2, (32, 16))])
+def test_fp8_moe_pair_path(m, e, h, i, a, block):
+    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
+    from qwen3vl_backend.layers.moe import route
+
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
+    x = torch.randn(m, h, device=DEV)
+    w, ids = route(torch.randn(m, e, device=DEV), a, True)
+    out = fused_moe_pairs(x, q13, q2, w, ids, {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}, s13, s2, block)
+    assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
+
+
+@pytest.mark.parametrize("m,e,h,i,a,block", [(7, 8, 64, 32, 2, (32, 32)), (33, 4, 96, 64, 2, (32, 64))])
+@pytest.mark.parametrize("fuse_silu", [True, False])
+def test_fp8_moe_sorted_path(m, e, h, i, a, block, fuse_silu, monkeypatch):
+    import kernels.fused_moe
+    from kernels.fused_moe import fused_moe, fused_moe_reference
+    from qwen3vl_backend.layers.moe import route
+
+    monkeypatch.setattr(kernels.fused_moe, "FUSE_SILU", fuse_silu)
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
+    x = torch.randn(m, h, device=DEV)
+    w, ids = route(torch.randn(m, e, device=DEV), a, True)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    out = fused_moe(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, block=block)
+    assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 300, 2048])
+def test_fp8_gpu_paths_at_30b_shapes(m):
+    """Real 30B-A3B shapes in bf16 on the GPU: the linear path (GEMV, then cuBLAS's block fp8)
+    and both MoE paths, against the dequantized weights."""
+    from kernels.fp8 import fp8_linear
+    from kernels.fused_moe import fused_moe, fused_moe_reference
+    from qwen3vl_backend.layers.moe import route
+
+    block = (128, 128)
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(5120, 2048) * 2048 ** -0.5, block))
+    ref = x.float() @ dequantize_weight_blocks(q, s, block).T
+    assert _rel(fp8_linear(x, q, s, block), ref) < (2e-2 if m <= 16 else 6e-2)     # prefill quantizes x too
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(128, 2048, 768, block, "cuda")
+    xb = x[: min(m, 300)]
+    w, ids = route(torch.randn(xb.shape[0], 128, device="cuda"), 8, True)
+    out = fused_moe(xb, q13, q2, w, ids, w13_scale=s13, w2_scale=s2, block=block)
+    assert _rel(out, fused_moe_reference(xb.float(), d13, d2, w, ids)) < 2e-2

@@ -134,8 +134,14 @@ class FusedMoE(nn.Module):
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
     def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The W8A8 reference, one expert at a time: activations quantized per token and group,
-        SiLU(gate) * up quantized again before the down projection."""
+        """On a GPU the fused MoE kernels with fp8 weights (dequantized in registers); on CPU the
+        W8A8 reference, one expert at a time: activations quantized per token and group, SiLU(gate)
+        * up quantized again before the down projection."""
+        if x.is_cuda:
+            from kernels.fused_moe import fused_moe
+
+            return fused_moe(x, self.w13, self.w2, weights, ids, w13_scale=self.w13_weight_scale_inv,
+                             w2_scale=self.w2_weight_scale_inv, block=self.block)
         out = torch.zeros_like(x)
         weights = weights.to(x.dtype)
         for e in ids.unique().tolist():

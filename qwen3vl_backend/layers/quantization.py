@@ -6,8 +6,9 @@
 gate, up) must start on a block boundary. With `online` (`--quantization fp8` on a bf16
 checkpoint), each tensor is quantized as it loads and its scales come with it.
 
-The product quantizes activations per token and bk group (dynamic, amax / 448) and runs the
-W8A8 reference on CPU; the GPU kernels are to come (the fp8 issue's kernel items).
+On CPU the product is the W8A8 reference (activations per token and bk group, dynamic); on a
+GPU kernels.fp8.fp8_linear (an fp8-weight GEMV for decode rows, cuBLAS's block-scaled GEMM for
+prefill).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
+from kernels.fp8 import FP8, fp8_linear, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
 
 from .linear import UnquantizedLinearMethod, _part, copy_checked
 
@@ -66,4 +67,6 @@ class Fp8BlockLinearMethod:
         copy_checked(param.data.narrow(dim, offset // b, nb), _part(loaded.float(), dim, nb, rank, parts))
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda:
+            return fp8_linear(x, layer.weight, layer.weight_scale_inv, self.block, bias)
         return w8a8_block_linear_reference(x, layer.weight, layer.weight_scale_inv, self.block, bias)
