@@ -12,11 +12,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-for _op in ("nms", "qnms"):
-    try:
-        torch.library.define(f"torchvision::{_op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    except RuntimeError:
-        pass  # already defined in this process
+if torch.version.cuda is None:       # the CPU wheel; on a GPU host torchvision's own extension loads
+    for _op in ("nms", "qnms"):
+        try:
+            torch.library.define(f"torchvision::{_op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        except RuntimeError:
+            pass  # already defined in this process
 
 import transformers  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
