@@ -160,18 +160,22 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tu
     """The GPU's fp8 linear layer: the GEMV kernel for decode rows, cuBLAS fp8 for prefill."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    y = None
     if x2.shape[0] <= GEMV_MAX_M:
         y = fp8_gemv(x2, wq, scale, block, bias)
     elif _blockwise_ok(x2, wq, block):
         y = _scaled_mm_blockwise(x2, wq, scale, bias)
-    else:
+    if y is None:
         y = F.linear(x2, dequantize_weight_blocks(wq, scale, block, x.dtype), bias)
     return y.reshape(*shape[:-1], wq.shape[0])
 
 
+_UNSUPPORTED: set[tuple[int, int, int]] = set()     # (M, N, K) cuBLAS refused: not asked again
+
+
 def _blockwise_ok(x, wq, block) -> bool:
     return (x.is_cuda and block == (128, 128) and wq.shape[0] % 128 == 0 and wq.shape[1] % 128 == 0
-            and _scaled_mm_api() is not None)
+            and (x.shape[0], *wq.shape) not in _UNSUPPORTED and _scaled_mm_api() is not None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,12 +188,19 @@ def _scaled_mm_api():
 
 
 def _scaled_mm_blockwise(x, wq, scale, bias):
+    """None where cuBLAS has no algorithm for the shape (the caller then dequantizes)."""
     fn, kinds = _scaled_mm_api()
     t, k = x.shape
     groups = x.float().view(t, k // 128, 128)
     xs = groups.abs().amax(-1).clamp_(min=1e-12) / FP8_MAX
     xq = (groups / xs[..., None]).clamp_(-FP8_MAX, FP8_MAX).view(t, k).to(FP8)
-    y = fn(xq, wq.T, xs.t().contiguous().t(), kinds.BlockWise1x128, scale.T, kinds.BlockWise128x128,
-           output_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16)
+    try:
+        y = fn(xq, wq.T, xs.t().contiguous().t(), kinds.BlockWise1x128, scale.T, kinds.BlockWise128x128,
+               output_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16)
+    except RuntimeError as e:             # e.g. CUBLAS_STATUS_NOT_SUPPORTED for this M
+        _UNSUPPORTED.add((t, *wq.shape))
+        log.warning("cuBLAS block fp8 GEMM refused M=%d N=%d K=%d (%s); dequantizing for it", t, *wq.shape,
+                    str(e).splitlines()[0][:120])
+        return None
     y = y.to(x.dtype)
     return y if bias is None else y + bias
