@@ -287,12 +287,34 @@ def bench_fp8(ceil: dict) -> list[dict]:
     return rows
 
 
+def sweep_fp8_gemv() -> list[dict]:
+    """The fp8 GEMV's launch shapes at decode sizes (graph replay per call, weights past L2)."""
+    from kernels.fp8 import fp8_gemv, quantize_weight_blocks
+
+    rows = []
+    for n, k in ((5120, 2048), (2048, 4096)):
+        copies = max(2, L2_DEFEAT_BYTES // (n * k))
+        qs = [tuple(t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * 0.02, (128, 128))) for _ in range(copies)]
+        for m in (1, 8):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for bn, bk, warps in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)):
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3}
+                ms = _per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
+                rows.append({"N": n, "K": k, "M": m, **cfg, "ms": ms})
+    best = {}
+    for r in rows:
+        key = (r["N"], r["K"], r["M"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    return list(best.values())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-configs", action="store_true",
                     help="write the skinny GEMM's swept table to kernels/configs/ for this GPU")
-    ap.add_argument("--only", default="moe,pairs,linear,routing,varlen,attention,fp8",
+    ap.add_argument("--only", default="moe,pairs,linear,routing,varlen,attention,fp8,fp8gemv",
                     help="comma-separated parts to run")
     args = ap.parse_args(argv)
     parts = set(args.only.split(","))
@@ -315,7 +337,8 @@ def main(argv=None):
                 ("varlen", "ViT varlen attention (16 heads, D=72), bf16", sweep_varlen_attention),
                 ("attention", "paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16",
                  lambda: bench_decode_attention(ceil)),
-                ("fp8", "block fp8 against bf16 (30B-A3B shapes), each against its floor", lambda: bench_fp8(ceil))]
+                ("fp8", "block fp8 against bf16 (30B-A3B shapes), each against its floor", lambda: bench_fp8(ceil)),
+                ("fp8gemv", "fp8 GEMV launch shapes, best per (N, K, M)", sweep_fp8_gemv)]
     for name, title, bench in sections:
         if name in parts:
             part = bench()

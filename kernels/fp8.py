@@ -95,8 +95,8 @@ GEMV_MAX_M = 16
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                      BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = x @ (Wq * S)^T for M <= 16 rows: each program streams BLOCK_N fp8 rows once; BLOCK_K
-    divides BK, so one scale per row covers a K step."""
+    """y = x @ (Wq * S)^T for M <= 16 rows: each program streams BLOCK_N fp8 rows once, scaling
+    them in registers (one scale per row when BLOCK_K fits in a scale block, per column else)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -112,8 +112,12 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stri
         acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        scale = tl.load(s_ptrs + (k * BLOCK_K) // BK, mask=n_ok, other=0.0)
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * scale[:, None]
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if BLOCK_K <= BK:          # one scale per row for this K step
+            w = w * tl.load(s_ptrs + (k * BLOCK_K) // BK, mask=n_ok, other=0.0)[:, None]
+        else:                      # a K step spans several scale blocks: each column finds its own
+            kb = (k * BLOCK_K + offs_k) // BK
+            w = w * tl.load(s_ptrs[:, None] + kb[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if M_PAD == 1:
             xk = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
             acc2 += w * xk.to(tl.float32)
@@ -141,9 +145,10 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     if m > GEMV_MAX_M or wq.shape[1] != k or wq.stride(-1) != 1 or tuple(scale.shape) != scale_grid(n, k, block):
         raise ValueError(f"fp8_gemv: x {tuple(x.shape)}, w {tuple(wq.shape)}, scale {tuple(scale.shape)}, block {block}")
     cfg = {**GEMV_CONFIG, **(config or {})}
-    block_k = min(cfg["BLOCK_K"], block[1])
-    while block[1] % block_k:
-        block_k //= 2
+    block_k = cfg["BLOCK_K"]
+    if block_k <= block[1]:
+        while block[1] % block_k:
+            block_k //= 2
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     m_pad = 1 if m == 1 else 16
@@ -191,13 +196,16 @@ def _scaled_mm_blockwise(x, wq, scale, bias):
     """None where cuBLAS has no algorithm for the shape (the caller then dequantizes)."""
     fn, kinds = _scaled_mm_api()
     t, k = x.shape
-    groups = x.float().view(t, k // 128, 128)
+    pad = -t % 16                   # cuBLAS has no algorithm for some row counts (954, 69 on an H200)
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, k)])
+    groups = x.float().view(t + pad, k // 128, 128)
     xs = groups.abs().amax(-1).clamp_(min=1e-12) / FP8_MAX
-    xq = (groups / xs[..., None]).clamp_(-FP8_MAX, FP8_MAX).view(t, k).to(FP8)
+    xq = (groups / xs[..., None]).clamp_(-FP8_MAX, FP8_MAX).view(t + pad, k).to(FP8)
     try:
         y = fn(xq, wq.T, xs.t().contiguous().t(), kinds.BlockWise1x128, scale.T, kinds.BlockWise128x128,
-               output_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16)
-    except RuntimeError as e:             # e.g. CUBLAS_STATUS_NOT_SUPPORTED for this M
+               output_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16)[:t]
+    except (RuntimeError, ValueError) as e:       # e.g. CUBLAS_STATUS_NOT_SUPPORTED
         _UNSUPPORTED.add((t, *wq.shape))
         log.warning("cuBLAS block fp8 GEMM refused M=%d N=%d K=%d (%s); dequantizing for it", t, *wq.shape,
                     str(e).splitlines()[0][:120])

@@ -329,3 +329,15 @@ def test_fp8_gpu_paths_at_30b_shapes(m):
     w, ids = route(torch.randn(xb.shape[0], 128, device="cuda"), 8, True)
     out = fused_moe(xb, q13, q2, w, ids, w13_scale=s13, w2_scale=s2, block=block)
     assert _rel(out, fused_moe_reference(xb.float(), d13, d2, w, ids)) < 2e-2
+
+
+def test_fp8_gemv_steps_across_scale_blocks():
+    """A K step of 256 over 128-wide scale blocks: each column its own block's scale."""
+    from kernels.fp8 import fp8_gemv
+
+    x = torch.randn(3, 300, device=DEV)
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(70, 300) * torch.logspace(-2, 0, 300), (32, 128)))
+    want = x @ dequantize_weight_blocks(q, s, (32, 128)).T
+    for m in (1, 3):
+        got = fp8_gemv(x[:m], q, s, (32, 128), config={"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4})
+        assert _rel(got, want[:m]) < KTOL
