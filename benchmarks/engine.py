@@ -68,14 +68,16 @@ def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float 
 def uniform_routing(engine: LLMEngine, seed: int = 0, rows: int = 4096) -> None:
     """Route like a real checkpoint: each token to top-k experts drawn uniformly (seeded), as
     measured real batches do (~126 of 128 experts at 64 tokens), where dummy weights send a batch
-    to a dozen. Fixed noise, far larger than the router's logits, added before the top-k: no
-    random draw inside the CUDA graphs, and the same kernels run."""
+    to a dozen. Fixed noise in [0, 8), far larger than the dummy router's logits, added before the
+    top-k: no random draw inside the CUDA graphs, and the same kernels run. (Not larger: the
+    router's softmax would round all but one expert to zero, and the top-k would break those ties
+    towards the lowest ids.)"""
     from qwen3vl_backend.layers.moe import SparseMoE
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for layer, m in enumerate(x for x in engine.runner.model.modules() if isinstance(x, SparseMoE)):
         e = m.experts.num_experts
-        noise = (torch.rand(rows, e, generator=gen) * 1e4).to(engine.runner.device)
+        noise = (torch.rand(rows, e, generator=gen) * 8).to(engine.runner.device)
 
         def route(logits, top_k, renormalize, base=m.route_fn, noise=noise):
             t = logits.shape[0]
