@@ -68,9 +68,10 @@ def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float 
 def uniform_routing(engine: LLMEngine, seed: int = 0, rows: int = 4096) -> None:
     """Route like a real checkpoint: each token to top-k experts drawn uniformly (seeded), as
     measured real batches do (~126 of 128 experts at 64 tokens), where dummy weights send a batch
-    to a dozen. Fixed noise in [0, 8), far larger than the dummy router's logits, added before the
-    top-k: no random draw inside the CUDA graphs, and the same kernels run. (Not larger: the
-    router's softmax would round all but one expert to zero, and the top-k would break those ties
+    to a dozen. The router still runs, but the top-k is taken over fixed random logits in [0, 8)
+    instead of its output (the dummy router's own logits, std ~1, would pull every token towards
+    the same experts): no random draw inside the CUDA graphs, the same kernels. (Not a wider range:
+    the softmax would round all but one expert to zero, and the top-k would break those ties
     towards the lowest ids.)"""
     from qwen3vl_backend.layers.moe import SparseMoE
 
@@ -81,8 +82,8 @@ def uniform_routing(engine: LLMEngine, seed: int = 0, rows: int = 4096) -> None:
 
         def route(logits, top_k, renormalize, base=m.route_fn, noise=noise):
             t = logits.shape[0]
-            bias = noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]
-            return base((logits.float() + bias).contiguous(), top_k, renormalize)
+            fixed = noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]
+            return base(fixed.contiguous(), top_k, renormalize)
         m.route_fn = route
 
 
