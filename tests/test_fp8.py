@@ -341,3 +341,30 @@ def test_fp8_gemv_steps_across_scale_blocks():
     for m in (1, 3):
         got = fp8_gemv(x[:m], q, s, (32, 128), config={"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4})
         assert _rel(got, want[:m]) < KTOL
+
+
+@pytest.mark.server
+def test_tiny_fp8_checkpoint_served_through_the_adapter(tmp_path):
+    """The FP8 checkpoint behind Triton and the OpenAI adapter answers what the CLI answers."""
+    import httpx
+
+    from conftest import start_server
+    from qwen3vl_backend.launch import write_repository
+
+    path, _ = _tiny_fp8(False, (128, 128))
+    repo = write_repository(tmp_path / "repo", {
+        "preprocess": {"model_path": str(path), "max_model_len": "1024"},
+        "vit": {"model_path": str(path), "device": "cpu"},
+        "llm": {"model_path": str(path), "device": "cpu", "max_model_len": "1024"}})
+    srv = start_server(repo, tmp_path, ["--model-path", str(path)])
+    try:
+        engine = LLMEngine(EngineConfig(model_path=str(path), device="cpu", dtype="float32"))
+        for messages in _cases()[:2]:
+            want = generate.run(str(path), {"messages": messages, "temperature": 0, "max_tokens": 12}, engine=engine)
+            r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120,
+                           json={"model": "tiny-moe", "messages": messages, "temperature": 0, "max_tokens": 12})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == want["text"]
+            assert r.json()["usage"]["prompt_tokens"] == len(want["prompt_token_ids"])
+    finally:
+        srv.stop()
