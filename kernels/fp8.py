@@ -9,8 +9,8 @@ sum over k-groups g of (Xq_g . Wq_g^T) * xs[t, g] * S[n // bn, g].
 Shapes: T = tokens, N = output features, K = input features, bn x bk = the block.
 The references are what the GPU paths are checked against; on CPU the layers run them.
 
-GPU paths (`fp8_linear`): up to 16 rows (decode), `_fp8_gemv_kernel` streams the fp8 weight once
-and dequantizes it in registers (fp8 weights, bf16 activations: half the bytes of bf16, which is
+GPU paths (`fp8_linear`): up to 16 rows (decode), the skinny GEMM's kernel (kernels/linear.py)
+streams the fp8 weight once and dequantizes it in registers (fp8 weights, bf16 activations: half the bytes of bf16, which is
 what a decode step pays for); more rows go to cuBLAS's block-scaled fp8 GEMM
 (torch.nn.functional.scaled_mm, activations quantized per 1x128 group) where the shapes are whole
 128 blocks, else to a bf16 matmul of the dequantized weight.
@@ -24,7 +24,8 @@ import logging
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
+
+from .linear import _skinny_kernel
 
 log = logging.getLogger(__name__)
 
@@ -91,49 +92,6 @@ def w8a8_block_linear_reference(x: torch.Tensor, wq: torch.Tensor, scale: torch.
 GEMV_MAX_M = 16
 
 
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = x @ (Wq * S)^T for M <= 16 rows: each program streams BLOCK_N fp8 rows once, scaling
-    them in registers (one scale per row when BLOCK_K fits in a scale block, per column else)."""
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_m = tl.arange(0, M_PAD)
-    m_ok = offs_m < M
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    s_ptrs = s_ptr + (offs_n // BN) * stride_sn
-    if M_PAD == 1:
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    else:
-        acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if BLOCK_K <= BK:          # one scale per row for this K step
-            w = w * tl.load(s_ptrs + (k * BLOCK_K) // BK, mask=n_ok, other=0.0)[:, None]
-        else:                      # a K step spans several scale blocks: each column finds its own
-            kb = (k * BLOCK_K + offs_k) // BK
-            w = w * tl.load(s_ptrs[:, None] + kb[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if M_PAD == 1:
-            xk = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            acc2 += w * xk.to(tl.float32)
-        else:
-            xk = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    if M_PAD == 1:
-        acc = tl.sum(acc2, 1)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
 GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
@@ -153,10 +111,10 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     m_pad = 1 if m == 1 else 16
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
-    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, wq, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), wq.stride(0), scale.stride(0),
-        y.stride(0), BN=block[0], BK=block[1], HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _skinny_kernel[(triton.cdiv(n, block_n),)](
+        x, wq, bias if bias is not None else scale, y, scale, m, n, k, x.stride(0), wq.stride(0), y.stride(0),
+        scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_SCALE=True, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 

@@ -27,8 +27,11 @@ DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                   HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
+                   HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
+    """HAS_SCALE: w is fp8 with a float32 scale per BN x BK block (kernels/fp8.py), applied in
+    registers: one scale per row when BLOCK_K fits in a scale block, per column otherwise."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -37,25 +40,31 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
     m_ok = offs_m < M
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    s_ptrs = s_ptr + (offs_n // BN) * stride_sn
     if M_PAD == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_ok = offs_k < K - k * BLOCK_K
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            xk = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            acc2 += w.to(tl.float32) * xk.to(tl.float32)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-        acc = tl.sum(acc2, 1)[None, :]
     else:
         acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_ok = offs_k < K - k * BLOCK_K
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_SCALE:
+            if BLOCK_K <= BK:
+                w = w.to(tl.float32) * tl.load(s_ptrs + (k * BLOCK_K) // BK, mask=n_ok, other=0.0)[:, None]
+            else:
+                kb = (k * BLOCK_K + offs_k) // BK
+                w = w.to(tl.float32) * tl.load(s_ptrs[:, None] + kb[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                                               other=0.0)
+        if M_PAD == 1:
+            xk = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            acc2 += w.to(tl.float32) * xk.to(tl.float32)
+        else:
             xk = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(xk, tl.trans(w), acc)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
+            acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if M_PAD == 1:
+        acc = tl.sum(acc2, 1)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -78,7 +87,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     m_pad = 1 if m == 1 else 16
     block_n = config["BLOCK_N"] if m_pad == 1 else max(16, config["BLOCK_N"])
     _skinny_kernel[(triton.cdiv(n, block_n),)](
-        x, w, bias if bias is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+        x, w, bias if bias is not None else w, y, w, m, n, k, x.stride(0), w.stride(0), y.stride(0), 0,
         HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     return y

@@ -148,11 +148,18 @@ def test_weights_past_the_gpu_budget_are_refused_before_starting(monkeypatch):
 
     configs = launch.ROOT / "qwen3vl_backend" / "data" / "configs"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
-    cfg = SimpleNamespace(device="cuda", torch_dtype=torch.bfloat16, dtype="bfloat16", mem_fraction_static=0.65)
+    cfg = SimpleNamespace(device="cuda", torch_dtype=torch.bfloat16, dtype="bfloat16", mem_fraction_static=0.65,
+                          quantization="")
     with pytest.raises(SystemExit, match=r"its weights need 471\.3 GB \(bfloat16\) but --mem-fraction-static 0\.65 "
                                          r"of this GPU's 80\.0 GB is 52\.0 GB"):
         launch._check_weights_fit(str(configs / "Qwen3-VL-235B-A22B-Instruct.json"), cfg)
     launch._check_weights_fit(str(configs / "Qwen3-VL-4B-Instruct.json"), cfg)        # 8.9 GB: fits
+    # fp8 bytes are what count: the FP8 release and --quantization fp8 fit where bf16 does not
+    with pytest.raises(SystemExit, match=r"its weights need 62\.\d GB"):
+        launch._check_weights_fit(str(configs / "Qwen3-VL-30B-A3B-Instruct.json"), cfg)
+    launch._check_weights_fit(str(configs / "Qwen3-VL-30B-A3B-Instruct-FP8.json"), cfg)          # 32.2 GB
+    launch._check_weights_fit(str(configs / "Qwen3-VL-30B-A3B-Instruct.json"), SimpleNamespace(**{**vars(cfg),
+                                                                                                  "quantization": "fp8"}))
 
 
 def test_dry_run_names_every_address_and_triton_stays_on_loopback(tiny_moe):
