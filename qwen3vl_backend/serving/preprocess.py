@@ -6,20 +6,16 @@ from the `image` input are prepended to the last user message of a chat, or as v
 ahead of a plain prompt that has no image placeholder of its own; each is a data: URI, an
 http(s) or file:// URL, or raw base64 (vllm_backend's convention).
 
-Cheap checks come first, in the caller's thread: JSON, messages, template, sampling values, the
-per-request media counts, and the text's own length against the context. Only then is media
-fetched and decoded, on the shared `MediaPool` (never blocking the caller: text-only requests
-are answered at once, whatever media work is queued), and the exact prompt length (text plus
-the merged patches of each resized image) is checked again before any pixel leaves for the ViT.
+Cheap checks come first: JSON, messages, template, sampling values, the per-request media
+counts, and the text's own length against the context. Only then is media fetched and decoded,
+on the shared `MediaPool`, and the exact prompt length (text plus the merged patches of each
+resized image) is checked again before any pixel leaves for the ViT.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import threading
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +27,6 @@ from ..processing.processor import IMAGE_PAD, VISION_END, VISION_START, MediaIte
 from ..sampling_params import SAMPLING_FIELDS, SamplingParams
 from .media_pool import MediaPool
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,30 +59,15 @@ class Preprocessor:
                  limits: PreprocessLimits = PreprocessLimits()):
         self.processor, self.policy, self.pool, self.limits = processor, policy, pool, limits
 
-    def start(self, text_input: str, images: list[str], sampling_json: str, cancel: Cancel,
-              on_done: Callable[[dict | Exception], None]) -> None:
-        """Preprocess one request; `on_done(arrays)` or `on_done(error)` exactly once, maybe
-        before this returns (no media), else from the media pool. Never raises."""
-        try:
-            parsed = self._parse(text_input, images, sampling_json)
-            if not parsed.refs:
-                on_done(self._finish(parsed, []))
-                return
-        except Exception as e:          # client errors, and faults: either way this request's alone
-            on_done(e)
-            return
-        jobs = self.processor.media_jobs(parsed.refs, self.policy, normalize=False)
-        self.pool.submit(jobs, lambda media: on_done(media if isinstance(media, Exception)
-                                                     else self._finish_safely(parsed, media)), cancel)
-
     def run(self, text_input: str, images: list[str] = (), sampling_json: str = "", cancel: Cancel | None = None) -> dict:
-        """`start`, waiting for the outcome (warm-up, offline use, tests); raises its error."""
-        done, box = threading.Event(), []
-        self.start(text_input, list(images), sampling_json, cancel or Cancel(), lambda v: (box.append(v), done.set()))
-        done.wait()
-        if isinstance(box[0], Exception):
-            raise box[0]
-        return box[0]
+        """Preprocess one request -> its arrays; raises RequestError/SamplingError for the client's
+        mistakes. The media items are fetched and decoded in parallel on the pool, within its
+        per-request timeout."""
+        parsed = self._parse(text_input, list(images), sampling_json)
+        media = []
+        if parsed.refs:
+            media = self.pool.run_all(self.processor.media_jobs(parsed.refs, self.policy, normalize=False), cancel)
+        return self._finish(parsed, media)
 
     # -- steps ---------------------------------------------------------------------------------
     def _parse(self, text_input: str, images: list[str], sampling_json: str) -> _Parsed:
@@ -117,12 +97,6 @@ class Preprocessor:
             if n > limit:
                 raise RequestError(f"{n} {kind}s in one request; this server takes at most {limit} "
                                    f"(--limit-mm-per-prompt)")
-
-    def _finish_safely(self, parsed: _Parsed, media: list[MediaItem]) -> dict | Exception:
-        try:
-            return self._finish(parsed, media)
-        except Exception as e:
-            return e
 
     def _finish(self, parsed: _Parsed, media: list[MediaItem]) -> dict:
         """-> dict of arrays: input_ids (L,), positions (3, L), rope_delta (1,), pixel_values (N, C)
