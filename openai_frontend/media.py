@@ -25,16 +25,6 @@ class MediaFetcher:
         self.policy, self.timeout_s = policy, timeout_s
         self._slots = asyncio.Semaphore(max_concurrent)
 
-    def count(self, messages) -> dict[str, int]:
-        """Media parts by kind (the request was validated before)."""
-        counts = {"image": 0, "video": 0}
-        for part in _parts(messages):
-            for key in _KEYS:
-                if key in part:
-                    counts["video" if key.startswith("video") else "image"] += 1
-                    break
-        return counts
-
     async def inline(self, messages: list[dict], cancel: Cancel) -> list[dict]:
         """`messages` with every http(s) and file:// media URL replaced by a data: URI of its
         bytes (the same list when there was none). Raises RequestError."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen3vl_backend.processing.chat import load_chat_template, normalize_messages, render_chat
+from qwen3vl_backend.processing.chat import load_chat_template, render_chat
 from qwen3vl_backend.processing.tokenizer import Tokenizer
 
 
@@ -21,7 +21,5 @@ class TextPrompts:
 
     def ids(self, messages) -> list[int] | None:
         """The prompt's token ids, or None when the chat has media (the ensemble's work)."""
-        if normalize_messages(messages)[1]:
-            return None
-        text, _ = render_chat(self.template, messages)
-        return self.tokenizer.encode(text)
+        text, media = render_chat(self.template, messages)
+        return None if media else self.tokenizer.encode(text)
