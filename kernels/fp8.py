@@ -65,8 +65,11 @@ def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     """X (T, K) -> (Xq fp8 (T, K), xs float32 (T, ceil(K/group))): per token, per group of features."""
     t, k = x.shape
     g = -(-k // group)
-    padded = torch.zeros(t, g * group, dtype=torch.float32, device=x.device)
-    padded[:, :k] = x.float()
+    if k % group:                      # a partial last group: zeros do not move its amax
+        padded = torch.zeros(t, g * group, dtype=torch.float32, device=x.device)
+        padded[:, :k] = x.float()
+    else:
+        padded = x.float()
     groups = padded.view(t, g, group)
     scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
     q = (groups / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(t, g * group)[:, :k]
@@ -157,9 +160,7 @@ def _scaled_mm_blockwise(x, wq, scale, bias):
     pad = -t % 16                   # cuBLAS has no algorithm for some row counts (954, 69 on an H200)
     if pad:
         x = torch.cat([x, x.new_zeros(pad, k)])
-    groups = x.float().view(t + pad, k // 128, 128)
-    xs = groups.abs().amax(-1).clamp_(min=1e-12) / FP8_MAX
-    xq = (groups / xs[..., None]).clamp_(-FP8_MAX, FP8_MAX).view(t + pad, k).to(FP8)
+    xq, xs = quantize_activations(x, 128)
     try:
         y = fn(xq, wq.T, xs.t().contiguous().t(), kinds.BlockWise1x128, scale.T, kinds.BlockWise128x128,
                output_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16)[:t]
