@@ -7,6 +7,7 @@ MoE bytes: the distinct experts the batch routes to (w13 + w2) plus activations 
 """
 
 import argparse
+import functools
 import itertools
 import json
 
@@ -106,29 +107,47 @@ def _per_call_ms(fn, calls: int = 16) -> float:
 L2_DEFEAT_BYTES = 256 * 2**20        # weights cycled per timing: several times any L2
 
 
-def sweep_pair_configs() -> list[dict]:
+def sweep_pair_configs(fp8: bool = False) -> tuple[list[dict], dict]:
     """Graph-replay time of the pair path over launch shapes at decode sizes: gate_up's swept
-    first, then down's with the best gate_up. Each call routes to other experts."""
+    first, then down's with the best gate_up. Each call routes to other experts. fp8: the same
+    with block-fp8 experts (wider K steps: a byte per weight); -> rows and {M: best config}."""
     w13, w2 = moe_weights()
-    rows = []
-    for m in (1, 8):
+    scales = {}
+    if fp8:
+        from kernels.fp8 import quantize_weight_blocks
+
+        q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), (128, 128)) for w in w13)))
+        q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), (128, 128)) for w in w2)))
+        w13, w2, scales = q13, q2, {"w13_scale": s13, "w2_scale": s2}
+        spaces = ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (256, 512, 1024), (4, 8), (3,))),
+                  (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((4, 8), (256, 512), (2, 4, 8), (1,))))
+    else:
+        spaces = ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (128, 256, 512), (4, 8), (1, 3))),
+                  (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((4, 8, 16), (128, 256), (2, 4, 8), (1, 3))))
+    rows, table = [], {}
+    for m in (1, 8) if not fp8 else (1, 4, 16):
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
         routings = [route(torch.randn(m, E, device="cuda"), A, True) for _ in range(16)]
         cfg = dict(kernels.fused_moe.PAIR_CONFIGS.get(m, PAIR_CONFIG))
 
         def call(c):
-            return lambda i: fused_moe_pairs(x, w13, w2, *routings[i % 16], c)
+            return lambda i: fused_moe_pairs(x, w13, w2, *routings[i % 16], c, **scales)
         start_ms = _per_call_ms(call(cfg))
-        for keys, space in ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (128, 256, 512), (4, 8), (1, 3))),
-                            (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((4, 8, 16), (128, 256), (2, 4, 8), (1, 3)))):
+        for keys, space in spaces:
             best_ms, start = float("inf"), cfg
             for shape in itertools.product(*space):
                 trial = {**start, **dict(zip(keys, shape))}
-                ms = _per_call_ms(call(trial))
+                try:
+                    ms = _per_call_ms(call(trial))
+                except Exception as e:          # out of registers or shared memory
+                    print(f"pairs {trial}: {type(e).__name__}")
+                    continue
                 if ms < best_ms:
                     best_ms, cfg = ms, trial
-        rows.append({"M": m, "current_ms": start_ms, "best_ms": best_ms, "config": json.dumps(cfg)})
-    return rows
+        rows.append({"weights": "fp8" if fp8 else "bf16", "M": m, "current_ms": start_ms, "best_ms": best_ms,
+                     "config": json.dumps(cfg)})
+        table[str(m)] = cfg
+    return rows, table
 
 
 def sweep_concentrated_routing() -> list[dict]:
@@ -273,53 +292,97 @@ def bench_fp8(ceil: dict) -> list[dict]:
     w13, w2 = moe_weights()
     q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), block) for w in w13)))
     q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), block) for w in w2)))
-    for m in (1, 4, 16, 64, 256, 2048):
+    for m in (1, 4, 16, 64, 256, 2048, 8192):
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
         weights, ids = route(torch.rand(m, E, device="cuda") * 8, A, True)          # uniform top-k
         experts = int(ids.unique().numel())
         bf16 = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids))
         fp8 = cuda_time_ms(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2, block=block))
+        by_mode = {}
+        for mode, threshold in (("w8a16", 1 << 30), ("w8a8", 1)):          # the sorted path both ways
+            kernels.fused_moe.W8A8_MIN_M, saved = threshold, kernels.fused_moe.W8A8_MIN_M
+            try:
+                by_mode[mode] = cuda_time_ms(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2,
+                                                               block=block)) if m > 16 else None
+            finally:
+                kernels.fused_moe.W8A8_MIN_M = saved
         floor8 = (experts * 3 * H * I * (1 + 4 / 128 ** 2) + 4 * m * H) / bw * 1e3
         floor16 = (experts * 3 * H * I * 2 + 4 * m * H) / bw * 1e3
         rows.append({"kernel": "fused MoE (uniform routing)", "M": m, "experts_hit": experts, "bf16_ms": bf16,
-                     "fp8_ms": fp8, "bf16_floor_ms": floor16, "fp8_floor_ms": floor8,
+                     "fp8_ms": fp8, "fp8_w8a16_ms": by_mode["w8a16"], "fp8_w8a8_ms": by_mode["w8a8"],
+                     "bf16_floor_ms": floor16, "fp8_floor_ms": floor8,
                      "fp8_floor_over_time": floor8 / fp8, "bf16_floor_over_time": floor16 / bf16})
     return rows
 
 
-def sweep_fp8_gemv() -> list[dict]:
-    """The fp8 GEMV's launch shapes at decode sizes (graph replay per call, weights past L2)."""
-    from kernels.fp8 import fp8_gemv, quantize_weight_blocks
+FP8_GEMV_SHAPES = {"30B qkv": (5120, 2048), "30B o_proj": (2048, 4096),
+                   "235B qkv": (9216, 4096), "235B o_proj": (4096, 8192)}
 
-    rows = []
-    for n, k in ((5120, 2048), (2048, 4096)):
+
+def sweep_fp8_gemv() -> tuple[list[dict], dict]:
+    """The fp8 GEMV's launch shapes at decode sizes (graph replay per call, weights past L2) against
+    the bf16 skinny GEMM on the same shape; -> rows (best per shape and M) and the table
+    kernels.fp8 reads."""
+    from kernels.fp8 import fp8_gemv, quantize_weight_blocks
+    from kernels.linear import skinny_linear
+
+    rows, table = [], {}
+    for name, (n, k) in FP8_GEMV_SHAPES.items():
         copies = max(2, L2_DEFEAT_BYTES // (n * k))
         qs = [tuple(t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * 0.02, (128, 128))) for _ in range(copies)]
-        for m in (1, 8):
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(max(2, copies // 2))]
+        for m in (1, 4, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            for bn, bk, warps in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)):
+            bf16 = _per_call_ms(lambda i: skinny_linear(x, ws[i % len(ws)]))
+            if m == 1:
+                space = itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))
+            else:
+                space = itertools.product((16, 32), (128, 256, 512), (4, 8))
+            best = (float("inf"), None)
+            for bn, bk, warps in space:
                 cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3}
-                ms = _per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
-                rows.append({"N": n, "K": k, "M": m, **cfg, "ms": ms})
-    best = {}
-    for r in rows:
-        key = (r["N"], r["K"], r["M"])
-        if key not in best or r["ms"] < best[key]["ms"]:
-            best[key] = r
-    return list(best.values())
+                try:
+                    ms = _per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
+                except Exception as e:          # out of registers or shared memory for the larger tiles
+                    print(f"fp8 gemv {cfg}: {type(e).__name__}")
+                    continue
+                best = min(best, (ms, cfg), key=lambda t: t[0])
+            floor = n * k * (1 + 4 / 128 ** 2) / (roofline_cache()["copy_bandwidth_tb_s"] * 1e12) * 1e3
+            rows.append({"proj": name, "N": n, "K": k, "M": m, "bf16_skinny_ms": bf16, "fp8_ms": best[0],
+                         "fp8_floor_ms": floor, "floor_over_fp8": floor / best[0], "config": json.dumps(best[1])})
+            table.setdefault(f"{n},{k}", {})[str(m)] = best[1]
+    return rows, table
+
+
+@functools.lru_cache(maxsize=None)
+def roofline_cache() -> dict:
+    return roofline()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-configs", action="store_true",
-                    help="write the skinny GEMM's swept table to kernels/configs/ for this GPU")
+                    help="write the skinny GEMM's and the fp8 GEMV's and pair path's swept tables to kernels/configs/ for this GPU")
     ap.add_argument("--only", default="moe,pairs,linear,routing,varlen,attention,fp8,fp8gemv",
                     help="comma-separated parts to run")
     args = ap.parse_args(argv)
     parts = set(args.only.split(","))
-    ceil = roofline()
+    ceil = roofline_cache()
     rows = []
+    if "fp8gemv" in parts:
+        from kernels.fp8 import gemv_config_file
+
+        gemv, table = sweep_fp8_gemv()
+        print("fp8 GEMV launch shapes at decode sizes, best per (N, K, M), against the bf16 skinny GEMM")
+        print_table(gemv, list(gemv[0]))
+        rows += gemv
+        path = gemv_config_file(torch.cuda.get_device_name(), (128, 128))
+        if args.write_configs:
+            path.write_text(json.dumps(table, indent=1) + "\n")
+            print(f"fp8 GEMV table written to {path}")
+        else:
+            print(f"fp8 GEMV table for {path.name} (--write-configs writes it):\n{json.dumps(table)}")
     if "linear" in parts:
         linear, table = sweep_linear(ceil)
         print("decoder projections at decode sizes: cuBLAS against the skinny GEMM (graph replay per call)")
@@ -331,14 +394,25 @@ def main(argv=None):
             print(f"skinny GEMM table written to {path}")
         else:
             print(f"skinny GEMM table for {path.name} (--write-configs writes it):\n{json.dumps(table)}")
-    sections = [("pairs", "pair path launch shapes (graph replay, gate_up then down swept)", sweep_pair_configs),
+    if "fp8pairs" in parts:
+        from kernels.fused_moe import fp8_pair_config_file
+
+        pairs, table = sweep_pair_configs(fp8=True)
+        print("fp8 pair path launch shapes (graph replay, gate_up then down swept)")
+        print_table(pairs, list(pairs[0]))
+        rows += pairs
+        path = fp8_pair_config_file(torch.cuda.get_device_name(), (128, 128))
+        if args.write_configs:
+            path.write_text(json.dumps(table, indent=1) + "\n")
+            print(f"fp8 pair table written to {path}")
+    sections = [("pairs", "pair path launch shapes (graph replay, gate_up then down swept)",
+                 lambda: sweep_pair_configs()[0]),
                 ("routing", "sorted path at M=64: 12 experts hit against uniform routing", sweep_concentrated_routing),
                 ("moe", "fused MoE, 30B-A3B shapes (E=128, H=2048, I=768, top-8), bf16", lambda: bench_moe(ceil)),
                 ("varlen", "ViT varlen attention (16 heads, D=72), bf16", sweep_varlen_attention),
                 ("attention", "paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16",
                  lambda: bench_decode_attention(ceil)),
-                ("fp8", "block fp8 against bf16 (30B-A3B shapes), each against its floor", lambda: bench_fp8(ceil)),
-                ("fp8gemv", "fp8 GEMV launch shapes, best per (N, K, M)", sweep_fp8_gemv)]
+                ("fp8", "block fp8 against bf16 (30B-A3B shapes), each against its floor", lambda: bench_fp8(ceil))]
     for name, title, bench in sections:
         if name in parts:
             part = bench()

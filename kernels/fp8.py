@@ -10,22 +10,28 @@ Shapes: T = tokens, N = output features, K = input features, bn x bk = the block
 The references are what the GPU paths are checked against; on CPU the layers run them.
 
 GPU paths (`fp8_linear`): up to 16 rows (decode), the skinny GEMM's kernel (kernels/linear.py)
-streams the fp8 weight once and dequantizes it in registers (fp8 weights, bf16 activations: half the bytes of bf16, which is
-what a decode step pays for); more rows go to cuBLAS's block-scaled fp8 GEMM
-(torch.nn.functional.scaled_mm, activations quantized per 1x128 group) where the shapes are whole
-128 blocks, else to a bf16 matmul of the dequantized weight.
+streams the fp8 weight once: a program's rows share one row of scale blocks, so the scales
+multiply x's columns and each weight element costs one conversion, as a bf16 one does (fp8
+weights, bf16 activations: half the bytes, which is what a decode step pays for). Its launch
+shapes per (N, K) and M are a table per device and block (`benchmarks.kernels --only fp8gemv
+--write-configs`). More rows go to cuBLAS's block-scaled fp8 GEMM (torch.nn.functional.scaled_mm,
+activations quantized per 1x128 group by one Triton launch) where the shapes are whole 128
+blocks, else to a bf16 matmul of the dequantized weight.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
-from .linear import _skinny_kernel
+from .linear import CONFIG_DIR, _skinny_kernel
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +98,67 @@ def w8a8_block_linear_reference(x: torch.Tensor, wq: torch.Tensor, scale: torch.
 
 # -- GPU ---------------------------------------------------------------------------------------------
 
+@triton.jit
+def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sg,
+                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUPS: tl.constexpr):
+    """One program per token and GROUPS groups: amax per group, scale = amax / 448, x / scale in e4m3."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    col = g[:, None] * GROUP + tl.arange(0, GROUP_PAD)[None, :]
+    ok = (tl.arange(0, GROUP_PAD)[None, :] < GROUP) & (col < K)
+    x = tl.load(x_ptr + row * stride_xm + col, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-12) / 448.0
+    q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+    tl.store(q_ptr + row * stride_qm + col, q.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + row * stride_sm + g * stride_sg, scale, mask=g * GROUP < K)
+
+
+def quantize_activations_fp8(x: torch.Tensor, group: int, scales_column_major: bool = False):
+    """quantize_activations in one launch: X (T, K) -> Xq fp8 (T, K), xs float32 (T, ceil(K/group)),
+    xs column-major (stride (1, T)) if asked, as cuBLAS's block-scaled GEMM takes it. Off the GPU,
+    the torch reference (Triton's interpreter rounds to e4m3 differently from the hardware)."""
+    t, k = x.shape
+    g = -(-k // group)
+    if not x.is_cuda:
+        q, xs = quantize_activations(x, group)
+        return q, (xs.t().contiguous().t() if scales_column_major else xs)
+    q = torch.empty(t, k, dtype=FP8, device=x.device)
+    xs = torch.empty(g, t, dtype=torch.float32, device=x.device).t() if scales_column_major else \
+        torch.empty(t, g, dtype=torch.float32, device=x.device)
+    if t:
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        groups = max(1, min(triton.next_power_of_2(g), 4096 // triton.next_power_of_2(group)))
+        _quantize_groups_kernel[(t, triton.cdiv(g, groups))](
+            x, q, xs, k, x.stride(0), q.stride(0), xs.stride(0), xs.stride(1),
+            GROUP=group, GROUP_PAD=triton.next_power_of_2(group), GROUPS=groups, num_warps=4)
+    return q, xs
+
+
 GEMV_MAX_M = 16
+GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 
-GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+def gemv_config_file(device_name: str, block: tuple[int, int]) -> Path:
+    return CONFIG_DIR / f"fp8_gemv,device={device_name.replace(' ', '_')},block={block[0]}x{block[1]}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _gemv_table(device_name: str, block: tuple[int, int]) -> dict:
+    """{"N,K": {"M": config}}, written by `benchmarks.kernels --only fp8gemv --write-configs`."""
+    path = gemv_config_file(device_name, block)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def gemv_config(n: int, k: int, m: int, block: tuple[int, int], device: torch.device) -> dict:
+    if device.type != "cuda":
+        return GEMV_CONFIG
+    by_m = _gemv_table(torch.cuda.get_device_name(device), tuple(block)).get(f"{n},{k}")
+    return by_m[min(by_m, key=lambda key: abs(int(key) - m))] if by_m else GEMV_CONFIG
+
+
+def gemv_ok(m: int, block: tuple[int, int]) -> bool:
+    """The GEMV's programs take rows inside one scale block: 16 of them (or fewer, at M=1)."""
+    return 0 < m <= GEMV_MAX_M and (m == 1 or block[0] % 16 == 0)
 
 
 def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -103,20 +166,19 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     """x (M <= 16, K) in bf16/float32, Wq (N, K) fp8, S (ceil(N/bn), ceil(K/bk)) -> (M, N) in x's dtype."""
     m, k = x.shape
     n = wq.shape[0]
-    if m > GEMV_MAX_M or wq.shape[1] != k or wq.stride(-1) != 1 or tuple(scale.shape) != scale_grid(n, k, block):
+    if (not gemv_ok(m, block) or wq.shape[1] != k or wq.stride(-1) != 1
+            or tuple(scale.shape) != scale_grid(n, k, block)):
         raise ValueError(f"fp8_gemv: x {tuple(x.shape)}, w {tuple(wq.shape)}, scale {tuple(scale.shape)}, block {block}")
-    cfg = {**GEMV_CONFIG, **(config or {})}
-    block_k = cfg["BLOCK_K"]
-    if block_k <= block[1]:
-        while block[1] % block_k:
-            block_k //= 2
+    cfg = {**gemv_config(n, k, m, block, x.device), **(config or {})}
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     m_pad = 1 if m == 1 else 16
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
+    while block[0] % block_n:               # a program's rows share one row of scale blocks
+        block_n //= 2
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, wq, bias if bias is not None else scale, y, scale, m, n, k, x.stride(0), wq.stride(0), y.stride(0),
-        scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k,
+        scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=True, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
@@ -127,7 +189,7 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tu
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     y = None
-    if x2.shape[0] <= GEMV_MAX_M:
+    if gemv_ok(x2.shape[0], block):
         y = fp8_gemv(x2, wq, scale, block, bias)
     elif _blockwise_ok(x2, wq, block):
         y = _scaled_mm_blockwise(x2, wq, scale, bias)
@@ -160,9 +222,9 @@ def _scaled_mm_blockwise(x, wq, scale, bias):
     pad = -t % 16                   # cuBLAS has no algorithm for some row counts (954, 69 on an H200)
     if pad:
         x = torch.cat([x, x.new_zeros(pad, k)])
-    xq, xs = quantize_activations(x, 128)
+    xq, xs = quantize_activations_fp8(x, 128, scales_column_major=True)
     try:
-        y = fn(xq, wq.T, xs.t().contiguous().t(), kinds.BlockWise1x128, scale.T, kinds.BlockWise128x128,
+        y = fn(xq, wq.T, xs, kinds.BlockWise1x128, scale.T, kinds.BlockWise128x128,
                output_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16)[:t]
     except (RuntimeError, ValueError) as e:       # e.g. CUBLAS_STATUS_NOT_SUPPORTED
         _UNSUPPORTED.add((t, *wq.shape))

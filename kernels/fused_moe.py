@@ -20,11 +20,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+from .fp8 import quantize_activations_fp8
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -42,8 +45,13 @@ def _grouped_gemm_kernel(
     # meta
     A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
+    SCALE_MODE: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
+    as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False,
 ):
+    """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
+    the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
+    BK), so one scale multiplies the tile's product. A_SCALED (with 2): a is fp8 too, with a
+    float32 scale per row and BK group (`as_ptr`), and the product is an fp8 tl.dot (W8A8)."""
     pid = tl.program_id(0)
     num_padded = tl.load(num_padded_ptr)
     grid_m = tl.cdiv(num_padded, BLOCK_M)
@@ -70,20 +78,38 @@ def _grouped_gemm_kernel(
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # FUSE_SILU: the up rows sit N below gate's
-    s_ptrs = s_ptr + expert * stride_se + (offs_n // BN) * stride_sn          # HAS_SCALE: fp8 blocks
-    s_up_ptrs = s_ptr + expert * stride_se + ((offs_n + N) // BN) * stride_sn
+    if SCALE_MODE == 1:
+        s_ptrs = s_ptr + expert * stride_se + (offs_n // BN) * stride_sn
+        s_up_ptrs = s_ptr + expert * stride_se + ((offs_n + N) // BN) * stride_sn
+    else:
+        s_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
+        s_up_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn
+    as_ptrs = as_ptr + a_row.to(tl.int64) * stride_asm
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
+        kb = (k * BLOCK_K) // BK
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if HAS_SCALE:     # dequantized in registers: one scale per column for this K step (BK % BLOCK_K == 0)
-            b = (b.to(tl.float32) * tl.load(s_ptrs + (k * BLOCK_K) // BK)[None, :]).to(a.dtype)
-        acc += tl.dot(a, b)
         if FUSE_SILU:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
-            if HAS_SCALE:
-                b_up = (b_up.to(tl.float32) * tl.load(s_up_ptrs + (k * BLOCK_K) // BK)[None, :]).to(a.dtype)
-            acc_up += tl.dot(a, b_up)
+        if SCALE_MODE == 0:
+            acc += tl.dot(a, b)
+            if FUSE_SILU:
+                acc_up += tl.dot(a, b_up)
+        elif SCALE_MODE == 1:
+            acc += tl.dot(a, (b.to(tl.float32) * tl.load(s_ptrs + kb)[None, :]).to(a.dtype))
+            if FUSE_SILU:
+                acc_up += tl.dot(a, (b_up.to(tl.float32) * tl.load(s_up_ptrs + kb)[None, :]).to(a.dtype))
+        else:
+            if A_SCALED:
+                sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)[:, None]
+                acc += tl.dot(a, b) * (sa * tl.load(s_ptrs + kb))
+                if FUSE_SILU:
+                    acc_up += tl.dot(a, b_up) * (sa * tl.load(s_up_ptrs + kb))
+            else:
+                acc += tl.dot(a, b.to(a.dtype)) * tl.load(s_ptrs + kb)
+                if FUSE_SILU:
+                    acc_up += tl.dot(a, b_up.to(a.dtype)) * tl.load(s_up_ptrs + kb)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if FUSE_SILU:
@@ -173,10 +199,13 @@ def align_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
 
 
 def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_rows_are_pairs, mul_weight, cfg,
-                  fuse_silu=False, scale=None, block=(128, 128)):
+                  fuse_silu=False, scale=None, block=(128, 128), a_scale=None):
     n, k = b.shape[1] // (2 if fuse_silu else 1), b.shape[2]
-    block_k = _block_k(cfg["BLOCK_K"], block[1] if scale is not None else None)
-    block_n = min(cfg["BLOCK_N"], block[0]) if scale is not None else cfg["BLOCK_N"]
+    block_n, block_k, mode = cfg["BLOCK_N"], cfg["BLOCK_K"], 0
+    if scale is not None:
+        block_n, block_k, mode = _fp8_tile(block_n, block_k, n, block)
+    if a_scale is not None and mode != 2:
+        raise ValueError(f"fp8 activations need tiles inside the {block} scale blocks (N={n})")
     grid = (triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"]) * triton.cdiv(n, block_n),)
     s = scale if scale is not None else b
     _grouped_gemm_kernel[grid](
@@ -186,9 +215,29 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
         s.stride(0), s.stride(1),
         A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight, FUSE_SILU=fuse_silu,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
-        HAS_SCALE=scale is not None, BN=block[0], BK=block[1],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SCALE_MODE=mode, BN=block[0], BK=block[1],
+        as_ptr=a_scale if a_scale is not None else s, stride_asm=a_scale.stride(0) if a_scale is not None else 0,
+        A_SCALED=a_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+
+
+def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, SCALE_MODE) for fp8 weights: tiles shrunk (powers of two, at least 16)
+    to lie inside one scale block, mode 2; where the blocks or N do not allow it, mode 1."""
+    bn = block_n
+    while bn > 16 and (block[0] % bn or n % bn):
+        bn //= 2
+    bk = _block_k(block_k, block[1])
+    if block[0] % bn == 0 and n % bn == 0 and block[1] % bk == 0:
+        return bn, bk, 2
+    return min(block_n, block[0]), bk, 1
+
+
+def _dividing(size: int, total: int) -> int:
+    """The largest power of two <= size that divides total."""
+    while size > 1 and total % size:
+        size //= 2
+    return size
 
 
 def _block_k(block_k: int, bk: int | None) -> int:
@@ -206,6 +255,8 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
+    """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
+    the up rows of a program each share one row of scale blocks, applied to x's columns."""
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     token = pair // top_k
@@ -218,20 +269,21 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     x_ptrs = x_ptr + token * stride_xm + offs_k
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    s_gate = s_ptr + expert * stride_se + (offs_n // BN) * stride_sn
-    s_up = s_ptr + expert * stride_se + ((offs_n + inter) // BN) * stride_sn
+    s_gate = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
+    s_up = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
         m = n_ok[:, None] & k_ok[None, :]
         g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
         u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
         if HAS_SCALE:
-            kb = (k * BLOCK_K) // BK
-            g = g * tl.load(s_gate + kb, mask=n_ok, other=0.0)[:, None]
-            u = u * tl.load(s_up + kb, mask=n_ok, other=0.0)[:, None]
-        acc_g += g * xk
-        acc_u += u * xk
+            kb = (k * BLOCK_K + offs_k) // BK
+            acc_g += g * (xk * tl.load(s_gate + kb, mask=k_ok, other=0.0))[None, :]
+            acc_u += u * (xk * tl.load(s_up + kb, mask=k_ok, other=0.0))[None, :]
+        else:
+            acc_g += g * xk[None, :]
+            acc_u += u * xk[None, :]
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -247,7 +299,8 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
-    routing weights and the combine happen in registers (no per-pair output, no sum launch)."""
+    routing weights and the combine happen in registers (no per-pair output, no sum launch).
+    HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations."""
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
     slots = tl.arange(0, TOP_K_PAD)
@@ -261,14 +314,15 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
               + offs_k[None, None, :])
     a_ptrs = act_ptr + pairs[:, None] * stride_am + offs_k[None, :]
     acc = tl.zeros((TOP_K_PAD, BLOCK_N, BLOCK_K), tl.float32)
-    s_ptrs = s_ptr + experts[:, None] * stride_se + (offs_n // BN)[None, :] * stride_sn
+    s_rows = s_ptr + experts[:, None] * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        a_mask = slot_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            a = a * tl.load(s_rows + ((k * BLOCK_K + offs_k) // BK)[None, :], mask=a_mask, other=0.0)
         w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            w = w * tl.load(s_ptrs + (k * BLOCK_K) // BK, mask=slot_ok[:, None] & n_ok[None, :], other=0.0)[:, :, None]
         acc += w * a[:, None, :]
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
@@ -279,6 +333,12 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
 
 # SiLU*mul in the gate_up GEMM's epilogue (benchmarks.kernels times both)
 FUSE_SILU = True
+
+# From this many tokens the sorted path with fp8 weights quantizes its activations too (per token
+# and block-wide group: x before gate_up, the SiLU*up intermediate before down) and runs fp8
+# tensor-core dots (W8A8); below it, the weights are converted to the activations' dtype in
+# registers (W8A16), which costs no quantization launches (benchmarks.kernels --only fp8 times both).
+W8A8_MIN_M = 512
 
 # Below this many tokens the pair path wins (a GEMV per pair beats sorting; measured on H200 by
 # benchmarks.kernels, which times both paths).
@@ -293,6 +353,16 @@ PAIR_CONFIGS = {1: {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 8, "num_stages": 
                     "DOWN_BLOCK_N": 8, "DOWN_BLOCK_K": 128, "down_warps": 2, "down_stages": 1}}
 
 
+def fp8_pair_config_file(device_name: str, block: tuple[int, int]) -> Path:
+    return CONFIG_DIR / f"fp8_pairs,device={device_name.replace(' ', '_')},block={block[0]}x{block[1]}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_pair_table(device_name: str, block: tuple[int, int]) -> dict[int, dict] | None:
+    """{M: launch shape} for fp8 experts (`benchmarks.kernels --only pairs --write-configs`)."""
+    return _load_table(str(fp8_pair_config_file(device_name, block)))
+
+
 def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = None, w13_scale=None, w2_scale=None,
                     block=(128, 128)) -> torch.Tensor:
     """The small-batch path: no sorting; gate_up+SiLU*mul per pair, then down with the routing
@@ -304,21 +374,25 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     inter = two_i // 2
     if w13.stride(-1) != 1 or w2.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError("fused_moe_pairs needs the last dims of x, w13 and w2 contiguous")
-    cfg = {**PAIR_CONFIGS[min(PAIR_CONFIGS, key=lambda key: abs(key - m))], **(config or {})}
     fp8 = w13_scale is not None
+    table = (_fp8_pair_table(torch.cuda.get_device_name(x.device), tuple(block)) if fp8 and x.is_cuda else None) \
+        or PAIR_CONFIGS
+    cfg = {**table[min(table, key=lambda key: abs(key - m))], **(config or {})}
     s13, s2 = (w13_scale, w2_scale) if fp8 else (w13, w2)
     ids = topk_ids.to(torch.int32).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
-    _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, cfg["BLOCK_N"]))](
+    up_n = _dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
+    _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
         x, w13, ids, act, s13, inter, h, top_k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        s13.stride(0), s13.stride(1), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=_block_k(cfg["BLOCK_K"], block[1] if fp8 else None),
+        s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     out = torch.empty_like(x)
-    _pair_down_kernel[(m, triton.cdiv(h, cfg["DOWN_BLOCK_N"]))](
+    down_n = _dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
+    _pair_down_kernel[(m, triton.cdiv(h, down_n))](
         act, w2, ids, weights, out, s2, h, inter, top_k, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=cfg["DOWN_BLOCK_N"],
-        BLOCK_K=_block_k(cfg["DOWN_BLOCK_K"], block[1] if fp8 else None), HAS_SCALE=fp8, BN=block[0], BK=block[1],
+        s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
+        BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3))
     return out
 
@@ -382,19 +456,26 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     sorted_ids, block_expert, total = align_by_expert(topk_ids, e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
     fp8 = {"block": block} if w13_scale is not None else {}
+    tiles = [_fp8_tile(bn, cfg["BLOCK_K"], n, block) for bn, n in (
+        (max(16, cfg["BLOCK_N"] // 2) if FUSE_SILU else cfg["BLOCK_N"], two_i // 2), (cfg["BLOCK_N"], h))]
+    # fp8 dots need tiles inside one scale block and K steps of 32 or more
+    w8a8 = bool(fp8) and m >= W8A8_MIN_M and all(mode == 2 and bk >= 32 for _, bk, mode in tiles)
+    a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
     if FUSE_SILU:     # two accumulators per program: half the columns keeps the tuned register budget
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
         half = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
-        _grouped_gemm(x, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, half, True,
-                      scale=w13_scale, **fp8)
+        _grouped_gemm(a, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, half, True,
+                      scale=w13_scale, a_scale=a_scale, **fp8)
     else:
         gate_up = torch.empty(m * top_k, two_i, dtype=x.dtype, device=x.device)
-        _grouped_gemm(x, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg,
-                      scale=w13_scale, **fp8)
+        _grouped_gemm(a, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg,
+                      scale=w13_scale, a_scale=a_scale, **fp8)
         gate, up = gate_up.chunk(2, dim=-1)
         act = torch.nn.functional.silu(gate) * up
+    act, act_scale = (quantize_activations_fp8(act, block[1]) if w8a8 else (act, None))
     out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
-    _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg, scale=w2_scale, **fp8)
+    _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg, scale=w2_scale,
+                  a_scale=act_scale, **fp8)
     return sum_top_k(out.view(m, top_k, h))
 
 

@@ -30,8 +30,10 @@ DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
-    """HAS_SCALE: w is fp8 with a float32 scale per BN x BK block (kernels/fp8.py), applied in
-    registers: one scale per row when BLOCK_K fits in a scale block, per column otherwise."""
+    """HAS_SCALE: w is fp8 with a float32 scale per BN x BK block (kernels/fp8.py). BLOCK_N divides
+    BN, so a program's rows share one row of the scale grid: the scales multiply x's columns
+    (BLOCK_K of them per step, any BLOCK_K), and the weight costs one conversion per element, as
+    bf16 does."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -40,7 +42,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
     m_ok = offs_m < M
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    s_ptrs = s_ptr + (offs_n // BN) * stride_sn
+    s_row = s_ptr + ((pid * BLOCK_N) // BN) * stride_sn
     if M_PAD == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     else:
@@ -48,18 +50,15 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        xk = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        xf = xk.to(tl.float32)
         if HAS_SCALE:
-            if BLOCK_K <= BK:
-                w = w.to(tl.float32) * tl.load(s_ptrs + (k * BLOCK_K) // BK, mask=n_ok, other=0.0)[:, None]
-            else:
-                kb = (k * BLOCK_K + offs_k) // BK
-                w = w.to(tl.float32) * tl.load(s_ptrs[:, None] + kb[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                                               other=0.0)
+            xf = xf * tl.load(s_row + (k * BLOCK_K + offs_k) // BK, mask=k_ok, other=0.0)[None, :]
         if M_PAD == 1:
-            xk = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            acc2 += w.to(tl.float32) * xk.to(tl.float32)
+            acc2 += w.to(tl.float32) * xf
+        elif HAS_SCALE:
+            acc = tl.dot(xf.to(xk.dtype), tl.trans(w.to(xk.dtype)), acc)
         else:
-            xk = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K

@@ -293,7 +293,10 @@ def test_fp8_moe_pair_path(m, e, h, i, a, block):
     assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
-@pytest.mark.parametrize("m,e,h,i,a,block", [(7, 8, 64, 32, 2, (32, 32)), (33, 4, 96, 64, 2, (32, 64))])
+# (7, 8, 64, 32): tiles inside the scale blocks (one scale per tile and K step); (5, 4, 80, 40):
+# the intermediate size 40 is no multiple of 16, so gate_up's tiles take a scale per column
+@pytest.mark.parametrize("m,e,h,i,a,block", [(7, 8, 64, 32, 2, (32, 32)), (33, 4, 96, 64, 2, (32, 64)),
+                                             (5, 4, 80, 40, 2, (32, 32))])
 @pytest.mark.parametrize("fuse_silu", [True, False])
 def test_fp8_moe_sorted_path(m, e, h, i, a, block, fuse_silu, monkeypatch):
     import kernels.fused_moe
@@ -307,6 +310,60 @@ def test_fp8_moe_sorted_path(m, e, h, i, a, block, fuse_silu, monkeypatch):
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
     out = fused_moe(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, block=block)
     assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
+
+
+def _w8a8_moe_reference(x, d13, d2, w, ids, group):
+    """fused_moe_reference with x and the SiLU*up intermediate quantized per token and group."""
+    def fake_quant(t):
+        q, s = quantize_activations(t, group)
+        return q.float() * s.repeat_interleave(group, 1)[:, : t.shape[1]]
+
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    xq = fake_quant(x.float())
+    for ex in ids.unique().tolist():
+        tok, slot = torch.where(ids == ex)
+        gate, up = (xq[tok] @ d13[ex].T).chunk(2, dim=-1)
+        y = fake_quant(torch.nn.functional.silu(gate) * up) @ d2[ex].T
+        out.index_add_(0, tok, y * w[tok, slot, None].float())
+    return out
+
+
+@pytest.mark.parametrize("m,e,h,i,a,block", [(7, 8, 64, 32, 2, (32, 32)), (33, 4, 96, 64, 2, (32, 64))])
+def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, monkeypatch):
+    """From W8A8_MIN_M tokens the activations are fp8 too: against the same quantization in torch."""
+    import kernels.fused_moe
+    from kernels.fused_moe import fused_moe, fused_moe_reference
+    from qwen3vl_backend.layers.moe import route
+
+    monkeypatch.setattr(kernels.fused_moe, "W8A8_MIN_M", 1)
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
+    x = torch.randn(m, h, device=DEV) * torch.logspace(-1, 1, h, device=DEV)     # groups of unlike ranges
+    w, ids = route(torch.randn(m, e, device=DEV), a, True)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    out = fused_moe(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, block=block)
+    want = _w8a8_moe_reference(x, d13, d2, w, ids, block[1])
+    assert _rel(out, want) < KTOL
+    # and within e4m3's activation error of the unquantized product
+    assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < 6e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the kernel runs on a GPU (off it, the torch reference runs)")
+@pytest.mark.parametrize("t,k,group", [(1, 128, 128), (5, 300, 128), (33, 200, 32), (4, 70, 64), (954, 2048, 128)])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_activation_quantization_kernel(t, k, group, column_major):
+    from kernels.fp8 import quantize_activations_fp8
+
+    x = (torch.randn(t, k) * torch.logspace(-3, 2, k)).to(DEV).bfloat16()
+    x[0, :group] = 0.0                                      # an all-zero group keeps a finite scale
+    q, s = quantize_activations_fp8(x, group, scales_column_major=column_major)
+    rq, rs = quantize_activations(x, group)
+    assert s.shape == rs.shape and s.stride(1) == (t if column_major else 1)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    back, ref = (v.float() * sc.repeat_interleave(group, 1)[:, :k] for v, sc in ((q, s), (rq, rs)))
+    # x / scale may round differently in its last bit, and e4m3 then by one step (32 near 448)
+    step = rs.repeat_interleave(group, 1)[:, :k] * 32
+    assert ((back - ref).abs() <= step).all() and (back != ref).float().mean() < 1e-3
 
 
 @pytest.mark.gpu
@@ -331,15 +388,17 @@ def test_fp8_gpu_paths_at_30b_shapes(m):
     assert _rel(out, fused_moe_reference(xb.float(), d13, d2, w, ids)) < 2e-2
 
 
-def test_fp8_gemv_steps_across_scale_blocks():
-    """A K step of 256 over 128-wide scale blocks: each column its own block's scale."""
+@pytest.mark.parametrize("block_n,block", [(16, (32, 128)), (64, (32, 128)), (32, (16, 64))])
+def test_fp8_gemv_steps_across_scale_blocks(block_n, block):
+    """A K step of 256 over narrower scale blocks (each column its own block's scale), and
+    programs asked for more rows than a scale block holds (they take fewer)."""
     from kernels.fp8 import fp8_gemv
 
     x = torch.randn(3, 300, device=DEV)
-    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(70, 300) * torch.logspace(-2, 0, 300), (32, 128)))
-    want = x @ dequantize_weight_blocks(q, s, (32, 128)).T
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(70, 300) * torch.logspace(-2, 0, 300), block))
+    want = x @ dequantize_weight_blocks(q, s, block).T
     for m in (1, 3):
-        got = fp8_gemv(x[:m], q, s, (32, 128), config={"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4})
+        got = fp8_gemv(x[:m], q, s, block, config={"BLOCK_N": block_n, "BLOCK_K": 256, "num_warps": 4})
         assert _rel(got, want[:m]) < KTOL
 
 
