@@ -337,10 +337,12 @@ def sweep_fp8_gemv() -> tuple[list[dict], dict]:
             if m == 1:
                 space = itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))
             else:
-                space = itertools.product((16, 32), (128, 256, 512), (4, 8))
+                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True))
             best = (float("inf"), None)
-            for bn, bk, warps in space:
-                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3}
+            for bn, bk, warps, *a8 in space:
+                if a8 and a8[0] and bk != 128:        # W8A8 steps one scale block at a time
+                    continue
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3, **({"A8": True} if a8 and a8[0] else {})}
                 try:
                     ms = _per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
                 except Exception as e:          # out of registers or shared memory for the larger tiles

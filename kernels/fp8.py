@@ -176,10 +176,12 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
     while block[0] % block_n:               # a program's rows share one row of scale blocks
         block_n //= 2
+    a8 = bool(cfg.get("A8")) and m_pad > 1 and x.is_cuda and block[1] >= 32
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, wq, bias if bias is not None else scale, y, scale, m, n, k, x.stride(0), wq.stride(0), y.stride(0),
-        scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
-        HAS_SCALE=True, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n,
+        BLOCK_K=block[1] if a8 else cfg["BLOCK_K"], HAS_SCALE=True, BN=block[0], BK=block[1], A8=a8,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 

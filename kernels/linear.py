@@ -29,11 +29,13 @@ DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
+                   HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
+                   A8: tl.constexpr = False):
     """HAS_SCALE: w is fp8 with a float32 scale per BN x BK block (kernels/fp8.py). BLOCK_N divides
     BN, so a program's rows share one row of the scale grid: the scales multiply x's columns
     (BLOCK_K of them per step, any BLOCK_K), and the weight costs one conversion per element, as
-    bf16 does."""
+    bf16 does. A8 (with HAS_SCALE, M_PAD 16, BLOCK_K == BK): each program quantizes its x rows per
+    BK group in registers and the product is an fp8 tensor-core dot (W8A8; no conversion of w)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -52,14 +54,19 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
         w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         xk = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         xf = xk.to(tl.float32)
-        if HAS_SCALE:
-            xf = xf * tl.load(s_row + (k * BLOCK_K + offs_k) // BK, mask=k_ok, other=0.0)[None, :]
-        if M_PAD == 1:
-            acc2 += w.to(tl.float32) * xf
-        elif HAS_SCALE:
-            acc = tl.dot(xf.to(xk.dtype), tl.trans(w.to(xk.dtype)), acc)
+        if A8:
+            xs = tl.maximum(tl.max(tl.abs(xf), 1), 1e-12) / 448.0
+            xq = tl.clamp(xf / xs[:, None], -448.0, 448.0).to(w.dtype)
+            acc += tl.dot(xq, tl.trans(w)) * (xs[:, None] * tl.load(s_row + k))
         else:
-            acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
+            if HAS_SCALE:
+                xf = xf * tl.load(s_row + (k * BLOCK_K + offs_k) // BK, mask=k_ok, other=0.0)[None, :]
+            if M_PAD == 1:
+                acc2 += w.to(tl.float32) * xf
+            elif HAS_SCALE:
+                acc = tl.dot(xf.to(xk.dtype), tl.trans(w.to(xk.dtype)), acc)
+            else:
+                acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if M_PAD == 1:
