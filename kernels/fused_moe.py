@@ -38,8 +38,8 @@ DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "nu
 def _grouped_gemm_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, s_ptr,
-    # sizes
-    N, K, num_valid, top_k,
+    # sizes (num_experts: blocks of expert id num_experts, the expert-parallel sentinel, are skipped)
+    N, K, num_valid, top_k, num_experts,
     # strides
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_se, stride_sn,
     # meta
@@ -71,6 +71,8 @@ def _grouped_gemm_kernel(
     valid = pair < num_valid
     a_row = pair if A_ROWS_ARE_PAIRS else pair // top_k
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert >= num_experts:
+        return
 
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_k = tl.arange(0, BLOCK_K)
@@ -210,7 +212,7 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
     s = scale if scale is not None else b
     _grouped_gemm_kernel[grid](
         a, b, c, weights, sorted_ids, block_expert, total, s,
-        n, k, c.shape[0], top_k,
+        n, k, c.shape[0], top_k, b.shape[0],
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         s.stride(0), s.stride(1),
         A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight, FUSE_SILU=fuse_silu,
@@ -251,7 +253,7 @@ def _block_k(block_k: int, bk: int | None) -> int:
 
 
 @triton.jit
-def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
+def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
@@ -261,6 +263,8 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     pid_n = tl.program_id(1)
     token = pair // top_k
     expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if expert >= num_experts:             # another rank's expert (expert parallelism): its row is never read
+        return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
     offs_k = tl.arange(0, BLOCK_K)
@@ -294,7 +298,7 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
 
 
 @triton.jit
-def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k,
+def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
                       stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
@@ -307,6 +311,7 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     slot_ok = slots < top_k
     pairs = token * top_k + slots
     experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
+    slot_ok = slot_ok & (experts < num_experts)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -388,13 +393,13 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
     up_n = _dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
     _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
-        x, w13, ids, act, s13, inter, h, top_k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     out = torch.empty_like(x)
     down_n = _dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
-        act, w2, ids, weights, out, s2, h, inter, top_k, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3))
@@ -442,10 +447,12 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
-              w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+              w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
+              sentinel: bool = False) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
-    blocks, dequantized in registers (fp8 weights, activations in x's dtype)."""
+    blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
+    (expert parallelism), which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
@@ -457,7 +464,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]
     cfg = config or lookup_config(e, two_i // 2, h, m, x.device)
-    sorted_ids, block_expert, total = align_by_expert(topk_ids, e, cfg["BLOCK_M"])
+    # ids equal to e (another rank's experts) form the sentinel's blocks, which the GEMMs skip
+    sorted_ids, block_expert, total = align_by_expert(topk_ids, e + 1 if sentinel else e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
     fp8 = {"block": block} if w13_scale is not None else {}
     tiles = [_fp8_tile(bn, cfg["BLOCK_K"], n, block) for bn, n in (
@@ -477,7 +485,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         gate, up = gate_up.chunk(2, dim=-1)
         act = torch.nn.functional.silu(gate) * up
     act, act_scale = (quantize_activations_fp8(act, block[1]) if w8a8 else (act, None))
-    out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
+    out = (torch.zeros if sentinel else torch.empty)(m * top_k, h, dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg, scale=w2_scale,
                   a_scale=act_scale, **fp8)
     return sum_top_k(out.view(m, top_k, h))

@@ -39,6 +39,12 @@ class EngineConfig:
     overlap_schedule: bool = True         # queue step n+1 before reading step n back (SGLang's overlap scheduler)
     quantization: str = ""                # "" (as the checkpoint is) | fp8: quantize a bf16 checkpoint as it loads
     seed: int = 0
+    tp_size: int = 1                      # tensor parallelism: one process per GPU (qwen3vl_backend/parallel.py)
+    ep_size: int = 1                      # expert parallelism within the tp ranks (divides tp_size)
+    nnodes: int = 1                       # hosts the tp ranks span; each other host runs engine.tp_worker
+    node_rank: int = 0
+    dist_init_addr: str = ""              # host:port of rank 0's rendezvous (default: loopback, a free port)
+    dist_timeout_s: float = 600.0         # a collective no rank answers for this long fails the group
 
     def __post_init__(self):
         if not self.model_path:
@@ -61,6 +67,15 @@ class EngineConfig:
         if self.attention_backend == "triton" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise ConfigError(f"block_size must be a power of two >= 16 with the triton attention backend, "
                               f"got {self.block_size}")
+        if self.tp_size < 1 or self.ep_size < 1 or self.tp_size % self.ep_size:
+            raise ConfigError(f"tp_size {self.tp_size} and ep_size {self.ep_size}: both >= 1, ep dividing tp")
+        if self.nnodes < 1 or self.tp_size % self.nnodes or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"nnodes {self.nnodes} must divide tp_size {self.tp_size}, node_rank in [0, nnodes)")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ConfigError("several nodes need dist_init_addr (host:port of node 0)")
+        if self.device.startswith("cuda") and self.tp_size // self.nnodes > torch.cuda.device_count() - self.device_index:
+            raise ConfigError(f"tp_size {self.tp_size} needs {self.tp_size // self.nnodes} GPUs per node from "
+                              f"{self.device}, {torch.cuda.device_count()} present")
         if self.cuda_graph_max_bs < 0:
             raise ConfigError("cuda_graph_max_bs must be >= 0")
         if self.quantization not in ("", "fp8"):
@@ -80,6 +95,17 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def device_index(self) -> int:
+        """The first GPU of this node's ranks (cuda:N), 0 for plain cuda."""
+        return int(self.device.split(":")[1]) if ":" in self.device else 0
+
+    def rank_device(self, rank: int) -> str:
+        """Global rank -> its device: consecutive GPUs from `device` on each node."""
+        if not self.device.startswith("cuda"):
+            return self.device
+        return f"cuda:{self.device_index + rank % (self.tp_size // self.nnodes)}"
 
     @classmethod
     def from_settings(cls, settings: dict[str, str]) -> "EngineConfig":

@@ -23,10 +23,19 @@ from .sampling_params import SAMPLING_FIELDS, SamplingParams
 
 
 def run(model_path: str, request: dict, max_tokens: int | None = None, device: str = "auto",
-        dtype: str = "auto", engine: LLMEngine | None = None) -> dict:
+        dtype: str = "auto", engine: LLMEngine | None = None, **engine_settings) -> dict:
     if not isinstance(request, dict) or "messages" not in request:
         raise RequestError("the request needs 'messages'")
-    engine = engine or LLMEngine(EngineConfig(model_path=model_path, device=device, dtype=dtype))
+    own = engine is None
+    engine = engine or LLMEngine(EngineConfig(model_path=model_path, device=device, dtype=dtype, **engine_settings))
+    try:
+        return _generate(engine, model_path, request, max_tokens)
+    finally:
+        if own:
+            engine.close()
+
+
+def _generate(engine: LLMEngine, model_path: str, request: dict, max_tokens: int | None) -> dict:
     processor = Processor(model_path, engine.tokenizer)
     prompt = processor.process_messages(request["messages"])
     sp = {k: request[k] for k in SAMPLING_FIELDS if k in request}
@@ -44,11 +53,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--quantization", default="", choices=["", "fp8"])
+    ap.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="tensor-parallel ranks (processes)")
+    ap.add_argument("--ep", "--ep-size", dest="ep", type=int, default=1, help="expert-parallel groups within them")
+    ap.add_argument("--nnodes", type=int, default=1)
+    ap.add_argument("--node-rank", type=int, default=0)
+    ap.add_argument("--dist-init-addr", default="")
     args = ap.parse_args(argv)
     try:
         with open(args.request) as f:
             request = json.load(f)
-        out = run(args.model_path, request, args.max_tokens, args.device, args.dtype)
+        out = run(args.model_path, request, args.max_tokens, args.device, args.dtype, load_format=args.load_format,
+                  quantization=args.quantization, tp_size=args.tp, ep_size=args.ep, nnodes=args.nnodes,
+                  node_rank=args.node_rank, dist_init_addr=args.dist_init_addr)
     except (OSError, json.JSONDecodeError, ValueError) as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}), file=sys.stderr)
         return 2

@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--metrics-port", type=int, default=8002)
     a("--tp", "--tp-size", "--tensor-parallel-size", dest="tp", type=int, default=1)
     a("--ep", "--ep-size", "--expert-parallel-size", dest="ep", type=int, default=1)
+    a("--nnodes", type=int, default=1, help="hosts the --tp ranks span (each host: --tp / --nnodes GPUs)")
+    a("--node-rank", type=int, default=0, help="this host's index; the server runs on node 0")
+    a("--dist-init-addr", "--dist-init-address", dest="dist_init_addr", default=None,
+      help="HOST:PORT of node 0's rendezvous (several nodes; default: loopback)")
+    a("--mm-enable-dp-encoder", action="store_true",
+      help="one vit instance per GPU of the tp group (images spread across them)")
     a("--device", default="auto")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     a("--load-format", default="auto", choices=["auto", "dummy"])
@@ -122,14 +128,22 @@ def resolve(args) -> dict:
     from .config import ConfigError, EngineConfig, PreprocessConfig
 
     gpus = _gpu_count()
+    on_cpu = args.device == "cpu"          # tp ranks as CPU processes (gloo): tests and development
     for name in ("tp", "ep"):
-        n = getattr(args, name)
-        if n < 1:
+        if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
-        if n > max(gpus, 1):
-            raise SystemExit(f"--{name} {n} needs {n} GPUs, {gpus} present")
-        if n > 1:
-            raise SystemExit(f"--{name} {n}: multi-GPU serving is not implemented in this build yet")
+    if args.tp % args.ep:
+        raise SystemExit(f"--ep {args.ep} must divide --tp {args.tp} (SGLang's semantics: the experts split into "
+                         f"--ep groups within the --tp ranks)")
+    if args.nnodes < 1 or args.tp % args.nnodes or not 0 <= args.node_rank < args.nnodes:
+        raise SystemExit(f"--nnodes {args.nnodes} must divide --tp {args.tp}, with --node-rank in [0, nnodes)")
+    if args.nnodes > 1 and not args.dist_init_addr:
+        raise SystemExit("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+    if args.node_rank > 0:
+        raise SystemExit(f"--node-rank {args.node_rank}: the server runs on node 0; start this node's ranks with "
+                         f"python -m qwen3vl_backend.engine.tp_worker {' '.join(_worker_flags(args))}")
+    if not on_cpu and args.tp > 1 and args.tp // args.nnodes > gpus:
+        raise SystemExit(f"--tp {args.tp} needs {args.tp // args.nnodes} GPUs on this node, {gpus} present")
     if args.preprocess_instances < 1:
         raise SystemExit("--preprocess-instances must be >= 1")
     if args.attention_backend == "fa3" or args.mm_attention_backend in ("fa3", "fa2"):
@@ -144,7 +158,9 @@ def resolve(args) -> dict:
            "mem_fraction_static": str(args.mem_fraction_static),
            "enable_prefix_cache": "false" if args.disable_radix_cache else "true",
            "overlap_schedule": "false" if args.disable_overlap_schedule else "true",
-           "attention_backend": args.attention_backend, "quantization": args.quantization or ""}
+           "attention_backend": args.attention_backend, "quantization": args.quantization or "",
+           "tp_size": str(args.tp), "ep_size": str(args.ep), "nnodes": str(args.nnodes),
+           "node_rank": str(args.node_rank), "dist_init_addr": args.dist_init_addr or ""}
     try:
         engine_cfg = EngineConfig.from_settings(llm)
     except ConfigError as e:
@@ -153,10 +169,13 @@ def resolve(args) -> dict:
     ipc = _env_flag("QWEN3VL_USE_CUDA_IPC_TRANSPORT", "SGLANG_USE_CUDA_IPC_TRANSPORT") or "0"
     ipc = "1" if ipc.strip().lower() in ("1", "true", "yes", "on") else "0"
     cache_mb = _env_flag("QWEN3VL_VLM_CACHE_SIZE_MB", "SGLANG_VLM_CACHE_SIZE_MB") or "100"
+    # --mm-enable-dp-encoder: one vit instance per GPU of the tp group, images spread across them
+    vit_gpus = args.tp // args.nnodes if args.mm_enable_dp_encoder and not on_cpu else 1
     vit = {"model_path": model_path, "device": args.device, "dtype": args.dtype, "load_format": args.load_format,
            "mm_attention_backend": args.mm_attention_backend, "vlm_cache_size_mb": cache_mb,
            "keep_mm_feature_on_device": str(args.keep_mm_feature_on_device).lower(),
-           "enable_vit_cuda_graph": str(args.enable_vit_cuda_graph).lower()}
+           "enable_vit_cuda_graph": str(args.enable_vit_cuda_graph).lower(),
+           "vit_gpus": str(vit_gpus)}
     # --mm-max-concurrent-calls bounds media jobs server-wide: each preprocess instance gets an
     # equal share, and there are never more instances than jobs allowed
     if args.mm_max_concurrent_calls < 1:
@@ -176,7 +195,14 @@ def resolve(args) -> dict:
         PreprocessConfig.from_settings(pre)
     except ConfigError as e:
         raise SystemExit(f"invalid settings: {e}") from None
-    return {"preprocess": pre, "vit": vit, "llm": llm, "instances": {"preprocess": instances}}
+    return {"preprocess": pre, "vit": vit, "llm": llm, "instances": {"preprocess": instances, "vit": vit_gpus}}
+
+
+def _worker_flags(args) -> list[str]:
+    flags = ["--model-path", args.model_path, "--tp", str(args.tp), "--ep", str(args.ep), "--nnodes",
+             str(args.nnodes), "--node-rank", str(args.node_rank), "--dist-init-addr", args.dist_init_addr or "",
+             "--load-format", args.load_format, "--device", args.device, "--dtype", args.dtype]
+    return flags + (["--quantization", args.quantization] if args.quantization else [])
 
 
 def frontend_args(args, settings: dict) -> list[str]:
@@ -239,21 +265,37 @@ def _model_dir(model_path: str, load_format: str) -> str:
                      f"with --load-format dummy these names work: {known})")
 
 
+def _rank0_shard(model_path: str, cfg):
+    """Rank 0's shard on the meta device (the largest: ranks differ only in the vocabulary's last
+    rows); a layout the model cannot take (heads, experts, fp8 blocks) exits with its reason."""
+    from .loader import build_model, model_config
+    from .parallel import Parallel
+
+    try:
+        return build_model(model_config(model_path, cfg.quantization), "meta", cfg.torch_dtype,
+                           Parallel(cfg.tp_size, 0, cfg.ep_size))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def _check_weights_fit(model_path: str, cfg) -> None:
-    """On a GPU: refuse before starting anything when the weights alone pass --mem-fraction-static."""
+    """Refuse before starting anything a tp/ep layout the model cannot take, and, on a GPU, weights
+    that alone pass --mem-fraction-static."""
+    model = _rank0_shard(model_path, cfg)
     if not cfg.device.startswith("cuda"):
         return
     import torch
 
-    from .loader import build_model, model_config, weight_bytes
+    from .loader import weight_bytes
 
-    need = weight_bytes(build_model(model_config(model_path, cfg.quantization), "meta", cfg.torch_dtype))
+    need = weight_bytes(model)
     total = torch.cuda.mem_get_info(torch.device(cfg.device))[1]
     if need > total * cfg.mem_fraction_static:
-        raise SystemExit(f"{Path(model_path).name}: its weights need {need / 1e9:.1f} GB ({cfg.dtype}) but "
+        per = f" per GPU at --tp {cfg.tp_size}" if cfg.tp_size > 1 else ""
+        raise SystemExit(f"{Path(model_path).name}: its weights need {need / 1e9:.1f} GB{per} ({cfg.dtype}) but "
                          f"--mem-fraction-static {cfg.mem_fraction_static} of this GPU's {total / 1e9:.1f} GB is "
-                         f"{total * cfg.mem_fraction_static / 1e9:.1f} GB (one GPU: tensor and expert parallelism "
-                         f"are not implemented in this build)")
+                         f"{total * cfg.mem_fraction_static / 1e9:.1f} GB (more GPUs: --tp; fp8: --quantization fp8 "
+                         f"or an FP8 checkpoint)")
 
 
 def _gpu_count() -> int:

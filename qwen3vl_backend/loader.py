@@ -25,6 +25,7 @@ from .layers.linear import ShapeMismatch, default_weight_loader
 from .model_config import ModelConfig, QuantConfig
 from .models.qwen3_vl import Qwen3VLForConditionalGeneration
 from .models.vision import VisionModel
+from .parallel import Parallel
 
 _EXPERTS = r"(model\.language_model\.layers\.\d+\.mlp\.experts)"
 _LM = r"(model\.language_model\.layers\.\d+)"
@@ -79,14 +80,16 @@ class WeightLoadError(ValueError):
     pass
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The model with uninitialised storage on `device` (meta allocates nothing). `dtype` is the
-    default for every parameter; quantized weights and their scales keep their own."""
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                par: Parallel = Parallel()):
+    """The model (this rank's shard under `par`) with uninitialised storage on `device` (meta
+    allocates nothing). `dtype` is the default for every parameter; quantized weights and their
+    scales keep their own."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = Qwen3VLForConditionalGeneration(cfg)
+            model = Qwen3VLForConditionalGeneration(cfg, par)
     finally:
         torch.set_default_dtype(previous)
     return model.eval() if str(device) == "meta" else materialize(model, device)
@@ -136,8 +139,8 @@ def check_weights_fit(model: nn.Module, device, what: str) -> None:
     if free is not None and need > free:
         raise WeightLoadError(
             f"{what}: the weights need {need / 1e9:.1f} GB ({next(model.parameters()).dtype}) but {device} has "
-            f"{free / 1e9:.1f} GB free; use a device with more memory or a smaller model "
-            f"(tensor and expert parallelism are not implemented in this build)")
+            f"{free / 1e9:.1f} GB free; use a device with more memory, a smaller model, more GPUs "
+            f"(--tp) or fp8 (--quantization fp8)")
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -269,11 +272,13 @@ def model_config(path: str | Path, quantization: str = "") -> ModelConfig:
     return cfg
 
 
-def load_model(path: str | Path, device="cpu", dtype=torch.float32, load_format: str = "auto", quantization: str = ""):
-    """Build and fill the model: `auto` reads safetensors, `dummy` draws random weights."""
+def load_model(path: str | Path, device="cpu", dtype=torch.float32, load_format: str = "auto", quantization: str = "",
+               par: Parallel = Parallel()):
+    """Build and fill the model (this rank's shard): `auto` reads safetensors, `dummy` draws
+    random weights."""
     cfg = model_config(path, quantization)
-    model = build_model(cfg, "meta", dtype)
-    check_weights_fit(model, device, Path(path).name)
+    model = build_model(cfg, "meta", dtype, par)
+    check_weights_fit(model, device, Path(path).name + (f" (rank {par.tp_rank} of {par.tp_size})" if par.tp_size > 1 else ""))
     model = materialize(model, device)
     if load_format == "dummy":
         init_dummy_weights(model)

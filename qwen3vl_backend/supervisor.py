@@ -25,12 +25,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .parallel import NO_MULTICAST
 from .tools.install_triton import install
 
 ROOT = Path(__file__).resolve().parent.parent
 STUB = "triton_python_b"            # the stub's name as /proc shows it (15 characters)
-# NVLink multicast can take a shared host's GPUs out of service: off for everything we start
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def free_port() -> int:

@@ -83,7 +83,12 @@ def test_vit_cuda_graph_flag_reaches_the_vit_model():
 
 @pytest.mark.parametrize("argv,message", [
     (["--tp", "8"], "--tp 8 needs 8 GPUs"),
-    (["--ep-size", "4"], "--ep 4 needs 4 GPUs"),
+    (["--ep-size", "4"], "--ep 4 must divide --tp 1"),
+    (["--tp", "2", "--ep", "3", "--device", "cpu"], "--ep 3 must divide --tp 2"),
+    (["--tp", "2", "--nnodes", "2", "--device", "cpu"], "--nnodes > 1 needs --dist-init-addr"),
+    (["--tp", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "10.0.0.1:5000", "--device", "cpu"],
+     "start this node's ranks with python -m qwen3vl_backend.engine.tp_worker"),
+    (["--tp", "3", "--device", "cpu"], "query heads of 4 does not split over tensor-parallel size 3"),
     (["--mem-fraction-static", "1.5"], "mem_fraction_static must be in (0, 1)"),
     (["--max-running-requests", "0"], "max_num_seqs must be positive"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
@@ -95,7 +100,7 @@ def test_vit_cuda_graph_flag_reaches_the_vit_model():
     (["--max-request-body-mb", "0"], "--max-request-body-mb must be positive"),
 ])
 def test_inconsistent_flags_are_refused(tiny_moe, argv, message):
-    if message.startswith("--tp") or message.startswith("--ep"):
+    if message.startswith("--tp") and "--device" not in argv:
         import torch
         if torch.cuda.device_count() >= int(argv[1]):
             pytest.skip("enough GPUs here")
@@ -149,7 +154,7 @@ def test_weights_past_the_gpu_budget_are_refused_before_starting(monkeypatch):
     configs = launch.ROOT / "qwen3vl_backend" / "data" / "configs"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
     cfg = SimpleNamespace(device="cuda", torch_dtype=torch.bfloat16, dtype="bfloat16", mem_fraction_static=0.65,
-                          quantization="")
+                          quantization="", tp_size=1, ep_size=1)
     with pytest.raises(SystemExit, match=r"its weights need 471\.3 GB \(bfloat16\) but --mem-fraction-static 0\.65 "
                                          r"of this GPU's 80\.0 GB is 52\.0 GB"):
         launch._check_weights_fit(str(configs / "Qwen3-VL-235B-A22B-Instruct.json"), cfg)
@@ -160,6 +165,14 @@ def test_weights_past_the_gpu_budget_are_refused_before_starting(monkeypatch):
     launch._check_weights_fit(str(configs / "Qwen3-VL-30B-A3B-Instruct-FP8.json"), cfg)          # 32.2 GB
     launch._check_weights_fit(str(configs / "Qwen3-VL-30B-A3B-Instruct.json"), SimpleNamespace(**{**vars(cfg),
                                                                                                   "quantization": "fp8"}))
+    # per GPU under tp/ep: the guide's --tp 8 --ep 8 of 235B fits 80 GB GPUs in fp8, not in bf16
+    tp8 = SimpleNamespace(**{**vars(cfg), "tp_size": 8, "ep_size": 8})
+    with pytest.raises(SystemExit, match=r"its weights need 60\.\d GB per GPU at --tp 8 \(bfloat16\)"):
+        launch._check_weights_fit(str(configs / "Qwen3-VL-235B-A22B-Instruct.json"), tp8)
+    launch._check_weights_fit(str(configs / "Qwen3-VL-235B-A22B-Instruct-FP8.json"), tp8)
+    with pytest.raises(SystemExit, match=r"is 192, not fp8 blocks of \[128, 128\]; use --ep 2"):
+        launch._check_weights_fit(str(configs / "Qwen3-VL-235B-A22B-Instruct-FP8.json"),
+                                  SimpleNamespace(**{**vars(cfg), "tp_size": 8}))
 
 
 def test_dry_run_names_every_address_and_triton_stays_on_loopback(tiny_moe):

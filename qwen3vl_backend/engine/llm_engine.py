@@ -85,6 +85,10 @@ class LLMEngine:
         self._failed: list[RequestOutput] = []   # requests a step failed, reported by the next step()
         self.vocab_size = self.runner.model_cfg.text.vocab_size
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine is unusable after)."""
+        self.runner.close()
+
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: ProcessedPrompt | list[int], params: SamplingParams,
                     request_id: str | None = None, vision_outputs=None) -> str:

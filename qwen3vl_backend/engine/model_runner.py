@@ -7,19 +7,27 @@ and samples the sequences whose chunk reached their last token.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import EngineConfig
 from ..device import device_tensor
+from ..parallel import Parallel
 from ..layers.attention import AttentionMetadata, varlen_attention_torch
 from ..layers.sampler import Sampler
-from ..loader import load_model
+from ..loader import build_model, load_model, model_config
 from ..processing.positions import decode_positions
 from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
 from .scheduler import ScheduledChunk
+from ..supervisor import free_port
+from .tp import StepChannel, Watchdog, fatal, init_group, start_local_workers, wait_all
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,23 +116,38 @@ def _sample_rows(chunks: list[ScheduledChunk], banned: dict[str, set[int]] | Non
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
-        self.device = torch.device(cfg.device)
+    """One rank's model. Rank 0 (the engine's) prepares each step and, under tensor parallelism,
+    sends it to the other ranks (engine/tp.py), which run `serve_steps`."""
+
+    def __init__(self, cfg: EngineConfig, rank: int = 0):
+        self.cfg, self.rank = cfg, rank
+        self.device = torch.device(cfg.rank_device(rank))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.dtype = cfg.torch_dtype
-        self.model = load_model(cfg.model_path, self.device, self.dtype, cfg.load_format, cfg.quantization)
+        self.par = Parallel(cfg.tp_size, rank, cfg.ep_size)
+        self.workers, self.channel, self.watchdog = [], None, None
+        if cfg.tp_size > 1:
+            self._join_group()
+        self.model = load_model(cfg.model_path, self.device, self.dtype, cfg.load_format, cfg.quantization, self.par)
         self.model_cfg = self.model.cfg
         t = self.model_cfg.text
         self.visual_token_ids = (self.model_cfg.image_token_id, self.model_cfg.video_token_id)
         self.num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
+        if cfg.tp_size > 1:                 # every rank's cache holds the blocks rank 0 hands out
+            n = torch.tensor([self.num_blocks], device=self.device)
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+            self.num_blocks = int(n)
+            self.channel = StepChannel(self._ctrl, self.device, self.dtype, t.hidden_size, cfg.block_size)
+        kv_heads = self.model.model.language_model.layers[0].self_attn.kv_heads      # this rank's
         # one block more than the block manager hands out: the scratch block CUDA-graph padding writes to
-        shape = (2, self.num_blocks + 1, cfg.block_size, t.num_key_value_heads, t.head_dim)
+        shape = (2, self.num_blocks + 1, cfg.block_size, kv_heads, t.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(t.num_hidden_layers)]
         self.sampler = Sampler()
         select_kernels(self.model, cfg)
         self.vision_graphs = None
-        if self.device.type == "cuda" and cfg.enable_vit_cuda_graph:
+        if self.device.type == "cuda" and cfg.enable_vit_cuda_graph and rank == 0:
             from .vision_graphs import VisionGraphs
 
             self.vision_graphs = VisionGraphs(self.model.visual)
@@ -136,12 +159,77 @@ class ModelRunner:
                                        -(-cfg.max_model_len // cfg.block_size), self.num_blocks, sizes, cfg.device)
             self.graphs.capture()
 
+    def _join_group(self) -> None:
+        """Start this node's other ranks (rank 0 only) and join the group."""
+        cfg = self.cfg
+        addr = cfg.dist_init_addr or f"127.0.0.1:{free_port()}"
+        per_node = cfg.tp_size // cfg.nnodes
+        if self.rank == 0:
+            # a layout the model cannot take (heads, experts, fp8 blocks) fails here, before any process starts
+            build_model(model_config(cfg.model_path, cfg.quantization), "meta", self.dtype, self.par)
+            settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+            settings["dist_init_addr"] = addr
+            self.workers = start_local_workers(settings, list(range(1, per_node)))
+            self.watchdog = Watchdog(self.workers)
+            self.watchdog.start()
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self._ctrl = init_group(self.rank, cfg.tp_size, addr, backend, cfg.dist_timeout_s)
+
+    def close(self) -> None:
+        """Rank 0: stop the other ranks (they leave their loop and exit) and wait for them."""
+        if self.rank != 0 or self.channel is None:
+            return
+        if self.watchdog is not None:
+            self.watchdog.stopping.set()
+        try:
+            self.channel.stop()
+        except Exception as e:          # a worker already gone: kill the rest below
+            log.warning("stopping the tensor-parallel workers: %s", e)
+        wait_all(self.workers, 10.0)
+        self.channel = None
+        torch.distributed.destroy_process_group()
+
+    def serve_steps(self) -> None:
+        """Ranks 1..: run each step rank 0 sends until it sends stop."""
+        while True:
+            h, ids, positions, meta, vis_embeds, vis_mask, deepstack = self.channel.receive()
+            if h["op"] == "stop":
+                return
+            with torch.no_grad():
+                if h["graph"]:
+                    self.graphs.run(ids, positions, meta)
+                    continue
+                hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
+                if h["rows"] == "all":
+                    self.model.compute_logits(hidden)
+                elif h["rows"]:
+                    self.model.compute_logits(hidden[device_tensor(h["rows"], torch.long, self.device)])
+
+    def _publish(self, graph: bool, rows, ids, positions, meta, vis_embeds=None, vis_mask=None, deepstack=()):
+        if self.channel is not None:
+            self.channel.send({"op": "step", "graph": graph, "rows": rows}, ids, positions, meta, vis_embeds,
+                              vis_mask, deepstack)
+
+    @contextlib.contextmanager
+    def _group_step(self):
+        """Around a step's collectives: a failure there leaves the ranks out of step (one may be
+        gone, the others inside a collective), so under tensor parallelism it ends the process,
+        as a worker's death does (tp.Watchdog): requests fail now, the supervisor restarts."""
+        try:
+            yield
+        except Exception as e:
+            if self.channel is None:
+                raise
+            log.exception("a tensor-parallel step failed")
+            fatal(f"a tensor-parallel step failed ({type(e).__name__}: {e}); the engine stops")
+
     def _auto_num_blocks(self) -> int:
         if self.device.type != "cuda":
             return 2048
         t = self.model_cfg.text
         free, total = torch.cuda.mem_get_info(self.device)
-        per_block = 2 * self.cfg.block_size * t.num_key_value_heads * t.head_dim * self.dtype.itemsize
+        kv_heads = self.model.model.language_model.layers[0].self_attn.kv_heads
+        per_block = 2 * self.cfg.block_size * kv_heads * t.head_dim * self.dtype.itemsize
         per_block *= t.num_hidden_layers
         # room for activations and CUDA graphs outside the static fraction
         budget = total * self.cfg.mem_fraction_static - (total - free)
@@ -161,8 +249,10 @@ class ModelRunner:
     def logits(self, batch: list[ScheduledChunk]) -> torch.Tensor:
         """Logits (T, V) of every token of the batch (prompt scoring, parity checks)."""
         ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch)
-        hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
-        return self.model.compute_logits(hidden)
+        with self._group_step():
+            self._publish(False, "all", ids, positions, meta, vis_embeds, vis_mask, deepstack)
+            hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
+            return self.model.compute_logits(hidden)
 
     @torch.no_grad()
     def run(self, batch: list[ScheduledChunk], banned: dict[str, set[int]] | None = None,
@@ -175,13 +265,18 @@ class ModelRunner:
         ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch, pending)
         if (self.graphs is not None and vis_embeds is None and meta.is_decode_only and self.graphs.fits(len(batch))
                 and all(c.samples for c in batch)):
-            return self.sampler.sample(self.graphs.run(ids, positions, meta), _sample_rows(batch, banned))
-        hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
+            with self._group_step():
+                self._publish(True, None, ids, positions, meta)
+                logits = self.graphs.run(ids, positions, meta)
+            return self.sampler.sample(logits, _sample_rows(batch, banned))
         ends = itertools.accumulate(c.num_tokens for c in batch)
         last = [end - 1 for end, c in zip(ends, batch) if c.samples]
-        if not last:
-            return None
-        logits = self.model.compute_logits(hidden[device_tensor(last, torch.long, self.device)])
+        with self._group_step():
+            self._publish(False, last, ids, positions, meta, vis_embeds, vis_mask, deepstack)
+            hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
+            if not last:
+                return None
+            logits = self.model.compute_logits(hidden[device_tensor(last, torch.long, self.device)])
         return self.sampler.sample(logits, _sample_rows([c for c in batch if c.samples], banned))
 
     def prepare(self, batch: list[ScheduledChunk], pending: torch.Tensor | None = None):

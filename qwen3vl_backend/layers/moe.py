@@ -11,6 +11,7 @@ from torch import nn
 
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
 
+from ..parallel import Parallel, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch
 
 
@@ -29,6 +30,8 @@ def moe_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     out = torch.zeros_like(x)
     weights = weights.to(x.dtype)
     for e in ids.unique().tolist():
+        if e >= w13.shape[0]:                   # another rank's experts (expert parallelism)
+            continue
         token_idx, slot = torch.where(ids == e)
         gate, up = F.linear(x[token_idx], w13[e]).chunk(2, dim=-1)
         h = F.linear(F.silu(gate) * up, w2[e]) * weights[token_idx, slot, None]
@@ -37,8 +40,10 @@ def moe_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 
 class FusedMoE(nn.Module):
-    """One layer's experts in two stacked weights, linear layout: w13 (E, 2I/tp, H), gate rows
-    then up rows, and w2 (E, H, I/tp); tensor parallelism splits the intermediate dimension.
+    """One layer's experts in two stacked weights, linear layout: w13 (E/ep, 2I/tp, H), gate rows
+    then up rows, and w2 (E/ep, H, I/tp): expert parallelism holds experts
+    [ep_rank * E/ep, (ep_rank + 1) * E/ep), tensor parallelism (here the MoE's own, tp / ep
+    ranks per expert group) splits their intermediate dimension.
 
     `weight_loader(param, loaded, shard_id, expert_id=None)` takes either layout a checkpoint has:
     the released fused tensors (shard "gate_up": (E, H, 2I); "down": (E, I, H), transposed here)
@@ -46,27 +51,26 @@ class FusedMoE(nn.Module):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, tp_size: int = 1,
-                 tp_rank: int = 0, fp8_block: tuple[int, int] | None = None, fp8_online: bool = False):
+                 tp_rank: int = 0, fp8_block: tuple[int, int] | None = None, fp8_online: bool = False,
+                 ep_size: int = 1, ep_rank: int = 0):
         super().__init__()
-        if intermediate_size % tp_size:
-            raise ValueError(f"expert intermediate size {intermediate_size} does not split over tp {tp_size}")
+        check_moe_split(num_experts, intermediate_size, tp_size * ep_size, ep_size, fp8_block)
         self.num_experts, self.hidden, self.inter = num_experts, hidden_size, intermediate_size
         self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.num_local = num_experts // ep_size
+        self.first_expert = ep_rank * self.num_local
         self.block, self.online = fp8_block, fp8_online
         local = intermediate_size // tp_size
         dtype = FP8 if fp8_block else None
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, local, dtype=dtype), requires_grad=False)
+        e_local = self.num_local
+        self.w13 = nn.Parameter(torch.empty(e_local, 2 * local, hidden_size, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e_local, hidden_size, local, dtype=dtype), requires_grad=False)
         self.w13.weight_loader = self.w2.weight_loader = self.weight_loader
         if fp8_block:
-            bn, bk = fp8_block
-            if local % bn or local % bk:
-                raise ValueError(f"fp8 blocks of {fp8_block}: the experts' intermediate size {local} per rank is "
-                                 f"not whole blocks (with expert parallelism each rank holds whole experts)")
             grid13, grid2 = scale_grid(2 * local, hidden_size, fp8_block), scale_grid(hidden_size, local, fp8_block)
-            self.w13_weight_scale_inv = nn.Parameter(torch.empty(num_experts, *grid13, dtype=torch.float32),
+            self.w13_weight_scale_inv = nn.Parameter(torch.empty(e_local, *grid13, dtype=torch.float32),
                                                      requires_grad=False)
-            self.w2_weight_scale_inv = nn.Parameter(torch.empty(num_experts, *grid2, dtype=torch.float32),
+            self.w2_weight_scale_inv = nn.Parameter(torch.empty(e_local, *grid2, dtype=torch.float32),
                                                     requires_grad=False)
             self.w13_weight_scale_inv.weight_loader = self.w2_weight_scale_inv.weight_loader = self.scale_loader
 
@@ -74,20 +78,29 @@ class FusedMoE(nn.Module):
     def quantized(self) -> bool:
         return self.block is not None
 
+    def _local_expert(self, expert_id: int) -> int | None:
+        local = expert_id - self.first_expert
+        return local if 0 <= local < self.num_local else None
+
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert_id: int | None = None):
         e, h, inter, local = self.num_experts, self.hidden, self.inter, self.inter // self.tp_size
         mine = slice(self.tp_rank * local, (self.tp_rank + 1) * local)
+        if expert_id is not None:
+            expert_id = self._local_expert(expert_id)
+            if expert_id is None:                     # another rank's expert
+                return
+        ours = slice(self.first_expert, self.first_expert + self.num_local)
         if self.online and loaded.dtype != FP8:       # --quantization fp8: quantize expert by expert
             self._quantize_on_load(param, loaded, shard_id, expert_id)
             return
         if shard_id == "gate_up":
             _expect(loaded, (e, h, 2 * inter))
-            t = loaded.transpose(1, 2)
+            t = loaded[ours].transpose(1, 2)
             param.data[:, :local].copy_(t[:, :inter][:, mine].to(param.dtype))
             param.data[:, local:].copy_(t[:, inter:][:, mine].to(param.dtype))
         elif shard_id == "down" and expert_id is None:
             _expect(loaded, (e, inter, h))
-            param.data.copy_(loaded.transpose(1, 2)[:, :, mine].to(param.dtype))
+            param.data.copy_(loaded[ours].transpose(1, 2)[:, :, mine].to(param.dtype))
         elif shard_id in ("gate", "up"):
             _expect(loaded, (inter, h))
             rows = slice(0, local) if shard_id == "gate" else slice(local, 2 * local)
@@ -99,26 +112,32 @@ class FusedMoE(nn.Module):
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
 
-    def _quantize_on_load(self, param, loaded, shard_id, expert_id) -> None:
-        if expert_id is None:                         # a fused tensor: one expert's shards at a time
+    def _quantize_on_load(self, param, loaded, shard_id, local_id) -> None:
+        """`local_id`: this rank's index of the expert (None: a fused tensor of all of them)."""
+        if local_id is None:                          # a fused tensor: one expert's shards at a time
             t = loaded.transpose(1, 2)
-            for x in range(self.num_experts):
+            for x in range(self.num_local):
+                g = self.first_expert + x
                 if shard_id == "gate_up":
                     _expect(loaded, (self.num_experts, self.hidden, 2 * self.inter))
-                    self._quantize_on_load(param, t[x, : self.inter], "gate", x)
-                    self._quantize_on_load(param, t[x, self.inter :], "up", x)
+                    self._quantize_on_load(param, t[g, : self.inter], "gate", x)
+                    self._quantize_on_load(param, t[g, self.inter :], "up", x)
                 else:
-                    self._quantize_on_load(param, t[x], "down", x)
+                    self._quantize_on_load(param, t[g], "down", x)
             return
         q, scale = quantize_weight_blocks(loaded, self.block)
-        self.weight_loader(param, q, shard_id, expert_id)
+        global_id = self.first_expert + local_id
+        self.weight_loader(param, q, shard_id, global_id)
         target = self.w13_weight_scale_inv if param is self.w13 else self.w2_weight_scale_inv
-        self.scale_loader(target, scale, shard_id, expert_id)
+        self.scale_loader(target, scale, shard_id, global_id)
 
     def scale_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert_id: int | None = None):
         """One expert's block scales (the per-expert layout of the FP8 releases)."""
         if expert_id is None:
             raise ValueError("fp8 experts load from per-expert tensors (experts.N.gate_proj.weight_scale_inv, ...)")
+        expert_id = self._local_expert(expert_id)
+        if expert_id is None:
+            return
         bn, bk = self.block
         local = self.inter // self.tp_size
         if shard_id in ("gate", "up"):
@@ -141,10 +160,12 @@ class FusedMoE(nn.Module):
             from kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids, w13_scale=self.w13_weight_scale_inv,
-                             w2_scale=self.w2_weight_scale_inv, block=self.block)
+                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts)
         out = torch.zeros_like(x)
         weights = weights.to(x.dtype)
         for e in ids.unique().tolist():
+            if e >= self.num_local:
+                continue
             token_idx, slot = torch.where(ids == e)
             gate, up = w8a8_block_linear_reference(x[token_idx], self.w13[e], self.w13_weight_scale_inv[e],
                                                    self.block).chunk(2, dim=-1)
@@ -159,23 +180,36 @@ def _expect(t: torch.Tensor, shape: tuple) -> None:
 
 
 class SparseMoE(nn.Module):
+    """Router (replicated) and experts. Under `par` (parallel.Parallel) each rank computes its
+    experts' share of every token (the pairs routed elsewhere map to the sentinel id E/ep and add
+    nothing), and one all-reduce sums the ranks' partial outputs."""
+
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 renormalize: bool, tp_size: int = 1, tp_rank: int = 0, router_method=None,
+                 renormalize: bool, par: Parallel = Parallel(), router_method=None,
                  fp8_block: tuple[int, int] | None = None, fp8_online: bool = False):
         super().__init__()
-        self.top_k, self.renormalize, self.tp_size = top_k, renormalize, tp_size
+        self.top_k, self.renormalize, self.tp_size = top_k, renormalize, par.tp_size
         self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, quant_method=router_method)
-        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, tp_size, tp_rank, fp8_block, fp8_online)
+        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, par.moe_tp_size, par.moe_tp_rank,
+                                fp8_block, fp8_online, par.ep_size, par.ep_rank)
         self.experts_fn = moe_experts_torch
         self.route_fn = route          # kernels.fused_moe.route on GPU (one launch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route_fn(self.gate(x), self.top_k, self.renormalize)
-        if self.experts.quantized:
-            out = self.experts.fp8_forward(x, weights, ids)
+        ex = self.experts
+        if ex.num_local < ex.num_experts:        # expert parallelism: other ranks' experts -> the sentinel
+            local = ids - ex.first_expert
+            mine = (local >= 0) & (local < ex.num_local)
+            ids = torch.where(mine, local, ex.num_local).to(ids.dtype)
+            weights = torch.where(mine, weights, 0.0)
+        if ex.quantized:
+            out = ex.fp8_forward(x, weights, ids)
+        elif ex.num_local < ex.num_experts and self.experts_fn is not moe_experts_torch:
+            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=True)
         else:
-            out = self.experts_fn(x, self.experts.w13, self.experts.w2, weights, ids)
-        if self.tp_size > 1:                     # each rank summed its slice of every expert
+            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids)
+        if self.tp_size > 1:                     # each rank summed its share of every token's experts
             torch.distributed.all_reduce(out)
         return out
 
@@ -183,13 +217,13 @@ class SparseMoE(nn.Module):
 class GatedMLP(nn.Module):
     """Dense SwiGLU MLP: gate and up in one column-parallel matmul, down row-parallel."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, tp_size: int = 1, tp_rank: int = 0,
+    def __init__(self, hidden_size: int, intermediate_size: int, par: Parallel = Parallel(),
                  gate_up_method=None, down_method=None):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, False, gate_up_method,
-                                                       tp_size=tp_size, tp_rank=tp_rank)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, down_method, tp_size=tp_size,
-                                           tp_rank=tp_rank)
+                                                       tp_size=par.tp_size, tp_rank=par.tp_rank)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, down_method, tp_size=par.tp_size,
+                                           tp_rank=par.tp_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -14,19 +14,20 @@ from torch import nn
 from ..layers.linear import ParallelLMHead
 from ..layers.rotary import mrope_axis_map, mrope_cos_sin, rope_inv_freq
 from ..model_config import ModelConfig
+from ..parallel import Parallel
 from .text import TextModel
 from .vision import VisionModel
 
 
 class Qwen3VLForConditionalGeneration(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, par: Parallel = Parallel()):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.par = cfg, par
         t = cfg.text
         self.model = nn.Module()
         self.model.visual = VisionModel(cfg.vision)
-        self.model.language_model = TextModel(t, cfg.quant)
-        self.lm_head = ParallelLMHead(t.vocab_size, t.hidden_size)
+        self.model.language_model = TextModel(t, cfg.quant, par)
+        self.lm_head = ParallelLMHead(t.vocab_size, t.hidden_size, par.tp_size, par.tp_rank)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         # float32 and kept off the module's buffers, so a cast to bf16 cannot round them

@@ -18,6 +18,7 @@ from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rotary
 from ..layers.quantization import linear_method
 from ..model_config import QuantConfig, TextConfig
+from ..parallel import Parallel
 
 
 class Attention(nn.Module):
@@ -56,21 +57,21 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int, quant: QuantConfig | None = None):
+    def __init__(self, cfg: TextConfig, layer_idx: int, quant: QuantConfig | None = None, par: Parallel = Parallel()):
         super().__init__()
         at = f"model.language_model.layers.{layer_idx}"          # the checkpoint's module names
         self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                   cfg.head_dim, cfg.rms_norm_eps, cfg.attention_bias,
+                                   cfg.head_dim, cfg.rms_norm_eps, cfg.attention_bias, par.tp_size, par.tp_rank,
                                    qkv_method=linear_method(quant, *(f"{at}.self_attn.{p}_proj" for p in "qkv")),
                                    o_method=linear_method(quant, f"{at}.self_attn.o_proj"))
         if cfg.is_moe_layer(layer_idx):
             fp8 = quant is not None and not quant.skips(f"{at}.mlp.experts")
             self.mlp = SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
-                                 cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                                 cfg.num_experts_per_tok, cfg.norm_topk_prob, par,
                                  router_method=linear_method(quant, f"{at}.mlp.gate"),
                                  fp8_block=quant.block if fp8 else None, fp8_online=fp8 and quant.online)
         else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size,
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, par,
                                 gate_up_method=linear_method(quant, f"{at}.mlp.gate_proj", f"{at}.mlp.up_proj"),
                                 down_method=linear_method(quant, f"{at}.mlp.down_proj"))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -89,10 +90,10 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, cfg: TextConfig, quant: QuantConfig | None = None):
+    def __init__(self, cfg: TextConfig, quant: QuantConfig | None = None, par: Parallel = Parallel()):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, quant) for i in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par.tp_size, par.tp_rank)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, quant, par) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, embeds, cos, sin, kv_caches, meta, visual_mask=None, deepstack=()):

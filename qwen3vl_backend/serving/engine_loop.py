@@ -83,6 +83,7 @@ class EngineLoop:
         self._thread.join(timeout)
         self._outbox.put(None)
         self._deliverer.join(timeout)
+        self.engine.close()
 
     def _deliver(self, sub: _Submission, item) -> None:
         self._outbox.put((sub, item))

@@ -23,6 +23,11 @@ class TritonPythonModel:
         cfg = EngineConfig.from_settings(pick(s, ("model_path", "device", "dtype", "load_format",
                                                   "mm_attention_backend", "enable_vit_cuda_graph")))
         self.device, self.dtype = torch.device(cfg.device), cfg.torch_dtype
+        gpus = int(s.get("vit_gpus", "1") or 1)
+        if self.device.type == "cuda" and gpus > 1:     # --mm-enable-dp-encoder: instance i on GPU i of the group
+            index = int(args["model_instance_name"].rsplit("_", 1)[-1])
+            self.device = torch.device(f"cuda:{cfg.device_index + index % gpus}")
+            torch.cuda.set_device(self.device)
         self.visual = load_vision_model(cfg.model_path, self.device, self.dtype, cfg.load_format)
         self.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
         self.encoder = self.visual

@@ -1,0 +1,231 @@
+"""Tensor and expert parallelism on CPU: gloo, one process per rank (rank 0 is the engine's).
+
+The bound: greedy tokens identical to the same checkpoint at --tp 1 (float32; a rank's partial
+sums differ from the whole product only in the order of additions), first-step logits within
+1e-4. Through the one-shot CLI, the engine, two "nodes" on loopback and the served ensemble.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import CACHE, ROOT, data_uri, image_bytes, make_image
+from qwen3vl_backend.parallel import Parallel, check_moe_split
+
+MESSAGES = [
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(96, 64, 3)))}},
+                                  {"type": "text", "text": "What is in this image?"}]}],
+    [{"role": "user", "content": "Tell me a story about a small robot."}],
+]
+
+
+def _cli(path, messages, *flags, tokens=10, timeout=300):
+    req = CACHE / f"parallel-request-{abs(hash(json.dumps(messages))) % 10**8}.json"
+    req.write_text(json.dumps({"messages": messages, "temperature": 0}))
+    return subprocess.run([sys.executable, "-m", "qwen3vl_backend.generate", "--model-path", str(path), "--request",
+                           str(req), "--max-tokens", str(tokens), *flags], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def _tokens(path, messages, *flags):
+    out = _cli(path, messages, *flags)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)["output_token_ids"]
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8_moe():
+    from test_fp8 import _tiny_fp8
+
+    return _tiny_fp8(False, (32, 32))[0]
+
+
+@pytest.mark.parametrize("model,layouts", [("tiny_moe", [("--tp", "2"), ("--tp", "2", "--ep", "2")]),
+                                           ("tiny_dense", [("--tp", "2")]),
+                                           ("tiny_fp8_moe", [("--tp", "2", "--ep", "2")])])
+def test_cli_tp_and_ep_give_the_tp1_tokens(model, layouts, request):
+    path = request.getfixturevalue(model)
+    for messages in MESSAGES:
+        want = _tokens(path, messages)
+        for flags in layouts:
+            assert _tokens(path, messages, *flags) == want, flags
+
+
+def test_sharded_logits_match_the_whole_model(tiny_dense):
+    """Every prompt position's logits through the engine at tp 2 (KV heads split, dense MLP,
+    vocab-parallel embedding and head) against tp 1: a stronger check than greedy tokens."""
+    from qwen3vl_backend.config import EngineConfig
+    from qwen3vl_backend.engine.llm_engine import LLMEngine
+    from qwen3vl_backend.processing.processor import Processor
+
+    logits = []
+    for tp in (1, 2):
+        engine = LLMEngine(EngineConfig(model_path=str(tiny_dense), device="cpu", tp_size=tp))
+        try:
+            prompt = Processor(str(tiny_dense), engine.tokenizer).process_messages(MESSAGES[0])
+            logits.append(engine.prompt_logits(prompt))
+        finally:
+            engine.close()
+    assert logits[0].shape == logits[1].shape and logits[0].std() > 0
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
+
+
+def test_two_nodes_on_loopback(tiny_moe):
+    """--nnodes 2: node 1's rank started by engine.tp_worker, node 0 the engine, over one TCP rendezvous."""
+    from qwen3vl_backend.supervisor import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    common = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", addr]
+    node1 = subprocess.Popen([sys.executable, "-m", "qwen3vl_backend.engine.tp_worker", "--model-path", str(tiny_moe),
+                              "--node-rank", "1", *common], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        got = _tokens(tiny_moe, MESSAGES[0], "--node-rank", "0", *common)
+        assert node1.wait(30) == 0                 # rank 0 stopped it when done
+    finally:
+        node1.kill()
+    assert got == _tokens(tiny_moe, MESSAGES[0])
+
+
+def test_layouts_the_model_cannot_take_are_refused_before_any_worker_starts(tiny_fp8_moe, tiny_moe):
+    out = _cli(tiny_fp8_moe, MESSAGES[1], "--tp", "2")
+    assert out.returncode == 2 and "use --ep 2" in out.stderr and "fp8 blocks of [32, 32]" in out.stderr
+    assert "rank1" not in out.stderr                 # refused on rank 0, no worker ever ran
+    out = _cli(tiny_moe, MESSAGES[1], "--tp", "3")
+    assert out.returncode == 2 and "does not split over tensor-parallel size 3" in out.stderr
+    with pytest.raises(ValueError, match="--ep 2 must divide --tp 3"):
+        Parallel(3, 0, 2)
+
+
+def test_moe_split_messages_name_the_ep_that_works():
+    # 30B-A3B FP8 at --tp 8: 768 / 8 = 96 is no multiple of 128; at --ep 4, 768 / 2 = 384 is
+    with pytest.raises(ValueError, match="is 96, not fp8 blocks of \\[128, 128\\]; use --ep 4"):
+        check_moe_split(128, 768, 8, 1, (128, 128))
+    check_moe_split(128, 768, 8, 8, (128, 128))
+    check_moe_split(128, 768, 2, 1, (128, 128))              # 384: three blocks per rank
+    # 235B-A22B FP8: 1536 / 8 = 192 at --tp 8 alone; two expert groups of four ranks hold 384 each
+    with pytest.raises(ValueError, match="is 192, not fp8 blocks of \\[128, 128\\]; use --ep 2"):
+        check_moe_split(128, 1536, 8, 1, (128, 128))
+    with pytest.raises(ValueError, match="12 experts do not split into 8 groups"):
+        check_moe_split(12, 64, 8, 8)
+
+
+def test_a_killed_worker_ends_the_engine_fast(tiny_moe):
+    req = CACHE / "parallel-long.json"
+    req.write_text(json.dumps({"messages": MESSAGES[1], "temperature": 0}))
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_backend.generate", "--model-path", str(tiny_moe),
+                             "--request", str(req), "--max-tokens", "4000", "--tp", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker = None
+        deadline = time.monotonic() + 120
+        while worker is None and time.monotonic() < deadline:
+            kids = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "engine.tp_worker"], capture_output=True,
+                                  text=True).stdout.split()
+            worker = int(kids[0]) if kids else None
+            time.sleep(0.2)
+        assert worker is not None
+        time.sleep(10)                               # loaded and decoding (4000 tokens take over a minute)
+        assert proc.poll() is None
+        os.kill(worker, 9)
+        t0 = time.monotonic()
+        code = proc.wait(10)
+        assert time.monotonic() - t0 < 3 and code == 70
+        err = proc.stderr.read()          # the watchdog or the step that met the closed connection first
+        assert "tensor-parallel" in err and "the engine stops" in err
+    finally:
+        proc.kill()
+
+
+@pytest.mark.server
+def test_served_at_tp2_ep2_answers_like_tp1_and_a_dead_worker_is_replaced(tiny_moe, tmp_path):
+    """The launcher with --tp 2 --ep 2: the llm model (KIND_MODEL) runs rank 0 and starts rank 1;
+    through Triton and the adapter the greedy text is the CLI's at tp 1. Then rank 1 is killed: the
+    model goes unhealthy within seconds, the supervisor restarts it, and SIGTERM leaves no process."""
+    import httpx
+
+    from test_lifecycle import Launch, _alive, _status
+
+    launch = Launch(tiny_moe, tmp_path, "--tp", "2", "--ep", "2")
+    try:
+        launch.wait_banner()
+        for messages in MESSAGES:
+            want = _cli(tiny_moe, messages, tokens=12)
+            assert want.returncode == 0, want.stderr[-2000:]
+            r = httpx.post(f"{launch.url}/v1/chat/completions", timeout=120,
+                           json={"model": "tiny-moe", "messages": messages, "temperature": 0, "max_tokens": 12})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == json.loads(want.stdout)["text"]
+        [worker] = _workers(launch.proc.pid)
+        os.kill(worker, 9)
+        killed = time.monotonic()
+        while time.monotonic() - killed < 10 and _status(f"{launch.url}/health") == 200:
+            time.sleep(0.1)
+        assert time.monotonic() - killed < 10, "the adapter's /health stayed green"
+        while time.monotonic() - killed < 90 and _status(f"{launch.url}/health") != 200:
+            time.sleep(0.5)
+        r = httpx.post(f"{launch.url}/v1/chat/completions", timeout=120,
+                       json={"model": "tiny-moe", "messages": MESSAGES[1], "temperature": 0, "max_tokens": 12})
+        assert r.status_code == 200, r.text
+        [worker] = _workers(launch.proc.pid)            # the restarted model's own rank 1
+        launch.close()
+        time.sleep(0.5)
+        assert not _alive(worker)
+    finally:
+        launch.close()
+
+
+def _workers(root: int) -> list[int]:
+    """tp_worker processes under the launcher (any depth)."""
+    out = subprocess.run(["pgrep", "-f", "engine.tp_worker"], capture_output=True, text=True).stdout.split()
+    mine = []
+    for pid in map(int, out):
+        p = pid
+        while p > 1:
+            if p == root:
+                mine.append(pid)
+                break
+            try:
+                p = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                break
+    return mine
+
+
+@pytest.mark.parametrize("m", [3, 33])                  # the pair path, the sorted path
+@pytest.mark.parametrize("fp8", [False, True])
+def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, fp8):
+    """Expert parallelism hands the kernels id E (this rank's expert count) for another rank's
+    experts: they add nothing, whatever their routing weight, in both kernel paths."""
+    from kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks
+    from kernels.fused_moe import fused_moe
+    from qwen3vl_backend.layers.moe import moe_experts_torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    e, h, inter, a, block = 4, 64, 32, 3, (32, 32)
+    w13, w2 = torch.randn(e, 2 * inter, h) * h ** -0.5, torch.randn(e, h, inter) * inter ** -0.5
+    x = torch.randn(m, h)
+    ids = torch.randint(0, e + 1, (m, a))                # e: the sentinel
+    ids[0] = e                                           # a token with no pair on this rank
+    weights = torch.rand(m, a)
+    kw = {}
+    if fp8:
+        q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w, block) for w in w13)))
+        q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w, block) for w in w2)))
+        w13 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q13, s13)])
+        w2 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q2, s2)])
+        kw = {"w13_scale": s13.to(dev), "w2_scale": s2.to(dev), "block": block}
+        k13, k2 = q13.to(dev), q2.to(dev)
+    else:
+        k13, k2 = w13.to(dev), w2.to(dev)
+    got = fused_moe(x.to(dev), k13, k2, weights.to(dev), ids.to(dev).int(), sentinel=True, **kw).cpu()
+    want = moe_experts_torch(x, w13, w2, weights, ids)
+    assert not got[0].any() and got.isfinite().all()
+    tol = 6e-2 if fp8 and m > 16 else 2e-2           # the sorted fp8 path quantizes activations too
+    assert ((got - want).norm() / want.norm()).item() < tol
