@@ -65,28 +65,6 @@ def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float 
     return wbytes * quantized + 2.0 * (bf16 + kv)
 
 
-def uniform_routing(engine: LLMEngine, seed: int = 0, rows: int = 4096) -> None:
-    """Route like a real checkpoint: each token to top-k experts drawn uniformly (seeded), as
-    measured real batches do (~126 of 128 experts at 64 tokens), where dummy weights send a batch
-    to a dozen. The router still runs, but the top-k is taken over fixed random logits in [0, 8)
-    instead of its output (the dummy router's own logits, std ~1, would pull every token towards
-    the same experts): no random draw inside the CUDA graphs, the same kernels. (Not a wider range:
-    the softmax would round all but one expert to zero, and the top-k would break those ties
-    towards the lowest ids.)"""
-    from qwen3vl_backend.layers.moe import SparseMoE
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for layer, m in enumerate(x for x in engine.runner.model.modules() if isinstance(x, SparseMoE)):
-        e = m.experts.num_experts
-        noise = (torch.rand(rows, e, generator=gen) * 8).to(engine.runner.device)
-
-        def route(logits, top_k, renormalize, base=m.route_fn, noise=noise):
-            t = logits.shape[0]
-            fixed = noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]
-            return base(fixed.contiguous(), top_k, renormalize)
-        m.route_fn = route
-
-
 def start_decoding(engine: LLMEngine, prompts, params: SamplingParams, tag: str, tokens: int) -> list[str]:
     """Add the prompts as requests and step until each has `tokens` output tokens; -> their ids."""
     ids = [engine.add_request(p, params, request_id=f"{tag}{i}") for i, p in enumerate(prompts)]
@@ -221,27 +199,33 @@ def main(argv=None):
                     help="sampled decoding spreads the routing the way real weights do; greedy on dummy weights does not")
     ap.add_argument("--routing", default="uniform",
                     help="uniform (seeded top-k, as a real checkpoint routes: the headline), measured (the dummy "
-                         "weights' own routing), or both: uniform,measured")
+                         "weights' own routing)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 8 single-stream decode steps: per-kernel GPU time, to DIR/profile-*.txt")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="also profile one request from arrival to first token (ViT + prefill)")
     ap.add_argument("--compare-overlap", action="store_true",
                     help="also run the lowest and highest concurrency with the overlap scheduler off")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel groups within them")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     ceil = roofline()
     torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = bundled_model_dir(args.config, tmp)
+        routings = args.routing.split(",")
+        if len(routings) != 1 or routings[0] not in ("uniform", "measured"):
+            raise SystemExit(f"--routing: uniform or measured, got {args.routing!r}")
         settings = dict(model_path=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
                         max_model_len=4096, max_num_seqs=128, max_num_batched_tokens=args.chunked_prefill_size,
-                        mem_fraction_static=args.mem_fraction_static, enable_prefix_cache=False)
+                        mem_fraction_static=args.mem_fraction_static, enable_prefix_cache=False,
+                        tp_size=args.tp, ep_size=args.ep,
+                        moe_routing="uniform" if routings[0] == "uniform" else "model")
         t = time.perf_counter()
         engine = LLMEngine(EngineConfig(**settings))
         load_s = time.perf_counter() - t
         weights_gib = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters()) / 2**30
-        dummy_route = [m.route_fn for m in _moes(engine)]
         processor = Processor(model_dir, engine.tokenizer)
         print(f"loaded {args.config} (dummy) in {load_s:.1f}s; weights {weights_gib:.1f} GiB; KV blocks "
               f"{engine.runner.num_blocks}; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
@@ -255,24 +239,18 @@ def main(argv=None):
         levels = [(int(x), True) for x in args.concurrency.split(",")]
         if args.compare_overlap:
             levels += [(c, False) for c in sorted({levels[0][0], levels[-1][0]})]
-        for routing in args.routing.split(","):
-            for m, route in zip(_moes(engine), dummy_route):
-                m.route_fn = route
-            if routing == "uniform":
-                uniform_routing(engine)
-            elif routing != "measured":
-                raise SystemExit(f"--routing: uniform or measured, got {routing!r}")
-            if engine.runner.graphs is not None:         # the graphs hold the router they captured
-                engine.runner.graphs.capture()
+        for routing in routings:
             for c, overlap in levels:
                 engine.cfg.overlap_schedule = overlap
                 r = run(engine, prompts[:c], args.out_tokens, args.temperature)
                 kv = c * (r["prompt_tokens"] + args.out_tokens // 2)
                 hit = experts_hit(engine, prompts[:c], args.temperature)
-                floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, hit) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
-                uniform_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+                # under tp each GPU reads its 1/tp of the bytes (heads, vocabulary, expert slices or groups)
+                floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, hit) / args.tp / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+                uniform_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / args.tp / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
                 r.update(routing=routing, concurrency=c, overlap_schedule=overlap, experts_hit=hit, floor_step_ms=floor_ms,
-                         floor_over_step=floor_ms / r["decode_step_ms"], uniform_routing_floor_ms=uniform_ms)
+                         floor_over_step=floor_ms / r["decode_step_ms"], uniform_routing_floor_ms=uniform_ms, tp=args.tp,
+                         ep=args.ep)
                 rows.append(r)
                 print_table([r], list(r))
         if args.profile_prefill:
@@ -281,7 +259,8 @@ def main(argv=None):
             for c in sorted({1, max(int(x) for x in args.concurrency.split(","))}):
                 profile_decode(engine, prompts[:c], Path(args.out or RESULTS))
     engine.cfg.overlap_schedule = True
-    cols = ["routing", "concurrency", "overlap_schedule", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
+    engine.close()
+    cols = ["tp", "ep", "routing", "concurrency", "overlap_schedule", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
             "total_decode_tok_s", "decode_step_ms", "experts_hit", "floor_step_ms", "floor_over_step",
             "uniform_routing_floor_ms"]
     print_table(rows, cols)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.serving --url http://127.0.0.1:8000 --model NAME --model-dir DIR [--concurrency 1,8]
 
-Streams each request (one 1280x720 PNG as a data URI + 64 text tokens, `max_tokens` out with
+Streams each request (`--images` 1280x720 PNGs as data URIs + 64 text tokens, `max_tokens` out with
 ignore_eos, greedy) and reports TTFT and inter-token latency as a client sees them.
 """
 
@@ -63,12 +63,14 @@ async def run(url: str, body: dict, warmup: dict, concurrency: int) -> dict:
             "all_texts_equal": len({r[2] for r in results}) == 1}
 
 
-def chat_body(model: str, tokenizer, seed: int, max_tokens: int, fmt: str = "png") -> dict:
-    img, text = make_request(tokenizer, seed)
-    url = image_data_uri(img, fmt)
+def chat_body(model: str, tokenizer, seed: int, max_tokens: int, fmt: str = "png", images: int = 1) -> dict:
+    """`images` 1280x720 images (SGLang's published table: two) and ~64 text tokens."""
+    parts = []
+    for i in range(images):
+        img, text = make_request(tokenizer, seed * 16 + i)
+        parts.append({"type": "image_url", "image_url": {"url": image_data_uri(img, fmt)}})
     return {"model": model, "stream": True, "temperature": 0, "ignore_eos": True, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": text}]}]}
+            "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]}
 
 
 def triton_stats(triton_http: str) -> dict[str, dict]:
@@ -105,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--image-format", default="png",
                     help="comma-separated: png (a 2.8 MB noise image), jpeg (the same pixels, quality 90, 0.8 MB); "
                          "formats after the first run at the lowest concurrency only")
+    ap.add_argument("--images", type=int, default=1, help="1280x720 images per request (SGLang's table: 2)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     tokenizer = Tokenizer(args.model_dir)
@@ -113,8 +116,8 @@ def main(argv=None):
     levels = [(formats[0], c) for c in args.concurrency.split(",")]
     levels += [(f, args.concurrency.split(",")[0]) for f in formats[1:]]
     for n, (fmt, c) in enumerate(levels):
-        body = chat_body(args.model, tokenizer, 100 + n, args.out_tokens, fmt)
-        warmup = chat_body(args.model, tokenizer, n, 4, fmt)
+        body = chat_body(args.model, tokenizer, 100 + n, args.out_tokens, fmt, args.images)
+        warmup = chat_body(args.model, tokenizer, n, 4, fmt, args.images)
         before = triton_stats(args.triton_http) if args.triton_http else {}
         rows.append({"image_format": fmt, **asyncio.run(run(args.url, body, warmup, int(c)))})
         if args.triton_http:       # includes the warm-up request: a rough per-stage split
@@ -124,7 +127,7 @@ def main(argv=None):
                         rows[-1][f"{model}_{k}_ms"] = v
     print_table(rows, list(rows[0]))
     print(write_result("serving", {"url": args.url, "model": args.model, "out_tokens": args.out_tokens,
-                                   "image": "1280x720 noise", "text_tokens": 64, "path": "OpenAI adapter -> Triton",
+                                   "image": "1280x720 noise", "images": args.images, "text_tokens": 64, "path": "OpenAI adapter -> Triton",
                                    "label": args.label},
                        rows, args.out))
 

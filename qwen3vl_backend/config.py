@@ -45,6 +45,7 @@ class EngineConfig:
     node_rank: int = 0
     dist_init_addr: str = ""              # host:port of rank 0's rendezvous (default: loopback, a free port)
     dist_timeout_s: float = 600.0         # a collective no rank answers for this long fails the group
+    moe_routing: str = "model"            # model | uniform: benchmarks' stand-in for a real checkpoint's routing
 
     def __post_init__(self):
         if not self.model_path:
@@ -76,6 +77,8 @@ class EngineConfig:
         if self.device.startswith("cuda") and self.tp_size // self.nnodes > torch.cuda.device_count() - self.device_index:
             raise ConfigError(f"tp_size {self.tp_size} needs {self.tp_size // self.nnodes} GPUs per node from "
                               f"{self.device}, {torch.cuda.device_count()} present")
+        if self.moe_routing not in ("model", "uniform"):
+            raise ConfigError(f"moe_routing must be model or uniform, got {self.moe_routing!r}")
         if self.cuda_graph_max_bs < 0:
             raise ConfigError("cuda_graph_max_bs must be >= 0")
         if self.quantization not in ("", "fp8"):

@@ -30,8 +30,8 @@ def _cli(path, messages, *flags, tokens=10, timeout=300):
     req = CACHE / f"parallel-request-{abs(hash(json.dumps(messages))) % 10**8}.json"
     req.write_text(json.dumps({"messages": messages, "temperature": 0}))
     return subprocess.run([sys.executable, "-m", "qwen3vl_backend.generate", "--model-path", str(path), "--request",
-                           str(req), "--max-tokens", str(tokens), *flags], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                           str(req), "--max-tokens", str(tokens), "--dtype", "float32", *flags], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def _tokens(path, messages, *flags):
@@ -67,7 +67,7 @@ def test_sharded_logits_match_the_whole_model(tiny_dense):
 
     logits = []
     for tp in (1, 2):
-        engine = LLMEngine(EngineConfig(model_path=str(tiny_dense), device="cpu", tp_size=tp))
+        engine = LLMEngine(EngineConfig(model_path=str(tiny_dense), dtype="float32", tp_size=tp))
         try:
             prompt = Processor(str(tiny_dense), engine.tokenizer).process_messages(MESSAGES[0])
             logits.append(engine.prompt_logits(prompt))
@@ -120,7 +120,7 @@ def test_a_killed_worker_ends_the_engine_fast(tiny_moe):
     req = CACHE / "parallel-long.json"
     req.write_text(json.dumps({"messages": MESSAGES[1], "temperature": 0}))
     proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_backend.generate", "--model-path", str(tiny_moe),
-                             "--request", str(req), "--max-tokens", "4000", "--tp", "2"],
+                             "--request", str(req), "--max-tokens", "4000", "--tp", "2", "--dtype", "float32"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         worker = None
@@ -229,3 +229,24 @@ def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, fp8):
     assert not got[0].any() and got.isfinite().all()
     tol = 6e-2 if fp8 and m > 16 else 2e-2           # the sorted fp8 path quantizes activations too
     assert ((got - want).norm() / want.norm()).item() < tol
+
+
+def test_uniform_benchmark_routing_is_the_same_on_every_rank(tiny_moe):
+    """moe_routing=uniform (the benchmarks' stand-in for a real checkpoint's routing) draws one
+    seeded table per layer on each rank: tp 2 + ep 2 scores a prompt as tp 1 does, and not as
+    the model's own router would."""
+    from qwen3vl_backend.config import EngineConfig
+    from qwen3vl_backend.engine.llm_engine import LLMEngine
+    from qwen3vl_backend.processing.processor import Processor
+
+    logits = {}
+    for routing, tp, ep in (("uniform", 1, 1), ("uniform", 2, 2), ("model", 1, 1)):
+        engine = LLMEngine(EngineConfig(model_path=str(tiny_moe), dtype="float32", tp_size=tp, ep_size=ep,
+                                        moe_routing=routing))
+        try:
+            prompt = Processor(str(tiny_moe), engine.tokenizer).process_messages(MESSAGES[1])
+            logits[routing, tp] = engine.prompt_logits(prompt)
+        finally:
+            engine.close()
+    torch.testing.assert_close(logits["uniform", 2], logits["uniform", 1], rtol=0, atol=1e-4)
+    assert (logits["uniform", 1] - logits["model", 1]).abs().max() > 1e-2

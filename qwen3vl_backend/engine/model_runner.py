@@ -146,6 +146,10 @@ class ModelRunner:
                           for _ in range(t.num_hidden_layers)]
         self.sampler = Sampler()
         select_kernels(self.model, cfg)
+        if cfg.moe_routing == "uniform":
+            from ..layers.moe import route_uniformly
+
+            route_uniformly(self.model, cfg.seed)
         self.vision_graphs = None
         if self.device.type == "cuda" and cfg.enable_vit_cuda_graph and rank == 0:
             from .vision_graphs import VisionGraphs

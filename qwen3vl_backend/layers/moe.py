@@ -214,6 +214,26 @@ class SparseMoE(nn.Module):
         return out
 
 
+def route_uniformly(model: nn.Module, seed: int = 0, rows: int = 4096) -> None:
+    """Benchmarks (`moe_routing: uniform`): route like a real checkpoint, each token to top-k
+    experts drawn uniformly (seeded), as measured real batches do (~126 of 128 experts at 64
+    tokens), where dummy weights send a batch to a dozen. The router still runs, but the top-k is
+    taken over fixed random logits in [0, 8) instead of its output: no random draw inside the CUDA
+    graphs, the same kernels, and the same routing on every tensor-parallel rank (each draws the
+    same seeded table). (Not a wider range: the softmax would round all but one expert to zero,
+    and the top-k would break those ties towards the lowest ids.)"""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for m in (x for x in model.modules() if isinstance(x, SparseMoE)):
+        e = m.experts.num_experts
+        noise = (torch.rand(rows, e, generator=gen) * 8).to(m.gate.weight.device)
+
+        def route(logits, top_k, renormalize, base=m.route_fn, noise=noise):
+            t = logits.shape[0]
+            fixed = noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]
+            return base(fixed.contiguous(), top_k, renormalize)
+        m.route_fn = route
+
+
 class GatedMLP(nn.Module):
     """Dense SwiGLU MLP: gate and up in one column-parallel matmul, down row-parallel."""
 
