@@ -32,6 +32,9 @@ def main(argv=None) -> None:
     a("--mm-max-concurrent-calls", type=int, default=32)
     a("--mm-per-request-timeout", type=float, default=10.0)
     a("--limit-mm-per-prompt", default="image=16,video=2")
+    a("--reasoning-parser", default=None, choices=["qwen3"], help="<think> ... </think> as reasoning_content")
+    a("--tool-call-parser", default="qwen25", choices=["qwen25", "hermes"], help="<tool_call> blocks as tool_calls")
+    a("--max-model-len", type=int, default=None, help="reported by /v1/models")
     a("--log-level", default="info")
     args = ap.parse_args(argv)
     if min(args.max_request_body_mb, args.max_media_mb, args.media_fetch_timeout, args.mm_per_request_timeout,
@@ -49,7 +52,8 @@ def main(argv=None) -> None:
     app = create_app(FrontendSettings(args.triton_url, args.triton_model, args.served_model_name,
                                       args.triton_metrics_url, args.enable_cache_report,
                                       int(args.max_request_body_mb * 2**20), policy, args.mm_max_concurrent_calls,
-                                      args.mm_per_request_timeout, limits, args.model_path))
+                                      args.mm_per_request_timeout, limits, args.model_path, args.reasoning_parser,
+                                      args.tool_call_parser, args.max_model_len))
     # a stop must not wait on open streams for long: they end with the server (see the launcher)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
 

@@ -31,6 +31,7 @@ from qwen3vl_backend.processing.media import Cancel, MediaPolicy, video_backend
 from .media import MediaFetcher
 from .text_prompts import TextPrompts
 
+from .parsers import OutputParser, parse_whole
 from .protocol import APIError, check_chat_request, chat_completion, chunk, completion_id, from_triton, usage
 from .triton_client import TritonLLMClient, TritonRequestError
 
@@ -50,6 +51,9 @@ class FrontendSettings:
     mm_per_request_timeout: float = 10.0
     mm_limits: dict = field(default_factory=lambda: {"image": 16, "video": 2})
     model_path: str | None = None                 # text-only chats then go to `llm` directly
+    reasoning_parser: str | None = None           # qwen3: <think> ... </think> -> reasoning_content
+    tool_call_parser: str | None = "qwen25"       # <tool_call> blocks -> tool_calls (requests with tools)
+    max_model_len: int | None = None              # reported by /v1/models
 
 
 class _BodyTooLarge(APIError):
@@ -82,7 +86,8 @@ class _Metrics:
             self.tpot.observe((end - first) / (output_tokens - 1))
 
 
-def create_app(settings: FrontendSettings) -> FastAPI:
+def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
+    """`client_factory`: () -> the Triton client (tests hand in one with canned outputs)."""
     app = FastAPI(title="Qwen3-VL on Triton")
     fetcher = MediaFetcher(settings.media, settings.mm_max_concurrent_calls, settings.mm_per_request_timeout)
     prompts = TextPrompts(settings.model_path) if settings.model_path else None
@@ -93,7 +98,7 @@ def create_app(settings: FrontendSettings) -> FastAPI:
 
     def client() -> TritonLLMClient:
         if "client" not in state:
-            state["client"] = TritonLLMClient(settings.triton_url, settings.triton_model)
+            state["client"] = (client_factory or (lambda: TritonLLMClient(settings.triton_url, settings.triton_model)))()
         return state["client"]
 
     @app.exception_handler(APIError)
@@ -117,8 +122,10 @@ def create_app(settings: FrontendSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "qwen3vl-triton"}]}
+        card = {"id": settings.served_model_name, "object": "model", "created": 0, "owned_by": "qwen3vl-triton"}
+        if settings.max_model_len:
+            card["max_model_len"] = settings.max_model_len
+        return {"object": "list", "data": [card]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -139,7 +146,7 @@ def create_app(settings: FrontendSettings) -> FastAPI:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from e
-        sampling, stream, include_usage = check_chat_request(body, settings.served_model_name, settings.mm_limits)
+        req = check_chat_request(body, settings.served_model_name, settings.mm_limits)
         cid, start = completion_id(), time.monotonic()
         cancel = Cancel()
         try:
@@ -148,26 +155,43 @@ def create_app(settings: FrontendSettings) -> FastAPI:
             raise APIError(400, str(e), param="messages") from e
         if messages is None:
             return Response(status_code=499)
-        ids = None
+        ids, thinking = None, False
         if prompts is not None:
             try:
-                ids = await asyncio.to_thread(prompts.ids, messages)
+                ids, thinking = await asyncio.to_thread(prompts.ids, messages, req.tools, req.template_kwargs)
             except RequestError as e:
                 raise APIError(400, str(e), param="messages") from e
-        if ids is not None:
-            deltas = client().stream_ids(rid, ids, sampling)
-        else:
-            # preprocess reads `messages` from a JSON object and takes sampling from its own input,
-            # so the request's bytes go on as they came unless media had to be inlined: a large
-            # data URI is not encoded a second time
-            text = raw if messages is body["messages"] else json.dumps({"messages": messages}).encode()
-            deltas = client().stream(rid, text, sampling)
+        # preprocess reads `messages`, `tools` and `chat_template_kwargs` from a JSON object and takes
+        # sampling from its own input, so the request's bytes go on as they came unless they must
+        # change (media inlined, tools dropped by tool_choice none): a large data URI is not encoded twice
+        same = messages is body["messages"] and (req.tools or None) == (body.get("tools") or None)
+        text = raw if same else json.dumps({"messages": messages, "tools": req.tools,
+                                            "chat_template_kwargs": req.template_kwargs}).encode()
+
+        def open_stream(i: int):
+            sampling = dict(req.sampling)
+            if req.n > 1 and isinstance(sampling.get("seed"), int):     # each choice its own seeded stream
+                sampling["seed"] = (sampling["seed"] + i) % 2**64
+            sub = rid if req.n == 1 else f"{rid}-{i}"
+            return client().stream_ids(sub, ids, sampling) if ids is not None else client().stream(sub, text, sampling)
+
+        def parser() -> OutputParser:
+            return OutputParser(reasoning=settings.reasoning_parser == "qwen3", thinking_open=thinking,
+                                tools=req.tools is not None and settings.tool_call_parser is not None,
+                                parallel_tool_calls=req.parallel_tool_calls)
+
+        streams = [open_stream(i) for i in range(req.n)]
         headers = {"x-request-id": rid}
-        if not stream:
-            return await _complete_unless_gone(request, deltas, cid, start, rid, headers)
-        first = await _first(deltas, rid)     # errors before any output still get a proper status code
-        return StreamingResponse(_sse(first, deltas, cid, start, include_usage, rid), media_type="text/event-stream",
-                                 headers=headers)
+        if not req.stream:
+            return await _complete_unless_gone(request, streams, parser, cid, start, rid, headers)
+        try:   # errors before any output still get a proper status code
+            firsts = await asyncio.gather(*(_first(d, rid) for d in streams))
+        except BaseException:
+            for d in streams:
+                await d.aclose()
+            raise
+        return StreamingResponse(_sse(firsts, streams, parser, req, cid, start, rid),
+                                 media_type="text/event-stream", headers=headers)
 
     async def _first(deltas, rid):
         try:
@@ -175,63 +199,83 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         except TritonRequestError as e:
             raise from_triton(str(e), e.client_error, rid, e.unavailable) from e
 
-    async def _complete_unless_gone(request, deltas, cid, start, rid, headers):
+    async def _complete_unless_gone(request, streams, parser, cid, start, rid, headers):
         """The whole answer, or nothing once the client has gone: its request is then cancelled
-        in Triton (closing `deltas` does that) instead of running to max_tokens for nobody."""
+        in Triton (closing the streams does that) instead of running to max_tokens for nobody."""
         try:
-            body = await _unless_gone(request, _complete(deltas, cid, start, rid))
+            body = await _unless_gone(request, _complete(streams, parser, cid, start, rid))
         finally:
-            await deltas.aclose()
+            for d in streams:
+                await d.aclose()
         if body is None:
             metrics.requests.labels("499").inc()
             return Response(status_code=499)
         return JSONResponse(body, headers=headers)
 
-    async def _complete(deltas, cid, start, rid):
+    async def _collect(deltas, rid):
         text, last = "", await _first(deltas, rid)
         first = time.monotonic()
-        metrics.ttft.observe(first - start)
         text += last.text
         try:
             async for d in deltas:
                 text, last = text + d.text, d
         except TritonRequestError as e:
             raise from_triton(str(e), e.client_error, rid, e.unavailable) from e
-        metrics.finished(start, first, last.num_input_tokens or 0, last.num_output_tokens or 0)
-        return _done(cid, text, last)
+        return text, last, first
 
-    def _done(cid, text, last):
-        u = usage(last.num_input_tokens or 0, last.num_output_tokens or 0, last.num_cached_tokens,
-                  settings.enable_cache_report)
-        return chat_completion(cid, settings.served_model_name, text, last.finish_reason, u)
+    async def _complete(streams, parser, cid, start, rid):
+        results = await asyncio.gather(*(_collect(d, rid) for d in streams))
+        first = min(r[2] for r in results)
+        metrics.ttft.observe(first - start)
+        choices, out_tokens = [], 0
+        for text, last, _ in results:
+            p = parser()
+            message = parse_whole(text, p.reasoning, p.thinking_open, p.tools, p.parallel_tool_calls)
+            reason = "tool_calls" if message.get("tool_calls") and last.finish_reason == "stop" else last.finish_reason
+            choices.append((message, reason))
+            out_tokens += last.num_output_tokens or 0
+        last = results[0][1]
+        metrics.finished(start, first, last.num_input_tokens or 0, out_tokens)
+        u = usage(last.num_input_tokens or 0, out_tokens, last.num_cached_tokens, settings.enable_cache_report)
+        return chat_completion(cid, settings.served_model_name, choices, u)
 
-    async def _sse(first, deltas, cid, start, include_usage, rid):
+    async def _sse(firsts, streams, parser, req, cid, start, rid):
         model = settings.served_model_name
         first_at = time.monotonic()
         metrics.ttft.observe(first_at - start)
-        yield _event(chunk(cid, model, {"role": "assistant", "content": ""}))
-        last = first
+        parsers = [parser() for _ in streams]
+        counts = [0] * len(streams)
+        prompt_tokens, cached = firsts[0].num_input_tokens or 0, firsts[0].num_cached_tokens
+
+        def current_usage():
+            return usage(prompt_tokens, sum(counts), cached, settings.enable_cache_report)
+
+        def event(delta, index, reason=None):
+            return _event(chunk(cid, model, delta, reason, index=index,
+                                usage_=current_usage() if req.continuous_usage else None))
+
+        for i in range(len(streams)):
+            yield event({"role": "assistant", "content": ""}, i)
         try:
-            d = first
-            while True:
-                if d.text:
-                    yield _event(chunk(cid, model, {"content": d.text}))
-                last = d
+            async for i, d in _merged(firsts, streams):
+                counts[i] = d.num_output_tokens or counts[i]
+                for delta in parsers[i].feed(d.text):
+                    yield event(delta, i)
                 if d.finish_reason:
-                    break
-                d = await deltas.__anext__()
+                    for delta in parsers[i].finish():
+                        yield event(delta, i)
+                    reason = "tool_calls" if parsers[i].calls and d.finish_reason == "stop" else d.finish_reason
+                    yield event({}, i, reason)
         except TritonRequestError as e:
             yield _event(from_triton(str(e), e.client_error, rid, e.unavailable).body())
             yield "data: [DONE]\n\n"
             return
         finally:
-            await deltas.aclose()            # a no-op when done; cancels in Triton if the client left
-        yield _event(chunk(cid, model, {}, last.finish_reason))
-        if include_usage:
-            u = usage(last.num_input_tokens or 0, last.num_output_tokens or 0, last.num_cached_tokens,
-                      settings.enable_cache_report)
-            yield _event(chunk(cid, model, {}, usage_=u, choices=False))
-        metrics.finished(start, first_at, last.num_input_tokens or 0, last.num_output_tokens or 0)
+            for d in streams:
+                await d.aclose()          # a no-op when done; cancels in Triton if the client left
+        if req.include_usage:
+            yield _event(chunk(cid, model, {}, usage_=current_usage(), choices=False))
+        metrics.finished(start, first_at, prompt_tokens, sum(counts))
         yield "data: [DONE]\n\n"
 
     @app.on_event("shutdown")
@@ -240,6 +284,40 @@ def create_app(settings: FrontendSettings) -> FastAPI:
             await state["client"].close()
 
     return app
+
+
+async def _merged(firsts, streams):
+    """(choice index, Delta) from several streams as they come, each stream's first given."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, first, deltas):
+        try:
+            await queue.put((i, first))
+            if not first.finish_reason:
+                async for d in deltas:
+                    await queue.put((i, d))
+                    if d.finish_reason:
+                        break
+        except TritonRequestError as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, f, d)) for i, (f, d) in enumerate(zip(firsts, streams))]
+    try:
+        live = len(tasks)
+        while live:
+            i, item = await queue.get()
+            if item is done:
+                live -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def _unless_gone(request: Request, coro):

@@ -6,8 +6,9 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 
-from qwen3vl_backend.processing.chat import RequestError, normalize_messages
+from qwen3vl_backend.processing.chat import RequestError, check_template_extras, normalize_messages
 from qwen3vl_backend.sampling_params import SAMPLING_FIELDS, SamplingError, SamplingParams
 
 log = logging.getLogger("openai_frontend")
@@ -26,23 +27,49 @@ class APIError(Exception):
 # OpenAI chat fields this server does not implement yet, with the values that mean "not used":
 # a request that uses one is refused naming it, never served as if it had not asked.
 UNSUPPORTED = {
-    "tools": lambda v: v in (None, []),
-    "tool_choice": lambda v: v in (None, "none", "auto"),
     "functions": lambda v: v in (None, []),
     "function_call": lambda v: v in (None, "none", "auto"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "logprobs": lambda v: v in (None, False),
     "top_logprobs": lambda v: v in (None, 0),
     "logit_bias": lambda v: v in (None, {}),
-    "n": lambda v: v in (None, 1),
     "best_of": lambda v: v in (None, 1),
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
     "prediction": lambda v: v is None,
     "web_search_options": lambda v: v is None,
     "reasoning_effort": lambda v: v is None,
-    "chat_template_kwargs": lambda v: v in (None, {}),
 }
+MAX_N = 16
+
+
+@dataclass
+class ChatRequest:
+    sampling: dict
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    n: int = 1
+    tools: list | None = None          # rendered for the model and its <tool_call> blocks parsed (tool_choice auto)
+    parallel_tool_calls: bool = True
+    template_kwargs: dict = field(default_factory=dict)
+
+
+def check_tools(body: dict) -> tuple[list | None, bool]:
+    """-> (tools to render and parse, parallel_tool_calls); raises APIError."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice not in (None, "none", "auto"):
+        what = "a named function" if isinstance(choice, dict) else repr(choice)
+        raise APIError(400, f"tool_choice {what} needs constrained decoding, which this server does not have yet; "
+                            "use 'auto' (the model decides) or 'none'", param="tool_choice", code="unsupported_parameter")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise APIError(400, "'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
+    try:
+        tools, _ = check_template_extras(tools, None)
+    except RequestError as e:
+        raise APIError(400, str(e), param="tools") from e
+    return (None if choice == "none" else tools), parallel
 
 
 def from_triton(message: str, client_error: bool, request_id: str = "", unavailable: bool = False) -> APIError:
@@ -58,8 +85,8 @@ def from_triton(message: str, client_error: bool, request_id: str = "", unavaila
     return APIError(500, f"internal server error (request id {request_id})", "internal_error")
 
 
-def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> tuple[dict, bool, bool]:
-    """-> (sampling dict, stream, include_usage); raises APIError."""
+def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> ChatRequest:
+    """Raises APIError for anything malformed or not served."""
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     model = body.get("model")
@@ -86,16 +113,27 @@ def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> tu
         SamplingParams.from_dict(sampling)
     except SamplingError as e:
         raise APIError(400, str(e)) from e
+    stream, include_usage, continuous = check_stream_options(body)
+    n = body.get("n", 1) if body.get("n") is not None else 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise APIError(400, f"'n' must be an integer from 1 to {MAX_N}", param="n")
+    tools, parallel = check_tools(body)
+    try:
+        _, kwargs = check_template_extras(None, body.get("chat_template_kwargs"))
+    except RequestError as e:
+        raise APIError(400, str(e), param="chat_template_kwargs") from e
+    return ChatRequest(sampling, stream, include_usage, continuous, n, tools, parallel, kwargs)
+
+
+def check_stream_options(body: dict) -> tuple[bool, bool, bool]:
+    """-> (stream, include_usage, continuous_usage_stats)."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be a boolean", param="stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options")
-    if opts.get("continuous_usage_stats"):
-        raise APIError(400, "'stream_options.continuous_usage_stats' is not supported by this server yet",
-                       param="stream_options", code="unsupported_parameter")
-    return sampling, stream, bool(opts.get("include_usage"))
+    return stream, bool(opts.get("include_usage")), bool(opts.get("continuous_usage_stats"))
 
 
 def _safe_check(fn, value) -> bool:
@@ -121,17 +159,19 @@ def usage(prompt: int, completion: int, cached: int | None, report_cache: bool) 
     return u
 
 
-def chat_completion(cid: str, model: str, text: str, finish_reason: str, usage_: dict) -> dict:
+def chat_completion(cid: str, model: str, choices: list[tuple[dict, str]], usage_: dict) -> dict:
+    """`choices`: (message fields, finish reason) per choice, in index order."""
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": i, "message": {"role": "assistant", **message}, "finish_reason": reason,
+                         "logprobs": None} for i, (message, reason) in enumerate(choices)],
             "usage": usage_}
 
 
 def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, usage_: dict | None = None,
-          choices: bool = True) -> dict:
+          choices: bool = True, index: int = 0) -> dict:
     out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if choices else []}
+           "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+           if choices else []}
     if usage_ is not None:
         out["usage"] = usage_
     return out

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--node-rank", type=int, default=0, help="this host's index; the server runs on node 0")
     a("--dist-init-addr", "--dist-init-address", dest="dist_init_addr", default=None,
       help="HOST:PORT of node 0's rendezvous (several nodes; default: loopback)")
+    a("--reasoning-parser", default=None, choices=["qwen3"],
+      help="Thinking checkpoints: text up to </think> as message.reasoning_content")
+    a("--tool-call-parser", default="qwen25", choices=["qwen25", "hermes"],
+      help="<tool_call> blocks as message.tool_calls for requests with tools (both names: the same format)")
     a("--mm-enable-dp-encoder", action="store_true",
       help="one vit instance per GPU of the tp group (images spread across them)")
     a("--device", default="auto")
@@ -214,7 +218,10 @@ def frontend_args(args, settings: dict) -> list[str]:
            "--max-media-mb", str(args.max_media_mb), "--media-fetch-timeout", str(args.media_fetch_timeout),
            "--mm-max-concurrent-calls", str(args.mm_max_concurrent_calls),
            "--mm-per-request-timeout", str(args.mm_per_request_timeout),
-           "--limit-mm-per-prompt", args.limit_mm_per_prompt]
+           "--limit-mm-per-prompt", args.limit_mm_per_prompt, "--max-model-len", str(args.max_model_len),
+           "--tool-call-parser", args.tool_call_parser]
+    if args.reasoning_parser:
+        out += ["--reasoning-parser", args.reasoning_parser]
     if args.enable_cache_report:
         out.append("--enable-cache-report")
     if pre["allowed_local_media_path"]:

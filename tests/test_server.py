@@ -280,7 +280,7 @@ def _msg(content):
     ("negative_temperature", {**_msg("x"), "temperature": -1}, 400, "temperature must be in [0, 100]"),
     ("top_p_zero", {**_msg("x"), "top_p": 0}, 400, "top_p must be in (0, 1]"),
     ("top_p_above_one", {**_msg("x"), "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
-    ("n_two", {**_msg("x"), "n": 2}, 400, "'n' is not supported by this server yet"),
+    ("n_too_many", {**_msg("x"), "n": 17}, 400, "'n' must be an integer from 1 to 16"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_bad_input_gets_clear_4xx(server, name, body, status, message, stream):
@@ -453,7 +453,10 @@ HOSTILE = [
      400, "not a decodable video"),
     ("closed_port_url", _msg([_img("http://127.0.0.1:9/x.png")]), 400, "could not fetch media"),
     ("too_many_images", _msg([_img(data_uri(image_bytes(make_image(8, 8, 1))))] * 17), 400, "at most 16"),
-    ("tools", {**_msg("x"), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "'tools' is not supported"),
+    ("tools_nameless", {**_msg("x"), "tools": [{"type": "function", "function": {"description": "f"}}]}, 400,
+     "tools[0] must be"),
+    ("tool_choice_required", {**_msg("x"), "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": "required"}, 400, "needs constrained decoding"),
     ("response_format", {**_msg("x"), "response_format": {"type": "json_object"}}, 400, "'response_format'"),
     ("logprobs", {**_msg("x"), "logprobs": True}, 400, "'logprobs' is not supported"),
     ("image_tokens_past_context", _msg([_img(data_uri(image_bytes(make_image(1400, 1400, 2), "JPEG"), "image/jpeg"))]), 400,
@@ -663,3 +666,28 @@ def test_text_never_waits_behind_media(server, http_media):
         t.join(60)
     assert r.status_code == 200 and took < 1.5 and still_blocked, (r.status_code, took)
     assert all("per-request limit" in m for m in blocked.values())
+
+
+def test_n_seeded_choices_reproduce_and_differ(client):
+    """n=3 through Triton: each choice its own seeded stream (seed + index)."""
+    kw = dict(model="tiny-moe", messages=[{"role": "user", "content": "Name a colour."}], n=3, seed=7,
+              temperature=1.0, max_tokens=8)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2] and texts == [c.message.content for c in b.choices]
+    assert len(set(texts)) == 3 and a.usage.completion_tokens == 24
+
+
+def test_tools_and_template_kwargs_reach_the_model_through_both_paths(client, media_dir):
+    """The tool list is rendered into the prompt on the text path (adapter) and the media path
+    (preprocess) alike: the prompt grows by the same number of tokens."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    img = _img(data_uri(image_bytes(make_image(64, 64, 5))))
+    for content in ("Weather in Paris?", [img, {"type": "text", "text": "Weather here?"}]):
+        msgs = [{"role": "user", "content": content}]
+        plain = _chat(client, msgs)
+        with_tools = _chat(client, msgs, tools=tools)
+        hidden = _chat(client, msgs, tools=tools, tool_choice="none")
+        assert with_tools.usage.prompt_tokens - plain.usage.prompt_tokens > 40
+        assert hidden.usage.prompt_tokens == plain.usage.prompt_tokens

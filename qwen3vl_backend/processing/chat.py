@@ -102,10 +102,38 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate:
     return ChatTemplate((own if own.exists() else DATA / "chat_template.jinja").read_text())
 
 
-def render_chat(template: ChatTemplate, messages) -> tuple[str, list[MediaRef]]:
-    """OpenAI messages -> (the prompt text, one pad per media item; the media in order)."""
+# names the template's own variables use: chat_template_kwargs may not replace them
+_RESERVED_KWARGS = {"messages", "tools", "add_generation_prompt", "raise_exception"}
+
+
+def check_template_extras(tools, template_kwargs) -> tuple[list | None, dict]:
+    """OpenAI `tools` and `chat_template_kwargs` as the template takes them; RequestError if malformed."""
+    if tools is not None:
+        if not isinstance(tools, list) or len(tools) > 128:
+            raise RequestError("'tools' must be a list of at most 128 tools")
+        for i, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict) \
+                    or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise RequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
+                                   f"'parameters': {{...}}}}}}")
+            if "parameters" in fn and not isinstance(fn["parameters"], dict):
+                raise RequestError(f"tools[{i}].function.parameters must be a JSON Schema object")
+    kwargs = template_kwargs or {}
+    if not isinstance(kwargs, dict):
+        raise RequestError("'chat_template_kwargs' must be an object")
+    bad = sorted(set(kwargs) & _RESERVED_KWARGS)
+    if bad:
+        raise RequestError(f"chat_template_kwargs may not set {bad}")
+    return (tools or None), kwargs
+
+
+def render_chat(template: ChatTemplate, messages, tools=None, template_kwargs=None) -> tuple[str, list[MediaRef]]:
+    """OpenAI messages (and tools, chat_template_kwargs such as enable_thinking) -> (the prompt
+    text, one pad per media item; the media in order)."""
+    tools, kwargs = check_template_extras(tools, template_kwargs)
     template_messages, refs = normalize_messages(messages)
-    text = template.render(template_messages, add_generation_prompt=True)
+    text = template.render(template_messages, add_generation_prompt=True, tools=tools, **kwargs)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

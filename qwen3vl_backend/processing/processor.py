@@ -86,8 +86,8 @@ class Processor:
         return grid[0] * grid[1] * grid[2] // self.cfg.merge_size ** 2
 
     # -- prompt --------------------------------------------------------------------------------
-    def render(self, messages: list[dict]) -> tuple[str, list[MediaRef]]:
-        return render_chat(self.template, messages)
+    def render(self, messages: list[dict], tools=None, template_kwargs=None) -> tuple[str, list[MediaRef]]:
+        return render_chat(self.template, messages, tools, template_kwargs)
 
     def process_messages(self, messages: list[dict], policy: MediaPolicy = TRUSTED, run_jobs=None,
                          normalize: bool = True) -> ProcessedPrompt:

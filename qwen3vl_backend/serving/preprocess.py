@@ -79,7 +79,8 @@ class Preprocessor:
             for k in SAMPLING_FIELDS:
                 if body.get(k) is not None and k not in sampling:   # null is OpenAI's "unset"
                     sampling[k] = body[k]
-            text, refs = self.processor.render(_with_images(body["messages"], images))
+            text, refs = self.processor.render(_with_images(body["messages"], images), body.get("tools"),
+                                               body.get("chat_template_kwargs"))
         else:
             text = text_input
             if images and IMAGE_PAD not in text:

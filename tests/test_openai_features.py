@@ -1,0 +1,237 @@
+"""The adapter's OpenAI features on canned model outputs: reasoning split, tool calls (rendered for
+the model, parsed back, streamed as OpenAI streams them), n, chat_template_kwargs, continuous usage,
+/v1/models. The openai SDK talks to the app in-process; a fake Triton client plays the model and
+records what it was sent. (The same features against the served tiny model: test_server.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from openai_frontend.app import FrontendSettings, create_app
+from openai_frontend.parsers import OutputParser, parse_whole
+from openai_frontend.triton_client import Delta
+from qwen3vl_backend.processing.tokenizer import Tokenizer
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+THOUGHT_AND_CALL = ('Paris is a city.\nI should call the tool.</think>\n\nLet me check.\n<tool_call>\n'
+                    '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>')
+
+
+class FakeTriton:
+    """Answers every request with `output`, cut into `piece`-character deltas; records requests."""
+
+    def __init__(self, output: str, piece: int = 3, finish: str = "stop"):
+        self.output, self.piece, self.finish, self.sent = output, piece, finish, []
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+    def stream(self, rid, text, sampling):
+        self.sent.append(("ensemble", rid, json.loads(text), sampling))
+        return self._deltas(sampling)
+
+    def stream_ids(self, rid, ids, sampling):
+        self.sent.append(("llm", rid, ids, sampling))
+        return self._deltas(sampling)
+
+    async def _deltas(self, sampling):
+        text = self.output.replace("{seed}", str(sampling.get("seed")))
+        pieces = [text[i:i + self.piece] for i in range(0, len(text), self.piece)] or [""]
+        for n, part in enumerate(pieces, 1):
+            await asyncio.sleep(0)
+            yield Delta(part, self.finish if n == len(pieces) else None, 11, n, 0)
+
+
+def _client(tiny_moe, fake, **settings) -> openai.AsyncOpenAI:
+    app = create_app(FrontendSettings(served_model_name="tiny-moe", model_path=str(tiny_moe), max_model_len=1024,
+                                      **settings), client_factory=lambda: fake)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://adapter")
+    return openai.AsyncOpenAI(base_url="http://adapter/v1", api_key="none", http_client=http, max_retries=0)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tool_calls_are_rendered_parsed_and_streamed_like_openai(tiny_moe):
+    fake = FakeTriton(THOUGHT_AND_CALL.split("</think>\n\n", 1)[1])
+    ai = _client(tiny_moe, fake)
+
+    async def both():
+        whole = await ai.chat.completions.create(model="tiny-moe", messages=USER, tools=TOOLS)
+        calls, content, reasons = {}, "", []
+        async for ch in await ai.chat.completions.create(model="tiny-moe", messages=USER, tools=TOOLS, stream=True):
+            c = ch.choices[0]
+            content += c.delta.content or ""
+            reasons.append(c.finish_reason)
+            for tc in c.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                entry["id"] = tc.id or entry["id"]
+                entry["name"] += (tc.function.name or "") if tc.function else ""
+                entry["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        return whole, calls, content, reasons
+
+    whole, calls, content, reasons = _run(both())
+    msg = whole.choices[0].message
+    assert whole.choices[0].finish_reason == "tool_calls" and reasons[-1] == "tool_calls"
+    [call] = msg.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "C"}
+    assert msg.content == "Let me check.\n" == content
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [("get_weather", {"city": "Paris", "unit": "C"})]
+    # the template put the tool list in front of the model
+    tok = Tokenizer(tiny_moe)
+    kind, _, ids, _ = fake.sent[0]
+    prompt = tok.decode(ids)
+    assert kind == "llm" and "<tools>" in prompt and '"name": "get_weather"' in prompt
+
+
+def test_tool_choice_none_hides_the_tools_and_parses_nothing(tiny_moe):
+    fake = FakeTriton('<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>')
+    ai = _client(tiny_moe, fake)
+    out = _run(ai.chat.completions.create(model="tiny-moe", messages=USER, tools=TOOLS, tool_choice="none"))
+    assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason == "stop"
+    assert out.choices[0].message.content.startswith("<tool_call>")
+    assert "<tools>" not in Tokenizer(tiny_moe).decode(fake.sent[0][2])
+
+
+def test_a_tool_result_renders_back_for_the_model(tiny_moe):
+    fake = FakeTriton("It is 18 C.")
+    ai = _client(tiny_moe, fake)
+    history = USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 18}'}]
+    out = _run(ai.chat.completions.create(model="tiny-moe", messages=history, tools=TOOLS))
+    assert out.choices[0].message.content == "It is 18 C."
+    prompt = Tokenizer(tiny_moe).decode(fake.sent[0][2])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+    assert '<tool_response>\n{"temp_c": 18}\n</tool_response>' in prompt
+
+
+def test_reasoning_is_split_from_the_answer(tiny_moe):
+    fake = FakeTriton("<think>\nThe user greets me.</think>\n\nHello!")
+    ai = _client(tiny_moe, fake, reasoning_parser="qwen3")
+
+    async def both():
+        whole = await ai.chat.completions.create(model="tiny-moe", messages=USER)
+        parts = {"reasoning": "", "content": ""}
+        async for ch in await ai.chat.completions.create(model="tiny-moe", messages=USER, stream=True):
+            d = ch.choices[0].delta
+            parts["reasoning"] += getattr(d, "reasoning_content", None) or ""
+            parts["content"] += d.content or ""
+        return whole, parts
+
+    whole, parts = _run(both())
+    msg = whole.choices[0].message
+    assert msg.content == "Hello!" == parts["content"]
+    assert msg.reasoning_content == "The user greets me." == parts["reasoning"]
+    # without the parser the text is the model's, untouched
+    plain = _run(_client(tiny_moe, fake).chat.completions.create(model="tiny-moe", messages=USER))
+    assert plain.choices[0].message.content == fake.output
+
+
+@pytest.mark.parametrize("cut", range(1, 9))
+def test_streamed_parsing_matches_whole_parsing_at_any_cut(cut):
+    """Tags split across deltas anywhere: the deltas add up to the non-streamed message."""
+    whole = parse_whole(THOUGHT_AND_CALL, True, True, True)
+    p = OutputParser(True, True, True)
+    deltas = []
+    for i in range(0, len(THOUGHT_AND_CALL), cut):
+        deltas += p.feed(THOUGHT_AND_CALL[i:i + cut])
+    deltas += p.finish()
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == whole["reasoning_content"] == \
+        "Paris is a city.\nI should call the tool."
+    assert "".join(d.get("content", "") for d in deltas) == whole["content"] == "Let me check.\n"
+    args = "".join(tc["function"].get("arguments", "") for d in deltas for tc in d.get("tool_calls", []))
+    assert json.loads(args) == json.loads(whole["tool_calls"][0]["function"]["arguments"])
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_moe, tmp_path):
+    """A Thinking-style template switch: enable_thinking false renders an empty think block, and the
+    prompt then does not end inside <think>."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_moe, ckpt, ignore=shutil.ignore_patterns("*.safetensors"))
+    template = (ckpt / "chat_template.jinja").read_text()
+    (ckpt / "chat_template.jinja").write_text(template + "{%- if add_generation_prompt and enable_thinking is "
+                                              "defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}")
+    fake = FakeTriton("Hi.")
+    ai = _client(ckpt, fake)
+    _run(ai.chat.completions.create(model="tiny-moe", messages=USER, extra_body={"chat_template_kwargs": {"enable_thinking": False}}))
+    _run(ai.chat.completions.create(model="tiny-moe", messages=USER))
+    tok = Tokenizer(ckpt)
+    off, on = (tok.decode(s[2]) for s in fake.sent)
+    assert off.endswith("<think>\n\n</think>\n\n") and not on.endswith("</think>\n\n")
+
+
+def test_n_choices_each_with_its_own_seed(tiny_moe):
+    fake = FakeTriton("seed {seed}")
+    ai = _client(tiny_moe, fake)
+    out = _run(ai.chat.completions.create(model="tiny-moe", messages=USER, n=3, seed=40, temperature=1.0))
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.message.content for c in out.choices] == ["seed 40", "seed 41", "seed 42"]
+    assert out.usage.prompt_tokens == 11 and out.usage.completion_tokens == sum(
+        len(range(0, len(f"seed {s}"), 3)) for s in (40, 41, 42))
+
+    async def streamed():
+        texts = {}
+        async for ch in await ai.chat.completions.create(model="tiny-moe", messages=USER, n=3, seed=40, stream=True):
+            for c in ch.choices:
+                texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+        return texts
+
+    assert _run(streamed()) == {0: "seed 40", 1: "seed 41", 2: "seed 42"}
+
+
+def test_continuous_usage_and_models_card(tiny_moe):
+    fake = FakeTriton("abcdefghi")
+    ai = _client(tiny_moe, fake)
+
+    async def go():
+        usages = []
+        async for ch in await ai.chat.completions.create(model="tiny-moe", messages=USER, stream=True,
+                                                          stream_options={"include_usage": True,
+                                                                          "continuous_usage_stats": True}):
+            usages.append(ch.usage.completion_tokens if ch.usage else None)
+        models = await ai.models.list()
+        return usages, models
+
+    usages, models = _run(go())
+    assert None not in usages and usages[-1] == 3 and usages == sorted(usages)
+    assert models.data[0].id == "tiny-moe" and models.data[0].max_model_len == 1024
+
+
+@pytest.mark.parametrize("extra,status,message", [
+    ({"tools": TOOLS, "tool_choice": "required"}, 400, "needs constrained decoding"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, 400,
+     "needs constrained decoding"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, 400, "tools[0] must be"),
+    ({"tools": "get_weather"}, 400, "'tools' must be a list"),
+    ({"n": 0}, 400, "'n' must be an integer from 1 to 16"),
+    ({"n": 17}, 400, "'n' must be an integer from 1 to 16"),
+    ({"chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs may not set ['messages']"),
+    ({"chat_template_kwargs": "x"}, 400, "'chat_template_kwargs' must be an object"),
+    ({"parallel_tool_calls": "yes"}, 400, "'parallel_tool_calls' must be a boolean"),
+    ({"best_of": 2}, 400, "'best_of' is not supported"),
+])
+def test_malformed_feature_requests_get_a_clear_400(tiny_moe, extra, status, message):
+    ai = _client(tiny_moe, FakeTriton("x"))
+    with pytest.raises(openai.APIStatusError) as e:
+        _run(ai.chat.completions.create(model="tiny-moe", messages=USER, extra_body=extra))
+    assert e.value.status_code == status and message in e.value.message
