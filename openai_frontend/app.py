@@ -2,7 +2,7 @@
 
     python -m openai_frontend --triton-url localhost:8001 --served-model-name NAME [--port 8000]
 
-`POST /v1/chat/completions` (SSE streaming or not), `GET /v1/models`, `GET /health` (200 only
+`POST /v1/chat/completions` and `POST /v1/completions` (SSE streaming or not), `GET /v1/models`, `GET /health` (200 only
 when Triton's models are ready), `GET /metrics`. Requests are checked here first, so the common
 mistakes come back as OpenAI error objects without a round trip; the rest comes from Triton.
 Remote and local media are fetched here (media.py); text-only chats go to `llm` directly
@@ -32,7 +32,8 @@ from .media import MediaFetcher
 from .text_prompts import TextPrompts
 
 from .parsers import OutputParser, parse_whole
-from .protocol import APIError, check_chat_request, chat_completion, chunk, completion_id, from_triton, usage
+from .protocol import (APIError, check_chat_request, check_completion_request, chat_completion, chunk, completion_id,
+                       from_triton, text_chunk, text_completion, usage)
 from .triton_client import TritonLLMClient, TritonRequestError
 
 log = logging.getLogger("openai_frontend")
@@ -192,6 +193,83 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
             raise
         return StreamingResponse(_sse(firsts, streams, parser, req, cid, start, rid),
                                  media_type="text/event-stream", headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        rid = uuid.uuid4().hex
+        raw = await _read_body(request, settings.max_request_body_bytes)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"request body is not valid JSON: {e}") from e
+        req = check_completion_request(body, settings.served_model_name)
+        if prompts is None:
+            raise APIError(400, "/v1/completions needs the adapter started with --model-path (the launcher does)")
+        cid, start = "cmpl-" + uuid.uuid4().hex, time.monotonic()
+        vocab = prompts.tokenizer.vocab_size
+        jobs = []                            # (prompt ids, echo text) per choice, prompt-major as OpenAI orders them
+        for p in req.prompts:
+            ids = await asyncio.to_thread(prompts.encode, p) if isinstance(p, str) else list(p)
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            echo = (p if isinstance(p, str) else prompts.tokenizer.decode(ids)) if req.echo else ""
+            jobs += [(ids, echo)] * req.n
+
+        def open_stream(k: int, ids):
+            sampling = dict(req.sampling)
+            if req.n > 1 and isinstance(sampling.get("seed"), int):
+                sampling["seed"] = (sampling["seed"] + k % req.n) % 2**64
+            return client().stream_ids(f"{rid}-{k}" if len(jobs) > 1 else rid, ids, sampling)
+
+        streams = [open_stream(k, ids) for k, (ids, _) in enumerate(jobs)]
+        model, headers = settings.served_model_name, {"x-request-id": rid}
+        if not req.stream:
+            async def whole():
+                results = await asyncio.gather(*(_collect(d, rid) for d in streams))
+                metrics.ttft.observe(min(r[2] for r in results) - start)
+                prompt_tokens = sum(len(ids) for ids, _ in jobs[:: req.n])
+                out_tokens = sum(r[1].num_output_tokens or 0 for r in results)
+                return text_completion(cid, model, [(echo + text, last.finish_reason)
+                                                    for (_, echo), (text, last, _) in zip(jobs, results)],
+                                       usage(prompt_tokens, out_tokens, None, False))
+            try:
+                out = await _unless_gone(request, whole())
+            finally:
+                for d in streams:
+                    await d.aclose()
+            return Response(status_code=499) if out is None else JSONResponse(out, headers=headers)
+        try:
+            firsts = await asyncio.gather(*(_first(d, rid) for d in streams))
+        except BaseException:
+            for d in streams:
+                await d.aclose()
+            raise
+
+        async def sse():
+            counts = [0] * len(streams)
+            prompt_tokens = sum(len(ids) for ids, _ in jobs[:: req.n])
+
+            def now():
+                return usage(prompt_tokens, sum(counts), None, False) if req.continuous_usage else None
+            for k, (_, echo) in enumerate(jobs):
+                if echo:
+                    yield _event(text_chunk(cid, model, k, echo, usage_=now()))
+            try:
+                async for k, d in _merged(firsts, streams):
+                    counts[k] = d.num_output_tokens or counts[k]
+                    if d.text or d.finish_reason:
+                        yield _event(text_chunk(cid, model, k, d.text, d.finish_reason, now()))
+            except TritonRequestError as e:
+                yield _event(from_triton(str(e), e.client_error, rid, e.unavailable).body())
+            else:
+                if req.include_usage:
+                    yield _event({"id": cid, "object": "text_completion", "created": int(time.time()),
+                                  "model": model, "choices": [], "usage": usage(prompt_tokens, sum(counts), None, False)})
+            finally:
+                for d in streams:
+                    await d.aclose()
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
     async def _first(deltas, rid):
         try:

@@ -175,3 +175,83 @@ def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, u
     if usage_ is not None:
         out["usage"] = usage_
     return out
+
+
+COMPLETIONS_UNSUPPORTED = {
+    "suffix": lambda v: v in (None, ""),
+    "logprobs": lambda v: v in (None, 0),
+    "best_of": lambda v: v in (None, 1),
+    "logit_bias": lambda v: v in (None, {}),
+}
+
+
+@dataclass
+class CompletionRequest:
+    prompts: list                       # each a str or a list of token ids
+    sampling: dict
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    n: int = 1
+    echo: bool = False
+
+
+def check_completion_request(body, served_model: str) -> CompletionRequest:
+    """/v1/completions: `prompt` a string, a list of strings, a list of token ids or a list of those."""
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != served_model:
+        raise APIError(404, f"The model '{model}' does not exist. This server serves '{served_model}'.",
+                       param="model", code="model_not_found")
+    for name, unused in COMPLETIONS_UNSUPPORTED.items():
+        if name in body and not _safe_check(unused, body[name]):
+            raise APIError(400, f"'{name}' is not supported by this server yet (value {_short(body[name])})",
+                           param=name, code="unsupported_parameter")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or (isinstance(p, list) and p and
+                                                                          all(_is_id(t) for t in p)) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of those",
+                       param="prompt")
+    if any(p == "" for p in prompts):
+        raise APIError(400, "'prompt' is empty", param="prompt")
+    sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
+    if "max_tokens" not in sampling and "max_completion_tokens" not in sampling:
+        sampling["max_tokens"] = 16                     # OpenAI's default for completions
+    try:
+        SamplingParams.from_dict(sampling)
+    except SamplingError as e:
+        raise APIError(400, str(e)) from e
+    stream, include_usage, continuous = check_stream_options(body)
+    n = body.get("n", 1) if body.get("n") is not None else 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N or n * len(prompts) > 4 * MAX_N:
+        raise APIError(400, f"'n' must be an integer from 1 to {MAX_N} (and n x prompts at most {4 * MAX_N})",
+                       param="n")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise APIError(400, "'echo' must be a boolean", param="echo")
+    return CompletionRequest(prompts, sampling, stream, include_usage, continuous, n, echo)
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def text_completion(cid: str, model: str, choices: list[tuple[str, str]], usage_: dict) -> dict:
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                        for i, (text, reason) in enumerate(choices)],
+            "usage": usage_}
+
+
+def text_chunk(cid: str, model: str, index: int, text: str, finish_reason: str | None = None,
+               usage_: dict | None = None) -> dict:
+    out = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
+           "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out

@@ -235,3 +235,42 @@ def test_malformed_feature_requests_get_a_clear_400(tiny_moe, extra, status, mes
     with pytest.raises(openai.APIStatusError) as e:
         _run(ai.chat.completions.create(model="tiny-moe", messages=USER, extra_body=extra))
     assert e.value.status_code == status and message in e.value.message
+
+
+def test_completions_prompts_echo_n_and_stream(tiny_moe):
+    fake = FakeTriton("<{seed}>")
+    ai = _client(tiny_moe, fake)
+    tok = Tokenizer(tiny_moe)
+
+    async def go():
+        one = await ai.completions.create(model="tiny-moe", prompt="Once upon a time", echo=True, max_tokens=5)
+        many = await ai.completions.create(model="tiny-moe", prompt=["A", [9707, 11]], n=2, seed=3, max_tokens=5)
+        streamed = {}
+        async for ch in await ai.completions.create(model="tiny-moe", prompt="Hi", n=2, seed=3, stream=True):
+            for c in ch.choices:
+                streamed[c.index] = streamed.get(c.index, "") + c.text
+        return one, many, streamed
+
+    one, many, streamed = _run(go())
+    assert one.object == "text_completion" and one.choices[0].text == "Once upon a time<None>"
+    assert [c.text for c in many.choices] == ["<3>", "<4>", "<3>", "<4>"]       # prompt-major, n per prompt
+    sent = [s[2] for s in fake.sent[1:5]]
+    assert sent[0] == sent[1] == tok.encode("A") and sent[2] == sent[3] == [9707, 11]
+    assert many.usage.prompt_tokens == len(tok.encode("A")) + 2
+    assert streamed == {0: "<3>", 1: "<4>"}
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"prompt": "x", "suffix": "y"}, "'suffix' is not supported"),
+    ({"prompt": "x", "logprobs": 2}, "'logprobs' is not supported"),
+    ({"prompt": ""}, "'prompt' is empty"),
+    ({"prompt": [1.5]}, "'prompt' must be a string"),
+    ({"prompt": [[]]}, "'prompt' must be a string"),
+    ({"prompt": "x", "echo": "yes"}, "'echo' must be a boolean"),
+    ({"prompt": [10**9]}, "prompt token ids must be in [0, "),
+])
+def test_malformed_completions_get_a_clear_400(tiny_moe, extra, message):
+    ai = _client(tiny_moe, FakeTriton("x"))
+    with pytest.raises(openai.APIStatusError) as e:
+        _run(ai.completions.create(model="tiny-moe", **{"prompt": None, **extra}))
+    assert e.value.status_code == 400 and message in e.value.message

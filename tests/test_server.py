@@ -691,3 +691,11 @@ def test_tools_and_template_kwargs_reach_the_model_through_both_paths(client, me
         hidden = _chat(client, msgs, tools=tools, tool_choice="none")
         assert with_tools.usage.prompt_tokens - plain.usage.prompt_tokens > 40
         assert hidden.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_completions_endpoint_continues_token_ids_as_chat_does(client, tiny_moe, local_engine):
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    want = _expected(tiny_moe, local_engine, messages)
+    out = client.completions.create(model="tiny-moe", prompt=want["prompt_token_ids"], temperature=0,
+                                    max_tokens=MAX_TOKENS)
+    assert out.choices[0].text == want["text"] and out.usage.prompt_tokens == len(want["prompt_token_ids"])
