@@ -184,7 +184,8 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         streams = [open_stream(i) for i in range(req.n)]
         headers = {"x-request-id": rid}
         if not req.stream:
-            return await _complete_unless_gone(request, streams, parser, cid, start, rid, headers)
+            return await _complete_unless_gone(request, streams, parser, cid, start, rid, headers,
+                                               req.sampling.get("logprobs") is not None)
         try:   # errors before any output still get a proper status code
             firsts = await asyncio.gather(*(_first(d, rid) for d in streams))
         except BaseException:
@@ -223,15 +224,20 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
 
         streams = [open_stream(k, ids) for k, (ids, _) in enumerate(jobs)]
         model, headers = settings.served_model_name, {"x-request-id": rid}
+        want_logprobs = req.sampling.get("logprobs") is not None
         if not req.stream:
             async def whole():
                 results = await asyncio.gather(*(_collect(d, rid) for d in streams))
                 metrics.ttft.observe(min(r[2] for r in results) - start)
                 prompt_tokens = sum(len(ids) for ids, _ in jobs[:: req.n])
                 out_tokens = sum(r[1].num_output_tokens or 0 for r in results)
-                return text_completion(cid, model, [(echo + text, last.finish_reason)
-                                                    for (_, echo), (text, last, _) in zip(jobs, results)],
+                body = text_completion(cid, model, [(echo + text, last.finish_reason)
+                                                    for (_, echo), (text, last, _, _) in zip(jobs, results)],
                                        usage(prompt_tokens, out_tokens, None, False))
+                if want_logprobs:
+                    for choice, (_, _, _, entries) in zip(body["choices"], results):
+                        choice["logprobs"] = completion_logprobs(entries, 0)[0]
+                return body
             try:
                 out = await _unless_gone(request, whole())
             finally:
@@ -254,11 +260,15 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
             for k, (_, echo) in enumerate(jobs):
                 if echo:
                     yield _event(text_chunk(cid, model, k, echo, usage_=now()))
+            offsets = [0] * len(streams)
             try:
                 async for k, d in _merged(firsts, streams):
                     counts[k] = d.num_output_tokens or counts[k]
-                    if d.text or d.finish_reason:
-                        yield _event(text_chunk(cid, model, k, d.text, d.finish_reason, now()))
+                    if d.text or d.finish_reason or d.logprobs:
+                        out = text_chunk(cid, model, k, d.text, d.finish_reason, now())
+                        if want_logprobs:
+                            out["choices"][0]["logprobs"], offsets[k] = completion_logprobs(d.logprobs or [], offsets[k])
+                        yield _event(out)
             except TritonRequestError as e:
                 yield _event(from_triton(str(e), e.client_error, rid, e.unavailable).body())
             else:
@@ -277,11 +287,11 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         except TritonRequestError as e:
             raise from_triton(str(e), e.client_error, rid, e.unavailable) from e
 
-    async def _complete_unless_gone(request, streams, parser, cid, start, rid, headers):
+    async def _complete_unless_gone(request, streams, parser, cid, start, rid, headers, want_logprobs=False):
         """The whole answer, or nothing once the client has gone: its request is then cancelled
         in Triton (closing the streams does that) instead of running to max_tokens for nobody."""
         try:
-            body = await _unless_gone(request, _complete(streams, parser, cid, start, rid))
+            body = await _unless_gone(request, _complete(streams, parser, cid, start, rid, want_logprobs))
         finally:
             for d in streams:
                 await d.aclose()
@@ -291,31 +301,60 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         return JSONResponse(body, headers=headers)
 
     async def _collect(deltas, rid):
+        """-> (the whole text, the last Delta, when the first came, the tokens' logprobs)."""
         text, last = "", await _first(deltas, rid)
         first = time.monotonic()
-        text += last.text
+        text, logprobs = text + last.text, list(last.logprobs or [])
         try:
             async for d in deltas:
                 text, last = text + d.text, d
+                logprobs += d.logprobs or []
         except TritonRequestError as e:
             raise from_triton(str(e), e.client_error, rid, e.unavailable) from e
-        return text, last, first
+        return text, last, first, logprobs
 
-    async def _complete(streams, parser, cid, start, rid):
+    def token_text(token_id: int) -> str:
+        return prompts.tokenizer.decode([token_id], skip_special_tokens=False) if prompts else str(token_id)
+
+    def completion_logprobs(entries, offset: int) -> tuple[dict, int]:
+        """The completions API's `logprobs` object, and the text offset after its tokens."""
+        tokens = [token_text(t) for t, _, _ in entries]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{token_text(a): b for a, b in top} for _, _, top in entries],
+                "text_offset": offsets}, offset
+
+    def chat_logprobs(entries) -> dict | None:
+        """OpenAI's chat `logprobs` object for (token id, logprob, top) entries."""
+        def one(tid, lp):
+            t = token_text(tid)
+            return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+        return {"content": [{**one(tid, lp), "top_logprobs": [one(a, b) for a, b in top]} for tid, lp, top in entries],
+                "refusal": None}
+
+    async def _complete(streams, parser, cid, start, rid, want_logprobs=False):
         results = await asyncio.gather(*(_collect(d, rid) for d in streams))
         first = min(r[2] for r in results)
         metrics.ttft.observe(first - start)
         choices, out_tokens = [], 0
-        for text, last, _ in results:
+        logprobs = []
+        for text, last, _, entries in results:
             p = parser()
             message = parse_whole(text, p.reasoning, p.thinking_open, p.tools, p.parallel_tool_calls)
             reason = "tool_calls" if message.get("tool_calls") and last.finish_reason == "stop" else last.finish_reason
             choices.append((message, reason))
+            logprobs.append(chat_logprobs(entries) if want_logprobs else None)
             out_tokens += last.num_output_tokens or 0
         last = results[0][1]
         metrics.finished(start, first, last.num_input_tokens or 0, out_tokens)
         u = usage(last.num_input_tokens or 0, out_tokens, last.num_cached_tokens, settings.enable_cache_report)
-        return chat_completion(cid, settings.served_model_name, choices, u)
+        body = chat_completion(cid, settings.served_model_name, choices, u)
+        for choice, lp in zip(body["choices"], logprobs):
+            choice["logprobs"] = lp
+        return body
 
     async def _sse(firsts, streams, parser, req, cid, start, rid):
         model = settings.served_model_name
@@ -328,15 +367,22 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         def current_usage():
             return usage(prompt_tokens, sum(counts), cached, settings.enable_cache_report)
 
+        pending = [[] for _ in streams]       # logprobs of tokens whose text has not gone out yet
+        want_logprobs = req.sampling.get("logprobs") is not None
+
         def event(delta, index, reason=None):
-            return _event(chunk(cid, model, delta, reason, index=index,
-                                usage_=current_usage() if req.continuous_usage else None))
+            out = chunk(cid, model, delta, reason, index=index, usage_=current_usage() if req.continuous_usage else None)
+            if want_logprobs and (pending[index] or reason):
+                out["choices"][0]["logprobs"] = chat_logprobs(pending[index])
+                pending[index] = []
+            return _event(out)
 
         for i in range(len(streams)):
             yield event({"role": "assistant", "content": ""}, i)
         try:
             async for i, d in _merged(firsts, streams):
                 counts[i] = d.num_output_tokens or counts[i]
+                pending[i] += d.logprobs or []
                 for delta in parsers[i].feed(d.text):
                     yield event(delta, i)
                 if d.finish_reason:

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from qwen3vl_backend.processing.chat import RequestError, check_template_extras, normalize_messages
-from qwen3vl_backend.sampling_params import SAMPLING_FIELDS, SamplingError, SamplingParams
+from qwen3vl_backend.sampling_params import MAX_LOGPROBS, SAMPLING_FIELDS, SamplingError, SamplingParams
 
 log = logging.getLogger("openai_frontend")
 
@@ -30,8 +30,6 @@ UNSUPPORTED = {
     "functions": lambda v: v in (None, []),
     "function_call": lambda v: v in (None, "none", "auto"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
     "logit_bias": lambda v: v in (None, {}),
     "best_of": lambda v: v in (None, 1),
     "audio": lambda v: v is None,
@@ -118,6 +116,16 @@ def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> Ch
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
         raise APIError(400, f"'n' must be an integer from 1 to {MAX_N}", param="n")
     tools, parallel = check_tools(body)
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if logprobs not in (None, True, False):
+        raise APIError(400, "'logprobs' must be a boolean", param="logprobs")
+    if top is not None:
+        if not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS:
+            raise APIError(400, f"'top_logprobs' must be an integer from 0 to {MAX_LOGPROBS}", param="top_logprobs")
+    if logprobs:
+        sampling["logprobs"] = top or 0
     try:
         _, kwargs = check_template_extras(None, body.get("chat_template_kwargs"))
     except RequestError as e:
@@ -179,7 +187,6 @@ def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, u
 
 COMPLETIONS_UNSUPPORTED = {
     "suffix": lambda v: v in (None, ""),
-    "logprobs": lambda v: v in (None, 0),
     "best_of": lambda v: v in (None, 1),
     "logit_bias": lambda v: v in (None, {}),
 }
@@ -234,6 +241,14 @@ def check_completion_request(body, served_model: str) -> CompletionRequest:
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise APIError(400, "'echo' must be a boolean", param="echo")
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        if not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS}", param="logprobs")
+        if echo:
+            raise APIError(400, "'echo' with 'logprobs' needs the prompt's logprobs, which this server does not "
+                                "compute yet", param="echo", code="unsupported_parameter")
+        sampling["logprobs"] = logprobs
     return CompletionRequest(prompts, sampling, stream, include_usage, continuous, n, echo)
 
 

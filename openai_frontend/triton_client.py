@@ -33,6 +33,7 @@ class Delta:
     num_input_tokens: int | None
     num_output_tokens: int | None
     num_cached_tokens: int | None
+    logprobs: list | None = None       # [(token id, logprob, [(id, logprob), ...]), ...] when asked
 
 
 def _input(name: str, arr: np.ndarray):
@@ -103,6 +104,7 @@ class TritonLLMClient:
                     num_input_tokens=_scalar(result, "num_input_tokens"),
                     num_output_tokens=_scalar(result, "num_output_tokens"),
                     num_cached_tokens=_scalar(result, "num_cached_tokens"),
+                    logprobs=_json(result, "logprobs"),
                 )
                 if delta.finish_reason:
                     finished = True
@@ -154,6 +156,11 @@ async def _rpc_errors(responses):
                                      unavailable=e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                                                               grpc.StatusCode.INTERNAL)) from None
         yield item
+
+
+def _json(result, name):
+    arr = result.as_numpy(name)
+    return None if arr is None or not arr.size else json.loads(arr.reshape(-1)[0])
 
 
 def _scalar(result, name):

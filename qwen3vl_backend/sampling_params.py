@@ -35,6 +35,7 @@ SAMPLING_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p"
 GREEDY_BELOW = 1e-5
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 32, 1024, 256
 _MAX_INT32 = 2**31 - 1
+MAX_LOGPROBS = 20
 
 
 class SamplingError(ValueError):
@@ -57,6 +58,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
+    logprobs: int | None = None    # each output token's log-probability and this many top alternatives
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -73,6 +75,8 @@ class SamplingParams:
         if self.top_k > _MAX_INT32:
             self.top_k = 0                             # larger than any vocabulary: no cut
         _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {_short(self.min_p)}")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               f"logprobs (top alternatives) must be an integer in [0, {MAX_LOGPROBS}], got {_short(self.logprobs)}")
         _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64),
                f"seed must be an integer in [-2**63, 2**64), got {_short(self.seed)}")
         _check(isinstance(self.stop, list) and len(self.stop) <= MAX_STOP_STRINGS

@@ -48,9 +48,11 @@ class FakeTriton:
     async def _deltas(self, sampling):
         text = self.output.replace("{seed}", str(sampling.get("seed")))
         pieces = [text[i:i + self.piece] for i in range(0, len(text), self.piece)] or [""]
+        k = sampling.get("logprobs")
         for n, part in enumerate(pieces, 1):
             await asyncio.sleep(0)
-            yield Delta(part, self.finish if n == len(pieces) else None, 11, n, 0)
+            lp = None if k is None else [(100 + n, -0.5 * n, [(200 + j, -0.1 * j) for j in range(k)])]
+            yield Delta(part, self.finish if n == len(pieces) else None, 11, n, 0, lp)
 
 
 def _client(tiny_moe, fake, **settings) -> openai.AsyncOpenAI:
@@ -228,6 +230,8 @@ def test_continuous_usage_and_models_card(tiny_moe):
     ({"chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs may not set ['messages']"),
     ({"chat_template_kwargs": "x"}, 400, "'chat_template_kwargs' must be an object"),
     ({"parallel_tool_calls": "yes"}, 400, "'parallel_tool_calls' must be a boolean"),
+    ({"top_logprobs": 3}, 400, "'top_logprobs' needs 'logprobs': true"),
+    ({"logprobs": True, "top_logprobs": 21}, 400, "'top_logprobs' must be an integer from 0 to 20"),
     ({"best_of": 2}, 400, "'best_of' is not supported"),
 ])
 def test_malformed_feature_requests_get_a_clear_400(tiny_moe, extra, status, message):
@@ -262,7 +266,8 @@ def test_completions_prompts_echo_n_and_stream(tiny_moe):
 
 @pytest.mark.parametrize("extra,message", [
     ({"prompt": "x", "suffix": "y"}, "'suffix' is not supported"),
-    ({"prompt": "x", "logprobs": 2}, "'logprobs' is not supported"),
+    ({"prompt": "x", "logprobs": 21}, "'logprobs' must be an integer from 0 to 20"),
+    ({"prompt": "x", "logprobs": 2, "echo": True}, "'echo' with 'logprobs' needs the prompt's logprobs"),
     ({"prompt": ""}, "'prompt' is empty"),
     ({"prompt": [1.5]}, "'prompt' must be a string"),
     ({"prompt": [[]]}, "'prompt' must be a string"),
@@ -274,3 +279,34 @@ def test_malformed_completions_get_a_clear_400(tiny_moe, extra, message):
     with pytest.raises(openai.APIStatusError) as e:
         _run(ai.completions.create(model="tiny-moe", **{"prompt": None, **extra}))
     assert e.value.status_code == 400 and message in e.value.message
+
+
+def test_logprobs_are_shaped_as_openai_shapes_them(tiny_moe):
+    """Chat: logprobs.content per token with top_logprobs, streamed with the chunks that carry the
+    tokens; completions: tokens / token_logprobs / top_logprobs / text_offset."""
+    fake = FakeTriton("abcdef")                 # two deltas, one token each
+    ai = _client(tiny_moe, fake)
+    tok = Tokenizer(tiny_moe)
+
+    async def go():
+        whole = await ai.chat.completions.create(model="tiny-moe", messages=USER, logprobs=True, top_logprobs=2)
+        streamed = []
+        async for ch in await ai.chat.completions.create(model="tiny-moe", messages=USER, logprobs=True,
+                                                          top_logprobs=2, stream=True):
+            if ch.choices and ch.choices[0].logprobs and ch.choices[0].logprobs.content:
+                streamed += ch.choices[0].logprobs.content
+        plain = await ai.chat.completions.create(model="tiny-moe", messages=USER)
+        comp = await ai.completions.create(model="tiny-moe", prompt="x", logprobs=1)
+        return whole, streamed, plain, comp
+
+    whole, streamed, plain, comp = _run(go())
+    content = whole.choices[0].logprobs.content
+    assert [(c.token, c.logprob) for c in content] == [(tok.decode([101], skip_special_tokens=False), -0.5),
+                                                       (tok.decode([102], skip_special_tokens=False), -1.0)]
+    assert [[t.logprob for t in c.top_logprobs] for c in content] == [[0.0, -0.1]] * 2
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    assert plain.choices[0].logprobs is None and "logprobs" not in fake.sent[2][3]
+    assert fake.sent[0][3]["logprobs"] == 2
+    lp = comp.choices[0].logprobs
+    assert lp.token_logprobs == [-0.5, -1.0] and lp.text_offset == [0, len(lp.tokens[0])]
+    assert [list(t.values()) for t in lp.top_logprobs] == [[0.0], [0.0]]

@@ -191,9 +191,26 @@ def test_tritonclient_grpc_stream_to_ensemble(server, tiny_moe, local_engine):
     assert text == expected["text"]
 
 
-def _stream_ensemble(server, request_id: str, expect_error: bool = False, **arrays) -> str:
+def test_tritonclient_gets_logprobs_from_the_ensemble(server, tiny_moe, local_engine):
+    """sampling_parameters {"logprobs": K}: the `logprobs` output carries each token's id, logprob
+    and top K, in order, across the stream's responses (what the adapter turns into OpenAI's)."""
+    messages = [{"role": "user", "content": "Describe the picture."}]
+    expected = _expected(tiny_moe, local_engine, messages)
+    logprobs: list = []
+    text = _stream_ensemble(
+        server, "grpc-lp", text_input=np.array([json.dumps({"messages": messages}).encode()], dtype=np.object_),
+        stream=np.array([True]), logprobs_out=logprobs,
+        sampling_parameters=np.array([json.dumps({"temperature": 0, "max_tokens": MAX_TOKENS, "logprobs": 2}).encode()],
+                                     dtype=np.object_))
+    assert text == expected["text"]
+    assert [e[0] for e in logprobs] == expected["output_token_ids"]
+    assert all(e[1] <= 0 and len(e[2]) == 2 and e[2][0][0] == e[0] for e in logprobs)    # greedy: the top one
+
+
+def _stream_ensemble(server, request_id: str, expect_error: bool = False, logprobs_out: list | None = None,
+                     **arrays) -> str:
     """One streamed request to the `qwen3vl` ensemble over tritonclient gRPC -> its whole text
-    (or, with `expect_error`, the error's message)."""
+    (or, with `expect_error`, the error's message); `logprobs_out` collects the logprobs output."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
@@ -215,6 +232,9 @@ def _stream_ensemble(server, request_id: str, expect_error: bool = False, **arra
             return error.message()
         assert error is None, error
         text += result.as_numpy("text_output")[0].decode()
+        lp = result.as_numpy("logprobs")
+        if logprobs_out is not None and lp is not None and lp.size:
+            logprobs_out += json.loads(lp.reshape(-1)[0])
         if result.as_numpy("finish_reason")[0]:
             break
     c.stop_stream()
@@ -458,7 +478,10 @@ HOSTILE = [
     ("tool_choice_required", {**_msg("x"), "tools": [{"type": "function", "function": {"name": "f"}}],
                               "tool_choice": "required"}, 400, "needs constrained decoding"),
     ("response_format", {**_msg("x"), "response_format": {"type": "json_object"}}, 400, "'response_format'"),
-    ("logprobs", {**_msg("x"), "logprobs": True}, 400, "'logprobs' is not supported"),
+    ("top_logprobs_past_20", {**_msg("x"), "logprobs": True, "top_logprobs": 99}, 400,
+     "'top_logprobs' must be an integer from 0 to 20"),
+    ("logprobs_on_triton_past_20", {**_msg("x"), "logprobs": True, "top_logprobs": 20, "max_tokens": 1,
+                                    "logit_bias": {"1": 5}}, 400, "'logit_bias' is not supported"),
     ("image_tokens_past_context", _msg([_img(data_uri(image_bytes(make_image(1400, 1400, 2), "JPEG"), "image/jpeg"))]), 400,
      f"does not fit the context of {MAX_MODEL_LEN} tokens"),
 ]
@@ -699,3 +722,26 @@ def test_completions_endpoint_continues_token_ids_as_chat_does(client, tiny_moe,
     out = client.completions.create(model="tiny-moe", prompt=want["prompt_token_ids"], temperature=0,
                                     max_tokens=MAX_TOKENS)
     assert out.choices[0].text == want["text"] and out.usage.prompt_tokens == len(want["prompt_token_ids"])
+
+
+def test_logprobs_are_the_engines_log_softmax(client, tiny_moe, local_engine):
+    """Through Triton: each token's logprob and its top alternatives equal the model's own
+    log-softmax at that position (raw: before temperature and penalties)."""
+    import torch
+
+    from qwen3vl_backend.processing.processor import ProcessedPrompt
+
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    want = _expected(tiny_moe, local_engine, messages)
+    out = _chat(client, messages, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == len(want["output_token_ids"]) == MAX_TOKENS
+    ids = want["prompt_token_ids"] + want["output_token_ids"]
+    ref = torch.log_softmax(local_engine.prompt_logits(
+        ProcessedPrompt(ids, [], torch.arange(len(ids)).expand(3, -1), 0)).float(), -1)
+    start = len(want["prompt_token_ids"]) - 1
+    for i, (entry, token) in enumerate(zip(content, want["output_token_ids"])):
+        row = ref[start + i]
+        assert abs(entry.logprob - float(row[token])) < 1e-4
+        top = row.topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)

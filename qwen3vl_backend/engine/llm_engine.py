@@ -45,6 +45,9 @@ class RequestOutput:
     num_output_tokens: int
     cached_tokens: int
     error: str | None = None          # finish_reason "error": this request alone failed inside a step
+    # per new token, when the request asked (SamplingParams.logprobs): (token id, logprob,
+    # [(id, logprob), ...] its top alternatives); the model's raw log-softmax
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 class _Request:
@@ -68,6 +71,7 @@ class _Step:
     host: torch.Tensor
     done: torch.cuda.Event | None
     sampled: list[tuple[Sequence, int]]
+    logprobs: list | None = None       # per sampled row: (host chosen, values, ids, row) or None
 
 
 class LLMEngine:
@@ -209,8 +213,16 @@ class LLMEngine:
         banned = {c.seq.request_id: b for c in batch if c.samples and (b := self._banned(c.seq))}
         runs = self._run_isolating(batch, banned, None if prev is None else prev.tokens)
         batch = [c for part, _ in runs for c in part]
-        parts = [t for _, t in runs if t is not None]
+        parts = [r[0] for _, r in runs if r is not None]
         tokens = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
+        row_logprobs = []                   # one entry per sampled row, in order
+        for part, r in runs:
+            n = sum(c.samples for c in part)
+            if r is None or r[1] is None:
+                row_logprobs += [None] * n
+                continue
+            host = tuple(t.to("cpu", non_blocking=True) for t in r[1])
+            row_logprobs += [(host, i) for i in range(n)]
         self.scheduler.computed(batch)
         sampled = []
         for i, chunk in enumerate(c for c in batch if c.samples):
@@ -226,7 +238,7 @@ class LLMEngine:
         if tokens.is_cuda:
             done = torch.cuda.Event()
             done.record()
-        return _Step(tokens, host, done, sampled)
+        return _Step(tokens, host, done, sampled, row_logprobs if any(row_logprobs) else None)
 
     def _run_isolating(self, batch, banned, pending) -> list[tuple[list[ScheduledChunk], torch.Tensor | None]]:
         """runner.run on the batch; if it raises, on each half in turn, down to the single chunks
@@ -257,12 +269,17 @@ class LLMEngine:
         if step.done is not None:
             step.done.synchronize()
         outputs = []
-        for (seq, pos), token in zip(step.sampled, step.host.tolist()):
+        for row, ((seq, pos), token) in enumerate(zip(step.sampled, step.host.tolist())):
             if not self._live(seq):
                 continue                          # aborted, or ended before this token was needed
             seq.output_ids[pos] = token
             try:
-                outputs.append(self._postprocess(seq, pos, token))
+                out = self._postprocess(seq, pos, token)
+                if step.logprobs is not None and step.logprobs[row] is not None and seq.params.logprobs is not None:
+                    (chosen, vals, ids), i = step.logprobs[row]
+                    k = seq.params.logprobs
+                    out.logprobs = [(token, float(chosen[i]), list(zip(ids[i, :k].tolist(), vals[i, :k].tolist())))]
+                outputs.append(out)
             except Exception as e:                # e.g. a token the detokeniser cannot read
                 self._fail(seq, e)
         return outputs

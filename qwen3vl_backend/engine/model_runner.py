@@ -19,7 +19,7 @@ from ..config import EngineConfig
 from ..device import device_tensor
 from ..parallel import Parallel
 from ..layers.attention import AttentionMetadata, varlen_attention_torch
-from ..layers.sampler import Sampler
+from ..layers.sampler import Sampler, token_logprobs
 from ..loader import build_model, load_model, model_config
 from ..processing.positions import decode_positions
 from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
@@ -260,9 +260,10 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, batch: list[ScheduledChunk], banned: dict[str, set[int]] | None = None,
-            pending: torch.Tensor | None = None) -> torch.Tensor | None:
+            pending: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None] | None:
         """Queue the batch; returns the sampled ids (device, int64) of the chunks with `samples`, in
-        order, or None when no chunk samples. Nothing here waits for the GPU.
+        order, with their logprobs where asked (layers/sampler.token_logprobs), or None when no
+        chunk samples. Nothing here waits for the GPU.
 
         Token ids not yet known on the host are given as -(1 + i): the i-th id of `pending`, the
         previous step's sampled ids, still on the device."""
@@ -272,7 +273,7 @@ class ModelRunner:
             with self._group_step():
                 self._publish(True, None, ids, positions, meta)
                 logits = self.graphs.run(ids, positions, meta)
-            return self.sampler.sample(logits, _sample_rows(batch, banned))
+            return self._sample(logits, batch, banned)
         ends = itertools.accumulate(c.num_tokens for c in batch)
         last = [end - 1 for end, c in zip(ends, batch) if c.samples]
         with self._group_step():
@@ -281,7 +282,12 @@ class ModelRunner:
             if not last:
                 return None
             logits = self.model.compute_logits(hidden[device_tensor(last, torch.long, self.device)])
-        return self.sampler.sample(logits, _sample_rows([c for c in batch if c.samples], banned))
+        return self._sample(logits, [c for c in batch if c.samples], banned)
+
+    def _sample(self, logits, chunks, banned):
+        """-> (sampled ids, token_logprobs' tuple or None), both on the device."""
+        ids = self.sampler.sample(logits, _sample_rows(chunks, banned))
+        return ids, token_logprobs(logits, ids, [c.seq.params for c in chunks])
 
     def prepare(self, batch: list[ScheduledChunk], pending: torch.Tensor | None = None):
         """The step's device inputs. Plain Python lists per token, one tensor each at the end: a

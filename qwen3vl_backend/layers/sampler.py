@@ -89,6 +89,20 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     return order.gather(1, picked).squeeze(1)
 
 
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams]):
+    """For rows whose params ask for logprobs: the model's log-softmax (raw: before penalties,
+    temperature and top-k/p, as vLLM reports by default) at the sampled id, and the top K
+    alternatives (K the most any row asked). -> (chosen (B,), top values (B, K), top ids (B, K))
+    on the device, or None when no row asks."""
+    k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+    if k is None:
+        return None
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, ids[:, None].long())[:, 0]
+    vals, top = lp.topk(k, dim=-1) if k else (lp[:, :0], ids[:, None][:, :0])
+    return chosen, vals, top
+
+
 class Sampler:
     def __init__(self):
         self._generators: dict[str, torch.Generator] = {}

@@ -6,6 +6,7 @@ back through the request's sender as the engine produces them: one per text delt
 """
 
 import dataclasses
+import json
 import uuid
 
 import numpy as np
@@ -123,6 +124,7 @@ class _Stream:
         self.sender, self.flags, self.on_finish = sender, flags, on_finish
         self.tokenizer, self.prompt_ids, self.client_id = tokenizer, prompt_ids, client_id
         self.text = ""
+        self.logprobs = []                # of tokens not yet sent (a response may carry no text)
 
     def on_output(self, out):
         if isinstance(out, Exception) or out.finished:
@@ -130,6 +132,8 @@ class _Stream:
         if isinstance(out, Exception):
             self.sender.send(error_response(pb_utils, out, "llm", self.client_id), flags=FINAL)
             return
+        if out.logprobs:
+            self.logprobs += out.logprobs
         if self.flags["stream"]:
             if out.delta_text or out.finished:
                 self.sender.send(self._response(out.delta_text, out), flags=FINAL if out.finished else 0)
@@ -149,4 +153,7 @@ class _Stream:
             tensors.append(pb_utils.Tensor("num_cached_tokens", np.array([out.cached_tokens], np.uint32)))
         if self.flags["return_num_output_tokens"]:
             tensors.append(pb_utils.Tensor("num_output_tokens", np.array([out.num_output_tokens], np.uint32)))
+        if self.logprobs:
+            tensors.append(pb_utils.Tensor("logprobs", np.array([json.dumps(self.logprobs).encode()], dtype=np.object_)))
+            self.logprobs = []
         return pb_utils.InferenceResponse(tensors)
