@@ -29,7 +29,6 @@ class APIError(Exception):
 UNSUPPORTED = {
     "functions": lambda v: v in (None, []),
     "function_call": lambda v: v in (None, "none", "auto"),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "logit_bias": lambda v: v in (None, {}),
     "best_of": lambda v: v in (None, 1),
     "audio": lambda v: v is None,
@@ -53,13 +52,10 @@ class ChatRequest:
     template_kwargs: dict = field(default_factory=dict)
 
 
-def check_tools(body: dict) -> tuple[list | None, bool]:
-    """-> (tools to render and parse, parallel_tool_calls); raises APIError."""
+def check_tools(body: dict) -> tuple[list | None, bool, dict | None]:
+    """-> (tools to render and parse, parallel_tool_calls, the structured output that forces a
+    call: tool_choice "required" or a named function); raises APIError."""
     tools, choice = body.get("tools"), body.get("tool_choice")
-    if choice not in (None, "none", "auto"):
-        what = "a named function" if isinstance(choice, dict) else repr(choice)
-        raise APIError(400, f"tool_choice {what} needs constrained decoding, which this server does not have yet; "
-                            "use 'auto' (the model decides) or 'none'", param="tool_choice", code="unsupported_parameter")
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise APIError(400, "'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
@@ -67,7 +63,50 @@ def check_tools(body: dict) -> tuple[list | None, bool]:
         tools, _ = check_template_extras(tools, None)
     except RequestError as e:
         raise APIError(400, str(e), param="tools") from e
-    return (None if choice == "none" else tools), parallel
+    if choice in (None, "none", "auto"):
+        return (None if choice == "none" else tools), parallel, None
+    if not tools:
+        raise APIError(400, "tool_choice needs 'tools'", param="tool_choice")
+    if choice == "required":
+        return tools, parallel, {"grammar": tool_call_grammar(tools, parallel)}
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                            "{'name': ...}}", param="tool_choice")
+    named = [t for t in tools if t["function"]["name"] == name]
+    if not named:
+        raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    return tools, parallel, {"grammar": tool_call_grammar(named, False)}
+
+
+def tool_call_grammar(tools: list, parallel: bool) -> str:
+    """A Lark grammar (llguidance's) for the template's tool-call format: <tool_call> blocks whose
+    JSON names one of `tools` and gives arguments valid under its parameters' schema; one block,
+    or one or more when `parallel`."""
+    schema = {"x-guidance": {"whitespace_flexible": False}, "anyOf": [
+        {"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                          "arguments": t["function"].get("parameters") or {"type": "object"}},
+         "required": ["name", "arguments"], "additionalProperties": False} for t in tools]}
+    repeat = ' ("\\n" call)*' if parallel else ""
+    return f'start: call{repeat}\ncall: <tool_call> "\\n" %json {json.dumps(schema)} "\\n" </tool_call>\n'
+
+
+def check_response_format(value) -> dict | None:
+    """OpenAI's response_format -> the engine's structured_output (None: free text)."""
+    if value is None or value == {"type": "text"}:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                           param="response_format")
+        return {"json_schema": schema}
+    raise APIError(400, "response_format type must be text, json_object or json_schema", param="response_format")
 
 
 def from_triton(message: str, client_error: bool, request_id: str = "", unavailable: bool = False) -> APIError:
@@ -115,7 +154,13 @@ def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> Ch
     n = body.get("n", 1) if body.get("n") is not None else 1
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
         raise APIError(400, f"'n' must be an integer from 1 to {MAX_N}", param="n")
-    tools, parallel = check_tools(body)
+    tools, parallel, forced = check_tools(body)
+    structured = check_response_format(body.get("response_format"))
+    if forced is not None and structured is not None:
+        raise APIError(400, "response_format and a forced tool_choice cannot both constrain the answer",
+                       param="response_format")
+    if forced or structured:
+        sampling["structured_output"] = forced or structured
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if logprobs not in (None, True, False):
         raise APIError(400, "'logprobs' must be a boolean", param="logprobs")

@@ -220,9 +220,14 @@ def test_continuous_usage_and_models_card(tiny_moe):
 
 
 @pytest.mark.parametrize("extra,status,message", [
-    ({"tools": TOOLS, "tool_choice": "required"}, 400, "needs constrained decoding"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, 400,
-     "needs constrained decoding"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "elsewhere"}}}, 400,
+     "not among the tools"),
+    ({"tool_choice": "required"}, 400, "tool_choice needs 'tools'"),
+    ({"tools": TOOLS, "tool_choice": "always"}, 400, "tool_choice must be"),
+    ({"response_format": {"type": "yaml"}}, 400, "response_format type must be"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "needs {'json_schema'"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, 400,
+     "cannot both constrain"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, 400, "tools[0] must be"),
     ({"tools": "get_weather"}, 400, "'tools' must be a list"),
     ({"n": 0}, 400, "'n' must be an integer from 1 to 16"),
@@ -310,3 +315,23 @@ def test_logprobs_are_shaped_as_openai_shapes_them(tiny_moe):
     lp = comp.choices[0].logprobs
     assert lp.token_logprobs == [-0.5, -1.0] and lp.text_offset == [0, len(lp.tokens[0])]
     assert [list(t.values()) for t in lp.top_logprobs] == [[0.0], [0.0]]
+
+
+def test_forced_tool_choice_and_response_format_become_grammars(tiny_moe):
+    """tool_choice required / a named function and response_format reach the engine as
+    structured_output; the grammar names the tools and embeds their parameter schemas."""
+    fake = FakeTriton('<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo"}}\n</tool_call>')
+    ai = _client(tiny_moe, fake)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    out = _run(ai.chat.completions.create(model="tiny-moe", messages=USER, tools=TOOLS, tool_choice="required"))
+    _run(ai.chat.completions.create(model="tiny-moe", messages=USER, tools=TOOLS,
+                                    tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                    parallel_tool_calls=True))
+    _run(ai.chat.completions.create(model="tiny-moe", messages=USER, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}))
+    _run(ai.chat.completions.create(model="tiny-moe", messages=USER, response_format={"type": "json_object"}))
+    required, named, js, obj = (s[3]["structured_output"] for s in fake.sent)
+    assert out.choices[0].finish_reason == "tool_calls" and out.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert "<tool_call>" in required["grammar"] and '"const": "get_weather"' in required["grammar"]
+    assert '("\\n" call)*' in required["grammar"] and '("\\n" call)*' not in named["grammar"]   # a named call: one
+    assert js == {"json_schema": schema} and obj == {"json_object": True}

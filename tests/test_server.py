@@ -475,9 +475,10 @@ HOSTILE = [
     ("too_many_images", _msg([_img(data_uri(image_bytes(make_image(8, 8, 1))))] * 17), 400, "at most 16"),
     ("tools_nameless", {**_msg("x"), "tools": [{"type": "function", "function": {"description": "f"}}]}, 400,
      "tools[0] must be"),
-    ("tool_choice_required", {**_msg("x"), "tools": [{"type": "function", "function": {"name": "f"}}],
-                              "tool_choice": "required"}, 400, "needs constrained decoding"),
-    ("response_format", {**_msg("x"), "response_format": {"type": "json_object"}}, 400, "'response_format'"),
+    ("schema_that_does_not_compile", {**_msg("x"), "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400,
+     "structured_output does not compile"),
+    ("response_format_unknown", {**_msg("x"), "response_format": {"type": "xml"}}, 400, "response_format type must be"),
     ("top_logprobs_past_20", {**_msg("x"), "logprobs": True, "top_logprobs": 99}, 400,
      "'top_logprobs' must be an integer from 0 to 20"),
     ("logprobs_on_triton_past_20", {**_msg("x"), "logprobs": True, "top_logprobs": 20, "max_tokens": 1,
@@ -745,3 +746,55 @@ def test_logprobs_are_the_engines_log_softmax(client, tiny_moe, local_engine):
         assert abs(entry.logprob - float(row[token])) < 1e-4
         top = row.topk(3)
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1,
+                                                                                          "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+
+
+def _valid_weather_args(args: dict) -> bool:
+    return (set(args) == {"city", "days"} and isinstance(args["city"], str) and len(args["city"]) <= 12
+            and isinstance(args["days"], int) and 1 <= args["days"] <= 7)
+
+
+def test_forced_tool_call_and_strict_schema_hold_for_a_random_model(client):
+    """The tiny model is random; constrained decoding still makes tool_choice required give a call
+    that parses and validates, the same call streamed (deltas reassembled), and a strict
+    json_schema answer that validates."""
+    msgs = [{"role": "user", "content": "Weather in Oslo for three days?"}]
+    kw = dict(tools=[WEATHER_TOOL], tool_choice="required", temperature=1.0, seed=11, max_tokens=80)
+    whole = client.chat.completions.create(model="tiny-moe", messages=msgs, **kw)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    calls = whole.choices[0].message.tool_calls
+    assert calls and all(c.function.name == "get_weather" and _valid_weather_args(json.loads(c.function.arguments))
+                         for c in calls)
+    streamed: dict = {}
+    for ch in client.chat.completions.create(model="tiny-moe", messages=msgs, stream=True, **kw):
+        for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            entry = streamed.setdefault(tc.index, {"name": "", "arguments": ""})
+            entry["name"] += (tc.function.name or "") if tc.function else ""
+            entry["arguments"] += (tc.function.arguments or "") if tc.function else ""
+    assert [(e["name"], json.loads(e["arguments"])) for e in streamed.values()] == \
+        [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+    schema = WEATHER_TOOL["function"]["parameters"]
+    for seed in (1, 2, 3):
+        out = client.chat.completions.create(model="tiny-moe", messages=msgs, temperature=1.0, seed=seed, max_tokens=80,
+                                             response_format={"type": "json_schema", "json_schema": {
+                                                 "name": "weather", "schema": schema, "strict": True}})
+        assert out.choices[0].finish_reason == "stop" and _valid_weather_args(json.loads(out.choices[0].message.content))
+
+
+def test_structured_output_through_tritonclient_on_the_ensemble(server):
+    """Triton users set it in sampling_parameters, as any other sampling field."""
+    schema = WEATHER_TOOL["function"]["parameters"]
+    text = _stream_ensemble(
+        server, "grpc-structured", stream=np.array([True]),
+        text_input=np.array([json.dumps({"messages": [{"role": "user", "content": "JSON please."}]}).encode()],
+                            dtype=np.object_),
+        sampling_parameters=np.array([json.dumps({"temperature": 1.0, "seed": 5, "max_tokens": 80,
+                                                  "structured_output": {"json_schema": schema}}).encode()],
+                                     dtype=np.object_))
+    assert _valid_weather_args(json.loads(text))

@@ -53,11 +53,12 @@ class RequestOutput:
 class _Request:
     """Engine-side state beyond the scheduler's: detokeniser and the text already sent."""
 
-    def __init__(self, seq: Sequence, tokenizer: Tokenizer):
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer, constraint=None):
         self.seq = seq
         self.detok = IncrementalDetokenizer(tokenizer, seq.params.skip_special_tokens)
         self.sent = 0
         self.hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        self.constraint = constraint          # structured output (engine/structured.py)
 
 
 PENDING = -1     # output ids at or below this are placeholders: -1 - i is row i of the step in flight
@@ -108,6 +109,12 @@ class LLMEngine:
             raise PromptTooLongError("the prompt is empty")
         check_prompt_length(n, self.cfg.max_model_len)
         params = self._checked_params(prompt, params)
+        constraint = None
+        if params.structured_output is not None:        # compiles the grammar: a bad one is the client's 400
+            from .structured import Constraint
+
+            constraint = Constraint(params.structured_output, self.cfg.model_path, self.vocab_size,
+                                    sorted(self.eos_ids))
         if vision_outputs is None and any(m.pixel_values.numel() for m in prompt.media):
             vision_outputs = self.encode_media(prompt.media)
         elif vision_outputs is not None:
@@ -118,7 +125,7 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt.prompt_ids), params, mm=mm, arrival=time.monotonic(),
                        cache_keys=cache_keys(prompt, self.runner.visual_token_ids))
         self.scheduler.add(seq)
-        self._requests[request_id] = _Request(seq, self.tokenizer)
+        self._requests[request_id] = _Request(seq, self.tokenizer, constraint)
         return request_id
 
     def _checked_params(self, prompt: ProcessedPrompt, params: SamplingParams) -> SamplingParams:
@@ -206,12 +213,14 @@ class LLMEngine:
 
     def _can_overlap(self, prev: _Step) -> bool:
         """The next step may be queued before `prev` is read back unless a sequence's sampling
-        reads its history (penalties), which holds `prev`'s placeholders."""
-        return not any(needs_history(seq.params) for seq, _ in prev.sampled)
+        reads its history (penalties, or a grammar's mask), which holds `prev`'s placeholders."""
+        return not any(needs_history(seq.params) or seq.params.structured_output is not None for seq, _ in prev.sampled)
 
     def _launch(self, batch: list[ScheduledChunk], prev: _Step | None) -> _Step | None:
         banned = {c.seq.request_id: b for c in batch if c.samples and (b := self._banned(c.seq))}
-        runs = self._run_isolating(batch, banned, None if prev is None else prev.tokens)
+        masks = {c.seq.request_id: r.constraint.allowed() for c in batch
+                 if c.samples and (r := self._requests.get(c.seq.request_id)) is not None and r.constraint is not None}
+        runs = self._run_isolating(batch, banned, None if prev is None else prev.tokens, masks)
         batch = [c for part, _ in runs for c in part]
         parts = [r[0] for _, r in runs if r is not None]
         tokens = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -240,11 +249,11 @@ class LLMEngine:
             done.record()
         return _Step(tokens, host, done, sampled, row_logprobs if any(row_logprobs) else None)
 
-    def _run_isolating(self, batch, banned, pending) -> list[tuple[list[ScheduledChunk], torch.Tensor | None]]:
+    def _run_isolating(self, batch, banned, pending, masks=None) -> list[tuple[list[ScheduledChunk], tuple | None]]:
         """runner.run on the batch; if it raises, on each half in turn, down to the single chunks
         that fail (each then fails its request). -> (chunks run, their sampled ids) in batch order."""
         try:
-            return [(batch, self.runner.run(batch, banned, pending))]
+            return [(batch, self.runner.run(batch, banned, pending, masks))]
         except Exception as e:
             if len(batch) == 1:
                 self._fail(batch[0].seq, e)
@@ -252,8 +261,8 @@ class LLMEngine:
             log.warning("a step of %d sequences failed (%s: %s); retrying it in halves", len(batch),
                         type(e).__name__, e)
             mid = len(batch) // 2
-            return (self._run_isolating(batch[:mid], banned, pending)
-                    + self._run_isolating(batch[mid:], banned, pending))
+            return (self._run_isolating(batch[:mid], banned, pending, masks)
+                    + self._run_isolating(batch[mid:], banned, pending, masks))
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         """End one request because of an error in its own step (the others are unaffected)."""
@@ -295,6 +304,10 @@ class LLMEngine:
         p = seq.params
         req.detok.push(token)
         reason = None
+        if req.constraint is not None:
+            req.constraint.consume(token)
+            if req.constraint.failed:
+                raise RuntimeError(f"structured output: {req.constraint.failed}")
         n_out = pos + 1
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"

@@ -24,6 +24,7 @@ from ..loader import build_model, load_model, model_config
 from ..processing.positions import decode_positions
 from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
 from .scheduler import ScheduledChunk
+from .structured import apply_masks
 from ..supervisor import free_port
 from .tp import StepChannel, Watchdog, fatal, init_group, start_local_workers, wait_all
 
@@ -260,7 +261,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, batch: list[ScheduledChunk], banned: dict[str, set[int]] | None = None,
-            pending: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None] | None:
+            pending: torch.Tensor | None = None, masks: dict | None = None) -> tuple[torch.Tensor, tuple | None] | None:
         """Queue the batch; returns the sampled ids (device, int64) of the chunks with `samples`, in
         order, with their logprobs where asked (layers/sampler.token_logprobs), or None when no
         chunk samples. Nothing here waits for the GPU.
@@ -273,7 +274,7 @@ class ModelRunner:
             with self._group_step():
                 self._publish(True, None, ids, positions, meta)
                 logits = self.graphs.run(ids, positions, meta)
-            return self._sample(logits, batch, banned)
+            return self._sample(logits, batch, banned, masks)
         ends = itertools.accumulate(c.num_tokens for c in batch)
         last = [end - 1 for end, c in zip(ends, batch) if c.samples]
         with self._group_step():
@@ -282,11 +283,14 @@ class ModelRunner:
             if not last:
                 return None
             logits = self.model.compute_logits(hidden[device_tensor(last, torch.long, self.device)])
-        return self._sample(logits, [c for c in batch if c.samples], banned)
+        return self._sample(logits, [c for c in batch if c.samples], banned, masks)
 
-    def _sample(self, logits, chunks, banned):
-        """-> (sampled ids, token_logprobs' tuple or None), both on the device."""
-        ids = self.sampler.sample(logits, _sample_rows(chunks, banned))
+    def _sample(self, logits, chunks, banned, masks=None):
+        """-> (sampled ids, token_logprobs' tuple or None), both on the device. `masks`: request id
+        -> the bitmask of the tokens its grammar allows (structured output); logprobs stay raw."""
+        rows = [i for i, c in enumerate(chunks) if masks and c.seq.request_id in masks]
+        masked = apply_masks(logits.float(), rows, [masks[chunks[i].seq.request_id] for i in rows]) if rows else logits
+        ids = self.sampler.sample(masked, _sample_rows(chunks, banned))
         return ids, token_logprobs(logits, ids, [c.seq.params for c in chunks])
 
     def prepare(self, batch: list[ScheduledChunk], pending: torch.Tensor | None = None):

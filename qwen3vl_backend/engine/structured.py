@@ -1,0 +1,125 @@
+"""Structured output: a grammar per request, enforced token by token with llguidance.
+
+`SamplingParams.structured_output` names one constraint:
+
+| key | the output is |
+| --- | --- |
+| `json_schema` | JSON valid under the schema (an object, or its JSON text) |
+| `json_object` (true) | any JSON object |
+| `regex` | a match of the regular expression |
+| `grammar` | a sentence of the Lark grammar (llguidance's dialect, `%json{...}` included) |
+| `choice` | exactly one of the listed strings |
+
+Each step the engine asks the request's matcher for the tokens allowed next (a bitmask over the
+vocabulary, computed on the host), the sampler masks the rest, and the sampled token is fed back
+to the matcher. Why llguidance (README, "Structured output"): no dependencies (xgrammar needs
+torch, transformers, triton and tvm-ffi at run time), and the masks measured as cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import RequestError
+
+KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+MAX_GRAMMAR_CHARS = 200_000
+# JSON without free whitespace between tokens (a schema's own "x-guidance" options may allow it):
+# a weak or unlucky model cannot spend its max_tokens on indentation
+COMPACT = {"whitespace_flexible": False}
+
+
+def grammar_for(spec) -> str:
+    """A structured_output spec -> llguidance's grammar text; RequestError for a malformed spec."""
+    import llguidance
+
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+        raise RequestError(f"structured_output must be one of {{{', '.join(KINDS)}: ...}}, got {_short(spec)}")
+    kind, value = next(iter(spec.items()))
+    if len(json.dumps(value, default=str)) > MAX_GRAMMAR_CHARS:
+        raise RequestError(f"structured_output {kind} is larger than {MAX_GRAMMAR_CHARS} characters")
+    try:
+        if kind == "json_schema":
+            schema = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(schema, dict):
+                raise RequestError("structured_output json_schema must be a JSON Schema object")
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT)
+        if kind == "json_object":
+            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=COMPACT)
+        if kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(_text(value, kind))
+        if kind == "grammar":
+            return llguidance.LLMatcher.grammar_from_lark(_text(value, kind))
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise RequestError("structured_output choice must be a non-empty list of strings")
+        return llguidance.grammar_from("choice", json.dumps(value))
+    except ValueError as e:
+        raise RequestError(f"structured_output {kind} does not compile: {e}") from None
+
+
+def _text(value, kind: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"structured_output {kind} must be a non-empty string")
+    return value
+
+
+def _short(v) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tokenizer_json: str, vocab_size: int, eos: tuple[int, ...]):
+    import llguidance
+
+    return llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos))
+
+
+class Constraint:
+    """One request's matcher, and the mask of what it allows next."""
+
+    def __init__(self, spec, model_dir: str | Path, vocab_size: int, eos_ids: list[int]):
+        import llguidance
+
+        grammar = grammar_for(spec)
+        vocab = (Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8")     # not the locale's (ASCII in Triton)
+        tok = _tokenizer(vocab, vocab_size, tuple(sorted(eos_ids)))
+        self.matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise RequestError(f"structured_output does not compile: {self.matcher.get_error()}")
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
+
+    def allowed(self) -> np.ndarray:
+        """Bitmask (ceil(V / 32),) int32: bit t % 32 of word t // 32 set when token t may come next."""
+        mask = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.int32)
+        return mask[: self.words]
+
+    def consume(self, token: int) -> None:
+        self.matcher.consume_token(token)
+
+    @property
+    def done(self) -> bool:
+        return self.matcher.is_stopped()
+
+    @property
+    def failed(self) -> str | None:
+        return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+def apply_masks(logits: torch.Tensor, rows: list[int], masks: list[np.ndarray]) -> torch.Tensor:
+    """logits (B, V) float32 with -inf wherever row rows[i]'s bitmask masks[i] has a 0 bit."""
+    if not rows:
+        return logits
+    v = logits.shape[-1]
+    words = torch.from_numpy(np.stack(masks)).to(logits.device)                   # (R, ceil(V/32)) int32
+    bits = (words[:, :, None] >> torch.arange(32, device=logits.device, dtype=torch.int32)) & 1
+    allowed = bits.reshape(len(rows), -1)[:, :v].bool()
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return logits
