@@ -218,8 +218,13 @@ class LLMEngine:
 
     def _launch(self, batch: list[ScheduledChunk], prev: _Step | None) -> _Step | None:
         banned = {c.seq.request_id: b for c in batch if c.samples and (b := self._banned(c.seq))}
-        masks = {c.seq.request_id: r.constraint.allowed() for c in batch
-                 if c.samples and (r := self._requests.get(c.seq.request_id)) is not None and r.constraint is not None}
+        constrained = [(c.seq.request_id, r.constraint) for c in batch if c.samples and
+                       (r := self._requests.get(c.seq.request_id)) is not None and r.constraint is not None]
+        masks = {}
+        if constrained:
+            from .structured import next_masks
+
+            masks = dict(zip((rid for rid, _ in constrained), next_masks([c for _, c in constrained])))
         runs = self._run_isolating(batch, banned, None if prev is None else prev.tokens, masks)
         batch = [c for part, _ in runs for c in part]
         parts = [r[0] for _, r in runs if r is not None]

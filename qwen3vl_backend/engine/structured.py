@@ -112,6 +112,25 @@ class Constraint:
         return self.matcher.get_error() if self.matcher.is_error() else None
 
 
+@functools.lru_cache(maxsize=1)
+def _executor():
+    import llguidance
+
+    return llguidance.LLExecutor()
+
+
+def next_masks(constraints: list[Constraint]) -> list[np.ndarray]:
+    """Each constraint's allowed-next bitmask; several at once on llguidance's thread pool."""
+    if len(constraints) < 2:
+        return [c.allowed() for c in constraints]
+    from llguidance.numpy import fill_next_token_bitmask_par
+
+    words = max(c.words for c in constraints)
+    out = np.full((len(constraints), words), -1, dtype=np.int32)
+    fill_next_token_bitmask_par(_executor(), [(c.matcher, i) for i, c in enumerate(constraints)], out)
+    return list(out)
+
+
 def apply_masks(logits: torch.Tensor, rows: list[int], masks: list[np.ndarray]) -> torch.Tensor:
     """logits (B, V) float32 with -inf wherever row rows[i]'s bitmask masks[i] has a 0 bit."""
     if not rows:
