@@ -32,8 +32,8 @@ from .media import MediaFetcher
 from .text_prompts import TextPrompts
 
 from .parsers import OutputParser, parse_whole
-from .protocol import (APIError, check_chat_request, check_completion_request, chat_completion, chunk, completion_id,
-                       from_triton, text_chunk, text_completion, usage)
+from .protocol import (APIError, chat_completion, check_chat_request, check_completion_request, choice_sampling, chunk,
+                       completion_id, from_triton, text_chunk, text_completion, usage)
 from .triton_client import TritonLLMClient, TritonRequestError
 
 log = logging.getLogger("openai_frontend")
@@ -142,11 +142,7 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         rid = uuid.uuid4().hex
-        raw = await _read_body(request, settings.max_request_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}") from e
+        raw, body = await _json_body(request, settings.max_request_body_bytes)
         req = check_chat_request(body, settings.served_model_name, settings.mm_limits)
         cid, start = completion_id(), time.monotonic()
         cancel = Cancel()
@@ -170,9 +166,7 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                                             "chat_template_kwargs": req.template_kwargs}).encode()
 
         def open_stream(i: int):
-            sampling = dict(req.sampling)
-            if req.n > 1 and isinstance(sampling.get("seed"), int):     # each choice its own seeded stream
-                sampling["seed"] = (sampling["seed"] + i) % 2**64
+            sampling = choice_sampling(req.sampling, req.n, i)
             sub = rid if req.n == 1 else f"{rid}-{i}"
             return client().stream_ids(sub, ids, sampling) if ids is not None else client().stream(sub, text, sampling)
 
@@ -198,11 +192,7 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         rid = uuid.uuid4().hex
-        raw = await _read_body(request, settings.max_request_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}") from e
+        _, body = await _json_body(request, settings.max_request_body_bytes)
         req = check_completion_request(body, settings.served_model_name)
         if prompts is None:
             raise APIError(400, "/v1/completions needs the adapter started with --model-path (the launcher does)")
@@ -217,9 +207,7 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
             jobs += [(ids, echo)] * req.n
 
         def open_stream(k: int, ids):
-            sampling = dict(req.sampling)
-            if req.n > 1 and isinstance(sampling.get("seed"), int):
-                sampling["seed"] = (sampling["seed"] + k % req.n) % 2**64
+            sampling = choice_sampling(req.sampling, req.n, k % req.n)
             return client().stream_ids(f"{rid}-{k}" if len(jobs) > 1 else rid, ids, sampling)
 
         streams = [open_stream(k, ids) for k, (ids, _) in enumerate(jobs)]
@@ -460,6 +448,15 @@ async def _unless_gone(request: Request, coro):
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def _json_body(request: Request, limit: int) -> tuple[bytes, object]:
+    """-> (the body's bytes, its JSON); 400 when it is not JSON, 413 past `limit`."""
+    raw = await _read_body(request, limit)
+    try:
+        return raw, json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from e
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -122,14 +122,25 @@ def from_triton(message: str, client_error: bool, request_id: str = "", unavaila
     return APIError(500, f"internal server error (request id {request_id})", "internal_error")
 
 
-def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> ChatRequest:
-    """Raises APIError for anything malformed or not served."""
+def _check_body(body, served_model: str) -> None:
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     model = body.get("model")
     if model is not None and model != served_model:
         raise APIError(404, f"The model '{model}' does not exist. This server serves '{served_model}'.",
                        param="model", code="model_not_found")
+
+
+def choice_sampling(sampling: dict, n: int, index: int) -> dict:
+    """Choice `index` of n: with a seed, its own stream (seed + index), reproducible and distinct."""
+    if n > 1 and isinstance(sampling.get("seed"), int):
+        return {**sampling, "seed": (sampling["seed"] + index) % 2**64}
+    return sampling
+
+
+def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> ChatRequest:
+    """Raises APIError for anything malformed or not served."""
+    _check_body(body, served_model)
     if "messages" not in body:
         raise APIError(400, "'messages' is required", param="messages")
     for name, unused in UNSUPPORTED.items():
@@ -250,12 +261,7 @@ class CompletionRequest:
 
 def check_completion_request(body, served_model: str) -> CompletionRequest:
     """/v1/completions: `prompt` a string, a list of strings, a list of token ids or a list of those."""
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != served_model:
-        raise APIError(404, f"The model '{model}' does not exist. This server serves '{served_model}'.",
-                       param="model", code="model_not_found")
+    _check_body(body, served_model)
     for name, unused in COMPLETIONS_UNSUPPORTED.items():
         if name in body and not _safe_check(unused, body[name]):
             raise APIError(400, f"'{name}' is not supported by this server yet (value {_short(body[name])})",
