@@ -181,7 +181,7 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
             return await _complete_unless_gone(request, streams, parser, cid, start, rid, headers,
                                                req.sampling.get("logprobs") is not None)
         try:   # errors before any output still get a proper status code
-            firsts = await asyncio.gather(*(_first(d, rid) for d in streams))
+            firsts = await _firsts(streams, rid)
         except BaseException:
             for d in streams:
                 await d.aclose()
@@ -215,7 +215,8 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         want_logprobs = req.sampling.get("logprobs") is not None
         if not req.stream:
             async def whole():
-                results = await asyncio.gather(*(_collect(d, rid) for d in streams))
+                firsts = await _firsts(streams, rid)
+                results = await asyncio.gather(*(_collect(d, rid, f) for d, f in zip(streams, firsts)))
                 metrics.ttft.observe(min(r[2] for r in results) - start)
                 prompt_tokens = sum(len(ids) for ids, _ in jobs[:: req.n])
                 out_tokens = sum(r[1].num_output_tokens or 0 for r in results)
@@ -233,7 +234,7 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                     await d.aclose()
             return Response(status_code=499) if out is None else JSONResponse(out, headers=headers)
         try:
-            firsts = await asyncio.gather(*(_first(d, rid) for d in streams))
+            firsts = await _firsts(streams, rid)
         except BaseException:
             for d in streams:
                 await d.aclose()
@@ -275,6 +276,13 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         except TritonRequestError as e:
             raise from_triton(str(e), e.client_error, rid, e.unavailable) from e
 
+    async def _firsts(streams, rid):
+        """Each stream's first delta. The first stream goes alone: once it has a token its prompt's
+        KV blocks are in the prefix cache, and the other choices (n > 1) reuse them instead of
+        prefilling the same prompt again."""
+        first = await _first(streams[0], rid)
+        return [first, *await asyncio.gather(*(_first(d, rid) for d in streams[1:]))]
+
     async def _complete_unless_gone(request, streams, parser, cid, start, rid, headers, want_logprobs=False):
         """The whole answer, or nothing once the client has gone: its request is then cancelled
         in Triton (closing the streams does that) instead of running to max_tokens for nobody."""
@@ -288,10 +296,10 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
             return Response(status_code=499)
         return JSONResponse(body, headers=headers)
 
-    async def _collect(deltas, rid):
-        """-> (the whole text, the last Delta, when the first came, the tokens' logprobs)."""
-        text, last = "", await _first(deltas, rid)
-        first = time.monotonic()
+    async def _collect(deltas, rid, last):
+        """`last`: the stream's first Delta -> (the whole text, the last Delta, when the first
+        came, the tokens' logprobs)."""
+        text, first = "", time.monotonic()
         text, logprobs = text + last.text, list(last.logprobs or [])
         try:
             async for d in deltas:
@@ -324,7 +332,8 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                 "refusal": None}
 
     async def _complete(streams, parser, cid, start, rid, want_logprobs=False):
-        results = await asyncio.gather(*(_collect(d, rid) for d in streams))
+        firsts = await _firsts(streams, rid)
+        results = await asyncio.gather(*(_collect(d, rid, f) for d, f in zip(streams, firsts)))
         first = min(r[2] for r in results)
         metrics.ttft.observe(first - start)
         choices, out_tokens = [], 0

@@ -692,14 +692,21 @@ def test_text_never_waits_behind_media(server, http_media):
     assert all("per-request limit" in m for m in blocked.values())
 
 
-def test_n_seeded_choices_reproduce_and_differ(client):
-    """n=3 through Triton: each choice its own seeded stream (seed + index)."""
-    kw = dict(model="tiny-moe", messages=[{"role": "user", "content": "Name a colour."}], n=3, seed=7,
-              temperature=1.0, max_tokens=8)
-    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+def test_n_seeded_choices_reproduce_differ_and_share_one_prefill(client, server):
+    """n=3 through Triton: each choice its own seeded stream (seed + index); choices 1 and 2 start
+    once choice 0 has its first token, so their prompt comes from the prefix cache."""
+    prompt = "Name a colour that is " + "very " * 40 + "bright."
+    kw = dict(model="tiny-moe", messages=[{"role": "user", "content": prompt}], n=3, seed=7, temperature=1.0,
+              max_tokens=8)
+    hits = _metric(server, "qwen3vl_prefix_cache_hits_total") or 0
+    a = client.chat.completions.create(**kw)
+    shared = (_metric(server, "qwen3vl_prefix_cache_hits_total") or 0) - hits
+    b = client.chat.completions.create(**kw)
     texts = [c.message.content for c in a.choices]
     assert [c.index for c in a.choices] == [0, 1, 2] and texts == [c.message.content for c in b.choices]
     assert len(set(texts)) == 3 and a.usage.completion_tokens == 24
+    # two choices each reused the prompt's full blocks (all but the last partial block of 16)
+    assert shared >= 2 * (a.usage.prompt_tokens // 16 - 1) * 16 > 0
 
 
 def test_tools_and_template_kwargs_reach_the_model_through_both_paths(client, media_dir):

@@ -72,7 +72,7 @@ class _Step:
     host: torch.Tensor
     done: torch.cuda.Event | None
     sampled: list[tuple[Sequence, int]]
-    logprobs: list | None = None       # per sampled row: (host chosen, values, ids, row) or None
+    logprobs: list | None = None       # per sampled row: ((chosen, top values, top ids) on the host, row) or None
 
 
 class LLMEngine:
@@ -235,8 +235,8 @@ class LLMEngine:
             if r is None or r[1] is None:
                 row_logprobs += [None] * n
                 continue
-            host = tuple(t.to("cpu", non_blocking=True) for t in r[1])
-            row_logprobs += [(host, i) for i in range(n)]
+            copies = tuple(t.to("cpu", non_blocking=True) for t in r[1])     # read after the step's event
+            row_logprobs += [(copies, i) for i in range(n)]
         self.scheduler.computed(batch)
         sampled = []
         for i, chunk in enumerate(c for c in batch if c.samples):

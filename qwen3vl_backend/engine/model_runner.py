@@ -17,15 +17,15 @@ import torch
 
 from ..config import EngineConfig
 from ..device import device_tensor
-from ..parallel import Parallel
 from ..layers.attention import AttentionMetadata, varlen_attention_torch
 from ..layers.sampler import Sampler, token_logprobs
 from ..loader import build_model, load_model, model_config
+from ..parallel import Parallel
 from ..processing.positions import decode_positions
+from ..supervisor import free_port
 from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
 from .scheduler import ScheduledChunk
 from .structured import apply_masks
-from ..supervisor import free_port
 from .tp import StepChannel, Watchdog, fatal, init_group, start_local_workers, wait_all
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class ModelRunner:
         if self.device.type == "cuda" and cfg.cuda_graph_max_bs and cfg.attention_backend == "triton":
             sizes = [s for s in DEFAULT_SIZES if s <= cfg.cuda_graph_max_bs] or [cfg.cuda_graph_max_bs]
             self.graphs = DecodeGraphs(self.model, self.kv_caches, cfg.block_size,
-                                       -(-cfg.max_model_len // cfg.block_size), self.num_blocks, sizes, cfg.device)
+                                       -(-cfg.max_model_len // cfg.block_size), self.num_blocks, sizes, self.device)
             self.graphs.capture()
 
     def _join_group(self) -> None:
