@@ -175,6 +175,8 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> set[st
                 else:
                     raise WeightLoadError(f"unexpected tensor {name!r} in {file.name}")
                 pname = m.expand(target)[len(prefix):]
+                if pname.startswith("model.visual.") and getattr(getattr(model, "model", None), "visual", True) is None:
+                    continue                    # a tensor-parallel rank other than 0: no vision tower
                 if pname not in params:
                     raise WeightLoadError(f"unexpected tensor {name!r} in {file.name} (no parameter {pname})")
                 param = params[pname]

@@ -250,3 +250,14 @@ def test_uniform_benchmark_routing_is_the_same_on_every_rank(tiny_moe):
             engine.close()
     torch.testing.assert_close(logits["uniform", 2], logits["uniform", 1], rtol=0, atol=1e-4)
     assert (logits["uniform", 1] - logits["model", 1]).abs().max() > 1e-2
+
+
+def test_only_rank_0_holds_the_vision_tower(tiny_moe):
+    """The ViT runs on rank 0 (the engine's, or the vit model's): other ranks neither build nor load it."""
+    from qwen3vl_backend.loader import build_model, model_config
+
+    cfg = model_config(tiny_moe)
+    rank0, rank1 = (build_model(cfg, "meta", torch.float32, Parallel(2, r, 1)) for r in (0, 1))
+    assert rank0.model.visual is not None and rank1.model.visual is None
+    assert any(n.startswith("model.visual.") for n, _ in rank0.named_parameters())
+    assert not any(n.startswith("model.visual.") for n, _ in rank1.named_parameters())

@@ -85,7 +85,8 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
     from ..layers.norm import RMSNorm
     from ..models.text import Attention
 
-    model.model.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
+    if model.model.visual is not None:
+        model.model.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
     triton_attn, triton_moe = cfg.attention_backend == "triton", cfg.moe_backend == "triton"
     if triton_attn or triton_moe:
         from kernels.attention import paged_decode_attention

@@ -25,7 +25,8 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         self.cfg, self.par = cfg, par
         t = cfg.text
         self.model = nn.Module()
-        self.model.visual = VisionModel(cfg.vision)
+        # the vision tower runs on rank 0 only: the other tensor-parallel ranks do not hold it
+        self.model.visual = VisionModel(cfg.vision) if par.tp_rank == 0 else None
         self.model.language_model = TextModel(t, cfg.quant, par)
         self.lm_head = ParallelLMHead(t.vocab_size, t.hidden_size, par.tp_size, par.tp_rank)
         if cfg.tie_word_embeddings:
