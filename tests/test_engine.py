@@ -254,3 +254,49 @@ def test_vit_graph_padding_changes_nothing(tiny_moe):
     for got, want in zip([got_e, *got_ds], [want_e, *want_ds]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not graphs.fits(513, 1) and not graphs.fits(10, 4)
+
+
+JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 8},
+                                                "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+               "required": ["answer", "n"], "additionalProperties": False}
+
+
+def _run_mixed(engine, ids, free: int, constrained: int):
+    """Step `free` greedy and `constrained` JSON-schema requests together; -> (text and tokens by id,
+    how many steps following one with a constrained request were queued before it was read back)."""
+    for i in range(free):
+        engine.add_request(ids, SamplingParams(temperature=0, max_tokens=24), f"free{i}")
+    for i in range(constrained):
+        engine.add_request(ids, SamplingParams(temperature=1.0, seed=i, max_tokens=60,
+                                               structured_output={"json_schema": JSON_SCHEMA}), f"json{i}")
+    text, tokens, decisions = {}, {}, []
+    can_overlap = engine._can_overlap
+
+    def recording(prev):
+        decisions.append(can_overlap(prev) if any(s.params.structured_output for s, _ in prev.sampled) else None)
+        return decisions[-1] if decisions[-1] is not None else can_overlap(prev)
+    engine._can_overlap = recording
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                text[out.request_id] = text.get(out.request_id, "") + out.delta_text
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    finally:
+        engine._can_overlap = can_overlap
+    return text, tokens, sum(d is True for d in decisions)
+
+
+def test_constrained_requests_sit_steps_out_instead_of_stopping_the_overlap(tiny_moe):
+    """A grammar's mask needs the previous token. A minority of constrained requests skip the steps
+    queued before their token is read back, so the rest keep overlapping; a majority turns the
+    overlap off. Either way every answer validates and the others' tokens are as when alone."""
+    engine = LLMEngine(EngineConfig(model_path=str(tiny_moe), device="cpu"))
+    ids = engine.tokenizer.encode("Give JSON:")
+    alone = engine.generate([ids], SamplingParams(temperature=0, max_tokens=24))[0]["output_token_ids"]
+    for free, constrained, overlaps in ((3, 1, True), (1, 3, False)):
+        text, tokens, overlapped = _run_mixed(engine, ids, free, constrained)
+        assert (overlapped > 0) == overlaps, (free, constrained, overlapped)
+        assert all(tokens[f"free{i}"] == alone for i in range(free))
+        for i in range(constrained):
+            answer = json.loads(text[f"json{i}"])
+            assert set(answer) == {"answer", "n"} and 0 <= answer["n"] <= 99 and len(answer["answer"]) <= 8

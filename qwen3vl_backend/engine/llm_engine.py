@@ -199,7 +199,7 @@ class LLMEngine:
         if prev is not None and not self._can_overlap(prev):
             outputs += self._finish_step(prev)
             prev = None
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(hold=self._awaits_token if prev is not None else None)
         launched = self._launch(batch, prev) if batch else None
         if prev is not None:
             outputs += self._finish_step(prev)
@@ -213,8 +213,19 @@ class LLMEngine:
 
     def _can_overlap(self, prev: _Step) -> bool:
         """The next step may be queued before `prev` is read back unless a sequence's sampling
-        reads its history (penalties, or a grammar's mask), which holds `prev`'s placeholders."""
-        return not any(needs_history(seq.params) or seq.params.structured_output is not None for seq, _ in prev.sampled)
+        reads its history (penalties), which holds `prev`'s placeholders. A grammar's mask needs
+        the previous token too: constrained sequences sit the next step out (`_awaits_token`)
+        while the others overlap, unless they are half the batch or more, when the whole step
+        waits for `prev` instead (they would decode at half rate for a small gain)."""
+        if any(needs_history(seq.params) for seq, _ in prev.sampled):
+            return False
+        constrained = sum(seq.params.structured_output is not None for seq, _ in prev.sampled)
+        return 2 * constrained < len(prev.sampled)
+
+    @staticmethod
+    def _awaits_token(seq: Sequence) -> bool:
+        """A constrained sequence whose last token is still on the device: no mask for it yet."""
+        return seq.params.structured_output is not None and bool(seq.output_ids) and seq.output_ids[-1] <= PENDING
 
     def _launch(self, batch: list[ScheduledChunk], prev: _Step | None) -> _Step | None:
         banned = {c.seq.request_id: b for c in batch if c.samples and (b := self._banned(c.seq))}
