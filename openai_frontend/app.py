@@ -89,13 +89,20 @@ class _Metrics:
 
 def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
     """`client_factory`: () -> the Triton client (tests hand in one with canned outputs)."""
-    app = FastAPI(title="Qwen3-VL on Triton")
+    state: dict = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        if "client" in state:                  # shutdown: close the Triton connection
+            await state["client"].close()
+
+    app = FastAPI(title="Qwen3-VL on Triton", lifespan=lifespan)
     fetcher = MediaFetcher(settings.media, settings.mm_max_concurrent_calls, settings.mm_per_request_timeout)
     prompts = TextPrompts(settings.model_path) if settings.model_path else None
     decoder = video_backend()
     log.info("video decoder: %s", decoder or "none (video requests are refused)")
     metrics = _Metrics()
-    state: dict = {}
 
     def client() -> TritonLLMClient:
         if "client" not in state:
@@ -399,10 +406,6 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         metrics.finished(start, first_at, prompt_tokens, sum(counts))
         yield "data: [DONE]\n\n"
 
-    @app.on_event("shutdown")
-    async def _close():
-        if "client" in state:
-            await state["client"].close()
 
     return app
 
