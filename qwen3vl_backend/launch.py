@@ -10,6 +10,7 @@ tritonserver and the adapter, waits until healthy, prints the URLs; Ctrl-C stops
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -146,8 +147,12 @@ def resolve(args) -> dict:
     if args.node_rank > 0:
         raise SystemExit(f"--node-rank {args.node_rank}: the server runs on node 0; start this node's ranks with "
                          f"python -m qwen3vl_backend.engine.tp_worker {' '.join(_worker_flags(args))}")
+    warnings = []
     if not on_cpu and args.tp > 1 and args.tp // args.nnodes > gpus:
-        raise SystemExit(f"--tp {args.tp} needs {args.tp // args.nnodes} GPUs on this node, {gpus} present")
+        msg = f"--tp {args.tp} needs {args.tp // args.nnodes} GPUs on this node, {gpus} present"
+        if not args.dry_run:
+            raise SystemExit(msg)
+        warnings.append(msg + ": this host could not start it")      # a dry run checks the rest
     if args.preprocess_instances < 1:
         raise SystemExit("--preprocess-instances must be >= 1")
     if args.attention_backend == "fa3" or args.mm_attention_backend in ("fa3", "fa2"):
@@ -169,7 +174,11 @@ def resolve(args) -> dict:
         engine_cfg = EngineConfig.from_settings(llm)
     except ConfigError as e:
         raise SystemExit(f"invalid settings: {e}") from None
-    _check_weights_fit(model_path, engine_cfg)
+    weights = _check_weights_fit(model_path, engine_cfg)
+    weights_dtype = engine_cfg.dtype
+    if warnings and args.dtype == "auto" and engine_cfg.device == "cpu":    # a GPU command dry-run on a CPU host
+        weights_dtype = "bfloat16"
+        weights = _check_weights_fit(model_path, dataclasses.replace(engine_cfg, dtype=weights_dtype))
     ipc = _env_flag("QWEN3VL_USE_CUDA_IPC_TRANSPORT", "SGLANG_USE_CUDA_IPC_TRANSPORT") or "0"
     ipc = "1" if ipc.strip().lower() in ("1", "true", "yes", "on") else "0"
     cache_mb = _env_flag("QWEN3VL_VLM_CACHE_SIZE_MB", "SGLANG_VLM_CACHE_SIZE_MB") or "100"
@@ -199,7 +208,9 @@ def resolve(args) -> dict:
         PreprocessConfig.from_settings(pre)
     except ConfigError as e:
         raise SystemExit(f"invalid settings: {e}") from None
-    return {"preprocess": pre, "vit": vit, "llm": llm, "instances": {"preprocess": instances, "vit": vit_gpus}}
+    out = {"preprocess": pre, "vit": vit, "llm": llm, "instances": {"preprocess": instances, "vit": vit_gpus},
+           "weights_gb_per_gpu": round(weights / 1e9, 1), "weights_dtype": weights_dtype}
+    return {**out, "warnings": warnings} if warnings else out
 
 
 def _worker_flags(args) -> list[str]:
@@ -285,17 +296,17 @@ def _rank0_shard(model_path: str, cfg):
         raise SystemExit(str(e)) from None
 
 
-def _check_weights_fit(model_path: str, cfg) -> None:
+def _check_weights_fit(model_path: str, cfg) -> int:
     """Refuse before starting anything a tp/ep layout the model cannot take, and, on a GPU, weights
-    that alone pass --mem-fraction-static."""
-    model = _rank0_shard(model_path, cfg)
-    if not cfg.device.startswith("cuda"):
-        return
-    import torch
-
+    that alone pass --mem-fraction-static. -> the bytes of rank 0's weights."""
     from .loader import weight_bytes
 
+    model = _rank0_shard(model_path, cfg)
     need = weight_bytes(model)
+    if not cfg.device.startswith("cuda"):
+        return need
+    import torch
+
     total = torch.cuda.mem_get_info(torch.device(cfg.device))[1]
     if need > total * cfg.mem_fraction_static:
         per = f" per GPU at --tp {cfg.tp_size}" if cfg.tp_size > 1 else ""
@@ -303,6 +314,7 @@ def _check_weights_fit(model_path: str, cfg) -> None:
                          f"--mem-fraction-static {cfg.mem_fraction_static} of this GPU's {total / 1e9:.1f} GB is "
                          f"{total * cfg.mem_fraction_static / 1e9:.1f} GB (more GPUs: --tp; fp8: --quantization fp8 "
                          f"or an FP8 checkpoint)")
+    return need
 
 
 def _gpu_count() -> int:

@@ -104,8 +104,36 @@ def test_inconsistent_flags_are_refused(tiny_moe, argv, message):
         import torch
         if torch.cuda.device_count() >= int(argv[1]):
             pytest.skip("enough GPUs here")
-    out = _run(["--model-path", str(tiny_moe), "--dry-run", *argv])
+    # too few GPUs is refused when starting; a dry run reports it and checks the rest (next test)
+    dry = [] if message.startswith("--tp 8 needs") else ["--dry-run"]
+    out = _run(["--model-path", str(tiny_moe), *dry, *argv, "--repository", "/nonexistent/never-written"])
     assert out.returncode != 0 and message in out.stderr
+
+
+# SGLang's guide for 235B-A22B on eight GPUs, our module name, dummy weights (#13)
+GUIDE_8 = {
+    "fp8": "--model-path Qwen/Qwen3-VL-235B-A22B-Instruct-FP8 --tp 8 --ep 8 --host 0.0.0.0 --port 30000 "
+           "--keep-mm-feature-on-device",
+    "bf16": "--model-path Qwen/Qwen3-VL-235B-A22B-Instruct --tp 8 --ep 8 --host 0.0.0.0 --port 30000",
+}
+
+
+@pytest.mark.parametrize("name", GUIDE_8)
+def test_the_guides_eight_gpu_commands_resolve_in_a_dry_run(name):
+    """Every check but the GPU count passes here: the layout (4 KV heads replicated over 8 ranks,
+    16 whole experts per rank, fp8 blocks), the settings handed to Triton, the per-GPU weights."""
+    import torch
+
+    out = _run([*shlex.split(GUIDE_8[name]), "--load-format", "dummy", "--dry-run"])
+    assert out.returncode == 0, out.stderr
+    report = _report(out)
+    llm = report["settings"]["llm"]
+    assert (llm["tp_size"], llm["ep_size"]) == ("8", "8")
+    assert report["settings"]["weights_dtype"] == "bfloat16"
+    per_gpu = report["settings"]["weights_gb_per_gpu"]
+    assert (29 < per_gpu < 36) if name == "fp8" else (55 < per_gpu < 65)      # ~236 / 471 GB over 8, ViT on rank 0
+    if torch.cuda.device_count() < 8:
+        assert "--tp 8 needs 8 GPUs" in report["settings"]["warnings"][0]
 
 
 def test_unknown_model_name_is_refused_with_the_choices():
