@@ -224,9 +224,11 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
             async def whole():
                 firsts = await _firsts(streams, rid)
                 results = await asyncio.gather(*(_collect(d, rid, f) for d, f in zip(streams, firsts)))
-                metrics.ttft.observe(min(r[2] for r in results) - start)
+                first = min(r[2] for r in results)
+                metrics.ttft.observe(first - start)
                 prompt_tokens = sum(len(ids) for ids, _ in jobs[:: req.n])
                 out_tokens = sum(r[1].num_output_tokens or 0 for r in results)
+                metrics.finished(start, first, prompt_tokens, out_tokens)
                 body = text_completion(cid, model, [(echo + text, last.finish_reason)
                                                     for (_, echo), (text, last, _, _) in zip(jobs, results)],
                                        usage(prompt_tokens, out_tokens, None, False))
@@ -246,6 +248,9 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
             for d in streams:
                 await d.aclose()
             raise
+
+        first_at = time.monotonic()
+        metrics.ttft.observe(first_at - start)
 
         async def sse():
             counts = [0] * len(streams)
@@ -271,6 +276,7 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                 if req.include_usage:
                     yield _event({"id": cid, "object": "text_completion", "created": int(time.time()),
                                   "model": model, "choices": [], "usage": usage(prompt_tokens, sum(counts), None, False)})
+                metrics.finished(start, first_at, prompt_tokens, sum(counts))
             finally:
                 for d in streams:
                     await d.aclose()
