@@ -233,8 +233,8 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                                                     for (_, echo), (text, last, _, _) in zip(jobs, results)],
                                        usage(prompt_tokens, out_tokens, None, False))
                 if want_logprobs:
-                    for choice, (_, _, _, entries) in zip(body["choices"], results):
-                        choice["logprobs"] = completion_logprobs(entries, 0)[0]
+                    for choice, (ids, echo), f, (_, _, _, entries) in zip(body["choices"], jobs, firsts, results):
+                        choice["logprobs"] = completion_logprobs(_echoed(ids, f) + entries if echo else entries, 0)[0]
                 return body
             try:
                 out = await _unless_gone(request, whole())
@@ -258,10 +258,13 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
 
             def now():
                 return usage(prompt_tokens, sum(counts), None, False) if req.continuous_usage else None
-            for k, (_, echo) in enumerate(jobs):
-                if echo:
-                    yield _event(text_chunk(cid, model, k, echo, usage_=now()))
             offsets = [0] * len(streams)
+            for k, (ids, echo) in enumerate(jobs):
+                if echo:
+                    out = text_chunk(cid, model, k, echo, usage_=now())
+                    if want_logprobs:
+                        out["choices"][0]["logprobs"], offsets[k] = completion_logprobs(_echoed(ids, firsts[k]), 0)
+                    yield _event(out)
             try:
                 async for k, d in _merged(firsts, streams):
                     counts[k] = d.num_output_tokens or counts[k]
@@ -326,15 +329,20 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         return prompts.tokenizer.decode([token_id], skip_special_tokens=False) if prompts else str(token_id)
 
     def completion_logprobs(entries, offset: int) -> tuple[dict, int]:
-        """The completions API's `logprobs` object, and the text offset after its tokens."""
+        """The completions API's `logprobs` object, and the text offset after its tokens. An entry's
+        logprob may be None (the prompt's first token, which nothing predicts)."""
         tokens = [token_text(t) for t, _, _ in entries]
         offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{token_text(a): b for a, b in top} for _, _, top in entries],
+                "top_logprobs": [None if top is None else {token_text(a): b for a, b in top} for _, _, top in entries],
                 "text_offset": offsets}, offset
+
+    def _echoed(prompt_ids, first) -> list:
+        """The echoed prompt's entries: its first token without a logprob, then what the engine sent."""
+        return [(prompt_ids[0], None, None), *(first.prompt_logprobs or [])]
 
     def chat_logprobs(entries) -> dict | None:
         """OpenAI's chat `logprobs` object for (token id, logprob, top) entries."""

@@ -296,10 +296,9 @@ def check_completion_request(body, served_model: str) -> CompletionRequest:
     if logprobs is not None:
         if not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS}", param="logprobs")
-        if echo:
-            raise APIError(400, "'echo' with 'logprobs' needs the prompt's logprobs, which this server does not "
-                                "compute yet", param="echo", code="unsupported_parameter")
         sampling["logprobs"] = logprobs
+        if echo:                                        # the prompt's own logprobs too (loglikelihood evals)
+            sampling["prompt_logprobs"] = logprobs
     return CompletionRequest(prompts, sampling, stream, include_usage, continuous, n, echo)
 
 

@@ -34,6 +34,7 @@ class Delta:
     num_output_tokens: int | None
     num_cached_tokens: int | None
     logprobs: list | None = None       # [(token id, logprob, [(id, logprob), ...]), ...] when asked
+    prompt_logprobs: list | None = None   # the same for prompt tokens 1..L-1, with the first delta
 
 
 def _input(name: str, arr: np.ndarray):
@@ -105,6 +106,7 @@ class TritonLLMClient:
                     num_output_tokens=_scalar(result, "num_output_tokens"),
                     num_cached_tokens=_scalar(result, "num_cached_tokens"),
                     logprobs=_json(result, "logprobs"),
+                    prompt_logprobs=_json(result, "prompt_logprobs"),
                 )
                 if delta.finish_reason:
                     finished = True

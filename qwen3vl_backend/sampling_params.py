@@ -59,6 +59,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
     logprobs: int | None = None    # each output token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None     # each prompt token's logprob (after the first) and its top alternatives
     structured_output: dict | None = None   # {json_schema | json_object | regex | grammar | choice: ...} (engine/structured.py)
 
     def __post_init__(self):
@@ -78,6 +79,8 @@ class SamplingParams:
         _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {_short(self.min_p)}")
         _check(self.structured_output is None or isinstance(self.structured_output, dict),
                f"structured_output must be an object, got {_short(self.structured_output)}")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {_short(self.prompt_logprobs)}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs (top alternatives) must be an integer in [0, {MAX_LOGPROBS}], got {_short(self.logprobs)}")
         _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64),

@@ -272,7 +272,6 @@ def test_completions_prompts_echo_n_and_stream(tiny_moe):
 @pytest.mark.parametrize("extra,message", [
     ({"prompt": "x", "suffix": "y"}, "'suffix' is not supported"),
     ({"prompt": "x", "logprobs": 21}, "'logprobs' must be an integer from 0 to 20"),
-    ({"prompt": "x", "logprobs": 2, "echo": True}, "'echo' with 'logprobs' needs the prompt's logprobs"),
     ({"prompt": ""}, "'prompt' is empty"),
     ({"prompt": [1.5]}, "'prompt' must be a string"),
     ({"prompt": [[]]}, "'prompt' must be a string"),

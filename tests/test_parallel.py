@@ -261,3 +261,25 @@ def test_only_rank_0_holds_the_vision_tower(tiny_moe):
     assert rank0.model.visual is not None and rank1.model.visual is None
     assert any(n.startswith("model.visual.") for n, _ in rank0.named_parameters())
     assert not any(n.startswith("model.visual.") for n, _ in rank1.named_parameters())
+
+
+def test_prompt_logprobs_at_tp2_match_tp1(tiny_moe):
+    """Prompt logprobs take extra rows of the vocab-parallel head: every rank computes them."""
+    from qwen3vl_backend.config import EngineConfig
+    from qwen3vl_backend.engine.llm_engine import LLMEngine
+    from qwen3vl_backend.sampling_params import SamplingParams
+
+    got = []
+    for tp in (1, 2):
+        engine = LLMEngine(EngineConfig(model_path=str(tiny_moe), dtype="float32", tp_size=tp, max_num_batched_tokens=7))
+        try:
+            ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+            engine.add_request(ids, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1), "p")
+            outs = []
+            while engine.has_unfinished():
+                outs += engine.step()
+            got.append(next(o.prompt_logprobs for o in outs if o.prompt_logprobs is not None))
+        finally:
+            engine.close()
+    assert len(got[0]) == len(ids) - 1 and [g[0] for g in got[0]] == ids[1:]
+    assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(*got))

@@ -805,3 +805,21 @@ def test_structured_output_through_tritonclient_on_the_ensemble(server):
                                                   "structured_output": {"json_schema": schema}}).encode()],
                                      dtype=np.object_))
     assert _valid_weather_args(json.loads(text))
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt(client, tiny_moe, local_engine):
+    """echo + logprobs (how evaluation harnesses score a text): the prompt's tokens come back with
+    the model's logprob of each given the ones before (the first has none), then the completion's."""
+    import torch
+
+    from qwen3vl_backend.processing.processor import ProcessedPrompt
+
+    ids = local_engine.tokenizer.encode("The sea is wide and the sky is blue.")
+    out = client.completions.create(model="tiny-moe", prompt=ids, echo=True, logprobs=2, max_tokens=3, temperature=0)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = torch.log_softmax(local_engine.prompt_logits(
+        ProcessedPrompt(ids, [], torch.arange(len(ids)).expand(3, -1), 0)).float(), -1)
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - float(ref[i - 1, ids[i]])) < 1e-4 and len(lp.top_logprobs[i]) == 2
+    assert out.choices[0].text.startswith(local_engine.tokenizer.decode(ids))

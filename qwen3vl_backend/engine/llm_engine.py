@@ -48,6 +48,8 @@ class RequestOutput:
     # per new token, when the request asked (SamplingParams.logprobs): (token id, logprob,
     # [(id, logprob), ...] its top alternatives); the model's raw log-softmax
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    # with the first output, when asked (SamplingParams.prompt_logprobs): the same for prompt tokens 1..L-1
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 class _Request:
@@ -59,6 +61,8 @@ class _Request:
         self.sent = 0
         self.hold = max((len(s) for s in seq.params.stop), default=1) - 1
         self.constraint = constraint          # structured output (engine/structured.py)
+        # prompt logprobs by position (SamplingParams.prompt_logprobs): filled as prefill chunks run
+        self.prompt_logprobs = [None] * (seq.num_prompt - 1) if seq.params.prompt_logprobs is not None else None
 
 
 PENDING = -1     # output ids at or below this are placeholders: -1 - i is row i of the step in flight
@@ -73,6 +77,7 @@ class _Step:
     done: torch.cuda.Event | None
     sampled: list[tuple[Sequence, int]]
     logprobs: list | None = None       # per sampled row: ((chosen, top values, top ids) on the host, row) or None
+    prompt_logprobs: list | None = None   # (request id, first position, (chosen, values, ids) on the host)
 
 
 class LLMEngine:
@@ -88,6 +93,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._inflight: _Step | None = None      # the step queued on the device, not yet read back
         self._failed: list[RequestOutput] = []   # requests a step failed, reported by the next step()
+        self._prompt_lp: list = []               # the step being launched's prompt logprobs (host copies)
         self.vocab_size = self.runner.model_cfg.text.vocab_size
 
     def close(self) -> None:
@@ -236,7 +242,9 @@ class LLMEngine:
             from .structured import next_masks
 
             masks = dict(zip((rid for rid, _ in constrained), next_masks([c for _, c in constrained])))
+        self._prompt_lp = []
         runs = self._run_isolating(batch, banned, None if prev is None else prev.tokens, masks)
+        prompt_lp = self._prompt_lp
         batch = [c for part, _ in runs for c in part]
         parts = [r[0] for _, r in runs if r is not None]
         tokens = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -257,19 +265,37 @@ class LLMEngine:
             if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.cfg.max_model_len:
                 seq.finishing = True              # it ends on this token: schedule it no further
         if tokens is None:
+            if prompt_lp:             # a prefill chunk that samples nothing yet: its prompt logprobs now
+                if torch.cuda.is_available() and self.runner.device.type == "cuda":
+                    torch.cuda.current_stream().synchronize()
+                self._store_prompt_logprobs(prompt_lp)
             return None
         host = tokens.to("cpu", non_blocking=True) if tokens.is_cuda else tokens
         done = None
         if tokens.is_cuda:
             done = torch.cuda.Event()
             done.record()
-        return _Step(tokens, host, done, sampled, row_logprobs if any(row_logprobs) else None)
+        return _Step(tokens, host, done, sampled, row_logprobs if any(row_logprobs) else None, prompt_lp or None)
+
+    def _store_prompt_logprobs(self, entries) -> None:
+        for rid, first, lp in entries:
+            req = self._requests.get(rid)
+            if req is None or req.prompt_logprobs is None:
+                continue
+            chosen = lp[0].tolist()
+            vals, ids = (lp[1].tolist(), lp[2].tolist()) if len(lp) == 3 else ([[]] * len(chosen), [[]] * len(chosen))
+            for i, c in enumerate(chosen):
+                pos = first + i
+                req.prompt_logprobs[pos] = (req.seq.prompt_ids[pos + 1], c, list(zip(ids[i], vals[i])))
 
     def _run_isolating(self, batch, banned, pending, masks=None) -> list[tuple[list[ScheduledChunk], tuple | None]]:
         """runner.run on the batch; if it raises, on each half in turn, down to the single chunks
         that fail (each then fails its request). -> (chunks run, their sampled ids) in batch order."""
         try:
-            return [(batch, self.runner.run(batch, banned, pending, masks))]
+            result = self.runner.run(batch, banned, pending, masks)
+            self._prompt_lp += [(rid, first, tuple(t.to("cpu", non_blocking=True) for t in lp))
+                                for rid, first, lp in self.runner.last_prompt_logprobs]
+            return [(batch, result)]
         except Exception as e:
             if len(batch) == 1:
                 self._fail(batch[0].seq, e)
@@ -293,13 +319,17 @@ class LLMEngine:
     def _finish_step(self, step: _Step) -> list[RequestOutput]:
         if step.done is not None:
             step.done.synchronize()
+        if step.prompt_logprobs:
+            self._store_prompt_logprobs(step.prompt_logprobs)
         outputs = []
         for row, ((seq, pos), token) in enumerate(zip(step.sampled, step.host.tolist())):
             if not self._live(seq):
                 continue                          # aborted, or ended before this token was needed
             seq.output_ids[pos] = token
             try:
+                prompt_lp = self._requests[seq.request_id].prompt_logprobs if pos == 0 else None
                 out = self._postprocess(seq, pos, token)
+                out.prompt_logprobs = prompt_lp
                 if step.logprobs is not None and step.logprobs[row] is not None and seq.params.logprobs is not None:
                     (chosen, vals, ids), i = step.logprobs[row]
                     k = seq.params.logprobs

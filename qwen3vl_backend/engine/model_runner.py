@@ -111,6 +111,21 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
             m.quant_method.skinny = skinny_linear
 
 
+def _prompt_rows(batch: list[ScheduledChunk], ends: list[int]) -> list[tuple]:
+    """For chunks whose request asks for prompt logprobs: (request id, first prompt position, the
+    batch rows whose logits predict the next prompt tokens, those tokens, how many alternatives)."""
+    out = []
+    for chunk, end in zip(batch, ends):
+        seq = chunk.seq
+        if seq.params.prompt_logprobs is None or chunk.start >= seq.num_prompt - 1:
+            continue
+        a, b = chunk.start, min(chunk.start + chunk.num_tokens, seq.num_prompt - 1)
+        row0 = end - chunk.num_tokens
+        out.append((seq.request_id, a, range(row0, row0 + b - a), seq.prompt_ids[a + 1 : b + 1],
+                    seq.params.prompt_logprobs))
+    return out
+
+
 def _sample_rows(chunks: list[ScheduledChunk], banned: dict[str, set[int]] | None) -> list[tuple]:
     """The sampler's view of each sampling sequence: id, params, history, banned token ids."""
     return [(c.seq.request_id, c.seq.params, c.seq.prompt_ids, c.seq.output_ids, (banned or {}).get(c.seq.request_id))
@@ -270,20 +285,32 @@ class ModelRunner:
         Token ids not yet known on the host are given as -(1 + i): the i-th id of `pending`, the
         previous step's sampled ids, still on the device."""
         ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch, pending)
+        self.last_prompt_logprobs = []
         if (self.graphs is not None and vis_embeds is None and meta.is_decode_only and self.graphs.fits(len(batch))
                 and all(c.samples for c in batch)):
             with self._group_step():
                 self._publish(True, None, ids, positions, meta)
                 logits = self.graphs.run(ids, positions, meta)
             return self._sample(logits, batch, banned, masks)
-        ends = itertools.accumulate(c.num_tokens for c in batch)
+        ends = list(itertools.accumulate(c.num_tokens for c in batch))
         last = [end - 1 for end, c in zip(ends, batch) if c.samples]
+        prompt = _prompt_rows(batch, ends)
+        rows = sorted(last + [r for _, _, span, _, _ in prompt for r in span]) if prompt else last
         with self._group_step():
-            self._publish(False, last, ids, positions, meta, vis_embeds, vis_mask, deepstack)
+            self._publish(False, rows, ids, positions, meta, vis_embeds, vis_mask, deepstack)
             hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
-            if not last:
+            if not rows:
                 return None
-            logits = self.model.compute_logits(hidden[device_tensor(last, torch.long, self.device)])
+            logits = self.model.compute_logits(hidden[device_tensor(rows, torch.long, self.device)])
+        if prompt:
+            at = {r: i for i, r in enumerate(rows)}
+            for rid, first, span, targets, k in prompt:
+                lp = torch.log_softmax(logits[device_tensor([at[r] for r in span], torch.long, self.device)].float(), -1)
+                chosen = lp.gather(1, device_tensor(targets, torch.long, self.device)[:, None])[:, 0]
+                self.last_prompt_logprobs.append((rid, first, (chosen, *lp.topk(k, -1)) if k else (chosen,)))
+            logits = logits[device_tensor([at[r] for r in last], torch.long, self.device)] if last else None
+        if not last:
+            return None
         return self._sample(logits, [c for c in batch if c.samples], banned, masks)
 
     def _sample(self, logits, chunks, banned, masks=None):

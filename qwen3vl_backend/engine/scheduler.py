@@ -89,7 +89,8 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if seq.num_computed == 0 and not seq.block_table:
+            # prompt logprobs need every prompt position's logits: no prefix-cache hit for them
+            if seq.num_computed == 0 and not seq.block_table and seq.params.prompt_logprobs is None:
                 seq.num_computed = seq.num_cached_prompt = self.bm.match_prefix(seq)
             n = min(seq.remaining, budget)
             if not self.bm.ensure(seq, seq.num_computed + n):

@@ -125,6 +125,7 @@ class _Stream:
         self.tokenizer, self.prompt_ids, self.client_id = tokenizer, prompt_ids, client_id
         self.text = ""
         self.logprobs = []                # of tokens not yet sent (a response may carry no text)
+        self.prompt_logprobs = None       # sent with the next response
 
     def on_output(self, out):
         if isinstance(out, Exception) or out.finished:
@@ -134,6 +135,8 @@ class _Stream:
             return
         if out.logprobs:
             self.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if self.flags["stream"]:
             if out.delta_text or out.finished:
                 self.sender.send(self._response(out.delta_text, out), flags=FINAL if out.finished else 0)
@@ -156,4 +159,8 @@ class _Stream:
         if self.logprobs:
             tensors.append(pb_utils.Tensor("logprobs", np.array([json.dumps(self.logprobs).encode()], dtype=np.object_)))
             self.logprobs = []
+        if self.prompt_logprobs is not None:
+            tensors.append(pb_utils.Tensor("prompt_logprobs", np.array([json.dumps(self.prompt_logprobs).encode()],
+                                                                       dtype=np.object_)))
+            self.prompt_logprobs = None
         return pb_utils.InferenceResponse(tensors)
