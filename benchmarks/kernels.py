@@ -361,6 +361,18 @@ def roofline_cache() -> dict:
     return roofline()
 
 
+def _fp8_gemv_file(device_name: str):
+    from kernels.fp8 import gemv_config_file
+
+    return gemv_config_file(device_name, (128, 128))
+
+
+def _fp8_pair_file(device_name: str):
+    from kernels.fused_moe import fp8_pair_config_file
+
+    return fp8_pair_config_file(device_name, (128, 128))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
@@ -372,41 +384,25 @@ def main(argv=None):
     parts = set(args.only.split(","))
     ceil = roofline_cache()
     rows = []
-    if "fp8gemv" in parts:
-        from kernels.fp8 import gemv_config_file
-
-        gemv, table = sweep_fp8_gemv()
-        print("fp8 GEMV launch shapes at decode sizes, best per (N, K, M), against the bf16 skinny GEMM")
-        print_table(gemv, list(gemv[0]))
-        rows += gemv
-        path = gemv_config_file(torch.cuda.get_device_name(), (128, 128))
+    for part, sweep, title, path_of, what in (
+            ("fp8gemv", sweep_fp8_gemv, "fp8 GEMV launch shapes at decode sizes, best per (N, K, M), against the bf16 "
+             "skinny GEMM", _fp8_gemv_file, "fp8 GEMV"),
+            ("linear", lambda: sweep_linear(ceil), "decoder projections at decode sizes: cuBLAS against the skinny GEMM "
+             "(graph replay per call)", config_file, "skinny GEMM"),
+            ("fp8pairs", lambda: sweep_pair_configs(fp8=True), "fp8 pair path launch shapes (graph replay, gate_up "
+             "then down swept)", _fp8_pair_file, "fp8 pair")):
+        if part not in parts:
+            continue
+        found, table = sweep()
+        print(title)
+        print_table(found, list(found[0]))
+        rows += found
+        path = path_of(torch.cuda.get_device_name())
         if args.write_configs:
             path.write_text(json.dumps(table, indent=1) + "\n")
-            print(f"fp8 GEMV table written to {path}")
+            print(f"{what} table written to {path}")
         else:
-            print(f"fp8 GEMV table for {path.name} (--write-configs writes it):\n{json.dumps(table)}")
-    if "linear" in parts:
-        linear, table = sweep_linear(ceil)
-        print("decoder projections at decode sizes: cuBLAS against the skinny GEMM (graph replay per call)")
-        print_table(linear, list(linear[0]))
-        rows += linear
-        path = config_file(torch.cuda.get_device_name())
-        if args.write_configs:
-            path.write_text(json.dumps(table, indent=1) + "\n")
-            print(f"skinny GEMM table written to {path}")
-        else:
-            print(f"skinny GEMM table for {path.name} (--write-configs writes it):\n{json.dumps(table)}")
-    if "fp8pairs" in parts:
-        from kernels.fused_moe import fp8_pair_config_file
-
-        pairs, table = sweep_pair_configs(fp8=True)
-        print("fp8 pair path launch shapes (graph replay, gate_up then down swept)")
-        print_table(pairs, list(pairs[0]))
-        rows += pairs
-        path = fp8_pair_config_file(torch.cuda.get_device_name(), (128, 128))
-        if args.write_configs:
-            path.write_text(json.dumps(table, indent=1) + "\n")
-            print(f"fp8 pair table written to {path}")
+            print(f"{what} table for {path.name} (--write-configs writes it):\n{json.dumps(table)}")
     sections = [("pairs", "pair path launch shapes (graph replay, gate_up then down swept)",
                  lambda: sweep_pair_configs()[0]),
                 ("routing", "sorted path at M=64: 12 experts hit against uniform routing", sweep_concentrated_routing),

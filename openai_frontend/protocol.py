@@ -156,15 +156,9 @@ def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> Ch
         if n > limit:
             raise APIError(400, f"{n} {kind}s in one request; this server takes at most {limit} "
                                 "(--limit-mm-per-prompt)", param="messages")
-    sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
-    try:
-        SamplingParams.from_dict(sampling)
-    except SamplingError as e:
-        raise APIError(400, str(e)) from e
+    sampling = check_sampling(body)
     stream, include_usage, continuous = check_stream_options(body)
-    n = body.get("n", 1) if body.get("n") is not None else 1
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
-        raise APIError(400, f"'n' must be an integer from 1 to {MAX_N}", param="n")
+    n = check_n(body)
     tools, parallel, forced = check_tools(body)
     structured = check_response_format(body.get("response_format"))
     if forced is not None and structured is not None:
@@ -187,6 +181,27 @@ def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> Ch
     except RequestError as e:
         raise APIError(400, str(e), param="chat_template_kwargs") from e
     return ChatRequest(sampling, stream, include_usage, continuous, n, tools, parallel, kwargs)
+
+
+def check_sampling(body: dict, defaults: dict | None = None) -> dict:
+    """The body's sampling fields (None: unset), `defaults` for a max_tokens it leaves out; 400 if invalid."""
+    sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
+    if "max_tokens" not in sampling and "max_completion_tokens" not in sampling:
+        sampling.update(defaults or {})
+    try:
+        SamplingParams.from_dict(sampling)
+    except SamplingError as e:
+        raise APIError(400, str(e)) from e
+    return sampling
+
+
+def check_n(body: dict, prompts: int | None = None) -> int:
+    """`n` (1 to MAX_N choices; for completions' `prompts`, at most 4 x MAX_N in all)."""
+    n = body.get("n", 1) if body.get("n") is not None else 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N or n * (prompts or 1) > 4 * MAX_N:
+        more = f" (and n x prompts at most {4 * MAX_N})" if prompts is not None else ""
+        raise APIError(400, f"'n' must be an integer from 1 to {MAX_N}{more}", param="n")
+    return n
 
 
 def check_stream_options(body: dict) -> tuple[bool, bool, bool]:
@@ -277,18 +292,9 @@ def check_completion_request(body, served_model: str) -> CompletionRequest:
                        param="prompt")
     if any(p == "" for p in prompts):
         raise APIError(400, "'prompt' is empty", param="prompt")
-    sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
-    if "max_tokens" not in sampling and "max_completion_tokens" not in sampling:
-        sampling["max_tokens"] = 16                     # OpenAI's default for completions
-    try:
-        SamplingParams.from_dict(sampling)
-    except SamplingError as e:
-        raise APIError(400, str(e)) from e
+    sampling = check_sampling(body, {"max_tokens": 16})          # OpenAI's default for completions
     stream, include_usage, continuous = check_stream_options(body)
-    n = body.get("n", 1) if body.get("n") is not None else 1
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N or n * len(prompts) > 4 * MAX_N:
-        raise APIError(400, f"'n' must be an integer from 1 to {MAX_N} (and n x prompts at most {4 * MAX_N})",
-                       param="n")
+    n = check_n(body, len(prompts))
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise APIError(400, "'echo' must be a boolean", param="echo")
