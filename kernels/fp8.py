@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .linear import CONFIG_DIR, _skinny_kernel
+from .linear import CONFIG_DIR, _skinny_kernel, dividing, nearest_m
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ def _gemv_table(device_name: str, block: tuple[int, int]) -> dict:
 def gemv_config(n: int, k: int, m: int, block: tuple[int, int], device: torch.device) -> dict:
     if device.type != "cuda":
         return GEMV_CONFIG
-    by_m = _gemv_table(torch.cuda.get_device_name(device), tuple(block)).get(f"{n},{k}")
-    return by_m[min(by_m, key=lambda key: abs(int(key) - m))] if by_m else GEMV_CONFIG
+    return nearest_m(_gemv_table(torch.cuda.get_device_name(device), tuple(block)), n, k, m, GEMV_CONFIG)
 
 
 def gemv_ok(m: int, block: tuple[int, int]) -> bool:
@@ -174,8 +173,7 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     m_pad = 1 if m == 1 else 16
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
-    while block[0] % block_n:               # a program's rows share one row of scale blocks
-        block_n //= 2
+    block_n = dividing(block_n, block[0])   # a program's rows share one row of scale blocks
     a8 = bool(cfg.get("A8")) and m_pad > 1 and x.is_cuda and block[1] >= 32
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, wq, bias if bias is not None else scale, y, scale, m, n, k, x.stride(0), wq.stride(0), y.stride(0),

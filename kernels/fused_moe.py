@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import quantize_activations_fp8
+from .linear import dividing
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -226,30 +227,11 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
 def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, SCALE_MODE) for fp8 weights: tiles shrunk (powers of two, at least 16)
     to lie inside one scale block, mode 2; where the blocks or N do not allow it, mode 1."""
-    bn = block_n
-    while bn > 16 and (block[0] % bn or n % bn):
-        bn //= 2
-    bk = _block_k(block_k, block[1])
+    bn = max(dividing(block_n, math.gcd(block[0], n)), 16)
+    bk = max(dividing(min(block_k, block[1]), block[1]), 16)
     if block[0] % bn == 0 and n % bn == 0 and block[1] % bk == 0:
         return bn, bk, 2
     return min(block_n, block[0]), bk, 1
-
-
-def _dividing(size: int, total: int) -> int:
-    """The largest power of two <= size that divides total."""
-    while size > 1 and total % size:
-        size //= 2
-    return size
-
-
-def _block_k(block_k: int, bk: int | None) -> int:
-    """A K step inside one fp8 scale block (a power of two dividing bk), or the config's own."""
-    if bk is None:
-        return block_k
-    block_k = min(block_k, bk)
-    while bk % block_k:
-        block_k //= 2
-    return max(block_k, 16)
 
 
 @triton.jit
@@ -391,13 +373,13 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     ids = topk_ids.to(torch.int32).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
-    up_n = _dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
+    up_n = dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
     _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
         x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     out = torch.empty_like(x)
-    down_n = _dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
+    down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
         act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,

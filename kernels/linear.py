@@ -112,14 +112,24 @@ def _table(device_name: str) -> dict:
     return {}
 
 
+def dividing(size: int, total: int) -> int:
+    """The largest power of two <= size that divides total (size a power of two)."""
+    while size > 1 and total % size:
+        size //= 2
+    return size
+
+
+def nearest_m(table: dict, n: int, k: int, m: int, default):
+    """A {"N,K": {"M": entry}} table's entry for (N, K) at the nearest tuned M, or `default`."""
+    by_m = table.get(f"{n},{k}")
+    return by_m[min(by_m, key=lambda key: abs(int(key) - m))] if by_m else default
+
+
 def lookup_config(n: int, k: int, m: int, device: torch.device) -> dict | None:
     """The launch shape for this (N, K) at the nearest tuned M; None: F.linear is faster there."""
     if device.type != "cuda":
         return DEFAULT_CONFIG
-    by_m = _table(torch.cuda.get_device_name(device)).get(f"{n},{k}")
-    if not by_m:
-        return DEFAULT_CONFIG
-    cfg = by_m[min(by_m, key=lambda key: abs(int(key) - m))]
+    cfg = nearest_m(_table(torch.cuda.get_device_name(device)), n, k, m, DEFAULT_CONFIG)
     return None if cfg == "cublas" else cfg
 
 
