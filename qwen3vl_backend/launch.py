@@ -174,11 +174,10 @@ def resolve(args) -> dict:
         engine_cfg = EngineConfig.from_settings(llm)
     except ConfigError as e:
         raise SystemExit(f"invalid settings: {e}") from None
-    weights = _check_weights_fit(model_path, engine_cfg)
-    weights_dtype = engine_cfg.dtype
+    sized = engine_cfg
     if warnings and args.dtype == "auto" and engine_cfg.device == "cpu":    # a GPU command dry-run on a CPU host
-        weights_dtype = "bfloat16"
-        weights = _check_weights_fit(model_path, dataclasses.replace(engine_cfg, dtype=weights_dtype))
+        sized = dataclasses.replace(engine_cfg, dtype="bfloat16")
+    weights, weights_dtype = _check_weights_fit(model_path, sized), sized.dtype
     ipc = _env_flag("QWEN3VL_USE_CUDA_IPC_TRANSPORT", "SGLANG_USE_CUDA_IPC_TRANSPORT") or "0"
     ipc = "1" if ipc.strip().lower() in ("1", "true", "yes", "on") else "0"
     cache_mb = _env_flag("QWEN3VL_VLM_CACHE_SIZE_MB", "SGLANG_VLM_CACHE_SIZE_MB") or "100"
