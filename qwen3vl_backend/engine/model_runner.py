@@ -188,7 +188,7 @@ class ModelRunner:
         if self.rank == 0:
             # a layout the model cannot take (heads, experts, fp8 blocks) fails here, before any process starts
             build_model(model_config(cfg.model_path, cfg.quantization), "meta", self.dtype, self.par)
-            settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+            settings = dataclasses.asdict(cfg)
             settings["dist_init_addr"] = addr
             self.workers = start_local_workers(settings, list(range(1, per_node)))
             self.watchdog = Watchdog(self.workers)

@@ -74,10 +74,12 @@ def _short(v) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(tokenizer_json: str, vocab_size: int, eos: tuple[int, ...]):
+def _tokenizer(model_dir: str, vocab_size: int, eos: tuple[int, ...]):
+    """llguidance's view of the checkpoint's tokenizer: read and built once per model (~1 s)."""
     import llguidance
 
-    return llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos))
+    text = (Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8")      # not the locale's (ASCII in Triton)
+    return llguidance.LLTokenizer(text, n_vocab=vocab_size, eos_token=list(eos))
 
 
 class Constraint:
@@ -87,8 +89,7 @@ class Constraint:
         import llguidance
 
         grammar = grammar_for(spec)
-        vocab = (Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8")     # not the locale's (ASCII in Triton)
-        tok = _tokenizer(vocab, vocab_size, tuple(sorted(eos_ids)))
+        tok = _tokenizer(str(model_dir), vocab_size, tuple(sorted(eos_ids)))
         self.matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
         if self.matcher.is_error():
             raise RequestError(f"structured_output does not compile: {self.matcher.get_error()}")

@@ -11,6 +11,7 @@ multi-node group the user starts the node's ranks with the same model flags as n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -28,7 +29,7 @@ def _node(args) -> int:
                        quantization=args.quantization, tp_size=args.tp, ep_size=args.ep, nnodes=args.nnodes,
                        node_rank=args.node_rank, dist_init_addr=args.dist_init_addr)
     per_node = cfg.tp_size // cfg.nnodes
-    settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    settings = dataclasses.asdict(cfg)
     procs = start_local_workers(settings, list(range(cfg.node_rank * per_node, (cfg.node_rank + 1) * per_node)))
     codes = [p.wait() for p in procs]
     wait_all(procs, 0)
