@@ -207,7 +207,7 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         vocab = prompts.tokenizer.vocab_size
         jobs = []                            # (prompt ids, echo text) per choice, prompt-major as OpenAI orders them
         for p in req.prompts:
-            ids = await asyncio.to_thread(prompts.encode, p) if isinstance(p, str) else list(p)
+            ids = await asyncio.to_thread(prompts.tokenizer.encode, p) if isinstance(p, str) else list(p)
             if any(not 0 <= t < vocab for t in ids):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             echo = (p if isinstance(p, str) else prompts.tokenizer.decode(ids)) if req.echo else ""

@@ -19,18 +19,11 @@ class TextPrompts:
         self.template = load_chat_template(model_dir)
         self.tokenizer = Tokenizer(model_dir)
 
-    def render(self, messages, tools=None, template_kwargs=None) -> tuple[str, bool]:
-        """-> (the prompt text, whether the chat has media)."""
-        text, media = render_chat(self.template, messages, tools, template_kwargs)
-        return text, bool(media)
-
     def ids(self, messages, tools=None, template_kwargs=None) -> tuple[list[int] | None, bool]:
         """-> (the prompt's token ids, or None when the chat has media (the ensemble's work);
         whether the prompt ends inside an opened <think>, as a Thinking checkpoint's template
         leaves it)."""
-        text, media = self.render(messages, tools, template_kwargs)
+        text, media = render_chat(self.template, messages, tools, template_kwargs)
         thinking = text.rstrip().endswith("<think>")
         return (None if media else self.tokenizer.encode(text)), thinking
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)

@@ -25,8 +25,9 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
 
 
 def moe_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                      weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Reference expert computation, one expert at a time over the tokens routed to it."""
+                      weights: torch.Tensor, ids: torch.Tensor, sentinel: bool = False) -> torch.Tensor:
+    """Reference expert computation, one expert at a time over the tokens routed to it. Ids past
+    the experts held (`sentinel`: other ranks' experts, as kernels.fused_moe takes them) add nothing."""
     out = torch.zeros_like(x)
     weights = weights.to(x.dtype)
     for e in ids.unique().tolist():
@@ -205,10 +206,8 @@ class SparseMoE(nn.Module):
             weights = torch.where(mine, weights, 0.0)
         if ex.quantized:
             out = ex.fp8_forward(x, weights, ids)
-        elif ex.num_local < ex.num_experts and self.experts_fn is not moe_experts_torch:
-            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=True)
         else:
-            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids)
+            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts)
         if self.tp_size > 1:                     # each rank summed its share of every token's experts
             torch.distributed.all_reduce(out)
         return out
