@@ -266,7 +266,7 @@ class LLMEngine:
                 seq.finishing = True              # it ends on this token: schedule it no further
         if tokens is None:
             if prompt_lp:             # a prefill chunk that samples nothing yet: its prompt logprobs now
-                if torch.cuda.is_available() and self.runner.device.type == "cuda":
+                if self.runner.device.type == "cuda":
                     torch.cuda.current_stream().synchronize()
                 self._store_prompt_logprobs(prompt_lp)
             return None
