@@ -263,40 +263,62 @@ JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "ma
 
 def _run_mixed(engine, ids, free: int, constrained: int):
     """Step `free` greedy and `constrained` JSON-schema requests together; -> (text and tokens by id,
-    how many steps following one with a constrained request were queued before it was read back)."""
+    the order of events in steps whose masks were deferred: forward, previous step read back, masks)."""
     for i in range(free):
         engine.add_request(ids, SamplingParams(temperature=0, max_tokens=24), f"free{i}")
     for i in range(constrained):
         engine.add_request(ids, SamplingParams(temperature=1.0, seed=i, max_tokens=60,
                                                structured_output={"json_schema": JSON_SCHEMA}), f"json{i}")
-    text, tokens, decisions = {}, {}, []
-    can_overlap = engine._can_overlap
+    text, tokens, events = {}, {}, []
+    runner, model, finish = engine.runner, engine.runner.model, engine._finish_step
 
-    def recording(prev):
-        decisions.append(can_overlap(prev) if any(s.params.structured_output for s, _ in prev.sampled) else None)
-        return decisions[-1] if decisions[-1] is not None else can_overlap(prev)
-    engine._can_overlap = recording
+    def run(batch, banned=None, pending=None, masks=None):
+        if callable(masks):
+            deferred = masks
+            events.append(["run"])
+
+            def masks():
+                out = deferred()
+                events[-1].append("masks")
+                return out
+        return type(runner).run(runner, batch, banned, pending, masks)
+
+    def forward(module, args):
+        if events and len(events[-1]) == 1:
+            events[-1].append("forward")
+
+    def finish_step(step):
+        if events and events[-1][-1] == "forward":
+            events[-1].append("read back")
+        return finish(step)
+    runner.run, engine._finish_step = run, finish_step
+    hook = model.register_forward_pre_hook(forward)
     try:
         while engine.has_unfinished():
             for out in engine.step():
                 text[out.request_id] = text.get(out.request_id, "") + out.delta_text
                 tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
     finally:
-        engine._can_overlap = can_overlap
-    return text, tokens, sum(d is True for d in decisions)
+        del runner.run, engine._finish_step
+        hook.remove()
+    return text, tokens, events
 
 
-def test_constrained_requests_sit_steps_out_instead_of_stopping_the_overlap(tiny_moe):
-    """A grammar's mask needs the previous token. A minority of constrained requests skip the steps
-    queued before their token is read back, so the rest keep overlapping; a majority turns the
-    overlap off. Either way every answer validates and the others' tokens are as when alone."""
+@pytest.mark.parametrize("free,constrained", [(3, 1), (1, 3)])
+def test_constrained_requests_overlap_their_masks_with_the_forward(tiny_moe, free, constrained):
+    """A grammar's mask needs the previous token, but only at sampling: with constrained requests
+    in the batch (few or most) the next step is still queued before the previous one is read back,
+    and the masks are computed after its forward is queued. Every answer validates, the others'
+    tokens are as when alone, and the constrained ones as without the overlap."""
     engine = LLMEngine(EngineConfig(model_path=str(tiny_moe), device="cpu"))
     ids = engine.tokenizer.encode("Give JSON:")
     alone = engine.generate([ids], SamplingParams(temperature=0, max_tokens=24))[0]["output_token_ids"]
-    for free, constrained, overlaps in ((3, 1, True), (1, 3, False)):
-        text, tokens, overlapped = _run_mixed(engine, ids, free, constrained)
-        assert (overlapped > 0) == overlaps, (free, constrained, overlapped)
-        assert all(tokens[f"free{i}"] == alone for i in range(free))
-        for i in range(constrained):
-            answer = json.loads(text[f"json{i}"])
-            assert set(answer) == {"answer", "n"} and 0 <= answer["n"] <= 99 and len(answer["answer"]) <= 8
+    text, tokens, events = _run_mixed(engine, ids, free, constrained)
+    assert len(events) >= 10 and all(e == ["run", "forward", "read back", "masks"] for e in events), events
+    engine.cfg.overlap_schedule = False
+    serial_text, serial_tokens, serial_events = _run_mixed(engine, ids, free, constrained)
+    assert serial_events == [] and serial_tokens == tokens
+    assert all(tokens[f"free{i}"] == alone for i in range(free))
+    for i in range(constrained):
+        answer = json.loads(text[f"json{i}"])
+        assert set(answer) == {"answer", "n"} and 0 <= answer["n"] <= 99 and len(answer["answer"]) <= 8

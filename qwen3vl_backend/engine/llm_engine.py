@@ -78,6 +78,7 @@ class _Step:
     sampled: list[tuple[Sequence, int]]
     logprobs: list | None = None       # per sampled row: ((chosen, top values, top ids) on the host, row) or None
     prompt_logprobs: list | None = None   # (request id, first position, (chosen, values, ids) on the host)
+    outputs: list | None = None           # once read back (_finish_step)
 
 
 class LLMEngine:
@@ -205,10 +206,10 @@ class LLMEngine:
         if prev is not None and not self._can_overlap(prev):
             outputs += self._finish_step(prev)
             prev = None
-        batch = self.scheduler.schedule(hold=self._awaits_token if prev is not None else None)
+        batch = self.scheduler.schedule()
         launched = self._launch(batch, prev) if batch else None
         if prev is not None:
-            outputs += self._finish_step(prev)
+            outputs += prev.outputs if prev.outputs is not None else self._finish_step(prev)
         if launched is not None:
             if self.cfg.overlap_schedule:
                 self._inflight = launched
@@ -219,26 +220,19 @@ class LLMEngine:
 
     def _can_overlap(self, prev: _Step) -> bool:
         """The next step may be queued before `prev` is read back unless a sequence's sampling
-        reads its history (penalties), which holds `prev`'s placeholders. A grammar's mask needs
-        the previous token too: constrained sequences sit the next step out (`_awaits_token`)
-        while the others overlap, unless they are half the batch or more, when the whole step
-        waits for `prev` instead (they would decode at half rate for a small gain)."""
-        if any(needs_history(seq.params) for seq, _ in prev.sampled):
-            return False
-        constrained = sum(seq.params.structured_output is not None for seq, _ in prev.sampled)
-        return 2 * constrained < len(prev.sampled)
-
-    @staticmethod
-    def _awaits_token(seq: Sequence) -> bool:
-        """A constrained sequence whose last token is still on the device: no mask for it yet."""
-        return seq.params.structured_output is not None and bool(seq.output_ids) and seq.output_ids[-1] <= PENDING
+        reads its history (penalties), which holds `prev`'s placeholders. (A grammar's mask needs
+        the previous token too, but only at sampling: `_launch` reads `prev` back there, while the
+        device runs the forward.)"""
+        return not any(needs_history(seq.params) for seq, _ in prev.sampled)
 
     def _launch(self, batch: list[ScheduledChunk], prev: _Step | None) -> _Step | None:
         banned = {c.seq.request_id: b for c in batch if c.samples and (b := self._banned(c.seq))}
         constrained = [(c.seq.request_id, r.constraint) for c in batch if c.samples and
                        (r := self._requests.get(c.seq.request_id)) is not None and r.constraint is not None]
         masks = {}
-        if constrained:
+        if constrained and prev is not None:
+            masks = _MasksAfter(self, prev, constrained)      # computed once the forward is queued
+        elif constrained:
             from .structured import next_masks
 
             masks = dict(zip((rid for rid, _ in constrained), next_masks([c for _, c in constrained])))
@@ -256,11 +250,15 @@ class LLMEngine:
                 continue
             copies = tuple(t.to("cpu", non_blocking=True) for t in r[1])     # read after the step's event
             row_logprobs += [(copies, i) for i in range(n)]
-        self.scheduler.computed(batch)
+        # a sequence can have ended meanwhile, on the previous step's token (read back by _MasksAfter)
+        self.scheduler.computed([c for c in batch if c.seq.status is not Status.FINISHED])
         sampled = []
         for i, chunk in enumerate(c for c in batch if c.samples):
             seq = chunk.seq
             sampled.append((seq, len(seq.output_ids)))
+            if seq.status is Status.FINISHED:
+                self.runner.sampler.forget(seq.request_id)      # its draw here recreated the generator
+                continue
             seq.output_ids.append(PENDING - i)
             if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.cfg.max_model_len:
                 seq.finishing = True              # it ends on this token: schedule it no further
@@ -317,6 +315,7 @@ class LLMEngine:
                                           error=f"{type(error).__name__} while computing this request"))
 
     def _finish_step(self, step: _Step) -> list[RequestOutput]:
+        """Read the step's tokens back and turn them into outputs (kept in `step.outputs` too)."""
         if step.done is not None:
             step.done.synchronize()
         if step.prompt_logprobs:
@@ -337,6 +336,7 @@ class LLMEngine:
                 outputs.append(out)
             except Exception as e:                # e.g. a token the detokeniser cannot read
                 self._fail(seq, e)
+        step.outputs = outputs
         return outputs
 
     def _banned(self, seq: Sequence) -> set[int]:
@@ -406,6 +406,27 @@ class LLMEngine:
                 if out.finished:
                     r["finish_reason"] = out.finish_reason
         return [results[i] for i in ids]
+
+
+class _MasksAfter:
+    """The grammar masks of a step queued while the previous one is in flight: called by the
+    runner between the forward and sampling, it reads the previous step back (its tokens advance
+    the grammars) and computes the masks on the host while the device runs the forward. Called
+    once; a retried step (`_run_isolating`) gets the same masks."""
+
+    def __init__(self, engine: LLMEngine, prev: _Step, constrained: list):
+        self.engine, self.prev, self.constrained, self.masks = engine, prev, constrained, None
+
+    def __call__(self) -> dict:
+        if self.masks is None:
+            from .structured import next_masks
+
+            if self.prev.outputs is None:
+                self.engine._finish_step(self.prev)
+            # a request that ended on the previous token samples one more, which is dropped: no mask
+            live = [(rid, c) for rid, c in self.constrained if rid in self.engine._requests]
+            self.masks = dict(zip((rid for rid, _ in live), next_masks([c for _, c in live])))
+        return self.masks
 
 
 def _find_stop(text: str, stops: list[str], search_from: int) -> int | None:

@@ -315,7 +315,10 @@ class ModelRunner:
 
     def _sample(self, logits, chunks, banned, masks=None):
         """-> (sampled ids, token_logprobs' tuple or None), both on the device. `masks`: request id
-        -> the bitmask of the tokens its grammar allows (structured output); logprobs stay raw."""
+        -> the bitmask of the tokens its grammar allows (structured output), or a callable returning
+        that, called here, after the forward is queued; logprobs stay raw."""
+        if callable(masks):
+            masks = masks()
         rows = [i for i, c in enumerate(chunks) if masks and c.seq.request_id in masks]
         masked = apply_masks(logits.float(), rows, [masks[chunks[i].seq.request_id] for i in rows]) if rows else logits
         ids = self.sampler.sample(masked, _sample_rows(chunks, banned))

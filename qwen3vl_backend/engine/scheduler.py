@@ -64,15 +64,14 @@ class Scheduler:
         self.bm.free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
-    def schedule(self, hold=None) -> list[ScheduledChunk]:
-        """`hold(seq)`: a running sequence that sits this step out (its input is not ready)."""
+    def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         batch: list[ScheduledChunk] = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.finishing or (hold is not None and hold(seq)):
+            if seq.finishing:
                 i += 1
                 continue
             n = min(seq.remaining, budget)
