@@ -285,3 +285,21 @@ def test_varlen_attention_gpu_bf16_vit_shape(n):
     q, k, v = (torch.randn(n, 16, 72, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = varlen_attention(q, k, v, [0, n], 72 ** -0.5)
     assert rel(out, varlen_attention_torch(q, k, v, [0, n], 72 ** -0.5)) < 1e-2
+
+
+@pytest.mark.parametrize("b,v,rows", [(1, 100, [0]), (5, 1000, [4, 1, 3]), (3, 151936, [2])])
+def test_bitmask_kernel_masks_exactly_the_clear_bits(b, v, rows):
+    """Grammar masks: the kernel against the torch expansion, at vocabularies that end mid-word and
+    mid-block, on a subset of the rows, in rows' order; unmasked rows and allowed tokens untouched."""
+    from kernels.bitmask import apply_token_bitmask_, apply_token_bitmask_reference_
+
+    g = torch.Generator().manual_seed(v)
+    logits = torch.randn(b, v, generator=g)
+    words = torch.randint(-2**31, 2**31 - 1, (len(rows), (v + 31) // 32), generator=g, dtype=torch.int64).to(torch.int32)
+    logits, words, index = logits.to(DEV), words.to(DEV), torch.tensor(rows, device=DEV)
+    got = apply_token_bitmask_(logits.clone(), words, index)
+    want = apply_token_bitmask_reference_(logits.clone(), words, index)
+    assert torch.equal(got, want)
+    bit = (words[0, 7 // 32] >> (7 % 32)) & 1
+    assert (got[rows[0], 7] == float("-inf")) == (bit == 0) and torch.isfinite(got[[i for i in range(b) if i not in rows]]).all()
+    assert torch.equal(got[got != float("-inf")], logits[got != float("-inf")])

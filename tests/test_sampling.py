@@ -75,9 +75,17 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch():
 
 
 def test_banned_tokens_are_never_sampled():
-    logits = torch.zeros(1, 10)
-    logits[0, 3] = 100
-    assert Sampler().sample(logits, [("r", SamplingParams(temperature=0), [], [], {3})])[0] != 3
+    """Each row's own bans only, greedy or sampled, and the caller's logits left raw (logprobs)."""
+    logits = torch.zeros(3, 10)
+    logits[:, 3], logits[:, 5] = 100, 50
+    raw = logits.clone()
+    greedy = SamplingParams(temperature=0)
+    rows = [("a", greedy, [], [], {3}), ("b", greedy, [], [], None),
+            ("c", SamplingParams(temperature=1.0, seed=1), [], [], {3, 5})]
+    for _ in range(5):
+        out = Sampler().sample(logits, rows).tolist()
+        assert out[:2] == [5, 3] and out[2] not in (3, 5)
+    assert torch.equal(logits, raw)
 
 
 @pytest.fixture(scope="module")

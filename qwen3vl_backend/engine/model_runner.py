@@ -320,7 +320,7 @@ class ModelRunner:
         if callable(masks):
             masks = masks()
         rows = [i for i, c in enumerate(chunks) if masks and c.seq.request_id in masks]
-        masked = apply_masks(logits.float(), rows, [masks[chunks[i].seq.request_id] for i in rows]) if rows else logits
+        masked = apply_masks(logits, rows, [masks[chunks[i].seq.request_id] for i in rows]) if rows else logits
         ids = self.sampler.sample(masked, _sample_rows(chunks, banned))
         return ids, token_logprobs(logits, ids, [c.seq.params for c in chunks])
 

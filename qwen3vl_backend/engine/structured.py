@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..device import device_tensor
 from ..errors import RequestError
 
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
@@ -82,6 +83,18 @@ def _tokenizer(model_dir: str, vocab_size: int, eos: tuple[int, ...]):
     return llguidance.LLTokenizer(text, n_vocab=vocab_size, eos_token=list(eos))
 
 
+def warm_up(model_dir, vocab_size: int, eos_ids) -> None:
+    """Build llguidance's tokenizer in the background (about a second), so that the first
+    constrained request does not wait for it; nothing when llguidance is not installed."""
+    import importlib.util
+    import threading
+
+    if importlib.util.find_spec("llguidance") is None or not (Path(model_dir) / "tokenizer.json").exists():
+        return
+    args = (str(model_dir), vocab_size, tuple(sorted(eos_ids)))
+    threading.Thread(target=_tokenizer, args=args, name="llguidance-tokenizer", daemon=True).start()
+
+
 class Constraint:
     """One request's matcher, and the mask of what it allows next."""
 
@@ -133,13 +146,17 @@ def next_masks(constraints: list[Constraint]) -> list[np.ndarray]:
 
 
 def apply_masks(logits: torch.Tensor, rows: list[int], masks: list[np.ndarray]) -> torch.Tensor:
-    """logits (B, V) float32 with -inf wherever row rows[i]'s bitmask masks[i] has a 0 bit."""
+    """-> a float32 copy of logits (B, V), -inf wherever row rows[i]'s bitmask masks[i] has a 0 bit
+    (one kernel on a GPU; the host's masks are queued from pinned memory, without a sync)."""
+    out = logits.to(torch.float32, copy=True)
     if not rows:
-        return logits
-    v = logits.shape[-1]
-    words = torch.from_numpy(np.stack(masks)).to(logits.device)                   # (R, ceil(V/32)) int32
-    bits = (words[:, :, None] >> torch.arange(32, device=logits.device, dtype=torch.int32)) & 1
-    allowed = bits.reshape(len(rows), -1)[:, :v].bool()
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
-    return logits
+        return out
+    words = device_tensor(torch.from_numpy(np.stack(masks)), torch.int32, out.device)
+    index = device_tensor(rows, torch.long, out.device)
+    if out.is_cuda:
+        from kernels.bitmask import apply_token_bitmask_
+
+        return apply_token_bitmask_(out, words, index)
+    from kernels.bitmask import apply_token_bitmask_reference_
+
+    return apply_token_bitmask_reference_(out, words, index)

@@ -55,14 +55,24 @@ def _safe_probs(probs: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, top, probs / torch.where(empty, torch.ones_like(total), total))
 
 
-def _plain_greedy(params: SamplingParams, banned) -> bool:
-    return (params.greedy and not banned and params.repetition_penalty == 1.0
+def _plain_greedy(params: SamplingParams) -> bool:
+    return (params.greedy and params.repetition_penalty == 1.0
             and not params.presence_penalty and not params.frequency_penalty)
 
 
-def _plain_sampling(params: SamplingParams, banned) -> bool:
-    return (not params.greedy and params.seed is None and not banned and params.repetition_penalty == 1.0
+def _plain_sampling(params: SamplingParams) -> bool:
+    return (not params.greedy and params.seed is None and params.repetition_penalty == 1.0
             and not params.presence_penalty and not params.frequency_penalty)
+
+
+def ban_tokens(logits: torch.Tensor, banned: list) -> torch.Tensor:
+    """logits (B, V) with -inf at each row's banned ids (banned[i]: a set, or None), in one op and
+    out of place (the caller's logits stay raw for logprobs)."""
+    pairs = [(i, t) for i, b in enumerate(banned) if b for t in b]
+    if not pairs:
+        return logits
+    index = device_tensor(pairs, torch.long, logits.device)
+    return logits.index_put((index[:, 0], index[:, 1]), torch.tensor(float("-inf"), device=logits.device))
 
 
 def needs_history(params: SamplingParams) -> bool:
@@ -113,11 +123,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: list) -> torch.Tensor:
         """logits (B, V); rows[i] = (request_id, params, prompt_ids, output_ids, banned_ids).
         Returns the B sampled ids (int64) on the logits' device."""
-        logits = logits.float()
-        if all(_plain_greedy(r[1], r[4]) for r in rows):           # the common serving case: one argmax
+        logits = ban_tokens(logits.float(), [r[4] for r in rows])
+        if all(_plain_greedy(r[1]) for r in rows):           # the common serving case: one argmax
             return logits.argmax(dim=-1)
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        batched = [i for i, r in enumerate(rows) if _plain_sampling(r[1], r[4])]
+        batched = [i for i, r in enumerate(rows) if _plain_sampling(r[1])]
         if len(batched) < 2:
             batched = []
         else:                        # unseeded sampling without penalties: one batched draw
@@ -128,12 +138,10 @@ class Sampler:
         # retries the step without the request that broke it, and the others draw again
         saved = {r[0]: g.get_state() for r in rows if (g := self._generators.get(r[0])) is not None}
         try:
-            for i, (rid, params, prompt_ids, output_ids, banned) in enumerate(rows):
+            for i, (rid, params, prompt_ids, output_ids, _) in enumerate(rows):
                 if i in done:
                     continue
                 row = apply_penalties(logits[i].clone(), params, prompt_ids, output_ids)
-                if banned:
-                    row[device_tensor(sorted(banned), torch.long, row.device)] = float("-inf")
                 if params.greedy:
                     out[i] = row.argmax()
                     continue

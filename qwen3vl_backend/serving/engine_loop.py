@@ -60,6 +60,9 @@ class EngineLoop:
         self.cancelled_total = 0
         self._thread = threading.Thread(target=self._run, name="qwen3vl-engine", daemon=True)
         self._thread.start()
+        from ..engine.structured import warm_up          # the first constrained request does not build it
+
+        warm_up(engine.cfg.model_path, engine.vocab_size, engine.eos_ids)
 
     def submit(self, request_id, prompt, params, on_output, is_cancelled=lambda: False, vision_outputs=None):
         self._inbox.put(_Submission(request_id, prompt, params, vision_outputs, on_output, is_cancelled))
