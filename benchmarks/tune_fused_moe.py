@@ -1,10 +1,13 @@
-"""Offline tuner for the fused MoE kernel: writes kernels/configs/E=..,N=..,K=..,device=....json.
+"""Offline tuner for the fused MoE's sorted path: writes kernels/configs/E=..,N=..,K=..,device=...json.
 
-    python -m benchmarks.tune_fused_moe [--experts 128 --hidden 2048 --inter 768 --topk 8] [--out-dir DIR]
+    python -m benchmarks.tune_fused_moe [--experts 128 --hidden 2048 --inter 768 --topk 8]
+        [--fp8] [--ms 1,2,4,...] [--out FILE]
 
-A pruned search (tile shapes by M, warps, stages, grouping) timed with CUDA events; each M's
-winner is checked against the PyTorch reference before it is written. The serving path only
-reads the table (nearest M), never searches.
+A pruned search (tile shapes by M, warps, stages, grouping), each launch shape timed as a CUDA
+graph replay (as decode runs it) with uniform routing; each M's winner is checked against the
+PyTorch reference before it is written. At M <= 16 the pair path is timed too, and the table's
+"pair_path_max_m" is the largest M up to which it beats the sorted path. `--fp8`: 128x128 block
+fp8 experts (W8A8), to the fp8 table. The serving path only reads the table (nearest M).
 """
 
 import argparse
@@ -15,41 +18,70 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels.fused_moe import config_file, fused_moe, fused_moe_reference
+from kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks
+from kernels.fused_moe import PAIR_PATH_MAX_M, config_file, fused_moe, fused_moe_pairs, fused_moe_reference
 from qwen3vl_backend.layers.moe import route
 
-from .common import cuda_time_ms
+from .common import graph_time_ms
 
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+BLOCK = (128, 128)
 
 
 def candidates(m: int):
+    """Launch shapes for M tokens: BLOCK_M by M, GROUP_M only where there are many M blocks, and
+    (fp8) K steps that stay inside one 128-wide scale block, as the W8A8 dots need."""
     block_ms = (16, 32) if m <= 64 else (32, 64) if m <= 512 else (64, 128)
-    for bm, bn, bk, warps, stages, group in itertools.product(block_ms, (64, 128), (64, 128), (4, 8), (3, 4), (1, 8)):
+    block_ks = (64, 128) if m <= 512 else (128,)
+    groups = (1,) if m <= 256 else (8,)
+    for bm, bn, bk, warps, stages, group in itertools.product(block_ms, (64, 128), block_ks, (4, 8), (3, 4), groups):
         yield {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages}
 
 
-def tune(e: int, h: int, inter: int, top_k: int) -> dict:
+def _experts(e: int, h: int, inter: int, fp8: bool):
+    """-> (w13, w2, the kernels' scale kwargs, the bf16 weights the reference multiplies)."""
     w13 = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) * h ** -0.5
     w2 = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) * inter ** -0.5
-    table = {}
-    for m in MS:
+    if not fp8:
+        return w13, w2, {}, (w13, w2)
+    q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), BLOCK) for w in w13)))
+    q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), BLOCK) for w in w2)))
+    ref = tuple(torch.stack([dequantize_weight_blocks(q[i], s[i], BLOCK).bfloat16() for i in range(e)])
+                for q, s in ((q13, s13), (q2, s2)))
+    return q13, q2, {"w13_scale": s13, "w2_scale": s2, "block": BLOCK}, ref
+
+
+def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False) -> dict:
+    w13, w2, scales, (r13, r2) = _experts(e, h, inter, fp8)
+    table, pairs_win = {}, []
+    tolerance = 6e-2 if fp8 else 1e-2          # fp8: activations quantized per 128-group too
+    for m in ms:
         x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
         weights, ids = route(torch.randn(m, e, device="cuda"), top_k, True)
         best = None
         for cfg in candidates(m):
             try:
-                ms = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, cfg), warmup=2, iters=10)
+                ms_ = graph_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, cfg, **scales), iters=10)
             except (triton.runtime.errors.OutOfResources, RuntimeError):
+                torch.cuda.synchronize()
                 continue
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-        ref = fused_moe_reference(x, w13, w2, weights, ids).float()
-        err = ((fused_moe(x, w13, w2, weights, ids, best[1]).float() - ref).norm() / ref.norm()).item()
-        if err > 1e-2:
+            if best is None or ms_ < best[0]:
+                best = (ms_, cfg)
+        ref = fused_moe_reference(x, r13, r2, weights, ids).float()
+        err = ((fused_moe(x, w13, w2, weights, ids, best[1], **scales).float() - ref).norm() / ref.norm()).item()
+        if err > tolerance:
             raise RuntimeError(f"M={m}: best config {best[1]} is wrong (rel err {err:.3g})")
         table[str(m)] = best[1]
-        print(f"M={m:5d}  {best[0]:.4f} ms  {best[1]}", flush=True)
+        line = f"M={m:5d}  sorted {best[0]:.4f} ms  {best[1]}"
+        if m <= PAIR_PATH_MAX_M:
+            pair_ms = graph_time_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, None, **scales), iters=10)
+            pairs_win.append((m, pair_ms < best[0]))
+            line += f"  pairs {pair_ms:.4f} ms"
+        print(line, flush=True)
+    # the pair path up to the first M the sorted path wins at
+    table["pair_path_max_m"] = max([0] + [m for m, _ in itertools.takewhile(lambda t: t[1], pairs_win)])
+    if pairs_win and all(w for _, w in pairs_win):
+        table["pair_path_max_m"] = PAIR_PATH_MAX_M
     return table
 
 
@@ -59,14 +91,17 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=768)
     ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--fp8", action="store_true", help="128x128 block fp8 experts (the fp8 table)")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="the batch sizes to tune")
+    ap.add_argument("--out", default=None, help="write here instead of kernels/configs/")
     args = ap.parse_args(argv)
-    table = tune(args.experts, args.hidden, args.inter, args.topk)
-    path = config_file(args.experts, args.inter, args.hidden, torch.cuda.get_device_name(0))
-    if args.out_dir:
-        path = Path(args.out_dir) / path.name
+    table = tune(args.experts, args.hidden, args.inter, args.topk, [int(m) for m in args.ms.split(",")], args.fp8)
+    path = config_file(args.experts, args.inter, args.hidden, torch.cuda.get_device_name(0),
+                       BLOCK if args.fp8 else None)
+    path = Path(args.out) if args.out else path
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1))
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    print(json.dumps(table))
     print(path)
 
 

@@ -326,13 +326,13 @@ FUSE_SILU = True
 # benchmarks.kernels, which times both paths).
 PAIR_PATH_MAX_M = 16
 
-# From this many tokens the sorted path with fp8 weights quantizes its activations too (per token
-# and block-wide group: x before gate_up, the SiLU*up intermediate before down) and runs fp8
-# tensor-core dots (W8A8); below it, the weights would be converted to the activations' dtype in
+# The sorted path with fp8 weights quantizes its activations too (per token and block-wide group:
+# x before gate_up, the SiLU*up intermediate before down) and runs fp8 tensor-core dots (W8A8)
+# from this many tokens; below it the weights would be converted to the activations' dtype in
 # registers (W8A16). Measured on the H200 (kernels-*-054809, 30B-A3B, uniform routing) W8A8 wins at
-# every M the sorted path takes: 0.35 against 0.44 ms at M=64, 0.42 / 0.73 at 256, 0.91 / 1.15 at
-# 2048, 1.99 / 3.17 at 8192.
-W8A8_MIN_M = PAIR_PATH_MAX_M + 1
+# every M measured: 0.35 against 0.44 ms at M=64, 0.42 / 0.73 at 256, 0.91 / 1.15 at 2048, 1.99 /
+# 3.17 at 8192. (The sorted path takes M <= PAIR_PATH_MAX_M only where a tuned table says so.)
+W8A8_MIN_M = 1
 
 PAIR_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "DOWN_BLOCK_N": 8, "DOWN_BLOCK_K": 128,
                "down_warps": 4}
@@ -389,12 +389,8 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
 
 
 @triton.jit
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm,
-                  TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_E)
-    ok = offs < E
-    logits = tl.load(logits_ptr + row * stride_lm + offs, mask=ok, other=float("-inf")).to(tl.float32)
+def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """Softmax over one row's logits (float32, -inf outside `ok`), its top-k written largest first."""
     p = tl.exp(logits - tl.max(logits, 0))
     p = tl.where(ok, p, 0.0)
     denom = tl.sum(p, 0)
@@ -414,6 +410,16 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm,
         left = tl.where(offs == idx, -1.0, left)
 
 
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm,
+                  TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    ok = offs < E
+    logits = tl.load(logits_ptr + row * stride_lm + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, TOP_K, RENORMALIZE)
+
+
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     """router_logits (T, E) -> weights (T, A) float32, expert ids (T, A) int32; one launch."""
     t, e = router_logits.shape
@@ -425,6 +431,103 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
         _route_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0),
                             TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(e))
     return weights, ids
+
+
+NORM_ROUTE_MAX_M = 16
+
+
+@triton.jit
+def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
+                       ids_ptr, count_ptr, M, D, E, eps, stride_x, stride_r, stride_h, stride_g, stride_f,
+                       TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, M_PAD: tl.constexpr,
+                       BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr):
+    """Each program: s = x + residual and h = RMSNorm(s) for all M rows (program 0 writes both),
+    then the router logits of its BLOCK_E experts, rounded to h's dtype as the router's linear
+    layer would. The program that finishes last (an atomic count) routes every row: softmax,
+    top-k, renormalisation, as `route`, and resets the count for the next launch. FIXED: route
+    on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs)."""
+    pid = tl.program_id(0)
+    offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, M_PAD)
+    m_ok = offs_m < M
+    sq = tl.zeros((M_PAD, BLOCK_D), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        ok = m_ok[:, None] & (d < D)[None, :]
+        s = tl.load(x_ptr + offs_m[:, None] * stride_x + d[None, :], mask=ok, other=0.0) + \
+            tl.load(res_ptr + offs_m[:, None] * stride_r + d[None, :], mask=ok, other=0.0)
+        sf = s.to(tl.float32)
+        sq += sf * sf
+    rstd = 1.0 / tl.sqrt(tl.sum(sq, 1) / D + eps)
+    if M_PAD == 1:
+        acc2 = tl.zeros((BLOCK_E, BLOCK_D), tl.float32)
+    else:
+        acc = tl.zeros((M_PAD, BLOCK_E), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_ok = d < D
+        ok = m_ok[:, None] & d_ok[None, :]
+        s = tl.load(x_ptr + offs_m[:, None] * stride_x + d[None, :], mask=ok, other=0.0) + \
+            tl.load(res_ptr + offs_m[:, None] * stride_r + d[None, :], mask=ok, other=0.0)
+        h = (s.to(tl.float32) * rstd[:, None]).to(s.dtype) * tl.load(nw_ptr + d, mask=d_ok, other=0.0)[None, :]
+        h = h.to(s.dtype)
+        if pid == 0:
+            tl.store(new_res_ptr + offs_m[:, None] * stride_h + d[None, :], s, mask=ok)
+            tl.store(h_ptr + offs_m[:, None] * stride_h + d[None, :], h, mask=ok)
+        w = tl.load(gw_ptr + offs_e[:, None] * stride_g + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+        if M_PAD == 1:
+            acc2 += w.to(tl.float32) * h.to(tl.float32)
+        else:
+            acc = tl.dot(h, tl.trans(w.to(h.dtype)), acc)
+    if M_PAD == 1:
+        acc = tl.sum(acc2, 1)[None, :]
+    logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(logits_ptr + offs_m[:, None] * E + offs_e[None, :], logits, mask=m_ok[:, None] & e_ok[None, :])
+    # release this program's logits; the last one to arrive sees everyone's
+    count = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if count == tl.num_programs(0) - 1:
+        offs = tl.arange(0, E_PAD)
+        ok = offs < E
+        for row in range(M):
+            if FIXED:
+                lg = tl.load(fixed_ptr + row * stride_f + offs, mask=ok, other=float("-inf")).to(tl.float32)
+            else:
+                lg = tl.load(logits_ptr + row * E + offs, mask=ok, other=float("-inf"), volatile=True)
+            _route_row(lg, offs, ok, weights_ptr, ids_ptr, row, TOP_K, RENORMALIZE)
+        tl.atomic_xchg(count_ptr, 0)
+
+
+def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+               gate_weight: torch.Tensor, top_k: int, renormalize: bool, counter: torch.Tensor,
+               fixed_logits: torch.Tensor | None = None):
+    """The post-attention RMSNorm (after the residual add) and the router in one launch, for
+    M <= NORM_ROUTE_MAX_M rows. x, residual (M, D); gate_weight (E, D); `counter` one int32, zero
+    between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (M, A)
+    float32, ids (M, A) int32), as RMSNorm then `route(h @ gate_weight.T)` give them."""
+    m, d = x.shape
+    e = gate_weight.shape[0]
+    if (m > NORM_ROUTE_MAX_M or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
+            or x.stride(-1) != 1 or residual.stride(-1) != 1 or gate_weight.stride(-1) != 1
+            or counter.dtype != torch.int32):
+        raise ValueError(f"norm_route: x {tuple(x.shape)}, residual {tuple(residual.shape)}, gate "
+                         f"{tuple(gate_weight.shape)}, top_k {top_k}, M <= {NORM_ROUTE_MAX_M}, last dims contiguous")
+    h, new_res = torch.empty_like(x), torch.empty_like(x)
+    logits = torch.empty(m, e, dtype=torch.float32, device=x.device)
+    weights = torch.empty(m, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(m, top_k, dtype=torch.int32, device=x.device)
+    if m == 0:
+        return h, new_res, weights, ids
+    m_pad = 1 if m == 1 else 16
+    block_e = 8 if m_pad == 1 else 16
+    fixed = fixed_logits if fixed_logits is not None else logits
+    _norm_route_kernel[(triton.cdiv(e, block_e),)](
+        x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, m, d, e, eps,
+        x.stride(0), residual.stride(0), h.stride(0), gate_weight.stride(0), fixed.stride(0),
+        TOP_K=top_k, RENORMALIZE=renormalize, FIXED=fixed_logits is not None, M_PAD=m_pad, BLOCK_E=block_e,
+        BLOCK_D=512 if m_pad == 1 else 128, E_PAD=triton.next_power_of_2(e), num_warps=4)
+    return h, new_res, weights, ids
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -442,10 +545,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                          f"w2 {tuple(w2.shape)}, topk {tuple(topk_ids.shape)}")
     if m == 0:
         return torch.empty_like(x)
-    if config is None and m <= PAIR_PATH_MAX_M:
+    fp8_block = tuple(block) if w13_scale is not None else None
+    if config is None and m <= pair_path_max_m(e, two_i // 2, h, x.device, fp8_block):
         return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]
-    cfg = config or lookup_config(e, two_i // 2, h, m, x.device)
+    cfg = config or lookup_config(e, two_i // 2, h, m, x.device, fp8_block)
     # ids equal to e (another rank's experts) form the sentinel's blocks, which the GEMMs skip
     sorted_ids, block_expert, total = align_by_expert(topk_ids, e + 1 if sentinel else e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
@@ -506,29 +610,48 @@ def fused_moe_reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
 
 
 # -- launch configs ---------------------------------------------------------------------------------
-def config_file(e: int, n: int, k: int, device_name: str) -> Path:
+def config_file(e: int, n: int, k: int, device_name: str, fp8_block: tuple[int, int] | None = None) -> Path:
+    """The sorted path's table: {M: launch shape}, and optionally "pair_path_max_m" (the largest M
+    the pair path takes; PAIR_PATH_MAX_M without it). fp8 experts (W8A8 from W8A8_MIN_M) have their
+    own table per block shape, the bf16 one standing in where it is missing."""
     safe = device_name.replace(" ", "_")
-    return CONFIG_DIR / f"E={e},N={n},K={k},device={safe}.json"
+    fp8 = f",dtype=fp8_w8a8,block={fp8_block[0]}x{fp8_block[1]}" if fp8_block else ""
+    return CONFIG_DIR / f"E={e},N={n},K={k},device={safe}{fp8}.json"
 
 
 @functools.lru_cache(maxsize=None)
-def _load_table(path: str) -> dict[int, dict] | None:
+def _load_table(path: str) -> dict | None:
+    """A launch table: its M keys as ints, other keys (settings) as they are."""
     p = Path(path)
     if not p.exists():
         return None
-    return {int(m): cfg for m, cfg in json.loads(p.read_text()).items()}
+    return {int(m) if m.isdigit() else m: cfg for m, cfg in json.loads(p.read_text()).items()}
 
 
-def lookup_config(e: int, inter: int, hidden: int, m: int, device: torch.device) -> dict:
+def _moe_table(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> dict | None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    table = _load_table(str(config_file(e, inter, hidden, name)))
-    if table is None and device.type == "cuda":     # another Hopper: the H200's table beats the default
-        table = _load_table(str(config_file(e, inter, hidden, "NVIDIA H200")))
-    if table is None:
-        _warn_default(e, inter, hidden, name)
+    # another Hopper: the H200's tables beat the default
+    names = (name, "NVIDIA H200") if device.type == "cuda" else (name,)
+    for blk in ((fp8_block, None) if fp8_block else (None,)):
+        for n in names:
+            table = _load_table(str(config_file(e, inter, hidden, n, blk)))
+            if table is not None:
+                return table
+    _warn_default(e, inter, hidden, name)
+    return None
+
+
+def lookup_config(e: int, inter: int, hidden: int, m: int, device: torch.device, fp8_block=None) -> dict:
+    table = _moe_table(e, inter, hidden, device, fp8_block)
+    sizes = [k for k in (table or ()) if isinstance(k, int)]
+    if not sizes:
         return DEFAULT_CONFIG
-    best = min(table, key=lambda key: abs(key - m))
-    return table[best]
+    return table[min(sizes, key=lambda key: abs(key - m))]
+
+
+def pair_path_max_m(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> int:
+    table = _moe_table(e, inter, hidden, device, fp8_block)
+    return int((table or {}).get("pair_path_max_m", PAIR_PATH_MAX_M))
 
 
 @functools.lru_cache(maxsize=None)

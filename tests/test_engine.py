@@ -203,12 +203,16 @@ def test_visual_tokens_without_media_identity_are_never_shared(tiny_moe, prompts
 
 def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, monkeypatch):
     """The GPU's decoder path, interpreted on CPU: one qkv projection + qkv_prep_, the routing
-    kernel, residual RMSNorm kernels, split-context decode attention and the pair-path MoE.
-    One short text prompt: the interpreter pays for every program, so the launches are kept small."""
+    kernel (decode: with the post-attention norm, norm_route), residual RMSNorm kernels,
+    split-context decode attention and the pair-path MoE. One short text prompt: the interpreter
+    pays for every program, so the launches are kept small."""
     import kernels.attention
     import kernels.fused_moe
     from qwen3vl_backend.engine.model_runner import select_kernels
 
+    calls = []
+    norm_route = kernels.fused_moe.norm_route
+    monkeypatch.setattr(kernels.fused_moe, "norm_route", lambda *a: calls.append(a[0].shape[0]) or norm_route(*a))
     monkeypatch.setattr(kernels.attention, "MAX_SPLITS", 2)
     small = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 64, "down_warps": 4}
     monkeypatch.setattr(kernels.fused_moe, "PAIR_CONFIGS", {1: small})
@@ -217,6 +221,7 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     attn = engine.runner.model.model.language_model.layers[0].self_attn
     assert attn.prep_fn is not None and attn.qkv_proj.quant_method.skinny is not None
     assert engine.generate([prompts[0]], GREEDY)[0]["output_token_ids"] == reference[0]
+    assert 1 in calls and max(calls) <= kernels.fused_moe.NORM_ROUTE_MAX_M
 
 
 def test_triton_vision_attention_gives_the_same_output(tiny_moe, prompts, reference):

@@ -90,7 +90,7 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
     triton_attn, triton_moe = cfg.attention_backend == "triton", cfg.moe_backend == "triton"
     if triton_attn or triton_moe:
         from kernels.attention import paged_decode_attention
-        from kernels.fused_moe import fused_moe, route
+        from kernels.fused_moe import fused_moe, norm_route, route
         from kernels.linear import skinny_linear
         from kernels.rmsnorm import rmsnorm
         from kernels.rope import qkv_prep_
@@ -104,7 +104,7 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
         elif isinstance(m, SparseMoE) and triton_moe:
             m.experts_fn = fused_moe
             if on_gpu:
-                m.route_fn = route
+                m.route_fn, m.norm_route_fn = route, norm_route
         elif isinstance(m, RMSNorm) and triton_attn and on_gpu:
             m.kernel = rmsnorm
         elif isinstance(m, LinearBase) and triton_attn and on_gpu:

@@ -12,7 +12,7 @@ from torch import nn
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
 
 from ..parallel import Parallel, check_moe_split
-from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch
+from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
@@ -195,9 +195,40 @@ class SparseMoE(nn.Module):
                                 fp8_block, fp8_online, par.ep_size, par.ep_rank)
         self.experts_fn = moe_experts_torch
         self.route_fn = route          # kernels.fused_moe.route on GPU (one launch)
+        # kernels.fused_moe.norm_route on GPU: the norm before this layer and the router in one launch
+        self.norm_route_fn = None
+        self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
+        self._counter = None           # norm_route's arrival count (allocated on first use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route_fn(self.gate(x), self.top_k, self.renormalize)
+        logits = self.gate(x)
+        if self.fixed_logits is not None:
+            logits = self._fixed(x.shape[0])
+        weights, ids = self.route_fn(logits, self.top_k, self.renormalize)
+        return self._experts(x, weights, ids)
+
+    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output on norm(x + residual), x + residual): with `norm_route_fn`, the norm
+        and the router are one launch (decode batches of up to NORM_ROUTE_MAX_M tokens)."""
+        from kernels.fused_moe import NORM_ROUTE_MAX_M
+
+        if (self.norm_route_fn is None or x.shape[0] > NORM_ROUTE_MAX_M or self.gate.bias is not None
+                or not isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
+            h, residual = norm(x, residual)
+            return self(h), residual
+        if self._counter is None or self._counter.device != x.device:
+            self._counter = torch.zeros(1, dtype=torch.int32, device=x.device)
+        fixed = self._fixed(x.shape[0]) if self.fixed_logits is not None else None
+        h, residual, weights, ids = self.norm_route_fn(x.contiguous(), residual.contiguous(), norm.weight, norm.eps,
+                                                       self.gate.weight, self.top_k, self.renormalize,
+                                                       self._counter, fixed)
+        return self._experts(h, weights, ids), residual
+
+    def _fixed(self, t: int) -> torch.Tensor:
+        noise = self.fixed_logits
+        return (noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]).contiguous()
+
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         ex = self.experts
         if ex.num_local < ex.num_experts:        # expert parallelism: other ranks' experts -> the sentinel
             local = ids - ex.first_expert
@@ -223,14 +254,7 @@ def route_uniformly(model: nn.Module, seed: int = 0, rows: int = 4096) -> None:
     and the top-k would break those ties towards the lowest ids.)"""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for m in (x for x in model.modules() if isinstance(x, SparseMoE)):
-        e = m.experts.num_experts
-        noise = (torch.rand(rows, e, generator=gen) * 8).to(m.gate.weight.device)
-
-        def route(logits, top_k, renormalize, base=m.route_fn, noise=noise):
-            t = logits.shape[0]
-            fixed = noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]
-            return base(fixed.contiguous(), top_k, renormalize)
-        m.route_fn = route
+        m.fixed_logits = (torch.rand(rows, m.experts.num_experts, generator=gen) * 8).to(m.gate.weight.device)
 
 
 class GatedMLP(nn.Module):

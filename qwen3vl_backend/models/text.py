@@ -85,6 +85,8 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, cos, sin, cache, meta)
+        if isinstance(self.mlp, SparseMoE):         # the norm may run inside the router's kernel
+            return self.mlp.forward_after_norm(h, residual, self.post_attention_layernorm)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
