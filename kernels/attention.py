@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_enter, pdl
+
 from .online_softmax import online_softmax_step
 
 TARGET_PROGRAMS = 128      # about one wave on an H100/H200 (132 SMs)
@@ -32,8 +34,9 @@ def _paged_decode_kernel(
     stride_qt, stride_qh, stride_ckv, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
     # meta
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, GROUP_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    gdc_enter(USE_PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -73,7 +76,8 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, num_heads, stride_ot, stride_oh,
-                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    gdc_enter(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
@@ -123,10 +127,11 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, 64 // bs), GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        NUM_SPLITS=splits, num_warps=4, num_stages=2,
+        NUM_SPLITS=splits, num_warps=4, num_stages=2, **pdl(q),
     )
     if splits > 1:
-        _merge_splits_kernel[(s, h)](acc, m, l_, out, h, out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits)
+        _merge_splits_kernel[(s, h)](acc, m, l_, out, h, out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits,
+                                   **pdl(q))
     return out
 
 

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_enter, pdl
+
 from .fp8 import quantize_activations_fp8
 from .linear import dividing
 
@@ -238,9 +240,11 @@ def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tup
 def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
+                         HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
+                         USE_PDL: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns."""
+    gdc_enter(USE_PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     token = pair // top_k
@@ -283,10 +287,12 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
 def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
                       stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128):
+                      HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
+                      USE_PDL: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations."""
+    gdc_enter(USE_PDL)
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
     slots = tl.arange(0, TOP_K_PAD)
@@ -377,14 +383,15 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
         x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
-        HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+        HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
         act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
-        num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3))
+        num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3), **pdl(x))
     return out
 
 
@@ -440,12 +447,14 @@ NORM_ROUTE_MAX_M = 16
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
                        ids_ptr, count_ptr, M, D, E, eps, stride_x, stride_r, stride_h, stride_g, stride_f,
                        TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, M_PAD: tl.constexpr,
-                       BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr):
+                       BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
     """Each program: s = x + residual and h = RMSNorm(s) for all M rows (program 0 writes both),
     then the router logits of its BLOCK_E experts, rounded to h's dtype as the router's linear
     layer would. The program that finishes last (an atomic count) routes every row: softmax,
     top-k, renormalisation, as `route`, and resets the count for the next launch. FIXED: route
     on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs)."""
+    gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
@@ -526,7 +535,7 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
         x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, m, d, e, eps,
         x.stride(0), residual.stride(0), h.stride(0), gate_weight.stride(0), fixed.stride(0),
         TOP_K=top_k, RENORMALIZE=renormalize, FIXED=fixed_logits is not None, M_PAD=m_pad, BLOCK_E=block_e,
-        BLOCK_D=512 if m_pad == 1 else 128, E_PAD=triton.next_power_of_2(e), num_warps=4)
+        BLOCK_D=512 if m_pad == 1 else 128, E_PAD=triton.next_power_of_2(e), num_warps=4, **pdl(x))
     return h, new_res, weights, ids
 
 

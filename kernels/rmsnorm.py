@@ -10,10 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_enter, pdl
+
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    gdc_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -39,7 +42,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         raise ValueError("rmsnorm: residual must match x")
     _rmsnorm_kernel[(x2.shape[0],)](x2, res, weight, out, x2.shape[1], eps, x2.stride(0), res.stride(0),
                                     out.stride(0), HAS_RESIDUAL=residual is not None,
-                                    BLOCK=triton.next_power_of_2(x2.shape[1]), num_warps=8 if x2.shape[1] >= 2048 else 4)
+                                    BLOCK=triton.next_power_of_2(x2.shape[1]), num_warps=8 if x2.shape[1] >= 2048 else 4,
+                                    **pdl(x2))
     return out.view_as(x)
 
 

@@ -11,11 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_enter, pdl
+
 
 @triton.jit
 def _qkv_prep_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
                      n_q, n_kv, eps, stride_t, stride_ct, stride_ckv, stride_slot,
-                     HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr = False):
+    gdc_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     dims = tl.arange(0, HALF)
@@ -59,7 +62,7 @@ def qkv_prep_(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight: torch.Tensor, k_
     if t:
         _qkv_prep_kernel[(t, n_q + 2 * n_kv)](
             qkv, q_weight, k_weight, cos, sin, cache, slot_mapping, n_q, n_kv, eps,
-            qkv.stride(0), cos.stride(0), cache.stride(0), n_kv * d, HEAD_DIM=d, HALF=d // 2)
+            qkv.stride(0), cos.stride(0), cache.stride(0), n_kv * d, HEAD_DIM=d, HALF=d // 2, **pdl(qkv))
     q = qkv[:, : n_q * d].view(t, n_q, d)
     k = qkv[:, n_q * d : (n_q + n_kv) * d].view(t, n_kv, d)
     v = qkv[:, (n_q + n_kv) * d :].view(t, n_kv, d)
