@@ -28,11 +28,14 @@ MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 BLOCK = (128, 128)
 
 
-def candidates(m: int):
+def candidates(m: int, quick: bool = False):
     """Launch shapes for M tokens: BLOCK_M by M, GROUP_M only where there are many M blocks, and
-    (fp8) K steps that stay inside one 128-wide scale block, as the W8A8 dots need."""
+    K steps of at most 128 (inside one fp8 scale block, as the W8A8 dots need). `quick`: one
+    BLOCK_M per M and 128-wide K steps (8 shapes: the kernels compile in seconds each)."""
     block_ms = (16, 32) if m <= 64 else (32, 64) if m <= 512 else (64, 128)
     block_ks = (64, 128) if m <= 512 else (128,)
+    if quick:
+        block_ms, block_ks = block_ms[:1], (128,)
     groups = (1,) if m <= 256 else (8,)
     for bm, bn, bk, warps, stages, group in itertools.product(block_ms, (64, 128), block_ks, (4, 8), (3, 4), groups):
         yield {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages}
@@ -51,7 +54,7 @@ def _experts(e: int, h: int, inter: int, fp8: bool):
     return q13, q2, {"w13_scale": s13, "w2_scale": s2, "block": BLOCK}, ref
 
 
-def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False) -> dict:
+def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=None, quick: bool = False) -> dict:
     w13, w2, scales, (r13, r2) = _experts(e, h, inter, fp8)
     table, pairs_win = {}, []
     tolerance = 6e-2 if fp8 else 1e-2          # fp8: activations quantized per 128-group too
@@ -59,7 +62,7 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False) -> di
         x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
         weights, ids = route(torch.randn(m, e, device="cuda"), top_k, True)
         best = None
-        for cfg in candidates(m):
+        for cfg in candidates(m, quick):
             try:
                 ms_ = graph_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, cfg, **scales), iters=10)
             except (triton.runtime.errors.OutOfResources, RuntimeError):
@@ -72,6 +75,8 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False) -> di
         if err > tolerance:
             raise RuntimeError(f"M={m}: best config {best[1]} is wrong (rel err {err:.3g})")
         table[str(m)] = best[1]
+        if save is not None:          # what is tuned so far survives a time limit
+            save(table)
         line = f"M={m:5d}  sorted {best[0]:.4f} ms  {best[1]}"
         if m <= PAIR_PATH_MAX_M:
             pair_ms = graph_time_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, None, **scales), iters=10)
@@ -93,14 +98,19 @@ def main(argv=None):
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--fp8", action="store_true", help="128x128 block fp8 experts (the fp8 table)")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="the batch sizes to tune")
+    ap.add_argument("--quick", action="store_true", help="8 launch shapes per M instead of 16-32")
     ap.add_argument("--out", default=None, help="write here instead of kernels/configs/")
     args = ap.parse_args(argv)
-    table = tune(args.experts, args.hidden, args.inter, args.topk, [int(m) for m in args.ms.split(",")], args.fp8)
     path = config_file(args.experts, args.inter, args.hidden, torch.cuda.get_device_name(0),
                        BLOCK if args.fp8 else None)
     path = Path(args.out) if args.out else path
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1) + "\n")
+
+    def save(table):
+        path.write_text(json.dumps(table, indent=1) + "\n")
+    table = tune(args.experts, args.hidden, args.inter, args.topk, [int(m) for m in args.ms.split(",")], args.fp8,
+                 save, args.quick)
+    save(table)
     print(json.dumps(table))
     print(path)
 

@@ -396,35 +396,39 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
 
 
 @triton.jit
-def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """Softmax over one row's logits (float32, -inf outside `ok`), its top-k written largest first."""
-    p = tl.exp(logits - tl.max(logits, 0))
-    p = tl.where(ok, p, 0.0)
-    denom = tl.sum(p, 0)
-    # pass 1 finds the top-k mass (for the renormalisation); pass 2 writes, largest first
-    left = tl.where(ok, p, -1.0)
-    top_sum = 0.0
-    for _ in tl.static_range(TOP_K):
-        best = tl.max(left, 0)
-        top_sum += best
-        left = tl.where(offs == tl.argmax(left, 0), -1.0, left)
-    norm = top_sum if RENORMALIZE else denom
-    left = tl.where(ok, p, -1.0)
+def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
+               RENORMALIZE: tl.constexpr):
+    """One row's routing from its logits (float32): the top-k by logit, largest first (ties to the
+    lower id), one reduction each; their softmax weights over all experts, or over the top-k
+    alone when RENORMALIZE (the same numbers as softmax -> top-k -> renormalise)."""
+    slots = tl.arange(0, TOP_K_PAD)
+    vals = tl.full((TOP_K_PAD,), float("-inf"), tl.float32)
+    ids = tl.zeros((TOP_K_PAD,), tl.int32)
+    left = tl.where(ok, logits, float("-inf"))
     for j in tl.static_range(TOP_K):
-        idx = tl.argmax(left, 0)
-        tl.store(weights_ptr + row * TOP_K + j, tl.max(left, 0) / norm)
-        tl.store(ids_ptr + row * TOP_K + j, idx.to(tl.int32))
-        left = tl.where(offs == idx, -1.0, left)
+        best, idx = tl.max(left, 0, return_indices=True, return_indices_tie_break_left=True)
+        vals = tl.where(slots == j, best, vals)
+        ids = tl.where(slots == j, idx.to(tl.int32), ids)
+        left = tl.where(offs == idx, float("-inf"), left)
+    top = tl.max(vals, 0)
+    e = tl.exp(vals - top)
+    if RENORMALIZE:
+        norm = tl.sum(e, 0)
+    else:
+        norm = tl.sum(tl.where(ok, tl.exp(logits - top), 0.0), 0)
+    tl.store(weights_ptr + row * TOP_K + slots, e / norm, mask=slots < TOP_K)
+    tl.store(ids_ptr + row * TOP_K + slots, ids, mask=slots < TOP_K)
 
 
 @triton.jit
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm,
-                  TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr = False):
+    gdc_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E
     logits = tl.load(logits_ptr + row * stride_lm + offs, mask=ok, other=float("-inf")).to(tl.float32)
-    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, TOP_K, RENORMALIZE)
+    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, TOP_K, TOP_K_PAD, RENORMALIZE)
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
@@ -435,107 +439,80 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
     if t:
-        _route_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0),
-                            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(e))
+        _route_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0), TOP_K=top_k,
+                            TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+                            BLOCK_E=triton.next_power_of_2(e), **pdl(router_logits))
     return weights, ids
-
-
-NORM_ROUTE_MAX_M = 16
 
 
 @triton.jit
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
-                       ids_ptr, count_ptr, M, D, E, eps, stride_x, stride_r, stride_h, stride_g, stride_f,
-                       TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, M_PAD: tl.constexpr,
-                       BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, E_PAD: tl.constexpr,
-                       USE_PDL: tl.constexpr = False):
-    """Each program: s = x + residual and h = RMSNorm(s) for all M rows (program 0 writes both),
-    then the router logits of its BLOCK_E experts, rounded to h's dtype as the router's linear
-    layer would. The program that finishes last (an atomic count) routes every row: softmax,
-    top-k, renormalisation, as `route`, and resets the count for the next launch. FIXED: route
-    on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs)."""
+                       ids_ptr, count_ptr, D, E, eps, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
+                       RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """One token (BLOCK_D >= D: every load is issued at once). Each program: s = x + residual and
+    h = RMSNorm(s) (program 0 writes both), then the router logits of its BLOCK_E experts, rounded
+    to h's dtype as the router's linear layer would. The program that finishes last (an atomic
+    count) routes the token as `route` does and resets the count for the next launch. FIXED:
+    route on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs)."""
     gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_m = tl.arange(0, M_PAD)
-    m_ok = offs_m < M
-    sq = tl.zeros((M_PAD, BLOCK_D), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        ok = m_ok[:, None] & (d < D)[None, :]
-        s = tl.load(x_ptr + offs_m[:, None] * stride_x + d[None, :], mask=ok, other=0.0) + \
-            tl.load(res_ptr + offs_m[:, None] * stride_r + d[None, :], mask=ok, other=0.0)
-        sf = s.to(tl.float32)
-        sq += sf * sf
-    rstd = 1.0 / tl.sqrt(tl.sum(sq, 1) / D + eps)
-    if M_PAD == 1:
-        acc2 = tl.zeros((BLOCK_E, BLOCK_D), tl.float32)
-    else:
-        acc = tl.zeros((M_PAD, BLOCK_E), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        d_ok = d < D
-        ok = m_ok[:, None] & d_ok[None, :]
-        s = tl.load(x_ptr + offs_m[:, None] * stride_x + d[None, :], mask=ok, other=0.0) + \
-            tl.load(res_ptr + offs_m[:, None] * stride_r + d[None, :], mask=ok, other=0.0)
-        h = (s.to(tl.float32) * rstd[:, None]).to(s.dtype) * tl.load(nw_ptr + d, mask=d_ok, other=0.0)[None, :]
-        h = h.to(s.dtype)
-        if pid == 0:
-            tl.store(new_res_ptr + offs_m[:, None] * stride_h + d[None, :], s, mask=ok)
-            tl.store(h_ptr + offs_m[:, None] * stride_h + d[None, :], h, mask=ok)
-        w = tl.load(gw_ptr + offs_e[:, None] * stride_g + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
-        if M_PAD == 1:
-            acc2 += w.to(tl.float32) * h.to(tl.float32)
-        else:
-            acc = tl.dot(h, tl.trans(w.to(h.dtype)), acc)
-    if M_PAD == 1:
-        acc = tl.sum(acc2, 1)[None, :]
-    logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(logits_ptr + offs_m[:, None] * E + offs_e[None, :], logits, mask=m_ok[:, None] & e_ok[None, :])
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    w = tl.load(gw_ptr + offs_e[:, None] * D + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+    s = tl.load(x_ptr + d, mask=d_ok, other=0.0) + tl.load(res_ptr + d, mask=d_ok, other=0.0)
+    sf = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, 0) / D + eps)
+    h = ((sf * rstd).to(s.dtype) * tl.load(nw_ptr + d, mask=d_ok, other=0.0)).to(s.dtype)
+    if pid == 0:
+        tl.store(new_res_ptr + d, s, mask=d_ok)
+        tl.store(h_ptr + d, h, mask=d_ok)
+    logits = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], 1)
+    tl.store(logits_ptr + offs_e, logits.to(h_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
     # release this program's logits; the last one to arrive sees everyone's
     count = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if count == tl.num_programs(0) - 1:
         offs = tl.arange(0, E_PAD)
         ok = offs < E
-        for row in range(M):
-            if FIXED:
-                lg = tl.load(fixed_ptr + row * stride_f + offs, mask=ok, other=float("-inf")).to(tl.float32)
-            else:
-                lg = tl.load(logits_ptr + row * E + offs, mask=ok, other=float("-inf"), volatile=True)
-            _route_row(lg, offs, ok, weights_ptr, ids_ptr, row, TOP_K, RENORMALIZE)
+        if FIXED:
+            lg = tl.load(fixed_ptr + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        else:
+            lg = tl.load(logits_ptr + offs, mask=ok, other=float("-inf"), volatile=True)
+        _route_row(lg, offs, ok, weights_ptr, ids_ptr, 0, TOP_K, TOP_K_PAD, RENORMALIZE)
         tl.atomic_xchg(count_ptr, 0)
+
+
+NORM_ROUTE_MAX_D = 4096        # the gate's rows in registers: up to Qwen3-VL-235B's hidden size
 
 
 def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                gate_weight: torch.Tensor, top_k: int, renormalize: bool, counter: torch.Tensor,
                fixed_logits: torch.Tensor | None = None):
-    """The post-attention RMSNorm (after the residual add) and the router in one launch, for
-    M <= NORM_ROUTE_MAX_M rows. x, residual (M, D); gate_weight (E, D); `counter` one int32, zero
-    between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (M, A)
-    float32, ids (M, A) int32), as RMSNorm then `route(h @ gate_weight.T)` give them."""
+    """The post-attention RMSNorm (after the residual add) and the router in one launch, for one
+    token (batch-1 decode). x, residual (1, D); gate_weight (E, D); `counter` one int32, zero
+    between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (1, A)
+    float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T)` give them."""
     m, d = x.shape
     e = gate_weight.shape[0]
-    if (m > NORM_ROUTE_MAX_M or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
-            or x.stride(-1) != 1 or residual.stride(-1) != 1 or gate_weight.stride(-1) != 1
+    if (m != 1 or d > NORM_ROUTE_MAX_D or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
+            or not (x.is_contiguous() and residual.is_contiguous() and gate_weight.is_contiguous())
             or counter.dtype != torch.int32):
         raise ValueError(f"norm_route: x {tuple(x.shape)}, residual {tuple(residual.shape)}, gate "
-                         f"{tuple(gate_weight.shape)}, top_k {top_k}, M <= {NORM_ROUTE_MAX_M}, last dims contiguous")
+                         f"{tuple(gate_weight.shape)}, top_k {top_k}: one token of at most {NORM_ROUTE_MAX_D}, "
+                         f"contiguous")
     h, new_res = torch.empty_like(x), torch.empty_like(x)
-    logits = torch.empty(m, e, dtype=torch.float32, device=x.device)
-    weights = torch.empty(m, top_k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(m, top_k, dtype=torch.int32, device=x.device)
-    if m == 0:
-        return h, new_res, weights, ids
-    m_pad = 1 if m == 1 else 16
-    block_e = 8 if m_pad == 1 else 16
+    logits = torch.empty(e, dtype=torch.float32, device=x.device)
+    weights = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(1, top_k, dtype=torch.int32, device=x.device)
+    block_e = 4
     fixed = fixed_logits if fixed_logits is not None else logits
     _norm_route_kernel[(triton.cdiv(e, block_e),)](
-        x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, m, d, e, eps,
-        x.stride(0), residual.stride(0), h.stride(0), gate_weight.stride(0), fixed.stride(0),
-        TOP_K=top_k, RENORMALIZE=renormalize, FIXED=fixed_logits is not None, M_PAD=m_pad, BLOCK_E=block_e,
-        BLOCK_D=512 if m_pad == 1 else 128, E_PAD=triton.next_power_of_2(e), num_warps=4, **pdl(x))
+        x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, d, e, eps,
+        TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+        FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
+        E_PAD=triton.next_power_of_2(e), num_warps=8, **pdl(x))
     return h, new_res, weights, ids
 
 

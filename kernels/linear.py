@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .pdl import gdc_enter, pdl
+from .pdl import gdc_launch, gdc_wait, pdl
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MAX_M = 16
@@ -38,7 +38,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
     (BLOCK_K of them per step, any BLOCK_K), and the weight costs one conversion per element, as
     bf16 does. A8 (with HAS_SCALE, M_PAD 16, BLOCK_K == BK): each program quantizes its x rows per
     BK group in registers and the product is an fp8 tensor-core dot (W8A8; no conversion of w)."""
-    gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -52,9 +51,13 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     else:
         acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
+    # the first weight tile is in flight while the kernel before finishes (PDL), each next one
+    # while this one is used
+    gdc_launch(USE_PDL)
+    w = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+    gdc_wait(USE_PDL)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         xk = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         xf = xk.to(tl.float32)
         if A8:
@@ -72,6 +75,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
                 acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K - (k + 1) * BLOCK_K)[None, :], other=0.0)
     if M_PAD == 1:
         acc = tl.sum(acc2, 1)[None, :]
     if HAS_BIAS:

@@ -4,8 +4,9 @@ At batch 1 a decode layer is a chain of about eight small kernels, each waiting 
 finish before its programs are even scheduled. Launched with PDL, a kernel's programs may start
 as soon as every program of the one before has begun (`gdc_launch_dependents`); each then waits
 (`gdc_wait`) until that kernel has finished and its writes are visible, before touching memory.
-So the wait is the first thing every PDL kernel does, and a kernel without it is never launched
-with the flag. CUDA graphs keep the overlap (captured as programmatic edges).
+So the wait comes before every PDL kernel's first read or write of anything a kernel writes
+(a GEMV may fetch its first weight tile before it: weights are only read), and a kernel without
+it is never launched with the flag. CUDA graphs keep the overlap (captured as programmatic edges).
 
 QWEN3VL_PDL=0 turns it off (for comparison, or a driver that mishandles it).
 """
@@ -33,8 +34,22 @@ def pdl(t: torch.Tensor) -> dict:
 
 
 @triton.jit
-def gdc_enter(USE_PDL: tl.constexpr):
-    """First statement of a PDL kernel: let the next kernel launch, then wait for the last one."""
+def gdc_launch(USE_PDL: tl.constexpr):
+    """Let the next kernel's programs launch (once every program of this one has said so)."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def gdc_wait(USE_PDL: tl.constexpr):
+    """Wait until the previous kernel has finished and its writes are visible."""
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def gdc_enter(USE_PDL: tl.constexpr):
+    """First statement of a PDL kernel: let the next kernel launch, then wait for the last one.
+    (A kernel may read what no kernel writes, its weights, between the two.)"""
+    gdc_launch(USE_PDL)
+    gdc_wait(USE_PDL)

@@ -221,7 +221,7 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     attn = engine.runner.model.model.language_model.layers[0].self_attn
     assert attn.prep_fn is not None and attn.qkv_proj.quant_method.skinny is not None
     assert engine.generate([prompts[0]], GREEDY)[0]["output_token_ids"] == reference[0]
-    assert 1 in calls and max(calls) <= kernels.fused_moe.NORM_ROUTE_MAX_M
+    assert calls and set(calls) == {1}         # decode; the prefill's 12 tokens take the unfused path
 
 
 def test_triton_vision_attention_gives_the_same_output(tiny_moe, prompts, reference):

@@ -66,20 +66,20 @@ def test_route_kernel_matches_torch(t, e, a, renormalize):
     torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("m,d,e,a", [(1, 64, 8, 2), (5, 300, 20, 3), (16, 128, 128, 8), (1, 2048, 128, 8)])
+@pytest.mark.parametrize("d,e,a", [(64, 8, 2), (300, 20, 3), (2048, 128, 8)])
 @pytest.mark.parametrize("fixed", [False, True])
-def test_norm_route_kernel_equals_norm_then_router_then_route(m, d, e, a, fixed):
-    """The post-attention norm and the router in one launch: h and the new residual as the RMSNorm
-    kernel gives them, the routing as `route` on h's router logits (or on the fixed logits of the
-    uniform-routing benchmarks), twice in a row (the arrival count resets itself)."""
+def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed):
+    """The post-attention norm and the router in one launch (one token): h and the new residual as
+    the RMSNorm kernel gives them, the routing as `route` on h's router logits (or on the fixed
+    logits of the uniform-routing benchmarks), twice in a row (the arrival count resets itself)."""
     from kernels.fused_moe import norm_route
 
     dtype = torch.bfloat16 if CUDA else torch.float32
-    g = torch.Generator().manual_seed(m * d + e)
-    x, res = (torch.randn(m, d, generator=g).to(DEV, dtype) for _ in range(2))
+    g = torch.Generator().manual_seed(d + e)
+    x, res = (torch.randn(1, d, generator=g).to(DEV, dtype) for _ in range(2))
     nw = (1 + 0.1 * torch.randn(d, generator=g)).to(DEV, dtype)
     gate = (torch.randn(e, d, generator=g) * d ** -0.5).to(DEV, dtype)
-    table = torch.rand(m, e, generator=g).to(DEV) * 8 if fixed else None
+    table = torch.rand(1, e, generator=g).to(DEV) * 8 if fixed else None
     counter = torch.zeros(1, dtype=torch.int32, device=DEV)
     want_h = rmsnorm_reference(x, nw, 1e-6, res)
     logits = table if fixed else torch.nn.functional.linear(want_h, gate)
@@ -89,9 +89,11 @@ def test_norm_route_kernel_equals_norm_then_router_then_route(m, d, e, a, fixed)
         assert int(counter) == 0 and torch.equal(new_res, x + res)
         torch.testing.assert_close(h, want_h, rtol=1e-2 if CUDA else 1e-5, atol=1e-2 if CUDA else 1e-5)
         same = (ids.long() == want_ids).float().mean().item()
-        assert same == 1.0 or (CUDA and not fixed and same > 0.9), same      # bf16 logits: rare near-ties
+        assert same == 1.0 or (CUDA and not fixed and same >= 0.75), same      # bf16 logits: rare near-ties
         if same == 1.0:
             torch.testing.assert_close(w, want_w, rtol=1e-4 if CUDA else 1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one token"):
+        norm_route(torch.cat([x, x]), torch.cat([res, res]), nw, 1e-6, gate, a, True, counter, table)
 
 
 @pytest.mark.parametrize("align", [align_by_expert, align_by_expert_reference])

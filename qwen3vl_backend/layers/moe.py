@@ -209,10 +209,10 @@ class SparseMoE(nn.Module):
 
     def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output on norm(x + residual), x + residual): with `norm_route_fn`, the norm
-        and the router are one launch (decode batches of up to NORM_ROUTE_MAX_M tokens)."""
-        from kernels.fused_moe import NORM_ROUTE_MAX_M
+        and the router are one launch (batch-1 decode: the launches, not the bytes, are its cost)."""
+        from kernels.fused_moe import NORM_ROUTE_MAX_D
 
-        if (self.norm_route_fn is None or x.shape[0] > NORM_ROUTE_MAX_M or self.gate.bias is not None
+        if (self.norm_route_fn is None or x.shape[0] != 1 or x.shape[1] > NORM_ROUTE_MAX_D or self.gate.bias is not None
                 or not isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
             h, residual = norm(x, residual)
             return self(h), residual
