@@ -265,6 +265,36 @@ def bench_decode_attention(ceil: dict) -> list[dict]:
     return rows
 
 
+def sweep_decode_attention() -> tuple[list[dict], dict]:
+    """Paged decode attention's launch shapes (tile tokens, warps, stages, programs aimed at) per
+    batch size, 1024-token contexts (the benchmarks' ~1 k), graph replay; -> rows, {seqs: best}."""
+    from kernels.attention import DEFAULT_CONFIG, num_splits_for
+
+    h, hkv, d, bs, ctx = 32, 4, 128, 16, 1024
+    rows, table = [], {"1": DEFAULT_CONFIG}        # batch 1: launch-bound, 32 splits whatever the aim
+    for seqs in (16, 64, 128):
+        nb = seqs * ctx // bs
+        cache = torch.randn(2, nb, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(seqs, h, d, device="cuda", dtype=torch.bfloat16)
+        tables = torch.arange(nb, device="cuda", dtype=torch.int32).view(seqs, -1)
+        lens = torch.full((seqs,), ctx, device="cuda", dtype=torch.int32)
+        best, base = (float("inf"), None), None
+        for tokens, warps, stages, target in itertools.product((32, 64, 128), (4, 8), (2, 3), (128, 512, 1024)):
+            cfg = {"PAGES_TOKENS": tokens, "num_warps": warps, "num_stages": stages, "target_programs": target}
+            try:
+                ms = graph_time_ms(lambda: paged_decode_attention(q, cache, tables, lens, d ** -0.5, config=cfg))
+            except Exception as e:          # out of shared memory for the larger tiles
+                print(f"decode attention {cfg}: {type(e).__name__}")
+                continue
+            if cfg == DEFAULT_CONFIG:
+                base = ms
+            best = min(best, (ms, cfg), key=lambda t: t[0])
+        rows.append({"seqs": seqs, "ctx": ctx, "default_ms": base, "best_ms": best[0],
+                     "splits": num_splits_for(seqs, hkv, best[1]["target_programs"]), "config": json.dumps(best[1])})
+        table[str(seqs)] = best[1]
+    return rows, table
+
+
 def bench_fp8(ceil: dict) -> list[dict]:
     """Block-fp8 against bf16 at 30B-A3B shapes, each against its own floor: the decoder's
     projections (fp8 GEMV / cuBLAS fp8 against the skinny GEMM / cuBLAS bf16) and the fused MoE
@@ -367,6 +397,12 @@ def _fp8_gemv_file(device_name: str):
     return gemv_config_file(device_name, (128, 128))
 
 
+def _decode_attention_file(device_name: str):
+    from kernels.attention import config_file as attention_config_file
+
+    return attention_config_file(device_name)
+
+
 def _fp8_pair_file(device_name: str):
     from kernels.fused_moe import fp8_pair_config_file
 
@@ -378,7 +414,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-configs", action="store_true",
                     help="write the skinny GEMM's and the fp8 GEMV's and pair path's swept tables to kernels/configs/ for this GPU")
-    ap.add_argument("--only", default="moe,pairs,linear,routing,varlen,attention,fp8,fp8gemv",
+    ap.add_argument("--only", default="moe,pairs,linear,routing,varlen,attention,fp8,fp8gemv,decodeattn",
                     help="comma-separated parts to run")
     args = ap.parse_args(argv)
     parts = set(args.only.split(","))
@@ -390,7 +426,9 @@ def main(argv=None):
             ("linear", lambda: sweep_linear(ceil), "decoder projections at decode sizes: cuBLAS against the skinny GEMM "
              "(graph replay per call)", config_file, "skinny GEMM"),
             ("fp8pairs", lambda: sweep_pair_configs(fp8=True), "fp8 pair path launch shapes (graph replay, gate_up "
-             "then down swept)", _fp8_pair_file, "fp8 pair")):
+             "then down swept)", _fp8_pair_file, "fp8 pair"),
+            ("decodeattn", sweep_decode_attention, "paged decode attention launch shapes (graph replay)",
+             _decode_attention_file, "decode attention")):
         if part not in parts:
             continue
         found, table = sweep()

@@ -12,6 +12,10 @@ Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V.
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +26,9 @@ from .online_softmax import online_softmax_step
 
 TARGET_PROGRAMS = 128      # about one wave on an H100/H200 (132 SMs)
 MAX_SPLITS = 32
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# launch shape: pages per tile, warps, pipeline stages, and the programs the split count aims at
+DEFAULT_CONFIG = {"PAGES_TOKENS": 64, "num_warps": 4, "num_stages": 2, "target_programs": TARGET_PROGRAMS}
 
 
 @triton.jit
@@ -91,16 +98,37 @@ def _merge_splits_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, num_heads, stride_ot, s
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
-def num_splits_for(num_seqs: int, kv_heads: int) -> int:
-    """The largest power of two that keeps (sequences x KV heads x splits) within about one wave."""
-    n = TARGET_PROGRAMS // max(1, num_seqs * kv_heads)
+def num_splits_for(num_seqs: int, kv_heads: int, target: int = TARGET_PROGRAMS) -> int:
+    """The largest power of two that keeps (sequences x KV heads x splits) within `target` programs."""
+    n = target // max(1, num_seqs * kv_heads)
     return 1 if n < 2 else min(MAX_SPLITS, 1 << (n.bit_length() - 1))
+
+
+def config_file(device_name: str) -> Path:
+    return CONFIG_DIR / f"paged_decode,device={device_name.replace(' ', '_')}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _table(device_name: str) -> dict[int, dict]:
+    """{sequences: launch shape} (`benchmarks.kernels --only decodeattn --write-configs`), or {}."""
+    path = config_file(device_name)
+    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+
+
+def decode_config(num_seqs: int, device: torch.device) -> dict:
+    """The launch shape at the nearest tuned batch size (it depends only on the batch: a CUDA
+    graph's launch is fixed), or the default."""
+    table = _table(torch.cuda.get_device_name(device)) if device.type == "cuda" else {}
+    if not table:
+        return DEFAULT_CONFIG
+    return {**DEFAULT_CONFIG, **table[min(table, key=lambda k: abs(k - num_seqs))]}
 
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
-    """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32."""
+                           num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32.
+    `config`: the launch shape (decode_config's keys), else this device's table."""
     s, h, d = q.shape
     _, _, bs, hkv, d2 = cache.shape
     if d2 != d or h % hkv or block_tables.shape[0] != s or context_lens.shape[0] != s:
@@ -112,7 +140,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         raise ValueError("paged_decode_attention needs the head dim contiguous")
     group = h // hkv
     out = torch.empty(s, h, d, dtype=q.dtype, device=q.device) if out is None else out
-    splits = num_splits or num_splits_for(s, hkv)
+    cfg = {**DEFAULT_CONFIG, **config} if config else decode_config(s, q.device)
+    splits = num_splits or num_splits_for(s, hkv, cfg["target_programs"])
     if splits & (splits - 1):
         raise ValueError(f"paged_decode_attention: num_splits {splits} must be a power of two")
     if splits > 1:
@@ -126,8 +155,9 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         scale, group, h,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, 64 // bs), GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        NUM_SPLITS=splits, num_warps=4, num_stages=2, **pdl(q),
+        HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl(q),
     )
     if splits > 1:
         _merge_splits_kernel[(s, h)](acc, m, l_, out, h, out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits,

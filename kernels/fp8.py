@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .pdl import pdl
+from .pdl import gdc_enter, pdl
 
 from .linear import CONFIG_DIR, _skinny_kernel, dividing, nearest_m
 
@@ -102,8 +102,10 @@ def w8a8_block_linear_reference(x: torch.Tensor, wq: torch.Tensor, scale: torch.
 
 @triton.jit
 def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sg,
-                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUPS: tl.constexpr):
+                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUPS: tl.constexpr,
+                            USE_PDL: tl.constexpr = False):
     """One program per token and GROUPS groups: amax per group, scale = amax / 448, x / scale in e4m3."""
+    gdc_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     col = g[:, None] * GROUP + tl.arange(0, GROUP_PAD)[None, :]
@@ -132,7 +134,7 @@ def quantize_activations_fp8(x: torch.Tensor, group: int, scales_column_major: b
         groups = max(1, min(triton.next_power_of_2(g), 4096 // triton.next_power_of_2(group)))
         _quantize_groups_kernel[(t, triton.cdiv(g, groups))](
             x, q, xs, k, x.stride(0), q.stride(0), xs.stride(0), xs.stride(1),
-            GROUP=group, GROUP_PAD=triton.next_power_of_2(group), GROUPS=groups, num_warps=4)
+            GROUP=group, GROUP_PAD=triton.next_power_of_2(group), GROUPS=groups, num_warps=4, **pdl(x))
     return q, xs
 
 

@@ -49,12 +49,13 @@ def _grouped_gemm_kernel(
     A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALE_MODE: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-    as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False,
+    as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
     BK), so one scale multiplies the tile's product. A_SCALED (with 2): a is fp8 too, with a
     float32 scale per row and BK group (`as_ptr`), and the product is an fp8 tl.dot (W8A8)."""
+    gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     num_padded = tl.load(num_padded_ptr)
     grid_m = tl.cdiv(num_padded, BLOCK_M)
@@ -129,9 +130,10 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, n,
-                  BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One program per expert: each counts every expert's pairs (to find where its run starts),
     then writes its own pairs in order, its padding sentinels and its blocks' expert id."""
+    gdc_enter(USE_PDL)
     e = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
     offs = tl.arange(0, BLOCK)
@@ -177,7 +179,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     total = torch.empty(1, dtype=torch.int32, device=flat.device)
     e_pad = triton.next_power_of_2(num_experts)
     _align_kernel[(num_experts,)](flat, sorted_ids, block_expert, total, n, BLOCK_M=block_m,
-                                  BLOCK=max(e_pad, min(1024, triton.next_power_of_2(n))), E_PAD=e_pad)
+                                  BLOCK=max(e_pad, min(1024, triton.next_power_of_2(n))), E_PAD=e_pad, **pdl(flat))
     return sorted_ids, block_expert, total
 
 
@@ -222,7 +224,7 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a_scale is not None else s, stride_asm=a_scale.stride(0) if a_scale is not None else 0,
-        A_SCALED=a_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        A_SCALED=a_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a),
     )
 
 
@@ -564,7 +566,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
 
 @triton.jit
-def _sum_top_k_kernel(in_ptr, out_ptr, N, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_top_k_kernel(in_ptr, out_ptr, N, TOP_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    gdc_enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -580,7 +583,7 @@ def sum_top_k(pairs: torch.Tensor) -> torch.Tensor:
     m, a, h = pairs.shape
     out = torch.empty(m, h, dtype=pairs.dtype, device=pairs.device)
     block = min(1024, triton.next_power_of_2(h))
-    _sum_top_k_kernel[(m, triton.cdiv(h, block))](pairs, out, h, TOP_K=a, BLOCK=block, num_warps=4)
+    _sum_top_k_kernel[(m, triton.cdiv(h, block))](pairs, out, h, TOP_K=a, BLOCK=block, num_warps=4, **pdl(pairs))
     return out
 
 
