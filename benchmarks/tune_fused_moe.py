@@ -19,7 +19,8 @@ import torch
 import triton
 
 from kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks
-from kernels.fused_moe import PAIR_PATH_MAX_M, config_file, fused_moe, fused_moe_pairs, fused_moe_reference
+from kernels.fused_moe import (PAIR_PATH_MAX_M, config_file, fused_moe, fused_moe_pairs, fused_moe_reference,
+                               lookup_config)
 from qwen3vl_backend.layers.moe import route
 
 from .common import graph_time_ms
@@ -62,7 +63,9 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
         x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
         weights, ids = route(torch.randn(m, e, device="cuda"), top_k, True)
         best = None
-        for cfg in candidates(m, quick):
+        # the table's current entry competes too: a narrower search keeps what it cannot beat
+        incumbent = lookup_config(e, inter, h, m, x.device, BLOCK if fp8 else None)
+        for cfg in [*candidates(m, quick), incumbent]:
             try:
                 ms_ = graph_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, cfg, **scales), iters=10)
             except (triton.runtime.errors.OutOfResources, RuntimeError):
