@@ -266,14 +266,15 @@ JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "ma
                "required": ["answer", "n"], "additionalProperties": False}
 
 
-def _run_mixed(engine, ids, free: int, constrained: int):
-    """Step `free` greedy and `constrained` JSON-schema requests together; -> (text and tokens by id,
-    the order of events in steps whose masks were deferred: forward, previous step read back, masks)."""
+def _run_mixed(engine, ids, free: int, constrained: int, special: dict | None = None):
+    """Step `free` greedy and `constrained` JSON-schema requests (or requests with the `special`
+    sampling settings) together; -> (text and tokens by id, the order of events in steps whose
+    sampling was deferred: forward, previous step read back, masks)."""
     for i in range(free):
         engine.add_request(ids, SamplingParams(temperature=0, max_tokens=24), f"free{i}")
     for i in range(constrained):
-        engine.add_request(ids, SamplingParams(temperature=1.0, seed=i, max_tokens=60,
-                                               structured_output={"json_schema": JSON_SCHEMA}), f"json{i}")
+        extra = special or {"max_tokens": 60, "structured_output": {"json_schema": JSON_SCHEMA}}
+        engine.add_request(ids, SamplingParams(temperature=1.0, seed=i, **extra), f"json{i}")
     text, tokens, events = {}, {}, []
     runner, model, finish = engine.runner, engine.runner.model, engine._finish_step
 
@@ -327,3 +328,17 @@ def test_constrained_requests_overlap_their_masks_with_the_forward(tiny_moe, fre
     for i in range(constrained):
         answer = json.loads(text[f"json{i}"])
         assert set(answer) == {"answer", "n"} and 0 <= answer["n"] <= 99 and len(answer["answer"]) <= 8
+
+
+def test_penalized_requests_keep_the_overlap(tiny_moe):
+    """Penalties read the tokens generated so far, but only at sampling: the step is queued before
+    the previous one is read back, and read back before its draw, so the history is whole. The
+    same tokens as without the overlap."""
+    engine = LLMEngine(EngineConfig(model_path=str(tiny_moe), device="cpu"))
+    ids = engine.tokenizer.encode("Say something:")
+    special = {"max_tokens": 16, "ignore_eos": True, "presence_penalty": 1.5, "repetition_penalty": 1.2}
+    _, tokens, events = _run_mixed(engine, ids, 1, 2, special)
+    assert len(events) >= 10 and all(e == ["run", "forward", "read back", "masks"] for e in events), events
+    engine.cfg.overlap_schedule = False
+    _, serial_tokens, serial_events = _run_mixed(engine, ids, 1, 2, special)
+    assert serial_events == [] and serial_tokens == tokens and all(len(tokens[f"json{i}"]) == 16 for i in range(2))

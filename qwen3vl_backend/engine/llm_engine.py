@@ -203,9 +203,6 @@ class LLMEngine:
         alone: those end with finish_reason "error", the others go on as if they had been alone."""
         outputs: list[RequestOutput] = []
         prev, self._inflight = self._inflight, None
-        if prev is not None and not self._can_overlap(prev):
-            outputs += self._finish_step(prev)
-            prev = None
         batch = self.scheduler.schedule()
         launched = self._launch(batch, prev) if batch else None
         if prev is not None:
@@ -218,20 +215,15 @@ class LLMEngine:
         failed, self._failed = self._failed, []
         return outputs + failed
 
-    def _can_overlap(self, prev: _Step) -> bool:
-        """The next step may be queued before `prev` is read back unless a sequence's sampling
-        reads its history (penalties), which holds `prev`'s placeholders. (A grammar's mask needs
-        the previous token too, but only at sampling: `_launch` reads `prev` back there, while the
-        device runs the forward.)"""
-        return not any(needs_history(seq.params) for seq, _ in prev.sampled)
-
     def _launch(self, batch: list[ScheduledChunk], prev: _Step | None) -> _Step | None:
         banned = {c.seq.request_id: b for c in batch if c.samples and (b := self._banned(c.seq))}
         constrained = [(c.seq.request_id, r.constraint) for c in batch if c.samples and
                        (r := self._requests.get(c.seq.request_id)) is not None and r.constraint is not None]
         masks = {}
-        if constrained and prev is not None:
-            masks = _MasksAfter(self, prev, constrained)      # computed once the forward is queued
+        # a grammar's mask and the penalties read the previous token, but only at sampling: `prev`
+        # is read back there, while the device runs this step's forward
+        if prev is not None and (constrained or any(needs_history(c.seq.params) for c in batch if c.samples)):
+            masks = _MasksAfter(self, prev, constrained)
         elif constrained:
             from .structured import next_masks
 
@@ -409,9 +401,10 @@ class LLMEngine:
 
 
 class _MasksAfter:
-    """The grammar masks of a step queued while the previous one is in flight: called by the
-    runner between the forward and sampling, it reads the previous step back (its tokens advance
-    the grammars) and computes the masks on the host while the device runs the forward. Called
+    """Sampling that needs the previous step's tokens (grammar masks, penalties over the history),
+    for a step queued while that one is in flight: called by the runner between the forward and
+    sampling, it reads the previous step back (its tokens advance the grammars and fill the
+    histories) and computes the masks on the host while the device runs the forward. Called
     once; a retried step (`_run_isolating`) gets the same masks."""
 
     def __init__(self, engine: LLMEngine, prev: _Step, constrained: list):
