@@ -106,7 +106,7 @@ def test_abort_frees_kv_blocks(tiny_moe, prompts):
 
 def test_overlap_schedule_changes_no_output(tiny_moe, prompts, reference):
     """Queueing step n+1 before step n is read back: the same results for every kind of request
-    (stop strings, stop ids under min_tokens, penalties that force a read-back, seeded sampling,
+    (stop strings, stop ids under min_tokens, penalties read back before their draw, seeded sampling,
     preemption), and no step is queued for a sequence already known to end."""
     stop = make_engine(tiny_moe).generate([prompts[2]], GREEDY)[0]["text"][4:7]
     params = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
