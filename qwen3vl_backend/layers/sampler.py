@@ -8,6 +8,8 @@ while this one runs.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from ..device import device_tensor
@@ -16,14 +18,19 @@ from ..sampling_params import SamplingParams
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
                     output_ids: list[int]) -> torch.Tensor:
-    """logits (V,) float32, adjusted in place as vLLM/OpenAI define the three penalties."""
+    """logits (V,) float32, adjusted in place as vLLM/OpenAI define the three penalties. The ids
+    and counts are found on the host and queued from pinned memory: nothing here waits for the
+    GPU (the forward of the step being sampled may still be running)."""
+    dev = logits.device
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
+        seen = device_tensor(sorted(set(prompt_ids) | set(output_ids)), torch.long, dev)
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
     if output_ids and (params.presence_penalty or params.frequency_penalty):
-        ids, counts = torch.tensor(output_ids, device=logits.device).unique(return_counts=True)
-        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+        counts = Counter(output_ids)
+        ids = device_tensor(list(counts), torch.long, dev)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * device_tensor(list(counts.values()),
+                                                                                         logits.dtype, dev)
     return logits
 
 
