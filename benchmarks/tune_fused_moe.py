@@ -87,9 +87,12 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
             line += f"  pairs {pair_ms:.4f} ms"
         print(line, flush=True)
     # the pair path up to the first M the sorted path wins at
-    table["pair_path_max_m"] = max([0] + [m for m, _ in itertools.takewhile(lambda t: t[1], pairs_win)])
-    if pairs_win and all(w for _, w in pairs_win):
+    wins = dict(pairs_win)
+    wins.setdefault(1, True)            # batch 1 not timed: it stays on the pair path
+    if all(wins.values()):
         table["pair_path_max_m"] = PAIR_PATH_MAX_M
+    else:
+        table["pair_path_max_m"] = max(m for m, _ in itertools.takewhile(lambda t: t[1], sorted(wins.items())))
     return table
 
 
