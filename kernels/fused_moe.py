@@ -12,7 +12,8 @@ Small batches (decode) take a second path with no sort at all: while M*A pairs a
 an expert once per pair costs less than aligning, and each pair is a GEMV: gate_up with SiLU*mul
 fused (one program per pair and column block), then down with the routing weights and the
 top-k combine fused (one program per token and column block, its top-k experts side by side).
-`route` is the matching router: softmax, top-k and renormalisation in one launch.
+`route` is the matching router: softmax, top-k and renormalisation in one launch; `norm_route`
+also does the RMSNorm before it and the router's GEMV, for one token (batch-1 decode).
 """
 
 from __future__ import annotations
