@@ -21,7 +21,7 @@ from kernels.fused_moe import route as route_kernel
 from kernels.linear import config_file
 from qwen3vl_backend.layers.moe import route
 
-from .common import cuda_time_ms, graph_time_ms, print_table, write_result
+from .common import cuda_time_ms, fp8_experts, graph_time_ms, print_table, write_result
 from .roofline import measure as roofline
 
 E, H, I, A = 128, 2048, 768, 8        # 30B-A3B experts
@@ -114,10 +114,7 @@ def sweep_pair_configs(fp8: bool = False) -> tuple[list[dict], dict]:
     w13, w2 = moe_weights()
     scales = {}
     if fp8:
-        from kernels.fp8 import quantize_weight_blocks
-
-        q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), (128, 128)) for w in w13)))
-        q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), (128, 128)) for w in w2)))
+        q13, s13, q2, s2 = fp8_experts(w13, w2, (128, 128))
         w13, w2, scales = q13, q2, {"w13_scale": s13, "w2_scale": s2}
         spaces = ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (256, 512, 1024), (4, 8), (3,))),
                   (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((4, 8), (256, 512), (2, 4, 8), (1,))))
@@ -243,15 +240,21 @@ def sweep_varlen_attention() -> list[dict]:
     return rows
 
 
+def _decode_inputs(seqs: int, ctx: int, h: int = 32, hkv: int = 4, d: int = 128, bs: int = 16):
+    """30B-A3B's decode attention inputs: (q, cache, block tables, context lengths), `seqs`
+    sequences of `ctx` tokens each in their own blocks."""
+    nb = seqs * ctx // bs
+    cache = torch.randn(2, nb, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(seqs, h, d, device="cuda", dtype=torch.bfloat16)
+    tables = torch.arange(nb, device="cuda", dtype=torch.int32).view(seqs, -1)
+    return q, cache, tables, torch.full((seqs,), ctx, device="cuda", dtype=torch.int32)
+
+
 def bench_decode_attention(ceil: dict) -> list[dict]:
     rows = []
-    h, hkv, d, bs = 32, 4, 128, 16
+    h, hkv, d = 32, 4, 128
     for seqs, ctx in ((1, 1024), (1, 8192), (8, 1024), (64, 1024), (64, 4096), (128, 2048)):
-        nb = seqs * ctx // bs
-        cache = torch.randn(2, nb, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
-        q = torch.randn(seqs, h, d, device="cuda", dtype=torch.bfloat16)
-        tables = torch.arange(nb, device="cuda", dtype=torch.int32).view(seqs, -1)
-        lens = torch.full((seqs,), ctx, device="cuda", dtype=torch.int32)
+        q, cache, tables, lens = _decode_inputs(seqs, ctx, h, hkv, d)
         ours = cuda_time_ms(lambda: paged_decode_attention(q, cache, tables, lens, d ** -0.5))
         graphed = graph_time_ms(lambda: paged_decode_attention(q, cache, tables, lens, d ** -0.5))
         k = cache[0].view(seqs, ctx, hkv, d).transpose(1, 2)          # contiguous per sequence: SDPA's best case
@@ -270,14 +273,10 @@ def sweep_decode_attention() -> tuple[list[dict], dict]:
     batch size, 1024-token contexts (the benchmarks' ~1 k), graph replay; -> rows, {seqs: best}."""
     from kernels.attention import DEFAULT_CONFIG, num_splits_for
 
-    h, hkv, d, bs, ctx = 32, 4, 128, 16, 1024
+    hkv, d, ctx = 4, 128, 1024
     rows, table = [], {"1": DEFAULT_CONFIG}        # batch 1: launch-bound, 32 splits whatever the aim
     for seqs in (16, 64, 128):
-        nb = seqs * ctx // bs
-        cache = torch.randn(2, nb, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
-        q = torch.randn(seqs, h, d, device="cuda", dtype=torch.bfloat16)
-        tables = torch.arange(nb, device="cuda", dtype=torch.int32).view(seqs, -1)
-        lens = torch.full((seqs,), ctx, device="cuda", dtype=torch.int32)
+        q, cache, tables, lens = _decode_inputs(seqs, ctx, hkv=hkv, d=d)
         best, base = (float("inf"), None), None
         for tokens, warps, stages, target in itertools.product((32, 64, 128), (4, 8), (2, 3), (128, 512, 1024)):
             cfg = {"PAGES_TOKENS": tokens, "num_warps": warps, "num_stages": stages, "target_programs": target}
@@ -320,8 +319,7 @@ def bench_fp8(ceil: dict) -> list[dict]:
                          "bf16_floor_ms": floor16, "fp8_floor_ms": floor8, "fp8_floor_over_time": floor8 / fp8,
                          "bf16_floor_over_time": floor16 / bf16})
     w13, w2 = moe_weights()
-    q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), block) for w in w13)))
-    q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), block) for w in w2)))
+    q13, s13, q2, s2 = fp8_experts(w13, w2, block)
     for m in (1, 4, 16, 64, 256, 2048, 8192):
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
         weights, ids = route(torch.rand(m, E, device="cuda") * 8, A, True)          # uniform top-k

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks
+from kernels.fp8 import dequantize_weight_blocks
 from kernels.fused_moe import (PAIR_PATH_MAX_M, config_file, fused_moe, fused_moe_pairs, fused_moe_reference,
                                lookup_config)
 from qwen3vl_backend.layers.moe import route
 
-from .common import graph_time_ms
+from .common import fp8_experts, graph_time_ms
 
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 BLOCK = (128, 128)
@@ -48,8 +48,7 @@ def _experts(e: int, h: int, inter: int, fp8: bool):
     w2 = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) * inter ** -0.5
     if not fp8:
         return w13, w2, {}, (w13, w2)
-    q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), BLOCK) for w in w13)))
-    q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w.float(), BLOCK) for w in w2)))
+    q13, s13, q2, s2 = fp8_experts(w13, w2, BLOCK)
     ref = tuple(torch.stack([dequantize_weight_blocks(q[i], s[i], BLOCK).bfloat16() for i in range(e)])
                 for q, s in ((q13, s13), (q2, s2)))
     return q13, q2, {"w13_scale": s13, "w2_scale": s2, "block": BLOCK}, ref

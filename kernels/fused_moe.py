@@ -620,14 +620,20 @@ def _load_table(path: str) -> dict | None:
 
 def _moe_table(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> dict | None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    # another Hopper: the H200's tables beat the default
-    names = (name, "NVIDIA H200") if device.type == "cuda" else (name,)
+    return _find_moe_table(e, inter, hidden, name, device.type == "cuda", fp8_block)
+
+
+@functools.lru_cache(maxsize=None)
+def _find_moe_table(e: int, inter: int, hidden: int, name: str, cuda: bool, fp8_block) -> dict | None:
+    """The first table that exists: this GPU's for the dtype, then (another Hopper) the H200's,
+    then the bf16 ones standing in for fp8; None (the default config, warned once) without any."""
+    names = (name, "NVIDIA H200") if cuda else (name,)
     for blk in ((fp8_block, None) if fp8_block else (None,)):
         for n in names:
             table = _load_table(str(config_file(e, inter, hidden, n, blk)))
             if table is not None:
                 return table
-    _warn_default(e, inter, hidden, name)
+    log.warning("no tuned fused-MoE config for E=%d I=%d H=%d on %s; using the default", e, inter, hidden, name)
     return None
 
 
@@ -643,7 +649,3 @@ def pair_path_max_m(e: int, inter: int, hidden: int, device: torch.device, fp8_b
     table = _moe_table(e, inter, hidden, device, fp8_block)
     return int((table or {}).get("pair_path_max_m", PAIR_PATH_MAX_M))
 
-
-@functools.lru_cache(maxsize=None)
-def _warn_default(e, inter, hidden, name):
-    log.warning("no tuned fused-MoE config for E=%d I=%d H=%d on %s; using the default", e, inter, hidden, name)
