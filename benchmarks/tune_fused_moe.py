@@ -1,13 +1,16 @@
 """Offline tuner for the fused MoE's sorted path: writes kernels/configs/E=..,N=..,K=..,device=...json.
 
     python -m benchmarks.tune_fused_moe [--experts 128 --hidden 2048 --inter 768 --topk 8]
-        [--fp8] [--ms 1,2,4,...] [--out FILE]
+        [--fp8] [--ep N] [--ms 1,2,4,...] [--out FILE]
 
 A pruned search (tile shapes by M, warps, stages, grouping), each launch shape timed as a CUDA
 graph replay (as decode runs it) with uniform routing; each M's winner is checked against the
 PyTorch reference before it is written. At M <= 16 the pair path is timed too, and the table's
 "pair_path_max_m" is the largest M up to which it beats the sorted path. `--fp8`: 128x128 block
-fp8 experts (W8A8), to the fp8 table. The serving path only reads the table (nearest M).
+fp8 experts (W8A8), to the fp8 table. `--ep N`: one rank's share under expert parallelism,
+`--experts` local experts of N times as many, so a token's top-k land here about 1/N of the time
+(the rest take the sentinel id, as the model hands them over). The serving path only reads the
+table (nearest M).
 """
 
 import argparse
@@ -54,13 +57,29 @@ def _experts(e: int, h: int, inter: int, fp8: bool):
     return q13, q2, {"w13_scale": s13, "w2_scale": s2, "block": BLOCK}, ref
 
 
-def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=None, quick: bool = False) -> dict:
+def rank_routing(m: int, e: int, top_k: int, ep: int, device="cuda"):
+    """Uniform top-k routing over ep * e experts as this rank (the first e) sees it: ids of other
+    ranks' experts become e, the sentinel (as SparseMoE hands them to the kernels)."""
+    weights, ids = route(torch.randn(m, e * ep, device=device), top_k, True)
+    return weights, torch.where(ids < e, ids, torch.full_like(ids, e))
+
+
+def _reference(x, r13, r2, weights, ids, e):
+    mine = ids < e                        # the sentinel's pairs add nothing
+    return fused_moe_reference(x, r13, r2, weights * mine, torch.where(mine, ids, 0))
+
+
+def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=None, quick: bool = False,
+         ep: int = 1) -> dict:
     w13, w2, scales, (r13, r2) = _experts(e, h, inter, fp8)
+    if ep > 1:
+        scales = {**scales, "sentinel": True}
     table, pairs_win = {}, []
+    pair_kw = {k: v for k, v in scales.items() if k != "sentinel"}     # the pair kernels skip id e anyway
     tolerance = 6e-2 if fp8 else 1e-2          # fp8: activations quantized per 128-group too
     for m in ms:
         x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-        weights, ids = route(torch.randn(m, e, device="cuda"), top_k, True)
+        weights, ids = rank_routing(m, e, top_k, ep)
         best = None
         # the table's current entry competes too: a narrower search keeps what it cannot beat
         incumbent = lookup_config(e, inter, h, m, x.device, BLOCK if fp8 else None)
@@ -72,8 +91,9 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
                 continue
             if best is None or ms_ < best[0]:
                 best = (ms_, cfg)
-        ref = fused_moe_reference(x, r13, r2, weights, ids).float()
-        err = ((fused_moe(x, w13, w2, weights, ids, best[1], **scales).float() - ref).norm() / ref.norm()).item()
+        ref = _reference(x, r13, r2, weights, ids, e).float()
+        got = fused_moe(x, w13, w2, weights, ids, best[1], **scales).float()
+        err = ((got - ref).norm() / ref.norm().clamp(min=1e-6)).item()   # no pair here: both zero
         if err > tolerance:
             raise RuntimeError(f"M={m}: best config {best[1]} is wrong (rel err {err:.3g})")
         table[str(m)] = best[1]
@@ -81,7 +101,7 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
             save(table)
         line = f"M={m:5d}  sorted {best[0]:.4f} ms  {best[1]}"
         if m <= PAIR_PATH_MAX_M:
-            pair_ms = graph_time_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, None, **scales), iters=10)
+            pair_ms = graph_time_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, None, **pair_kw), iters=10)
             pairs_win.append((m, pair_ms < best[0]))
             line += f"  pairs {pair_ms:.4f} ms"
         print(line, flush=True)
@@ -103,6 +123,7 @@ def main(argv=None):
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--fp8", action="store_true", help="128x128 block fp8 experts (the fp8 table)")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="the batch sizes to tune")
+    ap.add_argument("--ep", type=int, default=1, help="tune one rank's share: --experts local of ep times as many")
     ap.add_argument("--quick", action="store_true", help="8 launch shapes per M instead of 16-32")
     ap.add_argument("--out", default=None, help="write here instead of kernels/configs/")
     args = ap.parse_args(argv)
@@ -114,7 +135,7 @@ def main(argv=None):
     def save(table):
         path.write_text(json.dumps(table, indent=1) + "\n")
     table = tune(args.experts, args.hidden, args.inter, args.topk, [int(m) for m in args.ms.split(",")], args.fp8,
-                 save, args.quick)
+                 save, args.quick, args.ep)
     save(table)
     print(json.dumps(table))
     print(path)

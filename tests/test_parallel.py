@@ -231,6 +231,21 @@ def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, fp8):
     assert ((got - want).norm() / want.norm()).item() < tol
 
 
+def test_the_tuner_routes_as_one_rank_of_expert_parallelism():
+    """benchmarks.tune_fused_moe --ep: about 1/ep of the pairs land on this rank's experts, the
+    rest on the sentinel, and its reference sums this rank's experts only."""
+    from benchmarks.tune_fused_moe import _reference, rank_routing
+    from qwen3vl_backend.layers.moe import moe_experts_torch
+
+    e, h, inter = 8, 32, 16
+    weights, ids = rank_routing(2048, e, 4, 2, "cpu")
+    assert ids.min() >= 0 and ids.max() == e and abs((ids < e).float().mean().item() - 0.5) < 0.05
+    w13, w2 = torch.randn(e, 2 * inter, h), torch.randn(e, h, inter)
+    x = torch.randn(5, h)
+    weights, ids = weights[:5], ids[:5]
+    torch.testing.assert_close(_reference(x, w13, w2, weights, ids, e), moe_experts_torch(x, w13, w2, weights, ids))
+
+
 def test_uniform_benchmark_routing_is_the_same_on_every_rank(tiny_moe):
     """moe_routing=uniform (the benchmarks' stand-in for a real checkpoint's routing) draws one
     seeded table per layer on each rank: tp 2 + ep 2 scores a prompt as tp 1 does, and not as

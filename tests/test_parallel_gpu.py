@@ -1,0 +1,89 @@
+"""Tensor and expert parallelism on two GPUs: NCCL, the Triton kernels, CUDA-graph decode with its
+collectives captured. Skipped with fewer than two CUDA devices (tests/test_parallel.py covers the
+same layouts on CPU with gloo).
+
+The serving dtype (bf16) against the same model at tp 1 on one GPU. A rank's partial sums round
+to bf16 before the all-reduce, so greedy tokens must agree up to the first step whose top-2 logit
+margin (tp 1's own logits) is within bf16 noise, as tests/test_gpu.py holds the GPU to the CPU;
+and the first step's logits stay within bf16 rounding of tp 1's.
+"""
+
+import pytest
+import torch
+
+from conftest import data_uri, image_bytes, make_image
+from qwen3vl_backend.config import EngineConfig
+from qwen3vl_backend.engine.llm_engine import LLMEngine
+from qwen3vl_backend.processing.positions import decode_positions
+from qwen3vl_backend.processing.processor import ProcessedPrompt, Processor
+from qwen3vl_backend.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+TOKENS = 24
+NOISE = 0.02
+
+MESSAGES = [
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(300, 200, 1)))}},
+                                  {"type": "text", "text": "What is in this image?"}]}],
+    [{"role": "user", "content": "Tell me a story about a small robot."}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Why is the sky blue?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8_moe():
+    from test_fp8 import _tiny_fp8
+
+    return _tiny_fp8(False, (32, 32))[0]
+
+
+def _engine(path, tp=1, ep=1):
+    return LLMEngine(EngineConfig(model_path=str(path), device="cuda", dtype="bfloat16", num_kv_blocks=512,
+                                  cuda_graph_max_bs=4, tp_size=tp, ep_size=ep))
+
+
+def _run(engine, prompts):
+    """(greedy tokens per prompt, decoded as one batch through the graphs; first-step logits of each)."""
+    params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
+    tokens = [r["output_token_ids"] for r in engine.generate(prompts, params)]
+    return tokens, [engine.prompt_logits(p)[-1].float().cpu() for p in prompts]
+
+
+def _agree_until_a_near_tie(engine, prompt, want, got):
+    n = len(prompt.prompt_ids)
+    full = ProcessedPrompt(prompt.prompt_ids + want[:-1], prompt.media,
+                           torch.cat([prompt.positions, decode_positions(n, len(want) - 1, prompt.rope_delta)], 1),
+                           prompt.rope_delta)
+    logits = engine.prompt_logits(full)[n - 1:].float()
+    top2 = logits.topk(2, dim=-1).values
+    margin = (top2[:, 0] - top2[:, 1]) / logits.abs().max()
+    close = [i for i, m in enumerate(margin.tolist()) if m < NOISE]
+    upto = close[0] if close else len(want)
+    assert got[:upto] == want[:upto], f"diverged before step {upto}"
+
+
+@pytest.mark.parametrize("model,layouts", [("tiny_moe", [(2, 1), (2, 2)]), ("tiny_dense", [(2, 1)]),
+                                           ("tiny_fp8_moe", [(2, 2)])])
+def test_tp2_on_two_gpus_answers_as_tp1(model, layouts, request):
+    path = request.getfixturevalue(model)
+    one = _engine(path)
+    try:
+        assert one.runner.graphs is not None
+        prompts = [Processor(str(path), one.tokenizer).process_messages(m) for m in MESSAGES]
+        want, want_logits = _run(one, prompts)
+        results = {}
+        for tp, ep in layouts:
+            engine = _engine(path, tp, ep)
+            try:
+                assert engine.runner.graphs is not None
+                results[tp, ep] = _run(engine, prompts)
+            finally:
+                engine.close()
+        for (tp, ep), (got, logits) in results.items():
+            for w, g in zip(want_logits, logits):
+                assert ((g - w).norm() / w.norm()).item() < 2e-2, (tp, ep)
+            for prompt, w, g in zip(prompts, want, got):
+                assert len(g) == TOKENS
+                _agree_until_a_near_tie(one, prompt, w, g)
+    finally:
+        one.close()
