@@ -105,14 +105,18 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
             pairs_win.append((m, pair_ms < best[0]))
             line += f"  pairs {pair_ms:.4f} ms"
         print(line, flush=True)
-    # the pair path up to the first M the sorted path wins at
-    wins = dict(pairs_win)
-    wins.setdefault(1, True)            # batch 1 not timed: it stays on the pair path
-    if all(wins.values()):
-        table["pair_path_max_m"] = PAIR_PATH_MAX_M
-    else:
-        table["pair_path_max_m"] = max(m for m, _ in itertools.takewhile(lambda t: t[1], sorted(wins.items())))
+    table["pair_path_max_m"] = pair_crossover(pairs_win)
     return table
+
+
+def pair_crossover(pairs_win) -> int:
+    """[(M, pairs beat sorted)] -> the largest M the pair path takes: up to the first M the sorted
+    path wins at; 0 where it wins at the smallest M timed (batch 1, when not timed, stays on pairs)."""
+    wins = dict(pairs_win)
+    wins.setdefault(1, True)
+    if all(wins.values()):
+        return PAIR_PATH_MAX_M
+    return max((m for m, _ in itertools.takewhile(lambda t: t[1], sorted(wins.items()))), default=0)
 
 
 def main(argv=None):

@@ -298,3 +298,13 @@ def test_prompt_logprobs_at_tp2_match_tp1(tiny_moe):
             engine.close()
     assert len(got[0]) == len(ids) - 1 and [g[0] for g in got[0]] == ids[1:]
     assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(*got))
+
+
+def test_the_tuner_hands_batches_to_the_pair_path_up_to_the_first_loss():
+    from benchmarks.tune_fused_moe import pair_crossover
+    from kernels.fused_moe import PAIR_PATH_MAX_M
+
+    assert pair_crossover([(2, True), (4, True), (8, False), (16, True)]) == 4
+    assert pair_crossover([(2, False)]) == 1                     # batch 1 not timed: stays on pairs
+    assert pair_crossover([(1, False), (2, True)]) == 0          # the sorted path from batch 1
+    assert pair_crossover([(1, True), (16, True)]) == PAIR_PATH_MAX_M
