@@ -308,3 +308,37 @@ def test_the_tuner_hands_batches_to_the_pair_path_up_to_the_first_loss():
     assert pair_crossover([(2, False)]) == 1                     # batch 1 not timed: stays on pairs
     assert pair_crossover([(1, False), (2, True)]) == 0          # the sorted path from batch 1
     assert pair_crossover([(1, True), (16, True)]) == PAIR_PATH_MAX_M
+
+
+def test_rank0_takes_the_group_down_with_the_workers_before_waiting_for_them(monkeypatch):
+    """NCCL destroys a group collectively, and a graph that captured its collectives holds the
+    communicator: rank 0 drops its graphs, destroys the group while the workers destroy theirs,
+    and only then waits for them to exit. (Waiting first deadlocked every close on GPUs.) A
+    worker already gone is killed first, and the teardown still runs (gloo's is local)."""
+    from qwen3vl_backend.engine import model_runner as mr
+
+    events = []
+
+    class Channel:
+        def __init__(self, fails):
+            self.fails = fails
+
+        def stop(self):
+            events.append("stop")
+            if self.fails:
+                raise RuntimeError("connection closed")
+
+    class Graphs:
+        def __del__(self):
+            events.append("graphs dropped")
+
+    monkeypatch.setattr(mr, "shutdown_group", lambda *a: events.append("destroy") or True)
+    monkeypatch.setattr(mr, "wait_all", lambda procs, timeout: events.append(f"wait {timeout:g}"))
+    for fails, want in ((False, ["stop", "graphs dropped", "destroy", "wait 10"]),
+                        (True, ["stop", "graphs dropped", "wait 0", "destroy", "wait 10"])):
+        events.clear()
+        runner = mr.ModelRunner.__new__(mr.ModelRunner)
+        runner.rank, runner.channel, runner.watchdog, runner.workers = 0, Channel(fails), None, []
+        runner.graphs, runner.device = Graphs(), torch.device("cpu")
+        runner.close()
+        assert events == want and runner.channel is None and runner.graphs is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ..supervisor import free_port
 from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
 from .scheduler import ScheduledChunk
 from .structured import apply_masks
-from .tp import StepChannel, Watchdog, fatal, init_group, start_local_workers, wait_all
+from .tp import StepChannel, Watchdog, fatal, init_group, shutdown_group, start_local_workers, wait_all
 
 log = logging.getLogger(__name__)
 
@@ -197,18 +198,35 @@ class ModelRunner:
         self._ctrl = init_group(self.rank, cfg.tp_size, addr, backend, cfg.dist_timeout_s)
 
     def close(self) -> None:
-        """Rank 0: stop the other ranks (they leave their loop and exit) and wait for them."""
+        """Rank 0: stop the other ranks and take the group down together with them, then wait for
+        them to exit. NCCL's teardown is collective: waiting for the workers first (they sit in
+        their own teardown, waiting for this rank) deadlocked every tp engine's close on GPUs."""
         if self.rank != 0 or self.channel is None:
             return
         if self.watchdog is not None:
             self.watchdog.stopping.set()
         try:
             self.channel.stop()
-        except Exception as e:          # a worker already gone: kill the rest below
+            stopped = True
+        except Exception as e:          # a worker already gone: kill the rest first
             log.warning("stopping the tensor-parallel workers: %s", e)
-        wait_all(self.workers, 10.0)
+            stopped = False
         self.channel = None
-        torch.distributed.destroy_process_group()
+        self.release_graphs()
+        if not stopped:
+            wait_all(self.workers, 0.0)
+        shutdown_group()
+        wait_all(self.workers, 10.0)
+
+    def release_graphs(self) -> None:
+        """Drop the decode graphs (the runner cannot decode after): graphs that captured NCCL
+        collectives hold their communicator, which cannot be destroyed while they live."""
+        if self.graphs is None:
+            return
+        self.graphs = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def serve_steps(self) -> None:
         """Ranks 1..: run each step rank 0 sends until it sends stop."""

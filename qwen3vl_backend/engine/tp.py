@@ -61,6 +61,32 @@ def init_group(rank: int, world: int, addr: str, backend: str, timeout_s: float)
     return dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
 
 
+# how long a rank waits for the others to take the group down with it
+GROUP_SHUTDOWN_S = 15.0
+
+
+def shutdown_group(timeout_s: float = GROUP_SHUTDOWN_S) -> bool:
+    """Destroy this process's groups. With NCCL this is collective (the communicators are
+    finalized together): every rank calls it at about the same time, after dropping the CUDA
+    graphs that captured its collectives. In a daemon thread, so a rank that never joins costs
+    `timeout_s` (-> False) rather than a hang; the process should not start a group again then."""
+    done = threading.Event()
+
+    def destroy():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:                 # already destroyed, or a peer's failure surfacing here
+            log.warning("destroying the tensor-parallel group: %s", e)
+        finally:
+            done.set()
+
+    threading.Thread(target=destroy, daemon=True, name="tp-shutdown").start()
+    if not done.wait(timeout_s):
+        log.warning("the tensor-parallel group was not destroyed within %.0f s (a rank did not join)", timeout_s)
+        return False
+    return True
+
+
 def fatal(msg: str) -> None:
     """End this process (status 70): the group cannot go on. The message goes to the log and stderr."""
     log.error(msg)

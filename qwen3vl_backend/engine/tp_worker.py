@@ -14,9 +14,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
-
-import torch
 
 from ..config import EngineConfig
 
@@ -57,11 +56,15 @@ def main(argv=None) -> int:
             ap.error("without --rank: --model-path and --node-rank >= 1 (node 0 is the server's)")
         return _node(args)
     from .model_runner import ModelRunner
+    from .tp import shutdown_group
 
     cfg = EngineConfig(**json.loads(args.settings))
     runner = ModelRunner(cfg, args.rank)
     runner.serve_steps()
-    torch.distributed.destroy_process_group()
+    runner.release_graphs()
+    if not shutdown_group():          # rank 0 never joined the teardown: exit without the group's destructors
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 
