@@ -89,10 +89,9 @@ def experts_hit(engine: LLMEngine, prompts, temperature: float = 0.0, after: int
     originals = [(m.route_fn, m.norm_route_fn) for m in moes]
 
     def recording(route):
-        def fn(logits, top_k, renormalize):
-            weights, chosen = route(logits, top_k, renormalize)
-            seen.append(int(chosen.unique().numel()))
-            return weights, chosen
+        def fn(logits, top_k, renormalize, **ep):
+            seen.append(int(route(logits, top_k, renormalize)[1].unique().numel()))   # the layer's ids, all ranks'
+            return route(logits, top_k, renormalize, **ep)
         return fn
 
     graphs, engine.runner.graphs = engine.runner.graphs, None

@@ -399,11 +399,13 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
 
 
 @triton.jit
-def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
-               RENORMALIZE: tl.constexpr):
+def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K: tl.constexpr,
+               TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
     """One row's routing from its logits (float32): the top-k by logit, largest first (ties to the
     lower id), one reduction each; their softmax weights over all experts, or over the top-k
-    alone when RENORMALIZE (the same numbers as softmax -> top-k -> renormalise)."""
+    alone when RENORMALIZE (the same numbers as softmax -> top-k -> renormalise). Stored as this
+    rank's experts see them: id - first where that is below n_local, else n_local (the sentinel)
+    with weight 0 (no expert parallelism: first 0, n_local E)."""
     slots = tl.arange(0, TOP_K_PAD)
     vals = tl.full((TOP_K_PAD,), float("-inf"), tl.float32)
     ids = tl.zeros((TOP_K_PAD,), tl.int32)
@@ -419,30 +421,37 @@ def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, TOP_K: tl.constexpr,
         norm = tl.sum(e, 0)
     else:
         norm = tl.sum(tl.where(ok, tl.exp(logits - top), 0.0), 0)
-    tl.store(weights_ptr + row * TOP_K + slots, e / norm, mask=slots < TOP_K)
-    tl.store(ids_ptr + row * TOP_K + slots, ids, mask=slots < TOP_K)
+    local = ids - first
+    mine = (local >= 0) & (local < n_local)
+    tl.store(weights_ptr + row * TOP_K + slots, tl.where(mine, e / norm, 0.0), mask=slots < TOP_K)
+    tl.store(ids_ptr + row * TOP_K + slots, tl.where(mine, local, n_local), mask=slots < TOP_K)
 
 
 @triton.jit
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr = False):
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm, first, n_local, TOP_K: tl.constexpr,
+                  TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+                  USE_PDL: tl.constexpr = False):
     gdc_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E
     logits = tl.load(logits_ptr + row * stride_lm + offs, mask=ok, other=float("-inf")).to(tl.float32)
-    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, TOP_K, TOP_K_PAD, RENORMALIZE)
+    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
-    """router_logits (T, E) -> weights (T, A) float32, expert ids (T, A) int32; one launch."""
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expert: int = 0,
+          num_local: int | None = None):
+    """router_logits (T, E) -> weights (T, A) float32, expert ids (T, A) int32; one launch.
+    `first_expert`, `num_local`: expert parallelism, ids as the layer's experts on this rank
+    see them (qwen3vl_backend.layers.moe.route's contract)."""
     t, e = router_logits.shape
     if top_k > e or router_logits.stride(-1) != 1:
         raise ValueError(f"route: top_k {top_k} of {e} experts (logits' last dim contiguous)")
     weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
     if t:
-        _route_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0), TOP_K=top_k,
+        _route_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0), first_expert,
+                            e if num_local is None else num_local, TOP_K=top_k,
                             TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
                             BLOCK_E=triton.next_power_of_2(e), **pdl(router_logits))
     return weights, ids
@@ -450,7 +459,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
 
 @triton.jit
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
-                       ids_ptr, count_ptr, D, E, eps, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
+                       ids_ptr, count_ptr, D, E, eps, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
                        RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                        E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One token (BLOCK_D >= D: every load is issued at once). Each program: s = x + residual and
@@ -483,7 +492,7 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
             lg = tl.load(fixed_ptr + offs, mask=ok, other=float("-inf")).to(tl.float32)
         else:
             lg = tl.load(logits_ptr + offs, mask=ok, other=float("-inf"), volatile=True)
-        _route_row(lg, offs, ok, weights_ptr, ids_ptr, 0, TOP_K, TOP_K_PAD, RENORMALIZE)
+        _route_row(lg, offs, ok, weights_ptr, ids_ptr, 0, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
         tl.atomic_xchg(count_ptr, 0)
 
 
@@ -492,11 +501,12 @@ NORM_ROUTE_MAX_D = 4096        # the gate's rows in registers: up to Qwen3-VL-23
 
 def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                gate_weight: torch.Tensor, top_k: int, renormalize: bool, counter: torch.Tensor,
-               fixed_logits: torch.Tensor | None = None):
+               fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None):
     """The post-attention RMSNorm (after the residual add) and the router in one launch, for one
     token (batch-1 decode). x, residual (1, D); gate_weight (E, D); `counter` one int32, zero
     between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (1, A)
-    float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T)` give them."""
+    float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T, ..., first_expert,
+    num_local)` give them."""
     m, d = x.shape
     e = gate_weight.shape[0]
     if (m != 1 or d > NORM_ROUTE_MAX_D or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
@@ -513,7 +523,7 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     fixed = fixed_logits if fixed_logits is not None else logits
     _norm_route_kernel[(triton.cdiv(e, block_e),)](
         x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, d, e, eps,
-        TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+        first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
         FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
         E_PAD=triton.next_power_of_2(e), num_warps=8, **pdl(x))
     return h, new_res, weights, ids
@@ -560,31 +570,39 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         gate, up = gate_up.chunk(2, dim=-1)
         act = torch.nn.functional.silu(gate) * up
     act, act_scale = (quantize_activations_fp8(act, block[1]) if w8a8 else (act, None))
-    out = (torch.zeros if sentinel else torch.empty)(m * top_k, h, dtype=x.dtype, device=x.device)
+    # the sentinel's rows are never written: the combine skips them (no zero fill)
+    out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg, scale=w2_scale,
                   a_scale=act_scale, **fp8)
-    return sum_top_k(out.view(m, top_k, h))
+    return sum_top_k(out.view(m, top_k, h), topk_ids if sentinel else None, e)
 
 
 @triton.jit
-def _sum_top_k_kernel(in_ptr, out_ptr, N, TOP_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+def _sum_top_k_kernel(in_ptr, out_ptr, ids_ptr, N, num_experts, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                      SKIP_SENTINEL: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     gdc_enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     acc = tl.zeros((BLOCK,), tl.float32)
     for j in tl.static_range(TOP_K):
-        acc += tl.load(in_ptr + (token * TOP_K + j) * N + offs, mask=ok, other=0.0).to(tl.float32)
+        row_ok = ok
+        if SKIP_SENTINEL:
+            row_ok = ok & (tl.load(ids_ptr + token * TOP_K + j) < num_experts)
+        acc += tl.load(in_ptr + (token * TOP_K + j) * N + offs, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * N + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def sum_top_k(pairs: torch.Tensor) -> torch.Tensor:
+def sum_top_k(pairs: torch.Tensor, topk_ids: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
     """(M, A, H) contiguous -> (M, H): the top-k combine, float32 accumulation (one launch where
-    torch's reduction takes ~5 us at M=64)."""
+    torch's reduction takes ~5 us at M=64). With `topk_ids` (M, A), pairs whose id is
+    `num_experts` or more (another rank's expert) are skipped: their rows may hold anything."""
     m, a, h = pairs.shape
     out = torch.empty(m, h, dtype=pairs.dtype, device=pairs.device)
     block = min(1024, triton.next_power_of_2(h))
-    _sum_top_k_kernel[(m, triton.cdiv(h, block))](pairs, out, h, TOP_K=a, BLOCK=block, num_warps=4, **pdl(pairs))
+    ids = topk_ids.contiguous() if topk_ids is not None else pairs
+    _sum_top_k_kernel[(m, triton.cdiv(h, block))](pairs, out, ids, h, num_experts, TOP_K=a, BLOCK=block,
+                                                  SKIP_SENTINEL=topk_ids is not None, num_warps=4, **pdl(pairs))
     return out
 
 

@@ -66,6 +66,46 @@ def test_route_kernel_matches_torch(t, e, a, renormalize):
     torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 
 
+def test_top_k_combine_skips_other_ranks_pairs():
+    """The sorted path leaves the sentinel's rows unwritten (no zero fill): the combine must not
+    read them, whatever they hold."""
+    from kernels.fused_moe import sum_top_k
+
+    pairs = torch.randn(3, 4, 40, device=DEV)
+    ids = torch.tensor([[0, 5, 2, 5], [5, 5, 5, 5], [1, 2, 3, 4]], dtype=torch.int32, device=DEV)
+    pairs[ids == 5] = float("nan")
+    want = torch.where((ids < 5)[..., None], pairs, 0.0).sum(1)
+    torch.testing.assert_close(sum_top_k(pairs, ids, 5), want)
+    torch.testing.assert_close(sum_top_k(pairs[2:]), pairs[2:].sum(1))
+
+
+@pytest.mark.parametrize("first,local", [(0, 4), (4, 4), (8, 8)])
+def test_routers_map_ids_to_this_ranks_experts(first, local):
+    """Expert parallelism: the routers (torch, the route kernel, norm + route in one launch) hand
+    the experts ids as this rank sees them, id - first_expert for its own and the sentinel
+    (num_local, weight 0) for the others', the weights of its own unchanged."""
+    from kernels.fused_moe import norm_route
+
+    e, a, d = 16, 4, 64
+    g = torch.Generator().manual_seed(first + local)
+    logits = torch.randn(5, e, generator=g).to(DEV)
+    whole_w, whole_ids = route(logits, a, True)
+    mine = (whole_ids >= first) & (whole_ids < first + local)
+    assert mine.any() and not mine.all()
+    want_ids = torch.where(mine, whole_ids - first, local)
+    want_w = torch.where(mine, whole_w, 0.0)
+    for fn in (route, route_kernel):
+        w, ids = fn(logits, a, True, first_expert=first, num_local=local)
+        assert torch.equal(ids.long(), want_ids.long()), fn
+        torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
+    # norm_route, on fixed logits (exact routing): one token
+    x, res, nw = torch.randn(1, d).to(DEV), torch.randn(1, d).to(DEV), torch.ones(d).to(DEV)
+    gate, counter = torch.randn(e, d).to(DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
+    _, _, w, ids = norm_route(x, res, nw, 1e-6, gate, a, True, counter, logits[:1].contiguous(), first, local)
+    assert torch.equal(ids.long(), want_ids[:1].long())
+    torch.testing.assert_close(w, want_w[:1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("d,e,a", [(64, 8, 2), (300, 20, 3), (2048, 128, 8)])
 @pytest.mark.parametrize("fixed", [False, True])
 def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed):

@@ -5,7 +5,8 @@ same layouts on CPU with gloo).
 The serving dtype (bf16) against the same model at tp 1 on one GPU. A rank's partial sums round
 to bf16 before the all-reduce, so greedy tokens must agree up to the first step whose top-2 logit
 margin (tp 1's own logits) is within bf16 noise, as tests/test_gpu.py holds the GPU to the CPU;
-and the first step's logits stay within bf16 rounding of tp 1's.
+and the first step's logits stay within 2% of tp 1's (5% for fp8, whose activations are quantized
+per group: an upstream rounding difference can move a value a whole fp8 step; measured 2.1%).
 """
 
 import pytest
@@ -66,6 +67,7 @@ def _agree_until_a_near_tie(engine, prompt, want, got):
                                            ("tiny_fp8_moe", [(2, 2)])])
 def test_tp2_on_two_gpus_answers_as_tp1(model, layouts, request):
     path = request.getfixturevalue(model)
+    tolerance = 5e-2 if "fp8" in model else 2e-2
     one = _engine(path)
     try:
         assert one.runner.graphs is not None
@@ -81,7 +83,7 @@ def test_tp2_on_two_gpus_answers_as_tp1(model, layouts, request):
                 engine.close()
         for (tp, ep), (got, logits) in results.items():
             for w, g in zip(want_logits, logits):
-                assert ((g - w).norm() / w.norm()).item() < 2e-2, (tp, ep)
+                assert ((g - w).norm() / w.norm()).item() < tolerance, (tp, ep)
             for prompt, w, g in zip(prompts, want, got):
                 assert len(g) == TOKENS
                 _agree_until_a_near_tie(one, prompt, w, g)

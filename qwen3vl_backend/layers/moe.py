@@ -15,12 +15,21 @@ from ..parallel import Parallel, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
-    """router_logits (T, E) -> weights (T, A) float32, expert ids (T, A)."""
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expert: int = 0,
+          num_local: int | None = None):
+    """router_logits (T, E) -> weights (T, A) float32, expert ids (T, A). Expert parallelism
+    (`num_local` of the layer's experts held here, from `first_expert`): ids as this rank's
+    experts see them, id - first_expert, and another rank's expert as the sentinel num_local
+    with weight 0 (the kernels skip it)."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if num_local is not None:
+        local = ids - first_expert
+        mine = (local >= 0) & (local < num_local)
+        ids = torch.where(mine, local, num_local).to(ids.dtype)
+        weights = torch.where(mine, weights, 0.0)
     return weights, ids
 
 
@@ -204,8 +213,13 @@ class SparseMoE(nn.Module):
         logits = self.gate(x)
         if self.fixed_logits is not None:
             logits = self._fixed(x.shape[0])
-        weights, ids = self.route_fn(logits, self.top_k, self.renormalize)
+        weights, ids = self.route_fn(logits, self.top_k, self.renormalize, **self._ep_routing())
         return self._experts(x, weights, ids)
+
+    def _ep_routing(self) -> dict:
+        """The routers' arguments that map ids to this rank's experts (expert parallelism)."""
+        ex = self.experts
+        return {"first_expert": ex.first_expert, "num_local": ex.num_local} if ex.num_local < ex.num_experts else {}
 
     def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output on norm(x + residual), x + residual): with `norm_route_fn`, the norm
@@ -221,7 +235,7 @@ class SparseMoE(nn.Module):
         fixed = self._fixed(x.shape[0]) if self.fixed_logits is not None else None
         h, residual, weights, ids = self.norm_route_fn(x.contiguous(), residual.contiguous(), norm.weight, norm.eps,
                                                        self.gate.weight, self.top_k, self.renormalize,
-                                                       self._counter, fixed)
+                                                       self._counter, fixed, **self._ep_routing())
         return self._experts(h, weights, ids), residual
 
     def _fixed(self, t: int) -> torch.Tensor:
@@ -229,12 +243,8 @@ class SparseMoE(nn.Module):
         return (noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]).contiguous()
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """ids as this rank's experts see them (the routers map them: `_ep_routing`)."""
         ex = self.experts
-        if ex.num_local < ex.num_experts:        # expert parallelism: other ranks' experts -> the sentinel
-            local = ids - ex.first_expert
-            mine = (local >= 0) & (local < ex.num_local)
-            ids = torch.where(mine, local, ex.num_local).to(ids.dtype)
-            weights = torch.where(mine, weights, 0.0)
         if ex.quantized:
             out = ex.fp8_forward(x, weights, ids)
         else:
