@@ -23,6 +23,7 @@ from pathlib import Path
 from .supervisor import Server
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVE_MODELS = ROOT / ".serve" / "models"          # --load-format dummy's model directories
 TEMPLATE = ROOT / "model_repository"
 _PARAM = re.compile(r'parameters \{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}')
 
@@ -273,9 +274,18 @@ def _model_dir(model_path: str, load_format: str) -> str:
     if load_format == "dummy" and bundled.exists():
         from .tools.make_tiny_checkpoint import write_model_dir
 
-        out = ROOT / ".serve" / "models" / path.name
-        if not (out / "config.json").exists():
-            write_model_dir(out, json.loads(bundled.read_text()))
+        out = SERVE_MODELS / path.name
+        if not all((out / f).exists() for f in ("config.json", "tokenizer.json")):
+            # written aside and renamed into place: an interrupted or failed write (a missing
+            # tokenizer source) leaves no half directory for the next launch to take as a model
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                write_model_dir(tmp, json.loads(bundled.read_text()))
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return str(out)
     known = ", ".join(sorted(p.stem for p in bundled.parent.glob("*.json")))
     raise SystemExit(f"--model-path {model_path!r} is not a local checkpoint directory (no hub is reached; "

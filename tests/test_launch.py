@@ -238,3 +238,40 @@ def test_readme_shows_what_make_serve_prints():
     argv = shlex.split(line.split("qwen3vl_backend.launch", 1)[1].replace("$(MODEL)", ".cache/tiny-moe"))
     banner = launch.banner(launch.build_parser().parse_args(argv), "tiny-moe")
     assert banner in (launch.ROOT / "README.md").read_text()
+
+
+def test_a_failed_dummy_model_write_leaves_nothing_a_later_launch_would_take(tmp_path, monkeypatch):
+    """--load-format dummy writes the model directory aside and renames it into place: a write
+    that fails midway (on the GPU host: no tokenizer source) left config.json alone, which every
+    later launch took as a model and then failed on the missing tokenizer."""
+    from qwen3vl_backend import launch
+    from qwen3vl_backend.tools import make_tiny_checkpoint
+
+    monkeypatch.setattr(launch, "SERVE_MODELS", tmp_path)
+    name = "Qwen/Qwen3-VL-30B-A3B-Instruct"
+    out = tmp_path / "Qwen3-VL-30B-A3B-Instruct"
+
+    def failing(d, cfg):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(cfg))
+        raise FileNotFoundError("no tokenizer source")
+
+    monkeypatch.setattr(make_tiny_checkpoint, "write_model_dir", failing)
+    with pytest.raises(FileNotFoundError):
+        launch._model_dir(name, "dummy")
+    assert list(tmp_path.iterdir()) == []
+
+    writes = []
+
+    def working(d, cfg):
+        writes.append(d)
+        d.mkdir(parents=True)
+        for f in ("config.json", "tokenizer.json"):
+            (d / f).write_text("{}")
+
+    out.mkdir()
+    (out / "config.json").write_text("{}")                      # a half directory from an older launcher
+    monkeypatch.setattr(make_tiny_checkpoint, "write_model_dir", working)
+    assert launch._model_dir(name, "dummy") == str(out) and (out / "tokenizer.json").exists()
+    assert launch._model_dir(name, "dummy") == str(out) and len(writes) == 1     # complete: reused
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]

@@ -143,6 +143,32 @@ def test_a_killed_worker_ends_the_engine_fast(tiny_moe):
         proc.kill()
 
 
+def test_workers_outlive_a_signal_to_the_process_group_and_stop_with_the_engine(tiny_moe):
+    """A launcher stopping Triton signals its whole process group. A rank that died of that
+    SIGTERM took the engine down before Triton could close it (measured on the two-H200 host):
+    the ranks ignore it and stop when rank 0 closes, with status 0."""
+    import signal
+
+    from qwen3vl_backend.config import EngineConfig
+    from qwen3vl_backend.engine.llm_engine import LLMEngine
+    from qwen3vl_backend.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model_path=str(tiny_moe), dtype="float32", tp_size=2))
+    try:
+        worker = engine.runner.workers[0]
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
+        time.sleep(1)
+        assert worker.poll() is None
+        ids = engine.tokenizer.encode("Hello there")
+        assert len(engine.generate([ids], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+                   ["output_token_ids"]) == 3
+    finally:
+        t0 = time.monotonic()
+        engine.close()
+    assert worker.wait(5) == 0 and time.monotonic() - t0 < 10
+
+
 @pytest.mark.server
 def test_served_at_tp2_ep2_answers_like_tp1_and_a_dead_worker_is_replaced(tiny_moe, tmp_path):
     """The launcher with --tp 2 --ep 2: the llm model (KIND_MODEL) runs rank 0 and starts rank 1;

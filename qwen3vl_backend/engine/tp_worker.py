@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 
 from ..config import EngineConfig
@@ -58,6 +59,10 @@ def main(argv=None) -> int:
     from .model_runner import ModelRunner
     from .tp import shutdown_group
 
+    # a signal to the whole process group (a launcher stopping Triton) must not take a rank away
+    # under rank 0, which stops the ranks itself as it closes; if rank 0 dies, PDEATHSIG ends this
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = EngineConfig(**json.loads(args.settings))
     runner = ModelRunner(cfg, args.rank)
     runner.serve_steps()
