@@ -61,6 +61,24 @@ def test_prefix_cache_reuses_kv_and_keeps_outputs(tiny_moe, prompts, reference):
     assert again["output_token_ids"] == first["output_token_ids"] == reference[1]
 
 
+def test_warm_up_leaves_no_trace(tiny_moe, prompts, reference):
+    """Serving warms the kernels up with synthetic prompts before the first request: afterwards
+    no request is left, every KV block is free, no warm-up prefix is served from the cache (nor
+    counted in the hit rate), and real requests answer as on a fresh engine."""
+    engine = make_engine(tiny_moe, block_size=4, max_num_batched_tokens=64)
+    assert engine.warm_up((3, 16, 300)) > 0
+    bm = engine.block_manager
+    assert not engine.has_unfinished() and not engine._requests and bm.num_free == bm.num_blocks
+    assert bm.prefix_queries == bm.prefix_hits == 0
+    span = min(engine.vocab_size, 4096) - 100
+    warm = [100 + (i * 7919) % span for i in range(64)]              # the capped (64-token) warm-up prompt
+    assert engine.generate([warm], GREEDY)[0]["cached_tokens"] == 0
+    assert [o["output_token_ids"] for o in engine.generate(prompts, GREEDY)] == reference
+    engine.add_request(prompts[0], GREEDY)
+    with pytest.raises(RuntimeError, match="busy"):
+        engine.warm_up()
+
+
 def test_max_tokens_respected(tiny_moe, prompts):
     out = make_engine(tiny_moe).generate([prompts[0]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
     assert len(out["output_token_ids"]) == 3 and out["finish_reason"] == "length"

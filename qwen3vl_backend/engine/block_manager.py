@@ -80,6 +80,18 @@ class BlockManager:
                 continue
             self._hash_of[block], self._by_hash[h] = h, block
 
+    def forget_prefixes(self) -> None:
+        """Drop every cached prefix and zero the hit counters (after a warm-up, whose synthetic
+        prompts must neither serve a real request nor count in its hit rate). Only while no
+        sequence holds a block."""
+        if any(self._ref):
+            raise RuntimeError("forget_prefixes while sequences hold blocks")
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._hash_of.clear()
+        self._by_hash.clear()
+        self.prefix_queries = self.prefix_hits = 0
+
     # -- allocation --------------------------------------------------------------------------
     def ensure(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow seq's block table to hold num_tokens tokens; False (and no change) if out of blocks."""

@@ -173,6 +173,24 @@ class LLMEngine:
         return encode_with_cache(self.runner.run_vision, self.vision_cache, pixels, [m.grid_thw for m in media],
                                  [m.content_hash for m in media], merge_unit)
 
+    def warm_up(self, lengths: tuple[int, ...] = (16, 256, 2048)) -> float:
+        """Prefill a synthetic prompt of each length (capped by the chunk and context sizes) and
+        decode two tokens from it, so that the kernels the first real requests need (launch
+        shapes by batch size, prefill attention, the MoE's sorted path) compile now and not
+        inside their time to first token. Leaves nothing behind: no request, no cached prefix,
+        the prefix counters at zero. -> seconds taken. (Serving calls it; the decode graphs
+        were captured at start already.)"""
+        if self.has_unfinished():
+            raise RuntimeError("warm_up on a busy engine")
+        t0 = time.perf_counter()
+        cap = min(self.cfg.max_num_batched_tokens, self.cfg.max_model_len - 2)
+        span = max(min(self.vocab_size, 4096) - 100, 1)             # ordinary ids, no special tokens
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        for n in sorted({max(1, min(n, cap)) for n in lengths}):
+            self.generate([[100 + (i * 7919) % span for i in range(n)]], params)
+        self.block_manager.forget_prefixes()
+        return time.perf_counter() - t0
+
     def abort(self, request_id: str) -> bool:
         """Cancel a request: its KV blocks are freed at once."""
         req = self._requests.pop(request_id, None)

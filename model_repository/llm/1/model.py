@@ -33,6 +33,8 @@ class TritonPythonModel:
     def initialize(self, args):
         s = model_settings(args)
         self.engine = LLMEngine(EngineConfig.from_settings({k: v for k, v in s.items() if k in ENGINE_KEYS}))
+        # the first requests' kernels compile now, not in their time to first token
+        pb_utils.Logger.log_info(f"llm: warmed up in {self.engine.warm_up():.1f} s")
         self.merge_unit = self.engine.runner.model_cfg.vision.spatial_merge_size ** 2
         self.metrics = TritonEngineMetrics(pb_utils)
         arrived = pb_utils.MetricFamily("qwen3vl_llm_visual_features_total", "Requests' visual features by where they "

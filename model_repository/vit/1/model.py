@@ -47,6 +47,17 @@ class TritonPythonModel:
         arrived = pb_utils.MetricFamily("qwen3vl_vit_pixels_total", "Requests' pixels by where they arrived (gpu: "
                                         "CUDA IPC transport, host: shared memory)", pb_utils.MetricFamily.COUNTER)
         self._arrived = (arrived, {True: arrived.Metric({"where": "gpu"}), False: arrived.Metric({"where": "host"})})
+        self.warm_up()
+
+    @torch.no_grad()
+    def warm_up(self):
+        """Encode a synthetic 448x448 image before the first request: the encoder's first call
+        compiles and plans its kernels (0.4 s of one request's TTFT on an H200)."""
+        p, g = self.pixel_cfg, (1, 28, 28)
+        width = 3 * p.temporal_patch_size * p.patch_size ** 2
+        self._encode(torch.zeros(g[0] * g[1] * g[2], width, dtype=torch.uint8), [g])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
