@@ -23,15 +23,27 @@ from .common import image_data_uri, print_table, write_result
 from .engine import make_request
 
 
-async def one(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[float, list[float], str, float]:
-    """-> TTFT (first content), gaps between content chunks, text, time to the first SSE event.
-    The body is encoded once beforehand: the client's own JSON encoding is not the server's time."""
+def server_timing(header: str | None) -> dict[str, float]:
+    """The adapter's Server-Timing header -> {phase: ms}."""
+    out = {}
+    for part in (header or "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if name and dur:
+            out[name] = float(dur)
+    return out
+
+
+async def one(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[float, list[float], str, float, dict]:
+    """-> TTFT (first content), gaps between content chunks, text, time to the first SSE event,
+    the adapter's own phases (ms). The body is encoded once beforehand: the client's own JSON
+    encoding is not the server's time."""
     start = time.perf_counter()
     stamps, text, first_event = [], [], None
     async with client.stream("POST", f"{url}/v1/chat/completions", content=body,
                              headers={"content-type": "application/json"}) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        phases = server_timing(r.headers.get("server-timing"))
         async for line in r.aiter_lines():
             if first_event is None and line.startswith("data: "):
                 first_event = time.perf_counter() - start
@@ -40,7 +52,7 @@ async def one(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[float, 
                 if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
                     text.append(chunk["choices"][0]["delta"]["content"])
-    return stamps[0] - start, list(np.diff(stamps)), "".join(text), first_event
+    return stamps[0] - start, list(np.diff(stamps)), "".join(text), first_event, phases
 
 
 async def run(url: str, body: dict, warmup: dict, concurrency: int) -> dict:
@@ -53,7 +65,12 @@ async def run(url: str, body: dict, warmup: dict, concurrency: int) -> dict:
         wall = time.perf_counter() - t
     ttft = np.array([r[0] for r in results]) * 1e3
     itl = np.concatenate([r[1] for r in results]) * 1e3
-    return {"concurrency": concurrency, "ttft_p50_ms": float(np.percentile(ttft, 50)),
+    # the adapter's phases, and what is left of each TTFT outside them (HTTP both ways, the client)
+    adapter = {f"adapter_{k}_ms": float(np.percentile([r[4].get(k, 0.0) for r in results], 50))
+               for k in results[0][4]}
+    if results[0][4]:
+        adapter["outside_adapter_ms"] = float(np.percentile([t - sum(r[4].values()) for t, r in zip(ttft, results)], 50))
+    return {"concurrency": concurrency, **adapter, "ttft_p50_ms": float(np.percentile(ttft, 50)),
             "first_event_p50_ms": float(np.percentile([r[3] * 1e3 for r in results], 50)),
             "ttft_p99_ms": float(np.percentile(ttft, 99)), "itl_p50_ms": float(np.percentile(itl, 50)),
             "itl_p99_ms": float(np.percentile(itl, 99)),

@@ -149,8 +149,12 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         rid = uuid.uuid4().hex
-        raw, body = await _json_body(request, settings.max_request_body_bytes)
+        timing = ServerTiming()
+        raw = await _read_body(request, settings.max_request_body_bytes)
+        timing.mark("read")
+        body = await _parse_json(raw)
         req = check_chat_request(body, settings.served_model_name, settings.mm_limits)
+        timing.mark("parse")
         cid, start = completion_id(), time.monotonic()
         cancel = Cancel()
         try:
@@ -159,12 +163,14 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
             raise APIError(400, str(e), param="messages") from e
         if messages is None:
             return Response(status_code=499)
+        timing.mark("media")
         ids, thinking = None, False
         if prompts is not None:
             try:
                 ids, thinking = await asyncio.to_thread(prompts.ids, messages, req.tools, req.template_kwargs)
             except RequestError as e:
                 raise APIError(400, str(e), param="messages") from e
+            timing.mark("prompt")
         # preprocess reads `messages`, `tools` and `chat_template_kwargs` from a JSON object and takes
         # sampling from its own input, so the request's bytes go on as they came unless they must
         # change (media inlined, tools dropped by tool_choice none): a large data URI is not encoded twice
@@ -186,13 +192,15 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         headers = {"x-request-id": rid}
         if not req.stream:
             return await _complete_unless_gone(request, streams, parser, cid, start, rid, headers,
-                                               req.sampling.get("logprobs") is not None)
+                                               req.sampling.get("logprobs") is not None, timing)
         try:   # errors before any output still get a proper status code
             firsts = await _firsts(streams, rid)
         except BaseException:
             for d in streams:
                 await d.aclose()
             raise
+        timing.mark("first")
+        headers["server-timing"] = timing.header()
         return StreamingResponse(_sse(firsts, streams, parser, req, cid, start, rid),
                                  media_type="text/event-stream", headers=headers)
 
@@ -299,7 +307,8 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         first = await _first(streams[0], rid)
         return [first, *await asyncio.gather(*(_first(d, rid) for d in streams[1:]))]
 
-    async def _complete_unless_gone(request, streams, parser, cid, start, rid, headers, want_logprobs=False):
+    async def _complete_unless_gone(request, streams, parser, cid, start, rid, headers, want_logprobs=False,
+                                    timing=None):
         """The whole answer, or nothing once the client has gone: its request is then cancelled
         in Triton (closing the streams does that) instead of running to max_tokens for nobody."""
         try:
@@ -310,6 +319,9 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         if body is None:
             metrics.requests.labels("499").inc()
             return Response(status_code=499)
+        if timing is not None:
+            timing.mark("generate")
+            headers = {**headers, "server-timing": timing.header()}
         return JSONResponse(body, headers=headers)
 
     async def _collect(deltas, rid, last):
@@ -476,15 +488,37 @@ async def _unless_gone(request: Request, coro):
                 await task
 
 
+class ServerTiming:
+    """The adapter's own timestamps for one request, as a Server-Timing header (ms per phase:
+    read the body, parse and check it, inline remote media, render the prompt, and from handing
+    the request to Triton to its first token, or to the whole answer when not streaming). A
+    client's TTFT minus their sum is HTTP and the client; `first` is the ensemble's share."""
+
+    def __init__(self):
+        self._last, self.phases = time.perf_counter(), []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((name, (now - self._last) * 1e3))
+        self._last = now
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.phases)
+
+
 async def _json_body(request: Request, limit: int) -> tuple[bytes, object]:
     """-> (the body's bytes, its JSON); 400 when it is not JSON, 413 past `limit`."""
     raw = await _read_body(request, limit)
+    return raw, await _parse_json(raw)
+
+
+async def _parse_json(raw: bytes) -> object:
     try:
         if len(raw) < 2**18:
-            return raw, json.loads(raw)
+            return json.loads(raw)
         # a body with images (megabytes of data URIs) is parsed off the event loop, which meanwhile
         # keeps every other stream's tokens flowing
-        return raw, await asyncio.to_thread(json.loads, raw)
+        return await asyncio.to_thread(json.loads, raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from e
 

@@ -334,3 +334,33 @@ def test_forced_tool_choice_and_response_format_become_grammars(tiny_moe):
     assert "<tool_call>" in required["grammar"] and '"const": "get_weather"' in required["grammar"]
     assert '("\\n" call)*' in required["grammar"] and '("\\n" call)*' not in named["grammar"]   # a named call: one
     assert js == {"json_schema": schema} and obj == {"json_object": True}
+
+
+class SlowFirstToken(FakeTriton):
+    async def _deltas(self, sampling):
+        await asyncio.sleep(0.05)                  # the ensemble's time to a first token
+        async for d in super()._deltas(sampling):
+            yield d
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_chat_responses_carry_the_adapters_own_timestamps(tiny_moe, stream):
+    """Server-Timing: the adapter's phases in ms, so a client's TTFT splits into HTTP, the
+    adapter, and the ensemble (`first`: Triton to the first token; `generate` without streaming)."""
+    app = create_app(FrontendSettings(served_model_name="tiny-moe", model_path=str(tiny_moe), max_model_len=1024),
+                     client_factory=lambda: SlowFirstToken("Hello there."))
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://adapter") as h:
+            r = await h.post("/v1/chat/completions", json={"model": "tiny-moe", "messages": USER, "stream": stream})
+            assert r.status_code == 200, r.text
+            return r.headers["server-timing"]
+
+    phases = {}
+    for part in _run(go()).split(", "):
+        name, dur = part.split(";dur=")
+        phases[name] = float(dur)
+    last = "first" if stream else "generate"
+    assert list(phases) == ["read", "parse", "media", "prompt", last]
+    assert all(v >= 0 for v in phases.values()) and phases[last] >= 45
+    assert sum(v for k, v in phases.items() if k != last) < 1000
