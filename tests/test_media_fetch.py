@@ -270,3 +270,22 @@ def test_transparency_is_composited_onto_white_as_the_reference(mode):
     ref = convert_to_rgb(Image.open(io.BytesIO(image_bytes(img))), return_numpy=True)
     assert ours.shape == ref.shape and (ours == ref).all()
     assert (ours != np.asarray(Image.open(io.BytesIO(image_bytes(img))).convert("RGB"))).any()   # not dropped
+
+
+def test_the_adapter_inlines_remote_urls_in_any_case_and_leaves_data_uris_alone(tmp_path):
+    """The adapter picks the URLs to fetch by their scheme's first bytes (a data: URI is megabytes;
+    splitting and lowercasing it whole cost ~3 ms an image): data: URIs pass untouched, file:// and
+    http(s):// in any case are fetched and inlined."""
+    import asyncio
+
+    from openai_frontend.media import MediaFetcher
+    from qwen3vl_backend.processing.media import Cancel, MediaPolicy
+
+    (tmp_path / "a.bin").write_bytes(b"\x89PNG-ish")
+    fetcher = MediaFetcher(MediaPolicy(allowed_local_dir=str(tmp_path)), 2, 5.0)
+    data = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}},
+                                         {"type": "text", "text": "file://not/a/url"}]}]
+    assert asyncio.run(fetcher.inline(data, Cancel())) is data
+    local = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"FILE://{tmp_path}/a.bin"}}]}]
+    out = asyncio.run(fetcher.inline(local, Cancel()))
+    assert out[0]["content"][0]["image_url"]["url"] == "data:application/octet-stream;base64,iVBORy1pc2g="
