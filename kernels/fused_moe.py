@@ -523,8 +523,8 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     fixed = fixed_logits if fixed_logits is not None else logits
     _norm_route_kernel[(triton.cdiv(e, block_e),)](
         x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, d, e, eps,
-        first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-        FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
+        first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
+        RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
         E_PAD=triton.next_power_of_2(e), num_warps=8, **pdl(x))
     return h, new_res, weights, ids
 

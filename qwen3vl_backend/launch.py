@@ -275,7 +275,10 @@ def _model_dir(model_path: str, load_format: str) -> str:
         from .tools.make_tiny_checkpoint import write_model_dir
 
         out = SERVE_MODELS / path.name
-        if not all((out / f).exists() for f in ("config.json", "tokenizer.json")):
+        def complete() -> bool:
+            return all((out / f).exists() for f in ("config.json", "tokenizer.json"))
+
+        if not complete():
             # written aside and renamed into place: an interrupted or failed write (a missing
             # tokenizer source) leaves no half directory for the next launch to take as a model
             tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
@@ -283,7 +286,11 @@ def _model_dir(model_path: str, load_format: str) -> str:
             try:
                 write_model_dir(tmp, json.loads(bundled.read_text()))
                 shutil.rmtree(out, ignore_errors=True)
-                os.replace(tmp, out)
+                try:
+                    os.replace(tmp, out)
+                except OSError:              # another launch put its own complete copy there first
+                    if not complete():
+                        raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return str(out)
