@@ -59,9 +59,8 @@ def _experts(e: int, h: int, inter: int, fp8: bool):
 
 def rank_routing(m: int, e: int, top_k: int, ep: int, device="cuda"):
     """Uniform top-k routing over ep * e experts as this rank (the first e) sees it: ids of other
-    ranks' experts become e, the sentinel (as SparseMoE hands them to the kernels)."""
-    weights, ids = route(torch.randn(m, e * ep, device=device), top_k, True)
-    return weights, torch.where(ids < e, ids, torch.full_like(ids, e))
+    ranks' experts become e, the sentinel, with weight 0 (the model's routers hand them over so)."""
+    return route(torch.randn(m, e * ep, device=device), top_k, True, 0, e if ep > 1 else None)
 
 
 def _reference(x, r13, r2, weights, ids, e):
