@@ -55,11 +55,16 @@ async def one(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[float, 
     return stamps[0] - start, list(np.diff(stamps)), "".join(text), first_event, phases
 
 
-async def run(url: str, body: dict, warmup: dict, concurrency: int) -> dict:
-    """`warmup` carries another image: the measured requests find no ViT or prefix cache entry."""
-    payload = json.dumps(body).encode()
+async def warm(url: str, warmup: dict) -> None:
+    """One request with another image first: the measured ones find no ViT or prefix cache entry,
+    and the stage times (taken after it) do not count it."""
     async with httpx.AsyncClient(timeout=600) as client:
         await one(client, url, json.dumps({**warmup, "max_tokens": 4}).encode())
+
+
+async def run(url: str, body: dict, concurrency: int) -> dict:
+    payload = json.dumps(body).encode()
+    async with httpx.AsyncClient(timeout=600) as client:
         t = time.perf_counter()
         results = await asyncio.gather(*(one(client, url, payload) for _ in range(concurrency)))
         wall = time.perf_counter() - t
@@ -135,9 +140,10 @@ def main(argv=None):
     for n, (fmt, c) in enumerate(levels):
         body = chat_body(args.model, tokenizer, 100 + n, args.out_tokens, fmt, args.images)
         warmup = chat_body(args.model, tokenizer, n, 4, fmt, args.images)
+        asyncio.run(warm(args.url, warmup))
         before = triton_stats(args.triton_http) if args.triton_http else {}
-        rows.append({"image_format": fmt, **asyncio.run(run(args.url, body, warmup, int(c)))})
-        if args.triton_http:       # includes the warm-up request: a rough per-stage split
+        rows.append({"image_format": fmt, **asyncio.run(run(args.url, body, int(c)))})
+        if args.triton_http:       # the measured requests' average per stage
             for model, t in stage_times(before, triton_stats(args.triton_http)).items():
                 if model != "llm":  # llm's compute time spans the whole decoupled stream
                     for k, v in t.items():
