@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
+from kernels.fused_moe import NORM_ROUTE_MAX_D
 
 from ..parallel import Parallel, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
@@ -224,8 +225,6 @@ class SparseMoE(nn.Module):
     def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output on norm(x + residual), x + residual): with `norm_route_fn`, the norm
         and the router are one launch (batch-1 decode: the launches, not the bytes, are its cost)."""
-        from kernels.fused_moe import NORM_ROUTE_MAX_D
-
         if (self.norm_route_fn is None or x.shape[0] != 1 or x.shape[1] > NORM_ROUTE_MAX_D or self.gate.bias is not None
                 or not isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
             h, residual = norm(x, residual)

@@ -47,6 +47,11 @@ class VisionProcessingConfig:
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
+    @property
+    def patch_width(self) -> int:
+        """Values per patch: channels x temporal patch x patch x patch (1536 for Qwen3-VL)."""
+        return len(self.image_mean) * self.temporal_patch_size * self.patch_size ** 2
+
     @classmethod
     def from_dir(cls, model_dir: str | Path | None) -> "VisionProcessingConfig":
         def read(name):

@@ -106,8 +106,7 @@ class Preprocessor:
         prompt = self.processor.build_prompt(parsed.text, media)
         check_prompt_length(len(prompt.prompt_ids), self.limits.max_model_len)    # before the ViT
         pixels = [m.pixel_values for m in prompt.media]
-        c = self.processor.cfg
-        width = 3 * c.temporal_patch_size * c.patch_size ** 2
+        width = self.processor.cfg.patch_width
         return {
             "input_ids": np.asarray(prompt.prompt_ids, dtype=np.int64),
             "positions": prompt.positions.numpy().astype(np.int64),

@@ -53,9 +53,8 @@ class TritonPythonModel:
     def warm_up(self):
         """Encode a synthetic 448x448 image before the first request: the encoder's first call
         compiles and plans its kernels (0.4 s of one request's TTFT on an H200)."""
-        p, g = self.pixel_cfg, (1, 28, 28)
-        width = 3 * p.temporal_patch_size * p.patch_size ** 2
-        self._encode(torch.zeros(g[0] * g[1] * g[2], width, dtype=torch.uint8), [g])
+        g = (1, 28, 28)
+        self._encode(torch.zeros(g[0] * g[1] * g[2], self.pixel_cfg.patch_width, dtype=torch.uint8), [g])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
