@@ -109,6 +109,16 @@ def graph_time_ms(fn, iters: int = 20) -> float:
     return cuda_time_ms(graph.replay, warmup=2, iters=iters)
 
 
+def per_call_ms(fn, calls: int = 16) -> float:
+    """Graph-replay time of one call, fn(0) .. fn(calls - 1) captured back to back (no launch
+    overhead). fn(i) should read different weights for different i, so that what one call leaves
+    in L2 does not serve the next: a decode step reads each layer's weights once."""
+    def many():
+        for i in range(calls):
+            fn(i)
+    return graph_time_ms(many, iters=10) / calls
+
+
 def image_data_uri(img, fmt: str = "png") -> str:
     """A PIL image as the data: URI a client would send: PNG (lossless) or JPEG (quality 90)."""
     buf = io.BytesIO()

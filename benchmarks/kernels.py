@@ -16,12 +16,12 @@ import torch
 import kernels.fused_moe
 
 from kernels.attention import num_splits_for, paged_decode_attention
-from kernels.fused_moe import PAIR_CONFIG, PAIR_PATH_MAX_M, fused_moe, fused_moe_pairs, lookup_config
+from kernels.fused_moe import PAIR_PATH_MAX_M, fused_moe, lookup_config
 from kernels.fused_moe import route as route_kernel
 from kernels.linear import config_file
 from qwen3vl_backend.layers.moe import route
 
-from .common import cuda_time_ms, fp8_experts, graph_time_ms, print_table, write_result
+from .common import cuda_time_ms, fp8_experts, graph_time_ms, per_call_ms, print_table, write_result
 from .roofline import measure as roofline
 
 E, H, I, A = 128, 2048, 768, 8        # 30B-A3B experts
@@ -94,57 +94,7 @@ def bench_moe(ceil: dict) -> list[dict]:
     return rows
 
 
-def _per_call_ms(fn, calls: int = 16) -> float:
-    """Graph-replay time of one call, fn(0) .. fn(calls - 1) captured back to back (no launch
-    overhead). fn(i) should read different weights for different i, so that what one call leaves
-    in L2 does not serve the next: a decode step reads each layer's weights once."""
-    def many():
-        for i in range(calls):
-            fn(i)
-    return graph_time_ms(many, iters=10) / calls
-
-
 L2_DEFEAT_BYTES = 256 * 2**20        # weights cycled per timing: several times any L2
-
-
-def sweep_pair_configs(fp8: bool = False) -> tuple[list[dict], dict]:
-    """Graph-replay time of the pair path over launch shapes at decode sizes: gate_up's swept
-    first, then down's with the best gate_up. Each call routes to other experts. fp8: the same
-    with block-fp8 experts (wider K steps: a byte per weight); -> rows and {M: best config}."""
-    w13, w2 = moe_weights()
-    scales = {}
-    if fp8:
-        q13, s13, q2, s2 = fp8_experts(w13, w2, (128, 128))
-        w13, w2, scales = q13, q2, {"w13_scale": s13, "w2_scale": s2}
-        spaces = ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (256, 512, 1024), (4, 8), (3,))),
-                  (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((4, 8), (256, 512), (2, 4, 8), (1,))))
-    else:
-        spaces = ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (128, 256, 512), (4, 8), (1, 3))),
-                  (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((4, 8, 16), (128, 256), (2, 4, 8), (1, 3))))
-    rows, table = [], {}
-    for m in (1, 8) if not fp8 else (1, 4, 16):
-        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
-        routings = [route(torch.randn(m, E, device="cuda"), A, True) for _ in range(16)]
-        cfg = dict(kernels.fused_moe.PAIR_CONFIGS.get(m, PAIR_CONFIG))
-
-        def call(c):
-            return lambda i: fused_moe_pairs(x, w13, w2, *routings[i % 16], c, **scales)
-        start_ms = _per_call_ms(call(cfg))
-        for keys, space in spaces:
-            best_ms, start = float("inf"), cfg
-            for shape in itertools.product(*space):
-                trial = {**start, **dict(zip(keys, shape))}
-                try:
-                    ms = _per_call_ms(call(trial))
-                except Exception as e:          # out of registers or shared memory
-                    print(f"pairs {trial}: {type(e).__name__}")
-                    continue
-                if ms < best_ms:
-                    best_ms, cfg = ms, trial
-        rows.append({"weights": "fp8" if fp8 else "bf16", "M": m, "current_ms": start_ms, "best_ms": best_ms,
-                     "config": json.dumps(cfg)})
-        table[str(m)] = cfg
-    return rows, table
 
 
 def sweep_concentrated_routing() -> list[dict]:
@@ -161,7 +111,7 @@ def sweep_concentrated_routing() -> list[dict]:
     tuned = lookup_config(E, I, H, m, x.device)
 
     def both(cfg):
-        return tuple(_per_call_ms(lambda i: fused_moe(x, w13, w2, *r, cfg), calls=4) for r in (concentrated, uniform))
+        return tuple(per_call_ms(lambda i: fused_moe(x, w13, w2, *r, cfg), calls=4) for r in (concentrated, uniform))
 
     base = both(tuned)
     best = (sum(base), tuned, base)
@@ -190,20 +140,20 @@ def sweep_linear(ceil: dict) -> tuple[list[dict], dict]:
     for name, (n, k) in LINEAR_SHAPES.items():
         copies = max(2, L2_DEFEAT_BYTES // (2 * n * k))
         ws = [(torch.randn(n, k, device="cuda") * k ** -0.5).bfloat16() for _ in range(copies)]
-        for m in (1, 4, 16):
+        for m in SWEEP_MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cublas = _per_call_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies]))
+            cublas = per_call_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies]))
             best = (float("inf"), None)
             if m == 1:
-                space = itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (1, 3))
+                space = itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (3,), (1, 2))
             else:
-                space = itertools.product((16, 32), (256, 512), (2, 4), (3,))
-            for bn, bk, warps, stages in space:
+                space = itertools.product((16, 32), (256, 512), (2, 4), (3,), (1,))
+            for bn, bk, warps, stages, prefetch in space:
                 if bn * bk > 8192:
                     continue
-                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages, "PREFETCH": prefetch}
                 try:
-                    ms = _per_call_ms(lambda i: skinny_linear(x, ws[i % copies], config=cfg))
+                    ms = per_call_ms(lambda i: skinny_linear(x, ws[i % copies], config=cfg))
                 except Exception as e:          # out of shared memory for the larger tiles
                     print(f"linear {cfg}: {type(e).__name__}")
                     continue
@@ -310,9 +260,9 @@ def bench_fp8(ceil: dict) -> list[dict]:
         qs = [quantize_weight_blocks(w.float(), block) for w in ws]
         for m in (1, 4, 16, 64, 2048):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            bf16 = _per_call_ms(lambda i: skinny_linear(x, ws[i % copies]) if m <= 16
+            bf16 = per_call_ms(lambda i: skinny_linear(x, ws[i % copies]) if m <= 16
                                 else torch.nn.functional.linear(x, ws[i % copies]))
-            fp8 = _per_call_ms(lambda i: fp8_linear(x, *qs[i % copies], block))
+            fp8 = per_call_ms(lambda i: fp8_linear(x, *qs[i % copies], block))
             floor8 = (n * k * (1 + 4 / 128 ** 2) + 2 * m * (n + k)) / bw * 1e3
             floor16 = (n * k * 2 + 2 * m * (n + k)) / bw * 1e3
             rows.append({"kernel": f"linear N={n} K={k}", "M": m, "bf16_ms": bf16, "fp8_ms": fp8,
@@ -344,7 +294,9 @@ def bench_fp8(ceil: dict) -> list[dict]:
 
 
 FP8_GEMV_SHAPES = {"30B qkv": (5120, 2048), "30B o_proj": (2048, 4096),
-                   "235B qkv": (9216, 4096), "235B o_proj": (4096, 8192)}
+                   "235B qkv": (9216, 4096), "235B o_proj": (4096, 8192),
+                   "235B qkv tp2": (4608, 4096), "235B o_proj tp2": (4096, 4096)}
+SWEEP_MS = (1, 4, 16)           # the GEMV sweeps' rows (--ms); a table keeps the M it was not given
 
 
 def sweep_fp8_gemv() -> tuple[list[dict], dict]:
@@ -359,20 +311,21 @@ def sweep_fp8_gemv() -> tuple[list[dict], dict]:
         copies = max(2, L2_DEFEAT_BYTES // (n * k))
         qs = [tuple(t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * 0.02, (128, 128))) for _ in range(copies)]
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(max(2, copies // 2))]
-        for m in (1, 4, 16):
+        for m in SWEEP_MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            bf16 = _per_call_ms(lambda i: skinny_linear(x, ws[i % len(ws)]))
+            bf16 = per_call_ms(lambda i: skinny_linear(x, ws[i % len(ws)]))
             if m == 1:
-                space = itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))
+                space = itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (False,), (1, 2))
             else:
-                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True))
+                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True), (1,))
             best = (float("inf"), None)
-            for bn, bk, warps, *a8 in space:
-                if a8 and a8[0] and bk != 128:        # W8A8 steps one scale block at a time
+            for bn, bk, warps, a8, prefetch in space:
+                if a8 and bk != 128:        # W8A8 steps one scale block at a time
                     continue
-                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3, **({"A8": True} if a8 and a8[0] else {})}
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3, "PREFETCH": prefetch,
+                       **({"A8": True} if a8 else {})}
                 try:
-                    ms = _per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
+                    ms = per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
                 except Exception as e:          # out of registers or shared memory for the larger tiles
                     print(f"fp8 gemv {cfg}: {type(e).__name__}")
                     continue
@@ -401,20 +354,26 @@ def _decode_attention_file(device_name: str):
     return attention_config_file(device_name)
 
 
-def _fp8_pair_file(device_name: str):
-    from kernels.fused_moe import fp8_pair_config_file
-
-    return fp8_pair_config_file(device_name, (128, 128))
+def merge_table(path, table: dict) -> dict:
+    """{"N,K": {"M": config}} swept into the table at `path`: the shapes and M not swept stay."""
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    for key, by_m in table.items():
+        merged[key] = {**merged.get(key, {}), **by_m} if isinstance(by_m, dict) else by_m
+    return merged
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-configs", action="store_true",
-                    help="write the skinny GEMM's and the fp8 GEMV's and pair path's swept tables to kernels/configs/ for this GPU")
-    ap.add_argument("--only", default="moe,pairs,linear,routing,varlen,attention,fp8,fp8gemv,decodeattn",
+                    help="write the skinny GEMM's, the fp8 GEMV's and decode attention's swept tables to kernels/configs/ for this GPU")
+    ap.add_argument("--only", default="moe,linear,routing,varlen,attention,fp8,fp8gemv,decodeattn",
                     help="comma-separated parts to run")
+    ap.add_argument("--ms", default=None, help="the GEMV sweeps' batch sizes (default 1,4,16)")
     args = ap.parse_args(argv)
+    if args.ms:
+        global SWEEP_MS
+        SWEEP_MS = tuple(int(m) for m in args.ms.split(","))
     parts = set(args.only.split(","))
     ceil = roofline_cache()
     rows = []
@@ -423,8 +382,6 @@ def main(argv=None):
              "skinny GEMM", _fp8_gemv_file, "fp8 GEMV"),
             ("linear", lambda: sweep_linear(ceil), "decoder projections at decode sizes: cuBLAS against the skinny GEMM "
              "(graph replay per call)", config_file, "skinny GEMM"),
-            ("fp8pairs", lambda: sweep_pair_configs(fp8=True), "fp8 pair path launch shapes (graph replay, gate_up "
-             "then down swept)", _fp8_pair_file, "fp8 pair"),
             ("decodeattn", sweep_decode_attention, "paged decode attention launch shapes (graph replay)",
              _decode_attention_file, "decode attention")):
         if part not in parts:
@@ -435,13 +392,11 @@ def main(argv=None):
         rows += found
         path = path_of(torch.cuda.get_device_name())
         if args.write_configs:
-            path.write_text(json.dumps(table, indent=1) + "\n")
+            path.write_text(json.dumps(merge_table(path, table), indent=1) + "\n")
             print(f"{what} table written to {path}")
         else:
             print(f"{what} table for {path.name} (--write-configs writes it):\n{json.dumps(table)}")
-    sections = [("pairs", "pair path launch shapes (graph replay, gate_up then down swept)",
-                 lambda: sweep_pair_configs()[0]),
-                ("routing", "sorted path at M=64: 12 experts hit against uniform routing", sweep_concentrated_routing),
+    sections = [("routing", "sorted path at M=64: 12 experts hit against uniform routing", sweep_concentrated_routing),
                 ("moe", "fused MoE, 30B-A3B shapes (E=128, H=2048, I=768, top-8), bf16", lambda: bench_moe(ceil)),
                 ("varlen", "ViT varlen attention (16 heads, D=72), bf16", sweep_varlen_attention),
                 ("attention", "paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16",

@@ -5,12 +5,19 @@
 
 A pruned search (tile shapes by M, warps, stages, grouping), each launch shape timed as a CUDA
 graph replay (as decode runs it) with uniform routing; each M's winner is checked against the
-PyTorch reference before it is written. At M <= 16 the pair path is timed too, and the table's
-"pair_path_max_m" is the largest M up to which it beats the sorted path. `--fp8`: 128x128 block
+PyTorch reference before it is written (the pair path and its crossover are `--pairs`'s, below).
+`--fp8`: 128x128 block
 fp8 experts (W8A8), to the fp8 table. `--ep N`: one rank's share under expert parallelism,
 `--experts` local experts of N times as many, so a token's top-k land here about 1/N of the time
 (the rest take the sentinel id, as the model hands them over). The serving path only reads the
 table (nearest M).
+
+    python -m benchmarks.tune_fused_moe --pairs [--fp8] [--ep N] [--ms 1,2,4] [shape flags]
+
+tunes the pair path instead: its launch shapes (gate_up's swept, then down's) at each M, against
+the sorted path with the table's shape, both timed over 16 routings cycled (one call's experts
+do not serve the next from L2, as in a decode step, where every layer reads its own), and merges
+"pairs" ({M: shape}) and "pair_path_max_m" into the shape's table.
 """
 
 import argparse
@@ -23,10 +30,10 @@ import triton
 
 from kernels.fp8 import dequantize_weight_blocks
 from kernels.fused_moe import (PAIR_PATH_MAX_M, config_file, fused_moe, fused_moe_pairs, fused_moe_reference,
-                               lookup_config)
+                               lookup_config, pair_config)
 from qwen3vl_backend.layers.moe import route
 
-from .common import fp8_experts, graph_time_ms
+from .common import fp8_experts, graph_time_ms, per_call_ms
 
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 BLOCK = (128, 128)
@@ -73,8 +80,7 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
     w13, w2, scales, (r13, r2) = _experts(e, h, inter, fp8)
     if ep > 1:
         scales = {**scales, "sentinel": True}
-    table, pairs_win = {}, []
-    pair_kw = {k: v for k, v in scales.items() if k != "sentinel"}     # the pair kernels skip id e anyway
+    table = {}
     tolerance = 6e-2 if fp8 else 1e-2          # fp8: activations quantized per 128-group too
     for m in ms:
         x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
@@ -98,23 +104,69 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
         table[str(m)] = best[1]
         if save is not None:          # what is tuned so far survives a time limit
             save(table)
-        line = f"M={m:5d}  sorted {best[0]:.4f} ms  {best[1]}"
-        if m <= PAIR_PATH_MAX_M:
-            pair_ms = graph_time_ms(lambda: fused_moe_pairs(x, w13, w2, weights, ids, None, **pair_kw), iters=10)
-            pairs_win.append((m, pair_ms < best[0]))
-            line += f"  pairs {pair_ms:.4f} ms"
-        print(line, flush=True)
-    table["pair_path_max_m"] = pair_crossover(pairs_win)
+        print(f"M={m:5d}  sorted {best[0]:.4f} ms  {best[1]}", flush=True)
     return table
 
 
-def pair_crossover(pairs_win) -> int:
+# gate_up's keys, then down's: each swept with the other held
+PAIR_SPACES = ((("BLOCK_N", "BLOCK_K", "num_warps", "PREFETCH"), ((4, 8, 16), (128, 256, 512), (4, 8), (1, 2))),
+               (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "DOWN_PREFETCH"), ((4, 8, 16), (128, 256, 512), (4, 8),
+                                                                                  (1, 2))))
+
+
+def tune_pairs(e: int, h: int, inter: int, top_k: int, ms=(1, 2, 4), fp8: bool = False, ep: int = 1,
+               spaces=PAIR_SPACES) -> tuple[dict, list[dict]]:
+    """-> ({M: best pair shape, "pair_path_max_m": M}, rows). Each M's winner is checked against
+    the reference. Stages are 1: the kernels hold their prefetched tiles in registers."""
+    w13, w2, scales, (r13, r2) = _experts(e, h, inter, fp8)
+    pair_kw = {k: v for k, v in scales.items() if k != "sentinel"}
+    sorted_kw = {**scales, "sentinel": True} if ep > 1 else scales
+    block = BLOCK if fp8 else None
+    table, rows, wins = {}, [], []
+    for m in ms:
+        x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+        routings = [rank_routing(m, e, top_k, ep) for _ in range(16)]
+
+        def timed(cfg):
+            return per_call_ms(lambda i: fused_moe_pairs(x, w13, w2, *routings[i], cfg, **pair_kw))
+        cfg = {**pair_config(e, inter, h, m, x.device, block), "num_stages": 1, "down_stages": 1}
+        start_ms = best_ms = timed(cfg)
+        for keys, space in spaces:
+            start = cfg
+            for shape in itertools.product(*space):
+                trial = {**start, **dict(zip(keys, shape))}
+                try:
+                    ms_ = timed(trial)
+                except (triton.runtime.errors.OutOfResources, RuntimeError) as err:   # registers, shared memory
+                    torch.cuda.synchronize()
+                    print(f"pairs M={m} {trial}: {type(err).__name__}", flush=True)
+                    continue
+                if ms_ < best_ms:
+                    best_ms, cfg = ms_, trial
+        weights, ids = routings[0]
+        ref = _reference(x, r13, r2, weights, ids, e).float()
+        err = ((fused_moe_pairs(x, w13, w2, weights, ids, cfg, **pair_kw).float() - ref).norm()
+               / ref.norm().clamp(min=1e-6)).item()
+        if err > (2e-2 if fp8 else 1e-2):
+            raise RuntimeError(f"M={m}: best pair config {cfg} is wrong (rel err {err:.3g})")
+        sorted_cfg = lookup_config(e, inter, h, m, x.device, block)
+        sorted_ms = per_call_ms(lambda i: fused_moe(x, w13, w2, *routings[i], sorted_cfg, **sorted_kw))
+        table[str(m)] = cfg
+        wins.append((m, best_ms < sorted_ms))
+        rows.append({"E": e, "N": inter, "K": h, "ep": ep, "fp8": fp8, "M": m, "pairs_before_ms": start_ms,
+                     "pairs_ms": best_ms, "sorted_ms": sorted_ms, "config": json.dumps(cfg)})
+        print(f"M={m:3d}  pairs {start_ms:.4f} -> {best_ms:.4f} ms  sorted {sorted_ms:.4f} ms  {cfg}", flush=True)
+    return {"pairs": table, "pair_path_max_m": pair_crossover(wins, max(ms))}, rows
+
+
+def pair_crossover(pairs_win, all_won: int = PAIR_PATH_MAX_M) -> int:
     """[(M, pairs beat sorted)] -> the largest M the pair path takes: up to the first M the sorted
-    path wins at; 0 where it wins at the smallest M timed (batch 1, when not timed, stays on pairs)."""
+    path wins at; 0 where it wins at the smallest M timed (batch 1, when not timed, stays on pairs);
+    `all_won` where the pair path won at every M timed."""
     wins = dict(pairs_win)
     wins.setdefault(1, True)
     if all(wins.values()):
-        return PAIR_PATH_MAX_M
+        return all_won
     return max((m for m, _ in itertools.takewhile(lambda t: t[1], sorted(wins.items()))), default=0)
 
 
@@ -125,19 +177,32 @@ def main(argv=None):
     ap.add_argument("--inter", type=int, default=768)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--fp8", action="store_true", help="128x128 block fp8 experts (the fp8 table)")
-    ap.add_argument("--ms", default=",".join(map(str, MS)), help="the batch sizes to tune")
+    ap.add_argument("--ms", default=None, help="the batch sizes to tune (default: all of MS; --pairs: 1,2,4)")
     ap.add_argument("--ep", type=int, default=1, help="tune one rank's share: --experts local of ep times as many")
     ap.add_argument("--quick", action="store_true", help="8 launch shapes per M instead of 16-32")
     ap.add_argument("--out", default=None, help="write here instead of kernels/configs/")
+    ap.add_argument("--pairs", action="store_true", help="tune the pair path (small M) and merge it into the table")
+    ap.add_argument("--rows", default=None, help="--pairs: also write the timings (JSON rows) here")
     args = ap.parse_args(argv)
     path = config_file(args.experts, args.inter, args.hidden, torch.cuda.get_device_name(0),
                        BLOCK if args.fp8 else None)
     path = Path(args.out) if args.out else path
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    def save(table):
-        path.write_text(json.dumps(table, indent=1) + "\n")
-    table = tune(args.experts, args.hidden, args.inter, args.topk, [int(m) for m in args.ms.split(",")], args.fp8,
+    def save(table):          # merged: the sorted tuning and --pairs each keep the other's keys, and untuned M
+        old = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**old, **table}, indent=1) + "\n")
+    if args.pairs:
+        found, rows = tune_pairs(args.experts, args.hidden, args.inter, args.topk,
+                                 [int(m) for m in (args.ms or "1,2,4").split(",")], args.fp8, args.ep)
+        save(found)
+        if args.rows:
+            Path(args.rows).write_text(json.dumps(rows, indent=1) + "\n")
+        print(json.dumps(found))
+        print(path)
+        return
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
+    table = tune(args.experts, args.hidden, args.inter, args.topk, ms, args.fp8,
                  save, args.quick, args.ep)
     save(table)
     print(json.dumps(table))
