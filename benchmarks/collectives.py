@@ -1,5 +1,6 @@
 """The tensor-parallel step's collectives on this host's GPUs: all-reduce of (tokens, hidden) bf16,
-eager and inside a CUDA graph, and the step channel's broadcasts (engine/tp.py).
+eager and inside a CUDA graph, the peer all-reduce (kernels/allreduce.py, two GPUs) inside a graph,
+and the step channel's broadcasts (engine/tp.py).
 
     python -m benchmarks.collectives [--tp 2] [--hidden 2048,4096] [--out DIR]
 
@@ -53,16 +54,24 @@ def _worker(rank: int, world: int, port: int, hiddens: list[int], queue) -> None
     disable_multicast()
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from kernels.allreduce import PeerAllReduce
+
+    peer = PeerAllReduce.create(dist.group.WORLD, rank, world, torch.device("cuda", rank), torch.bfloat16)
     rows = []
     for hidden in hiddens:
         for t in TOKENS:
             x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16)
             eager = _time_us(lambda: dist.all_reduce(x))
             graphed = _graph_us(lambda: dist.all_reduce(x))
+            fits = peer is not None and x.numel() <= peer.capacity
+            peer_graphed = _graph_us(lambda: peer(x)) if fits else None
             packed = torch.zeros(5 * t + 64 * t + t, dtype=torch.long, device="cuda")   # the step's inputs
             channel = _time_us(lambda: dist.broadcast(packed, src=0))
             rows.append({"tp": world, "hidden": hidden, "tokens": t, "all_reduce_eager_us": eager,
-                         "all_reduce_graph_us": graphed, "step_inputs_broadcast_us": channel})
+                         "all_reduce_graph_us": graphed, "peer_all_reduce_graph_us": peer_graphed,
+                         "step_inputs_broadcast_us": channel})
+    if peer is not None:
+        peer.close()
     if rank == 0:
         queue.put(rows)
     dist.barrier()

@@ -115,9 +115,10 @@ PAIR_SPACES = ((("BLOCK_N", "BLOCK_K", "num_warps", "PREFETCH"), ((4, 8, 16), (1
 
 
 def tune_pairs(e: int, h: int, inter: int, top_k: int, ms=(1, 2, 4), fp8: bool = False, ep: int = 1,
-               spaces=PAIR_SPACES) -> tuple[dict, list[dict]]:
-    """-> ({M: best pair shape, "pair_path_max_m": M}, rows). Each M's winner is checked against
-    the reference. Stages are 1: the kernels hold their prefetched tiles in registers."""
+               spaces=PAIR_SPACES, save=None) -> tuple[dict, list[dict]]:
+    """-> ({"pairs": {M: best pair shape}, "pair_path_max_m": M}, rows), handed to `save` after
+    each M too (a time limit keeps what is done). Each M's winner is checked against the
+    reference. Stages are 1: the kernels hold their prefetched tiles in registers."""
     w13, w2, scales, (r13, r2) = _experts(e, h, inter, fp8)
     pair_kw = {k: v for k, v in scales.items() if k != "sentinel"}
     sorted_kw = {**scales, "sentinel": True} if ep > 1 else scales
@@ -156,6 +157,8 @@ def tune_pairs(e: int, h: int, inter: int, top_k: int, ms=(1, 2, 4), fp8: bool =
         rows.append({"E": e, "N": inter, "K": h, "ep": ep, "fp8": fp8, "M": m, "pairs_before_ms": start_ms,
                      "pairs_ms": best_ms, "sorted_ms": sorted_ms, "config": json.dumps(cfg)})
         print(f"M={m:3d}  pairs {start_ms:.4f} -> {best_ms:.4f} ms  sorted {sorted_ms:.4f} ms  {cfg}", flush=True)
+        if save is not None:
+            save({"pairs": dict(table), "pair_path_max_m": pair_crossover(wins, m)})
     return {"pairs": table, "pair_path_max_m": pair_crossover(wins, max(ms))}, rows
 
 
@@ -194,7 +197,7 @@ def main(argv=None):
         path.write_text(json.dumps({**old, **table}, indent=1) + "\n")
     if args.pairs:
         found, rows = tune_pairs(args.experts, args.hidden, args.inter, args.topk,
-                                 [int(m) for m in (args.ms or "1,2,4").split(",")], args.fp8, args.ep)
+                                 [int(m) for m in (args.ms or "1,2,4").split(",")], args.fp8, args.ep, save=save)
         save(found)
         if args.rows:
             Path(args.rows).write_text(json.dumps(rows, indent=1) + "\n")

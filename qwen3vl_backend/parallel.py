@@ -30,6 +30,25 @@ def disable_multicast(env: dict | None = None) -> dict:
     return target
 
 
+# the two-GPU one-shot all-reduce (kernels/allreduce.py) when the runner set one up, else None
+_peer_all_reduce = None
+
+
+def set_peer_all_reduce(fn) -> None:
+    global _peer_all_reduce
+    _peer_all_reduce = fn
+
+
+def all_reduce(t) -> None:
+    """Sum `t` in place over the tensor-parallel ranks: the peer all-reduce where it takes the
+    tensor (small sums on two GPUs), else torch.distributed (NCCL, gloo on CPU)."""
+    if _peer_all_reduce is not None and _peer_all_reduce(t):
+        return
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+
+
 @dataclass(frozen=True)
 class Parallel:
     tp_size: int = 1

@@ -358,13 +358,20 @@ def test_rank0_takes_the_group_down_with_the_workers_before_waiting_for_them(mon
         def __del__(self):
             events.append("graphs dropped")
 
+    class PeerAllReduce:                  # its buffers are mapped into the other rank: freed before the group
+        def close(self):
+            events.append("peer buffers freed")
+
     monkeypatch.setattr(mr, "shutdown_group", lambda *a: events.append("destroy") or True)
     monkeypatch.setattr(mr, "wait_all", lambda procs, timeout: events.append(f"wait {timeout:g}"))
-    for fails, want in ((False, ["stop", "graphs dropped", "destroy", "wait 10"]),
-                        (True, ["stop", "graphs dropped", "wait 0", "destroy", "wait 10"])):
+    monkeypatch.setattr(mr, "set_peer_all_reduce", lambda fn: events.append(f"peer all-reduce {fn}"))
+    for fails, want in ((False, ["stop", "peer all-reduce None", "graphs dropped", "peer buffers freed", "destroy",
+                                 "wait 10"]),
+                        (True, ["stop", "peer all-reduce None", "graphs dropped", "peer buffers freed", "wait 0",
+                                "destroy", "wait 10"])):
         events.clear()
         runner = mr.ModelRunner.__new__(mr.ModelRunner)
         runner.rank, runner.channel, runner.watchdog, runner.workers = 0, Channel(fails), None, []
-        runner.graphs, runner.device = Graphs(), torch.device("cpu")
+        runner.graphs, runner.device, runner.peer_all_reduce = Graphs(), torch.device("cpu"), PeerAllReduce()
         runner.close()
         assert events == want and runner.channel is None and runner.graphs is None

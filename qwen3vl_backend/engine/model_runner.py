@@ -21,7 +21,7 @@ from ..device import device_tensor
 from ..layers.attention import AttentionMetadata, varlen_attention_torch
 from ..layers.sampler import Sampler, token_logprobs
 from ..loader import build_model, load_model, model_config
-from ..parallel import Parallel
+from ..parallel import Parallel, set_peer_all_reduce
 from ..processing.positions import decode_positions
 from ..supervisor import free_port
 from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
@@ -145,6 +145,7 @@ class ModelRunner:
         self.dtype = cfg.torch_dtype
         self.par = Parallel(cfg.tp_size, rank, cfg.ep_size)
         self.workers, self.channel, self.watchdog = [], None, None
+        self.peer_all_reduce = None
         if cfg.tp_size > 1:
             self._join_group()
         self.model = load_model(cfg.model_path, self.device, self.dtype, cfg.load_format, cfg.quantization, self.par)
@@ -157,6 +158,12 @@ class ModelRunner:
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
             self.num_blocks = int(n)
             self.channel = StepChannel(self._ctrl, self.device, self.dtype, t.hidden_size, cfg.block_size)
+            if cfg.nnodes == 1:          # two GPUs of this host: small sums by the peer all-reduce
+                from kernels.allreduce import PeerAllReduce
+
+                self.peer_all_reduce = PeerAllReduce.create(torch.distributed.group.WORLD, rank, cfg.tp_size,
+                                                            self.device, self.dtype)
+                set_peer_all_reduce(self.peer_all_reduce)
         kv_heads = self.model.model.language_model.layers[0].self_attn.kv_heads      # this rank's
         # one block more than the block manager hands out: the scratch block CUDA-graph padding writes to
         shape = (2, self.num_blocks + 1, cfg.block_size, kv_heads, t.head_dim)
@@ -219,11 +226,17 @@ class ModelRunner:
         wait_all(self.workers, 10.0)
 
     def release_graphs(self) -> None:
-        """Drop the decode graphs (the runner cannot decode after): graphs that captured NCCL
-        collectives hold their communicator, which cannot be destroyed while they live."""
-        if self.graphs is None:
+        """Drop the decode graphs and the peer all-reduce's buffers (the runner cannot decode
+        after): graphs that captured NCCL collectives hold their communicator, which cannot be
+        destroyed while they live."""
+        if self.peer_all_reduce is not None:
+            set_peer_all_reduce(None)
+        if self.graphs is None and self.peer_all_reduce is None:
             return
         self.graphs = None
+        if self.peer_all_reduce is not None:
+            self.peer_all_reduce.close()
+            self.peer_all_reduce = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..parallel import all_reduce
+
 
 class ShapeMismatch(ValueError):
     """A checkpoint tensor whose shape does not fit its parameter (the loader adds its name)."""
@@ -183,7 +185,7 @@ class RowParallelLinear(LinearBase):
         if self.tp_size == 1:
             return self.quant_method.apply(self, x, self.bias)
         out = self.quant_method.apply(self, x, None)
-        torch.distributed.all_reduce(out)
+        all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 
@@ -211,7 +213,7 @@ class VocabParallelEmbedding(nn.Module):
         local = ids - self.tp_rank * self.rows
         mine = (local >= 0) & (local < self.rows)
         out = F.embedding(local.clamp(0, self.rows - 1), self.weight) * mine[:, None].to(self.weight.dtype)
-        torch.distributed.all_reduce(out)
+        all_reduce(out)
         return out
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
 from kernels.fused_moe import NORM_ROUTE_MAX_D
 
-from ..parallel import Parallel, check_moe_split
+from ..parallel import Parallel, all_reduce, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
 
 
@@ -249,7 +249,7 @@ class SparseMoE(nn.Module):
         else:
             out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts)
         if self.tp_size > 1:                     # each rank summed its share of every token's experts
-            torch.distributed.all_reduce(out)
+            all_reduce(out)
         return out
 
 
