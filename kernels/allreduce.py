@@ -6,8 +6,9 @@ about 1.5 ms of a 9.6 ms step. Here each rank writes its tensor straight into th
 buffer over NVLink, raises a flag there, waits for the other's flag, and adds what arrived to
 its own: one kernel, one crossing of the link, no reduction tree.
 
-The buffers are torch symmetric memory (one allocation per rank, each mapped into the other's
-address space; NVLink multicast stays off). Per chunk of CHUNK elements one program does the
+Each rank allocates one buffer and maps the other's into its address space (CUDA IPC handles,
+exchanged over the process group, as torch.multiprocessing shares CUDA tensors; peer access
+over NVLink, no multicast). Per chunk of CHUNK elements one program does the
 exchange with its counterpart program on the other GPU, with its own flag and epoch counter:
 - the epoch (a local int64 per chunk, advanced by the kernel itself, so CUDA graph replays keep
   counting) picks one of two data regions by parity and is the flag value (epoch + 1) sent;
@@ -17,7 +18,7 @@ exchange with its counterpart program on the other GPU, with its own flag and ep
 Both ranks add in float32 in the same order (a + b is commutative), so they hold identical sums.
 
 Used where `parallel.all_reduce` finds it set up (`PeerAllReduce.create`: two ranks on one host,
-CUDA, symmetric memory available, QWEN3VL_PEER_ALLREDUCE not 0) and the tensor fits; otherwise
+CUDA, the other GPU's buffer mapped, QWEN3VL_PEER_ALLREDUCE not 0) and the tensor fits; otherwise
 NCCL. Every rank makes the same choice for the same call (same shapes), as collectives need.
 """
 
@@ -67,16 +68,13 @@ def peer_all_reduce_(x: torch.Tensor, my_data, peer_data, my_flags, peer_flags, 
 class PeerAllReduce:
     """The buffers of one two-rank group; `__call__(x)` sums x in place (True) or declines (False)."""
 
-    def __init__(self, buffer, handle, rank: int, dtype: torch.dtype, capacity: int):
-        self.buffer, self.handle, self.dtype, self.capacity = buffer, handle, dtype, capacity
-        slots = capacity // CHUNK
+    def __init__(self, mine: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype, capacity: int):
+        """mine, theirs: uint8 buffers of buffer_bytes(capacity, dtype), theirs mapped from the other GPU."""
+        self.mine, self.theirs, self.dtype, self.capacity = mine, theirs, dtype, capacity
         data_bytes = 2 * capacity * dtype.itemsize
-        peer = 1 - rank
-        self.my_data = handle.get_buffer(rank, [2 * capacity], dtype, 0)
-        self.peer_data = handle.get_buffer(peer, [2 * capacity], dtype, 0)
-        self.my_flags = handle.get_buffer(rank, [slots], torch.int64, data_bytes // 8)
-        self.peer_flags = handle.get_buffer(peer, [slots], torch.int64, data_bytes // 8)
-        self.epochs = torch.zeros(slots, dtype=torch.int64, device=buffer.device)
+        self.my_data, self.peer_data = (b[:data_bytes].view(dtype) for b in (mine, theirs))
+        self.my_flags, self.peer_flags = (b[data_bytes:].view(torch.int64) for b in (mine, theirs))
+        self.epochs = torch.zeros(capacity // CHUNK, dtype=torch.int64, device=mine.device)
 
     @staticmethod
     def buffer_bytes(capacity: int, dtype: torch.dtype) -> int:
@@ -85,35 +83,47 @@ class PeerAllReduce:
     @classmethod
     def create(cls, group, rank: int, world: int, device: torch.device, dtype: torch.dtype,
                capacity: int = CAPACITY) -> "PeerAllReduce | None":
-        """Collective over `group` (every rank calls it): the all-reduce, or None on every rank
-        when any rank cannot have it (then NCCL does every sum)."""
+        """Collective over `group` (every rank calls it, on one host): the all-reduce, or None on
+        every rank when any rank cannot have it (then NCCL does every sum)."""
         import torch.distributed as dist
+        from torch.multiprocessing.reductions import reduce_tensor
 
-        ok = (world == 2 and device.type == "cuda" and os.environ.get("QWEN3VL_PEER_ALLREDUCE", "1") != "0"
-              and torch.cuda.device_count() > 1 and capacity % CHUNK == 0)
-        agree = torch.tensor([int(ok)], device=device)
-        dist.all_reduce(agree, op=dist.ReduceOp.MIN, group=group)
-        if not agree.item():
+        def everyone(ok: bool) -> bool:
+            flag = torch.tensor([int(ok)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            return bool(flag.item())
+
+        if not everyone(world == 2 and device.type == "cuda" and capacity % CHUNK == 0
+                        and os.environ.get("QWEN3VL_PEER_ALLREDUCE", "1") != "0"
+                        and torch.cuda.device_count() > 1):
             return None
+        mine = torch.zeros(cls.buffer_bytes(capacity, dtype), dtype=torch.uint8, device=device)
+        torch.cuda.synchronize(device)
         try:
-            import torch.distributed._symmetric_memory as symm_mem
-
-            buffer = symm_mem.empty(cls.buffer_bytes(capacity, dtype), dtype=torch.uint8, device=device)
-            buffer.zero_()
+            shared = reduce_tensor(mine)
+        except Exception as e:               # no CUDA IPC in this build
+            log.warning("peer all-reduce: cannot share a buffer (%s)", e)
+            shared = None
+        handles = [None] * world
+        dist.all_gather_object(handles, shared, group=group)      # every rank takes part, whatever failed
+        made = None
+        try:
+            rebuild, args = handles[1 - rank]
+            theirs = rebuild(*args)
+            # peer access both ways (torch enables it for a copy between the devices)
+            theirs[:1].copy_(mine[:1])
+            mine[:1].copy_(theirs[:1])
             torch.cuda.synchronize(device)
-            handle = symm_mem.rendezvous(buffer, group)
-            made = cls(buffer, handle, rank, dtype, capacity)
-            handle.barrier()
-            ok = True
-        except Exception as e:          # no symmetric memory here (torch build, driver, no P2P)
+            made = cls(mine, theirs, dtype, capacity)
+        except Exception as e:               # no peer access between these GPUs, or the other rank failed
             log.warning("peer all-reduce unavailable (%s): NCCL does the tensor-parallel sums", e)
-            made, ok = None, False
-        agree = torch.tensor([int(ok)], device=device)
-        dist.all_reduce(agree, op=dist.ReduceOp.MIN, group=group)
-        return made if agree.item() else None
+        if not everyone(made is not None):
+            return None
+        dist.barrier(group=group)            # both mapped before either writes into the other
+        return made
 
     def __call__(self, x: torch.Tensor) -> bool:
-        if x.dtype != self.dtype or not x.is_contiguous() or x.numel() > self.capacity or x.device != self.buffer.device:
+        if x.dtype != self.dtype or not x.is_contiguous() or x.numel() > self.capacity or x.device != self.mine.device:
             return False
         if x.numel():
             peer_all_reduce_(x, self.my_data, self.peer_data, self.my_flags, self.peer_flags, self.epochs,
@@ -121,4 +131,4 @@ class PeerAllReduce:
         return True
 
     def close(self) -> None:
-        self.my_data = self.peer_data = self.my_flags = self.peer_flags = self.handle = self.buffer = None
+        self.my_data = self.peer_data = self.my_flags = self.peer_flags = self.theirs = self.mine = None

@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -742,6 +743,10 @@ def lookup_config(e: int, inter: int, hidden: int, m: int, device: torch.device,
 
 
 def pair_path_max_m(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> int:
+    """The largest M the pair path takes: the table's crossover; QWEN3VL_PAIR_MAX_M overrides it
+    (to compare the two paths inside a whole step)."""
+    if os.environ.get("QWEN3VL_PAIR_MAX_M"):
+        return int(os.environ["QWEN3VL_PAIR_MAX_M"])
     table = _moe_table(e, inter, hidden, device, fp8_block)
     return int((table or {}).get("pair_path_max_m", PAIR_PATH_MAX_M))
 

@@ -148,6 +148,14 @@ class ModelRunner:
         self.peer_all_reduce = None
         if cfg.tp_size > 1:
             self._join_group()
+            if cfg.nnodes == 1:
+                # two GPUs of this host: small sums by the peer all-reduce. Before the weights and
+                # the KV cache are sized: mapping the other GPU's buffer costs memory there.
+                from kernels.allreduce import PeerAllReduce
+
+                self.peer_all_reduce = PeerAllReduce.create(torch.distributed.group.WORLD, rank, cfg.tp_size,
+                                                            self.device, self.dtype)
+                set_peer_all_reduce(self.peer_all_reduce)
         self.model = load_model(cfg.model_path, self.device, self.dtype, cfg.load_format, cfg.quantization, self.par)
         self.model_cfg = self.model.cfg
         t = self.model_cfg.text
@@ -158,12 +166,6 @@ class ModelRunner:
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
             self.num_blocks = int(n)
             self.channel = StepChannel(self._ctrl, self.device, self.dtype, t.hidden_size, cfg.block_size)
-            if cfg.nnodes == 1:          # two GPUs of this host: small sums by the peer all-reduce
-                from kernels.allreduce import PeerAllReduce
-
-                self.peer_all_reduce = PeerAllReduce.create(torch.distributed.group.WORLD, rank, cfg.tp_size,
-                                                            self.device, self.dtype)
-                set_peer_all_reduce(self.peer_all_reduce)
         kv_heads = self.model.model.language_model.layers[0].self_attn.kv_heads      # this rank's
         # one block more than the block manager hands out: the scratch block CUDA-graph padding writes to
         shape = (2, self.num_blocks + 1, cfg.block_size, kv_heads, t.head_dim)
