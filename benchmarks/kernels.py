@@ -145,13 +145,13 @@ def sweep_linear(ceil: dict) -> tuple[list[dict], dict]:
             cublas = per_call_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies]))
             best = (float("inf"), None)
             if m == 1:
-                space = itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (3,), (1, 2))
+                space = itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (1, 3))
             else:
-                space = itertools.product((16, 32), (256, 512), (2, 4), (3,), (1,))
-            for bn, bk, warps, stages, prefetch in space:
+                space = itertools.product((16, 32), (256, 512), (2, 4), (3,))
+            for bn, bk, warps, stages in space:
                 if bn * bk > 8192:
                     continue
-                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages, "PREFETCH": prefetch}
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
                 try:
                     ms = per_call_ms(lambda i: skinny_linear(x, ws[i % copies], config=cfg))
                 except Exception as e:          # out of shared memory for the larger tiles
@@ -315,15 +315,14 @@ def sweep_fp8_gemv() -> tuple[list[dict], dict]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bf16 = per_call_ms(lambda i: skinny_linear(x, ws[i % len(ws)]))
             if m == 1:
-                space = itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (False,), (1, 2))
+                space = itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (False,))
             else:
-                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True), (1,))
+                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True))
             best = (float("inf"), None)
-            for bn, bk, warps, a8, prefetch in space:
+            for bn, bk, warps, a8 in space:
                 if a8 and bk != 128:        # W8A8 steps one scale block at a time
                     continue
-                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3, "PREFETCH": prefetch,
-                       **({"A8": True} if a8 else {})}
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3, **({"A8": True} if a8 else {})}
                 try:
                     ms = per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
                 except Exception as e:          # out of registers or shared memory for the larger tiles

@@ -109,16 +109,17 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
 
 
 # gate_up's keys, then down's: each swept with the other held
-PAIR_SPACES = ((("BLOCK_N", "BLOCK_K", "num_warps", "PREFETCH"), ((4, 8, 16), (128, 256, 512), (4, 8), (1, 2))),
-               (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "DOWN_PREFETCH"), ((4, 8, 16), (128, 256, 512), (4, 8),
-                                                                                  (1, 2))))
+PAIR_SPACES = ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (128, 256, 512), (4, 8), (1, 3))),
+               (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((4, 8, 16), (128, 256, 512), (4, 8),
+                                                                                (1, 3))))
 
 
 def tune_pairs(e: int, h: int, inter: int, top_k: int, ms=(1, 2, 4), fp8: bool = False, ep: int = 1,
                spaces=PAIR_SPACES, save=None) -> tuple[dict, list[dict]]:
     """-> ({"pairs": {M: best pair shape}, "pair_path_max_m": M}, rows), handed to `save` after
     each M too (a time limit keeps what is done). Each M's winner is checked against the
-    reference. Stages are 1: the kernels hold their prefetched tiles in registers."""
+    reference. (Isolated timings can mislead: compare the crossover inside a whole step with
+    QWEN3VL_PAIR_MAX_M, as the 235B ep2 table's was.)"""
     w13, w2, scales, (r13, r2) = _experts(e, h, inter, fp8)
     pair_kw = {k: v for k, v in scales.items() if k != "sentinel"}
     sorted_kw = {**scales, "sentinel": True} if ep > 1 else scales
@@ -130,7 +131,7 @@ def tune_pairs(e: int, h: int, inter: int, top_k: int, ms=(1, 2, 4), fp8: bool =
 
         def timed(cfg):
             return per_call_ms(lambda i: fused_moe_pairs(x, w13, w2, *routings[i], cfg, **pair_kw))
-        cfg = {**pair_config(e, inter, h, m, x.device, block), "num_stages": 1, "down_stages": 1}
+        cfg = pair_config(e, inter, h, m, x.device, block)
         start_ms = best_ms = timed(cfg)
         for keys, space in spaces:
             start = cfg

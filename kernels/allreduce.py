@@ -6,9 +6,11 @@ about 1.5 ms of a 9.6 ms step. Here each rank writes its tensor straight into th
 buffer over NVLink, raises a flag there, waits for the other's flag, and adds what arrived to
 its own: one kernel, one crossing of the link, no reduction tree.
 
-Each rank allocates one buffer and maps the other's into its address space (CUDA IPC handles,
-exchanged over the process group, as torch.multiprocessing shares CUDA tensors; peer access
-over NVLink, no multicast). Per chunk of CHUNK elements one program does the
+Each rank allocates one buffer (cudaMalloc) and maps the other's into its own device's context
+(cudaIpcOpenMemHandle with lazy peer access: the handles go over the process group; NVLink, no
+multicast). torch's own tensor sharing maps a peer's memory in the peer device's context, where
+Triton on this device refuses the pointer; torch symmetric memory's rendezvous hung on the
+two-H200 host. Per chunk of CHUNK elements one program does the
 exchange with its counterpart program on the other GPU, with its own flag and epoch counter:
 - the epoch (a local int64 per chunk, advanced by the kernel itself, so CUDA graph replays keep
   counting) picks one of two data regions by parity and is the flag value (epoch + 1) sent;
@@ -24,6 +26,8 @@ NCCL. Every rank makes the same choice for the same call (same shapes), as colle
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 
@@ -65,16 +69,50 @@ def peer_all_reduce_(x: torch.Tensor, my_data, peer_data, my_flags, peer_flags, 
                                                       region_size, CHUNK=CHUNK, num_warps=4)
 
 
+class _Handle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_byte * 64)]          # cudaIpcMemHandle_t
+
+
+class _DevicePointer:
+    """A raw device address as Triton takes a tensor argument (data_ptr and dtype)."""
+
+    def __init__(self, ptr: int, dtype: torch.dtype):
+        self.ptr, self.dtype = ptr, dtype
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+@functools.lru_cache(maxsize=None)
+def _cudart():
+    """The CUDA runtime torch loaded (its path from this process's mappings)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "libcudart.so" in line:
+                return ctypes.CDLL(line.split()[-1])
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise OSError("no CUDA runtime library found")
+
+
+def _check(code: int, what: str) -> None:
+    if code:
+        raise RuntimeError(f"{what}: CUDA error {code}")
+
+
 class PeerAllReduce:
     """The buffers of one two-rank group; `__call__(x)` sums x in place (True) or declines (False)."""
 
-    def __init__(self, mine: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype, capacity: int):
-        """mine, theirs: uint8 buffers of buffer_bytes(capacity, dtype), theirs mapped from the other GPU."""
-        self.mine, self.theirs, self.dtype, self.capacity = mine, theirs, dtype, capacity
+    def __init__(self, mine: int, theirs: int, device: torch.device, dtype: torch.dtype, capacity: int):
+        """mine: this rank's buffer (cudaMalloc'd, buffer_bytes), theirs: the other's, mapped here."""
+        self.mine, self.theirs, self.device, self.dtype, self.capacity = mine, theirs, device, dtype, capacity
         data_bytes = 2 * capacity * dtype.itemsize
-        self.my_data, self.peer_data = (b[:data_bytes].view(dtype) for b in (mine, theirs))
-        self.my_flags, self.peer_flags = (b[data_bytes:].view(torch.int64) for b in (mine, theirs))
-        self.epochs = torch.zeros(capacity // CHUNK, dtype=torch.int64, device=mine.device)
+        self.my_data, self.peer_data = (_DevicePointer(p, dtype) for p in (mine, theirs))
+        self.my_flags, self.peer_flags = (_DevicePointer(p + data_bytes, torch.int64) for p in (mine, theirs))
+        self.epochs = torch.zeros(capacity // CHUNK, dtype=torch.int64, device=device)
 
     @staticmethod
     def buffer_bytes(capacity: int, dtype: torch.dtype) -> int:
@@ -86,7 +124,6 @@ class PeerAllReduce:
         """Collective over `group` (every rank calls it, on one host): the all-reduce, or None on
         every rank when any rank cannot have it (then NCCL does every sum)."""
         import torch.distributed as dist
-        from torch.multiprocessing.reductions import reduce_tensor
 
         def everyone(ok: bool) -> bool:
             flag = torch.tensor([int(ok)], device=device)
@@ -97,33 +134,40 @@ class PeerAllReduce:
                         and os.environ.get("QWEN3VL_PEER_ALLREDUCE", "1") != "0"
                         and torch.cuda.device_count() > 1):
             return None
-        mine = torch.zeros(cls.buffer_bytes(capacity, dtype), dtype=torch.uint8, device=device)
-        torch.cuda.synchronize(device)
+        mine, handle = None, None
         try:
-            shared = reduce_tensor(mine)
-        except Exception as e:               # no CUDA IPC in this build
+            rt = _cudart()
+            nbytes = cls.buffer_bytes(capacity, dtype)
+            ptr, h = ctypes.c_void_p(), _Handle()
+            _check(rt.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes)), "cudaMalloc")
+            mine = ptr.value
+            _check(rt.cudaMemset(ptr, 0, ctypes.c_size_t(nbytes)), "cudaMemset")
+            _check(rt.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
+            _check(rt.cudaIpcGetMemHandle(ctypes.byref(h), ptr), "cudaIpcGetMemHandle")
+            handle = bytes(h)
+        except Exception as e:               # no CUDA runtime to call, no IPC
             log.warning("peer all-reduce: cannot share a buffer (%s)", e)
-            shared = None
         handles = [None] * world
-        dist.all_gather_object(handles, shared, group=group)      # every rank takes part, whatever failed
+        dist.all_gather_object(handles, handle, group=group)      # every rank takes part, whatever failed
         made = None
         try:
-            rebuild, args = handles[1 - rank]
-            theirs = rebuild(*args)
-            # peer access both ways (torch enables it for a copy between the devices)
-            theirs[:1].copy_(mine[:1])
-            mine[:1].copy_(theirs[:1])
-            torch.cuda.synchronize(device)
-            made = cls(mine, theirs, dtype, capacity)
+            theirs = ctypes.c_void_p()
+            _check(_cudart().cudaIpcOpenMemHandle(ctypes.byref(theirs), _Handle.from_buffer_copy(handles[1 - rank]),
+                                                  ctypes.c_uint(1)), "cudaIpcOpenMemHandle")   # lazy peer access
+            made = cls(mine, theirs.value, device, dtype, capacity)
         except Exception as e:               # no peer access between these GPUs, or the other rank failed
             log.warning("peer all-reduce unavailable (%s): NCCL does the tensor-parallel sums", e)
         if not everyone(made is not None):
+            if made is not None:
+                made.close()
+            elif mine is not None:
+                _cudart().cudaFree(ctypes.c_void_p(mine))
             return None
         dist.barrier(group=group)            # both mapped before either writes into the other
         return made
 
     def __call__(self, x: torch.Tensor) -> bool:
-        if x.dtype != self.dtype or not x.is_contiguous() or x.numel() > self.capacity or x.device != self.mine.device:
+        if x.dtype != self.dtype or not x.is_contiguous() or x.numel() > self.capacity or x.device != self.device:
             return False
         if x.numel():
             peer_all_reduce_(x, self.my_data, self.peer_data, self.my_flags, self.peer_flags, self.epochs,
@@ -131,4 +175,10 @@ class PeerAllReduce:
         return True
 
     def close(self) -> None:
-        self.my_data = self.peer_data = self.my_flags = self.peer_flags = self.theirs = self.mine = None
+        """Unmap the other's buffer and free this one (after every use: the runner synchronizes)."""
+        if self.theirs is not None:
+            rt = _cudart()
+            torch.cuda.synchronize(self.device)
+            rt.cudaIpcCloseMemHandle(ctypes.c_void_p(self.theirs))
+            rt.cudaFree(ctypes.c_void_p(self.mine))
+        self.theirs = self.mine = self.my_data = self.peer_data = self.my_flags = self.peer_flags = None

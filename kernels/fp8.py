@@ -183,7 +183,7 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
         x, wq, bias if bias is not None else scale, y, scale, m, n, k, x.stride(0), wq.stride(0), y.stride(0),
         scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n,
         BLOCK_K=block[1] if a8 else cfg["BLOCK_K"], HAS_SCALE=True, BN=block[0], BK=block[1], A8=a8,
-        PREFETCH=cfg.get("PREFETCH", 1), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x))
     return y
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
+from .pdl import gdc_enter, pdl
 
 from .fp8 import quantize_activations_fp8
 from .linear import dividing
@@ -241,52 +241,14 @@ def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tup
 
 
 @triton.jit
-def _gate_up_tile(w_ptrs, up_off, x_ptrs, s_gate, s_up, k, K, n_ok, offs_k,
-                  BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, BK: tl.constexpr):
-    """Step k's loads for the gate_up GEMV: gate rows, up rows, x and (fp8) the two rows' scales
-    for these columns. Past K everything is masked off (no memory traffic)."""
-    k_ok = offs_k < K - k * BLOCK_K
-    m = n_ok[:, None] & k_ok[None, :]
-    g = tl.load(w_ptrs + k * BLOCK_K, mask=m, other=0.0)
-    u = tl.load(w_ptrs + up_off + k * BLOCK_K, mask=m, other=0.0)
-    xk = tl.load(x_ptrs + k * BLOCK_K, mask=k_ok, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        kb = (k * BLOCK_K + offs_k) // BK
-        sg = tl.load(s_gate + kb, mask=k_ok, other=0.0)
-        su = tl.load(s_up + kb, mask=k_ok, other=0.0)
-    else:
-        sg = xk
-        su = xk
-    return g, u, xk, sg, su
-
-
-@triton.jit
-def _gate_up_step(acc_g, acc_u, g, u, xk, sg, su, HAS_SCALE: tl.constexpr):
-    if HAS_SCALE:
-        acc_g += g.to(tl.float32) * (xk * sg)[None, :]
-        acc_u += u.to(tl.float32) * (xk * su)[None, :]
-    else:
-        acc_g += g.to(tl.float32) * xk[None, :]
-        acc_u += u.to(tl.float32) * xk[None, :]
-    return acc_g, acc_u
-
-
-@triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                         PREFETCH: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+                         USE_PDL: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
-    the up rows of a program each share one row of scale blocks, applied to x's columns.
-
-    A program's K steps are a chain of memory round trips; PREFETCH (1 or 2) steps' loads are in
-    flight while one is multiplied (registers, not the pipeliner, hold them). The kernel after
-    this one (the down GEMV) is let launch only once this one has waited for its own
-    predecessor: so when the down kernel starts, the routing is complete and it may fetch its
-    first weight tiles before waiting for this kernel."""
-    gdc_wait(USE_PDL)
-    gdc_launch(USE_PDL)
+    the up rows of a program each share one row of scale blocks, applied to x's columns."""
+    gdc_enter(USE_PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     token = pair // top_k
@@ -296,30 +258,29 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
     offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
-    up_off = inter * stride_wn
+    gate_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+    up_ptrs = gate_ptrs + inter * stride_wn
     x_ptrs = x_ptr + token * stride_xm + offs_k
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     s_gate = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     s_up = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
-    g0, u0, x0, sg0, su0 = _gate_up_tile(w_ptrs, up_off, x_ptrs, s_gate, s_up, 0, K, n_ok, offs_k,
-                                         BLOCK_K, HAS_SCALE, BK)
-    if PREFETCH == 2:
-        g1, u1, x1, sg1, su1 = _gate_up_tile(w_ptrs, up_off, x_ptrs, s_gate, s_up, 1, K, n_ok, offs_k,
-                                             BLOCK_K, HAS_SCALE, BK)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if PREFETCH == 2:
-            g2, u2, x2, sg2, su2 = _gate_up_tile(w_ptrs, up_off, x_ptrs, s_gate, s_up, k + 2, K, n_ok, offs_k,
-                                                 BLOCK_K, HAS_SCALE, BK)
-            acc_g, acc_u = _gate_up_step(acc_g, acc_u, g0, u0, x0, sg0, su0, HAS_SCALE)
-            g0, u0, x0, sg0, su0 = g1, u1, x1, sg1, su1
-            g1, u1, x1, sg1, su1 = g2, u2, x2, sg2, su2
+        k_ok = offs_k < K - k * BLOCK_K
+        xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        m = n_ok[:, None] & k_ok[None, :]
+        g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            kb = (k * BLOCK_K + offs_k) // BK
+            acc_g += g * (xk * tl.load(s_gate + kb, mask=k_ok, other=0.0))[None, :]
+            acc_u += u * (xk * tl.load(s_up + kb, mask=k_ok, other=0.0))[None, :]
         else:
-            g1, u1, x1, sg1, su1 = _gate_up_tile(w_ptrs, up_off, x_ptrs, s_gate, s_up, k + 1, K, n_ok, offs_k,
-                                                 BLOCK_K, HAS_SCALE, BK)
-            acc_g, acc_u = _gate_up_step(acc_g, acc_u, g0, u0, x0, sg0, su0, HAS_SCALE)
-            g0, u0, x0, sg0, su0 = g1, u1, x1, sg1, su1
+            acc_g += g * xk[None, :]
+            acc_u += u * xk[None, :]
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
     g = tl.sum(acc_g, 1)
     u = tl.sum(acc_u, 1)
     act = g / (1.0 + tl.exp(-g)) * u
@@ -327,44 +288,21 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
 
 
 @triton.jit
-def _down_w_tile(w_ptrs, k, K, slot_ok, n_ok, offs_k, BLOCK_K: tl.constexpr):
-    k_ok = offs_k < K - k * BLOCK_K
-    return tl.load(w_ptrs + k * BLOCK_K, mask=slot_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :],
-                   other=0.0)
-
-
-@triton.jit
-def _down_a_tile(a_ptrs, s_rows, k, K, slot_ok, offs_k, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 BK: tl.constexpr):
-    """Step k's activations (fp8: times their experts' weight scales for these columns)."""
-    k_ok = offs_k < K - k * BLOCK_K
-    a_mask = slot_ok[:, None] & k_ok[None, :]
-    a = tl.load(a_ptrs + k * BLOCK_K, mask=a_mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        a = a * tl.load(s_rows + ((k * BLOCK_K + offs_k) // BK)[None, :], mask=a_mask, other=0.0)
-    return a
-
-
-@triton.jit
 def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
                       stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                      PREFETCH: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+                      USE_PDL: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
-    HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations.
-
-    Launched after _pair_gate_up_kernel only: that kernel lets this one launch after its own
-    wait, so the routing (two kernels back) is complete here, and this kernel reads the expert
-    ids (past L1) and issues its first PREFETCH weight tiles before waiting for the activations."""
-    gdc_launch(USE_PDL)
+    HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations."""
+    gdc_enter(USE_PDL)
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
     slots = tl.arange(0, TOP_K_PAD)
     slot_ok = slots < top_k
     pairs = token * top_k + slots
-    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0, cache_modifier=".cg").to(tl.int64)
+    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
     slot_ok = slot_ok & (experts < num_experts)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -372,24 +310,19 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     w_ptrs = (w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
               + offs_k[None, None, :])
     a_ptrs = act_ptr + pairs[:, None] * stride_am + offs_k[None, :]
-    s_rows = s_ptr + experts[:, None] * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     acc = tl.zeros((TOP_K_PAD, BLOCK_N, BLOCK_K), tl.float32)
-    w0 = _down_w_tile(w_ptrs, 0, K, slot_ok, n_ok, offs_k, BLOCK_K)
-    if PREFETCH == 2:
-        w1 = _down_w_tile(w_ptrs, 1, K, slot_ok, n_ok, offs_k, BLOCK_K)
-    gdc_wait(USE_PDL)
-    a0 = _down_a_tile(a_ptrs, s_rows, 0, K, slot_ok, offs_k, BLOCK_K, HAS_SCALE, BK)
+    s_rows = s_ptr + experts[:, None] * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if PREFETCH == 2:
-            w2 = _down_w_tile(w_ptrs, k + 2, K, slot_ok, n_ok, offs_k, BLOCK_K)
-            a1 = _down_a_tile(a_ptrs, s_rows, k + 1, K, slot_ok, offs_k, BLOCK_K, HAS_SCALE, BK)
-            acc += w0.to(tl.float32) * a0[:, None, :]
-            w0, w1, a0 = w1, w2, a1
-        else:
-            w1 = _down_w_tile(w_ptrs, k + 1, K, slot_ok, n_ok, offs_k, BLOCK_K)
-            a1 = _down_a_tile(a_ptrs, s_rows, k + 1, K, slot_ok, offs_k, BLOCK_K, HAS_SCALE, BK)
-            acc += w0.to(tl.float32) * a0[:, None, :]
-            w0, a0 = w1, a1
+        k_ok = offs_k < K - k * BLOCK_K
+        a_mask = slot_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            a = a * tl.load(s_rows + ((k * BLOCK_K + offs_k) // BK)[None, :], mask=a_mask, other=0.0)
+        w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+        acc += w * a[:, None, :]
+        w_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
     weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
     out = tl.sum(tl.sum(acc, 2) * weights[:, None], 0)
     tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -427,8 +360,8 @@ def fp8_pair_config_file(device_name: str, block: tuple[int, int]) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _fp8_pair_table(device_name: str, block: tuple[int, int]) -> dict[int, dict] | None:
-    """{M: launch shape} for fp8 experts of any shape (the first tables; a shape's own MoE table
-    may hold "pairs", which comes first)."""
+    """{M: launch shape} for fp8 experts of any shape (`benchmarks.kernels`' first sweep); a
+    shape's own MoE table may hold "pairs", which comes first."""
     return _load_table(str(fp8_pair_config_file(device_name, block)))
 
 
@@ -465,14 +398,14 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
         x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
-        HAS_SCALE=fp8, BN=block[0], BK=block[1], PREFETCH=cfg.get("PREFETCH", 1),
-        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3), **pdl(x))
+        HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
         act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
-        BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1], PREFETCH=cfg.get("DOWN_PREFETCH", 1),
+        BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3), **pdl(x))
     return out
 

@@ -29,34 +29,15 @@ DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
-def _skinny_xs(x_ptrs, s_row, k, K, m_ok, offs_k, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-               BK: tl.constexpr, A8: tl.constexpr):
-    """Step k's x rows and (fp8) scales: the A8 dot's one per step, else one per column."""
-    k_ok = offs_k < K - k * BLOCK_K
-    xk = tl.load(x_ptrs + k * BLOCK_K, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-    if A8:
-        sk = tl.load(s_row + k, mask=k * BLOCK_K < K, other=0.0)
-    elif HAS_SCALE:
-        sk = tl.load(s_row + (k * BLOCK_K + offs_k) // BK, mask=k_ok, other=0.0)
-    else:
-        sk = k_ok
-    return xk, sk
-
-
-@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                   A8: tl.constexpr = False, PREFETCH: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+                   A8: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """HAS_SCALE: w is fp8 with a float32 scale per BN x BK block (kernels/fp8.py). BLOCK_N divides
     BN, so a program's rows share one row of the scale grid: the scales multiply x's columns
     (BLOCK_K of them per step, any BLOCK_K), and the weight costs one conversion per element, as
     bf16 does. A8 (with HAS_SCALE, M_PAD 16, BLOCK_K == BK): each program quantizes its x rows per
-    BK group in registers and the product is an fp8 tensor-core dot (W8A8; no conversion of w).
-
-    The K steps are a chain of memory round trips: PREFETCH (1 or 2) weight tiles, and the next
-    step's x and scales, are in flight while a step is multiplied. The first weight tiles are
-    requested before the wait for the previous kernel (PDL): weights are only read."""
+    BK group in registers and the product is an fp8 tensor-core dot (W8A8; no conversion of w)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -70,39 +51,31 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     else:
         acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
+    # the first weight tile is in flight while the kernel before finishes (PDL), each next one
+    # while this one is used
     gdc_launch(USE_PDL)
-    w0 = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-    if PREFETCH == 2:
-        w1 = tl.load(w_ptrs + BLOCK_K, mask=n_ok[:, None] & (offs_k < K - BLOCK_K)[None, :], other=0.0)
+    w = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
     gdc_wait(USE_PDL)
-    x0, s0 = _skinny_xs(x_ptrs, s_row, 0, K, m_ok, offs_k, BLOCK_K, HAS_SCALE, BK, A8)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        ahead = k + PREFETCH
-        w_next = tl.load(w_ptrs + ahead * BLOCK_K, mask=n_ok[:, None] & (offs_k < K - ahead * BLOCK_K)[None, :],
-                         other=0.0)
-        x1, s1 = _skinny_xs(x_ptrs, s_row, k + 1, K, m_ok, offs_k, BLOCK_K, HAS_SCALE, BK, A8)
-        w = w0
-        xf = x0.to(tl.float32)
+        k_ok = offs_k < K - k * BLOCK_K
+        xk = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        xf = xk.to(tl.float32)
         if A8:
             xs = tl.maximum(tl.max(tl.abs(xf), 1), 1e-12) / 448.0
             xq = tl.clamp(xf / xs[:, None], -448.0, 448.0).to(w.dtype)
-            acc += tl.dot(xq, tl.trans(w)) * (xs[:, None] * s0)
+            acc += tl.dot(xq, tl.trans(w)) * (xs[:, None] * tl.load(s_row + k))
         else:
             if HAS_SCALE:
-                xf = xf * s0[None, :]
+                xf = xf * tl.load(s_row + (k * BLOCK_K + offs_k) // BK, mask=k_ok, other=0.0)[None, :]
             if M_PAD == 1:
                 acc2 += w.to(tl.float32) * xf
             elif HAS_SCALE:
-                acc = tl.dot(xf.to(x0.dtype), tl.trans(w.to(x0.dtype)), acc)
+                acc = tl.dot(xf.to(xk.dtype), tl.trans(w.to(xk.dtype)), acc)
             else:
-                acc = tl.dot(x0, tl.trans(w.to(x0.dtype)), acc)
-        if PREFETCH == 2:
-            w0 = w1
-            w1 = w_next
-        else:
-            w0 = w_next
-        x0 = x1
-        s0 = s1
+                acc = tl.dot(xk, tl.trans(w.to(xk.dtype)), acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K - (k + 1) * BLOCK_K)[None, :], other=0.0)
     if M_PAD == 1:
         acc = tl.sum(acc2, 1)[None, :]
     if HAS_BIAS:
@@ -129,7 +102,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, w, bias if bias is not None else w, y, w, m, n, k, x.stride(0), w.stride(0), y.stride(0), 0,
         HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
-        PREFETCH=config.get("PREFETCH", 1), num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl(x))
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl(x))
     return y
 
 
