@@ -6,8 +6,7 @@
 A pruned search (tile shapes by M, warps, stages, grouping), each launch shape timed as a CUDA
 graph replay (as decode runs it) with uniform routing; each M's winner is checked against the
 PyTorch reference before it is written (the pair path and its crossover are `--pairs`'s, below).
-`--fp8`: 128x128 block
-fp8 experts (W8A8), to the fp8 table. `--ep N`: one rank's share under expert parallelism,
+`--fp8`: 128x128 block fp8 experts (W8A8), to the fp8 table. `--ep N`: one rank's share under expert parallelism,
 `--experts` local experts of N times as many, so a token's top-k land here about 1/N of the time
 (the rest take the sentinel id, as the model hands them over). The serving path only reads the
 table (nearest M).

@@ -1,17 +1,18 @@
 """A one-shot all-reduce between two GPUs of one host, for a decode step's small sums.
 
 At tp 2 a decode layer sums its partial outputs twice (attention's o_proj, the MoE), and at
-batch 1 each sum is 4-16 KB: NCCL takes ~8 us per call inside a CUDA graph (the 235B c1 profile),
-about 1.5 ms of a 9.6 ms step. Here each rank writes its tensor straight into the other's
-buffer over NVLink, raises a flag there, waits for the other's flag, and adds what arrived to
-its own: one kernel, one crossing of the link, no reduction tree.
+batch 1 each sum is 4-16 KB: NCCL takes 11-12 us per call inside a CUDA graph on two H200s,
+about 2.2 ms of 235B-A22B's 9.7 ms step. Here each rank writes its tensor straight into the
+other's buffer over NVLink, raises a flag there, waits for the other's flag, and adds what
+arrived to its own: one kernel, one crossing of the link, no reduction tree (3.7 us at one
+token; the step went to 8.8 ms: benchmarks/results/NOTES.md, fifth session).
 
 Each rank allocates one buffer (cudaMalloc) and maps the other's into its own device's context
 (cudaIpcOpenMemHandle with lazy peer access: the handles go over the process group; NVLink, no
 multicast). torch's own tensor sharing maps a peer's memory in the peer device's context, where
 Triton on this device refuses the pointer; torch symmetric memory's rendezvous hung on the
-two-H200 host. Per chunk of CHUNK elements one program does the
-exchange with its counterpart program on the other GPU, with its own flag and epoch counter:
+two-H200 host. Per chunk of CHUNK elements one program does the exchange with its counterpart
+program on the other GPU, with its own flag and epoch counter:
 - the epoch (a local int64 per chunk, advanced by the kernel itself, so CUDA graph replays keep
   counting) picks one of two data regions by parity and is the flag value (epoch + 1) sent;
 - a rank cannot get two calls ahead of the other on a chunk (each call waits for the other's
