@@ -130,7 +130,7 @@ def sweep_concentrated_routing() -> list[dict]:
 LINEAR_SHAPES = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "router": (128, 2048)}     # (N, K), 30B-A3B
 
 
-def sweep_linear(ceil: dict) -> tuple[list[dict], dict]:
+def sweep_linear(ceil: dict, ms=None) -> tuple[list[dict], dict]:
     """The decoder's projections at decode sizes: cuBLAS (F.linear) against the skinny GEMM's
     best launch shape; -> rows, and the table kernels.linear reads (per shape and M, the best
     config or "cublas")."""
@@ -140,7 +140,7 @@ def sweep_linear(ceil: dict) -> tuple[list[dict], dict]:
     for name, (n, k) in LINEAR_SHAPES.items():
         copies = max(2, L2_DEFEAT_BYTES // (2 * n * k))
         ws = [(torch.randn(n, k, device="cuda") * k ** -0.5).bfloat16() for _ in range(copies)]
-        for m in SWEEP_MS:
+        for m in ms or SWEEP_MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cublas = per_call_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies]))
             best = (float("inf"), None)
@@ -296,10 +296,10 @@ def bench_fp8(ceil: dict) -> list[dict]:
 FP8_GEMV_SHAPES = {"30B qkv": (5120, 2048), "30B o_proj": (2048, 4096),
                    "235B qkv": (9216, 4096), "235B o_proj": (4096, 8192),
                    "235B qkv tp2": (4608, 4096), "235B o_proj tp2": (4096, 4096)}
-SWEEP_MS = (1, 4, 16)           # the GEMV sweeps' rows (--ms); a table keeps the M it was not given
+SWEEP_MS = (1, 4, 16)           # the GEMV sweeps' default rows (--ms); a table keeps the M it was not given
 
 
-def sweep_fp8_gemv() -> tuple[list[dict], dict]:
+def sweep_fp8_gemv(ms=None) -> tuple[list[dict], dict]:
     """The fp8 GEMV's launch shapes at decode sizes (graph replay per call, weights past L2) against
     the bf16 skinny GEMM on the same shape; -> rows (best per shape and M) and the table
     kernels.fp8 reads."""
@@ -311,7 +311,7 @@ def sweep_fp8_gemv() -> tuple[list[dict], dict]:
         copies = max(2, L2_DEFEAT_BYTES // (n * k))
         qs = [tuple(t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * 0.02, (128, 128))) for _ in range(copies)]
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(max(2, copies // 2))]
-        for m in SWEEP_MS:
+        for m in ms or SWEEP_MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bf16 = per_call_ms(lambda i: skinny_linear(x, ws[i % len(ws)]))
             if m == 1:
@@ -370,16 +370,14 @@ def main(argv=None):
                     help="comma-separated parts to run")
     ap.add_argument("--ms", default=None, help="the GEMV sweeps' batch sizes (default 1,4,16)")
     args = ap.parse_args(argv)
-    if args.ms:
-        global SWEEP_MS
-        SWEEP_MS = tuple(int(m) for m in args.ms.split(","))
+    ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else SWEEP_MS
     parts = set(args.only.split(","))
     ceil = roofline_cache()
     rows = []
     for part, sweep, title, path_of, what in (
-            ("fp8gemv", sweep_fp8_gemv, "fp8 GEMV launch shapes at decode sizes, best per (N, K, M), against the bf16 "
+            ("fp8gemv", lambda: sweep_fp8_gemv(ms), "fp8 GEMV launch shapes at decode sizes, best per (N, K, M), against the bf16 "
              "skinny GEMM", _fp8_gemv_file, "fp8 GEMV"),
-            ("linear", lambda: sweep_linear(ceil), "decoder projections at decode sizes: cuBLAS against the skinny GEMM "
+            ("linear", lambda: sweep_linear(ceil, ms), "decoder projections at decode sizes: cuBLAS against the skinny GEMM "
              "(graph replay per call)", config_file, "skinny GEMM"),
             ("decodeattn", sweep_decode_attention, "paged decode attention launch shapes (graph replay)",
              _decode_attention_file, "decode attention")):
