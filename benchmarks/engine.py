@@ -40,11 +40,35 @@ def make_request(tokenizer, seed: int) -> tuple[Image.Image, str]:
     return img, tokenizer.decode(tokenizer.encode(words)[:64])
 
 
-def make_prompt(processor: Processor, seed: int):
-    img, text = make_request(processor.tokenizer, seed)
-    url = image_data_uri(img)
-    return processor.process_messages([{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}])
+def make_prompt(processor: Processor, seed: int, images: int = 1):
+    parts = []
+    for i in range(images):
+        img, text = make_request(processor.tokenizer, seed + 7919 * i)
+        parts.append({"type": "image_url", "image_url": {"url": image_data_uri(img)}})
+    return processor.process_messages([{"role": "user", "content": [*parts, {"type": "text", "text": text}]}])
+
+
+def ttft_rows(engine: LLMEngine, processor: Processor, repeats: int, images: list[int], compare: bool) -> list[dict]:
+    """TTFT of one request alone (its ViT, then its prefill), `repeats` times each: with the prefill
+    CUDA graphs and, with `compare`, without them (the eager prefill), at the same commit."""
+    modes = [("graph", engine.runner.prefill_graphs)]
+    if compare and engine.runner.prefill_graphs is not None:
+        modes.append(("eager", None))
+    rows = []
+    try:
+        for n in images:
+            prompt = make_prompt(processor, 1000 + n, n)
+            for name, graphs in modes:
+                engine.runner.prefill_graphs = graphs
+                run(engine, [prompt], 1)                             # warm: this prompt's shapes
+                ms = [run(engine, [prompt], 1)["ttft_p50_ms"] for _ in range(repeats)]
+                rows.append({"kind": "ttft", "images": n, "prompt_tokens": len(prompt.prompt_ids),
+                             "prefill": "graph" if graphs is not None else "eager",
+                             "ttft_p50_ms": float(np.median(ms)), "ttft_min_ms": min(ms), "repeats": repeats})
+                print_table([rows[-1]], list(rows[-1]))
+    finally:
+        engine.runner.prefill_graphs = modes[0][1]
+    return rows
 
 
 def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float | None = None) -> float:
@@ -217,6 +241,11 @@ def main(argv=None):
                     help="also run the lowest and highest concurrency with the overlap scheduler off")
     ap.add_argument("--structured", action="store_true",
                     help="also run each concurrency with every request under a JSON schema: the grammar's cost per step")
+    ap.add_argument("--ttft-repeats", type=int, default=0,
+                    help="also time one request alone this many times (TTFT rows; median and min)")
+    ap.add_argument("--ttft-images", default="1", help="images per TTFT request, comma-separated (1,2)")
+    ap.add_argument("--compare-prefill-graph", action="store_true",
+                    help="TTFT rows with the prefill CUDA graphs and without them (eager prefill)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel groups within them")
     ap.add_argument("--out", default=None)
@@ -270,6 +299,10 @@ def main(argv=None):
                              grammar_cost=g["decode_step_ms"] / r["decode_step_ms"] - 1, tp=args.tp, ep=args.ep)
                     rows.append(g)
                     print_table([g], list(g))
+        ttft = []
+        if args.ttft_repeats > 0:
+            ttft = ttft_rows(engine, processor, args.ttft_repeats, [int(x) for x in args.ttft_images.split(",")],
+                             args.compare_prefill_graph)
         if args.profile_prefill:
             profile_prefill(engine, prompts[0], Path(args.out or RESULTS))
         if args.profile:
@@ -281,6 +314,9 @@ def main(argv=None):
             "total_decode_tok_s", "decode_step_ms", "experts_hit", "floor_step_ms", "floor_over_step",
             "uniform_routing_floor_ms"]
     print_table(rows, cols)
+    if ttft:
+        print_table(ttft, list(ttft[0]))
+    rows += ttft
     print(write_result("engine", {**settings, "config": args.config, "out_tokens": args.out_tokens,
                                   "temperature": args.temperature, "routing": args.routing, "weights_gib": weights_gib,
                                   "image": "1280x720", "text_tokens": 64, "ceilings": ceil, "load_s": load_s},

@@ -35,6 +35,8 @@ class EngineConfig:
     mm_attention_backend: str = "sdpa"    # sdpa | triton | fa3
     vlm_cache_size_mb: float = 0.0       # the engine's own ViT cache (the Triton vit model has its own)
     cuda_graph_max_bs: int = 128          # decode steps up to this batch replay CUDA graphs; 0 disables
+    prefill_cuda_graph_max_tokens: int = 4096   # one new prompt up to this many tokens (and the chunked-prefill
+                                          # size) replays a prefill graph (cuda only); 0 disables
     enable_vit_cuda_graph: bool = False   # the ViT replays CUDA graphs bucketed by patch count (cuda only)
     overlap_schedule: bool = True         # queue step n+1 before reading step n back (SGLang's overlap scheduler)
     quantization: str = ""                # "" (as the checkpoint is) | fp8: quantize a bf16 checkpoint as it loads
@@ -79,8 +81,9 @@ class EngineConfig:
                               f"{self.device}, {torch.cuda.device_count()} present")
         if self.moe_routing not in ("model", "uniform"):
             raise ConfigError(f"moe_routing must be model or uniform, got {self.moe_routing!r}")
-        if self.cuda_graph_max_bs < 0:
-            raise ConfigError("cuda_graph_max_bs must be >= 0")
+        for name in ("cuda_graph_max_bs", "prefill_cuda_graph_max_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
         if self.quantization not in ("", "fp8"):
             raise ConfigError(f"quantization must be fp8 (or empty), got {self.quantization!r}")
         if self.num_kv_blocks < 0:

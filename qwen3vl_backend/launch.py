@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mm-attention-backend", default="sdpa", choices=["sdpa", "triton", "fa3", "fa2"])
     a("--keep-mm-feature-on-device", action="store_true")
     a("--enable-vit-cuda-graph", action="store_true", help="ViT CUDA graphs bucketed by patch count (GPU)")
+    a("--cuda-graph-max-bs", type=int, default=128, help="decode batches up to this size replay CUDA graphs (GPU)")
+    a("--prefill-cuda-graph-max-tokens", type=int, default=4096,
+      help="one new prompt of up to this many tokens (and --chunked-prefill-size) replays a prefill CUDA graph "
+           "(GPU; 0: off)")
+    a("--disable-cuda-graph", action="store_true", help="no decode or prefill CUDA graphs")
     a("--mm-max-concurrent-calls", type=int, default=32)
     a("--preprocess-instances", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
       help="preprocess model instances (requests tokenised and their media decoded in parallel)")
@@ -170,7 +175,9 @@ def resolve(args) -> dict:
            "overlap_schedule": "false" if args.disable_overlap_schedule else "true",
            "attention_backend": args.attention_backend, "quantization": args.quantization or "",
            "tp_size": str(args.tp), "ep_size": str(args.ep), "nnodes": str(args.nnodes),
-           "node_rank": str(args.node_rank), "dist_init_addr": args.dist_init_addr or ""}
+           "node_rank": str(args.node_rank), "dist_init_addr": args.dist_init_addr or "",
+           "cuda_graph_max_bs": "0" if args.disable_cuda_graph else str(args.cuda_graph_max_bs),
+           "prefill_cuda_graph_max_tokens": "0" if args.disable_cuda_graph else str(args.prefill_cuda_graph_max_tokens)}
     try:
         engine_cfg = EngineConfig.from_settings(llm)
     except ConfigError as e:

@@ -279,6 +279,39 @@ def test_vit_graph_padding_changes_nothing(tiny_moe):
     assert not graphs.fits(513, 1) and not graphs.fits(10, 4)
 
 
+def test_prefill_graph_padding_changes_nothing(tiny_moe, prompts, reference):
+    """What the prefill CUDA graphs compute (one new prompt padded to a bucket, visual rows and
+    DeepStack levels dense, the padding's K/V in the scratch block), run eagerly in the
+    interpreter: the first token's logits and every later token as the eager path's. The image
+    prompt runs first, so the text prompts after it see its DeepStack rows cleared."""
+    import torch
+
+    from qwen3vl_backend.engine.prefill_graphs import PrefillGraphs
+
+    order = [1, 0, 2]                            # the image prompt first
+    eager, padded = make_engine(tiny_moe), make_engine(tiny_moe)
+    r = padded.runner
+    r.prefill_graphs = PrefillGraphs(r.model, r.kv_caches, r.cfg.block_size, r.num_blocks, (8, 64, 256),
+                                     r.device, r.dtype)
+    assert all(r.prefill_graphs.bucket(n) > n for n in (len(p.prompt_ids) for p in prompts))   # padded
+    first = {}
+    for name, engine in (("eager", eager), ("padded", padded)):
+        sample = engine.runner._sample
+
+        def record(logits, chunks, banned, masks=None, sample=sample, name=name):
+            first.setdefault((name, chunks[0].seq.request_id), logits.clone())
+            return sample(logits, chunks, banned, masks)
+        engine.runner._sample = record
+        for i in order:
+            out = engine.generate([prompts[i]], GREEDY)[0]
+            assert out["output_token_ids"] == reference[i]
+    assert r.prefill_graphs.replays == len(order)
+    eager_first = [v for (n, _), v in first.items() if n == "eager"]
+    padded_first = [v for (n, _), v in first.items() if n == "padded"]
+    for want, got in zip(eager_first, padded_first):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 8},
                                                 "n": {"type": "integer", "minimum": 0, "maximum": 99}},
                "required": ["answer", "n"], "additionalProperties": False}

@@ -42,6 +42,7 @@ def engines(request):
     cpu = LLMEngine(EngineConfig(model_path=path, device="cpu", dtype="float32"))
     gpu = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=1024))
     assert gpu.cfg.attention_backend == "triton" and gpu.cfg.moe_backend == "triton"
+    assert gpu.runner.prefill_graphs is not None and gpu.runner.prefill_graphs.graphs
     return Processor(path, cpu.tokenizer), cpu, gpu
 
 
@@ -51,7 +52,9 @@ def test_gpu_bf16_greedy_matches_cpu_fp32(engines, case):
     prompt = processor.process_messages(CASES[case])
     params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
     want = cpu.generate([prompt], params)[0]["output_token_ids"]
+    replays = gpu.runner.prefill_graphs.replays
     got = gpu.generate([prompt], params)[0]["output_token_ids"]
+    assert gpu.runner.prefill_graphs.replays == replays + 1          # the prompt's prefill replayed a graph
     n = len(prompt.prompt_ids)
     full = ProcessedPrompt(prompt.prompt_ids + want[:-1], prompt.media,
                            torch.cat([prompt.positions, decode_positions(n, len(want) - 1, prompt.rope_delta)], 1),
@@ -92,6 +95,37 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
     direct = model.compute_logits(model(ids, positions, graphs.runner.kv_caches, meta)).float()
     assert ((replayed - direct).norm() / direct.norm()).item() < 2e-2
     assert int(replayed.argmax()) == int(direct.argmax())
+
+
+def test_prefill_cuda_graph_matches_eager_prefill(tiny_moe):
+    """One prompt's first-token logits from a prefill graph (padded to its bucket) against the eager
+    prefill's, for every case; the greedy tokens after them agree up to a near tie."""
+    path = str(tiny_moe)
+    kw = dict(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512)
+    eager = LLMEngine(EngineConfig(**kw, prefill_cuda_graph_max_tokens=0))
+    graphs = LLMEngine(EngineConfig(**kw, prefill_cuda_graph_max_tokens=1024))
+    assert eager.runner.prefill_graphs is None and max(graphs.runner.prefill_graphs.graphs) == 1024
+    processor = Processor(path, eager.tokenizer)
+    firsts = {}
+    for name, engine in (("eager", eager), ("graph", graphs)):
+        sample = engine.runner._sample
+
+        def record(logits, chunks, banned, masks=None, sample=sample, name=name):
+            firsts.setdefault(name, []).append(logits.float().clone())
+            return sample(logits, chunks, banned, masks)
+        engine.runner._sample = record
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for case in CASES:
+        prompt = processor.process_messages(CASES[case])
+        assert graphs.runner.prefill_graphs.bucket(len(prompt.prompt_ids)) > len(prompt.prompt_ids)
+        for engine in (eager, graphs):
+            engine.generate([prompt], params)
+    assert graphs.runner.prefill_graphs.replays == len(CASES)
+    for case, want, got in zip(CASES, firsts["eager"], firsts["graph"]):
+        assert ((got - want).norm() / want.norm()).item() < 2e-2, case
+        top2 = want.topk(2, dim=-1).values[0]
+        if (top2[0] - top2[1]) / want.abs().max() >= NOISE:        # not a near tie
+            assert int(got.argmax()) == int(want.argmax()), case
 
 
 # -- ViT CUDA graphs -------------------------------------------------------------------------------

@@ -44,9 +44,13 @@ def _engine(path, tp=1, ep=1):
 
 
 def _run(engine, prompts):
-    """(greedy tokens per prompt, decoded as one batch through the graphs; first-step logits of each)."""
+    """(greedy tokens per prompt, decoded as one batch through the graphs, then the first prompt's
+    alone, its prefill replayed from a prefill graph; first-step logits of each)."""
     params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
     tokens = [r["output_token_ids"] for r in engine.generate(prompts, params)]
+    replays = engine.runner.prefill_graphs.replays
+    tokens.append(engine.generate(prompts[:1], params)[0]["output_token_ids"])
+    assert engine.runner.prefill_graphs.replays == replays + 1
     return tokens, [engine.prompt_logits(p)[-1].float().cpu() for p in prompts]
 
 
@@ -84,7 +88,7 @@ def test_tp2_on_two_gpus_answers_as_tp1(model, layouts, request):
         for (tp, ep), (got, logits) in results.items():
             for w, g in zip(want_logits, logits):
                 assert ((g - w).norm() / w.norm()).item() < tolerance, (tp, ep)
-            for prompt, w, g in zip(prompts, want, got):
+            for prompt, w, g in zip(prompts + prompts[:1], want, got):
                 assert len(g) == TOKENS
                 _agree_until_a_near_tie(one, prompt, w, g)
     finally:

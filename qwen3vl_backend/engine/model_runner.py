@@ -25,6 +25,7 @@ from ..parallel import Parallel, set_peer_all_reduce
 from ..processing.positions import decode_positions
 from ..supervisor import free_port
 from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
+from .prefill_graphs import PrefillGraphs, buckets_up_to
 from .scheduler import ScheduledChunk
 from .structured import apply_masks
 from .tp import StepChannel, Watchdog, fatal, init_group, shutdown_group, start_local_workers, wait_all
@@ -189,6 +190,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, cfg.block_size,
                                        -(-cfg.max_model_len // cfg.block_size), self.num_blocks, sizes, self.device)
             self.graphs.capture()
+        self.prefill_graphs = None
+        limit = min(cfg.prefill_cuda_graph_max_tokens, cfg.max_num_batched_tokens)
+        if self.device.type == "cuda" and limit > 0 and cfg.attention_backend == "triton":
+            self.prefill_graphs = PrefillGraphs(self.model, self.kv_caches, cfg.block_size, self.num_blocks,
+                                                buckets_up_to(limit), self.device, self.dtype)
+            self.prefill_graphs.capture()
 
     def _join_group(self) -> None:
         """Start this node's other ranks (rank 0 only) and join the group."""
@@ -233,9 +240,9 @@ class ModelRunner:
         destroyed while they live."""
         if self.peer_all_reduce is not None:
             set_peer_all_reduce(None)
-        if self.graphs is None and self.peer_all_reduce is None:
+        if self.graphs is None and self.prefill_graphs is None and self.peer_all_reduce is None:
             return
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if self.peer_all_reduce is not None:
             self.peer_all_reduce.close()
             self.peer_all_reduce = None
@@ -250,8 +257,11 @@ class ModelRunner:
             if h["op"] == "stop":
                 return
             with torch.no_grad():
-                if h["graph"]:
+                if h["graph"] == "decode":
                     self.graphs.run(ids, positions, meta)
+                    continue
+                if h["graph"] == "prefill":
+                    self.prefill_graphs.run(ids, positions, meta, vis_embeds, vis_mask, deepstack)
                     continue
                 hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
                 if h["rows"] == "all":
@@ -259,7 +269,7 @@ class ModelRunner:
                 elif h["rows"]:
                     self.model.compute_logits(hidden[device_tensor(h["rows"], torch.long, self.device)])
 
-    def _publish(self, graph: bool, rows, ids, positions, meta, vis_embeds=None, vis_mask=None, deepstack=()):
+    def _publish(self, graph: str | None, rows, ids, positions, meta, vis_embeds=None, vis_mask=None, deepstack=()):
         if self.channel is not None:
             self.channel.send({"op": "step", "graph": graph, "rows": rows}, ids, positions, meta, vis_embeds,
                               vis_mask, deepstack)
@@ -304,7 +314,7 @@ class ModelRunner:
         """Logits (T, V) of every token of the batch (prompt scoring, parity checks)."""
         ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch)
         with self._group_step():
-            self._publish(False, "all", ids, positions, meta, vis_embeds, vis_mask, deepstack)
+            self._publish(None, "all", ids, positions, meta, vis_embeds, vis_mask, deepstack)
             hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
             return self.model.compute_logits(hidden)
 
@@ -322,15 +332,22 @@ class ModelRunner:
         if (self.graphs is not None and vis_embeds is None and meta.is_decode_only and self.graphs.fits(len(batch))
                 and all(c.samples for c in batch)):
             with self._group_step():
-                self._publish(True, None, ids, positions, meta)
+                self._publish("decode", None, ids, positions, meta)
                 logits = self.graphs.run(ids, positions, meta)
             return self._sample(logits, batch, banned, masks)
         ends = list(itertools.accumulate(c.num_tokens for c in batch))
         last = [end - 1 for end, c in zip(ends, batch) if c.samples]
         prompt = _prompt_rows(batch, ends)
+        if (self.prefill_graphs is not None and len(batch) == 1 and batch[0].start == 0 and batch[0].samples
+                and not prompt and self.prefill_graphs.fits(ends[-1])):
+            # one new sequence's whole prompt (its first token: TTFT), replayed from a graph
+            with self._group_step():
+                self._publish("prefill", None, ids, positions, meta, vis_embeds, vis_mask, deepstack)
+                logits = self.prefill_graphs.run(ids, positions, meta, vis_embeds, vis_mask, deepstack)
+            return self._sample(logits, batch, banned, masks)
         rows = sorted(last + [r for _, _, span, _, _ in prompt for r in span]) if prompt else last
         with self._group_step():
-            self._publish(False, rows, ids, positions, meta, vis_embeds, vis_mask, deepstack)
+            self._publish(None, rows, ids, positions, meta, vis_embeds, vis_mask, deepstack)
             hidden = self.model(ids, positions, self.kv_caches, meta, vis_embeds, vis_mask, deepstack)
             if not rows:
                 return None

@@ -3,7 +3,9 @@
 `forward` runs the decoder on one step's flat batch. Vision features come in precomputed
 (the ViT runs once per media item, possibly in another Triton model): `visual_embeds`
 (Nv, D) replace the embeddings where `visual_mask` (T,) is set, and `deepstack[i]` (Nv, D) is
-added after decoder layer i at the same positions.
+added after decoder layer i at the same positions. `dense_visual` (CUDA graphs: no shape may
+depend on the mask) takes them as (T, D) rows instead, zero where the mask is not set, merged
+without indexing by the mask; every row comes out the same (x + 0 == x).
 """
 
 from __future__ import annotations
@@ -39,16 +41,18 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         return self.model.visual
 
     def forward(self, input_ids, positions, kv_caches, meta, visual_embeds=None, visual_mask=None,
-                deepstack=()):
+                deepstack=(), dense_visual: bool = False):
         """input_ids (T,), positions (3, T) -> final hidden states (T, D)."""
         lm = self.model.language_model
         embeds = lm.embed_tokens(input_ids)
-        if visual_embeds is not None and visual_embeds.shape[0]:
+        if dense_visual:
+            embeds = torch.where(visual_mask[:, None], visual_embeds.to(embeds.dtype), embeds)
+        elif visual_embeds is not None and visual_embeds.shape[0]:
             embeds = embeds.index_put((visual_mask,), visual_embeds.to(embeds.dtype))
         else:
             deepstack = ()
         cos, sin = mrope_cos_sin(positions, *self._rope(positions.device))
-        return lm(embeds, cos, sin, kv_caches, meta, visual_mask, deepstack)
+        return lm(embeds, cos, sin, kv_caches, meta, visual_mask, deepstack, dense_visual)
 
     def _rope(self, device):
         if device not in self._rope_tables:

@@ -98,11 +98,15 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, quant, par) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, embeds, cos, sin, kv_caches, meta, visual_mask=None, deepstack=()):
+    def forward(self, embeds, cos, sin, kv_caches, meta, visual_mask=None, deepstack=(), dense_visual=False):
+        """`dense_visual`: deepstack[i] is (T, D), zero off the visual rows (Qwen3VL...forward)."""
         h, residual = embeds, None
         for i, layer in enumerate(self.layers):
             h, residual = layer(h, residual, cos, sin, kv_caches[i], meta)
             if i < len(deepstack):
                 h, residual = h + residual, None
-                h = h.index_put((visual_mask,), h[visual_mask] + deepstack[i].to(h.dtype))
+                if dense_visual:
+                    h = h + deepstack[i].to(h.dtype)
+                else:
+                    h = h.index_put((visual_mask,), h[visual_mask] + deepstack[i].to(h.dtype))
         return self.norm(h, residual)[0] if residual is not None else self.norm(h)
