@@ -20,7 +20,7 @@ for i in $(seq 1 200); do sleep 2; grep -q "Ctrl-C" "$out/launch.log" && break; 
 tail -3 "$out/launch.log"
 $py -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8080/v2/trace/setting', data=b'{\"log_frequency\":\"1\"}', method='POST'))"
 $py -m benchmarks.serving --url http://127.0.0.1:8000 --model $model --images ${IMAGES:-1} \
-    --model-dir .serve/models/$model --concurrency ${CONCURRENCY:-1,8,32} --image-format ${FORMATS:-png} --out-tokens ${OUT_TOKENS:-128} \
+    --model-dir .serve/models/$model --concurrency ${CONCURRENCY:-1,8,32} --image-format ${FORMATS:-png} --out-tokens ${OUT_TOKENS:-128} --repeats ${REPEATS:-1} \
     --label="$label" --triton-http http://127.0.0.1:8080 --out "$out"
 kill -INT $launcher; wait $launcher
 $py -m benchmarks.triton_trace "$out"/trace/trace.json.* > "$out/trace-summary.txt" 2>/dev/null
