@@ -67,3 +67,46 @@ def qkv_prep_(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight: torch.Tensor, k_
     k = qkv[:, n_q * d : (n_q + n_kv) * d].view(t, n_kv, d)
     v = qkv[:, (n_q + n_kv) * d :].view(t, n_kv, d)
     return q, k, v
+
+
+@triton.jit
+def _vision_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, n, heads, stride_t, stride_ct,
+                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    hh = tl.program_id(1)                     # q heads, then k heads, then v heads
+    dims = tl.arange(0, HALF_P2)
+    mask = (rows < n)[:, None] & (dims < HALF)[None, :]
+    rows64 = rows.to(tl.int64)
+    src = qkv_ptr + rows64[:, None] * stride_t + hh * HEAD_DIM + dims[None, :]
+    x1 = tl.load(src, mask=mask)
+    x2 = tl.load(src + HALF, mask=mask)
+    dst = out_ptr + (hh.to(tl.int64) * n + rows64[:, None]) * HEAD_DIM + dims[None, :]
+    if hh < 2 * heads:                        # q or k: rotate-half rotary in float32
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        cs = rows64[:, None] * stride_ct + dims[None, :]
+        c = tl.load(cos_ptr + cs, mask=mask)
+        s = tl.load(sin_ptr + cs, mask=mask)
+        tl.store(dst, (f1 * c - f2 * s).to(x1.dtype), mask=mask)
+        tl.store(dst + HALF, (f2 * c + f1 * s).to(x1.dtype), mask=mask)
+    else:                                     # v: moved to the heads-major layout
+        tl.store(dst, x1, mask=mask)
+        tl.store(dst + HALF, x2, mask=mask)
+
+
+def vision_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
+    """The ViT's step between its qkv projection and attention in one launch (it was fourteen
+    elementwise kernels a block): qkv (N, 3 * H * D) -> q, k, v (N, H, D), q and k rotated
+    (layers.rotary.apply_rotary's float32 math), each a view of one heads-major (3, H, N, D)
+    tensor, so attention reads every head contiguously. cos/sin (N, D) float32, halves equal."""
+    n, width = qkv.shape
+    d = width // (3 * heads)
+    if width != 3 * heads * d or d % 2 or qkv.stride(1) != 1 or cos.shape != (n, d) or sin.stride() != cos.stride():
+        raise ValueError(f"vision_rotary: qkv {tuple(qkv.shape)}, {heads} heads, cos {tuple(cos.shape)}")
+    out = torch.empty(3, heads, n, d, dtype=qkv.dtype, device=qkv.device)
+    if n:
+        block_t = 32
+        _vision_rotary_kernel[(triton.cdiv(n, block_t), 3 * heads)](
+            qkv, cos, sin, out, n, heads, qkv.stride(0), cos.stride(0), HEAD_DIM=d, HALF=d // 2,
+            HALF_P2=triton.next_power_of_2(d // 2), BLOCK_T=block_t)
+    q, k, v = (t.transpose(0, 1) for t in out.unbind(0))
+    return q, k, v

@@ -12,9 +12,9 @@ from kernels.fused_moe import align_by_expert, align_by_expert_reference, fused_
 from kernels.fused_moe import route as route_kernel
 from kernels.linear import skinny_linear, skinny_linear_reference
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
-from kernels.rope import qkv_prep_
+from kernels.rope import qkv_prep_, vision_rotary
 from kernels.varlen_attention import varlen_attention
-from qwen3vl_backend.layers.rotary import apply_rotary, mrope_axis_map, mrope_cos_sin, rope_inv_freq
+from qwen3vl_backend.layers.rotary import apply_rotary, mrope_axis_map, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
 from qwen3vl_backend.layers.attention import varlen_attention_torch, write_kv
 from qwen3vl_backend.layers.moe import route
 from qwen3vl_backend.layers.norm import RMSNorm
@@ -262,6 +262,23 @@ def test_qkv_prep_matches_norm_rotary_and_cache_write(t, hq, hkv, d):
     for g, w in zip(got, want):
         assert rel(g, w) < 1e-6
     assert rel(cache, want_cache) < 1e-6
+
+
+@pytest.mark.parametrize("n,heads,d,dtype", [(1, 2, 16, torch.float32), (37, 3, 72, torch.float32),
+                                             (70, 2, 72, torch.bfloat16)])
+def test_vision_rotary_matches_the_torch_vit_path(n, heads, d, dtype):
+    """The ViT's q/k rotary and heads-major split (head dim 72 in the releases: not a power of two)
+    against the torch path it replaces on GPUs: the same float32 rotary, the same v."""
+    hw = torch.randint(0, 60, (n, 2), device=DEV)
+    cos, sin = vision_rope_cos_sin(hw, d, 10000.0)
+    qkv = torch.randn(n, 3 * heads * d, device=DEV).to(dtype)
+    q, k, v = qkv.view(n, 3, heads, d).unbind(1)
+    want = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    got = vision_rotary(qkv, cos, sin, heads)
+    for g, w in zip(got, want):
+        assert g.shape == (n, heads, d) and g.dtype == dtype
+        assert rel(g, w) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert got[0].transpose(0, 1).is_contiguous()          # heads-major: attention's layout
 
 
 # -- GPU: real sizes, bf16, CUDA graphs --------------------------------------------------------------

@@ -39,8 +39,14 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens, attn_fn):
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x)
+        if qkv.is_cuda:         # one kernel; q, k, v come heads-major, as attention reads them
+            from kernels.rope import vision_rotary
+
+            q, k, v = vision_rotary(qkv, cos, sin, self.num_heads)
+        else:
+            q, k, v = qkv.view(n, 3, self.num_heads, self.head_dim).unbind(1)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attn_fn(q, k, v, cu_seqlens, self.head_dim ** -0.5)
         return self.proj(o.reshape(n, -1))
 
