@@ -48,26 +48,33 @@ def make_prompt(processor: Processor, seed: int, images: int = 1):
     return processor.process_messages([{"role": "user", "content": [*parts, {"type": "text", "text": text}]}])
 
 
-def ttft_rows(engine: LLMEngine, processor: Processor, repeats: int, images: list[int], compare: bool) -> list[dict]:
-    """TTFT of one request alone (its ViT, then its prefill), `repeats` times each: with the prefill
-    CUDA graphs and, with `compare`, without them (the eager prefill), at the same commit."""
-    modes = [("graph", engine.runner.prefill_graphs)]
-    if compare and engine.runner.prefill_graphs is not None:
-        modes.append(("eager", None))
+def ttft_rows(engine: LLMEngine, processor: Processor, repeats: int, images: list[int], compare_prefill: bool,
+              compare_vit: bool) -> list[dict]:
+    """TTFT of one request alone (its ViT, then its prefill), `repeats` times each, as configured
+    and, with `compare_*`, with the prefill or the ViT eager (their CUDA graphs set aside), at the
+    same commit."""
+    runner = engine.runner
+    prefill, vit = runner.prefill_graphs, runner.vision_graphs
+    modes = [(prefill, vit)]
+    if compare_prefill and prefill is not None:
+        modes.append((None, vit))
+    if compare_vit and vit is not None:
+        modes.append((prefill, None))
     rows = []
     try:
         for n in images:
             prompt = make_prompt(processor, 1000 + n, n)
-            for name, graphs in modes:
-                engine.runner.prefill_graphs = graphs
-                run(engine, [prompt], 2)                             # warm: this prompt's shapes
+            for p, v in modes:
+                runner.prefill_graphs, runner.vision_graphs = p, v
+                for _ in range(2):          # warm: this prompt's shapes (the ViT's grids are captured on a second arrival)
+                    run(engine, [prompt], 2)
                 ms = [run(engine, [prompt], 2)["ttft_p50_ms"] for _ in range(repeats)]
                 rows.append({"kind": "ttft", "images": n, "prompt_tokens": len(prompt.prompt_ids),
-                             "prefill": "graph" if graphs is not None else "eager",
+                             "prefill": "graph" if p is not None else "eager", "vit": "graph" if v is not None else "eager",
                              "ttft_p50_ms": float(np.median(ms)), "ttft_min_ms": min(ms), "repeats": repeats})
                 print_table([rows[-1]], list(rows[-1]))
     finally:
-        engine.runner.prefill_graphs = modes[0][1]
+        runner.prefill_graphs, runner.vision_graphs = prefill, vit
     return rows
 
 
@@ -246,6 +253,9 @@ def main(argv=None):
     ap.add_argument("--ttft-images", default="1", help="images per TTFT request, comma-separated (1,2)")
     ap.add_argument("--compare-prefill-graph", action="store_true",
                     help="TTFT rows with the prefill CUDA graphs and without them (eager prefill)")
+    ap.add_argument("--enable-vit-cuda-graph", action="store_true", help="the engine's ViT replays CUDA graphs")
+    ap.add_argument("--compare-vit-graph", action="store_true",
+                    help="TTFT rows with the ViT eager too (with --enable-vit-cuda-graph)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel groups within them")
     ap.add_argument("--out", default=None)
@@ -260,7 +270,7 @@ def main(argv=None):
         settings = dict(model_path=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
                         max_model_len=4096, max_num_seqs=128, max_num_batched_tokens=args.chunked_prefill_size,
                         mem_fraction_static=args.mem_fraction_static, enable_prefix_cache=False,
-                        tp_size=args.tp, ep_size=args.ep,
+                        tp_size=args.tp, ep_size=args.ep, enable_vit_cuda_graph=args.enable_vit_cuda_graph,
                         moe_routing="uniform" if routings[0] == "uniform" else "model")
         t = time.perf_counter()
         engine = LLMEngine(EngineConfig(**settings))
@@ -302,7 +312,7 @@ def main(argv=None):
         ttft = []
         if args.ttft_repeats > 0:
             ttft = ttft_rows(engine, processor, args.ttft_repeats, [int(x) for x in args.ttft_images.split(",")],
-                             args.compare_prefill_graph)
+                             args.compare_prefill_graph, args.compare_vit_graph)
         if args.profile_prefill:
             profile_prefill(engine, prompts[0], Path(args.out or RESULTS))
         if args.profile:

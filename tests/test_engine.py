@@ -312,6 +312,33 @@ def test_prefill_graph_padding_changes_nothing(tiny_moe, prompts, reference):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_vit_keeps_the_tables_of_recent_grids(tiny_moe):
+    """VisionModel.tables: a grid's position taps, rotary tables and offsets computed once while it is
+    among the last TABLES_KEPT grids; the ViT's output is the same from kept tables."""
+    import torch
+
+    from qwen3vl_backend.loader import load_vision_model
+    from qwen3vl_backend.models import vision
+
+    visual = load_vision_model(str(tiny_moe))
+    media = Processor(tiny_moe).process_messages([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(64, 96, 3)))}}]}]).media
+    pixels, grids = media[0].pixel_values, [media[0].grid_thw]
+    first = visual(pixels, grids)
+    kept = visual.tables(grids, pixels.device)
+    assert visual.tables(grids, pixels.device) is kept
+    again = visual(pixels, grids)
+    for a, b in zip([first[0], *first[1]], [again[0], *again[1]]):
+        assert torch.equal(a, b)
+    for i in range(vision.TABLES_KEPT):                       # as many other grids push it out
+        visual.tables([(1, 2, 2 * (i + 1))], pixels.device)
+    fresh = visual.tables(grids, pixels.device)
+    assert fresh is not kept and len(visual._tables) == vision.TABLES_KEPT
+    for a, b in zip(fresh[:4], kept[:4]):
+        assert torch.equal(a, b)
+    assert fresh[4] == kept[4]
+
+
 JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 8},
                                                 "n": {"type": "integer", "minimum": 0, "maximum": 99}},
                "required": ["answer", "n"], "additionalProperties": False}

@@ -157,3 +157,29 @@ def test_vit_cuda_graphs_equal_eager(tiny_moe, request, case):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
     again, _ = graphs(pixels, grids)                      # a replay over a replay gives the same
     assert torch.equal(again, got_e)
+
+
+def test_vit_exact_grid_graphs_equal_eager(tiny_moe):
+    """Batches past the buckets: eager on a grid list's first arrival, captured on its second,
+    replayed after; two grid lists through one kept graph (the older one dropped, then recaptured)."""
+    from qwen3vl_backend.engine.vision_graphs import VisionGraphs
+    from qwen3vl_backend.loader import load_vision_model
+
+    visual = load_vision_model(str(tiny_moe), torch.device("cuda"), torch.bfloat16)
+    graphs = VisionGraphs(visual, buckets=(256,))
+    graphs.capture()
+    graphs.max_exact = 1
+    processor = Processor(str(tiny_moe))
+    batches = []
+    for w, h in ((640, 480), (512, 512)):
+        media = processor.process_messages([{"role": "user", "content": [_img(make_image(w, h, 5))]}]).media
+        batches.append((torch.cat([m.pixel_values for m in media]).cuda().bfloat16(), [m.grid_thw for m in media]))
+    assert all(p.shape[0] > 256 for p, _ in batches)
+    want = [visual(p, g) for p, g in batches]
+    for step, i in enumerate([0, 0, 0, 1, 1, 0, 0]):
+        got_e, got_ds = graphs(*batches[i])
+        for got, ref in zip([got_e, *got_ds], [want[i][0], *want[i][1]]):
+            assert got.shape == ref.shape
+            assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2, step
+        assert len(graphs.exact) == (0 if step == 0 else 1)
+    assert list(graphs.exact) == [tuple(tuple(int(v) for v in g) for g in batches[0][1])]

@@ -6,10 +6,15 @@ captured for the smallest bucket that holds the batch's patches. Padding rows ar
 form one extra attention segment of their own, so they never mix with real patches; their
 outputs are dropped. Attention inside the graphs is the Triton varlen kernel over a fixed-size
 segment table: segments past the real ones are empty and their programs return at once.
-A batch with more patches than the largest bucket, or more frames than the table holds, runs
-eagerly. The buckets stop at 1024 patches (a 448x448 image is 784): there launches dominate and a
-replay saves a third of the ViT's time (H200); a 1280x720 image (3520 patches) is compute-bound,
-and SDPA's flash kernel beats our varlen kernel on it (18 ms eager against 52 ms in a graph). Without `capture` (CPU) the padded computation runs eagerly: tests check it there.
+The buckets stop at 1024 patches (a 448x448 image is 784): SDPA's flash kernel beats our varlen
+kernel on larger frames (a 1280x720 image, 3520 patches: 18 ms eager against 52 ms in a graph).
+
+Larger batches replay graphs of their exact grids instead, with SDPA per frame as eagerly: a
+batch's grids seen before (a server meets the same image sizes again and again) are captured on
+their second arrival, the patch embedding included, at most `max_exact` of them (the least
+recently used goes) and up to `max_exact_patches`. On the H200 host the eager ViT of a 1280x720
+image is host-bound: 28.6 ms of launches against 16.3 ms of GPU work. Everything else runs eagerly.
+Without `capture` (CPU) the padded computation runs eagerly: tests check it there.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from kernels.varlen_attention import varlen_attention_bounded
 
 DEFAULT_BUCKETS = (256, 512, 1024)
 MAX_SEGMENTS = 64
+MAX_EXACT = 4                  # exact-grid graphs kept
+MAX_EXACT_PATCHES = 8192       # a 1920x1080 image is 8160 patches
 
 
 class VisionGraphs:
@@ -35,6 +42,10 @@ class VisionGraphs:
         self.sin = torch.zeros_like(self.cos)
         self.cu = torch.zeros(max_segments + 1, dtype=torch.int32, device=w.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.max_exact, self.max_exact_patches = MAX_EXACT, MAX_EXACT_PATCHES
+        self.exact: dict[tuple, tuple] = {}          # grids -> (graph, pixels in, outputs); most recent last
+        self._seen: dict[tuple, None] = {}           # grids met once (bounded, oldest dropped)
+        self.captured = False
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -51,6 +62,7 @@ class VisionGraphs:
             pool = graph.pool()
             self.graphs[b] = (graph, outputs)
         torch.cuda.synchronize()
+        self.captured = True
 
     def _encoder(self, b: int):
         scale = self.visual.cfg.head_dim ** -0.5
@@ -68,9 +80,47 @@ class VisionGraphs:
     def fits(self, num_patches: int, num_segments: int) -> bool:
         return num_patches <= self.buckets[-1] and num_segments + 1 <= self.max_segments
 
+    def _exact(self, pixel_values: torch.Tensor, grid_thw):
+        """(embeds, deepstack) from this grid list's graph, capturing it on the second arrival;
+        None: run eagerly."""
+        key = tuple(tuple(int(v) for v in g) for g in grid_thw)
+        hit = self.exact.pop(key, None)
+        if hit is None:
+            if not self.captured or pixel_values.shape[0] > self.max_exact_patches or self.max_exact < 1:
+                return None
+            if key not in self._seen:                          # the first arrival: only remembered
+                self._seen[key] = None
+                while len(self._seen) > 64:
+                    self._seen.pop(next(iter(self._seen)))
+                return None
+            del self._seen[key]
+            while len(self.exact) >= self.max_exact:
+                self.exact.pop(next(iter(self.exact)))         # its graph and memory pool go with it
+            idx, w, cos, sin, cu = self.visual.tables(grid_thw, pixel_values.device)
+            pixels = pixel_values.clone()
+            attn = self.visual.attn_fn
+
+            def run():
+                return self.visual.encode(self.visual.embed(pixels, idx, w), cos, sin, cu, attn)
+
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = run()
+            hit = (graph, pixels, outputs, (idx, w, cos, sin))     # the graph reads the tables: kept alive
+        self.exact[key] = hit
+        graph, pixels, (embeds, deepstack), _ = hit
+        pixels.copy_(pixel_values)
+        graph.replay()
+        return embeds.clone(), [d.clone() for d in deepstack]
+
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor, grid_thw):
         """Same contract as VisionModel.forward; eager when the batch does not fit a graph."""
+        if pixel_values.shape[0] > self.buckets[-1] and pixel_values.is_cuda:
+            out = self._exact(pixel_values.to(self.x.dtype), grid_thw)
+            if out is not None:
+                return out
         x, cos, sin, cu = self.visual.prepare(pixel_values, grid_thw)
         n = x.shape[0]
         if not self.fits(n, len(cu) - 1):

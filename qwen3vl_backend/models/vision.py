@@ -18,6 +18,10 @@ from ..layers.rotary import apply_rotary, vision_rope_cos_sin
 from ..model_config import VisionConfig
 
 
+TABLES_KEPT = 16                # grids whose tables VisionModel.tables keeps
+TABLES_MAX_PATCHES = 65536      # larger batches (long videos) are not kept
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, in_channels: int, temporal_patch: int, patch: int, dim: int):
         super().__init__()
@@ -108,6 +112,7 @@ class VisionModel(nn.Module):
             for _ in cfg.deepstack_visual_indexes
         )
         self.attn_fn = varlen_attention_torch
+        self._tables: dict = {}
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]):
         """pixel_values (N, C), grid_thw per item -> embeds (N/M, Do), deepstack [(N/M, Do)] * levels."""
@@ -116,16 +121,33 @@ class VisionModel(nn.Module):
     def prepare(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]):
         """The shape-dependent part: patch embedding with resampled positions, rotary tables and the
         frames' segment offsets -> x (N, Dv), cos, sin (N, head_dim), cu_seqlens (list)."""
-        dev = pixel_values.device
+        idx, w, cos, sin, cu = self.tables(grid_thw, pixel_values.device)
+        return self.embed(pixel_values, idx, w), cos, sin, cu
+
+    def embed(self, pixel_values, idx, w):
         x = self.patch_embed(pixel_values)
-        idx, w = self._pos_interp(grid_thw, dev)
-        x = x + (self.pos_embed(idx) * w[..., None]).sum(1).to(x.dtype)
-        cos, sin = vision_rope_cos_sin(self._hw_positions(grid_thw, dev), self.cfg.head_dim, self.cfg.rope_theta)
-        cu = [0]
-        for t, h, wd in grid_thw:
-            base = cu[-1]
-            cu.extend(base + h * wd * (i + 1) for i in range(t))
-        return x, cos, sin, cu
+        return x + (self.pos_embed(idx) * w[..., None]).sum(1).to(x.dtype)
+
+    def tables(self, grid_thw, dev):
+        """What depends only on the grids: position-table taps and weights (N, 4), rotary cos/sin
+        (N, head_dim), segment offsets. Some forty small launches; the last few grids' are kept
+        (a server sees the same image sizes again and again)."""
+        key = (tuple(tuple(int(v) for v in g) for g in grid_thw), str(dev))
+        hit = self._tables.pop(key, None)
+        if hit is None:
+            idx, w = self._pos_interp(grid_thw, dev)
+            cos, sin = vision_rope_cos_sin(self._hw_positions(grid_thw, dev), self.cfg.head_dim, self.cfg.rope_theta)
+            cu = [0]
+            for t, h, wd in grid_thw:
+                base = cu[-1]
+                cu.extend(base + h * wd * (i + 1) for i in range(t))
+            hit = (idx, w, cos, sin, cu)
+            if idx.shape[0] <= TABLES_MAX_PATCHES:
+                while len(self._tables) >= TABLES_KEPT:
+                    self._tables.pop(next(iter(self._tables)))
+        if hit[0].shape[0] <= TABLES_MAX_PATCHES:
+            self._tables[key] = hit                 # most recent last
+        return hit
 
     def encode(self, x, cos, sin, cu, attn_fn):
         """Blocks, merger and DeepStack mergers: what the ViT CUDA graphs capture."""
