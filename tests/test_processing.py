@@ -106,6 +106,42 @@ def test_per_request_max_pixels_shrinks_the_grid(tiny_dense):
         grid({"max_pixels": -1})
 
 
+def test_content_hash_is_the_items_identity(tiny_dense):
+    """The ViT and prefix caches key on it: the same bytes and options agree; other pixels, another
+    grid or other frame options differ."""
+    proc = Processor(tiny_dense)
+
+    def item(img, **opts):
+        url = data_uri(image_bytes(img))
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, **opts}}]}]
+        return proc.process_messages(msgs).media[0]
+
+    a = make_image(640, 480, 1)
+    same, again = item(a), item(a)
+    assert same.content_hash == again.content_hash
+    other = a.copy()
+    other.putpixel((5, 5), (0, 0, 0) if a.getpixel((5, 5)) != (0, 0, 0) else (255, 255, 255))
+    assert item(other).content_hash != same.content_hash
+    smaller = item(a, max_pixels=256 * 256)
+    assert smaller.grid_thw != same.grid_thw and smaller.content_hash != same.content_hash
+    assert item(a, max_pixels=10**12).content_hash == same.content_hash        # the same grid: the same pixels
+
+
+def test_video_content_hash_follows_the_frames_sampled(tiny_dense, video_file):
+    proc = Processor(tiny_dense)
+
+    def video(**opts):
+        msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_file.as_uri(), **opts}}]}]
+        return proc.process_messages(msgs).media[0]
+
+    plain = video()
+    assert video().content_hash == plain.content_hash
+    assert video(fps=1).content_hash != plain.content_hash
+    # five frames (the last repeated to fill the temporal patch) and six: other frames, the same grid
+    five, six = video(max_frames=5), video(max_frames=6)
+    assert five.grid_thw == six.grid_thw and five.content_hash != six.content_hash
+
+
 def test_video_positions_advance_per_frame(tiny_dense, video_file):
     proc = Processor(tiny_dense)
     p = proc.process_messages([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_file.as_uri()}}]}])

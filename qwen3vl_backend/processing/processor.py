@@ -70,7 +70,9 @@ class Processor:
             lo, hi = self._pixel_bounds(opts, self.cfg.video_min_pixels, self.cfg.video_max_pixels)
             patches, grid, stamps = process_video(video.frames, video.frame_indices, video.fps, self.cfg, lo, hi)
         pixels = normalize_patches(patches, self.cfg) if normalize else patches
-        return MediaItem(ref.kind, pixels, grid, _hash(patches, grid), self._num_tokens(grid), stamps)
+        # an image's pixels follow from its bytes and grid; a video's frames also from the sampling asked
+        frames = {} if ref.kind == "image" else {k: opts.get(k) for k in ("fps", "max_frames")}
+        return MediaItem(ref.kind, pixels, grid, _hash(data, grid, frames), self._num_tokens(grid), stamps)
 
     @staticmethod
     def _pixel_bounds(opts: dict, server_min: int, server_max: int) -> tuple[int, int]:
@@ -146,9 +148,13 @@ class Processor:
         return "".join(out)
 
 
-def _hash(pixel_values: torch.Tensor, grid) -> str:
-    h = hashlib.sha256(repr(tuple(grid)).encode())
-    h.update(memoryview(pixel_values.contiguous().numpy()).cast("B"))     # no copy of the pixels
+def _hash(data: bytes, grid, frames: dict) -> str:
+    """The item's identity (ViT cache, prefix cache): its encoded bytes, its grid and (videos) the
+    sampling options that chose its frames, which together fix its pixels. The bytes, not the patches: a 1280x720
+    image's patches are 5.4 MB (the frame twice over the temporal patch), its JPEG under 1 MB, and
+    a slow host spends milliseconds a megabyte on the hash."""
+    h = hashlib.sha256(repr((tuple(grid), sorted(frames.items()))).encode())
+    h.update(data)
     return h.hexdigest()[:32]
 
 
