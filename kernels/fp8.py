@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -139,14 +138,6 @@ def quantize_activations_fp8(x: torch.Tensor, group: int, scales_column_major: b
     return q, xs
 
 
-def decode_a8(table_says: bool) -> bool:
-    """Whether decode-size fp8 kernels (the GEMV, the MoE pair path's gate_up) quantize their
-    activations and dot in fp8 (W8A8, no conversion of the weights): the tuned table's choice,
-    unless QWEN3VL_FP8_DECODE_A8 is 1 or 0 (for comparisons inside the engine)."""
-    forced = os.environ.get("QWEN3VL_FP8_DECODE_A8", "")
-    return forced == "1" if forced in ("0", "1") else table_says
-
-
 GEMV_MAX_M = 16
 GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
@@ -184,11 +175,10 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     cfg = {**gemv_config(n, k, m, block, x.device), **(config or {})}
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    # A8 (the table's, or QWEN3VL_FP8_DECODE_A8=1): rows quantized in registers, fp8 dots over 16 padded rows
-    a8 = decode_a8(bool(cfg.get("A8"))) and block[1] >= 32 and block[0] >= 16
-    m_pad = 1 if m == 1 and not a8 else 16
+    m_pad = 1 if m == 1 else 16
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
     block_n = dividing(block_n, block[0])   # a program's rows share one row of scale blocks
+    a8 = bool(cfg.get("A8")) and m_pad > 1 and block[1] >= 32
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, wq, bias if bias is not None else scale, y, scale, m, n, k, x.stride(0), wq.stride(0), y.stride(0),
         scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n,

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .pdl import gdc_enter, pdl
 
-from .fp8 import decode_a8, quantize_activations_fp8
+from .fp8 import quantize_activations_fp8
 from .linear import dividing
 
 log = logging.getLogger(__name__)
@@ -288,51 +288,6 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
 
 
 @triton.jit
-def _pair_gate_up_a8_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
-                            stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
-                            BLOCK_N: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """W8A8 gate_up for one pair (the sorted path's numerics, without sorting): the program
-    quantizes its token's row per BK group in registers (scale amax / 448), and each K step is one
-    fp8 tensor-core dot per gate and up tile, the row padded to 16 with zeros. No conversion of the
-    weights, which bounds the W8A16 kernel at one row. BLOCK_N divides BN and the intermediate size."""
-    gdc_enter(USE_PDL)
-    pair = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    token = pair // top_k
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
-    if expert >= num_experts:             # another rank's expert (expert parallelism)
-        return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < inter
-    offs_k = tl.arange(0, BK)
-    first = (tl.arange(0, 16) == 0)[:, None]
-    gate_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]     # (BK, BLOCK_N)
-    up_ptrs = gate_ptrs + inter * stride_wn
-    x_ptrs = x_ptr + token * stride_xm + offs_k
-    s_gate = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
-    s_up = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
-    acc_g = tl.zeros((16, BLOCK_N), tl.float32)
-    acc_u = tl.zeros((16, BLOCK_N), tl.float32)
-    for k in range(0, tl.cdiv(K, BK)):
-        k_ok = offs_k < K - k * BK
-        xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-        xs = tl.maximum(tl.max(tl.abs(xk), 0), 1e-12) / 448.0
-        xq = tl.where(first, tl.clamp(xk / xs, -448.0, 448.0)[None, :], 0.0).to(w_ptr.dtype.element_ty)
-        m = k_ok[:, None] & n_ok[None, :]
-        g = tl.load(gate_ptrs, mask=m, other=0.0)
-        u = tl.load(up_ptrs, mask=m, other=0.0)
-        acc_g += tl.dot(xq, g) * (xs * tl.load(s_gate + k))
-        acc_u += tl.dot(xq, u) * (xs * tl.load(s_up + k))
-        gate_ptrs += BK
-        up_ptrs += BK
-        x_ptrs += BK
-    g = tl.sum(tl.where(first, acc_g, 0.0), 0)
-    u = tl.sum(tl.where(first, acc_u, 0.0), 0)
-    act = g / (1.0 + tl.exp(-g)) * u
-    tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
 def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
                       stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -426,8 +381,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
                     block=(128, 128)) -> torch.Tensor:
     """The small-batch path: no sorting; gate_up+SiLU*mul per pair, then down with the routing
     weights and the top-k combine per token (two launches). With scales, w13/w2 are fp8 blocks
-    dequantized in registers, or (the config's "A8", or QWEN3VL_FP8_DECODE_A8=1) gate_up is W8A8
-    (`_pair_gate_up_a8_kernel`). `config` overrides the table's keys it names."""
+    dequantized in registers. `config` overrides the table's keys it names."""
     m, h = x.shape
     e, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
@@ -440,19 +394,12 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     ids = topk_ids.to(torch.int32).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
-    a8_n = dividing(cfg.get("A8_BLOCK_N", 32), math.gcd(block[0], inter)) if fp8 else 0
-    if fp8 and decode_a8(bool(cfg.get("A8"))) and a8_n >= 16 and block[1] >= 32:
-        _pair_gate_up_a8_kernel[(m * top_k, triton.cdiv(inter, a8_n))](
-            x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-            s13.stride(0), s13.stride(1), BLOCK_N=a8_n, BN=block[0], BK=block[1],
-            num_warps=cfg.get("A8_warps", 4), num_stages=cfg.get("A8_stages", 4), **pdl(x))
-    else:
-        up_n = dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
-        _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
-            x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-            s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
-            HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 3), **pdl(x))
+    up_n = dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
+    _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
+        x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
+        HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](

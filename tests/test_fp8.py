@@ -293,42 +293,6 @@ def test_fp8_moe_pair_path(m, e, h, i, a, block):
     assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
-@pytest.mark.parametrize("m,e,h,i,a,block", [(1, 8, 64, 64, 2, (32, 32)), (3, 6, 96, 32, 3, (16, 32)),
-                                             (2, 4, 80, 64, 2, (32, 32)), (1, 4, 80, 32, 2, (32, 16))])
-def test_fp8_moe_pair_path_a8(m, e, h, i, a, block):
-    """The pair path's W8A8 gate_up (config "A8"): x quantized per token and group in the program,
-    fp8 dots; down as before (W8A16). Against the same quantization in torch, and within e4m3's
-    activation error of the float product. h=80: a partial last group; block (32, 16): K steps
-    too narrow for fp8 dots, so the W8A16 kernel runs."""
-    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
-    from qwen3vl_backend.layers.moe import route
-
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-    if CUDA:
-        x = torch.randn(m, h, device=DEV) * torch.logspace(-1, 1, h, device=DEV)
-    else:   # each group's values already e4m3 steps of its scale: the interpreter's rounding to e4m3
-        x = _exact_fp8_groups(m, h, block[1])   # (which can drop a carry into the exponent) never enters
-    w, ids = route(torch.randn(m, e, device=DEV), a, True)
-    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "A8": True, "A8_BLOCK_N": 16, "A8_stages": 1}
-    out = fused_moe_pairs(x, q13, q2, w, ids, cfg, s13, s2, block)
-    quantized = block[1] >= 32
-    if quantized:
-        xq, xs = quantize_activations(x.float(), block[1])
-        xd = xq.float() * xs.repeat_interleave(block[1], 1)[:, :h]
-    assert _rel(out, fused_moe_reference(xd if quantized else x, d13, d2, w, ids)) < KTOL
-    assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < 6e-2
-
-
-def _exact_fp8_groups(m: int, k: int, group: int) -> torch.Tensor:
-    """(m, k) float32 whose every group of `group` features is e4m3 values times a power of two,
-    with one element at +-448 times it: the group's scale is that power of two and x / scale is
-    exact in e4m3."""
-    q = (torch.randn(m, k) * 100).clamp(-448, 448).to(FP8).float()
-    q[:, ::group] = 448.0 * (torch.randint(0, 2, (m, len(range(0, k, group)))) * 2 - 1).float()
-    pow2 = 2.0 ** torch.randint(-9, -3, (m, -(-k // group))).float()
-    return q * pow2.repeat_interleave(group, 1)[:, :k]
-
-
 # (7, 8, 64, 32): tiles inside the scale blocks (one scale per tile and K step); (5, 4, 80, 40):
 # the intermediate size 40 is no multiple of 16, so gate_up's tiles take a scale per column
 @pytest.mark.parametrize("m,e,h,i,a,block", [(7, 8, 64, 32, 2, (32, 32)), (33, 4, 96, 64, 2, (32, 64)),
@@ -428,11 +392,22 @@ def test_fp8_gpu_paths_at_30b_shapes(m):
     assert _rel(out, fused_moe_reference(xb.float(), d13, d2, w, ids)) < (2e-2 if pairs else 6e-2)
 
 
-@pytest.mark.parametrize("m", [1, 3])
+def _exact_fp8_groups(m: int, k: int, group: int) -> torch.Tensor:
+    """(m, k) float32 whose every group of `group` features is e4m3 values times a power of two,
+    with one element at +-448 times it: the group's scale is that power of two and x / scale is
+    exact in e4m3, so the interpreter's rounding to e4m3 (which can drop the carry into the
+    exponent: 126.8 -> 64) never enters."""
+    q = (torch.randn(m, k) * 100).clamp(-448, 448).to(FP8).float()
+    q[:, ::group] = 448.0 * (torch.randint(0, 2, (m, len(range(0, k, group)))) * 2 - 1).float()
+    pow2 = 2.0 ** torch.randint(-9, -3, (m, -(-k // group))).float()
+    return q * pow2.repeat_interleave(group, 1)[:, :k]
+
+
+@pytest.mark.parametrize("m", [2, 5])
 @pytest.mark.parametrize("n,k,block", [(130, 300, (128, 128)), (96, 200, (32, 64))])
 def test_fp8_gemv_w8a8_exact_groups(m, n, k, block):
-    """A8 at one row too (16 padded rows, fp8 dots), in the interpreter: rows whose groups are exact
-    in e4m3 (its rounding to e4m3 is not the hardware's), against the same quantization in torch."""
+    """The GEMV's A8 mode (rows quantized per group in registers, fp8 dots) in the interpreter too,
+    on rows exact in e4m3, against the same quantization in torch."""
     from kernels.fp8 import fp8_gemv
 
     x = _exact_fp8_groups(m, k, block[1]).to(DEV)
@@ -444,7 +419,7 @@ def test_fp8_gemv_w8a8_exact_groups(m, n, k, block):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the interpreter rounds to e4m3 unlike the hardware)")
-@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("m", [2, 5, 16])
 @pytest.mark.parametrize("n,k,block", [(5120, 2048, (128, 128)), (130, 300, (128, 128)), (96, 200, (32, 64))])
 def test_fp8_gemv_w8a8(m, n, k, block):
     """A8: the GEMV quantizes its rows per group in registers and dots in fp8; against the same
