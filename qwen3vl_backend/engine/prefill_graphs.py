@@ -2,7 +2,9 @@
 
 An eager prefill queues some thirty kernels a decoder layer from Python, and at a few thousand
 tokens the host takes longer to queue them than the GPU to run them (30B-A3B fp8, 954 tokens:
-the GPU busy 42.6 ms of an 85 ms first token, H200). A step replays a graph when it is one chunk
+the GPU busy 42.6 ms of an 85 ms first token, H200). Replayed, one 1280x720 image + 64 tokens
+reached its first token in 46 ms instead of 94 (fp8) and 57 instead of 89 (bf16); 235B-A22B-FP8
+at tp 2 in 126 instead of 396. A step replays a graph when it is one chunk
 of one sequence that starts at position 0 (nothing cached before it), samples its next token, asks
 no prompt logprobs and fits the largest bucket: the common first request of a conversation.
 Everything else (batches of several prompts, chunks after a cached prefix) runs eagerly.

@@ -19,7 +19,7 @@ from ..model_config import VisionConfig
 
 
 TABLES_KEPT = 16                # grids whose tables VisionModel.tables keeps
-TABLES_MAX_PATCHES = 65536      # larger batches (long videos) are not kept
+TABLES_MAX_PATCHES = 16384      # larger batches (long videos) are not kept: ~10 MB of tables each
 
 
 class PatchEmbed(nn.Module):

@@ -150,9 +150,9 @@ class Processor:
 
 def _hash(data: bytes, grid, frames: dict) -> str:
     """The item's identity (ViT cache, prefix cache): its encoded bytes, its grid and (videos) the
-    sampling options that chose its frames, which together fix its pixels. The bytes, not the patches: a 1280x720
-    image's patches are 5.4 MB (the frame twice over the temporal patch), its JPEG under 1 MB, and
-    a slow host spends milliseconds a megabyte on the hash."""
+    sampling options that chose its frames, which together fix its pixels. The bytes, not the
+    patches: a 1280x720 image's patches are 5.4 MB (the frame twice over the temporal patch), its
+    JPEG under 1 MB, and a slow host spends milliseconds a megabyte on the hash."""
     h = hashlib.sha256(repr((tuple(grid), sorted(frames.items()))).encode())
     h.update(data)
     return h.hexdigest()[:32]
