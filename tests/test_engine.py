@@ -281,8 +281,8 @@ def test_vit_graph_padding_changes_nothing(tiny_moe):
 
 def test_prefill_graph_padding_changes_nothing(tiny_moe, prompts, reference):
     """What the prefill CUDA graphs compute (one new prompt padded to a bucket, visual rows and
-    DeepStack levels dense, the padding's K/V in the scratch block), run eagerly in the
-    interpreter: the first token's logits and every later token as the eager path's. The image
+    DeepStack levels dense, the padding's K/V in the scratch block), run eagerly on CPU: the
+    first token's logits and every later token as the eager path's. The image
     prompt runs first, so the text prompts after it see its DeepStack rows cleared."""
     import torch
 
