@@ -312,6 +312,32 @@ def test_prefill_graph_padding_changes_nothing(tiny_moe, prompts, reference):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_prefill_graphs_that_do_not_fit_leave_prefill_eager(caplog):
+    """Out of GPU memory while capturing: one GPU warns and prefills eagerly; a tensor-parallel rank
+    (whose peers are capturing with it) fails with the settings that make room."""
+    import pytest
+    import torch
+
+    from qwen3vl_backend.engine.model_runner import capture_prefill_graphs
+
+    class Graphs:
+        def capture(self):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert capture_prefill_graphs(Graphs, 2048, 1) is None
+    assert "--prefill-cuda-graph-max-tokens lower or 0" in caplog.text
+    with pytest.raises(RuntimeError, match="prefill CUDA graphs up to 2048 tokens do not fit"):
+        capture_prefill_graphs(Graphs, 2048, 2)
+
+    class Fits:
+        captured = False
+
+        def capture(self):
+            self.captured = True
+
+    assert capture_prefill_graphs(Fits, 2048, 2).captured
+
+
 def test_vit_keeps_the_tables_of_recent_grids(tiny_moe):
     """VisionModel.tables: a grid's position taps, rotary tables and offsets computed once while it is
     among the last TABLES_KEPT grids; the ViT's output is the same from kept tables."""

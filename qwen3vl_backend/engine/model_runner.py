@@ -113,6 +113,28 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
             m.quant_method.skinny = skinny_linear
 
 
+def capture_prefill_graphs(build, limit: int, tp_size: int):
+    """`build()`'s PrefillGraphs, captured; None (prefill runs eagerly) when the memory left past
+    the KV cache cannot hold them on one GPU. Under tensor parallelism the ranks capture together
+    (their collectives run in the warm-up passes), so one rank cannot drop out: the error names the
+    settings that make room instead."""
+    hint = (f"prefill CUDA graphs up to {limit} tokens do not fit beside the KV cache "
+            "(--prefill-cuda-graph-max-tokens lower or 0, or --mem-fraction-static lower)")
+    try:
+        graphs = build()
+        graphs.capture()
+        return graphs
+    except torch.cuda.OutOfMemoryError as e:
+        if tp_size > 1:
+            raise RuntimeError(hint) from e
+    # past the except block: its traceback no longer holds the half-captured graphs
+    log.warning("%s; prefill runs eagerly", hint)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None
+
+
 def _prompt_rows(batch: list[ScheduledChunk], ends: list[int]) -> list[tuple]:
     """For chunks whose request asks for prompt logprobs: (request id, first prompt position, the
     batch rows whose logits predict the next prompt tokens, those tokens, how many alternatives)."""
@@ -193,9 +215,9 @@ class ModelRunner:
         self.prefill_graphs = None
         limit = min(cfg.prefill_cuda_graph_max_tokens, cfg.max_num_batched_tokens)
         if self.device.type == "cuda" and limit > 0 and cfg.attention_backend == "triton":
-            self.prefill_graphs = PrefillGraphs(self.model, self.kv_caches, cfg.block_size, self.num_blocks,
-                                                buckets_up_to(limit), self.device, self.dtype)
-            self.prefill_graphs.capture()
+            self.prefill_graphs = capture_prefill_graphs(
+                lambda: PrefillGraphs(self.model, self.kv_caches, cfg.block_size, self.num_blocks,
+                                      buckets_up_to(limit), self.device, self.dtype), limit, cfg.tp_size)
 
     def _join_group(self) -> None:
         """Start this node's other ranks (rank 0 only) and join the group."""
