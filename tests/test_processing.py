@@ -106,6 +106,22 @@ def test_per_request_max_pixels_shrinks_the_grid(tiny_dense):
         grid({"max_pixels": -1})
 
 
+@pytest.mark.parametrize("h,w", [(64, 96), (704, 1280), (32, 320)])
+def test_image_patchify_equals_the_repeated_frames(h, w):
+    """The image path gathers the frame's patches once and repeats them over the temporal patch:
+    bit for bit the general (video) patchify of the frame repeated."""
+    import torch
+
+    from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, _patchify, _patchify_image
+
+    cfg = VisionProcessingConfig()
+    frame = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+    want = _patchify(frame[None].expand(cfg.temporal_patch_size, -1, -1, -1), cfg)
+    got = _patchify_image(frame, cfg)
+    assert got[1] == want[1] and torch.equal(got[0], want[0])
+    assert torch.equal(_patchify_image(frame.permute(1, 2, 0).contiguous().permute(2, 0, 1), cfg)[0], want[0])
+
+
 def test_content_hash_is_the_items_identity(tiny_dense):
     """The ViT and prefix caches key on it: the same bytes and options agree; other pixels, another
     grid or other frame options differ."""
