@@ -1,4 +1,5 @@
-"""ViT embedding cache: vision outputs of recent media, keyed by a content hash of the pixels.
+"""ViT embedding cache: vision outputs of recent media, keyed by each item's content hash (its
+encoded bytes, grid and, for videos, the frame sampling: processing.processor._hash).
 
 Least recently used entries go first once the cache passes its size in MB; 0 MB disables it.
 A request's items are split into hits (outputs reused) and misses (one ViT call over all of
