@@ -25,6 +25,8 @@ import torch
 
 from kernels.varlen_attention import varlen_attention_bounded
 
+from ..models.vision import grids_key
+
 DEFAULT_BUCKETS = (256, 512, 1024)
 MAX_SEGMENTS = 64
 MAX_EXACT = 4                  # exact-grid graphs kept
@@ -85,7 +87,7 @@ class VisionGraphs:
     def _exact(self, pixel_values: torch.Tensor, grid_thw):
         """(embeds, deepstack) from this grid list's graph, capturing it on the second arrival;
         None: run eagerly."""
-        key = tuple(tuple(int(v) for v in g) for g in grid_thw)
+        key = grids_key(grid_thw)
         hit = self.exact.pop(key, None)
         if hit is None:
             if not self.captured or pixel_values.shape[0] > self.max_exact_patches or self.max_exact < 1:

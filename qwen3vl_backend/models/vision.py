@@ -22,6 +22,11 @@ TABLES_KEPT = 16                # grids whose tables VisionModel.tables keeps
 TABLES_MAX_PATCHES = 16384      # larger batches (long videos) are not kept: ~10 MB of tables each
 
 
+def grids_key(grid_thw) -> tuple:
+    """A batch's grids as a hashable key (tables and graphs kept per grid list)."""
+    return tuple(tuple(int(v) for v in g) for g in grid_thw)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, in_channels: int, temporal_patch: int, patch: int, dim: int):
         super().__init__()
@@ -132,7 +137,7 @@ class VisionModel(nn.Module):
         """What depends only on the grids: position-table taps and weights (N, 4), rotary cos/sin
         (N, head_dim), segment offsets. Some forty small launches; the last few grids' are kept
         (a server sees the same image sizes again and again)."""
-        key = (tuple(tuple(int(v) for v in g) for g in grid_thw), str(dev))
+        key = (grids_key(grid_thw), str(dev))
         hit = self._tables.pop(key, None)
         if hit is None:
             idx, w = self._pos_interp(grid_thw, dev)
