@@ -205,7 +205,7 @@ def profile_decode(engine: LLMEngine, prompts, out_dir: Path, steps: int = 8) ->
     print(head + table)
 
 
-def profile_prefill(engine: LLMEngine, prompt, out_dir: Path) -> None:
+def profile_prefill(engine: LLMEngine, prompt, out_dir: Path, images: int = 1) -> None:
     """GPU time per kernel from a request's arrival to its first token: the ViT, then the prefill."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -219,7 +219,7 @@ def profile_prefill(engine: LLMEngine, prompt, out_dir: Path) -> None:
     wall = (time.perf_counter() - wall) * 1e3
     engine.abort(rid)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    head = (f"one request to its first token ({len(prompt.prompt_ids)} prompt tokens, 1280x720 image): "
+    head = (f"one request to its first token ({len(prompt.prompt_ids)} prompt tokens, {images} 1280x720 image(s)): "
             f"{len(kernels)} GPU kernels, GPU busy {sum(e.device_time for e in kernels) / 1e3:.2f} ms of "
             f"{wall:.2f} ms (profiled)\n")
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
@@ -313,8 +313,9 @@ def main(argv=None):
         if args.ttft_repeats > 0:
             ttft = ttft_rows(engine, processor, args.ttft_repeats, [int(x) for x in args.ttft_images.split(",")],
                              args.compare_prefill_graph, args.compare_vit_graph)
-        if args.profile_prefill:
-            profile_prefill(engine, prompts[0], Path(args.out or RESULTS))
+        if args.profile_prefill:          # the largest --ttft-images request (one image without --ttft-repeats)
+            n = max(int(x) for x in args.ttft_images.split(",")) if args.ttft_repeats > 0 else 1
+            profile_prefill(engine, prompts[0] if n == 1 else make_prompt(processor, 2000, n), Path(args.out or RESULTS), n)
         if args.profile:
             for c in sorted({1, max(int(x) for x in args.concurrency.split(","))}):
                 profile_decode(engine, prompts[:c], Path(args.out or RESULTS))

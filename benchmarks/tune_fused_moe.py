@@ -38,16 +38,21 @@ MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 BLOCK = (128, 128)
 
 
-def candidates(m: int, quick: bool = False):
+def candidates(m: int, quick: bool = False, wide: bool = False):
     """Launch shapes for M tokens: BLOCK_M by M, GROUP_M only where there are many M blocks, and
     K steps of at most 128 (inside one fp8 scale block, as the W8A8 dots need). `quick`: one
-    BLOCK_M per M and 128-wide K steps (8 shapes: the kernels compile in seconds each)."""
+    BLOCK_M per M and 128-wide K steps (8 shapes: the kernels compile in seconds each). `wide`
+    (prefill sizes, M > 512): 256-wide N tiles and 5 stages too (36 shapes)."""
     block_ms = (16, 32) if m <= 64 else (32, 64) if m <= 512 else (64, 128)
     block_ks = (64, 128) if m <= 512 else (128,)
+    block_ns, stage_counts = (64, 128), (3, 4)
     if quick:
         block_ms, block_ks = block_ms[:1], (128,)
+    elif wide and m > 512:
+        block_ns, stage_counts = (64, 128, 256), (3, 4, 5)
     groups = (1,) if m <= 256 else (8,)
-    for bm, bn, bk, warps, stages, group in itertools.product(block_ms, (64, 128), block_ks, (4, 8), (3, 4), groups):
+    for bm, bn, bk, warps, stages, group in itertools.product(block_ms, block_ns, block_ks, (4, 8), stage_counts,
+                                                              groups):
         yield {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages}
 
 
@@ -75,7 +80,7 @@ def _reference(x, r13, r2, weights, ids, e):
 
 
 def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=None, quick: bool = False,
-         ep: int = 1) -> dict:
+         ep: int = 1, wide: bool = False) -> dict:
     w13, w2, scales, (r13, r2) = _experts(e, h, inter, fp8)
     if ep > 1:
         scales = {**scales, "sentinel": True}
@@ -87,7 +92,7 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
         best = None
         # the table's current entry competes too: a narrower search keeps what it cannot beat
         incumbent = lookup_config(e, inter, h, m, x.device, BLOCK if fp8 else None)
-        for cfg in [*candidates(m, quick), incumbent]:
+        for cfg in [*candidates(m, quick, wide), incumbent]:
             try:
                 ms_ = graph_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, cfg, **scales), iters=10)
             except (triton.runtime.errors.OutOfResources, RuntimeError):
@@ -103,7 +108,9 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
         table[str(m)] = best[1]
         if save is not None:          # what is tuned so far survives a time limit
             save(table)
-        print(f"M={m:5d}  sorted {best[0]:.4f} ms  {best[1]}", flush=True)
+        pairs = m * top_k / ep                 # this rank's share of the token-expert pairs
+        tflops = pairs * 2 * (2 * inter * h + h * inter) / best[0] / 1e9
+        print(f"M={m:5d}  sorted {best[0]:.4f} ms ({tflops:.0f} TFLOP/s)  {best[1]}", flush=True)
     return table
 
 
@@ -183,6 +190,7 @@ def main(argv=None):
     ap.add_argument("--ms", default=None, help="the batch sizes to tune (default: all of MS; --pairs: 1,2,4)")
     ap.add_argument("--ep", type=int, default=1, help="tune one rank's share: --experts local of ep times as many")
     ap.add_argument("--quick", action="store_true", help="8 launch shapes per M instead of 16-32")
+    ap.add_argument("--wide", action="store_true", help="prefill sizes (M > 512): 36 launch shapes, 256-wide N tiles")
     ap.add_argument("--out", default=None, help="write here instead of kernels/configs/")
     ap.add_argument("--pairs", action="store_true", help="tune the pair path (small M) and merge it into the table")
     ap.add_argument("--rows", default=None, help="--pairs: also write the timings (JSON rows) here")
@@ -206,7 +214,7 @@ def main(argv=None):
         return
     ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
     table = tune(args.experts, args.hidden, args.inter, args.topk, ms, args.fp8,
-                 save, args.quick, args.ep)
+                 save, args.quick, args.ep, args.wide)
     save(table)
     print(json.dumps(table))
     print(path)
