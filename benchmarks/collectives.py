@@ -22,7 +22,7 @@ from qwen3vl_backend.parallel import disable_multicast
 
 from .common import print_table, write_result
 
-TOKENS = (1, 16, 64, 128)
+TOKENS = (1, 16, 64, 128, 512, 2048, 4096)     # decode batches, then prefill graphs' sizes
 
 
 def _time_us(fn, iters: int = 50) -> float:
@@ -50,7 +50,7 @@ def _graph_us(fn, per_graph: int = 20) -> float:
     return _time_us(graph.replay, 20) / per_graph
 
 
-def _worker(rank: int, world: int, port: int, hiddens: list[int], queue) -> None:
+def _worker(rank: int, world: int, port: int, hiddens: list[int], queue, tokens=TOKENS) -> None:
     disable_multicast()
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -59,7 +59,7 @@ def _worker(rank: int, world: int, port: int, hiddens: list[int], queue) -> None
     peer = PeerAllReduce.create(dist.group.WORLD, rank, world, torch.device("cuda", rank), torch.bfloat16)
     rows = []
     for hidden in hiddens:
-        for t in TOKENS:
+        for t in tokens:
             x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16)
             eager = _time_us(lambda: dist.all_reduce(x))
             graphed = _graph_us(lambda: dist.all_reduce(x))
@@ -82,6 +82,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--hidden", default="2048,4096", help="30B-A3B: 2048, 235B-A22B: 4096")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if torch.cuda.device_count() < args.tp:
@@ -92,7 +93,8 @@ def main(argv=None):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, args.tp, port, [int(h) for h in args.hidden.split(",")], queue))
+    procs = [ctx.Process(target=_worker, args=(r, args.tp, port, [int(h) for h in args.hidden.split(",")], queue,
+                                                   [int(t) for t in args.tokens.split(",")]))
              for r in range(args.tp)]
     for p in procs:
         p.start()

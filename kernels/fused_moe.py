@@ -568,7 +568,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     tiles = [_fp8_tile(bn, cfg["BLOCK_K"], n, block) for bn, n in (
         (max(16, cfg["BLOCK_N"] // 2) if FUSE_SILU else cfg["BLOCK_N"], two_i // 2), (cfg["BLOCK_N"], h))]
     # fp8 dots need tiles inside one scale block and K steps of 32 or more
-    w8a8 = bool(fp8) and m >= W8A8_MIN_M and all(mode == 2 and bk >= 32 for _, bk, mode in tiles)
+    w8a8 = (bool(fp8) and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
+            and all(mode == 2 and bk >= 32 for _, bk, mode in tiles))
     a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
     if FUSE_SILU:     # two accumulators per program: half the columns keeps the tuned register budget
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
@@ -682,4 +683,14 @@ def pair_path_max_m(e: int, inter: int, hidden: int, device: torch.device, fp8_b
         return int(os.environ["QWEN3VL_PAIR_MAX_M"])
     table = _moe_table(e, inter, hidden, device, fp8_block)
     return int((table or {}).get("pair_path_max_m", PAIR_PATH_MAX_M))
+
+
+def w8a8_min_m(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> int:
+    """The fewest tokens the sorted path quantizes its activations for (W8A8); below, the fp8
+    weights meet bf16 activations (W8A16: two quantize launches fewer a layer). The table's
+    "w8a8_min_m", else W8A8_MIN_M; QWEN3VL_W8A8_MIN_M overrides both (to compare inside a step)."""
+    if os.environ.get("QWEN3VL_W8A8_MIN_M"):
+        return int(os.environ["QWEN3VL_W8A8_MIN_M"])
+    table = _moe_table(e, inter, hidden, device, fp8_block)
+    return int((table or {}).get("w8a8_min_m", W8A8_MIN_M))
 

@@ -16,36 +16,43 @@ from .pdl import gdc_enter, pdl
 
 @triton.jit
 def _qkv_prep_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
-                     n_q, n_kv, eps, stride_t, stride_ct, stride_ckv, stride_slot,
-                     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr = False):
+                     t, n_q, n_kv, eps, stride_t, stride_ct, stride_ckv, stride_slot,
+                     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr = False):
     gdc_enter(USE_PDL)
-    t = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1)
-    dims = tl.arange(0, HALF)
-    row = qkv_ptr + t * stride_t + h * HEAD_DIM + dims
-    x1 = tl.load(row)
-    x2 = tl.load(row + HALF)
-    slot = tl.load(slot_ptr + t)
+    ok = (rows < t)[:, None]
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, HALF)[None, :]
+    row = qkv_ptr + rows64[:, None] * stride_t + h * HEAD_DIM + dims
+    x1 = tl.load(row, mask=ok)
+    x2 = tl.load(row + HALF, mask=ok)
+    slot = tl.load(slot_ptr + rows64, mask=rows < t, other=0)[:, None]
     dst = cache_ptr + slot * stride_slot + (h - n_q - n_kv) * HEAD_DIM + dims     # a v head's place
     if h >= n_q + n_kv:                       # v: only copied into the cache
-        tl.store(dst + stride_ckv, x1)
-        tl.store(dst + stride_ckv + HALF, x2)
+        tl.store(dst + stride_ckv, x1, mask=ok)
+        tl.store(dst + stride_ckv + HALF, x2, mask=ok)
     else:                                     # q or k: RMSNorm (float32 stats, weight after the cast), rotary
         w_ptr = qw_ptr if h < n_q else kw_ptr
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, 0) + tl.sum(f2 * f2, 0)) / HEAD_DIM + eps)
+        rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1)) / HEAD_DIM + eps)[:, None]
         y1 = ((f1 * rstd).to(x1.dtype) * tl.load(w_ptr + dims)).to(x1.dtype).to(tl.float32)
         y2 = ((f2 * rstd).to(x1.dtype) * tl.load(w_ptr + HALF + dims)).to(x1.dtype).to(tl.float32)
-        c = tl.load(cos_ptr + t * stride_ct + dims)
-        s = tl.load(sin_ptr + t * stride_ct + dims)
+        c = tl.load(cos_ptr + rows64[:, None] * stride_ct + dims, mask=ok)
+        s = tl.load(sin_ptr + rows64[:, None] * stride_ct + dims, mask=ok)
         o1 = (y1 * c - y2 * s).to(x1.dtype)
         o2 = (y2 * c + y1 * s).to(x1.dtype)
-        tl.store(row, o1)
-        tl.store(row + HALF, o2)
+        tl.store(row, o1, mask=ok)
+        tl.store(row + HALF, o2, mask=ok)
         if h >= n_q:
             dst = dst + n_kv * HEAD_DIM       # back from the v offset to this k head's place
-            tl.store(dst, o1)
-            tl.store(dst + HALF, o2)
+            tl.store(dst, o1, mask=ok)
+            tl.store(dst + HALF, o2, mask=ok)
+
+
+# tokens per program: one in decode (its latency is the launch), a tile of them in prefill, where
+# one program per (token, head) was 73,728 programs of 128 values at 2048 tokens (~90 us a layer)
+QKV_PREP_ROWS = 16
 
 
 def qkv_prep_(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
@@ -60,9 +67,11 @@ def qkv_prep_(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight: torch.Tensor, k_
         raise ValueError(f"qkv_prep_: qkv {tuple(qkv.shape)}, heads {n_q}/{n_kv}, cache {tuple(cache.shape)}, "
                          f"cos {tuple(cos.shape)}, slots {tuple(slot_mapping.shape)}")
     if t:
-        _qkv_prep_kernel[(t, n_q + 2 * n_kv)](
-            qkv, q_weight, k_weight, cos, sin, cache, slot_mapping, n_q, n_kv, eps,
-            qkv.stride(0), cos.stride(0), cache.stride(0), n_kv * d, HEAD_DIM=d, HALF=d // 2, **pdl(qkv))
+        rows = 1 if t <= 2 * QKV_PREP_ROWS else QKV_PREP_ROWS
+        _qkv_prep_kernel[(triton.cdiv(t, rows), n_q + 2 * n_kv)](
+            qkv, q_weight, k_weight, cos, sin, cache, slot_mapping, t, n_q, n_kv, eps,
+            qkv.stride(0), cos.stride(0), cache.stride(0), n_kv * d, HEAD_DIM=d, HALF=d // 2, BLOCK_T=rows,
+            **pdl(qkv))
     q = qkv[:, : n_q * d].view(t, n_q, d)
     k = qkv[:, n_q * d : (n_q + n_kv) * d].view(t, n_kv, d)
     v = qkv[:, (n_q + n_kv) * d :].view(t, n_kv, d)

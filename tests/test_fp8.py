@@ -472,3 +472,34 @@ def test_tiny_fp8_checkpoint_served_through_the_adapter(tmp_path):
             assert r.json()["usage"]["prompt_tokens"] == len(want["prompt_token_ids"])
     finally:
         srv.stop()
+
+
+def test_w8a8_threshold_from_the_table_and_the_environment(monkeypatch):
+    """The sorted path quantizes its activations from the table's "w8a8_min_m" (else W8A8_MIN_M),
+    and QWEN3VL_W8A8_MIN_M overrides both: below it, no quantize launch, W8A16 dots."""
+    import kernels.fused_moe
+    from kernels.fused_moe import fused_moe, fused_moe_reference
+    from qwen3vl_backend.layers.moe import route
+
+    calls = []
+    real = kernels.fused_moe.quantize_activations_fp8
+    monkeypatch.setattr(kernels.fused_moe, "quantize_activations_fp8", lambda *a: calls.append(1) or real(*a))
+    e, h, i, block = 4, 64, 32, (32, 32)
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+
+    def quantized(m):
+        calls.clear()
+        x = torch.randn(m, h, device=DEV)
+        w, ids = route(torch.randn(m, e, device=DEV), 2, True)
+        out = fused_moe(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, block=block)
+        assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < 6e-2
+        return len(calls)
+
+    monkeypatch.setattr(kernels.fused_moe, "_moe_table", lambda *a: {"w8a8_min_m": 4})
+    assert quantized(3) == 0 and quantized(4) == 2          # x, then the SiLU*up intermediate
+    monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "6")
+    assert quantized(5) == 0 and quantized(6) == 2
+    monkeypatch.setattr(kernels.fused_moe, "_moe_table", lambda *a: None)
+    monkeypatch.delenv("QWEN3VL_W8A8_MIN_M")
+    assert quantized(1) == 2                                 # W8A8_MIN_M

@@ -248,7 +248,7 @@ def qkv_prep_reference(qkv, hq, hkv, q_norm, k_norm, cos, sin, cache, slots):
     return q, k, v
 
 
-@pytest.mark.parametrize("t,hq,hkv,d", [(1, 4, 2, 32), (5, 6, 2, 64), (3, 8, 1, 128)])
+@pytest.mark.parametrize("t,hq,hkv,d", [(1, 4, 2, 32), (5, 6, 2, 64), (3, 8, 1, 128), (37, 4, 2, 32), (70, 2, 1, 64)])
 def test_qkv_prep_matches_norm_rotary_and_cache_write(t, hq, hkv, d):
     cos, sin = rope_tables(t, d, DEV)
     qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEV)

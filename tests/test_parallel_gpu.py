@@ -111,7 +111,7 @@ def _peer_rank(rank, port, queue):
         ar = PeerAllReduce.create(dist.group.WORLD, rank, 2, torch.device("cuda", rank), torch.bfloat16)
         assert ar is not None, "no peer all-reduce on two GPUs"
         gen = torch.Generator(device="cuda").manual_seed(rank)
-        sizes = [1, 4096, 2048 * 3 + 5, 64 * 4096, 4096, 7]
+        sizes = [1, 4096, 2048 * 3 + 5, 64 * 4096, 4096, 7, 2048 * 4096 + 3]   # the last: a prefill's
         xs = [torch.randn(n, device="cuda", generator=gen, dtype=torch.bfloat16) for n in sizes * 20]
         want = [x.clone() for x in xs]
         for w in want:
@@ -139,7 +139,7 @@ def _peer_rank(rank, port, queue):
 
 
 def test_peer_all_reduce_matches_nccl_on_two_gpus():
-    """120 sums of 1 to 262,144 bf16 elements back to back, eager and replayed three times from a
+    """140 sums of 1 to 8,388,611 bf16 elements back to back, eager and replayed three times from a
     CUDA graph: equal, bit for bit, to NCCL's, on both ranks."""
     import torch.multiprocessing as mp
 
