@@ -106,6 +106,22 @@ def test_per_request_max_pixels_shrinks_the_grid(tiny_dense):
         grid({"max_pixels": -1})
 
 
+def test_image_pads_expanded_as_ids_equal_the_expanded_texts_tokens(tiny_dense):
+    """build_prompt expands image pads in id space: the ids are those of tokenizing the expanded
+    text, with text glued to the pads, two images in one part and images in two turns."""
+    from qwen3vl_backend.processing.processor import MediaItem
+
+    proc = Processor(tiny_dense)
+    media = [MediaItem("image", None, grid, "h", 0) for grid in ((1, 4, 6), (1, 2, 2), (1, 6, 2))]
+    text, _ = proc.render([{"role": "user", "content": [{"type": "text", "text": "ab"}, *[{"type": "image_url",
+                           "image_url": {"url": "x"}}] * 2, {"type": "text", "text": "cd  e"}]},
+                           {"role": "assistant", "content": "ok"},
+                           {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "y"}}, {"type": "text", "text": "x"}]}])
+    got = proc.build_prompt(text, media)
+    assert got.prompt_ids == proc.tokenizer.encode(got.text)
+    assert got.prompt_ids.count(proc.image_pad_id) == (24 + 4 + 12) // 4
+
+
 @pytest.mark.parametrize("h,w", [(64, 96), (704, 1280), (32, 320)])
 def test_image_patchify_equals_the_repeated_frames(h, w):
     """The image path gathers the frame's patches once and repeats them over the temporal patch:
