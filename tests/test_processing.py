@@ -1,6 +1,8 @@
 """Input processing: message forms, media sources and the errors clients can cause."""
 
 import base64
+import json
+import time
 
 import pytest
 
@@ -198,3 +200,24 @@ def test_per_request_fps_and_max_frames(tiny_dense, video_file):
     assert frames(max_frames=100000) == frames()           # bounded: never more than fps and the server allow
     with pytest.raises(RequestError, match="fps must be a positive number"):
         frames(fps=0)
+
+
+def test_stage_timing_reports_each_step_and_item(tiny_dense):
+    """QWEN3VL_STAGE_TIMING's numbers: the preprocess steps and, per media item, fetch / decode /
+    process, and the log line that carries them."""
+    from qwen3vl_backend.serving.media_pool import MediaPool
+    from qwen3vl_backend.serving.preprocess import Preprocessor
+    from qwen3vl_backend.serving.stage_timing import stage_line
+
+    pre = Preprocessor(Processor(tiny_dense), MediaPolicy(), MediaPool(2, 10))
+    url = data_uri(image_bytes(make_image(64, 48, 3)))
+    body = json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 2}]})
+    timing = {}
+    arrays = pre.run(body, timing=timing)
+    assert arrays["grid_thw"].shape == (2, 3)
+    assert set(timing) == {"parse", "media", "finish", "items"} and len(timing["items"]) == 2
+    for item in timing["items"]:
+        assert set(item) == {"fetch", "decode", "process"} and all(v >= 0 for v in item.values())
+    assert timing["media"] >= max(item["decode"] for item in timing["items"])
+    line = stage_line(timing, time.monotonic() - 0.5)
+    assert line.startswith("parse=") and line.count("[fetch=") == 2 and float(line.split("total=")[1]) >= 500

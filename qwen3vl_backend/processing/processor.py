@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class MediaItem:
     content_hash: str                # identity of the pixels (ViT cache, prefix cache)
     num_tokens: int                  # pad tokens in the prompt (merged patches)
     timestamps: list[float] = field(default_factory=list)
+    timing: dict = field(default_factory=dict)     # ms: fetch, decode, process (stage timing logs)
 
 
 @dataclass
@@ -57,12 +59,16 @@ class Processor:
     def load_media(self, ref: MediaRef, policy: MediaPolicy = TRUSTED, normalize: bool = True,
                    cancel: Cancel | None = None) -> MediaItem:
         """Fetch, decode and process one item; `normalize=False` keeps uint8 patches (for transport)."""
+        t0 = time.perf_counter()
         data = fetch_bytes(ref.source, policy, cancel)
+        t1 = t2 = time.perf_counter()
         opts = ref.options
         stamps: list[float] = []
         if ref.kind == "image":
             lo, hi = self._pixel_bounds(opts, self.cfg.image_min_pixels, self.cfg.image_max_pixels)
-            patches, grid = process_image(decode_image(data, policy.max_image_pixels), self.cfg, lo, hi)
+            image = decode_image(data, policy.max_image_pixels)
+            t2 = time.perf_counter()
+            patches, grid = process_image(image, self.cfg, lo, hi)
         else:
             fps, max_frames = _num_opt(opts, "fps"), _int_opt(opts, "max_frames")
             video = decode_video(data, lambda total, vfps: video_frame_indices(total, vfps, self.cfg, fps, max_frames),
@@ -72,7 +78,10 @@ class Processor:
         pixels = normalize_patches(patches, self.cfg) if normalize else patches
         # an image's pixels follow from its bytes and grid; a video's frames also from the sampling asked
         frames = {} if ref.kind == "image" else {k: opts.get(k) for k in ("fps", "max_frames")}
-        return MediaItem(ref.kind, pixels, grid, _hash(data, grid, frames), self._num_tokens(grid), stamps)
+        item = MediaItem(ref.kind, pixels, grid, _hash(data, grid, frames), self._num_tokens(grid), stamps)
+        t3 = time.perf_counter()
+        item.timing = {"fetch": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3, "process": (t3 - t2) * 1e3}
+        return item
 
     @staticmethod
     def _pixel_bounds(opts: dict, server_min: int, server_max: int) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from qwen3vl_backend.serving.media_pool import MediaPool
 from qwen3vl_backend.serving.preprocess import Preprocessor
 from qwen3vl_backend.config import PreprocessConfig
 from qwen3vl_backend.serving.triton_params import error_response, model_settings
+from qwen3vl_backend.serving.stage_timing import STAGE_TIMING, stage_line
 
 OUTPUTS = {"input_ids": "input_ids", "positions": "positions", "rope_delta": "rope_delta",
            "pixel_values": "pixel_values", "grid_thw": "grid_thw", "media_hashes": "media_hashes",
@@ -86,11 +87,15 @@ class TritonPythonModel:
             if not text:
                 raise ValueError("text_input is required")
             sampling = _strings(request, "sampling_parameters")
-            arrays = self.pre.run(text[0], images, sampling[0] if sampling else "")
+            timing = {} if STAGE_TIMING else None
+            arrays = self.pre.run(text[0], images, sampling[0] if sampling else "", timing=timing)
             if arrays["grid_thw"].size:
                 self.media_seconds.increment(time.monotonic() - started)
                 self.media_requests.increment(1)
-            return pb_utils.InferenceResponse([self._tensor(OUTPUTS[k], v) for k, v in arrays.items()])
+            response = pb_utils.InferenceResponse([self._tensor(OUTPUTS[k], v) for k, v in arrays.items()])
+            if timing is not None:
+                pb_utils.Logger.log_info(f"stage preprocess {rid}: {stage_line(timing, started)}")
+            return response
         except Exception as e:      # a client mistake (400) or a fault (500): either way this request's alone
             return error_response(pb_utils, e, "preprocess", rid)
 

@@ -3,6 +3,8 @@
 Passes through (empty outputs) when the request has no media.
 """
 
+import time
+
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
@@ -13,6 +15,7 @@ from qwen3vl_backend.engine.vision_graphs import VisionGraphs
 from qwen3vl_backend.loader import load_vision_model
 from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, normalize_patches
 from qwen3vl_backend.serving.triton_params import model_settings, pick
+from qwen3vl_backend.serving.stage_timing import STAGE_TIMING, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
 from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
 
@@ -66,6 +69,16 @@ class TritonPythonModel:
 
     @torch.no_grad()
     def _one(self, request):
+        started = time.monotonic()
+        response = self._respond(request)
+        if self._timing is not None:
+            self._timing["respond"] = (time.monotonic() - started) * 1e3
+            pb_utils.Logger.log_info(f"stage vit {request.request_id()}: {stage_line(self._timing)}")
+        return response
+
+    def _respond(self, request):
+        timing = self._timing = {} if STAGE_TIMING else None
+        t0 = time.perf_counter()
         # on the GPU when preprocess sent it by CUDA IPC
         pixels = as_torch(pb_utils.get_input_tensor_by_name(request, "pixel_values"))
         if pixels.numel():
@@ -80,8 +93,14 @@ class TritonPythonModel:
                                                 for h in hashes.as_numpy().reshape(-1)]
             pv = pixels.contiguous()
             hits, misses = self.cache.hits, self.cache.misses
+            t1 = time.perf_counter()
             e, ds = encode_with_cache(self._encode, self.cache, pv, [tuple(int(x) for x in g) for g in grids],
                                       keys, self.merge_unit)
+            if timing is not None:      # the encoder's host time, then its GPU tail
+                t2 = time.perf_counter()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                timing.update(inputs=(t1 - t0) * 1e3, queue=(t2 - t1) * 1e3, gpu_tail=(time.perf_counter() - t2) * 1e3)
             self._metrics[1].increment(self.cache.hits - hits)
             self._metrics[2].increment(self.cache.misses - misses)
             embeds, deepstack = e.float().contiguous(), torch.stack(ds).float().contiguous()
