@@ -11,8 +11,9 @@ Each rank allocates one buffer (cudaMalloc) and maps the other's into its own de
 (cudaIpcOpenMemHandle with lazy peer access: the handles go over the process group; NVLink, no
 multicast). torch's own tensor sharing maps a peer's memory in the peer device's context, where
 Triton on this device refuses the pointer; torch symmetric memory's rendezvous hung on the
-two-H200 host. Per chunk of CHUNK elements one program does the exchange with its counterpart
-program on the other GPU, with its own flag and epoch counter:
+two-H200 host. Each chunk of CHUNK elements is exchanged with its own flag and epoch counter, by
+at most a few programs an SM (each pushes all its chunks before it waits for any, so the waits
+never depend on a program the other GPU has not scheduled):
 - the epoch (a local int64 per chunk, advanced by the kernel itself, so CUDA graph replays keep
   counting) picks one of two data regions by parity and is the flag value (epoch + 1) sent;
 - a rank cannot get two calls ahead of the other on a chunk (each call waits for the other's
@@ -47,29 +48,53 @@ CAPACITY = 4096 * 4096
 @triton.jit
 def _peer_all_reduce_kernel(x_ptr, my_data, peer_data, my_flags, peer_flags, epochs, n, region_size,
                             CHUNK: tl.constexpr):
-    slot = tl.program_id(0)
-    offs = slot * CHUNK + tl.arange(0, CHUNK)
-    ok = offs < n
-    epoch = tl.load(epochs + slot)
-    flag = epoch + 1
-    region = (epoch % 2) * region_size
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-    tl.store(peer_data + region + offs, x, mask=ok)
-    tl.debug_barrier()                 # every thread's part is written before the flag goes up
-    tl.atomic_xchg(peer_flags + slot, flag, sem="release", scope="sys")
-    while tl.atomic_add(my_flags + slot, 0, sem="acquire", scope="sys") < flag:
-        pass
-    tl.debug_barrier()
-    other = tl.load(my_data + region + offs, mask=ok, other=0.0, volatile=True)
-    tl.store(x_ptr + offs, (x.to(tl.float32) + other.to(tl.float32)).to(x_ptr.dtype.element_ty), mask=ok)
-    tl.store(epochs + slot, flag)
+    """Program p takes chunks p, p + G, p + 2G, ... (G programs): it pushes every one of them
+    and raises their flags before it waits for any, so no program waits on the other GPU for
+    something a waiting program there has yet to send."""
+    first = tl.program_id(0)
+    step = tl.num_programs(0)
+    chunks = tl.cdiv(n, CHUNK)
+    for slot in range(first, chunks, step):                 # push
+        offs = slot * CHUNK + tl.arange(0, CHUNK)
+        ok = offs < n
+        epoch = tl.load(epochs + slot)
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        tl.store(peer_data + (epoch % 2) * region_size + offs, x, mask=ok)
+        tl.debug_barrier()             # every thread's part is written before the flag goes up
+        tl.atomic_xchg(peer_flags + slot, epoch + 1, sem="release", scope="sys")
+    for slot in range(first, chunks, step):                 # wait, add
+        offs = slot * CHUNK + tl.arange(0, CHUNK)
+        ok = offs < n
+        epoch = tl.load(epochs + slot)
+        flag = epoch + 1
+        while tl.atomic_add(my_flags + slot, 0, sem="acquire", scope="sys") < flag:
+            pass
+        tl.debug_barrier()
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)      # still this rank's own: chunks are disjoint
+        other = tl.load(my_data + (epoch % 2) * region_size + offs, mask=ok, other=0.0, volatile=True)
+        tl.store(x_ptr + offs, (x.to(tl.float32) + other.to(tl.float32)).to(x_ptr.dtype.element_ty), mask=ok)
+        tl.store(epochs + slot, flag)
 
 
-def peer_all_reduce_(x: torch.Tensor, my_data, peer_data, my_flags, peer_flags, epochs, region_size: int) -> None:
-    """x (contiguous, at most region_size elements) summed in place with the other rank's x."""
+@functools.lru_cache(maxsize=None)
+def _max_programs(device: torch.device) -> int:
+    """Programs per call: few enough to be resident together on every SM (4 warps each, 4 per
+    SM), as the waits need: a program that waited on one not yet scheduled on the other GPU,
+    whose SMs were full of waiting programs, would never finish. (One program per chunk, as
+    before, put 4,096 programs in flight at 2048 tokens x 4096: more than the SMs hold.)"""
+    if device.type != "cuda":
+        return 64
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def peer_all_reduce_(x: torch.Tensor, my_data, peer_data, my_flags, peer_flags, epochs, region_size: int,
+                     programs: int | None = None) -> None:
+    """x (contiguous, at most region_size elements) summed in place with the other rank's x.
+    `programs`: at most this many programs (default: what every SM holds at once)."""
     n = x.numel()
-    _peer_all_reduce_kernel[(triton.cdiv(n, CHUNK),)](x, my_data, peer_data, my_flags, peer_flags, epochs, n,
-                                                      region_size, CHUNK=CHUNK, num_warps=4)
+    grid = min(triton.cdiv(n, CHUNK), programs or _max_programs(x.device))
+    _peer_all_reduce_kernel[(grid,)](x, my_data, peer_data, my_flags, peer_flags, epochs, n, region_size,
+                                     CHUNK=CHUNK, num_warps=4)
 
 
 class _Handle(ctypes.Structure):

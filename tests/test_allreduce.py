@@ -11,18 +11,18 @@ from kernels.allreduce import CHUNK, peer_all_reduce_
 from qwen3vl_backend import parallel
 
 
-def _rank(rank, data, flags, epochs, xs, outs):
-    for x, out in zip(xs, outs):
+def _rank(rank, data, flags, epochs, xs, outs, programs):
+    for x, out, g in zip(xs, outs, programs):
         y = x.clone()
         peer_all_reduce_(y, data[rank], data[1 - rank], flags[rank], flags[1 - rank], epochs[rank],
-                         data[0].numel() // 2)
+                         data[0].numel() // 2, programs=g[rank])
         out.copy_(y)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run (on a GPU the kernel is compiled)")
 def test_peer_all_reduce_sums_across_two_processes():
-    """Sizes from one element to the whole capacity, partial chunks, in a sequence that reuses
-    both data regions of every chunk: both ranks end with x0 + x1, bit for bit the same, and each
+    """Sizes from one element to the whole capacity, partial chunks, one program per chunk or
+    programs of several chunks, in a sequence that reuses both data regions of every chunk: both ranks end with x0 + x1, bit for bit the same, and each
     chunk's epoch counts the calls that used it. (Fails if a rank reads before the other's flag;
     a race the interpreter's timing does not provoke, such as one data region instead of two, is
     left to the GPU test.)"""
@@ -31,11 +31,14 @@ def test_peer_all_reduce_sums_across_two_processes():
     data = [torch.zeros(2 * cap).share_memory_() for _ in range(2)]
     flags = [torch.zeros(slots, dtype=torch.int64).share_memory_() for _ in range(2)]
     epochs = [torch.zeros(slots, dtype=torch.int64).share_memory_() for _ in range(2)]
-    sizes = [5, CHUNK + 3, cap, 1, 2 * CHUNK]
+    sizes = [5, CHUNK + 3, cap, 1, 2 * CHUNK, cap, 2 * CHUNK + 1]
+    # programs per call on each rank: one per chunk, or fewer, each taking several chunks (the
+    # ranks need not agree)
+    programs = [(None, None), (None, None), (1, 2), (None, None), (1, 1), (2, 1), (1, None)]
     xs = [[torch.randn(n).share_memory_() for n in sizes] for _ in range(2)]
     outs = [[torch.full((n,), float("nan")).share_memory_() for n in sizes] for _ in range(2)]
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_rank, args=(r, data, flags, epochs, xs[r], outs[r])) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, data, flags, epochs, xs[r], outs[r], programs)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
