@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from qwen3vl_backend.errors import RequestError
 from qwen3vl_backend.processing.media import Cancel, MediaPolicy, video_backend
 
-from .media import MediaFetcher
+from .media import MediaFetcher, split_media
 from .text_prompts import TextPrompts
 
 from .parsers import OutputParser, parse_whole
@@ -172,16 +172,20 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                 raise APIError(400, str(e), param="messages") from e
             timing.mark("prompt")
         # preprocess reads `messages`, `tools` and `chat_template_kwargs` from a JSON object and takes
-        # sampling from its own input, so the request's bytes go on as they came unless they must
-        # change (media inlined, tools dropped by tool_choice none): a large data URI is not encoded twice
-        same = messages is body["messages"] and (req.tools or None) == (body.get("tools") or None)
-        text = raw if same else json.dumps({"messages": messages, "tools": req.tools,
+        # sampling from its own input. Media urls (data URIs by now) go as the `media` input, named
+        # "media-input:N" in the JSON, so preprocess does not parse them again; without media the
+        # request's bytes go on as they came unless they must change (tools dropped by tool_choice none)
+        stripped, media = split_media(messages)
+        same = not media and messages is body["messages"] and (req.tools or None) == (body.get("tools") or None)
+        text = raw if same else json.dumps({"messages": stripped, "tools": req.tools,
                                             "chat_template_kwargs": req.template_kwargs}).encode()
 
         def open_stream(i: int):
             sampling = choice_sampling(req.sampling, req.n, i)
             sub = rid if req.n == 1 else f"{rid}-{i}"
-            return client().stream_ids(sub, ids, sampling) if ids is not None else client().stream(sub, text, sampling)
+            if ids is not None:
+                return client().stream_ids(sub, ids, sampling)
+            return client().stream(sub, text, sampling, media=media)
 
         def parser() -> OutputParser:
             return OutputParser(reasoning=settings.reasoning_parser == "qwen3", thinking_open=thinking,

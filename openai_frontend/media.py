@@ -15,6 +15,7 @@ import asyncio
 import base64
 
 from qwen3vl_backend.errors import RequestError
+from qwen3vl_backend.processing.chat import MEDIA_INPUT
 from qwen3vl_backend.processing.media import Cancel, MediaPolicy, fetch_bytes
 
 _KEYS = ("image_url", "video_url", "image", "video")
@@ -82,3 +83,32 @@ def _url(value):
 def _replaced(part: dict, key: str, uri: str) -> dict:
     value = part[key]
     return {**part, key: {**value, "url": uri} if isinstance(value, dict) else uri}
+
+
+def split_media(messages: list) -> tuple[list, list[str]]:
+    """(messages with each media part's url replaced by "media-input:N", the urls in order): the
+    data URIs travel as the ensemble's `media` input, and preprocess parses only the small JSON
+    left (it had parsed the whole body again after the adapter: 3.7 MB for two PNGs). Parts
+    whose url is not a string are left as they are (preprocess refuses them)."""
+    media: list[str] = []
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            out.append(m)
+            continue
+        parts = []
+        for p in content:
+            # as processing.chat reads a part: a text part is text whatever else it holds
+            is_text = isinstance(p, dict) and (p.get("type") == "text" or (p.get("type") is None and "text" in p))
+            for key in (_KEYS if isinstance(p, dict) and not is_text else ()):
+                url = _url(p.get(key))
+                if url is not None:
+                    ref = f"{MEDIA_INPUT}{len(media)}"
+                    media.append(url)
+                    p = _replaced(p, key, ref)
+                    break
+            parts.append(p)
+        out.append({**m, "content": parts})
+    return out, media
+

@@ -63,19 +63,22 @@ class TritonLLMClient:
     async def close(self) -> None:
         await self._client.close()
 
-    def stream(self, request_id: str, text: bytes, sampling: dict):
-        """`text`: the JSON chat request (its `messages` are used), through the ensemble. Yields
-        Delta per response until the final one; raises TritonRequestError."""
-        return self._stream(self.model_name, request_id, _input("text_input", np.array([text], dtype=np.object_)),
-                            sampling)
+    def stream(self, request_id: str, text: bytes, sampling: dict, media: list[str] = ()):
+        """`text`: the JSON chat request (its `messages` are used), through the ensemble; `media`:
+        the sources its media parts name as "media-input:N". Yields Delta per response until the
+        final one; raises TritonRequestError."""
+        prompt = [_input("text_input", np.array([text], dtype=np.object_))]
+        if media:
+            prompt.append(_input("media", np.array([m.encode() for m in media], dtype=np.object_)))
+        return self._stream(self.model_name, request_id, prompt, sampling)
 
     def stream_ids(self, request_id: str, ids: list[int], sampling: dict):
         """A text-only prompt's token ids straight to `llm` (see text_prompts.py); as `stream`."""
-        return self._stream(self.llm_model, request_id, _input("input_ids", np.asarray(ids, dtype=np.int64)), sampling)
+        return self._stream(self.llm_model, request_id, [_input("input_ids", np.asarray(ids, dtype=np.int64))], sampling)
 
     async def _stream(self, model: str, request_id: str, prompt, sampling: dict):
         inputs = [
-            prompt,
+            *prompt,
             _input("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_)),
             _input("stream", np.array([True])),
             _input("exclude_input_in_output", np.array([True])),

@@ -37,8 +37,9 @@ class FakeTriton:
     async def close(self):
         pass
 
-    def stream(self, rid, text, sampling):
+    def stream(self, rid, text, sampling, media=()):
         self.sent.append(("ensemble", rid, json.loads(text), sampling))
+        self.media = list(media)
         return self._deltas(sampling)
 
     def stream_ids(self, rid, ids, sampling):
@@ -364,3 +365,24 @@ def test_chat_responses_carry_the_adapters_own_timestamps(tiny_moe, stream):
     assert list(phases) == ["read", "parse", "media", "prompt", last]
     assert all(v >= 0 for v in phases.values()) and phases[last] >= 45
     assert sum(v for k, v in phases.items() if k != last) < 1000
+
+
+def test_media_urls_leave_the_json_as_the_media_input(tiny_moe):
+    """The adapter sends a chat's media urls as the ensemble's `media` input and names them in
+    the JSON ("media-input:N", in order; the part's options stay), so preprocess parses only
+    what is left; a text part that also holds an `image` key stays text."""
+    fake = FakeTriton("A cat.")
+    ai = _client(tiny_moe, fake)
+    uris = ["data:image/png;base64," + "A" * 64, "data:image/jpeg;base64," + "B" * 64]
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uris[0], "max_pixels": 4096}},
+                                         {"type": "text", "text": "and", "image": "not media"},
+                                         {"type": "image_url", "image_url": {"url": uris[1]}}]}]
+    out = _run(ai.chat.completions.create(model="tiny-moe", messages=msgs))
+    assert out.choices[0].message.content == "A cat."
+    kind, _, sent, _ = fake.sent[0]
+    parts = sent["messages"][0]["content"]
+    assert kind == "ensemble" and fake.media == uris
+    assert parts[0] == {"type": "image_url", "image_url": {"url": "media-input:0", "max_pixels": 4096}}
+    assert parts[1] == msgs[0]["content"][1]
+    assert parts[2]["image_url"]["url"] == "media-input:1"
+    assert "base64" not in json.dumps(sent)

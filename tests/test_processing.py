@@ -4,6 +4,7 @@ import base64
 import json
 import time
 
+import numpy as np
 import pytest
 
 from conftest import data_uri, image_bytes, make_image
@@ -221,3 +222,34 @@ def test_stage_timing_reports_each_step_and_item(tiny_dense):
     assert timing["media"] >= max(item["decode"] for item in timing["items"])
     line = stage_line(timing, time.monotonic() - 0.5)
     assert line.startswith("parse=") and line.count("[fetch=") == 2 and float(line.split("total=")[1]) >= 500
+
+
+def test_media_input_entries_stand_in_for_the_parts_urls(tiny_dense):
+    """A JSON text_input's media parts may name the `media` input's entries ("media-input:N", the
+    OpenAI adapter's way of keeping data URIs out of the JSON): the same arrays as the URIs
+    inline; a name past the entries, an entry no part names, and media with a plain prompt are
+    the client's mistakes."""
+    from qwen3vl_backend.errors import RequestError as Refused
+    from qwen3vl_backend.serving.media_pool import MediaPool
+    from qwen3vl_backend.serving.preprocess import Preprocessor
+
+    pre = Preprocessor(Processor(tiny_dense), MediaPolicy(), MediaPool(2, 10))
+    urls = [data_uri(image_bytes(make_image(64, 48, s))) for s in (1, 2)]
+
+    def chat(a, b):
+        return json.dumps({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": a, "max_pixels": 32 * 32}}, {"type": "text", "text": "and"},
+            {"type": "image_url", "image_url": {"url": b}}]}]})
+
+    inline = pre.run(chat(*urls))
+    named = pre.run(chat("media-input:1", "media-input:0"), media=urls[::-1])
+    assert set(named) == set(inline)
+    for k in inline:
+        assert np.array_equal(named[k], inline[k]), k
+    assert inline["grid_thw"].tolist()[0] != inline["grid_thw"].tolist()[1]       # max_pixels kept
+    for text, media, message in ((chat("media-input:0", "media-input:2"), urls, "names no entry"),
+                                 (chat("media-input:0", "media-input:x"), urls, "names no entry"),
+                                 (chat("media-input:0", "media-input:0"), urls, r"entries \[1\] are named by no"),
+                                 ("describe", urls[:1], "plain prompt")):
+        with pytest.raises(Refused, match=message):
+            pre.run(text, media=media)

@@ -26,6 +26,10 @@ class MediaRef:
     options: dict = field(default_factory=dict)   # min_pixels, max_pixels, fps, max_frames
 
 
+# a media part's url naming the request's N-th `media` input (Triton's preprocess; the OpenAI
+# adapter sends data URIs so, outside the JSON)
+MEDIA_INPUT = "media-input:"
+
 _ROLES = {"system", "user", "assistant", "tool"}
 _MEDIA_OPTIONS = {"image": ("min_pixels", "max_pixels"), "video": ("fps", "max_frames", "min_pixels", "max_pixels")}
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import RequestError, check_prompt_length
-from ..processing.chat import MediaRef
+from ..processing.chat import MEDIA_INPUT, MediaRef
 from ..processing.media import Cancel, MediaPolicy
 from ..processing.processor import IMAGE_PAD, VISION_END, VISION_START, MediaItem, Processor
 from ..sampling_params import SAMPLING_FIELDS, SamplingParams
@@ -61,12 +61,14 @@ class Preprocessor:
         self.processor, self.policy, self.pool, self.limits = processor, policy, pool, limits
 
     def run(self, text_input: str, images: list[str] = (), sampling_json: str = "", cancel: Cancel | None = None,
-            timing: dict | None = None) -> dict:
+            timing: dict | None = None, media: list[str] = ()) -> dict:
         """Preprocess one request -> its arrays; raises RequestError/SamplingError for the client's
         mistakes. The media items are fetched and decoded in parallel on the pool, within its
-        per-request timeout. `timing`, when given, gets each step's milliseconds (and each item's)."""
+        per-request timeout. `timing`, when given, gets each step's milliseconds (and each item's).
+        `media`: sources that a JSON text_input's media parts name as "media-input:N" (the OpenAI
+        adapter sends a request's data URIs so, and the JSON left to parse here is small)."""
         t0 = time.perf_counter()
-        parsed = self._parse(text_input, list(images), sampling_json)
+        parsed = self._parse(text_input, list(images), sampling_json, list(media))
         t1 = time.perf_counter()
         media = []
         if parsed.refs:
@@ -79,9 +81,13 @@ class Preprocessor:
         return arrays
 
     # -- steps ---------------------------------------------------------------------------------
-    def _parse(self, text_input: str, images: list[str], sampling_json: str) -> _Parsed:
+    def _parse(self, text_input: str, images: list[str], sampling_json: str, media: list[str] = ()) -> _Parsed:
         sampling = parse_json_object(sampling_json, "sampling_parameters")
-        if text_input.lstrip().startswith("{"):
+        is_chat = text_input.lstrip().startswith("{")
+        if media and not is_chat:
+            raise RequestError("the media input is for a JSON text_input whose media parts name "
+                               f"'{MEDIA_INPUT}N'; this text_input is a plain prompt")
+        if is_chat:
             body = parse_json_object(text_input, "text_input")
             if "messages" not in body:
                 raise RequestError("a JSON text_input needs 'messages'")
@@ -90,6 +96,7 @@ class Preprocessor:
                     sampling[k] = body[k]
             text, refs = self.processor.render(_with_images(body["messages"], images), body.get("tools"),
                                                body.get("chat_template_kwargs"))
+            refs = _resolve_media_inputs(refs, media)
         else:
             text = text_input
             if images and IMAGE_PAD not in text:
@@ -126,6 +133,27 @@ class Preprocessor:
             "sampling_parameters": np.asarray([json.dumps(_params_dict(parsed.params, parsed.raw_sampling)).encode()],
                                               dtype=np.object_),
         }
+
+
+def _resolve_media_inputs(refs: list[MediaRef], media: list[str]) -> list[MediaRef]:
+    """Media parts whose url is "media-input:N" take the request's N-th `media` input; every
+    `media` entry must be named by some part."""
+    used = set()
+    out = []
+    for ref in refs:
+        src = ref.source
+        if isinstance(src, str) and src.startswith(MEDIA_INPUT):
+            tail = src[len(MEDIA_INPUT):]
+            if not tail.isdigit() or int(tail) >= len(media):
+                raise RequestError(f"media part url {src[:40]!r} names no entry of the media input "
+                                   f"({len(media)} sent)")
+            used.add(int(tail))
+            ref = MediaRef(ref.kind, media[int(tail)], ref.options)
+        out.append(ref)
+    unused = sorted(set(range(len(media))) - used)
+    if unused:
+        raise RequestError(f"media input entries {unused} are named by no media part ('{MEDIA_INPUT}N')")
+    return out
 
 
 def _with_images(messages, images: list):

@@ -88,7 +88,8 @@ class TritonPythonModel:
                 raise ValueError("text_input is required")
             sampling = _strings(request, "sampling_parameters")
             timing = {} if STAGE_TIMING else None
-            arrays = self.pre.run(text[0], images, sampling[0] if sampling else "", timing=timing)
+            arrays = self.pre.run(text[0], images, sampling[0] if sampling else "", timing=timing,
+                                  media=_strings(request, "media"))
             if arrays["grid_thw"].size:
                 self.media_seconds.increment(time.monotonic() - started)
                 self.media_requests.increment(1)
