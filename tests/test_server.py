@@ -823,3 +823,24 @@ def test_completions_echo_with_logprobs_scores_the_prompt(client, tiny_moe, loca
     for i in range(1, len(ids)):
         assert abs(lp.token_logprobs[i] - float(ref[i - 1, ids[i]])) < 1e-4 and len(lp.top_logprobs[i]) == 2
     assert out.choices[0].text.startswith(local_engine.tokenizer.decode(ids))
+
+
+def test_media_input_through_the_ensemble(server):
+    """tritonclient straight to the ensemble: a chat naming the `media` input's entry answers as
+    the same chat with the data URI inline; a name past the entries is refused with the reason."""
+    uri = data_uri(image_bytes(make_image(96, 64, 5)))
+    sampling = np.array([json.dumps({"temperature": 0, "max_tokens": 6}).encode()], dtype=np.object_)
+
+    def chat(url):
+        return np.array([json.dumps({"messages": [{"role": "user", "content": [
+            _img(url), {"type": "text", "text": "What is it?"}]}]}).encode()], dtype=np.object_)
+
+    inline = _stream_ensemble(server, "media-inline", text_input=chat(uri), sampling_parameters=sampling,
+                              stream=np.array([True]))
+    named = _stream_ensemble(server, "media-named", text_input=chat("media-input:0"), sampling_parameters=sampling,
+                             stream=np.array([True]), media=np.array([uri.encode()], dtype=np.object_))
+    assert named == inline and inline
+    error = _stream_ensemble(server, "media-bad", expect_error=True, text_input=chat("media-input:1"),
+                             sampling_parameters=sampling, stream=np.array([True]),
+                             media=np.array([uri.encode()], dtype=np.object_))
+    assert "names no entry of the media input" in error
