@@ -249,6 +249,7 @@ def test_media_input_entries_stand_in_for_the_parts_urls(tiny_dense):
     assert inline["grid_thw"].tolist()[0] != inline["grid_thw"].tolist()[1]       # max_pixels kept
     for text, media, message in ((chat("media-input:0", "media-input:2"), urls, "names no entry"),
                                  (chat("media-input:0", "media-input:x"), urls, "names no entry"),
+                                 (chat("media-input:0", "media-input:\u00b2"), urls, "names no entry"),
                                  (chat("media-input:0", "media-input:0"), urls, r"entries \[1\] are named by no"),
                                  ("describe", urls[:1], "plain prompt")):
         with pytest.raises(Refused, match=message):

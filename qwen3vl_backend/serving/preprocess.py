@@ -144,7 +144,7 @@ def _resolve_media_inputs(refs: list[MediaRef], media: list[str]) -> list[MediaR
         src = ref.source
         if isinstance(src, str) and src.startswith(MEDIA_INPUT):
             tail = src[len(MEDIA_INPUT):]
-            if not tail.isdigit() or int(tail) >= len(media):
+            if not (tail.isascii() and tail.isdigit()) or int(tail) >= len(media):     # not "²"
                 raise RequestError(f"media part url {src[:40]!r} names no entry of the media input "
                                    f"({len(media)} sent)")
             used.add(int(tail))
