@@ -254,3 +254,23 @@ def test_media_input_entries_stand_in_for_the_parts_urls(tiny_dense):
                                  ("describe", urls[:1], "plain prompt")):
         with pytest.raises(Refused, match=message):
             pre.run(text, media=media)
+
+
+def test_request_profiler_writes_the_chosen_requests_tables(tmp_path):
+    """QWEN3VL_STAGE_PROFILE's profiler: requests first .. first + count - 1 get a table each,
+    named by their order and id, with the operators run inside; the others run unprofiled."""
+    import torch
+
+    from qwen3vl_backend.serving.stage_timing import RequestProfiler
+
+    prof = RequestProfiler(str(tmp_path / "p"), "vit", first=2, count=2)
+    for i in range(4):
+        with prof(f"req/{i}"):
+            torch.ones(8, 8) @ torch.ones(8, 8)
+    files = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert files == ["vit-2-req1.txt", "vit-3-req2.txt"]
+    assert "aten::mm" in (tmp_path / "p" / files[0]).read_text()
+    off = RequestProfiler(None, "vit")
+    with off("x"):
+        pass
+    assert off.seen == 1

@@ -15,7 +15,7 @@ from qwen3vl_backend.engine.vision_graphs import VisionGraphs
 from qwen3vl_backend.loader import load_vision_model
 from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, normalize_patches
 from qwen3vl_backend.serving.triton_params import model_settings, pick
-from qwen3vl_backend.serving.stage_timing import STAGE_TIMING, stage_line
+from qwen3vl_backend.serving.stage_timing import PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
 from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
 
@@ -50,6 +50,7 @@ class TritonPythonModel:
         arrived = pb_utils.MetricFamily("qwen3vl_vit_pixels_total", "Requests' pixels by where they arrived (gpu: "
                                         "CUDA IPC transport, host: shared memory)", pb_utils.MetricFamily.COUNTER)
         self._arrived = (arrived, {True: arrived.Metric({"where": "gpu"}), False: arrived.Metric({"where": "host"})})
+        self._timing, self._profiler = None, RequestProfiler(PROFILE_DIR, "vit")
         self.warm_up()
 
     @torch.no_grad()
@@ -70,7 +71,8 @@ class TritonPythonModel:
     @torch.no_grad()
     def _one(self, request):
         started = time.monotonic()
-        response = self._respond(request)
+        with self._profiler(request.request_id()):
+            response = self._respond(request)
         if self._timing is not None:
             self._timing["respond"] = (time.monotonic() - started) * 1e3
             pb_utils.Logger.log_info(f"stage vit {request.request_id()}: {stage_line(self._timing)}")
