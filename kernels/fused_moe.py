@@ -676,21 +676,25 @@ def lookup_config(e: int, inter: int, hidden: int, m: int, device: torch.device,
     return table[min(sizes, key=lambda key: abs(key - m))]
 
 
-def pair_path_max_m(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> int:
-    """The largest M the pair path takes: the table's crossover; QWEN3VL_PAIR_MAX_M overrides it
-    (to compare the two paths inside a whole step)."""
-    if os.environ.get("QWEN3VL_PAIR_MAX_M"):
-        return int(os.environ["QWEN3VL_PAIR_MAX_M"])
+def _table_setting(key: str, env: str, default: int, e: int, inter: int, hidden: int, device: torch.device,
+                   fp8_block) -> int:
+    """A shape's table setting: the environment variable `env` when set (to compare inside a
+    whole step), else the table's `key`, else `default`."""
+    if os.environ.get(env):
+        return int(os.environ[env])
     table = _moe_table(e, inter, hidden, device, fp8_block)
-    return int((table or {}).get("pair_path_max_m", PAIR_PATH_MAX_M))
+    return int((table or {}).get(key, default))
+
+
+def pair_path_max_m(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> int:
+    """The largest M the pair path takes: the table's crossover; QWEN3VL_PAIR_MAX_M overrides it."""
+    return _table_setting("pair_path_max_m", "QWEN3VL_PAIR_MAX_M", PAIR_PATH_MAX_M, e, inter, hidden, device,
+                          fp8_block)
 
 
 def w8a8_min_m(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> int:
     """The fewest tokens the sorted path quantizes its activations for (W8A8); below, the fp8
     weights meet bf16 activations (W8A16: two quantize launches fewer a layer). The table's
-    "w8a8_min_m", else W8A8_MIN_M; QWEN3VL_W8A8_MIN_M overrides both (to compare inside a step)."""
-    if os.environ.get("QWEN3VL_W8A8_MIN_M"):
-        return int(os.environ["QWEN3VL_W8A8_MIN_M"])
-    table = _moe_table(e, inter, hidden, device, fp8_block)
-    return int((table or {}).get("w8a8_min_m", W8A8_MIN_M))
+    "w8a8_min_m", else W8A8_MIN_M; QWEN3VL_W8A8_MIN_M overrides both."""
+    return _table_setting("w8a8_min_m", "QWEN3VL_W8A8_MIN_M", W8A8_MIN_M, e, inter, hidden, device, fp8_block)
 

@@ -41,7 +41,7 @@ def set_peer_all_reduce(fn) -> None:
 
 def all_reduce(t) -> None:
     """Sum `t` in place over the tensor-parallel ranks: the peer all-reduce where it takes the
-    tensor (small sums on two GPUs), else torch.distributed (NCCL, gloo on CPU)."""
+    tensor (two GPUs, up to its capacity), else torch.distributed (NCCL, gloo on CPU)."""
     if _peer_all_reduce is not None and _peer_all_reduce(t):
         return
     import torch.distributed as dist

@@ -172,8 +172,8 @@ class ModelRunner:
         if cfg.tp_size > 1:
             self._join_group()
             if cfg.nnodes == 1:
-                # two GPUs of this host: small sums by the peer all-reduce. Before the weights and
-                # the KV cache are sized: mapping the other GPU's buffer costs memory there.
+                # two GPUs of this host: sums up to its capacity by the peer all-reduce. Before the
+                # weights and the KV cache are sized: mapping the other GPU's buffer costs memory there.
                 from kernels.allreduce import PeerAllReduce
 
                 self.peer_all_reduce = PeerAllReduce.create(torch.distributed.group.WORLD, rank, cfg.tp_size,

@@ -147,10 +147,9 @@ class VisionModel(nn.Module):
                 base = cu[-1]
                 cu.extend(base + h * wd * (i + 1) for i in range(t))
             hit = (idx, w, cos, sin, cu)
-            if idx.shape[0] <= TABLES_MAX_PATCHES:
-                while len(self._tables) >= TABLES_KEPT:
-                    self._tables.pop(next(iter(self._tables)))
         if hit[0].shape[0] <= TABLES_MAX_PATCHES:
+            while len(self._tables) >= TABLES_KEPT:     # a hit was popped above: nothing goes for it
+                self._tables.pop(next(iter(self._tables)))
             self._tables[key] = hit                 # most recent last
         return hit
 
