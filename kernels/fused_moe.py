@@ -565,11 +565,13 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
-              sentinel: bool = False) -> torch.Tensor:
+              sentinel: bool = False, reduce=None) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
     blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
-    (expert parallelism), which add nothing here."""
+    (expert parallelism), which add nothing here. `reduce(pairs (M, A, H), ids or None, E) ->
+    (M, H)` (parallel.combine_all_reduce): the top-k combine and the sum over tensor-parallel
+    ranks, which it may do in one launch; the pair path, combined already, hands it (M, 1, H)."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
@@ -579,7 +581,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return torch.empty_like(x)
     fp8_block = tuple(block) if w13_scale is not None else None
     if config is None and m <= pair_path_max_m(e, two_i // 2, h, x.device, fp8_block):
-        return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
+        out = fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
+        return reduce(out.view(m, 1, h), None, e) if reduce is not None else out
     top_k = topk_ids.shape[1]
     cfg = config or lookup_config(e, two_i // 2, h, m, x.device, fp8_block)
     # ids equal to e (another rank's experts) form the sentinel's blocks, which the GEMMs skip
@@ -611,7 +614,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg, scale=w2_scale,
                   a_scale=act_scale, **fp8, **quant)
-    return sum_top_k(out.view(m, top_k, h), topk_ids if sentinel else None, e)
+    ids = topk_ids if sentinel else None
+    if reduce is not None:
+        return reduce(out.view(m, top_k, h), ids.contiguous() if ids is not None else None, e)
+    return sum_top_k(out.view(m, top_k, h), ids, e)
 
 
 @triton.jit

@@ -70,3 +70,84 @@ def test_all_reduce_falls_back_when_the_peer_path_declines(monkeypatch):
         parallel.set_peer_all_reduce(None)
     parallel.all_reduce(torch.ones(3))
     assert seen == [("peer", 4), ("nccl", 5), ("nccl", 3)]
+
+
+def _combine_rank(rank, data, flags, epochs, pairs, ids, outs, num_experts):
+    for p, i, out in zip(pairs, ids, outs):
+        y = torch.full(out.shape, float("nan"))            # its contents are not read
+        peer_all_reduce_(y, data[rank], data[1 - rank], flags[rank], flags[1 - rank], epochs[rank],
+                         data[0].numel() // 2, programs=2, pairs=p, ids=i, num_experts=num_experts)
+        out.copy_(y)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run (on a GPU the kernel is compiled)")
+def test_peer_all_reduce_combines_the_top_k():
+    """With `pairs` the kernel's addend is each rank's top-k combine (pairs of another rank's
+    experts, id >= E, skipped; all of them without ids): both ranks end with the sum of the two
+    combines, as sum_top_k then the all-reduce give it, over several chunks and a partial one."""
+    cap = 3 * CHUNK
+    slots = cap // CHUNK
+    data = [torch.zeros(2 * cap).share_memory_() for _ in range(2)]
+    flags = [torch.zeros(slots, dtype=torch.int64).share_memory_() for _ in range(2)]
+    epochs = [torch.zeros(slots, dtype=torch.int64).share_memory_() for _ in range(2)]
+    e, shapes = 4, [(1, 8, 96), (5, 2, CHUNK // 2 + 7), (3, 1, 40)]
+    gen = torch.Generator().manual_seed(0)
+    pairs = [[torch.randn(*s, generator=gen).share_memory_() for s in shapes] for _ in range(2)]
+    # ids: rank r's own experts are < e; the sentinel e marks the other rank's
+    ids = [[torch.randint(0, e + 1, s[:2], generator=gen, dtype=torch.int32).share_memory_() for s in shapes[:2]]
+           + [None] for _ in range(2)]
+    outs = [[torch.zeros(s[0], s[2]).share_memory_() for s in shapes] for _ in range(2)]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_combine_rank, args=(r, data, flags, epochs, pairs[r], ids[r], outs[r], e))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        p.kill()
+    assert not any(alive), "a rank is still waiting for the other's flag"
+    assert [p.exitcode for p in procs] == [0, 0]
+
+    def combine(p, i):
+        live = torch.ones(p.shape[:2], dtype=torch.bool) if i is None else i < e
+        return (p * live[..., None]).sum(1)
+
+    for k in range(len(shapes)):
+        assert torch.equal(outs[0][k], outs[1][k])
+        torch.testing.assert_close(outs[0][k], combine(pairs[0][k], ids[0][k]) + combine(pairs[1][k], ids[1][k]))
+
+
+def test_combine_all_reduce_falls_back_to_the_combine_then_the_sum(monkeypatch):
+    """parallel.combine_all_reduce: the peer all-reduce's one launch where it takes the pairs;
+    else the top-k combine (skipping other ranks' experts) and then torch.distributed's sum, and
+    one pair a token (the pair path's output) is summed as it is."""
+    import torch.distributed as dist
+
+    seen = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t: seen.append("nccl") or t.mul_(2))
+    pairs = torch.randn(3, 2, 16)
+    ids = torch.tensor([[0, 4], [4, 4], [1, 2]], dtype=torch.int32)
+
+    class Peer:
+        def __call__(self, t):
+            return False
+
+        def combine(self, p, i, n):
+            seen.append(("peer", tuple(p.shape), n))
+            return torch.full((p.shape[0], p.shape[2]), 7.0) if p.shape[0] == 1 else None
+
+    parallel.set_peer_all_reduce(Peer())
+    try:
+        assert torch.equal(parallel.combine_all_reduce(pairs[:1], ids[:1], 4), torch.full((1, 16), 7.0))
+        got = parallel.combine_all_reduce(pairs, ids, 4)
+    finally:
+        parallel.set_peer_all_reduce(None)
+    want = 2 * (pairs * (ids < 4)[..., None]).sum(1)
+    torch.testing.assert_close(got, want)
+    assert seen == [("peer", (1, 2, 16), 4), ("peer", (3, 2, 16), 4), "nccl"]
+    one = pairs[:, :1].contiguous()
+    got = parallel.combine_all_reduce(one)
+    assert got.data_ptr() == one.data_ptr()
+    torch.testing.assert_close(got, 2 * pairs[:, 0])
