@@ -87,6 +87,8 @@ def _peer_all_reduce_kernel(x_ptr, my_data, peer_data, my_flags, peer_flags, epo
         ok = offs < n
         epoch = tl.load(epochs + slot)
         x = _own_part(x_ptr, pairs_ptr, ids_ptr, offs, ok, row, num_experts, TOP_K, SKIP_SENTINEL)
+        if TOP_K > 0:
+            tl.store(x_ptr + offs, x, mask=ok)         # kept for the add (the pairs are read once)
         tl.store(peer_data + (epoch % 2) * region_size + offs, x, mask=ok)
         if not BATCH_FLAGS:
             tl.debug_barrier()         # every thread's part is written before the flag goes up
@@ -103,8 +105,7 @@ def _peer_all_reduce_kernel(x_ptr, my_data, peer_data, my_flags, peer_flags, epo
         while tl.atomic_add(my_flags + slot, 0, sem="acquire", scope="sys") < flag:
             pass
         tl.debug_barrier()
-        # still this rank's own (chunks are disjoint); a combine is summed again, to the same bits
-        x = _own_part(x_ptr, pairs_ptr, ids_ptr, offs, ok, row, num_experts, TOP_K, SKIP_SENTINEL)
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)      # still this rank's own: chunks are disjoint
         other = tl.load(my_data + (epoch % 2) * region_size + offs, mask=ok, other=0.0, volatile=True)
         tl.store(x_ptr + offs, (x.to(tl.float32) + other.to(tl.float32)).to(x_ptr.dtype.element_ty), mask=ok)
         tl.store(epochs + slot, flag)
