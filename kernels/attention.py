@@ -5,10 +5,8 @@ the group's rows share every K/V load), streaming over its share of the sequence
 with an online softmax, several pages per tile. The group is padded to 16 rows, the smallest
 tile `tl.dot` takes. With few sequences the context is split so the GPU has enough programs
 (flash-decoding): each split leaves its running max, normaliser and unnormalised output, and a
-second launch merges them, or (given a counter buffer) the split that finishes last merges its
-head's splits itself: an atomic count per (sequence, KV head), reset by that program, so no
-second launch. The split count depends only on the batch shape, so the launch is the same on
-every replay of a CUDA graph; each split finds its pages from the context length.
+second launch merges them. The split count depends only on the batch shape, so the launch
+is the same on every replay of a CUDA graph; each split finds its pages from the context length.
 Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V.
 """
 
@@ -43,12 +41,8 @@ def _paged_decode_kernel(
     stride_qt, stride_qh, stride_ckv, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
     # meta
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, GROUP_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, counts_ptr=None, final_ptr=None, stride_ft=0, stride_fh=0,
-    MERGE_LAST: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
-    """NUM_SPLITS > 1: the partials go to out_ptr (acc), m_ptr, l_ptr; MERGE_LAST: the last split
-    of a (sequence, KV head) to finish (counts_ptr, one int32 per pair, zero between launches)
-    merges them into final_ptr as _merge_splits_kernel does and zeroes the count."""
     gdc_enter(USE_PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -85,26 +79,6 @@ def _paged_decode_kernel(
         tl.store(m_ptr + part, m_i, mask=row_ok)
         tl.store(l_ptr + part, l_i, mask=row_ok)
         tl.store(out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
-        if MERGE_LAST:
-            tl.debug_barrier()          # every thread's partials are written before the count moves
-            count = counts_ptr + seq * tl.num_programs(1) + kvh
-            if tl.atomic_add(count, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                first_part = (seq * num_heads + heads) * NUM_SPLITS
-                splits = tl.arange(0, NUM_SPLITS)
-                ms = tl.load(m_ptr + first_part[:, None] + splits[None, :], mask=row_ok[:, None], other=0.0,
-                             volatile=True)
-                ls = tl.load(l_ptr + first_part[:, None] + splits[None, :], mask=row_ok[:, None], other=0.0,
-                             volatile=True)
-                w = tl.exp(ms - tl.max(ms, 1)[:, None])          # empty splits: m = -inf, weight 0
-                total = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-                for sp in range(NUM_SPLITS):
-                    part_acc = tl.load(out_ptr + (first_part + sp)[:, None] * HEAD_DIM + dims[None, :],
-                                       mask=row_ok[:, None], other=0.0, volatile=True)
-                    total += part_acc * tl.sum(tl.where(splits[None, :] == sp, w, 0.0), 1)[:, None]
-                denom = tl.sum(ls * w, 1)
-                tl.store(final_ptr + seq * stride_ft + heads[:, None] * stride_fh + dims[None, :],
-                         (total / denom[:, None]).to(final_ptr.dtype.element_ty), mask=row_ok[:, None])
-                tl.atomic_xchg(count, 0)
 
 
 @triton.jit
@@ -152,12 +126,9 @@ def decode_config(num_seqs: int, device: torch.device) -> dict:
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                           num_splits: int | None = None, config: dict | None = None,
-                           counts: torch.Tensor | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
     """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32.
-    `config`: the launch shape (decode_config's keys), else this device's table. `counts`: int32,
-    zero, at least S x Hkv of them (`decode_counts`): split programs merge themselves (one launch),
-    and leave them zero; without it (or too few) a second launch merges."""
+    `config`: the launch shape (decode_config's keys), else this device's table."""
     s, h, d = q.shape
     _, _, bs, hkv, d2 = cache.shape
     if d2 != d or h % hkv or block_tables.shape[0] != s or context_lens.shape[0] != s:
@@ -179,31 +150,19 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         l_ = torch.empty_like(m)
     else:
         acc, m, l_ = out, out, out
-    merge_last = (splits > 1 and counts is not None and counts.numel() >= s * hkv and counts.dtype == torch.int32
-                  and counts.device == q.device)
     _paged_decode_kernel[(s, hkv, splits)](
         q, cache, block_tables, context_lens, acc, m, l_,
         scale, group, h,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits,
-        counts_ptr=counts if merge_last else m, final_ptr=out, stride_ft=out.stride(0), stride_fh=out.stride(1),
-        MERGE_LAST=merge_last, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q),
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl(q),
     )
-    if splits > 1 and not merge_last:
+    if splits > 1:
         _merge_splits_kernel[(s, h)](acc, m, l_, out, h, out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits,
                                    **pdl(q))
     return out
-
-
-DECODE_COUNTS = 4096        # a layer's counters: splits only happen while S x Hkv <= target / 2
-
-
-def decode_counts(device) -> torch.Tensor:
-    """A zeroed counter buffer for `paged_decode_attention(counts=)`: one per call site (a layer),
-    kept across calls; each launch leaves it zero."""
-    return torch.zeros(DECODE_COUNTS, dtype=torch.int32, device=device)
 
 
 def paged_decode_attention_reference(q, cache, block_tables, context_lens, scale) -> torch.Tensor:

@@ -7,7 +7,7 @@ including a CUDA-graph replay. Errors are ||out - ref|| / ||ref||.
 import pytest
 import torch
 
-from kernels.attention import decode_counts, paged_decode_attention, paged_decode_attention_reference
+from kernels.attention import paged_decode_attention, paged_decode_attention_reference
 from kernels.fused_moe import align_by_expert, align_by_expert_reference, fused_moe, fused_moe_pairs, fused_moe_reference
 from kernels.fused_moe import route as route_kernel
 from kernels.linear import skinny_linear, skinny_linear_reference
@@ -203,34 +203,6 @@ def test_paged_decode_split_context_matches_reference(splits):
     assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, 32 ** -0.5)) < FP32_TOL
 
 
-@pytest.mark.parametrize("splits,hkv", [(2, 2), (8, 2), (4, 1)])
-def test_paged_decode_splits_merge_themselves(splits, hkv):
-    """With a counter buffer the split that finishes last merges its head's partials (no second
-    launch): the same answer, the merge launch never made, and the counters back at zero so the
-    next call (another batch, another layer) starts clean."""
-    import kernels.attention
-
-    counts = decode_counts(DEV)
-    q, cache, tables, ctx = cache_inputs(3, 8, hkv, 32, 16, 24, device=DEV)
-    ctx[0] = 1                                   # most splits of this sequence are empty
-    merged = []
-    real = kernels.attention._merge_splits_kernel
-    kernels.attention._merge_splits_kernel = type("Spy", (), {"__getitem__": lambda self, g: merged.append(g)})()
-    try:
-        for n in (3, 2):                         # two launches on one buffer
-            out = paged_decode_attention(q[:n], cache, tables[:n], ctx[:n], 32 ** -0.5, num_splits=splits,
-                                         counts=counts)
-            want = paged_decode_attention_reference(q[:n], cache, tables[:n], ctx[:n], 32 ** -0.5)
-            assert rel(out, want) < FP32_TOL
-            assert not counts.any()
-    finally:
-        kernels.attention._merge_splits_kernel = real
-    assert merged == []
-    # too few counters for the batch: the second launch merges
-    out = paged_decode_attention(q, cache, tables, ctx, 32 ** -0.5, num_splits=splits, counts=counts[: 3 * hkv - 1])
-    assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, 32 ** -0.5)) < FP32_TOL
-
-
 def test_paged_decode_rejects_bad_heads_and_small_blocks():
     q, cache, tables, ctx = cache_inputs(2, 6, 4, 32, 16, 4, device=DEV)
     with pytest.raises(ValueError, match="shapes disagree"):
@@ -335,20 +307,6 @@ def test_paged_decode_gpu_bf16():
 
 
 @gpu
-@pytest.mark.parametrize("s", [1, 4])
-def test_paged_decode_gpu_bf16_splits_merge_themselves(s):
-    """30B (32 q / 4 KV heads) and 235B-at-tp-2 (32 / 2) shapes with the context split: the
-    self-merging splits against the reference, and within float32 rounding of the merge launch."""
-    counts = decode_counts("cuda")
-    for h, hkv in ((32, 4), (32, 2)):
-        q, cache, tables, ctx = cache_inputs(s, h, hkv, 128, 16, 400, torch.bfloat16, "cuda", max_ctx=2000)
-        out = paged_decode_attention(q, cache, tables, ctx, 128 ** -0.5, counts=counts)
-        two = paged_decode_attention(q, cache, tables, ctx, 128 ** -0.5)
-        assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, 128 ** -0.5)) < 1e-2
-        assert rel(out, two) < 1e-2 and not counts.any()
-
-
-@gpu
 def test_kernels_replay_in_a_cuda_graph():
     x, w13, w2, w, ids = moe_inputs(8, 128, 2048, 768, 8, torch.bfloat16, "cuda")
     q, cache, tables, ctx = cache_inputs(8, 32, 4, 128, 16, 64, torch.bfloat16, "cuda")
@@ -362,7 +320,6 @@ def test_kernels_replay_in_a_cuda_graph():
     xs, _, _, ws, idss = moe_inputs(33, 128, 2048, 768, 8, torch.bfloat16, "cuda")     # the sorted path
     lin = (torch.randn(640, 2048, device="cuda") * 2048 ** -0.5).bfloat16()
     skinny = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
-    counts = decode_counts("cuda")
 
     def step():
         routed = route_kernel(logits, 8, True)
@@ -371,7 +328,6 @@ def test_kernels_replay_in_a_cuda_graph():
         return (fused_moe(x, w13, w2, w, ids), fused_moe(x[:1], w13, w2, w[:1], ids[:1]),
                 paged_decode_attention(q, cache, tables, ctx, 0.1), paged_decode_attention(q[:1], cache, tables[:1],
                                                                                          ctx[:1], 0.1),
-                paged_decode_attention(q[:2], cache, tables[:2], ctx[:2], 0.1, counts=counts),
                 rmsnorm(x, norm_w, 1e-6), routed, prepped[0], fused_moe(xs, w13, w2, ws, idss),
                 skinny_linear(x[:1], lin, config=skinny), skinny_linear(x, lin, config=skinny))
 

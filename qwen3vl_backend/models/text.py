@@ -34,7 +34,6 @@ class Attention(nn.Module):
         self.attn_fn = paged_attention_torch
         self.decode_fn = None          # a paged decode kernel, set by the model runner on GPU
         self.prep_fn = None            # q/k norm + rotary + cache write in one kernel (kernels.rope.qkv_prep_)
-        self._decode_counts = None     # the decode kernel's split counters (kernels.attention.decode_counts)
 
     def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata):
         t = x.shape[0]
@@ -51,12 +50,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             write_kv(cache, k, v, meta.slot_mapping)
         if self.decode_fn is not None and meta.is_decode_only:
-            if self._decode_counts is None or self._decode_counts.device != q.device:
-                from kernels.attention import decode_counts
-
-                self._decode_counts = decode_counts(q.device)
-            o = self.decode_fn(q, cache, meta.block_tables, meta.context_lens_t, self.head_dim ** -0.5,
-                               counts=self._decode_counts)
+            o = self.decode_fn(q, cache, meta.block_tables, meta.context_lens_t, self.head_dim ** -0.5)
         else:
             o = self.attn_fn(q, k, v, cache, meta, self.head_dim ** -0.5)
         return self.o_proj(o.reshape(t, -1))
