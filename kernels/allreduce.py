@@ -47,38 +47,12 @@ CAPACITY = 4096 * 4096
 
 
 @triton.jit
-def _own_part(x_ptr, pairs_ptr, ids_ptr, offs, ok, row, num_experts, TOP_K: tl.constexpr,
-              SKIP_SENTINEL: tl.constexpr):
-    """This rank's addend at `offs`: x, or (TOP_K) the sum of a token's TOP_K pair rows in float32,
-    rounded to x's dtype as kernels.fused_moe.sum_top_k rounds it (pairs whose expert id is
-    num_experts or more, another rank's, skipped with SKIP_SENTINEL)."""
-    if TOP_K == 0:
-        part = tl.load(x_ptr + offs, mask=ok, other=0.0)
-    else:
-        offs64 = offs.to(tl.int64)
-        token = offs64 // row
-        col = offs64 % row
-        acc = tl.zeros((offs.shape[0],), tl.float32)
-        for j in tl.static_range(TOP_K):
-            pair = token * TOP_K + j
-            live = ok
-            if SKIP_SENTINEL:
-                live = ok & (tl.load(ids_ptr + pair, mask=ok, other=0) < num_experts)
-            acc += tl.load(pairs_ptr + pair * row + col, mask=live, other=0.0).to(tl.float32)
-        part = acc.to(x_ptr.dtype.element_ty)
-    return part
-
-
-@triton.jit
 def _peer_all_reduce_kernel(x_ptr, my_data, peer_data, my_flags, peer_flags, epochs, n, region_size,
-                            CHUNK: tl.constexpr, BATCH_FLAGS: tl.constexpr = False, pairs_ptr=None, ids_ptr=None,
-                            row=1, num_experts=0, TOP_K: tl.constexpr = 0, SKIP_SENTINEL: tl.constexpr = False):
+                            CHUNK: tl.constexpr, BATCH_FLAGS: tl.constexpr = False):
     """Program p takes chunks p, p + G, p + 2G, ... (G programs): it pushes every one of them
     and raises their flags before it waits for any, so no program waits on the other GPU for
     something a waiting program there has yet to send. BATCH_FLAGS: all of the program's data
-    first, one barrier, then the flags (each release then has no writes left to wait for).
-    TOP_K: this rank's addend is the MoE's top-k combine of `pairs_ptr` ((n / row) tokens x TOP_K
-    x row), summed here (`_own_part`) and the result written to x_ptr: one launch for both."""
+    first, one barrier, then the flags (each release then has no writes left to wait for)."""
     first = tl.program_id(0)
     step = tl.num_programs(0)
     chunks = tl.cdiv(n, CHUNK)
@@ -86,9 +60,7 @@ def _peer_all_reduce_kernel(x_ptr, my_data, peer_data, my_flags, peer_flags, epo
         offs = slot * CHUNK + tl.arange(0, CHUNK)
         ok = offs < n
         epoch = tl.load(epochs + slot)
-        x = _own_part(x_ptr, pairs_ptr, ids_ptr, offs, ok, row, num_experts, TOP_K, SKIP_SENTINEL)
-        if TOP_K > 0:
-            tl.store(x_ptr + offs, x, mask=ok)         # kept for the add (the pairs are read once)
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
         tl.store(peer_data + (epoch % 2) * region_size + offs, x, mask=ok)
         if not BATCH_FLAGS:
             tl.debug_barrier()         # every thread's part is written before the flag goes up
@@ -128,22 +100,15 @@ BATCH_FLAGS = False
 
 
 def peer_all_reduce_(x: torch.Tensor, my_data, peer_data, my_flags, peer_flags, epochs, region_size: int,
-                     programs: int | None = None, batch_flags: bool | None = None, pairs: torch.Tensor | None = None,
-                     ids: torch.Tensor | None = None, num_experts: int = 0) -> None:
+                     programs: int | None = None, batch_flags: bool | None = None) -> None:
     """x (contiguous, at most region_size elements) summed in place with the other rank's x.
     `programs`: at most this many programs (default: what every SM holds at once); `batch_flags`:
-    the kernel's BATCH_FLAGS (default: the module's). Both ranks may choose differently.
-    `pairs` (M, A, H) contiguous, x (M, H): x's contents are ignored; it receives the sum over both
-    ranks of each rank's top-k combine of `pairs` (`ids` (M, A): skip ids >= num_experts)."""
+    the kernel's BATCH_FLAGS (default: the module's). Both ranks may choose differently."""
     n = x.numel()
     grid = min(triton.cdiv(n, CHUNK), programs or _max_programs(x.device))
-    combine = {}
-    if pairs is not None:
-        combine = dict(pairs_ptr=pairs, ids_ptr=ids if ids is not None else pairs, row=pairs.shape[2],
-                       num_experts=num_experts, TOP_K=pairs.shape[1], SKIP_SENTINEL=ids is not None)
     _peer_all_reduce_kernel[(grid,)](x, my_data, peer_data, my_flags, peer_flags, epochs, n, region_size,
                                      CHUNK=CHUNK, BATCH_FLAGS=BATCH_FLAGS if batch_flags is None else batch_flags,
-                                     num_warps=4, **combine)
+                                     num_warps=4)
 
 
 class _Handle(ctypes.Structure):
@@ -250,19 +215,6 @@ class PeerAllReduce:
             peer_all_reduce_(x, self.my_data, self.peer_data, self.my_flags, self.peer_flags, self.epochs,
                              self.capacity, batch_flags=batch_flags)
         return True
-
-    def combine(self, pairs: torch.Tensor, ids: torch.Tensor | None, num_experts: int) -> torch.Tensor | None:
-        """(M, A, H) -> (M, H): the MoE's top-k combine (kernels.fused_moe.sum_top_k, `ids` as its
-        `topk_ids`) summed over both ranks in one launch; None where the all-reduce declines."""
-        m, a, h = pairs.shape
-        if (pairs.dtype != self.dtype or not pairs.is_contiguous() or m * h > self.capacity
-                or pairs.device != self.device or (ids is not None and not ids.is_contiguous())):
-            return None
-        out = torch.empty(m, h, dtype=pairs.dtype, device=pairs.device)
-        if out.numel():
-            peer_all_reduce_(out, self.my_data, self.peer_data, self.my_flags, self.peer_flags, self.epochs,
-                             self.capacity, pairs=pairs, ids=ids, num_experts=num_experts)
-        return out
 
     def close(self) -> None:
         """Unmap the other's buffer and free this one (after every use: the runner synchronizes)."""

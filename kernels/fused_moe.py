@@ -51,16 +51,12 @@ def _grouped_gemm_kernel(
     A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALE_MODE: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-    as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False, QUANT_A: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False,
+    as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
     BK), so one scale multiplies the tile's product. A_SCALED (with 2): a is fp8 too, with a
-    float32 scale per row and BK group (`as_ptr`), and the product is an fp8 tl.dot (W8A8).
-    QUANT_A (with 2, BLOCK_K == BK): the same W8A8 product from a in bf16, each K tile (one group)
-    quantized here as kernels.fp8's quantize kernel does it, to the same bits: no quantize launch,
-    at the price of every column block quantizing its rows again (small batches only)."""
+    float32 scale per row and BK group (`as_ptr`), and the product is an fp8 tl.dot (W8A8)."""
     gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     num_padded = tl.load(num_padded_ptr)
@@ -104,14 +100,7 @@ def _grouped_gemm_kernel(
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if FUSE_SILU:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
-        if QUANT_A:     # the tile is one group: scale = amax / 448, as _quantize_groups_kernel
-            af = a.to(tl.float32)
-            sa = tl.maximum(tl.max(tl.abs(af), 1), 1e-12) / 448.0
-            a = tl.clamp(af / sa[:, None], -448.0, 448.0).to(b.dtype)
-            acc += tl.dot(a, b) * (sa[:, None] * tl.load(s_ptrs + kb))
-            if FUSE_SILU:
-                acc_up += tl.dot(a, b_up) * (sa[:, None] * tl.load(s_up_ptrs + kb))
-        elif SCALE_MODE == 0:
+        if SCALE_MODE == 0:
             acc += tl.dot(a, b)
             if FUSE_SILU:
                 acc_up += tl.dot(a, b_up)
@@ -219,16 +208,13 @@ def align_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
 
 
 def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_rows_are_pairs, mul_weight, cfg,
-                  fuse_silu=False, scale=None, block=(128, 128), a_scale=None, quant_a=False):
-    """quant_a: a is bf16 and the kernel quantizes it per group (W8A8 without a quantize launch)."""
+                  fuse_silu=False, scale=None, block=(128, 128), a_scale=None):
     n, k = b.shape[1] // (2 if fuse_silu else 1), b.shape[2]
     block_n, block_k, mode = cfg["BLOCK_N"], cfg["BLOCK_K"], 0
     if scale is not None:
         block_n, block_k, mode = _fp8_tile(block_n, block_k, n, block)
     if a_scale is not None and mode != 2:
         raise ValueError(f"fp8 activations need tiles inside the {block} scale blocks (N={n})")
-    if quant_a and (mode != 2 or block_k != block[1] or a_scale is not None):
-        raise ValueError(f"quantizing in the GEMM needs K tiles of one whole {block[1]}-wide group (N={n})")
     grid = (triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"]) * triton.cdiv(n, block_n),)
     s = scale if scale is not None else b
     _grouped_gemm_kernel[grid](
@@ -240,8 +226,7 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a_scale is not None else s, stride_asm=a_scale.stride(0) if a_scale is not None else 0,
-        A_SCALED=a_scale is not None, QUANT_A=quant_a, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **pdl(a),
+        A_SCALED=a_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a),
     )
 
 
@@ -358,12 +343,6 @@ PAIR_PATH_MAX_M = 16
 # every M measured: 0.35 against 0.44 ms at M=64, 0.42 / 0.73 at 256, 0.91 / 1.15 at 2048, 1.99 /
 # 3.17 at 8192. (The sorted path takes M <= PAIR_PATH_MAX_M only where a tuned table says so.)
 W8A8_MIN_M = 1
-
-# Up to this many tokens the W8A8 GEMMs quantize their activations themselves (QUANT_A) instead
-# of a quantize launch before each: at batch 1 the launches, not the work, are the cost. Every
-# column block quantizes its rows again, which larger batches would pay for. A table's
-# "quant_in_gemm_max_m" overrides it, QWEN3VL_QUANT_IN_GEMM_MAX_M both (0: always two launches).
-QUANT_IN_GEMM_MAX_M = 16
 
 PAIR_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "DOWN_BLOCK_N": 8, "DOWN_BLOCK_K": 128,
                "down_warps": 4}
@@ -565,13 +544,11 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
-              sentinel: bool = False, reduce=None) -> torch.Tensor:
+              sentinel: bool = False) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
     blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
-    (expert parallelism), which add nothing here. `reduce(pairs (M, A, H), ids or None, E) ->
-    (M, H)` (parallel.combine_all_reduce): the top-k combine and the sum over tensor-parallel
-    ranks, which it may do in one launch; the pair path, combined already, hands it (M, 1, H)."""
+    (expert parallelism), which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
@@ -581,8 +558,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return torch.empty_like(x)
     fp8_block = tuple(block) if w13_scale is not None else None
     if config is None and m <= pair_path_max_m(e, two_i // 2, h, x.device, fp8_block):
-        out = fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
-        return reduce(out.view(m, 1, h), None, e) if reduce is not None else out
+        return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]
     cfg = config or lookup_config(e, two_i // 2, h, m, x.device, fp8_block)
     # ids equal to e (another rank's experts) form the sentinel's blocks, which the GEMMs skip
@@ -594,30 +570,24 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     # fp8 dots need tiles inside one scale block and K steps of 32 or more
     w8a8 = (bool(fp8) and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
             and all(mode == 2 and bk >= 32 for _, bk, mode in tiles))
-    # small batches: each GEMM quantizes its own activations (two launches fewer a layer)
-    quant = {"quant_a": True} if (w8a8 and m <= quant_in_gemm_max_m(e, two_i // 2, h, x.device, fp8_block)
-                                  and all(bk == block[1] for _, bk, _ in tiles)) else {}
-    a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 and not quant else (x, None))
+    a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
     if FUSE_SILU:     # two accumulators per program: half the columns keeps the tuned register budget
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
         half = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
         _grouped_gemm(a, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, half, True,
-                      scale=w13_scale, a_scale=a_scale, **fp8, **quant)
+                      scale=w13_scale, a_scale=a_scale, **fp8)
     else:
         gate_up = torch.empty(m * top_k, two_i, dtype=x.dtype, device=x.device)
         _grouped_gemm(a, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg,
-                      scale=w13_scale, a_scale=a_scale, **fp8, **quant)
+                      scale=w13_scale, a_scale=a_scale, **fp8)
         gate, up = gate_up.chunk(2, dim=-1)
         act = torch.nn.functional.silu(gate) * up
-    act, act_scale = (quantize_activations_fp8(act, block[1]) if w8a8 and not quant else (act, None))
+    act, act_scale = (quantize_activations_fp8(act, block[1]) if w8a8 else (act, None))
     # the sentinel's rows are never written: the combine skips them (no zero fill)
     out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg, scale=w2_scale,
-                  a_scale=act_scale, **fp8, **quant)
-    ids = topk_ids if sentinel else None
-    if reduce is not None:
-        return reduce(out.view(m, top_k, h), ids.contiguous() if ids is not None else None, e)
-    return sum_top_k(out.view(m, top_k, h), ids, e)
+                  a_scale=act_scale, **fp8)
+    return sum_top_k(out.view(m, top_k, h), topk_ids if sentinel else None, e)
 
 
 @triton.jit
@@ -728,8 +698,3 @@ def w8a8_min_m(e: int, inter: int, hidden: int, device: torch.device, fp8_block=
     "w8a8_min_m", else W8A8_MIN_M; QWEN3VL_W8A8_MIN_M overrides both."""
     return _table_setting("w8a8_min_m", "QWEN3VL_W8A8_MIN_M", W8A8_MIN_M, e, inter, hidden, device, fp8_block)
 
-
-def quant_in_gemm_max_m(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> int:
-    """The most tokens for which the W8A8 GEMMs quantize their own activations (QUANT_A)."""
-    return _table_setting("quant_in_gemm_max_m", "QWEN3VL_QUANT_IN_GEMM_MAX_M", QUANT_IN_GEMM_MAX_M, e, inter,
-                          hidden, device, fp8_block)

@@ -49,26 +49,6 @@ def all_reduce(t) -> None:
     dist.all_reduce(t)
 
 
-def combine_all_reduce(pairs, ids=None, num_experts: int = 0):
-    """(M, A, H) contiguous -> (M, H): the MoE's top-k combine (kernels.fused_moe.sum_top_k; `ids`
-    (M, A): pairs of ids >= num_experts, other ranks' experts, skipped) summed over the ranks.
-    The peer all-reduce does both in one launch where it takes them; else the combine, then
-    `all_reduce`. Every rank makes the same choice (same shapes)."""
-    combine = getattr(_peer_all_reduce, "combine", None)
-    if combine is not None:
-        out = combine(pairs, ids, num_experts)
-        if out is not None:
-            return out
-    if pairs.shape[1] == 1 and ids is None:
-        out = pairs[:, 0]
-    else:
-        from kernels.fused_moe import sum_top_k
-
-        out = sum_top_k(pairs, ids, num_experts)
-    all_reduce(out)
-    return out
-
-
 @dataclass(frozen=True)
 class Parallel:
     tp_size: int = 1

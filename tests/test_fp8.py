@@ -337,7 +337,6 @@ def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, monkeypatch):
     from qwen3vl_backend.layers.moe import route
 
     monkeypatch.setattr(kernels.fused_moe, "W8A8_MIN_M", 1)
-    monkeypatch.setattr(kernels.fused_moe, "QUANT_IN_GEMM_MAX_M", 0)      # quantize launches (reference rounding)
     q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
     x = torch.randn(m, h, device=DEV) * torch.logspace(-1, 1, h, device=DEV)     # groups of unlike ranges
     w, ids = route(torch.randn(m, e, device=DEV), a, True)
@@ -483,7 +482,6 @@ def test_w8a8_threshold_from_the_table_and_the_environment(monkeypatch):
     from qwen3vl_backend.layers.moe import route
 
     torch.manual_seed(0)
-    monkeypatch.setattr(kernels.fused_moe, "QUANT_IN_GEMM_MAX_M", 0)      # W8A8 shows as quantize launches
     calls = []
     real = kernels.fused_moe.quantize_activations_fp8
     monkeypatch.setattr(kernels.fused_moe, "quantize_activations_fp8", lambda *a: calls.append(1) or real(*a))
@@ -508,90 +506,3 @@ def test_w8a8_threshold_from_the_table_and_the_environment(monkeypatch):
     monkeypatch.setattr(kernels.fused_moe, "_moe_table", lambda *a: None)
     monkeypatch.delenv("QWEN3VL_W8A8_MIN_M")
     assert quantized(1) == 2                                 # W8A8_MIN_M
-
-
-@pytest.mark.parametrize("fuse_silu", [True, False])
-@pytest.mark.parametrize("m,e,h,i,block", [(1, 4, 64, 32, (32, 32)), (5, 4, 128, 64, (32, 64)),
-                                           (3, 8, 96, 64, (32, 32))])
-def test_grouped_gemm_quantizes_its_own_activations(m, e, h, i, block, fuse_silu):
-    """QUANT_A: both grouped GEMMs take bf16 rows and quantize each K tile (one group) themselves,
-    to the bits the quantize launch gives: the same output as the W8A8 GEMM on pre-quantized rows.
-    On CPU the rows are exact in e4m3 (the interpreter rounds to e4m3 unlike torch); on a GPU they
-    are random and the kernel's rounding is the quantize kernel's."""
-    from kernels.fp8 import quantize_activations_fp8
-    from kernels.fused_moe import _grouped_gemm, align_by_expert
-    from qwen3vl_backend.layers.moe import route
-
-    torch.manual_seed(0)
-    a_top = 2
-    q13, s13, q2, s2, _, _ = _fp8_experts(e, h, i, block, DEV)
-    w, ids = route(torch.randn(m, e, device=DEV), a_top, True)
-    weights = w.flatten().contiguous()
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block[1], "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
-    sorted_ids, block_expert, total = align_by_expert(ids, e, cfg["BLOCK_M"])
-
-    def rows(t, k):
-        x = _exact_fp8_groups(t, k, block[1]) if not CUDA else torch.randn(t, k) * torch.logspace(-1, 1, k)
-        return x.to(DEV).to(torch.bfloat16 if CUDA else torch.float32)
-
-    def both(a, w_, s_, out_cols, pairs, silu):
-        kw = dict(scale=s_, block=block)
-        got = torch.zeros(m * a_top, out_cols, dtype=a.dtype, device=DEV)
-        want = torch.zeros_like(got)
-        c = {**cfg, "BLOCK_N": 16} if silu else cfg
-        _grouped_gemm(a, w_, got, weights, sorted_ids, block_expert, total, a_top, pairs, pairs, c, silu,
-                      quant_a=True, **kw)
-        aq, a_s = quantize_activations_fp8(a, block[1])
-        _grouped_gemm(aq, w_, want, weights, sorted_ids, block_expert, total, a_top, pairs, pairs, c, silu,
-                      a_scale=a_s, **kw)
-        return got, want
-
-    x = rows(m, h)                         # gate_up: rows are tokens
-    got, want = both(x, q13, s13, i if fuse_silu else 2 * i, False, fuse_silu)
-    assert got.abs().sum() > 0
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    act = rows(m * a_top, i)               # down: rows are token-expert pairs, routing weight applied
-    got, want = both(act, q2, s2, h, True, False)
-    assert got.abs().sum() > 0
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def test_small_batches_quantize_inside_the_gemms(monkeypatch):
-    """Up to quant_in_gemm_max_m tokens (the table's, else QUANT_IN_GEMM_MAX_M; the environment
-    overrides both) the W8A8 sorted path makes no quantize launch, with the same product."""
-    import kernels.fused_moe
-    from kernels.fused_moe import fused_moe, quant_in_gemm_max_m
-    from qwen3vl_backend.layers.moe import route
-
-    torch.manual_seed(0)
-    monkeypatch.setattr(kernels.fused_moe, "W8A8_MIN_M", 1)
-    calls = []
-    real = kernels.fused_moe.quantize_activations_fp8
-    monkeypatch.setattr(kernels.fused_moe, "quantize_activations_fp8", lambda *a: calls.append(1) or real(*a))
-    e, h, i, block = 4, 64, 32, (32, 32)
-    q13, s13, q2, s2, _, _ = _fp8_experts(e, h, i, block, DEV)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
-    x = torch.randn(6, h, device=DEV)
-    w, ids = route(torch.randn(6, e, device=DEV), 2, True)
-
-    def run(m):
-        calls.clear()
-        out = fused_moe(x[:m], q13, q2, w[:m], ids[:m], cfg, w13_scale=s13, w2_scale=s2, block=block)
-        return out, len(calls)
-
-    monkeypatch.setattr(kernels.fused_moe, "_moe_table", lambda *a: {"quant_in_gemm_max_m": 4})
-    assert quant_in_gemm_max_m(e, i, h, torch.device(DEV), block) == 4
-    fused, n_fused = run(4)
-    assert n_fused == 0 and run(5)[1] == 2
-    monkeypatch.setenv("QWEN3VL_QUANT_IN_GEMM_MAX_M", "0")
-    launched, n_launched = run(4)
-    assert n_launched == 2
-    # the same product: bit for bit on a GPU; in the interpreter the intermediate's e4m3 rounding
-    # differs from torch's (test_grouped_gemm_quantizes_its_own_activations checks exact rows)
-    if CUDA:
-        torch.testing.assert_close(fused, launched, rtol=0, atol=0)
-    else:
-        assert _rel(fused, launched) < 0.1
-    monkeypatch.delenv("QWEN3VL_QUANT_IN_GEMM_MAX_M")
-    monkeypatch.setattr(kernels.fused_moe, "_moe_table", lambda *a: None)
-    assert run(kernels.fused_moe.QUANT_IN_GEMM_MAX_M)[1] == 0

@@ -12,7 +12,7 @@ from torch import nn
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
 from kernels.fused_moe import NORM_ROUTE_MAX_D
 
-from ..parallel import Parallel, check_moe_split, combine_all_reduce
+from ..parallel import Parallel, all_reduce, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
 
 
@@ -163,17 +163,15 @@ class FusedMoE(nn.Module):
         else:
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
-    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, reduce=None) -> torch.Tensor:
+    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """On a GPU the fused MoE kernels with fp8 weights (dequantized in registers); on CPU the
         W8A8 reference, one expert at a time: activations quantized per token and group, SiLU(gate)
-        * up quantized again before the down projection. `reduce`: fused_moe's (the sum over
-        tensor-parallel ranks, parallel.combine_all_reduce)."""
+        * up quantized again before the down projection."""
         if x.is_cuda:
             from kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids, w13_scale=self.w13_weight_scale_inv,
-                             w2_scale=self.w2_weight_scale_inv, block=self.block,
-                             sentinel=self.num_local < self.num_experts, reduce=reduce)
+                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts)
         out = torch.zeros_like(x)
         weights = weights.to(x.dtype)
         for e in ids.unique().tolist():
@@ -184,7 +182,7 @@ class FusedMoE(nn.Module):
                                                    self.block).chunk(2, dim=-1)
             h = w8a8_block_linear_reference(F.silu(gate) * up, self.w2[e], self.w2_weight_scale_inv[e], self.block)
             out.index_add_(0, token_idx, h * weights[token_idx, slot, None])
-        return reduce(out.view(out.shape[0], 1, -1), None, self.num_local) if reduce is not None else out
+        return out
 
 
 def _expect(t: torch.Tensor, shape: tuple) -> None:
@@ -246,15 +244,13 @@ class SparseMoE(nn.Module):
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """ids as this rank's experts see them (the routers map them: `_ep_routing`)."""
         ex = self.experts
-        # each rank computes its share of every token's experts; their sum is the layer's output
-        reduce = combine_all_reduce if self.tp_size > 1 else None
         if ex.quantized:
-            return ex.fp8_forward(x, weights, ids, reduce)
-        sentinel = ex.num_local < ex.num_experts
-        if self.experts_fn is moe_experts_torch:
-            out = moe_experts_torch(x, ex.w13, ex.w2, weights, ids, sentinel=sentinel)
-            return reduce(out.view(out.shape[0], 1, -1), None, ex.num_local) if reduce is not None else out
-        return self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=sentinel, reduce=reduce)
+            out = ex.fp8_forward(x, weights, ids)
+        else:
+            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts)
+        if self.tp_size > 1:                     # each rank summed its share of every token's experts
+            all_reduce(out)
+        return out
 
 
 def route_uniformly(model: nn.Module, seed: int = 0, rows: int = 4096) -> None:
