@@ -3,6 +3,8 @@
 Passes through (empty outputs) when the request has no media.
 """
 
+import contextlib
+import functools
 import time
 
 import numpy as np
@@ -18,6 +20,7 @@ from qwen3vl_backend.serving.triton_params import model_settings, pick
 from qwen3vl_backend.serving.stage_timing import PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
 from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
+from qwen3vl_backend.serving.vision_split import encode_split
 
 
 class TritonPythonModel:
@@ -27,16 +30,26 @@ class TritonPythonModel:
                                                   "mm_attention_backend", "enable_vit_cuda_graph")))
         self.device, self.dtype = torch.device(cfg.device), cfg.torch_dtype
         gpus = int(s.get("vit_gpus", "1") or 1)
-        if self.device.type == "cuda" and gpus > 1:     # --mm-enable-dp-encoder: instance i on GPU i of the group
+        devices = [self.device]
+        if self.device.type == "cuda" and gpus > 1:
+            # --mm-enable-dp-encoder: instance i on GPU i of the group, with a replica on each of
+            # the others, so a request's items are encoded on all of them (serving/vision_split.py)
             index = int(args["model_instance_name"].rsplit("_", 1)[-1])
-            self.device = torch.device(f"cuda:{cfg.device_index + index % gpus}")
+            devices = [torch.device(f"cuda:{cfg.device_index + (index + j) % gpus}") for j in range(gpus)]
+            self.device = devices[0]
             torch.cuda.set_device(self.device)
-        self.visual = load_vision_model(cfg.model_path, self.device, self.dtype, cfg.load_format)
-        self.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
-        self.encoder = self.visual
-        if cfg.enable_vit_cuda_graph and self.device.type == "cuda":
-            self.encoder = VisionGraphs(self.visual)
-            self.encoder.capture()
+        self.replicas = []
+        for device in devices:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                visual = load_vision_model(cfg.model_path, device, self.dtype, cfg.load_format)
+                visual.attn_fn = vision_attention(cfg.mm_attention_backend)
+                encoder = visual
+                if cfg.enable_vit_cuda_graph and device.type == "cuda":
+                    encoder = VisionGraphs(visual)
+                    encoder.capture()
+            self.replicas.append((device, functools.partial(self._encode_on, device, encoder)))
+            if device == self.device:
+                self.visual = visual
         vcfg = self.visual.cfg
         self.out_dim, self.levels = vcfg.out_hidden_size, len(vcfg.deepstack_visual_indexes)
         self.merge_unit = vcfg.spatial_merge_size ** 2
@@ -58,15 +71,21 @@ class TritonPythonModel:
         """Encode a synthetic 448x448 image before the first request: the encoder's first call
         compiles and plans its kernels (0.4 s of one request's TTFT on an H200)."""
         g = (1, 28, 28)
-        self._encode(torch.zeros(g[0] * g[1] * g[2], self.pixel_cfg.patch_width, dtype=torch.uint8), [g])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        for device, encode in self.replicas:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                encode(torch.zeros(g[0] * g[1] * g[2], self.pixel_cfg.patch_width, dtype=torch.uint8), [g])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
 
     def _encode(self, pixels, grids):
-        return self.encoder(normalize_patches(pixels.to(self.device), self.pixel_cfg).to(self.dtype), grids)
+        """All items, on every replica's GPU when there are several (outputs on this instance's)."""
+        return encode_split(self.replicas, pixels, grids)
+
+    def _encode_on(self, device, encoder, pixels, grids):
+        return encoder(normalize_patches(pixels.to(device), self.pixel_cfg).to(self.dtype), grids)
 
     @torch.no_grad()
     def _one(self, request):

@@ -1,0 +1,91 @@
+"""A request's media items encoded on several GPUs (serving/vision_split.py): the runs each GPU
+gets, and that the split answer is the single-encoder one, in the request's order."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from conftest import data_uri, image_bytes, make_image
+from qwen3vl_backend.processing.processor import Processor
+from qwen3vl_backend.serving.vision_split import balanced_runs, encode_split
+
+
+def test_balanced_runs_is_the_best_contiguous_split():
+    """Against every way to cut the items into at most `parts` non-empty runs."""
+    rng = random.Random(0)
+    for _ in range(200):
+        sizes = [rng.randint(1, 50) for _ in range(rng.randint(1, 7))]
+        parts = rng.randint(1, 4)
+        runs = balanced_runs(sizes, parts)
+        assert runs[0][0] == 0 and runs[-1][1] == len(sizes) and len(runs) <= parts
+        assert all(a < b for a, b in runs) and all(r[1] == s[0] for r, s in zip(runs, runs[1:]))
+        best = min(max(sum(sizes[a:b]) for a, b in zip((0, *cuts), (*cuts, len(sizes))))
+                   for k in range(min(parts, len(sizes)))
+                   for cuts in itertools.combinations(range(1, len(sizes)), k))
+        assert max(sum(sizes[a:b]) for a, b in runs) == best
+    assert balanced_runs([3680, 3680], 2) == [(0, 1), (1, 2)]
+    assert balanced_runs([100, 10, 10, 10], 2) == [(0, 1), (1, 4)]
+
+
+def test_split_encoding_equals_one_encoder(tiny_moe):
+    """Three images of different sizes on two 'GPUs' (two replicas of the tiny ViT on CPU): the
+    same embeddings and DeepStack levels as one encoder over all of them, in the request's order;
+    each replica saw its run only, the helper's before the home one's."""
+    from qwen3vl_backend.loader import load_vision_model
+
+    visual = load_vision_model(str(tiny_moe))
+    media = Processor(tiny_moe).process_messages([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(w, h, i)))}}
+        for i, (w, h) in enumerate([(64, 96), (96, 64), (64, 64)])]}]).media
+    pixels, grids = torch.cat([m.pixel_values for m in media]), [m.grid_thw for m in media]
+    calls = []
+
+    def replica(name):
+        def encode(pix, g):
+            calls.append((name, list(g)))
+            return visual(pix, g)
+        return torch.device("cpu"), encode
+
+    want_e, want_ds = visual(pixels, grids)
+    got_e, got_ds = encode_split([replica("home"), replica("helper")], pixels, grids)
+    assert got_e.shape == want_e.shape and len(got_ds) == len(want_ds)
+    for got, want in zip([got_e, *got_ds], [want_e, *want_ds]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    runs = balanced_runs([t * h * w for t, h, w in grids], 2)
+    assert calls == [("helper", grids[runs[1][0]:runs[1][1]]), ("home", grids[runs[0][0]:runs[0][1]])]
+    calls.clear()
+    encode_split([replica("home"), replica("helper")], media[0].pixel_values, grids[:1])
+    assert calls == [("home", grids[:1])]                # one item: the home GPU alone
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_split_encoding_on_two_gpus(tiny_moe):
+    """The tiny ViT on two GPUs (CUDA graphs on each): the split answer lands on the home GPU and
+    matches one GPU's."""
+    from kernels.varlen_attention import varlen_attention
+    from qwen3vl_backend.engine.vision_graphs import VisionGraphs
+    from qwen3vl_backend.loader import load_vision_model
+
+    replicas = []
+    for i in range(2):
+        device = torch.device(f"cuda:{i}")
+        with torch.cuda.device(device):
+            visual = load_vision_model(str(tiny_moe), device, torch.bfloat16)
+            visual.attn_fn = varlen_attention
+            graphs = VisionGraphs(visual, buckets=(256, 1024))
+            graphs.capture()
+        replicas.append((device, lambda pix, g, d=device, enc=graphs: enc(pix.to(d), g)))
+    media = Processor(tiny_moe).process_messages([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(w, h, i)))}}
+        for i, (w, h) in enumerate([(64, 96), (96, 64), (64, 64)])]}]).media
+    pixels = torch.cat([m.pixel_values for m in media]).bfloat16()
+    grids = [m.grid_thw for m in media]
+    want_e, want_ds = replicas[0][1](pixels, grids)
+    for _ in range(2):
+        got_e, got_ds = encode_split(replicas, pixels, grids)
+        assert got_e.device == torch.device("cuda:0")
+        for got, want in zip([got_e, *got_ds], [want_e, *want_ds]):
+            assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
