@@ -50,6 +50,10 @@ class VisionGraphs:
         self.exact: dict[tuple, tuple] = {}          # grids -> (graph, pixels in, outputs); most recent last
         self._seen: dict[tuple, None] = {}           # grids met once (bounded, oldest dropped)
         self.captured = False
+        # captures run on a stream of the encoder's own GPU: torch.cuda.graph's default side stream
+        # is made once per process, on whichever GPU was current then (a replica on another GPU
+        # would capture into the wrong device's stream: serving/vision_split.py)
+        self.stream = torch.cuda.Stream(w.device) if w.is_cuda else None
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -61,7 +65,7 @@ class VisionGraphs:
                 run()
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=self.stream):
                 outputs = run()
             pool = graph.pool()
             self.graphs[b] = (graph, outputs)
@@ -109,7 +113,7 @@ class VisionGraphs:
 
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self.stream):
                 outputs = run()
             hit = (graph, pixels, outputs, (idx, w, cos, sin))     # the graph reads the tables: kept alive
         self.exact[key] = hit
