@@ -63,8 +63,8 @@ def test_split_encoding_equals_one_encoder(tiny_moe):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_split_encoding_on_two_gpus(tiny_moe):
-    """The tiny ViT on two GPUs (CUDA graphs on each): the split answer lands on the home GPU and
-    matches one GPU's."""
+    """The tiny ViT on two GPUs (CUDA graphs on each), either GPU first: the split answer lands on
+    the GPU asked for and matches one GPU's; so does one image's, encoded on the other GPU."""
     from kernels.varlen_attention import varlen_attention
     from qwen3vl_backend.engine.vision_graphs import VisionGraphs
     from qwen3vl_backend.loader import load_vision_model
@@ -84,8 +84,11 @@ def test_split_encoding_on_two_gpus(tiny_moe):
     pixels = torch.cat([m.pixel_values for m in media]).bfloat16()
     grids = [m.grid_thw for m in media]
     want_e, want_ds = replicas[0][1](pixels, grids)
-    for _ in range(2):
-        got_e, got_ds = encode_split(replicas, pixels, grids)
-        assert got_e.device == torch.device("cuda:0")
-        for got, want in zip([got_e, *got_ds], [want_e, *want_ds]):
+    # the second instance's order (its own GPU first), with the outputs on the llm's GPU (cuda:0)
+    for order, n in (([0, 1], 3), ([1, 0], 3), ([1, 0], 1)):
+        patches = sum(t * h * w for t, h, w in grids[:n])
+        got_e, got_ds = encode_split([replicas[i] for i in order], pixels[:patches], grids[:n], torch.device("cuda:0"))
+        assert got_e.device == torch.device("cuda:0") and all(d.device == got_e.device for d in got_ds)
+        rows = got_e.shape[0]
+        for got, want in zip([got_e, *got_ds], [want_e[:rows], *(d[:rows] for d in want_ds)]):
             assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2

@@ -3,7 +3,8 @@
 A vit instance holds a replica of the vision encoder on every GPU of its group, its own GPU
 first. A request with several items is cut into contiguous runs of items, one per GPU, balanced
 by patch count; the other GPUs' runs are issued first (their work is queued while the home
-GPU's is being launched), and their outputs come back to the home GPU in the request's order.
+GPU's is being launched), and their outputs come back to one GPU (the home GPU, or the one the
+llm reads them on) in the request's order.
 Items are encoded independently of each other (each frame attends only to itself), so the
 result is the single-GPU one. Measured on two H200s for the 235B model's two 1280x720 images:
 see benchmarks/results/NOTES.md.
@@ -44,19 +45,24 @@ def balanced_runs(sizes: list[int], parts: int) -> list[tuple[int, int]]:
     return runs[::-1]
 
 
-def encode_split(replicas, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]):
+def encode_split(replicas, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]],
+                 out: torch.device | None = None):
     """replicas: [(device, encode)] with the home device first; encode(pixels, grids) ->
-    (embeds, deepstack list) on its device. -> the same for all items, on the home device."""
+    (embeds, deepstack list) on its device. -> the same for all items, on `out` (default: the
+    home device)."""
+    home = out if out is not None else replicas[0][0]
     if len(replicas) == 1 or len(grids) == 1:
         device, encode = replicas[0]
         with _on(device):
-            return encode(pixel_values, grids)
+            embeds, deepstack = encode(pixel_values, grids)
+        if device == home:
+            return embeds, deepstack
+        return embeds.to(home, non_blocking=True), [d.to(home, non_blocking=True) for d in deepstack]
     patches = [t * h * w for t, h, w in grids]
     starts = [0]
     for p in patches:
         starts.append(starts[-1] + p)
     runs = balanced_runs(patches, len(replicas))
-    home = replicas[0][0]
     outputs: list = [None] * len(runs)
     for r in reversed(range(len(runs))):          # the helpers' work first, the home GPU's last
         (device, encode), (a, b) = replicas[r], runs[r]

@@ -56,6 +56,9 @@ class TritonPythonModel:
         self.pixel_cfg = VisionProcessingConfig.from_dir(cfg.model_path)   # pixels arrive as uint8 patches
         # --keep-mm-feature-on-device: outputs leave as CUDA tensors (DLPack), never copied to host
         self.on_device = s.get("keep_mm_feature_on_device", "false").lower() == "true" and self.device.type == "cuda"
+        # features kept on a GPU land on the group's first, where the llm's rank 0 reads them
+        # (Triton's CUDA memory pool, which carries them between models, is on that GPU only)
+        self.out_device = torch.device(f"cuda:{cfg.device_index}") if self.on_device else self.device
         self.cache = VisionCache(float(s.get("vlm_cache_size_mb", "0") or 0))
         family = pb_utils.MetricFamily("qwen3vl_vit_cache_total", "ViT embedding cache lookups by result",
                                        pb_utils.MetricFamily.COUNTER)
@@ -82,7 +85,7 @@ class TritonPythonModel:
 
     def _encode(self, pixels, grids):
         """All items, on every replica's GPU when there are several (outputs on this instance's)."""
-        return encode_split(self.replicas, pixels, grids)
+        return encode_split(self.replicas, pixels, grids, self.out_device)
 
     def _encode_on(self, device, encoder, pixels, grids):
         return encoder(normalize_patches(pixels.to(device), self.pixel_cfg).to(self.dtype), grids)
