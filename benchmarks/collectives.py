@@ -65,13 +65,10 @@ def _worker(rank: int, world: int, port: int, hiddens: list[int], queue, tokens=
             graphed = _graph_us(lambda: dist.all_reduce(x))
             fits = peer is not None and x.numel() <= peer.capacity
             peer_graphed = _graph_us(lambda: peer(x)) if fits else None
-            # kernels.allreduce.BATCH_FLAGS: a program's flags raised after all its data
-            peer_batched = _graph_us(lambda: peer(x, batch_flags=True)) if fits else None
             packed = torch.zeros(5 * t + 64 * t + t, dtype=torch.long, device="cuda")   # the step's inputs
             channel = _time_us(lambda: dist.broadcast(packed, src=0))
             rows.append({"tp": world, "hidden": hidden, "tokens": t, "all_reduce_eager_us": eager,
                          "all_reduce_graph_us": graphed, "peer_all_reduce_graph_us": peer_graphed,
-                         "peer_batched_flags_graph_us": peer_batched,
                          "step_inputs_broadcast_us": channel})
     if peer is not None:
         peer.close()

@@ -48,11 +48,11 @@ CAPACITY = 4096 * 4096
 
 @triton.jit
 def _peer_all_reduce_kernel(x_ptr, my_data, peer_data, my_flags, peer_flags, epochs, n, region_size,
-                            CHUNK: tl.constexpr, BATCH_FLAGS: tl.constexpr = False):
+                            CHUNK: tl.constexpr):
     """Program p takes chunks p, p + G, p + 2G, ... (G programs): it pushes every one of them
     and raises their flags before it waits for any, so no program waits on the other GPU for
-    something a waiting program there has yet to send. BATCH_FLAGS: all of the program's data
-    first, one barrier, then the flags (each release then has no writes left to wait for)."""
+    something a waiting program there has yet to send. (Raising a program's flags only after all
+    its data, behind one barrier, was slower at every size on two H200s: NOTES, eighth session.)"""
     first = tl.program_id(0)
     step = tl.num_programs(0)
     chunks = tl.cdiv(n, CHUNK)
@@ -62,13 +62,8 @@ def _peer_all_reduce_kernel(x_ptr, my_data, peer_data, my_flags, peer_flags, epo
         epoch = tl.load(epochs + slot)
         x = tl.load(x_ptr + offs, mask=ok, other=0.0)
         tl.store(peer_data + (epoch % 2) * region_size + offs, x, mask=ok)
-        if not BATCH_FLAGS:
-            tl.debug_barrier()         # every thread's part is written before the flag goes up
-            tl.atomic_xchg(peer_flags + slot, epoch + 1, sem="release", scope="sys")
-    if BATCH_FLAGS:
-        tl.debug_barrier()
-        for slot in range(first, chunks, step):
-            tl.atomic_xchg(peer_flags + slot, tl.load(epochs + slot) + 1, sem="release", scope="sys")
+        tl.debug_barrier()             # every thread's part is written before the flag goes up
+        tl.atomic_xchg(peer_flags + slot, epoch + 1, sem="release", scope="sys")
     for slot in range(first, chunks, step):                 # wait, add
         offs = slot * CHUNK + tl.arange(0, CHUNK)
         ok = offs < n
@@ -94,21 +89,15 @@ def _max_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# the flags raised after all of a program's data (BATCH_FLAGS): not yet measured on GPUs, so off;
-# benchmarks.collectives times both
-BATCH_FLAGS = False
-
-
 def peer_all_reduce_(x: torch.Tensor, my_data, peer_data, my_flags, peer_flags, epochs, region_size: int,
-                     programs: int | None = None, batch_flags: bool | None = None) -> None:
+                     programs: int | None = None) -> None:
     """x (contiguous, at most region_size elements) summed in place with the other rank's x.
-    `programs`: at most this many programs (default: what every SM holds at once); `batch_flags`:
-    the kernel's BATCH_FLAGS (default: the module's). Both ranks may choose differently."""
+    `programs`: at most this many programs (default: what every SM holds at once); the ranks may
+    choose differently."""
     n = x.numel()
     grid = min(triton.cdiv(n, CHUNK), programs or _max_programs(x.device))
     _peer_all_reduce_kernel[(grid,)](x, my_data, peer_data, my_flags, peer_flags, epochs, n, region_size,
-                                     CHUNK=CHUNK, BATCH_FLAGS=BATCH_FLAGS if batch_flags is None else batch_flags,
-                                     num_warps=4)
+                                     CHUNK=CHUNK, num_warps=4)
 
 
 class _Handle(ctypes.Structure):
@@ -208,12 +197,12 @@ class PeerAllReduce:
         dist.barrier(group=group)            # both mapped before either writes into the other
         return made
 
-    def __call__(self, x: torch.Tensor, batch_flags: bool | None = None) -> bool:
+    def __call__(self, x: torch.Tensor) -> bool:
         if x.dtype != self.dtype or not x.is_contiguous() or x.numel() > self.capacity or x.device != self.device:
             return False
         if x.numel():
             peer_all_reduce_(x, self.my_data, self.peer_data, self.my_flags, self.peer_flags, self.epochs,
-                             self.capacity, batch_flags=batch_flags)
+                             self.capacity)
         return True
 
     def close(self) -> None:

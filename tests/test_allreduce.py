@@ -15,7 +15,7 @@ def _rank(rank, data, flags, epochs, xs, outs, programs):
     for i, (x, out, g) in enumerate(zip(xs, outs, programs)):
         y = x.clone()
         peer_all_reduce_(y, data[rank], data[1 - rank], flags[rank], flags[1 - rank], epochs[rank],
-                         data[0].numel() // 2, programs=g[rank], batch_flags=(i + rank) % 2 == 1)
+                         data[0].numel() // 2, programs=g[rank])
         out.copy_(y)
 
 
@@ -33,7 +33,7 @@ def test_peer_all_reduce_sums_across_two_processes():
     epochs = [torch.zeros(slots, dtype=torch.int64).share_memory_() for _ in range(2)]
     sizes = [5, CHUNK + 3, cap, 1, 2 * CHUNK, cap, 2 * CHUNK + 1]
     # programs per call on each rank: one per chunk, or fewer, each taking several chunks (the
-    # ranks need not agree); the flags raised chunk by chunk or batched, differing between ranks
+    # ranks need not agree)
     programs = [(None, None), (None, None), (1, 2), (None, None), (1, 1), (2, 1), (1, None)]
     xs = [[torch.randn(n).share_memory_() for n in sizes] for _ in range(2)]
     outs = [[torch.full((n,), float("nan")).share_memory_() for n in sizes] for _ in range(2)]

@@ -119,9 +119,6 @@ def _peer_rank(rank, port, queue):
         eager = [x.clone() for x in xs]
         for e in eager:
             assert ar(e)
-        batched = [x.clone() for x in xs]        # kernels.allreduce.BATCH_FLAGS, on this rank or the other
-        for i, b in enumerate(batched):
-            assert ar(b, batch_flags=(i + rank) % 3 == 0)
         graphed = [x.clone() for x in xs]
         graph = torch.cuda.CUDAGraph()
         copies = [g.clone() for g in graphed]
@@ -133,8 +130,7 @@ def _peer_rank(rank, port, queue):
                 c.copy_(g)
             graph.replay()
         torch.cuda.synchronize()
-        bad = [i for i, (w, e, b, c) in enumerate(zip(want, eager, batched, copies))
-               if not (torch.equal(w, e) and torch.equal(w, b) and torch.equal(w, c))]
+        bad = [i for i, (w, e, c) in enumerate(zip(want, eager, copies)) if not (torch.equal(w, e) and torch.equal(w, c))]
         queue.put((rank, bad, [float(w.float().abs().sum()) for w in want[:3]]))
         ar.close()
         dist.barrier()
@@ -143,9 +139,8 @@ def _peer_rank(rank, port, queue):
 
 
 def test_peer_all_reduce_matches_nccl_on_two_gpus():
-    """140 sums of 1 to 8,388,611 bf16 elements back to back, eager (flags chunk by chunk, and
-    batched on either rank) and replayed three times from a CUDA graph: equal, bit for bit, to
-    NCCL's, on both ranks."""
+    """140 sums of 1 to 8,388,611 bf16 elements back to back, eager and replayed three times from
+    a CUDA graph: equal, bit for bit, to NCCL's, on both ranks."""
     import torch.multiprocessing as mp
 
     from qwen3vl_backend.supervisor import free_port
