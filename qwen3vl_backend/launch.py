@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tool-call-parser", default="qwen25", choices=["qwen25", "hermes"],
       help="<tool_call> blocks as message.tool_calls for requests with tools (both names: the same format)")
     a("--mm-enable-dp-encoder", action="store_true",
-      help="one vit instance per GPU of the tp group (requests spread across them), each with a replica on every GPU of the group: a request's images are encoded on all of them at once")
+      help="one vit instance per GPU of the tp group (requests spread across them), each with a ViT "
+           "replica on every GPU of the group: a request's images are encoded on all of them at once")
     a("--device", default="auto")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     a("--load-format", default="auto", choices=["auto", "dummy"])
