@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="<tool_call> blocks as message.tool_calls for requests with tools (both names: the same format)")
     a("--mm-enable-dp-encoder", action="store_true",
       help="one vit instance per GPU of the tp group (requests spread across them), each with a ViT "
-           "replica on every GPU of the group: a request's images are encoded on all of them at once")
+           "replica on the group's next GPU too: a request's images are encoded on both at once")
     a("--device", default="auto")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     a("--load-format", default="auto", choices=["auto", "dummy"])
@@ -190,7 +190,7 @@ def resolve(args) -> dict:
     ipc = _env_flag("QWEN3VL_USE_CUDA_IPC_TRANSPORT", "SGLANG_USE_CUDA_IPC_TRANSPORT") or "0"
     ipc = "1" if ipc.strip().lower() in ("1", "true", "yes", "on") else "0"
     cache_mb = _env_flag("QWEN3VL_VLM_CACHE_SIZE_MB", "SGLANG_VLM_CACHE_SIZE_MB") or "100"
-    # --mm-enable-dp-encoder: one vit instance per GPU of the tp group, each encoding on all of them
+    # --mm-enable-dp-encoder: one vit instance per GPU of the tp group, each encoding on it and the next
     vit_gpus = args.tp // args.nnodes if args.mm_enable_dp_encoder and not on_cpu else 1
     vit = {"model_path": model_path, "device": args.device, "dtype": args.dtype, "load_format": args.load_format,
            "mm_attention_backend": args.mm_attention_backend, "vlm_cache_size_mb": cache_mb,

@@ -9,7 +9,7 @@ import torch
 
 from conftest import data_uri, image_bytes, make_image
 from qwen3vl_backend.processing.processor import Processor
-from qwen3vl_backend.serving.vision_split import balanced_runs, encode_split
+from qwen3vl_backend.serving.vision_split import balanced_runs, encode_split, replica_gpus
 
 
 def test_balanced_runs_is_the_best_contiguous_split():
@@ -27,6 +27,16 @@ def test_balanced_runs_is_the_best_contiguous_split():
         assert max(sum(sizes[a:b]) for a, b in runs) == best
     assert balanced_runs([3680, 3680], 2) == [(0, 1), (1, 2)]
     assert balanced_runs([100, 10, 10, 10], 2) == [(0, 1), (1, 4)]
+
+
+def test_each_instance_encodes_on_its_gpu_and_the_next():
+    """Instance i of a group starting at GPU `first` takes GPU first + i, then the group's next
+    (wrapping), so each GPU holds two ViTs whatever the group's size; one GPU: itself alone."""
+    assert replica_gpus(0, 2) == [0, 1] and replica_gpus(1, 2) == [1, 0]
+    assert [replica_gpus(i, 8, first=8) for i in (0, 7)] == [[8, 9], [15, 8]]
+    held = [g for i in range(8) for g in replica_gpus(i, 8)]
+    assert sorted(held) == sorted(list(range(8)) * 2)
+    assert replica_gpus(0, 1, first=3) == [3] and replica_gpus(2, 4, limit=4) == [2, 3, 0, 1]
 
 
 def test_split_encoding_equals_one_encoder(tiny_moe):

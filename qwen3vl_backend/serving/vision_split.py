@@ -1,7 +1,7 @@
 """One request's media items encoded on several GPUs at once (`--mm-enable-dp-encoder`).
 
-A vit instance holds a replica of the vision encoder on every GPU of its group, its own GPU
-first. A request with several items is cut into contiguous runs of items, one per GPU, balanced
+A vit instance holds a replica of the vision encoder on its own GPU and the group's next one
+(`replica_gpus`). A request with several items is cut into contiguous runs of items, one per GPU, balanced
 by patch count; the other GPUs' runs are issued first (their work is queued while the home
 GPU's is being launched), and their outputs come back to one GPU (the home GPU, or the one the
 llm reads them on) in the request's order.
@@ -15,6 +15,18 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+
+# GPUs one instance encodes on: its own and the next. Every instance holds a replica on each of
+# its GPUs, so with one instance a GPU (--mm-enable-dp-encoder) each GPU holds this many ViTs
+# (235B's: ~1.2 GB each, plus graphs), where all of the group's would grow with its size.
+MAX_SPLIT_GPUS = 2
+
+
+def replica_gpus(instance: int, gpus: int, first: int = 0, limit: int = MAX_SPLIT_GPUS) -> list[int]:
+    """The GPU indices instance `instance` of `gpus` (one a GPU, from GPU `first`) encodes on,
+    its own first."""
+    return [first + (instance + j) % gpus for j in range(min(gpus, limit))]
 
 
 def balanced_runs(sizes: list[int], parts: int) -> list[tuple[int, int]]:

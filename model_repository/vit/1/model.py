@@ -20,7 +20,7 @@ from qwen3vl_backend.serving.triton_params import model_settings, pick
 from qwen3vl_backend.serving.stage_timing import PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
 from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
-from qwen3vl_backend.serving.vision_split import encode_split
+from qwen3vl_backend.serving.vision_split import encode_split, replica_gpus
 
 
 class TritonPythonModel:
@@ -32,10 +32,10 @@ class TritonPythonModel:
         gpus = int(s.get("vit_gpus", "1") or 1)
         devices = [self.device]
         if self.device.type == "cuda" and gpus > 1:
-            # --mm-enable-dp-encoder: instance i on GPU i of the group, with a replica on each of
-            # the others, so a request's items are encoded on all of them (serving/vision_split.py)
+            # --mm-enable-dp-encoder: instance i on GPU i of the group, with a replica on the next,
+            # so a request's items are encoded on both (serving/vision_split.py)
             index = int(args["model_instance_name"].rsplit("_", 1)[-1])
-            devices = [torch.device(f"cuda:{cfg.device_index + (index + j) % gpus}") for j in range(gpus)]
+            devices = [torch.device(f"cuda:{g}") for g in replica_gpus(index, gpus, cfg.device_index)]
             self.device = devices[0]
             torch.cuda.set_device(self.device)
         self.replicas = []
