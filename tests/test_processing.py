@@ -274,3 +274,55 @@ def test_request_profiler_writes_the_chosen_requests_tables(tmp_path):
     with off("x"):
         pass
     assert off.seen == 1
+
+
+def test_images_travel_as_single_frames(tiny_dense, video_file):
+    """An images-only request's pixel rows hold each frame once (half the bytes from preprocess to
+    the vit); repeated over the temporal patch (expand_image_rows, normalised or not) they are the
+    processor's full patch rows, bit for bit. With a video in the request every row is a full patch."""
+    import torch
+
+    from qwen3vl_backend.processing.vision_inputs import expand_image_rows, normalize_patches
+    from qwen3vl_backend.serving.media_pool import MediaPool
+    from qwen3vl_backend.serving.preprocess import Preprocessor
+
+    proc = Processor(tiny_dense)
+    cfg = proc.cfg
+    pre = Preprocessor(proc, MediaPolicy(), MediaPool(2, 10))
+    urls = [data_uri(image_bytes(make_image(w, h, s))) for s, (w, h) in enumerate([(64, 48), (40, 72)])]
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    arrays = pre.run(json.dumps({"messages": [{"role": "user", "content": parts}]}))
+    single = torch.from_numpy(arrays["pixel_values"])
+    full = torch.cat([m.pixel_values for m in proc.process_messages(
+        [{"role": "user", "content": parts}], normalize=False).media])
+    assert single.shape == (full.shape[0], cfg.patch_width // cfg.temporal_patch_size)
+    # a full row is (channel, temporal step, patch pixels): each channel's frame run Tp times over
+    c, tp = len(cfg.image_mean), cfg.temporal_patch_size
+    by_channel = single.reshape(single.shape[0], c, -1)
+    assert torch.equal(torch.stack([by_channel] * tp, dim=2).reshape(single.shape[0], -1), full)
+    assert torch.equal(expand_image_rows(single, cfg), full)
+    assert torch.equal(expand_image_rows(normalize_patches(single, cfg), cfg), normalize_patches(full, cfg))
+    pytest.importorskip("av", reason="the video fixture is written with PyAV")
+    mixed = pre.run(json.dumps({"messages": [{"role": "user", "content": parts[:1] + [
+        {"type": "video_url", "video_url": {"url": data_uri(video_file.read_bytes(), "video/mp4")}}]}]}))
+    assert mixed["pixel_values"].shape[1] == cfg.patch_width
+
+
+def test_the_vit_checks_its_pixel_rows(tiny_dense):
+    """What the vit model refuses as the caller's mistake (a 400): rows that do not match the
+    grids, a row width that is neither a patch nor (images only) one frame, grids it cannot use."""
+    from qwen3vl_backend.processing.vision_inputs import check_pixel_rows
+
+    cfg = Processor(tiny_dense).cfg
+    width, frame = cfg.patch_width, cfg.patch_width // cfg.temporal_patch_size
+    check_pixel_rows((4 * 6 + 2 * 4 * 4, width), [(1, 4, 6), (2, 4, 4)], cfg)
+    check_pixel_rows((4 * 6 + 4 * 4, frame), [(1, 4, 6), (1, 4, 4)], cfg)
+    check_pixel_rows((0, width), [], cfg)
+    for shape, grids, message in (((25, width), [(1, 4, 6)], "has 25 rows"),
+                                  ((24 + 32, frame), [(1, 4, 6), (2, 4, 4)], "rows of"),
+                                  ((24, width + 1), [(1, 4, 6)], "rows of"),
+                                  ((24, width, 1), [(1, 4, 6)], "2-D"),
+                                  ((24, width), [(1, 3, 8)], "multiples"),
+                                  ((0, width), [(0, 4, 4)], "positive")):
+        with pytest.raises(ValueError, match=message):
+            check_pixel_rows(shape, grids, cfg)

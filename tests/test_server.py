@@ -417,6 +417,30 @@ def test_llm_alone_with_token_ids(server, local_engine):
     assert result.as_numpy("text_output")[0].decode() == expected["text"]
 
 
+def test_vit_alone_refuses_rows_that_do_not_match_the_grids(server):
+    """The vit model called directly (it is in the repository like any model): pixel rows that
+    do not match grid_thw are the caller's mistake, answered as such, and the model serves on."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+
+    def call(rows, width, grid):
+        pv = grpcclient.InferInput("pixel_values", [rows, width], "UINT8")
+        pv.set_data_from_numpy(np.zeros((rows, width), np.uint8))
+        g = grpcclient.InferInput("grid_thw", [1, 3], "INT64")
+        g.set_data_from_numpy(np.array([grid], np.int64))
+        return c.infer("vit", [pv, g])
+
+    with pytest.raises(InferenceServerException, match="has 5 rows; grid_thw's items have 16 patches"):
+        call(5, 1536, (1, 4, 4))
+    with pytest.raises(InferenceServerException, match="rows of 100 values"):
+        call(16, 100, (1, 4, 4))
+    full, single = call(16, 1536, (1, 4, 4)), call(16, 768, (1, 4, 4))      # a zero image, either way
+    assert np.array_equal(full.as_numpy("visual_embeds"), single.as_numpy("visual_embeds"))
+    assert full.as_numpy("visual_embeds").shape[0] == 4
+
+
 def test_prometheus_metrics_cover_serving(server, client):
     _chat(client, [{"role": "user", "content": [_img(data_uri(image_bytes(make_image(90, 90, 41)))),
                                                 {"type": "text", "text": "metrics"}]}])

@@ -57,8 +57,9 @@ class Processor:
 
     # -- media ---------------------------------------------------------------------------------
     def load_media(self, ref: MediaRef, policy: MediaPolicy = TRUSTED, normalize: bool = True,
-                   cancel: Cancel | None = None) -> MediaItem:
-        """Fetch, decode and process one item; `normalize=False` keeps uint8 patches (for transport)."""
+                   cancel: Cancel | None = None, single_frame: bool = False) -> MediaItem:
+        """Fetch, decode and process one item; `normalize=False` keeps uint8 patches (for transport);
+        `single_frame`: an image's rows hold its frame once (vision_inputs.expand_image_rows)."""
         t0 = time.perf_counter()
         data = fetch_bytes(ref.source, policy, cancel)
         t1 = t2 = time.perf_counter()
@@ -68,7 +69,7 @@ class Processor:
             lo, hi = self._pixel_bounds(opts, self.cfg.image_min_pixels, self.cfg.image_max_pixels)
             image = decode_image(data, policy.max_image_pixels)
             t2 = time.perf_counter()
-            patches, grid = process_image(image, self.cfg, lo, hi)
+            patches, grid = process_image(image, self.cfg, lo, hi, repeat_frame=not single_frame)
         else:
             fps, max_frames = _num_opt(opts, "fps"), _int_opt(opts, "max_frames")
             video = decode_video(data, lambda total, vfps: video_frame_indices(total, vfps, self.cfg, fps, max_frames),
@@ -106,9 +107,10 @@ class Processor:
         text, refs = self.render(messages)
         return self.build_prompt(text, self.load_all(refs, policy, run_jobs, normalize))
 
-    def media_jobs(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, normalize: bool = True) -> list:
+    def media_jobs(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, normalize: bool = True,
+                   single_frame: bool = False) -> list:
         """One `job(cancel) -> MediaItem` per reference, for a pool to run."""
-        return [functools.partial(self.load_media, r, policy, normalize) for r in refs]
+        return [functools.partial(self.load_media, r, policy, normalize, single_frame=single_frame) for r in refs]
 
     def load_all(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, run_jobs=None,
                  normalize: bool = True) -> list[MediaItem]:

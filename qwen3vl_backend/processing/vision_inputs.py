@@ -137,21 +137,61 @@ def _patchify_image(frame: torch.Tensor, cfg: VisionProcessingConfig) -> tuple[t
     bit: the frame's patches are gathered once, then each (channel, patch) run of P*P bytes is
     written Tp times side by side (2.5x faster than permuting the repeated frame, one thread)."""
     c, h, w = frame.shape
-    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    gh, gw = h // cfg.patch_size, w // cfg.patch_size
+    return expand_image_rows(_frame_rows(frame, cfg), cfg), (1, gh, gw)
+
+
+def _frame_rows(frame: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tensor:
+    """One frame (C, h, w) -> its patches' rows (gh*gw, C*P*P) in merge-block order, each once."""
+    c, h, w = frame.shape
+    p, m = cfg.patch_size, cfg.merge_size
     gh, gw = h // p, w // p
     single = frame.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)   # bh, bw, mh, mw, c, p, p
-    single = single.reshape(gh * gw, c, 1, p * p)
-    return single.expand(-1, -1, tp, -1).reshape(gh * gw, c * tp * p * p), (1, gh, gw)
+    return single.reshape(gh * gw, c * p * p)
 
 
 def process_image(image, cfg: VisionProcessingConfig, min_pixels: int | None = None,
-                  max_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+                  max_pixels: int | None = None, repeat_frame: bool = True) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """PIL RGB image -> uint8 patches (gh*gw, 1536) and its grid (1, gh, gw); see normalize_patches.
-    One image fills the temporal patch (the frame repeated)."""
+    One image fills the temporal patch (the frame repeated). `repeat_frame=False`: the frame's
+    rows once, (gh*gw, 768), half the bytes to move; `expand_image_rows` repeats them."""
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
     h, w = smart_resize(arr.shape[2], arr.shape[3], cfg.factor,
                         min_pixels or cfg.image_min_pixels, max_pixels or cfg.image_max_pixels)
-    return _patchify_image(_resize(arr, h, w)[0], cfg)
+    frame = _resize(arr, h, w)[0]
+    if not repeat_frame:
+        return _frame_rows(frame, cfg), (1, h // cfg.patch_size, w // cfg.patch_size)
+    return _patchify_image(frame, cfg)
+
+
+def check_pixel_rows(shape: tuple[int, ...], grids, cfg: VisionProcessingConfig) -> None:
+    """What the vit model takes, as preprocess sends it: one row per patch of every item's grid
+    (t, h, w), each row a full patch (patch_width) or, when every item is one image (t == 1), its
+    frame once (expand_image_rows). ValueError (the caller's mistake) otherwise."""
+    m = cfg.merge_size
+    if len(shape) != 2:
+        raise ValueError(f"pixel_values must be 2-D (patches, values), not {len(shape)}-D")
+    for g in grids:
+        if len(g) != 3 or min(g) < 1 or g[1] % m or g[2] % m:
+            raise ValueError(f"grid_thw {tuple(int(x) for x in g)}: each of t, h, w positive, h and w multiples of {m}")
+    rows = sum(int(t) * int(h) * int(w) for t, h, w in grids)
+    if shape[0] != rows:
+        raise ValueError(f"pixel_values has {shape[0]} rows; grid_thw's items have {rows} patches")
+    single = cfg.patch_width // cfg.temporal_patch_size
+    if shape[1] == cfg.patch_width or (shape[1] == single and all(int(g[0]) == 1 for g in grids)):
+        return
+    raise ValueError(f"pixel_values rows of {shape[1]} values: a patch is {cfg.patch_width} (or {single}, one "
+                     "frame of images only)")
+
+
+def expand_image_rows(rows: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tensor:
+    """Images' single-frame rows (N, C*P*P), raw or normalised, any device -> the full patch rows
+    (N, C*Tp*P*P) that process_image gives, bit for bit: each (channel, patch) run repeated over
+    the temporal patch."""
+    c, tp, pp = len(cfg.image_mean), cfg.temporal_patch_size, cfg.patch_size ** 2
+    if rows.shape[1] != c * pp:
+        raise ValueError(f"image rows of width {rows.shape[1]}; single frames are {c * pp} wide")
+    return rows.reshape(-1, c, 1, pp).expand(-1, -1, tp, -1).reshape(rows.shape[0], c * tp * pp)
 
 
 def video_frame_indices(total: int, video_fps: float, cfg: VisionProcessingConfig,

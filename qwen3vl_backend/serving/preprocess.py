@@ -72,7 +72,11 @@ class Preprocessor:
         t1 = time.perf_counter()
         media = []
         if parsed.refs:
-            media = self.pool.run_all(self.processor.media_jobs(parsed.refs, self.policy, normalize=False), cancel)
+            # images only: each image's rows carry its frame once (the vit repeats it over the
+            # temporal patch on its GPU), half the bytes to copy and send
+            single = all(r.kind == "image" for r in parsed.refs)
+            media = self.pool.run_all(self.processor.media_jobs(parsed.refs, self.policy, normalize=False,
+                                                                single_frame=single), cancel)
         t2 = time.perf_counter()
         arrays = self._finish(parsed, media)
         if timing is not None:
@@ -117,8 +121,9 @@ class Preprocessor:
 
     def _finish(self, parsed: _Parsed, media: list[MediaItem]) -> dict:
         """-> dict of arrays: input_ids (L,), positions (3, L), rope_delta (1,), pixel_values (N, C)
-        uint8 (normalised in the vit model), grid_thw (M, 3), media_hashes (M,), and the merged,
-        validated sampling_parameters JSON."""
+        uint8 (normalised in the vit model; C is the patch width, or its single-frame part when
+        every item is an image), grid_thw (M, 3), media_hashes (M,), and the merged, validated
+        sampling_parameters JSON."""
         prompt = self.processor.build_prompt(parsed.text, media)
         check_prompt_length(len(prompt.prompt_ids), self.limits.max_model_len)    # before the ViT
         pixels = [m.pixel_values for m in prompt.media]

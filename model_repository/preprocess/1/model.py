@@ -63,7 +63,8 @@ class TritonPythonModel:
         images (PNG, JPEG) go through the media work alone (a small context could not hold them)."""
         pixels = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
         refs = [MediaRef("image", _data_uri(Image.fromarray(pixels), fmt)) for fmt in ("PNG", "JPEG")]
-        self.pre.pool.run_all(self.pre.processor.media_jobs(refs, self.pre.policy, normalize=False), None)
+        self.pre.pool.run_all(self.pre.processor.media_jobs(refs, self.pre.policy, normalize=False, single_frame=True),
+                              None)
         url = _data_uri(Image.new("RGB", (64, 64), (128, 64, 32)), "PNG")
         chat = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                           {"type": "text", "text": "warm up"}]}]}

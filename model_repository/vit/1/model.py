@@ -15,8 +15,9 @@ from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.model_runner import vision_attention
 from qwen3vl_backend.engine.vision_graphs import VisionGraphs
 from qwen3vl_backend.loader import load_vision_model
-from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, normalize_patches
-from qwen3vl_backend.serving.triton_params import model_settings, pick
+from qwen3vl_backend.processing.vision_inputs import (VisionProcessingConfig, check_pixel_rows, expand_image_rows,
+                                                       normalize_patches)
+from qwen3vl_backend.serving.triton_params import error_response, model_settings, pick
 from qwen3vl_backend.serving.stage_timing import PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
 from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
@@ -88,13 +89,19 @@ class TritonPythonModel:
         return encode_split(self.replicas, pixels, grids, self.out_device)
 
     def _encode_on(self, device, encoder, pixels, grids):
-        return encoder(normalize_patches(pixels.to(device), self.pixel_cfg).to(self.dtype), grids)
+        x = normalize_patches(pixels.to(device), self.pixel_cfg)
+        if x.shape[1] != self.pixel_cfg.patch_width:        # images only, each frame sent once
+            x = expand_image_rows(x, self.pixel_cfg)
+        return encoder(x.to(self.dtype), grids)
 
     @torch.no_grad()
     def _one(self, request):
         started = time.monotonic()
-        with self._profiler(request.request_id()):
-            response = self._respond(request)
+        try:
+            with self._profiler(request.request_id()):
+                response = self._respond(request)
+        except Exception as e:      # a caller's bad tensors (400) or a fault (500): this request's alone
+            return error_response(pb_utils, e, "vit", request.request_id())
         if self._timing is not None:
             self._timing["respond"] = (time.monotonic() - started) * 1e3
             pb_utils.Logger.log_info(f"stage vit {request.request_id()}: {stage_line(self._timing)}")
@@ -108,6 +115,7 @@ class TritonPythonModel:
         if pixels.numel():
             self._arrived[1][pixels.is_cuda].increment(1)
         grids = as_torch(pb_utils.get_input_tensor_by_name(request, "grid_thw")).cpu().numpy().reshape(-1, 3)
+        check_pixel_rows(tuple(pixels.shape), grids, self.pixel_cfg)
         if grids.shape[0] == 0:
             embeds = np.zeros((0, self.out_dim), np.float32)
             deepstack = np.zeros((self.levels, 0, self.out_dim), np.float32)
