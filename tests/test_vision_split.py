@@ -9,7 +9,7 @@ import torch
 
 from conftest import data_uri, image_bytes, make_image
 from qwen3vl_backend.processing.processor import Processor
-from qwen3vl_backend.serving.vision_split import balanced_runs, encode_split, replica_gpus
+from qwen3vl_backend.serving.vision_split import balanced_runs, encode_split, frame_groups, replica_gpus
 
 
 def test_balanced_runs_is_the_best_contiguous_split():
@@ -27,6 +27,13 @@ def test_balanced_runs_is_the_best_contiguous_split():
         assert max(sum(sizes[a:b]) for a, b in runs) == best
     assert balanced_runs([3680, 3680], 2) == [(0, 1), (1, 2)]
     assert balanced_runs([100, 10, 10, 10], 2) == [(0, 1), (1, 4)]
+    assert balanced_runs([], 2) == [] and balanced_runs([5], 3) == [(0, 1)]
+    assert len(balanced_runs([3680] * 384, 2)) == 2            # a long video's frame groups, quickly
+
+
+def test_frame_groups_are_the_units_of_the_split():
+    assert frame_groups([(1, 4, 6), (3, 2, 2), (1, 2, 4)]) == [
+        (0, 0, 24), (1, 24, 4), (1, 28, 4), (1, 32, 4), (2, 36, 8)]
 
 
 def test_each_instance_encodes_on_its_gpu_and_the_next():
@@ -67,7 +74,45 @@ def test_split_encoding_equals_one_encoder(tiny_moe):
     assert calls == [("helper", grids[runs[1][0]:runs[1][1]]), ("home", grids[runs[0][0]:runs[0][1]])]
     calls.clear()
     encode_split([replica("home"), replica("helper")], media[0].pixel_values, grids[:1])
-    assert calls == [("home", grids[:1])]                # one item: the home GPU alone
+    assert calls == [("home", grids[:1])]                # one image: the home GPU alone
+
+
+def test_a_videos_frames_split_across_gpus(tiny_moe, video_file):
+    """One video (several frame groups) after an image: its frames are cut between the two
+    replicas, each run encoded as its own (t, h, w) grids, and the answer is one encoder's."""
+    from qwen3vl_backend.loader import load_vision_model
+
+    pytest.importorskip("av", reason="the video fixture is written with PyAV")
+    visual = load_vision_model(str(tiny_moe))
+    media = Processor(tiny_moe).process_messages([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(64, 64, 0)))}},
+        {"type": "video_url", "video_url": {"url": data_uri(video_file.read_bytes(), "video/mp4")}}]}]).media
+    pixels, grids = torch.cat([m.pixel_values for m in media]), [m.grid_thw for m in media]
+    assert grids[1][0] >= 3
+    calls = []
+
+    def replica(name):
+        def encode(pix, g):
+            calls.append((name, list(g), pix.shape[0]))
+            return visual(pix, g)
+        return torch.device("cpu"), encode
+
+    want_e, want_ds = visual(pixels, grids)
+    got_e, got_ds = encode_split([replica("home"), replica("helper")], pixels, grids)
+    for got, want in zip([got_e, *got_ds], [want_e, *want_ds]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (_, helper, helper_rows), (_, home, home_rows) = calls
+    t, h, w = grids[1]
+    assert home[0] == grids[0] and all(g[1:] == (h, w) for g in home[1:] + helper)
+    assert sum(g[0] for g in home[1:] + helper) == t                     # every frame group once
+    assert home_rows + helper_rows == pixels.shape[0]
+    # the video alone: its frame groups on both GPUs
+    calls.clear()
+    video_rows = pixels[media[0].pixel_values.shape[0]:]
+    got_e, _ = encode_split([replica("home"), replica("helper")], video_rows, grids[1:])
+    torch.testing.assert_close(got_e, visual(video_rows, grids[1:])[0], rtol=1e-5, atol=1e-6)
+    (_, helper, _), (_, home, _) = calls
+    assert home[0][0] >= 1 and helper[0][0] >= 1 and home[0][0] + helper[0][0] == t
 
 
 @pytest.mark.gpu

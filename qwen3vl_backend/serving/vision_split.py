@@ -1,13 +1,13 @@
-"""One request's media items encoded on several GPUs at once (`--mm-enable-dp-encoder`).
+"""One request's media encoded on several GPUs at once (`--mm-enable-dp-encoder`).
 
 A vit instance holds a replica of the vision encoder on its own GPU and the group's next one
-(`replica_gpus`). A request with several items is cut into contiguous runs of items, one per GPU, balanced
-by patch count; the other GPUs' runs are issued first (their work is queued while the home
-GPU's is being launched), and their outputs come back to one GPU (the home GPU, or the one the
-llm reads them on) in the request's order.
-Items are encoded independently of each other (each frame attends only to itself), so the
-result is the single-GPU one. Measured on two H200s for the 235B model's two 1280x720 images:
-see benchmarks/results/NOTES.md.
+(`replica_gpus`). A request's frame groups (an image is one, a video one per temporal patch) are
+cut into contiguous runs, one per GPU, balanced by patch count; the other GPUs' runs are issued
+first (their work is queued while the home GPU's is being launched), and their outputs come back
+to one GPU (the home GPU, or the one the llm reads them on) in the request's order. Frame groups
+are encoded independently of each other (each attends only to itself, at positions that depend on
+its height and width alone), so the result is the single-GPU one. Measured on two H200s for the
+235B model's two 1280x720 images: benchmarks/results/NOTES.md.
 """
 
 from __future__ import annotations
@@ -31,55 +31,72 @@ def replica_gpus(instance: int, gpus: int, first: int = 0, limit: int = MAX_SPLI
 
 def balanced_runs(sizes: list[int], parts: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) runs of `sizes`, at most `parts` of them, none empty, whose largest
-    sum is the smallest possible (exact, by dynamic programming over the few items a request has)."""
-    n = len(sizes)
-    parts = max(1, min(parts, n))
-    prefix = [0]
-    for s in sizes:
-        prefix.append(prefix[-1] + s)
-    inf = float("inf")
-    # best[k][i]: the smallest largest run over the first i items in k runs; cut[k][i]: its last cut
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0
-    for k in range(1, parts + 1):
-        for i in range(k, n + 1):
-            for j in range(k - 1, i):
-                cost = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cost < best[k][i]:
-                    best[k][i], cut[k][i] = cost, j
-    k = min(range(1, parts + 1), key=lambda p: (best[p][n], p))
-    runs, i = [], n
-    while k:
-        j = cut[k][i]
-        runs.append((j, i))
-        i, k = j, k - 1
-    return runs[::-1]
+    sum is the smallest possible: the smallest capacity that a greedy packing fits into `parts`
+    runs (binary search; a video's hundreds of frame groups take microseconds)."""
+    if not sizes:
+        return []
+    parts = max(1, min(parts, len(sizes)))
+
+    def pack(capacity: int) -> list[tuple[int, int]]:
+        runs, start, total = [], 0, 0
+        for i, s in enumerate(sizes):
+            if total + s > capacity and i > start:
+                runs.append((start, i))
+                start, total = i, 0
+            total += s
+        return runs + [(start, len(sizes))]
+
+    lo, hi = max(sizes), sum(sizes)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(pack(mid)) <= parts:
+            hi = mid
+        else:
+            lo = mid + 1
+    return pack(lo)
+
+
+def frame_groups(grids: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The units a request's items split into: each (item, its first patch row, patches) is one
+    frame group of an item (an image has one, a video one per temporal patch). The ViT attends
+    within a frame group only and its positions depend on h and w alone, so any contiguous run of
+    groups encodes as its own request to the same rows."""
+    units, row = [], 0
+    for i, (t, h, w) in enumerate(grids):
+        for _ in range(t):
+            units.append((i, row, h * w))
+            row += h * w
+    return units
 
 
 def encode_split(replicas, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]],
                  out: torch.device | None = None):
     """replicas: [(device, encode)] with the home device first; encode(pixels, grids) ->
     (embeds, deepstack list) on its device. -> the same for all items, on `out` (default: the
-    home device)."""
+    home device). The frame groups (`frame_groups`) are cut into contiguous runs balanced by
+    patches, one a GPU: a request's images, or one video's frames, are spread over the GPUs."""
     home = out if out is not None else replicas[0][0]
-    if len(replicas) == 1 or len(grids) == 1:
+    units = frame_groups(grids)
+    if len(replicas) == 1 or len(units) == 1:
         device, encode = replicas[0]
         with _on(device):
             embeds, deepstack = encode(pixel_values, grids)
         if device == home:
             return embeds, deepstack
         return embeds.to(home, non_blocking=True), [d.to(home, non_blocking=True) for d in deepstack]
-    patches = [t * h * w for t, h, w in grids]
-    starts = [0]
-    for p in patches:
-        starts.append(starts[-1] + p)
-    runs = balanced_runs(patches, len(replicas))
+    runs = balanced_runs([n for _, _, n in units], len(replicas))
     outputs: list = [None] * len(runs)
     for r in reversed(range(len(runs))):          # the helpers' work first, the home GPU's last
         (device, encode), (a, b) = replicas[r], runs[r]
+        sub: list[list[int]] = []                 # the run's groups as grids: an item's consecutive groups merge
+        for item, _, _ in units[a:b]:
+            if sub and sub[-1][3] == item:
+                sub[-1][0] += 1
+            else:
+                sub.append([1, grids[item][1], grids[item][2], item])
+        first, last = units[a], units[b - 1]
         with _on(device):
-            outputs[r] = encode(pixel_values[starts[a]:starts[b]], grids[a:b])
+            outputs[r] = encode(pixel_values[first[1]:last[1] + last[2]], [(t, h, w) for t, h, w, _ in sub])
     embeds = torch.cat([e.to(home, non_blocking=True) for e, _ in outputs])
     levels = len(outputs[0][1])
     deepstack = [torch.cat([d[level].to(home, non_blocking=True) for _, d in outputs]) for level in range(levels)]
