@@ -85,7 +85,7 @@ class TritonPythonModel:
         return [self._one(r) for r in requests]
 
     def _encode(self, pixels, grids):
-        """All items, on every replica's GPU when there are several (outputs on this instance's)."""
+        """All items, over the replicas' GPUs when there are several; the outputs on `out_device`."""
         return encode_split(self.replicas, pixels, grids, self.out_device)
 
     def _encode_on(self, device, encoder, pixels, grids):
