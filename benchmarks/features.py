@@ -20,7 +20,7 @@ from qwen3vl_backend.processing.chat import MediaRef
 from qwen3vl_backend.engine.llm_engine import LLMEngine
 from qwen3vl_backend.processing.processor import Processor
 from qwen3vl_backend.sampling_params import SamplingParams
-from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
+from qwen3vl_backend.engine.vision_cache import VisionCache, encode_with_cache
 
 from .common import bundled_model_dir, image_data_uri, print_table, write_result
 from .engine import make_prompt

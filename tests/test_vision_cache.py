@@ -5,7 +5,7 @@ import torch
 from conftest import data_uri, image_bytes, make_image
 from qwen3vl_backend.loader import load_model
 from qwen3vl_backend.processing.processor import Processor
-from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
+from qwen3vl_backend.engine.vision_cache import VisionCache, encode_with_cache
 
 
 class CountingViT:

@@ -21,7 +21,7 @@ from ..processing.processor import MediaItem, ProcessedPrompt
 from ..processing.tokenizer import Tokenizer
 from ..layers.sampler import needs_history
 from ..sampling_params import SamplingParams
-from ..serving.vision_cache import VisionCache, encode_with_cache
+from .vision_cache import VisionCache, encode_with_cache
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, MultimodalState

@@ -20,7 +20,7 @@ from qwen3vl_backend.processing.vision_inputs import (VisionProcessingConfig, ch
 from qwen3vl_backend.serving.triton_params import error_response, model_settings, pick
 from qwen3vl_backend.serving.stage_timing import PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
-from qwen3vl_backend.serving.vision_cache import VisionCache, encode_with_cache
+from qwen3vl_backend.engine.vision_cache import VisionCache, encode_with_cache
 from qwen3vl_backend.serving.vision_split import encode_split, replica_gpus
 
 
