@@ -15,7 +15,7 @@ import asyncio
 import base64
 
 from qwen3vl_backend.errors import RequestError
-from qwen3vl_backend.processing.chat import MEDIA_INPUT
+from qwen3vl_backend.processing.chat import MEDIA_INPUT, is_text_part
 from qwen3vl_backend.processing.media import Cancel, MediaPolicy, fetch_bytes
 
 _KEYS = ("image_url", "video_url", "image", "video")
@@ -99,9 +99,7 @@ def split_media(messages: list) -> tuple[list, list[str]]:
             continue
         parts = []
         for p in content:
-            # as processing.chat reads a part: a text part is text whatever else it holds
-            is_text = isinstance(p, dict) and (p.get("type") == "text" or (p.get("type") is None and "text" in p))
-            for key in (_KEYS if isinstance(p, dict) and not is_text else ()):
+            for key in (_KEYS if isinstance(p, dict) and not is_text_part(p) else ()):
                 url = _url(p.get(key))
                 if url is not None:
                     ref = f"{MEDIA_INPUT}{len(media)}"

@@ -56,11 +56,16 @@ def normalize_messages(messages) -> tuple[list[dict], list[MediaRef]]:
     return out, media
 
 
+def is_text_part(part) -> bool:
+    """A content part read as text: typed "text", or untyped with a "text" key (whatever else it holds)."""
+    return isinstance(part, dict) and (part.get("type") == "text" or (part.get("type") is None and "text" in part))
+
+
 def _normalize_part(part, where: str, media: list[MediaRef]) -> dict:
     if not isinstance(part, dict):
         raise RequestError(f"{where} must be an object")
     kind = part.get("type")
-    if kind == "text" or (kind is None and "text" in part):
+    if is_text_part(part):
         if not isinstance(part.get("text"), str):
             raise RequestError(f"{where}: a text part needs a string 'text'")
         return {"type": "text", "text": part["text"]}

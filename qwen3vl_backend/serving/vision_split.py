@@ -79,7 +79,7 @@ def encode_split(replicas, pixel_values: torch.Tensor, grids: list[tuple[int, in
     units = frame_groups(grids)
     if len(replicas) == 1 or len(units) == 1:
         device, encode = replicas[0]
-        with _on(device):
+        with device_context(device):
             embeds, deepstack = encode(pixel_values, grids)
         if device == home:
             return embeds, deepstack
@@ -95,7 +95,7 @@ def encode_split(replicas, pixel_values: torch.Tensor, grids: list[tuple[int, in
             else:
                 sub.append([1, grids[item][1], grids[item][2], item])
         first, last = units[a], units[b - 1]
-        with _on(device):
+        with device_context(device):
             outputs[r] = encode(pixel_values[first[1]:last[1] + last[2]], [(t, h, w) for t, h, w, _ in sub])
     embeds = torch.cat([e.to(home, non_blocking=True) for e, _ in outputs])
     levels = len(outputs[0][1])
@@ -103,6 +103,6 @@ def encode_split(replicas, pixel_values: torch.Tensor, grids: list[tuple[int, in
     return embeds, deepstack
 
 
-def _on(device: torch.device):
+def device_context(device: torch.device):
     """The device context an encoder's CUDA work (and its graphs) needs; nothing on CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

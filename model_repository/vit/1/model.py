@@ -3,7 +3,6 @@
 Passes through (empty outputs) when the request has no media.
 """
 
-import contextlib
 import functools
 import time
 
@@ -21,7 +20,7 @@ from qwen3vl_backend.serving.triton_params import error_response, model_settings
 from qwen3vl_backend.serving.stage_timing import PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
 from qwen3vl_backend.engine.vision_cache import VisionCache, encode_with_cache
-from qwen3vl_backend.serving.vision_split import encode_split, replica_gpus
+from qwen3vl_backend.serving.vision_split import device_context, encode_split, replica_gpus
 
 
 class TritonPythonModel:
@@ -41,7 +40,7 @@ class TritonPythonModel:
             torch.cuda.set_device(self.device)
         self.replicas = []
         for device in devices:
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            with device_context(device):
                 visual = load_vision_model(cfg.model_path, device, self.dtype, cfg.load_format)
                 visual.attn_fn = vision_attention(cfg.mm_attention_backend)
                 encoder = visual
@@ -76,7 +75,7 @@ class TritonPythonModel:
         compiles and plans its kernels (0.4 s of one request's TTFT on an H200)."""
         g = (1, 28, 28)
         for device, encode in self.replicas:
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            with device_context(device):
                 encode(torch.zeros(g[0] * g[1] * g[2], self.pixel_cfg.patch_width, dtype=torch.uint8), [g])
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
