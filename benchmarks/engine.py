@@ -179,6 +179,27 @@ def run(engine: LLMEngine, prompts, out_tokens: int, temperature: float = 0.0, s
             "decode_step_ms": 1e3 * decode_time / max(len(steps), 1), "prompt_tokens": len(prompts[0].prompt_ids)}
 
 
+def kernel_timeline(kernels, steps: int, rows: int = 60) -> str:
+    """Where a step's GPU time goes between kernels: the span from first start to last end on one
+    device, the kernels' busy time, and the idle gaps; then one stretch of the sequence (start offset,
+    duration, gap before it) so a layer's critical path can be read kernel by kernel."""
+    if not kernels:
+        return ""
+    device = kernels[0].device_index
+    seq = sorted((e for e in kernels if e.device_index == device), key=lambda e: e.time_range.start)
+    span = seq[-1].time_range.end - seq[0].time_range.start
+    busy = sum(e.time_range.elapsed_us() for e in seq)
+    gaps = [max(b.time_range.start - a.time_range.end, 0) for a, b in zip(seq, seq[1:])]
+    out = [f"device {device}: span {span / steps / 1e3:.3f} ms a step, kernels {busy / steps / 1e3:.3f} ms, "
+           f"idle gaps {sum(gaps) / steps / 1e3:.3f} ms ({len(seq) / steps:.0f} kernels a step; "
+           f"overlapping kernels make busy + gaps exceed the span)\n"]
+    mid = len(seq) // 2
+    t0 = seq[mid].time_range.start
+    for e, gap in zip(seq[mid:mid + rows], gaps[mid - 1:mid - 1 + rows]):
+        out.append(f"  {e.time_range.start - t0:9.1f} us  {e.time_range.elapsed_us():8.1f} us  gap {gap:6.1f}  {e.name[:70]}\n")
+    return "".join(out)
+
+
 def profile_decode(engine: LLMEngine, prompts, out_dir: Path, steps: int = 8) -> None:
     """GPU time per kernel over `steps` decode steps of this batch (CUDA graph replays included)."""
     from torch.profiler import ProfilerActivity, profile
@@ -199,6 +220,7 @@ def profile_decode(engine: LLMEngine, prompts, out_dir: Path, steps: int = 8) ->
     head = (f"{steps} decode steps, concurrency {len(prompts)}: {len(kernels)} GPU kernels "
             f"({len(kernels) / steps:.0f} per step), GPU busy {sum(e.device_time for e in kernels) / steps / 1e3:.2f} ms "
             f"per step of {wall:.2f} ms (profiled)\n")
+    head += kernel_timeline(kernels, steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"profile-decode-c{len(prompts)}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
     path.write_text(head + table)
