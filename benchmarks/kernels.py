@@ -12,6 +12,7 @@ import itertools
 import json
 
 import torch
+import triton
 
 import kernels.fused_moe
 
@@ -144,12 +145,12 @@ def sweep_linear(ceil: dict, ms=None) -> tuple[list[dict], dict]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cublas = per_call_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies]))
             best = (float("inf"), None)
-            if m == 1:
-                space = itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (1, 3))
+            if m == 1:      # up to a whole row a step: every load of a program issued at once
+                space = itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (4, 8), (1, 3))
             else:
                 space = itertools.product((16, 32), (256, 512), (2, 4), (3,))
             for bn, bk, warps, stages in space:
-                if bn * bk > 8192:
+                if bn * bk > 8192 or bk > triton.next_power_of_2(k):
                     continue
                 cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
                 try:
@@ -314,14 +315,14 @@ def sweep_fp8_gemv(ms=None) -> tuple[list[dict], dict]:
         for m in ms or SWEEP_MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bf16 = per_call_ms(lambda i: skinny_linear(x, ws[i % len(ws)]))
-            if m == 1:
-                space = itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (False,))
+            if m == 1:      # up to a whole row a step (BLOCK_K = K): one round trip per program
+                space = itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (4, 8), (False,))
             else:
                 space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True))
             best = (float("inf"), None)
             for bn, bk, warps, a8 in space:
-                if a8 and bk != 128:        # W8A8 steps one scale block at a time
-                    continue
+                if (a8 and bk != 128) or bn * bk > 16384 or bk > triton.next_power_of_2(k):
+                    continue            # W8A8 steps one scale block at a time; a tile's registers
                 cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3, **({"A8": True} if a8 else {})}
                 try:
                     ms = per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))

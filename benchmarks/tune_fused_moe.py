@@ -41,11 +41,13 @@ BLOCK = (128, 128)
 def candidates(m: int, quick: bool = False, wide: bool = False):
     """Launch shapes for M tokens: BLOCK_M by M, GROUP_M only where there are many M blocks, and
     K steps of at most 128 (inside one fp8 scale block, as the W8A8 dots need). `quick`: one
-    BLOCK_M per M and 128-wide K steps (8 shapes: the kernels compile in seconds each). `wide`
+    BLOCK_M per M and 128-wide K steps (8 shapes, 12 up to M=16: the kernels compile in seconds
+    each). `wide`
     (prefill sizes, M > 512): 256-wide N tiles and 5 stages too (36 shapes)."""
     block_ms = (16, 32) if m <= 64 else (32, 64) if m <= 512 else (64, 128)
     block_ks = (64, 128) if m <= 512 else (128,)
-    block_ns, stage_counts = (64, 128), (3, 4)
+    # a few tokens meet a few experts: narrow N tiles give each expert's weights more programs
+    block_ns, stage_counts = ((32, 64, 128) if m <= 16 else (64, 128)), (3, 4)
     if quick:
         block_ms, block_ks = block_ms[:1], (128,)
     elif wide and m > 512:
@@ -80,7 +82,10 @@ def _reference(x, r13, r2, weights, ids, e):
 
 
 def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=None, quick: bool = False,
-         ep: int = 1, wide: bool = False) -> dict:
+         ep: int = 1, wide: bool = False, cycled: bool = False) -> dict:
+    """`cycled`: time each launch shape over 16 routings captured back to back, so that one call's
+    experts are not in L2 for the next (a decode step's layers each read their own); otherwise one
+    routing replayed, which at a few tokens times partly L2-resident experts."""
     w13, w2, scales, (r13, r2) = _experts(e, h, inter, fp8)
     if ep > 1:
         scales = {**scales, "sentinel": True}
@@ -88,13 +93,17 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
     tolerance = 6e-2 if fp8 else 1e-2          # fp8: activations quantized per 128-group too
     for m in ms:
         x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-        weights, ids = rank_routing(m, e, top_k, ep)
+        routings = [rank_routing(m, e, top_k, ep) for _ in range(16 if cycled else 1)]
+        weights, ids = routings[0]
         best = None
         # the table's current entry competes too: a narrower search keeps what it cannot beat
         incumbent = lookup_config(e, inter, h, m, x.device, BLOCK if fp8 else None)
         for cfg in [*candidates(m, quick, wide), incumbent]:
             try:
-                ms_ = graph_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, cfg, **scales), iters=10)
+                if cycled:
+                    ms_ = per_call_ms(lambda i: fused_moe(x, w13, w2, *routings[i], cfg, **scales), len(routings))
+                else:
+                    ms_ = graph_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, cfg, **scales), iters=10)
             except (triton.runtime.errors.OutOfResources, RuntimeError):
                 torch.cuda.synchronize()
                 continue
@@ -191,6 +200,8 @@ def main(argv=None):
     ap.add_argument("--ep", type=int, default=1, help="tune one rank's share: --experts local of ep times as many")
     ap.add_argument("--quick", action="store_true", help="8 launch shapes per M instead of 16-32")
     ap.add_argument("--wide", action="store_true", help="prefill sizes (M > 512): 36 launch shapes, 256-wide N tiles")
+    ap.add_argument("--cycled", action="store_true",
+                    help="time each shape over 16 routings (experts past L2, as in a decode step)")
     ap.add_argument("--out", default=None, help="write here instead of kernels/configs/")
     ap.add_argument("--pairs", action="store_true", help="tune the pair path (small M) and merge it into the table")
     ap.add_argument("--rows", default=None, help="--pairs: also write the timings (JSON rows) here")
@@ -214,7 +225,7 @@ def main(argv=None):
         return
     ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
     table = tune(args.experts, args.hidden, args.inter, args.topk, ms, args.fp8,
-                 save, args.quick, args.ep, args.wide)
+                 save, args.quick, args.ep, args.wide, args.cycled)
     save(table)
     print(json.dumps(table))
     print(path)
