@@ -154,11 +154,11 @@ def sweep_linear(ceil: dict, ms=None) -> tuple[list[dict], dict]:
                     continue
                 cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
                 try:
-                    ms = per_call_ms(lambda i: skinny_linear(x, ws[i % copies], config=cfg))
+                    took = per_call_ms(lambda i: skinny_linear(x, ws[i % copies], config=cfg))
                 except Exception as e:          # out of shared memory for the larger tiles
                     print(f"linear {cfg}: {type(e).__name__}")
                     continue
-                best = min(best, (ms, cfg), key=lambda t: t[0])
+                best = min(best, (took, cfg), key=lambda t: t[0])
             floor = 2 * n * k / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
             rows.append({"proj": name, "N": n, "K": k, "M": m, "cublas_ms": cublas, "skinny_ms": best[0],
                          "floor_over_cublas": floor / cublas, "floor_over_skinny": floor / best[0],
@@ -325,11 +325,11 @@ def sweep_fp8_gemv(ms=None) -> tuple[list[dict], dict]:
                     continue            # W8A8 steps one scale block at a time; a tile's registers
                 cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3, **({"A8": True} if a8 else {})}
                 try:
-                    ms = per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
+                    took = per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
                 except Exception as e:          # out of registers or shared memory for the larger tiles
                     print(f"fp8 gemv {cfg}: {type(e).__name__}")
                     continue
-                best = min(best, (ms, cfg), key=lambda t: t[0])
+                best = min(best, (took, cfg), key=lambda t: t[0])
             floor = n * k * (1 + 4 / 128 ** 2) / (roofline_cache()["copy_bandwidth_tb_s"] * 1e12) * 1e3
             rows.append({"proj": name, "N": n, "K": k, "M": m, "bf16_skinny_ms": bf16, "fp8_ms": best[0],
                          "fp8_floor_ms": floor, "floor_over_fp8": floor / best[0], "config": json.dumps(best[1])})
