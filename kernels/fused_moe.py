@@ -52,14 +52,21 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALE_MODE: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
     as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    PAIR_BLOCKS: tl.constexpr = False,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
     BK), so one scale multiplies the tile's product. A_SCALED (with 2): a is fp8 too, with a
-    float32 scale per row and BK group (`as_ptr`), and the product is an fp8 tl.dot (W8A8)."""
+    float32 scale per row and BK group (`as_ptr`), and the product is an fp8 tl.dot (W8A8).
+    PAIR_BLOCKS (one token, whose top-k experts are distinct): block j is pair j alone and
+    `expert_ids_ptr` the token's ids, so no sorting launch comes first (sorted_ids_ptr and
+    num_padded_ptr are not read)."""
     gdc_enter(USE_PDL)
     pid = tl.program_id(0)
-    num_padded = tl.load(num_padded_ptr)
+    if PAIR_BLOCKS:
+        num_padded = num_valid * BLOCK_M
+    else:
+        num_padded = tl.load(num_padded_ptr)
     grid_m = tl.cdiv(num_padded, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     # grouped ordering: neighbouring programs share B tiles in L2
@@ -73,7 +80,10 @@ def _grouped_gemm_kernel(
         return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)                  # token * top_k + slot, or num_valid
+    if PAIR_BLOCKS:
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_valid)
+    else:
+        pair = tl.load(sorted_ids_ptr + offs_m)              # token * top_k + slot, or num_valid
     valid = pair < num_valid
     a_row = pair if A_ROWS_ARE_PAIRS else pair // top_k
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -209,14 +219,19 @@ def align_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
 
 def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_rows_are_pairs, mul_weight, cfg,
                   fuse_silu=False, scale=None, block=(128, 128), a_scale=None):
+    """sorted_ids None: one token's pairs, a block each, block_expert its top-k ids (PAIR_BLOCKS)."""
     n, k = b.shape[1] // (2 if fuse_silu else 1), b.shape[2]
     block_n, block_k, mode = cfg["BLOCK_N"], cfg["BLOCK_K"], 0
     if scale is not None:
         block_n, block_k, mode = _fp8_tile(block_n, block_k, n, block)
     if a_scale is not None and mode != 2:
         raise ValueError(f"fp8 activations need tiles inside the {block} scale blocks (N={n})")
-    grid = (triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"]) * triton.cdiv(n, block_n),)
+    pair_blocks = sorted_ids is None
+    blocks = block_expert.numel() if pair_blocks else triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"])
+    grid = (blocks * triton.cdiv(n, block_n),)
     s = scale if scale is not None else b
+    if pair_blocks:
+        sorted_ids = total = block_expert
     _grouped_gemm_kernel[grid](
         a, b, c, weights, sorted_ids, block_expert, total, s,
         n, k, c.shape[0], top_k, b.shape[0],
@@ -226,7 +241,8 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a_scale is not None else s, stride_asm=a_scale.stride(0) if a_scale is not None else 0,
-        A_SCALED=a_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a),
+        A_SCALED=a_scale is not None, PAIR_BLOCKS=pair_blocks, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl(a),
     )
 
 
@@ -336,6 +352,11 @@ FUSE_SILU = True
 # benchmarks.kernels, which times both paths).
 PAIR_PATH_MAX_M = 16
 
+# The sorted path at one token: a block per (token, expert) pair straight from the top-k ids,
+# without align_by_expert's launch (~2.5 us of a 235B-A22B decode layer at --ep 2, where batch 1
+# takes the sorted path). False: the token's pairs are sorted as any batch's (for comparison).
+PAIR_BLOCKS_AT_ONE_TOKEN = os.environ.get("QWEN3VL_MOE_PAIR_BLOCKS", "1") != "0"
+
 # The sorted path with fp8 weights quantizes its activations too (per token and block-wide group:
 # x before gate_up, the SiLU*up intermediate before down) and runs fp8 tensor-core dots (W8A8)
 # from this many tokens; below it the weights would be converted to the activations' dtype in
@@ -410,23 +431,41 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     return out
 
 
+# The routers rank every expert at once (an E x E comparison in registers) where E is at most
+# this, instead of one reduction per top-k slot. QWEN3VL_RANKED_TOP_K=0: one per slot.
+RANKED_TOP_K_MAX_E = 128
+
+
+def ranked_top_k(num_experts: int) -> bool:
+    return num_experts <= RANKED_TOP_K_MAX_E and os.environ.get("QWEN3VL_RANKED_TOP_K", "1") != "0"
+
+
 @triton.jit
 def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K: tl.constexpr,
-               TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
+               TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, RANKED: tl.constexpr = False):
     """One row's routing from its logits (float32): the top-k by logit, largest first (ties to the
-    lower id), one reduction each; their softmax weights over all experts, or over the top-k
-    alone when RENORMALIZE (the same numbers as softmax -> top-k -> renormalise). Stored as this
-    rank's experts see them: id - first where that is below n_local, else n_local (the sentinel)
-    with weight 0 (no expert parallelism: first 0, n_local E)."""
+    lower id), one reduction each, or RANKED all at once; their softmax weights over all experts,
+    or over the top-k alone when RENORMALIZE (the same numbers as softmax -> top-k -> renormalise).
+    Stored as this rank's experts see them: id - first where that is below n_local, else n_local
+    (the sentinel) with weight 0 (no expert parallelism: first 0, n_local E)."""
     slots = tl.arange(0, TOP_K_PAD)
-    vals = tl.full((TOP_K_PAD,), float("-inf"), tl.float32)
-    ids = tl.zeros((TOP_K_PAD,), tl.int32)
     left = tl.where(ok, logits, float("-inf"))
-    for j in tl.static_range(TOP_K):
-        best, idx = tl.max(left, 0, return_indices=True, return_indices_tie_break_left=True)
-        vals = tl.where(slots == j, best, vals)
-        ids = tl.where(slots == j, idx.to(tl.int32), ids)
-        left = tl.where(offs == idx, float("-inf"), left)
+    if RANKED:
+        # every expert's rank at once (how many beat it: a larger logit, or an equal one and a
+        # lower id), then slot j takes the expert ranked j: three reductions instead of TOP_K
+        beats = (left[None, :] > left[:, None]) | ((left[None, :] == left[:, None]) & (offs[None, :] < offs[:, None]))
+        rank = tl.sum(beats.to(tl.int32), 1)
+        hit = (rank[None, :] == slots[:, None]) & (slots < TOP_K)[:, None]
+        ids = tl.sum(tl.where(hit, offs[None, :], 0), 1).to(tl.int32)
+        vals = tl.max(tl.where(hit, left[None, :], float("-inf")), 1)
+    else:
+        vals = tl.full((TOP_K_PAD,), float("-inf"), tl.float32)
+        ids = tl.zeros((TOP_K_PAD,), tl.int32)
+        for j in tl.static_range(TOP_K):
+            best, idx = tl.max(left, 0, return_indices=True, return_indices_tie_break_left=True)
+            vals = tl.where(slots == j, best, vals)
+            ids = tl.where(slots == j, idx.to(tl.int32), ids)
+            left = tl.where(offs == idx, float("-inf"), left)
     top = tl.max(vals, 0)
     e = tl.exp(vals - top)
     if RENORMALIZE:
@@ -442,13 +481,13 @@ def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_
 @triton.jit
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm, first, n_local, TOP_K: tl.constexpr,
                   TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
-                  USE_PDL: tl.constexpr = False):
+                  RANKED: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     gdc_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E
     logits = tl.load(logits_ptr + row * stride_lm + offs, mask=ok, other=float("-inf")).to(tl.float32)
-    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
+    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE, RANKED)
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expert: int = 0,
@@ -465,7 +504,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
         _route_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0), first_expert,
                             e if num_local is None else num_local, TOP_K=top_k,
                             TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-                            BLOCK_E=triton.next_power_of_2(e), **pdl(router_logits))
+                            BLOCK_E=triton.next_power_of_2(e), RANKED=ranked_top_k(e), **pdl(router_logits))
     return weights, ids
 
 
@@ -473,7 +512,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
                        ids_ptr, count_ptr, D, E, eps, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
                        RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
+                       E_PAD: tl.constexpr, RANKED: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """One token (BLOCK_D >= D: every load is issued at once). Each program: s = x + residual and
     h = RMSNorm(s) (program 0 writes both), then the router logits of its BLOCK_E experts, rounded
     to h's dtype as the router's linear layer would. The program that finishes last (an atomic
@@ -504,7 +543,7 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
             lg = tl.load(fixed_ptr + offs, mask=ok, other=float("-inf")).to(tl.float32)
         else:
             lg = tl.load(logits_ptr + offs, mask=ok, other=float("-inf"), volatile=True)
-        _route_row(lg, offs, ok, weights_ptr, ids_ptr, 0, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
+        _route_row(lg, offs, ok, weights_ptr, ids_ptr, 0, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE, RANKED)
         tl.atomic_xchg(count_ptr, 0)
 
 
@@ -537,7 +576,7 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
         x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, d, e, eps,
         first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
-        E_PAD=triton.next_power_of_2(e), num_warps=8, **pdl(x))
+        E_PAD=triton.next_power_of_2(e), RANKED=ranked_top_k(e), num_warps=8, **pdl(x))
     return h, new_res, weights, ids
 
 
@@ -561,8 +600,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]
     cfg = config or lookup_config(e, two_i // 2, h, m, x.device, fp8_block)
-    # ids equal to e (another rank's experts) form the sentinel's blocks, which the GEMMs skip
-    sorted_ids, block_expert, total = align_by_expert(topk_ids, e + 1 if sentinel else e, cfg["BLOCK_M"])
+    # ids equal to e (another rank's experts) form the sentinel's blocks, which the GEMMs skip.
+    # One token meets each of its experts once: a block per pair, no sorting launch.
+    if m == 1 and PAIR_BLOCKS_AT_ONE_TOKEN:
+        sorted_ids, block_expert, total = None, topk_ids.reshape(-1).to(torch.int32), None
+    else:
+        sorted_ids, block_expert, total = align_by_expert(topk_ids, e + 1 if sentinel else e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
     fp8 = {"block": block} if w13_scale is not None else {}
     tiles = [_fp8_tile(bn, cfg["BLOCK_K"], n, block) for bn, n in (

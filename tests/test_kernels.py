@@ -58,12 +58,36 @@ def test_fused_moe_pair_path_matches_reference(m, e, h, i, a):
 
 @pytest.mark.parametrize("t,e,a", [(1, 8, 2), (4, 6, 3), (3, 128, 8)])
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_route_kernel_matches_torch(t, e, a, renormalize):
+@pytest.mark.parametrize("ranked", ["1", "0"])
+def test_route_kernel_matches_torch(t, e, a, renormalize, ranked, monkeypatch):
+    monkeypatch.setenv("QWEN3VL_RANKED_TOP_K", ranked)
     logits = torch.randn(t, e, device=DEV)
     want_w, want_ids = route(logits, a, renormalize)
     got_w, got_ids = route_kernel(logits, a, renormalize)
     assert torch.equal(got_ids.long(), want_ids)
     torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("e,a", [(8, 3), (20, 8), (128, 8)])
+@pytest.mark.parametrize("ranked", ["1", "0"])
+def test_route_kernel_breaks_ties_to_the_lower_id(e, a, ranked, monkeypatch):
+    """Logits with many equal values: the top-k slots hold the largest first and, among equals,
+    the lower expert id first, however the kernel ranks them (all at once or slot by slot)."""
+    from kernels.fused_moe import norm_route
+
+    monkeypatch.setenv("QWEN3VL_RANKED_TOP_K", ranked)
+    logits = torch.randint(-3, 3, (5, e)).float()
+    logits[0] = 1.0                                         # every expert tied
+    order = torch.sort(-logits, dim=1, stable=True).indices[:, :a]
+    _, ids = route_kernel(logits.to(DEV), a, True)
+    assert torch.equal(ids.cpu().long(), order)
+    # the batch-1 router (norm + route in one launch) on the same fixed logits
+    d = 32
+    counter = torch.zeros(1, dtype=torch.int32, device=DEV)
+    for row in range(2):
+        _, _, _, ids = norm_route(torch.randn(1, d).to(DEV), torch.randn(1, d).to(DEV), torch.ones(d).to(DEV), 1e-6,
+                                  torch.randn(e, d).to(DEV), a, True, counter, logits[row:row + 1].to(DEV))
+        assert torch.equal(ids.cpu().long(), order[row:row + 1])
 
 
 def test_top_k_combine_skips_other_ranks_pairs():

@@ -257,6 +257,50 @@ def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, fp8):
     assert ((got - want).norm() / want.norm()).item() < tol
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("w8a8", [False, True])
+def test_one_token_sorted_path_takes_a_block_per_pair(fp8, w8a8, monkeypatch):
+    """At one token the sorted path makes a block of each (token, expert) pair straight from the
+    top-k ids (no sorting launch): the same sums as the sorted blocks, other ranks' pairs skipped,
+    and nothing at all for a token with no pair here."""
+    import kernels.fused_moe
+    from kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks
+    from kernels.fused_moe import fused_moe
+    from qwen3vl_backend.layers.moe import moe_experts_torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    e, h, inter, a, block = 6, 64, 32, 4, (32, 32)
+    monkeypatch.setattr(kernels.fused_moe, "W8A8_MIN_M", 1 if w8a8 else 1 << 30)
+    w13, w2 = torch.randn(e, 2 * inter, h) * h ** -0.5, torch.randn(e, h, inter) * inter ** -0.5
+    kw = {}
+    if fp8:
+        q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w, block) for w in w13)))
+        q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w, block) for w in w2)))
+        w13 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q13, s13)])
+        w2 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q2, s2)])
+        kw = {"w13_scale": s13.to(dev), "w2_scale": s2.to(dev), "block": block}
+        k13, k2 = q13.to(dev), q2.to(dev)
+    else:
+        k13, k2 = w13.to(dev), w2.to(dev)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
+    x = torch.randn(1, h)
+    for ids in ([[3, 6, 0, 5]], [[2, 1, 4, 3]], [[6, 6, 6, 6]]):       # 6: another rank's expert
+        ids = torch.tensor(ids, dtype=torch.int32)
+        weights = torch.rand(1, a)
+        got = {}
+        for pair_blocks in (True, False):
+            monkeypatch.setattr(kernels.fused_moe, "PAIR_BLOCKS_AT_ONE_TOKEN", pair_blocks)
+            got[pair_blocks] = fused_moe(x.to(dev), k13, k2, weights.to(dev), ids.to(dev), cfg, sentinel=True,
+                                         **kw).cpu()
+        want = moe_experts_torch(x, w13, w2, weights, ids)
+        if not (ids < e).any():
+            assert not got[True].any() and not want.any()
+            continue
+        torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-6)
+        tol = 6e-2 if fp8 and w8a8 else 2e-2              # W8A8 quantizes the activations too
+        assert ((got[True] - want).norm() / want.norm()).item() < tol
+
+
 def test_the_tuner_routes_as_one_rank_of_expert_parallelism():
     """benchmarks.tune_fused_moe --ep: about 1/ep of the pairs land on this rank's experts, the
     rest on the sentinel, and its reference sums this rank's experts only."""
