@@ -431,41 +431,23 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     return out
 
 
-# The routers rank every expert at once (an E x E comparison in registers) where E is at most
-# this, instead of one reduction per top-k slot. QWEN3VL_RANKED_TOP_K=0: one per slot.
-RANKED_TOP_K_MAX_E = 128
-
-
-def ranked_top_k(num_experts: int) -> bool:
-    return num_experts <= RANKED_TOP_K_MAX_E and os.environ.get("QWEN3VL_RANKED_TOP_K", "1") != "0"
-
-
 @triton.jit
 def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K: tl.constexpr,
-               TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, RANKED: tl.constexpr = False):
+               TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
     """One row's routing from its logits (float32): the top-k by logit, largest first (ties to the
-    lower id), one reduction each, or RANKED all at once; their softmax weights over all experts,
-    or over the top-k alone when RENORMALIZE (the same numbers as softmax -> top-k -> renormalise).
-    Stored as this rank's experts see them: id - first where that is below n_local, else n_local
-    (the sentinel) with weight 0 (no expert parallelism: first 0, n_local E)."""
+    lower id), one reduction each; their softmax weights over all experts, or over the top-k
+    alone when RENORMALIZE (the same numbers as softmax -> top-k -> renormalise). Stored as this
+    rank's experts see them: id - first where that is below n_local, else n_local (the sentinel)
+    with weight 0 (no expert parallelism: first 0, n_local E)."""
     slots = tl.arange(0, TOP_K_PAD)
+    vals = tl.full((TOP_K_PAD,), float("-inf"), tl.float32)
+    ids = tl.zeros((TOP_K_PAD,), tl.int32)
     left = tl.where(ok, logits, float("-inf"))
-    if RANKED:
-        # every expert's rank at once (how many beat it: a larger logit, or an equal one and a
-        # lower id), then slot j takes the expert ranked j: three reductions instead of TOP_K
-        beats = (left[None, :] > left[:, None]) | ((left[None, :] == left[:, None]) & (offs[None, :] < offs[:, None]))
-        rank = tl.sum(beats.to(tl.int32), 1)
-        hit = (rank[None, :] == slots[:, None]) & (slots < TOP_K)[:, None]
-        ids = tl.sum(tl.where(hit, offs[None, :], 0), 1).to(tl.int32)
-        vals = tl.max(tl.where(hit, left[None, :], float("-inf")), 1)
-    else:
-        vals = tl.full((TOP_K_PAD,), float("-inf"), tl.float32)
-        ids = tl.zeros((TOP_K_PAD,), tl.int32)
-        for j in tl.static_range(TOP_K):
-            best, idx = tl.max(left, 0, return_indices=True, return_indices_tie_break_left=True)
-            vals = tl.where(slots == j, best, vals)
-            ids = tl.where(slots == j, idx.to(tl.int32), ids)
-            left = tl.where(offs == idx, float("-inf"), left)
+    for j in tl.static_range(TOP_K):
+        best, idx = tl.max(left, 0, return_indices=True, return_indices_tie_break_left=True)
+        vals = tl.where(slots == j, best, vals)
+        ids = tl.where(slots == j, idx.to(tl.int32), ids)
+        left = tl.where(offs == idx, float("-inf"), left)
     top = tl.max(vals, 0)
     e = tl.exp(vals - top)
     if RENORMALIZE:
@@ -481,13 +463,13 @@ def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_
 @triton.jit
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm, first, n_local, TOP_K: tl.constexpr,
                   TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
-                  RANKED: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                  USE_PDL: tl.constexpr = False):
     gdc_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E
     logits = tl.load(logits_ptr + row * stride_lm + offs, mask=ok, other=float("-inf")).to(tl.float32)
-    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE, RANKED)
+    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expert: int = 0,
@@ -504,7 +486,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
         _route_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0), first_expert,
                             e if num_local is None else num_local, TOP_K=top_k,
                             TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-                            BLOCK_E=triton.next_power_of_2(e), RANKED=ranked_top_k(e), **pdl(router_logits))
+                            BLOCK_E=triton.next_power_of_2(e), **pdl(router_logits))
     return weights, ids
 
 
@@ -512,7 +494,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
                        ids_ptr, count_ptr, D, E, eps, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
                        RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                       E_PAD: tl.constexpr, RANKED: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One token (BLOCK_D >= D: every load is issued at once). Each program: s = x + residual and
     h = RMSNorm(s) (program 0 writes both), then the router logits of its BLOCK_E experts, rounded
     to h's dtype as the router's linear layer would. The program that finishes last (an atomic
@@ -543,7 +525,7 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
             lg = tl.load(fixed_ptr + offs, mask=ok, other=float("-inf")).to(tl.float32)
         else:
             lg = tl.load(logits_ptr + offs, mask=ok, other=float("-inf"), volatile=True)
-        _route_row(lg, offs, ok, weights_ptr, ids_ptr, 0, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE, RANKED)
+        _route_row(lg, offs, ok, weights_ptr, ids_ptr, 0, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
         tl.atomic_xchg(count_ptr, 0)
 
 
@@ -576,7 +558,7 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
         x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, d, e, eps,
         first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
-        E_PAD=triton.next_power_of_2(e), RANKED=ranked_top_k(e), num_warps=8, **pdl(x))
+        E_PAD=triton.next_power_of_2(e), num_warps=8, **pdl(x))
     return h, new_res, weights, ids
 
 
