@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .pdl import gdc_enter, pdl
 
-from .fp8 import FP8, quantize_activations_fp8
+from .fp8 import quantize_activations_fp8
 from .linear import dividing
 
 log = logging.getLogger(__name__)
@@ -494,15 +494,12 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
                        ids_ptr, count_ptr, D, E, eps, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
                        RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                       E_PAD: tl.constexpr, hq_ptr=None, hs_ptr=None, QUANT_GROUP: tl.constexpr = 0,
-                       USE_PDL: tl.constexpr = False):
+                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One token (BLOCK_D >= D: every load is issued at once). Each program: s = x + residual and
     h = RMSNorm(s) (program 0 writes both), then the router logits of its BLOCK_E experts, rounded
     to h's dtype as the router's linear layer would. The program that finishes last (an atomic
     count) routes the token as `route` does and resets the count for the next launch. FIXED:
-    route on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs).
-    QUANT_GROUP (dividing BLOCK_D): program 0 also writes h in e4m3 per QUANT_GROUP-wide group with
-    its float32 scales, as kernels.fp8.quantize_activations_fp8 makes them (the W8A8 experts' input)."""
+    route on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs)."""
     gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -517,14 +514,6 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
     if pid == 0:
         tl.store(new_res_ptr + d, s, mask=d_ok)
         tl.store(h_ptr + d, h, mask=d_ok)
-        if QUANT_GROUP > 0:
-            hg = tl.reshape(h.to(tl.float32), (BLOCK_D // QUANT_GROUP, QUANT_GROUP))
-            scale = tl.maximum(tl.max(tl.abs(hg), 1), 1e-12) / 448.0
-            q = tl.clamp(hg / scale[:, None], -448.0, 448.0)
-            col = tl.reshape(d, (BLOCK_D // QUANT_GROUP, QUANT_GROUP))
-            tl.store(hq_ptr + col, q.to(hq_ptr.dtype.element_ty), mask=col < D)
-            g = tl.arange(0, BLOCK_D // QUANT_GROUP)
-            tl.store(hs_ptr + g, scale, mask=g * QUANT_GROUP < D)
     logits = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], 1)
     tl.store(logits_ptr + offs_e, logits.to(h_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
     # release this program's logits; the last one to arrive sees everyone's
@@ -545,14 +534,12 @@ NORM_ROUTE_MAX_D = 4096        # the gate's rows in registers: up to Qwen3-VL-23
 
 def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                gate_weight: torch.Tensor, top_k: int, renormalize: bool, counter: torch.Tensor,
-               fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None,
-               quant_group: int = 0):
+               fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None):
     """The post-attention RMSNorm (after the residual add) and the router in one launch, for one
     token (batch-1 decode). x, residual (1, D); gate_weight (E, D); `counter` one int32, zero
     between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (1, A)
     float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T, ..., first_expert,
-    num_local)` give them. `quant_group` (a power of two, at most D's): also (hq, hs), h quantized
-    as `quantize_activations_fp8(h, quant_group)` gives it (one launch fewer before W8A8 experts)."""
+    num_local)` give them."""
     m, d = x.shape
     e = gate_weight.shape[0]
     if (m != 1 or d > NORM_ROUTE_MAX_D or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
@@ -567,52 +554,22 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     ids = torch.empty(1, top_k, dtype=torch.int32, device=x.device)
     block_e = 4
     fixed = fixed_logits if fixed_logits is not None else logits
-    block_d = triton.next_power_of_2(d)
-    if quant_group and (quant_group & (quant_group - 1) or quant_group > block_d):
-        raise ValueError(f"norm_route: quant_group {quant_group}: a power of two, at most {block_d}")
-    quant = {}
-    if quant_group:
-        hq = torch.empty(1, d, dtype=FP8, device=x.device)
-        hs = torch.empty(1, -(-d // quant_group), dtype=torch.float32, device=x.device)
-        quant = {"hq_ptr": hq, "hs_ptr": hs, "QUANT_GROUP": quant_group}
     _norm_route_kernel[(triton.cdiv(e, block_e),)](
         x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, d, e, eps,
         first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
-        RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=block_d,
-        E_PAD=triton.next_power_of_2(e), num_warps=8, **quant, **pdl(x))
-    if quant_group:
-        return h, new_res, weights, ids, hq, hs
+        RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
+        E_PAD=triton.next_power_of_2(e), num_warps=8, **pdl(x))
     return h, new_res, weights, ids
-
-
-def _w8a8(m: int, e: int, inter: int, h: int, cfg: dict, device: torch.device, block) -> bool:
-    """Whether the sorted path with fp8 weights quantizes its activations at this launch shape:
-    from w8a8_min_m tokens, where every tile lies inside one scale block with K steps of 32 or
-    more (fp8 dots need both)."""
-    tiles = [_fp8_tile(bn, cfg["BLOCK_K"], n, block) for bn, n in (
-        (max(16, cfg["BLOCK_N"] // 2) if FUSE_SILU else cfg["BLOCK_N"], inter), (cfg["BLOCK_N"], h))]
-    return m >= w8a8_min_m(e, inter, h, device, block) and all(mode == 2 and bk >= 32 for _, bk, mode in tiles)
-
-
-def takes_fp8_activations(m: int, e: int, inter: int, h: int, device: torch.device, block) -> bool:
-    """fused_moe (no config given) on fp8 experts of this shape quantizes M tokens' activations
-    per block[1] group: a caller that has them quantized may hand them over (`a_quant`)."""
-    block = tuple(block)
-    if m <= pair_path_max_m(e, inter, h, device, block):
-        return False
-    return _w8a8(m, e, inter, h, lookup_config(e, inter, h, m, device, block), device, block)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
-              sentinel: bool = False, a_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              sentinel: bool = False) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
     blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
-    (expert parallelism), which add nothing here. `a_quant`: x already quantized per block[1]
-    group, (xq, xs) as quantize_activations_fp8 gives them, used where this call quantizes x
-    (`takes_fp8_activations`)."""
+    (expert parallelism), which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
@@ -633,11 +590,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         sorted_ids, block_expert, total = align_by_expert(topk_ids, e + 1 if sentinel else e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
     fp8 = {"block": block} if w13_scale is not None else {}
-    w8a8 = bool(fp8) and _w8a8(m, e, two_i // 2, h, cfg, x.device, fp8_block)
-    if not w8a8:
-        a, a_scale = x, None
-    else:
-        a, a_scale = a_quant if a_quant is not None else quantize_activations_fp8(x, block[1])
+    tiles = [_fp8_tile(bn, cfg["BLOCK_K"], n, block) for bn, n in (
+        (max(16, cfg["BLOCK_N"] // 2) if FUSE_SILU else cfg["BLOCK_N"], two_i // 2), (cfg["BLOCK_N"], h))]
+    # fp8 dots need tiles inside one scale block and K steps of 32 or more
+    w8a8 = (bool(fp8) and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
+            and all(mode == 2 and bk >= 32 for _, bk, mode in tiles))
+    a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
     if FUSE_SILU:     # two accumulators per program: half the columns keeps the tuned register budget
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
         half = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}

@@ -348,35 +348,6 @@ def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, monkeypatch):
     assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < 6e-2
 
 
-def test_fp8_moe_takes_activations_quantized_by_the_caller(monkeypatch):
-    """fused_moe's a_quant: where it would quantize x (W8A8) it multiplies the caller's (xq, xs)
-    instead: the same answer for the same quantization, another for another; and
-    takes_fp8_activations says where that is."""
-    import kernels.fused_moe
-    from kernels.fp8 import quantize_activations_fp8
-    from kernels.fused_moe import fused_moe, takes_fp8_activations
-    from qwen3vl_backend.layers.moe import route
-
-    m, e, h, i, a, block = 1, 8, 64, 32, 2, (32, 32)
-    monkeypatch.setattr(kernels.fused_moe, "W8A8_MIN_M", 1)
-    q13, s13, q2, s2, _, _ = _fp8_experts(e, h, i, block, DEV)
-    x = torch.randn(m, h, device=DEV)
-    w, ids = route(torch.randn(m, e, device=DEV), a, True)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
-    kw = {"w13_scale": s13, "w2_scale": s2, "block": block}
-    xq, xs = quantize_activations_fp8(x, block[1])
-    plain = fused_moe(x, q13, q2, w, ids, cfg, **kw)
-    assert torch.equal(fused_moe(x, q13, q2, w, ids, cfg, **kw, a_quant=(xq, xs)), plain)
-    assert not torch.equal(fused_moe(x, q13, q2, w, ids, cfg, **kw, a_quant=(xq, xs * 2)), plain)
-    # the pair path (at most the crossover) and W8A16 take bf16 activations; the sorted W8A8 path fp8
-    monkeypatch.setenv("QWEN3VL_PAIR_MAX_M", "1")
-    assert not takes_fp8_activations(1, e, i, h, torch.device(DEV), block)
-    monkeypatch.setenv("QWEN3VL_PAIR_MAX_M", "0")
-    assert takes_fp8_activations(1, e, i, h, torch.device(DEV), block)
-    monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "2")
-    assert not takes_fp8_activations(1, e, i, h, torch.device(DEV), block)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the kernel runs on a GPU (off it, the torch reference runs)")
 @pytest.mark.parametrize("t,k,group", [(1, 128, 128), (5, 300, 128), (33, 200, 32), (4, 70, 64), (954, 2048, 128)])
@@ -419,44 +390,6 @@ def test_fp8_gpu_paths_at_30b_shapes(m):
     # the sorted path (past the table's pair_path_max_m: from 2 rows on the H200) quantizes the activations too
     pairs = xb.shape[0] <= pair_path_max_m(128, 768, 2048, xb.device, block)
     assert _rel(out, fused_moe_reference(xb.float(), d13, d2, w, ids)) < (2e-2 if pairs else 6e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("ep_rank", [None, 1])
-def test_moe_layer_takes_h_quantized_by_the_router_launch(ep_rank, monkeypatch):
-    """Batch-1 decode where the sorted W8A8 path runs one token (as 235B-A22B's table has it):
-    the norm + router launch hands the experts h already quantized, bit for bit the layer's
-    answer when the experts quantize it themselves (also as one rank of --ep 2)."""
-    from kernels.fused_moe import norm_route
-    from kernels.fused_moe import route as route_kernel
-    from qwen3vl_backend.layers.moe import SparseMoE
-    from qwen3vl_backend.layers.norm import RMSNorm
-    from qwen3vl_backend.parallel import Parallel
-
-    monkeypatch.setenv("QWEN3VL_PAIR_MAX_M", "0")
-    e, hidden, inter, block = 16, 512, 256, (128, 128)
-    par = Parallel(2, ep_rank, 2) if ep_rank is not None else Parallel()
-    moe = SparseMoE(hidden, inter, e, 4, True, par, fp8_block=block).cuda()
-    ex = moe.experts
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for w, scale in ((ex.w13, ex.w13_weight_scale_inv), (ex.w2, ex.w2_weight_scale_inv)):
-            qs = [quantize_weight_blocks(torch.randn(w.shape[1:], generator=g) * w.shape[2] ** -0.5, block)
-                  for _ in range(w.shape[0])]
-            w.copy_(torch.stack([q for q, _ in qs]))
-            scale.copy_(torch.stack([sc for _, sc in qs]))
-        moe.gate.weight.copy_(torch.randn(e, hidden, generator=g) * hidden ** -0.5)
-    moe.gate.weight.data = moe.gate.weight.data.bfloat16()
-    moe.route_fn, moe.norm_route_fn = route_kernel, norm_route
-    moe.tp_size = 1                          # one process: the rank's own share, no sum
-    norm = RMSNorm(hidden).cuda().to(torch.bfloat16)
-    x, res = (torch.randn(1, hidden, generator=g).cuda().bfloat16() for _ in range(2))
-    assert moe._quant_group(x) == block[1]
-    got, got_res = moe.forward_after_norm(x, res, norm)
-    monkeypatch.setattr(SparseMoE, "_quant_group", lambda self, t: 0)
-    want, want_res = moe.forward_after_norm(x, res, norm)
-    assert torch.equal(got, want) and torch.equal(got_res, want_res) and got.abs().sum() > 0
 
 
 def _exact_fp8_groups(m: int, k: int, group: int) -> torch.Tensor:

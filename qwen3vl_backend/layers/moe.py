@@ -5,8 +5,6 @@ w2 `(E, H, I)` (`FusedMoE`). The released checkpoint stores the transposes, or o
 expert; `FusedMoE.weight_loader` takes both.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,17 +163,15 @@ class FusedMoE(nn.Module):
         else:
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
-    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, a_quant=None) -> torch.Tensor:
-        """On a GPU the fused MoE kernels with fp8 weights (dequantized in registers; `a_quant`: x
-        already quantized, kernels.fused_moe.fused_moe's); on CPU the W8A8 reference, one expert at
-        a time: activations quantized per token and group, SiLU(gate) * up quantized again before
-        the down projection."""
+    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """On a GPU the fused MoE kernels with fp8 weights (dequantized in registers); on CPU the
+        W8A8 reference, one expert at a time: activations quantized per token and group, SiLU(gate)
+        * up quantized again before the down projection."""
         if x.is_cuda:
             from kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids, w13_scale=self.w13_weight_scale_inv,
-                             w2_scale=self.w2_weight_scale_inv, block=self.block,
-                             sentinel=self.num_local < self.num_experts, a_quant=a_quant)
+                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts)
         out = torch.zeros_like(x)
         weights = weights.to(x.dtype)
         for e in ids.unique().tolist():
@@ -236,36 +232,20 @@ class SparseMoE(nn.Module):
         if self._counter is None or self._counter.device != x.device:
             self._counter = torch.zeros(1, dtype=torch.int32, device=x.device)
         fixed = self._fixed(x.shape[0]) if self.fixed_logits is not None else None
-        group = self._quant_group(x)
-        out = self.norm_route_fn(x.contiguous(), residual.contiguous(), norm.weight, norm.eps, self.gate.weight,
-                                 self.top_k, self.renormalize, self._counter, fixed, **self._ep_routing(),
-                                 **({"quant_group": group} if group else {}))
-        h, residual, weights, ids = out[:4]
-        return self._experts(h, weights, ids, a_quant=out[4:] if group else None), residual
-
-    def _quant_group(self, x: torch.Tensor) -> int:
-        """The group width the fp8 experts quantize one token's activations by, where the norm +
-        router launch can hand them over quantized (one launch fewer); else 0 (also with
-        QWEN3VL_NORM_ROUTE_QUANT=0, for comparison)."""
-        ex = self.experts
-        if not (ex.quantized and x.is_cuda) or os.environ.get("QWEN3VL_NORM_ROUTE_QUANT", "1") == "0":
-            return 0
-        from kernels.fused_moe import takes_fp8_activations
-
-        e, two_i, hidden = ex.w13.shape
-        group = ex.block[1]
-        fits = group & (group - 1) == 0 and group <= 1 << (hidden - 1).bit_length()
-        return group if fits and takes_fp8_activations(1, e, two_i // 2, hidden, x.device, ex.block) else 0
+        h, residual, weights, ids = self.norm_route_fn(x.contiguous(), residual.contiguous(), norm.weight, norm.eps,
+                                                       self.gate.weight, self.top_k, self.renormalize,
+                                                       self._counter, fixed, **self._ep_routing())
+        return self._experts(h, weights, ids), residual
 
     def _fixed(self, t: int) -> torch.Tensor:
         noise = self.fixed_logits
         return (noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]).contiguous()
 
-    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, a_quant=None) -> torch.Tensor:
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """ids as this rank's experts see them (the routers map them: `_ep_routing`)."""
         ex = self.experts
         if ex.quantized:
-            out = ex.fp8_forward(x, weights, ids, a_quant)
+            out = ex.fp8_forward(x, weights, ids)
         else:
             out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts)
         if self.tp_size > 1:                     # each rank summed its share of every token's experts
