@@ -42,8 +42,7 @@ def candidates(m: int, quick: bool = False, wide: bool = False):
     """Launch shapes for M tokens: BLOCK_M by M, GROUP_M only where there are many M blocks, and
     K steps of at most 128 (inside one fp8 scale block, as the W8A8 dots need). `quick`: one
     BLOCK_M per M and 128-wide K steps (8 shapes, 12 up to M=16: the kernels compile in seconds
-    each). `wide`
-    (prefill sizes, M > 512): 256-wide N tiles and 5 stages too (36 shapes)."""
+    each). `wide` (prefill sizes, M > 512): 256-wide N tiles and 5 stages too (36 shapes)."""
     block_ms = (16, 32) if m <= 64 else (32, 64) if m <= 512 else (64, 128)
     block_ks = (64, 128) if m <= 512 else (128,)
     # a few tokens meet a few experts: narrow N tiles give each expert's weights more programs
