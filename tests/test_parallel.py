@@ -224,12 +224,25 @@ def _workers(root: int) -> list[int]:
     return mine
 
 
+def _kernel_experts(w13, w2, fp8: bool, block, dev):
+    """-> (the weights as the reference multiplies them, the kernels' own on `dev`, their scale
+    keywords): with fp8, the weights quantized in `block` blocks, the reference's dequantized."""
+    from kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks
+
+    if not fp8:
+        return w13, w2, w13.to(dev), w2.to(dev), {}
+    q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w, block) for w in w13)))
+    q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w, block) for w in w2)))
+    d13 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q13, s13)])
+    d2 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q2, s2)])
+    return d13, d2, q13.to(dev), q2.to(dev), {"w13_scale": s13.to(dev), "w2_scale": s2.to(dev), "block": block}
+
+
 @pytest.mark.parametrize("m", [3, 33])                  # the pair path, the sorted path
 @pytest.mark.parametrize("fp8", [False, True])
 def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, fp8):
     """Expert parallelism hands the kernels id E (this rank's expert count) for another rank's
     experts: they add nothing, whatever their routing weight, in both kernel paths."""
-    from kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks
     from kernels.fused_moe import fused_moe
     from qwen3vl_backend.layers.moe import moe_experts_torch
 
@@ -240,16 +253,7 @@ def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, fp8):
     ids = torch.randint(0, e + 1, (m, a))                # e: the sentinel
     ids[0] = e                                           # a token with no pair on this rank
     weights = torch.rand(m, a)
-    kw = {}
-    if fp8:
-        q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w, block) for w in w13)))
-        q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w, block) for w in w2)))
-        w13 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q13, s13)])
-        w2 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q2, s2)])
-        kw = {"w13_scale": s13.to(dev), "w2_scale": s2.to(dev), "block": block}
-        k13, k2 = q13.to(dev), q2.to(dev)
-    else:
-        k13, k2 = w13.to(dev), w2.to(dev)
+    w13, w2, k13, k2, kw = _kernel_experts(w13, w2, fp8, block, dev)
     got = fused_moe(x.to(dev), k13, k2, weights.to(dev), ids.to(dev).int(), sentinel=True, **kw).cpu()
     want = moe_experts_torch(x, w13, w2, weights, ids)
     assert not got[0].any() and got.isfinite().all()
@@ -264,7 +268,6 @@ def test_one_token_sorted_path_takes_a_block_per_pair(fp8, w8a8, monkeypatch):
     top-k ids (no sorting launch): the same sums as the sorted blocks, other ranks' pairs skipped,
     and nothing at all for a token with no pair here."""
     import kernels.fused_moe
-    from kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks
     from kernels.fused_moe import fused_moe
     from qwen3vl_backend.layers.moe import moe_experts_torch
 
@@ -272,16 +275,7 @@ def test_one_token_sorted_path_takes_a_block_per_pair(fp8, w8a8, monkeypatch):
     e, h, inter, a, block = 6, 64, 32, 4, (32, 32)
     monkeypatch.setattr(kernels.fused_moe, "W8A8_MIN_M", 1 if w8a8 else 1 << 30)
     w13, w2 = torch.randn(e, 2 * inter, h) * h ** -0.5, torch.randn(e, h, inter) * inter ** -0.5
-    kw = {}
-    if fp8:
-        q13, s13 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w, block) for w in w13)))
-        q2, s2 = (torch.stack(t) for t in zip(*(quantize_weight_blocks(w, block) for w in w2)))
-        w13 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q13, s13)])
-        w2 = torch.stack([dequantize_weight_blocks(q, s, block) for q, s in zip(q2, s2)])
-        kw = {"w13_scale": s13.to(dev), "w2_scale": s2.to(dev), "block": block}
-        k13, k2 = q13.to(dev), q2.to(dev)
-    else:
-        k13, k2 = w13.to(dev), w2.to(dev)
+    w13, w2, k13, k2, kw = _kernel_experts(w13, w2, fp8, block, dev)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
     x = torch.randn(1, h)
     for ids in ([[3, 6, 0, 5]], [[2, 1, 4, 3]], [[6, 6, 6, 6]]):       # 6: another rank's expert
