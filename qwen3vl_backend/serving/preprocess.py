@@ -36,7 +36,6 @@ from .media_pool import MediaPool
 SINGLE_FRAME_ROWS = os.environ.get("QWEN3VL_SINGLE_FRAME_ROWS", "1") != "0"
 
 
-
 @dataclass(frozen=True)
 class PreprocessLimits:
     max_model_len: int = 8192
