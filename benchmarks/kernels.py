@@ -315,15 +315,18 @@ def sweep_fp8_gemv(ms=None) -> tuple[list[dict], dict]:
         for m in ms or SWEEP_MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bf16 = per_call_ms(lambda i: skinny_linear(x, ws[i % len(ws)]))
+            # GROUP_SCALE: the scales loaded once per block of a K step instead of once per column
             if m == 1:      # up to a whole row a step (BLOCK_K = K): one round trip per program
-                space = itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (4, 8), (False,))
+                space = itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (4, 8), (False,),
+                                          (False, True))
             else:
-                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True))
+                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True), (False, True))
             best = (float("inf"), None)
-            for bn, bk, warps, a8 in space:
-                if (a8 and bk != 128) or bn * bk > 16384 or bk > triton.next_power_of_2(k):
+            for bn, bk, warps, a8, group_scale in space:
+                if (a8 and (bk != 128 or group_scale)) or bn * bk > 16384 or bk > triton.next_power_of_2(k):
                     continue            # W8A8 steps one scale block at a time; a tile's registers
-                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3, **({"A8": True} if a8 else {})}
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3, **({"A8": True} if a8 else {}),
+                       **({"GROUP_SCALE": True} if group_scale else {})}
                 try:
                     took = per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
                 except Exception as e:          # out of registers or shared memory for the larger tiles

@@ -128,6 +128,10 @@ PAIR_SPACES = ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), 
                                                                                 (1, 3))))
 
 
+# fp8 weights: then whether each kernel loads its scales once per block of a K step, not per column
+FP8_PAIR_SPACES = ((("GROUP_SCALE", "DOWN_GROUP_SCALE"), ((False, True), (False, True))),)
+
+
 def tune_pairs(e: int, h: int, inter: int, top_k: int, ms=(1, 2, 4), fp8: bool = False, ep: int = 1,
                spaces=PAIR_SPACES, save=None) -> tuple[dict, list[dict]]:
     """-> ({"pairs": {M: best pair shape}, "pair_path_max_m": M}, rows), handed to `save` after
@@ -147,7 +151,7 @@ def tune_pairs(e: int, h: int, inter: int, top_k: int, ms=(1, 2, 4), fp8: bool =
             return per_call_ms(lambda i: fused_moe_pairs(x, w13, w2, *routings[i], cfg, **pair_kw))
         cfg = pair_config(e, inter, h, m, x.device, block)
         start_ms = best_ms = timed(cfg)
-        for keys, space in spaces:
+        for keys, space in (*spaces, *(FP8_PAIR_SPACES if fp8 else ())):
             start = cfg
             for shape in itertools.product(*space):
                 trial = {**start, **dict(zip(keys, shape))}

@@ -179,12 +179,19 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
     block_n = dividing(block_n, block[0])   # a program's rows share one row of scale blocks
     a8 = bool(cfg.get("A8")) and m_pad > 1 and block[1] >= 32
+    block_k = block[1] if a8 else cfg["BLOCK_K"]
+    # the scales a block at a time: both powers of two, the step whole blocks or inside one
+    group_scale = bool(cfg.get("GROUP_SCALE")) and not a8 and power_of_two(block[1]) and power_of_two(block_k)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, wq, bias if bias is not None else scale, y, scale, m, n, k, x.stride(0), wq.stride(0), y.stride(0),
         scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n,
-        BLOCK_K=block[1] if a8 else cfg["BLOCK_K"], HAS_SCALE=True, BN=block[0], BK=block[1], A8=a8,
+        BLOCK_K=block_k, HAS_SCALE=True, BN=block[0], BK=block[1], A8=a8, GROUP_SCALE=group_scale,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x))
     return y
+
+
+def power_of_two(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
 
 
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .pdl import gdc_enter, pdl
 
-from .fp8 import quantize_activations_fp8
+from .fp8 import power_of_two, quantize_activations_fp8
 from .linear import dividing
 
 log = logging.getLogger(__name__)
@@ -257,13 +257,29 @@ def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tup
 
 
 @triton.jit
+def _block_scaled(x, s_ptrs, k, K, BLOCK_K: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
+    """x (BLOCK_K,) (ROWS 0) or (ROWS, BLOCK_K), K step k's columns, times their scale blocks'
+    scales: one a step inside a block (BLOCK_K <= BK), else one per block of the step (its
+    BLOCK_K // BK whole blocks). s_ptrs: the scale row's pointer, () or (ROWS, 1)."""
+    if BLOCK_K <= BK:
+        return x * tl.load(s_ptrs + (k * BLOCK_K) // BK)
+    g = k * (BLOCK_K // BK) + tl.arange(0, BLOCK_K // BK)
+    if ROWS == 0:
+        sc = tl.load(s_ptrs + g, mask=g * BK < K, other=0.0)
+        return tl.reshape(tl.reshape(x, (BLOCK_K // BK, BK)) * sc[:, None], (BLOCK_K,))
+    sc = tl.load(s_ptrs + g[None, :], mask=(g * BK < K)[None, :], other=0.0)
+    return tl.reshape(tl.reshape(x, (ROWS, BLOCK_K // BK, BK)) * sc[:, :, None], (ROWS, BLOCK_K))
+
+
+@triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                         USE_PDL: tl.constexpr = False):
+                         USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
-    the up rows of a program each share one row of scale blocks, applied to x's columns."""
+    the up rows of a program each share one row of scale blocks, applied to x's columns.
+    GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block."""
     gdc_enter(USE_PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -287,7 +303,10 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
         m = n_ok[:, None] & k_ok[None, :]
         g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
         u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
-        if HAS_SCALE:
+        if HAS_SCALE and GROUP_SCALE:
+            acc_g += g * _block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
+            acc_u += u * _block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
+        elif HAS_SCALE:
             kb = (k * BLOCK_K + offs_k) // BK
             acc_g += g * (xk * tl.load(s_gate + kb, mask=k_ok, other=0.0))[None, :]
             acc_u += u * (xk * tl.load(s_up + kb, mask=k_ok, other=0.0))[None, :]
@@ -308,10 +327,11 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
                       stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                      USE_PDL: tl.constexpr = False):
+                      USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
-    HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations."""
+    HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
+    (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two)."""
     gdc_enter(USE_PDL)
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -332,7 +352,9 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
         k_ok = offs_k < K - k * BLOCK_K
         a_mask = slot_ok[:, None] & k_ok[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
+        if HAS_SCALE and GROUP_SCALE:
+            a = _block_scaled(a, s_rows, k, K, BLOCK_K, BK, TOP_K_PAD)
+        elif HAS_SCALE:
             a = a * tl.load(s_rows + ((k * BLOCK_K + offs_k) // BK)[None, :], mask=a_mask, other=0.0)
         w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
@@ -420,14 +442,16 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-        **pdl(x))
+        GROUP_SCALE=fp8 and bool(cfg.get("GROUP_SCALE")) and power_of_two(block[1]) and power_of_two(cfg["BLOCK_K"]), **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
         act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
-        num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3), **pdl(x))
+        num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
+        GROUP_SCALE=fp8 and bool(cfg.get("DOWN_GROUP_SCALE")) and power_of_two(block[1]) and power_of_two(cfg["DOWN_BLOCK_K"]),
+        **pdl(x))
     return out
 
 

@@ -32,12 +32,14 @@ DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                   A8: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                   A8: tl.constexpr = False, USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False):
     """HAS_SCALE: w is fp8 with a float32 scale per BN x BK block (kernels/fp8.py). BLOCK_N divides
     BN, so a program's rows share one row of the scale grid: the scales multiply x's columns
     (BLOCK_K of them per step, any BLOCK_K), and the weight costs one conversion per element, as
     bf16 does. A8 (with HAS_SCALE, M_PAD 16, BLOCK_K == BK): each program quantizes its x rows per
-    BK group in registers and the product is an fp8 tensor-core dot (W8A8; no conversion of w)."""
+    BK group in registers and the product is an fp8 tensor-core dot (W8A8; no conversion of w).
+    GROUP_SCALE (HAS_SCALE; BLOCK_K and BK powers of two, one a multiple of the other): each K step
+    loads its scales once per block instead of once per column."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -65,7 +67,13 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
             xq = tl.clamp(xf / xs[:, None], -448.0, 448.0).to(w.dtype)
             acc += tl.dot(xq, tl.trans(w)) * (xs[:, None] * tl.load(s_row + k))
         else:
-            if HAS_SCALE:
+            if HAS_SCALE and GROUP_SCALE and BLOCK_K <= BK:       # the step lies in one scale block
+                xf = xf * tl.load(s_row + (k * BLOCK_K) // BK)
+            elif HAS_SCALE and GROUP_SCALE:                      # BLOCK_K // BK whole blocks
+                g = k * (BLOCK_K // BK) + tl.arange(0, BLOCK_K // BK)
+                sc = tl.load(s_row + g, mask=g * BK < K, other=0.0)
+                xf = tl.reshape(tl.reshape(xf, (M_PAD, BLOCK_K // BK, BK)) * sc[None, :, None], (M_PAD, BLOCK_K))
+            elif HAS_SCALE:
                 xf = xf * tl.load(s_row + (k * BLOCK_K + offs_k) // BK, mask=k_ok, other=0.0)[None, :]
             if M_PAD == 1:
                 acc2 += w.to(tl.float32) * xf

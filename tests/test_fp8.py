@@ -433,6 +433,42 @@ def test_fp8_gemv_w8a8(m, n, k, block):
     assert _rel(got, x.float() @ dequantize_weight_blocks(q, s, block).T) < 6e-2
 
 
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("block_k,block", [(32, (32, 128)), (128, (32, 32)), (256, (16, 64)), (64, (16, 64))])
+def test_fp8_gemv_scales_a_block_at_a_time(m, block_k, block):
+    """GROUP_SCALE: a K step inside one scale block takes one scale, a step of whole blocks one
+    per block (the last block partial: K = 300), the same answer as a scale per column."""
+    from kernels.fp8 import fp8_gemv
+
+    x = torch.randn(m, 300, device=DEV)
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(70, 300) * torch.logspace(-2, 0, 300), block))
+    cfg = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4}
+    per_column = fp8_gemv(x, q, s, block, config=cfg)
+    per_block = fp8_gemv(x, q, s, block, config={**cfg, "GROUP_SCALE": True})
+    torch.testing.assert_close(per_block, per_column, rtol=1e-5, atol=1e-5)
+    assert _rel(per_block, x @ dequantize_weight_blocks(q, s, block).T) < KTOL
+
+
+@pytest.mark.parametrize("block_k,block", [(32, (32, 64)), (64, (32, 32)), (128, (16, 32))])
+def test_fp8_moe_pairs_scale_a_block_at_a_time(block_k, block):
+    """The pair kernels' GROUP_SCALE (gate_up's and down's, each its own key): the same answer as
+    a scale per column, with K steps inside one block or over whole blocks."""
+    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
+    from qwen3vl_backend.layers.moe import route
+
+    m, e, h, i, a = 2, 6, 96, 64, 3
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
+    x = torch.randn(m, h, device=DEV)
+    w, ids = route(torch.randn(m, e, device=DEV), a, True)
+    cfg = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": block_k,
+           "down_warps": 4}
+    per_column = fused_moe_pairs(x, q13, q2, w, ids, cfg, s13, s2, block)
+    per_block = fused_moe_pairs(x, q13, q2, w, ids, {**cfg, "GROUP_SCALE": True, "DOWN_GROUP_SCALE": True},
+                                s13, s2, block)
+    torch.testing.assert_close(per_block, per_column, rtol=1e-5, atol=1e-5)
+    assert _rel(per_block, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
+
+
 @pytest.mark.parametrize("block_n,block", [(16, (32, 128)), (64, (32, 128)), (32, (16, 64))])
 def test_fp8_gemv_steps_across_scale_blocks(block_n, block):
     """A K step of 256 over narrower scale blocks (each column its own block's scale), and
