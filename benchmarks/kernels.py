@@ -245,6 +245,40 @@ def sweep_decode_attention() -> tuple[list[dict], dict]:
     return rows, table
 
 
+NORM_ROUTE_SHAPES = {"30B-A3B": (2048, 128), "235B-A22B": (4096, 128)}      # (hidden, experts)
+
+
+def sweep_norm_route() -> tuple[list[dict], dict]:
+    """The batch-1 norm + router launch's shapes (router rows a program, warps) per (hidden,
+    experts), graph replay with the routers cycled past L2 as a decode step's layers read theirs;
+    -> rows, {"D,E": best}."""
+    from kernels.fused_moe import NORM_ROUTE_CONFIG, norm_route
+
+    rows, table = [], {}
+    for name, (d, e) in NORM_ROUTE_SHAPES.items():
+        copies = max(2, L2_DEFEAT_BYTES // (2 * d * e))
+        gates = [torch.randn(e, d, device="cuda", dtype=torch.bfloat16) * d ** -0.5 for _ in range(copies)]
+        x, res = (torch.randn(1, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        nw = torch.ones(d, device="cuda", dtype=torch.bfloat16)
+        counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+        best, base = (float("inf"), None), None
+        for block_e, warps in itertools.product((1, 2, 4, 8, 16), (2, 4, 8)):
+            cfg = {"BLOCK_E": block_e, "num_warps": warps}
+            try:
+                took = per_call_ms(lambda i: norm_route(x, res, nw, 1e-6, gates[i % copies], 8, True, counter,
+                                                        config=cfg))
+            except Exception as err:          # registers for the widest tiles
+                print(f"norm_route {cfg}: {type(err).__name__}")
+                continue
+            if cfg == NORM_ROUTE_CONFIG:
+                base = took
+            best = min(best, (took, cfg), key=lambda t: t[0])
+        rows.append({"model": name, "D": d, "E": e, "default_ms": base, "best_ms": best[0],
+                     "config": json.dumps(best[1])})
+        table[f"{d},{e}"] = best[1]
+    return rows, table
+
+
 def bench_fp8(ceil: dict) -> list[dict]:
     """Block-fp8 against bf16 at 30B-A3B shapes, each against its own floor: the decoder's
     projections (fp8 GEMV / cuBLAS fp8 against the skinny GEMM / cuBLAS bf16) and the fused MoE
@@ -351,6 +385,12 @@ def _fp8_gemv_file(device_name: str):
     return gemv_config_file(device_name, (128, 128))
 
 
+def _norm_route_file(device_name: str):
+    from kernels.fused_moe import norm_route_config_file
+
+    return norm_route_config_file(device_name)
+
+
 def _decode_attention_file(device_name: str):
     from kernels.attention import config_file as attention_config_file
 
@@ -370,7 +410,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-configs", action="store_true",
                     help="write the skinny GEMM's, the fp8 GEMV's and decode attention's swept tables to kernels/configs/ for this GPU")
-    ap.add_argument("--only", default="moe,linear,routing,varlen,attention,fp8,fp8gemv,decodeattn",
+    ap.add_argument("--only", default="moe,linear,routing,varlen,attention,fp8,fp8gemv,decodeattn,normroute",
                     help="comma-separated parts to run")
     ap.add_argument("--ms", default=None, help="the GEMV sweeps' batch sizes (default 1,4,16)")
     args = ap.parse_args(argv)
@@ -384,7 +424,9 @@ def main(argv=None):
             ("linear", lambda: sweep_linear(ceil, ms), "decoder projections at decode sizes: cuBLAS against the skinny GEMM "
              "(graph replay per call)", config_file, "skinny GEMM"),
             ("decodeattn", sweep_decode_attention, "paged decode attention launch shapes (graph replay)",
-             _decode_attention_file, "decode attention")):
+             _decode_attention_file, "decode attention"),
+            ("normroute", sweep_norm_route, "batch-1 norm + router launch shapes (graph replay, routers past L2)",
+             _norm_route_file, "norm + router")):
         if part not in parts:
             continue
         found, table = sweep()

@@ -554,16 +554,35 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
 
 
 NORM_ROUTE_MAX_D = 4096        # the gate's rows in registers: up to Qwen3-VL-235B's hidden size
+# router rows a program, warps: the launch shape without a table entry for (D, E)
+NORM_ROUTE_CONFIG = {"BLOCK_E": 4, "num_warps": 8}
+
+
+def norm_route_config_file(device_name: str) -> Path:
+    return CONFIG_DIR / f"norm_route,device={device_name.replace(' ', '_')}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_route_table(device_name: str) -> dict:
+    """{"D,E": launch shape}, written by `benchmarks.kernels --only normroute --write-configs`."""
+    path = norm_route_config_file(device_name)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def norm_route_config(d: int, e: int, device: torch.device) -> dict:
+    table = _norm_route_table(torch.cuda.get_device_name(device)) if device.type == "cuda" else {}
+    return {**NORM_ROUTE_CONFIG, **table.get(f"{d},{e}", {})}
 
 
 def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                gate_weight: torch.Tensor, top_k: int, renormalize: bool, counter: torch.Tensor,
-               fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None):
+               fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None,
+               config: dict | None = None):
     """The post-attention RMSNorm (after the residual add) and the router in one launch, for one
     token (batch-1 decode). x, residual (1, D); gate_weight (E, D); `counter` one int32, zero
     between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (1, A)
     float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T, ..., first_expert,
-    num_local)` give them."""
+    num_local)` give them. `config`: the launch shape (norm_route_config's keys), else the table's."""
     m, d = x.shape
     e = gate_weight.shape[0]
     if (m != 1 or d > NORM_ROUTE_MAX_D or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
@@ -576,13 +595,14 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     logits = torch.empty(e, dtype=torch.float32, device=x.device)
     weights = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(1, top_k, dtype=torch.int32, device=x.device)
-    block_e = 4
+    cfg = {**norm_route_config(d, e, x.device), **(config or {})}
+    block_e = cfg["BLOCK_E"]
     fixed = fixed_logits if fixed_logits is not None else logits
     _norm_route_kernel[(triton.cdiv(e, block_e),)](
         x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, d, e, eps,
         first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
-        E_PAD=triton.next_power_of_2(e), num_warps=8, **pdl(x))
+        E_PAD=triton.next_power_of_2(e), num_warps=cfg["num_warps"], **pdl(x))
     return h, new_res, weights, ids
 
 

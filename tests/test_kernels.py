@@ -128,7 +128,8 @@ def test_routers_map_ids_to_this_ranks_experts(first, local):
 
 @pytest.mark.parametrize("d,e,a", [(64, 8, 2), (300, 20, 3), (2048, 128, 8)])
 @pytest.mark.parametrize("fixed", [False, True])
-def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed):
+@pytest.mark.parametrize("config", [None, {"BLOCK_E": 1, "num_warps": 2}, {"BLOCK_E": 16, "num_warps": 4}])
+def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed, config):
     """The post-attention norm and the router in one launch (one token): h and the new residual as
     the RMSNorm kernel gives them, the routing as `route` on h's router logits (or on the fixed
     logits of the uniform-routing benchmarks), twice in a row (the arrival count resets itself)."""
@@ -145,7 +146,7 @@ def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed):
     logits = table if fixed else torch.nn.functional.linear(want_h, gate)
     want_w, want_ids = route(logits, a, True)
     for _ in range(2):
-        h, new_res, w, ids = norm_route(x, res, nw, 1e-6, gate, a, True, counter, table)
+        h, new_res, w, ids = norm_route(x, res, nw, 1e-6, gate, a, True, counter, table, config=config)
         assert int(counter) == 0 and torch.equal(new_res, x + res)
         torch.testing.assert_close(h, want_h, rtol=1e-2 if CUDA else 1e-5, atol=1e-2 if CUDA else 1e-5)
         same = (ids.long() == want_ids).float().mean().item()
