@@ -32,7 +32,7 @@ import triton.language as tl
 from .pdl import gdc_enter, pdl
 
 from .fp8 import power_of_two, quantize_activations_fp8
-from .linear import dividing
+from .linear import block_scaled, dividing
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -257,21 +257,6 @@ def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tup
 
 
 @triton.jit
-def _block_scaled(x, s_ptrs, k, K, BLOCK_K: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
-    """x (BLOCK_K,) (ROWS 0) or (ROWS, BLOCK_K), K step k's columns, times their scale blocks'
-    scales: one a step inside a block (BLOCK_K <= BK), else one per block of the step (its
-    BLOCK_K // BK whole blocks). s_ptrs: the scale row's pointer, () or (ROWS, 1)."""
-    if BLOCK_K <= BK:
-        return x * tl.load(s_ptrs + (k * BLOCK_K) // BK)
-    g = k * (BLOCK_K // BK) + tl.arange(0, BLOCK_K // BK)
-    if ROWS == 0:
-        sc = tl.load(s_ptrs + g, mask=g * BK < K, other=0.0)
-        return tl.reshape(tl.reshape(x, (BLOCK_K // BK, BK)) * sc[:, None], (BLOCK_K,))
-    sc = tl.load(s_ptrs + g[None, :], mask=(g * BK < K)[None, :], other=0.0)
-    return tl.reshape(tl.reshape(x, (ROWS, BLOCK_K // BK, BK)) * sc[:, :, None], (ROWS, BLOCK_K))
-
-
-@triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -304,8 +289,8 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
         g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
         u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
         if HAS_SCALE and GROUP_SCALE:
-            acc_g += g * _block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
-            acc_u += u * _block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
+            acc_g += g * block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
+            acc_u += u * block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
         elif HAS_SCALE:
             kb = (k * BLOCK_K + offs_k) // BK
             acc_g += g * (xk * tl.load(s_gate + kb, mask=k_ok, other=0.0))[None, :]
@@ -353,7 +338,7 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
         a_mask = slot_ok[:, None] & k_ok[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
         if HAS_SCALE and GROUP_SCALE:
-            a = _block_scaled(a, s_rows, k, K, BLOCK_K, BK, TOP_K_PAD)
+            a = block_scaled(a, s_rows, k, K, BLOCK_K, BK, TOP_K_PAD)
         elif HAS_SCALE:
             a = a * tl.load(s_rows + ((k * BLOCK_K + offs_k) // BK)[None, :], mask=a_mask, other=0.0)
         w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]

@@ -29,6 +29,22 @@ DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
+def block_scaled(x, s_ptrs, k, K, BLOCK_K: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
+    """x (BLOCK_K,) (ROWS 0) or (ROWS, BLOCK_K), K step k's columns, times their scale blocks'
+    scales: one a step inside a block (BLOCK_K <= BK), else one per block of the step (its
+    BLOCK_K // BK whole blocks). s_ptrs: the scale row's pointer, () or (ROWS, 1) (rows of x
+    whose weights have scale rows of their own: the pair down kernel's experts)."""
+    if BLOCK_K <= BK:
+        return x * tl.load(s_ptrs + (k * BLOCK_K) // BK)
+    g = k * (BLOCK_K // BK) + tl.arange(0, BLOCK_K // BK)
+    if ROWS == 0:
+        sc = tl.load(s_ptrs + g, mask=g * BK < K, other=0.0)
+        return tl.reshape(tl.reshape(x, (BLOCK_K // BK, BK)) * sc[:, None], (BLOCK_K,))
+    sc = tl.load(s_ptrs + g[None, :], mask=(g * BK < K)[None, :], other=0.0)
+    return tl.reshape(tl.reshape(x, (ROWS, BLOCK_K // BK, BK)) * sc[:, :, None], (ROWS, BLOCK_K))
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
@@ -67,12 +83,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
             xq = tl.clamp(xf / xs[:, None], -448.0, 448.0).to(w.dtype)
             acc += tl.dot(xq, tl.trans(w)) * (xs[:, None] * tl.load(s_row + k))
         else:
-            if HAS_SCALE and GROUP_SCALE and BLOCK_K <= BK:       # the step lies in one scale block
-                xf = xf * tl.load(s_row + (k * BLOCK_K) // BK)
-            elif HAS_SCALE and GROUP_SCALE:                      # BLOCK_K // BK whole blocks
-                g = k * (BLOCK_K // BK) + tl.arange(0, BLOCK_K // BK)
-                sc = tl.load(s_row + g, mask=g * BK < K, other=0.0)
-                xf = tl.reshape(tl.reshape(xf, (M_PAD, BLOCK_K // BK, BK)) * sc[None, :, None], (M_PAD, BLOCK_K))
+            if HAS_SCALE and GROUP_SCALE:
+                xf = block_scaled(xf, s_row, k, K, BLOCK_K, BK, M_PAD)      # every row's scales alike
             elif HAS_SCALE:
                 xf = xf * tl.load(s_row + (k * BLOCK_K + offs_k) // BK, mask=k_ok, other=0.0)[None, :]
             if M_PAD == 1:
