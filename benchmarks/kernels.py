@@ -359,8 +359,8 @@ def sweep_fp8_gemv(ms=None) -> tuple[list[dict], dict]:
             for bn, bk, warps, a8, group_scale in space:
                 if (a8 and (bk != 128 or group_scale)) or bn * bk > 16384 or bk > triton.next_power_of_2(k):
                     continue            # W8A8 steps one scale block at a time; a tile's registers
-                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3, **({"A8": True} if a8 else {}),
-                       **({"GROUP_SCALE": True} if group_scale else {})}
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3,
+                       **({"A8": True} if a8 else {}), **({"GROUP_SCALE": True} if group_scale else {})}
                 try:
                     took = per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
                 except Exception as e:          # out of registers or shared memory for the larger tiles
