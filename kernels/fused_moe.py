@@ -552,8 +552,7 @@ def norm_route_config_file(device_name: str) -> Path:
 @functools.lru_cache(maxsize=None)
 def _norm_route_table(device_name: str) -> dict:
     """{"D,E": launch shape}, written by `benchmarks.kernels --only normroute --write-configs`."""
-    path = norm_route_config_file(device_name)
-    return json.loads(path.read_text()) if path.exists() else {}
+    return _load_table(str(norm_route_config_file(device_name))) or {}
 
 
 def norm_route_config(d: int, e: int, device: torch.device) -> dict:
