@@ -34,14 +34,19 @@ def block_scaled(x, s_ptrs, k, K, BLOCK_K: tl.constexpr, BK: tl.constexpr, ROWS:
     scales: one a step inside a block (BLOCK_K <= BK), else one per block of the step (its
     BLOCK_K // BK whole blocks). s_ptrs: the scale row's pointer, () or (ROWS, 1) (rows of x
     whose weights have scale rows of their own: the pair down kernel's experts)."""
+    # One return at the end: Triton's compiler goes on past a return inside a constexpr branch
+    # (the ROWS path was compiled for ROWS 0 and failed on the H200; the interpreter hid it).
     if BLOCK_K <= BK:
-        return x * tl.load(s_ptrs + (k * BLOCK_K) // BK)
-    g = k * (BLOCK_K // BK) + tl.arange(0, BLOCK_K // BK)
-    if ROWS == 0:
-        sc = tl.load(s_ptrs + g, mask=g * BK < K, other=0.0)
-        return tl.reshape(tl.reshape(x, (BLOCK_K // BK, BK)) * sc[:, None], (BLOCK_K,))
-    sc = tl.load(s_ptrs + g[None, :], mask=(g * BK < K)[None, :], other=0.0)
-    return tl.reshape(tl.reshape(x, (ROWS, BLOCK_K // BK, BK)) * sc[:, :, None], (ROWS, BLOCK_K))
+        out = x * tl.load(s_ptrs + (k * BLOCK_K) // BK)
+    else:
+        g = k * (BLOCK_K // BK) + tl.arange(0, BLOCK_K // BK)
+        if ROWS == 0:
+            sc = tl.load(s_ptrs + g, mask=g * BK < K, other=0.0)
+            out = tl.reshape(tl.reshape(x, (BLOCK_K // BK, BK)) * sc[:, None], (BLOCK_K,))
+        else:
+            sc = tl.load(s_ptrs + g[None, :], mask=(g * BK < K)[None, :], other=0.0)
+            out = tl.reshape(tl.reshape(x, (ROWS, BLOCK_K // BK, BK)) * sc[:, :, None], (ROWS, BLOCK_K))
+    return out
 
 
 @triton.jit
