@@ -85,6 +85,12 @@ class VisionGraphs:
         out = list(cu) + ([b] if cu[-1] < b else [])
         return out + [b] * (self.max_segments + 1 - len(out))
 
+    def forget_grids(self) -> None:
+        """Drop the exact-grid graphs and the grids met once (a warm-up's: they are not what
+        requests will bring)."""
+        self.exact.clear()
+        self._seen.clear()
+
     def fits(self, num_patches: int, num_segments: int) -> bool:
         return num_patches <= self.buckets[-1] and num_segments + 1 <= self.max_segments
 
