@@ -26,30 +26,6 @@ def test_smart_resize_matches_reference():
             assert smart_resize(h, w, 32, 4096, 25165824, t, 2) == ref_video(t, h, w, 2, 32, 4096, 25165824)
 
 
-def test_vit_warmup_grids_are_the_processors_grids(tiny_moe):
-    """The vit's startup sizes ("WxH", width first) become the grids the processor gives images of
-    those sizes, each once; a malformed size is refused by name."""
-    from qwen3vl_backend.processing.vision_inputs import WARMUP_IMAGE_SIZES, warmup_grids
-
-    processor = Processor(str(tiny_moe))
-    cfg = processor.cfg
-    sizes = [(1280, 720), (640, 480), (333, 257), (1280, 720), (640, 480)]
-    want = []
-    for w, h in sizes:
-        media = processor.process_messages([{"role": "user", "content": [
-            {"type": "image", "image": data_uri(image_bytes(make_image(w, h, 3)))}]}]).media
-        if tuple(media[0].grid_thw) not in want:
-            want.append(tuple(media[0].grid_thw))
-    assert warmup_grids(",".join(f"{w}x{h}" for w, h in sizes), cfg) == want
-    assert len(want) == 3 and want[0][1] < want[0][2]             # 1280x720 is wider than tall
-    assert warmup_grids(" 1280X720 , ", cfg) == want[:1]
-    assert warmup_grids("", cfg) == []
-    assert len(warmup_grids(WARMUP_IMAGE_SIZES, cfg)) >= 4
-    for bad in ("1280", "1280x", "x720", "0x720", "1280x720x3", "-5x7"):
-        with pytest.raises(ValueError, match="is not WIDTHxHEIGHT"):
-            warmup_grids(f"640x480,{bad}", cfg)
-
-
 def test_extreme_aspect_ratio_is_refused():
     with pytest.raises(RequestError, match="aspect ratio 250 exceeds 200"):
         smart_resize(10, 2500, 32, 65536, 16777216)

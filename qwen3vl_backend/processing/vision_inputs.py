@@ -156,39 +156,12 @@ def process_image(image, cfg: VisionProcessingConfig, min_pixels: int | None = N
     One image fills the temporal patch (the frame repeated). `repeat_frame=False`: the frame's
     rows once, (gh*gw, 768), half the bytes to move; `expand_image_rows` repeats them."""
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
-    grid = image_grid(arr.shape[2], arr.shape[3], cfg, min_pixels, max_pixels)
-    frame = _resize(arr, grid[1] * cfg.patch_size, grid[2] * cfg.patch_size)[0]
+    h, w = smart_resize(arr.shape[2], arr.shape[3], cfg.factor,
+                        min_pixels or cfg.image_min_pixels, max_pixels or cfg.image_max_pixels)
+    frame = _resize(arr, h, w)[0]
     if not repeat_frame:
-        return _frame_rows(frame, cfg), grid
+        return _frame_rows(frame, cfg), (1, h // cfg.patch_size, w // cfg.patch_size)
     return _patchify_image(frame, cfg)
-
-
-def image_grid(height: int, width: int, cfg: VisionProcessingConfig, min_pixels: int | None = None,
-               max_pixels: int | None = None) -> tuple[int, int, int]:
-    """The grid (1, gh, gw) of an image of this size after its resize (process_image's)."""
-    h, w = smart_resize(height, width, cfg.factor, min_pixels or cfg.image_min_pixels,
-                        max_pixels or cfg.image_max_pixels)
-    return 1, h // cfg.patch_size, w // cfg.patch_size
-
-
-# Image sizes (width x height) the vit encodes at startup: cuDNN's attention, which SDPA picks on
-# Hopper, builds a plan for each sequence length the first time it meets it (a 1280x720 image's
-# first ViT pass took 79 ms against 14 after, on an H200; dad9405). Common camera and screen sizes.
-WARMUP_IMAGE_SIZES = "1280x720,1920x1080,1024x768,640x480,1024x1024,800x600"
-
-
-def warmup_grids(spec: str, cfg: VisionProcessingConfig) -> list[tuple[int, int, int]]:
-    """"WxH,WxH,..." -> the distinct grids of those images (first seen first); "" -> none.
-    ValueError names a malformed size."""
-    grids = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        w, x, h = item.lower().partition("x")
-        if not (x and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
-            raise ValueError(f"vit_warmup_sizes: {item!r} is not WIDTHxHEIGHT (e.g. 1280x720)")
-        grid = image_grid(int(h), int(w), cfg)
-        if grid not in grids:
-            grids.append(grid)
-    return grids
 
 
 def check_pixel_rows(shape: tuple[int, ...], grids, cfg: VisionProcessingConfig) -> None:

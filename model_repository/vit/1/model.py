@@ -14,8 +14,8 @@ from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.model_runner import vision_attention
 from qwen3vl_backend.engine.vision_graphs import VisionGraphs
 from qwen3vl_backend.loader import load_vision_model
-from qwen3vl_backend.processing.vision_inputs import (WARMUP_IMAGE_SIZES, VisionProcessingConfig, check_pixel_rows,
-                                                       expand_image_rows, normalize_patches, warmup_grids)
+from qwen3vl_backend.processing.vision_inputs import (VisionProcessingConfig, check_pixel_rows, expand_image_rows,
+                                                       normalize_patches)
 from qwen3vl_backend.serving.triton_params import error_response, model_settings, pick
 from qwen3vl_backend.serving.stage_timing import PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
@@ -68,33 +68,27 @@ class TritonPythonModel:
                                         "CUDA IPC transport, host: shared memory)", pb_utils.MetricFamily.COUNTER)
         self._arrived = (arrived, {True: arrived.Metric({"where": "gpu"}), False: arrived.Metric({"where": "host"})})
         self._timing, self._profiler = None, RequestProfiler(PROFILE_DIR, "vit")
-        grids = warmup_grids(s.get("vit_warmup_sizes", WARMUP_IMAGE_SIZES), self.pixel_cfg)
-        self.warm_up(grids if self.device.type == "cuda" else ())      # cuDNN's plans: GPUs only
+        self.warm_up()
 
     @torch.no_grad()
-    def warm_up(self, grids=()):
-        """Before the first request, encode what requests will, as they run it (single-frame
-        rows, split over the replicas when there are several): a 448x448 image (inside the graph
-        buckets) on each replica; an image past the buckets three times (eagerly, captured as an
-        exact grid, replayed); then one image of each of `grids` on every replica (the model
-        parameter vit_warmup_sizes, WARMUP_IMAGE_SIZES by default: cuDNN's attention plans a
-        sequence length at its first sight, ~65 ms on an H200). The encoder's first calls compile
-        and plan their kernels (0.4 s of one request's TTFT on an H200). Served 235B-A22B
-        requests' ViT without the large images: the first four of eight took 73-118 ms against
-        23-33 (dad9405); with them (c2fa3c4) 66-77 against 21-23, the 1280x720 grid's plan still
-        unmade. The warm-up's exact graphs are forgotten, so none holds memory for a size no
-        request brings."""
-        small = (1, 28, 28)
+    def warm_up(self):
+        """Before the first request, encode what requests will: a 448x448 image (inside the graph
+        buckets) on each replica, then, as a request runs it (single-frame rows, split over the
+        replicas when there are several), images past the buckets three times: eagerly, captured
+        as an exact grid, replayed. The encoder's first calls compile and plan their kernels (0.4 s
+        of one request's TTFT on an H200). Without the large ones the first four of eight served
+        235B-A22B requests' ViT took 73-118 ms against 23-33 for the rest (dad9405): each of the
+        two instances met the eager large-frame path, then an exact capture, cold. The warm-up's
+        own grid is forgotten after, so it holds no graph a request will not use."""
+        small, large = (1, 28, 28), (1, 48, 48)
         for device, encode in self.replicas:
             with device_context(device):
                 encode(torch.zeros(small[1] * small[2], self.pixel_cfg.patch_width, dtype=torch.uint8), [small])
         frame = self.pixel_cfg.patch_width // self.pixel_cfg.temporal_patch_size
-        n = len(self.replicas)
-
-        def encode_each(g):         # one image of grid g on each replica
-            self._encode(torch.zeros(n * g[1] * g[2], frame, dtype=torch.uint8, device=self.device), [g] * n)
-        for g in [(1, 48, 48)] * 3 + list(grids):
-            encode_each(g)
+        grids = [large] * len(self.replicas)
+        for _ in range(3):
+            self._encode(torch.zeros(sum(g[1] * g[2] for g in grids), frame, dtype=torch.uint8,
+                                     device=self.device), grids)
         for device, _ in self.replicas:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
