@@ -413,16 +413,6 @@ def test_bitmask_kernel_masks_exactly_the_clear_bits(b, v, rows):
     assert torch.equal(got[got != float("-inf")], logits[got != float("-inf")])
 
 
-def _jit_functions():
-    import ast
-    from pathlib import Path
-
-    for path in sorted((Path(__file__).resolve().parent.parent / "kernels").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
-                yield f"{path.name}:{node.name}", node
-
-
 def test_jit_functions_return_values_only_at_their_end():
     """Triton's compiler goes on past a `return` inside a constexpr branch (the interpreter does
     not): a helper that returns a value early compiles its later statements too, for shapes they
@@ -430,8 +420,12 @@ def test_jit_functions_return_values_only_at_their_end():
     @triton.jit function that returns a value does so once, as its last statement; kernels'
     bare `return` (a program with no work) is fine."""
     import ast
+    from pathlib import Path
 
-    found = list(_jit_functions())
+    found = [(f"{path.name}:{node.name}", node)
+             for path in sorted((Path(__file__).resolve().parent.parent / "kernels").glob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list)]
     assert len(found) > 10 and any(name.endswith(":block_scaled") for name, _ in found)
     bad = []
     for name, fn in found:

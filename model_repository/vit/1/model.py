@@ -76,10 +76,12 @@ class TritonPythonModel:
         buckets) on each replica, then, as a request runs it (single-frame rows, split over the
         replicas when there are several), images past the buckets three times: eagerly, captured
         as an exact grid, replayed. The encoder's first calls compile and plan their kernels (0.4 s
-        of one request's TTFT on an H200). Without the large ones the first four of eight served
-        235B-A22B requests' ViT took 73-118 ms against 23-33 for the rest (dad9405): each of the
-        two instances met the eager large-frame path, then an exact capture, cold. The warm-up's
-        own grid is forgotten after, so it holds no graph a request will not use."""
+        of one request's TTFT on an H200). The warm-up's own grid is forgotten after, so it holds
+        no graph a request will not use. Served 235B-A22B, the first four of eight requests' ViT:
+        73-118 ms without the large images (dad9405), 66-77 with them (c2fa3c4), 21-33 for the
+        rest. What stays cold is SDPA's cuDNN attention, which plans each new sequence length at
+        first sight (~65 ms), and a grid's exact capture on its second arrival (~20 ms):
+        benchmarks/results/NOTES.md, tenth session."""
         small, large = (1, 28, 28), (1, 48, 48)
         for device, encode in self.replicas:
             with device_context(device):
