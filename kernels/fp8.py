@@ -175,10 +175,12 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     cfg = {**gemv_config(n, k, m, block, x.device), **(config or {})}
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    m_pad = 1 if m == 1 else 16
+    # A8 dots in fp8 on tensor cores, whose tiles take 16 rows: one row is padded to them too
+    # (the weights then need no conversion in registers, what the row-at-a-time product pays per element)
+    a8 = bool(cfg.get("A8")) and block[1] >= 32
+    m_pad = 1 if m == 1 and not a8 else 16
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
     block_n = dividing(block_n, block[0])   # a program's rows share one row of scale blocks
-    a8 = bool(cfg.get("A8")) and m_pad > 1 and block[1] >= 32
     block_k = block[1] if a8 else cfg["BLOCK_K"]
     # the scales a block at a time: both powers of two, the step whole blocks or inside one
     group_scale = bool(cfg.get("GROUP_SCALE")) and not a8 and power_of_two(block[1]) and power_of_two(block_k)
