@@ -276,7 +276,7 @@ def test_request_profiler_writes_the_chosen_requests_tables(tmp_path):
     assert off.seen == 1
 
 
-def test_images_travel_as_single_frames(tiny_dense, video_file, monkeypatch):
+def test_images_travel_as_single_frames(tiny_dense, video_file):
     """An images-only request's pixel rows hold each frame once (half the bytes from preprocess to
     the vit); repeated over the temporal patch (expand_image_rows, normalised or not) they are the
     processor's full patch rows, bit for bit. With a video in the request every row is a full patch."""
@@ -302,11 +302,6 @@ def test_images_travel_as_single_frames(tiny_dense, video_file, monkeypatch):
     assert torch.equal(torch.stack([by_channel] * tp, dim=2).reshape(single.shape[0], -1), full)
     assert torch.equal(expand_image_rows(single, cfg), full)
     assert torch.equal(expand_image_rows(normalize_patches(single, cfg), cfg), normalize_patches(full, cfg))
-    # QWEN3VL_SINGLE_FRAME_ROWS=0 (for comparison on a GPU host): full rows, as the processor's
-    import qwen3vl_backend.serving.preprocess as preprocess_module
-    monkeypatch.setattr(preprocess_module, "SINGLE_FRAME_ROWS", False)
-    assert torch.equal(torch.from_numpy(pre.run(json.dumps({"messages": [{"role": "user", "content": parts}]}))[
-        "pixel_values"]), full)
     pytest.importorskip("av", reason="the video fixture is written with PyAV")
     mixed = pre.run(json.dumps({"messages": [{"role": "user", "content": parts[:1] + [
         {"type": "video_url", "video_url": {"url": data_uri(video_file.read_bytes(), "video/mp4")}}]}]}))
