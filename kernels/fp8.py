@@ -175,8 +175,8 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     cfg = {**gemv_config(n, k, m, block, x.device), **(config or {})}
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    # A8 dots in fp8 on tensor cores, whose tiles take 16 rows: one row is padded to them too
-    # (the weights then need no conversion in registers, what the row-at-a-time product pays per element)
+    # A8 dots in fp8 on tensor cores, whose tiles take 16 rows: one row is padded to them too (the
+    # weights go to the dot unconverted; the row-at-a-time product converts each one in registers)
     a8 = bool(cfg.get("A8")) and block[1] >= 32
     m_pad = 1 if m == 1 and not a8 else 16
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
