@@ -10,11 +10,10 @@ import argparse
 import functools
 import itertools
 import json
+import os
 
 import torch
 import triton
-
-import kernels.fused_moe
 
 from kernels.attention import num_splits_for, paged_decode_attention
 from kernels.fused_moe import PAIR_PATH_MAX_M, fused_moe, lookup_config
@@ -75,9 +74,7 @@ def bench_moe(ceil: dict) -> list[dict]:
         # the sorted (grouped GEMM) path at the same M, to place the pair path's threshold
         grouped_cfg = lookup_config(E, I, H, m, x.device)
         grouped = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, grouped_cfg))
-        kernels.fused_moe.FUSE_SILU = False
-        unfused = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, grouped_cfg))
-        kernels.fused_moe.FUSE_SILU = True
+        unfused = cuda_time_ms(lambda: fused_moe(x, w13, w2, weights, ids, {**grouped_cfg, "FUSE_SILU": False}))
         # what a decode step runs: router top-k kernel + experts, inside a CUDA graph
         logits = torch.randn(m, E, device="cuda", dtype=torch.bfloat16)
         graphed = graph_time_ms(lambda: fused_moe(x, w13, w2, *route_kernel(logits, A, True)))
@@ -313,12 +310,16 @@ def bench_fp8(ceil: dict) -> list[dict]:
         fp8 = cuda_time_ms(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2, block=block))
         by_mode = {}
         for mode, threshold in (("w8a16", 1 << 30), ("w8a8", 1)):          # the sorted path both ways
-            kernels.fused_moe.W8A8_MIN_M, saved = threshold, kernels.fused_moe.W8A8_MIN_M
+            saved = os.environ.get("QWEN3VL_W8A8_MIN_M")
+            os.environ["QWEN3VL_W8A8_MIN_M"] = str(threshold)
             try:
                 by_mode[mode] = cuda_time_ms(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2,
                                                                block=block)) if m > 16 else None
             finally:
-                kernels.fused_moe.W8A8_MIN_M = saved
+                if saved is None:
+                    del os.environ["QWEN3VL_W8A8_MIN_M"]
+                else:
+                    os.environ["QWEN3VL_W8A8_MIN_M"] = saved
         floor8 = (experts * 3 * H * I * (1 + 4 / 128 ** 2) + 4 * m * H) / bw * 1e3
         floor16 = (experts * 3 * H * I * 2 + 4 * m * H) / bw * 1e3
         rows.append({"kernel": "fused MoE (uniform routing)", "M": m, "experts_hit": experts, "bf16_ms": bf16,

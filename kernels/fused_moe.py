@@ -351,7 +351,7 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-# SiLU*mul in the gate_up GEMM's epilogue (benchmarks.kernels times both)
+# SiLU*mul in the gate_up GEMM's epilogue (a config's "FUSE_SILU" chooses; benchmarks.kernels times both)
 FUSE_SILU = True
 
 
@@ -361,7 +361,8 @@ PAIR_PATH_MAX_M = 16
 
 # The sorted path at one token: a block per (token, expert) pair straight from the top-k ids,
 # without align_by_expert's launch (~2.5 us of a 235B-A22B decode layer at --ep 2, where batch 1
-# takes the sorted path). False: the token's pairs are sorted as any batch's (for comparison).
+# takes the sorted path). False (or a config's "PAIR_BLOCKS" False): the token's pairs are sorted
+# as any batch's (for comparison).
 PAIR_BLOCKS_AT_ONE_TOKEN = os.environ.get("QWEN3VL_MOE_PAIR_BLOCKS", "1") != "0"
 
 # The sorted path with fp8 weights quantizes its activations too (per token and block-wide group:
@@ -612,21 +613,23 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]
     cfg = config or lookup_config(e, two_i // 2, h, m, x.device, fp8_block)
+    # the config may choose the paths (tests and benchmarks compare them); else the defaults
+    fuse_silu = cfg.get("FUSE_SILU", FUSE_SILU)
     # ids equal to e (another rank's experts) form the sentinel's blocks, which the GEMMs skip.
     # One token meets each of its experts once: a block per pair, no sorting launch.
-    if m == 1 and PAIR_BLOCKS_AT_ONE_TOKEN:
+    if m == 1 and cfg.get("PAIR_BLOCKS", PAIR_BLOCKS_AT_ONE_TOKEN):
         sorted_ids, block_expert, total = None, topk_ids.reshape(-1).to(torch.int32), None
     else:
         sorted_ids, block_expert, total = align_by_expert(topk_ids, e + 1 if sentinel else e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
     fp8 = {"block": block} if w13_scale is not None else {}
     tiles = [_fp8_tile(bn, cfg["BLOCK_K"], n, block) for bn, n in (
-        (max(16, cfg["BLOCK_N"] // 2) if FUSE_SILU else cfg["BLOCK_N"], two_i // 2), (cfg["BLOCK_N"], h))]
+        (max(16, cfg["BLOCK_N"] // 2) if fuse_silu else cfg["BLOCK_N"], two_i // 2), (cfg["BLOCK_N"], h))]
     # fp8 dots need tiles inside one scale block and K steps of 32 or more
     w8a8 = (bool(fp8) and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
             and all(mode == 2 and bk >= 32 for _, bk, mode in tiles))
     a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
-    if FUSE_SILU:     # two accumulators per program: half the columns keeps the tuned register budget
+    if fuse_silu:     # two accumulators per program: half the columns keeps the tuned register budget
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
         half = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
         _grouped_gemm(a, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, half, True,

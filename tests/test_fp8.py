@@ -299,16 +299,15 @@ def test_fp8_moe_pair_path(m, e, h, i, a, block):
                                              (5, 4, 80, 40, 2, (32, 32))])
 @pytest.mark.parametrize("fuse_silu", [True, False])
 def test_fp8_moe_sorted_path(m, e, h, i, a, block, fuse_silu, monkeypatch):
-    import kernels.fused_moe
     from kernels.fused_moe import fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
-    monkeypatch.setattr(kernels.fused_moe, "FUSE_SILU", fuse_silu)
-    monkeypatch.setattr(kernels.fused_moe, "W8A8_MIN_M", 1 << 30)        # W8A16 here; W8A8 below
+    monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", str(1 << 30))        # W8A16 here; W8A8 below
     q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
     x = torch.randn(m, h, device=DEV)
     w, ids = route(torch.randn(m, e, device=DEV), a, True)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1,
+           "FUSE_SILU": fuse_silu}
     out = fused_moe(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, block=block)
     assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
@@ -332,11 +331,10 @@ def _w8a8_moe_reference(x, d13, d2, w, ids, group):
 @pytest.mark.parametrize("m,e,h,i,a,block", [(7, 8, 64, 32, 2, (32, 32)), (33, 4, 96, 64, 2, (32, 64))])
 def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, monkeypatch):
     """From W8A8_MIN_M tokens the activations are fp8 too: against the same quantization in torch."""
-    import kernels.fused_moe
     from kernels.fused_moe import fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
-    monkeypatch.setattr(kernels.fused_moe, "W8A8_MIN_M", 1)
+    monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "1")
     q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
     x = torch.randn(m, h, device=DEV) * torch.logspace(-1, 1, h, device=DEV)     # groups of unlike ranges
     w, ids = route(torch.randn(m, e, device=DEV), a, True)

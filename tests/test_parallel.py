@@ -268,12 +268,12 @@ def test_one_token_sorted_path_takes_a_block_per_pair(fp8, w8a8, monkeypatch):
     top-k ids (no sorting launch): the same sums as the sorted blocks, other ranks' pairs skipped,
     and nothing at all for a token with no pair here."""
     import kernels.fused_moe
-    from kernels.fused_moe import fused_moe
+    from kernels.fused_moe import align_by_expert as align, fused_moe
     from qwen3vl_backend.layers.moe import moe_experts_torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     e, h, inter, a, block = 6, 64, 32, 4, (32, 32)
-    monkeypatch.setattr(kernels.fused_moe, "W8A8_MIN_M", 1 if w8a8 else 1 << 30)
+    monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", str(1 if w8a8 else 1 << 30))
     w13, w2 = torch.randn(e, 2 * inter, h) * h ** -0.5, torch.randn(e, h, inter) * inter ** -0.5
     w13, w2, k13, k2, kw = _kernel_experts(w13, w2, fp8, block, dev)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
@@ -282,10 +282,12 @@ def test_one_token_sorted_path_takes_a_block_per_pair(fp8, w8a8, monkeypatch):
         ids = torch.tensor(ids, dtype=torch.int32)
         weights = torch.rand(1, a)
         got = {}
-        for pair_blocks in (True, False):
-            monkeypatch.setattr(kernels.fused_moe, "PAIR_BLOCKS_AT_ONE_TOKEN", pair_blocks)
-            got[pair_blocks] = fused_moe(x.to(dev), k13, k2, weights.to(dev), ids.to(dev), cfg, sentinel=True,
-                                         **kw).cpu()
+        for pair_blocks in (True, False):      # the config chooses: no sorting launch, or one
+            sorts = []
+            monkeypatch.setattr(kernels.fused_moe, "align_by_expert", lambda *args: sorts.append(1) or align(*args))
+            got[pair_blocks] = fused_moe(x.to(dev), k13, k2, weights.to(dev), ids.to(dev),
+                                         {**cfg, "PAIR_BLOCKS": pair_blocks}, sentinel=True, **kw).cpu()
+            assert len(sorts) == (0 if pair_blocks else 1)
         want = moe_experts_torch(x, w13, w2, weights, ids)
         if not (ids < e).any():
             assert not got[True].any() and not want.any()
