@@ -17,6 +17,19 @@ from .processing.chat import parse_mm_limits
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_bool(text: str) -> bool:
+    """A setting's boolean, the one spelling rule for config.pbtxt parameters, the launcher's
+    environment and the settings dataclasses: 1/true/yes/on or 0/false/no/off, any case;
+    ValueError otherwise."""
+    try:
+        return BOOL_WORDS[str(text).strip().lower()]
+    except KeyError:
+        raise ValueError(f"{text!r} is not a boolean (1/true/yes/on or 0/false/no/off)") from None
+
+
 @dataclass
 class EngineConfig:
     model_path: str = ""
@@ -137,9 +150,7 @@ def parse_settings(cls, settings: dict[str, str], what: str):
             elif kind in ("float", float):
                 kwargs[key] = float(value)
             elif kind in ("bool", bool):
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(value)
-                kwargs[key] = value.lower() in ("1", "true", "yes")
+                kwargs[key] = parse_bool(value)
             else:
                 kwargs[key] = value
         except ValueError:

@@ -137,7 +137,7 @@ def _env_flag(*names: str) -> str | None:
 
 def resolve(args) -> dict:
     """Flags + environment -> per-model settings; raises SystemExit with a clear message."""
-    from .config import ConfigError, EngineConfig, PreprocessConfig
+    from .config import ConfigError, EngineConfig, PreprocessConfig, parse_bool
 
     gpus = _gpu_count()
     on_cpu = args.device == "cpu"          # tp ranks as CPU processes (gloo): tests and development
@@ -188,7 +188,10 @@ def resolve(args) -> dict:
         sized = dataclasses.replace(engine_cfg, dtype="bfloat16")
     weights, weights_dtype = _check_weights_fit(model_path, sized), sized.dtype
     ipc = _env_flag("QWEN3VL_USE_CUDA_IPC_TRANSPORT", "SGLANG_USE_CUDA_IPC_TRANSPORT") or "0"
-    ipc = "1" if ipc.strip().lower() in ("1", "true", "yes", "on") else "0"
+    try:
+        ipc = "1" if parse_bool(ipc) else "0"
+    except ValueError as e:
+        raise SystemExit(f"invalid settings: SGLANG_USE_CUDA_IPC_TRANSPORT / QWEN3VL_USE_CUDA_IPC_TRANSPORT: {e}") from None
     cache_mb = _env_flag("QWEN3VL_VLM_CACHE_SIZE_MB", "SGLANG_VLM_CACHE_SIZE_MB") or "100"
     # --mm-enable-dp-encoder: one vit instance per GPU of the tp group, each encoding on it and the next
     vit_gpus = args.tp // args.nnodes if args.mm_enable_dp_encoder and not on_cpu else 1

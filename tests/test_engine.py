@@ -177,8 +177,13 @@ def test_config_errors_are_clear(tiny_moe, tmp_path):
         EngineConfig.from_settings({"model_path": str(tiny_moe), "max_batch": "4"})
     with pytest.raises(ConfigError, match="max_num_seqs='many' is not a valid int"):
         EngineConfig.from_settings({"model_path": str(tiny_moe), "max_num_seqs": "many"})
+    with pytest.raises(ConfigError, match="enable_prefix_cache='maybe' is not a valid bool"):
+        EngineConfig.from_settings({"model_path": str(tiny_moe), "enable_prefix_cache": "maybe"})
     cfg = EngineConfig.from_settings({"model_path": str(tiny_moe), "max_num_seqs": "3", "enable_prefix_cache": "false"})
     assert cfg.max_num_seqs == 3 and cfg.enable_prefix_cache is False and cfg.device == "cpu"
+    for word, want in (("On", True), ("off", False), (" 1 ", True), ("NO", False)):
+        assert EngineConfig.from_settings({"model_path": str(tiny_moe), "enable_prefix_cache": word}
+                                          ).enable_prefix_cache is want
 
 
 def test_cli_prints_one_json_object(tiny_moe, tmp_path):

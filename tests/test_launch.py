@@ -75,6 +75,17 @@ def test_our_own_environment_names_work_too():
     assert report["settings"]["vit"]["enable_vit_cuda_graph"] == "false"
 
 
+def test_a_boolean_environment_setting_takes_the_one_spelling_rule(tiny_moe):
+    """SGLANG_USE_CUDA_IPC_TRANSPORT as any setting's boolean (config.parse_bool): "on" / "off"
+    read, a word that is neither refused by name instead of read as off."""
+    argv = ["--model-path", str(tiny_moe), "--dry-run"]
+    for word, want in (("on", "1"), ("OFF", "0"), ("yes", "1")):
+        out = _run(argv, extra_env={"SGLANG_USE_CUDA_IPC_TRANSPORT": word})
+        assert _report(out)["settings"]["preprocess"]["use_cuda_ipc_transport"] == want
+    out = _run(argv, extra_env={"SGLANG_USE_CUDA_IPC_TRANSPORT": "enabled"})
+    assert out.returncode != 0 and "USE_CUDA_IPC_TRANSPORT: 'enabled' is not a boolean" in out.stderr
+
+
 def test_vit_cuda_graph_flag_reaches_the_vit_model():
     out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
                 "--enable-vit-cuda-graph"])

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_backend.config import EngineConfig
+from qwen3vl_backend.config import EngineConfig, parse_bool
 from qwen3vl_backend.engine.model_runner import vision_attention
 from qwen3vl_backend.engine.vision_graphs import VisionGraphs
 from qwen3vl_backend.loader import load_vision_model
@@ -56,7 +56,7 @@ class TritonPythonModel:
         self.merge_unit = vcfg.spatial_merge_size ** 2
         self.pixel_cfg = VisionProcessingConfig.from_dir(cfg.model_path)   # pixels arrive as uint8 patches
         # --keep-mm-feature-on-device: outputs leave as CUDA tensors (DLPack), never copied to host
-        self.on_device = s.get("keep_mm_feature_on_device", "false").lower() == "true" and self.device.type == "cuda"
+        self.on_device = parse_bool(s.get("keep_mm_feature_on_device", "false")) and self.device.type == "cuda"
         # features kept on a GPU land on the group's first, where the llm's rank 0 reads them
         # (Triton's CUDA memory pool, which carries them between models, is on that GPU only)
         self.out_device = torch.device(f"cuda:{cfg.device_index}") if self.on_device else self.device
