@@ -72,7 +72,7 @@ def test_tiny_top_p_keeps_the_most_likely_token():
 
 def test_non_finite_logits_never_reach_the_draw():
     logits = torch.tensor([[float("nan")] * 4, [0.0, 1.0, float("inf"), 0.0]])
-    rows = [(f"r{i}", SamplingParams(temperature=1.0, seed=i), [], [], None) for i in range(2)]
+    rows = [sampler_mod.SampleRow(f"r{i}", SamplingParams(temperature=1.0, seed=i), [], [], None) for i in range(2)]
     out = sampler_mod.Sampler().sample(logits, rows)
     assert out.shape == (2,) and all(0 <= t < 4 for t in out.tolist())
 
@@ -152,9 +152,9 @@ def test_sampler_survives_broken_rows_and_restores_seeded_streams(device, monkey
         pytest.skip("needs a CUDA device")
     logits = torch.randn(3, 50, device=device)
     logits[1] = float("nan")
-    rows = [("seeded", SamplingParams(temperature=1.0, seed=5), [1], [], None),
-            ("broken", SamplingParams(temperature=1.0, seed=6), [POISON], [], None),
-            ("plain", SamplingParams(temperature=0.8), [2], [], None)]
+    rows = [sampler_mod.SampleRow("seeded", SamplingParams(temperature=1.0, seed=5), [1], [], None),
+            sampler_mod.SampleRow("broken", SamplingParams(temperature=1.0, seed=6), [POISON], [], None),
+            sampler_mod.SampleRow("plain", SamplingParams(temperature=0.8), [2], [], None)]
     s = sampler_mod.Sampler()
     out = s.sample(logits, rows)
     assert out.device.type == device and all(0 <= t < 50 for t in out.tolist())

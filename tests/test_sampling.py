@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qwen3vl_backend.engine.detokenizer import IncrementalDetokenizer
-from qwen3vl_backend.layers.sampler import Sampler, apply_penalties, filter_probs
+from qwen3vl_backend.layers.sampler import SampleRow, Sampler, apply_penalties, filter_probs
 from qwen3vl_backend.processing.tokenizer import Tokenizer
 from qwen3vl_backend.sampling_params import SamplingError, SamplingParams
 
@@ -66,10 +66,11 @@ def test_penalties():
 def test_seeded_sampling_is_reproducible_and_independent_of_batch():
     logits = torch.randn(3, 50)
     p = SamplingParams(temperature=1.0, seed=1234)
-    alone = [Sampler().sample(logits[:1], [("r", p, [], [], None)])[0] for _ in range(2)]
+    alone = [Sampler().sample(logits[:1], [SampleRow("r", p, [], [], None)])[0] for _ in range(2)]
     s = Sampler()
-    batched = s.sample(logits, [("r", p, [], [], None), ("x", SamplingParams(temperature=1.0), [], [], None),
-                                ("y", SamplingParams(temperature=0.0), [], [], None)])
+    batched = s.sample(logits, [SampleRow("r", p, [], [], None),
+                                SampleRow("x", SamplingParams(temperature=1.0), [], [], None),
+                                SampleRow("y", SamplingParams(temperature=0.0), [], [], None)])
     assert alone[0] == alone[1] == batched[0]
     assert batched[2] == int(logits[2].argmax())
 
@@ -80,8 +81,8 @@ def test_banned_tokens_are_never_sampled():
     logits[:, 3], logits[:, 5] = 100, 50
     raw = logits.clone()
     greedy = SamplingParams(temperature=0)
-    rows = [("a", greedy, [], [], {3}), ("b", greedy, [], [], None),
-            ("c", SamplingParams(temperature=1.0, seed=1), [], [], {3, 5})]
+    rows = [SampleRow("a", greedy, [], [], {3}), SampleRow("b", greedy, [], [], None),
+            SampleRow("c", SamplingParams(temperature=1.0, seed=1), [], [], {3, 5})]
     for _ in range(5):
         out = Sampler().sample(logits, rows).tolist()
         assert out[:2] == [5, 3] and out[2] not in (3, 5)

@@ -19,7 +19,7 @@ import torch
 from ..config import EngineConfig
 from ..device import device_tensor
 from ..layers.attention import AttentionMetadata, varlen_attention_torch
-from ..layers.sampler import Sampler, token_logprobs
+from ..layers.sampler import SampleRow, Sampler, token_logprobs
 from ..loader import build_model, load_model, model_config
 from ..parallel import Parallel, set_peer_all_reduce
 from ..processing.positions import decode_positions
@@ -150,10 +150,10 @@ def _prompt_rows(batch: list[ScheduledChunk], ends: list[int]) -> list[tuple]:
     return out
 
 
-def _sample_rows(chunks: list[ScheduledChunk], banned: dict[str, set[int]] | None) -> list[tuple]:
+def _sample_rows(chunks: list[ScheduledChunk], banned: dict[str, set[int]] | None) -> list[SampleRow]:
     """The sampler's view of each sampling sequence: id, params, history, banned token ids."""
-    return [(c.seq.request_id, c.seq.params, c.seq.prompt_ids, c.seq.output_ids, (banned or {}).get(c.seq.request_id))
-            for c in chunks]
+    return [SampleRow(c.seq.request_id, c.seq.params, c.seq.prompt_ids, c.seq.output_ids,
+                      (banned or {}).get(c.seq.request_id)) for c in chunks]
 
 
 class ModelRunner:

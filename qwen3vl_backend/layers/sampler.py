@@ -9,6 +9,7 @@ while this one runs.
 from __future__ import annotations
 
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
@@ -120,6 +121,15 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, params: list[Samplin
     return chosen, vals, top
 
 
+class SampleRow(NamedTuple):
+    """One sequence as the sampler sees it."""
+    request_id: str
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    banned_ids: set[int] | None = None      # never sampled (a structured-output mask's refusals)
+
+
 class Sampler:
     def __init__(self):
         self._generators: dict[str, torch.Generator] = {}
@@ -127,23 +137,22 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, rows: list) -> torch.Tensor:
-        """logits (B, V); rows[i] = (request_id, params, prompt_ids, output_ids, banned_ids).
-        Returns the B sampled ids (int64) on the logits' device."""
-        logits = ban_tokens(logits.float(), [r[4] for r in rows])
-        if all(_plain_greedy(r[1]) for r in rows):           # the common serving case: one argmax
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """logits (B, V), a row each -> the B sampled ids (int64) on the logits' device."""
+        logits = ban_tokens(logits.float(), [r.banned_ids for r in rows])
+        if all(_plain_greedy(r.params) for r in rows):           # the common serving case: one argmax
             return logits.argmax(dim=-1)
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        batched = [i for i, r in enumerate(rows) if _plain_sampling(r[1])]
+        batched = [i for i, r in enumerate(rows) if _plain_sampling(r.params)]
         if len(batched) < 2:
             batched = []
         else:                        # unseeded sampling without penalties: one batched draw
             index = device_tensor(batched, torch.long, logits.device)
-            out[index] = sample_batch(logits[index], [rows[i][1] for i in batched])
+            out[index] = sample_batch(logits[index], [rows[i].params for i in batched])
         done = set(batched)
         # a seeded request's stream must not move on a draw whose step then failed: the engine
         # retries the step without the request that broke it, and the others draw again
-        saved = {r[0]: g.get_state() for r in rows if (g := self._generators.get(r[0])) is not None}
+        saved = {r.request_id: g.get_state() for r in rows if (g := self._generators.get(r.request_id)) is not None}
         try:
             for i, (rid, params, prompt_ids, output_ids, _) in enumerate(rows):
                 if i in done:
@@ -158,7 +167,7 @@ class Sampler:
         except Exception:
             for rid, state in saved.items():
                 self._generators[rid].set_state(state)
-            for rid in {r[0] for r in rows} - set(saved):
+            for rid in {r.request_id for r in rows} - set(saved):
                 self._generators.pop(rid, None)
             raise
         return out
