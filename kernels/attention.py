@@ -12,8 +12,6 @@ Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V.
 
 from __future__ import annotations
 
-import functools
-import json
 from pathlib import Path
 
 import torch
@@ -21,12 +19,12 @@ import triton
 import triton.language as tl
 
 from .pdl import gdc_enter, pdl
+from .tables import device_file, device_table
 
 from .online_softmax import online_softmax_step
 
 TARGET_PROGRAMS = 128      # about one wave on an H100/H200 (132 SMs)
 MAX_SPLITS = 32
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # launch shape: pages per tile, warps, pipeline stages, and the programs the split count aims at
 DEFAULT_CONFIG = {"PAGES_TOKENS": 64, "num_warps": 4, "num_stages": 2, "target_programs": TARGET_PROGRAMS}
 
@@ -105,14 +103,12 @@ def num_splits_for(num_seqs: int, kv_heads: int, target: int = TARGET_PROGRAMS) 
 
 
 def config_file(device_name: str) -> Path:
-    return CONFIG_DIR / f"paged_decode,device={device_name.replace(' ', '_')}.json"
+    return device_file("paged_decode", device_name)
 
 
-@functools.lru_cache(maxsize=None)
 def _table(device_name: str) -> dict[int, dict]:
     """{sequences: launch shape} (`benchmarks.kernels --only decodeattn --write-configs`), or {}."""
-    path = config_file(device_name)
-    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+    return device_table(config_file, device_name) or {}
 
 
 def decode_config(num_seqs: int, device: torch.device) -> dict:

@@ -22,7 +22,6 @@ blocks, else to a bf16 matmul of the dequantized weight.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 
@@ -33,7 +32,8 @@ import triton.language as tl
 
 from .pdl import gdc_enter, pdl
 
-from .linear import CONFIG_DIR, _skinny_kernel, dividing, nearest_m
+from .linear import _skinny_kernel, dividing, nearest_m
+from .tables import device_file, device_table
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +143,12 @@ GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 
 def gemv_config_file(device_name: str, block: tuple[int, int]) -> Path:
-    return CONFIG_DIR / f"fp8_gemv,device={device_name.replace(' ', '_')},block={block[0]}x{block[1]}.json"
+    return device_file("fp8_gemv", device_name, f",block={block[0]}x{block[1]}")
 
 
-@functools.lru_cache(maxsize=None)
 def _gemv_table(device_name: str, block: tuple[int, int]) -> dict:
     """{"N,K": {"M": config}}, written by `benchmarks.kernels --only fp8gemv --write-configs`."""
-    path = gemv_config_file(device_name, block)
-    return json.loads(path.read_text()) if path.exists() else {}
+    return device_table(lambda name: gemv_config_file(name, block), device_name) or {}
 
 
 def gemv_config(n: int, k: int, m: int, block: tuple[int, int], device: torch.device) -> dict:

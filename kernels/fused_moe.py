@@ -19,7 +19,6 @@ also does the RMSNorm before it and the router's GEMV, for one token (batch-1 de
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -30,12 +29,12 @@ import triton
 import triton.language as tl
 
 from .pdl import gdc_enter, pdl
+from .tables import CONFIG_DIR, device_file, device_table
 
 from .fp8 import power_of_two, quantize_activations_fp8
 from .linear import block_scaled, dividing
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
@@ -384,14 +383,13 @@ PAIR_CONFIGS = {1: {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 8, "num_stages": 
 
 
 def fp8_pair_config_file(device_name: str, block: tuple[int, int]) -> Path:
-    return CONFIG_DIR / f"fp8_pairs,device={device_name.replace(' ', '_')},block={block[0]}x{block[1]}.json"
+    return device_file("fp8_pairs", device_name, f",block={block[0]}x{block[1]}")
 
 
-@functools.lru_cache(maxsize=None)
 def _fp8_pair_table(device_name: str, block: tuple[int, int]) -> dict[int, dict] | None:
     """{M: launch shape} for fp8 experts of any shape (`benchmarks.kernels`' first sweep); a
     shape's own MoE table may hold "pairs", which comes first."""
-    return _load_table(str(fp8_pair_config_file(device_name, block)))
+    return device_table(lambda name: fp8_pair_config_file(name, block), device_name)
 
 
 def pair_config(e: int, inter: int, hidden: int, m: int, device: torch.device, fp8_block=None) -> dict:
@@ -547,13 +545,12 @@ NORM_ROUTE_CONFIG = {"BLOCK_E": 4, "num_warps": 8}
 
 
 def norm_route_config_file(device_name: str) -> Path:
-    return CONFIG_DIR / f"norm_route,device={device_name.replace(' ', '_')}.json"
+    return device_file("norm_route", device_name)
 
 
-@functools.lru_cache(maxsize=None)
 def _norm_route_table(device_name: str) -> dict:
     """{"D,E": launch shape}, written by `benchmarks.kernels --only normroute --write-configs`."""
-    return _load_table(str(norm_route_config_file(device_name))) or {}
+    return device_table(norm_route_config_file, device_name) or {}
 
 
 def norm_route_config(d: int, e: int, device: torch.device) -> dict:
@@ -699,14 +696,6 @@ def config_file(e: int, n: int, k: int, device_name: str, fp8_block: tuple[int, 
 
 
 @functools.lru_cache(maxsize=None)
-def _load_table(path: str) -> dict | None:
-    """A launch table: its M keys as ints, other keys (settings) as they are."""
-    p = Path(path)
-    if not p.exists():
-        return None
-    return {int(m) if m.isdigit() else m: cfg for m, cfg in json.loads(p.read_text()).items()}
-
-
 def _moe_table(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> dict | None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return _find_moe_table(e, inter, hidden, name, device.type == "cuda", fp8_block)
@@ -714,14 +703,13 @@ def _moe_table(e: int, inter: int, hidden: int, device: torch.device, fp8_block=
 
 @functools.lru_cache(maxsize=None)
 def _find_moe_table(e: int, inter: int, hidden: int, name: str, cuda: bool, fp8_block) -> dict | None:
-    """The first table that exists: this GPU's for the dtype, then (another Hopper) the H200's,
-    then the bf16 ones standing in for fp8; None (the default config, warned once) without any."""
-    names = (name, "NVIDIA H200") if cuda else (name,)
+    """The first table that exists: for the dtype, then the bf16 one standing in for fp8, each
+    this GPU's or the home device's (kernels/tables.py); None (the default config, warned once)
+    without any. Off a GPU none is read."""
     for blk in ((fp8_block, None) if fp8_block else (None,)):
-        for n in names:
-            table = _load_table(str(config_file(e, inter, hidden, n, blk)))
-            if table is not None:
-                return table
+        table = device_table(lambda n: config_file(e, inter, hidden, n, blk), name) if cuda else None
+        if table is not None:
+            return table
     log.warning("no tuned fused-MoE config for E=%d I=%d H=%d on %s; using the default", e, inter, hidden, name)
     return None
 

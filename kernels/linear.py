@@ -12,8 +12,6 @@ table) runs F.linear.
 
 from __future__ import annotations
 
-import functools
-import json
 from pathlib import Path
 
 import torch
@@ -22,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .pdl import gdc_launch, gdc_wait, pdl
+from .tables import device_file, device_table
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 MAX_M = 16
 DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
@@ -132,16 +130,12 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
 
 
 def config_file(device_name: str) -> Path:
-    return CONFIG_DIR / f"skinny_linear,device={device_name.replace(' ', '_')}.json"
+    return device_file("skinny_linear", device_name)
 
 
-@functools.lru_cache(maxsize=None)
 def _table(device_name: str) -> dict:
-    """{"N,K": {"M": config or "cublas"}}: this device's table, else the H100's (tuned there)."""
-    for path in (config_file(device_name), config_file("NVIDIA H100 80GB HBM3")):
-        if path.exists():
-            return json.loads(path.read_text())
-    return {}
+    """{"N,K": {"M": config or "cublas"}} (kernels/tables.py's lookup), or {}."""
+    return device_table(config_file, device_name) or {}
 
 
 def dividing(size: int, total: int) -> int:

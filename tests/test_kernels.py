@@ -434,3 +434,27 @@ def test_jit_functions_return_values_only_at_their_end():
         if valued and (len(valued) > 1 or fn.body[-1] is not valued[0]):
             bad.append((name, [r.lineno for r in valued]))
     assert not bad, f"jit functions returning a value before their end: {bad}"
+
+
+def test_every_launch_table_falls_back_to_the_home_devices():
+    """One lookup for every kernel's tuned table (kernels/tables.py): a GPU with no table of its
+    own reads the H200's (where they were tuned), one with its own reads that, and off a GPU the
+    fused MoE reads none (the interpreter keeps the defaults)."""
+    from kernels import attention, fp8, fused_moe, linear
+
+    other, home = "NVIDIA Imaginary GPU", "NVIDIA H200"
+    readers = {
+        "paged decode": attention._table,
+        "skinny GEMM": linear._table,
+        "fp8 GEMV": lambda d: fp8._gemv_table(d, (128, 128)),
+        "fp8 pairs": lambda d: fused_moe._fp8_pair_table(d, (128, 128)),
+        "norm_route": fused_moe._norm_route_table,
+        "fused MoE": lambda d: fused_moe._find_moe_table(128, 768, 2048, d, True, None),
+        "fused MoE fp8": lambda d: fused_moe._find_moe_table(64, 1536, 4096, d, True, (128, 128)),
+    }
+    for name, read in readers.items():
+        own = read(home)
+        assert own, name                    # the repository holds an H200 table of each
+        assert read(other) == own, name
+    assert linear._table("NVIDIA H100 80GB HBM3") not in ({}, linear._table(home))
+    assert fused_moe._find_moe_table(128, 768, 2048, "cpu", False, None) is None
