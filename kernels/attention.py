@@ -12,6 +12,7 @@ Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -106,6 +107,7 @@ def config_file(device_name: str) -> Path:
     return device_file("paged_decode", device_name)
 
 
+@functools.lru_cache(maxsize=None)        # read on every launch outside a graph: resolved once
 def _table(device_name: str) -> dict[int, dict]:
     """{sequences: launch shape} (`benchmarks.kernels --only decodeattn --write-configs`), or {}."""
     return device_table(config_file, device_name) or {}

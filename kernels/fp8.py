@@ -146,6 +146,7 @@ def gemv_config_file(device_name: str, block: tuple[int, int]) -> Path:
     return device_file("fp8_gemv", device_name, f",block={block[0]}x{block[1]}")
 
 
+@functools.lru_cache(maxsize=None)
 def _gemv_table(device_name: str, block: tuple[int, int]) -> dict:
     """{"N,K": {"M": config}}, written by `benchmarks.kernels --only fp8gemv --write-configs`."""
     return device_table(lambda name: gemv_config_file(name, block), device_name) or {}

@@ -386,6 +386,7 @@ def fp8_pair_config_file(device_name: str, block: tuple[int, int]) -> Path:
     return device_file("fp8_pairs", device_name, f",block={block[0]}x{block[1]}")
 
 
+@functools.lru_cache(maxsize=None)
 def _fp8_pair_table(device_name: str, block: tuple[int, int]) -> dict[int, dict] | None:
     """{M: launch shape} for fp8 experts of any shape (`benchmarks.kernels`' first sweep); a
     shape's own MoE table may hold "pairs", which comes first."""
@@ -548,6 +549,7 @@ def norm_route_config_file(device_name: str) -> Path:
     return device_file("norm_route", device_name)
 
 
+@functools.lru_cache(maxsize=None)
 def _norm_route_table(device_name: str) -> dict:
     """{"D,E": launch shape}, written by `benchmarks.kernels --only normroute --write-configs`."""
     return device_table(norm_route_config_file, device_name) or {}

@@ -12,6 +12,7 @@ table) runs F.linear.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -133,6 +134,7 @@ def config_file(device_name: str) -> Path:
     return device_file("skinny_linear", device_name)
 
 
+@functools.lru_cache(maxsize=None)
 def _table(device_name: str) -> dict:
     """{"N,K": {"M": config or "cublas"}} (kernels/tables.py's lookup), or {}."""
     return device_table(config_file, device_name) or {}
