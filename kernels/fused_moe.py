@@ -697,7 +697,6 @@ def config_file(e: int, n: int, k: int, device_name: str, fp8_block: tuple[int, 
     return CONFIG_DIR / f"E={e},N={n},K={k},device={safe}{fp8}.json"
 
 
-@functools.lru_cache(maxsize=None)
 def _moe_table(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> dict | None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return _find_moe_table(e, inter, hidden, name, device.type == "cuda", fp8_block)
