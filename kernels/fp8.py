@@ -181,8 +181,7 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
     block_n = dividing(block_n, block[0])   # a program's rows share one row of scale blocks
     block_k = block[1] if a8 else cfg["BLOCK_K"]
-    # the scales a block at a time: both powers of two, the step whole blocks or inside one
-    group_scale = bool(cfg.get("GROUP_SCALE")) and not a8 and power_of_two(block[1]) and power_of_two(block_k)
+    group_scale = not a8 and group_scale_ok(cfg.get("GROUP_SCALE"), block_k, block[1])
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, wq, bias if bias is not None else scale, y, scale, m, n, k, x.stride(0), wq.stride(0), y.stride(0),
         scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n,
@@ -191,8 +190,11 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     return y
 
 
-def power_of_two(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
+def group_scale_ok(asked, block_k: int, bk: int) -> bool:
+    """GROUP_SCALE (a K step's scales loaded once per scale block, kernels.linear.block_scaled)
+    where a launch shape asks for it and the step and the block are both powers of two, so that
+    one is whole blocks of the other or lies inside one."""
+    return bool(asked) and all(v > 0 and v & (v - 1) == 0 for v in (block_k, bk))
 
 
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
