@@ -11,6 +11,7 @@ import functools
 import itertools
 import json
 import os
+from unittest import mock
 
 import torch
 import triton
@@ -310,16 +311,9 @@ def bench_fp8(ceil: dict) -> list[dict]:
         fp8 = cuda_time_ms(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2, block=block))
         by_mode = {}
         for mode, threshold in (("w8a16", 1 << 30), ("w8a8", 1)):          # the sorted path both ways
-            saved = os.environ.get("QWEN3VL_W8A8_MIN_M")
-            os.environ["QWEN3VL_W8A8_MIN_M"] = str(threshold)
-            try:
+            with mock.patch.dict(os.environ, {"QWEN3VL_W8A8_MIN_M": str(threshold)}):
                 by_mode[mode] = cuda_time_ms(lambda: fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2,
                                                                block=block)) if m > 16 else None
-            finally:
-                if saved is None:
-                    del os.environ["QWEN3VL_W8A8_MIN_M"]
-                else:
-                    os.environ["QWEN3VL_W8A8_MIN_M"] = saved
         floor8 = (experts * 3 * H * I * (1 + 4 / 128 ** 2) + 4 * m * H) / bw * 1e3
         floor16 = (experts * 3 * H * I * 2 + 4 * m * H) / bw * 1e3
         rows.append({"kernel": "fused MoE (uniform routing)", "M": m, "experts_hit": experts, "bf16_ms": bf16,
