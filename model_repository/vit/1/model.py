@@ -73,8 +73,8 @@ class TritonPythonModel:
     @torch.no_grad()
     def warm_up(self):
         """Before the first request, encode what requests will: a 448x448 image (inside the graph
-        buckets) on each replica, then, as a request runs it (single-frame rows, split over the
-        replicas when there are several), images past the buckets three times: eagerly, captured
+        buckets) on each replica, then on a GPU, as a request runs it (single-frame rows, split over
+        the replicas when there are several), images past the buckets three times: eagerly, captured
         as an exact grid, replayed. The encoder's first calls compile and plan their kernels (0.4 s
         of one request's TTFT on an H200). The warm-up's own grid is forgotten after, so it holds
         no graph a request will not use. Served 235B-A22B, the first four of eight requests' ViT:
@@ -86,14 +86,15 @@ class TritonPythonModel:
         for device, encode in self.replicas:
             with device_context(device):
                 encode(torch.zeros(small[1] * small[2], self.pixel_cfg.patch_width, dtype=torch.uint8), [small])
+        if self.device.type != "cuda":          # no graphs, no planning on a CPU: nothing more to warm
+            return
         frame = self.pixel_cfg.patch_width // self.pixel_cfg.temporal_patch_size
         grids = [large] * len(self.replicas)
         for _ in range(3):
             self._encode(torch.zeros(sum(g[1] * g[2] for g in grids), frame, dtype=torch.uint8,
                                      device=self.device), grids)
         for device, _ in self.replicas:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            torch.cuda.synchronize(device)
         for encoder in self.graphed:
             encoder.forget_grids()
 
