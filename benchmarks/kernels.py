@@ -347,20 +347,17 @@ def sweep_fp8_gemv(ms=None) -> tuple[list[dict], dict]:
             # GROUP_SCALE: the scales loaded once per block of a K step instead of once per column
             if m == 1:      # up to a whole row a step (BLOCK_K = K): one round trip per program; or A8,
                 # the row padded to 16 for fp8 tensor-core dots (no conversion of the weights)
-                # (SWAP_AB: the weight tile as the tall operand, Hopper's warpgroup MMA from 64 rows)
                 space = itertools.chain(
-                    itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (4, 8), (False,), (False, True),
-                                      (False,)),
-                    itertools.product((16, 32, 64, 128), (128,), (4, 8), (True,), (False,), (False, True)))
+                    itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (4, 8), (False,), (False, True)),
+                    itertools.product((16, 32, 64), (128,), (4, 8), (True,), (False,)))
             else:
-                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True), (False, True), (False,))
+                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True), (False, True))
             best = (float("inf"), None)
-            for bn, bk, warps, a8, group_scale, swap in space:
+            for bn, bk, warps, a8, group_scale in space:
                 if (a8 and (bk != 128 or group_scale)) or bn * bk > 16384 or bk > triton.next_power_of_2(k):
                     continue            # W8A8 steps one scale block at a time; a tile's registers
                 cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3,
-                       **({"A8": True} if a8 else {}), **({"GROUP_SCALE": True} if group_scale else {}),
-                       **({"SWAP_AB": True} if swap else {})}
+                       **({"A8": True} if a8 else {}), **({"GROUP_SCALE": True} if group_scale else {})}
                 try:
                     took = per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
                 except Exception as e:          # out of registers or shared memory for the larger tiles

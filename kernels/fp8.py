@@ -186,7 +186,6 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
         x, wq, bias if bias is not None else scale, y, scale, m, n, k, x.stride(0), wq.stride(0), y.stride(0),
         scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n,
         BLOCK_K=block_k, HAS_SCALE=True, BN=block[0], BK=block[1], A8=a8, GROUP_SCALE=group_scale,
-        SWAP_AB=a8 and bool(cfg.get("SWAP_AB")),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x))
     return y
 

@@ -51,14 +51,12 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALE_MODE: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
     as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-    PAIR_BLOCKS: tl.constexpr = False, A_QUANT: tl.constexpr = False,
+    PAIR_BLOCKS: tl.constexpr = False,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
     BK), so one scale multiplies the tile's product. A_SCALED (with 2): a is fp8 too, with a
     float32 scale per row and BK group (`as_ptr`), and the product is an fp8 tl.dot (W8A8).
-    A_QUANT (with 2, BLOCK_K == BK): W8A8 with a in bf16, quantized per row and BK group in
-    registers as quantize_activations_fp8 does it (the same values; no launch before this one).
     PAIR_BLOCKS (one token, whose top-k experts are distinct): block j is pair j alone and
     `expert_ids_ptr` the token's ids, so no sorting launch comes first (sorted_ids_ptr and
     num_padded_ptr are not read)."""
@@ -120,14 +118,8 @@ def _grouped_gemm_kernel(
             if FUSE_SILU:
                 acc_up += tl.dot(a, (b_up.to(tl.float32) * tl.load(s_up_ptrs + kb)[None, :]).to(a.dtype))
         else:
-            if A_QUANT:
-                af = a.to(tl.float32)
-                sa = tl.maximum(tl.max(tl.abs(af), 1), 1e-12) / 448.0
-                a = tl.clamp(af / sa[:, None], -448.0, 448.0).to(b.dtype)
-                sa = sa[:, None]
-            elif A_SCALED:
+            if A_SCALED:
                 sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)[:, None]
-            if A_SCALED or A_QUANT:
                 acc += tl.dot(a, b) * (sa * tl.load(s_ptrs + kb))
                 if FUSE_SILU:
                     acc_up += tl.dot(a, b_up) * (sa * tl.load(s_up_ptrs + kb))
@@ -225,17 +217,14 @@ def align_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
 
 
 def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_rows_are_pairs, mul_weight, cfg,
-                  fuse_silu=False, scale=None, block=(128, 128), a_scale=None, a_quant=False):
-    """sorted_ids None: one token's pairs, a block each, block_expert its top-k ids (PAIR_BLOCKS).
-    a_quant: W8A8 with `a` in bf16, quantized in the kernel's registers (its K step one scale block)."""
+                  fuse_silu=False, scale=None, block=(128, 128), a_scale=None):
+    """sorted_ids None: one token's pairs, a block each, block_expert its top-k ids (PAIR_BLOCKS)."""
     n, k = b.shape[1] // (2 if fuse_silu else 1), b.shape[2]
     block_n, block_k, mode = cfg["BLOCK_N"], cfg["BLOCK_K"], 0
     if scale is not None:
         block_n, block_k, mode = _fp8_tile(block_n, block_k, n, block)
-    if (a_scale is not None or a_quant) and mode != 2:
+    if a_scale is not None and mode != 2:
         raise ValueError(f"fp8 activations need tiles inside the {block} scale blocks (N={n})")
-    if a_quant and block_k != block[1]:
-        raise ValueError(f"quantizing in registers needs K steps of one scale block ({block[1]}), not {block_k}")
     pair_blocks = sorted_ids is None
     blocks = block_expert.numel() if pair_blocks else triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"])
     grid = (blocks * triton.cdiv(n, block_n),)
@@ -251,7 +240,7 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a_scale is not None else s, stride_asm=a_scale.stride(0) if a_scale is not None else 0,
-        A_SCALED=a_scale is not None, PAIR_BLOCKS=pair_blocks, A_QUANT=a_quant, num_warps=cfg["num_warps"],
+        A_SCALED=a_scale is not None, PAIR_BLOCKS=pair_blocks, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl(a),
     )
 
@@ -374,12 +363,6 @@ PAIR_PATH_MAX_M = 16
 # takes the sorted path). False (or a config's "PAIR_BLOCKS" False): the token's pairs are sorted
 # as any batch's (for comparison).
 PAIR_BLOCKS_AT_ONE_TOKEN = os.environ.get("QWEN3VL_MOE_PAIR_BLOCKS", "1") != "0"
-
-# Up to this many tokens the W8A8 GEMMs quantize their own rows in registers, the same values
-# quantize_activations_fp8 gives, instead of after a launch each (two a layer, ~1.5 us each at one
-# token); their K step must then be one scale block. A config's "A_QUANT" chooses for itself;
-# QWEN3VL_MOE_A_QUANT_MAX_M=0 keeps the launches at every size (for comparison).
-A_QUANT_MAX_M = int(os.environ.get("QWEN3VL_MOE_A_QUANT_MAX_M", "16"))
 
 # The sorted path with fp8 weights quantizes its activations too (per token and block-wide group:
 # x before gate_up, the SiLU*up intermediate before down) and runs fp8 tensor-core dots (W8A8)
@@ -641,27 +624,23 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     # fp8 dots need tiles inside one scale block and K steps of 32 or more
     w8a8 = (bool(fp8) and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
             and all(mode == 2 and bk >= 32 for _, bk, mode in tiles))
-    # (not by default in the interpreter, which rounds to e4m3 unlike the hardware; the launches
-    # then quantize in torch)
-    a_quant = (w8a8 and all(bk == block[1] for _, bk, _ in tiles)
-               and cfg.get("A_QUANT", x.is_cuda and m <= A_QUANT_MAX_M))
-    a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 and not a_quant else (x, None))
+    a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
     if fuse_silu:     # two accumulators per program: half the columns keeps the tuned register budget
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
         half = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
         _grouped_gemm(a, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, half, True,
-                      scale=w13_scale, a_scale=a_scale, a_quant=a_quant, **fp8)
+                      scale=w13_scale, a_scale=a_scale, **fp8)
     else:
         gate_up = torch.empty(m * top_k, two_i, dtype=x.dtype, device=x.device)
         _grouped_gemm(a, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg,
-                      scale=w13_scale, a_scale=a_scale, a_quant=a_quant, **fp8)
+                      scale=w13_scale, a_scale=a_scale, **fp8)
         gate, up = gate_up.chunk(2, dim=-1)
         act = torch.nn.functional.silu(gate) * up
-    act, act_scale = (quantize_activations_fp8(act, block[1]) if w8a8 and not a_quant else (act, None))
+    act, act_scale = (quantize_activations_fp8(act, block[1]) if w8a8 else (act, None))
     # the sentinel's rows are never written: the combine skips them (no zero fill)
     out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg, scale=w2_scale,
-                  a_scale=act_scale, a_quant=a_quant, **fp8)
+                  a_scale=act_scale, **fp8)
     return sum_top_k(out.view(m, top_k, h), topk_ids if sentinel else None, e)
 
 

@@ -52,17 +52,14 @@ def block_scaled(x, s_ptrs, k, K, BLOCK_K: tl.constexpr, BK: tl.constexpr, ROWS:
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                   A8: tl.constexpr = False, USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                   SWAP_AB: tl.constexpr = False):
+                   A8: tl.constexpr = False, USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False):
     """HAS_SCALE: w is fp8 with a float32 scale per BN x BK block (kernels/fp8.py). BLOCK_N divides
     BN, so a program's rows share one row of the scale grid: the scales multiply x's columns
     (BLOCK_K of them per step, any BLOCK_K), and the weight costs one conversion per element, as
     bf16 does. A8 (with HAS_SCALE, M_PAD 16, BLOCK_K == BK): each program quantizes its x rows per
     BK group in registers and the product is an fp8 tensor-core dot (W8A8; no conversion of w).
     GROUP_SCALE (HAS_SCALE; BLOCK_K and BK powers of two, one a multiple of the other): each K step
-    loads its scales once per block instead of once per column. SWAP_AB (with A8): the dot is
-    w (BLOCK_N, BK) times x's rows transposed, so that the weight tile is the tensor cores' tall
-    operand (Hopper's warpgroup MMA takes 64 of its rows), and the result is transposed back."""
+    loads its scales once per block instead of once per column."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -74,8 +71,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
     s_row = s_ptr + ((pid * BLOCK_N) // BN) * stride_sn
     if M_PAD == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    elif SWAP_AB:
-        acc_t = tl.zeros((BLOCK_N, M_PAD), tl.float32)
     else:
         acc = tl.zeros((M_PAD, BLOCK_N), tl.float32)
     # the first weight tile is in flight while the kernel before finishes (PDL), each next one
@@ -90,10 +85,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
         if A8:
             xs = tl.maximum(tl.max(tl.abs(xf), 1), 1e-12) / 448.0
             xq = tl.clamp(xf / xs[:, None], -448.0, 448.0).to(w.dtype)
-            if SWAP_AB:
-                acc_t += tl.dot(w, tl.trans(xq)) * (xs[None, :] * tl.load(s_row + k))
-            else:
-                acc += tl.dot(xq, tl.trans(w)) * (xs[:, None] * tl.load(s_row + k))
+            acc += tl.dot(xq, tl.trans(w)) * (xs[:, None] * tl.load(s_row + k))
         else:
             if HAS_SCALE and GROUP_SCALE:
                 xf = block_scaled(xf, s_row, k, K, BLOCK_K, BK, M_PAD)      # every row's scales alike
@@ -110,8 +102,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
         w = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K - (k + 1) * BLOCK_K)[None, :], other=0.0)
     if M_PAD == 1:
         acc = tl.sum(acc2, 1)[None, :]
-    elif SWAP_AB:
-        acc = tl.trans(acc_t)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]

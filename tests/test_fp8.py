@@ -346,93 +346,6 @@ def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, monkeypatch):
     assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < 6e-2
 
 
-@pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("down", [False, True])
-def test_moe_gemm_quantizes_its_rows_in_registers(m, down):
-    """A_QUANT: the grouped GEMM quantizes its bf16 rows per group in registers; on rows exact in
-    e4m3 (the interpreter's rounding never enters) the very output of the same GEMM fed rows
-    quantized beforehand. gate_up (token rows, SiLU fused) and down (pair rows, routing weights);
-    at one token the blocks are the token's pairs (PAIR_BLOCKS), else sorted."""
-    from kernels.fused_moe import _grouped_gemm, align_by_expert
-    from qwen3vl_backend.layers.moe import route
-
-    e, h, i, top_k, block = 4, 64, 32, 2, (32, 32)
-    q13, s13, q2, s2, _, _ = _fp8_experts(e, h, i, block, DEV)
-    w, ids = route(torch.randn(m, e, device=DEV), top_k, True)
-    if m == 1:
-        sorted_ids, block_expert, total = None, ids.reshape(-1).to(torch.int32), None
-    else:
-        sorted_ids, block_expert, total = align_by_expert(ids, e, 16)
-    rows, b, scale, n = (m * top_k, q2, s2, h) if down else (m, q13, s13, i)
-    a = _exact_fp8_groups(rows, i if down else h, block[1]).to(DEV)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
-    outs = []
-    for a_quant in (False, True):
-        aq, a_scale = (a, None) if a_quant else quantize_activations(a, block[1])
-        out = torch.full((m * top_k, n), float("nan"), device=DEV)
-        _grouped_gemm(aq, b, out, w.flatten().float(), sorted_ids, block_expert, total, top_k, down, down, cfg,
-                      not down, scale=scale, block=block, a_scale=a_scale, a_quant=a_quant)
-        outs.append(out)
-    assert not outs[0].isnan().any()
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("block,in_registers", [((32, 32), True), ((32, 64), False)])
-def test_moe_a_quant_replaces_the_quantize_launches(block, in_registers, monkeypatch):
-    """A config asking for A_QUANT with K steps of one scale block runs both GEMMs with it and no
-    quantize launch; with steps shorter than a block the launches quantize, as before."""
-    import kernels.fused_moe as fm
-    from qwen3vl_backend.layers.moe import route
-
-    monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "1")
-    launches, quantized = [], []
-    kernel, quantize = fm._grouped_gemm_kernel, fm.quantize_activations_fp8
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launches.append((kw["A_QUANT"], kw["A_SCALED"]))
-                return kernel[grid](*args, **kw)
-            return launch
-    monkeypatch.setattr(fm, "_grouped_gemm_kernel", Recorder())
-    monkeypatch.setattr(fm, "quantize_activations_fp8", lambda *a, **kw: quantized.append(1) or quantize(*a, **kw))
-    e, h, i = 4, 128, 64
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-    x = _exact_fp8_groups(3, h, block[1]).to(DEV)
-    w, ids = route(torch.randn(3, e, device=DEV), 2, True)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1,
-           "A_QUANT": True}
-    out = fm.fused_moe(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, block=block)
-    assert launches == [(in_registers, not in_registers)] * 2
-    assert len(quantized) == (0 if in_registers else 2)
-    # the intermediate is not exact in e4m3: within the interpreter's rounding of it
-    assert _rel(out, _w8a8_moe_reference(x, d13, d2, w, ids, block[1])) < 6e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the interpreter rounds to e4m3 unlike the hardware)")
-@pytest.mark.parametrize("m", [1, 4, 16])
-@pytest.mark.parametrize("sentinel", [False, True])
-def test_moe_a_quant_matches_the_quantize_launches(m, sentinel, monkeypatch):
-    """On the GPU, quantizing in the GEMMs' registers gives the same bits as the launches before
-    them (30B-A3B's expert shapes; with the expert-parallel sentinel: other ranks' pairs)."""
-    from kernels.fused_moe import fused_moe
-    from qwen3vl_backend.layers.moe import route
-
-    monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "1")
-    block = (128, 128)
-    q13, s13, q2, s2, _, _ = _fp8_experts(128, 2048, 768, block, "cuda")
-    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
-    w, ids = route(torch.randn(m, 128, device="cuda"), 8, True)
-    if sentinel:
-        ids = torch.where(ids >= 64, torch.full_like(ids, 64), ids)
-        q13, s13, q2, s2 = (t[:64] for t in (q13, s13, q2, s2))
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
-    out = [fused_moe(x, q13, q2, w, ids, {**cfg, "A_QUANT": a_quant}, w13_scale=s13, w2_scale=s2, block=block,
-                     sentinel=sentinel) for a_quant in (False, True)]
-    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the kernel runs on a GPU (off it, the torch reference runs)")
 @pytest.mark.parametrize("t,k,group", [(1, 128, 128), (5, 300, 128), (33, 200, 32), (4, 70, 64), (954, 2048, 128)])
@@ -490,17 +403,15 @@ def _exact_fp8_groups(m: int, k: int, group: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("m", [1, 2, 5])
 @pytest.mark.parametrize("n,k,block", [(130, 300, (128, 128)), (96, 200, (32, 64))])
-@pytest.mark.parametrize("swap", [False, True])
-def test_fp8_gemv_w8a8_exact_groups(m, n, k, block, swap):
+def test_fp8_gemv_w8a8_exact_groups(m, n, k, block):
     """The GEMV's A8 mode (rows quantized per group in registers, fp8 dots) in the interpreter too,
-    on rows exact in e4m3, against the same quantization in torch; SWAP_AB dots w by x's rows
-    transposed and transposes back."""
+    on rows exact in e4m3, against the same quantization in torch."""
     from kernels.fp8 import fp8_gemv
 
     x = _exact_fp8_groups(m, k, block[1]).to(DEV)
     q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
-    got = fp8_gemv(x, q, s, block, config={"BLOCK_N": 32 if swap else 16, "BLOCK_K": 64, "num_warps": 4,
-                                           "num_stages": 1, "A8": True, "SWAP_AB": swap})
+    got = fp8_gemv(x, q, s, block, config={"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1,
+                                           "A8": True})
     assert _rel(got, w8a8_block_linear_reference(x, q, s, block)) < KTOL
 
 
@@ -534,17 +445,14 @@ def test_fp8_gemv_a8_pads_one_row_to_a_dot_tile(m, a8, m_pad, monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the interpreter rounds to e4m3 unlike the hardware)")
 @pytest.mark.parametrize("m", [1, 2, 5, 16])
 @pytest.mark.parametrize("n,k,block", [(5120, 2048, (128, 128)), (130, 300, (128, 128)), (96, 200, (32, 64))])
-@pytest.mark.parametrize("block_n,swap", [(16, False), (64, True)])
-def test_fp8_gemv_w8a8(m, n, k, block, block_n, swap):
+def test_fp8_gemv_w8a8(m, n, k, block):
     """A8: the GEMV quantizes its rows per group in registers and dots in fp8; against the same
-    quantization in torch, and within e4m3's activation error of the float product. SWAP_AB with
-    64-row weight tiles: Hopper's warpgroup MMA."""
+    quantization in torch, and within e4m3's activation error of the float product."""
     from kernels.fp8 import fp8_gemv
 
     x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
     q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
-    got = fp8_gemv(x, q, s, block, config={"BLOCK_N": block_n, "BLOCK_K": 64, "num_warps": 4, "A8": True,
-                                           "SWAP_AB": swap})
+    got = fp8_gemv(x, q, s, block, config={"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "A8": True})
     assert _rel(got, w8a8_block_linear_reference(x.float(), q, s, block)) < 1e-2
     assert _rel(got, x.float() @ dequantize_weight_blocks(q, s, block).T) < 6e-2
 
