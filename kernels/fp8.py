@@ -174,12 +174,10 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     cfg = {**gemv_config(n, k, m, block, x.device), **(config or {})}
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    # A8 dots in fp8 on tensor cores, whose tiles take 16 rows: one row is padded to them too (the
-    # weights go to the dot unconverted; the row-at-a-time product converts each one in registers)
-    a8 = bool(cfg.get("A8")) and block[1] >= 32
-    m_pad = 1 if m == 1 and not a8 else 16
+    m_pad = 1 if m == 1 else 16
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
     block_n = dividing(block_n, block[0])   # a program's rows share one row of scale blocks
+    a8 = bool(cfg.get("A8")) and m_pad > 1 and block[1] >= 32
     block_k = block[1] if a8 else cfg["BLOCK_K"]
     group_scale = not a8 and group_scale_ok(cfg.get("GROUP_SCALE"), block_k, block[1])
     _skinny_kernel[(triton.cdiv(n, block_n),)](
