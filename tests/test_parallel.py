@@ -415,3 +415,69 @@ def test_rank0_takes_the_group_down_with_the_workers_before_waiting_for_them(mon
         runner.graphs, runner.device, runner.peer_all_reduce = Graphs(), torch.device("cpu"), PeerAllReduce()
         runner.close()
         assert events == want and runner.channel is None and runner.graphs is None
+
+
+def test_a_moe_layer_at_one_token_sums_attention_inside_its_router_launch(monkeypatch):
+    """Two GPUs, one token: o_proj leaves its partial output unsummed and the MoE layer's norm +
+    router launch is handed the peer all-reduce to sum it (one launch fewer); where the peer
+    declines, or QWEN3VL_PEER_FUSE=0, the all-reduce sums it first, as before. (The kernel's own
+    sum: tests/test_allreduce.py, and on two GPUs tests/test_parallel_gpu.py.)"""
+    from qwen3vl_backend import parallel
+    from qwen3vl_backend.layers.linear import RowParallelLinear
+    from qwen3vl_backend.layers.moe import SparseMoE
+    from qwen3vl_backend.models import text
+
+    summed = []
+
+    class Peer:
+        def __init__(self, takes):
+            self.taking = takes
+
+        def takes(self, t):
+            return self.taking
+
+        def __call__(self, t):
+            summed.append(t.shape)
+            return True
+
+    seen = []
+    moe = SparseMoE(64, 32, 4, 2, True, Parallel(tp_size=2, tp_rank=0, ep_size=2))
+    moe.norm_route_fn = lambda x, res, *a, peer=None, **kw: seen.append(peer) or (
+        x, x + res, torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.int32))
+    monkeypatch.setattr(moe, "_experts", lambda h, w, ids: h)
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.o_proj = RowParallelLinear(64, 64, False, tp_size=2, tp_rank=0)
+
+        def forward(self, h, cos, sin, cache, meta, sum_ranks=True):
+            return self.o_proj(h[:, :32], sum_ranks)          # this rank's half of the heads
+
+    class Norm(torch.nn.Module):
+        weight, eps = torch.ones(64), 1e-6
+
+        def forward(self, x, r):
+            return x, x + r
+
+    layer = text.DecoderLayer.__new__(text.DecoderLayer)
+    torch.nn.Module.__init__(layer)
+    layer.self_attn, layer.mlp = Attention(), moe
+    layer.input_layernorm, layer.post_attention_layernorm = Norm(), Norm()
+    x, res = torch.randn(1, 64), torch.randn(1, 64)
+    cases = [(Peer(True), "1", 1, 0), (Peer(False), "1", 0, 1), (Peer(True), "0", 0, 1)]
+    try:
+        for peer, fuse, handed, sums in cases:
+            parallel.set_peer_all_reduce(peer)
+            monkeypatch.setenv("QWEN3VL_PEER_FUSE", fuse)
+            seen.clear(), summed.clear()
+            layer(x, res, None, None, None, None)
+            assert [p is peer for p in seen] == [True] * handed + [False] * (1 - handed)
+            assert len(summed) == sums          # o_proj's sum by the all-reduce: none when fused
+        seen.clear(), summed.clear()
+        layer(torch.randn(2, 64), torch.randn(2, 64), None, None, None, None)      # two tokens: no fusion
+        assert seen == [] and len(summed) == 1
+    finally:
+        parallel.set_peer_all_reduce(None)
+    with pytest.raises(ValueError, match="bias"):
+        RowParallelLinear(64, 64, True, tp_size=2, tp_rank=0)(torch.randn(1, 32), sum_ranks=False)

@@ -156,3 +156,81 @@ def test_peer_all_reduce_matches_nccl_on_two_gpus():
         p.join(60)
     assert results[0][0] == [] and results[1][0] == [], results
     assert results[0][1] == results[1][1]
+
+
+def _fused_rank(rank, port, queue):
+    """norm_route summing x with the other GPU's inside its launch, against the peer all-reduce
+    then norm_route, interleaved with plain sums (they share chunks, flags and epochs), eager and
+    replayed from a CUDA graph."""
+    import torch.distributed as dist
+
+    from kernels.allreduce import PeerAllReduce
+    from kernels.fused_moe import norm_route
+    from qwen3vl_backend.parallel import disable_multicast
+
+    disable_multicast()
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ar = PeerAllReduce.create(dist.group.WORLD, rank, 2, torch.device("cuda", rank), torch.bfloat16)
+        assert ar is not None, "no peer all-reduce on two GPUs"
+        gen = torch.Generator(device="cuda").manual_seed(100 + rank)
+        shared = torch.Generator(device="cuda").manual_seed(7)          # the same on both ranks
+        bad = []
+        for d, e, top_k, ep in [(4096, 128, 8, True), (2048, 128, 8, False), (300, 16, 4, False)]:
+            xs = [torch.randn(1, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(6)]
+            plain = [torch.randn(5000, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(6)]
+            residual = torch.randn(1, d, device="cuda", generator=shared, dtype=torch.bfloat16)
+            nw = torch.randn(d, device="cuda", generator=shared, dtype=torch.bfloat16)
+            gw = torch.randn(e, d, device="cuda", generator=shared, dtype=torch.bfloat16) * d ** -0.5
+            counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+            local = {"first_expert": rank * e // 2, "num_local": e // 2} if ep else {}
+
+            def unfused(x, p):
+                x, p = x.clone(), p.clone()
+                ar(x)
+                ar(p)
+                return [*norm_route(x, residual, nw, 1e-6, gw, top_k, True, counter, **local), p]
+
+            def fused(x, p):
+                p = p.clone()
+                out = norm_route(x, residual, nw, 1e-6, gw, top_k, True, counter, peer=ar, **local)
+                ar(p)
+                return [*out, p]
+
+            want = [unfused(x, p) for x, p in zip(xs, plain)]
+            eager = [fused(x, p) for x, p in zip(xs, plain)]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                graphed = [fused(x, p) for x, p in zip(xs, plain)]
+            for _ in range(2):
+                graph.replay()
+            torch.cuda.synchronize()
+            for i, (w, a, g) in enumerate(zip(want, eager, graphed)):
+                if not all(torch.equal(u, v) and torch.equal(u, z) for u, v, z in zip(w, a, g)):
+                    bad.append((d, i))
+        queue.put((rank, bad))
+        ar.close()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_norm_route_sums_with_the_other_gpu_as_the_all_reduce_does():
+    """The batch-1 MoE layer's norm + router launch, summing attention's output over two GPUs
+    itself: the same bits as the peer all-reduce then the launch (h, residual, weights, ids and the
+    plain sums between), at 235B's, 30B's and an odd hidden size, eager and from a CUDA graph."""
+    import torch.multiprocessing as mp
+
+    from qwen3vl_backend.supervisor import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_fused_rank, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert results == {0: [], 1: []}
