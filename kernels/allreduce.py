@@ -197,13 +197,8 @@ class PeerAllReduce:
         dist.barrier(group=group)            # both mapped before either writes into the other
         return made
 
-    def takes(self, x: torch.Tensor) -> bool:
-        """Whether x can be summed here (also by kernels that run this protocol inside their own
-        launch: kernels.fused_moe.norm_route)."""
-        return x.dtype == self.dtype and x.is_contiguous() and x.numel() <= self.capacity and x.device == self.device
-
     def __call__(self, x: torch.Tensor) -> bool:
-        if not self.takes(x):
+        if x.dtype != self.dtype or not x.is_contiguous() or x.numel() > self.capacity or x.device != self.device:
             return False
         if x.numel():
             peer_all_reduce_(x, self.my_data, self.peer_data, self.my_flags, self.peer_flags, self.epochs,

@@ -28,10 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
+from .pdl import gdc_enter, pdl
 from .tables import CONFIG_DIR, device_file, device_table
 
-from .allreduce import CHUNK as PEER_CHUNK
 from .fp8 import group_scale_ok, quantize_activations_fp8
 from .linear import block_scaled, dividing
 
@@ -503,48 +502,20 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
                        ids_ptr, count_ptr, D, E, eps, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
                        RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False,
-                       my_data=None, peer_data=None, my_flags=None, peer_flags=None, epochs=None, region_size=0,
-                       SUM_PEER: tl.constexpr = False, CHUNK: tl.constexpr = 2048):
+                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One token (BLOCK_D >= D: every load is issued at once). Each program: s = x + residual and
     h = RMSNorm(s) (program 0 writes both), then the router logits of its BLOCK_E experts, rounded
     to h's dtype as the router's linear layer would. The program that finishes last (an atomic
     count) routes the token as `route` does and resets the count for the next launch. FIXED:
-    route on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs).
-    SUM_PEER: x is this rank's partial sum of two (tensor parallelism): it is first summed with
-    the other GPU's by kernels.allreduce's protocol, on the same chunks, flags and epochs (program
-    0 sends x's chunks; every program waits for the other's and adds them; the last program
-    advances the epochs), as peer_all_reduce_ then this kernel would, in one launch. The router's
-    rows are fetched before the wait: only the sum is waited for."""
-    gdc_launch(USE_PDL)
+    route on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs)."""
+    gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     w = tl.load(gw_ptr + offs_e[:, None] * D + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
-    gdc_wait(USE_PDL)
-    x = tl.load(x_ptr + d, mask=d_ok, other=0.0)
-    if SUM_PEER:
-        chunks = tl.cdiv(D, CHUNK)
-        if pid == 0:
-            for slot in range(0, chunks):
-                offs = slot * CHUNK + tl.arange(0, CHUNK)
-                ok = offs < D
-                epoch = tl.load(epochs + slot)
-                tl.store(peer_data + (epoch % 2) * region_size + offs, tl.load(x_ptr + offs, mask=ok, other=0.0),
-                         mask=ok)
-                tl.debug_barrier()
-                tl.atomic_xchg(peer_flags + slot, epoch + 1, sem="release", scope="sys")
-        for slot in range(0, chunks):
-            flag = tl.load(epochs + slot) + 1
-            while tl.atomic_add(my_flags + slot, 0, sem="acquire", scope="sys") < flag:
-                pass
-        tl.debug_barrier()
-        parity = tl.load(epochs + d // CHUNK, mask=d_ok, other=0) % 2
-        other = tl.load(my_data + parity * region_size + d, mask=d_ok, other=0.0, volatile=True)
-        x = (x.to(tl.float32) + other.to(tl.float32)).to(x.dtype)
-    s = x + tl.load(res_ptr + d, mask=d_ok, other=0.0)
+    s = tl.load(x_ptr + d, mask=d_ok, other=0.0) + tl.load(res_ptr + d, mask=d_ok, other=0.0)
     sf = s.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, 0) / D + eps)
     h = ((sf * rstd).to(s.dtype) * tl.load(nw_ptr + d, mask=d_ok, other=0.0)).to(s.dtype)
@@ -553,7 +524,7 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
         tl.store(h_ptr + d, h, mask=d_ok)
     logits = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], 1)
     tl.store(logits_ptr + offs_e, logits.to(h_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
-    # release this program's logits (and its reads of the epochs); the last one to arrive sees everyone's
+    # release this program's logits; the last one to arrive sees everyone's
     count = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if count == tl.num_programs(0) - 1:
         offs = tl.arange(0, E_PAD)
@@ -563,9 +534,6 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
         else:
             lg = tl.load(logits_ptr + offs, mask=ok, other=float("-inf"), volatile=True)
         _route_row(lg, offs, ok, weights_ptr, ids_ptr, 0, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
-        if SUM_PEER:
-            for slot in range(0, tl.cdiv(D, CHUNK)):
-                tl.store(epochs + slot, tl.load(epochs + slot) + 1)
         tl.atomic_xchg(count_ptr, 0)
 
 
@@ -592,14 +560,12 @@ def norm_route_config(d: int, e: int, device: torch.device) -> dict:
 def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                gate_weight: torch.Tensor, top_k: int, renormalize: bool, counter: torch.Tensor,
                fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None,
-               config: dict | None = None, peer=None):
+               config: dict | None = None):
     """The post-attention RMSNorm (after the residual add) and the router in one launch, for one
     token (batch-1 decode). x, residual (1, D); gate_weight (E, D); `counter` one int32, zero
     between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (1, A)
     float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T, ..., first_expert,
-    num_local)` give them. `config`: the launch shape (norm_route_config's keys), else the table's.
-    `peer` (kernels.allreduce.PeerAllReduce, taking x): x is this GPU's part of a two-GPU sum,
-    summed with the other's inside this launch, as `peer(x)` would before it (x is left as it was)."""
+    num_local)` give them. `config`: the launch shape (norm_route_config's keys), else the table's."""
     m, d = x.shape
     e = gate_weight.shape[0]
     if (m != 1 or d > NORM_ROUTE_MAX_D or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
@@ -615,17 +581,11 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     cfg = {**norm_route_config(d, e, x.device), **(config or {})}
     block_e = cfg["BLOCK_E"]
     fixed = fixed_logits if fixed_logits is not None else logits
-    if peer is not None and not peer.takes(x):
-        raise ValueError(f"norm_route: the peer all-reduce does not take x {tuple(x.shape)} {x.dtype}")
-    summing = {} if peer is None else {
-        "my_data": peer.my_data, "peer_data": peer.peer_data, "my_flags": peer.my_flags,
-        "peer_flags": peer.peer_flags, "epochs": peer.epochs, "region_size": peer.capacity, "SUM_PEER": True,
-        "CHUNK": PEER_CHUNK}
     _norm_route_kernel[(triton.cdiv(e, block_e),)](
         x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, d, e, eps,
         first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
-        E_PAD=triton.next_power_of_2(e), num_warps=cfg["num_warps"], **summing, **pdl(x))
+        E_PAD=triton.next_power_of_2(e), num_warps=cfg["num_warps"], **pdl(x))
     return h, new_res, weights, ids
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .config import parse_bool
-
 # NVLink multicast (NVLS) can take a shared host's GPUs out of service: off in every process we start
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -39,15 +37,6 @@ _peer_all_reduce = None
 def set_peer_all_reduce(fn) -> None:
     global _peer_all_reduce
     _peer_all_reduce = fn
-
-
-def peer_sum_for(t):
-    """The two-GPU peer all-reduce, for a kernel that sums `t` with the other GPU's inside its own
-    launch (one launch fewer), where it is set up and takes `t`; else None (all_reduce sums it).
-    QWEN3VL_PEER_FUSE=0: never (for comparison)."""
-    if _peer_all_reduce is None or not parse_bool(os.environ.get("QWEN3VL_PEER_FUSE", "1")):
-        return None
-    return _peer_all_reduce if _peer_all_reduce.takes(t) else None
 
 
 def all_reduce(t) -> None:

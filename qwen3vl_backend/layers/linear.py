@@ -181,16 +181,11 @@ class RowParallelLinear(LinearBase):
     def placement(self, shard_id=None):
         return 1, 0, self._local_shape()[1], self.tp_rank, self.tp_size
 
-    def forward(self, x: torch.Tensor, sum_ranks: bool = True) -> torch.Tensor:
-        """sum_ranks False: this rank's partial output, for a consumer that sums it over the ranks
-        in its own kernel (no bias then: it is added once, after the sum)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return self.quant_method.apply(self, x, self.bias)
-        if not sum_ranks and self.bias is not None:
-            raise ValueError("a row-parallel layer with a bias sums its output before adding the bias")
         out = self.quant_method.apply(self, x, None)
-        if sum_ranks:
-            all_reduce(out)
+        all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 

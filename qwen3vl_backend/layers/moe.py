@@ -12,7 +12,7 @@ from torch import nn
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
 from kernels.fused_moe import NORM_ROUTE_MAX_D
 
-from ..parallel import Parallel, all_reduce, check_moe_split, peer_sum_for
+from ..parallel import Parallel, all_reduce, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
 
 
@@ -222,25 +222,11 @@ class SparseMoE(nn.Module):
         ex = self.experts
         return {"first_expert": ex.first_expert, "num_local": ex.num_local} if ex.num_local < ex.num_experts else {}
 
-    def _norm_route_takes(self, x: torch.Tensor) -> bool:
-        return (self.norm_route_fn is not None and x.shape[0] == 1 and x.shape[1] <= NORM_ROUTE_MAX_D
-                and self.gate.bias is None and isinstance(self.gate.quant_method, UnquantizedLinearMethod))
-
-    def sums_in_norm_route(self, x: torch.Tensor) -> bool:
-        """Whether forward_after_norm can take x (attention's output) before its tensor-parallel
-        sum: the norm + router launch sums it with the other GPU's (two GPUs, one token), and the
-        all-reduce's own launch goes."""
-        return self.tp_size > 1 and self._norm_route_takes(x) and peer_sum_for(x) is not None
-
-    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm,
-                           summed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output on norm(x + residual), x + residual): with `norm_route_fn`, the norm
-        and the router are one launch (batch-1 decode: the launches, not the bytes, are its cost).
-        summed False: x is this rank's partial sum (tensor parallelism), summed here first."""
-        peer = None if summed or not self._norm_route_takes(x) else peer_sum_for(x)
-        if not summed and peer is None:
-            all_reduce(x)
-        if not self._norm_route_takes(x):
+        and the router are one launch (batch-1 decode: the launches, not the bytes, are its cost)."""
+        if (self.norm_route_fn is None or x.shape[0] != 1 or x.shape[1] > NORM_ROUTE_MAX_D or self.gate.bias is not None
+                or not isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
             h, residual = norm(x, residual)
             return self(h), residual
         if self._counter is None or self._counter.device != x.device:
@@ -248,8 +234,7 @@ class SparseMoE(nn.Module):
         fixed = self._fixed(x.shape[0]) if self.fixed_logits is not None else None
         h, residual, weights, ids = self.norm_route_fn(x.contiguous(), residual.contiguous(), norm.weight, norm.eps,
                                                        self.gate.weight, self.top_k, self.renormalize,
-                                                       self._counter, fixed, **self._ep_routing(),
-                                                       **({"peer": peer} if peer is not None else {}))
+                                                       self._counter, fixed, **self._ep_routing())
         return self._experts(h, weights, ids), residual
 
     def _fixed(self, t: int) -> torch.Tensor:

@@ -35,8 +35,7 @@ class Attention(nn.Module):
         self.decode_fn = None          # a paged decode kernel, set by the model runner on GPU
         self.prep_fn = None            # q/k norm + rotary + cache write in one kernel (kernels.rope.qkv_prep_)
 
-    def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata, sum_ranks: bool = True):
-        """sum_ranks False (tensor parallelism): o_proj's partial output, which the caller sums."""
+    def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         if self.prep_fn is not None:
@@ -54,7 +53,7 @@ class Attention(nn.Module):
             o = self.decode_fn(q, cache, meta.block_tables, meta.context_lens_t, self.head_dim ** -0.5)
         else:
             o = self.attn_fn(q, k, v, cache, meta, self.head_dim ** -0.5)
-        return self.o_proj(o.reshape(t, -1), sum_ranks)
+        return self.o_proj(o.reshape(t, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -85,12 +84,9 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        if isinstance(self.mlp, SparseMoE):         # the norm may run inside the router's kernel,
-            # and at tensor parallelism over two GPUs o_proj's sum too
-            summed = self.self_attn.o_proj.bias is not None or not self.mlp.sums_in_norm_route(h)
-            h = self.self_attn(h, cos, sin, cache, meta, sum_ranks=summed)
-            return self.mlp.forward_after_norm(h, residual, self.post_attention_layernorm, summed)
         h = self.self_attn(h, cos, sin, cache, meta)
+        if isinstance(self.mlp, SparseMoE):         # the norm may run inside the router's kernel
+            return self.mlp.forward_after_norm(h, residual, self.post_attention_layernorm)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
