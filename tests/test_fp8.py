@@ -431,6 +431,67 @@ def test_fp8_gemv_w8a8(m, n, k, block):
     assert _rel(got, x.float() @ dequantize_weight_blocks(q, s, block).T) < 6e-2
 
 
+def test_fp8_row_kernel_converts_every_e4m3_value_exactly():
+    """INT_CVT (one row, the weights made float32 by integer ops): each of the 254 finite e4m3
+    values, subnormals and both zeros included, read back exactly (one weight a row, x all ones,
+    unit scales)."""
+    from kernels.fp8 import fp8_gemv
+
+    values = torch.arange(256, dtype=torch.int32)
+    values = values[(values & 0x7F) != 0x7F].to(torch.uint8)
+    n, k = values.numel(), 128
+    q = torch.zeros(n, k, dtype=torch.uint8)
+    q[torch.arange(n), torch.arange(n) % k] = values
+    q = q.view(FP8).to(DEV)
+    got = fp8_gemv(torch.ones(1, k, device=DEV), q, torch.ones(-(-n // 16), 1, device=DEV), (16, 128),
+                   config={"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "INT_CVT": True})
+    torch.testing.assert_close(got[0].cpu(), values.view(FP8).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n,k,block,block_k", [(130, 300, (128, 128), 64), (96, 200, (32, 64), 256),
+                                               (70, 296, (16, 64), 128), (40, 4096, (32, 32), 1024)])
+@pytest.mark.parametrize("group_scale", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_row_kernel_against_the_dequantized_weights(n, k, block, block_k, group_scale, bias):
+    """INT_CVT at awkward shapes: partial row and scale blocks, K steps inside a block or of
+    several, a partial last step, scales per column or a block at a time, a bias."""
+    from kernels.fp8 import fp8_gemv
+
+    x = (torch.randn(1, k) * torch.logspace(-1, 1, k)).to(DEV)
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * torch.logspace(-2, 0, k), block))
+    b = torch.randn(n, device=DEV) if bias else None
+    cfg = {"BLOCK_N": 8, "BLOCK_K": block_k, "num_warps": 4, "INT_CVT": True, "GROUP_SCALE": group_scale}
+    want = x @ dequantize_weight_blocks(q, s, block).T + (b if bias else 0)
+    assert _rel(fp8_gemv(x, q, s, block, b, config=cfg), want) < KTOL
+
+
+@pytest.mark.parametrize("k,stride_pad,int_cvt", [(296, 0, True), (298, 0, False), (296, 2, False)])
+def test_fp8_row_kernel_only_where_the_bytes_are_whole_ints(k, stride_pad, int_cvt, monkeypatch):
+    """INT_CVT reads the weights four bytes at a time: K or a row stride not a multiple of four
+    runs the converting kernel instead (same answer)."""
+    import kernels.fp8
+
+    launched = []
+    for name in ("_fp8_row_kernel", "_skinny_kernel"):
+        kernel = getattr(kernels.fp8, name)
+
+        class Recorder:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                return lambda *a, **kw: launched.append(self.name) or self.kernel[grid](*a, **kw)
+        monkeypatch.setattr(kernels.fp8, name, Recorder(kernel, name))
+    block = (16, 64)
+    q, s = quantize_weight_blocks(torch.randn(40, k), block)
+    q = torch.cat([q.view(torch.uint8), torch.zeros(40, stride_pad, dtype=torch.uint8)], 1).view(FP8)[:, :k]
+    q, s, x = q.to(DEV), s.to(DEV), torch.randn(1, k, device=DEV)
+    got = kernels.fp8.fp8_gemv(x, q, s, block, config={"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4,
+                                                      "INT_CVT": True})
+    assert launched == ["_fp8_row_kernel" if int_cvt else "_skinny_kernel"]
+    assert _rel(got, x @ dequantize_weight_blocks(q, s, block).T) < KTOL
+
+
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("block_k,block", [(32, (32, 128)), (128, (32, 32)), (256, (16, 64)), (64, (16, 64))])
 def test_fp8_gemv_scales_a_block_at_a_time(m, block_k, block):
