@@ -484,8 +484,10 @@ def test_fp8_row_kernel_only_where_the_bytes_are_whole_ints(k, stride_pad, int_c
         monkeypatch.setattr(kernels.fp8, name, Recorder(kernel, name))
     block = (16, 64)
     q, s = quantize_weight_blocks(torch.randn(40, k), block)
-    q = torch.cat([q.view(torch.uint8), torch.zeros(40, stride_pad, dtype=torch.uint8)], 1).view(FP8)[:, :k]
-    q, s, x = q.to(DEV), s.to(DEV), torch.randn(1, k, device=DEV)
+    # padded rows made on the device (a copy there would be contiguous)
+    q = torch.cat([q.view(torch.uint8), torch.zeros(40, stride_pad, dtype=torch.uint8)], 1).to(DEV).view(FP8)[:, :k]
+    s, x = s.to(DEV), torch.randn(1, k, device=DEV)
+    assert q.stride(0) == k + stride_pad
     got = kernels.fp8.fp8_gemv(x, q, s, block, config={"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4,
                                                       "INT_CVT": True})
     assert launched == ["_fp8_row_kernel" if int_cvt else "_skinny_kernel"]
