@@ -38,8 +38,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import gdc_enter, pdl
-
 log = logging.getLogger(__name__)
 
 CHUNK = 2048                      # elements per program (4 KB of bf16)
@@ -50,14 +48,11 @@ CAPACITY = 4096 * 4096
 
 @triton.jit
 def _peer_all_reduce_kernel(x_ptr, my_data, peer_data, my_flags, peer_flags, epochs, n, region_size,
-                            CHUNK: tl.constexpr, USE_PDL: tl.constexpr = False):
+                            CHUNK: tl.constexpr):
     """Program p takes chunks p, p + G, p + 2G, ... (G programs): it pushes every one of them
     and raises their flags before it waits for any, so no program waits on the other GPU for
     something a waiting program there has yet to send. (Raising a program's flags only after all
-    its data, behind one barrier, was slower at every size on two H200s: NOTES, eighth session.)
-    USE_PDL: launched while the kernel before finishes (kernels/pdl.py), waiting for it before
-    reading x; the next kernel may launch as this one starts."""
-    gdc_enter(USE_PDL)
+    its data, behind one barrier, was slower at every size on two H200s: NOTES, eighth session.)"""
     first = tl.program_id(0)
     step = tl.num_programs(0)
     chunks = tl.cdiv(n, CHUNK)
@@ -102,7 +97,7 @@ def peer_all_reduce_(x: torch.Tensor, my_data, peer_data, my_flags, peer_flags, 
     n = x.numel()
     grid = min(triton.cdiv(n, CHUNK), programs or _max_programs(x.device))
     _peer_all_reduce_kernel[(grid,)](x, my_data, peer_data, my_flags, peer_flags, epochs, n, region_size,
-                                     CHUNK=CHUNK, num_warps=4, **pdl(x))
+                                     CHUNK=CHUNK, num_warps=4)
 
 
 class _Handle(ctypes.Structure):
