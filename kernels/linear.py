@@ -148,9 +148,12 @@ def dividing(size: int, total: int) -> int:
 
 
 def nearest_m(table: dict, n: int, k: int, m: int, default):
-    """A {"N,K": {"M": entry}} table's entry for (N, K) at the nearest tuned M, or `default`."""
-    by_m = table.get(f"{n},{k}")
-    return by_m[min(by_m, key=lambda key: abs(int(key) - m))] if by_m else default
+    """A {"N,K": {"M": entry}} table's entry for (N, K) at the nearest tuned M, or `default`. One
+    row and several are different kernels (a row at a time; rows padded to 16 for tl.dot), so an
+    entry tuned for one never stands in for the other: a 2048-wide K step tuned for one row made
+    235B's o_proj at 16 rows a 16 x 2048 dot tile (tp 2, c16: 93 ms a step against 31)."""
+    by_m = {int(key): entry for key, entry in table.get(f"{n},{k}", {}).items() if (int(key) == 1) == (m == 1)}
+    return by_m[min(by_m, key=lambda key: abs(key - m))] if by_m else default
 
 
 def lookup_config(n: int, k: int, m: int, device: torch.device) -> dict | None:

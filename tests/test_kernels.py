@@ -458,3 +458,17 @@ def test_every_launch_table_falls_back_to_the_home_devices():
         assert read(other) == own, name
     assert linear._table("NVIDIA H100 80GB HBM3") not in ({}, linear._table(home))
     assert fused_moe._find_moe_table(128, 768, 2048, "cpu", False, None) is None
+
+
+def test_one_row_and_several_never_share_a_launch_table_entry():
+    """The GEMV tables' lookup: the nearest tuned M, but a one-row entry (a row at a time) never
+    stands in for 2-16 rows (padded to 16 for tl.dot), nor the other way round: the default
+    instead. (A one-row entry with 2048-wide K steps made 235B's o_proj at 16 rows a 16 x 2048
+    dot tile, three times slower a step.)"""
+    from kernels.linear import nearest_m
+
+    table = {"8,16": {"1": "one", "4": "four", "16": "sixteen"}, "8,32": {"1": "one"}, "8,64": {"16": "sixteen"}}
+    assert [nearest_m(table, 8, 16, m, "d") for m in (1, 2, 5, 12, 16)] == ["one", "four", "four", "sixteen", "sixteen"]
+    assert [nearest_m(table, 8, 32, m, "d") for m in (1, 2, 16)] == ["one", "d", "d"]
+    assert [nearest_m(table, 8, 64, m, "d") for m in (1, 3)] == ["d", "sixteen"]
+    assert nearest_m(table, 9, 9, 1, "d") == "d"
