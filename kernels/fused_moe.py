@@ -31,7 +31,7 @@ import triton.language as tl
 from .pdl import gdc_enter, pdl
 from .tables import CONFIG_DIR, device_file, device_table
 
-from .fp8 import _e4m3_bits_as_f32, group_scale_ok, quantize_activations_fp8
+from .fp8 import group_scale_ok, quantize_activations_fp8
 from .linear import block_scaled, dividing
 
 log = logging.getLogger(__name__)
@@ -260,13 +260,10 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                         USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                         INT_CVT: tl.constexpr = False):
+                         USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns.
-    GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
-    INT_CVT (with HAS_SCALE): the weights read four bytes to an int32 and made float32 by integer
-    ops, as kernels.fp8._fp8_row_kernel does (`_pair_gate_up_int`)."""
+    GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block."""
     gdc_enter(USE_PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -276,11 +273,6 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
-    if INT_CVT:
-        _pair_gate_up_int(x_ptr + token * stride_xm, w_ptr + expert * stride_we, act_ptr + pair * stride_am,
-                          s_ptr + expert * stride_se, offs_n, n_ok, inter, K, pid_n, stride_wn, stride_sn,
-                          BLOCK_N, BLOCK_K, BN, BK, GROUP_SCALE)
-        return
     offs_k = tl.arange(0, BLOCK_K)
     gate_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
     up_ptrs = gate_ptrs + inter * stride_wn
@@ -315,59 +307,15 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
 
 
 @triton.jit
-def _pair_gate_up_int(x_row, w_expert, act_row, s_expert, offs_n, n_ok, inter, K, pid_n, stride_wn, stride_sn,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      GROUP_SCALE: tl.constexpr):
-    """_pair_gate_up_kernel's INT_CVT path for one pair's BLOCK_N gate and up rows: a K step's
-    columns in the order 4j + i (byte i of int j), x read alike and scaled by 2^100, the sums by
-    2^20 (the weights come out 2^-120 too small: kernels.fp8._e4m3_bits_as_f32)."""
-    Q: tl.constexpr = BLOCK_K // 4
-    K4 = K // 4
-    offs_j = tl.arange(0, Q)
-    gate_ptrs = w_expert.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + offs_j[None, :]
-    up_ptrs = gate_ptrs + inter * (stride_wn // 4)
-    s_gate = s_expert + ((pid_n * BLOCK_N) // BN) * stride_sn
-    s_up = s_expert + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
-    acc_g = tl.zeros((BLOCK_N, Q), tl.float32)
-    acc_u = tl.zeros((BLOCK_N, Q), tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        j_ok = offs_j < K4 - k * Q
-        m = n_ok[:, None] & j_ok[None, :]
-        g4 = tl.load(gate_ptrs, mask=m, other=0)
-        u4 = tl.load(up_ptrs, mask=m, other=0)
-        for i in tl.static_range(4):
-            xi = tl.load(x_row + k * BLOCK_K + offs_j * 4 + i, mask=j_ok, other=0.0).to(tl.float32) \
-                * 1.2676506002282294e30
-            if GROUP_SCALE:
-                xg = block_scaled(xi, s_gate, k, K4, Q, BK // 4, 0)
-                xu = block_scaled(xi, s_up, k, K4, Q, BK // 4, 0)
-            else:
-                kb = (k * BLOCK_K + offs_j * 4) // BK
-                xg = xi * tl.load(s_gate + kb, mask=j_ok, other=0.0)
-                xu = xi * tl.load(s_up + kb, mask=j_ok, other=0.0)
-            acc_g += _e4m3_bits_as_f32(g4, i) * xg[None, :]
-            acc_u += _e4m3_bits_as_f32(u4, i) * xu[None, :]
-        gate_ptrs += Q
-        up_ptrs += Q
-    g = tl.sum(acc_g, 1) * 1048576.0
-    u = tl.sum(acc_u, 1) * 1048576.0
-    act = g / (1.0 + tl.exp(-g)) * u
-    tl.store(act_row + offs_n, act.to(act_row.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
 def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
                       stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                      USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                      INT_CVT: tl.constexpr = False):
+                      USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
-    (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two). INT_CVT (with
-    HAS_SCALE): the weights made float32 by integer ops, columns in the order 4j + i, as
-    `_pair_gate_up_int` takes them."""
+    (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two)."""
     gdc_enter(USE_PDL)
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -378,31 +326,6 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     slot_ok = slot_ok & (experts < num_experts)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    if INT_CVT:
-        Q: tl.constexpr = BLOCK_K // 4
-        K4 = K // 4
-        offs_j = tl.arange(0, Q)
-        w4_ptrs = (w_ptr.to(tl.pointer_type(tl.int32)) + experts[:, None, None] * (stride_we // 4)
-                   + offs_n[None, :, None] * (stride_wn // 4) + offs_j[None, None, :])
-        s_rows = s_ptr + experts[:, None] * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
-        acc4 = tl.zeros((TOP_K_PAD, BLOCK_N, Q), tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            j_ok = offs_j < K4 - k * Q
-            a_mask = slot_ok[:, None] & j_ok[None, :]
-            w4 = tl.load(w4_ptrs, mask=slot_ok[:, None, None] & n_ok[None, :, None] & j_ok[None, None, :], other=0)
-            for i in tl.static_range(4):
-                ai = tl.load(act_ptr + pairs[:, None] * stride_am + k * BLOCK_K + offs_j[None, :] * 4 + i,
-                             mask=a_mask, other=0.0).to(tl.float32) * 1.2676506002282294e30
-                if GROUP_SCALE:
-                    ai = block_scaled(ai, s_rows, k, K4, Q, BK // 4, TOP_K_PAD)
-                else:
-                    ai = ai * tl.load(s_rows + ((k * BLOCK_K + offs_j * 4) // BK)[None, :], mask=a_mask, other=0.0)
-                acc4 += _e4m3_bits_as_f32(w4, i) * ai[:, None, :]
-            w4_ptrs += Q
-        weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
-        out = tl.sum(tl.sum(acc4, 2) * weights[:, None], 0) * 1048576.0
-        tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-        return
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = (w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
               + offs_k[None, None, :])
@@ -504,8 +427,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]),
-        INT_CVT=fp8 and _pair_int_cvt_ok(cfg.get("INT_CVT"), w13, block, cfg["BLOCK_K"]), **pdl(x))
+        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
@@ -513,16 +435,8 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
-        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
-        INT_CVT=fp8 and _pair_int_cvt_ok(cfg.get("DOWN_INT_CVT"), w2, block, cfg["DOWN_BLOCK_K"]), **pdl(x))
+        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]), **pdl(x))
     return out
-
-
-def _pair_int_cvt_ok(asked, w: torch.Tensor, block: tuple[int, int], block_k: int) -> bool:
-    """INT_CVT reads fp8 experts four bytes at a time: strides, K, the base, K steps and scale
-    blocks whole ints (and with GROUP_SCALE, group_scale_ok of their quarters)."""
-    return (bool(asked) and all(v % 4 == 0 for v in (w.shape[2], w.stride(0), w.stride(1), w.data_ptr(), block_k,
-                                                      block[1])))
 
 
 @triton.jit

@@ -530,32 +530,6 @@ def test_fp8_moe_pairs_scale_a_block_at_a_time(block_k, block):
     assert _rel(per_block, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
-@pytest.mark.parametrize("m,e,h,i,a,block,block_k", [(1, 8, 64, 64, 2, (32, 32), 32), (3, 6, 96, 32, 3, (16, 32), 64),
-                                                     (2, 5, 300, 40, 2, (32, 64), 128)])
-@pytest.mark.parametrize("group_scale", [False, True])
-@pytest.mark.parametrize("which", ["gate_up", "down", "both"])
-def test_fp8_moe_pairs_convert_by_integer_ops(m, e, h, i, a, block, block_k, group_scale, which):
-    """The pair kernels' INT_CVT (gate_up's "INT_CVT", down's "DOWN_INT_CVT"): the same answer as
-    the converting kernels, at partial K steps (h = 300, i = 40), scales per column or per block,
-    and with another rank's pairs (the sentinel id) skipped."""
-    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
-    from qwen3vl_backend.layers.moe import route
-
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-    x = torch.randn(m, h, device=DEV) * torch.logspace(-1, 1, h, device=DEV)
-    w, ids = route(torch.randn(m, e, device=DEV), a, True)
-    ids[0, 0] = e                                            # another rank's expert: adds nothing
-    cfg = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": block_k,
-           "down_warps": 4, "GROUP_SCALE": group_scale, "DOWN_GROUP_SCALE": group_scale}
-    converting = fused_moe_pairs(x, q13, q2, w, ids, cfg, s13, s2, block)
-    keys = {"gate_up": {"INT_CVT": True}, "down": {"DOWN_INT_CVT": True},
-            "both": {"INT_CVT": True, "DOWN_INT_CVT": True}}[which]
-    got = fused_moe_pairs(x, q13, q2, w, ids, {**cfg, **keys}, s13, s2, block)
-    torch.testing.assert_close(got, converting, rtol=1e-4, atol=1e-4 * converting.abs().max().item())
-    kept = torch.where(ids == e, torch.zeros_like(w), w)
-    assert _rel(got, fused_moe_reference(x, d13, d2, kept, ids.clamp(max=e - 1))) < KTOL
-
-
 @pytest.mark.parametrize("block_n,block", [(16, (32, 128)), (64, (32, 128)), (32, (16, 64))])
 def test_fp8_gemv_steps_across_scale_blocks(block_n, block):
     """A K step of 256 over narrower scale blocks (each column its own block's scale), and
