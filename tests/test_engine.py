@@ -278,10 +278,16 @@ def test_vit_graph_padding_changes_nothing(tiny_moe):
     graphs = VisionGraphs(visual, buckets=(128, 512), max_segments=4)
     assert 128 < pixels.shape[0] < 512 and graphs.fits(pixels.shape[0], len(grids))
     want_e, want_ds = visual(pixels, grids)
+    assert graphs.last_path is None
     got_e, got_ds = graphs(pixels, grids)
+    assert graphs.last_path == "bucket"          # how the call ran, for the vit's stage lines
     for got, want in zip([got_e, *got_ds], [want_e, *want_ds]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not graphs.fits(513, 1) and not graphs.fits(10, 4)
+    small = VisionGraphs(visual, buckets=(128,), max_segments=4)
+    got_e, _ = small(pixels, grids)              # past the buckets, and no exact graphs off a GPU
+    assert small.last_path == "eager"
+    torch.testing.assert_close(got_e, want_e, rtol=1e-4, atol=1e-5)
 
 
 def test_prefill_graph_padding_changes_nothing(tiny_moe, prompts, reference):

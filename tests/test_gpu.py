@@ -176,16 +176,20 @@ def test_vit_exact_grid_graphs_equal_eager(tiny_moe):
         batches.append((torch.cat([m.pixel_values for m in media]).cuda().bfloat16(), [m.grid_thw for m in media]))
     assert all(p.shape[0] > 256 for p, _ in batches)
     want = [visual(p, g) for p, g in batches]
+    paths = []
     for step, i in enumerate([0, 0, 0, 1, 1, 0, 0]):
         got_e, got_ds = graphs(*batches[i])
+        paths.append(graphs.last_path)
         for got, ref in zip([got_e, *got_ds], [want[i][0], *want[i][1]]):
             assert got.shape == ref.shape
             assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2, step
         assert len(graphs.exact) == (0 if step == 0 else 1)
     assert list(graphs.exact) == [tuple(tuple(int(v) for v in g) for g in batches[0][1])]
+    # (max_exact 1: capturing grid list 1 dropped list 0's graph, met again as a first arrival)
+    assert paths == ["first", "capture", "replay", "first", "capture", "first", "capture"]
     # forgotten (the vit warm-up's grids): the next arrival is a first one again, eager
     graphs.forget_grids()
-    for kept in (0, 1):
+    for kept, path in ((0, "first"), (1, "capture")):
         got_e, _ = graphs(*batches[0])
         assert ((got_e.float() - want[0][0].float()).norm() / want[0][0].float().norm()).item() < 2e-2
-        assert len(graphs.exact) == kept
+        assert len(graphs.exact) == kept and graphs.last_path == path

@@ -222,6 +222,8 @@ def test_stage_timing_reports_each_step_and_item(tiny_dense):
     assert timing["media"] >= max(item["decode"] for item in timing["items"])
     line = stage_line(timing, time.monotonic() - 0.5)
     assert line.startswith("parse=") and line.count("[fetch=") == 2 and float(line.split("total=")[1]) >= 500
+    # the vit's line names each replica's GPU and path as they are
+    assert stage_line({"queue": 4.5, "paths": "0:first,1:replay"}) == "queue=4.5 paths=0:first,1:replay"
 
 
 def test_media_input_entries_stand_in_for_the_parts_urls(tiny_dense):

@@ -7,10 +7,12 @@ import concurrent.futures as cf
 import functools
 import http.server
 import json
+import os
 import queue
 import re
 import threading
 import time
+from unittest import mock
 
 import httpx
 import numpy as np
@@ -87,10 +89,11 @@ def server(tiny_moe, media_dir, tmp_path_factory):
         "vit": {**common, "vlm_cache_size_mb": "64"},
         "llm": {**common, "max_model_len": str(MAX_MODEL_LEN), "max_num_seqs": "16"},
     })
-    srv = start_server(repo, root, ["--model-path", str(tiny_moe), "--allowed-local-media-path", str(media_dir),
-                                    "--enable-cache-report",
-                                    "--allow-private-media-urls", "--mm-per-request-timeout", str(MEDIA_TIMEOUT_S),
-                                    "--mm-max-concurrent-calls", "4", "--max-request-body-mb", "4"])
+    with mock.patch.dict(os.environ, {"QWEN3VL_STAGE_TIMING": "1"}):      # the models' stage lines in the log
+        srv = start_server(repo, root, ["--model-path", str(tiny_moe), "--allowed-local-media-path", str(media_dir),
+                                        "--enable-cache-report",
+                                        "--allow-private-media-urls", "--mm-per-request-timeout", str(MEDIA_TIMEOUT_S),
+                                        "--mm-max-concurrent-calls", "4", "--max-request-body-mb", "4"])
     yield srv
     srv.stop()
 
@@ -347,6 +350,22 @@ def test_repeated_image_hits_the_vit_cache(server, client):
     second = _chat(client, messages)
     assert hits() == before + 1
     assert second.choices[0].message.content == first.choices[0].message.content
+
+
+def test_stage_lines_name_the_vits_replica_and_path(server, client):
+    """QWEN3VL_STAGE_TIMING=1: each vit call's log line carries its timings and, per replica, the
+    device and how it ran (on a CPU without graphs: eager), the lead for cold first requests."""
+    image = make_image(97, 61, 4)                 # a size no other test sends: a miss in the vit's cache
+    _chat(client, [{"role": "user", "content": [_img(data_uri(image_bytes(image))), {"type": "text", "text": "hi"}]}])
+    deadline = time.monotonic() + 10               # Triton writes its log as it goes
+    while True:
+        log = (server.log_dir / "tritonserver.log").read_text()
+        lines = [line for line in log.splitlines() if "stage vit" in line and "queue=" in line]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert lines and all(re.search(r"paths=cpu:eager\b", line) for line in lines), lines[-3:]
+    assert any("stage preprocess" in line for line in log.splitlines())
 
 
 def test_server_still_serves_after_errors(client):

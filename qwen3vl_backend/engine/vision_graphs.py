@@ -50,6 +50,10 @@ class VisionGraphs:
         self.exact: dict[tuple, tuple] = {}          # grids -> (graph, pixels in, outputs); most recent last
         self._seen: dict[tuple, None] = {}           # grids met once (bounded, oldest dropped)
         self.captured = False
+        # how the last call ran, for the vit's stage lines: "bucket" (a bucket's graph), "replay"
+        # or "capture" (an exact grid's graph), "first" (an exact grid's first arrival, eager),
+        # "eager" (no graph fits)
+        self.last_path = None
         # captures run on a stream of the encoder's own GPU: torch.cuda.graph's default side stream
         # is made once per process, on whichever GPU was current then (a replica on another GPU
         # would capture into the wrong device's stream: serving/vision_split.py)
@@ -99,14 +103,18 @@ class VisionGraphs:
         None: run eagerly."""
         key = grids_key(grid_thw)
         hit = self.exact.pop(key, None)
+        self.last_path = "replay"
         if hit is None:
             if not self.captured or pixel_values.shape[0] > self.max_exact_patches or self.max_exact < 1:
+                self.last_path = "eager"
                 return None
             if key not in self._seen:                          # the first arrival: only remembered
                 self._seen[key] = None
                 while len(self._seen) > 64:
                     self._seen.pop(next(iter(self._seen)))
+                self.last_path = "first"
                 return None
+            self.last_path = "capture"
             del self._seen[key]
             while len(self.exact) >= self.max_exact:
                 self.exact.pop(next(iter(self.exact)))         # its graph and memory pool go with it
@@ -131,14 +139,18 @@ class VisionGraphs:
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor, grid_thw):
         """Same contract as VisionModel.forward; eager when the batch does not fit a graph."""
+        path = "eager"
         if pixel_values.shape[0] > self.buckets[-1] and pixel_values.is_cuda:
             out = self._exact(pixel_values.to(self.x.dtype), grid_thw)
             if out is not None:
                 return out
+            path = self.last_path                       # "first" (remembered) or "eager"
         x, cos, sin, cu = self.visual.prepare(pixel_values, grid_thw)
         n = x.shape[0]
         if not self.fits(n, len(cu) - 1):
+            self.last_path = path
             return self.visual.encode(x, cos, sin, cu, self.visual.attn_fn)
+        self.last_path = "bucket"
         b = next(s for s in self.buckets if s >= n)
         self.x[:n].copy_(x)
         self.x[n:b].zero_()

@@ -14,14 +14,14 @@ STAGE_TIMING = os.environ.get("QWEN3VL_STAGE_TIMING", "0") == "1"
 
 
 def stage_line(timing: dict, started: float | None = None) -> str:
-    """`key=ms` pairs (one decimal), per-item dicts as [k=ms ...], and the total since `started`
-    (time.monotonic) when given."""
+    """`key=ms` pairs (one decimal; a string as it is), per-item dicts as [k=ms ...], and the total
+    since `started` (time.monotonic) when given."""
     def fmt(v):
         if isinstance(v, dict):
             return "[" + " ".join(f"{k}={x:.1f}" for k, x in v.items()) + "]"
         if isinstance(v, list):
             return " ".join(fmt(x) for x in v)
-        return f"{v:.1f}"
+        return v if isinstance(v, str) else f"{v:.1f}"
 
     parts = [f"{k}={fmt(v)}" for k, v in timing.items()]
     if started is not None:

@@ -38,7 +38,7 @@ class TritonPythonModel:
             devices = [torch.device(f"cuda:{g}") for g in replica_gpus(index, gpus, cfg.device_index)]
             self.device = devices[0]
             torch.cuda.set_device(self.device)
-        self.replicas, self.graphed = [], []
+        self.replicas, self.encoders, self.graphed = [], [], []
         for device in devices:
             with device_context(device):
                 visual = load_vision_model(cfg.model_path, device, self.dtype, cfg.load_format)
@@ -49,6 +49,7 @@ class TritonPythonModel:
                     encoder.capture()
                     self.graphed.append(encoder)
             self.replicas.append((device, functools.partial(self._encode_on, device, encoder)))
+            self.encoders.append(encoder)
             if device == self.device:
                 self.visual = visual
         vcfg = self.visual.cfg
@@ -97,6 +98,13 @@ class TritonPythonModel:
             torch.cuda.synchronize(device)
         for encoder in self.graphed:
             encoder.forget_grids()
+
+    def _paths(self) -> str:
+        """Each replica's GPU and how its last encode ran (engine.vision_graphs' last_path; "eager"
+        without graphs), e.g. "0:replay,1:first": which instance and replica met a grid cold."""
+        return ",".join(f"{device.index if device.index is not None else device.type}:"
+                        f"{getattr(encoder, 'last_path', None) or 'eager'}"
+                        for (device, _), encoder in zip(self.replicas, self.encoders))
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -149,7 +157,8 @@ class TritonPythonModel:
                 t2 = time.perf_counter()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                timing.update(inputs=(t1 - t0) * 1e3, queue=(t2 - t1) * 1e3, gpu_tail=(time.perf_counter() - t2) * 1e3)
+                timing.update(inputs=(t1 - t0) * 1e3, queue=(t2 - t1) * 1e3, gpu_tail=(time.perf_counter() - t2) * 1e3,
+                              paths=self._paths())
             self._metrics[1].increment(self.cache.hits - hits)
             self._metrics[2].increment(self.cache.misses - misses)
             embeds, deepstack = e.float().contiguous(), torch.stack(ds).float().contiguous()
