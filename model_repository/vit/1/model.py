@@ -100,10 +100,12 @@ class TritonPythonModel:
             encoder.forget_grids()
 
     def _paths(self) -> str:
-        """Each replica's GPU and how its last encode ran (engine.vision_graphs' last_path; "eager"
-        without graphs), e.g. "0:replay,1:first": which instance and replica met a grid cold."""
-        return ",".join(f"{device.index if device.index is not None else device.type}:"
-                        f"{getattr(encoder, 'last_path', None) or 'eager'}"
+        """Each replica's GPU and how it ran this request (engine.vision_graphs' last_path, reset
+        before the request: "-" where it encoded nothing; "eager" without graphs), e.g.
+        "0:replay,1:first": which instance and replica met a grid cold."""
+        def path(encoder):
+            return getattr(encoder, "last_path", None) or ("-" if encoder in self.graphed else "eager")
+        return ",".join(f"{device.index if device.index is not None else device.type}:{path(encoder)}"
                         for (device, _), encoder in zip(self.replicas, self.encoders))
 
     def execute(self, requests):
@@ -150,6 +152,8 @@ class TritonPythonModel:
                                                 for h in hashes.as_numpy().reshape(-1)]
             pv = pixels.contiguous()
             hits, misses = self.cache.hits, self.cache.misses
+            for encoder in self.graphed:        # this request's paths only (stage lines)
+                encoder.last_path = None
             t1 = time.perf_counter()
             e, ds = encode_with_cache(self._encode, self.cache, pv, [tuple(int(x) for x in g) for g in grids],
                                       keys, self.merge_unit)
