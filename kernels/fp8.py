@@ -16,9 +16,9 @@ weights, bf16 activations: half the bytes, which is what a decode step pays for)
 launch shape may ask for INT_CVT instead (`_fp8_row_kernel`): the bytes read four to an int32
 and made float32 by integer ops, not by the conversion unit (235B-A22B's o_proj at tp 2: 8.6 ->
 7.2 us on an H200). Its launch shapes per (N, K) and M are a table per device and block
-(`benchmarks.kernels --only fp8gemv --write-configs`). More rows go to cuBLAS's block-scaled fp8 GEMM (torch.nn.functional.scaled_mm,
-activations quantized per 1x128 group by one Triton launch) where the shapes are whole 128
-blocks, else to a bf16 matmul of the dequantized weight.
+(`benchmarks.kernels --only fp8gemv --write-configs`). More rows go to cuBLAS's block-scaled
+fp8 GEMM (torch.nn.functional.scaled_mm, activations quantized per 1x128 group by one Triton
+launch) where the shapes are whole 128 blocks, else to a bf16 matmul of the dequantized weight.
 """
 
 from __future__ import annotations
@@ -217,9 +217,10 @@ def _fp8_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, N, K, stride_wn, stride_s
     """y = x W^T for one row x and fp8 W, BLOCK_N rows of W a program, its bytes read four to an
     int32 and made float32 by integer ops (`_e4m3_bits_as_f32`). The hardware's conversion, the
     skinny kernel's path (e4m3x2 -> f16x2 -> f32: 1.5 conversions an element, on a unit of 16
-    lanes an SM), would cap an H200 near 2.8 TB/s of fp8 by that count. A step's columns are taken in the order
-    4j + i (byte i of int j), and x is read in the same order. The weights come out 2^-120 too
-    small: x's columns are scaled by 2^100 and the sum by 2^20 (no subnormal products)."""
+    lanes an SM), would cap an H200 near 2.8 TB/s of fp8 by that count. A step's columns are
+    taken in the order 4j + i (byte i of int j), and x is read in the same order. The weights
+    come out 2^-120 too small: x's columns are scaled by 2^100 and the sum by 2^20 (no subnormal
+    products)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N

@@ -38,7 +38,7 @@ class TritonPythonModel:
             devices = [torch.device(f"cuda:{g}") for g in replica_gpus(index, gpus, cfg.device_index)]
             self.device = devices[0]
             torch.cuda.set_device(self.device)
-        self.replicas, self.encoders, self.graphed = [], [], []
+        self.replicas, self.encoders = [], []
         for device in devices:
             with device_context(device):
                 visual = load_vision_model(cfg.model_path, device, self.dtype, cfg.load_format)
@@ -47,11 +47,11 @@ class TritonPythonModel:
                 if cfg.enable_vit_cuda_graph and device.type == "cuda":
                     encoder = VisionGraphs(visual)
                     encoder.capture()
-                    self.graphed.append(encoder)
             self.replicas.append((device, functools.partial(self._encode_on, device, encoder)))
             self.encoders.append(encoder)
             if device == self.device:
                 self.visual = visual
+        self.graphed = [e for e in self.encoders if isinstance(e, VisionGraphs)]
         vcfg = self.visual.cfg
         self.out_dim, self.levels = vcfg.out_hidden_size, len(vcfg.deepstack_visual_indexes)
         self.merge_unit = vcfg.spatial_merge_size ** 2
@@ -104,7 +104,9 @@ class TritonPythonModel:
         before the request: "-" where it encoded nothing; "eager" without graphs), e.g.
         "0:replay,1:first": which instance and replica met a grid cold."""
         def path(encoder):
-            return getattr(encoder, "last_path", None) or ("-" if encoder in self.graphed else "eager")
+            if not isinstance(encoder, VisionGraphs):
+                return "eager"
+            return encoder.last_path or "-"
         return ",".join(f"{device.index if device.index is not None else device.type}:{path(encoder)}"
                         for (device, _), encoder in zip(self.replicas, self.encoders))
 
