@@ -243,6 +243,42 @@ def sweep_decode_attention() -> tuple[list[dict], dict]:
     return rows, table
 
 
+# (KV heads, query group) a GPU sees at batch 1: 30B-A3B on one, 235B-A22B at tp 2 and tp 1
+DECODE_HEAD_SHAPES = {"30B-A3B": (4, 8), "235B-A22B tp2": (2, 16), "235B-A22B": (4, 16)}
+
+
+def sweep_decode_attention_one() -> tuple[list[dict], dict]:
+    """Batch-1 paged decode attention per model's heads: splits (programs aimed at), tile tokens,
+    warps, and who merges (a second launch, or the last split: MERGE), 1024-token context, each
+    call on its own cache past L2 as a step's layers read theirs, graph replay; ->
+    rows, {"1,KV heads,group": best}."""
+    from kernels.attention import DEFAULT_CONFIG, num_splits_for, paged_decode_attention
+
+    ctx, d = 1024, 128
+    rows, table = [], {}
+    for name, (hkv, group) in DECODE_HEAD_SHAPES.items():
+        copies = max(2, L2_DEFEAT_BYTES // (2 * ctx * hkv * d * 2))
+        inputs = [_decode_inputs(1, ctx, hkv * group, hkv, d) for _ in range(copies)]
+        best, base = (float("inf"), None), None
+        for merge, target, tokens, warps in itertools.product((0, 1), (8, 16, 32, 64, 128), (32, 64, 128), (4, 8)):
+            cfg = {**DEFAULT_CONFIG, "PAGES_TOKENS": tokens, "num_warps": warps, "target_programs": target,
+                   "MERGE": merge}
+            try:
+                took = per_call_ms(lambda i: paged_decode_attention(*inputs[i % copies], d ** -0.5, config=cfg),
+                                   calls=32)
+            except Exception as e:          # out of shared memory or registers
+                print(f"decode attention {name} {cfg}: {type(e).__name__}")
+                continue
+            if cfg == DEFAULT_CONFIG:
+                base = took
+            best = min(best, (took, cfg), key=lambda t: t[0])
+        rows.append({"model": name, "kv_heads": hkv, "group": group, "ctx": ctx, "default_ms": base,
+                     "best_ms": best[0], "splits": num_splits_for(1, hkv, best[1]["target_programs"]),
+                     "config": json.dumps(best[1])})
+        table[f"1,{hkv},{group}"] = best[1]
+    return rows, table
+
+
 NORM_ROUTE_SHAPES = {"30B-A3B": (2048, 128), "235B-A22B": (4096, 128)}      # (hidden, experts)
 
 
@@ -412,7 +448,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-configs", action="store_true",
                     help="write the skinny GEMM's, the fp8 GEMV's and decode attention's swept tables to kernels/configs/ for this GPU")
-    ap.add_argument("--only", default="moe,linear,routing,varlen,attention,fp8,fp8gemv,decodeattn,normroute",
+    ap.add_argument("--only", default="moe,linear,routing,varlen,attention,fp8,fp8gemv,decodeattn,decodeattn1,normroute",
                     help="comma-separated parts to run")
     ap.add_argument("--ms", default=None, help="the GEMV sweeps' batch sizes (default 1,4,16)")
     args = ap.parse_args(argv)
@@ -427,6 +463,8 @@ def main(argv=None):
              "(graph replay per call)", config_file, "skinny GEMM"),
             ("decodeattn", sweep_decode_attention, "paged decode attention launch shapes (graph replay)",
              _decode_attention_file, "decode attention"),
+            ("decodeattn1", sweep_decode_attention_one, "batch-1 paged decode attention per model's heads (graph "
+             "replay, caches past L2)", _decode_attention_file, "decode attention"),
             ("normroute", sweep_norm_route, "batch-1 norm + router launch shapes (graph replay, routers past L2)",
              _norm_route_file, "norm + router")):
         if part not in parts:
