@@ -259,7 +259,7 @@ def sweep_decode_attention_one() -> tuple[list[dict], dict]:
     for name, (hkv, group) in DECODE_HEAD_SHAPES.items():
         copies = max(2, L2_DEFEAT_BYTES // (2 * ctx * hkv * d * 2))
         inputs = [_decode_inputs(1, ctx, hkv * group, hkv, d) for _ in range(copies)]
-        best, base = (float("inf"), None), None
+        best, base, merged = (float("inf"), None), None, (float("inf"), None)
         for merge, target, tokens, warps in itertools.product((0, 1), (8, 16, 32, 64, 128), (32, 64, 128), (4, 8)):
             cfg = {**DEFAULT_CONFIG, "PAGES_TOKENS": tokens, "num_warps": warps, "target_programs": target,
                    "MERGE": merge}
@@ -272,9 +272,12 @@ def sweep_decode_attention_one() -> tuple[list[dict], dict]:
             if cfg == DEFAULT_CONFIG:
                 base = took
             best = min(best, (took, cfg), key=lambda t: t[0])
+            if merge:
+                merged = min(merged, (took, cfg), key=lambda t: t[0])
         rows.append({"model": name, "kv_heads": hkv, "group": group, "ctx": ctx, "default_ms": base,
                      "best_ms": best[0], "splits": num_splits_for(1, hkv, best[1]["target_programs"]),
-                     "config": json.dumps(best[1])})
+                     "config": json.dumps(best[1]), "best_merge_ms": merged[0],
+                     "merge_splits": num_splits_for(1, hkv, merged[1]["target_programs"]) if merged[1] else None})
         table[f"1,{hkv},{group}"] = best[1]
     return rows, table
 

@@ -611,6 +611,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = config or lookup_config(e, two_i // 2, h, m, x.device, fp8_block)
     # the config may choose the paths (tests and benchmarks compare them); else the defaults
     fuse_silu = cfg.get("FUSE_SILU", FUSE_SILU)
+    # "DOWN": the down GEMM's own tile, warps or stages (its K and N are not gate_up's); the
+    # blocks of rows stay gate_up's
+    down_cfg = {**cfg, **{k: v for k, v in cfg.get("DOWN", {}).items() if k != "BLOCK_M"}}
     # ids equal to e (another rank's experts) form the sentinel's blocks, which the GEMMs skip.
     # One token meets each of its experts once: a block per pair, no sorting launch.
     if m == 1 and cfg.get("PAIR_BLOCKS", PAIR_BLOCKS_AT_ONE_TOKEN):
@@ -619,8 +622,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         sorted_ids, block_expert, total = align_by_expert(topk_ids, e + 1 if sentinel else e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
     fp8 = {"block": block} if w13_scale is not None else {}
-    tiles = [_fp8_tile(bn, cfg["BLOCK_K"], n, block) for bn, n in (
-        (max(16, cfg["BLOCK_N"] // 2) if fuse_silu else cfg["BLOCK_N"], two_i // 2), (cfg["BLOCK_N"], h))]
+    tiles = [_fp8_tile(bn, bk, n, block) for bn, bk, n in (
+        (max(16, cfg["BLOCK_N"] // 2) if fuse_silu else cfg["BLOCK_N"], cfg["BLOCK_K"], two_i // 2),
+        (down_cfg["BLOCK_N"], down_cfg["BLOCK_K"], h))]
     # fp8 dots need tiles inside one scale block and K steps of 32 or more
     w8a8 = (bool(fp8) and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
             and all(mode == 2 and bk >= 32 for _, bk, mode in tiles))
@@ -639,7 +643,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     act, act_scale = (quantize_activations_fp8(act, block[1]) if w8a8 else (act, None))
     # the sentinel's rows are never written: the combine skips them (no zero fill)
     out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
-    _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, cfg, scale=w2_scale,
+    _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, down_cfg, scale=w2_scale,
                   a_scale=act_scale, **fp8)
     return sum_top_k(out.view(m, top_k, h), topk_ids if sentinel else None, e)
 

@@ -346,6 +346,28 @@ def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, monkeypatch):
     assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < 6e-2
 
 
+@pytest.mark.parametrize("m", [1, 7])
+def test_fp8_moe_down_gemm_takes_its_own_launch_shape(m, monkeypatch):
+    """A config's "DOWN" entry launches the down GEMM with its own tile, warps and stages (not its
+    rows' BLOCK_M), and the result is still the W8A8 product (one token: pair blocks)."""
+    import kernels.fused_moe as fm
+    from qwen3vl_backend.layers.moe import route
+
+    monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "1")
+    block = (32, 32)
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(8, 64, 32, block, DEV)
+    x = torch.randn(m, 64, device=DEV)
+    w, ids = route(torch.randn(m, 8, device=DEV), 2, True)
+    launched, plain = [], fm._grouped_gemm
+    monkeypatch.setattr(fm, "_grouped_gemm", lambda *a, **k: launched.append(a[10]) or plain(*a, **k))
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1,
+           "DOWN": {"BLOCK_N": 16, "num_warps": 2, "num_stages": 2, "BLOCK_M": 64}}
+    out = fm.fused_moe(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, block=block)
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) for c in launched] == [
+        (16, 16, 4, 1), (16, 16, 2, 2)]          # gate_up's fused halves of 32; down's own
+    assert _rel(out, _w8a8_moe_reference(x, d13, d2, w, ids, block[1])) < KTOL
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the kernel runs on a GPU (off it, the torch reference runs)")
 @pytest.mark.parametrize("t,k,group", [(1, 128, 128), (5, 300, 128), (33, 200, 32), (4, 70, 64), (954, 2048, 128)])
