@@ -25,6 +25,7 @@ from .supervisor import Server
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_MODELS = ROOT / ".serve" / "models"          # --load-format dummy's model directories
 TEMPLATE = ROOT / "model_repository"
+MAX_WARM_SIZES = 4              # --vit-warmup-sizes: engine.vision_graphs.MAX_EXACT, the exact graphs a vit keeps
 _PARAM = re.compile(r'parameters \{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}')
 
 
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mm-attention-backend", default="sdpa", choices=["sdpa", "triton", "fa3", "fa2"])
     a("--keep-mm-feature-on-device", action="store_true")
     a("--enable-vit-cuda-graph", action="store_true", help="ViT CUDA graphs bucketed by patch count (GPU)")
+    a("--vit-warmup-sizes", default="1280x720",
+      help="with --enable-vit-cuda-graph: image sizes (WIDTHxHEIGHT, comma-separated, at most "
+           f"{MAX_WARM_SIZES}; 'none' for none) whose exact-size ViT graphs every vit instance captures at "
+           "startup, so the first requests bringing them are not encoded cold")
     a("--cuda-graph-max-bs", type=int, default=128, help="decode batches up to this size replay CUDA graphs (GPU)")
     a("--prefill-cuda-graph-max-tokens", type=int, default=4096,
       help="one new prompt of up to this many tokens (and --chunked-prefill-size) replays a prefill CUDA graph "
@@ -138,6 +143,7 @@ def _env_flag(*names: str) -> str | None:
 def resolve(args) -> dict:
     """Flags + environment -> per-model settings; raises SystemExit with a clear message."""
     from .config import ConfigError, EngineConfig, PreprocessConfig, parse_bool
+    from .processing.vision_inputs import parse_image_sizes
 
     gpus = _gpu_count()
     on_cpu = args.device == "cpu"          # tp ranks as CPU processes (gloo): tests and development
@@ -195,11 +201,18 @@ def resolve(args) -> dict:
     cache_mb = _env_flag("QWEN3VL_VLM_CACHE_SIZE_MB", "SGLANG_VLM_CACHE_SIZE_MB") or "100"
     # --mm-enable-dp-encoder: one vit instance per GPU of the tp group, each encoding on it and the next
     vit_gpus = args.tp // args.nnodes if args.mm_enable_dp_encoder and not on_cpu else 1
+    try:
+        warm_sizes = parse_image_sizes(args.vit_warmup_sizes)
+    except ValueError as e:
+        raise SystemExit(f"--vit-warmup-sizes: {e}") from None
+    if len(warm_sizes) > MAX_WARM_SIZES:
+        raise SystemExit(f"--vit-warmup-sizes: {len(warm_sizes)} sizes, at most {MAX_WARM_SIZES} (the exact-size "
+                         f"graphs a vit keeps)")
     vit = {"model_path": model_path, "device": args.device, "dtype": args.dtype, "load_format": args.load_format,
            "mm_attention_backend": args.mm_attention_backend, "vlm_cache_size_mb": cache_mb,
            "keep_mm_feature_on_device": str(args.keep_mm_feature_on_device).lower(),
            "enable_vit_cuda_graph": str(args.enable_vit_cuda_graph).lower(),
-           "vit_gpus": str(vit_gpus)}
+           "vit_gpus": str(vit_gpus), "vit_warmup_sizes": ",".join(f"{w}x{h}" for w, h in warm_sizes)}
     # --mm-max-concurrent-calls bounds media jobs server-wide: each preprocess instance gets an
     # equal share, and there are never more instances than jobs allowed
     if args.mm_max_concurrent_calls < 1:

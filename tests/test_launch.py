@@ -89,7 +89,21 @@ def test_a_boolean_environment_setting_takes_the_one_spelling_rule(tiny_moe):
 def test_vit_cuda_graph_flag_reaches_the_vit_model():
     out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
                 "--enable-vit-cuda-graph"])
-    assert _report(out)["settings"]["vit"]["enable_vit_cuda_graph"] == "true"
+    vit = _report(out)["settings"]["vit"]
+    assert vit["enable_vit_cuda_graph"] == "true" and vit["vit_warmup_sizes"] == "1280x720"
+    out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
+                "--vit-warmup-sizes", " 1920X1080, 640x480"])
+    assert _report(out)["settings"]["vit"]["vit_warmup_sizes"] == "1920x1080,640x480"
+    out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
+                "--vit-warmup-sizes", "none"])
+    assert _report(out)["settings"]["vit"]["vit_warmup_sizes"] == ""
+
+
+def test_vit_warmup_sizes_are_the_graphs_a_vit_keeps():
+    from qwen3vl_backend.engine.vision_graphs import MAX_EXACT
+    from qwen3vl_backend.launch import MAX_WARM_SIZES
+
+    assert MAX_WARM_SIZES == MAX_EXACT
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -109,6 +123,9 @@ def test_vit_cuda_graph_flag_reaches_the_vit_model():
     (["--media-fetch-timeout", "0"], "media_fetch_timeout_s must be a positive number of seconds"),
     (["--max-media-mb", "-1"], "max_media_bytes must be positive"),
     (["--max-request-body-mb", "0"], "--max-request-body-mb must be positive"),
+    (["--vit-warmup-sizes", "1280*720"], "--vit-warmup-sizes: image size '1280*720': WIDTHxHEIGHT"),
+    (["--vit-warmup-sizes", "0x720"], "--vit-warmup-sizes: image size '0x720'"),
+    (["--vit-warmup-sizes", "1x1,2x2,3x3,4x4,5x5"], "--vit-warmup-sizes: 5 sizes, at most 4"),
 ])
 def test_inconsistent_flags_are_refused(tiny_moe, argv, message):
     if message.startswith("--tp") and "--device" not in argv:

@@ -26,6 +26,27 @@ def test_smart_resize_matches_reference():
             assert smart_resize(h, w, 32, 4096, 25165824, t, 2) == ref_video(t, h, w, 2, 32, 4096, 25165824)
 
 
+@pytest.mark.parametrize("w,h", [(1280, 720), (1920, 1080), (100, 100), (3000, 40)])
+def test_image_grid_is_the_grid_the_processor_makes(w, h):
+    """--vit-warmup-sizes warms the grids requests' images become: the same as encoding one."""
+    from PIL import Image
+
+    from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, image_grid, process_image
+
+    cfg = VisionProcessingConfig()
+    assert image_grid(w, h, cfg) == process_image(Image.new("RGB", (w, h)), cfg, repeat_frame=False)[1]
+
+
+def test_image_sizes_parse_and_refuse():
+    from qwen3vl_backend.processing.vision_inputs import parse_image_sizes
+
+    assert parse_image_sizes("1280x720, 1920X1080") == [(1280, 720), (1920, 1080)]
+    assert parse_image_sizes("none") == parse_image_sizes(" ") == []
+    for bad in ("1280", "1280x", "x720", "0x5", "12.5x3", "1280x720,"):
+        with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+            parse_image_sizes(bad)
+
+
 def test_extreme_aspect_ratio_is_refused():
     with pytest.raises(RequestError, match="aspect ratio 250 exceeds 200"):
         smart_resize(10, 2500, 32, 65536, 16777216)

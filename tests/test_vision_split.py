@@ -9,7 +9,8 @@ import torch
 
 from conftest import data_uri, image_bytes, make_image
 from qwen3vl_backend.processing.processor import Processor
-from qwen3vl_backend.serving.vision_split import balanced_runs, encode_split, frame_groups, replica_gpus
+from qwen3vl_backend.serving.vision_split import (balanced_runs, encode_split, frame_groups, replica_gpus,
+                                                  warm_exact_grids)
 
 
 def test_balanced_runs_is_the_best_contiguous_split():
@@ -147,3 +148,45 @@ def test_split_encoding_on_two_gpus(tiny_moe):
         rows = got_e.shape[0]
         for got, want in zip([got_e, *got_ds], [want_e[:rows], *(d[:rows] for d in want_ds)]):
             assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
+
+
+def test_warm_up_meets_each_grid_alone_on_every_replica():
+    """--vit-warmup-sizes: each replica encodes each grid by itself (a request's one image, or
+    one of two split over two replicas) three times: planned, captured, replayed."""
+    calls = []
+    replicas = [(torch.device("cpu"), lambda pix, g, r=r: calls.append((r, tuple(pix.shape), pix.dtype, g)))
+                for r in range(2)]
+    warm_exact_grids(replicas, [(1, 46, 80), (1, 68, 120)], 768)
+    want = [(r, (h * w, 768), torch.uint8, [(1, h, w)]) for _, h, w in ((1, 46, 80), (1, 68, 120))
+            for r in range(2) for _ in range(3)]
+    assert calls == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (exact-grid graphs)")
+def test_warmed_grid_is_replayed_on_its_first_request(tiny_moe):
+    """After the warm-up, the first request of a warmed size replays its exact-grid graph, and
+    matches the eager encoder."""
+    from qwen3vl_backend.engine.vision_graphs import VisionGraphs
+    from qwen3vl_backend.loader import load_vision_model
+    from qwen3vl_backend.processing.vision_inputs import (VisionProcessingConfig, expand_image_rows, image_grid,
+                                                           normalize_patches)
+
+    cfg = VisionProcessingConfig.from_dir(tiny_moe)
+    visual = load_vision_model(str(tiny_moe), torch.device("cuda"), torch.bfloat16)
+    graphs = VisionGraphs(visual, buckets=(256,))
+    graphs.capture()
+
+    def rows(pix):
+        return expand_image_rows(normalize_patches(pix, cfg), cfg).bfloat16()
+
+    replica = (torch.device("cuda"), lambda pix, g: graphs(rows(pix), g))
+    grid = image_grid(640, 480, cfg)
+    assert grid[1] * grid[2] > 256                           # past the buckets: an exact grid
+    warm_exact_grids([replica], [grid], cfg.patch_width // cfg.temporal_patch_size)
+    pix = torch.randint(0, 256, (grid[1] * grid[2], cfg.patch_width // cfg.temporal_patch_size), dtype=torch.uint8,
+                        device="cuda")
+    got, _ = replica[1](pix, [grid])
+    assert graphs.last_path == "replay"
+    want, _ = visual(rows(pix), [grid])
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2

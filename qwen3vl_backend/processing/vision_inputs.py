@@ -101,6 +101,25 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def image_grid(width: int, height: int, cfg: "VisionProcessingConfig") -> tuple[int, int, int]:
+    """The (t, h, w) patch grid a width x height image becomes, as `process_image` resizes it."""
+    h, w = smart_resize(height, width, cfg.factor, cfg.image_min_pixels, cfg.image_max_pixels)
+    return 1, h // cfg.patch_size, w // cfg.patch_size
+
+
+def parse_image_sizes(text: str) -> list[tuple[int, int]]:
+    """"1280x720,1920x1080" -> [(1280, 720), (1920, 1080)] (width x height); "" or "none" -> []."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    sizes = []
+    for part in text.split(","):
+        w, sep, h = part.strip().lower().partition("x")
+        if not (sep and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+            raise ValueError(f"image size {part.strip()!r}: WIDTHxHEIGHT in pixels, e.g. 1280x720")
+        sizes.append((int(w), int(h)))
+    return sizes
+
+
 def _resize(frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """frames (B, 3, H, W) uint8 -> (B, 3, h, w) uint8, bicubic with antialias."""
     if frames.shape[-2:] == (h, w):

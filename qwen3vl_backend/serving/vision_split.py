@@ -106,3 +106,17 @@ def encode_split(replicas, pixel_values: torch.Tensor, grids: list[tuple[int, in
 def device_context(device: torch.device):
     """The device context an encoder's CUDA work (and its graphs) needs; nothing on CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def warm_exact_grids(replicas, grids: list[tuple[int, int, int]], frame_width: int, times: int = 3) -> None:
+    """Each replica meets each image grid alone, as a request of one image, or of two split over two
+    replicas, brings it: `times` encodes of blank pixels (uint8 single frames, `frame_width` values a
+    patch), which with exact-grid graphs are the cold first arrival, the capture, then a replay.
+    `replicas`: (device, encode(pixels, grids)) as encode_split takes them."""
+    for grid in grids:
+        for device, encode in replicas:
+            with device_context(device):
+                for _ in range(times):
+                    encode(torch.zeros(grid[1] * grid[2], frame_width, dtype=torch.uint8, device=device), [grid])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)

@@ -15,12 +15,12 @@ from qwen3vl_backend.engine.model_runner import vision_attention
 from qwen3vl_backend.engine.vision_graphs import VisionGraphs
 from qwen3vl_backend.loader import load_vision_model
 from qwen3vl_backend.processing.vision_inputs import (VisionProcessingConfig, check_pixel_rows, expand_image_rows,
-                                                       normalize_patches)
+                                                       image_grid, normalize_patches, parse_image_sizes)
 from qwen3vl_backend.serving.triton_params import error_response, model_settings, pick
 from qwen3vl_backend.serving.stage_timing import PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
 from qwen3vl_backend.engine.vision_cache import VisionCache, encode_with_cache
-from qwen3vl_backend.serving.vision_split import device_context, encode_split, replica_gpus
+from qwen3vl_backend.serving.vision_split import device_context, encode_split, replica_gpus, warm_exact_grids
 
 
 class TritonPythonModel:
@@ -69,6 +69,8 @@ class TritonPythonModel:
                                         "CUDA IPC transport, host: shared memory)", pb_utils.MetricFamily.COUNTER)
         self._arrived = (arrived, {True: arrived.Metric({"where": "gpu"}), False: arrived.Metric({"where": "host"})})
         self._timing, self._profiler = None, RequestProfiler(PROFILE_DIR, "vit")
+        # --vit-warmup-sizes: images whose exact-grid graphs each replica captures before requests
+        self.warm_grids = [image_grid(w, h, self.pixel_cfg) for w, h in parse_image_sizes(s.get("vit_warmup_sizes", ""))]
         self.warm_up()
 
     @torch.no_grad()
@@ -82,7 +84,10 @@ class TritonPythonModel:
         73-118 ms without the large images (dad9405), 66-77 with them (c2fa3c4), 21-33 for the
         rest. What stays cold is SDPA's cuDNN attention, which plans each new sequence length at
         first sight (~65 ms), and a grid's exact capture on its second arrival (~20 ms):
-        benchmarks/results/NOTES.md, tenth session."""
+        benchmarks/results/NOTES.md, tenth session. The stage lines then showed each instance
+        meeting 1280x720 first eagerly and then capturing it (twelfth session), so the sizes of
+        `warm_grids` (--vit-warmup-sizes) are met here, one image a replica as a request of one
+        or two brings them, three times each (planned, captured, replayed), and kept."""
         small, large = (1, 28, 28), (1, 48, 48)
         for device, encode in self.replicas:
             with device_context(device):
@@ -98,6 +103,8 @@ class TritonPythonModel:
             torch.cuda.synchronize(device)
         for encoder in self.graphed:
             encoder.forget_grids()
+        if self.graphed:
+            warm_exact_grids(self.replicas, self.warm_grids, frame)
 
     def _paths(self) -> str:
         """Each replica's GPU and how it ran this request (engine.vision_graphs' last_path, reset
