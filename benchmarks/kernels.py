@@ -248,10 +248,9 @@ DECODE_HEAD_SHAPES = {"30B-A3B": (4, 8), "235B-A22B tp2": (2, 16), "235B-A22B": 
 
 
 def sweep_decode_attention_one() -> tuple[list[dict], dict]:
-    """Batch-1 paged decode attention per model's heads: splits (programs aimed at), tile tokens,
-    warps, and who merges (a second launch, or the last split: MERGE), 1024-token context, each
-    call on its own cache past L2 as a step's layers read theirs, graph replay; ->
-    rows, {"1,KV heads,group": best}."""
+    """Batch-1 paged decode attention per model's heads: splits (programs aimed at), tile tokens
+    and warps, 1024-token context, each call on its own cache past L2 as a step's layers read
+    theirs, graph replay; -> rows, {"1,KV heads,group": best}."""
     from kernels.attention import DEFAULT_CONFIG, num_splits_for, paged_decode_attention
 
     ctx, d = 1024, 128
@@ -259,10 +258,9 @@ def sweep_decode_attention_one() -> tuple[list[dict], dict]:
     for name, (hkv, group) in DECODE_HEAD_SHAPES.items():
         copies = max(2, L2_DEFEAT_BYTES // (2 * ctx * hkv * d * 2))
         inputs = [_decode_inputs(1, ctx, hkv * group, hkv, d) for _ in range(copies)]
-        best, base, merged = (float("inf"), None), None, (float("inf"), None)
-        for merge, target, tokens, warps in itertools.product((0, 1), (8, 16, 32, 64, 128), (32, 64, 128), (4, 8)):
-            cfg = {**DEFAULT_CONFIG, "PAGES_TOKENS": tokens, "num_warps": warps, "target_programs": target,
-                   "MERGE": merge}
+        best, base = (float("inf"), None), None
+        for target, tokens, warps in itertools.product((8, 16, 32, 64, 128), (32, 64, 128), (4, 8)):
+            cfg = {**DEFAULT_CONFIG, "PAGES_TOKENS": tokens, "num_warps": warps, "target_programs": target}
             try:
                 took = per_call_ms(lambda i: paged_decode_attention(*inputs[i % copies], d ** -0.5, config=cfg),
                                    calls=32)
@@ -272,12 +270,9 @@ def sweep_decode_attention_one() -> tuple[list[dict], dict]:
             if cfg == DEFAULT_CONFIG:
                 base = took
             best = min(best, (took, cfg), key=lambda t: t[0])
-            if merge:
-                merged = min(merged, (took, cfg), key=lambda t: t[0])
         rows.append({"model": name, "kv_heads": hkv, "group": group, "ctx": ctx, "default_ms": base,
                      "best_ms": best[0], "splits": num_splits_for(1, hkv, best[1]["target_programs"]),
-                     "config": json.dumps(best[1]), "best_merge_ms": merged[0],
-                     "merge_splits": num_splits_for(1, hkv, merged[1]["target_programs"]) if merged[1] else None})
+                     "config": json.dumps(best[1])})
         table[f"1,{hkv},{group}"] = best[1]
     return rows, table
 

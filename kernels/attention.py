@@ -4,11 +4,11 @@ One program per (sequence, KV head, split) handles that head's whole query group
 the group's rows share every K/V load), streaming over its share of the sequence's cache pages
 with an online softmax, several pages per tile. The group is padded to 16 rows, the smallest
 tile `tl.dot` takes. With few sequences the context is split so the GPU has enough programs
-(flash-decoding): each split leaves its running max, normaliser and unnormalised output, and
-they are merged, either by a second launch or (MERGE) by the split of each (sequence, KV head)
-that finishes last, which an atomic arrival count names, as a multi-block decode does. The split
-count depends only on the batch shape, so the launch is the same on every replay of a CUDA
-graph; each split finds its pages from the context length.
+(flash-decoding): each split leaves its running max, normaliser and unnormalised output, and a
+second launch merges them. (Merging in the split that finishes last, as a multi-block decode
+does, was slower at every split count: NOTES, twelfth session.) The split count depends only on
+the batch shape, so the launch is the same on every replay of a CUDA graph; each split finds its
+pages from the context length.
 Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V.
 """
 
@@ -28,27 +28,22 @@ from .online_softmax import online_softmax_step
 
 TARGET_PROGRAMS = 128      # about one wave on an H100/H200 (132 SMs)
 MAX_SPLITS = 32
-# launch shape: pages per tile, warps, pipeline stages, the programs the split count aims at, and
-# whether the last split merges (1) or a second launch does (0)
-DEFAULT_CONFIG = {"PAGES_TOKENS": 64, "num_warps": 4, "num_stages": 2, "target_programs": TARGET_PROGRAMS,
-                  "MERGE": 0}
-ARRIVAL_COUNTS = 16384     # (sequence, KV head) arrival counts a device keeps for MERGE launches
+# launch shape: pages per tile, warps, pipeline stages, and the programs the split count aims at
+DEFAULT_CONFIG = {"PAGES_TOKENS": 64, "num_warps": 4, "num_stages": 2, "target_programs": TARGET_PROGRAMS}
 
 
 @triton.jit
 def _paged_decode_kernel(
     # pointers
-    q_ptr, cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, m_ptr, l_ptr, final_ptr, count_ptr,
+    q_ptr, cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, m_ptr, l_ptr,
     # scalars
     scale, GROUP, num_heads,
     # strides
     stride_qt, stride_qh, stride_ckv, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
     # meta
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, GROUP_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, MERGE: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
-    """out_ptr: the output, or with NUM_SPLITS > 1 the splits' accumulators; MERGE: the last split
-    of this (sequence, KV head) to finish merges the group's heads into final_ptr, the output."""
     gdc_enter(USE_PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -85,39 +80,6 @@ def _paged_decode_kernel(
         tl.store(m_ptr + part, m_i, mask=row_ok)
         tl.store(l_ptr + part, l_i, mask=row_ok)
         tl.store(out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
-        if MERGE:
-            # release this split's partials; the last of the group's splits to arrive sees them all
-            count_at = count_ptr + seq * tl.num_programs(1) + kvh
-            if tl.atomic_add(count_at, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                _merge_group(out_ptr, m_ptr, l_ptr, final_ptr, (seq * num_heads + heads) * NUM_SPLITS, row_ok,
-                             seq * stride_ot + heads * stride_oh, HEAD_DIM, NUM_SPLITS)
-                tl.atomic_xchg(count_at, 0)        # zero for the next launch
-
-
-@triton.jit
-def _merge_group(acc_ptr, m_ptr, l_ptr, out_ptr, first_part, row_ok, out_offs, HEAD_DIM: tl.constexpr,
-                 NUM_SPLITS: tl.constexpr):
-    """Merge a group of heads' splits (partials at first_part + split), split by split as an online
-    softmax folds tiles. Split 0 is never empty (every context has a token), so the running max is
-    finite from the start and an empty split (m = -inf, l = 0) weighs nothing. Loads go to L2 (.cg):
-    other programs wrote them."""
-    dims = tl.arange(0, HEAD_DIM)
-    m_run = tl.load(m_ptr + first_part, mask=row_ok, other=0.0, cache_modifier=".cg")
-    l_run = tl.load(l_ptr + first_part, mask=row_ok, other=1.0, cache_modifier=".cg")
-    acc = tl.load(acc_ptr + first_part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None], other=0.0,
-                  cache_modifier=".cg")
-    for split in tl.static_range(1, NUM_SPLITS):
-        m_s = tl.load(m_ptr + first_part + split, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(l_ptr + first_part + split, mask=row_ok, other=0.0, cache_modifier=".cg")
-        acc_s = tl.load(acc_ptr + (first_part + split)[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None],
-                        other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_s)
-        a, b = tl.exp(m_run - m_new), tl.exp(m_s - m_new)
-        l_run = l_run * a + l_s * b
-        acc = acc * a[:, None] + acc_s * b[:, None]
-        m_run = m_new
-    tl.store(out_ptr + out_offs[:, None] + dims[None, :], (acc / l_run[:, None]).to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
 
 
 @triton.jit
@@ -141,20 +103,6 @@ def num_splits_for(num_seqs: int, kv_heads: int, target: int = TARGET_PROGRAMS) 
     """The largest power of two that keeps (sequences x KV heads x splits) within `target` programs."""
     n = target // max(1, num_seqs * kv_heads)
     return 1 if n < 2 else min(MAX_SPLITS, 1 << (n.bit_length() - 1))
-
-
-_COUNTS: dict[torch.device, torch.Tensor] = {}
-
-
-def arrival_counts(device: torch.device) -> torch.Tensor | None:
-    """This device's MERGE arrival counts, zero between launches (each merge resets its own).
-    One buffer a device, allocated once and never replaced (CUDA graphs hold its address), so
-    MERGE launches sharing a device must be ordered, as one stream orders them. None while a
-    graph is being captured before any eager launch allocated it: the second launch merges."""
-    counts = _COUNTS.get(device)
-    if counts is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        counts = _COUNTS[device] = torch.zeros(ARRIVAL_COUNTS, dtype=torch.int32, device=device)
-    return counts
 
 
 def config_file(device_name: str) -> Path:
@@ -207,7 +155,6 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     splits = num_splits or num_splits_for(s, hkv, cfg["target_programs"])
     if splits & (splits - 1):
         raise ValueError(f"paged_decode_attention: num_splits {splits} must be a power of two")
-    counts = arrival_counts(q.device) if splits > 1 and cfg["MERGE"] and s * hkv <= ARRIVAL_COUNTS else None
     if splits > 1:
         acc = torch.empty(s, h, splits, d, dtype=torch.float32, device=q.device)
         m = torch.empty(s, h, splits, dtype=torch.float32, device=q.device)
@@ -215,15 +162,15 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     else:
         acc, m, l_ = out, out, out
     _paged_decode_kernel[(s, hkv, splits)](
-        q, cache, block_tables, context_lens, acc, m, l_, out, counts if counts is not None else m,
+        q, cache, block_tables, context_lens, acc, m, l_,
         scale, group, h,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, MERGE=counts is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q),
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl(q),
     )
-    if splits > 1 and counts is None:
+    if splits > 1:
         _merge_splits_kernel[(s, h)](acc, m, l_, out, h, out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits,
                                    **pdl(q))
     return out

@@ -225,32 +225,15 @@ def test_paged_decode_split_context_matches_reference(splits):
     assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, 32 ** -0.5)) < FP32_TOL
 
 
-@pytest.mark.parametrize("splits", [2, 8])
-def test_paged_decode_last_split_merges(splits):
-    """MERGE: the last split of each (sequence, KV head) merges, no second launch; its arrival
-    counts are zero again afterwards, so the next launch (a graph's replay) merges too."""
-    from kernels.attention import arrival_counts
-
-    q, cache, tables, ctx = cache_inputs(3, 12, 2, 32, 16, 24, device=DEV)       # a group of 6 heads
-    ctx[0] = 1                                   # most splits of this sequence are empty
-    ref = paged_decode_attention_reference(q, cache, tables, ctx, 32 ** -0.5)
-    cfg = {"MERGE": 1}
-    for _ in range(2):
-        out = paged_decode_attention(q, cache, tables, ctx, 32 ** -0.5, num_splits=splits, config=cfg)
-        assert rel(out, ref) < FP32_TOL
-        assert not arrival_counts(q.device).any()
-    two_launch = paged_decode_attention(q, cache, tables, ctx, 32 ** -0.5, num_splits=splits, config={"MERGE": 0})
-    assert rel(out, two_launch) < FP32_TOL
-
-
 def test_paged_decode_table_prefers_the_exact_heads():
     from kernels.attention import DEFAULT_CONFIG, pick_config
 
-    table = {1: {"target_programs": 128}, 16: {"target_programs": 512}, "1,2,16": {"target_programs": 16, "MERGE": 1}}
-    assert pick_config(table, 1, 2, 16) == {**DEFAULT_CONFIG, "target_programs": 16, "MERGE": 1}
+    table = {1: {"target_programs": 128}, 16: {"target_programs": 512},
+             "1,2,16": {"target_programs": 32, "PAGES_TOKENS": 128}}
+    assert pick_config(table, 1, 2, 16) == {**DEFAULT_CONFIG, "target_programs": 32, "PAGES_TOKENS": 128}
     assert pick_config(table, 1, 4, 8)["target_programs"] == 128          # another model's heads: by batch
     assert pick_config(table, 12, 2, 16)["target_programs"] == 512
-    assert pick_config({"1,2,16": {"MERGE": 1}}, 2, 2, 16) == DEFAULT_CONFIG
+    assert pick_config({"1,2,16": {"num_warps": 8}}, 2, 2, 16) == DEFAULT_CONFIG
     assert pick_config({}, 1, 2, 16) == DEFAULT_CONFIG
 
 
@@ -355,27 +338,6 @@ def test_paged_decode_gpu_bf16():
     q, cache, tables, ctx = cache_inputs(37, 32, 4, 128, 16, 400, torch.bfloat16, "cuda", max_ctx=1000)
     out = paged_decode_attention(q, cache, tables, ctx, 128 ** -0.5)
     assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, 128 ** -0.5)) < 1e-2
-
-
-@gpu
-@pytest.mark.parametrize("s,h,hkv", [(1, 32, 2), (1, 32, 4), (5, 32, 4)])
-def test_paged_decode_gpu_last_split_merges_in_a_graph(s, h, hkv):
-    """MERGE at 235B's tp-2 heads (and 30B's) in bf16, replayed in a CUDA graph over new context
-    lengths: each replay's last splits merge, and leave their counts at zero for the next."""
-    q, cache, tables, ctx = cache_inputs(s, h, hkv, 128, 16, 100 * s, torch.bfloat16, "cuda", max_ctx=1500)
-    for splits in (4, 32):
-        out = torch.empty_like(q)
-        run = lambda: paged_decode_attention(q, cache, tables, ctx, 128 ** -0.5, out=out, num_splits=splits,  # noqa: E731
-                                             config={"MERGE": 1})
-        run()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        for lens in ([1] * s, [1500 - 7 * i for i in range(s)], [17 + 100 * i for i in range(s)]):
-            ctx.copy_(torch.tensor(lens, dtype=torch.int32))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, 128 ** -0.5)) < 1e-2
 
 
 @gpu
