@@ -41,12 +41,14 @@ BLOCK = (128, 128)
 def candidates(m: int, quick: bool = False, wide: bool = False):
     """Launch shapes for M tokens: BLOCK_M by M, GROUP_M only where there are many M blocks, and
     K steps of at most 128 (inside one fp8 scale block, as the W8A8 dots need). `quick`: one
-    BLOCK_M per M and 128-wide K steps (8 shapes, 12 up to M=16: the kernels compile in seconds
+    BLOCK_M per M and 128-wide K steps (8 shapes, 18 up to M=16: the kernels compile in seconds
     each). `wide` (prefill sizes, M > 512): 256-wide N tiles and 5 stages too (36 shapes)."""
     block_ms = (16, 32) if m <= 64 else (32, 64) if m <= 512 else (64, 128)
     block_ks = (64, 128) if m <= 512 else (128,)
     # a few tokens meet a few experts: narrow N tiles give each expert's weights more programs
-    block_ns, stage_counts = ((32, 64, 128) if m <= 16 else (64, 128)), (3, 4)
+    # and deeper pipelines there: fewer programs than SMs each need more bytes in flight (235B's
+    # one-token MoE: 64-wide tiles with 6 stages, 7.85 against 8.26 ms a step: NOTES, twelfth session)
+    block_ns, stage_counts = ((32, 64, 128) if m <= 16 else (64, 128)), ((3, 4, 6) if m <= 16 else (3, 4))
     if quick:
         block_ms, block_ks = block_ms[:1], (128,)
     elif wide and m > 512:
