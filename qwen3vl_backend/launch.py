@@ -143,7 +143,8 @@ def _env_flag(*names: str) -> str | None:
 def resolve(args) -> dict:
     """Flags + environment -> per-model settings; raises SystemExit with a clear message."""
     from .config import ConfigError, EngineConfig, PreprocessConfig, parse_bool
-    from .processing.vision_inputs import parse_image_sizes
+    from .processing.chat import RequestError
+    from .processing.vision_inputs import VisionProcessingConfig, image_grid, parse_image_sizes
 
     gpus = _gpu_count()
     on_cpu = args.device == "cpu"          # tp ranks as CPU processes (gloo): tests and development
@@ -203,7 +204,9 @@ def resolve(args) -> dict:
     vit_gpus = args.tp // args.nnodes if args.mm_enable_dp_encoder and not on_cpu else 1
     try:
         warm_sizes = parse_image_sizes(args.vit_warmup_sizes)
-    except ValueError as e:
+        for w, h in warm_sizes:             # what a request's image of that size would be refused for
+            image_grid(w, h, VisionProcessingConfig())
+    except (ValueError, RequestError) as e:
         raise SystemExit(f"--vit-warmup-sizes: {e}") from None
     if len(warm_sizes) > MAX_WARM_SIZES:
         raise SystemExit(f"--vit-warmup-sizes: {len(warm_sizes)} sizes, at most {MAX_WARM_SIZES} (the exact-size "

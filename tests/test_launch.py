@@ -126,6 +126,7 @@ def test_vit_warmup_sizes_are_the_graphs_a_vit_keeps():
     (["--vit-warmup-sizes", "1280*720"], "--vit-warmup-sizes: image size '1280*720': WIDTHxHEIGHT"),
     (["--vit-warmup-sizes", "0x720"], "--vit-warmup-sizes: image size '0x720'"),
     (["--vit-warmup-sizes", "1x1,2x2,3x3,4x4,5x5"], "--vit-warmup-sizes: 5 sizes, at most 4"),
+    (["--vit-warmup-sizes", "1280x720,5000x10"], "--vit-warmup-sizes: aspect ratio 500 exceeds 200"),
 ])
 def test_inconsistent_flags_are_refused(tiny_moe, argv, message):
     if message.startswith("--tp") and "--device" not in argv:
