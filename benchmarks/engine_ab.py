@@ -1,0 +1,103 @@
+"""Launch-table variants measured inside whole decode steps, one engine run each, in one lease.
+
+    python -m benchmarks.engine_ab --variants variants.json -- --config Qwen3-VL-235B-A22B-Instruct-FP8 \
+        --tp 2 --ep 2 --concurrency 1 --out-tokens 64
+
+Isolated kernel timings have misled here again and again (NOTES: a norm_route shape 0.15 us
+faster alone made the step 0.38 ms slower; a tuner's MoE table that lost in the step), while the
+same code repeats to ~0.01 ms inside one lease (twelfth session). So a table entry is chosen
+by running the engine benchmark once per variant. Each variant runs in its own copy of the code
+(kernels/, qwen3vl_backend/, benchmarks/) whose tables carry its patches; the unpatched tree runs
+first and last, so drift within the lease shows. `variants.json`:
+
+    {"n64s6": {"E=64,...,block=128x128.json": {"1": {"BLOCK_N": 64, "num_stages": 6}}}, ...}
+
+A patch merges into the table's entry where both are objects, and replaces it otherwise. Prints
+a table of each variant's inter-token p50 and mean decode step per concurrency, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .common import print_table, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+TREES = ("kernels", "qwen3vl_backend", "benchmarks")
+BASE = "base"
+
+
+def patch_tables(configs: Path, patches: dict) -> None:
+    """Apply {table file: {key: patch}} to the tables under `configs` (a variant's copy)."""
+    for name, entries in patches.items():
+        path = configs / name
+        if Path(name).name != name or not path.exists():
+            raise SystemExit(f"variant patches {name!r}: no such table in kernels/configs")
+        table = json.loads(path.read_text())
+        for key, patch in entries.items():
+            old = table.get(key)
+            table[key] = {**old, **patch} if isinstance(old, dict) and isinstance(patch, dict) else patch
+        path.write_text(json.dumps(table, indent=1) + "\n")
+
+
+def make_tree(dest: Path, patches: dict) -> Path:
+    for sub in TREES:
+        shutil.copytree(ROOT / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    patch_tables(dest / "kernels" / "configs", patches)
+    return dest
+
+
+def run_variant(tree: Path, engine_args: list[str], runner: str, out: Path) -> list[dict]:
+    """One engine run in `tree`: its rows (the JSON the benchmark wrote under `out`)."""
+    # the tree's packages first; the caller's path after it (a runner module of its own)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-m", runner, *engine_args, "--out", str(out)], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    written = sorted(out.glob("*.json"))
+    if proc.returncode != 0 or not written:
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        raise RuntimeError(f"{runner} in {tree} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(written[-1].read_text())["rows"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", required=True, help="JSON file: {name: {table file: {key: patch}}}")
+    ap.add_argument("--runner", default="benchmarks.engine", help="the benchmark module each variant runs")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("engine_args", nargs=argparse.REMAINDER, help="after --: the engine benchmark's flags")
+    args = ap.parse_args(argv)
+    variants = json.loads(Path(args.variants).read_text())
+    if BASE in variants or not variants:
+        raise SystemExit(f"--variants: one or more variants, none named {BASE!r} (the unpatched tree)")
+    engine_args = [a for a in args.engine_args if a != "--"]
+    order = [BASE, *variants, BASE]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {name: make_tree(Path(tmp) / name, variants.get(name, {})) for name in dict.fromkeys(order)}
+        for i, name in enumerate(order):
+            got = [{"variant": name if i < len(order) - 1 else f"{BASE} (again)", "run": i,
+                    "concurrency": r.get("concurrency"), "itl_p50_ms": r.get("itl_p50_ms"),
+                    "decode_step_ms": r.get("decode_step_ms")}
+                   for r in run_variant(trees[name], engine_args, args.runner, Path(tmp) / f"out-{i}")]
+            print_table(got, list(got[0]))
+            rows += got
+    base = {r["concurrency"]: r["itl_p50_ms"] for r in rows if r["run"] == 0}
+    for r in rows:
+        ref = base.get(r["concurrency"])
+        r["vs_base"] = r["itl_p50_ms"] / ref if ref and r["itl_p50_ms"] is not None else None
+    print_table(rows, list(rows[0]))
+    print(write_result("engine-ab", {"variants": variants, "engine_args": engine_args, "runner": args.runner},
+                       rows, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""A stand-in for benchmarks.engine under benchmarks.engine_ab's test: one row per concurrency,
+its 'inter-token time' read from the norm_route table of the tree it runs in."""
+
+import argparse
+import json
+
+from benchmarks.common import write_result
+from kernels.tables import CONFIG_DIR
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--concurrency", default="1")
+ap.add_argument("--out")
+args = ap.parse_args()
+table = json.loads((CONFIG_DIR / "norm_route,device=NVIDIA_H200.json").read_text())
+rows = [{"concurrency": int(c), "itl_p50_ms": float(table["2048,128"]["BLOCK_E"]) * int(c),
+         "decode_step_ms": float(table["2048,128"]["num_warps"]), "config_dir": str(CONFIG_DIR)}
+        for c in args.concurrency.split(",")]
+write_result("fake-engine", {}, rows, args.out)

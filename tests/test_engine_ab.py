@@ -1,0 +1,48 @@
+"""benchmarks.engine_ab: each variant runs in its own tree with its table patches, the unpatched
+tree first and last, and the rows say which is which (a stand-in runner reads the tables)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks.engine_ab import main, patch_tables
+
+TABLE = "norm_route,device=NVIDIA_H200.json"
+HERE = Path(__file__).resolve().parent
+
+
+def test_variants_run_in_their_own_trees(tmp_path, monkeypatch, capsys):
+    original = (HERE.parent / "kernels" / "configs" / TABLE).read_text()
+    base = json.loads(original)["2048,128"]
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"wide": {TABLE: {"2048,128": {"BLOCK_E": 16}}},
+                                    "whole": {TABLE: {"2048,128": {"BLOCK_E": 32, "num_warps": 1}}}}))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    assert main(["--variants", str(variants), "--runner", "engine_ab_runner", "--out", str(tmp_path / "res"),
+                 "--", "--concurrency", "1,2"]) == 0
+    written = json.loads(next((tmp_path / "res").glob("engine-ab-*.json")).read_text())
+    got = [(r["variant"], r["concurrency"], r["itl_p50_ms"], r["decode_step_ms"]) for r in written["rows"]]
+    b, w = float(base["BLOCK_E"]), float(base["num_warps"])
+    assert got == [("base", 1, b, w), ("base", 2, 2 * b, w), ("wide", 1, 16.0, w), ("wide", 2, 32.0, w),
+                   ("whole", 1, 32.0, 1.0), ("whole", 2, 64.0, 1.0), ("base (again)", 1, b, w),
+                   ("base (again)", 2, 2 * b, w)]
+    assert [r["vs_base"] for r in written["rows"]][2] == pytest.approx(16.0 / b)
+    assert (HERE.parent / "kernels" / "configs" / TABLE).read_text() == original      # the checkout untouched
+
+
+def test_patches_merge_objects_replace_the_rest_and_name_real_tables(tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps({"1": {"a": 1, "b": 2}, "k": 3}))
+    patch_tables(tmp_path, {"t.json": {"1": {"b": 5}, "k": 4, "new": {"c": 1}}})
+    assert json.loads((tmp_path / "t.json").read_text()) == {"1": {"a": 1, "b": 5}, "k": 4, "new": {"c": 1}}
+    for bad in ("missing.json", "../t.json"):
+        with pytest.raises(SystemExit, match="no such table"):
+            patch_tables(tmp_path, {bad: {}})
+
+
+def test_a_variant_named_base_is_refused(tmp_path):
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"base": {}}))
+    with pytest.raises(SystemExit, match="none named 'base'"):
+        main(["--variants", str(variants)])
