@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", required=True, help="JSON file: {name: {table file: {key: patch}}}")
     ap.add_argument("--runner", default="benchmarks.engine", help="the benchmark module each variant runs")
+    ap.add_argument("--between", default="", help="a shell command run after each variant (e.g. clearing up "
+                    "workers a failed run left)")
     ap.add_argument("--out", default=None)
     ap.add_argument("engine_args", nargs=argparse.REMAINDER, help="after --: the engine benchmark's flags")
     args = ap.parse_args(argv)
@@ -89,6 +91,8 @@ def main(argv=None) -> int:
                    for r in run_variant(trees[name], engine_args, args.runner, Path(tmp) / f"out-{i}")]
             print_table(got, list(got[0]))
             rows += got
+            if args.between:
+                subprocess.run(args.between, shell=True, check=False)
     base = {r["concurrency"]: r["itl_p50_ms"] for r in rows if r["run"] == 0}
     for r in rows:
         ref = base.get(r["concurrency"])

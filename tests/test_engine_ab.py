@@ -20,8 +20,10 @@ def test_variants_run_in_their_own_trees(tmp_path, monkeypatch, capsys):
     variants.write_text(json.dumps({"wide": {TABLE: {"2048,128": {"BLOCK_E": 16}}},
                                     "whole": {TABLE: {"2048,128": {"BLOCK_E": 32, "num_warps": 1}}}}))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    between = tmp_path / "between.log"
     assert main(["--variants", str(variants), "--runner", "engine_ab_runner", "--out", str(tmp_path / "res"),
-                 "--", "--concurrency", "1,2"]) == 0
+                 "--between", f"echo ran >> {between}", "--", "--concurrency", "1,2"]) == 0
+    assert between.read_text().split() == ["ran"] * 4
     written = json.loads(next((tmp_path / "res").glob("engine-ab-*.json")).read_text())
     got = [(r["variant"], r["concurrency"], r["itl_p50_ms"], r["decode_step_ms"]) for r in written["rows"]]
     b, w = float(base["BLOCK_E"]), float(base["num_warps"])
