@@ -71,8 +71,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", required=True, help="JSON file: {name: {table file: {key: patch}}}")
     ap.add_argument("--runner", default="benchmarks.engine", help="the benchmark module each variant runs")
-    ap.add_argument("--between", default="", help="a shell command run after each variant (e.g. clearing up "
-                    "workers a failed run left)")
+    ap.add_argument("--between", default="", help="a shell command run after each variant, e.g. clearing up "
+                    "workers a failed run left: 'pkill -f engine[.]tp_worker' (a pattern that does not match "
+                    "this command line itself)")
     ap.add_argument("--out", default=None)
     ap.add_argument("engine_args", nargs=argparse.REMAINDER, help="after --: the engine benchmark's flags")
     args = ap.parse_args(argv)
