@@ -86,10 +86,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         trees = {name: make_tree(Path(tmp) / name, variants.get(name, {})) for name in dict.fromkeys(order)}
         for i, name in enumerate(order):
-            got = [{"variant": name if i < len(order) - 1 else f"{BASE} (again)", "run": i,
-                    "concurrency": r.get("concurrency"), "itl_p50_ms": r.get("itl_p50_ms"),
-                    "decode_step_ms": r.get("decode_step_ms")}
-                   for r in run_variant(trees[name], engine_args, args.runner, Path(tmp) / f"out-{i}")]
+            label = name if i < len(order) - 1 else f"{BASE} (again)"
+            try:
+                got = [{"variant": label, "run": i, "concurrency": r.get("concurrency"),
+                        "itl_p50_ms": r.get("itl_p50_ms"), "decode_step_ms": r.get("decode_step_ms"), "error": None}
+                       for r in run_variant(trees[name], engine_args, args.runner, Path(tmp) / f"out-{i}")]
+            except RuntimeError as e:           # a launch shape that does not compile: the others still run
+                print(e)
+                got = [{"variant": label, "run": i, "concurrency": None, "itl_p50_ms": None, "decode_step_ms": None,
+                        "error": str(e).splitlines()[0]}]
             print_table(got, list(got[0]))
             rows += got
             if args.between:

@@ -34,6 +34,18 @@ def test_variants_run_in_their_own_trees(tmp_path, monkeypatch, capsys):
     assert (HERE.parent / "kernels" / "configs" / TABLE).read_text() == original      # the checkout untouched
 
 
+def test_a_failing_variant_is_a_row_and_the_rest_still_run(tmp_path, monkeypatch):
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"broken": {TABLE: {"2048,128": {"num_warps": "many"}}},
+                                    "wide": {TABLE: {"2048,128": {"BLOCK_E": 16}}}}))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    assert main(["--variants", str(variants), "--runner", "engine_ab_runner", "--out", str(tmp_path / "res")]) == 0
+    rows = json.loads(next((tmp_path / "res").glob("engine-ab-*.json")).read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["base", "broken", "wide", "base (again)"]
+    assert rows[1]["itl_p50_ms"] is None and "engine_ab_runner" in rows[1]["error"] and "failed" in rows[1]["error"]
+    assert rows[2]["itl_p50_ms"] == 16.0 and rows[2]["error"] is None
+
+
 def test_patches_merge_objects_replace_the_rest_and_name_real_tables(tmp_path):
     (tmp_path / "t.json").write_text(json.dumps({"1": {"a": 1, "b": 2}, "k": 3}))
     patch_tables(tmp_path, {"t.json": {"1": {"b": 5}, "k": 4, "new": {"c": 1}}})
