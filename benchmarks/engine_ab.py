@@ -49,7 +49,7 @@ def patch_tables(configs: Path, patches: dict) -> None:
 
 def make_tree(dest: Path, patches: dict) -> Path:
     for sub in TREES:
-        shutil.copytree(ROOT / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__", "results"))
     patch_tables(dest / "kernels" / "configs", patches)
     return dest
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .pdl import gdc_enter, pdl
-from .tables import CONFIG_DIR, device_file, device_table
+from .tables import device_file, device_table
 
 from .fp8 import group_scale_ok, quantize_activations_fp8
 from .linear import block_scaled, dividing
@@ -693,9 +693,8 @@ def config_file(e: int, n: int, k: int, device_name: str, fp8_block: tuple[int, 
     """The sorted path's table: {M: launch shape}, and optionally "pair_path_max_m" (the largest M
     the pair path takes; PAIR_PATH_MAX_M without it). fp8 experts (W8A8 from W8A8_MIN_M) have their
     own table per block shape, the bf16 one standing in where it is missing."""
-    safe = device_name.replace(" ", "_")
     fp8 = f",dtype=fp8_w8a8,block={fp8_block[0]}x{fp8_block[1]}" if fp8_block else ""
-    return CONFIG_DIR / f"E={e},N={n},K={k},device={safe}{fp8}.json"
+    return device_file(f"E={e},N={n},K={k}", device_name, fp8)
 
 
 def _moe_table(e: int, inter: int, hidden: int, device: torch.device, fp8_block=None) -> dict | None:
