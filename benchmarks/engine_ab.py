@@ -12,7 +12,8 @@ first and last, so drift within the lease shows. `variants.json`:
 
     {"n64s6": {"E=64,...,block=128x128.json": {"1": {"BLOCK_N": 64, "num_stages": 6}}}, ...}
 
-A patch merges into the table's entry where both are objects, and replaces it otherwise. Prints
+A patch merges into the table's entry where both are objects, at every depth (a MoE table's
+{"pairs": {"1": {...}}} takes one key of its nested entry), and replaces it otherwise. Prints
 a table of each variant's inter-token p50 and mean decode step per concurrency, and writes JSON.
 """
 
@@ -34,6 +35,13 @@ TREES = ("kernels", "qwen3vl_backend", "benchmarks")
 BASE = "base"
 
 
+def merged(old, patch):
+    """`patch` over `old`: objects merge key by key, at every depth; anything else replaces."""
+    if not (isinstance(old, dict) and isinstance(patch, dict)):
+        return patch
+    return {**old, **{key: merged(old.get(key), value) for key, value in patch.items()}}
+
+
 def patch_tables(configs: Path, patches: dict) -> None:
     """Apply {table file: {key: patch}} to the tables under `configs` (a variant's copy)."""
     for name, entries in patches.items():
@@ -41,10 +49,7 @@ def patch_tables(configs: Path, patches: dict) -> None:
         if Path(name).name != name or not path.exists():
             raise SystemExit(f"variant patches {name!r}: no such table in kernels/configs")
         table = json.loads(path.read_text())
-        for key, patch in entries.items():
-            old = table.get(key)
-            table[key] = {**old, **patch} if isinstance(old, dict) and isinstance(patch, dict) else patch
-        path.write_text(json.dumps(table, indent=1) + "\n")
+        path.write_text(json.dumps(merged(table, entries), indent=1) + "\n")
 
 
 def make_tree(dest: Path, patches: dict) -> Path:

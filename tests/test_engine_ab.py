@@ -47,9 +47,12 @@ def test_a_failing_variant_is_a_row_and_the_rest_still_run(tmp_path, monkeypatch
 
 
 def test_patches_merge_objects_replace_the_rest_and_name_real_tables(tmp_path):
-    (tmp_path / "t.json").write_text(json.dumps({"1": {"a": 1, "b": 2}, "k": 3}))
-    patch_tables(tmp_path, {"t.json": {"1": {"b": 5}, "k": 4, "new": {"c": 1}}})
-    assert json.loads((tmp_path / "t.json").read_text()) == {"1": {"a": 1, "b": 5}, "k": 4, "new": {"c": 1}}
+    (tmp_path / "t.json").write_text(json.dumps({"1": {"a": 1, "b": 2}, "k": 3,
+                                                 "pairs": {"1": {"a": 1, "b": 2}, "4": {"a": 0}}}))
+    patch_tables(tmp_path, {"t.json": {"1": {"b": 5}, "k": 4, "new": {"c": 1}, "pairs": {"1": {"b": 6}}}})
+    # nested entries merge too: the MoE table's "pairs" keeps its other sizes and keys
+    assert json.loads((tmp_path / "t.json").read_text()) == {
+        "1": {"a": 1, "b": 5}, "k": 4, "new": {"c": 1}, "pairs": {"1": {"a": 1, "b": 6}, "4": {"a": 0}}}
     for bad in ("missing.json", "../t.json"):
         with pytest.raises(SystemExit, match="no such table"):
             patch_tables(tmp_path, {bad: {}})
