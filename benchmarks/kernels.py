@@ -410,6 +410,49 @@ def sweep_fp8_gemv(ms=None) -> tuple[list[dict], dict]:
     return rows, table
 
 
+DENSE_MS = (8, 16, 32, 64, 128)     # decode batches the dense sweep times (--ms replaces them)
+
+
+def sweep_fp8_dense(ms=None) -> tuple[list[dict], dict]:
+    """The fp8 projections at decode batches of 8-128 rows: the one-expert grouped GEMM's launch
+    shapes (W8A16 and W8A8) against the path without it (the GEMV up to 16 rows, else cuBLAS's
+    block-scaled GEMM with its quantize launch); graph replay per call, weights past L2. -> rows
+    (best per shape and M) and the fp8_dense table: the best shape where it beats that path by 3%,
+    else "default"."""
+    from kernels import fp8
+    from kernels.fused_moe import dense_fp8_gemm
+
+    block = (128, 128)
+    rows, table = [], {}
+    for name, (n, k) in FP8_GEMV_SHAPES.items():
+        copies = max(2, L2_DEFEAT_BYTES // (n * k))
+        qs = [tuple(t.cuda() for t in fp8.quantize_weight_blocks(torch.randn(n, k) * 0.02, block)) for _ in range(copies)]
+        for m in ms or DENSE_MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            with mock.patch.object(fp8, "dense_config", lambda *a: None):
+                base = per_call_ms(lambda i: fp8.fp8_linear(x, *qs[i % copies], block))
+            best = (float("inf"), None)
+            for bm, bn, warps, stages, a8 in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (3, 4, 6),
+                                                              (False, True)):
+                if bm > max(16, triton.next_power_of_2(m)) or (warps == 8 and bn < 128):
+                    continue            # blocks of padding rows; 8 warps only for the widest tiles
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": warps,
+                       "num_stages": stages, **({"A8": True} if a8 else {})}
+                try:
+                    took = per_call_ms(lambda i: dense_fp8_gemm(x, *qs[i % copies], block, cfg))
+                except Exception as e:          # out of shared memory for the deepest tiles
+                    print(f"fp8 dense {cfg}: {type(e).__name__}")
+                    continue
+                best = min(best, (took, cfg), key=lambda t: t[0])
+            floor = (n * k * (1 + 4 / 128 ** 2) + 2 * m * (n + k)) / (roofline_cache()["copy_bandwidth_tb_s"] * 1e12) * 1e3
+            wins = best[1] is not None and best[0] < 0.97 * base
+            rows.append({"proj": name, "N": n, "K": k, "M": m, "without_ms": base, "dense_ms": best[0],
+                         "fp8_floor_ms": floor, "floor_over_dense": floor / best[0], "floor_over_without": floor / base,
+                         "config": json.dumps(best[1])})
+            table.setdefault(f"{n},{k}", {})[str(m)] = best[1] if wins else "default"
+    return rows, table
+
+
 @functools.lru_cache(maxsize=None)
 def roofline_cache() -> dict:
     return roofline()
@@ -419,6 +462,12 @@ def _fp8_gemv_file(device_name: str):
     from kernels.fp8 import gemv_config_file
 
     return gemv_config_file(device_name, (128, 128))
+
+
+def _fp8_dense_file(device_name: str):
+    from kernels.fp8 import dense_config_file
+
+    return dense_config_file(device_name, (128, 128))
 
 
 def _norm_route_file(device_name: str):
@@ -446,7 +495,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-configs", action="store_true",
                     help="write the skinny GEMM's, the fp8 GEMV's and decode attention's swept tables to kernels/configs/ for this GPU")
-    ap.add_argument("--only", default="moe,linear,routing,varlen,attention,fp8,fp8gemv,decodeattn,decodeattn1,normroute",
+    ap.add_argument("--only", default="moe,linear,routing,varlen,attention,fp8,fp8gemv,fp8dense,decodeattn,decodeattn1,normroute",
                     help="comma-separated parts to run")
     ap.add_argument("--ms", default=None, help="the GEMV sweeps' batch sizes (default 1,4,16)")
     args = ap.parse_args(argv)
@@ -457,6 +506,8 @@ def main(argv=None):
     for part, sweep, title, path_of, what in (
             ("fp8gemv", lambda: sweep_fp8_gemv(ms), "fp8 GEMV launch shapes at decode sizes, best per (N, K, M), against the bf16 "
              "skinny GEMM", _fp8_gemv_file, "fp8 GEMV"),
+            ("fp8dense", lambda: sweep_fp8_dense(ms if args.ms else None), "fp8 projections at decode batches: the "
+             "one-expert grouped GEMM against the GEMV / cuBLAS", _fp8_dense_file, "fp8 dense"),
             ("linear", lambda: sweep_linear(ceil, ms), "decoder projections at decode sizes: cuBLAS against the skinny GEMM "
              "(graph replay per call)", config_file, "skinny GEMM"),
             ("decodeattn", sweep_decode_attention, "paged decode attention launch shapes (graph replay)",

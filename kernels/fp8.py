@@ -19,6 +19,11 @@ and made float32 by integer ops, not by the conversion unit (235B-A22B's o_proj 
 (`benchmarks.kernels --only fp8gemv --write-configs`). More rows go to cuBLAS's block-scaled
 fp8 GEMM (torch.nn.functional.scaled_mm, activations quantized per 1x128 group by one Triton
 launch) where the shapes are whole 128 blocks, else to a bf16 matmul of the dequantized weight.
+A decode batch (2 to DENSE_MAX_M rows) may instead take the fused MoE's grouped GEMM with one
+expert (`kernels.fused_moe.dense_fp8_gemm`), where the device's fp8_dense table has a launch shape
+for its (N, K) and M: on an H200 cuBLAS's 128-wide tiles left most SMs idle at 64 rows (11 us for
+30B's qkv against bf16's 8.4), and the M=16 GEMV took 18 us
+(`benchmarks.kernels --only fp8dense --write-configs` times both against it).
 """
 
 from __future__ import annotations
@@ -165,6 +170,28 @@ def gemv_ok(m: int, block: tuple[int, int]) -> bool:
     return 0 < m <= GEMV_MAX_M and (m == 1 or block[0] % 16 == 0)
 
 
+DENSE_MAX_M = 256            # rows past this (prefill) stay with cuBLAS, whatever the table's largest M
+
+
+def dense_config_file(device_name: str, block: tuple[int, int]) -> Path:
+    return device_file("fp8_dense", device_name, f",block={block[0]}x{block[1]}")
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_table(device_name: str, block: tuple[int, int]) -> dict:
+    """{"N,K": {"M": launch shape, or "default" where the GEMV or cuBLAS was faster}}."""
+    return device_table(lambda name: dense_config_file(name, block), device_name) or {}
+
+
+def dense_config(n: int, k: int, m: int, block: tuple[int, int], device: torch.device) -> dict | None:
+    """The one-expert grouped GEMM's launch shape for M rows of (N, K) at the nearest tuned M, or
+    None: the GEMV (M <= 16) or cuBLAS, as without the table."""
+    if device.type != "cuda" or not 1 < m <= DENSE_MAX_M:
+        return None
+    cfg = nearest_m(_dense_table(torch.cuda.get_device_name(device), tuple(block)), n, k, m, None)
+    return cfg if isinstance(cfg, dict) else None
+
+
 def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
              bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x (M <= 16, K) in bf16/float32, Wq (N, K) fp8, S (ceil(N/bn), ceil(K/bk)) -> (M, N) in x's dtype."""
@@ -267,11 +294,17 @@ def group_scale_ok(asked, block_k: int, bk: int) -> bool:
 
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The GPU's fp8 linear layer: the GEMV kernel for decode rows, cuBLAS fp8 for prefill."""
+    """The GPU's fp8 linear layer: the GEMV kernel or the dense grouped GEMM for decode rows (the
+    device's tables choose), cuBLAS fp8 for prefill."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     y = None
-    if gemv_ok(x2.shape[0], block):
+    dense = dense_config(wq.shape[0], wq.shape[1], x2.shape[0], block, x2.device)
+    if dense is not None:
+        from .fused_moe import dense_fp8_gemm          # fused_moe imports this module
+        y = dense_fp8_gemm(x2, wq, scale, block, dense)
+        y = y if bias is None else y + bias
+    elif gemv_ok(x2.shape[0], block):
         y = fp8_gemv(x2, wq, scale, block, bias)
     elif _blockwise_ok(x2, wq, block):
         y = _scaled_mm_blockwise(x2, wq, scale, bias)

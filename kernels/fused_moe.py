@@ -51,7 +51,7 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALE_MODE: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
     as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-    PAIR_BLOCKS: tl.constexpr = False,
+    PAIR_BLOCKS: tl.constexpr = False, DENSE: tl.constexpr = False,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
@@ -59,11 +59,15 @@ def _grouped_gemm_kernel(
     float32 scale per row and BK group (`as_ptr`), and the product is an fp8 tl.dot (W8A8).
     PAIR_BLOCKS (one token, whose top-k experts are distinct): block j is pair j alone and
     `expert_ids_ptr` the token's ids, so no sorting launch comes first (sorted_ids_ptr and
-    num_padded_ptr are not read)."""
+    num_padded_ptr are not read). DENSE: one expert (b's only one) and the rows in order, a dense
+    layer's GEMM (`dense_fp8_gemm`): no id is read, and the last block's rows past num_valid are
+    padding."""
     gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     if PAIR_BLOCKS:
         num_padded = num_valid * BLOCK_M
+    elif DENSE:
+        num_padded = num_valid
     else:
         num_padded = tl.load(num_padded_ptr)
     grid_m = tl.cdiv(num_padded, BLOCK_M)
@@ -81,11 +85,16 @@ def _grouped_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if PAIR_BLOCKS:
         pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_valid)
+    elif DENSE:
+        pair = tl.where(offs_m < num_valid, offs_m, num_valid)
     else:
         pair = tl.load(sorted_ids_ptr + offs_m)              # token * top_k + slot, or num_valid
     valid = pair < num_valid
     a_row = pair if A_ROWS_ARE_PAIRS else pair // top_k
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if DENSE:
+        expert = (pid_m * 0).to(tl.int64)                    # the one expert, 0
+    else:
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if expert >= num_experts:
         return
 
@@ -348,6 +357,34 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
     out = tl.sum(tl.sum(acc, 2) * weights[:, None], 0)
     tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                   cfg: dict) -> torch.Tensor:
+    """y = x @ W.T for a decode batch's rows, W fp8 (N, K) in `block` scale blocks (kernels/fp8.py):
+    the grouped GEMM with one expert and its rows in order (DENSE), so neither a sort nor ids.
+    cfg: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, and A8 (the rows quantized per
+    token and block-wide group first, one launch, and fp8 tensor-core dots: W8A8; else the weight
+    tiles become x's dtype in registers, W8A16). x (M, K) bf16/float32 -> (M, N) in x's dtype."""
+    m, k = x.shape
+    n = wq.shape[0]
+    if wq.shape[1] != k or wq.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dense_fp8_gemm: x {tuple(x.shape)} {x.dtype}, w {tuple(wq.shape)}")
+    block_n, block_k, mode = _fp8_tile(cfg["BLOCK_N"], cfg["BLOCK_K"], n, block)
+    a8 = bool(cfg.get("A8")) and mode == 2 and block_k >= 32
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    a, a_scale = quantize_activations_fp8(x, block[1]) if a8 else (x, None)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, block_n),)
+        _grouped_gemm_kernel[grid](
+            a, wq, y, scale, scale, scale, scale, scale, n, k, m, 1, 1,
+            a.stride(0), a.stride(1), 0, wq.stride(0), wq.stride(1), y.stride(0), y.stride(1), 0, scale.stride(0),
+            A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
+            BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], SCALE_MODE=mode, BN=block[0], BK=block[1],
+            as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x))
+    return y
 
 
 # SiLU*mul in the gate_up GEMM's epilogue (a config's "FUSE_SILU" chooses; benchmarks.kernels times both)

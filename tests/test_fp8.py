@@ -566,6 +566,90 @@ def test_fp8_gemv_steps_across_scale_blocks(block_n, block):
         assert _rel(got, want[:m]) < KTOL
 
 
+# (130, 300, (128, 128)): partial blocks both ways, so the tile takes a scale per column (mode 1);
+# (96, 256, (32, 64)): tiles inside the blocks, one scale per tile and K step (mode 2)
+@pytest.mark.parametrize("m", [2, 5, 33, 130])
+@pytest.mark.parametrize("n,k,block,block_n", [(130, 300, (128, 128), 64), (96, 256, (32, 64), 32)])
+def test_dense_fp8_gemm_is_the_dequantized_product(m, n, k, block, block_n):
+    """The grouped GEMM with one expert and its rows in order (a decode batch's dense layer):
+    W8A16 against the dequantized weights, at row counts that leave the last block of rows part
+    padding (2, 5, 33, 130 over blocks of 16 and 32)."""
+    from kernels.fused_moe import dense_fp8_gemm
+
+    x = torch.randn(m, k, device=DEV)
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * torch.logspace(-2, 0, k), block))
+    want = x @ dequantize_weight_blocks(q, s, block).T
+    for block_m in (16, 32):
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+        got = dense_fp8_gemm(x, q, s, block, cfg)
+        assert got.shape == (m, n) and _rel(got, want) < KTOL
+
+
+@pytest.mark.parametrize("m", [3, 40])
+@pytest.mark.parametrize("n,k,block", [(96, 256, (32, 64)), (256, 384, (128, 128))])
+def test_dense_fp8_gemm_w8a8(m, n, k, block):
+    """A8: the rows quantized per token and group (one launch) and fp8 dots, against the same
+    quantization in torch (rows exact in e4m3: the interpreter rounds to e4m3 unlike the GPU)."""
+    from kernels.fused_moe import dense_fp8_gemm
+
+    x = _exact_fp8_groups(m, k, block[1]).to(DEV)
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1, "A8": True}
+    assert _rel(dense_fp8_gemm(x, q, s, block, cfg), w8a8_block_linear_reference(x, q, s, block)) < KTOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the interpreter rounds to e4m3 unlike the hardware)")
+@pytest.mark.parametrize("m,n,k", [(64, 5120, 2048), (16, 2048, 4096), (100, 4608, 4096)])
+@pytest.mark.parametrize("a8", [False, True])
+def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8):
+    """The sweep's launch shapes (128-deep K steps, deep pipelines) at 30B's and 235B's projections,
+    compiled: W8A16 within bf16's rounding of the dequantized product, W8A8 within e4m3's."""
+    from kernels.fused_moe import dense_fp8_gemm
+
+    block = (128, 128)
+    x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
+    q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
+    want = x.float() @ dequantize_weight_blocks(q, s, block).T
+    for bm, bn, stages in ((16, 32, 3), (64, 128, 4), (32, 64, 6)):
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": stages,
+               **({"A8": True} if a8 else {})}
+        got = dense_fp8_gemm(x, q, s, block, cfg)
+        if a8:
+            assert _rel(got, w8a8_block_linear_reference(x.float(), q, s, block)) < 1e-2
+        assert _rel(got, want) < (6e-2 if a8 else 1e-2)
+
+
+def test_dense_fp8_gemm_only_where_the_table_names_the_shape(monkeypatch):
+    """dense_config: the device's fp8_dense entry at the nearest tuned M of 2..DENSE_MAX_M rows;
+    none at one row, past DENSE_MAX_M (prefill), for an unlisted shape, where the entry says
+    "default", or off the GPU. fp8_linear then runs the grouped GEMM, and its answer is the layer's."""
+    import kernels.fp8 as fp8
+
+    shape = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
+    table = {"96,256": {"16": shape, "64": "default", "1": {**shape, "BLOCK_M": 64}}}
+    monkeypatch.setattr(fp8, "_dense_table", lambda name, block: table)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    gpu = torch.device("cuda")
+    assert fp8.dense_config(96, 256, 20, (32, 64), gpu) == shape
+    assert fp8.dense_config(96, 256, 2, (32, 64), gpu) == shape
+    for n, k, m in ((96, 256, 60), (96, 256, 1), (96, 256, fp8.DENSE_MAX_M + 1), (128, 256, 16)):
+        assert fp8.dense_config(n, k, m, (32, 64), gpu) is None, (n, k, m)
+    assert fp8.dense_config(96, 256, 16, (32, 64), torch.device("cpu")) is None
+
+    calls = []
+    import kernels.fused_moe as fused_moe
+    real = fused_moe.dense_fp8_gemm
+    monkeypatch.setattr(fused_moe, "dense_fp8_gemm", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(fp8, "dense_config", lambda n, k, m, block, device: shape if m > 1 else None)
+    x = torch.randn(2, 5, 256, device=DEV)
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(96, 256) * 0.05, (32, 64)))
+    bias = torch.randn(96, device=DEV)
+    got = fp8.fp8_linear(x, q, s, (32, 64), bias)
+    assert calls == [shape] and got.shape == (2, 5, 96)
+    assert _rel(got, x @ dequantize_weight_blocks(q, s, (32, 64)).T + bias) < KTOL
+
+
 @pytest.mark.server
 def test_tiny_fp8_checkpoint_served_through_the_adapter(tmp_path):
     """The FP8 checkpoint behind Triton and the OpenAI adapter answers what the CLI answers."""
