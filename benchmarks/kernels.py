@@ -415,7 +415,7 @@ DENSE_MS = (8, 16, 32, 64, 128)     # decode batches the dense sweep times (--ms
 
 def sweep_fp8_dense(ms=None) -> tuple[list[dict], dict]:
     """The fp8 projections at decode batches of 8-128 rows: the one-expert grouped GEMM's launch
-    shapes (W8A16 and W8A8) against the path without it (the GEMV up to 16 rows, else cuBLAS's
+    shapes (W8A16 and W8A8, split-K or not) against the path without it (the GEMV up to 16 rows, else cuBLAS's
     block-scaled GEMM with its quantize launch); graph replay per call, weights past L2. -> rows
     (best per shape and M) and the fp8_dense table: the best shape where it beats that path by 3%,
     else "default"."""
@@ -432,12 +432,13 @@ def sweep_fp8_dense(ms=None) -> tuple[list[dict], dict]:
             with mock.patch.object(fp8, "dense_config", lambda *a: None):
                 base = per_call_ms(lambda i: fp8.fp8_linear(x, *qs[i % copies], block))
             best = (float("inf"), None)
-            for bm, bn, warps, stages, a8 in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (3, 4, 6),
-                                                              (False, True)):
-                if bm > max(16, triton.next_power_of_2(m)) or (warps == 8 and bn < 128):
-                    continue            # blocks of padding rows; 8 warps only for the widest tiles
-                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": warps,
-                       "num_stages": stages, **({"A8": True} if a8 else {})}
+            # (the first sweep, ec3630f: 32-row blocks, 3 stages and 8 warps never won)
+            for bm, bn, stages, a8, split in itertools.product((16, 64), (32, 64, 128), (4, 6), (False, True),
+                                                               (1, 2, 4, 8)):
+                if bm > max(16, triton.next_power_of_2(m)):
+                    continue            # blocks of padding rows
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
+                       "num_stages": stages, **({"A8": True} if a8 else {}), **({"SPLIT_K": split} if split > 1 else {})}
                 try:
                     took = per_call_ms(lambda i: dense_fp8_gemm(x, *qs[i % copies], block, cfg))
                 except Exception as e:          # out of shared memory for the deepest tiles

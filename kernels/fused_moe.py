@@ -51,7 +51,8 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALE_MODE: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
     as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-    PAIR_BLOCKS: tl.constexpr = False, DENSE: tl.constexpr = False,
+    PAIR_BLOCKS: tl.constexpr = False, DENSE: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
+    ws_ptr=None, count_ptr=None,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
@@ -61,7 +62,10 @@ def _grouped_gemm_kernel(
     `expert_ids_ptr` the token's ids, so no sorting launch comes first (sorted_ids_ptr and
     num_padded_ptr are not read). DENSE: one expert (b's only one) and the rows in order, a dense
     layer's GEMM (`dense_fp8_gemm`): no id is read, and the last block's rows past num_valid are
-    padding."""
+    padding. SPLIT_K (DENSE): program_id(1) takes that share of the K steps and stores its float32
+    partial tile in `ws_ptr` (SPLIT_K, num_valid, N); the program that finishes a tile last (an
+    atomic count per tile, reset by it) sums the partials in split order, so the answer does not
+    depend on which finished first."""
     gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     if PAIR_BLOCKS:
@@ -99,9 +103,15 @@ def _grouped_gemm_kernel(
         return
 
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_k = tl.arange(0, BLOCK_K)
+    steps = tl.cdiv(K, BLOCK_K)
+    k_first = 0
+    if SPLIT_K > 1:
+        k_first = tl.program_id(1) * tl.cdiv(steps, SPLIT_K)
+        steps = tl.minimum(steps, k_first + tl.cdiv(steps, SPLIT_K))
+    offs_k = k_first * BLOCK_K + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # FUSE_SILU: the up rows sit N below gate's
     if SCALE_MODE == 1:
@@ -111,7 +121,7 @@ def _grouped_gemm_kernel(
         s_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
         s_up_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn
     as_ptrs = as_ptr + a_row.to(tl.int64) * stride_asm
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_first, steps):
         k_left = K - k * BLOCK_K
         kb = (k * BLOCK_K) // BK
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
@@ -145,7 +155,19 @@ def _grouped_gemm_kernel(
         acc = acc * w[:, None]
     out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ptrs = c_ptr + pair[:, None].to(tl.int64) * stride_cm + out_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (out_n[None, :] < N))
+    c_mask = valid[:, None] & (out_n[None, :] < N)
+    if SPLIT_K > 1:
+        part = pair[:, None].to(tl.int64) * N + out_n[None, :]
+        tl.store(ws_ptr + tl.program_id(1) * num_valid * N + part, acc, mask=c_mask)
+        tl.debug_barrier()              # every thread's partial stored before the count releases it
+        if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in range(0, SPLIT_K):
+                acc += tl.load(ws_ptr + split * num_valid * N + part, mask=c_mask, other=0.0, volatile=True)
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+            tl.atomic_xchg(count_ptr + pid, 0)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -363,9 +385,10 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
                    cfg: dict) -> torch.Tensor:
     """y = x @ W.T for a decode batch's rows, W fp8 (N, K) in `block` scale blocks (kernels/fp8.py):
     the grouped GEMM with one expert and its rows in order (DENSE), so neither a sort nor ids.
-    cfg: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, and A8 (the rows quantized per
+    cfg: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, A8 (the rows quantized per
     token and block-wide group first, one launch, and fp8 tensor-core dots: W8A8; else the weight
-    tiles become x's dtype in registers, W8A16). x (M, K) bf16/float32 -> (M, N) in x's dtype."""
+    tiles become x's dtype in registers, W8A16), and SPLIT_K (each tile's K steps shared by that
+    many programs: a narrow N fills the SMs). x (M, K) bf16/float32 -> (M, N) in x's dtype."""
     m, k = x.shape
     n = wq.shape[0]
     if wq.shape[1] != k or wq.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -375,16 +398,41 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
     x = x if x.stride(-1) == 1 else x.contiguous()
     a, a_scale = quantize_activations_fp8(x, block[1]) if a8 else (x, None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, block_n),)
-        _grouped_gemm_kernel[grid](
-            a, wq, y, scale, scale, scale, scale, scale, n, k, m, 1, 1,
-            a.stride(0), a.stride(1), 0, wq.stride(0), wq.stride(1), y.stride(0), y.stride(1), 0, scale.stride(0),
-            A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
-            BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], SCALE_MODE=mode, BN=block[0], BK=block[1],
-            as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x))
+    if not m:
+        return y
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, block_n)
+    split = min(cfg.get("SPLIT_K", 1), triton.cdiv(k, block_k))
+    if split > 1 and tiles <= TILE_COUNTS:
+        ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        counts = tile_counts(x.device)
+    else:
+        split, ws, counts = 1, y, y
+    _grouped_gemm_kernel[(tiles, split)](
+        a, wq, y, scale, scale, scale, scale, scale, n, k, m, 1, 1,
+        a.stride(0), a.stride(1), 0, wq.stride(0), wq.stride(1), y.stride(0), y.stride(1), 0, scale.stride(0),
+        A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], SCALE_MODE=mode, BN=block[0], BK=block[1],
+        as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,
+        SPLIT_K=split, ws_ptr=ws, count_ptr=counts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl(x))
     return y
+
+
+TILE_COUNTS = 1 << 14           # the most output tiles one split-K launch counts (more: no split)
+_TILE_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_counts(device: torch.device) -> torch.Tensor:
+    """The split-K launches' per-tile counts on `device`: zero between launches (each tile's last
+    program resets its own). Made once, on the first launch: that is an eager pass (the model
+    runner's warm-up runs every batch size before capturing it), never inside a graph capture."""
+    counts = _TILE_COUNTS.get(device)
+    if counts is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("dense_fp8_gemm: split-K's tile counts are made by an eager launch first, not "
+                               "inside a CUDA graph capture")
+        counts = _TILE_COUNTS[device] = torch.zeros(TILE_COUNTS, dtype=torch.int32, device=device)
+    return counts
 
 
 # SiLU*mul in the gate_up GEMM's epilogue (a config's "FUSE_SILU" chooses; benchmarks.kernels times both)

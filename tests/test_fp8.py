@@ -579,10 +579,28 @@ def test_dense_fp8_gemm_is_the_dequantized_product(m, n, k, block, block_n):
     x = torch.randn(m, k, device=DEV)
     q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * torch.logspace(-2, 0, k), block))
     want = x @ dequantize_weight_blocks(q, s, block).T
-    for block_m in (16, 32):
-        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    for block_m, split in ((16, 1), (32, 1), (16, 3)):
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1,
+               "SPLIT_K": split}
         got = dense_fp8_gemm(x, q, s, block, cfg)
         assert got.shape == (m, n) and _rel(got, want) < KTOL
+
+
+def test_dense_fp8_gemm_split_k_leaves_its_counts_at_zero():
+    """Split-K: each tile's last program sums the partials in split order and resets the tile's
+    count, so the next launch (another shape, fewer splits) starts from zero and repeats exactly.
+    K = 300 in 32-wide steps is 10 steps: 4 splits of 3, the last with 1; 16 splits cap at 10."""
+    from kernels.fused_moe import dense_fp8_gemm, tile_counts
+
+    x = torch.randn(20, 300, device=DEV)
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(70, 300) * 0.05, (32, 32)))
+    want = x @ dequantize_weight_blocks(q, s, (32, 32)).T
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
+    outs = [dense_fp8_gemm(x, q, s, (32, 32), {**cfg, "SPLIT_K": split}) for split in (4, 4, 16, 2)]
+    assert not tile_counts(x.device).any()
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for out in outs:
+        assert _rel(out, want) < KTOL
 
 
 @pytest.mark.parametrize("m", [3, 40])
@@ -611,10 +629,12 @@ def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8):
     x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
     q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
     want = x.float() @ dequantize_weight_blocks(q, s, block).T
-    for bm, bn, stages in ((16, 32, 3), (64, 128, 4), (32, 64, 6)):
+    for bm, bn, stages, split in ((16, 32, 3, 1), (64, 128, 4, 1), (32, 64, 6, 1), (16, 64, 4, 8), (64, 64, 6, 3)):
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": stages,
-               **({"A8": True} if a8 else {})}
+               "SPLIT_K": split, **({"A8": True} if a8 else {})}
         got = dense_fp8_gemm(x, q, s, block, cfg)
+        # split-K sums its partials in split order whichever program finishes last: the same bits
+        torch.testing.assert_close(dense_fp8_gemm(x, q, s, block, cfg), got, rtol=0, atol=0)
         if a8:
             assert _rel(got, w8a8_block_linear_reference(x.float(), q, s, block)) < 1e-2
         assert _rel(got, want) < (6e-2 if a8 else 1e-2)
