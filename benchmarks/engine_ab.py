@@ -13,7 +13,9 @@ first and last, so drift within the lease shows. `variants.json`:
     {"n64s6": {"E=64,...,block=128x128.json": {"1": {"BLOCK_N": 64, "num_stages": 6}}}, ...}
 
 A patch merges into the table's entry where both are objects, at every depth (a MoE table's
-{"pairs": {"1": {...}}} takes one key of its nested entry), and replaces it otherwise. Prints
+{"pairs": {"1": {...}}} takes one key of its nested entry), and replaces it otherwise. A
+variant's "env" (in place of a table's name) sets environment variables for its run alone, for
+the switches that are not tables: {"prefetch": {"env": {"QWEN3VL_PDL_PREFETCH": "1"}}}. Prints
 a table of each variant's inter-token p50 and mean decode step per concurrency, and writes JSON.
 """
 
@@ -42,9 +44,15 @@ def merged(old, patch):
     return {**old, **{key: merged(old.get(key), value) for key, value in patch.items()}}
 
 
+ENV = "env"
+
+
 def patch_tables(configs: Path, patches: dict) -> None:
-    """Apply {table file: {key: patch}} to the tables under `configs` (a variant's copy)."""
+    """Apply {table file: {key: patch}} to the tables under `configs` (a variant's copy); its "env"
+    is not a table (run_variant's)."""
     for name, entries in patches.items():
+        if name == ENV:
+            continue
         path = configs / name
         if Path(name).name != name or not path.exists():
             raise SystemExit(f"variant patches {name!r}: no such table in kernels/configs")
@@ -59,10 +67,11 @@ def make_tree(dest: Path, patches: dict) -> Path:
     return dest
 
 
-def run_variant(tree: Path, engine_args: list[str], runner: str, out: Path) -> list[dict]:
-    """One engine run in `tree`: its rows (the JSON the benchmark wrote under `out`)."""
+def run_variant(tree: Path, engine_args: list[str], runner: str, out: Path, extra_env: dict | None = None) -> list[dict]:
+    """One engine run in `tree`, with `extra_env` set: its rows (the JSON the benchmark wrote under `out`)."""
     # the tree's packages first; the caller's path after it (a runner module of its own)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, **{k: str(v) for k, v in (extra_env or {}).items()},
+           "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-m", runner, *engine_args, "--out", str(out)], cwd=tree, env=env,
                           capture_output=True, text=True)
     written = sorted(out.glob("*.json"))
@@ -95,7 +104,8 @@ def main(argv=None) -> int:
             try:
                 got = [{"variant": label, "run": i, "concurrency": r.get("concurrency"),
                         "itl_p50_ms": r.get("itl_p50_ms"), "decode_step_ms": r.get("decode_step_ms"), "error": None}
-                       for r in run_variant(trees[name], engine_args, args.runner, Path(tmp) / f"out-{i}")]
+                       for r in run_variant(trees[name], engine_args, args.runner, Path(tmp) / f"out-{i}",
+                                            variants.get(name, {}).get(ENV))]
             except RuntimeError as e:           # a launch shape that does not compile: the others still run
                 print(e)
                 got = [{"variant": label, "run": i, "concurrency": None, "itl_p50_ms": None, "decode_step_ms": None,

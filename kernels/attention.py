@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import gdc_enter, pdl
+from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl, prefetch_default
 from .tables import device_file, device_table
 
 from .online_softmax import online_softmax_step
@@ -42,9 +42,15 @@ def _paged_decode_kernel(
     stride_qt, stride_qh, stride_ckv, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
     # meta
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, GROUP_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False,
+    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
-    gdc_enter(USE_PDL)
+    """PREFETCH (a decode step, with PDL): the context lengths, block tables and the split's first
+    tile of K/V are read before the wait for the kernel before, which writes only each sequence's
+    newest position (ctx - 1: the step's own token); that row is read after the wait."""
+    if PREFETCH:
+        gdc_launch(USE_PDL)
+    else:
+        gdc_enter(USE_PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,13 +64,30 @@ def _paged_decode_kernel(
     dims = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + rows
     row_ok = rows < GROUP
+    tile = tl.arange(0, PAGES * BLOCK_SIZE)
+    page_of, slot_of = tile // BLOCK_SIZE, tile % BLOCK_SIZE
+    if PREFETCH:
+        page = first + page_of
+        live0 = (page < last) & (page * BLOCK_SIZE + slot_of < ctx)
+        phys = tl.load(block_tables_ptr + seq * stride_bt + page, mask=page < last, other=0).to(tl.int64)
+        base0 = cache_ptr + phys[:, None] * stride_cb + slot_of[:, None] * stride_cs + kvh * stride_ch + dims[None, :]
+        old = live0 & (page * BLOCK_SIZE + slot_of < ctx - 1)
+        k0 = tl.load(base0, mask=old[:, None], other=0.0)
+        v0 = tl.load(base0 + stride_ckv, mask=old[:, None], other=0.0)
+        gdc_wait(USE_PDL)
+        new = live0 & (page * BLOCK_SIZE + slot_of == ctx - 1)
+        k0 = tl.where(new[:, None], tl.load(base0, mask=new[:, None], other=0.0), k0)
+        v0 = tl.where(new[:, None], tl.load(base0 + stride_ckv, mask=new[:, None], other=0.0), v0)
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-    tile = tl.arange(0, PAGES * BLOCK_SIZE)
-    page_of, slot_of = tile // BLOCK_SIZE, tile % BLOCK_SIZE
-    for p0 in range(first, last, PAGES):
+    start = first
+    if PREFETCH:
+        if first < last:                # a split with no pages folds in nothing (an all-masked tile is NaN)
+            m_i, l_i, acc = online_softmax_step(q, k0, v0, live0, scale, m_i, l_i, acc)
+        start = first + PAGES
+    for p0 in range(start, last, PAGES):
         page = p0 + page_of
         live = (page < last) & (page * BLOCK_SIZE + slot_of < ctx)
         phys = tl.load(block_tables_ptr + seq * stride_bt + page, mask=page < last, other=0).to(tl.int64)
@@ -137,9 +160,12 @@ def pick_config(table: dict, num_seqs: int, kv_heads: int | None, group: int | N
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                           num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, config: dict | None = None,
+                           prefetch: bool | None = None) -> torch.Tensor:
     """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32.
-    `config`: the launch shape (decode_config's keys), else this device's table."""
+    `config`: the launch shape (decode_config's keys), else this device's table. `prefetch`: the
+    kernel before wrote only each sequence's newest K/V (a decode step's q/k prep), so the rest may
+    be read before waiting for it (the kernel's PREFETCH; default kernels.pdl.PDL_PREFETCH)."""
     s, h, d = q.shape
     _, _, bs, hkv, d2 = cache.shape
     if d2 != d or h % hkv or block_tables.shape[0] != s or context_lens.shape[0] != s:
@@ -168,7 +194,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **pdl(q),
+        num_stages=cfg["num_stages"], PREFETCH=prefetch_default() if prefetch is None else prefetch, **pdl(q),
     )
     if splits > 1:
         _merge_splits_kernel[(s, h)](acc, m, l_, out, h, out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits,

@@ -21,9 +21,9 @@ fp8 GEMM (torch.nn.functional.scaled_mm, activations quantized per 1x128 group b
 launch) where the shapes are whole 128 blocks, else to a bf16 matmul of the dequantized weight.
 A decode batch (2 to DENSE_MAX_M rows) may instead take the fused MoE's grouped GEMM with one
 expert (`kernels.fused_moe.dense_fp8_gemm`), where the device's fp8_dense table has a launch shape
-for its (N, K) and M: on an H200 cuBLAS's 128-wide tiles left most SMs idle at 64 rows (11 us for
-30B's qkv against bf16's 8.4), and the M=16 GEMV took 18 us
-(`benchmarks.kernels --only fp8dense --write-configs` times both against it).
+for its (N, K) and M. On an H200 cuBLAS's kernel there (128x128 tiles, 16-40 of them for these
+shapes) took 11 us for 30B's qkv at 64 rows against bf16's 8.4, and the GEMV 18 us at 16 rows
+(`benchmarks.kernels --only fp8dense --write-configs` times both paths and writes the table).
 """
 
 from __future__ import annotations

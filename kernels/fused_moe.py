@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import gdc_enter, pdl
+from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl, prefetch_default
 from .tables import device_file, device_table
 
 from .fp8 import group_scale_ok, quantize_activations_fp8
@@ -424,8 +424,10 @@ _TILE_COUNTS: dict[torch.device, torch.Tensor] = {}
 
 def tile_counts(device: torch.device) -> torch.Tensor:
     """The split-K launches' per-tile counts on `device`: zero between launches (each tile's last
-    program resets its own). Made once, on the first launch: that is an eager pass (the model
-    runner's warm-up runs every batch size before capturing it), never inside a graph capture."""
+    program resets its own), so the launches sharing them must run one after another, as the
+    decoder's do on its one stream (the ViT, on a stream of its own, has no fp8 layers). Made once,
+    on the first launch: that is an eager pass (the model runner's warm-up runs every batch size
+    before capturing it), never inside a graph capture."""
     counts = _TILE_COUNTS.get(device)
     if counts is None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -587,19 +589,25 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
                        ids_ptr, count_ptr, D, E, eps, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
                        RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
+                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """One token (BLOCK_D >= D: every load is issued at once). Each program: s = x + residual and
     h = RMSNorm(s) (program 0 writes both), then the router logits of its BLOCK_E experts, rounded
     to h's dtype as the router's linear layer would. The program that finishes last (an atomic
     count) routes the token as `route` does and resets the count for the next launch. FIXED:
-    route on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs)."""
-    gdc_enter(USE_PDL)
+    route on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs).
+    PREFETCH (with PDL): the router's rows are read before the wait for the kernel before."""
+    if PREFETCH:
+        gdc_launch(USE_PDL)
+    else:
+        gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     w = tl.load(gw_ptr + offs_e[:, None] * D + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+    if PREFETCH:
+        gdc_wait(USE_PDL)
     s = tl.load(x_ptr + d, mask=d_ok, other=0.0) + tl.load(res_ptr + d, mask=d_ok, other=0.0)
     sf = s.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, 0) / D + eps)
@@ -645,12 +653,13 @@ def norm_route_config(d: int, e: int, device: torch.device) -> dict:
 def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                gate_weight: torch.Tensor, top_k: int, renormalize: bool, counter: torch.Tensor,
                fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None,
-               config: dict | None = None):
+               config: dict | None = None, prefetch: bool | None = None):
     """The post-attention RMSNorm (after the residual add) and the router in one launch, for one
     token (batch-1 decode). x, residual (1, D); gate_weight (E, D); `counter` one int32, zero
     between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (1, A)
     float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T, ..., first_expert,
-    num_local)` give them. `config`: the launch shape (norm_route_config's keys), else the table's."""
+    num_local)` give them. `config`: the launch shape (norm_route_config's keys), else the table's.
+    `prefetch`: the kernel's PREFETCH (default kernels.pdl.PDL_PREFETCH)."""
     m, d = x.shape
     e = gate_weight.shape[0]
     if (m != 1 or d > NORM_ROUTE_MAX_D or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
@@ -670,7 +679,8 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
         x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, d, e, eps,
         first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
-        E_PAD=triton.next_power_of_2(e), num_warps=cfg["num_warps"], **pdl(x))
+        E_PAD=triton.next_power_of_2(e), num_warps=cfg["num_warps"],
+        PREFETCH=prefetch_default() if prefetch is None else prefetch, **pdl(x))
     return h, new_res, weights, ids
 
 

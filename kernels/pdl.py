@@ -9,6 +9,11 @@ So the wait comes before every PDL kernel's first read or write of anything a ke
 it is never launched with the flag. CUDA graphs keep the overlap (captured as programmatic edges).
 
 QWEN3VL_PDL=0 turns it off (for comparison, or a driver that mishandles it).
+
+QWEN3VL_PDL_PREFETCH=1 (PDL_PREFETCH) also lets batch-1 decode's attention and norm + router read,
+before the wait, what the kernel before does not write: the KV cache but each sequence's newest
+position, and the router's weights. Off by default until measured on a GPU (its CPU tests check
+the answers are the same bits either way).
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+
+PDL_PREFETCH = os.environ.get("QWEN3VL_PDL_PREFETCH", "0") == "1"
+
+
+def prefetch_default() -> bool:
+    """PDL_PREFETCH, read at each launch (tests and comparisons set the module's value)."""
+    return PDL_PREFETCH
 
 
 @functools.lru_cache(maxsize=None)

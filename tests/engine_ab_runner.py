@@ -1,8 +1,10 @@
 """A stand-in for benchmarks.engine under benchmarks.engine_ab's test: one row per concurrency,
-its 'inter-token time' read from the norm_route table of the tree it runs in."""
+its 'inter-token time' read from the norm_route table of the tree it runs in (times
+ENGINE_AB_TEST_SCALE, a variant's "env")."""
 
 import argparse
 import json
+import os
 
 from benchmarks.common import write_result
 from kernels.tables import CONFIG_DIR
@@ -12,7 +14,8 @@ ap.add_argument("--concurrency", default="1")
 ap.add_argument("--out")
 args = ap.parse_args()
 table = json.loads((CONFIG_DIR / "norm_route,device=NVIDIA_H200.json").read_text())
-rows = [{"concurrency": int(c), "itl_p50_ms": float(table["2048,128"]["BLOCK_E"]) * int(c),
+scale = float(os.environ.get("ENGINE_AB_TEST_SCALE", "1"))
+rows = [{"concurrency": int(c), "itl_p50_ms": float(table["2048,128"]["BLOCK_E"]) * int(c) * scale,
          "decode_step_ms": float(table["2048,128"]["num_warps"]), "config_dir": str(CONFIG_DIR)}
         for c in args.concurrency.split(",")]
 write_result("fake-engine", {}, rows, args.out)

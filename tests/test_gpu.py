@@ -99,6 +99,26 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
     assert int(replayed.argmax()) == int(direct.argmax())
 
 
+def test_pdl_prefetch_keeps_the_greedy_tokens(tiny_moe, monkeypatch):
+    """QWEN3VL_PDL_PREFETCH: batch-1 decode attention and norm + router read the KV cache (all but
+    the newest position) and the router before PDL's wait. Captured graphs with it give the
+    tokens they give without it (a stale newest K/V would change them)."""
+    import kernels.pdl
+
+    path = str(tiny_moe)
+    tokens = {}
+    for on in (False, True):
+        monkeypatch.setattr(kernels.pdl, "PDL_PREFETCH", on)
+        engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
+                                        cuda_graph_max_bs=8))
+        processor = Processor(path, engine.tokenizer)
+        prompts = [processor.process_messages(CASES[c]) for c in CASES]
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        tokens[on] = [r["output_token_ids"] for p in prompts for r in engine.generate([p], params)]
+        engine.close()
+    assert tokens[True] == tokens[False]
+
+
 def test_prefill_cuda_graph_matches_eager_prefill(tiny_moe):
     """One prompt's first-token logits from a prefill graph (padded to its bucket) against the eager
     prefill's, for every case, and the same first token where the eager one is not a near tie."""

@@ -133,7 +133,8 @@ def test_routers_map_ids_to_this_ranks_experts(first, local):
 def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed, config):
     """The post-attention norm and the router in one launch (one token): h and the new residual as
     the RMSNorm kernel gives them, the routing as `route` on h's router logits (or on the fixed
-    logits of the uniform-routing benchmarks), twice in a row (the arrival count resets itself)."""
+    logits of the uniform-routing benchmarks), twice in a row (the arrival count resets itself),
+    the second time with the router's rows read before PDL's wait."""
     from kernels.fused_moe import norm_route
 
     dtype = torch.bfloat16 if CUDA else torch.float32
@@ -146,8 +147,9 @@ def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed, co
     want_h = rmsnorm_reference(x, nw, 1e-6, res)
     logits = table if fixed else torch.nn.functional.linear(want_h, gate)
     want_w, want_ids = route(logits, a, True)
-    for _ in range(2):
-        h, new_res, w, ids = norm_route(x, res, nw, 1e-6, gate, a, True, counter, table, config=config)
+    for prefetch in (False, True):           # PREFETCH: the router's rows read before PDL's wait
+        h, new_res, w, ids = norm_route(x, res, nw, 1e-6, gate, a, True, counter, table, config=config,
+                                        prefetch=prefetch)
         assert int(counter) == 0 and torch.equal(new_res, x + res)
         torch.testing.assert_close(h, want_h, rtol=1e-2 if CUDA else 1e-5, atol=1e-2 if CUDA else 1e-5)
         same = (ids.long() == want_ids).float().mean().item()
@@ -223,6 +225,20 @@ def test_paged_decode_split_context_matches_reference(splits):
     ctx[0] = 1                                   # most splits of this sequence are empty
     out = paged_decode_attention(q, cache, tables, ctx, 32 ** -0.5, num_splits=splits)
     assert rel(out, paged_decode_attention_reference(q, cache, tables, ctx, 32 ** -0.5)) < FP32_TOL
+
+
+@pytest.mark.parametrize("splits,pages_tokens", [(1, 32), (2, 16), (8, 32)])
+def test_paged_decode_prefetch_reads_the_same_keys(splits, pages_tokens):
+    """PREFETCH (read before PDL's wait: the first tile but each sequence's newest position, that
+    one after it) gives the same bits as the plain kernel: contexts of one token, a page and one
+    past it, splits left empty, tiles of two pages and several tiles a split."""
+    q, cache, tables, ctx = cache_inputs(5, 8, 2, 32, 16, 24, device=DEV)
+    ctx[:4] = torch.tensor([1, 16, 17, 33], dtype=torch.int32)
+    cfg = {"PAGES_TOKENS": pages_tokens, "num_warps": 4, "num_stages": 1, "target_programs": 128}
+    plain = paged_decode_attention(q, cache, tables, ctx, 32 ** -0.5, num_splits=splits, config=cfg, prefetch=False)
+    early = paged_decode_attention(q, cache, tables, ctx, 32 ** -0.5, num_splits=splits, config=cfg, prefetch=True)
+    torch.testing.assert_close(early, plain, rtol=0, atol=0)
+    assert rel(early, paged_decode_attention_reference(q, cache, tables, ctx, 32 ** -0.5)) < FP32_TOL
 
 
 def test_paged_decode_table_prefers_the_exact_heads():
