@@ -291,11 +291,18 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                         USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False):
+                         USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
+                         PREFETCH: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns.
-    GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block."""
-    gdc_enter(USE_PDL)
+    GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
+    PREFETCH (with PDL): the down kernel after it may launch only once the kernel before this one
+    (the router's) has finished, so that down may read the routing before its own wait."""
+    if PREFETCH:
+        gdc_wait(USE_PDL)
+        gdc_launch(USE_PDL)
+    else:
+        gdc_enter(USE_PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     token = pair // top_k
@@ -338,16 +345,36 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
 
 
 @triton.jit
+def _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, k, K, BLOCK_K: tl.constexpr, BK: tl.constexpr,
+                    TOP_K_PAD: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP_SCALE: tl.constexpr):
+    """K step k of the pair down kernel: its activations (scaled per expert for fp8) times the
+    step's weights `w`, into the 3-D accumulator."""
+    a_mask = slot_ok[:, None] & (offs_k < K - k * BLOCK_K)[None, :]
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+    if HAS_SCALE and GROUP_SCALE:
+        a = block_scaled(a, s_rows, k, K, BLOCK_K, BK, TOP_K_PAD)
+    elif HAS_SCALE:
+        a = a * tl.load(s_rows + ((k * BLOCK_K + offs_k) // BK)[None, :], mask=a_mask, other=0.0)
+    return acc + w.to(tl.float32) * a[:, None, :]
+
+
+@triton.jit
 def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
                       stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                      USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False):
+                      USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
+                      PREFETCH: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
-    (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two)."""
-    gdc_enter(USE_PDL)
+    (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two).
+    PREFETCH (with PDL, after a gate_up launched with it): the routing and the first K step's
+    weights are read before the wait for gate_up (which writes neither)."""
+    if PREFETCH:
+        gdc_launch(USE_PDL)
+    else:
+        gdc_enter(USE_PDL)
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
     slots = tl.arange(0, TOP_K_PAD)
@@ -363,17 +390,21 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     a_ptrs = act_ptr + pairs[:, None] * stride_am + offs_k[None, :]
     acc = tl.zeros((TOP_K_PAD, BLOCK_N, BLOCK_K), tl.float32)
     s_rows = s_ptr + experts[:, None] * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        a_mask = slot_ok[:, None] & k_ok[None, :]
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
-        if HAS_SCALE and GROUP_SCALE:
-            a = block_scaled(a, s_rows, k, K, BLOCK_K, BK, TOP_K_PAD)
-        elif HAS_SCALE:
-            a = a * tl.load(s_rows + ((k * BLOCK_K + offs_k) // BK)[None, :], mask=a_mask, other=0.0)
-        w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-        acc += w * a[:, None, :]
+    k_first = 0
+    if PREFETCH:
+        w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K)[None, None, :]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        gdc_wait(USE_PDL)
+        acc = _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, 0, K, BLOCK_K, BK, TOP_K_PAD,
+                              HAS_SCALE, GROUP_SCALE)
+        w_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+        k_first = 1
+    for k in range(k_first, tl.cdiv(K, BLOCK_K)):
+        w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K - k * BLOCK_K)[None, None, :]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        acc = _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, k, K, BLOCK_K, BK, TOP_K_PAD,
+                              HAS_SCALE, GROUP_SCALE)
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
     weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
@@ -493,10 +524,13 @@ def pair_config(e: int, inter: int, hidden: int, m: int, device: torch.device, f
 
 
 def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = None, w13_scale=None, w2_scale=None,
-                    block=(128, 128)) -> torch.Tensor:
+                    block=(128, 128), prefetch: bool | None = None) -> torch.Tensor:
     """The small-batch path: no sorting; gate_up+SiLU*mul per pair, then down with the routing
     weights and the top-k combine per token (two launches). With scales, w13/w2 are fp8 blocks
-    dequantized in registers. `config` overrides the table's keys it names."""
+    dequantized in registers. `config` overrides the table's keys it names. `prefetch`: the
+    kernels' PREFETCH, down reading its routing and first weights before PDL's wait (default
+    kernels.pdl.PDL_PREFETCH)."""
+    prefetch = prefetch_default() if prefetch is None else prefetch
     m, h = x.shape
     e, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
@@ -514,7 +548,8 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), **pdl(x))
+        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), PREFETCH=prefetch,
+        **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
@@ -522,7 +557,8 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
-        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]), **pdl(x))
+        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
+        PREFETCH=prefetch, **pdl(x))
     return out
 
 

@@ -10,10 +10,11 @@ it is never launched with the flag. CUDA graphs keep the overlap (captured as pr
 
 QWEN3VL_PDL=0 turns it off (for comparison, or a driver that mishandles it).
 
-QWEN3VL_PDL_PREFETCH=1 (PDL_PREFETCH) also lets batch-1 decode's attention and norm + router read,
-before the wait, what the kernel before does not write: the KV cache but each sequence's newest
-position, and the router's weights. Off by default until measured on a GPU (its CPU tests check
-the answers are the same bits either way).
+QWEN3VL_PDL_PREFETCH=1 (PDL_PREFETCH) also lets decode kernels read, before the wait, what the
+kernel before does not write: decode attention the KV cache but each sequence's newest position;
+norm + router the router's weights; the MoE pair path's down kernel its routing and first weights
+(its gate_up lets it launch only after the router's kernel has finished). Off by default until
+measured on a GPU (its CPU tests check the answers are the same bits either way).
 """
 
 from __future__ import annotations

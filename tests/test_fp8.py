@@ -552,6 +552,28 @@ def test_fp8_moe_pairs_scale_a_block_at_a_time(block_k, block):
     assert _rel(per_block, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("down_k,group_scale", [(32, False), (64, True), (128, False)])
+def test_moe_pairs_prefetch_gives_the_same_bits(fp8, down_k, group_scale):
+    """PREFETCH (down reads its routing and first K step's weights before PDL's wait, gate_up
+    lets it launch only after its own wait): the same bits as the plain kernels, with one K step
+    (intermediate 64 in steps of 128), two or more, bf16-style and fp8 weights."""
+    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
+    from qwen3vl_backend.layers.moe import route
+
+    m, e, h, i, a, block = 3, 6, 96, 64, 3, (32, 32)
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
+    x = torch.randn(m, h, device=DEV)
+    w, ids = route(torch.randn(m, e, device=DEV), a, True)
+    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": down_k,
+           "down_warps": 4, "DOWN_GROUP_SCALE": group_scale}
+    weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
+    plain, early = (fused_moe_pairs(x, weights[0], weights[1], w, ids, cfg, weights[2], weights[3], block,
+                                    prefetch=p) for p in (False, True))
+    torch.testing.assert_close(early, plain, rtol=0, atol=0)
+    assert _rel(early, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
+
+
 @pytest.mark.parametrize("block_n,block", [(16, (32, 128)), (64, (32, 128)), (32, (16, 64))])
 def test_fp8_gemv_steps_across_scale_blocks(block_n, block):
     """A K step of 256 over narrower scale blocks (each column its own block's scale), and

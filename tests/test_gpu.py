@@ -100,9 +100,10 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
 
 
 def test_pdl_prefetch_keeps_the_greedy_tokens(tiny_moe, monkeypatch):
-    """QWEN3VL_PDL_PREFETCH: batch-1 decode attention and norm + router read the KV cache (all but
-    the newest position) and the router before PDL's wait. Captured graphs with it give the
-    tokens they give without it (a stale newest K/V would change them)."""
+    """QWEN3VL_PDL_PREFETCH: decode attention, norm + router and the MoE pair path's down read the
+    KV cache (all but the newest position), the router and the routing + first expert weights
+    before PDL's wait. Captured graphs with it give the tokens they give without it (a stale
+    newest K/V or routing would change them)."""
     import kernels.pdl
 
     path = str(tiny_moe)
