@@ -179,10 +179,24 @@ def run(engine: LLMEngine, prompts, out_tokens: int, temperature: float = 0.0, s
             "decode_step_ms": 1e3 * decode_time / max(len(steps), 1), "prompt_tokens": len(prompts[0].prompt_ids)}
 
 
-def kernel_timeline(kernels, steps: int, rows: int = 60) -> str:
+def end_increments(seq) -> list[float]:
+    """Each kernel's end past the later of its start and the latest end of the kernels before it
+    (us, never negative). With PDL a kernel starts early and waits inside, so durations overlap;
+    a chain's time is what each kernel's end adds. These and the idle gaps (no kernel running)
+    sum to the span."""
+    out, latest = [], None
+    for e in seq:
+        start, end = e.time_range.start, e.time_range.end
+        out.append(max(end - (start if latest is None else max(latest, start)), 0.0))
+        latest = end if latest is None else max(latest, end)
+    return out
+
+
+def kernel_timeline(kernels, steps: int, rows: int = 60, top: int = 15) -> str:
     """Where a step's GPU time goes between kernels: the span from first start to last end on one
-    device, the kernels' busy time, and the idle gaps; then one stretch of the sequence (start offset,
-    duration, gap before it) so a layer's critical path can be read kernel by kernel."""
+    device, the kernels' busy time, and the idle gaps; what each kernel name's ends add to the span
+    a step (end_increments: the critical path, PDL or not); then one stretch of the sequence (start
+    offset, duration, gap before it, end past the ends before it), kernel by kernel."""
     if not kernels:
         return ""
     device = kernels[0].device_index
@@ -190,13 +204,22 @@ def kernel_timeline(kernels, steps: int, rows: int = 60) -> str:
     span = seq[-1].time_range.end - seq[0].time_range.start
     busy = sum(e.time_range.elapsed_us() for e in seq)
     gaps = [max(b.time_range.start - a.time_range.end, 0) for a, b in zip(seq, seq[1:])]
+    adds = end_increments(seq)
     out = [f"device {device}: span {span / steps / 1e3:.3f} ms a step, kernels {busy / steps / 1e3:.3f} ms, "
            f"idle gaps {sum(gaps) / steps / 1e3:.3f} ms ({len(seq) / steps:.0f} kernels a step; "
            f"overlapping kernels make busy + gaps exceed the span)\n"]
+    by_name: dict[str, list[float]] = {}
+    for e, add in zip(seq, adds):
+        by_name.setdefault(e.name, []).append(add)
+    out.append(f"what each kernel's end adds to the span, a step (top {top}):\n")
+    for name, got in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        out.append(f"  {sum(got) / steps:9.1f} us  {len(got) / steps:6.1f} a step  {sum(got) / len(got):7.2f} us each  "
+                   f"{name[:70]}\n")
     mid = len(seq) // 2
     t0 = seq[mid].time_range.start
-    for e, gap in zip(seq[mid:mid + rows], gaps[mid - 1:mid - 1 + rows]):
-        out.append(f"  {e.time_range.start - t0:9.1f} us  {e.time_range.elapsed_us():8.1f} us  gap {gap:6.1f}  {e.name[:70]}\n")
+    for e, gap, add in zip(seq[mid:mid + rows], gaps[mid - 1:mid - 1 + rows], adds[mid:mid + rows]):
+        out.append(f"  {e.time_range.start - t0:9.1f} us  {e.time_range.elapsed_us():8.1f} us  gap {gap:6.1f}  "
+                   f"ends +{add:6.1f}  {e.name[:70]}\n")
     return "".join(out)
 
 

@@ -1,0 +1,40 @@
+"""benchmarks.engine's step timeline: what each kernel's end adds to the span, the critical path
+when PDL starts kernels early (their durations overlap), on a made-up profile."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.engine import end_increments, kernel_timeline
+
+
+def kernel(name, start, end):
+    span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+    return SimpleNamespace(name=name, time_range=span, device_index=0)
+
+
+def test_end_increments_and_idle_gaps_sum_to_the_span():
+    # gemv starts early (PDL) and waits for norm inside; attention starts after 1 us idle; merge
+    # ends before attention does (no time of its own on the path)
+    seq = [kernel("norm", 0, 2), kernel("gemv", 1, 7), kernel("attn", 8, 12), kernel("merge", 9, 11),
+           kernel("o_proj", 10, 15)]
+    adds = end_increments(seq)
+    assert adds == [2, 5, 4, 0, 3]
+    assert sum(adds) + 1 == seq[-1].time_range.end - seq[0].time_range.start
+
+
+def test_timeline_ranks_kernels_by_what_their_ends_add():
+    steps = [[kernel("norm", t, t + 2), kernel("gemv", t + 1, t + 7), kernel("attn", t + 7, t + 16)]
+             for t in (0, 100)]
+    text = kernel_timeline([k for step in steps for k in step], steps=2)
+    ranked = [line.split()[-1] for line in text.splitlines()[2:5]]
+    assert ranked == ["attn", "gemv", "norm"]
+    assert "9.0 us" in text.splitlines()[2] and "ends +" in text
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [2, 0, 1]])
+def test_end_increments_need_kernels_in_start_order(order):
+    ks = [kernel("a", 0, 4), kernel("b", 2, 6), kernel("c", 5, 9)]
+    got = end_increments(sorted((ks[i] for i in order), key=lambda e: e.time_range.start))
+    assert got == [4, 2, 3]
+    assert end_increments([kernel("a", 0, 4), kernel("idle-then-b", 10, 12)]) == [4, 2]
