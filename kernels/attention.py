@@ -15,6 +15,7 @@ Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -26,10 +27,32 @@ from .tables import device_file, device_table
 
 from .online_softmax import online_softmax_step
 
+# QWEN3VL_FUSED_DECODE_PREP=1: decode steps run paged_decode_attention_prep (q/k prep inside the
+# attention launch: one launch a layer fewer). Off by default until measured on a GPU.
+FUSED_DECODE_PREP = os.environ.get("QWEN3VL_FUSED_DECODE_PREP", "0") == "1"
 TARGET_PROGRAMS = 128      # about one wave on an H100/H200 (132 SMs)
 MAX_SPLITS = 32
 # launch shape: pages per tile, warps, pipeline stages, and the programs the split count aims at
 DEFAULT_CONFIG = {"PAGES_TOKENS": 64, "num_warps": 4, "num_stages": 2, "target_programs": TARGET_PROGRAMS}
+
+
+@triton.jit
+def _norm_rotary(src, w_ptr, cos_row, sin_row, mask, eps, HEAD_DIM: tl.constexpr):
+    """qkv_prep_'s math for rows of heads (`src`: each row's first element, (R, 1)): per-head
+    RMSNorm (float32 statistics, the weight applied after the cast back) and rotate-half rotary
+    (float32), in the input's dtype. cos/sin rows have equal halves; the first is read."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    dims = tl.arange(0, HEAD_DIM)[None, :]
+    partner = (dims + HALF) % HEAD_DIM
+    x = tl.load(src + dims, mask=mask, other=0.0)
+    xp = tl.load(src + partner, mask=mask, other=0.0)
+    f, fp = x.to(tl.float32), xp.to(tl.float32)
+    rstd = (1.0 / tl.sqrt(tl.sum(f * f, 1) / HEAD_DIM + eps))[:, None]
+    y = ((f * rstd).to(x.dtype) * tl.load(w_ptr + dims)).to(x.dtype).to(tl.float32)
+    yp = ((fp * rstd).to(x.dtype) * tl.load(w_ptr + partner)).to(x.dtype).to(tl.float32)
+    c = tl.load(cos_row + dims % HALF)
+    s = tl.load(sin_row + dims % HALF)
+    return (y * c + tl.where(dims < HALF, -1.0, 1.0) * yp * s).to(x.dtype)
 
 
 @triton.jit
@@ -43,10 +66,15 @@ def _paged_decode_kernel(
     # meta
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, GROUP_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    qw_ptr=None, kw_ptr=None, cos_ptr=None, sin_ptr=None, slot_ptr=None, eps=0.0, stride_ct=0,
+    PREP: tl.constexpr = False,
 ):
     """PREFETCH (a decode step, with PDL): the context lengths, block tables and the split's first
     tile of K/V are read before the wait for the kernel before, which writes only each sequence's
-    newest position (ctx - 1: the step's own token); that row is read after the wait."""
+    newest position (ctx - 1: the step's own token); that row is read after the wait.
+    PREP (`paged_decode_attention_prep`): q_ptr is the qkv projection's output, and the kernel does
+    qkv_prep_'s work itself: q's and the newest k's per-head RMSNorm and rotary, the newest k and
+    v used in place of the cache's row and written to the cache by the split that holds it."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -66,6 +94,7 @@ def _paged_decode_kernel(
     row_ok = rows < GROUP
     tile = tl.arange(0, PAGES * BLOCK_SIZE)
     page_of, slot_of = tile // BLOCK_SIZE, tile % BLOCK_SIZE
+    newest_page = (ctx - 1) // BLOCK_SIZE
     if PREFETCH:
         page = first + page_of
         live0 = (page < last) & (page * BLOCK_SIZE + slot_of < ctx)
@@ -75,10 +104,28 @@ def _paged_decode_kernel(
         k0 = tl.load(base0, mask=old[:, None], other=0.0)
         v0 = tl.load(base0 + stride_ckv, mask=old[:, None], other=0.0)
         gdc_wait(USE_PDL)
+    if PREP:
+        row = q_ptr + seq * stride_qt
+        cos_row, sin_row = cos_ptr + seq * stride_ct, sin_ptr + seq * stride_ct
+        q = _norm_rotary(row + heads[:, None] * HEAD_DIM, qw_ptr, cos_row, sin_row, row_ok[:, None], eps, HEAD_DIM)
+        k_new = _norm_rotary(row + (num_heads + kvh) * HEAD_DIM + tl.zeros((1, 1), tl.int32), kw_ptr, cos_row,
+                             sin_row, tl.full((1, 1), True, tl.int1), eps, HEAD_DIM)
+        v_new = tl.load(row + (num_heads + tl.num_programs(1) + kvh) * HEAD_DIM + dims[None, :])
+        if (first <= newest_page) & (newest_page < last):         # the split that holds the newest row
+            dst = cache_ptr + tl.load(slot_ptr + seq).to(tl.int64) * stride_cs + kvh * stride_ch + dims[None, :]
+            tl.store(dst, k_new)
+            tl.store(dst + stride_ckv, v_new)
+    else:
+        q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None],
+                    other=0.0)
+    if PREFETCH:
         new = live0 & (page * BLOCK_SIZE + slot_of == ctx - 1)
-        k0 = tl.where(new[:, None], tl.load(base0, mask=new[:, None], other=0.0), k0)
-        v0 = tl.where(new[:, None], tl.load(base0 + stride_ckv, mask=new[:, None], other=0.0), v0)
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+        if PREP:
+            k0 = tl.where(new[:, None], k_new, k0)
+            v0 = tl.where(new[:, None], v_new, v0)
+        else:
+            k0 = tl.where(new[:, None], tl.load(base0, mask=new[:, None], other=0.0), k0)
+            v0 = tl.where(new[:, None], tl.load(base0 + stride_ckv, mask=new[:, None], other=0.0), v0)
     m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
@@ -92,8 +139,13 @@ def _paged_decode_kernel(
         live = (page < last) & (page * BLOCK_SIZE + slot_of < ctx)
         phys = tl.load(block_tables_ptr + seq * stride_bt + page, mask=page < last, other=0).to(tl.int64)
         base = cache_ptr + phys[:, None] * stride_cb + slot_of[:, None] * stride_cs + kvh * stride_ch + dims[None, :]
-        k = tl.load(base, mask=live[:, None], other=0.0)
-        v = tl.load(base + stride_ckv, mask=live[:, None], other=0.0)
+        if PREP:        # the newest row from registers: the cache's is this launch's own write
+            new = live & (page * BLOCK_SIZE + slot_of == ctx - 1)
+            k = tl.where(new[:, None], k_new, tl.load(base, mask=(live & ~new)[:, None], other=0.0))
+            v = tl.where(new[:, None], v_new, tl.load(base + stride_ckv, mask=(live & ~new)[:, None], other=0.0))
+        else:
+            k = tl.load(base, mask=live[:, None], other=0.0)
+            v = tl.load(base + stride_ckv, mask=live[:, None], other=0.0)
         m_i, l_i, acc = online_softmax_step(q, k, v, live, scale, m_i, l_i, acc)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
@@ -158,14 +210,37 @@ def pick_config(table: dict, num_seqs: int, kv_heads: int | None, group: int | N
     return {**DEFAULT_CONFIG, **by_batch[min(by_batch, key=lambda k: abs(k - num_seqs))]}
 
 
+def paged_decode_attention_prep(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight: torch.Tensor,
+                                k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                                cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                                context_lens: torch.Tensor, scale: float, **launch) -> torch.Tensor:
+    """kernels.rope.qkv_prep_ and paged_decode_attention in one launch, for a decode step (one token
+    a sequence, its slot the position context_lens - 1): qkv (S, (Hq + 2 Hkv) * D) as the fused
+    projection leaves it (unchanged here); the newest k and v are written to the cache (2, NB, BS,
+    Hkv, D, contiguous) in the same launch that reads it, so no sequence may read another's newest
+    slot (the block manager's blocks: a sequence writes only into its own last block, and a shared
+    prefix block is full). -> attention's output (S, Hq, D). `launch`: paged_decode_attention's."""
+    t = qkv.shape[0]
+    d = cache.shape[-1]
+    if (qkv.shape[1] != (n_q + 2 * n_kv) * d or qkv.stride(1) != 1 or cache.shape[-2] != n_kv
+            or not cache.is_contiguous() or cos.shape != (t, d) or sin.stride() != cos.stride() or d & (d - 1)
+            or slot_mapping.shape != (t,)):
+        raise ValueError(f"paged_decode_attention_prep: qkv {tuple(qkv.shape)}, heads {n_q}/{n_kv}, cache "
+                         f"{tuple(cache.shape)}, cos {tuple(cos.shape)}, slots {tuple(slot_mapping.shape)}")
+    q = qkv[:, : n_q * d].view(t, n_q, d)
+    return paged_decode_attention(q, cache, block_tables, context_lens, scale,
+                                  prep=(q_weight, k_weight, eps, cos, sin, slot_mapping), **launch)
+
+
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                            num_splits: int | None = None, config: dict | None = None,
-                           prefetch: bool | None = None) -> torch.Tensor:
+                           prefetch: bool | None = None, prep: tuple | None = None) -> torch.Tensor:
     """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32.
     `config`: the launch shape (decode_config's keys), else this device's table. `prefetch`: the
     kernel before wrote only each sequence's newest K/V (a decode step's q/k prep), so the rest may
-    be read before waiting for it (the kernel's PREFETCH; default kernels.pdl.PDL_PREFETCH)."""
+    be read before waiting for it (the kernel's PREFETCH; default kernels.pdl.PDL_PREFETCH).
+    `prep`: paged_decode_attention_prep's (q a view of qkv)."""
     s, h, d = q.shape
     _, _, bs, hkv, d2 = cache.shape
     if d2 != d or h % hkv or block_tables.shape[0] != s or context_lens.shape[0] != s:
@@ -194,7 +269,9 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], PREFETCH=prefetch_default() if prefetch is None else prefetch, **pdl(q),
+        num_stages=cfg["num_stages"], PREFETCH=prefetch_default() if prefetch is None else prefetch,
+        **(dict(zip(("qw_ptr", "kw_ptr", "eps", "cos_ptr", "sin_ptr", "slot_ptr"), prep), stride_ct=prep[3].stride(0),
+                    PREP=True) if prep is not None else {}), **pdl(q),
     )
     if splits > 1:
         _merge_splits_kernel[(s, h)](acc, m, l_, out, h, out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits,

@@ -224,14 +224,21 @@ def test_visual_tokens_without_media_identity_are_never_shared(tiny_moe, prompts
     assert engine._requests[rid].seq.num_cached_prompt <= first_pad   # text before the image only
 
 
-def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, monkeypatch):
+@pytest.mark.parametrize("prep_in_attention", [False, True])
+def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, monkeypatch, prep_in_attention):
     """The GPU's decoder path, interpreted on CPU: one qkv projection + qkv_prep_, the routing
     kernel (decode: with the post-attention norm, norm_route), residual RMSNorm kernels,
     split-context decode attention and the pair-path MoE. One short text prompt: the interpreter
-    pays for every program, so the launches are kept small."""
+    pays for every program, so the launches are kept small. `prep_in_attention`: the switches
+    not yet on by default, QWEN3VL_FUSED_DECODE_PREP (decode steps' q/k prep inside the attention
+    kernel) and QWEN3VL_PDL_PREFETCH (the kernels' reads before PDL's wait)."""
     import kernels.attention
     import kernels.fused_moe
+    import kernels.pdl
     from qwen3vl_backend.engine.model_runner import select_kernels
+
+    monkeypatch.setattr(kernels.attention, "FUSED_DECODE_PREP", prep_in_attention)
+    monkeypatch.setattr(kernels.pdl, "PDL_PREFETCH", prep_in_attention)
 
     calls = []
     norm_route = kernels.fused_moe.norm_route
@@ -243,6 +250,7 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     select_kernels(engine.runner.model, engine.cfg, fuse=True)
     attn = engine.runner.model.model.language_model.layers[0].self_attn
     assert attn.prep_fn is not None and attn.qkv_proj.quant_method.skinny is not None
+    assert (attn.decode_prep_fn is not None) == prep_in_attention
     assert engine.generate([prompts[0]], GREEDY)[0]["output_token_ids"] == reference[0]
     assert calls and set(calls) == {1}         # decode; the prefill's 12 tokens take the unfused path
 

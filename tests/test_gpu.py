@@ -99,17 +99,21 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
     assert int(replayed.argmax()) == int(direct.argmax())
 
 
-def test_pdl_prefetch_keeps_the_greedy_tokens(tiny_moe, monkeypatch):
+@pytest.mark.parametrize("prefetch,prep", [(True, False), (False, True), (True, True)])
+def test_pdl_prefetch_and_prep_in_attention_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep):
     """QWEN3VL_PDL_PREFETCH: decode attention, norm + router and the MoE pair path's down read the
     KV cache (all but the newest position), the router and the routing + first expert weights
-    before PDL's wait. Captured graphs with it give the tokens they give without it (a stale
-    newest K/V or routing would change them)."""
+    before PDL's wait. QWEN3VL_FUSED_DECODE_PREP: decode's q/k prep inside the attention kernel,
+    which writes the newest K/V itself. Captured graphs with them give the tokens they give without
+    (a stale newest K/V or routing would change them)."""
+    import kernels.attention
     import kernels.pdl
 
     path = str(tiny_moe)
     tokens = {}
     for on in (False, True):
-        monkeypatch.setattr(kernels.pdl, "PDL_PREFETCH", on)
+        monkeypatch.setattr(kernels.pdl, "PDL_PREFETCH", prefetch and on)
+        monkeypatch.setattr(kernels.attention, "FUSED_DECODE_PREP", prep and on)
         engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
                                         cuda_graph_max_bs=8))
         processor = Processor(path, engine.tokenizer)

@@ -241,6 +241,43 @@ def test_paged_decode_prefetch_reads_the_same_keys(splits, pages_tokens):
     assert rel(early, paged_decode_attention_reference(q, cache, tables, ctx, 32 ** -0.5)) < FP32_TOL
 
 
+@pytest.mark.parametrize("splits,pages_tokens,prefetch", [(1, 32, False), (2, 16, True), (8, 32, False),
+                                                      (8, 16, True)])
+def test_paged_decode_prep_is_qkv_prep_then_attention(splits, pages_tokens, prefetch):
+    """q/k prep inside the decode kernel (paged_decode_attention_prep) against qkv_prep_ then
+    paged_decode_attention: the same output, the same cache afterwards (the newest k and v written
+    once, by the split holding them), qkv untouched; contexts of one token, a page and one past it,
+    empty splits, several tiles a split, with and without PREFETCH."""
+    from kernels.attention import paged_decode_attention_prep
+    from kernels.rope import qkv_prep_
+
+    s, h, hkv, d, bs, nb = 5, 8, 2, 32, 16, 32
+    g = torch.Generator().manual_seed(splits * 7 + pages_tokens)
+    cache = torch.randn(2, nb, bs, hkv, d, generator=g).to(DEV)
+    ctx = torch.tensor([1, 16, 17, 33, 70], dtype=torch.int32, device=DEV)
+    # each sequence its own blocks, as the block manager gives them: none reads another's newest slot
+    tables = torch.randperm(nb, generator=g)[: s * 6].view(s, 6).int().to(DEV)
+    slots = torch.stack([tables[i, (c - 1) // bs].long() * bs + (c - 1) % bs for i, c in enumerate(ctx.tolist())])
+    qkv = torch.randn(s, (h + 2 * hkv) * d, generator=g).to(DEV)
+    qw, kw = (1 + 0.1 * torch.randn(d, generator=g)).to(DEV), (1 + 0.1 * torch.randn(d, generator=g)).to(DEV)
+    angle = torch.rand(s, d // 2, generator=g).to(DEV) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, 1), torch.cat([angle.sin()] * 2, 1)
+    cfg = {"PAGES_TOKENS": pages_tokens, "num_warps": 4, "num_stages": 1, "target_programs": 128}
+
+    want_cache, raw = cache.clone(), qkv.clone()
+    q, _, _ = qkv_prep_(raw, h, hkv, qw, kw, 1e-6, cos, sin, want_cache, slots)
+    want = paged_decode_attention(q, want_cache, tables, ctx, d ** -0.5, num_splits=splits, config=cfg,
+                                  prefetch=prefetch)
+    before = qkv.clone()
+    got = paged_decode_attention_prep(qkv, h, hkv, qw, kw, 1e-6, cos, sin, cache, slots, tables, ctx, d ** -0.5,
+                                      num_splits=splits, config=cfg, prefetch=prefetch)
+    assert torch.equal(qkv, before)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, want_cache, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="paged_decode_attention_prep"):
+        paged_decode_attention_prep(qkv[:, :-1], h, hkv, qw, kw, 1e-6, cos, sin, cache, slots, tables, ctx, 1.0)
+
+
 def test_paged_decode_table_prefers_the_exact_heads():
     from kernels.attention import DEFAULT_CONFIG, pick_config
 

@@ -91,7 +91,8 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
         model.model.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
     triton_attn, triton_moe = cfg.attention_backend == "triton", cfg.moe_backend == "triton"
     if triton_attn or triton_moe:
-        from kernels.attention import paged_decode_attention
+        import kernels.attention
+        from kernels.attention import paged_decode_attention, paged_decode_attention_prep
         from kernels.fused_moe import fused_moe, norm_route, route
         from kernels.linear import skinny_linear
         from kernels.rmsnorm import rmsnorm
@@ -103,6 +104,7 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
             m.decode_fn = paged_decode_attention
             if on_gpu:
                 m.prep_fn = qkv_prep_
+                m.decode_prep_fn = paged_decode_attention_prep if kernels.attention.FUSED_DECODE_PREP else None
         elif isinstance(m, SparseMoE) and triton_moe:
             m.experts_fn = fused_moe
             if on_gpu:

@@ -34,10 +34,17 @@ class Attention(nn.Module):
         self.attn_fn = paged_attention_torch
         self.decode_fn = None          # a paged decode kernel, set by the model runner on GPU
         self.prep_fn = None            # q/k norm + rotary + cache write in one kernel (kernels.rope.qkv_prep_)
+        # decode steps: prep_fn's work inside the decode kernel (kernels.attention.paged_decode_attention_prep)
+        self.decode_prep_fn = None
 
     def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        if self.decode_prep_fn is not None and meta.is_decode_only:
+            o = self.decode_prep_fn(qkv, self.heads, self.kv_heads, self.q_norm.weight, self.k_norm.weight,
+                                    self.q_norm.eps, cos, sin, cache, meta.slot_mapping, meta.block_tables,
+                                    meta.context_lens_t, self.head_dim ** -0.5)
+            return self.o_proj(o.reshape(t, -1))
         if self.prep_fn is not None:
             q, k, v = self.prep_fn(qkv, self.heads, self.kv_heads, self.q_norm.weight, self.k_norm.weight,
                                    self.q_norm.eps, cos, sin, cache, meta.slot_mapping)
