@@ -621,6 +621,62 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
     return weights, ids
 
 
+# QWEN3VL_FUSED_ROUTER=1: batches of up to GATE_ROUTE_MAX_T tokens take the router's linear layer
+# and the routing in one launch (`gate_route`; at c64 the cuBLAS router GEMM alone took 6 us a layer
+# on the H200). Off by default until measured on a GPU.
+FUSED_ROUTER = os.environ.get("QWEN3VL_FUSED_ROUTER", "0") == "1"
+GATE_ROUTE_MAX_T = 128
+
+
+@triton.jit
+def _gate_route_kernel(h_ptr, gw_ptr, fixed_ptr, weights_ptr, ids_ptr, D, E, stride_hm, first, n_local,
+                       TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                       FIXED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """One token a program: its router logits (every expert, BLOCK_D features a step, float32 sums
+    rounded to h's dtype as the router's linear layer would), then `route`'s top-k and weights.
+    FIXED: route on `fixed_ptr`'s rows instead (uniform-routing benchmarks; the router still runs)."""
+    gdc_enter(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_PAD)
+    ok = offs < E
+    acc = tl.zeros((E_PAD,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        h = tl.load(h_ptr + row * stride_hm + d, mask=d_ok, other=0.0).to(tl.float32)
+        w = tl.load(gw_ptr + offs[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
+    if FIXED:
+        logits = tl.load(fixed_ptr + row * E + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    else:
+        logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
+    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
+
+
+def gate_route(h: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
+               fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None,
+               block_d: int = 64, num_warps: int = 4):
+    """The router's linear layer (no bias) and `route` in one launch, for up to GATE_ROUTE_MAX_T
+    tokens: h (T, D), gate_weight (E, D) -> weights (T, A) float32, ids (T, A) int32, as
+    `route(h @ gate_weight.T, ...)` gives them (`fixed_logits` (T, E): routed on those instead)."""
+    t, d = h.shape
+    e = gate_weight.shape[0]
+    if (t > GATE_ROUTE_MAX_T or gate_weight.shape[1] != d or top_k > e or h.stride(-1) != 1
+            or not gate_weight.is_contiguous() or (fixed_logits is not None and fixed_logits.shape != (t, e))):
+        raise ValueError(f"gate_route: h {tuple(h.shape)}, gate {tuple(gate_weight.shape)}, top_k {top_k}: at most "
+                         f"{GATE_ROUTE_MAX_T} tokens, rows contiguous")
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=h.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=h.device)
+    if t:
+        fixed = fixed_logits.contiguous() if fixed_logits is not None else h
+        _gate_route_kernel[(t,)](
+            h, gate_weight, fixed, weights, ids, d, e, h.stride(0), first_expert, e if num_local is None else num_local,
+            TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+            FIXED=fixed_logits is not None, E_PAD=triton.next_power_of_2(e), BLOCK_D=block_d, num_warps=num_warps,
+            **pdl(h))
+    return weights, ids
+
+
 @triton.jit
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
                        ids_ptr, count_ptr, D, E, eps, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,

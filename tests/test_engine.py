@@ -231,7 +231,8 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     split-context decode attention and the pair-path MoE. One short text prompt: the interpreter
     pays for every program, so the launches are kept small. `prep_in_attention`: the switches
     not yet on by default, QWEN3VL_FUSED_DECODE_PREP (decode steps' q/k prep inside the attention
-    kernel) and QWEN3VL_PDL_PREFETCH (the kernels' reads before PDL's wait)."""
+    kernel), QWEN3VL_PDL_PREFETCH (the kernels' reads before PDL's wait) and QWEN3VL_FUSED_ROUTER
+    (the router and the routing in one launch: the prefill's 12 tokens here)."""
     import kernels.attention
     import kernels.fused_moe
     import kernels.pdl
@@ -239,6 +240,7 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
 
     monkeypatch.setattr(kernels.attention, "FUSED_DECODE_PREP", prep_in_attention)
     monkeypatch.setattr(kernels.pdl, "PDL_PREFETCH", prep_in_attention)
+    monkeypatch.setattr(kernels.fused_moe, "FUSED_ROUTER", prep_in_attention)
 
     calls = []
     norm_route = kernels.fused_moe.norm_route
@@ -251,6 +253,8 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     attn = engine.runner.model.model.language_model.layers[0].self_attn
     assert attn.prep_fn is not None and attn.qkv_proj.quant_method.skinny is not None
     assert (attn.decode_prep_fn is not None) == prep_in_attention
+    moe = engine.runner.model.model.language_model.layers[0].mlp
+    assert (moe.gate_route_fn is not None) == prep_in_attention
     assert engine.generate([prompts[0]], GREEDY)[0]["output_token_ids"] == reference[0]
     assert calls and set(calls) == {1}         # decode; the prefill's 12 tokens take the unfused path
 

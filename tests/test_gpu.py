@@ -99,14 +99,17 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
     assert int(replayed.argmax()) == int(direct.argmax())
 
 
-@pytest.mark.parametrize("prefetch,prep", [(True, False), (False, True), (True, True)])
-def test_pdl_prefetch_and_prep_in_attention_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep):
+@pytest.mark.parametrize("prefetch,prep,router", [(True, False, False), (False, True, False), (False, False, True),
+                                                  (True, True, True)])
+def test_switches_off_by_default_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, router):
     """QWEN3VL_PDL_PREFETCH: decode attention, norm + router and the MoE pair path's down read the
     KV cache (all but the newest position), the router and the routing + first expert weights
     before PDL's wait. QWEN3VL_FUSED_DECODE_PREP: decode's q/k prep inside the attention kernel,
-    which writes the newest K/V itself. Captured graphs with them give the tokens they give without
-    (a stale newest K/V or routing would change them)."""
+    which writes the newest K/V itself. QWEN3VL_FUSED_ROUTER: the router and the routing in one
+    launch. Captured graphs with them give the tokens they give without (a stale newest K/V or
+    routing would change them)."""
     import kernels.attention
+    import kernels.fused_moe
     import kernels.pdl
 
     path = str(tiny_moe)
@@ -114,12 +117,15 @@ def test_pdl_prefetch_and_prep_in_attention_keep_the_greedy_tokens(tiny_moe, mon
     for on in (False, True):
         monkeypatch.setattr(kernels.pdl, "PDL_PREFETCH", prefetch and on)
         monkeypatch.setattr(kernels.attention, "FUSED_DECODE_PREP", prep and on)
+        monkeypatch.setattr(kernels.fused_moe, "FUSED_ROUTER", router and on)
         engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
                                         cuda_graph_max_bs=8))
         processor = Processor(path, engine.tokenizer)
         prompts = [processor.process_messages(CASES[c]) for c in CASES]
         params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-        tokens[on] = [r["output_token_ids"] for p in prompts for r in engine.generate([p], params)]
+        # one at a time (batch-1 decode: norm_route, the pair path) and all together (the routers of batches)
+        tokens[on] = ([r["output_token_ids"] for p in prompts for r in engine.generate([p], params)]
+                      + [r["output_token_ids"] for r in engine.generate(prompts, params)])
         engine.close()
     assert tokens[True] == tokens[False]
 

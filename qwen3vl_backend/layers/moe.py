@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
-from kernels.fused_moe import NORM_ROUTE_MAX_D
+from kernels.fused_moe import GATE_ROUTE_MAX_T, NORM_ROUTE_MAX_D
 
 from ..parallel import Parallel, all_reduce, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
@@ -207,10 +207,18 @@ class SparseMoE(nn.Module):
         self.route_fn = route          # kernels.fused_moe.route on GPU (one launch)
         # kernels.fused_moe.norm_route on GPU: the norm before this layer and the router in one launch
         self.norm_route_fn = None
+        # kernels.fused_moe.gate_route on GPU with QWEN3VL_FUSED_ROUTER=1: the router and route in one launch
+        self.gate_route_fn = None
         self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
         self._counter = None           # norm_route's arrival count (allocated on first use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.gate_route_fn is not None and x.dim() == 2 and x.shape[0] <= GATE_ROUTE_MAX_T
+                and self.gate.bias is None and isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
+            fixed = self._fixed(x.shape[0]) if self.fixed_logits is not None else None
+            weights, ids = self.gate_route_fn(x.contiguous(), self.gate.weight, self.top_k, self.renormalize, fixed,
+                                              **self._ep_routing())
+            return self._experts(x, weights, ids)
         logits = self.gate(x)
         if self.fixed_logits is not None:
             logits = self._fixed(x.shape[0])
