@@ -629,12 +629,13 @@ GATE_ROUTE_MAX_T = 128
 
 
 @triton.jit
-def _gate_route_kernel(h_ptr, gw_ptr, fixed_ptr, weights_ptr, ids_ptr, D, E, stride_hm, first, n_local,
+def _gate_route_kernel(h_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr, ids_ptr, D, E, stride_hm, first, n_local,
                        TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                        FIXED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One token a program: its router logits (every expert, BLOCK_D features a step, float32 sums
-    rounded to h's dtype as the router's linear layer would), then `route`'s top-k and weights.
-    FIXED: route on `fixed_ptr`'s rows instead (uniform-routing benchmarks; the router still runs)."""
+    rounded to h's dtype as the router's linear layer would; stored to `logits_ptr`), then
+    `route`'s top-k and weights. FIXED: route on `fixed_ptr`'s rows instead (uniform-routing
+    benchmarks; the router still runs: the store keeps the compiler from dropping it)."""
     gdc_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, E_PAD)
@@ -646,10 +647,10 @@ def _gate_route_kernel(h_ptr, gw_ptr, fixed_ptr, weights_ptr, ids_ptr, D, E, str
         h = tl.load(h_ptr + row * stride_hm + d, mask=d_ok, other=0.0).to(tl.float32)
         w = tl.load(gw_ptr + offs[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
+    logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(logits_ptr + row * E + offs, logits, mask=ok)
     if FIXED:
         logits = tl.load(fixed_ptr + row * E + offs, mask=ok, other=float("-inf")).to(tl.float32)
-    else:
-        logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
     _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
 
 
@@ -668,9 +669,10 @@ def gate_route(h: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormali
     weights = torch.empty(t, top_k, dtype=torch.float32, device=h.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=h.device)
     if t:
-        fixed = fixed_logits.contiguous() if fixed_logits is not None else h
+        logits = torch.empty(t, e, dtype=torch.float32, device=h.device)
+        fixed = fixed_logits.contiguous() if fixed_logits is not None else logits
         _gate_route_kernel[(t,)](
-            h, gate_weight, fixed, weights, ids, d, e, h.stride(0), first_expert, e if num_local is None else num_local,
+            h, gate_weight, logits, fixed, weights, ids, d, e, h.stride(0), first_expert, e if num_local is None else num_local,
             TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
             FIXED=fixed_logits is not None, E_PAD=triton.next_power_of_2(e), BLOCK_D=block_d, num_warps=num_warps,
             **pdl(h))
