@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 
-from .linear import _skinny_kernel, block_scaled, dividing, nearest_m
+from .linear import _skinny_kernel, block_scaled, dividing, nearest_m, norm_arguments
 from .tables import device_file, device_table
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,10 @@ def dense_config(n: int, k: int, m: int, block: tuple[int, int], device: torch.d
 
 
 def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-             bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """x (M <= 16, K) in bf16/float32, Wq (N, K) fp8, S (ceil(N/bn), ceil(K/bk)) -> (M, N) in x's dtype."""
+             bias: torch.Tensor | None = None, config: dict | None = None, norm: tuple | None = None) -> torch.Tensor | None:
+    """x (M <= 16, K) in bf16/float32, Wq (N, K) fp8, S (ceil(N/bn), ceil(K/bk)) -> (M, N) in x's dtype.
+    `norm` (kernels.linear.norm_arguments'): x is one row before its residual add and RMSNorm, done
+    in the kernel; None is returned where the launch shape asks for INT_CVT (its kernel has no norm)."""
     m, k = x.shape
     n = wq.shape[0]
     if (not gemv_ok(m, block) or wq.shape[1] != k or wq.stride(-1) != 1
@@ -204,6 +206,8 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 1 and _int_cvt_ok(cfg, wq, block, cfg["BLOCK_K"]):
+        if norm is not None:
+            return None
         block_n = dividing(cfg["BLOCK_N"], block[0])
         _fp8_row_kernel[(triton.cdiv(n, block_n),)](
             x, wq, bias if bias is not None else scale, y, scale, n, k, wq.stride(0), scale.stride(0),
@@ -221,7 +225,8 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
         x, wq, bias if bias is not None else scale, y, scale, m, n, k, x.stride(0), wq.stride(0), y.stride(0),
         scale.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n,
         BLOCK_K=block_k, HAS_SCALE=True, BN=block[0], BK=block[1], A8=a8, GROUP_SCALE=group_scale,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **(norm_arguments(x, norm) if norm is not None else {}), **pdl(x))
     return y
 
 

@@ -13,6 +13,7 @@ table) runs F.linear.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,9 @@ from .pdl import gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
 MAX_M = 16
+# QWEN3VL_FUSED_INPUT_NORM=1: a decode row's residual add and input RMSNorm run inside the qkv GEMV
+# (NORM below; the model runner sets DecoderLayer.fuse_input_norm). Off by default until measured.
+FUSED_INPUT_NORM = os.environ.get("QWEN3VL_FUSED_INPUT_NORM", "0") == "1"
 DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 
@@ -52,14 +56,20 @@ def block_scaled(x, s_ptrs, k, K, BLOCK_K: tl.constexpr, BK: tl.constexpr, ROWS:
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                   A8: tl.constexpr = False, USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False):
+                   A8: tl.constexpr = False, USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
+                   res_ptr=None, nw_ptr=None, new_res_ptr=None, eps=0.0, NORM: tl.constexpr = False,
+                   K_PAD: tl.constexpr = 1):
     """HAS_SCALE: w is fp8 with a float32 scale per BN x BK block (kernels/fp8.py). BLOCK_N divides
     BN, so a program's rows share one row of the scale grid: the scales multiply x's columns
     (BLOCK_K of them per step, any BLOCK_K), and the weight costs one conversion per element, as
     bf16 does. A8 (with HAS_SCALE, M_PAD 16, BLOCK_K == BK): each program quantizes its x rows per
     BK group in registers and the product is an fp8 tensor-core dot (W8A8; no conversion of w).
     GROUP_SCALE (HAS_SCALE; BLOCK_K and BK powers of two, one a multiple of the other): each K step
-    loads its scales once per block instead of once per column."""
+    loads its scales once per block instead of once per column.
+    NORM (one row, M_PAD 1): x is the layer's input before its RMSNorm: each program takes
+    s = x + residual (`res_ptr`) and its statistics over all K (K_PAD >= K) and multiplies by
+    RMSNorm(s) (weight `nw_ptr`), as kernels.rmsnorm rounds it; program 0 writes s to
+    `new_res_ptr` (the next residual). One launch a decode layer fewer."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -78,9 +88,22 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
     gdc_launch(USE_PDL)
     w = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
     gdc_wait(USE_PDL)
+    if NORM:
+        cols = tl.arange(0, K_PAD)
+        s_all = (tl.load(x_ptr + cols, mask=cols < K, other=0.0) + tl.load(res_ptr + cols, mask=cols < K, other=0.0))
+        rstd = 1.0 / tl.sqrt(tl.sum(s_all.to(tl.float32) * s_all.to(tl.float32), 0) / K + eps)
+        if pid == 0:
+            tl.store(new_res_ptr + cols, s_all, mask=cols < K)
+        r_ptrs = res_ptr + offs_k[None, :]
+        nw_ptrs = nw_ptr + offs_k[None, :]
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         xk = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            sk = xk + tl.load(r_ptrs, mask=k_ok[None, :], other=0.0)
+            xk = ((sk.to(tl.float32) * rstd).to(sk.dtype) * tl.load(nw_ptrs, mask=k_ok[None, :], other=0.0)).to(sk.dtype)
+            r_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
         xf = xk.to(tl.float32)
         if A8:
             xs = tl.maximum(tl.max(tl.abs(xf), 1), 1e-12) / 448.0
@@ -108,15 +131,29 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+def norm_arguments(x: torch.Tensor, norm: tuple) -> dict:
+    """_skinny_kernel's NORM arguments for x (1, K) and norm = (residual (1, K), weight (K,), eps,
+    the next residual's tensor (1, K), written)."""
+    residual, weight, eps, new_residual = norm
+    if (x.shape[0] != 1 or residual.shape != x.shape or new_residual.shape != x.shape or weight.shape != x.shape[1:]
+            or not (x.is_contiguous() and residual.is_contiguous() and new_residual.is_contiguous())):
+        raise ValueError(f"the GEMV's input RMSNorm: one contiguous row, x {tuple(x.shape)}, residual "
+                         f"{tuple(residual.shape)}, weight {tuple(weight.shape)}")
+    return dict(res_ptr=residual, nw_ptr=weight, new_res_ptr=new_residual, eps=eps, NORM=True,
+                K_PAD=triton.next_power_of_2(x.shape[1]))
+
+
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
-    """x (M, K), w (N, K) -> (M, N); M <= MAX_M rows with our kernel (or the table's choice)."""
+                  config: dict | None = None, norm: tuple | None = None) -> torch.Tensor | None:
+    """x (M, K), w (N, K) -> (M, N); M <= MAX_M rows with our kernel (or the table's choice).
+    `norm` (norm_arguments'): x is one row before its residual add and RMSNorm, done in the
+    kernel; None is returned where the table leaves this shape to F.linear."""
     m, k = x.shape
     n = w.shape[0]
     if config is None:
         config = lookup_config(n, k, m, x.device) if 0 < m <= MAX_M else None
         if config is None:
-            return F.linear(x, w, bias)
+            return None if norm is not None else F.linear(x, w, bias)
     if m > MAX_M or w.shape[1] != k or w.stride(-1) != 1:
         raise ValueError(f"skinny_linear: x {tuple(x.shape)} w {tuple(w.shape)} (M <= {MAX_M}, w's rows contiguous)")
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -126,7 +163,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, w, bias if bias is not None else w, y, w, m, n, k, x.stride(0), w.stride(0), y.stride(0), 0,
         HAS_BIAS=bias is not None, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl(x))
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **(norm_arguments(x, norm) if norm is not None else {}), **pdl(x))
     return y
 
 

@@ -231,16 +231,19 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     split-context decode attention and the pair-path MoE. One short text prompt: the interpreter
     pays for every program, so the launches are kept small. `prep_in_attention`: the switches
     not yet on by default, QWEN3VL_FUSED_DECODE_PREP (decode steps' q/k prep inside the attention
-    kernel), QWEN3VL_PDL_PREFETCH (the kernels' reads before PDL's wait) and QWEN3VL_FUSED_ROUTER
-    (the router and the routing in one launch: the prefill's 12 tokens here)."""
+    kernel), QWEN3VL_PDL_PREFETCH (the kernels' reads before PDL's wait), QWEN3VL_FUSED_ROUTER
+    (the router and the routing in one launch: the prefill's 12 tokens here) and
+    QWEN3VL_FUSED_INPUT_NORM (decode's input norm inside the qkv GEMV)."""
     import kernels.attention
     import kernels.fused_moe
+    import kernels.linear
     import kernels.pdl
     from qwen3vl_backend.engine.model_runner import select_kernels
 
     monkeypatch.setattr(kernels.attention, "FUSED_DECODE_PREP", prep_in_attention)
     monkeypatch.setattr(kernels.pdl, "PDL_PREFETCH", prep_in_attention)
     monkeypatch.setattr(kernels.fused_moe, "FUSED_ROUTER", prep_in_attention)
+    monkeypatch.setattr(kernels.linear, "FUSED_INPUT_NORM", prep_in_attention)
 
     calls = []
     norm_route = kernels.fused_moe.norm_route
@@ -255,6 +258,7 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     assert (attn.decode_prep_fn is not None) == prep_in_attention
     moe = engine.runner.model.model.language_model.layers[0].mlp
     assert (moe.gate_route_fn is not None) == prep_in_attention
+    assert engine.runner.model.model.language_model.layers[0].fuse_input_norm == prep_in_attention
     assert engine.generate([prompts[0]], GREEDY)[0]["output_token_ids"] == reference[0]
     assert calls and set(calls) == {1}         # decode; the prefill's 12 tokens take the unfused path
 

@@ -552,6 +552,27 @@ def test_fp8_moe_pairs_scale_a_block_at_a_time(block_k, block):
     assert _rel(per_block, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
+@pytest.mark.parametrize("group_scale", [False, True])
+def test_fp8_gemv_with_the_input_norm_inside(group_scale):
+    """NORM on the fp8 GEMV's row: the residual add and RMSNorm in the kernel give what the norm
+    then the GEMV give; a launch shape asking for INT_CVT (whose kernel has no norm) returns None."""
+    from kernels.fp8 import fp8_gemv
+    from kernels.rmsnorm import rmsnorm_reference
+
+    k, block = 256, (32, 64)
+    x, res = torch.randn(1, k, device=DEV), torch.randn(1, k, device=DEV)
+    nw = 1 + 0.1 * torch.randn(k, device=DEV)
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(96, k) * k ** -0.5, block))
+    cfg = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1, "GROUP_SCALE": group_scale}
+    new_res = torch.empty_like(x)
+    got = fp8_gemv(x, q, s, block, config=cfg, norm=(res, nw, 1e-6, new_res))
+    assert torch.equal(new_res, x + res)
+    torch.testing.assert_close(got, fp8_gemv(rmsnorm_reference(x, nw, 1e-6, res), q, s, block, config=cfg),
+                               rtol=1e-5, atol=1e-5)
+    assert fp8_gemv(x, q, s, block, config={**cfg, "INT_CVT": True, "BLOCK_K": 256},
+                    norm=(res, nw, 1e-6, new_res)) is None
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("down_k,group_scale", [(32, False), (64, True), (128, False)])
 def test_moe_pairs_prefetch_gives_the_same_bits(fp8, down_k, group_scale):

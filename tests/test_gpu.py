@@ -99,17 +99,19 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
     assert int(replayed.argmax()) == int(direct.argmax())
 
 
-@pytest.mark.parametrize("prefetch,prep,router", [(True, False, False), (False, True, False), (False, False, True),
-                                                  (True, True, True)])
-def test_switches_off_by_default_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, router):
+@pytest.mark.parametrize("prefetch,prep,router,norm", [(True, False, False, False), (False, True, False, False),
+                                                       (False, False, True, False), (False, False, False, True),
+                                                       (True, True, True, True)])
+def test_switches_off_by_default_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, router, norm):
     """QWEN3VL_PDL_PREFETCH: decode attention, norm + router and the MoE pair path's down read the
     KV cache (all but the newest position), the router and the routing + first expert weights
     before PDL's wait. QWEN3VL_FUSED_DECODE_PREP: decode's q/k prep inside the attention kernel,
     which writes the newest K/V itself. QWEN3VL_FUSED_ROUTER: the router and the routing in one
-    launch. Captured graphs with them give the tokens they give without (a stale newest K/V or
-    routing would change them)."""
+    launch. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the qkv GEMV. Captured graphs with
+    them give the tokens they give without (a stale newest K/V or routing would change them)."""
     import kernels.attention
     import kernels.fused_moe
+    import kernels.linear
     import kernels.pdl
 
     path = str(tiny_moe)
@@ -118,6 +120,7 @@ def test_switches_off_by_default_keep_the_greedy_tokens(tiny_moe, monkeypatch, p
         monkeypatch.setattr(kernels.pdl, "PDL_PREFETCH", prefetch and on)
         monkeypatch.setattr(kernels.attention, "FUSED_DECODE_PREP", prep and on)
         monkeypatch.setattr(kernels.fused_moe, "FUSED_ROUTER", router and on)
+        monkeypatch.setattr(kernels.linear, "FUSED_INPUT_NORM", norm and on)
         engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
                                         cuda_graph_max_bs=8))
         processor = Processor(path, engine.tokenizer)

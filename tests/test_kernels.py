@@ -219,6 +219,27 @@ def test_skinny_linear_matches_reference(m, n, k, bias):
     assert rel(skinny_linear(x, w, b, cfg), skinny_linear_reference(x, w, b)) < FP32_TOL
 
 
+@pytest.mark.parametrize("k,block_k", [(300, 64), (256, 256)])
+def test_skinny_linear_with_the_input_norm_inside(k, block_k):
+    """NORM: one row's residual add and RMSNorm inside the GEMV (every program takes the row's
+    statistics, program 0 writes the next residual): what the RMSNorm kernel and then the GEMV
+    give, over several K steps and programs, a bias too."""
+    from kernels.linear import norm_arguments
+
+    g = torch.Generator().manual_seed(k)
+    x, res = torch.randn(1, k, generator=g).to(DEV), torch.randn(1, k, generator=g).to(DEV)
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(DEV)
+    w, b = torch.randn(40, k, generator=g).to(DEV), torch.randn(40, generator=g).to(DEV)
+    cfg = {"BLOCK_N": 8, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}
+    new_res = torch.empty_like(x)
+    got = skinny_linear(x, w, b, cfg, norm=(res, nw, 1e-6, new_res))
+    h = rmsnorm_reference(x, nw, 1e-6, res)
+    assert torch.equal(new_res, x + res)
+    torch.testing.assert_close(got, skinny_linear(h, w, b, cfg), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="input RMSNorm"):
+        norm_arguments(torch.cat([x, x]), (res, nw, 1e-6, new_res))
+
+
 def test_skinny_linear_leaves_large_batches_to_torch():
     x, w = torch.randn(17, 32, device=DEV), torch.randn(8, 32, device=DEV)
     assert torch.equal(skinny_linear(x, w), torch.nn.functional.linear(x, w))

@@ -85,7 +85,7 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
     from ..layers.linear import LinearBase
     from ..layers.moe import SparseMoE
     from ..layers.norm import RMSNorm
-    from ..models.text import Attention
+    from ..models.text import Attention, DecoderLayer
 
     if model.model.visual is not None:
         model.model.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
@@ -95,12 +95,15 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
         from kernels.attention import paged_decode_attention, paged_decode_attention_prep
         import kernels.fused_moe
         from kernels.fused_moe import fused_moe, gate_route, norm_route, route
+        import kernels.linear
         from kernels.linear import skinny_linear
         from kernels.rmsnorm import rmsnorm
         from kernels.rope import qkv_prep_
     on_gpu = cfg.device.startswith("cuda") if fuse is None else fuse
     lm = model.model.language_model
     for m in lm.modules():
+        if isinstance(m, DecoderLayer):
+            m.fuse_input_norm = triton_attn and on_gpu and kernels.linear.FUSED_INPUT_NORM
         if isinstance(m, Attention) and triton_attn:
             m.decode_fn = paged_decode_attention
             if on_gpu:

@@ -62,6 +62,15 @@ class UnquantizedLinearMethod:
             return self.skinny(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
+    def apply_normed(self, layer: "LinearBase", x: torch.Tensor, norm: tuple, bias: torch.Tensor | None):
+        """LinearBase.forward_normed's: the skinny kernel with the input's residual add and RMSNorm
+        (`norm`: residual, weight, eps), for one row; None where it does not run."""
+        if self.skinny is None or x.dim() != 2 or x.shape[0] != 1:
+            return None
+        new_residual = torch.empty_like(x)
+        y = self.skinny(x, layer.weight, bias, norm=(*norm, new_residual))
+        return None if y is None else (y, new_residual)
+
 
 class LinearBase(nn.Module):
     """A linear layer: its weight's placement per checkpoint shard (`placement`) and a method
@@ -102,6 +111,14 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple | None:
+        """(this layer on norm(x + residual), x + residual) from one kernel where the method has one
+        (a decode row on the GPU: the GEMV adds, normalises and multiplies), else None."""
+        fn = getattr(self.quant_method, "apply_normed", None)
+        if fn is None or not (x.is_contiguous() and residual.is_contiguous()):
+            return None
+        return fn(self, x, (residual, norm.weight, norm.eps), self.bias)
 
 
 class ReplicatedLinear(LinearBase):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.fp8 import FP8, fp8_linear, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
+from kernels.fp8 import FP8, fp8_gemv, fp8_linear, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
 
 from .linear import UnquantizedLinearMethod, _part, copy_checked
 
@@ -70,3 +70,12 @@ class Fp8BlockLinearMethod:
         if x.is_cuda:
             return fp8_linear(x, layer.weight, layer.weight_scale_inv, self.block, bias)
         return w8a8_block_linear_reference(x, layer.weight, layer.weight_scale_inv, self.block, bias)
+
+    def apply_normed(self, layer, x: torch.Tensor, norm: tuple, bias: torch.Tensor | None):
+        """LinearBase.forward_normed's: the fp8 GEMV with the input's residual add and RMSNorm, for
+        one row on the GPU; None elsewhere, or where the row's launch shape is INT_CVT's."""
+        if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1:
+            return None
+        new_residual = torch.empty_like(x)
+        y = fp8_gemv(x, layer.weight, layer.weight_scale_inv, self.block, bias, norm=(*norm, new_residual))
+        return None if y is None else (y, new_residual)

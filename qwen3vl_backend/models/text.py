@@ -37,9 +37,10 @@ class Attention(nn.Module):
         # decode steps: prep_fn's work inside the decode kernel (kernels.attention.paged_decode_attention_prep)
         self.decode_prep_fn = None
 
-    def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata):
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)
+    def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata, qkv=None):
+        """`qkv`: the projection already made (DecoderLayer's input norm inside it); x unused then."""
+        qkv = self.qkv_proj(x) if qkv is None else qkv
+        t = qkv.shape[0]
         if self.decode_prep_fn is not None and meta.is_decode_only:
             o = self.decode_prep_fn(qkv, self.heads, self.kv_heads, self.q_norm.weight, self.k_norm.weight,
                                     self.q_norm.eps, cos, sin, cache, meta.slot_mapping, meta.block_tables,
@@ -83,15 +84,25 @@ class DecoderLayer(nn.Module):
                                 down_method=linear_method(quant, f"{at}.mlp.down_proj"))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # the model runner's (QWEN3VL_FUSED_INPUT_NORM): a decode row's residual add and input norm
+        # inside the qkv GEMV (LinearBase.forward_normed), where its method can
+        self.fuse_input_norm = False
 
     def forward(self, x, residual, cos, sin, cache, meta):
         """-> (this layer's output, the residual stream before it): their sum is the layer's result,
         left unsummed so the next norm adds it in its own kernel. `residual` None: x is the stream."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
+        fused = None
+        if residual is not None and self.fuse_input_norm and x.shape[0] == 1:
+            fused = self.self_attn.qkv_proj.forward_normed(x, residual, self.input_layernorm)
+        if fused is not None:
+            qkv, residual = fused
+            h = self.self_attn(None, cos, sin, cache, meta, qkv=qkv)
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, cache, meta)
+            if residual is None:
+                residual, h = x, self.input_layernorm(x)
+            else:
+                h, residual = self.input_layernorm(x, residual)
+            h = self.self_attn(h, cos, sin, cache, meta)
         if isinstance(self.mlp, SparseMoE):         # the norm may run inside the router's kernel
             return self.mlp.forward_after_norm(h, residual, self.post_attention_layernorm)
         h, residual = self.post_attention_layernorm(h, residual)
