@@ -631,20 +631,39 @@ GATE_ROUTE_MAX_T = 128
 @triton.jit
 def _gate_route_kernel(h_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr, ids_ptr, D, E, stride_hm, first, n_local,
                        TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
-                       FIXED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False):
+                       FIXED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
+                       res_ptr=None, nw_ptr=None, h_out_ptr=None, new_res_ptr=None, eps=0.0,
+                       NORM: tl.constexpr = False, D_PAD: tl.constexpr = 1):
     """One token a program: its router logits (every expert, BLOCK_D features a step, float32 sums
     rounded to h's dtype as the router's linear layer would; stored to `logits_ptr`), then
     `route`'s top-k and weights. FIXED: route on `fixed_ptr`'s rows instead (uniform-routing
-    benchmarks; the router still runs: the store keeps the compiler from dropping it)."""
+    benchmarks; the router still runs: the store keeps the compiler from dropping it).
+    NORM: h_ptr's row is the layer's input before the post-attention norm: the program adds its
+    residual row (written to `new_res_ptr`), takes the statistics over the whole row (D_PAD >= D),
+    and writes RMSNorm's output to `h_out_ptr` (kernels.rmsnorm's rounding); the logits are of that."""
     gdc_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, E_PAD)
     ok = offs < E
+    if NORM:
+        cols = tl.arange(0, D_PAD)
+        at = row * stride_hm + cols
+        s_all = tl.load(h_ptr + at, mask=cols < D, other=0.0) + tl.load(res_ptr + at, mask=cols < D, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(s_all.to(tl.float32) * s_all.to(tl.float32), 0) / D + eps)
+        tl.store(new_res_ptr + at, s_all, mask=cols < D)
+        h_all = ((s_all.to(tl.float32) * rstd).to(s_all.dtype) * tl.load(nw_ptr + cols, mask=cols < D, other=0.0))
+        tl.store(h_out_ptr + at, h_all.to(s_all.dtype), mask=cols < D)
     acc = tl.zeros((E_PAD,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        h = tl.load(h_ptr + row * stride_hm + d, mask=d_ok, other=0.0).to(tl.float32)
+        if NORM:        # the chunk's h again, from the inputs (not this program's own stores)
+            sd = tl.load(h_ptr + row * stride_hm + d, mask=d_ok, other=0.0) + tl.load(res_ptr + row * stride_hm + d,
+                                                                                    mask=d_ok, other=0.0)
+            h = ((sd.to(tl.float32) * rstd).to(sd.dtype) * tl.load(nw_ptr + d, mask=d_ok, other=0.0)).to(sd.dtype)
+            h = h.to(tl.float32)
+        else:
+            h = tl.load(h_ptr + row * stride_hm + d, mask=d_ok, other=0.0).to(tl.float32)
         w = tl.load(gw_ptr + offs[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
     logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -656,27 +675,33 @@ def _gate_route_kernel(h_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr, ids_pt
 
 def gate_route(h: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
                fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None,
-               block_d: int = 64, num_warps: int = 4):
+               norm: tuple | None = None, block_d: int = 64, num_warps: int = 4):
     """The router's linear layer (no bias) and `route` in one launch, for up to GATE_ROUTE_MAX_T
     tokens: h (T, D), gate_weight (E, D) -> weights (T, A) float32, ids (T, A) int32, as
-    `route(h @ gate_weight.T, ...)` gives them (`fixed_logits` (T, E): routed on those instead)."""
+    `route(h @ gate_weight.T, ...)` gives them (`fixed_logits` (T, E): routed on those instead).
+    `norm` (residual (T, D), weight (D,), eps): h is the input before the post-attention norm,
+    done in the same launch: -> (RMSNorm(h + residual), h + residual, weights, ids)."""
     t, d = h.shape
     e = gate_weight.shape[0]
-    if (t > GATE_ROUTE_MAX_T or gate_weight.shape[1] != d or top_k > e or h.stride(-1) != 1
-            or not gate_weight.is_contiguous() or (fixed_logits is not None and fixed_logits.shape != (t, e))):
+    if (t > GATE_ROUTE_MAX_T or gate_weight.shape[1] != d or top_k > e or not h.is_contiguous()
+            or not gate_weight.is_contiguous() or (fixed_logits is not None and fixed_logits.shape != (t, e))
+            or (norm is not None and (norm[0].shape != h.shape or not norm[0].is_contiguous()))):
         raise ValueError(f"gate_route: h {tuple(h.shape)}, gate {tuple(gate_weight.shape)}, top_k {top_k}: at most "
-                         f"{GATE_ROUTE_MAX_T} tokens, rows contiguous")
+                         f"{GATE_ROUTE_MAX_T} tokens, contiguous (a residual of h's shape)")
     weights = torch.empty(t, top_k, dtype=torch.float32, device=h.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=h.device)
+    normed = (torch.empty_like(h), torch.empty_like(h)) if norm is not None else None
     if t:
         logits = torch.empty(t, e, dtype=torch.float32, device=h.device)
         fixed = fixed_logits.contiguous() if fixed_logits is not None else logits
+        extra = dict(res_ptr=norm[0], nw_ptr=norm[1], eps=norm[2], h_out_ptr=normed[0], new_res_ptr=normed[1],
+                     NORM=True, D_PAD=triton.next_power_of_2(d)) if norm is not None else {}
         _gate_route_kernel[(t,)](
             h, gate_weight, logits, fixed, weights, ids, d, e, h.stride(0), first_expert, e if num_local is None else num_local,
             TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
             FIXED=fixed_logits is not None, E_PAD=triton.next_power_of_2(e), BLOCK_D=block_d, num_warps=num_warps,
-            **pdl(h))
-    return weights, ids
+            **extra, **pdl(h))
+    return (*normed, weights, ids) if norm is not None else (weights, ids)
 
 
 @triton.jit

@@ -149,6 +149,26 @@ def test_gate_route_is_the_router_then_route(t, d, e, a, fixed):
         gate_route(torch.randn(GATE_ROUTE_MAX_T + 1, d, device=DEV), gate, a, True)
 
 
+@pytest.mark.parametrize("t,d,e,a", [(2, 64, 8, 2), (7, 300, 20, 3)])
+def test_gate_route_with_the_norm_inside(t, d, e, a):
+    """gate_route's `norm`: the post-attention residual add and RMSNorm in the same launch, one
+    token a program: h and the next residual as the RMSNorm kernel gives them, the routing as
+    `route` on h's router logits."""
+    from kernels.fused_moe import gate_route
+
+    g = torch.Generator().manual_seed(t * d)
+    x, res = torch.randn(t, d, generator=g).to(DEV), torch.randn(t, d, generator=g).to(DEV)
+    nw = (1 + 0.1 * torch.randn(d, generator=g)).to(DEV)
+    gate = (torch.randn(e, d, generator=g) * d ** -0.5).to(DEV)
+    h, new_res, w, ids = gate_route(x, gate, a, True, norm=(res, nw, 1e-6))
+    want_h = rmsnorm_reference(x, nw, 1e-6, res)
+    assert torch.equal(new_res, x + res)
+    torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+    want_w, want_ids = route(torch.nn.functional.linear(want_h, gate), a, True)
+    assert torch.equal(ids.long(), want_ids.long())
+    torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("d,e,a", [(64, 8, 2), (300, 20, 3), (2048, 128, 8)])
 @pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("config", [None, {"BLOCK_E": 1, "num_warps": 2}, {"BLOCK_E": 16, "num_warps": 4}])

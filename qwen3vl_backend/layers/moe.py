@@ -212,9 +212,13 @@ class SparseMoE(nn.Module):
         self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
         self._counter = None           # norm_route's arrival count (allocated on first use)
 
+    def _batch_gate_route(self, x: torch.Tensor) -> bool:
+        """Whether gate_route_fn takes this batch (QWEN3VL_FUSED_ROUTER on a GPU, few enough rows)."""
+        return (self.gate_route_fn is not None and x.dim() == 2 and x.shape[0] <= GATE_ROUTE_MAX_T
+                and self.gate.bias is None and isinstance(self.gate.quant_method, UnquantizedLinearMethod))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.gate_route_fn is not None and x.dim() == 2 and x.shape[0] <= GATE_ROUTE_MAX_T
-                and self.gate.bias is None and isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
+        if self._batch_gate_route(x):
             fixed = self._fixed(x.shape[0]) if self.fixed_logits is not None else None
             weights, ids = self.gate_route_fn(x.contiguous(), self.gate.weight, self.top_k, self.renormalize, fixed,
                                               **self._ep_routing())
@@ -233,6 +237,12 @@ class SparseMoE(nn.Module):
     def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output on norm(x + residual), x + residual): with `norm_route_fn`, the norm
         and the router are one launch (batch-1 decode: the launches, not the bytes, are its cost)."""
+        if self._batch_gate_route(x) and x.shape[0] > 1:       # the batch's norm, router and routing: one launch
+            fixed = self._fixed(x.shape[0]) if self.fixed_logits is not None else None
+            h, residual, weights, ids = self.gate_route_fn(x.contiguous(), self.gate.weight, self.top_k,
+                                                           self.renormalize, fixed, **self._ep_routing(),
+                                                           norm=(residual.contiguous(), norm.weight, norm.eps))
+            return self._experts(h, weights, ids), residual
         if (self.norm_route_fn is None or x.shape[0] != 1 or x.shape[1] > NORM_ROUTE_MAX_D or self.gate.bias is not None
                 or not isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
             h, residual = norm(x, residual)
