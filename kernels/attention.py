@@ -103,6 +103,9 @@ def _paged_decode_kernel(
         old = live0 & (page * BLOCK_SIZE + slot_of < ctx - 1)
         k0 = tl.load(base0, mask=old[:, None], other=0.0)
         v0 = tl.load(base0 + stride_ckv, mask=old[:, None], other=0.0)
+        # the newest row's place (the block table is the step's input, not the kernel before's)
+        newest = (cache_ptr + tl.load(block_tables_ptr + seq * stride_bt + newest_page).to(tl.int64) * stride_cb
+                  + ((ctx - 1) % BLOCK_SIZE) * stride_cs + kvh * stride_ch + dims)
         gdc_wait(USE_PDL)
     if PREP:
         row = q_ptr + seq * stride_qt
@@ -123,9 +126,9 @@ def _paged_decode_kernel(
         if PREP:
             k0 = tl.where(new[:, None], k_new, k0)
             v0 = tl.where(new[:, None], v_new, v0)
-        else:
-            k0 = tl.where(new[:, None], tl.load(base0, mask=new[:, None], other=0.0), k0)
-            v0 = tl.where(new[:, None], tl.load(base0 + stride_ckv, mask=new[:, None], other=0.0), v0)
+        else:           # one row's load, not a masked tile's
+            k0 = tl.where(new[:, None], tl.load(newest)[None, :], k0)
+            v0 = tl.where(new[:, None], tl.load(newest + stride_ckv)[None, :], v0)
     m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
