@@ -15,21 +15,18 @@ Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl, prefetch_default
+from . import switches
+from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
 from .online_softmax import online_softmax_step
 
-# QWEN3VL_FUSED_DECODE_PREP=1: decode steps run paged_decode_attention_prep (q/k prep inside the
-# attention launch: one launch a layer fewer). Off by default until measured on a GPU.
-FUSED_DECODE_PREP = os.environ.get("QWEN3VL_FUSED_DECODE_PREP", "0") == "1"
 TARGET_PROGRAMS = 128      # about one wave on an H100/H200 (132 SMs)
 MAX_SPLITS = 32
 # launch shape: pages per tile, warps, pipeline stages, and the programs the split count aims at
@@ -103,9 +100,9 @@ def _paged_decode_kernel(
         old = live0 & (page * BLOCK_SIZE + slot_of < ctx - 1)
         k0 = tl.load(base0, mask=old[:, None], other=0.0)
         v0 = tl.load(base0 + stride_ckv, mask=old[:, None], other=0.0)
-        # the newest row's place (the block table is the step's input, not the kernel before's)
-        newest = (cache_ptr + tl.load(block_tables_ptr + seq * stride_bt + newest_page).to(tl.int64) * stride_cb
-                  + ((ctx - 1) % BLOCK_SIZE) * stride_cs + kvh * stride_ch + dims)
+        if not PREP:    # the newest row's place (the block table is the step's input, not the kernel before's)
+            newest = (cache_ptr + tl.load(block_tables_ptr + seq * stride_bt + newest_page).to(tl.int64) * stride_cb
+                      + ((ctx - 1) % BLOCK_SIZE) * stride_cs + kvh * stride_ch + dims)
         gdc_wait(USE_PDL)
     if PREP:
         row = q_ptr + seq * stride_qt
@@ -242,7 +239,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32.
     `config`: the launch shape (decode_config's keys), else this device's table. `prefetch`: the
     kernel before wrote only each sequence's newest K/V (a decode step's q/k prep), so the rest may
-    be read before waiting for it (the kernel's PREFETCH; default kernels.pdl.PDL_PREFETCH).
+    be read before waiting for it (the kernel's PREFETCH; default kernels.switches.PDL_PREFETCH).
     `prep`: paged_decode_attention_prep's (q a view of qkv)."""
     s, h, d = q.shape
     _, _, bs, hkv, d2 = cache.shape
@@ -272,7 +269,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], PREFETCH=prefetch_default() if prefetch is None else prefetch,
+        num_stages=cfg["num_stages"], PREFETCH=switches.PDL_PREFETCH if prefetch is None else prefetch,
         **(dict(zip(("qw_ptr", "kw_ptr", "eps", "cos_ptr", "sin_ptr", "slot_ptr"), prep), stride_ct=prep[3].stride(0),
                     PREP=True) if prep is not None else {}), **pdl(q),
     )

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl, prefetch_default
+from . import switches
+from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
 from .fp8 import group_scale_ok, quantize_activations_fp8
@@ -529,8 +530,8 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     weights and the top-k combine per token (two launches). With scales, w13/w2 are fp8 blocks
     dequantized in registers. `config` overrides the table's keys it names. `prefetch`: the
     kernels' PREFETCH, down reading its routing and first weights before PDL's wait (default
-    kernels.pdl.PDL_PREFETCH)."""
-    prefetch = prefetch_default() if prefetch is None else prefetch
+    kernels.switches.PDL_PREFETCH)."""
+    prefetch = switches.PDL_PREFETCH if prefetch is None else prefetch
     m, h = x.shape
     e, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
@@ -621,11 +622,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
     return weights, ids
 
 
-# QWEN3VL_FUSED_ROUTER=1: batches of up to GATE_ROUTE_MAX_T tokens take the router's linear layer
-# and the routing in one launch (`gate_route`; at c64 the cuBLAS router GEMM alone took 6 us a layer
-# on the H200). Off by default until measured on a GPU.
-FUSED_ROUTER = os.environ.get("QWEN3VL_FUSED_ROUTER", "0") == "1"
-GATE_ROUTE_MAX_T = 128
+GATE_ROUTE_MAX_T = 128         # gate_route's batches at most (kernels.switches.FUSED_ROUTER)
 
 
 @triton.jit
@@ -778,7 +775,7 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (1, A)
     float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T, ..., first_expert,
     num_local)` give them. `config`: the launch shape (norm_route_config's keys), else the table's.
-    `prefetch`: the kernel's PREFETCH (default kernels.pdl.PDL_PREFETCH)."""
+    `prefetch`: the kernel's PREFETCH (default kernels.switches.PDL_PREFETCH)."""
     m, d = x.shape
     e = gate_weight.shape[0]
     if (m != 1 or d > NORM_ROUTE_MAX_D or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
@@ -799,7 +796,7 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
         first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
         E_PAD=triton.next_power_of_2(e), num_warps=cfg["num_warps"],
-        PREFETCH=prefetch_default() if prefetch is None else prefetch, **pdl(x))
+        PREFETCH=switches.PDL_PREFETCH if prefetch is None else prefetch, **pdl(x))
     return h, new_res, weights, ids
 
 

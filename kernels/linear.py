@@ -13,7 +13,6 @@ table) runs F.linear.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -25,9 +24,6 @@ from .pdl import gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
 MAX_M = 16
-# QWEN3VL_FUSED_INPUT_NORM=1: a decode row's residual add and input RMSNorm run inside the qkv GEMV
-# (NORM below; the model runner sets DecoderLayer.fuse_input_norm). Off by default until measured.
-FUSED_INPUT_NORM = os.environ.get("QWEN3VL_FUSED_INPUT_NORM", "0") == "1"
 DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 

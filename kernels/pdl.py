@@ -8,13 +8,8 @@ So the wait comes before every PDL kernel's first read or write of anything a ke
 (a GEMV may fetch its first weight tile before it: weights are only read), and a kernel without
 it is never launched with the flag. CUDA graphs keep the overlap (captured as programmatic edges).
 
-QWEN3VL_PDL=0 turns it off (for comparison, or a driver that mishandles it).
-
-QWEN3VL_PDL_PREFETCH=1 (PDL_PREFETCH) also lets decode kernels read, before the wait, what the
-kernel before does not write: decode attention the KV cache but each sequence's newest position;
-norm + router the router's weights; the MoE pair path's down kernel its routing and first weights
-(its gate_up lets it launch only after the router's kernel has finished). Off by default until
-measured on a GPU (its CPU tests check the answers are the same bits either way).
+QWEN3VL_PDL=0 turns it off (for comparison, or a driver that mishandles it). Reading before the
+wait what the kernel before does not write is kernels.switches.PDL_PREFETCH (off until measured).
 """
 
 from __future__ import annotations
@@ -25,14 +20,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-
-PDL_PREFETCH = os.environ.get("QWEN3VL_PDL_PREFETCH", "0") == "1"
-
-
-def prefetch_default() -> bool:
-    """PDL_PREFETCH, read at each launch (tests and comparisons set the module's value)."""
-    return PDL_PREFETCH
 
 
 @functools.lru_cache(maxsize=None)

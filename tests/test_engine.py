@@ -236,14 +236,11 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     QWEN3VL_FUSED_INPUT_NORM (decode's input norm inside the qkv GEMV)."""
     import kernels.attention
     import kernels.fused_moe
-    import kernels.linear
-    import kernels.pdl
+    from kernels import switches
     from qwen3vl_backend.engine.model_runner import select_kernels
 
-    monkeypatch.setattr(kernels.attention, "FUSED_DECODE_PREP", prep_in_attention)
-    monkeypatch.setattr(kernels.pdl, "PDL_PREFETCH", prep_in_attention)
-    monkeypatch.setattr(kernels.fused_moe, "FUSED_ROUTER", prep_in_attention)
-    monkeypatch.setattr(kernels.linear, "FUSED_INPUT_NORM", prep_in_attention)
+    for switch in ("FUSED_DECODE_PREP", "PDL_PREFETCH", "FUSED_ROUTER", "FUSED_INPUT_NORM"):
+        monkeypatch.setattr(switches, switch, prep_in_attention)
 
     calls = []
     norm_route = kernels.fused_moe.norm_route

@@ -109,18 +109,15 @@ def test_switches_off_by_default_keep_the_greedy_tokens(tiny_moe, monkeypatch, p
     which writes the newest K/V itself. QWEN3VL_FUSED_ROUTER: the router and the routing in one
     launch. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the qkv GEMV. Captured graphs with
     them give the tokens they give without (a stale newest K/V or routing would change them)."""
-    import kernels.attention
-    import kernels.fused_moe
-    import kernels.linear
-    import kernels.pdl
+    from kernels import switches
 
     path = str(tiny_moe)
     tokens = {}
     for on in (False, True):
-        monkeypatch.setattr(kernels.pdl, "PDL_PREFETCH", prefetch and on)
-        monkeypatch.setattr(kernels.attention, "FUSED_DECODE_PREP", prep and on)
-        monkeypatch.setattr(kernels.fused_moe, "FUSED_ROUTER", router and on)
-        monkeypatch.setattr(kernels.linear, "FUSED_INPUT_NORM", norm and on)
+        monkeypatch.setattr(switches, "PDL_PREFETCH", prefetch and on)
+        monkeypatch.setattr(switches, "FUSED_DECODE_PREP", prep and on)
+        monkeypatch.setattr(switches, "FUSED_ROUTER", router and on)
+        monkeypatch.setattr(switches, "FUSED_INPUT_NORM", norm and on)
         engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
                                         cuda_graph_max_bs=8))
         processor = Processor(path, engine.tokenizer)

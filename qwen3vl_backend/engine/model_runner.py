@@ -91,11 +91,9 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
         model.model.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
     triton_attn, triton_moe = cfg.attention_backend == "triton", cfg.moe_backend == "triton"
     if triton_attn or triton_moe:
-        import kernels.attention
+        from kernels import switches
         from kernels.attention import paged_decode_attention, paged_decode_attention_prep
-        import kernels.fused_moe
         from kernels.fused_moe import fused_moe, gate_route, norm_route, route
-        import kernels.linear
         from kernels.linear import skinny_linear
         from kernels.rmsnorm import rmsnorm
         from kernels.rope import qkv_prep_
@@ -103,17 +101,17 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
     lm = model.model.language_model
     for m in lm.modules():
         if isinstance(m, DecoderLayer):
-            m.fuse_input_norm = triton_attn and on_gpu and kernels.linear.FUSED_INPUT_NORM
+            m.fuse_input_norm = triton_attn and on_gpu and switches.FUSED_INPUT_NORM
         if isinstance(m, Attention) and triton_attn:
             m.decode_fn = paged_decode_attention
             if on_gpu:
                 m.prep_fn = qkv_prep_
-                m.decode_prep_fn = paged_decode_attention_prep if kernels.attention.FUSED_DECODE_PREP else None
+                m.decode_prep_fn = paged_decode_attention_prep if switches.FUSED_DECODE_PREP else None
         elif isinstance(m, SparseMoE) and triton_moe:
             m.experts_fn = fused_moe
             if on_gpu:
                 m.route_fn, m.norm_route_fn = route, norm_route
-                m.gate_route_fn = gate_route if kernels.fused_moe.FUSED_ROUTER else None
+                m.gate_route_fn = gate_route if switches.FUSED_ROUTER else None
         elif isinstance(m, RMSNorm) and triton_attn and on_gpu:
             m.kernel = rmsnorm
         elif isinstance(m, LinearBase) and triton_attn and on_gpu:

@@ -207,7 +207,7 @@ class SparseMoE(nn.Module):
         self.route_fn = route          # kernels.fused_moe.route on GPU (one launch)
         # kernels.fused_moe.norm_route on GPU: the norm before this layer and the router in one launch
         self.norm_route_fn = None
-        # kernels.fused_moe.gate_route on GPU with QWEN3VL_FUSED_ROUTER=1: the router and route in one launch
+        # kernels.fused_moe.gate_route on GPU with kernels.switches.FUSED_ROUTER: the router and route in one launch
         self.gate_route_fn = None
         self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
         self._counter = None           # norm_route's arrival count (allocated on first use)
