@@ -239,7 +239,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32.
     `config`: the launch shape (decode_config's keys), else this device's table. `prefetch`: the
     kernel before wrote only each sequence's newest K/V (a decode step's q/k prep), so the rest may
-    be read before waiting for it (the kernel's PREFETCH; default kernels.switches.PDL_PREFETCH).
+    be read before waiting for it (the kernel's PREFETCH; default kernels.switches.PDL_PREFETCH for
+    batches of at most kernels.switches.PREFETCH_MAX_SEQS sequences).
     `prep`: paged_decode_attention_prep's (q a view of qkv)."""
     s, h, d = q.shape
     _, _, bs, hkv, d2 = cache.shape
@@ -269,7 +270,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], PREFETCH=switches.PDL_PREFETCH if prefetch is None else prefetch,
+        num_stages=cfg["num_stages"],
+        PREFETCH=(switches.PDL_PREFETCH and s <= switches.PREFETCH_MAX_SEQS) if prefetch is None else prefetch,
         **(dict(zip(("qw_ptr", "kw_ptr", "eps", "cos_ptr", "sin_ptr", "slot_ptr"), prep), stride_ct=prep[3].stride(0),
                     PREP=True) if prep is not None else {}), **pdl(q),
     )

@@ -1,29 +1,37 @@
-"""Kernel paths that are off until measured on a GPU, one environment variable each ("1": on).
-Read where they act (at each launch, or when the model runner chooses the kernels), so tests and
-comparisons may set this module's values; `benchmarks.engine_ab` compares them through a
-variant's "env".
+"""Kernel paths chosen by measuring them inside the engine on a GPU, one environment variable each
+("1": on, "0": off). Read where they act (at each launch, or when the model runner chooses the
+kernels), so tests and comparisons may set this module's values; `benchmarks.engine_ab` compares
+them through a variant's "env". Measured on one H200, 30B-A3B, dummy weights, uniform routing
+(benchmarks/results/NOTES.md, fourteenth session), each alone against the default, decode step
+at concurrency 1 / 16 / 64:
 
-- PDL_PREFETCH (QWEN3VL_PDL_PREFETCH): decode kernels read, before PDL's wait, what the kernel
-  before does not write: decode attention the KV cache but each sequence's newest position,
-  norm + router the router's weights, the MoE pair path's down its routing and first weights
-  (its gate_up lets it launch only after the router's kernel has finished).
-- FUSED_DECODE_PREP (QWEN3VL_FUSED_DECODE_PREP): decode steps run
-  kernels.attention.paged_decode_attention_prep, the q/k prep inside the attention launch.
-- FUSED_INPUT_NORM (QWEN3VL_FUSED_INPUT_NORM): a decode row's residual add and input RMSNorm
-  inside the qkv GEMV (kernels.linear's NORM; DecoderLayer.fuse_input_norm).
-- FUSED_ROUTER (QWEN3VL_FUSED_ROUTER): batches of up to kernels.fused_moe.GATE_ROUTE_MAX_T tokens
-  take the post-attention norm, the router's linear layer and the routing in one launch
-  (kernels.fused_moe.gate_route; at c64 the cuBLAS router GEMM alone took 6 us a layer).
+- PDL_PREFETCH (QWEN3VL_PDL_PREFETCH), on: decode kernels read, before PDL's wait, what the kernel
+  before does not write: decode attention the KV cache but each sequence's newest position (for
+  batches of at most PREFETCH_MAX_SEQS sequences), norm + router the router's weights, the MoE
+  pair path's down its routing and first weights (its gate_up lets it launch only after the
+  router's kernel has finished). fp8 0.965 / 0.998 / 1.000, bf16 0.965 / 1.004 / 1.009 (the last
+  two decode attention's alone: hence the cap).
+- FUSED_DECODE_PREP (QWEN3VL_FUSED_DECODE_PREP), off: decode steps run
+  kernels.attention.paged_decode_attention_prep, the q/k prep inside the attention launch. fp8
+  1.031 / 1.075 / 1.24: slower everywhere (each split recomputes the prep).
+- FUSED_INPUT_NORM (QWEN3VL_FUSED_INPUT_NORM), off: a decode row's residual add and input RMSNorm
+  inside the qkv GEMV (kernels.linear's NORM; DecoderLayer.fuse_input_norm). fp8 0.994 at c1,
+  bf16 1.011 (its 2-row programs each re-read the row for the statistics); 1.000 at 16 and 64.
+- FUSED_ROUTER (QWEN3VL_FUSED_ROUTER), off: batches of up to kernels.fused_moe.GATE_ROUTE_MAX_T
+  tokens take the post-attention norm, the router's linear layer and the routing in one launch
+  (kernels.fused_moe.gate_route). fp8 0.999 / 1.57 / 1.40: one token a program re-reads the
+  router's 0.5 MB for every token.
 """
 
 import os
 
 
-def _on(name: str) -> bool:
-    return os.environ.get(name, "0") == "1"
+def _on(name: str, default: str = "0") -> bool:
+    return os.environ.get(name, default) == "1"
 
 
-PDL_PREFETCH = _on("QWEN3VL_PDL_PREFETCH")
+PDL_PREFETCH = _on("QWEN3VL_PDL_PREFETCH", "1")
+PREFETCH_MAX_SEQS = 16          # decode attention's PREFETCH for batches up to this many sequences
 FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")

@@ -229,8 +229,8 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     """The GPU's decoder path, interpreted on CPU: one qkv projection + qkv_prep_, the routing
     kernel (decode: with the post-attention norm, norm_route), residual RMSNorm kernels,
     split-context decode attention and the pair-path MoE. One short text prompt: the interpreter
-    pays for every program, so the launches are kept small. `prep_in_attention`: the switches
-    not yet on by default, QWEN3VL_FUSED_DECODE_PREP (decode steps' q/k prep inside the attention
+    pays for every program, so the launches are kept small. `prep_in_attention`: all four
+    switches on (else all off; PDL_PREFETCH is on by default), QWEN3VL_FUSED_DECODE_PREP (decode steps' q/k prep inside the attention
     kernel), QWEN3VL_PDL_PREFETCH (the kernels' reads before PDL's wait), QWEN3VL_FUSED_ROUTER
     (the router and the routing in one launch: the prefill's 12 tokens here) and
     QWEN3VL_FUSED_INPUT_NORM (decode's input norm inside the qkv GEMV)."""

@@ -105,17 +105,24 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
                                                              (False, False, False, True, ""),
                                                              (True, True, True, True, ""),
                                                              (True, True, True, True, "fp8")])
-def test_switches_off_by_default_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, router, norm, quant):
+def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, router, norm, quant):
     """QWEN3VL_PDL_PREFETCH: decode attention, norm + router and the MoE pair path's down read the
     KV cache (all but the newest position), the router and the routing + first expert weights
     before PDL's wait. QWEN3VL_FUSED_DECODE_PREP: decode's q/k prep inside the attention kernel,
     which writes the newest K/V itself. QWEN3VL_FUSED_ROUTER: the router and the routing in one
     launch. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the qkv GEMV. Captured graphs with
     them give the tokens they give without (a stale newest K/V or routing would change them); also
-    with the weights quantized to fp8 blocks at load (the W8A8 and fp8 pair kernels)."""
+    on the tiny FP8 checkpoint (the W8A8 and fp8 pair kernels)."""
+    from conftest import CACHE
     from kernels import switches
+    from qwen3vl_backend.tools.make_tiny_checkpoint import make_tiny_checkpoint
 
     path = str(tiny_moe)
+    if quant:           # the releases' layout, 128 x 128 blocks (online quantization needs block-aligned q/k/v)
+        path = CACHE / "tiny-moe-fp8-128x128"
+        if not (path / "config.json").exists():
+            make_tiny_checkpoint(path, fp8_block=(128, 128))
+        path = str(path)
     tokens = {}
     for on in (False, True):
         monkeypatch.setattr(switches, "PDL_PREFETCH", prefetch and on)
@@ -123,7 +130,7 @@ def test_switches_off_by_default_keep_the_greedy_tokens(tiny_moe, monkeypatch, p
         monkeypatch.setattr(switches, "FUSED_ROUTER", router and on)
         monkeypatch.setattr(switches, "FUSED_INPUT_NORM", norm and on)
         engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
-                                        cuda_graph_max_bs=8, quantization=quant))
+                                        cuda_graph_max_bs=8))
         processor = Processor(path, engine.tokenizer)
         prompts = [processor.process_messages(CASES[c]) for c in CASES]
         params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
