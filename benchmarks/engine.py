@@ -358,6 +358,8 @@ def main(argv=None):
         if args.ttft_repeats > 0:
             ttft = ttft_rows(engine, processor, args.ttft_repeats, [int(x) for x in args.ttft_images.split(",")],
                              args.compare_prefill_graph, args.compare_vit_graph)
+        # the rows are written before the profiles, which a caller's time limit may cut short
+        report(args, settings, rows, ttft, weights_gib, ceil, load_s)
         if args.profile_prefill:          # the largest --ttft-images request (one image without --ttft-repeats)
             n = max(int(x) for x in args.ttft_images.split(",")) if args.ttft_repeats > 0 else 1
             profile_prefill(engine, prompts[0] if n == 1 else make_prompt(processor, 2000, n), Path(args.out or RESULTS), n)
@@ -366,17 +368,21 @@ def main(argv=None):
                 profile_decode(engine, prompts[:c], Path(args.out or RESULTS))
     engine.cfg.overlap_schedule = True
     engine.close()
+
+
+def report(args, settings: dict, rows: list[dict], ttft: list[dict], weights_gib: float, ceil: dict,
+           load_s: float) -> None:
+    """Print the rows' tables and write their JSON."""
     cols = ["tp", "ep", "routing", "concurrency", "overlap_schedule", "structured", "grammar_cost", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "per_stream_tok_s",
             "total_decode_tok_s", "decode_step_ms", "experts_hit", "floor_step_ms", "floor_over_step",
             "uniform_routing_floor_ms"]
     print_table(rows, cols)
     if ttft:
         print_table(ttft, list(ttft[0]))
-    rows += ttft
     print(write_result("engine", {**settings, "config": args.config, "out_tokens": args.out_tokens,
                                   "temperature": args.temperature, "routing": args.routing, "weights_gib": weights_gib,
                                   "image": "1280x720", "text_tokens": 64, "ceilings": ceil, "load_s": load_s},
-                       rows, args.out))
+                       rows + ttft, args.out))
 
 
 def _moes(engine: LLMEngine) -> list:
