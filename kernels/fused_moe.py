@@ -623,117 +623,61 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
 
 
 GATE_ROUTE_MAX_T = 128         # gate_route's batches at most (kernels.switches.FUSED_ROUTER)
-# tokens and experts a program (tl.dot's tiles), features a K step, warps
-GATE_ROUTE_CONFIG = {"BLOCK_T": 16, "BLOCK_E": 16, "BLOCK_D": 128, "num_warps": 4}
 
 
 @triton.jit
-def _route_rows(logits, offs, ok, rows, r_ok, weights_ptr, ids_ptr, first, n_local, TOP_K: tl.constexpr,
-                TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """_route_row for a tile of rows at once: logits (ROWS, E_PAD) float32, `rows` their indices
-    (`r_ok` the real ones). The same reductions per row, so the same numbers."""
-    slots = tl.arange(0, TOP_K_PAD)
-    vals = tl.full((logits.shape[0], TOP_K_PAD), float("-inf"), tl.float32)
-    ids = tl.zeros((logits.shape[0], TOP_K_PAD), tl.int32)
-    left = tl.where(ok[None, :], logits, float("-inf"))
-    for j in tl.static_range(TOP_K):
-        best, idx = tl.max(left, 1, return_indices=True, return_indices_tie_break_left=True)
-        vals = tl.where(slots[None, :] == j, best[:, None], vals)
-        ids = tl.where(slots[None, :] == j, idx.to(tl.int32)[:, None], ids)
-        left = tl.where(offs[None, :] == idx[:, None], float("-inf"), left)
-    top = tl.max(vals, 1)
-    e = tl.exp(vals - top[:, None])
-    if RENORMALIZE:
-        norm = tl.sum(e, 1)
-    else:
-        norm = tl.sum(tl.where(ok[None, :], tl.exp(logits - top[:, None]), 0.0), 1)
-    local = ids - first
-    mine = (local >= 0) & (local < n_local)
-    at = rows.to(tl.int64)[:, None] * TOP_K + slots[None, :]
-    keep = r_ok[:, None] & (slots < TOP_K)[None, :]
-    tl.store(weights_ptr + at, tl.where(mine, e / norm[:, None], 0.0), mask=keep)
-    tl.store(ids_ptr + at, tl.where(mine, local, n_local), mask=keep)
-
-
-@triton.jit
-def _gate_route_kernel(h_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr, ids_ptr, count_ptr, T, D, E, stride_hm,
-                       first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
-                       FIXED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_D: tl.constexpr, F32: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+def _gate_route_kernel(h_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr, ids_ptr, D, E, stride_hm, first, n_local,
+                       TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                       FIXED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
                        res_ptr=None, nw_ptr=None, h_out_ptr=None, new_res_ptr=None, eps=0.0,
-                       NORM: tl.constexpr = False):
-    """Program (i, j): the router logits of tokens i*BLOCK_T.. for experts j*BLOCK_E.. as one
-    tl.dot tile over the features (float32 sums rounded to h's dtype, as the router's linear layer
-    rounds them), stored to `logits_ptr`. The last of a token tile's programs to arrive (an atomic
-    count, reset by it) routes its tokens as `route` does. Each program reads BLOCK_E rows of the
-    router, not all of them: at 64 tokens one program a token read the router's 0.5 MB 64 times
-    and was 1.4x slower a decode step than cuBLAS + route. FIXED: route on `fixed_ptr`'s rows
-    instead (uniform-routing benchmarks; the router still runs). F32: float32 inputs, multiplied
-    as float32 (not tf32).
-    NORM: h_ptr's rows are the layer's input before the post-attention norm: each program adds the
-    residual rows and takes their statistics (a first pass over the features), and multiplies by
-    RMSNorm of them (kernels.rmsnorm's rounding); the tile's programs with j == 0 write the normed
-    rows to `h_out_ptr` and the sums to `new_res_ptr`."""
+                       NORM: tl.constexpr = False, D_PAD: tl.constexpr = 1):
+    """One token a program: its router logits (every expert, BLOCK_D features a step, float32 sums
+    rounded to h's dtype as the router's linear layer would; stored to `logits_ptr`), then
+    `route`'s top-k and weights. FIXED: route on `fixed_ptr`'s rows instead (uniform-routing
+    benchmarks; the router still runs: the store keeps the compiler from dropping it).
+    NORM: h_ptr's row is the layer's input before the post-attention norm: the program adds its
+    residual row (written to `new_res_ptr`), takes the statistics over the whole row (D_PAD >= D),
+    and writes RMSNorm's output to `h_out_ptr` (kernels.rmsnorm's rounding); the logits are of that."""
     gdc_enter(USE_PDL)
-    pid_t = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    r_ok = rows < T
-    row_at = rows.to(tl.int64)[:, None] * stride_hm
-    ex = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = ex < E
-    d = tl.arange(0, BLOCK_D)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_PAD)
+    ok = offs < E
     if NORM:
-        sq = tl.zeros((BLOCK_T,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ld = r_ok[:, None] & (d0 + d < D)[None, :]
-            sd = tl.load(h_ptr + row_at + d0 + d[None, :], mask=ld, other=0.0) + \
-                tl.load(res_ptr + row_at + d0 + d[None, :], mask=ld, other=0.0)
-            sq += tl.sum(sd.to(tl.float32) * sd.to(tl.float32), 1)
-        rstd = 1.0 / tl.sqrt(sq / D + eps)
-    acc = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+        cols = tl.arange(0, D_PAD)
+        at = row * stride_hm + cols
+        s_all = tl.load(h_ptr + at, mask=cols < D, other=0.0) + tl.load(res_ptr + at, mask=cols < D, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(s_all.to(tl.float32) * s_all.to(tl.float32), 0) / D + eps)
+        tl.store(new_res_ptr + at, s_all, mask=cols < D)
+        h_all = ((s_all.to(tl.float32) * rstd).to(s_all.dtype) * tl.load(nw_ptr + cols, mask=cols < D, other=0.0))
+        tl.store(h_out_ptr + at, h_all.to(s_all.dtype), mask=cols < D)
+    acc = tl.zeros((E_PAD,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        d_ok = (d0 + d < D)[None, :]
-        ld = r_ok[:, None] & d_ok
-        h = tl.load(h_ptr + row_at + d0 + d[None, :], mask=ld, other=0.0)
-        if NORM:
-            sd = h + tl.load(res_ptr + row_at + d0 + d[None, :], mask=ld, other=0.0)
-            h = ((sd.to(tl.float32) * rstd[:, None]).to(sd.dtype)
-                 * tl.load(nw_ptr + d0 + d, mask=d0 + d < D, other=0.0)[None, :]).to(sd.dtype)
-            if pid_e == 0:
-                tl.store(new_res_ptr + row_at + d0 + d[None, :], sd, mask=ld)
-                tl.store(h_out_ptr + row_at + d0 + d[None, :], h, mask=ld)
-        w = tl.load(gw_ptr + ex.to(tl.int64)[:, None] * D + d0 + d[None, :], mask=e_ok[:, None] & d_ok, other=0.0)
-        if F32:
-            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        if NORM:        # the chunk's h again, from the inputs (not this program's own stores)
+            sd = tl.load(h_ptr + row * stride_hm + d, mask=d_ok, other=0.0) + tl.load(res_ptr + row * stride_hm + d,
+                                                                                    mask=d_ok, other=0.0)
+            h = ((sd.to(tl.float32) * rstd).to(sd.dtype) * tl.load(nw_ptr + d, mask=d_ok, other=0.0)).to(sd.dtype)
+            h = h.to(tl.float32)
         else:
-            acc = tl.dot(h, tl.trans(w), acc)
+            h = tl.load(h_ptr + row * stride_hm + d, mask=d_ok, other=0.0).to(tl.float32)
+        w = tl.load(gw_ptr + offs[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
     logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(logits_ptr + rows.to(tl.int64)[:, None] * E + ex[None, :], logits, mask=r_ok[:, None] & e_ok[None, :])
-    # release this program's logits; the tile's last program sees all of them
-    count = tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel")
-    if count == tl.num_programs(1) - 1:
-        offs = tl.arange(0, E_PAD)
-        ok = offs < E
-        at = rows.to(tl.int64)[:, None] * E + offs[None, :]
-        if FIXED:
-            lg = tl.load(fixed_ptr + at, mask=r_ok[:, None] & ok[None, :], other=float("-inf")).to(tl.float32)
-        else:
-            lg = tl.load(logits_ptr + at, mask=r_ok[:, None] & ok[None, :], other=float("-inf"), volatile=True)
-        _route_rows(lg, offs, ok, rows, r_ok, weights_ptr, ids_ptr, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
-        tl.atomic_xchg(count_ptr + pid_t, 0)
+    tl.store(logits_ptr + row * E + offs, logits, mask=ok)
+    if FIXED:
+        logits = tl.load(fixed_ptr + row * E + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
 
 
 def gate_route(h: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
                fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None,
-               norm: tuple | None = None, config: dict | None = None):
+               norm: tuple | None = None, block_d: int = 64, num_warps: int = 4):
     """The router's linear layer (no bias) and `route` in one launch, for up to GATE_ROUTE_MAX_T
     tokens: h (T, D), gate_weight (E, D) -> weights (T, A) float32, ids (T, A) int32, as
     `route(h @ gate_weight.T, ...)` gives them (`fixed_logits` (T, E): routed on those instead).
     `norm` (residual (T, D), weight (D,), eps): h is the input before the post-attention norm,
-    done in the same launch: -> (RMSNorm(h + residual), h + residual, weights, ids). `config`:
-    GATE_ROUTE_CONFIG's keys. The token tiles' arrival counts are the split-K GEMM's
-    (`tile_counts`: zero between launches on the decoder's stream)."""
+    done in the same launch: -> (RMSNorm(h + residual), h + residual, weights, ids)."""
     t, d = h.shape
     e = gate_weight.shape[0]
     if (t > GATE_ROUTE_MAX_T or gate_weight.shape[1] != d or top_k > e or not h.is_contiguous()
@@ -741,7 +685,6 @@ def gate_route(h: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormali
             or (norm is not None and (norm[0].shape != h.shape or not norm[0].is_contiguous()))):
         raise ValueError(f"gate_route: h {tuple(h.shape)}, gate {tuple(gate_weight.shape)}, top_k {top_k}: at most "
                          f"{GATE_ROUTE_MAX_T} tokens, contiguous (a residual of h's shape)")
-    cfg = {**GATE_ROUTE_CONFIG, **(config or {})}
     weights = torch.empty(t, top_k, dtype=torch.float32, device=h.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=h.device)
     normed = (torch.empty_like(h), torch.empty_like(h)) if norm is not None else None
@@ -749,14 +692,12 @@ def gate_route(h: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormali
         logits = torch.empty(t, e, dtype=torch.float32, device=h.device)
         fixed = fixed_logits.contiguous() if fixed_logits is not None else logits
         extra = dict(res_ptr=norm[0], nw_ptr=norm[1], eps=norm[2], h_out_ptr=normed[0], new_res_ptr=normed[1],
-                     NORM=True) if norm is not None else {}
-        grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(e, cfg["BLOCK_E"]))
-        _gate_route_kernel[grid](
-            h, gate_weight, logits, fixed, weights, ids, tile_counts(h.device), t, d, e, h.stride(0), first_expert,
-            e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
-            RENORMALIZE=renormalize, FIXED=fixed_logits is not None, E_PAD=triton.next_power_of_2(e),
-            BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], BLOCK_D=cfg["BLOCK_D"], F32=h.dtype == torch.float32,
-            num_warps=cfg["num_warps"], **extra, **pdl(h))
+                     NORM=True, D_PAD=triton.next_power_of_2(d)) if norm is not None else {}
+        _gate_route_kernel[(t,)](
+            h, gate_weight, logits, fixed, weights, ids, d, e, h.stride(0), first_expert, e if num_local is None else num_local,
+            TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+            FIXED=fixed_logits is not None, E_PAD=triton.next_power_of_2(e), BLOCK_D=block_d, num_warps=num_warps,
+            **extra, **pdl(h))
     return (*normed, weights, ids) if norm is not None else (weights, ids)
 
 

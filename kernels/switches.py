@@ -20,8 +20,8 @@ at concurrency 1 / 16 / 64:
 - FUSED_ROUTER (QWEN3VL_FUSED_ROUTER), off: batches of up to kernels.fused_moe.GATE_ROUTE_MAX_T
   tokens take the post-attention norm, the router's linear layer and the routing in one launch
   (kernels.fused_moe.gate_route). fp8 0.999 / 1.57 / 1.40: one token a program re-reads the
-  router's 0.5 MB for every token. A tiled kernel (16 tokens x 16 experts a program, 92d0a05,
-  reverted) was still slower (fp8 c16 1.107, c64 1.087; bf16 1.07, 1.08) and changed the tiny
+  router's 0.5 MB for every token. A tiled kernel (16 tokens x 16 experts a program, in b9ecbc1,
+  reverted in the commit after 6fdadef) was still slower (fp8 c16 1.107, c64 1.087; bf16 1.07, 1.08) and changed the tiny
   model's greedy tokens on the GPU.
 """
 

@@ -130,12 +130,10 @@ def test_routers_map_ids_to_this_ranks_experts(first, local):
 @pytest.mark.parametrize("t,d,e,a", [(1, 64, 8, 2), (5, 300, 20, 3), (33, 200, 128, 8)])
 @pytest.mark.parametrize("fixed", [False, True])
 def test_gate_route_is_the_router_then_route(t, d, e, a, fixed):
-    """The router's linear layer and the routing in one launch, for a batch of tokens (tiles of 16
-    tokens and 16 experts: 20 experts make a partial tile, 33 tokens three tiles, each routed by
-    its last program to arrive): the routing `route` gives on the router's logits (or on the
-    benchmarks' fixed logits), expert parallelism's id mapping included, launch after launch (the
-    arrival counts reset themselves); too many tokens refused."""
-    from kernels.fused_moe import GATE_ROUTE_MAX_T, gate_route, tile_counts
+    """The router's linear layer and the routing in one launch, for a batch of tokens: the routing
+    `route` gives on the router's logits (or on the benchmarks' fixed logits), expert parallelism's
+    id mapping included; too many tokens refused."""
+    from kernels.fused_moe import GATE_ROUTE_MAX_T, gate_route
 
     g = torch.Generator().manual_seed(t + d + e)
     h = torch.randn(t, d, generator=g).to(DEV)
@@ -147,17 +145,15 @@ def test_gate_route_is_the_router_then_route(t, d, e, a, fixed):
         w, ids = gate_route(h, gate, a, True, table, **ep)
         assert torch.equal(ids.long(), want_ids.long())
         torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
-        assert not tile_counts(h.device).any()
     with pytest.raises(ValueError, match="gate_route"):
         gate_route(torch.randn(GATE_ROUTE_MAX_T + 1, d, device=DEV), gate, a, True)
 
 
-@pytest.mark.parametrize("t,d,e,a", [(2, 64, 8, 2), (7, 300, 20, 3), (20, 200, 40, 4)])
+@pytest.mark.parametrize("t,d,e,a", [(2, 64, 8, 2), (7, 300, 20, 3)])
 def test_gate_route_with_the_norm_inside(t, d, e, a):
-    """gate_route's `norm`: the post-attention residual add and RMSNorm in the same launch (the
-    statistics over feature steps of 128, the normed rows written by one program of each token
-    tile): h and the next residual as the RMSNorm kernel gives them, the routing as `route` on h's
-    router logits."""
+    """gate_route's `norm`: the post-attention residual add and RMSNorm in the same launch, one
+    token a program: h and the next residual as the RMSNorm kernel gives them, the routing as
+    `route` on h's router logits."""
     from kernels.fused_moe import gate_route
 
     g = torch.Generator().manual_seed(t * d)
