@@ -13,16 +13,16 @@ at concurrency 1 / 16 / 64:
   two decode attention's alone: hence the cap).
 - FUSED_DECODE_PREP (QWEN3VL_FUSED_DECODE_PREP), off: decode steps run
   kernels.attention.paged_decode_attention_prep, the q/k prep inside the attention launch. fp8
-  1.031 / 1.075 / 1.24: slower everywhere (each split recomputes the prep).
+  1.031 / 1.075 / 1.24: slower everywhere (likely because each split recomputes the prep).
 - FUSED_INPUT_NORM (QWEN3VL_FUSED_INPUT_NORM), off: a decode row's residual add and input RMSNorm
   inside the qkv GEMV (kernels.linear's NORM; DecoderLayer.fuse_input_norm). fp8 0.994 at c1,
   bf16 1.011 (its 2-row programs each re-read the row for the statistics); 1.000 at 16 and 64.
 - FUSED_ROUTER (QWEN3VL_FUSED_ROUTER), off: batches of up to kernels.fused_moe.GATE_ROUTE_MAX_T
   tokens take the post-attention norm, the router's linear layer and the routing in one launch
   (kernels.fused_moe.gate_route). fp8 0.999 / 1.57 / 1.40: one token a program re-reads the
-  router's 0.5 MB for every token. A tiled kernel (16 tokens x 16 experts a program, in b9ecbc1,
-  reverted in the commit after 6fdadef) was still slower (fp8 c16 1.107, c64 1.087; bf16 1.07, 1.08) and changed the tiny
-  model's greedy tokens on the GPU.
+  router's 0.5 MB for every token. A tiled kernel (16 tokens x 16 experts a program; b9ecbc1,
+  reverted in 9a52077) was still slower (fp8 c16 1.107, c64 1.087; bf16 1.07, 1.08) and changed
+  the tiny model's greedy tokens on the GPU.
 """
 
 import os
