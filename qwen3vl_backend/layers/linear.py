@@ -64,12 +64,11 @@ class UnquantizedLinearMethod:
 
     def apply_normed(self, layer: "LinearBase", x: torch.Tensor, norm: tuple, bias: torch.Tensor | None):
         """LinearBase.forward_normed's: the skinny kernel with the input's residual add and RMSNorm
-        (`norm`: residual, weight, eps), for one row; None where it does not run."""
+        (`norm`: residual, weight, eps, the next residual's tensor), for one row; None where it
+        does not run."""
         if self.skinny is None or x.dim() != 2 or x.shape[0] != 1:
             return None
-        new_residual = torch.empty_like(x)
-        y = self.skinny(x, layer.weight, bias, norm=(*norm, new_residual))
-        return None if y is None else (y, new_residual)
+        return self.skinny(x, layer.weight, bias, norm=norm)
 
 
 class LinearBase(nn.Module):
@@ -118,7 +117,9 @@ class LinearBase(nn.Module):
         fn = getattr(self.quant_method, "apply_normed", None)
         if fn is None or not (x.is_contiguous() and residual.is_contiguous()):
             return None
-        return fn(self, x, (residual, norm.weight, norm.eps), self.bias)
+        new_residual = torch.empty_like(x)
+        y = fn(self, x, (residual, norm.weight, norm.eps, new_residual), self.bias)
+        return None if y is None else (y, new_residual)
 
 
 class ReplicatedLinear(LinearBase):

@@ -217,16 +217,19 @@ class SparseMoE(nn.Module):
         return (self.gate_route_fn is not None and x.dim() == 2 and x.shape[0] <= GATE_ROUTE_MAX_T
                 and self.gate.bias is None and isinstance(self.gate.quant_method, UnquantizedLinearMethod))
 
+    def _gate_route(self, x: torch.Tensor, **norm):
+        """gate_route_fn on this batch (`norm`: its norm=(residual, weight, eps), done in the launch)."""
+        return self.gate_route_fn(x.contiguous(), self.gate.weight, self.top_k, self.renormalize,
+                                  self._fixed(x.shape[0]), **self._ep_routing(), **norm)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._batch_gate_route(x):
-            fixed = self._fixed(x.shape[0]) if self.fixed_logits is not None else None
-            weights, ids = self.gate_route_fn(x.contiguous(), self.gate.weight, self.top_k, self.renormalize, fixed,
-                                              **self._ep_routing())
+            weights, ids = self._gate_route(x)
             return self._experts(x, weights, ids)
-        logits = self.gate(x)
-        if self.fixed_logits is not None:
-            logits = self._fixed(x.shape[0])
-        weights, ids = self.route_fn(logits, self.top_k, self.renormalize, **self._ep_routing())
+        logits = self.gate(x)            # it runs with fixed logits too (the benchmarks time it)
+        fixed = self._fixed(x.shape[0])
+        weights, ids = self.route_fn(logits if fixed is None else fixed, self.top_k, self.renormalize,
+                                     **self._ep_routing())
         return self._experts(x, weights, ids)
 
     def _ep_routing(self) -> dict:
@@ -238,10 +241,7 @@ class SparseMoE(nn.Module):
         """(this layer's output on norm(x + residual), x + residual): with `norm_route_fn`, the norm
         and the router are one launch (batch-1 decode: the launches, not the bytes, are its cost)."""
         if self._batch_gate_route(x) and x.shape[0] > 1:       # the batch's norm, router and routing: one launch
-            fixed = self._fixed(x.shape[0]) if self.fixed_logits is not None else None
-            h, residual, weights, ids = self.gate_route_fn(x.contiguous(), self.gate.weight, self.top_k,
-                                                           self.renormalize, fixed, **self._ep_routing(),
-                                                           norm=(residual.contiguous(), norm.weight, norm.eps))
+            h, residual, weights, ids = self._gate_route(x, norm=(residual.contiguous(), norm.weight, norm.eps))
             return self._experts(h, weights, ids), residual
         if (self.norm_route_fn is None or x.shape[0] != 1 or x.shape[1] > NORM_ROUTE_MAX_D or self.gate.bias is not None
                 or not isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
@@ -249,14 +249,16 @@ class SparseMoE(nn.Module):
             return self(h), residual
         if self._counter is None or self._counter.device != x.device:
             self._counter = torch.zeros(1, dtype=torch.int32, device=x.device)
-        fixed = self._fixed(x.shape[0]) if self.fixed_logits is not None else None
         h, residual, weights, ids = self.norm_route_fn(x.contiguous(), residual.contiguous(), norm.weight, norm.eps,
                                                        self.gate.weight, self.top_k, self.renormalize,
-                                                       self._counter, fixed, **self._ep_routing())
+                                                       self._counter, self._fixed(x.shape[0]), **self._ep_routing())
         return self._experts(h, weights, ids), residual
 
-    def _fixed(self, t: int) -> torch.Tensor:
+    def _fixed(self, t: int) -> torch.Tensor | None:
+        """route_uniformly's logits for t tokens, or None (routed on the router's own)."""
         noise = self.fixed_logits
+        if noise is None:
+            return None
         return (noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]).contiguous()
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

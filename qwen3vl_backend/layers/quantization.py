@@ -72,10 +72,9 @@ class Fp8BlockLinearMethod:
         return w8a8_block_linear_reference(x, layer.weight, layer.weight_scale_inv, self.block, bias)
 
     def apply_normed(self, layer, x: torch.Tensor, norm: tuple, bias: torch.Tensor | None):
-        """LinearBase.forward_normed's: the fp8 GEMV with the input's residual add and RMSNorm, for
-        one row on the GPU; None elsewhere, or where the row's launch shape is INT_CVT's."""
+        """LinearBase.forward_normed's: the fp8 GEMV with the input's residual add and RMSNorm
+        (`norm`: residual, weight, eps, the next residual's tensor), for one row on the GPU; None
+        elsewhere, or where the row's launch shape is INT_CVT's."""
         if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1:
             return None
-        new_residual = torch.empty_like(x)
-        y = fp8_gemv(x, layer.weight, layer.weight_scale_inv, self.block, bias, norm=(*norm, new_residual))
-        return None if y is None else (y, new_residual)
+        return fp8_gemv(x, layer.weight, layer.weight_scale_inv, self.block, bias, norm=norm)
