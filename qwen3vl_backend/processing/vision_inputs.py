@@ -171,10 +171,13 @@ def _frame_rows(frame: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tenso
 
 def process_image(image, cfg: VisionProcessingConfig, min_pixels: int | None = None,
                   max_pixels: int | None = None, repeat_frame: bool = True) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """PIL RGB image -> uint8 patches (gh*gw, 1536) and its grid (1, gh, gw); see normalize_patches.
-    One image fills the temporal patch (the frame repeated). `repeat_frame=False`: the frame's
-    rows once, (gh*gw, 768), half the bytes to move; `expand_image_rows` repeats them."""
-    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
+    """PIL RGB image, or its (H, W, 3) uint8 array -> uint8 patches (gh*gw, 1536) and its grid
+    (1, gh, gw); see normalize_patches. One image fills the temporal patch (the frame repeated).
+    `repeat_frame=False`: the frame's rows once, (gh*gw, 768), half the bytes to move;
+    `expand_image_rows` repeats them."""
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.flags.writeable):
+        image = np.asarray(image, dtype=np.uint8).copy()
+    arr = torch.from_numpy(image).permute(2, 0, 1)[None]
     h, w = smart_resize(arr.shape[2], arr.shape[3], cfg.factor,
                         min_pixels or cfg.image_min_pixels, max_pixels or cfg.image_max_pixels)
     frame = _resize(arr, h, w)[0]
