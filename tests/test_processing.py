@@ -297,6 +297,11 @@ def test_request_profiler_writes_the_chosen_requests_tables(tmp_path):
     with off("x"):
         pass
     assert off.seen == 1
+    picked = RequestProfiler(str(tmp_path / "q"), "vit", at="1,4")      # QWEN3VL_STAGE_PROFILE_AT
+    for i in range(4):
+        with picked(f"r{i}"):
+            torch.ones(2)
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["vit-1-r0.txt", "vit-4-r3.txt"]
 
 
 def test_images_travel_as_single_frames(tiny_dense, video_file):

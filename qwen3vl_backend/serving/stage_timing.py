@@ -1,7 +1,9 @@
 """Per-request step timings in the Triton models' logs (`QWEN3VL_STAGE_TIMING=1`): where a
 request's milliseconds go inside preprocess and vit, which Triton's trace shows only as one
 compute span per model. Off by default: a line per request per model. `QWEN3VL_STAGE_PROFILE=DIR`
-also profiles a few of the vit model's requests (RequestProfiler)."""
+also profiles a few of the vit model's requests (RequestProfiler); `QWEN3VL_STAGE_PROFILE_AT=8,25`
+picks which (the 8th and the 25th request the model meets, e.g. a benchmark's warm-ups, whose
+slower profiled run then stays out of the timed rows)."""
 
 from __future__ import annotations
 
@@ -35,14 +37,15 @@ class RequestProfiler:
     table of host and GPU time per operator each, to DIR/<name>-<n>-<request id>.txt. The stage
     logs say how long a step took; this says which call inside it."""
 
-    def __init__(self, directory: str | None, name: str, first: int = 4, count: int = 3):
-        self.directory, self.name, self.first, self.count = directory, name, first, count
+    def __init__(self, directory: str | None, name: str, first: int = 4, count: int = 3, at: str = ""):
+        self.directory, self.name = directory, name
+        self.picked = {int(x) for x in at.split(",") if x.strip()} or set(range(first, first + count))
         self.seen = 0
 
     @contextlib.contextmanager
     def __call__(self, request_id: str):
         self.seen += 1
-        if not self.directory or not self.first <= self.seen < self.first + self.count:
+        if not self.directory or self.seen not in self.picked:
             yield
             return
         import torch
@@ -58,3 +61,4 @@ class RequestProfiler:
 
 
 PROFILE_DIR = os.environ.get("QWEN3VL_STAGE_PROFILE") or None
+PROFILE_AT = os.environ.get("QWEN3VL_STAGE_PROFILE_AT", "")

@@ -17,7 +17,7 @@ from qwen3vl_backend.loader import load_vision_model
 from qwen3vl_backend.processing.vision_inputs import (VisionProcessingConfig, check_pixel_rows, expand_image_rows,
                                                        image_grid, normalize_patches, parse_image_sizes)
 from qwen3vl_backend.serving.triton_params import error_response, model_settings, pick
-from qwen3vl_backend.serving.stage_timing import PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
+from qwen3vl_backend.serving.stage_timing import PROFILE_AT, PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
 from qwen3vl_backend.engine.vision_cache import VisionCache, encode_with_cache
 from qwen3vl_backend.serving.vision_split import device_context, encode_split, replica_gpus, warm_exact_grids
@@ -68,7 +68,7 @@ class TritonPythonModel:
         arrived = pb_utils.MetricFamily("qwen3vl_vit_pixels_total", "Requests' pixels by where they arrived (gpu: "
                                         "CUDA IPC transport, host: shared memory)", pb_utils.MetricFamily.COUNTER)
         self._arrived = (arrived, {True: arrived.Metric({"where": "gpu"}), False: arrived.Metric({"where": "host"})})
-        self._timing, self._profiler = None, RequestProfiler(PROFILE_DIR, "vit")
+        self._timing, self._profiler = None, RequestProfiler(PROFILE_DIR, "vit", at=PROFILE_AT)
         # --vit-warmup-sizes: images whose exact-grid graphs each replica captures before requests
         self.warm_grids = [image_grid(w, h, self.pixel_cfg) for w, h in parse_image_sizes(s.get("vit_warmup_sizes", ""))]
         self.warm_up()
