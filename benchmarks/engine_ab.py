@@ -16,7 +16,8 @@ A patch merges into the table's entry where both are objects, at every depth (a 
 {"pairs": {"1": {...}}} takes one key of its nested entry), and replaces it otherwise. A
 variant's "env" (in place of a table's name) sets environment variables for its run alone, for
 the switches that are not tables: {"prefetch": {"env": {"QWEN3VL_PDL_PREFETCH": "1"}}}. Prints
-a table of each variant's inter-token p50 and mean decode step per concurrency, and writes JSON.
+a table of each variant's inter-token p50 and mean decode step per concurrency (and, with
+--ttft-repeats, its TTFT p50 and min, compared by the p50), and writes JSON.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def run_variant(tree: Path, engine_args: list[str], runner: str, out: Path, extr
     return json.loads(written[-1].read_text())["rows"]
 
 
+def metric(row: dict):
+    """A decode row's inter-token p50; a TTFT row's (--ttft-repeats; no concurrency) p50 TTFT."""
+    return row["itl_p50_ms"] if row["concurrency"] is not None else row["ttft_p50_ms"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", required=True, help="JSON file: {name: {table file: {key: patch}}}")
@@ -103,21 +109,22 @@ def main(argv=None) -> int:
             label = name if i < len(order) - 1 else f"{BASE} (again)"
             try:
                 got = [{"variant": label, "run": i, "concurrency": r.get("concurrency"),
-                        "itl_p50_ms": r.get("itl_p50_ms"), "decode_step_ms": r.get("decode_step_ms"), "error": None}
+                        "itl_p50_ms": r.get("itl_p50_ms"), "decode_step_ms": r.get("decode_step_ms"),
+                        "ttft_p50_ms": r.get("ttft_p50_ms"), "ttft_min_ms": r.get("ttft_min_ms"), "error": None}
                        for r in run_variant(trees[name], engine_args, args.runner, Path(tmp) / f"out-{i}",
                                             variants.get(name, {}).get(ENV))]
             except RuntimeError as e:           # a launch shape that does not compile: the others still run
                 print(e)
                 got = [{"variant": label, "run": i, "concurrency": None, "itl_p50_ms": None, "decode_step_ms": None,
-                        "error": str(e).splitlines()[0]}]
+                        "ttft_p50_ms": None, "ttft_min_ms": None, "error": str(e).splitlines()[0]}]
             print_table(got, list(got[0]))
             rows += got
             if args.between:
                 subprocess.run(args.between, shell=True, check=False)
-    base = {r["concurrency"]: r["itl_p50_ms"] for r in rows if r["run"] == 0}
+    base = {r["concurrency"]: metric(r) for r in rows if r["run"] == 0}
     for r in rows:
-        ref = base.get(r["concurrency"])
-        r["vs_base"] = r["itl_p50_ms"] / ref if ref and r["itl_p50_ms"] is not None else None
+        ref, value = base.get(r["concurrency"]), metric(r)
+        r["vs_base"] = value / ref if ref and value is not None else None
     print_table(rows, list(rows[0]))
     print(write_result("engine-ab", {"variants": variants, "engine_args": engine_args, "runner": args.runner},
                        rows, args.out))

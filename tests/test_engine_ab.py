@@ -23,16 +23,21 @@ def test_variants_run_in_their_own_trees(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     between = tmp_path / "between.log"
     assert main(["--variants", str(variants), "--runner", "engine_ab_runner", "--out", str(tmp_path / "res"),
-                 "--between", f"echo ran >> {between}", "--", "--concurrency", "1,2"]) == 0
+                 "--between", f"echo ran >> {between}", "--", "--concurrency", "1,2", "--ttft-repeats", "2"]) == 0
     assert between.read_text().split() == ["ran"] * 5
     written = json.loads(next((tmp_path / "res").glob("engine-ab-*.json")).read_text())
-    got = [(r["variant"], r["concurrency"], r["itl_p50_ms"], r["decode_step_ms"]) for r in written["rows"]]
+    ttft = [(r["variant"], r["ttft_p50_ms"], r["vs_base"]) for r in written["rows"] if r["concurrency"] is None]
+    b10 = 10.0 * float(base["BLOCK_E"])
+    assert ttft == [("base", b10, 1.0), ("wide", 160.0, pytest.approx(160.0 / b10)), ("whole", 320.0, pytest.approx(320.0 / b10)),
+                    ("scaled", 3 * b10, pytest.approx(3.0)), ("base (again)", b10, 1.0)]
+    got = [(r["variant"], r["concurrency"], r["itl_p50_ms"], r["decode_step_ms"]) for r in written["rows"]
+           if r["concurrency"] is not None]
     b, w = float(base["BLOCK_E"]), float(base["num_warps"])
     assert got == [("base", 1, b, w), ("base", 2, 2 * b, w), ("wide", 1, 16.0, w), ("wide", 2, 32.0, w),
                    ("whole", 1, 32.0, 1.0), ("whole", 2, 64.0, 1.0), ("scaled", 1, 3 * b, w),
                    ("scaled", 2, 6 * b, w), ("base (again)", 1, b, w), ("base (again)", 2, 2 * b, w)]
     assert "ENGINE_AB_TEST_SCALE" not in os.environ           # the variant's environment was its own
-    assert [r["vs_base"] for r in written["rows"]][2] == pytest.approx(16.0 / b)
+    assert [r["vs_base"] for r in written["rows"] if r["concurrency"] is not None][2] == pytest.approx(16.0 / b)
     assert (HERE.parent / "kernels" / "configs" / TABLE).read_text() == original      # the checkout untouched
 
 

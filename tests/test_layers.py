@@ -106,3 +106,26 @@ def test_misshaped_tensors_are_refused_not_sliced():
     moe = FusedMoE(3, H, 8)
     with pytest.raises(ShapeMismatch, match=r"checkpoint shape \(3, 16, 8\), expected \(3, 8, 16\)"):
         moe.weight_loader(moe.w2, torch.randn(3, H, 8), "down")
+
+
+def test_sdpa_priority_puts_cudnn_first_inside_the_block_only():
+    """The ViT's exact-grid captures ask SDPA for cuDNN's attention first (layers.attention):
+    inside the block cuDNN leads the order and every backend stays enabled (a CPU still runs
+    SDPA); after it, the order and the enabled set are what they were."""
+    import torch
+    import torch.nn.functional as F
+
+    from qwen3vl_backend.layers.attention import CUDNN_FIRST, sdpa_priority
+
+    before = torch._C._get_sdp_priority_order()
+    enabled = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    q = torch.randn(1, 2, 5, 8)
+    with sdpa_priority(CUDNN_FIRST):
+        assert int(torch._C._get_sdp_priority_order()[0]) == int(CUDNN_FIRST[0])
+        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        inside = F.scaled_dot_product_attention(q, q, q)
+    assert torch._C._get_sdp_priority_order() == before
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == enabled
+    assert torch.equal(inside, F.scaled_dot_product_attention(q, q, q))
+    with sdpa_priority(None):
+        assert torch._C._get_sdp_priority_order() == before

@@ -10,7 +10,8 @@ The buckets stop at 1024 patches (a 448x448 image is 784): SDPA's flash kernel b
 kernel on larger frames (a 1280x720 image, 3520 patches: 18 ms eager against 52 ms in a graph,
 second session).
 
-Larger batches replay graphs of their exact grids instead, with SDPA per frame as eagerly: a
+Larger batches replay graphs of their exact grids instead, with SDPA per frame as eagerly, but
+captured with cuDNN's attention tried first (`exact_sdpa`: planned once at the capture): a
 batch's grids seen before (a server meets the same image sizes again and again) are captured on
 their second arrival, the patch embedding included, at most `max_exact` of them (the least
 recently used goes) and up to `max_exact_patches`. Everything else runs eagerly. On the H200 the
@@ -25,6 +26,7 @@ import torch
 
 from kernels.varlen_attention import varlen_attention_bounded
 
+from ..layers.attention import CUDNN_FIRST, sdpa_priority
 from ..models.vision import grids_key
 
 DEFAULT_BUCKETS = (256, 512, 1024)
@@ -50,6 +52,9 @@ class VisionGraphs:
         self.exact: dict[tuple, tuple] = {}          # grids -> (graph, pixels in, outputs); most recent last
         self._seen: dict[tuple, None] = {}           # grids met once (bounded, oldest dropped)
         self.captured = False
+        # SDPA's backend order while an exact grid is captured: its attention is planned once,
+        # there, and replayed after (layers/attention.CUDNN_FIRST); None: SDPA's own order
+        self.exact_sdpa = CUDNN_FIRST
         # how the last call ran, for the vit's stage lines: "bucket" (a bucket's graph), "replay"
         # or "capture" (an exact grid's graph), "first" (an exact grid's first arrival, eager),
         # "eager" (no graph fits)
@@ -127,7 +132,7 @@ class VisionGraphs:
 
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
+            with sdpa_priority(self.exact_sdpa), torch.cuda.graph(graph, stream=self.stream):
                 outputs = run()
             hit = (graph, pixels, outputs, (idx, w, cos, sin))     # the graph reads the tables: kept alive
         self.exact[key] = hit

@@ -9,10 +9,24 @@ prefill (query_len > 1, possibly after a cached prefix), decode (query_len == 1)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# SDPA's backends in the order it tries them, cuDNN's first. torch 2.11 tries FlashAttention-2
+# first; at the ViT's head dim 72 cuDNN's kernel is the faster (tenth session, H200: a 1280x720
+# image's ViT 13.6 ms against 18-19 with flash), but it builds a plan for each sequence length
+# at first sight (~65 ms). So it is asked for only where a shape is planned once and then
+# replayed: the ViT's exact-grid CUDA graphs (engine/vision_graphs.py).
+CUDNN_FIRST = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def sdpa_priority(order) -> contextlib.AbstractContextManager:
+    """SDPA tries `order`'s backends first, in that order, inside the block; None: as it is."""
+    return sdpa_kernel(list(order), set_priority=True) if order else contextlib.nullcontext()
 
 
 @dataclass
