@@ -130,11 +130,17 @@ class VisionGraphs:
             def run():
                 return self.visual.encode(self.visual.embed(pixels, idx, w), cos, sin, cu, attn)
 
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with sdpa_priority(self.exact_sdpa), torch.cuda.graph(graph, stream=self.stream):
-                outputs = run()
-            hit = (graph, pixels, outputs, (idx, w, cos, sin))     # the graph reads the tables: kept alive
+            with sdpa_priority(self.exact_sdpa):
+                # eagerly first, which gives this arrival its outputs: cuDNN's attention plans the
+                # grid's lengths here (planning inside a capture fails it), then the capture
+                first = run()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    outputs = run()
+            # the graph reads the tables: kept alive with it
+            self.exact[key] = (graph, pixels, outputs, (idx, w, cos, sin))
+            return first[0], list(first[1])
         self.exact[key] = hit
         graph, pixels, (embeds, deepstack), _ = hit
         pixels.copy_(pixel_values)
