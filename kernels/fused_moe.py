@@ -421,11 +421,24 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
     token and block-wide group first, one launch, and fp8 tensor-core dots: W8A8; else the weight
     tiles become x's dtype in registers, W8A16), and SPLIT_K (each tile's K steps shared by that
     many programs: a narrow N fills the SMs). x (M, K) bf16/float32 -> (M, N) in x's dtype."""
+    return dense_gemm(x, wq, cfg, scale, block)
+
+
+def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor | None = None,
+               block: tuple[int, int] | None = None) -> torch.Tensor:
+    """dense_fp8_gemm's launch; without `scale`, w is in x's dtype (bf16/float32 weights: a small
+    layer's GEMM split over K, e.g. the MoE router's 128 x 2048 at 16-64 rows, where a few
+    programs streaming all of K were latency-bound: kernels.linear.skinny_linear's SPLIT_K entries)."""
     m, k = x.shape
-    n = wq.shape[0]
-    if wq.shape[1] != k or wq.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"dense_fp8_gemm: x {tuple(x.shape)} {x.dtype}, w {tuple(wq.shape)}")
-    block_n, block_k, mode = _fp8_tile(cfg["BLOCK_N"], cfg["BLOCK_K"], n, block)
+    n = w.shape[0]
+    fp8 = scale is not None
+    if (w.shape[1] != k or w.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or (not fp8 and w.dtype != x.dtype)):
+        raise ValueError(f"dense_gemm: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
+    if fp8:
+        block_n, block_k, mode = _fp8_tile(cfg["BLOCK_N"], cfg["BLOCK_K"], n, block)
+    else:
+        block_n, block_k, mode, scale, block = cfg["BLOCK_N"], cfg["BLOCK_K"], 0, w, (128, 128)
     a8 = bool(cfg.get("A8")) and mode == 2 and block_k >= 32
     x = x if x.stride(-1) == 1 else x.contiguous()
     a, a_scale = quantize_activations_fp8(x, block[1]) if a8 else (x, None)
@@ -440,8 +453,9 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
     else:
         split, ws, counts = 1, y, y
     _grouped_gemm_kernel[(tiles, split)](
-        a, wq, y, scale, scale, scale, scale, scale, n, k, m, 1, 1,
-        a.stride(0), a.stride(1), 0, wq.stride(0), wq.stride(1), y.stride(0), y.stride(1), 0, scale.stride(0),
+        a, w, y, scale, scale, scale, scale, scale, n, k, m, 1, 1,
+        a.stride(0), a.stride(1), 0, w.stride(0), w.stride(1), y.stride(0), y.stride(1), 0,
+        scale.stride(0) if fp8 else 0,
         A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,

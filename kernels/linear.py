@@ -7,7 +7,7 @@ M == 1 multiplies and sums in registers; 2 <= M <= 16 pads the rows to 16 for tl
 
 Launch shapes per (N, K) and M are data (kernels/configs/skinny_linear,device=*.json), written by
 `python -m benchmarks.kernels --tune-linear`; a shape the table marks "cublas" (or M past the
-table) runs F.linear.
+table) runs F.linear, and an entry with SPLIT_K (up to SPLIT_MAX_M rows) the split-K grouped GEMM.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from .pdl import gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
 MAX_M = 16
+# A table entry with SPLIT_K runs the grouped GEMM's dense split-K launch instead
+# (kernels.fused_moe.dense_gemm), up to this many rows: for shapes whose N is too narrow to fill
+# the GPU with programs that each stream all of K (the MoE router's 128 x 2048: 6 us at 16 rows
+# through this kernel, 5.4 at 64 through cuBLAS, for 0.5 MB).
+SPLIT_MAX_M = 128
 DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 
@@ -147,9 +152,16 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     m, k = x.shape
     n = w.shape[0]
     if config is None:
-        config = lookup_config(n, k, m, x.device) if 0 < m <= MAX_M else None
-        if config is None:
+        config = lookup_config(n, k, m, x.device) if 0 < m <= SPLIT_MAX_M else None
+        # a SPLIT_K entry takes no bias and no input norm: those go as if the table had none
+        if config is None or (("SPLIT_K" in config) and (bias is not None or norm is not None)) or (
+                m > MAX_M and "SPLIT_K" not in config):
             return None if norm is not None else F.linear(x, w, bias)
+    if "SPLIT_K" in config:
+        if bias is not None or norm is not None:
+            raise ValueError("skinny_linear: a SPLIT_K launch takes no bias and no input norm")
+        from .fused_moe import dense_gemm           # (fused_moe imports this module)
+        return dense_gemm(x, w, config)
     if m > MAX_M or w.shape[1] != k or w.stride(-1) != 1:
         raise ValueError(f"skinny_linear: x {tuple(x.shape)} w {tuple(w.shape)} (M <= {MAX_M}, w's rows contiguous)")
     x = x if x.stride(-1) == 1 else x.contiguous()

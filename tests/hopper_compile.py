@@ -98,6 +98,9 @@ KERNELS = [
     ("grouped DENSE SPLIT_K W8A8", _grouped_gemm_kernel, GROUPED, (),
      dict(A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8,
           SCALE_MODE=2, A_SCALED=True, USE_PDL=True, DENSE=True, SPLIT_K=8)),
+    ("grouped DENSE SPLIT_K bf16 (the router)", _grouped_gemm_kernel, {**GROUPED, "a_ptr": BF, "b_ptr": BF}, (),
+     dict(A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1,
+          SCALE_MODE=0, USE_PDL=True, DENSE=True, SPLIT_K=16)),
 ]
 
 if __name__ == "__main__":

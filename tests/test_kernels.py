@@ -267,6 +267,30 @@ def test_skinny_linear_leaves_large_batches_to_torch():
         skinny_linear(x, w, config={"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1})
 
 
+@pytest.mark.parametrize("m", [5, 33, 64])
+def test_skinny_linear_split_k_entries_run_the_dense_grouped_gemm(m, monkeypatch):
+    """A table entry with SPLIT_K (the MoE router's 128 x 2048 at 16-64 rows) runs the grouped
+    GEMM's dense split-K launch, past MAX_M rows too: the product, the same bits when repeated,
+    at a K that leaves a partial step (300 in 32-wide steps, 4 splits of 3 steps and the last 1)."""
+    from kernels import fused_moe, linear
+
+    g = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 300, generator=g).to(DEV), torch.randn(40, 300, generator=g).to(DEV)
+    entry = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1, "SPLIT_K": 4}
+    monkeypatch.setattr(linear, "lookup_config", lambda n, k, rows, device: entry)
+    calls = []
+    real = fused_moe.dense_gemm
+    monkeypatch.setattr(fused_moe, "dense_gemm", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    got = skinny_linear(x, w)
+    assert calls == [entry] and got.shape == (m, 40)
+    assert rel(got, skinny_linear_reference(x, w)) < FP32_TOL
+    assert torch.equal(skinny_linear(x, w), got)
+    bias = torch.randn(40, device=DEV)                 # a bias: as if the table had no entry (F.linear)
+    assert rel(skinny_linear(x, w, bias), skinny_linear_reference(x, w, bias)) < FP32_TOL and len(calls) == 2
+    with pytest.raises(ValueError, match="no bias"):
+        skinny_linear(x, w, bias, config=entry)
+
+
 def cache_inputs(s, h, hkv, d, bs, nb, dtype=torch.float32, device="cpu", max_ctx=None):
     cache = torch.randn(2, nb, bs, hkv, d, device=device).to(dtype)
     q = torch.randn(s, h, d, device=device).to(dtype)
