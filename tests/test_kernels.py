@@ -624,3 +624,22 @@ def test_one_row_and_several_never_share_a_launch_table_entry():
     assert [nearest_m(table, 8, 32, m, "d") for m in (1, 2, 16)] == ["one", "d", "d"]
     assert [nearest_m(table, 8, 64, m, "d") for m in (1, 3)] == ["d", "sixteen"]
     assert nearest_m(table, 9, 9, 1, "d") == "d"
+
+
+def test_the_skinny_tables_split_k_entries_are_dense_launches():
+    """A skinny_linear table entry with SPLIT_K is a kernels.fused_moe.dense_gemm launch: it names
+    every key that launch reads, and its rows reach past MAX_M only up to SPLIT_MAX_M."""
+    import json
+
+    from kernels.linear import SPLIT_MAX_M
+    from kernels.tables import CONFIG_DIR
+
+    keys = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "SPLIT_K"}
+    found = 0
+    for path in CONFIG_DIR.glob("skinny_linear,*.json"):
+        for shape, by_m in json.loads(path.read_text()).items():
+            for m, entry in by_m.items():
+                if isinstance(entry, dict) and "SPLIT_K" in entry:
+                    found += 1
+                    assert keys <= set(entry) and int(m) <= SPLIT_MAX_M, (path.name, shape, m)
+    assert found           # the H200's router entry (30B-A3B's 128 x 2048 at 16 rows)
