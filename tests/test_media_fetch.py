@@ -300,54 +300,85 @@ def _jpeg(img, **kw) -> bytes:
 
 def _jpeg_cases():
     img = make_image(53, 37, 11)          # odd sizes: partial MCUs in both directions
+    trns = img.copy()
+    trns.info["transparency"] = (0, 0, 0)
     return {"420": _jpeg(img, quality=90), "422": _jpeg(img, subsampling=1), "444": _jpeg(img, subsampling=0),
             "progressive": _jpeg(img, progressive=True), "gray": _jpeg(img.convert("L")),
-            "cmyk": _jpeg(img.convert("CMYK")), "png": image_bytes(img)}
+            "cmyk": _jpeg(img.convert("CMYK")), "png": image_bytes(img), "png-gray": image_bytes(img.convert("L")),
+            "png-palette": image_bytes(make_image(53, 37, 11, "P")), "png-rgba": image_bytes(make_image(53, 37, 11, "RGBA")),
+            "png-trns": image_bytes(trns)}
 
 
-@pytest.mark.parametrize("case", ["420", "422", "444", "progressive", "gray", "cmyk", "png"])
+# which fast decoder each case takes: simplejpeg, pyspng, or neither (decode_image: PIL)
+FAST = {"420": "jpeg", "422": "jpeg", "444": "jpeg", "progressive": "jpeg", "gray": "jpeg", "cmyk": None,
+        "png": "png", "png-gray": "png", "png-palette": None, "png-rgba": None, "png-trns": None}
+
+
+def _count_fast_decodes(monkeypatch) -> list[str]:
+    from qwen3vl_backend.processing import media
+
+    calls = []
+    if media.simplejpeg is not None:
+        jpeg = media.simplejpeg.decode_jpeg
+        monkeypatch.setattr(media.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append("jpeg") or jpeg(*a, **k))
+    if media.pyspng is not None:
+        png = media.pyspng.load
+        monkeypatch.setattr(media.pyspng, "load", lambda *a, **k: calls.append("png") or png(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("case", list(FAST))
 def test_decode_image_array_gives_decode_images_pixels(case, monkeypatch):
-    """The array path (simplejpeg for YCbCr and grayscale JPEGs) gives PIL's pixels bit for bit,
-    and takes the fast decoder where it should: a planted fastupsample=True (libjpeg-turbo's
-    cheaper chroma upsampling) fails the 4:2:0, 4:2:2 and progressive cases here."""
+    """The array path (simplejpeg for YCbCr and grayscale JPEGs, pyspng for 8-bit RGB and
+    grayscale PNGs without transparency) gives PIL's pixels bit for bit, and takes the fast
+    decoder where it should: a planted fastupsample=True (libjpeg-turbo's cheaper chroma
+    upsampling) fails the 4:2:0, 4:2:2 and progressive cases here; a PNG with tRNS let through
+    to pyspng fails "png-trns" (PIL composites its transparent colour onto white)."""
     import numpy as np
 
     from qwen3vl_backend.processing import media
 
     data = _jpeg_cases()[case]
-    calls = []
-    if media.simplejpeg is not None:
-        real = media.simplejpeg.decode_jpeg
-        monkeypatch.setattr(media.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_fast_decodes(monkeypatch)
     ours = media.decode_image_array(data)
     ref = np.asarray(decode_image(data))
     assert ours.dtype == np.uint8 and ours.shape == ref.shape == (37, 53, 3) and ours.flags.writeable
     assert np.array_equal(ours, ref)
-    if media.simplejpeg is not None:
-        assert bool(calls) == (case not in ("cmyk", "png"))
+    fast = FAST[case]
+    installed = {"jpeg": media.simplejpeg is not None, "png": media.pyspng is not None}
+    assert calls == ([fast] if fast and installed[fast] else [])
 
 
 def test_decode_image_array_refuses_what_decode_image_refuses(monkeypatch):
-    """A JPEG header past the pixel limit is refused before any decoding; a truncated JPEG is
-    refused with the same message as through PIL; a recoverable defect (bytes between segments)
-    that PIL accepts is accepted with PIL's pixels, though simplejpeg's strict decoder refuses it."""
+    """A JPEG or PNG header past the pixel limit is refused before any decoding; a truncated
+    JPEG, and a PNG with a broken CRC or damaged image data, are refused with the same message as
+    through PIL; a recoverable JPEG defect (bytes between segments) that PIL accepts is accepted
+    with PIL's pixels, though simplejpeg's strict decoder refuses it."""
     import numpy as np
 
-    from qwen3vl_backend.processing import media
     from qwen3vl_backend.processing.media import decode_image_array
 
     data = _jpeg_cases()["420"]
-    if media.simplejpeg is not None:
-        real, calls = media.simplejpeg.decode_jpeg, []
-        monkeypatch.setattr(media.simplejpeg, "decode_jpeg", lambda d, **k: calls.append(len(d)) or real(d, **k))
+    calls = _count_fast_decodes(monkeypatch)
     with pytest.raises(MediaError, match="53x37 pixels is larger than the 1000 pixel limit"):
         decode_image_array(data, max_pixels=1000)
     sof = data.index(b"\xff\xc0")       # baseline frame header: length, precision, height, width
     bomb = data[:sof + 5] + struct.pack(">HH", 30000, 30000) + data[sof + 9:]
     with pytest.raises(MediaError, match="30000x30000 pixels is larger than the 89478485 pixel limit"):
         decode_image_array(bomb)
-    if media.simplejpeg is not None:
-        assert calls == []                  # neither the bomb nor the small limit's image was decoded
+    png = _jpeg_cases()["png"]              # an 8-bit RGB PNG's header past the limit, its CRC intact
+    ihdr = png[8:33]
+    big = ihdr[:8] + struct.pack(">II", 30000, 30000) + ihdr[16:21]
+    big += struct.pack(">I", zlib.crc32(big[4:]))
+    with pytest.raises(MediaError, match="30000x30000 pixels is larger than the 89478485 pixel limit"):
+        decode_image_array(png[:8] + big + png[33:])
+    assert calls == []                      # no bomb and not the small limit's image was decoded
+    for at in (30, 50):                     # a CRC broken (IHDR's), a byte of the image data flipped
+        damaged = bytearray(png)
+        damaged[at] ^= 0xFF
+        with pytest.raises(MediaError, match="not a decodable image"):
+            decode_image_array(bytes(damaged))
+    assert calls == []                      # libspng would have decoded both: the CRCs keep them from it
     for cut in (20, len(data) // 2):
         with pytest.raises(MediaError, match="not a decodable image"):
             decode_image_array(data[:cut])

@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,11 @@ try:        # libjpeg-turbo into a numpy array: decode_image's pixels, faster (d
     import simplejpeg
 except ImportError:
     simplejpeg = None
+
+try:        # libspng into a numpy array: the same for plain PNGs (decode_image_array)
+    import pyspng
+except ImportError:
+    pyspng = None
 
 log = logging.getLogger(__name__)
 
@@ -367,8 +373,10 @@ def decode_image_array(data: bytes, max_pixels: int = MediaPolicy.max_image_pixe
     with the same settings as PIL's (accurate integer DCT, smooth chroma upsampling), straight
     into the array. The pixels are the same (tests compare them); a noisy 1280x720 JPEG at
     quality 90 took 10.3 ms against PIL's 12.8 ms, and the copy out of PIL's image (~1 ms) is
-    gone. Everything else, and any JPEG that simplejpeg's strict decoder refuses (PIL may accept
-    a recoverable one, or refuse it with its own message), goes through decode_image."""
+    gone. Plain PNGs (_plain_png_size) decode through pyspng (libspng), lossless and so the same
+    pixels: the noisy 1280x720 PNG in 14.5 ms against 25.2. Everything else, and any image that
+    these decoders refuse (PIL may accept a recoverable one, or refuse it with its own message),
+    goes through decode_image."""
     if simplejpeg is not None and data[:3] == b"\xff\xd8\xff":
         try:
             h, w, space, _ = simplejpeg.decode_jpeg_header(data)
@@ -381,7 +389,52 @@ def decode_image_array(data: bytes, max_pixels: int = MediaPolicy.max_image_pixe
                 return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
             except ValueError:
                 pass
+    elif pyspng is not None and data[:8] == _PNG_SIGNATURE:
+        size = _plain_png_size(data)
+        if size is not None:
+            w, h = size
+            if w * h > max_pixels:
+                raise MediaError(f"image of {w}x{h} pixels is larger than the {max_pixels} pixel limit")
+            try:
+                out = pyspng.load(data, "RGB")
+                if out.shape == (h, w, 3) and out.dtype == np.uint8:
+                    return out
+            except RuntimeError:
+                pass
     return np.asarray(decode_image(data, max_pixels), dtype=np.uint8).copy()
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _plain_png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a PNG that pyspng decodes to decode_image's pixels: 8-bit RGB or
+    grayscale (no palette, no alpha), no tRNS chunk (transparency is composited onto white, PIL's
+    path), every chunk's CRC intact. libspng, as pyspng calls it, decodes past a chunk's bad CRC
+    and a zlib stream's bad checksum, where PIL refuses the image; so the CRCs are checked here
+    (0.75 ms for a 2.8 MB PNG on this machine) and any damage is left to decode_image to refuse.
+    None: decode_image's path."""
+    pos, size, seen_ihdr, view = 8, None, False, memoryview(data)
+    while pos + 12 <= len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        end = pos + 12 + n
+        if end > len(data) or zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            return None
+        if not seen_ihdr:
+            if kind != b"IHDR" or n != 13:
+                return None
+            w, h = int.from_bytes(data[pos + 8:pos + 12], "big"), int.from_bytes(data[pos + 12:pos + 16], "big")
+            depth, color = data[pos + 16], data[pos + 17]
+            if depth != 8 or color not in (0, 2) or not (w and h):
+                return None
+            size, seen_ihdr = (w, h), True
+        elif kind == b"tRNS":
+            return None
+        elif kind == b"IEND":
+            return size
+        pos = end
+    return None
 
 
 @dataclass
