@@ -525,6 +525,8 @@ async def _parse_json(raw: bytes) -> object:
         return await asyncio.to_thread(json.loads, raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from e
+    except RecursionError:          # Python's parser recurses per level: '[' * 100000 would be a 500
+        raise APIError(400, "request body is not valid JSON: nested too deeply") from None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -386,3 +386,29 @@ def test_media_urls_leave_the_json_as_the_media_input(tiny_moe):
     assert parts[1] == msgs[0]["content"][1]
     assert parts[2]["image_url"]["url"] == "media-input:1"
     assert "base64" not in json.dumps(sent)
+
+
+def test_deeply_nested_json_is_a_400_everywhere_it_is_parsed(tiny_moe):
+    """Python's json recurses once per level, so '[' * 100000 raised RecursionError: a 500 from
+    the adapter, from preprocess (a direct Triton client's text_input or sampling_parameters) and
+    from a structured_output schema given as a string. Each is the client's mistake: a 400."""
+    from qwen3vl_backend.engine.structured import grammar_for
+    from qwen3vl_backend.errors import RequestError
+    from qwen3vl_backend.serving.preprocess import parse_json_object
+
+    deep = "[" * 100_000
+    app = create_app(FrontendSettings(served_model_name="tiny-moe", model_path=str(tiny_moe), max_model_len=1024),
+                     client_factory=lambda: FakeTriton("x"))
+
+    async def post(body: str):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://adapter") as http:
+            return await http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+
+    for body in (deep, '{"messages": ' + deep, "[" * 200_000 + "]" * 200_000):    # small and large bodies
+        r = _run(post(body))
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
+    for what in ("text_input", "sampling_parameters"):
+        with pytest.raises(RequestError, match=f"{what} is not valid JSON: nested too deeply"):
+            parse_json_object(deep, what)
+    with pytest.raises(RequestError, match="json_schema is nested too deeply"):
+        grammar_for({"json_schema": deep})

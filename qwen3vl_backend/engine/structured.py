@@ -42,7 +42,11 @@ def grammar_for(spec) -> str:
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
         raise RequestError(f"structured_output must be one of {{{', '.join(KINDS)}: ...}}, got {_short(spec)}")
     kind, value = next(iter(spec.items()))
-    if len(json.dumps(value, default=str)) > MAX_GRAMMAR_CHARS:
+    try:
+        size = len(json.dumps(value, default=str))
+    except RecursionError:          # json's encoder and parser recurse per level
+        raise RequestError(f"structured_output {kind} is nested too deeply") from None
+    if size > MAX_GRAMMAR_CHARS:
         raise RequestError(f"structured_output {kind} is larger than {MAX_GRAMMAR_CHARS} characters")
     try:
         if kind == "json_schema":
@@ -61,6 +65,8 @@ def grammar_for(spec) -> str:
         return llguidance.grammar_from("choice", json.dumps(value))
     except ValueError as e:
         raise RequestError(f"structured_output {kind} does not compile: {e}") from None
+    except RecursionError:
+        raise RequestError(f"structured_output {kind} is nested too deeply") from None
 
 
 def _text(value, kind: str) -> str:

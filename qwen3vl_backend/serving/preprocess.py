@@ -49,6 +49,8 @@ def parse_json_object(raw: str, what: str) -> dict:
         value = json.loads(raw) if raw else {}
     except json.JSONDecodeError as e:
         raise RequestError(f"{what} is not valid JSON: {e}") from e
+    except RecursionError:          # the parser recurses per level: a direct client's '[' * 100000
+        raise RequestError(f"{what} is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise RequestError(f"{what} must be a JSON object")
     return value
