@@ -427,8 +427,8 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
 def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor | None = None,
                block: tuple[int, int] | None = None) -> torch.Tensor:
     """dense_fp8_gemm's launch; without `scale`, w is in x's dtype (bf16/float32 weights: a small
-    layer's GEMM split over K, e.g. the MoE router's 128 x 2048 at 16-64 rows, where a few
-    programs streaming all of K were latency-bound: kernels.linear.skinny_linear's SPLIT_K entries)."""
+    layer's GEMM split over K, e.g. 30B's MoE router, 128 x 2048, at 16 rows, where the skinny
+    kernel's few programs each streamed all of K: kernels.linear.skinny_linear's SPLIT_K entries)."""
     m, k = x.shape
     n = w.shape[0]
     fp8 = scale is not None
