@@ -385,3 +385,21 @@ def test_decode_image_array_refuses_what_decode_image_refuses(monkeypatch):
     sos = data.index(b"\xff\xda")
     extraneous = data[:sos] + b"\x00\x00" + data[sos:]
     assert np.array_equal(decode_image_array(extraneous), np.asarray(decode_image(extraneous)))
+
+
+def test_a_png_of_very_many_chunks_takes_pils_path(monkeypatch):
+    """The CRC walk before pyspng is Python, a chunk at a time: past _PNG_MAX_CHUNKS (a body of
+    tiny chunks is cheap to send) the PNG goes PIL's way, with the same pixels."""
+    import numpy as np
+
+    from qwen3vl_backend.processing import media
+
+    png = _jpeg_cases()["png"]
+    tiny = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))   # an ancillary chunk
+    calls = _count_fast_decodes(monkeypatch)
+    few = png[:33] + tiny * 10 + png[33:]
+    many = png[:33] + tiny * (media._PNG_MAX_CHUNKS + 1) + png[33:]
+    assert np.array_equal(media.decode_image_array(few), np.asarray(decode_image(png)))
+    assert calls == (["png"] if media.pyspng is not None else [])
+    assert np.array_equal(media.decode_image_array(many), np.asarray(decode_image(png)))
+    assert calls == (["png"] if media.pyspng is not None else [])       # not through pyspng

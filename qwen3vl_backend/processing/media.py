@@ -406,6 +406,7 @@ def decode_image_array(data: bytes, max_pixels: int = MediaPolicy.max_image_pixe
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MAX_CHUNKS = 16384       # past this many, PIL's path: the walk is Python, a chunk at a time
 
 
 def _plain_png_size(data: bytes) -> tuple[int, int] | None:
@@ -416,7 +417,9 @@ def _plain_png_size(data: bytes) -> tuple[int, int] | None:
     (0.75 ms for a 2.8 MB PNG on this machine) and any damage is left to decode_image to refuse.
     None: decode_image's path."""
     pos, size, seen_ihdr, view = 8, None, False, memoryview(data)
-    while pos + 12 <= len(data):
+    for _ in range(_PNG_MAX_CHUNKS):
+        if pos + 12 > len(data):
+            return None
         n = int.from_bytes(data[pos:pos + 4], "big")
         kind = data[pos + 4:pos + 8]
         end = pos + 12 + n
