@@ -354,3 +354,32 @@ def test_the_vit_checks_its_pixel_rows(tiny_dense):
                                   ((0, width), [(0, 4, 4)], "positive")):
         with pytest.raises(ValueError, match=message):
             check_pixel_rows(shape, grids, cfg)
+
+
+@pytest.mark.parametrize("frames,height,width,out_h", [(1, 720, 1280, 704), (1, 1080, 1920, 1088), (3, 721, 1283, 736),
+                                                        (2, 600, 1024, 512)])
+def test_resize_in_vertical_strips_is_one_resize_bit_for_bit(frames, height, width, out_h, monkeypatch):
+    """A resize that keeps the width runs as RESIZE_STRIPS vertical strips on threads: the same
+    bytes as one call, contiguous, for images and video frames, at widths the strips do not divide;
+    a resize that changes the width, or a small one, is one call. A planted strip one column
+    short (that column never resized) fails the comparison."""
+    import torch
+    import torch.nn.functional as F
+
+    from qwen3vl_backend.processing import vision_inputs as vi
+
+    g = torch.Generator().manual_seed(height)
+    x = torch.randint(0, 256, (frames, height, width, 3), generator=g, dtype=torch.uint8).permute(0, 3, 1, 2)
+    monkeypatch.setattr(vi, "RESIZE_STRIPS", 4)         # (hosts of fewer than 8 cores default to 1)
+    calls = []
+    real = F.interpolate
+    monkeypatch.setattr(vi.F, "interpolate", lambda t, **kw: calls.append(t.shape[-1]) or real(t, **kw))
+    want = real(x, size=(out_h, width), mode="bicubic", antialias=True)
+    got = vi._resize(x, out_h, width)
+    assert torch.equal(got, want) and got.is_contiguous()      # (one call's layout follows its input's)
+    assert sorted(calls) == sorted(width * (i + 1) // 4 - width * i // 4 for i in range(4))
+    calls.clear()
+    assert torch.equal(vi._resize(x, out_h, width - 32), real(x, size=(out_h, width - 32), mode="bicubic", antialias=True))
+    small = x[..., :64, :64]
+    assert torch.equal(vi._resize(small, 32, 64), real(small, size=(32, 64), mode="bicubic", antialias=True))
+    assert calls == [width, 64]
