@@ -50,14 +50,15 @@ try:        # SIMD base64: a 3.7 MB data URI decodes in ~2 ms instead of ~15 (sa
 except ImportError:
     _b64decode = base64.b64decode
 
-try:        # libjpeg-turbo into a numpy array: decode_image's pixels, faster (decode_image_array)
+# libjpeg-turbo and libspng into numpy arrays: decode_image's pixels, faster (decode_image_array).
+# Optional: without them (or when one cannot load, e.g. built for another numpy), PIL decodes.
+try:
     import simplejpeg
-except ImportError:
+except Exception:   # noqa: BLE001  (an extension built for another numpy fails in several ways)
     simplejpeg = None
-
-try:        # libspng into a numpy array: the same for plain PNGs (decode_image_array)
+try:
     import pyspng
-except ImportError:
+except Exception:   # noqa: BLE001
     pyspng = None
 
 log = logging.getLogger(__name__)
