@@ -523,7 +523,7 @@ async def _parse_json(raw: bytes) -> object:
         # a body with images (megabytes of data URIs) is parsed off the event loop, which meanwhile
         # keeps every other stream's tokens flowing
         return await asyncio.to_thread(json.loads, raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:         # JSONDecodeError, UnicodeDecodeError, and a number of 4300+ digits
         raise APIError(400, f"request body is not valid JSON: {e}") from e
     except RecursionError:          # Python's parser recurses per level: '[' * 100000 would be a 500
         raise APIError(400, "request body is not valid JSON: nested too deeply") from None

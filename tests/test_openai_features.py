@@ -391,7 +391,8 @@ def test_media_urls_leave_the_json_as_the_media_input(tiny_moe):
 def test_deeply_nested_json_is_a_400_everywhere_it_is_parsed(tiny_moe):
     """Python's json recurses once per level, so '[' * 100000 raised RecursionError: a 500 from
     the adapter, from preprocess (a direct Triton client's text_input or sampling_parameters) and
-    from a structured_output schema given as a string. Each is the client's mistake: a 400."""
+    from a structured_output schema given as a string. A number of 5000 digits raised int()'s
+    ValueError, not a JSONDecodeError: a 500 too. Each is the client's mistake: a 400."""
     from qwen3vl_backend.engine.structured import grammar_for
     from qwen3vl_backend.errors import RequestError
     from qwen3vl_backend.serving.preprocess import parse_json_object
@@ -407,8 +408,13 @@ def test_deeply_nested_json_is_a_400_everywhere_it_is_parsed(tiny_moe):
     for body in (deep, '{"messages": ' + deep, "[" * 200_000 + "]" * 200_000):    # small and large bodies
         r = _run(post(body))
         assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
+    huge = '{"model": "tiny-moe", "max_tokens": 1' + "0" * 5000 + "}"   # past int()'s 4300 digits: ValueError
+    r = _run(post(huge))
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text
     for what in ("text_input", "sampling_parameters"):
         with pytest.raises(RequestError, match=f"{what} is not valid JSON: nested too deeply"):
             parse_json_object(deep, what)
+        with pytest.raises(RequestError, match=f"{what} is not valid JSON: Exceeds the limit"):
+            parse_json_object(huge, what)
     with pytest.raises(RequestError, match="json_schema is nested too deeply"):
         grammar_for({"json_schema": deep})

@@ -47,7 +47,7 @@ class _Parsed:
 def parse_json_object(raw: str, what: str) -> dict:
     try:
         value = json.loads(raw) if raw else {}
-    except json.JSONDecodeError as e:
+    except ValueError as e:         # JSONDecodeError, and a number of 4300+ digits (int's limit)
         raise RequestError(f"{what} is not valid JSON: {e}") from e
     except RecursionError:          # the parser recurses per level: a direct client's '[' * 100000
         raise RequestError(f"{what} is not valid JSON: nested too deeply") from None
