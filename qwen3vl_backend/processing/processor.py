@@ -27,8 +27,9 @@ IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
 # an item's bytes are hashed here while it decodes (hashlib lets go of the GIL): a 2.8 MB PNG's
-# SHA-256 is ~1.4 ms of a request's host time otherwise
-_digests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="media-hash")
+# SHA-256 is ~1.4 ms of a request's host time otherwise. As many threads as the media pool runs
+# items by default (--mm-max-concurrent-calls 32), so a busy server's hashes do not queue
+_digests = ThreadPoolExecutor(max_workers=32, thread_name_prefix="media-hash")
 
 
 @dataclass
