@@ -125,11 +125,13 @@ def parse_image_sizes(text: str) -> list[tuple[int, int]]:
 # A resize that keeps the width (1280x720 -> 1280x704, 1920x1080 -> 1920x1088: the common photo
 # and screen sizes) only filters along columns, so vertical strips of the frame resize apart, bit
 # for bit the same, on these threads: torch's uint8 antialiased resize runs on one thread (1280x720:
-# ~2-4 ms here). Shared by all requests, so at most this many strips run at once; on a host of
-# fewer than 8 cores, one call (threads there only contend: benchmarks.preprocess).
-RESIZE_STRIPS = 4 if len(os.sched_getaffinity(0)) >= 8 else 1
+# ~2-4 ms here). The threads are shared by all requests, one a core, so a busy server resizes as
+# many strips at once as it resized whole frames before; on a host of fewer than 8 cores, one call
+# (threads there only contend: benchmarks.preprocess).
+_CORES = len(os.sched_getaffinity(0))
+RESIZE_STRIPS = 4 if _CORES >= 8 else 1
 RESIZE_MIN_PIXELS = 1 << 19          # smaller frames: one call
-_strips = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resize")
+_strips = ThreadPoolExecutor(max_workers=max(4, _CORES), thread_name_prefix="resize")
 
 
 def _resize(frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
