@@ -330,6 +330,10 @@ def test_images_travel_as_single_frames(tiny_dense, video_file):
     assert torch.equal(torch.stack([by_channel] * tp, dim=2).reshape(single.shape[0], -1), full)
     assert torch.equal(expand_image_rows(single, cfg), full)
     assert torch.equal(expand_image_rows(normalize_patches(single, cfg), cfg), normalize_patches(full, cfg))
+    # one image: its rows leave as they are (no join), the same bytes
+    one = pre.run(json.dumps({"messages": [{"role": "user", "content": parts[:1]}]}))["pixel_values"]
+    first = proc.process_messages([{"role": "user", "content": parts[:1]}], normalize=False).media[0].pixel_values
+    assert torch.equal(expand_image_rows(torch.from_numpy(one), cfg), first)
     pytest.importorskip("av", reason="the video fixture is written with PyAV")
     mixed = pre.run(json.dumps({"messages": [{"role": "user", "content": parts[:1] + [
         {"type": "video_url", "video_url": {"url": data_uri(video_file.read_bytes(), "video/mp4")}}]}]}))
