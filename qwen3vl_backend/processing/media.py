@@ -376,8 +376,8 @@ def decode_image_array(data: bytes, max_pixels: int = MediaPolicy.max_image_pixe
     quality 90 took 10.3 ms against PIL's 12.8 ms, and the copy out of PIL's image (~1 ms) is
     gone. Plain PNGs (_plain_png_header, _plain_png_chunks) decode through pyspng (libspng),
     lossless and so the same pixels: the noisy 1280x720 PNG in 17.3 ms with the CRC walk against
-    PIL's 24.6 (the GPU host: 15-19 ms against 25-38); the walk now runs beside the decode, and
-    a PNG it finds damaged is decoded again by PIL (refused). Everything else, and any image that
+    PIL's 24.6 (the GPU host: 15-19 ms against 25-38); the walk runs beside the decode, and a
+    PNG it does not vouch for (damaged, or with tRNS) goes to PIL after. Everything else, and any image that
     these decoders refuse (PIL may accept a recoverable one, or refuse it with its own message),
     goes through decode_image."""
     if simplejpeg is not None and data[:3] == b"\xff\xd8\xff":
