@@ -305,7 +305,8 @@ def _jpeg_cases():
     return {"420": _jpeg(img, quality=90), "422": _jpeg(img, subsampling=1), "444": _jpeg(img, subsampling=0),
             "progressive": _jpeg(img, progressive=True), "gray": _jpeg(img.convert("L")),
             "cmyk": _jpeg(img.convert("CMYK")), "png": image_bytes(img), "png-gray": image_bytes(img.convert("L")),
-            "png-palette": image_bytes(make_image(53, 37, 11, "P")), "png-rgba": image_bytes(make_image(53, 37, 11, "RGBA")),
+            "png-palette": image_bytes(make_image(53, 37, 11, "P")),
+            "png-rgba": image_bytes(make_image(53, 37, 11, "RGBA")),
             "png-trns": image_bytes(trns)}
 
 
