@@ -128,7 +128,7 @@ def parse_image_sizes(text: str) -> list[tuple[int, int]]:
 # ~2-4 ms here). The threads are shared by all requests, one a core, so a busy server resizes as
 # many strips at once as it resized whole frames before; on a host of fewer than 8 cores, one call
 # (threads there only contend: benchmarks.preprocess).
-_CORES = len(os.sched_getaffinity(0))
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 RESIZE_STRIPS = 4 if _CORES >= 8 else 1
 RESIZE_MIN_PIXELS = 1 << 19          # smaller frames: one call
 _strips = ThreadPoolExecutor(max_workers=max(4, _CORES), thread_name_prefix="resize")
