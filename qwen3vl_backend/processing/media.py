@@ -342,15 +342,19 @@ def _read_local(url: str, policy: MediaPolicy) -> bytes:
 
 # -- decoding --------------------------------------------------------------------------------------
 
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image whose header's size is past the pixel limit, before any pixel is decoded."""
+    if width * height > max_pixels:
+        raise MediaError(f"image of {width}x{height} pixels is larger than the {max_pixels} pixel limit")
+
+
 def decode_image(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -> Image.Image:
     """Bytes -> RGB PIL image. Transparency (RGBA, LA, P or L with a transparent index) is
     composited onto white first, as transformers' convert_to_rgb does. The size is checked from
     the header before any pixel is decoded."""
     try:
         img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise MediaError(f"image of {w}x{h} pixels is larger than the {max_pixels} pixel limit")
+        check_pixels(*img.size, max_pixels)
         img.load()
         if "A" in img.getbands() or img.info.get("transparency") is not None:
             rgba = img.convert("RGBA")
@@ -386,8 +390,7 @@ def decode_image_array(data: bytes, max_pixels: int = MediaPolicy.max_image_pixe
         except ValueError:
             space = None
         if space in ("YCbCr", "Gray"):
-            if w * h > max_pixels:
-                raise MediaError(f"image of {w}x{h} pixels is larger than the {max_pixels} pixel limit")
+            check_pixels(w, h, max_pixels)
             try:
                 return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
             except ValueError:
@@ -396,8 +399,7 @@ def decode_image_array(data: bytes, max_pixels: int = MediaPolicy.max_image_pixe
         size = _plain_png_header(data)
         if size is not None:
             w, h = size
-            if w * h > max_pixels:
-                raise MediaError(f"image of {w}x{h} pixels is larger than the {max_pixels} pixel limit")
+            check_pixels(w, h, max_pixels)
             intact = _png_checks.submit(_plain_png_chunks, data)    # while pyspng decodes
             try:
                 out = pyspng.load(data, "RGB")
