@@ -10,14 +10,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .chat import MediaRef, RequestError, load_chat_template, render_chat
-from .media import TRUSTED, Cancel, MediaPolicy, decode_image_array, decode_video, fetch_bytes
+from .media import BESIDE_DECODE, TRUSTED, Cancel, MediaPolicy, decode_image_array, decode_video, fetch_bytes
 from .positions import IMAGE, TEXT, VIDEO, mrope_positions
 from .tokenizer import Tokenizer
 from .vision_inputs import (VisionProcessingConfig, normalize_patches, process_image, process_video,
@@ -25,11 +24,6 @@ from .vision_inputs import (VisionProcessingConfig, normalize_patches, process_i
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-
-# an item's bytes are hashed here while it decodes (hashlib lets go of the GIL): a 2.8 MB PNG's
-# SHA-256 is ~1.4 ms of a request's host time otherwise. As many threads as the media pool runs
-# items by default (--mm-max-concurrent-calls 32), so a busy server's hashes do not queue
-_digests = ThreadPoolExecutor(max_workers=32, thread_name_prefix="media-hash")
 
 
 @dataclass
@@ -68,7 +62,7 @@ class Processor:
         `single_frame`: an image's rows hold its frame once (vision_inputs.expand_image_rows)."""
         t0 = time.perf_counter()
         data = fetch_bytes(ref.source, policy, cancel)
-        digest = _digests.submit(lambda: hashlib.sha256(data).digest())
+        digest = BESIDE_DECODE.submit(lambda: hashlib.sha256(data).digest())     # hashed while it decodes
         t1 = t2 = time.perf_counter()
         opts = ref.options
         stamps: list[float] = []
