@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from qwen3vl_backend.errors import RequestError
 from qwen3vl_backend.processing.media import Cancel, MediaPolicy, video_backend
+from qwen3vl_backend.serving import json_body
 
 from .media import MediaFetcher, split_media
 from .text_prompts import TextPrompts
@@ -521,8 +522,8 @@ async def _parse_json(raw: bytes) -> object:
         if len(raw) < 2**18:
             return json.loads(raw)
         # a body with images (megabytes of data URIs) is parsed off the event loop, which meanwhile
-        # keeps every other stream's tokens flowing
-        return await asyncio.to_thread(json.loads, raw)
+        # keeps every other stream's tokens flowing; its long strings cut out first (json_body)
+        return await asyncio.to_thread(json_body.loads, raw)
     except ValueError as e:         # JSONDecodeError, UnicodeDecodeError, and a number of 4300+ digits
         raise APIError(400, f"request body is not valid JSON: {e}") from e
     except RecursionError:          # Python's parser recurses per level: '[' * 100000 would be a 500

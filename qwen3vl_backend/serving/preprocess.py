@@ -26,6 +26,7 @@ from ..processing.chat import MEDIA_INPUT, MediaRef
 from ..processing.media import Cancel, MediaPolicy
 from ..processing.processor import IMAGE_PAD, VISION_END, VISION_START, MediaItem, Processor
 from ..sampling_params import SAMPLING_FIELDS, SamplingParams
+from . import json_body
 from .media_pool import MediaPool
 
 
@@ -46,7 +47,7 @@ class _Parsed:
 
 def parse_json_object(raw: str, what: str) -> dict:
     try:
-        value = json.loads(raw) if raw else {}
+        value = json_body.loads(raw) if raw else {}
     except ValueError as e:         # JSONDecodeError, and a number of 4300+ digits (int's limit)
         raise RequestError(f"{what} is not valid JSON: {e}") from e
     except RecursionError:          # the parser recurses per level: a direct client's '[' * 100000
