@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import switches
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 
 from .linear import _skinny_kernel, block_scaled, dividing, nearest_m, norm_arguments
@@ -124,26 +125,62 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride
     tl.store(s_ptr + row * stride_sm + g * stride_sg, scale, mask=g * GROUP < K)
 
 
+@triton.jit
+def _quantize_flat_kernel(x_ptr, q_ptr, s_ptr, total, G, stride_xm, stride_qm, stride_sm, stride_sg,
+                          GROUP: tl.constexpr, PAIRS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """_quantize_groups_kernel's values where K is whole groups (GROUP a power of two): program i
+    takes the (token, group) pairs i * PAIRS ... in row-major order, so every program has the
+    same PAIRS x GROUP tile, whatever K (6 groups a row leave none padded)."""
+    gdc_enter(USE_PDL)
+    p = tl.program_id(0).to(tl.int64) * PAIRS + tl.arange(0, PAIRS)
+    ok = p < total
+    row = p // G
+    g = p % G
+    lane = tl.arange(0, GROUP)[None, :]
+    x = tl.load(x_ptr + (row * stride_xm + g * GROUP)[:, None] + lane, mask=ok[:, None], other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-12) / 448.0
+    q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+    tl.store(q_ptr + (row * stride_qm + g * GROUP)[:, None] + lane, q.to(q_ptr.dtype.element_ty), mask=ok[:, None])
+    tl.store(s_ptr + row * stride_sm + g * stride_sg, scale, mask=ok)
+
+
 def quantize_activations_fp8(x: torch.Tensor, group: int, scales_column_major: bool = False):
     """quantize_activations in one launch: X (T, K) -> Xq fp8 (T, K), xs float32 (T, ceil(K/group)),
     xs column-major (stride (1, T)) if asked, as cuBLAS's block-scaled GEMM takes it. Off the GPU,
     the torch reference (Triton's interpreter rounds to e4m3 differently from the hardware)."""
     t, k = x.shape
-    g = -(-k // group)
     if not x.is_cuda:
         q, xs = quantize_activations(x, group)
         return q, (xs.t().contiguous().t() if scales_column_major else xs)
+    return quantize_launch(x, group, scales_column_major, switches.FLAT_QUANTIZE)
+
+
+def quantize_launch(x: torch.Tensor, group: int, scales_column_major: bool, flat: bool):
+    """quantize_activations_fp8's kernel launch (on any device: tests run it in the interpreter).
+    `flat`: _quantize_flat_kernel where K is whole groups of a power-of-two size."""
+    t, k = x.shape
+    g = -(-k // group)
     q = torch.empty(t, k, dtype=FP8, device=x.device)
     xs = torch.empty(g, t, dtype=torch.float32, device=x.device).t() if scales_column_major else \
         torch.empty(t, g, dtype=torch.float32, device=x.device)
-    if t:
-        x = x if x.stride(-1) == 1 else x.contiguous()
+    if not t:
+        return q, xs
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if flat and k % group == 0 and group == triton.next_power_of_2(group):
+        pairs = max(1, FLAT_QUANTIZE_ELEMENTS // group)
+        _quantize_flat_kernel[(triton.cdiv(t * g, pairs),)](
+            x, q, xs, t * g, g, x.stride(0), q.stride(0), xs.stride(0), xs.stride(1), GROUP=group, PAIRS=pairs,
+            num_warps=4, **pdl(x))
+    else:
         groups = max(1, min(triton.next_power_of_2(g), 4096 // triton.next_power_of_2(group)))
         _quantize_groups_kernel[(t, triton.cdiv(g, groups))](
             x, q, xs, k, x.stride(0), q.stride(0), xs.stride(0), xs.stride(1),
             GROUP=group, GROUP_PAD=triton.next_power_of_2(group), GROUPS=groups, num_warps=4, **pdl(x))
     return q, xs
 
+
+# the flat kernel's tile: (token, group) pairs x group elements
+FLAT_QUANTIZE_ELEMENTS = 4096
 
 GEMV_MAX_M = 16
 GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}

@@ -387,6 +387,24 @@ def test_activation_quantization_kernel(t, k, group, column_major):
     assert ((back - ref).abs() <= step).all() and (back != ref).float().mean() < 1e-3
 
 
+@pytest.mark.parametrize("t,k,group,pad", [(3, 384, 128, 0), (5, 256, 64, 8), (40, 96, 32, 0), (2, 512, 128, 128)])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_flat_quantize_kernel_gives_the_per_token_kernels_bits(t, k, group, pad, column_major, monkeypatch):
+    """The fixed (token, group)-pair tiles against the program-per-token kernel, bit for bit
+    (each launch on this device: the interpreter off a GPU). Four pairs a program, with 3, 4 and
+    6 groups a row: tiles cross rows, and the last one has pairs past the end; rows `pad`
+    elements apart."""
+    from kernels import fp8
+
+    monkeypatch.setattr(fp8, "FLAT_QUANTIZE_ELEMENTS", 4 * group)
+    base = (torch.randn(t, k + pad) * torch.logspace(-3, 2, k + pad)).to(DEV).bfloat16()
+    x = base[:, :k]
+    x[0, :group] = 0.0
+    (q1, s1), (q2, s2) = (fp8.quantize_launch(x, group, column_major, flat) for flat in (False, True))
+    assert torch.equal(s1, s2) and s1.stride() == s2.stride()
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 300, 2048])
@@ -593,6 +611,35 @@ def test_moe_pairs_prefetch_gives_the_same_bits(fp8, down_k, group_scale):
                                     prefetch=p) for p in (False, True))
     torch.testing.assert_close(early, plain, rtol=0, atol=0)
     assert _rel(early, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("split", [2, 3, 8])
+def test_moe_pairs_down_split_over_k(fp8, prefetch, split):
+    """DOWN_SPLIT_K: the down kernel's K steps shared by programs whose partials the tile's last
+    program sums. Intermediate 64 in steps of 16: 4 steps, so 3 splits leave the last one empty
+    and 8 are cut to 4. The answer is the unsplit one's (sums in another order) and the per-tile
+    counts are back at zero after, for the next launch. Three inputs in turn, so that no answer
+    can come from an earlier launch's partials. (The interpreter runs a tile's programs one after
+    another, so it cannot show a race between them: the GPU tests run this too.)"""
+    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference, tile_counts
+    from qwen3vl_backend.layers.moe import route
+
+    m, e, h, i, a, block = 3, 6, 96, 64, 3, (32, 32)
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
+    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 16, "down_warps": 4}
+    weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
+    for _ in range(3):
+        x = torch.randn(m, h, device=DEV)
+        w, ids = route(torch.randn(m, e, device=DEV), a, True)
+        plain = fused_moe_pairs(x, weights[0], weights[1], w, ids, cfg, weights[2], weights[3], block,
+                                prefetch=prefetch)
+        got = fused_moe_pairs(x, weights[0], weights[1], w, ids, {**cfg, "DOWN_SPLIT_K": split}, weights[2],
+                              weights[3], block, prefetch=prefetch)
+        torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+        assert not tile_counts(x.device).any()
+        assert _rel(got, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
 @pytest.mark.parametrize("block_n,block", [(16, (32, 128)), (64, (32, 128)), (32, (16, 64))])
