@@ -311,6 +311,26 @@ def sweep_norm_route() -> tuple[list[dict], dict]:
     return rows, table
 
 
+def bench_quantize() -> list[dict]:
+    """Activation quantization (per token and 128-wide group) at a 954-token prompt's shapes (30B:
+    q/k/v's and the MoE's input, o_proj's, the MoE intermediate's 7632 pairs) and decode batches:
+    the program-per-token kernel against the flat (token, group)-pair one, bit for bit the same.
+    Graph replay of one input (it is what the kernel before just wrote, in L2)."""
+    from kernels.fp8 import quantize_launch
+
+    rows = []
+    for t, k, column_major in ((954, 2048, False), (954, 2048, True), (954, 4096, True), (7632, 768, False),
+                               (16, 2048, False), (64, 2048, False), (512, 768, False)):
+        x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+        us = {flat: graph_time_ms(lambda f=flat: quantize_launch(x, 128, column_major, f), iters=50) * 1e3
+              for flat in (False, True)}
+        q0, q1 = (quantize_launch(x, 128, column_major, flat) for flat in (False, True))
+        same = torch.equal(q0[0].view(torch.uint8), q1[0].view(torch.uint8)) and torch.equal(q0[1], q1[1])
+        rows.append({"tokens": t, "K": k, "scales_column_major": column_major, "per_token_us": round(us[False], 2),
+                     "flat_us": round(us[True], 2), "flat_tb_s": round(t * k * 3 / us[True] / 1e6, 2), "same_bits": same})
+    return rows
+
+
 def bench_fp8(ceil: dict) -> list[dict]:
     """Block-fp8 against bf16 at 30B-A3B shapes, each against its own floor: the decoder's
     projections (fp8 GEMV / cuBLAS fp8 against the skinny GEMM / cuBLAS bf16) and the fused MoE
@@ -534,7 +554,9 @@ def main(argv=None):
                 ("varlen", "ViT varlen attention (16 heads, D=72), bf16", sweep_varlen_attention),
                 ("attention", "paged decode attention (32 q / 4 kv heads, D=128, block 16), bf16",
                  lambda: bench_decode_attention(ceil)),
-                ("fp8", "block fp8 against bf16 (30B-A3B shapes), each against its floor", lambda: bench_fp8(ceil))]
+                ("fp8", "block fp8 against bf16 (30B-A3B shapes), each against its floor", lambda: bench_fp8(ceil)),
+                ("quantize", "activation quantization: a program per token against flat (token, group) tiles",
+                 bench_quantize)]
     for name, title, bench in sections:
         if name in parts:
             part = bench()

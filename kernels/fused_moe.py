@@ -365,17 +365,13 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                       USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, ws_ptr=None, count_ptr=None):
+                      PREFETCH: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
     (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two).
     PREFETCH (with PDL, after a gate_up launched with it): the routing and the first K step's
-    weights are read before the wait for gate_up (which writes neither).
-    SPLIT_K: program_id(2) takes that share of the K steps, so that more programs read the
-    weights at once (one token's down has only H / BLOCK_N column blocks); each stores its float32
-    partial in `ws_ptr` (SPLIT_K, M, N) and the last of a tile's programs to finish (a count per
-    tile in `count_ptr`, reset by it) sums them in split order, as the dense split-K GEMM does."""
+    weights are read before the wait for gate_up (which writes neither)."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -395,22 +391,17 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     a_ptrs = act_ptr + pairs[:, None] * stride_am + offs_k[None, :]
     acc = tl.zeros((TOP_K_PAD, BLOCK_N, BLOCK_K), tl.float32)
     s_rows = s_ptr + experts[:, None] * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
-    k_first, k_end = 0, tl.cdiv(K, BLOCK_K)
-    if SPLIT_K > 1:
-        k_first = tl.program_id(2) * tl.cdiv(k_end, SPLIT_K)
-        k_end = tl.minimum(k_end, k_first + tl.cdiv(k_end, SPLIT_K))
-        w_ptrs += k_first * BLOCK_K
-        a_ptrs += k_first * BLOCK_K
-    if PREFETCH:       # (a split past the last step loads nothing: its masks are all off)
-        w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K - k_first * BLOCK_K)[None, None, :]
+    k_first = 0
+    if PREFETCH:
+        w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K)[None, None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         gdc_wait(USE_PDL)
-        acc = _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, k_first, K, BLOCK_K, BK, TOP_K_PAD,
+        acc = _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, 0, K, BLOCK_K, BK, TOP_K_PAD,
                               HAS_SCALE, GROUP_SCALE)
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
-        k_first += 1
-    for k in range(k_first, k_end):
+        k_first = 1
+    for k in range(k_first, tl.cdiv(K, BLOCK_K)):
         w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K - k * BLOCK_K)[None, None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc = _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, k, K, BLOCK_K, BK, TOP_K_PAD,
@@ -419,20 +410,7 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
         a_ptrs += BLOCK_K
     weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
     out = tl.sum(tl.sum(acc, 2) * weights[:, None], 0)
-    if SPLIT_K > 1:
-        part = ws_ptr + token * N + offs_n
-        split_size = tl.num_programs(0) * N
-        tl.store(part + tl.program_id(2) * split_size, out, mask=n_ok)
-        tl.debug_barrier()              # every thread's partial stored before the count releases it
-        tile = token * tl.num_programs(1) + pid_n
-        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
-            out = tl.zeros((BLOCK_N,), tl.float32)
-            for split in range(0, SPLIT_K):
-                out += tl.load(part + split * split_size, mask=n_ok, other=0.0, volatile=True)
-            tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-            tl.atomic_xchg(count_ptr + tile, 0)
-    else:
-        tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -589,20 +567,13 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
-    tiles = m * triton.cdiv(h, down_n)
-    # "DOWN_SPLIT_K": the down kernel's K steps shared by that many programs per tile
-    split = min(cfg.get("DOWN_SPLIT_K", 1), triton.cdiv(inter, cfg["DOWN_BLOCK_K"]))
-    if split > 1 and tiles <= TILE_COUNTS:
-        ws, counts = torch.empty(split, m, h, dtype=torch.float32, device=x.device), tile_counts(x.device)
-    else:
-        split, ws, counts = 1, out, out
-    _pair_down_kernel[(m, triton.cdiv(h, down_n), split)](
+    _pair_down_kernel[(m, triton.cdiv(h, down_n))](
         act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
-        PREFETCH=prefetch, SPLIT_K=split, ws_ptr=ws, count_ptr=counts, **pdl(x))
+        PREFETCH=prefetch, **pdl(x))
     return out
 
 

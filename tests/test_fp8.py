@@ -613,35 +613,6 @@ def test_moe_pairs_prefetch_gives_the_same_bits(fp8, down_k, group_scale):
     assert _rel(early, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize("split", [2, 3, 8])
-def test_moe_pairs_down_split_over_k(fp8, prefetch, split):
-    """DOWN_SPLIT_K: the down kernel's K steps shared by programs whose partials the tile's last
-    program sums. Intermediate 64 in steps of 16: 4 steps, so 3 splits leave the last one empty
-    and 8 are cut to 4. The answer is the unsplit one's (sums in another order) and the per-tile
-    counts are back at zero after, for the next launch. Three inputs in turn, so that no answer
-    can come from an earlier launch's partials. (The interpreter runs a tile's programs one after
-    another, so it cannot show a race between them: the GPU tests run this too.)"""
-    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference, tile_counts
-    from qwen3vl_backend.layers.moe import route
-
-    m, e, h, i, a, block = 3, 6, 96, 64, 3, (32, 32)
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 16, "down_warps": 4}
-    weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
-    for _ in range(3):
-        x = torch.randn(m, h, device=DEV)
-        w, ids = route(torch.randn(m, e, device=DEV), a, True)
-        plain = fused_moe_pairs(x, weights[0], weights[1], w, ids, cfg, weights[2], weights[3], block,
-                                prefetch=prefetch)
-        got = fused_moe_pairs(x, weights[0], weights[1], w, ids, {**cfg, "DOWN_SPLIT_K": split}, weights[2],
-                              weights[3], block, prefetch=prefetch)
-        torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
-        assert not tile_counts(x.device).any()
-        assert _rel(got, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
-
-
 @pytest.mark.parametrize("block_n,block", [(16, (32, 128)), (64, (32, 128)), (32, (16, 64))])
 def test_fp8_gemv_steps_across_scale_blocks(block_n, block):
     """A K step of 256 over narrower scale blocks (each column its own block's scale), and
