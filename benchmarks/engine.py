@@ -303,6 +303,12 @@ def main(argv=None):
     ap.add_argument("--enable-vit-cuda-graph", action="store_true", help="the engine's ViT replays CUDA graphs")
     ap.add_argument("--compare-vit-graph", action="store_true",
                     help="TTFT rows with the ViT eager too (with --enable-vit-cuda-graph)")
+    ap.add_argument("--burst", type=int, default=0,
+                    help="instead: after the serving warm-up (LLMEngine.warm_up) alone, this many image requests at "
+                         "once, twice: TTFT and the Triton kernels each burst compiled (set TRITON_CACHE_DIR to an "
+                         "empty directory for a new machine's first start)")
+    ap.add_argument("--burst-warm-up", default="traffic", choices=["traffic", "singles"],
+                    help="with --burst: warm_up's concurrent-traffic steps, or its single prompts only")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel groups within them")
     ap.add_argument("--out", default=None)
@@ -326,6 +332,10 @@ def main(argv=None):
         processor = Processor(model_dir, engine.tokenizer)
         print(f"loaded {args.config} (dummy) in {load_s:.1f}s; weights {weights_gib:.1f} GiB; KV blocks "
               f"{engine.runner.num_blocks}; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+        if args.burst:
+            burst(args, settings, engine, processor, weights_gib, ceil, load_s)
+            engine.close()
+            return
         base = make_prompt(processor, 0)
         run(engine, [base], 8)                                     # warm up kernels and allocator
         # distinct images: identical prompts would decode identical tokens and route every
@@ -371,6 +381,27 @@ def main(argv=None):
                 profile_decode(engine, prompts[:c], Path(args.out or RESULTS))
     engine.cfg.overlap_schedule = True
     engine.close()
+
+
+def burst(args, settings: dict, engine: LLMEngine, processor: Processor, weights_gib: float, ceil: dict,
+          load_s: float) -> None:
+    """--burst: what the first concurrent requests after a start meet (the serving warm-up only)."""
+    from kernels.jit_cache import compiled_kernels
+
+    t = time.perf_counter()
+    engine.warm_up(traffic=args.burst_warm_up == "traffic")
+    warm_s = time.perf_counter() - t
+    prompts = [make_prompt(processor, 100 + i) for i in range(args.burst)]
+    rows = []
+    for n in (1, 2):
+        before = compiled_kernels()
+        r = run(engine, prompts, 8)
+        rows.append({"kind": "burst", "burst": n, "requests": args.burst, "warm_up": args.burst_warm_up,
+                     "warm_up_s": warm_s, "ttft_p50_ms": r["ttft_p50_ms"], "ttft_p99_ms": r["ttft_p99_ms"],
+                     "kernels_compiled": compiled_kernels() - before, "prompt_tokens": r["prompt_tokens"]})
+        print_table([rows[-1]], list(rows[-1]))
+    print(write_result("engine", {**settings, "config": args.config, "weights_gib": weights_gib, "load_s": load_s,
+                                  "ceilings": ceil}, rows, args.out))
 
 
 def report(args, settings: dict, rows: list[dict], ttft: list[dict], weights_gib: float, ceil: dict,

@@ -470,3 +470,30 @@ def test_penalized_requests_keep_the_overlap(tiny_moe):
     engine.cfg.overlap_schedule = False
     _, serial_tokens, serial_events = _run_mixed(engine, ids, 1, 2, special)
     assert serial_events == [] and serial_tokens == tokens and all(len(tokens[f"json{i}"]) == 16 for i in range(2))
+
+
+def test_warm_up_runs_the_steps_of_concurrent_traffic(tiny_moe):
+    """warm_up's traffic: two prompts in a step at every power-of-two token count up to the chunk
+    size and one past it, prompts prefilled beside a decoding sequence (odd and multiple-of-16
+    totals), and nothing left behind (no request, every block free, no cached prefix)."""
+    engine = LLMEngine(EngineConfig(model_path=str(tiny_moe), device="cpu", dtype="float32",
+                                    max_num_batched_tokens=300, max_model_len=1024))
+    steps, schedule = [], engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        if batch:
+            steps.append(sorted((c.num_tokens, c.start) for c in batch))
+        return batch
+
+    engine.scheduler.schedule = spy
+    engine.warm_up()
+    pairs = {sum(n for n, _ in s) for s in steps if len(s) == 2 and all(start == 0 for _, start in s)}
+    assert {2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257} <= pairs and max(pairs) <= 300
+    mixed = [s for s in steps if any(n == 1 and start > 0 for n, start in s) and any(n > 1 for n, _ in s)]
+    assert {sum(n for n, _ in s) % 2 for s in mixed} == {0, 1}
+    assert not engine.has_unfinished() and engine.block_manager.num_free == engine.block_manager.num_blocks
+    assert engine.block_manager.prefix_hits == 0 and not engine.block_manager._by_hash
+    before = len(steps)
+    engine.warm_up(traffic=False)
+    assert not any(len(s) > 1 for s in steps[before:])         # single prompts only

@@ -173,21 +173,48 @@ class LLMEngine:
         return encode_with_cache(self.runner.run_vision, self.vision_cache, pixels, [m.grid_thw for m in media],
                                  [m.content_hash for m in media], merge_unit)
 
-    def warm_up(self, lengths: tuple[int, ...] = (16, 256, 2048)) -> float:
+    def warm_up(self, lengths: tuple[int, ...] = (16, 256, 2048), traffic: bool = True) -> float:
         """Prefill a synthetic prompt of each length (capped by the chunk and context sizes) and
         decode two tokens from it, so that the kernels the first real requests need (launch
         shapes by batch size, prefill attention, the MoE's sorted path) compile now and not
         inside their time to first token. Leaves nothing behind: no request, no cached prefix,
         the prefix counters at zero. -> seconds taken. (Serving calls it; the decode graphs
-        were captured at start already.)"""
+        were captured at start already.)
+
+        `traffic`: also the steps concurrent requests make, which run eagerly (a lone prompt
+        replays a prefill graph, whose buckets are multiples of 128): two prompts in one step, at
+        every power-of-two token count up to the chunk size and one past it (the launch tables
+        are keyed by powers of two; Triton compiles a kernel again for an integer argument that
+        is or is not a multiple of 16, or 1), and prompts joining sequences that are decoding.
+        Without them the first burst of concurrent requests after a start compiled its kernels
+        inside its time to first token (30B-A3B fp8 served, 16 requests at once: first tokens
+        1.6-3.4 s after arriving, NOTES)."""
         if self.has_unfinished():
             raise RuntimeError("warm_up on a busy engine")
         t0 = time.perf_counter()
         cap = min(self.cfg.max_num_batched_tokens, self.cfg.max_model_len - 2)
         span = max(min(self.vocab_size, 4096) - 100, 1)             # ordinary ids, no special tokens
+        salts = itertools.count()
+
+        def prompt(n: int, fresh: bool = False) -> list[int]:
+            """n ids; `fresh`: sharing no prefix with any other (the prefix cache would cut its chunk)."""
+            s = next(salts) * 104729 if fresh else 0
+            return [100 + (i * 7919 + s) % span for i in range(max(1, min(n, cap)))]
+
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         for n in sorted({max(1, min(n, cap)) for n in lengths}):
-            self.generate([[100 + (i * 7919) % span for i in range(n)]], params)
+            self.generate([prompt(n)], params)
+        if traffic:
+            sizes = [2 ** i for i in range(1, cap.bit_length())]
+            for total in sorted({t for m in sizes for t in (m, m + 1) if t <= cap}):
+                self.generate([prompt(total // 2, True), prompt(total - total // 2, True)], params)
+            # a prompt's prefill beside a decoding sequence: 1 + 254 rows (odd), then 1 + 15
+            for n in (254, 15):
+                self.add_request(prompt(16, True), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+                self.step()                                         # the first one's prefill
+                self.add_request(prompt(n, True), params)
+                while self.has_unfinished():
+                    self.step()
         self.block_manager.forget_prefixes()
         return time.perf_counter() - t0
 
