@@ -309,6 +309,8 @@ def main(argv=None):
                          "empty directory for a new machine's first start)")
     ap.add_argument("--burst-warm-up", default="traffic", choices=["traffic", "singles"],
                     help="with --burst: warm_up's concurrent-traffic steps, or its single prompts only")
+    ap.add_argument("--enable-mixed-chunk", action="store_true",
+                    help="new prompts join the decoding steps (no solo_prefill steps; the launcher's flag)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel groups within them")
     ap.add_argument("--out", default=None)
@@ -324,7 +326,8 @@ def main(argv=None):
                         max_model_len=4096, max_num_seqs=128, max_num_batched_tokens=args.chunked_prefill_size,
                         mem_fraction_static=args.mem_fraction_static, enable_prefix_cache=False,
                         tp_size=args.tp, ep_size=args.ep, enable_vit_cuda_graph=args.enable_vit_cuda_graph,
-                        moe_routing="uniform" if routings[0] == "uniform" else "model")
+                        moe_routing="uniform" if routings[0] == "uniform" else "model",
+                        solo_prefill=not args.enable_mixed_chunk)
         t = time.perf_counter()
         engine = LLMEngine(EngineConfig(**settings))
         load_s = time.perf_counter() - t

@@ -50,6 +50,8 @@ class EngineConfig:
     cuda_graph_max_bs: int = 128          # decode steps up to this batch replay CUDA graphs; 0 disables
     prefill_cuda_graph_max_tokens: int = 4096   # one new prompt up to this many tokens (and the chunked-prefill
                                           # size) replays a prefill graph (cuda only); 0 disables
+    solo_prefill: bool = True             # with prefill graphs: a waiting prompt of 256+ tokens that fits one
+                                          # is prefilled in a step of its own, ahead of decoding (scheduler.py)
     enable_vit_cuda_graph: bool = False   # the ViT replays CUDA graphs bucketed by patch count (cuda only)
     overlap_schedule: bool = True         # queue step n+1 before reading step n back (SGLang's overlap scheduler)
     quantization: str = ""                # "" (as the checkpoint is) | fp8: quantize a bf16 checkpoint as it loads

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--disable-radix-cache", action="store_true", help="turn the prefix cache off")
     a("--disable-overlap-schedule", action="store_true",
       help="read each step back before queueing the next (by default the host prepares the next step meanwhile)")
+    a("--enable-mixed-chunk", action="store_true",
+      help="prefill new prompts in the decoding batch's steps (by default a prompt of 256+ tokens that fits a "
+           "prefill graph gets a step of its own, ahead of decoding, as SGLang without this flag)")
     a("--enable-cache-report", action="store_true")
     a("--enable-metrics", action="store_true")
     a("--triton-host", default="127.0.0.1",
@@ -181,6 +184,7 @@ def resolve(args) -> dict:
            "mem_fraction_static": str(args.mem_fraction_static),
            "enable_prefix_cache": "false" if args.disable_radix_cache else "true",
            "overlap_schedule": "false" if args.disable_overlap_schedule else "true",
+           "solo_prefill": "false" if args.enable_mixed_chunk else "true",
            "attention_backend": args.attention_backend, "quantization": args.quantization or "",
            "tp_size": str(args.tp), "ep_size": str(args.ep), "nnodes": str(args.nnodes),
            "node_rank": str(args.node_rank), "dist_init_addr": args.dist_init_addr or "",

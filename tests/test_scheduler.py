@@ -117,3 +117,44 @@ def test_evicted_blocks_are_reused_when_free_list_is_empty():
     bm.free(a)
     b = seq("b", 12, first=500)
     assert bm.ensure(b, 12) and bm.num_free == 0
+
+
+def steps_of(sched, n):
+    return [[(c.seq.request_id, c.start, c.num_tokens) for c in run_step(sched)] for _ in range(n)]
+
+
+def test_solo_prefill_gives_each_long_prompt_a_step_ahead_of_decoding():
+    """solo_prefill (8, 40): prompts of 8..40 tokens each get a step of their own, whole, while the
+    decoding sequence waits; a short prompt (under 8) and a long one (past 40, chunked) join the
+    regular steps with the decode rows."""
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=48, solo_prefill=(8, 40))
+    sched.add(seq("d", 4))
+    assert steps_of(sched, 1) == [[("d", 0, 4)]]                 # short: a regular step
+    for rid, n, first in (("a", 30, 100), ("b", 12, 200), ("s", 5, 300), ("l", 60, 400)):
+        sched.add(seq(rid, n, first))
+    assert steps_of(sched, 4) == [
+        [("a", 0, 30)],                                         # alone, whole: d waits
+        [("b", 0, 12)],
+        [("d", 4, 1), ("a", 30, 1), ("b", 12, 1), ("s", 0, 5), ("l", 0, 40)],    # s short, l past 40
+        [("d", 5, 1), ("a", 31, 1), ("b", 13, 1), ("s", 5, 1), ("l", 40, 20)]]
+
+
+def test_solo_prefill_streak_lets_decoding_sequences_through():
+    """At most max_solo_streak solo steps in a row while sequences decode, then a regular step
+    with every decode row (and the next prompt); none while a prompt is still prefilling in
+    chunks."""
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=64, solo_prefill=(8, 40),
+                      max_solo_streak=2)
+    for i in range(4):
+        sched.add(seq(f"p{i}", 10, 100 * i))
+    assert steps_of(sched, 4) == [
+        [("p0", 0, 10)], [("p1", 0, 10)],
+        # the streak's end (p0 waited two steps): the decode rows, and the prompts packed as before
+        [("p0", 10, 1), ("p1", 10, 1), ("p2", 0, 10), ("p3", 0, 10)],
+        [("p0", 11, 1), ("p1", 11, 1), ("p2", 10, 1), ("p3", 10, 1)]]
+    sched.add(seq("p4", 10, 400))
+    assert steps_of(sched, 1) == [[("p4", 0, 10)]]                # a new streak
+    chunked = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=16, solo_prefill=(8, 40))
+    chunked.add(seq("long", 30))
+    chunked.add(seq("next", 10, 100))
+    assert steps_of(chunked, 2) == [[("long", 0, 16)], [("long", 16, 14), ("next", 0, 2)]]

@@ -81,13 +81,20 @@ class _Step:
     outputs: list | None = None           # once read back (_finish_step)
 
 
+# prompts this long or longer (that fit a prefill graph) get a step of their own (Scheduler's solo_prefill);
+# shorter ones pack into steps as before, where one eager step serves many
+SOLO_PREFILL_MIN_TOKENS = 256
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, tokenizer: Tokenizer | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer or Tokenizer(cfg.model_path)
         self.runner = ModelRunner(cfg)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        graphs = self.runner.prefill_graphs
+        solo = (SOLO_PREFILL_MIN_TOKENS, graphs.buckets[-1]) if cfg.solo_prefill and graphs is not None else None
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, solo)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self.vision_cache = VisionCache(cfg.vlm_cache_size_mb)
@@ -186,9 +193,8 @@ class LLMEngine:
         every power-of-two token count up to the chunk size and one past it (the launch tables
         are keyed by powers of two; Triton compiles a kernel again for an integer argument that
         is or is not a multiple of 16, or 1), and prompts joining sequences that are decoding.
-        Without them the first burst of concurrent requests after a start compiled its kernels
-        inside its time to first token (30B-A3B fp8 served, 16 requests at once: first tokens
-        1.6-3.4 s after arriving, NOTES)."""
+        What these compile would otherwise be compiled inside the time to first token of the
+        first concurrent requests after a start."""
         if self.has_unfinished():
             raise RuntimeError("warm_up on a busy engine")
         t0 = time.perf_counter()

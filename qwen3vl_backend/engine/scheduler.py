@@ -5,6 +5,13 @@ sequence still prefilling takes the next chunk that fits the budget. Then waitin
 admitted (after a prefix-cache lookup) while the budget, the sequence cap and the free blocks
 allow. When blocks run out, the most recently admitted running sequence is preempted: its blocks
 are freed and it goes back to the front of the queue to be recomputed later, never failed.
+
+`solo_prefill` (lo, hi): a waiting prompt of lo..hi tokens is prefilled in a step of its own, ahead
+of the decoding sequences, which wait for it (SGLang's default: prefill batches apart from decode
+batches). One whole prompt from position 0 is what the model runner replays a prefill graph for
+(hi: its largest bucket); packed two to a 2048-token step with decode rows, the prompts of a burst
+ran eagerly and were cut at the budget (30B fp8: 16 image requests at once, first tokens after
+1.2-1.8 s). At most `max_solo_streak` such steps run in a row while sequences wait to decode.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 solo_prefill: tuple[int, int] | None = None, max_solo_streak: int = 16):
         if max_num_seqs <= 0 or max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.solo_prefill, self.max_solo_streak, self._streak = solo_prefill, max_solo_streak, 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -65,6 +74,9 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def schedule(self) -> list[ScheduledChunk]:
+        solo = self._solo()
+        if solo:
+            return solo
         budget = self.max_num_batched_tokens
         batch: list[ScheduledChunk] = []
         preempted = False
@@ -87,21 +99,50 @@ class Scheduler:
             budget -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
-            # prompt logprobs need every prompt position's logits: no prefix-cache hit for them
-            if seq.num_computed == 0 and not seq.block_table and seq.params.prompt_logprobs is None:
-                seq.num_computed = seq.num_cached_prompt = self.bm.match_prefix(seq)
-            n = min(seq.remaining, budget)
-            if not self.bm.ensure(seq, seq.num_computed + n):
-                self.bm.free(seq)
-                seq.num_computed = seq.num_cached_prompt = 0
+            chunk = self._admit(budget)
+            if chunk is None:
                 break
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            batch.append(ScheduledChunk(seq, seq.num_computed, n))
-            budget -= n
+            batch.append(chunk)
+            budget -= chunk.num_tokens
+        self._streak = 0
         return batch
+
+    def _admit(self, budget: int) -> ScheduledChunk | None:
+        """The first waiting sequence's next chunk within `budget`, now running; None (and no
+        change) when the blocks for it are not free."""
+        seq = self.waiting[0]
+        # prompt logprobs need every prompt position's logits: no prefix-cache hit for them
+        if seq.num_computed == 0 and not seq.block_table and seq.params.prompt_logprobs is None:
+            seq.num_computed = seq.num_cached_prompt = self.bm.match_prefix(seq)
+        n = min(seq.remaining, budget)
+        if not self.bm.ensure(seq, seq.num_computed + n):
+            self.bm.free(seq)
+            seq.num_computed = seq.num_cached_prompt = 0
+            return None
+        self.waiting.popleft()
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return ScheduledChunk(seq, seq.num_computed, n)
+
+    def _solo(self) -> list[ScheduledChunk]:
+        """The solo_prefill step for the first waiting prompt, or [] (a regular step then)."""
+        if self.solo_prefill is None or not self.waiting or len(self.running) >= self.max_num_seqs:
+            return []
+        lo, hi = self.solo_prefill
+        seq = self.waiting[0]
+        if (not (lo <= seq.num_prompt <= min(hi, self.max_num_batched_tokens)) or seq.num_computed
+                or seq.num_tokens != seq.num_prompt):          # (a preempted sequence recomputes as before)
+            return []
+        # a prompt still prefilling in chunks goes on in regular steps; decoding ones wait at most a streak
+        if any(not s.finishing and s.num_computed < s.num_prompt for s in self.running):
+            return []
+        if self._streak >= self.max_solo_streak and any(not s.finishing for s in self.running):
+            return []
+        chunk = self._admit(seq.num_prompt)
+        if chunk is None:
+            return []
+        self._streak += 1
+        return [chunk]
 
     def computed(self, batch: list[ScheduledChunk]) -> None:
         """Record that the batch's tokens are now in the cache."""
