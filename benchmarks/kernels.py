@@ -315,14 +315,15 @@ def bench_quantize() -> list[dict]:
     """Activation quantization (per token and 128-wide group) at a 954-token prompt's shapes (30B:
     q/k/v's and the MoE's input, o_proj's, the MoE intermediate's 7632 pairs) and decode batches:
     the program-per-token kernel against the flat (token, group)-pair one, bit for bit the same.
-    Graph replay of one input (it is what the kernel before just wrote, in L2)."""
+    Sixteen calls on one input in one graph, per call (the input is what the kernel before just
+    wrote, in L2; one call a graph measured the replay's own ~18 us: 971d3ba's file)."""
     from kernels.fp8 import quantize_launch
 
     rows = []
     for t, k, column_major in ((954, 2048, False), (954, 2048, True), (954, 4096, True), (7632, 768, False),
                                (16, 2048, False), (64, 2048, False), (512, 768, False)):
         x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
-        us = {flat: graph_time_ms(lambda f=flat: quantize_launch(x, 128, column_major, f), iters=50) * 1e3
+        us = {flat: per_call_ms(lambda i, f=flat: quantize_launch(x, 128, column_major, f)) * 1e3
               for flat in (False, True)}
         q0, q1 = (quantize_launch(x, 128, column_major, flat) for flat in (False, True))
         same = torch.equal(q0[0].view(torch.uint8), q1[0].view(torch.uint8)) and torch.equal(q0[1], q1[1])
