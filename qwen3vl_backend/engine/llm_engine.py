@@ -210,17 +210,23 @@ class LLMEngine:
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         for n in sorted({max(1, min(n, cap)) for n in lengths}):
             self.generate([prompt(n)], params)
-        if traffic:
-            sizes = [2 ** i for i in range(1, cap.bit_length())]
-            for total in sorted({t for m in sizes for t in (m, m + 1) if t <= cap}):
-                self.generate([prompt(total // 2, True), prompt(total - total // 2, True)], params)
-            # a prompt's prefill beside a decoding sequence: 1 + 254 rows (odd), then 1 + 15
-            for n in (254, 15):
-                self.add_request(prompt(16, True), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-                self.step()                                         # the first one's prefill
-                self.add_request(prompt(n, True), params)
-                while self.has_unfinished():
-                    self.step()
+        # the pairs share their steps even where solo_prefill would give each prompt its own (it
+        # still packs prompts after a streak, and short ones)
+        solo, self.scheduler.solo_prefill = self.scheduler.solo_prefill, None
+        try:
+            if traffic:
+                sizes = [2 ** i for i in range(1, cap.bit_length())]
+                for total in sorted({t for m in sizes for t in (m, m + 1) if t <= cap}):
+                    self.generate([prompt(total // 2, True), prompt(total - total // 2, True)], params)
+                # a prompt's prefill beside a decoding sequence: 1 + 254 rows (odd), then 1 + 15
+                for n in (254, 15):
+                    self.add_request(prompt(16, True), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+                    self.step()                                     # the first one's prefill
+                    self.add_request(prompt(n, True), params)
+                    while self.has_unfinished():
+                        self.step()
+        finally:
+            self.scheduler.solo_prefill = solo
         self.block_manager.forget_prefixes()
         return time.perf_counter() - t0
 
