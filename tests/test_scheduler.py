@@ -140,21 +140,32 @@ def test_solo_prefill_gives_each_long_prompt_a_step_ahead_of_decoding():
 
 
 def test_solo_prefill_streak_lets_decoding_sequences_through():
-    """At most max_solo_streak solo steps in a row while sequences decode, then a regular step
-    with every decode row (and the next prompt); none while a prompt is still prefilling in
-    chunks."""
+    """At most max_solo_streak solo steps in a row while sequences decode, then a step of the
+    decoding sequences alone (the waiting prompts keep their solo steps); none while a prompt is
+    still prefilling in chunks."""
     sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=64, solo_prefill=(8, 40),
                       max_solo_streak=2)
     for i in range(4):
         sched.add(seq(f"p{i}", 10, 100 * i))
-    assert steps_of(sched, 4) == [
+    assert steps_of(sched, 6) == [
         [("p0", 0, 10)], [("p1", 0, 10)],
-        # the streak's end (p0 waited two steps): the decode rows, and the prompts packed as before
-        [("p0", 10, 1), ("p1", 10, 1), ("p2", 0, 10), ("p3", 0, 10)],
+        [("p0", 10, 1), ("p1", 10, 1)],                          # the streak's end: p0 waited two steps
+        [("p2", 0, 10)], [("p3", 0, 10)],                        # a new streak
         [("p0", 11, 1), ("p1", 11, 1), ("p2", 10, 1), ("p3", 10, 1)]]
-    sched.add(seq("p4", 10, 400))
-    assert steps_of(sched, 1) == [[("p4", 0, 10)]]                # a new streak
     chunked = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=16, solo_prefill=(8, 40))
     chunked.add(seq("long", 30))
     chunked.add(seq("next", 10, 100))
     assert steps_of(chunked, 2) == [[("long", 0, 16)], [("long", 16, 14), ("next", 0, 2)]]
+
+
+def test_solo_prefill_streak_of_one_alternates_with_decoding():
+    """A streak of one: each waiting prompt's solo step, then a step of the decoding sequences,
+    and so on; the first prompt, with nothing decoding, starts at once."""
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=64, solo_prefill=(8, 40),
+                      max_solo_streak=1)
+    for rid, first in (("a", 0), ("b", 100), ("c", 200)):
+        sched.add(seq(rid, 10, first))
+    assert steps_of(sched, 5) == [[("a", 0, 10)], [("a", 10, 1)], [("b", 0, 10)], [("a", 11, 1), ("b", 10, 1)],
+                                  [("c", 0, 10)]]
+    with pytest.raises(ValueError):
+        Scheduler(BlockManager(8, 4), 8, 64, (8, 40), max_solo_streak=0)

@@ -11,7 +11,8 @@ of the decoding sequences, which wait for it (SGLang's default: prefill batches 
 batches). One whole prompt from position 0 is what the model runner replays a prefill graph for
 (hi: its largest bucket); packed two to a 2048-token step with decode rows, the prompts of a burst
 ran eagerly and were cut at the budget (30B fp8: 16 image requests at once, first tokens after
-1.2-1.8 s). At most `max_solo_streak` such steps run in a row while sequences wait to decode.
+1.2-1.8 s). At most `max_solo_streak` such steps run in a row while sequences wait to decode;
+then a step of the decoding sequences alone, and the solo steps go on.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class ScheduledChunk:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  solo_prefill: tuple[int, int] | None = None, max_solo_streak: int = 16):
-        if max_num_seqs <= 0 or max_num_batched_tokens <= 0:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if max_num_seqs <= 0 or max_num_batched_tokens <= 0 or max_solo_streak <= 0:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and max_solo_streak must be positive")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -74,9 +75,15 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def schedule(self) -> list[ScheduledChunk]:
-        solo = self._solo()
-        if solo:
-            return solo
+        eligible = self._solo_eligible()
+        decoding = any(not s.finishing for s in self.running)
+        if eligible and (self._streak < self.max_solo_streak or not decoding):
+            chunk = self._admit(self.waiting[0].num_prompt)
+            if chunk is not None:
+                self._streak += 1
+                return [chunk]
+        # a streak's end: a step of the decoding sequences alone, then the solo steps go on
+        admit = not (eligible and decoding and self._streak >= self.max_solo_streak)
         budget = self.max_num_batched_tokens
         batch: list[ScheduledChunk] = []
         preempted = False
@@ -98,7 +105,7 @@ class Scheduler:
             batch.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             chunk = self._admit(budget)
             if chunk is None:
                 break
@@ -124,25 +131,17 @@ class Scheduler:
         self.running.append(seq)
         return ScheduledChunk(seq, seq.num_computed, n)
 
-    def _solo(self) -> list[ScheduledChunk]:
-        """The solo_prefill step for the first waiting prompt, or [] (a regular step then)."""
+    def _solo_eligible(self) -> bool:
+        """Whether the first waiting prompt takes a solo_prefill step: a fresh prompt in the
+        range, a free sequence slot, and no prompt still prefilling in chunks (those go on in
+        regular steps)."""
         if self.solo_prefill is None or not self.waiting or len(self.running) >= self.max_num_seqs:
-            return []
+            return False
         lo, hi = self.solo_prefill
         seq = self.waiting[0]
-        if (not (lo <= seq.num_prompt <= min(hi, self.max_num_batched_tokens)) or seq.num_computed
-                or seq.num_tokens != seq.num_prompt):          # (a preempted sequence recomputes as before)
-            return []
-        # a prompt still prefilling in chunks goes on in regular steps; decoding ones wait at most a streak
-        if any(not s.finishing and s.num_computed < s.num_prompt for s in self.running):
-            return []
-        if self._streak >= self.max_solo_streak and any(not s.finishing for s in self.running):
-            return []
-        chunk = self._admit(seq.num_prompt)
-        if chunk is None:
-            return []
-        self._streak += 1
-        return [chunk]
+        return (lo <= seq.num_prompt <= min(hi, self.max_num_batched_tokens) and not seq.num_computed
+                and seq.num_tokens == seq.num_prompt        # (a preempted sequence recomputes as before)
+                and not any(not s.finishing and s.num_computed < s.num_prompt for s in self.running))
 
     def computed(self, batch: list[ScheduledChunk]) -> None:
         """Record that the batch's tokens are now in the cache."""
