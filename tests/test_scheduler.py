@@ -169,3 +169,21 @@ def test_solo_prefill_streak_of_one_alternates_with_decoding():
                                   [("c", 0, 10)]]
     with pytest.raises(ValueError):
         Scheduler(BlockManager(8, 4), 8, 64, (8, 40), max_solo_streak=0)
+
+
+def test_a_prompt_refused_for_blocks_counts_its_prefix_lookup_once():
+    """A waiting prompt that does not fit the free blocks is looked up in the prefix cache at
+    every step (the solo step's try and the regular step's), but the hit-rate counters take it
+    once, when it is admitted."""
+    bm = BlockManager(12, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, solo_prefill=(8, 40))
+    sched.add(seq("big", 30))                   # 8 blocks
+    run_step(sched)
+    sched.add(seq("next", 20, 100))             # 5 blocks: 4 are free
+    queries = bm.prefix_queries
+    for _ in range(3):
+        assert [c.seq.request_id for c in run_step(sched)] == ["big"]
+    assert bm.prefix_queries == queries
+    sched.finish(sched.running[0], "stop")
+    assert [c.seq.request_id for c in run_step(sched)] == ["next"]
+    assert bm.prefix_queries == queries + 20

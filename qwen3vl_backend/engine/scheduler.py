@@ -118,13 +118,17 @@ class Scheduler:
         """The first waiting sequence's next chunk within `budget`, now running; None (and no
         change) when the blocks for it are not free."""
         seq = self.waiting[0]
+        counters = None
         # prompt logprobs need every prompt position's logits: no prefix-cache hit for them
         if seq.num_computed == 0 and not seq.block_table and seq.params.prompt_logprobs is None:
+            counters = self.bm.prefix_queries, self.bm.prefix_hits
             seq.num_computed = seq.num_cached_prompt = self.bm.match_prefix(seq)
         n = min(seq.remaining, budget)
         if not self.bm.ensure(seq, seq.num_computed + n):
             self.bm.free(seq)
             seq.num_computed = seq.num_cached_prompt = 0
+            if counters is not None:        # looked up again, and counted, when it is admitted
+                self.bm.prefix_queries, self.bm.prefix_hits = counters
             return None
         self.waiting.popleft()
         seq.status = Status.RUNNING
