@@ -148,7 +148,6 @@ def quantize_activations_fp8(x: torch.Tensor, group: int, scales_column_major: b
     """quantize_activations in one launch: X (T, K) -> Xq fp8 (T, K), xs float32 (T, ceil(K/group)),
     xs column-major (stride (1, T)) if asked, as cuBLAS's block-scaled GEMM takes it. Off the GPU,
     the torch reference (Triton's interpreter rounds to e4m3 differently from the hardware)."""
-    t, k = x.shape
     if not x.is_cuda:
         q, xs = quantize_activations(x, group)
         return q, (xs.t().contiguous().t() if scales_column_major else xs)

@@ -75,15 +75,15 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def schedule(self) -> list[ScheduledChunk]:
-        eligible = self._solo_eligible()
-        decoding = any(not s.finishing for s in self.running)
-        if eligible and (self._streak < self.max_solo_streak or not decoding):
-            chunk = self._admit(self.waiting[0].num_prompt)
-            if chunk is not None:
-                self._streak += 1
-                return [chunk]
-        # a streak's end: a step of the decoding sequences alone, then the solo steps go on
-        admit = not (eligible and decoding and self._streak >= self.max_solo_streak)
+        hold = False            # a streak's end: a step of the decoding sequences alone, then the solo steps go on
+        if self._solo_eligible():
+            decoding = any(not s.finishing for s in self.running)
+            if self._streak < self.max_solo_streak or not decoding:
+                chunk = self._admit(self.waiting[0].num_prompt)
+                if chunk is not None:
+                    self._streak += 1
+                    return [chunk]
+            hold = decoding and self._streak >= self.max_solo_streak
         budget = self.max_num_batched_tokens
         batch: list[ScheduledChunk] = []
         preempted = False
@@ -105,7 +105,7 @@ class Scheduler:
             batch.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
             i += 1
-        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        while not hold and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             chunk = self._admit(budget)
             if chunk is None:
                 break
