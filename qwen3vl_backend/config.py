@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .parallel import one_device
 from .processing.chat import parse_mm_limits
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,9 +124,12 @@ class EngineConfig:
         return int(self.device.split(":")[1]) if ":" in self.device else 0
 
     def rank_device(self, rank: int) -> str:
-        """Global rank -> its device: consecutive GPUs from `device` on each node."""
+        """Global rank -> its device: consecutive GPUs from `device` on each node (all on `device`
+        with parallel.one_device())."""
         if not self.device.startswith("cuda"):
             return self.device
+        if one_device():
+            return f"cuda:{self.device_index}"
         return f"cuda:{self.device_index + rank % (self.tp_size // self.nnodes)}"
 
     @classmethod

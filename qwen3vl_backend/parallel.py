@@ -23,6 +23,15 @@ from dataclasses import dataclass
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+# every rank on the engine's one GPU, collectives over gloo, no CUDA graphs (gloo's collectives
+# cannot be captured): tensor parallelism's arithmetic on a one-GPU host, for tests; slow
+ONE_DEVICE_ENV = "QWEN3VL_TP_ONE_DEVICE"
+
+
+def one_device() -> bool:
+    return os.environ.get(ONE_DEVICE_ENV) == "1"
+
+
 def disable_multicast(env: dict | None = None) -> dict:
     """Set the variables that keep NVLS off (in `env`, else this process's environment)."""
     target = os.environ if env is None else env

@@ -261,9 +261,11 @@ def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, fp8):
     assert ((got - want).norm() / want.norm()).item() < tol
 
 
-@pytest.mark.parametrize("m", [5, 40])
+@pytest.mark.parametrize("m", [5, 40, pytest.param(300, marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="slow in the interpreter"))])
 @pytest.mark.parametrize("w8a8", [False, True])
-def test_expert_halves_sum_to_the_whole_layer(m, w8a8, monkeypatch):
+@pytest.mark.parametrize("inter,a", [(64, 3), (96, 2)])          # the second: the tiny MoE's
+def test_expert_halves_sum_to_the_whole_layer(m, w8a8, inter, a, monkeypatch):
     """Expert parallelism's arithmetic on one device: the experts cut in two halves (each rank's
     share, other ranks' experts as the sentinel, as layers.moe.route maps them) sum to the whole
     layer's output, fp8 weights in 32 x 32 blocks, W8A16 and W8A8 sorted paths. On two H200s the
@@ -274,7 +276,7 @@ def test_expert_halves_sum_to_the_whole_layer(m, w8a8, monkeypatch):
     from qwen3vl_backend.layers.moe import route
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    e, h, inter, a, block = 8, 64, 64, 3, (32, 32)
+    e, h, block = 8, 64, (32, 32)
     monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", str(1 if w8a8 else 1 << 30))
     w13, w2 = torch.randn(e, 2 * inter, h) * h ** -0.5, torch.randn(e, h, inter) * inter ** -0.5
     _, _, k13, k2, kw = _kernel_experts(w13, w2, True, block, dev)
@@ -290,7 +292,9 @@ def test_expert_halves_sum_to_the_whole_layer(m, w8a8, monkeypatch):
                                w13_scale=kw["w13_scale"][sl].contiguous(), w2_scale=kw["w2_scale"][sl].contiguous(),
                                block=block).float())
     got = parts[0] + parts[1]
-    assert ((got - whole).norm() / whole.norm()).item() < 1e-2
+    err = ((got - whole).norm() / whole.norm()).item()
+    print(f"halves against the whole layer: {err:.2e}")
+    assert err < 1e-2
 
 
 @pytest.mark.parametrize("fp8", [False, True])

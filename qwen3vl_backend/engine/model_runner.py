@@ -21,7 +21,7 @@ from ..device import device_tensor
 from ..layers.attention import AttentionMetadata, varlen_attention_torch
 from ..layers.sampler import SampleRow, Sampler, token_logprobs
 from ..loader import build_model, load_model, model_config
-from ..parallel import Parallel, set_peer_all_reduce
+from ..parallel import Parallel, one_device, set_peer_all_reduce
 from ..processing.positions import decode_positions
 from ..supervisor import free_port
 from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
@@ -176,7 +176,7 @@ class ModelRunner:
         self.peer_all_reduce = None
         if cfg.tp_size > 1:
             self._join_group()
-            if cfg.nnodes == 1:
+            if cfg.nnodes == 1 and not one_device():
                 # two GPUs of this host: sums up to its capacity by the peer all-reduce. Before the
                 # weights and the KV cache are sized: mapping the other GPU's buffer costs memory there.
                 from kernels.allreduce import PeerAllReduce
@@ -212,14 +212,16 @@ class ModelRunner:
             self.vision_graphs = VisionGraphs(self.model.visual)
             self.vision_graphs.capture()
         self.graphs = None
-        if self.device.type == "cuda" and cfg.cuda_graph_max_bs and cfg.attention_backend == "triton":
+        graphs_ok = self.device.type == "cuda" and cfg.attention_backend == "triton" and not (
+            cfg.tp_size > 1 and one_device())
+        if graphs_ok and cfg.cuda_graph_max_bs:
             sizes = [s for s in DEFAULT_SIZES if s <= cfg.cuda_graph_max_bs] or [cfg.cuda_graph_max_bs]
             self.graphs = DecodeGraphs(self.model, self.kv_caches, cfg.block_size,
                                        -(-cfg.max_model_len // cfg.block_size), self.num_blocks, sizes, self.device)
             self.graphs.capture()
         self.prefill_graphs = None
         limit = min(cfg.prefill_cuda_graph_max_tokens, cfg.max_num_batched_tokens)
-        if self.device.type == "cuda" and limit > 0 and cfg.attention_backend == "triton":
+        if graphs_ok and limit > 0:
             self.prefill_graphs = capture_prefill_graphs(
                 lambda: PrefillGraphs(self.model, self.kv_caches, cfg.block_size, self.num_blocks,
                                       buckets_up_to(limit), self.device, self.dtype), limit, cfg.tp_size)
@@ -237,7 +239,7 @@ class ModelRunner:
             self.workers = start_local_workers(settings, list(range(1, per_node)))
             self.watchdog = Watchdog(self.workers)
             self.watchdog.start()
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        backend = "nccl" if self.device.type == "cuda" and not one_device() else "gloo"
         self._ctrl = init_group(self.rank, cfg.tp_size, addr, backend, cfg.dist_timeout_s)
 
     def close(self) -> None:
