@@ -92,7 +92,8 @@ class EngineConfig:
             raise ConfigError(f"nnodes {self.nnodes} must divide tp_size {self.tp_size}, node_rank in [0, nnodes)")
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ConfigError("several nodes need dist_init_addr (host:port of node 0)")
-        if self.device.startswith("cuda") and self.tp_size // self.nnodes > torch.cuda.device_count() - self.device_index:
+        if (self.device.startswith("cuda") and not one_device()
+                and self.tp_size // self.nnodes > torch.cuda.device_count() - self.device_index):
             raise ConfigError(f"tp_size {self.tp_size} needs {self.tp_size // self.nnodes} GPUs per node from "
                               f"{self.device}, {torch.cuda.device_count()} present")
         if self.moe_routing not in ("model", "uniform"):

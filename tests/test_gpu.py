@@ -299,14 +299,16 @@ def test_warm_up_leaves_nothing_to_compile_for_a_burst(tiny_moe, quant, traffic)
 
 @pytest.mark.parametrize("block", [(32, 32), (128, 128)], ids=["block-32", "block-128"])
 @pytest.mark.parametrize("w8a8", [True, False], ids=["w8a8", "w8a16"])
-def test_gpu_fp8_first_logits_match_cpu(block, w8a8, monkeypatch):
-    """The tiny FP8 checkpoint on the GPU (bf16, the fp8 kernels: GEMV, cuBLAS or dequantized
-    dense, the fused MoE's sorted path, W8A8 by default) against the CPU engine's float32 W8A8
-    references: each case's first-step logits within 5% (relative norm) and the same first token.
-    The bound is tests/test_parallel_gpu.py's for fp8: an upstream rounding can move an activation
-    a whole fp8 step. With the MoE's activations in bf16 (W8A16) the GPU drops one rounding the
-    CPU makes, so that row holds the same bound. This is the one-GPU anchor for the two-GPU fp8
-    test, which compares tp 2 with tp 1 on the GPU and cannot say which of them is off."""
+def test_gpu_fp8_first_step_matches_cpu(block, w8a8, monkeypatch):
+    """The tiny FP8 checkpoint on the GPU (bf16; the fp8 GEMV, cuBLAS's block GEMM or the
+    dequantized weight, the fused MoE's sorted path, W8A8 by default) against the CPU engine's
+    float32 W8A8 references, by tests/test_fp8.py's acceptance against transformers: the CPU's top
+    20 tokens' first-step log-probs within 0.1 (the top one's, and on average), and the same first
+    token unless the CPU's top two are within 0.25 of each other. The two sides quantize different
+    activations (the GPU's dense layers take bf16 ones except in cuBLAS's 128 x 128 GEMM; W8A16's
+    MoE too), so their logits differ by percents (2.7-7% in norm on an H200), which a relative-norm
+    bound cannot tell from a bug; log-probs can. This anchors the two-GPU fp8 test, which compares
+    tp 2 with tp 1 on the GPU and cannot say which of them is off."""
     from test_fp8 import _tiny_fp8
 
     monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "1" if w8a8 else str(1 << 30))
@@ -316,22 +318,26 @@ def test_gpu_fp8_first_logits_match_cpu(block, w8a8, monkeypatch):
                                  cuda_graph_max_bs=4))
     try:
         processor = Processor(path, cpu.tokenizer)
-        errors = {}
+        report = {}
         for case in ("text", "one_image", "two_images", "chinese"):
             prompt = processor.process_messages(CASES[case])
-            want = cpu.prompt_logits(prompt)[-1].float()
-            got = gpu.prompt_logits(prompt)[-1].float().cpu()
-            errors[case] = ((got - want).norm() / want.norm()).item()
-            assert got.argmax() == want.argmax(), case
-        print("first-step logits, relative to the CPU's:", {c: round(e, 4) for c, e in errors.items()})
-        assert max(errors.values()) < 5e-2, errors
+            want = torch.log_softmax(cpu.prompt_logits(prompt)[-1].float(), -1)
+            got = torch.log_softmax(gpu.prompt_logits(prompt)[-1].float().cpu(), -1)
+            top = want.topk(20).indices
+            err = (got[top] - want[top]).abs()
+            margin = (want[top[0]] - want[top[1]]).item()
+            report[case] = (round(err[0].item(), 4), round(err.mean().item(), 4), round(margin, 3))
+            assert err[0] <= 0.1 and err.mean() <= 0.1, (case, err)
+            assert got.argmax() == top[0] or margin < 0.25, (case, margin)
+        print("first-step log-prob error (top, mean of 20), the CPU's top-2 margin:", report)
     finally:
         gpu.close()
         cpu.close()
 
 
-@pytest.mark.parametrize("model,tp,ep", [("tiny_moe", 2, 2), ("tiny_fp8_32", 2, 2), ("tiny_fp8_32", 2, 1)])
-def test_tp2_on_one_gpu_answers_as_tp1(model, tp, ep, tiny_moe, monkeypatch):
+@pytest.mark.parametrize("model,tp,ep,w8a8", [("tiny_moe", 2, 2, True), ("tiny_fp8_32", 2, 2, True),
+                                              ("tiny_fp8_32", 2, 2, False), ("tiny_fp8_32", 2, 1, True)])
+def test_tp2_on_one_gpu_answers_as_tp1(model, tp, ep, w8a8, tiny_moe, monkeypatch):
     """Tensor and expert parallelism's arithmetic on a one-GPU host (parallel.one_device: both
     ranks on this GPU, gloo's collectives, eager steps): first-step logits within
     tests/test_parallel_gpu.py's bounds of tp 1's on the same GPU (2%, fp8 5%), the same first
@@ -343,6 +349,7 @@ def test_tp2_on_one_gpu_answers_as_tp1(model, tp, ep, tiny_moe, monkeypatch):
     path = str(tiny_moe if model == "tiny_moe" else _tiny_fp8(False, (32, 32))[0])
     tolerance = 5e-2 if "fp8" in model else 2e-2
     cases = ("text", "one_image", "two_images")
+    monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "1" if w8a8 else str(1 << 30))       # (the fp8 MoE's activations)
 
     def first_logits(tp_size, ep_size):
         engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=256,
@@ -355,7 +362,7 @@ def test_tp2_on_one_gpu_answers_as_tp1(model, tp, ep, tiny_moe, monkeypatch):
             engine.close()
 
     want = first_logits(1, 1)
-    monkeypatch.setenv(ONE_DEVICE_ENV, "1")
+    monkeypatch.setenv(ONE_DEVICE_ENV, "1")          # in the environment the other rank starts with
     got = first_logits(tp, ep)
     errors = {c: ((g - w).norm() / w.norm()).item() for c, w, g in zip(cases, want, got)}
     print(f"tp {tp} ep {ep} first-step logits, relative to tp 1's:", {c: round(e, 4) for c, e in errors.items()})
