@@ -156,3 +156,34 @@ def test_peer_all_reduce_matches_nccl_on_two_gpus():
         p.join(60)
     assert results[0][0] == [] and results[1][0] == [], results
     assert results[0][1] == results[1][1]
+
+
+@pytest.mark.parametrize("peer", [True, False], ids=["peer-all-reduce", "nccl"])
+def test_tp2_ep2_fp8_first_logits_before_and_after_generating(tiny_fp8_moe, peer, monkeypatch):
+    """Where the tp 2 + ep 2 fp8 failure above lives. On one GPU (tests/test_gpu.py's
+    test_tp2_on_one_gpu_answers_as_tp1: both ranks there, gloo, eager) tp 2 + ep 2 is within 2.2%
+    of tp 1 with W8A8, and on two H200s it was 25% off with W8A8 and within bounds with W8A16
+    (NOTES, sixteenth and seventeenth sessions). Here the first logits of a fresh tp 2 engine, then
+    after it generated (graphs replayed), each against tp 1's, with the sums by the peer all-reduce
+    and by NCCL: which of the two-GPU path's parts, or the engine's state after generating, moves them."""
+    if not peer:
+        monkeypatch.setenv("QWEN3VL_PEER_ALLREDUCE", "0")
+    path = tiny_fp8_moe
+    one = _engine(path)
+    try:
+        prompts = [Processor(str(path), one.tokenizer).process_messages(m) for m in MESSAGES + [ALONE]]
+        want = [one.prompt_logits(p)[-1].float().cpu() for p in prompts]
+    finally:
+        one.close()
+    engine = _engine(path, 2, 2)
+    try:
+        assert (engine.runner.peer_all_reduce is not None) == peer
+        fresh = [engine.prompt_logits(p)[-1].float().cpu() for p in prompts]
+        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True))
+        after = [engine.prompt_logits(p)[-1].float().cpu() for p in prompts]
+    finally:
+        engine.close()
+    errors = {name: [round(((g - w).norm() / w.norm()).item(), 4) for w, g in zip(want, got)]
+              for name, got in (("fresh", fresh), ("after generating", after))}
+    print("tp 2 + ep 2 first logits against tp 1:", errors)
+    assert max(max(v) for v in errors.values()) < 5e-2, errors
