@@ -365,14 +365,23 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     x_ptrs = x_ptr + token * stride_xm + offs_k
     s_gate = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     s_up = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
+    # (if/else, no early return: Triton's compiler goes on past a return in a constexpr branch)
     if INT_CVT:
         row = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
-        g = _int_cvt_row(x_ptr + token * stride_xm, row, s_gate, n_ok, K, BLOCK_N, BLOCK_K, BK, GROUP_SCALE)
-        u = _int_cvt_row(x_ptr + token * stride_xm, row + inter * stride_wn, s_up, n_ok, K, BLOCK_N, BLOCK_K, BK,
-                         GROUP_SCALE)
-        act = g / (1.0 + tl.exp(-g)) * u
-        tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
-        return
+        gi = _int_cvt_row(x_ptr + token * stride_xm, row, s_gate, n_ok, K, BLOCK_N, BLOCK_K, BK, GROUP_SCALE)
+        ui = _int_cvt_row(x_ptr + token * stride_xm, row + inter * stride_wn, s_up, n_ok, K, BLOCK_N, BLOCK_K, BK,
+                          GROUP_SCALE)
+        act = gi / (1.0 + tl.exp(-gi)) * ui
+    else:
+        act = _pair_gate_up_steps(x_ptrs, gate_ptrs, up_ptrs, s_gate, s_up, n_ok, offs_k, K, BLOCK_N, BLOCK_K, BK,
+                                  HAS_SCALE, GROUP_SCALE)
+    tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _pair_gate_up_steps(x_ptrs, gate_ptrs, up_ptrs, s_gate, s_up, n_ok, offs_k, K, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BK: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP_SCALE: tl.constexpr):
+    """The pair gate_up kernel's K loop (weights converted by the conversion unit) -> SiLU(gate) * up."""
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -396,8 +405,7 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
         x_ptrs += BLOCK_K
     g = tl.sum(acc_g, 1)
     u = tl.sum(acc_u, 1)
-    act = g / (1.0 + tl.exp(-g)) * u
-    tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
+    return g / (1.0 + tl.exp(-g)) * u
 
 
 @triton.jit
@@ -462,7 +470,6 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     experts = tl.where(slot_ok, experts, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
     s_rows = s_ptr + experts[:, None] * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
     if INT_CVT:
@@ -486,8 +493,21 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
             acc4 = _pair_down_int_step(acc4, w4, a_rows, s_rows, slot_ok, k, K, BLOCK_K, BK, TOP_K_PAD, GROUP_SCALE)
             w4_ptrs += Q
         out = tl.sum(tl.sum(acc4, 2) * weights[:, None], 0) * 1048576.0
-        tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-        return
+    else:
+        out = _pair_down_steps(act_ptr, w_ptr, pairs, experts, s_rows, slot_ok, offs_n, n_ok, K, stride_am,
+                               stride_we, stride_wn, weights, BLOCK_N, BLOCK_K, BK, TOP_K_PAD, HAS_SCALE,
+                               GROUP_SCALE, USE_PDL, PREFETCH)
+    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _pair_down_steps(act_ptr, w_ptr, pairs, experts, s_rows, slot_ok, offs_n, n_ok, K, stride_am, stride_we,
+                     stride_wn, weights, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BK: tl.constexpr,
+                     TOP_K_PAD: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP_SCALE: tl.constexpr,
+                     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    """The pair down kernel's K loop (weights converted by the conversion unit) -> the token's
+    combined output columns."""
+    offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = (w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
               + offs_k[None, None, :])
     a_ptrs = act_ptr + pairs[:, None] * stride_am + offs_k[None, :]
@@ -509,8 +529,7 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
                               HAS_SCALE, GROUP_SCALE)
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
-    out = tl.sum(tl.sum(acc, 2) * weights[:, None], 0)
-    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    return tl.sum(tl.sum(acc, 2) * weights[:, None], 0)
 
 
 def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
