@@ -32,7 +32,7 @@ from . import switches
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
-from .fp8 import _e4m3_bits_as_f32, group_scale_ok, quantize_activations_fp8
+from .fp8 import group_scale_ok, quantize_activations_fp8
 from .linear import block_scaled, dividing
 
 log = logging.getLogger(__name__)
@@ -288,62 +288,15 @@ def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tup
 
 
 @triton.jit
-def _int_cvt_scales(s_row, k, K4, j_ok, Q: tl.constexpr, BK: tl.constexpr, GROUP_SCALE: tl.constexpr,
-                    ROWS: tl.constexpr):
-    """The scales of K step k's int columns j (weight columns 4j..4j+3 share one: BK is a multiple
-    of 4) times 2^100, () or (ROWS, Q) for ROWS rows of scale pointers s_row (ROWS, 1)."""
-    offs_j = tl.arange(0, Q)
-    if GROUP_SCALE:
-        if ROWS == 0:
-            out = block_scaled(tl.full((Q,), 1.2676506002282294e30, tl.float32), s_row, k, K4, Q, BK // 4, 0)
-        else:
-            out = block_scaled(tl.full((ROWS, Q), 1.2676506002282294e30, tl.float32), s_row, k, K4, Q, BK // 4,
-                               ROWS)
-    else:
-        if ROWS == 0:
-            out = tl.load(s_row + (k * Q + offs_j) // (BK // 4), mask=j_ok, other=0.0) * 1.2676506002282294e30
-        else:
-            out = tl.load(s_row + ((k * Q + offs_j) // (BK // 4))[None, :], mask=j_ok[None, :],
-                          other=0.0) * 1.2676506002282294e30
-    return out
-
-
-@triton.jit
-def _int_cvt_row(x_row, w_rows, s_row, n_ok, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BK: tl.constexpr,
-                 GROUP_SCALE: tl.constexpr):
-    """One x row (K,) times BLOCK_N fp8 weight rows (pointers w_rows, K bytes each) sharing the
-    scale row s_row: the weights read as int32s and converted by kernels.fp8._e4m3_bits_as_f32
-    (2^-120 too small: the scales carry 2^100, the sum 2^20). A K step takes its columns in the
-    order 4j + i (byte i of int j); x is read in that order."""
-    Q: tl.constexpr = BLOCK_K // 4
-    K4 = K // 4
-    offs_j = tl.arange(0, Q)
-    w_ptrs = w_rows.to(tl.pointer_type(tl.int32))[:, None] + offs_j[None, :]
-    acc = tl.zeros((BLOCK_N, Q), tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        j_ok = offs_j < K4 - k * Q
-        w4 = tl.load(w_ptrs, mask=n_ok[:, None] & j_ok[None, :], other=0)
-        sc = _int_cvt_scales(s_row, k, K4, j_ok, Q, BK, GROUP_SCALE, 0)
-        for i in tl.static_range(4):
-            xi = tl.load(x_row + k * BLOCK_K + offs_j * 4 + i, mask=j_ok, other=0.0).to(tl.float32)
-            acc += _e4m3_bits_as_f32(w4, i) * (xi * sc)[None, :]
-        w_ptrs += Q
-    return tl.sum(acc, 1) * 1048576.0
-
-
-@triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                          USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False, INT_CVT: tl.constexpr = False):
+                         PREFETCH: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns.
     GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
-    INT_CVT (HAS_SCALE; K, BLOCK_K, BK and the rows' strides multiples of 4): the weights read four
-    bytes to an int32 and made float32 by integer ops, as kernels.fp8's one-row GEMV does
-    (`_int_cvt_row`), instead of by the conversion unit.
     PREFETCH (with PDL): the down kernel after it may launch only once the kernel before this one
     (the router's) has finished, so that down may read the routing before its own wait."""
     if PREFETCH:
@@ -363,27 +316,10 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     gate_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
     up_ptrs = gate_ptrs + inter * stride_wn
     x_ptrs = x_ptr + token * stride_xm + offs_k
-    s_gate = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
-    s_up = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
-    # (if/else, no early return: Triton's compiler goes on past a return in a constexpr branch)
-    if INT_CVT:
-        row = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
-        gi = _int_cvt_row(x_ptr + token * stride_xm, row, s_gate, n_ok, K, BLOCK_N, BLOCK_K, BK, GROUP_SCALE)
-        ui = _int_cvt_row(x_ptr + token * stride_xm, row + inter * stride_wn, s_up, n_ok, K, BLOCK_N, BLOCK_K, BK,
-                          GROUP_SCALE)
-        act = gi / (1.0 + tl.exp(-gi)) * ui
-    else:
-        act = _pair_gate_up_steps(x_ptrs, gate_ptrs, up_ptrs, s_gate, s_up, n_ok, offs_k, K, BLOCK_N, BLOCK_K, BK,
-                                  HAS_SCALE, GROUP_SCALE)
-    tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _pair_gate_up_steps(x_ptrs, gate_ptrs, up_ptrs, s_gate, s_up, n_ok, offs_k, K, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BK: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP_SCALE: tl.constexpr):
-    """The pair gate_up kernel's K loop (weights converted by the conversion unit) -> SiLU(gate) * up."""
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    s_gate = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
+    s_up = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
@@ -405,7 +341,8 @@ def _pair_gate_up_steps(x_ptrs, gate_ptrs, up_ptrs, s_gate, s_up, n_ok, offs_k, 
         x_ptrs += BLOCK_K
     g = tl.sum(acc_g, 1)
     u = tl.sum(acc_u, 1)
-    return g / (1.0 + tl.exp(-g)) * u
+    act = g / (1.0 + tl.exp(-g)) * u
+    tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -423,35 +360,16 @@ def _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, k, K, BLOCK_K: tl.c
 
 
 @triton.jit
-def _pair_down_int_step(acc4, w4, a_rows, s_rows, slot_ok, k, K, BLOCK_K: tl.constexpr, BK: tl.constexpr,
-                        TOP_K_PAD: tl.constexpr, GROUP_SCALE: tl.constexpr):
-    """K step k of the pair down kernel with INT_CVT: w4 (TOP_K_PAD, BLOCK_N, BLOCK_K // 4) int32s
-    of four e4m3 bytes; each expert's activations (a_rows: (TOP_K_PAD, 1) row pointers) read in
-    the order 4j + i and scaled by its scale row (times 2^100; the caller takes 2^20 off the sum)."""
-    Q: tl.constexpr = BLOCK_K // 4
-    offs_j = tl.arange(0, Q)
-    j_ok = offs_j < K // 4 - k * Q
-    sc = _int_cvt_scales(s_rows, k, K // 4, j_ok, Q, BK, GROUP_SCALE, TOP_K_PAD)
-    a_mask = slot_ok[:, None] & j_ok[None, :]
-    for i in tl.static_range(4):
-        a = tl.load(a_rows + k * BLOCK_K + offs_j[None, :] * 4 + i, mask=a_mask, other=0.0).to(tl.float32)
-        acc4 += _e4m3_bits_as_f32(w4, i) * (a * sc)[:, None, :]
-    return acc4
-
-
-@triton.jit
 def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
                       stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                       USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False, INT_CVT: tl.constexpr = False):
+                      PREFETCH: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
     (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two).
-    INT_CVT (HAS_SCALE; K, BLOCK_K, BK and the strides multiples of 4): the weights converted by
-    integer ops, as in the gate_up kernel (`_pair_down_int_step`).
     PREFETCH (with PDL, after a gate_up launched with it): the routing and the first K step's
     weights are read before the wait for gate_up (which writes neither)."""
     if PREFETCH:
@@ -470,48 +388,12 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     experts = tl.where(slot_ok, experts, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    s_rows = s_ptr + experts[:, None] * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
-    weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
-    if INT_CVT:
-        Q: tl.constexpr = BLOCK_K // 4
-        offs_j = tl.arange(0, Q)
-        w4_ptrs = (w_ptr.to(tl.pointer_type(tl.int32)) + experts[:, None, None] * (stride_we // 4)
-                   + offs_n[None, :, None].to(tl.int64) * (stride_wn // 4) + offs_j[None, None, :])
-        a_rows = act_ptr + pairs[:, None] * stride_am
-        acc4 = tl.zeros((TOP_K_PAD, BLOCK_N, Q), tl.float32)
-        k_first = 0
-        if PREFETCH:
-            w4 = tl.load(w4_ptrs, mask=slot_ok[:, None, None] & n_ok[None, :, None] & (offs_j < K // 4)[None, None, :],
-                         other=0)
-            gdc_wait(USE_PDL)
-            acc4 = _pair_down_int_step(acc4, w4, a_rows, s_rows, slot_ok, 0, K, BLOCK_K, BK, TOP_K_PAD, GROUP_SCALE)
-            w4_ptrs += Q
-            k_first = 1
-        for k in range(k_first, tl.cdiv(K, BLOCK_K)):
-            w4 = tl.load(w4_ptrs, other=0, mask=slot_ok[:, None, None] & n_ok[None, :, None]
-                         & (offs_j < K // 4 - k * Q)[None, None, :])
-            acc4 = _pair_down_int_step(acc4, w4, a_rows, s_rows, slot_ok, k, K, BLOCK_K, BK, TOP_K_PAD, GROUP_SCALE)
-            w4_ptrs += Q
-        out = tl.sum(tl.sum(acc4, 2) * weights[:, None], 0) * 1048576.0
-    else:
-        out = _pair_down_steps(act_ptr, w_ptr, pairs, experts, s_rows, slot_ok, offs_n, n_ok, K, stride_am,
-                               stride_we, stride_wn, weights, BLOCK_N, BLOCK_K, BK, TOP_K_PAD, HAS_SCALE,
-                               GROUP_SCALE, USE_PDL, PREFETCH)
-    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _pair_down_steps(act_ptr, w_ptr, pairs, experts, s_rows, slot_ok, offs_n, n_ok, K, stride_am, stride_we,
-                     stride_wn, weights, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BK: tl.constexpr,
-                     TOP_K_PAD: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP_SCALE: tl.constexpr,
-                     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    """The pair down kernel's K loop (weights converted by the conversion unit) -> the token's
-    combined output columns."""
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = (w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
               + offs_k[None, None, :])
     a_ptrs = act_ptr + pairs[:, None] * stride_am + offs_k[None, :]
     acc = tl.zeros((TOP_K_PAD, BLOCK_N, BLOCK_K), tl.float32)
+    s_rows = s_ptr + experts[:, None] * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     k_first = 0
     if PREFETCH:
         w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K)[None, None, :]
@@ -529,7 +411,9 @@ def _pair_down_steps(act_ptr, w_ptr, pairs, experts, s_rows, slot_ok, offs_n, n_
                               HAS_SCALE, GROUP_SCALE)
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
-    return tl.sum(tl.sum(acc, 2) * weights[:, None], 0)
+    weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
+    out = tl.sum(tl.sum(acc, 2) * weights[:, None], 0)
+    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -674,8 +558,6 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     fp8 = w13_scale is not None
     cfg = {**pair_config(e, inter, h, m, x.device, tuple(block) if fp8 else None), **(config or {})}
     s13, s2 = (w13_scale, w2_scale) if fp8 else (w13, w2)
-    int_up = fp8 and _pair_int_cvt_ok(cfg.get("INT_CVT"), w13, h, cfg["BLOCK_K"], block)
-    int_down = fp8 and _pair_int_cvt_ok(cfg.get("DOWN_INT_CVT"), w2, inter, cfg["DOWN_BLOCK_K"], block)
     ids = topk_ids.to(torch.int32).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
@@ -684,8 +566,8 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), *_scale_steps(cfg["BLOCK_K"], block[1], int_up)),
-        PREFETCH=prefetch, INT_CVT=int_up, **pdl(x))
+        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), PREFETCH=prefetch,
+        **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
@@ -693,24 +575,9 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
-        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"),
-                                           *_scale_steps(cfg["DOWN_BLOCK_K"], block[1], int_down)),
-        PREFETCH=prefetch, INT_CVT=int_down, **pdl(x))
+        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
+        PREFETCH=prefetch, **pdl(x))
     return out
-
-
-def _pair_int_cvt_ok(asked, w: torch.Tensor, k: int, block_k: int, block: tuple[int, int]) -> bool:
-    """A pair kernel's INT_CVT where its launch shape asks for it and every int32 read is whole:
-    K, the K step, the scale block's width and the weight's strides multiples of 4, its base
-    4-aligned."""
-    return (bool(asked) and k % 4 == 0 and block_k % 4 == 0 and block[1] % 4 == 0 and w.data_ptr() % 4 == 0
-            and w.stride(0) % 4 == 0 and w.stride(1) % 4 == 0)
-
-
-def _scale_steps(block_k: int, bk: int, int_cvt: bool) -> tuple[int, int]:
-    """(K step, scale block width) as GROUP_SCALE's block_scaled sees them: in int32 columns with
-    INT_CVT."""
-    return (block_k // 4, bk // 4) if int_cvt else (block_k, bk)
 
 
 @triton.jit
