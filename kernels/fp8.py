@@ -151,7 +151,18 @@ def quantize_activations_fp8(x: torch.Tensor, group: int, scales_column_major: b
     if not x.is_cuda:
         q, xs = quantize_activations(x, group)
         return q, (xs.t().contiguous().t() if scales_column_major else xs)
-    return quantize_launch(x, group, scales_column_major, switches.FLAT_QUANTIZE)
+    flat = switches.FLAT_QUANTIZE
+    return quantize_launch(x, group, scales_column_major, flat_quantize_pays(*x.shape, group) if flat is None else flat)
+
+
+# the flat kernel where a row has at most this many groups and there are at least this many rows
+# (benchmarks.kernels --only quantize on an H200, sixteenth and seventeenth sessions' NOTES)
+FLAT_MAX_GROUPS, FLAT_MIN_ROWS = 8, 4096
+
+
+def flat_quantize_pays(t: int, k: int, group: int) -> bool:
+    """Whether the flat kernel beats a program per token for T rows of K: many short rows."""
+    return t >= FLAT_MIN_ROWS and -(-k // group) <= FLAT_MAX_GROUPS
 
 
 def quantize_launch(x: torch.Tensor, group: int, scales_column_major: bool, flat: bool):

@@ -23,10 +23,12 @@ at concurrency 1 / 16 / 64:
   router's 0.5 MB for every token. A tiled kernel (16 tokens x 16 experts a program; b9ecbc1,
   reverted in 9a52077) was still slower (fp8 c16 1.107, c64 1.087; bf16 1.07, 1.08) and changed
   the tiny model's greedy tokens on the GPU.
-- FLAT_QUANTIZE (QWEN3VL_FLAT_QUANTIZE), off until measured: activations quantized per group by
+- FLAT_QUANTIZE (QWEN3VL_FLAT_QUANTIZE): activations quantized per group by
   kernels.fp8._quantize_flat_kernel (a fixed tile of (token, group) pairs a program) where K is
-  whole groups, instead of a program per token (the prefill's 192 quantize launches took 2 ms of
-  a 954-token prompt's 21, 0234da0). Bit for bit the same values.
+  whole groups, instead of a program per token. Bit for bit the same values. Unset: by shape
+  (kernels.fp8.flat_quantize_pays: many rows of few groups, a prefill's MoE intermediates, where
+  it took 7632 x 768 in 4.7 us against 10 on an H200; it lost at the 954-row inputs of K 2048
+  and 4096, 3.0 against 2.2 us, and at 16-512 rows); 1 always, 0 never.
 """
 
 import os
@@ -41,4 +43,4 @@ PREFETCH_MAX_SEQS = 16          # decode attention's PREFETCH for batches up to 
 FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
-FLAT_QUANTIZE = _on("QWEN3VL_FLAT_QUANTIZE")
+FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZE", ""))     # None: by shape
