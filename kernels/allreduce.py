@@ -151,9 +151,12 @@ class PeerAllReduce:
 
     @classmethod
     def create(cls, group, rank: int, world: int, device: torch.device, dtype: torch.dtype,
-               capacity: int = CAPACITY) -> "PeerAllReduce | None":
+               capacity: int = CAPACITY, same_device: bool = False) -> "PeerAllReduce | None":
         """Collective over `group` (every rank calls it, on one host): the all-reduce, or None on
-        every rank when any rank cannot have it (then NCCL does every sum)."""
+        every rank when any rank cannot have it (then NCCL does every sum). `same_device`: both
+        ranks on one GPU (tests of tensor parallelism there, qwen3vl_backend.parallel.one_device),
+        only with QWEN3VL_PEER_ALLREDUCE=1: the two processes' kernels take turns on the GPU
+        (time slices), so each sum waits for the other's slice."""
         import torch.distributed as dist
 
         def everyone(ok: bool) -> bool:
@@ -161,9 +164,9 @@ class PeerAllReduce:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
             return bool(flag.item())
 
-        if not everyone(world == 2 and device.type == "cuda" and capacity % CHUNK == 0
-                        and os.environ.get("QWEN3VL_PEER_ALLREDUCE", "1") != "0"
-                        and torch.cuda.device_count() > 1):
+        wanted = os.environ.get("QWEN3VL_PEER_ALLREDUCE", "0" if same_device else "1") != "0"
+        if not everyone(world == 2 and device.type == "cuda" and capacity % CHUNK == 0 and wanted
+                        and (torch.cuda.device_count() > 1 or same_device)):
             return None
         mine, handle = None, None
         try:

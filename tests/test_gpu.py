@@ -335,11 +335,13 @@ def test_gpu_fp8_first_step_matches_cpu(w8a8, monkeypatch):
         cpu.close()
 
 
-@pytest.mark.parametrize("model,tp,ep,w8a8", [("tiny_moe", 2, 2, True), ("tiny_moe", 2, 1, True),
-                                              ("tiny_fp8_32", 2, 2, True), ("tiny_fp8_32", 2, 2, False)])
-def test_tp2_on_one_gpu_answers_as_tp1(model, tp, ep, w8a8, tiny_moe, monkeypatch):
+@pytest.mark.parametrize("model,tp,ep,w8a8,peer", [("tiny_moe", 2, 2, True, False), ("tiny_moe", 2, 1, True, False),
+                                                   ("tiny_fp8_32", 2, 2, True, False), ("tiny_fp8_32", 2, 2, False, False),
+                                                   ("tiny_moe", 2, 2, True, True), ("tiny_fp8_32", 2, 2, True, True)])
+def test_tp2_on_one_gpu_answers_as_tp1(model, tp, ep, w8a8, peer, tiny_moe, monkeypatch):
     """Tensor and expert parallelism's arithmetic on a one-GPU host (parallel.one_device: both
-    ranks on this GPU, gloo's collectives, eager steps): first-step logits within
+    ranks on this GPU, gloo's collectives, eager steps; `peer`: the sums by the peer all-reduce's
+    kernel, the two processes taking turns on the GPU): first-step logits within
     tests/test_parallel_gpu.py's bounds of tp 1's on the same GPU (2%, fp8 5%), the same first
     token. Where two GPUs are not lent this is the only GPU check of the tp 2 + ep 2 fp8 path,
     whose first logits were 25% off tp 1's on two H200s (NOTES, sixteenth session)."""
@@ -356,6 +358,7 @@ def test_tp2_on_one_gpu_answers_as_tp1(model, tp, ep, w8a8, tiny_moe, monkeypatc
                                         cuda_graph_max_bs=0, prefill_cuda_graph_max_tokens=0,
                                         tp_size=tp_size, ep_size=ep_size))
         try:
+            assert (engine.runner.peer_all_reduce is not None) == (peer and tp_size > 1)
             processor = Processor(path, engine.tokenizer)
             return [engine.prompt_logits(processor.process_messages(CASES[c]))[-1].float().cpu() for c in cases]
         finally:
@@ -363,6 +366,7 @@ def test_tp2_on_one_gpu_answers_as_tp1(model, tp, ep, w8a8, tiny_moe, monkeypatc
 
     want = first_logits(1, 1)
     monkeypatch.setenv(ONE_DEVICE_ENV, "1")          # in the environment the other rank starts with
+    monkeypatch.setenv("QWEN3VL_PEER_ALLREDUCE", "1" if peer else "0")
     got = first_logits(tp, ep)
     errors = {c: ((g - w).norm() / w.norm()).item() for c, w, g in zip(cases, want, got)}
     print(f"tp {tp} ep {ep} first-step logits, relative to tp 1's:", {c: round(e, 4) for c, e in errors.items()})

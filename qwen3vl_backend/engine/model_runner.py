@@ -176,13 +176,13 @@ class ModelRunner:
         self.peer_all_reduce = None
         if cfg.tp_size > 1:
             self._join_group()
-            if cfg.nnodes == 1 and not one_device():
+            if cfg.nnodes == 1:
                 # two GPUs of this host: sums up to its capacity by the peer all-reduce. Before the
                 # weights and the KV cache are sized: mapping the other GPU's buffer costs memory there.
                 from kernels.allreduce import PeerAllReduce
 
                 self.peer_all_reduce = PeerAllReduce.create(torch.distributed.group.WORLD, rank, cfg.tp_size,
-                                                            self.device, self.dtype)
+                                                            self.device, self.dtype, same_device=one_device())
                 set_peer_all_reduce(self.peer_all_reduce)
         self.model = load_model(cfg.model_path, self.device, self.dtype, cfg.load_format, cfg.quantization, self.par)
         self.model_cfg = self.model.cfg
