@@ -8,9 +8,14 @@ import os
 
 import torch
 
-# Triton kernels run in the interpreter on machines without a GPU (CI, this one).
+# Triton kernels run in the interpreter on machines without a GPU (CI, this one), and every
+# distinct launch is recorded for tests/test_zz_sm90_compile.py to compile for the GPU
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import launch_record
+
+    launch_record.install()
 from pathlib import Path
 
 import numpy as np

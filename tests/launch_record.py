@@ -1,0 +1,78 @@
+"""Every distinct Triton kernel launch the interpreter runs in this test session, recorded so that
+tests/test_zz_sm90_compile.py can compile each for an H100/H200 (sm_90) at the session's end:
+the argument types (tensors' dtypes as pointer types, ints, floats), the constexpr values and the
+launch's num_warps / num_stages; a kernel taking USE_PDL also with it on, as the GPU launches it. The interpreter runs a kernel's Python, so what only the
+compiler refuses (a loop-carried variable changing type, a constexpr branch compiled past a
+return) passes every CPU test and fails on the GPU."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import torch
+
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+         torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+         torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
+RECORDS: dict[str, dict] = {}
+
+
+def _arg_type(value) -> str | None:
+    """Triton's signature type for a runtime argument; None: passed as a constexpr None."""
+    if value is None:
+        return None
+    if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
+        return "*" + TYPES.get(value.dtype, "?")
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    return "?"
+
+
+def _constant(value):
+    value = getattr(value, "value", value)           # tl.constexpr(...)
+    return value if value is None or isinstance(value, (bool, int, float, str)) else f"?{type(value).__name__}"
+
+
+def record(fn, args: tuple, kwargs: dict) -> None:
+    sig = inspect.signature(fn)
+    bound = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+    bound.apply_defaults()
+    types, consts = {}, {}
+    for name, param in sig.parameters.items():
+        value = bound.arguments[name]
+        kind = None if "constexpr" in str(param.annotation) else _arg_type(value)
+        if kind is None:
+            consts[name] = _constant(value)
+        else:
+            types[name] = kind
+    rec = {"module": fn.__module__, "name": fn.__name__, "types": types, "consts": consts,
+           "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+    RECORDS.setdefault(json.dumps(rec, sort_keys=True), rec)
+    if consts.get("USE_PDL") is False:     # the GPU launches with PDL (kernels.pdl), which a CPU never asks for
+        pdl = {**rec, "consts": {**consts, "USE_PDL": True}}
+        RECORDS.setdefault(json.dumps(pdl, sort_keys=True), pdl)
+
+
+def install() -> None:
+    """Record every interpreted launch from now on (the interpreter's InterpretedFunction.run)."""
+    from triton.runtime import interpreter
+
+    run = interpreter.InterpretedFunction.run
+    if getattr(run, "_records_launches", False):
+        return
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            try:
+                record(self.fn, args, kwargs)
+            except (TypeError, ValueError):           # a launch the signature cannot bind fails below anyway
+                pass
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    recording_run._records_launches = True
+    interpreter.InterpretedFunction.run = recording_run
