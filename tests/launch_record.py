@@ -66,13 +66,13 @@ def install() -> None:
     if getattr(run, "_records_launches", False):
         return
 
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        if not warmup:
+    def recording_run(self, *args, **kwargs):
+        if not kwargs.get("warmup"):
             try:
-                record(self.fn, args, kwargs)
+                record(self.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
             except (TypeError, ValueError):           # a launch the signature cannot bind fails below anyway
                 pass
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return run(self, *args, **kwargs)
 
     recording_run._records_launches = True
     interpreter.InterpretedFunction.run = recording_run
