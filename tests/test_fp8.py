@@ -588,8 +588,8 @@ def test_fp8_moe_pairs_scale_a_block_at_a_time(block_k, block):
     assert _rel(per_block, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
-@pytest.mark.parametrize("block_k,block,group_scale,prefetch", [(32, (32, 32), False, False), (64, (32, 32), True, True),
-                                                                (128, (16, 64), True, False), (32, (32, 128), False, True)])
+@pytest.mark.parametrize("block_k,block,group_scale,prefetch", [
+    (32, (32, 32), False, False), (64, (32, 32), True, True), (128, (16, 64), True, False), (32, (32, 128), False, True)])
 def test_fp8_moe_pairs_never_read_another_ranks_scales(block_k, block, group_scale, prefetch):
     """Expert parallelism hands the pair kernels id E for another rank's experts, whose scale rows
     do not exist. The scales here sit before NaNs (where expert E's would be): the answer stays

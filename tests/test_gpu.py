@@ -335,9 +335,9 @@ def test_gpu_fp8_first_step_matches_cpu(w8a8, monkeypatch):
         cpu.close()
 
 
-@pytest.mark.parametrize("model,tp,ep,w8a8,peer", [("tiny_moe", 2, 2, True, False), ("tiny_moe", 2, 1, True, False),
-                                                   ("tiny_fp8_32", 2, 2, True, False), ("tiny_fp8_32", 2, 2, False, False),
-                                                   ("tiny_moe", 2, 2, True, True), ("tiny_fp8_32", 2, 2, True, True)])
+@pytest.mark.parametrize("model,tp,ep,w8a8,peer", [
+    ("tiny_moe", 2, 2, True, False), ("tiny_moe", 2, 1, True, False), ("tiny_fp8_32", 2, 2, True, False),
+    ("tiny_fp8_32", 2, 2, False, False), ("tiny_moe", 2, 2, True, True), ("tiny_fp8_32", 2, 2, True, True)])
 def test_tp2_on_one_gpu_answers_as_tp1(model, tp, ep, w8a8, peer, tiny_moe, monkeypatch):
     """Tensor and expert parallelism's arithmetic on a one-GPU host (parallel.one_device: both
     ranks on this GPU, gloo's collectives, eager steps; `peer`: the sums by the peer all-reduce's
