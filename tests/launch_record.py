@@ -17,6 +17,7 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", t
          torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
          torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 RECORDS: dict[str, dict] = {}
+_ONLY = []          # only_recording()'s: launches recorded there, and not run
 
 
 def _arg_type(value) -> str | None:
@@ -53,10 +54,11 @@ def record(fn, args: tuple, kwargs: dict) -> None:
             types[name] = kind
     rec = {"module": fn.__module__, "name": fn.__name__, "types": types, "consts": consts,
            "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
-    RECORDS.setdefault(json.dumps(rec, sort_keys=True), rec)
+    into = _ONLY[-1] if _ONLY else RECORDS
+    into.setdefault(json.dumps(rec, sort_keys=True), rec)
     if consts.get("USE_PDL") is False:     # the GPU launches with PDL (kernels.pdl), which a CPU never asks for
         pdl = {**rec, "consts": {**consts, "USE_PDL": True}}
-        RECORDS.setdefault(json.dumps(pdl, sort_keys=True), pdl)
+        into.setdefault(json.dumps(pdl, sort_keys=True), pdl)
 
 
 def install() -> None:
@@ -72,8 +74,27 @@ def install() -> None:
             try:
                 record(self.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
             except (TypeError, ValueError):           # a launch the signature cannot bind fails below anyway
-                pass
+                if _ONLY:
+                    raise
+            if _ONLY:
+                return None
         return run(self, *args, **kwargs)
 
     recording_run._records_launches = True
     interpreter.InterpretedFunction.run = recording_run
+
+
+class only_recording:
+    """Inside: interpreted launches are recorded (into `.records`) and not run, so that launch
+    functions can be called at a GPU's real shapes and launch tables on a CPU (their outputs stay
+    unwritten)."""
+
+    def __enter__(self):
+        install()
+        self.records: dict[str, dict] = {}
+        _ONLY.append(self.records)
+        return self
+
+    def __exit__(self, *exc):
+        _ONLY.remove(self.records)
+        return False

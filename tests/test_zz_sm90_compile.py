@@ -98,6 +98,75 @@ def test_every_recorded_launch_compiles_for_sm90():
     assert code == 0 and f"compiled {len(records)} of {len(records)}" in log, log
 
 
+def h200_table_launches() -> list[dict]:
+    """The launches the H200's decode tables configure (kernels/configs: the fp8 GEMV, the skinny
+    GEMM and its split-K entries, the fp8 dense GEMM, the MoE pair kernels), made by the launch
+    functions themselves at the tables' shapes on the CPU with launch_record.only_recording: the
+    kernel variants an H200 runs, which the CPU tests' small configs do not reach."""
+    import torch
+
+    import launch_record
+    from kernels import fp8 as kfp8, linear, tables
+    from kernels.fused_moe import dense_fp8_gemm, fused_moe_pairs
+
+    name, block = "NVIDIA_H200", (128, 128)
+    configs = Path(tables.__file__).parent / "configs"
+    bf16, f8 = torch.bfloat16, torch.float8_e4m3fn
+
+    def entries(table: dict):
+        for nk, by_m in table.items():
+            if "," not in nk:
+                continue
+            n, k = (int(v) for v in nk.split(","))
+            for m, cfg in by_m.items():
+                if isinstance(cfg, dict):
+                    yield n, k, int(m), cfg
+
+    def scales(n, k):
+        return torch.ones(-(-n // block[0]), -(-k // block[1]))
+
+    with launch_record.only_recording() as rec:
+        gemv = json.loads((configs / f"fp8_gemv,device={name},block=128x128.json").read_text())
+        for n, k, m, cfg in entries(gemv):
+            kfp8.fp8_gemv(torch.empty(m, k, dtype=bf16), torch.empty(n, k, dtype=f8), scales(n, k), block, config=cfg)
+        skinny = json.loads((configs / f"skinny_linear,device={name}.json").read_text())
+        for n, k, m, cfg in entries(skinny):
+            linear.skinny_linear(torch.empty(m, k, dtype=bf16), torch.empty(n, k, dtype=bf16), config=cfg)
+        dense = json.loads((configs / f"fp8_dense,device={name},block=128x128.json").read_text())
+        for n, k, m, cfg in entries(dense):
+            dense_fp8_gemm(torch.empty(m, k, dtype=bf16), torch.empty(n, k, dtype=f8), scales(n, k), block, cfg)
+        pair_tables = [(128, 768, 2048, json.loads((configs / f"fp8_pairs,device={name},block=128x128.json").read_text()))]
+        for f in configs.glob(f"E=*,device={name},dtype=fp8_w8a8,block=128x128.json"):
+            shape = dict(part.split("=") for part in f.name.split(",")[:3])
+            table = json.loads(f.read_text()).get("pairs")
+            if table:
+                pair_tables.append((int(shape["E"]), int(shape["N"]), int(shape["K"]), table))
+        for e, inter, hidden, table in pair_tables:
+            w13 = torch.empty(1, 2 * inter, hidden, dtype=f8).expand(e, -1, -1)
+            w2 = torch.empty(1, hidden, inter, dtype=f8).expand(e, -1, -1)
+            s13 = scales(2 * inter, hidden).expand(e, -1, -1)
+            s2 = scales(hidden, inter).expand(e, -1, -1)
+            for m, cfg in table.items():
+                ids = torch.zeros(int(m), 8, dtype=torch.int32)
+                for prefetch in (False, True):
+                    fused_moe_pairs(torch.empty(int(m), hidden, dtype=bf16), w13, w2, torch.ones(int(m), 8), ids, cfg,
+                                    s13, s2, block, prefetch=prefetch)
+    return list(rec.records.values())
+
+
+def test_the_h200_tables_launches_compile_for_sm90():
+    """Every H200 table entry above, as its launch function makes it, compiles for sm_90. (A
+    table edit is otherwise first compiled on a GPU, by a call that then fails.)"""
+    import os as _os
+
+    if _os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("recording launches needs the interpreter (the CPU tests' mode)")
+    records = h200_table_launches()
+    assert len(records) >= 20, len(records)
+    code, log = _run_child(records)
+    assert code == 0 and f"compiled {len(records)} of {len(records)}" in log, log
+
+
 def main(path: str) -> int:
     try:
         import triton.backends.compiler  # noqa: F401
