@@ -2,8 +2,8 @@
 ships) on a machine without a GPU. The interpreter runs a kernel's Python and misses what only
 the compiler refuses: a variable whose type changes in a loop, code compiled past a return in a
 constexpr branch. An integer-conversion variant of the pair kernels (INT_CVT at dbb55de,
-measured slower and gone) failed so on the H200 after passing every interpreter test; both
-tests here failed on it.
+measured slower and gone) failed so on the H200 after passing every interpreter test; this
+file's first pair test, which set INT_CVT, failed on it.
 
 Named to run last: `test_every_recorded_launch_compiles_for_sm90` compiles each distinct launch
 the interpreter ran earlier in this session (tests/launch_record.py). The compiling runs in a
@@ -45,24 +45,27 @@ def _compile_one(rec: dict) -> str | None:
 
 
 def pair_kernel_records() -> list[dict]:
-    """The MoE pair kernels, fp8 or not, GROUP_SCALE and PREFETCH, with PDL: run alone, this file
-    still compiles them."""
-    i32 = "i32"
-    out = []
-    for fp8, group_scale, prefetch in itertools.product([False, True], repeat=3):
-        w = "*fp8e4nv" if fp8 else "*bf16"
-        common = dict(HAS_SCALE=fp8, BN=128, BK=128, USE_PDL=True, GROUP_SCALE=group_scale, PREFETCH=prefetch)
-        out.append({"module": "kernels.fused_moe", "name": "_pair_gate_up_kernel", "num_warps": 4, "num_stages": 3,
-                    "types": dict(x_ptr="*bf16", w_ptr=w, ids_ptr="*i32", act_ptr="*bf16", s_ptr="*fp32", inter=i32,
-                                  K=i32, top_k=i32, num_experts=i32, stride_xm=i32, stride_we=i32, stride_wn=i32,
-                                  stride_am=i32, stride_se=i32, stride_sn=i32),
-                    "consts": dict(BLOCK_N=8, BLOCK_K=256, **common)})
-        out.append({"module": "kernels.fused_moe", "name": "_pair_down_kernel", "num_warps": 4, "num_stages": 1,
-                    "types": dict(act_ptr="*bf16", w_ptr=w, ids_ptr="*i32", weights_ptr="*fp32", out_ptr="*bf16",
-                                  s_ptr="*fp32", N=i32, K=i32, top_k=i32, num_experts=i32, stride_am=i32,
-                                  stride_we=i32, stride_wn=i32, stride_om=i32, stride_se=i32, stride_sn=i32),
-                    "consts": dict(TOP_K_PAD=8, BLOCK_N=8, BLOCK_K=256, **common)})
-    return out
+    """The MoE pair kernels, fp8 or not, GROUP_SCALE and PREFETCH, as fused_moe_pairs launches
+    them (recorded, not run; with their PDL twins): run alone, this file still compiles them."""
+    import torch
+
+    import launch_record
+    from kernels.fused_moe import fused_moe_pairs
+
+    e, inter, hidden, a, block = 8, 256, 512, 4, (128, 128)
+    cfg = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "DOWN_BLOCK_N": 8, "DOWN_BLOCK_K": 256,
+           "down_warps": 4, "down_stages": 1}
+    with launch_record.only_recording() as rec:
+        for fp8, group_scale, prefetch in itertools.product([False, True], repeat=3):
+            dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+            w13, w2 = torch.empty(e, 2 * inter, hidden, dtype=dtype), torch.empty(e, hidden, inter, dtype=dtype)
+            scales = (torch.ones(e, 2 * inter // 128, hidden // 128), torch.ones(e, hidden // 128, inter // 128)) \
+                if fp8 else (None, None)
+            fused_moe_pairs(torch.empty(2, hidden, dtype=torch.bfloat16), w13, w2, torch.ones(2, a),
+                            torch.zeros(2, a, dtype=torch.int32),
+                            {**cfg, "GROUP_SCALE": group_scale, "DOWN_GROUP_SCALE": group_scale}, *scales, block,
+                            prefetch=prefetch)
+    return list(rec.records.values())
 
 
 def _run_child(records: list[dict]) -> tuple[int, str]:
@@ -81,8 +84,12 @@ def _run_child(records: list[dict]) -> tuple[int, str]:
 
 
 def test_moe_pair_kernels_compile_for_sm90():
-    code, log = _run_child(pair_kernel_records())
-    assert code == 0 and "compiled 16 of 16" in log, log
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("recording launches needs the interpreter (the CPU tests' mode)")
+    records = pair_kernel_records()
+    assert len(records) >= 16, len(records)
+    code, log = _run_child(records)
+    assert code == 0 and f"compiled {len(records)} of {len(records)}" in log, log
 
 
 def test_every_recorded_launch_compiles_for_sm90():
@@ -157,9 +164,7 @@ def h200_table_launches() -> list[dict]:
 def test_the_h200_tables_launches_compile_for_sm90():
     """Every H200 table entry above, as its launch function makes it, compiles for sm_90. (A
     table edit is otherwise first compiled on a GPU, by a call that then fails.)"""
-    import os as _os
-
-    if _os.environ.get("TRITON_INTERPRET") != "1":
+    if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("recording launches needs the interpreter (the CPU tests' mode)")
     records = h200_table_launches()
     assert len(records) >= 20, len(records)
