@@ -401,32 +401,36 @@ def sweep_fp8_gemv(ms=None) -> tuple[list[dict], dict]:
             bf16 = per_call_ms(lambda i: skinny_linear(x, ws[i % len(ws)]))
             # GROUP_SCALE: the scales loaded once per block of a K step instead of once per column
             if m == 1:      # up to a whole row a step (BLOCK_K = K): one round trip per program;
-                # INT_CVT: the weights made float32 by integer ops (kernels.fp8._fp8_row_kernel)
+                # the row kernel (kernels.fp8._fp8_row_kernel): INT_CVT, the weights made float32 by
+                # integer ops, or HALF2, multiplied in float16 pairs
                 space = itertools.chain(
                     itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (4, 8), (False,),
-                                      (False, True), (False,)),
-                    itertools.product((4, 8, 16), (256, 512, 1024, 2048), (4, 8), (False,), (False, True), (True,)))
+                                      (False, True), (None,)),
+                    itertools.product((4, 8, 16), (256, 512, 1024, 2048), (4, 8), (False,), (False, True),
+                                      ("INT_CVT",)),
+                    itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (4, 8), (False,), (False, True),
+                                      ("HALF2",)))
             else:
-                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True), (False, True), (False,))
-            best, best_int = (float("inf"), None), (float("inf"), None)
-            for bn, bk, warps, a8, group_scale, int_cvt in space:
+                space = itertools.product((16, 32), (128, 256, 512), (4, 8), (False, True), (False, True), (None,))
+            best, best_row = (float("inf"), None), {}
+            for bn, bk, warps, a8, group_scale, row in space:
                 if (a8 and (bk != 128 or group_scale)) or bn * bk > 16384 or bk > triton.next_power_of_2(k):
                     continue            # W8A8 steps one scale block at a time; a tile's registers
                 cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3,
                        **({"A8": True} if a8 else {}), **({"GROUP_SCALE": True} if group_scale else {}),
-                       **({"INT_CVT": True} if int_cvt else {})}
+                       **({row: True} if row else {})}
                 try:
                     took = per_call_ms(lambda i: fp8_gemv(x, *qs[i % copies], (128, 128), config=cfg))
                 except Exception as e:          # out of registers or shared memory for the larger tiles
                     print(f"fp8 gemv {cfg}: {type(e).__name__}")
                     continue
                 best = min(best, (took, cfg), key=lambda t: t[0])
-                if int_cvt:
-                    best_int = min(best_int, (took, cfg), key=lambda t: t[0])
+                if row:
+                    best_row[row] = min(best_row.get(row, (float("inf"), None)), (took, cfg), key=lambda t: t[0])
             floor = n * k * (1 + 4 / 128 ** 2) / (roofline_cache()["copy_bandwidth_tb_s"] * 1e12) * 1e3
             rows.append({"proj": name, "N": n, "K": k, "M": m, "bf16_skinny_ms": bf16, "fp8_ms": best[0],
                          "fp8_floor_ms": floor, "floor_over_fp8": floor / best[0],
-                         "int_cvt_ms": best_int[0] if best_int[1] else None, "config": json.dumps(best[1])})
+                         **{f"{row.lower()}_ms": t for row, (t, _) in best_row.items()}, "config": json.dumps(best[1])})
             table.setdefault(f"{n},{k}", {})[str(m)] = best[1]
     return rows, table
 

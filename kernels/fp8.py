@@ -243,7 +243,8 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
              bias: torch.Tensor | None = None, config: dict | None = None, norm: tuple | None = None) -> torch.Tensor | None:
     """x (M <= 16, K) in bf16/float32, Wq (N, K) fp8, S (ceil(N/bn), ceil(K/bk)) -> (M, N) in x's dtype.
     `norm` (kernels.linear.norm_arguments'): x is one row before its residual add and RMSNorm, done
-    in the kernel; None is returned where the launch shape asks for INT_CVT (its kernel has no norm)."""
+    in the kernel; None is returned where the launch shape asks for INT_CVT or HALF2 (their kernel has no
+    norm)."""
     m, k = x.shape
     n = wq.shape[0]
     if (not gemv_ok(m, block) or wq.shape[1] != k or wq.stride(-1) != 1
@@ -260,7 +261,7 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
             x, wq, bias if bias is not None else scale, y, scale, n, k, wq.stride(0), scale.stride(0),
             HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], BN=block[0], BK=block[1],
             GROUP_SCALE=group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"] // 4, block[1] // 4),
-            num_warps=cfg["num_warps"], **pdl(x))
+            HALF2=bool(cfg.get("HALF2")), ASM=x.is_cuda, num_warps=cfg["num_warps"], **pdl(x))
         return y
     m_pad = 1 if m == 1 else 16
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])
@@ -290,16 +291,143 @@ def _e4m3_bits_as_f32(w4, i: tl.constexpr):
 
 
 @triton.jit
+def _row_x(x_ptr, s_row, k, K4, offs_j, j_ok, i: tl.constexpr, factor: tl.constexpr, Q: tl.constexpr,
+           BLOCK_K: tl.constexpr, BK: tl.constexpr, GROUP_SCALE: tl.constexpr):
+    """Columns 4j + i of K step k of the row x (float32), times their scale blocks' scales and
+    `factor`."""
+    xi = tl.load(x_ptr + k * BLOCK_K + offs_j * 4 + i, mask=j_ok, other=0.0).to(tl.float32)
+    if GROUP_SCALE:
+        xi = block_scaled(xi * factor, s_row, k, K4, Q, BK // 4, 0)
+    else:
+        xi = xi * (tl.load(s_row + (k * BLOCK_K + offs_j * 4) // BK, mask=j_ok, other=0.0) * factor)
+    return xi
+
+
+@triton.jit
+def _row_int_cvt(x_ptr, w_ptrs, w4, s_row, n_ok, K, K4, offs_j, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BK: tl.constexpr, GROUP_SCALE: tl.constexpr):
+    """The row's products, the weights made float32 by integer ops (`_e4m3_bits_as_f32`), w4 the
+    first K step's weights (w_ptrs' ints): float32 (BLOCK_N,)."""
+    Q: tl.constexpr = BLOCK_K // 4
+    acc = tl.zeros((BLOCK_N, Q), tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        j_ok = offs_j < K4 - k * Q
+        for i in tl.static_range(4):
+            xi = _row_x(x_ptr, s_row, k, K4, offs_j, j_ok, i, 1.2676506002282294e30, Q, BLOCK_K, BK, GROUP_SCALE)
+            acc += _e4m3_bits_as_f32(w4, i) * xi[None, :]
+        w_ptrs += Q
+        w4 = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_j < K4 - (k + 1) * Q)[None, :], other=0)
+    return tl.sum(acc, 1) * 1048576.0
+
+
+# HALF2's PTX (one int32 of the weights: four e4m3 bytes). $2: the weights, $3/$4: x's columns
+# 4j, 4j+1 / 4j+2, 4j+3 as f16x2, $5/$6 the accumulators (f16x2) -> $0/$1. The conversion is one
+# instruction per two weights; the multiply-add one per two.
+_E4M3X2_FMA = tl.constexpr("""{ .reg .b16 lo, hi; .reg .b32 a, b;
+ mov.b32 {lo, hi}, $2;
+ cvt.rn.f16x2.e4m3x2 a, lo;
+ cvt.rn.f16x2.e4m3x2 b, hi;
+ fma.rn.f16x2 $0, a, $3, $5;
+ fma.rn.f16x2 $1, b, $4, $6; }""")
+# the two accumulators' four halves summed ($1 + $2 in f16x2, then its halves in float32)
+_F16X2_SUM = tl.constexpr("""{ .reg .b16 lo, hi; .reg .b32 s; .reg .f32 a, b;
+ add.rn.f16x2 s, $1, $2;
+ mov.b32 {lo, hi}, s;
+ cvt.f32.f16 a, lo;
+ cvt.f32.f16 b, hi;
+ add.f32 $0, a, b; }""")
+
+
+@triton.jit
+def _f16_half(v, HI: tl.constexpr):
+    """The low (or high) 16 bits of the int32 v as float16."""
+    if HI:
+        v = v >> 16
+    return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _f16x2(lo, hi):
+    """float16 pairs packed into an int32 (lo in the low half), as the PTX above takes them."""
+    return (lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | \
+        (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _e4m3_as_f16(w4, i: tl.constexpr):
+    """Byte i of each int32 of w4 as float16, exactly (e4m3 is a subset of float16: its sign,
+    exponent and mantissa moved into place give the value times 2^-8)."""
+    b = (w4 >> (8 * i)) & 0xFF
+    return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
+
+
+@triton.jit
+def _e4m3x2_fma(w4, x01, x23, acc01, acc23, ASM: tl.constexpr):
+    """_E4M3X2_FMA on the GPU; off it (the interpreter runs no PTX) the same arithmetic in float16
+    (with two roundings for the fused one)."""
+    if ASM:
+        acc01, acc23 = tl.inline_asm_elementwise(_E4M3X2_FMA, "=r,=r,r,r,r,r,r", [w4, x01, x23, acc01, acc23],
+                                                 dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        acc01 = _f16x2(tl.fma(_e4m3_as_f16(w4, 0), _f16_half(x01, False), _f16_half(acc01, False)),
+                       tl.fma(_e4m3_as_f16(w4, 1), _f16_half(x01, True), _f16_half(acc01, True)))
+        acc23 = _f16x2(tl.fma(_e4m3_as_f16(w4, 2), _f16_half(x23, False), _f16_half(acc23, False)),
+                       tl.fma(_e4m3_as_f16(w4, 3), _f16_half(x23, True), _f16_half(acc23, True)))
+    return acc01, acc23
+
+
+@triton.jit
+def _f16x2_sum(acc01, acc23, ASM: tl.constexpr):
+    if ASM:
+        out = tl.inline_asm_elementwise(_F16X2_SUM, "=r,r,r", [acc01, acc23], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        out = ((_f16_half(acc01, False) + _f16_half(acc23, False)).to(tl.float32)
+               + (_f16_half(acc01, True) + _f16_half(acc23, True)).to(tl.float32))
+    return out
+
+
+@triton.jit
+def _row_half2(x_ptr, w_ptrs, w4, s_row, n_ok, K, K4, offs_j, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               BK: tl.constexpr, GROUP_SCALE: tl.constexpr, ASM: tl.constexpr):
+    """The row's products in float16 pairs (HALF2): x's columns times their scales and 2^8, the
+    weights as they are (e4m3 values are float16 values), a K step's products added into f16x2
+    accumulators. float32 (BLOCK_N,); not finite where a float16 overflowed."""
+    Q: tl.constexpr = BLOCK_K // 4
+    acc01 = tl.zeros((BLOCK_N, Q), tl.int32)
+    acc23 = tl.zeros((BLOCK_N, Q), tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        j_ok = offs_j < K4 - k * Q
+        x0 = _row_x(x_ptr, s_row, k, K4, offs_j, j_ok, 0, 256.0, Q, BLOCK_K, BK, GROUP_SCALE)
+        x1 = _row_x(x_ptr, s_row, k, K4, offs_j, j_ok, 1, 256.0, Q, BLOCK_K, BK, GROUP_SCALE)
+        x2 = _row_x(x_ptr, s_row, k, K4, offs_j, j_ok, 2, 256.0, Q, BLOCK_K, BK, GROUP_SCALE)
+        x3 = _row_x(x_ptr, s_row, k, K4, offs_j, j_ok, 3, 256.0, Q, BLOCK_K, BK, GROUP_SCALE)
+        acc01, acc23 = _e4m3x2_fma(w4, _f16x2(x0, x1)[None, :], _f16x2(x2, x3)[None, :], acc01, acc23, ASM)
+        w_ptrs += Q
+        w4 = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_j < K4 - (k + 1) * Q)[None, :], other=0)
+    return tl.sum(_f16x2_sum(acc01, acc23, ASM), 1) * 0.00390625
+
+
+@triton.jit
 def _fp8_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, N, K, stride_wn, stride_sn, HAS_BIAS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    GROUP_SCALE: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                    GROUP_SCALE: tl.constexpr = False, HALF2: tl.constexpr = False, ASM: tl.constexpr = False,
+                    USE_PDL: tl.constexpr = False):
     """y = x W^T for one row x and fp8 W, BLOCK_N rows of W a program, its bytes read four to an
-    int32 and made float32 by integer ops (`_e4m3_bits_as_f32`). The hardware's conversion, the
-    skinny kernel's path (e4m3x2 -> f16x2 -> f32: 1.5 conversions an element, on a unit of 16
-    lanes an SM), would cap an H200 near 2.8 TB/s of fp8 by that count. A step's columns are
-    taken in the order 4j + i (byte i of int j), and x is read in the same order. The weights
-    come out 2^-120 too small: x's columns are scaled by 2^100 and the sum by 2^20 (no subnormal
-    products)."""
+    int32. Two ways to make them numbers:
+    - INT_CVT (`_row_int_cvt`): float32 by integer ops (`_e4m3_bits_as_f32`). The hardware's
+      conversion, the skinny kernel's path (e4m3x2 -> f16x2 -> f32: 1.5 conversions an element,
+      on a unit of 16 lanes an SM), would cap an H200 near 2.8 TB/s of fp8 by that count. The
+      weights come out 2^-120 too small: x's columns are scaled by 2^100 and the sum by 2^20 (no
+      subnormal products). Four to six integer instructions an element.
+    - HALF2 (`_row_half2`, ASM: its PTX; off the GPU, the interpreter's emulation): two weights
+      made f16x2 by one conversion, multiplied and added two at a time in float16. About one
+      instruction an element, where the integer ops' count made the kernel ALU-bound: 30B-A3B's
+      qkv at one row 6.0 -> 4.3 us on an H200, the row's error that of the bf16 output's
+      rounding. A float16 that overflowed (a product of ~256 in x * W's units, far past a
+      normalised row's) leaves the program's sums not finite, and the program computes them again
+      by INT_CVT.
+    A step's columns are taken in the order 4j + i (byte i of int j), and x is read in the same
+    order."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -308,32 +436,25 @@ def _fp8_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, N, K, stride_wn, stride_s
     offs_j = tl.arange(0, Q)
     w_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None].to(tl.int64) * (stride_wn // 4) + offs_j[None, :]
     s_row = s_ptr + ((pid * BLOCK_N) // BN) * stride_sn
-    acc = tl.zeros((BLOCK_N, Q), tl.float32)
     gdc_launch(USE_PDL)
     w4 = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_j < K4)[None, :], other=0)
     gdc_wait(USE_PDL)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        j_ok = offs_j < K4 - k * Q
-        for i in tl.static_range(4):
-            xi = tl.load(x_ptr + k * BLOCK_K + offs_j * 4 + i, mask=j_ok, other=0.0).to(tl.float32)
-            if GROUP_SCALE:
-                xi = block_scaled(xi * 1.2676506002282294e30, s_row, k, K4, Q, BK // 4, 0)
-            else:
-                xi = xi * (tl.load(s_row + (k * BLOCK_K + offs_j * 4) // BK, mask=j_ok, other=0.0)
-                           * 1.2676506002282294e30)
-            acc += _e4m3_bits_as_f32(w4, i) * xi[None, :]
-        w_ptrs += Q
-        w4 = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_j < K4 - (k + 1) * Q)[None, :], other=0)
-    y = tl.sum(acc, 1) * 1048576.0
+    if HALF2:
+        y = _row_half2(x_ptr, w_ptrs, w4, s_row, n_ok, K, K4, offs_j, BLOCK_N, BLOCK_K, BK, GROUP_SCALE, ASM)
+        if tl.max(((tl.abs(y) == float("inf")) | (y != y)).to(tl.int32), 0) > 0:   # a float16 overflowed
+            w4 = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_j < K4)[None, :], other=0)
+            y = _row_int_cvt(x_ptr, w_ptrs, w4, s_row, n_ok, K, K4, offs_j, BLOCK_N, BLOCK_K, BK, GROUP_SCALE)
+    else:
+        y = _row_int_cvt(x_ptr, w_ptrs, w4, s_row, n_ok, K, K4, offs_j, BLOCK_N, BLOCK_K, BK, GROUP_SCALE)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 def _int_cvt_ok(cfg: dict, wq: torch.Tensor, block: tuple[int, int], block_k: int) -> bool:
-    """The integer conversion reads w four bytes at a time: rows and the base 4-aligned, K steps
-    and scale blocks whole ints."""
-    return (bool(cfg.get("INT_CVT")) and wq.shape[1] % 4 == 0 and wq.stride(0) % 4 == 0 and wq.data_ptr() % 4 == 0
+    """The row kernel (INT_CVT or HALF2) reads w four bytes at a time: rows and the base
+    4-aligned, K steps and scale blocks whole ints."""
+    return ((bool(cfg.get("INT_CVT")) or bool(cfg.get("HALF2"))) and wq.shape[1] % 4 == 0 and wq.stride(0) % 4 == 0 and wq.data_ptr() % 4 == 0
             and block_k % 4 == 0 and block[1] % 4 == 0)
 
 

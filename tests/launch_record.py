@@ -1,14 +1,15 @@
 """Every distinct Triton kernel launch the interpreter runs in this test session, recorded so that
 tests/test_zz_sm90_compile.py can compile each for an H100/H200 (sm_90) at the session's end:
 the argument types (tensors' dtypes as pointer types, ints, floats), the constexpr values and the
-launch's num_warps / num_stages; a kernel taking USE_PDL also with it on, as the GPU launches
-it. The interpreter runs a kernel's Python, so what only the compiler refuses (a loop-carried
+launch's num_warps / num_stages; a kernel taking USE_PDL or ASM also with them on, as the GPU
+launches it. The interpreter runs a kernel's Python, so what only the compiler refuses (a loop-carried
 variable changing type, a constexpr branch compiled past a return) passes every CPU test and
 fails on the GPU."""
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 
 import torch
@@ -17,6 +18,7 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", t
          torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
          torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 RECORDS: dict[str, dict] = {}
+GPU_ONLY = ("USE_PDL", "ASM")
 _ONLY = []          # only_recording()'s: launches recorded there, and not run
 
 
@@ -55,10 +57,12 @@ def record(fn, args: tuple, kwargs: dict) -> None:
     rec = {"module": fn.__module__, "name": fn.__name__, "types": types, "consts": consts,
            "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
     into = _ONLY[-1] if _ONLY else RECORDS
-    into.setdefault(json.dumps(rec, sort_keys=True), rec)
-    if consts.get("USE_PDL") is False:     # the GPU launches with PDL (kernels.pdl), which a CPU never asks for
-        pdl = {**rec, "consts": {**consts, "USE_PDL": True}}
-        into.setdefault(json.dumps(pdl, sort_keys=True), pdl)
+    # what the GPU turns on and a CPU never asks for: PDL (kernels.pdl) and inline PTX (ASM, whose
+    # interpreted launches run an emulation of it), each twin also recorded
+    gpu_only = [name for name in GPU_ONLY if consts.get(name) is False]
+    for on in itertools.product((False, True), repeat=len(gpu_only)):
+        twin = {**rec, "consts": {**consts, **dict(zip(gpu_only, on))}}
+        into.setdefault(json.dumps(twin, sort_keys=True), twin)
 
 
 def install() -> None:

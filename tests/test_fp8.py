@@ -523,6 +523,70 @@ def test_fp8_row_kernel_against_the_dequantized_weights(n, k, block, block_k, gr
     assert _rel(fp8_gemv(x, q, s, block, b, config=cfg), want) < KTOL
 
 
+# HALF2 multiplies in float16: each product and each K step's sum rounded to float16's 11 bits
+# (2^-12 relative, against 2^-9 for the bf16 a decode row is stored in). The bound: a few times that.
+HALF2_TOL = 2e-3
+
+
+@pytest.mark.parametrize("n,k,block,block_k", [(130, 300, (128, 128), 64), (96, 200, (32, 64), 256),
+                                               (70, 296, (16, 64), 128), (40, 4096, (32, 32), 1024)])
+@pytest.mark.parametrize("group_scale", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_row_kernel_half2_against_the_dequantized_weights(n, k, block, block_k, group_scale, bias):
+    """HALF2 (the weights made f16x2 and multiplied in float16 pairs; on the CPU the interpreter's
+    emulation of its PTX) at INT_CVT's awkward shapes: within float16's rounding of the float32
+    product, and close to INT_CVT's answer."""
+    from kernels.fp8 import fp8_gemv
+
+    x = (torch.randn(1, k) * torch.logspace(-1, 1, k)).to(DEV)
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * torch.logspace(-2, 0, k), block))
+    b = torch.randn(n, device=DEV) if bias else None
+    cfg = {"BLOCK_N": 8, "BLOCK_K": block_k, "num_warps": 4, "GROUP_SCALE": group_scale}
+    want = x @ dequantize_weight_blocks(q, s, block).T + (b if bias else 0)
+    got = fp8_gemv(x, q, s, block, b, config={**cfg, "HALF2": True})
+    assert _rel(got, want) < HALF2_TOL
+    assert _rel(got, fp8_gemv(x, q, s, block, b, config={**cfg, "INT_CVT": True})) < HALF2_TOL
+
+
+def test_fp8_row_kernel_half2_reads_every_e4m3_value_exactly():
+    """Each of the 254 finite e4m3 values, subnormals and both zeros, through HALF2's conversion
+    and float16 product exactly (x = 2^-8: the kernel's 2^8 on x makes the product the weight)."""
+    from kernels.fp8 import fp8_gemv
+
+    values = torch.arange(256, dtype=torch.int32)
+    values = values[(values & 0x7F) != 0x7F].to(torch.uint8)
+    n, k = values.numel(), 128
+    q = torch.zeros(n, k, dtype=torch.uint8)
+    q[torch.arange(n), torch.arange(n) % k] = values
+    q = q.view(FP8).to(DEV)
+    got = fp8_gemv(torch.full((1, k), 2.0 ** -8, device=DEV), q, torch.ones(-(-n // 16), 1, device=DEV), (16, 128),
+                   config={"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "HALF2": True})
+    torch.testing.assert_close(got[0].cpu(), values.view(FP8).float() * 2.0 ** -8, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_row_kernel_half2_overflow_computes_again_exactly(dtype):
+    """A row whose products pass float16's range (x of 3e4: ~1e4 * 256 each) leaves HALF2's sums
+    infinite; those programs compute again by INT_CVT, so the answer is INT_CVT's and finite. A
+    programs whose rows stayed in range keeps its float16 answer: the row x is large only in
+    columns that rows 16.. weigh (block rows of 16, programs of 8 rows)."""
+    from kernels.fp8 import fp8_gemv
+
+    n, k, block = 48, 256, (16, 64)
+    w = torch.randn(n, k)
+    w[:16, 128:] = 0
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(w, block))
+    x = torch.randn(1, k)
+    x[0, 128:] *= 3e4
+    x = x.to(DEV, dtype)
+    cfg = {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4}
+    got = fp8_gemv(x, q, s, block, config={**cfg, "HALF2": True})
+    exact = fp8_gemv(x, q, s, block, config={**cfg, "INT_CVT": True})
+    assert got.isfinite().all()
+    torch.testing.assert_close(got[:, 16:], exact[:, 16:], rtol=0, atol=0)
+    assert _rel(got[:, :16], exact[:, :16]) < HALF2_TOL and not torch.equal(got[:, :16], exact[:, :16])
+
+
 @pytest.mark.parametrize("k,stride_pad,int_cvt", [(296, 0, True), (298, 0, False), (296, 2, False)])
 def test_fp8_row_kernel_only_where_the_bytes_are_whole_ints(k, stride_pad, int_cvt, monkeypatch):
     """INT_CVT reads the weights four bytes at a time: K or a row stride not a multiple of four

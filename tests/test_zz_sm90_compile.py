@@ -41,7 +41,10 @@ def _compile_one(rec: dict) -> str | None:
     except Exception as e:                   # the compiler's own errors are many types
         lines = [line for line in str(e).splitlines() if line.strip()]
         return f"{type(e).__name__}: {lines[-1] if lines else e}"
-    return None if kernel.asm.get("cubin") else "no sm_90 binary"
+    if not kernel.asm.get("cubin"):
+        return "no sm_90 binary"
+    missing = [text for text in rec.get("ptx_has", ()) if text not in kernel.asm["ptx"]]
+    return f"PTX without {missing}" if missing else None
 
 
 def pair_kernel_records() -> list[dict]:
@@ -101,6 +104,29 @@ def test_every_recorded_launch_compiles_for_sm90():
                if not any(str(v).startswith("?") for v in [*r["types"].values(), *r["consts"].values()])]
     if not records:
         pytest.skip("no interpreted launches recorded before this test (run with the kernel tests, on a CPU)")
+    code, log = _run_child(records)
+    assert code == 0 and f"compiled {len(records)} of {len(records)}" in log, log
+
+
+def test_half2_row_kernel_compiles_to_packed_half_ptx():
+    """The fp8 GEMV's HALF2 launch, as the GPU makes it (ASM on), compiles for sm_90 with its
+    PTX's packed conversion and multiply-add in it: the interpreter runs an emulation, so only
+    this shows that the GPU's kernel is the packed one."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("recording launches needs the interpreter (the CPU tests' mode)")
+    import torch
+
+    import launch_record
+    from kernels.fp8 import fp8_gemv
+
+    with launch_record.only_recording() as rec:
+        for group_scale in (False, True):
+            fp8_gemv(torch.empty(1, 2048, dtype=torch.bfloat16), torch.empty(5120, 2048, dtype=torch.float8_e4m3fn),
+                     torch.ones(40, 16), (128, 128),
+                     config={"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "HALF2": True, "GROUP_SCALE": group_scale})
+    records = [{**r, "ptx_has": ["cvt.rn.f16x2.e4m3x2", "fma.rn.f16x2", "add.rn.f16x2"]}
+               for r in rec.records.values() if r["consts"]["ASM"] and r["consts"]["HALF2"]]
+    assert len(records) == 4, rec.records          # GROUP_SCALE, with PDL and without
     code, log = _run_child(records)
     assert code == 0 and f"compiled {len(records)} of {len(records)}" in log, log
 
