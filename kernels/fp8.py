@@ -291,28 +291,16 @@ def _e4m3_bits_as_f32(w4, i: tl.constexpr):
 
 
 @triton.jit
-def _x_col(x_ptr, k, offs_j, j_ok, i: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns 4j + i of K step k of the row x, float32."""
-    return tl.load(x_ptr + k * BLOCK_K + offs_j * 4 + i, mask=j_ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _col_scaled(xi, s_row, k, K4, offs_j, j_ok, factor: tl.constexpr, Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                BK: tl.constexpr, GROUP_SCALE: tl.constexpr):
-    """_x_col's columns times their scale blocks' scales (the row of scales at s_row) and `factor`."""
+def _row_x(x_ptr, s_row, k, K4, offs_j, j_ok, i: tl.constexpr, factor: tl.constexpr, Q: tl.constexpr,
+           BLOCK_K: tl.constexpr, BK: tl.constexpr, GROUP_SCALE: tl.constexpr):
+    """Columns 4j + i of K step k of the row x (float32), times their scale blocks' scales and
+    `factor`."""
+    xi = tl.load(x_ptr + k * BLOCK_K + offs_j * 4 + i, mask=j_ok, other=0.0).to(tl.float32)
     if GROUP_SCALE:
         xi = block_scaled(xi * factor, s_row, k, K4, Q, BK // 4, 0)
     else:
         xi = xi * (tl.load(s_row + (k * BLOCK_K + offs_j * 4) // BK, mask=j_ok, other=0.0) * factor)
     return xi
-
-
-@triton.jit
-def _row_x(x_ptr, s_row, k, K4, offs_j, j_ok, i: tl.constexpr, factor: tl.constexpr, Q: tl.constexpr,
-           BLOCK_K: tl.constexpr, BK: tl.constexpr, GROUP_SCALE: tl.constexpr):
-    """Columns 4j + i of K step k of the row x (float32), times their scales and `factor`."""
-    return _col_scaled(_x_col(x_ptr, k, offs_j, j_ok, i, BLOCK_K), s_row, k, K4, offs_j, j_ok, factor, Q, BLOCK_K,
-                       BK, GROUP_SCALE)
 
 
 @triton.jit

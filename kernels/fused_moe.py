@@ -32,7 +32,7 @@ from . import switches
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
-from .fp8 import _col_scaled, _e4m3x2_fma, _f16x2, _f16x2_sum, _x_col, group_scale_ok, quantize_activations_fp8
+from .fp8 import _row_half2, group_scale_ok, quantize_activations_fp8
 from .linear import block_scaled, dividing
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     the up rows of a program each share one row of scale blocks, applied to x's columns.
     GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
     HALF2 (fp8, the weights' rows whole ints): the gate and up rows multiplied in float16 pairs
-    as kernels.fp8's one-row GEMV does (`_gate_up_half2`; ASM its PTX), each read four bytes to an
+    as kernels.fp8's one-row GEMV does (`_row_half2`; ASM its PTX), each read four bytes to an
     int32; a program whose float16 sums overflowed computes them again in float32.
     PREFETCH (with PDL): the down kernel after it may launch only once the kernel before this one
     (the router's) has finished, so that down may read the routing before its own wait."""
@@ -325,8 +325,11 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
         gate4 = (w_ptr.to(tl.pointer_type(tl.int32)) + (expert * stride_we) // 4
                  + offs_n[:, None].to(tl.int64) * (stride_wn // 4) + offs_j[None, :])
         up4 = gate4 + inter * (stride_wn // 4)
-        g, u = _gate_up_half2(x_row, gate4, up4, s_gate, s_up, n_ok, K, K4, offs_j, BLOCK_N, BLOCK_K, BK,
-                              GROUP_SCALE, ASM)
+        first = n_ok[:, None] & (offs_j < K4)[None, :]
+        g = _row_half2(x_row, gate4, tl.load(gate4, mask=first, other=0), s_gate, n_ok, K, K4, offs_j, BLOCK_N,
+                       BLOCK_K, BK, GROUP_SCALE, ASM)
+        u = _row_half2(x_row, up4, tl.load(up4, mask=first, other=0), s_up, n_ok, K, K4, offs_j, BLOCK_N,
+                       BLOCK_K, BK, GROUP_SCALE, ASM)
         if tl.max(((tl.abs(g) + tl.abs(u) == float("inf")) | (g + u != g + u)).to(tl.int32), 0) > 0:
             g, u = _gate_up_f32(x_row, w_ptr, s_gate, s_up, expert, offs_n, n_ok, inter, K, stride_we, stride_wn,
                                 BLOCK_N, BLOCK_K, HAS_SCALE, BK, GROUP_SCALE)
@@ -335,46 +338,6 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
                             BLOCK_N, BLOCK_K, HAS_SCALE, BK, GROUP_SCALE)
     act = g / (1.0 + tl.exp(-g)) * u
     tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _gate_up_half2(x_row, gate4, up4, s_gate, s_up, n_ok, K, K4, offs_j, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BK: tl.constexpr, GROUP_SCALE: tl.constexpr, ASM: tl.constexpr):
-    """A pair's gate and up sums in float16 pairs (kernels.fp8's `_row_half2`, both in one loop: a
-    K step's gate and up weights in flight together, x's columns read once and scaled for each)."""
-    Q: tl.constexpr = BLOCK_K // 4
-    acc_g01 = tl.zeros((BLOCK_N, Q), tl.int32)
-    acc_g23 = tl.zeros((BLOCK_N, Q), tl.int32)
-    acc_u01 = tl.zeros((BLOCK_N, Q), tl.int32)
-    acc_u23 = tl.zeros((BLOCK_N, Q), tl.int32)
-    m = n_ok[:, None] & (offs_j < K4)[None, :]
-    g4 = tl.load(gate4, mask=m, other=0)
-    u4 = tl.load(up4, mask=m, other=0)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        j_ok = offs_j < K4 - k * Q
-        x0 = _x_col(x_row, k, offs_j, j_ok, 0, BLOCK_K)
-        x1 = _x_col(x_row, k, offs_j, j_ok, 1, BLOCK_K)
-        x2 = _x_col(x_row, k, offs_j, j_ok, 2, BLOCK_K)
-        x3 = _x_col(x_row, k, offs_j, j_ok, 3, BLOCK_K)
-        acc_g01, acc_g23 = _e4m3x2_fma(
-            g4, _f16x2(_col_scaled(x0, s_gate, k, K4, offs_j, j_ok, 256.0, Q, BLOCK_K, BK, GROUP_SCALE),
-                       _col_scaled(x1, s_gate, k, K4, offs_j, j_ok, 256.0, Q, BLOCK_K, BK, GROUP_SCALE))[None, :],
-            _f16x2(_col_scaled(x2, s_gate, k, K4, offs_j, j_ok, 256.0, Q, BLOCK_K, BK, GROUP_SCALE),
-                   _col_scaled(x3, s_gate, k, K4, offs_j, j_ok, 256.0, Q, BLOCK_K, BK, GROUP_SCALE))[None, :],
-            acc_g01, acc_g23, ASM)
-        acc_u01, acc_u23 = _e4m3x2_fma(
-            u4, _f16x2(_col_scaled(x0, s_up, k, K4, offs_j, j_ok, 256.0, Q, BLOCK_K, BK, GROUP_SCALE),
-                       _col_scaled(x1, s_up, k, K4, offs_j, j_ok, 256.0, Q, BLOCK_K, BK, GROUP_SCALE))[None, :],
-            _f16x2(_col_scaled(x2, s_up, k, K4, offs_j, j_ok, 256.0, Q, BLOCK_K, BK, GROUP_SCALE),
-                   _col_scaled(x3, s_up, k, K4, offs_j, j_ok, 256.0, Q, BLOCK_K, BK, GROUP_SCALE))[None, :],
-            acc_u01, acc_u23, ASM)
-        gate4 += Q
-        up4 += Q
-        m = n_ok[:, None] & (offs_j < K4 - (k + 1) * Q)[None, :]
-        g4 = tl.load(gate4, mask=m, other=0)
-        u4 = tl.load(up4, mask=m, other=0)
-    return (tl.sum(_f16x2_sum(acc_g01, acc_g23, ASM), 1) * 0.00390625,
-            tl.sum(_f16x2_sum(acc_u01, acc_u23, ASM), 1) * 0.00390625)
 
 
 @triton.jit
