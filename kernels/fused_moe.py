@@ -32,7 +32,7 @@ from . import switches
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
-from .fp8 import _row_half2, group_scale_ok, quantize_activations_fp8
+from .fp8 import group_scale_ok, quantize_activations_fp8
 from .linear import block_scaled, dividing
 
 log = logging.getLogger(__name__)
@@ -293,13 +293,10 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                          USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False, HALF2: tl.constexpr = False, ASM: tl.constexpr = False):
+                         PREFETCH: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns.
     GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
-    HALF2 (fp8, the weights' rows whole ints): the gate and up rows multiplied in float16 pairs
-    as kernels.fp8's one-row GEMV does (`_row_half2`; ASM its PTX), each read four bytes to an
-    int32; a program whose float16 sums overflowed computes them again in float32.
     PREFETCH (with PDL): the down kernel after it may launch only once the kernel before this one
     (the router's) has finished, so that down may read the routing before its own wait."""
     if PREFETCH:
@@ -315,42 +312,14 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
-    s_gate = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
-    s_up = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
-    x_row = x_ptr + token * stride_xm
-    if HALF2:
-        Q: tl.constexpr = BLOCK_K // 4
-        K4 = K // 4
-        offs_j = tl.arange(0, Q)
-        gate4 = (w_ptr.to(tl.pointer_type(tl.int32)) + (expert * stride_we) // 4
-                 + offs_n[:, None].to(tl.int64) * (stride_wn // 4) + offs_j[None, :])
-        up4 = gate4 + inter * (stride_wn // 4)
-        first = n_ok[:, None] & (offs_j < K4)[None, :]
-        g = _row_half2(x_row, gate4, tl.load(gate4, mask=first, other=0), s_gate, n_ok, K, K4, offs_j, BLOCK_N,
-                       BLOCK_K, BK, GROUP_SCALE, ASM)
-        u = _row_half2(x_row, up4, tl.load(up4, mask=first, other=0), s_up, n_ok, K, K4, offs_j, BLOCK_N,
-                       BLOCK_K, BK, GROUP_SCALE, ASM)
-        if tl.max(((tl.abs(g) + tl.abs(u) == float("inf")) | (g + u != g + u)).to(tl.int32), 0) > 0:
-            g, u = _gate_up_f32(x_row, w_ptr, s_gate, s_up, expert, offs_n, n_ok, inter, K, stride_we, stride_wn,
-                                BLOCK_N, BLOCK_K, HAS_SCALE, BK, GROUP_SCALE)
-    else:
-        g, u = _gate_up_f32(x_row, w_ptr, s_gate, s_up, expert, offs_n, n_ok, inter, K, stride_we, stride_wn,
-                            BLOCK_N, BLOCK_K, HAS_SCALE, BK, GROUP_SCALE)
-    act = g / (1.0 + tl.exp(-g)) * u
-    tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _gate_up_f32(x_row, w_ptr, s_gate, s_up, expert, offs_n, n_ok, inter, K, stride_we, stride_wn,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, BK: tl.constexpr,
-                 GROUP_SCALE: tl.constexpr):
-    """A pair's gate and up sums (BLOCK_N rows each) in float32, the weights converted to it."""
     offs_k = tl.arange(0, BLOCK_K)
     gate_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
     up_ptrs = gate_ptrs + inter * stride_wn
-    x_ptrs = x_row + offs_k
+    x_ptrs = x_ptr + token * stride_xm + offs_k
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    s_gate = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
+    s_up = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
@@ -370,7 +339,10 @@ def _gate_up_f32(x_row, w_ptr, s_gate, s_up, expert, offs_n, n_ok, inter, K, str
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    return tl.sum(acc_g, 1), tl.sum(acc_u, 1)
+    g = tl.sum(acc_g, 1)
+    u = tl.sum(acc_u, 1)
+    act = g / (1.0 + tl.exp(-g)) * u
+    tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -569,13 +541,6 @@ def pair_config(e: int, inter: int, hidden: int, m: int, device: torch.device, f
     return table[min(table, key=lambda key: abs(key - m))]
 
 
-def _whole_ints(w: torch.Tensor, block_k: int, block) -> bool:
-    """HALF2 reads fp8 weights four bytes to an int32: strides, K, K steps and scale blocks whole
-    ints, the base 4-aligned."""
-    return (w.shape[-1] % 4 == 0 and all(st % 4 == 0 for st in w.stride()[:-1]) and w.data_ptr() % 4 == 0
-            and block_k % 4 == 0 and block[1] % 4 == 0)
-
-
 def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = None, w13_scale=None, w2_scale=None,
                     block=(128, 128), prefetch: bool | None = None) -> torch.Tensor:
     """The small-batch path: no sorting; gate_up+SiLU*mul per pair, then down with the routing
@@ -597,14 +562,12 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
     up_n = dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
-    half2 = fp8 and bool(cfg.get("HALF2")) and _whole_ints(w13, cfg["BLOCK_K"], block)
     _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
         x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"] // (4 if half2 else 1),
-                                           block[1] // (4 if half2 else 1)),
-        PREFETCH=prefetch, HALF2=half2, ASM=half2 and x.is_cuda, **pdl(x))
+        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), PREFETCH=prefetch,
+        **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](

@@ -652,47 +652,6 @@ def test_fp8_moe_pairs_scale_a_block_at_a_time(block_k, block):
     assert _rel(per_block, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
-@pytest.mark.parametrize("block_k,block,group_scale", [(32, (32, 64), False), (64, (32, 32), True),
-                                                     (128, (16, 32), True), (256, (32, 64), False)])
-def test_fp8_moe_pairs_half2_gate_up(block_k, block, group_scale):
-    """HALF2 in the pair gate_up kernel (float16 pairs; on the CPU the emulation of its PTX):
-    within float16's rounding of the float32 kernels' answer, with K steps inside one scale
-    block, over several, and past K (hidden 96 in steps of 256); another rank's expert (id E)
-    still skipped."""
-    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
-
-    m, e, h, i, a = 3, 6, 96, 64, 3
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-    x = torch.randn(m, h, device=DEV)
-    w = torch.rand(m, a, device=DEV)
-    ids = torch.tensor([[0, 5, e], [2, 4, 1], [3, 1, 2]], dtype=torch.int32, device=DEV)
-    cfg = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 64,
-           "down_warps": 4, "GROUP_SCALE": group_scale}
-    f32 = fused_moe_pairs(x, q13, q2, w, ids, cfg, s13, s2, block)
-    got = fused_moe_pairs(x, q13, q2, w, ids, {**cfg, "HALF2": True}, s13, s2, block)
-    assert _rel(got, f32) < HALF2_TOL and not torch.equal(got, f32)
-    keep = ids < e
-    assert _rel(got, fused_moe_reference(x, d13, d2, w * keep, torch.where(keep, ids, 0))) < KTOL + HALF2_TOL
-
-
-def test_fp8_moe_pairs_half2_overflow_computes_again():
-    """A token whose gate_up products pass float16's range (x of 3e4) is computed again in
-    float32 by the programs that overflowed: finite, and the float32 kernels' answer."""
-    from kernels.fused_moe import fused_moe_pairs
-
-    m, e, h, i, a, block = 2, 4, 64, 32, 2, (16, 32)
-    q13, s13, q2, s2, *_ = _fp8_experts(e, h, i, block, DEV)
-    x = torch.randn(m, h, device=DEV)
-    x[1] *= 3e4
-    w, ids = torch.rand(m, a, device=DEV), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEV)
-    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 32, "down_warps": 4}
-    got = fused_moe_pairs(x, q13, q2, w, ids, {**cfg, "HALF2": True}, s13, s2, block)
-    f32 = fused_moe_pairs(x, q13, q2, w, ids, cfg, s13, s2, block)
-    assert got.isfinite().all()
-    torch.testing.assert_close(got[1], f32[1], rtol=0, atol=0)
-    assert _rel(got[0], f32[0]) < HALF2_TOL
-
-
 @pytest.mark.parametrize("block_k,block,group_scale,prefetch", [
     (32, (32, 32), False, False), (64, (32, 32), True, True), (128, (16, 64), True, False), (32, (32, 128), False, True)])
 def test_fp8_moe_pairs_never_read_another_ranks_scales(block_k, block, group_scale, prefetch):
