@@ -427,18 +427,21 @@ def test_flat_quantize_where_it_was_measured_faster(monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 300, 2048])
 def test_fp8_gpu_paths_at_30b_shapes(m):
-    """Real 30B-A3B shapes in bf16 on the GPU: the linear path (GEMV, then cuBLAS's block fp8)
-    and both MoE paths, against the dequantized weights."""
+    """Real 30B-A3B shapes in bf16 on the GPU: the linear path (GEMV, then cuBLAS's block fp8) at
+    qkv's and o_proj's shapes (the H200 table's INT_CVT and HALF2 at one row) and both MoE paths,
+    against the dequantized weights."""
     from kernels.fp8 import fp8_linear
     from kernels.fused_moe import fused_moe, fused_moe_reference, pair_path_max_m
     from qwen3vl_backend.layers.moe import route
 
     block = (128, 128)
+    for n, k in ((5120, 2048), (2048, 4096)):
+        xk = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
+        ref = xk.float() @ dequantize_weight_blocks(q, s, block).T
+        # prefill quantizes x too, and so may the GEMV at 2-16 rows (its table's A8 shapes)
+        assert _rel(fp8_linear(xk, q, s, block), ref) < (2e-2 if m == 1 else 6e-2)
     x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
-    q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(5120, 2048) * 2048 ** -0.5, block))
-    ref = x.float() @ dequantize_weight_blocks(q, s, block).T
-    # prefill quantizes x too, and so may the GEMV at 2-16 rows (its table's A8 shapes)
-    assert _rel(fp8_linear(x, q, s, block), ref) < (2e-2 if m == 1 else 6e-2)
     q13, s13, q2, s2, d13, d2 = _fp8_experts(128, 2048, 768, block, "cuda")
     xb = x[: min(m, 300)]
     w, ids = route(torch.randn(xb.shape[0], 128, device="cuda"), 8, True)
