@@ -13,9 +13,12 @@ GPU paths (`fp8_linear`): up to 16 rows (decode), the skinny GEMM's kernel (kern
 streams the fp8 weight once: a program's rows share one row of scale blocks, so the scales
 multiply x's columns and each weight element costs one conversion, as a bf16 one does (fp8
 weights, bf16 activations: half the bytes, which is what a decode step pays for). At one row a
-launch shape may ask for INT_CVT instead (`_fp8_row_kernel`): the bytes read four to an int32
-and made float32 by integer ops, not by the conversion unit (235B-A22B's o_proj at tp 2: 8.6 ->
-7.2 us on an H200). Its launch shapes per (N, K) and M are a table per device and block
+launch shape may ask for the row kernel instead (`_fp8_row_kernel`), the bytes read four to an
+int32: INT_CVT makes them float32 by integer ops, not by the conversion unit (235B-A22B's o_proj
+at tp 2: 8.6 -> 7.2 us on an H200); HALF2 makes pairs of them f16x2 in one instruction and
+multiplies in float16 pairs (30B-A3B's o_proj: 5.4 -> 4.2 us). At one row the GEMV is bound by
+its instructions, not by HBM: a kernel that only loads the same weights takes 3.3 us for qkv
+against INT_CVT's 5.9. Its launch shapes per (N, K) and M are a table per device and block
 (`benchmarks.kernels --only fp8gemv --write-configs`). More rows go to cuBLAS's block-scaled
 fp8 GEMM (torch.nn.functional.scaled_mm, activations quantized per 1x128 group by one Triton
 launch) where the shapes are whole 128 blocks, else to a bf16 matmul of the dequantized weight.
