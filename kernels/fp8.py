@@ -264,7 +264,8 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
             x, wq, bias if bias is not None else scale, y, scale, n, k, wq.stride(0), scale.stride(0),
             HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], BN=block[0], BK=block[1],
             GROUP_SCALE=group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"] // 4, block[1] // 4),
-            HALF2=bool(cfg.get("HALF2")), ASM=x.is_cuda, num_warps=cfg["num_warps"], **pdl(x))
+            HALF2=bool(cfg.get("HALF2")), ASM=bool(cfg.get("HALF2")) and x.is_cuda, num_warps=cfg["num_warps"],
+            **pdl(x))
         return y
     m_pad = 1 if m == 1 else 16
     block_n = cfg["BLOCK_N"] if m_pad == 1 else max(16, cfg["BLOCK_N"])

@@ -18,7 +18,7 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", t
          torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
          torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 RECORDS: dict[str, dict] = {}
-GPU_ONLY = ("USE_PDL", "ASM")
+GPU_ONLY = {"USE_PDL": None, "ASM": ("HALF2", "L2_PREFETCH")}     # flag: the flags that use it (None: always)
 _ONLY = []          # only_recording()'s: launches recorded there, and not run
 
 
@@ -58,8 +58,10 @@ def record(fn, args: tuple, kwargs: dict) -> None:
            "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
     into = _ONLY[-1] if _ONLY else RECORDS
     # what the GPU turns on and a CPU never asks for: PDL (kernels.pdl) and inline PTX (ASM, whose
-    # interpreted launches run an emulation of it), each twin also recorded
-    gpu_only = [name for name in GPU_ONLY if consts.get(name) is False]
+    # interpreted launches run an emulation of it; only where a flag that uses it is on), each twin
+    # also recorded
+    gpu_only = [name for name, users in GPU_ONLY.items()
+                if consts.get(name) is False and (users is None or any(consts.get(u) for u in users))]
     for on in itertools.product((False, True), repeat=len(gpu_only)):
         twin = {**rec, "consts": {**consts, **dict(zip(gpu_only, on))}}
         into.setdefault(json.dumps(twin, sort_keys=True), twin)
