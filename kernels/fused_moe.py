@@ -287,37 +287,16 @@ def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tup
     return min(block_n, block[0]), bk, 1
 
 
-# L2_PREFETCH's PTX: ask L2 for the 128-byte line at an address. A hint: nothing comes back, and
-# the loads after it find the line there or on its way.
-_L2_PREFETCH = tl.constexpr("prefetch.global.L2 [$1];\n mov.b32 $0, 0;")
-
-
-@triton.jit
-def _l2_prefetch_rows(w_bytes, rows, row_ok, stride_bytes, k_bytes, LINES: tl.constexpr, ASM: tl.constexpr):
-    """L2_PREFETCH: every 128-byte line of the weight rows `rows` (k_bytes each, `stride_bytes`
-    apart from w_bytes), asked of L2 at once, so that a program's K steps, each waiting for its
-    loads, find them there. Rows or lines out of range ask for w_bytes' own line. On the GPU
-    (ASM) only: the interpreter runs no PTX, and the answer is the same without it."""
-    if ASM:
-        lines = tl.arange(0, LINES)
-        ok = row_ok[:, None] & (lines * 128 < k_bytes)[None, :]
-        ptrs = w_bytes + tl.where(ok, rows[:, None].to(tl.int64) * stride_bytes + lines[None, :] * 128, 0)
-        tl.inline_asm_elementwise(_L2_PREFETCH, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                          USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False, L2_PREFETCH: tl.constexpr = False,
-                         LINES: tl.constexpr = 1, ASM: tl.constexpr = False):
+                         PREFETCH: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns.
     GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
-    L2_PREFETCH (ASM): the program's gate and up rows asked of L2 whole before its K loop
-    (`_l2_prefetch_rows`; LINES: a row's 128-byte lines, a power of two).
     PREFETCH (with PDL): the down kernel after it may launch only once the kernel before this one
     (the router's) has finished, so that down may read the routing before its own wait."""
     if PREFETCH:
@@ -333,11 +312,6 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
-    if L2_PREFETCH:
-        elt = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-        w_bytes = w_ptr.to(tl.pointer_type(tl.int8)) + expert * stride_we * elt
-        _l2_prefetch_rows(w_bytes, offs_n, n_ok, stride_wn * elt, K * elt, LINES, ASM)
-        _l2_prefetch_rows(w_bytes, offs_n + inter, n_ok, stride_wn * elt, K * elt, LINES, ASM)
     offs_k = tl.arange(0, BLOCK_K)
     gate_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
     up_ptrs = gate_ptrs + inter * stride_wn
@@ -391,14 +365,11 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                       USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False, L2_PREFETCH: tl.constexpr = False,
-                      LINES: tl.constexpr = 1, ASM: tl.constexpr = False):
+                      PREFETCH: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
     (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two).
-    L2_PREFETCH (ASM): each expert's rows of the program asked of L2 whole once the routing is
-    read (with PREFETCH, before the wait for gate_up).
     PREFETCH (with PDL, after a gate_up launched with it): the routing and the first K step's
     weights are read before the wait for gate_up (which writes neither)."""
     if PREFETCH:
@@ -417,12 +388,6 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     experts = tl.where(slot_ok, experts, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    if L2_PREFETCH:
-        elt = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-        rows = (experts * (stride_we // stride_wn))[:, None] + offs_n[None, :]      # rows of the (E * N, K) stack
-        _l2_prefetch_rows(w_ptr.to(tl.pointer_type(tl.int8)), tl.reshape(rows, (TOP_K_PAD * BLOCK_N,)),
-                          tl.reshape(slot_ok[:, None] & n_ok[None, :], (TOP_K_PAD * BLOCK_N,)), stride_wn * elt,
-                          K * elt, LINES, ASM)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = (w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
               + offs_k[None, None, :])
@@ -602,7 +567,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), PREFETCH=prefetch,
-        **l2_prefetch(cfg.get("L2_PREFETCH"), w13, x), **pdl(x))
+        **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
@@ -611,17 +576,8 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
-        PREFETCH=prefetch, **l2_prefetch(cfg.get("DOWN_L2_PREFETCH"), w2, x), **pdl(x))
+        PREFETCH=prefetch, **pdl(x))
     return out
-
-
-def l2_prefetch(asked, w: torch.Tensor, x: torch.Tensor) -> dict:
-    """The pair kernels' L2_PREFETCH keywords where a launch shape asks for it (its PTX on the GPU
-    only); w's experts must be a whole number of its rows apart, as a stack of (E, N, K) is."""
-    if not asked or w.stride(0) % w.stride(1):
-        return {}
-    return {"L2_PREFETCH": True, "LINES": triton.next_power_of_2(-(-w.shape[2] * w.element_size() // 128)),
-            "ASM": x.is_cuda}
 
 
 @triton.jit

@@ -722,29 +722,6 @@ def test_moe_pairs_prefetch_gives_the_same_bits(fp8, down_k, group_scale):
     assert _rel(early, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_moe_pairs_l2_prefetch_gives_the_same_bits(fp8, prefetch):
-    """L2_PREFETCH and DOWN_L2_PREFETCH (the pair kernels ask L2 for their rows' lines first; on
-    the GPU only, the CPU runs none): the same bits as without, with PDL_PREFETCH's order or not,
-    another rank's expert among the pairs, bf16-style and fp8 weights (lines of 1 and 2 bytes)."""
-    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
-
-    m, e, h, i, a, block = 3, 6, 96, 64, 3, (32, 32)
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-    x = torch.randn(m, h, device=DEV)
-    w = torch.rand(m, a, device=DEV)
-    ids = torch.tensor([[0, 5, e], [2, 4, 1], [3, 1, 2]], dtype=torch.int32, device=DEV)
-    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 32, "down_warps": 4}
-    weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
-    plain, asked = (fused_moe_pairs(x, weights[0], weights[1], w, ids, {**cfg, **extra}, weights[2], weights[3], block,
-                                    prefetch=prefetch)
-                    for extra in ({}, {"L2_PREFETCH": True, "DOWN_L2_PREFETCH": True}))
-    torch.testing.assert_close(asked, plain, rtol=0, atol=0)
-    keep = ids < e
-    assert _rel(asked, fused_moe_reference(x, d13, d2, w * keep, torch.where(keep, ids, 0))) < KTOL
-
-
 @pytest.mark.parametrize("block_n,block", [(16, (32, 128)), (64, (32, 128)), (32, (16, 64))])
 def test_fp8_gemv_steps_across_scale_blocks(block_n, block):
     """A K step of 256 over narrower scale blocks (each column its own block's scale), and
