@@ -492,10 +492,12 @@ def test_fp8_gemv_w8a8(m, n, k, block):
     assert _rel(got, x.float() @ dequantize_weight_blocks(q, s, block).T) < 6e-2
 
 
-def test_fp8_row_kernel_converts_every_e4m3_value_exactly():
-    """INT_CVT (one row, the weights made float32 by integer ops): each of the 254 finite e4m3
-    values, subnormals and both zeros included, read back exactly (one weight a row, x all ones,
-    unit scales)."""
+@pytest.mark.parametrize("mode,x_value", [("INT_CVT", 1.0), ("HALF2", 2.0 ** -8)])
+def test_fp8_row_kernel_reads_every_e4m3_value_exactly(mode, x_value):
+    """The one-row kernel's two conversions (INT_CVT: float32 by integer ops; HALF2: f16x2 and
+    float16 products, on the CPU the emulation of its PTX) read each of the 254 finite e4m3 values,
+    subnormals and both zeros, back exactly: one weight a row, unit scales, x all ones (HALF2:
+    2^-8, whose 2^8 on x makes the product the weight)."""
     from kernels.fp8 import fp8_gemv
 
     values = torch.arange(256, dtype=torch.int32)
@@ -504,26 +506,9 @@ def test_fp8_row_kernel_converts_every_e4m3_value_exactly():
     q = torch.zeros(n, k, dtype=torch.uint8)
     q[torch.arange(n), torch.arange(n) % k] = values
     q = q.view(FP8).to(DEV)
-    got = fp8_gemv(torch.ones(1, k, device=DEV), q, torch.ones(-(-n // 16), 1, device=DEV), (16, 128),
-                   config={"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "INT_CVT": True})
-    torch.testing.assert_close(got[0].cpu(), values.view(FP8).float(), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("n,k,block,block_k", [(130, 300, (128, 128), 64), (96, 200, (32, 64), 256),
-                                               (70, 296, (16, 64), 128), (40, 4096, (32, 32), 1024)])
-@pytest.mark.parametrize("group_scale", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-def test_fp8_row_kernel_against_the_dequantized_weights(n, k, block, block_k, group_scale, bias):
-    """INT_CVT at awkward shapes: partial row and scale blocks, K steps inside a block or of
-    several, a partial last step, scales per column or a block at a time, a bias."""
-    from kernels.fp8 import fp8_gemv
-
-    x = (torch.randn(1, k) * torch.logspace(-1, 1, k)).to(DEV)
-    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * torch.logspace(-2, 0, k), block))
-    b = torch.randn(n, device=DEV) if bias else None
-    cfg = {"BLOCK_N": 8, "BLOCK_K": block_k, "num_warps": 4, "INT_CVT": True, "GROUP_SCALE": group_scale}
-    want = x @ dequantize_weight_blocks(q, s, block).T + (b if bias else 0)
-    assert _rel(fp8_gemv(x, q, s, block, b, config=cfg), want) < KTOL
+    got = fp8_gemv(torch.full((1, k), x_value, device=DEV), q, torch.ones(-(-n // 16), 1, device=DEV), (16, 128),
+                   config={"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, mode: True})
+    torch.testing.assert_close(got[0].cpu(), values.view(FP8).float() * x_value, rtol=0, atol=0)
 
 
 # HALF2 multiplies in float16: each product and each K step's sum rounded to float16's 11 bits
@@ -535,10 +520,12 @@ HALF2_TOL = 2e-3
                                                (70, 296, (16, 64), 128), (40, 4096, (32, 32), 1024)])
 @pytest.mark.parametrize("group_scale", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_row_kernel_half2_against_the_dequantized_weights(n, k, block, block_k, group_scale, bias):
-    """HALF2 (the weights made f16x2 and multiplied in float16 pairs; on the CPU the interpreter's
-    emulation of its PTX) at INT_CVT's awkward shapes: within float16's rounding of the float32
-    product, and close to INT_CVT's answer."""
+@pytest.mark.parametrize("mode", ["INT_CVT", "HALF2"])
+def test_fp8_row_kernel_against_the_dequantized_weights(n, k, block, block_k, group_scale, bias, mode):
+    """The one-row kernel at awkward shapes: partial row and scale blocks, K steps inside a block
+    or of several, a partial last step, scales per column or a block at a time, a bias. HALF2
+    (float16 pairs; on the CPU the emulation of its PTX) within float16's rounding of the float32
+    product, and of INT_CVT's answer."""
     from kernels.fp8 import fp8_gemv
 
     x = (torch.randn(1, k) * torch.logspace(-1, 1, k)).to(DEV)
@@ -546,32 +533,17 @@ def test_fp8_row_kernel_half2_against_the_dequantized_weights(n, k, block, block
     b = torch.randn(n, device=DEV) if bias else None
     cfg = {"BLOCK_N": 8, "BLOCK_K": block_k, "num_warps": 4, "GROUP_SCALE": group_scale}
     want = x @ dequantize_weight_blocks(q, s, block).T + (b if bias else 0)
-    got = fp8_gemv(x, q, s, block, b, config={**cfg, "HALF2": True})
-    assert _rel(got, want) < HALF2_TOL
-    assert _rel(got, fp8_gemv(x, q, s, block, b, config={**cfg, "INT_CVT": True})) < HALF2_TOL
-
-
-def test_fp8_row_kernel_half2_reads_every_e4m3_value_exactly():
-    """Each of the 254 finite e4m3 values, subnormals and both zeros, through HALF2's conversion
-    and float16 product exactly (x = 2^-8: the kernel's 2^8 on x makes the product the weight)."""
-    from kernels.fp8 import fp8_gemv
-
-    values = torch.arange(256, dtype=torch.int32)
-    values = values[(values & 0x7F) != 0x7F].to(torch.uint8)
-    n, k = values.numel(), 128
-    q = torch.zeros(n, k, dtype=torch.uint8)
-    q[torch.arange(n), torch.arange(n) % k] = values
-    q = q.view(FP8).to(DEV)
-    got = fp8_gemv(torch.full((1, k), 2.0 ** -8, device=DEV), q, torch.ones(-(-n // 16), 1, device=DEV), (16, 128),
-                   config={"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "HALF2": True})
-    torch.testing.assert_close(got[0].cpu(), values.view(FP8).float() * 2.0 ** -8, rtol=0, atol=0)
+    got = fp8_gemv(x, q, s, block, b, config={**cfg, mode: True})
+    assert _rel(got, want) < (KTOL if mode == "INT_CVT" else HALF2_TOL)
+    if mode == "HALF2":
+        assert _rel(got, fp8_gemv(x, q, s, block, b, config={**cfg, "INT_CVT": True})) < HALF2_TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_row_kernel_half2_overflow_computes_again_exactly(dtype):
     """A row whose products pass float16's range (x of 3e4: ~1e4 * 256 each) leaves HALF2's sums
     infinite; those programs compute again by INT_CVT, so the answer is INT_CVT's and finite. A
-    programs whose rows stayed in range keeps its float16 answer: the row x is large only in
+    program whose rows stayed in range keeps its float16 answer: the row x is large only in
     columns that rows 16.. weigh (block rows of 16, programs of 8 rows)."""
     from kernels.fp8 import fp8_gemv
 
