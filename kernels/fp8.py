@@ -246,8 +246,8 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
              bias: torch.Tensor | None = None, config: dict | None = None, norm: tuple | None = None) -> torch.Tensor | None:
     """x (M <= 16, K) in bf16/float32, Wq (N, K) fp8, S (ceil(N/bn), ceil(K/bk)) -> (M, N) in x's dtype.
     `norm` (kernels.linear.norm_arguments'): x is one row before its residual add and RMSNorm, done
-    in the kernel; None is returned where the launch shape asks for INT_CVT or HALF2 (their kernel has no
-    norm)."""
+    in the kernel; None is returned where the launch shape asks for INT_CVT or HALF2 (their kernel
+    has no norm)."""
     m, k = x.shape
     n = wq.shape[0]
     if (not gemv_ok(m, block) or wq.shape[1] != k or wq.stride(-1) != 1
@@ -256,7 +256,7 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tupl
     cfg = {**gemv_config(n, k, m, block, x.device), **(config or {})}
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 1 and _int_cvt_ok(cfg, wq, block, cfg["BLOCK_K"]):
+    if m == 1 and _row_kernel_ok(cfg, wq, block, cfg["BLOCK_K"]):
         if norm is not None:
             return None
         block_n = dividing(cfg["BLOCK_N"], block[0])
@@ -426,8 +426,8 @@ def _fp8_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, N, K, stride_wn, stride_s
     - HALF2 (`_row_half2`, ASM: its PTX; off the GPU, the interpreter's emulation): two weights
       made f16x2 by one conversion, multiplied and added two at a time in float16. About one
       instruction an element, where the integer ops' count made the kernel ALU-bound: 30B-A3B's
-      qkv at one row 6.0 -> 4.3 us on an H200, the row's error that of the bf16 output's
-      rounding. A float16 that overflowed (a product of ~256 in x * W's units, far past a
+      o_proj at one row 5.4 -> 4.2 us alone on an H200 (qkv 5.9 -> 4.4), the row's error that of
+      the bf16 output's rounding. A float16 that overflowed (a product of ~256 in x * W's units, far past a
       normalised row's) leaves the program's sums not finite, and the program computes them again
       by INT_CVT.
     A step's columns are taken in the order 4j + i (byte i of int j), and x is read in the same
@@ -455,11 +455,11 @@ def _fp8_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, N, K, stride_wn, stride_s
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _int_cvt_ok(cfg: dict, wq: torch.Tensor, block: tuple[int, int], block_k: int) -> bool:
+def _row_kernel_ok(cfg: dict, wq: torch.Tensor, block: tuple[int, int], block_k: int) -> bool:
     """The row kernel (INT_CVT or HALF2) reads w four bytes at a time: rows and the base
     4-aligned, K steps and scale blocks whole ints."""
-    return ((bool(cfg.get("INT_CVT")) or bool(cfg.get("HALF2"))) and wq.shape[1] % 4 == 0 and wq.stride(0) % 4 == 0 and wq.data_ptr() % 4 == 0
-            and block_k % 4 == 0 and block[1] % 4 == 0)
+    return ((bool(cfg.get("INT_CVT")) or bool(cfg.get("HALF2"))) and wq.shape[1] % 4 == 0
+            and wq.stride(0) % 4 == 0 and wq.data_ptr() % 4 == 0 and block_k % 4 == 0 and block[1] % 4 == 0)
 
 
 def group_scale_ok(asked, block_k: int, bk: int) -> bool:

@@ -2,9 +2,9 @@
 tests/test_zz_sm90_compile.py can compile each for an H100/H200 (sm_90) at the session's end:
 the argument types (tensors' dtypes as pointer types, ints, floats), the constexpr values and the
 launch's num_warps / num_stages; a kernel taking USE_PDL or ASM also with them on, as the GPU
-launches it. The interpreter runs a kernel's Python, so what only the compiler refuses (a loop-carried
-variable changing type, a constexpr branch compiled past a return) passes every CPU test and
-fails on the GPU."""
+launches it. The interpreter runs a kernel's Python, so what only the compiler refuses (a
+loop-carried variable changing type, a constexpr branch compiled past a return) passes every CPU
+test and fails on the GPU."""
 
 from __future__ import annotations
 
