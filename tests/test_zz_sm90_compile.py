@@ -86,13 +86,22 @@ def _run_child(records: list[dict]) -> tuple[int, str]:
     return out.returncode, out.stdout[-6000:] + out.stderr[-3000:]
 
 
-def test_moe_pair_kernels_compile_for_sm90():
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("recording launches needs the interpreter (the CPU tests' mode)")
-    records = pair_kernel_records()
-    assert len(records) >= 16, len(records)
+def _assert_all_compile(records: list[dict]) -> None:
     code, log = _run_child(records)
     assert code == 0 and f"compiled {len(records)} of {len(records)}" in log, log
+
+
+def _needs_interpreter() -> None:
+    """Launches are recorded (launch_record.only_recording) only where the interpreter runs them."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("recording launches needs the interpreter (the CPU tests' mode)")
+
+
+def test_moe_pair_kernels_compile_for_sm90():
+    _needs_interpreter()
+    records = pair_kernel_records()
+    assert len(records) >= 16, len(records)
+    _assert_all_compile(records)
 
 
 def test_every_recorded_launch_compiles_for_sm90():
@@ -104,16 +113,14 @@ def test_every_recorded_launch_compiles_for_sm90():
                if not any(str(v).startswith("?") for v in [*r["types"].values(), *r["consts"].values()])]
     if not records:
         pytest.skip("no interpreted launches recorded before this test (run with the kernel tests, on a CPU)")
-    code, log = _run_child(records)
-    assert code == 0 and f"compiled {len(records)} of {len(records)}" in log, log
+    _assert_all_compile(records)
 
 
 def test_half2_row_kernel_compiles_to_packed_half_ptx():
     """The fp8 GEMV's HALF2 launch, as the GPU makes it (ASM on), compiles for sm_90 with its
     PTX's packed conversion and multiply-add in it: the interpreter runs an emulation, so only
     this shows that the GPU's kernel is the packed one."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("recording launches needs the interpreter (the CPU tests' mode)")
+    _needs_interpreter()
     import torch
 
     import launch_record
@@ -127,8 +134,7 @@ def test_half2_row_kernel_compiles_to_packed_half_ptx():
     records = [{**r, "ptx_has": ["cvt.rn.f16x2.e4m3x2", "fma.rn.f16x2", "add.rn.f16x2"]}
                for r in rec.records.values() if r["consts"]["ASM"] and r["consts"]["HALF2"]]
     assert len(records) == 4, rec.records          # GROUP_SCALE, with PDL and without
-    code, log = _run_child(records)
-    assert code == 0 and f"compiled {len(records)} of {len(records)}" in log, log
+    _assert_all_compile(records)
 
 
 def h200_table_launches() -> list[dict]:
@@ -190,12 +196,10 @@ def h200_table_launches() -> list[dict]:
 def test_the_h200_tables_launches_compile_for_sm90():
     """Every H200 table entry above, as its launch function makes it, compiles for sm_90. (A
     table edit is otherwise first compiled on a GPU, by a call that then fails.)"""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("recording launches needs the interpreter (the CPU tests' mode)")
+    _needs_interpreter()
     records = h200_table_launches()
     assert len(records) >= 20, len(records)
-    code, log = _run_child(records)
-    assert code == 0 and f"compiled {len(records)} of {len(records)}" in log, log
+    _assert_all_compile(records)
 
 
 def main(path: str) -> int:
