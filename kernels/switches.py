@@ -29,6 +29,11 @@ at concurrency 1 / 16 / 64:
   (kernels.fp8.flat_quantize_pays: many rows of few groups, a prefill's MoE intermediates, where
   it took 7632 x 768 in 4.7 us against 10 on an H200; it lost at the 954-row inputs of K 2048
   and 4096, 3.0 against 2.2 us, and at 16-512 rows); 1 always, 0 never.
+- PREFILL_CUDNN (QWEN3VL_PREFILL_CUDNN): the prefill CUDA graphs (engine/prefill_graphs.py) are
+  captured with SDPA trying cuDNN's attention first (layers.attention.CUDNN_FIRST), as the ViT's
+  exact-grid graphs are: each bucket's length is planned once, at the capture. torch 2.11 tries
+  FlashAttention-2 first, which took 53 us a layer at 954 tokens where cuDNN's took 29 (H200
+  profiles at 0234da0 and 2c06d65).
 """
 
 import os
@@ -43,4 +48,5 @@ PREFETCH_MAX_SEQS = 16          # decode attention's PREFETCH for batches up to 
 FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
+PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN")
 FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZE", ""))     # None: by shape

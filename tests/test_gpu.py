@@ -141,13 +141,24 @@ def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, 
     assert tokens[True] == tokens[False]
 
 
-def test_prefill_cuda_graph_matches_eager_prefill(tiny_moe):
+@pytest.mark.parametrize("cudnn", [False, True], ids=["sdpa-order", "cudnn-first"])
+def test_prefill_cuda_graph_matches_eager_prefill(tiny_moe, cudnn, monkeypatch):
     """One prompt's first-token logits from a prefill graph (padded to its bucket) against the eager
-    prefill's, for every case, and the same first token where the eager one is not a near tie."""
+    prefill's, for every case, and the same first token where the eager one is not a near tie.
+    cudnn-first (switches.PREFILL_CUDNN): the graphs were captured with cuDNN's attention, and a
+    replay runs it."""
+    from kernels import switches
+
+    monkeypatch.setattr(switches, "PREFILL_CUDNN", cudnn)
     path = str(tiny_moe)
     kw = dict(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512, enable_prefix_cache=False)
     eager = LLMEngine(EngineConfig(**kw, prefill_cuda_graph_max_tokens=0))
     graphs = LLMEngine(EngineConfig(**kw, prefill_cuda_graph_max_tokens=1024))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graphs.runner.prefill_graphs.graphs[1024][0].replay()
+        torch.cuda.synchronize()
+    if cudnn:       # (SDPA's own order on this torch tries flash first; not asserted)
+        assert any("cudnn" in e.name.lower() for e in prof.events()), sorted({e.name[:60] for e in prof.events()})
     assert eager.runner.prefill_graphs is None and max(graphs.runner.prefill_graphs.graphs) == 1024
     processor = Processor(path, eager.tokenizer)
     firsts = {}

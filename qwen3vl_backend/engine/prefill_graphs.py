@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.attention import AttentionMetadata
+from kernels import switches
+
+from ..layers.attention import CUDNN_FIRST, AttentionMetadata, sdpa_priority
 
 # every 128 tokens to 2048, then every 256: the padding is at most 128 tokens (<= 7% past 1,800;
 # 1836, two 1280x720 images + 64 tokens, had padded to 2048). Captured largest first into one
@@ -62,16 +64,19 @@ class PrefillGraphs:
 
     @torch.no_grad()
     def capture(self) -> None:
+        """Every bucket's graph. Under switches.PREFILL_CUDNN, SDPA tries cuDNN's attention first:
+        the eager passes before each capture plan its length (planning inside a capture fails it)."""
         pool = None
-        for b in reversed(self.buckets):            # largest first: the smaller ones share its pool
-            for _ in range(2):                       # compile kernels and settle the allocator outside capture
-                self._forward(b)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(b)
-            pool = graph.pool()
-            self.graphs[b] = (graph, logits)
+        with sdpa_priority(CUDNN_FIRST if switches.PREFILL_CUDNN else None):
+            for b in reversed(self.buckets):            # largest first: the smaller ones share its pool
+                for _ in range(2):                       # compile kernels and settle the allocator outside capture
+                    self._forward(b)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._forward(b)
+                pool = graph.pool()
+                self.graphs[b] = (graph, logits)
         torch.cuda.synchronize()
 
     def _forward(self, b: int) -> torch.Tensor:
