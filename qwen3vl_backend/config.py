@@ -179,6 +179,9 @@ class PreprocessConfig:
     mm_max_concurrent_calls: int = 32
     mm_per_request_timeout: float = 10.0
     use_cuda_ipc_transport: bool = False
+    # requests of images only send them unresized, for the vit to resize on its GPU (the launcher:
+    # on where the vit runs on one, unless --resize-images-on-host)
+    resize_on_vit: bool = False
 
     def __post_init__(self):
         if not self.model_path:

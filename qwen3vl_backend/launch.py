@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="with --enable-vit-cuda-graph: image sizes (WIDTHxHEIGHT, comma-separated, at most "
            f"{MAX_WARM_SIZES}; 'none' for none) whose exact-size ViT graphs every vit instance captures at "
            "startup, so the first requests bringing them are not encoded cold")
+    a("--resize-images-on-host", action="store_true",
+      help="resize images in preprocess, on the host's cores; by default, on a GPU, the vit resizes "
+           "requests' images on its device (the same pixels: processing/resize.py)")
     a("--cuda-graph-max-bs", type=int, default=128, help="decode batches up to this size replay CUDA graphs (GPU)")
     a("--prefill-cuda-graph-max-tokens", type=int, default=4096,
       help="one new prompt of up to this many tokens (and --chunked-prefill-size) replays a prefill CUDA graph "
@@ -234,7 +237,8 @@ def resolve(args) -> dict:
            "media_fetch_timeout_s": str(args.media_fetch_timeout), "max_media_bytes": str(int(args.max_media_mb * 2**20)),
            "limit_mm_per_prompt": args.limit_mm_per_prompt,
            "mm_max_concurrent_calls": str(args.mm_max_concurrent_calls // instances),
-           "mm_per_request_timeout": str(args.mm_per_request_timeout), "use_cuda_ipc_transport": ipc}
+           "mm_per_request_timeout": str(args.mm_per_request_timeout), "use_cuda_ipc_transport": ipc,
+           "resize_on_vit": str(args.device.startswith("cuda") and not args.resize_images_on_host).lower()}
     try:
         PreprocessConfig.from_settings(pre)
     except ConfigError as e:

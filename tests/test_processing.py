@@ -5,6 +5,7 @@ import json
 import time
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import data_uri, image_bytes, make_image
@@ -338,6 +339,93 @@ def test_images_travel_as_single_frames(tiny_dense, video_file):
     mixed = pre.run(json.dumps({"messages": [{"role": "user", "content": parts[:1] + [
         {"type": "video_url", "video_url": {"url": data_uri(video_file.read_bytes(), "video/mp4")}}]}]}))
     assert mixed["pixel_values"].shape[1] == cfg.patch_width
+
+
+RESIZE_SHAPES = [(720, 1280, 704, 1280), (1080, 1920, 1088, 1920), (200, 300, 224, 320), (257, 333, 256, 320),
+                 (64, 64, 224, 224), (3024, 4032, 704, 928), (50, 1000, 64, 512), (999, 31, 1024, 32), (1, 1, 32, 32),
+                 (4000, 3000, 32, 32), (2, 5000, 32, 64), (31, 33, 32, 32), (480, 640, 480, 640)]
+
+
+@pytest.mark.parametrize("height,width,out_h,out_w", RESIZE_SHAPES)
+def test_integer_resize_is_torchs_uint8_resize_bit_for_bit(height, width, out_h, out_w):
+    """processing.resize (the vit's resize on a GPU) against F.interpolate's uint8 antialiased
+    bicubic on the CPU, which the processor runs: up and down, one axis or both, extreme ratios,
+    one-pixel images; noise, flat black and white, and a checkerboard (every clamp taken)."""
+    import torch.nn.functional as F
+
+    from qwen3vl_backend.processing.resize import resize_uint8
+
+    g = torch.Generator().manual_seed(height * 7919 + width)
+    noise = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8, generator=g)
+    checker = ((torch.arange(height)[:, None] + torch.arange(width)[None, :]) % 2 * 255).to(torch.uint8)
+    for frames in (noise, torch.zeros_like(noise), torch.full_like(noise, 255), checker.expand(1, 3, -1, -1)):
+        want = F.interpolate(frames, size=(out_h, out_w), mode="bicubic", antialias=True)
+        assert torch.equal(resize_uint8(frames, out_h, out_w), want)
+
+
+def test_images_sent_unresized_make_the_hosts_rows(tiny_dense):
+    """raw_frames: an images-only request's images leave preprocess unresized, their pixels and
+    (H, W) in source_sizes; raw_frames_to_rows (the vit's side) makes of them the rows the host
+    path sends, bit for bit, on the CPU (the host's resize) and with processing.resize's integer
+    ops (what runs on a GPU). An image far past max_pixels is resized on the host, and a request
+    with one such image sends every image resized."""
+    from unittest import mock
+
+    from qwen3vl_backend.processing import vision_inputs
+    from qwen3vl_backend.processing.resize import resize_uint8
+    from qwen3vl_backend.processing.vision_inputs import raw_frames_to_rows
+    from qwen3vl_backend.serving.media_pool import MediaPool
+    from qwen3vl_backend.serving.preprocess import Preprocessor
+
+    proc = Processor(tiny_dense)
+    cfg = proc.cfg
+    host = Preprocessor(proc, MediaPolicy(), MediaPool(2, 10))
+    raw = Preprocessor(proc, MediaPolicy(), MediaPool(2, 10), raw_frames=True)
+    sizes = [(64, 48), (40, 72), (333, 257)]
+    parts = [{"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(w, h, s)))}}
+             for s, (w, h) in enumerate(sizes)]
+    body = json.dumps({"messages": [{"role": "user", "content": parts}]})
+    want, got = host.run(body), raw.run(body)
+    assert want["source_sizes"].shape == (0, 2)
+    assert got["source_sizes"].tolist() == [[h, w] for w, h in sizes]
+    assert got["pixel_values"].shape == (sum(w * h for w, h in sizes), 3)
+    for k in ("input_ids", "positions", "grid_thw", "media_hashes"):
+        assert np.array_equal(got[k], want[k]), k
+    rows = raw_frames_to_rows(torch.from_numpy(got["pixel_values"]), got["source_sizes"], got["grid_thw"], cfg)
+    assert torch.equal(rows, torch.from_numpy(want["pixel_values"]))
+    # the integer resize in place of the host's, as a GPU runs it
+    with mock.patch.object(vision_inputs, "_resize", resize_uint8):
+        rows = raw_frames_to_rows(torch.from_numpy(got["pixel_values"]), got["source_sizes"], got["grid_thw"], cfg)
+    assert torch.equal(rows, torch.from_numpy(want["pixel_values"]))
+    # past RAW_FRAME_MAX_RATIO x its resized pixels: this image, and so the whole request, resized here
+    big = {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(400, 300, 9))),
+                                              "max_pixels": 64 * 64}}
+    body = json.dumps({"messages": [{"role": "user", "content": [parts[0], big]}]})
+    mixed, host_mixed = raw.run(body), host.run(body)
+    assert mixed["source_sizes"].shape == (0, 2)
+    assert np.array_equal(mixed["pixel_values"], host_mixed["pixel_values"])
+
+
+def test_the_vit_checks_unresized_images(tiny_dense):
+    """What raw_frames_to_rows refuses as the caller's mistake (the vit answers 400): sizes that do
+    not describe the pixels or the grids, and grids an unresized image cannot have, among them one
+    past the server's max_pixels (a 1x1 image must not buy a ViT pass of the largest size)."""
+    from qwen3vl_backend.processing.vision_inputs import raw_frames_to_rows
+
+    cfg = Processor(tiny_dense).cfg
+    px = torch.zeros(6 * 5 + 2 * 2, 3, dtype=torch.uint8)
+    assert raw_frames_to_rows(px, [(6, 5), (2, 2)], [(1, 4, 6), (1, 2, 2)], cfg).shape == (24 + 4, cfg.patch_width // 2)
+    side = int((cfg.image_max_pixels // cfg.patch_size ** 2) ** 0.5) // 2 * 2 + 2
+    for pixels, sizes, grids, message in (
+            (px, [(6, 5)], [(1, 4, 6), (1, 2, 2)], "1 rows for 2 grids"),
+            (px, [(6, 5), (2, 3)], [(1, 4, 6), (1, 2, 2)], "describe 36"),
+            (px, [(6, 5), (0, 4)], [(1, 4, 6), (1, 2, 2)], "each side positive"),
+            (px, [(6, 5), (2, 2)], [(2, 4, 6), (1, 2, 2)], r"grid is \(1, h, w\)"),
+            (px, [(6, 5), (2, 2)], [(1, 3, 6), (1, 2, 2)], "multiples"),
+            (px, [(6, 5), (2, 2)], [(1, side, side), (1, 2, 2)], "max_pixels|pixels an image"),
+            (px.view(-1), [(6, 5), (2, 2)], [(1, 4, 6), (1, 2, 2)], r"\(pixels, 3\)")):
+        with pytest.raises(ValueError, match=message):
+            raw_frames_to_rows(pixels, sizes, grids, cfg)
 
 
 def test_the_vit_checks_its_pixel_rows(tiny_dense):

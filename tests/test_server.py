@@ -85,7 +85,7 @@ def server(tiny_moe, media_dir, tmp_path_factory):
         # the test's media server is on loopback: this server opts in to private addresses
         "preprocess": {"model_path": str(tiny_moe), "media_fetch_timeout_s": "10", "allow_private_media_urls": "true",
                        "max_model_len": str(MAX_MODEL_LEN), "mm_per_request_timeout": str(MEDIA_TIMEOUT_S),
-                       "mm_max_concurrent_calls": "4"},
+                       "mm_max_concurrent_calls": "4", "resize_on_vit": "true"},     # images reach the vit unresized
         "vit": {**common, "vlm_cache_size_mb": "64"},
         "llm": {**common, "max_model_len": str(MAX_MODEL_LEN), "max_num_seqs": "16"},
     })
@@ -438,7 +438,8 @@ def test_llm_alone_with_token_ids(server, local_engine):
 
 def test_vit_alone_refuses_rows_that_do_not_match_the_grids(server):
     """The vit model called directly (it is in the repository like any model): pixel rows that
-    do not match grid_thw are the caller's mistake, answered as such, and the model serves on."""
+    do not match grid_thw are the caller's mistake, answered as such, and the model serves on.
+    So are unresized images (source_sizes) whose pixels or grids do not add up."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -458,6 +459,23 @@ def test_vit_alone_refuses_rows_that_do_not_match_the_grids(server):
     full, single = call(16, 1536, (1, 4, 4)), call(16, 768, (1, 4, 4))      # a zero image, either way
     assert np.array_equal(full.as_numpy("visual_embeds"), single.as_numpy("visual_embeds"))
     assert full.as_numpy("visual_embeds").shape[0] == 4
+
+    def call_raw(height, width, grid, pixels=None):
+        pixels = np.zeros((height * width, 3), np.uint8) if pixels is None else pixels
+        pv = grpcclient.InferInput("pixel_values", list(pixels.shape), "UINT8")
+        pv.set_data_from_numpy(pixels)
+        g = grpcclient.InferInput("grid_thw", [1, 3], "INT64")
+        g.set_data_from_numpy(np.array([grid], np.int64))
+        s = grpcclient.InferInput("source_sizes", [1, 2], "INT64")
+        s.set_data_from_numpy(np.array([[height, width]], np.int64))
+        return c.infer("vit", [pv, g, s])
+
+    # an unresized zero image (resized here) is the same zero image's rows
+    assert np.array_equal(call_raw(30, 50, (1, 4, 4)).as_numpy("visual_embeds"), full.as_numpy("visual_embeds"))
+    with pytest.raises(InferenceServerException, match="pixel_values has 1500 pixels; source_sizes describe 1501"):
+        call_raw(19, 79, (1, 4, 4), np.zeros((1500, 3), np.uint8))
+    with pytest.raises(InferenceServerException, match="past the server's"):
+        call_raw(1, 1, (1, 4096, 4096))
 
 
 def test_prometheus_metrics_cover_serving(server, client):

@@ -1,7 +1,7 @@
 """CUDA IPC transport of pixels and --keep-mm-feature-on-device, end to end on a GPU.
 
 Two servers on the tiny checkpoint, the host path and the device path (pixels from preprocess
-to vit as CUDA tensors, visual features from vit to llm likewise): the same greedy answers, and
+to vit as CUDA tensors and unresized, visual features from vit to llm likewise): the same greedy answers, and
 Triton's counters show where the tensors arrived. Skipped without a CUDA device. On the GPU
 machine it runs under the Triton bundle's Python (numpy < 2 for the stub):
     source .gpu-bundle/activate.sh .gpu-bundle && /tmp/pyenv/bin/python -m pytest tests/test_server_gpu.py
@@ -28,7 +28,9 @@ MESSAGES = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"u
 def _serve(tiny_moe, root, on_device: bool) -> Server:
     gpu = {"model_path": str(tiny_moe), "device": "cuda", "dtype": "bfloat16"}
     repo = write_repository(root / "repo", {
-        "preprocess": {"model_path": str(tiny_moe), "use_cuda_ipc_transport": "1" if on_device else "0"},
+        # the device path also sends images unresized, for the vit to resize on the GPU
+        "preprocess": {"model_path": str(tiny_moe), "use_cuda_ipc_transport": "1" if on_device else "0",
+                       "resize_on_vit": str(on_device).lower()},
         "vit": {**gpu, "vlm_cache_size_mb": "0", "keep_mm_feature_on_device": str(on_device).lower()},
         "llm": {**gpu, "max_model_len": "2048", "num_kv_blocks": "512"},
     })

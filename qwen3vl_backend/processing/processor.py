@@ -19,10 +19,14 @@ from .chat import MediaRef, RequestError, load_chat_template, render_chat
 from .media import BESIDE_DECODE, TRUSTED, Cancel, MediaPolicy, decode_image_array, decode_video, fetch_bytes
 from .positions import IMAGE, TEXT, VIDEO, mrope_positions
 from .tokenizer import Tokenizer
-from .vision_inputs import (VisionProcessingConfig, normalize_patches, process_image, process_video,
-                            video_frame_indices)
+from .vision_inputs import (VisionProcessingConfig, frame_pixels, image_size_for, normalize_patches, process_image,
+                            process_video, video_frame_indices)
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+# an image travels unresized (load_media's raw_frame) when its decoded frame has at most this
+# many times the pixels of its resized one: a photo far past max_pixels is resized on the host
+# rather than sent whole
+RAW_FRAME_MAX_RATIO = 4
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
 
@@ -35,6 +39,8 @@ class MediaItem:
     num_tokens: int                  # pad tokens in the prompt (merged patches)
     timestamps: list[float] = field(default_factory=list)
     timing: dict = field(default_factory=dict)     # ms: fetch, decode, process (stage timing logs)
+    # (H, W) of an image sent unresized (load_media's raw_frame): pixel_values are its (H*W, 3) pixels
+    source_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -57,20 +63,30 @@ class Processor:
 
     # -- media ---------------------------------------------------------------------------------
     def load_media(self, ref: MediaRef, policy: MediaPolicy = TRUSTED, normalize: bool = True,
-                   cancel: Cancel | None = None, single_frame: bool = False) -> MediaItem:
+                   cancel: Cancel | None = None, single_frame: bool = False, raw_frame: bool = False) -> MediaItem:
         """Fetch, decode and process one item; `normalize=False` keeps uint8 patches (for transport);
-        `single_frame`: an image's rows hold its frame once (vision_inputs.expand_image_rows)."""
+        `single_frame`: an image's rows hold its frame once (vision_inputs.expand_image_rows).
+        `raw_frame` (with single_frame, normalize=False): an image whose decoded frame is at most
+        RAW_FRAME_MAX_RATIO times its resized one comes unresized, its pixels (H*W, 3) and
+        `source_size` (H, W), for the vit to resize on its GPU (vision_inputs.raw_frame_rows)."""
         t0 = time.perf_counter()
         data = fetch_bytes(ref.source, policy, cancel)
         digest = BESIDE_DECODE.submit(lambda: hashlib.sha256(data).digest())     # hashed while it decodes
         t1 = t2 = time.perf_counter()
         opts = ref.options
         stamps: list[float] = []
+        source = None
         if ref.kind == "image":
             lo, hi = self._pixel_bounds(opts, self.cfg.image_min_pixels, self.cfg.image_max_pixels)
             image = decode_image_array(data, policy.max_image_pixels)
             t2 = time.perf_counter()
-            patches, grid = process_image(image, self.cfg, lo, hi, repeat_frame=not single_frame)
+            height, width = image.shape[:2]
+            h, w = image_size_for(height, width, self.cfg, lo, hi)
+            if raw_frame and single_frame and not normalize and height * width <= RAW_FRAME_MAX_RATIO * h * w:
+                patches, grid, source = frame_pixels(image), (1, h // self.cfg.patch_size, w // self.cfg.patch_size), \
+                    (height, width)
+            else:
+                patches, grid = process_image(image, self.cfg, lo, hi, repeat_frame=not single_frame)
         else:
             fps, max_frames = _num_opt(opts, "fps"), _int_opt(opts, "max_frames")
             video = decode_video(data, lambda total, vfps: video_frame_indices(total, vfps, self.cfg, fps, max_frames),
@@ -80,7 +96,8 @@ class Processor:
         pixels = normalize_patches(patches, self.cfg) if normalize else patches
         # an image's pixels follow from its bytes and grid; a video's frames also from the sampling asked
         frames = {} if ref.kind == "image" else {k: opts.get(k) for k in ("fps", "max_frames")}
-        item = MediaItem(ref.kind, pixels, grid, _hash(digest.result(), grid, frames), self._num_tokens(grid), stamps)
+        item = MediaItem(ref.kind, pixels, grid, _hash(digest.result(), grid, frames), self._num_tokens(grid), stamps,
+                         source_size=source)
         t3 = time.perf_counter()
         item.timing = {"fetch": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3, "process": (t3 - t2) * 1e3}
         return item
@@ -109,9 +126,10 @@ class Processor:
         return self.build_prompt(text, self.load_all(refs, policy, run_jobs, normalize))
 
     def media_jobs(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, normalize: bool = True,
-                   single_frame: bool = False) -> list:
+                   single_frame: bool = False, raw_frame: bool = False) -> list:
         """One `job(cancel) -> MediaItem` per reference, for a pool to run."""
-        return [functools.partial(self.load_media, r, policy, normalize, single_frame=single_frame) for r in refs]
+        return [functools.partial(self.load_media, r, policy, normalize, single_frame=single_frame, raw_frame=raw_frame)
+                for r in refs]
 
     def load_all(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, run_jobs=None,
                  normalize: bool = True) -> list[MediaItem]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .chat import RequestError
+from .resize import resize_uint8
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -193,6 +194,35 @@ def _frame_rows(frame: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tenso
     return single.reshape(gh * gw, c * p * p)
 
 
+def image_size_for(height: int, width: int, cfg: VisionProcessingConfig, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> tuple[int, int]:
+    """An image's resized (height, width): smart_resize within the server's or the request's bounds."""
+    return smart_resize(height, width, cfg.factor, min_pixels or cfg.image_min_pixels,
+                        max_pixels or cfg.image_max_pixels)
+
+
+def frame_pixels(image) -> torch.Tensor:
+    """A decoded image, PIL or (H, W, 3) uint8 array -> its pixels (H*W, 3) uint8, row-major:
+    what the vit model resizes itself (raw_frame_rows) when preprocess sends frames unresized."""
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.flags.writeable):
+        image = np.asarray(image, dtype=np.uint8).copy()
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"an RGB frame (H, W, 3), not {image.shape}")
+    return torch.from_numpy(image).view(-1, 3)
+
+
+def raw_frame_rows(pixels: torch.Tensor, source: tuple[int, int], grid: tuple[int, int, int],
+                   cfg: VisionProcessingConfig) -> torch.Tensor:
+    """One image's pixels (H*W, 3) uint8 as `frame_pixels` gives them, on any device -> its rows
+    (gh*gw, C*P*P) in merge-block order, as process_image(repeat_frame=False) makes them on the
+    host: the same resize (resize.resize_uint8 off the CPU: the CPU's values bit for bit)."""
+    height, width = source
+    frame = pixels.view(height, width, 3).permute(2, 0, 1)[None]
+    h, w = grid[1] * cfg.patch_size, grid[2] * cfg.patch_size
+    frame = _resize(frame, h, w) if frame.device.type == "cpu" else resize_uint8(frame, h, w)
+    return _frame_rows(frame[0], cfg)
+
+
 def process_image(image, cfg: VisionProcessingConfig, min_pixels: int | None = None,
                   max_pixels: int | None = None, repeat_frame: bool = True) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """PIL RGB image, or its (H, W, 3) uint8 array -> uint8 patches (gh*gw, 1536) and its grid
@@ -228,6 +258,40 @@ def check_pixel_rows(shape: tuple[int, ...], grids, cfg: VisionProcessingConfig)
         return
     raise ValueError(f"pixel_values rows of {shape[1]} values: a patch is {cfg.patch_width} (or {single}, one "
                      "frame of images only)")
+
+
+def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessingConfig,
+                       device: torch.device | None = None) -> torch.Tensor:
+    """What the vit model takes when preprocess sends images unresized: their pixels (sum H*W, 3)
+    uint8, each image's (H, W) in `sizes` and its grid (1, gh, gw) -> the single-frame rows
+    (sum gh*gw, C*P*P) that check_pixel_rows admits, on `device` (one copy there first). ValueError
+    (the caller's mistake) for sizes or grids that do not describe the pixels, or a grid past the
+    server's max_pixels (its patches would cost the ViT what the bytes sent do not)."""
+    if len(sizes) != len(grids):
+        raise ValueError(f"source_sizes has {len(sizes)} rows for {len(grids)} grids")
+    if pixels.dim() != 2 or pixels.shape[1] != 3:
+        raise ValueError(f"unresized pixels come as (pixels, 3), not {tuple(pixels.shape)}")
+    m, p = cfg.merge_size, cfg.patch_size
+    total = 0
+    for (height, width), g in zip(sizes, grids):
+        if len(g) != 3 or int(g[0]) != 1 or min(g) < 1 or g[1] % m or g[2] % m:
+            raise ValueError(f"grid_thw {tuple(int(x) for x in g)}: an unresized image's grid is (1, h, w), "
+                             f"h and w positive multiples of {m}")
+        if int(g[1]) * int(g[2]) * p * p > cfg.image_max_pixels:
+            raise ValueError(f"grid_thw {tuple(int(x) for x in g)}: past the server's {cfg.image_max_pixels} "
+                             "pixels an image")
+        if min(height, width) < 1:
+            raise ValueError(f"source size {(int(height), int(width))}: each side positive")
+        total += int(height) * int(width)
+    if total != pixels.shape[0]:
+        raise ValueError(f"pixel_values has {pixels.shape[0]} pixels; source_sizes describe {total}")
+    pixels = pixels.to(device) if device is not None else pixels
+    rows, start = [], 0
+    for (height, width), g in zip(sizes, grids):
+        n = int(height) * int(width)
+        rows.append(raw_frame_rows(pixels[start:start + n], (int(height), int(width)), tuple(int(x) for x in g), cfg))
+        start += n
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def expand_image_rows(rows: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tensor:

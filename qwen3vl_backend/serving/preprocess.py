@@ -25,6 +25,7 @@ from ..errors import RequestError, check_prompt_length
 from ..processing.chat import MEDIA_INPUT, MediaRef
 from ..processing.media import Cancel, MediaPolicy
 from ..processing.processor import IMAGE_PAD, VISION_END, VISION_START, MediaItem, Processor
+from ..processing.vision_inputs import raw_frame_rows
 from ..sampling_params import SAMPLING_FIELDS, SamplingParams
 from . import json_body
 from .media_pool import MediaPool
@@ -59,8 +60,11 @@ def parse_json_object(raw: str, what: str) -> dict:
 
 class Preprocessor:
     def __init__(self, processor: Processor, policy: MediaPolicy, pool: MediaPool,
-                 limits: PreprocessLimits = PreprocessLimits()):
+                 limits: PreprocessLimits = PreprocessLimits(), raw_frames: bool = False):
+        """`raw_frames`: a request of images only sends them unresized (the vit resizes them on its
+        GPU; `_finish`)."""
         self.processor, self.policy, self.pool, self.limits = processor, policy, pool, limits
+        self.raw_frames = raw_frames
 
     def run(self, text_input: str, images: list[str] = (), sampling_json: str = "", cancel: Cancel | None = None,
             timing: dict | None = None, media: list[str] = ()) -> dict:
@@ -79,7 +83,8 @@ class Preprocessor:
             # 1280x720 images: TTFT 200.7 ms against 220.3 with full rows in one lease)
             single = all(r.kind == "image" for r in parsed.refs)
             media = self.pool.run_all(self.processor.media_jobs(parsed.refs, self.policy, normalize=False,
-                                                                single_frame=single), cancel)
+                                                                single_frame=single,
+                                                                raw_frame=single and self.raw_frames), cancel)
         t2 = time.perf_counter()
         arrays = self._finish(parsed, media)
         if timing is not None:
@@ -125,12 +130,17 @@ class Preprocessor:
     def _finish(self, parsed: _Parsed, media: list[MediaItem]) -> dict:
         """-> dict of arrays: input_ids (L,), positions (3, L), rope_delta (1,), pixel_values (N, C)
         uint8 (normalised in the vit model; C is the patch width, or its single-frame part when
-        every item is an image), grid_thw (M, 3), media_hashes (M,), and the merged, validated
-        sampling_parameters JSON."""
+        every item is an image), grid_thw (M, 3), media_hashes (M,), the merged, validated
+        sampling_parameters JSON, and source_sizes: (M, 2) when every item came unresized
+        (raw_frames), each image's (H, W), and pixel_values their pixels (sum H*W, 3) for the vit to
+        resize; (0, 2) otherwise. Some items unresized and some not: those are resized here."""
         prompt = self.processor.build_prompt(parsed.text, media)
         check_prompt_length(len(prompt.prompt_ids), self.limits.max_model_len)    # before the ViT
-        pixels = [m.pixel_values for m in prompt.media]
-        width = self.processor.cfg.patch_width
+        cfg = self.processor.cfg
+        raw = bool(prompt.media) and all(m.source_size for m in prompt.media)
+        pixels = [m.pixel_values if raw or not m.source_size else
+                  raw_frame_rows(m.pixel_values, m.source_size, m.grid_thw, cfg) for m in prompt.media]
+        width = 3 if raw else cfg.patch_width
         return {
             "input_ids": np.asarray(prompt.prompt_ids, dtype=np.int64),
             "positions": prompt.positions.numpy().astype(np.int64),
@@ -142,6 +152,7 @@ class Preprocessor:
             "media_hashes": np.asarray([m.content_hash.encode() for m in prompt.media], dtype=np.object_),
             "sampling_parameters": np.asarray([json.dumps(_params_dict(parsed.params, parsed.raw_sampling)).encode()],
                                               dtype=np.object_),
+            "source_sizes": np.asarray([m.source_size for m in prompt.media] if raw else [], dtype=np.int64).reshape(-1, 2),
         }
 
 

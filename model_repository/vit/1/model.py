@@ -15,7 +15,8 @@ from qwen3vl_backend.engine.model_runner import vision_attention
 from qwen3vl_backend.engine.vision_graphs import VisionGraphs
 from qwen3vl_backend.loader import load_vision_model
 from qwen3vl_backend.processing.vision_inputs import (VisionProcessingConfig, check_pixel_rows, expand_image_rows,
-                                                       image_grid, normalize_patches, parse_image_sizes)
+                                                       image_grid, normalize_patches, parse_image_sizes,
+                                                       raw_frames_to_rows)
 from qwen3vl_backend.serving.triton_params import error_response, model_settings, pick
 from qwen3vl_backend.serving.stage_timing import PROFILE_AT, PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
@@ -70,7 +71,8 @@ class TritonPythonModel:
         self._arrived = (arrived, {True: arrived.Metric({"where": "gpu"}), False: arrived.Metric({"where": "host"})})
         self._timing, self._profiler = None, RequestProfiler(PROFILE_DIR, "vit", at=PROFILE_AT)
         # --vit-warmup-sizes: images whose exact-grid graphs each replica captures before requests
-        self.warm_grids = [image_grid(w, h, self.pixel_cfg) for w, h in parse_image_sizes(s.get("vit_warmup_sizes", ""))]
+        self.warm_sizes = parse_image_sizes(s.get("vit_warmup_sizes", ""))
+        self.warm_grids = [image_grid(w, h, self.pixel_cfg) for w, h in self.warm_sizes]
         self.warm_up()
 
     @torch.no_grad()
@@ -105,6 +107,9 @@ class TritonPythonModel:
             encoder.forget_grids()
         if self.graphed:
             warm_exact_grids(self.replicas, self.warm_grids, frame)
+        for (w, h), grid in zip(self.warm_sizes, self.warm_grids):      # their resize's taps, made once
+            raw_frames_to_rows(torch.zeros(w * h, 3, dtype=torch.uint8), [(h, w)], [grid], self.pixel_cfg, self.device)
+        torch.cuda.synchronize(self.device)
 
     def _paths(self) -> str:
         """Each replica's GPU and how it ran this request (engine.vision_graphs' last_path, reset
@@ -151,6 +156,10 @@ class TritonPythonModel:
         if pixels.numel():
             self._arrived[1][pixels.is_cuda].increment(1)
         grids = as_torch(pb_utils.get_input_tensor_by_name(request, "grid_thw")).cpu().numpy().reshape(-1, 3)
+        sizes = pb_utils.get_input_tensor_by_name(request, "source_sizes")
+        sizes = np.zeros((0, 2), np.int64) if sizes is None else as_torch(sizes).cpu().numpy().reshape(-1, 2)
+        if len(sizes):      # images sent unresized: resized here, on this model's device
+            pixels = raw_frames_to_rows(pixels, sizes, grids, self.pixel_cfg, self.device)
         check_pixel_rows(tuple(pixels.shape), grids, self.pixel_cfg)
         if grids.shape[0] == 0:
             embeds = np.zeros((0, self.out_dim), np.float32)
