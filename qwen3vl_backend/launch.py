@@ -238,7 +238,7 @@ def resolve(args) -> dict:
            "limit_mm_per_prompt": args.limit_mm_per_prompt,
            "mm_max_concurrent_calls": str(args.mm_max_concurrent_calls // instances),
            "mm_per_request_timeout": str(args.mm_per_request_timeout), "use_cuda_ipc_transport": ipc,
-           "resize_on_vit": str(args.device.startswith("cuda") and not args.resize_images_on_host).lower()}
+           "resize_on_vit": str(engine_cfg.device.startswith("cuda") and not args.resize_images_on_host).lower()}
     try:
         PreprocessConfig.from_settings(pre)
     except ConfigError as e:

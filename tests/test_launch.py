@@ -314,3 +314,23 @@ def test_a_failed_dummy_model_write_leaves_nothing_a_later_launch_would_take(tmp
     assert launch._model_dir(name, "dummy") == str(out) and (out / "tokenizer.json").exists()
     assert launch._model_dir(name, "dummy") == str(out) and len(writes) == 1     # complete: reused
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_images_are_resized_on_the_vits_gpu_unless_asked_otherwise(tiny_moe, monkeypatch):
+    """resolve(): preprocess sends images unresized (resize_on_vit) where the models run on a GPU,
+    not on a CPU, and not with --resize-images-on-host. The GPU is pretended (no CUDA here): only
+    the settings are resolved."""
+    import torch
+
+    from qwen3vl_backend import launch
+
+    def settings(*flags):
+        return launch.resolve(build_parser().parse_args(["--model-path", str(tiny_moe), *flags]))["preprocess"]
+    assert settings()["resize_on_vit"] == ("true" if torch.cuda.is_available() else "false")
+    assert settings("--device", "cpu")["resize_on_vit"] == "false"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(launch, "_gpu_count", lambda: 1)
+    monkeypatch.setattr(launch, "_check_weights_fit", lambda path, cfg: 0)
+    assert settings("--device", "cuda")["resize_on_vit"] == settings()["resize_on_vit"] == "true"   # auto: cuda
+    assert settings("--device", "cuda", "--resize-images-on-host")["resize_on_vit"] == "false"
