@@ -363,6 +363,19 @@ def test_integer_resize_is_torchs_uint8_resize_bit_for_bit(height, width, out_h,
         assert torch.equal(resize_uint8(frames, out_h, out_w), want)
 
 
+def test_integer_resize_tap_by_tap_is_the_same(monkeypatch):
+    """Past GATHER_ELEMENTS the taps are taken one at a time: the same values."""
+    import torch.nn.functional as F
+
+    from qwen3vl_backend.processing import resize
+
+    monkeypatch.setattr(resize, "GATHER_ELEMENTS", 0)
+    frames = torch.randint(0, 256, (1, 3, 301, 203), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    for out_h, out_w in ((224, 160), (608, 416), (301, 96)):
+        want = F.interpolate(frames, size=(out_h, out_w), mode="bicubic", antialias=True)
+        assert torch.equal(resize.resize_uint8(frames, out_h, out_w), want)
+
+
 def test_images_sent_unresized_make_the_hosts_rows(tiny_dense):
     """raw_frames: an images-only request's images leave preprocess unresized, their pixels and
     (H, W) in source_sizes; raw_frames_to_rows (the vit's side) makes of them the rows the host

@@ -72,15 +72,26 @@ def _taps_on(in_size: int, out_size: int, device: torch.device) -> tuple[torch.T
     return (torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device), precision)
 
 
+GATHER_ELEMENTS = 1 << 26     # every tap gathered at once up to this many int32 values (256 MB)
+
+
 def _filter(x: torch.Tensor, out_size: int, dim: int) -> torch.Tensor:
-    """One axis (`dim` of a uint8 tensor) resampled to `out_size`, in uint8."""
+    """One axis (`dim` of a uint8 tensor) resampled to `out_size`, in uint8: every output sample's
+    taps gathered at once (a handful of launches), or tap by tap where that would be too large."""
     index, weights, precision = _taps_on(x.shape[dim], out_size, x.device)
-    shape = [1] * x.dim()
-    shape[dim] = out_size
-    acc = None
-    for t in range(weights.shape[1]):
-        term = x.index_select(dim, index[:, t]).to(torch.int32) * weights[:, t].view(shape)
-        acc = term if acc is None else acc.add_(term)
+    taps = weights.shape[1]
+    if x.numel() // x.shape[dim] * out_size * taps <= GATHER_ELEMENTS:
+        gathered = x.index_select(dim, index.flatten()).to(torch.int32)
+        shape = (*x.shape[:dim], out_size, taps, *x.shape[dim + 1:])
+        tail = (1,) * (x.dim() - dim - 1)
+        acc = (gathered.view(shape) * weights.view(out_size, taps, *tail)).sum(dim + 1, dtype=torch.int32)
+    else:
+        shape = [1] * x.dim()
+        shape[dim] = out_size
+        acc = None
+        for t in range(taps):
+            term = x.index_select(dim, index[:, t]).to(torch.int32) * weights[:, t].view(shape)
+            acc = term if acc is None else acc.add_(term)
     acc.add_(1 << (precision - 1)).bitwise_right_shift_(precision)
     return acc.clamp_(0, 255).to(torch.uint8)
 
