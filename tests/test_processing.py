@@ -422,13 +422,15 @@ def test_images_sent_unresized_make_the_hosts_rows(tiny_dense):
 def test_the_vit_checks_unresized_images(tiny_dense):
     """What raw_frames_to_rows refuses as the caller's mistake (the vit answers 400): sizes that do
     not describe the pixels or the grids, and grids an unresized image cannot have, among them one
-    past the server's max_pixels (a 1x1 image must not buy a ViT pass of the largest size)."""
+    past the server's max_pixels (a 1x1 image must not buy a ViT pass of the largest size), and a
+    frame too large for its grid on any side (what the width-first resize would hold)."""
     from qwen3vl_backend.processing.vision_inputs import raw_frames_to_rows
 
     cfg = Processor(tiny_dense).cfg
     px = torch.zeros(6 * 5 + 2 * 2, 3, dtype=torch.uint8)
     assert raw_frames_to_rows(px, [(6, 5), (2, 2)], [(1, 4, 6), (1, 2, 2)], cfg).shape == (24 + 4, cfg.patch_width // 2)
     side = int((cfg.image_max_pixels // cfg.patch_size ** 2) ** 0.5) // 2 * 2 + 2
+    tall = 4 * 2 * cfg.patch_size + 1
     for pixels, sizes, grids, message in (
             (px, [(6, 5)], [(1, 4, 6), (1, 2, 2)], "1 rows for 2 grids"),
             (px, [(6, 5), (2, 3)], [(1, 4, 6), (1, 2, 2)], "describe 36"),
@@ -436,7 +438,9 @@ def test_the_vit_checks_unresized_images(tiny_dense):
             (px, [(6, 5), (2, 2)], [(2, 4, 6), (1, 2, 2)], r"grid is \(1, h, w\)"),
             (px, [(6, 5), (2, 2)], [(1, 3, 6), (1, 2, 2)], "multiples"),
             (px, [(6, 5), (2, 2)], [(1, side, side), (1, 2, 2)], "max_pixels|pixels an image"),
-            (px.view(-1), [(6, 5), (2, 2)], [(1, 4, 6), (1, 2, 2)], r"\(pixels, 3\)")):
+            (px.view(-1), [(6, 5), (2, 2)], [(1, 4, 6), (1, 2, 2)], r"\(pixels, 3\)"),
+            # few pixels, but a side past 4x its resize's: the width pass would hold tall x 2 patches
+            (torch.zeros(tall, 3, dtype=torch.uint8), [(tall, 1)], [(1, 2, 2)], "its grid")):
         with pytest.raises(ValueError, match=message):
             raw_frames_to_rows(pixels, sizes, grids, cfg)
 

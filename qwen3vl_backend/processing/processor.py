@@ -20,13 +20,9 @@ from .media import BESIDE_DECODE, TRUSTED, Cancel, MediaPolicy, decode_image_arr
 from .positions import IMAGE, TEXT, VIDEO, mrope_positions
 from .tokenizer import Tokenizer
 from .vision_inputs import (VisionProcessingConfig, frame_pixels, image_size_for, normalize_patches, process_image,
-                            process_video, video_frame_indices)
+                            process_video, raw_frame_fits, video_frame_indices)
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-# an image travels unresized (load_media's raw_frame) when its decoded frame has at most this
-# many times the pixels of its resized one: a photo far past max_pixels is resized on the host
-# rather than sent whole
-RAW_FRAME_MAX_RATIO = 4
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
 
@@ -66,9 +62,9 @@ class Processor:
                    cancel: Cancel | None = None, single_frame: bool = False, raw_frame: bool = False) -> MediaItem:
         """Fetch, decode and process one item; `normalize=False` keeps uint8 patches (for transport);
         `single_frame`: an image's rows hold its frame once (vision_inputs.expand_image_rows).
-        `raw_frame` (with single_frame, normalize=False): an image whose decoded frame is at most
-        RAW_FRAME_MAX_RATIO times its resized one comes unresized, its pixels (H*W, 3) and
-        `source_size` (H, W), for the vit to resize on its GPU (vision_inputs.raw_frame_rows)."""
+        `raw_frame` (with single_frame, normalize=False): an image within vision_inputs.raw_frame_fits
+        of its resize comes unresized, its pixels (H*W, 3) and `source_size` (H, W), for the vit
+        to resize on its GPU (vision_inputs.raw_frame_rows)."""
         t0 = time.perf_counter()
         data = fetch_bytes(ref.source, policy, cancel)
         digest = BESIDE_DECODE.submit(lambda: hashlib.sha256(data).digest())     # hashed while it decodes
@@ -82,9 +78,9 @@ class Processor:
             t2 = time.perf_counter()
             height, width = image.shape[:2]
             h, w = image_size_for(height, width, self.cfg, lo, hi)
-            if raw_frame and single_frame and not normalize and height * width <= RAW_FRAME_MAX_RATIO * h * w:
-                patches, grid, source = frame_pixels(image), (1, h // self.cfg.patch_size, w // self.cfg.patch_size), \
-                    (height, width)
+            if raw_frame and single_frame and not normalize and raw_frame_fits(height, width, h, w):
+                patches, source = frame_pixels(image), (height, width)
+                grid = (1, h // self.cfg.patch_size, w // self.cfg.patch_size)
             else:
                 patches, grid = process_image(image, self.cfg, lo, hi, repeat_frame=not single_frame)
         else:

@@ -201,6 +201,19 @@ def image_size_for(height: int, width: int, cfg: VisionProcessingConfig, min_pix
                         max_pixels or cfg.image_max_pixels)
 
 
+# an image travels unresized (Processor.load_media's raw_frame) when its frame has at most this
+# many times its resized pixels, and each side at most this many times its resized side: a photo
+# far past max_pixels is resized on the host rather than sent whole, and the vit, which resizes
+# the width first, never holds more than this many times a resized frame
+RAW_FRAME_MAX_RATIO = 4
+
+
+def raw_frame_fits(height: int, width: int, h: int, w: int) -> bool:
+    """Whether a height x width frame may travel unresized to its h x w resize (RAW_FRAME_MAX_RATIO)."""
+    r = RAW_FRAME_MAX_RATIO
+    return height * width <= r * h * w and height <= r * h and width <= r * w
+
+
 def frame_pixels(image) -> torch.Tensor:
     """A decoded image, PIL or (H, W, 3) uint8 array -> its pixels (H*W, 3) uint8, row-major:
     what the vit model resizes itself (raw_frame_rows) when preprocess sends frames unresized."""
@@ -265,8 +278,10 @@ def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessing
     """What the vit model takes when preprocess sends images unresized: their pixels (sum H*W, 3)
     uint8, each image's (H, W) in `sizes` and its grid (1, gh, gw) -> the single-frame rows
     (sum gh*gw, C*P*P) that check_pixel_rows admits, on `device` (one copy there first). ValueError
-    (the caller's mistake) for sizes or grids that do not describe the pixels, or a grid past the
-    server's max_pixels (its patches would cost the ViT what the bytes sent do not)."""
+    (the caller's mistake) for sizes or grids that do not describe the pixels, a grid past the
+    server's max_pixels (its patches would cost the ViT what the bytes sent do not), or a frame
+    past raw_frame_fits (a 4000 x 1 frame for a 32 x 4096 grid would be 4000 x 4096 after its
+    width pass)."""
     if len(sizes) != len(grids):
         raise ValueError(f"source_sizes has {len(sizes)} rows for {len(grids)} grids")
     if pixels.dim() != 2 or pixels.shape[1] != 3:
@@ -282,6 +297,9 @@ def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessing
                              "pixels an image")
         if min(height, width) < 1:
             raise ValueError(f"source size {(int(height), int(width))}: each side positive")
+        if not raw_frame_fits(int(height), int(width), int(g[1]) * p, int(g[2]) * p):
+            raise ValueError(f"source size {(int(height), int(width))}: more than {RAW_FRAME_MAX_RATIO}x its grid "
+                             f"{tuple(int(x) for x in g)}'s pixels or sides (resize it first)")
         total += int(height) * int(width)
     if total != pixels.shape[0]:
         raise ValueError(f"pixel_values has {pixels.shape[0]} pixels; source_sizes describe {total}")
