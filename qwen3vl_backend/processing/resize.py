@@ -21,40 +21,38 @@ import torch
 _A = -0.5       # the cubic's parameter (Keys; PIL's and torch's antialiased bicubic)
 
 
-def _cubic(x: float) -> float:
+def _cubic(x: np.ndarray) -> np.ndarray:
     """The cubic filter, in torch's order of operations (float64, as its weights are computed)."""
-    x = abs(x)
-    if x < 1.0:
-        return ((_A + 2.0) * x - (_A + 3.0)) * x * x + 1.0
-    if x < 2.0:
-        return ((_A * x - 5.0 * _A) * x + 8.0 * _A) * x - 4.0 * _A
-    return 0.0
+    x = np.abs(x)
+    near = ((_A + 2.0) * x - (_A + 3.0)) * x * x + 1.0
+    far = ((_A * x - 5.0 * _A) * x + 8.0 * _A) * x - 4.0 * _A
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
 @functools.lru_cache(maxsize=64)
 def aa_bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     """One axis: each output sample's first input index (out,), its integer weights (out, taps)
-    (zero past the sample's own taps) and the precision (bits) they are scaled to."""
+    (zero past the sample's own taps) and the precision (bits) they are scaled to. Vectorised
+    over the output samples with torch's scalar operations in its order (each sample's weights
+    summed tap by tap, not pairwise), so the float64 values are its own: a new image size costs
+    ~0.1 ms here, where a Python loop took milliseconds."""
     scale = in_size / out_size
     support = 2.0 * scale if scale >= 1.0 else 2.0
     taps = int(np.ceil(support)) * 2 + 1
     invscale = 1.0 / scale if scale >= 1.0 else 1.0
-    starts = np.zeros(out_size, np.int64)
-    real = np.zeros((out_size, taps), np.float64)
-    wt_max = 0.0
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        first = max(int(center - support + 0.5), 0)           # int(): toward zero, as the C++ casts
-        size = min(max(min(int(center + support + 0.5), in_size) - first, 0), taps)
-        w = [_cubic((j + first - center + 0.5) * invscale) for j in range(size)]
-        total = 0.0
-        for v in w:
-            total += v
-        if total != 0.0:
-            w = [v / total for v in w]
-            wt_max = max([wt_max, *w])
-        starts[i] = first
-        real[i, :size] = w
+    center = scale * (np.arange(out_size, dtype=np.int64) + 0.5)
+    starts = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)     # C's casts: toward zero
+    ends = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size)
+    sizes = np.clip(ends - starts, 0, taps)
+    j = np.arange(taps, dtype=np.int64)
+    real = np.where(j[None, :] < sizes[:, None],
+                    _cubic(((j[None, :] + starts[:, None]) - center[:, None] + 0.5) * invscale), 0.0)
+    total = np.zeros(out_size)
+    for t in range(taps):
+        total = total + real[:, t]
+    nonzero = total != 0.0
+    real = np.where(nonzero[:, None], real / np.where(nonzero, total, 1.0)[:, None], real)
+    wt_max = max(0.0, float(real[nonzero].max())) if nonzero.any() else 0.0
     precision = 0
     while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
         precision += 1
