@@ -186,10 +186,11 @@ def test_prefill_cuda_graph_matches_eager_prefill(tiny_moe, cudnn, monkeypatch):
 @pytest.mark.parametrize("height,width", [(720, 1280), (1080, 1920), (257, 333), (3024, 4032)])
 def test_images_resized_on_the_gpu_make_the_hosts_rows(height, width):
     """An unresized image's rows made on the GPU (processing.resize's integer ops) against the
-    host's (torch's uint8 resize on the CPU), bit for bit."""
+    host's (torch's uint8 resize on the CPU), bit for bit. max_pixels 2^22: the 12 MP photo is
+    shrunk 2.9x, within what may travel unresized (raw_frame_fits)."""
     from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, image_grid, raw_frames_to_rows
 
-    cfg = VisionProcessingConfig(image_max_pixels=1 << 21)
+    cfg = VisionProcessingConfig(image_max_pixels=1 << 22)
     grid = image_grid(width, height, cfg)
     pixels = torch.randint(0, 256, (height * width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     want = raw_frames_to_rows(pixels, [(height, width)], [grid], cfg)
