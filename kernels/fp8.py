@@ -365,6 +365,39 @@ def _e4m3_as_f16(w4, i: tl.constexpr):
     return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
 
 
+# four e4m3 bytes ($2) -> four bfloat16 (two bf16x2, $0 and $1) with the e4m3 exponent field read
+# as bfloat16's: each value times 2^-120 (bias 7 against 127; a subnormal stays one, scaled the
+# same). prmt puts bytes 0 and 1 (2 and 3) in the high byte of each half; the sign stays at bit
+# 15 of its half, exponent and mantissa move down 4 bits: (t >> 4) & 0x07F0 | t & 0x8000 a half.
+_E4M3X4_BF16_BITS = tl.constexpr("""{ .reg .b32 lo, hi, slo, shi;
+ prmt.b32 lo, $2, 0, 0x1404;
+ prmt.b32 hi, $2, 0, 0x3424;
+ and.b32 slo, lo, 0x80008000;
+ and.b32 shi, hi, 0x80008000;
+ shr.u32 lo, lo, 4;
+ shr.u32 hi, hi, 4;
+ lop3.b32 $0, lo, 0x07F007F0, slo, 0xEA;
+ lop3.b32 $1, hi, 0x07F007F0, shi, 0xEA; }""")
+E4M3_BITS_SCALE = tl.constexpr(2.0 ** 60)      # _e4m3_bf16_bits' 2^-120 is undone as (scale * 2^60) * 2^60
+
+
+@triton.jit
+def _e4m3_bf16_bits(w):
+    """e4m3 tensor -> bfloat16 of each value times 2^-120, by _E4M3X4_BF16_BITS's PTX (the GPU):
+    two integer instructions a weight, where .to(bfloat16) takes an F2FP and an F2F a weight on
+    sm_90. e4m3's NaN codes (0x7F, 0xFF) become finite numbers: weights never hold them."""
+    return tl.inline_asm_elementwise(_E4M3X4_BF16_BITS, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
+                                     dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _e4m3_f32_bits(w):
+    """The same numbers (each e4m3 value times 2^-120) as float32 by Triton's integer ops: what
+    runs off the GPU, where the interpreter mishandles bfloat16 subnormals and bfloat16 dots."""
+    u = w.to(tl.uint8, bitcast=True).to(tl.uint32)
+    return (((u & 0x7F) << 20) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _e4m3x2_fma(w4, x01, x23, acc01, acc23, ASM: tl.constexpr):
     """_E4M3X2_FMA on the GPU; off it (the interpreter runs no PTX) the same arithmetic in float16

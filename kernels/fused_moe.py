@@ -32,11 +32,23 @@ from . import switches
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
-from .fp8 import group_scale_ok, quantize_activations_fp8
+from .fp8 import E4M3_BITS_SCALE, _e4m3_bf16_bits, _e4m3_f32_bits, group_scale_ok, quantize_activations_fp8
 from .linear import block_scaled, dividing
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+
+
+@triton.jit
+def _bits_dot(a, b, ASM: tl.constexpr):
+    """a (bfloat16) times the e4m3 tile b made wider by integer ops: the product times 2^-120.
+    With ASM a bfloat16 dot (fp8._e4m3_bf16_bits); off the GPU a float32 one (_e4m3_f32_bits,
+    the same products exactly)."""
+    if ASM:
+        out = tl.dot(a, _e4m3_bf16_bits(b))
+    else:
+        out = tl.dot(a.to(tl.float32), _e4m3_f32_bits(b))
+    return out
 
 
 @triton.jit
@@ -53,7 +65,7 @@ def _grouped_gemm_kernel(
     SCALE_MODE: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
     as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     PAIR_BLOCKS: tl.constexpr = False, DENSE: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
-    ws_ptr=None, count_ptr=None,
+    ws_ptr=None, count_ptr=None, BITS: tl.constexpr = False, ASM: tl.constexpr = False,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
@@ -66,7 +78,9 @@ def _grouped_gemm_kernel(
     padding. SPLIT_K (DENSE): program_id(1) takes that share of the K steps and stores its float32
     partial tile in `ws_ptr` (SPLIT_K, num_valid, N); the program that finishes a tile last (an
     atomic count per tile, reset by it) sums the partials in split order, so the answer does not
-    depend on which finished first."""
+    depend on which finished first. BITS (with 2, a bfloat16, not A_SCALED): the weight tiles
+    become bfloat16 by integer ops (kernels.fp8._e4m3_bf16_bits, PTX: ASM), 2^-120 of
+    their values, made up in the scale."""
     gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     if PAIR_BLOCKS:
@@ -143,6 +157,10 @@ def _grouped_gemm_kernel(
                 acc += tl.dot(a, b) * (sa * tl.load(s_ptrs + kb))
                 if FUSE_SILU:
                     acc_up += tl.dot(a, b_up) * (sa * tl.load(s_up_ptrs + kb))
+            elif BITS:
+                acc += _bits_dot(a, b, ASM) * (tl.load(s_ptrs + kb) * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
+                if FUSE_SILU:
+                    acc_up += _bits_dot(a, b_up, ASM) * (tl.load(s_up_ptrs + kb) * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
             else:
                 acc += tl.dot(a, b.to(a.dtype)) * tl.load(s_ptrs + kb)
                 if FUSE_SILU:
@@ -422,8 +440,9 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
     the grouped GEMM with one expert and its rows in order (DENSE), so neither a sort nor ids.
     cfg: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, A8 (the rows quantized per
     token and block-wide group first, one launch, and fp8 tensor-core dots: W8A8; else the weight
-    tiles become x's dtype in registers, W8A16), and SPLIT_K (each tile's K steps shared by that
-    many programs: a narrow N fills the SMs). x (M, K) bf16/float32 -> (M, N) in x's dtype."""
+    tiles become x's dtype in registers, W8A16; BITS, bfloat16 x: by integer ops), and SPLIT_K
+    (each tile's K steps shared by that many programs: a narrow N fills the SMs). x (M, K)
+    bf16/float32 -> (M, N) in x's dtype."""
     return dense_gemm(x, wq, cfg, scale, block)
 
 
@@ -443,6 +462,7 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
     else:
         block_n, block_k, mode, scale, block = cfg["BLOCK_N"], cfg["BLOCK_K"], 0, w, (128, 128)
     a8 = bool(cfg.get("A8")) and mode == 2 and block_k >= 32
+    bits = bool(cfg.get("BITS")) and mode == 2 and not a8 and x.dtype == torch.bfloat16
     x = x if x.stride(-1) == 1 else x.contiguous()
     a, a_scale = quantize_activations_fp8(x, block[1]) if a8 else (x, None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -462,8 +482,8 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
         A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,
-        SPLIT_K=split, ws_ptr=ws, count_ptr=counts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **pdl(x))
+        SPLIT_K=split, ws_ptr=ws, count_ptr=counts, BITS=bits, ASM=bits and x.is_cuda, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl(x))
     return y
 
 

@@ -728,6 +728,46 @@ def test_dense_fp8_gemm_is_the_dequantized_product(m, n, k, block, block_n):
         assert got.shape == (m, n) and _rel(got, want) < KTOL
 
 
+@pytest.mark.parametrize("m", [1, 5, 16, 33])
+@pytest.mark.parametrize("n,k,block", [(96, 320, (32, 64)), (128, 192, (32, 64)), (256, 384, (128, 128))])
+def test_dense_fp8_gemm_bits_is_the_dequantized_product(m, n, k, block):
+    """BITS: the weight tiles made bfloat16 by integer ops (2^-120 of their values, made up in the
+    scale), x bfloat16: within bfloat16's rounding of the dequantized product, split over K too."""
+    from kernels.fused_moe import dense_fp8_gemm
+
+    x = torch.randn(m, k, device=DEV).bfloat16()
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * torch.logspace(-3, 0, k), block))
+    want = x.float() @ dequantize_weight_blocks(q, s, block).T
+    for split in (1, 3):
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1,
+               "SPLIT_K": split, "BITS": True}
+        got = dense_fp8_gemm(x, q, s, block, cfg)
+        assert got.dtype == torch.bfloat16 and _rel(got.float(), want) < 1e-2
+
+
+def test_dense_fp8_gemm_bits_reads_every_e4m3_value():
+    """Every e4m3 code but NaN through BITS's conversion, one a row of x (one-hot rows pick
+    weight columns): normal values exact; a subnormal (exponent field 0, |v| < 2^-6) exact or
+    flushed to zero (Triton's interpreter flushes bfloat16 subnormals; on a GPU, the tensor
+    cores decide)."""
+    from kernels.fused_moe import dense_fp8_gemm
+
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    values = codes.view(torch.float8_e4m3fn).float()
+    k = 256
+    w = torch.zeros(32, k, dtype=torch.uint8)
+    w[:, :len(codes)] = codes
+    q = w.view(torch.float8_e4m3fn).to(DEV)
+    s = torch.ones(1, 2, device=DEV)
+    x = torch.eye(k, device=DEV)[:len(codes)].bfloat16()
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 1, "BITS": True}
+    got = dense_fp8_gemm(x, q, s, (32, 128), cfg).float().cpu()
+    assert (got == got[:, :1]).all()                     # every weight row alike
+    got, sub = got[:, 0], (codes & 0x78) == 0
+    assert torch.equal(got[~sub], values[~sub])
+    assert ((got[sub] == values[sub]) | (got[sub] == 0)).all()
+
+
 def test_dense_fp8_gemm_split_k_leaves_its_counts_at_zero():
     """Split-K: each tile's last program sums the partials in split order and resets the tile's
     count, so the next launch (another shape, fewer splits) starts from zero and repeats exactly.
@@ -761,10 +801,11 @@ def test_dense_fp8_gemm_w8a8(m, n, k, block):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the interpreter rounds to e4m3 unlike the hardware)")
 @pytest.mark.parametrize("m,n,k", [(64, 5120, 2048), (16, 2048, 4096), (100, 4608, 4096)])
-@pytest.mark.parametrize("a8", [False, True])
-def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8):
+@pytest.mark.parametrize("a8,bits", [(False, False), (True, False), (False, True)])
+def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8, bits):
     """The sweep's launch shapes (128-deep K steps, deep pipelines) at 30B's and 235B's projections,
-    compiled: W8A16 within bf16's rounding of the dequantized product, W8A8 within e4m3's."""
+    compiled: W8A16 (by conversion or by BITS's integer ops) within bf16's rounding of the
+    dequantized product, W8A8 within e4m3's."""
     from kernels.fused_moe import dense_fp8_gemm
 
     block = (128, 128)
@@ -773,7 +814,7 @@ def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8):
     want = x.float() @ dequantize_weight_blocks(q, s, block).T
     for bm, bn, stages, split in ((16, 32, 3, 1), (64, 128, 4, 1), (32, 64, 6, 1), (16, 64, 4, 8), (64, 64, 6, 3)):
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": stages,
-               "SPLIT_K": split, **({"A8": True} if a8 else {})}
+               "SPLIT_K": split, **({"A8": True} if a8 else {}), **({"BITS": True} if bits else {})}
         got = dense_fp8_gemm(x, q, s, block, cfg)
         # split-K sums its partials in split order whichever program finishes last: the same bits
         torch.testing.assert_close(dense_fp8_gemm(x, q, s, block, cfg), got, rtol=0, atol=0)

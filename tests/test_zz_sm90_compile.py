@@ -137,6 +137,27 @@ def test_half2_row_kernel_compiles_to_packed_half_ptx():
     _assert_all_compile(records)
 
 
+def test_bits_dense_gemm_compiles_to_integer_conversion_ptx():
+    """The dense fp8 GEMM's BITS launch, as the GPU makes it (ASM on), compiles for sm_90 with the
+    conversion's byte permute and three-input logic in its PTX (the interpreter runs Triton's
+    integer ops instead)."""
+    _needs_interpreter()
+    import torch
+
+    import launch_record
+    from kernels.fused_moe import dense_fp8_gemm
+
+    with launch_record.only_recording() as rec:
+        dense_fp8_gemm(torch.empty(16, 2048, dtype=torch.bfloat16), torch.empty(5120, 2048, dtype=torch.float8_e4m3fn),
+                       torch.ones(40, 16), (128, 128),
+                       {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 6,
+                        "SPLIT_K": 4, "BITS": True})
+    records = [{**r, "ptx_has": ["prmt.b32", "lop3.b32"]} for r in rec.records.values()
+               if r["consts"]["ASM"] and r["consts"]["BITS"]]
+    assert len(records) == 2, rec.records          # with PDL and without
+    _assert_all_compile(records)
+
+
 def h200_table_launches() -> list[dict]:
     """The launches the H200's decode tables configure (kernels/configs: the fp8 GEMV, the skinny
     GEMM and its split-K entries, the fp8 dense GEMM, the MoE pair kernels), made by the launch
