@@ -78,9 +78,9 @@ def _grouped_gemm_kernel(
     padding. SPLIT_K (DENSE): program_id(1) takes that share of the K steps and stores its float32
     partial tile in `ws_ptr` (SPLIT_K, num_valid, N); the program that finishes a tile last (an
     atomic count per tile, reset by it) sums the partials in split order, so the answer does not
-    depend on which finished first. BITS (with 2, a bfloat16, not A_SCALED): the weight tiles
-    become bfloat16 by integer ops (kernels.fp8._e4m3_bf16_bits, PTX: ASM), 2^-120 of
-    their values, made up in the scale."""
+    depend on which finished first. BITS (SCALE_MODE 2, a bfloat16, not A_SCALED): the weight
+    tiles become bfloat16 by integer ops (kernels.fp8._e4m3_bf16_bits; ASM: its PTX, on the GPU),
+    2^-120 of their values, made up in the scale."""
     gdc_enter(USE_PDL)
     pid = tl.program_id(0)
     if PAIR_BLOCKS:
