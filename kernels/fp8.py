@@ -391,14 +391,6 @@ def _e4m3_bf16_bits(w):
 
 
 @triton.jit
-def _e4m3_f32_bits(w):
-    """The same numbers (each e4m3 value times 2^-120) as float32 by Triton's integer ops: what
-    runs off the GPU, where the interpreter mishandles bfloat16 subnormals and bfloat16 dots."""
-    u = w.to(tl.uint8, bitcast=True).to(tl.uint32)
-    return (((u & 0x7F) << 20) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _e4m3x2_fma(w4, x01, x23, acc01, acc23, ASM: tl.constexpr):
     """_E4M3X2_FMA on the GPU; off it (the interpreter runs no PTX) the same arithmetic in float16
     (with two roundings for the fused one)."""

@@ -32,7 +32,7 @@ from . import switches
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
-from .fp8 import E4M3_BITS_SCALE, _e4m3_bf16_bits, _e4m3_f32_bits, group_scale_ok, quantize_activations_fp8
+from .fp8 import E4M3_BITS_SCALE, _e4m3_bf16_bits, _e4m3_bits_as_f32, group_scale_ok, quantize_activations_fp8
 from .linear import block_scaled, dividing
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,13 @@ DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "nu
 @triton.jit
 def _bits_dot(a, b, ASM: tl.constexpr):
     """a (bfloat16) times the e4m3 tile b made wider by integer ops: the product times 2^-120.
-    With ASM a bfloat16 dot (fp8._e4m3_bf16_bits); off the GPU a float32 one (_e4m3_f32_bits,
-    the same products exactly)."""
+    With ASM a bfloat16 dot (fp8._e4m3_bf16_bits); off the GPU, where the interpreter mishandles
+    bfloat16 subnormals and bfloat16 dots, a float32 one (fp8._e4m3_bits_as_f32 on each byte: the
+    same products exactly)."""
     if ASM:
         out = tl.dot(a, _e4m3_bf16_bits(b))
     else:
-        out = tl.dot(a.to(tl.float32), _e4m3_f32_bits(b))
+        out = tl.dot(a.to(tl.float32), _e4m3_bits_as_f32(b.to(tl.uint8, bitcast=True).to(tl.int32), 0))
     return out
 
 

@@ -104,9 +104,16 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def image_size_for(height: int, width: int, cfg: VisionProcessingConfig, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> tuple[int, int]:
+    """An image's resized (height, width): smart_resize within the server's or the request's bounds."""
+    return smart_resize(height, width, cfg.factor, min_pixels or cfg.image_min_pixels,
+                        max_pixels or cfg.image_max_pixels)
+
+
 def image_grid(width: int, height: int, cfg: "VisionProcessingConfig") -> tuple[int, int, int]:
     """The (t, h, w) patch grid a width x height image becomes, as `process_image` resizes it."""
-    h, w = smart_resize(height, width, cfg.factor, cfg.image_min_pixels, cfg.image_max_pixels)
+    h, w = image_size_for(height, width, cfg)
     return 1, h // cfg.patch_size, w // cfg.patch_size
 
 
@@ -194,13 +201,6 @@ def _frame_rows(frame: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tenso
     return single.reshape(gh * gw, c * p * p)
 
 
-def image_size_for(height: int, width: int, cfg: VisionProcessingConfig, min_pixels: int | None = None,
-                   max_pixels: int | None = None) -> tuple[int, int]:
-    """An image's resized (height, width): smart_resize within the server's or the request's bounds."""
-    return smart_resize(height, width, cfg.factor, min_pixels or cfg.image_min_pixels,
-                        max_pixels or cfg.image_max_pixels)
-
-
 # an image travels unresized (Processor.load_media's raw_frame) when its frame has at most this
 # many times its resized pixels, and each side at most this many times its resized side: a photo
 # far past max_pixels is resized on the host rather than sent whole, and the vit, which resizes
@@ -245,8 +245,7 @@ def process_image(image, cfg: VisionProcessingConfig, min_pixels: int | None = N
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.flags.writeable):
         image = np.asarray(image, dtype=np.uint8).copy()
     arr = torch.from_numpy(image).permute(2, 0, 1)[None]
-    h, w = smart_resize(arr.shape[2], arr.shape[3], cfg.factor,
-                        min_pixels or cfg.image_min_pixels, max_pixels or cfg.image_max_pixels)
+    h, w = image_size_for(arr.shape[2], arr.shape[3], cfg, min_pixels, max_pixels)
     frame = _resize(arr, h, w)[0]
     if not repeat_frame:
         return _frame_rows(frame, cfg), (1, h // cfg.patch_size, w // cfg.patch_size)
