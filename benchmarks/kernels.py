@@ -458,12 +458,14 @@ def sweep_fp8_dense(ms=None) -> tuple[list[dict], dict]:
                 base = per_call_ms(lambda i: fp8.fp8_linear(x, *qs[i % copies], block))
             best = (float("inf"), None)
             # (the first sweep, ec3630f: 32-row blocks, 3 stages and 8 warps never won)
-            for bm, bn, stages, a8, split in itertools.product((16, 64), (32, 64, 128), (4, 6), (False, True),
-                                                               (1, 2, 4, 8)):
-                if bm > max(16, triton.next_power_of_2(m)):
-                    continue            # blocks of padding rows
+            # BITS: W8A16's weights made bfloat16 by integer ops (engine_ab, twentieth session: c16 0.994)
+            for bm, bn, stages, a8, split, bits in itertools.product((16, 64), (32, 64, 128), (4, 6), (False, True),
+                                                                     (1, 2, 4, 8), (False, True)):
+                if bm > max(16, triton.next_power_of_2(m)) or (a8 and bits):
+                    continue            # blocks of padding rows; BITS is W8A16's
                 cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
-                       "num_stages": stages, **({"A8": True} if a8 else {}), **({"SPLIT_K": split} if split > 1 else {})}
+                       "num_stages": stages, **({"A8": True} if a8 else {}), **({"SPLIT_K": split} if split > 1 else {}),
+                       **({"BITS": True} if bits else {})}
                 try:
                     took = per_call_ms(lambda i: dense_fp8_gemm(x, *qs[i % copies], block, cfg))
                 except Exception as e:          # out of shared memory for the deepest tiles
