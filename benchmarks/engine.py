@@ -192,6 +192,23 @@ def end_increments(seq) -> list[float]:
     return out
 
 
+def idle_gaps(seq, steps: int, top: int = 10) -> str:
+    """Where the device idles (no kernel running, `seq` in start order), by the kernel whose end
+    began the idle time and the one that ended it: their sum a step, how often, the largest."""
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    latest, latest_name = None, None
+    for e in seq:
+        if latest is not None and e.time_range.start > latest:
+            by_pair.setdefault((latest_name, e.name), []).append(e.time_range.start - latest)
+        if latest is None or e.time_range.end > latest:
+            latest, latest_name = e.time_range.end, e.name
+    out = [f"idle time by the kernels around it, a step (top {top}):\n"]
+    for (a, b), got in sorted(by_pair.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        out.append(f"  {sum(got) / steps:9.1f} us  {len(got) / steps:6.1f} a step  max {max(got):7.1f} us  "
+                   f"{a[:45]} -> {b[:45]}\n")
+    return "".join(out)
+
+
 def kernel_timeline(kernels, steps: int, rows: int = 60, top: int = 15) -> str:
     """Where a step's GPU time goes between kernels: the span from first start to last end on one
     device, the kernels' busy time, and the idle gaps; what each kernel name's ends add to the span
@@ -215,12 +232,45 @@ def kernel_timeline(kernels, steps: int, rows: int = 60, top: int = 15) -> str:
     for name, got in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
         out.append(f"  {sum(got) / steps:9.1f} us  {len(got) / steps:6.1f} a step  {sum(got) / len(got):7.2f} us each  "
                    f"{name[:70]}\n")
+    out.append(idle_gaps(seq, steps, top))
     mid = len(seq) // 2
     t0 = seq[mid].time_range.start
     for e, gap, add in zip(seq[mid:mid + rows], gaps[mid - 1:mid - 1 + rows], adds[mid:mid + rows]):
         out.append(f"  {e.time_range.start - t0:9.1f} us  {e.time_range.elapsed_us():8.1f} us  gap {gap:6.1f}  "
                    f"ends +{add:6.1f}  {e.name[:70]}\n")
     return "".join(out)
+
+
+def replay_timing(engine: LLMEngine, prompts, replays: int = 50) -> dict:
+    """The decode step's GPU time alone: its CUDA graph (for this many sequences, decoding, their
+    inputs as the last step left them) replayed back to back, against the engine's whole step
+    (host scheduling, input copies, sampling, detokenizing) over the same tokens. Replays rewrite
+    each sequence's newest K/V slot with the same values; the requests are aborted after."""
+    graphs = engine.runner.graphs
+    if graphs is None or not graphs.fits(len(prompts)):
+        return {}
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    ids = start_decoding(engine, prompts, params, "replay", 8)
+    steps = []
+    for _ in range(16):
+        t = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - t)
+    graph = graphs.graphs[next(s for s in graphs.sizes if s >= len(prompts))][0]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    for rid in ids:
+        engine.abort(rid)
+    step_ms = float(np.median(steps)) * 1e3
+    replay_ms = start.elapsed_time(end) / replays
+    return {"concurrency": len(prompts), "engine_step_ms": step_ms, "graph_replay_ms": replay_ms,
+            "outside_graph_ms": step_ms - replay_ms}
 
 
 def profile_decode(engine: LLMEngine, prompts, out_dir: Path, steps: int = 8) -> None:
@@ -289,6 +339,8 @@ def main(argv=None):
                     help="also profile 8 decode steps at concurrency 1 and the largest: per-kernel GPU time, to "
                          "DIR/profile-*.txt")
     ap.add_argument("--profile-at", default="", help="with --profile: the concurrencies to profile instead, e.g. 16,64")
+    ap.add_argument("--replay-timing", action="store_true",
+                    help="also time each concurrency's decode graph replayed back to back against the engine's step")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="also profile one request from arrival to first token (ViT + prefill)")
     ap.add_argument("--compare-overlap", action="store_true",
@@ -375,6 +427,12 @@ def main(argv=None):
                              args.compare_prefill_graph, args.compare_vit_graph)
         # the rows are written before the profiles, which a caller's time limit may cut short
         report(args, settings, rows, ttft, weights_gib, ceil, load_s)
+        if args.replay_timing and args.tp == 1:
+            replay = [replay_timing(engine, prompts[:c]) for c, _ in levels]
+            replay = [r for r in replay if r]
+            if replay:
+                print_table(replay, list(replay[0]))
+                print(write_result("engine-replay", {**settings, "config": args.config}, replay, args.out))
         if args.profile_prefill:          # the largest --ttft-images request (one image without --ttft-repeats)
             n = max(int(x) for x in args.ttft_images.split(",")) if args.ttft_repeats > 0 else 1
             profile_prefill(engine, prompts[0] if n == 1 else make_prompt(processor, 2000, n), Path(args.out or RESULTS), n)

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.engine import end_increments, kernel_timeline
+from benchmarks.engine import end_increments, idle_gaps, kernel_timeline
 
 
 def kernel(name, start, end):
@@ -38,3 +38,17 @@ def test_end_increments_need_kernels_in_start_order(order):
     got = end_increments(sorted((ks[i] for i in order), key=lambda e: e.time_range.start))
     assert got == [4, 2, 3]
     assert end_increments([kernel("a", 0, 4), kernel("idle-then-b", 10, 12)]) == [4, 2]
+
+
+def test_idle_gaps_are_named_by_the_kernels_around_them():
+    # step: norm, then 3 us idle before gemv; attn overlaps merge, which ends first: the idle
+    # time before sample starts at attn's end (the latest), not merge's
+    steps = [[kernel("norm", t, t + 2), kernel("gemv", t + 5, t + 7), kernel("attn", t + 7, t + 16),
+              kernel("merge", t + 8, t + 10), kernel("sample", t + 20, t + 21)] for t in (0, 100)]
+    text = idle_gaps([k for step in steps for k in step], steps=2)
+    lines = text.splitlines()[1:]
+    # per step: attn -> sample 4 us, norm -> gemv 3, and sample -> norm (once, between the steps) 79 / 2
+    assert lines[0].split()[0] == "39.5" and lines[0].endswith("sample -> norm")
+    assert lines[1].split()[0] == "4.0" and lines[1].endswith("attn -> sample")
+    assert lines[2].split()[0] == "3.0" and lines[2].endswith("norm -> gemv")
+    assert len(lines) == 3
