@@ -149,6 +149,25 @@ def test_overlap_schedule_changes_no_output(tiny_moe, prompts, reference):
     assert plain_tokens <= tokens <= plain_tokens + 2 + preempt * 64
 
 
+def test_decode_ids_come_from_the_step_in_flight_without_a_gather(tiny_moe, prompts, reference):
+    """A decode step whose sequences are the step in flight's, in its order, takes its ids as the
+    first rows of that step's sampled ids (a view: nothing copied or gathered); once a sequence
+    has ended (other rows, or another order), the gather. The outputs are the reference's."""
+    engine = make_engine(tiny_moe)
+    runner, prepare, taken = engine.runner, engine.runner.prepare, []
+
+    def recording(batch, pending=None):
+        out = prepare(batch, pending)
+        if pending is not None:
+            taken.append("view" if out[0].data_ptr() == pending.data_ptr() else "gather")
+        return out
+    runner.prepare = recording
+    lengths = [5, 12, 8]
+    outs = engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths])
+    assert [o["output_token_ids"] for o in outs] == [r[:n] for r, n in zip(reference, lengths)]
+    assert "view" in taken and "gather" in taken
+
+
 def test_overlap_queues_the_next_step_before_reading_back(tiny_moe, prompts):
     engine = make_engine(tiny_moe)
     engine.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))

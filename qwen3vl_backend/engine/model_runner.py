@@ -461,11 +461,16 @@ class ModelRunner:
             for start, sel in mask_at:
                 mask[start : start + sel.shape[0]] = sel
             mask_t = device_tensor(mask, torch.bool, dev)
-        ids_t = device_tensor(ids, torch.long, dev)
-        if min(ids) < 0:                                    # ids sampled by the step still in flight
-            if pending is None:
-                raise RuntimeError("a placeholder token id without the step in flight that samples it")
-            ids_t = torch.where(ids_t < 0, pending[(-1 - ids_t).clamp_(min=0)], ids_t)
+        if min(ids) < 0 and pending is None:
+            raise RuntimeError("a placeholder token id without the step in flight that samples it")
+        if pending is not None and len(ids) <= pending.shape[0] and ids == list(range(-1, -1 - len(ids), -1)):
+            # a decode step after a decode step, the same sequences in the same order: its ids are
+            # the first rows of those the step in flight samples (no copy, no gather on the device)
+            ids_t = pending[: len(ids)]
+        else:
+            ids_t = device_tensor(ids, torch.long, dev)
+            if min(ids) < 0:                                # some ids sampled by the step still in flight
+                ids_t = torch.where(ids_t < 0, pending[(-1 - ids_t).clamp_(min=0)], ids_t)
         return ids_t, positions, meta, vis_embeds, mask_t, deepstack
 
     @staticmethod
