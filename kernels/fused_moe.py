@@ -312,16 +312,12 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                          USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False, PIPE: tl.constexpr = False):
+                         PREFETCH: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns.
     GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
     PREFETCH (with PDL): the down kernel after it may launch only once the kernel before this one
-    (the router's) has finished, so that down may read the routing before its own wait.
-    PIPE: each K step's loads are issued before the step before it is computed. Triton pipelines
-    only loads that feed a dot: this loop's are issued and waited for one step at a time whatever
-    num_stages says (the same sm_90 code at 1 and 3 stages), which on the H200 left one step of
-    each program in flight, ~23 KB an SM, and 2.1 TB/s (Nsight Compute, the 30B shapes alone)."""
+    (the router's) has finished, so that down may read the routing before its own wait."""
     if PREFETCH:
         gdc_wait(USE_PDL)
         gdc_launch(USE_PDL)
@@ -343,25 +339,12 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     s_gate = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     s_up = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
-    if PIPE:            # step 0's loads; each step below issues the next one's before its math
-        m = n_ok[:, None] & (offs_k < K)[None, :]
-        g_next = tl.load(gate_ptrs, mask=m, other=0.0)
-        u_next = tl.load(up_ptrs, mask=m, other=0.0)
-        x_next = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        if PIPE:
-            xk, g, u = x_next.to(tl.float32), g_next.to(tl.float32), u_next.to(tl.float32)
-            ahead = offs_k < K - (k + 1) * BLOCK_K          # all false past the last step: nothing read
-            m = n_ok[:, None] & ahead[None, :]
-            g_next = tl.load(gate_ptrs + BLOCK_K, mask=m, other=0.0)
-            u_next = tl.load(up_ptrs + BLOCK_K, mask=m, other=0.0)
-            x_next = tl.load(x_ptrs + BLOCK_K, mask=ahead, other=0.0)
-        else:
-            xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-            m = n_ok[:, None] & k_ok[None, :]
-            g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
+        xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        m = n_ok[:, None] & k_ok[None, :]
+        g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
         if HAS_SCALE and GROUP_SCALE:
             acc_g += g * block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
             acc_u += u * block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
@@ -605,7 +588,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), PREFETCH=prefetch,
-        PIPE=bool(cfg.get("PIPE")), **pdl(x))
+        **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](

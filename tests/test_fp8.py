@@ -694,30 +694,6 @@ def test_moe_pairs_prefetch_gives_the_same_bits(fp8, down_k, group_scale):
     assert _rel(early, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("h,block_k,group_scale", [(96, 32, False), (80, 32, True), (96, 128, True), (64, 64, False)])
-def test_moe_pairs_gate_up_loads_a_step_ahead_with_the_same_bits(fp8, h, block_k, group_scale):
-    """PIPE (gate_up issues each K step's loads before computing the step before): the same
-    bits as one step at a time, with three steps (hidden 96 in steps of 32), a part-masked last
-    step (80), one step wider than K (96 in 128) and one step exactly K (64), bf16-style and fp8
-    weights, GROUP_SCALE or not, and a pair on another rank (id E)."""
-    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
-
-    m, e, i, a, block = 3, 6, 64, 3, (32, 32)
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-    x = torch.randn(m, h, device=DEV)
-    w = torch.rand(m, a, device=DEV)
-    ids = torch.tensor([[0, 5, e], [4, 2, 1], [3, 1, 2]], dtype=torch.int32, device=DEV)
-    cfg = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 32,
-           "down_warps": 4, "GROUP_SCALE": group_scale}
-    weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
-    plain, piped = (fused_moe_pairs(x, weights[0], weights[1], w, ids, {**cfg, "PIPE": pipe}, weights[2], weights[3],
-                                    block) for pipe in (False, True))
-    torch.testing.assert_close(piped, plain, rtol=0, atol=0)
-    keep = ids < e
-    assert _rel(piped, fused_moe_reference(x, d13, d2, w * keep, torch.where(keep, ids, 0))) < KTOL
-
-
 @pytest.mark.parametrize("block_n,block", [(16, (32, 128)), (64, (32, 128)), (32, (16, 64))])
 def test_fp8_gemv_steps_across_scale_blocks(block_n, block):
     """A K step of 256 over narrower scale blocks (each column its own block's scale), and
