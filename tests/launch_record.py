@@ -1,10 +1,10 @@
 """Every distinct Triton kernel launch the interpreter runs in this test session, recorded so that
 tests/test_zz_sm90_compile.py can compile each for an H100/H200 (sm_90) at the session's end:
 the argument types (tensors' dtypes as pointer types, ints, floats), the constexpr values and the
-launch's num_warps / num_stages; a kernel taking USE_PDL or ASM also with them on, as the GPU
-launches it. The interpreter runs a kernel's Python, so what only the compiler refuses (a
-loop-carried variable changing type, a constexpr branch compiled past a return) passes every CPU
-test and fails on the GPU."""
+launch's num_warps / num_stages, and which arguments the launch specialized (`_specialized`); a
+kernel taking USE_PDL or ASM also with them on, as the GPU launches it. The interpreter runs a
+kernel's Python, so what only the compiler refuses (a loop-carried variable changing type, a
+constexpr branch compiled past a return) passes every CPU test and fails on the GPU."""
 
 from __future__ import annotations
 
@@ -37,14 +37,16 @@ def _arg_type(value) -> str | None:
     return "?"
 
 
-def _divisible_by_16(value) -> bool:
-    """What Triton's launch specializes on (with an int equal to 1, which it makes a constexpr):
-    tt.divisibility 16 for a tensor's address or an int (not a bool) that 16 divides. A compile
-    told both makes the GPU's code (a unit stride known, vector loads, the loops it pipelines,
-    its registers); without them, scalar loads and other register counts."""
+def _specialized(value) -> str | None:
+    """How Triton 3.6's launch specializes an argument: "aligned" (tt.divisibility 16: a tensor's
+    address or an int, not a bool, that 16 divides), "one" (an int equal to 1 becomes a
+    constexpr), else None. A compile told these makes the GPU's code (a unit stride known, vector
+    loads, the loops it pipelines, its registers); without them, scalar loads and other counts."""
     if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
-        return value.data_ptr() % 16 == 0
-    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+        return "aligned" if value.data_ptr() % 16 == 0 else None
+    if type(value) is not int:
+        return None
+    return "aligned" if value % 16 == 0 else "one" if value == 1 else None
 
 
 def _constant(value):
@@ -64,10 +66,9 @@ def record(fn, args: tuple, kwargs: dict) -> None:
             consts[name] = _constant(value)
         else:
             types[name] = kind
-            if _divisible_by_16(value):
-                aligned.append(name)
-            elif type(value) is int and value == 1:
-                ones.append(name)
+            spec = _specialized(value)
+            if spec is not None:
+                (aligned if spec == "aligned" else ones).append(name)
     rec = {"module": fn.__module__, "name": fn.__name__, "types": types, "consts": consts,
            "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
     into = _ONLY[-1] if _ONLY else RECORDS

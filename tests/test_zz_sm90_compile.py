@@ -33,8 +33,8 @@ def _compile_one(rec: dict) -> str | None:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(rec["module"]), rec["name"])
-    # as launched: the arguments a launch finds divisible by 16 told so (the GPU's code), where
-    # the record asks for it (the resource check: registers differ without it)
+    # as launched, where the record asks for the resource check (registers differ otherwise): the
+    # arguments the launch found divisible by 16 marked so, those equal to 1 made constants
     as_launched = "max_stack" in rec
     attrs = ({(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in rec.get("aligned", ())}
              if as_launched else None)
