@@ -190,14 +190,15 @@ def test_bits_dense_gemm_compiles_to_integer_conversion_ptx():
 
 def h200_table_launches() -> list[dict]:
     """The launches the H200's decode tables configure (kernels/configs: the fp8 GEMV, the skinny
-    GEMM and its split-K entries, the fp8 dense GEMM, the MoE pair kernels), made by the launch
+    GEMM and its split-K entries, the fp8 dense GEMM, the MoE pair kernels, the sorted MoE path's
+    decode batches), made by the launch
     functions themselves at the tables' shapes on the CPU with launch_record.only_recording: the
     kernel variants an H200 runs, which the CPU tests' small configs do not reach."""
     import torch
 
     import launch_record
     from kernels import fp8 as kfp8, linear, tables
-    from kernels.fused_moe import dense_fp8_gemm, fused_moe_pairs
+    from kernels.fused_moe import dense_fp8_gemm, fused_moe, fused_moe_pairs
 
     name, block = "NVIDIA_H200", (128, 128)
     configs = Path(tables.__file__).parent / "configs"
@@ -249,6 +250,19 @@ def h200_table_launches() -> list[dict]:
                 for prefetch in (False, True):
                     fused_moe_pairs(torch.empty(int(m), hidden, dtype=bf16), w13, w2, torch.ones(int(m), 8), ids, cfg,
                                     s13, s2, block, prefetch=prefetch)
+        # the sorted path's decode batches (its prefill entries are compiled by the kernel tests' shapes only)
+        for f in sorted(configs.glob(f"E=*,device={name}*.json")):
+            shape = dict(part.split("=") for part in f.name.split(",")[:3])
+            e, inter, hidden = int(shape["E"]), int(shape["N"]), int(shape["K"])
+            dt = f8 if "fp8_w8a8" in f.name else bf16
+            w13 = torch.empty(1, 2 * inter, hidden, dtype=dt).expand(e, -1, -1)
+            w2 = torch.empty(1, hidden, inter, dtype=dt).expand(e, -1, -1)
+            s13, s2 = ((scales(2 * inter, hidden).expand(e, -1, -1), scales(hidden, inter).expand(e, -1, -1))
+                       if dt == f8 else (None, None))
+            for m, cfg in json.loads(f.read_text()).items():
+                if m.isdigit() and isinstance(cfg, dict) and int(m) <= kfp8.DENSE_MAX_M:
+                    fused_moe(torch.empty(int(m), hidden, dtype=bf16), w13, w2, torch.ones(int(m), 8),
+                              torch.zeros(int(m), 8, dtype=torch.int32), cfg, s13, s2, block)
     # the launches an H200 runs are compiled as launched, and may not spill (max_stack); the GEMV's
     # entries the dense GEMM's shadow are only compiled
     return ([{**r, "max_stack": 0} for r in rec.records.values()]
