@@ -214,11 +214,18 @@ def raw_frame_fits(height: int, width: int, h: int, w: int) -> bool:
     return height * width <= r * h * w and height <= r * h and width <= r * w
 
 
+def _uint8_array(image) -> np.ndarray:
+    """A decoded image, PIL or uint8 array, as a writable uint8 array (torch.from_numpy's): the
+    decoder's own array where it is one, else a copy."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.flags.writeable:
+        return image
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
 def frame_pixels(image) -> torch.Tensor:
     """A decoded image, PIL or (H, W, 3) uint8 array -> its pixels (H*W, 3) uint8, row-major:
     what the vit model resizes itself (raw_frame_rows) when preprocess sends frames unresized."""
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.flags.writeable):
-        image = np.asarray(image, dtype=np.uint8).copy()
+    image = _uint8_array(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"an RGB frame (H, W, 3), not {image.shape}")
     return torch.from_numpy(image).view(-1, 3)
@@ -242,9 +249,7 @@ def process_image(image, cfg: VisionProcessingConfig, min_pixels: int | None = N
     (1, gh, gw); see normalize_patches. One image fills the temporal patch (the frame repeated).
     `repeat_frame=False`: the frame's rows once, (gh*gw, 768), half the bytes to move;
     `expand_image_rows` repeats them."""
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.flags.writeable):
-        image = np.asarray(image, dtype=np.uint8).copy()
-    arr = torch.from_numpy(image).permute(2, 0, 1)[None]
+    arr = torch.from_numpy(_uint8_array(image)).permute(2, 0, 1)[None]
     h, w = image_size_for(arr.shape[2], arr.shape[3], cfg, min_pixels, max_pixels)
     frame = _resize(arr, h, w)[0]
     if not repeat_frame:
