@@ -216,6 +216,18 @@ def h200_table_launches() -> list[dict]:
     def scales(n, k):
         return torch.ones(-(-n // block[0]), -(-k // block[1]))
 
+    def moe_shape(f: Path) -> tuple[int, int, int]:
+        shape = dict(part.split("=") for part in f.name.split(",")[:3])
+        return int(shape["E"]), int(shape["N"]), int(shape["K"])
+
+    def experts(e, inter, hidden, dt):
+        """(w13, w2, their scales or None), one expert's storage expanded to e."""
+        w13 = torch.empty(1, 2 * inter, hidden, dtype=dt).expand(e, -1, -1)
+        w2 = torch.empty(1, hidden, inter, dtype=dt).expand(e, -1, -1)
+        if dt != f8:
+            return w13, w2, None, None
+        return w13, w2, scales(2 * inter, hidden).expand(e, -1, -1), scales(hidden, inter).expand(e, -1, -1)
+
     dense = json.loads((configs / f"fp8_dense,device={name},block=128x128.json").read_text())
     shadowed: dict[str, dict] = {}
     with launch_record.only_recording() as rec:
@@ -231,20 +243,15 @@ def h200_table_launches() -> list[dict]:
         skinny = json.loads((configs / f"skinny_linear,device={name}.json").read_text())
         for n, k, m, cfg in entries(skinny):
             linear.skinny_linear(torch.empty(m, k, dtype=bf16), torch.empty(n, k, dtype=bf16), config=cfg)
-        dense = json.loads((configs / f"fp8_dense,device={name},block=128x128.json").read_text())
         for n, k, m, cfg in entries(dense):
             dense_fp8_gemm(torch.empty(m, k, dtype=bf16), torch.empty(n, k, dtype=f8), scales(n, k), block, cfg)
         pair_tables = [(128, 768, 2048, json.loads((configs / f"fp8_pairs,device={name},block=128x128.json").read_text()))]
         for f in configs.glob(f"E=*,device={name},dtype=fp8_w8a8,block=128x128.json"):
-            shape = dict(part.split("=") for part in f.name.split(",")[:3])
             table = json.loads(f.read_text()).get("pairs")
             if table:
-                pair_tables.append((int(shape["E"]), int(shape["N"]), int(shape["K"]), table))
+                pair_tables.append((*moe_shape(f), table))
         for e, inter, hidden, table in pair_tables:
-            w13 = torch.empty(1, 2 * inter, hidden, dtype=f8).expand(e, -1, -1)
-            w2 = torch.empty(1, hidden, inter, dtype=f8).expand(e, -1, -1)
-            s13 = scales(2 * inter, hidden).expand(e, -1, -1)
-            s2 = scales(hidden, inter).expand(e, -1, -1)
+            w13, w2, s13, s2 = experts(e, inter, hidden, f8)
             for m, cfg in table.items():
                 ids = torch.zeros(int(m), 8, dtype=torch.int32)
                 for prefetch in (False, True):
@@ -252,13 +259,8 @@ def h200_table_launches() -> list[dict]:
                                     s13, s2, block, prefetch=prefetch)
         # the sorted path's decode batches (its prefill entries are compiled by the kernel tests' shapes only)
         for f in sorted(configs.glob(f"E=*,device={name}*.json")):
-            shape = dict(part.split("=") for part in f.name.split(",")[:3])
-            e, inter, hidden = int(shape["E"]), int(shape["N"]), int(shape["K"])
-            dt = f8 if "fp8_w8a8" in f.name else bf16
-            w13 = torch.empty(1, 2 * inter, hidden, dtype=dt).expand(e, -1, -1)
-            w2 = torch.empty(1, hidden, inter, dtype=dt).expand(e, -1, -1)
-            s13, s2 = ((scales(2 * inter, hidden).expand(e, -1, -1), scales(hidden, inter).expand(e, -1, -1))
-                       if dt == f8 else (None, None))
+            e, inter, hidden = moe_shape(f)
+            w13, w2, s13, s2 = experts(e, inter, hidden, f8 if "fp8_w8a8" in f.name else bf16)
             for m, cfg in json.loads(f.read_text()).items():
                 if m.isdigit() and isinstance(cfg, dict) and int(m) <= kfp8.DENSE_MAX_M:
                     fused_moe(torch.empty(int(m), hidden, dtype=bf16), w13, w2, torch.ones(int(m), 8),
