@@ -182,6 +182,9 @@ class PreprocessConfig:
     # requests of images only send them unresized, for the vit to resize on its GPU (the launcher:
     # on where the vit runs on one, unless --resize-images-on-host)
     resize_on_vit: bool = False
+    # and JPEGs that the vit decodes to the same pixels on its GPU by nvJPEG (processing/jpeg_gpu.py)
+    # undecoded (the launcher: with resize_on_vit where nvJPEG loads, unless --decode-images-on-host)
+    decode_jpeg_on_vit: bool = False
 
     def __post_init__(self):
         if not self.model_path:

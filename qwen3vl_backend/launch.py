@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resize-images-on-host", action="store_true",
       help="resize images in preprocess, on the host's cores; by default, on a GPU, the vit resizes "
            "requests' images on its device (the same pixels: processing/resize.py)")
+    a("--decode-images-on-host", action="store_true",
+      help="decode JPEGs in preprocess, on the host's cores; by default, where the vit resizes images on a GPU and "
+           "nvJPEG loads, it decodes requests' baseline JPEGs there too (the same pixels: processing/jpeg_gpu.py)")
     a("--cuda-graph-max-bs", type=int, default=128, help="decode batches up to this size replay CUDA graphs (GPU)")
     a("--prefill-cuda-graph-max-tokens", type=int, default=4096,
       help="one new prompt of up to this many tokens (and --chunked-prefill-size) replays a prefill CUDA graph "
@@ -151,6 +154,7 @@ def resolve(args) -> dict:
     from .config import ConfigError, EngineConfig, PreprocessConfig, parse_bool
     from .processing.chat import RequestError
     from .processing.vision_inputs import VisionProcessingConfig, image_grid, parse_image_sizes
+    from .processing.jpeg_gpu import library_available
 
     gpus = _gpu_count()
     on_cpu = args.device == "cpu"          # tp ranks as CPU processes (gloo): tests and development
@@ -231,6 +235,7 @@ def resolve(args) -> dict:
     if args.max_request_body_mb <= 0:
         raise SystemExit("--max-request-body-mb must be positive")
     local = str(Path(args.allowed_local_media_path).resolve()) if args.allowed_local_media_path else ""
+    resize_on_vit = engine_cfg.device.startswith("cuda") and not args.resize_images_on_host
     pre = {"model_path": model_path, "max_model_len": str(args.max_model_len), "allowed_local_media_path": local,
            "allowed_media_domains": ",".join(args.allowed_media_domains or ()),
            "allow_private_media_urls": str(args.allow_private_media_urls).lower(),
@@ -238,7 +243,8 @@ def resolve(args) -> dict:
            "limit_mm_per_prompt": args.limit_mm_per_prompt,
            "mm_max_concurrent_calls": str(args.mm_max_concurrent_calls // instances),
            "mm_per_request_timeout": str(args.mm_per_request_timeout), "use_cuda_ipc_transport": ipc,
-           "resize_on_vit": str(engine_cfg.device.startswith("cuda") and not args.resize_images_on_host).lower()}
+           "resize_on_vit": str(resize_on_vit).lower(),
+           "decode_jpeg_on_vit": str(resize_on_vit and not args.decode_images_on_host and library_available()).lower()}
     try:
         PreprocessConfig.from_settings(pre)
     except ConfigError as e:

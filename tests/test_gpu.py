@@ -198,6 +198,54 @@ def test_images_resized_on_the_gpu_make_the_hosts_rows(height, width):
     assert got.is_cuda and torch.equal(got.cpu(), want)
 
 
+def _jpegs():
+    """Noisy and smooth JPEGs at each chroma subsampling nvJPEG's planes are taken for, odd sides,
+    two qualities, gray, and a 12 MP photo size."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for h, w in ((720, 1280), (719, 1279), (1088, 1920), (33, 47)):
+        yy, xx = np.mgrid[0:h, 0:w]
+        smooth = np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + yy) % 256], -1).astype(np.uint8)
+        for kind, arr in (("noise", rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), ("smooth", smooth)):
+            for sub in ("4:2:0", "4:2:2", "4:4:4"):
+                for q in (90, 75):
+                    buf = io.BytesIO()
+                    Image.fromarray(arr).save(buf, format="JPEG", quality=q, subsampling=sub)
+                    out[f"{kind} {w}x{h} {sub} q{q}"] = buf.getvalue()
+            buf = io.BytesIO()
+            Image.fromarray(arr[..., 1]).save(buf, format="JPEG")
+            out[f"{kind} {w}x{h} gray"] = buf.getvalue()
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (3024, 4032, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    out["noise 4032x3024 4:2:0 q90"] = buf.getvalue()
+    return out
+
+
+def test_nvjpeg_decodes_to_libjpeg_turbos_pixels():
+    """processing.jpeg_gpu on this GPU: nvJPEG's planes, libjpeg-turbo's upsampling and colour,
+    against the host's decode (decode_image_array: simplejpeg, PIL's pixels), bit for bit, for
+    every JPEG that preprocess would send it (media.gpu_jpeg_size)."""
+    from qwen3vl_backend.processing import jpeg_gpu
+    from qwen3vl_backend.processing.media import decode_image_array, gpu_jpeg_size
+
+    decoder = jpeg_gpu.nvjpeg()
+    if decoder is None:
+        pytest.skip("no nvJPEG library here")
+    device, jpegs = torch.device("cuda"), _jpegs()
+    for name, data in jpegs.items():
+        size = gpu_jpeg_size(data, 1 << 24)
+        assert size is not None, name
+        got = jpeg_gpu.decode_frame(data, *size, device)
+        assert got.is_cuda and torch.equal(got.cpu(), torch.from_numpy(decode_image_array(data, 1 << 24)).view(-1, 3)), name
+    with pytest.raises(ValueError, match="source size"):          # its header read first: nothing allocated
+        decoder.decode_rgb(jpegs["noise 1280x720 4:2:0 q90"], device, 720, 1279)
+
+
 # -- ViT CUDA graphs -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["one_image", "two_images", "video"])
 def test_vit_cuda_graphs_equal_eager(tiny_moe, request, case):

@@ -334,3 +334,27 @@ def test_images_are_resized_on_the_vits_gpu_unless_asked_otherwise(tiny_moe, mon
     monkeypatch.setattr(launch, "_check_weights_fit", lambda path, cfg: 0)
     assert settings("--device", "cuda")["resize_on_vit"] == settings()["resize_on_vit"] == "true"   # auto: cuda
     assert settings("--device", "cuda", "--resize-images-on-host")["resize_on_vit"] == "false"
+
+
+def test_jpegs_are_decoded_on_the_vits_gpu_where_nvjpeg_loads(tiny_moe, monkeypatch):
+    """resolve(): preprocess sends baseline JPEGs undecoded (decode_jpeg_on_vit) where the vit
+    resizes images on a GPU and an nvJPEG library loads; not on a CPU, not without the library,
+    not with --decode-images-on-host or --resize-images-on-host. The GPU is pretended."""
+    import torch
+
+    from qwen3vl_backend import launch
+    from qwen3vl_backend.processing import jpeg_gpu
+
+    def settings(*flags):
+        return launch.resolve(build_parser().parse_args(["--model-path", str(tiny_moe), *flags]))["preprocess"]
+    assert settings("--device", "cpu")["decode_jpeg_on_vit"] == "false"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(launch, "_gpu_count", lambda: 1)
+    monkeypatch.setattr(launch, "_check_weights_fit", lambda path, cfg: 0)
+    for loads in (True, False):
+        monkeypatch.setattr(jpeg_gpu, "library_available", lambda: loads)
+        assert settings("--device", "cuda")["decode_jpeg_on_vit"] == str(loads).lower()
+    monkeypatch.setattr(jpeg_gpu, "library_available", lambda: True)
+    assert settings("--device", "cuda", "--decode-images-on-host")["decode_jpeg_on_vit"] == "false"
+    assert settings("--device", "cuda", "--resize-images-on-host")["decode_jpeg_on_vit"] == "false"

@@ -85,7 +85,8 @@ def server(tiny_moe, media_dir, tmp_path_factory):
         # the test's media server is on loopback: this server opts in to private addresses
         "preprocess": {"model_path": str(tiny_moe), "media_fetch_timeout_s": "10", "allow_private_media_urls": "true",
                        "max_model_len": str(MAX_MODEL_LEN), "mm_per_request_timeout": str(MEDIA_TIMEOUT_S),
-                       "mm_max_concurrent_calls": "4", "resize_on_vit": "true"},     # images reach the vit unresized
+                       "mm_max_concurrent_calls": "4", "resize_on_vit": "true",     # images reach the vit unresized,
+                       "decode_jpeg_on_vit": "true"},        # JPEGs undecoded (the vit decodes them on its host)
         "vit": {**common, "vlm_cache_size_mb": "64"},
         "llm": {**common, "max_model_len": str(MAX_MODEL_LEN), "max_num_seqs": "16"},
     })

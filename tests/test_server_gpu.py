@@ -23,6 +23,9 @@ pytestmark = [pytest.mark.server, pytest.mark.skipif(not torch.cuda.is_available
 MESSAGES = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(w, h, s)))}},
                                           {"type": "text", "text": "Describe it."}]}]
             for w, h, s in ((200, 150, 51), (96, 300, 52), (333, 257, 53))]
+# and a JPEG, which the device path sends undecoded for nvJPEG (decode_jpeg_on_vit): no pixels travel
+JPEG = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(
+    image_bytes(make_image(640, 480, 54), "JPEG"), "image/jpeg")}}, {"type": "text", "text": "Describe it."}]}]
 
 
 def _serve(tiny_moe, root, on_device: bool) -> Server:
@@ -30,7 +33,7 @@ def _serve(tiny_moe, root, on_device: bool) -> Server:
     repo = write_repository(root / "repo", {
         # the device path also sends images unresized, for the vit to resize on the GPU
         "preprocess": {"model_path": str(tiny_moe), "use_cuda_ipc_transport": "1" if on_device else "0",
-                       "resize_on_vit": str(on_device).lower()},
+                       "resize_on_vit": str(on_device).lower(), "decode_jpeg_on_vit": str(on_device).lower()},
         "vit": {**gpu, "vlm_cache_size_mb": "0", "keep_mm_feature_on_device": str(on_device).lower()},
         "llm": {**gpu, "max_model_len": "2048", "num_kv_blocks": "512"},
     })
@@ -39,7 +42,7 @@ def _serve(tiny_moe, root, on_device: bool) -> Server:
 
 def _answers_and_counters(srv: Server):
     answers = []
-    for messages in MESSAGES:
+    for messages in [*MESSAGES, JPEG]:
         r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120,
                        json={"model": "tiny-moe", "messages": messages, "temperature": 0, "max_tokens": 16})
         assert r.status_code == 200, r.text
@@ -61,7 +64,9 @@ def test_device_transport_gives_the_host_paths_answers(tiny_moe, tmp_path):
             srv.stop()
     (host_answers, host_counts), (dev_answers, dev_counts) = results[False], results[True]
     assert dev_answers == host_answers
-    n = len(MESSAGES)
+    n = len(MESSAGES) + 1
     for fam in ("qwen3vl_vit_pixels_total", "qwen3vl_llm_visual_features_total"):
         assert host_counts[(fam, "host")] == n and host_counts[(fam, "gpu")] == 0
-        assert dev_counts[(fam, "gpu")] == n and dev_counts[(fam, "host")] == 0
+        # the JPEG's pixels are made on the vit's GPU: none arrive there
+        sent = n - 1 if fam == "qwen3vl_vit_pixels_total" else n
+        assert dev_counts[(fam, "gpu")] == sent and dev_counts[(fam, "host")] == 0

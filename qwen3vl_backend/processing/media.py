@@ -410,6 +410,53 @@ def decode_image_array(data: bytes, max_pixels: int = MediaPolicy.max_image_pixe
     return np.asarray(decode_image(data, max_pixels), dtype=np.uint8).copy()
 
 
+# start-of-frame markers: the frame's coding (baseline C0, extended sequential C1, progressive C2, ...)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int] | None:
+    """(start-of-frame marker, sample precision) of a JPEG, from its marker segments before the
+    first scan; None where they do not parse that far."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:                          # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:   # no length
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _JPEG_SOF:
+            return (marker, data[pos + 4]) if length >= 8 and pos + 5 <= n else None
+        if length < 2 or marker in (0xDA, 0xD9):      # a scan or the end before any frame
+            return None
+        pos += 2 + length
+    return None
+
+
+def gpu_jpeg_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that jpeg_gpu decodes to decode_image_array's pixels, from its
+    header alone; None for any other image (the host decodes it). Those are sequential 8-bit
+    JPEGs (baseline or extended: progressive ones come out of nvJPEG a few levels off, measured)
+    in YCbCr at 4:4:4, 4:2:2 or 4:2:0, or grayscale, that end in their end-of-image marker (a
+    truncated one is the host's to refuse). MediaError past `max_pixels`, as the host's decode."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
+        return None
+    try:
+        h, w, space, subsampling = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    from .jpeg_gpu import gpu_jpeg_supported
+
+    if not gpu_jpeg_supported(h, w, space, subsampling) or jpeg_frame(data) not in ((0xC0, 8), (0xC1, 8)):
+        return None
+    check_pixels(w, h, max_pixels)
+    return h, w
+
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MAX_CHUNKS = 16384       # past this many, PIL's path: the walk is Python, a chunk at a time
 # work beside an item's decode (hashlib and zlib let go of the GIL): the PNG chunk walk that

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .chat import MediaRef, RequestError, load_chat_template, render_chat
-from .media import BESIDE_DECODE, TRUSTED, Cancel, MediaPolicy, decode_image_array, decode_video, fetch_bytes
+from .media import (BESIDE_DECODE, TRUSTED, Cancel, MediaPolicy, decode_image_array, decode_video, fetch_bytes,
+                    gpu_jpeg_size)
 from .positions import IMAGE, TEXT, VIDEO, mrope_positions
 from .tokenizer import Tokenizer
 from .vision_inputs import (VisionProcessingConfig, frame_pixels, image_size_for, normalize_patches, process_image,
@@ -37,6 +38,8 @@ class MediaItem:
     timing: dict = field(default_factory=dict)     # ms: fetch, decode, process (stage timing logs)
     # (H, W) of an image sent unresized (load_media's raw_frame): pixel_values are its (H*W, 3) pixels
     source_size: tuple[int, int] | None = None
+    # a JPEG sent undecoded (load_media's encoded_frame): its bytes; pixel_values are then (0, 3)
+    encoded: bytes | None = None
 
 
 @dataclass
@@ -59,12 +62,15 @@ class Processor:
 
     # -- media ---------------------------------------------------------------------------------
     def load_media(self, ref: MediaRef, policy: MediaPolicy = TRUSTED, normalize: bool = True,
-                   cancel: Cancel | None = None, single_frame: bool = False, raw_frame: bool = False) -> MediaItem:
+                   cancel: Cancel | None = None, single_frame: bool = False, raw_frame: bool = False,
+                   encoded_frame: bool = False) -> MediaItem:
         """Fetch, decode and process one item; `normalize=False` keeps uint8 patches (for transport);
         `single_frame`: an image's rows hold its frame once (vision_inputs.expand_image_rows).
         `raw_frame` (with single_frame, normalize=False): an image within vision_inputs.raw_frame_fits
         of its resize comes unresized, its pixels (H*W, 3) and `source_size` (H, W), for the vit
-        to resize on its GPU (vision_inputs.raw_frame_rows)."""
+        to resize on its GPU (vision_inputs.raw_frame_rows). `encoded_frame` (with raw_frame): a JPEG
+        that media.gpu_jpeg_size admits comes undecoded, its bytes in `encoded`, for the vit to
+        decode on its GPU (jpeg_gpu.decode_frame)."""
         t0 = time.perf_counter()
         data = fetch_bytes(ref.source, policy, cancel)
         digest = BESIDE_DECODE.submit(lambda: hashlib.sha256(data).digest())     # hashed while it decodes
@@ -72,13 +78,23 @@ class Processor:
         opts = ref.options
         stamps: list[float] = []
         source = None
+        encoded = None
         if ref.kind == "image":
             lo, hi = self._pixel_bounds(opts, self.cfg.image_min_pixels, self.cfg.image_max_pixels)
-            image = decode_image_array(data, policy.max_image_pixels)
+            raw = raw_frame and single_frame and not normalize
+            size = gpu_jpeg_size(data, policy.max_image_pixels) if raw and encoded_frame else None
+            if size is not None and raw_frame_fits(*size, *image_size_for(*size, self.cfg, lo, hi)):
+                image, encoded = None, data
+                height, width = size
+            else:
+                image = decode_image_array(data, policy.max_image_pixels)
+                height, width = image.shape[:2]
             t2 = time.perf_counter()
-            height, width = image.shape[:2]
             h, w = image_size_for(height, width, self.cfg, lo, hi)
-            if raw_frame and single_frame and not normalize and raw_frame_fits(height, width, h, w):
+            if encoded is not None:
+                patches, source = torch.empty(0, 3, dtype=torch.uint8), (height, width)
+                grid = (1, h // self.cfg.patch_size, w // self.cfg.patch_size)
+            elif raw and raw_frame_fits(height, width, h, w):
                 patches, source = frame_pixels(image), (height, width)
                 grid = (1, h // self.cfg.patch_size, w // self.cfg.patch_size)
             else:
@@ -93,7 +109,7 @@ class Processor:
         # an image's pixels follow from its bytes and grid; a video's frames also from the sampling asked
         frames = {} if ref.kind == "image" else {k: opts.get(k) for k in ("fps", "max_frames")}
         item = MediaItem(ref.kind, pixels, grid, _hash(digest.result(), grid, frames), self._num_tokens(grid), stamps,
-                         source_size=source)
+                         source_size=source, encoded=encoded)
         t3 = time.perf_counter()
         item.timing = {"fetch": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3, "process": (t3 - t2) * 1e3}
         return item
@@ -122,10 +138,10 @@ class Processor:
         return self.build_prompt(text, self.load_all(refs, policy, run_jobs, normalize))
 
     def media_jobs(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, normalize: bool = True,
-                   single_frame: bool = False, raw_frame: bool = False) -> list:
+                   single_frame: bool = False, raw_frame: bool = False, encoded_frame: bool = False) -> list:
         """One `job(cancel) -> MediaItem` per reference, for a pool to run."""
-        return [functools.partial(self.load_media, r, policy, normalize, single_frame=single_frame, raw_frame=raw_frame)
-                for r in refs]
+        return [functools.partial(self.load_media, r, policy, normalize, single_frame=single_frame, raw_frame=raw_frame,
+                                  encoded_frame=encoded_frame) for r in refs]
 
     def load_all(self, refs: list[MediaRef], policy: MediaPolicy = TRUSTED, run_jobs=None,
                  normalize: bool = True) -> list[MediaItem]:

@@ -278,21 +278,31 @@ def check_pixel_rows(shape: tuple[int, ...], grids, cfg: VisionProcessingConfig)
 
 
 def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessingConfig,
-                       device: torch.device | None = None) -> torch.Tensor:
+                       device: torch.device | None = None, encoded: tuple | None = None) -> torch.Tensor:
     """What the vit model takes when preprocess sends images unresized: their pixels (sum H*W, 3)
     uint8, each image's (H, W) in `sizes` and its grid (1, gh, gw) -> the single-frame rows
     (sum gh*gw, C*P*P) that check_pixel_rows admits, on `device` (one copy there first). ValueError
     (the caller's mistake) for sizes or grids that do not describe the pixels, a grid past the
     server's max_pixels (its patches would cost the ViT what the bytes sent do not), or a frame
     past raw_frame_fits (a 4000 x 1 frame for a 32 x 4096 grid would be 4000 x 4096 after its
-    width pass)."""
+    width pass). `encoded`: (the JPEGs' bytes (B,) uint8, each item's byte count (M,)): an item
+    with a count came as a JPEG (media.gpu_jpeg_size), decoded here (jpeg_gpu.decode_frame: by
+    nvJPEG on a GPU), and has no pixels in `pixels`; ValueError for counts that do not add up
+    to the bytes, or a JPEG that is not of its source size or does not decode."""
     if len(sizes) != len(grids):
         raise ValueError(f"source_sizes has {len(sizes)} rows for {len(grids)} grids")
+    lengths = [0] * len(sizes)
+    if encoded is not None and len(encoded[1]):
+        data, lengths = encoded[0], [int(n) for n in encoded[1]]
+        if len(lengths) != len(sizes) or min(lengths) < 0 or sum(lengths) != len(data):
+            raise ValueError(f"jpeg_lengths {lengths[:8]} do not describe {len(data)} bytes of JPEGs for "
+                             f"{len(sizes)} images")
+        data = bytes(data.cpu().numpy() if isinstance(data, torch.Tensor) else memoryview(data))
     if pixels.dim() != 2 or pixels.shape[1] != 3:
         raise ValueError(f"unresized pixels come as (pixels, 3), not {tuple(pixels.shape)}")
     m, p = cfg.merge_size, cfg.patch_size
-    total = 0
-    for (height, width), g in zip(sizes, grids):
+    total, checked = 0, []
+    for i, ((height, width), g) in enumerate(zip(sizes, grids)):
         if len(g) != 3 or int(g[0]) != 1 or min(g) < 1 or g[1] % m or g[2] % m:
             raise ValueError(f"grid_thw {tuple(int(x) for x in g)}: an unresized image's grid is (1, h, w), "
                              f"h and w positive multiples of {m}")
@@ -304,15 +314,22 @@ def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessing
         if not raw_frame_fits(int(height), int(width), int(g[1]) * p, int(g[2]) * p):
             raise ValueError(f"source size {(int(height), int(width))}: more than {RAW_FRAME_MAX_RATIO}x its grid "
                              f"{tuple(int(x) for x in g)}'s pixels or sides (resize it first)")
-        total += int(height) * int(width)
+        total += 0 if lengths[i] else int(height) * int(width)
+        checked.append((int(height), int(width)))
     if total != pixels.shape[0]:
         raise ValueError(f"pixel_values has {pixels.shape[0]} pixels; source_sizes describe {total}")
     pixels = pixels.to(device) if device is not None else pixels
-    rows, start = [], 0
-    for (height, width), g in zip(sizes, grids):
-        n = int(height) * int(width)
-        rows.append(raw_frame_rows(pixels[start:start + n], (int(height), int(width)), tuple(int(x) for x in g), cfg))
-        start += n
+    rows, start, at = [], 0, 0
+    for (height, width), g, length in zip(checked, grids, lengths):
+        if length:
+            from .jpeg_gpu import decode_frame
+
+            frame = decode_frame(data[at:at + length], height, width, device or pixels.device)
+            at += length
+        else:
+            frame = pixels[start:start + height * width]
+            start += height * width
+        rows.append(raw_frame_rows(frame, (height, width), tuple(int(x) for x in g), cfg))
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 

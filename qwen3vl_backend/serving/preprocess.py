@@ -23,9 +23,9 @@ import torch
 
 from ..errors import RequestError, check_prompt_length
 from ..processing.chat import MEDIA_INPUT, MediaRef
-from ..processing.media import Cancel, MediaPolicy
+from ..processing.media import Cancel, MediaPolicy, decode_image_array
 from ..processing.processor import IMAGE_PAD, VISION_END, VISION_START, MediaItem, Processor
-from ..processing.vision_inputs import raw_frame_rows
+from ..processing.vision_inputs import frame_pixels, raw_frame_rows
 from ..sampling_params import SAMPLING_FIELDS, SamplingParams
 from . import json_body
 from .media_pool import MediaPool
@@ -60,11 +60,13 @@ def parse_json_object(raw: str, what: str) -> dict:
 
 class Preprocessor:
     def __init__(self, processor: Processor, policy: MediaPolicy, pool: MediaPool,
-                 limits: PreprocessLimits = PreprocessLimits(), raw_frames: bool = False):
+                 limits: PreprocessLimits = PreprocessLimits(), raw_frames: bool = False,
+                 encoded_frames: bool = False):
         """`raw_frames`: a request of images only sends them unresized (the vit resizes them on its
-        GPU; `_finish`)."""
+        GPU; `_finish`). `encoded_frames` (with raw_frames): and the JPEGs that the vit decodes to
+        the same pixels on its GPU (media.gpu_jpeg_size) undecoded."""
         self.processor, self.policy, self.pool, self.limits = processor, policy, pool, limits
-        self.raw_frames = raw_frames
+        self.raw_frames, self.encoded_frames = raw_frames, encoded_frames
 
     def run(self, text_input: str, images: list[str] = (), sampling_json: str = "", cancel: Cancel | None = None,
             timing: dict | None = None, media: list[str] = ()) -> dict:
@@ -84,7 +86,8 @@ class Preprocessor:
             single = all(r.kind == "image" for r in parsed.refs)
             media = self.pool.run_all(self.processor.media_jobs(parsed.refs, self.policy, normalize=False,
                                                                 single_frame=single,
-                                                                raw_frame=single and self.raw_frames), cancel)
+                                                                raw_frame=single and self.raw_frames,
+                                                                encoded_frame=self.encoded_frames), cancel)
         t2 = time.perf_counter()
         arrays = self._finish(parsed, media)
         if timing is not None:
@@ -133,13 +136,17 @@ class Preprocessor:
         every item is an image), grid_thw (M, 3), media_hashes (M,), the merged, validated
         sampling_parameters JSON, and source_sizes: (M, 2) when every item came unresized
         (raw_frames), each image's (H, W), and pixel_values their pixels (sum H*W, 3) for the vit to
-        resize; (0, 2) otherwise. Some items unresized and some not: those are resized here."""
+        resize; (0, 2) otherwise. Some items unresized and some not: those are resized here.
+        jpeg_bytes (B,) uint8 and jpeg_lengths (M,): with source_sizes, the items that came as
+        JPEGs (encoded_frames) have their bytes there, in order, and no pixels in pixel_values
+        (the others' counts are 0); (0,) and (0,) otherwise, such items decoded and resized here."""
         prompt = self.processor.build_prompt(parsed.text, media)
         check_prompt_length(len(prompt.prompt_ids), self.limits.max_model_len)    # before the ViT
         cfg = self.processor.cfg
         raw = bool(prompt.media) and all(m.source_size for m in prompt.media)
         pixels = [m.pixel_values if raw or not m.source_size else
-                  raw_frame_rows(m.pixel_values, m.source_size, m.grid_thw, cfg) for m in prompt.media]
+                  raw_frame_rows(_host_pixels(m), m.source_size, m.grid_thw, cfg) for m in prompt.media]
+        encoded = [m.encoded or b"" for m in prompt.media] if raw and any(m.encoded for m in prompt.media) else []
         width = 3 if raw else cfg.patch_width
         return {
             "input_ids": np.asarray(prompt.prompt_ids, dtype=np.int64),
@@ -153,7 +160,16 @@ class Preprocessor:
             "sampling_parameters": np.asarray([json.dumps(_params_dict(parsed.params, parsed.raw_sampling)).encode()],
                                               dtype=np.object_),
             "source_sizes": np.asarray([m.source_size for m in prompt.media] if raw else [], dtype=np.int64).reshape(-1, 2),
+            "jpeg_bytes": np.frombuffer(bytearray().join(encoded), dtype=np.uint8),
+            "jpeg_lengths": np.asarray([len(e) for e in encoded], dtype=np.int64),
         }
+
+
+def _host_pixels(item: MediaItem) -> torch.Tensor:
+    """An unresized item's (H*W, 3) pixels, decoding here one that came as a JPEG."""
+    if item.encoded is None:
+        return item.pixel_values
+    return frame_pixels(decode_image_array(item.encoded, item.source_size[0] * item.source_size[1]))
 
 
 def _resolve_media_inputs(refs: list[MediaRef], media: list[str]) -> list[MediaRef]:

@@ -32,7 +32,8 @@ from qwen3vl_backend.serving.stage_timing import STAGE_TIMING, stage_line
 
 OUTPUTS = {"input_ids": "input_ids", "positions": "positions", "rope_delta": "rope_delta",
            "pixel_values": "pixel_values", "grid_thw": "grid_thw", "media_hashes": "media_hashes",
-           "sampling_parameters": "sampling_parameters_out", "source_sizes": "source_sizes"}
+           "sampling_parameters": "sampling_parameters_out", "source_sizes": "source_sizes",
+           "jpeg_bytes": "jpeg_bytes", "jpeg_lengths": "jpeg_lengths"}
 
 
 class TritonPythonModel:
@@ -50,7 +51,7 @@ class TritonPythonModel:
         self.ipc = cfg.use_cuda_ipc_transport and torch.cuda.is_available()
         pool = MediaPool(cfg.mm_max_concurrent_calls, cfg.mm_per_request_timeout)
         self.pre = Preprocessor(Processor(cfg.model_path), cfg.media_policy(), pool, cfg.limits(),
-                                raw_frames=cfg.resize_on_vit)
+                                raw_frames=cfg.resize_on_vit, encoded_frames=cfg.resize_on_vit and cfg.decode_jpeg_on_vit)
         decoder = video_backend()
         pb_utils.Logger.log_info(f"preprocess: video decoder {decoder}" if decoder else
                                  "preprocess: no video decoder (install decord or PyAV): video requests are refused")

@@ -109,6 +109,10 @@ class TritonPythonModel:
             warm_exact_grids(self.replicas, self.warm_grids, frame)
         for (w, h), grid in zip(self.warm_sizes, self.warm_grids):      # their resize's taps, made once
             raw_frames_to_rows(torch.zeros(w * h, 3, dtype=torch.uint8), [(h, w)], [grid], self.pixel_cfg, self.device)
+            # and the JPEG decoder (nvJPEG's library, handle and buffers) as a JPEG sent undecoded meets it
+            jpeg = _jpeg_of(w, h)
+            raw_frames_to_rows(torch.zeros(0, 3, dtype=torch.uint8), [(h, w)], [grid], self.pixel_cfg, self.device,
+                               (np.frombuffer(jpeg, np.uint8), [len(jpeg)]))
         torch.cuda.synchronize(self.device)
 
     def _paths(self) -> str:
@@ -158,8 +162,12 @@ class TritonPythonModel:
         grids = as_torch(pb_utils.get_input_tensor_by_name(request, "grid_thw")).cpu().numpy().reshape(-1, 3)
         sizes = pb_utils.get_input_tensor_by_name(request, "source_sizes")
         sizes = np.zeros((0, 2), np.int64) if sizes is None else as_torch(sizes).cpu().numpy().reshape(-1, 2)
-        if len(sizes):      # images sent unresized: resized here, on this model's device
-            pixels = raw_frames_to_rows(pixels, sizes, grids, self.pixel_cfg, self.device)
+        if len(sizes):      # images sent unresized (JPEGs among them undecoded): decoded, resized here, on this model's device
+            jpegs, lengths = (pb_utils.get_input_tensor_by_name(request, k) for k in ("jpeg_bytes", "jpeg_lengths"))
+            encoded = None if lengths is None else (
+                np.empty(0, np.uint8) if jpegs is None else as_torch(jpegs).cpu().numpy().reshape(-1),
+                as_torch(lengths).cpu().numpy().reshape(-1))
+            pixels = raw_frames_to_rows(pixels, sizes, grids, self.pixel_cfg, self.device, encoded)
         check_pixel_rows(tuple(pixels.shape), grids, self.pixel_cfg)
         if grids.shape[0] == 0:
             embeds = np.zeros((0, self.out_dim), np.float32)
@@ -191,3 +199,13 @@ class TritonPythonModel:
             embeds, deepstack = embeds.cpu().numpy(), deepstack.cpu().numpy()
         return pb_utils.InferenceResponse([pb_utils.Tensor("visual_embeds", embeds),
                                            pb_utils.Tensor("deepstack", deepstack)])
+
+
+def _jpeg_of(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 200)).save(buf, format="JPEG")
+    return buf.getvalue()

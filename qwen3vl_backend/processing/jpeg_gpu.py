@@ -1,0 +1,280 @@
+"""JPEGs decoded on the GPU by nvJPEG, to libjpeg-turbo's RGB (PIL's, simplejpeg's) bit for bit.
+
+nvJPEG's own RGB upsamples subsampled chroma its own way: on an H200, 96% of a noisy 4:2:0
+1280x720 JPEG's pixels differed from libjpeg-turbo's, by up to 103. Its 4:4:4 RGB equalled
+libjpeg-turbo's everywhere: the same integer IDCT and colour tables. So nvJPEG decodes each
+component at its own resolution (NVJPEG_OUTPUT_YUV), and the rest is libjpeg-turbo's own
+arithmetic written as integer tensor ops: its "fancy" (triangle) chroma upsampling, the decoder's
+default that PIL and simplejpeg keep (jdsample.c: h2v1_fancy_upsample, h2v2_fancy_upsample, the
+image's edge rows and columns repeated), and its YCbCr -> RGB tables (jdcolor.c). On the CPU the
+same functions run on planes from any source, which is how the tests check them against
+libjpeg-turbo without a GPU.
+
+`gpu_jpeg_supported(header)` says which JPEGs take this path: YCbCr at 4:4:4, 4:2:2 or 4:2:0, or
+grayscale, each side at least MIN_SIDE. Everything else stays on the host decoder.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import glob
+import os
+import threading
+
+import numpy as np
+import torch
+
+MIN_SIDE = 16       # libjpeg upsamples a chroma row of 2 or fewer samples differently (no fancy path)
+# simplejpeg.decode_jpeg_header's subsampling -> (horizontal, vertical) chroma factors
+SUBSAMPLING = {"444": (1, 1), "422": (2, 1), "420": (2, 2), "Gray": None}
+
+# jdcolor.c's build_ycc_rgb_table: 16-bit fixed point, FIX(x) = (x * 2^16 + 0.5) truncated
+_SCALEBITS = 16
+_HALF = 1 << (_SCALEBITS - 1)
+
+
+def _fix(x: float) -> int:
+    return int(x * (1 << _SCALEBITS) + 0.5)
+
+
+@functools.lru_cache(maxsize=8)
+def _ycc_tables(device: torch.device) -> torch.Tensor:
+    """(4, 256) int32 on `device`: Cr->R, Cb->B, Cr->G (scaled), Cb->G (scaled, plus one half)."""
+    x = np.arange(256, dtype=np.int64) - 128
+    tables = np.stack([(_fix(1.40200) * x + _HALF) >> _SCALEBITS, (_fix(1.77200) * x + _HALF) >> _SCALEBITS,
+                       -_fix(0.71414) * x, -_fix(0.34414) * x + _HALF])
+    return torch.from_numpy(tables.astype(np.int32)).to(device)
+
+
+def ycc_to_rgb(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+    """Full-resolution uint8 planes (H, W) -> (H, W, 3) uint8, as libjpeg's ycc_rgb_convert:
+    R = y + Cr_r[cr], G = y + ((Cb_g[cb] + Cr_g[cr]) >> 16), B = y + Cb_b[cb], each clamped."""
+    t = _ycc_tables(y.device)
+    yi, cbi, cri = y.int(), cb.long(), cr.long()
+    r = yi + t[0][cri]
+    g = yi + ((t[3][cbi] + t[2][cri]) >> _SCALEBITS)
+    b = yi + t[1][cbi]
+    return torch.stack([r, g, b], dim=-1).clamp_(0, 255).to(torch.uint8)
+
+
+def _neighbours(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's samples before and after each along `dim`, the edge sample repeated past each end."""
+    n = x.shape[dim]
+    before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+    after = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+    return before, after
+
+
+def _interleave(even: torch.Tensor, odd: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.stack([even, odd], dim=dim + 1).flatten(dim, dim + 1)
+
+
+def upsample_h2v1(x: torch.Tensor) -> torch.Tensor:
+    """A chroma plane (h, w) -> (h, 2w), h2v1_fancy_upsample: 3/4 of the nearer sample and 1/4 of
+    the further, rounded down then up ((3a + b + 1) >> 2, (3a + c + 2) >> 2)."""
+    xi = x.int()
+    left, right = _neighbours(xi, 1)
+    return _interleave((3 * xi + left + 1) >> 2, (3 * xi + right + 2) >> 2, 1).to(torch.uint8)
+
+
+def upsample_h2v2(x: torch.Tensor) -> torch.Tensor:
+    """A chroma plane (h, w) -> (2h, 2w), h2v2_fancy_upsample: each output row sums 3x its nearest
+    input row and 1x the next nearest (above for the upper, below for the lower), then across the
+    columns (3 * this + the neighbour's sum + 8 or 7) >> 4: weights 9, 3, 3, 1 over 16."""
+    xi = x.int()
+    above, below = _neighbours(xi, 0)
+    rows = []
+    for colsum in (3 * xi + above, 3 * xi + below):
+        left, right = _neighbours(colsum, 1)
+        rows.append(_interleave((3 * colsum + left + 8) >> 4, (3 * colsum + right + 7) >> 4, 1))
+    return _interleave(rows[0], rows[1], 0).to(torch.uint8)
+
+
+def planes_to_rgb(planes: list[torch.Tensor], subsampling: str, height: int, width: int) -> torch.Tensor:
+    """Decoded components (Y full size; Cb and Cr at their subsampled size, ceil of each side over
+    the factor, or larger: cropped) -> (height, width, 3) uint8, libjpeg-turbo's RGB."""
+    y = planes[0][:height, :width]
+    factors = SUBSAMPLING[subsampling]
+    if factors is None:
+        return y.unsqueeze(-1).expand(height, width, 3).contiguous()
+    fh, fv = factors
+    ch, cw = -(-height // fv), -(-width // fh)
+    chroma = []
+    for p in planes[1:3]:
+        p = p[:ch, :cw]
+        if (fh, fv) == (2, 2):
+            p = upsample_h2v2(p)
+        elif (fh, fv) == (2, 1):
+            p = upsample_h2v1(p)
+        chroma.append(p[:height, :width])
+    return ycc_to_rgb(y, chroma[0], chroma[1])
+
+
+def gpu_jpeg_supported(height: int, width: int, space: str, subsampling: str) -> bool:
+    """A JPEG (from its header) whose pixels this module makes libjpeg-turbo's."""
+    return (space == "YCbCr" and subsampling in ("444", "422", "420")
+            or space == "Gray" and subsampling == "Gray") and min(height, width) >= MIN_SIDE
+
+
+# -- nvJPEG ------------------------------------------------------------------------------------------
+
+_OUTPUT_Y, _OUTPUT_YUV = 2, 1           # nvjpegOutputFormat_t
+_NVJPEG_CSS = {0: "444", 1: "422", 2: "420", 6: "Gray"}     # nvjpegChromaSubsampling_t, the ones used here
+
+
+class _Image(ctypes.Structure):         # nvjpegImage_t
+    _fields_ = [("channel", ctypes.c_void_p * 4), ("pitch", ctypes.c_size_t * 4)]
+
+
+class NvJpegError(RuntimeError):
+    pass
+
+
+def _library_candidates() -> list[str]:
+    names = [os.environ.get("QWEN3VL_NVJPEG_LIBRARY", ""), ctypes.util.find_library("nvjpeg") or ""]
+    dirs = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), sub) for sub in ("lib64", "lib")]
+    try:
+        import site
+        roots = site.getsitepackages()
+    except AttributeError:
+        roots = []
+    for root in roots:
+        dirs += glob.glob(os.path.join(root, "nvidia", "*", "lib")) + glob.glob(os.path.join(root, "nvidia", "*", "*", "lib"))
+        dirs.append(os.path.join(root, "torchvision.libs"))
+    for d in dirs:
+        names += sorted(glob.glob(os.path.join(d, "libnvjpeg*.so*")), reverse=True)
+    return [n for n in names if n]
+
+
+@functools.lru_cache(maxsize=1)
+def library_available() -> bool:
+    """Whether an nvJPEG library loads here (without touching CUDA: the launcher asks)."""
+    for name in _library_candidates():
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+class NvJpeg:
+    """nvJPEG's single-image decoder through its C API (ctypes): one library handle, a decoding
+    state per thread (nvJPEG's states are not shared between threads)."""
+
+    def __init__(self, path: str | None = None, backend: int = 0):
+        errors = []
+        for name in [path] if path else _library_candidates():
+            try:
+                self.lib = ctypes.CDLL(name)
+                self.path = name
+                break
+            except OSError as e:
+                errors.append(f"{name}: {e}")
+        else:
+            raise NvJpegError("no nvJPEG library found" + (f" ({'; '.join(errors[:3])})" if errors else ""))
+        lib = self.lib
+        vp, sz, ip = ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_int)
+        lib.nvjpegCreateEx.argtypes = [ctypes.c_int, vp, vp, ctypes.c_uint, ctypes.POINTER(vp)]
+        lib.nvjpegJpegStateCreate.argtypes = [vp, ctypes.POINTER(vp)]
+        lib.nvjpegGetImageInfo.argtypes = [vp, ctypes.c_char_p, sz, ip, ip, ip, ip]
+        lib.nvjpegDecode.argtypes = [vp, vp, ctypes.c_char_p, sz, ctypes.c_int, ctypes.POINTER(_Image), vp]
+        handle = vp()
+        self._check(lib.nvjpegCreateEx(backend, None, None, 0, ctypes.byref(handle)), "nvjpegCreateEx")
+        self.handle, self.backend = handle, backend
+        self._local = threading.local()
+
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status != 0:
+            raise NvJpegError(f"{what}: nvJPEG status {status}")
+
+    def _state(self):
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = ctypes.c_void_p()
+            self._check(self.lib.nvjpegJpegStateCreate(self.handle, ctypes.byref(state)), "nvjpegJpegStateCreate")
+            self._local.state = state
+        return state
+
+    def info(self, data: bytes) -> tuple[str | None, list[tuple[int, int]]]:
+        """-> (subsampling as gpu_jpeg_supported names it, or None; each component's (height, width))."""
+        n, css = ctypes.c_int(), ctypes.c_int()
+        widths, heights = (ctypes.c_int * 4)(), (ctypes.c_int * 4)()
+        self._check(self.lib.nvjpegGetImageInfo(self.handle, data, len(data), ctypes.byref(n), ctypes.byref(css),
+                                                widths, heights), "nvjpegGetImageInfo")
+        return _NVJPEG_CSS.get(css.value), [(heights[i], widths[i]) for i in range(n.value)]
+
+    def decode_planes(self, data: bytes, device: torch.device) -> tuple[str, list[torch.Tensor]]:
+        """-> (subsampling, each component as a uint8 (h, w) tensor on `device`), enqueued on the
+        device's current stream."""
+        subsampling, sizes = self.info(data)
+        return subsampling, self._decode(data, device, subsampling, sizes)
+
+    def _decode(self, data: bytes, device: torch.device, subsampling: str | None,
+                sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        if subsampling is None or len(sizes) != (1 if subsampling == "Gray" else 3):
+            raise NvJpegError(f"nvJPEG reads this JPEG as {len(sizes)} components, subsampling {subsampling}")
+        planes = [torch.empty(h, w, dtype=torch.uint8, device=device) for h, w in sizes]
+        image = _Image()
+        for i, p in enumerate(planes):
+            image.channel[i], image.pitch[i] = p.data_ptr(), p.stride(0)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        fmt = _OUTPUT_Y if len(planes) == 1 else _OUTPUT_YUV
+        self._check(self.lib.nvjpegDecode(self.handle, self._state(), data, len(data), fmt, ctypes.byref(image),
+                                          ctypes.c_void_p(stream)), "nvjpegDecode")
+        return planes
+
+    def decode_rgb(self, data: bytes, device: torch.device, height: int, width: int) -> torch.Tensor:
+        """A JPEG of `height` x `width` pixels -> (height, width, 3) uint8 on `device`, libjpeg-turbo's
+        pixels. ValueError when its header says another size (before any memory is taken for it);
+        NvJpegError when nvJPEG refuses it or lays its components out otherwise than libjpeg."""
+        subsampling, sizes = self.info(data)
+        if not sizes or sizes[0] != (height, width):
+            raise ValueError(f"a JPEG of {sizes[0][1] if sizes else 0}x{sizes[0][0] if sizes else 0} pixels came "
+                             f"with the source size {height}x{width}")
+        factors = SUBSAMPLING.get(subsampling or "", (1, 1)) or (1, 1)
+        if any(h < -(-height // factors[1]) or w < -(-width // factors[0]) for h, w in sizes[1:]):
+            raise NvJpegError(f"nvJPEG's component sizes {sizes} for a {height}x{width} {subsampling} JPEG")
+        return planes_to_rgb(self._decode(data, device, subsampling, sizes), subsampling, height, width)
+
+
+_shared: dict[int, NvJpeg | NvJpegError] = {}
+_shared_lock = threading.Lock()
+
+
+def nvjpeg(backend: int = 0) -> NvJpeg | None:
+    """The process's decoder, or None where nvJPEG cannot be loaded (no GPU, no library)."""
+    with _shared_lock:
+        if backend not in _shared:
+            try:
+                if not torch.cuda.is_available():
+                    raise NvJpegError("no CUDA device")
+                _shared[backend] = NvJpeg(backend=backend)
+            except NvJpegError as e:
+                _shared[backend] = e
+        got = _shared[backend]
+    return got if isinstance(got, NvJpeg) else None
+
+
+def decode_frame(data: bytes, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """A JPEG that preprocess sent undecoded (media.gpu_jpeg_size) -> its (height * width, 3) uint8
+    pixels on `device`: by nvJPEG where that is a GPU and the library loads, else (or where nvJPEG
+    refuses the JPEG) by the host's decode_image_array; the same pixels either way. ValueError (the
+    caller's mistake) for a JPEG of another size or one that does not decode."""
+    from .media import decode_image_array
+
+    device = device or torch.device("cpu")
+    if device.type == "cuda" and (decoder := nvjpeg()) is not None:
+        try:
+            with torch.cuda.device(device):
+                return decoder.decode_rgb(data, device, height, width).view(-1, 3)
+        except NvJpegError:
+            pass
+    pixels = decode_image_array(data, height * width)
+    if pixels.shape[:2] != (height, width):
+        raise ValueError(f"an image of {pixels.shape[1]}x{pixels.shape[0]} pixels came with the source size "
+                         f"{height}x{width}")
+    return torch.from_numpy(pixels).view(-1, 3).to(device)
