@@ -5,6 +5,7 @@ the CPU the vit decodes them with the host's decoder; nvJPEG itself is tested on
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 
@@ -179,7 +180,11 @@ def test_nvjpeg_refusals_fall_back_to_the_host(monkeypatch):
             raise jpeg_gpu.NvJpegError("pretended refusal")
 
     monkeypatch.setattr(jpeg_gpu, "nvjpeg", lambda backend=0: Refusing())
-    monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
+    nothing = contextlib.nullcontext
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nothing())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nothing())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
+    monkeypatch.setattr(jpeg_gpu, "_decode_stream", lambda device: None)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)      # the host's pixels stay here
     got = jpeg_gpu.decode_frame(data, 48, 64, torch.device("cuda"))
     assert calls == [(48, 64)] and torch.equal(got, want)

@@ -259,6 +259,11 @@ def nvjpeg(backend: int = 0) -> NvJpeg | None:
     return got if isinstance(got, NvJpeg) else None
 
 
+@functools.lru_cache(maxsize=None)
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def decode_frame(data: bytes, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
     """A JPEG that preprocess sent undecoded (media.gpu_jpeg_size) -> its (height * width, 3) uint8
     pixels on `device`: by nvJPEG where that is a GPU and the library loads, else (or where nvJPEG
@@ -268,11 +273,19 @@ def decode_frame(data: bytes, height: int, width: int, device: torch.device | No
 
     device = device or torch.device("cpu")
     if device.type == "cuda" and (decoder := nvjpeg()) is not None:
+        # on a stream of its own, which nothing queued on the device's stream (the ViT passes of
+        # requests before this one) holds up; its memory is that stream's (the caching allocator's
+        # pools are per stream), and the frame is marked as used on the device's stream after
+        main, side = torch.cuda.current_stream(device), _decode_stream(device)
         try:
-            with torch.cuda.device(device):
-                return decoder.decode_rgb(data, device, height, width).view(-1, 3)
+            with torch.cuda.device(device), torch.cuda.stream(side):
+                frame = decoder.decode_rgb(data, device, height, width).view(-1, 3)
         except NvJpegError:
             pass
+        else:
+            main.wait_stream(side)
+            frame.record_stream(main)
+            return frame
     pixels = decode_image_array(data, height * width)
     if pixels.shape[:2] != (height, width):
         raise ValueError(f"an image of {pixels.shape[1]}x{pixels.shape[0]} pixels came with the source size "
