@@ -93,6 +93,7 @@ def test_which_jpegs_go_to_the_vit_undecoded():
     make_image(40, 30, 1).convert("CMYK").save(cmyk, format="JPEG")
     whole = _jpeg(64, 48)
     for data in (_jpeg(64, 48, progressive=True),           # nvJPEG's progressive pixels are not libjpeg's
+                 _jpeg(64, 48, restart_marker_blocks=2),      # restart intervals: not compared on a GPU yet
                  whole[:-40], whole[:-2],                    # truncated: the host refuses or recovers it
                  cmyk.getvalue(), _jpeg(12, 40), image_bytes(make_image(64, 48, 1)), b"\xff\xd8\xff" + b"\0" * 40,
                  whole[:2] + b"\xff\xe0\x00\x01" + whole[4:]):   # a segment length below its own 2 bytes

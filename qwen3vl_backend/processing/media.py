@@ -414,10 +414,12 @@ def decode_image_array(data: bytes, max_pixels: int = MediaPolicy.max_image_pixe
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def jpeg_frame(data: bytes) -> tuple[int, int] | None:
-    """(start-of-frame marker, sample precision) of a JPEG, from its marker segments before the
-    first scan; None where they do not parse that far."""
-    pos, n = 2, len(data)
+def jpeg_layout(data: bytes) -> dict | None:
+    """A JPEG's coding as its marker segments up to the first scan tell it: the start-of-frame
+    marker ("sof": C0 baseline, C1 extended sequential, C2 progressive, ...), "precision" (bits a
+    sample), "components" (the frame's), "restart" (the restart interval; 0 without one) and
+    "scan_components" (the first scan's). None where they do not parse that far."""
+    pos, n, out = 2, len(data), {"restart": 0}
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             return None
@@ -429,10 +431,17 @@ def jpeg_frame(data: bytes) -> tuple[int, int] | None:
             pos += 2
             continue
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker in _JPEG_SOF:
-            return (marker, data[pos + 4]) if length >= 8 and pos + 5 <= n else None
-        if length < 2 or marker in (0xDA, 0xD9):      # a scan or the end before any frame
+        if length < 2 or pos + 2 + length > n or marker == 0xD9:
             return None
+        body = data[pos + 4:pos + 2 + length]
+        if marker in _JPEG_SOF:
+            if "sof" in out or len(body) < 6:
+                return None
+            out.update(sof=marker, precision=body[0], components=body[5])
+        elif marker == 0xDD and len(body) >= 2:        # define restart interval
+            out["restart"] = int.from_bytes(body[:2], "big")
+        elif marker == 0xDA:
+            return {**out, "scan_components": body[0]} if "sof" in out and body else None
         pos += 2 + length
     return None
 
@@ -441,8 +450,10 @@ def gpu_jpeg_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -
     """(height, width) of a JPEG that jpeg_gpu decodes to decode_image_array's pixels, from its
     header alone; None for any other image (the host decodes it). Those are sequential 8-bit
     JPEGs (baseline or extended: progressive ones come out of nvJPEG a few levels off, measured)
-    in YCbCr at 4:4:4, 4:2:2 or 4:2:0, or grayscale, that end in their end-of-image marker (a
-    truncated one is the host's to refuse). MediaError past `max_pixels`, as the host's decode."""
+    in YCbCr at 4:4:4, 4:2:2 or 4:2:0, or grayscale, of one scan of every component and no
+    restart markers (what was compared with the host's pixels on an H200; restart intervals were
+    not), that end in their end-of-image marker (a truncated one is the host's to refuse).
+    MediaError past `max_pixels`, as the host's decode."""
     if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
         return None
     try:
@@ -451,7 +462,9 @@ def gpu_jpeg_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -
         return None
     from .jpeg_gpu import gpu_jpeg_supported
 
-    if not gpu_jpeg_supported(h, w, space, subsampling) or jpeg_frame(data) not in ((0xC0, 8), (0xC1, 8)):
+    layout = jpeg_layout(data)
+    if (not gpu_jpeg_supported(h, w, space, subsampling) or layout is None or layout["sof"] not in (0xC0, 0xC1)
+            or layout["precision"] != 8 or layout["restart"] or layout["scan_components"] != layout["components"]):
         return None
     check_pixels(w, h, max_pixels)
     return h, w
