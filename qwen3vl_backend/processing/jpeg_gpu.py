@@ -68,47 +68,46 @@ def _neighbours(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _interleave(even: torch.Tensor, odd: torch.Tensor, dim: int) -> torch.Tensor:
+    dim %= even.dim()
     return torch.stack([even, odd], dim=dim + 1).flatten(dim, dim + 1)
 
 
 def upsample_h2v1(x: torch.Tensor) -> torch.Tensor:
-    """A chroma plane (h, w) -> (h, 2w), h2v1_fancy_upsample: 3/4 of the nearer sample and 1/4 of
-    the further, rounded down then up ((3a + b + 1) >> 2, (3a + c + 2) >> 2)."""
+    """Chroma planes (..., h, w) -> (..., h, 2w), h2v1_fancy_upsample: 3/4 of the nearer sample and
+    1/4 of the further, rounded down then up ((3a + b + 1) >> 2, (3a + c + 2) >> 2)."""
     xi = x.int()
-    left, right = _neighbours(xi, 1)
-    return _interleave((3 * xi + left + 1) >> 2, (3 * xi + right + 2) >> 2, 1).to(torch.uint8)
+    left, right = _neighbours(xi, -1)
+    return _interleave((3 * xi + left + 1) >> 2, (3 * xi + right + 2) >> 2, -1).to(torch.uint8)
 
 
 def upsample_h2v2(x: torch.Tensor) -> torch.Tensor:
-    """A chroma plane (h, w) -> (2h, 2w), h2v2_fancy_upsample: each output row sums 3x its nearest
-    input row and 1x the next nearest (above for the upper, below for the lower), then across the
-    columns (3 * this + the neighbour's sum + 8 or 7) >> 4: weights 9, 3, 3, 1 over 16."""
+    """Chroma planes (..., h, w) -> (..., 2h, 2w), h2v2_fancy_upsample: each output row sums 3x its
+    nearest input row and 1x the next nearest (above for the upper, below for the lower), then
+    across the columns (3 * this + the neighbour's sum + 8 or 7) >> 4: weights 9, 3, 3, 1 over 16."""
     xi = x.int()
-    above, below = _neighbours(xi, 0)
-    rows = []
-    for colsum in (3 * xi + above, 3 * xi + below):
-        left, right = _neighbours(colsum, 1)
-        rows.append(_interleave((3 * colsum + left + 8) >> 4, (3 * colsum + right + 7) >> 4, 1))
-    return _interleave(rows[0], rows[1], 0).to(torch.uint8)
+    above, below = _neighbours(xi, -2)
+    colsum = torch.stack([3 * xi + above, 3 * xi + below], dim=-3)      # (..., upper/lower, h, w)
+    left, right = _neighbours(colsum, -1)
+    rows = _interleave((3 * colsum + left + 8) >> 4, (3 * colsum + right + 7) >> 4, -1)
+    return _interleave(rows.select(-3, 0), rows.select(-3, 1), -2).to(torch.uint8)
 
 
 def planes_to_rgb(planes: list[torch.Tensor], subsampling: str, height: int, width: int) -> torch.Tensor:
     """Decoded components (Y full size; Cb and Cr at their subsampled size, ceil of each side over
-    the factor, or larger: cropped) -> (height, width, 3) uint8, libjpeg-turbo's RGB."""
+    the factor, or larger: cropped) -> (height, width, 3) uint8, libjpeg-turbo's RGB. Cb and Cr are
+    upsampled together (one launch an operation for both)."""
     y = planes[0][:height, :width]
     factors = SUBSAMPLING[subsampling]
     if factors is None:
         return y.unsqueeze(-1).expand(height, width, 3).contiguous()
     fh, fv = factors
     ch, cw = -(-height // fv), -(-width // fh)
-    chroma = []
-    for p in planes[1:3]:
-        p = p[:ch, :cw]
-        if (fh, fv) == (2, 2):
-            p = upsample_h2v2(p)
-        elif (fh, fv) == (2, 1):
-            p = upsample_h2v1(p)
-        chroma.append(p[:height, :width])
+    chroma = torch.stack([planes[1][:ch, :cw], planes[2][:ch, :cw]])
+    if (fh, fv) == (2, 2):
+        chroma = upsample_h2v2(chroma)
+    elif (fh, fv) == (2, 1):
+        chroma = upsample_h2v1(chroma)
+    chroma = chroma[:, :height, :width]
     return ycc_to_rgb(y, chroma[0], chroma[1])
 
 
