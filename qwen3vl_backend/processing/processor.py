@@ -82,22 +82,21 @@ class Processor:
         if ref.kind == "image":
             lo, hi = self._pixel_bounds(opts, self.cfg.image_min_pixels, self.cfg.image_max_pixels)
             raw = raw_frame and single_frame and not normalize
+            # a JPEG the vit decodes to these pixels: its header alone read here
             size = gpu_jpeg_size(data, policy.max_image_pixels) if raw and encoded_frame else None
-            if size is not None and raw_frame_fits(*size, *image_size_for(*size, self.cfg, lo, hi)):
-                image, encoded = None, data
-                height, width = size
-            else:
-                image = decode_image_array(data, policy.max_image_pixels)
-                height, width = image.shape[:2]
+            image = None if size else decode_image_array(data, policy.max_image_pixels)
+            height, width = size or image.shape[:2]
             t2 = time.perf_counter()
             h, w = image_size_for(height, width, self.cfg, lo, hi)
-            if encoded is not None:
-                patches, source = torch.empty(0, 3, dtype=torch.uint8), (height, width)
-                grid = (1, h // self.cfg.patch_size, w // self.cfg.patch_size)
-            elif raw and raw_frame_fits(height, width, h, w):
-                patches, source = frame_pixels(image), (height, width)
-                grid = (1, h // self.cfg.patch_size, w // self.cfg.patch_size)
+            if raw and raw_frame_fits(height, width, h, w):
+                source, grid = (height, width), (1, h // self.cfg.patch_size, w // self.cfg.patch_size)
+                if image is None:
+                    patches, encoded = torch.empty(0, 3, dtype=torch.uint8), data
+                else:
+                    patches = frame_pixels(image)
             else:
+                if image is None:           # past what travels unresized: decoded and resized here
+                    image = decode_image_array(data, policy.max_image_pixels)
                 patches, grid = process_image(image, self.cfg, lo, hi, repeat_frame=not single_frame)
         else:
             fps, max_frames = _num_opt(opts, "fps"), _int_opt(opts, "max_frames")
