@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .chat import RequestError
+from .jpeg_gpu import decode_frame
 from .resize import resize_uint8
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -322,8 +323,6 @@ def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessing
     rows, start, at = [], 0, 0
     for (height, width), g, length in zip(checked, grids, lengths):
         if length:
-            from .jpeg_gpu import decode_frame
-
             frame = decode_frame(data[at:at + length], height, width, device or pixels.device)
             at += length
         else:

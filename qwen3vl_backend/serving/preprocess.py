@@ -23,9 +23,10 @@ import torch
 
 from ..errors import RequestError, check_prompt_length
 from ..processing.chat import MEDIA_INPUT, MediaRef
-from ..processing.media import Cancel, MediaPolicy, decode_image_array
+from ..processing.jpeg_gpu import decode_frame
+from ..processing.media import Cancel, MediaPolicy
 from ..processing.processor import IMAGE_PAD, VISION_END, VISION_START, MediaItem, Processor
-from ..processing.vision_inputs import frame_pixels, raw_frame_rows
+from ..processing.vision_inputs import raw_frame_rows
 from ..sampling_params import SAMPLING_FIELDS, SamplingParams
 from . import json_body
 from .media_pool import MediaPool
@@ -169,7 +170,7 @@ def _host_pixels(item: MediaItem) -> torch.Tensor:
     """An unresized item's (H*W, 3) pixels, decoding here one that came as a JPEG."""
     if item.encoded is None:
         return item.pixel_values
-    return frame_pixels(decode_image_array(item.encoded, item.source_size[0] * item.source_size[1]))
+    return decode_frame(item.encoded, *item.source_size)
 
 
 def _resolve_media_inputs(refs: list[MediaRef], media: list[str]) -> list[MediaRef]:
