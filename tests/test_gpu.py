@@ -246,6 +246,51 @@ def test_nvjpeg_decodes_to_libjpeg_turbos_pixels():
         decoder.decode_rgb(jpegs["noise 1280x720 4:2:0 q90"], device, 720, 1279)
 
 
+def test_nvjpeg_damaged_jpegs_get_the_hosts_pixels():
+    """JPEGs damaged past their headers (a run of the scan zeroed, the scan cut short, bits
+    flipped): nvJPEG recovers many to other pixels than libjpeg-turbo (this GPU's fuzz), and
+    decode_frame gives the host's pixels, or its refusal, for every one."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from qwen3vl_backend.processing import jpeg_gpu
+    from qwen3vl_backend.processing.media import decode_image_array, gpu_jpeg_size
+
+    if jpeg_gpu.nvjpeg() is None:
+        pytest.skip("no nvJPEG library here")
+    rng, device, differ = np.random.default_rng(3), torch.device("cuda"), 0
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    base = buf.getvalue()
+    sos = base.find(b"\xff\xda") + 14
+    for i in range(60):
+        data = bytearray(base)
+        p = int(rng.integers(sos, len(base) - 40))
+        if i % 3 == 0:
+            data[p:p + 20] = b"\0" * 20
+        elif i % 3 == 1:
+            data = data[:p] + b"\xff\xd9"
+        else:
+            data[p] ^= 1 << int(rng.integers(0, 8))
+        data = bytes(data)
+        if gpu_jpeg_size(data) is None:
+            continue
+        try:
+            host = torch.from_numpy(decode_image_array(data)).view(-1, 3)
+        except Exception:
+            with pytest.raises(ValueError):
+                jpeg_gpu.decode_frame(data, 96, 128, device)
+            continue
+        try:
+            differ += not torch.equal(jpeg_gpu.nvjpeg().decode_rgb(data, device, 96, 128).view(-1, 3).cpu(), host)
+        except jpeg_gpu.NvJpegError:
+            pass
+        assert torch.equal(jpeg_gpu.decode_frame(data, 96, 128, device).cpu(), host), i
+    assert differ > 0           # the case this guards: nvJPEG alone would have answered otherwise
+
+
 # -- ViT CUDA graphs -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["one_image", "two_images", "video"])
 def test_vit_cuda_graphs_equal_eager(tiny_moe, request, case):

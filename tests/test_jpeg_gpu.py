@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 simplejpeg = pytest.importorskip("simplejpeg")
 
@@ -189,3 +190,113 @@ def test_nvjpeg_refusals_fall_back_to_the_host(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)      # the host's pixels stay here
     got = jpeg_gpu.decode_frame(data, 48, 64, torch.device("cuda"))
     assert calls == [(48, 64)] and torch.equal(got, want)
+
+
+def _noise_jpeg(w: int, h: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+        buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _damaged(data: bytes) -> bytes:
+    """The JPEG's entropy-coded data with a run zeroed: its header still passes gpu_jpeg_size,
+    and libjpeg-turbo decodes it with a warning (corrupt data) and recovers."""
+    out = bytearray(data)
+    at = data.find(b"\xff\xda") + 40
+    out[at:at + 20] = b"\0" * 20
+    return bytes(out)
+
+
+def _pretend_gpu(monkeypatch, seen: list):
+    """decode_frame's GPU path on this CPU: nvJPEG pretended by a decoder that gives the host's
+    pixels plus one (so whose pixels came back shows), the CUDA calls around it no-ops."""
+    from qwen3vl_backend.processing.media import decode_image_array
+
+    class Pretended:
+        def decode_rgb(self, data, device, height, width):
+            seen.append(len(data))
+            return torch.from_numpy(decode_image_array(data)) + 1
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    nothing = contextlib.nullcontext
+    monkeypatch.setattr(jpeg_gpu, "nvjpeg", lambda backend=0: Pretended())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nothing())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nothing())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    monkeypatch.setattr(jpeg_gpu, "_decode_stream", lambda device: None)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)
+
+
+def test_damaged_jpegs_get_the_hosts_pixels_not_nvjpegs(monkeypatch):
+    """On an H200 nvJPEG recovered 1,164 of 1,931 damaged JPEGs (that gpu_jpeg_size admits) to
+    other pixels than libjpeg-turbo: only a JPEG that libjpeg-turbo decodes without a warning
+    (jpeg_gpu.intact) keeps nvJPEG's pixels; a damaged one gets the host's, at once or, with
+    `checks`, once its pending check says False."""
+    from qwen3vl_backend.processing.media import decode_image_array
+
+    good = _noise_jpeg(64, 48, 5)
+    bad = _damaged(good)
+    assert gpu_jpeg_size(bad) == (48, 64) and jpeg_gpu.intact(good) and not jpeg_gpu.intact(bad)
+    with pytest.raises(ValueError):
+        simplejpeg.decode_jpeg(bad, strict=True)            # the host path's first try warns ...
+    host = {k: torch.from_numpy(decode_image_array(d)).view(-1, 3) for k, d in (("good", good), ("bad", bad))}
+    assert not torch.equal(host["good"], host["bad"])       # ... and PIL recovers it
+    seen = []
+    _pretend_gpu(monkeypatch, seen)
+    cuda = torch.device("cuda")
+    assert torch.equal(jpeg_gpu.decode_frame(good, 48, 64, cuda), host["good"] + 1)      # nvJPEG's
+    assert torch.equal(jpeg_gpu.decode_frame(bad, 48, 64, cuda), host["bad"])            # the host's
+    checks = []
+    assert torch.equal(jpeg_gpu.decode_frame(bad, 48, 64, cuda, checks), host["bad"] + 1)
+    assert len(checks) == 1 and checks[0].result() is False and len(seen) == 3
+
+
+def test_the_vits_outputs_come_from_the_hosts_pixels_for_damaged_jpegs(monkeypatch):
+    """vision_cache.encode_checked, as the vit runs it: a request's JPEGs decoded by (pretended)
+    nvJPEG are encoded at once; where a JPEG's check then says it is damaged, its cached outputs
+    go and it is encoded from the host's pixels. The intact JPEG keeps nvJPEG's; both requests'
+    outputs and the cache then hold what they should."""
+    from qwen3vl_backend.engine.vision_cache import VisionCache, encode_checked
+    from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, image_grid, raw_frames_to_rows
+
+    cfg = VisionProcessingConfig()
+    good, bad = _noise_jpeg(64, 48, 6), _damaged(_noise_jpeg(96, 64, 7))
+    sizes = [(48, 64), (64, 96)]
+    grids = [image_grid(w, h, cfg) for h, w in sizes]
+    unresized = torch.zeros(0, 3, dtype=torch.uint8)
+    encoded = (np.frombuffer(good + bad, np.uint8), [len(good), len(bad)])
+    unit = cfg.merge_size ** 2
+
+    def encode(pixels, grids_):      # a stand-in ViT: each merged patch's sum
+        embeds = pixels.double().reshape(-1, unit * pixels.shape[1]).sum(1, keepdim=True)
+        return embeds, [embeds * 2]
+
+    host_rows = raw_frames_to_rows(unresized, sizes, grids, cfg, encoded=encoded)      # on this CPU: the host's
+    want = encode(host_rows, grids)[0]
+    n_good = grids[0][1] * grids[0][2] // unit
+    seen = []
+    _pretend_gpu(monkeypatch, seen)
+    cuda = torch.device("cuda")
+    cache, keys = VisionCache(64), ["good", "bad"]
+    checks = []
+    rows = raw_frames_to_rows(unresized, sizes, grids, cfg, cuda, encoded, checks)
+    assert [i for i, _ in checks] == [0, 1]
+    nvjpeg_out = encode(rows, grids)[0]
+    assert not torch.equal(nvjpeg_out[:n_good], want[:n_good]) and not torch.equal(nvjpeg_out[n_good:], want[n_good:])
+    embeds, deepstack = encode_checked(encode, cache, rows, grids, keys, unit, checks,
+                                       lambda: raw_frames_to_rows(unresized, sizes, grids, cfg, cuda, encoded))
+    assert torch.equal(embeds[:n_good], nvjpeg_out[:n_good])        # intact: nvJPEG's pixels
+    assert torch.equal(embeds[n_good:], want[n_good:])              # damaged: the host's
+    assert torch.equal(deepstack[0], embeds * 2)
+    assert torch.equal(cache.get("bad")[0], want[n_good:]) and torch.equal(cache.get("good")[0], nvjpeg_out[:n_good])
+    # without the cache, the same outputs
+    checks = []
+    rows = raw_frames_to_rows(unresized, sizes, grids, cfg, cuda, encoded, checks)
+    again, _ = encode_checked(encode, None, rows, grids, keys, unit, checks,
+                              lambda: raw_frames_to_rows(unresized, sizes, grids, cfg, cuda, encoded))
+    assert torch.equal(again, embeds)

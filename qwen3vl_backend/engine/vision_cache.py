@@ -54,6 +54,14 @@ class VisionCache:
                 self._bytes -= _nbytes(e, d)
 
 
+    def discard(self, key: str) -> None:
+        """Forget `key`'s outputs (the vit's, where they came from pixels it has since refused)."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._bytes -= _nbytes(*entry)
+
+
 def _nbytes(embeds, deepstack) -> int:
     return embeds.numel() * embeds.element_size() + sum(d.numel() * d.element_size() for d in deepstack)
 
@@ -83,3 +91,19 @@ def encode_with_cache(encode, cache: VisionCache | None, pixel_values: torch.Ten
             found[i] = item
             offset += n
     return torch.cat([f[0] for f in found]), [torch.cat([f[1][lvl] for f in found]) for lvl in range(len(found[0][1]))]
+
+
+def encode_checked(encode, cache: VisionCache | None, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]],
+                   keys: list[str] | None, merge_unit: int, checks=(), remake=None):
+    """encode_with_cache, then the checks pending on some items' pixels (jpeg_gpu.decode_frame's:
+    (item, Future of a bool)), waited for while the device encodes. Where one says False, that
+    item's outputs leave the cache and the items are encoded again from `remake()`'s pixels (the
+    items whose outputs are still cached are not)."""
+    out = encode_with_cache(encode, cache, pixel_values, grids, keys, merge_unit)
+    damaged = [i for i, check in checks if not check.result()]
+    if not damaged:
+        return out
+    if cache is not None and keys and len(keys) == len(grids):
+        for i in damaged:
+            cache.discard(keys[i])
+    return encode_with_cache(encode, cache, remake(), grids, keys, merge_unit)

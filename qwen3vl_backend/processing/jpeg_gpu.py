@@ -12,6 +12,15 @@ libjpeg-turbo without a GPU.
 
 `gpu_jpeg_supported(header)` says which JPEGs take this path: YCbCr at 4:4:4, 4:2:2 or 4:2:0, or
 grayscale, each side at least MIN_SIDE. Everything else stays on the host decoder.
+
+Damaged JPEGs are where the decoders part. On an H200, of 1,931 damaged JPEGs whose headers pass
+media.gpu_jpeg_size (bits flipped, runs zeroed, scans cut short), nvJPEG crashed on none but
+recovered 1,164 to other pixels than libjpeg-turbo, and decoded 21 that the host refuses. The
+host's decoder says which JPEGs are intact: libjpeg-turbo without a warning (`intact`: strict,
+the host path's own first try). Only those keep nvJPEG's pixels; the others get the host's
+(decode_frame). The check is the host's whole entropy decode (~10 ms for a noisy 1280x720 JPEG),
+so it runs on a thread of its own while nvJPEG and the GPU work, and the vit waits for it only
+once its ViT pass is queued (decode_frame's `checks`).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import functools
 import glob
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -263,15 +273,44 @@ def _decode_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def decode_frame(data: bytes, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+# where `intact` runs: libjpeg-turbo lets go of the GIL while it decodes
+_CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jpeg-intact")
+
+
+def intact(data: bytes) -> bool:
+    """Whether libjpeg-turbo decodes the JPEG without a warning (corrupt entropy data, a scan cut
+    short, bytes past its end): where it warns, the host path (media.decode_image_array) hands the
+    JPEG to PIL, which recovers its own way, and nvJPEG recovers another. At 1/8 scale: the same
+    entropy decode (every coefficient's code is read; the damaged JPEGs above fail alike at both
+    scales), without the full-size IDCT and colour conversion."""
+    from .media import simplejpeg
+
+    if simplejpeg is None:
+        return False
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_factor=8)
+    except ValueError:
+        return False
+    return True
+
+
+def decode_frame(data: bytes, height: int, width: int, device: torch.device | None = None,
+                 checks: list | None = None) -> torch.Tensor:
     """A JPEG that preprocess sent undecoded (media.gpu_jpeg_size) -> its (height * width, 3) uint8
-    pixels on `device`: by nvJPEG where that is a GPU and the library loads, else (or where nvJPEG
-    refuses the JPEG) by the host's decode_image_array; the same pixels either way. ValueError (the
-    caller's mistake) for a JPEG of another size or one that does not decode."""
+    pixels on `device`: by nvJPEG where that is a GPU, the library loads and the JPEG is `intact`,
+    else (a damaged JPEG, one nvJPEG refuses, or on a CPU) by the host's decode_image_array; the
+    same pixels either way. ValueError (the caller's mistake) for a JPEG of another size or one
+    that does not decode.
+
+    `checks`: where the caller acts on it, nvJPEG's pixels come back at once and the pending
+    `intact` check (a Future of a bool) is appended to it; the caller must not use the pixels'
+    results before it says True, and otherwise decodes again without `checks`. Without it the
+    check is waited for here."""
     from .media import decode_image_array
 
     device = device or torch.device("cpu")
     if device.type == "cuda" and (decoder := nvjpeg()) is not None:
+        check: Future = _CHECKS.submit(intact, data)       # on the host's cores while nvJPEG and the GPU work
         # on a stream of its own, which nothing queued on the device's stream (the ViT passes of
         # requests before this one) holds up; its memory is that stream's (the caching allocator's
         # pools are per stream), and the frame is marked as used on the device's stream after
@@ -284,7 +323,11 @@ def decode_frame(data: bytes, height: int, width: int, device: torch.device | No
         else:
             main.wait_stream(side)
             frame.record_stream(main)
-            return frame
+            if checks is not None:
+                checks.append(check)
+                return frame
+            if check.result():
+                return frame
     pixels = decode_image_array(data, height * width)
     if pixels.shape[:2] != (height, width):
         raise ValueError(f"an image of {pixels.shape[1]}x{pixels.shape[0]} pixels came with the source size "

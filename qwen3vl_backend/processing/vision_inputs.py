@@ -279,7 +279,8 @@ def check_pixel_rows(shape: tuple[int, ...], grids, cfg: VisionProcessingConfig)
 
 
 def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessingConfig,
-                       device: torch.device | None = None, encoded: tuple | None = None) -> torch.Tensor:
+                       device: torch.device | None = None, encoded: tuple | None = None,
+                       checks: list | None = None) -> torch.Tensor:
     """What the vit model takes when preprocess sends images unresized: their pixels (sum H*W, 3)
     uint8, each image's (H, W) in `sizes` and its grid (1, gh, gw) -> the single-frame rows
     (sum gh*gw, C*P*P) that check_pixel_rows admits, on `device` (one copy there first). ValueError
@@ -289,7 +290,9 @@ def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessing
     width pass). `encoded`: (the JPEGs' bytes (B,) uint8, each item's byte count (M,)): an item
     with a count came as a JPEG (media.gpu_jpeg_size), decoded here (jpeg_gpu.decode_frame: by
     nvJPEG on a GPU), and has no pixels in `pixels`; ValueError for counts that do not add up
-    to the bytes, or a JPEG that is not of its source size or does not decode."""
+    to the bytes, or a JPEG that is not of its source size or does not decode. `checks`: as
+    decode_frame's, each pending check appended with its item's index, (i, Future); where one
+    says False, the rows are made again without `checks` (the host's pixels for that JPEG)."""
     if len(sizes) != len(grids):
         raise ValueError(f"source_sizes has {len(sizes)} rows for {len(grids)} grids")
     lengths = [0] * len(sizes)
@@ -323,7 +326,10 @@ def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessing
     rows, start, at = [], 0, 0
     for (height, width), g, length in zip(checked, grids, lengths):
         if length:
-            frame = decode_frame(data[at:at + length], height, width, device or pixels.device)
+            pending = [] if checks is not None else None
+            frame = decode_frame(data[at:at + length], height, width, device or pixels.device, pending)
+            if pending:
+                checks.extend((len(rows), c) for c in pending)
             at += length
         else:
             frame = pixels[start:start + height * width]

@@ -20,7 +20,7 @@ from qwen3vl_backend.processing.vision_inputs import (VisionProcessingConfig, ch
 from qwen3vl_backend.serving.triton_params import error_response, model_settings, pick
 from qwen3vl_backend.serving.stage_timing import PROFILE_AT, PROFILE_DIR, STAGE_TIMING, RequestProfiler, stage_line
 from qwen3vl_backend.serving.triton_tensors import as_torch
-from qwen3vl_backend.engine.vision_cache import VisionCache, encode_with_cache
+from qwen3vl_backend.engine.vision_cache import VisionCache, encode_checked
 from qwen3vl_backend.serving.vision_split import device_context, encode_split, replica_gpus, warm_exact_grids
 
 
@@ -162,12 +162,14 @@ class TritonPythonModel:
         grids = as_torch(pb_utils.get_input_tensor_by_name(request, "grid_thw")).cpu().numpy().reshape(-1, 3)
         sizes = pb_utils.get_input_tensor_by_name(request, "source_sizes")
         sizes = np.zeros((0, 2), np.int64) if sizes is None else as_torch(sizes).cpu().numpy().reshape(-1, 2)
+        checks = []         # JPEGs decoded by nvJPEG: is each intact (jpeg_gpu.intact)? (item, Future)
         if len(sizes):      # images sent unresized (JPEGs among them undecoded): decoded, resized here, on this model's device
             jpegs, lengths = (pb_utils.get_input_tensor_by_name(request, k) for k in ("jpeg_bytes", "jpeg_lengths"))
             encoded = None if lengths is None else (
                 np.empty(0, np.uint8) if jpegs is None else as_torch(jpegs).cpu().numpy().reshape(-1),
                 as_torch(lengths).cpu().numpy().reshape(-1))
-            pixels = raw_frames_to_rows(pixels, sizes, grids, self.pixel_cfg, self.device, encoded)
+            unresized = pixels
+            pixels = raw_frames_to_rows(unresized, sizes, grids, self.pixel_cfg, self.device, encoded, checks)
         check_pixel_rows(tuple(pixels.shape), grids, self.pixel_cfg)
         if grids.shape[0] == 0:
             embeds = np.zeros((0, self.out_dim), np.float32)
@@ -181,8 +183,11 @@ class TritonPythonModel:
             for encoder in self.graphed:        # this request's paths only (stage lines)
                 encoder.last_path = None
             t1 = time.perf_counter()
-            e, ds = encode_with_cache(self._encode, self.cache, pv, [tuple(int(x) for x in g) for g in grids],
-                                      keys, self.merge_unit)
+            # a JPEG that libjpeg-turbo warns on (damaged) is encoded again from the host's pixels
+            # (its recovery, or its 400) in place of nvJPEG's; the check runs while the GPU encodes
+            e, ds = encode_checked(self._encode, self.cache, pv, [tuple(int(x) for x in g) for g in grids], keys,
+                                   self.merge_unit, checks, lambda: raw_frames_to_rows(
+                                       unresized, sizes, grids, self.pixel_cfg, self.device, encoded).contiguous())
             if timing is not None:      # the encoder's host time, then its GPU tail
                 t2 = time.perf_counter()
                 if self.device.type == "cuda":
