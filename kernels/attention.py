@@ -237,7 +237,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
                            num_splits: int | None = None, config: dict | None = None,
                            prefetch: bool | None = None, prep: tuple | None = None) -> torch.Tensor:
     """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32.
-    `config`: the launch shape (decode_config's keys), else this device's table. `prefetch`: the
+    `config`: the launch shape (decode_config's keys; an entry's "merge_warps", 4 without it, is
+    the merge launch's), else this device's table. `prefetch`: the
     kernel before wrote only each sequence's newest K/V (a decode step's q/k prep), so the rest may
     be read before waiting for it (the kernel's PREFETCH; default kernels.switches.PDL_PREFETCH for
     batches of at most kernels.switches.PREFETCH_MAX_SEQS sequences).
@@ -277,7 +278,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     )
     if splits > 1:
         _merge_splits_kernel[(s, h)](acc, m, l_, out, h, out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits,
-                                   **pdl(q))
+                                   num_warps=cfg.get("merge_warps", 4), **pdl(q))
     return out
 
 
