@@ -200,7 +200,7 @@ def test_images_resized_on_the_gpu_make_the_hosts_rows(height, width):
 
 def _jpegs():
     """Noisy and smooth JPEGs at each chroma subsampling nvJPEG's planes are taken for, odd sides,
-    two qualities, gray, and a 12 MP photo size."""
+    two qualities, gray, restart intervals, and a 12 MP photo size."""
     import io
 
     import numpy as np
@@ -220,6 +220,11 @@ def _jpegs():
             buf = io.BytesIO()
             Image.fromarray(arr[..., 1]).save(buf, format="JPEG")
             out[f"{kind} {w}x{h} gray"] = buf.getvalue()
+            for sub, restart in (("4:2:0", {"restart_marker_blocks": 1}), ("4:2:2", {"restart_marker_rows": 1}),
+                                 ("4:4:4", {"restart_marker_blocks": 7})):       # as cameras write them
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="JPEG", quality=90, subsampling=sub, **restart)
+                out[f"{kind} {w}x{h} {sub} restart {restart}"] = buf.getvalue()
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (3024, 4032, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
     out["noise 4032x3024 4:2:0 q90"] = buf.getvalue()
@@ -248,7 +253,7 @@ def test_nvjpeg_decodes_to_libjpeg_turbos_pixels():
 
 def test_nvjpeg_damaged_jpegs_get_the_hosts_pixels():
     """JPEGs damaged past their headers (a run of the scan zeroed, the scan cut short, bits
-    flipped): nvJPEG recovers many to other pixels than libjpeg-turbo (this GPU's fuzz), and
+    flipped; with and without restart markers): nvJPEG recovers many to other pixels than libjpeg-turbo (this GPU's fuzz), and
     decode_frame gives the host's pixels, or its refusal, for every one that libjpeg-turbo warns
     on (jpeg_gpu.intact). A flipped bit that it does not warn on can still part them (a block's
     coefficients far out of range, it seems: the two IDCTs' range limits differ); those are not
@@ -264,11 +269,14 @@ def test_nvjpeg_damaged_jpegs_get_the_hosts_pixels():
     if jpeg_gpu.nvjpeg() is None:
         pytest.skip("no nvJPEG library here")
     rng, device, differ = np.random.default_rng(3), torch.device("cuda"), 0
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
-    base = buf.getvalue()
-    sos = base.find(b"\xff\xda") + 14
+    pixels, bases = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8), []
+    for restart in ({}, {"restart_marker_blocks": 2}):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90, **restart)
+        bases.append(buf.getvalue())
     for i in range(60):
+        base = bases[i % 2]
+        sos = base.find(b"\xff\xda") + 14
         data = bytearray(base)
         p = int(rng.integers(sos, len(base) - 40))
         if i % 3 == 0:

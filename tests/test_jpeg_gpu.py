@@ -87,6 +87,9 @@ def test_which_jpegs_go_to_the_vit_undecoded():
     their end-of-image marker) and not tiny; nothing else (the host decodes those)."""
     for sub in ("4:4:4", "4:2:2", "4:2:0"):
         assert gpu_jpeg_size(_jpeg(64, 48, subsampling=sub)) == (48, 64)
+        # restart intervals, as cameras write them (nvJPEG's pixels were libjpeg-turbo's on an H200)
+        assert gpu_jpeg_size(_jpeg(64, 48, subsampling=sub, restart_marker_blocks=2)) == (48, 64)
+        assert gpu_jpeg_size(_jpeg(64, 48, subsampling=sub, restart_marker_rows=1)) == (48, 64)
     gray = io.BytesIO()
     make_image(40, 30, 1).convert("L").save(gray, format="JPEG")
     assert gpu_jpeg_size(gray.getvalue()) == (30, 40)
@@ -94,7 +97,6 @@ def test_which_jpegs_go_to_the_vit_undecoded():
     make_image(40, 30, 1).convert("CMYK").save(cmyk, format="JPEG")
     whole = _jpeg(64, 48)
     for data in (_jpeg(64, 48, progressive=True),           # nvJPEG's progressive pixels are not libjpeg's
-                 _jpeg(64, 48, restart_marker_blocks=2),      # restart intervals: not compared on a GPU yet
                  whole[:-40], whole[:-2],                    # truncated: the host refuses or recovers it
                  cmyk.getvalue(), _jpeg(12, 40), image_bytes(make_image(64, 48, 1)), b"\xff\xd8\xff" + b"\0" * 40,
                  whole[:2] + b"\xff\xe0\x00\x01" + whole[4:]):   # a segment length below its own 2 bytes

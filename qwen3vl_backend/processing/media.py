@@ -450,10 +450,11 @@ def gpu_jpeg_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -
     """(height, width) of a JPEG that jpeg_gpu decodes to decode_image_array's pixels, from its
     header alone; None for any other image (the host decodes it). Those are sequential 8-bit
     JPEGs (baseline or extended: progressive ones come out of nvJPEG a few levels off, measured)
-    in YCbCr at 4:4:4, 4:2:2 or 4:2:0, or grayscale, of one scan of every component and no
-    restart markers (what was compared with the host's pixels on an H200; restart intervals were
-    not), that end in their end-of-image marker (a truncated one is the host's to refuse).
-    MediaError past `max_pixels`, as the host's decode."""
+    in YCbCr at 4:4:4, 4:2:2 or 4:2:0, or grayscale, of one scan of every component, with or
+    without restart markers (what was compared with the host's pixels on an H200: restart
+    intervals of 1 and 7 MCUs and of 1 and 3 MCU rows, as cameras write them, came out the same),
+    that end in their end-of-image marker (a truncated one is the host's to refuse). MediaError
+    past `max_pixels`, as the host's decode."""
     if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
         return None
     try:
@@ -464,7 +465,7 @@ def gpu_jpeg_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -
 
     layout = jpeg_layout(data)
     if (not gpu_jpeg_supported(h, w, space, subsampling) or layout is None or layout["sof"] not in (0xC0, 0xC1)
-            or layout["precision"] != 8 or layout["restart"] or layout["scan_components"] != layout["components"]):
+            or layout["precision"] != 8 or layout["scan_components"] != layout["components"]):
         return None
     check_pixels(w, h, max_pixels)
     return h, w
