@@ -279,8 +279,9 @@ def _decode_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-# where `intact` runs: libjpeg-turbo lets go of the GIL while it decodes
-_CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jpeg-intact")
+# where `intact` runs: libjpeg-turbo lets go of the GIL while it decodes, so a request's JPEGs are
+# checked side by side, up to 8 at once, as preprocess's media pool would have decoded them
+_CHECKS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="jpeg-intact")
 
 
 def intact(data: bytes) -> bool:
