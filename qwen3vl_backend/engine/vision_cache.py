@@ -53,7 +53,6 @@ class VisionCache:
                 _, (e, d) = self._entries.popitem(last=False)
                 self._bytes -= _nbytes(e, d)
 
-
     def discard(self, key: str) -> None:
         """Forget `key`'s outputs (the vit's, where they came from pixels it has since refused)."""
         with self._lock:

@@ -24,8 +24,8 @@ and still differ (the one inspected by 2 in a saturated pixel's blue): damaged o
 that libjpeg-turbo decodes without complaint can come out otherwise here. With restart markers
 in half the damaged JPEGs: 1,904 as the host, 27 not, every one of them unwarned. Every JPEG an
 encoder made that was tried is bit for bit (test_gpu.py). The check is the host's whole entropy
-decode (12.5-14.6 ms for the noisy 1280x720 JPEG on the H200's host), so it runs on a thread of its own while
-nvJPEG and the GPU work, and the vit waits for it only once its ViT pass is queued
+decode (12.5-14.6 ms for the noisy 1280x720 JPEG on the H200's host), so it runs on a thread of
+its own while nvJPEG and the GPU work, and the vit waits for it only once its ViT pass is queued
 (decode_frame's `checks`; the served first token was not later for it, 55.4 against 56.4 ms).
 """
 
@@ -311,9 +311,9 @@ def decode_frame(data: bytes, height: int, width: int, device: torch.device | No
     that does not decode.
 
     `checks`: where the caller acts on it, nvJPEG's pixels come back at once and the pending
-    `intact` check (a Future of a bool) is appended to it; the caller must not use the pixels'
-    results before it says True, and otherwise decodes again without `checks`. Without it the
-    check is waited for here."""
+    `intact` check (a Future of a bool) is appended to it; nothing made from the pixels may
+    leave the caller before the check says True, and where it says False the caller decodes
+    again without `checks`. Without it the check is waited for here."""
     from .media import decode_image_array
 
     device = device or torch.device("cpu")
@@ -327,7 +327,7 @@ def decode_frame(data: bytes, height: int, width: int, device: torch.device | No
             with torch.cuda.device(device), torch.cuda.stream(side):
                 frame = decoder.decode_rgb(data, device, height, width).view(-1, 3)
         except NvJpegError:
-            pass
+            check.cancel()      # the host decodes it below (a check already running finishes unread)
         else:
             main.wait_stream(side)
             frame.record_stream(main)
