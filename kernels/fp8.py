@@ -183,12 +183,13 @@ def quantize_launch(x: torch.Tensor, group: int, scales_column_major: bool, flat
         pairs = max(1, FLAT_QUANTIZE_ELEMENTS // group)
         _quantize_flat_kernel[(triton.cdiv(t * g, pairs),)](
             x, q, xs, t * g, g, x.stride(0), q.stride(0), xs.stride(0), xs.stride(1), GROUP=group, PAIRS=pairs,
-            num_warps=4, **pdl(x))
+            num_warps=switches.warps("quantize", 4), **pdl(x))
     else:
         groups = max(1, min(triton.next_power_of_2(g), 4096 // triton.next_power_of_2(group)))
         _quantize_groups_kernel[(t, triton.cdiv(g, groups))](
             x, q, xs, k, x.stride(0), q.stride(0), xs.stride(0), xs.stride(1),
-            GROUP=group, GROUP_PAD=triton.next_power_of_2(group), GROUPS=groups, num_warps=4, **pdl(x))
+            GROUP=group, GROUP_PAD=triton.next_power_of_2(group), GROUPS=groups,
+            num_warps=switches.warps("quantize", 4), **pdl(x))
     return q, xs
 
 

@@ -241,7 +241,8 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     total = torch.empty(1, dtype=torch.int32, device=flat.device)
     e_pad = triton.next_power_of_2(num_experts)
     _align_kernel[(num_experts,)](flat, sorted_ids, block_expert, total, n, BLOCK_M=block_m,
-                                  BLOCK=max(e_pad, min(1024, triton.next_power_of_2(n))), E_PAD=e_pad, **pdl(flat))
+                                  BLOCK=max(e_pad, min(1024, triton.next_power_of_2(n))), E_PAD=e_pad,
+                                  num_warps=switches.warps("align", 4), **pdl(flat))
     return sorted_ids, block_expert, total
 
 
@@ -656,7 +657,8 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
         _route_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0), first_expert,
                             e if num_local is None else num_local, TOP_K=top_k,
                             TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-                            BLOCK_E=triton.next_power_of_2(e), **pdl(router_logits))
+                            BLOCK_E=triton.next_power_of_2(e), num_warps=switches.warps("route", 4),
+                            **pdl(router_logits))
     return weights, ids
 
 
@@ -922,7 +924,8 @@ def sum_top_k(pairs: torch.Tensor, topk_ids: torch.Tensor | None = None, num_exp
     block = min(1024, triton.next_power_of_2(h))
     ids = topk_ids.contiguous() if topk_ids is not None else pairs
     _sum_top_k_kernel[(m, triton.cdiv(h, block))](pairs, out, ids, h, num_experts, TOP_K=a, BLOCK=block,
-                                                  SKIP_SENTINEL=topk_ids is not None, num_warps=4, **pdl(pairs))
+                                                  SKIP_SENTINEL=topk_ids is not None,
+                                                  num_warps=switches.warps("sum_top_k", 4), **pdl(pairs))
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import switches
 from .pdl import gdc_enter, pdl
 
 
@@ -42,7 +43,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         raise ValueError("rmsnorm: residual must match x")
     _rmsnorm_kernel[(x2.shape[0],)](x2, res, weight, out, x2.shape[1], eps, x2.stride(0), res.stride(0),
                                     out.stride(0), HAS_RESIDUAL=residual is not None,
-                                    BLOCK=triton.next_power_of_2(x2.shape[1]), num_warps=8 if x2.shape[1] >= 2048 else 4,
+                                    BLOCK=triton.next_power_of_2(x2.shape[1]),
+                                    num_warps=switches.warps("rmsnorm", 8 if x2.shape[1] >= 2048 else 4),
                                     **pdl(x2))
     return out.view_as(x)
 

@@ -35,6 +35,10 @@ at concurrency 1 / 16 / 64:
   tries FlashAttention-2 first. Causal GQA at 1024 / 2048 tokens, 32 query and 4 KV heads of 128:
   flash 52 / 163 us, cuDNN 30 / 78; 235B's 64 heads: 90 / 270 against 47 / 139. 30B fp8 TTFT
   (engine, p50 of 8): 38.9 ms against 43.4 and 39.9 for the base runs before and after it.
+- KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
+  launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
+  engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
+  7.73 to 7.53 ms (twenty-second session), and these launches have never been measured otherwise.
 """
 
 import os
@@ -51,3 +55,29 @@ FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
 FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZE", ""))     # None: by shape
+
+# the launches whose warps KERNEL_WARPS may set: kernels.rmsnorm.rmsnorm, kernels.fp8's activation
+# quantize (both kernels), kernels.fused_moe's sum_top_k, route and align_by_expert, kernels.rope.qkv_prep_
+KERNEL_WARPS_NAMES = ("rmsnorm", "quantize", "sum_top_k", "route", "align", "qkv_prep")
+
+
+def parse_kernel_warps(spec: str) -> dict[str, int]:
+    """"name=warps,..." -> {name: warps}; ValueError for a name not in KERNEL_WARPS_NAMES or warps
+    not a power of two from 1 to 32."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name.strip() not in KERNEL_WARPS_NAMES or not value.strip().isdigit() or \
+                int(value) not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"QWEN3VL_KERNEL_WARPS: {part!r}: name=warps, a name of {', '.join(KERNEL_WARPS_NAMES)} "
+                             "and warps a power of two up to 32")
+        out[name.strip()] = int(value)
+    return out
+
+
+KERNEL_WARPS = parse_kernel_warps(os.environ.get("QWEN3VL_KERNEL_WARPS", ""))
+
+
+def warps(name: str, default: int) -> int:
+    """The launch's warps: KERNEL_WARPS' where it names the launch, else `default`."""
+    return KERNEL_WARPS.get(name, default)

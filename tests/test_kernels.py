@@ -4,6 +4,8 @@ On CPU they run in Triton's interpreter at small sizes; on a GPU in bf16 at larg
 including a CUDA-graph replay. Errors are ||out - ref|| / ||ref||.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -643,3 +645,47 @@ def test_the_skinny_tables_split_k_entries_are_dense_launches():
                     found += 1
                     assert keys <= set(entry) and int(m) <= SPLIT_MAX_M, (path.name, shape, m)
     assert found           # the H200's router entry (30B-A3B's 128 x 2048 at 16 rows)
+
+
+def test_kernel_warps_switch_sets_the_small_launches_warps(monkeypatch):
+    """switches.KERNEL_WARPS (QWEN3VL_KERNEL_WARPS) reaches each named launch's num_warps and only
+    those; unset, the launches keep their defaults; a bad spec is refused with what it may be."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("recording launches needs the interpreter (the CPU tests' mode)")
+    import launch_record
+
+    from kernels import switches
+    from kernels.fp8 import quantize_launch
+    from kernels.fused_moe import align_by_expert, route, sum_top_k
+    from kernels.rmsnorm import rmsnorm
+    from kernels.rope import qkv_prep_
+
+    assert switches.parse_kernel_warps(" rmsnorm=2, sum_top_k=1,") == {"rmsnorm": 2, "sum_top_k": 1}
+    assert switches.parse_kernel_warps("") == {}
+    for bad in ("rmsnorm", "rmsnorm=3", "gemm=4", "rmsnorm=64", "rmsnorm=x", "=4"):
+        with pytest.raises(ValueError, match="QWEN3VL_KERNEL_WARPS"):
+            switches.parse_kernel_warps(bad)
+
+    def launched() -> dict[str, int]:
+        d, hq, hkv = 64, 4, 2
+        with launch_record.only_recording() as rec:
+            rmsnorm(torch.empty(3, 2048), torch.empty(2048), 1e-6)
+            quantize_launch(torch.empty(3, 256), 128, False, False)
+            quantize_launch(torch.empty(3, 256), 128, False, True)
+            sum_top_k(torch.empty(3, 2, 64))
+            route(torch.empty(3, 16), 2, True)
+            align_by_expert(torch.zeros(3, 2, dtype=torch.int32), 16, 16)
+            qkv_prep_(torch.empty(3, (hq + 2 * hkv) * d), hq, hkv, torch.empty(d), torch.empty(d), 1e-6,
+                      torch.empty(3, d), torch.empty(3, d), torch.empty(2, 4, 16, hkv, d), torch.zeros(3, dtype=torch.long))
+        return {r["name"]: r["num_warps"] for r in rec.records.values()}
+
+    names = {"_rmsnorm_kernel": "rmsnorm", "_quantize_groups_kernel": "quantize", "_quantize_flat_kernel": "quantize",
+             "_sum_top_k_kernel": "sum_top_k", "_route_kernel": "route", "_align_kernel": "align",
+             "_qkv_prep_kernel": "qkv_prep"}
+    monkeypatch.setattr(switches, "KERNEL_WARPS", {})
+    assert launched() == {k: 8 if k == "_rmsnorm_kernel" else 4 for k in names}
+    chosen = {"rmsnorm": 2, "quantize": 1, "sum_top_k": 8, "route": 2, "align": 1, "qkv_prep": 16}
+    monkeypatch.setattr(switches, "KERNEL_WARPS", chosen)
+    assert launched() == {k: chosen[v] for k, v in names.items()}
+    monkeypatch.setattr(switches, "KERNEL_WARPS", {"route": 1})
+    assert launched() == {k: 1 if v == "route" else 8 if v == "rmsnorm" else 4 for k, v in names.items()}
