@@ -290,15 +290,19 @@ def test_the_vits_outputs_come_from_the_hosts_pixels_for_damaged_jpegs(monkeypat
     assert [i for i, _ in checks] == [0, 1]
     nvjpeg_out = encode(rows, grids)[0]
     assert not torch.equal(nvjpeg_out[:n_good], want[:n_good]) and not torch.equal(nvjpeg_out[n_good:], want[n_good:])
+    decoded = len(seen)
     embeds, deepstack = encode_checked(encode, cache, rows, grids, keys, unit, checks,
-                                       lambda: raw_frames_to_rows(unresized, sizes, grids, cfg, cuda, encoded))
+                                       lambda: raw_frames_to_rows(unresized, sizes, grids, cfg, cuda, encoded,
+                                                                  gpu_decode=False))
+    assert len(seen) == decoded         # the remake: the host's decodes only, no nvJPEG (nor checks) again
     assert torch.equal(embeds[:n_good], nvjpeg_out[:n_good])        # intact: nvJPEG's pixels
     assert torch.equal(embeds[n_good:], want[n_good:])              # damaged: the host's
     assert torch.equal(deepstack[0], embeds * 2)
     assert torch.equal(cache.get("bad")[0], want[n_good:]) and torch.equal(cache.get("good")[0], nvjpeg_out[:n_good])
-    # without the cache, the same outputs
+    # without the cache every item is encoded again from the host's pixels (an intact JPEG's are
+    # nvJPEG's on a GPU; the pretended decoder's differ, so the intact item shows it too)
     checks = []
     rows = raw_frames_to_rows(unresized, sizes, grids, cfg, cuda, encoded, checks)
     again, _ = encode_checked(encode, None, rows, grids, keys, unit, checks,
-                              lambda: raw_frames_to_rows(unresized, sizes, grids, cfg, cuda, encoded))
-    assert torch.equal(again, embeds)
+                              lambda: raw_frames_to_rows(unresized, sizes, grids, cfg, cuda, encoded, gpu_decode=False))
+    assert torch.equal(again, want)

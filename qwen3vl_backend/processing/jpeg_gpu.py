@@ -302,7 +302,7 @@ def intact(data: bytes) -> bool:
 
 
 def decode_frame(data: bytes, height: int, width: int, device: torch.device | None = None,
-                 checks: list | None = None) -> torch.Tensor:
+                 checks: list | None = None, gpu: bool = True) -> torch.Tensor:
     """A JPEG that preprocess sent undecoded (media.gpu_jpeg_size) -> its (height * width, 3) uint8
     pixels on `device`: by nvJPEG where that is a GPU, the library loads and the JPEG is `intact`,
     else (a damaged JPEG, one nvJPEG refuses, or on a CPU) by the host's decode_image_array; the
@@ -313,11 +313,12 @@ def decode_frame(data: bytes, height: int, width: int, device: torch.device | No
     `checks`: where the caller acts on it, nvJPEG's pixels come back at once and the pending
     `intact` check (a Future of a bool) is appended to it; nothing made from the pixels may
     leave the caller before the check says True, and where it says False the caller decodes
-    again without `checks`. Without it the check is waited for here."""
+    again with `gpu` False (the host's decode, and no second check). Without it the check is
+    waited for here."""
     from .media import decode_image_array
 
     device = device or torch.device("cpu")
-    if device.type == "cuda" and (decoder := nvjpeg()) is not None:
+    if gpu and device.type == "cuda" and (decoder := nvjpeg()) is not None:
         check: Future = _CHECKS.submit(intact, data)       # on the host's cores while nvJPEG and the GPU work
         # on a stream of its own, which nothing queued on the device's stream (the ViT passes of
         # requests before this one) holds up; its memory is that stream's (the caching allocator's

@@ -280,7 +280,7 @@ def check_pixel_rows(shape: tuple[int, ...], grids, cfg: VisionProcessingConfig)
 
 def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessingConfig,
                        device: torch.device | None = None, encoded: tuple | None = None,
-                       checks: list | None = None) -> torch.Tensor:
+                       checks: list | None = None, gpu_decode: bool = True) -> torch.Tensor:
     """What the vit model takes when preprocess sends images unresized: their pixels (sum H*W, 3)
     uint8, each image's (H, W) in `sizes` and its grid (1, gh, gw) -> the single-frame rows
     (sum gh*gw, C*P*P) that check_pixel_rows admits, on `device` (one copy there first). ValueError
@@ -292,7 +292,8 @@ def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessing
     nvJPEG on a GPU), and has no pixels in `pixels`; ValueError for counts that do not add up
     to the bytes, or a JPEG that is not of its source size or does not decode. `checks`: as
     decode_frame's, each pending check appended with its item's index, (i, Future); where one
-    says False, the rows are made again without `checks` (the host's pixels for that JPEG)."""
+    says False, the rows are made again with `gpu_decode` False: every JPEG decoded by the host
+    (an intact one to nvJPEG's pixels, a damaged one to the host's own)."""
     if len(sizes) != len(grids):
         raise ValueError(f"source_sizes has {len(sizes)} rows for {len(grids)} grids")
     lengths = [0] * len(sizes)
@@ -327,7 +328,7 @@ def raw_frames_to_rows(pixels: torch.Tensor, sizes, grids, cfg: VisionProcessing
     for (height, width), g, length in zip(checked, grids, lengths):
         if length:
             pending = [] if checks is not None else None
-            frame = decode_frame(data[at:at + length], height, width, device or pixels.device, pending)
+            frame = decode_frame(data[at:at + length], height, width, device or pixels.device, pending, gpu_decode)
             if pending:
                 checks.extend((len(rows), c) for c in pending)
             at += length

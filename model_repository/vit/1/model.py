@@ -187,7 +187,8 @@ class TritonPythonModel:
             # (its recovery, or its 400) in place of nvJPEG's; the check runs while the GPU encodes
             e, ds = encode_checked(self._encode, self.cache, pv, [tuple(int(x) for x in g) for g in grids], keys,
                                    self.merge_unit, checks, lambda: raw_frames_to_rows(
-                                       unresized, sizes, grids, self.pixel_cfg, self.device, encoded).contiguous())
+                                       unresized, sizes, grids, self.pixel_cfg, self.device, encoded,
+                                       gpu_decode=False).contiguous())
             if timing is not None:      # the encoder's host time, then its GPU tail
                 t2 = time.perf_counter()
                 if self.device.type == "cuda":
