@@ -261,8 +261,8 @@ def test_damaged_jpegs_get_the_hosts_pixels_not_nvjpegs(monkeypatch):
 def test_the_vits_outputs_come_from_the_hosts_pixels_for_damaged_jpegs(monkeypatch):
     """vision_cache.encode_checked, as the vit runs it: a request's JPEGs decoded by (pretended)
     nvJPEG are encoded at once; where a JPEG's check then says it is damaged, its cached outputs
-    go and it is encoded from the host's pixels. The intact JPEG keeps nvJPEG's; both requests'
-    outputs and the cache then hold what they should."""
+    go and it is encoded from the host's pixels. The intact JPEG keeps nvJPEG's; the request's
+    outputs and the cache then hold what they should, with the cache and without it."""
     from qwen3vl_backend.engine.vision_cache import VisionCache, encode_checked
     from qwen3vl_backend.processing.vision_inputs import VisionProcessingConfig, image_grid, raw_frames_to_rows
 
