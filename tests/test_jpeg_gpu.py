@@ -244,6 +244,11 @@ def test_damaged_jpegs_get_the_hosts_pixels_not_nvjpegs(monkeypatch):
     good = _noise_jpeg(64, 48, 5)
     bad = _damaged(good)
     assert gpu_jpeg_size(bad) == (48, 64) and jpeg_gpu.intact(good) and not jpeg_gpu.intact(bad)
+    calls = []
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(real(*a, **k).shape))
+    assert jpeg_gpu.intact(good) and calls == [(6, 8, 3)]        # at 1/8 scale, not the full 48 x 64
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", real)
     with pytest.raises(ValueError):
         simplejpeg.decode_jpeg(bad, strict=True)            # the host path's first try warns ...
     host = {k: torch.from_numpy(decode_image_array(d)).view(-1, 3) for k, d in (("good", good), ("bad", bad))}
