@@ -69,3 +69,18 @@ def test_least_recently_used_goes_first():
     cache.put("c", *entry())
     assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
     assert cache.size_bytes <= 2**20
+
+
+def test_discard_forgets_an_entry_and_its_bytes():
+    """VisionCache.discard (the vit's, for outputs made from a damaged JPEG's nvJPEG pixels): the
+    entry goes, its bytes leave the count, so the room is there for the next; an absent key is a
+    no-op."""
+    cache = VisionCache(1)
+    entry = lambda: (torch.zeros(100, 1024), [torch.zeros(100, 1024)])  # noqa: E731  (800 KiB)
+    cache.put("a", *entry())
+    assert cache.size_bytes == 800 * 1024
+    cache.discard("a")
+    cache.discard("never there")
+    assert cache.get("a") is None and cache.size_bytes == 0
+    cache.put("b", *entry())
+    assert cache.get("b") is not None and cache.size_bytes == 800 * 1024
