@@ -417,9 +417,9 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 def jpeg_layout(data: bytes) -> dict | None:
     """A JPEG's coding as its marker segments up to the first scan tell it: the start-of-frame
     marker ("sof": C0 baseline, C1 extended sequential, C2 progressive, ...), "precision" (bits a
-    sample), "components" (the frame's), "restart" (the restart interval; 0 without one) and
-    "scan_components" (the first scan's). None where they do not parse that far."""
-    pos, n, out = 2, len(data), {"restart": 0}
+    sample), "components" (the frame's) and "scan_components" (the first scan's). None where they
+    do not parse that far."""
+    pos, n, out = 2, len(data), {}
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             return None
@@ -438,8 +438,6 @@ def jpeg_layout(data: bytes) -> dict | None:
             if "sof" in out or len(body) < 6:
                 return None
             out.update(sof=marker, precision=body[0], components=body[5])
-        elif marker == 0xDD and len(body) >= 2:        # define restart interval
-            out["restart"] = int.from_bytes(body[:2], "big")
         elif marker == 0xDA:
             return {**out, "scan_components": body[0]} if "sof" in out and body else None
         pos += 2 + length
