@@ -72,7 +72,7 @@ def qkv_prep_(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight: torch.Tensor, k_
         _qkv_prep_kernel[(triton.cdiv(t, rows), n_q + 2 * n_kv)](
             qkv, q_weight, k_weight, cos, sin, cache, slot_mapping, t, n_q, n_kv, eps,
             qkv.stride(0), cos.stride(0), cache.stride(0), n_kv * d, HEAD_DIM=d, HALF=d // 2, BLOCK_T=rows,
-            num_warps=switches.warps("qkv_prep", 4), **pdl(qkv))
+            num_warps=switches.warps("qkv_prep", 1 if rows == 1 else 4), **pdl(qkv))
     q = qkv[:, : n_q * d].view(t, n_q, d)
     k = qkv[:, n_q * d : (n_q + n_kv) * d].view(t, n_kv, d)
     v = qkv[:, (n_q + n_kv) * d :].view(t, n_kv, d)

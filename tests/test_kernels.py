@@ -666,26 +666,30 @@ def test_kernel_warps_switch_sets_the_small_launches_warps(monkeypatch):
         with pytest.raises(ValueError, match="QWEN3VL_KERNEL_WARPS"):
             switches.parse_kernel_warps(bad)
 
-    def launched() -> dict[str, int]:
+    def launched(t: int = 3) -> dict[str, int]:
         d, hq, hkv = 64, 4, 2
         with launch_record.only_recording() as rec:
-            rmsnorm(torch.empty(3, 2048), torch.empty(2048), 1e-6)
-            quantize_launch(torch.empty(3, 256), 128, False, False)
-            quantize_launch(torch.empty(3, 256), 128, False, True)
-            sum_top_k(torch.empty(3, 2, 64))
-            route(torch.empty(3, 16), 2, True)
-            align_by_expert(torch.zeros(3, 2, dtype=torch.int32), 16, 16)
-            qkv_prep_(torch.empty(3, (hq + 2 * hkv) * d), hq, hkv, torch.empty(d), torch.empty(d), 1e-6,
-                      torch.empty(3, d), torch.empty(3, d), torch.empty(2, 4, 16, hkv, d), torch.zeros(3, dtype=torch.long))
+            rmsnorm(torch.empty(t, 2048), torch.empty(2048), 1e-6)
+            quantize_launch(torch.empty(t, 256), 128, False, False)
+            quantize_launch(torch.empty(t, 256), 128, False, True)
+            sum_top_k(torch.empty(t, 2, 64))
+            route(torch.empty(t, 16), 2, True)
+            align_by_expert(torch.zeros(t, 16, dtype=torch.int32), 16, 16)
+            qkv_prep_(torch.empty(t, (hq + 2 * hkv) * d), hq, hkv, torch.empty(d), torch.empty(d), 1e-6,
+                      torch.empty(t, d), torch.empty(t, d), torch.empty(2, 4, 16, hkv, d), torch.zeros(t, dtype=torch.long))
         return {r["name"]: r["num_warps"] for r in rec.records.values()}
 
     names = {"_rmsnorm_kernel": "rmsnorm", "_quantize_groups_kernel": "quantize", "_quantize_flat_kernel": "quantize",
              "_sum_top_k_kernel": "sum_top_k", "_route_kernel": "route", "_align_kernel": "align",
              "_qkv_prep_kernel": "qkv_prep"}
+    # the defaults: one warp for route, and for align and q/k prep at decode sizes (3 tokens: 48
+    # pairs, one row a prep program); 40 tokens (640 pairs, 16 rows a program) take four
     monkeypatch.setattr(switches, "KERNEL_WARPS", {})
-    assert launched() == {k: 8 if k == "_rmsnorm_kernel" else 4 for k in names}
-    chosen = {"rmsnorm": 2, "quantize": 1, "sum_top_k": 8, "route": 2, "align": 1, "qkv_prep": 16}
+    small = {"rmsnorm": 8, "route": 1, "align": 1, "qkv_prep": 1}
+    assert launched() == {k: small.get(v, 4) for k, v in names.items()}
+    assert launched(40) == {k: {"rmsnorm": 8, "route": 1}.get(v, 4) for k, v in names.items()}
+    chosen = {"rmsnorm": 2, "quantize": 1, "sum_top_k": 8, "route": 2, "align": 2, "qkv_prep": 16}
     monkeypatch.setattr(switches, "KERNEL_WARPS", chosen)
-    assert launched() == {k: chosen[v] for k, v in names.items()}
-    monkeypatch.setattr(switches, "KERNEL_WARPS", {"route": 1})
-    assert launched() == {k: 1 if v == "route" else 8 if v == "rmsnorm" else 4 for k, v in names.items()}
+    assert launched() == launched(40) == {k: chosen[v] for k, v in names.items()}
+    monkeypatch.setattr(switches, "KERNEL_WARPS", {"route": 4})
+    assert launched() == {k: 4 if v == "route" else small.get(v, 4) for k, v in names.items()}

@@ -191,14 +191,15 @@ def test_bits_dense_gemm_compiles_to_integer_conversion_ptx():
 def h200_table_launches() -> list[dict]:
     """The launches the H200's decode tables configure (kernels/configs: the fp8 GEMV, the skinny
     GEMM and its split-K entries, the fp8 dense GEMM, the MoE pair kernels, the sorted MoE path's
-    decode batches), made by the launch
+    decode batches) and the small decode launches that run one warp, made by the launch
     functions themselves at the tables' shapes on the CPU with launch_record.only_recording: the
     kernel variants an H200 runs, which the CPU tests' small configs do not reach."""
     import torch
 
     import launch_record
     from kernels import fp8 as kfp8, linear, tables
-    from kernels.fused_moe import dense_fp8_gemm, fused_moe, fused_moe_pairs
+    from kernels.fused_moe import align_by_expert, dense_fp8_gemm, fused_moe, fused_moe_pairs, route
+    from kernels.rope import qkv_prep_
 
     name, block = "NVIDIA_H200", (128, 128)
     configs = Path(tables.__file__).parent / "configs"
@@ -265,6 +266,14 @@ def h200_table_launches() -> list[dict]:
                 if m.isdigit() and isinstance(cfg, dict) and int(m) <= kfp8.DENSE_MAX_M:
                     fused_moe(torch.empty(int(m), hidden, dtype=bf16), w13, w2, torch.ones(int(m), 8),
                               torch.zeros(int(m), 8, dtype=torch.int32), cfg, s13, s2, block)
+        # the small decode launches' one-warp defaults (kernels.switches.KERNEL_WARPS), 30B's shapes
+        hq, hkv, d = 32, 4, 128
+        for t in (1, 16, 64):
+            qkv_prep_(torch.empty(t, (hq + 2 * hkv) * d, dtype=bf16), hq, hkv, torch.empty(d, dtype=bf16),
+                      torch.empty(d, dtype=bf16), 1e-6, torch.empty(t, d), torch.empty(t, d),
+                      torch.empty(2, 4, 16, hkv, d, dtype=bf16), torch.zeros(t, dtype=torch.long))
+            route(torch.empty(t, 128), 8, True)
+            align_by_expert(torch.zeros(t, 8, dtype=torch.int32), 128, 16)
     # the launches an H200 runs are compiled as launched, and may not spill (max_stack); the GEMV's
     # entries the dense GEMM's shadow are only compiled
     return ([{**r, "max_stack": 0} for r in rec.records.values()]
