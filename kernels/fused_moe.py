@@ -225,9 +225,10 @@ def _align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, n,
         tl.store(total_ptr, tl.sum(padded, 0))
 
 
-# align's launch at one warp up to this many pairs (a decode batch of 64 tokens at top-8): 30B fp8
-# c16 7.414 -> 7.359 ms with route's at one warp too (twenty-third session's engine_ab)
-ALIGN_ONE_WARP_MAX = 512
+# align's launch at one warp up to this many pairs (a decode batch of 16 tokens at top-8): 30B fp8
+# c16 7.414 -> 7.359 ms with route's at one warp too; at 64 tokens four warps were faster (c64
+# 11.27 -> 11.22 ms; alone 5.3 us at one warp). Twenty-third session's engine_ab, on an H200.
+ALIGN_ONE_WARP_MAX = 128
 
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):

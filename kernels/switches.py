@@ -41,8 +41,8 @@ at concurrency 1 / 16 / 64:
   7.73 to 7.53 ms (twenty-second session). Measured in the step (twenty-third session, 30B fp8,
   base 2.001 / 7.410 ms at c1 / c16): q/k prep at one warp 1.990 / 7.391, route and align at one
   warp 7.359 at c16; rmsnorm at 4 or 2, quantize at 1 and the top-k sum at 1 within the base's
-  spread. So q/k prep's one-row launches (decode batches up to 32), route's and align's up to 512
-  pairs run one warp by default; the rest keep theirs.
+  spread. So q/k prep's one-row launches (decode batches up to 32), route's and align's up to 128
+  pairs (16 tokens; at 64 four warps were faster) run one warp by default; the rest keep theirs.
 """
 
 import os

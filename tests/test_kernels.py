@@ -682,8 +682,8 @@ def test_kernel_warps_switch_sets_the_small_launches_warps(monkeypatch):
     names = {"_rmsnorm_kernel": "rmsnorm", "_quantize_groups_kernel": "quantize", "_quantize_flat_kernel": "quantize",
              "_sum_top_k_kernel": "sum_top_k", "_route_kernel": "route", "_align_kernel": "align",
              "_qkv_prep_kernel": "qkv_prep"}
-    # the defaults: one warp for route, and for align and q/k prep at decode sizes (3 tokens: 48
-    # pairs, one row a prep program); 40 tokens (640 pairs, 16 rows a program) take four
+    # the defaults: one warp for route, and for align and q/k prep at small decode batches (3
+    # tokens: 48 pairs, one row a prep program); 40 tokens (640 pairs, 16 rows a program) take four
     monkeypatch.setattr(switches, "KERNEL_WARPS", {})
     small = {"rmsnorm": 8, "route": 1, "align": 1, "qkv_prep": 1}
     assert launched() == {k: small.get(v, 4) for k, v in names.items()}
