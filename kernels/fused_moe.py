@@ -52,6 +52,23 @@ def _bits_dot(a, b, ASM: tl.constexpr):
     return out
 
 
+# L2_PREFETCH's PTX: ask L2 for the 128-byte line at an address. A hint: nothing comes back, and
+# the loads after it find the line there or on its way.
+_L2_PREFETCH = tl.constexpr("prefetch.global.L2 [$1];\n mov.b32 $0, 0;")
+
+
+@triton.jit
+def _l2_prefetch_lines(base, rows, stride_bytes, start_bytes, end_bytes, LINES: tl.constexpr, ASM: tl.constexpr):
+    """Every 128-byte line of bytes [start_bytes, end_bytes) of the rows `rows` (stride_bytes apart
+    from the int8 pointer `base`) asked of L2 at once; lines past the end ask for the row's first.
+    On the GPU (ASM) only: the interpreter runs no PTX, and the answer is the same without it."""
+    if ASM:
+        offs = start_bytes + tl.arange(0, LINES) * 128
+        offs = tl.where(offs < end_bytes, offs, start_bytes)
+        ptrs = base + rows[:, None].to(tl.int64) * stride_bytes + offs[None, :]
+        tl.inline_asm_elementwise(_L2_PREFETCH, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def _grouped_gemm_kernel(
     # pointers
@@ -67,6 +84,7 @@ def _grouped_gemm_kernel(
     as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     PAIR_BLOCKS: tl.constexpr = False, DENSE: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
     ws_ptr=None, count_ptr=None, BITS: tl.constexpr = False, ASM: tl.constexpr = False,
+    L2_PREFETCH: tl.constexpr = False, LINES: tl.constexpr = 1,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
@@ -81,8 +99,13 @@ def _grouped_gemm_kernel(
     atomic count per tile, reset by it) sums the partials in split order, so the answer does not
     depend on which finished first. BITS (SCALE_MODE 2, a bfloat16, not A_SCALED): the weight
     tiles become bfloat16 by integer ops (kernels.fp8._e4m3_bf16_bits; ASM: its PTX, on the GPU),
-    2^-120 of their values, made up in the scale."""
-    gdc_enter(USE_PDL)
+    2^-120 of their values, made up in the scale. L2_PREFETCH (DENSE, ASM): before PDL's wait the
+    program asks L2 for its weight tile's lines over its K steps (LINES: a row's, a power of two),
+    which no kernel writes, while the kernel before it still runs."""
+    tl.static_assert(DENSE or not L2_PREFETCH, "L2_PREFETCH: dense launches only (the rest read ids first)")
+    gdc_launch(USE_PDL)
+    if not L2_PREFETCH:
+        gdc_wait(USE_PDL)
     pid = tl.program_id(0)
     if PAIR_BLOCKS:
         num_padded = num_valid * BLOCK_M
@@ -124,6 +147,11 @@ def _grouped_gemm_kernel(
     if SPLIT_K > 1:
         k_first = tl.program_id(1) * tl.cdiv(steps, SPLIT_K)
         steps = tl.minimum(steps, k_first + tl.cdiv(steps, SPLIT_K))
+    if L2_PREFETCH:
+        elt = b_ptr.dtype.element_ty.primitive_bitwidth // 8
+        _l2_prefetch_lines(b_ptr.to(tl.pointer_type(tl.int8)), offs_n, stride_bn * elt, k_first * BLOCK_K * elt,
+                           tl.minimum(steps * BLOCK_K, K) * elt, LINES, ASM)
+        gdc_wait(USE_PDL)
     offs_k = k_first * BLOCK_K + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
@@ -448,9 +476,10 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
     the grouped GEMM with one expert and its rows in order (DENSE), so neither a sort nor ids.
     cfg: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, A8 (the rows quantized per
     token and block-wide group first, one launch, and fp8 tensor-core dots: W8A8; else the weight
-    tiles become x's dtype in registers, W8A16; BITS, bfloat16 x: by integer ops), and SPLIT_K
-    (each tile's K steps shared by that many programs: a narrow N fills the SMs). x (M, K)
-    bf16/float32 -> (M, N) in x's dtype."""
+    tiles become x's dtype in registers, W8A16; BITS, bfloat16 x: by integer ops), SPLIT_K
+    (each tile's K steps shared by that many programs: a narrow N fills the SMs), and L2_PREFETCH
+    (each program asks L2 for its weights before PDL's wait, while the kernel before runs; the
+    PTX on a GPU only). x (M, K) bf16/float32 -> (M, N) in x's dtype."""
     return dense_gemm(x, wq, cfg, scale, block)
 
 
@@ -483,6 +512,8 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
         counts = tile_counts(x.device)
     else:
         split, ws, counts = 1, y, y
+    prefetch = bool(cfg.get("L2_PREFETCH"))
+    lines = triton.next_power_of_2(-(-triton.cdiv(triton.cdiv(k, block_k), split) * block_k * w.element_size() // 128))
     _grouped_gemm_kernel[(tiles, split)](
         a, w, y, scale, scale, scale, scale, scale, n, k, m, 1, 1,
         a.stride(0), a.stride(1), 0, w.stride(0), w.stride(1), y.stride(0), y.stride(1), 0,
@@ -490,8 +521,9 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
         A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,
-        SPLIT_K=split, ws_ptr=ws, count_ptr=counts, BITS=bits, ASM=bits and x.is_cuda, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **pdl(x))
+        SPLIT_K=split, ws_ptr=ws, count_ptr=counts, BITS=bits, ASM=(bits or prefetch) and x.is_cuda,
+        L2_PREFETCH=prefetch, LINES=lines if prefetch else 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl(x))
     return y
 
 

@@ -768,6 +768,24 @@ def test_dense_fp8_gemm_bits_reads_every_e4m3_value():
     assert ((got[sub] == values[sub]) | (got[sub] == 0)).all()
 
 
+@pytest.mark.parametrize("mode", ["w8a16", "bits", "a8"])
+def test_dense_fp8_gemm_l2_prefetch_gives_the_same_bits(mode):
+    """L2_PREFETCH moves PDL's wait after the program's weight lines are asked of L2 (its PTX on a
+    GPU only): the same bits as without it, whole or split over K (K = 320: 3 splits of 2 or 1
+    steps), at rows that leave the last block part padding."""
+    from kernels.fused_moe import dense_fp8_gemm
+
+    x = torch.randn(21, 320, device=DEV)
+    x = x.bfloat16() if mode == "bits" else x
+    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(96, 320) * 0.05, (32, 64)))
+    for split in (1, 3):
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1,
+               "SPLIT_K": split, "BITS": mode == "bits", "A8": mode == "a8"}
+        base = dense_fp8_gemm(x, q, s, (32, 64), cfg)
+        torch.testing.assert_close(dense_fp8_gemm(x, q, s, (32, 64), {**cfg, "L2_PREFETCH": True}), base,
+                                   rtol=0, atol=0)
+
+
 def test_dense_fp8_gemm_split_k_leaves_its_counts_at_zero():
     """Split-K: each tile's last program sums the partials in split order and resets the tile's
     count, so the next launch (another shape, fewer splits) starts from zero and repeats exactly.

@@ -53,6 +53,9 @@ def _compile_one(rec: dict) -> str | None:
     missing = [text for text in rec.get("ptx_has", ()) if text not in kernel.asm["ptx"]]
     if missing:
         return f"PTX without {missing}"
+    where = [kernel.asm["ptx"].find(text) for text in rec.get("ptx_order", ())]
+    if -1 in where or where != sorted(where):
+        return f"PTX without {rec['ptx_order']} in that order: first at {where}"
     if "max_stack" in rec:
         regs, stack = sm90_resources(kernel.asm["cubin"])
         if stack > rec["max_stack"]:
@@ -185,6 +188,29 @@ def test_bits_dense_gemm_compiles_to_integer_conversion_ptx():
     records = [{**r, "ptx_has": ["prmt.b32", "lop3.b32"]} for r in rec.records.values()
                if r["consts"]["ASM"] and r["consts"]["BITS"]]
     assert len(records) == 2, rec.records          # with PDL and without
+    _assert_all_compile(records)
+
+
+def test_dense_gemm_l2_prefetch_comes_before_the_pdl_wait():
+    """The dense fp8 GEMM's L2_PREFETCH launch, as the GPU makes it (ASM and PDL on), compiles for
+    sm_90 with its L2 prefetches ahead of PDL's wait in the PTX: the weights are asked for while
+    the kernel before still runs (W8A16 and W8A8 (A8) at 30B's qkv and o_proj 16 and 64 rows)."""
+    _needs_interpreter()
+    import torch
+
+    import launch_record
+    from kernels.fused_moe import dense_fp8_gemm
+
+    base = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 6,
+            "L2_PREFETCH": True}
+    with launch_record.only_recording() as rec:
+        for m, n, k, cfg in ((16, 5120, 2048, {"SPLIT_K": 4, "BITS": True}), (16, 2048, 4096, {"SPLIT_K": 8}),
+                             (64, 5120, 2048, {"BLOCK_M": 64, "BLOCK_N": 64, "A8": True})):
+            dense_fp8_gemm(torch.empty(m, k, dtype=torch.bfloat16), torch.empty(n, k, dtype=torch.float8_e4m3fn),
+                           torch.ones(-(-n // 128), k // 128), (128, 128), {**base, **cfg})
+    records = [{**r, "ptx_order": ["prefetch.global.L2", "griddepcontrol.wait"]} for r in rec.records.values()
+               if r["name"] == "_grouped_gemm_kernel" and r["consts"]["ASM"] and r["consts"]["USE_PDL"]]
+    assert len(records) == 3, rec.records
     _assert_all_compile(records)
 
 
