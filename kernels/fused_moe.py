@@ -64,7 +64,7 @@ def _l2_prefetch_lines(base, rows, stride_bytes, start_bytes, end_bytes, LINES: 
     On the GPU (ASM) only: the interpreter runs no PTX, and the answer is the same without it."""
     if ASM:
         offs = start_bytes + tl.arange(0, LINES) * 128
-        offs = tl.where(offs < end_bytes, offs, start_bytes)
+        offs = tl.where(offs < end_bytes, offs, 0)            # (a split past K's end: none of its own)
         ptrs = base + rows[:, None].to(tl.int64) * stride_bytes + offs[None, :]
         tl.inline_asm_elementwise(_L2_PREFETCH, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
