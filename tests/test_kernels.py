@@ -226,14 +226,15 @@ def test_align_kernel_equals_torch_alignment(m, e, a, block_m):
     assert torch.equal(got[0][:n], want[0][:n]) and torch.equal(got[1][: n // block_m], want[1][: n // block_m].int())
 
 
-@pytest.mark.parametrize("t,e,a,block_m", [(1, 8, 2, 16), (2, 12, 4, 4), (5, 128, 8, 16), (16, 128, 8, 16),
-                                           (16, 20, 8, 4)])
-@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("t,e,a,block_m,renormalize", [(1, 8, 2, 16, True), (2, 12, 4, 4, False), (5, 40, 8, 16, True),
+                                                       (5, 40, 8, 16, False), (16, 128, 8, 16, True),
+                                                       (16, 20, 8, 4, False)])
 def test_route_align_is_route_then_align(t, e, a, block_m, renormalize):
     """route_align's one launch: route's weights and ids, and align_by_expert's alignment of those
     ids, at token counts short of the padded rows (1, 2, 5), full (16), experts not a power of
-    two (12, 20) and blocks that one expert's pairs overflow (4 rows: 16 tokens, 20 experts);
-    logits with ties (integers in [-3, 3)) as well, which route breaks to the lower id."""
+    two (12, 20, 40) and blocks that one expert's pairs overflow (4 rows: 16 tokens, 20 experts);
+    logits with ties (integers in [-3, 3)) as well, which route breaks to the lower id. (Each
+    expert is a program the interpreter runs: 30B's 128 once.)"""
     from kernels.fused_moe import route_align
 
     for logits in (torch.randn(t, e, device=DEV), torch.randint(-3, 3, (t, e), device=DEV).float()):
