@@ -219,6 +219,17 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
+def _expert_run(counts, e, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """From every expert's pair count (E_PAD,): expert e's first row in the sorted order (the
+    experts before it, each padded to BLOCK_M rows), its pair count and its padded rows, and
+    every expert's padded rows (their sum is the padded total)."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    mine = tl.arange(0, E_PAD) == e
+    first_row = tl.sum(tl.where(mine, tl.cumsum(padded, 0) - padded, 0), 0)
+    return first_row, tl.sum(tl.where(mine, counts, 0), 0), tl.sum(tl.where(mine, padded, 0), 0), padded
+
+
+@triton.jit
 def _align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, n,
                   BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One program per expert: each counts every expert's pairs (to find where its run starts),
@@ -233,12 +244,7 @@ def _align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, n,
         counts += tl.histogram(ids, E_PAD).to(tl.int32)
     # the masked tail of the last chunk was counted as expert 0
     counts -= tl.where(experts == 0, tl.cdiv(n, BLOCK) * BLOCK - n, 0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    mine = experts == e
-    first_row = tl.sum(tl.where(mine, ends - padded, 0), 0)
-    count = tl.sum(tl.where(mine, counts, 0), 0)
-    rows = tl.sum(tl.where(mine, padded, 0), 0)
+    first_row, count, rows, padded = _expert_run(counts, e, BLOCK_M, E_PAD)
     seen = 0
     for start in range(0, n, BLOCK):
         hit = (tl.load(ids_ptr + start + offs, mask=start + offs < n, other=-1) == e).to(tl.int32)
@@ -513,7 +519,9 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
     else:
         split, ws, counts = 1, y, y
     prefetch = bool(cfg.get("L2_PREFETCH"))
-    lines = triton.next_power_of_2(-(-triton.cdiv(triton.cdiv(k, block_k), split) * block_k * w.element_size() // 128))
+    # a program's weight row: its split's K steps, in 128-byte lines
+    lines = triton.next_power_of_2(-(-triton.cdiv(triton.cdiv(k, block_k), split) * block_k * w.element_size() // 128)) \
+        if prefetch else 1
     _grouped_gemm_kernel[(tiles, split)](
         a, w, y, scale, scale, scale, scale, scale, n, k, m, 1, 1,
         a.stride(0), a.stride(1), 0, w.stride(0), w.stride(1), y.stride(0), y.stride(1), 0,
@@ -522,7 +530,7 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
         BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,
         SPLIT_K=split, ws_ptr=ws, count_ptr=counts, BITS=bits, ASM=(bits or prefetch) and x.is_cuda,
-        L2_PREFETCH=prefetch, LINES=lines if prefetch else 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        L2_PREFETCH=prefetch, LINES=lines, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **pdl(x))
     return y
 
@@ -743,16 +751,12 @@ def _route_align_kernel(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_
     experts = tl.arange(0, E_PAD)
     counts = tl.histogram(flat, E_PAD).to(tl.int32)
     counts -= tl.where(experts == 0, T_PAD * TOP_K - n, 0)       # the padding rows' pairs, counted as expert 0
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    mine = experts == e
-    first_row = tl.sum(tl.where(mine, ends - padded, 0), 0)
-    count = tl.sum(tl.where(mine, counts, 0), 0)
-    blocks = tl.sum(tl.where(mine, padded, 0), 0) // BLOCK_M
+    first_row, count, padded_rows, padded = _expert_run(counts, e, BLOCK_M, E_PAD)
+    blocks = padded_rows // BLOCK_M
     hit = ((flat == e) & (pair < n)).to(tl.int32)
     tl.store(sorted_ids_ptr + first_row + tl.cumsum(hit, 0) - 1, pair, mask=hit != 0)
     pad = tl.arange(0, BLOCK_M)
-    tl.store(sorted_ids_ptr + first_row + count + pad, n, mask=count + pad < blocks * BLOCK_M)
+    tl.store(sorted_ids_ptr + first_row + count + pad, n, mask=count + pad < padded_rows)
     # a token meets an expert once: at most T_PAD of its pairs, so fewer blocks than that
     tl.store(block_expert_ptr + first_row // BLOCK_M + rows, e, mask=rows < blocks)
     if e == 0:
@@ -982,10 +986,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if m == 0:
         return torch.empty_like(x)
     fp8_block = tuple(block) if w13_scale is not None else None
-    if config is None and m <= pair_path_max_m(e, two_i // 2, h, x.device, fp8_block):
+    path = _sorted_path(m, w13, x.device, fp8_block, config)
+    if path is None:
         return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]
-    cfg = config or lookup_config(e, two_i // 2, h, m, x.device, fp8_block)
+    cfg, pair_blocks = path
     # the config may choose the paths (tests and benchmarks compare them); else the defaults
     fuse_silu = cfg.get("FUSE_SILU", FUSE_SILU)
     # "DOWN": the down GEMM's own tile, warps or stages (its K and N are not gate_up's); the
@@ -993,7 +998,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     down_cfg = {**cfg, **{k: v for k, v in cfg.get("DOWN", {}).items() if k != "BLOCK_M"}}
     # ids equal to e (another rank's experts) form the sentinel's blocks, which the GEMMs skip.
     # One token meets each of its experts once: a block per pair, no sorting launch.
-    if m == 1 and cfg.get("PAIR_BLOCKS", PAIR_BLOCKS_AT_ONE_TOKEN):
+    if pair_blocks:
         sorted_ids, block_expert, total = None, topk_ids.reshape(-1).to(torch.int32), None
     elif aligned is not None:
         sorted_ids, block_expert, total = aligned
@@ -1098,15 +1103,23 @@ def _find_moe_table(e: int, inter: int, hidden: int, name: str, cuda: bool, fp8_
     return None
 
 
-def sorted_block_m(m: int, w13: torch.Tensor, device: torch.device, fp8_block=None) -> int | None:
-    """The rows a block of the sorted path holds for m tokens with these experts (E, 2I, H), as
-    `fused_moe` chooses its table's launch; None where the pair path takes the batch (or a table's
-    one-token pair blocks)."""
+def _sorted_path(m: int, w13: torch.Tensor, device: torch.device, fp8_block=None,
+                 config: dict | None = None) -> tuple[dict, bool] | None:
+    """fused_moe's path for m tokens with these experts (E, 2I, H): None where the pair path takes
+    them (a `config` given always takes the sorted one), else the sorted path's launch and whether
+    its blocks are the one token's pairs (PAIR_BLOCKS: no sorting)."""
     e, two_i, h = w13.shape
-    if m <= pair_path_max_m(e, two_i // 2, h, device, fp8_block):
+    if config is None and m <= pair_path_max_m(e, two_i // 2, h, device, fp8_block):
         return None
-    cfg = lookup_config(e, two_i // 2, h, m, device, fp8_block)
-    return None if m == 1 and cfg.get("PAIR_BLOCKS", PAIR_BLOCKS_AT_ONE_TOKEN) else cfg["BLOCK_M"]
+    cfg = config or lookup_config(e, two_i // 2, h, m, device, fp8_block)
+    return cfg, bool(m == 1 and cfg.get("PAIR_BLOCKS", PAIR_BLOCKS_AT_ONE_TOKEN))
+
+
+def sorted_block_m(m: int, w13: torch.Tensor, device: torch.device, fp8_block=None) -> int | None:
+    """The rows a block of the sorted path holds for m tokens with these experts, as `fused_moe`
+    chooses (_sorted_path); None where the pair path or one token's pair blocks take them."""
+    path = _sorted_path(m, w13, device, fp8_block)
+    return None if path is None or path[1] else path[0]["BLOCK_M"]
 
 
 def lookup_config(e: int, inter: int, hidden: int, m: int, device: torch.device, fp8_block=None) -> dict:

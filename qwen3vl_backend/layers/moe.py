@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
-from kernels.fused_moe import GATE_ROUTE_MAX_T, NORM_ROUTE_MAX_D
+from kernels.fused_moe import GATE_ROUTE_MAX_T, NORM_ROUTE_MAX_D, ROUTE_ALIGN_MAX_T, sorted_block_m
 
 from ..parallel import Parallel, all_reduce, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
@@ -244,8 +244,6 @@ class SparseMoE(nn.Module):
     def _route_align_block_m(self, x: torch.Tensor) -> int | None:
         """The sorted path's block rows where route_align_fn routes this batch (a few tokens, the
         sorted path, no expert parallelism, top-k a power of two), else None."""
-        from kernels.fused_moe import ROUTE_ALIGN_MAX_T, sorted_block_m
-
         ex = self.experts
         if (self.route_align_fn is None or x.dim() != 2 or x.shape[0] > ROUTE_ALIGN_MAX_T
                 or ex.num_local < ex.num_experts or self.top_k & (self.top_k - 1)):
