@@ -40,15 +40,28 @@ DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "nu
 
 
 @triton.jit
-def _bits_dot(a, b, ASM: tl.constexpr):
+def _dot(a, b, SWAP_AB: tl.constexpr):
+    """a @ b. SWAP_AB: computed as (b^T a^T)^T, so that b's columns (the weight rows) are the
+    tensor-core instruction's M, which on sm_90 is 64 a warpgroup, and a's few rows (a decode
+    batch's) its N, which may be as small as 8: a 16-row tile then runs wgmma, not mma.sync, and
+    an fp8 one multiplies as fp8. The transpose of the result only renames its registers."""
+    if SWAP_AB:
+        out = tl.trans(tl.dot(tl.trans(b), tl.trans(a)))
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _bits_dot(a, b, ASM: tl.constexpr, SWAP_AB: tl.constexpr = False):
     """a (bfloat16) times the e4m3 tile b made wider by integer ops: the product times 2^-120.
     With ASM a bfloat16 dot (fp8._e4m3_bf16_bits); off the GPU, where the interpreter mishandles
     bfloat16 subnormals and bfloat16 dots, a float32 one (fp8._e4m3_bits_as_f32 on each byte: the
     same products exactly)."""
     if ASM:
-        out = tl.dot(a, _e4m3_bf16_bits(b))
+        out = _dot(a, _e4m3_bf16_bits(b), SWAP_AB)
     else:
-        out = tl.dot(a.to(tl.float32), _e4m3_bits_as_f32(b.to(tl.uint8, bitcast=True).to(tl.int32), 0))
+        out = _dot(a.to(tl.float32), _e4m3_bits_as_f32(b.to(tl.uint8, bitcast=True).to(tl.int32), 0), SWAP_AB)
     return out
 
 
@@ -84,7 +97,7 @@ def _grouped_gemm_kernel(
     as_ptr=None, stride_asm=0, A_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     PAIR_BLOCKS: tl.constexpr = False, DENSE: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
     ws_ptr=None, count_ptr=None, BITS: tl.constexpr = False, ASM: tl.constexpr = False,
-    L2_PREFETCH: tl.constexpr = False, LINES: tl.constexpr = 1,
+    L2_PREFETCH: tl.constexpr = False, LINES: tl.constexpr = 1, SWAP_AB: tl.constexpr = False,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
@@ -101,7 +114,8 @@ def _grouped_gemm_kernel(
     tiles become bfloat16 by integer ops (kernels.fp8._e4m3_bf16_bits; ASM: its PTX, on the GPU),
     2^-120 of their values, made up in the scale. L2_PREFETCH (DENSE, ASM): before PDL's wait the
     program asks L2 for its weight tile's lines over its K steps (LINES: a row's, a power of two),
-    which no kernel writes, while the kernel before it still runs."""
+    which no kernel writes, while the kernel before it still runs. SWAP_AB: every dot as (b^T a^T)^T
+    (_dot), the weight tile's BLOCK_N rows the tensor cores' M side (wgmma from 64 on sm_90)."""
     tl.static_assert(DENSE or not L2_PREFETCH, "L2_PREFETCH: dense launches only (the rest read ids first)")
     gdc_launch(USE_PDL)
     if not L2_PREFETCH:
@@ -173,27 +187,27 @@ def _grouped_gemm_kernel(
         if FUSE_SILU:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
         if SCALE_MODE == 0:
-            acc += tl.dot(a, b)
+            acc += _dot(a, b, SWAP_AB)
             if FUSE_SILU:
-                acc_up += tl.dot(a, b_up)
+                acc_up += _dot(a, b_up, SWAP_AB)
         elif SCALE_MODE == 1:
-            acc += tl.dot(a, (b.to(tl.float32) * tl.load(s_ptrs + kb)[None, :]).to(a.dtype))
+            acc += _dot(a, (b.to(tl.float32) * tl.load(s_ptrs + kb)[None, :]).to(a.dtype), SWAP_AB)
             if FUSE_SILU:
-                acc_up += tl.dot(a, (b_up.to(tl.float32) * tl.load(s_up_ptrs + kb)[None, :]).to(a.dtype))
+                acc_up += _dot(a, (b_up.to(tl.float32) * tl.load(s_up_ptrs + kb)[None, :]).to(a.dtype), SWAP_AB)
         else:
             if A_SCALED:
                 sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)[:, None]
-                acc += tl.dot(a, b) * (sa * tl.load(s_ptrs + kb))
+                acc += _dot(a, b, SWAP_AB) * (sa * tl.load(s_ptrs + kb))
                 if FUSE_SILU:
-                    acc_up += tl.dot(a, b_up) * (sa * tl.load(s_up_ptrs + kb))
+                    acc_up += _dot(a, b_up, SWAP_AB) * (sa * tl.load(s_up_ptrs + kb))
             elif BITS:
-                acc += _bits_dot(a, b, ASM) * (tl.load(s_ptrs + kb) * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
+                acc += _bits_dot(a, b, ASM, SWAP_AB) * (tl.load(s_ptrs + kb) * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
                 if FUSE_SILU:
-                    acc_up += _bits_dot(a, b_up, ASM) * (tl.load(s_up_ptrs + kb) * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
+                    acc_up += _bits_dot(a, b_up, ASM, SWAP_AB) * (tl.load(s_up_ptrs + kb) * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
             else:
-                acc += tl.dot(a, b.to(a.dtype)) * tl.load(s_ptrs + kb)
+                acc += _dot(a, b.to(a.dtype), SWAP_AB) * tl.load(s_ptrs + kb)
                 if FUSE_SILU:
-                    acc_up += tl.dot(a, b_up.to(a.dtype)) * tl.load(s_up_ptrs + kb)
+                    acc_up += _dot(a, b_up.to(a.dtype), SWAP_AB) * tl.load(s_up_ptrs + kb)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if FUSE_SILU:
@@ -332,8 +346,8 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a_scale is not None else s, stride_asm=a_scale.stride(0) if a_scale is not None else 0,
-        A_SCALED=a_scale is not None, PAIR_BLOCKS=pair_blocks, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **pdl(a),
+        A_SCALED=a_scale is not None, PAIR_BLOCKS=pair_blocks, SWAP_AB=bool(cfg.get("SWAP_AB")),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a),
     )
 
 
@@ -485,7 +499,9 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
     tiles become x's dtype in registers, W8A16; BITS, bfloat16 x: by integer ops), SPLIT_K
     (each tile's K steps shared by that many programs: a narrow N fills the SMs), and L2_PREFETCH
     (each program asks L2 for its weights before PDL's wait, while the kernel before runs; the
-    PTX on a GPU only). x (M, K) bf16/float32 -> (M, N) in x's dtype."""
+    PTX on a GPU only), SWAP_AB (the dots with the weight rows as the tensor cores' M side, so a
+    16-row batch runs sm_90's wgmma where BLOCK_N is 64 or more). x (M, K) bf16/float32 -> (M, N)
+    in x's dtype."""
     return dense_gemm(x, wq, cfg, scale, block)
 
 
@@ -530,7 +546,8 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
         BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,
         SPLIT_K=split, ws_ptr=ws, count_ptr=counts, BITS=bits, ASM=(bits or prefetch) and x.is_cuda,
-        L2_PREFETCH=prefetch, LINES=lines, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        L2_PREFETCH=prefetch, LINES=lines, SWAP_AB=bool(cfg.get("SWAP_AB")), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
         **pdl(x))
     return y
 

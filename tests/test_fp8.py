@@ -803,6 +803,53 @@ def test_dense_fp8_gemm_split_k_leaves_its_counts_at_zero():
         assert _rel(out, want) < KTOL
 
 
+@pytest.mark.parametrize("mode", ["bf16", "w8a16-columns", "w8a16", "bits", "a8", "moe-bf16", "moe-fp8", "moe-a8"])
+def test_swap_ab_gives_the_product_untransposed(mode, monkeypatch):
+    """SWAP_AB (the grouped GEMM's dots as (b^T a^T)^T: the weight rows fill the tensor cores'
+    64-row side): the same product as without it, for every weight and activation mode, dense
+    (split over K too) and sorted MoE (gate_up with SiLU fused, down with the routing weights).
+    Square 32 x 32 tiles, so a result left transposed would keep its shape and be caught here."""
+    from kernels.fused_moe import dense_fp8_gemm, dense_gemm, fused_moe, fused_moe_reference
+    from qwen3vl_backend.layers.moe import route
+
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    runs = []
+    if mode.startswith("moe"):
+        monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "1" if mode == "moe-a8" else str(1 << 30))
+        e, h, i, a, block = 6, 64, 32, 2, (32, 32)
+        x = torch.randn(37, h, device=DEV)
+        w, ids = route(torch.randn(37, e, device=DEV), a, True)
+        if mode == "moe-bf16":
+            w13, w2 = torch.randn(e, 2 * i, h, device=DEV) * h ** -0.5, torch.randn(e, h, i, device=DEV) * i ** -0.5
+            want = fused_moe_reference(x, w13, w2, w, ids)
+            for silu in (True, False):
+                runs += [(lambda c, silu=silu: fused_moe(x, w13, w2, w, ids, {**c, "FUSE_SILU": silu}), want)]
+        else:
+            q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
+            want = fused_moe_reference(x, d13, d2, w, ids)
+            runs += [(lambda c: fused_moe(x, q13, q2, w, ids, {**c, "FUSE_SILU": True}, w13_scale=s13, w2_scale=s2,
+                                          block=block), want)]
+    else:
+        n, k, block = (130, 300, (128, 128)) if mode == "w8a16-columns" else (96, 320, (32, 64))
+        x = torch.randn(21, k, device=DEV)
+        x = x.bfloat16() if mode == "bits" else x
+        q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
+        if mode == "bf16":
+            wf = torch.randn(n, k, device=DEV) * k ** -0.5
+            runs += [(lambda c: dense_gemm(x, wf, c), x @ wf.T)]
+        else:
+            want = x.float() @ dequantize_weight_blocks(q, s, block).T
+            flags = {"BITS": mode == "bits", "A8": mode == "a8"}
+            for split in (1, 3):
+                runs += [(lambda c, split=split: dense_fp8_gemm(x, q, s, block, {**c, **flags, "SPLIT_K": split}),
+                          want)]
+    for run, want in runs:
+        base, swapped = run(cfg), run({**cfg, "SWAP_AB": True})
+        assert swapped.shape == base.shape
+        torch.testing.assert_close(swapped.float(), base.float(), rtol=1e-5, atol=1e-5)
+        assert _rel(swapped.float(), want.float()) < (6e-2 if "a8" in mode else 1e-2 if mode == "bits" else KTOL)
+
+
 @pytest.mark.parametrize("m", [3, 40])
 @pytest.mark.parametrize("n,k,block", [(96, 256, (32, 64)), (256, 384, (128, 128))])
 def test_dense_fp8_gemm_w8a8(m, n, k, block):
@@ -821,8 +868,8 @@ def test_dense_fp8_gemm_w8a8(m, n, k, block):
 @pytest.mark.parametrize("m,n,k", [(64, 5120, 2048), (16, 2048, 4096), (100, 4608, 4096)])
 @pytest.mark.parametrize("a8,bits", [(False, False), (True, False), (False, True)])
 def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8, bits):
-    """The sweep's launch shapes (128-deep K steps, deep pipelines) at 30B's and 235B's projections,
-    compiled: W8A16 (by conversion or by BITS's integer ops) within bf16's rounding of the
+    """The sweep's launch shapes (128-deep K steps, deep pipelines, SWAP_AB's wgmma) at 30B's and
+    235B's projections, compiled: W8A16 (by conversion or by BITS's integer ops) within bf16's rounding of the
     dequantized product, W8A8 within e4m3's."""
     from kernels.fused_moe import dense_fp8_gemm
 
@@ -830,9 +877,11 @@ def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8, bits):
     x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
     q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
     want = x.float() @ dequantize_weight_blocks(q, s, block).T
-    for bm, bn, stages, split in ((16, 32, 3, 1), (64, 128, 4, 1), (32, 64, 6, 1), (16, 64, 4, 8), (64, 64, 6, 3)):
+    for bm, bn, stages, split, swap in ((16, 32, 3, 1, False), (64, 128, 4, 1, False), (32, 64, 6, 1, False),
+                                        (16, 64, 4, 8, False), (64, 64, 6, 3, False), (16, 64, 4, 4, True),
+                                        (16, 128, 4, 1, True), (64, 64, 4, 2, True)):
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": stages,
-               "SPLIT_K": split, **({"A8": True} if a8 else {}), **({"BITS": True} if bits else {})}
+               "SPLIT_K": split, "SWAP_AB": swap, **({"A8": True} if a8 else {}), **({"BITS": True} if bits else {})}
         got = dense_fp8_gemm(x, q, s, block, cfg)
         # split-K sums its partials in split order whichever program finishes last: the same bits
         torch.testing.assert_close(dense_fp8_gemm(x, q, s, block, cfg), got, rtol=0, atol=0)
