@@ -41,8 +41,9 @@ BLOCK = (128, 128)
 def candidates(m: int, quick: bool = False, wide: bool = False):
     """Launch shapes for M tokens: BLOCK_M by M, GROUP_M only where there are many M blocks, and
     K steps of at most 128 (inside one fp8 scale block, as the W8A8 dots need). `quick`: one
-    BLOCK_M per M and 128-wide K steps (8 shapes, 18 up to M=16: the kernels compile in seconds
-    each). `wide` (prefill sizes, M > 512): 256-wide N tiles and 5 stages too (36 shapes)."""
+    BLOCK_M per M and 128-wide K steps (8 shapes, 18 up to M=16, before SWAP_AB's twins: the kernels
+    compile in seconds each). Up to M=128 each 64- or 128-wide tile has a SWAP_AB twin. `wide` (prefill
+    sizes, M > 512): 256-wide N tiles and 5 stages too (36 shapes)."""
     block_ms = (16, 32) if m <= 64 else (32, 64) if m <= 512 else (64, 128)
     block_ks = (64, 128) if m <= 512 else (128,)
     # a few tokens meet a few experts: narrow N tiles give each expert's weights more programs
@@ -54,9 +55,15 @@ def candidates(m: int, quick: bool = False, wide: bool = False):
     elif wide and m > 512:
         block_ns, stage_counts = (64, 128, 256), (3, 4, 5)
     groups = (1,) if m <= 256 else (8,)
-    for bm, bn, bk, warps, stages, group in itertools.product(block_ms, block_ns, block_ks, (4, 8), stage_counts,
-                                                              groups):
-        yield {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages}
+    # SWAP_AB (decode sizes, tiles 64 or more wide: the weight rows as wgmma's M side): 30B fp8's
+    # sorted path at 16 and 64 tokens, c16 7.269 -> 7.152 ms a step (NOTES, twenty-fourth session)
+    swaps = (False, True) if m <= 128 else (False,)
+    for bm, bn, bk, warps, stages, group, swap in itertools.product(block_ms, block_ns, block_ks, (4, 8),
+                                                                    stage_counts, groups, swaps):
+        if swap and bn < 64:
+            continue
+        yield {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages,
+               **({"SWAP_AB": True} if swap else {})}
 
 
 def _experts(e: int, h: int, inter: int, fp8: bool):

@@ -412,6 +412,22 @@ def test_the_tuner_hands_batches_to_the_pair_path_up_to_the_first_loss():
     assert pair_crossover([(1, True), (16, True)]) == PAIR_PATH_MAX_M
 
 
+def test_the_tuner_gives_decode_sizes_swap_ab_twins():
+    """benchmarks.tune_fused_moe's candidates: up to 128 tokens each 64- or 128-wide tile also comes
+    with SWAP_AB (so a retune keeps the H200's SWAP_AB entries within reach), none narrower, none
+    at prefill sizes."""
+    from benchmarks.tune_fused_moe import candidates
+
+    for m, quick in ((16, False), (16, True), (64, False), (128, True)):
+        shapes = list(candidates(m, quick))
+        swapped = [c for c in shapes if c.get("SWAP_AB")]
+        wide = [c for c in shapes if not c.get("SWAP_AB") and c["BLOCK_N"] >= 64]
+        assert wide and len(swapped) == len(wide) and all(c["BLOCK_N"] >= 64 for c in swapped)
+        assert [{k: v for k, v in c.items() if k != "SWAP_AB"} for c in swapped] == wide
+    for m in (256, 2048):
+        assert not any(c.get("SWAP_AB") for c in candidates(m, wide=True))
+
+
 def test_rank0_takes_the_group_down_with_the_workers_before_waiting_for_them(monkeypatch):
     """NCCL destroys a group collectively, and a graph that captured its collectives holds the
     communicator: rank 0 drops its graphs, destroys the group while the workers destroy theirs,
