@@ -17,7 +17,8 @@ A patch merges into the table's entry where both are objects, at every depth (a 
 variant's "env" (in place of a table's name) sets environment variables for its run alone, for
 the switches that are not tables: {"prefetch": {"env": {"QWEN3VL_PDL_PREFETCH": "1"}}}. Prints
 a table of each variant's inter-token p50 and mean decode step per concurrency (and, with
---ttft-repeats, its TTFT p50 and min, compared by the p50), and writes JSON.
+--ttft-repeats, its TTFT p50 and min, compared by the p50), and writes JSON; after each variant
+the rows so far are in engine-ab-partial.json in the same folder, for a run a time limit cuts.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import print_table, write_result
+from .common import RESULTS, print_table, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 TREES = ("kernels", "qwen3vl_backend", "benchmarks")
 BASE = "base"
+PARTIAL = "engine-ab-partial.json"     # the rows so far; gone once the run's own JSON is written
 
 
 def merged(old, patch):
@@ -103,6 +105,10 @@ def main(argv=None) -> int:
     engine_args = [a for a in args.engine_args if a != "--"]
     order = [BASE, *variants, BASE]
     rows = []
+    settings = {"variants": variants, "engine_args": engine_args, "runner": args.runner}
+    # the rows so far, after each variant: a run cut short by a time limit keeps what it measured
+    partial = Path(args.out or RESULTS) / PARTIAL
+    partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         trees = {name: make_tree(Path(tmp) / name, variants.get(name, {})) for name in dict.fromkeys(order)}
         for i, name in enumerate(order):
@@ -119,16 +125,22 @@ def main(argv=None) -> int:
                         "ttft_p50_ms": None, "ttft_min_ms": None, "error": str(e).splitlines()[0]}]
             print_table(got, list(got[0]))
             rows += got
+            partial.write_text(json.dumps({"settings": settings, "rows": against_base(rows)}, indent=2))
             if args.between:
                 subprocess.run(args.between, shell=True, check=False)
+    print_table(against_base(rows), list(rows[0]))
+    print(write_result("engine-ab", settings, rows, args.out))
+    partial.unlink()
+    return 0
+
+
+def against_base(rows: list[dict]) -> list[dict]:
+    """rows with vs_base: each metric over the first (unpatched) run's at its concurrency."""
     base = {r["concurrency"]: metric(r) for r in rows if r["run"] == 0}
     for r in rows:
         ref, value = base.get(r["concurrency"]), metric(r)
         r["vs_base"] = value / ref if ref and value is not None else None
-    print_table(rows, list(rows[0]))
-    print(write_result("engine-ab", {"variants": variants, "engine_args": engine_args, "runner": args.runner},
-                       rows, args.out))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ tree first and last, and the rows say which is which (a stand-in runner reads th
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,26 @@ def test_variants_run_in_their_own_trees(tmp_path, monkeypatch, capsys):
     assert "ENGINE_AB_TEST_SCALE" not in os.environ           # the variant's environment was its own
     assert [r["vs_base"] for r in written["rows"] if r["concurrency"] is not None][2] == pytest.approx(16.0 / b)
     assert (HERE.parent / "kernels" / "configs" / TABLE).read_text() == original      # the checkout untouched
+    assert not (tmp_path / "res" / "engine-ab-partial.json").exists()                # done: the whole JSON only
+
+
+def test_a_run_cut_short_keeps_the_variants_it_measured(tmp_path):
+    """A time limit that kills the run after its second variant (here --between kills it) leaves
+    engine-ab-partial.json with the rows measured so far, compared with the base's."""
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"wide": {TABLE: {"2048,128": {"BLOCK_E": 16}}},
+                                    "whole": {TABLE: {"2048,128": {"BLOCK_E": 32}}}}))
+    count = tmp_path / "count"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    between = f"echo x >> {count}; [ $(wc -l < {count}) -ge 2 ] && kill -9 $PPID"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.engine_ab", "--variants", str(variants), "--runner",
+                           "engine_ab_runner", "--out", str(tmp_path / "res"), "--between", between],
+                          cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr
+    assert [f.name for f in (tmp_path / "res").iterdir()] == ["engine-ab-partial.json"]    # no whole JSON
+    rows = json.loads((tmp_path / "res" / "engine-ab-partial.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["base", "wide"]
+    assert rows[1]["itl_p50_ms"] == 16.0 and rows[1]["vs_base"] == pytest.approx(16.0 / rows[0]["itl_p50_ms"])
 
 
 def test_a_failing_variant_is_a_row_and_the_rest_still_run(tmp_path, monkeypatch):
