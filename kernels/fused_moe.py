@@ -203,7 +203,8 @@ def _grouped_gemm_kernel(
             elif BITS:
                 acc += _bits_dot(a, b, ASM, SWAP_AB) * (tl.load(s_ptrs + kb) * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
                 if FUSE_SILU:
-                    acc_up += _bits_dot(a, b_up, ASM, SWAP_AB) * (tl.load(s_up_ptrs + kb) * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
+                    s_up = tl.load(s_up_ptrs + kb) * E4M3_BITS_SCALE
+                    acc_up += _bits_dot(a, b_up, ASM, SWAP_AB) * s_up * E4M3_BITS_SCALE
             else:
                 acc += _dot(a, b.to(a.dtype), SWAP_AB) * tl.load(s_ptrs + kb)
                 if FUSE_SILU:

@@ -869,8 +869,8 @@ def test_dense_fp8_gemm_w8a8(m, n, k, block):
 @pytest.mark.parametrize("a8,bits", [(False, False), (True, False), (False, True)])
 def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8, bits):
     """The sweep's launch shapes (128-deep K steps, deep pipelines, SWAP_AB's wgmma) at 30B's and
-    235B's projections, compiled: W8A16 (by conversion or by BITS's integer ops) within bf16's rounding of the
-    dequantized product, W8A8 within e4m3's."""
+    235B's projections, compiled: W8A16 (by conversion or by BITS's integer ops) within bf16's
+    rounding of the dequantized product, W8A8 within e4m3's."""
     from kernels.fused_moe import dense_fp8_gemm
 
     block = (128, 128)
