@@ -187,8 +187,24 @@ class Server:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def wait_ready(self, timeout_s: float = 600) -> None:
-        wait_http(f"{self.triton_http}/v2/health/ready", timeout_s, self.triton)
+    def wait_ready(self, timeout_s: float = 600, crash_retries: int = 1) -> None:
+        """Triton ready (its models loaded), then the adapter. A tritonserver killed by a signal
+        while it loads is started again, `crash_retries` times: Triton 2.51 once aborted so in this
+        project's CI (`boost::interprocess::lock_exception` from a Python-backend stub's shared
+        memory) and loaded cleanly when started again. An exit with a status (a model that fails
+        to load: a wrong path, a bad config) and a time-out are not retried: they would fail again."""
+        while True:
+            try:
+                wait_http(f"{self.triton_http}/v2/health/ready", timeout_s, self.triton)
+                break
+            except RuntimeError:
+                code = self.triton.returncode
+                if code is None or code >= 0 or crash_retries < 1:
+                    raise
+                crash_retries -= 1
+                print(f"tritonserver was killed by signal {-code} while loading its models; starting it again "
+                      f"(log: {self.log_dir / 'tritonserver.log'})", file=sys.stderr, flush=True)
+                self._relaunch()
         self._watch()
         wait_http(f"{self.url}/health", 60, self.frontend)
 
@@ -214,6 +230,13 @@ class Server:
 
     def restart(self, timeout_s: float = 600) -> None:
         """Kill Triton (its stubs with it) at once and start it again; the adapter stays up."""
+        self._relaunch()
+        wait_http(f"{self.triton_http}/v2/health/ready", timeout_s, self.triton)
+        self._watch()
+
+    def _relaunch(self) -> None:
+        """Triton's process group killed, the regions known to be its removed (a Triton that died
+        while loading left regions no one knew yet: swept once stale, at stop), and a new one."""
         self.restarts += 1
         _kill_group(self.triton, signal.SIGKILL)
         self.triton.wait()
@@ -221,8 +244,6 @@ class Server:
         self.triton_log.write(f"\n==== restarting tritonserver ({time.strftime('%H:%M:%S')}) ====\n")
         self.triton_log.flush()
         self.triton = self._start_triton()
-        wait_http(f"{self.triton_http}/v2/health/ready", timeout_s, self.triton)
-        self._watch()
 
     def stop(self) -> None:
         if self.triton.poll() is None:      # stopped while starting: its regions were not seen yet

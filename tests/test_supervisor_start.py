@@ -1,0 +1,78 @@
+"""Server.wait_ready when tritonserver dies while loading: a death by a signal (Triton 2.51 once
+aborted so in CI) starts it again, an exit with a status (a model that cannot load) does not.
+Stand-ins, no Triton: the processes are Python one-liners and an HTTP server whose files are the
+health paths that answer 200."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen3vl_backend.supervisor import Server, free_port
+
+KILLED = "import os, signal; os.kill(os.getpid(), signal.SIGABRT)"
+EXITS = "import sys; sys.exit(1)"
+
+
+def _http(root: Path, *paths: str) -> list[str]:
+    """A command serving `root`, where each of `paths` is a file (a GET of it answers 200), on a free port."""
+    for p in paths:
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        (root / p).write_text("ok")
+    return [sys.executable, "-m", "http.server", str(free_port()), "--bind", "127.0.0.1", "--directory", str(root)]
+
+
+def _server(tmp_path: Path, first: str, later: list[str]) -> Server:
+    """A Server whose Triton is `first` (a one-liner) and, each time it is started again, `later`."""
+    srv = object.__new__(Server)
+    srv.host, srv.log_dir = "127.0.0.1", tmp_path
+    srv.triton_log = open(tmp_path / "tritonserver.log", "a")
+    srv.frontend_log = open(tmp_path / "frontend.log", "w")
+    srv._env, srv._triton_cmd = None, later
+    srv.restarts, srv._stubs, srv._shm, srv._next_shm_scan = 0, [], set(), 0.0
+    srv.triton_http = f"http://127.0.0.1:{later[3]}" if "http.server" in later else "http://127.0.0.1:9"
+    front = _http(tmp_path / "frontend", "health")
+    srv.port = int(front[3])
+    srv.frontend = subprocess.Popen(front, stdout=srv.frontend_log, stderr=subprocess.STDOUT, start_new_session=True)
+    srv.triton = subprocess.Popen([sys.executable, "-c", first], start_new_session=True)
+    return srv
+
+
+def _stop(srv: Server) -> None:
+    for proc in (srv.triton, srv.frontend):
+        proc.kill()
+        proc.wait()
+    srv.triton_log.close()
+    srv.frontend_log.close()
+
+
+def test_a_triton_killed_while_loading_is_started_again(tmp_path, capsys):
+    srv = _server(tmp_path, KILLED, _http(tmp_path / "triton", "v2/health/ready"))
+    try:
+        srv.wait_ready(timeout_s=30)
+        assert srv.restarts == 1 and srv.triton.poll() is None      # the second one serves
+        assert f"killed by signal {int(signal.SIGABRT)} while loading" in capsys.readouterr().err
+        assert "restarting tritonserver" in (tmp_path / "tritonserver.log").read_text()
+    finally:
+        _stop(srv)
+
+
+def test_a_second_death_while_loading_and_a_plain_exit_are_not_retried(tmp_path):
+    # started again once: the restarted one dies by a signal too, and that is reported
+    srv = _server(tmp_path, KILLED, [sys.executable, "-c", KILLED])
+    try:
+        with pytest.raises(RuntimeError, match="exited with code -6"):
+            srv.wait_ready(timeout_s=30)
+        assert srv.restarts == 1
+    finally:
+        _stop(srv)
+    # an exit with a status (a model that failed to load) is reported at once, not retried
+    srv = _server(tmp_path, EXITS, _http(tmp_path / "triton", "v2/health/ready"))
+    try:
+        with pytest.raises(RuntimeError, match="exited with code 1"):
+            srv.wait_ready(timeout_s=30)
+        assert srv.restarts == 0
+    finally:
+        _stop(srv)
