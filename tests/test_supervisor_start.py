@@ -59,20 +59,15 @@ def test_a_triton_killed_while_loading_is_started_again(tmp_path, capsys):
         _stop(srv)
 
 
-def test_a_second_death_while_loading_and_a_plain_exit_are_not_retried(tmp_path):
-    # started again once: the restarted one dies by a signal too, and that is reported
-    srv = _server(tmp_path, KILLED, [sys.executable, "-c", KILLED])
+# killed again after its one restart: reported; an exit with a status (a model that failed to
+# load): reported at once, never retried
+@pytest.mark.parametrize("first,later,code,restarts", [(KILLED, KILLED, -6, 1), (EXITS, None, 1, 0)])
+def test_a_second_death_while_loading_and_a_plain_exit_are_not_retried(tmp_path, first, later, code, restarts):
+    later = [sys.executable, "-c", later] if later else _http(tmp_path / "triton", "v2/health/ready")
+    srv = _server(tmp_path, first, later)
     try:
-        with pytest.raises(RuntimeError, match="exited with code -6"):
+        with pytest.raises(RuntimeError, match=f"exited with code {code} "):
             srv.wait_ready(timeout_s=30)
-        assert srv.restarts == 1
-    finally:
-        _stop(srv)
-    # an exit with a status (a model that failed to load) is reported at once, not retried
-    srv = _server(tmp_path, EXITS, _http(tmp_path / "triton", "v2/health/ready"))
-    try:
-        with pytest.raises(RuntimeError, match="exited with code 1"):
-            srv.wait_ready(timeout_s=30)
-        assert srv.restarts == 0
+        assert srv.restarts == restarts
     finally:
         _stop(srv)
