@@ -280,6 +280,22 @@ def _align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, n,
 ALIGN_ONE_WARP_MAX = 128
 
 
+def max_sorted_rows(n: int, num_experts: int, block_m: int) -> int:
+    """The sorted path's rows for n pairs, bounded without a host sync: each expert's run padded
+    to block_m (each pair pads its expert at most once), in whole blocks."""
+    rows = min(n + num_experts * (block_m - 1), n * block_m)
+    return (rows + block_m - 1) // block_m * block_m
+
+
+def alignment_buffers(n: int, num_experts: int, block_m: int, device) -> tuple:
+    """An alignment's outputs, unset: sorted pair ids (max_sorted_rows), each block's expert and
+    the padded total (align_by_expert's and route_align's launches fill them)."""
+    rows = max_sorted_rows(n, num_experts, block_m)
+    return (torch.empty(rows, dtype=torch.int32, device=device),
+            torch.empty(rows // block_m, dtype=torch.int32, device=device),
+            torch.empty(1, dtype=torch.int32, device=device))
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """(M, A) expert ids -> sorted pair ids padded per expert to block_m, expert per block, padded count.
 
@@ -289,11 +305,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """
     flat = topk_ids.flatten()
     n = flat.numel()
-    max_rows = min(n + num_experts * (block_m - 1), n * block_m)
-    max_rows = (max_rows + block_m - 1) // block_m * block_m
-    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=flat.device)
-    block_expert = torch.empty(max_rows // block_m, dtype=torch.int32, device=flat.device)
-    total = torch.empty(1, dtype=torch.int32, device=flat.device)
+    sorted_ids, block_expert, total = alignment_buffers(n, num_experts, block_m, flat.device)
     e_pad = triton.next_power_of_2(num_experts)
     _align_kernel[(num_experts,)](flat, sorted_ids, block_expert, total, n, BLOCK_M=block_m,
                                   BLOCK=max(e_pad, min(1024, triton.next_power_of_2(n))), E_PAD=e_pad,
@@ -312,8 +324,7 @@ def align_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
     starts = torch.cumsum(padded, 0) - padded
     order = torch.argsort(flat, stable=True)
     rank = torch.arange(n, device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
-    max_rows = min(n + num_experts * (block_m - 1), n * block_m)   # each pair pads its expert at most once
-    max_rows = (max_rows + block_m - 1) // block_m * block_m
+    max_rows = max_sorted_rows(n, num_experts, block_m)
     sorted_ids = torch.full((max_rows,), n, dtype=torch.int32, device=flat.device)
     sorted_ids[starts[flat[order]] + rank] = order.to(torch.int32)
     block_starts = torch.arange(0, max_rows, block_m, device=flat.device)
@@ -796,11 +807,7 @@ def route_align(router_logits: torch.Tensor, top_k: int, renormalize: bool, bloc
     dev = router_logits.device
     weights = torch.empty(t, top_k, dtype=torch.float32, device=dev)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=dev)
-    n = t * top_k
-    max_rows = -(-min(n + e * (block_m - 1), n * block_m) // block_m) * block_m
-    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(max_rows // block_m, dtype=torch.int32, device=dev)
-    total = torch.empty(1, dtype=torch.int32, device=dev)
+    sorted_ids, block_expert, total = alignment_buffers(t * top_k, e, block_m, dev)
     if t:
         _route_align_kernel[(e,)](router_logits, weights, ids, sorted_ids, block_expert, total, t, e,
                                   router_logits.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
@@ -1020,7 +1027,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         sorted_ids, block_expert, total = None, topk_ids.reshape(-1).to(torch.int32), None
     elif aligned is not None:
         sorted_ids, block_expert, total = aligned
-        if sentinel or sorted_ids.numel() % cfg["BLOCK_M"] or block_expert.numel() != sorted_ids.numel() // cfg["BLOCK_M"]:
+        if (sentinel or sorted_ids.numel() % cfg["BLOCK_M"]
+                or block_expert.numel() != sorted_ids.numel() // cfg["BLOCK_M"]):
             raise ValueError(f"fused_moe: an alignment of {block_expert.numel()} blocks for {sorted_ids.numel()} rows "
                              f"is not one in blocks of {cfg['BLOCK_M']} (sentinel {sentinel})")
     else:

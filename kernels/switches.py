@@ -38,7 +38,7 @@ at concurrency 1 / 16 / 64:
 - ROUTE_ALIGN (QWEN3VL_ROUTE_ALIGN), off: decode batches of up to 16 tokens on the sorted MoE
   path are routed and aligned by one launch (kernels.fused_moe.route_align) instead of route's
   and align's two (30B fp8 c16: 2.0 + 2.0 us a layer in the twenty-third session's profile).
-  Not yet measured in the step.
+  Measured in the step (twenty-fourth session, one H200): c16 7.744 against 7.466 ms, slower.
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
