@@ -98,7 +98,6 @@ def _grouped_gemm_kernel(
     PAIR_BLOCKS: tl.constexpr = False, DENSE: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
     ws_ptr=None, count_ptr=None, BITS: tl.constexpr = False, ASM: tl.constexpr = False,
     L2_PREFETCH: tl.constexpr = False, LINES: tl.constexpr = 1, SWAP_AB: tl.constexpr = False,
-    EVICT: tl.constexpr = "",
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
@@ -116,9 +115,7 @@ def _grouped_gemm_kernel(
     2^-120 of their values, made up in the scale. L2_PREFETCH (DENSE, ASM): before PDL's wait the
     program asks L2 for its weight tile's lines over its K steps (LINES: a row's, a power of two),
     which no kernel writes, while the kernel before it still runs. SWAP_AB: every dot as (b^T a^T)^T
-    (_dot), the weight tile's BLOCK_N rows the tensor cores' M side (wgmma from 64 on sm_90).
-    EVICT: the weight loads' eviction policy ("evict_first": a decode batch's experts, read once;
-    `moe_evict`)."""
+    (_dot), the weight tile's BLOCK_N rows the tensor cores' M side (wgmma from 64 on sm_90)."""
     tl.static_assert(DENSE or not L2_PREFETCH, "L2_PREFETCH: dense launches only (the rest read ids first)")
     gdc_launch(USE_PDL)
     if not L2_PREFETCH:
@@ -186,10 +183,9 @@ def _grouped_gemm_kernel(
         k_left = K - k * BLOCK_K
         kb = (k * BLOCK_K) // BK
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0, eviction_policy=EVICT)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if FUSE_SILU:
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0,
-                           eviction_policy=EVICT)
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
         if SCALE_MODE == 0:
             acc += _dot(a, b, SWAP_AB)
             if FUSE_SILU:
@@ -338,17 +334,9 @@ def align_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
     return sorted_ids, block_expert.to(torch.int32), total
 
 
-def moe_evict(m: int) -> str:
-    """The expert weights' eviction policy for a batch of m tokens: "evict_first" for decode batches
-    (up to switches.L2_NEXT_MAX_T) with switches.MOE_EVICT_FIRST, so that they, read once, make way
-    in L2 before what l2_prefetch asked for; "" (the default) otherwise."""
-    return "evict_first" if switches.MOE_EVICT_FIRST and m <= switches.L2_NEXT_MAX_T else ""
-
-
 def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_rows_are_pairs, mul_weight, cfg,
-                  fuse_silu=False, scale=None, block=(128, 128), a_scale=None, evict=""):
-    """sorted_ids None: one token's pairs, a block each, block_expert its top-k ids (PAIR_BLOCKS).
-    `evict`: the weight loads' eviction policy (moe_evict)."""
+                  fuse_silu=False, scale=None, block=(128, 128), a_scale=None):
+    """sorted_ids None: one token's pairs, a block each, block_expert its top-k ids (PAIR_BLOCKS)."""
     n, k = b.shape[1] // (2 if fuse_silu else 1), b.shape[2]
     block_n, block_k, mode = cfg["BLOCK_N"], cfg["BLOCK_K"], 0
     if scale is not None:
@@ -370,7 +358,7 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a_scale is not None else s, stride_asm=a_scale.stride(0) if a_scale is not None else 0,
-        A_SCALED=a_scale is not None, PAIR_BLOCKS=pair_blocks, SWAP_AB=bool(cfg.get("SWAP_AB")), EVICT=evict,
+        A_SCALED=a_scale is not None, PAIR_BLOCKS=pair_blocks, SWAP_AB=bool(cfg.get("SWAP_AB")),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a),
     )
 
@@ -391,13 +379,12 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                          USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = ""):
+                         PREFETCH: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns.
     GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
     PREFETCH (with PDL): the down kernel after it may launch only once the kernel before this one
-    (the router's) has finished, so that down may read the routing before its own wait.
-    EVICT: the weight loads' eviction policy (`moe_evict`)."""
+    (the router's) has finished, so that down may read the routing before its own wait."""
     if PREFETCH:
         gdc_wait(USE_PDL)
         gdc_launch(USE_PDL)
@@ -423,8 +410,8 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
         k_ok = offs_k < K - k * BLOCK_K
         xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
         m = n_ok[:, None] & k_ok[None, :]
-        g = tl.load(gate_ptrs, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
-        u = tl.load(up_ptrs, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
         if HAS_SCALE and GROUP_SCALE:
             acc_g += g * block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
             acc_u += u * block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
@@ -464,13 +451,13 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                       USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = ""):
+                      PREFETCH: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
     (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two).
     PREFETCH (with PDL, after a gate_up launched with it): the routing and the first K step's
-    weights are read before the wait for gate_up (which writes neither). EVICT: as gate_up's."""
+    weights are read before the wait for gate_up (which writes neither)."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -496,7 +483,7 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     k_first = 0
     if PREFETCH:
         w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K)[None, None, :]
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0, eviction_policy=EVICT)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         gdc_wait(USE_PDL)
         acc = _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, 0, K, BLOCK_K, BK, TOP_K_PAD,
                               HAS_SCALE, GROUP_SCALE)
@@ -505,7 +492,7 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
         k_first = 1
     for k in range(k_first, tl.cdiv(K, BLOCK_K)):
         w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K - k * BLOCK_K)[None, None, :]
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0, eviction_policy=EVICT)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc = _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, k, K, BLOCK_K, BK, TOP_K_PAD,
                               HAS_SCALE, GROUP_SCALE)
         w_ptrs += BLOCK_K
@@ -677,7 +664,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), PREFETCH=prefetch,
-        EVICT=moe_evict(m), **pdl(x))
+        **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
@@ -686,7 +673,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
-        PREFETCH=prefetch, EVICT=moe_evict(m), **pdl(x))
+        PREFETCH=prefetch, **pdl(x))
     return out
 
 
@@ -1055,23 +1042,22 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     w8a8 = (bool(fp8) and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
             and all(mode == 2 and bk >= 32 for _, bk, mode in tiles))
     a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
-    evict = moe_evict(m)
     if fuse_silu:     # two accumulators per program: half the columns keeps the tuned register budget
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
         half = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
         _grouped_gemm(a, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, half, True,
-                      scale=w13_scale, a_scale=a_scale, evict=evict, **fp8)
+                      scale=w13_scale, a_scale=a_scale, **fp8)
     else:
         gate_up = torch.empty(m * top_k, two_i, dtype=x.dtype, device=x.device)
         _grouped_gemm(a, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg,
-                      scale=w13_scale, a_scale=a_scale, evict=evict, **fp8)
+                      scale=w13_scale, a_scale=a_scale, **fp8)
         gate, up = gate_up.chunk(2, dim=-1)
         act = torch.nn.functional.silu(gate) * up
     act, act_scale = (quantize_activations_fp8(act, block[1]) if w8a8 else (act, None))
     # the sentinel's rows are never written: the combine skips them (no zero fill)
     out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, down_cfg, scale=w2_scale,
-                  a_scale=act_scale, evict=evict, **fp8)
+                  a_scale=act_scale, **fp8)
     return sum_top_k(out.view(m, top_k, h), topk_ids if sentinel else None, e)
 
 

@@ -47,13 +47,6 @@ at concurrency 1 / 16 / 64:
   warp 7.359 at c16; rmsnorm at 4 or 2, quantize at 1 and the top-k sum at 1 within the base's
   spread. So q/k prep's one-row launches (decode batches up to 32), route's and align's up to 128
   pairs (16 tokens; at 64 four warps were faster) run one warp by default; the rest keep theirs.
-- L2_NEXT (QWEN3VL_L2_NEXT, e.g. "qkv,o_proj"), empty: decode batches of up to L2_NEXT_MAX_T
-  tokens ask L2 for the next layer's weights (L2_NEXT_NAMES: its qkv and o_proj projections' and
-  its router's) between their routing and their experts (kernels.prefetch.l2_prefetch, one
-  launch), so that the next layer's latency-bound GEMVs may find them there.
-  L2_NEXT_EVICT_LAST (QWEN3VL_L2_NEXT_EVICT_LAST) marks those lines to be evicted last;
-  MOE_EVICT_FIRST (QWEN3VL_MOE_EVICT_FIRST) marks the decode MoE's expert weights (read once) to be
-  evicted first. Not yet measured in the step.
 """
 
 import os
@@ -70,22 +63,6 @@ FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
 ROUTE_ALIGN = _on("QWEN3VL_ROUTE_ALIGN")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
-L2_NEXT_NAMES = ("qkv", "o_proj", "router")
-L2_NEXT_MAX_T = 128             # the most tokens a step may have for L2_NEXT to act
-
-
-def parse_l2_next(spec: str) -> tuple[str, ...]:
-    """"qkv,o_proj" -> ("qkv", "o_proj"): ValueError for a name not in L2_NEXT_NAMES."""
-    names = tuple(filter(None, (p.strip() for p in spec.split(","))))
-    bad = [n for n in names if n not in L2_NEXT_NAMES]
-    if bad:
-        raise ValueError(f"QWEN3VL_L2_NEXT: {', '.join(bad)}: names of {', '.join(L2_NEXT_NAMES)}")
-    return names
-
-
-L2_NEXT = parse_l2_next(os.environ.get("QWEN3VL_L2_NEXT", ""))
-L2_NEXT_EVICT_LAST = _on("QWEN3VL_L2_NEXT_EVICT_LAST")
-MOE_EVICT_FIRST = _on("QWEN3VL_MOE_EVICT_FIRST")
 FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZE", ""))     # None: by shape
 
 # the launches whose warps KERNEL_WARPS may set: kernels.rmsnorm.rmsnorm, kernels.fp8's activation

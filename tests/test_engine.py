@@ -279,40 +279,6 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     assert calls and set(calls) == {1}         # decode; the prefill's 12 tokens take the unfused path
 
 
-def test_l2_next_asks_for_the_next_layers_weights_between_routing_and_experts(tiny_moe, prompts, reference,
-                                                                             monkeypatch):
-    """kernels.switches.L2_NEXT: each MoE layer but the last holds the next layer's qkv, o_proj and
-    router weights (those tensors, not copies or its own), and asks for them once per decode step
-    of at most L2_NEXT_MAX_T tokens (here 4: the 12-token prefill does not ask), between its
-    routing and its experts. The answer is unchanged (off a GPU the ask launches nothing)."""
-    from kernels import switches
-    from qwen3vl_backend.engine.model_runner import select_kernels
-    from qwen3vl_backend.layers.moe import SparseMoE
-
-    monkeypatch.setattr(switches, "L2_NEXT", switches.L2_NEXT_NAMES)
-    monkeypatch.setattr(switches, "L2_NEXT_MAX_T", 4)
-    engine = make_engine(tiny_moe, attention_backend="triton", moe_backend="triton")
-    select_kernels(engine.runner.model, engine.cfg, fuse=True)
-    layers = engine.runner.model.model.language_model.layers
-    asked = []
-    for i, layer in enumerate(layers):
-        assert isinstance(layer.mlp, SparseMoE)
-        if i + 1 == len(layers):
-            assert layer.mlp.prefetch_fn is None and not layer.mlp.prefetch_next
-            continue
-        after = layers[i + 1]
-        want = [after.self_attn.qkv_proj.weight, after.self_attn.o_proj.weight, after.mlp.gate.weight]
-        got = layer.mlp.prefetch_next
-        assert len(got) == 3 and all(g is w for g, w in zip(got, want)), i
-        ask = layer.mlp.prefetch_fn
-        layer.mlp.prefetch_fn = lambda ts, i=i, ask=ask: asked.append((i, [t.data_ptr() for t in ts])) or ask(ts)
-    out = engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    assert out[0]["output_token_ids"] == reference[0][:4]
-    # three decode steps (the first token comes from the prefill), every layer but the last each
-    assert [i for i, _ in asked] == list(range(len(layers) - 1)) * 3
-    assert all(ptrs == [t.data_ptr() for t in layers[i].mlp.prefetch_next] for i, ptrs in asked)
-
-
 def test_triton_vision_attention_gives_the_same_output(tiny_moe, prompts, reference):
     """--mm-attention-backend triton (our varlen kernel, interpreted on CPU) against sdpa."""
     engine = make_engine(tiny_moe, mm_attention_backend="triton")

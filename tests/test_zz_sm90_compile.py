@@ -214,54 +214,6 @@ def test_dense_gemm_l2_prefetch_comes_before_the_pdl_wait():
     _assert_all_compile(records)
 
 
-def test_l2_prefetch_kernel_compiles_to_bulk_prefetches_before_the_pdl_wait():
-    """kernels.prefetch's launch, which a CPU never makes (it asks nothing off a GPU), compiles for
-    sm_90 as the GPU launches it: the copy engine's L2 prefetch (with the evict-last policy where
-    asked) ahead of PDL's wait, so the asking starts while the kernel before still runs."""
-    from kernels.prefetch import CHUNK, LANES
-
-    base = {"module": "kernels.prefetch", "name": "_l2_prefetch_kernel", "num_warps": 1, "num_stages": 1,
-            "types": {"p0": "*fp8e4nv", "n0": "i64", "p1": "*bf16", "n1": "i64", "p2": "*fp8e4nv", "n2": "i64"},
-            "aligned": ["p0", "p1", "p2"], "max_stack": 0}
-    records = []
-    for last in (False, True):
-        consts = {"CHUNK": CHUNK, "LANES": LANES, "EVICT_LAST": last, "USE_PDL": True}
-        has = ["cp.async.bulk.prefetch.L2.global"] + (["createpolicy.fractional.L2::evict_last"] if last else [])
-        records.append({**base, "consts": consts, "ptx_has": has,
-                        "ptx_order": ["griddepcontrol.launch_dependents", "cp.async.bulk.prefetch", "griddepcontrol.wait"]})
-    _assert_all_compile(records)
-
-
-def test_moe_evict_first_compiles_to_an_l2_cache_hint():
-    """switches.MOE_EVICT_FIRST's launches (the pair kernels and the sorted path's GEMMs at a decode
-    batch) carry the evict-first policy to their weight loads' PTX."""
-    _needs_interpreter()
-    import torch
-
-    import launch_record
-    from kernels import switches
-    from kernels.fused_moe import fused_moe
-
-    bf16, f8, block = torch.bfloat16, torch.float8_e4m3fn, (128, 128)
-    w13, w2 = torch.empty(4, 512, 256, dtype=f8), torch.empty(4, 256, 256, dtype=f8)
-    s13, s2 = torch.ones(4, 4, 2), torch.ones(4, 2, 2)
-    old = switches.MOE_EVICT_FIRST
-    switches.MOE_EVICT_FIRST = True
-    try:
-        with launch_record.only_recording() as rec:
-            for m in (1, 16):
-                fused_moe(torch.empty(m, 256, dtype=bf16), w13, w2, torch.ones(m, 2), torch.zeros(m, 2, dtype=torch.int32),
-                          None if m == 1 else {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1,
-                                               "num_warps": 4, "num_stages": 3}, s13, s2, block)
-    finally:
-        switches.MOE_EVICT_FIRST = old
-    records = [{**r, "ptx_has": ["createpolicy.fractional.L2::evict_first", "L2::cache_hint"]}
-               for r in rec.records.values() if r["consts"].get("EVICT") == "evict_first"]
-    names = {r["name"] for r in records}
-    assert names == {"_pair_gate_up_kernel", "_pair_down_kernel", "_grouped_gemm_kernel"}, names
-    _assert_all_compile(records)
-
-
 def h200_table_launches() -> list[dict]:
     """The launches the H200's decode tables configure (kernels/configs: the fp8 GEMV, the skinny
     GEMM and its split-K entries, the fp8 dense GEMM, the MoE pair kernels, the sorted MoE path's

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import itertools
 import logging
@@ -96,7 +95,6 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
         from kernels.attention import paged_decode_attention, paged_decode_attention_prep
         from kernels.fused_moe import fused_moe, gate_route, norm_route, route, route_align
         from kernels.linear import skinny_linear
-        from kernels.prefetch import l2_prefetch
         from kernels.rmsnorm import rmsnorm
         from kernels.rope import qkv_prep_
     on_gpu = cfg.device.startswith("cuda") if fuse is None else fuse
@@ -119,12 +117,6 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
             m.kernel = rmsnorm
         elif isinstance(m, LinearBase) and triton_attn and on_gpu:
             m.quant_method.skinny = skinny_linear
-    if triton_moe and on_gpu and switches.L2_NEXT:
-        ask = functools.partial(l2_prefetch, evict_last=switches.L2_NEXT_EVICT_LAST)
-        for layer, after in zip(lm.layers, lm.layers[1:]):
-            if isinstance(layer.mlp, SparseMoE):
-                layer.mlp.prefetch_fn, layer.mlp.prefetch_max_t = ask, switches.L2_NEXT_MAX_T
-                layer.mlp.prefetch_next = after.weights_named(switches.L2_NEXT)
 
 
 def capture_prefill_graphs(build, limit: int, tp_size: int):

@@ -215,9 +215,6 @@ class SparseMoE(nn.Module):
         # path's alignment in one launch, for a few tokens
         self.route_align_fn = None
         self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
-        # kernels.prefetch.l2_prefetch on GPU with kernels.switches.L2_NEXT, called on prefetch_next (the
-        # next layer's weights) between the routing and the experts of batches up to prefetch_max_t tokens
-        self.prefetch_fn, self.prefetch_next, self.prefetch_max_t = None, (), 0
         self._counter = None           # norm_route's arrival count (allocated on first use)
 
     def _batch_gate_route(self, x: torch.Tensor) -> bool:
@@ -285,8 +282,6 @@ class SparseMoE(nn.Module):
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, aligned: tuple | None = None):
         """ids as this rank's experts see them (the routers map them: `_ep_routing`); `aligned`:
         route_align's alignment of them, for kernels.fused_moe."""
-        if self.prefetch_fn is not None and x.shape[0] <= self.prefetch_max_t:
-            self.prefetch_fn(self.prefetch_next)
         ex = self.experts
         if ex.quantized:
             out = ex.fp8_forward(x, weights, ids, aligned)

@@ -88,14 +88,6 @@ class DecoderLayer(nn.Module):
         # inside the qkv GEMV (LinearBase.forward_normed), where its method can
         self.fuse_input_norm = False
 
-    def weights_named(self, names) -> list[torch.Tensor]:
-        """The weights a decode step reads first in this layer, by kernels.switches.L2_NEXT_NAMES'
-        names: "qkv", "o_proj" (the projections'), "router" (a MoE layer's; none in a dense one)."""
-        attn = self.self_attn
-        table = {"qkv": attn.qkv_proj.weight, "o_proj": attn.o_proj.weight,
-                 "router": self.mlp.gate.weight if isinstance(self.mlp, SparseMoE) else None}
-        return [table[name] for name in names if table[name] is not None]
-
     def forward(self, x, residual, cos, sin, cache, meta):
         """-> (this layer's output, the residual stream before it): their sum is the layer's result,
         left unsummed so the next norm adds it in its own kernel. `residual` None: x is the stream."""
