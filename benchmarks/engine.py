@@ -117,7 +117,7 @@ def experts_hit(engine: LLMEngine, prompts, temperature: float = 0.0, after: int
     ids = start_decoding(engine, prompts, params, "hits", after)
     seen: list[int] = []
     moes = [m for m in engine.runner.model.modules() if isinstance(m, SparseMoE)]
-    originals = [(m.route_fn, m.norm_route_fn, m.route_align_fn) for m in moes]
+    originals = [(m.route_fn, m.norm_route_fn) for m in moes]
 
     def recording(route):
         def fn(logits, top_k, renormalize, **ep):
@@ -128,13 +128,13 @@ def experts_hit(engine: LLMEngine, prompts, temperature: float = 0.0, after: int
     graphs, engine.runner.graphs = engine.runner.graphs, None
     try:
         for m in moes:            # unfused, so that every routing goes through route_fn
-            m.route_fn, m.norm_route_fn, m.route_align_fn = recording(m.route_fn), None, None
+            m.route_fn, m.norm_route_fn = recording(m.route_fn), None
         for _ in range(steps):
             engine.step()
     finally:
         engine.runner.graphs = graphs
-        for m, (route, norm_route, route_align) in zip(moes, originals):
-            m.route_fn, m.norm_route_fn, m.route_align_fn = route, norm_route, route_align
+        for m, (route, norm_route) in zip(moes, originals):
+            m.route_fn, m.norm_route_fn = route, norm_route
         for rid in ids:
             engine.abort(rid)
     return sum(seen) / max(len(seen), 1)

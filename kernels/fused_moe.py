@@ -289,7 +289,7 @@ def max_sorted_rows(n: int, num_experts: int, block_m: int) -> int:
 
 def alignment_buffers(n: int, num_experts: int, block_m: int, device) -> tuple:
     """An alignment's outputs, unset: sorted pair ids (max_sorted_rows), each block's expert and
-    the padded total (align_by_expert's and route_align's launches fill them)."""
+    the padded total (align_by_expert's launch fills them)."""
     rows = max_sorted_rows(n, num_experts, block_m)
     return (torch.empty(rows, dtype=torch.int32, device=device),
             torch.empty(rows // block_m, dtype=torch.int32, device=device),
@@ -737,85 +737,6 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
     return weights, ids
 
 
-@triton.jit
-def _route_align_kernel(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, T, E,
-                        stride_lm, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, T_PAD: tl.constexpr,
-                        E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """`route` and `_align_kernel` in one launch for a few tokens: one program per expert, each
-    routing every token itself (T_PAD x E_PAD logits, the top-k by `_route_row`'s rules: largest
-    first, ties to the lower id), program 0 storing the weights and ids, and each then writing its
-    own expert's sorted pairs, padding and blocks from the ids in its registers (TOP_K a power of
-    two, so that pair p = token * TOP_K + slot is the flattened index)."""
-    gdc_enter(USE_PDL)
-    e = tl.program_id(0)
-    rows = tl.arange(0, T_PAD)
-    cols = tl.arange(0, E_PAD)
-    slots = tl.arange(0, TOP_K)
-    row_ok = rows < T
-    ok = row_ok[:, None] & (cols < E)[None, :]
-    logits = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :], mask=ok, other=float("-inf"))
-    logits = logits.to(tl.float32)
-    vals = tl.full((T_PAD, TOP_K), float("-inf"), tl.float32)
-    ids = tl.zeros((T_PAD, TOP_K), tl.int32)
-    left = logits
-    for j in tl.static_range(TOP_K):
-        best, idx = tl.max(left, 1, return_indices=True, return_indices_tie_break_left=True)
-        vals = tl.where(slots[None, :] == j, best[:, None], vals)
-        ids = tl.where(slots[None, :] == j, idx[:, None].to(tl.int32), ids)
-        left = tl.where(cols[None, :] == idx[:, None], float("-inf"), left)
-    if e == 0:
-        top = tl.where(row_ok, tl.max(vals, 1), 0.0)          # (the padding rows' are -inf)
-        ex = tl.exp(vals - top[:, None])
-        if RENORMALIZE:
-            norm = tl.sum(ex, 1)
-        else:
-            norm = tl.sum(tl.where(ok, tl.exp(logits - top[:, None]), 0.0), 1)
-        pairs = rows[:, None] * TOP_K + slots[None, :]
-        tl.store(weights_ptr + pairs, ex / norm[:, None], mask=row_ok[:, None])
-        tl.store(ids_ptr + pairs, ids, mask=row_ok[:, None])
-    # the alignment, as _align_kernel's
-    n = T * TOP_K
-    pair = tl.arange(0, T_PAD * TOP_K)
-    flat = tl.where(pair < n, tl.reshape(ids, (T_PAD * TOP_K,)), 0)
-    experts = tl.arange(0, E_PAD)
-    counts = tl.histogram(flat, E_PAD).to(tl.int32)
-    counts -= tl.where(experts == 0, T_PAD * TOP_K - n, 0)       # the padding rows' pairs, counted as expert 0
-    first_row, count, padded_rows, padded = _expert_run(counts, e, BLOCK_M, E_PAD)
-    blocks = padded_rows // BLOCK_M
-    hit = ((flat == e) & (pair < n)).to(tl.int32)
-    tl.store(sorted_ids_ptr + first_row + tl.cumsum(hit, 0) - 1, pair, mask=hit != 0)
-    pad = tl.arange(0, BLOCK_M)
-    tl.store(sorted_ids_ptr + first_row + count + pad, n, mask=count + pad < padded_rows)
-    # a token meets an expert once: at most T_PAD of its pairs, so fewer blocks than that
-    tl.store(block_expert_ptr + first_row // BLOCK_M + rows, e, mask=rows < blocks)
-    if e == 0:
-        tl.store(total_ptr, tl.sum(padded, 0))
-
-
-ROUTE_ALIGN_MAX_T = 16         # route_align's batches at most (its programs hold T x E logits each)
-
-
-def route_align(router_logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int):
-    """`route` then `align_by_expert(ids, E, block_m)` in one launch, for up to ROUTE_ALIGN_MAX_T
-    tokens whose top_k is a power of two, without expert parallelism -> (weights, ids,
-    (sorted_ids, block_expert, total)): the same numbers, and `fused_moe(..., aligned=...)` takes
-    the third instead of aligning by itself."""
-    t, e = router_logits.shape
-    if t > ROUTE_ALIGN_MAX_T or top_k > e or top_k & (top_k - 1) or router_logits.stride(-1) != 1:
-        raise ValueError(f"route_align: {t} tokens (at most {ROUTE_ALIGN_MAX_T}), top_k {top_k} (a power of "
-                         f"two) of {e} experts, logits' last dim contiguous")
-    dev = router_logits.device
-    weights = torch.empty(t, top_k, dtype=torch.float32, device=dev)
-    ids = torch.empty(t, top_k, dtype=torch.int32, device=dev)
-    sorted_ids, block_expert, total = alignment_buffers(t * top_k, e, block_m, dev)
-    if t:
-        _route_align_kernel[(e,)](router_logits, weights, ids, sorted_ids, block_expert, total, t, e,
-                                  router_logits.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
-                                  T_PAD=max(2, triton.next_power_of_2(t)), E_PAD=triton.next_power_of_2(e),
-                                  BLOCK_M=block_m, num_warps=4, **pdl(router_logits))
-    return weights, ids, (sorted_ids, block_expert, total)
-
-
 GATE_ROUTE_MAX_T = 128         # gate_route's batches at most (kernels.switches.FUSED_ROUTER)
 
 
@@ -997,12 +918,11 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
-              sentinel: bool = False, aligned: tuple | None = None) -> torch.Tensor:
+              sentinel: bool = False) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
     blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
-    (expert parallelism), which add nothing here. `aligned`: route_align's alignment of these ids
-    for the sorted path's blocks of `sorted_block_m` rows, in place of the path's own launch."""
+    (expert parallelism), which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
@@ -1025,12 +945,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     # One token meets each of its experts once: a block per pair, no sorting launch.
     if pair_blocks:
         sorted_ids, block_expert, total = None, topk_ids.reshape(-1).to(torch.int32), None
-    elif aligned is not None:
-        sorted_ids, block_expert, total = aligned
-        if (sentinel or sorted_ids.numel() % cfg["BLOCK_M"]
-                or block_expert.numel() != sorted_ids.numel() // cfg["BLOCK_M"]):
-            raise ValueError(f"fused_moe: an alignment of {block_expert.numel()} blocks for {sorted_ids.numel()} rows "
-                             f"is not one in blocks of {cfg['BLOCK_M']} (sentinel {sentinel})")
     else:
         sorted_ids, block_expert, total = align_by_expert(topk_ids, e + 1 if sentinel else e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
@@ -1139,13 +1053,6 @@ def _sorted_path(m: int, w13: torch.Tensor, device: torch.device, fp8_block=None
         return None
     cfg = config or lookup_config(e, two_i // 2, h, m, device, fp8_block)
     return cfg, bool(m == 1 and cfg.get("PAIR_BLOCKS", PAIR_BLOCKS_AT_ONE_TOKEN))
-
-
-def sorted_block_m(m: int, w13: torch.Tensor, device: torch.device, fp8_block=None) -> int | None:
-    """The rows a block of the sorted path holds for m tokens with these experts, as `fused_moe`
-    chooses (_sorted_path); None where the pair path or one token's pair blocks take them."""
-    path = _sorted_path(m, w13, device, fp8_block)
-    return None if path is None or path[1] else path[0]["BLOCK_M"]
 
 
 def lookup_config(e: int, inter: int, hidden: int, m: int, device: torch.device, fp8_block=None) -> dict:

@@ -35,10 +35,6 @@ at concurrency 1 / 16 / 64:
   tries FlashAttention-2 first. Causal GQA at 1024 / 2048 tokens, 32 query and 4 KV heads of 128:
   flash 52 / 163 us, cuDNN 30 / 78; 235B's 64 heads: 90 / 270 against 47 / 139. 30B fp8 TTFT
   (engine, p50 of 8): 38.9 ms against 43.4 and 39.9 for the base runs before and after it.
-- ROUTE_ALIGN (QWEN3VL_ROUTE_ALIGN), off: decode batches of up to 16 tokens on the sorted MoE
-  path are routed and aligned by one launch (kernels.fused_moe.route_align) instead of route's
-  and align's two (30B fp8 c16: 2.0 + 2.0 us a layer in the twenty-third session's profile).
-  Measured in the step (twenty-fourth session, one H200): c16 7.744 against 7.466 ms, slower.
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
@@ -61,7 +57,6 @@ PREFETCH_MAX_SEQS = 16          # decode attention's PREFETCH for batches up to 
 FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
-ROUTE_ALIGN = _on("QWEN3VL_ROUTE_ALIGN")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
 FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZE", ""))     # None: by shape
 

@@ -226,63 +226,6 @@ def test_align_kernel_equals_torch_alignment(m, e, a, block_m):
     assert torch.equal(got[0][:n], want[0][:n]) and torch.equal(got[1][: n // block_m], want[1][: n // block_m].int())
 
 
-@pytest.mark.parametrize("t,e,a,block_m,renormalize", [(1, 8, 2, 16, True), (2, 12, 4, 4, False), (5, 40, 8, 16, True),
-                                                       (5, 40, 8, 16, False), (16, 128, 8, 16, True),
-                                                       (16, 20, 8, 4, False)])
-def test_route_align_is_route_then_align(t, e, a, block_m, renormalize):
-    """route_align's one launch: route's weights and ids, and align_by_expert's alignment of those
-    ids, at token counts short of the padded rows (1, 2, 5), full (16), experts not a power of
-    two (12, 20, 40) and blocks that one expert's pairs overflow (4 rows: 16 tokens, 20 experts);
-    logits with ties (integers in [-3, 3)) as well, which route breaks to the lower id. (Each
-    expert is a program the interpreter runs: 30B's 128 once.)"""
-    from kernels.fused_moe import route_align
-
-    for logits in (torch.randn(t, e, device=DEV), torch.randint(-3, 3, (t, e), device=DEV).float()):
-        w, ids, (sorted_ids, block_expert, total) = route_align(logits, a, renormalize, block_m)
-        want_w, want_ids = route_kernel(logits, a, renormalize)
-        assert torch.equal(ids, want_ids)
-        torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-7)
-        want = align_by_expert(want_ids, e, block_m)
-        n = int(want[2])
-        assert int(total) == n and sorted_ids.shape == want[0].shape and block_expert.shape == want[1].shape
-        assert torch.equal(sorted_ids[:n], want[0][:n]) and torch.equal(block_expert[: n // block_m],
-                                                                       want[1][: n // block_m])
-
-
-def test_route_align_refuses_what_it_cannot_take_and_fused_moe_a_wrong_alignment():
-    from kernels.fused_moe import route_align
-
-    for t, a in ((17, 8), (4, 3)):
-        with pytest.raises(ValueError, match="route_align"):
-            route_align(torch.randn(t, 16, device=DEV), a, True, 16)
-    x, w13, w2, _, _ = moe_inputs(4, 16, 32, 16, 4, device=DEV)
-    w, ids, aligned = route_align(torch.randn(4, 16, device=DEV), 4, True, 8)
-    with pytest.raises(ValueError, match="not one in blocks of 16"):
-        fused_moe(x, w13, w2, w, ids, SMALL_CFG, aligned=aligned)
-
-
-@pytest.mark.parametrize("t", [3, 12, 20])
-def test_sparse_moe_routed_and_aligned_in_one_launch_gives_the_same_output(t, monkeypatch):
-    """A MoE layer with route_align_fn (kernels.switches.ROUTE_ALIGN): the batches it takes (the
-    sorted path, here from 2 tokens, up to 16) give the bits of route + fused_moe's own alignment;
-    20 tokens are routed the usual way."""
-    from kernels.fused_moe import route_align
-    from qwen3vl_backend.layers.moe import SparseMoE
-
-    monkeypatch.setenv("QWEN3VL_PAIR_MAX_M", "1")
-    torch.manual_seed(0)
-    moe = SparseMoE(48, 24, 12, 4, True).to(DEV)
-    for p in moe.parameters():
-        p.data.normal_(0, 0.2)
-    moe.experts_fn, moe.route_fn = fused_moe, route_kernel
-    x = torch.randn(t, 48, device=DEV)
-    want = moe(x)
-    calls = []
-    moe.route_align_fn = lambda *a: calls.append(a[0].shape[0]) or route_align(*a)
-    torch.testing.assert_close(moe(x), want, rtol=0, atol=0)
-    assert calls == ([t] if t <= 16 else [])
-
-
 def test_fused_moe_rejects_mismatched_shapes():
     x, w13, w2, w, ids = moe_inputs(3, 4, 32, 16, 2, device=DEV)
     with pytest.raises(ValueError, match="fused_moe shapes disagree"):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
-from kernels.fused_moe import GATE_ROUTE_MAX_T, NORM_ROUTE_MAX_D, ROUTE_ALIGN_MAX_T, sorted_block_m
+from kernels.fused_moe import GATE_ROUTE_MAX_T, NORM_ROUTE_MAX_D
 
 from ..parallel import Parallel, all_reduce, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
@@ -163,8 +163,7 @@ class FusedMoE(nn.Module):
         else:
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
-    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                    aligned: tuple | None = None) -> torch.Tensor:
+    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """On a GPU the fused MoE kernels with fp8 weights (dequantized in registers); on CPU the
         W8A8 reference, one expert at a time: activations quantized per token and group, SiLU(gate)
         * up quantized again before the down projection."""
@@ -172,8 +171,7 @@ class FusedMoE(nn.Module):
             from kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids, w13_scale=self.w13_weight_scale_inv,
-                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts,
-                             aligned=aligned)
+                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts)
         out = torch.zeros_like(x)
         weights = weights.to(x.dtype)
         for e in ids.unique().tolist():
@@ -211,9 +209,6 @@ class SparseMoE(nn.Module):
         self.norm_route_fn = None
         # kernels.fused_moe.gate_route on GPU with kernels.switches.FUSED_ROUTER: the router and route in one launch
         self.gate_route_fn = None
-        # kernels.fused_moe.route_align on GPU with kernels.switches.ROUTE_ALIGN: route and the sorted
-        # path's alignment in one launch, for a few tokens
-        self.route_align_fn = None
         self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
         self._counter = None           # norm_route's arrival count (allocated on first use)
 
@@ -234,21 +229,8 @@ class SparseMoE(nn.Module):
         logits = self.gate(x)            # it runs with fixed logits too (the benchmarks time it)
         fixed = self._fixed(x.shape[0])
         logits = logits if fixed is None else fixed
-        block_m = self._route_align_block_m(x)
-        if block_m is not None:
-            weights, ids, aligned = self.route_align_fn(logits, self.top_k, self.renormalize, block_m)
-            return self._experts(x, weights, ids, aligned)
         weights, ids = self.route_fn(logits, self.top_k, self.renormalize, **self._ep_routing())
         return self._experts(x, weights, ids)
-
-    def _route_align_block_m(self, x: torch.Tensor) -> int | None:
-        """The sorted path's block rows where route_align_fn routes this batch (a few tokens, the
-        sorted path, no expert parallelism, top-k a power of two), else None."""
-        ex = self.experts
-        if (self.route_align_fn is None or x.dim() != 2 or x.shape[0] > ROUTE_ALIGN_MAX_T
-                or ex.num_local < ex.num_experts or self.top_k & (self.top_k - 1)):
-            return None
-        return sorted_block_m(x.shape[0], ex.w13, x.device, ex.block)
 
     def _ep_routing(self) -> dict:
         """The routers' arguments that map ids to this rank's experts (expert parallelism)."""
@@ -279,15 +261,13 @@ class SparseMoE(nn.Module):
             return None
         return (noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]).contiguous()
 
-    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, aligned: tuple | None = None):
-        """ids as this rank's experts see them (the routers map them: `_ep_routing`); `aligned`:
-        route_align's alignment of them, for kernels.fused_moe."""
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        """ids as this rank's experts see them (the routers map them: `_ep_routing`)."""
         ex = self.experts
         if ex.quantized:
-            out = ex.fp8_forward(x, weights, ids, aligned)
+            out = ex.fp8_forward(x, weights, ids)
         else:
-            kw = {"aligned": aligned} if aligned is not None else {}
-            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts, **kw)
+            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts)
         if self.tp_size > 1:                     # each rank summed its share of every token's experts
             all_reduce(out)
         return out
