@@ -803,14 +803,29 @@ def test_dense_fp8_gemm_split_k_leaves_its_counts_at_zero():
         assert _rel(out, want) < KTOL
 
 
+@pytest.mark.parametrize("key", ["SWAP_AB", "TMA"])
 @pytest.mark.parametrize("mode", ["bf16", "w8a16-columns", "w8a16", "bits", "a8", "moe-bf16", "moe-fp8", "moe-a8"])
-def test_swap_ab_gives_the_product_untransposed(mode, monkeypatch):
-    """SWAP_AB (the grouped GEMM's dots as (b^T a^T)^T: the weight rows fill the tensor cores'
-    64-row side): the same product as without it, for every weight and activation mode, dense
-    (split over K too) and sorted MoE (gate_up with SiLU fused, down with the routing weights).
-    Square 32 x 32 tiles, so a result left transposed would keep its shape and be caught here."""
+def test_swap_ab_and_tma_give_the_same_product(mode, key, monkeypatch):
+    """Two table keys of the grouped GEMM give the product it gives without them, for every weight
+    and activation mode, dense (split over K too) and sorted MoE (gate_up with SiLU fused, down with
+    the routing weights; 37 tokens, and one token's pair blocks):
+    - SWAP_AB (its dots as (b^T a^T)^T: the weight rows fill the tensor cores' 64-row side).
+      Square 32 x 32 tiles, so a result left transposed would keep its shape and be caught here.
+    - TMA (the weight tiles through a tensor descriptor): taken by every launch but those of
+      w8a16-columns, whose 300-byte rows are not in 16-byte units (pointer loads). bf16, w8a16 and
+      bits have 336-wide rows, so their last 32-wide K step is partial (the descriptor's zeros);
+      an expert's tiles start at its own rows."""
+    import kernels.fused_moe as fm
     from kernels.fused_moe import dense_fp8_gemm, dense_gemm, fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
+
+    real, descs = fm.weight_descriptor, []
+
+    def counted(*args):
+        descs.append(real(*args))
+        return descs[-1]
+
+    monkeypatch.setattr(fm, "weight_descriptor", counted)
 
     cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
     runs = []
@@ -821,16 +836,19 @@ def test_swap_ab_gives_the_product_untransposed(mode, monkeypatch):
         w, ids = route(torch.randn(37, e, device=DEV), a, True)
         if mode == "moe-bf16":
             w13, w2 = torch.randn(e, 2 * i, h, device=DEV) * h ** -0.5, torch.randn(e, h, i, device=DEV) * i ** -0.5
-            want = fused_moe_reference(x, w13, w2, w, ids)
-            for silu in (True, False):
-                runs += [(lambda c, silu=silu: fused_moe(x, w13, w2, w, ids, {**c, "FUSE_SILU": silu}), want)]
+            for t in (37, 1):
+                want = fused_moe_reference(x[:t], w13, w2, w[:t], ids[:t])
+                for silu in (True, False):
+                    runs += [(lambda c, silu=silu, t=t: fused_moe(x[:t], w13, w2, w[:t], ids[:t], {**c, "FUSE_SILU": silu}),
+                              want)]
         else:
             q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-            want = fused_moe_reference(x, d13, d2, w, ids)
-            runs += [(lambda c: fused_moe(x, q13, q2, w, ids, {**c, "FUSE_SILU": True}, w13_scale=s13, w2_scale=s2,
-                                          block=block), want)]
+            for t in (37, 1):
+                want = fused_moe_reference(x[:t], d13, d2, w[:t], ids[:t])
+                runs += [(lambda c, t=t: fused_moe(x[:t], q13, q2, w[:t], ids[:t], {**c, "FUSE_SILU": True},
+                                                   w13_scale=s13, w2_scale=s2, block=block), want)]
     else:
-        n, k, block = (130, 300, (128, 128)) if mode == "w8a16-columns" else (96, 320, (32, 64))
+        n, k, block = (130, 300, (128, 128)) if mode == "w8a16-columns" else (96, 320 if mode == "a8" else 336, (32, 64))
         x = torch.randn(21, k, device=DEV)
         x = x.bfloat16() if mode == "bits" else x
         q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
@@ -844,10 +862,13 @@ def test_swap_ab_gives_the_product_untransposed(mode, monkeypatch):
                 runs += [(lambda c, split=split: dense_fp8_gemm(x, q, s, block, {**c, **flags, "SPLIT_K": split}),
                           want)]
     for run, want in runs:
-        base, swapped = run(cfg), run({**cfg, "SWAP_AB": True})
-        assert swapped.shape == base.shape
-        torch.testing.assert_close(swapped.float(), base.float(), rtol=1e-5, atol=1e-5)
-        assert _rel(swapped.float(), want.float()) < (6e-2 if "a8" in mode else 1e-2 if mode == "bits" else KTOL)
+        base, keyed = run(cfg), run({**cfg, key: True})
+        assert keyed.shape == base.shape
+        torch.testing.assert_close(keyed.float(), base.float(), rtol=1e-5, atol=1e-5)
+        assert _rel(keyed.float(), want.float()) < (6e-2 if "a8" in mode else 1e-2 if mode == "bits" else KTOL)
+    taken = [d is not None for d in descs]
+    assert taken == ([] if key == "SWAP_AB" else [False] * len(taken) if mode == "w8a16-columns" else [True] * len(taken))
+    assert key == "SWAP_AB" or len(taken) == sum(2 if mode.startswith("moe") else 1 for _ in runs)
 
 
 @pytest.mark.parametrize("m", [3, 40])
