@@ -1000,3 +1000,43 @@ def test_w8a8_threshold_from_the_table_and_the_environment(monkeypatch):
     monkeypatch.setattr(kernels.fused_moe, "_moe_table", lambda *a: None)
     monkeypatch.delenv("QWEN3VL_W8A8_MIN_M")
     assert quantized(1) == 2                                 # W8A8_MIN_M
+
+
+def test_norm_quant_hands_the_experts_the_norms_quantized_rows(monkeypatch):
+    """kernels.switches.NORM_QUANT through a MoE layer: where fused_moe would quantize the layer's
+    input (quantizes_input, stood in for here by "more than one token": off a GPU the fp8 experts
+    run the torch reference), the post-attention norm's launch also returns its rows quantized, and
+    those reach the experts (fp8_forward's x_quant), bit for bit the quantize launch's values; the
+    layer's output and residual are the path's without it. One token: no quantized rows."""
+    import qwen3vl_backend.layers.moe as moe_module
+    from kernels import fp8
+    from kernels.rmsnorm import rmsnorm, rmsnorm_quantized
+    from qwen3vl_backend.layers.moe import SparseMoE
+    from qwen3vl_backend.layers.norm import RMSNorm
+
+    torch.manual_seed(0)
+    block = (128, 128)
+    moe = SparseMoE(256, 128, 4, 2, True, fp8_block=block)
+    ex = moe.experts
+    ex.w13.data, ex.w13_weight_scale_inv.data, ex.w2.data, ex.w2_weight_scale_inv.data = \
+        _fp8_experts(4, 256, 128, block, "cpu")[:4]
+    moe.gate.weight.data.normal_(0, 0.2)
+    norm = RMSNorm(256)
+    norm.weight.data = torch.rand(256) + 0.5
+    norm.kernel = rmsnorm
+    x, r = torch.randn(3, 256), torch.randn(3, 256)
+    want, want_res = moe.forward_after_norm(x, r.clone(), norm)
+    seen = []
+    fp8_forward = ex.fp8_forward
+    monkeypatch.setattr(ex, "fp8_forward", lambda *a: seen.append(a[3] if len(a) > 3 else None) or fp8_forward(*a))
+    monkeypatch.setattr(moe_module, "quantizes_input", lambda m, *a: m > 1)
+    norm.quant_kernel = rmsnorm_quantized
+    got, got_res = moe.forward_after_norm(x, r.clone(), norm)
+    assert torch.equal(got, want) and torch.equal(got_res, want_res)
+    assert len(seen) == 1 and seen[0] is not None
+    q, s = seen[0]
+    want_q, want_s = fp8.quantize_launch(rmsnorm(x, norm.weight, norm.eps, r.clone()), block[1], False, False)
+    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    seen.clear()
+    moe.forward_after_norm(x[:1], r[:1].clone(), norm)
+    assert seen == [None]
