@@ -998,7 +998,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     return sum_top_k(out.view(m, top_k, h), topk_ids if sentinel else None, e)
 
 
-def _sorted_launch(m: int, cfg: dict, w13: torch.Tensor, device: torch.device, fp8_block) -> tuple[bool, dict, bool]:
+def _sorted_launch(m: int, cfg: dict, w13: torch.Tensor, device: torch.device,
+                   fp8_block) -> tuple[bool, dict, bool]:
     """The sorted path's (FUSE_SILU, down's launch, W8A8) for m tokens under `cfg`: the config may
     choose the paths (tests and benchmarks compare them), else the defaults; "DOWN" holds the down
     GEMM's own tile, warps or stages (its K and N are not gate_up's), the blocks of rows staying

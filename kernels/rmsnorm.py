@@ -21,8 +21,9 @@ from .pdl import gdc_enter, pdl
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
                     q_ptr=None, s_ptr=None, stride_q=0, stride_s=0, GROUP: tl.constexpr = 0):
-    """GROUP (> 0, dividing BLOCK == n_cols): the stored row also quantized per GROUP columns into
-    q_ptr (e4m3) and s_ptr (float32 scales, amax / 448), as _quantize_groups_kernel does."""
+    """GROUP (> 0, dividing BLOCK == n_cols: rmsnorm_quantized's rows): the stored row also
+    quantized per GROUP columns into q_ptr (e4m3) and s_ptr (float32 scales, amax / 448), as
+    kernels.fp8's _quantize_groups_kernel does."""
     gdc_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -40,7 +41,8 @@ def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, strid
         groups = tl.reshape(y.to(tl.float32), (BLOCK // GROUP, GROUP))
         scale = tl.maximum(tl.max(tl.abs(groups), 1), 1e-12) / 448.0
         q = tl.clamp(groups / scale[:, None], -448.0, 448.0)
-        tl.store(q_ptr + row * stride_q + tl.reshape(cols, (BLOCK // GROUP, GROUP)), q.to(q_ptr.dtype.element_ty))
+        q_cols = tl.reshape(cols, (BLOCK // GROUP, GROUP))
+        tl.store(q_ptr + row * stride_q + q_cols, q.to(q_ptr.dtype.element_ty))
         tl.store(s_ptr + row * stride_s + tl.arange(0, BLOCK // GROUP), scale)
 
 

@@ -839,8 +839,8 @@ def test_swap_ab_and_tma_give_the_same_product(mode, key, monkeypatch):
             for t in (37, 1):
                 want = fused_moe_reference(x[:t], w13, w2, w[:t], ids[:t])
                 for silu in (True, False):
-                    runs += [(lambda c, silu=silu, t=t: fused_moe(x[:t], w13, w2, w[:t], ids[:t], {**c, "FUSE_SILU": silu}),
-                              want)]
+                    runs += [(lambda c, silu=silu, t=t: fused_moe(x[:t], w13, w2, w[:t], ids[:t],
+                                                                  {**c, "FUSE_SILU": silu}), want)]
         else:
             q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
             for t in (37, 1):
@@ -848,7 +848,8 @@ def test_swap_ab_and_tma_give_the_same_product(mode, key, monkeypatch):
                 runs += [(lambda c, t=t: fused_moe(x[:t], q13, q2, w[:t], ids[:t], {**c, "FUSE_SILU": True},
                                                    w13_scale=s13, w2_scale=s2, block=block), want)]
     else:
-        n, k, block = (130, 300, (128, 128)) if mode == "w8a16-columns" else (96, 320 if mode == "a8" else 336, (32, 64))
+        k = 300 if mode == "w8a16-columns" else 320 if mode == "a8" else 336
+        n, block = (130, (128, 128)) if mode == "w8a16-columns" else (96, (32, 64))
         x = torch.randn(21, k, device=DEV)
         x = x.bfloat16() if mode == "bits" else x
         q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
@@ -867,7 +868,8 @@ def test_swap_ab_and_tma_give_the_same_product(mode, key, monkeypatch):
         torch.testing.assert_close(keyed.float(), base.float(), rtol=1e-5, atol=1e-5)
         assert _rel(keyed.float(), want.float()) < (6e-2 if "a8" in mode else 1e-2 if mode == "bits" else KTOL)
     taken = [d is not None for d in descs]
-    assert taken == ([] if key == "SWAP_AB" else [False] * len(taken) if mode == "w8a16-columns" else [True] * len(taken))
+    want_taken = [] if key == "SWAP_AB" else [mode != "w8a16-columns"] * len(taken)
+    assert taken == want_taken
     assert key == "SWAP_AB" or len(taken) == sum(2 if mode.startswith("moe") else 1 for _ in runs)
 
 
