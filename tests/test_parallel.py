@@ -302,11 +302,14 @@ def test_expert_halves_sum_to_the_whole_layer(m, w8a8, inter, a, monkeypatch):
 def test_one_token_sorted_path_takes_a_block_per_pair(fp8, w8a8, monkeypatch):
     """At one token the sorted path makes a block of each (token, expert) pair straight from the
     top-k ids (no sorting launch): the same sums as the sorted blocks, other ranks' pairs skipped,
-    and nothing at all for a token with no pair here."""
+    and nothing at all for a token with no pair here. Seeded: against the reference's unquantized
+    activations W8A8's error is a draw (80 draws: mean 4.2%, largest 8.2%), and an unseeded draw
+    depended on the tests before it (a new test's draws made one fail at 7.0%)."""
     import kernels.fused_moe
     from kernels.fused_moe import align_by_expert as align, fused_moe
     from qwen3vl_backend.layers.moe import moe_experts_torch
 
+    torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     e, h, inter, a, block = 6, 64, 32, 4, (32, 32)
     monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", str(1 if w8a8 else 1 << 30))
