@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import zlib
 
 import torch
 
@@ -24,6 +25,14 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("QWEN3VL_TEST_CACHE", ROOT / ".cache" / "tests"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    """Every test's unseeded torch draws fixed by its own id (crc32 of the node id), so that its
+    inputs do not depend on which tests ran before it: at f243b8c new tests ahead of an unseeded
+    W8A8 test changed its draw past its bound, and a run of that test alone could not show it."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _checkpoint(name: str, dense: bool) -> Path:
