@@ -43,7 +43,7 @@ import triton.language as tl
 from . import switches
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 
-from .linear import _skinny_kernel, block_scaled, dividing, nearest_m, norm_arguments
+from .linear import _skinny_kernel, block_scaled, dividing, e4m3_groups, nearest_m, norm_arguments
 from .tables import device_file, device_table
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,7 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride
     col = g[:, None] * GROUP + tl.arange(0, GROUP_PAD)[None, :]
     ok = (tl.arange(0, GROUP_PAD)[None, :] < GROUP) & (col < K)
     x = tl.load(x_ptr + row * stride_xm + col, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-12) / 448.0
-    q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+    q, scale = e4m3_groups(x)
     tl.store(q_ptr + row * stride_qm + col, q.to(q_ptr.dtype.element_ty), mask=ok)
     tl.store(s_ptr + row * stride_sm + g * stride_sg, scale, mask=g * GROUP < K)
 
@@ -141,8 +140,7 @@ def _quantize_flat_kernel(x_ptr, q_ptr, s_ptr, total, G, stride_xm, stride_qm, s
     g = p % G
     lane = tl.arange(0, GROUP)[None, :]
     x = tl.load(x_ptr + (row * stride_xm + g * GROUP)[:, None] + lane, mask=ok[:, None], other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-12) / 448.0
-    q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+    q, scale = e4m3_groups(x)
     tl.store(q_ptr + (row * stride_qm + g * GROUP)[:, None] + lane, q.to(q_ptr.dtype.element_ty), mask=ok[:, None])
     tl.store(s_ptr + row * stride_sm + g * stride_sg, scale, mask=ok)
 

@@ -33,6 +33,17 @@ DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
+def e4m3_groups(x):
+    """float32 rows, each one group of a token's columns -> (the rows over their scales, clamped
+    to e4m3's range, not yet cast; the scales, amax / 448, at least 1e-12 / 448): the activations'
+    per-group quantization, one definition for every kernel that makes W8A8 inputs (kernels.fp8's
+    quantize launches, kernels.rmsnorm's rmsnorm_quantized, the skinny GEMM's A8), so that they
+    agree bit for bit."""
+    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-12) / 448.0
+    return tl.clamp(x / scale[:, None], -448.0, 448.0), scale
+
+
+@triton.jit
 def block_scaled(x, s_ptrs, k, K, BLOCK_K: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
     """x (BLOCK_K,) (ROWS 0) or (ROWS, BLOCK_K), K step k's columns, times their scale blocks'
     scales: one a step inside a block (BLOCK_K <= BK), else one per block of the step (its
@@ -107,9 +118,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
             nw_ptrs += BLOCK_K
         xf = xk.to(tl.float32)
         if A8:
-            xs = tl.maximum(tl.max(tl.abs(xf), 1), 1e-12) / 448.0
-            xq = tl.clamp(xf / xs[:, None], -448.0, 448.0).to(w.dtype)
-            acc += tl.dot(xq, tl.trans(w)) * (xs[:, None] * tl.load(s_row + k))
+            xq, xs = e4m3_groups(xf)
+            acc += tl.dot(xq.to(w.dtype), tl.trans(w)) * (xs[:, None] * tl.load(s_row + k))
         else:
             if HAS_SCALE and GROUP_SCALE:
                 xf = block_scaled(xf, s_row, k, K, BLOCK_K, BK, M_PAD)      # every row's scales alike

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import switches
+from .linear import e4m3_groups
 from .pdl import gdc_enter, pdl
 
 
@@ -22,8 +23,8 @@ def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, strid
                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
                     q_ptr=None, s_ptr=None, stride_q=0, stride_s=0, GROUP: tl.constexpr = 0):
     """GROUP (> 0, dividing BLOCK == n_cols: rmsnorm_quantized's rows): the stored row also
-    quantized per GROUP columns into q_ptr (e4m3) and s_ptr (float32 scales, amax / 448), as
-    kernels.fp8's _quantize_groups_kernel does."""
+    quantized per GROUP columns into q_ptr (e4m3) and s_ptr (float32 scales, amax / 448) by the
+    quantize launches' own arithmetic (kernels.linear.e4m3_groups)."""
     gdc_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -38,9 +39,7 @@ def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, strid
     y = ((xf * rstd).to(x.dtype) * w).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
     if GROUP > 0:
-        groups = tl.reshape(y.to(tl.float32), (BLOCK // GROUP, GROUP))
-        scale = tl.maximum(tl.max(tl.abs(groups), 1), 1e-12) / 448.0
-        q = tl.clamp(groups / scale[:, None], -448.0, 448.0)
+        q, scale = e4m3_groups(tl.reshape(y.to(tl.float32), (BLOCK // GROUP, GROUP)))
         q_cols = tl.reshape(cols, (BLOCK // GROUP, GROUP))
         tl.store(q_ptr + row * stride_q + q_cols, q.to(q_ptr.dtype.element_ty))
         tl.store(s_ptr + row * stride_s + tl.arange(0, BLOCK // GROUP), scale)
