@@ -114,14 +114,15 @@ def main(argv=None) -> int:
         for i, name in enumerate(order):
             label = name if i < len(order) - 1 else f"{BASE} (again)"
             try:
-                got = [{"variant": label, "run": i, "concurrency": r.get("concurrency"),
+                got = [{"variant": label, "run": i, "concurrency": r.get("concurrency"), "routing": r.get("routing"),
                         "itl_p50_ms": r.get("itl_p50_ms"), "decode_step_ms": r.get("decode_step_ms"),
                         "ttft_p50_ms": r.get("ttft_p50_ms"), "ttft_min_ms": r.get("ttft_min_ms"), "error": None}
                        for r in run_variant(trees[name], engine_args, args.runner, Path(tmp) / f"out-{i}",
                                             variants.get(name, {}).get(ENV))]
             except RuntimeError as e:           # a launch shape that does not compile: the others still run
                 print(e)
-                got = [{"variant": label, "run": i, "concurrency": None, "itl_p50_ms": None, "decode_step_ms": None,
+                got = [{"variant": label, "run": i, "concurrency": None, "routing": None, "itl_p50_ms": None,
+                        "decode_step_ms": None,
                         "ttft_p50_ms": None, "ttft_min_ms": None, "error": str(e).splitlines()[0]}]
             print_table(got, list(got[0]))
             rows += got

@@ -38,6 +38,8 @@ def test_variants_run_in_their_own_trees(tmp_path, monkeypatch, capsys):
     assert got == [("base", 1, b, w), ("base", 2, 2 * b, w), ("wide", 1, 16.0, w), ("wide", 2, 32.0, w),
                    ("whole", 1, 32.0, 1.0), ("whole", 2, 64.0, 1.0), ("scaled", 1, 3 * b, w),
                    ("scaled", 2, 6 * b, w), ("base (again)", 1, b, w), ("base (again)", 2, 2 * b, w)]
+    # each decode row says how its experts were routed (the runner's default, as benchmarks.engine's)
+    assert {r["routing"] for r in written["rows"] if r["concurrency"] is not None} == {"uniform"}
     assert "ENGINE_AB_TEST_SCALE" not in os.environ           # the variant's environment was its own
     assert [r["vs_base"] for r in written["rows"] if r["concurrency"] is not None][2] == pytest.approx(16.0 / b)
     assert (HERE.parent / "kernels" / "configs" / TABLE).read_text() == original      # the checkout untouched
