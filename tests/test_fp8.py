@@ -425,7 +425,7 @@ def test_flat_quantize_where_it_was_measured_faster(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("m", [1, 4, 16, 64, 300, 2048])
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 128, 300, 2048])
 def test_fp8_gpu_paths_at_30b_shapes(m):
     """Real 30B-A3B shapes in bf16 on the GPU: the linear path (GEMV, then cuBLAS's block fp8) at
     qkv's and o_proj's shapes (the H200 table's INT_CVT and HALF2 at one row) and both MoE paths,
