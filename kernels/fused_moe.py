@@ -943,13 +943,11 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
-              sentinel: bool = False, x_quant: tuple | None = None) -> torch.Tensor:
+              sentinel: bool = False) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
     blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
-    (expert parallelism), which add nothing here. `x_quant`: x already quantized, (e4m3 (M, H),
-    scales (M, H / bk)) as quantize_activations_fp8 makes them (kernels.rmsnorm.rmsnorm_quantized),
-    taken where the path quantizes x (`quantizes_input`) instead of its own launch."""
+    (expert parallelism), which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
@@ -963,7 +961,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]
     cfg, pair_blocks = path
-    fuse_silu, down_cfg, w8a8 = _sorted_launch(m, cfg, w13, x.device, fp8_block)
+    # the config may choose the paths (tests and benchmarks compare them); else the defaults
+    fuse_silu = cfg.get("FUSE_SILU", FUSE_SILU)
+    # "DOWN": the down GEMM's own tile, warps or stages (its K and N are not gate_up's); the
+    # blocks of rows stay gate_up's
+    down_cfg = {**cfg, **{k: v for k, v in cfg.get("DOWN", {}).items() if k != "BLOCK_M"}}
     # ids equal to e (another rank's experts) form the sentinel's blocks, which the GEMMs skip.
     # One token meets each of its experts once: a block per pair, no sorting launch.
     if pair_blocks:
@@ -972,13 +974,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         sorted_ids, block_expert, total = align_by_expert(topk_ids, e + 1 if sentinel else e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()
     fp8 = {"block": block} if w13_scale is not None else {}
-    if w8a8 and x_quant is not None:
-        a, a_scale = x_quant
-        if a.shape != x.shape or a.dtype != torch.float8_e4m3fn or a_scale.shape != (m, -(-h // block[1])):
-            raise ValueError(f"fused_moe: x_quant {tuple(a.shape)} {a.dtype}, scales {tuple(a_scale.shape)} "
-                             f"for x {tuple(x.shape)} in groups of {block[1]}")
-    else:
-        a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
+    tiles = [_fp8_tile(bn, bk, n, block) for bn, bk, n in (
+        (max(16, cfg["BLOCK_N"] // 2) if fuse_silu else cfg["BLOCK_N"], cfg["BLOCK_K"], two_i // 2),
+        (down_cfg["BLOCK_N"], down_cfg["BLOCK_K"], h))]
+    # fp8 dots need tiles inside one scale block and K steps of 32 or more
+    w8a8 = (bool(fp8) and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
+            and all(mode == 2 and bk >= 32 for _, bk, mode in tiles))
+    a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
     if fuse_silu:     # two accumulators per program: half the columns keeps the tuned register budget
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
         half = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
@@ -996,31 +998,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, down_cfg, scale=w2_scale,
                   a_scale=act_scale, **fp8)
     return sum_top_k(out.view(m, top_k, h), topk_ids if sentinel else None, e)
-
-
-def _sorted_launch(m: int, cfg: dict, w13: torch.Tensor, device: torch.device,
-                   fp8_block) -> tuple[bool, dict, bool]:
-    """The sorted path's (FUSE_SILU, down's launch, W8A8) for m tokens under `cfg`: the config may
-    choose the paths (tests and benchmarks compare them), else the defaults; "DOWN" holds the down
-    GEMM's own tile, warps or stages (its K and N are not gate_up's), the blocks of rows staying
-    gate_up's. W8A8: fp8 experts from w8a8_min_m tokens, where every tile lies inside one scale
-    block with K steps of 32 or more (fp8 dots)."""
-    e, two_i, h = w13.shape
-    fuse_silu = cfg.get("FUSE_SILU", FUSE_SILU)
-    down_cfg = {**cfg, **{k: v for k, v in cfg.get("DOWN", {}).items() if k != "BLOCK_M"}}
-    if fp8_block is None or m < w8a8_min_m(e, two_i // 2, h, device, fp8_block):
-        return fuse_silu, down_cfg, False
-    tiles = [_fp8_tile(bn, bk, n, fp8_block) for bn, bk, n in (
-        (max(16, cfg["BLOCK_N"] // 2) if fuse_silu else cfg["BLOCK_N"], cfg["BLOCK_K"], two_i // 2),
-        (down_cfg["BLOCK_N"], down_cfg["BLOCK_K"], h))]
-    return fuse_silu, down_cfg, all(mode == 2 and bk >= 32 for _, bk, mode in tiles)
-
-
-def quantizes_input(m: int, w13: torch.Tensor, device: torch.device, fp8_block) -> bool:
-    """Whether fused_moe (its tables, no config) quantizes m tokens' input for these experts:
-    where `x_quant` saves a launch."""
-    path = _sorted_path(m, w13, device, fp8_block) if fp8_block is not None else None
-    return path is not None and _sorted_launch(m, path[0], w13, device, fp8_block)[2]
 
 
 @triton.jit

@@ -37,8 +37,7 @@ def e4m3_groups(x):
     """float32 rows, each one group of a token's columns -> (the rows over their scales, clamped
     to e4m3's range, not yet cast; the scales, amax / 448, at least 1e-12 / 448): the activations'
     per-group quantization, one definition for every kernel that makes W8A8 inputs (kernels.fp8's
-    quantize launches, kernels.rmsnorm's rmsnorm_quantized, the skinny GEMM's A8), so that they
-    agree bit for bit."""
+    quantize launches, the skinny GEMM's A8), so that they agree bit for bit."""
     scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-12) / 448.0
     return tl.clamp(x / scale[:, None], -448.0, 448.0), scale
 

@@ -35,10 +35,6 @@ at concurrency 1 / 16 / 64:
   tries FlashAttention-2 first. Causal GQA at 1024 / 2048 tokens, 32 query and 4 KV heads of 128:
   flash 52 / 163 us, cuDNN 30 / 78; 235B's 64 heads: 90 / 270 against 47 / 139. 30B fp8 TTFT
   (engine, p50 of 8): 38.9 ms against 43.4 and 39.9 for the base runs before and after it.
-- NORM_QUANT (QWEN3VL_NORM_QUANT), off: where the sorted MoE path quantizes its input (W8A8, fp8
-  experts, 2+ tokens), the post-attention RMSNorm's launch also quantizes its output per token and
-  group (kernels.rmsnorm.rmsnorm_quantized: the same values as the quantize launch it saves; 30B
-  fp8 c16 and c64 profiles: that launch adds ~1 us a layer). Not yet measured in the step.
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
@@ -62,7 +58,6 @@ FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
-NORM_QUANT = _on("QWEN3VL_NORM_QUANT")
 FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZE", ""))     # None: by shape
 
 # the launches whose warps KERNEL_WARPS may set: kernels.rmsnorm.rmsnorm, kernels.fp8's activation

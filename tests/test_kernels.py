@@ -398,44 +398,6 @@ def test_rmsnorm_matches_reference(shape):
     assert torch.equal(r2, x + r)
 
 
-@pytest.mark.parametrize("t,d,group,residual", [(1, 256, 128, True), (5, 256, 64, False), (64, 512, 128, True),
-                                               (3, 64, 128, True)])
-def test_rmsnorm_quantized_is_rmsnorm_then_the_quantize_launch(t, d, group, residual):
-    """kernels.switches.NORM_QUANT's launch: rmsnorm's output and residual, and that output
-    quantized per token and group bit for bit as kernels.fp8's quantize launch makes it (the GPU's
-    W8A8 input; on the CPU both interpreted), a group of zeros included (the scale's floor), and
-    a row shorter than a group (the tiny fp8 checkpoint's 64 columns in 128-wide groups).
-    bfloat16 rows on a GPU; float32 on the CPU, where the interpreter's bfloat16 arithmetic gives
-    NaNs (rmsnorm's own, before this launch existed)."""
-    from kernels import fp8
-    from kernels.rmsnorm import rmsnorm_quantized
-
-    dt = torch.bfloat16 if CUDA else torch.float32
-    x = (torch.randn(t, d, device=DEV) * torch.logspace(-2, 1, d, device=DEV)).to(dt)
-    x[0, :group] = 0.0
-    w = (torch.rand(d, device=DEV) + 0.5).to(dt)
-    r = torch.randn(t, d, device=DEV).to(dt) if residual else None
-    if residual:
-        x[0, :group], r[0, :group] = 1.0, -1.0                      # x + residual: zeros
-    r1, r2 = (r.clone(), r.clone()) if residual else (None, None)
-    out, q, s = rmsnorm_quantized(x, w, 1e-6, r1, group)
-    assert torch.equal(out, rmsnorm(x, w, 1e-6, r2))
-    assert not residual or torch.equal(r1, r2)
-    want_q, want_s = fp8.quantize_launch(out, group, False, False)
-    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
-    assert float(s[0, 0]) == pytest.approx(1e-12 / 448.0, rel=1e-6)
-
-
-def test_rmsnorm_quantized_refuses_rows_it_cannot_tile():
-    from kernels.rmsnorm import quantizes_in_norm, rmsnorm_quantized
-
-    assert quantizes_in_norm(2048, 128) and quantizes_in_norm(64, 128) and not quantizes_in_norm(2560, 128)
-    assert not quantizes_in_norm(96, 128) and not quantizes_in_norm(256, 96)
-    for d in (384, 96):
-        with pytest.raises(ValueError, match="power of two"):
-            rmsnorm_quantized(torch.randn(2, d, device=DEV), torch.ones(d, device=DEV), 1e-6, None, 128)
-
-
 @pytest.mark.parametrize("segments,h,d", [([5], 2, 16), ([37, 64, 3], 2, 24), ([70], 3, 72), ([9, 20], 2, 8),
                                           ([33], 1, 128)])
 def test_varlen_attention_matches_reference(segments, h, d):

@@ -95,7 +95,7 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
         from kernels.attention import paged_decode_attention, paged_decode_attention_prep
         from kernels.fused_moe import fused_moe, gate_route, norm_route, route
         from kernels.linear import skinny_linear
-        from kernels.rmsnorm import rmsnorm, rmsnorm_quantized
+        from kernels.rmsnorm import rmsnorm
         from kernels.rope import qkv_prep_
     on_gpu = cfg.device.startswith("cuda") if fuse is None else fuse
     lm = model.model.language_model
@@ -114,7 +114,6 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
                 m.gate_route_fn = gate_route if switches.FUSED_ROUTER else None
         elif isinstance(m, RMSNorm) and triton_attn and on_gpu:
             m.kernel = rmsnorm
-            m.quant_kernel = rmsnorm_quantized if switches.NORM_QUANT else None
         elif isinstance(m, LinearBase) and triton_attn and on_gpu:
             m.quant_method.skinny = skinny_linear
 

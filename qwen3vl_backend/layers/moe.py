@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
-from kernels.fused_moe import GATE_ROUTE_MAX_T, NORM_ROUTE_MAX_D, quantizes_input
+from kernels.fused_moe import GATE_ROUTE_MAX_T, NORM_ROUTE_MAX_D
 
 from ..parallel import Parallel, all_reduce, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
@@ -163,17 +163,15 @@ class FusedMoE(nn.Module):
         else:
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
-    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                    x_quant: tuple | None = None) -> torch.Tensor:
+    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """On a GPU the fused MoE kernels with fp8 weights (dequantized in registers); on CPU the
         W8A8 reference, one expert at a time: activations quantized per token and group, SiLU(gate)
-        * up quantized again before the down projection. `x_quant`: x already quantized (GPU)."""
+        * up quantized again before the down projection."""
         if x.is_cuda:
             from kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids, w13_scale=self.w13_weight_scale_inv,
-                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts,
-                             x_quant=x_quant)
+                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts)
         out = torch.zeros_like(x)
         weights = weights.to(x.dtype)
         for e in ids.unique().tolist():
@@ -224,16 +222,15 @@ class SparseMoE(nn.Module):
         return self.gate_route_fn(x.contiguous(), self.gate.weight, self.top_k, self.renormalize,
                                   self._fixed(x.shape[0]), **self._ep_routing(), **norm)
 
-    def forward(self, x: torch.Tensor, x_quant: tuple | None = None) -> torch.Tensor:
-        """`x_quant`: x quantized for the experts' W8A8 GEMMs (forward_after_norm's, from the norm)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._batch_gate_route(x):
             weights, ids = self._gate_route(x)
-            return self._experts(x, weights, ids, x_quant)
+            return self._experts(x, weights, ids)
         logits = self.gate(x)            # it runs with fixed logits too (the benchmarks time it)
         fixed = self._fixed(x.shape[0])
         logits = logits if fixed is None else fixed
         weights, ids = self.route_fn(logits, self.top_k, self.renormalize, **self._ep_routing())
-        return self._experts(x, weights, ids, x_quant)
+        return self._experts(x, weights, ids)
 
     def _ep_routing(self) -> dict:
         """The routers' arguments that map ids to this rank's experts (expert parallelism)."""
@@ -248,14 +245,6 @@ class SparseMoE(nn.Module):
             return self._experts(h, weights, ids), residual
         if (self.norm_route_fn is None or x.shape[0] != 1 or x.shape[1] > NORM_ROUTE_MAX_D or self.gate.bias is not None
                 or not isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
-            ex = self.experts
-            # the experts' W8A8 input from the norm's launch (kernels.switches.NORM_QUANT), where
-            # fused_moe would quantize it
-            normed = (norm.forward_quantized(x, residual, ex.block[1]) if norm.quant_kernel is not None
-                      and ex.quantized and quantizes_input(x.shape[0], ex.w13, x.device, ex.block) else None)
-            if normed is not None:
-                h, residual, x_quant = normed
-                return self(h, x_quant), residual
             h, residual = norm(x, residual)
             return self(h), residual
         if self._counter is None or self._counter.device != x.device:
@@ -272,12 +261,11 @@ class SparseMoE(nn.Module):
             return None
         return (noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]).contiguous()
 
-    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, x_quant: tuple | None = None):
-        """ids as this rank's experts see them (the routers map them: `_ep_routing`); `x_quant`: x
-        quantized for fp8 experts (kernels.fused_moe's x_quant)."""
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        """ids as this rank's experts see them (the routers map them: `_ep_routing`)."""
         ex = self.experts
         if ex.quantized:
-            out = ex.fp8_forward(x, weights, ids, x_quant)
+            out = ex.fp8_forward(x, weights, ids)
         else:
             out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts)
         if self.tp_size > 1:                     # each rank summed its share of every token's experts

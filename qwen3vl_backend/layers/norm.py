@@ -10,8 +10,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
         self.kernel = None             # kernels.rmsnorm.rmsnorm on GPU, set by the model runner
-        # kernels.rmsnorm.rmsnorm_quantized, set by the model runner with kernels.switches.NORM_QUANT
-        self.quant_kernel = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`: (norm(x + residual), x + residual), the sum also the new residual."""
@@ -24,19 +22,6 @@ class RMSNorm(nn.Module):
         if self.kernel is not None and x.stride(-1) == 1:
             return self.kernel(x, self.weight, self.eps)
         return self._norm(x)
-
-    def forward_quantized(self, x: torch.Tensor, residual: torch.Tensor, group: int):
-        """forward(x, residual) and its output quantized per token and `group` columns for a W8A8
-        GEMM, in one launch: (h, x + residual, (h e4m3, scales)); None where quant_kernel cannot
-        (none set, or rows it does not take: kernels.rmsnorm.quantizes_in_norm)."""
-        from kernels.rmsnorm import quantizes_in_norm
-
-        if (self.quant_kernel is None or x.dim() != 2 or x.stride(-1) != 1 or not residual.is_contiguous()
-                or not quantizes_in_norm(x.shape[1], group)):
-            return None
-        residual = residual.clone() if residual.data_ptr() == x.data_ptr() else residual
-        h, q, s = self.quant_kernel(x, self.weight, self.eps, residual, group)
-        return h, residual, (q, s)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
