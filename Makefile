@@ -43,7 +43,7 @@ serve: venv tiny triton
 # decord (13.6 MB, one wheel for every Python 3) is its video decoder: without one, video is refused.
 GPU_WHEELS := fastapi==0.163.2 starlette==1.10.0 pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 \
 	typing_extensions==4.16.0 typing_inspection==0.4.5 uvicorn==0.54.0 httptools==0.7.1 uvloop==0.23.0 \
-	pybase64==1.5.1 simplejpeg==1.9.0 pyspng==0.1.4 opentelemetry_api==1.45.2 importlib_metadata==10.2.0 decord==0.6.0
+	pybase64==1.5.1 simplejpeg==1.9.0 pyspng==0.1.4 deflate==0.9.0 opentelemetry_api==1.45.2 importlib_metadata==10.2.0 decord==0.6.0
 # llguidance's wheel is tagged manylinux_2_31, a platform bundle.sh does not ask for
 GPU_WHEELS_2_31 := llguidance==1.9.1
 gpu-bundle:

@@ -6,7 +6,8 @@ What the Triton `preprocess` model runs for a request (serving.preprocess.Prepro
 fetch (a data URI, as the adapter sends it), decode, resize + patch rows, the prompt's ids and
 positions. Rows per image format (the serving benchmark's noise image: PNG, JPEG at quality 90),
 and with the width-keeping resize in 4 vertical strips on threads (vision_inputs.RESIZE_STRIPS) or
-in one call. Medians over --repeats requests, milliseconds.
+in one call; then the PNG's decode alone by path (png_decoders). Medians over --repeats requests,
+milliseconds.
 """
 
 from __future__ import annotations
@@ -40,6 +41,38 @@ def request(fmt: str, seed: int) -> tuple[str, list[str]]:
     return json.dumps(chat), [uri]
 
 
+def png_decoders(repeats: int) -> list[dict]:
+    """The noise PNG's decode, by path: the host's (decode_image_array: pyspng and its CRC walk),
+    libdeflate's inflate alone, and png_gpu.decode_png where a GPU is here (inflate, copy and the
+    unfilter kernel, synchronised). Medians, milliseconds."""
+    import torch
+
+    from qwen3vl_backend.processing import png_gpu
+
+    png_gpu.ENABLED = True      # QWEN3VL_PNG_ON_VIT=1, for this row
+    data = base64.b64decode(request("PNG", 0)[1][0].split(",", 1)[1])
+    stream = png_gpu._image_data(data)
+    paths = {"host (pyspng)": lambda: media.decode_image_array(data)}
+    if png_gpu.deflate is not None:
+        paths["libdeflate inflate"] = lambda: png_gpu.deflate.zlib_decompress(stream, 720 * (1 + 1280 * 3))
+        if torch.cuda.is_available():
+            dev = torch.device("cuda")
+
+            def gpu():
+                png_gpu.decode_png(data, 720, 1280, dev)
+                torch.cuda.synchronize()
+            paths["png_gpu (inflate + GPU unfilter)"] = gpu
+    rows = []
+    for name, fn in paths.items():
+        times = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        rows.append({"png_decode": name, "ms": float(np.median(times[1:]))})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="Qwen3-VL-30B-A3B-Instruct")
@@ -69,10 +102,12 @@ def main(argv=None):
                              **{k: float(np.median([x[k] for x in times[1:]])) for k in times[0]}})
                 print_table(rows[-1:], list(rows[-1]))
         pre.pool.shutdown()
+    png = png_decoders(args.repeats)
+    print_table(png, list(png[0]))
     print_table(rows, list(rows[0]))
     print(write_result("preprocess", {"config": args.config, "repeats": args.repeats, "image": "1280x720 noise",
                                       "simplejpeg": media.simplejpeg is not None, "pyspng": media.pyspng is not None},
-                       rows, args.out))
+                       rows + png, args.out))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from . import png_gpu
+
 MIN_SIDE = 16       # libjpeg upsamples a chroma row of 2 or fewer samples differently (no fancy path)
 # simplejpeg.decode_jpeg_header's subsampling -> (horizontal, vertical) chroma factors
 SUBSAMPLING = {"444": (1, 1), "422": (2, 1), "420": (2, 2), "Gray": None}
@@ -307,11 +309,12 @@ def intact(data: bytes) -> bool:
 
 def decode_frame(data: bytes, height: int, width: int, device: torch.device | None = None,
                  checks: list | None = None, gpu: bool = True) -> torch.Tensor:
-    """A JPEG that preprocess sent undecoded (media.gpu_jpeg_size) -> its (height * width, 3) uint8
-    pixels on `device`: by nvJPEG where that is a GPU, the library loads and the JPEG is `intact`,
-    else (a damaged JPEG, one nvJPEG refuses, or on a CPU) by the host's decode_image_array; the
-    same pixels either way (but for the damaged JPEGs that libjpeg-turbo does not warn on: the
-    module's docstring). ValueError (the caller's mistake) for a JPEG of another size or one
+    """A JPEG or PNG that preprocess sent undecoded (media.gpu_image_size) -> its (height * width, 3)
+    uint8 pixels on `device`: a JPEG by nvJPEG where that is a GPU, the library loads and the JPEG
+    is `intact`, a PNG inflated here and unfiltered on that GPU (png_gpu.decode_png), else (a
+    damaged image, one nvJPEG refuses, or on a CPU) by the host's decode_image_array; the same
+    pixels either way (but for the damaged JPEGs that libjpeg-turbo does not warn on: the
+    module's docstring). ValueError (the caller's mistake) for an image of another size or one
     that does not decode.
 
     `checks`: where the caller acts on it, nvJPEG's pixels come back at once and the pending
@@ -322,7 +325,11 @@ def decode_frame(data: bytes, height: int, width: int, device: torch.device | No
     from .media import decode_image_array
 
     device = device or torch.device("cpu")
-    if gpu and device.type == "cuda" and (decoder := nvjpeg()) is not None:
+    if data[:8] == png_gpu.SIGNATURE:
+        frame = png_gpu.decode_png(data, height, width, device) if gpu and device.type == "cuda" else None
+        if frame is not None:
+            return frame
+    elif gpu and device.type == "cuda" and (decoder := nvjpeg()) is not None:
         check: Future = _CHECKS.submit(intact, data)       # on the host's cores while nvJPEG and the GPU work
         # on a stream of its own, which nothing queued on the device's stream (the ViT passes of
         # requests before this one) holds up; its memory is that stream's (the caching allocator's

@@ -469,6 +469,20 @@ def gpu_jpeg_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -
     return h, w
 
 
+def gpu_image_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -> tuple[int, int] | None:
+    """(height, width) of an image that the vit decodes on its GPU to decode_image_array's pixels:
+    a JPEG that gpu_jpeg_size admits, or a PNG that png_gpu.gpu_png_size does; None for any other.
+    MediaError past `max_pixels`, as the host's decode."""
+    if data[:8] == _PNG_SIGNATURE:
+        from .png_gpu import gpu_png_size
+
+        size = gpu_png_size(data)
+        if size is not None:
+            check_pixels(size[1], size[0], max_pixels)
+        return size
+    return gpu_jpeg_size(data, max_pixels)
+
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MAX_CHUNKS = 16384       # past this many, PIL's path: the walk is Python, a chunk at a time
 # work beside an item's decode (hashlib and zlib let go of the GIL): the PNG chunk walk that

@@ -1,0 +1,100 @@
+"""Plain PNGs decoded with their unfiltering on the GPU: the host inflates, the device unfilters.
+
+A noisy 1280x720 PNG spent ~16 of pyspng's ~16.3 ms on the GPU host in zlib's inflate (NOTES),
+which no GPU library here does. libdeflate (the `deflate` package) inflates the same stream in
+~0.6 of zlib's time on this machine's CPU (4.9 against 7.1 ms, pyspng 8.1); handing its output
+back to libspng cost that gain, so the scanlines are unfiltered by kernels.png on the device the
+ViT runs on, where they are going anyway. Lossless: the same pixels as decode_image_array, byte
+for byte (tests).
+
+`gpu_png_size(data)` says which PNGs take this path, from the header: 8-bit RGB or grayscale, not
+interlaced, where `deflate` imports and QWEN3VL_PNG_ON_VIT=1 is set (off until the kernel's GPU
+test passes and its time is measured; the other PNGs, with palettes, alpha, 16 bits or Adam7, stay
+on the host decoder). `decode_png` then checks what the header cannot: every chunk's CRC, no
+tRNS (transparency is composited onto white on the host's path), an IEND, a zlib stream that
+inflates to exactly the scanlines with its checksum intact, and filter types below 5; a PNG
+failing any of them gives None, and the caller decodes it on the host, which refuses a damaged
+one with its own message.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import torch
+
+try:
+    import deflate
+except ImportError:     # the host decodes every PNG
+    deflate = None
+
+ENABLED = os.environ.get("QWEN3VL_PNG_ON_VIT", "0") == "1"
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_CHUNKS = 16384      # a PNG of more chunks is the host's (the walk is Python, a chunk at a time)
+_CHANNELS = {0: 1, 2: 3}    # colour type -> channels: grayscale, RGB
+
+
+def gpu_png_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a PNG whose header this path takes; None for any other image."""
+    if not ENABLED or deflate is None or len(data) < 33 or data[:8] != SIGNATURE or data[8:16] != b"\x00\x00\x00\x0dIHDR":
+        return None
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    depth, colour, method, filtering, interlace = data[24:29]
+    if (depth != 8 or colour not in _CHANNELS or method or filtering or interlace or not 0 < w < 2 ** 31
+            or not 0 < h < 2 ** 31 or zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big")):
+        return None
+    return h, w
+
+
+def _image_data(data: bytes) -> bytes | None:
+    """The IDAT chunks' bytes joined, where every chunk's CRC holds, none is tRNS and IEND ends it."""
+    pos, view, parts = 8, memoryview(data), []
+    for _ in range(MAX_CHUNKS):
+        if pos + 12 > len(data):
+            return None
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        kind, end = data[pos + 4:pos + 8], pos + 12 + n
+        if end > len(data) or zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            return None
+        if kind == b"tRNS":
+            return None
+        if kind == b"IDAT":
+            parts.append(view[pos + 8:end - 4])
+        if kind == b"IEND":
+            return b"".join(parts)
+        pos = end
+    return None
+
+
+def decode_png(data: bytes, height: int, width: int, device: torch.device) -> torch.Tensor | None:
+    """A PNG that gpu_png_size admits -> its (height * width, 3) uint8 pixels on `device` (the
+    unfiltering by kernels.png on a GPU, by its torch reference elsewhere), or None where the
+    PNG does not hold up (the module's docstring: the host decodes it then)."""
+    if gpu_png_size(data) != (height, width):
+        return None
+    channels = _CHANNELS[data[25]]
+    stream = _image_data(data)
+    if stream is None:
+        return None
+    size = height * (1 + width * channels)
+    try:
+        raw = deflate.zlib_decompress(stream, size)
+    except Exception:   # noqa: BLE001  (deflate.DeflateError: damaged, short or long stream, bad checksum)
+        return None
+    if len(raw) != size:        # libdeflate returns a short stream's bytes without an error
+        return None
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, -1)
+    if int(rows[:, 0].max()) > 4:
+        return None
+    from kernels.png import unfilter, unfilter_reference
+
+    scanlines = torch.from_numpy(rows)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            pixels = unfilter(scanlines.pin_memory().to(device, non_blocking=True), channels)
+    else:
+        pixels = unfilter_reference(scanlines, channels).to(device)
+    pixels = pixels.view(-1, channels)
+    return pixels if channels == 3 else pixels.expand(-1, 3).contiguous()
