@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call (under 600 s, one H200) for what the twenty-sixth session left waiting:
+#   here, once: bash benchmarks/gpu_prep.sh    (.gpurun/: tokenizer, bundle, common.sh)
+#   run: bash benchmarks/next-lease.sh COMMIT    carry: [".gpurun"]
+# 1. The PNG path's GPU test (kernels.png's wavefront against the host's pixels) and the sm_90-free
+#    GPU tests near it; 2. benchmarks.preprocess's PNG rows (pyspng, libdeflate, inflate + GPU
+#    unfilter); 3. served PNG TTFT at c1 without and with QWEN3VL_PNG_ON_VIT=1 (30B fp8, dummy).
+# The bundle needs the deflate wheel: make gpu-bundle (Makefile GPU_WHEELS) before gpu_prep.sh.
+COMMIT=$1
+source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
+W=$OUT/w; mkdir -p $W; START=$(date +%s)
+left() { echo $(( $1 - $(date +%s) + START )); }
+timeout 120 python -m pytest -q tests/test_gpu.py -k "png or nvjpeg_decodes" > $W/gpu-tests-png-$COMMIT.txt 2>&1
+tail -3 $W/gpu-tests-png-$COMMIT.txt
+timeout 90 python -m benchmarks.preprocess --config Qwen3-VL-30B-A3B-Instruct-FP8 --repeats 10 --out $W \
+  > $W/preprocess-$COMMIT.txt 2>&1; tail -12 $W/preprocess-$COMMIT.txt
+for png in 0 1; do
+  QWEN3VL_PNG_ON_VIT=$png MODEL=Qwen3-VL-30B-A3B-Instruct-FP8 CONCURRENCY=1 FORMATS=png OUT_TOKENS=64 REPEATS=3 \
+    timeout $(left $((330 + 250 * png))) bash benchmarks/gpu_serving.sh $W/served-png-on-vit-$png > $W/served-$png.txt 2>&1
+  tail -6 $W/served-$png.txt
+done
+cd $OUT && tar czf results.tgz w
