@@ -405,16 +405,13 @@ def test_png_unfilter_compiles_for_sm90():
     _assert_all_compile(records)
 
 
-# what the next lease compares (benchmarks/variants/pair-pipe-30b-fp8.json, pair-pipe-both)
-PAIR_PIPE = {"PIPE": True, "DOWN_PIPE": True, "DOWN_BLOCK_K": 128}
-
-
-def test_moe_pair_pipe_compiles_for_sm90():
-    """The pair kernels with PIPE and DOWN_PIPE (weights a K step ahead in registers) at the H200
-    fp8 pair table's entries and 30B's shapes, as a GPU launches them (PDL, PREFETCH), compile for
-    sm_90 without a spilled register: the next step's tile is a second set of registers. Down's
-    own 256-wide K steps spilled with it (255 registers, 392 bytes of stack at 4 warps), so down
-    pipes 128-wide steps (4 and 8 warps)."""
+def test_moe_pair_variants_compile_for_sm90():
+    """Every variant of benchmarks/variants/pair-pipe-30b-fp8.json (PIPE / DOWN_PIPE: weights a K
+    step ahead in registers; wider K steps), on the H200 fp8 pair table's entries at 30B's shapes,
+    as a GPU launches them (PDL, PREFETCH), compiles for sm_90 without a spilled register. Probed
+    by hand: gate_up spilled at 1024-wide steps with PIPE at 4 warps and at 2048-wide ones but
+    without PIPE at 8 warps; down with DOWN_PIPE at its own 256-wide steps (255 registers, 392
+    bytes of stack), so that variant pipes 128-wide ones."""
     _needs_interpreter()
     import torch
 
@@ -422,16 +419,18 @@ def test_moe_pair_pipe_compiles_for_sm90():
     from kernels import tables
     from kernels.fused_moe import fused_moe_pairs
 
-    table = json.loads((Path(tables.__file__).parent / "configs" / "fp8_pairs,device=NVIDIA_H200,block=128x128.json")
-                       .read_text())
+    name = "fp8_pairs,device=NVIDIA_H200,block=128x128.json"
+    table = json.loads((Path(tables.__file__).parent / "configs" / name).read_text())
+    variants = json.loads((ROOT / "benchmarks" / "variants" / "pair-pipe-30b-fp8.json").read_text())
     e, inter, hidden, a, f8 = 128, 768, 2048, 8, torch.float8_e4m3fn
     w13, w2 = torch.empty(e, 2 * inter, hidden, dtype=f8), torch.empty(e, hidden, inter, dtype=f8)
     scales = torch.ones(e, 2 * inter // 128, hidden // 128), torch.ones(e, hidden // 128, inter // 128)
     with launch_record.only_recording() as rec:
-        for (m, cfg), warps in itertools.product(table.items(), (4, 8)):
-            fused_moe_pairs(torch.empty(int(m), hidden, dtype=torch.bfloat16), w13, w2, torch.ones(int(m), a),
-                            torch.zeros(int(m), a, dtype=torch.int32),
-                            {**cfg, **PAIR_PIPE, "down_warps": warps}, *scales, (128, 128), prefetch=True)
+        for patch in variants.values():
+            for m, keys in patch[name].items():
+                fused_moe_pairs(torch.empty(int(m), hidden, dtype=torch.bfloat16), w13, w2, torch.ones(int(m), a),
+                                torch.zeros(int(m), a, dtype=torch.int32), {**table[m], **keys}, *scales, (128, 128),
+                                prefetch=True)
     records = [{**r, "max_stack": 0} for r in rec.records.values() if r["consts"]["USE_PDL"]]
-    assert records and all(r["consts"]["PIPE"] for r in records), [r["consts"] for r in records]
+    assert any(r["consts"]["PIPE"] for r in records), [r["consts"] for r in records]
     _assert_all_compile(records)
