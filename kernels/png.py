@@ -7,7 +7,8 @@ whichever of a, b, c is nearest a + b - c). So the kernel runs as a wavefront: o
 lane a row for a band of up to ROWS rows, and at step t row r unfilters its pixel t - r, where the
 row above unfilters the same pixel one step before and hands it down (a gather across lanes); a
 band's first row reads the band before's last from memory. Steps: W + ROWS - 1 a band (a 1280x720
-image: two bands of 512 lanes, ~3,600 steps). Not yet timed on a GPU.
+image: two bands of 512 lanes, ~3,600 steps); each step's loads are issued the step before, so
+only the gather and the arithmetic are in a step's chain. Not yet timed on a GPU.
 `unfilter_reference` is the same arithmetic in torch, a row at a time (tests, CPUs).
 """
 
@@ -38,12 +39,19 @@ def _unfilter_kernel(src_ptr, out_ptr, H, P, src_stride, out_stride,
         a = tl.zeros((ROWS, BPP_P2), tl.int32)        # left, unfiltered
         c = tl.zeros((ROWS, BPP_P2), tl.int32)        # above-left, unfiltered
         last = tl.zeros((ROWS, BPP_P2), tl.int32)     # every lane's byte of the step before
+        # each step's loads go out a step ahead: they do not depend on the wavefront
+        on = ((live & (lane == 0))[:, None] & (k < BPP)[None, :])
+        f_next = tl.load(rows + 1 + k[None, :], mask=on, other=0)
+        b_next = tl.load(up_rows + k[None, :], mask=on & first & (y0 > 0), other=0)
         for t in range(0, P + ROWS - 1):
             x = t - lane
             on = (live & (x >= 0) & (x < P))[:, None] & (k < BPP)[None, :]
             col = x[:, None] * BPP + k[None, :]
-            f = tl.load(rows + 1 + col, mask=on, other=0).to(tl.int32)
-            b_mem = tl.load(up_rows + col, mask=on & first & (y0 > 0), other=0).to(tl.int32)
+            f = f_next.to(tl.int32)
+            b_mem = b_next.to(tl.int32)
+            on_next = (live & (x + 1 >= 0) & (x + 1 < P))[:, None] & (k < BPP)[None, :]
+            f_next = tl.load(rows + 1 + col + BPP, mask=on_next, other=0)
+            b_next = tl.load(up_rows + col + BPP, mask=on_next & first & (y0 > 0), other=0)
             b = tl.where(first, b_mem, tl.gather(last, above, 0))
             pa = tl.abs(b - c)
             pb = tl.abs(a - c)
