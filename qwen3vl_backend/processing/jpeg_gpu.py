@@ -326,9 +326,15 @@ def decode_frame(data: bytes, height: int, width: int, device: torch.device | No
 
     device = device or torch.device("cpu")
     if data[:8] == png_gpu.SIGNATURE:
-        frame = png_gpu.decode_png(data, height, width, device) if gpu and device.type == "cuda" else None
-        if frame is not None:
-            return frame
+        if gpu and device.type == "cuda":
+            # on the decode stream, as a JPEG below: the ViT passes queued before it do not hold it up
+            main, side = torch.cuda.current_stream(device), _decode_stream(device)
+            with torch.cuda.device(device), torch.cuda.stream(side):
+                frame = png_gpu.decode_png(data, height, width, device)
+            if frame is not None:
+                main.wait_stream(side)
+                frame.record_stream(main)
+                return frame
     elif gpu and device.type == "cuda" and (decoder := nvjpeg()) is not None:
         check: Future = _CHECKS.submit(intact, data)       # on the host's cores while nvJPEG and the GPU work
         # on a stream of its own, which nothing queued on the device's stream (the ViT passes of
