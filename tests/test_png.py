@@ -219,3 +219,47 @@ def test_the_kernel_unfilters_pils_scanlines():
         finally:
             png.MAX_ROWS = old
         assert torch.equal(out.view(arr.shape), torch.from_numpy(arr))
+
+
+@needs_deflate
+def test_decode_frame_takes_pngs_to_the_gpu_path_and_damage_to_the_host(monkeypatch):
+    """decode_frame on a GPU device (pretended: the stream calls stubbed, decode_png run on the CPU):
+    a plain PNG's pixels come from png_gpu.decode_png; a PNG that decode_png leaves (a filter type
+    of 5) goes to the host's decoder, which refuses it (the vit's 400); with `gpu` False the host
+    decodes every one."""
+    import contextlib
+    import zlib
+
+    from conftest import make_image
+    from qwen3vl_backend.processing import jpeg_gpu
+    from qwen3vl_backend.processing.media import decode_image_array
+
+    calls = []
+    real = png_gpu.decode_png
+
+    def on_cpu(data, height, width, device):
+        calls.append(device.type)
+        return real(data, height, width, torch.device("cpu"))
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(png_gpu, "decode_png", on_cpu)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    monkeypatch.setattr(jpeg_gpu, "_decode_stream", lambda device: Stream())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)
+    cuda = torch.device("cuda")
+    good = _png(make_image(24, 20, 6))
+    want = torch.from_numpy(decode_image_array(good)).view(-1, 3)
+    assert torch.equal(jpeg_gpu.decode_frame(good, 20, 24, cuda), want) and calls == ["cuda"]
+    assert torch.equal(jpeg_gpu.decode_frame(good, 20, 24, cuda, gpu=False), want) and calls == ["cuda"]
+    raw = bytearray(zlib.decompress(png_gpu._image_data(good)))
+    raw[0] = 5
+    bad = _rebuild(good, zlib.compress(bytes(raw)))
+    with pytest.raises(ValueError, match="not a decodable image"):
+        jpeg_gpu.decode_frame(bad, 20, 24, cuda)
+    assert calls == ["cuda", "cuda"]
