@@ -116,10 +116,10 @@ def _preprocessors(tiny_dense):
 
 
 def test_jpegs_sent_undecoded_make_the_hosts_rows(tiny_dense, monkeypatch):
-    """encoded_frames: an images-only request's baseline JPEGs and plain PNGs leave preprocess as bytes
-    (jpeg_bytes, jpeg_lengths), its other images as pixels; the vit's raw_frames_to_rows decodes them (here on
-    the host) into the rows the host path sends, bit for bit. A request whose images are not all
-    sent unresized decodes them in preprocess."""
+    """encoded_frames: an images-only request's baseline JPEGs and plain PNGs (QWEN3VL_PNG_ON_VIT)
+    leave preprocess as bytes (jpeg_bytes, jpeg_lengths), its other images as pixels; the vit's
+    raw_frames_to_rows decodes them (here on the host) into the rows the host path sends, bit for
+    bit. A request whose images are not all sent unresized decodes them in preprocess."""
     from qwen3vl_backend.processing.vision_inputs import raw_frames_to_rows
 
     monkeypatch.setattr(png_gpu, "ENABLED", True)      # QWEN3VL_PNG_ON_VIT=1

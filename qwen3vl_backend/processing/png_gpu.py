@@ -38,7 +38,8 @@ _CHANNELS = {0: 1, 2: 3}    # colour type -> channels: grayscale, RGB
 
 def gpu_png_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) of a PNG whose header this path takes; None for any other image."""
-    if not ENABLED or deflate is None or len(data) < 33 or data[:8] != SIGNATURE or data[8:16] != b"\x00\x00\x00\x0dIHDR":
+    if (not ENABLED or deflate is None or len(data) < 33 or data[:8] != SIGNATURE
+            or data[8:16] != b"\x00\x00\x00\x0dIHDR"):
         return None
     w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     depth, colour, method, filtering, interlace = data[24:29]
