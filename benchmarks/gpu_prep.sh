@@ -13,7 +13,12 @@ grep -qx ".gpurun/" .git/info/exclude 2>/dev/null || echo ".gpurun/" >> .git/inf
 tok=$(.venv/bin/python -c "import importlib.util as u, pathlib as p; \
 print(p.Path(list(u.find_spec('dashscope').submodule_search_locations)[0]) / 'resources' / 'qwen.tiktoken')")
 cp "$tok" .gpurun/tok/
-[ -f .gpu-bundle/tritonserver.tar.xz ] || make gpu-bundle
+# built again where it lacks Triton or a wheel the Makefile's GPU_WHEELS names now (a new dependency)
+stale=0
+for w in $(make -s -f Makefile -f - print-GPU_WHEELS <<< 'print-%: ; @echo $($*)'); do
+  ls .gpu-bundle/wheels/"${w%%==*}"-"${w##*==}"-*.whl >/dev/null 2>&1 || { echo "bundle lacks $w"; stale=1; }
+done
+[ -f .gpu-bundle/tritonserver.tar.xz ] && [ $stale = 0 ] || make gpu-bundle
 rm -rf .gpurun/bundle && cp -r .gpu-bundle .gpurun/bundle && rm -f .gpurun/bundle/wheels/decord-*
 cat > .gpurun/common.sh <<'ENV'
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
