@@ -11,7 +11,8 @@ for byte (tests).
 interlaced, where `deflate` imports and QWEN3VL_PNG_ON_VIT=1 is set (off until the kernel's GPU
 test passes and its time is measured; the other PNGs, with palettes, alpha, 16 bits or Adam7, stay
 on the host decoder). `decode_png` then checks what the header cannot: every chunk's CRC, no
-tRNS (transparency is composited onto white on the host's path), an IEND, a zlib stream that
+tRNS (transparency is composited onto white on the host's path), an IEND (the host path's own
+walk, media._plain_png_chunks, beside the inflate), a zlib stream that
 inflates to exactly the scanlines with its checksum intact, and filter types below 5; a PNG
 failing any of them gives None, and the caller decodes it on the host, which refuses a damaged
 one with its own message.
@@ -50,16 +51,15 @@ def gpu_png_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _image_data(data: bytes) -> bytes | None:
-    """The IDAT chunks' bytes joined, where every chunk's CRC holds, none is tRNS and IEND ends it."""
+    """The IDAT chunks' bytes joined, up to IEND; None where the chunks do not reach one. (Their
+    CRCs and the tRNS rule are media._plain_png_chunks', checked beside the inflate.)"""
     pos, view, parts = 8, memoryview(data), []
     for _ in range(MAX_CHUNKS):
         if pos + 12 > len(data):
             return None
         n = int.from_bytes(data[pos:pos + 4], "big")
         kind, end = data[pos + 4:pos + 8], pos + 12 + n
-        if end > len(data) or zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
-            return None
-        if kind == b"tRNS":
+        if end > len(data):
             return None
         if kind == b"IDAT":
             parts.append(view[pos + 8:end - 4])
@@ -75,16 +75,21 @@ def decode_png(data: bytes, height: int, width: int, device: torch.device) -> to
     PNG does not hold up (the module's docstring: the host decodes it then)."""
     if gpu_png_size(data) != (height, width):
         return None
+    from .media import BESIDE_DECODE, _plain_png_chunks
+
     channels = _CHANNELS[data[25]]
     stream = _image_data(data)
     if stream is None:
         return None
+    # every chunk's CRC, no tRNS, an IEND: walked on another core while libdeflate (which lets go
+    # of the GIL) inflates (~1 ms of the noise PNG's on the GPU host)
+    intact = BESIDE_DECODE.submit(_plain_png_chunks, data)
     size = height * (1 + width * channels)
     try:
         raw = deflate.zlib_decompress(stream, size)
     except Exception:   # noqa: BLE001  (deflate.DeflateError: damaged, short or long stream, bad checksum)
-        return None
-    if len(raw) != size:        # libdeflate returns a short stream's bytes without an error
+        raw = None
+    if not intact.result() or raw is None or len(raw) != size:     # libdeflate returns a short stream's bytes
         return None
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, -1)
     if int(rows[:, 0].max()) > 4:
