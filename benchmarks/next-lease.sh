@@ -6,8 +6,9 @@
 #   at c1 (engine_ab: ~35 s a run, six runs).
 # png: 1. the PNG path's GPU test (kernels.png's wavefront against the host's pixels) and nvJPEG's;
 #   2. benchmarks.preprocess's PNG rows (pyspng, libdeflate, inflate + GPU unfilter); 3. served
-#   PNG TTFT at c1 without and with QWEN3VL_PNG_ON_VIT=1 (30B fp8, dummy).
-# The bundle needs the deflate wheel: make gpu-bundle (Makefile GPU_WHEELS) before gpu_prep.sh.
+#   PNG TTFT at c1 with QWEN3VL_PNG_ON_VIT=1, then without (30B fp8, dummy; two server starts:
+#   the second may be cut by the call's limit, and then needs a call of its own).
+# The bundle needs the deflate wheel (gpu_prep.sh builds it again where a GPU_WHEELS wheel is missing).
 COMMIT=$1; PART=${2:-pipe}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -24,9 +25,9 @@ timeout 120 python -m pytest -q tests/test_gpu.py -k "png or nvjpeg_decodes" > $
 tail -3 $W/gpu-tests-png-$COMMIT.txt
 timeout 90 python -m benchmarks.preprocess --config Qwen3-VL-30B-A3B-Instruct-FP8 --repeats 10 --out $W \
   > $W/preprocess-$COMMIT.txt 2>&1; tail -12 $W/preprocess-$COMMIT.txt
-for png in 0 1; do
+for png in 1 0; do
   QWEN3VL_PNG_ON_VIT=$png MODEL=Qwen3-VL-30B-A3B-Instruct-FP8 CONCURRENCY=1 FORMATS=png OUT_TOKENS=64 REPEATS=3 \
-    timeout $(left $((330 + 250 * png))) bash benchmarks/gpu_serving.sh $W/served-png-on-vit-$png > $W/served-$png.txt 2>&1
+    timeout $(left $((580 - 250 * png))) bash benchmarks/gpu_serving.sh $W/served-png-on-vit-$png > $W/served-$png.txt 2>&1
   tail -6 $W/served-$png.txt
 done
 cd $OUT && tar czf results.tgz w
