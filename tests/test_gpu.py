@@ -255,7 +255,8 @@ def test_png_unfiltered_on_the_gpu_gives_the_hosts_pixels(monkeypatch):
     """processing.png_gpu on this GPU (libdeflate's inflate, kernels.png's wavefront unfilter):
     decode_frame's pixels for the PNGs preprocess would send it (media.gpu_image_size), against
     the host's decode, bit for bit: the serving benchmark's noise 1280x720 (PIL's adaptive filters,
-    every type), a smooth one, gray, 1100 rows (two bands of the kernel), one row, one column."""
+    every type), a smooth one, gray, 1100 rows (two bands of the kernel), one row, one column, RGBA
+    and gray + alpha (composited onto white)."""
     import io
 
     import numpy as np
@@ -273,11 +274,13 @@ def test_png_unfiltered_on_the_gpu_gives_the_hosts_pixels(monkeypatch):
     images = {"noise 1280x720": rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8), "smooth 640x480": smooth,
               "gray 300x1100": rng.integers(0, 255, (1100, 300), dtype=np.uint8),
               "1x1000": rng.integers(0, 255, (1, 1000, 3), dtype=np.uint8),
-              "1000x1": rng.integers(0, 255, (1000, 1, 3), dtype=np.uint8)}
+              "1000x1": rng.integers(0, 255, (1000, 1, 3), dtype=np.uint8),
+              "RGBA 333x200": rng.integers(0, 256, (200, 333, 4), dtype=np.uint8),
+              "gray + alpha 64x48": rng.integers(0, 256, (48, 64, 2), dtype=np.uint8)}
     device = torch.device("cuda")
     for name, arr in images.items():
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
+        Image.fromarray(arr, {2: "LA", 4: "RGBA"}.get(arr.shape[-1]) if arr.ndim == 3 else None).save(buf, format="PNG")
         data = buf.getvalue()
         size = gpu_image_size(data, 1 << 24)
         assert size == arr.shape[:2], name

@@ -114,17 +114,20 @@ def _png_on_vit(monkeypatch):
 
 @needs_deflate
 def test_decode_png_gives_the_hosts_pixels():
-    """8-bit RGB and grayscale PNGs as PIL writes them (its adaptive filters: every type in a noisy
-    image), in one IDAT or split over several, through decode_png (the torch unfilter on a CPU)
-    -> decode_image_array's pixels, byte for byte."""
+    """8-bit RGB, grayscale, RGBA and gray + alpha PNGs as PIL writes them (its adaptive filters:
+    every type in a noisy image), in one IDAT or split over several, through decode_png (the torch
+    unfilter on a CPU) -> decode_image_array's pixels (alpha composited onto white), byte for byte."""
     from PIL import Image
 
     from conftest import make_image
     from qwen3vl_backend.processing.media import decode_image_array, gpu_image_size
 
     rng = np.random.default_rng(3)
+    rgba = np.concatenate([np.asarray(make_image(29, 17, 7)), rng.integers(0, 256, (17, 29, 1), dtype=np.uint8)], -1)
+    rgba[0, :4, 3] = (0, 255, 1, 254)       # transparent, opaque and next to both
     cases = [make_image(37, 23, 1), make_image(40, 72, 2).convert("L"),
-             Image.fromarray(rng.integers(0, 256, (19, 31, 3), dtype=np.uint8))]
+             Image.fromarray(rng.integers(0, 256, (19, 31, 3), dtype=np.uint8)), Image.fromarray(rgba, "RGBA"),
+             Image.fromarray(rgba, "RGBA").convert("LA")]
     for img in cases:
         for data in (_png(img), _rebuild(_png(img), pieces=3), _png(img, compress_level=0)):
             h, w = img.height, img.width
@@ -135,7 +138,7 @@ def test_decode_png_gives_the_hosts_pixels():
 
 
 def test_gpu_png_size_takes_plain_png_headers_only(monkeypatch):
-    """8-bit RGB or gray, not interlaced, a whole IHDR; palettes, alpha, 16 bits, Adam7, a damaged
+    """8-bit RGB, gray, RGBA or gray + alpha, not interlaced, a whole IHDR; palettes, 16 bits, Adam7, a damaged
     IHDR and other formats are the host's; so is every PNG where deflate does not import or the
     switch is off. The pixel limit holds as on the host."""
     from PIL import Image
@@ -146,14 +149,15 @@ def test_gpu_png_size_takes_plain_png_headers_only(monkeypatch):
     img = make_image(20, 10, 4)
     rgb = _png(img)
     if png_gpu.deflate is not None:
-        assert png_gpu.gpu_png_size(rgb) == (10, 20) and png_gpu.gpu_png_size(_png(img.convert("L"))) == (10, 20)
+        for mode in ("RGB", "L", "RGBA", "LA"):
+            assert png_gpu.gpu_png_size(_png(img.convert(mode))) == (10, 20), mode
         with pytest.raises(MediaError, match="pixel limit"):
             gpu_image_size(rgb, max_pixels=199)
     adam7 = _rebuild(rgb[:28] + b"\x01" + rgb[29:])       # interlaced, its IHDR's CRC made again
     damaged = rgb[:23] + b"\x0b" + rgb[24:]                # the height changed, not the CRC
     assert png_gpu.gpu_png_size(_rebuild(rgb)) == png_gpu.gpu_png_size(rgb)
-    for other in (_png(img.convert("P")), _png(img.convert("RGBA")), _png(img.convert("LA")),
-                  _png(Image.fromarray(np.zeros((4, 4), np.uint16))), adam7, damaged, b"GIF89a" + rgb[6:]):
+    for other in (_png(img.convert("P")), _png(Image.fromarray(np.zeros((4, 4), np.uint16))), adam7, damaged,
+                  b"GIF89a" + rgb[6:]):
         assert png_gpu.gpu_png_size(other) is None
     monkeypatch.setattr(png_gpu, "deflate", None)
     assert png_gpu.gpu_png_size(rgb) is None and gpu_image_size(rgb) is None
@@ -263,3 +267,17 @@ def test_decode_frame_takes_pngs_to_the_gpu_path_and_damage_to_the_host(monkeypa
     with pytest.raises(ValueError, match="not a decodable image"):
         jpeg_gpu.decode_frame(bad, 20, 24, cuda)
     assert calls == ["cuda", "cuda"]
+
+
+def test_on_white_is_pils_alpha_composite_for_every_colour_and_alpha():
+    """png_gpu.on_white against Image.alpha_composite(white, image).convert("RGB"), decode_image's
+    path for images with alpha, at all 256 x 256 (colour, alpha) pairs."""
+    from PIL import Image
+
+    a = np.repeat(np.arange(256), 256).astype(np.uint8)
+    c = np.tile(np.arange(256), 256).astype(np.uint8)
+    rgba = np.stack([c, 255 - c, c // 2, a], -1)
+    src = Image.fromarray(rgba.reshape(256, 256, 4), "RGBA")
+    want = np.asarray(Image.alpha_composite(Image.new("RGBA", src.size, (255, 255, 255, 255)), src).convert("RGB"))
+    got = png_gpu.on_white(torch.from_numpy(rgba[:, :3]), torch.from_numpy(rgba[:, 3:]))
+    assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(want.reshape(-1, 3)))

@@ -7,10 +7,12 @@ back to libspng cost that gain, so the scanlines are unfiltered by kernels.png o
 ViT runs on, where they are going anyway. Lossless: the same pixels as decode_image_array, byte
 for byte (tests).
 
-`gpu_png_size(data)` says which PNGs take this path, from the header: 8-bit RGB or grayscale, not
-interlaced, where `deflate` imports and QWEN3VL_PNG_ON_VIT=1 is set (off until the kernel's GPU
-test passes and its time is measured; the other PNGs, with palettes, alpha, 16 bits or Adam7, stay
-on the host decoder). `decode_png` then checks what the header cannot: every chunk's CRC, no
+`gpu_png_size(data)` says which PNGs take this path, from the header: 8-bit grayscale, RGB, gray +
+alpha or RGBA (screenshots), not interlaced, where `deflate` imports and QWEN3VL_PNG_ON_VIT=1 is set
+(off until the kernel's GPU test passes and its time is measured; the other PNGs, with palettes,
+16 bits or Adam7, stay on the host decoder). Alpha is composited onto white as the host's
+decode_image does, by PIL's own integer arithmetic (`on_white`: every colour and alpha pair
+checked against PIL). `decode_png` then checks what the header cannot: every chunk's CRC, no
 tRNS (transparency is composited onto white on the host's path), an IEND (the host path's own
 walk, media._plain_png_chunks, beside the inflate), a zlib stream that
 inflates to exactly the scanlines with its checksum intact, and filter types below 5; a PNG
@@ -34,7 +36,7 @@ except ImportError:     # the host decodes every PNG
 ENABLED = os.environ.get("QWEN3VL_PNG_ON_VIT", "0") == "1"
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_CHUNKS = 16384      # a PNG of more chunks is the host's (the walk is Python, a chunk at a time)
-_CHANNELS = {0: 1, 2: 3}    # colour type -> channels: grayscale, RGB
+_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}    # colour type -> channels: gray, RGB, gray + alpha, RGBA
 
 
 def gpu_png_size(data: bytes) -> tuple[int, int] | None:
@@ -103,4 +105,17 @@ def decode_png(data: bytes, height: int, width: int, device: torch.device) -> to
     else:
         pixels = unfilter_reference(scanlines, channels).to(device)
     pixels = pixels.view(-1, channels)
-    return pixels if channels == 3 else pixels.expand(-1, 3).contiguous()
+    colour = pixels[:, :3] if channels >= 3 else pixels[:, :1].expand(-1, 3)
+    if channels in (2, 4):
+        return on_white(colour, pixels[:, -1:])
+    return colour if channels == 3 else colour.contiguous()
+
+
+def on_white(colour: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """uint8 colours (N, 3) and alphas (N, 1) over an opaque white background -> uint8 (N, 3), as
+    PIL's Image.alpha_composite(white, image) gives them (libImaging/AlphaComposite.c with the
+    destination white and opaque: coefficients a * 128 and (255 - a) * 128, then its rounded
+    division by 255 and a shift by 7)."""
+    a = alpha.to(torch.int32)
+    t = colour.to(torch.int32) * a * 128 + (255 - a) * (255 * 128) + (0x80 << 7)
+    return ((((t >> 8) + t) >> 8) >> 7).to(torch.uint8)
