@@ -281,6 +281,20 @@ def _decode_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
+def _on_decode_stream(device: torch.device, decode):
+    """decode() run on the device's decode stream, which nothing queued on its own stream (the ViT
+    passes of requests before this one) holds up; its memory is that stream's (the caching
+    allocator's pools are per stream). A frame it returns (not None) is handed to the device's
+    stream: waited for there, and marked as used there."""
+    main, side = torch.cuda.current_stream(device), _decode_stream(device)
+    with torch.cuda.device(device), torch.cuda.stream(side):
+        frame = decode()
+    if frame is not None:
+        main.wait_stream(side)
+        frame.record_stream(main)
+    return frame
+
+
 # where `intact` runs: libjpeg-turbo lets go of the GIL while it decodes, so a request's JPEGs are
 # checked side by side, up to 8 at once, as preprocess's media pool would have decoded them
 _CHECKS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="jpeg-intact")
@@ -327,28 +341,16 @@ def decode_frame(data: bytes, height: int, width: int, device: torch.device | No
     device = device or torch.device("cpu")
     if data[:8] == png_gpu.SIGNATURE:
         if gpu and device.type == "cuda":
-            # on the decode stream, as a JPEG below: the ViT passes queued before it do not hold it up
-            main, side = torch.cuda.current_stream(device), _decode_stream(device)
-            with torch.cuda.device(device), torch.cuda.stream(side):
-                frame = png_gpu.decode_png(data, height, width, device)
+            frame = _on_decode_stream(device, lambda: png_gpu.decode_png(data, height, width, device))
             if frame is not None:
-                main.wait_stream(side)
-                frame.record_stream(main)
                 return frame
     elif gpu and device.type == "cuda" and (decoder := nvjpeg()) is not None:
         check: Future = _CHECKS.submit(intact, data)       # on the host's cores while nvJPEG and the GPU work
-        # on a stream of its own, which nothing queued on the device's stream (the ViT passes of
-        # requests before this one) holds up; its memory is that stream's (the caching allocator's
-        # pools are per stream), and the frame is marked as used on the device's stream after
-        main, side = torch.cuda.current_stream(device), _decode_stream(device)
         try:
-            with torch.cuda.device(device), torch.cuda.stream(side):
-                frame = decoder.decode_rgb(data, device, height, width).view(-1, 3)
+            frame = _on_decode_stream(device, lambda: decoder.decode_rgb(data, device, height, width).view(-1, 3))
         except NvJpegError:
             check.cancel()      # the host decodes it below (a check already running finishes unread)
         else:
-            main.wait_stream(side)
-            frame.record_stream(main)
             if checks is not None:
                 checks.append(check)
                 return frame
