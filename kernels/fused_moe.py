@@ -441,7 +441,6 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-        m = n_ok[:, None] & k_ok[None, :]
         if PIPE:        # this step's weights came a step ahead; the next step's go out now
             g = g_next.to(tl.float32)
             u = u_next.to(tl.float32)
@@ -449,6 +448,7 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
             g_next = tl.load(gate_ptrs + BLOCK_K, mask=m_next, other=0.0)
             u_next = tl.load(up_ptrs + BLOCK_K, mask=m_next, other=0.0)
         else:
+            m = n_ok[:, None] & k_ok[None, :]
             g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
             u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
         if HAS_SCALE and GROUP_SCALE:
