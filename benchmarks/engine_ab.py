@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TREES = ("kernels", "qwen3vl_backend", "benchmarks")
 BASE = "base"
 PARTIAL = "engine-ab-partial.json"     # the rows so far; gone once the run's own JSON is written
+# each row's columns from benchmarks.engine's rows (None where a variant did not run)
+ROW_KEYS = ("concurrency", "routing", "itl_p50_ms", "decode_step_ms", "ttft_p50_ms", "ttft_min_ms")
 
 
 def merged(old, patch):
@@ -114,16 +116,12 @@ def main(argv=None) -> int:
         for i, name in enumerate(order):
             label = name if i < len(order) - 1 else f"{BASE} (again)"
             try:
-                got = [{"variant": label, "run": i, "concurrency": r.get("concurrency"), "routing": r.get("routing"),
-                        "itl_p50_ms": r.get("itl_p50_ms"), "decode_step_ms": r.get("decode_step_ms"),
-                        "ttft_p50_ms": r.get("ttft_p50_ms"), "ttft_min_ms": r.get("ttft_min_ms"), "error": None}
+                got = [{"variant": label, "run": i, **{k: r.get(k) for k in ROW_KEYS}, "error": None}
                        for r in run_variant(trees[name], engine_args, args.runner, Path(tmp) / f"out-{i}",
                                             variants.get(name, {}).get(ENV))]
             except RuntimeError as e:           # a launch shape that does not compile: the others still run
                 print(e)
-                got = [{"variant": label, "run": i, "concurrency": None, "routing": None, "itl_p50_ms": None,
-                        "decode_step_ms": None,
-                        "ttft_p50_ms": None, "ttft_min_ms": None, "error": str(e).splitlines()[0]}]
+                got = [{"variant": label, "run": i, **dict.fromkeys(ROW_KEYS), "error": str(e).splitlines()[0]}]
             print_table(got, list(got[0]))
             rows += got
             partial.write_text(json.dumps({"settings": settings, "rows": against_base(rows)}, indent=2))
