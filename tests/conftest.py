@@ -70,9 +70,10 @@ def make_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.I
     return img
 
 
-def image_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+def image_bytes(img: Image.Image, fmt: str = "PNG", **save) -> bytes:
+    """`img` encoded as `fmt`; `save`: the encoder's options (PIL's Image.save keywords)."""
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    img.save(buf, format=fmt, **save)
     return buf.getvalue()
 
 

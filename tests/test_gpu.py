@@ -257,11 +257,10 @@ def test_png_unfiltered_on_the_gpu_gives_the_hosts_pixels(monkeypatch):
     the host's decode, bit for bit: the serving benchmark's noise 1280x720 (PIL's adaptive filters,
     every type), a smooth one, gray, 1100 rows (two bands of the kernel), one row, one column, RGBA
     and gray + alpha (composited onto white)."""
-    import io
-
     import numpy as np
     from PIL import Image
 
+    from conftest import image_bytes
     from qwen3vl_backend.processing import jpeg_gpu, png_gpu
     from qwen3vl_backend.processing.media import decode_image_array, gpu_image_size
 
@@ -279,9 +278,7 @@ def test_png_unfiltered_on_the_gpu_gives_the_hosts_pixels(monkeypatch):
               "gray + alpha 64x48": rng.integers(0, 256, (48, 64, 2), dtype=np.uint8)}
     device = torch.device("cuda")
     for name, arr in images.items():
-        buf = io.BytesIO()
-        Image.fromarray(arr, {2: "LA", 4: "RGBA"}.get(arr.shape[-1]) if arr.ndim == 3 else None).save(buf, format="PNG")
-        data = buf.getvalue()
+        data = image_bytes(Image.fromarray(arr, {2: "LA", 4: "RGBA"}.get(arr.shape[-1]) if arr.ndim == 3 else None))
         size = gpu_image_size(data, 1 << 24)
         assert size == arr.shape[:2], name
         direct = png_gpu.decode_png(data, *size, device)

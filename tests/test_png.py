@@ -10,6 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from conftest import image_bytes  # noqa: E402
 from kernels.png import unfilter, unfilter_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,14 +68,6 @@ def test_unfilter_refuses_what_is_not_scanlines():
 
 # -- processing/png_gpu.py: which PNGs the vit decodes, and what it gives ------------------------
 
-def _png(img, **kw) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", **kw)
-    return buf.getvalue()
-
-
 def _chunk(kind: bytes, body: bytes) -> bytes:
     import zlib
 
@@ -129,7 +122,7 @@ def test_decode_png_gives_the_hosts_pixels():
              Image.fromarray(rng.integers(0, 256, (19, 31, 3), dtype=np.uint8)), Image.fromarray(rgba, "RGBA"),
              Image.fromarray(rgba, "RGBA").convert("LA")]
     for img in cases:
-        for data in (_png(img), _rebuild(_png(img), pieces=3), _png(img, compress_level=0)):
+        for data in (image_bytes(img), _rebuild(image_bytes(img), pieces=3), image_bytes(img, compress_level=0)):
             h, w = img.height, img.width
             assert gpu_image_size(data) == (h, w)
             got = png_gpu.decode_png(data, h, w, torch.device("cpu"))
@@ -147,17 +140,17 @@ def test_gpu_png_size_takes_plain_png_headers_only(monkeypatch):
     from qwen3vl_backend.processing.media import MediaError, gpu_image_size
 
     img = make_image(20, 10, 4)
-    rgb = _png(img)
+    rgb = image_bytes(img)
     if png_gpu.deflate is not None:
         for mode in ("RGB", "L", "RGBA", "LA"):
-            assert png_gpu.gpu_png_size(_png(img.convert(mode))) == (10, 20), mode
+            assert png_gpu.gpu_png_size(image_bytes(img.convert(mode))) == (10, 20), mode
         with pytest.raises(MediaError, match="pixel limit"):
             gpu_image_size(rgb, max_pixels=199)
     adam7 = _rebuild(rgb[:28] + b"\x01" + rgb[29:])       # interlaced, its IHDR's CRC made again
     damaged = rgb[:23] + b"\x0b" + rgb[24:]                # the height changed, not the CRC
     assert png_gpu.gpu_png_size(_rebuild(rgb)) == png_gpu.gpu_png_size(rgb)
-    for other in (_png(img.convert("P")), _png(Image.fromarray(np.zeros((4, 4), np.uint16))), adam7, damaged,
-                  b"GIF89a" + rgb[6:]):
+    for other in (image_bytes(img.convert("P")), image_bytes(Image.fromarray(np.zeros((4, 4), np.uint16))), adam7,
+                  damaged, b"GIF89a" + rgb[6:]):
         assert png_gpu.gpu_png_size(other) is None
     monkeypatch.setattr(png_gpu, "deflate", None)
     assert png_gpu.gpu_png_size(rgb) is None and gpu_image_size(rgb) is None
@@ -178,7 +171,7 @@ def test_decode_png_leaves_damaged_pngs_to_the_host():
     from qwen3vl_backend.processing.media import MediaError, decode_image
 
     img = make_image(16, 9, 5)
-    good = _png(img)
+    good = image_bytes(img)
     cpu = torch.device("cpu")
     assert png_gpu.decode_png(good, 9, 16, cpu) is not None
     raw = bytearray(zlib.decompress(b"".join(b for k, b in _chunks(good) if k == b"IDAT")))
@@ -212,7 +205,7 @@ def test_the_kernel_unfilters_pils_scanlines():
 
     rng = np.random.default_rng(8)
     for arr in (rng.integers(0, 255, (70, 45, 3), dtype=np.uint8), rng.integers(0, 255, (9, 50), dtype=np.uint8)):
-        data = _png(Image.fromarray(arr))
+        data = image_bytes(Image.fromarray(arr))
         raw = zlib.decompress(png_gpu._image_data(data))
         bpp = 3 if arr.ndim == 3 else 1
         scanlines = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(arr.shape[0], -1)
@@ -257,7 +250,7 @@ def test_decode_frame_takes_pngs_to_the_gpu_path_and_damage_to_the_host(monkeypa
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)
     cuda = torch.device("cuda")
-    good = _png(make_image(24, 20, 6))
+    good = image_bytes(make_image(24, 20, 6))
     want = torch.from_numpy(decode_image_array(good)).view(-1, 3)
     assert torch.equal(jpeg_gpu.decode_frame(good, 20, 24, cuda), want) and calls == ["cuda"]
     assert torch.equal(jpeg_gpu.decode_frame(good, 20, 24, cuda, gpu=False), want) and calls == ["cuda"]
