@@ -61,8 +61,29 @@ def patch_tables(configs: Path, patches: dict) -> None:
         path = configs / name
         if Path(name).name != name or not path.exists():
             raise SystemExit(f"variant patches {name!r}: no such table in kernels/configs")
+        shadows = shadowing_tables(configs, name, entries)
+        if shadows:
+            raise SystemExit(f"variant patches {name!r}, whose entries {sorted(shadows[0][1])} the shape's own "
+                             f"table {shadows[0][0]!r} overrides with its \"pairs\" (kernels.fused_moe.pair_config): "
+                             "patch that table's \"pairs\" instead")
         table = json.loads(path.read_text())
         path.write_text(json.dumps(merged(table, entries), indent=1) + "\n")
+
+
+def shadowing_tables(configs: Path, name: str, entries: dict) -> list[tuple[str, set]]:
+    """For a patch of the shape-free fp8 pair table ("fp8_pairs,device=D,block=B.json"): the MoE
+    tables of that device and block whose own "pairs" come first for those sizes, so the patch
+    would measure nothing (twice so far: NOTES, thirteenth and twenty-seventh sessions). [(table, sizes)]."""
+    prefix, _, rest = name.partition(",")
+    if prefix != "fp8_pairs":
+        return []
+    device, _, block = rest.removesuffix(".json").partition(",")
+    found = []
+    for other in sorted(configs.glob(f"E=*,{device},dtype=fp8_w8a8,{block}.json")):
+        sizes = set(json.loads(other.read_text()).get("pairs") or {}) & set(entries)
+        if sizes:
+            found.append((other.name, sizes))
+    return found
 
 
 def make_tree(dest: Path, patches: dict) -> Path:

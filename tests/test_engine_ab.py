@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.engine_ab import main, patch_tables
+from benchmarks.engine_ab import main, patch_tables, shadowing_tables
 
 TABLE = "norm_route,device=NVIDIA_H200.json"
 HERE = Path(__file__).resolve().parent
@@ -94,3 +94,27 @@ def test_a_variant_named_base_is_refused(tmp_path):
     variants.write_text(json.dumps({"base": {}}))
     with pytest.raises(SystemExit, match="none named 'base'"):
         main(["--variants", str(variants)])
+
+
+def test_a_pair_patch_that_a_shape_table_overrides_is_refused(tmp_path):
+    """kernels.fused_moe.pair_config reads a MoE shape table's own "pairs" before the shape-free
+    fp8 pair table, so a variant patching the latter at a size the former holds measures nothing
+    (it happened twice). Refused; sizes the shape table lacks, and other devices' tables, pass.
+    And the committed variant files patch no shadowed entry."""
+    pairs = "fp8_pairs,device=NVIDIA_H200,block=128x128.json"
+    shape = "E=128,N=768,K=2048,device=NVIDIA_H200,dtype=fp8_w8a8,block=128x128.json"
+    (tmp_path / pairs).write_text(json.dumps({"1": {"a": 1}, "4": {"a": 1}}))
+    (tmp_path / shape).write_text(json.dumps({"16": {}, "pairs": {"1": {"a": 2}}}))
+    (tmp_path / "E=128,N=768,K=2048,device=NVIDIA_H100,dtype=fp8_w8a8,block=128x128.json").write_text(
+        json.dumps({"pairs": {"4": {"a": 2}}}))
+    with pytest.raises(SystemExit, match=r"\['1'\].*E=128,N=768,K=2048,device=NVIDIA_H200"):
+        patch_tables(tmp_path, {pairs: {"1": {"a": 3}}})
+    patch_tables(tmp_path, {pairs: {"4": {"a": 3}}})
+    assert json.loads((tmp_path / pairs).read_text())["4"] == {"a": 3}
+    patch_tables(tmp_path, {shape: {"pairs": {"1": {"a": 3}}}})
+    assert json.loads((tmp_path / shape).read_text())["pairs"]["1"] == {"a": 3}
+    configs = HERE.parent / "kernels" / "configs"
+    for path in (HERE.parent / "benchmarks" / "variants").glob("*.json"):
+        for variant, patches in json.loads(path.read_text()).items():
+            for name, entries in patches.items():
+                assert not shadowing_tables(configs, name, entries), (path.name, variant, name)

@@ -696,11 +696,13 @@ def test_moe_pairs_prefetch_gives_the_same_bits(fp8, down_k, group_scale):
 
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize("up_k,down_k", [(32, 128), (64, 64), (128, 32)])
-def test_moe_pairs_pipe_gives_the_same_bits(fp8, prefetch, up_k, down_k):
+@pytest.mark.parametrize("up_k,down_k,group", [(32, 128, False), (64, 64, False), (128, 32, False), (64, 128, True),
+                                               (32, 64, True)])
+def test_moe_pairs_pipe_gives_the_same_bits(fp8, prefetch, up_k, down_k, group):
     """PIPE / DOWN_PIPE (each K step's weights loaded a step ahead): the same bits as the plain
     kernels, with PREFETCH's early first step and without; one K step (a partial one: 96 of 128),
-    several, and a partial last (96 in steps of 64), for both kernels. The weights' rows are
+    several, and a partial last (96 in steps of 64), for both kernels; with GROUP_SCALE (the H200
+    table's one-token entry: gate_up without, down with) and without. The weights' rows are
     followed by NaNs, so a load past K shows in the output."""
     from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
@@ -710,7 +712,7 @@ def test_moe_pairs_pipe_gives_the_same_bits(fp8, prefetch, up_k, down_k):
     x = torch.randn(m, h, device=DEV)
     w, ids = route(torch.randn(m, e, device=DEV), a, True)
     cfg = {"BLOCK_N": 16, "BLOCK_K": up_k, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": down_k,
-           "down_warps": 4}
+           "down_warps": 4, "GROUP_SCALE": group, "DOWN_GROUP_SCALE": group}
     weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
 
     def nan_padded(t):      # each row followed by NaNs: a load past a row's K (a mask off by a step) shows
