@@ -134,11 +134,7 @@ def tune(e: int, h: int, inter: int, top_k: int, ms=MS, fp8: bool = False, save=
 # gate_up's keys, then down's: each swept with the other held
 PAIR_SPACES = ((("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), ((4, 8, 16), (128, 256, 512), (4, 8), (1, 3))),
                (("DOWN_BLOCK_N", "DOWN_BLOCK_K", "down_warps", "down_stages"), ((4, 8, 16), (128, 256, 512), (4, 8),
-                                                                                (1, 3))),
-               # each K step's weights loaded a step ahead (the kernels' loads feed no dot: num_stages
-               # does not pipeline them), then the steps again with it
-               (("PIPE", "DOWN_PIPE"), ((False, True), (False, True))),
-               (("BLOCK_K", "DOWN_BLOCK_K"), ((128, 256, 512, 1024), (128, 256))))
+                                                                                (1, 3))))
 
 
 # fp8 weights: then whether each kernel loads its scales once per block of a K step, not per column

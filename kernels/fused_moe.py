@@ -404,15 +404,14 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                          USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False, PIPE: tl.constexpr = False):
+                         PREFETCH: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns.
     GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
     PREFETCH (with PDL): the down kernel after it may launch only once the kernel before this one
     (the router's) has finished, so that down may read the routing before its own wait.
-    PIPE: each K step's weights are loaded a step ahead, in registers (two steps in flight a
-    program, where the loop otherwise waits on each step's loads: num_stages does not pipeline
-    loads that feed no dot)."""
+    (Loading each K step's weights a step ahead in registers, PIPE, was slower in the step at
+    every shape tried: NOTES, twenty-seventh session.)"""
     if PREFETCH:
         gdc_wait(USE_PDL)
         gdc_launch(USE_PDL)
@@ -434,23 +433,12 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     s_gate = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     s_up = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
-    if PIPE:
-        m = n_ok[:, None] & (offs_k < K)[None, :]
-        g_next = tl.load(gate_ptrs, mask=m, other=0.0)
-        u_next = tl.load(up_ptrs, mask=m, other=0.0)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-        if PIPE:        # this step's weights came a step ahead; the next step's go out now
-            g = g_next.to(tl.float32)
-            u = u_next.to(tl.float32)
-            m_next = n_ok[:, None] & (offs_k < K - (k + 1) * BLOCK_K)[None, :]
-            g_next = tl.load(gate_ptrs + BLOCK_K, mask=m_next, other=0.0)
-            u_next = tl.load(up_ptrs + BLOCK_K, mask=m_next, other=0.0)
-        else:
-            m = n_ok[:, None] & k_ok[None, :]
-            g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
+        m = n_ok[:, None] & k_ok[None, :]
+        g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
         if HAS_SCALE and GROUP_SCALE:
             acc_g += g * block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
             acc_u += u * block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
@@ -490,14 +478,13 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                       USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False, PIPE: tl.constexpr = False):
+                      PREFETCH: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
     (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two).
     PREFETCH (with PDL, after a gate_up launched with it): the routing and the first K step's
-    weights are read before the wait for gate_up (which writes neither). PIPE: as gate_up's, each
-    step's weights loaded a step ahead."""
+    weights are read before the wait for gate_up (which writes neither)."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -530,16 +517,9 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         k_first = 1
-    w_rows = slot_ok[:, None, None] & n_ok[None, :, None]
-    if PIPE:
-        w_next = tl.load(w_ptrs, mask=w_rows & (offs_k < K - k_first * BLOCK_K)[None, None, :], other=0.0)
     for k in range(k_first, tl.cdiv(K, BLOCK_K)):
-        if PIPE:        # this step's weights came a step ahead; the next step's go out now
-            w = w_next
-            w_next = tl.load(w_ptrs + BLOCK_K, mask=w_rows & (offs_k < K - (k + 1) * BLOCK_K)[None, None, :],
-                             other=0.0)
-        else:
-            w = tl.load(w_ptrs, mask=w_rows & (offs_k < K - k * BLOCK_K)[None, None, :], other=0.0)
+        w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K - k * BLOCK_K)[None, None, :]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc = _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, k, K, BLOCK_K, BK, TOP_K_PAD,
                               HAS_SCALE, GROUP_SCALE)
         w_ptrs += BLOCK_K
@@ -711,7 +691,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
         HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), PREFETCH=prefetch,
-        PIPE=bool(cfg.get("PIPE")), **pdl(x))
+        **pdl(x))
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
@@ -720,7 +700,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
-        PREFETCH=prefetch, PIPE=bool(cfg.get("DOWN_PIPE")), **pdl(x))
+        PREFETCH=prefetch, **pdl(x))
     return out
 
 

@@ -403,36 +403,3 @@ def test_png_unfilter_compiles_for_sm90():
     records = [{**r, "max_stack": 0} for r in rec.records.values()]
     assert len(records) == 4, rec.records
     _assert_all_compile(records)
-
-
-def test_moe_pair_variants_compile_for_sm90():
-    """Every variant of benchmarks/variants/pair-pipe-30b-fp8.json (PIPE / DOWN_PIPE: weights a K
-    step ahead in registers; wider K steps), on the H200 fp8 pair table's entries at 30B's shapes,
-    as a GPU launches them (PDL, PREFETCH), compiles for sm_90 without a spilled register. The
-    entries are the 30B fp8 MoE table's own "pairs" (kernels.fused_moe.pair_config reads them
-    before the shape-free fp8 pair table). Probed
-    by hand: gate_up spilled at 1024-wide steps with PIPE at 4 warps and at 2048-wide ones but
-    without PIPE at 8 warps; down with DOWN_PIPE at its own 256-wide steps (255 registers, 392
-    bytes of stack), so that variant pipes 128-wide ones."""
-    _needs_interpreter()
-    import torch
-
-    import launch_record
-    from kernels import tables
-    from kernels.fused_moe import fused_moe_pairs
-
-    name = "E=128,N=768,K=2048,device=NVIDIA_H200,dtype=fp8_w8a8,block=128x128.json"
-    table = json.loads((Path(tables.__file__).parent / "configs" / name).read_text())["pairs"]
-    variants = json.loads((ROOT / "benchmarks" / "variants" / "pair-pipe-30b-fp8.json").read_text())
-    e, inter, hidden, a, f8 = 128, 768, 2048, 8, torch.float8_e4m3fn
-    w13, w2 = torch.empty(e, 2 * inter, hidden, dtype=f8), torch.empty(e, hidden, inter, dtype=f8)
-    scales = torch.ones(e, 2 * inter // 128, hidden // 128), torch.ones(e, hidden // 128, inter // 128)
-    with launch_record.only_recording() as rec:
-        for patch in variants.values():
-            for m, keys in patch[name]["pairs"].items():
-                fused_moe_pairs(torch.empty(int(m), hidden, dtype=torch.bfloat16), w13, w2, torch.ones(int(m), a),
-                                torch.zeros(int(m), a, dtype=torch.int32), {**table[m], **keys}, *scales, (128, 128),
-                                prefetch=True)
-    records = [{**r, "max_stack": 0} for r in rec.records.values() if r["consts"]["USE_PDL"]]
-    assert any(r["consts"]["PIPE"] for r in records), [r["consts"] for r in records]
-    _assert_all_compile(records)
