@@ -355,7 +355,8 @@ def test_repeated_image_hits_the_vit_cache(server, client):
 
 def test_stage_lines_name_the_vits_replica_and_path(server, client):
     """QWEN3VL_STAGE_TIMING=1: each vit call's log line carries its timings and, per replica, the
-    device and how it ran (on a CPU without graphs: eager), the lead for cold first requests."""
+    device and how it ran (on a CPU without graphs: eager), the lead for cold first requests; the
+    preprocess and llm models log theirs."""
     image = make_image(97, 61, 4)                 # a size no other test sends: a miss in the vit's cache
     _chat(client, [{"role": "user", "content": [_img(data_uri(image_bytes(image))), {"type": "text", "text": "hi"}]}])
     deadline = time.monotonic() + 10               # Triton writes its log as it goes
@@ -367,6 +368,10 @@ def test_stage_lines_name_the_vits_replica_and_path(server, client):
         time.sleep(0.2)
     assert lines and all(re.search(r"paths=cpu:eager\b", line) for line in lines), lines[-3:]
     assert any("stage preprocess" in line for line in log.splitlines())
+    # the llm's: its execute's parse and, at the first output, the time since execute began
+    llm = [re.search(r"stage llm \S*: parse=([\d.]+) total=([\d.]+)", line) for line in log.splitlines()]
+    llm = [m for m in llm if m]
+    assert llm and all(float(m[1]) <= float(m[2]) for m in llm), llm[-3:]
 
 
 def test_server_still_serves_after_errors(client):

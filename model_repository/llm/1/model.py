@@ -7,6 +7,7 @@ back through the request's sender as the engine produces them: one per text delt
 
 import dataclasses
 import json
+import time
 import uuid
 
 import numpy as np
@@ -20,6 +21,7 @@ from qwen3vl_backend.sampling_params import SamplingParams
 from qwen3vl_backend.serving.cancel import CancelRegistry
 from qwen3vl_backend.serving.engine_loop import EngineLoop
 from qwen3vl_backend.serving.preprocess import parse_json_object
+from qwen3vl_backend.serving.stage_timing import STAGE_TIMING, stage_line
 from qwen3vl_backend.serving.triton_metrics import TritonEngineMetrics
 from qwen3vl_backend.serving.triton_params import error_response, model_settings
 from qwen3vl_backend.serving.triton_tensors import as_torch
@@ -45,6 +47,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
+            started = time.monotonic()
             sender = request.get_response_sender()
             client_id = request.request_id()
             if _flag(request, "cancel"):
@@ -58,9 +61,11 @@ class TritonPythonModel:
             except Exception as e:
                 sender.send(error_response(pb_utils, e, "llm", client_id), flags=FINAL)
                 continue
+            parsed = time.monotonic()
             cancel = self.live.open(client_id)
             stream = _Stream(sender, flags, self.engine.tokenizer, prompt.prompt_ids, client_id,
-                             on_finish=lambda cid=client_id, c=cancel: self.live.close(cid, c))
+                             on_finish=lambda cid=client_id, c=cancel: self.live.close(cid, c),
+                             timing={"parse": (parsed - started) * 1e3, "started": started} if STAGE_TIMING else None)
             if cancel.is_set:                     # its client left while it was in an earlier step
                 stream.on_output(RequestOutput(client_id, [], "", True, "abort", len(prompt.prompt_ids), 0, 0))
                 continue
@@ -122,14 +127,20 @@ def _media(grids, hashes, merge_unit: int):
 
 
 class _Stream:
-    def __init__(self, sender, flags, tokenizer, prompt_ids, client_id, on_finish):
-        self.sender, self.flags, self.on_finish = sender, flags, on_finish
+    def __init__(self, sender, flags, tokenizer, prompt_ids, client_id, on_finish, timing=None):
+        """`timing` (QWEN3VL_STAGE_TIMING): {"parse": ms, "started": execute's time.monotonic()};
+        the first output logs a stage line with both and the engine's share up to it."""
+        self.sender, self.flags, self.on_finish, self.timing = sender, flags, on_finish, timing
         self.tokenizer, self.prompt_ids, self.client_id = tokenizer, prompt_ids, client_id
         self.text = ""
         self.logprobs = []                # of tokens not yet sent (a response may carry no text)
         self.prompt_logprobs = None       # sent with the next response
 
     def on_output(self, out):
+        if self.timing is not None:         # the first output: where this request's time to it went
+            started = self.timing.pop("started")
+            pb_utils.Logger.log_info(f"stage llm {self.client_id}: {stage_line(self.timing, started)}")
+            self.timing = None
         if isinstance(out, Exception) or out.finished:
             self.on_finish()
         if isinstance(out, Exception):
