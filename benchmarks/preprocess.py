@@ -42,7 +42,8 @@ def request(fmt: str, seed: int) -> tuple[str, list[str]]:
 
 
 def png_decoders(repeats: int) -> list[dict]:
-    """The noise PNG's decode, by path: the host's (decode_image_array: pyspng and its CRC walk),
+    """The noise PNG's decode, by path: the host's (decode_image_array with its CRC walk: libdeflate's
+    inflate, then pyspng unfiltering stored blocks; and pyspng alone, as without libdeflate),
     libdeflate's inflate alone, and png_gpu.decode_png where a GPU is here (inflate, copy and the
     unfilter kernel, synchronised). Medians, milliseconds."""
     import torch
@@ -51,8 +52,15 @@ def png_decoders(repeats: int) -> list[dict]:
 
     png_gpu.ENABLED = True      # QWEN3VL_PNG_ON_VIT=1, for this row
     data = base64.b64decode(request("PNG", 0)[1][0].split(",", 1)[1])
-    stream = png_gpu._image_data(data)
-    paths = {"host (pyspng)": lambda: media.decode_image_array(data)}
+    stream = media.png_image_data(data)
+
+    def pyspng_alone():
+        keep, media.deflate = media.deflate, None
+        try:
+            media.decode_image_array(data)
+        finally:
+            media.deflate = keep
+    paths = {"host (libdeflate + pyspng)": lambda: media.decode_image_array(data), "host (pyspng)": pyspng_alone}
     if png_gpu.deflate is not None:
         paths["libdeflate inflate"] = lambda: png_gpu.deflate.zlib_decompress(stream, 720 * (1 + 1280 * 3))
         if torch.cuda.is_available():

@@ -403,3 +403,54 @@ def test_a_png_of_very_many_chunks_takes_pils_path():
     assert media._plain_png_chunks(few) and not media._plain_png_chunks(many)
     for data in (few, many):
         assert np.array_equal(media.decode_image_array(data), np.asarray(decode_image(png)))
+
+
+def test_stored_png_is_the_same_image_with_its_stream_inflated(monkeypatch):
+    """_stored_png (libdeflate inflates, pyspng only unfilters): for gray and RGB PNGs, one IDAT or
+    many, with ancillary chunks, of one stored block or many (a tall image: more than 65,535
+    bytes of scanlines), the PNG it builds is valid (every CRC, IEND: _plain_png_chunks), its
+    stream inflates through zlib (which checks the block lengths and the adler32) to the
+    original's scanlines, and pyspng reads PIL's pixels from it. decode_image_array hands it to
+    pyspng. A stream that does not inflate to the scanlines gives None (pyspng takes the original,
+    and PIL refuses the damage). Planted and caught: NLEN not complemented, the final-block bit
+    on every block, the IDAT's CRC over its length too."""
+    pytest.importorskip("deflate")
+    import numpy as np
+
+    from qwen3vl_backend.processing import media
+
+    def ancillary(png):     # a gAMA and a tEXt chunk after IHDR (their CRCs intact)
+        extra = b"".join(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+                         for kind, body in ((b"gAMA", struct.pack(">I", 45455)), (b"tEXt", b"Comment\0hi")))
+        return png[:33] + extra + png[33:]
+
+    tall = make_image(3, 9000, 4)           # 9000 x (1 + 9) bytes: two stored blocks
+    cases = {"rgb": image_bytes(make_image(53, 37, 11)), "gray": image_bytes(make_image(31, 7, 2).convert("L")),
+             "tall": image_bytes(tall, compress_level=9), "ancillary": ancillary(image_bytes(make_image(40, 30, 5))),
+             "idats": image_bytes(make_image(300, 200, 6), compress_level=0)}   # PIL splits it into IDATs
+    assert cases["idats"].count(b"IDAT") > 1
+    for name, png in cases.items():
+        w, h = media._plain_png_header(png)
+        stored = media._stored_png(png, w, h)
+        assert stored is not None and media._plain_png_chunks(stored), name
+        assert stored.count(b"IDAT") == 1 and b"gAMA" not in stored
+        assert zlib.decompress(media.png_image_data(stored)) == zlib.decompress(media.png_image_data(png)), name
+        want = np.asarray(decode_image(png))
+        assert np.array_equal(media.pyspng.load(stored, "RGB"), want), name
+    assert len(zlib.decompress(media.png_image_data(cases["tall"]))) > media._STORED
+
+    png = cases["rgb"]
+    seen = []
+    load = media.pyspng.load
+    monkeypatch.setattr(media.pyspng, "load", lambda data, *a: seen.append(data) or load(data, *a))
+    assert np.array_equal(media.decode_image_array(png), np.asarray(decode_image(png)))
+    assert seen == [media._stored_png(png, 53, 37)]
+    monkeypatch.undo()
+    stream = media.png_image_data(png)
+    start = png.index(stream[:16])
+    bad_adler = bytearray(png)
+    bad_adler[start + len(stream) - 1] ^= 1         # the stream's checksum (the chunk's CRC now off too)
+    assert media._stored_png(bytes(bad_adler), 53, 37) is None
+    assert media._stored_png(png, 53, 36) is None   # a stream longer than the scanlines
+    with pytest.raises(MediaError, match="not a decodable image"):
+        media.decode_image_array(bytes(bad_adler))

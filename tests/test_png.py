@@ -203,10 +203,12 @@ def test_the_kernel_unfilters_pils_scanlines():
     import kernels.png as png
     from PIL import Image
 
+    from qwen3vl_backend.processing import media
+
     rng = np.random.default_rng(8)
     for arr in (rng.integers(0, 255, (70, 45, 3), dtype=np.uint8), rng.integers(0, 255, (9, 50), dtype=np.uint8)):
         data = image_bytes(Image.fromarray(arr))
-        raw = zlib.decompress(png_gpu._image_data(data))
+        raw = zlib.decompress(media.png_image_data(data))
         bpp = 3 if arr.ndim == 3 else 1
         scanlines = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(arr.shape[0], -1)
         assert len(set(scanlines[:, 0].tolist())) > 1
@@ -228,7 +230,7 @@ def test_decode_frame_takes_pngs_to_the_gpu_path_and_damage_to_the_host(monkeypa
     import zlib
 
     from conftest import make_image
-    from qwen3vl_backend.processing import jpeg_gpu
+    from qwen3vl_backend.processing import jpeg_gpu, media
     from qwen3vl_backend.processing.media import decode_image_array
 
     calls = []
@@ -254,7 +256,7 @@ def test_decode_frame_takes_pngs_to_the_gpu_path_and_damage_to_the_host(monkeypa
     want = torch.from_numpy(decode_image_array(good)).view(-1, 3)
     assert torch.equal(jpeg_gpu.decode_frame(good, 20, 24, cuda), want) and calls == ["cuda"]
     assert torch.equal(jpeg_gpu.decode_frame(good, 20, 24, cuda, gpu=False), want) and calls == ["cuda"]
-    raw = bytearray(zlib.decompress(png_gpu._image_data(good)))
+    raw = bytearray(zlib.decompress(media.png_image_data(good)))
     raw[0] = 5
     bad = _rebuild(good, zlib.compress(bytes(raw)))
     with pytest.raises(ValueError, match="not a decodable image"):

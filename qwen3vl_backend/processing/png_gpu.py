@@ -2,10 +2,11 @@
 
 A noisy 1280x720 PNG spent ~16 of pyspng's ~16.3 ms on the GPU host in zlib's inflate (NOTES),
 which no GPU library here does. libdeflate (the `deflate` package) inflates the same stream in
-~0.6 of zlib's time on this machine's CPU (4.9 against 7.1 ms, pyspng 8.1); handing its output
-back to libspng cost that gain, so the scanlines are unfiltered by kernels.png on the device the
-ViT runs on, where they are going anyway. Lossless: the same pixels as decode_image_array, byte
-for byte (tests).
+~0.6 of zlib's time on this machine's CPU (4.9 against 7.1 ms, pyspng 8.1). Here the scanlines
+are unfiltered by kernels.png on the device the ViT runs on, where they are going anyway. Served
+on an H200 this gained nothing (the unfilter's ~8 ms landed in the vit: NOTES, twenty-seventh
+session); the host's own path now gives libdeflate's output to libspng in stored blocks
+(media._stored_png). Lossless: the same pixels as decode_image_array, byte for byte (tests).
 
 `gpu_png_size(data)` says which PNGs take this path, from the header: 8-bit grayscale, RGB, gray +
 alpha or RGBA (screenshots), not interlaced, where `deflate` imports and QWEN3VL_PNG_ON_VIT=1 is set
@@ -35,7 +36,6 @@ except ImportError:     # the host decodes every PNG
 
 ENABLED = os.environ.get("QWEN3VL_PNG_ON_VIT", "0") == "1"
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_CHUNKS = 16384      # a PNG of more chunks is the host's (the walk is Python, a chunk at a time)
 _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}    # colour type -> channels: gray, RGB, gray + alpha, RGBA
 
 
@@ -52,35 +52,16 @@ def gpu_png_size(data: bytes) -> tuple[int, int] | None:
     return h, w
 
 
-def _image_data(data: bytes) -> bytes | None:
-    """The IDAT chunks' bytes joined, up to IEND; None where the chunks do not reach one. (Their
-    CRCs and the tRNS rule are media._plain_png_chunks', checked beside the inflate.)"""
-    pos, view, parts = 8, memoryview(data), []
-    for _ in range(MAX_CHUNKS):
-        if pos + 12 > len(data):
-            return None
-        n = int.from_bytes(data[pos:pos + 4], "big")
-        kind, end = data[pos + 4:pos + 8], pos + 12 + n
-        if end > len(data):
-            return None
-        if kind == b"IDAT":
-            parts.append(view[pos + 8:end - 4])
-        if kind == b"IEND":
-            return b"".join(parts)
-        pos = end
-    return None
-
-
 def decode_png(data: bytes, height: int, width: int, device: torch.device) -> torch.Tensor | None:
     """A PNG that gpu_png_size admits -> its (height * width, 3) uint8 pixels on `device` (the
     unfiltering by kernels.png on a GPU, by its torch reference elsewhere), or None where the
     PNG does not hold up (the module's docstring: the host decodes it then)."""
     if gpu_png_size(data) != (height, width):
         return None
-    from .media import BESIDE_DECODE, _plain_png_chunks
+    from .media import BESIDE_DECODE, _plain_png_chunks, png_image_data
 
     channels = _CHANNELS[data[25]]
-    stream = _image_data(data)
+    stream = png_image_data(data)
     if stream is None:
         return None
     # every chunk's CRC, no tRNS, an IEND: walked on another core while libdeflate (which lets go
