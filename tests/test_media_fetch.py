@@ -452,5 +452,12 @@ def test_stored_png_is_the_same_image_with_its_stream_inflated(monkeypatch):
     bad_adler[start + len(stream) - 1] ^= 1         # the stream's checksum (the chunk's CRC now off too)
     assert media._stored_png(bytes(bad_adler), 53, 37) is None
     assert media._stored_png(png, 53, 36) is None   # a stream longer than the scanlines
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    # Adam7 (PIL writes none): 1x1, whose one pass has the plain stream's length, is left to pyspng
+    interlaced = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 1))
+                  + chunk(b"IDAT", zlib.compress(b"\x00\x10\x80\xf0")) + chunk(b"IEND", b""))
+    assert media._stored_png(interlaced, 1, 1) is None
+    assert np.array_equal(media.decode_image_array(interlaced), np.asarray(decode_image(interlaced)))
     with pytest.raises(MediaError, match="not a decodable image"):
         media.decode_image_array(bytes(bad_adler))

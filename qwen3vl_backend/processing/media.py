@@ -536,9 +536,10 @@ def _stored_png(data: bytes, w: int, h: int) -> bytes | None:
     21.9 ms), and pyspng is left only the unfiltering (1.5 ms on this machine: a stored block is
     a copy). Ancillary chunks are dropped: pyspng's RGB pixels do not depend on them (no gamma),
     and tRNS sends the image to PIL (_plain_png_chunks). The adler32 is the original stream's,
-    which libdeflate checked against these bytes. None where libdeflate is missing or the
-    stream does not inflate to exactly the scanlines: pyspng then takes the original."""
-    stream = png_image_data(data) if deflate is not None else None
+    which libdeflate checked against these bytes. None where libdeflate is missing, the image is
+    interlaced, or the stream does not inflate to exactly the scanlines: pyspng then takes the
+    original."""
+    stream = png_image_data(data) if deflate is not None and data[28] == 0 else None   # Adam7: pyspng's alone
     size = h * (1 + w * (3 if data[25] == 2 else 1))
     if stream is None or len(stream) < 6:
         return None
