@@ -306,7 +306,8 @@ def _jpeg_cases():
             "progressive": _jpeg(img, progressive=True), "gray": _jpeg(img.convert("L")),
             "cmyk": _jpeg(img.convert("CMYK")), "png": image_bytes(img), "png-gray": image_bytes(img.convert("L")),
             "png-palette": image_bytes(make_image(53, 37, 11, "P")),
-            "png-rgba": image_bytes(make_image(53, 37, 11, "RGBA")),
+            "png-rgba": image_bytes(make_image(53, 37, 11, "RGBA")), "png-la": image_bytes(make_image(53, 37, 11, "RGBA").convert("LA")),
+            "png-opaque-rgba": image_bytes(make_image(53, 37, 11).convert("RGBA")),
             "png-trns": image_bytes(trns)}
 
 
@@ -314,7 +315,8 @@ def _jpeg_cases():
 # with tRNS has a plain header, so pyspng decodes it while the chunk walk finds the tRNS, and
 # PIL's pixels are returned (the comparison below is what tells them apart)
 FAST = {"420": "jpeg", "422": "jpeg", "444": "jpeg", "progressive": "jpeg", "gray": "jpeg", "cmyk": None,
-        "png": "png", "png-gray": "png", "png-palette": None, "png-rgba": None, "png-trns": "png"}
+        "png": "png", "png-gray": "png", "png-palette": None, "png-rgba": "png", "png-la": "png",
+        "png-opaque-rgba": "png", "png-trns": "png"}
 
 
 def _count_fast_decodes(monkeypatch) -> list[str]:
@@ -406,7 +408,8 @@ def test_a_png_of_very_many_chunks_takes_pils_path():
 
 
 def test_stored_png_is_the_same_image_with_its_stream_inflated(monkeypatch):
-    """_stored_png (libdeflate inflates, pyspng only unfilters): for gray and RGB PNGs, one IDAT or
+    """_stored_png (libdeflate inflates, pyspng only unfilters): for gray, RGB, gray + alpha and RGBA
+    PNGs (their alpha composited onto white), one IDAT or
     many, with ancillary chunks, of one stored block or many (a tall image: more than 65,535
     bytes of scanlines), the PNG it builds is valid (every CRC, IEND: _plain_png_chunks), its
     stream inflates through zlib (which checks the block lengths and the adler32) to the
@@ -427,7 +430,8 @@ def test_stored_png_is_the_same_image_with_its_stream_inflated(monkeypatch):
     tall = make_image(3, 9000, 4)           # 9000 x (1 + 9) bytes: two stored blocks
     cases = {"rgb": image_bytes(make_image(53, 37, 11)), "gray": image_bytes(make_image(31, 7, 2).convert("L")),
              "tall": image_bytes(tall, compress_level=9), "ancillary": ancillary(image_bytes(make_image(40, 30, 5))),
-             "idats": image_bytes(make_image(300, 200, 6), compress_level=0)}   # PIL splits it into IDATs
+             "idats": image_bytes(make_image(300, 200, 6), compress_level=0),   # PIL splits it into IDATs
+             "rgba": image_bytes(make_image(29, 13, 7, "RGBA")), "la": image_bytes(make_image(29, 13, 7, "RGBA").convert("LA"))}
     assert cases["idats"].count(b"IDAT") > 1
     for name, png in cases.items():
         w, h = media._plain_png_header(png)
@@ -436,7 +440,8 @@ def test_stored_png_is_the_same_image_with_its_stream_inflated(monkeypatch):
         assert stored.count(b"IDAT") == 1 and b"gAMA" not in stored
         assert zlib.decompress(media.png_image_data(stored)) == zlib.decompress(media.png_image_data(png)), name
         want = np.asarray(decode_image(png))
-        assert np.array_equal(media.pyspng.load(stored, "RGB"), want), name
+        got = media._on_white(media.pyspng.load(stored, "RGBA")) if png[25] in (4, 6) else media.pyspng.load(stored, "RGB")
+        assert np.array_equal(got, want), name
     assert len(zlib.decompress(media.png_image_data(cases["tall"]))) > media._STORED
 
     png = cases["rgb"]

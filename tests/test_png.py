@@ -265,8 +265,11 @@ def test_decode_frame_takes_pngs_to_the_gpu_path_and_damage_to_the_host(monkeypa
 
 
 def test_on_white_is_pils_alpha_composite_for_every_colour_and_alpha():
-    """png_gpu.on_white against Image.alpha_composite(white, image).convert("RGB"), decode_image's
-    path for images with alpha, at all 256 x 256 (colour, alpha) pairs."""
+    """media.ON_WHITE, as png_gpu.on_white looks it up and as the host's _on_white does, against
+    Image.alpha_composite(white, image).convert("RGB"), decode_image's path for images with
+    alpha, at all 256 x 256 (colour, alpha) pairs."""
+    from qwen3vl_backend.processing import media
+
     from PIL import Image
 
     a = np.repeat(np.arange(256), 256).astype(np.uint8)
@@ -276,3 +279,11 @@ def test_on_white_is_pils_alpha_composite_for_every_colour_and_alpha():
     want = np.asarray(Image.alpha_composite(Image.new("RGBA", src.size, (255, 255, 255, 255)), src).convert("RGB"))
     got = png_gpu.on_white(torch.from_numpy(rgba[:, :3]), torch.from_numpy(rgba[:, 3:]))
     assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(want.reshape(-1, 3)))
+    host = media._on_white(rgba.reshape(256, 256, 4))       # every byte looked up (most are translucent)
+    assert host.dtype == np.uint8 and host.flags.c_contiguous and np.array_equal(host, want)
+    # the same pairs as every 16th pixel of an opaque image: only those looked up
+    sparse = np.tile(np.array([9, 200, 31, 255], np.uint8), (1024 * 1024, 1))
+    sparse[::16] = rgba
+    src = Image.fromarray(sparse.reshape(1024, 1024, 4), "RGBA")
+    want = np.asarray(Image.alpha_composite(Image.new("RGBA", src.size, (255, 255, 255, 255)), src).convert("RGB"))
+    assert np.array_equal(media._on_white(sparse.reshape(1024, 1024, 4)), want)

@@ -10,24 +10,26 @@ session); the host's own path now gives libdeflate's output to libspng in stored
 
 `gpu_png_size(data)` says which PNGs take this path, from the header: 8-bit grayscale, RGB, gray +
 alpha or RGBA (screenshots), not interlaced, where `deflate` imports and QWEN3VL_PNG_ON_VIT=1 is set
-(off until the kernel's GPU test passes and its time is measured; the other PNGs, with palettes,
-16 bits or Adam7, stay on the host decoder). Alpha is composited onto white as the host's
-decode_image does, by PIL's own integer arithmetic (`on_white`: every colour and alpha pair
-checked against PIL). `decode_png` then checks what the header cannot: every chunk's CRC, no
-tRNS (transparency is composited onto white on the host's path), an IEND (the host path's own
-walk, media._plain_png_chunks, beside the inflate), a zlib stream that
-inflates to exactly the scanlines with its checksum intact, and filter types below 5; a PNG
-failing any of them gives None, and the caller decodes it on the host, which refuses a damaged
-one with its own message.
+(off: measured, it gained nothing; the other PNGs, with palettes, 16 bits or Adam7, stay on the
+host decoder). Alpha is composited onto white as the host does, by PIL's own integer arithmetic
+(`on_white`, media.ON_WHITE: every colour and alpha pair checked against PIL). `decode_png` then
+checks what the header cannot: every chunk's CRC, no tRNS (transparency is composited onto white
+on the host's path), an IEND (the host path's own walk, media._plain_png_chunks, beside the
+inflate), a zlib stream that inflates to exactly the scanlines with its checksum intact, and
+filter types below 5; a PNG failing any of them gives None, and the caller decodes it on the
+host, which refuses a damaged one with its own message.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 
 import numpy as np
 import torch
+
+from .media import _PNG_CHANNELS as _CHANNELS, ON_WHITE
 
 try:
     import deflate
@@ -36,7 +38,6 @@ except ImportError:     # the host decodes every PNG
 
 ENABLED = os.environ.get("QWEN3VL_PNG_ON_VIT", "0") == "1"
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}    # colour type -> channels: gray, RGB, gray + alpha, RGBA
 
 
 def gpu_png_size(data: bytes) -> tuple[int, int] | None:
@@ -94,9 +95,11 @@ def decode_png(data: bytes, height: int, width: int, device: torch.device) -> to
 
 def on_white(colour: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """uint8 colours (N, 3) and alphas (N, 1) over an opaque white background -> uint8 (N, 3), as
-    PIL's Image.alpha_composite(white, image) gives them (libImaging/AlphaComposite.c with the
-    destination white and opaque: coefficients a * 128 and (255 - a) * 128, then its rounded
-    division by 255 and a shift by 7)."""
-    a = alpha.to(torch.int32)
-    t = colour.to(torch.int32) * a * 128 + (255 - a) * (255 * 128) + (0x80 << 7)
-    return ((((t >> 8) + t) >> 8) >> 7).to(torch.uint8)
+    PIL's Image.alpha_composite(white, image) gives them: media.ON_WHITE's (alpha, colour) table,
+    looked up on the colours' device."""
+    return _on_white_table(colour.device)[alpha.long(), colour.long()]
+
+
+@functools.lru_cache(maxsize=None)
+def _on_white_table(device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(ON_WHITE).to(device)
