@@ -414,8 +414,8 @@ def test_stored_png_is_the_same_image_with_its_stream_inflated(monkeypatch):
     bytes of scanlines), the PNG it builds is valid (every CRC, IEND: _plain_png_chunks), its
     stream inflates through zlib (which checks the block lengths and the adler32) to the
     original's scanlines, and pyspng reads PIL's pixels from it. decode_image_array hands it to
-    pyspng. A stream that does not inflate to the scanlines gives None (pyspng takes the original,
-    and PIL refuses the damage). Planted and caught: NLEN not complemented, the final-block bit
+    pyspng. A stream that does not inflate to the scanlines, scanlines past _STORED_MAX and an
+    interlaced PNG give None (pyspng takes the original, and PIL refuses the damage). Planted and caught: NLEN not complemented, the final-block bit
     on every block, the IDAT's CRC over its length too."""
     pytest.importorskip("deflate")
     import numpy as np
@@ -457,6 +457,10 @@ def test_stored_png_is_the_same_image_with_its_stream_inflated(monkeypatch):
     bad_adler[start + len(stream) - 1] ^= 1         # the stream's checksum (the chunk's CRC now off too)
     assert media._stored_png(bytes(bad_adler), 53, 37) is None
     assert media._stored_png(png, 53, 36) is None   # a stream longer than the scanlines
+    monkeypatch.setattr(media, "_STORED_MAX", 37 * (1 + 53 * 3) - 1)     # one byte short of this image's
+    assert media._stored_png(png, 53, 37) is None
+    monkeypatch.undo()
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     # Adam7 (PIL writes none): 1x1, whose one pass has the plain stream's length, is left to pyspng

@@ -561,6 +561,9 @@ def png_image_data(data: bytes) -> bytes | None:
 
 
 _STORED = 65535         # a stored deflate block's most bytes
+# scanlines past this many bytes (a 4096x4096 RGBA image's) go to pyspng whole: the wrap holds
+# them twice, and libdeflate takes the whole output buffer before it reads a byte
+_STORED_MAX = 1 << 26
 
 
 def _stored_png(data: bytes, w: int, h: int) -> bytes | None:
@@ -568,13 +571,15 @@ def _stored_png(data: bytes, w: int, h: int) -> bytes | None:
     one IDAT whose zlib stream holds the inflated scanlines in stored blocks, and IEND: libdeflate
     inflates (a noisy 1280x720 PNG: 8.9 ms on the GPU host, where pyspng's zlib took most of its
     21.9 ms), and pyspng is left only the unfiltering (1.5 ms on this machine: a stored block is
-    a copy). Ancillary chunks are dropped: pyspng's RGB pixels do not depend on them (no gamma),
+    a copy). Ancillary chunks are dropped: pyspng's pixels do not depend on them (no gamma),
     and tRNS sends the image to PIL (_plain_png_chunks). The adler32 is the original stream's,
     which libdeflate checked against these bytes. None where libdeflate is missing, the image is
-    interlaced, or the stream does not inflate to exactly the scanlines: pyspng then takes the
-    original."""
-    stream = png_image_data(data) if deflate is not None and data[28] == 0 else None   # Adam7: pyspng's alone
+    interlaced, its scanlines pass _STORED_MAX bytes, or the stream does not inflate to exactly
+    the scanlines: pyspng then takes the original."""
     size = h * (1 + w * _PNG_CHANNELS[data[25]])
+    if deflate is None or data[28] != 0 or size > _STORED_MAX:      # Adam7, or large: pyspng's alone
+        return None
+    stream = png_image_data(data)
     if stream is None or len(stream) < 6:
         return None
     try:
