@@ -306,7 +306,8 @@ def _jpeg_cases():
             "progressive": _jpeg(img, progressive=True), "gray": _jpeg(img.convert("L")),
             "cmyk": _jpeg(img.convert("CMYK")), "png": image_bytes(img), "png-gray": image_bytes(img.convert("L")),
             "png-palette": image_bytes(make_image(53, 37, 11, "P")),
-            "png-rgba": image_bytes(make_image(53, 37, 11, "RGBA")), "png-la": image_bytes(make_image(53, 37, 11, "RGBA").convert("LA")),
+            "png-rgba": image_bytes(make_image(53, 37, 11, "RGBA")),
+            "png-la": image_bytes(make_image(53, 37, 11, "RGBA").convert("LA")),
             "png-opaque-rgba": image_bytes(make_image(53, 37, 11).convert("RGBA")),
             "png-trns": image_bytes(trns)}
 
@@ -409,14 +410,15 @@ def test_a_png_of_very_many_chunks_takes_pils_path():
 
 def test_stored_png_is_the_same_image_with_its_stream_inflated(monkeypatch):
     """_stored_png (libdeflate inflates, pyspng only unfilters): for gray, RGB, gray + alpha and RGBA
-    PNGs (their alpha composited onto white), one IDAT or
-    many, with ancillary chunks, of one stored block or many (a tall image: more than 65,535
-    bytes of scanlines), the PNG it builds is valid (every CRC, IEND: _plain_png_chunks), its
-    stream inflates through zlib (which checks the block lengths and the adler32) to the
-    original's scanlines, and pyspng reads PIL's pixels from it. decode_image_array hands it to
-    pyspng. A stream that does not inflate to the scanlines, scanlines past _STORED_MAX and an
-    interlaced PNG give None (pyspng takes the original, and PIL refuses the damage). Planted and caught: NLEN not complemented, the final-block bit
-    on every block, the IDAT's CRC over its length too."""
+    PNGs (their alpha composited onto white), one IDAT or many, with ancillary chunks, of one
+    stored block or many (a tall image: more than 65,535 bytes of scanlines), the PNG it builds
+    is valid (every CRC, IEND: _plain_png_chunks), its stream inflates through zlib (which checks
+    the block lengths and the adler32) to the original's scanlines, and pyspng reads PIL's pixels
+    from it. decode_image_array hands it to pyspng. A stream that does not inflate to the
+    scanlines, scanlines past _STORED_MAX and an interlaced PNG give None (pyspng takes the
+    original, and PIL refuses the damage). Planted and caught: NLEN not complemented, the
+    final-block bit on every block, the IDAT's CRC over its length too, the path unused, the
+    interlace check, the size limit off by one."""
     pytest.importorskip("deflate")
     import numpy as np
 
@@ -431,7 +433,8 @@ def test_stored_png_is_the_same_image_with_its_stream_inflated(monkeypatch):
     cases = {"rgb": image_bytes(make_image(53, 37, 11)), "gray": image_bytes(make_image(31, 7, 2).convert("L")),
              "tall": image_bytes(tall, compress_level=9), "ancillary": ancillary(image_bytes(make_image(40, 30, 5))),
              "idats": image_bytes(make_image(300, 200, 6), compress_level=0),   # PIL splits it into IDATs
-             "rgba": image_bytes(make_image(29, 13, 7, "RGBA")), "la": image_bytes(make_image(29, 13, 7, "RGBA").convert("LA"))}
+             "rgba": image_bytes(make_image(29, 13, 7, "RGBA")),
+             "la": image_bytes(make_image(29, 13, 7, "RGBA").convert("LA"))}
     assert cases["idats"].count(b"IDAT") > 1
     for name, png in cases.items():
         w, h = media._plain_png_header(png)
@@ -440,7 +443,9 @@ def test_stored_png_is_the_same_image_with_its_stream_inflated(monkeypatch):
         assert stored.count(b"IDAT") == 1 and b"gAMA" not in stored
         assert zlib.decompress(media.png_image_data(stored)) == zlib.decompress(media.png_image_data(png)), name
         want = np.asarray(decode_image(png))
-        got = media._on_white(media.pyspng.load(stored, "RGBA")) if png[25] in (4, 6) else media.pyspng.load(stored, "RGB")
+        alpha = png[25] in (4, 6)
+        got = media.pyspng.load(stored, "RGBA" if alpha else "RGB")
+        got = media._on_white(got) if alpha else got
         assert np.array_equal(got, want), name
     assert len(zlib.decompress(media.png_image_data(cases["tall"]))) > media._STORED
 

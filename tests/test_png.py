@@ -268,9 +268,9 @@ def test_on_white_is_pils_alpha_composite_for_every_colour_and_alpha():
     """media.ON_WHITE, as png_gpu.on_white looks it up and as the host's _on_white does, against
     Image.alpha_composite(white, image).convert("RGB"), decode_image's path for images with
     alpha, at all 256 x 256 (colour, alpha) pairs."""
-    from qwen3vl_backend.processing import media
-
     from PIL import Image
+
+    from qwen3vl_backend.processing import media
 
     a = np.repeat(np.arange(256), 256).astype(np.uint8)
     c = np.tile(np.arange(256), 256).astype(np.uint8)
