@@ -9,11 +9,11 @@
 #    since 7ba7fb9) against pyspng alone, where this machine had 8.71 against 10.24 ms.
 # 3. Served TTFT at c1, JPEG then PNG, six requests each, with QWEN3VL_STAGE_TIMING=1: the
 #    preprocess, vit and llm stage lines (the llm's is new: its execute took 11-12 ms in the
-#    twenty-seventh session's lease against 1.5-2 at 28b209e). Three servers: the default, then
-#    --keep-mm-feature-on-device (the ViT's outputs stay on the GPU: by default ~30 MB of float32
-#    features a 1280x720 image go to the host, through Triton's shared memory and back; measured
-#    only at the first sessions' sizes, as noise), then the default again. The stage lines go to
-#    stage-lines.txt.
+#    twenty-seventh session's lease, whose runs lacked the guide's flags). Three servers: the
+#    guide's flags (--keep-mm-feature-on-device --enable-vit-cuda-graph, as 28b209e's 58.8 ms JPEG
+#    run had them), then --enable-vit-cuda-graph alone (the ViT's ~30 MB of float32 features a
+#    1280x720 image through the host and Triton's shared memory), then the guide's flags again.
+#    The stage lines go to stage-lines.txt.
 COMMIT=$1
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -24,7 +24,7 @@ tail -3 $W/gpu-tests-png-$COMMIT.txt
 timeout 90 python -m benchmarks.preprocess --config Qwen3-VL-30B-A3B-Instruct-FP8 --repeats 10 --out $W \
   > $W/preprocess-$COMMIT.txt 2>&1; tail -12 $W/preprocess-$COMMIT.txt
 for run in 1 2 3; do
-  flags=""; [ $run = 2 ] && flags=--keep-mm-feature-on-device
+  flags="--keep-mm-feature-on-device --enable-vit-cuda-graph"; [ $run = 2 ] && flags=--enable-vit-cuda-graph
   QWEN3VL_STAGE_TIMING=1 MODEL=Qwen3-VL-30B-A3B-Instruct-FP8 CONCURRENCY=1 FORMATS=jpeg,png OUT_TOKENS=64 REPEATS=6 \
     timeout $(left $((240 + 110 * run))) bash benchmarks/gpu_serving.sh $W/served-$run $flags > $W/served-$run.txt 2>&1
   grep -h "stage " $W/served-$run/tritonserver.log | sed 's/^.*\] "//' > $W/served-$run/stage-lines.txt
