@@ -60,10 +60,12 @@ try:
     import pyspng
 except Exception:   # noqa: BLE001
     pyspng = None
-try:                # libdeflate: a plain PNG's inflate, ahead of pyspng (_stored_png)
+try:                # libdeflate: a plain PNG's inflate, ahead of pyspng (_stored_png), and its CRCs
     import deflate
 except Exception:   # noqa: BLE001
     deflate = None
+# a PNG chunk's CRC-32: libdeflate's (0.13 ms for the noise 1280x720 PNG's walk here) or zlib's (0.76)
+_crc32 = deflate.crc32 if deflate is not None else zlib.crc32
 
 log = logging.getLogger(__name__)
 
@@ -603,7 +605,7 @@ def _stored_png(data: bytes, w: int, h: int) -> bytes | None:
         pos += 5 + n
     out[pos:pos + 4] = stream[-4:]      # adler32 of the scanlines
     pos += 4
-    out[pos:pos + 4] = deflate.crc32(memoryview(out)[37:pos]).to_bytes(4, "big")
+    out[pos:pos + 4] = _crc32(memoryview(out)[37:pos]).to_bytes(4, "big")
     out[pos + 4:] = b"\x00\x00\x00\x00IEND\xaeB`\x82"
     return bytes(out)
 
@@ -612,8 +614,8 @@ def _plain_png_chunks(data: bytes) -> bool:
     """The rest of what pyspng needs to give decode_image's pixels: no tRNS chunk (transparency is
     composited onto white, PIL's path), an IEND, and every chunk's CRC intact. libspng, as pyspng
     calls it, decodes past a chunk's bad CRC and a zlib stream's bad checksum, where PIL refuses
-    the image; so the CRCs are checked here (0.75 ms for a 2.8 MB PNG on this machine) and any
-    damage is left to decode_image to refuse."""
+    the image; so the CRCs are checked here (_crc32: 0.13 ms for a 2.8 MB PNG here, 0.75 with
+    zlib's) and any damage is left to decode_image to refuse."""
     pos, view = 8, memoryview(data)
     for _ in range(_PNG_MAX_CHUNKS):
         if pos + 12 > len(data):
@@ -621,7 +623,7 @@ def _plain_png_chunks(data: bytes) -> bool:
         n = int.from_bytes(data[pos:pos + 4], "big")
         kind = data[pos + 4:pos + 8]
         end = pos + 12 + n
-        if end > len(data) or zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+        if end > len(data) or _crc32(view[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
             return False
         if kind == b"tRNS":
             return False
