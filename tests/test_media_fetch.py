@@ -299,6 +299,8 @@ def _jpeg(img, **kw) -> bytes:
 
 
 def _jpeg_cases():
+    from PIL import Image
+
     img = make_image(53, 37, 11)          # odd sizes: partial MCUs in both directions
     trns = img.copy()
     trns.info["transparency"] = img.getpixel((0, 0))       # a colour the image has: made white by PIL
@@ -306,6 +308,9 @@ def _jpeg_cases():
             "progressive": _jpeg(img, progressive=True), "gray": _jpeg(img.convert("L")),
             "cmyk": _jpeg(img.convert("CMYK")), "png": image_bytes(img), "png-gray": image_bytes(img.convert("L")),
             "png-palette": image_bytes(make_image(53, 37, 11, "P")),
+            "png-palette-4bit": image_bytes(img.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), bits=4),
+            "png-palette-1bit": image_bytes(img.convert("P", palette=Image.Palette.ADAPTIVE, colors=2), bits=1),
+            "png-palette-trns": image_bytes(make_image(53, 37, 11, "P"), transparency=3),
             "png-rgba": image_bytes(make_image(53, 37, 11, "RGBA")),
             "png-la": image_bytes(make_image(53, 37, 11, "RGBA").convert("LA")),
             "png-opaque-rgba": image_bytes(make_image(53, 37, 11).convert("RGBA")),
@@ -316,8 +321,8 @@ def _jpeg_cases():
 # with tRNS has a plain header, so pyspng decodes it while the chunk walk finds the tRNS, and
 # PIL's pixels are returned (the comparison below is what tells them apart)
 FAST = {"420": "jpeg", "422": "jpeg", "444": "jpeg", "progressive": "jpeg", "gray": "jpeg", "cmyk": None,
-        "png": "png", "png-gray": "png", "png-palette": None, "png-rgba": "png", "png-la": "png",
-        "png-opaque-rgba": "png", "png-trns": "png"}
+        "png": "png", "png-gray": "png", "png-palette": "png", "png-palette-4bit": "png", "png-palette-1bit": "png",
+        "png-palette-trns": "png", "png-rgba": "png", "png-la": "png", "png-opaque-rgba": "png", "png-trns": "png"}
 
 
 def _count_fast_decodes(monkeypatch) -> list[str]:

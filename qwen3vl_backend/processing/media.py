@@ -385,7 +385,8 @@ def decode_image_array(data: bytes, max_pixels: int = MediaPolicy.max_image_pixe
     into the array. The pixels are the same (tests compare them); a noisy 1280x720 JPEG at
     quality 90 took 10.3 ms against PIL's 12.8 ms, and the copy out of PIL's image (~1 ms) is
     gone. Plain PNGs (_plain_png_header, _plain_png_chunks: 8-bit gray, RGB, gray + alpha or RGBA,
-    whose alpha is composited onto white by PIL's arithmetic, ON_WHITE) decode through pyspng (libspng),
+    whose alpha is composited onto white by PIL's arithmetic, ON_WHITE, or palettes without
+    transparency) decode through pyspng (libspng),
     lossless and so the same pixels: the noisy 1280x720 PNG in 17.3 ms with the CRC walk against
     PIL's 24.6 (the GPU host: 15-19 ms against 25-38); the walk runs beside the decode, and a
     PNG it does not vouch for (damaged, or with tRNS) goes to PIL after. Where libdeflate is
@@ -504,11 +505,14 @@ BESIDE_DECODE = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_nam
 
 def _plain_png_header(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the IHDR of a PNG that pyspng decodes to decode_image's pixels, as far
-    as the header tells: 8-bit gray, RGB, gray + alpha or RGBA (no palette). None: PIL's path."""
+    as the header tells: 8-bit gray, RGB, gray + alpha or RGBA, or a palette of 1 to 8 bits (a
+    palette with tRNS is PIL's: _plain_png_chunks). None: PIL's path."""
     if len(data) < 33 or data[8:16] != b"\x00\x00\x00\x0dIHDR":
         return None
     w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return (w, h) if data[24] == 8 and data[25] in _PNG_CHANNELS and w and h else None
+    depth, colour = data[24], data[25]
+    plain = (depth == 8 and colour in _PNG_CHANNELS) or (colour == 3 and depth in (1, 2, 4, 8))
+    return (w, h) if plain and w and h else None
 
 
 _PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}     # colour type -> channels: gray, RGB, gray + alpha, RGBA
@@ -576,10 +580,13 @@ def _stored_png(data: bytes, w: int, h: int) -> bytes | None:
     a copy). Ancillary chunks are dropped: pyspng's pixels do not depend on them (no gamma),
     and tRNS sends the image to PIL (_plain_png_chunks). The adler32 is the original stream's,
     which libdeflate checked against these bytes. None where libdeflate is missing, the image is
-    interlaced, its scanlines pass _STORED_MAX bytes, or the stream does not inflate to exactly
-    the scanlines: pyspng then takes the original."""
+    interlaced or has a palette (small streams, and its PLTE would have to come along), its
+    scanlines pass _STORED_MAX bytes, or the stream does not inflate to exactly the scanlines:
+    pyspng then takes the original."""
+    if deflate is None or data[28] != 0 or data[25] not in _PNG_CHANNELS:    # Adam7, palettes: pyspng's alone
+        return None
     size = h * (1 + w * _PNG_CHANNELS[data[25]])
-    if deflate is None or data[28] != 0 or size > _STORED_MAX:      # Adam7, or large: pyspng's alone
+    if size > _STORED_MAX:                  # large: pyspng's alone
         return None
     stream = png_image_data(data)
     if stream is None or len(stream) < 6:
