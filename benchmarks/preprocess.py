@@ -61,8 +61,8 @@ def png_decoders(repeats: int) -> list[dict]:
         finally:
             media.deflate = keep
     paths = {"host (libdeflate + pyspng)": lambda: media.decode_image_array(data), "host (pyspng)": pyspng_alone}
-    if png_gpu.deflate is not None:
-        paths["libdeflate inflate"] = lambda: png_gpu.deflate.zlib_decompress(stream, 720 * (1 + 1280 * 3))
+    if media.deflate is not None:
+        paths["libdeflate inflate"] = lambda: media.deflate.zlib_decompress(stream, 720 * (1 + 1280 * 3))
         if torch.cuda.is_available():
             dev = torch.device("cuda")
 

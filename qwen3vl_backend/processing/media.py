@@ -566,6 +566,20 @@ def png_image_data(data: bytes) -> bytes | None:
     return None
 
 
+def inflate_png(data: bytes, size: int) -> tuple[bytes, bytes] | None:
+    """A PNG's zlib stream (png_image_data) and the `size` bytes libdeflate inflates it to (its
+    scanlines); None where libdeflate is missing, the chunks do not reach IEND, or the stream does
+    not inflate to exactly `size` bytes with its adler32 intact."""
+    stream = png_image_data(data) if deflate is not None else None
+    if stream is None or len(stream) < 6:
+        return None
+    try:
+        raw = deflate.zlib_decompress(stream, size)
+    except Exception:   # noqa: BLE001  (deflate.DeflateError: damaged, short or long stream, bad checksum)
+        return None
+    return (stream, raw) if len(raw) == size else None      # libdeflate returns a short stream's bytes
+
+
 _STORED = 65535         # a stored deflate block's most bytes
 # scanlines past this many bytes (a 4096x4096 RGBA image's) go to pyspng whole: the wrap holds
 # them twice, and libdeflate takes the whole output buffer before it reads a byte
@@ -588,15 +602,10 @@ def _stored_png(data: bytes, w: int, h: int) -> bytes | None:
     size = h * (1 + w * _PNG_CHANNELS[data[25]])
     if size > _STORED_MAX:                  # large: pyspng's alone
         return None
-    stream = png_image_data(data)
-    if stream is None or len(stream) < 6:
+    inflated = inflate_png(data, size)
+    if inflated is None:
         return None
-    try:
-        raw = deflate.zlib_decompress(stream, size)
-    except Exception:   # noqa: BLE001  (deflate.DeflateError: damaged, short or long stream, bad checksum)
-        return None
-    if len(raw) != size:                # libdeflate returns a short stream's bytes
-        return None
+    stream, raw = inflated
     blocks = -(-size // _STORED)
     zlen = 2 + 5 * blocks + size + 4
     out = bytearray(33 + 8 + zlen + 4 + 12)

@@ -29,15 +29,10 @@ import zlib
 import numpy as np
 import torch
 
-from .media import _PNG_CHANNELS as _CHANNELS, ON_WHITE
-
-try:
-    import deflate
-except ImportError:     # the host decodes every PNG
-    deflate = None
+# deflate: None where libdeflate does not import (the host decodes every PNG then)
+from .media import _PNG_CHANNELS as _CHANNELS, _PNG_SIGNATURE as SIGNATURE, ON_WHITE, deflate
 
 ENABLED = os.environ.get("QWEN3VL_PNG_ON_VIT", "0") == "1"
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def gpu_png_size(data: bytes) -> tuple[int, int] | None:
@@ -59,23 +54,16 @@ def decode_png(data: bytes, height: int, width: int, device: torch.device) -> to
     PNG does not hold up (the module's docstring: the host decodes it then)."""
     if gpu_png_size(data) != (height, width):
         return None
-    from .media import BESIDE_DECODE, _plain_png_chunks, png_image_data
+    from .media import BESIDE_DECODE, _plain_png_chunks, inflate_png
 
     channels = _CHANNELS[data[25]]
-    stream = png_image_data(data)
-    if stream is None:
-        return None
     # every chunk's CRC, no tRNS, an IEND: walked on another core while libdeflate (which lets go
     # of the GIL) inflates (~1 ms of the noise PNG's on the GPU host)
     intact = BESIDE_DECODE.submit(_plain_png_chunks, data)
-    size = height * (1 + width * channels)
-    try:
-        raw = deflate.zlib_decompress(stream, size)
-    except Exception:   # noqa: BLE001  (deflate.DeflateError: damaged, short or long stream, bad checksum)
-        raw = None
-    if not intact.result() or raw is None or len(raw) != size:     # libdeflate returns a short stream's bytes
+    inflated = inflate_png(data, height * (1 + width * channels))
+    if not intact.result() or inflated is None:
         return None
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, -1)
+    rows = np.frombuffer(inflated[1], dtype=np.uint8).reshape(height, -1)
     if int(rows[:, 0].max()) > 4:
         return None
     from kernels.png import unfilter, unfilter_reference
