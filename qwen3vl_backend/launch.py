@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mem-fraction-static", type=float, default=0.88)
     a("--attention-backend", default="auto", choices=["auto", "torch", "triton", "fa3"])
     a("--mm-attention-backend", default="sdpa", choices=["sdpa", "triton", "fa3", "fa2"])
-    a("--keep-mm-feature-on-device", action="store_true")
+    a("--keep-mm-feature-on-device", action=argparse.BooleanOptionalAction, default=None,
+      help="the ViT's features reach llm as CUDA tensors, never through the host; on by default where the "
+           "models run on a GPU (--no-keep-mm-feature-on-device sends them through the host)")
     a("--enable-vit-cuda-graph", action="store_true", help="ViT CUDA graphs bucketed by patch count (GPU)")
     a("--vit-warmup-sizes", default="1280x720",
       help="with --enable-vit-cuda-graph: image sizes (WIDTHxHEIGHT, comma-separated, at most "
@@ -223,9 +225,13 @@ def resolve(args) -> dict:
     if len(warm_sizes) > MAX_WARM_SIZES:
         raise SystemExit(f"--vit-warmup-sizes: {len(warm_sizes)} sizes, at most {MAX_WARM_SIZES} (the exact-size "
                          f"graphs a vit keeps)")
+    # the features on the GPU: a 1280x720 image's ~30 MB of float32 features through the host cost
+    # ~30 ms of TTFT on an H200 (benchmarks/results/NOTES.md, twenty-eighth session)
+    on_device = engine_cfg.device.startswith("cuda") if args.keep_mm_feature_on_device is None \
+        else args.keep_mm_feature_on_device
     vit = {"model_path": model_path, "device": args.device, "dtype": args.dtype, "load_format": args.load_format,
            "mm_attention_backend": args.mm_attention_backend, "vlm_cache_size_mb": cache_mb,
-           "keep_mm_feature_on_device": str(args.keep_mm_feature_on_device).lower(),
+           "keep_mm_feature_on_device": str(on_device).lower(),
            "enable_vit_cuda_graph": str(args.enable_vit_cuda_graph).lower(),
            "vit_gpus": str(vit_gpus), "vit_warmup_sizes": ",".join(f"{w}x{h}" for w, h in warm_sizes)}
     # --mm-max-concurrent-calls bounds media jobs server-wide: each preprocess instance gets an
@@ -420,7 +426,7 @@ def _main(argv) -> int:
     try:
         server = Server(repo, args.host, args.port, args.grpc_port, args.triton_http_port, args.metrics_port, served,
                         frontend_args(args, settings), repo.parent / "logs", ROOT / ".cache" / "triton",
-                        args.enable_metrics, 1024 if args.keep_mm_feature_on_device
+                        args.enable_metrics, 1024 if settings["vit"]["keep_mm_feature_on_device"] == "true"
                         or settings["preprocess"]["use_cuda_ipc_transport"] == "1" else 0,
                         triton_host=args.triton_host)
         server.wait_ready()
