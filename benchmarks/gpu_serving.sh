@@ -3,8 +3,9 @@
 # and run benchmarks.serving against it. Usage: bash benchmarks/gpu_serving.sh OUT_DIR [LAUNCH FLAGS...]
 # (MODEL=Qwen3-VL-235B-A22B-Instruct-FP8 IMAGES=2 CONCURRENCY=1,16,64 choose the model and workload)
 # Without LAUNCH FLAGS it serves with the guide's (--keep-mm-feature-on-device --enable-vit-cuda-graph),
-# as the TTFT goal's runs do; BARE=1 serves with the launcher's own defaults (an eager ViT, the ViT's
-# features through the host), which a lease once compared with the guide's runs by mistake.
+# as the TTFT goal's runs do; BARE=1 serves with the launcher's own defaults (the same two on a GPU
+# since the twenty-eighth session; before, an eager ViT and the features through the host, which a
+# lease once compared with the guide's runs by mistake).
 set -uo pipefail
 out=${1:?out dir}; shift
 if [ $# -eq 0 ] && [ "${BARE:-0}" != 1 ]; then set -- --keep-mm-feature-on-device --enable-vit-cuda-graph; fi

@@ -86,19 +86,22 @@ def test_a_boolean_environment_setting_takes_the_one_spelling_rule(tiny_moe):
     assert out.returncode != 0 and "USE_CUDA_IPC_TRANSPORT: 'enabled' is not a boolean" in out.stderr
 
 
-def test_features_stay_on_the_gpu_by_default_where_the_models_run_on_one():
-    """--keep-mm-feature-on-device is the default on a GPU (30 ms of a 1280x720 image's TTFT on an
-    H200) and off on the CPU; either way the flag or its --no- form decides."""
+def test_features_stay_on_the_gpu_and_the_vit_replays_graphs_by_default_on_a_gpu():
+    """--keep-mm-feature-on-device (30 ms of a 1280x720 image's TTFT on an H200) and
+    --enable-vit-cuda-graph (15 ms more) are the defaults on a GPU and off on the CPU;
+    either way a flag or its --no- form decides, and --disable-cuda-graph turns the ViT's off too."""
     import torch
 
+    gpu = "true" if torch.cuda.is_available() else "false"
     base = ["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run"]
-    cases = [([], "true" if torch.cuda.is_available() else "false"), (["--device", "cpu"], "false"),
-             (["--device", "cpu", "--keep-mm-feature-on-device"], "true"),
-             (["--no-keep-mm-feature-on-device"], "false"), (["--keep-mm-feature-on-device"], "true")]
-    if torch.cuda.is_available():
-        cases.append((["--device", "cuda"], "true"))
+    cases = [([], (gpu, gpu)), (["--device", "cpu"], ("false", "false")),
+             (["--device", "cpu", "--keep-mm-feature-on-device", "--enable-vit-cuda-graph"], ("true", "true")),
+             (["--no-keep-mm-feature-on-device", "--no-enable-vit-cuda-graph"], ("false", "false")),
+             (["--keep-mm-feature-on-device"], ("true", gpu)), (["--disable-cuda-graph"], (gpu, "false")),
+             (["--disable-cuda-graph", "--enable-vit-cuda-graph"], (gpu, "true"))]
     for extra, want in cases:
-        assert _report(_run(base + extra))["settings"]["vit"]["keep_mm_feature_on_device"] == want, extra
+        vit = _report(_run(base + extra))["settings"]["vit"]
+        assert (vit["keep_mm_feature_on_device"], vit["enable_vit_cuda_graph"]) == want, extra
 
 
 def test_vit_cuda_graph_flag_reaches_the_vit_model():
