@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shlex
 import signal
 import socket
@@ -26,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from .parallel import NO_MULTICAST
-from .tools.install_triton import install
+from .tools.install_triton import install, stub_numpy_error
 
 ROOT = Path(__file__).resolve().parent.parent
 STUB = "triton_python_b"            # the stub's name as /proc shows it (15 characters)
@@ -140,6 +141,11 @@ class Server:
         self.grpc_port, self.metrics_port, self.triton_host = grpc_port, metrics_port, triton_host
         self.exit_timeout_s = exit_timeout_s
         layout = install(triton_dest)
+        for env in sorted(set(re.findall(r'key: "EXECUTION_ENV_PATH" value: \{ string_value: "([^"$]+)" \}',
+                                         "".join(p.read_text() for p in repo.glob("*/config.pbtxt"))))):
+            problem = stub_numpy_error(layout, env)
+            if problem:
+                raise SystemExit(f"cannot serve: {problem}")
         self._env = {**os.environ, **NO_MULTICAST}
         if layout["ld_library_path"]:
             self._env["LD_LIBRARY_PATH"] = layout["ld_library_path"] + ":" + self._env.get("LD_LIBRARY_PATH", "")

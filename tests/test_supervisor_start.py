@@ -71,3 +71,39 @@ def test_a_second_death_while_loading_and_a_plain_exit_are_not_retried(tmp_path,
         assert srv.restarts == restarts
     finally:
         _stop(srv)
+
+
+def _env_with_numpy(root: Path, version: str) -> Path:
+    """A stand-in Python environment whose interpreter reports numpy `version` (a shell script)."""
+    (root / "bin").mkdir(parents=True)
+    python = root / "bin" / "python3"
+    python.write_text(f"#!/bin/sh\necho {version}\n")
+    python.chmod(0o755)
+    return root
+
+
+def test_the_wheels_stub_refuses_an_environment_with_numpy_2_before_triton_starts(tmp_path, monkeypatch):
+    """Triton 2.51's stub (the nvidia-pytriton wheel's) reads string inputs wrong under numpy 2: on
+    an H200 host whose Python had numpy 2, the first request with an image crashed the preprocess
+    stub and failed with a 500. The server refuses to start instead, and says why; numpy 1 and a
+    tritonserver that is not the wheel's start as before."""
+    from qwen3vl_backend import supervisor
+    from qwen3vl_backend.tools.install_triton import stub_numpy_error
+
+    wheel = {"tritonserver": str(tmp_path / "triton" / "pytriton" / "tritonserver" / "bin" / "tritonserver"),
+             "backend_dir": "", "ld_library_path": ""}
+    other = {**wheel, "tritonserver": "/opt/tritonserver/bin/tritonserver"}
+    numpy2, numpy1 = _env_with_numpy(tmp_path / "np2", "2.1.3"), _env_with_numpy(tmp_path / "np1", "1.26.4")
+    assert "numpy 2.1.3" in stub_numpy_error(wheel, str(numpy2)) and "needs numpy < 2" in stub_numpy_error(wheel, str(numpy2))
+    assert stub_numpy_error(wheel, str(numpy1)) is None and stub_numpy_error(other, str(numpy2)) is None
+
+    repo = tmp_path / "repo" / "preprocess"
+    repo.mkdir(parents=True)
+    repo.joinpath("config.pbtxt").write_text(
+        f'parameters {{ key: "EXECUTION_ENV_PATH" value: {{ string_value: "{numpy2}" }} }}\n')
+    monkeypatch.setattr(supervisor, "install", lambda dest: wheel)
+    started = []
+    monkeypatch.setattr(supervisor, "sweep_stale_regions", lambda: started.append(True))
+    with pytest.raises(SystemExit, match=f"cannot serve: the Python environment {numpy2} has numpy 2.1.3"):
+        Server(repo.parent, "127.0.0.1", 1, 2, 3, 4, "m", [], tmp_path / "logs", tmp_path / "triton")
+    assert not started

@@ -74,6 +74,36 @@ def install(dest: Path) -> dict:
     return _layout(dest)
 
 
+def stub_numpy_error(layout: dict, env_prefix: str) -> str | None:
+    """Why the wheel's Python backend stub cannot serve from `env_prefix` (a repository's
+    EXECUTION_ENV_PATH), or None. That stub (Triton 2.51, built with pybind11 2.11) reads string
+    tensors wrong under numpy 2: a request's first string input crashes its model's stub (the
+    preprocess model's, on the first request with an image), and every such request fails with a
+    500. Triton from 2.53 on (NGC 24.12 and later, pybind11 2.12) runs either numpy; a tritonserver
+    from PATH or $TRITONSERVER that is not the wheel's is not checked. The stub ignores
+    PYTHONPATH, so the environment's own interpreter is asked, without it."""
+    if "pytriton" not in Path(layout["tritonserver"]).parts:
+        return None
+    bin_dir = Path(env_prefix) / "bin"
+    python = next((bin_dir / n for n in ("python3", "python") if (bin_dir / n).exists()), None)
+    if python is None:
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        out = subprocess.run([str(python), "-c", "import numpy; print(numpy.__version__)"], capture_output=True,
+                             text=True, env=env, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    version = out.stdout.strip()
+    if out.returncode != 0 or not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 2:
+        return None
+    return (f"the Python environment {env_prefix} has numpy {version}, and the Python backend stub of {WHEEL}'s "
+            f"tritonserver 2.51 needs numpy < 2 (it reads string inputs wrong under numpy 2: every request with "
+            f"media would fail). Serve from an environment with numpy < 2 (make venv builds one; on a host whose "
+            f"Python has numpy 2, ../shared/gpu-host/activate.sh makes /tmp/pyenv), or use Triton 2.53 or later "
+            f"(NGC 24.12+) on PATH")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dest", default=".cache/triton")
