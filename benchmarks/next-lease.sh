@@ -12,7 +12,7 @@ left() { echo $(( $1 - $(date +%s) + START )); }
 cp model_repository/llm/1/model.py /tmp/llm_model_now.py
 limit=90
 for run in new-1 old new-2; do
-  limit=$((limit + 160))
+  limit=$((limit + 150)); [ $limit -gt 440 ] && limit=440
   if [ $run = old ]; then cp .gpurun/llm_model_6a75549.py model_repository/llm/1/model.py; else cp /tmp/llm_model_now.py model_repository/llm/1/model.py; fi
   BARE=1 MODEL=Qwen3-VL-30B-A3B-Instruct-FP8 CONCURRENCY=64 FORMATS=jpeg OUT_TOKENS=64 REPEATS=3 \
     timeout $(left $limit) \
