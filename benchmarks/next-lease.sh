@@ -1,28 +1,41 @@
 #!/usr/bin/env bash
-# One device call (under 600 s, one H200): the llm's off_the_pool against 6a75549's llm model
-# (features read in place from Triton's CUDA pool), c64 JPEG, three waves, the launcher's defaults,
-# servers alternated new / old / new: at fc18095 one run each gave ITL p50 16.47 against 13.63 ms.
+# One device call (under 450 s, one H200), the twenty-eighth session's last:
 #   run: bash benchmarks/next-lease.sh COMMIT    carry: [".gpurun/bundle", ".gpurun/tok", ".gpurun/common.sh",
 #        ".gpurun/llm_model_6a75549.py"] (git show 6a75549:model_repository/llm/1/model.py); move
 #   benchmarks/results out of the tree for the call (64 MiB), and back after.
+# 1. benchmarks.preprocess on the GPU host, glibc's malloc as it is (--fresh-pages) and keeping freed
+#    memory as the preprocess stub now does (serving/malloc.py).
+# 2. Served c1 JPEG + PNG, six each, the launcher's defaults, with stage lines (the PNG's decode
+#    took 14-16 ms in the stub against 10.7 in the benchmark).
+# 3. If time is left: c64 JPEG, three waves, the llm's off_the_pool then 6a75549's llm model (one run
+#    each at fc18095: ITL p50 16.47 against 13.63 ms).
 COMMIT=$1
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + START )); }
-cp model_repository/llm/1/model.py /tmp/llm_model_now.py
-limit=90
-for run in new-1 old new-2; do
-  limit=$((limit + 150)); [ $limit -gt 440 ] && limit=440
-  if [ $run = old ]; then cp .gpurun/llm_model_6a75549.py model_repository/llm/1/model.py; else cp /tmp/llm_model_now.py model_repository/llm/1/model.py; fi
-  BARE=1 MODEL=Qwen3-VL-30B-A3B-Instruct-FP8 CONCURRENCY=64 FORMATS=jpeg OUT_TOKENS=64 REPEATS=3 \
-    timeout $(left $limit) \
-    bash benchmarks/gpu_serving.sh $W/c64-$run > $W/c64-$run.txt 2>&1
+for mode in --fresh-pages ""; do
+  timeout 60 /tmp/pyenv/bin/python -m benchmarks.preprocess --config Qwen3-VL-30B-A3B-Instruct-FP8 --repeats 10 --out $W $mode \
+    > $W/preprocess${mode}-$COMMIT.txt 2>&1; echo "preprocess ${mode:-kept}"; grep -A6 "png_decode" $W/preprocess${mode}-$COMMIT.txt | head -6
+done
+summary() {
   /tmp/pyenv/bin/python -c "
 import json, glob
-for f in glob.glob('$W/c64-$run/serving-*.json'):
+for f in glob.glob('$W/$1/serving-*.json'):
     for r in json.load(open(f))['rows']:
-        print('$run', r['concurrency'], 'ttft p50', round(r['ttft_p50_ms'], 1), 'p99', round(r.get('ttft_p99_ms', 0), 1),
-              'itl p50', round(r['itl_p50_ms'], 2), 'tok/s', round(r.get('total_tok_s', 0)))"
+        print('$1', r['image_format'], r['concurrency'], 'ttft p50', round(r['ttft_p50_ms'], 1), 'min', round(r.get('ttft_min_ms', 0), 1),
+              'p99', round(r.get('ttft_p99_ms', 0), 1), 'itl', round(r['itl_p50_ms'], 2), 'tok/s', round(r.get('total_tok_s', 0)))"
+}
+QWEN3VL_STAGE_TIMING=1 BARE=1 MODEL=Qwen3-VL-30B-A3B-Instruct-FP8 CONCURRENCY=1 FORMATS=jpeg,png OUT_TOKENS=64 REPEATS=6 \
+  timeout $(left 250) bash benchmarks/gpu_serving.sh $W/c1 > $W/c1.txt 2>&1
+grep -h "stage " $W/c1/tritonserver.log | sed 's/^.*\] "//' > $W/c1/stage-lines.txt
+summary c1; grep "stage preprocess" $W/c1/stage-lines.txt | grep -o "decode=[0-9.]*" | tr '\n' ' '; echo
+cp model_repository/llm/1/model.py /tmp/llm_model_now.py
+for run in new old; do
+  [ $(left 440) -lt 100 ] && break
+  [ $run = old ] && cp .gpurun/llm_model_6a75549.py model_repository/llm/1/model.py
+  BARE=1 MODEL=Qwen3-VL-30B-A3B-Instruct-FP8 CONCURRENCY=64 FORMATS=jpeg OUT_TOKENS=64 REPEATS=3 \
+    timeout $(left 440) bash benchmarks/gpu_serving.sh $W/c64-$run > $W/c64-$run.txt 2>&1
+  summary c64-$run
 done
 cp /tmp/llm_model_now.py model_repository/llm/1/model.py
 cd $OUT && tar czf results.tgz w
