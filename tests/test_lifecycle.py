@@ -52,7 +52,7 @@ class Launch:
         raise TimeoutError(Path(self.err.name).read_text()[-3000:])
 
     def triton_pid(self) -> int:
-        [pid] = [p for p in children(self.proc.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver"]
+        [pid] = children(self.proc.pid, "tritonserver")
         return pid
 
     def stub(self, model: str) -> int:
@@ -166,8 +166,7 @@ def test_a_signal_while_starting_stops_everything(tiny_moe, tmp_path, sig):
     launch = Launch(tiny_moe, tmp_path)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(
-                Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver" for p in children(launch.proc.pid)):
+        while time.monotonic() < deadline and not children(launch.proc.pid, "tritonserver"):
             time.sleep(0.1)
         time.sleep(3)                                  # its models are loading now
         kids = children(launch.proc.pid)
