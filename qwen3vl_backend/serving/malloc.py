@@ -1,14 +1,11 @@
 """glibc's malloc, told to keep what a request frees for the next one.
 
-A 1280x720 PNG request moves megabytes through a few large buffers: the adapter reads the body,
-parses it and decodes the base64 data URI (~21 MB of buffers); the preprocess stub inflates and
-unfilters the image (~11 MB). glibc serves such buffers from fresh pages and returns them when
-freed, so each request faults them in again and the kernel zeroes them. Counted on the tiny model
-served on a 2-core VM, the adapter faulted ~5,500 pages per request and ~5 with this; a PNG decode
-on a main thread faulted ~2,670 and took 15-23 ms, against none and 8.6-9.5 ms with this
-(tests/test_malloc.py counts them). The preprocess stub's decodes, run on its media threads, had
-already reused their pages there after a request or two. Processes that handle megabytes a
-request (the preprocess stub, the adapter) call `keep_freed_memory` once at start.
+A 1280x720 PNG's decode allocates ~11 MB in a few buffers of ~2.8 MB (the zlib stream, the
+scanlines, their stored copy, the pixels). glibc serves each from fresh pages and returns them
+when freed, so every decode faults ~2,700 pages in again and zeroes them: on a 2-core VM the
+decode took 15-20 ms that way and 8 ms with the pages kept (tests/test_malloc.py counts the
+faults). Processes that handle megabytes a request (the preprocess stub, the adapter) call
+`keep_freed_memory` once at start.
 """
 
 from __future__ import annotations
