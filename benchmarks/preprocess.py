@@ -25,7 +25,6 @@ from PIL import Image
 from qwen3vl_backend.processing import media, vision_inputs
 from qwen3vl_backend.processing.media import MediaPolicy
 from qwen3vl_backend.processing.processor import Processor
-from qwen3vl_backend.serving.malloc import keep_freed_memory
 from qwen3vl_backend.serving.media_pool import MediaPool
 from qwen3vl_backend.serving.preprocess import Preprocessor
 
@@ -87,12 +86,7 @@ def main(argv=None):
     ap.add_argument("--config", default="Qwen3-VL-30B-A3B-Instruct")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--fresh-pages", action="store_true",
-                    help="leave glibc's malloc as it is (each decode faults its pages in again), where the preprocess "
-                         "model keeps freed memory (serving/malloc.py)")
     args = ap.parse_args(argv)
-    if not args.fresh_pages:
-        keep_freed_memory()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         pre = Preprocessor(Processor(bundled_model_dir(args.config, tmp)), MediaPolicy(), MediaPool(8, 10))
@@ -120,7 +114,6 @@ def main(argv=None):
     print_table(png, list(png[0]))
     print_table(rows, list(rows[0]))
     print(write_result("preprocess", {"config": args.config, "repeats": args.repeats, "image": "1280x720 noise",
-                                      "fresh_pages": args.fresh_pages,
                                       "simplejpeg": media.simplejpeg is not None, "pyspng": media.pyspng is not None},
                        rows + png, args.out))
 

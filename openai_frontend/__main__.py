@@ -6,7 +6,6 @@ import uvicorn
 from qwen3vl_backend.errors import ConfigError
 from qwen3vl_backend.processing.chat import parse_mm_limits
 from qwen3vl_backend.processing.media import MediaPolicy
-from qwen3vl_backend.serving.malloc import keep_freed_memory
 
 from .app import FrontendSettings, create_app
 
@@ -46,7 +45,6 @@ def main(argv=None) -> None:
     except ConfigError as e:
         ap.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keep_freed_memory()         # a request's body and media (megabytes) reuse the last one's pages
     policy = MediaPolicy(allowed_local_dir=args.allowed_local_media_path, fetch_timeout_s=args.media_fetch_timeout,
                          max_bytes=int(args.max_media_mb * 2**20),
                          allowed_domains=tuple(d.lower() for d in args.allowed_media_domains or ()) or None,

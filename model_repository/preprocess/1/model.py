@@ -24,7 +24,6 @@ from PIL import Image
 from qwen3vl_backend.processing.chat import MediaRef
 from qwen3vl_backend.processing.media import video_backend
 from qwen3vl_backend.processing.processor import Processor
-from qwen3vl_backend.serving.malloc import keep_freed_memory
 from qwen3vl_backend.serving.media_pool import MediaPool
 from qwen3vl_backend.serving.preprocess import Preprocessor
 from qwen3vl_backend.config import PreprocessConfig
@@ -40,9 +39,6 @@ OUTPUTS = {"input_ids": "input_ids", "positions": "positions", "rope_delta": "ro
 class TritonPythonModel:
     def initialize(self, args):
         cfg = PreprocessConfig.from_settings(model_settings(args))
-        # a decode's buffers (~11 MB for a 1280x720 PNG) reuse the last one's pages instead of
-        # faulting ~2,700 fresh ones in (serving/malloc.py)
-        keep_freed_memory()
         families = {
             "seconds": pb_utils.MetricFamily("qwen3vl_media_processing_seconds_total",
                                              "Wall time of requests' media work (fetch, decode, process)",
