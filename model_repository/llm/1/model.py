@@ -24,7 +24,7 @@ from qwen3vl_backend.serving.preprocess import parse_json_object
 from qwen3vl_backend.serving.stage_timing import STAGE_TIMING, stage_line
 from qwen3vl_backend.serving.triton_metrics import TritonEngineMetrics
 from qwen3vl_backend.serving.triton_params import error_response, model_settings
-from qwen3vl_backend.serving.triton_tensors import as_torch, off_the_pool
+from qwen3vl_backend.serving.triton_tensors import as_torch
 
 # TRITONSERVER_RESPONSE_COMPLETE_FINAL; the stub defines its pb_utils name only at run time
 FINAL = 1
@@ -55,7 +55,7 @@ class TritonPythonModel:
                 sender.send(flags=FINAL)
                 continue
             try:
-                prompt, vision, params, flags = _parse(request, self.merge_unit, self.engine.runner.dtype)
+                prompt, vision, params, flags = _parse(request, self.merge_unit)
                 if vision is not None:
                     self._arrived[1][vision[0].is_cuda].increment(1)
             except Exception as e:
@@ -83,7 +83,7 @@ def _flag(request, name) -> bool:
     return t is not None and t.as_numpy().size > 0 and bool(t.as_numpy().reshape(-1)[0])
 
 
-def _parse(request, merge_unit: int, dtype: torch.dtype):
+def _parse(request, merge_unit: int):
     def get(name):       # host-side inputs: token ids, positions, strings
         t = pb_utils.get_input_tensor_by_name(request, name)
         return None if t is None else (t.as_numpy() if t.is_cpu() else as_torch(t).cpu().numpy())
@@ -103,9 +103,8 @@ def _parse(request, merge_unit: int, dtype: torch.dtype):
     embeds, deepstack = (as_torch(pb_utils.get_input_tensor_by_name(request, name))
                          for name in ("visual_embeds", "deepstack"))
     vision = None
-    if embeds is not None and embeds.shape[0] > 0:      # on a GPU: copied out of Triton's CUDA pool
-        levels = [] if deepstack is None else list(off_the_pool(deepstack, dtype).unbind(0))
-        vision = (off_the_pool(embeds, dtype), levels)
+    if embeds is not None and embeds.shape[0] > 0:
+        vision = (embeds, [] if deepstack is None else list(deepstack.unbind(0)))
     raw = get("sampling_parameters")
     text = raw.reshape(-1)[0] if raw is not None and raw.size else b""
     params = SamplingParams.from_dict(parse_json_object(text.decode("utf-8", "replace") if isinstance(text, bytes)
