@@ -6,6 +6,8 @@
 #    graphs since e8291c8), with stage lines: the PNG's decode took 14-16 ms in the preprocess stub
 #    against 10.7 in benchmarks.preprocess on the same host (page faults, counted on a 2-core VM,
 #    were not it: NOTES, twenty-eighth session).
+#    Before it, benchmarks.preprocess under the host's Python (numpy 2, as the twenty-eighth session
+#    ran it: 10.7 ms) and under /tmp/pyenv (numpy 1.26, the stub's environment): is it the environment?
 # 2. c64 JPEG, three waves, the same server settings: Triton's CUDA pool (1 GB) and 64 requests'
 #    ~30 MB of features each, now that they stay on the GPU by default (no allocation failure was
 #    logged at fc18095 with the guide's flags).
@@ -22,6 +24,10 @@ for f in glob.glob('$W/$1/serving-*.json'):
               'p99', round(r.get('ttft_p99_ms', 0), 1), 'itl', round(r['itl_p50_ms'], 2), 'tok/s', round(r.get('total_tok_s', 0)))"
   grep -c "Failed to allocate\|failed to copy" $W/$1/tritonserver.log | sed "s/^/$1 pool warnings: /"
 }
+for py in python /tmp/pyenv/bin/python; do
+  timeout 60 $py -m benchmarks.preprocess --config Qwen3-VL-30B-A3B-Instruct-FP8 --repeats 10 --out $W > $W/preprocess.txt 2>&1
+  echo "preprocess under $py"; grep -A4 "png_decode" $W/preprocess.txt | head -4
+done
 QWEN3VL_STAGE_TIMING=1 BARE=1 MODEL=Qwen3-VL-30B-A3B-Instruct-FP8 CONCURRENCY=1 FORMATS=jpeg,png OUT_TOKENS=64 REPEATS=6 \
   timeout $(left 250) bash benchmarks/gpu_serving.sh $W/c1 > $W/c1.txt 2>&1
 grep -h "stage " $W/c1/tritonserver.log | sed 's/^.*\] "//' > $W/c1/stage-lines.txt
