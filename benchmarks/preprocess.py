@@ -43,7 +43,8 @@ def request(fmt: str, seed: int) -> tuple[str, list[str]]:
 
 def png_decoders(repeats: int) -> list[dict]:
     """The noise PNG's decode, by path: the host's (decode_image_array with its CRC walk: libdeflate's
-    inflate, then pyspng unfiltering stored blocks; and pyspng alone, as without libdeflate),
+    inflate, then pyspng unfiltering stored blocks; and pyspng alone, as without libdeflate, though
+    its CRC walk keeps libdeflate's crc32, bound at import),
     libdeflate's inflate alone, and png_gpu.decode_png where a GPU is here (inflate, copy and the
     unfilter kernel, synchronised). Medians, milliseconds."""
     import torch

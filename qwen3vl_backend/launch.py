@@ -227,13 +227,13 @@ def resolve(args) -> dict:
     if len(warm_sizes) > MAX_WARM_SIZES:
         raise SystemExit(f"--vit-warmup-sizes: {len(warm_sizes)} sizes, at most {MAX_WARM_SIZES} (the exact-size "
                          f"graphs a vit keeps)")
+    on_gpu = engine_cfg.device.startswith("cuda")
     # the features on the GPU: a 1280x720 image's ~30 MB of float32 features through the host cost
     # ~30 ms of TTFT on an H200 (benchmarks/results/NOTES.md, twenty-eighth session)
-    on_device = engine_cfg.device.startswith("cuda") if args.keep_mm_feature_on_device is None \
-        else args.keep_mm_feature_on_device
+    on_device = on_gpu if args.keep_mm_feature_on_device is None else args.keep_mm_feature_on_device
     # the ViT's graphs: 15 ms of the same image's TTFT (eager 74.4 ms, graphs 59.3), ~1.4 s more at load
-    vit_graphs = engine_cfg.device.startswith("cuda") and not args.disable_cuda_graph \
-        if args.enable_vit_cuda_graph is None else args.enable_vit_cuda_graph
+    vit_graphs = on_gpu and not args.disable_cuda_graph if args.enable_vit_cuda_graph is None \
+        else args.enable_vit_cuda_graph
     vit = {"model_path": model_path, "device": args.device, "dtype": args.dtype, "load_format": args.load_format,
            "mm_attention_backend": args.mm_attention_backend, "vlm_cache_size_mb": cache_mb,
            "keep_mm_feature_on_device": str(on_device).lower(),
@@ -247,7 +247,7 @@ def resolve(args) -> dict:
     if args.max_request_body_mb <= 0:
         raise SystemExit("--max-request-body-mb must be positive")
     local = str(Path(args.allowed_local_media_path).resolve()) if args.allowed_local_media_path else ""
-    resize_on_vit = engine_cfg.device.startswith("cuda") and not args.resize_images_on_host
+    resize_on_vit = on_gpu and not args.resize_images_on_host
     pre = {"model_path": model_path, "max_model_len": str(args.max_model_len), "allowed_local_media_path": local,
            "allowed_media_domains": ",".join(args.allowed_media_domains or ()),
            "allow_private_media_urls": str(args.allow_private_media_urls).lower(),

@@ -361,6 +361,7 @@ def test_the_h200_tables_launches_compile_for_sm90():
     assert len(records) >= 20, len(records)
     _assert_all_compile(records)
 
+
 def test_png_unfilter_compiles_for_sm90():
     """kernels.png's wavefront as the noise PNG launches it (720 rows of 1280 RGB pixels: two bands
     of 512 lanes, eight warps), and RGBA, gray + alpha and gray ones, compile for sm_90 without a
