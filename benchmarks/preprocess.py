@@ -45,13 +45,7 @@ def png_decoders(repeats: int) -> list[dict]:
     """The noise PNG's decode, by path: the host's (decode_image_array with its CRC walk: libdeflate's
     inflate, then pyspng unfiltering stored blocks; and pyspng alone, as without libdeflate, though
     its CRC walk keeps libdeflate's crc32, bound at import),
-    libdeflate's inflate alone, and png_gpu.decode_png where a GPU is here (inflate, copy and the
-    unfilter kernel, synchronised). Medians, milliseconds."""
-    import torch
-
-    from qwen3vl_backend.processing import png_gpu
-
-    png_gpu.ENABLED = True      # QWEN3VL_PNG_ON_VIT=1, for this row
+    and libdeflate's inflate alone. Medians, milliseconds."""
     data = base64.b64decode(request("PNG", 0)[1][0].split(",", 1)[1])
     stream = media.png_image_data(data)
 
@@ -64,13 +58,6 @@ def png_decoders(repeats: int) -> list[dict]:
     paths = {"host (libdeflate + pyspng)": lambda: media.decode_image_array(data), "host (pyspng)": pyspng_alone}
     if media.deflate is not None:
         paths["libdeflate inflate"] = lambda: media.deflate.zlib_decompress(stream, 720 * (1 + 1280 * 3))
-        if torch.cuda.is_available():
-            dev = torch.device("cuda")
-
-            def gpu():
-                png_gpu.decode_png(data, 720, 1280, dev)
-                torch.cuda.synchronize()
-            paths["png_gpu (inflate + GPU unfilter)"] = gpu
     rows = []
     for name, fn in paths.items():
         times = []

@@ -108,8 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
            "requests' images on its device (the same pixels: processing/resize.py)")
     a("--decode-images-on-host", action="store_true",
       help="decode JPEGs in preprocess, on the host's cores; by default, where the vit resizes images on a GPU and "
-           "nvJPEG loads, it decodes requests' baseline JPEGs there too (the same pixels: processing/jpeg_gpu.py), "
-           "and with QWEN3VL_PNG_ON_VIT=1 plain PNGs (processing/png_gpu.py)")
+           "nvJPEG loads, it decodes requests' baseline JPEGs there too (the same pixels: processing/jpeg_gpu.py)")
     a("--cuda-graph-max-bs", type=int, default=128, help="decode batches up to this size replay CUDA graphs (GPU)")
     a("--prefill-cuda-graph-max-tokens", type=int, default=4096,
       help="one new prompt of up to this many tokens (and --chunked-prefill-size) replays a prefill CUDA graph "

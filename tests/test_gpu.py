@@ -251,43 +251,6 @@ def test_nvjpeg_decodes_to_libjpeg_turbos_pixels():
         decoder.decode_rgb(jpegs["noise 1280x720 4:2:0 q90"], device, 720, 1279)
 
 
-def test_png_unfiltered_on_the_gpu_gives_the_hosts_pixels(monkeypatch):
-    """processing.png_gpu on this GPU (libdeflate's inflate, kernels.png's wavefront unfilter):
-    decode_frame's pixels for the PNGs preprocess would send it (media.gpu_image_size), against
-    the host's decode, bit for bit: the serving benchmark's noise 1280x720 (PIL's adaptive filters,
-    every type), a smooth one, gray, 1100 rows (two bands of the kernel), one row, one column, RGBA
-    and gray + alpha (composited onto white)."""
-    import numpy as np
-    from PIL import Image
-
-    from conftest import image_bytes
-    from qwen3vl_backend.processing import jpeg_gpu, png_gpu
-    from qwen3vl_backend.processing.media import decode_image_array, gpu_image_size
-
-    if png_gpu.deflate is None:
-        pytest.skip("the deflate package is not installed")
-    monkeypatch.setattr(png_gpu, "ENABLED", True)      # QWEN3VL_PNG_ON_VIT=1
-    rng = np.random.default_rng(11)
-    y, x = np.mgrid[0:480, 0:640]
-    smooth = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
-    images = {"noise 1280x720": rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8), "smooth 640x480": smooth,
-              "gray 300x1100": rng.integers(0, 255, (1100, 300), dtype=np.uint8),
-              "1x1000": rng.integers(0, 255, (1, 1000, 3), dtype=np.uint8),
-              "1000x1": rng.integers(0, 255, (1000, 1, 3), dtype=np.uint8),
-              "RGBA 333x200": rng.integers(0, 256, (200, 333, 4), dtype=np.uint8),
-              "gray + alpha 64x48": rng.integers(0, 256, (48, 64, 2), dtype=np.uint8)}
-    device = torch.device("cuda")
-    for name, arr in images.items():
-        data = image_bytes(Image.fromarray(arr, {2: "LA", 4: "RGBA"}.get(arr.shape[-1]) if arr.ndim == 3 else None))
-        size = gpu_image_size(data, 1 << 24)
-        assert size == arr.shape[:2], name
-        direct = png_gpu.decode_png(data, *size, device)
-        assert direct is not None and direct.is_cuda, name
-        got = jpeg_gpu.decode_frame(data, *size, device)
-        want = torch.from_numpy(decode_image_array(data, 1 << 24)).view(-1, 3)
-        assert torch.equal(direct.cpu(), want) and torch.equal(got.cpu(), want), name
-
-
 def test_nvjpeg_damaged_jpegs_get_the_hosts_pixels():
     """JPEGs damaged past their headers (a run of the scan zeroed, the scan cut short, bits
     flipped; with and without restart markers): nvJPEG recovers many to other pixels than libjpeg-turbo (this GPU's fuzz), and

@@ -17,7 +17,7 @@ from PIL import Image
 simplejpeg = pytest.importorskip("simplejpeg")
 
 from conftest import data_uri, image_bytes, make_image  # noqa: E402
-from qwen3vl_backend.processing import jpeg_gpu, png_gpu  # noqa: E402
+from qwen3vl_backend.processing import jpeg_gpu  # noqa: E402
 from qwen3vl_backend.processing.media import MediaError, MediaPolicy, gpu_jpeg_size  # noqa: E402
 from qwen3vl_backend.processing.processor import Processor  # noqa: E402
 
@@ -115,14 +115,13 @@ def _preprocessors(tiny_dense):
             Preprocessor(proc, MediaPolicy(), pool, raw_frames=True, encoded_frames=True))
 
 
-def test_jpegs_sent_undecoded_make_the_hosts_rows(tiny_dense, monkeypatch):
-    """encoded_frames: an images-only request's baseline JPEGs and plain PNGs (QWEN3VL_PNG_ON_VIT)
-    leave preprocess as bytes (jpeg_bytes, jpeg_lengths), its other images as pixels; the vit's
+def test_jpegs_sent_undecoded_make_the_hosts_rows(tiny_dense):
+    """encoded_frames: an images-only request's baseline JPEGs leave preprocess as bytes
+    (jpeg_bytes, jpeg_lengths), its other images (a PNG, a progressive JPEG) as pixels; the vit's
     raw_frames_to_rows decodes them (here on the host) into the rows the host path sends, bit for
     bit. A request whose images are not all sent unresized decodes them in preprocess."""
     from qwen3vl_backend.processing.vision_inputs import raw_frames_to_rows
 
-    monkeypatch.setattr(png_gpu, "ENABLED", True)      # QWEN3VL_PNG_ON_VIT=1
     cfg, host, enc = _preprocessors(tiny_dense)
     images = [_jpeg(64, 48, 1), image_bytes(make_image(40, 72, 2)), _jpeg(333, 257, 3, subsampling="4:4:4"),
               _jpeg(50, 60, 4, progressive=True)]
@@ -131,12 +130,10 @@ def test_jpegs_sent_undecoded_make_the_hosts_rows(tiny_dense, monkeypatch):
     want, got = host.run(body), enc.run(body)
     for k in ("input_ids", "positions", "grid_thw", "media_hashes"):
         assert np.array_equal(got[k], want[k]), k
-    # the PNG too where the deflate package imports (processing/png_gpu.py)
-    png = png_gpu.deflate is not None
-    assert got["jpeg_lengths"].tolist() == [len(images[0]), len(images[1]) if png else 0, len(images[2]), 0]
-    assert bytes(got["jpeg_bytes"]) == images[0] + (images[1] if png else b"") + images[2]
-    # the progressive JPEG's (and the PNG's)
-    assert got["pixel_values"].shape == ((0 if png else 40 * 72) + 50 * 60, 3)
+    assert got["jpeg_lengths"].tolist() == [len(images[0]), 0, len(images[2]), 0]
+    assert bytes(got["jpeg_bytes"]) == images[0] + images[2]
+    # the PNG's and the progressive JPEG's
+    assert got["pixel_values"].shape == (40 * 72 + 50 * 60, 3)
     rows = raw_frames_to_rows(torch.from_numpy(got["pixel_values"]), got["source_sizes"], got["grid_thw"], cfg,
                               encoded=(got["jpeg_bytes"], got["jpeg_lengths"]))
     assert torch.equal(rows, torch.from_numpy(want["pixel_values"]))

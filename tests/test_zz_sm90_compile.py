@@ -362,25 +362,6 @@ def test_the_h200_tables_launches_compile_for_sm90():
     _assert_all_compile(records)
 
 
-def test_png_unfilter_compiles_for_sm90():
-    """kernels.png's wavefront as the noise PNG launches it (720 rows of 1280 RGB pixels: two bands
-    of 512 lanes, eight warps), and RGBA, gray + alpha and gray ones, compile for sm_90 without a
-    spilled register (the gather across lanes is numpy's in the interpreter, shared memory on a
-    GPU). 1024 lanes of RGB spilled at 8 and at 16 warps."""
-    _needs_interpreter()
-    import torch
-
-    import launch_record
-    from kernels.png import unfilter
-
-    with launch_record.only_recording() as rec:
-        for bpp in (3, 4, 2, 1):     # RGB, RGBA, gray + alpha, gray
-            unfilter(torch.empty(720, 1 + 1280 * bpp, dtype=torch.uint8), bpp)
-    records = [{**r, "max_stack": 0} for r in rec.records.values()]
-    assert len(records) == 4, rec.records
-    _assert_all_compile(records)
-
-
 def main(path: str) -> int:
     try:
         import triton.backends.compiler  # noqa: F401

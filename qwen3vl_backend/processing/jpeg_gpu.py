@@ -42,8 +42,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from . import png_gpu
-
 MIN_SIDE = 16       # libjpeg upsamples a chroma row of 2 or fewer samples differently (no fancy path)
 # simplejpeg.decode_jpeg_header's subsampling -> (horizontal, vertical) chroma factors
 SUBSAMPLING = {"444": (1, 1), "422": (2, 1), "420": (2, 2), "Gray": None}
@@ -284,14 +282,13 @@ def _decode_stream(device: torch.device) -> torch.cuda.Stream:
 def _on_decode_stream(device: torch.device, decode):
     """decode() run on the device's decode stream, which nothing queued on its own stream (the ViT
     passes of requests before this one) holds up; its memory is that stream's (the caching
-    allocator's pools are per stream). A frame it returns (not None) is handed to the device's
-    stream: waited for there, and marked as used there."""
+    allocator's pools are per stream). The frame it returns is handed to the device's stream:
+    waited for there, and marked as used there."""
     main, side = torch.cuda.current_stream(device), _decode_stream(device)
     with torch.cuda.device(device), torch.cuda.stream(side):
         frame = decode()
-    if frame is not None:
-        main.wait_stream(side)
-        frame.record_stream(main)
+    main.wait_stream(side)
+    frame.record_stream(main)
     return frame
 
 
@@ -323,10 +320,9 @@ def intact(data: bytes) -> bool:
 
 def decode_frame(data: bytes, height: int, width: int, device: torch.device | None = None,
                  checks: list | None = None, gpu: bool = True) -> torch.Tensor:
-    """A JPEG or PNG that preprocess sent undecoded (media.gpu_image_size) -> its (height * width, 3)
-    uint8 pixels on `device`: a JPEG by nvJPEG where that is a GPU, the library loads and the JPEG
-    is `intact`, a PNG inflated here and unfiltered on that GPU (png_gpu.decode_png), else (a
-    damaged image, one nvJPEG refuses, or on a CPU) by the host's decode_image_array; the same
+    """A JPEG that preprocess sent undecoded (media.gpu_image_size) -> its (height * width, 3)
+    uint8 pixels on `device`: by nvJPEG where that is a GPU, the library loads and the JPEG is
+    `intact`, else (a damaged image, one nvJPEG refuses, or on a CPU) by the host's decode_image_array; the same
     pixels either way (but for the damaged JPEGs that libjpeg-turbo does not warn on: the
     module's docstring). ValueError (the caller's mistake) for an image of another size or one
     that does not decode.
@@ -339,12 +335,7 @@ def decode_frame(data: bytes, height: int, width: int, device: torch.device | No
     from .media import decode_image_array
 
     device = device or torch.device("cpu")
-    if data[:8] == png_gpu.SIGNATURE:
-        if gpu and device.type == "cuda":
-            frame = _on_decode_stream(device, lambda: png_gpu.decode_png(data, height, width, device))
-            if frame is not None:
-                return frame
-    elif gpu and device.type == "cuda" and (decoder := nvjpeg()) is not None:
+    if gpu and device.type == "cuda" and (decoder := nvjpeg()) is not None:
         check: Future = _CHECKS.submit(intact, data)       # on the host's cores while nvJPEG and the GPU work
         try:
             frame = _on_decode_stream(device, lambda: decoder.decode_rgb(data, device, height, width).view(-1, 3))

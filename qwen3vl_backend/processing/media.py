@@ -482,15 +482,8 @@ def gpu_jpeg_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -
 
 def gpu_image_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -> tuple[int, int] | None:
     """(height, width) of an image that the vit decodes on its GPU to decode_image_array's pixels:
-    a JPEG that gpu_jpeg_size admits, or a PNG that png_gpu.gpu_png_size does; None for any other.
-    MediaError past `max_pixels`, as the host's decode."""
-    if data[:8] == _PNG_SIGNATURE:
-        from .png_gpu import gpu_png_size
-
-        size = gpu_png_size(data)
-        if size is not None:
-            check_pixels(size[1], size[0], max_pixels)
-        return size
+    a JPEG that gpu_jpeg_size admits; None for any other (PNGs among them: their inflate is the
+    host's either way). MediaError past `max_pixels`, as the host's decode."""
     return gpu_jpeg_size(data, max_pixels)
 
 
