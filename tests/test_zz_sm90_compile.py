@@ -214,49 +214,6 @@ def test_dense_gemm_l2_prefetch_comes_before_the_pdl_wait():
     _assert_all_compile(records)
 
 
-def tma_launches() -> list[dict]:
-    """The H200 tables' decode entries with TMA added (a key no table holds yet: for
-    benchmarks.engine_ab to compare in the step), as the launch functions make them at 30B-A3B's
-    fp8 shapes: the sorted MoE path's 16-, 64- and 128-token entries (gate_up with SiLU fused,
-    down) and the dense 16- and 64-row projections."""
-    import torch
-
-    import launch_record
-    from kernels import tables
-    from kernels.fused_moe import dense_fp8_gemm, fused_moe
-
-    configs = Path(tables.__file__).parent / "configs"
-    f8, bf16, block = torch.float8_e4m3fn, torch.bfloat16, (128, 128)
-    moe = json.loads((configs / "E=128,N=768,K=2048,device=NVIDIA_H200,dtype=fp8_w8a8,block=128x128.json").read_text())
-    dense = json.loads((configs / "fp8_dense,device=NVIDIA_H200,block=128x128.json").read_text())
-    # whole (contiguous) weights: a descriptor needs them; torch.empty leaves the pages untouched
-    w13, w2 = torch.empty(128, 1536, 2048, dtype=f8), torch.empty(128, 2048, 768, dtype=f8)
-    s13, s2 = torch.ones(128, 12, 16), torch.ones(128, 16, 6)
-    with launch_record.only_recording() as rec:
-        for m in ("16", "64", "128"):
-            fused_moe(torch.empty(int(m), 2048, dtype=bf16), w13, w2, torch.ones(int(m), 8),
-                      torch.zeros(int(m), 8, dtype=torch.int32), {**moe[m], "TMA": True}, s13, s2, block)
-        for nk in ("5120,2048", "2048,4096"):
-            n, k = (int(v) for v in nk.split(","))
-            for m in ("16", "64"):
-                dense_fp8_gemm(torch.empty(int(m), k, dtype=bf16), torch.empty(n, k, dtype=f8),
-                               torch.ones(n // 128, k // 128), block, {**dense[nk][m], "TMA": True})
-    # as a GPU launches them: PDL on, inline PTX where BITS or L2_PREFETCH asks for it
-    return [{**r, "max_stack": 0, "ptx_has": ["cp.async.bulk.tensor"]} for r in rec.records.values()
-            if r["name"] == "_grouped_gemm_kernel" and r["consts"]["USE_PDL"]
-            and r["consts"]["ASM"] == (r["consts"]["BITS"] or r["consts"]["L2_PREFETCH"])]
-
-
-def test_tma_launches_compile_to_tensor_copies_for_sm90():
-    """TMA's launches (tma_launches) compile for sm_90 with the copy engine's tensor loads in their
-    PTX and no register spilled: the interpreter reads a descriptor's boxes in Python."""
-    _needs_interpreter()
-    records = tma_launches()
-    # the MoE's 16- and 64-token entries are one kernel variant: 2 x 2 MoE launches, 4 dense
-    assert len(records) == 8 and all(r["consts"]["TMA"] for r in records), [r["consts"] for r in records]
-    _assert_all_compile(records)
-
-
 def h200_table_launches() -> list[dict]:
     """The launches the H200's decode tables configure (kernels/configs: the fp8 GEMV, the skinny
     GEMM and its split-K entries, the fp8 dense GEMM, the MoE pair kernels, the sorted MoE path's
