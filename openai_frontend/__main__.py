@@ -35,11 +35,14 @@ def main(argv=None) -> None:
     a("--reasoning-parser", default=None, choices=["qwen3"], help="<think> ... </think> as reasoning_content")
     a("--tool-call-parser", default="qwen25", choices=["qwen25", "hermes"], help="<tool_call> blocks as tool_calls")
     a("--max-model-len", type=int, default=None, help="reported by /v1/models")
+    a("--triton-shm-mb", type=int, default=256,
+      help="where --triton-url is this host: inputs of 64 KB or more (images as data URIs) reach Triton through "
+           "a shared-memory region of this size instead of inside gRPC messages (0: never)")
     a("--log-level", default="info")
     args = ap.parse_args(argv)
     if min(args.max_request_body_mb, args.max_media_mb, args.media_fetch_timeout, args.mm_per_request_timeout,
-           args.mm_max_concurrent_calls) <= 0:
-        ap.error("sizes, timeouts and --mm-max-concurrent-calls must be positive")
+           args.mm_max_concurrent_calls) <= 0 or args.triton_shm_mb < 0:
+        ap.error("sizes, timeouts and --mm-max-concurrent-calls must be positive (--triton-shm-mb: 0 or more)")
     try:
         limits = parse_mm_limits(args.limit_mm_per_prompt)
     except ConfigError as e:
@@ -53,7 +56,7 @@ def main(argv=None) -> None:
                                       args.triton_metrics_url, args.enable_cache_report,
                                       int(args.max_request_body_mb * 2**20), policy, args.mm_max_concurrent_calls,
                                       args.mm_per_request_timeout, limits, args.model_path, args.reasoning_parser,
-                                      args.tool_call_parser, args.max_model_len))
+                                      args.tool_call_parser, args.max_model_len, args.triton_shm_mb * 2**20))
     # a stop must not wait on open streams for long: they end with the server (see the launcher)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
 

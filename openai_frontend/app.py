@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from qwen3vl_backend.errors import RequestError
 from qwen3vl_backend.processing.media import Cancel, MediaPolicy, video_backend
@@ -56,6 +56,7 @@ class FrontendSettings:
     reasoning_parser: str | None = None           # qwen3: <think> ... </think> -> reasoning_content
     tool_call_parser: str | None = "qwen25"       # <tool_call> blocks -> tool_calls (requests with tools)
     max_model_len: int | None = None              # reported by /v1/models
+    triton_shm_bytes: int = 256 * 2**20          # large inputs through shared memory where Triton is local (0: off)
 
 
 class _BodyTooLarge(APIError):
@@ -107,8 +108,18 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
 
     def client() -> TritonLLMClient:
         if "client" not in state:
-            state["client"] = (client_factory or (lambda: TritonLLMClient(settings.triton_url, settings.triton_model)))()
+            state["client"] = (client_factory or (lambda: TritonLLMClient(
+                settings.triton_url, settings.triton_model, shm_bytes=settings.triton_shm_bytes)))()
         return state["client"]
+
+    def _shm(attr: str) -> float:
+        shm = getattr(state.get("client"), "shm", None)
+        return float(getattr(shm, attr)) if shm is not None else 0.0
+
+    Gauge("openai_triton_shm_inputs", "Inputs sent to Triton through the shared-memory region since start",
+          registry=metrics.registry).set_function(lambda: _shm("placed"))
+    Gauge("openai_triton_shm_bytes_in_use", "Bytes of the shared-memory region held by requests in Triton",
+          registry=metrics.registry).set_function(lambda: _shm("used_bytes"))
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):

@@ -2,13 +2,18 @@
 
 Each request is its own gRPC stream. Leaving the iterator early (the HTTP client went away)
 cancels that call and also sends `llm` an explicit cancel for the request id: Triton 2.51 does
-not pass a gRPC cancellation through an ensemble to its decoupled step.
+not pass a gRPC cancellation through an ensemble to its decoupled step. Inputs of 64 KB or more
+(images as data URIs) go through a shared-memory region where Triton is on this host
+(shm_inputs.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import json
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -18,6 +23,8 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from qwen3vl_backend.serving.triton_params import CLIENT_ERROR_PREFIX
+
+from .shm_inputs import ShmInputs, is_region_error
 
 
 class TritonRequestError(Exception):
@@ -43,8 +50,21 @@ def _input(name: str, arr: np.ndarray):
     return t
 
 
+def is_local(url: str) -> bool:
+    """Whether a host:port names this machine by a loopback address (or localhost)."""
+    host = url.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
+
+
 class TritonLLMClient:
-    def __init__(self, url: str, model_name: str = "qwen3vl", llm_model: str = "llm"):
+    def __init__(self, url: str, model_name: str = "qwen3vl", llm_model: str = "llm", shm_bytes: int = 0):
+        """`shm_bytes`: the shared-memory region for large inputs where Triton is local (0: none)."""
         self.url, self.model_name, self.llm_model = url, model_name, llm_model
         # Triton may be restarted under us (the launcher's supervisor): reconnect within a second
         # instead of gRPC's default backoff of up to two minutes
@@ -53,6 +73,7 @@ class TritonLLMClient:
             ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 1000)])
         self._tasks: set[asyncio.Task] = set()
+        self.shm = ShmInputs(self._client, shm_bytes) if shm_bytes and is_local(url) else None
 
     async def ready(self) -> bool:
         try:
@@ -61,24 +82,53 @@ class TritonLLMClient:
             return False
 
     async def close(self) -> None:
+        if self.shm is not None:
+            await self.shm.close()
         await self._client.close()
 
     def stream(self, request_id: str, text: bytes, sampling: dict, media: list[str] = ()):
         """`text`: the JSON chat request (its `messages` are used), through the ensemble; `media`:
         the sources its media parts name as "media-input:N". Yields Delta per response until the
         final one; raises TritonRequestError."""
-        prompt = [_input("text_input", np.array([text], dtype=np.object_))]
+        prompt = [("text_input", np.array([text], dtype=np.object_))]
         if media:
-            prompt.append(_input("media", np.array([m.encode() for m in media], dtype=np.object_)))
+            prompt.append(("media", np.array([m.encode() for m in media], dtype=np.object_)))
         return self._stream(self.model_name, request_id, prompt, sampling)
 
     def stream_ids(self, request_id: str, ids: list[int], sampling: dict):
         """A text-only prompt's token ids straight to `llm` (see text_prompts.py); as `stream`."""
-        return self._stream(self.llm_model, request_id, [_input("input_ids", np.asarray(ids, dtype=np.int64))], sampling)
+        return self._stream(self.llm_model, request_id, [("input_ids", np.asarray(ids, dtype=np.int64))], sampling)
 
-    async def _stream(self, model: str, request_id: str, prompt, sampling: dict):
-        inputs = [
-            *prompt,
+    async def _stream(self, model: str, request_id: str, prompt: list, sampling: dict):
+        """`prompt`: (name, array) pairs. A request that Triton refuses for naming a region it no
+        longer has (it restarted) registers a new one and goes again, once."""
+        for attempt in (0, 1):
+            sent = False
+            try:
+                # closed at once where the caller leaves early (its finally cancels the request)
+                async with contextlib.aclosing(self._stream_once(model, request_id, prompt, sampling)) as deltas:
+                    async for delta in deltas:
+                        sent = True
+                        yield delta
+                return
+            except TritonRequestError as e:
+                if sent or attempt or self.shm is None or not is_region_error(str(e)):
+                    raise
+                self.shm.invalidate()
+
+    async def _stream_once(self, model: str, request_id: str, prompt: list, sampling: dict):
+        releases, inputs = [], []
+        if self.shm is not None and await self.shm.ready():
+            for name, arr in prompt:
+                placed = self.shm.place(name, arr)
+                if placed is None:
+                    inputs.append(_input(name, arr))
+                else:
+                    inputs.append(placed[0])
+                    releases.append(placed[1])
+        else:
+            inputs = [_input(name, arr) for name, arr in prompt]
+        inputs += [
             _input("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_)),
             _input("stream", np.array([True])),
             _input("exclude_input_in_output", np.array([True])),
@@ -93,6 +143,8 @@ class TritonLLMClient:
         try:
             responses = self._client.stream_infer(inputs_iterator=requests())
         except InferenceServerException as e:
+            for release in releases:
+                release()
             raise TritonRequestError(f"could not reach Triton: {e}", False, unavailable=True) from None
         try:
             async for result, error in _rpc_errors(responses):
@@ -123,6 +175,8 @@ class TritonLLMClient:
             raise
         finally:
             responses.cancel()
+            for release in releases:  # Triton reads no more of a request it has ended
+                release(finished)
             if not finished:          # the caller left early: stop the generation in Triton
                 self._tasks.add(t := asyncio.get_running_loop().create_task(self.cancel(request_id)))
                 t.add_done_callback(self._tasks.discard)

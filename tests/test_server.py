@@ -911,3 +911,45 @@ def test_media_input_through_the_ensemble(server):
                              sampling_parameters=sampling, stream=np.array([True]),
                              media=np.array([uri.encode()], dtype=np.object_))
     assert "names no entry of the media input" in error
+
+
+def _adapter_metric(server, name):
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_large_images_reach_triton_through_shared_memory(server, client, tiny_moe, local_engine):
+    """A photo-sized image (a ~1 MB data URI) goes to Triton through the adapter's shared-memory
+    region (openai_frontend/shm_inputs.py) and gives the answer the engine gives; its slice is
+    back once the answer is. Triton losing the region (as when it restarts: unregistered here) costs
+    the next request nothing: it registers a new one and goes again."""
+    import tritonclient.grpc as grpcclient
+
+    rng = np.random.default_rng(41)
+    from PIL import Image
+
+    big = image_bytes(Image.fromarray(rng.integers(0, 255, (400, 600, 3), dtype=np.uint8)))
+    assert len(big) > 500_000
+    messages = [{"role": "user", "content": [_img(data_uri(big)), {"type": "text", "text": "what is this"}]}]
+    want = _expected(tiny_moe, local_engine, messages)["text"]
+    before = _adapter_metric(server, "openai_triton_shm_inputs") or 0.0
+    assert _chat(client, messages).choices[0].message.content == want
+    assert _adapter_metric(server, "openai_triton_shm_inputs") == before + 1
+    assert _adapter_metric(server, "openai_triton_shm_bytes_in_use") == 0
+    triton = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    regions = triton.get_system_shared_memory_status(as_json=True).get("regions", {})
+    assert any(name.startswith("qwen3vl_inputs_") for name in regions), regions
+    triton.unregister_system_shared_memory()          # every region: what a restarted Triton has
+    text, _ = _stream_text(client, messages)
+    assert text == want
+    # placed twice: refused for the lost region, then through the new one
+    assert _adapter_metric(server, "openai_triton_shm_inputs") == before + 3
+    regions = triton.get_system_shared_memory_status(as_json=True).get("regions", {})
+    assert any(name.startswith("qwen3vl_inputs_") for name in regions), regions
+    # a small one rides in the gRPC message
+    small = [{"role": "user", "content": [_img(data_uri(image_bytes(make_image(32, 32, 3)))),
+                                          {"type": "text", "text": "small"}]}]
+    _chat(client, small)
+    assert _adapter_metric(server, "openai_triton_shm_inputs") == before + 3
+    assert _adapter_metric(server, "openai_triton_shm_bytes_in_use") == 0
