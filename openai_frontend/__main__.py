@@ -10,7 +10,8 @@ from qwen3vl_backend.processing.media import MediaPolicy
 from .app import FrontendSettings, create_app
 
 
-def main(argv=None) -> None:
+def build_settings(argv=None) -> tuple[FrontendSettings, argparse.Namespace]:
+    """The command line -> the app's settings (and the parsed flags)."""
     ap = argparse.ArgumentParser(description="OpenAI-compatible front for the Triton qwen3vl ensemble")
     a = ap.add_argument
     a("--host", default="127.0.0.1")
@@ -47,16 +48,21 @@ def main(argv=None) -> None:
         limits = parse_mm_limits(args.limit_mm_per_prompt)
     except ConfigError as e:
         ap.error(str(e))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     policy = MediaPolicy(allowed_local_dir=args.allowed_local_media_path, fetch_timeout_s=args.media_fetch_timeout,
                          max_bytes=int(args.max_media_mb * 2**20),
                          allowed_domains=tuple(d.lower() for d in args.allowed_media_domains or ()) or None,
                          allow_private=args.allow_private_media_urls)
-    app = create_app(FrontendSettings(args.triton_url, args.triton_model, args.served_model_name,
-                                      args.triton_metrics_url, args.enable_cache_report,
-                                      int(args.max_request_body_mb * 2**20), policy, args.mm_max_concurrent_calls,
-                                      args.mm_per_request_timeout, limits, args.model_path, args.reasoning_parser,
-                                      args.tool_call_parser, args.max_model_len, args.triton_shm_mb * 2**20))
+    return FrontendSettings(args.triton_url, args.triton_model, args.served_model_name, args.triton_metrics_url,
+                            args.enable_cache_report, int(args.max_request_body_mb * 2**20), policy,
+                            args.mm_max_concurrent_calls, args.mm_per_request_timeout, limits, args.model_path,
+                            args.reasoning_parser, args.tool_call_parser, args.max_model_len,
+                            args.triton_shm_mb * 2**20), args
+
+
+def main(argv=None) -> None:
+    settings, args = build_settings(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
     # a stop must not wait on open streams for long: they end with the server (see the launcher)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
 

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--limit-mm-per-prompt", default="image=16,video=2",
       help='media items per request, vLLM\'s forms: \'{"image": 4, "video": 1}\' or image=4,video=1')
     a("--max-request-body-mb", type=float, default=96.0, help="the OpenAI adapter answers 413 past this")
+    a("--triton-shm-mb", type=int, default=256,
+      help="the OpenAI adapter's shared-memory region for handing requests' large inputs (images as data URIs) to "
+           "Triton, instead of inside gRPC messages (0: never)")
     a("--log-level", default="info")
     a("--trust-remote-code", action="store_true", help="accepted for SGLang compatibility; no remote code is run")
     a("--repository", default=None, help="where to write the model repository (default: a .serve folder)")
@@ -245,6 +248,8 @@ def resolve(args) -> dict:
     instances = min(args.preprocess_instances, args.mm_max_concurrent_calls)
     if args.max_request_body_mb <= 0:
         raise SystemExit("--max-request-body-mb must be positive")
+    if args.triton_shm_mb < 0:
+        raise SystemExit("--triton-shm-mb must be 0 (off) or more")
     local = str(Path(args.allowed_local_media_path).resolve()) if args.allowed_local_media_path else ""
     resize_on_vit = on_gpu and not args.resize_images_on_host
     pre = {"model_path": model_path, "max_model_len": str(args.max_model_len), "allowed_local_media_path": local,
@@ -277,7 +282,7 @@ def frontend_args(args, settings: dict) -> list[str]:
     tokenises text-only chats for `llm` with the checkpoint's tokenizer."""
     pre = settings["preprocess"]
     out = ["--model-path", settings["llm"]["model_path"], "--log-level", args.log_level,
-           "--max-request-body-mb", str(args.max_request_body_mb),
+           "--max-request-body-mb", str(args.max_request_body_mb), "--triton-shm-mb", str(args.triton_shm_mb),
            "--max-media-mb", str(args.max_media_mb), "--media-fetch-timeout", str(args.media_fetch_timeout),
            "--mm-max-concurrent-calls", str(args.mm_max_concurrent_calls),
            "--mm-per-request-timeout", str(args.mm_per_request_timeout),

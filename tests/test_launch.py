@@ -141,6 +141,7 @@ def test_vit_warmup_sizes_are_the_graphs_a_vit_keeps():
     (["--media-fetch-timeout", "0"], "media_fetch_timeout_s must be a positive number of seconds"),
     (["--max-media-mb", "-1"], "max_media_bytes must be positive"),
     (["--max-request-body-mb", "0"], "--max-request-body-mb must be positive"),
+    (["--triton-shm-mb", "-1"], "--triton-shm-mb must be 0"),
     (["--vit-warmup-sizes", "1280*720"], "--vit-warmup-sizes: image size '1280*720': WIDTHxHEIGHT"),
     (["--vit-warmup-sizes", "0x720"], "--vit-warmup-sizes: image size '0x720'"),
     (["--vit-warmup-sizes", "1x1,2x2,3x3,4x4,5x5"], "--vit-warmup-sizes: 5 sizes, at most 4"),
@@ -274,7 +275,7 @@ def test_media_flags_reach_preprocess_and_the_adapter(tiny_moe, tmp_path):
 
     argv = ["--model-path", str(tiny_moe), "--allowed-media-domains", "a.example", "b.example",
             "--allow-private-media-urls", "--limit-mm-per-prompt", '{"image": 3}', "--max-media-mb", "2",
-            "--allowed-local-media-path", str(tmp_path), "--context-length", "4096"]
+            "--allowed-local-media-path", str(tmp_path), "--context-length", "4096", "--triton-shm-mb", "0"]
     args = launch.build_parser().parse_args(argv)
     settings = launch.resolve(args)
     pre = settings["preprocess"]
@@ -284,6 +285,9 @@ def test_media_flags_reach_preprocess_and_the_adapter(tiny_moe, tmp_path):
     assert front[front.index("--allowed-media-domains") + 1:][:2] == ["a.example", "b.example"]
     assert "--allow-private-media-urls" in front and front[front.index("--max-media-mb") + 1] == "2.0"
     assert front[front.index("--limit-mm-per-prompt") + 1] == '{"image": 3}'
+    assert front[front.index("--triton-shm-mb") + 1] == "0"
+    from openai_frontend.__main__ import build_settings
+    assert build_settings(front)[0].triton_shm_bytes == 0
 
 
 def test_readme_shows_what_make_serve_prints():
