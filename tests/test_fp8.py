@@ -852,7 +852,10 @@ def test_swap_ab_gives_the_same_product(mode, monkeypatch):
     for run, want in runs:
         base, keyed = run(cfg), run({**cfg, key: True})
         assert keyed.shape == base.shape
-        torch.testing.assert_close(keyed.float(), base.float(), rtol=1e-5, atol=1e-5)
+        # the interpreter's dots are the same sums either way; a GPU's tf32 tensor-core dots add in
+        # another order once swapped (float32 inputs: 3.3e-5 apart at most on the H200, moe-bf16)
+        tol = 2e-4 if CUDA else 1e-5
+        torch.testing.assert_close(keyed.float(), base.float(), rtol=tol, atol=tol)
         assert _rel(keyed.float(), want.float()) < (6e-2 if "a8" in mode else 1e-2 if mode == "bits" else KTOL)
 
 
