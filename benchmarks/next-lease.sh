@@ -17,7 +17,7 @@ for v in now 1cf3c26 now; do
   cp .gpurun/fused_moe_$v.py kernels/fused_moe.py
   timeout $(left $((140 * i))) python -m benchmarks.engine --config Qwen3-VL-30B-A3B-Instruct-FP8 --concurrency 16,64 \
     --out-tokens 64 --routing uniform --out $W/$i-$v > $W/rows-$i-$v.txt 2>&1
-  echo "$i $v"; grep -A3 "^tp  ep" $W/rows-$i-$v.txt | awk '{print $4, $14}'
+  echo "$i $v"; grep -A3 "^tp  ep" $W/rows-$i-$v.txt | cut -c1-240
 done
 cp .gpurun/fused_moe_now.py kernels/fused_moe.py
 cd $OUT && tar czf results.tgz w
