@@ -134,6 +134,9 @@ class ShmInputs:
         name = f"qwen3vl_inputs_{uuid.uuid4().hex[:12]}"
         try:
             await self._client.register_system_shared_memory(name, "/" + shm.name, size)
+        except BaseException:
+            shm.close()             # not kept mapped here (its pages are reserved) for nothing
+            raise
         finally:
             shm.unlink()            # Triton has mapped it (or refused): the name is needed no more
         self._shm, self._alloc, self.name = shm, SliceAllocator(size), name

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import socket
 from dataclasses import dataclass
 
 import grpc
@@ -51,15 +50,15 @@ def _input(name: str, arr: np.ndarray):
 
 
 def is_local(url: str) -> bool:
-    """Whether a host:port names this machine by a loopback address (or localhost)."""
+    """Whether a host:port names this machine: a loopback address or `localhost` (no name is
+    looked up: the client is made on the event loop)."""
     host = url.rsplit(":", 1)[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        try:
-            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
-        except (OSError, ValueError):
-            return False
+        return False
 
 
 class TritonLLMClient:
@@ -140,6 +139,7 @@ class TritonLLMClient:
             yield {"model_name": model, "inputs": inputs, "request_id": request_id}
 
         finished = False
+        ended = False       # Triton itself ended the request (its final response or its error)
         try:
             responses = self._client.stream_infer(inputs_iterator=requests())
         except InferenceServerException as e:
@@ -149,6 +149,7 @@ class TritonLLMClient:
         try:
             async for result, error in _rpc_errors(responses):
                 if error is not None:
+                    ended = True
                     message = error.message() or str(error)
                     client = CLIENT_ERROR_PREFIX in message
                     if client:
@@ -164,7 +165,7 @@ class TritonLLMClient:
                     prompt_logprobs=_json(result, "prompt_logprobs"),
                 )
                 if delta.finish_reason:
-                    finished = True
+                    finished = ended = True
                 yield delta
                 if finished:
                     return
@@ -175,8 +176,8 @@ class TritonLLMClient:
             raise
         finally:
             responses.cancel()
-            for release in releases:  # Triton reads no more of a request it has ended
-                release(finished)
+            for release in releases:  # Triton reads no more of a request it has ended; one whose
+                release(ended)        # stream broke or was left may still be read: kept a while
             if not finished:          # the caller left early: stop the generation in Triton
                 self._tasks.add(t := asyncio.get_running_loop().create_task(self.cancel(request_id)))
                 t.add_done_callback(self._tasks.discard)
