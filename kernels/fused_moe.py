@@ -562,7 +562,8 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
         BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], SCALE_MODE=mode, BN=block[0], BK=block[1],
         as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,
         SPLIT_K=split, ws_ptr=ws, count_ptr=counts, BITS=bits, ASM=(bits or prefetch) and x.is_cuda,
-        L2_PREFETCH=prefetch, LINES=lines, SWAP_AB=bool(cfg.get("SWAP_AB")), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x))
+        L2_PREFETCH=prefetch, LINES=lines, SWAP_AB=bool(cfg.get("SWAP_AB")), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl(x))
     return y
 
 

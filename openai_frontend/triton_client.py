@@ -117,16 +117,14 @@ class TritonLLMClient:
 
     async def _stream_once(self, model: str, request_id: str, prompt: list, sampling: dict):
         releases, inputs = [], []
-        if self.shm is not None and await self.shm.ready():
-            for name, arr in prompt:
-                placed = self.shm.place(name, arr)
-                if placed is None:
-                    inputs.append(_input(name, arr))
-                else:
-                    inputs.append(placed[0])
-                    releases.append(placed[1])
-        else:
-            inputs = [_input(name, arr) for name, arr in prompt]
+        shm = self.shm is not None and await self.shm.ready()
+        for name, arr in prompt:
+            placed = self.shm.place(name, arr) if shm else None
+            if placed is None:
+                inputs.append(_input(name, arr))
+            else:
+                inputs.append(placed[0])
+                releases.append(placed[1])
         inputs += [
             _input("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_)),
             _input("stream", np.array([True])),

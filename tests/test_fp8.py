@@ -813,7 +813,6 @@ def test_swap_ab_gives_the_same_product(mode, monkeypatch):
     from kernels.fused_moe import dense_fp8_gemm, dense_gemm, fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
-    key = "SWAP_AB"
     cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
     runs = []
     if mode.startswith("moe"):
@@ -850,7 +849,7 @@ def test_swap_ab_gives_the_same_product(mode, monkeypatch):
                 runs += [(lambda c, split=split: dense_fp8_gemm(x, q, s, block, {**c, **flags, "SPLIT_K": split}),
                           want)]
     for run, want in runs:
-        base, keyed = run(cfg), run({**cfg, key: True})
+        base, keyed = run(cfg), run({**cfg, "SWAP_AB": True})
         assert keyed.shape == base.shape
         # the interpreter's dots are the same sums either way; a GPU's tf32 tensor-core dots add in
         # another order once swapped (float32 inputs: 3.3e-5 apart at most on the H200, moe-bf16)

@@ -320,10 +320,10 @@ def intact(data: bytes) -> bool:
 
 def decode_frame(data: bytes, height: int, width: int, device: torch.device | None = None,
                  checks: list | None = None, gpu: bool = True) -> torch.Tensor:
-    """A JPEG that preprocess sent undecoded (media.gpu_image_size) -> its (height * width, 3)
+    """A JPEG that preprocess sent undecoded (media.gpu_jpeg_size) -> its (height * width, 3)
     uint8 pixels on `device`: by nvJPEG where that is a GPU, the library loads and the JPEG is
-    `intact`, else (a damaged image, one nvJPEG refuses, or on a CPU) by the host's decode_image_array; the same
-    pixels either way (but for the damaged JPEGs that libjpeg-turbo does not warn on: the
+    `intact`, else (a damaged image, one nvJPEG refuses, or on a CPU) by the host's
+    decode_image_array; the same pixels either way (but for the damaged JPEGs that libjpeg-turbo does not warn on: the
     module's docstring). ValueError (the caller's mistake) for an image of another size or one
     that does not decode.
 

@@ -480,13 +480,6 @@ def gpu_jpeg_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -
     return h, w
 
 
-def gpu_image_size(data: bytes, max_pixels: int = MediaPolicy.max_image_pixels) -> tuple[int, int] | None:
-    """(height, width) of an image that the vit decodes on its GPU to decode_image_array's pixels:
-    a JPEG that gpu_jpeg_size admits; None for any other (PNGs among them: their inflate is the
-    host's either way). MediaError past `max_pixels`, as the host's decode."""
-    return gpu_jpeg_size(data, max_pixels)
-
-
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MAX_CHUNKS = 16384       # past this many, PIL's path: the walk is Python, a chunk at a time
 # work beside an item's decode (hashlib and zlib let go of the GIL): the PNG chunk walk that

@@ -17,7 +17,7 @@ import torch
 
 from .chat import MediaRef, RequestError, load_chat_template, render_chat
 from .media import (BESIDE_DECODE, TRUSTED, Cancel, MediaPolicy, decode_image_array, decode_video, fetch_bytes,
-                    gpu_image_size)
+                    gpu_jpeg_size)
 from .positions import IMAGE, TEXT, VIDEO, mrope_positions
 from .tokenizer import Tokenizer
 from .vision_inputs import (VisionProcessingConfig, frame_pixels, image_size_for, normalize_patches, process_image,
@@ -69,8 +69,8 @@ class Processor:
         `raw_frame` (with single_frame, normalize=False): an image within vision_inputs.raw_frame_fits
         of its resize comes unresized, its pixels (H*W, 3) and `source_size` (H, W), for the vit
         to resize on its GPU (vision_inputs.raw_frame_rows). `encoded_frame` (with raw_frame): a JPEG
-        or PNG that media.gpu_image_size admits comes undecoded, its bytes in `encoded`, for the vit
-        to decode on its GPU (jpeg_gpu.decode_frame)."""
+        that media.gpu_jpeg_size admits comes undecoded, its bytes in `encoded`, for the vit to
+        decode on its GPU (jpeg_gpu.decode_frame)."""
         t0 = time.perf_counter()
         data = fetch_bytes(ref.source, policy, cancel)
         digest = BESIDE_DECODE.submit(lambda: hashlib.sha256(data).digest())     # hashed while it decodes
@@ -82,8 +82,8 @@ class Processor:
         if ref.kind == "image":
             lo, hi = self._pixel_bounds(opts, self.cfg.image_min_pixels, self.cfg.image_max_pixels)
             raw = raw_frame and single_frame and not normalize
-            # a JPEG or PNG the vit decodes to these pixels: its header alone read here
-            size = gpu_image_size(data, policy.max_image_pixels) if raw and encoded_frame else None
+            # a JPEG the vit decodes to these pixels: its header alone read here
+            size = gpu_jpeg_size(data, policy.max_image_pixels) if raw and encoded_frame else None
             image = None if size else decode_image_array(data, policy.max_image_pixels)
             height, width = size or image.shape[:2]
             t2 = time.perf_counter()
