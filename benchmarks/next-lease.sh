@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# One device call (under 300 s, one H200), twenty-ninth session's last:
-#   run: bash benchmarks/next-lease.sh COMMIT    carry: [".gpurun/bundle", ".gpurun/tok", ".gpurun/common.sh"]
+# One device call (under 600 s, one H200), thirtieth session:
+#   run: bash benchmarks/next-lease.sh COMMIT [fp8|bf16]    carry: [".gpurun/bundle", ".gpurun/tok", ".gpurun/common.sh"]
 #   Move benchmarks/results out of the tree for the call (the bundle and it pass 64 MiB), and back after.
-# Served c1 JPEG + PNG, six each, the launcher's defaults (inputs through the shared-memory region),
-# at the session's last code (191a26a: a slice freed at once only where Triton ended the request).
-COMMIT=$1
+# The pair kernels' weight tiles through TMA descriptors (TMA / DOWN_TMA): their GPU tests, the
+# isolated variants (benchmarks.pair_variants), then benchmarks/variants/pair-tma-30b-$DTYPE.json
+# inside whole c1 decode steps (engine_ab, ~35 s a run).
+COMMIT=$1; DTYPE=${2:-fp8}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
-W=$OUT/w; mkdir -p $W
-QWEN3VL_STAGE_TIMING=1 BARE=1 MODEL=Qwen3-VL-30B-A3B-Instruct-FP8 CONCURRENCY=1 FORMATS=jpeg,png OUT_TOKENS=64 REPEATS=6 \
-  timeout 250 bash benchmarks/gpu_serving.sh $W/c1 > $W/c1.txt 2>&1
-grep -h "stage " $W/c1/tritonserver.log | sed 's/^.*\] "//' > $W/c1/stage-lines.txt
-/tmp/pyenv/bin/python -c "
-import json, glob
-for f in glob.glob('$W/c1/serving-*.json'):
-    for r in json.load(open(f))['rows']:
-        print(r['image_format'], 'ttft p50', round(r['ttft_p50_ms'], 1), 'min', round(r['ttft_min_ms'], 1), 'first', round(r['adapter_first_ms'], 1))"
-grep "large inputs" $W/c1/frontend.log | head -2
+W=$OUT/w; mkdir -p $W; START=$(date +%s)
+left() { echo $(( $1 - $(date +%s) + START )); }
+CONFIG=Qwen3-VL-30B-A3B-Instruct; [ "$DTYPE" = fp8 ] && CONFIG=$CONFIG-FP8
+if [ "$DTYPE" = fp8 ]; then
+  timeout 150 python -m pytest -q tests/test_fp8.py tests/test_kernels.py -k "tma or pair" > $W/gpu-tests-$COMMIT.txt 2>&1
+  tail -3 $W/gpu-tests-$COMMIT.txt
+fi
+timeout $(left 300) python -m benchmarks.pair_variants --dtypes $DTYPE --out $W > $W/pair-variants-$DTYPE.txt 2>&1
+cat $W/pair-variants-$DTYPE.txt | cut -c1-110
+timeout $(left 585) python -m benchmarks.engine_ab --variants benchmarks/variants/pair-tma-30b-$DTYPE.json \
+  --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-$DTYPE.txt 2>&1
+tail -9 $W/ab-$DTYPE.txt; cp $W/ab/engine-ab-partial.json $W/ 2>/dev/null
 cd $OUT && tar czf results.tgz w

@@ -506,6 +506,110 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
+                             stride_xm, stride_am, stride_se, stride_sn,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                             HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
+                             USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
+                             PREFETCH: tl.constexpr = False):
+    """_pair_gate_up_kernel with its weight tiles read through a TMA tensor descriptor (`w_desc`:
+    w13 as (E * 2I, K) rows, a (BLOCK_N, BLOCK_K) box, zero past its edges). Triton keeps such
+    loads STAGES - 1 K steps ahead in shared memory, where the plain kernel's register loads (no
+    tl.dot) are issued a step at a time. Rows past the intermediate size read the next rows
+    (up's, or the next expert's: finite) and are not stored."""
+    if PREFETCH:
+        gdc_wait(USE_PDL)
+        gdc_launch(USE_PDL)
+    else:
+        gdc_enter(USE_PDL)
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    token = pair // top_k
+    expert = tl.load(ids_ptr + pair)
+    if expert >= num_experts:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row = expert * 2 * inter + pid_n * BLOCK_N
+    x_ptrs = x_ptr + token * stride_xm + offs_k
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    s_gate = s_ptr + expert.to(tl.int64) * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
+    s_up = s_ptr + expert.to(tl.int64) * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+        k_ok = offs_k < K - k * BLOCK_K
+        xk = tl.load(x_ptrs + k * BLOCK_K, mask=k_ok, other=0.0).to(tl.float32)
+        g = w_desc.load([row, k * BLOCK_K]).to(tl.float32)
+        u = w_desc.load([row + inter, k * BLOCK_K]).to(tl.float32)
+        if HAS_SCALE and GROUP_SCALE:
+            acc_g += g * block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
+            acc_u += u * block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
+        elif HAS_SCALE:
+            kb = (k * BLOCK_K + offs_k) // BK
+            acc_g += g * (xk * tl.load(s_gate + kb, mask=k_ok, other=0.0))[None, :]
+            acc_u += u * (xk * tl.load(s_up + kb, mask=k_ok, other=0.0))[None, :]
+        else:
+            acc_g += g * xk[None, :]
+            acc_u += u * xk[None, :]
+    g = tl.sum(acc_g, 1)
+    u = tl.sum(acc_u, 1)
+    act = g / (1.0 + tl.exp(-g)) * u
+    tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=offs_n < inter)
+
+
+@triton.jit
+def _pair_down_tma_kernel(act_ptr, w_desc, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
+                          stride_am, stride_om, stride_se, stride_sn,
+                          TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          STAGES: tl.constexpr, HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128,
+                          BK: tl.constexpr = 128, USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
+                          PREFETCH: tl.constexpr = False):
+    """_pair_down_kernel with its weight tiles through a TMA tensor descriptor (`w_desc`: w2 as
+    (E * N, K) rows, a (BLOCK_N, BLOCK_K) box): one loop over (expert slot, K step), pipelined
+    STAGES deep, the routing weight folded into each slot's activations, one (BLOCK_N, BLOCK_K)
+    accumulator for all slots. PREFETCH (after a gate_up launched with it, which finished the
+    router's kernel before letting this one launch): the routing is read before PDL's wait."""
+    if PREFETCH:
+        gdc_launch(USE_PDL)
+    else:
+        gdc_enter(USE_PDL)
+    token = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slots = tl.arange(0, TOP_K_PAD)
+    slot_ok = slots < top_k
+    pairs = token * top_k + slots
+    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0)
+    slot_ok = slot_ok & (experts < num_experts)
+    experts = tl.where(slot_ok, experts, 0)     # another rank's expert: expert 0's rows, times weight 0
+    weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
+    if PREFETCH:
+        gdc_wait(USE_PDL)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    steps = tl.cdiv(K, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for it in tl.range(0, top_k * steps, num_stages=STAGES):
+        slot = it // steps
+        k = it - slot * steps
+        chosen = slots == slot
+        expert = tl.sum(tl.where(chosen, experts, 0))
+        k_ok = offs_k < K - k * BLOCK_K
+        mine = tl.sum(tl.where(chosen, slot_ok.to(tl.int32), 0)) > 0     # gate_up left its act row unwritten
+        a = tl.load(act_ptr + (token * top_k + slot) * stride_am + k * BLOCK_K + offs_k, mask=k_ok & mine, other=0.0)
+        a = a.to(tl.float32) * tl.sum(tl.where(chosen, weights, 0.0))
+        if HAS_SCALE:
+            s_row = s_ptr + expert.to(tl.int64) * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
+            if GROUP_SCALE:
+                a = block_scaled(a, s_row, k, K, BLOCK_K, BK, 0)
+            else:
+                a = a * tl.load(s_row + (k * BLOCK_K + offs_k) // BK, mask=k_ok, other=0.0)
+        w = w_desc.load([expert * N + pid_n * BLOCK_N, k * BLOCK_K]).to(tl.float32)
+        acc += w * a[None, :]
+    out = tl.sum(acc, 1)
+    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
 def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                    cfg: dict) -> torch.Tensor:
     """y = x @ W.T for a decode batch's rows, W fp8 (N, K) in `block` scale blocks (kernels/fp8.py):
@@ -662,22 +766,52 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
     up_n = dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
-    _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
-        x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
-        HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), PREFETCH=prefetch,
-        **pdl(x))
+    up_scales = dict(HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"],
+                     GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]),
+                     PREFETCH=prefetch, **pdl(x))
+    if cfg.get("TMA") and tma_rows_ok(w13, up_n, cfg["BLOCK_K"]):
+        _pair_gate_up_tma_kernel[(m * top_k, triton.cdiv(inter, up_n))](
+            x, tma_rows(w13, up_n, cfg["BLOCK_K"]), ids, act, s13, inter, h, top_k, e, x.stride(0), act.stride(0),
+            s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"], STAGES=cfg.get("num_stages", 3),
+            **up_scales)
+    else:
+        _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
+            x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+            s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
+            num_stages=cfg.get("num_stages", 3), **up_scales)
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
-    _pair_down_kernel[(m, triton.cdiv(h, down_n))](
-        act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
-        BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
-        num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
-        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
-        PREFETCH=prefetch, **pdl(x))
+    down_scales = dict(TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n, BLOCK_K=cfg["DOWN_BLOCK_K"],
+                       HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["down_warps"],
+                       GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
+                       PREFETCH=prefetch, **pdl(x))
+    if cfg.get("DOWN_TMA") and tma_rows_ok(w2, down_n, cfg["DOWN_BLOCK_K"]):
+        _pair_down_tma_kernel[(m, triton.cdiv(h, down_n))](
+            act, tma_rows(w2, down_n, cfg["DOWN_BLOCK_K"]), ids, weights, out, s2, h, inter, top_k, e,
+            act.stride(0), out.stride(0), s2.stride(0), s2.stride(1), STAGES=cfg.get("down_stages", 3),
+            **down_scales)
+    else:
+        _pair_down_kernel[(m, triton.cdiv(h, down_n))](
+            act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1),
+            out.stride(0), s2.stride(0), s2.stride(1), num_stages=cfg.get("down_stages", 3), **down_scales)
     return out
+
+
+def tma_rows_ok(w: torch.Tensor, block_n: int, block_k: int) -> bool:
+    """Whether `w` (E, R, K) can be read as (E * R, K) rows through a TMA descriptor with a
+    (block_n, block_k) box: contiguous, rows 16-byte aligned, power-of-two box sides of at most
+    256 (TMA's largest) with at least 16 bytes a box row, on Hopper or later (or the interpreter)."""
+    if w.dim() != 3 or not w.is_contiguous() or w.data_ptr() % 16 or (w.shape[2] * w.element_size()) % 16:
+        return False
+    if any(v & (v - 1) or v > 256 for v in (block_n, block_k)) or block_k * w.element_size() < 16:
+        return False
+    return not w.is_cuda or torch.cuda.get_device_capability(w.device)[0] >= 9
+
+
+def tma_rows(w: torch.Tensor, block_n: int, block_k: int):
+    """`w` (E, R, K) as a TMA descriptor of (E * R, K) rows and a (block_n, block_k) box."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(w, [w.shape[0] * w.shape[1], w.shape[2]], [w.shape[2], 1], [block_n, block_k])
 
 
 @triton.jit

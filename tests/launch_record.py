@@ -26,6 +26,8 @@ def _arg_type(value) -> str | None:
     """Triton's signature type for a runtime argument; None: passed as a constexpr None."""
     if value is None:
         return None
+    if hasattr(value, "block_shape") and hasattr(value, "base"):       # a host-side TMA TensorDescriptor
+        return f"tensordesc<{TYPES.get(value.base.dtype, '?')}[{', '.join(map(str, value.block_shape))}]>"
     if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
         return "*" + TYPES.get(value.dtype, "?")
     if isinstance(value, bool):

@@ -651,6 +651,69 @@ def test_fp8_moe_pairs_never_read_another_ranks_scales(block_k, block, group_sca
     assert _rel(got, fused_moe_reference(x, d13, d2, w * keep, torch.where(keep, ids, 0))) < KTOL
 
 
+class _Launches:
+    """A Triton kernel whose launches are counted (kernel[grid](...) as before)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("i,block_k,group_scale,prefetch,stages", [
+    (64, 32, False, False, 3), (96, 64, True, True, 4), (48, 32, False, True, 2), (40, 128, True, False, 5)])
+def test_moe_pairs_through_tma_descriptors(fp8, i, block_k, group_scale, prefetch, stages, monkeypatch):
+    """TMA / DOWN_TMA (the pair kernels' weight tiles through TMA descriptors, pipelined): the
+    plain kernels' answer to float32 rounding, with intermediate sizes that end mid-tile (40 in
+    tiles of 16: gate_up's last rows read up's rows or the next expert's, not stored) and
+    mid-step (down's box past K), K steps inside one scale block and over several, PREFETCH or
+    not, another rank's experts (id E: scale rows of NaN where they would be, act rows never
+    written, NaN here) and a token whose pairs all lie elsewhere (zeros). fp8's 40-byte rows of
+    w2 take the plain down kernel (no descriptor)."""
+    from kernels import fused_moe as fm
+
+    m, e, h, a, block = 3, 6, 96, 3, (32, 32)
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
+    s13, s2 = (torch.cat([t, torch.full_like(t[:1], float("nan"))])[:e] for t in (s13, s2))
+    x = torch.randn(m, h, device=DEV)
+    w = torch.rand(m, a, device=DEV)
+    ids = torch.tensor([[0, 5, e], [e, e, e], [3, 1, 2]], dtype=torch.int32, device=DEV)
+    cfg = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": block_k,
+           "down_warps": 4, "GROUP_SCALE": group_scale, "DOWN_GROUP_SCALE": group_scale,
+           "num_stages": stages, "down_stages": stages}
+    weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *s, **k: empty(*s, **k).fill_(float("nan")))  # unwritten = NaN
+    plain = fm.fused_moe_pairs(x, weights[0], weights[1], w, ids, cfg, weights[2], weights[3], block,
+                               prefetch=prefetch)
+    up, down = _Launches(fm._pair_gate_up_tma_kernel), _Launches(fm._pair_down_tma_kernel)
+    monkeypatch.setattr(fm, "_pair_gate_up_tma_kernel", up)
+    monkeypatch.setattr(fm, "_pair_down_tma_kernel", down)
+    tma = fm.fused_moe_pairs(x, weights[0], weights[1], w, ids, {**cfg, "TMA": True, "DOWN_TMA": True}, weights[2],
+                             weights[3], block, prefetch=prefetch)
+    monkeypatch.undo()
+    assert (up.count, down.count) == (1, 0 if fp8 and i == 40 else 1)
+    assert tma.isfinite().all() and not tma[1].any()
+    torch.testing.assert_close(tma, plain, rtol=1e-5, atol=1e-5)
+    keep = ids < e
+    assert _rel(tma, fm.fused_moe_reference(x, d13, d2, w * keep, torch.where(keep, ids, 0))) < KTOL
+
+
+def test_tma_rows_refuses_what_a_descriptor_cannot_read():
+    """A descriptor needs contiguous rows 16 bytes apart and power-of-two box sides of at most 256
+    (at least 16 bytes a box row): anything else keeps the plain pair kernels."""
+    from kernels.fused_moe import tma_rows_ok
+
+    w = torch.zeros(4, 64, 96, dtype=torch.float8_e4m3fn)
+    assert tma_rows_ok(w, 16, 32) and tma_rows_ok(w, 8, 256) and tma_rows_ok(w.float(), 16, 4)
+    assert not tma_rows_ok(torch.zeros(4, 64, 104, dtype=w.dtype)[:, :, :96], 16, 32)   # not contiguous
+    assert not tma_rows_ok(torch.zeros(4, 64, 40, dtype=w.dtype), 16, 32)               # 40-byte rows
+    assert not tma_rows_ok(w, 16, 512) and not tma_rows_ok(w, 24, 32) and not tma_rows_ok(w, 16, 8)
+
+
 @pytest.mark.parametrize("group_scale", [False, True])
 def test_fp8_gemv_with_the_input_norm_inside(group_scale):
     """NORM on the fp8 GEMV's row: the residual add and RMSNorm in the kernel give what the norm
