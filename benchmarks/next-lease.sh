@@ -10,6 +10,15 @@ source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + START )); }
 CONFIG=Qwen3-VL-30B-A3B-Instruct; [ "$DTYPE" = fp8 ] && CONFIG=$CONFIG-FP8
+if [ "$DTYPE" = ncu ]; then      # why the TMA pair kernels ran 3-4x slower (first call): each kernel alone
+  timeout 200 /usr/local/cuda/bin/ncu --clock-control none -k regex:_pair_ --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+    python -m benchmarks.variants.pair_tma_ncu > $W/ncu-pair-tma-$COMMIT.txt 2>&1
+  grep -E "_pair_|Duration|DRAM Through|Achieved Occ|Block Limit|Registers Per|Shared Memory Config|Dynamic Shared|Stall|Waves|One or More|No Eligible" $W/ncu-pair-tma-$COMMIT.txt | head -150
+  timeout $(left 560) python -m pytest -q -x tests/test_fp8.py tests/test_kernels.py -k "tma or pair" > $W/gpu-tests-$COMMIT.txt 2>&1
+  grep -E "Error|error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -30
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$DTYPE" = fp8 ]; then
   timeout 150 python -m pytest -q tests/test_fp8.py tests/test_kernels.py -k "tma or pair" > $W/gpu-tests-$COMMIT.txt 2>&1
   tail -3 $W/gpu-tests-$COMMIT.txt
