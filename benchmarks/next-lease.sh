@@ -20,8 +20,12 @@ if [ "$DTYPE" = ncu ]; then      # why the TMA pair kernels ran 3-4x slower (fir
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$DTYPE" = fp8 ]; then
-  timeout 150 python -m pytest -q tests/test_fp8.py tests/test_kernels.py -k "tma or pair" > $W/gpu-tests-$COMMIT.txt 2>&1
-  tail -3 $W/gpu-tests-$COMMIT.txt
+  timeout 100 /usr/local/cuda/bin/ncu --clock-control none -k regex:_pair_ --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+    python -m benchmarks.variants.pair_tma_ncu > $W/ncu-pair-tma-$COMMIT.txt 2>&1
+  grep -E "_pair_.*Context|Duration|DRAM Through|L1/TEX Cache Through|Achieved Occ|Waves" $W/ncu-pair-tma-$COMMIT.txt | head -40
+  timeout 90 python -m pytest -q -x tests/test_fp8.py -k "tma or half2_overflow" > $W/gpu-tests-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
 fi
 timeout $(left 300) python -m benchmarks.pair_variants --dtypes $DTYPE --out $W > $W/pair-variants-$DTYPE.txt 2>&1
 cat $W/pair-variants-$DTYPE.txt | cut -c1-110

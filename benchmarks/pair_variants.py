@@ -25,13 +25,14 @@ E, H, INTER, A = 128, 2048, 768, 8
 BLOCK = (128, 128)
 VARIANTS = {
     "table": {},
-    **{f"up-tma-s{s}": {"TMA": True, "num_stages": s} for s in (2, 3, 4, 6, 8)},
-    **{f"down-tma-s{s}": {"DOWN_TMA": True, "down_stages": s} for s in (2, 4, 6, 8)},
+    **{f"up-tma-s{s}": {"TMA": True, "num_stages": s} for s in (2, 3, 4, 8)},
+    **{f"up-tma-n16-s{s}": {"TMA": True, "num_stages": s, "BLOCK_N": 16} for s in (3, 4, 8)},
+    **{f"down-tma-s{s}": {"DOWN_TMA": True, "down_stages": s} for s in (2, 3, 4)},
+    "down-tma-n16-s3": {"DOWN_TMA": True, "down_stages": 3, "DOWN_BLOCK_N": 16},
+    "down-tma-k128-s4": {"DOWN_TMA": True, "down_stages": 4, "DOWN_BLOCK_K": 128},
     **{f"tma-s{s}-{d}": {"TMA": True, "num_stages": s, "DOWN_TMA": True, "down_stages": d}
-       for s, d in ((4, 4), (8, 6), (8, 8))},
-    "tma-s8-8-n16": {"TMA": True, "num_stages": 8, "DOWN_TMA": True, "down_stages": 8, "BLOCK_N": 16},
-    "tma-s8-8-k128": {"TMA": True, "num_stages": 8, "DOWN_TMA": True, "down_stages": 8, "BLOCK_K": 128,
-                      "DOWN_BLOCK_K": 128},
+       for s, d in ((4, 3), (8, 3))},
+    "tma-n16-s4-3": {"TMA": True, "num_stages": 4, "BLOCK_N": 16, "DOWN_TMA": True, "down_stages": 3},
 }
 
 

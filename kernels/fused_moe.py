@@ -511,13 +511,14 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
                              stride_xm, stride_am, stride_se, stride_sn,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                              HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                             USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                             PREFETCH: tl.constexpr = False):
+                             USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """_pair_gate_up_kernel with its weight tiles read through a TMA tensor descriptor (`w_desc`:
-    w13 as (E * 2I, K) rows, a (BLOCK_N, BLOCK_K) box, zero past its edges). Triton keeps such
-    loads STAGES - 1 K steps ahead in shared memory, where the plain kernel's register loads (no
-    tl.dot) are issued a step at a time. Rows past the intermediate size read the next rows
-    (up's, or the next expert's: finite) and are not stored."""
+    w13 as (E * 2I, K) rows, a (BLOCK_N, BLOCK_K) box, zero past its edges), which Triton keeps
+    STAGES - 1 K steps ahead in shared memory (the plain kernel's register loads, feeding no
+    tl.dot, go a K step at a time). Scales a block at a time (GROUP_SCALE's): a scale gathered
+    per column would be pipelined too, as 4-byte async copies, and bound the kernel by L1 (Nsight
+    Compute on the H200, NOTES). Rows past the intermediate size read the next rows (up's, or
+    the next expert's: finite) and are not stored."""
     if PREFETCH:
         gdc_wait(USE_PDL)
         gdc_launch(USE_PDL)
@@ -538,17 +539,12 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
     s_gate = s_ptr + expert.to(tl.int64) * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     s_up = s_ptr + expert.to(tl.int64) * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
     for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
-        k_ok = offs_k < K - k * BLOCK_K
-        xk = tl.load(x_ptrs + k * BLOCK_K, mask=k_ok, other=0.0).to(tl.float32)
+        xk = tl.load(x_ptrs + k * BLOCK_K, mask=offs_k < K - k * BLOCK_K, other=0.0).to(tl.float32)
         g = w_desc.load([row, k * BLOCK_K]).to(tl.float32)
         u = w_desc.load([row + inter, k * BLOCK_K]).to(tl.float32)
-        if HAS_SCALE and GROUP_SCALE:
+        if HAS_SCALE:
             acc_g += g * block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
             acc_u += u * block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
-        elif HAS_SCALE:
-            kb = (k * BLOCK_K + offs_k) // BK
-            acc_g += g * (xk * tl.load(s_gate + kb, mask=k_ok, other=0.0))[None, :]
-            acc_u += u * (xk * tl.load(s_up + kb, mask=k_ok, other=0.0))[None, :]
         else:
             acc_g += g * xk[None, :]
             acc_u += u * xk[None, :]
@@ -563,13 +559,14 @@ def _pair_down_tma_kernel(act_ptr, w_desc, ids_ptr, weights_ptr, out_ptr, s_ptr,
                           stride_am, stride_om, stride_se, stride_sn,
                           TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           STAGES: tl.constexpr, HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128,
-                          BK: tl.constexpr = 128, USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                          PREFETCH: tl.constexpr = False):
+                          BK: tl.constexpr = 128, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """_pair_down_kernel with its weight tiles through a TMA tensor descriptor (`w_desc`: w2 as
-    (E * N, K) rows, a (BLOCK_N, BLOCK_K) box): one loop over (expert slot, K step), pipelined
-    STAGES deep, the routing weight folded into each slot's activations, one (BLOCK_N, BLOCK_K)
-    accumulator for all slots. PREFETCH (after a gate_up launched with it, which finished the
-    router's kernel before letting this one launch): the routing is read before PDL's wait."""
+    (E * N, K) rows, a (BLOCK_N, BLOCK_K) box): each K step loads every expert slot's tile (as
+    the plain kernel's 3-D tile does: one slot at a time left a program's few bytes in flight),
+    pipelined STAGES deep; the routing weight and the block scales fold into each slot's
+    activations, one (BLOCK_N, BLOCK_K) accumulator for all slots. PREFETCH (after a gate_up
+    launched with it, which finished the router's kernel before letting this one launch): the
+    routing is read before PDL's wait."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -585,28 +582,24 @@ def _pair_down_tma_kernel(act_ptr, w_desc, ids_ptr, weights_ptr, out_ptr, s_ptr,
     weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
     if PREFETCH:
         gdc_wait(USE_PDL)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
     offs_k = tl.arange(0, BLOCK_K)
-    steps = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for it in tl.range(0, top_k * steps, num_stages=STAGES):
-        slot = it // steps
-        k = it - slot * steps
-        chosen = slots == slot
-        expert = tl.sum(tl.where(chosen, experts, 0))
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
         k_ok = offs_k < K - k * BLOCK_K
-        mine = tl.sum(tl.where(chosen, slot_ok.to(tl.int32), 0)) > 0     # gate_up left its act row unwritten
-        a = tl.load(act_ptr + (token * top_k + slot) * stride_am + k * BLOCK_K + offs_k, mask=k_ok & mine, other=0.0)
-        a = a.to(tl.float32) * tl.sum(tl.where(chosen, weights, 0.0))
-        if HAS_SCALE:
-            s_row = s_ptr + expert.to(tl.int64) * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
-            if GROUP_SCALE:
-                a = block_scaled(a, s_row, k, K, BLOCK_K, BK, 0)
-            else:
-                a = a * tl.load(s_row + (k * BLOCK_K + offs_k) // BK, mask=k_ok, other=0.0)
-        w = w_desc.load([expert * N + pid_n * BLOCK_N, k * BLOCK_K]).to(tl.float32)
-        acc += w * a[None, :]
+        for slot in tl.static_range(TOP_K_PAD):
+            chosen = slots == slot
+            expert = tl.sum(tl.where(chosen, experts, 0))
+            mine = tl.sum(tl.where(chosen, slot_ok.to(tl.int32), 0)) > 0    # gate_up left others' act unwritten
+            a = tl.load(act_ptr + (token * top_k + slot) * stride_am + k * BLOCK_K + offs_k, mask=k_ok & mine,
+                        other=0.0)
+            a = a.to(tl.float32) * tl.sum(tl.where(chosen, weights, 0.0))
+            if HAS_SCALE:
+                a = block_scaled(a, s_ptr + expert.to(tl.int64) * stride_se + (n0 // BN) * stride_sn, k, K,
+                                 BLOCK_K, BK, 0)
+            acc += w_desc.load([expert * N + n0, k * BLOCK_K]).to(tl.float32) * a[None, :]
     out = tl.sum(acc, 1)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
@@ -769,11 +762,11 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     up_scales = dict(HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"],
                      GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]),
                      PREFETCH=prefetch, **pdl(x))
-    if cfg.get("TMA") and tma_rows_ok(w13, up_n, cfg["BLOCK_K"]):
+    if cfg.get("TMA") and tma_rows_ok(w13, up_n, cfg["BLOCK_K"], block if fp8 else None):
         _pair_gate_up_tma_kernel[(m * top_k, triton.cdiv(inter, up_n))](
             x, tma_rows(w13, up_n, cfg["BLOCK_K"]), ids, act, s13, inter, h, top_k, e, x.stride(0), act.stride(0),
             s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"], STAGES=cfg.get("num_stages", 3),
-            **up_scales)
+            **{k: v for k, v in up_scales.items() if k != "GROUP_SCALE"})
     else:
         _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
             x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
@@ -785,11 +778,11 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
                        HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["down_warps"],
                        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
                        PREFETCH=prefetch, **pdl(x))
-    if cfg.get("DOWN_TMA") and tma_rows_ok(w2, down_n, cfg["DOWN_BLOCK_K"]):
+    if cfg.get("DOWN_TMA") and tma_rows_ok(w2, down_n, cfg["DOWN_BLOCK_K"], block if fp8 else None):
         _pair_down_tma_kernel[(m, triton.cdiv(h, down_n))](
             act, tma_rows(w2, down_n, cfg["DOWN_BLOCK_K"]), ids, weights, out, s2, h, inter, top_k, e,
             act.stride(0), out.stride(0), s2.stride(0), s2.stride(1), STAGES=cfg.get("down_stages", 3),
-            **down_scales)
+            **{k: v for k, v in down_scales.items() if k != "GROUP_SCALE"})
     else:
         _pair_down_kernel[(m, triton.cdiv(h, down_n))](
             act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1),
@@ -797,11 +790,15 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     return out
 
 
-def tma_rows_ok(w: torch.Tensor, block_n: int, block_k: int) -> bool:
+def tma_rows_ok(w: torch.Tensor, block_n: int, block_k: int, fp8_block=None) -> bool:
     """Whether `w` (E, R, K) can be read as (E * R, K) rows through a TMA descriptor with a
     (block_n, block_k) box: contiguous, rows 16-byte aligned, power-of-two box sides of at most
-    256 (TMA's largest) with at least 16 bytes a box row, on Hopper or later (or the interpreter)."""
+    256 (TMA's largest) with at least 16 bytes a box row, on Hopper or later (or the interpreter);
+    fp8 weights (`fp8_block`) also a power-of-two scale block width (the TMA kernels scale a
+    block at a time)."""
     if w.dim() != 3 or not w.is_contiguous() or w.data_ptr() % 16 or (w.shape[2] * w.element_size()) % 16:
+        return False
+    if fp8_block is not None and not group_scale_ok(True, block_k, fp8_block[1]):
         return False
     if any(v & (v - 1) or v > 256 for v in (block_n, block_k)) or block_k * w.element_size() < 16:
         return False

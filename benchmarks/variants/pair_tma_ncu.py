@@ -13,7 +13,7 @@ w2 = torch.randn(E, H, INTER, device="cuda", dtype=torch.bfloat16) * INTER ** -0
 q13, s13, q2, s2 = fp8_experts(w13, w2, BLOCK)
 x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
 base = pair_config(E, INTER, H, 1, x.device, BLOCK)
-for patch in ({}, {"TMA": True, "num_stages": 4, "DOWN_TMA": True, "down_stages": 4}):
+for patch in ({}, {"TMA": True, "num_stages": 4, "DOWN_TMA": True, "down_stages": 3}):
     for _ in range(2):
         fused_moe_pairs(x, q13, q2, *route(torch.randn(1, E, device="cuda"), A, True), {**base, **patch}, s13, s2, BLOCK)
 torch.cuda.synchronize()
