@@ -9,7 +9,12 @@ COMMIT=$1; DTYPE=${2:-fp8}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + START )); }
-CONFIG=Qwen3-VL-30B-A3B-Instruct; [ "$DTYPE" = fp8 ] && CONFIG=$CONFIG-FP8
+CONFIG=Qwen3-VL-30B-A3B-Instruct; [ "${DTYPE:0:3}" = fp8 ] && CONFIG=$CONFIG-FP8
+if [ "$DTYPE" = fp8-up ]; then   # third call: gate_up through TMA alone, 16 and 32 rows a program, in the step
+  timeout 500 python -m benchmarks.engine_ab --variants benchmarks/variants/pair-tma-up-30b-fp8.json \
+    --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-$DTYPE.txt 2>&1
+  tail -9 $W/ab-$DTYPE.txt; cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$DTYPE" = ncu ]; then      # why the TMA pair kernels ran 3-4x slower (first call): each kernel alone
   timeout 200 /usr/local/cuda/bin/ncu --clock-control none -k regex:_pair_ --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
