@@ -10,6 +10,16 @@ source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + START )); }
 CONFIG=Qwen3-VL-30B-A3B-Instruct; [ "${DTYPE:0:3}" = fp8 ] && CONFIG=$CONFIG-FP8
+if [ "$DTYPE" = rows ]; then     # last call: the GPU tests the table's TMA entry reaches, then the rows at COMMIT
+  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "gpu_paths_at_30b or tma or half2_overflow" \
+    > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
+  for cfg in Qwen3-VL-30B-A3B-Instruct-FP8 Qwen3-VL-30B-A3B-Instruct; do
+    timeout $(left $([ $cfg = Qwen3-VL-30B-A3B-Instruct ] && echo 560 || echo 330)) python -m benchmarks.engine \
+      --config $cfg --concurrency 1,16,64,128 --out-tokens 64 --routing uniform --out $W > $W/rows-$cfg.txt 2>&1
+    tail -6 $W/rows-$cfg.txt | cut -c1-150
+  done
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$DTYPE" = fp8-up ]; then   # third call: gate_up through TMA alone, 16 and 32 rows a program, in the step
   timeout 500 python -m benchmarks.engine_ab --variants benchmarks/variants/pair-tma-up-30b-fp8.json \
     --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-$DTYPE.txt 2>&1

@@ -247,10 +247,11 @@ def h200_table_launches() -> list[dict]:
         shape = dict(part.split("=") for part in f.name.split(",")[:3])
         return int(shape["E"]), int(shape["N"]), int(shape["K"])
 
-    def experts(e, inter, hidden, dt):
-        """(w13, w2, their scales or None), one expert's storage expanded to e."""
-        w13 = torch.empty(1, 2 * inter, hidden, dtype=dt).expand(e, -1, -1)
-        w2 = torch.empty(1, hidden, inter, dtype=dt).expand(e, -1, -1)
+    def experts(e, inter, hidden, dt, whole=False):
+        """(w13, w2, their scales or None), one expert's storage expanded to e; `whole`: each
+        expert its own (contiguous, as TMA descriptors read them; never written here)."""
+        w13 = torch.empty(1 if not whole else e, 2 * inter, hidden, dtype=dt).expand(e, -1, -1)
+        w2 = torch.empty(1 if not whole else e, hidden, inter, dtype=dt).expand(e, -1, -1)
         if dt != f8:
             return w13, w2, None, None
         return w13, w2, scales(2 * inter, hidden).expand(e, -1, -1), scales(hidden, inter).expand(e, -1, -1)
@@ -278,8 +279,8 @@ def h200_table_launches() -> list[dict]:
             if table:
                 pair_tables.append((*moe_shape(f), table))
         for e, inter, hidden, table in pair_tables:
-            w13, w2, s13, s2 = experts(e, inter, hidden, f8)
             for m, cfg in table.items():
+                w13, w2, s13, s2 = experts(e, inter, hidden, f8, whole=cfg.get("TMA") or cfg.get("DOWN_TMA"))
                 ids = torch.zeros(int(m), 8, dtype=torch.int32)
                 for prefetch in (False, True):
                     fused_moe_pairs(torch.empty(int(m), hidden, dtype=bf16), w13, w2, torch.ones(int(m), 8), ids, cfg,
@@ -316,6 +317,8 @@ def test_the_h200_tables_launches_compile_for_sm90():
     _needs_interpreter()
     records = h200_table_launches()
     assert len(records) >= 20, len(records)
+    # the 30B fp8 table's one-token gate_up reads through a TMA descriptor (not the plain kernel)
+    assert any(r["name"] == "_pair_gate_up_tma_kernel" for r in records)
     _assert_all_compile(records)
 
 
