@@ -20,6 +20,11 @@ if [ "$DTYPE" = rows ]; then     # last call: the GPU tests the table's TMA entr
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
+if [ "$DTYPE" = bf16-up ]; then  # bf16's one-token gate_up through TMA (16 rows, 128-wide steps), in the step
+  timeout 270 python -m benchmarks.engine_ab --variants benchmarks/variants/pair-tma-30b-bf16.json \
+    --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-$DTYPE.txt 2>&1
+  tail -6 $W/ab-$DTYPE.txt; cp $W/ab/engine-ab-partial.json $W/ 2>/dev/null; cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$DTYPE" = fp8-up ]; then   # third call: gate_up through TMA alone, 16 and 32 rows a program, in the step
   timeout 500 python -m benchmarks.engine_ab --variants benchmarks/variants/pair-tma-up-30b-fp8.json \
     --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-$DTYPE.txt 2>&1
