@@ -21,7 +21,7 @@ if [ "$DTYPE" = rows ]; then     # last call: the GPU tests the table's TMA entr
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$DTYPE" = bf16-up ]; then  # bf16's one-token gate_up through TMA (16 rows, 128-wide steps), in the step
-  timeout 270 python -m benchmarks.engine_ab --variants benchmarks/variants/pair-tma-30b-bf16.json \
+  timeout 270 python -m benchmarks.engine_ab --variants benchmarks/variants/pair-tma-30b-bf16${3:+-$3}.json \
     --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-$DTYPE.txt 2>&1
   tail -6 $W/ab-$DTYPE.txt; cp $W/ab/engine-ab-partial.json $W/ 2>/dev/null; cd $OUT && tar czf results.tgz w; exit 0
 fi
