@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
-# One device call (under 600 s, one H200), thirtieth session:
-#   run: bash benchmarks/next-lease.sh COMMIT [fp8|bf16]    carry: [".gpurun/bundle", ".gpurun/tok", ".gpurun/common.sh"]
+# Device calls (each under 600 s, one H200):
+#   run: bash benchmarks/next-lease.sh COMMIT PART [VARIANTS]    carry: [".gpurun/bundle", ".gpurun/tok", ".gpurun/common.sh"]
 #   Move benchmarks/results out of the tree for the call (the bundle and it pass 64 MiB), and back after.
-# The pair kernels' weight tiles through TMA descriptors (TMA / DOWN_TMA): their GPU tests, the
-# isolated variants (benchmarks.pair_variants), then benchmarks/variants/pair-tma-30b-$DTYPE.json
-# inside whole c1 decode steps (engine_ab, ~35 s a run).
+# PART slot (next session first): down's slots as 2-D tiles (DOWN_SLOT_SUM, written in the
+#   thirtieth session, CPU only): its GPU tests, benchmarks.pair_variants for fp8 and bf16, then
+#   benchmarks/variants/pair-slot-30b-fp8.json in the c1 step (engine_ab, ~30 s a run); PART
+#   slot-bf16: pair-slot-30b-bf16.json in the c1 step. A winner goes into the table (fp8) or a
+#   bf16 pairs entry, then PART rows at that commit.
+# The thirtieth session's parts (TMA pair kernels), kept for the record: fp8, ncu, fp8-up,
+#   bf16-up [2], rows.
 COMMIT=$1; DTYPE=${2:-fp8}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + START )); }
 CONFIG=Qwen3-VL-30B-A3B-Instruct; [ "${DTYPE:0:3}" = fp8 ] && CONFIG=$CONFIG-FP8
+if [ "$DTYPE" = slot ]; then
+  timeout 90 python -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "slot_sum or test_moe_pairs" \
+    > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
+  timeout $(left 250) python -m benchmarks.pair_variants --dtypes fp8,bf16 --out $W > $W/pair-variants.txt 2>&1
+  cut -c1-110 $W/pair-variants.txt
+  timeout $(left 585) python -m benchmarks.engine_ab --variants benchmarks/variants/pair-slot-30b-fp8.json \
+    --out $W/ab -- --config $CONFIG-FP8 --out-tokens 64 --concurrency 1 > $W/ab-slot-fp8.txt 2>&1
+  tail -8 $W/ab-slot-fp8.txt; cp $W/ab/engine-ab-partial.json $W/ 2>/dev/null; cd $OUT && tar czf results.tgz w; exit 0
+fi
+if [ "$DTYPE" = slot-bf16 ]; then
+  timeout 560 python -m benchmarks.engine_ab --variants benchmarks/variants/pair-slot-30b-bf16.json \
+    --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-slot-bf16.txt 2>&1
+  tail -7 $W/ab-slot-bf16.txt; cp $W/ab/engine-ab-partial.json $W/ 2>/dev/null; cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$DTYPE" = rows ]; then     # last call: the GPU tests the table's TMA entry reaches, then the rows at COMMIT
   timeout 120 python -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "gpu_paths_at_30b or tma or half2_overflow" \
     > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10

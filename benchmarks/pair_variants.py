@@ -25,14 +25,14 @@ E, H, INTER, A = 128, 2048, 768, 8
 BLOCK = (128, 128)
 VARIANTS = {
     "table": {},
-    **{f"up-tma-s{s}": {"TMA": True, "num_stages": s} for s in (2, 3, 4, 8)},
-    **{f"up-tma-n16-s{s}": {"TMA": True, "num_stages": s, "BLOCK_N": 16} for s in (3, 4, 8)},
-    **{f"down-tma-s{s}": {"DOWN_TMA": True, "down_stages": s} for s in (2, 3, 4)},
-    "down-tma-n16-s3": {"DOWN_TMA": True, "down_stages": 3, "DOWN_BLOCK_N": 16},
-    "down-tma-k128-s4": {"DOWN_TMA": True, "down_stages": 4, "DOWN_BLOCK_K": 128},
-    **{f"tma-s{s}-{d}": {"TMA": True, "num_stages": s, "DOWN_TMA": True, "down_stages": d}
-       for s, d in ((4, 3), (8, 3))},
-    "tma-n16-s4-3": {"TMA": True, "num_stages": 4, "BLOCK_N": 16, "DOWN_TMA": True, "down_stages": 3},
+    **{f"up-tma-s{s}": {"TMA": True, "num_stages": s} for s in (2, 3, 4)},
+    **{f"up-tma-n16-s{s}": {"TMA": True, "num_stages": s, "BLOCK_N": 16} for s in (3, 4)},
+    "down-tma-s3": {"DOWN_TMA": True, "down_stages": 3},
+    # down's slots as 2-D tiles (DOWN_SLOT_SUM): registers on sm_90 as launched, 96 at 8 x 256 and
+    # 4 x 512 on 4 warps, 128 at 8 x 512 and 4 x 1024 on 8 warps (the 3-D tile: 240 at 8 x 256)
+    **{f"down-slot-n{n}-k{k}-w{w}": {"DOWN_SLOT_SUM": True, "DOWN_BLOCK_N": n, "DOWN_BLOCK_K": k, "down_warps": w,
+                                      "down_stages": 1}
+       for n, k, w in ((8, 256, 4), (4, 512, 4), (8, 512, 8), (4, 1024, 8))},
 }
 
 
