@@ -1,19 +1,18 @@
 #!/usr/bin/env bash
 # Device calls (each under 600 s, one H200):
-#   run: bash benchmarks/next-lease.sh COMMIT PART [VARIANTS]    carry: [".gpurun/bundle", ".gpurun/tok", ".gpurun/common.sh"]
+#   run: bash benchmarks/next-lease.sh COMMIT PART    carry: [".gpurun/bundle", ".gpurun/tok", ".gpurun/common.sh"]
 #   Move benchmarks/results out of the tree for the call (the bundle and it pass 64 MiB), and back after.
 # PART slot (next session first): down's slots as 2-D tiles (DOWN_SLOT_SUM, written in the
 #   thirtieth session, CPU only): its GPU tests, benchmarks.pair_variants for fp8 and bf16, then
 #   benchmarks/variants/pair-slot-30b-fp8.json in the c1 step (engine_ab, ~30 s a run); PART
 #   slot-bf16: pair-slot-30b-bf16.json in the c1 step. A winner goes into the table (fp8) or a
-#   bf16 pairs entry, then PART rows at that commit.
-# The thirtieth session's parts (TMA pair kernels), kept for the record: fp8, ncu, fp8-up,
-#   bf16-up [2], rows.
-COMMIT=$1; DTYPE=${2:-fp8}
+#   bf16 pairs entry, then PART rows at that commit (the GPU tests the fp8 table reaches, then
+#   30B fp8 and bf16 at c1/16/64/128).
+COMMIT=$1; DTYPE=${2:-slot}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + START )); }
-CONFIG=Qwen3-VL-30B-A3B-Instruct; [ "${DTYPE:0:3}" = fp8 ] && CONFIG=$CONFIG-FP8
+CONFIG=Qwen3-VL-30B-A3B-Instruct
 if [ "$DTYPE" = slot ]; then
   timeout 90 python -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "slot_sum or test_moe_pairs" \
     > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
@@ -28,8 +27,8 @@ if [ "$DTYPE" = slot-bf16 ]; then
     --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-slot-bf16.txt 2>&1
   tail -7 $W/ab-slot-bf16.txt; cp $W/ab/engine-ab-partial.json $W/ 2>/dev/null; cd $OUT && tar czf results.tgz w; exit 0
 fi
-if [ "$DTYPE" = rows ]; then     # last call: the GPU tests the table's TMA entry reaches, then the rows at COMMIT
-  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "gpu_paths_at_30b or tma or half2_overflow" \
+if [ "$DTYPE" = rows ]; then
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "gpu_paths_at_30b or tma or half2_overflow" \
     > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
   for cfg in Qwen3-VL-30B-A3B-Instruct-FP8 Qwen3-VL-30B-A3B-Instruct; do
     timeout $(left $([ $cfg = Qwen3-VL-30B-A3B-Instruct ] && echo 560 || echo 330)) python -m benchmarks.engine \
@@ -38,36 +37,4 @@ if [ "$DTYPE" = rows ]; then     # last call: the GPU tests the table's TMA entr
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-if [ "$DTYPE" = bf16-up ]; then  # bf16's one-token gate_up through TMA (16 rows, 128-wide steps), in the step
-  timeout 270 python -m benchmarks.engine_ab --variants benchmarks/variants/pair-tma-30b-bf16${3:+-$3}.json \
-    --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-$DTYPE.txt 2>&1
-  tail -6 $W/ab-$DTYPE.txt; cp $W/ab/engine-ab-partial.json $W/ 2>/dev/null; cd $OUT && tar czf results.tgz w; exit 0
-fi
-if [ "$DTYPE" = fp8-up ]; then   # third call: gate_up through TMA alone, 16 and 32 rows a program, in the step
-  timeout 500 python -m benchmarks.engine_ab --variants benchmarks/variants/pair-tma-up-30b-fp8.json \
-    --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-$DTYPE.txt 2>&1
-  tail -9 $W/ab-$DTYPE.txt; cd $OUT && tar czf results.tgz w; exit 0
-fi
-if [ "$DTYPE" = ncu ]; then      # why the TMA pair kernels ran 3-4x slower (first call): each kernel alone
-  timeout 200 /usr/local/cuda/bin/ncu --clock-control none -k regex:_pair_ --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
-    python -m benchmarks.variants.pair_tma_ncu > $W/ncu-pair-tma-$COMMIT.txt 2>&1
-  grep -E "_pair_|Duration|DRAM Through|Achieved Occ|Block Limit|Registers Per|Shared Memory Config|Dynamic Shared|Stall|Waves|One or More|No Eligible" $W/ncu-pair-tma-$COMMIT.txt | head -150
-  timeout $(left 560) python -m pytest -q -x tests/test_fp8.py tests/test_kernels.py -k "tma or pair" > $W/gpu-tests-$COMMIT.txt 2>&1
-  grep -E "Error|error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -30
-  cd $OUT && tar czf results.tgz w; exit 0
-fi
-if [ "$DTYPE" = fp8 ]; then
-  timeout 100 /usr/local/cuda/bin/ncu --clock-control none -k regex:_pair_ --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-    python -m benchmarks.variants.pair_tma_ncu > $W/ncu-pair-tma-$COMMIT.txt 2>&1
-  grep -E "_pair_.*Context|Duration|DRAM Through|L1/TEX Cache Through|Achieved Occ|Waves" $W/ncu-pair-tma-$COMMIT.txt | head -40
-  timeout 90 python -m pytest -q -x tests/test_fp8.py -k "tma or half2_overflow" > $W/gpu-tests-$COMMIT.txt 2>&1
-  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
-fi
-timeout $(left 300) python -m benchmarks.pair_variants --dtypes $DTYPE --out $W > $W/pair-variants-$DTYPE.txt 2>&1
-cat $W/pair-variants-$DTYPE.txt | cut -c1-110
-timeout $(left 585) python -m benchmarks.engine_ab --variants benchmarks/variants/pair-tma-30b-$DTYPE.json \
-  --out $W/ab -- --config $CONFIG --out-tokens 64 --concurrency 1 > $W/ab-$DTYPE.txt 2>&1
-tail -9 $W/ab-$DTYPE.txt; cp $W/ab/engine-ab-partial.json $W/ 2>/dev/null
-cd $OUT && tar czf results.tgz w
+echo "unknown part $DTYPE (slot, slot-bf16, rows)"; exit 2

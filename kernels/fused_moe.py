@@ -622,55 +622,6 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
     tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=offs_n < inter)
 
 
-@triton.jit
-def _pair_down_tma_kernel(act_ptr, w_desc, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
-                          stride_am, stride_om, stride_se, stride_sn,
-                          TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          STAGES: tl.constexpr, HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128,
-                          BK: tl.constexpr = 128, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
-    """_pair_down_kernel with its weight tiles through a TMA tensor descriptor (`w_desc`: w2 as
-    (E * N, K) rows, a (BLOCK_N, BLOCK_K) box): each K step loads every expert slot's tile (as
-    the plain kernel's 3-D tile does: one slot at a time left a program's few bytes in flight),
-    pipelined STAGES deep; the routing weight and the block scales fold into each slot's
-    activations, one (BLOCK_N, BLOCK_K) accumulator for all slots. PREFETCH (after a gate_up
-    launched with it, which finished the router's kernel before letting this one launch): the
-    routing is read before PDL's wait."""
-    if PREFETCH:
-        gdc_launch(USE_PDL)
-    else:
-        gdc_enter(USE_PDL)
-    token = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    slots = tl.arange(0, TOP_K_PAD)
-    slot_ok = slots < top_k
-    pairs = token * top_k + slots
-    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0)
-    slot_ok = slot_ok & (experts < num_experts)
-    experts = tl.where(slot_ok, experts, 0)     # another rank's expert: expert 0's rows, times weight 0
-    weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
-    if PREFETCH:
-        gdc_wait(USE_PDL)
-    n0 = pid_n * BLOCK_N
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
-        k_ok = offs_k < K - k * BLOCK_K
-        for slot in tl.static_range(TOP_K_PAD):
-            chosen = slots == slot
-            expert = tl.sum(tl.where(chosen, experts, 0))
-            mine = tl.sum(tl.where(chosen, slot_ok.to(tl.int32), 0)) > 0    # gate_up left others' act unwritten
-            a = tl.load(act_ptr + (token * top_k + slot) * stride_am + k * BLOCK_K + offs_k, mask=k_ok & mine,
-                        other=0.0)
-            a = a.to(tl.float32) * tl.sum(tl.where(chosen, weights, 0.0))
-            if HAS_SCALE:
-                a = block_scaled(a, s_ptr + expert.to(tl.int64) * stride_se + (n0 // BN) * stride_sn, k, K,
-                                 BLOCK_K, BK, 0)
-            acc += w_desc.load([expert * N + n0, k * BLOCK_K]).to(tl.float32) * a[None, :]
-    out = tl.sum(acc, 1)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
-
-
 def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                    cfg: dict) -> torch.Tensor:
     """y = x @ W.T for a decode batch's rows, W fp8 (N, K) in `block` scale blocks (kernels/fp8.py):
@@ -842,22 +793,17 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
             num_stages=cfg.get("num_stages", 3), **up_scales)
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
-    down_scales = dict(TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n, BLOCK_K=cfg["DOWN_BLOCK_K"],
-                       HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["down_warps"],
-                       GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
-                       PREFETCH=prefetch, **pdl(x))
     # SLOT_SUM scales a block at a time: fp8 weights need a power-of-two step and scale block
+    # (down through a TMA descriptor was slower in every shape tried on an H200 and is gone: NOTES,
+    # thirtieth session)
     slot_sum = bool(cfg.get("DOWN_SLOT_SUM")) and (not fp8 or group_scale_ok(True, cfg["DOWN_BLOCK_K"], block[1]))
-    if cfg.get("DOWN_TMA") and tma_rows_ok(w2, down_n, cfg["DOWN_BLOCK_K"], block if fp8 else None):
-        _pair_down_tma_kernel[(m, triton.cdiv(h, down_n))](
-            act, tma_rows(w2, down_n, cfg["DOWN_BLOCK_K"]), ids, weights, out, s2, h, inter, top_k, e,
-            act.stride(0), out.stride(0), s2.stride(0), s2.stride(1), STAGES=cfg.get("down_stages", 3),
-            **{k: v for k, v in down_scales.items() if k != "GROUP_SCALE"})
-    else:
-        _pair_down_kernel[(m, triton.cdiv(h, down_n))](
-            act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1),
-            out.stride(0), s2.stride(0), s2.stride(1), num_stages=cfg.get("down_stages", 3),
-            SLOT_SUM=slot_sum, **down_scales)
+    _pair_down_kernel[(m, triton.cdiv(h, down_n))](
+        act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
+        BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
+        num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
+        GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
+        PREFETCH=prefetch, SLOT_SUM=slot_sum, **pdl(x))
     return out
 
 
@@ -865,7 +811,7 @@ def tma_rows_ok(w: torch.Tensor, block_n: int, block_k: int, fp8_block=None) -> 
     """Whether `w` (E, R, K) can be read as (E * R, K) rows through a TMA descriptor with a
     (block_n, block_k) box: contiguous, rows 16-byte aligned, power-of-two box sides of at most
     256 (TMA's largest) with at least 16 bytes a box row, on Hopper or later (or the interpreter);
-    fp8 weights (`fp8_block`) also a power-of-two scale block width (the TMA kernels scale a
+    fp8 weights (`fp8_block`) also a power-of-two scale block width (the TMA kernel scales a
     block at a time)."""
     if w.dim() != 3 or not w.is_contiguous() or w.data_ptr() % 16 or (w.shape[2] * w.element_size()) % 16:
         return False

@@ -280,7 +280,7 @@ def h200_table_launches() -> list[dict]:
                 pair_tables.append((*moe_shape(f), table))
         for e, inter, hidden, table in pair_tables:
             for m, cfg in table.items():
-                w13, w2, s13, s2 = experts(e, inter, hidden, f8, whole=cfg.get("TMA") or cfg.get("DOWN_TMA"))
+                w13, w2, s13, s2 = experts(e, inter, hidden, f8, whole=cfg.get("TMA"))
                 ids = torch.zeros(int(m), 8, dtype=torch.int32)
                 for prefetch in (False, True):
                     fused_moe_pairs(torch.empty(int(m), hidden, dtype=bf16), w13, w2, torch.ones(int(m), 8), ids, cfg,
