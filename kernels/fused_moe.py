@@ -376,6 +376,20 @@ def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tup
 
 
 @triton.jit
+def _pair_gate_up_entry(ids_ptr, top_k, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    """A gate_up program's start: PDL's launch and wait (PREFETCH: the wait first, so that the
+    down kernel after it launches only once the router's kernel has finished), then its pair,
+    column block, token and expert id."""
+    if PREFETCH:
+        gdc_wait(USE_PDL)
+        gdc_launch(USE_PDL)
+    else:
+        gdc_enter(USE_PDL)
+    pair = tl.program_id(0)
+    return pair, tl.program_id(1), pair // top_k, tl.load(ids_ptr + pair)
+
+
+@triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -389,15 +403,8 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     (the router's) has finished, so that down may read the routing before its own wait.
     (Loading each K step's weights a step ahead in registers, PIPE, was slower in the step at
     every shape tried: NOTES, twenty-seventh session.)"""
-    if PREFETCH:
-        gdc_wait(USE_PDL)
-        gdc_launch(USE_PDL)
-    else:
-        gdc_enter(USE_PDL)
-    pair = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    token = pair // top_k
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    pair, pid_n, token, expert = _pair_gate_up_entry(ids_ptr, top_k, USE_PDL, PREFETCH)
+    expert = expert.to(tl.int64)
     if expert >= num_experts:             # another rank's expert (expert parallelism): its row is never read
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -460,31 +467,11 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
     (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two).
-    PREFETCH (with PDL, after a gate_up launched with it): the routing and the first K step's
-    weights are read before the wait for gate_up (which writes neither). SLOT_SUM:
-    _pair_down_slots' loop instead (a 2-D tile a slot)."""
-    if SLOT_SUM:
-        _pair_down_slots(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
-                         stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn, TOP_K_PAD, BLOCK_N,
-                         BLOCK_K, HAS_SCALE, BN, BK, USE_PDL, PREFETCH)
-    else:
-        _pair_down_tile(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
-                        stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn, TOP_K_PAD, BLOCK_N,
-                        BLOCK_K, HAS_SCALE, BN, BK, USE_PDL, GROUP_SCALE, PREFETCH)
-
-
-@triton.jit
-def _pair_down_slots(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
-                     stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
-                     TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr):
-    """The pair down kernel's SLOT_SUM body: each K step loads every slot's (BLOCK_N, BLOCK_K)
-    weight tile as one load of its own (all issued before they are used) and adds it, times the
-    slot's activations, routing weight and block scales, into one (BLOCK_N, BLOCK_K)
-    accumulator: no (TOP_K_PAD, BLOCK_N, BLOCK_K) accumulator (Nsight Compute counted the 3-D
-    kernel's 240 registers, two programs an SM, at 8 x 256 on 4 warps). Scales a block at a time.
-    PREFETCH: the routing is read before PDL's wait (the weights after it)."""
+    PREFETCH (with PDL, after a gate_up launched with it, which finished the router's kernel
+    before letting this one launch): the routing and the first K step's weights are read before
+    the wait for gate_up (which writes neither). SLOT_SUM: _pair_down_slots' loop instead (a 2-D
+    tile a slot). Another rank's expert (id E) has no scale row: its slot reads expert 0's
+    (finite, times zero activations and weight; GROUP_SCALE's loads are not masked by slot)."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -494,10 +481,32 @@ def _pair_down_slots(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K,
     slots = tl.arange(0, TOP_K_PAD)
     slot_ok = slots < top_k
     pairs = token * top_k + slots
-    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0)
+    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
     slot_ok = slot_ok & (experts < num_experts)
-    experts = tl.where(slot_ok, experts, 0)     # another rank's expert: expert 0's rows, times weight 0
+    experts = tl.where(slot_ok, experts, 0)
     weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
+    if SLOT_SUM:
+        _pair_down_slots(act_ptr, w_ptr, out_ptr, s_ptr, N, K, top_k, stride_am, stride_we, stride_wn, stride_om,
+                         stride_se, stride_sn, token, pid_n, slots, slot_ok, experts, weights, TOP_K_PAD, BLOCK_N,
+                         BLOCK_K, HAS_SCALE, BN, BK, USE_PDL, PREFETCH)
+    else:
+        _pair_down_tile(act_ptr, w_ptr, out_ptr, s_ptr, N, K, stride_am, stride_we, stride_wn, stride_om, stride_se,
+                        stride_sn, token, pid_n, pairs, slot_ok, experts, weights, TOP_K_PAD, BLOCK_N, BLOCK_K,
+                        HAS_SCALE, BN, BK, USE_PDL, GROUP_SCALE, PREFETCH)
+
+
+@triton.jit
+def _pair_down_slots(act_ptr, w_ptr, out_ptr, s_ptr, N, K, top_k, stride_am, stride_we, stride_wn, stride_om,
+                     stride_se, stride_sn, token, pid_n, slots, slot_ok, experts, weights,
+                     TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr,
+                     PREFETCH: tl.constexpr):
+    """The pair down kernel's SLOT_SUM body: each K step loads every slot's (BLOCK_N, BLOCK_K)
+    weight tile as one load of its own (all issued before they are used) and adds it, times the
+    slot's activations, routing weight and block scales, into one (BLOCK_N, BLOCK_K)
+    accumulator: no (TOP_K_PAD, BLOCK_N, BLOCK_K) accumulator (Nsight Compute counted the 3-D
+    kernel's 240 registers, two programs an SM, at 8 x 256 on 4 warps). Scales a block at a time.
+    PREFETCH: only the routing was read before PDL's wait."""
     if PREFETCH:
         gdc_wait(USE_PDL)
     n0 = pid_n * BLOCK_N
@@ -509,7 +518,7 @@ def _pair_down_slots(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K,
         k_ok = offs_k < K - k * BLOCK_K
         for slot in tl.static_range(TOP_K_PAD):
             chosen = slots == slot
-            expert = tl.sum(tl.where(chosen, experts, 0)).to(tl.int64)
+            expert = tl.sum(tl.where(chosen, experts, 0))
             mine = tl.sum(tl.where(chosen, slot_ok.to(tl.int32), 0)) > 0    # gate_up left others' act unwritten
             w = tl.load(w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + k * BLOCK_K + offs_k[None, :],
                         mask=n_ok[:, None] & k_ok[None, :] & mine, other=0.0)
@@ -524,26 +533,12 @@ def _pair_down_slots(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K,
 
 
 @triton.jit
-def _pair_down_tile(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
-                    stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
+def _pair_down_tile(act_ptr, w_ptr, out_ptr, s_ptr, N, K, stride_am, stride_we, stride_wn, stride_om, stride_se,
+                    stride_sn, token, pid_n, pairs, slot_ok, experts, weights,
                     TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     HAS_SCALE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr,
                     GROUP_SCALE: tl.constexpr, PREFETCH: tl.constexpr):
     """The pair down kernel's body with its 3-D tile (_pair_down_kernel)."""
-    if PREFETCH:
-        gdc_launch(USE_PDL)
-    else:
-        gdc_enter(USE_PDL)
-    token = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    slots = tl.arange(0, TOP_K_PAD)
-    slot_ok = slots < top_k
-    pairs = token * top_k + slots
-    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
-    slot_ok = slot_ok & (experts < num_experts)
-    # another rank's expert (id E) has no scale row: its slot reads expert 0's (finite, times zero
-    # activations), not past the scales (GROUP_SCALE's loads are not masked by slot)
-    experts = tl.where(slot_ok, experts, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -569,7 +564,6 @@ def _pair_down_tile(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, 
                               HAS_SCALE, GROUP_SCALE)
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
-    weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
     out = tl.sum(tl.sum(acc, 2) * weights[:, None], 0)
     tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -587,15 +581,7 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
     per column would be pipelined too, as 4-byte async copies, and bound the kernel by L1 (Nsight
     Compute on the H200, NOTES). Rows past the intermediate size read the next rows (up's, or
     the next expert's: finite) and are not stored."""
-    if PREFETCH:
-        gdc_wait(USE_PDL)
-        gdc_launch(USE_PDL)
-    else:
-        gdc_enter(USE_PDL)
-    pair = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    token = pair // top_k
-    expert = tl.load(ids_ptr + pair)
+    pair, pid_n, token, expert = _pair_gate_up_entry(ids_ptr, top_k, USE_PDL, PREFETCH)
     if expert >= num_experts:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

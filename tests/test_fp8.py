@@ -631,6 +631,27 @@ def test_fp8_moe_pairs_scale_a_block_at_a_time(block_k, block):
     assert _rel(per_block, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
+def _pairs_with_another_ranks_experts(i: int, block: tuple[int, int], m: int = 3, e: int = 6, h: int = 96):
+    """Pair-path inputs where expert parallelism hands some slots id E (another rank's expert):
+    fp8 experts whose scale rows sit before NaNs (where expert E's would be), and routing with
+    such slots, and a token whose pairs are all elsewhere (row 1). -> (x, routing weights, ids,
+    q13, s13, q2, s2, d13, d2)."""
+    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
+    s13, s2 = (torch.cat([t, torch.full_like(t[:1], float("nan"))])[:e] for t in (s13, s2))
+    x = torch.randn(m, h, device=DEV)
+    w = torch.rand(m, 3, device=DEV)
+    ids = torch.tensor([[0, 5, e], [e, e, e], [3, 1, 2]], dtype=torch.int32, device=DEV)
+    return x, w, ids, q13, s13, q2, s2, d13, d2
+
+
+def _local_reference(x, w, ids, d13, d2):
+    """fused_moe_reference over this rank's experts only (another rank's slots add nothing)."""
+    from kernels.fused_moe import fused_moe_reference
+
+    keep = ids < d13.shape[0]
+    return fused_moe_reference(x, d13, d2, w * keep, torch.where(keep, ids, 0))
+
+
 @pytest.mark.parametrize("block_k,block,group_scale,prefetch", [
     (32, (32, 32), False, False), (64, (32, 32), True, True), (128, (16, 64), True, False), (32, (32, 128), False, True)])
 def test_fp8_moe_pairs_never_read_another_ranks_scales(block_k, block, group_scale, prefetch):
@@ -639,20 +660,14 @@ def test_fp8_moe_pairs_never_read_another_ranks_scales(block_k, block, group_sca
     the reference's, with K steps inside one scale block and over several (GROUP_SCALE's loads,
     not masked by slot, once read them and made the token NaN), PREFETCH's first step, a K
     (intermediate 100) that ends mid-step, and a token whose pairs are all elsewhere (zeros)."""
-    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
+    from kernels.fused_moe import fused_moe_pairs
 
-    m, e, h, i, a = 3, 6, 96, 100, 3
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-    s13, s2 = (torch.cat([t, torch.full_like(t[:1], float("nan"))])[:e] for t in (s13, s2))
-    x = torch.randn(m, h, device=DEV)
-    w = torch.rand(m, a, device=DEV)
-    ids = torch.tensor([[0, 5, e], [e, e, e], [3, 1, 2]], dtype=torch.int32, device=DEV)
+    x, w, ids, q13, s13, q2, s2, d13, d2 = _pairs_with_another_ranks_experts(100, block)
     cfg = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": block_k,
            "down_warps": 4, "GROUP_SCALE": group_scale, "DOWN_GROUP_SCALE": group_scale}
     got = fused_moe_pairs(x, q13, q2, w, ids, cfg, s13, s2, block, prefetch=prefetch)
     assert got.isfinite().all() and not got[1].any()
-    keep = ids < e
-    assert _rel(got, fused_moe_reference(x, d13, d2, w * keep, torch.where(keep, ids, 0))) < KTOL
+    assert _rel(got, _local_reference(x, w, ids, d13, d2)) < KTOL
 
 
 class _Launches:
@@ -677,12 +692,8 @@ def test_moe_pairs_gate_up_through_a_tma_descriptor(fp8, i, block_k, prefetch, s
     would be) and a token whose pairs all lie elsewhere (zeros, act rows never written: NaN)."""
     from kernels import fused_moe as fm
 
-    m, e, h, a, block = 3, 6, 96, 3, (32, 32)
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-    s13, s2 = (torch.cat([t, torch.full_like(t[:1], float("nan"))])[:e] for t in (s13, s2))
-    x = torch.randn(m, h, device=DEV)
-    w = torch.rand(m, a, device=DEV)
-    ids = torch.tensor([[0, 5, e], [e, e, e], [3, 1, 2]], dtype=torch.int32, device=DEV)
+    block = (32, 32)
+    x, w, ids, q13, s13, q2, s2, d13, d2 = _pairs_with_another_ranks_experts(i, block)
     cfg = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 32,
            "down_warps": 4, "num_stages": stages}
     weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
@@ -698,8 +709,7 @@ def test_moe_pairs_gate_up_through_a_tma_descriptor(fp8, i, block_k, prefetch, s
     assert up.count == 1
     assert tma.isfinite().all() and not tma[1].any()
     torch.testing.assert_close(tma, plain, rtol=1e-5, atol=1e-5)
-    keep = ids < e
-    assert _rel(tma, fm.fused_moe_reference(x, d13, d2, w * keep, torch.where(keep, ids, 0))) < KTOL
+    assert _rel(tma, _local_reference(x, w, ids, d13, d2)) < KTOL
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -711,12 +721,8 @@ def test_moe_pairs_down_slot_sum(fp8, i, block_k, block_n, prefetch, monkeypatch
     token whose pairs all lie elsewhere (zeros)."""
     from kernels import fused_moe as fm
 
-    m, e, h, a, block = 3, 6, 96, 3, (32, 32)
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
-    s13, s2 = (torch.cat([t, torch.full_like(t[:1], float("nan"))])[:e] for t in (s13, s2))
-    x = torch.randn(m, h, device=DEV)
-    w = torch.rand(m, a, device=DEV)
-    ids = torch.tensor([[0, 5, e], [e, e, e], [3, 1, 2]], dtype=torch.int32, device=DEV)
+    block = (32, 32)
+    x, w, ids, q13, s13, q2, s2, d13, d2 = _pairs_with_another_ranks_experts(i, block)
     cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOWN_BLOCK_N": block_n, "DOWN_BLOCK_K": block_k,
            "down_warps": 4, "DOWN_GROUP_SCALE": True}
     weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
@@ -732,8 +738,7 @@ def test_moe_pairs_down_slot_sum(fp8, i, block_k, block_n, prefetch, monkeypatch
     assert {r["consts"]["SLOT_SUM"] for r in rec.records.values() if r["name"] == "_pair_down_kernel"} == {True}
     assert slots.isfinite().all() and not slots[1].any()
     torch.testing.assert_close(slots, tile, rtol=1e-5, atol=1e-5)
-    keep = ids < e
-    assert _rel(slots, fm.fused_moe_reference(x, d13, d2, w * keep, torch.where(keep, ids, 0))) < KTOL
+    assert _rel(slots, _local_reference(x, w, ids, d13, d2)) < KTOL
 
 
 def test_tma_rows_refuses_what_a_descriptor_cannot_read():
