@@ -805,13 +805,26 @@ def tma_rows_ok(w: torch.Tensor, block_n: int, block_k: int, fp8_block=None) -> 
         return False
     if any(v & (v - 1) or v > 256 for v in (block_n, block_k)) or block_k * w.element_size() < 16:
         return False
+    if _tensor_descriptor() is None:
+        return False
     return not w.is_cuda or torch.cuda.get_device_capability(w.device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_descriptor():
+    """Triton's host-side TensorDescriptor, or None where this Triton has none (before 3.4): the
+    plain kernels run there."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        log.warning("this Triton has no host-side tensor descriptors: the pair kernels' TMA keys are ignored")
+        return None
+    return TensorDescriptor
 
 
 def tma_rows(w: torch.Tensor, block_n: int, block_k: int):
     """`w` (E, R, K) as a TMA descriptor of (E * R, K) rows and a (block_n, block_k) box."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor(w, [w.shape[0] * w.shape[1], w.shape[2]], [w.shape[2], 1], [block_n, block_k])
+    return _tensor_descriptor()(w, [w.shape[0] * w.shape[1], w.shape[2]], [w.shape[2], 1], [block_n, block_k])
 
 
 @triton.jit

@@ -755,6 +755,35 @@ def test_tma_rows_refuses_what_a_descriptor_cannot_read():
     assert tma_rows_ok(w, 16, 32, (16, 64)) and not tma_rows_ok(w, 16, 32, (16, 48))     # scales a block at a time
 
 
+def test_a_triton_without_tensor_descriptors_runs_the_plain_pair_kernels(monkeypatch):
+    """Where Triton has no host-side TensorDescriptor (before 3.4; users' containers), a table's
+    TMA key is ignored: the plain gate_up kernel runs and answers, not an ImportError mid-decode."""
+    import builtins
+
+    from kernels import fused_moe as fm
+
+    real_import = builtins.__import__
+
+    def no_descriptors(name, *args, **kwargs):
+        if name == "triton.tools.tensor_descriptor":
+            raise ImportError("no tensor descriptors in this Triton")
+        return real_import(name, *args, **kwargs)
+
+    fm._tensor_descriptor.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_descriptors)
+    try:
+        x, w, ids, q13, s13, q2, s2, d13, d2 = _pairs_with_another_ranks_experts(64, (32, 32))
+        assert not fm.tma_rows_ok(q13, 16, 32, (32, 32))
+        cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 32, "down_warps": 4,
+               "TMA": True}
+        out = fm.fused_moe_pairs(x, q13, q2, w, ids, cfg, s13, s2, (32, 32))
+        assert _rel(out, _local_reference(x, w, ids, d13, d2)) < KTOL
+    finally:
+        monkeypatch.undo()
+        fm._tensor_descriptor.cache_clear()
+    assert fm.tma_rows_ok(q13, 16, 32, (32, 32))
+
+
 @pytest.mark.parametrize("group_scale", [False, True])
 def test_fp8_gemv_with_the_input_norm_inside(group_scale):
     """NORM on the fp8 GEMV's row: the residual add and RMSNorm in the kernel give what the norm
