@@ -14,8 +14,9 @@ W=$OUT/w; mkdir -p $W; START=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + START )); }
 CONFIG=Qwen3-VL-30B-A3B-Instruct
 if [ "$DTYPE" = slot ]; then
-  timeout 90 python -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "slot_sum or test_moe_pairs" \
-    > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
+  # node ids, not -k: on the GPU host a -k over these names selected ~10x the tests it selects here
+  timeout 90 python -m pytest -q -p no:cacheprovider tests/test_fp8.py::test_moe_pairs_down_slot_sum \
+    tests/test_fp8.py::test_moe_pairs_gate_up_through_a_tma_descriptor > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
   timeout $(left 250) python -m benchmarks.pair_variants --dtypes fp8,bf16 --out $W > $W/pair-variants.txt 2>&1
   cut -c1-110 $W/pair-variants.txt
   timeout $(left 585) python -m benchmarks.engine_ab --variants benchmarks/variants/pair-slot-30b-fp8.json \
@@ -28,8 +29,8 @@ if [ "$DTYPE" = slot-bf16 ]; then
   tail -7 $W/ab-slot-bf16.txt; cp $W/ab/engine-ab-partial.json $W/ 2>/dev/null; cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$DTYPE" = rows ]; then
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "gpu_paths_at_30b or tma or half2_overflow" \
-    > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fp8.py::test_fp8_gpu_paths_at_30b_shapes \
+    tests/test_fp8.py::test_moe_pairs_gate_up_through_a_tma_descriptor > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
   for cfg in Qwen3-VL-30B-A3B-Instruct-FP8 Qwen3-VL-30B-A3B-Instruct; do
     timeout $(left $([ $cfg = Qwen3-VL-30B-A3B-Instruct ] && echo 560 || echo 330)) python -m benchmarks.engine \
       --config $cfg --concurrency 1,16,64,128 --out-tokens 64 --routing uniform --out $W > $W/rows-$cfg.txt 2>&1
