@@ -6,8 +6,8 @@ the next), fp8 (128x128 blocks) and bf16, against the table's shape and the byte
 
 A variant is a patch over the table's shape ({} = the table's own). The TMA variants read
 gate_up's weight tiles through tensor descriptors, pipelined `num_stages` deep; DOWN_SLOT_SUM
-gives down's slots 2-D tiles of their own. Isolated
-timings have misled before: a winner here is checked inside whole steps by benchmarks.engine_ab.
+gives down's slots 2-D tiles of their own. Isolated timings have misled before: a winner here
+is checked inside whole steps by benchmarks.engine_ab.
 """
 
 from __future__ import annotations
