@@ -390,6 +390,25 @@ def _pair_gate_up_entry(ids_ptr, top_k, USE_PDL: tl.constexpr, PREFETCH: tl.cons
 
 
 @triton.jit
+def _pair_gate_up_step(acc_g, acc_u, g, u, xk, s_gate, s_up, k, K, k_ok, offs_k, BLOCK_K: tl.constexpr,
+                       BK: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP_SCALE: tl.constexpr):
+    """K step k of a pair gate_up kernel: its gate and up weights (float32) times x's columns and,
+    for fp8 (HAS_SCALE), the rows' scales (GROUP_SCALE: once per block of the step; else one per
+    column), added into the accumulators."""
+    if HAS_SCALE and GROUP_SCALE:
+        acc_g += g * block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
+        acc_u += u * block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
+    elif HAS_SCALE:
+        kb = (k * BLOCK_K + offs_k) // BK
+        acc_g += g * (xk * tl.load(s_gate + kb, mask=k_ok, other=0.0))[None, :]
+        acc_u += u * (xk * tl.load(s_up + kb, mask=k_ok, other=0.0))[None, :]
+    else:
+        acc_g += g * xk[None, :]
+        acc_u += u * xk[None, :]
+    return acc_g, acc_u
+
+
+@triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k, num_experts,
                          stride_xm, stride_we, stride_wn, stride_am, stride_se, stride_sn,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -423,16 +442,8 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
         m = n_ok[:, None] & k_ok[None, :]
         g = tl.load(gate_ptrs, mask=m, other=0.0).to(tl.float32)
         u = tl.load(up_ptrs, mask=m, other=0.0).to(tl.float32)
-        if HAS_SCALE and GROUP_SCALE:
-            acc_g += g * block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
-            acc_u += u * block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
-        elif HAS_SCALE:
-            kb = (k * BLOCK_K + offs_k) // BK
-            acc_g += g * (xk * tl.load(s_gate + kb, mask=k_ok, other=0.0))[None, :]
-            acc_u += u * (xk * tl.load(s_up + kb, mask=k_ok, other=0.0))[None, :]
-        else:
-            acc_g += g * xk[None, :]
-            acc_u += u * xk[None, :]
+        acc_g, acc_u = _pair_gate_up_step(acc_g, acc_u, g, u, xk, s_gate, s_up, k, K, k_ok, offs_k, BLOCK_K, BK,
+                                          HAS_SCALE, GROUP_SCALE)
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -593,15 +604,12 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
     s_gate = s_ptr + expert.to(tl.int64) * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     s_up = s_ptr + expert.to(tl.int64) * stride_se + ((pid_n * BLOCK_N + inter) // BN) * stride_sn
     for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
-        xk = tl.load(x_ptrs + k * BLOCK_K, mask=offs_k < K - k * BLOCK_K, other=0.0).to(tl.float32)
+        k_ok = offs_k < K - k * BLOCK_K
+        xk = tl.load(x_ptrs + k * BLOCK_K, mask=k_ok, other=0.0).to(tl.float32)
         g = w_desc.load([row, k * BLOCK_K]).to(tl.float32)
         u = w_desc.load([row + inter, k * BLOCK_K]).to(tl.float32)
-        if HAS_SCALE:
-            acc_g += g * block_scaled(xk, s_gate, k, K, BLOCK_K, BK, 0)[None, :]
-            acc_u += u * block_scaled(xk, s_up, k, K, BLOCK_K, BK, 0)[None, :]
-        else:
-            acc_g += g * xk[None, :]
-            acc_u += u * xk[None, :]
+        acc_g, acc_u = _pair_gate_up_step(acc_g, acc_u, g, u, xk, s_gate, s_up, k, K, k_ok, offs_k, BLOCK_K, BK,
+                                          HAS_SCALE, True)
     g = tl.sum(acc_g, 1)
     u = tl.sum(acc_u, 1)
     act = g / (1.0 + tl.exp(-g)) * u
@@ -764,19 +772,17 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
     up_n = dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
-    up_scales = dict(HAS_SCALE=fp8, BN=block[0], BK=block[1], num_warps=cfg["num_warps"],
-                     GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]),
-                     PREFETCH=prefetch, **pdl(x))
+    up = dict(BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
+              num_warps=cfg["num_warps"], PREFETCH=prefetch, **pdl(x))
     if cfg.get("TMA") and tma_rows_ok(w13, up_n, cfg["BLOCK_K"], block if fp8 else None):
         _pair_gate_up_tma_kernel[(m * top_k, triton.cdiv(inter, up_n))](
             x, tma_rows(w13, up_n, cfg["BLOCK_K"]), ids, act, s13, inter, h, top_k, e, x.stride(0), act.stride(0),
-            s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"], STAGES=cfg.get("num_stages", 3),
-            **{k: v for k, v in up_scales.items() if k != "GROUP_SCALE"})
+            s13.stride(0), s13.stride(1), STAGES=cfg.get("num_stages", 3), **up)
     else:
         _pair_gate_up_kernel[(m * top_k, triton.cdiv(inter, up_n))](
             x, w13, ids, act, s13, inter, h, top_k, e, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-            s13.stride(0), s13.stride(1), BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"],
-            num_stages=cfg.get("num_stages", 3), **up_scales)
+            s13.stride(0), s13.stride(1), num_stages=cfg.get("num_stages", 3),
+            GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), **up)
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
     # SLOT_SUM scales a block at a time: fp8 weights need a power-of-two step and scale block

@@ -631,11 +631,12 @@ def test_fp8_moe_pairs_scale_a_block_at_a_time(block_k, block):
     assert _rel(per_block, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
 
-def _pairs_with_another_ranks_experts(i: int, block: tuple[int, int], m: int = 3, e: int = 6, h: int = 96):
+def _pairs_with_another_ranks_experts(i: int, block: tuple[int, int]):
     """Pair-path inputs where expert parallelism hands some slots id E (another rank's expert):
-    fp8 experts whose scale rows sit before NaNs (where expert E's would be), and routing with
-    such slots, and a token whose pairs are all elsewhere (row 1). -> (x, routing weights, ids,
-    q13, s13, q2, s2, d13, d2)."""
+    3 tokens, 6 experts of hidden size 96 and intermediate size `i`, top 3; fp8 experts whose
+    scale rows sit before NaNs (where expert E's would be), routing with such slots, and a token
+    whose pairs are all elsewhere (row 1). -> (x, routing weights, ids, q13, s13, q2, s2, d13, d2)."""
+    m, e, h = 3, 6, 96
     q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
     s13, s2 = (torch.cat([t, torch.full_like(t[:1], float("nan"))])[:e] for t in (s13, s2))
     x = torch.randn(m, h, device=DEV)
