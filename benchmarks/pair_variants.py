@@ -5,8 +5,7 @@ the next), fp8 (128x128 blocks) and bf16, against the table's shape and the byte
     python -m benchmarks.pair_variants [--dtypes fp8,bf16] [--out DIR]
 
 A variant is a patch over the table's shape ({} = the table's own). The TMA variants read
-gate_up's weight tiles through tensor descriptors, pipelined `num_stages` deep; DOWN_SLOT_SUM
-gives down's slots 2-D tiles of their own. Isolated timings have misled before: a winner here
+gate_up's weight tiles through tensor descriptors, pipelined `num_stages` deep. Isolated timings have misled before: a winner here
 is checked inside whole steps by benchmarks.engine_ab.
 """
 
@@ -28,11 +27,6 @@ VARIANTS = {
     "table": {},
     **{f"up-tma-s{s}": {"TMA": True, "num_stages": s} for s in (2, 3, 4)},
     **{f"up-tma-n16-s{s}": {"TMA": True, "num_stages": s, "BLOCK_N": 16} for s in (3, 4)},
-    # down's slots as 2-D tiles (DOWN_SLOT_SUM): registers on sm_90 as launched, 96 at 8 x 256 and
-    # 4 x 512 on 4 warps, 128 at 8 x 512 and 4 x 1024 on 8 warps (the 3-D tile: 240 at 8 x 256)
-    **{f"down-slot-n{n}-k{k}-w{w}": {"DOWN_SLOT_SUM": True, "DOWN_BLOCK_N": n, "DOWN_BLOCK_K": k, "down_warps": w,
-                                      "down_stages": 1}
-       for n, k, w in ((8, 256, 4), (4, 512, 4), (8, 512, 8), (4, 1024, 8))},
 }
 
 

@@ -473,16 +473,18 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                       USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False, SLOT_SUM: tl.constexpr = False):
+                      PREFETCH: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
     (GROUP_SCALE: loaded once per block of a K step, BLOCK_K and BK powers of two).
     PREFETCH (with PDL, after a gate_up launched with it, which finished the router's kernel
     before letting this one launch): the routing and the first K step's weights are read before
-    the wait for gate_up (which writes neither). SLOT_SUM: _pair_down_slots' loop instead (a 2-D
-    tile a slot). Another rank's expert (id E) has no scale row: its slot reads expert 0's
-    (finite, times zero activations and weight; GROUP_SCALE's loads are not masked by slot)."""
+    the wait for gate_up (which writes neither). Another rank's expert (id E) has no scale row:
+    its slot reads expert 0's (finite, times zero activations and weight; GROUP_SCALE's loads are
+    not masked by slot). (Each slot a 2-D tile of its own, summed into one accumulator, took 96
+    registers against this tile's 240 on sm_90 and was slower in every shape tried on an H200:
+    NOTES, thirty-first session.)"""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -496,60 +498,6 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     slot_ok = slot_ok & (experts < num_experts)
     experts = tl.where(slot_ok, experts, 0)
     weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
-    if SLOT_SUM:
-        _pair_down_slots(act_ptr, w_ptr, out_ptr, s_ptr, N, K, top_k, stride_am, stride_we, stride_wn, stride_om,
-                         stride_se, stride_sn, token, pid_n, slots, slot_ok, experts, weights, TOP_K_PAD, BLOCK_N,
-                         BLOCK_K, HAS_SCALE, BN, BK, USE_PDL, PREFETCH)
-    else:
-        _pair_down_tile(act_ptr, w_ptr, out_ptr, s_ptr, N, K, stride_am, stride_we, stride_wn, stride_om, stride_se,
-                        stride_sn, token, pid_n, pairs, slot_ok, experts, weights, TOP_K_PAD, BLOCK_N, BLOCK_K,
-                        HAS_SCALE, BN, BK, USE_PDL, GROUP_SCALE, PREFETCH)
-
-
-@triton.jit
-def _pair_down_slots(act_ptr, w_ptr, out_ptr, s_ptr, N, K, top_k, stride_am, stride_we, stride_wn, stride_om,
-                     stride_se, stride_sn, token, pid_n, slots, slot_ok, experts, weights,
-                     TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr):
-    """The pair down kernel's SLOT_SUM body: each K step loads every slot's (BLOCK_N, BLOCK_K)
-    weight tile as one load of its own (all issued before they are used) and adds it, times the
-    slot's activations, routing weight and block scales, into one (BLOCK_N, BLOCK_K)
-    accumulator: no (TOP_K_PAD, BLOCK_N, BLOCK_K) accumulator (Nsight Compute counted the 3-D
-    kernel's 240 registers, two programs an SM, at 8 x 256 on 4 warps). Scales a block at a time.
-    PREFETCH: only the routing was read before PDL's wait."""
-    if PREFETCH:
-        gdc_wait(USE_PDL)
-    n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        for slot in tl.static_range(TOP_K_PAD):
-            chosen = slots == slot
-            expert = tl.sum(tl.where(chosen, experts, 0))
-            mine = tl.sum(tl.where(chosen, slot_ok.to(tl.int32), 0)) > 0    # gate_up left others' act unwritten
-            w = tl.load(w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + k * BLOCK_K + offs_k[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :] & mine, other=0.0)
-            a = tl.load(act_ptr + (token * top_k + slot) * stride_am + k * BLOCK_K + offs_k, mask=k_ok & mine,
-                        other=0.0)
-            a = a.to(tl.float32) * tl.sum(tl.where(chosen, weights, 0.0))
-            if HAS_SCALE:
-                a = block_scaled(a, s_ptr + expert * stride_se + (n0 // BN) * stride_sn, k, K, BLOCK_K, BK, 0)
-            acc += w.to(tl.float32) * a[None, :]
-    out = tl.sum(acc, 1)
-    tl.store(out_ptr + token * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _pair_down_tile(act_ptr, w_ptr, out_ptr, s_ptr, N, K, stride_am, stride_we, stride_wn, stride_om, stride_se,
-                    stride_sn, token, pid_n, pairs, slot_ok, experts, weights,
-                    TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr,
-                    GROUP_SCALE: tl.constexpr, PREFETCH: tl.constexpr):
-    """The pair down kernel's body with its 3-D tile (_pair_down_kernel)."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -785,17 +733,15 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
             GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), **up)
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
-    # SLOT_SUM scales a block at a time: fp8 weights need a power-of-two step and scale block
     # (down through a TMA descriptor was slower in every shape tried on an H200 and is gone: NOTES,
     # thirtieth session)
-    slot_sum = bool(cfg.get("DOWN_SLOT_SUM")) and (not fp8 or group_scale_ok(True, cfg["DOWN_BLOCK_K"], block[1]))
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
         act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
-        PREFETCH=prefetch, SLOT_SUM=slot_sum, **pdl(x))
+        PREFETCH=prefetch, **pdl(x))
     return out
 
 

@@ -713,35 +713,6 @@ def test_moe_pairs_gate_up_through_a_tma_descriptor(fp8, i, block_k, prefetch, s
     assert _rel(tma, _local_reference(x, w, ids, d13, d2)) < KTOL
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("i,block_k,block_n,prefetch", [(64, 32, 16, False), (96, 64, 8, True), (40, 128, 4, True)])
-def test_moe_pairs_down_slot_sum(fp8, i, block_k, block_n, prefetch, monkeypatch):
-    """DOWN_SLOT_SUM (down's slots each a 2-D tile of their own, summed into one accumulator
-    step by step): the 3-D tile's answer to float32 rounding, with K steps ending mid-step,
-    PREFETCH or not, another rank's experts (scale rows of NaN, act rows unwritten: NaN) and a
-    token whose pairs all lie elsewhere (zeros)."""
-    from kernels import fused_moe as fm
-
-    block = (32, 32)
-    x, w, ids, q13, s13, q2, s2, d13, d2 = _pairs_with_another_ranks_experts(i, block)
-    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOWN_BLOCK_N": block_n, "DOWN_BLOCK_K": block_k,
-           "down_warps": 4, "DOWN_GROUP_SCALE": True}
-    weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *s, **k: empty(*s, **k).fill_(float("nan")))  # unwritten = NaN
-    tile, slots = (fm.fused_moe_pairs(x, weights[0], weights[1], w, ids, {**cfg, "DOWN_SLOT_SUM": on}, weights[2],
-                                      weights[3], block, prefetch=prefetch) for on in (False, True))
-    monkeypatch.undo()
-    from launch_record import only_recording
-    with only_recording() as rec:       # the key reached the kernel (not the 3-D tile twice)
-        fm.fused_moe_pairs(x, weights[0], weights[1], w, ids, {**cfg, "DOWN_SLOT_SUM": True}, weights[2], weights[3],
-                           block, prefetch=prefetch)
-    assert {r["consts"]["SLOT_SUM"] for r in rec.records.values() if r["name"] == "_pair_down_kernel"} == {True}
-    assert slots.isfinite().all() and not slots[1].any()
-    torch.testing.assert_close(slots, tile, rtol=1e-5, atol=1e-5)
-    assert _rel(slots, _local_reference(x, w, ids, d13, d2)) < KTOL
-
-
 def test_tma_rows_refuses_what_a_descriptor_cannot_read():
     """A descriptor needs contiguous rows 16 bytes apart and power-of-two box sides of at most 256
     (at least 16 bytes a box row), and fp8 scale blocks a power of two wide: anything else keeps

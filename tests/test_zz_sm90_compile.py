@@ -322,38 +322,6 @@ def test_the_h200_tables_launches_compile_for_sm90():
     _assert_all_compile(records)
 
 
-def test_the_pair_variants_waiting_for_a_gpu_compile_unspilled():
-    """The pair-path variants benchmarks/variants/pair-slot-30b-*.json hold for the next lease
-    (the 30B shape's pair entry with each patch; bf16's patches are whole entries), compiled as
-    launched for sm_90 without a stack frame, so a lease does not find one spilling."""
-    _needs_interpreter()
-    import torch
-
-    import launch_record
-    from kernels import tables
-    from kernels.fused_moe import fused_moe_pairs
-
-    root = Path(tables.__file__).parent
-    e, inter, hidden, block = 128, 768, 2048, (128, 128)
-    f8, bf16 = torch.float8_e4m3fn, torch.bfloat16
-    with launch_record.only_recording() as rec:
-        for f in sorted((ROOT / "benchmarks" / "variants").glob("pair-slot-30b-*.json")):
-            for variant in json.loads(f.read_text()).values():
-                (name, patch), = variant.items()
-                fp8 = "fp8_w8a8" in name
-                entry = {**(json.loads((root / "configs" / name).read_text()).get("pairs", {}).get("1", {})),
-                         **patch["pairs"]["1"]}
-                dt = f8 if fp8 else bf16
-                w13 = torch.empty(1, 2 * inter, hidden, dtype=dt).expand(e, -1, -1)
-                w2 = torch.empty(1, hidden, inter, dtype=dt).expand(e, -1, -1)
-                scales = ((torch.ones(e, 12, 16), torch.ones(e, 16, 6)) if fp8 else (None, None))
-                fused_moe_pairs(torch.empty(1, hidden, dtype=bf16), w13, w2, torch.ones(1, 8),
-                                torch.zeros(1, 8, dtype=torch.int32), entry, *scales, block, prefetch=True)
-    records = [{**r, "max_stack": 0} for r in rec.records.values()]
-    assert sum(r["name"] == "_pair_down_kernel" and r["consts"]["SLOT_SUM"] for r in records) >= 7, len(records)
-    _assert_all_compile(records)
-
-
 def main(path: str) -> int:
     try:
         import triton.backends.compiler  # noqa: F401
