@@ -363,6 +363,8 @@ def main(argv=None):
                     help="with --burst: warm_up's concurrent-traffic steps, or its single prompts only")
     ap.add_argument("--enable-mixed-chunk", action="store_true",
                     help="new prompts join the decoding steps (no solo_prefill steps; the launcher's flag)")
+    ap.add_argument("--prefill-graph-max-seqs", type=int, default=None,
+                    help="new prompts packed into one prefill graph step (the engine's default if unset; 1: one each)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel groups within them")
     ap.add_argument("--out", default=None)
@@ -380,6 +382,8 @@ def main(argv=None):
                         tp_size=args.tp, ep_size=args.ep, enable_vit_cuda_graph=args.enable_vit_cuda_graph,
                         moe_routing="uniform" if routings[0] == "uniform" else "model",
                         solo_prefill=not args.enable_mixed_chunk)
+        if args.prefill_graph_max_seqs is not None:
+            settings["prefill_cuda_graph_max_seqs"] = args.prefill_graph_max_seqs
         t = time.perf_counter()
         engine = LLMEngine(EngineConfig(**settings))
         load_s = time.perf_counter() - t

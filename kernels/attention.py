@@ -132,7 +132,7 @@ def _paged_decode_kernel(
     start = first
     if PREFETCH:
         if first < last:                # a split with no pages folds in nothing (an all-masked tile is NaN)
-            m_i, l_i, acc = online_softmax_step(q, k0, v0, live0, scale, m_i, l_i, acc)
+            m_i, l_i, acc = online_softmax_step(q, k0, v0, live0[None, :], scale, m_i, l_i, acc)
         start = first + PAGES
     for p0 in range(start, last, PAGES):
         page = p0 + page_of
@@ -146,7 +146,7 @@ def _paged_decode_kernel(
         else:
             k = tl.load(base, mask=live[:, None], other=0.0)
             v = tl.load(base + stride_ckv, mask=live[:, None], other=0.0)
-        m_i, l_i, acc = online_softmax_step(q, k, v, live, scale, m_i, l_i, acc)
+        m_i, l_i, acc = online_softmax_step(q, k, v, live[None, :], scale, m_i, l_i, acc)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
                  (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

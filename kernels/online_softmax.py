@@ -1,7 +1,8 @@
 """One step of the streaming (online) softmax shared by the attention kernels.
 
 Folds a tile of keys/values into the running max `m`, normaliser `l` and output accumulator
-`acc` of a block of query rows; masked-out keys (`live` false) contribute nothing.
+`acc` of a block of query rows; masked-out keys (`live` false: (1, keys) for every row alike, or
+(rows, keys)) contribute nothing.
 """
 
 import triton
@@ -11,7 +12,7 @@ import triton.language as tl
 @triton.jit
 def online_softmax_step(q, k, v, live, scale, m, l, acc):
     s = tl.dot(q, tl.trans(k)) * scale
-    s = tl.where(live[None, :], s, float("-inf"))
+    s = tl.where(live, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     alpha = tl.exp(m - m_new)
     p = tl.exp(s - m_new[:, None])

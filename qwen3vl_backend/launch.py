@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prefill-cuda-graph-max-tokens", type=int, default=4096,
       help="one new prompt of up to this many tokens (and --chunked-prefill-size) replays a prefill CUDA graph "
            "(GPU; 0: off)")
+    a("--prefill-cuda-graph-max-seqs", type=int, default=4,
+      help="up to this many new prompts that arrive together prefill in one graph step, each attending to its own "
+           "tokens (GPU; 1: one prompt a step)")
     a("--disable-cuda-graph", action="store_true", help="no decode or prefill CUDA graphs")
     a("--mm-max-concurrent-calls", type=int, default=32)
     a("--preprocess-instances", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
@@ -203,7 +206,8 @@ def resolve(args) -> dict:
            "tp_size": str(args.tp), "ep_size": str(args.ep), "nnodes": str(args.nnodes),
            "node_rank": str(args.node_rank), "dist_init_addr": args.dist_init_addr or "",
            "cuda_graph_max_bs": "0" if args.disable_cuda_graph else str(args.cuda_graph_max_bs),
-           "prefill_cuda_graph_max_tokens": "0" if args.disable_cuda_graph else str(args.prefill_cuda_graph_max_tokens)}
+           "prefill_cuda_graph_max_tokens": "0" if args.disable_cuda_graph else str(args.prefill_cuda_graph_max_tokens),
+           "prefill_cuda_graph_max_seqs": str(args.prefill_cuda_graph_max_seqs)}
     try:
         engine_cfg = EngineConfig.from_settings(llm)
     except ConfigError as e:

@@ -355,6 +355,43 @@ def test_prefill_graph_padding_changes_nothing(tiny_moe, prompts, reference):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_packed_prefill_graph_matches_the_eager_batch(tiny_moe, prompts, reference):
+    """What the packed prefill graphs compute (new prompts concatenated and padded to a bucket,
+    attention causal within each by the varlen kernel, each prompt's last row's logits), run
+    eagerly on CPU: the three prompts, image and text, submitted together take one packed step
+    whose first-token logits are the eager batch's, and every later token is the reference's.
+    Then a pack of two after it (the first pack's segment table and DeepStack rows replaced)."""
+    import torch
+
+    from qwen3vl_backend.engine.prefill_graphs import PrefillGraphs
+
+    # (no prefix cache: the prompts come again)
+    eager, packed = make_engine(tiny_moe), make_engine(tiny_moe, enable_prefix_cache=False)
+    r = packed.runner
+    r.prefill_graphs = PrefillGraphs(r.model, r.kv_caches, r.cfg.block_size, r.num_blocks, (8, 64, 256, 512),
+                                     r.device, r.dtype, max_seqs=4)
+    packed.scheduler.solo_prefill, packed.scheduler.solo_pack = (1, 512), 4
+    assert r.prefill_graphs.packed_buckets == [256, 512]
+    first = {}
+    for name, engine in (("eager", eager), ("packed", packed)):
+        sample = engine.runner._sample
+
+        def record(logits, chunks, banned, masks=None, sample=sample, name=name):
+            if all(c.start == 0 for c in chunks):
+                first.setdefault(name, (logits.clone(), [c.seq.request_id for c in chunks]))
+            return sample(logits, chunks, banned, masks)
+        engine.runner._sample = record
+        outs = engine.generate(prompts, GREEDY)
+        assert [o["output_token_ids"] for o in outs] == reference
+    assert r.prefill_graphs.packed_replays == 1 and r.prefill_graphs.replays == 0
+    (want, want_ids), (got, got_ids) = first["eager"], first["packed"]
+    assert got.shape[0] == len(prompts) and got_ids == want_ids
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    outs = packed.generate([prompts[2], prompts[1]], GREEDY)        # the image prompt second this time
+    assert [o["output_token_ids"] for o in outs] == [reference[2], reference[1]]
+    assert r.prefill_graphs.packed_replays == 2
+
+
 def test_prefill_graphs_that_do_not_fit_leave_prefill_eager(caplog):
     """Out of GPU memory while capturing: one GPU warns and prefills eagerly; a tensor-parallel rank
     (whose peers are capturing with it) fails with the settings that make room."""

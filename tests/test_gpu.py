@@ -144,7 +144,8 @@ def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, 
 @pytest.mark.parametrize("cudnn", [False, True], ids=["sdpa-order", "cudnn-first"])
 def test_prefill_cuda_graph_matches_eager_prefill(tiny_moe, cudnn, monkeypatch):
     """One prompt's first-token logits from a prefill graph (padded to its bucket) against the eager
-    prefill's, for every case, and the same first token where the eager one is not a near tie.
+    prefill's, for every case, and the same first token where the eager one is not a near tie;
+    then the cases packed into one graph step against the eager batch of them.
     cudnn-first (switches.PREFILL_CUDNN): the graphs were captured with cuDNN's attention, and a
     replay runs it."""
     from kernels import switches
@@ -176,7 +177,14 @@ def test_prefill_cuda_graph_matches_eager_prefill(tiny_moe, cudnn, monkeypatch):
         for engine in (eager, graphs):
             engine.generate([prompt], params)
     assert graphs.runner.prefill_graphs.replays == len(CASES)
-    for case, want, got in zip(CASES, firsts["eager"], firsts["graph"]):
+    # the cases together: one packed graph step (attention causal within each prompt) against the
+    # eager batch, row by row
+    together = list(CASES)[: graphs.runner.prefill_graphs.max_seqs]
+    for engine in (eager, graphs):
+        engine.generate([processor.process_messages(CASES[c]) for c in together], params)
+    assert graphs.runner.prefill_graphs.packed_replays == 1 and len(together) > 1
+    rows = [(f"{c} (packed)", w[None], g[None]) for c, w, g in zip(together, firsts["eager"][-1], firsts["graph"][-1])]
+    for case, want, got in [*zip(CASES, firsts["eager"], firsts["graph"]), *rows]:
         assert ((got - want).norm() / want.norm()).item() < 2e-2, case
         top2 = want.topk(2, dim=-1).values[0]
         if (top2[0] - top2[1]) / want.abs().max() >= NOISE:        # not a near tie

@@ -409,6 +409,40 @@ def test_varlen_attention_matches_reference(segments, h, d):
     assert rel(out, varlen_attention_torch(q, k, v, cu, d ** -0.5)) < FP32_TOL
 
 
+def _causal_reference(q, k, v, cu, scale):
+    """Each segment causal on its own, its k/v heads repeated for q's group (SDPA)."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    for a, b in zip(cu[:-1], cu[1:]):
+        kk, vv = (t[a:b].repeat_interleave(group, 1).transpose(0, 1) for t in (k, v))
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), kk, vv, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("segments,h,kvh,d", [([5], 2, 1, 16), ([37, 64, 3], 4, 2, 32), ([70, 1, 33], 8, 1, 64),
+                                              ([40, 41], 2, 2, 24)])
+def test_varlen_causal_attention_matches_reference(segments, h, kvh, d):
+    """Packed prompts' prefill (`causal`, grouped-query heads): each segment causal on its own,
+    with segments of one token, past a query block (32 in the interpreter) and ending mid-block,
+    a head dim that is no power of two, and a grid bounded above the longest segment (a graph's
+    bucket) whose extra blocks and the trailing empty segment write nothing; q, k and v strided
+    views of one qkv row."""
+    from kernels.varlen_attention import varlen_attention_bounded
+
+    cu = [0]
+    for n in segments:
+        cu.append(cu[-1] + n)
+    qkv = torch.randn(cu[-1], (h + 2 * kvh) * d, device=DEV)     # views of one row, as qkv_prep_ returns them
+    q = qkv[:, : h * d].view(-1, h, d)
+    k, v = (qkv[:, (h + i * kvh) * d : (h + (i + 1) * kvh) * d].view(-1, kvh, d) for i in range(2))
+    cu_t = torch.tensor(cu + [cu[-1]], dtype=torch.int32, device=DEV)      # an empty segment last
+    out = varlen_attention_bounded(q, k, v, cu_t, max(segments) + 40, d ** -0.5, causal=True)
+    assert rel(out, _causal_reference(q, k, v, cu, d ** -0.5)) < FP32_TOL
+    with pytest.raises(ValueError, match="a divisor of its heads"):
+        varlen_attention_bounded(q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu_t, 8, 1.0, causal=True)
+
+
 def rope_tables(t, d, device):
     positions = torch.randint(0, 5000, (3, t), device=device)
     return mrope_cos_sin(positions, rope_inv_freq(d, 5e6).to(device),
@@ -539,6 +573,23 @@ def test_kernels_replay_in_a_cuda_graph():
     assert torch.equal(rids.long(), want_ids) and rel(rw, want_w) < 1e-5
     want_q = qkv_prep_reference(qkv, 32, 4, q_norm, k_norm, cos, sin, torch.zeros_like(prep_cache), slots)[0]
     assert rel(prep_q, want_q) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("segments", [[954], [954, 954], [300, 1500, 7]])
+def test_varlen_causal_attention_gpu_bf16_text_shape(segments):
+    """Packed prompts' prefill at 30B-A3B's attention (32 query heads, 4 KV heads of 128),
+    bf16 on the GPU's launch shape, against SDPA segment by segment."""
+    from kernels.varlen_attention import varlen_attention_bounded
+
+    cu = [0]
+    for n in segments:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], 32, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(cu[-1], 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu_t = torch.tensor(cu + [cu[-1]], dtype=torch.int32, device="cuda")
+    out = varlen_attention_bounded(q, k, v, cu_t, 2048, 128 ** -0.5, causal=True)
+    assert rel(out, _causal_reference(q, k, v, cu, 128 ** -0.5)) < 1e-2
 
 
 @gpu

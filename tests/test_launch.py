@@ -197,8 +197,10 @@ def test_dry_run_reports_the_repository(tiny_moe, tmp_path):
     assert report["settings"]["llm"]["enable_prefix_cache"] == "false"
     assert report["settings"]["llm"]["overlap_schedule"] == "false"
     assert report["settings"]["vit"]["mm_attention_backend"] == "triton"
-    graphs = {k: report["settings"]["llm"][k] for k in ("cuda_graph_max_bs", "prefill_cuda_graph_max_tokens")}
-    assert graphs == {"cuda_graph_max_bs": "128", "prefill_cuda_graph_max_tokens": "4096"}
+    graphs = {k: report["settings"]["llm"][k]
+              for k in ("cuda_graph_max_bs", "prefill_cuda_graph_max_tokens", "prefill_cuda_graph_max_seqs")}
+    assert graphs == {"cuda_graph_max_bs": "128", "prefill_cuda_graph_max_tokens": "4096",
+                      "prefill_cuda_graph_max_seqs": "4"}
 
 
 def test_disable_cuda_graph_turns_off_decode_and_prefill_graphs(tiny_moe):
@@ -207,6 +209,8 @@ def test_disable_cuda_graph_turns_off_decode_and_prefill_graphs(tiny_moe):
     assert (llm["cuda_graph_max_bs"], llm["prefill_cuda_graph_max_tokens"]) == ("0", "0")
     out = _run(["--model-path", str(tiny_moe), "--dry-run", "--prefill-cuda-graph-max-tokens", "-1"])
     assert out.returncode != 0 and "prefill_cuda_graph_max_tokens must be >= 0" in out.stderr
+    out = _run(["--model-path", str(tiny_moe), "--dry-run", "--prefill-cuda-graph-max-seqs", "0"])
+    assert out.returncode != 0 and "prefill_cuda_graph_max_seqs must be >= 1, got 0" in out.stderr
 
 
 @pytest.mark.parametrize("calls,instances,want", [(32, 4, (4, "8")), (2, 4, (2, "1")), (5, 2, (2, "2")),

@@ -187,3 +187,28 @@ def test_a_prompt_refused_for_blocks_counts_its_prefix_lookup_once():
     sched.finish(sched.running[0], "stop")
     assert [c.seq.request_id for c in run_step(sched)] == ["next"]
     assert bm.prefix_queries == queries + 20
+
+
+def test_solo_prefill_packs_the_prompts_queued_behind_the_first():
+    """solo_pack 3: the qualifying prompts queued behind a solo step's first join it, in order, up
+    to three and hi (40) tokens in all; one with a prefix-cache hit ends the pack (looked up, not
+    counted, and admitted on its own next, its cached block read eagerly), and so does a short
+    prompt (it keeps its place in the queue)."""
+    bm = BlockManager(256, 4)
+    sched = Scheduler(bm, max_num_seqs=16, max_num_batched_tokens=48, solo_prefill=(8, 40), solo_pack=3)
+    sched.add(seq("d", 4))
+    assert steps_of(sched, 1) == [[("d", 0, 4)]]                 # short: a regular step (d's block cached)
+    for rid, n, first in (("a", 12, 100), ("b", 12, 200), ("c", 12, 300), ("e", 12, 400), ("f", 30, 500),
+                          ("g", 12, 600), ("x", 10, 800), ("h", 12, 0), ("y", 10, 900), ("s", 5, 700)):
+        sched.add(seq(rid, n, first))
+    hits = bm.prefix_hits
+    assert steps_of(sched, 5) == [[("a", 0, 12), ("b", 0, 12), ("c", 0, 12)],      # three at most
+                                  [("e", 0, 12)],                                  # f would make 42
+                                  [("f", 0, 30)],                                  # g would make 42
+                                  [("g", 0, 12), ("x", 0, 10)],
+                                  [("h", 4, 8)]]               # a hit on d's block: not packed, then alone
+    assert bm.prefix_hits == hits + 4                          # counted once, when admitted
+    assert steps_of(sched, 1) == [[("y", 0, 10)]]              # s, short, ends the pack
+    assert ("s", 0, 5) in steps_of(sched, 1)[0]                # and joins the decode rows
+    with pytest.raises(ValueError):
+        Scheduler(BlockManager(8, 4), 8, 64, (8, 40), solo_pack=0)

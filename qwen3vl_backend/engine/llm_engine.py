@@ -94,7 +94,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         graphs = self.runner.prefill_graphs
         solo = (SOLO_PREFILL_MIN_TOKENS, graphs.buckets[-1]) if cfg.solo_prefill and graphs is not None else None
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, solo)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, solo,
+                                   solo_pack=graphs.max_seqs if solo else 1)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self.vision_cache = VisionCache(cfg.vlm_cache_size_mb)

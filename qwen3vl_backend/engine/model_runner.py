@@ -224,7 +224,8 @@ class ModelRunner:
         if graphs_ok and limit > 0:
             self.prefill_graphs = capture_prefill_graphs(
                 lambda: PrefillGraphs(self.model, self.kv_caches, cfg.block_size, self.num_blocks,
-                                      buckets_up_to(limit), self.device, self.dtype), limit, cfg.tp_size)
+                                      buckets_up_to(limit), self.device, self.dtype,
+                                      cfg.prefill_cuda_graph_max_seqs), limit, cfg.tp_size)
 
     def _join_group(self) -> None:
         """Start this node's other ranks (rank 0 only) and join the group."""
@@ -367,9 +368,9 @@ class ModelRunner:
         ends = list(itertools.accumulate(c.num_tokens for c in batch))
         last = [end - 1 for end, c in zip(ends, batch) if c.samples]
         prompt = _prompt_rows(batch, ends)
-        if (self.prefill_graphs is not None and len(batch) == 1 and batch[0].start == 0 and batch[0].samples
-                and not prompt and self.prefill_graphs.fits(ends[-1])):
-            # one new sequence's whole prompt (its first token: TTFT), replayed from a graph
+        if (self.prefill_graphs is not None and all(c.start == 0 and c.samples for c in batch)
+                and not prompt and self.prefill_graphs.fits(ends[-1], len(batch))):
+            # new sequences' whole prompts (their first tokens: TTFT), replayed from a graph
             with self._group_step():
                 self._publish("prefill", None, ids, positions, meta, vis_embeds, vis_mask, deepstack)
                 logits = self.prefill_graphs.run(ids, positions, meta, vis_embeds, vis_mask, deepstack)

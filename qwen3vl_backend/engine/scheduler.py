@@ -8,11 +8,14 @@ are freed and it goes back to the front of the queue to be recomputed later, nev
 
 `solo_prefill` (lo, hi): a waiting prompt of lo..hi tokens is prefilled in a step of its own, ahead
 of the decoding sequences, which wait for it (SGLang's default: prefill batches apart from decode
-batches). One whole prompt from position 0 is what the model runner replays a prefill graph for
+batches). Whole prompts from position 0 are what the model runner replays a prefill graph for
 (hi: its largest bucket); packed two to a 2048-token step with decode rows, the prompts of a burst
 ran eagerly and were cut at the budget (30B fp8: 16 image requests at once, first tokens after
-1.2-1.8 s). At most `max_solo_streak` such steps run in a row while sequences wait to decode;
-then a step of the decoding sequences alone, and the solo steps go on.
+1.2-1.8 s). The prompts queued behind the first that also qualify join its step, up to
+`solo_pack` of them and hi tokens in all (the runner's packed graphs), as long as each is fresh
+(no prefix-cache hit: a cached prefix is read eagerly). At most `max_solo_streak` such steps run
+in a row while sequences wait to decode; then a step of the decoding sequences alone, and the
+solo steps go on.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 solo_prefill: tuple[int, int] | None = None, max_solo_streak: int = 16):
-        if max_num_seqs <= 0 or max_num_batched_tokens <= 0 or max_solo_streak <= 0:
-            raise ValueError("max_num_seqs, max_num_batched_tokens and max_solo_streak must be positive")
+                 solo_prefill: tuple[int, int] | None = None, max_solo_streak: int = 16, solo_pack: int = 1):
+        if max_num_seqs <= 0 or max_num_batched_tokens <= 0 or max_solo_streak <= 0 or solo_pack <= 0:
+            raise ValueError("max_num_seqs, max_num_batched_tokens, max_solo_streak and solo_pack must be positive")
+        self.solo_pack = solo_pack
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -82,7 +86,7 @@ class Scheduler:
                 chunk = self._admit(self.waiting[0].num_prompt)
                 if chunk is not None:
                     self._streak += 1
-                    return [chunk]
+                    return self._pack(chunk)
             hold = decoding and self._streak >= self.max_solo_streak
         budget = self.max_num_batched_tokens
         batch: list[ScheduledChunk] = []
@@ -114,9 +118,24 @@ class Scheduler:
         self._streak = 0
         return batch
 
-    def _admit(self, budget: int) -> ScheduledChunk | None:
+    def _pack(self, first: ScheduledChunk) -> list[ScheduledChunk]:
+        """A solo step: `first`, and the waiting prompts behind it that qualify too (fresh, in
+        range, within solo_pack and hi tokens), in their order."""
+        batch, tokens = [first], first.num_tokens
+        hi = min(self.solo_prefill[1], self.max_num_batched_tokens)
+        while (first.start == 0 and len(batch) < self.solo_pack and self.waiting
+               and len(self.running) < self.max_num_seqs and self._solo_prompt(self.waiting[0])
+               and tokens + self.waiting[0].num_prompt <= hi):
+            chunk = self._admit(self.waiting[0].num_prompt, fresh_only=True)
+            if chunk is None:
+                break
+            batch.append(chunk)
+            tokens += chunk.num_tokens
+        return batch
+
+    def _admit(self, budget: int, fresh_only: bool = False) -> ScheduledChunk | None:
         """The first waiting sequence's next chunk within `budget`, now running; None (and no
-        change) when the blocks for it are not free."""
+        change) when the blocks for it are not free, or (`fresh_only`) when part of it is cached."""
         seq = self.waiting[0]
         counters = None
         # prompt logprobs need every prompt position's logits: no prefix-cache hit for them
@@ -124,7 +143,7 @@ class Scheduler:
             counters = self.bm.prefix_queries, self.bm.prefix_hits
             seq.num_computed = seq.num_cached_prompt = self.bm.match_prefix(seq)
         n = min(seq.remaining, budget)
-        if not self.bm.ensure(seq, seq.num_computed + n):
+        if (fresh_only and seq.num_computed) or not self.bm.ensure(seq, seq.num_computed + n):
             self.bm.free(seq)
             seq.num_computed = seq.num_cached_prompt = 0
             if counters is not None:        # looked up again, and counted, when it is admitted
@@ -141,11 +160,14 @@ class Scheduler:
         regular steps)."""
         if self.solo_prefill is None or not self.waiting or len(self.running) >= self.max_num_seqs:
             return False
-        lo, hi = self.solo_prefill
-        seq = self.waiting[0]
-        return (lo <= seq.num_prompt <= min(hi, self.max_num_batched_tokens) and not seq.num_computed
-                and seq.num_tokens == seq.num_prompt        # (a preempted sequence recomputes as before)
+        return (self._solo_prompt(self.waiting[0])
                 and not any(not s.finishing and s.num_computed < s.num_prompt for s in self.running))
+
+    def _solo_prompt(self, seq: Sequence) -> bool:
+        """A fresh prompt of solo_prefill's range (a preempted sequence recomputes as before)."""
+        lo, hi = self.solo_prefill
+        return (lo <= seq.num_prompt <= min(hi, self.max_num_batched_tokens) and not seq.num_computed
+                and seq.num_tokens == seq.num_prompt)
 
     def computed(self, batch: list[ScheduledChunk]) -> None:
         """Record that the batch's tokens are now in the cache."""

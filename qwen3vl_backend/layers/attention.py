@@ -37,6 +37,11 @@ class AttentionMetadata:
     block_tables: torch.Tensor     # (S, max_blocks) int32, -1 padded
     block_size: int
     context_lens_t: torch.Tensor | None = None   # (S,) int32 on the device, for the kernels
+    # new prompts packed into one prefill graph (engine/prefill_graphs.py): (segments + 1,) int32
+    # segment starts on the device, each segment causal on its own keys (nothing cached before
+    # them), and a bound on the longest; query_lens then hold the graph's bucket alone
+    cu_seqlens_t: torch.Tensor | None = None
+    max_query_len: int = 0
 
     @property
     def is_decode_only(self) -> bool:
@@ -79,6 +84,15 @@ def paged_attention_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
                                           enable_gqa=True)
         start += qlen
     return out
+
+
+def packed_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                             scale: float) -> torch.Tensor:
+    """q (T, H, D) of fresh prompts packed by meta.cu_seqlens_t, each causal over its own new keys
+    (Triton's kernel: the segment table stays on the device, so a CUDA graph holds the step)."""
+    from kernels.varlen_attention import varlen_attention_bounded
+
+    return varlen_attention_bounded(q, k, v, meta.cu_seqlens_t, meta.max_query_len, scale, causal=True)
 
 
 def varlen_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers.attention import AttentionMetadata, paged_attention_torch, write_kv
+from ..layers.attention import AttentionMetadata, packed_prefill_attention, paged_attention_torch, write_kv
 from ..layers.linear import QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from ..layers.moe import GatedMLP, SparseMoE
 from ..layers.norm import RMSNorm
@@ -59,6 +59,8 @@ class Attention(nn.Module):
             write_kv(cache, k, v, meta.slot_mapping)
         if self.decode_fn is not None and meta.is_decode_only:
             o = self.decode_fn(q, cache, meta.block_tables, meta.context_lens_t, self.head_dim ** -0.5)
+        elif meta.cu_seqlens_t is not None:
+            o = packed_prefill_attention(q, k, v, meta, self.head_dim ** -0.5)
         else:
             o = self.attn_fn(q, k, v, cache, meta, self.head_dim ** -0.5)
         return self.o_proj(o.reshape(t, -1))
