@@ -173,10 +173,11 @@ def run(engine: LLMEngine, prompts, out_tokens: int, temperature: float = 0.0, s
     decode_time = sum(dt for dt, _ in steps)
     decode_tokens = sum(n for _, n in steps)
     return {"ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p99_ms": float(np.percentile(ttft, 99)),
+            "ttft_mean_ms": float(ttft.mean()),
             "itl_p50_ms": float(np.percentile(itl, 50)), "itl_p99_ms": float(np.percentile(itl, 99)),
             "per_stream_tok_s": 1e3 / float(np.percentile(itl, 50)),
             "total_decode_tok_s": decode_tokens / decode_time if decode_time else 0.0,
-            "decode_step_ms": 1e3 * decode_time / max(len(steps), 1), "prompt_tokens": len(prompts[0].prompt_ids)}
+            "decode_step_ms": 1e3 * decode_time / max(len(steps), 1), "prompt_tokens": len(getattr(prompts[0], "prompt_ids", prompts[0]))}
 
 
 def end_increments(seq) -> list[float]:
@@ -365,6 +366,12 @@ def main(argv=None):
                     help="new prompts join the decoding steps (no solo_prefill steps; the launcher's flag)")
     ap.add_argument("--prefill-graph-max-seqs", type=int, default=None,
                     help="new prompts packed into one prefill graph step (the engine's default if unset; 1: one each)")
+    ap.add_argument("--prefill-pack-max-tokens", type=int, default=None,
+                    help="and their tokens at most (the engine's default if unset; 0: no packing)")
+    ap.add_argument("--burst-text-tokens", type=int, default=0,
+                    help="with --burst: text prompts of this many tokens each instead of the image requests")
+    ap.add_argument("--prefill-graph-times", action="store_true",
+                    help="instead: each captured prefill graph's replay time, one prompt's and packed, by bucket")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel groups within them")
     ap.add_argument("--out", default=None)
@@ -384,6 +391,8 @@ def main(argv=None):
                         solo_prefill=not args.enable_mixed_chunk)
         if args.prefill_graph_max_seqs is not None:
             settings["prefill_cuda_graph_max_seqs"] = args.prefill_graph_max_seqs
+        if args.prefill_pack_max_tokens is not None:
+            settings["prefill_pack_max_tokens"] = args.prefill_pack_max_tokens
         t = time.perf_counter()
         engine = LLMEngine(EngineConfig(**settings))
         load_s = time.perf_counter() - t
@@ -391,8 +400,8 @@ def main(argv=None):
         processor = Processor(model_dir, engine.tokenizer)
         print(f"loaded {args.config} (dummy) in {load_s:.1f}s; weights {weights_gib:.1f} GiB; KV blocks "
               f"{engine.runner.num_blocks}; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
-        if args.burst:
-            burst(args, settings, engine, processor, weights_gib, ceil, load_s)
+        if args.burst or args.prefill_graph_times:
+            (burst if args.burst else graph_times)(args, settings, engine, processor, weights_gib, ceil, load_s)
             engine.close()
             return
         base = make_prompt(processor, 0)
@@ -456,15 +465,51 @@ def burst(args, settings: dict, engine: LLMEngine, processor: Processor, weights
     t = time.perf_counter()
     engine.warm_up(traffic=args.burst_warm_up == "traffic")
     warm_s = time.perf_counter() - t
-    prompts = [make_prompt(processor, 100 + i) for i in range(args.burst)]
+    if args.burst_text_tokens:          # distinct ordinary ids (no prefix shared)
+        span = min(engine.vocab_size, 100_000) - 1000
+        prompts = [[1000 + (j * 7919 + i * 104729) % span for j in range(args.burst_text_tokens)]
+                   for i in range(args.burst)]
+    else:
+        prompts = [make_prompt(processor, 100 + i) for i in range(args.burst)]
     rows = []
+    graphs = engine.runner.prefill_graphs
     for n in (1, 2):
-        before = compiled_kernels()
+        before, packs = compiled_kernels(), graphs.packed_replays if graphs is not None else 0
         r = run(engine, prompts, 8)
         rows.append({"kind": "burst", "burst": n, "requests": args.burst, "warm_up": args.burst_warm_up,
                      "warm_up_s": warm_s, "ttft_p50_ms": r["ttft_p50_ms"], "ttft_p99_ms": r["ttft_p99_ms"],
-                     "kernels_compiled": compiled_kernels() - before, "prompt_tokens": r["prompt_tokens"]})
+                     "ttft_mean_ms": r["ttft_mean_ms"], "kernels_compiled": compiled_kernels() - before,
+                     "prompt_tokens": r["prompt_tokens"], "packed_steps": graphs.packed_replays - packs if graphs is not None else 0})
         print_table([rows[-1]], list(rows[-1]))
+    print(write_result("engine", {**settings, "config": args.config, "weights_gib": weights_gib, "load_s": load_s,
+                                  "ceilings": ceil}, rows, args.out))
+
+
+def graph_times(args, settings: dict, engine: LLMEngine, processor: Processor, weights_gib: float, ceil: dict,
+                load_s: float) -> None:
+    """--prefill-graph-times: each captured prefill graph replayed alone (its inputs as left:
+    padding tokens, uniform routing; packed: max_seqs prompts of equal length), one prompt's and
+    packed, ms by bucket: the cost of a prefill step against its tokens, from which a pack's
+    token cap is read."""
+    graphs = engine.runner.prefill_graphs
+    rows = []
+    for kind, table in (("one", graphs.graphs), ("packed", graphs.packed)):
+        for b, (graph, _) in sorted(table.items()):
+            n = graphs.max_seqs              # packed: that many equal prompts (their attention's cost)
+            graphs.cu.copy_(torch.tensor([b * i // n for i in range(n + 1)] + [b], dtype=torch.int32))
+            for _ in range(2):
+                graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(5):
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            ms = float(np.median(times))
+            rows.append({"kind": "prefill_graph", "graph": kind, "tokens": b, "ms": ms, "us_per_token": 1e3 * ms / b})
+    print_table(rows, list(rows[0]))
     print(write_result("engine", {**settings, "config": args.config, "weights_gib": weights_gib, "load_s": load_s,
                                   "ceilings": ceil}, rows, args.out))
 

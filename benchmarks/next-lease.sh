@@ -26,6 +26,21 @@ if [ "$PART" = packed ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
+if [ "$PART" = pack-cap ]; then
+  # the prefill step's cost by tokens (each graph replayed), then bursts of 16 text prompts under token caps
+  for cfg in $CONFIG-FP8 $CONFIG; do
+    timeout $(left 300) python -m benchmarks.engine --config $cfg --prefill-graph-times --out $W > $W/graph-times-$cfg.txt 2>&1
+    grep prefill_graph $W/graph-times-$cfg.txt | awk '{printf "%s %s %.2f | ", $2, $3, $4} END {print ""}'
+    [ $cfg = $CONFIG ] && break
+    for run in 256:0 256:1024 256:4096 512:0 512:1024 512:2048; do
+      IFS=: read n cap <<< "$run"; [ $(left 480) -lt 40 ] && break
+      timeout $(left 500) python -m benchmarks.engine --config $cfg --burst 16 --burst-text-tokens $n \
+        --prefill-pack-max-tokens $cap --out $W > $W/burst-text-$n-$cap.txt 2>&1
+      echo "text $n cap $cap: $(tail -2 $W/burst-text-$n-$cap.txt | head -1 | cut -c1-150)"
+    done
+  done
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$PART" = rows ]; then
   timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fp8.py::test_fp8_gpu_paths_at_30b_shapes \
     tests/test_fp8.py::test_moe_pairs_gate_up_through_a_tma_descriptor > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
@@ -36,4 +51,4 @@ if [ "$PART" = rows ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, rows)"; exit 2
+echo "unknown part $PART (packed, pack-cap, rows)"; exit 2

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prefill-cuda-graph-max-seqs", type=int, default=4,
       help="up to this many new prompts that arrive together prefill in one graph step, each attending to its own "
            "tokens (GPU; 1: one prompt a step)")
+    a("--prefill-pack-max-tokens", type=int, default=1024,
+      help="and only while their tokens come to at most this many (0: no packing)")
     a("--disable-cuda-graph", action="store_true", help="no decode or prefill CUDA graphs")
     a("--mm-max-concurrent-calls", type=int, default=32)
     a("--preprocess-instances", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
@@ -207,7 +209,8 @@ def resolve(args) -> dict:
            "node_rank": str(args.node_rank), "dist_init_addr": args.dist_init_addr or "",
            "cuda_graph_max_bs": "0" if args.disable_cuda_graph else str(args.cuda_graph_max_bs),
            "prefill_cuda_graph_max_tokens": "0" if args.disable_cuda_graph else str(args.prefill_cuda_graph_max_tokens),
-           "prefill_cuda_graph_max_seqs": str(args.prefill_cuda_graph_max_seqs)}
+           "prefill_cuda_graph_max_seqs": str(args.prefill_cuda_graph_max_seqs),
+           "prefill_pack_max_tokens": str(args.prefill_pack_max_tokens)}
     try:
         engine_cfg = EngineConfig.from_settings(llm)
     except ConfigError as e:

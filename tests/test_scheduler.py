@@ -191,7 +191,7 @@ def test_a_prompt_refused_for_blocks_counts_its_prefix_lookup_once():
 
 def test_solo_prefill_packs_the_prompts_queued_behind_the_first():
     """solo_pack 3: the qualifying prompts queued behind a solo step's first join it, in order, up
-    to three and hi (40) tokens in all; one with a prefix-cache hit ends the pack (looked up, not
+    to three and hi (40) tokens in all (or solo_pack_tokens; 0: no packing); one with a prefix-cache hit ends the pack (looked up, not
     counted, and admitted on its own next, its cached block read eagerly), and so does a short
     prompt (it keeps its place in the queue)."""
     bm = BlockManager(256, 4)
@@ -212,3 +212,8 @@ def test_solo_prefill_packs_the_prompts_queued_behind_the_first():
     assert ("s", 0, 5) in steps_of(sched, 1)[0]                # and joins the decode rows
     with pytest.raises(ValueError):
         Scheduler(BlockManager(8, 4), 8, 64, (8, 40), solo_pack=0)
+    for cap, want in ((24, [[("a", 0, 12), ("b", 0, 12)], [("c", 0, 12)]]), (0, [[("a", 0, 12)], [("b", 0, 12)]])):
+        capped = Scheduler(BlockManager(256, 4), 16, 48, (8, 40), solo_pack=3, solo_pack_tokens=cap)
+        for rid, first in (("a", 100), ("b", 200), ("c", 300)):
+            capped.add(seq(rid, 12, first))
+        assert steps_of(capped, 2) == want             # solo_pack_tokens: 24 tokens a pack; 0: none

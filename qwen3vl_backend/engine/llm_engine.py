@@ -95,7 +95,8 @@ class LLMEngine:
         graphs = self.runner.prefill_graphs
         solo = (SOLO_PREFILL_MIN_TOKENS, graphs.buckets[-1]) if cfg.solo_prefill and graphs is not None else None
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, solo,
-                                   solo_pack=graphs.max_seqs if solo else 1)
+                                   solo_pack=graphs.max_seqs if solo else 1,
+                                   solo_pack_tokens=cfg.prefill_pack_max_tokens)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self.vision_cache = VisionCache(cfg.vlm_cache_size_mb)

@@ -12,7 +12,8 @@ batches). Whole prompts from position 0 are what the model runner replays a pref
 (hi: its largest bucket); packed two to a 2048-token step with decode rows, the prompts of a burst
 ran eagerly and were cut at the budget (30B fp8: 16 image requests at once, first tokens after
 1.2-1.8 s). The prompts queued behind the first that also qualify join its step, up to
-`solo_pack` of them and hi tokens in all (the runner's packed graphs), as long as each is fresh
+`solo_pack` of them and `solo_pack_tokens` (and hi) tokens in all (the runner's packed graphs),
+as long as each is fresh
 (no prefix-cache hit: a cached prefix is read eagerly). At most `max_solo_streak` such steps run
 in a row while sequences wait to decode; then a step of the decoding sequences alone, and the
 solo steps go on.
@@ -41,10 +42,11 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 solo_prefill: tuple[int, int] | None = None, max_solo_streak: int = 16, solo_pack: int = 1):
+                 solo_prefill: tuple[int, int] | None = None, max_solo_streak: int = 16, solo_pack: int = 1,
+                 solo_pack_tokens: int | None = None):
         if max_num_seqs <= 0 or max_num_batched_tokens <= 0 or max_solo_streak <= 0 or solo_pack <= 0:
             raise ValueError("max_num_seqs, max_num_batched_tokens, max_solo_streak and solo_pack must be positive")
-        self.solo_pack = solo_pack
+        self.solo_pack, self.solo_pack_tokens = solo_pack, solo_pack_tokens
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -120,9 +122,11 @@ class Scheduler:
 
     def _pack(self, first: ScheduledChunk) -> list[ScheduledChunk]:
         """A solo step: `first`, and the waiting prompts behind it that qualify too (fresh, in
-        range, within solo_pack and hi tokens), in their order."""
+        range, within solo_pack and solo_pack_tokens), in their order."""
         batch, tokens = [first], first.num_tokens
         hi = min(self.solo_prefill[1], self.max_num_batched_tokens)
+        if self.solo_pack_tokens is not None:          # (0: no packing)
+            hi = min(hi, self.solo_pack_tokens)
         while (first.start == 0 and len(batch) < self.solo_pack and self.waiting
                and len(self.running) < self.max_num_seqs and self._solo_prompt(self.waiting[0])
                and tokens + self.waiting[0].num_prompt <= hi):
