@@ -41,6 +41,16 @@ if [ "$PART" = pack-cap ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
+if [ "$PART" = pack-images ]; then
+  # 16 image requests at once under the launcher's chunk (2048): no packing against pairs, alternated
+  for run in 0 2048 0 2048; do
+    [ $(left 520) -lt 40 ] && break
+    timeout $(left 540) python -m benchmarks.engine --config $CONFIG-FP8 --burst 16 --chunked-prefill-size 2048 \
+      --prefill-pack-max-tokens $run --out $W > $W/burst-image-$run-$(date +%s).txt 2>&1
+    echo "image cap $run: $(tail -2 $(ls -t $W/burst-image-$run-*.txt | head -1) | head -1 | cut -c1-150)"
+  done
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$PART" = rows ]; then
   timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fp8.py::test_fp8_gpu_paths_at_30b_shapes \
     tests/test_fp8.py::test_moe_pairs_gate_up_through_a_tma_descriptor > $W/gpu-tests-$COMMIT.txt 2>&1; grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
@@ -51,4 +61,4 @@ if [ "$PART" = rows ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, rows)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows)"; exit 2

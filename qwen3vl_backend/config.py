@@ -52,7 +52,7 @@ class EngineConfig:
     prefill_cuda_graph_max_tokens: int = 4096   # one new prompt up to this many tokens (and the chunked-prefill
                                           # size) replays a prefill graph (cuda only); 0 disables
     prefill_cuda_graph_max_seqs: int = 4  # new prompts packed into one prefill graph step (1: one prompt a step)
-    prefill_pack_max_tokens: int = 1024   # and their tokens at most (a prompt alone may be longer; scheduler.py)
+    prefill_pack_max_tokens: int = 2048   # and their tokens at most (a prompt alone may be longer; scheduler.py)
     solo_prefill: bool = True             # with prefill graphs: a waiting prompt of 256+ tokens that fits one
                                           # is prefilled in a step of its own, ahead of decoding (scheduler.py)
     enable_vit_cuda_graph: bool = False   # the ViT replays CUDA graphs bucketed by patch count (cuda only)

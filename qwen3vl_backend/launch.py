@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prefill-cuda-graph-max-seqs", type=int, default=4,
       help="up to this many new prompts that arrive together prefill in one graph step, each attending to its own "
            "tokens (GPU; 1: one prompt a step)")
-    a("--prefill-pack-max-tokens", type=int, default=1024,
+    a("--prefill-pack-max-tokens", type=int, default=2048,
       help="and only while their tokens come to at most this many (0: no packing)")
     a("--disable-cuda-graph", action="store_true", help="no decode or prefill CUDA graphs")
     a("--mm-max-concurrent-calls", type=int, default=32)
