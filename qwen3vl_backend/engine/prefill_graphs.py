@@ -12,8 +12,9 @@ conversations. Chunks after a cached prefix, and batches with decode rows, run e
 One prompt replays its bucket's graph, whose attention is SDPA's (cuDNN's where it serves).
 Several (up to `max_seqs`) replay a packed graph: the same model over their concatenated tokens,
 attention causal within each prompt (kernels.varlen_attention, its segment table `cu` a device
-buffer), the logits of each prompt's last token. A burst of image requests then reads the
-experts once a step for several prompts instead of once each (30B-A3B: 29 GB fp8 a prefill).
+buffer), the logits of each prompt's last token. Up to about a thousand tokens a step costs
+about what reading the weights costs, so short prompts share one nearly free (30B-A3B fp8 on an
+H200: ~11 ms at 128 tokens, ~17.6 at 1024, ~30 at 2048; NOTES, thirty-first session).
 
 Padding: the tokens past the real ones are id 0 at position 0. They come after every real token,
 so no real token attends to them (one prompt: causal; packed: a segment of their own); they

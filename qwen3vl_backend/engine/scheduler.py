@@ -13,10 +13,9 @@ batches). Whole prompts from position 0 are what the model runner replays a pref
 ran eagerly and were cut at the budget (30B fp8: 16 image requests at once, first tokens after
 1.2-1.8 s). The prompts queued behind the first that also qualify join its step, up to
 `solo_pack` of them and `solo_pack_tokens` (and hi) tokens in all (the runner's packed graphs),
-as long as each is fresh
-(no prefix-cache hit: a cached prefix is read eagerly). At most `max_solo_streak` such steps run
-in a row while sequences wait to decode; then a step of the decoding sequences alone, and the
-solo steps go on.
+as long as each is fresh (no prefix-cache hit: a cached prefix is read eagerly). At most
+`max_solo_streak` such steps run in a row while sequences wait to decode; then a step of the
+decoding sequences alone, and the solo steps go on.
 """
 
 from __future__ import annotations
