@@ -2,11 +2,13 @@
 # Device calls (each under 600 s, one H200):
 #   run: bash benchmarks/next-lease.sh COMMIT PART    carry: [".gpurun/bundle", ".gpurun/tok", ".gpurun/common.sh"]
 #   Move benchmarks/results out of the tree for the call (the bundle and it pass 64 MiB), and back after.
-# PART packed (thirty-first session): new prompts packed into one prefill graph step
-#   (prefill_cuda_graph_max_seqs): its GPU tests, then 16 image requests at once (--burst 16) with
-#   one prompt a step against four (4096-token graphs; then 2048, the launcher's chunk, so two),
-#   30B fp8 then bf16. PART rows: the
-#   GPU tests the fp8 table reaches, then 30B fp8 and bf16 at c1/16/64/128.
+# Parts (thirty-first session's, all run; packing measured in NOTES):
+#   packed: the packed prefill's GPU tests, then 16 image requests at once (--burst 16), one
+#     prompt a step against four (4096-token graphs; then 2048, the launcher's chunk, so two),
+#     30B fp8 then bf16;
+#   pack-cap: each prefill graph's replay time by tokens, then 16 text prompts under token caps;
+#   pack-images: 16 image requests at chunk 2048, no packing against pairs, alternated;
+#   rows: the GPU tests the fp8 table reaches, then 30B fp8 and bf16 at c1/16/64/128.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)

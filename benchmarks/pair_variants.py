@@ -5,8 +5,8 @@ the next), fp8 (128x128 blocks) and bf16, against the table's shape and the byte
     python -m benchmarks.pair_variants [--dtypes fp8,bf16] [--out DIR]
 
 A variant is a patch over the table's shape ({} = the table's own). The TMA variants read
-gate_up's weight tiles through tensor descriptors, pipelined `num_stages` deep. Isolated timings have misled before: a winner here
-is checked inside whole steps by benchmarks.engine_ab.
+gate_up's weight tiles through tensor descriptors, pipelined `num_stages` deep. Isolated
+timings have misled before: a winner here is checked inside whole steps by benchmarks.engine_ab.
 """
 
 from __future__ import annotations
