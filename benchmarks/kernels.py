@@ -334,6 +334,33 @@ def bench_quantize() -> list[dict]:
     return rows
 
 
+def bench_align() -> list[dict]:
+    """The MoE's expert alignment (one launch, a program per expert) at a prefill's pairs (954 and
+    2048 tokens at top-8) and decode batches: its chunk cap and warps swept, uniform routing,
+    sixteen different id sets per graph (per call), each checked equal to the default launch's."""
+    from kernels.fused_moe import ALIGN_MAX_BLOCK, align_by_expert
+
+    rows = []
+    for tokens in (2048, 954, 64, 16):
+        ids = [torch.rand(tokens, E, device="cuda").topk(A, dim=-1).indices.to(torch.int32) for _ in range(16)]
+        want = align_by_expert(ids[0], E, 64)
+        for cap, warps in itertools.product((ALIGN_MAX_BLOCK, 2048, 4096, 8192, 16384), (None, 4, 8, 16)):
+            if cap > max(ALIGN_MAX_BLOCK, triton.next_power_of_2(tokens * A)):
+                continue
+            try:
+                got = align_by_expert(ids[0], E, 64, max_block=cap, warps=warps)
+                us = per_call_ms(lambda i: align_by_expert(ids[i], E, 64, max_block=cap, warps=warps)) * 1e3
+            except Exception as err:         # registers / shared memory for the widest chunks
+                print(f"align {tokens} cap {cap} warps {warps}: {type(err).__name__}")
+                continue
+            total = int(want[2])
+            same = (torch.equal(got[0][:total], want[0][:total]) and torch.equal(got[2], want[2])
+                    and torch.equal(got[1][: total // 64], want[1][: total // 64]))
+            rows.append({"tokens": tokens, "pairs": tokens * A, "max_block": cap, "warps": warps or "default",
+                         "us": round(us, 2), "same": same})
+    return rows
+
+
 def bench_fp8(ceil: dict) -> list[dict]:
     """Block-fp8 against bf16 at 30B-A3B shapes, each against its own floor: the decoder's
     projections (fp8 GEMV / cuBLAS fp8 against the skinny GEMM / cuBLAS bf16) and the fused MoE
@@ -565,7 +592,8 @@ def main(argv=None):
                  lambda: bench_decode_attention(ceil)),
                 ("fp8", "block fp8 against bf16 (30B-A3B shapes), each against its floor", lambda: bench_fp8(ceil)),
                 ("quantize", "activation quantization: a program per token against flat (token, group) tiles",
-                 bench_quantize)]
+                 bench_quantize),
+                ("align", "the MoE's expert alignment: chunk cap and warps (block_m 64)", bench_align)]
     for name, title, bench in sections:
         if name in parts:
             part = bench()

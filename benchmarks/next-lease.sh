@@ -8,7 +8,8 @@
 #     30B fp8 then bf16;
 #   pack-cap: each prefill graph's replay time by tokens, then 16 text prompts under token caps;
 #   pack-images: 16 image requests at chunk 2048, no packing against pairs, alternated;
-#   rows: the GPU tests the fp8 table reaches, then 30B fp8 and bf16 at c1/16/64/128.
+#   rows: the GPU tests the fp8 table reaches, then 30B fp8 and bf16 at c1/16/64/128;
+#   profile (thirty-second session): the align sweep, then 30B fp8 c1/c64, TTFT and profiles.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -63,4 +64,14 @@ if [ "$PART" = rows ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows)"; exit 2
+if [ "$PART" = profile ]; then
+  # the align sweep and quantization at prefill sizes, then 30B fp8: c1/c64 rows, TTFT, the
+  # first-token profile (ViT graphs on) and a c64 decode profile
+  timeout 150 python -m benchmarks.kernels --only align,quantize --out $W > $W/kernels-align-$COMMIT.txt 2>&1
+  grep -v "^{" $W/kernels-align-$COMMIT.txt | tail -40 | cut -c1-150
+  timeout $(left 560) python -m benchmarks.engine --config $CONFIG-FP8 --concurrency 1,64 --out-tokens 32 \
+    --ttft-repeats 4 --enable-vit-cuda-graph --profile-prefill --profile --profile-at 64 --out $W > $W/profile-$COMMIT.txt 2>&1
+  grep -E "ttft|decode_step|one request|decode steps" $W/profile-$COMMIT.txt | cut -c1-200 | head -20
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile)"; exit 2

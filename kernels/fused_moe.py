@@ -298,20 +298,29 @@ def alignment_buffers(n: int, num_experts: int, block_m: int, device) -> tuple:
             torch.empty(1, dtype=torch.int32, device=device))
 
 
-def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+# ids a chunk of align's loops (it reads a prefill's pairs in chunks of this many, twice)
+ALIGN_MAX_BLOCK = 1024
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int, max_block: int | None = None,
+                    warps: int | None = None):
     """(M, A) expert ids -> sorted pair ids padded per expert to block_m, expert per block, padded count.
 
     Pair id p = token * A + slot; padding uses the sentinel M * A. Sizes are bounded without a
     host sync: at most M*A + E*(block_m - 1) rows; entries past the padded count are left unset
     (the GEMM stops there). One launch; `align_by_expert_reference` is the same in torch.
+    `max_block` (a power of two), `warps`: the launch's chunk cap and warps (benchmarks' sweeps).
     """
     flat = topk_ids.flatten()
     n = flat.numel()
     sorted_ids, block_expert, total = alignment_buffers(n, num_experts, block_m, flat.device)
     e_pad = triton.next_power_of_2(num_experts)
+    cap = ALIGN_MAX_BLOCK if max_block is None else max_block
+    if warps is None:
+        warps = switches.warps("align", 1 if n <= ALIGN_ONE_WARP_MAX else 4)
     _align_kernel[(num_experts,)](flat, sorted_ids, block_expert, total, n, BLOCK_M=block_m,
-                                  BLOCK=max(e_pad, min(1024, triton.next_power_of_2(n))), E_PAD=e_pad,
-                                  num_warps=switches.warps("align", 1 if n <= ALIGN_ONE_WARP_MAX else 4), **pdl(flat))
+                                  BLOCK=max(e_pad, min(cap, triton.next_power_of_2(n))), E_PAD=e_pad,
+                                  num_warps=warps, **pdl(flat))
     return sorted_ids, block_expert, total
 
 
