@@ -338,14 +338,15 @@ def bench_align() -> list[dict]:
     """The MoE's expert alignment (one launch, a program per expert) at a prefill's pairs (954 and
     2048 tokens at top-8) and decode batches: its chunk cap and warps swept, uniform routing,
     sixteen different id sets per graph (per call), each checked equal to the default launch's."""
-    from kernels.fused_moe import ALIGN_MAX_BLOCK, align_by_expert
+    from kernels.fused_moe import ALIGN_MAX_BLOCK, align_by_expert, align_by_expert_reference
 
     rows = []
-    for tokens in (2048, 954, 64, 16):
+    for tokens in (2048, 954, 512, 256, 64, 16):
         ids = [torch.rand(tokens, E, device="cuda").topk(A, dim=-1).indices.to(torch.int32) for _ in range(16)]
-        want = align_by_expert(ids[0], E, 64)
-        for cap, warps in itertools.product((ALIGN_MAX_BLOCK, 2048, 4096, 8192, 16384), (None, 4, 8, 16)):
-            if cap > max(ALIGN_MAX_BLOCK, triton.next_power_of_2(tokens * A)):
+        want = align_by_expert_reference(ids[0], E, 64)
+        for cap, warps in [(None, None)] + list(itertools.product((ALIGN_MAX_BLOCK, 2048, 4096, 8192, 16384),
+                                                                   (None, 4, 8, 16))):
+            if cap is not None and cap > max(ALIGN_MAX_BLOCK, triton.next_power_of_2(tokens * A)):
                 continue
             try:
                 got = align_by_expert(ids[0], E, 64, max_block=cap, warps=warps)
@@ -356,7 +357,7 @@ def bench_align() -> list[dict]:
             total = int(want[2])
             same = (torch.equal(got[0][:total], want[0][:total]) and torch.equal(got[2], want[2])
                     and torch.equal(got[1][: total // 64], want[1][: total // 64]))
-            rows.append({"tokens": tokens, "pairs": tokens * A, "max_block": cap, "warps": warps or "default",
+            rows.append({"tokens": tokens, "pairs": tokens * A, "max_block": cap or "default", "warps": warps or "default",
                          "us": round(us, 2), "same": same})
     return rows
 

@@ -298,8 +298,13 @@ def alignment_buffers(n: int, num_experts: int, block_m: int, device) -> tuple:
             torch.empty(1, dtype=torch.int32, device=device))
 
 
-# ids a chunk of align's loops (it reads a prefill's pairs in chunks of this many, twice)
+# ids a chunk of align's loops, where a batch's pairs exceed ALIGN_ONE_CHUNK_MAX (it reads them in
+# chunks of this many, twice)
 ALIGN_MAX_BLOCK = 1024
+# pairs that align reads as one chunk (a prefill of up to 2048 tokens at top-8), at 16 warps up
+# to 8192 and 8 past it: on an H200 (benchmarks.kernels --only align, thirty-second session)
+# 954 tokens' 7632 pairs took 10.0 us against 13.0 in 1024-id chunks, 2048 tokens' 15.2 against 24.2
+ALIGN_ONE_CHUNK_MAX = 16384
 
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int, max_block: int | None = None,
@@ -315,7 +320,13 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int, max_
     n = flat.numel()
     sorted_ids, block_expert, total = alignment_buffers(n, num_experts, block_m, flat.device)
     e_pad = triton.next_power_of_2(num_experts)
-    cap = ALIGN_MAX_BLOCK if max_block is None else max_block
+    if max_block is None:
+        one = ALIGN_MAX_BLOCK < n <= ALIGN_ONE_CHUNK_MAX
+        cap = triton.next_power_of_2(n) if one else ALIGN_MAX_BLOCK
+        if warps is None and one:
+            warps = switches.warps("align", 16 if n <= 8192 else 8)
+    else:
+        cap = max_block
     if warps is None:
         warps = switches.warps("align", 1 if n <= ALIGN_ONE_WARP_MAX else 4)
     _align_kernel[(num_experts,)](flat, sorted_ids, block_expert, total, n, BLOCK_M=block_m,

@@ -217,7 +217,8 @@ def test_align_by_expert_covers_every_pair_once(align):
         assert (ids.flatten()[rows.long()] == block_expert[b]).all()
 
 
-@pytest.mark.parametrize("m,e,a,block_m", [(1, 8, 2, 16), (33, 16, 4, 16), (100, 128, 8, 16)])
+# (300, 128, 8): a prefill's 2,400 pairs, read as one chunk (ALIGN_ONE_CHUNK_MAX) at 16 warps
+@pytest.mark.parametrize("m,e,a,block_m", [(1, 8, 2, 16), (33, 16, 4, 16), (100, 128, 8, 16), (300, 128, 8, 64)])
 def test_align_kernel_equals_torch_alignment(m, e, a, block_m):
     ids = torch.stack([torch.randperm(e, device=DEV)[:a] for _ in range(m)]).int()
     got, want = align_by_expert(ids, e, block_m), align_by_expert_reference(ids, e, block_m)
