@@ -9,7 +9,8 @@
 #   pack-cap: each prefill graph's replay time by tokens, then 16 text prompts under token caps;
 #   pack-images: 16 image requests at chunk 2048, no packing against pairs, alternated;
 #   rows: the GPU tests the fp8 table reaches, then 30B fp8 and bf16 at c1/16/64/128;
-#   profile (thirty-second session): the align sweep, then 30B fp8 c1/c64, TTFT and profiles.
+#   profile (thirty-second session): the align sweep, then 30B fp8 c1/c64, TTFT and profiles;
+#   vit: the ViT switches' GPU tests and replay times, the align heuristic, engine TTFT off/on.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -74,4 +75,24 @@ if [ "$PART" = profile ]; then
   grep -E "ttft|decode_step|one request|decode steps" $W/profile-$COMMIT.txt | cut -c1-200 | head -20
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile)"; exit 2
+if [ "$PART" = vit ]; then
+  # the ViT switches' GPU tests, their replay times (alternated), the align heuristic, then the
+  # engine's TTFT (fp8, ViT graphs) with the three switches off and on
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
+    -k "add_layer_norm or vision_rotary or align_kernel or vit_switches or vit_cuda_graphs_equal" > $W/gpu-tests-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
+  timeout 150 python -m benchmarks.vit --sizes 1280x720 --repeats 15 \
+    --switches base,VIT_FUSED_NORM,VIT_GELU_EPILOGUE,VIT_TOKEN_MAJOR,all,base,all --out $W > $W/vit-switches-$COMMIT.txt 2>&1
+  grep -v "^{" $W/vit-switches-$COMMIT.txt | tail -10 | cut -c1-150
+  timeout 90 python -m benchmarks.kernels --only align --out $W > $W/kernels-align-$COMMIT.txt 2>&1
+  grep -E "default" $W/kernels-align-$COMMIT.txt | head -24
+  for v in 0 1 0 1; do
+    [ $(left 540) -lt 60 ] && break
+    QWEN3VL_VIT_FUSED_NORM=$v QWEN3VL_VIT_GELU_EPILOGUE=$v QWEN3VL_VIT_TOKEN_MAJOR=$v timeout $(left 560) \
+      python -m benchmarks.engine --config $CONFIG-FP8 --concurrency 1 --out-tokens 8 --ttft-repeats 8 \
+      --enable-vit-cuda-graph --out $W > $W/ttft-vit-$v-$(date +%s).txt 2>&1
+    echo "vit switches $v: $(grep -A1 'kind  images' $(ls -t $W/ttft-vit-$v-*.txt | head -1) | tail -1)"
+  done
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit)"; exit 2

@@ -63,11 +63,52 @@ def rows_for(visual, pcfg, w: int, h: int, repeats: int) -> list[dict]:
     return rows
 
 
+VIT_SWITCHES = ("VIT_FUSED_NORM", "VIT_GELU_EPILOGUE", "VIT_TOKEN_MAJOR")
+
+
+@torch.no_grad()
+def switch_rows(visual, pcfg, w: int, h: int, repeats: int, variants: list[str]) -> list[dict]:
+    """--switches: kernels.switches' ViT variants ("base", a switch's name, or "all") in the
+    order given, one process: each variant's exact-grid graph captured under cuDNN-first and
+    replayed, and its eager call; the embeddings' relative difference from the first variant's."""
+    from kernels import switches
+
+    grid = image_grid(w, h, pcfg)
+    n = grid[1] * grid[2]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pixels = torch.randn(n, pcfg.patch_width, device="cuda", generator=gen).to(torch.bfloat16)
+    rows, ref = [], None
+    for variant in variants:
+        on = set(VIT_SWITCHES) if variant == "all" else {variant} - {"base"}
+        if not on <= set(VIT_SWITCHES):
+            raise SystemExit(f"--switches: base, all or one of {', '.join(VIT_SWITCHES)}, got {variant!r}")
+        for name in VIT_SWITCHES:
+            setattr(switches, name, name in on)
+        with sdpa_priority(CUDNN_FIRST):
+            eager = sorted(timed(lambda: visual(pixels, [grid]))[0] for _ in range(repeats))[repeats // 2]
+        graphs = VisionGraphs(visual, buckets=(256,))
+        graphs.captured, graphs.exact_sdpa = True, CUDNN_FIRST
+        graphs(pixels, [grid])
+        _, out = timed(lambda: graphs(pixels, [grid]))
+        assert graphs.last_path == "capture", graphs.last_path
+        replay = sorted(timed(lambda: graphs(pixels, [grid]))[0] for _ in range(repeats))[repeats // 2]
+        if ref is None:
+            ref = out[0].float()
+        rows.append({"image": f"{w}x{h}", "patches": n, "variant": variant, "eager_ms": eager, "replay_ms": replay,
+                     "rel_diff_vs_first": float((out[0].float() - ref).norm() / ref.norm())})
+        graphs.exact.clear()                                # its graph and memory pool
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="Qwen3-VL-30B-A3B-Instruct")
     ap.add_argument("--sizes", default="1280x720,1920x1080,448x448")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--switches", default="",
+                    help="instead of the SDPA orders: kernels.switches' ViT variants in this order, comma-separated "
+                         "(base, all, " + ", ".join(VIT_SWITCHES) + "), e.g. base,all,base")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     print("SDPA priority order:", torch._C._get_sdp_priority_order())
@@ -77,9 +118,14 @@ def main(argv=None):
         pcfg = VisionProcessingConfig.from_dir(model_dir)
         rows = []
         for w, h in parse_image_sizes(args.sizes):
-            rows += rows_for(visual, pcfg, w, h, args.repeats)
-            print_table(rows[-len(ORDERS):], list(rows[-1]))
+            if args.switches:
+                found = switch_rows(visual, pcfg, w, h, args.repeats, args.switches.split(","))
+            else:
+                found = rows_for(visual, pcfg, w, h, args.repeats)
+            rows += found
+            print_table(found, list(found[-1]))
     print(write_result("vit", {"config": args.config, "sizes": args.sizes, "repeats": args.repeats,
+                               "switches": args.switches,
                                "sdpa_priority": [int(b) for b in torch._C._get_sdp_priority_order()]}, rows, args.out))
 
 

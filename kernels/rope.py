@@ -81,7 +81,8 @@ def qkv_prep_(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight: torch.Tensor, k_
 
 @triton.jit
 def _vision_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, n, heads, stride_t, stride_ct,
-                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_T: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_T: tl.constexpr,
+                          TOKEN_MAJOR: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     hh = tl.program_id(1)                     # q heads, then k heads, then v heads
     dims = tl.arange(0, HALF_P2)
@@ -90,7 +91,11 @@ def _vision_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, n, heads, stride_t
     src = qkv_ptr + rows64[:, None] * stride_t + hh * HEAD_DIM + dims[None, :]
     x1 = tl.load(src, mask=mask)
     x2 = tl.load(src + HALF, mask=mask)
-    dst = out_ptr + (hh.to(tl.int64) * n + rows64[:, None]) * HEAD_DIM + dims[None, :]
+    if TOKEN_MAJOR:         # (3, N, H, D): q, k or v, then the token, then the head
+        dst = out_ptr + ((hh // heads).to(tl.int64) * n * heads + rows64[:, None] * heads + hh % heads) * HEAD_DIM \
+            + dims[None, :]
+    else:                   # (3, H, N, D)
+        dst = out_ptr + (hh.to(tl.int64) * n + rows64[:, None]) * HEAD_DIM + dims[None, :]
     if hh < 2 * heads:                        # q or k: rotate-half rotary in float32
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         cs = rows64[:, None] * stride_ct + dims[None, :]
@@ -103,20 +108,25 @@ def _vision_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, n, heads, stride_t
         tl.store(dst + HALF, x2, mask=mask)
 
 
-def vision_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
+def vision_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, token_major: bool = False):
     """The ViT's step between its qkv projection and attention in one launch (it was fourteen
     elementwise kernels a block): qkv (N, 3 * H * D) -> q, k, v (N, H, D), q and k rotated
     (layers.rotary.apply_rotary's float32 math), each a view of one heads-major (3, H, N, D)
-    tensor, so attention reads every head contiguously. cos/sin (N, D) float32, halves equal."""
+    tensor, so attention reads every head contiguously; `token_major`: of one (3, N, H, D)
+    tensor, each (N, H, D) contiguous, so an attention output laid out as q is (cuDNN's) needs no
+    copy to become the (N, H * D) rows of the projection after it. cos/sin (N, D) float32,
+    halves equal."""
     n, width = qkv.shape
     d = width // (3 * heads)
     if width != 3 * heads * d or d % 2 or qkv.stride(1) != 1 or cos.shape != (n, d) or sin.stride() != cos.stride():
         raise ValueError(f"vision_rotary: qkv {tuple(qkv.shape)}, {heads} heads, cos {tuple(cos.shape)}")
-    out = torch.empty(3, heads, n, d, dtype=qkv.dtype, device=qkv.device)
+    out = torch.empty((3, n, heads, d) if token_major else (3, heads, n, d), dtype=qkv.dtype, device=qkv.device)
     if n:
         block_t = 32
         _vision_rotary_kernel[(triton.cdiv(n, block_t), 3 * heads)](
             qkv, cos, sin, out, n, heads, qkv.stride(0), cos.stride(0), HEAD_DIM=d, HALF=d // 2,
-            HALF_P2=triton.next_power_of_2(d // 2), BLOCK_T=block_t)
+            HALF_P2=triton.next_power_of_2(d // 2), BLOCK_T=block_t, TOKEN_MAJOR=token_major)
+    if token_major:
+        return out.unbind(0)
     q, k, v = (t.transpose(0, 1) for t in out.unbind(0))
     return q, k, v

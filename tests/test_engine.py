@@ -418,6 +418,25 @@ def test_prefill_graphs_that_do_not_fit_leave_prefill_eager(caplog):
     assert capture_prefill_graphs(Fits, 2048, 2).captured
 
 
+
+def test_vit_fused_norms_equal_the_plain_blocks(tiny_moe):
+    """VisionModel's encode with each residual add and LayerNorm in one launch (the GPU's
+    switches.VIT_FUSED_NORM; here the kernel in the interpreter, float32) against the plain
+    blocks: the same embeddings and DeepStack levels."""
+    import torch
+
+    from qwen3vl_backend.loader import load_vision_model
+
+    visual = load_vision_model(str(tiny_moe))
+    media = Processor(tiny_moe).process_messages([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(64, 96, 3)))}}]}]).media
+    x, cos, sin, cu = visual.prepare(media[0].pixel_values, [media[0].grid_thw])
+    want_e, want_ds = visual.encode(x, cos, sin, cu, visual.attn_fn)
+    got_e, got_ds = visual._encode_fused_norms(x, cos, sin, cu, visual.attn_fn)
+    assert len(got_ds) == len(want_ds) > 0
+    for got, want in zip([got_e, *got_ds], [want_e, *want_ds]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
 def test_vit_keeps_the_tables_of_recent_grids(tiny_moe):
     """VisionModel.tables: a grid's position taps, rotary tables and offsets computed once while it is
     among the last TABLES_KEPT grids; the ViT's output is the same from kept tables."""

@@ -341,6 +341,38 @@ def test_vit_cuda_graphs_equal_eager(tiny_moe, request, case):
     assert torch.equal(again, got_e)
 
 
+@pytest.mark.parametrize("switch", ["VIT_FUSED_NORM", "VIT_GELU_EPILOGUE", "VIT_TOKEN_MAJOR", "all"])
+def test_vit_switches_keep_the_embeddings(tiny_moe, monkeypatch, switch):
+    """The ViT's GPU switches (kernels.switches: the add + LayerNorm launch, the GELU epilogue,
+    token-major q/k/v) each, and all, against the plain path, bf16, eager and in its exact-grid
+    graph; the add + LayerNorm launch's stream equals PyTorch's add bit for bit at the ViT's width."""
+    from kernels import switches
+    from kernels.layernorm import add_layer_norm
+    from qwen3vl_backend.engine.vision_graphs import VisionGraphs
+    from qwen3vl_backend.loader import load_vision_model
+
+    visual = load_vision_model(str(tiny_moe), torch.device("cuda"), torch.bfloat16)
+    media = Processor(str(tiny_moe)).process_messages(CASES["one_image"]).media
+    pixels, grids = torch.cat([m.pixel_values for m in media]).cuda().bfloat16(), [m.grid_thw for m in media]
+    want_e, want_ds = visual(pixels, grids)
+    names = ["VIT_FUSED_NORM", "VIT_GELU_EPILOGUE", "VIT_TOKEN_MAJOR"] if switch == "all" else [switch]
+    for name in names:
+        monkeypatch.setattr(switches, name, True)
+    graphs = VisionGraphs(visual, buckets=(64,))
+    graphs.captured = True
+    for path in ("first", "capture", "replay", "replay"):    # the exact graph: its second arrival captures
+        got_e, got_ds = graphs(pixels, grids)
+        assert graphs.last_path == path
+        for got, want in zip([got_e, *got_ds], [want_e, *want_ds]):
+            assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2, path
+    x, d = torch.randn(3816, 1152, device="cuda").bfloat16(), torch.randn(3816, 1152, device="cuda").bfloat16()
+    w, b = torch.randn(1152, device="cuda").bfloat16(), torch.randn(1152, device="cuda").bfloat16()
+    h, s = add_layer_norm(x, d, w, b, 1e-6)
+    assert torch.equal(s, x + d)
+    want = torch.nn.functional.layer_norm(x + d, (1152,), w, b, 1e-6)
+    assert ((h.float() - want.float()).norm() / want.float().norm()).item() < 4e-3
+
+
 def test_vit_exact_grid_graphs_equal_eager(tiny_moe):
     """Batches past the buckets: eager on a grid list's first arrival, captured on its second,
     replayed after; two grid lists through one kept graph (the older one dropped, then recaptured)."""

@@ -475,21 +475,46 @@ def test_qkv_prep_matches_norm_rotary_and_cache_write(t, hq, hkv, d):
     assert rel(cache, want_cache) < 1e-6
 
 
+@pytest.mark.parametrize("token_major", [False, True])
 @pytest.mark.parametrize("n,heads,d,dtype", [(1, 2, 16, torch.float32), (37, 3, 72, torch.float32),
                                              (70, 2, 72, torch.bfloat16)])
-def test_vision_rotary_matches_the_torch_vit_path(n, heads, d, dtype):
-    """The ViT's q/k rotary and heads-major split (head dim 72 in the releases: not a power of two)
-    against the torch path it replaces on GPUs: the same float32 rotary, the same v."""
+def test_vision_rotary_matches_the_torch_vit_path(n, heads, d, dtype, token_major):
+    """The ViT's q/k rotary and heads-major (or token-major) split (head dim 72 in the releases:
+    not a power of two) against the torch path it replaces on GPUs: the same float32 rotary, the
+    same v."""
     hw = torch.randint(0, 60, (n, 2), device=DEV)
     cos, sin = vision_rope_cos_sin(hw, d, 10000.0)
     qkv = torch.randn(n, 3 * heads * d, device=DEV).to(dtype)
     q, k, v = qkv.view(n, 3, heads, d).unbind(1)
     want = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-    got = vision_rotary(qkv, cos, sin, heads)
+    got = vision_rotary(qkv, cos, sin, heads, token_major=token_major)
     for g, w in zip(got, want):
         assert g.shape == (n, heads, d) and g.dtype == dtype
         assert rel(g, w) < (1e-6 if dtype == torch.float32 else 1e-2)
-    assert got[0].transpose(0, 1).is_contiguous()          # heads-major: attention's layout
+        # token-major: each (N, H, D) contiguous, so (N, H * D) rows are a view; else heads-major
+        assert g.is_contiguous() if token_major else g.transpose(0, 1).is_contiguous()
+
+
+@pytest.mark.parametrize("n,d,dtype,delta", [(7, 1152, torch.float32, True), (5, 40, torch.float32, False),
+                                             (9, 1152, torch.bfloat16, True), (1, 24, torch.bfloat16, False)])
+def test_add_layer_norm_matches_torch(n, d, dtype, delta):
+    """The ViT's residual add + LayerNorm launch (d 1152 in the releases, and widths that are not
+    powers of two): the stream bit for bit PyTorch's add, the normalised rows its LayerNorm's."""
+    from kernels.layernorm import add_layer_norm, add_layer_norm_reference
+
+    x = (torch.randn(n, d, device=DEV) * 3 + 1).to(dtype)
+    dx = torch.randn(n, d, device=DEV).to(dtype) if delta else None
+    w, b = torch.randn(d, device=DEV).to(dtype), torch.randn(d, device=DEV).to(dtype)
+    h, s = add_layer_norm(x, dx, w, b, 1e-6)
+    want_h, want_s = add_layer_norm_reference(x, dx, w, b, 1e-6)
+    assert (s is x) == (not delta)
+    if DEV == "cuda" or dtype == torch.float32:
+        assert torch.equal(s, want_s)
+    else:       # the interpreter rounds float32 to bfloat16 toward zero (a GPU to nearest): within a unit
+        assert ((s.float() - want_s.float()).abs() <= want_s.float().abs() * 2 ** -7).all()
+    assert h.dtype == dtype and rel(h, want_h) < (1e-6 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="add_layer_norm"):
+        add_layer_norm(x, dx, w[:-1], b[:-1], 1e-6)
 
 
 # -- GPU: real sizes, bf16, CUDA graphs --------------------------------------------------------------

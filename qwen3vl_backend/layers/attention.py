@@ -97,7 +97,11 @@ def packed_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def varlen_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                            scale: float) -> torch.Tensor:
-    """Bidirectional attention within each segment of a packed batch (the ViT's frames)."""
+    """Bidirectional attention within each segment of a packed batch (the ViT's frames). One
+    segment (an image): SDPA's own output, laid out as its kernel leaves it (cuDNN's as q), not
+    copied into another tensor."""
+    if len(cu_seqlens) == 2 and cu_seqlens[0] == 0 and cu_seqlens[1] == q.shape[0]:
+        return _sdpa(q, k, v, scale=scale)
     out = torch.empty_like(q)
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         out[a:b] = _sdpa(q[a:b], k[a:b], v[a:b], scale=scale)

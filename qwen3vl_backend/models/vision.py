@@ -49,10 +49,11 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens, attn_fn):
         n = x.shape[0]
         qkv = self.qkv(x)
-        if qkv.is_cuda:         # one kernel; q, k, v come heads-major, as attention reads them
+        if qkv.is_cuda:         # one kernel; q, k, v come heads-major, as attention reads them (or token-major)
+            from kernels import switches
             from kernels.rope import vision_rotary
 
-            q, k, v = vision_rotary(qkv, cos, sin, self.num_heads)
+            q, k, v = vision_rotary(qkv, cos, sin, self.num_heads, token_major=switches.VIT_TOKEN_MAJOR)
         else:
             q, k, v = qkv.view(n, 3, self.num_heads, self.head_dim).unbind(1)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -67,6 +68,12 @@ class VisionMLP(nn.Module):
         self.linear_fc2 = nn.Linear(hidden, dim, bias=True)
 
     def forward(self, x):
+        if x.is_cuda and x.dim() == 2 and self.linear_fc1.bias is not None:
+            from kernels import switches
+
+            if switches.VIT_GELU_EPILOGUE:      # the tanh GELU in cuBLASLt's epilogue: one pass fewer
+                return self.linear_fc2(torch._addmm_activation(self.linear_fc1.bias, x, self.linear_fc1.weight.t(),
+                                                               use_gelu=True))
         return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
 
 
@@ -155,9 +162,35 @@ class VisionModel(nn.Module):
 
     def encode(self, x, cos, sin, cu, attn_fn):
         """Blocks, merger and DeepStack mergers: what the ViT CUDA graphs capture."""
+        if x.is_cuda and x.dim() == 2:
+            from kernels import switches
+
+            if switches.VIT_FUSED_NORM:
+                return self._encode_fused_norms(x, cos, sin, cu, attn_fn)
         deepstack = []
         for i, blk in enumerate(self.blocks):
             x = blk(x, cos, sin, cu, attn_fn)
+            if i in self.cfg.deepstack_visual_indexes:
+                deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
+        return self.merger(x), deepstack
+
+    def _encode_fused_norms(self, x, cos, sin, cu, attn_fn):
+        """encode with each residual add and the LayerNorm after it in one launch
+        (kernels.layernorm.add_layer_norm): the stream it writes is PyTorch's add's, bit for bit."""
+        from kernels.layernorm import add_layer_norm
+
+        def norm(s, delta, ln):
+            return add_layer_norm(s, delta, ln.weight, ln.bias, ln.eps)
+
+        deepstack, blocks = [], self.blocks
+        h, _ = norm(x, None, blocks[0].norm1)
+        for i, blk in enumerate(blocks):
+            h, x = norm(x, blk.attn(h, cos, sin, cu, attn_fn), blk.norm2)
+            m = blk.mlp(h)
+            if i + 1 < len(blocks):
+                h, x = norm(x, m, blocks[i + 1].norm1)
+            else:
+                x = x + m
             if i in self.cfg.deepstack_visual_indexes:
                 deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), deepstack
