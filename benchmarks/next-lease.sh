@@ -10,7 +10,8 @@
 #   pack-images: 16 image requests at chunk 2048, no packing against pairs, alternated;
 #   rows: the GPU tests the fp8 table reaches, then 30B fp8 and bf16 at c1/16/64/128;
 #   profile (thirty-second session): the align sweep, then 30B fp8 c1/c64, TTFT and profiles;
-#   vit: the ViT switches' GPU tests and replay times, the align heuristic, engine TTFT off/on.
+#   vit: the ViT switches' GPU tests and replay times, the align heuristic, engine TTFT off/on
+#     (run at 96c74e3 with the token-major switch since removed).
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -82,13 +83,13 @@ if [ "$PART" = vit ]; then
     -k "add_layer_norm or vision_rotary or align_kernel or vit_switches or vit_cuda_graphs_equal" > $W/gpu-tests-$COMMIT.txt 2>&1
   grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
   timeout 150 python -m benchmarks.vit --sizes 1280x720 --repeats 15 \
-    --switches base,VIT_FUSED_NORM,VIT_GELU_EPILOGUE,VIT_TOKEN_MAJOR,all,base,all --out $W > $W/vit-switches-$COMMIT.txt 2>&1
+    --switches base,VIT_FUSED_NORM,VIT_GELU_EPILOGUE,all,base,all --out $W > $W/vit-switches-$COMMIT.txt 2>&1
   grep -v "^{" $W/vit-switches-$COMMIT.txt | tail -10 | cut -c1-150
   timeout 90 python -m benchmarks.kernels --only align --out $W > $W/kernels-align-$COMMIT.txt 2>&1
   grep -E "default" $W/kernels-align-$COMMIT.txt | head -24
   for v in 0 1 0 1; do
     [ $(left 540) -lt 60 ] && break
-    QWEN3VL_VIT_FUSED_NORM=$v QWEN3VL_VIT_GELU_EPILOGUE=$v QWEN3VL_VIT_TOKEN_MAJOR=$v timeout $(left 560) \
+    QWEN3VL_VIT_FUSED_NORM=$v QWEN3VL_VIT_GELU_EPILOGUE=$v timeout $(left 560) \
       python -m benchmarks.engine --config $CONFIG-FP8 --concurrency 1 --out-tokens 8 --ttft-repeats 8 \
       --enable-vit-cuda-graph --out $W > $W/ttft-vit-$v-$(date +%s).txt 2>&1
     echo "vit switches $v: $(grep -A1 'kind  images' $(ls -t $W/ttft-vit-$v-*.txt | head -1) | tail -1)"

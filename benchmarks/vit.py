@@ -63,7 +63,7 @@ def rows_for(visual, pcfg, w: int, h: int, repeats: int) -> list[dict]:
     return rows
 
 
-VIT_SWITCHES = ("VIT_FUSED_NORM", "VIT_GELU_EPILOGUE", "VIT_TOKEN_MAJOR")
+VIT_SWITCHES = ("VIT_FUSED_NORM", "VIT_GELU_EPILOGUE")
 
 
 @torch.no_grad()

@@ -301,10 +301,11 @@ def alignment_buffers(n: int, num_experts: int, block_m: int, device) -> tuple:
 # ids a chunk of align's loops, where a batch's pairs exceed ALIGN_ONE_CHUNK_MAX (it reads them in
 # chunks of this many, twice)
 ALIGN_MAX_BLOCK = 1024
-# pairs that align reads as one chunk (a prefill of up to 2048 tokens at top-8), at 16 warps up
+# pairs that align reads as one chunk (a prefill of 513 to 2048 tokens at top-8), at 16 warps up
 # to 8192 and 8 past it: on an H200 (benchmarks.kernels --only align, thirty-second session)
-# 954 tokens' 7632 pairs took 10.0 us against 13.0 in 1024-id chunks, 2048 tokens' 15.2 against 24.2
-ALIGN_ONE_CHUNK_MAX = 16384
+# 954 tokens' 7632 pairs took 9.8-10.0 us against 12.9-13.0 in 1024-id chunks, 2048 tokens' 15.2-15.3
+# against 24.2; at 256 and 512 tokens one chunk was slower (6.1 against 4.6 us, 8.9 against 7.3)
+ALIGN_ONE_CHUNK_MIN, ALIGN_ONE_CHUNK_MAX = 4096, 16384
 
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int, max_block: int | None = None,
@@ -321,7 +322,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int, max_
     sorted_ids, block_expert, total = alignment_buffers(n, num_experts, block_m, flat.device)
     e_pad = triton.next_power_of_2(num_experts)
     if max_block is None:
-        one = ALIGN_MAX_BLOCK < n <= ALIGN_ONE_CHUNK_MAX
+        one = ALIGN_ONE_CHUNK_MIN < n <= ALIGN_ONE_CHUNK_MAX
         cap = triton.next_power_of_2(n) if one else ALIGN_MAX_BLOCK
         if warps is None and one:
             warps = switches.warps("align", 16 if n <= 8192 else 8)

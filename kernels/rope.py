@@ -103,59 +103,20 @@ def _vision_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, n, heads, stride_t
         tl.store(dst + HALF, x2, mask=mask)
 
 
-@triton.jit
-def _vision_rotary_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, n, width, stride_t, stride_ct,
-                               HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """vision_rotary's token-major layout: a program takes BLOCK_T tokens x BLOCK_C columns of one
-    of q, k, v (program_id(1): which * column tiles + tile), read and written as contiguous runs of
-    each token's row; a column's partner (rotate-half) lies in the same head, read from the same
-    lines."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tiles = tl.cdiv(width, BLOCK_C)
-    which = tl.program_id(1) // tiles
-    cols = (tl.program_id(1) % tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < n)[:, None] & (cols < width)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    src = qkv_ptr + rows64 * stride_t + which * width
-    x = tl.load(src + cols[None, :], mask=mask)
-    dst = out_ptr + (which * n + rows64) * width + cols[None, :]
-    if which == 2:                            # v: copied
-        tl.store(dst, x, mask=mask)
-    else:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        d = cols % HEAD_DIM
-        partner = cols - d + (d + HALF) % HEAD_DIM
-        xp = tl.load(src + partner[None, :], mask=mask)
-        c = tl.load(cos_ptr + rows64 * stride_ct + d[None, :], mask=mask)
-        s = tl.load(sin_ptr + rows64 * stride_ct + d[None, :], mask=mask)
-        sign = tl.where(d < HALF, -1.0, 1.0)[None, :]
-        tl.store(dst, (x.to(tl.float32) * c + sign * xp.to(tl.float32) * s).to(x.dtype), mask=mask)
-
-
-def vision_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, token_major: bool = False):
+def vision_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
     """The ViT's step between its qkv projection and attention in one launch (it was fourteen
     elementwise kernels a block): qkv (N, 3 * H * D) -> q, k, v (N, H, D), q and k rotated
     (layers.rotary.apply_rotary's float32 math), each a view of one heads-major (3, H, N, D)
-    tensor, so attention reads every head contiguously; `token_major`: of one (3, N, H, D)
-    tensor, each (N, H, D) contiguous, so an attention output laid out as q is (cuDNN's) needs no
-    copy to become the (N, H * D) rows of the projection after it. cos/sin (N, D) float32,
-    halves equal."""
+    tensor, so attention reads every head contiguously. cos/sin (N, D) float32, halves equal."""
     n, width = qkv.shape
     d = width // (3 * heads)
     if width != 3 * heads * d or d % 2 or qkv.stride(1) != 1 or cos.shape != (n, d) or sin.stride() != cos.stride():
         raise ValueError(f"vision_rotary: qkv {tuple(qkv.shape)}, {heads} heads, cos {tuple(cos.shape)}")
-    out = torch.empty((3, n, heads, d) if token_major else (3, heads, n, d), dtype=qkv.dtype, device=qkv.device)
-    if n and token_major:
-        block_t, block_c = 16, 128
-        _vision_rotary_rows_kernel[(triton.cdiv(n, block_t), 3 * triton.cdiv(heads * d, block_c))](
-            qkv, cos, sin, out, n, heads * d, qkv.stride(0), cos.stride(0), HEAD_DIM=d, BLOCK_T=block_t,
-            BLOCK_C=block_c, num_warps=4)
-    elif n:
+    out = torch.empty(3, heads, n, d, dtype=qkv.dtype, device=qkv.device)
+    if n:
         block_t = 32
         _vision_rotary_kernel[(triton.cdiv(n, block_t), 3 * heads)](
             qkv, cos, sin, out, n, heads, qkv.stride(0), cos.stride(0), HEAD_DIM=d, HALF=d // 2,
             HALF_P2=triton.next_power_of_2(d // 2), BLOCK_T=block_t)
-    if token_major:
-        return out.unbind(0)
     q, k, v = (t.transpose(0, 1) for t in out.unbind(0))
     return q, k, v

@@ -35,12 +35,14 @@ at concurrency 1 / 16 / 64:
   tries FlashAttention-2 first. Causal GQA at 1024 / 2048 tokens, 32 query and 4 KV heads of 128:
   flash 52 / 163 us, cuDNN 30 / 78; 235B's 64 heads: 90 / 270 against 47 / 139. 30B fp8 TTFT
   (engine, p50 of 8): 38.9 ms against 43.4 and 39.9 for the base runs before and after it.
-- VIT_FUSED_NORM (QWEN3VL_VIT_FUSED_NORM), VIT_GELU_EPILOGUE (QWEN3VL_VIT_GELU_EPILOGUE),
-  VIT_TOKEN_MAJOR (QWEN3VL_VIT_TOKEN_MAJOR): the ViT on a GPU with, each, its residual adds and
-  the LayerNorms after them in one launch (kernels.layernorm.add_layer_norm); its MLP's tanh
-  GELU in fc1's cuBLASLt epilogue (torch._addmm_activation); q/k/v laid out token-major
-  (kernels.rope.vision_rotary), so cuDNN's output, laid out as q, is the projection's rows
-  without a copy. Measured with benchmarks.vit (graph replay of one image, thirty-second session).
+- VIT_FUSED_NORM (QWEN3VL_VIT_FUSED_NORM), on: the ViT's residual adds and the LayerNorms after
+  them in one launch each (kernels.layernorm.add_layer_norm). VIT_GELU_EPILOGUE
+  (QWEN3VL_VIT_GELU_EPILOGUE), on: the ViT MLP's tanh GELU in fc1's cuBLASLt epilogue
+  (torch._addmm_activation). On an H200 (benchmarks.vit --switches, 30B's ViT, one 1280x720
+  image's exact-grid graph, thirty-second session): 13.08 / 13.04 ms base, 12.62 with the first,
+  12.73 with the second, 12.36 / 12.42 with both (and q/k/v laid out token-major, which alone
+  gave 13.05 and was removed); engine TTFT (fp8, ViT graphs, p50 of 8, alternated) 36.2 / 35.9 ms
+  off, 34.0 / 34.8 on.
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
@@ -64,9 +66,8 @@ FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
-VIT_FUSED_NORM = _on("QWEN3VL_VIT_FUSED_NORM")
-VIT_GELU_EPILOGUE = _on("QWEN3VL_VIT_GELU_EPILOGUE")
-VIT_TOKEN_MAJOR = _on("QWEN3VL_VIT_TOKEN_MAJOR")
+VIT_FUSED_NORM = _on("QWEN3VL_VIT_FUSED_NORM", "1")
+VIT_GELU_EPILOGUE = _on("QWEN3VL_VIT_GELU_EPILOGUE", "1")
 FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZE", ""))     # None: by shape
 
 # the launches whose warps KERNEL_WARPS may set: kernels.rmsnorm.rmsnorm, kernels.fp8's activation

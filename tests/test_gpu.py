@@ -341,11 +341,11 @@ def test_vit_cuda_graphs_equal_eager(tiny_moe, request, case):
     assert torch.equal(again, got_e)
 
 
-@pytest.mark.parametrize("switch", ["VIT_FUSED_NORM", "VIT_GELU_EPILOGUE", "VIT_TOKEN_MAJOR", "all"])
+@pytest.mark.parametrize("switch", ["VIT_FUSED_NORM", "VIT_GELU_EPILOGUE", "both"])
 def test_vit_switches_keep_the_embeddings(tiny_moe, monkeypatch, switch):
-    """The ViT's GPU switches (kernels.switches: the add + LayerNorm launch, the GELU epilogue,
-    token-major q/k/v) each, and all, against the plain path, bf16, eager and in its exact-grid
-    graph; the add + LayerNorm launch's stream equals PyTorch's add bit for bit at the ViT's width."""
+    """The ViT's GPU switches (kernels.switches: the add + LayerNorm launch, the GELU epilogue)
+    each, and both, against the plain path (both off), bf16, eager and in its exact-grid graph;
+    the add + LayerNorm launch's stream equals PyTorch's add bit for bit at the ViT's width."""
     from kernels import switches
     from kernels.layernorm import add_layer_norm
     from qwen3vl_backend.engine.vision_graphs import VisionGraphs
@@ -354,10 +354,12 @@ def test_vit_switches_keep_the_embeddings(tiny_moe, monkeypatch, switch):
     visual = load_vision_model(str(tiny_moe), torch.device("cuda"), torch.bfloat16)
     media = Processor(str(tiny_moe)).process_messages(CASES["one_image"]).media
     pixels, grids = torch.cat([m.pixel_values for m in media]).cuda().bfloat16(), [m.grid_thw for m in media]
+    names = ("VIT_FUSED_NORM", "VIT_GELU_EPILOGUE")
+    for name in names:                                           # the plain path: both off
+        monkeypatch.setattr(switches, name, False)
     want_e, want_ds = visual(pixels, grids)
-    names = ["VIT_FUSED_NORM", "VIT_GELU_EPILOGUE", "VIT_TOKEN_MAJOR"] if switch == "all" else [switch]
     for name in names:
-        monkeypatch.setattr(switches, name, True)
+        monkeypatch.setattr(switches, name, switch in (name, "both"))
     graphs = VisionGraphs(visual, buckets=(64,))
     graphs.captured = True
     for path in ("first", "capture", "replay", "replay"):    # the exact graph: its second arrival captures
@@ -371,6 +373,12 @@ def test_vit_switches_keep_the_embeddings(tiny_moe, monkeypatch, switch):
     assert torch.equal(s, x + d)
     want = torch.nn.functional.layer_norm(x + d, (1152,), w, b, 1e-6)
     assert ((h.float() - want.float()).norm() / want.float().norm()).item() < 4e-3
+    # the epilogue's GELU is the tanh one the model asks for (float32 tells it from erf's, bf16 cannot)
+    a, wt, bias = torch.randn(64, 1152, device="cuda"), torch.randn(256, 1152, device="cuda") / 8, torch.randn(256, device="cuda")
+    got = torch._addmm_activation(bias, a, wt.t(), use_gelu=True)
+    lin = torch.nn.functional.linear(a, wt, bias)
+    assert (got - torch.nn.functional.gelu(lin, approximate="tanh")).abs().max().item() < 1e-3
+    assert (got - torch.nn.functional.gelu(lin)).abs().max().item() > 1e-4
 
 
 def test_vit_exact_grid_graphs_equal_eager(tiny_moe):

@@ -49,11 +49,10 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens, attn_fn):
         n = x.shape[0]
         qkv = self.qkv(x)
-        if qkv.is_cuda:         # one kernel; q, k, v come heads-major, as attention reads them (or token-major)
-            from kernels import switches
+        if qkv.is_cuda:         # one kernel; q, k, v come heads-major, as attention reads them
             from kernels.rope import vision_rotary
 
-            q, k, v = vision_rotary(qkv, cos, sin, self.num_heads, token_major=switches.VIT_TOKEN_MAJOR)
+            q, k, v = vision_rotary(qkv, cos, sin, self.num_heads)
         else:
             q, k, v = qkv.view(n, 3, self.num_heads, self.head_dim).unbind(1)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
