@@ -11,7 +11,8 @@
 #   rows: the GPU tests the fp8 table reaches, then 30B fp8 and bf16 at c1/16/64/128;
 #   profile (thirty-second session): the align sweep, then 30B fp8 c1/c64, TTFT and profiles;
 #   vit: the ViT switches' GPU tests and replay times, the align heuristic, engine TTFT off/on
-#     (run at 96c74e3 with the token-major switch since removed).
+#     (run at 96c74e3 with the token-major switch since removed);
+#   final: the GPU parity tests, served c1 JPEG/PNG (fp8, launcher defaults), a 16-image burst.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -96,4 +97,21 @@ if [ "$PART" = vit ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit)"; exit 2
+if [ "$PART" = final ]; then
+  # the GPU parity tests with the ViT defaults on, served c1 JPEG and PNG (launcher defaults, fp8),
+  # then 16 image requests at once in the engine
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py > $W/gpu-tests-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$COMMIT.txt | head -10
+  QWEN3VL_STAGE_TIMING=1 BARE=1 MODEL=Qwen3-VL-30B-A3B-Instruct-FP8 CONCURRENCY=1 FORMATS=jpeg,png OUT_TOKENS=64 REPEATS=6 \
+    timeout $(left 420) bash benchmarks/gpu_serving.sh $W/c1 > $W/c1.txt 2>&1
+  for f in $W/c1/serving-*.json; do
+    python -c "
+import json
+for r in json.load(open('$f'))['rows']:
+    print(r['image_format'], r['concurrency'], 'ttft p50', round(r['ttft_p50_ms'], 1), 'min', round(r.get('ttft_min_ms', 0), 1))"
+  done
+  [ $(left 560) -gt 70 ] && timeout $(left 575) python -m benchmarks.engine --config $CONFIG-FP8 --burst 16 \
+    --chunked-prefill-size 2048 --out $W > $W/burst-images-$COMMIT.txt 2>&1 && tail -3 $W/burst-images-$COMMIT.txt | cut -c1-160
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final)"; exit 2
