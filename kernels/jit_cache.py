@@ -10,15 +10,20 @@ import sys
 PACKAGES = ("kernels", "qwen3vl_backend")
 
 
-def compiled_kernels() -> int:
+def compiled_by_kernel() -> dict[str, int]:
+    """{module.kernel: compiled variants} for the kernels of PACKAGES' imported modules."""
     from triton.runtime.jit import JITFunction
 
-    seen, total = set(), 0
+    seen, out = set(), {}
     for name, module in list(sys.modules.items()):
         if module is None or name.split(".")[0] not in PACKAGES:
             continue
-        for obj in list(vars(module).values()):
+        for attr, obj in list(vars(module).items()):
             if isinstance(obj, JITFunction) and id(obj) not in seen:
                 seen.add(id(obj))
-                total += sum(len(entry[0]) for entry in obj.device_caches.values())
-    return total
+                out[f"{name}.{attr}"] = sum(len(entry[0]) for entry in obj.device_caches.values())
+    return out
+
+
+def compiled_kernels() -> int:
+    return sum(compiled_by_kernel().values())

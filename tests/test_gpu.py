@@ -419,7 +419,7 @@ def test_vit_exact_grid_graphs_equal_eager(tiny_moe):
 
 BURST = """
 import json, sys
-from kernels.jit_cache import compiled_kernels
+from kernels.jit_cache import compiled_by_kernel, compiled_kernels
 from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.llm_engine import LLMEngine
 from qwen3vl_backend.processing.processor import Processor
@@ -435,13 +435,14 @@ params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 for p in burst:                         # the engine's own ViT (serving's is the vit model, warmed apart)
     if p.media:
         engine.encode_media(p.media)
-before = compiled_kernels()
+before, by_kernel = compiled_kernels(), compiled_by_kernel()
 engine.generate(burst, params)
 for p in burst[:3]:                     # each joins while the ones before it decode
     engine.add_request(p, params)
     engine.step()
 while engine.has_unfinished():
     engine.step()
+print("NEW", {k: v - by_kernel.get(k, 0) for k, v in compiled_by_kernel().items() if v != by_kernel.get(k, 0)})
 print("COMPILED", compiled_kernels() - before)
 """
 
@@ -474,7 +475,8 @@ def test_warm_up_leaves_nothing_to_compile_for_a_burst(tiny_moe, quant, traffic)
                          input=json.dumps(list(CASES.values())), capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     compiled = int(out.stdout.split("COMPILED")[-1])
-    assert (compiled == 0) if traffic else (compiled > 0), f"{compiled} kernel variants compiled after the warm-up"
+    new = out.stdout.split("NEW")[-1].split("COMPILED")[0].strip()
+    assert (compiled == 0) if traffic else (compiled > 0), f"{compiled} kernel variants compiled after the warm-up: {new}"
 
 
 @pytest.mark.parametrize("w8a8", [True, False], ids=["w8a8", "w8a16"])
