@@ -246,7 +246,10 @@ def _expert_run(counts, e, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
     return first_row, tl.sum(tl.where(mine, counts, 0), 0), tl.sum(tl.where(mine, padded, 0), 0), padded
 
 
-@triton.jit
+# n not specialised (a multiple of 16 or not): a batch's pair count is any number, and each
+# (chunk, warps) launch compiles once, at the warm-up's powers of two, not again inside a burst
+# (the H200's warm-up GPU test named align as the one kernel a burst compiled)
+@triton.jit(do_not_specialize=["n"])
 def _align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, n,
                   BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One program per expert: each counts every expert's pairs (to find where its run starts),
