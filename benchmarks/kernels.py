@@ -337,7 +337,8 @@ def bench_quantize() -> list[dict]:
 def bench_align() -> list[dict]:
     """The MoE's expert alignment (one launch, a program per expert) at a prefill's pairs (954 and
     2048 tokens at top-8) and decode batches: its chunk cap and warps swept, uniform routing,
-    sixteen different id sets per graph (per call), each checked equal to the default launch's."""
+    sixteen different id sets per graph (per call), each launch's output checked equal to the torch
+    alignment's ("default": align_by_expert's own choice)."""
     from kernels.fused_moe import ALIGN_MAX_BLOCK, align_by_expert, align_by_expert_reference
 
     rows = []

@@ -301,8 +301,8 @@ def alignment_buffers(n: int, num_experts: int, block_m: int, device) -> tuple:
             torch.empty(1, dtype=torch.int32, device=device))
 
 
-# ids a chunk of align's loops, where a batch's pairs exceed ALIGN_ONE_CHUNK_MAX (it reads them in
-# chunks of this many, twice)
+# ids a chunk of align's loops (it reads a batch's pairs in chunks of this many, twice), outside
+# ALIGN_ONE_CHUNK_MIN < pairs <= ALIGN_ONE_CHUNK_MAX
 ALIGN_MAX_BLOCK = 1024
 # pairs that align reads as one chunk (a prefill of 513 to 2048 tokens at top-8), at 16 warps up
 # to 8192 and 8 past it: on an H200 (benchmarks.kernels --only align, thirty-second session)
