@@ -236,6 +236,76 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
+def _grouped_gemm_persistent_kernel(
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, s_ptr, as_ptr,
+    N, K, num_valid, top_k,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_se, stride_sn, stride_asm,
+    A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SCALED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, A_SCALED: tl.constexpr,
+    FLATTEN: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+):
+    """_grouped_gemm_kernel's sorted path (SCALE_MODE 0, or 2 with SCALED, W8A8 with A_SCALED) as a
+    persistent launch: each program takes the output tiles pid, pid + programs, ... up to the
+    padded total's, in the same grouped order, so no program starts past the total and the next
+    tile's loads can follow the last's K steps (FLATTEN: one software-pipelined loop over the
+    tiles' K steps together). Every block's expert is one of b's (no expert-parallel sentinel)."""
+    gdc_launch(USE_PDL)
+    gdc_wait(USE_PDL)
+    num_padded = tl.load(num_padded_ptr)
+    grid_m = tl.cdiv(num_padded, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    steps = tl.cdiv(K, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, tl.num_programs(0), flatten=FLATTEN):
+        first_m = (tile // per_group) * GROUP_M
+        size_m = min(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % size_m
+        pid_n = (tile % per_group) // size_m
+        pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pair < num_valid
+        a_row = pair if A_ROWS_ARE_PAIRS else pair // top_k
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        a_ptrs = a_ptr + a_row[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+        s_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
+        s_up_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn
+        as_ptrs = as_ptr + a_row.to(tl.int64) * stride_asm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, steps):
+            k_ok = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if FUSE_SILU:
+                b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None], other=0.0)
+            if A_SCALED:
+                sa = tl.load(as_ptrs + (k * BLOCK_K) // BK, mask=valid, other=0.0)[:, None]
+                acc += tl.dot(a, b) * (sa * tl.load(s_ptrs + (k * BLOCK_K) // BK))
+                if FUSE_SILU:
+                    acc_up += tl.dot(a, b_up) * (sa * tl.load(s_up_ptrs + (k * BLOCK_K) // BK))
+            elif SCALED:
+                acc += tl.dot(a, b.to(a.dtype)) * tl.load(s_ptrs + (k * BLOCK_K) // BK)
+                if FUSE_SILU:
+                    acc_up += tl.dot(a, b_up.to(a.dtype)) * tl.load(s_up_ptrs + (k * BLOCK_K) // BK)
+            else:
+                acc += tl.dot(a, b)
+                if FUSE_SILU:
+                    acc_up += tl.dot(a, b_up)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        if FUSE_SILU:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+        if MUL_WEIGHT:
+            acc = acc * tl.load(weights_ptr + pair, mask=valid, other=0.0)[:, None]
+        out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(c_ptr + pair[:, None].to(tl.int64) * stride_cm + out_n[None, :] * stride_cn,
+                 acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (out_n[None, :] < N))
+
+
+@triton.jit
 def _expert_run(counts, e, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
     """From every expert's pair count (E_PAD,): expert e's first row in the sorted order (the
     experts before it, each padded to BLOCK_M rows), its pair count and its padded rows, and
@@ -361,8 +431,11 @@ def align_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
 
 
 def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_rows_are_pairs, mul_weight, cfg,
-                  fuse_silu=False, scale=None, block=(128, 128), a_scale=None):
-    """sorted_ids None: one token's pairs, a block each, block_expert its top-k ids (PAIR_BLOCKS)."""
+                  fuse_silu=False, scale=None, block=(128, 128), a_scale=None, persistent_off=False):
+    """sorted_ids None: one token's pairs, a block each, block_expert its top-k ids (PAIR_BLOCKS).
+    A config's "PERSISTENT" (programs an SM) takes the persistent kernel where it applies: sorted
+    blocks with no sentinel (`persistent_off`: there may be one), weights unscaled or in tiles
+    inside one scale block."""
     n, k = b.shape[1] // (2 if fuse_silu else 1), b.shape[2]
     block_n, block_k, mode = cfg["BLOCK_N"], cfg["BLOCK_K"], 0
     if scale is not None:
@@ -373,6 +446,17 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
     blocks = block_expert.numel() if pair_blocks else triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"])
     grid = (blocks * triton.cdiv(n, block_n),)
     s = scale if scale is not None else b
+    if cfg.get("PERSISTENT") and not pair_blocks and mode != 1 and not persistent_off:
+        _grouped_gemm_persistent_kernel[(min(grid[0], cfg["PERSISTENT"] * sm_count(a.device)),)](
+            a, b, c, weights, sorted_ids, block_expert, total, s, a_scale if a_scale is not None else s,
+            n, k, c.shape[0], top_k,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+            s.stride(0), s.stride(1), a_scale.stride(0) if a_scale is not None else 0,
+            A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight, FUSE_SILU=fuse_silu,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
+            SCALED=scale is not None, BN=block[0], BK=block[1], A_SCALED=a_scale is not None,
+            FLATTEN=bool(cfg.get("FLATTEN")), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a))
+        return
     if pair_blocks:
         sorted_ids = total = block_expert
     _grouped_gemm_kernel[grid](
@@ -387,6 +471,19 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
         A_SCALED=a_scale is not None, PAIR_BLOCKS=pair_blocks, SWAP_AB=bool(cfg.get("SWAP_AB")),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_type: str, index: int | None) -> int:
+    if device_type != "cuda":
+        return 4                        # the interpreter: a few programs, each several tiles
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of `device` (persistent launches size their grids by it); 4 off a GPU."""
+    return _sm_count(device.type, device.index)
 
 
 def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tuple[int, int, int]:
@@ -1086,18 +1183,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
         half = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}
         _grouped_gemm(a, w13, act, weights, sorted_ids, block_expert, total, top_k, False, False, half, True,
-                      scale=w13_scale, a_scale=a_scale, **fp8)
+                      scale=w13_scale, a_scale=a_scale, persistent_off=sentinel, **fp8)
     else:
         gate_up = torch.empty(m * top_k, two_i, dtype=x.dtype, device=x.device)
         _grouped_gemm(a, w13, gate_up, weights, sorted_ids, block_expert, total, top_k, False, False, cfg,
-                      scale=w13_scale, a_scale=a_scale, **fp8)
+                      scale=w13_scale, a_scale=a_scale, persistent_off=sentinel, **fp8)
         gate, up = gate_up.chunk(2, dim=-1)
         act = torch.nn.functional.silu(gate) * up
     act, act_scale = (quantize_activations_fp8(act, block[1]) if w8a8 else (act, None))
     # the sentinel's rows are never written: the combine skips them (no zero fill)
     out = torch.empty(m * top_k, h, dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, down_cfg, scale=w2_scale,
-                  a_scale=act_scale, **fp8)
+                  a_scale=act_scale, persistent_off=sentinel, **fp8)
     return sum_top_k(out.view(m, top_k, h), topk_ids if sentinel else None, e)
 
 

@@ -298,7 +298,8 @@ def test_fp8_moe_pair_path(m, e, h, i, a, block):
 @pytest.mark.parametrize("m,e,h,i,a,block", [(7, 8, 64, 32, 2, (32, 32)), (33, 4, 96, 64, 2, (32, 64)),
                                              (5, 4, 80, 40, 2, (32, 32))])
 @pytest.mark.parametrize("fuse_silu", [True, False])
-def test_fp8_moe_sorted_path(m, e, h, i, a, block, fuse_silu, monkeypatch):
+@pytest.mark.parametrize("persistent", [0, 1])
+def test_fp8_moe_sorted_path(m, e, h, i, a, block, fuse_silu, persistent, monkeypatch):
     from kernels.fused_moe import fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
@@ -307,7 +308,7 @@ def test_fp8_moe_sorted_path(m, e, h, i, a, block, fuse_silu, monkeypatch):
     x = torch.randn(m, h, device=DEV)
     w, ids = route(torch.randn(m, e, device=DEV), a, True)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1,
-           "FUSE_SILU": fuse_silu}
+           "FUSE_SILU": fuse_silu, "PERSISTENT": persistent}
     out = fused_moe(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, block=block)
     assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < KTOL
 
@@ -329,7 +330,8 @@ def _w8a8_moe_reference(x, d13, d2, w, ids, group):
 
 
 @pytest.mark.parametrize("m,e,h,i,a,block", [(7, 8, 64, 32, 2, (32, 32)), (33, 4, 96, 64, 2, (32, 64))])
-def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, monkeypatch):
+@pytest.mark.parametrize("persistent", [{}, {"PERSISTENT": 1, "FLATTEN": True}])
+def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, persistent, monkeypatch):
     """From W8A8_MIN_M tokens the activations are fp8 too: against the same quantization in torch."""
     from kernels.fused_moe import fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
@@ -338,7 +340,7 @@ def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, monkeypatch):
     q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
     x = torch.randn(m, h, device=DEV) * torch.logspace(-1, 1, h, device=DEV)     # groups of unlike ranges
     w, ids = route(torch.randn(m, e, device=DEV), a, True)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1, **persistent}
     out = fused_moe(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, block=block)
     want = _w8a8_moe_reference(x, d13, d2, w, ids, block[1])
     assert _rel(out, want) < KTOL

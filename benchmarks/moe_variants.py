@@ -1,0 +1,109 @@
+"""The fused MoE's sorted path at prefill sizes (30B-A3B's experts, uniform routing) under launch
+variants: each a patch over the table's entry for that M ({} = the table's own; a "DOWN" key
+patches the down GEMM alone), timed per call over weight copies and routings captured back to
+back (a prefill reads each layer's experts once; the copies keep one call's from L2 for the
+next), against the table's entry and the bytes' floor (every expert's weights read once).
+
+    python -m benchmarks.moe_variants [--ms 954,2048] [--dtypes fp8,bf16] [--variants a,b] [--out DIR]
+    python -m benchmarks.moe_variants --ncu [--ms 954] [--variants table,p2f]
+
+`--ncu`: each variant run twice and nothing timed, for Nsight Compute to profile the second
+run's grouped GEMMs (`ncu -k regex:_grouped_gemm --launch-skip ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from kernels.fused_moe import fused_moe, fused_moe_reference, lookup_config
+from qwen3vl_backend.layers.moe import route
+
+from .common import fp8_experts, per_call_ms, print_table, write_result
+from .roofline import measure as roofline
+
+E, H, INTER, A = 128, 2048, 768, 8
+BLOCK = (128, 128)
+DEV = "cuda"
+COPIES = 4                    # weight copies cycled (~2.4 GB of fp8, 4.8 of bf16)
+VARIANTS = {
+    "table": {},
+    "p1": {"PERSISTENT": 1},
+    "p2": {"PERSISTENT": 2},
+    "p1f": {"PERSISTENT": 1, "FLATTEN": True},
+    "p2f": {"PERSISTENT": 2, "FLATTEN": True},
+    "p2f-up": {"PERSISTENT": 2, "FLATTEN": True, "DOWN": {"PERSISTENT": 0}},
+    "p2f-down": {"DOWN": {"PERSISTENT": 2, "FLATTEN": True}},
+    "p2f-s3": {"PERSISTENT": 2, "FLATTEN": True, "num_stages": 3},
+    "p1f-s5": {"PERSISTENT": 1, "FLATTEN": True, "num_stages": 5},
+    "p1f-n256-w8": {"PERSISTENT": 1, "FLATTEN": True, "BLOCK_N": 256, "num_warps": 8},
+    "p1f-m128-w8": {"PERSISTENT": 1, "FLATTEN": True, "BLOCK_M": 128, "num_warps": 8},
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", default="954,2048")
+    ap.add_argument("--dtypes", default="fp8")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--ncu", action="store_true", help="run each variant twice, untimed, for Nsight Compute")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    names = args.variants.split(",")
+    bandwidth = None if args.ncu else roofline()["copy_bandwidth_tb_s"]
+    torch.manual_seed(0)
+    rows = []
+    for dtype in args.dtypes.split(","):
+        fp8 = dtype == "fp8"
+        w13 = [torch.randn(E, 2 * INTER, H, device=DEV, dtype=torch.bfloat16) * H ** -0.5 for _ in range(COPIES)]
+        w2 = [torch.randn(E, H, INTER, device=DEV, dtype=torch.bfloat16) * INTER ** -0.5 for _ in range(COPIES)]
+        ref_w = (w13[0].float(), w2[0].float())
+        if fp8:
+            quantized = [fp8_experts(a, b, BLOCK) for a, b in zip(w13, w2)]
+            weights = [((q13, q2), {"w13_scale": s13, "w2_scale": s2, "block": BLOCK}) for q13, s13, q2, s2 in quantized]
+            del w13, w2
+        else:
+            weights = [((a, b), {}) for a, b in zip(w13, w2)]
+        floor_us = E * 3 * H * INTER * (1 if fp8 else 2) / ((bandwidth or 1) * 1e12) * 1e6
+        for m in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(m, H, device=DEV, dtype=torch.bfloat16)
+            routings = [route(torch.randn(m, E, device=DEV), A, True) for _ in range(COPIES)]
+            base = lookup_config(E, INTER, H, m, x.device, BLOCK if fp8 else None)
+            ref = fused_moe_reference(x.float(), *ref_w, *routings[0]) if not args.ncu else None
+            for name in names:
+                patch = VARIANTS[name]
+                cfg = {**base, **patch, "DOWN": {**base.get("DOWN", {}), **patch.get("DOWN", {})}}
+
+                def call(i, cfg=cfg):
+                    (a, b), kw = weights[i % COPIES]
+                    return fused_moe(x, a, b, *routings[i % COPIES], cfg, **kw)
+
+                try:
+                    out = call(0).float()
+                    if args.ncu:
+                        call(1)
+                        torch.cuda.synchronize()
+                        continue
+                    us = per_call_ms(call, COPIES * 2) * 1e3
+                except Exception as e:  # noqa: BLE001 - a variant that does not compile or launch is a row
+                    torch.cuda.synchronize()
+                    rows.append({"dtype": dtype, "M": m, "variant": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                    continue
+                err = ((out - ref).norm() / ref.norm()).item()
+                rows.append({"dtype": dtype, "M": m, "variant": name, "us": round(us, 1), "floor_us": round(floor_us, 1),
+                             "floor_over": round(floor_us / us, 3), "rel_err": f"{err:.2e}", "config": str(cfg)})
+            table = [r for r in rows if r["M"] == m and r["dtype"] == dtype and r["variant"] == "table" and "us" in r]
+            for r in rows:
+                if table and r["M"] == m and r["dtype"] == dtype and "us" in r:
+                    r["vs_table"] = round(r["us"] / table[0]["us"], 3)
+    if args.ncu:
+        return 0
+    print_table(rows, ["dtype", "M", "variant", "us", "vs_table", "floor_us", "floor_over", "rel_err", "error"])
+    write_result("moe-variants", {"bandwidth_tb_s": bandwidth, "copies": COPIES, "shape": [E, H, INTER, A],
+                                  "routing": "uniform"}, rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
