@@ -5,7 +5,7 @@ back (a prefill reads each layer's experts once; the copies keep one call's from
 next), against the table's entry and the bytes' floor (every expert's weights read once).
 
     python -m benchmarks.moe_variants [--ms 954,2048] [--dtypes fp8,bf16] [--variants a,b] [--out DIR]
-    python -m benchmarks.moe_variants --ncu [--ms 954] [--variants table,p2f]
+    python -m benchmarks.moe_variants --ncu [--ms 954] [--variants table,p2]
 
 `--ncu`: each variant run twice and nothing timed, for Nsight Compute to profile the second
 run's grouped GEMMs (`ncu -k regex:_grouped_gemm --launch-skip ...`).
@@ -29,16 +29,15 @@ DEV = "cuda"
 COPIES = 4                    # weight copies cycled (~2.4 GB of fp8, 4.8 of bf16)
 VARIANTS = {
     "table": {},
-    "p1": {"PERSISTENT": 1},
     "p2": {"PERSISTENT": 2},
-    "p1f": {"PERSISTENT": 1, "FLATTEN": True},
-    "p2f": {"PERSISTENT": 2, "FLATTEN": True},
-    "p2f-up": {"PERSISTENT": 2, "FLATTEN": True, "DOWN": {"PERSISTENT": 0}},
-    "p2f-down": {"DOWN": {"PERSISTENT": 2, "FLATTEN": True}},
-    "p2f-s3": {"PERSISTENT": 2, "FLATTEN": True, "num_stages": 3},
-    "p1f-s5": {"PERSISTENT": 1, "FLATTEN": True, "num_stages": 5},
-    "p1f-n256-w8": {"PERSISTENT": 1, "FLATTEN": True, "BLOCK_N": 256, "num_warps": 8},
-    "p1f-m128-w8": {"PERSISTENT": 1, "FLATTEN": True, "BLOCK_M": 128, "num_warps": 8},
+    "p2-s3": {"PERSISTENT": 2, "num_stages": 3},
+    "p2-s5": {"PERSISTENT": 2, "num_stages": 5},
+    "p2-g4": {"PERSISTENT": 2, "GROUP_M": 4},
+    "p2-g16": {"PERSISTENT": 2, "GROUP_M": 16},
+    "p2-up": {"PERSISTENT": 2, "DOWN": {"PERSISTENT": 0}},
+    "p2-down": {"DOWN": {"PERSISTENT": 2}},
+    "p1-n256-s3": {"PERSISTENT": 1, "BLOCK_N": 256, "num_stages": 3},
+    "p2-down-n256-w8": {"PERSISTENT": 2, "DOWN": {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3}},
 }
 
 

@@ -243,13 +243,14 @@ def _grouped_gemm_persistent_kernel(
     A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, A_SCALED: tl.constexpr,
-    FLATTEN: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """_grouped_gemm_kernel's sorted path (SCALE_MODE 0, or 2 with SCALED, W8A8 with A_SCALED) as a
     persistent launch: each program takes the output tiles pid, pid + programs, ... up to the
-    padded total's, in the same grouped order, so no program starts past the total and the next
-    tile's loads can follow the last's K steps (FLATTEN: one software-pipelined loop over the
-    tiles' K steps together). Every block's expert is one of b's (no expert-parallel sentinel)."""
+    padded total's, in the same grouped order: no program starts past the total, and a program's
+    next tile starts as its last ends, with no launch between. (Its tiles' K steps as one
+    software-pipelined loop, tl.range's flatten, lost: NOTES, thirty-third session.) Every block's
+    expert is one of b's (no expert-parallel sentinel)."""
     gdc_launch(USE_PDL)
     gdc_wait(USE_PDL)
     num_padded = tl.load(num_padded_ptr)
@@ -258,7 +259,7 @@ def _grouped_gemm_persistent_kernel(
     per_group = GROUP_M * grid_n
     steps = tl.cdiv(K, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), grid_m * grid_n, tl.num_programs(0), flatten=FLATTEN):
+    for tile in range(tl.program_id(0), grid_m * grid_n, tl.num_programs(0)):
         first_m = (tile // per_group) * GROUP_M
         size_m = min(grid_m - first_m, GROUP_M)
         pid_m = first_m + (tile % per_group) % size_m
@@ -455,7 +456,7 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
             A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight, FUSE_SILU=fuse_silu,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
             SCALED=scale is not None, BN=block[0], BK=block[1], A_SCALED=a_scale is not None,
-            FLATTEN=bool(cfg.get("FLATTEN")), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a))
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a))
         return
     if pair_blocks:
         sorted_ids = total = block_expert
