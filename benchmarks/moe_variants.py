@@ -30,9 +30,11 @@ COPIES = 4                    # weight copies cycled (~2.4 GB of fp8, 4.8 of bf1
 VARIANTS = {
     "table": {},
     "p2": {"PERSISTENT": 2},
+    "p2-pf1": {"PERSISTENT": 2, "PREFETCH_NEXT": 1},
+    "p2-pf2": {"PERSISTENT": 2, "PREFETCH_NEXT": 2},
+    "p2-pf4": {"PERSISTENT": 2, "PREFETCH_NEXT": 4},
     "p2-s3": {"PERSISTENT": 2, "num_stages": 3},
     "p2-s5": {"PERSISTENT": 2, "num_stages": 5},
-    "p2-g4": {"PERSISTENT": 2, "GROUP_M": 4},
     "p2-g16": {"PERSISTENT": 2, "GROUP_M": 16},
     "p2-up": {"PERSISTENT": 2, "DOWN": {"PERSISTENT": 0}},
     "p2-down": {"DOWN": {"PERSISTENT": 2}},

@@ -236,6 +236,15 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
+def _grouped_tile(tile, grid_m, per_group, GROUP_M: tl.constexpr):
+    """Output tile `tile` -> (block of rows, block of columns) in the grouped order: GROUP_M row
+    blocks down each column block in turn, so that neighbouring tiles share weight tiles in L2."""
+    first_m = (tile // per_group) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
+
+
+@triton.jit
 def _grouped_gemm_persistent_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, s_ptr, as_ptr,
     N, K, num_valid, top_k,
@@ -243,14 +252,16 @@ def _grouped_gemm_persistent_kernel(
     A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, A_SCALED: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, PREFETCH_NEXT: tl.constexpr = 0, ASM: tl.constexpr = False,
 ):
     """_grouped_gemm_kernel's sorted path (SCALE_MODE 0, or 2 with SCALED, W8A8 with A_SCALED) as a
     persistent launch: each program takes the output tiles pid, pid + programs, ... up to the
     padded total's, in the same grouped order: no program starts past the total, and a program's
     next tile starts as its last ends, with no launch between. (Its tiles' K steps as one
     software-pipelined loop, tl.range's flatten, lost: NOTES, thirty-third session.) Every block's
-    expert is one of b's (no expert-parallel sentinel)."""
+    expert is one of b's (no expert-parallel sentinel). PREFETCH_NEXT (ASM, on the GPU): as a tile
+    starts, L2 is asked for the first PREFETCH_NEXT K steps of the program's next tile's weight
+    rows, so that tile's first loads do not wait on memory."""
     gdc_launch(USE_PDL)
     gdc_wait(USE_PDL)
     num_padded = tl.load(num_padded_ptr)
@@ -259,11 +270,21 @@ def _grouped_gemm_persistent_kernel(
     per_group = GROUP_M * grid_n
     steps = tl.cdiv(K, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
-    for tile in range(tl.program_id(0), grid_m * grid_n, tl.num_programs(0)):
-        first_m = (tile // per_group) * GROUP_M
-        size_m = min(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % per_group) % size_m
-        pid_n = (tile % per_group) // size_m
+    tiles = grid_m * grid_n
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, pid_n = _grouped_tile(tile, grid_m, per_group, GROUP_M)
+        if PREFETCH_NEXT > 0:
+            after = tile + tl.num_programs(0)
+            if after < tiles:
+                next_m, next_n = _grouped_tile(after, grid_m, per_group, GROUP_M)
+                rows = (next_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+                elt: tl.constexpr = b_ptr.dtype.element_ty.primitive_bitwidth // 8
+                lines: tl.constexpr = max(1, PREFETCH_NEXT * BLOCK_K * elt // 128)
+                nbytes = min(PREFETCH_NEXT * BLOCK_K, K) * elt
+                base = b_ptr.to(tl.pointer_type(tl.int8)) + tl.load(expert_ids_ptr + next_m).to(tl.int64) * stride_be * elt
+                _l2_prefetch_lines(base, rows, stride_bn * elt, 0, nbytes, lines, ASM)
+                if FUSE_SILU:
+                    _l2_prefetch_lines(base, rows + N, stride_bn * elt, 0, nbytes, lines, ASM)
         pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         valid = pair < num_valid
         a_row = pair if A_ROWS_ARE_PAIRS else pair // top_k
@@ -456,6 +477,7 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
             A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight, FUSE_SILU=fuse_silu,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
             SCALED=scale is not None, BN=block[0], BK=block[1], A_SCALED=a_scale is not None,
+            PREFETCH_NEXT=cfg.get("PREFETCH_NEXT", 0), ASM=a.is_cuda,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a))
         return
     if pair_blocks:

@@ -330,7 +330,7 @@ def _w8a8_moe_reference(x, d13, d2, w, ids, group):
 
 
 @pytest.mark.parametrize("m,e,h,i,a,block", [(7, 8, 64, 32, 2, (32, 32)), (33, 4, 96, 64, 2, (32, 64))])
-@pytest.mark.parametrize("persistent", [{}, {"PERSISTENT": 1}])
+@pytest.mark.parametrize("persistent", [{}, {"PERSISTENT": 1, "PREFETCH_NEXT": 1}])
 def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, persistent, monkeypatch):
     """From W8A8_MIN_M tokens the activations are fp8 too: against the same quantization in torch."""
     from kernels.fused_moe import fused_moe, fused_moe_reference
