@@ -1,6 +1,6 @@
 """The fused MoE's sorted path at prefill sizes (30B-A3B's experts, uniform routing) under launch
 variants: each a patch over the table's entry for that M ({} = the table's own; a "DOWN" key
-patches the down GEMM alone), timed per call over weight copies and routings captured back to
+patches the down GEMM alone; "switches" sets kernels.switches values for the variant's calls), timed per call over weight copies and routings captured back to
 back (a prefill reads each layer's experts once; the copies keep one call's from L2 for the
 next), against the table's entry and the bytes' floor (every expert's weights read once).
 
@@ -14,9 +14,12 @@ run's grouped GEMMs (`ncu -k regex:_grouped_gemm --launch-skip ...`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+from unittest import mock
 
 import torch
 
+from kernels import switches
 from kernels.fused_moe import fused_moe, fused_moe_reference, lookup_config
 from qwen3vl_backend.layers.moe import route
 
@@ -30,9 +33,8 @@ COPIES = 4                    # weight copies cycled (~2.4 GB of fp8, 4.8 of bf1
 VARIANTS = {
     "table": {},
     "p2": {"PERSISTENT": 2},
-    "p2-pf1": {"PERSISTENT": 2, "PREFETCH_NEXT": 1},
-    "p2-pf2": {"PERSISTENT": 2, "PREFETCH_NEXT": 2},
-    "p2-pf4": {"PERSISTENT": 2, "PREFETCH_NEXT": 4},
+    "table-behind": {"switches": {"SCALES_AHEAD": False}},
+    "p2-behind": {"PERSISTENT": 2, "switches": {"SCALES_AHEAD": False}},
     "p2-s3": {"PERSISTENT": 2, "num_stages": 3},
     "p2-s5": {"PERSISTENT": 2, "num_stages": 5},
     "p2-g16": {"PERSISTENT": 2, "GROUP_M": 16},
@@ -73,12 +75,13 @@ def main(argv=None) -> int:
             base = lookup_config(E, INTER, H, m, x.device, BLOCK if fp8 else None)
             ref = fused_moe_reference(x.float(), *ref_w, *routings[0]) if not args.ncu else None
             for name in names:
-                patch = VARIANTS[name]
+                patch = {k: v for k, v in VARIANTS[name].items() if k != "switches"}
                 cfg = {**base, **patch, "DOWN": {**base.get("DOWN", {}), **patch.get("DOWN", {})}}
 
-                def call(i, cfg=cfg):
+                def call(i, cfg=cfg, flags=VARIANTS[name].get("switches", {})):
                     (a, b), kw = weights[i % COPIES]
-                    return fused_moe(x, a, b, *routings[i % COPIES], cfg, **kw)
+                    with mock.patch.multiple(switches, **flags) if flags else contextlib.nullcontext():
+                        return fused_moe(x, a, b, *routings[i % COPIES], cfg, **kw)
 
                 try:
                     out = call(0).float()

@@ -83,6 +83,69 @@ def _l2_prefetch_lines(base, rows, stride_bytes, start_bytes, end_bytes, LINES: 
 
 
 @triton.jit
+def _k_steps(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, as_ptrs, valid, k_first, steps, N, K, stride_ak, stride_bk, stride_bn,
+             FUSE_SILU: tl.constexpr, SCALE_MODE: tl.constexpr, A_SCALED: tl.constexpr, BITS: tl.constexpr,
+             ASM: tl.constexpr, SWAP_AB: tl.constexpr, SCALES_AHEAD: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BK: tl.constexpr):
+    """The grouped GEMM's K steps k_first .. steps - 1 of one output tile -> (acc, acc_up), float32
+    (acc_up: FUSE_SILU's up columns, N rows of b below the gate's). a_ptrs / b_ptrs point at the
+    first step's tiles; s_ptrs / s_up_ptrs at the tile's weight scales (SCALE_MODE 1: a column's,
+    2: the tile's) and as_ptrs at its rows' activation scales (A_SCALED), each a K block apart.
+    SCALES_AHEAD (SCALE_MODE 2): a step's scales are loaded one step before it (the first before
+    the loop), so no step's products wait on a load issued after them; without it, in the step.
+    On an H200 the W8A8 prefill GEMMs' warps spent most stalls on those loads (NOTES, thirty-third
+    session)."""
+    AHEAD: tl.constexpr = 1 if SCALES_AHEAD else 0
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SCALE_MODE == 2:
+        kb = (k_first * BLOCK_K) // BK
+        s_now = tl.load(s_ptrs + kb)
+        s_up_now = tl.load(s_up_ptrs + kb) if FUSE_SILU else s_now
+        sa_now = tl.load(as_ptrs + kb, mask=valid, other=0.0) if A_SCALED else s_now
+    for k in range(k_first, steps):
+        k_left = K - k * BLOCK_K
+        kb = (k * BLOCK_K) // BK
+        if SCALE_MODE == 2:
+            kb_load = tl.minimum(((k + AHEAD) * BLOCK_K) // BK, (K - 1) // BK)    # past the last: its own
+            s_next = tl.load(s_ptrs + kb_load)
+            s_up_next = tl.load(s_up_ptrs + kb_load) if FUSE_SILU else s_next
+            sa_next = tl.load(as_ptrs + kb_load, mask=valid, other=0.0) if A_SCALED else s_next
+            if not SCALES_AHEAD:
+                s_now, s_up_now, sa_now = s_next, s_up_next, sa_next
+        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if FUSE_SILU:
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
+        if SCALE_MODE == 0:
+            acc += _dot(a, b, SWAP_AB)
+            if FUSE_SILU:
+                acc_up += _dot(a, b_up, SWAP_AB)
+        elif SCALE_MODE == 1:
+            acc += _dot(a, (b.to(tl.float32) * tl.load(s_ptrs + kb)[None, :]).to(a.dtype), SWAP_AB)
+            if FUSE_SILU:
+                acc_up += _dot(a, (b_up.to(tl.float32) * tl.load(s_up_ptrs + kb)[None, :]).to(a.dtype), SWAP_AB)
+        else:
+            if A_SCALED:
+                acc += _dot(a, b, SWAP_AB) * (sa_now[:, None] * s_now)
+                if FUSE_SILU:
+                    acc_up += _dot(a, b_up, SWAP_AB) * (sa_now[:, None] * s_up_now)
+            elif BITS:
+                acc += _bits_dot(a, b, ASM, SWAP_AB) * (s_now * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
+                if FUSE_SILU:
+                    acc_up += _bits_dot(a, b_up, ASM, SWAP_AB) * (s_up_now * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
+            else:
+                acc += _dot(a, b.to(a.dtype), SWAP_AB) * s_now
+                if FUSE_SILU:
+                    acc_up += _dot(a, b_up.to(a.dtype), SWAP_AB) * s_up_now
+            s_now, s_up_now, sa_now = s_next, s_up_next, sa_next
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc, acc_up
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, s_ptr,
@@ -98,6 +161,7 @@ def _grouped_gemm_kernel(
     PAIR_BLOCKS: tl.constexpr = False, DENSE: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
     ws_ptr=None, count_ptr=None, BITS: tl.constexpr = False, ASM: tl.constexpr = False,
     L2_PREFETCH: tl.constexpr = False, LINES: tl.constexpr = 1, SWAP_AB: tl.constexpr = False,
+    SCALES_AHEAD: tl.constexpr = True,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
@@ -116,8 +180,9 @@ def _grouped_gemm_kernel(
     program asks L2 for its weight tile's lines over its K steps (LINES: a row's, a power of two),
     which no kernel writes, while the kernel before it still runs. SWAP_AB: every dot as (b^T a^T)^T
     (_dot), the weight tile's BLOCK_N rows the tensor cores' M side (wgmma from 64 on sm_90).
-    (Weight tiles through a TMA tensor descriptor were measured within 0.4% of these loads at 16
-    and 64 rows on an H200 and removed: NOTES, twenty-sixth and twenty-ninth sessions.)"""
+    SCALES_AHEAD: _k_steps'. (Weight tiles through a TMA tensor descriptor were measured within
+    0.4% of these loads at 16 and 64 rows on an H200 and removed: NOTES, twenty-sixth and
+    twenty-ninth sessions.)"""
     tl.static_assert(DENSE or not L2_PREFETCH, "L2_PREFETCH: dense launches only (the rest read ids first)")
     gdc_launch(USE_PDL)
     if not L2_PREFETCH:
@@ -131,15 +196,9 @@ def _grouped_gemm_kernel(
         num_padded = tl.load(num_padded_ptr)
     grid_m = tl.cdiv(num_padded, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: neighbouring programs share B tiles in L2
-    per_group = GROUP_M * grid_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    if pid_m * BLOCK_M >= num_padded:
+    if pid >= grid_m * grid_n:
         return
+    pid_m, pid_n = _grouped_tile(pid, grid_m, GROUP_M * grid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if PAIR_BLOCKS:
@@ -171,48 +230,15 @@ def _grouped_gemm_kernel(
     offs_k = k_first * BLOCK_K + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # FUSE_SILU: the up rows sit N below gate's
     if SCALE_MODE == 1:
         s_ptrs = s_ptr + expert * stride_se + (offs_n // BN) * stride_sn
         s_up_ptrs = s_ptr + expert * stride_se + ((offs_n + N) // BN) * stride_sn
     else:
         s_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
         s_up_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn
-    as_ptrs = as_ptr + a_row.to(tl.int64) * stride_asm
-    for k in range(k_first, steps):
-        k_left = K - k * BLOCK_K
-        kb = (k * BLOCK_K) // BK
-        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if FUSE_SILU:
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
-        if SCALE_MODE == 0:
-            acc += _dot(a, b, SWAP_AB)
-            if FUSE_SILU:
-                acc_up += _dot(a, b_up, SWAP_AB)
-        elif SCALE_MODE == 1:
-            acc += _dot(a, (b.to(tl.float32) * tl.load(s_ptrs + kb)[None, :]).to(a.dtype), SWAP_AB)
-            if FUSE_SILU:
-                acc_up += _dot(a, (b_up.to(tl.float32) * tl.load(s_up_ptrs + kb)[None, :]).to(a.dtype), SWAP_AB)
-        else:
-            if A_SCALED:
-                sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)[:, None]
-                acc += _dot(a, b, SWAP_AB) * (sa * tl.load(s_ptrs + kb))
-                if FUSE_SILU:
-                    acc_up += _dot(a, b_up, SWAP_AB) * (sa * tl.load(s_up_ptrs + kb))
-            elif BITS:
-                acc += _bits_dot(a, b, ASM, SWAP_AB) * (tl.load(s_ptrs + kb) * E4M3_BITS_SCALE) * E4M3_BITS_SCALE
-                if FUSE_SILU:
-                    s_up = tl.load(s_up_ptrs + kb) * E4M3_BITS_SCALE
-                    acc_up += _bits_dot(a, b_up, ASM, SWAP_AB) * s_up * E4M3_BITS_SCALE
-            else:
-                acc += _dot(a, b.to(a.dtype), SWAP_AB) * tl.load(s_ptrs + kb)
-                if FUSE_SILU:
-                    acc_up += _dot(a, b_up.to(a.dtype), SWAP_AB) * tl.load(s_up_ptrs + kb)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc, acc_up = _k_steps(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, as_ptr + a_row.to(tl.int64) * stride_asm, valid,
+                           k_first, steps, N, K, stride_ak, stride_bk, stride_bn, FUSE_SILU, SCALE_MODE, A_SCALED,
+                           BITS, ASM, SWAP_AB, SCALES_AHEAD, BLOCK_M, BLOCK_N, BLOCK_K, BK)
     if FUSE_SILU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_WEIGHT:
@@ -252,16 +278,15 @@ def _grouped_gemm_persistent_kernel(
     A_ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, A_SCALED: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_NEXT: tl.constexpr = 0, ASM: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = True,
 ):
     """_grouped_gemm_kernel's sorted path (SCALE_MODE 0, or 2 with SCALED, W8A8 with A_SCALED) as a
     persistent launch: each program takes the output tiles pid, pid + programs, ... up to the
     padded total's, in the same grouped order: no program starts past the total, and a program's
     next tile starts as its last ends, with no launch between. (Its tiles' K steps as one
     software-pipelined loop, tl.range's flatten, lost: NOTES, thirty-third session.) Every block's
-    expert is one of b's (no expert-parallel sentinel). PREFETCH_NEXT (ASM, on the GPU): as a tile
-    starts, L2 is asked for the first PREFETCH_NEXT K steps of the program's next tile's weight
-    rows, so that tile's first loads do not wait on memory."""
+    expert is one of b's (no expert-parallel sentinel). (Asking L2 for the next tile's first weight
+    K steps as a tile starts lost too.)"""
     gdc_launch(USE_PDL)
     gdc_wait(USE_PDL)
     num_padded = tl.load(num_padded_ptr)
@@ -273,18 +298,6 @@ def _grouped_gemm_persistent_kernel(
     tiles = grid_m * grid_n
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         pid_m, pid_n = _grouped_tile(tile, grid_m, per_group, GROUP_M)
-        if PREFETCH_NEXT > 0:
-            after = tile + tl.num_programs(0)
-            if after < tiles:
-                next_m, next_n = _grouped_tile(after, grid_m, per_group, GROUP_M)
-                rows = (next_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-                elt: tl.constexpr = b_ptr.dtype.element_ty.primitive_bitwidth // 8
-                lines: tl.constexpr = max(1, PREFETCH_NEXT * BLOCK_K * elt // 128)
-                nbytes = min(PREFETCH_NEXT * BLOCK_K, K) * elt
-                base = b_ptr.to(tl.pointer_type(tl.int8)) + tl.load(expert_ids_ptr + next_m).to(tl.int64) * stride_be * elt
-                _l2_prefetch_lines(base, rows, stride_bn * elt, 0, nbytes, lines, ASM)
-                if FUSE_SILU:
-                    _l2_prefetch_lines(base, rows + N, stride_bn * elt, 0, nbytes, lines, ASM)
         pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         valid = pair < num_valid
         a_row = pair if A_ROWS_ARE_PAIRS else pair // top_k
@@ -293,31 +306,10 @@ def _grouped_gemm_persistent_kernel(
         a_ptrs = a_ptr + a_row[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
         s_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
-        s_up_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn
-        as_ptrs = as_ptr + a_row.to(tl.int64) * stride_asm
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, steps):
-            k_ok = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            if FUSE_SILU:
-                b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None], other=0.0)
-            if A_SCALED:
-                sa = tl.load(as_ptrs + (k * BLOCK_K) // BK, mask=valid, other=0.0)[:, None]
-                acc += tl.dot(a, b) * (sa * tl.load(s_ptrs + (k * BLOCK_K) // BK))
-                if FUSE_SILU:
-                    acc_up += tl.dot(a, b_up) * (sa * tl.load(s_up_ptrs + (k * BLOCK_K) // BK))
-            elif SCALED:
-                acc += tl.dot(a, b.to(a.dtype)) * tl.load(s_ptrs + (k * BLOCK_K) // BK)
-                if FUSE_SILU:
-                    acc_up += tl.dot(a, b_up.to(a.dtype)) * tl.load(s_up_ptrs + (k * BLOCK_K) // BK)
-            else:
-                acc += tl.dot(a, b)
-                if FUSE_SILU:
-                    acc_up += tl.dot(a, b_up)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        acc, acc_up = _k_steps(a_ptrs, b_ptrs, s_ptrs, s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn,
+                               as_ptr + a_row.to(tl.int64) * stride_asm, valid, 0, steps, N, K, stride_ak, stride_bk,
+                               stride_bn, FUSE_SILU, 2 if SCALED else 0, A_SCALED, False, False, False, SCALES_AHEAD,
+                               BLOCK_M, BLOCK_N, BLOCK_K, BK)
         if FUSE_SILU:
             acc = acc / (1.0 + tl.exp(-acc)) * acc_up
         if MUL_WEIGHT:
@@ -477,7 +469,7 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
             A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight, FUSE_SILU=fuse_silu,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
             SCALED=scale is not None, BN=block[0], BK=block[1], A_SCALED=a_scale is not None,
-            PREFETCH_NEXT=cfg.get("PREFETCH_NEXT", 0), ASM=a.is_cuda,
+            SCALES_AHEAD=switches.SCALES_AHEAD,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a))
         return
     if pair_blocks:
@@ -489,7 +481,7 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
         s.stride(0), s.stride(1),
         A_ROWS_ARE_PAIRS=a_rows_are_pairs, MUL_WEIGHT=mul_weight, FUSE_SILU=fuse_silu,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
-        SCALE_MODE=mode, BN=block[0], BK=block[1],
+        SCALE_MODE=mode, BN=block[0], BK=block[1], SCALES_AHEAD=switches.SCALES_AHEAD,
         as_ptr=a_scale if a_scale is not None else s, stride_asm=a_scale.stride(0) if a_scale is not None else 0,
         A_SCALED=a_scale is not None, PAIR_BLOCKS=pair_blocks, SWAP_AB=bool(cfg.get("SWAP_AB")),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a),
@@ -762,6 +754,7 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
         scale.stride(0) if fp8 else 0,
         A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], SCALE_MODE=mode, BN=block[0], BK=block[1],
+        SCALES_AHEAD=switches.SCALES_AHEAD,
         as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,
         SPLIT_K=split, ws_ptr=ws, count_ptr=counts, BITS=bits, ASM=(bits or prefetch) and x.is_cuda,
         L2_PREFETCH=prefetch, LINES=lines, SWAP_AB=bool(cfg.get("SWAP_AB")), num_warps=cfg["num_warps"],

@@ -43,6 +43,10 @@ at concurrency 1 / 16 / 64:
   12.73 with the second, 12.36 / 12.42 with both (and q/k/v laid out token-major, which alone
   gave 13.05 and was removed); engine TTFT (fp8, ViT graphs, p50 of 8, alternated) 36.2 / 35.9 ms
   off, 34.0 / 34.8 on.
+- SCALES_AHEAD (QWEN3VL_SCALES_AHEAD), on: the fp8 grouped and dense GEMMs (kernels.fused_moe's
+  _k_steps, tiles inside one scale block) load each K step's weight and activation scales one
+  step ahead, instead of in the step, where Nsight Compute found the prefill's W8A8 GEMMs'
+  warps waiting on them (thirty-third session; the measurements are in NOTES).
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
@@ -68,6 +72,7 @@ FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
 VIT_FUSED_NORM = _on("QWEN3VL_VIT_FUSED_NORM", "1")
 VIT_GELU_EPILOGUE = _on("QWEN3VL_VIT_GELU_EPILOGUE", "1")
+SCALES_AHEAD = _on("QWEN3VL_SCALES_AHEAD", "1")
 FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZE", ""))     # None: by shape
 
 # the launches whose warps KERNEL_WARPS may set: kernels.rmsnorm.rmsnorm, kernels.fp8's activation

@@ -18,7 +18,7 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", t
          torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
          torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 RECORDS: dict[str, dict] = {}
-GPU_ONLY = {"USE_PDL": None, "ASM": ("HALF2", "BITS", "L2_PREFETCH", "PREFETCH_NEXT")}     # flag: the flags that use it (None: always)
+GPU_ONLY = {"USE_PDL": None, "ASM": ("HALF2", "BITS", "L2_PREFETCH")}     # flag: the flags that use it (None: always)
 _ONLY = []          # only_recording()'s: launches recorded there, and not run
 
 

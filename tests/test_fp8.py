@@ -330,12 +330,16 @@ def _w8a8_moe_reference(x, d13, d2, w, ids, group):
 
 
 @pytest.mark.parametrize("m,e,h,i,a,block", [(7, 8, 64, 32, 2, (32, 32)), (33, 4, 96, 64, 2, (32, 64))])
-@pytest.mark.parametrize("persistent", [{}, {"PERSISTENT": 1, "PREFETCH_NEXT": 1}])
-def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, persistent, monkeypatch):
-    """From W8A8_MIN_M tokens the activations are fp8 too: against the same quantization in torch."""
+@pytest.mark.parametrize("persistent", [{}, {"PERSISTENT": 1}])
+@pytest.mark.parametrize("scales_ahead", [True, False])
+def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, persistent, scales_ahead, monkeypatch):
+    """From W8A8_MIN_M tokens the activations are fp8 too: against the same quantization in torch.
+    Each K step's scales loaded a step ahead or in the step (switches.SCALES_AHEAD): the same."""
+    from kernels import switches
     from kernels.fused_moe import fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
+    monkeypatch.setattr(switches, "SCALES_AHEAD", scales_ahead)
     monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "1")
     q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
     x = torch.randn(m, h, device=DEV) * torch.logspace(-1, 1, h, device=DEV)     # groups of unlike ranges
