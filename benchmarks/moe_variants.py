@@ -32,6 +32,7 @@ DEV = "cuda"
 COPIES = 4                    # weight copies cycled (~2.4 GB of fp8, 4.8 of bf16)
 VARIANTS = {
     "table": {},
+    "p0": {"PERSISTENT": 0},
     "p2": {"PERSISTENT": 2},
     "table-behind": {"switches": {"SCALES_AHEAD": False}},
     "p2-behind": {"PERSISTENT": 2, "switches": {"SCALES_AHEAD": False}},
