@@ -106,9 +106,9 @@ def video_file(tmp_path_factory) -> Path:
 
 def start_server(repo: Path, root: Path, frontend_args=(), cuda_pool_mb: int = 0):
     """tritonserver + the adapter on free ports for a written repository; the Triton log on failure."""
-    from qwen3vl_backend.supervisor import Server, free_port
+    from qwen3vl_backend.supervisor import Server, free_ports
 
-    srv = Server(repo, "127.0.0.1", free_port(), free_port(), free_port(), free_port(), "tiny-moe",
+    srv = Server(repo, "127.0.0.1", *free_ports(4), "tiny-moe",
                  list(frontend_args), root / "logs", CACHE.parent / "triton", cuda_pool_mb=cuda_pool_mb)
     try:
         srv.wait_ready(timeout_s=300)

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from qwen3vl_backend.supervisor import STUB, children, free_port, shm_files
+from qwen3vl_backend.supervisor import STUB, children, free_ports, shm_files
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def _alive(pid: int) -> bool:
 
 class Launch:
     def __init__(self, tiny_moe, root: Path, *extra: str):
-        self.port, self.grpc, self.http, self.metrics = (free_port() for _ in range(4))
+        self.port, self.grpc, self.http, self.metrics = free_ports(4)
         self.out, self.err = open(root / "launch.out", "w+"), open(root / "launch.err", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qwen3vl_backend.launch", "--model-path", str(tiny_moe), "--device", "cpu",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen3vl_backend.supervisor import Server, free_port
+from qwen3vl_backend.supervisor import Server, free_port, free_ports
 
 KILLED = "import os, signal; os.kill(os.getpid(), signal.SIGABRT)"
 EXITS = "import sys; sys.exit(1)"
@@ -107,3 +107,15 @@ def test_the_wheels_stub_refuses_an_environment_with_numpy_2_before_triton_start
     with pytest.raises(SystemExit, match=f"cannot serve: the Python environment {numpy2} has numpy 2.1.3"):
         Server(repo.parent, "127.0.0.1", 1, 2, 3, 4, "m", [], tmp_path / "logs", tmp_path / "triton")
     assert not started
+
+
+def test_free_ports_are_distinct_and_bindable():
+    """A server's four ports come from one free_ports call: never one port twice (a test's Triton
+    once got one port for HTTP and gRPC from four free_port calls and refused to start)."""
+    import socket
+
+    ports = free_ports(32)
+    assert len(set(ports)) == 32
+    for port in ports[:4]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
