@@ -13,6 +13,8 @@
 #   vit: the ViT switches' GPU tests and replay times, the align heuristic, engine TTFT off/on
 #     (run at 96c74e3 with the token-major switch since removed);
 #   final: the GPU parity tests, served c1 JPEG/PNG (fp8, launcher defaults), a 16-image burst.
+#   moe (thirty-third session; its pieces ran as separate calls): the MoE kernel GPU tests, the
+#     prefill launch variants, ncu's stalls at 954 tokens, engine TTFT per-tile / scales behind.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -114,4 +116,25 @@ for r in json.load(open('$f'))['rows']:
     --chunked-prefill-size 2048 --out $W > $W/burst-images-$COMMIT.txt 2>&1 && tail -3 $W/burst-images-$COMMIT.txt | cut -c1-160
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final)"; exit 2
+if [ "$PART" = moe ]; then
+  # the MoE GPU tests, the prefill-size launch variants (benchmarks.moe_variants), Nsight Compute's
+  # stall reasons for the table's grouped GEMMs at 954 tokens, then engine TTFT with the persistent
+  # launch off / on (its table key patched) and the scales behind / ahead
+  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fp8.py \
+    -k "fused_moe_matches_reference or moe_sorted or w8a8 or dense" > $W/gpu-tests-moe-$COMMIT.txt 2>&1
+  tail -1 $W/gpu-tests-moe-$COMMIT.txt
+  timeout $(left 250) python -m benchmarks.moe_variants --ms 954,2048,4096 --dtypes fp8 \
+    --variants table,p0,table-behind,table,p0 --out $W > $W/moe-variants-$COMMIT.txt 2>&1
+  grep -v "^\s*$" $W/moe-variants-$COMMIT.txt | tail -16
+  timeout $(left 330) /usr/local/cuda/bin/ncu --clock-control none -k regex:_grouped_gemm --launch-count 4 \
+    --section SpeedOfLight --section Occupancy --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
+    python -m benchmarks.moe_variants --ncu --ms 954 --variants table > $W/ncu-moe-954-$COMMIT.txt 2>&1
+  grep -E "^  _grouped|Duration|DRAM Throughput|long_scoreboard|barrier_per|wait_per" $W/ncu-moe-954-$COMMIT.txt | head -24
+  T="E=128,N=768,K=2048,device=NVIDIA_H200,dtype=fp8_w8a8,block=128x128.json"
+  echo "{\"per-tile\": {\"$T\": {\"1024\": {\"PERSISTENT\": 0}}}, \"behind\": {\"env\": {\"QWEN3VL_SCALES_AHEAD\": \"0\"}}}" > $W/v.json
+  timeout $(left 575) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+    --concurrency 1,64 --out-tokens 16 --ttft-repeats 8 --enable-vit-cuda-graph > $W/ab-moe-$COMMIT.txt 2>&1
+  tail -12 $W/ab-moe-$COMMIT.txt
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe)"; exit 2

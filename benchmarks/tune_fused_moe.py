@@ -43,7 +43,8 @@ def candidates(m: int, quick: bool = False, wide: bool = False):
     K steps of at most 128 (inside one fp8 scale block, as the W8A8 dots need). `quick`: one
     BLOCK_M per M and 128-wide K steps (8 shapes, 18 up to M=16, before SWAP_AB's twins: the kernels
     compile in seconds each). Up to M=128 each 64- or 128-wide tile has a SWAP_AB twin. `wide` (prefill
-    sizes, M > 512): 256-wide N tiles and 5 stages too (36 shapes)."""
+    sizes, M > 512): 256-wide N tiles and 5 stages too (36 shapes). Past 512 tokens each shape
+    also comes persistent (PERSISTENT: 2 programs an SM)."""
     block_ms = (16, 32) if m <= 64 else (32, 64) if m <= 512 else (64, 128)
     block_ks = (64, 128) if m <= 512 else (128,)
     # a few tokens meet a few experts: narrow N tiles give each expert's weights more programs
@@ -58,12 +59,15 @@ def candidates(m: int, quick: bool = False, wide: bool = False):
     # SWAP_AB (decode sizes, tiles 64 or more wide: the weight rows as wgmma's M side): 30B fp8's
     # sorted path at 16 and 64 tokens, c16 7.269 -> 7.152 ms a step (NOTES, twenty-fourth session)
     swaps = (False, True) if m <= 128 else (False,)
-    for bm, bn, bk, warps, stages, group, swap in itertools.product(block_ms, block_ns, block_ks, (4, 8),
-                                                                    stage_counts, groups, swaps):
+    # PERSISTENT (prefill sizes): the persistent grouped GEMM, 2 programs an SM; 30B fp8 at 954 /
+    # 2048 / 4096 tokens 0.982 / 0.966 / 0.976 of the per-tile launch (NOTES, thirty-third session)
+    persistents = (0, 2) if m > 512 else (0,)
+    for bm, bn, bk, warps, stages, group, swap, persistent in itertools.product(
+            block_ms, block_ns, block_ks, (4, 8), stage_counts, groups, swaps, persistents):
         if swap and bn < 64:
             continue
         yield {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages,
-               **({"SWAP_AB": True} if swap else {})}
+               **({"SWAP_AB": True} if swap else {}), **({"PERSISTENT": persistent} if persistent else {})}
 
 
 def _experts(e: int, h: int, inter: int, fp8: bool):

@@ -431,6 +431,21 @@ def test_the_tuner_gives_decode_sizes_swap_ab_twins():
         assert not any(c.get("SWAP_AB") for c in candidates(m, wide=True))
 
 
+def test_the_tuner_gives_prefill_sizes_persistent_twins():
+    """Past 512 tokens every candidate shape also comes as the persistent launch (2 programs an
+    SM), the same shape otherwise; none at 512 tokens or fewer."""
+    from benchmarks.tune_fused_moe import candidates
+
+    for m, wide in ((1024, False), (4096, True)):
+        shapes = list(candidates(m, wide=wide))
+        twins = [c for c in shapes if c.get("PERSISTENT")]
+        plain = [c for c in shapes if not c.get("PERSISTENT")]
+        assert plain and [{k: v for k, v in c.items() if k != "PERSISTENT"} for c in twins] == plain
+        assert all(c["PERSISTENT"] == 2 for c in twins)
+    for m in (16, 512):
+        assert not any(c.get("PERSISTENT") for c in candidates(m))
+
+
 def test_rank0_takes_the_group_down_with_the_workers_before_waiting_for_them(monkeypatch):
     """NCCL destroys a group collectively, and a graph that captured its collectives holds the
     communicator: rank 0 drops its graphs, destroys the group while the workers destroy theirs,
