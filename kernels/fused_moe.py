@@ -93,8 +93,8 @@ def _k_steps(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, as_ptrs, valid, k_first, steps, 
     2: the tile's) and as_ptrs at its rows' activation scales (A_SCALED), each a K block apart.
     SCALES_AHEAD (SCALE_MODE 2): a step's scales are loaded one step before it (the first before
     the loop), so no step's products wait on a load issued after them; without it, in the step.
-    On an H200 the W8A8 prefill GEMMs' warps spent most stalls on those loads (NOTES, thirty-third
-    session)."""
+    On an H200 the W8A8 prefill GEMMs' warps stalled most on global loads, these among them: ahead,
+    gate_up's load stalls fell from ~2.0 to ~1.6 a instruction (NOTES, thirty-third session)."""
     AHEAD: tl.constexpr = 1 if SCALES_AHEAD else 0
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -283,10 +283,10 @@ def _grouped_gemm_persistent_kernel(
     """_grouped_gemm_kernel's sorted path (SCALE_MODE 0, or 2 with SCALED, W8A8 with A_SCALED) as a
     persistent launch: each program takes the output tiles pid, pid + programs, ... up to the
     padded total's, in the same grouped order: no program starts past the total, and a program's
-    next tile starts as its last ends, with no launch between. (Its tiles' K steps as one
-    software-pipelined loop, tl.range's flatten, lost: NOTES, thirty-third session.) Every block's
-    expert is one of b's (no expert-parallel sentinel). (Asking L2 for the next tile's first weight
-    K steps as a tile starts lost too.)"""
+    next tile starts as its last ends, with no launch between. Every block's expert is one of b's
+    (no expert-parallel sentinel). Measured and removed (NOTES, thirty-third session): the tiles'
+    K steps as one software-pipelined loop (tl.range's flatten), and L2 asked for the next tile's
+    first weight K steps as a tile starts."""
     gdc_launch(USE_PDL)
     gdc_wait(USE_PDL)
     num_padded = tl.load(num_padded_ptr)
@@ -306,10 +306,10 @@ def _grouped_gemm_persistent_kernel(
         a_ptrs = a_ptr + a_row[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
         s_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
-        acc, acc_up = _k_steps(a_ptrs, b_ptrs, s_ptrs, s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn,
-                               as_ptr + a_row.to(tl.int64) * stride_asm, valid, 0, steps, N, K, stride_ak, stride_bk,
-                               stride_bn, FUSE_SILU, 2 if SCALED else 0, A_SCALED, False, False, False, SCALES_AHEAD,
-                               BLOCK_M, BLOCK_N, BLOCK_K, BK)
+        s_up_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn
+        acc, acc_up = _k_steps(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, as_ptr + a_row.to(tl.int64) * stride_asm, valid,
+                               0, steps, N, K, stride_ak, stride_bk, stride_bn, FUSE_SILU, 2 if SCALED else 0,
+                               A_SCALED, False, False, False, SCALES_AHEAD, BLOCK_M, BLOCK_N, BLOCK_K, BK)
         if FUSE_SILU:
             acc = acc / (1.0 + tl.exp(-acc)) * acc_up
         if MUL_WEIGHT:

@@ -45,8 +45,9 @@ at concurrency 1 / 16 / 64:
   off, 34.0 / 34.8 on.
 - SCALES_AHEAD (QWEN3VL_SCALES_AHEAD), on: the fp8 grouped and dense GEMMs (kernels.fused_moe's
   _k_steps, tiles inside one scale block) load each K step's weight and activation scales one
-  step ahead, instead of in the step, where Nsight Compute found the prefill's W8A8 GEMMs'
-  warps waiting on them (thirty-third session; the measurements are in NOTES).
+  step ahead, instead of in the step. The fused MoE at 954 / 2048 / 4096 tokens 1.0-2.1% faster
+  (gate_up's global-load stalls ~2.0 -> ~1.6 a instruction in Nsight Compute); decode steps at
+  1 / 16 / 64 unchanged (thirty-third session).
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
