@@ -238,13 +238,23 @@ def _kernel_experts(w13, w2, fp8: bool, block, dev):
     return d13, d2, q13.to(dev), q2.to(dev), {"w13_scale": s13.to(dev), "w2_scale": s2.to(dev), "block": block}
 
 
-@pytest.mark.parametrize("m", [3, 33])                  # the pair path, the sorted path
+@pytest.mark.parametrize("m,persistent", [(3, False), (33, False), (33, True)])   # pair path, sorted path
 @pytest.mark.parametrize("fp8", [False, True])
-def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, fp8):
+def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, persistent, fp8, monkeypatch):
     """Expert parallelism hands the kernels id E (this rank's expert count) for another rank's
-    experts: they add nothing, whatever their routing weight, in both kernel paths."""
+    experts: they add nothing, whatever their routing weight, in both kernel paths; a config
+    asking for the persistent launch gets the per-tile one (the persistent kernel would read the
+    sentinel's blocks as an expert past the weights' end: their rows are dropped by the combine,
+    so only the launch shows it)."""
+    import kernels.fused_moe as fm
     from kernels.fused_moe import fused_moe
     from qwen3vl_backend.layers.moe import moe_experts_torch
+
+    persistent_launches = []
+    kernel = fm._grouped_gemm_persistent_kernel
+    monkeypatch.setattr(fm, "_grouped_gemm_persistent_kernel",
+                        type("Counted", (), {"__getitem__": lambda _, grid: persistent_launches.append(grid) or
+                                             kernel[grid]})())
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     e, h, inter, a, block = 4, 64, 32, 3, (32, 32)
@@ -254,8 +264,11 @@ def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, fp8):
     ids[0] = e                                           # a token with no pair on this rank
     weights = torch.rand(m, a)
     w13, w2, k13, k2, kw = _kernel_experts(w13, w2, fp8, block, dev)
-    got = fused_moe(x.to(dev), k13, k2, weights.to(dev), ids.to(dev).int(), sentinel=True, **kw).cpu()
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1,
+           "PERSISTENT": 1} if persistent else None
+    got = fused_moe(x.to(dev), k13, k2, weights.to(dev), ids.to(dev).int(), cfg, sentinel=True, **kw).cpu()
     want = moe_experts_torch(x, w13, w2, weights, ids)
+    assert not persistent_launches
     assert not got[0].any() and got.isfinite().all()
     tol = 6e-2 if fp8 and m > 16 else 2e-2           # the sorted fp8 path quantizes activations too
     assert ((got - want).norm() / want.norm()).item() < tol
