@@ -1,14 +1,15 @@
 """The fused MoE's sorted path at prefill sizes (30B-A3B's experts, uniform routing) under launch
 variants: each a patch over the table's entry for that M ({} = the table's own; a "DOWN" key
-patches the down GEMM alone; "switches" sets kernels.switches values for the variant's calls), timed per call over weight copies and routings captured back to
-back (a prefill reads each layer's experts once; the copies keep one call's from L2 for the
-next), against the table's entry and the bytes' floor (every expert's weights read once).
+patches the down GEMM alone; "switches" sets kernels.switches values for the variant's calls),
+timed per call over weight copies and routings captured back to back (a prefill reads each
+layer's experts once; the copies keep one call's from L2 for the next), against the table's
+entry and the bytes' floor (every expert's weights read once).
 
     python -m benchmarks.moe_variants [--ms 954,2048] [--dtypes fp8,bf16] [--variants a,b] [--out DIR]
     python -m benchmarks.moe_variants --ncu [--ms 954] [--variants table,p2]
 
 `--ncu`: each variant run twice and nothing timed, for Nsight Compute to profile the second
-run's grouped GEMMs (`ncu -k regex:_grouped_gemm --launch-skip ...`).
+run's grouped GEMMs (`ncu -k regex:_grouped_gemm ...`; next-lease.sh's moe part).
 """
 
 from __future__ import annotations

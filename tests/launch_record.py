@@ -122,3 +122,15 @@ class only_recording:
     def __exit__(self, *exc):
         _ONLY.remove(self.records)
         return False
+
+
+class Counted:
+    """A kernel whose launches (kernel[grid](...)) append their grid to `launched`, then run: for
+    tests that check which kernel a path launched (monkeypatched over the module's name)."""
+
+    def __init__(self, kernel, launched: list):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(grid)
+        return self.kernel[grid]

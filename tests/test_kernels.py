@@ -47,29 +47,19 @@ def test_fused_moe_matches_reference(m, e, h, i, a, fuse_silu, persistent, monke
     """Either gate_up epilogue (the config's FUSE_SILU; unfused, SiLU*up runs in torch after it),
     the grid a program per tile or persistent (off a GPU 4 programs, so each takes several tiles)."""
     import kernels.fused_moe as fm
+    from launch_record import Counted
 
     x, w13, w2, w, ids = moe_inputs(m, e, h, i, a, device=DEV)
     silu, calls = torch.nn.functional.silu, []
     monkeypatch.setattr(torch.nn.functional, "silu", lambda t: calls.append(1) or silu(t))
     launched = []
     kernel = fm._grouped_gemm_persistent_kernel
-    monkeypatch.setattr(fm, "_grouped_gemm_persistent_kernel", _Counted(kernel, launched))
+    monkeypatch.setattr(fm, "_grouped_gemm_persistent_kernel", Counted(kernel, launched))
     out = fused_moe(x, w13, w2, w, ids, {**SMALL_CFG, "FUSE_SILU": fuse_silu, **persistent})
     # one token takes pair blocks (the per-tile kernel); otherwise both GEMMs are persistent
     assert len(launched) == (2 if persistent and m > 1 else 0)
     assert len(calls) == (0 if fuse_silu else 1)
     assert rel(out, fused_moe_reference(x, w13, w2, w, ids)) < FP32_TOL
-
-
-class _Counted:
-    """A kernel whose launches (kernel[grid](...)) are counted into `launched` and then run."""
-
-    def __init__(self, kernel, launched):
-        self.kernel, self.launched = kernel, launched
-
-    def __getitem__(self, grid):
-        self.launched.append(grid)
-        return self.kernel[grid]
 
 
 @pytest.mark.parametrize("m,e,h,i,a", [(1, 8, 64, 48, 2), (3, 6, 40, 24, 3), (5, 16, 96, 40, 4)])

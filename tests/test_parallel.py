@@ -248,13 +248,12 @@ def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, persistent, fp8, monkey
     so only the launch shows it)."""
     import kernels.fused_moe as fm
     from kernels.fused_moe import fused_moe
+    from launch_record import Counted
     from qwen3vl_backend.layers.moe import moe_experts_torch
 
     persistent_launches = []
-    kernel = fm._grouped_gemm_persistent_kernel
     monkeypatch.setattr(fm, "_grouped_gemm_persistent_kernel",
-                        type("Counted", (), {"__getitem__": lambda _, grid: persistent_launches.append(grid) or
-                                             kernel[grid]})())
+                        Counted(fm._grouped_gemm_persistent_kernel, persistent_launches))
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     e, h, inter, a, block = 4, 64, 32, 3, (32, 32)
