@@ -62,6 +62,19 @@ def test_fused_moe_matches_reference(m, e, h, i, a, fuse_silu, persistent, monke
     assert rel(out, fused_moe_reference(x, w13, w2, w, ids)) < FP32_TOL
 
 
+@pytest.mark.parametrize("persistent", [{}, {"PERSISTENT": 1}])
+def test_weights_early_gives_the_same_bits(persistent):
+    """WEIGHTS_EARLY (down's routing weights loaded before its K steps, not after): the same bits,
+    per tile or persistent; one token takes pair blocks."""
+    for m in (1, 33):
+        x, w13, w2, w, ids = moe_inputs(m, 16, 64, 24, 4, device=DEV)
+        cfg = {**SMALL_CFG, **persistent}
+        base = fused_moe(x, w13, w2, w, ids, cfg)
+        early = fused_moe(x, w13, w2, w, ids, {**cfg, "DOWN": {"WEIGHTS_EARLY": True}})
+        torch.testing.assert_close(early, base, rtol=0, atol=0)
+        assert rel(early, fused_moe_reference(x, w13, w2, w, ids)) < FP32_TOL
+
+
 @pytest.mark.parametrize("m,e,h,i,a", [(1, 8, 64, 48, 2), (3, 6, 40, 24, 3), (5, 16, 96, 40, 4)])
 def test_fused_moe_pair_path_matches_reference(m, e, h, i, a):
     x, w13, w2, w, ids = moe_inputs(m, e, h, i, a, device=DEV)

@@ -1,0 +1,101 @@
+"""The fp8 projections at decode batches (30B-A3B's qkv and o_proj, 16 and 64 rows) under launch
+variants of the one-expert grouped GEMM (`kernels.fused_moe.dense_fp8_gemm`): each a patch over
+the device table's entry ({} = the table's own; "base" names another starting entry), timed per
+call over weight copies cycled past L2 (a decode step reads each layer's weights once), against
+the bytes' floor, with each variant's error against the dequantized product.
+
+    python -m benchmarks.dense_variants [--ms 16,64] [--shapes qkv,o_proj] [--variants a,b] [--out DIR]
+    python -m benchmarks.dense_variants --ncu [--ms 64] [--variants table,ts]
+
+`--ncu`: each variant run twice and nothing timed, for Nsight Compute (`ncu -k regex:_grouped_gemm`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from kernels.fp8 import dense_config, dequantize_weight_blocks, quantize_weight_blocks
+from kernels.fused_moe import dense_fp8_gemm
+
+from .common import per_call_ms, print_table, write_result
+from .roofline import measure as roofline
+
+SHAPES = {"qkv": (5120, 2048), "o_proj": (2048, 4096)}
+BLOCK = (128, 128)
+COPIES = 8
+W8A16 = {"A8": False, "BITS": False, "SPLIT_K": 1}
+VARIANTS = {
+    "table": {},
+    # TILE_SCALE: W8A16, each weight tile scaled before its dot, the dots accumulated in place
+    "ts-n64": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64},
+    "ts-n64-swap": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SWAP_AB": True},
+    "ts-n128-swap": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 128, "SWAP_AB": True},
+    "ts-n64-swap-s3": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SWAP_AB": True, "num_stages": 3},
+    "ts-n64-swap-k2": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SWAP_AB": True, "SPLIT_K": 2},
+    "ts-n64-swap-k4": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SWAP_AB": True, "SPLIT_K": 4},
+    "ts-n128-swap-k2": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 128, "SWAP_AB": True, "SPLIT_K": 2},
+    "ts-n64-k4": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SPLIT_K": 4},
+    "ts-n32-k4": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 32, "SPLIT_K": 4},
+    "ts-n64-swap-w8": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SWAP_AB": True, "num_warps": 8},
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", default="16,64")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--ncu", action="store_true", help="run each variant twice, untimed, for Nsight Compute")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    bandwidth = None if args.ncu else roofline()["copy_bandwidth_tb_s"]
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    rows = []
+    for shape in args.shapes.split(","):
+        n, k = SHAPES[shape]
+        weights = [tuple(t.to(dev) for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, BLOCK))
+                   for _ in range(COPIES)]
+        for m in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            want = x.float() @ dequantize_weight_blocks(*weights[0], BLOCK).T
+            base = dense_config(n, k, m, BLOCK, dev) or {"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64,
+                                                         "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
+                                                         "num_stages": 4}
+            floor_us = (n * k + 2 * m * (n + k)) / ((bandwidth or 1) * 1e12) * 1e6
+            for name in args.variants.split(","):
+                cfg = {**base, **VARIANTS[name]}
+                cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 16 if m <= 16 else 64)
+
+                def call(i, cfg=cfg):
+                    return dense_fp8_gemm(x, *weights[i % COPIES], BLOCK, cfg)
+
+                try:
+                    out = call(0).float()
+                    if args.ncu:
+                        call(1)
+                        torch.cuda.synchronize()
+                        continue
+                    us = per_call_ms(call, COPIES * 2) * 1e3
+                except Exception as e:  # noqa: BLE001 - a variant that does not compile or launch is a row
+                    torch.cuda.synchronize()
+                    rows.append({"shape": shape, "M": m, "variant": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                    continue
+                err = ((out - want).norm() / want.norm()).item()
+                rows.append({"shape": shape, "M": m, "variant": name, "us": round(us, 2), "floor_us": round(floor_us, 2),
+                             "floor_over": round(floor_us / us, 3), "rel_err": f"{err:.2e}", "config": str(cfg)})
+            table = [r for r in rows if r["M"] == m and r["shape"] == shape and r["variant"] == "table" and "us" in r]
+            for r in rows:
+                if table and r["M"] == m and r["shape"] == shape and "us" in r:
+                    r["vs_table"] = round(r["us"] / table[0]["us"], 3)
+    if args.ncu:
+        return 0
+    print_table(rows, ["shape", "M", "variant", "us", "vs_table", "floor_us", "floor_over", "rel_err", "error"])
+    write_result("dense-variants", {"bandwidth_tb_s": bandwidth, "copies": COPIES, "block": BLOCK}, rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
