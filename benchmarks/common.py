@@ -119,6 +119,34 @@ def per_call_ms(fn, calls: int = 16) -> float:
     return graph_time_ms(many, iters=10) / calls
 
 
+def variant_row(row: dict, call, want, floor_us: float, calls: int, ncu: bool = False) -> dict | None:
+    """One launch variant of a kernel (benchmarks.moe_variants, dense_variants): call(0) against
+    `want`, then timed per call over call(0 .. calls - 1) -> `row` with us, floor_us, floor_over
+    and rel_err, or with the error where the variant does not compile or launch. `ncu`: call(0)
+    and call(1) only, untimed, for Nsight Compute; None back."""
+    try:
+        out = call(0).float()
+        if ncu:
+            call(1)
+            torch.cuda.synchronize()
+            return None
+        us = per_call_ms(call, calls) * 1e3
+    except Exception as e:  # noqa: BLE001 - a variant that does not compile or launch is a row
+        torch.cuda.synchronize()
+        return {**row, "error": f"{type(e).__name__}: {str(e)[:120]}"}
+    err = ((out - want).norm() / want.norm()).item()
+    return {**row, "us": round(us, 2), "floor_us": round(floor_us, 2), "floor_over": round(floor_us / us, 3),
+            "rel_err": f"{err:.2e}"}
+
+
+def against_table(rows: list[dict], **same) -> None:
+    """Each timed row whose fields equal `same` gets vs_table: its time over the "table" variant's."""
+    group = [r for r in rows if "us" in r and all(r.get(k) == v for k, v in same.items())]
+    table = [r for r in group if r["variant"] == "table"]
+    for r in group if table else ():
+        r["vs_table"] = round(r["us"] / table[0]["us"], 3)
+
+
 def image_data_uri(img, fmt: str = "png") -> str:
     """A PIL image as the data: URI a client would send: PNG (lossless) or JPEG (quality 90)."""
     buf = io.BytesIO()

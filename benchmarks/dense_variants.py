@@ -19,7 +19,7 @@ import torch
 from kernels.fp8 import dense_config, dequantize_weight_blocks, quantize_weight_blocks
 from kernels.fused_moe import dense_fp8_gemm
 
-from .common import per_call_ms, print_table, write_result
+from .common import against_table, print_table, variant_row, write_result
 from .roofline import measure as roofline
 
 SHAPES = {"qkv": (5120, 2048), "o_proj": (2048, 4096)}
@@ -72,24 +72,11 @@ def main(argv=None) -> int:
                 def call(i, cfg=cfg):
                     return dense_fp8_gemm(x, *weights[i % COPIES], BLOCK, cfg)
 
-                try:
-                    out = call(0).float()
-                    if args.ncu:
-                        call(1)
-                        torch.cuda.synchronize()
-                        continue
-                    us = per_call_ms(call, COPIES * 2) * 1e3
-                except Exception as e:  # noqa: BLE001 - a variant that does not compile or launch is a row
-                    torch.cuda.synchronize()
-                    rows.append({"shape": shape, "M": m, "variant": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-                    continue
-                err = ((out - want).norm() / want.norm()).item()
-                rows.append({"shape": shape, "M": m, "variant": name, "us": round(us, 2), "floor_us": round(floor_us, 2),
-                             "floor_over": round(floor_us / us, 3), "rel_err": f"{err:.2e}", "config": str(cfg)})
-            table = [r for r in rows if r["M"] == m and r["shape"] == shape and r["variant"] == "table" and "us" in r]
-            for r in rows:
-                if table and r["M"] == m and r["shape"] == shape and "us" in r:
-                    r["vs_table"] = round(r["us"] / table[0]["us"], 3)
+                row = variant_row({"shape": shape, "M": m, "variant": name}, call, want, floor_us, COPIES * 2,
+                                  args.ncu)
+                if row is not None:
+                    rows.append({**row, "config": str(cfg)} if "us" in row else row)
+            against_table(rows, M=m, shape=shape)
     if args.ncu:
         return 0
     print_table(rows, ["shape", "M", "variant", "us", "vs_table", "floor_us", "floor_over", "rel_err", "error"])

@@ -24,7 +24,7 @@ from kernels import switches
 from kernels.fused_moe import fused_moe, fused_moe_reference, lookup_config
 from qwen3vl_backend.layers.moe import route
 
-from .common import fp8_experts, per_call_ms, print_table, write_result
+from .common import against_table, fp8_experts, print_table, variant_row, write_result
 from .roofline import measure as roofline
 
 E, H, INTER, A = 128, 2048, 768, 8
@@ -95,24 +95,11 @@ def main(argv=None) -> int:
                     with mock.patch.multiple(switches, **flags) if flags else contextlib.nullcontext():
                         return fused_moe(x, a, b, *routings[i % COPIES], cfg, **kw)
 
-                try:
-                    out = call(0).float()
-                    if args.ncu:
-                        call(1)
-                        torch.cuda.synchronize()
-                        continue
-                    us = per_call_ms(call, COPIES * 2) * 1e3
-                except Exception as e:  # noqa: BLE001 - a variant that does not compile or launch is a row
-                    torch.cuda.synchronize()
-                    rows.append({"dtype": dtype, "M": m, "variant": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-                    continue
-                err = ((out - ref).norm() / ref.norm()).item()
-                rows.append({"dtype": dtype, "M": m, "variant": name, "us": round(us, 1), "floor_us": round(floor_us, 1),
-                             "floor_over": round(floor_us / us, 3), "rel_err": f"{err:.2e}", "config": str(cfg)})
-            table = [r for r in rows if r["M"] == m and r["dtype"] == dtype and r["variant"] == "table" and "us" in r]
-            for r in rows:
-                if table and r["M"] == m and r["dtype"] == dtype and "us" in r:
-                    r["vs_table"] = round(r["us"] / table[0]["us"], 3)
+                row = variant_row({"dtype": dtype, "M": m, "variant": name}, call, ref, floor_us, COPIES * 2,
+                                  args.ncu)
+                if row is not None:
+                    rows.append({**row, "config": str(cfg)} if "us" in row else row)
+            against_table(rows, M=m, dtype=dtype)
     if args.ncu:
         return 0
     print_table(rows, ["dtype", "M", "variant", "us", "vs_table", "floor_us", "floor_over", "rel_err", "error"])
