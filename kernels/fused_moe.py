@@ -164,7 +164,9 @@ def _k_steps_tile_scaled(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, valid, k_first, step
     own dtype (W8A16). Each step's weight tile is dequantized in registers, times its block's
     scale, rounded to a's dtype (a bf16 model's dequantized weight), and its dot adds into the
     accumulator. _k_steps' mode 2 instead scales each finished dot, so every step waits for its
-    dot before the next can be issued."""
+    dot before the next can be issued. On an H200 this was slower than the tables' launches at
+    16 and 64 rows, dense and MoE (its converted tiles kept far less of a shared-memory
+    pipeline: NOTES, thirty-fourth session); no table sets it."""
     offs_k = tl.arange(0, BLOCK_K)
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -1227,8 +1229,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
     blocks (kernels/fp8.py); a config's "A16" keeps the activations in x's dtype (W8A16) at any M,
-    and its "TILE_SCALE" scales W8A16's weight tiles before their dots (_grouped_gemm_kernel). `sentinel`: ids may equal E, pairs routed to another rank's experts
-    (expert parallelism), which add nothing here."""
+    and its "TILE_SCALE" scales W8A16's weight tiles before their dots (_grouped_gemm_kernel).
+    `sentinel`: ids may equal E, pairs routed to another rank's experts (expert parallelism),
+    which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
