@@ -13,7 +13,7 @@ experts, down's experts (`--payload moe`: 0.5, 25.2 and 12.6 MB), or one step a 
 - persistent-Pn: one cooperative launch a layer of n programs an SM, each walking the units of
   every phase, with a grid barrier (an atomic arrival count) between phases;
 - persistent-Pn-ahead: the same, each program reading its first step of the next phase before
-  the barrier; -ld: the barrier polled by loads, not atomics.
+  the barrier.
 
     python -m benchmarks.handoff [--payload moe,empty] [--layers 48] [--out DIR]
 
@@ -68,21 +68,15 @@ def _chain_kernel(w_ptr, out_ptr, PREFETCH: tl.constexpr, UNIT_B: tl.constexpr, 
 
 
 @triton.jit
-def _grid_barrier(bar_ptr, target, POLL_LOADS: tl.constexpr):
+def _grid_barrier(bar_ptr, target):
     """Every program of the launch waits here until `target` arrivals are counted (the count
-    keeps growing through a launch's barriers: the n-th barrier waits for n * programs).
-    POLL_LOADS: poll with volatile loads, then one acquiring atomic (else atomics throughout)."""
+    keeps growing through a launch's barriers: the n-th barrier waits for n * programs). Triton
+    makes the polling atomic an acquiring load by one thread."""
     tl.debug_barrier()
     tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-    if POLL_LOADS:
-        seen = tl.load(bar_ptr, volatile=True)
-        while seen < target:
-            seen = tl.load(bar_ptr, volatile=True)
-        tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-    else:
+    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
         seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-        while seen < target:
-            seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -103,7 +97,7 @@ def _phase(w_ptr, out_ptr, units, pid, progs, first, AHEAD: tl.constexpr, UNIT_B
 
 @triton.jit
 def _persistent_kernel(w0, w1, w2, u0, u1, u2, out_ptr, bar_ptr, AHEAD: tl.constexpr, UNIT_B: tl.constexpr,
-                       STEP_B: tl.constexpr, POLL_LOADS: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                       STEP_B: tl.constexpr, USE_PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     offs = tl.arange(0, STEP_B)
@@ -114,11 +108,11 @@ def _persistent_kernel(w0, w1, w2, u0, u1, u2, out_ptr, bar_ptr, AHEAD: tl.const
     total = _phase(w0, out_ptr, u0, pid, progs, first, AHEAD, UNIT_B, STEP_B)
     if AHEAD:
         first = tl.load(w1 + pid.to(tl.int64) * UNIT_B + offs, mask=(offs < STEP_B) & (pid < u1), other=0)
-    _grid_barrier(bar_ptr, progs, POLL_LOADS)
+    _grid_barrier(bar_ptr, progs)
     total += _phase(w1, out_ptr, u1, pid, progs, first, AHEAD, UNIT_B, STEP_B)
     if AHEAD:
         first = tl.load(w2 + pid.to(tl.int64) * UNIT_B + offs, mask=(offs < STEP_B) & (pid < u2), other=0)
-    _grid_barrier(bar_ptr, 2 * progs, POLL_LOADS)
+    _grid_barrier(bar_ptr, 2 * progs)
     gdc_launch(USE_PDL)
     total += _phase(w2, out_ptr, u2, pid, progs, first, AHEAD, UNIT_B, STEP_B)
     tl.store(out_ptr + pid, total + tl.load(out_ptr + pid))
@@ -153,11 +147,11 @@ def run(payload: str, layers: int) -> list[dict]:
                                                 STEP_B=min(step, unit_b // split), num_warps=warps, **kw)
         return fn
 
-    def persistent(per_sm: int, ahead: bool, poll_loads: bool = False):
+    def persistent(per_sm: int, ahead: bool):
         def fn():
             for w0, w1, w2 in weights:
                 _persistent_kernel[(per_sm * sms,)](w0, w1, w2, *units, out, bar, AHEAD=ahead, UNIT_B=unit_b,
-                                                    STEP_B=STEP, POLL_LOADS=poll_loads, num_warps=4,
+                                                    STEP_B=STEP, num_warps=4,
                                                     launch_cooperative_grid=True, **kw)
         return fn
 
@@ -169,7 +163,6 @@ def run(payload: str, layers: int) -> list[dict]:
     for per_sm in (1, 2, 3):
         variants[f"persistent-P{per_sm}"] = persistent(per_sm, False)
         variants[f"persistent-P{per_sm}-ahead"] = persistent(per_sm, True)
-        variants[f"persistent-P{per_sm}-ahead-ld"] = persistent(per_sm, True, True)
     mb = sum(u * unit_b for u in units) / 1e6
     rows = []
     for name, fn in variants.items():
@@ -182,6 +175,7 @@ def run(payload: str, layers: int) -> list[dict]:
         us = 1e3 * ms / layers
         rows.append({"payload": payload, "variant": name, "us_per_layer": us, "mb_per_layer": mb,
                      "tb_s": mb / us if mb else None})
+        print(f"{payload} {name}: {us:.2f} us a layer", flush=True)    # a run cut short keeps these
     return rows
 
 
