@@ -1,11 +1,12 @@
 """The fp8 projections at decode batches (30B-A3B's qkv and o_proj, 16 and 64 rows) under launch
 variants of the one-expert grouped GEMM (`kernels.fused_moe.dense_fp8_gemm`): each a patch over
-the device table's entry ({} = the table's own; "base" names another starting entry), timed per
-call over weight copies cycled past L2 (a decode step reads each layer's weights once), against
-the bytes' floor, with each variant's error against the dequantized product.
+the device table's entry ({} = the table's own), timed per call over weight copies cycled past L2
+(a decode step reads each layer's weights once), against the bytes' floor, with each variant's
+error against the dequantized product. (The thirty-fourth session's TILE_SCALE variants, in
+`results/dense-moe-decode-34/`, went with the key.)
 
     python -m benchmarks.dense_variants [--ms 16,64] [--shapes qkv,o_proj] [--variants a,b] [--out DIR]
-    python -m benchmarks.dense_variants --ncu [--ms 64] [--variants table,ts]
+    python -m benchmarks.dense_variants --ncu [--ms 64] [--variants table]
 
 `--ncu`: each variant run twice and nothing timed, for Nsight Compute (`ncu -k regex:_grouped_gemm`).
 """
@@ -25,20 +26,13 @@ from .roofline import measure as roofline
 SHAPES = {"qkv": (5120, 2048), "o_proj": (2048, 4096)}
 BLOCK = (128, 128)
 COPIES = 8
-W8A16 = {"A8": False, "BITS": False, "SPLIT_K": 1}
 VARIANTS = {
     "table": {},
-    # TILE_SCALE: W8A16, each weight tile scaled before its dot, the dots accumulated in place
-    "ts-n64": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64},
-    "ts-n64-swap": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SWAP_AB": True},
-    "ts-n128-swap": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 128, "SWAP_AB": True},
-    "ts-n64-swap-s3": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SWAP_AB": True, "num_stages": 3},
-    "ts-n64-swap-k2": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SWAP_AB": True, "SPLIT_K": 2},
-    "ts-n64-swap-k4": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SWAP_AB": True, "SPLIT_K": 4},
-    "ts-n128-swap-k2": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 128, "SWAP_AB": True, "SPLIT_K": 2},
-    "ts-n64-k4": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SPLIT_K": 4},
-    "ts-n32-k4": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 32, "SPLIT_K": 4},
-    "ts-n64-swap-w8": {**W8A16, "TILE_SCALE": True, "BLOCK_N": 64, "SWAP_AB": True, "num_warps": 8},
+    # W8A8 (A8) and W8A16 by BITS's integer ops, at narrower tiles and K split over programs
+    "a8-n32": {"A8": True, "BITS": False, "BLOCK_N": 32},
+    "a8-n64-k2": {"A8": True, "BITS": False, "BLOCK_N": 64, "SPLIT_K": 2},
+    "bits-n64-k4": {"A8": False, "BITS": True, "BLOCK_N": 64, "SPLIT_K": 4},
+    "bits-n64-k4-swap": {"A8": False, "BITS": True, "BLOCK_N": 64, "SPLIT_K": 4, "SWAP_AB": True},
 }
 
 

@@ -81,8 +81,7 @@ def _grid_barrier(bar_ptr, target):
 
 
 @triton.jit
-def _phase(w_ptr, out_ptr, units, pid, progs, first, AHEAD: tl.constexpr, UNIT_B: tl.constexpr,
-           STEP_B: tl.constexpr):
+def _phase(w_ptr, units, pid, progs, first, AHEAD: tl.constexpr, UNIT_B: tl.constexpr, STEP_B: tl.constexpr):
     total = tl.zeros([], tl.int32)
     if AHEAD:
         if pid < units:
@@ -103,18 +102,18 @@ def _persistent_kernel(w0, w1, w2, u0, u1, u2, out_ptr, bar_ptr, AHEAD: tl.const
     offs = tl.arange(0, STEP_B)
     first = tl.zeros([STEP_B], tl.uint8)
     if AHEAD:
-        first = tl.load(w0 + pid.to(tl.int64) * UNIT_B + offs, mask=(offs < STEP_B) & (pid < u0), other=0)
+        first = tl.load(w0 + pid.to(tl.int64) * UNIT_B + offs, mask=pid < u0, other=0)
     gdc_wait(USE_PDL)
-    total = _phase(w0, out_ptr, u0, pid, progs, first, AHEAD, UNIT_B, STEP_B)
+    total = _phase(w0, u0, pid, progs, first, AHEAD, UNIT_B, STEP_B)
     if AHEAD:
-        first = tl.load(w1 + pid.to(tl.int64) * UNIT_B + offs, mask=(offs < STEP_B) & (pid < u1), other=0)
+        first = tl.load(w1 + pid.to(tl.int64) * UNIT_B + offs, mask=pid < u1, other=0)
     _grid_barrier(bar_ptr, progs)
-    total += _phase(w1, out_ptr, u1, pid, progs, first, AHEAD, UNIT_B, STEP_B)
+    total += _phase(w1, u1, pid, progs, first, AHEAD, UNIT_B, STEP_B)
     if AHEAD:
-        first = tl.load(w2 + pid.to(tl.int64) * UNIT_B + offs, mask=(offs < STEP_B) & (pid < u2), other=0)
+        first = tl.load(w2 + pid.to(tl.int64) * UNIT_B + offs, mask=pid < u2, other=0)
     _grid_barrier(bar_ptr, 2 * progs)
     gdc_launch(USE_PDL)
-    total += _phase(w2, out_ptr, u2, pid, progs, first, AHEAD, UNIT_B, STEP_B)
+    total += _phase(w2, u2, pid, progs, first, AHEAD, UNIT_B, STEP_B)
     tl.store(out_ptr + pid, total + tl.load(out_ptr + pid))
     # the last program out resets the counts for the next launch
     done = tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu")

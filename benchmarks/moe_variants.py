@@ -47,13 +47,6 @@ VARIANTS = {
     # down's routing weights loaded before its K steps
     "wearly": {"DOWN": {"WEIGHTS_EARLY": True}},
     "p0-wearly": {"PERSISTENT": 0, "DOWN": {"WEIGHTS_EARLY": True}},
-    # decode batches: W8A16 (A16, no quantize launches), each weight tile scaled before its dot
-    # (TILE_SCALE) or each dot after it (plain A16)
-    "a16": {"A16": True},
-    "a16-ts": {"A16": True, "TILE_SCALE": True},
-    "a16-ts-noswap": {"A16": True, "TILE_SCALE": True, "SWAP_AB": False},
-    "a16-ts-n256": {"A16": True, "TILE_SCALE": True, "SWAP_AB": True, "BLOCK_N": 256, "DOWN": {"BLOCK_N": 128}},
-    "a16-ts-s4": {"A16": True, "TILE_SCALE": True, "SWAP_AB": True, "num_stages": 4},
 }
 
 

@@ -146,53 +146,6 @@ def _k_steps(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, as_ptrs, valid, k_first, steps, 
 
 
 @triton.jit
-def _dot_acc(a, b, acc, SWAP_AB: tl.constexpr):
-    """acc + a @ b in the tensor cores' accumulator (SWAP_AB: acc is the transposed result, (b^T a^T)
-    accumulated as it comes, so that no step waits for its dot before the next is issued)."""
-    if SWAP_AB:
-        out = tl.dot(tl.trans(b), tl.trans(a), acc)
-    else:
-        out = tl.dot(a, b, acc)
-    return out
-
-
-@triton.jit
-def _k_steps_tile_scaled(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, valid, k_first, steps, N, K, stride_ak, stride_bk,
-                         stride_bn, FUSE_SILU: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BK: tl.constexpr):
-    """_k_steps for TILE_SCALE: fp8 weight tiles inside one scale block (SCALE_MODE 2) and a in its
-    own dtype (W8A16). Each step's weight tile is dequantized in registers, times its block's
-    scale, rounded to a's dtype (a bf16 model's dequantized weight), and its dot adds into the
-    accumulator. _k_steps' mode 2 instead scales each finished dot, so every step waits for its
-    dot before the next can be issued. On an H200 this was slower than the tables' launches at
-    16 and 64 rows, dense and MoE (its converted tiles kept far less of a shared-memory
-    pipeline: NOTES, thirty-fourth session); no table sets it."""
-    offs_k = tl.arange(0, BLOCK_K)
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k_first, steps):
-        k_left = K - k * BLOCK_K
-        kb = (k * BLOCK_K) // BK
-        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = _dot_acc(a, (b.to(tl.float32) * tl.load(s_ptrs + kb)).to(a.dtype), acc, SWAP_AB)
-        if FUSE_SILU:
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
-            acc_up = _dot_acc(a, (b_up.to(tl.float32) * tl.load(s_up_ptrs + kb)).to(a.dtype), acc_up, SWAP_AB)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    if SWAP_AB:
-        out, out_up = tl.trans(acc), tl.trans(acc_up)
-    else:
-        out, out_up = acc, acc_up
-    return out, out_up
-
-
-@triton.jit
 def _grouped_gemm_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, s_ptr,
@@ -208,7 +161,7 @@ def _grouped_gemm_kernel(
     PAIR_BLOCKS: tl.constexpr = False, DENSE: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
     ws_ptr=None, count_ptr=None, BITS: tl.constexpr = False, ASM: tl.constexpr = False,
     L2_PREFETCH: tl.constexpr = False, LINES: tl.constexpr = 1, SWAP_AB: tl.constexpr = False,
-    SCALES_AHEAD: tl.constexpr = True, TILE_SCALE: tl.constexpr = False, WEIGHTS_EARLY: tl.constexpr = False,
+    SCALES_AHEAD: tl.constexpr = True, WEIGHTS_EARLY: tl.constexpr = False,
 ):
     """SCALE_MODE 0: bf16 weights. fp8 weights in BN x BK blocks: 1, each column's scale applied to
     the weight tile in registers (any tile); 2, the tile lies in one block (BLOCK_N | BN, BLOCK_K |
@@ -227,11 +180,11 @@ def _grouped_gemm_kernel(
     program asks L2 for its weight tile's lines over its K steps (LINES: a row's, a power of two),
     which no kernel writes, while the kernel before it still runs. SWAP_AB: every dot as (b^T a^T)^T
     (_dot), the weight tile's BLOCK_N rows the tensor cores' M side (wgmma from 64 on sm_90).
-    SCALES_AHEAD: _k_steps'. TILE_SCALE (SCALE_MODE 2, not A_SCALED; BITS ignored): the K steps of
-    _k_steps_tile_scaled, each weight tile scaled before its dot. WEIGHTS_EARLY (MUL_WEIGHT): the
-    rows' routing weights are loaded before the K steps, not after them. (Weight tiles through a
-    TMA tensor descriptor were measured within 0.4% of these loads at 16 and 64 rows on an H200
-    and removed: NOTES, twenty-sixth and twenty-ninth sessions.)"""
+    SCALES_AHEAD: _k_steps'. WEIGHTS_EARLY (MUL_WEIGHT): the rows' routing weights are loaded
+    before the K steps, not after them. (Weight tiles through a TMA tensor descriptor were measured
+    within 0.4% of these loads at 16 and 64 rows on an H200 and removed: NOTES, twenty-sixth and
+    twenty-ninth sessions. W8A16 tiles scaled before their dots and accumulated in place were
+    slower than these launches at 16 and 64 rows, dense and MoE, and removed: thirty-fourth.)"""
     tl.static_assert(DENSE or not L2_PREFETCH, "L2_PREFETCH: dense launches only (the rest read ids first)")
     gdc_launch(USE_PDL)
     if not L2_PREFETCH:
@@ -287,13 +240,9 @@ def _grouped_gemm_kernel(
         s_up_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn
     if MUL_WEIGHT and WEIGHTS_EARLY:
         w_early = tl.load(weights_ptr + pair, mask=valid, other=0.0)
-    if TILE_SCALE:
-        acc, acc_up = _k_steps_tile_scaled(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, valid, k_first, steps, N, K, stride_ak,
-                                           stride_bk, stride_bn, FUSE_SILU, SWAP_AB, BLOCK_M, BLOCK_N, BLOCK_K, BK)
-    else:
-        acc, acc_up = _k_steps(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, as_ptr + a_row.to(tl.int64) * stride_asm, valid,
-                               k_first, steps, N, K, stride_ak, stride_bk, stride_bn, FUSE_SILU, SCALE_MODE, A_SCALED,
-                               BITS, ASM, SWAP_AB, SCALES_AHEAD, BLOCK_M, BLOCK_N, BLOCK_K, BK)
+    acc, acc_up = _k_steps(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, as_ptr + a_row.to(tl.int64) * stride_asm, valid,
+                           k_first, steps, N, K, stride_ak, stride_bk, stride_bn, FUSE_SILU, SCALE_MODE, A_SCALED,
+                           BITS, ASM, SWAP_AB, SCALES_AHEAD, BLOCK_M, BLOCK_N, BLOCK_K, BK)
     if FUSE_SILU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_WEIGHT:
@@ -524,8 +473,7 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
     blocks = block_expert.numel() if pair_blocks else triton.cdiv(sorted_ids.numel(), cfg["BLOCK_M"])
     grid = (blocks * triton.cdiv(n, block_n),)
     s = scale if scale is not None else b
-    tile_scale = bool(cfg.get("TILE_SCALE")) and mode == 2 and a_scale is None
-    if cfg.get("PERSISTENT") and not pair_blocks and mode != 1 and not persistent_off and not tile_scale:
+    if cfg.get("PERSISTENT") and not pair_blocks and mode != 1 and not persistent_off:
         _grouped_gemm_persistent_kernel[(min(grid[0], cfg["PERSISTENT"] * sm_count(a.device)),)](
             a, b, c, weights, sorted_ids, block_expert, total, s, a_scale if a_scale is not None else s,
             n, k, c.shape[0], top_k,
@@ -549,8 +497,8 @@ def _grouped_gemm(a, b, c, weights, sorted_ids, block_expert, total, top_k, a_ro
         SCALE_MODE=mode, BN=block[0], BK=block[1], SCALES_AHEAD=switches.SCALES_AHEAD,
         as_ptr=a_scale if a_scale is not None else s, stride_asm=a_scale.stride(0) if a_scale is not None else 0,
         A_SCALED=a_scale is not None, PAIR_BLOCKS=pair_blocks, SWAP_AB=bool(cfg.get("SWAP_AB")),
-        TILE_SCALE=tile_scale, WEIGHTS_EARLY=bool(cfg.get("WEIGHTS_EARLY")), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **pdl(a),
+        WEIGHTS_EARLY=bool(cfg.get("WEIGHTS_EARLY")), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl(a),
     )
 
 
@@ -776,9 +724,8 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
     (each tile's K steps shared by that many programs: a narrow N fills the SMs), and L2_PREFETCH
     (each program asks L2 for its weights before PDL's wait, while the kernel before runs; the
     PTX on a GPU only), SWAP_AB (the dots with the weight rows as the tensor cores' M side, so a
-    16-row batch runs sm_90's wgmma where BLOCK_N is 64 or more), TILE_SCALE (W8A16 with each
-    weight tile times its scale before the dot, the dots adding up in the tensor cores'
-    accumulator: _k_steps_tile_scaled). x (M, K) bf16/float32 -> (M, N) in x's dtype."""
+    16-row batch runs sm_90's wgmma where BLOCK_N is 64 or more). x (M, K) bf16/float32 -> (M, N)
+    in x's dtype."""
     return dense_gemm(x, wq, cfg, scale, block)
 
 
@@ -798,8 +745,7 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
     else:
         block_n, block_k, mode, scale, block = cfg["BLOCK_N"], cfg["BLOCK_K"], 0, w, (128, 128)
     a8 = bool(cfg.get("A8")) and mode == 2 and block_k >= 32
-    tile_scale = bool(cfg.get("TILE_SCALE")) and fp8 and mode == 2 and not a8
-    bits = bool(cfg.get("BITS")) and mode == 2 and not a8 and not tile_scale and x.dtype == torch.bfloat16
+    bits = bool(cfg.get("BITS")) and mode == 2 and not a8 and x.dtype == torch.bfloat16
     x = x if x.stride(-1) == 1 else x.contiguous()
     a, a_scale = quantize_activations_fp8(x, block[1]) if a8 else (x, None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -825,8 +771,8 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
         SCALES_AHEAD=switches.SCALES_AHEAD,
         as_ptr=a_scale if a8 else scale, stride_asm=a_scale.stride(0) if a8 else 0, A_SCALED=a8, DENSE=True,
         SPLIT_K=split, ws_ptr=ws, count_ptr=counts, BITS=bits, ASM=(bits or prefetch) and x.is_cuda,
-        L2_PREFETCH=prefetch, LINES=lines, SWAP_AB=bool(cfg.get("SWAP_AB")), TILE_SCALE=tile_scale,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x))
+        L2_PREFETCH=prefetch, LINES=lines, SWAP_AB=bool(cfg.get("SWAP_AB")), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl(x))
     return y
 
 
@@ -1228,10 +1174,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               sentinel: bool = False) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
-    blocks (kernels/fp8.py); a config's "A16" keeps the activations in x's dtype (W8A16) at any M,
-    and its "TILE_SCALE" scales W8A16's weight tiles before their dots (_grouped_gemm_kernel).
-    `sentinel`: ids may equal E, pairs routed to another rank's experts (expert parallelism),
-    which add nothing here."""
+    blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
+    (expert parallelism), which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
@@ -1262,7 +1206,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         (max(16, cfg["BLOCK_N"] // 2) if fuse_silu else cfg["BLOCK_N"], cfg["BLOCK_K"], two_i // 2),
         (down_cfg["BLOCK_N"], down_cfg["BLOCK_K"], h))]
     # fp8 dots need tiles inside one scale block and K steps of 32 or more
-    w8a8 = (bool(fp8) and not cfg.get("A16") and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
+    w8a8 = (bool(fp8) and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
             and all(mode == 2 and bk >= 32 for _, bk, mode in tiles))
     a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
     if fuse_silu:     # two accumulators per program: half the columns keeps the tuned register budget

@@ -969,38 +969,6 @@ def test_swap_ab_gives_the_same_product(mode, monkeypatch):
         assert _rel(keyed.float(), want.float()) < (6e-2 if "a8" in mode else 1e-2 if mode == "bits" else KTOL)
 
 
-@pytest.mark.parametrize("swap", [False, True])
-@pytest.mark.parametrize("n,k,block,block_k", [(96, 336, (32, 64), 32), (256, 384, (128, 128), 64)])
-def test_tile_scale_is_the_dequantized_product(n, k, block, block_k, swap):
-    """TILE_SCALE (W8A16 with each weight tile times its block's scale before the dot, the dots
-    accumulated in place, SWAP_AB's transposed accumulator too): the dense GEMM whole and split
-    over K (K = 336 in 32-wide steps: a partial last step and 3 splits of 4, 4 and 3 steps) and
-    the sorted MoE (A16: activations left bf16/float32; gate_up with SiLU fused or not, down with
-    the routing weights; 37 tokens, and one token's pair blocks) against the dequantized weights.
-    Scale blocks of 32 rows and 64 columns under 32-wide tiles: each step's tile takes its own
-    block's scale, so a scale read a block off (planted: kb + 1, or gate's scale for up) fails."""
-    from kernels.fused_moe import dense_fp8_gemm, fused_moe, fused_moe_reference
-    from qwen3vl_backend.layers.moe import route
-
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "GROUP_M": 4, "num_warps": 4, "num_stages": 1,
-           "TILE_SCALE": True, "SWAP_AB": swap}
-    x = torch.randn(21, k, device=DEV)
-    q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * torch.logspace(-1, 0, k), block))
-    want = x @ dequantize_weight_blocks(q, s, block).T
-    for split in (1, 3):
-        assert _rel(dense_fp8_gemm(x, q, s, block, {**cfg, "SPLIT_K": split}), want) < KTOL
-    e, h, i, a = 6, 64, 64, 2
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, (32, 32), DEV)
-    xm = torch.randn(37, h, device=DEV)
-    w, ids = route(torch.randn(37, e, device=DEV), a, True)
-    for t in (37, 1):
-        want = fused_moe_reference(xm[:t], d13, d2, w[:t], ids[:t])
-        for silu in (True, False):
-            got = fused_moe(xm[:t], q13, q2, w[:t], ids[:t], {**cfg, "BLOCK_K": 32, "A16": True, "FUSE_SILU": silu},
-                            w13_scale=s13, w2_scale=s2, block=(32, 32))
-            assert _rel(got, want) < KTOL
-
-
 @pytest.mark.parametrize("m", [3, 40])
 @pytest.mark.parametrize("n,k,block", [(96, 256, (32, 64)), (256, 384, (128, 128))])
 def test_dense_fp8_gemm_w8a8(m, n, k, block):
@@ -1017,13 +985,11 @@ def test_dense_fp8_gemm_w8a8(m, n, k, block):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the interpreter rounds to e4m3 unlike the hardware)")
 @pytest.mark.parametrize("m,n,k", [(64, 5120, 2048), (16, 2048, 4096), (100, 4608, 4096)])
-@pytest.mark.parametrize("a8,bits,tile_scale", [(False, False, False), (True, False, False), (False, True, False),
-                                              (False, False, True)])
-def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8, bits, tile_scale):
+@pytest.mark.parametrize("a8,bits", [(False, False), (True, False), (False, True)])
+def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8, bits):
     """The sweep's launch shapes (128-deep K steps, deep pipelines, SWAP_AB's wgmma) at 30B's and
     235B's projections, compiled: W8A16 (by conversion or by BITS's integer ops) within bf16's
-    rounding of the dequantized product, W8A8 within e4m3's. TILE_SCALE (W8A16, each weight tile
-    scaled before its dot) within bf16's rounding too."""
+    rounding of the dequantized product, W8A8 within e4m3's."""
     from kernels.fused_moe import dense_fp8_gemm
 
     block = (128, 128)
@@ -1034,8 +1000,7 @@ def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8, bits, tile_scale):
                                         (16, 64, 4, 8, False), (64, 64, 6, 3, False), (16, 64, 4, 4, True),
                                         (16, 128, 4, 1, True), (64, 64, 4, 2, True)):
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": stages,
-               "SPLIT_K": split, "SWAP_AB": swap, **({"A8": True} if a8 else {}), **({"BITS": True} if bits else {}),
-               **({"TILE_SCALE": True} if tile_scale else {})}
+               "SPLIT_K": split, "SWAP_AB": swap, **({"A8": True} if a8 else {}), **({"BITS": True} if bits else {})}
         got = dense_fp8_gemm(x, q, s, block, cfg)
         # split-K sums its partials in split order whichever program finishes last: the same bits
         torch.testing.assert_close(dense_fp8_gemm(x, q, s, block, cfg), got, rtol=0, atol=0)
