@@ -14,6 +14,7 @@ error against the dequantized product. (The thirty-fourth session's TILE_SCALE v
 from __future__ import annotations
 
 import argparse
+import faulthandler
 
 import torch
 
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ncu", action="store_true", help="run each variant twice, untimed, for Nsight Compute")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    faulthandler.dump_traceback_later(90, repeat=True)       # where a hung launch waits, every 90 s
     bandwidth = None if args.ncu else roofline()["copy_bandwidth_tb_s"]
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -83,14 +85,18 @@ def main(argv=None) -> int:
                 def call(i, cfg=cfg):
                     return dense_fp8_gemm(x, *weights[i % COPIES], BLOCK, cfg)
 
+                print(f"{shape} M={m} {name} ...", flush=True)
                 row = variant_row({"shape": shape, "M": m, "variant": name}, call, want, floor_us, COPIES * 2,
                                   args.ncu)
                 if row is not None:
+                    if "us" in row:     # a schedule that races shows as two runs' outputs that differ
+                        row["repeats"] = bool(torch.equal(call(0), call(0)))
+                    print(row, flush=True)
                     rows.append({**row, "config": str(cfg)} if "us" in row else row)
             against_table(rows, M=m, shape=shape)
     if args.ncu:
         return 0
-    print_table(rows, ["shape", "M", "variant", "us", "vs_table", "floor_us", "floor_over", "rel_err", "error"])
+    print_table(rows, ["shape", "M", "variant", "us", "vs_table", "floor_us", "floor_over", "rel_err", "repeats", "error"])
     write_result("dense-variants", {"bandwidth_tb_s": bandwidth, "copies": COPIES, "block": BLOCK}, rows, args.out)
     return 0
 
