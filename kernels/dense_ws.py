@@ -104,6 +104,17 @@ def ws_ok(m: int, n: int, k: int, cfg: dict, block: tuple[int, int]) -> bool:
     return block[0] % bn == 0 and block[1] % bk == 0 and k % 16 == 0
 
 
+def specialized(cfg: dict) -> bool:
+    """Whether the launch runs warp-specialized: "WS" true and the dots' M side (BLOCK_N with
+    SWAP_AB, else BLOCK_M) 128, which Triton 3.6 splits between its two consumer warpgroups, 64
+    rows each. Where that side is 64 it cannot split it and gives each consumer group the whole
+    tile (twice the work, both storing it; the sm_90 TTGIR shows it), and on an H200 such a launch
+    gave different bits from one run to the next (NOTES, thirty-fifth session): those run the
+    same kernel without the producer warp."""
+    side = cfg["BLOCK_N"] if cfg.get("SWAP_AB") else cfg["BLOCK_M"]
+    return cfg.get("WS") is True and side == 128
+
+
 def dense_ws_gemm(a: torch.Tensor, a_scale: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
                   block: tuple[int, int], cfg: dict, out_dtype: torch.dtype, ws=None, counts=None) -> torch.Tensor:
     """a (M, K) fp8 with a_scale (M, ceil(K/bk)) float32, wq (N, K) fp8 with scale (ceil(N/bn),
@@ -121,6 +132,6 @@ def dense_ws_gemm(a: torch.Tensor, a_scale: torch.Tensor, wq: torch.Tensor, scal
         descriptor(a, [bm, bk]), descriptor(wq, [bn, bk]), y, a_scale, scale, ws if ws is not None else y,
         counts if counts is not None else y, m, n, k, y.stride(0), a_scale.stride(0), scale.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BN=block[0], BK=block[1], SPLIT_K=split,
-        SWAP_AB=bool(cfg.get("SWAP_AB")), WARP_SPECIALIZE=cfg.get("WS") is True and a.is_cuda,
+        SWAP_AB=bool(cfg.get("SWAP_AB")), WARP_SPECIALIZE=specialized(cfg) and a.is_cuda,
         STAGES=cfg["num_stages"], num_warps=cfg["num_warps"], **pdl(a))
     return y

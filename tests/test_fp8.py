@@ -1014,18 +1014,20 @@ def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8, bits):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: warp specialization and TMA compile for sm_90")
 @pytest.mark.parametrize("m,n,k", [(64, 5120, 2048), (16, 2048, 4096), (40, 4608, 4096)])
 def test_dense_ws_at_real_shapes(m, n, k):
-    """kernels.dense_ws compiled (producer warp, TMA ring, wgmma) at 30B's and 235B's projections,
-    whole and split over K, transposed or not: W8A8's product of the dequantized weights, the same
-    bits run twice, and within e4m3's rounding of the grouped GEMM's A8 launch."""
+    """kernels.dense_ws compiled at 30B's and 235B's projections, whole and split over K: warp-
+    specialized (a producer warp, a TMA ring, two consumer warpgroups of 64 weight rows each) and
+    not ("tma"; and a 64-wide tile, which dense_ws.specialized runs without the producer warp):
+    W8A8's product of the dequantized weights, the same bits run twice, and within e4m3's
+    rounding of the grouped GEMM's A8 launch."""
     from kernels.fused_moe import dense_fp8_gemm
 
     block = (128, 128)
     x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
     q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
     want = w8a8_block_linear_reference(x.float(), q, s, block)
-    for bm, bn, stages, split, swap, ws in ((64, 64, 6, 1, False, True), (64, 128, 4, 2, False, True),
-                                           (16, 64, 6, 4, True, True), (16, 128, 4, 1, True, True),
-                                           (64, 64, 6, 2, False, "tma")):
+    for bm, bn, stages, split, swap, ws in ((64, 128, 4, 1, True, True), (64, 128, 6, 2, True, True),
+                                           (16, 128, 4, 4, True, True), (16, 128, 6, 1, True, True),
+                                           (64, 64, 6, 2, False, "tma"), (64, 64, 6, 1, False, True)):
         cfg = {"BLOCK_M": min(bm, 64 if m > 16 else 16), "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8,
                "num_warps": 4, "num_stages": stages, "SPLIT_K": split, "SWAP_AB": swap, "A8": True}
         got = dense_fp8_gemm(x, q, s, block, {**cfg, "WS": ws})
