@@ -35,19 +35,6 @@ VARIANTS = {
     "bits-n64-k4": {"A8": False, "BITS": True, "BLOCK_N": 64, "SPLIT_K": 4},
     "bits-n64-k4-swap": {"A8": False, "BITS": True, "BLOCK_N": 64, "SPLIT_K": 4, "SWAP_AB": True},
 }
-# kernels.dense_ws: W8A8 with a producer warp feeding a TMA ring and two consumer warpgroups of 64
-# weight rows ("WS": "tma", the same kernel without the producer warp); -sN: N stages, -kN: K
-# split N ways, -swap: transposed tiles (the weight rows the dots' M side)
-_W8A8 = {"A8": True, "BITS": False, "L2_PREFETCH": False, "SWAP_AB": False, "SPLIT_K": 1}
-VARIANTS.update({
-    "tma-n64-s6": {**_W8A8, "WS": "tma", "BLOCK_N": 64, "num_stages": 6},
-    "tma-swap-n128-k2": {**_W8A8, "WS": "tma", "SWAP_AB": True, "BLOCK_N": 128, "num_stages": 4, "SPLIT_K": 2},
-    "ws-swap-n128-s4": {**_W8A8, "WS": True, "SWAP_AB": True, "BLOCK_N": 128, "num_stages": 4},
-    "ws-swap-n128-s6": {**_W8A8, "WS": True, "SWAP_AB": True, "BLOCK_N": 128, "num_stages": 6},
-    "ws-swap-n128-k2": {**_W8A8, "WS": True, "SWAP_AB": True, "BLOCK_N": 128, "num_stages": 4, "SPLIT_K": 2},
-    "ws-swap-n128-k4": {**_W8A8, "WS": True, "SWAP_AB": True, "BLOCK_N": 128, "num_stages": 4, "SPLIT_K": 4},
-    "ws-swap-n128-k8": {**_W8A8, "WS": True, "SWAP_AB": True, "BLOCK_N": 128, "num_stages": 4, "SPLIT_K": 8},
-})
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dense_ws, switches
+from . import switches
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
@@ -747,8 +747,6 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
     a8 = bool(cfg.get("A8")) and mode == 2 and block_k >= 32
     bits = bool(cfg.get("BITS")) and mode == 2 and not a8 and x.dtype == torch.bfloat16
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if fp8 and cfg.get("WS") and dense_ws.ws_ok(m, n, k, cfg, block):
-        return _dense_ws(x, w, scale, block, cfg)
     a, a_scale = quantize_activations_fp8(x, block[1]) if a8 else (x, None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if not m:
@@ -776,20 +774,6 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
         L2_PREFETCH=prefetch, LINES=lines, SWAP_AB=bool(cfg.get("SWAP_AB")), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl(x))
     return y
-
-
-def _dense_ws(x, wq, scale, block, cfg):
-    """dense_gemm through kernels.dense_ws (the table entry's "WS"): W8A8, its rows quantized first."""
-    m, k = x.shape
-    n = wq.shape[0]
-    a, a_scale = quantize_activations_fp8(x, block[1])
-    split = min(cfg.get("SPLIT_K", 1), triton.cdiv(k, cfg["BLOCK_K"]))
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    ws = counts = None
-    if split > 1 and tiles <= TILE_COUNTS and m:
-        ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-        counts = tile_counts(x.device)
-    return dense_ws.dense_ws_gemm(a, a_scale, wq, scale, block, cfg, x.dtype, ws, counts)
 
 
 TILE_COUNTS = 1 << 14           # the most output tiles one split-K launch counts (more: no split)

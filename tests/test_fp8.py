@@ -1009,32 +1009,6 @@ def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8, bits):
         assert _rel(got, want) < (6e-2 if a8 else 1e-2)
 
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: warp specialization and TMA compile for sm_90")
-@pytest.mark.parametrize("m,n,k", [(64, 5120, 2048), (16, 2048, 4096), (40, 4608, 4096)])
-def test_dense_ws_at_real_shapes(m, n, k):
-    """kernels.dense_ws compiled at 30B's and 235B's projections, whole and split over K: warp-
-    specialized (a producer warp, a TMA ring, two consumer warpgroups of 64 weight rows each) and
-    not ("tma"; and a 64-wide tile, which dense_ws.specialized runs without the producer warp):
-    W8A8's product of the dequantized weights, the same bits run twice, and within e4m3's
-    rounding of the grouped GEMM's A8 launch."""
-    from kernels.fused_moe import dense_fp8_gemm
-
-    block = (128, 128)
-    x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
-    q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
-    want = w8a8_block_linear_reference(x.float(), q, s, block)
-    for bm, bn, stages, split, swap, ws in ((64, 128, 4, 1, True, True), (64, 128, 6, 2, True, True),
-                                           (16, 128, 4, 4, True, True), (16, 128, 6, 1, True, True),
-                                           (64, 64, 6, 2, False, "tma"), (64, 64, 6, 1, False, True)):
-        cfg = {"BLOCK_M": min(bm, 64 if m > 16 else 16), "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8,
-               "num_warps": 4, "num_stages": stages, "SPLIT_K": split, "SWAP_AB": swap, "A8": True}
-        got = dense_fp8_gemm(x, q, s, block, {**cfg, "WS": ws})
-        torch.testing.assert_close(dense_fp8_gemm(x, q, s, block, {**cfg, "WS": ws}), got, rtol=0, atol=0)
-        assert _rel(got.float(), want) < 1e-2
-        assert _rel(got.float(), dense_fp8_gemm(x, q, s, block, cfg).float()) < 1e-2
-
 def test_dense_fp8_gemm_only_where_the_table_names_the_shape(monkeypatch):
     """dense_config: the device's fp8_dense entry at the nearest tuned M of 2..DENSE_MAX_M rows;
     none at one row, past DENSE_MAX_M (prefill), for an unlisted shape, where the entry says
@@ -1124,29 +1098,3 @@ def test_w8a8_threshold_from_the_table_and_the_environment(monkeypatch):
     monkeypatch.setattr(kernels.fused_moe, "_moe_table", lambda *a: None)
     monkeypatch.delenv("QWEN3VL_W8A8_MIN_M")
     assert quantized(1) == 2                                 # W8A8_MIN_M
-
-
-@pytest.mark.parametrize("m", [3, 21, 40])
-@pytest.mark.parametrize("swap", [False, True])
-def test_dense_ws_is_the_a8_launch(m, swap):
-    """The warp-specialized TMA kernel (kernels.dense_ws, a table entry's "WS") is the grouped
-    GEMM's A8 launch by another schedule: off the GPU the same bits at the same tiles, whole or
-    split over K (K = 320 in 64-wide steps: 3 splits of 2, 2 and 1), transposed or not, with rows
-    that leave the last tile part empty; and at N = 100 (the last 32-wide tile part empty, where
-    the grouped GEMM falls back to W8A16) W8A8's product all the same."""
-    from kernels.fused_moe import dense_fp8_gemm, tile_counts
-
-    block = (32, 64)
-    x = torch.randn(m, 320, device=DEV)
-    for n in (96, 100):
-        q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, 320) * 0.05, block))
-        want = w8a8_block_linear_reference(x, q, s, block)
-        for split in (1, 3):
-            cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 2,
-                   "SPLIT_K": split, "A8": True, "SWAP_AB": swap}
-            got = dense_fp8_gemm(x, q, s, block, {**cfg, "WS": True})
-            assert got.shape == (m, n)
-            if n == 96:
-                torch.testing.assert_close(got, dense_fp8_gemm(x, q, s, block, cfg), rtol=0, atol=0)
-            assert _rel(got, want) < (2e-2 if CUDA else 1e-5)
-    assert not tile_counts(x.device).any()
