@@ -2,8 +2,10 @@
 variants of the one-expert grouped GEMM (`kernels.fused_moe.dense_fp8_gemm`): each a patch over
 the device table's entry ({} = the table's own), timed per call over weight copies cycled past L2
 (a decode step reads each layer's weights once), against the bytes' floor, with each variant's
-error against the dequantized product. (The thirty-fourth session's TILE_SCALE variants, in
-`results/dense-moe-decode-34/`, went with the key.)
+error against the dequantized product and whether two runs of it give the same bits ("repeats").
+Each row is printed as it is measured, and a launch that hangs prints its stack every 90 s.
+(The thirty-fourth session's TILE_SCALE variants, in `results/dense-moe-decode-34/`, and the
+thirty-fifth's warp-specialized kernel, in `results/dense-ws-35/`, went with their code.)
 
     python -m benchmarks.dense_variants [--ms 16,64] [--shapes qkv,o_proj] [--variants a,b] [--out DIR]
     python -m benchmarks.dense_variants --ncu [--ms 64] [--variants table]
