@@ -24,7 +24,6 @@ from PIL import Image
 from qwen3vl_backend.processing.chat import MediaRef
 from qwen3vl_backend.processing.media import video_backend
 from qwen3vl_backend.processing.processor import Processor
-from qwen3vl_backend.serving.malloc import keep_freed_memory
 from qwen3vl_backend.serving.media_pool import MediaPool
 from qwen3vl_backend.serving.preprocess import Preprocessor
 from qwen3vl_backend.config import PreprocessConfig
@@ -40,10 +39,6 @@ OUTPUTS = {"input_ids": "input_ids", "positions": "positions", "rope_delta": "ro
 class TritonPythonModel:
     def initialize(self, args):
         cfg = PreprocessConfig.from_settings(model_settings(args))
-        # a PNG's decode buffers (~11 MB at 1280x720) reuse the last request's pages instead of
-        # faulting ~2,000 fresh ones in (serving/malloc.py)
-        kept = keep_freed_memory()
-        pb_utils.Logger.log_info(f"preprocess: freed memory kept for the next request: {kept}")
         families = {
             "seconds": pb_utils.MetricFamily("qwen3vl_media_processing_seconds_total",
                                              "Wall time of requests' media work (fetch, decode, process)",
