@@ -747,7 +747,8 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
     a8 = bool(cfg.get("A8")) and mode == 2 and block_k >= 32
     bits = bool(cfg.get("BITS")) and mode == 2 and not a8 and x.dtype == torch.bfloat16
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if fp8 and cfg.get("GLUON") and x.is_cuda and gluon_dense.launch_ok(m, n, k, block, cfg["BLOCK_N"]):
+    if (fp8 and cfg.get("GLUON") and x.is_cuda and gluon_dense.launch_ok(m, n, k, block, cfg["BLOCK_N"])
+            and gluon_dense.fits(m, k, cfg)):
         return _dense_gluon(x, w, scale, block, cfg)
     a, a_scale = quantize_activations_fp8(x, block[1]) if a8 else (x, None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -780,19 +781,18 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
 
 def _dense_gluon(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                  cfg: dict) -> torch.Tensor:
-    """dense_gemm's GLUON launch shapes: the rows quantized per token and 128-wide group (one
-    launch), then kernels.gluon_dense's W8A8 GEMM (each K step's product overlapping the scaling of
-    the step before), split over K as cfg's SPLIT_K asks."""
+    """dense_gemm's GLUON launch shapes: kernels.gluon_dense's W8A8 GEMM (the rows quantized in it,
+    each K step's product overlapping the scaling of the step before), split over K as cfg's
+    SPLIT_K asks."""
     m, k = x.shape
     n = w.shape[0]
-    a, a_scale = quantize_activations_fp8(x, block[1])
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, gluon_dense.block_t(m)) * triton.cdiv(n, cfg["BLOCK_N"])
     split = gluon_dense.steps_split(k, cfg.get("SPLIT_K", 1))[1]
     ws_counts = None
     if split > 1 and tiles <= TILE_COUNTS:
         ws_counts = (torch.empty(split, m, n, dtype=torch.float32, device=x.device), tile_counts(x.device))
-    return gluon_dense.w8a8(a, a_scale, w, scale, block, y, cfg, ws_counts, pdl(x))
+    return gluon_dense.w8a8(x, w, scale, block, y, cfg, ws_counts, pdl(x))
 
 
 TILE_COUNTS = 1 << 14           # the most output tiles one split-K launch counts (more: no split)

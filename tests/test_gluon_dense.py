@@ -2,8 +2,9 @@
 
 Off a GPU (Triton's interpreter runs no Gluon) the kernel is compiled for sm_90a and its PTX and
 ptxas's report are checked for what it exists for: each K step's wgmma left in flight while the
-step before is scaled (one `wait_group 1` a step), no wgmma serialized by ptxas, no spills, and
-the weight tiles asked for before PDL's wait. On a GPU, its products against the same
+step before is scaled (one `wait_group 1` a step), no wgmma serialized by ptxas, no spills, the
+weight tiles asked for before PDL's wait and the rows quantized in the kernel (no TMA of them).
+On a GPU, its products against the same
 quantization in torch, at 30B's and 235B's shapes and awkward ones, split over K or not."""
 
 import json
@@ -52,7 +53,7 @@ def test_weights_are_asked_for_before_the_pdl_wait(compiled):
     for c in compiled:
         block_n, bt, stages, steps, split, warps = c["shape"]
         assert c["pdl"] == ["launch_dependents", "wait"], c
-        assert c["tma_before_wait"] == min(stages, steps), c
+        assert c["tma_before_wait"] == min(stages, steps) and c["tma"] == steps, c    # the rows: no TMA
 
 
 def test_steps_split_leaves_no_program_without_a_step():
@@ -61,6 +62,15 @@ def test_steps_split_leaves_no_program_without_a_step():
         for split in (1, 2, 3, 4, 8, 16, 64):
             per, launched = gluon_dense.steps_split(k, split)
             assert launched <= split and per * launched >= steps and per * (launched - 1) < steps, (k, split)
+
+
+def test_shared_memory_counts_every_k_step_of_rows_and_the_ring():
+    cfg = {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 16}
+    # qkv at 16 rows, all of K's 16 steps in flight: 16 x 16 x 132 + 16 x (64 x 128 + 8)
+    assert gluon_dense.shared_bytes(16, 2048, cfg) == 16 * 16 * 132 + 16 * (64 * 128 + 8)
+    assert gluon_dense.fits(64, 2048, cfg)                    # two programs of 32 rows
+    assert not gluon_dense.fits(64, 4096, {**cfg, "num_stages": 32, "BLOCK_N": 128})
+    assert gluon_dense.fits(64, 4096, {**cfg, "SPLIT_K": 2, "num_stages": 16})
 
 
 def test_launch_ok_refuses_what_the_kernel_cannot_take():
@@ -86,9 +96,12 @@ def test_gluon_w8a8_is_the_w8a8_product(m, n, k):
     x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
     q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
     want = w8a8_block_linear_reference(x.float(), q, s, block)
-    for block_n, split, stages, warps in ((64, 1, 4, 4), (64, 2, 6, 4), (64, 4, 4, 4), (128, 2, 4, 8), (64, 8, 2, 4)):
+    for block_n, split, stages, warps in ((64, 1, 4, 4), (64, 2, 6, 4), (64, 4, 4, 4), (128, 2, 4, 8), (64, 8, 2, 4),
+                                          (64, 1, 16, 4), (128, 1, 8, 8)):
         cfg = {"GLUON": True, "BLOCK_N": block_n, "SPLIT_K": split, "num_stages": stages, "num_warps": warps,
                "BLOCK_M": 64, "BLOCK_K": 128, "GROUP_M": 8}
+        if not gluon_dense.fits(m, k, cfg):
+            continue
         got = dense_fp8_gemm(x, q, s, block, cfg)
         assert got.shape == (m, n) and got.dtype == torch.bfloat16
         err = ((got.float() - want).norm() / want.norm()).item()
