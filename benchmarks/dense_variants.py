@@ -4,8 +4,9 @@ the device table's entry ({} = the table's own), timed per call over weight copi
 (a decode step reads each layer's weights once), against the bytes' floor, with each variant's
 error against the dequantized product and whether two runs of it give the same bits ("repeats").
 Each row is printed as it is measured, and a launch that hangs prints its stack every 90 s.
-(The thirty-fourth session's TILE_SCALE variants, in `results/dense-moe-decode-34/`, and the
-thirty-fifth's warp-specialized kernel, in `results/dense-ws-35/`, went with their code.)
+The `gluon-*` variants are kernels.gluon_dense's launch shapes. (The thirty-fourth session's
+TILE_SCALE variants, in `results/dense-moe-decode-34/`, and the thirty-fifth's warp-specialized
+kernel, in `results/dense-ws-35/`, went with their code.)
 
     python -m benchmarks.dense_variants [--ms 16,64] [--shapes qkv,o_proj] [--variants a,b] [--out DIR]
     python -m benchmarks.dense_variants --ncu [--ms 64] [--variants table]
@@ -36,16 +37,17 @@ VARIANTS = {
     "a8-n64-k2": {"A8": True, "BITS": False, "BLOCK_N": 64, "SPLIT_K": 2},
     "bits-n64-k4": {"A8": False, "BITS": True, "BLOCK_N": 64, "SPLIT_K": 4},
     "bits-n64-k4-swap": {"A8": False, "BITS": True, "BLOCK_N": 64, "SPLIT_K": 4, "SWAP_AB": True},
-    # kernels.gluon_dense (W8A8, the rows quantized in it, each step's wgmma overlapping the last
-    # one's scaling): weight rows a program, K split, weight tiles in flight (num_stages), warps
+    # kernels.gluon_dense (W8A8, each step's wgmma overlapping the last one's scaling): weight rows a
+    # program, K split, tiles in flight (num_stages), warps
     "gluon-n64-s4": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 4, "num_warps": 4},
     "gluon-n64-s8": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 8, "num_warps": 4},
+    "gluon-n64-s12": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 12, "num_warps": 4},
     "gluon-n64-s16": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 16, "num_warps": 4},
+    "gluon-n64-k2-s6": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 6, "num_warps": 4},
     "gluon-n64-k2-s8": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 8, "num_warps": 4},
-    "gluon-n64-k2-s16": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 16, "num_warps": 4},
-    "gluon-n64-k4-s8": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 4, "num_stages": 8, "num_warps": 4},
+    "gluon-n64-k2-s12": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 12, "num_warps": 4},
     "gluon-n128-s8": {"GLUON": True, "BLOCK_N": 128, "SPLIT_K": 1, "num_stages": 8, "num_warps": 8},
-    "gluon-n128-k2-s8": {"GLUON": True, "BLOCK_N": 128, "SPLIT_K": 2, "num_stages": 8, "num_warps": 8},
+    "gluon-n128-k2-s6": {"GLUON": True, "BLOCK_N": 128, "SPLIT_K": 2, "num_stages": 6, "num_warps": 8},
 }
 
 

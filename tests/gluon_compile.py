@@ -25,17 +25,19 @@ from kernels import gluon_dense  # noqa: E402
 
 # (BLOCK_N, BLOCK_T, STAGES, STEPS, SPLIT_K, num_warps): 30B qkv/o_proj at 16 and 32 rows a program
 SHAPES = [(64, 32, 4, 16, 1, 4), (64, 16, 4, 4, 4, 4), (64, 32, 6, 8, 2, 4), (128, 32, 4, 8, 2, 8),
-          (64, 16, 2, 2, 8, 4), (64, 16, 16, 16, 1, 4), (64, 32, 12, 16, 2, 4)]
+          (64, 16, 2, 2, 8, 4), (64, 16, 16, 16, 1, 4), (64, 32, 12, 16, 1, 4)]
 
 
 def compile_one(block_n, bt, stages, steps, split, warps) -> dict:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = gluon_dense._w8a8_kernel
+    w_layout, a_layout = gluon_dense._layouts(block_n, bt)
     consts = dict(BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=128, STAGES=stages, STEPS=steps, SPLIT_K=split,
                   USE_PDL=True, num_warps=warps)
-    pointers = dict(x_ptr="*bf16", sw_ptr="*fp32", y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32",
-                    w_desc=f"tensordesc<fp8e4nv[{block_n}, 128],{gluon_dense.w_layout(block_n)!r}>")
+    pointers = dict(sw_ptr="*fp32", sa_ptr="*fp32", y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32",
+                    w_desc=f"tensordesc<fp8e4nv[{block_n}, 128],{w_layout!r}>",
+                    a_desc=f"tensordesc<fp8e4nv[{bt}, 128],{a_layout!r}>")
     signature, values = {}, {}
     for p in fn.params:
         if p.is_constexpr:

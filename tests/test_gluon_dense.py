@@ -2,8 +2,8 @@
 
 Off a GPU (Triton's interpreter runs no Gluon) the kernel is compiled for sm_90a and its PTX and
 ptxas's report are checked for what it exists for: each K step's wgmma left in flight while the
-step before is scaled (one `wait_group 1` a step), no wgmma serialized by ptxas, no spills, the
-weight tiles asked for before PDL's wait and the rows quantized in the kernel (no TMA of them).
+step before is scaled (one `wait_group 1` a step), no wgmma serialized by ptxas, no spills, and
+the weight tiles asked for before PDL's wait.
 On a GPU, its products against the same
 quantization in torch, at 30B's and 235B's shapes and awkward ones, split over K or not."""
 
@@ -53,7 +53,7 @@ def test_weights_are_asked_for_before_the_pdl_wait(compiled):
     for c in compiled:
         block_n, bt, stages, steps, split, warps = c["shape"]
         assert c["pdl"] == ["launch_dependents", "wait"], c
-        assert c["tma_before_wait"] == min(stages, steps) and c["tma"] == steps, c    # the rows: no TMA
+        assert c["tma_before_wait"] == min(stages, steps) and c["tma"] == 2 * steps, c  # then the rows' tiles
 
 
 def test_steps_split_leaves_no_program_without_a_step():
@@ -66,11 +66,12 @@ def test_steps_split_leaves_no_program_without_a_step():
 
 def test_shared_memory_counts_every_k_step_of_rows_and_the_ring():
     cfg = {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 16}
-    # qkv at 16 rows, all of K's 16 steps in flight: 16 x 16 x 132 + 16 x (64 x 128 + 8)
-    assert gluon_dense.shared_bytes(16, 2048, cfg) == 16 * 16 * 132 + 16 * (64 * 128 + 8)
+    # qkv at 16 rows, all of K's 16 steps in flight: 16 x ((64 + 16) x 128 + 8)
+    assert gluon_dense.shared_bytes(16, 2048, cfg) == 16 * ((64 + 16) * 128 + 8)
     assert gluon_dense.fits(64, 2048, cfg)                    # two programs of 32 rows
+    assert gluon_dense.shared_bytes(64, 2048, {**cfg, "num_stages": 32}) == gluon_dense.shared_bytes(64, 2048, cfg)
     assert not gluon_dense.fits(64, 4096, {**cfg, "num_stages": 32, "BLOCK_N": 128})
-    assert gluon_dense.fits(64, 4096, {**cfg, "SPLIT_K": 2, "num_stages": 16})
+    assert gluon_dense.fits(64, 4096, {**cfg, "SPLIT_K": 2, "num_stages": 8})
 
 
 def test_launch_ok_refuses_what_the_kernel_cannot_take():
