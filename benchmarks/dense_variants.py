@@ -39,15 +39,15 @@ VARIANTS = {
     "bits-n64-k4-swap": {"A8": False, "BITS": True, "BLOCK_N": 64, "SPLIT_K": 4, "SWAP_AB": True},
     # kernels.gluon_dense (W8A8, each step's wgmma overlapping the last one's scaling): weight rows a
     # program, K split, tiles in flight (num_stages), warps
-    "gluon-n64-s4": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 4, "num_warps": 4},
-    "gluon-n64-s8": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 8, "num_warps": 4},
-    "gluon-n64-s12": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 12, "num_warps": 4},
-    "gluon-n64-s16": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 16, "num_warps": 4},
-    "gluon-n64-k2-s6": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 6, "num_warps": 4},
-    "gluon-n64-k2-s8": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 8, "num_warps": 4},
-    "gluon-n64-k2-s12": {"GLUON": True, "BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 12, "num_warps": 4},
-    "gluon-n128-s8": {"GLUON": True, "BLOCK_N": 128, "SPLIT_K": 1, "num_stages": 8, "num_warps": 8},
-    "gluon-n128-k2-s6": {"GLUON": True, "BLOCK_N": 128, "SPLIT_K": 2, "num_stages": 6, "num_warps": 8},
+    "gluon-n64-s4": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 4, "num_warps": 4}},
+    "gluon-n64-s8": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 8, "num_warps": 4}},
+    "gluon-n64-s12": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 12, "num_warps": 4}},
+    "gluon-n64-s16": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 16, "num_warps": 4}},
+    "gluon-n64-k2-s6": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 6, "num_warps": 4}},
+    "gluon-n64-k2-s8": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 8, "num_warps": 4}},
+    "gluon-n64-k2-s12": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 12, "num_warps": 4}},
+    "gluon-n128-s8": {"GLUON": {"BLOCK_N": 128, "SPLIT_K": 1, "num_stages": 8, "num_warps": 8}},
+    "gluon-n128-k2-s6": {"GLUON": {"BLOCK_N": 128, "SPLIT_K": 2, "num_stages": 6, "num_warps": 8}},
 }
 
 

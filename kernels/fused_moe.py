@@ -724,8 +724,9 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
     (each tile's K steps shared by that many programs: a narrow N fills the SMs), and L2_PREFETCH
     (each program asks L2 for its weights before PDL's wait, while the kernel before runs; the
     PTX on a GPU only), SWAP_AB (the dots with the weight rows as the tensor cores' M side, so a
-    16-row batch runs sm_90's wgmma where BLOCK_N is 64 or more). x (M, K) bf16/float32 -> (M, N)
-    in x's dtype."""
+    16-row batch runs sm_90's wgmma where BLOCK_N is 64 or more), GLUON (a launch shape of
+    kernels.gluon_dense's W8A8 GEMM, taken where it can run: 1-64 rows on a Hopper GPU; the keys
+    beside it are the launch elsewhere). x (M, K) bf16/float32 -> (M, N) in x's dtype."""
     return dense_gemm(x, wq, cfg, scale, block)
 
 
@@ -747,9 +748,10 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
     a8 = bool(cfg.get("A8")) and mode == 2 and block_k >= 32
     bits = bool(cfg.get("BITS")) and mode == 2 and not a8 and x.dtype == torch.bfloat16
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if (fp8 and cfg.get("GLUON") and x.is_cuda and gluon_dense.launch_ok(m, n, k, block, cfg["BLOCK_N"])
-            and gluon_dense.fits(m, k, cfg)):
-        return _dense_gluon(x, w, scale, block, cfg)
+    glu = cfg.get("GLUON")          # kernels.gluon_dense's launch shape; the keys beside it where it cannot run
+    if (fp8 and glu and x.is_cuda and gluon_dense.launch_ok(m, n, k, block, glu["BLOCK_N"])
+            and gluon_dense.fits(m, k, glu)):
+        return _dense_gluon(x, w, scale, block, glu)
     a, a_scale = quantize_activations_fp8(x, block[1]) if a8 else (x, None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if not m:
@@ -781,7 +783,7 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
 
 def _dense_gluon(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                  cfg: dict) -> torch.Tensor:
-    """dense_gemm's GLUON launch shapes: the rows quantized per token and 128-wide group (one launch),
+    """dense_gemm's GLUON launch shape (cfg: BLOCK_N, SPLIT_K, num_stages, num_warps): the rows quantized per token and 128-wide group (one launch),
     then kernels.gluon_dense's W8A8 GEMM (each K step's product overlapping the scaling of the step
     before), split over K as cfg's SPLIT_K asks."""
     m, k = x.shape

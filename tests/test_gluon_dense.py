@@ -85,11 +85,13 @@ def test_launch_ok_refuses_what_the_kernel_cannot_take():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="wgmma and TMA: a Hopper GPU")
 @pytest.mark.parametrize("m,n,k", [(1, 5120, 2048), (5, 2048, 4096), (16, 5120, 2048), (33, 4608, 4096),
-                                   (64, 5120, 2048), (64, 2048, 4096), (7, 320, 640), (40, 200, 384)])
+                                   (64, 5120, 2048), (64, 2048, 4096), (7, 320, 640), (40, 200, 384),
+                                   (100, 4608, 4096)])
 def test_gluon_w8a8_is_the_w8a8_product(m, n, k):
     """Against the same per-token, per-group quantization in torch (float32): within the bf16
     rounding of the output, at every launch shape the sweep tries; split-K gives the same bits
-    twice (its partials summed in split order)."""
+    twice (its partials summed in split order). 100 rows are past the kernel: the entry's other
+    keys launch the grouped GEMM (a Gluon shape's deep ring once reached it there and failed)."""
     from kernels.fused_moe import dense_fp8_gemm
 
     block = (128, 128)
@@ -99,9 +101,10 @@ def test_gluon_w8a8_is_the_w8a8_product(m, n, k):
     want = w8a8_block_linear_reference(x.float(), q, s, block)
     for block_n, split, stages, warps in ((64, 1, 4, 4), (64, 2, 6, 4), (64, 4, 4, 4), (128, 2, 4, 8), (64, 8, 2, 4),
                                           (64, 1, 16, 4), (128, 1, 8, 8)):
-        cfg = {"GLUON": True, "BLOCK_N": block_n, "SPLIT_K": split, "num_stages": stages, "num_warps": warps,
-               "BLOCK_M": 64, "BLOCK_K": 128, "GROUP_M": 8}
-        if not gluon_dense.fits(m, k, cfg):
+        glu = {"BLOCK_N": block_n, "SPLIT_K": split, "num_stages": stages, "num_warps": warps}
+        cfg = {"GLUON": glu, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
+               "num_stages": 4}
+        if not gluon_dense.fits(m, k, glu):
             continue
         got = dense_fp8_gemm(x, q, s, block, cfg)
         assert got.shape == (m, n) and got.dtype == torch.bfloat16
