@@ -783,9 +783,9 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
 
 def _dense_gluon(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                  cfg: dict) -> torch.Tensor:
-    """dense_gemm's GLUON launch shape (cfg: BLOCK_N, SPLIT_K, num_stages, num_warps): the rows quantized per token and 128-wide group (one launch),
-    then kernels.gluon_dense's W8A8 GEMM (each K step's product overlapping the scaling of the step
-    before), split over K as cfg's SPLIT_K asks."""
+    """dense_gemm's GLUON launch shape (cfg: BLOCK_N, SPLIT_K, num_stages, num_warps): the rows
+    quantized per token and 128-wide group (one launch), then kernels.gluon_dense's W8A8 GEMM (each
+    K step's product overlapping the scaling of the step before), split over K as SPLIT_K asks."""
     m, k = x.shape
     n = w.shape[0]
     a, a_scale = quantize_activations_fp8(x, block[1])

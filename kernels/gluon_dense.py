@@ -140,9 +140,9 @@ if gluon is not None:
         zero = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)     # use_acc=False: its value is not read
 
         # The K steps unrolled (STEPS a program): a product in flight across a loop's back edge is
-        # copied out of its registers before its wait, and ptxas then serializes every wgmma.
-        # a step's scales are loaded after its tiles have landed (so not every step's at once, which
-        # spilled), a step before they are used
+        # copied out of its registers before its wait, and ptxas then serializes every wgmma. A
+        # step's scales are loaded once its tiles have landed (loaded earlier, every step's were
+        # hoisted to the top and spilled), a step before they are used.
         prev = _issue(w_s, a_s, bars, zero, 0, STAGES)
         s_prev = _scales(sw_row, sa_rows, t_ok, k0, steps)
         for i in gl.static_range(1, STEPS):
