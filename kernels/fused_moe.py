@@ -783,18 +783,21 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
 
 def _dense_gluon(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                  cfg: dict) -> torch.Tensor:
-    """dense_gemm's GLUON launch shape (cfg: BLOCK_N, SPLIT_K, num_stages, num_warps): the rows
-    quantized per token and 128-wide group (one launch), then kernels.gluon_dense's W8A8 GEMM (each
-    K step's product overlapping the scaling of the step before), split over K as SPLIT_K asks."""
+    """dense_gemm's GLUON launch shape (cfg: BLOCK_N, SPLIT_K, num_stages, num_warps, ROWS): the rows
+    quantized per token and 128-wide group (one launch; ROWS: in the kernel, a step at a time),
+    then kernels.gluon_dense's W8A8 GEMM (each K step's product overlapping the scaling of the step
+    before), split over K as SPLIT_K asks."""
     m, k = x.shape
     n = w.shape[0]
-    a, a_scale = quantize_activations_fp8(x, block[1])
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, gluon_dense.block_t(m)) * triton.cdiv(n, cfg["BLOCK_N"])
     split = gluon_dense.steps_split(k, cfg.get("SPLIT_K", 1))[1]
     ws_counts = None
     if split > 1 and tiles <= TILE_COUNTS:
         ws_counts = (torch.empty(split, m, n, dtype=torch.float32, device=x.device), tile_counts(x.device))
+    if cfg.get("ROWS"):             # the rows quantized in the kernel, a step at a time
+        return gluon_dense.w8a8_rows(x, w, scale, block, y, cfg, ws_counts, pdl(x))
+    a, a_scale = quantize_activations_fp8(x, block[1])
     return gluon_dense.w8a8(a, a_scale, w, scale, block, y, cfg, ws_counts, pdl(x))
 
 

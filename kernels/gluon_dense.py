@@ -37,7 +37,8 @@ import triton
 try:        # Gluon and its Hopper API (Triton 3.5+); without them, fused_moe's launches run
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:         # pragma: no cover - an older Triton
     gluon = None
@@ -97,6 +98,28 @@ if gluon is not None:
                                         a_s.index(i % STAGES))
 
     @gluon.jit
+    def _store(acc, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t, split,
+               mma: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, SPLIT_K: gl.constexpr):
+        """The tile's float32 sums into y (its transpose: acc is weight rows x batch rows); split over
+        K, the partial into ws and, by the tile's last program, every split's summed in split order."""
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+        mask = (offs_n < N)[:, None] & t_ok[None, :]
+        out = y_ptr + offs_t[None, :] * stride_y + offs_n[:, None]
+        if SPLIT_K == 1:
+            gl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            part = offs_t[None, :] * N + offs_n[:, None]
+            gl.store(ws_ptr + split * M * N + part, acc, mask=mask)
+            gl.thread_barrier()          # every thread's partial stored before the count releases it
+            tile = pid_n * gl.num_programs(0) + pid_t
+            if gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                total = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
+                for j in range(0, SPLIT_K):
+                    total += gl.load(ws_ptr + j * M * N + part, mask=mask, other=0.0, volatile=True)
+                gl.store(out, total.to(y_ptr.dtype.element_ty), mask=mask)
+                gl.atomic_xchg(count_ptr + tile, 0)
+
+    @gluon.jit
     def _w8a8_kernel(w_desc, a_desc, sw_ptr, sa_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_sw, stride_sa,
                      stride_y, BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr,
                      SCALE_N: gl.constexpr, STAGES: gl.constexpr, STEPS: gl.constexpr, SPLIT_K: gl.constexpr,
@@ -115,7 +138,6 @@ if gluon is not None:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_T, 32])
         cols: gl.constexpr = gl.SliceLayout(0, mma)
-        rows: gl.constexpr = gl.SliceLayout(1, mma)
         w_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
         a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_T, BLOCK_K], a_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -156,23 +178,117 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=rows)
-        mask = (offs_n < N)[:, None] & t_ok[None, :]
-        if SPLIT_K == 1:
-            gl.store(y_ptr + offs_t[None, :] * stride_y + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            part = offs_t[None, :] * N + offs_n[:, None]
-            gl.store(ws_ptr + split * M * N + part, acc, mask=mask)
-            gl.thread_barrier()          # every thread's partial stored before the count releases it
-            tile = pid_n * gl.num_programs(0) + pid_t
-            if gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-                total = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
-                for j in range(0, SPLIT_K):
-                    total += gl.load(ws_ptr + j * M * N + part, mask=mask, other=0.0, volatile=True)
-                gl.store(y_ptr + offs_t[None, :] * stride_y + offs_n[:, None], total.to(y_ptr.dtype.element_ty),
-                         mask=mask)
-                gl.atomic_xchg(count_ptr + tile, 0)
+        _store(acc, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t, split, mma,
+               BLOCK_N, BLOCK_T, SPLIT_K)
 
+    @gluon.jit
+    def _rows_tile(x_ptrs, x_ok, i: gl.constexpr, k0, K):
+        """Step i's columns of the program's rows of x (bfloat16), loaded into registers."""
+        cols = (k0 + i) * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, x_ptrs.type.layout))
+        return gl.load(x_ptrs + (k0 + i) * 128, mask=x_ok & (cols < K)[None, :], other=0.0)
+
+    @gluon.jit
+    def _rows_next(x0, x1, x_ptrs, x_ok, i: gl.constexpr, k0, K, STEPS: gl.constexpr, AHEAD: gl.constexpr):
+        """(step i's rows, then the tiles in flight after step i + AHEAD's is asked for)."""
+        now = x0
+        if AHEAD > 1:
+            x0 = x1
+            if i + 2 < STEPS:
+                x1 = _rows_tile(x_ptrs, x_ok, i + 2, k0, K)
+        elif i + 1 < STEPS:
+            x0 = _rows_tile(x_ptrs, x_ok, i + 1, k0, K)
+        return now, x0, x1
+
+    @gluon.jit
+    def _rows_step(x, a_s, sa_s, w_s, bars, zero, sw_row, i: gl.constexpr, k0, steps, cols: gl.constexpr,
+                   STAGES: gl.constexpr):
+        """Step i's rows quantized into its ring slot (whose last reader, step i - STAGES, retired
+        before now) and their scales kept; its product issued once its weight tile has landed.
+        -> (the product in flight, the step's scales: weight block times each row's)."""
+        x = x.to(gl.float32)
+        scale = gl.maximum(gl.max(gl.abs(x), 1), 1e-12) / 448.0
+        q = gl.minimum(gl.maximum(x / scale[:, None], -448.0), 448.0)
+        a_s.index(i % STAGES).store(q.to(gl.float8e4nv))
+        sa_s.index(i).store(scale)
+        fence_async_shared()            # the stores, seen by the wgmma's reads
+        gl.thread_barrier()
+        mbarrier.wait(bars.index(i % STAGES), (i // STAGES) & 1)
+        product = warpgroup_mma(w_s.index(i % STAGES), a_s.index(i % STAGES).permute((1, 0)), zero, use_acc=False,
+                                is_async=True)
+        s = gl.load(sw_row + k0 + i, mask=k0 + i < steps, other=0.0) * sa_s.index(i).load(cols)
+        return product, s
+
+    @gluon.jit
+    def _w8a8_rows_kernel(w_desc, x_ptr, sw_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_x, stride_sw, stride_y,
+                          BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, SCALE_N: gl.constexpr,
+                          STAGES: gl.constexpr, STEPS: gl.constexpr, AHEAD: gl.constexpr, SPLIT_K: gl.constexpr,
+                          USE_PDL: gl.constexpr, num_warps: gl.constexpr):
+        """_w8a8_kernel's product with the rows quantized here, a step at a time (ROWS): step i's
+        rows, loaded AHEAD steps before, quantized per row and 128-wide group (kernels.linear's
+        e4m3_groups arithmetic: the quantize launch's bits) into its ring slot while step i-1's
+        product runs, so no launch comes before it (01f27f1 quantized every step before the first
+        product and was slower than that launch). The weights' ring is TMA's, as there."""
+        pid_t = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        split = gl.program_id(2)
+        off_n = pid_n * BLOCK_N
+        off_t = pid_t * BLOCK_T
+        k0 = split * STEPS
+        steps = gl.cdiv(K, BLOCK_K)
+
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_T, 32])
+        cols: gl.constexpr = gl.SliceLayout(0, mma)
+        xl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
+                                            warps_per_cta=[num_warps, 1], order=[1, 0])
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K], gl.float8e4nv)
+        w_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+        a_s = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_T, BLOCK_K], a_layout)
+        sa_s = gl.allocate_shared_memory(gl.float32, [STEPS, BLOCK_T],
+                                         gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+
+        _pdl(USE_PDL, False)
+        for i in gl.static_range(min(STAGES, STEPS)):        # weights: no kernel writes them
+            _load_weights(w_desc, w_s, bars, i, off_n, k0, BLOCK_K, STAGES)
+        _pdl(USE_PDL, True)
+
+        offs_r = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, xl))
+        x_ptrs = x_ptr + offs_r[:, None] * stride_x + gl.arange(0, 128, layout=gl.SliceLayout(0, xl))[None, :]
+        x_ok = (offs_r < M)[:, None]
+        offs_t = off_t + gl.arange(0, BLOCK_T, layout=cols)
+        t_ok = offs_t < M
+        sw_row = sw_ptr + (off_n // SCALE_N) * stride_sw
+        acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
+        zero = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)     # use_acc=False: its value is not read
+
+        # x's tiles in flight, AHEAD (1 or 2) of them: x0 the next step's, x1 the one after
+        x0 = _rows_tile(x_ptrs, x_ok, 0, k0, K)
+        x1 = _rows_tile(x_ptrs, x_ok, 1, k0, K) if AHEAD > 1 else x0
+        now, x0, x1 = _rows_next(x0, x1, x_ptrs, x_ok, 0, k0, K, STEPS, AHEAD)
+        prev, s_prev = _rows_step(now, a_s, sa_s, w_s, bars, zero, sw_row, 0, k0, steps, cols, STAGES)
+        for i in gl.static_range(1, STEPS):
+            now, x0, x1 = _rows_next(x0, x1, x_ptrs, x_ok, i, k0, K, STEPS, AHEAD)
+            cur, s_now = _rows_step(now, a_s, sa_s, w_s, bars, zero, sw_row, i, k0, steps, cols, STAGES)
+            acc = acc + warpgroup_mma_wait(num_outstanding=1, deps=(prev, )) * s_prev[None, :]
+            if i - 1 + STAGES < STEPS:
+                _load_weights(w_desc, w_s, bars, i - 1 + STAGES, off_n, k0, BLOCK_K, STAGES)
+            prev = cur
+            s_prev = s_now
+        acc = acc + warpgroup_mma_wait(num_outstanding=0, deps=(prev, )) * s_prev[None, :]
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        _store(acc, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t, split, mma,
+               BLOCK_N, BLOCK_T, SPLIT_K)
+
+    @gluon.jit
+    def _load_weights(w_desc, w_s, bars, i: gl.constexpr, off_n, k0, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """Step i's weight tile into its ring slot (TMA; zeros past K)."""
+        mbarrier.expect(bars.index(i % STAGES), w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [off_n, (k0 + i) * BLOCK_K], bars.index(i % STAGES),
+                                        w_s.index(i % STAGES))
 
 def block_t(m: int) -> int:
     """The wgmma N side for m rows: 16 or 32 (fewer compiled shapes than multiples of 8); 64 rows are
@@ -191,9 +307,10 @@ SHARED_BYTES = 220 * 1024       # an H100's and H200's 227 KB a block, less what
 
 
 def shared_bytes(m: int, k: int, cfg: dict) -> int:
-    """A launch's ring: STAGES of (weight tile, rows' tile, barrier)."""
+    """A launch's ring: STAGES of (weight tile, rows' tile, barrier); ROWS adds its rows' scales."""
     steps, _ = steps_split(k, cfg.get("SPLIT_K", 1))
-    return min(cfg.get("num_stages", 4), steps) * ((cfg["BLOCK_N"] + block_t(m)) * 128 + 8)
+    ring = min(cfg.get("num_stages", 4), steps) * ((cfg["BLOCK_N"] + block_t(m)) * 128 + 8)
+    return ring + (steps * block_t(m) * 4 if cfg.get("ROWS") else 0)
 
 
 def fits(m: int, k: int, cfg: dict) -> bool:
@@ -233,4 +350,24 @@ def w8a8(a8: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, scale: torch.Tens
         BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=block[0],
         STAGES=min(cfg.get("num_stages", 4), steps), STEPS=steps, SPLIT_K=split, USE_PDL=bool(pdl_kw),
         num_warps=cfg.get("num_warps", 4), **({"launch_pdl": True} if pdl_kw else {}))
+    return y
+
+
+def w8a8_rows(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], y: torch.Tensor,
+              cfg: dict, ws_counts: tuple | None, pdl_kw: dict) -> torch.Tensor:
+    """w8a8's product with x (M, K) bfloat16 quantized inside the kernel, a step at a time (cfg's ROWS:
+    how many steps ahead its rows are loaded, 1 or 2): no quantize launch before it."""
+    m, k = x.shape
+    n = wq.shape[0]
+    block_n = cfg["BLOCK_N"]
+    bt = block_t(m)
+    w_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [block_n, 128], _layouts(block_n, bt)[0])
+    steps, split = steps_split(k, cfg.get("SPLIT_K", 1) if ws_counts is not None else 1)
+    ws, counts = ws_counts if ws_counts is not None else (y, y)
+    _w8a8_rows_kernel[(triton.cdiv(m, bt), triton.cdiv(n, block_n), split)](
+        w_desc, x, scale, y, ws, counts, m, n, k, x.stride(0), scale.stride(0), y.stride(0),
+        BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=block[0],
+        STAGES=max(2, min(cfg.get("num_stages", 4), steps)), STEPS=steps, AHEAD=min(2, max(1, int(cfg["ROWS"]))),
+        SPLIT_K=split, USE_PDL=bool(pdl_kw), num_warps=cfg.get("num_warps", 4),
+        **({"launch_pdl": True} if pdl_kw else {}))
     return y
