@@ -98,6 +98,17 @@ if gluon is not None:
                                         a_s.index(i % STAGES))
 
     @gluon.jit
+    def _finish(acc, prev, s_prev, bars, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t,
+                split, mma: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, SPLIT_K: gl.constexpr,
+                STAGES: gl.constexpr):
+        """The last step's product scaled in, the ring's barriers retired, the tile stored (_store)."""
+        acc = acc + warpgroup_mma_wait(num_outstanding=0, deps=(prev, )) * s_prev[None, :]
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        _store(acc, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t, split, mma,
+               BLOCK_N, BLOCK_T, SPLIT_K)
+
+    @gluon.jit
     def _store(acc, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t, split,
                mma: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, SPLIT_K: gl.constexpr):
         """The tile's float32 sums into y (its transpose: acc is weight rows x batch rows); split over
@@ -174,12 +185,8 @@ if gluon is not None:
                           BLOCK_K, STAGES, STEPS)
             prev = cur
             s_prev = s_now
-        acc = acc + warpgroup_mma_wait(num_outstanding=0, deps=(prev, )) * s_prev[None, :]
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(i))
-
-        _store(acc, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t, split, mma,
-               BLOCK_N, BLOCK_T, SPLIT_K)
+        _finish(acc, prev, s_prev, bars, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t,
+                split, mma, BLOCK_N, BLOCK_T, SPLIT_K, STAGES)
 
     @gluon.jit
     def _rows_tile(x_ptrs, x_ok, i: gl.constexpr, k0, K):
@@ -277,11 +284,8 @@ if gluon is not None:
                 _load_weights(w_desc, w_s, bars, i - 1 + STAGES, off_n, k0, BLOCK_K, STAGES)
             prev = cur
             s_prev = s_now
-        acc = acc + warpgroup_mma_wait(num_outstanding=0, deps=(prev, )) * s_prev[None, :]
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(i))
-        _store(acc, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t, split, mma,
-               BLOCK_N, BLOCK_T, SPLIT_K)
+        _finish(acc, prev, s_prev, bars, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t,
+                split, mma, BLOCK_N, BLOCK_T, SPLIT_K, STAGES)
 
     @gluon.jit
     def _load_weights(w_desc, w_s, bars, i: gl.constexpr, off_n, k0, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
