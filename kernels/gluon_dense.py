@@ -14,9 +14,11 @@ registers while in flight, and ptxas then serializes every wgmma (its C7514).
 The launch: the weight rows are the wgmma's M side (BLOCK_N of them, 64 or 128, inside one
 weight-scale block), the batch's rows its N side (BLOCK_T: 16 or 32; 64 rows are two programs:
 at 64 a program spilled), K in 128-wide steps (one scale block each); a STAGES-deep ring of TMA
-loads with an mbarrier a stage. The rows come quantized (kernels.fp8's launch before it: the
-rows quantized inside the kernel, all of a program's K steps before its first product, measured
-slower on the H200, NOTES thirty-sixth session). PDL: the weight tiles are asked for before the
+loads with an mbarrier a stage. The rows come quantized by kernels.fp8's launch before it
+(_w8a8_kernel), or, where a launch shape says ROWS, are quantized in the kernel a step at a time
+while the step before is multiplied (_w8a8_rows_kernel; not yet measured on a GPU). All of a
+program's K steps quantized before its first product was slower than the launch on the H200
+(NOTES, thirty-sixth session). PDL: the weight tiles are asked for before the
 wait for the kernel before (nothing writes them), the activations after. SPLIT_K: program_id(2)
 takes STEPS of the K steps and stores its float32 partial; the tile's last program (an atomic
 count, reset by it) sums the partials in split order, so the bits do not depend on which split
