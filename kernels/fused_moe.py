@@ -757,12 +757,7 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
     if not m:
         return y
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, block_n)
-    split = min(cfg.get("SPLIT_K", 1), triton.cdiv(k, block_k))
-    if split > 1 and tiles <= TILE_COUNTS:
-        ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-        counts = tile_counts(x.device)
-    else:
-        split, ws, counts = 1, y, y
+    split, ws, counts = _split_k_buffers(min(cfg.get("SPLIT_K", 1), triton.cdiv(k, block_k)), tiles, y)
     prefetch = bool(cfg.get("L2_PREFETCH"))
     # a program's weight row: its split's K steps, in 128-byte lines
     lines = triton.next_power_of_2(-(-triton.cdiv(triton.cdiv(k, block_k), split) * block_k * w.element_size() // 128)) \
@@ -791,14 +786,18 @@ def _dense_gluon(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: t
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, gluon_dense.block_t(m)) * triton.cdiv(n, cfg["BLOCK_N"])
-    split = gluon_dense.steps_split(k, cfg.get("SPLIT_K", 1))[1]
-    ws_counts = None
+    split, ws, counts = _split_k_buffers(gluon_dense.steps_split(k, cfg.get("SPLIT_K", 1))[1], tiles, y)
+    # ROWS: the rows quantized in the kernel, a step at a time; else by the launch before it
+    quantized = None if cfg.get("ROWS") else quantize_activations_fp8(x, block[1])
+    return gluon_dense.w8a8(x, quantized, w, scale, block, y, cfg, split, ws, counts, pdl(x))
+
+
+def _split_k_buffers(split: int, tiles: int, y: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(split, float32 workspace (split, M, N), per-tile counts) for a split-K launch of `tiles`
+    output tiles into y (M, N); (1, y, y), no split, for one split or more tiles than the counts."""
     if split > 1 and tiles <= TILE_COUNTS:
-        ws_counts = (torch.empty(split, m, n, dtype=torch.float32, device=x.device), tile_counts(x.device))
-    if cfg.get("ROWS"):             # the rows quantized in the kernel, a step at a time
-        return gluon_dense.w8a8_rows(x, w, scale, block, y, cfg, ws_counts, pdl(x))
-    a, a_scale = quantize_activations_fp8(x, block[1])
-    return gluon_dense.w8a8(a, a_scale, w, scale, block, y, cfg, ws_counts, pdl(x))
+        return split, torch.empty(split, *y.shape, dtype=torch.float32, device=y.device), tile_counts(y.device)
+    return 1, y, y
 
 
 TILE_COUNTS = 1 << 14           # the most output tiles one split-K launch counts (more: no split)

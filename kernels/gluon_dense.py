@@ -337,43 +337,30 @@ def steps_split(k: int, split: int) -> tuple[int, int]:
     return per, triton.cdiv(steps, per)
 
 
-def w8a8(a8: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-         y: torch.Tensor, cfg: dict, ws_counts: tuple | None, pdl_kw: dict) -> torch.Tensor:
-    """y (M, N) = the W8A8 product of a8 (M, K) fp8 with its scales sa (M, K/128) float32 and wq (N, K)
-    fp8 with `scale` (ceil(N/bn), K/128). cfg: BLOCK_N, num_stages, num_warps, SPLIT_K; ws_counts
-    (SPLIT_K > 1): the float32 workspace (SPLIT_K, M, N) and the per-tile counts."""
-    m, k = a8.shape
+def w8a8(x: torch.Tensor, quantized: tuple | None, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+         y: torch.Tensor, cfg: dict, split: int, ws: torch.Tensor, counts: torch.Tensor, pdl_kw: dict) -> torch.Tensor:
+    """y (M, N) = x (M, K) times wq (N, K) fp8 with `scale` (ceil(N/bn), K/128), W8A8: x's rows
+    `quantized` (a8 (M, K) fp8, sa (M, K/128) float32) by the launch before, or, None, in the kernel
+    a step at a time (_w8a8_rows_kernel; cfg's ROWS: how many steps ahead the rows are loaded, 1 or
+    2). cfg: BLOCK_N, num_stages, num_warps; split > 1: ws (split, M, N) float32 and the per-tile
+    counts (kernels.fused_moe._split_k_buffers)."""
+    m, k = x.shape
     n = wq.shape[0]
     block_n = cfg["BLOCK_N"]
     bt = block_t(m)
     w_layout, a_layout = _layouts(block_n, bt)
     w_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [block_n, 128], w_layout)
-    a_desc = TensorDescriptor(a8, [m, k], [a8.stride(0), 1], [bt, 128], a_layout)
-    steps, split = steps_split(k, cfg.get("SPLIT_K", 1) if ws_counts is not None else 1)
-    ws, counts = ws_counts if ws_counts is not None else (y, y)
-    _w8a8_kernel[(triton.cdiv(m, bt), triton.cdiv(n, block_n), split)](
-        w_desc, a_desc, scale, sa, y, ws, counts, m, n, k, scale.stride(0), sa.stride(0), y.stride(0),
-        BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=block[0],
-        STAGES=min(cfg.get("num_stages", 4), steps), STEPS=steps, SPLIT_K=split, USE_PDL=bool(pdl_kw),
-        num_warps=cfg.get("num_warps", 4), **({"launch_pdl": True} if pdl_kw else {}))
-    return y
-
-
-def w8a8_rows(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], y: torch.Tensor,
-              cfg: dict, ws_counts: tuple | None, pdl_kw: dict) -> torch.Tensor:
-    """w8a8's product with x (M, K) bfloat16 quantized inside the kernel, a step at a time (cfg's ROWS:
-    how many steps ahead its rows are loaded, 1 or 2): no quantize launch before it."""
-    m, k = x.shape
-    n = wq.shape[0]
-    block_n = cfg["BLOCK_N"]
-    bt = block_t(m)
-    w_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [block_n, 128], _layouts(block_n, bt)[0])
-    steps, split = steps_split(k, cfg.get("SPLIT_K", 1) if ws_counts is not None else 1)
-    ws, counts = ws_counts if ws_counts is not None else (y, y)
-    _w8a8_rows_kernel[(triton.cdiv(m, bt), triton.cdiv(n, block_n), split)](
-        w_desc, x, scale, y, ws, counts, m, n, k, x.stride(0), scale.stride(0), y.stride(0),
-        BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=block[0],
-        STAGES=max(2, min(cfg.get("num_stages", 4), steps)), STEPS=steps, AHEAD=min(2, max(1, int(cfg["ROWS"]))),
-        SPLIT_K=split, USE_PDL=bool(pdl_kw), num_warps=cfg.get("num_warps", 4),
-        **({"launch_pdl": True} if pdl_kw else {}))
+    steps, split = steps_split(k, split)
+    grid = (triton.cdiv(m, bt), triton.cdiv(n, block_n), split)
+    meta = dict(BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=block[0], STEPS=steps, SPLIT_K=split,
+                USE_PDL=bool(pdl_kw), num_warps=cfg.get("num_warps", 4), **({"launch_pdl": True} if pdl_kw else {}))
+    stages = min(cfg.get("num_stages", 4), steps)
+    if quantized is None:
+        _w8a8_rows_kernel[grid](w_desc, x, scale, y, ws, counts, m, n, k, x.stride(0), scale.stride(0), y.stride(0),
+                                STAGES=max(2, stages), AHEAD=min(2, max(1, int(cfg["ROWS"]))), **meta)
+    else:
+        a8, sa = quantized
+        a_desc = TensorDescriptor(a8, [m, k], [a8.stride(0), 1], [bt, 128], a_layout)
+        _w8a8_kernel[grid](w_desc, a_desc, scale, sa, y, ws, counts, m, n, k, scale.stride(0), sa.stride(0),
+                           y.stride(0), STAGES=stages, **meta)
     return y

@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from kernels import gluon_dense  # noqa: E402
 
-# (BLOCK_N, BLOCK_T, STAGES, STEPS, SPLIT_K, num_warps): 30B qkv/o_proj at 16 and 32 rows a program
+# (BLOCK_N, BLOCK_T, STAGES, STEPS, SPLIT_K, num_warps[, AHEAD: ROWS]): 30B qkv/o_proj at 16 and 32 rows a program
 SHAPES = [(64, 32, 4, 16, 1, 4), (64, 16, 4, 4, 4, 4), (64, 32, 6, 8, 2, 4), (128, 32, 4, 8, 2, 8),
           (64, 16, 2, 2, 8, 4), (64, 16, 16, 16, 1, 4), (64, 32, 12, 16, 1, 4),
           (64, 16, 12, 16, 1, 4, 2), (64, 32, 8, 16, 1, 4, 1), (64, 32, 12, 8, 2, 4, 2)]
@@ -51,7 +51,8 @@ def compile_one(block_n, bt, stages, steps, split, warps, ahead=0) -> dict:
     ptx = triton.compile(GluonASTSource(fn, signature, values), target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=warps)).asm["ptx"]
     out = {"shape": [block_n, bt, stages, steps, split, warps, ahead],
-           "wait1": ptx.count("wgmma.wait_group.sync.aligned 1;"), "wait0": ptx.count("wgmma.wait_group.sync.aligned 0;"),
+           "wait1": ptx.count("wgmma.wait_group.sync.aligned 1;"),
+           "wait0": ptx.count("wgmma.wait_group.sync.aligned 0;"),
            "mma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
            "pdl": [m for m in re.findall(r"griddepcontrol\.(\w+)", ptx)],
            "fence": ptx.count("fence.proxy.async"),

@@ -2,10 +2,10 @@
 
 Off a GPU (Triton's interpreter runs no Gluon) the kernel is compiled for sm_90a and its PTX and
 ptxas's report are checked for what it exists for: each K step's wgmma left in flight while the
-step before is scaled (one `wait_group 1` a step), no wgmma serialized by ptxas, no spills, and
-the weight tiles asked for before PDL's wait.
-On a GPU, its products against the same
-quantization in torch, at 30B's and 235B's shapes and awkward ones, split over K or not."""
+step before is scaled (one `wait_group 1` a step), no wgmma serialized by ptxas, no spills, the
+weight tiles asked for before PDL's wait, and (ROWS) a proxy fence before each step's product. On
+a GPU, its products against the same quantization in torch, at 30B's and 235B's shapes and awkward
+ones, split over K or not."""
 
 import json
 import os
@@ -110,9 +110,9 @@ def test_gluon_w8a8_is_the_w8a8_product(m, n, k):
     x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
     q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
     want = w8a8_block_linear_reference(x.float(), q, s, block)
-    for block_n, split, stages, warps, rows in ((64, 1, 4, 4, 0), (64, 2, 6, 4, 0), (64, 4, 4, 4, 0), (128, 2, 4, 8, 0),
-                                                (64, 8, 2, 4, 0), (64, 1, 16, 4, 0), (128, 1, 8, 8, 0), (64, 1, 12, 4, 2),
-                                                (64, 2, 8, 4, 1), (64, 8, 2, 4, 2)):
+    shapes = ((64, 1, 4, 4, 0), (64, 2, 6, 4, 0), (64, 4, 4, 4, 0), (128, 2, 4, 8, 0), (64, 8, 2, 4, 0),
+              (64, 1, 16, 4, 0), (128, 1, 8, 8, 0), (64, 1, 12, 4, 2), (64, 2, 8, 4, 1), (64, 8, 2, 4, 2))
+    for block_n, split, stages, warps, rows in shapes:
         glu = {"BLOCK_N": block_n, "SPLIT_K": split, "num_stages": stages, "num_warps": warps, "ROWS": rows}
         cfg = {"GLUON": glu, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
                "num_stages": 4}
