@@ -48,11 +48,6 @@ VARIANTS = {
     "gluon-n64-k2-s12": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 12, "num_warps": 4}},
     "gluon-n128-s8": {"GLUON": {"BLOCK_N": 128, "SPLIT_K": 1, "num_stages": 8, "num_warps": 8}},
     "gluon-n128-k2-s6": {"GLUON": {"BLOCK_N": 128, "SPLIT_K": 2, "num_stages": 6, "num_warps": 8}},
-    # ROWS: the rows quantized in the kernel a step at a time, loaded 1 or 2 steps ahead (no quantize launch)
-    "gluon-rows2-n64-s12": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 12, "num_warps": 4, "ROWS": 2}},
-    "gluon-rows1-n64-s8": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 8, "num_warps": 4, "ROWS": 1}},
-    "gluon-rows2-n64-s8": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 8, "num_warps": 4, "ROWS": 2}},
-    "gluon-rows2-n64-k2-s12": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 2, "num_stages": 12, "num_warps": 4, "ROWS": 2}},
 }
 
 

@@ -15,8 +15,7 @@
 #   final: the GPU parity tests, served c1 JPEG/PNG (fp8, launcher defaults), a 16-image burst.
 #   moe (thirty-third session; its pieces ran as separate calls): the MoE kernel GPU tests, the
 #     prefill launch variants, ncu's stalls at 954 tokens, engine TTFT per-tile / scales behind.
-#   gluon (thirty-sixth session, not yet run): gluon_dense's GPU tests (ROWS among them), dense_variants
-#     of the table's GLUON shapes against ROWS, then engine_ab of ROWS at 30B fp8 c16/c64.
+#   gluon (thirty-sixth session; run in the thirty-seventh at 1df4b50, ROWS 2-5x slower and removed).
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -139,18 +138,4 @@ if [ "$PART" = moe ]; then
   tail -12 $W/ab-moe-$COMMIT.txt
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-if [ "$PART" = gluon ]; then
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_gluon_dense.py > $W/gpu-tests-gluon-$COMMIT.txt 2>&1
-  tail -3 $W/gpu-tests-gluon-$COMMIT.txt | cut -c1-300
-  timeout 150 python -m benchmarks.dense_variants --ms 16,64 --variants table,gluon-n64-s12,gluon-n64-s8,gluon-n64-k2-s12,\
-gluon-rows2-n64-s12,gluon-rows1-n64-s8,gluon-rows2-n64-s8,gluon-rows2-n64-k2-s12 --out $W > $W/dense-variants-$COMMIT.txt 2>&1
-  grep -v "^{" $W/dense-variants-$COMMIT.txt | tail -18 | cut -c1-150
-  T="fp8_dense,device=NVIDIA_H200,block=128x128.json"
-  echo "{\"rows\": {\"$T\": {\"5120,2048\": {\"16\": {\"GLUON\": {\"ROWS\": 2}}, \"64\": {\"GLUON\": {\"ROWS\": 2}}},
-    \"2048,4096\": {\"64\": {\"GLUON\": {\"ROWS\": 2}}}}}}" > $W/v.json
-  timeout $(left 580) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
-    --concurrency 16,64 --out-tokens 64 > $W/ab-rows-$COMMIT.txt 2>&1
-  tail -8 $W/ab-rows-$COMMIT.txt | cut -c1-160
-  exit 0
-fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, gluon)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe)"; exit 2

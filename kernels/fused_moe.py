@@ -778,18 +778,16 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
 
 def _dense_gluon(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                  cfg: dict) -> torch.Tensor:
-    """dense_gemm's GLUON launch shape (cfg: BLOCK_N, SPLIT_K, num_stages, num_warps, ROWS): the rows
-    quantized per token and 128-wide group (one launch; ROWS: in the kernel, a step at a time),
-    then kernels.gluon_dense's W8A8 GEMM (each K step's product overlapping the scaling of the step
+    """dense_gemm's GLUON launch shape (cfg: BLOCK_N, SPLIT_K, num_stages, num_warps): the rows
+    quantized per token and 128-wide group (one launch), then kernels.gluon_dense's W8A8 GEMM (each K step's product overlapping the scaling of the step
     before), split over K as SPLIT_K asks."""
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, gluon_dense.block_t(m)) * triton.cdiv(n, cfg["BLOCK_N"])
     split, ws, counts = _split_k_buffers(gluon_dense.steps_split(k, cfg.get("SPLIT_K", 1))[1], tiles, y)
-    # ROWS: the rows quantized in the kernel, a step at a time; else by the launch before it
-    quantized = None if cfg.get("ROWS") else quantize_activations_fp8(x, block[1])
-    return gluon_dense.w8a8(x, quantized, w, scale, block, y, cfg, split, ws, counts, pdl(x))
+    a8, sa = quantize_activations_fp8(x, block[1])
+    return gluon_dense.w8a8(a8, sa, w, scale, block, y, cfg, split, ws, counts, pdl(x))
 
 
 def _split_k_buffers(split: int, tiles: int, y: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:

@@ -14,12 +14,11 @@ registers while in flight, and ptxas then serializes every wgmma (its C7514).
 The launch: the weight rows are the wgmma's M side (BLOCK_N of them, 64 or 128, inside one
 weight-scale block), the batch's rows its N side (BLOCK_T: 16 or 32; 64 rows are two programs:
 at 64 a program spilled), K in 128-wide steps (one scale block each); a STAGES-deep ring of TMA
-loads with an mbarrier a stage. The rows come quantized by kernels.fp8's launch before it
-(_w8a8_kernel), or, where a launch shape says ROWS, are quantized in the kernel a step at a time
-while the step before is multiplied (_w8a8_rows_kernel; not yet measured on a GPU). All of a
-program's K steps quantized before its first product was slower than the launch on the H200
-(NOTES, thirty-sixth session). PDL: the weight tiles are asked for before the
-wait for the kernel before (nothing writes them), the activations after. SPLIT_K: program_id(2)
+loads with an mbarrier a stage. The rows come quantized by kernels.fp8's launch before it.
+Quantized in the kernel they were slower on the H200, whether all of a program's K steps before
+its first product (01f27f1) or a step at a time while the step before is multiplied (f2d9306's
+ROWS, 2-5x slower; NOTES, thirty-sixth and thirty-seventh sessions). PDL: the weight tiles are
+asked for before the wait for the kernel before (nothing writes them), the activations after. SPLIT_K: program_id(2)
 takes STEPS of the K steps and stores its float32 partial; the tile's last program (an atomic
 count, reset by it) sums the partials in split order, so the bits do not depend on which split
 finished first (as kernels.fused_moe's split-K launches).
@@ -39,8 +38,7 @@ import triton
 try:        # Gluon and its Hopper API (Triton 3.5+); without them, fused_moe's launches run
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:         # pragma: no cover - an older Triton
     gluon = None
@@ -190,111 +188,6 @@ if gluon is not None:
         _finish(acc, prev, s_prev, bars, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t,
                 split, mma, BLOCK_N, BLOCK_T, SPLIT_K, STAGES)
 
-    @gluon.jit
-    def _rows_tile(x_ptrs, x_ok, i: gl.constexpr, k0, K):
-        """Step i's columns of the program's rows of x (bfloat16), loaded into registers."""
-        cols = (k0 + i) * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, x_ptrs.type.layout))
-        return gl.load(x_ptrs + (k0 + i) * 128, mask=x_ok & (cols < K)[None, :], other=0.0)
-
-    @gluon.jit
-    def _rows_next(x0, x1, x_ptrs, x_ok, i: gl.constexpr, k0, K, STEPS: gl.constexpr, AHEAD: gl.constexpr):
-        """(step i's rows, then the tiles in flight after step i + AHEAD's is asked for)."""
-        now = x0
-        if AHEAD > 1:
-            x0 = x1
-            if i + 2 < STEPS:
-                x1 = _rows_tile(x_ptrs, x_ok, i + 2, k0, K)
-        elif i + 1 < STEPS:
-            x0 = _rows_tile(x_ptrs, x_ok, i + 1, k0, K)
-        return now, x0, x1
-
-    @gluon.jit
-    def _rows_step(x, a_s, sa_s, w_s, bars, zero, sw_row, i: gl.constexpr, k0, steps, cols: gl.constexpr,
-                   STAGES: gl.constexpr):
-        """Step i's rows quantized into its ring slot (whose last reader, step i - STAGES, retired
-        before now) and their scales kept; its product issued once its weight tile has landed.
-        -> (the product in flight, the step's scales: weight block times each row's)."""
-        x = x.to(gl.float32)
-        scale = gl.maximum(gl.max(gl.abs(x), 1), 1e-12) / 448.0
-        q = gl.minimum(gl.maximum(x / scale[:, None], -448.0), 448.0)
-        a_s.index(i % STAGES).store(q.to(gl.float8e4nv))
-        sa_s.index(i).store(scale)
-        fence_async_shared()            # the stores, seen by the wgmma's reads
-        gl.thread_barrier()
-        mbarrier.wait(bars.index(i % STAGES), (i // STAGES) & 1)
-        product = warpgroup_mma(w_s.index(i % STAGES), a_s.index(i % STAGES).permute((1, 0)), zero, use_acc=False,
-                                is_async=True)
-        s = gl.load(sw_row + k0 + i, mask=k0 + i < steps, other=0.0) * sa_s.index(i).load(cols)
-        return product, s
-
-    @gluon.jit
-    def _w8a8_rows_kernel(w_desc, x_ptr, sw_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_x, stride_sw, stride_y,
-                          BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr, SCALE_N: gl.constexpr,
-                          STAGES: gl.constexpr, STEPS: gl.constexpr, AHEAD: gl.constexpr, SPLIT_K: gl.constexpr,
-                          USE_PDL: gl.constexpr, num_warps: gl.constexpr):
-        """_w8a8_kernel's product with the rows quantized here, a step at a time (ROWS): step i's
-        rows, loaded AHEAD steps before, quantized per row and 128-wide group (kernels.linear's
-        e4m3_groups arithmetic: the quantize launch's bits) into its ring slot while step i-1's
-        product runs, so no launch comes before it (01f27f1 quantized every step before the first
-        product and was slower than that launch). The weights' ring is TMA's, as there."""
-        pid_t = gl.program_id(0)
-        pid_n = gl.program_id(1)
-        split = gl.program_id(2)
-        off_n = pid_n * BLOCK_N
-        off_t = pid_t * BLOCK_T
-        k0 = split * STEPS
-        steps = gl.cdiv(K, BLOCK_K)
-
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK_T, 32])
-        cols: gl.constexpr = gl.SliceLayout(0, mma)
-        xl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
-                                            warps_per_cta=[num_warps, 1], order=[1, 0])
-        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K], gl.float8e4nv)
-        w_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-        a_s = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_T, BLOCK_K], a_layout)
-        sa_s = gl.allocate_shared_memory(gl.float32, [STEPS, BLOCK_T],
-                                         gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
-
-        _pdl(USE_PDL, False)
-        for i in gl.static_range(min(STAGES, STEPS)):        # weights: no kernel writes them
-            _load_weights(w_desc, w_s, bars, i, off_n, k0, BLOCK_K, STAGES)
-        _pdl(USE_PDL, True)
-
-        offs_r = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, xl))
-        x_ptrs = x_ptr + offs_r[:, None] * stride_x + gl.arange(0, 128, layout=gl.SliceLayout(0, xl))[None, :]
-        x_ok = (offs_r < M)[:, None]
-        offs_t = off_t + gl.arange(0, BLOCK_T, layout=cols)
-        t_ok = offs_t < M
-        sw_row = sw_ptr + (off_n // SCALE_N) * stride_sw
-        acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
-        zero = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)     # use_acc=False: its value is not read
-
-        # x's tiles in flight, AHEAD (1 or 2) of them: x0 the next step's, x1 the one after
-        x0 = _rows_tile(x_ptrs, x_ok, 0, k0, K)
-        x1 = _rows_tile(x_ptrs, x_ok, 1, k0, K) if AHEAD > 1 else x0
-        now, x0, x1 = _rows_next(x0, x1, x_ptrs, x_ok, 0, k0, K, STEPS, AHEAD)
-        prev, s_prev = _rows_step(now, a_s, sa_s, w_s, bars, zero, sw_row, 0, k0, steps, cols, STAGES)
-        for i in gl.static_range(1, STEPS):
-            now, x0, x1 = _rows_next(x0, x1, x_ptrs, x_ok, i, k0, K, STEPS, AHEAD)
-            cur, s_now = _rows_step(now, a_s, sa_s, w_s, bars, zero, sw_row, i, k0, steps, cols, STAGES)
-            acc = acc + warpgroup_mma_wait(num_outstanding=1, deps=(prev, )) * s_prev[None, :]
-            if i - 1 + STAGES < STEPS:
-                _load_weights(w_desc, w_s, bars, i - 1 + STAGES, off_n, k0, BLOCK_K, STAGES)
-            prev = cur
-            s_prev = s_now
-        _finish(acc, prev, s_prev, bars, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t,
-                split, mma, BLOCK_N, BLOCK_T, SPLIT_K, STAGES)
-
-    @gluon.jit
-    def _load_weights(w_desc, w_s, bars, i: gl.constexpr, off_n, k0, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-        """Step i's weight tile into its ring slot (TMA; zeros past K)."""
-        mbarrier.expect(bars.index(i % STAGES), w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [off_n, (k0 + i) * BLOCK_K], bars.index(i % STAGES),
-                                        w_s.index(i % STAGES))
 
 def block_t(m: int) -> int:
     """The wgmma N side for m rows: 16 or 32 (fewer compiled shapes than multiples of 8); 64 rows are
@@ -313,10 +206,9 @@ SHARED_BYTES = 220 * 1024       # an H100's and H200's 227 KB a block, less what
 
 
 def shared_bytes(m: int, k: int, cfg: dict) -> int:
-    """A launch's ring: STAGES of (weight tile, rows' tile, barrier); ROWS adds its rows' scales."""
+    """A launch's ring: STAGES of (weight tile, rows' tile, barrier)."""
     steps, _ = steps_split(k, cfg.get("SPLIT_K", 1))
-    ring = min(cfg.get("num_stages", 4), steps) * ((cfg["BLOCK_N"] + block_t(m)) * 128 + 8)
-    return ring + (steps * block_t(m) * 4 if cfg.get("ROWS") else 0)
+    return min(cfg.get("num_stages", 4), steps) * ((cfg["BLOCK_N"] + block_t(m)) * 128 + 8)
 
 
 def fits(m: int, k: int, cfg: dict) -> bool:
@@ -337,30 +229,23 @@ def steps_split(k: int, split: int) -> tuple[int, int]:
     return per, triton.cdiv(steps, per)
 
 
-def w8a8(x: torch.Tensor, quantized: tuple | None, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+def w8a8(a8: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
          y: torch.Tensor, cfg: dict, split: int, ws: torch.Tensor, counts: torch.Tensor, pdl_kw: dict) -> torch.Tensor:
-    """y (M, N) = x (M, K) times wq (N, K) fp8 with `scale` (ceil(N/bn), K/128), W8A8: x's rows
-    `quantized` (a8 (M, K) fp8, sa (M, K/128) float32) by the launch before, or, None, in the kernel
-    a step at a time (_w8a8_rows_kernel; cfg's ROWS: how many steps ahead the rows are loaded, 1 or
-    2). cfg: BLOCK_N, num_stages, num_warps; split > 1: ws (split, M, N) float32 and the per-tile
-    counts (kernels.fused_moe._split_k_buffers)."""
-    m, k = x.shape
+    """y (M, N) = a8 (M, K) fp8 with its row scales sa (M, K/128) float32 (kernels.fp8's quantize
+    launch) times wq (N, K) fp8 with `scale` (ceil(N/bn), K/128). cfg: BLOCK_N, num_stages,
+    num_warps; split > 1: ws (split, M, N) float32 and the per-tile counts
+    (kernels.fused_moe._split_k_buffers)."""
+    m, k = a8.shape
     n = wq.shape[0]
     block_n = cfg["BLOCK_N"]
     bt = block_t(m)
     w_layout, a_layout = _layouts(block_n, bt)
     w_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [block_n, 128], w_layout)
+    a_desc = TensorDescriptor(a8, [m, k], [a8.stride(0), 1], [bt, 128], a_layout)
     steps, split = steps_split(k, split)
     grid = (triton.cdiv(m, bt), triton.cdiv(n, block_n), split)
-    meta = dict(BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=block[0], STEPS=steps, SPLIT_K=split,
-                USE_PDL=bool(pdl_kw), num_warps=cfg.get("num_warps", 4), **({"launch_pdl": True} if pdl_kw else {}))
-    stages = min(cfg.get("num_stages", 4), steps)
-    if quantized is None:
-        _w8a8_rows_kernel[grid](w_desc, x, scale, y, ws, counts, m, n, k, x.stride(0), scale.stride(0), y.stride(0),
-                                STAGES=max(2, stages), AHEAD=min(2, max(1, int(cfg["ROWS"]))), **meta)
-    else:
-        a8, sa = quantized
-        a_desc = TensorDescriptor(a8, [m, k], [a8.stride(0), 1], [bt, 128], a_layout)
-        _w8a8_kernel[grid](w_desc, a_desc, scale, sa, y, ws, counts, m, n, k, scale.stride(0), sa.stride(0),
-                           y.stride(0), STAGES=stages, **meta)
+    _w8a8_kernel[grid](w_desc, a_desc, scale, sa, y, ws, counts, m, n, k, scale.stride(0), sa.stride(0), y.stride(0),
+                       BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=block[0], STAGES=min(cfg.get("num_stages", 4), steps),
+                       STEPS=steps, SPLIT_K=split, USE_PDL=bool(pdl_kw), num_warps=cfg.get("num_warps", 4),
+                       **({"launch_pdl": True} if pdl_kw else {}))
     return y

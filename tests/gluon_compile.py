@@ -23,21 +23,18 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from kernels import gluon_dense  # noqa: E402
 
-# (BLOCK_N, BLOCK_T, STAGES, STEPS, SPLIT_K, num_warps[, AHEAD: ROWS]): 30B qkv/o_proj at 16 and 32 rows a program
+# (BLOCK_N, BLOCK_T, STAGES, STEPS, SPLIT_K, num_warps): 30B qkv/o_proj at 16 and 32 rows a program
 SHAPES = [(64, 32, 4, 16, 1, 4), (64, 16, 4, 4, 4, 4), (64, 32, 6, 8, 2, 4), (128, 32, 4, 8, 2, 8),
-          (64, 16, 2, 2, 8, 4), (64, 16, 16, 16, 1, 4), (64, 32, 12, 16, 1, 4),
-          (64, 16, 12, 16, 1, 4, 2), (64, 32, 8, 16, 1, 4, 1), (64, 32, 12, 8, 2, 4, 2)]
+          (64, 16, 2, 2, 8, 4), (64, 16, 16, 16, 1, 4), (64, 32, 12, 16, 1, 4)]
 
 
-def compile_one(block_n, bt, stages, steps, split, warps, ahead=0) -> dict:
-    """ahead 0: _w8a8_kernel (the rows quantized before it); 1 or 2: _w8a8_rows_kernel, the rows
-    loaded that many steps ahead and quantized in it."""
+def compile_one(block_n, bt, stages, steps, split, warps) -> dict:
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = gluon_dense._w8a8_rows_kernel if ahead else gluon_dense._w8a8_kernel
+    fn = gluon_dense._w8a8_kernel
     w_layout, a_layout = gluon_dense._layouts(block_n, bt)
     consts = dict(BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=128, STAGES=stages, STEPS=steps, SPLIT_K=split,
-                  USE_PDL=True, num_warps=warps, AHEAD=ahead)
+                  USE_PDL=True, num_warps=warps)
     pointers = dict(x_ptr="*bf16", sw_ptr="*fp32", sa_ptr="*fp32", y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32",
                     w_desc=f"tensordesc<fp8e4nv[{block_n}, 128],{w_layout!r}>",
                     a_desc=f"tensordesc<fp8e4nv[{bt}, 128],{a_layout!r}>")
@@ -50,12 +47,11 @@ def compile_one(block_n, bt, stages, steps, split, warps, ahead=0) -> dict:
             signature[p.name] = pointers.get(p.name, "i32")
     ptx = triton.compile(GluonASTSource(fn, signature, values), target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=warps)).asm["ptx"]
-    out = {"shape": [block_n, bt, stages, steps, split, warps, ahead],
+    out = {"shape": [block_n, bt, stages, steps, split, warps],
            "wait1": ptx.count("wgmma.wait_group.sync.aligned 1;"),
            "wait0": ptx.count("wgmma.wait_group.sync.aligned 0;"),
            "mma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
            "pdl": [m for m in re.findall(r"griddepcontrol\.(\w+)", ptx)],
-           "fence": ptx.count("fence.proxy.async"),
            "tma_before_wait": ptx.split("griddepcontrol.wait")[0].count("cp.async.bulk.tensor")}
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if ptxas.exists():

@@ -3,7 +3,7 @@
 Off a GPU (Triton's interpreter runs no Gluon) the kernel is compiled for sm_90a and its PTX and
 ptxas's report are checked for what it exists for: each K step's wgmma left in flight while the
 step before is scaled (one `wait_group 1` a step), no wgmma serialized by ptxas, no spills, the
-weight tiles asked for before PDL's wait, and (ROWS) a proxy fence before each step's product. On
+weight tiles asked for before PDL's wait. On
 a GPU, its products against the same quantization in torch, at 30B's and 235B's shapes and awkward
 ones, split over K or not."""
 
@@ -41,7 +41,7 @@ def test_every_launch_shape_compiles_for_hopper(compiled):
 
 def test_each_step_overlaps_the_last_ones_scaling(compiled):
     for c in compiled:
-        block_n, bt, stages, steps, split, warps, ahead = c["shape"]
+        block_n, bt, stages, steps, split, warps = c["shape"]
         assert c["mma"] == 4 * steps, c                   # four k32 wgmmas a 128-wide step
         assert c["wait1"] == steps - 1 and c["wait0"] == 1, c
         if c.get("registers") is not None:                # Triton's ptxas was there to ask
@@ -51,19 +51,10 @@ def test_each_step_overlaps_the_last_ones_scaling(compiled):
 
 def test_weights_are_asked_for_before_the_pdl_wait(compiled):
     for c in compiled:
-        block_n, bt, stages, steps, split, warps, ahead = c["shape"]
+        block_n, bt, stages, steps, split, warps = c["shape"]
         assert c["pdl"] == ["launch_dependents", "wait"], c
-        # then the rows' tiles by TMA, or (ROWS: the kernel quantizes them) none
-        assert c["tma_before_wait"] == min(stages, steps) and c["tma"] == (1 if ahead else 2) * steps, c
-
-
-def test_rows_quantized_in_the_kernel_are_fenced_before_each_product(compiled):
-    """ROWS: each step's rows are stored to shared memory by the threads, then read by a wgmma
-    (the async proxy): without a proxy fence between, the product may read stale rows."""
-    rows = [c for c in compiled if c["shape"][6]]
-    assert rows
-    for c in rows:
-        assert c["fence"] >= c["shape"][3], c
+        # then the rows' tiles, also by TMA
+        assert c["tma_before_wait"] == min(stages, steps) and c["tma"] == 2 * steps, c
 
 
 def test_steps_split_leaves_no_program_without_a_step():
@@ -74,7 +65,7 @@ def test_steps_split_leaves_no_program_without_a_step():
             assert launched <= split and per * launched >= steps and per * (launched - 1) < steps, (k, split)
 
 
-def test_shared_memory_counts_every_k_step_of_rows_and_the_ring():
+def test_shared_memory_counts_the_ring():
     cfg = {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 16}
     # qkv at 16 rows, all of K's 16 steps in flight: 16 x ((64 + 16) x 128 + 8)
     assert gluon_dense.shared_bytes(16, 2048, cfg) == 16 * ((64 + 16) * 128 + 8)
@@ -100,8 +91,7 @@ def test_launch_ok_refuses_what_the_kernel_cannot_take():
 def test_gluon_w8a8_is_the_w8a8_product(m, n, k):
     """Against the same per-token, per-group quantization in torch (float32): within the bf16
     rounding of the output, at every launch shape the sweep tries; split-K gives the same bits
-    twice (its partials summed in split order). ROWS (the rows quantized in the kernel) is the
-    same quantization, so the same bound. 100 rows are past the kernel: the entry's other
+    twice (its partials summed in split order). 100 rows are past the kernel: the entry's other
     keys launch the grouped GEMM (a Gluon shape's deep ring once reached it there and failed)."""
     from kernels.fused_moe import dense_fp8_gemm
 
@@ -110,10 +100,10 @@ def test_gluon_w8a8_is_the_w8a8_product(m, n, k):
     x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
     q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
     want = w8a8_block_linear_reference(x.float(), q, s, block)
-    shapes = ((64, 1, 4, 4, 0), (64, 2, 6, 4, 0), (64, 4, 4, 4, 0), (128, 2, 4, 8, 0), (64, 8, 2, 4, 0),
-              (64, 1, 16, 4, 0), (128, 1, 8, 8, 0), (64, 1, 12, 4, 2), (64, 2, 8, 4, 1), (64, 8, 2, 4, 2))
-    for block_n, split, stages, warps, rows in shapes:
-        glu = {"BLOCK_N": block_n, "SPLIT_K": split, "num_stages": stages, "num_warps": warps, "ROWS": rows}
+    shapes = ((64, 1, 4, 4), (64, 2, 6, 4), (64, 4, 4, 4), (128, 2, 4, 8), (64, 8, 2, 4), (64, 1, 16, 4),
+              (128, 1, 8, 8))
+    for block_n, split, stages, warps in shapes:
+        glu = {"BLOCK_N": block_n, "SPLIT_K": split, "num_stages": stages, "num_warps": warps}
         cfg = {"GLUON": glu, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
                "num_stages": 4}
         if not gluon_dense.fits(m, k, glu):
