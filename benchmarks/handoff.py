@@ -9,7 +9,8 @@ experts, down's experts (`--payload moe`: 0.5, 25.2 and 12.6 MB), or one step a 
 
 - chain: three launches a layer, PDL, each program one unit after its wait;
 - chain-prefetch: the same, each program's first step read before the wait (PDL_PREFETCH's way);
-  chain-prefetch-sNk-wW-xX: with N KB K steps, W warps, each unit split over X programs;
+  chain-prefetch-sNk-wW-xX: with N KB K steps, W warps, each unit split over X programs (64 KB
+  steps: a program's whole unit asked for at once);
 - persistent-Pn: one cooperative launch a layer of n programs an SM, each walking the units of
   every phase, with a grid barrier (an atomic arrival count) between phases;
 - persistent-Pn-ahead: the same, each program reading its first step of the next phase before
@@ -40,8 +41,20 @@ PAYLOADS = {"moe": (0.5, 25.2, 12.6), "empty": (0.0, 0.0, 0.0)}
 
 @triton.jit
 def _unit_sum(w_ptr, unit, first, HAS_FIRST: tl.constexpr, UNIT_B: tl.constexpr, STEP_B: tl.constexpr):
+    """The unit's bytes summed, STEP_B a load; from 32 KB steps each step is summed as it lands
+    (an int32 accumulator of 32K+ lanes would not fit in registers)."""
     offs = tl.arange(0, STEP_B)
     base = w_ptr + unit.to(tl.int64) * UNIT_B
+    if STEP_B >= 32768:
+        total = tl.zeros([], tl.int32)
+        if HAS_FIRST:
+            total += tl.sum(first.to(tl.int32), 0)
+            for k in range(STEP_B, UNIT_B, STEP_B):
+                total += tl.sum(tl.load(base + k + offs).to(tl.int32), 0)
+        else:
+            for k in range(0, UNIT_B, STEP_B):
+                total += tl.sum(tl.load(base + k + offs).to(tl.int32), 0)
+        return total
     acc = tl.zeros([STEP_B], tl.int32)
     if HAS_FIRST:
         acc += first.to(tl.int32)
@@ -157,7 +170,8 @@ def run(payload: str, layers: int) -> list[dict]:
     variants = {"chain": chain(False), "chain-prefetch": chain(True)}
     if unit_b == UNIT:           # streaming shapes: K step bytes, warps, programs a unit
         for step, warps, split in ((16384, 4, 1), (16384, 8, 1), (32768, 8, 1), (8192, 4, 2), (8192, 4, 4),
-                                   (16384, 8, 2), (4096, 4, 1), (4096, 2, 4)):
+                                   (16384, 8, 2), (4096, 4, 1), (4096, 2, 4), (65536, 8, 1), (65536, 16, 1),
+                                   (32768, 8, 2), (16384, 4, 4)):
             variants[f"chain-prefetch-s{step // 1024}k-w{warps}-x{split}"] = chain(True, step, warps, split)
     for per_sm in (1, 2, 3):
         variants[f"persistent-P{per_sm}"] = persistent(per_sm, False)
