@@ -47,16 +47,6 @@ VARIANTS = {
     # down's routing weights loaded before its K steps
     "wearly": {"DOWN": {"WEIGHTS_EARLY": True}},
     "p0-wearly": {"PERSISTENT": 0, "DOWN": {"WEIGHTS_EARLY": True}},
-    # decode batches (--ms 16,64): kernels.gluon_moe's launch (gate_up's weight rows a program,
-    # stages, warps; "DOWN" down's own), each K step's products overlapping the last one's scaling
-    "gluon-n64-s4": {"GLUON": {"BLOCK_N": 64, "num_stages": 4, "num_warps": 4}},
-    "gluon-n64-s3-d6": {"GLUON": {"BLOCK_N": 64, "num_stages": 3, "num_warps": 4, "DOWN": {"num_stages": 6}}},
-    "gluon-n64-s6-d6": {"GLUON": {"BLOCK_N": 64, "num_stages": 6, "num_warps": 4, "DOWN": {"num_stages": 6}}},
-    "gluon-n64-s4-d128": {"GLUON": {"BLOCK_N": 64, "num_stages": 4, "num_warps": 4,
-                                    "DOWN": {"BLOCK_N": 128, "num_stages": 6, "num_warps": 8}}},
-    "gluon-n128-s3-w8": {"GLUON": {"BLOCK_N": 128, "num_stages": 3, "num_warps": 8,
-                                   "DOWN": {"BLOCK_N": 64, "num_stages": 6, "num_warps": 4}}},
-    "gluon-n128-s4-w8": {"GLUON": {"BLOCK_N": 128, "num_stages": 4, "num_warps": 8, "DOWN": {"num_stages": 6}}},
 }
 
 

@@ -191,56 +191,6 @@ def quantize_launch(x: torch.Tensor, group: int, scales_column_major: bool, flat
     return q, xs
 
 
-@triton.jit
-def _quantize_sorted_kernel(x_ptr, q_ptr, s_ptr, ids_ptr, total_ptr, K, top_k, num_valid, stride_xm, stride_qm,
-                            stride_sm, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUPS: tl.constexpr,
-                            GATHER: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """_quantize_groups_kernel's values for row r of the MoE's sorted order, r below the padded
-    total (`total_ptr`; rows past it are not written): GATHER, x's row of pair ids[r]'s token
-    (ids[r] // top_k; the padding sentinel num_valid: zeros), else x's row r. PDL: the wait for
-    the kernel before comes first, then the next may launch (kernels.gluon_moe reads align's
-    outputs before its own wait)."""
-    gdc_wait(USE_PDL)
-    gdc_launch(USE_PDL)
-    r = tl.program_id(0)
-    if r < tl.load(total_ptr):
-        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-        col = g[:, None] * GROUP + tl.arange(0, GROUP_PAD)[None, :]
-        ok = (tl.arange(0, GROUP_PAD)[None, :] < GROUP) & (col < K)
-        load_ok = ok
-        src = r.to(tl.int64)
-        if GATHER:
-            pair = tl.load(ids_ptr + r)
-            load_ok = ok & (pair < num_valid)
-            src = (pair // top_k).to(tl.int64)
-        x = tl.load(x_ptr + src * stride_xm + col, mask=load_ok, other=0.0).to(tl.float32)
-        q, scale = e4m3_groups(x)
-        tl.store(q_ptr + r.to(tl.int64) * stride_qm + col, q.to(q_ptr.dtype.element_ty), mask=ok)
-        tl.store(s_ptr + r.to(tl.int64) * stride_sm + g, scale, mask=g * GROUP < K)
-
-
-def quantize_sorted_rows(x: torch.Tensor, group: int, rows: int, total: torch.Tensor,
-                         sorted_ids: torch.Tensor | None = None, top_k: int = 1, num_valid: int = 0):
-    """The MoE sorted path's rows quantized per group, in sorted order (kernels.gluon_moe reads
-    them by TMA): q fp8 (rows, K), scales float32 (rows, ceil(K/group)); row r < total[0] is x's
-    row sorted_ids[r] // top_k (zeros where sorted_ids[r] is the sentinel num_valid), or with no
-    sorted_ids x's row r. Rows past the total are left unset. One launch (any device: the tests
-    run it in the interpreter)."""
-    k = x.shape[1]
-    g = -(-k // group)
-    q = torch.empty(rows, k, dtype=FP8, device=x.device)
-    xs = torch.empty(rows, g, dtype=torch.float32, device=x.device)
-    if not rows:
-        return q, xs
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    groups = max(1, min(triton.next_power_of_2(g), 4096 // triton.next_power_of_2(group)))
-    _quantize_sorted_kernel[(rows, triton.cdiv(g, groups))](
-        x, q, xs, sorted_ids if sorted_ids is not None else total, total, k, top_k, num_valid, x.stride(0),
-        q.stride(0), xs.stride(0), GROUP=group, GROUP_PAD=triton.next_power_of_2(group), GROUPS=groups,
-        GATHER=sorted_ids is not None, num_warps=switches.warps("quantize", 4), **pdl(x))
-    return q, xs
-
-
 # the flat kernel's tile: (token, group) pairs x group elements
 FLAT_QUANTIZE_ELEMENTS = 4096
 

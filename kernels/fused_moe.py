@@ -28,12 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gluon_dense, gluon_moe, switches
+from . import gluon_dense, switches
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
-from .fp8 import (E4M3_BITS_SCALE, _e4m3_bf16_bits, _e4m3_bits_as_f32, group_scale_ok, quantize_activations_fp8,
-                  quantize_sorted_rows)
+from .fp8 import E4M3_BITS_SCALE, _e4m3_bf16_bits, _e4m3_bits_as_f32, group_scale_ok, quantize_activations_fp8
 from .linear import block_scaled, dividing
 
 log = logging.getLogger(__name__)
@@ -1232,11 +1231,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     # fp8 dots need tiles inside one scale block and K steps of 32 or more
     w8a8 = (bool(fp8) and m >= w8a8_min_m(e, two_i // 2, h, x.device, fp8_block)
             and all(mode == 2 and bk >= 32 for _, bk, mode in tiles))
-    glu = cfg.get("GLUON")          # kernels.gluon_moe's launch shape; the keys beside it where it cannot run
-    if (glu and w8a8 and not pair_blocks and x.is_cuda and w13.is_contiguous() and w2.is_contiguous()
-            and gluon_moe.launch_ok(two_i // 2, h, block, glu, cfg["BLOCK_M"])):
-        return _fused_moe_gluon(x, w13, w2, w13_scale, w2_scale, weights, sorted_ids, block_expert, total, top_k,
-                                block, glu, topk_ids if sentinel else None)
     a, a_scale = (quantize_activations_fp8(x, block[1]) if w8a8 else (x, None))
     if fuse_silu:     # two accumulators per program: half the columns keeps the tuned register budget
         act = torch.empty(m * top_k, two_i // 2, dtype=x.dtype, device=x.device)
@@ -1255,25 +1249,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     _grouped_gemm(act, w2, out, weights, sorted_ids, block_expert, total, top_k, True, True, down_cfg, scale=w2_scale,
                   a_scale=act_scale, persistent_off=sentinel, **fp8)
     return sum_top_k(out.view(m, top_k, h), topk_ids if sentinel else None, e)
-
-
-def _fused_moe_gluon(x, w13, w2, w13_scale, w2_scale, weights, sorted_ids, block_expert, total, top_k, block, glu,
-                     sentinel_ids):
-    """fused_moe's sorted W8A8 path through kernels.gluon_moe: the tokens' rows quantized in
-    sorted order, gate_up with SiLU * up into sorted rows, those quantized, down with the routing
-    weights into the pairs' rows, the top-k combine; six launches with align, as the grouped
-    GEMM's path."""
-    m, h = x.shape
-    e, inter = w2.shape[0], w2.shape[2]
-    rows, pairs, kw = sorted_ids.numel(), m * top_k, pdl(x)
-    a8, sa = quantize_sorted_rows(x, block[1], rows, total, sorted_ids, top_k, pairs)
-    act = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
-    gluon_moe.grouped(a8, sa, w13, w13_scale, act, sorted_ids, block_expert, total, weights, pairs, glu, True, kw)
-    act8, act_scale = quantize_sorted_rows(act, block[1], rows, total)
-    out = torch.empty(pairs, h, dtype=x.dtype, device=x.device)
-    gluon_moe.grouped(act8, act_scale, w2, w2_scale, out, sorted_ids, block_expert, total, weights, pairs,
-                      gluon_moe.down_config(glu), False, kw)
-    return sum_top_k(out.view(m, top_k, h), sentinel_ids, e)
 
 
 @triton.jit

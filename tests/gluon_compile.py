@@ -1,5 +1,5 @@
-"""Compiles kernels.gluon_dense's W8A8 kernel and kernels.gluon_moe's (`--moe`) for Hopper (sm_90a)
-without a GPU and prints one JSON line per launch shape: its wgmma waits, TMA copies, PDL controls, and what ptxas (Triton's own)
+"""Compiles kernels.gluon_dense's W8A8 kernel for Hopper (sm_90a) without a GPU and prints one JSON
+line per launch shape: its wgmma waits, TMA copies, PDL controls, and what ptxas (Triton's own)
 says of it: registers, spills, and whether it serialized the wgmmas (C7514: an instruction read a
 product's registers before its wait, which takes away the overlap the kernel is for). Run without
 TRITON_INTERPRET (tests/test_gluon_dense.py does)."""
@@ -21,16 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from kernels import gluon_dense, gluon_moe  # noqa: E402
+from kernels import gluon_dense  # noqa: E402
 
 # (BLOCK_N, BLOCK_T, STAGES, STEPS, SPLIT_K, num_warps): 30B qkv/o_proj at 16 and 32 rows a program
 SHAPES = [(64, 32, 4, 16, 1, 4), (64, 16, 4, 4, 4, 4), (64, 32, 6, 8, 2, 4), (128, 32, 4, 8, 2, 8),
           (64, 16, 2, 2, 8, 4), (64, 16, 16, 16, 1, 4), (64, 32, 12, 16, 1, 4)]
-
-
-# (BLOCK_N, STAGES, STEPS, FUSE_SILU, num_warps): 30B's gate_up (K 2048) and down (K 768) at 16-row blocks
-MOE_SHAPES = [(64, 4, 16, True, 4), (64, 6, 16, True, 4), (128, 3, 16, True, 8), (64, 4, 6, False, 4),
-              (128, 6, 6, False, 8), (64, 6, 6, False, 4)]
 
 
 def compile_one(block_n, bt, stages, steps, split, warps) -> dict:
@@ -41,19 +36,10 @@ def compile_one(block_n, bt, stages, steps, split, warps) -> dict:
     return {"shape": [block_n, bt, stages, steps, split, warps], **out}
 
 
-def compile_moe(block_n, stages, steps, fuse_silu, warps) -> dict:
-    w_layout, a_layout = gluon_moe._layouts(block_n)
-    consts = dict(BLOCK_N=block_n, BLOCK_T=gluon_moe.BLOCK_T, STAGES=stages, STEPS=steps, FUSE_SILU=fuse_silu,
-                  MUL_WEIGHT=not fuse_silu, USE_PDL=True, num_warps=warps)
-    out = compile_ptx(gluon_moe._moe_kernel, consts, w_layout, a_layout, block_n, gluon_moe.BLOCK_T, warps)
-    return {"kernel": "moe", "shape": [block_n, stages, steps, fuse_silu, warps], **out}
-
-
 def compile_ptx(fn, consts, w_layout, a_layout, block_n, bt, warps) -> dict:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     pointers = dict(x_ptr="*bf16", sw_ptr="*fp32", sa_ptr="*fp32", y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32",
-                    ids_ptr="*i32", expert_ptr="*i32", total_ptr="*i32", weights_ptr="*fp32",
                     w_desc=f"tensordesc<fp8e4nv[{block_n}, 128],{w_layout!r}>",
                     a_desc=f"tensordesc<fp8e4nv[{bt}, 128],{a_layout!r}>")
     signature, values = {}, {}
@@ -65,13 +51,11 @@ def compile_ptx(fn, consts, w_layout, a_layout, block_n, bt, warps) -> dict:
             signature[p.name] = pointers.get(p.name, "i32")
     ptx = triton.compile(GluonASTSource(fn, signature, values), target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=warps)).asm["ptx"]
-    out = {"wait2": ptx.count("wgmma.wait_group.sync.aligned 2;"),
-           "wait1": ptx.count("wgmma.wait_group.sync.aligned 1;"),
+    out = {"wait1": ptx.count("wgmma.wait_group.sync.aligned 1;"),
            "wait0": ptx.count("wgmma.wait_group.sync.aligned 0;"),
            "mma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
            "pdl": [m for m in re.findall(r"griddepcontrol\.(\w+)", ptx)],
-           "tma_before_wait": ptx.split("griddepcontrol.wait")[0].count("cp.async.bulk.tensor"),
-           "loads_before_wait": ptx.split("griddepcontrol.wait")[0].count("ld.global")}
+           "tma_before_wait": ptx.split("griddepcontrol.wait")[0].count("cp.async.bulk.tensor")}
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if ptxas.exists():
         with tempfile.TemporaryDirectory() as tmp:
@@ -89,9 +73,5 @@ if __name__ == "__main__":
     if not gluon_dense.available():
         print(json.dumps({"skip": "this Triton has no Gluon"}))
         raise SystemExit(0)
-    if "--moe" in sys.argv:
-        for shape in MOE_SHAPES:
-            print(json.dumps(compile_moe(*shape)), flush=True)
-    else:
-        for shape in SHAPES:
-            print(json.dumps(compile_one(*shape)), flush=True)
+    for shape in SHAPES:
+        print(json.dumps(compile_one(*shape)), flush=True)
