@@ -18,10 +18,10 @@ loads with an mbarrier a stage. The rows come quantized by kernels.fp8's launch 
 Quantized in the kernel they were slower on the H200, whether all of a program's K steps before
 its first product (01f27f1) or a step at a time while the step before is multiplied (f2d9306's
 ROWS, 2-5x slower; NOTES, thirty-sixth and thirty-seventh sessions). PDL: the weight tiles are
-asked for before the wait for the kernel before (nothing writes them), the activations after. SPLIT_K: program_id(2)
-takes STEPS of the K steps and stores its float32 partial; the tile's last program (an atomic
-count, reset by it) sums the partials in split order, so the bits do not depend on which split
-finished first (as kernels.fused_moe's split-K launches).
+asked for before the wait for the kernel before (nothing writes them), the activations after.
+SPLIT_K: program_id(2) takes STEPS of the K steps and stores its float32 partial; the tile's
+last program (an atomic count, reset by it) sums the partials in split order, so the bits do not
+depend on which split finished first (as kernels.fused_moe's split-K launches).
 
 GPU only (sm_90): Triton's interpreter runs no Gluon. CPU tests compile it for sm_90 and check the
 overlap in its PTX and ptxas's report (tests/test_gluon_dense.py); GPU tests check it against the
@@ -244,8 +244,9 @@ def w8a8(a8: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, scale: torch.Tens
     a_desc = TensorDescriptor(a8, [m, k], [a8.stride(0), 1], [bt, 128], a_layout)
     steps, split = steps_split(k, split)
     grid = (triton.cdiv(m, bt), triton.cdiv(n, block_n), split)
+    stages = min(cfg.get("num_stages", 4), steps)
     _w8a8_kernel[grid](w_desc, a_desc, scale, sa, y, ws, counts, m, n, k, scale.stride(0), sa.stride(0), y.stride(0),
-                       BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=block[0], STAGES=min(cfg.get("num_stages", 4), steps),
-                       STEPS=steps, SPLIT_K=split, USE_PDL=bool(pdl_kw), num_warps=cfg.get("num_warps", 4),
+                       BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=block[0], STAGES=stages, STEPS=steps,
+                       SPLIT_K=split, USE_PDL=bool(pdl_kw), num_warps=cfg.get("num_warps", 4),
                        **({"launch_pdl": True} if pdl_kw else {}))
     return y
