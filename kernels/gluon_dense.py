@@ -98,39 +98,6 @@ if gluon is not None:
                                         a_s.index(i % STAGES))
 
     @gluon.jit
-    def _finish(acc, prev, s_prev, bars, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t,
-                split, mma: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, SPLIT_K: gl.constexpr,
-                STAGES: gl.constexpr):
-        """The last step's product scaled in, the ring's barriers retired, the tile stored (_store)."""
-        acc = acc + warpgroup_mma_wait(num_outstanding=0, deps=(prev, )) * s_prev[None, :]
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(i))
-        _store(acc, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t, split, mma,
-               BLOCK_N, BLOCK_T, SPLIT_K)
-
-    @gluon.jit
-    def _store(acc, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t, split,
-               mma: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, SPLIT_K: gl.constexpr):
-        """The tile's float32 sums into y (its transpose: acc is weight rows x batch rows); split over
-        K, the partial into ws and, by the tile's last program, every split's summed in split order."""
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-        mask = (offs_n < N)[:, None] & t_ok[None, :]
-        out = y_ptr + offs_t[None, :] * stride_y + offs_n[:, None]
-        if SPLIT_K == 1:
-            gl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            part = offs_t[None, :] * N + offs_n[:, None]
-            gl.store(ws_ptr + split * M * N + part, acc, mask=mask)
-            gl.thread_barrier()          # every thread's partial stored before the count releases it
-            tile = pid_n * gl.num_programs(0) + pid_t
-            if gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-                total = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
-                for j in range(0, SPLIT_K):
-                    total += gl.load(ws_ptr + j * M * N + part, mask=mask, other=0.0, volatile=True)
-                gl.store(out, total.to(y_ptr.dtype.element_ty), mask=mask)
-                gl.atomic_xchg(count_ptr + tile, 0)
-
-    @gluon.jit
     def _w8a8_kernel(w_desc, a_desc, sw_ptr, sa_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_sw, stride_sa,
                      stride_y, BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_K: gl.constexpr,
                      SCALE_N: gl.constexpr, STAGES: gl.constexpr, STEPS: gl.constexpr, SPLIT_K: gl.constexpr,
@@ -185,8 +152,28 @@ if gluon is not None:
                           BLOCK_K, STAGES, STEPS)
             prev = cur
             s_prev = s_now
-        _finish(acc, prev, s_prev, bars, y_ptr, ws_ptr, count_ptr, M, N, stride_y, off_n, offs_t, t_ok, pid_n, pid_t,
-                split, mma, BLOCK_N, BLOCK_T, SPLIT_K, STAGES)
+        acc = acc + warpgroup_mma_wait(num_outstanding=0, deps=(prev, )) * s_prev[None, :]
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        # the tile's float32 sums into y (its transpose: acc is weight rows x batch rows); split over
+        # K, the partial into ws and, by the tile's last program, every split's summed in split order
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+        mask = (offs_n < N)[:, None] & t_ok[None, :]
+        out = y_ptr + offs_t[None, :] * stride_y + offs_n[:, None]
+        if SPLIT_K == 1:
+            gl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            part = offs_t[None, :] * N + offs_n[:, None]
+            gl.store(ws_ptr + split * M * N + part, acc, mask=mask)
+            gl.thread_barrier()          # every thread's partial stored before the count releases it
+            tile = pid_n * gl.num_programs(0) + pid_t
+            if gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                total = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
+                for j in range(0, SPLIT_K):
+                    total += gl.load(ws_ptr + j * M * N + part, mask=mask, other=0.0, volatile=True)
+                gl.store(out, total.to(y_ptr.dtype.element_ty), mask=mask)
+                gl.atomic_xchg(count_ptr + tile, 0)
 
 
 def block_t(m: int) -> int:

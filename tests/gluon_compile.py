@@ -29,17 +29,13 @@ SHAPES = [(64, 32, 4, 16, 1, 4), (64, 16, 4, 4, 4, 4), (64, 32, 6, 8, 2, 4), (12
 
 
 def compile_one(block_n, bt, stages, steps, split, warps) -> dict:
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = gluon_dense._w8a8_kernel
     w_layout, a_layout = gluon_dense._layouts(block_n, bt)
     consts = dict(BLOCK_N=block_n, BLOCK_T=bt, BLOCK_K=128, SCALE_N=128, STAGES=stages, STEPS=steps, SPLIT_K=split,
                   USE_PDL=True, num_warps=warps)
-    out = compile_ptx(gluon_dense._w8a8_kernel, consts, w_layout, a_layout, block_n, bt, warps)
-    return {"shape": [block_n, bt, stages, steps, split, warps], **out}
-
-
-def compile_ptx(fn, consts, w_layout, a_layout, block_n, bt, warps) -> dict:
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    pointers = dict(x_ptr="*bf16", sw_ptr="*fp32", sa_ptr="*fp32", y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32",
+    pointers = dict(sw_ptr="*fp32", sa_ptr="*fp32", y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32",
                     w_desc=f"tensordesc<fp8e4nv[{block_n}, 128],{w_layout!r}>",
                     a_desc=f"tensordesc<fp8e4nv[{bt}, 128],{a_layout!r}>")
     signature, values = {}, {}
@@ -51,7 +47,8 @@ def compile_ptx(fn, consts, w_layout, a_layout, block_n, bt, warps) -> dict:
             signature[p.name] = pointers.get(p.name, "i32")
     ptx = triton.compile(GluonASTSource(fn, signature, values), target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=warps)).asm["ptx"]
-    out = {"wait1": ptx.count("wgmma.wait_group.sync.aligned 1;"),
+    out = {"shape": [block_n, bt, stages, steps, split, warps],
+           "wait1": ptx.count("wgmma.wait_group.sync.aligned 1;"),
            "wait0": ptx.count("wgmma.wait_group.sync.aligned 0;"),
            "mma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
            "pdl": [m for m in re.findall(r"griddepcontrol\.(\w+)", ptx)],

@@ -3,9 +3,8 @@
 Off a GPU (Triton's interpreter runs no Gluon) the kernel is compiled for sm_90a and its PTX and
 ptxas's report are checked for what it exists for: each K step's wgmma left in flight while the
 step before is scaled (one `wait_group 1` a step), no wgmma serialized by ptxas, no spills, the
-weight tiles asked for before PDL's wait. On
-a GPU, its products against the same quantization in torch, at 30B's and 235B's shapes and awkward
-ones, split over K or not."""
+weight tiles asked for before PDL's wait. On a GPU, its products against the same quantization in
+torch, at 30B's and 235B's shapes and awkward ones, split over K or not."""
 
 import json
 import os
