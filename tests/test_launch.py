@@ -35,6 +35,16 @@ def _run(argv, env=None, extra_env=None):
                           env=e, timeout=120)
 
 
+def _dry(argv, capsys) -> dict:
+    """A dry run's report from this process (a launcher process costs ~6 s of the suite): the
+    environment as the caller's monkeypatch left it."""
+    from qwen3vl_backend.launch import _main
+
+    capsys.readouterr()
+    assert _main([*argv, "--dry-run"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def _report(out) -> dict:
     """A dry run's JSON report; its stderr when there is none."""
     assert out.returncode == 0 and out.stdout.strip(), f"exit {out.returncode}: {out.stderr[-2000:]}"
@@ -75,46 +85,43 @@ def test_our_own_environment_names_work_too():
     assert report["settings"]["vit"]["enable_vit_cuda_graph"] == "false"
 
 
-def test_a_boolean_environment_setting_takes_the_one_spelling_rule(tiny_moe):
+def test_a_boolean_environment_setting_takes_the_one_spelling_rule(tiny_moe, monkeypatch, capsys):
     """SGLANG_USE_CUDA_IPC_TRANSPORT as any setting's boolean (config.parse_bool): "on" / "off"
     read, a word that is neither refused by name instead of read as off."""
-    argv = ["--model-path", str(tiny_moe), "--dry-run"]
+    argv = ["--model-path", str(tiny_moe)]
     for word, want in (("on", "1"), ("OFF", "0"), ("yes", "1")):
-        out = _run(argv, extra_env={"SGLANG_USE_CUDA_IPC_TRANSPORT": word})
-        assert _report(out)["settings"]["preprocess"]["use_cuda_ipc_transport"] == want
-    out = _run(argv, extra_env={"SGLANG_USE_CUDA_IPC_TRANSPORT": "enabled"})
-    assert out.returncode != 0 and "USE_CUDA_IPC_TRANSPORT: 'enabled' is not a boolean" in out.stderr
+        monkeypatch.setenv("SGLANG_USE_CUDA_IPC_TRANSPORT", word)
+        assert _dry(argv, capsys)["settings"]["preprocess"]["use_cuda_ipc_transport"] == want
+    monkeypatch.setenv("SGLANG_USE_CUDA_IPC_TRANSPORT", "enabled")
+    with pytest.raises(SystemExit, match="USE_CUDA_IPC_TRANSPORT: 'enabled' is not a boolean"):
+        _dry(argv, capsys)
 
 
-def test_features_stay_on_the_gpu_and_the_vit_replays_graphs_by_default_on_a_gpu():
+def test_features_stay_on_the_gpu_and_the_vit_replays_graphs_by_default_on_a_gpu(capsys):
     """--keep-mm-feature-on-device (30 ms of a 1280x720 image's TTFT on an H200) and
     --enable-vit-cuda-graph (15 ms more) are the defaults on a GPU and off on the CPU;
     either way a flag or its --no- form decides, and --disable-cuda-graph turns the ViT's off too."""
     import torch
 
     gpu = "true" if torch.cuda.is_available() else "false"
-    base = ["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run"]
+    base = ["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy"]
     cases = [([], (gpu, gpu)), (["--device", "cpu"], ("false", "false")),
              (["--device", "cpu", "--keep-mm-feature-on-device", "--enable-vit-cuda-graph"], ("true", "true")),
              (["--no-keep-mm-feature-on-device", "--no-enable-vit-cuda-graph"], ("false", "false")),
              (["--keep-mm-feature-on-device"], ("true", gpu)), (["--disable-cuda-graph"], (gpu, "false")),
              (["--disable-cuda-graph", "--enable-vit-cuda-graph"], (gpu, "true"))]
     for extra, want in cases:
-        vit = _report(_run(base + extra))["settings"]["vit"]
+        vit = _dry(base + extra, capsys)["settings"]["vit"]
         assert (vit["keep_mm_feature_on_device"], vit["enable_vit_cuda_graph"]) == want, extra
 
 
-def test_vit_cuda_graph_flag_reaches_the_vit_model():
-    out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
-                "--enable-vit-cuda-graph"])
-    vit = _report(out)["settings"]["vit"]
+def test_vit_cuda_graph_flag_reaches_the_vit_model(capsys):
+    base = ["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy"]
+    vit = _dry([*base, "--enable-vit-cuda-graph"], capsys)["settings"]["vit"]
     assert vit["enable_vit_cuda_graph"] == "true" and vit["vit_warmup_sizes"] == "1280x720"
-    out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
-                "--vit-warmup-sizes", " 1920X1080, 640x480"])
-    assert _report(out)["settings"]["vit"]["vit_warmup_sizes"] == "1920x1080,640x480"
-    out = _run(["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--dry-run",
-                "--vit-warmup-sizes", "none"])
-    assert _report(out)["settings"]["vit"]["vit_warmup_sizes"] == ""
+    vit = _dry([*base, "--vit-warmup-sizes", " 1920X1080, 640x480"], capsys)["settings"]["vit"]
+    assert vit["vit_warmup_sizes"] == "1920x1080,640x480"
+    assert _dry([*base, "--vit-warmup-sizes", "none"], capsys)["settings"]["vit"]["vit_warmup_sizes"] == ""
 
 
 def test_vit_warmup_sizes_are_the_graphs_a_vit_keeps():
@@ -147,15 +154,28 @@ def test_vit_warmup_sizes_are_the_graphs_a_vit_keeps():
     (["--vit-warmup-sizes", "1x1,2x2,3x3,4x4,5x5"], "--vit-warmup-sizes: 5 sizes, at most 4"),
     (["--vit-warmup-sizes", "1280x720,5000x10"], "--vit-warmup-sizes: aspect ratio 500 exceeds 200"),
 ])
-def test_inconsistent_flags_are_refused(tiny_moe, argv, message):
+def test_inconsistent_flags_are_refused(tiny_moe, argv, message, capsys):
+    """In this process (a process a case took ~7 s of the suite): the launcher's own SystemExit, or
+    argparse's message on stderr. The next test checks one refusal through a real process."""
+    from qwen3vl_backend.launch import _main
+
     if message.startswith("--tp") and "--device" not in argv:
         import torch
         if torch.cuda.device_count() >= int(argv[1]):
             pytest.skip("enough GPUs here")
-    # too few GPUs is refused when starting; a dry run reports it and checks the rest (next test)
+    # too few GPUs is refused when starting; a dry run reports it and checks the rest (below)
     dry = [] if message.startswith("--tp 8 needs") else ["--dry-run"]
-    out = _run(["--model-path", str(tiny_moe), *dry, *argv, "--repository", "/nonexistent/never-written"])
-    assert out.returncode != 0 and message in out.stderr
+    with pytest.raises(SystemExit) as refused:
+        _main(["--model-path", str(tiny_moe), *dry, *argv, "--repository", "/nonexistent/never-written"])
+    assert refused.value.code != 0 and message in f"{refused.value.code}\n{capsys.readouterr().err}"
+
+
+def test_a_refusal_ends_the_launcher_process_with_its_message(tiny_moe):
+    out = _run(["--model-path", str(tiny_moe), "--dry-run", "--max-request-body-mb", "0", "--repository",
+                "/nonexistent/never-written"])
+    assert out.returncode == 1 and "--max-request-body-mb must be positive" in out.stderr
+    out = _run(["--model-path", str(tiny_moe), "--dry-run", "--bogus-flag"])
+    assert out.returncode == 2 and "unrecognized arguments: --bogus-flag" in out.stderr
 
 
 # SGLang's guide for 235B-A22B on eight GPUs, our module name, dummy weights (#13)
