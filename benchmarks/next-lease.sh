@@ -18,9 +18,8 @@
 #   gluon (thirty-sixth session; run in the thirty-seventh at 1df4b50, ROWS 2-5x slower and removed).
 #   gluon-moe (thirty-seventh; run at aa9db5e): kernels.gluon_moe 6-12% slower than the table at
 #     16 and 64 tokens, so removed with its part.
-#   gluon-down (thirty-eighth): kernels.gluon_pairs' GPU tests and the pair tests, the pair path's
-#     variants alone (benchmarks.pair_variants), then 30B fp8 c1 in engine_ab with down in Gluon
-#     (first run at 5196028: 9-14% slower, its ids a load a slot; again with them in one load).
+#   gluon-down (thirty-eighth; run at 5196028 and 54b3e0d): kernels.gluon_pairs' down 7-14% slower
+#     in the c1 step, so removed with its part.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -143,18 +142,4 @@ if [ "$PART" = moe ]; then
   tail -12 $W/ab-moe-$COMMIT.txt
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-if [ "$PART" = gluon-down ]; then
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_gluon_pairs.py tests/test_fp8.py -k "gluon or pair" \
-    > $W/gpu-tests-gluon-down-$COMMIT.txt 2>&1
-  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-gluon-down-$COMMIT.txt | head -10
-  timeout 120 python -m benchmarks.pair_variants --dtypes fp8 --out $W > $W/pair-variants-$COMMIT.txt 2>&1
-  grep -v "^{" $W/pair-variants-$COMMIT.txt | tail -8 | cut -c1-120
-  T="E=128,N=768,K=2048,device=NVIDIA_H200,dtype=fp8_w8a8,block=128x128.json"
-  echo "{\"gluon-n8\": {\"$T\": {\"pairs\": {\"1\": {\"GLUON_DOWN\": true}}}},
-         \"gluon-n16\": {\"$T\": {\"pairs\": {\"1\": {\"GLUON_DOWN\": true, \"DOWN_BLOCK_N\": 16}}}}}" > $W/v.json
-  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
-    --concurrency 1 --out-tokens 64 --routing uniform > $W/ab-gluon-down-$COMMIT.txt 2>&1
-  tail -8 $W/ab-gluon-down-$COMMIT.txt | cut -c1-150
-  cd $OUT && tar czf results.tgz w; exit 0
-fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, gluon-down)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe)"; exit 2

@@ -4,9 +4,9 @@ the next), fp8 (128x128 blocks) and bf16, against the table's shape and the byte
 
     python -m benchmarks.pair_variants [--dtypes fp8,bf16] [--out DIR]
 
-A variant is a patch over the table's shape ({} = the table's own, first and last). The
-down-gluon variants run down as kernels.gluon_pairs' kernel (fp8 only). Isolated timings have
-misled before: a winner here is checked inside whole steps by benchmarks.engine_ab.
+A variant is a patch over the table's shape ({} = the table's own). The TMA variants read
+gate_up's weight tiles through tensor descriptors, pipelined `num_stages` deep. Isolated
+timings have misled before: a winner here is checked inside whole steps by benchmarks.engine_ab.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ E, H, INTER, A = 128, 2048, 768, 8
 BLOCK = (128, 128)
 VARIANTS = {
     "table": {},
-    # fp8 only (bf16 ignores the key): down in Gluon, its weights asked for before PDL's wait
-    **{f"down-gluon-n{n}-w{w}": {"GLUON_DOWN": True, "DOWN_BLOCK_N": n, "down_warps": w}
-       for n, w in ((8, 4), (16, 4), (16, 8))},
-    "table-again": {},
+    **{f"up-tma-s{s}": {"TMA": True, "num_stages": s} for s in (2, 3, 4)},
+    **{f"up-tma-n16-s{s}": {"TMA": True, "num_stages": s, "BLOCK_N": 16} for s in (3, 4)},
 }
 
 

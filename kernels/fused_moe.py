@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gluon_dense, gluon_pairs, switches
+from . import gluon_dense, switches
 from .pdl import gdc_enter, gdc_launch, gdc_wait, pdl
 from .tables import device_file, device_table
 
@@ -907,11 +907,8 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
             GROUP_SCALE=fp8 and group_scale_ok(cfg.get("GROUP_SCALE"), cfg["BLOCK_K"], block[1]), **up)
     out = torch.empty_like(x)
     down_n = dividing(cfg["DOWN_BLOCK_N"], block[0]) if fp8 else cfg["DOWN_BLOCK_N"]
-    if fp8 and cfg.get("GLUON_DOWN") and gluon_pairs.down_ok(w2, top_k, block, down_n, cfg["down_warps"]):
-        return gluon_pairs.down(act, w2, ids, weights, out, s2, top_k, block, down_n, cfg["down_warps"], prefetch,
-                                pdl(x))
-    # (down through a TMA descriptor, pipelined by Triton after PDL's wait, was slower in every shape
-    # tried on an H200 and is gone: NOTES, thirtieth session)
+    # (down through a TMA descriptor was slower in every shape tried on an H200 and is gone: NOTES,
+    # thirtieth session)
     _pair_down_kernel[(m, triton.cdiv(h, down_n))](
         act, w2, ids, weights, out, s2, h, inter, top_k, e, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         s2.stride(0), s2.stride(1), TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_N=down_n,
