@@ -36,7 +36,7 @@ def _run(argv, env=None, extra_env=None):
 
 
 def _dry(argv, capsys) -> dict:
-    """A dry run's report from this process (a launcher process costs ~6 s of the suite): the
+    """A dry run's report from this process (a launcher process took ~6 s a call), in the
     environment as the caller's monkeypatch left it."""
     from qwen3vl_backend.launch import _main
 
@@ -154,11 +154,16 @@ def test_vit_warmup_sizes_are_the_graphs_a_vit_keeps():
     (["--vit-warmup-sizes", "1x1,2x2,3x3,4x4,5x5"], "--vit-warmup-sizes: 5 sizes, at most 4"),
     (["--vit-warmup-sizes", "1280x720,5000x10"], "--vit-warmup-sizes: aspect ratio 500 exceeds 200"),
 ])
-def test_inconsistent_flags_are_refused(tiny_moe, argv, message, capsys):
-    """In this process (a process a case took ~7 s of the suite): the launcher's own SystemExit, or
-    argparse's message on stderr. The next test checks one refusal through a real process."""
-    from qwen3vl_backend.launch import _main
+def test_inconsistent_flags_are_refused(tiny_moe, argv, message, capsys, monkeypatch):
+    """In this process (a launcher process took ~7 s a case): the launcher's own SystemExit, or
+    argparse's message on stderr; a case not refused fails before anything is written or started.
+    The next test checks one refusal through a real process."""
+    from qwen3vl_backend import launch
 
+    def started(*args, **kwargs):
+        raise AssertionError(f"{argv} was not refused")
+
+    monkeypatch.setattr(launch, "write_repository", started)
     if message.startswith("--tp") and "--device" not in argv:
         import torch
         if torch.cuda.device_count() >= int(argv[1]):
@@ -166,7 +171,7 @@ def test_inconsistent_flags_are_refused(tiny_moe, argv, message, capsys):
     # too few GPUs is refused when starting; a dry run reports it and checks the rest (below)
     dry = [] if message.startswith("--tp 8 needs") else ["--dry-run"]
     with pytest.raises(SystemExit) as refused:
-        _main(["--model-path", str(tiny_moe), *dry, *argv, "--repository", "/nonexistent/never-written"])
+        launch._main(["--model-path", str(tiny_moe), *dry, *argv, "--repository", "/nonexistent/never-written"])
     assert refused.value.code != 0 and message in f"{refused.value.code}\n{capsys.readouterr().err}"
 
 
