@@ -51,9 +51,20 @@ def tiny_fp8_moe():
                                            ("tiny_dense", [("--tp", "2")]),
                                            ("tiny_fp8_moe", [("--tp", "2", "--ep", "2")])])
 def test_cli_tp_and_ep_give_the_tp1_tokens(model, layouts, request):
+    """The CLI's tokens at each layout against tp 1's, run by the CLI's own `run` in this process
+    (one engine for both requests: a CLI process a request took ~7 s of the suite)."""
+    from qwen3vl_backend.config import EngineConfig
+    from qwen3vl_backend.engine.llm_engine import LLMEngine
+    from qwen3vl_backend.generate import run
+
     path = request.getfixturevalue(model)
-    for messages in MESSAGES:
-        want = _tokens(path, messages)
+    engine = LLMEngine(EngineConfig(model_path=str(path), device="auto", dtype="float32"))
+    try:
+        wants = [run(str(path), {"messages": m, "temperature": 0}, 10, engine=engine)["output_token_ids"]
+                 for m in MESSAGES]
+    finally:
+        engine.close()
+    for messages, want in zip(MESSAGES, wants):
         for flags in layouts:
             assert _tokens(path, messages, *flags) == want, flags
 
