@@ -26,9 +26,17 @@ MESSAGES = [
 ]
 
 
-def _cli(path, messages, *flags, tokens=10, timeout=300):
+CLI_TOKENS = 10
+
+
+def _greedy(messages) -> dict:
+    """The request body the CLI is given: greedy decoding of `messages`."""
+    return {"messages": messages, "temperature": 0}
+
+
+def _cli(path, messages, *flags, tokens=CLI_TOKENS, timeout=300):
     req = CACHE / f"parallel-request-{abs(hash(json.dumps(messages))) % 10**8}.json"
-    req.write_text(json.dumps({"messages": messages, "temperature": 0}))
+    req.write_text(json.dumps(_greedy(messages)))
     return subprocess.run([sys.executable, "-m", "qwen3vl_backend.generate", "--model-path", str(path), "--request",
                            str(req), "--max-tokens", str(tokens), "--dtype", "float32", *flags], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
@@ -60,8 +68,7 @@ def test_cli_tp_and_ep_give_the_tp1_tokens(model, layouts, request):
     path = request.getfixturevalue(model)
     engine = LLMEngine(EngineConfig(model_path=str(path), device="auto", dtype="float32"))
     try:
-        wants = [run(str(path), {"messages": m, "temperature": 0}, 10, engine=engine)["output_token_ids"]
-                 for m in MESSAGES]
+        wants = [run(str(path), _greedy(m), CLI_TOKENS, engine=engine)["output_token_ids"] for m in MESSAGES]
     finally:
         engine.close()
     for messages, want in zip(MESSAGES, wants):
