@@ -20,8 +20,8 @@
 #     16 and 64 tokens, so removed with its part.
 #   gluon-down (thirty-eighth; run at 5196028 and 54b3e0d): kernels.gluon_pairs' down 7-14% slower
 #     in the c1 step, so removed with its part.
-#   route (thirty-ninth): ROUTE_IN_PAIRS' GPU tests, then 30B fp8 c1 in engine_ab, the switch on,
-#     off, on (base first and last); route-bf16: 30B bf16 c1 the same, then an fp8 c1 profile with it.
+#   route (thirty-ninth; run at fb20bcb): ROUTE_IN_PAIRS, the pair kernels taking the top-k from the
+#     router's logits, 0.8-0.9% slower at fp8 c1, so removed with its part.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -144,24 +144,4 @@ if [ "$PART" = moe ]; then
   tail -12 $W/ab-moe-$COMMIT.txt
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-if [ "$PART" = route ] || [ "$PART" = route-bf16 ]; then
-  echo '{"route": {"env": {"QWEN3VL_ROUTE_IN_PAIRS": "1"}}, "off": {"env": {"QWEN3VL_ROUTE_IN_PAIRS": "0"}},
-         "route-again": {"env": {"QWEN3VL_ROUTE_IN_PAIRS": "1"}}}' > $W/v.json
-  if [ "$PART" = route ]; then
-    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py tests/test_fp8.py \
-      -k "switches_keep or norm_logits or norm_route or pending or pair" > $W/gpu-tests-route-$COMMIT.txt 2>&1
-    grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-route-$COMMIT.txt | head -10
-    timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
-      --concurrency 1 --out-tokens 64 --routing uniform > $W/ab-route-fp8-$COMMIT.txt 2>&1
-    tail -8 $W/ab-route-fp8-$COMMIT.txt | cut -c1-150
-  else
-    timeout 400 python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG \
-      --concurrency 1 --out-tokens 64 --routing uniform > $W/ab-route-bf16-$COMMIT.txt 2>&1
-    tail -8 $W/ab-route-bf16-$COMMIT.txt | cut -c1-150
-    QWEN3VL_ROUTE_IN_PAIRS=1 timeout $(left 585) python -m benchmarks.engine --config $CONFIG-FP8 --concurrency 1 \
-      --out-tokens 16 --routing uniform --profile --out $W > $W/profile-route-$COMMIT.txt 2>&1
-    tail -3 $W/profile-route-$COMMIT.txt | cut -c1-150
-  fi
-  cd $OUT && tar czf results.tgz w; exit 0
-fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, route, route-bf16)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe)"; exit 2

@@ -18,7 +18,6 @@ also does the RMSNorm before it and the router's GEMV, for one token (batch-1 de
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -527,27 +526,17 @@ def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tup
 
 
 @triton.jit
-def _pair_gate_up_entry(ids_ptr, top_k, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, route_ptr, stride_rm, route_e,
-                        route_first, route_n_local, ROUTE_K: tl.constexpr, ROUTE_KP: tl.constexpr,
-                        E_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
+def _pair_gate_up_entry(ids_ptr, top_k, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """A gate_up program's start: PDL's launch and wait (PREFETCH: the wait first, so that the
     down kernel after it launches only once the router's kernel has finished), then its pair,
-    column block, token and expert id: `ids_ptr`'s, or (ROUTE_K, a PendingRouting's top-k) its
-    slot's of the token's routing, taken here from the router's logits."""
+    column block, token and expert id."""
     if PREFETCH:
         gdc_wait(USE_PDL)
         gdc_launch(USE_PDL)
     else:
         gdc_enter(USE_PDL)
     pair = tl.program_id(0)
-    token = pair // top_k
-    if ROUTE_K:
-        _, ids = _route_logits(route_ptr, token, stride_rm, route_e, route_first, route_n_local, ROUTE_K, ROUTE_KP,
-                               E_PAD, RENORMALIZE)
-        expert = tl.sum(tl.where(tl.arange(0, ROUTE_KP) == pair - token * top_k, ids, 0), 0)
-    else:
-        expert = tl.load(ids_ptr + pair)
-    return pair, tl.program_id(1), token, expert
+    return pair, tl.program_id(1), pair // top_k, tl.load(ids_ptr + pair)
 
 
 @triton.jit
@@ -575,9 +564,7 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                          USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False, route_ptr=None, stride_rm=0, route_e=0, route_first=0,
-                         route_n_local=0, ROUTE_K: tl.constexpr = 0, ROUTE_KP: tl.constexpr = 1,
-                         E_PAD: tl.constexpr = 1, RENORMALIZE: tl.constexpr = False):
+                         PREFETCH: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns.
     GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
@@ -585,8 +572,7 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     (the router's) has finished, so that down may read the routing before its own wait.
     (Loading each K step's weights a step ahead in registers, PIPE, was slower in the step at
     every shape tried: NOTES, twenty-seventh session.)"""
-    pair, pid_n, token, expert = _pair_gate_up_entry(ids_ptr, top_k, USE_PDL, PREFETCH, route_ptr, stride_rm, route_e,
-                                                     route_first, route_n_local, ROUTE_K, ROUTE_KP, E_PAD, RENORMALIZE)
+    pair, pid_n, token, expert = _pair_gate_up_entry(ids_ptr, top_k, USE_PDL, PREFETCH)
     expert = expert.to(tl.int64)
     if expert >= num_experts:             # another rank's expert (expert parallelism): its row is never read
         return
@@ -637,9 +623,7 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                       USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False, route_ptr=None, stride_rm=0, route_e=0, route_first=0,
-                      route_n_local=0, ROUTE_K: tl.constexpr = 0, E_PAD: tl.constexpr = 1,
-                      RENORMALIZE: tl.constexpr = False):
+                      PREFETCH: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
@@ -648,9 +632,7 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     before letting this one launch): the routing and the first K step's weights are read before
     the wait for gate_up (which writes neither). Another rank's expert (id E) has no scale row:
     its slot reads expert 0's (finite, times zero activations and weight; GROUP_SCALE's loads are
-    not masked by slot). ROUTE_K (a PendingRouting's top-k, TOP_K_PAD its power of two): the
-    token's routing is taken here from the router's logits (before the wait with PREFETCH: the
-    router's kernel finished before gate_up let this one launch). (Each slot a 2-D tile of its own, summed into one accumulator, took 96
+    not masked by slot). (Each slot a 2-D tile of its own, summed into one accumulator, took 96
     registers against this tile's 240 on sm_90 and was slower in every shape tried on an H200:
     NOTES, thirty-first session.)"""
     if PREFETCH:
@@ -662,17 +644,10 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     slots = tl.arange(0, TOP_K_PAD)
     slot_ok = slots < top_k
     pairs = token * top_k + slots
-    if ROUTE_K:
-        weights, experts = _route_logits(route_ptr, token, stride_rm, route_e, route_first, route_n_local, ROUTE_K,
-                                         TOP_K_PAD, E_PAD, RENORMALIZE)
-        experts = experts.to(tl.int64)
-        slot_ok = slot_ok & (experts < num_experts)
-        weights = tl.where(slot_ok, weights, 0.0)
-    else:
-        experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
-        slot_ok = slot_ok & (experts < num_experts)
-        weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
+    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
+    slot_ok = slot_ok & (experts < num_experts)
     experts = tl.where(slot_ok, experts, 0)
+    weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -707,9 +682,7 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
                              stride_xm, stride_am, stride_se, stride_sn,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                              HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                             USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, route_ptr=None,
-                             stride_rm=0, route_e=0, route_first=0, route_n_local=0, ROUTE_K: tl.constexpr = 0,
-                             ROUTE_KP: tl.constexpr = 1, E_PAD: tl.constexpr = 1, RENORMALIZE: tl.constexpr = False):
+                             USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """_pair_gate_up_kernel with its weight tiles read through a TMA tensor descriptor (`w_desc`:
     w13 as (E * 2I, K) rows, a (BLOCK_N, BLOCK_K) box, zero past its edges), which Triton keeps
     STAGES - 1 K steps ahead in shared memory (the plain kernel's register loads, feeding no
@@ -717,8 +690,7 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
     per column would be pipelined too, as 4-byte async copies, and bound the kernel by L1 (Nsight
     Compute on the H200, NOTES). Rows past the intermediate size read the next rows (up's, or
     the next expert's: finite) and are not stored."""
-    pair, pid_n, token, expert = _pair_gate_up_entry(ids_ptr, top_k, USE_PDL, PREFETCH, route_ptr, stride_rm, route_e,
-                                                     route_first, route_n_local, ROUTE_K, ROUTE_KP, E_PAD, RENORMALIZE)
+    pair, pid_n, token, expert = _pair_gate_up_entry(ids_ptr, top_k, USE_PDL, PREFETCH)
     if expert >= num_experts:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -907,34 +879,23 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     weights and the top-k combine per token (two launches). With scales, w13/w2 are fp8 blocks
     dequantized in registers. `config` overrides the table's keys it names. `prefetch`: the
     kernels' PREFETCH, down reading its routing and first weights before PDL's wait (default
-    kernels.switches.PDL_PREFETCH). `topk_weights` may be a PendingRouting (`topk_ids` None): both
-    kernels then route its logits themselves."""
+    kernels.switches.PDL_PREFETCH)."""
     prefetch = switches.PDL_PREFETCH if prefetch is None else prefetch
     m, h = x.shape
     e, two_i, _ = w13.shape
-    pending = topk_weights if isinstance(topk_weights, PendingRouting) else None
-    top_k = pending.top_k if pending else topk_ids.shape[1]
+    top_k = topk_ids.shape[1]
     inter = two_i // 2
     if w13.stride(-1) != 1 or w2.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError("fused_moe_pairs needs the last dims of x, w13 and w2 contiguous")
     fp8 = w13_scale is not None
     cfg = {**pair_config(e, inter, h, m, x.device, tuple(block) if fp8 else None), **(config or {})}
     s13, s2 = (w13_scale, w2_scale) if fp8 else (w13, w2)
-    if pending:
-        if pending.logits.shape[0] != m or pending.logits.dtype != torch.float32 or pending.logits.stride(-1) != 1:
-            raise ValueError(f"fused_moe_pairs: pending routing's logits {tuple(pending.logits.shape)} "
-                             f"{pending.logits.dtype} for {m} tokens: (M, E) float32, rows contiguous")
-        route_args, route_keys = pending.kernel_args()
-        routed = dict(zip(("route_ptr", "stride_rm", "route_e", "route_first", "route_n_local"), route_args))
-        ids = weights = pending.logits             # not read
-    else:
-        routed, route_keys = {}, {}
-        ids = topk_ids.to(torch.int32).contiguous()
-        weights = topk_weights.to(torch.float32).contiguous()
+    ids = topk_ids.to(torch.int32).contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
     up_n = dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
     up = dict(BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
-              num_warps=cfg["num_warps"], PREFETCH=prefetch, **routed, **route_keys, **pdl(x))
+              num_warps=cfg["num_warps"], PREFETCH=prefetch, **pdl(x))
     if cfg.get("TMA") and tma_rows_ok(w13, up_n, cfg["BLOCK_K"], block if fp8 else None):
         _pair_gate_up_tma_kernel[(m * top_k, triton.cdiv(inter, up_n))](
             x, tma_rows(w13, up_n, cfg["BLOCK_K"]), ids, act, s13, inter, h, top_k, e, x.stride(0), act.stride(0),
@@ -954,7 +915,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
-        PREFETCH=prefetch, **routed, **{k: v for k, v in route_keys.items() if k != "ROUTE_KP"}, **pdl(x))
+        PREFETCH=prefetch, **pdl(x))
     return out
 
 
@@ -993,13 +954,13 @@ def tma_rows(w: torch.Tensor, block_n: int, block_k: int):
 
 
 @triton.jit
-def _route_topk(logits, offs, ok, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
-                RENORMALIZE: tl.constexpr):
+def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K: tl.constexpr,
+               TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
     """One row's routing from its logits (float32): the top-k by logit, largest first (ties to the
     lower id), one reduction each; their softmax weights over all experts, or over the top-k
-    alone when RENORMALIZE (the same numbers as softmax -> top-k -> renormalise). -> (weights,
-    ids), TOP_K_PAD of each, as this rank's experts see them: id - first where that is below
-    n_local, else n_local (the sentinel) with weight 0 (no expert parallelism: first 0, n_local E)."""
+    alone when RENORMALIZE (the same numbers as softmax -> top-k -> renormalise). Stored as this
+    rank's experts see them: id - first where that is below n_local, else n_local (the sentinel)
+    with weight 0 (no expert parallelism: first 0, n_local E)."""
     slots = tl.arange(0, TOP_K_PAD)
     vals = tl.full((TOP_K_PAD,), float("-inf"), tl.float32)
     ids = tl.zeros((TOP_K_PAD,), tl.int32)
@@ -1017,27 +978,8 @@ def _route_topk(logits, offs, ok, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD
         norm = tl.sum(tl.where(ok, tl.exp(logits - top), 0.0), 0)
     local = ids - first
     mine = (local >= 0) & (local < n_local)
-    return tl.where(mine, e / norm, 0.0), tl.where(mine, local, n_local)
-
-
-@triton.jit
-def _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K: tl.constexpr,
-               TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """_route_topk's weights and ids, stored as row `row` of (T, TOP_K)."""
-    slots = tl.arange(0, TOP_K_PAD)
-    weights, ids = _route_topk(logits, offs, ok, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
-    tl.store(weights_ptr + row * TOP_K + slots, weights, mask=slots < TOP_K)
-    tl.store(ids_ptr + row * TOP_K + slots, ids, mask=slots < TOP_K)
-
-
-@triton.jit
-def _route_logits(logits_ptr, row, stride_lm, E, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
-                  E_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """_route_topk on row `row` of a (T, E) float32 logits tensor (a PendingRouting's)."""
-    offs = tl.arange(0, E_PAD)
-    ok = offs < E
-    logits = tl.load(logits_ptr + row * stride_lm + offs, mask=ok, other=float("-inf"))
-    return _route_topk(logits, offs, ok, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
+    tl.store(weights_ptr + row * TOP_K + slots, tl.where(mine, e / norm, 0.0), mask=slots < TOP_K)
+    tl.store(ids_ptr + row * TOP_K + slots, tl.where(mine, local, n_local), mask=slots < TOP_K)
 
 
 @triton.jit
@@ -1154,15 +1096,13 @@ def gate_route(h: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormali
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
                        ids_ptr, count_ptr, D, E, eps, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
                        RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                       ROUTE: tl.constexpr = True):
+                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """One token (BLOCK_D >= D: every load is issued at once). Each program: s = x + residual and
     h = RMSNorm(s) (program 0 writes both), then the router logits of its BLOCK_E experts, rounded
     to h's dtype as the router's linear layer would. The program that finishes last (an atomic
     count) routes the token as `route` does and resets the count for the next launch. FIXED:
     route on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs).
-    PREFETCH (with PDL): the router's rows are read before the wait for the kernel before.
-    ROUTE False: the logits only (no count, no routing): the pair kernels route them (`norm_logits`)."""
+    PREFETCH (with PDL): the router's rows are read before the wait for the kernel before."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -1184,8 +1124,6 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
         tl.store(h_ptr + d, h, mask=d_ok)
     logits = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], 1)
     tl.store(logits_ptr + offs_e, logits.to(h_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
-    if not ROUTE:
-        return
     # release this program's logits; the last one to arrive sees everyone's
     count = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if count == tl.num_programs(0) - 1:
@@ -1229,73 +1167,28 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T, ..., first_expert,
     num_local)` give them. `config`: the launch shape (norm_route_config's keys), else the table's.
     `prefetch`: the kernel's PREFETCH (default kernels.switches.PDL_PREFETCH)."""
-    if counter.dtype != torch.int32:
-        raise ValueError(f"norm_route: the arrival count is one int32, not {counter.dtype}")
-    return _norm_router(x, residual, norm_weight, eps, gate_weight, top_k, renormalize, counter, fixed_logits,
-                        first_expert, num_local, config, prefetch)
-
-
-def norm_logits(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                gate_weight: torch.Tensor, top_k: int, renormalize: bool, fixed_logits: torch.Tensor | None = None,
-                first_expert: int = 0, num_local: int | None = None, config: dict | None = None,
-                prefetch: bool | None = None):
-    """`norm_route` without the routing (no arrival count, no last program's top-k): -> (h, x +
-    residual, PendingRouting of the router's logits, or of `fixed_logits`), which the MoE's pair
-    kernels route themselves (kernels.switches.ROUTE_IN_PAIRS)."""
-    return _norm_router(x, residual, norm_weight, eps, gate_weight, top_k, renormalize, None, fixed_logits,
-                        first_expert, num_local, config, prefetch)
-
-
-def _norm_router(x, residual, norm_weight, eps, gate_weight, top_k, renormalize, counter, fixed_logits, first_expert,
-                 num_local, config, prefetch):
-    """norm_route's launch; `counter` None: norm_logits'."""
     m, d = x.shape
     e = gate_weight.shape[0]
     if (m != 1 or d > NORM_ROUTE_MAX_D or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
-            or not (x.is_contiguous() and residual.is_contiguous() and gate_weight.is_contiguous())):
+            or not (x.is_contiguous() and residual.is_contiguous() and gate_weight.is_contiguous())
+            or counter.dtype != torch.int32):
         raise ValueError(f"norm_route: x {tuple(x.shape)}, residual {tuple(residual.shape)}, gate "
                          f"{tuple(gate_weight.shape)}, top_k {top_k}: one token of at most {NORM_ROUTE_MAX_D}, "
                          f"contiguous")
     h, new_res = torch.empty_like(x), torch.empty_like(x)
-    logits = torch.empty(1, e, dtype=torch.float32, device=x.device)
-    route = counter is not None
-    weights = torch.empty(1, top_k, dtype=torch.float32, device=x.device) if route else logits
-    ids = torch.empty(1, top_k, dtype=torch.int32, device=x.device) if route else logits
+    logits = torch.empty(e, dtype=torch.float32, device=x.device)
+    weights = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(1, top_k, dtype=torch.int32, device=x.device)
     cfg = {**norm_route_config(d, e, x.device), **(config or {})}
     block_e = cfg["BLOCK_E"]
     fixed = fixed_logits if fixed_logits is not None else logits
     _norm_route_kernel[(triton.cdiv(e, block_e),)](
-        x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter if route else logits,
-        d, e, eps, first_expert, e if num_local is None else num_local, TOP_K=top_k,
-        TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, FIXED=fixed_logits is not None,
-        BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d), E_PAD=triton.next_power_of_2(e), num_warps=cfg["num_warps"],
-        PREFETCH=switches.PDL_PREFETCH if prefetch is None else prefetch, ROUTE=route, **pdl(x))
-    if route:
-        return h, new_res, weights, ids
-    source = logits if fixed_logits is None else fixed_logits.reshape(1, e).float().contiguous()
-    return h, new_res, PendingRouting(source, top_k, renormalize, first_expert, num_local)
-
-
-@dataclasses.dataclass(frozen=True)
-class PendingRouting:
-    """A batch's routing not yet taken: its router logits (T, E) float32, contiguous, and `route`'s
-    arguments. The pair kernels route them inside their own launches (kernels.switches.
-    ROUTE_IN_PAIRS: no routing launch or arrival count before them); `resolve` runs `route`."""
-    logits: torch.Tensor
-    top_k: int
-    renormalize: bool
-    first_expert: int = 0
-    num_local: int | None = None
-
-    def resolve(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(self.logits, self.top_k, self.renormalize, self.first_expert, self.num_local)
-
-    def kernel_args(self) -> tuple[tuple, dict]:
-        """The pair kernels' routing arguments: (pointer, row stride, E, first, n_local), constexprs."""
-        t, e = self.logits.shape
-        args = (self.logits, self.logits.stride(0), e, self.first_expert, e if self.num_local is None else self.num_local)
-        return args, dict(ROUTE_K=self.top_k, ROUTE_KP=triton.next_power_of_2(self.top_k),
-                          E_PAD=triton.next_power_of_2(e), RENORMALIZE=self.renormalize)
+        x, residual, norm_weight, h, new_res, gate_weight, logits, fixed, weights, ids, counter, d, e, eps,
+        first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
+        RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
+        E_PAD=triton.next_power_of_2(e), num_warps=cfg["num_warps"],
+        PREFETCH=switches.PDL_PREFETCH if prefetch is None else prefetch, **pdl(x))
+    return h, new_res, weights, ids
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -1305,20 +1198,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
     blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
-    (expert parallelism), which add nothing here. `topk_weights` may be a PendingRouting
-    (`topk_ids` None): the pair path routes it inside its kernels, the sorted path here first."""
+    (expert parallelism), which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
-    fp8_block = tuple(block) if w13_scale is not None else None
-    if isinstance(topk_weights, PendingRouting):
-        if h2 == h and w2.shape == (e, h, two_i // 2) and m and _sorted_path(m, w13, x.device, fp8_block, config) is None:
-            return fused_moe_pairs(x, w13, w2, topk_weights, None, None, w13_scale, w2_scale, block)
-        topk_weights, topk_ids = topk_weights.resolve()
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
         raise ValueError(f"fused_moe shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
                          f"w2 {tuple(w2.shape)}, topk {tuple(topk_ids.shape)}")
     if m == 0:
         return torch.empty_like(x)
+    fp8_block = tuple(block) if w13_scale is not None else None
     path = _sorted_path(m, w13, x.device, fp8_block, config)
     if path is None:
         return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)

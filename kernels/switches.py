@@ -48,10 +48,6 @@ at concurrency 1 / 16 / 64:
   step ahead, instead of in the step. The fused MoE at 954 / 2048 / 4096 tokens 1.0-2.1% faster
   (gate_up's global-load stalls ~2.0 -> ~1.6 a instruction in Nsight Compute); decode steps at
   1 / 16 / 64 unchanged (thirty-third session).
-- ROUTE_IN_PAIRS (QWEN3VL_ROUTE_IN_PAIRS), off: batch-1 decode's norm + router launch stops at the
-  logits (kernels.fused_moe.norm_logits: no arrival count, no last program's top-k), and the MoE
-  pair kernels each take the token's top-k from them: gate_up after its wait, its slot's expert;
-  down before its wait, the weights too. The same ids, weights and bits. Not yet measured on a GPU.
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
@@ -74,7 +70,6 @@ PREFETCH_MAX_SEQS = 16          # decode attention's PREFETCH for batches up to 
 FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
-ROUTE_IN_PAIRS = _on("QWEN3VL_ROUTE_IN_PAIRS")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
 VIT_FUSED_NORM = _on("QWEN3VL_VIT_FUSED_NORM", "1")
 VIT_GELU_EPILOGUE = _on("QWEN3VL_VIT_GELU_EPILOGUE", "1")

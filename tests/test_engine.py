@@ -251,22 +251,19 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     pays for every program, so the launches are kept small. `prep_in_attention`: all four
     switches on (else all off; PDL_PREFETCH is on by default), QWEN3VL_FUSED_DECODE_PREP (decode steps' q/k prep inside the attention
     kernel), QWEN3VL_PDL_PREFETCH (the kernels' reads before PDL's wait), QWEN3VL_FUSED_ROUTER
-    (the router and the routing in one launch: the prefill's 12 tokens here),
-    QWEN3VL_FUSED_INPUT_NORM (decode's input norm inside the qkv GEMV) and QWEN3VL_ROUTE_IN_PAIRS
-    (decode's norm + router launch stops at the logits, norm_logits; the pair kernels route)."""
+    (the router and the routing in one launch: the prefill's 12 tokens here) and
+    QWEN3VL_FUSED_INPUT_NORM (decode's input norm inside the qkv GEMV)."""
     import kernels.attention
     import kernels.fused_moe
     from kernels import switches
     from qwen3vl_backend.engine.model_runner import select_kernels
 
-    for switch in ("FUSED_DECODE_PREP", "PDL_PREFETCH", "FUSED_ROUTER", "FUSED_INPUT_NORM", "ROUTE_IN_PAIRS"):
+    for switch in ("FUSED_DECODE_PREP", "PDL_PREFETCH", "FUSED_ROUTER", "FUSED_INPUT_NORM"):
         monkeypatch.setattr(switches, switch, prep_in_attention)
 
     calls = []
-    for name in ("norm_route", "norm_logits"):
-        fn = getattr(kernels.fused_moe, name)
-        monkeypatch.setattr(kernels.fused_moe, name,
-                            lambda *a, _fn=fn, _name=name, **k: calls.append((_name, a[0].shape[0])) or _fn(*a, **k))
+    norm_route = kernels.fused_moe.norm_route
+    monkeypatch.setattr(kernels.fused_moe, "norm_route", lambda *a: calls.append(a[0].shape[0]) or norm_route(*a))
     monkeypatch.setattr(kernels.attention, "MAX_SPLITS", 2)
     small = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 64, "down_warps": 4}
     monkeypatch.setattr(kernels.fused_moe, "PAIR_CONFIGS", {1: small})
@@ -283,8 +280,7 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     short = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
     assert len(prompts[0].prompt_ids) + short.max_tokens - 1 > engine.cfg.block_size
     assert engine.generate([prompts[0]], short)[0]["output_token_ids"] == reference[0][:short.max_tokens]
-    # decode; the prefill's 12 tokens take the unfused path
-    assert calls and set(calls) == {("norm_logits" if prep_in_attention else "norm_route", 1)}
+    assert calls and set(calls) == {1}         # decode; the prefill's 12 tokens take the unfused path
 
 
 def test_triton_vision_attention_gives_the_same_output(tiny_moe, prompts, reference):

@@ -719,54 +719,6 @@ def test_moe_pairs_gate_up_through_a_tma_descriptor(fp8, i, block_k, prefetch, s
     assert _rel(tma, _local_reference(x, w, ids, d13, d2)) < KTOL
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("variant", [{}, {"TMA": True, "prefetch": True}, {"prefetch": True, "renormalize": False}])
-def test_moe_pairs_route_pending_logits_to_the_same_bits(fp8, variant):
-    """ROUTE_IN_PAIRS: given a PendingRouting (the router's logits), gate_up takes each program's
-    expert and down the token's experts and weights from the logits themselves. The same bits as
-    the kernels given `route`'s ids and weights, plain and through TMA, PREFETCH (down routes
-    before its wait) or not, renormalised or not, under expert parallelism (this rank holds 6 of
-    12 experts; scale rows before NaNs; token 1's experts all elsewhere); fused_moe takes the pair
-    path with it at one token and routes it itself for the sorted path."""
-    from kernels import fused_moe as fm
-
-    m, e_all, first, local, a, h, i, block = 3, 12, 6, 6, 3, 96, 64, (32, 32)
-    renormalize, prefetch = variant.get("renormalize", True), variant.get("prefetch", False)
-    q13, s13, q2, s2, d13, d2 = _fp8_experts(local, h, i, block, DEV)
-    s13, s2 = (torch.cat([t, torch.full_like(t[:1], float("nan"))])[:local] for t in (s13, s2))
-    g = torch.Generator().manual_seed(len(variant) + fp8)
-    x = torch.randn(m, h, generator=g).to(DEV)
-    logits = torch.randn(m, e_all, generator=g)
-    logits[1, first:] -= 10                                 # token 1: its top 3 on the other rank
-    logits = logits.to(DEV)
-    w, ids = fm.route(logits, a, renormalize, first, local)
-    assert (ids[1] == local).all() and (ids < local).any() and (ids == local).any()
-    pending = fm.PendingRouting(logits, a, renormalize, first, local)
-    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 32, "down_warps": 4,
-           "TMA": variant.get("TMA", False)}
-    weights = (q13, q2, s13, s2) if fp8 else (d13, d2, None, None)
-    given = fm.fused_moe_pairs(x, weights[0], weights[1], w, ids, cfg, weights[2], weights[3], block,
-                               prefetch=prefetch)
-    routed = fm.fused_moe_pairs(x, weights[0], weights[1], pending, None, cfg, weights[2], weights[3], block,
-                                prefetch=prefetch)
-    torch.testing.assert_close(routed, given, rtol=0, atol=0)
-    assert routed.isfinite().all() and not routed[1].any()
-    assert _rel(routed, _local_reference(x, w, ids, d13, d2)) < KTOL
-    one = fm.PendingRouting(logits[2:].contiguous(), a, renormalize, first, local)
-    torch.testing.assert_close(fm.fused_moe(x[2:], weights[0], weights[1], one, None, None, weights[2], weights[3],
-                                            block, sentinel=True),
-                               fm.fused_moe(x[2:], weights[0], weights[1], w[2:], ids[2:], None, weights[2],
-                                            weights[3], block, sentinel=True), rtol=0, atol=0)
-    sorted_cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
-    torch.testing.assert_close(fm.fused_moe(x, weights[0], weights[1], pending, None, sorted_cfg, weights[2],
-                                            weights[3], block, sentinel=True),
-                               fm.fused_moe(x, weights[0], weights[1], w, ids, sorted_cfg, weights[2], weights[3],
-                                            block, sentinel=True), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="pending routing"):
-        fm.fused_moe_pairs(x, weights[0], weights[1], fm.PendingRouting(logits[:2].contiguous(), a, True), None, cfg,
-                           weights[2], weights[3], block)
-
-
 def test_tma_rows_refuses_what_a_descriptor_cannot_read():
     """A descriptor needs contiguous rows 16 bytes apart and power-of-two box sides of at most 256
     (at least 16 bytes a box row), and fp8 scale blocks a power of two wide: anything else keeps

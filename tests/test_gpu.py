@@ -99,21 +99,18 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
     assert int(replayed.argmax()) == int(direct.argmax())
 
 
-@pytest.mark.parametrize("prefetch,prep,router,norm,late,quant", [(True, False, False, False, False, ""),
-                                                                  (False, True, False, False, False, ""),
-                                                                  (False, False, True, False, False, ""),
-                                                                  (False, False, False, True, False, ""),
-                                                                  (False, False, False, False, True, ""),
-                                                                  (False, False, False, False, True, "fp8"),
-                                                                  (True, True, True, True, True, ""),
-                                                                  (True, True, True, True, True, "fp8")])
-def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, router, norm, late, quant):
+@pytest.mark.parametrize("prefetch,prep,router,norm,quant", [(True, False, False, False, ""),
+                                                             (False, True, False, False, ""),
+                                                             (False, False, True, False, ""),
+                                                             (False, False, False, True, ""),
+                                                             (True, True, True, True, ""),
+                                                             (True, True, True, True, "fp8")])
+def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, router, norm, quant):
     """QWEN3VL_PDL_PREFETCH: decode attention, norm + router and the MoE pair path's down read the
     KV cache (all but the newest position), the router and the routing + first expert weights
     before PDL's wait. QWEN3VL_FUSED_DECODE_PREP: decode's q/k prep inside the attention kernel,
     which writes the newest K/V itself. QWEN3VL_FUSED_ROUTER: the router and the routing in one
-    launch. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the qkv GEMV.
-    QWEN3VL_ROUTE_IN_PAIRS: batch-1 decode's pair kernels route the router's logits. Captured graphs with
+    launch. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the qkv GEMV. Captured graphs with
     them give the tokens they give without (a stale newest K/V or routing would change them); also
     on the tiny FP8 checkpoint (the W8A8 and fp8 pair kernels)."""
     from conftest import CACHE
@@ -132,7 +129,6 @@ def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, 
         monkeypatch.setattr(switches, "FUSED_DECODE_PREP", prep and on)
         monkeypatch.setattr(switches, "FUSED_ROUTER", router and on)
         monkeypatch.setattr(switches, "FUSED_INPUT_NORM", norm and on)
-        monkeypatch.setattr(switches, "ROUTE_IN_PAIRS", late and on)
         engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
                                         cuda_graph_max_bs=8))
         processor = Processor(path, engine.tokenizer)

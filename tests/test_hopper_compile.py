@@ -42,8 +42,7 @@ def test_every_kernel_compiles(compiled):
 
 
 @pytest.mark.parametrize("name", ["paged_decode PREFETCH", "paged_decode PREFETCH PREP", "pair down PREFETCH",
-                                  "pair down PREFETCH ROUTE", "norm_route PREFETCH", "norm_logits PREFETCH",
-                                  "skinny fp8 NORM", "skinny bf16 NORM"])
+                                  "norm_route PREFETCH", "skinny fp8 NORM", "skinny bf16 NORM"])
 def test_prefetching_kernels_load_before_they_wait(compiled, name):
     seq = compiled[name]
     assert first(seq, "ld.global") < first(seq, "griddepcontrol.wait") < len(seq.split(" > ")), seq
@@ -56,17 +55,6 @@ def test_plain_kernels_wait_before_they_touch_memory(compiled, name):
     assert first(seq, "griddepcontrol.wait") < min(first(seq, "ld.global"), first(seq, "st.global")), seq
 
 
-@pytest.mark.parametrize("name", ["pair gate_up PREFETCH", "pair gate_up PREFETCH ROUTE"])
-def test_gate_up_lets_down_launch_only_after_its_wait(compiled, name):
-    """...and reads the routing (ids, or with ROUTE_IN_PAIRS the router's logits) after it."""
-    seq = compiled[name]
+def test_gate_up_lets_down_launch_only_after_its_wait(compiled):
+    seq = compiled["pair gate_up PREFETCH"]
     assert first(seq, "griddepcontrol.wait") < first(seq, "griddepcontrol.launch_dependents"), seq
-    assert first(seq, "griddepcontrol.wait") < first(seq, "ld.global"), seq
-
-
-def test_norm_logits_takes_no_count_and_stores_no_routing(compiled):
-    """norm_route's launch without its routing: no arrival count (an atomic), and its stores are h,
-    the next residual and the logits only (norm_route's also write the weights and ids)."""
-    logits_only, routed = compiled["norm_logits PREFETCH"], compiled["norm_route PREFETCH"]
-    assert "atom.global" not in logits_only and "atom.global" in routed, (logits_only, routed)
-    assert logits_only.count("st.global") < routed.count("st.global"), (logits_only, routed)

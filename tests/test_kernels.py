@@ -227,37 +227,6 @@ def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed, co
         norm_route(torch.cat([x, x]), torch.cat([res, res]), nw, 1e-6, gate, a, True, counter, table)
 
 
-@pytest.mark.parametrize("d,e,a", [(64, 8, 2), (2048, 128, 8)])
-@pytest.mark.parametrize("fixed", [False, True])
-def test_norm_logits_is_norm_route_without_the_routing(d, e, a, fixed):
-    """norm_logits (ROUTE_IN_PAIRS' launch): norm_route's h and next residual, bit for bit, and a
-    PendingRouting whose logits `route` (and norm_route, on the same launch's logits) turn into
-    norm_route's ids and weights, expert parallelism's arguments carried; the fixed logits of the
-    uniform-routing benchmarks where given."""
-    from kernels.fused_moe import norm_logits, norm_route
-
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    g = torch.Generator().manual_seed(d + e + fixed)
-    x, res = (torch.randn(1, d, generator=g).to(DEV, dtype) for _ in range(2))
-    nw = (1 + 0.1 * torch.randn(d, generator=g)).to(DEV, dtype)
-    gate = (torch.randn(e, d, generator=g) * d ** -0.5).to(DEV, dtype)
-    table = torch.rand(1, e, generator=g).to(DEV) * 8 if fixed else None
-    ep = {"first_expert": e // 2, "num_local": e // 2}
-    counter = torch.zeros(1, dtype=torch.int32, device=DEV)
-    want_h, want_res, want_w, want_ids = norm_route(x, res, nw, 1e-6, gate, a, False, counter, table, **ep)
-    h, new_res, pending = norm_logits(x, res, nw, 1e-6, gate, a, False, table, **ep)
-    assert torch.equal(h, want_h) and torch.equal(new_res, want_res) and int(counter) == 0
-    assert (pending.top_k, pending.renormalize, pending.first_expert, pending.num_local) == (a, False, e // 2, e // 2)
-    assert pending.logits.shape == (1, e) and pending.logits.dtype == torch.float32
-    if fixed:
-        assert torch.equal(pending.logits, table)
-    else:
-        torch.testing.assert_close(pending.logits, torch.nn.functional.linear(want_h, gate).float(),
-                                   rtol=1e-2 if CUDA else 1e-5, atol=1e-2 if CUDA else 1e-5)
-    w, ids = pending.resolve()
-    assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
-
-
 @pytest.mark.parametrize("align", [align_by_expert, align_by_expert_reference])
 def test_align_by_expert_covers_every_pair_once(align):
     ids = torch.tensor([[3, 1], [1, 0], [3, 3]], device=DEV)

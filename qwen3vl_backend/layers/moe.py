@@ -205,10 +205,8 @@ class SparseMoE(nn.Module):
                                 fp8_block, fp8_online, par.ep_size, par.ep_rank)
         self.experts_fn = moe_experts_torch
         self.route_fn = route          # kernels.fused_moe.route on GPU (one launch)
-        # kernels.fused_moe.norm_route on GPU: the norm before this layer and the router in one launch;
-        # norm_logits_fn (kernels.fused_moe.norm_logits) stops at the logits, for the pair kernels to
-        # route (kernels.switches.ROUTE_IN_PAIRS)
-        self.norm_route_fn = self.norm_logits_fn = None
+        # kernels.fused_moe.norm_route on GPU: the norm before this layer and the router in one launch
+        self.norm_route_fn = None
         # kernels.fused_moe.gate_route on GPU with kernels.switches.FUSED_ROUTER: the router and route in one launch
         self.gate_route_fn = None
         self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
@@ -249,21 +247,12 @@ class SparseMoE(nn.Module):
                 or not isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
             h, residual = norm(x, residual)
             return self(h), residual
-        args = (x.contiguous(), residual.contiguous(), norm.weight, norm.eps, self.gate.weight, self.top_k,
-                self.renormalize)
-        if self.norm_logits_fn is not None and self._experts_route_pending(x):
-            h, residual, pending = self.norm_logits_fn(*args, self._fixed(x.shape[0]), **self._ep_routing())
-            return self._experts(h, pending, None), residual
         if self._counter is None or self._counter.device != x.device:
             self._counter = torch.zeros(1, dtype=torch.int32, device=x.device)
-        h, residual, weights, ids = self.norm_route_fn(*args, self._counter, self._fixed(x.shape[0]),
-                                                       **self._ep_routing())
+        h, residual, weights, ids = self.norm_route_fn(x.contiguous(), residual.contiguous(), norm.weight, norm.eps,
+                                                       self.gate.weight, self.top_k, self.renormalize,
+                                                       self._counter, self._fixed(x.shape[0]), **self._ep_routing())
         return self._experts(h, weights, ids), residual
-
-    def _experts_route_pending(self, x: torch.Tensor) -> bool:
-        """Whether the experts take a PendingRouting here: the fused MoE kernels run them (fp8 on a
-        GPU; bf16 where experts_fn is kernels.fused_moe's)."""
-        return x.is_cuda if self.experts.quantized else self.experts_fn is not moe_experts_torch
 
     def _fixed(self, t: int) -> torch.Tensor | None:
         """route_uniformly's logits for t tokens, or None (routed on the router's own)."""
