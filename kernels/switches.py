@@ -48,6 +48,9 @@ at concurrency 1 / 16 / 64:
   step ahead, instead of in the step. The fused MoE at 954 / 2048 / 4096 tokens 1.0-2.1% faster
   (gate_up's global-load stalls ~2.0 -> ~1.6 a instruction in Nsight Compute); decode steps at
   1 / 16 / 64 unchanged (thirty-third session).
+- ROPE_KERNEL (QWEN3VL_ROPE_KERNEL), on: a step's mRoPE cos/sin tables in one launch
+  (kernels.rope.mrope_cos_sin) instead of torch's six (float, multiply, gather, cat, cos, sin:
+  ~10 us of a batch-1 decode step's graph in the H200 profiles). The same values.
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
@@ -70,6 +73,7 @@ PREFETCH_MAX_SEQS = 16          # decode attention's PREFETCH for batches up to 
 FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
+ROPE_KERNEL = _on("QWEN3VL_ROPE_KERNEL", "1")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
 VIT_FUSED_NORM = _on("QWEN3VL_VIT_FUSED_NORM", "1")
 VIT_GELU_EPILOGUE = _on("QWEN3VL_VIT_GELU_EPILOGUE", "1")

@@ -475,6 +475,32 @@ def rope_tables(t, d, device):
                          mrope_axis_map(d // 2, (d // 8, 3 * d // 16, 3 * d // 16), True).to(device))
 
 
+@pytest.mark.parametrize("t,d,interleaved", [(1, 128, True), (5, 64, False), (40, 128, True), (300, 32, True)])
+@pytest.mark.parametrize("expanded", [False, True])
+def test_mrope_cos_sin_kernel_gives_torchs_tables(t, d, interleaved, expanded):
+    """kernels.rope.mrope_cos_sin (one launch) against layers.rotary's six torch ops: decode's
+    positions (one row expanded over the three axes, stride 0) and a prompt's (three rows), with
+    positions past 2^17 (the mRoPE ids of long videos) and both axis layouts: bit for bit on a GPU
+    (both take CUDA's full-range cosf / sinf), float32's rounding of numpy's in the interpreter."""
+    from kernels.rope import mrope_cos_sin as kernel
+
+    g = torch.Generator().manual_seed(t + d)
+    positions = torch.randint(0, 300_000, (1 if expanded else 3, t), generator=g).to(DEV)
+    positions = positions.expand(3, -1) if expanded else positions
+    inv_freq = rope_inv_freq(d, 5e6).to(DEV)
+    axis_map = mrope_axis_map(d // 2, (d // 8, 3 * d // 16, 3 * d // 16), interleaved).to(DEV)
+    want = mrope_cos_sin(positions, inv_freq, axis_map)
+    got = kernel(positions, inv_freq, axis_map)
+    for g_, w in zip(got, want):
+        assert g_.shape == w.shape and g_.dtype == torch.float32
+        if CUDA:
+            assert torch.equal(g_, w)
+        else:
+            torch.testing.assert_close(g_, w, rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="mrope_cos_sin"):
+        kernel(positions[:2], inv_freq, axis_map)
+
+
 def qkv_prep_reference(qkv, hq, hkv, q_norm, k_norm, cos, sin, cache, slots):
     t, d = qkv.shape[0], cache.shape[-1]
     q = apply_rotary(q_norm(qkv[:, : hq * d].reshape(t, hq, d)), cos, sin)

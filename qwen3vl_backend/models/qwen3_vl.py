@@ -35,6 +35,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         # float32 and kept off the module's buffers, so a cast to bf16 cannot round them
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rope_fn = mrope_cos_sin     # kernels.rope.mrope_cos_sin on a GPU (engine.model_runner.select_kernels)
 
     @property
     def visual(self) -> VisionModel:
@@ -51,7 +52,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
             embeds = embeds.index_put((visual_mask,), visual_embeds.to(embeds.dtype))
         else:
             deepstack = ()
-        cos, sin = mrope_cos_sin(positions, *self._rope(positions.device))
+        cos, sin = self.rope_fn(positions, *self._rope(positions.device))
         return lm(embeds, cos, sin, kv_caches, meta, visual_mask, deepstack, dense_visual)
 
     def _rope(self, device):
