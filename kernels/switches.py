@@ -51,6 +51,9 @@ at concurrency 1 / 16 / 64:
 - ROPE_KERNEL (QWEN3VL_ROPE_KERNEL), on: a step's mRoPE cos/sin tables in one launch
   (kernels.rope.mrope_cos_sin) instead of torch's six (float, multiply, gather, cat, cos, sin:
   ~10 us of a batch-1 decode step's graph in the H200 profiles). The same values.
+- ARGMAX_KERNEL (QWEN3VL_ARGMAX_KERNEL), on: greedy sampling's argmax by kernels.argmax (a row split
+  over 64 programs, then one a row) instead of torch's one block a row (8.3 us for a 151,936-wide
+  row in the H200's batch-1 profiles). The same index.
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
@@ -74,6 +77,7 @@ FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
 ROPE_KERNEL = _on("QWEN3VL_ROPE_KERNEL", "1")
+ARGMAX_KERNEL = _on("QWEN3VL_ARGMAX_KERNEL", "1")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
 VIT_FUSED_NORM = _on("QWEN3VL_VIT_FUSED_NORM", "1")
 VIT_GELU_EPILOGUE = _on("QWEN3VL_VIT_GELU_EPILOGUE", "1")

@@ -89,6 +89,41 @@ def test_banned_tokens_are_never_sampled():
     assert torch.equal(logits, raw)
 
 
+def test_greedy_rows_of_bf16_logits_with_bans():
+    """Plain greedy rows take the argmax in the logits' own dtype (bf16 here, as the GPU's lm_head
+    gives them), bans included, and leave the caller's logits raw."""
+    logits = torch.zeros(2, 10, dtype=torch.bfloat16)
+    logits[:, 3], logits[:, 5] = 100, 50
+    raw = logits.clone()
+    greedy = SamplingParams(temperature=0)
+    assert Sampler().sample(logits, [SampleRow("a", greedy, [], [], {3}), SampleRow("b", greedy, [], [])]).tolist() \
+        == [5, 3]
+    assert torch.equal(logits, raw)
+
+
+@pytest.mark.parametrize("v", [1, 63, 64, 1000, 151936])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_kernel_picks_torchs_index(v, dtype):
+    """kernels.argmax (a row split over 64 programs, then one a row) against torch.argmax: random
+    rows, rows whose maximum repeats within a program's chunk and across chunks (the first
+    wins), all -inf, and the maximum in the last, partial chunk."""
+    from kernels.argmax import argmax_rows
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(6, v, generator=g).to(dtype)
+    x[1] = 0
+    x[1, v // 2 :: 7] = 3                                   # ties across chunks: the first one wins
+    x[2] = float("-inf")
+    x[3, -1] = 50                                           # the last column
+    x[4, : v // 3] = x[4].max()                             # a run of equal maxima from column 0
+    want = x.argmax(dim=-1)
+    assert torch.equal(argmax_rows(x.to(dev)).cpu(), want)
+    assert torch.equal(argmax_rows(x[:, :0].to(dev).new_zeros(0, v)).cpu(), want[:0])
+    with pytest.raises(ValueError, match="argmax_rows"):
+        argmax_rows(torch.randn(3, 8, device=dev)[:, ::2])
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_dense):
     return Tokenizer(tiny_dense)

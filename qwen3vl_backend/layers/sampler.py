@@ -80,7 +80,21 @@ def ban_tokens(logits: torch.Tensor, banned: list) -> torch.Tensor:
     if not pairs:
         return logits
     index = device_tensor(pairs, torch.long, logits.device)
-    return logits.index_put((index[:, 0], index[:, 1]), torch.tensor(float("-inf"), device=logits.device))
+    return logits.index_put((index[:, 0], index[:, 1]), torch.tensor(float("-inf"), dtype=logits.dtype,
+                                                                      device=logits.device))
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximal index (int64): kernels.argmax on a GPU (kernels.switches.ARGMAX_KERNEL),
+    else torch's."""
+    if logits.is_cuda and logits.stride(-1) == 1:
+        from kernels import switches
+
+        if switches.ARGMAX_KERNEL:
+            from kernels.argmax import argmax_rows
+
+            return argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def needs_history(params: SamplingParams) -> bool:
@@ -139,9 +153,10 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """logits (B, V), a row each -> the B sampled ids (int64) on the logits' device."""
-        logits = ban_tokens(logits.float(), [r.banned_ids for r in rows])
         if all(_plain_greedy(r.params) for r in rows):           # the common serving case: one argmax
-            return logits.argmax(dim=-1)
+            # in the logits' own dtype: float32 holds each bf16 value exactly, so the same argmax
+            return argmax(ban_tokens(logits, [r.banned_ids for r in rows]))
+        logits = ban_tokens(logits.float(), [r.banned_ids for r in rows])
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         batched = [i for i, r in enumerate(rows) if _plain_sampling(r.params)]
         if len(batched) < 2:
