@@ -15,7 +15,10 @@ first and last, so drift within the lease shows. `variants.json`:
 A patch merges into the table's entry where both are objects, at every depth (a MoE table's
 {"pairs": {"1": {...}}} takes one key of its nested entry), and replaces it otherwise. A
 variant's "env" (in place of a table's name) sets environment variables for its run alone, for
-the switches that are not tables: {"prefetch": {"env": {"QWEN3VL_PDL_PREFETCH": "1"}}}. Prints
+the switches that are not tables: {"prefetch": {"env": {"QWEN3VL_PDL_PREFETCH": "1"}}}. A variant's
+"tree" copies another checkout's code instead of this one's (a path from the repository root, e.g.
+an earlier commit unpacked by `git archive C kernels qwen3vl_backend benchmarks | tar -x -C .ab/C`):
+{"before": {"tree": ".ab/C"}} measures a change that has no switch against the commit before it. Prints
 a table of each variant's inter-token p50 and mean decode step per concurrency (and, with
 --ttft-repeats, its TTFT p50 and min, compared by the p50), and writes JSON; after each variant
 the rows so far are in engine-ab-partial.json in the same folder, for a run a time limit cuts.
@@ -50,13 +53,14 @@ def merged(old, patch):
 
 
 ENV = "env"
+TREE = "tree"
 
 
 def patch_tables(configs: Path, patches: dict) -> None:
     """Apply {table file: {key: patch}} to the tables under `configs` (a variant's copy); its "env"
     is not a table (run_variant's)."""
     for name, entries in patches.items():
-        if name == ENV:
+        if name in (ENV, TREE):
             continue
         path = configs / name
         if Path(name).name != name or not path.exists():
@@ -87,8 +91,11 @@ def shadowing_tables(configs: Path, name: str, entries: dict) -> list[tuple[str,
 
 
 def make_tree(dest: Path, patches: dict) -> Path:
+    source = ROOT / patches[TREE] if TREE in patches else ROOT
     for sub in TREES:
-        shutil.copytree(ROOT / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__", "results"))
+        if not (source / sub).is_dir():
+            raise SystemExit(f"variant tree {patches[TREE]!r}: no {sub}/ there")
+        shutil.copytree(source / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__", "results"))
     patch_tables(dest / "kernels" / "configs", patches)
     return dest
 

@@ -46,6 +46,30 @@ def test_variants_run_in_their_own_trees(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "res" / "engine-ab-partial.json").exists()                # done: the whole JSON only
 
 
+def test_a_variant_tree_runs_another_checkouts_code(tmp_path, monkeypatch):
+    """A variant's "tree": another checkout's code (here a copy whose table differs, as an earlier
+    commit's would), with the variant's env on top; a tree without the code is refused."""
+    import shutil
+
+    alt = tmp_path / "alt"
+    for sub in ("kernels", "qwen3vl_backend", "benchmarks"):
+        shutil.copytree(HERE.parent / sub, alt / sub, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    table = alt / "kernels" / "configs" / TABLE
+    table.write_text(json.dumps({"2048,128": {"BLOCK_E": 5, "num_warps": 1}}))
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"before": {"tree": str(alt)}, "before-x2": {"tree": str(alt),
+                                                                              "env": {"ENGINE_AB_TEST_SCALE": 2}}}))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    assert main(["--variants", str(variants), "--runner", "engine_ab_runner", "--out", str(tmp_path / "res")]) == 0
+    rows = json.loads(next((tmp_path / "res").glob("engine-ab-*.json")).read_text())["rows"]
+    base = float(json.loads((HERE.parent / "kernels" / "configs" / TABLE).read_text())["2048,128"]["BLOCK_E"])
+    assert [(r["variant"], r["itl_p50_ms"]) for r in rows] == [("base", base), ("before", 5.0), ("before-x2", 10.0),
+                                                              ("base (again)", base)]
+    variants.write_text(json.dumps({"gone": {"tree": str(tmp_path / "nowhere")}}))
+    with pytest.raises(SystemExit, match="no kernels/ there"):
+        main(["--variants", str(variants), "--runner", "engine_ab_runner", "--out", str(tmp_path / "res2")])
+
+
 def test_a_run_cut_short_keeps_the_variants_it_measured(tmp_path):
     """A time limit that kills the run after its second variant (here --between kills it) leaves
     engine-ab-partial.json with the rows measured so far, compared with the base's."""
