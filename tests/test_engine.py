@@ -283,6 +283,46 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     assert calls and set(calls) == {1}         # decode; the prefill's 12 tokens take the unfused path
 
 
+def test_decode_graph_inputs_from_host_lists(tiny_moe, prompts, reference, monkeypatch):
+    """DecodeGraphs.run_host, the decode steps' path into the graphs (ModelRunner.run): slots,
+    positions and context lengths packed in one buffer a size, padding rows included, the block
+    tables and the ids copied apart. Replay is stood in by the eager forward over the graph's
+    static buffers (what a capture records), on CPU with the Triton decode attention for decode
+    steps (it reads the tables and lengths from those buffers; the prefill stays torch's): three prompts, the image one with mRoPE's
+    delta on its decode positions, through the size-4 graph (a padding row), give the
+    reference's greedy tokens."""
+    import torch
+
+    import kernels.attention
+    from kernels.attention import paged_decode_attention
+    from qwen3vl_backend.engine.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setattr(kernels.attention, "MAX_SPLITS", 2)     # the interpreter pays for every program
+    engine = make_engine(tiny_moe)
+    runner = engine.runner
+    for layer in runner.model.model.language_model.layers:
+        layer.self_attn.decode_fn = paged_decode_attention
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, engine.cfg.block_size,
+                          -(-engine.cfg.max_model_len // engine.cfg.block_size), runner.num_blocks, (2, 4), "cpu")
+    replays = []
+
+    class Replay:
+        def __init__(self, bs, logits):
+            self.bs, self.logits = bs, logits
+
+        def replay(self):
+            replays.append(self.bs)
+            self.logits.copy_(graphs._forward(self.bs, graphs._meta(self.bs)))
+
+    vocab = runner.model_cfg.text.vocab_size
+    graphs.graphs = {bs: (Replay(bs, logits := torch.empty(bs, vocab)), logits) for bs in graphs.sizes}
+    runner.graphs = graphs
+    short = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    got = [r["output_token_ids"] for r in engine.generate(prompts, short)]
+    assert got == [r[: short.max_tokens] for r in reference]
+    assert replays == [4] * (short.max_tokens - 1)          # every decode step, in the padded size-4 graph
+
+
 def test_triton_vision_attention_gives_the_same_output(tiny_moe, prompts, reference):
     """--mm-attention-backend triton (our varlen kernel, interpreted on CPU) against sdpa."""
     engine = make_engine(tiny_moe, mm_attention_backend="triton")

@@ -359,8 +359,17 @@ class ModelRunner:
 
         Token ids not yet known on the host are given as -(1 + i): the i-th id of `pending`, the
         previous step's sampled ids, still on the device."""
-        ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch, pending)
         self.last_prompt_logprobs = []
+        if self.graphs is not None and self.channel is None and self._decoding(batch):
+            # the common decode step: its inputs from host lists in three copies, no metadata tensors
+            bs = self.cfg.block_size
+            ids = self._ids_tensor([c.seq.tokens[c.start] for c in batch], pending)
+            positions = [c.start + (c.seq.mm.rope_delta if c.seq.mm is not None else 0) for c in batch]
+            slots = [c.seq.block_table[c.start // bs] * bs + c.start % bs for c in batch]
+            logits = self.graphs.run_host(ids, slots, positions, [c.start + 1 for c in batch],
+                                          [c.seq.block_table for c in batch])
+            return self._sample(logits, batch, banned, masks)
+        ids, positions, meta, vis_embeds, vis_mask, deepstack = self.prepare(batch, pending)
         if (self.graphs is not None and vis_embeds is None and meta.is_decode_only and self.graphs.fits(len(batch))
                 and all(c.samples for c in batch)):
             with self._group_step():
@@ -394,6 +403,12 @@ class ModelRunner:
         if not last:
             return None
         return self._sample(logits, [c for c in batch if c.samples], banned, masks)
+
+    def _decoding(self, batch: list[ScheduledChunk]) -> bool:
+        """Whether a decode graph takes the batch through run_host: one sampled token a sequence,
+        each past its prompt (no visual rows; the three mRoPE axes equal), few enough sequences."""
+        return self.graphs.fits(len(batch)) and all(c.samples and c.num_tokens == 1 and c.start >= c.seq.num_prompt
+                                                    for c in batch)
 
     def _sample(self, logits, chunks, banned, masks=None):
         """-> (sampled ids, token_logprobs' tuple or None), both on the device. `masks`: request id
@@ -464,17 +479,21 @@ class ModelRunner:
             for start, sel in mask_at:
                 mask[start : start + sel.shape[0]] = sel
             mask_t = device_tensor(mask, torch.bool, dev)
+        return self._ids_tensor(ids, pending), positions, meta, vis_embeds, mask_t, deepstack
+
+    def _ids_tensor(self, ids: list[int], pending: torch.Tensor | None) -> torch.Tensor:
+        """The step's token ids on the device; -(1 + i) stands for the i-th of `pending` (the ids
+        the step in flight samples)."""
         if min(ids) < 0 and pending is None:
             raise RuntimeError("a placeholder token id without the step in flight that samples it")
         if pending is not None and len(ids) <= pending.shape[0] and ids == list(range(-1, -1 - len(ids), -1)):
             # a decode step after a decode step, the same sequences in the same order: its ids are
             # the first rows of those the step in flight samples (no copy, no gather on the device)
-            ids_t = pending[: len(ids)]
-        else:
-            ids_t = device_tensor(ids, torch.long, dev)
-            if min(ids) < 0:                                # some ids sampled by the step still in flight
-                ids_t = torch.where(ids_t < 0, pending[(-1 - ids_t).clamp_(min=0)], ids_t)
-        return ids_t, positions, meta, vis_embeds, mask_t, deepstack
+            return pending[: len(ids)]
+        ids_t = device_tensor(ids, torch.long, self.device)
+        if min(ids) < 0:                                # some ids sampled by the step still in flight
+            ids_t = torch.where(ids_t < 0, pending[(-1 - ids_t).clamp_(min=0)], ids_t)
+        return ids_t
 
     @staticmethod
     def _positions(seq, a: int, b: int) -> torch.Tensor:
