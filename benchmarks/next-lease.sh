@@ -22,6 +22,10 @@
 #     in the c1 step, so removed with its part.
 #   route (thirty-ninth; run at fb20bcb): ROUTE_IN_PAIRS, the pair kernels taking the top-k from the
 #     router's logits, 0.8-0.9% slower at fp8 c1, so removed with its part.
+#   step-edges (thirty-ninth): the GPU tests of the decode step's edges (graph inputs from host lists,
+#     the mRoPE table kernel, the argmax kernel), then 30B fp8 c1 in engine_ab against the commit
+#     before them (carry .ab: `git archive c684b19 kernels qwen3vl_backend benchmarks`) and with each
+#     kernel's switch off; step-edges-16: the same at c16 and bf16 c1, without the tests.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -144,4 +148,26 @@ if [ "$PART" = moe ]; then
   tail -12 $W/ab-moe-$COMMIT.txt
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe)"; exit 2
+if [ "$PART" = step-edges ] || [ "$PART" = step-edges-16 ]; then
+  echo '{"before": {"tree": ".ab/c684b19"}, "rope-off": {"env": {"QWEN3VL_ROPE_KERNEL": "0"}},
+         "argmax-off": {"env": {"QWEN3VL_ARGMAX_KERNEL": "0"}}}' > $W/v.json
+  if [ "$PART" = step-edges ]; then
+    timeout 170 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py tests/test_sampling.py \
+      -k "cuda_graph_decode or switches_keep or greedy_matches or mrope_cos_sin or argmax or greedy_rows" \
+      > $W/gpu-tests-edges-$COMMIT.txt 2>&1
+    grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-edges-$COMMIT.txt | head -10
+    timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+      --concurrency 1 --out-tokens 64 --routing uniform > $W/ab-edges-fp8-c1-$COMMIT.txt 2>&1
+    tail -7 $W/ab-edges-fp8-c1-$COMMIT.txt | cut -c1-150
+  else
+    echo '{"before": {"tree": ".ab/c684b19"}}' > $W/v2.json
+    timeout 330 python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+      --concurrency 16 --out-tokens 64 --routing uniform > $W/ab-edges-fp8-c16-$COMMIT.txt 2>&1
+    tail -7 $W/ab-edges-fp8-c16-$COMMIT.txt | cut -c1-150
+    timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v2.json --out $W -- --config $CONFIG \
+      --concurrency 1 --out-tokens 64 --routing uniform > $W/ab-edges-bf16-c1-$COMMIT.txt 2>&1
+    tail -5 $W/ab-edges-bf16-c1-$COMMIT.txt | cut -c1-150
+  fi
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16)"; exit 2

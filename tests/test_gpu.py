@@ -70,8 +70,10 @@ def test_gpu_bf16_greedy_matches_cpu_fp32(engines, case):
 
 
 def test_cuda_graph_decode_matches_eager(tiny_moe):
-    """At captured sizes (same GEMM shapes) graph replay gives the eager engine's tokens exactly;
-    a padded batch (3 in the size-4 graph) gives its rows the same tokens as a full batch of 4."""
+    """At captured sizes (same GEMM shapes) graph replay gives the eager engine's tokens exactly
+    (the decode steps go through run_host: inputs from host lists); on a padded step (one
+    sequence in the size-2 graph) `run` (inputs on the device) gives the eager model's logits,
+    and run_host, given the same step as host lists, run's bits."""
     path = str(tiny_moe)
     eager = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
                                    cuda_graph_max_bs=0))
@@ -97,6 +99,9 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
     direct = model.compute_logits(model(ids, positions, graphs.runner.kv_caches, meta)).float()
     assert ((replayed - direct).norm() / direct.norm()).item() < 2e-2
     assert int(replayed.argmax()) == int(direct.argmax())
+    from_host = graphs.runner.graphs.run_host(ids, meta.slot_mapping.tolist(), positions[0].tolist(),
+                                              meta.context_lens, [c.seq.block_table for c in batch]).float()
+    assert torch.equal(from_host, replayed)
 
 
 @pytest.mark.parametrize("prefetch,prep,router,norm,quant", [(True, False, False, False, ""),
