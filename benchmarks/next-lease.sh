@@ -26,6 +26,8 @@
 #     the mRoPE table kernel, the argmax kernel), then 30B fp8 c1 in engine_ab against the commit
 #     before them (carry .ab: `git archive c684b19 kernels qwen3vl_backend benchmarks`) and with each
 #     kernel's switch off; step-edges-16: the same at c16 and bf16 c1, without the tests.
+#   lm-head (thirty-ninth): the vocabulary projection through kernels.linear.table_linear's skinny
+#     launches (a table entry each) against cuBLAS, 30B fp8 c1 in engine_ab.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -170,4 +172,17 @@ if [ "$PART" = step-edges ] || [ "$PART" = step-edges-16 ]; then
   fi
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16)"; exit 2
+if [ "$PART" = lm-head ]; then
+  timeout 60 python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "table_linear or skinny" \
+    > $W/gpu-tests-lm-head-$COMMIT.txt 2>&1
+  tail -1 $W/gpu-tests-lm-head-$COMMIT.txt
+  T="skinny_linear,device=NVIDIA_H200.json"
+  echo "{\"n2\": {\"$T\": {\"151936,2048\": {\"1\": {\"BLOCK_N\": 2, \"BLOCK_K\": 1024, \"num_warps\": 4, \"num_stages\": 3}}}},
+         \"n4\": {\"$T\": {\"151936,2048\": {\"1\": {\"BLOCK_N\": 4, \"BLOCK_K\": 2048, \"num_warps\": 8, \"num_stages\": 1}}}},
+         \"n8\": {\"$T\": {\"151936,2048\": {\"1\": {\"BLOCK_N\": 8, \"BLOCK_K\": 512, \"num_warps\": 4, \"num_stages\": 3}}}}}" > $W/v.json
+  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+    --concurrency 1 --out-tokens 64 --routing uniform > $W/ab-lm-head-$COMMIT.txt 2>&1
+  tail -7 $W/ab-lm-head-$COMMIT.txt | cut -c1-150
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head)"; exit 2

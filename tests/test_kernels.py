@@ -469,6 +469,28 @@ def test_varlen_causal_attention_matches_reference(segments, h, kvh, d):
         varlen_attention_bounded(q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu_t, 8, 1.0, causal=True)
 
 
+def test_table_linear_runs_the_tables_own_launch_or_f_linear(monkeypatch):
+    """kernels.linear.table_linear (the vocabulary projection's): the skinny kernel where the table
+    names a launch for the shape and row count (one row here), F.linear where it has none, says
+    "cublas", names only other row counts, or gives a SPLIT_K launch."""
+    import kernels.linear as kl
+
+    launched = []
+    skinny = kl.skinny_linear
+    monkeypatch.setattr(kl, "skinny_linear", lambda *a, **k: launched.append(k["config"]) or skinny(*a, **k))
+    w = torch.randn(300, 64, device=DEV)
+    x = torch.randn(1, 64, device=DEV)
+    entry = {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    got = kl.table_linear(x, w, {"300,64": {"1": entry}})
+    assert launched == [entry] and rel(got, x @ w.T) < FP32_TOL
+    for table in ({}, {"300,64": {"1": "cublas"}}, {"300,64": {"4": entry}}, {"64,64": {"1": entry}},
+                  {"300,64": {"1": {**entry, "SPLIT_K": 4}}}):
+        torch.testing.assert_close(kl.table_linear(x, w, table), torch.nn.functional.linear(x, w))
+    assert len(launched) == 1
+    assert kl.table_linear(torch.randn(3, 64, device=DEV), w, {"300,64": {"1": entry}}).shape == (3, 300)
+    assert len(launched) == 1                      # a one-row entry never stands in for three rows
+
+
 def rope_tables(t, d, device):
     positions = torch.randint(0, 5000, (3, t), device=device)
     return mrope_cos_sin(positions, rope_inv_freq(d, 5e6).to(device),

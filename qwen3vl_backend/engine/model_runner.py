@@ -94,13 +94,15 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
         from kernels import switches
         from kernels.attention import paged_decode_attention, paged_decode_attention_prep
         from kernels.fused_moe import fused_moe, gate_route, norm_route, route
-        from kernels.linear import skinny_linear
+        from kernels.linear import skinny_linear, table_linear
         from kernels.rmsnorm import rmsnorm
         from kernels.rope import mrope_cos_sin, qkv_prep_
     on_gpu = cfg.device.startswith("cuda") if fuse is None else fuse
     lm = model.model.language_model
     if triton_attn and on_gpu and switches.ROPE_KERNEL:
         model.rope_fn = mrope_cos_sin
+    if triton_attn and on_gpu:
+        model.lm_head.skinny = table_linear
     for m in lm.modules():
         if isinstance(m, DecoderLayer):
             m.fuse_input_norm = triton_attn and on_gpu and switches.FUSED_INPUT_NORM

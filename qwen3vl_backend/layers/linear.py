@@ -239,8 +239,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     """The output projection over the vocabulary; each rank's logits are its rows (gathered
     before sampling when tp > 1)."""
 
+    # kernels.linear.table_linear on a GPU (the model runner's choice): a tuned launch for the
+    # vocabulary's shape where the device's table has one, else F.linear
+    skinny = None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        use = self.skinny if self.skinny is not None and hidden.dim() == 2 else F.linear
+        logits = use(hidden, self.weight)
         if self.tp_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
