@@ -33,7 +33,8 @@ def _argmax_parts_kernel(x_ptr, vals_ptr, idx_ptr, V, stride_xm, CHUNK, BLOCK: t
 def _argmax_pick_kernel(vals_ptr, idx_ptr, out_ptr, PARTS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     parts = tl.arange(0, PARTS)
-    _, part = tl.max(tl.load(vals_ptr + row * PARTS + parts), 0, return_indices=True, return_indices_tie_break_left=True)
+    vals = tl.load(vals_ptr + row * PARTS + parts)
+    _, part = tl.max(vals, 0, return_indices=True, return_indices_tie_break_left=True)
     tl.store(out_ptr + row, tl.load(idx_ptr + row * PARTS + part).to(tl.int64))
 
 

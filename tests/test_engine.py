@@ -288,9 +288,9 @@ def test_decode_graph_inputs_from_host_lists(tiny_moe, prompts, reference, monke
     positions and context lengths packed in one buffer a size, padding rows included, the block
     tables and the ids copied apart. Replay is stood in by the eager forward over the graph's
     static buffers (what a capture records), on CPU with the Triton decode attention for decode
-    steps (it reads the tables and lengths from those buffers; the prefill stays torch's): three prompts, the image one with mRoPE's
-    delta on its decode positions, through the size-4 graph (a padding row), give the
-    reference's greedy tokens."""
+    steps (it reads the tables and lengths from those buffers; the prefill stays torch's). Three
+    prompts, the image one with mRoPE's delta on its decode positions, through the size-4 graph
+    (a padding row), give the reference's greedy tokens."""
     import torch
 
     import kernels.attention
