@@ -147,8 +147,9 @@ LONG_JSON = {"type": "object", "properties": {"notes": {"type": "array", "items"
                                                          "minItems": 2000}}, "required": ["notes"]}
 
 
-def run(engine: LLMEngine, prompts, out_tokens: int, temperature: float = 0.0, structured: bool = False) -> dict:
-    params = SamplingParams(temperature=temperature, max_tokens=out_tokens, ignore_eos=True)
+def run(engine: LLMEngine, prompts, out_tokens: int, temperature: float = 0.0, structured: bool = False,
+        top_p: float = 1.0, top_k: int = 0) -> dict:
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=out_tokens, ignore_eos=True)
     if structured:
         params = dataclasses.replace(params, structured_output={"json_schema": LONG_JSON})
     t0 = time.perf_counter()
@@ -333,6 +334,10 @@ def main(argv=None):
     ap.add_argument("--chunked-prefill-size", type=int, default=8192)
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sampled decoding spreads the routing the way real weights do; greedy on dummy weights does not")
+    ap.add_argument("--top-p", type=float, default=1.0,
+                    help="with --temperature: the rows' top_p (Qwen3-VL's generation config: 0.8)")
+    ap.add_argument("--top-k", type=int, default=0,
+                    help="with --temperature: the rows' top_k (Qwen3-VL's generation config: 20)")
     ap.add_argument("--routing", default="uniform",
                     help="uniform (seeded top-k, as a real checkpoint routes: the headline), measured (the dummy "
                          "weights' own routing)")
@@ -417,7 +422,7 @@ def main(argv=None):
         for routing in routings:
             for c, overlap in levels:
                 engine.cfg.overlap_schedule = overlap
-                r = run(engine, prompts[:c], args.out_tokens, args.temperature)
+                r = run(engine, prompts[:c], args.out_tokens, args.temperature, top_p=args.top_p, top_k=args.top_k)
                 kv = c * (r["prompt_tokens"] + args.out_tokens // 2)
                 hit = experts_hit(engine, prompts[:c], args.temperature)
                 # under tp each GPU reads its 1/tp of the bytes (heads, vocabulary, expert slices or groups)
@@ -525,7 +530,8 @@ def report(args, settings: dict, rows: list[dict], ttft: list[dict], weights_gib
     if ttft:
         print_table(ttft, list(ttft[0]))
     print(write_result("engine", {**settings, "config": args.config, "out_tokens": args.out_tokens,
-                                  "temperature": args.temperature, "routing": args.routing, "weights_gib": weights_gib,
+                                  "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                                  "routing": args.routing, "weights_gib": weights_gib,
                                   "image": "1280x720", "text_tokens": 64, "ceilings": ceil, "load_s": load_s},
                        rows + ttft, args.out))
 

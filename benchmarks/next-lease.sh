@@ -28,6 +28,8 @@
 #     kernel's switch off; step-edges-16: the same at c16 and bf16 c1, without the tests.
 #   lm-head (thirty-ninth): the vocabulary projection through kernels.linear.table_linear's skinny
 #     launches (a table entry each) against cuBLAS, 30B fp8 c1 in engine_ab.
+#   sampling (written in the thirty-ninth, not run): 30B fp8 and bf16 at c1/c16, greedy against
+#     Qwen3-VL's generation config (temperature 0.7, top_p 0.8, top_k 20): what the sampler costs.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -185,4 +187,15 @@ if [ "$PART" = lm-head ]; then
   tail -7 $W/ab-lm-head-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head)"; exit 2
+if [ "$PART" = sampling ]; then
+  for cfg in $CONFIG-FP8 $CONFIG; do
+    for s in "0 1.0 0" "0.7 0.8 20"; do
+      read t p k <<< "$s"; [ $(left 560) -lt 60 ] && break
+      timeout $(left 575) python -m benchmarks.engine --config $cfg --concurrency 1,16 --out-tokens 64 \
+        --routing uniform --temperature $t --top-p $p --top-k $k --out $W > $W/sampling-$cfg-$t.txt 2>&1
+      echo "$cfg temperature $t top_p $p top_k $k"; tail -3 $W/sampling-$cfg-$t.txt | head -2 | cut -c1-150
+    done
+  done
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling)"; exit 2

@@ -52,3 +52,33 @@ def test_idle_gaps_are_named_by_the_kernels_around_them():
     assert lines[1].split()[0] == "4.0" and lines[1].endswith("attn -> sample")
     assert lines[2].split()[0] == "3.0" and lines[2].endswith("norm -> gemv")
     assert len(lines) == 3
+
+
+
+def test_the_benchmark_samples_with_the_rows_top_p_and_top_k(monkeypatch):
+    """benchmarks.engine's --temperature / --top-p / --top-k reach every request of a row (its run
+    on a stand-in engine whose requests each take three steps)."""
+    import torch
+
+    from benchmarks import engine as bench
+
+    added = []
+
+    class Engine:
+        steps = 0
+
+        def add_request(self, prompt, params, request_id):
+            added.append(params)
+            return request_id
+
+        def has_unfinished(self):
+            return self.steps < 3
+
+        def step(self):
+            self.steps += 1
+            return [SimpleNamespace(request_id=f"b{i}", num_output_tokens=self.steps) for i in range(len(added))]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    row = bench.run(Engine(), ["a", "b"], 4, 0.7, top_p=0.8, top_k=20)
+    assert [(p.temperature, p.top_p, p.top_k, p.max_tokens) for p in added] == [(0.7, 0.8, 20, 4)] * 2
+    assert row["ttft_p50_ms"] >= 0
