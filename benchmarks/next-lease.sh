@@ -30,6 +30,8 @@
 #     launches (a table entry each) against cuBLAS, 30B fp8 c1 in engine_ab.
 #   sampling (written in the thirty-ninth, not run): 30B fp8 and bf16 at c1/c16, greedy against
 #     Qwen3-VL's generation config (temperature 0.7, top_p 0.8, top_k 20): what the sampler costs.
+#   route-align (written in the thirty-ninth, not run): ROUTE_ALIGN's GPU tests, then 30B fp8 c16
+#     (and bf16 c16) in engine_ab with QWEN3VL_ROUTE_ALIGN=1.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -198,4 +200,17 @@ if [ "$PART" = sampling ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling)"; exit 2
+if [ "$PART" = route-align ]; then
+  timeout 170 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
+    -k "switches_keep or route_align or routes_the_logits or align_by_expert" > $W/gpu-tests-route-align-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-route-align-$COMMIT.txt | head -10
+  echo '{"route-align": {"env": {"QWEN3VL_ROUTE_ALIGN": "1"}}}' > $W/v.json
+  for cfg in $CONFIG-FP8 $CONFIG; do
+    [ $(left 560) -lt 120 ] && break
+    timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $cfg \
+      --concurrency 16 --out-tokens 64 --routing uniform > $W/ab-route-align-$cfg-$COMMIT.txt 2>&1
+    tail -5 $W/ab-route-align-$cfg-$COMMIT.txt | cut -c1-150
+  done
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, route-align)"; exit 2
