@@ -1295,10 +1295,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     (route_align; kernels.switches.ROUTE_ALIGN's)."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
+    fp8_block = tuple(block) if w13_scale is not None else None
+    path = _sorted_path(m, w13, x.device, fp8_block, config) if m else None
     aligned = None
     if logits is not None:
         router_logits, top_k, renormalize, ep = logits
-        path = _sorted_path(m, w13, x.device, tuple(block) if w13_scale is not None else None, config) if m else None
         if path is not None and not path[1] and m <= ROUTE_ALIGN_MAX_T:
             topk_weights, topk_ids, *aligned = route_align(router_logits, top_k, renormalize, e + 1 if sentinel else e,
                                                            path[0]["BLOCK_M"], **ep)
@@ -1309,8 +1310,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                          f"w2 {tuple(w2.shape)}, topk {tuple(topk_ids.shape)}")
     if m == 0:
         return torch.empty_like(x)
-    fp8_block = tuple(block) if w13_scale is not None else None
-    path = _sorted_path(m, w13, x.device, fp8_block, config)
     if path is None:
         return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]

@@ -36,14 +36,16 @@ class DecodeGraphs:
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         self.tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=dev)
         # each size's slots, positions and context lengths in one buffer of its own, so that a
-        # decode step's (padding rows included) reach the device in one copy (run_host)
-        self.vectors = {}
+        # decode step's (padding rows included) reach the device in one copy (run_host); the
+        # buffer and its three views, made once
+        self.vectors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for bs in self.sizes:
-            self.vectors[bs] = torch.empty(_vector_bytes(bs), dtype=torch.uint8, device=dev)
-            slots, positions, context_lens = _vector_views(self.vectors[bs], bs)
+            buf = torch.empty(_vector_bytes(bs), dtype=torch.uint8, device=dev)
+            slots, positions, context_lens = _vector_views(buf, bs)
             slots.fill_(self.scratch_slot)
             positions.zero_()
             context_lens.fill_(1)
+            self.vectors[bs] = (buf, slots, positions, context_lens)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -62,11 +64,11 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def _meta(self, bs: int) -> AttentionMetadata:
-        slots, _, context_lens = _vector_views(self.vectors[bs], bs)
+        _, slots, _, context_lens = self.vectors[bs]
         return AttentionMetadata([1] * bs, [1] * bs, slots, self.tables[:bs], self.block_size, context_lens)
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.model(self.ids[:bs], _vector_views(self.vectors[bs], bs)[1], self.kv_caches, meta)
+        hidden = self.model(self.ids[:bs], self.vectors[bs][2], self.kv_caches, meta)
         return self.model.compute_logits(hidden)
 
     def fits(self, n: int) -> bool:
@@ -81,7 +83,7 @@ class DecodeGraphs:
         n = ids.shape[0]
         bs = self._size(n)
         graph, logits = self.graphs[bs]
-        slots, pos, context_lens = _vector_views(self.vectors[bs], bs)
+        _, slots, pos, context_lens = self.vectors[bs]
         width = meta.block_tables.shape[1]
         self.ids[:n].copy_(ids)
         pos[:, :n].copy_(positions)
@@ -111,7 +113,7 @@ class DecodeGraphs:
         h_slots.copy_(torch.tensor(slots + [self.scratch_slot] * pad, dtype=torch.int64))
         h_pos.copy_(torch.tensor(positions + [0] * pad, dtype=torch.int64).expand(3, -1))
         h_lens.copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32))
-        self.vectors[bs].copy_(host, non_blocking=True)
+        self.vectors[bs][0].copy_(host, non_blocking=True)
         width = max(len(t) for t in tables)
         rows = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
         rows = rows.pin_memory() if pinned else rows
