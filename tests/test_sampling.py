@@ -56,6 +56,40 @@ def test_batched_sampling_draws_from_the_filtered_distributions():
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
 
 
+@pytest.mark.parametrize("kw", [dict(top_k=20), dict(top_k=20, top_p=0.8), dict(top_k=20, top_p=0.01),
+                                dict(top_k=1000, top_p=0.5, min_p=0.02), dict(top_k=1500), dict(top_p=0.3),
+                                dict(min_p=0.05), dict()])
+def test_candidates_keep_filter_probs_distribution(kw):
+    """`candidates` (a top-k of the logits with the whole vocabulary's log-sum-exp, or a sort past
+    TOPK_CANDIDATES) against filter_probs' definition over the whole vocabulary, rows of different
+    temperatures. top_k 20 + top_p 0.8 keeps all 20 here (their mass is far under 0.8): top-p reads
+    the softmax of the vocabulary, not of the top-k renormalised."""
+    from qwen3vl_backend.layers.sampler import TOPK_CANDIDATES, candidates
+
+    g = torch.Generator().manual_seed(len(kw))
+    logits = torch.randn(3, 2000, generator=g) * torch.tensor([[1.0], [3.0], [6.0]])
+    params = [SamplingParams(temperature=t, **kw) for t in (1.0, 0.7, 1.5)]
+    probs, ids = candidates(logits, params)
+    k = kw.get("top_k", 0)
+    assert probs.shape == ids.shape == (3, k if 0 < k <= TOPK_CANDIDATES else 2000)
+    for row, p in enumerate(params):
+        got = torch.zeros(2000).scatter(0, ids[row], probs[row])
+        want = filter_probs(torch.softmax(logits[row] / p.temperature, dim=-1), p)
+        assert torch.allclose(got / got.sum(), want, atol=1e-6, rtol=1e-4), (row, kw)
+    if kw == dict(top_k=20, top_p=0.8):
+        assert (probs > 0).sum(-1).tolist()[0] == 20
+
+
+def test_one_sampled_row_draws_from_its_filtered_distribution():
+    """A lone unseeded row takes the batched draw (the c1 case) and keeps to its filters."""
+    torch.manual_seed(1)
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    row = [SampleRow("a", SamplingParams(temperature=1.0, top_k=3, top_p=0.65), [], [], None)]
+    draws = torch.stack([Sampler().sample(logits, row)[0] for _ in range(3000)])
+    freq = torch.bincount(draws, minlength=4) / 3000       # top-p keeps 0 and 1 (0.4 < 0.65 <= 0.7)
+    assert freq[2:].sum() == 0 and abs(freq[0] - 4 / 7) < 0.03
+
+
 def test_penalties():
     logits = apply_penalties(torch.tensor([2.0, -2.0, 1.0]), SamplingParams(repetition_penalty=2.0), [0, 1], [])
     assert logits.tolist() == [1.0, -4.0, 1.0]

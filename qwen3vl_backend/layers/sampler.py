@@ -36,7 +36,8 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
 
 
 def filter_probs(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """probs (V,) -> renormalised probs after top-k, top-p and min-p."""
+    """probs (V,) -> renormalised probs after top-k, top-p and min-p, over the whole vocabulary: the
+    definition `candidates` draws from (the tests' reference; a top-k tie here keeps every tied token)."""
     if params.top_k and params.top_k > 0 and params.top_k < probs.shape[-1]:
         kth = torch.topk(probs, params.top_k).values[-1]
         probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
@@ -102,23 +103,42 @@ def needs_history(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """One draw per row from the same distribution `filter_probs` gives, for the whole batch at once:
-    temperature, then top-k, top-p and min-p on the rows sorted by probability."""
-    dev = logits.device
-    temp = device_tensor([p.temperature for p in params], torch.float32, dev)[:, None]
-    probs = torch.softmax(logits / temp, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1], device=dev)[None, :]
-    vocab = probs.shape[-1]
-    top_k = device_tensor([min(p.top_k, vocab) if p.top_k and p.top_k > 0 else vocab for p in params], torch.long, dev)
-    top_p = device_tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], torch.float32, dev)[:, None]  # 1: keep all
-    min_p = device_tensor([p.min_p for p in params], torch.float32, dev)[:, None]
-    drop = (rank >= top_k[:, None]) | ((sorted_p.cumsum(-1) - sorted_p) >= top_p) | (sorted_p < min_p * sorted_p[:, :1])
+# rows whose top_k is at most this take their candidates from torch.topk over the vocabulary, not
+# from a sort of it (a sort of 151,936 float32 costs far more than a top-20 on a GPU)
+TOPK_CANDIDATES = 1024
+
+
+def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V) float32 -> (probs (B, K), ids (B, K)): each row's K most likely tokens, most
+    likely first, with their probabilities under temperature (of the whole vocabulary's softmax,
+    as `filter_probs` takes them) where top-k, top-p and min-p keep them and 0 where they drop.
+    K is the largest top_k of the rows when every row has one up to TOPK_CANDIDATES (from a top-k
+    of the logits, the log-sum-exp for the softmax's denominator), else the vocabulary (sorted).
+    A top-k tie at the K-th place keeps exactly K. Nothing waits for the device."""
+    dev, vocab = logits.device, logits.shape[-1]
+    ks = [min(p.top_k, vocab) if p.top_k and p.top_k > 0 else vocab for p in params]
+    k = max(ks)
+    # one copy for the four per-row numbers (top_p 1 keeps everything: the bound is 2)
+    rows = device_tensor([[p.temperature, p.top_p if p.top_p < 1.0 else 2.0, p.min_p, kk]
+                          for p, kk in zip(params, ks)], torch.float32, dev)
+    scaled = logits / rows[:, :1]
+    if k <= TOPK_CANDIDATES:
+        vals, ids = scaled.topk(k, dim=-1)
+        probs = torch.exp(vals - torch.logsumexp(scaled, dim=-1, keepdim=True))
+    else:
+        probs, ids = torch.softmax(scaled, dim=-1).sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=dev, dtype=torch.float32)[None, :]
+    drop = ((rank >= rows[:, 3:4]) | ((probs.cumsum(-1) - probs) >= rows[:, 1:2])
+            | (probs < rows[:, 2:3] * probs[:, :1]))
     drop[:, 0] = False                      # the most likely token always stays (top_p near 0)
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    picked = torch.multinomial(_safe_probs(sorted_p), 1)
-    return order.gather(1, picked).squeeze(1)
+    return probs.masked_fill(drop, 0.0), ids
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """One draw per row from the same distribution `filter_probs` gives, for the whole batch at once
+    (`candidates`, then one multinomial over them)."""
+    probs, ids = candidates(logits, params)
+    return ids.gather(1, torch.multinomial(_safe_probs(probs), 1)).squeeze(1)
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams]):
@@ -159,9 +179,9 @@ class Sampler:
         logits = ban_tokens(logits.float(), [r.banned_ids for r in rows])
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         batched = [i for i, r in enumerate(rows) if _plain_sampling(r.params)]
-        if len(batched) < 2:
-            batched = []
-        else:                        # unseeded sampling without penalties: one batched draw
+        if len(batched) == len(rows):   # unseeded sampling without penalties: one batched draw
+            return sample_batch(logits, [r.params for r in rows])
+        if batched:
             index = device_tensor(batched, torch.long, logits.device)
             out[index] = sample_batch(logits[index], [rows[i].params for i in batched])
         done = set(batched)
@@ -176,9 +196,9 @@ class Sampler:
                 if params.greedy:
                     out[i] = row.argmax()
                     continue
-                probs = filter_probs(torch.softmax(row / params.temperature, dim=-1), params)
+                probs, ids = candidates(row[None], [params])
                 gen = self._generator(rid, params, row.device)
-                out[i] = torch.multinomial(probs, 1, generator=gen)[0]
+                out[i] = ids[0].gather(0, torch.multinomial(_safe_probs(probs)[0], 1, generator=gen))[0]
         except Exception:
             for rid, state in saved.items():
                 self._generators[rid].set_state(state)
