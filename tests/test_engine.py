@@ -66,7 +66,14 @@ def test_warm_up_leaves_no_trace(tiny_moe, prompts, reference):
     no request is left, every KV block is free, no warm-up prefix is served from the cache (nor
     counted in the hit rate), and real requests answer as on a fresh engine."""
     engine = make_engine(tiny_moe, block_size=4, max_num_batched_tokens=64)
+    drawn, sample = [], engine.runner.sampler.sample
+    engine.runner.sampler.sample = lambda logits, rows: drawn.extend(r.params for r in rows) or sample(logits, rows)
     assert engine.warm_up((3, 16, 300)) > 0
+    engine.runner.sampler.sample = sample
+    # the sampler's paths drawn once: top-k candidates, the sorted vocabulary (top-p alone), seeded
+    assert any(p.top_k == 20 and p.temperature > 0 and p.seed is None for p in drawn)
+    assert any(p.top_k <= 0 and p.top_p < 1 and p.seed is not None for p in drawn)
+    assert not engine.runner.sampler._generators
     bm = engine.block_manager
     assert not engine.has_unfinished() and not engine._requests and bm.num_free == bm.num_blocks
     assert bm.prefix_queries == bm.prefix_hits == 0

@@ -212,6 +212,11 @@ class LLMEngine:
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         for n in sorted({max(1, min(n, cap)) for n in lengths}):
             self.generate([prompt(n)], params)
+        # the sampler's draws (their first call loads kernels for ~150 ms on a GPU): the release's
+        # generation defaults (top-k candidates), then top-p over the sorted vocabulary, seeded
+        for sampled in (SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_tokens=2, ignore_eos=True),
+                        SamplingParams(temperature=1.0, top_p=0.9, seed=0, max_tokens=2, ignore_eos=True)):
+            self.generate([prompt(16, True)], sampled)
         # the pairs share their steps even where solo_prefill would give each prompt its own (it
         # still packs prompts after a streak, and short ones)
         solo, self.scheduler.solo_prefill = self.scheduler.solo_prefill, None
