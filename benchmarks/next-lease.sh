@@ -30,8 +30,11 @@
 #     launches (a table entry each) against cuBLAS, 30B fp8 c1 in engine_ab.
 #   sampling (written in the thirty-ninth, not run): 30B fp8 and bf16 at c1/c16, greedy against
 #     Qwen3-VL's generation config (temperature 0.7, top_p 0.8, top_k 20): what the sampler costs.
-#   route-align (written in the thirty-ninth, not run): ROUTE_ALIGN's GPU tests, then 30B fp8 c16
-#     (and bf16 c16) in engine_ab with QWEN3VL_ROUTE_ALIGN=1.
+#   route-align (written in the thirty-ninth, run in the fortieth at f73428f): ROUTE_ALIGN's GPU
+#     tests, then 30B fp8 c16 (and bf16 c16) in engine_ab with QWEN3VL_ROUTE_ALIGN=1.
+#   sampler (fortieth): the sampler's GPU tests (no host sync on any path), then 30B fp8 c1/c16 and
+#     bf16 c1 under the generation config's sampling in engine_ab against f73428f (carry .ab:
+#     `git archive f73428f kernels qwen3vl_backend benchmarks ':!benchmarks/results'`), then greedy.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -213,4 +216,20 @@ if [ "$PART" = route-align ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, route-align)"; exit 2
+if [ "$PART" = sampler ]; then
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_isolation.py \
+    -k "sampl or draw or seeded or non_finite or argmax or candidates or banned or greedy" > $W/gpu-tests-sampler-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-sampler-$COMMIT.txt | head -10
+  echo '{"before": {"tree": ".ab/f73428f"}}' > $W/v.json
+  for cfg in $CONFIG-FP8 $CONFIG; do
+    [ $(left 560) -lt 150 ] && break
+    timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $cfg \
+      --concurrency $([ $cfg = $CONFIG ] && echo 1 || echo 1,16) --out-tokens 64 --routing uniform \
+      --temperature 0.7 --top-p 0.8 --top-k 20 > $W/ab-sampler-$cfg-$COMMIT.txt 2>&1
+    tail -7 $W/ab-sampler-$cfg-$COMMIT.txt | cut -c1-150
+  done
+  [ $(left 560) -gt 90 ] && timeout $(left 585) python -m benchmarks.engine --config $CONFIG-FP8 --concurrency 1,16 \
+    --out-tokens 64 --routing uniform --out $W > $W/greedy-fp8-$COMMIT.txt 2>&1 && tail -3 $W/greedy-fp8-$COMMIT.txt | cut -c1-150
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, route-align, sampler)"; exit 2
