@@ -81,8 +81,8 @@ def ban_tokens(logits: torch.Tensor, banned: list) -> torch.Tensor:
     if not pairs:
         return logits
     index = device_tensor(pairs, torch.long, logits.device)
-    return logits.index_put((index[:, 0], index[:, 1]), torch.tensor(float("-inf"), dtype=logits.dtype,
-                                                                      device=logits.device))
+    # the value made on the device (a tensor from a Python number would be a blocking copy)
+    return logits.index_put((index[:, 0], index[:, 1]), logits.new_full((), float("-inf")))
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -108,16 +108,20 @@ def needs_history(params: SamplingParams) -> bool:
 TOPK_CANDIDATES = 1024
 
 
-def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits (B, V) float32 -> (probs (B, K), ids (B, K)): each row's K most likely tokens, most
     likely first, with their probabilities under temperature (of the whole vocabulary's softmax,
     as `filter_probs` takes them) where top-k, top-p and min-p keep them and 0 where they drop.
     K is the largest top_k of the rows when every row has one up to TOPK_CANDIDATES (from a top-k
     of the logits, the log-sum-exp for the softmax's denominator), else the vocabulary (sorted).
-    A top-k tie at the K-th place keeps exactly K. Nothing waits for the device."""
+    A top-k tie at the K-th place keeps exactly K. Rows that filter nothing give the softmax and
+    ids None (the vocabulary in order). Nothing waits for the device."""
     dev, vocab = logits.device, logits.shape[-1]
     ks = [min(p.top_k, vocab) if p.top_k and p.top_k > 0 else vocab for p in params]
     k = max(ks)
+    if k == vocab and all(p.top_p >= 1.0 and not p.min_p for p in params):   # no filter: no sort
+        temp = device_tensor([p.temperature for p in params], torch.float32, dev)[:, None]
+        return torch.softmax(logits / temp, dim=-1), None
     # one copy for the four per-row numbers (top_p 1 keeps everything: the bound is 2)
     rows = device_tensor([[p.temperature, p.top_p if p.top_p < 1.0 else 2.0, p.min_p, kk]
                           for p, kk in zip(params, ks)], torch.float32, dev)
@@ -134,11 +138,21 @@ def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torc
     return probs.masked_fill(drop, 0.0), ids
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """probs (B, K) non-negative, each row with some mass -> one index a row, drawn in proportion:
+    the largest p / E over E ~ Exp(1) (an exponential race; multinomial's own one-sample path,
+    without its checks, which may wait for the device). E is kept off 0, so a dropped token (p 0)
+    is never picked."""
+    e = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-30)
+    return (probs / e).argmax(dim=-1)
+
+
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """One draw per row from the same distribution `filter_probs` gives, for the whole batch at once
-    (`candidates`, then one multinomial over them)."""
+    (`candidates`, then one race over them)."""
     probs, ids = candidates(logits, params)
-    return ids.gather(1, torch.multinomial(_safe_probs(probs), 1)).squeeze(1)
+    picked = draw(_safe_probs(probs))
+    return picked if ids is None else ids.gather(1, picked[:, None]).squeeze(1)
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams]):
@@ -197,8 +211,8 @@ class Sampler:
                     out[i] = row.argmax()
                     continue
                 probs, ids = candidates(row[None], [params])
-                gen = self._generator(rid, params, row.device)
-                out[i] = ids[0].gather(0, torch.multinomial(_safe_probs(probs)[0], 1, generator=gen))[0]
+                picked = draw(_safe_probs(probs), self._generator(rid, params, row.device))
+                out[i] = (picked if ids is None else ids.gather(1, picked[:, None])[:, 0])[0]
         except Exception:
             for rid, state in saved.items():
                 self._generators[rid].set_state(state)
