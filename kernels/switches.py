@@ -54,6 +54,9 @@ at concurrency 1 / 16 / 64:
 - ARGMAX_KERNEL (QWEN3VL_ARGMAX_KERNEL), on: greedy sampling's argmax by kernels.argmax (a row split
   over 64 programs, then one a row) instead of torch's one block a row (8.3 us for a 151,936-wide
   row in the H200's batch-1 profiles). The same index.
+- SAMPLE_KERNEL (QWEN3VL_SAMPLE_KERNEL), on: batches whose rows all sample (unseeded, no
+  penalties) with a top_k up to kernels.sample.MAX_K draw in kernels.sample's two launches instead
+  of the torch path's ~20 (layers.sampler.sample_batch). Not yet measured on a GPU.
 - ROUTE_ALIGN (QWEN3VL_ROUTE_ALIGN), off: the sorted MoE path's batches of up to
   kernels.fused_moe.ROUTE_ALIGN_MAX_T tokens take the routing and the expert alignment in one
   launch (kernels.fused_moe.route_align: each align program takes the whole batch's top-k) in
@@ -84,6 +87,7 @@ FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
 ROUTE_ALIGN = _on("QWEN3VL_ROUTE_ALIGN")
 ROPE_KERNEL = _on("QWEN3VL_ROPE_KERNEL", "1")
 ARGMAX_KERNEL = _on("QWEN3VL_ARGMAX_KERNEL", "1")
+SAMPLE_KERNEL = _on("QWEN3VL_SAMPLE_KERNEL", "1")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
 VIT_FUSED_NORM = _on("QWEN3VL_VIT_FUSED_NORM", "1")
 VIT_GELU_EPILOGUE = _on("QWEN3VL_VIT_GELU_EPILOGUE", "1")

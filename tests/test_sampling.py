@@ -113,6 +113,82 @@ def test_sampler_queues_every_path_without_a_host_sync():
     assert outs[0][4].item() == int(logits[4].float().index_fill(0, torch.tensor([3], device="cuda"), -1e9).argmax())
 
 
+def _race_reference(logits, params, u):
+    """The kernel's draw by the torch path's pieces: `candidates`, then the largest p / E, E = -log(1 - u)."""
+    from qwen3vl_backend.layers.sampler import candidates
+
+    probs, ids = candidates(logits.float(), params)
+    e = (-torch.log1p(-u[:, : probs.shape[1]].double())).clamp(min=1e-30)
+    return ids.gather(1, (probs.double() / e).argmax(-1, keepdim=True))[:, 0]
+
+
+def _kernel_rows(params, dev):
+    return torch.tensor([[p.temperature, p.top_p if p.top_p < 1 else 2.0, p.min_p, p.top_k] for p in params],
+                        device=dev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_kernel_draws_as_the_torch_path(dtype):
+    """kernels.sample (parts' top-k keys and log-sum-exp, then one program a row) against
+    `candidates` + the same race for the same uniforms: rows of different temperature, top_k,
+    top_p and min_p, a vocabulary no multiple of the parts. The logits are distinct multiples of
+    1/16, exact in bf16 (a tie's order is the kernel's own: lower index first)."""
+    from kernels.sample import candidates_width, sample_top_k
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(7)
+    v = 501
+    logits = torch.stack([(torch.randperm(v, generator=g) - 250.0) / 16 for _ in range(6)]).to(dtype)
+    params = [SamplingParams(temperature=0.7, top_p=0.8, top_k=16), SamplingParams(temperature=1.0, top_k=5),
+              SamplingParams(temperature=4.0, top_p=0.3, top_k=12), SamplingParams(temperature=2.5, min_p=0.5, top_k=16),
+              SamplingParams(temperature=0.05, top_k=1), SamplingParams(temperature=3.0, top_p=0.05, top_k=9)]
+    kp = candidates_width(16)
+    for trial in range(2):
+        u = torch.rand(6, kp, generator=g)
+        got = sample_top_k(logits.to(dev), _kernel_rows(params, dev), u.to(dev), parts=4).cpu()
+        assert got.tolist() == _race_reference(logits, params, u).tolist(), trial
+    with pytest.raises(ValueError, match="sample_top_k"):
+        sample_top_k(logits.to(dev), _kernel_rows(params, dev), torch.rand(6, 24, device=dev), parts=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sample_kernel_at_the_vocabulary_gpu():
+    """The serving launch (64 parts a row, 151,936 columns, top_k up to 64) against the torch path's race."""
+    from kernels.sample import MAX_K, candidates_width, sample_top_k
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    logits = torch.randn(16, 151936, device="cuda", generator=g) * 2
+    for ks in ([20] * 16, [1, 7, 20, 33, 64, 2, 3, 50] * 2):
+        params = [SamplingParams(temperature=0.5 + i / 8, top_p=0.8 if i % 2 else 1.0, min_p=0.1 * (i % 3 == 0), top_k=k)
+                  for i, k in enumerate(ks)]
+        u = torch.rand(16, candidates_width(max(ks)), device="cuda", generator=g)
+        assert max(ks) <= MAX_K
+        assert sample_top_k(logits, _kernel_rows(params, "cuda"), u).tolist() == _race_reference(logits, params, u).tolist()
+
+
+def test_sample_kernel_frequencies_and_non_finite_rows():
+    """A row of NaN draws its first token, a +inf takes the mass, a row of -inf but one draws that
+    one; on a GPU also: many rows of one distribution in one launch draw its filtered probabilities
+    (the interpreter would take minutes; the draw against the torch path's race is tested above)."""
+    from kernels.sample import sample_top_k
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 1200 if dev == "cuda" else 3
+    logits = torch.log(torch.tensor([0.05, 0.3, 0.1, 0.35, 0.2] + [0.0] * 3) + 1e-12)
+    p = SamplingParams(temperature=1.0, top_k=4, top_p=0.8)      # keeps 3, 1, 4 (0.65 < 0.8 <= 0.85)
+    u = torch.rand(n, 16, generator=torch.Generator().manual_seed(3))
+    if dev == "cuda":
+        got = sample_top_k(logits.expand(n, -1).contiguous().to(dev), _kernel_rows([p] * n, dev), u.to(dev), parts=2)
+        freq = torch.bincount(got.cpu(), minlength=8) / n
+        want = filter_probs(torch.softmax(logits, -1), p)
+        assert freq[[0, 2, 5, 6, 7]].sum() == 0 and torch.allclose(freq, want, atol=0.04), (freq, want)
+    odd = torch.zeros(3, 8)
+    odd[0], odd[1, 6], odd[2] = float("nan"), float("inf"), float("-inf")
+    odd[2, 5] = 0.0
+    got = sample_top_k(odd.to(dev), _kernel_rows([p] * 3, dev), u[:3].to(dev), parts=2)
+    assert got.tolist() == [0, 6, 5]
+
+
 def test_penalties():
     logits = apply_penalties(torch.tensor([2.0, -2.0, 1.0]), SamplingParams(repetition_penalty=2.0), [0, 1], [])
     assert logits.tolist() == [1.0, -4.0, 1.0]

@@ -147,10 +147,30 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return (probs / e).argmax(dim=-1)
 
 
+def _kernel_top_k(logits: torch.Tensor, params: list[SamplingParams]) -> int:
+    """The largest top_k where kernels.sample draws this batch (every row with one up to its
+    MAX_K, on a GPU, kernels.switches.SAMPLE_KERNEL on), else 0."""
+    if not logits.is_cuda or logits.stride(-1) != 1:
+        return 0
+    from kernels import switches
+    from kernels.sample import MAX_K
+
+    ks = [min(p.top_k, logits.shape[-1]) if p.top_k > 0 else 0 for p in params]
+    return max(ks) if switches.SAMPLE_KERNEL and min(ks) > 0 and max(ks) <= MAX_K else 0
+
+
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """One draw per row from the same distribution `filter_probs` gives, for the whole batch at once
-    (`candidates`, then one race over them)."""
-    probs, ids = candidates(logits, params)
+    """One draw per row from the same distribution `filter_probs` gives, for the whole batch at once:
+    kernels.sample's two launches where `_kernel_top_k` allows (the logits in their own dtype),
+    else `candidates`, then one race over them."""
+    k = _kernel_top_k(logits, params)
+    if k:
+        from kernels.sample import candidates_width, sample_top_k
+
+        rows = device_tensor([[p.temperature, p.top_p if p.top_p < 1.0 else 2.0, p.min_p, min(p.top_k, k)]
+                              for p in params], torch.float32, logits.device)
+        return sample_top_k(logits, rows, torch.rand(len(params), candidates_width(k), device=logits.device))
+    probs, ids = candidates(logits.float(), params)
     picked = draw(_safe_probs(probs))
     return picked if ids is None else ids.gather(1, picked[:, None]).squeeze(1)
 
@@ -190,11 +210,11 @@ class Sampler:
         if all(_plain_greedy(r.params) for r in rows):           # the common serving case: one argmax
             # in the logits' own dtype: float32 holds each bf16 value exactly, so the same argmax
             return argmax(ban_tokens(logits, [r.banned_ids for r in rows]))
+        if all(_plain_sampling(r.params) for r in rows):  # unseeded, no penalties: one batched draw
+            return sample_batch(ban_tokens(logits, [r.banned_ids for r in rows]), [r.params for r in rows])
         logits = ban_tokens(logits.float(), [r.banned_ids for r in rows])
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         batched = [i for i, r in enumerate(rows) if _plain_sampling(r.params)]
-        if len(batched) == len(rows):   # unseeded sampling without penalties: one batched draw
-            return sample_batch(logits, [r.params for r in rows])
         if batched:
             index = device_tensor(batched, torch.long, logits.device)
             out[index] = sample_batch(logits[index], [rows[i].params for i in batched])

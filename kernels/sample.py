@@ -1,0 +1,117 @@
+"""Top-k sampling (with top-p, min-p and temperature) over a batch's logits rows, in two launches.
+
+The sampler's torch path takes a row's candidates from torch.topk, the softmax's denominator from a
+log-sum-exp over the vocabulary, then masks and a draw: about twenty small launches, which on an
+H200 put 0.19 ms on a batch-1 decode step of 30B-A3B under the release's generation config
+(temperature 0.7, top_p 0.8, top_k 20), where greedy's argmax takes two.
+
+Here each row is split over PARTS programs. Each scales its chunk by 1/temperature, keeps its
+chunk's log-sum-exp (max and sum of exponentials) and its KP largest values with their indices,
+packed in one int64 a value (its float32 bits made order-preserving as a signed integer, then the
+index, lower index first on a tie) so that one tl.topk carries both. One program a row then takes
+the KP largest of its parts' candidates, their probabilities under the whole vocabulary's softmax,
+top-k, top-p (on the cumulated probabilities before each token, as the torch path) and min-p,
+and draws by an exponential race: the largest p / E with E = -log(1 - u) for the uniform u the
+caller gives (torch.rand, so torch's generator and seed rule the draw).
+
+Non-finite logits: NaN counts as -inf and +inf as the largest float, so a row of NaN draws its
+first token and a +inf takes the whole mass (the torch path's fallbacks give the same).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PARTS = 64          # programs a row in the first launch
+MAX_K = 64          # the largest top_k drawn here (KP, the candidates a part keeps, is top_k's power of two)
+
+
+@triton.jit
+def _pack(x, idx):
+    """float32 values and int32 indices -> int64 keys ordered as (value, then lower index first)."""
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
+
+
+@triton.jit
+def _unpack(key):
+    ordered = (key >> 32).to(tl.int32)
+    bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), 0x7FFFFFFF - (key & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _sample_parts_kernel(x_ptr, rows_ptr, keys_ptr, max_ptr, sum_ptr, V, stride_xm, CHUNK,
+                         BLOCK: tl.constexpr, KP: tl.constexpr, PARTS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    offs = part * CHUNK + cols
+    ok = (offs < V) & (cols < CHUNK)
+    inv_t = 1.0 / tl.load(rows_ptr + row * 4)
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
+    x = tl.where(x == x, x, float("-inf"))                  # NaN: never a candidate
+    x = tl.minimum(x, 3.4028234663852886e38)                # +inf: the largest float
+    x = tl.where(ok, x, float("-inf"))
+    m = tl.max(x, 0)
+    s = tl.sum(tl.where(x > float("-inf"), tl.exp(x - m), 0.0), 0)
+    top = tl.topk(_pack(x, offs), KP)
+    slot = (row * PARTS + part) * KP
+    tl.store(keys_ptr + slot + tl.arange(0, KP), top)
+    tl.store(max_ptr + row * PARTS + part, m)
+    tl.store(sum_ptr + row * PARTS + part, s)
+
+
+@triton.jit
+def _sample_pick_kernel(keys_ptr, max_ptr, sum_ptr, rows_ptr, u_ptr, out_ptr,
+                        KP: tl.constexpr, PARTS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    keys = tl.load(keys_ptr + row * PARTS * KP + tl.arange(0, PARTS * KP))
+    x, idx = _unpack(tl.sort(tl.topk(keys, KP), descending=True))
+    ms = tl.load(max_ptr + row * PARTS + tl.arange(0, PARTS))
+    ss = tl.load(sum_ptr + row * PARTS + tl.arange(0, PARTS))
+    big = tl.max(ms, 0)                 # -inf only where every candidate is (then every p is 0)
+    total = tl.sum(tl.where(ms > float("-inf"), ss * tl.exp(ms - big), 0.0), 0)
+    lse = big + tl.log(total)
+    p = tl.where(x > float("-inf"), tl.exp(x - lse), 0.0)
+    top_p = tl.load(rows_ptr + row * 4 + 1)
+    min_p = tl.load(rows_ptr + row * 4 + 2)
+    k = tl.load(rows_ptr + row * 4 + 3)
+    rank = tl.arange(0, KP)
+    before = tl.cumsum(p, 0) - p
+    keep = (rank == 0) | ((rank.to(tl.float32) < k) & (before < top_p) & (p >= min_p * tl.max(p, 0)))
+    u = tl.load(u_ptr + row * KP + rank)
+    race = tl.where(keep, p, 0.0) / tl.maximum(-tl.log(1.0 - u), 1e-30)
+    _, at = tl.max(race, 0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(out_ptr + row, tl.sum(tl.where(rank == at, idx, 0), 0).to(tl.int64))
+
+
+def candidates_width(top_k: int) -> int:
+    """KP: the candidates a part keeps for this top_k (a power of two, at least 16)."""
+    return max(16, triton.next_power_of_2(top_k))
+
+
+def sample_top_k(logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, parts: int = PARTS) -> torch.Tensor:
+    """logits (B, V) (vocabulary contiguous; bf16 or float32), rows (B, 4) float32 [temperature,
+    top_p (2 for none), min_p, top_k (1 .. MAX_K)], u (B, KP) uniform in [0, 1), KP =
+    candidates_width(the largest top_k); `parts` a power of two (the interpreter's tests take fewer)
+    -> (B,) int64 sampled ids."""
+    b, v = logits.shape
+    kp = u.shape[1]
+    if logits.stride(1) != 1 or not v or kp > MAX_K or kp & (kp - 1) or parts & (parts - 1) \
+            or rows.shape != (b, 4):
+        raise ValueError(f"sample_top_k: logits {tuple(logits.shape)}, rows {tuple(rows.shape)}, u {tuple(u.shape)}")
+    out = torch.empty(b, dtype=torch.int64, device=logits.device)
+    if b:
+        chunk = triton.cdiv(v, parts)
+        block = max(triton.next_power_of_2(chunk), kp)
+        keys = torch.empty(b, parts, kp, dtype=torch.int64, device=logits.device)
+        maxes = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
+        sums = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
+        _sample_parts_kernel[(b, parts)](logits, rows, keys, maxes, sums, v, logits.stride(0), chunk,
+                                         BLOCK=block, KP=kp, PARTS=parts, num_warps=8 if block >= 2048 else 4)
+        _sample_pick_kernel[(b,)](keys, maxes, sums, rows, u, out, KP=kp, PARTS=parts, num_warps=4)
+    return out
