@@ -187,6 +187,12 @@ def test_sample_kernel_frequencies_and_non_finite_rows():
     odd[2, 5] = 0.0
     got = sample_top_k(odd.to(dev), _kernel_rows([p] * 3, dev), u[:3].to(dev), parts=2)
     assert got.tolist() == [0, 6, 5]
+    # top-p keeps the token that crosses it (0.5 before it < 0.6): a near-zero uniform makes it win
+    crossing = torch.log(torch.tensor([[0.5, 0.45, 0.05] + [1e-9] * 5]))
+    u_cross = torch.full((1, 16), 0.5)
+    u_cross[0, 1] = 1e-6
+    got = sample_top_k(crossing.to(dev), _kernel_rows([SamplingParams(top_k=2, top_p=0.6)], dev), u_cross.to(dev), parts=2)
+    assert got.tolist() == [1]
 
 
 def test_penalties():
