@@ -35,6 +35,9 @@
 #   sampler (fortieth): the sampler's GPU tests (no host sync on any path), then 30B fp8 c1/c16 and
 #     bf16 c1 under the generation config's sampling in engine_ab against f73428f (carry .ab:
 #     `git archive f73428f kernels qwen3vl_backend benchmarks ':!benchmarks/results'`), then greedy.
+#   sample-kernel (fortieth): the sampler's GPU tests, then 30B fp8 c1/c16 sampled in engine_ab
+#     against 1008b2f (the top-k candidates in torch; carry .ab) and with QWEN3VL_SAMPLE_KERNEL=0,
+#     then bf16 c1 with the kernel off.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -232,4 +235,18 @@ if [ "$PART" = sampler ]; then
     --out-tokens 64 --routing uniform --out $W > $W/greedy-fp8-$COMMIT.txt 2>&1 && tail -3 $W/greedy-fp8-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, route-align, sampler)"; exit 2
+if [ "$PART" = sample-kernel ]; then
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_isolation.py \
+    -k "sampl or draw or seeded or non_finite or argmax or candidates or banned or greedy" > $W/gpu-tests-sample-kernel-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-sample-kernel-$COMMIT.txt | head -10
+  echo '{"before": {"tree": ".ab/1008b2f"}, "kernel-off": {"env": {"QWEN3VL_SAMPLE_KERNEL": "0"}}}' > $W/v.json
+  echo '{"kernel-off": {"env": {"QWEN3VL_SAMPLE_KERNEL": "0"}}}' > $W/v2.json
+  SAMPLED="--out-tokens 64 --routing uniform --temperature 0.7 --top-p 0.8 --top-k 20"
+  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+    --concurrency 1,16 $SAMPLED > $W/ab-sample-kernel-fp8-$COMMIT.txt 2>&1
+  tail -9 $W/ab-sample-kernel-fp8-$COMMIT.txt | cut -c1-150
+  [ $(left 560) -gt 130 ] && timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v2.json --out $W -- \
+    --config $CONFIG --concurrency 1 $SAMPLED > $W/ab-sample-kernel-bf16-$COMMIT.txt 2>&1 && tail -5 $W/ab-sample-kernel-bf16-$COMMIT.txt | cut -c1-150
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, route-align, sampler, sample-kernel)"; exit 2
