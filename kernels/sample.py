@@ -5,7 +5,8 @@ log-sum-exp over the vocabulary, then masks and a draw: about twenty small launc
 H200 put 0.19 ms on a batch-1 decode step of 30B-A3B under the release's generation config
 (temperature 0.7, top_p 0.8, top_k 20), where greedy's argmax takes two.
 
-Here each row is split over PARTS programs. Each scales its chunk by 1/temperature, keeps its
+Here (fortieth session, 30B fp8 on an H200) the batch-1 step takes 1.928 ms under that sampling
+against 2.064 with the torch path and 1.89 greedy. Each row is split over PARTS programs. Each scales its chunk by 1/temperature, keeps its
 chunk's log-sum-exp (max and sum of exponentials) and its KP largest values with their indices,
 packed in one int64 a value (its float32 bits made order-preserving as a signed integer, then the
 index, lower index first on a tie) so that one tl.topk carries both. One program a row then takes
