@@ -376,97 +376,6 @@ def _align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, n,
         tl.store(total_ptr, tl.sum(padded, 0))
 
 
-# route_align's batches at most (kernels.switches.ROUTE_ALIGN): each program takes the whole
-# batch's top-k, a (tokens, experts) tile of logits
-ROUTE_ALIGN_MAX_T = 16
-
-
-@triton.jit
-def _route_align_kernel(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, T, E,
-                        stride_lm, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
-                        RENORMALIZE: tl.constexpr, T_PAD: tl.constexpr, E_PAD: tl.constexpr, A_PAD: tl.constexpr,
-                        BLOCK_M: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """`route` then `align_by_expert` in one launch, one program per aligned expert (this rank's
-    experts, and the sentinel's under expert parallelism): each takes every token's top-k from
-    the (T, E) logits (float32 math, any float dtype in), program 0 stores the weights and ids,
-    then each writes its own run of the sorted pairs as `_align_kernel` does."""
-    gdc_enter(USE_PDL)
-    e_id = tl.program_id(0)
-    rows = tl.arange(0, T_PAD)
-    cols = tl.arange(0, E_PAD)
-    slots = tl.arange(0, TOP_K_PAD)
-    row_ok = rows < T
-    ok = row_ok[:, None] & (cols < E)[None, :]
-    lg = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-    vals = tl.full((T_PAD, TOP_K_PAD), float("-inf"), tl.float32)
-    ids = tl.zeros((T_PAD, TOP_K_PAD), tl.int32)
-    left = lg
-    for j in tl.static_range(TOP_K):
-        best, idx = tl.max(left, 1, return_indices=True, return_indices_tie_break_left=True)
-        vals = tl.where(slots[None, :] == j, best[:, None], vals)
-        ids = tl.where(slots[None, :] == j, idx[:, None].to(tl.int32), ids)
-        left = tl.where(cols[None, :] == idx[:, None], float("-inf"), left)
-    top = tl.max(vals, 1)
-    ex = tl.exp(vals - top[:, None])
-    if RENORMALIZE:
-        norm = tl.sum(ex, 1)
-    else:
-        norm = tl.sum(tl.where(ok, tl.exp(lg - top[:, None]), 0.0), 1)
-    local = ids - first
-    mine = (local >= 0) & (local < n_local)
-    weights = tl.where(mine, ex / norm[:, None], 0.0)
-    ids = tl.where(mine, local, n_local)
-    valid = row_ok[:, None] & (slots < TOP_K)[None, :]
-    pairs = rows[:, None] * TOP_K + slots[None, :]
-    if e_id == 0:
-        tl.store(weights_ptr + pairs, weights, mask=valid)
-        tl.store(ids_ptr + pairs, ids, mask=valid)
-    n = T * TOP_K
-    flat_ids = tl.reshape(tl.where(valid, ids, 0), (T_PAD * TOP_K_PAD,))
-    flat_valid = tl.reshape(valid, (T_PAD * TOP_K_PAD,))
-    flat_pairs = tl.reshape(pairs, (T_PAD * TOP_K_PAD,))
-    # the padding entries were counted as expert 0
-    counts = tl.histogram(flat_ids, A_PAD).to(tl.int32)
-    counts -= tl.where(tl.arange(0, A_PAD) == 0, T_PAD * TOP_K_PAD - n, 0)
-    first_row, count, padded_rows, padded = _expert_run(counts, e_id, BLOCK_M, A_PAD)
-    hit = ((flat_ids == e_id) & flat_valid).to(tl.int32)
-    rank = tl.cumsum(hit, 0) - 1
-    tl.store(sorted_ids_ptr + first_row + rank, flat_pairs, mask=hit != 0)
-    offs = tl.arange(0, T_PAD * TOP_K_PAD)
-    for r in range(count, padded_rows, T_PAD * TOP_K_PAD):
-        tl.store(sorted_ids_ptr + first_row + r + offs, n, mask=r + offs < padded_rows)
-    for b in range(0, padded_rows // BLOCK_M, T_PAD * TOP_K_PAD):
-        tl.store(block_expert_ptr + first_row // BLOCK_M + b + offs, e_id, mask=b + offs < padded_rows // BLOCK_M)
-    if e_id == 0:
-        tl.store(total_ptr, tl.sum(padded, 0))
-
-
-def route_align(router_logits: torch.Tensor, top_k: int, renormalize: bool, num_aligned: int, block_m: int,
-                first_expert: int = 0, num_local: int | None = None):
-    """`route(router_logits, top_k, renormalize, first_expert, num_local)` then
-    `align_by_expert(ids, num_aligned, block_m)` in one launch, for up to ROUTE_ALIGN_MAX_T tokens:
-    -> (weights (T, A) float32, ids (T, A) int32, sorted pair ids, each block's expert, padded
-    total), the two launches' contracts. `num_aligned`: the experts held, one more with the
-    sentinel (expert parallelism)."""
-    t, e = router_logits.shape
-    n_local = e if num_local is None else num_local
-    if t > ROUTE_ALIGN_MAX_T or top_k > e or router_logits.stride(-1) != 1 or num_aligned < n_local:
-        raise ValueError(f"route_align: logits {tuple(router_logits.shape)}, top_k {top_k}, {num_aligned} experts "
-                         f"aligned: at most {ROUTE_ALIGN_MAX_T} tokens, the experts' last dim contiguous")
-    dev = router_logits.device
-    weights = torch.empty(t, top_k, dtype=torch.float32, device=dev)
-    ids = torch.empty(t, top_k, dtype=torch.int32, device=dev)
-    sorted_ids, block_expert, total = alignment_buffers(t * top_k, num_aligned, block_m, dev)
-    if t:
-        _route_align_kernel[(num_aligned,)](
-            router_logits, weights, ids, sorted_ids, block_expert, total, t, e, router_logits.stride(0), first_expert,
-            n_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-            T_PAD=triton.next_power_of_2(t), E_PAD=triton.next_power_of_2(e),
-            A_PAD=triton.next_power_of_2(num_aligned), BLOCK_M=block_m, num_warps=switches.warps("route_align", 1),
-            **pdl(router_logits))
-    return weights, ids, sorted_ids, block_expert, total
-
-
 # align's launch at one warp up to this many pairs (a decode batch of 16 tokens at top-8): 30B fp8
 # c16 7.414 -> 7.359 ms with route's at one warp too; at 64 tokens four warps were faster (c64
 # 11.27 -> 11.22 ms; alone 5.3 us at one warp). Twenty-third session's engine_ab, on an H200.
@@ -1282,34 +1191,23 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     return h, new_res, weights, ids
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor | None,
-              topk_ids: torch.Tensor | None, config: dict | None = None, w13_scale: torch.Tensor | None = None,
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
-              sentinel: bool = False, logits: tuple | None = None) -> torch.Tensor:
+              sentinel: bool = False) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
     blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
-    (expert parallelism), which add nothing here. `logits` (router logits (M, E_all), top_k,
-    renormalize, route's expert-parallel keywords), the routing None: routed here, the sorted
-    path's batches of up to ROUTE_ALIGN_MAX_T tokens with their alignment in one launch
-    (route_align; kernels.switches.ROUTE_ALIGN's)."""
+    (expert parallelism), which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
-    fp8_block = tuple(block) if w13_scale is not None else None
-    path = _sorted_path(m, w13, x.device, fp8_block, config) if m else None
-    aligned = None
-    if logits is not None:
-        router_logits, top_k, renormalize, ep = logits
-        if path is not None and not path[1] and m <= ROUTE_ALIGN_MAX_T:
-            topk_weights, topk_ids, *aligned = route_align(router_logits, top_k, renormalize, e + 1 if sentinel else e,
-                                                           path[0]["BLOCK_M"], **ep)
-        else:
-            topk_weights, topk_ids = route(router_logits, top_k, renormalize, **ep)
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
         raise ValueError(f"fused_moe shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
                          f"w2 {tuple(w2.shape)}, topk {tuple(topk_ids.shape)}")
     if m == 0:
         return torch.empty_like(x)
+    fp8_block = tuple(block) if w13_scale is not None else None
+    path = _sorted_path(m, w13, x.device, fp8_block, config)
     if path is None:
         return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]
@@ -1323,8 +1221,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     # One token meets each of its experts once: a block per pair, no sorting launch.
     if pair_blocks:
         sorted_ids, block_expert, total = None, topk_ids.reshape(-1).to(torch.int32), None
-    elif aligned:
-        sorted_ids, block_expert, total = aligned
     else:
         sorted_ids, block_expert, total = align_by_expert(topk_ids, e + 1 if sentinel else e, cfg["BLOCK_M"])
     weights = topk_weights.to(torch.float32).flatten().contiguous()

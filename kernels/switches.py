@@ -59,11 +59,6 @@ at concurrency 1 / 16 / 64:
   of the torch path's ~20 (layers.sampler.sample_batch). 30B, the release's sampling (0.7 / 0.8 /
   20), decode step on an H200 (fortieth session): fp8 c1 1.928 ms against 2.064 off (greedy
   1.89), c16 7.22 against 7.31; bf16 c1 2.34 against 2.47 (greedy 2.33).
-- ROUTE_ALIGN (QWEN3VL_ROUTE_ALIGN), off: the sorted MoE path's batches of up to
-  kernels.fused_moe.ROUTE_ALIGN_MAX_T tokens take the routing and the expert alignment in one
-  launch (kernels.fused_moe.route_align: each align program takes the whole batch's top-k) in
-  place of route's and align's (2.15 + 1.97 us a layer in the H200's c16 profile). The same ids
-  and alignment. Not yet measured on a GPU.
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
@@ -86,7 +81,6 @@ PREFETCH_MAX_SEQS = 16          # decode attention's PREFETCH for batches up to 
 FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
-ROUTE_ALIGN = _on("QWEN3VL_ROUTE_ALIGN")
 ROPE_KERNEL = _on("QWEN3VL_ROPE_KERNEL", "1")
 ARGMAX_KERNEL = _on("QWEN3VL_ARGMAX_KERNEL", "1")
 SAMPLE_KERNEL = _on("QWEN3VL_SAMPLE_KERNEL", "1")
@@ -98,7 +92,7 @@ FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZ
 
 # the launches whose warps KERNEL_WARPS may set: kernels.rmsnorm.rmsnorm, kernels.fp8's activation
 # quantize (both kernels), kernels.fused_moe's sum_top_k, route and align_by_expert, kernels.rope.qkv_prep_
-KERNEL_WARPS_NAMES = ("rmsnorm", "quantize", "sum_top_k", "route", "align", "qkv_prep", "route_align")
+KERNEL_WARPS_NAMES = ("rmsnorm", "quantize", "sum_top_k", "route", "align", "qkv_prep")
 
 
 def parse_kernel_warps(spec: str) -> dict[str, int]:

@@ -19,7 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels.attention import _paged_decode_kernel  # noqa: E402
 from kernels.fused_moe import (_gate_route_kernel, _grouped_gemm_kernel, _norm_route_kernel,  # noqa: E402
-                               _pair_down_kernel, _pair_gate_up_kernel, _route_align_kernel)
+                               _pair_down_kernel, _pair_gate_up_kernel)
 from kernels.linear import _skinny_kernel  # noqa: E402
 from kernels.sample import _sample_parts_kernel, _sample_pick_kernel  # noqa: E402
 
@@ -96,9 +96,6 @@ KERNELS = [
     ("norm_route PREFETCH", _norm_route_kernel, NORM_ROUTE, ("eps",),
      dict(TOP_K=8, TOP_K_PAD=8, RENORMALIZE=True, FIXED=True, BLOCK_E=4, BLOCK_D=2048, E_PAD=128, USE_PDL=True,
           PREFETCH=True)),
-    ("route_align", _route_align_kernel,
-     dict(logits_ptr=BF, weights_ptr=F32, ids_ptr=I32, sorted_ids_ptr=I32, block_expert_ptr=I32, total_ptr=I32), (),
-     dict(TOP_K=8, TOP_K_PAD=8, RENORMALIZE=True, T_PAD=16, E_PAD=128, A_PAD=128, BLOCK_M=16, USE_PDL=True)),
     ("grouped DENSE SPLIT_K W8A8", _grouped_gemm_kernel, GROUPED, (),
      dict(A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8,
           SCALE_MODE=2, A_SCALED=True, USE_PDL=True, DENSE=True, SPLIT_K=8)),

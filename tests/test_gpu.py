@@ -104,23 +104,18 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
     assert torch.equal(from_host, replayed)
 
 
-@pytest.mark.parametrize("prefetch,prep,router,norm,align,quant", [(True, False, False, False, False, ""),
-                                                                   (False, True, False, False, False, ""),
-                                                                   (False, False, True, False, False, ""),
-                                                                   (False, False, False, True, False, ""),
-                                                                   (False, False, False, False, True, ""),
-                                                                   (False, False, False, False, True, "fp8"),
-                                                                   (True, True, True, True, False, ""),
-                                                                   (True, True, True, True, False, "fp8")])
-def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, router, norm, align, quant):
+@pytest.mark.parametrize("prefetch,prep,router,norm,quant", [(True, False, False, False, ""),
+                                                             (False, True, False, False, ""),
+                                                             (False, False, True, False, ""),
+                                                             (False, False, False, True, ""),
+                                                             (True, True, True, True, ""),
+                                                             (True, True, True, True, "fp8")])
+def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, router, norm, quant):
     """QWEN3VL_PDL_PREFETCH: decode attention, norm + router and the MoE pair path's down read the
     KV cache (all but the newest position), the router and the routing + first expert weights
     before PDL's wait. QWEN3VL_FUSED_DECODE_PREP: decode's q/k prep inside the attention kernel,
     which writes the newest K/V itself. QWEN3VL_FUSED_ROUTER: the router and the routing in one
-    launch. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the qkv GEMV. QWEN3VL_ROUTE_ALIGN:
-    the sorted path's routing and alignment in one launch (its rows: the pair path capped at one
-    token, so that the batched decode steps of 2-7 rows take the sorted path, on and off; the
-    launches counted). Captured graphs with
+    launch. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the qkv GEMV. Captured graphs with
     them give the tokens they give without (a stale newest K/V or routing would change them); also
     on the tiny FP8 checkpoint (the W8A8 and fp8 pair kernels)."""
     from conftest import CACHE
@@ -134,19 +129,11 @@ def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, 
             make_tiny_checkpoint(path, fp8_block=(128, 128))
         path = str(path)
     tokens = {}
-    aligned = []
-    if align:
-        import kernels.fused_moe as fm
-
-        monkeypatch.setenv("QWEN3VL_PAIR_MAX_M", "1")
-        real = fm.route_align
-        monkeypatch.setattr(fm, "route_align", lambda *a, **k: aligned.append(a[0].shape[0]) or real(*a, **k))
     for on in (False, True):
         monkeypatch.setattr(switches, "PDL_PREFETCH", prefetch and on)
         monkeypatch.setattr(switches, "FUSED_DECODE_PREP", prep and on)
         monkeypatch.setattr(switches, "FUSED_ROUTER", router and on)
         monkeypatch.setattr(switches, "FUSED_INPUT_NORM", norm and on)
-        monkeypatch.setattr(switches, "ROUTE_ALIGN", align and on)
         engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
                                         cuda_graph_max_bs=8))
         processor = Processor(path, engine.tokenizer)
@@ -157,7 +144,6 @@ def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, 
                       + [r["output_token_ids"] for r in engine.generate(prompts, params)])
         engine.close()
     assert tokens[True] == tokens[False]
-    assert bool(aligned) == align
 
 
 @pytest.mark.parametrize("cudnn", [False, True], ids=["sdpa-order", "cudnn-first"])

@@ -49,7 +49,7 @@ def test_prefetching_kernels_load_before_they_wait(compiled, name):
 
 
 @pytest.mark.parametrize("name", ["paged_decode", "paged_decode PREP", "gate_route", "gate_route NORM",
-                                  "grouped DENSE SPLIT_K W8A8", "route_align"])
+                                  "grouped DENSE SPLIT_K W8A8"])
 def test_plain_kernels_wait_before_they_touch_memory(compiled, name):
     seq = compiled[name]
     assert first(seq, "griddepcontrol.wait") < min(first(seq, "ld.global"), first(seq, "st.global")), seq

@@ -227,57 +227,6 @@ def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed, co
         norm_route(torch.cat([x, x]), torch.cat([res, res]), nw, 1e-6, gate, a, True, counter, table)
 
 
-@pytest.mark.parametrize("t,e,a,block_m", [(1, 8, 2, 4), (5, 20, 3, 4), (16, 128, 8, 16), (3, 6, 6, 2)])
-@pytest.mark.parametrize("ep,renormalize", [(False, True), (True, True), (True, False)])
-def test_route_align_is_route_then_align(t, e, a, block_m, ep, renormalize):
-    """route_align (ROUTE_ALIGN: the routing and the expert alignment in one launch) against
-    `route` then `align_by_expert`: the same ids and alignment (sorted pairs up to the padded
-    total, each block's expert), the weights to float32 rounding; bf16 logits taken as they are;
-    expert parallelism's sentinel aligned as one more expert; ties to the lower id."""
-    from kernels.fused_moe import route_align
-
-    g = torch.Generator().manual_seed(t * e + a)
-    logits = torch.randn(t, e, generator=g)
-    logits[0, : e // 2] = 1.5                                  # ties: the lower ids first
-    logits = logits.to(torch.bfloat16).to(DEV)
-    first, local = (e // 2, e - e // 2) if ep else (0, e)
-    aligned = local + 1 if ep else local
-    want_w, want_ids = route_kernel(logits.float(), a, renormalize, first, local)
-    want = align_by_expert(want_ids, aligned, block_m)
-    w, ids, *got = route_align(logits, a, renormalize, aligned, block_m, first, local)
-    assert torch.equal(ids, want_ids)
-    torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-7)
-    total = int(want[2])
-    assert int(got[2]) == total and torch.equal(got[0][:total], want[0][:total])
-    assert torch.equal(got[1][: total // block_m], want[1][: total // block_m])
-    with pytest.raises(ValueError, match="route_align"):
-        route_align(torch.zeros(17, e, device=DEV), a, True, e, block_m)
-
-
-@pytest.mark.parametrize("m,ep", [(5, False), (16, True), (1, False), (20, False)])
-def test_fused_moe_routes_the_logits_it_is_given(m, ep, monkeypatch):
-    """fused_moe's `logits` (ROUTE_ALIGN): the router's logits routed inside, route_align's one
-    launch on the sorted path up to ROUTE_ALIGN_MAX_T tokens, `route` past it and on the pair
-    path: the same output as fused_moe given `route`'s weights and ids, under expert parallelism
-    too (this rank's 8 of 16 experts, the sentinel aligned)."""
-    import kernels.fused_moe as fm
-
-    e_all, h, i, a = 16, 64, 24, 4
-    first, local = (8, 8) if ep else (0, e_all)
-    x, w13, w2, _, _ = moe_inputs(m, local, h, i, a, device=DEV)
-    logits = torch.randn(m, e_all, generator=torch.Generator().manual_seed(m)).to(DEV)
-    keys = {"first_expert": first, "num_local": local} if ep else {}
-    w, ids = route_kernel(logits, a, True, **keys)
-    launches = []
-    real = fm.route_align
-    monkeypatch.setattr(fm, "route_align", lambda *args, **kw: launches.append(args[0].shape[0]) or real(*args, **kw))
-    cfg = None if m == 1 else SMALL_CFG
-    got = fm.fused_moe(x, w13, w2, None, None, cfg, sentinel=ep, logits=(logits, a, True, keys))
-    want = fm.fused_moe(x, w13, w2, w, ids, cfg, sentinel=ep)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert launches == ([m] if 1 < m <= fm.ROUTE_ALIGN_MAX_T else [])
-
-
 @pytest.mark.parametrize("align", [align_by_expert, align_by_expert_reference])
 def test_align_by_expert_covers_every_pair_once(align):
     ids = torch.tensor([[3, 1], [1, 0], [3, 3]], device=DEV)

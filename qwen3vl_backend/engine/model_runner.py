@@ -116,7 +116,6 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
             if on_gpu:
                 m.route_fn, m.norm_route_fn = route, norm_route
                 m.gate_route_fn = gate_route if switches.FUSED_ROUTER else None
-                m.route_align = switches.ROUTE_ALIGN
         elif isinstance(m, RMSNorm) and triton_attn and on_gpu:
             m.kernel = rmsnorm
         elif isinstance(m, LinearBase) and triton_attn and on_gpu:

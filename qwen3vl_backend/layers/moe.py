@@ -163,16 +163,15 @@ class FusedMoE(nn.Module):
         else:
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
-    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, logits=None) -> torch.Tensor:
+    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """On a GPU the fused MoE kernels with fp8 weights (dequantized in registers); on CPU the
         W8A8 reference, one expert at a time: activations quantized per token and group, SiLU(gate)
-        * up quantized again before the down projection. `logits`: kernels.fused_moe's (GPU only)."""
+        * up quantized again before the down projection."""
         if x.is_cuda:
             from kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids, w13_scale=self.w13_weight_scale_inv,
-                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts,
-                             logits=logits)
+                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts)
         out = torch.zeros_like(x)
         weights = weights.to(x.dtype)
         for e in ids.unique().tolist():
@@ -210,9 +209,6 @@ class SparseMoE(nn.Module):
         self.norm_route_fn = None
         # kernels.fused_moe.gate_route on GPU with kernels.switches.FUSED_ROUTER: the router and route in one launch
         self.gate_route_fn = None
-        # kernels.switches.ROUTE_ALIGN on GPU: the experts (kernels.fused_moe) route the logits
-        # themselves, with the sorted path's alignment in the same launch
-        self.route_align = False
         self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
         self._counter = None           # norm_route's arrival count (allocated on first use)
 
@@ -233,14 +229,8 @@ class SparseMoE(nn.Module):
         logits = self.gate(x)            # it runs with fixed logits too (the benchmarks time it)
         fixed = self._fixed(x.shape[0])
         logits = logits if fixed is None else fixed
-        if self.route_align and x.dim() == 2 and self._kernel_experts(x):
-            return self._experts(x, None, None, (logits, self.top_k, self.renormalize, self._ep_routing()))
         weights, ids = self.route_fn(logits, self.top_k, self.renormalize, **self._ep_routing())
         return self._experts(x, weights, ids)
-
-    def _kernel_experts(self, x: torch.Tensor) -> bool:
-        """Whether kernels.fused_moe runs the experts here (fp8 on a GPU; bf16 where experts_fn is it)."""
-        return x.is_cuda if self.experts.quantized else self.experts_fn is not moe_experts_torch
 
     def _ep_routing(self) -> dict:
         """The routers' arguments that map ids to this rank's experts (expert parallelism)."""
@@ -271,15 +261,13 @@ class SparseMoE(nn.Module):
             return None
         return (noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]).contiguous()
 
-    def _experts(self, x: torch.Tensor, weights: torch.Tensor | None, ids: torch.Tensor | None, logits=None):
-        """ids as this rank's experts see them (the routers map them: `_ep_routing`); or, the
-        routing None, `logits` for kernels.fused_moe to route (its `logits`)."""
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        """ids as this rank's experts see them (the routers map them: `_ep_routing`)."""
         ex = self.experts
-        more = {} if logits is None else {"logits": logits}
         if ex.quantized:
-            out = ex.fp8_forward(x, weights, ids, **more)
+            out = ex.fp8_forward(x, weights, ids)
         else:
-            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts, **more)
+            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts)
         if self.tp_size > 1:                     # each rank summed its share of every token's experts
             all_reduce(out)
         return out
