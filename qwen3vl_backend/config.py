@@ -66,6 +66,7 @@ class EngineConfig:
     dist_init_addr: str = ""              # host:port of rank 0's rendezvous (default: loopback, a free port)
     dist_timeout_s: float = 600.0         # a collective no rank answers for this long fails the group
     moe_routing: str = "model"            # model | uniform: benchmarks' stand-in for a real checkpoint's routing
+    sampling_defaults: str = "model"      # model (generation_config.json's) | openai: what unset sampling fields take
 
     def __post_init__(self):
         if not self.model_path:
@@ -98,6 +99,8 @@ class EngineConfig:
                 and self.tp_size // self.nnodes > torch.cuda.device_count() - self.device_index):
             raise ConfigError(f"tp_size {self.tp_size} needs {self.tp_size // self.nnodes} GPUs per node from "
                               f"{self.device}, {torch.cuda.device_count()} present")
+        if self.sampling_defaults not in ("model", "openai"):
+            raise ConfigError(f"sampling_defaults must be model or openai, got {self.sampling_defaults!r}")
         if self.moe_routing not in ("model", "uniform"):
             raise ConfigError(f"moe_routing must be model or uniform, got {self.moe_routing!r}")
         for name in ("cuda_graph_max_bs", "prefill_cuda_graph_max_tokens"):

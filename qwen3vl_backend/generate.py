@@ -41,7 +41,7 @@ def _generate(engine: LLMEngine, model_path: str, request: dict, max_tokens: int
     sp = {k: request[k] for k in SAMPLING_FIELDS if k in request}
     if max_tokens is not None:
         sp["max_tokens"] = max_tokens
-    [result] = engine.generate([prompt], SamplingParams.from_dict(sp))
+    [result] = engine.generate([prompt], SamplingParams.from_dict(sp, defaults=engine.sampling_defaults))
     return {"prompt_token_ids": prompt.prompt_ids, "output_token_ids": result["output_token_ids"],
             "text": result["text"], "finish_reason": result["finish_reason"]}
 

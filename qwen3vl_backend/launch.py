@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--quantization", default=None, choices=["fp8"],
       help="quantize a bf16 checkpoint's decoder weights to 128x128-block fp8 as they load (an fp8 checkpoint needs "
            "no flag)")
+    a("--sampling-defaults", default="model", choices=["model", "openai"],
+      help="what a request's unset sampling fields take: model, the checkpoint's generation_config.json "
+           "(Qwen3-VL: temperature 0.7, top_p 0.8, top_k 20); openai, temperature 1 and no filter")
     a("--context-length", "--max-model-len", dest="max_model_len", type=int, default=8192)
     a("--max-running-requests", type=int, default=64)
     a("--chunked-prefill-size", type=int, default=2048)
@@ -210,7 +213,7 @@ def resolve(args) -> dict:
            "cuda_graph_max_bs": "0" if args.disable_cuda_graph else str(args.cuda_graph_max_bs),
            "prefill_cuda_graph_max_tokens": "0" if args.disable_cuda_graph else str(args.prefill_cuda_graph_max_tokens),
            "prefill_cuda_graph_max_seqs": str(args.prefill_cuda_graph_max_seqs),
-           "prefill_pack_max_tokens": str(args.prefill_pack_max_tokens)}
+           "prefill_pack_max_tokens": str(args.prefill_pack_max_tokens), "sampling_defaults": args.sampling_defaults}
     try:
         engine_cfg = EngineConfig.from_settings(llm)
     except ConfigError as e:

@@ -17,6 +17,12 @@ sampler divide by zero or overflow a tensor and fail the batch it shares:
 | `repetition_penalty` | 0.01 .. 10 |
 | `presence_penalty`, `frequency_penalty` | -2 .. 2 |
 
+A request's unset fields (absent, or null) take the server's sampling defaults where it has them:
+with `--sampling-defaults model` (the default, as SGLang's; vLLM's `--generation-config auto`)
+the checkpoint's generation_config.json recommendations for GENERATION_FIELDS (Qwen3-VL's:
+temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.0); with `openai`, the table's
+dataclass defaults below (temperature 1, no filter).
+
 Requests from the OpenAI adapter must carry JSON types. Triton clients (genai-perf, perf_analyzer)
 send every value of `sampling_parameters` as a string, as vllm_backend accepts; `from_dict(...,
 coerce_strings=True)` converts those to each field's type first.
@@ -31,6 +37,9 @@ from dataclasses import dataclass, field, fields
 SAMPLING_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                    "stop", "stop_token_ids", "ignore_eos", "min_tokens", "repetition_penalty",
                    "presence_penalty", "frequency_penalty")
+
+# generation_config.json's fields that are sampling defaults (vLLM's and SGLang's list)
+GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 GREEDY_BELOW = 1e-5
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 32, 1024, 256
@@ -107,10 +116,14 @@ class SamplingParams:
         return self.temperature == 0
 
     @classmethod
-    def from_dict(cls, d: dict | None, coerce_strings: bool = False) -> "SamplingParams":
+    def from_dict(cls, d: dict | None, coerce_strings: bool = False, defaults: dict | None = None) -> "SamplingParams":
         """Fields by name (None means unset; `max_completion_tokens` is OpenAI's `max_tokens`).
-        `coerce_strings`: string values are converted to the field's type first (Triton clients)."""
+        `coerce_strings`: string values are converted to the field's type first (Triton clients).
+        `defaults`: values for the fields `d` leaves unset (the server's sampling defaults)."""
         d = dict(d or {})
+        for k, v in (defaults or {}).items():
+            if d.get(k) is None:
+                d[k] = v
         if "max_completion_tokens" in d and d.get("max_completion_tokens") is not None:
             d["max_tokens"] = d.pop("max_completion_tokens")
         d.pop("max_completion_tokens", None)
@@ -166,3 +179,25 @@ def _is_int(v) -> bool:
 
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def generation_defaults(model_dir) -> dict:
+    """The checkpoint's generation_config.json values for GENERATION_FIELDS ({} without the file):
+    the sampling defaults of `--sampling-defaults model`. ValueError where the file is not JSON or
+    a value is out of its range (a broken checkpoint must not fail every request)."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    out = {k: cfg[k] for k in GENERATION_FIELDS if isinstance(cfg, dict) and cfg.get(k) is not None}
+    try:
+        SamplingParams(**out)
+    except SamplingError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return out

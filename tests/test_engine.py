@@ -86,6 +86,31 @@ def test_warm_up_leaves_no_trace(tiny_moe, prompts, reference):
         engine.warm_up()
 
 
+def test_engine_sampling_defaults_are_the_checkpoints_unless_openai(tiny_moe, tmp_path):
+    """--sampling-defaults model (the default): the checkpoint's generation_config.json (the
+    release's 0.7 / 0.8 / 20); openai: none; a broken file fails the start, not each request."""
+    import shutil
+
+    from qwen3vl_backend.config import ConfigError
+    from qwen3vl_backend.generate import _generate
+
+    engine = make_engine(tiny_moe)
+    assert engine.sampling_defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.0}
+    seen = []
+    real = engine.generate
+    engine.generate = lambda prompts, params: seen.append(params) or real(prompts, params)
+    _generate(engine, str(tiny_moe), {"messages": [{"role": "user", "content": "hi"}], "top_k": 5}, 2)
+    assert (seen[0].temperature, seen[0].top_p, seen[0].top_k) == (0.7, 0.8, 5)
+    assert make_engine(tiny_moe, sampling_defaults="openai").sampling_defaults == {}
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_moe, broken)
+    (broken / "generation_config.json").write_text('{"temperature": -1}')
+    with pytest.raises(ConfigError, match="temperature must be in"):
+        make_engine(broken)
+    with pytest.raises(ConfigError, match="sampling_defaults must be model or openai"):
+        make_engine(tiny_moe, sampling_defaults="vllm")
+
+
 def test_max_tokens_respected(tiny_moe, prompts):
     out = make_engine(tiny_moe).generate([prompts[0]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
     assert len(out["output_token_ids"]) == 3 and out["finish_reason"] == "length"

@@ -33,6 +33,29 @@ def test_max_completion_tokens_is_max_tokens():
     assert SamplingParams.from_dict({"max_completion_tokens": 5}).max_tokens == 5
 
 
+def test_unset_fields_take_the_sampling_defaults(tmp_path):
+    """`defaults` fill what a request leaves out or sets null, never what it sets (0 included);
+    generation_defaults reads the checkpoint's recommendations, and refuses a broken file."""
+    from qwen3vl_backend.sampling_params import generation_defaults
+
+    defaults = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    p = SamplingParams.from_dict({"max_tokens": 5, "top_p": None}, defaults=defaults)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_tokens) == (0.7, 0.8, 20, 1.05, 5)
+    p = SamplingParams.from_dict({"temperature": "0", "top_k": "-1"}, coerce_strings=True, defaults=defaults)
+    assert (p.temperature, p.top_k, p.top_p) == (0.0, -1, 0.8)
+    assert SamplingParams.from_dict({}).temperature == 1.0                        # no defaults: the dataclass's
+    (tmp_path / "generation_config.json").write_text(
+        '{"do_sample": true, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.0, "eos_token_id": 2}')
+    assert generation_defaults(tmp_path) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.0}
+    (tmp_path / "generation_config.json").write_text('{"top_p": 1.5}')
+    with pytest.raises(ValueError, match="top_p must be in"):
+        generation_defaults(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"top_p": ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        generation_defaults(tmp_path)
+    assert generation_defaults(tmp_path / "missing") == {}
+
+
 def test_top_k_top_p_min_p_filters():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     assert filter_probs(probs, SamplingParams(top_k=2)).nonzero().flatten().tolist() == [0, 1]

@@ -419,6 +419,20 @@ def test_http_generate_stream_example(server, tiny_moe, local_engine):
     assert text == _expected(tiny_moe, local_engine, messages)["text"]
 
 
+def test_unset_sampling_fields_take_the_checkpoints_defaults(client, tiny_moe, local_engine):
+    """--sampling-defaults model (the launcher's default): a seeded request that sets no temperature
+    draws as the checkpoint's generation_config.json says (0.7 / 0.8 / 20), not as temperature 1
+    over the whole vocabulary (seeded draws do not depend on the batch, so the local engine's agree)."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    served = client.chat.completions.create(model="tiny-moe", messages=messages, seed=5, max_tokens=8,
+                                            extra_body={"ignore_eos": True}).choices[0].message.content
+    request = {"messages": messages, "seed": 5, "max_tokens": 8, "ignore_eos": True}
+    assert local_engine.sampling_defaults["top_k"] == 20
+    assert served == generate.run(str(tiny_moe), request, engine=local_engine)["text"]
+    plain = generate.run(str(tiny_moe), {**request, "temperature": 1.0, "top_p": 1.0, "top_k": 0}, engine=local_engine)
+    assert served != plain["text"]
+
+
 def test_llm_alone_with_token_ids(server, local_engine):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype

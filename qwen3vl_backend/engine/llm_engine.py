@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import EngineConfig
+from ..config import ConfigError, EngineConfig
 from ..errors import PromptTooLongError, RequestError, check_prompt_length
 from ..processing.processor import MediaItem, ProcessedPrompt
 from ..processing.tokenizer import Tokenizer
 from ..layers.sampler import needs_history
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, generation_defaults
 from .vision_cache import VisionCache, encode_with_cache
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -90,6 +90,10 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig, tokenizer: Tokenizer | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer or Tokenizer(cfg.model_path)
+        try:       # what a request's unset sampling fields take (SamplingParams.from_dict's defaults)
+            self.sampling_defaults = generation_defaults(cfg.model_path) if cfg.sampling_defaults == "model" else {}
+        except ValueError as e:
+            raise ConfigError(f"sampling_defaults model: {e}") from None
         self.runner = ModelRunner(cfg)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         graphs = self.runner.prefill_graphs

@@ -55,7 +55,7 @@ class TritonPythonModel:
                 sender.send(flags=FINAL)
                 continue
             try:
-                prompt, vision, params, flags = _parse(request, self.merge_unit)
+                prompt, vision, params, flags = _parse(request, self.merge_unit, self.engine.sampling_defaults)
                 if vision is not None:
                     self._arrived[1][vision[0].is_cuda].increment(1)
             except Exception as e:
@@ -83,7 +83,7 @@ def _flag(request, name) -> bool:
     return t is not None and t.as_numpy().size > 0 and bool(t.as_numpy().reshape(-1)[0])
 
 
-def _parse(request, merge_unit: int):
+def _parse(request, merge_unit: int, sampling_defaults: dict):
     def get(name):       # host-side inputs: token ids, positions, strings
         t = pb_utils.get_input_tensor_by_name(request, name)
         return None if t is None else (t.as_numpy() if t.is_cpu() else as_torch(t).cpu().numpy())
@@ -108,7 +108,8 @@ def _parse(request, merge_unit: int):
     raw = get("sampling_parameters")
     text = raw.reshape(-1)[0] if raw is not None and raw.size else b""
     params = SamplingParams.from_dict(parse_json_object(text.decode("utf-8", "replace") if isinstance(text, bytes)
-                                                        else text, "sampling_parameters"), coerce_strings=True)
+                                                        else text, "sampling_parameters"), coerce_strings=True,
+                                    defaults=sampling_defaults)
     flags = {k: _flag(request, k) for k in ("stream", "exclude_input_in_output", "return_num_input_tokens",
                                   "return_num_output_tokens")}
     return prompt, vision, params, flags
