@@ -39,6 +39,8 @@
 #   sample-kernel (fortieth): the sampler's GPU tests, then 30B fp8 c1/c16 sampled in engine_ab
 #     against 1008b2f (the top-k candidates in torch; carry .ab) and with QWEN3VL_SAMPLE_KERNEL=0,
 #     then bf16 c1 with the kernel off.
+#   sample-rows (fortieth): the GPU tests of warm_up (now drawing sampled tokens too), graph decode,
+#     the switches and the sampler, then 30B fp8 c64/c128 sampled with QWEN3VL_SAMPLE_KERNEL=0 against on.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -237,4 +239,15 @@ if [ "$PART" = sample-kernel ]; then
     --config $CONFIG --concurrency 1 $SAMPLED > $W/ab-sample-kernel-bf16-$COMMIT.txt 2>&1 && tail -5 $W/ab-sample-kernel-bf16-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel)"; exit 2
+if [ "$PART" = sample-rows ]; then
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_sampling.py \
+    -k "warm_up or cuda_graph_decode or greedy_matches or switches_keep or sample or sync" > $W/gpu-tests-sample-rows-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-sample-rows-$COMMIT.txt | head -10
+  echo '{"kernel-off": {"env": {"QWEN3VL_SAMPLE_KERNEL": "0"}}}' > $W/v.json
+  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+    --concurrency 64,128 --out-tokens 64 --routing uniform --temperature 0.7 --top-p 0.8 --top-k 20 \
+    > $W/ab-sample-rows-fp8-$COMMIT.txt 2>&1
+  tail -9 $W/ab-sample-rows-fp8-$COMMIT.txt | cut -c1-150
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows)"; exit 2
