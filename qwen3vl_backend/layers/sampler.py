@@ -147,23 +147,23 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return (probs / e).argmax(dim=-1)
 
 
-def _kernel_top_k(logits: torch.Tensor, params: list[SamplingParams]) -> int:
-    """The largest top_k where kernels.sample draws this batch (every row with one up to its
-    MAX_K, on a GPU, kernels.switches.SAMPLE_KERNEL on), else 0."""
-    if not logits.is_cuda or logits.stride(-1) != 1:
-        return 0
+def kernel_top_k(params: list[SamplingParams], vocab: int) -> int:
+    """The largest top_k where kernels.sample would draw this batch on a GPU (at most its MAX_ROWS
+    rows, each with a top_k up to its MAX_K; kernels.switches.SAMPLE_KERNEL on), else 0."""
     from kernels import switches
-    from kernels.sample import MAX_K
+    from kernels.sample import MAX_K, MAX_ROWS
 
-    ks = [min(p.top_k, logits.shape[-1]) if p.top_k > 0 else 0 for p in params]
-    return max(ks) if switches.SAMPLE_KERNEL and min(ks) > 0 and max(ks) <= MAX_K else 0
+    if not switches.SAMPLE_KERNEL or not params or len(params) > MAX_ROWS:
+        return 0
+    ks = [min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params]
+    return max(ks) if min(ks) > 0 and max(ks) <= MAX_K else 0
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """One draw per row from the same distribution `filter_probs` gives, for the whole batch at once:
-    kernels.sample's two launches where `_kernel_top_k` allows (the logits in their own dtype),
+    kernels.sample's two launches where `kernel_top_k` allows (the logits in their own dtype),
     else `candidates`, then one race over them."""
-    k = _kernel_top_k(logits, params)
+    k = kernel_top_k(params, logits.shape[-1]) if logits.is_cuda and logits.stride(-1) == 1 else 0
     if k:
         from kernels.sample import candidates_width, sample_top_k
 
