@@ -6,8 +6,8 @@ H200 put 0.19 ms on a batch-1 decode step of 30B-A3B under the release's generat
 (temperature 0.7, top_p 0.8, top_k 20), where greedy's argmax takes two.
 
 Here (fortieth session, 30B fp8 on an H200) the batch-1 step takes 1.928 ms under that sampling
-against 2.064 with the torch path and 1.89 greedy. Each row is split over PARTS programs. Each scales its chunk by 1/temperature, keeps its
-chunk's log-sum-exp (max and sum of exponentials) and its KP largest values with their indices,
+against 2.064 with the torch path and 1.89 greedy. Each row is split over PARTS programs. Each
+scales its chunk by 1/temperature, keeps its chunk's log-sum-exp (max and sum of exponentials) and its KP largest values with their indices,
 packed in one int64 a value (its float32 bits made order-preserving as a signed integer, then the
 index, lower index first on a tie) so that one tl.topk carries both. One program a row then takes
 the KP largest of its parts' candidates, their probabilities under the whole vocabulary's softmax,
@@ -120,3 +120,15 @@ def sample_top_k(logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, part
                                          BLOCK=block, KP=kp, PARTS=parts, num_warps=8 if block >= 2048 else 4)
         _sample_pick_kernel[(b,)](keys, maxes, sums, rows, u, out, KP=kp, PARTS=parts, num_warps=4)
     return out
+
+
+def warm(vocab: int, dtype: torch.dtype, device) -> list[int]:
+    """Compile (launch once) the kernels for every candidates width a top_k up to MAX_K takes, so
+    that the first request with a top_k of another width does not compile them in its time to
+    first token. -> the widths."""
+    widths = sorted({candidates_width(k) for k in range(1, MAX_K + 1)})
+    logits = torch.zeros(1, vocab, dtype=dtype, device=device)
+    rows = torch.tensor([[1.0, 2.0, 0.0, 1.0]], device=device)
+    for kp in widths:
+        sample_top_k(logits, rows, torch.zeros(1, kp, device=device))
+    return widths

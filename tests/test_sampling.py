@@ -208,6 +208,20 @@ def test_sample_kernel_at_the_vocabulary_gpu():
         assert sample_top_k(logits, _kernel_rows(params, "cuda"), u).tolist() == _race_reference(logits, params, u).tolist()
 
 
+def test_sample_kernel_warm_launches_every_width():
+    """warm (LLMEngine.warm_up on a GPU) launches each candidates width a top_k up to MAX_K takes."""
+    from kernels import sample
+
+    launched = []
+    real = sample.sample_top_k
+    sample.sample_top_k = lambda logits, rows, u, parts=sample.PARTS: launched.append(u.shape[1]) or real(logits, rows, u, 4)
+    try:
+        widths = sample.warm(40, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
+    finally:
+        sample.sample_top_k = real
+    assert widths == launched == sorted({sample.candidates_width(k) for k in range(1, sample.MAX_K + 1)})
+
+
 def test_sample_kernel_frequencies_and_non_finite_rows():
     """A row of NaN draws its first token, a +inf takes the mass, a row of -inf but one draws that
     one; on a GPU also: many rows of one distribution in one launch draw its filtered probabilities

@@ -221,6 +221,12 @@ class LLMEngine:
         for sampled in (SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_tokens=2, ignore_eos=True),
                         SamplingParams(temperature=1.0, top_p=0.9, seed=0, max_tokens=2, ignore_eos=True)):
             self.generate([prompt(16, True)], sampled)
+        if self.runner.device.type == "cuda":           # and the sampling kernel's other widths (top_k up to 64)
+            from kernels import switches
+            from kernels.sample import warm
+
+            if switches.SAMPLE_KERNEL:
+                warm(self.vocab_size, self.runner.dtype, self.runner.device)
         # the pairs share their steps even where solo_prefill would give each prompt its own (it
         # still packs prompts after a streak, and short ones)
         solo, self.scheduler.solo_prefill = self.scheduler.solo_prefill, None
