@@ -108,6 +108,18 @@ def needs_history(params: SamplingParams) -> bool:
 TOPK_CANDIDATES = 1024
 
 
+def _top_ks(params: list[SamplingParams], vocab: int) -> list[int]:
+    """Each row's top_k as a count of candidates: clamped to the vocabulary; off (0, -1) is all of it."""
+    return [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+
+
+def _filter_rows(params: list[SamplingParams], ks: list[int], device) -> torch.Tensor:
+    """The rows' filters in one copy to the device, (B, 4) float32: temperature, top_p (2 for none:
+    1 keeps everything), min_p, top_k (`ks`). What `candidates` and kernels.sample read."""
+    return device_tensor([[p.temperature, p.top_p if p.top_p < 1.0 else 2.0, p.min_p, k] for p, k in zip(params, ks)],
+                         torch.float32, device)
+
+
 def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits (B, V) float32 -> (probs (B, K), ids (B, K)): each row's K most likely tokens, most
     likely first, with their probabilities under temperature (of the whole vocabulary's softmax,
@@ -117,15 +129,12 @@ def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torc
     A top-k tie at the K-th place keeps exactly K. Rows that filter nothing give the softmax and
     ids None (the vocabulary in order). Nothing waits for the device."""
     dev, vocab = logits.device, logits.shape[-1]
-    ks = [min(p.top_k, vocab) if p.top_k and p.top_k > 0 else vocab for p in params]
+    ks = _top_ks(params, vocab)
     k = max(ks)
-    if k == vocab and all(p.top_p >= 1.0 and not p.min_p for p in params):   # no filter: no sort
-        temp = device_tensor([p.temperature for p in params], torch.float32, dev)[:, None]
-        return torch.softmax(logits / temp, dim=-1), None
-    # one copy for the four per-row numbers (top_p 1 keeps everything: the bound is 2)
-    rows = device_tensor([[p.temperature, p.top_p if p.top_p < 1.0 else 2.0, p.min_p, kk]
-                          for p, kk in zip(params, ks)], torch.float32, dev)
+    rows = _filter_rows(params, ks, dev)
     scaled = logits / rows[:, :1]
+    if k == vocab and all(p.top_p >= 1.0 and not p.min_p for p in params):   # no filter: no sort
+        return torch.softmax(scaled, dim=-1), None
     if k <= TOPK_CANDIDATES:
         vals, ids = scaled.topk(k, dim=-1)
         probs = torch.exp(vals - torch.logsumexp(scaled, dim=-1, keepdim=True))
@@ -153,10 +162,10 @@ def kernel_top_k(params: list[SamplingParams], vocab: int) -> int:
     from kernels import switches
     from kernels.sample import MAX_K, MAX_ROWS
 
-    if not switches.SAMPLE_KERNEL or not params or len(params) > MAX_ROWS:
+    if not switches.SAMPLE_KERNEL or not params or len(params) > MAX_ROWS or any(p.top_k <= 0 for p in params):
         return 0
-    ks = [min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params]
-    return max(ks) if min(ks) > 0 and max(ks) <= MAX_K else 0
+    k = max(_top_ks(params, vocab))
+    return k if k <= MAX_K else 0
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -167,8 +176,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     if k:
         from kernels.sample import candidates_width, sample_top_k
 
-        rows = device_tensor([[p.temperature, p.top_p if p.top_p < 1.0 else 2.0, p.min_p, min(p.top_k, k)]
-                              for p in params], torch.float32, logits.device)
+        rows = _filter_rows(params, _top_ks(params, logits.shape[-1]), logits.device)
         return sample_top_k(logits, rows, torch.rand(len(params), candidates_width(k), device=logits.device))
     probs, ids = candidates(logits.float(), params)
     picked = draw(_safe_probs(probs))
@@ -210,11 +218,11 @@ class Sampler:
         if all(_plain_greedy(r.params) for r in rows):           # the common serving case: one argmax
             # in the logits' own dtype: float32 holds each bf16 value exactly, so the same argmax
             return argmax(ban_tokens(logits, [r.banned_ids for r in rows]))
-        if all(_plain_sampling(r.params) for r in rows):  # unseeded, no penalties: one batched draw
+        batched = [i for i, r in enumerate(rows) if _plain_sampling(r.params)]
+        if len(batched) == len(rows):                     # unseeded, no penalties: one batched draw
             return sample_batch(ban_tokens(logits, [r.banned_ids for r in rows]), [r.params for r in rows])
         logits = ban_tokens(logits.float(), [r.banned_ids for r in rows])
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        batched = [i for i, r in enumerate(rows) if _plain_sampling(r.params)]
         if batched:
             index = device_tensor(batched, torch.long, logits.device)
             out[index] = sample_batch(logits[index], [rows[i].params for i in batched])
