@@ -1014,82 +1014,140 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
 
 
 GATE_ROUTE_MAX_T = 128         # gate_route's batches at most (kernels.switches.FUSED_ROUTER)
+# tokens a program, router features a program (the split over K), warps: the launch shape without a
+# table entry for (D, E); BLOCK_T at least 16 (tl.dot)
+GATE_ROUTE_CONFIG = {"BLOCK_T": 16, "BLOCK_K": 128, "num_warps": 4}
+
+
+def gate_route_config_file(device_name: str) -> Path:
+    return device_file("gate_route", device_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _gate_route_table(device_name: str) -> dict:
+    """{"D,E": launch shape} (engine_ab's variants patch it)."""
+    return device_table(gate_route_config_file, device_name) or {}
+
+
+def gate_route_config(d: int, e: int, device: torch.device) -> dict:
+    table = _gate_route_table(torch.cuda.get_device_name(device)) if device.type == "cuda" else {}
+    return {**GATE_ROUTE_CONFIG, **table.get(f"{d},{e}", {})}
 
 
 @triton.jit
-def _gate_route_kernel(h_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr, ids_ptr, D, E, stride_hm, first, n_local,
-                       TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
-                       FIXED: tl.constexpr, E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
-                       res_ptr=None, nw_ptr=None, h_out_ptr=None, new_res_ptr=None, eps=0.0,
-                       NORM: tl.constexpr = False, D_PAD: tl.constexpr = 1):
-    """One token a program: its router logits (every expert, BLOCK_D features a step, float32 sums
-    rounded to h's dtype as the router's linear layer would; stored to `logits_ptr`), then
-    `route`'s top-k and weights. FIXED: route on `fixed_ptr`'s rows instead (uniform-routing
-    benchmarks; the router still runs: the store keeps the compiler from dropping it).
-    NORM: h_ptr's row is the layer's input before the post-attention norm: the program adds its
-    residual row (written to `new_res_ptr`), takes the statistics over the whole row (D_PAD >= D),
-    and writes RMSNorm's output to `h_out_ptr` (kernels.rmsnorm's rounding); the logits are of that."""
-    gdc_enter(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, E_PAD)
-    ok = offs < E
-    if NORM:
-        cols = tl.arange(0, D_PAD)
-        at = row * stride_hm + cols
-        s_all = tl.load(h_ptr + at, mask=cols < D, other=0.0) + tl.load(res_ptr + at, mask=cols < D, other=0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(s_all.to(tl.float32) * s_all.to(tl.float32), 0) / D + eps)
-        tl.store(new_res_ptr + at, s_all, mask=cols < D)
-        h_all = ((s_all.to(tl.float32) * rstd).to(s_all.dtype) * tl.load(nw_ptr + cols, mask=cols < D, other=0.0))
-        tl.store(h_out_ptr + at, h_all.to(s_all.dtype), mask=cols < D)
-    acc = tl.zeros((E_PAD,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        if NORM:        # the chunk's h again, from the inputs (not this program's own stores)
-            sd = tl.load(h_ptr + row * stride_hm + d, mask=d_ok, other=0.0) + tl.load(res_ptr + row * stride_hm + d,
-                                                                                    mask=d_ok, other=0.0)
-            h = ((sd.to(tl.float32) * rstd).to(sd.dtype) * tl.load(nw_ptr + d, mask=d_ok, other=0.0)).to(sd.dtype)
-            h = h.to(tl.float32)
-        else:
-            h = tl.load(h_ptr + row * stride_hm + d, mask=d_ok, other=0.0).to(tl.float32)
-        w = tl.load(gw_ptr + offs[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
-    logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(logits_ptr + row * E + offs, logits, mask=ok)
-    if FIXED:
-        logits = tl.load(fixed_ptr + row * E + offs, mask=ok, other=float("-inf")).to(tl.float32)
-    _route_row(logits, offs, ok, weights_ptr, ids_ptr, row, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
+def _route_rows(logits, offs, ok, rows, rows_ok, weights_ptr, ids_ptr, first, n_local, TOP_K: tl.constexpr,
+                TOP_K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """_route_row for a tile of rows at once: logits (BLOCK_T, E_PAD) float32, `rows` their indices
+    (rows_ok: the batch's), each reduction along the experts."""
+    slots = tl.arange(0, TOP_K_PAD)[None, :]
+    vals = tl.full((logits.shape[0], TOP_K_PAD), float("-inf"), tl.float32)
+    ids = tl.zeros((logits.shape[0], TOP_K_PAD), tl.int32)
+    left = tl.where(ok[None, :], logits, float("-inf"))
+    for j in tl.static_range(TOP_K):
+        best, idx = tl.max(left, 1, return_indices=True, return_indices_tie_break_left=True)
+        vals = tl.where(slots == j, best[:, None], vals)
+        ids = tl.where(slots == j, idx[:, None].to(tl.int32), ids)
+        left = tl.where(offs[None, :] == idx[:, None], float("-inf"), left)
+    top = tl.max(vals, 1)
+    e = tl.exp(vals - top[:, None])
+    if RENORMALIZE:
+        norm = tl.sum(e, 1)
+    else:
+        norm = tl.sum(tl.where(ok[None, :], tl.exp(logits - top[:, None]), 0.0), 1)
+    local = ids - first
+    mine = (local >= 0) & (local < n_local)
+    at = rows[:, None] * TOP_K + slots
+    store = rows_ok[:, None] & (slots < TOP_K)
+    tl.store(weights_ptr + at, tl.where(mine, e / norm[:, None], 0.0), mask=store)
+    tl.store(ids_ptr + at, tl.where(mine, local, n_local), mask=store)
+
+
+@triton.jit
+def _gate_route_kernel(h_ptr, gw_ptr, ws_ptr, logits_ptr, fixed_ptr, weights_ptr, ids_ptr, count_ptr, T, D, E,
+                       stride_hm, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
+                       RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                       E_PAD: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr = False,
+                       PREFETCH: tl.constexpr = False):
+    """A program per (BLOCK_T tokens, BLOCK_K router features): every expert's partial logits of
+    its tokens in one tl.dot, stored float32 to the workspace (tile, split, BLOCK_T, E_PAD). The
+    tile's program that arrives last (an atomic count) sums the SPLIT partials in split order,
+    rounds them to h's dtype as the router's linear layer would (stored to `logits_ptr`), routes
+    the tile's tokens as `route` does, and resets the count. FIXED: routed on `fixed_ptr`'s rows
+    (uniform-routing benchmarks; the router still runs). PREFETCH (with PDL): the router's rows are
+    read before the wait for the kernel before."""
+    if PREFETCH:
+        gdc_launch(USE_PDL)
+    else:
+        gdc_enter(USE_PDL)
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_e = tl.arange(0, E_PAD)
+    e_ok = offs_e < E
+    k = split * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < D
+    w = tl.load(gw_ptr + offs_e[:, None] * D + k[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+    if PREFETCH:
+        gdc_wait(USE_PDL)
+    r = tl.arange(0, BLOCK_T)
+    rows = tile * BLOCK_T + r
+    rows_ok = rows < T
+    h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_hm + k[None, :], mask=rows_ok[:, None] & k_ok[None, :],
+                other=0.0)
+    part = tl.dot(h, tl.trans(w), input_precision="ieee")      # (BLOCK_T, E_PAD); ieee: float32 inputs not tf32
+    ws = ws_ptr + (tile * SPLIT * BLOCK_T + r[:, None]) * E_PAD + offs_e[None, :]
+    tl.store(ws + split * BLOCK_T * E_PAD, part)
+    # release this program's partials; the tile's last one to arrive sees them all
+    count = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+    if count == SPLIT - 1:
+        acc = tl.zeros((BLOCK_T, E_PAD), tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(ws + s * BLOCK_T * E_PAD, volatile=True)
+        logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
+        at = rows[:, None] * E + offs_e[None, :]
+        ok = rows_ok[:, None] & e_ok[None, :]
+        tl.store(logits_ptr + at, logits, mask=ok)
+        if FIXED:
+            logits = tl.load(fixed_ptr + at, mask=ok, other=0.0).to(tl.float32)      # (the padding: out of ok)
+        _route_rows(logits, offs_e, e_ok, rows, rows_ok, weights_ptr, ids_ptr, first, n_local, TOP_K, TOP_K_PAD,
+                    RENORMALIZE)
+        tl.atomic_xchg(count_ptr + tile, 0)
 
 
 def gate_route(h: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
                fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None,
-               norm: tuple | None = None, block_d: int = 64, num_warps: int = 4):
+               config: dict | None = None, prefetch: bool | None = None):
     """The router's linear layer (no bias) and `route` in one launch, for up to GATE_ROUTE_MAX_T
-    tokens: h (T, D), gate_weight (E, D) -> weights (T, A) float32, ids (T, A) int32, as
-    `route(h @ gate_weight.T, ...)` gives them (`fixed_logits` (T, E): routed on those instead).
-    `norm` (residual (T, D), weight (D,), eps): h is the input before the post-attention norm,
-    done in the same launch: -> (RMSNorm(h + residual), h + residual, weights, ids)."""
+    tokens: h (T, D), gate_weight (E, D) in h's dtype -> weights (T, A) float32, ids (T, A) int32,
+    as `route(h @ gate_weight.T, ...)` gives them (`fixed_logits` (T, E): routed on those
+    instead). Split over K (`config`: GATE_ROUTE_CONFIG's keys, else the device's table): the
+    router's 0.5 MB at 30B-A3B is read once a tile of tokens, by SPLIT programs; the tile's last
+    one routes it. `prefetch`: the
+    kernel's PREFETCH (default kernels.switches.PDL_PREFETCH)."""
     t, d = h.shape
     e = gate_weight.shape[0]
     if (t > GATE_ROUTE_MAX_T or gate_weight.shape[1] != d or top_k > e or not h.is_contiguous()
-            or not gate_weight.is_contiguous() or (fixed_logits is not None and fixed_logits.shape != (t, e))
-            or (norm is not None and (norm[0].shape != h.shape or not norm[0].is_contiguous()))):
-        raise ValueError(f"gate_route: h {tuple(h.shape)}, gate {tuple(gate_weight.shape)}, top_k {top_k}: at most "
-                         f"{GATE_ROUTE_MAX_T} tokens, contiguous (a residual of h's shape)")
+            or not gate_weight.is_contiguous() or gate_weight.dtype != h.dtype
+            or (fixed_logits is not None and fixed_logits.shape != (t, e))):
+        raise ValueError(f"gate_route: h {tuple(h.shape)} {h.dtype}, gate {tuple(gate_weight.shape)} "
+                         f"{gate_weight.dtype}, top_k {top_k}: at most {GATE_ROUTE_MAX_T} tokens, contiguous, "
+                         f"one dtype")
     weights = torch.empty(t, top_k, dtype=torch.float32, device=h.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=h.device)
-    normed = (torch.empty_like(h), torch.empty_like(h)) if norm is not None else None
     if t:
+        cfg = {**gate_route_config(d, e, h.device), **(config or {})}
+        block_t, e_pad = cfg["BLOCK_T"], max(16, triton.next_power_of_2(e))
+        block_k = min(cfg["BLOCK_K"], max(16, triton.next_power_of_2(d)))
+        tiles, split = triton.cdiv(t, block_t), triton.cdiv(d, block_k)
+        ws = torch.empty(tiles, split, block_t, e_pad, dtype=torch.float32, device=h.device)
         logits = torch.empty(t, e, dtype=torch.float32, device=h.device)
         fixed = fixed_logits.contiguous() if fixed_logits is not None else logits
-        extra = dict(res_ptr=norm[0], nw_ptr=norm[1], eps=norm[2], h_out_ptr=normed[0], new_res_ptr=normed[1],
-                     NORM=True, D_PAD=triton.next_power_of_2(d)) if norm is not None else {}
-        _gate_route_kernel[(t,)](
-            h, gate_weight, logits, fixed, weights, ids, d, e, h.stride(0), first_expert, e if num_local is None else num_local,
-            TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-            FIXED=fixed_logits is not None, E_PAD=triton.next_power_of_2(e), BLOCK_D=block_d, num_warps=num_warps,
-            **extra, **pdl(h))
-    return (*normed, weights, ids) if norm is not None else (weights, ids)
+        _gate_route_kernel[(tiles, split)](
+            h, gate_weight, ws, logits, fixed, weights, ids, tile_counts(h.device), t, d, e, h.stride(0),
+            first_expert, e if num_local is None else num_local, TOP_K=top_k,
+            TOP_K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, FIXED=fixed_logits is not None,
+            BLOCK_T=block_t, BLOCK_K=block_k, E_PAD=e_pad, SPLIT=split, num_warps=cfg["num_warps"],
+            PREFETCH=switches.PDL_PREFETCH if prefetch is None else prefetch, **pdl(h))
+    return weights, ids
 
 
 @triton.jit

@@ -65,8 +65,10 @@ ATTENTION = dict(q_ptr=BF, cache_ptr=BF, block_tables_ptr=I32, context_lens_ptr=
                  l_ptr=F32, qw_ptr=BF, kw_ptr=BF, cos_ptr=F32, sin_ptr=F32, slot_ptr="*i64")
 DECODE = dict(HEAD_DIM=128, BLOCK_SIZE=16, PAGES=4, GROUP_PAD=16, NUM_SPLITS=16, USE_PDL=True)
 SKINNY = dict(x_ptr=BF, w_ptr=FP8, b_ptr=BF, y_ptr=BF, s_ptr=F32, res_ptr=BF, nw_ptr=BF, new_res_ptr=BF)
-ROUTER = dict(h_ptr=BF, gw_ptr=BF, logits_ptr=F32, fixed_ptr=F32, weights_ptr=F32, ids_ptr=I32, res_ptr=BF,
-              nw_ptr=BF, h_out_ptr=BF, new_res_ptr=BF)
+ROUTER = dict(h_ptr=BF, gw_ptr=BF, ws_ptr=F32, logits_ptr=F32, fixed_ptr=F32, weights_ptr=F32, ids_ptr=I32,
+              count_ptr=I32)
+GATE_ROUTE = dict(TOP_K=8, TOP_K_PAD=8, RENORMALIZE=True, FIXED=True, BLOCK_T=16, BLOCK_K=128, E_PAD=128, SPLIT=16,
+                  USE_PDL=True)
 DOWN = dict(act_ptr=BF, w_ptr=FP8, ids_ptr=I32, weights_ptr=F32, out_ptr=BF, s_ptr=F32)
 NORM_ROUTE = dict(x_ptr=BF, res_ptr=BF, nw_ptr=BF, h_ptr=BF, new_res_ptr=BF, gw_ptr=BF, logits_ptr=F32,
                   fixed_ptr=F32, weights_ptr=F32, ids_ptr=I32, count_ptr=I32)
@@ -84,11 +86,8 @@ KERNELS = [
           K_PAD=2048)),
     ("skinny bf16 NORM", _skinny_kernel, {**SKINNY, "w_ptr": BF}, ("eps",),
      dict(HAS_BIAS=False, M_PAD=1, BLOCK_N=2, BLOCK_K=1024, USE_PDL=True, NORM=True, K_PAD=2048)),
-    ("gate_route", _gate_route_kernel, ROUTER, ("eps",),
-     dict(TOP_K=8, TOP_K_PAD=8, RENORMALIZE=True, FIXED=True, E_PAD=128, BLOCK_D=64, USE_PDL=True)),
-    ("gate_route NORM", _gate_route_kernel, ROUTER, ("eps",),
-     dict(TOP_K=8, TOP_K_PAD=8, RENORMALIZE=True, FIXED=True, E_PAD=128, BLOCK_D=64, USE_PDL=True, NORM=True,
-          D_PAD=2048)),
+    ("gate_route", _gate_route_kernel, ROUTER, (), GATE_ROUTE),
+    ("gate_route PREFETCH", _gate_route_kernel, ROUTER, (), {**GATE_ROUTE, "PREFETCH": True}),
     ("pair gate_up PREFETCH", _pair_gate_up_kernel, dict(x_ptr=BF, w_ptr=FP8, ids_ptr=I32, act_ptr=BF, s_ptr=F32), (),
      dict(BLOCK_N=8, BLOCK_K=256, HAS_SCALE=True, USE_PDL=True, PREFETCH=True)),
     ("pair down PREFETCH", _pair_down_kernel, DOWN, (),

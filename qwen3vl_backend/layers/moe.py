@@ -207,7 +207,8 @@ class SparseMoE(nn.Module):
         self.route_fn = route          # kernels.fused_moe.route on GPU (one launch)
         # kernels.fused_moe.norm_route on GPU: the norm before this layer and the router in one launch
         self.norm_route_fn = None
-        # kernels.fused_moe.gate_route on GPU with kernels.switches.FUSED_ROUTER: the router and route in one launch
+        # kernels.fused_moe.gate_route on GPU with kernels.switches.FUSED_ROUTER: a batch's router and
+        # routing in one launch
         self.gate_route_fn = None
         self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
         self._counter = None           # norm_route's arrival count (allocated on first use)
@@ -217,14 +218,10 @@ class SparseMoE(nn.Module):
         return (self.gate_route_fn is not None and x.dim() == 2 and x.shape[0] <= GATE_ROUTE_MAX_T
                 and self.gate.bias is None and isinstance(self.gate.quant_method, UnquantizedLinearMethod))
 
-    def _gate_route(self, x: torch.Tensor, **norm):
-        """gate_route_fn on this batch (`norm`: its norm=(residual, weight, eps), done in the launch)."""
-        return self.gate_route_fn(x.contiguous(), self.gate.weight, self.top_k, self.renormalize,
-                                  self._fixed(x.shape[0]), **self._ep_routing(), **norm)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._batch_gate_route(x):
-            weights, ids = self._gate_route(x)
+            weights, ids = self.gate_route_fn(x.contiguous(), self.gate.weight, self.top_k, self.renormalize,
+                                              self._fixed(x.shape[0]), **self._ep_routing())
             return self._experts(x, weights, ids)
         logits = self.gate(x)            # it runs with fixed logits too (the benchmarks time it)
         fixed = self._fixed(x.shape[0])
@@ -240,9 +237,6 @@ class SparseMoE(nn.Module):
     def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output on norm(x + residual), x + residual): with `norm_route_fn`, the norm
         and the router are one launch (batch-1 decode: the launches, not the bytes, are its cost)."""
-        if self._batch_gate_route(x) and x.shape[0] > 1:       # the batch's norm, router and routing: one launch
-            h, residual, weights, ids = self._gate_route(x, norm=(residual.contiguous(), norm.weight, norm.eps))
-            return self._experts(h, weights, ids), residual
         if (self.norm_route_fn is None or x.shape[0] != 1 or x.shape[1] > NORM_ROUTE_MAX_D or self.gate.bias is not None
                 or not isinstance(self.gate.quant_method, UnquantizedLinearMethod)):
             h, residual = norm(x, residual)
