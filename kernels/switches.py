@@ -17,12 +17,6 @@ at concurrency 1 / 16 / 64:
 - FUSED_INPUT_NORM (QWEN3VL_FUSED_INPUT_NORM), off: a decode row's residual add and input RMSNorm
   inside the qkv GEMV (kernels.linear's NORM; DecoderLayer.fuse_input_norm). fp8 0.994 at c1,
   bf16 1.011 (its 2-row programs each re-read the row for the statistics); 1.000 at 16 and 64.
-- FUSED_ROUTER (QWEN3VL_FUSED_ROUTER), off: batches of up to kernels.fused_moe.GATE_ROUTE_MAX_T
-  tokens take the post-attention norm, the router's linear layer and the routing in one launch
-  (kernels.fused_moe.gate_route). fp8 0.999 / 1.57 / 1.40: one token a program re-reads the
-  router's 0.5 MB for every token. A tiled kernel (16 tokens x 16 experts a program; b9ecbc1,
-  reverted in 9a52077) was still slower (fp8 c16 1.107, c64 1.087; bf16 1.07, 1.08) and changed
-  the tiny model's greedy tokens on the GPU.
 - FLAT_QUANTIZE (QWEN3VL_FLAT_QUANTIZE): activations quantized per group by
   kernels.fp8._quantize_flat_kernel (a fixed tile of (token, group) pairs a program) where K is
   whole groups, instead of a program per token. Bit for bit the same values. Unset: by shape
@@ -81,7 +75,6 @@ PDL_PREFETCH = _on("QWEN3VL_PDL_PREFETCH", "1")
 PREFETCH_MAX_SEQS = 16          # decode attention's PREFETCH for batches up to this many sequences
 FUSED_DECODE_PREP = _on("QWEN3VL_FUSED_DECODE_PREP")
 FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
-FUSED_ROUTER = _on("QWEN3VL_FUSED_ROUTER")
 ROPE_KERNEL = _on("QWEN3VL_ROPE_KERNEL", "1")
 ARGMAX_KERNEL = _on("QWEN3VL_ARGMAX_KERNEL", "1")
 SAMPLE_KERNEL = _on("QWEN3VL_SAMPLE_KERNEL", "1")

@@ -280,17 +280,16 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     """The GPU's decoder path, interpreted on CPU: one qkv projection + qkv_prep_, the routing
     kernel (decode: with the post-attention norm, norm_route), residual RMSNorm kernels,
     split-context decode attention and the pair-path MoE. One short text prompt: the interpreter
-    pays for every program, so the launches are kept small. `prep_in_attention`: all four
-    switches on (else all off; PDL_PREFETCH is on by default), QWEN3VL_FUSED_DECODE_PREP (decode steps' q/k prep inside the attention
-    kernel), QWEN3VL_PDL_PREFETCH (the kernels' reads before PDL's wait), QWEN3VL_FUSED_ROUTER
-    (the router and the routing in one launch: the prefill's 12 tokens here) and
-    QWEN3VL_FUSED_INPUT_NORM (decode's input norm inside the qkv GEMV)."""
+    pays for every program, so the launches are kept small. `prep_in_attention`: all three
+    switches on (else all off; PDL_PREFETCH is on by default), QWEN3VL_FUSED_DECODE_PREP (decode
+    steps' q/k prep inside the attention kernel), QWEN3VL_PDL_PREFETCH (the kernels' reads before
+    PDL's wait) and QWEN3VL_FUSED_INPUT_NORM (decode's input norm inside the qkv GEMV)."""
     import kernels.attention
     import kernels.fused_moe
     from kernels import switches
     from qwen3vl_backend.engine.model_runner import select_kernels
 
-    for switch in ("FUSED_DECODE_PREP", "PDL_PREFETCH", "FUSED_ROUTER", "FUSED_INPUT_NORM"):
+    for switch in ("FUSED_DECODE_PREP", "PDL_PREFETCH", "FUSED_INPUT_NORM"):
         monkeypatch.setattr(switches, switch, prep_in_attention)
 
     calls = []
@@ -304,8 +303,6 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     attn = engine.runner.model.model.language_model.layers[0].self_attn
     assert attn.prep_fn is not None and attn.qkv_proj.quant_method.skinny is not None
     assert (attn.decode_prep_fn is not None) == prep_in_attention
-    moe = engine.runner.model.model.language_model.layers[0].mlp
-    assert (moe.gate_route_fn is not None) == prep_in_attention
     assert engine.runner.model.model.language_model.layers[0].fuse_input_norm == prep_in_attention
     # 7 of the reference's 12 tokens (greedy: a prefix of them; 50 s a case here with 12): still
     # past the first KV block, so a decode step reads two pages

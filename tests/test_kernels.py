@@ -152,33 +152,6 @@ def test_routers_map_ids_to_this_ranks_experts(first, local):
     torch.testing.assert_close(w, want_w[:1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("t,d,e,a", [(1, 64, 8, 2), (5, 300, 20, 3), (33, 200, 128, 8)])
-@pytest.mark.parametrize("fixed", [False, True])
-@pytest.mark.parametrize("config", [None, {"BLOCK_T": 16, "BLOCK_K": 32, "num_warps": 2}])
-def test_gate_route_is_the_router_then_route(t, d, e, a, fixed, config):
-    """The router's linear layer and the routing in one launch for a batch, split over K (the
-    default's 128 features a program, and 32: up to 10 splits, tiles of 16 tokens): the routing
-    `route` gives on the router's logits (or on the benchmarks' fixed logits), expert
-    parallelism's id mapping included, with the router's rows read before PDL's wait or after;
-    twice each (the tiles' arrival counts reset themselves); too many tokens refused."""
-    from kernels.fused_moe import GATE_ROUTE_MAX_T, gate_route, tile_counts
-
-    g = torch.Generator().manual_seed(t + d + e)
-    h = torch.randn(t, d, generator=g).to(DEV)
-    gate = (torch.randn(e, d, generator=g) * d ** -0.5).to(DEV)
-    table = torch.rand(t, e, generator=g).to(DEV) * 8 if fixed else None
-    logits = table if fixed else torch.nn.functional.linear(h, gate)
-    for ep in ({}, {"first_expert": e // 2, "num_local": e // 2}):
-        want_w, want_ids = route(logits, a, True, **ep)
-        for prefetch in (False, True):
-            w, ids = gate_route(h, gate, a, True, table, **ep, config=config, prefetch=prefetch)
-            assert torch.equal(ids.long(), want_ids.long())
-            torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
-            assert not tile_counts(h.device)[:8].any()
-    with pytest.raises(ValueError, match="gate_route"):
-        gate_route(torch.randn(GATE_ROUTE_MAX_T + 1, d, device=DEV), gate, a, True)
-
-
 @pytest.mark.parametrize("d,e,a", [(64, 8, 2), (300, 20, 3), (2048, 128, 8)])
 @pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("config", [None, {"BLOCK_E": 1, "num_warps": 2}, {"BLOCK_E": 16, "num_warps": 4}])

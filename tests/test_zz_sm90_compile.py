@@ -217,14 +217,14 @@ def test_dense_gemm_l2_prefetch_comes_before_the_pdl_wait():
 def h200_table_launches() -> list[dict]:
     """The launches the H200's decode tables configure (kernels/configs: the fp8 GEMV, the skinny
     GEMM and its split-K entries, the fp8 dense GEMM, the MoE pair kernels, the sorted MoE path's
-    decode batches, the batch router) and the small decode launches that run one warp, made by the launch
+    decode batches) and the small decode launches that run one warp, made by the launch
     functions themselves at the tables' shapes on the CPU with launch_record.only_recording: the
     kernel variants an H200 runs, which the CPU tests' small configs do not reach."""
     import torch
 
     import launch_record
     from kernels import fp8 as kfp8, linear, tables
-    from kernels.fused_moe import align_by_expert, dense_fp8_gemm, fused_moe, fused_moe_pairs, gate_route, route
+    from kernels.fused_moe import align_by_expert, dense_fp8_gemm, fused_moe, fused_moe_pairs, route
     from kernels.rope import qkv_prep_
 
     name, block = "NVIDIA_H200", (128, 128)
@@ -301,11 +301,6 @@ def h200_table_launches() -> list[dict]:
                       torch.empty(2, 4, 16, hkv, d, dtype=bf16), torch.zeros(t, dtype=torch.long))
             route(torch.empty(t, 128), 8, True)
             align_by_expert(torch.zeros(t, 8, dtype=torch.int32), 128, 16)
-        # the batch router (kernels.switches.FUSED_ROUTER) at its table's shapes
-        for de, cfg in json.loads((configs / f"gate_route,device={name}.json").read_text()).items():
-            d, e = (int(v) for v in de.split(","))
-            for t in (16, 64):
-                gate_route(torch.empty(t, d, dtype=bf16), torch.empty(e, d, dtype=bf16), 8, True, config=cfg)
     # the launches an H200 runs are compiled as launched, and may not spill (max_stack); the GEMV's
     # entries the dense GEMM's shadow are only compiled
     return ([{**r, "max_stack": 0} for r in rec.records.values()]

@@ -93,7 +93,7 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
     if triton_attn or triton_moe:
         from kernels import switches
         from kernels.attention import paged_decode_attention, paged_decode_attention_prep
-        from kernels.fused_moe import fused_moe, gate_route, norm_route, route
+        from kernels.fused_moe import fused_moe, norm_route, route
         from kernels.linear import skinny_linear, table_linear
         from kernels.rmsnorm import rmsnorm
         from kernels.rope import mrope_cos_sin, qkv_prep_
@@ -115,7 +115,6 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
             m.experts_fn = fused_moe
             if on_gpu:
                 m.route_fn, m.norm_route_fn = route, norm_route
-                m.gate_route_fn = gate_route if switches.FUSED_ROUTER else None
         elif isinstance(m, RMSNorm) and triton_attn and on_gpu:
             m.kernel = rmsnorm
         elif isinstance(m, LinearBase) and triton_attn and on_gpu:

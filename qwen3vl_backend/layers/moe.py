@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
-from kernels.fused_moe import GATE_ROUTE_MAX_T, NORM_ROUTE_MAX_D
+from kernels.fused_moe import NORM_ROUTE_MAX_D
 
 from ..parallel import Parallel, all_reduce, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
@@ -207,22 +207,10 @@ class SparseMoE(nn.Module):
         self.route_fn = route          # kernels.fused_moe.route on GPU (one launch)
         # kernels.fused_moe.norm_route on GPU: the norm before this layer and the router in one launch
         self.norm_route_fn = None
-        # kernels.fused_moe.gate_route on GPU with kernels.switches.FUSED_ROUTER: a batch's router and
-        # routing in one launch
-        self.gate_route_fn = None
         self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
         self._counter = None           # norm_route's arrival count (allocated on first use)
 
-    def _batch_gate_route(self, x: torch.Tensor) -> bool:
-        """Whether gate_route_fn takes this batch (QWEN3VL_FUSED_ROUTER on a GPU, few enough rows)."""
-        return (self.gate_route_fn is not None and x.dim() == 2 and x.shape[0] <= GATE_ROUTE_MAX_T
-                and self.gate.bias is None and isinstance(self.gate.quant_method, UnquantizedLinearMethod))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._batch_gate_route(x):
-            weights, ids = self.gate_route_fn(x.contiguous(), self.gate.weight, self.top_k, self.renormalize,
-                                              self._fixed(x.shape[0]), **self._ep_routing())
-            return self._experts(x, weights, ids)
         logits = self.gate(x)            # it runs with fixed logits too (the benchmarks time it)
         fixed = self._fixed(x.shape[0])
         logits = logits if fixed is None else fixed
