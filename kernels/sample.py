@@ -63,11 +63,29 @@ def _sample_parts_kernel(x_ptr, rows_ptr, keys_ptr, max_ptr, sum_ptr, V, stride_
     x = tl.where(ok, x, float("-inf"))
     m = tl.max(x, 0)
     s = tl.sum(tl.where(x > float("-inf"), tl.exp(x - m), 0.0), 0)
-    top = tl.topk(_pack(x, offs), KP)
-    slot = (row * PARTS + part) * KP
-    tl.store(keys_ptr + slot + tl.arange(0, KP), top)
+    if KP > 0:          # 0: the log-sum-exp's pieces alone (row_logsumexp)
+        top = tl.topk(_pack(x, offs), KP)
+        slot = (row * PARTS + part) * KP
+        tl.store(keys_ptr + slot + tl.arange(0, KP), top)
     tl.store(max_ptr + row * PARTS + part, m)
     tl.store(sum_ptr + row * PARTS + part, s)
+
+
+@triton.jit
+def _lse(max_ptr, sum_ptr, row, PARTS: tl.constexpr):
+    """A row's log-sum-exp from its parts' maxima and sums of exponentials (-inf where every
+    value is)."""
+    ms = tl.load(max_ptr + row * PARTS + tl.arange(0, PARTS))
+    ss = tl.load(sum_ptr + row * PARTS + tl.arange(0, PARTS))
+    big = tl.max(ms, 0)
+    total = tl.sum(tl.where(ms > float("-inf"), ss * tl.exp(ms - big), 0.0), 0)
+    return big + tl.log(total)
+
+
+@triton.jit
+def _lse_kernel(max_ptr, sum_ptr, out_ptr, PARTS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    tl.store(out_ptr + row, _lse(max_ptr, sum_ptr, row, PARTS))
 
 
 @triton.jit
@@ -76,11 +94,7 @@ def _sample_pick_kernel(keys_ptr, max_ptr, sum_ptr, rows_ptr, u_ptr, out_ptr,
     row = tl.program_id(0).to(tl.int64)
     keys = tl.load(keys_ptr + row * PARTS * KP + tl.arange(0, PARTS * KP))
     x, idx = _unpack(tl.sort(tl.topk(keys, KP), descending=True))
-    ms = tl.load(max_ptr + row * PARTS + tl.arange(0, PARTS))
-    ss = tl.load(sum_ptr + row * PARTS + tl.arange(0, PARTS))
-    big = tl.max(ms, 0)                 # -inf only where every candidate is (then every p is 0)
-    total = tl.sum(tl.where(ms > float("-inf"), ss * tl.exp(ms - big), 0.0), 0)
-    lse = big + tl.log(total)
+    lse = _lse(max_ptr, sum_ptr, row, PARTS)       # -inf only where every candidate is (then every p is 0)
     p = tl.where(x > float("-inf"), tl.exp(x - lse), 0.0)
     top_p = tl.load(rows_ptr + row * 4 + 1)
     min_p = tl.load(rows_ptr + row * 4 + 2)
@@ -122,13 +136,34 @@ def sample_top_k(logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, part
     return out
 
 
+def row_logsumexp(logits: torch.Tensor, rows: torch.Tensor, parts: int = PARTS) -> torch.Tensor:
+    """logits (B, V) (vocabulary contiguous; bf16 or float32), rows (B, 4) as sample_top_k's ->
+    (B, 1) float32: each row's log-sum-exp of logits / temperature over the vocabulary, in one
+    read of the logits and two launches (torch's path makes float32 copies first). NaN counts as
+    -inf, +inf as the largest float (as sample_top_k takes them); a row of -inf gives -inf."""
+    b, v = logits.shape
+    if logits.stride(1) != 1 or not v or parts & (parts - 1) or rows.shape != (b, 4):
+        raise ValueError(f"row_logsumexp: logits {tuple(logits.shape)}, rows {tuple(rows.shape)}")
+    out = torch.empty(b, 1, dtype=torch.float32, device=logits.device)
+    if b:
+        chunk = triton.cdiv(v, parts)
+        block = triton.next_power_of_2(chunk)
+        maxes = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
+        sums = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
+        _sample_parts_kernel[(b, parts)](logits, rows, maxes, maxes, sums, v, logits.stride(0), chunk,
+                                         BLOCK=block, KP=0, PARTS=parts, num_warps=8 if block >= 2048 else 4)
+        _lse_kernel[(b,)](maxes, sums, out, PARTS=parts, num_warps=1)
+    return out
+
+
 def warm(vocab: int, dtype: torch.dtype, device) -> list[int]:
-    """Compile (launch once) the kernels for every candidates width a top_k up to MAX_K takes, so
-    that the first request with a top_k of another width does not compile them in its time to
-    first token. -> the widths."""
+    """Compile (launch once) the kernels for every candidates width a top_k up to MAX_K takes, and
+    row_logsumexp's, so that the first request with a top_k of another width (or in a larger
+    batch) does not compile them in its time to first token. -> the widths."""
     widths = sorted({candidates_width(k) for k in range(1, MAX_K + 1)})
     logits = torch.zeros(1, vocab, dtype=dtype, device=device)
     rows = torch.tensor([[1.0, 2.0, 0.0, 1.0]], device=device)
     for kp in widths:
         sample_top_k(logits, rows, torch.zeros(1, kp, device=device))
+    row_logsumexp(logits, rows)         # the larger batches' candidates (layers.sampler.candidates)
     return widths

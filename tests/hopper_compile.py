@@ -18,10 +18,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels.attention import _paged_decode_kernel  # noqa: E402
-from kernels.fused_moe import (_gate_route_kernel, _grouped_gemm_kernel, _norm_route_kernel,  # noqa: E402
-                               _pair_down_kernel, _pair_gate_up_kernel)
+from kernels.fused_moe import (_grouped_gemm_kernel, _norm_route_kernel, _pair_down_kernel,  # noqa: E402
+                               _pair_gate_up_kernel)
 from kernels.linear import _skinny_kernel  # noqa: E402
-from kernels.sample import _sample_parts_kernel, _sample_pick_kernel  # noqa: E402
+from kernels.sample import _lse_kernel, _sample_parts_kernel, _sample_pick_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 MARKS = ("ld.global", "st.global", "atom.global", "griddepcontrol.launch_dependents", "griddepcontrol.wait")
@@ -65,10 +65,6 @@ ATTENTION = dict(q_ptr=BF, cache_ptr=BF, block_tables_ptr=I32, context_lens_ptr=
                  l_ptr=F32, qw_ptr=BF, kw_ptr=BF, cos_ptr=F32, sin_ptr=F32, slot_ptr="*i64")
 DECODE = dict(HEAD_DIM=128, BLOCK_SIZE=16, PAGES=4, GROUP_PAD=16, NUM_SPLITS=16, USE_PDL=True)
 SKINNY = dict(x_ptr=BF, w_ptr=FP8, b_ptr=BF, y_ptr=BF, s_ptr=F32, res_ptr=BF, nw_ptr=BF, new_res_ptr=BF)
-ROUTER = dict(h_ptr=BF, gw_ptr=BF, ws_ptr=F32, logits_ptr=F32, fixed_ptr=F32, weights_ptr=F32, ids_ptr=I32,
-              count_ptr=I32)
-GATE_ROUTE = dict(TOP_K=8, TOP_K_PAD=8, RENORMALIZE=True, FIXED=True, BLOCK_T=16, BLOCK_K=128, E_PAD=128, SPLIT=16,
-                  USE_PDL=True)
 DOWN = dict(act_ptr=BF, w_ptr=FP8, ids_ptr=I32, weights_ptr=F32, out_ptr=BF, s_ptr=F32)
 NORM_ROUTE = dict(x_ptr=BF, res_ptr=BF, nw_ptr=BF, h_ptr=BF, new_res_ptr=BF, gw_ptr=BF, logits_ptr=F32,
                   fixed_ptr=F32, weights_ptr=F32, ids_ptr=I32, count_ptr=I32)
@@ -86,8 +82,6 @@ KERNELS = [
           K_PAD=2048)),
     ("skinny bf16 NORM", _skinny_kernel, {**SKINNY, "w_ptr": BF}, ("eps",),
      dict(HAS_BIAS=False, M_PAD=1, BLOCK_N=2, BLOCK_K=1024, USE_PDL=True, NORM=True, K_PAD=2048)),
-    ("gate_route", _gate_route_kernel, ROUTER, (), GATE_ROUTE),
-    ("gate_route PREFETCH", _gate_route_kernel, ROUTER, (), {**GATE_ROUTE, "PREFETCH": True}),
     ("pair gate_up PREFETCH", _pair_gate_up_kernel, dict(x_ptr=BF, w_ptr=FP8, ids_ptr=I32, act_ptr=BF, s_ptr=F32), (),
      dict(BLOCK_N=8, BLOCK_K=256, HAS_SCALE=True, USE_PDL=True, PREFETCH=True)),
     ("pair down PREFETCH", _pair_down_kernel, DOWN, (),
@@ -100,6 +94,9 @@ KERNELS = [
           SCALE_MODE=2, A_SCALED=True, USE_PDL=True, DENSE=True, SPLIT_K=8)),
     ("sample parts", _sample_parts_kernel, dict(x_ptr=BF, rows_ptr=F32, keys_ptr="*i64", max_ptr=F32, sum_ptr=F32), (),
      dict(BLOCK=4096, KP=32, PARTS=64)),
+    ("sample parts, log-sum-exp alone", _sample_parts_kernel,
+     dict(x_ptr=BF, rows_ptr=F32, keys_ptr=F32, max_ptr=F32, sum_ptr=F32), (), dict(BLOCK=4096, KP=0, PARTS=64)),
+    ("sample log-sum-exp", _lse_kernel, dict(max_ptr=F32, sum_ptr=F32, out_ptr=F32), (), dict(PARTS=64)),
     ("sample pick", _sample_pick_kernel, dict(keys_ptr="*i64", max_ptr=F32, sum_ptr=F32, rows_ptr=F32, u_ptr=F32,
                                               out_ptr="*i64"), (), dict(KP=32, PARTS=64)),
     ("grouped DENSE SPLIT_K bf16 (the router)", _grouped_gemm_kernel, {**GROUPED, "a_ptr": BF, "b_ptr": BF}, (),

@@ -104,6 +104,48 @@ def test_candidates_keep_filter_probs_distribution(kw):
         assert (probs > 0).sum(-1).tolist()[0] == 20
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_logsumexp_kernel_matches_torch(dtype):
+    """kernels.sample.row_logsumexp (the larger batches' softmax denominator: parts' maxima and sums,
+    then one program a row) against the torch path's: rows of different temperatures, a vocabulary
+    no multiple of the parts, a row of NaN (-inf), one with a +inf (the largest float) and one of
+    -inf; at the vocabulary and 64 parts on a GPU."""
+    from kernels.sample import row_logsumexp
+    from qwen3vl_backend.layers.sampler import _filter_rows, _logsumexp
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    for v, parts in ((1001, 4), (151936, 64)) if dev == "cuda" else ((1001, 4),):
+        logits = (torch.randn(6, v, generator=g) * torch.tensor([[1.0], [4.0], [0.5], [2.0], [1.0], [1.0]])).to(dtype)
+        logits[3], logits[4, 17], logits[5] = float("nan"), float("inf"), float("-inf")
+        params = [SamplingParams(temperature=t, top_k=20) for t in (1.0, 0.7, 1.5, 0.3, 1.0, 2.0)]
+        rows = _filter_rows(params, [20] * 6, dev)
+        got = row_logsumexp(logits.to(dev), rows, parts=parts).cpu()
+        want = _logsumexp(logits, rows.cpu())
+        assert got[3].item() == want[3].item() == float("-inf") and got[5].item() == float("-inf")
+        assert got[4].item() == want[4].item() == torch.finfo(torch.float32).max
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+    with pytest.raises(ValueError, match="row_logsumexp"):
+        row_logsumexp(logits.to(dev), rows[:2])
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=20, top_p=0.8), dict(top_k=7, min_p=0.1)])
+def test_candidates_of_bf16_logits(kw):
+    """`candidates` takes the logits in their own dtype (bf16 as the GPU's lm_head gives them): the
+    top-k in bf16 and the log-sum-exp of the whole row give what the float32 copy gave. The logits
+    are distinct multiples of 1/16, exact in bf16 (no ties)."""
+    from qwen3vl_backend.layers.sampler import candidates
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(9)
+    logits = torch.stack([(torch.randperm(3000, generator=g) - 1500.0) / 16 for _ in range(3)]).to(torch.bfloat16)
+    params = [SamplingParams(temperature=t, **kw) for t in (1.0, 0.7, 2.5)]
+    probs, ids = candidates(logits.to(dev), params)
+    want_probs, want_ids = candidates(logits.float(), params)
+    assert probs.dtype == torch.float32 and torch.equal(ids.cpu(), want_ids)
+    torch.testing.assert_close(probs.cpu(), want_probs, rtol=1e-5, atol=1e-7)
+
+
 def test_one_sampled_row_draws_from_its_filtered_distribution():
     """A lone unseeded row takes the batched draw (the c1 case) and keeps to its filters."""
     torch.manual_seed(1)

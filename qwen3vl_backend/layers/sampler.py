@@ -121,30 +121,50 @@ def _filter_rows(params: list[SamplingParams], ks: list[int], device) -> torch.T
 
 
 def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits (B, V) float32 -> (probs (B, K), ids (B, K)): each row's K most likely tokens, most
-    likely first, with their probabilities under temperature (of the whole vocabulary's softmax,
-    as `filter_probs` takes them) where top-k, top-p and min-p keep them and 0 where they drop.
-    K is the largest top_k of the rows when every row has one up to TOPK_CANDIDATES (from a top-k
-    of the logits, the log-sum-exp for the softmax's denominator), else the vocabulary (sorted).
-    A top-k tie at the K-th place keeps exactly K. Rows that filter nothing give the softmax and
-    ids None (the vocabulary in order). Nothing waits for the device."""
+    """logits (B, V) (bf16 or float32) -> (probs (B, K) float32, ids (B, K)): each row's K most
+    likely tokens, most likely first, with their probabilities under temperature (of the whole
+    vocabulary's softmax, as `filter_probs` takes them) where top-k, top-p and min-p keep them and
+    0 where they drop. K is the largest top_k of the rows when every row has one up to
+    TOPK_CANDIDATES, else the vocabulary (sorted). Those K come from a top-k of the logits in their
+    own dtype (a positive temperature keeps the order), the softmax's denominator from the
+    log-sum-exp of the whole row (`_logsumexp`). A top-k tie at the K-th place keeps exactly K.
+    Rows that filter nothing give the softmax and ids None (the vocabulary in order). Nothing
+    waits for the device."""
     dev, vocab = logits.device, logits.shape[-1]
     ks = _top_ks(params, vocab)
     k = max(ks)
     rows = _filter_rows(params, ks, dev)
-    scaled = logits / rows[:, :1]
     if k == vocab and all(p.top_p >= 1.0 and not p.min_p for p in params):   # no filter: no sort
-        return torch.softmax(scaled, dim=-1), None
+        return torch.softmax(logits.float() / rows[:, :1], dim=-1), None
     if k <= TOPK_CANDIDATES:
-        vals, ids = scaled.topk(k, dim=-1)
-        probs = torch.exp(vals - torch.logsumexp(scaled, dim=-1, keepdim=True))
+        vals, ids = logits.topk(k, dim=-1)
+        probs = torch.exp(_scaled(vals, rows) - _logsumexp(logits, rows))
     else:
-        probs, ids = torch.softmax(scaled, dim=-1).sort(dim=-1, descending=True)
+        probs, ids = torch.softmax(logits.float() / rows[:, :1], dim=-1).sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[-1], device=dev, dtype=torch.float32)[None, :]
     drop = ((rank >= rows[:, 3:4]) | ((probs.cumsum(-1) - probs) >= rows[:, 1:2])
             | (probs < rows[:, 2:3] * probs[:, :1]))
     drop[:, 0] = False                      # the most likely token always stays (top_p near 0)
     return probs.masked_fill(drop, 0.0), ids
+
+
+def _logsumexp(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, 1) float32: each row's log-sum-exp of logits / temperature (rows[:, 0]) over the
+    vocabulary. On a GPU kernels.sample.row_logsumexp, one read of the logits in their dtype (at
+    128 rows of 151,936 torch's path first wrote two float32 copies of 78 MB); else torch's, with
+    the same treatment of NaN (-inf) and +inf (the largest float)."""
+    if logits.is_cuda and logits.stride(-1) == 1:
+        from kernels.sample import row_logsumexp
+
+        return row_logsumexp(logits, rows)
+    return torch.logsumexp(_scaled(logits, rows), dim=-1, keepdim=True)
+
+
+def _scaled(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x / temperature in float32, NaN as -inf and +inf as the largest float (as kernels.sample
+    takes them: a row's +inf then holds its whole mass, and NaN none)."""
+    return (x.float() / rows[:, :1]).nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
+                                                neginf=float("-inf"))
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -178,7 +198,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
 
         rows = _filter_rows(params, _top_ks(params, logits.shape[-1]), logits.device)
         return sample_top_k(logits, rows, torch.rand(len(params), candidates_width(k), device=logits.device))
-    probs, ids = candidates(logits.float(), params)
+    probs, ids = candidates(logits, params)
     picked = draw(_safe_probs(probs))
     return picked if ids is None else ids.gather(1, picked[:, None]).squeeze(1)
 
