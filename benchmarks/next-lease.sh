@@ -44,6 +44,9 @@
 #   router (forty-first; run at 632a37b): the batch router (the router's linear layer split over K,
 #     the routing in a tile's last program) 0.9% / 2.1% slower at fp8 c16 / c64, so removed with
 #     its part.
+#   sampler-large (forty-first): the sampler's GPU tests, then 30B fp8 c64/c128 under the generation
+#     config's sampling in engine_ab against af1e55a (the float32 copies; carry .ab:
+#     `git archive af1e55a kernels qwen3vl_backend benchmarks ':!benchmarks/results'`).
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -253,4 +256,15 @@ if [ "$PART" = sample-rows ]; then
   tail -9 $W/ab-sample-rows-fp8-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows)"; exit 2
+if [ "$PART" = sampler-large ]; then
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_isolation.py \
+    -k "sampl or logsumexp or candidates or draw or seeded or non_finite or banned or greedy" > $W/gpu-tests-sampler-large-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-sampler-large-$COMMIT.txt | head -10
+  echo '{"before": {"tree": ".ab/af1e55a"}}' > $W/v.json
+  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+    --concurrency 64,128 --out-tokens 64 --routing uniform --temperature 0.7 --top-p 0.8 --top-k 20 \
+    > $W/ab-sampler-large-fp8-$COMMIT.txt 2>&1
+  tail -9 $W/ab-sampler-large-fp8-$COMMIT.txt | cut -c1-150
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large)"; exit 2
