@@ -46,7 +46,9 @@
 #     its part.
 #   sampler-large (forty-first): the sampler's GPU tests, then 30B fp8 c64/c128 under the generation
 #     config's sampling in engine_ab against af1e55a (the float32 copies; carry .ab:
-#     `git archive af1e55a kernels qwen3vl_backend benchmarks ':!benchmarks/results'`).
+#     `git archive af1e55a kernels qwen3vl_backend benchmarks ':!benchmarks/results'`); run at 0fcccd5:
+#     c64 11.28 -> 11.10 ms, c128 14.37 -> 13.95-14.02. sampler-large-bf16: test_sampling whole,
+#     then the same A/B on 30B bf16.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -267,4 +269,14 @@ if [ "$PART" = sampler-large ]; then
   tail -9 $W/ab-sampler-large-fp8-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large)"; exit 2
+if [ "$PART" = sampler-large-bf16 ]; then
+  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_sampling.py > $W/gpu-tests-sampling-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-sampling-$COMMIT.txt | head -10
+  echo '{"before": {"tree": ".ab/af1e55a"}}' > $W/v.json
+  timeout $(left 530) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG \
+    --concurrency 64,128 --out-tokens 64 --routing uniform --temperature 0.7 --top-p 0.8 --top-k 20 \
+    > $W/ab-sampler-large-bf16-$COMMIT.txt 2>&1
+  tail -9 $W/ab-sampler-large-bf16-$COMMIT.txt | cut -c1-150
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16)"; exit 2

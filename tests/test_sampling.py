@@ -133,12 +133,16 @@ def test_row_logsumexp_kernel_matches_torch(dtype):
 def test_candidates_of_bf16_logits(kw):
     """`candidates` takes the logits in their own dtype (bf16 as the GPU's lm_head gives them): the
     top-k in bf16 and the log-sum-exp of the whole row give what the float32 copy gave. The logits
-    are distinct multiples of 1/16, exact in bf16 (no ties)."""
+    are 2,048 distinct bf16 values, every one of magnitude 1/16 to 16 (no ties: a tie's order is
+    each top-k's own; multiples of 1/16 up to 94 tied in bf16 and failed this on the H200)."""
     from qwen3vl_backend.layers.sampler import candidates
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(9)
-    logits = torch.stack([(torch.randperm(3000, generator=g) - 1500.0) / 16 for _ in range(3)]).to(torch.bfloat16)
+    mags = torch.arange(0x3D80, 0x4180, dtype=torch.int16).view(torch.bfloat16)      # [1/16, 16): 1,024 values
+    values = torch.cat([mags, -mags])
+    logits = torch.stack([values[torch.randperm(len(values), generator=g)] for _ in range(3)])
+    assert logits[0].unique().numel() == 2048
     params = [SamplingParams(temperature=t, **kw) for t in (1.0, 0.7, 2.5)]
     probs, ids = candidates(logits.to(dev), params)
     want_probs, want_ids = candidates(logits.float(), params)
