@@ -29,7 +29,8 @@ PARTS = 64          # programs a row in the first launch
 MAX_K = 64          # the largest top_k drawn here (KP, the candidates a part keeps, is top_k's power of two)
 # the largest batch drawn here: on the H200 (30B fp8, 0.7 / 0.8 / 20) the kernel took 1.928 / 7.22 ms
 # steps at 1 / 16 rows against the torch path's 2.064 / 7.31, but 11.58 / 14.66 at 64 / 128 against
-# 11.44 / 14.40 (64 programs a row, each sorting its chunk, outnumber the SMs many times there)
+# 11.44 / 14.40 (64 programs a row, each sorting its chunk, outnumber the SMs many times there); the
+# torch path, its top-k in bf16 and row_logsumexp, has since taken 11.10 / 13.95-14.02 there
 MAX_ROWS = 16
 
 
