@@ -151,6 +151,7 @@ def row_logsumexp(logits: torch.Tensor, rows: torch.Tensor, parts: int = PARTS) 
         block = triton.next_power_of_2(chunk)
         maxes = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
         sums = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
+        # KP 0: the parts' maxima and sums alone (maxes stands in for the keys, never written)
         _sample_parts_kernel[(b, parts)](logits, rows, maxes, maxes, sums, v, logits.stride(0), chunk,
                                          BLOCK=block, KP=0, PARTS=parts, num_warps=8 if block >= 2048 else 4)
         _lse_kernel[(b,)](maxes, sums, out, PARTS=parts, num_warps=1)
