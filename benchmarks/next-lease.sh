@@ -49,6 +49,8 @@
 #     `git archive af1e55a kernels qwen3vl_backend benchmarks ':!benchmarks/results'`); run at 0fcccd5:
 #     c64 11.28 -> 11.10 ms, c128 14.37 -> 13.95-14.02. sampler-large-bf16: test_sampling whole,
 #     then the same A/B on 30B bf16.
+#   ready (forty-first): READY_FLAG's GPU tests (the switch's greedy tokens, bf16 and fp8; the kernel
+#     test), then 30B fp8 c1 in engine_ab, QWEN3VL_READY_FLAG=1 against off (a short call).
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -279,4 +281,14 @@ if [ "$PART" = sampler-large-bf16 ]; then
   tail -9 $W/ab-sampler-large-bf16-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16)"; exit 2
+if [ "$PART" = ready ]; then
+  timeout 75 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py \
+    -k "ready_flag or (switches_keep and True-False-False-True)" > $W/gpu-tests-ready-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-ready-$COMMIT.txt | head -10
+  echo '{"ready": {"env": {"QWEN3VL_READY_FLAG": "1"}}}' > $W/v.json
+  timeout $(left ${LIMIT:-585}) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+    --concurrency 1 --out-tokens 64 --routing uniform > $W/ab-ready-fp8-$COMMIT.txt 2>&1
+  tail -5 $W/ab-ready-fp8-$COMMIT.txt | cut -c1-150; cat $W/engine-ab-partial.json 2>/dev/null | head -c 600
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, ready)"; exit 2
