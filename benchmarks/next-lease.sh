@@ -283,7 +283,7 @@ if [ "$PART" = sampler-large-bf16 ]; then
 fi
 if [ "$PART" = ready ]; then
   timeout 75 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py \
-    -k "ready_flag or (switches_keep and True-False-False-True)" > $W/gpu-tests-ready-$COMMIT.txt 2>&1
+    -k "ready_flag or (switches_keep and True-False-False-True-fp8)" > $W/gpu-tests-ready-$COMMIT.txt 2>&1
   grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-ready-$COMMIT.txt | head -10
   echo '{"ready": {"env": {"QWEN3VL_READY_FLAG": "1"}}}' > $W/v.json
   timeout $(left ${LIMIT:-585}) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
