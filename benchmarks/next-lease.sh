@@ -49,8 +49,10 @@
 #     `git archive af1e55a kernels qwen3vl_backend benchmarks ':!benchmarks/results'`); run at 0fcccd5:
 #     c64 11.28 -> 11.10 ms, c128 14.37 -> 13.95-14.02. sampler-large-bf16: test_sampling whole,
 #     then the same A/B on 30B bf16.
-#   ready (forty-first): READY_FLAG's GPU tests (the switch's greedy tokens, bf16 and fp8; the kernel
-#     test), then 30B fp8 c1 in engine_ab, QWEN3VL_READY_FLAG=1 against off (a short call).
+#   ready (forty-first): READY_FLAG's GPU tests (the switch's greedy tokens, fp8; the kernel test),
+#     then 30B fp8 c1 in engine_ab, QWEN3VL_READY_FLAG=1 against off. Run at 25b0492 with
+#     LIMIT=150: the tests passed (3), the base ran (1.887 ms), the call's limit cut the variant.
+#     Run it again with the default LIMIT.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
