@@ -47,8 +47,8 @@
 #   sampler-large (forty-first): the sampler's GPU tests, then 30B fp8 c64/c128 under the generation
 #     config's sampling in engine_ab against af1e55a (the float32 copies; carry .ab:
 #     `git archive af1e55a kernels qwen3vl_backend benchmarks ':!benchmarks/results'`); run at 0fcccd5:
-#     c64 11.28 -> 11.10 ms, c128 14.37 -> 13.95-14.02. sampler-large-bf16: test_sampling whole,
-#     then the same A/B on 30B bf16.
+#     c64 11.28 -> 11.10 ms, c128 14.37 -> 13.95-14.02. sampler-large-bf16: the same on 30B bf16
+#     (not run).
 #   ready (forty-first): READY_FLAG's GPU tests (the switch's greedy tokens, fp8; the kernel test),
 #     then 30B fp8 c1 in engine_ab, QWEN3VL_READY_FLAG=1 against off. Run at 25b0492 with
 #     LIMIT=150: the tests passed (3), the base ran (1.887 ms), the call's limit cut the variant.
@@ -262,25 +262,16 @@ if [ "$PART" = sample-rows ]; then
   tail -9 $W/ab-sample-rows-fp8-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-if [ "$PART" = sampler-large ]; then
+if [ "$PART" = sampler-large ] || [ "$PART" = sampler-large-bf16 ]; then
+  cfg=$CONFIG-FP8; [ "$PART" = sampler-large-bf16 ] && cfg=$CONFIG
   timeout 150 python -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_isolation.py \
-    -k "sampl or logsumexp or candidates or draw or seeded or non_finite or banned or greedy" > $W/gpu-tests-sampler-large-$COMMIT.txt 2>&1
-  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-sampler-large-$COMMIT.txt | head -10
+    -k "sampl or logsumexp or candidates or draw or seeded or non_finite or banned or greedy" > $W/gpu-tests-$PART-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$PART-$COMMIT.txt | head -10
   echo '{"before": {"tree": ".ab/af1e55a"}}' > $W/v.json
-  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $cfg \
     --concurrency 64,128 --out-tokens 64 --routing uniform --temperature 0.7 --top-p 0.8 --top-k 20 \
-    > $W/ab-sampler-large-fp8-$COMMIT.txt 2>&1
-  tail -9 $W/ab-sampler-large-fp8-$COMMIT.txt | cut -c1-150
-  cd $OUT && tar czf results.tgz w; exit 0
-fi
-if [ "$PART" = sampler-large-bf16 ]; then
-  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_sampling.py > $W/gpu-tests-sampling-$COMMIT.txt 2>&1
-  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-sampling-$COMMIT.txt | head -10
-  echo '{"before": {"tree": ".ab/af1e55a"}}' > $W/v.json
-  timeout $(left 530) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG \
-    --concurrency 64,128 --out-tokens 64 --routing uniform --temperature 0.7 --top-p 0.8 --top-k 20 \
-    > $W/ab-sampler-large-bf16-$COMMIT.txt 2>&1
-  tail -9 $W/ab-sampler-large-bf16-$COMMIT.txt | cut -c1-150
+    > $W/ab-$PART-$COMMIT.txt 2>&1
+  tail -9 $W/ab-$PART-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$PART" = ready ]; then
