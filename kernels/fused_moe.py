@@ -1068,7 +1068,8 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
     route on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs).
     PREFETCH (with PDL): the router's rows are read before the wait for the kernel before.
     RELEASE: the last program then sets count_ptr[1] to 1 (release): the pair gate_up's READY flag,
-    which lets it start before this grid has finished (the pair down resets it)."""
+    which lets it start before this grid has finished (the pair down resets it; down, launched
+    once every gate_up program has seen the flag, reads the routing it released)."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -1091,6 +1092,8 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
     logits = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], 1)
     tl.store(logits_ptr + offs_e, logits.to(h_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
     # release this program's logits; the last one to arrive sees everyone's
+    if RELEASE:             # and program 0's h, which gate_up reads once the flag is up: every thread's stores first
+        tl.debug_barrier()
     count = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if count == tl.num_programs(0) - 1:
         offs = tl.arange(0, E_PAD)
