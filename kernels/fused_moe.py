@@ -669,12 +669,13 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     registers against this tile's 240 on sm_90 and was slower in every shape tried on an H200:
     NOTES, thirty-first session.) READY: after its wait (gate_up's grid done: none of its programs
     polls any more), program (0, 0) resets the router's flag for the next step."""
+    token = tl.program_id(0)
+    pid_n = tl.program_id(1)
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
         gdc_enter(USE_PDL)
-    token = tl.program_id(0)
-    pid_n = tl.program_id(1)
+        _reset_ready(ready_ptr, token, pid_n, READY)
     slots = tl.arange(0, TOP_K_PAD)
     slot_ok = slots < top_k
     pairs = token * top_k + slots
@@ -691,8 +692,6 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     acc = tl.zeros((TOP_K_PAD, BLOCK_N, BLOCK_K), tl.float32)
     s_rows = s_ptr + experts[:, None] * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
     k_first = 0
-    if not PREFETCH:
-        _reset_ready(ready_ptr, token, pid_n, READY)        # (gdc_enter waited)
     if PREFETCH:
         w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K)[None, None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
