@@ -57,6 +57,12 @@ COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + START )); }
+# gpu_tests NAME SECONDS PYTEST-ARGS...: the GPU tests into $W/gpu-tests-NAME-$COMMIT.txt, and their verdict lines
+gpu_tests() {
+  local name=$1 secs=$2; shift 2
+  timeout $secs python -m pytest -q -p no:cacheprovider "$@" > $W/gpu-tests-$name-$COMMIT.txt 2>&1
+  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$name-$COMMIT.txt | head -10
+}
 CONFIG=Qwen3-VL-30B-A3B-Instruct
 if [ "$PART" = packed ]; then
   timeout 170 python -m pytest -q -p no:cacheprovider "tests/test_kernels.py::test_varlen_causal_attention_gpu_bf16_text_shape" \
@@ -222,9 +228,8 @@ if [ "$PART" = sampling ]; then
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$PART" = sampler ]; then
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_isolation.py \
-    -k "sampl or draw or seeded or non_finite or argmax or candidates or banned or greedy" > $W/gpu-tests-sampler-$COMMIT.txt 2>&1
-  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-sampler-$COMMIT.txt | head -10
+  gpu_tests sampler 150 tests/test_sampling.py tests/test_isolation.py \
+    -k "sampl or draw or seeded or non_finite or argmax or candidates or banned or greedy"
   echo '{"before": {"tree": ".ab/f73428f"}}' > $W/v.json
   for cfg in $CONFIG-FP8 $CONFIG; do
     [ $(left 560) -lt 150 ] && break
@@ -238,9 +243,8 @@ if [ "$PART" = sampler ]; then
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$PART" = sample-kernel ]; then
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_isolation.py \
-    -k "sampl or draw or seeded or non_finite or argmax or candidates or banned or greedy" > $W/gpu-tests-sample-kernel-$COMMIT.txt 2>&1
-  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-sample-kernel-$COMMIT.txt | head -10
+  gpu_tests sample-kernel 150 tests/test_sampling.py tests/test_isolation.py \
+    -k "sampl or draw or seeded or non_finite or argmax or candidates or banned or greedy"
   echo '{"before": {"tree": ".ab/1008b2f"}, "kernel-off": {"env": {"QWEN3VL_SAMPLE_KERNEL": "0"}}}' > $W/v.json
   echo '{"kernel-off": {"env": {"QWEN3VL_SAMPLE_KERNEL": "0"}}}' > $W/v2.json
   SAMPLED="--out-tokens 64 --routing uniform --temperature 0.7 --top-p 0.8 --top-k 20"
@@ -252,9 +256,8 @@ if [ "$PART" = sample-kernel ]; then
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$PART" = sample-rows ]; then
-  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_sampling.py \
-    -k "warm_up or cuda_graph_decode or greedy_matches or switches_keep or sample or sync" > $W/gpu-tests-sample-rows-$COMMIT.txt 2>&1
-  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-sample-rows-$COMMIT.txt | head -10
+  gpu_tests sample-rows 200 tests/test_gpu.py tests/test_sampling.py \
+    -k "warm_up or cuda_graph_decode or greedy_matches or switches_keep or sample or sync"
   echo '{"kernel-off": {"env": {"QWEN3VL_SAMPLE_KERNEL": "0"}}}' > $W/v.json
   timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
     --concurrency 64,128 --out-tokens 64 --routing uniform --temperature 0.7 --top-p 0.8 --top-k 20 \
@@ -264,9 +267,8 @@ if [ "$PART" = sample-rows ]; then
 fi
 if [ "$PART" = sampler-large ] || [ "$PART" = sampler-large-bf16 ]; then
   cfg=$CONFIG-FP8; [ "$PART" = sampler-large-bf16 ] && cfg=$CONFIG
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_isolation.py \
-    -k "sampl or logsumexp or candidates or draw or seeded or non_finite or banned or greedy" > $W/gpu-tests-$PART-$COMMIT.txt 2>&1
-  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-$PART-$COMMIT.txt | head -10
+  gpu_tests $PART 150 tests/test_sampling.py tests/test_isolation.py \
+    -k "sampl or logsumexp or candidates or draw or seeded or non_finite or banned or greedy"
   echo '{"before": {"tree": ".ab/af1e55a"}}' > $W/v.json
   timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $cfg \
     --concurrency 64,128 --out-tokens 64 --routing uniform --temperature 0.7 --top-p 0.8 --top-k 20 \
@@ -275,9 +277,8 @@ if [ "$PART" = sampler-large ] || [ "$PART" = sampler-large-bf16 ]; then
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$PART" = ready ]; then
-  timeout 75 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py \
-    -k "ready_flag or (switches_keep and True-False-False-True-fp8)" > $W/gpu-tests-ready-$COMMIT.txt 2>&1
-  grep -E "Error|assert|FAILED|passed|failed" $W/gpu-tests-ready-$COMMIT.txt | head -10
+  gpu_tests ready 75 tests/test_kernels.py tests/test_gpu.py \
+    -k "ready_flag or (switches_keep and True-False-False-True-fp8)"
   echo '{"ready": {"env": {"QWEN3VL_READY_FLAG": "1"}}}' > $W/v.json
   timeout $(left ${LIMIT:-585}) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
     --concurrency 1 --out-tokens 64 --routing uniform > $W/ab-ready-fp8-$COMMIT.txt 2>&1
