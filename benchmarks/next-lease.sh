@@ -52,7 +52,7 @@
 #   ready (forty-first): READY_FLAG's GPU tests (the switch's greedy tokens, fp8; the kernel test),
 #     then 30B fp8 c1 in engine_ab, QWEN3VL_READY_FLAG=1 against off. Run at 25b0492 with
 #     LIMIT=150: the tests passed (3), the base ran (1.887 ms), the call's limit cut the variant.
-#     Run it again with the default LIMIT.
+#     Run it again with the default LIMIT; bf16 c1 after it where the call has time left.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -283,6 +283,9 @@ if [ "$PART" = ready ]; then
   timeout $(left ${LIMIT:-585}) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
     --concurrency 1 --out-tokens 64 --routing uniform > $W/ab-ready-fp8-$COMMIT.txt 2>&1
   tail -5 $W/ab-ready-fp8-$COMMIT.txt | cut -c1-150; cat $W/engine-ab-partial.json 2>/dev/null | head -c 600
+  [ $(left 585) -gt 240 ] && timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- \
+    --config $CONFIG --concurrency 1 --out-tokens 64 --routing uniform > $W/ab-ready-bf16-$COMMIT.txt 2>&1
+  tail -5 $W/ab-ready-bf16-$COMMIT.txt 2>/dev/null | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, ready)"; exit 2
