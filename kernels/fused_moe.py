@@ -525,42 +525,18 @@ def _fp8_tile(block_n: int, block_k: int, n: int, block: tuple[int, int]) -> tup
     return min(block_n, block[0]), bk, 1
 
 
-# a READY gate_up program's polls of the router's flag before it falls back to PDL's wait (a flag
-# never released, which the model's use cannot produce: the wait is right whatever the flag)
-READY_POLLS = 1 << 16
-
-
 @triton.jit
-def _pair_gate_up_entry(ids_ptr, top_k, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                        READY: tl.constexpr = False, ready_ptr=None, POLLS: tl.constexpr = READY_POLLS):
+def _pair_gate_up_entry(ids_ptr, top_k, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """A gate_up program's start: PDL's launch and wait (PREFETCH: the wait first, so that the
     down kernel after it launches only once the router's kernel has finished), then its pair,
-    column block, token and expert id. READY (the router is norm_route with RELEASE, the kernel
-    before): no wait for the router's grid to finish; the program polls the flag its last program
-    releases once the routing is written (acquire), then lets down launch. The kernel waits at
-    its end (_pair_gate_up_exit), so its finishing still means the router's has."""
-    if READY:
-        flag = tl.atomic_add(ready_ptr, 0, sem="acquire")
-        polls = 0
-        while (flag == 0) & (polls < POLLS):
-            flag = tl.atomic_add(ready_ptr, 0, sem="acquire")
-            polls += 1
-        if flag == 0:
-            gdc_wait(USE_PDL)
-        gdc_launch(USE_PDL)
-    elif PREFETCH:
+    column block, token and expert id."""
+    if PREFETCH:
         gdc_wait(USE_PDL)
         gdc_launch(USE_PDL)
     else:
         gdc_enter(USE_PDL)
     pair = tl.program_id(0)
     return pair, tl.program_id(1), pair // top_k, tl.load(ids_ptr + pair)
-
-
-@triton.jit
-def _pair_gate_up_exit(USE_PDL: tl.constexpr, READY: tl.constexpr):
-    if READY:
-        gdc_wait(USE_PDL)
 
 
 @triton.jit
@@ -588,18 +564,17 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                          USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False, READY: tl.constexpr = False, ready_ptr=None):
+                         PREFETCH: tl.constexpr = False):
     """HAS_SCALE: fp8 weights; BLOCK_N divides BN and the intermediate size, so the gate rows and
     the up rows of a program each share one row of scale blocks, applied to x's columns.
     GROUP_SCALE (BLOCK_K and BK powers of two): a K step loads each scale once per block.
     PREFETCH (with PDL): the down kernel after it may launch only once the kernel before this one
     (the router's) has finished, so that down may read the routing before its own wait.
     (Loading each K step's weights a step ahead in registers, PIPE, was slower in the step at
-    every shape tried: NOTES, twenty-seventh session.) READY: _pair_gate_up_entry's."""
-    pair, pid_n, token, expert = _pair_gate_up_entry(ids_ptr, top_k, USE_PDL, PREFETCH, READY, ready_ptr)
+    every shape tried: NOTES, twenty-seventh session.)"""
+    pair, pid_n, token, expert = _pair_gate_up_entry(ids_ptr, top_k, USE_PDL, PREFETCH)
     expert = expert.to(tl.int64)
     if expert >= num_experts:             # another rank's expert (expert parallelism): its row is never read
-        _pair_gate_up_exit(USE_PDL, READY)
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
@@ -626,7 +601,6 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, inter, K, top_k,
     u = tl.sum(acc_u, 1)
     act = g / (1.0 + tl.exp(-g)) * u
     tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
-    _pair_gate_up_exit(USE_PDL, READY)
 
 
 @triton.jit
@@ -644,19 +618,12 @@ def _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, k, K, BLOCK_K: tl.c
 
 
 @triton.jit
-def _reset_ready(ready_ptr, token, pid_n, READY: tl.constexpr):
-    if READY:
-        if (token == 0) & (pid_n == 0):
-            tl.atomic_xchg(ready_ptr, 0)
-
-
-@triton.jit
 def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K, top_k, num_experts,
                       stride_am, stride_we, stride_wn, stride_om, stride_se, stride_sn,
                       TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
                       USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = False, READY: tl.constexpr = False, ready_ptr=None):
+                      PREFETCH: tl.constexpr = False):
     """One program per (token, column block) with all its top-k experts in one 3-D tile, so the
     routing weights and the combine happen in registers (no per-pair output, no sum launch).
     HAS_SCALE: fp8 weights, BLOCK_N dividing BN; each expert's scales multiply its activations
@@ -667,15 +634,13 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
     its slot reads expert 0's (finite, times zero activations and weight; GROUP_SCALE's loads are
     not masked by slot). (Each slot a 2-D tile of its own, summed into one accumulator, took 96
     registers against this tile's 240 on sm_90 and was slower in every shape tried on an H200:
-    NOTES, thirty-first session.) READY: after its wait (gate_up's grid done: none of its programs
-    polls any more), program (0, 0) resets the router's flag for the next step."""
-    token = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    NOTES, thirty-first session.)"""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
         gdc_enter(USE_PDL)
-        _reset_ready(ready_ptr, token, pid_n, READY)
+    token = tl.program_id(0)
+    pid_n = tl.program_id(1)
     slots = tl.arange(0, TOP_K_PAD)
     slot_ok = slots < top_k
     pairs = token * top_k + slots
@@ -696,7 +661,6 @@ def _pair_down_kernel(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, s_ptr, N, K
         w_mask = slot_ok[:, None, None] & n_ok[None, :, None] & (offs_k < K)[None, None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         gdc_wait(USE_PDL)
-        _reset_ready(ready_ptr, token, pid_n, READY)
         acc = _pair_down_step(acc, w, a_ptrs, s_rows, slot_ok, offs_k, 0, K, BLOCK_K, BK, TOP_K_PAD,
                               HAS_SCALE, GROUP_SCALE)
         w_ptrs += BLOCK_K
@@ -718,8 +682,7 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
                              stride_xm, stride_am, stride_se, stride_sn,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                              HAS_SCALE: tl.constexpr = False, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
-                             USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                             READY: tl.constexpr = False, ready_ptr=None):
+                             USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """_pair_gate_up_kernel with its weight tiles read through a TMA tensor descriptor (`w_desc`:
     w13 as (E * 2I, K) rows, a (BLOCK_N, BLOCK_K) box, zero past its edges), which Triton keeps
     STAGES - 1 K steps ahead in shared memory (the plain kernel's register loads, feeding no
@@ -727,9 +690,8 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
     per column would be pipelined too, as 4-byte async copies, and bound the kernel by L1 (Nsight
     Compute on the H200, NOTES). Rows past the intermediate size read the next rows (up's, or
     the next expert's: finite) and are not stored."""
-    pair, pid_n, token, expert = _pair_gate_up_entry(ids_ptr, top_k, USE_PDL, PREFETCH, READY, ready_ptr)
+    pair, pid_n, token, expert = _pair_gate_up_entry(ids_ptr, top_k, USE_PDL, PREFETCH)
     if expert >= num_experts:
-        _pair_gate_up_exit(USE_PDL, READY)
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -750,7 +712,6 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
     u = tl.sum(acc_u, 1)
     act = g / (1.0 + tl.exp(-g)) * u
     tl.store(act_ptr + pair * stride_am + offs_n, act.to(act_ptr.dtype.element_ty), mask=offs_n < inter)
-    _pair_gate_up_exit(USE_PDL, READY)
 
 
 def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -913,13 +874,12 @@ def pair_config(e: int, inter: int, hidden: int, m: int, device: torch.device, f
 
 
 def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = None, w13_scale=None, w2_scale=None,
-                    block=(128, 128), prefetch: bool | None = None, ready: torch.Tensor | None = None) -> torch.Tensor:
+                    block=(128, 128), prefetch: bool | None = None) -> torch.Tensor:
     """The small-batch path: no sorting; gate_up+SiLU*mul per pair, then down with the routing
     weights and the top-k combine per token (two launches). With scales, w13/w2 are fp8 blocks
     dequantized in registers. `config` overrides the table's keys it names. `prefetch`: the
     kernels' PREFETCH, down reading its routing and first weights before PDL's wait (default
-    kernels.switches.PDL_PREFETCH). `ready` (one int32; norm_route's `release`, the launch just
-    before): gate_up polls it instead of waiting for the router's grid to finish, down resets it."""
+    kernels.switches.PDL_PREFETCH)."""
     prefetch = switches.PDL_PREFETCH if prefetch is None else prefetch
     m, h = x.shape
     e, two_i, _ = w13.shape
@@ -934,9 +894,8 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
     up_n = dividing(cfg["BLOCK_N"], math.gcd(block[0], inter)) if fp8 else cfg["BLOCK_N"]
-    flag = dict(READY=True, ready_ptr=ready) if ready is not None else {}
     up = dict(BLOCK_N=up_n, BLOCK_K=cfg["BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
-              num_warps=cfg["num_warps"], PREFETCH=prefetch, **flag, **pdl(x))
+              num_warps=cfg["num_warps"], PREFETCH=prefetch, **pdl(x))
     if cfg.get("TMA") and tma_rows_ok(w13, up_n, cfg["BLOCK_K"], block if fp8 else None):
         _pair_gate_up_tma_kernel[(m * top_k, triton.cdiv(inter, up_n))](
             x, tma_rows(w13, up_n, cfg["BLOCK_K"]), ids, act, s13, inter, h, top_k, e, x.stride(0), act.stride(0),
@@ -956,7 +915,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
         BLOCK_K=cfg["DOWN_BLOCK_K"], HAS_SCALE=fp8, BN=block[0], BK=block[1],
         num_warps=cfg["down_warps"], num_stages=cfg.get("down_stages", 3),
         GROUP_SCALE=fp8 and group_scale_ok(cfg.get("DOWN_GROUP_SCALE"), cfg["DOWN_BLOCK_K"], block[1]),
-        PREFETCH=prefetch, **flag, **pdl(x))
+        PREFETCH=prefetch, **pdl(x))
     return out
 
 
@@ -1058,17 +1017,13 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
 def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logits_ptr, fixed_ptr, weights_ptr,
                        ids_ptr, count_ptr, D, E, eps, first, n_local, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
                        RENORMALIZE: tl.constexpr, FIXED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                       RELEASE: tl.constexpr = False):
+                       E_PAD: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """One token (BLOCK_D >= D: every load is issued at once). Each program: s = x + residual and
     h = RMSNorm(s) (program 0 writes both), then the router logits of its BLOCK_E experts, rounded
     to h's dtype as the router's linear layer would. The program that finishes last (an atomic
     count) routes the token as `route` does and resets the count for the next launch. FIXED:
     route on `fixed_ptr`'s logits instead (uniform-routing benchmarks; the router still runs).
-    PREFETCH (with PDL): the router's rows are read before the wait for the kernel before.
-    RELEASE: the last program then sets count_ptr[1] to 1 (release): the pair gate_up's READY flag,
-    which lets it start before this grid has finished (the pair down resets it; down, launched
-    once every gate_up program has seen the flag, reads the routing it released)."""
+    PREFETCH (with PDL): the router's rows are read before the wait for the kernel before."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -1091,8 +1046,6 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
     logits = tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], 1)
     tl.store(logits_ptr + offs_e, logits.to(h_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
     # release this program's logits; the last one to arrive sees everyone's
-    if RELEASE:             # and program 0's h, which gate_up reads once the flag is up: every thread's stores first
-        tl.debug_barrier()
     count = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if count == tl.num_programs(0) - 1:
         offs = tl.arange(0, E_PAD)
@@ -1103,9 +1056,6 @@ def _norm_route_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, new_res_ptr, gw_ptr, logit
             lg = tl.load(logits_ptr + offs, mask=ok, other=float("-inf"), volatile=True)
         _route_row(lg, offs, ok, weights_ptr, ids_ptr, 0, first, n_local, TOP_K, TOP_K_PAD, RENORMALIZE)
         tl.atomic_xchg(count_ptr, 0)
-        if RELEASE:
-            tl.debug_barrier()                  # every thread's ids and weights stored, then released
-            tl.atomic_xchg(count_ptr + 1, 1, sem="release")
 
 
 NORM_ROUTE_MAX_D = 4096        # the gate's rows in registers: up to Qwen3-VL-235B's hidden size
@@ -1131,11 +1081,10 @@ def norm_route_config(d: int, e: int, device: torch.device) -> dict:
 def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                gate_weight: torch.Tensor, top_k: int, renormalize: bool, counter: torch.Tensor,
                fixed_logits: torch.Tensor | None = None, first_expert: int = 0, num_local: int | None = None,
-               config: dict | None = None, prefetch: bool | None = None, release: bool = False):
+               config: dict | None = None, prefetch: bool | None = None):
     """The post-attention RMSNorm (after the residual add) and the router in one launch, for one
-    token (batch-1 decode). x, residual (1, D); gate_weight (E, D); `counter` int32, its first
-    zero between launches (this resets it); `release`: counter[1] set to 1 once the routing is
-    written (fused_moe's `ready`, which resets it; counter then holds two). -> (h = norm(x + residual), x + residual, weights (1, A)
+    token (batch-1 decode). x, residual (1, D); gate_weight (E, D); `counter` one int32, zero
+    between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (1, A)
     float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T, ..., first_expert,
     num_local)` give them. `config`: the launch shape (norm_route_config's keys), else the table's.
     `prefetch`: the kernel's PREFETCH (default kernels.switches.PDL_PREFETCH)."""
@@ -1143,7 +1092,7 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     e = gate_weight.shape[0]
     if (m != 1 or d > NORM_ROUTE_MAX_D or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
             or not (x.is_contiguous() and residual.is_contiguous() and gate_weight.is_contiguous())
-            or counter.dtype != torch.int32 or counter.numel() < 1 + release):
+            or counter.dtype != torch.int32):
         raise ValueError(f"norm_route: x {tuple(x.shape)}, residual {tuple(residual.shape)}, gate "
                          f"{tuple(gate_weight.shape)}, top_k {top_k}: one token of at most {NORM_ROUTE_MAX_D}, "
                          f"contiguous")
@@ -1159,19 +1108,18 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
         first_expert, e if num_local is None else num_local, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, FIXED=fixed_logits is not None, BLOCK_E=block_e, BLOCK_D=triton.next_power_of_2(d),
         E_PAD=triton.next_power_of_2(e), num_warps=cfg["num_warps"],
-        PREFETCH=switches.PDL_PREFETCH if prefetch is None else prefetch, RELEASE=release, **pdl(x))
+        PREFETCH=switches.PDL_PREFETCH if prefetch is None else prefetch, **pdl(x))
     return h, new_res, weights, ids
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
-              sentinel: bool = False, ready: torch.Tensor | None = None) -> torch.Tensor:
+              sentinel: bool = False) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
     blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
-    (expert parallelism), which add nothing here. `ready`: fused_moe_pairs', where `takes_pairs`
-    (the caller asks it first: the router releases the flag only then)."""
+    (expert parallelism), which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
     if h2 != h or w2.shape != (e, h, two_i // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != m:
@@ -1182,9 +1130,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     fp8_block = tuple(block) if w13_scale is not None else None
     path = _sorted_path(m, w13, x.device, fp8_block, config)
     if path is None:
-        return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block, ready=ready)
-    if ready is not None:
-        raise ValueError("fused_moe: a ready flag for the sorted path (only the pair path polls it: takes_pairs)")
+        return fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, None, w13_scale, w2_scale, block)
     top_k = topk_ids.shape[1]
     cfg, pair_blocks = path
     # the config may choose the paths (tests and benchmarks compare them); else the defaults
@@ -1292,11 +1238,6 @@ def _find_moe_table(e: int, inter: int, hidden: int, name: str, cuda: bool, fp8_
             return table
     log.warning("no tuned fused-MoE config for E=%d I=%d H=%d on %s; using the default", e, inter, hidden, name)
     return None
-
-
-def takes_pairs(m: int, w13: torch.Tensor, device: torch.device, fp8_block=None) -> bool:
-    """Whether fused_moe runs m tokens on these experts through the pair path (its table's)."""
-    return _sorted_path(m, w13, device, fp8_block) is None
 
 
 def _sorted_path(m: int, w13: torch.Tensor, device: torch.device, fp8_block=None,

@@ -17,11 +17,6 @@ at concurrency 1 / 16 / 64:
 - FUSED_INPUT_NORM (QWEN3VL_FUSED_INPUT_NORM), off: a decode row's residual add and input RMSNorm
   inside the qkv GEMV (kernels.linear's NORM; DecoderLayer.fuse_input_norm). fp8 0.994 at c1,
   bf16 1.011 (its 2-row programs each re-read the row for the statistics); 1.000 at 16 and 64.
-- READY_FLAG (QWEN3VL_READY_FLAG), off (written in the forty-first session; not yet measured on
-  a GPU): at batch 1 the MoE pair path's gate_up polls a flag that norm_route's last program
-  releases once the routing is written, instead of PDL's wait for the router's whole grid (the
-  boundary's ~0.9 us in benchmarks.handoff); down resets it. kernels.fused_moe.fused_moe_pairs'
-  `ready`.
 - FLAT_QUANTIZE (QWEN3VL_FLAT_QUANTIZE): activations quantized per group by
   kernels.fp8._quantize_flat_kernel (a fixed tile of (token, group) pairs a program) where K is
   whole groups, instead of a program per token. Bit for bit the same values. Unset: by shape
@@ -83,7 +78,6 @@ FUSED_INPUT_NORM = _on("QWEN3VL_FUSED_INPUT_NORM")
 ROPE_KERNEL = _on("QWEN3VL_ROPE_KERNEL", "1")
 ARGMAX_KERNEL = _on("QWEN3VL_ARGMAX_KERNEL", "1")
 SAMPLE_KERNEL = _on("QWEN3VL_SAMPLE_KERNEL", "1")
-READY_FLAG = _on("QWEN3VL_READY_FLAG")
 PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
 VIT_FUSED_NORM = _on("QWEN3VL_VIT_FUSED_NORM", "1")
 VIT_GELU_EPILOGUE = _on("QWEN3VL_VIT_GELU_EPILOGUE", "1")

@@ -104,21 +104,18 @@ def test_cuda_graph_decode_matches_eager(tiny_moe):
     assert torch.equal(from_host, replayed)
 
 
-@pytest.mark.parametrize("prefetch,prep,norm,ready,quant", [(True, False, False, False, ""),
-                                                            (False, True, False, False, ""),
-                                                            (False, False, True, False, ""),
-                                                            (True, False, False, True, ""),
-                                                            (True, False, False, True, "fp8"),
-                                                            (True, True, True, True, ""),
-                                                            (True, True, True, True, "fp8")])
-def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, norm, ready, quant):
+@pytest.mark.parametrize("prefetch,prep,norm,quant", [(True, False, False, ""),
+                                                      (False, True, False, ""),
+                                                      (False, False, True, ""),
+                                                      (True, True, True, ""),
+                                                      (True, True, True, "fp8")])
+def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, norm, quant):
     """QWEN3VL_PDL_PREFETCH: decode attention, norm + router and the MoE pair path's down read the
     KV cache (all but the newest position), the router and the routing + first expert weights
     before PDL's wait. QWEN3VL_FUSED_DECODE_PREP: decode's q/k prep inside the attention kernel,
-    which writes the newest K/V itself. QWEN3VL_READY_FLAG: batch-1 gate_up polls the router's
-    flag instead of PDL's wait. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the qkv GEMV.
-    Captured graphs with them give the tokens they give without (a stale newest K/V or routing
-    would change them); also on the tiny FP8 checkpoint (the W8A8 and fp8 pair kernels)."""
+    which writes the newest K/V itself. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the qkv GEMV. Captured graphs with
+    them give the tokens they give without (a stale newest K/V or routing would change them); also
+    on the tiny FP8 checkpoint (the W8A8 and fp8 pair kernels)."""
     from conftest import CACHE
     from kernels import switches
     from qwen3vl_backend.tools.make_tiny_checkpoint import make_tiny_checkpoint
@@ -134,7 +131,6 @@ def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, 
         monkeypatch.setattr(switches, "PDL_PREFETCH", prefetch and on)
         monkeypatch.setattr(switches, "FUSED_DECODE_PREP", prep and on)
         monkeypatch.setattr(switches, "FUSED_INPUT_NORM", norm and on)
-        monkeypatch.setattr(switches, "READY_FLAG", ready and on)
         engine = LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
                                         cuda_graph_max_bs=8))
         processor = Processor(path, engine.tokenizer)

@@ -55,18 +55,6 @@ def test_plain_kernels_wait_before_they_touch_memory(compiled, name):
     assert first(seq, "griddepcontrol.wait") < min(first(seq, "ld.global"), first(seq, "st.global")), seq
 
 
-def test_ready_gate_up_polls_the_flag_first_and_waits_last(compiled):
-    """READY (kernels.switches.READY_FLAG): the flag's acquire loads come first, down may launch
-    before the activations are stored, and PDL's wait closes the kernel (its end still follows
-    the router's); norm_route's RELEASE adds the flag's atomic; down resets it after its wait."""
-    marks = [part.split(" x")[0] for part in compiled["pair gate_up READY"].split(" > ")]
-    assert marks[0] == "ld.global" and marks[-1] == "griddepcontrol.wait", marks
-    assert marks.index("griddepcontrol.launch_dependents") < marks.index("st.global"), marks
-    assert compiled["norm_route PREFETCH RELEASE"].endswith("atom.global x2")
-    down = compiled["pair down PREFETCH READY"]
-    assert first(down, "griddepcontrol.wait") < first(down, "atom.global") < len(down.split(" > ")), down
-
-
 def test_gate_up_lets_down_launch_only_after_its_wait(compiled):
     seq = compiled["pair gate_up PREFETCH"]
     assert first(seq, "griddepcontrol.wait") < first(seq, "griddepcontrol.launch_dependents"), seq

@@ -185,37 +185,6 @@ def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed, co
         norm_route(torch.cat([x, x]), torch.cat([res, res]), nw, 1e-6, gate, a, True, counter, table)
 
 
-@pytest.mark.parametrize("tma", [False, True])
-def test_ready_flag_hands_the_routing_to_gate_up(tma):
-    """kernels.switches.READY_FLAG: norm_route with `release` sets counter[1] once the routing is
-    written; the pair path polling it (`ready`; its gate_up plain or through a TMA descriptor)
-    gives the bits it gives after PDL's wait, and its down (PREFETCH or not) resets the flag for
-    the next step; fused_moe refuses a flag where it would take the sorted path (nothing would
-    poll or reset it)."""
-    from kernels.fused_moe import norm_route, takes_pairs
-
-    d, e, a, i = 64, 8, 2, 48
-    g = torch.Generator().manual_seed(17)
-    x, res = (torch.randn(1, d, generator=g).to(DEV) for _ in range(2))
-    nw = torch.ones(d).to(DEV)
-    gate = (torch.randn(e, d, generator=g) * d ** -0.5).to(DEV)
-    counter = torch.zeros(2, dtype=torch.int32, device=DEV)
-    h, _, w, ids = norm_route(x, res, nw, 1e-6, gate, a, True, counter, release=True)
-    assert counter.tolist() == [0, 1]
-    _, w13, w2, _, _ = moe_inputs(1, e, d, i, a, device=DEV)
-    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 32, "down_warps": 4,
-           "TMA": tma}
-    want = fused_moe_pairs(h, w13, w2, w, ids, cfg)
-    for prefetch in (True, False):          # down resets the flag after PDL's wait, early or at its start
-        counter[1] = 1
-        got = fused_moe_pairs(h, w13, w2, w, ids, cfg, prefetch=prefetch, ready=counter[1:])
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-        assert counter.tolist() == [0, 0], prefetch
-    assert takes_pairs(1, w13, h.device)
-    with pytest.raises(ValueError, match="ready flag"):
-        fused_moe(h, w13, w2, w, ids, SMALL_CFG, ready=counter[1:])
-
-
 @pytest.mark.parametrize("align", [align_by_expert, align_by_expert_reference])
 def test_align_by_expert_covers_every_pair_once(align):
     ids = torch.tensor([[3, 1], [1, 0], [3, 3]], device=DEV)

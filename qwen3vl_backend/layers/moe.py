@@ -163,17 +163,15 @@ class FusedMoE(nn.Module):
         else:
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
-    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                    ready: torch.Tensor | None = None) -> torch.Tensor:
+    def fp8_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """On a GPU the fused MoE kernels with fp8 weights (dequantized in registers); on CPU the
         W8A8 reference, one expert at a time: activations quantized per token and group, SiLU(gate)
-        * up quantized again before the down projection. `ready`: kernels.fused_moe's."""
+        * up quantized again before the down projection."""
         if x.is_cuda:
             from kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids, w13_scale=self.w13_weight_scale_inv,
-                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts,
-                             ready=ready)
+                             w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts)
         out = torch.zeros_like(x)
         weights = weights.to(x.dtype)
         for e in ids.unique().tolist():
@@ -232,25 +230,11 @@ class SparseMoE(nn.Module):
             h, residual = norm(x, residual)
             return self(h), residual
         if self._counter is None or self._counter.device != x.device:
-            # the arrival count, and the flag the pair path's gate_up polls (kernels.switches.READY_FLAG)
-            self._counter = torch.zeros(2, dtype=torch.int32, device=x.device)
-        flag = self._ready_flag(x)
+            self._counter = torch.zeros(1, dtype=torch.int32, device=x.device)
         h, residual, weights, ids = self.norm_route_fn(x.contiguous(), residual.contiguous(), norm.weight, norm.eps,
                                                        self.gate.weight, self.top_k, self.renormalize,
-                                                       self._counter, self._fixed(x.shape[0]), **self._ep_routing(),
-                                                       **({"release": True} if flag else {}))
-        return self._experts(h, weights, ids, ready=self._counter[1:] if flag else None), residual
-
-    def _ready_flag(self, x: torch.Tensor) -> bool:
-        """Whether this batch-1 step's router releases a flag that the MoE pair path's gate_up polls
-        instead of waiting for the router's grid (kernels.switches.READY_FLAG; the kernels' MoE, and
-        its pair path for one token)."""
-        from kernels import switches
-        from kernels.fused_moe import takes_pairs
-
-        ex = self.experts
-        kernels = x.is_cuda if ex.quantized else self.experts_fn is not moe_experts_torch   # (fp8 on CPU: the reference)
-        return switches.READY_FLAG and kernels and takes_pairs(1, ex.w13, x.device, tuple(ex.block) if ex.quantized else None)
+                                                       self._counter, self._fixed(x.shape[0]), **self._ep_routing())
+        return self._experts(h, weights, ids), residual
 
     def _fixed(self, t: int) -> torch.Tensor | None:
         """route_uniformly's logits for t tokens, or None (routed on the router's own)."""
@@ -259,15 +243,13 @@ class SparseMoE(nn.Module):
             return None
         return (noise[:t] if t <= noise.shape[0] else noise.repeat(-(-t // noise.shape[0]), 1)[:t]).contiguous()
 
-    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ready: torch.Tensor | None = None):
-        """ids as this rank's experts see them (the routers map them: `_ep_routing`). `ready`:
-        kernels.fused_moe's (given only where it is the experts' function: `_ready_flag`)."""
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        """ids as this rank's experts see them (the routers map them: `_ep_routing`)."""
         ex = self.experts
-        flag = {"ready": ready} if ready is not None else {}
         if ex.quantized:
-            out = ex.fp8_forward(x, weights, ids, **flag)
+            out = ex.fp8_forward(x, weights, ids)
         else:
-            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts, **flag)
+            out = self.experts_fn(x, ex.w13, ex.w2, weights, ids, sentinel=ex.num_local < ex.num_experts)
         if self.tp_size > 1:                     # each rank summed its share of every token's experts
             all_reduce(out)
         return out
