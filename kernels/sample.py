@@ -34,6 +34,11 @@ MAX_K = 64          # the largest top_k drawn here (KP, the candidates a part ke
 MAX_ROWS = 16
 
 
+# below every key `_pack` makes (-inf's is -2139095041 * 2^32 and up): a slot with no candidate; it
+# unpacks to NaN (probability 0) and is never a row's first
+LOWEST: tl.constexpr = tl.constexpr(-0x7FFFFFFF00000000)
+
+
 @triton.jit
 def _pack(x, idx):
     """float32 values and int32 indices -> int64 keys ordered as (value, then lower index first)."""
@@ -50,10 +55,9 @@ def _unpack(key):
 
 
 @triton.jit
-def _sample_parts_kernel(x_ptr, rows_ptr, keys_ptr, max_ptr, sum_ptr, V, stride_xm, CHUNK,
-                         BLOCK: tl.constexpr, KP: tl.constexpr, PARTS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
+def _scaled_chunk(x_ptr, rows_ptr, row, part, V, stride_xm, CHUNK, BLOCK: tl.constexpr):
+    """A part's chunk of the row / temperature in float32 (NaN as -inf, +inf as the largest float,
+    past the chunk -inf), its columns, and which of them are the chunk's."""
     cols = tl.arange(0, BLOCK)
     offs = part * CHUNK + cols
     ok = (offs < V) & (cols < CHUNK)
@@ -61,15 +65,47 @@ def _sample_parts_kernel(x_ptr, rows_ptr, keys_ptr, max_ptr, sum_ptr, V, stride_
     x = tl.load(x_ptr + row * stride_xm + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
     x = tl.where(x == x, x, float("-inf"))                  # NaN: never a candidate
     x = tl.minimum(x, 3.4028234663852886e38)                # +inf: the largest float
-    x = tl.where(ok, x, float("-inf"))
+    return tl.where(ok, x, float("-inf")), offs, ok
+
+
+@triton.jit
+def _sample_parts_kernel(x_ptr, rows_ptr, max_ptr, sum_ptr, V, stride_xm, CHUNK,
+                         BLOCK: tl.constexpr, PARTS: tl.constexpr):
+    """Each part's maximum and sum of exponentials (the log-sum-exp's pieces, `_lse`)."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    x, _, _ = _scaled_chunk(x_ptr, rows_ptr, row, part, V, stride_xm, CHUNK, BLOCK)
     m = tl.max(x, 0)
     s = tl.sum(tl.where(x > float("-inf"), tl.exp(x - m), 0.0), 0)
-    if KP > 0:          # 0: the log-sum-exp's pieces alone (row_logsumexp)
-        top = tl.topk(_pack(x, offs), KP)
-        slot = (row * PARTS + part) * KP
-        tl.store(keys_ptr + slot + tl.arange(0, KP), top)
     tl.store(max_ptr + row * PARTS + part, m)
     tl.store(sum_ptr + row * PARTS + part, s)
+
+
+@triton.jit
+def _sample_select_kernel(x_ptr, rows_ptr, max_ptr, keys_ptr, V, stride_xm, CHUNK,
+                          BLOCK: tl.constexpr, KP: tl.constexpr, PARTS: tl.constexpr):
+    """A part's candidates without sorting its chunk: its values at or above tau, the KP-th largest
+    of the row's part maxima (KP parts hold a value at least that, so each of the row's KP largest
+    values is one), the KP largest of them as keys, largest first, and LOWEST in the slots left.
+    A part with n such values takes n maxima of its keys (n is mostly 0 or 1 at the vocabulary;
+    at most KP, as for a row of equal values). With fewer parts than KP, tau is -inf."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    if PARTS >= KP:
+        tau = tl.min(tl.topk(tl.load(max_ptr + row * PARTS + tl.arange(0, PARTS)), KP), 0)
+    else:
+        tau = float("-inf")
+    x, offs, ok = _scaled_chunk(x_ptr, rows_ptr, row, part, V, stride_xm, CHUNK, BLOCK)
+    chosen = ok & (x >= tau)
+    n = tl.minimum(tl.sum(chosen.to(tl.int32), 0), KP)
+    keys = tl.where(chosen, _pack(x, offs), LOWEST)
+    rank = tl.arange(0, KP)
+    out = tl.full([KP], LOWEST, tl.int64)
+    for i in range(n):
+        best = tl.max(keys, 0)
+        out = tl.where(rank == i, best, out)
+        keys = tl.where(keys == best, LOWEST, keys)      # keys are distinct (their indices are)
+    tl.store(keys_ptr + (row * PARTS + part) * KP + rank, out)
 
 
 @triton.jit
@@ -126,15 +162,28 @@ def sample_top_k(logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, part
         raise ValueError(f"sample_top_k: logits {tuple(logits.shape)}, rows {tuple(rows.shape)}, u {tuple(u.shape)}")
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
     if b:
-        chunk = triton.cdiv(v, parts)
-        block = max(triton.next_power_of_2(chunk), kp)
+        maxes, sums, chunk, block = _parts(logits, rows, parts)
         keys = torch.empty(b, parts, kp, dtype=torch.int64, device=logits.device)
-        maxes = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
-        sums = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
-        _sample_parts_kernel[(b, parts)](logits, rows, keys, maxes, sums, v, logits.stride(0), chunk,
-                                         BLOCK=block, KP=kp, PARTS=parts, num_warps=8 if block >= 2048 else 4)
+        _sample_select_kernel[(b, parts)](logits, rows, maxes, keys, v, logits.stride(0), chunk,
+                                          BLOCK=block, KP=kp, PARTS=parts, num_warps=_warps(block))
         _sample_pick_kernel[(b,)](keys, maxes, sums, rows, u, out, KP=kp, PARTS=parts, num_warps=4)
     return out
+
+
+def _warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+def _parts(logits: torch.Tensor, rows: torch.Tensor, parts: int):
+    """The first launch: each part's maximum and sum of exponentials -> (maxes, sums, chunk, block)."""
+    b, v = logits.shape
+    chunk = triton.cdiv(v, parts)
+    block = triton.next_power_of_2(chunk)
+    maxes = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
+    sums = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
+    _sample_parts_kernel[(b, parts)](logits, rows, maxes, sums, v, logits.stride(0), chunk,
+                                     BLOCK=block, PARTS=parts, num_warps=_warps(block))
+    return maxes, sums, chunk, block
 
 
 def row_logsumexp(logits: torch.Tensor, rows: torch.Tensor, parts: int = PARTS) -> torch.Tensor:
@@ -147,13 +196,7 @@ def row_logsumexp(logits: torch.Tensor, rows: torch.Tensor, parts: int = PARTS) 
         raise ValueError(f"row_logsumexp: logits {tuple(logits.shape)}, rows {tuple(rows.shape)}")
     out = torch.empty(b, 1, dtype=torch.float32, device=logits.device)
     if b:
-        chunk = triton.cdiv(v, parts)
-        block = triton.next_power_of_2(chunk)
-        maxes = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
-        sums = torch.empty(b, parts, dtype=torch.float32, device=logits.device)
-        # KP 0: the parts' maxima and sums alone (maxes stands in for the keys, never written)
-        _sample_parts_kernel[(b, parts)](logits, rows, maxes, maxes, sums, v, logits.stride(0), chunk,
-                                         BLOCK=block, KP=0, PARTS=parts, num_warps=8 if block >= 2048 else 4)
+        maxes, sums, _, _ = _parts(logits, rows, parts)
         _lse_kernel[(b,)](maxes, sums, out, PARTS=parts, num_warps=1)
     return out
 

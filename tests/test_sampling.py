@@ -217,10 +217,12 @@ def test_sample_kernel_takes_small_batches_with_top_k_only(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sample_kernel_draws_as_the_torch_path(dtype):
-    """kernels.sample (parts' top-k keys and log-sum-exp, then one program a row) against
-    `candidates` + the same race for the same uniforms: rows of different temperature, top_k,
-    top_p and min_p, a vocabulary no multiple of the parts. The logits are distinct multiples of
-    1/16, exact in bf16 (a tie's order is the kernel's own: lower index first)."""
+    """kernels.sample (parts' maxima and log-sum-exp, each part's candidates at or above the row's
+    threshold, then one program a row) against `candidates` + the same race for the same uniforms:
+    rows of different temperature, top_k, top_p and min_p, a vocabulary no multiple of the parts;
+    fewer parts than candidates (no threshold: each part's largest) and more (the threshold from
+    their maxima). The logits are distinct multiples of 1/16, exact in bf16 (a tie's order is the
+    kernel's own: lower index first)."""
     from kernels.sample import candidates_width, sample_top_k
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,12 +233,39 @@ def test_sample_kernel_draws_as_the_torch_path(dtype):
               SamplingParams(temperature=4.0, top_p=0.3, top_k=12), SamplingParams(temperature=2.5, min_p=0.5, top_k=16),
               SamplingParams(temperature=0.05, top_k=1), SamplingParams(temperature=3.0, top_p=0.05, top_k=9)]
     kp = candidates_width(16)
-    for trial in range(2):
+    for trial, parts in enumerate((4, 4, 16, 64)):
         u = torch.rand(6, kp, generator=g)
-        got = sample_top_k(logits.to(dev), _kernel_rows(params, dev), u.to(dev), parts=4).cpu()
-        assert got.tolist() == _race_reference(logits, params, u).tolist(), trial
+        got = sample_top_k(logits.to(dev), _kernel_rows(params, dev), u.to(dev), parts=parts).cpu()
+        assert got.tolist() == _race_reference(logits, params, u).tolist(), (trial, parts)
     with pytest.raises(ValueError, match="sample_top_k"):
         sample_top_k(logits.to(dev), _kernel_rows(params, dev), torch.rand(6, 24, device=dev), parts=4)
+
+
+def test_sample_kernel_threshold_keeps_ties_and_flat_rows():
+    """With at least as many parts as candidates, a part offers only its values at or above the row's
+    threshold (the KP-th largest part maximum), at most KP of them: rows of few distinct values
+    (ties across and within parts), a flat row and a row of -inf but three draw as with two parts
+    (every part's KP largest, no threshold). Keys order ties by index, so both see the same
+    candidates; the draw stays among the row's top_k values."""
+    from kernels.sample import sample_top_k
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    v = 301
+    logits = torch.stack([torch.randint(0, 3, (v,), generator=g).float(), torch.randint(0, 40, (v,), generator=g) / 8,
+                          torch.zeros(v), torch.full((v,), float("-inf"))])
+    logits[3, [7, 150, 299]] = torch.tensor([1.0, 3.0, 2.0])
+    params = [SamplingParams(temperature=1.0, top_k=16), SamplingParams(temperature=0.5, top_p=0.9, top_k=12),
+              SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0, top_k=16)]
+    rows = _kernel_rows(params, dev)
+    for trial in range(2):
+        u = torch.rand(4, 16, generator=g).to(dev)
+        two = sample_top_k(logits.to(dev), rows, u, parts=2).cpu()
+        for parts in (16, 32):
+            assert sample_top_k(logits.to(dev), rows, u, parts=parts).cpu().tolist() == two.tolist(), (trial, parts)
+        for r, p in enumerate(params):      # among the top_k values; the flat row's among its first top_k ids
+            assert logits[r, two[r]] >= logits[r].topk(p.top_k).values[-1], (trial, r)
+        assert two[2] < 3 and two[3] in (7, 150, 299)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
