@@ -51,6 +51,10 @@
 #     (not run).
 #   ready (forty-first; run at cd821f7): READY_FLAG, batch-1 gate_up polling a flag norm_route
 #     releases instead of PDL's wait, 1.1% / 1.5% slower at 30B fp8 / bf16 c1, so removed with its part.
+#   sample-select (forty-second): the sampler's GPU tests (TESTS=0 skips them), then 30B (CFG: FP8 or
+#     BF16) sampled at CONC (default 64,128) in engine_ab against 429c192 (each part sorting its chunk,
+#     the torch path past 16 rows; carry .ab: `git archive 429c192 kernels qwen3vl_backend benchmarks
+#     ':!benchmarks/results'`).
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -274,4 +278,15 @@ if [ "$PART" = sampler-large ] || [ "$PART" = sampler-large-bf16 ]; then
   tail -9 $W/ab-$PART-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16)"; exit 2
+if [ "$PART" = sample-select ]; then
+  cfg=$CONFIG-FP8; [ "${CFG:-FP8}" = BF16 ] && cfg=$CONFIG
+  [ "${TESTS:-1}" = 1 ] && gpu_tests $PART 150 tests/test_sampling.py tests/test_isolation.py \
+    -k "sampl or logsumexp or candidates or draw or seeded or non_finite or banned or greedy or threshold"
+  echo '{"before": {"tree": ".ab/429c192"}}' > $W/v.json
+  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $cfg \
+    --concurrency ${CONC:-64,128} --out-tokens 64 --routing uniform --temperature 0.7 --top-p 0.8 --top-k 20 \
+    > $W/ab-$PART-$cfg-$COMMIT.txt 2>&1
+  tail -9 $W/ab-$PART-$cfg-$COMMIT.txt | cut -c1-150
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select)"; exit 2

@@ -1,19 +1,25 @@
-"""Top-k sampling (with top-p, min-p and temperature) over a batch's logits rows, in two launches.
+"""Top-k sampling (with top-p, min-p and temperature) over a batch's logits rows, in three launches.
 
 The sampler's torch path takes a row's candidates from torch.topk, the softmax's denominator from a
 log-sum-exp over the vocabulary, then masks and a draw: about twenty small launches, which on an
 H200 put 0.19 ms on a batch-1 decode step of 30B-A3B under the release's generation config
 (temperature 0.7, top_p 0.8, top_k 20), where greedy's argmax takes two.
 
-Here (fortieth session, 30B fp8 on an H200) the batch-1 step takes 1.928 ms under that sampling
-against 2.064 with the torch path and 1.89 greedy. Each row is split over PARTS programs. Each
-scales its chunk by 1/temperature, keeps its chunk's log-sum-exp (max and sum of exponentials) and its KP largest values with their indices,
-packed in one int64 a value (its float32 bits made order-preserving as a signed integer, then the
-index, lower index first on a tie) so that one tl.topk carries both. One program a row then takes
-the KP largest of its parts' candidates, their probabilities under the whole vocabulary's softmax,
+Each row is split over PARTS programs, which scale their chunk by 1/temperature and keep its
+maximum and sum of exponentials (the log-sum-exp's pieces). The same programs again (the chunk
+read once more, mostly from L2) each offer the values of their chunk at or above the row's
+threshold, the KP-th largest of the parts' maxima: KP parts hold a value at least that, so the
+row's KP largest values are among them, and most parts hold none or one (at most KP are taken).
+A value and its index are packed in one int64 (its float32 bits made order-preserving as a
+signed integer, then the index, lower index first on a tie). One program a row then takes the
+KP largest of its parts' candidates, their probabilities under the whole vocabulary's softmax,
 top-k, top-p (on the cumulated probabilities before each token, as the torch path) and min-p,
 and draws by an exponential race: the largest p / E with E = -log(1 - u) for the uniform u the
 caller gives (torch.rand, so torch's generator and seed rule the draw).
+
+The second launch took a tl.topk of each whole chunk before (the fortieth session's, a bitonic
+sort of 4,096 keys a program): at 64 and 128 rows, 64 such programs a row made the kernel slower
+than the torch path, so it drew batches of up to 16 rows only.
 
 Non-finite logits: NaN counts as -inf and +inf as the largest float, so a row of NaN draws its
 first token and a +inf takes the whole mass (the torch path's fallbacks give the same).
@@ -27,13 +33,6 @@ import triton.language as tl
 
 PARTS = 64          # programs a row in the first launch
 MAX_K = 64          # the largest top_k drawn here (KP, the candidates a part keeps, is top_k's power of two)
-# the largest batch drawn here: on the H200 (30B fp8, 0.7 / 0.8 / 20) the kernel took 1.928 / 7.22 ms
-# steps at 1 / 16 rows against the torch path's 2.064 / 7.31, but 11.58 / 14.66 at 64 / 128 against
-# 11.44 / 14.40 (64 programs a row, each sorting its chunk, outnumber the SMs many times there); the
-# torch path, its top-k in bf16 and row_logsumexp, has since taken 11.10 / 13.95-14.02 there
-MAX_ROWS = 16
-
-
 # below every key `_pack` makes (-inf's is -2139095041 * 2^32 and up): a slot with no candidate; it
 # unpacks to NaN (probability 0) and is never a row's first
 LOWEST: tl.constexpr = tl.constexpr(-0x7FFFFFFF00000000)

@@ -48,12 +48,14 @@ at concurrency 1 / 16 / 64:
 - ARGMAX_KERNEL (QWEN3VL_ARGMAX_KERNEL), on: greedy sampling's argmax by kernels.argmax (a row split
   over 64 programs, then one a row) instead of torch's one block a row (8.3 us for a 151,936-wide
   row in the H200's batch-1 profiles). The same index.
-- SAMPLE_KERNEL (QWEN3VL_SAMPLE_KERNEL), on: batches of up to kernels.sample.MAX_ROWS rows that
-  all sample (unseeded, no penalties) with a top_k up to kernels.sample.MAX_K draw in
-  kernels.sample's two launches instead of the torch path's ~20 (layers.sampler.sample_batch).
-  30B, the release's sampling (0.7 / 0.8 / 20), decode step on an H200 (fortieth session): fp8
-  c1 1.928 ms against 2.064 off (greedy 1.89), c16 7.22 against 7.31; bf16 c1 2.34 against 2.47
-  (greedy 2.33). At c64 / c128 it was slower, 11.58 / 14.66 against 11.44 / 14.40: hence MAX_ROWS.
+- SAMPLE_KERNEL (QWEN3VL_SAMPLE_KERNEL), on: batches whose rows all sample (unseeded, no
+  penalties) with a top_k up to kernels.sample.MAX_K draw in kernels.sample's launches instead of
+  the torch path's ~20 (layers.sampler.sample_batch). 30B, the release's sampling (0.7 / 0.8 /
+  20), decode step on an H200 (fortieth session, each part sorting its chunk): fp8 c1 1.928 ms
+  against 2.064 off (greedy 1.89), c16 7.22 against 7.31; bf16 c1 2.34 against 2.47 (greedy
+  2.33). At c64 / c128 that kernel was slower, 11.58 / 14.66 against 11.44 / 14.40, so it took
+  batches of up to 16 rows. The parts now offer only their values above the row's threshold
+  (forty-second session; not yet measured).
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from

@@ -21,7 +21,7 @@ from kernels.attention import _paged_decode_kernel  # noqa: E402
 from kernels.fused_moe import (_grouped_gemm_kernel, _norm_route_kernel, _pair_down_kernel,  # noqa: E402
                                _pair_gate_up_kernel)
 from kernels.linear import _skinny_kernel  # noqa: E402
-from kernels.sample import _lse_kernel, _sample_parts_kernel, _sample_pick_kernel  # noqa: E402
+from kernels.sample import _lse_kernel, _sample_parts_kernel, _sample_pick_kernel, _sample_select_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 MARKS = ("ld.global", "st.global", "atom.global", "griddepcontrol.launch_dependents", "griddepcontrol.wait")
@@ -92,10 +92,10 @@ KERNELS = [
     ("grouped DENSE SPLIT_K W8A8", _grouped_gemm_kernel, GROUPED, (),
      dict(A_ROWS_ARE_PAIRS=True, MUL_WEIGHT=False, FUSE_SILU=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8,
           SCALE_MODE=2, A_SCALED=True, USE_PDL=True, DENSE=True, SPLIT_K=8)),
-    ("sample parts", _sample_parts_kernel, dict(x_ptr=BF, rows_ptr=F32, keys_ptr="*i64", max_ptr=F32, sum_ptr=F32), (),
+    ("sample parts", _sample_parts_kernel, dict(x_ptr=BF, rows_ptr=F32, max_ptr=F32, sum_ptr=F32), (),
+     dict(BLOCK=4096, PARTS=64)),
+    ("sample select", _sample_select_kernel, dict(x_ptr=BF, rows_ptr=F32, max_ptr=F32, keys_ptr="*i64"), (),
      dict(BLOCK=4096, KP=32, PARTS=64)),
-    ("sample parts, log-sum-exp alone", _sample_parts_kernel,
-     dict(x_ptr=BF, rows_ptr=F32, keys_ptr=F32, max_ptr=F32, sum_ptr=F32), (), dict(BLOCK=4096, KP=0, PARTS=64)),
     ("sample log-sum-exp", _lse_kernel, dict(max_ptr=F32, sum_ptr=F32, out_ptr=F32), (), dict(PARTS=64)),
     ("sample pick", _sample_pick_kernel, dict(keys_ptr="*i64", max_ptr=F32, sum_ptr=F32, rows_ptr=F32, u_ptr=F32,
                                               out_ptr="*i64"), (), dict(KP=32, PARTS=64)),

@@ -177,12 +177,12 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 
 def kernel_top_k(params: list[SamplingParams], vocab: int) -> int:
-    """The largest top_k where kernels.sample would draw this batch on a GPU (at most its MAX_ROWS
-    rows, each with a top_k up to its MAX_K; kernels.switches.SAMPLE_KERNEL on), else 0."""
+    """The largest top_k where kernels.sample would draw this batch on a GPU (rows each with a
+    top_k up to its MAX_K; kernels.switches.SAMPLE_KERNEL on), else 0."""
     from kernels import switches
-    from kernels.sample import MAX_K, MAX_ROWS
+    from kernels.sample import MAX_K
 
-    if not switches.SAMPLE_KERNEL or not params or len(params) > MAX_ROWS or any(p.top_k <= 0 for p in params):
+    if not switches.SAMPLE_KERNEL or not params or any(p.top_k <= 0 for p in params):
         return 0
     k = max(_top_ks(params, vocab))
     return k if k <= MAX_K else 0
@@ -190,7 +190,7 @@ def kernel_top_k(params: list[SamplingParams], vocab: int) -> int:
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """One draw per row from the same distribution `filter_probs` gives, for the whole batch at once:
-    kernels.sample's two launches where `kernel_top_k` allows (the logits in their own dtype),
+    kernels.sample's three launches where `kernel_top_k` allows (the logits in their own dtype),
     else `candidates`, then one race over them."""
     k = kernel_top_k(params, logits.shape[-1]) if logits.is_cuda and logits.stride(-1) == 1 else 0
     if k:
