@@ -54,8 +54,11 @@ at concurrency 1 / 16 / 64:
   20), decode step on an H200 (fortieth session, each part sorting its chunk): fp8 c1 1.928 ms
   against 2.064 off (greedy 1.89), c16 7.22 against 7.31; bf16 c1 2.34 against 2.47 (greedy
   2.33). At c64 / c128 that kernel was slower, 11.58 / 14.66 against 11.44 / 14.40, so it took
-  batches of up to 16 rows. The parts now offer only their values above the row's threshold
-  (forty-second session; not yet measured).
+  batches of up to 16 rows. The parts now offer only their values at or above the row's
+  threshold, and every batch size draws here (forty-second session, engine_ab against that
+  tree, step ms, base / before / base): fp8 c1 1.911 / 1.921 / 1.912, c16 7.233 / 7.350 / 7.234,
+  c64 11.10 / 11.12 / 11.10, c128 13.87 / 14.04 / 13.77; bf16 c1 2.336 / 2.336 / 2.339, c64
+  17.11 / 17.04 / 17.12 (inter-token p50 17.16 / 17.28 / 17.13), c128 19.33 / 19.56 / 19.33.
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
