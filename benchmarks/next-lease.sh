@@ -55,6 +55,8 @@
 #     BF16) sampled at CONC (default 64,128) in engine_ab against 429c192 (each part sorting its chunk,
 #     the torch path past 16 rows; carry .ab: `git archive 429c192 kernels qwen3vl_backend benchmarks
 #     ':!benchmarks/results'`).
+#   sampled-profile (forty-second): 30B fp8 c1 / c128 under the generation config's sampling, then
+#     greedy: decode profiles (kernel timelines) and each graph's replay against the engine's step.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -289,4 +291,15 @@ if [ "$PART" = sample-select ]; then
   tail -9 $W/ab-$PART-$cfg-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select)"; exit 2
+if [ "$PART" = sampled-profile ]; then
+  for s in "0.7 0.8 20" "0 1.0 0"; do
+    read t p k <<< "$s"; [ $(left 560) -lt 100 ] && break
+    mkdir -p $W/t$t
+    timeout $(left 575) python -m benchmarks.engine --config $CONFIG-FP8 --concurrency 1,128 --out-tokens 32 \
+      --routing uniform --temperature $t --top-p $p --top-k $k --profile --profile-at 1,128 --replay-timing \
+      --out $W/t$t > $W/sampled-profile-$t-$COMMIT.txt 2>&1
+    echo "temperature $t"; grep -E "replay|decode_step" $W/sampled-profile-$t-$COMMIT.txt | head -6 | cut -c1-160
+  done
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile)"; exit 2
