@@ -243,15 +243,22 @@ def kernel_timeline(kernels, steps: int, rows: int = 60, top: int = 15) -> str:
     return "".join(out)
 
 
-def replay_timing(engine: LLMEngine, prompts, replays: int = 50) -> dict:
+def decode_params(args) -> SamplingParams:
+    """The sampling of --replay-timing's and --profile's steps: the run's --temperature / --top-p /
+    --top-k (greedy by default), as the rows take them."""
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=64,
+                          ignore_eos=True)
+
+
+def replay_timing(engine: LLMEngine, prompts, params: SamplingParams, replays: int = 50) -> dict:
     """The decode step's GPU time alone: its CUDA graph (for this many sequences, decoding, their
     inputs as the last step left them) replayed back to back, against the engine's whole step
-    (host scheduling, input copies, sampling, detokenizing) over the same tokens. Replays rewrite
-    each sequence's newest K/V slot with the same values; the requests are aborted after."""
+    (host scheduling, input copies, sampling under `params`, detokenizing) over the same tokens.
+    Replays rewrite each sequence's newest K/V slot with the same values; the requests are aborted
+    after."""
     graphs = engine.runner.graphs
     if graphs is None or not graphs.fits(len(prompts)):
         return {}
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     ids = start_decoding(engine, prompts, params, "replay", 8)
     steps = []
     for _ in range(16):
@@ -275,12 +282,12 @@ def replay_timing(engine: LLMEngine, prompts, replays: int = 50) -> dict:
             "outside_graph_ms": step_ms - replay_ms}
 
 
-def profile_decode(engine: LLMEngine, prompts, out_dir: Path, steps: int = 8) -> None:
-    """GPU time per kernel over `steps` decode steps of this batch (CUDA graph replays included)."""
+def profile_decode(engine: LLMEngine, prompts, out_dir: Path, params: SamplingParams, steps: int = 8) -> None:
+    """GPU time per kernel over `steps` decode steps of this batch (CUDA graph replays included),
+    sampled under `params`."""
     from torch.profiler import ProfilerActivity, profile
 
-    # every sequence past its prefill
-    ids = start_decoding(engine, prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), "prof", 2)
+    ids = start_decoding(engine, prompts, params, "prof", 2)         # every sequence past its prefill
     torch.cuda.synchronize()
     wall = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -446,7 +453,7 @@ def main(argv=None):
         # the rows are written before the profiles, which a caller's time limit may cut short
         report(args, settings, rows, ttft, weights_gib, ceil, load_s)
         if args.replay_timing and args.tp == 1:
-            replay = [replay_timing(engine, prompts[:c]) for c, _ in levels]
+            replay = [replay_timing(engine, prompts[:c], decode_params(args)) for c, _ in levels]
             replay = [r for r in replay if r]
             if replay:
                 print_table(replay, list(replay[0]))
@@ -458,7 +465,7 @@ def main(argv=None):
         if args.profile:
             at = args.profile_at or f"1,{max(int(x) for x in args.concurrency.split(','))}"
             for c in sorted({int(x) for x in at.split(",")}):
-                profile_decode(engine, prompts[:c], Path(args.out or RESULTS))
+                profile_decode(engine, prompts[:c], Path(args.out or RESULTS), decode_params(args))
     engine.cfg.overlap_schedule = True
     engine.close()
 

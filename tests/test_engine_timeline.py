@@ -82,3 +82,29 @@ def test_the_benchmark_samples_with_the_rows_top_p_and_top_k(monkeypatch):
     row = bench.run(Engine(), ["a", "b"], 4, 0.7, top_p=0.8, top_k=20)
     assert [(p.temperature, p.top_p, p.top_k, p.max_tokens) for p in added] == [(0.7, 0.8, 20, 4)] * 2
     assert row["ttft_p50_ms"] >= 0
+
+
+def test_replay_timing_and_profiles_sample_as_the_rows(monkeypatch, tmp_path):
+    """--replay-timing's and --profile's decode steps take the run's --temperature / --top-p /
+    --top-k (they were greedy whatever the rows sampled)."""
+    from benchmarks import engine as bench
+
+    args = SimpleNamespace(temperature=0.7, top_p=0.8, top_k=20)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def start_decoding(engine, prompts, params, tag, tokens):
+        seen.append((tag, params.temperature, params.top_p, params.top_k))
+        raise Stop
+
+    monkeypatch.setattr(bench, "start_decoding", start_decoding)
+    engine = SimpleNamespace(runner=SimpleNamespace(graphs=SimpleNamespace(fits=lambda n: True)))
+    for call in (lambda: bench.replay_timing(engine, ["a"], bench.decode_params(args)),
+                 lambda: bench.profile_decode(engine, ["a"], tmp_path, bench.decode_params(args))):
+        with pytest.raises(Stop):
+            call()
+    assert seen == [("replay", 0.7, 0.8, 20), ("prof", 0.7, 0.8, 20)]
+    greedy = bench.decode_params(SimpleNamespace(temperature=0.0, top_p=1.0, top_k=0))
+    assert greedy.temperature == 0 and greedy.max_tokens == 64 and greedy.ignore_eos
