@@ -220,8 +220,8 @@ def test_sample_kernel_draws_as_the_torch_path(dtype):
     """kernels.sample (parts' maxima and log-sum-exp, each part's candidates at or above the row's
     threshold, then one program a row) against `candidates` + the same race for the same uniforms:
     rows of different temperature, top_k, top_p and min_p, a vocabulary no multiple of the parts;
-    fewer parts than candidates (no threshold: each part's largest) and more (the threshold from
-    their maxima). The logits are distinct multiples of 1/16, exact in bf16 (a tie's order is the
+    fewer parts than candidates (no threshold: each part's largest) and as many (the threshold from
+    their maxima; the ties test below takes more parts). The logits are distinct multiples of 1/16, exact in bf16 (a tie's order is the
     kernel's own: lower index first)."""
     from kernels.sample import candidates_width, sample_top_k
 
