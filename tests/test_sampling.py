@@ -233,7 +233,7 @@ def test_sample_kernel_draws_as_the_torch_path(dtype):
               SamplingParams(temperature=4.0, top_p=0.3, top_k=12), SamplingParams(temperature=2.5, min_p=0.5, top_k=16),
               SamplingParams(temperature=0.05, top_k=1), SamplingParams(temperature=3.0, top_p=0.05, top_k=9)]
     kp = candidates_width(16)
-    for trial, parts in enumerate((4, 16, 16)):
+    for trial, parts in enumerate((4, 16)):
         u = torch.rand(6, kp, generator=g)
         got = sample_top_k(logits.to(dev), _kernel_rows(params, dev), u.to(dev), parts=parts).cpu()
         assert got.tolist() == _race_reference(logits, params, u).tolist(), (trial, parts)
@@ -251,21 +251,19 @@ def test_sample_kernel_threshold_keeps_ties_and_flat_rows():
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(5)
-    v = 301
+    v = 161
     logits = torch.stack([torch.randint(0, 3, (v,), generator=g).float(), torch.randint(0, 40, (v,), generator=g) / 8,
                           torch.zeros(v), torch.full((v,), float("-inf"))])
-    logits[3, [7, 150, 299]] = torch.tensor([1.0, 3.0, 2.0])
+    logits[3, [7, 100, 159]] = torch.tensor([1.0, 3.0, 2.0])
     params = [SamplingParams(temperature=1.0, top_k=16), SamplingParams(temperature=0.5, top_p=0.9, top_k=12),
               SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0, top_k=16)]
     rows = _kernel_rows(params, dev)
-    for trial in range(2):
-        u = torch.rand(4, 16, generator=g).to(dev)
-        two = sample_top_k(logits.to(dev), rows, u, parts=2).cpu()
-        for parts in (32,):
-            assert sample_top_k(logits.to(dev), rows, u, parts=parts).cpu().tolist() == two.tolist(), (trial, parts)
-        for r, p in enumerate(params):      # among the top_k values; the flat row's among its first top_k ids
-            assert logits[r, two[r]] >= logits[r].topk(p.top_k).values[-1], (trial, r)
-        assert two[2] < 3 and two[3] in (7, 150, 299)
+    u = torch.rand(4, 16, generator=g).to(dev)     # the candidates are the same for every u
+    two = sample_top_k(logits.to(dev), rows, u, parts=2).cpu()
+    assert sample_top_k(logits.to(dev), rows, u, parts=32).cpu().tolist() == two.tolist()
+    for r, p in enumerate(params):      # among the top_k values; the flat row's among its first top_k ids
+        assert logits[r, two[r]] >= logits[r].topk(p.top_k).values[-1], r
+    assert two[2] < 3 and two[3] in (7, 100, 159)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
