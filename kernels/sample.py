@@ -202,12 +202,12 @@ def row_logsumexp(logits: torch.Tensor, rows: torch.Tensor, parts: int = PARTS) 
 
 def warm(vocab: int, dtype: torch.dtype, device) -> list[int]:
     """Compile (launch once) the kernels for every candidates width a top_k up to MAX_K takes, and
-    row_logsumexp's, so that the first request with a top_k of another width (or in a larger
-    batch) does not compile them in its time to first token. -> the widths."""
+    row_logsumexp's, so that the first request with a top_k of another width (or past MAX_K) does
+    not compile them in its time to first token. -> the widths."""
     widths = sorted({candidates_width(k) for k in range(1, MAX_K + 1)})
     logits = torch.zeros(1, vocab, dtype=dtype, device=device)
     rows = torch.tensor([[1.0, 2.0, 0.0, 1.0]], device=device)
     for kp in widths:
         sample_top_k(logits, rows, torch.zeros(1, kp, device=device))
-    row_logsumexp(logits, rows)         # the larger batches' candidates (layers.sampler.candidates)
+    row_logsumexp(logits, rows)         # the torch path's candidates (top_k past MAX_K: layers.sampler.candidates)
     return widths

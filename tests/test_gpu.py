@@ -113,9 +113,9 @@ def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, 
     """QWEN3VL_PDL_PREFETCH: decode attention, norm + router and the MoE pair path's down read the
     KV cache (all but the newest position), the router and the routing + first expert weights
     before PDL's wait. QWEN3VL_FUSED_DECODE_PREP: decode's q/k prep inside the attention kernel,
-    which writes the newest K/V itself. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the qkv GEMV. Captured graphs with
-    them give the tokens they give without (a stale newest K/V or routing would change them); also
-    on the tiny FP8 checkpoint (the W8A8 and fp8 pair kernels)."""
+    which writes the newest K/V itself. QWEN3VL_FUSED_INPUT_NORM: decode's input norm inside the
+    qkv GEMV. Captured graphs with them give the tokens they give without (a stale newest K/V or
+    routing would change them); also on the tiny FP8 checkpoint (the W8A8 and fp8 pair kernels)."""
     from conftest import CACHE
     from kernels import switches
     from qwen3vl_backend.tools.make_tiny_checkpoint import make_tiny_checkpoint
