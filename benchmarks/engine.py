@@ -78,10 +78,12 @@ def ttft_rows(engine: LLMEngine, processor: Processor, repeats: int, images: lis
     return rows
 
 
-def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float | None = None) -> float:
+def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float | None = None,
+                       kv_bytes: int = 2) -> float:
     """`hit`: distinct experts per layer in a step (measured); None: expected under uniform routing.
     An fp8 checkpoint reads its projections and experts at one byte per weight (plus a float32
-    scale per 128x128 block); the router, norms, head and KV cache stay bf16."""
+    scale per 128x128 block); the router, norms and head stay bf16. The KV cache is `kv_bytes` a
+    value (1 with --kv-cache-dtype fp8_e4m3)."""
     t = cfg.text
     wbytes = 1.0 + 4.0 / (cfg.quant.block[0] * cfg.quant.block[1]) if cfg.quant is not None else 2.0
     attn = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim + \
@@ -94,7 +96,7 @@ def decode_floor_bytes(cfg: ModelConfig, batch: int, kv_tokens: int, hit: float 
     quantized = t.num_hidden_layers * (attn + hit * expert)
     bf16 = t.num_hidden_layers * (norms + router) + t.vocab_size * t.hidden_size + t.hidden_size
     kv = kv_tokens * t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim
-    return wbytes * quantized + 2.0 * (bf16 + kv)
+    return wbytes * quantized + 2.0 * bf16 + kv_bytes * kv
 
 
 def start_decoding(engine: LLMEngine, prompts, params: SamplingParams, tag: str, tokens: int) -> list[str]:
@@ -384,6 +386,7 @@ def main(argv=None):
                     help="with --burst: text prompts of this many tokens each instead of the image requests")
     ap.add_argument("--prefill-graph-times", action="store_true",
                     help="instead: each captured prefill graph's replay time, one prompt's and packed, by bucket")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8_e4m3: the KV cache's elements")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel groups within them")
     ap.add_argument("--out", default=None)
@@ -400,7 +403,7 @@ def main(argv=None):
                         mem_fraction_static=args.mem_fraction_static, enable_prefix_cache=False,
                         tp_size=args.tp, ep_size=args.ep, enable_vit_cuda_graph=args.enable_vit_cuda_graph,
                         moe_routing="uniform" if routings[0] == "uniform" else "model",
-                        solo_prefill=not args.enable_mixed_chunk)
+                        solo_prefill=not args.enable_mixed_chunk, kv_cache_dtype=args.kv_cache_dtype)
         if args.prefill_graph_max_seqs is not None:
             settings["prefill_cuda_graph_max_seqs"] = args.prefill_graph_max_seqs
         if args.prefill_pack_max_tokens is not None:
@@ -433,11 +436,12 @@ def main(argv=None):
                 kv = c * (r["prompt_tokens"] + args.out_tokens // 2)
                 hit = experts_hit(engine, prompts[:c], args.temperature)
                 # under tp each GPU reads its 1/tp of the bytes (heads, vocabulary, expert slices or groups)
-                floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, hit) / args.tp / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
-                uniform_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv) / args.tp / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+                kvb = engine.cfg.kv_torch_dtype.itemsize
+                floor_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, hit, kvb) / args.tp / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
+                uniform_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, kv_bytes=kvb) / args.tp / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
                 r.update(routing=routing, concurrency=c, overlap_schedule=overlap, experts_hit=hit, floor_step_ms=floor_ms,
                          floor_over_step=floor_ms / r["decode_step_ms"], uniform_routing_floor_ms=uniform_ms, tp=args.tp,
-                         ep=args.ep)
+                         ep=args.ep, kv_cache_dtype=engine.cfg.kv_cache_dtype)
                 rows.append(r)
                 print_table([r], list(r))
                 if args.structured and overlap:

@@ -16,7 +16,8 @@ A patch merges into the table's entry where both are objects, at every depth (a 
 {"pairs": {"1": {...}}} takes one key of its nested entry), and replaces it otherwise. A
 variant's "env" (in place of a table's name) sets environment variables for its run alone, for
 the switches that are not tables: {"prefetch": {"env": {"QWEN3VL_PDL_PREFETCH": "1"}}}. A variant's
-"tree" copies another checkout's code instead of this one's (a path from the repository root, e.g.
+"args" adds flags to its benchmark run ({"fp8kv": {"args": ["--kv-cache-dtype", "fp8_e4m3"]}}). A
+variant's "tree" copies another checkout's code instead of this one's (a path from the repository root, e.g.
 an earlier commit unpacked by `git archive C kernels qwen3vl_backend benchmarks | tar -x -C .ab/C`):
 {"before": {"tree": ".ab/C"}} measures a change that has no switch against the commit before it. Prints
 a table of each variant's inter-token p50 and mean decode step per concurrency (and, with
@@ -60,7 +61,7 @@ def patch_tables(configs: Path, patches: dict) -> None:
     """Apply {table file: {key: patch}} to the tables under `configs` (a variant's copy); its "env"
     is not a table (run_variant's)."""
     for name, entries in patches.items():
-        if name in (ENV, TREE):
+        if name in (ENV, TREE, ARGS):
             continue
         path = configs / name
         if Path(name).name != name or not path.exists():
@@ -145,8 +146,8 @@ def main(argv=None) -> int:
             label = name if i < len(order) - 1 else f"{BASE} (again)"
             try:
                 got = [{"variant": label, "run": i, **{k: r.get(k) for k in ROW_KEYS}, "error": None}
-                       for r in run_variant(trees[name], engine_args, args.runner, Path(tmp) / f"out-{i}",
-                                            variants.get(name, {}).get(ENV))]
+                       for r in run_variant(trees[name], engine_args + list(variants.get(name, {}).get(ARGS, [])),
+                                            args.runner, Path(tmp) / f"out-{i}", variants.get(name, {}).get(ENV))]
             except RuntimeError as e:           # a launch shape that does not compile: the others still run
                 print(e)
                 got = [{"variant": label, "run": i, **dict.fromkeys(ROW_KEYS), "error": str(e).splitlines()[0]}]

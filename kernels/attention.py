@@ -9,7 +9,8 @@ second launch merges them. (Merging in the split that finishes last, as a multi-
 does, was slower at every split count: NOTES, twelfth session.) The split count depends only on
 the batch shape, so the launch is the same on every replay of a CUDA graph; each split finds its
 pages from the context length.
-Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V.
+Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V, in q's dtype or float8 e4m3
+(`--kv-cache-dtype fp8_e4m3`: each tile widened to q's dtype as it loads).
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def _paged_decode_kernel(
         phys = tl.load(block_tables_ptr + seq * stride_bt + page, mask=page < last, other=0).to(tl.int64)
         base0 = cache_ptr + phys[:, None] * stride_cb + slot_of[:, None] * stride_cs + kvh * stride_ch + dims[None, :]
         old = live0 & (page * BLOCK_SIZE + slot_of < ctx - 1)
-        k0 = tl.load(base0, mask=old[:, None], other=0.0)
-        v0 = tl.load(base0 + stride_ckv, mask=old[:, None], other=0.0)
+        k0 = tl.load(base0, mask=old[:, None], other=0.0).to(q_ptr.dtype.element_ty)
+        v0 = tl.load(base0 + stride_ckv, mask=old[:, None], other=0.0).to(q_ptr.dtype.element_ty)
         if not PREP:    # the newest row's place (the block table is the step's input, not the kernel before's)
             newest = (cache_ptr + tl.load(block_tables_ptr + seq * stride_bt + newest_page).to(tl.int64) * stride_cb
                       + ((ctx - 1) % BLOCK_SIZE) * stride_cs + kvh * stride_ch + dims)
@@ -124,8 +125,8 @@ def _paged_decode_kernel(
             k0 = tl.where(new[:, None], k_new, k0)
             v0 = tl.where(new[:, None], v_new, v0)
         else:           # one row's load, not a masked tile's
-            k0 = tl.where(new[:, None], tl.load(newest)[None, :], k0)
-            v0 = tl.where(new[:, None], tl.load(newest + stride_ckv)[None, :], v0)
+            k0 = tl.where(new[:, None], tl.load(newest).to(k0.dtype)[None, :], k0)
+            v0 = tl.where(new[:, None], tl.load(newest + stride_ckv).to(v0.dtype)[None, :], v0)
     m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
@@ -144,8 +145,8 @@ def _paged_decode_kernel(
             k = tl.where(new[:, None], k_new, tl.load(base, mask=(live & ~new)[:, None], other=0.0))
             v = tl.where(new[:, None], v_new, tl.load(base + stride_ckv, mask=(live & ~new)[:, None], other=0.0))
         else:
-            k = tl.load(base, mask=live[:, None], other=0.0)
-            v = tl.load(base + stride_ckv, mask=live[:, None], other=0.0)
+            k = tl.load(base, mask=live[:, None], other=0.0).to(q_ptr.dtype.element_ty)
+            v = tl.load(base + stride_ckv, mask=live[:, None], other=0.0).to(q_ptr.dtype.element_ty)
         m_i, l_i, acc = online_softmax_step(q, k, v, live[None, :], scale, m_i, l_i, acc)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
@@ -252,6 +253,9 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         raise ValueError(f"paged_decode_attention: block size {bs}: needs a power of two >= 16 (tl.dot tiles)")
     if q.stride(-1) != 1 or cache.stride(-1) != 1:
         raise ValueError("paged_decode_attention needs the head dim contiguous")
+    if cache.dtype not in (q.dtype, torch.float8_e4m3fn) or (prep is not None and cache.dtype != q.dtype):
+        raise ValueError(f"paged_decode_attention: a {cache.dtype} cache for {q.dtype} queries (q's dtype, or "
+                         "float8_e4m3fn without the prep inside)")
     group = h // hkv
     out = torch.empty(s, h, d, dtype=q.dtype, device=q.device) if out is None else out
     cfg = {**DEFAULT_CONFIG, **config} if config else decode_config(s, q.device, hkv, group)

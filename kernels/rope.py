@@ -3,6 +3,7 @@ and k, rotary (rotate-half layout, float32 math), and the K/V write into the pag
 
 cos/sin (T, D) are the per-token tables (mRoPE already folded in); their two halves are equal,
 so only the first half is read. One program per (token, head) of the q, k and v heads.
+An fp8 cache gets K/V saturated at +-448 (`kv_value`; layers/attention.py's write_kv).
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ import triton.language as tl
 
 from . import switches
 from .pdl import gdc_enter, pdl
+
+
+@triton.jit
+def kv_value(x, cache_ptr):
+    """x as the cache at cache_ptr stores it: float8 e4m3 saturated at +-448 (by a clamp, so the
+    interpreter, which does not saturate, agrees), else x."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        out = tl.clamp(x.to(tl.float32), -448.0, 448.0).to(tl.float8e4nv)
+    else:
+        out = x.to(cache_ptr.dtype.element_ty)
+    return out
 
 
 @triton.jit
@@ -31,8 +43,8 @@ def _qkv_prep_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, cache_ptr, slot_
     slot = tl.load(slot_ptr + rows64, mask=rows < t, other=0)[:, None]
     dst = cache_ptr + slot * stride_slot + (h - n_q - n_kv) * HEAD_DIM + dims     # a v head's place
     if h >= n_q + n_kv:                       # v: only copied into the cache
-        tl.store(dst + stride_ckv, x1, mask=ok)
-        tl.store(dst + stride_ckv + HALF, x2, mask=ok)
+        tl.store(dst + stride_ckv, kv_value(x1, cache_ptr), mask=ok)
+        tl.store(dst + stride_ckv + HALF, kv_value(x2, cache_ptr), mask=ok)
     else:                                     # q or k: RMSNorm (float32 stats, weight after the cast), rotary
         w_ptr = qw_ptr if h < n_q else kw_ptr
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
@@ -47,8 +59,8 @@ def _qkv_prep_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, cache_ptr, slot_
         tl.store(row + HALF, o2, mask=ok)
         if h >= n_q:
             dst = dst + n_kv * HEAD_DIM       # back from the v offset to this k head's place
-            tl.store(dst, o1, mask=ok)
-            tl.store(dst + HALF, o2, mask=ok)
+            tl.store(dst, kv_value(o1, cache_ptr), mask=ok)
+            tl.store(dst + HALF, kv_value(o2, cache_ptr), mask=ok)
 
 
 # tokens per program: one in decode (its latency is the launch), a tile of them in prefill, where

@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .parallel import one_device
 from .processing.chat import parse_mm_limits
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = {"auto": None, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -58,6 +59,7 @@ class EngineConfig:
     enable_vit_cuda_graph: bool = False   # the ViT replays CUDA graphs bucketed by patch count (cuda only)
     overlap_schedule: bool = True         # queue step n+1 before reading step n back (SGLang's overlap scheduler)
     quantization: str = ""                # "" (as the checkpoint is) | fp8: quantize a bf16 checkpoint as it loads
+    kv_cache_dtype: str = "auto"          # the KV cache's elements: auto (the model's dtype) | fp8_e4m3 (or "fp8")
     seed: int = 0
     tp_size: int = 1                      # tensor parallelism: one process per GPU (qwen3vl_backend/parallel.py)
     ep_size: int = 1                      # expert parallelism within the tp ranks (divides tp_size)
@@ -112,6 +114,11 @@ class EngineConfig:
             raise ConfigError(f"prefill_cuda_graph_max_seqs must be >= 1, got {self.prefill_cuda_graph_max_seqs}")
         if self.quantization not in ("", "fp8"):
             raise ConfigError(f"quantization must be fp8 (or empty), got {self.quantization!r}")
+        if self.kv_cache_dtype == "fp8":
+            self.kv_cache_dtype = "fp8_e4m3"                  # vLLM's spelling of the same
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be auto or fp8_e4m3 (fp8), got {self.kv_cache_dtype!r}"
+                              + (": fp8_e5m2 is not supported" if self.kv_cache_dtype == "fp8_e5m2" else ""))
         if self.num_kv_blocks < 0:
             raise ConfigError("num_kv_blocks must be >= 0")
         if not 0 < self.mem_fraction_static < 1:
@@ -127,6 +134,12 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        """The KV cache's element type: the model's dtype, or float8 e4m3 (layers/attention.py's
+        KV_FP8_MAX: values stored as they are, saturated at 448, no scale)."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or self.torch_dtype
 
     @property
     def device_index(self) -> int:

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--quantization", default=None, choices=["fp8"],
       help="quantize a bf16 checkpoint's decoder weights to 128x128-block fp8 as they load (an fp8 checkpoint needs "
            "no flag)")
+    a("--kv-cache-dtype", default="auto",
+      help="the KV cache's elements: auto (the model's dtype) or fp8_e4m3 (fp8): half the bytes a token, so twice "
+           "the tokens in the same memory and half decode attention's reads; values saturate at +-448, no scale")
     a("--sampling-defaults", default="model", choices=["model", "openai"],
       help="what a request's unset sampling fields take: model, the checkpoint's generation_config.json "
            "(Qwen3-VL: temperature 0.7, top_p 0.8, top_k 20); openai, temperature 1 and no filter")
@@ -208,6 +211,7 @@ def resolve(args) -> dict:
            "overlap_schedule": "false" if args.disable_overlap_schedule else "true",
            "solo_prefill": "false" if args.enable_mixed_chunk else "true",
            "attention_backend": args.attention_backend, "quantization": args.quantization or "",
+           "kv_cache_dtype": args.kv_cache_dtype,
            "tp_size": str(args.tp), "ep_size": str(args.ep), "nnodes": str(args.nnodes),
            "node_rank": str(args.node_rank), "dist_init_addr": args.dist_init_addr or "",
            "cuda_graph_max_bs": "0" if args.disable_cuda_graph else str(args.cuda_graph_max_bs),
@@ -284,7 +288,8 @@ def _worker_flags(args) -> list[str]:
     flags = ["--model-path", args.model_path, "--tp", str(args.tp), "--ep", str(args.ep), "--nnodes",
              str(args.nnodes), "--node-rank", str(args.node_rank), "--dist-init-addr", args.dist_init_addr or "",
              "--load-format", args.load_format, "--device", args.device, "--dtype", args.dtype]
-    return flags + (["--quantization", args.quantization] if args.quantization else [])
+    return flags + (["--quantization", args.quantization] if args.quantization else []) + (
+        ["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype != "auto" else [])
 
 
 def frontend_args(args, settings: dict) -> list[str]:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import data_uri, image_bytes, make_image
 from qwen3vl_backend.config import ConfigError, EngineConfig
@@ -235,6 +236,44 @@ def test_config_errors_are_clear(tiny_moe, tmp_path):
     for word, want in (("On", True), ("off", False), (" 1 ", True), ("NO", False)):
         assert EngineConfig.from_settings({"model_path": str(tiny_moe), "enable_prefix_cache": word}
                                           ).enable_prefix_cache is want
+
+
+def first_steps(engine, prompts, steps: int):
+    """Each prompt's first `steps` greedy tokens and their log-probabilities, batched."""
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, params) for p in prompts]
+    got = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += [(t, lp) for t, lp, _ in out.logprobs or []]
+    return [got[i] for i in ids]
+
+
+def test_fp8_kv_cache_holds_the_rounded_keys_and_answers_within_a_bound(tiny_moe, prompts):
+    """--kv-cache-dtype fp8_e4m3 (torch path): the cache is float8 and half the bytes a block; after
+    the prompts' prefill it holds exactly the float cache's values rounded (write_kv's saturating
+    cast). A prompt's prefill attends to its new keys, so the first token and its log-probability
+    are the float cache's exactly; the first decode step reads the fp8 cache: the bound is the
+    same token and its log-probability within 0.1 (0.011-0.033 on these prompts)."""
+    from qwen3vl_backend.engine.model_runner import kv_block_bytes
+    from qwen3vl_backend.layers.attention import kv_cast
+
+    # no prefix cache: the second pass's prompts would prefill against their own cached (fp8) prefix
+    plain, fp8 = (make_engine(tiny_moe, block_size=4, enable_prefix_cache=False, kv_cache_dtype=kv)
+                  for kv in ("auto", "fp8"))
+    assert fp8.cfg.kv_cache_dtype == "fp8_e4m3" and fp8.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    assert kv_block_bytes(fp8.cfg, 2, 64, 3) * 4 == kv_block_bytes(plain.cfg, 2, 64, 3) == 2 * 4 * 2 * 64 * 4 * 3
+    a, b = first_steps(plain, prompts, 1), first_steps(fp8, prompts, 1)
+    assert a == b
+    for x, y in zip(plain.runner.kv_caches, fp8.runner.kv_caches):
+        assert torch.equal(kv_cast(x, torch.float8_e4m3fn).view(torch.uint8), y.view(torch.uint8))
+    a, b = first_steps(plain, prompts, 2), first_steps(fp8, prompts, 2)
+    assert [s[0] for s in a] == [s[0] for s in b]
+    for sa, sb in zip(a, b):
+        assert sa[1][0] == sb[1][0] and abs(sa[1][1] - sb[1][1]) < 0.1
+    assert any(sa[1][1] != sb[1][1] for sa, sb in zip(a, b))       # the fp8 cache was read
+    with pytest.raises(ConfigError, match="fp8_e5m2 is not supported"):
+        EngineConfig(model_path=str(tiny_moe), kv_cache_dtype="fp8_e5m2")
 
 
 def test_cli_prints_one_json_object(tiny_moe, tmp_path):

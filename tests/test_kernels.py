@@ -8,16 +8,18 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels.attention import paged_decode_attention, paged_decode_attention_reference
 from kernels.fused_moe import align_by_expert, align_by_expert_reference, fused_moe, fused_moe_pairs, fused_moe_reference
 from kernels.fused_moe import route as route_kernel
 from kernels.linear import skinny_linear, skinny_linear_reference
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
-from kernels.rope import qkv_prep_, vision_rotary
+from kernels.rope import kv_value, qkv_prep_, vision_rotary
 from kernels.varlen_attention import varlen_attention
 from qwen3vl_backend.layers.rotary import apply_rotary, mrope_axis_map, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
-from qwen3vl_backend.layers.attention import varlen_attention_torch, write_kv
+from qwen3vl_backend.layers.attention import kv_cast, varlen_attention_torch, write_kv
 from qwen3vl_backend.layers.moe import route
 from qwen3vl_backend.layers.norm import RMSNorm
 
@@ -351,6 +353,31 @@ def test_paged_decode_prep_is_qkv_prep_then_attention(splits, pages_tokens, pref
         paged_decode_attention_prep(qkv[:, :-1], h, hkv, qw, kw, 1e-6, cos, sin, cache, slots, tables, ctx, 1.0)
 
 
+@pytest.mark.parametrize("splits,prefetch", [(1, False), (4, True)])
+def test_paged_decode_reads_an_fp8_cache(splits, prefetch):
+    """--kv-cache-dtype fp8_e4m3: each tile of a float8 cache is widened to q's dtype as it loads
+    (PREFETCH's early tile and newest row too), so the kernel answers as the reference over the
+    same cache. A cache in neither q's dtype nor float8 is refused, and a float8 one with the prep
+    inside (its newest K/V would stay unrounded in registers)."""
+    from kernels.attention import paged_decode_attention_prep
+
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q, cache, tables, ctx = cache_inputs(4, 8, 2, 32, 16, 24, dtype, DEV)
+    ctx[:3] = torch.tensor([1, 16, 17], dtype=torch.int32)
+    cache8 = kv_cast(cache * 3, torch.float8_e4m3fn)
+    cfg = {"PAGES_TOKENS": 32, "num_warps": 4, "num_stages": 1, "target_programs": 128}
+    out = paged_decode_attention(q, cache8, tables, ctx, 32 ** -0.5, num_splits=splits, config=cfg, prefetch=prefetch)
+    want = paged_decode_attention_reference(q, cache8, tables, ctx, 32 ** -0.5)
+    assert out.dtype == dtype and rel(out, want) < (FP32_TOL if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="cache for"):
+        paged_decode_attention(q, cache.to(torch.float16 if CUDA else torch.bfloat16), tables, ctx, 1.0)
+    qkv = torch.randn(4, 12 * 32, device=DEV).to(dtype)
+    ones, tab = torch.ones(32, device=DEV, dtype=dtype), torch.ones(4, 32, device=DEV)
+    with pytest.raises(ValueError, match="without the prep inside"):
+        paged_decode_attention_prep(qkv, 8, 2, ones, ones, 1e-6, tab, tab, cache8, torch.arange(4, device=DEV), tables,
+                                    ctx, 1.0)
+
+
 def test_paged_decode_table_prefers_the_exact_heads():
     from kernels.attention import DEFAULT_CONFIG, pick_config
 
@@ -504,6 +531,47 @@ def test_qkv_prep_matches_norm_rotary_and_cache_write(t, hq, hkv, d):
     for g, w in zip(got, want):
         assert rel(g, w) < 1e-6
     assert rel(cache, want_cache) < 1e-6
+
+
+@triton.jit
+def _kv_value_kernel(x_ptr, c_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(c_ptr + i, kv_value(tl.load(x_ptr + i, mask=i < n), c_ptr), mask=i < n)
+
+
+def kv_value_cast(x: torch.Tensor) -> torch.Tensor:
+    """x through kernels.rope.kv_value's cast: on a GPU the hardware's (torch's rounding), here the
+    interpreter's, which rounds ties away from zero and can drop a rounding's carry into the
+    exponent (1.97 -> 1.0 where torch gives 2.0)."""
+    flat = x.contiguous().view(-1)
+    out = torch.empty(flat.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    _kv_value_kernel[(1,)](flat, out, flat.numel(), BLOCK=triton.next_power_of_2(flat.numel()))
+    return out.view(x.shape)
+
+
+def test_qkv_prep_writes_an_fp8_cache_saturated():
+    """An fp8 cache gets qkv_prep_'s k and v rounded to e4m3 and saturated at +-448 (v's +-1000
+    here), never wrapped (the interpreter's cast, unclamped, makes 1000 into 256) nor NaN: v's
+    bytes are kv_value's cast of v, k within one e4m3 step of that cast of the reference's k (the
+    two computations may differ in a last bit). On a GPU the cast is torch's too (write_kv's)."""
+    t, hq, hkv, d = 5, 4, 2, 32
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    cos, sin = rope_tables(t, d, DEV)
+    qkv = (torch.randn(t, (hq + 2 * hkv) * d, device=DEV) * 3).to(dtype)
+    qkv[:, (hq + hkv) * d::7] = 1000.0
+    qkv[:, (hq + hkv) * d + 3::7] = -1000.0
+    q_norm, k_norm = RMSNorm(d).to(DEV).to(dtype), RMSNorm(d).to(DEV).to(dtype)
+    slots = torch.randperm(96, device=DEV)[:t]
+    cache = torch.zeros(2, 6, 16, hkv, d, device=DEV, dtype=torch.float8_e4m3fn)
+    _, k, v = qkv_prep_reference(qkv.clone(), hq, hkv, q_norm, k_norm, cos, sin, cache.clone(), slots)
+    qkv_prep_(qkv.clone(), hq, hkv, q_norm.weight, k_norm.weight, 1e-6, cos, sin, cache, slots)
+    got = cache.view(2, -1, hkv, d)[:, slots]
+    assert torch.equal(got[1].view(torch.uint8), kv_value_cast(v).view(torch.uint8))
+    want_k = kv_value_cast(k).float()
+    assert ((got[0].float() - want_k).abs() <= want_k.abs() / 8).all()
+    assert torch.isfinite(cache.float()).all() and got[1].float().max() == 448.0 and got[1].float().min() == -448.0
+    if CUDA:
+        assert torch.equal(got[1].view(torch.uint8), kv_cast(v, torch.float8_e4m3fn).view(torch.uint8))
 
 
 @pytest.mark.parametrize("n,heads,d,dtype", [(1, 2, 16, torch.float32), (37, 3, 72, torch.float32),

@@ -124,6 +124,22 @@ def test_vit_cuda_graph_flag_reaches_the_vit_model(capsys):
     assert _dry([*base, "--vit-warmup-sizes", "none"], capsys)["settings"]["vit"]["vit_warmup_sizes"] == ""
 
 
+def test_kv_cache_dtype_reaches_the_llm_model_and_another_nodes_ranks(capsys):
+    """--kv-cache-dtype: auto by default, fp8 (vLLM's word) as fp8_e4m3 in the llm model's settings;
+    a second node's tp_worker command carries it (its ranks' caches must match node 0's)."""
+    from qwen3vl_backend import launch
+
+    base = ["--model-path", "Qwen/Qwen3-VL-30B-A3B-Instruct", "--load-format", "dummy", "--device", "cpu"]
+    assert _dry(base, capsys)["settings"]["llm"]["kv_cache_dtype"] == "auto"
+    assert _dry([*base, "--kv-cache-dtype", "fp8"], capsys)["settings"]["llm"]["kv_cache_dtype"] == "fp8"
+    from qwen3vl_backend.config import EngineConfig
+    assert EngineConfig(model_path="x", load_format="dummy", device="cpu", kv_cache_dtype="fp8").kv_cache_dtype == \
+        "fp8_e4m3"
+    args = launch.build_parser().parse_args([*base, "--kv-cache-dtype", "fp8_e4m3"])
+    assert launch._worker_flags(args)[-2:] == ["--kv-cache-dtype", "fp8_e4m3"]
+    assert "--kv-cache-dtype" not in launch._worker_flags(launch.build_parser().parse_args(base))
+
+
 def test_vit_warmup_sizes_are_the_graphs_a_vit_keeps():
     from qwen3vl_backend.engine.vision_graphs import MAX_EXACT
     from qwen3vl_backend.launch import MAX_WARM_SIZES
@@ -141,6 +157,8 @@ def test_vit_warmup_sizes_are_the_graphs_a_vit_keeps():
     (["--tp", "3", "--device", "cpu"], "query heads of 4 does not split over tensor-parallel size 3"),
     (["--mem-fraction-static", "1.5"], "mem_fraction_static must be in (0, 1)"),
     (["--max-running-requests", "0"], "max_num_seqs must be positive"),
+    (["--kv-cache-dtype", "fp8_e5m2"], "kv_cache_dtype must be auto or fp8_e4m3 (fp8), got 'fp8_e5m2': fp8_e5m2 is "
+                                       "not supported"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--preprocess-instances", "0"], "--preprocess-instances must be >= 1"),
     (["--limit-mm-per-prompt", "audio=3"], "limit_mm_per_prompt: 'audio'=3"),

@@ -110,7 +110,9 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
             m.decode_fn = paged_decode_attention
             if on_gpu:
                 m.prep_fn = qkv_prep_
-                m.decode_prep_fn = paged_decode_attention_prep if switches.FUSED_DECODE_PREP else None
+                # (its newest K/V stay in registers: an fp8 cache's readers see them rounded)
+                m.decode_prep_fn = paged_decode_attention_prep if (
+                    switches.FUSED_DECODE_PREP and cfg.kv_torch_dtype == cfg.torch_dtype) else None
         elif isinstance(m, SparseMoE) and triton_moe:
             m.experts_fn = fused_moe
             if on_gpu:
@@ -119,6 +121,11 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
             m.kernel = rmsnorm
         elif isinstance(m, LinearBase) and triton_attn and on_gpu:
             m.quant_method.skinny = skinny_linear
+
+
+def kv_block_bytes(cfg: EngineConfig, kv_heads: int, head_dim: int, layers: int) -> int:
+    """One cache block's bytes over every layer (K and V): what the memory budget is divided by."""
+    return 2 * cfg.block_size * kv_heads * head_dim * cfg.kv_torch_dtype.itemsize * layers
 
 
 def capture_prefill_graphs(build, limit: int, tp_size: int):
@@ -200,7 +207,7 @@ class ModelRunner:
         kv_heads = self.model.model.language_model.layers[0].self_attn.kv_heads      # this rank's
         # one block more than the block manager hands out: the scratch block CUDA-graph padding writes to
         shape = (2, self.num_blocks + 1, cfg.block_size, kv_heads, t.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.zeros(shape, dtype=cfg.kv_torch_dtype, device=self.device)
                           for _ in range(t.num_hidden_layers)]
         self.sampler = Sampler()
         select_kernels(self.model, cfg)
@@ -326,8 +333,7 @@ class ModelRunner:
         t = self.model_cfg.text
         free, total = torch.cuda.mem_get_info(self.device)
         kv_heads = self.model.model.language_model.layers[0].self_attn.kv_heads
-        per_block = 2 * self.cfg.block_size * kv_heads * t.head_dim * self.dtype.itemsize
-        per_block *= t.num_hidden_layers
+        per_block = kv_block_bytes(self.cfg, kv_heads, t.head_dim, t.num_hidden_layers)
         # room for activations and CUDA graphs outside the static fraction
         budget = total * self.cfg.mem_fraction_static - (total - free)
         if budget < per_block * 16:

@@ -26,8 +26,8 @@ def _node(args) -> int:
     from .tp import start_local_workers, wait_all
 
     cfg = EngineConfig(model_path=args.model_path, device=args.device, dtype=args.dtype, load_format=args.load_format,
-                       quantization=args.quantization, tp_size=args.tp, ep_size=args.ep, nnodes=args.nnodes,
-                       node_rank=args.node_rank, dist_init_addr=args.dist_init_addr)
+                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, tp_size=args.tp,
+                       ep_size=args.ep, nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr)
     per_node = cfg.tp_size // cfg.nnodes
     settings = dataclasses.asdict(cfg)
     procs = start_local_workers(settings, list(range(cfg.node_rank * per_node, (cfg.node_rank + 1) * per_node)))
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--quantization", default="")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s tp-worker %(levelname)s %(message)s")
     if args.rank is None:

@@ -5,6 +5,12 @@ values live in fixed-size blocks of a per-layer cache `(2, num_blocks, block_siz
 `block_tables[s]` lists sequence s's blocks in order and `slot_mapping[t]` is the flat slot
 (block * block_size + offset) where new token t's K/V are written. The same carrier serves
 prefill (query_len > 1, possibly after a cached prefix), decode (query_len == 1) and both mixed.
+
+An fp8 cache (`--kv-cache-dtype fp8_e4m3`) holds each K/V value as float8 e4m3, rounded to
+nearest and saturated at +-448 (KV_FP8_MAX), with no scale: Qwen3's keys leave their per-head
+RMSNorm and rotary near unit size, and its FP8 releases ship no KV scales (SGLang and vLLM take
+1.0 then too). Readers widen it to the queries' dtype. A prompt's own prefill attends to its
+new keys in the model's dtype; what later steps read is the cache's.
 """
 
 from __future__ import annotations
@@ -48,11 +54,24 @@ class AttentionMetadata:
         return all(q == 1 for q in self.query_lens)
 
 
+KV_FP8_MAX = 448.0          # e4m3's largest finite value
+
+
+def kv_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it: float8 saturated at +-KV_FP8_MAX (never NaN), else a plain cast."""
+    if dtype == torch.float8_e4m3fn:
+        return x.clamp(-KV_FP8_MAX, KV_FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """cache (2, NB, BS, Hkv, D); k, v (T, Hkv, D)."""
     flat = cache.view(2, -1, *cache.shape[-2:])
-    flat[0].index_copy_(0, slot_mapping, k.to(cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(cache.dtype))
+    k, v = kv_cast(k, cache.dtype), kv_cast(v, cache.dtype)
+    if cache.dtype == torch.float8_e4m3fn:         # index_copy_ has no float8 kernels: copied as bytes
+        flat, k, v = flat.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
 
 
 def paged_attention_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache: torch.Tensor,
