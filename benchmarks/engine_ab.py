@@ -43,7 +43,8 @@ TREES = ("kernels", "qwen3vl_backend", "benchmarks")
 BASE = "base"
 PARTIAL = "engine-ab-partial.json"     # the rows so far; gone once the run's own JSON is written
 # each row's columns from benchmarks.engine's rows (None where a variant did not run)
-ROW_KEYS = ("concurrency", "routing", "itl_p50_ms", "decode_step_ms", "ttft_p50_ms", "ttft_min_ms")
+ROW_KEYS = ("concurrency", "routing", "itl_p50_ms", "decode_step_ms", "ttft_p50_ms", "ttft_min_ms",
+            "floor_over_step")
 
 
 def merged(old, patch):
@@ -55,6 +56,7 @@ def merged(old, patch):
 
 ENV = "env"
 TREE = "tree"
+ARGS = "args"
 
 
 def patch_tables(configs: Path, patches: dict) -> None:

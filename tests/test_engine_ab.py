@@ -70,6 +70,19 @@ def test_a_variant_tree_runs_another_checkouts_code(tmp_path, monkeypatch):
         main(["--variants", str(variants), "--runner", "engine_ab_runner", "--out", str(tmp_path / "res2")])
 
 
+def test_a_variants_args_reach_its_run_alone(tmp_path, monkeypatch):
+    """A variant's "args" are added to the benchmark's flags for its run only (here the runner's
+    --routing, which its rows report; e.g. --kv-cache-dtype fp8_e4m3 for the engine)."""
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"measured": {"args": ["--routing", "measured"]}}))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    assert main(["--variants", str(variants), "--runner", "engine_ab_runner", "--out", str(tmp_path / "res"),
+                 "--", "--concurrency", "1"]) == 0
+    rows = json.loads(next((tmp_path / "res").glob("engine-ab-*.json")).read_text())["rows"]
+    assert [(r["variant"], r["routing"]) for r in rows] == [("base", "uniform"), ("measured", "measured"),
+                                                            ("base (again)", "uniform")]
+
+
 def test_a_run_cut_short_keeps_the_variants_it_measured(tmp_path):
     """A time limit that kills the run after its second variant (here --between kills it) leaves
     engine-ab-partial.json with the rows measured so far, compared with the base's."""
