@@ -21,6 +21,7 @@ from kernels.attention import _paged_decode_kernel  # noqa: E402
 from kernels.fused_moe import (_grouped_gemm_kernel, _norm_route_kernel, _pair_down_kernel,  # noqa: E402
                                _pair_gate_up_kernel)
 from kernels.linear import _skinny_kernel  # noqa: E402
+from kernels.rope import _qkv_prep_kernel  # noqa: E402
 from kernels.sample import _lse_kernel, _sample_parts_kernel, _sample_pick_kernel, _sample_select_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -77,6 +78,12 @@ KERNELS = [
     ("paged_decode PREP", _paged_decode_kernel, ATTENTION, ("scale", "eps"), {**DECODE, "PREP": True}),
     ("paged_decode PREFETCH PREP", _paged_decode_kernel, ATTENTION, ("scale", "eps"),
      {**DECODE, "PREFETCH": True, "PREP": True}),
+    ("paged_decode fp8 cache", _paged_decode_kernel, {**ATTENTION, "cache_ptr": FP8}, ("scale", "eps"), DECODE),
+    ("paged_decode PREFETCH fp8 cache", _paged_decode_kernel, {**ATTENTION, "cache_ptr": FP8}, ("scale", "eps"),
+     {**DECODE, "PREFETCH": True}),
+    ("qkv_prep fp8 cache", _qkv_prep_kernel, dict(qkv_ptr=BF, qw_ptr=BF, kw_ptr=BF, cos_ptr=F32, sin_ptr=F32,
+                                                  cache_ptr=FP8, slot_ptr="*i64"), ("eps",),
+     dict(HEAD_DIM=128, HALF=64, BLOCK_T=1, USE_PDL=True)),
     ("skinny fp8 NORM", _skinny_kernel, SKINNY, ("eps",),
      dict(HAS_BIAS=False, M_PAD=1, BLOCK_N=8, BLOCK_K=512, HAS_SCALE=True, GROUP_SCALE=True, USE_PDL=True, NORM=True,
           K_PAD=2048)),

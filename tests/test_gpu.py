@@ -556,3 +556,35 @@ def test_tp2_on_one_gpu_answers_as_tp1(model, tp, ep, w8a8, peer, tiny_moe, monk
     print(f"tp {tp} ep {ep} first-step logits, relative to tp 1's:", {c: round(e, 4) for c, e in errors.items()})
     assert [g.argmax() for g in got] == [w.argmax() for w in want]
     assert max(errors.values()) < tolerance, errors
+
+
+def test_fp8_kv_cache_on_the_gpu(tiny_moe):
+    """--kv-cache-dtype fp8_e4m3 with the GPU's kernels and graphs (prefill graph, qkv_prep_'s
+    stores, the decode graphs' attention widening float8 tiles): after the prompts' prefill the
+    cache's bytes are the bf16 cache's cast by torch (saturating, to nearest even); the first token
+    and its log-probability are the bf16 cache's; the first decode step (the first to read the fp8
+    cache) the same token, its log-probability within 0.1."""
+    from qwen3vl_backend.layers.attention import kv_cast
+
+    path = str(tiny_moe)
+    plain, fp8 = (LLMEngine(EngineConfig(model_path=path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
+                                         enable_prefix_cache=False, kv_cache_dtype=kv)) for kv in ("auto", "fp8_e4m3"))
+    assert fp8.runner.kv_caches[0].dtype == torch.float8_e4m3fn and fp8.runner.graphs is not None
+    processor = Processor(path, plain.tokenizer)
+    prompts = [processor.process_messages(CASES[c]) for c in ("text", "one_image", "system_multi_turn")]
+
+    def steps(engine, n):
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)
+        ids = [engine.add_request(p, params) for p in prompts]
+        got = {i: [] for i in ids}
+        while engine.has_unfinished():
+            for out in engine.step():
+                got[out.request_id] += [(t, lp) for t, lp, _ in out.logprobs or []]
+        return [got[i] for i in ids]
+
+    assert steps(plain, 1) == steps(fp8, 1)
+    for x, y in zip(plain.runner.kv_caches, fp8.runner.kv_caches):
+        assert torch.equal(kv_cast(x, torch.float8_e4m3fn).view(torch.uint8), y.view(torch.uint8))
+    a, b = steps(plain, 2), steps(fp8, 2)
+    for sa, sb in zip(a, b):
+        assert sa[0] == sb[0] and sa[1][0] == sb[1][0] and abs(sa[1][1] - sb[1][1]) < 0.1, (sa, sb)

@@ -41,14 +41,15 @@ def test_every_kernel_compiles(compiled):
     assert not failed, failed
 
 
-@pytest.mark.parametrize("name", ["paged_decode PREFETCH", "paged_decode PREFETCH PREP", "pair down PREFETCH",
+@pytest.mark.parametrize("name", ["paged_decode PREFETCH", "paged_decode PREFETCH PREP",
+                                  "paged_decode PREFETCH fp8 cache", "pair down PREFETCH",
                                   "norm_route PREFETCH", "skinny fp8 NORM", "skinny bf16 NORM"])
 def test_prefetching_kernels_load_before_they_wait(compiled, name):
     seq = compiled[name]
     assert first(seq, "ld.global") < first(seq, "griddepcontrol.wait") < len(seq.split(" > ")), seq
 
 
-@pytest.mark.parametrize("name", ["paged_decode", "paged_decode PREP",
+@pytest.mark.parametrize("name", ["paged_decode", "paged_decode PREP", "paged_decode fp8 cache", "qkv_prep fp8 cache",
                                   "grouped DENSE SPLIT_K W8A8"])
 def test_plain_kernels_wait_before_they_touch_memory(compiled, name):
     seq = compiled[name]
