@@ -441,7 +441,7 @@ def main(argv=None):
                 uniform_ms = decode_floor_bytes(engine.runner.model_cfg, c, kv, kv_bytes=kvb) / args.tp / (ceil["copy_bandwidth_tb_s"] * 1e12) * 1e3
                 r.update(routing=routing, concurrency=c, overlap_schedule=overlap, experts_hit=hit, floor_step_ms=floor_ms,
                          floor_over_step=floor_ms / r["decode_step_ms"], uniform_routing_floor_ms=uniform_ms, tp=args.tp,
-                         ep=args.ep, kv_cache_dtype=engine.cfg.kv_cache_dtype)
+                         ep=args.ep, kv_cache_dtype=engine.cfg.kv_cache_dtype, kv_blocks=engine.runner.num_blocks)
                 rows.append(r)
                 print_table([r], list(r))
                 if args.structured and overlap:

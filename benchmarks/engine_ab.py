@@ -44,7 +44,7 @@ BASE = "base"
 PARTIAL = "engine-ab-partial.json"     # the rows so far; gone once the run's own JSON is written
 # each row's columns from benchmarks.engine's rows (None where a variant did not run)
 ROW_KEYS = ("concurrency", "routing", "itl_p50_ms", "decode_step_ms", "ttft_p50_ms", "ttft_min_ms",
-            "floor_over_step")
+            "floor_over_step", "kv_blocks")
 
 
 def merged(old, patch):

@@ -57,6 +57,8 @@
 #     ':!benchmarks/results'`).
 #   sampled-profile (forty-second): 30B fp8 c1 / c128 under the generation config's sampling, then
 #     greedy: decode profiles (kernel timelines) and each graph's replay against the engine's step.
+#   fp8-kv (forty-third): the fp8 KV cache's GPU tests (TESTS=0 skips them), then 30B (CFG: FP8 or
+#     BF16) greedy at CONC (default 1,16) in engine_ab, --kv-cache-dtype fp8_e4m3 against auto.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -291,6 +293,16 @@ if [ "$PART" = sample-select ]; then
   tail -9 $W/ab-$PART-$cfg-$COMMIT.txt | cut -c1-150
   cd $OUT && tar czf results.tgz w; exit 0
 fi
+if [ "$PART" = fp8-kv ]; then
+  cfg=$CONFIG-FP8; [ "${CFG:-FP8}" = BF16 ] && cfg=$CONFIG
+  [ "${TESTS:-1}" = 1 ] && gpu_tests fp8-kv 200 tests/test_gpu.py tests/test_kernels.py \
+    -k "fp8_kv or fp8_cache or paged_decode or qkv_prep or cuda_graph_decode_matches_eager"
+  echo '{"fp8kv": {"args": ["--kv-cache-dtype", "fp8_e4m3"]}}' > $W/v.json
+  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $cfg \
+    --concurrency ${CONC:-1,16} --out-tokens 64 --routing uniform > $W/ab-$PART-$cfg-$COMMIT.txt 2>&1
+  tail -12 $W/ab-$PART-$cfg-$COMMIT.txt | cut -c1-170
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$PART" = sampled-profile ]; then
   for s in "0.7 0.8 20" "0 1.0 0"; do
     read t p k <<< "$s"; [ $(left 560) -lt 100 ] && break
@@ -302,4 +314,4 @@ if [ "$PART" = sampled-profile ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv)"; exit 2
