@@ -388,6 +388,13 @@ def test_paged_decode_table_prefers_the_exact_heads():
     assert pick_config(table, 12, 2, 16)["target_programs"] == 512
     assert pick_config({"1,2,16": {"num_warps": 8}}, 2, 2, 16) == DEFAULT_CONFIG
     assert pick_config({}, 1, 2, 16) == DEFAULT_CONFIG
+    # a float8 cache: the "fp8" entry under the key chosen goes over it, and only for a float8 cache
+    table["fp8"] = {"16": {"PAGES_TOKENS": 128}, "1,2,16": {"num_warps": 2}}
+    assert pick_config(table, 12, 2, 16, fp8_cache=True) == {**DEFAULT_CONFIG, "target_programs": 512,
+                                                              "PAGES_TOKENS": 128}
+    assert pick_config(table, 12, 2, 16)["PAGES_TOKENS"] == DEFAULT_CONFIG["PAGES_TOKENS"]
+    assert pick_config(table, 1, 2, 16, fp8_cache=True)["num_warps"] == 2
+    assert pick_config(table, 1, 4, 8, fp8_cache=True)["PAGES_TOKENS"] == DEFAULT_CONFIG["PAGES_TOKENS"]
 
 
 def test_paged_decode_rejects_bad_heads_and_small_blocks():
