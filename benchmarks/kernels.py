@@ -189,11 +189,14 @@ def sweep_varlen_attention() -> list[dict]:
     return rows
 
 
-def _decode_inputs(seqs: int, ctx: int, h: int = 32, hkv: int = 4, d: int = 128, bs: int = 16):
+def _decode_inputs(seqs: int, ctx: int, h: int = 32, hkv: int = 4, d: int = 128, bs: int = 16, fp8: bool = False):
     """30B-A3B's decode attention inputs: (q, cache, block tables, context lengths), `seqs`
-    sequences of `ctx` tokens each in their own blocks."""
+    sequences of `ctx` tokens each in their own blocks; the cache float8 e4m3 with `fp8`."""
+    from qwen3vl_backend.layers.attention import kv_cast
+
     nb = seqs * ctx // bs
     cache = torch.randn(2, nb, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+    cache = kv_cast(cache, torch.float8_e4m3fn) if fp8 else cache
     q = torch.randn(seqs, h, d, device="cuda", dtype=torch.bfloat16)
     tables = torch.arange(nb, device="cuda", dtype=torch.int32).view(seqs, -1)
     return q, cache, tables, torch.full((seqs,), ctx, device="cuda", dtype=torch.int32)
@@ -217,15 +220,17 @@ def bench_decode_attention(ceil: dict) -> list[dict]:
     return rows
 
 
-def sweep_decode_attention() -> tuple[list[dict], dict]:
+def sweep_decode_attention(fp8: bool = False) -> tuple[list[dict], dict]:
     """Paged decode attention's launch shapes (tile tokens, warps, stages, programs aimed at) per
-    batch size, 1024-token contexts (the benchmarks' ~1 k), graph replay; -> rows, {seqs: best}."""
+    batch size, 1024-token contexts (the benchmarks' ~1 k), graph replay; -> rows, {seqs: best}.
+    `fp8`: over a float8 cache, -> {"fp8": {seqs: best}} (the table's overlay for one; alone these
+    have misled before: engine_ab decides, as for the H200's "fp8" entry at 128)."""
     from kernels.attention import DEFAULT_CONFIG, num_splits_for
 
     hkv, d, ctx = 4, 128, 1024
-    rows, table = [], {"1": DEFAULT_CONFIG}        # batch 1: launch-bound, 32 splits whatever the aim
+    rows, table = [], ({} if fp8 else {"1": DEFAULT_CONFIG})   # batch 1: launch-bound, 32 splits whatever the aim
     for seqs in (16, 64, 128):
-        q, cache, tables, lens = _decode_inputs(seqs, ctx, hkv=hkv, d=d)
+        q, cache, tables, lens = _decode_inputs(seqs, ctx, hkv=hkv, d=d, fp8=fp8)
         best, base = (float("inf"), None), None
         for tokens, warps, stages, target in itertools.product((32, 64, 128), (4, 8), (2, 3), (128, 512, 1024)):
             cfg = {"PAGES_TOKENS": tokens, "num_warps": warps, "num_stages": stages, "target_programs": target}
@@ -240,7 +245,7 @@ def sweep_decode_attention() -> tuple[list[dict], dict]:
         rows.append({"seqs": seqs, "ctx": ctx, "default_ms": base, "best_ms": best[0],
                      "splits": num_splits_for(seqs, hkv, best[1]["target_programs"]), "config": json.dumps(best[1])})
         table[str(seqs)] = best[1]
-    return rows, table
+    return rows, ({"fp8": table} if fp8 else table)
 
 
 # (KV heads, query group) a GPU sees at batch 1: 30B-A3B on one, 235B-A22B at tp 2 and tp 1
@@ -571,6 +576,8 @@ def main(argv=None):
              "(graph replay per call)", config_file, "skinny GEMM"),
             ("decodeattn", sweep_decode_attention, "paged decode attention launch shapes (graph replay)",
              _decode_attention_file, "decode attention"),
+            ("decodeattn8", lambda: sweep_decode_attention(fp8=True), "paged decode attention launch shapes over "
+             "an fp8 cache (graph replay)", _decode_attention_file, "decode attention (fp8 cache)"),
             ("decodeattn1", sweep_decode_attention_one, "batch-1 paged decode attention per model's heads (graph "
              "replay, caches past L2)", _decode_attention_file, "decode attention"),
             ("normroute", sweep_norm_route, "batch-1 norm + router launch shapes (graph replay, routers past L2)",
