@@ -85,7 +85,7 @@ def _paged_decode_kernel(
     v used in place of the cache's row and written to the cache by the split that holds it.
     F16_DOT (a float8 cache, bf16 queries): q, K, V and the probabilities meet in float16 dots.
     e4m3 widens to float16 in one instruction for two values (to bfloat16 it took three an
-    element: 30B fp8 c128's step 9.8% slower than a bf16 cache's), and float16 holds q's and the
+    element: 30B fp8 c128's step 9.1% slower than a bf16 cache's), and float16 holds q's and the
     probabilities' bf16 values exactly at their sizes here (|q| far below 65504)."""
     if PREFETCH:
         gdc_launch(USE_PDL)
