@@ -54,6 +54,19 @@ def tiny_dense() -> Path:
     return _checkpoint("tiny-dense", dense=True)
 
 
+def first_steps(engine, prompts, steps: int) -> list[list[tuple[int, float]]]:
+    """Each prompt's first `steps` greedy tokens with their log-probabilities, run as one batch."""
+    from qwen3vl_backend.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, params) for p in prompts]
+    got = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += [(t, lp) for t, lp, _ in out.logprobs or []]
+    return [got[i] for i in ids]
+
+
 def make_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
     """A smooth pattern with noise: resampling differences show up, nothing is flat."""
     rng = np.random.default_rng(seed)

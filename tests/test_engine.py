@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import data_uri, image_bytes, make_image
+from conftest import data_uri, first_steps, image_bytes, make_image
 from qwen3vl_backend.config import ConfigError, EngineConfig
 from qwen3vl_backend.engine.llm_engine import LLMEngine, PromptTooLongError
 from qwen3vl_backend.processing.processor import Processor
@@ -236,17 +236,6 @@ def test_config_errors_are_clear(tiny_moe, tmp_path):
     for word, want in (("On", True), ("off", False), (" 1 ", True), ("NO", False)):
         assert EngineConfig.from_settings({"model_path": str(tiny_moe), "enable_prefix_cache": word}
                                           ).enable_prefix_cache is want
-
-
-def first_steps(engine, prompts, steps: int):
-    """Each prompt's first `steps` greedy tokens and their log-probabilities, batched."""
-    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=0)
-    ids = [engine.add_request(p, params) for p in prompts]
-    got = {i: [] for i in ids}
-    while engine.has_unfinished():
-        for out in engine.step():
-            got[out.request_id] += [(t, lp) for t, lp, _ in out.logprobs or []]
-    return [got[i] for i in ids]
 
 
 def test_fp8_kv_cache_holds_the_rounded_keys_and_answers_within_a_bound(tiny_moe, prompts):

@@ -7,7 +7,7 @@ noise (there either token is a faithful answer). Skipped without a CUDA device.
 import pytest
 import torch
 
-from conftest import data_uri, image_bytes, make_image
+from conftest import data_uri, first_steps, image_bytes, make_image
 from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.llm_engine import LLMEngine
 from qwen3vl_backend.processing.positions import decode_positions
@@ -572,19 +572,9 @@ def test_fp8_kv_cache_on_the_gpu(tiny_moe):
     assert fp8.runner.kv_caches[0].dtype == torch.float8_e4m3fn and fp8.runner.graphs is not None
     processor = Processor(path, plain.tokenizer)
     prompts = [processor.process_messages(CASES[c]) for c in ("text", "one_image", "system_multi_turn")]
-
-    def steps(engine, n):
-        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)
-        ids = [engine.add_request(p, params) for p in prompts]
-        got = {i: [] for i in ids}
-        while engine.has_unfinished():
-            for out in engine.step():
-                got[out.request_id] += [(t, lp) for t, lp, _ in out.logprobs or []]
-        return [got[i] for i in ids]
-
-    assert steps(plain, 1) == steps(fp8, 1)
+    assert first_steps(plain, prompts, 1) == first_steps(fp8, prompts, 1)
     for x, y in zip(plain.runner.kv_caches, fp8.runner.kv_caches):
         assert torch.equal(kv_cast(x, torch.float8_e4m3fn).view(torch.uint8), y.view(torch.uint8))
-    a, b = steps(plain, 2), steps(fp8, 2)
+    a, b = first_steps(plain, prompts, 2), first_steps(fp8, prompts, 2)
     for sa, sb in zip(a, b):
         assert sa[0] == sb[0] and sa[1][0] == sb[1][0] and abs(sa[1][1] - sb[1][1]) < 0.1, (sa, sb)
