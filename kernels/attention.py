@@ -10,7 +10,7 @@ does, was slower at every split count: NOTES, twelfth session.) The split count 
 the batch shape, so the launch is the same on every replay of a CUDA graph; each split finds its
 pages from the context length.
 Cache layout per layer: (2, num_blocks, block_size, Hkv, D), K then V, in q's dtype or float8 e4m3
-(`--kv-cache-dtype fp8_e4m3`: each tile widened to q's dtype as it loads).
+(`--kv-cache-dtype fp8_e4m3`: each tile widened as it loads, to float16 for bf16 queries: F16_DOT).
 """
 
 from __future__ import annotations

@@ -239,11 +239,12 @@ def test_config_errors_are_clear(tiny_moe, tmp_path):
 
 
 def test_fp8_kv_cache_holds_the_rounded_keys_and_answers_within_a_bound(tiny_moe, prompts):
-    """--kv-cache-dtype fp8_e4m3 (torch path): the cache is float8 and half the bytes a block; after
-    the prompts' prefill it holds exactly the float cache's values rounded (write_kv's saturating
-    cast). A prompt's prefill attends to its new keys, so the first token and its log-probability
-    are the float cache's exactly; the first decode step reads the fp8 cache: the bound is the
-    same token and its log-probability within 0.1 (0.011-0.033 on these prompts)."""
+    """--kv-cache-dtype fp8_e4m3 (torch path): the cache is float8, a quarter of the float32
+    cache's bytes a block; after the prompts' prefill it holds exactly the float cache's values
+    rounded (write_kv's saturating cast). A prompt's prefill attends to its new keys, so the first
+    token and its log-probability are the float cache's exactly; the first decode step reads the
+    fp8 cache: the bound is the same token and its log-probability within 0.1 (0.011-0.033 on
+    these prompts)."""
     from qwen3vl_backend.engine.model_runner import kv_block_bytes
     from qwen3vl_backend.layers.attention import kv_cast
 

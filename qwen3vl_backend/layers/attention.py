@@ -7,10 +7,11 @@ values live in fixed-size blocks of a per-layer cache `(2, num_blocks, block_siz
 prefill (query_len > 1, possibly after a cached prefix), decode (query_len == 1) and both mixed.
 
 An fp8 cache (`--kv-cache-dtype fp8_e4m3`) holds each K/V value as float8 e4m3, rounded to
-nearest and saturated at +-448 (KV_FP8_MAX), with no scale: Qwen3's keys leave their per-head
-RMSNorm and rotary near unit size, and its FP8 releases ship no KV scales (SGLang and vLLM take
-1.0 then too). Readers widen it to the queries' dtype. A prompt's own prefill attends to its
-new keys in the model's dtype; what later steps read is the cache's.
+nearest and saturated at +-448 (KV_FP8_MAX), with no scale: Qwen3's keys leave a per-head
+RMSNorm (unit RMS times its weights), and Qwen's FP8 configs name no KV scales (SGLang and vLLM
+take 1.0 then too). Readers widen it: the torch path to the queries' dtype, the decode kernel to
+float16 for bf16 queries. A prompt's own prefill attends to its new keys in the model's dtype;
+decode steps, and a later prompt's cached prefix, read the cache's.
 """
 
 from __future__ import annotations
