@@ -59,6 +59,9 @@
 #     greedy: decode profiles (kernel timelines) and each graph's replay against the engine's step.
 #   fp8-kv (forty-third): the fp8 KV cache's GPU tests (TESTS=0 skips them), then 30B (CFG: FP8 or
 #     BF16) greedy at CONC (default 1,16) in engine_ab, --kv-cache-dtype fp8_e4m3 against auto.
+#   fp8-kv-pairs (forty-third, not run): the fp8 cache's kernel tests (V_PAIRS against the plain
+#     read, TESTS=0 skips them), then 30B fp8 greedy at CONC (default 64,128) in engine_ab: the bf16
+#     cache, the fp8 cache, the fp8 cache with QWEN3VL_KV_FP8_V_PAIRS=1.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -303,6 +306,15 @@ if [ "$PART" = fp8-kv ]; then
   tail -12 $W/ab-$PART-$cfg-$COMMIT.txt | cut -c1-170
   cd $OUT && tar czf results.tgz w; exit 0
 fi
+if [ "$PART" = fp8-kv-pairs ]; then
+  [ "${TESTS:-1}" = 1 ] && gpu_tests fp8-kv-pairs 150 tests/test_kernels.py -k "fp8_cache or paged_decode"
+  echo '{"fp8kv": {"args": ["--kv-cache-dtype", "fp8_e4m3"]}, "fp8kv-pairs": {"args": ["--kv-cache-dtype", "fp8_e4m3"],
+    "env": {"QWEN3VL_KV_FP8_V_PAIRS": "1"}}}' > $W/v.json
+  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+    --concurrency ${CONC:-64,128} --out-tokens 64 --routing uniform > $W/ab-$PART-$COMMIT.txt 2>&1
+  tail -12 $W/ab-$PART-$COMMIT.txt | cut -c1-170
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$PART" = sampled-profile ]; then
   for s in "0.7 0.8 20" "0 1.0 0"; do
     read t p k <<< "$s"; [ $(left 560) -lt 100 ] && break
@@ -314,4 +326,4 @@ if [ "$PART" = sampled-profile ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, fp8-kv-pairs)"; exit 2

@@ -64,6 +64,27 @@ def _widen(x, q_ptr, F16_DOT: tl.constexpr):
 
 
 @triton.jit
+def _v_pairs(base_v, live, q_ptr, HEAD_DIM: tl.constexpr, F16_DOT: tl.constexpr, ASM: tl.constexpr):
+    """V_PAIRS: V's tile of a float8 cache (base_v: each row's first byte, (tokens, 1)) widened
+    before the P.V dot reads it, so that the dot's operand is read from 16-bit values by
+    ldmatrix.trans as a bf16 cache's is (sm_90 PTX: Triton otherwise reads the float8 tile into
+    that operand a byte at a time, 64 ld.shared.b8 a 64-token tile). Read as int16 pairs, each
+    widened to f16x2 by one cvt.rn.f16x2.e4m3x2 (ASM; off the GPU the same values through bitcasts),
+    the halves joined. In the dots' dtype (float16 with F16_DOT, else q's)."""
+    pairs = tl.arange(0, HEAD_DIM // 2)[None, :]
+    w = tl.load(base_v.to(tl.pointer_type(tl.int16)) + pairs, mask=live[:, None], other=0)
+    if ASM:
+        both = tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h", [w], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+        lo = (both & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = ((both >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        lo = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        hi = ((w >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return _widen(tl.reshape(tl.join(lo, hi), (w.shape[0], HEAD_DIM)), q_ptr, F16_DOT)
+
+
+@triton.jit
 def _paged_decode_kernel(
     # pointers
     q_ptr, cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, m_ptr, l_ptr,
@@ -75,7 +96,8 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, GROUP_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     qw_ptr=None, kw_ptr=None, cos_ptr=None, sin_ptr=None, slot_ptr=None, eps=0.0, stride_ct=0,
-    PREP: tl.constexpr = False, F16_DOT: tl.constexpr = False,
+    PREP: tl.constexpr = False, F16_DOT: tl.constexpr = False, V_PAIRS: tl.constexpr = False,
+    ASM: tl.constexpr = False,
 ):
     """PREFETCH (a decode step, with PDL): the context lengths, block tables and the split's first
     tile of K/V are read before the wait for the kernel before, which writes only each sequence's
@@ -86,7 +108,9 @@ def _paged_decode_kernel(
     F16_DOT (a float8 cache, bf16 queries): q, K, V and the probabilities meet in float16 dots.
     e4m3 widens to float16 in one instruction for two values (to bfloat16 it took three an
     element: 30B fp8 c128's step 9.1% slower than a bf16 cache's), and float16 holds q's and the
-    probabilities' bf16 values exactly at their sizes here (|q| far below 65504)."""
+    probabilities' bf16 values exactly at their sizes here (|q| far below 65504).
+    V_PAIRS (a float8 cache, kernels.switches.KV_FP8_V_PAIRS; not with PREP): V's tiles after the
+    first by `_v_pairs`. (PREFETCH's first tile keeps the plain load.)"""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -160,7 +184,11 @@ def _paged_decode_kernel(
             v = tl.where(new[:, None], v_new, tl.load(base + stride_ckv, mask=(live & ~new)[:, None], other=0.0))
         else:
             k = _widen(tl.load(base, mask=live[:, None], other=0.0), q_ptr, F16_DOT)
-            v = _widen(tl.load(base + stride_ckv, mask=live[:, None], other=0.0), q_ptr, F16_DOT)
+            if V_PAIRS:
+                v = _v_pairs((cache_ptr + phys * stride_cb + slot_of * stride_cs + kvh * stride_ch + stride_ckv)[:, None],
+                             live, q_ptr, HEAD_DIM, F16_DOT, ASM)
+            else:
+                v = _widen(tl.load(base + stride_ckv, mask=live[:, None], other=0.0), q_ptr, F16_DOT)
         m_i, l_i, acc = online_softmax_step(q, k, v, live[None, :], scale, m_i, l_i, acc)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
@@ -296,6 +324,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], F16_DOT=cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
+        V_PAIRS=switches.KV_FP8_V_PAIRS and cache.dtype == torch.float8_e4m3fn and prep is None, ASM=q.is_cuda,
         PREFETCH=(switches.PDL_PREFETCH and s <= switches.PREFETCH_MAX_SEQS) if prefetch is None else prefetch,
         **(dict(zip(("qw_ptr", "kw_ptr", "eps", "cos_ptr", "sin_ptr", "slot_ptr"), prep), stride_ct=prep[3].stride(0),
                     PREP=True) if prep is not None else {}), **pdl(q),
