@@ -177,7 +177,8 @@ def _paged_decode_kernel(
         page = p0 + page_of
         live = (page < last) & (page * BLOCK_SIZE + slot_of < ctx)
         phys = tl.load(block_tables_ptr + seq * stride_bt + page, mask=page < last, other=0).to(tl.int64)
-        base = cache_ptr + phys[:, None] * stride_cb + slot_of[:, None] * stride_cs + kvh * stride_ch + dims[None, :]
+        kv_row = cache_ptr + phys[:, None] * stride_cb + slot_of[:, None] * stride_cs + kvh * stride_ch
+        base = kv_row + dims[None, :]
         if PREP:        # the newest row from registers: the cache's is this launch's own write
             new = live & (page * BLOCK_SIZE + slot_of == ctx - 1)
             k = tl.where(new[:, None], k_new, tl.load(base, mask=(live & ~new)[:, None], other=0.0))
@@ -185,8 +186,7 @@ def _paged_decode_kernel(
         else:
             k = _widen(tl.load(base, mask=live[:, None], other=0.0), q_ptr, F16_DOT)
             if V_PAIRS:
-                v = _v_pairs((cache_ptr + phys * stride_cb + slot_of * stride_cs + kvh * stride_ch + stride_ckv)[:, None],
-                             live, q_ptr, HEAD_DIM, F16_DOT, ASM)
+                v = _v_pairs(kv_row + stride_ckv, live, q_ptr, HEAD_DIM, F16_DOT, ASM)
             else:
                 v = _widen(tl.load(base + stride_ckv, mask=live[:, None], other=0.0), q_ptr, F16_DOT)
         m_i, l_i, acc = online_softmax_step(q, k, v, live[None, :], scale, m_i, l_i, acc)

@@ -138,7 +138,7 @@ class EngineConfig:
     @property
     def kv_torch_dtype(self) -> torch.dtype:
         """The KV cache's element type: the model's dtype, or float8 e4m3 (layers/attention.py's
-        KV_FP8_MAX: values stored as they are, saturated at 448, no scale)."""
+        kv_cast: values stored as they are, saturated at 448, no scale)."""
         return KV_CACHE_DTYPES[self.kv_cache_dtype] or self.torch_dtype
 
     @property

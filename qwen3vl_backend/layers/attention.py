@@ -7,7 +7,7 @@ values live in fixed-size blocks of a per-layer cache `(2, num_blocks, block_siz
 prefill (query_len > 1, possibly after a cached prefix), decode (query_len == 1) and both mixed.
 
 An fp8 cache (`--kv-cache-dtype fp8_e4m3`) holds each K/V value as float8 e4m3, rounded to
-nearest and saturated at +-448 (KV_FP8_MAX), with no scale: Qwen3's keys leave a per-head
+nearest and saturated at +-448 (kernels.fp8.FP8_MAX), with no scale: Qwen3's keys leave a per-head
 RMSNorm (unit RMS times its weights), and Qwen's FP8 configs name no KV scales (SGLang and vLLM
 take 1.0 then too). Readers widen it: the torch path to the queries' dtype, the decode kernel to
 float16 for bf16 queries. A prompt's own prefill attends to its new keys in the model's dtype;
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels.fp8 import FP8, FP8_MAX
 
 # SDPA's backends in the order it tries them, cuDNN's first. torch 2.11 tries FlashAttention-2
 # first; at the ViT's head dim 72 cuDNN's kernel is the faster (tenth session, H200: a 1280x720
@@ -55,13 +57,10 @@ class AttentionMetadata:
         return all(q == 1 for q in self.query_lens)
 
 
-KV_FP8_MAX = 448.0          # e4m3's largest finite value
-
-
 def kv_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x as the cache stores it: float8 saturated at +-KV_FP8_MAX (never NaN), else a plain cast."""
-    if dtype == torch.float8_e4m3fn:
-        return x.clamp(-KV_FP8_MAX, KV_FP8_MAX).to(dtype)
+    """x as the cache stores it: float8 saturated at +-FP8_MAX (never NaN), else a plain cast."""
+    if dtype == FP8:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
     return x.to(dtype)
 
 
@@ -69,7 +68,7 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
     """cache (2, NB, BS, Hkv, D); k, v (T, Hkv, D)."""
     flat = cache.view(2, -1, *cache.shape[-2:])
     k, v = kv_cast(k, cache.dtype), kv_cast(v, cache.dtype)
-    if cache.dtype == torch.float8_e4m3fn:         # index_copy_ has no float8 kernels: copied as bytes
+    if cache.dtype == FP8:         # index_copy_ has no float8 kernels: copied as bytes
         flat, k, v = flat.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
     flat[0].index_copy_(0, slot_mapping, k)
     flat[1].index_copy_(0, slot_mapping, v)
