@@ -60,7 +60,7 @@
 #   fp8-kv (forty-third): the fp8 KV cache's GPU tests (TESTS=0 skips them), then 30B (CFG: FP8 or
 #     BF16) greedy at CONC (default 1,16) in engine_ab, --kv-cache-dtype fp8_e4m3 against auto.
 #   fp8-kv-pairs (forty-third, not run): the fp8 cache's kernel tests (V_PAIRS against the plain
-#     read, TESTS=0 skips them), then 30B fp8 greedy at CONC (default 64,128) in engine_ab: the bf16
+#     read) and graph decode's (TESTS=0 skips them), then 30B fp8 greedy at CONC (default 64,128) in engine_ab: the bf16
 #     cache, the fp8 cache, the fp8 cache with QWEN3VL_KV_FP8_V_PAIRS=1.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
@@ -307,7 +307,8 @@ if [ "$PART" = fp8-kv ]; then
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$PART" = fp8-kv-pairs ]; then
-  [ "${TESTS:-1}" = 1 ] && gpu_tests fp8-kv-pairs 150 tests/test_kernels.py -k "fp8_cache or paged_decode"
+  [ "${TESTS:-1}" = 1 ] && gpu_tests fp8-kv-pairs 200 tests/test_kernels.py tests/test_gpu.py \
+    -k "fp8_cache or paged_decode or fp8_kv or cuda_graph_decode_matches_eager"
   echo '{"fp8kv": {"args": ["--kv-cache-dtype", "fp8_e4m3"]}, "fp8kv-pairs": {"args": ["--kv-cache-dtype", "fp8_e4m3"],
     "env": {"QWEN3VL_KV_FP8_V_PAIRS": "1"}}}' > $W/v.json
   timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
