@@ -62,6 +62,8 @@
 #   fp8-kv-pairs (forty-third, not run): the fp8 cache's kernel tests (V_PAIRS against the plain
 #     read) and graph decode's (TESTS=0 skips them), then 30B fp8 greedy at CONC (default 64,128) in engine_ab: the bf16
 #     cache, the fp8 cache, the fp8 cache with QWEN3VL_KV_FP8_V_PAIRS=1.
+#   attention (forty-fourth): benchmarks.attention_variants over both caches at 16/64/128 sequences
+#     (pages in order, then shuffled), then Nsight Compute on the table's launch at 128.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -316,6 +318,22 @@ if [ "$PART" = fp8-kv-pairs ]; then
   tail -12 $W/ab-$PART-$COMMIT.txt | cut -c1-170
   cd $OUT && tar czf results.tgz w; exit 0
 fi
+if [ "$PART" = attention ]; then
+  # decode attention alone at the step's shapes: launch variants over both caches (pages in order),
+  # the table's against shuffled pages, then Nsight Compute on the table's launch at 128 sequences
+  timeout 330 python -m benchmarks.attention_variants --out $W > $W/attention-variants-$COMMIT.txt 2>&1
+  grep -E "^ *(bf16|fp8) " $W/attention-variants-$COMMIT.txt | cut -c1-120
+  timeout $(left 430) python -m benchmarks.attention_variants --shuffle --variants table,t128,p1024 --out $W \
+    > $W/attention-variants-shuffled-$COMMIT.txt 2>&1
+  grep -E "^ *(bf16|fp8) " $W/attention-variants-shuffled-$COMMIT.txt | cut -c1-120
+  timeout $(left 560) /usr/local/cuda/bin/ncu --clock-control none -k regex:_paged_decode --launch-count 4 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis python -m benchmarks.attention_variants --ncu --seqs 128 --variants table \
+    > $W/ncu-attention-128-$COMMIT.txt 2>&1
+  grep -E "_paged|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers|Shared Memory Config|Block Limit|Stall|long_scoreboard|Waves" \
+    $W/ncu-attention-128-$COMMIT.txt | head -60 | cut -c1-140
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$PART" = sampled-profile ]; then
   for s in "0.7 0.8 20" "0 1.0 0"; do
     read t p k <<< "$s"; [ $(left 560) -lt 100 ] && break
@@ -327,4 +345,4 @@ if [ "$PART" = sampled-profile ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, fp8-kv-pairs)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, fp8-kv-pairs, attention)"; exit 2
