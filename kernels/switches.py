@@ -59,12 +59,6 @@ at concurrency 1 / 16 / 64:
   tree, step ms, base / before / base): fp8 c1 1.911 / 1.921 / 1.912, c16 7.233 / 7.350 / 7.234,
   c64 11.10 / 11.12 / 11.10, c128 13.87 / 14.04 / 13.77; bf16 c1 2.336 / 2.336 / 2.339, c64
   17.11 / 17.04 / 17.12 (inter-token p50 17.16 / 17.28 / 17.13), c128 19.33 / 19.56 / 19.33.
-- KV_FP8_V_PAIRS (QWEN3VL_KV_FP8_V_PAIRS), off, not yet measured: with an fp8 KV cache, decode
-  attention reads V's tiles as int16 pairs and widens them to float16 before the P.V dot
-  (kernels.attention._v_pairs). The sm_90 PTX without it reads V into that dot's operand a byte at
-  a time (64 ld.shared.b8 a tile); with it, ldmatrix.trans as for a bf16 cache. The fp8 cache's
-  steps, without it, were within ~1% of the bf16 cache's where its halved bytes promised more
-  (forty-third session).
 - KERNEL_WARPS (QWEN3VL_KERNEL_WARPS, e.g. "rmsnorm=4,sum_top_k=1"): the warps of the small
   launches between the projections (KERNEL_WARPS_NAMES), each over its default where named. For
   engine_ab: decode attention's split merge at one warp instead of four took 30B fp8 c16 from
@@ -93,7 +87,6 @@ PREFILL_CUDNN = _on("QWEN3VL_PREFILL_CUDNN", "1")
 VIT_FUSED_NORM = _on("QWEN3VL_VIT_FUSED_NORM", "1")
 VIT_GELU_EPILOGUE = _on("QWEN3VL_VIT_GELU_EPILOGUE", "1")
 SCALES_AHEAD = _on("QWEN3VL_SCALES_AHEAD", "1")
-KV_FP8_V_PAIRS = _on("QWEN3VL_KV_FP8_V_PAIRS")
 FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZE", ""))     # None: by shape
 
 # the launches whose warps KERNEL_WARPS may set: kernels.rmsnorm.rmsnorm, kernels.fp8's activation

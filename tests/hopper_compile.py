@@ -82,8 +82,6 @@ KERNELS = [
      {**DECODE, "F16_DOT": True}),
     ("paged_decode PREFETCH fp8 cache", _paged_decode_kernel, {**ATTENTION, "cache_ptr": FP8}, ("scale", "eps"),
      {**DECODE, "PREFETCH": True, "F16_DOT": True}),
-    ("paged_decode fp8 cache V_PAIRS", _paged_decode_kernel, {**ATTENTION, "cache_ptr": FP8}, ("scale", "eps"),
-     {**DECODE, "F16_DOT": True, "V_PAIRS": True, "ASM": True}),
     ("qkv_prep fp8 cache", _qkv_prep_kernel, dict(qkv_ptr=BF, qw_ptr=BF, kw_ptr=BF, cos_ptr=F32, sin_ptr=F32,
                                                   cache_ptr=FP8, slot_ptr="*i64"), ("eps",),
      dict(HEAD_DIM=128, HALF=64, BLOCK_T=1, USE_PDL=True)),
