@@ -64,6 +64,7 @@
 #     cache, the fp8 cache, the fp8 cache with QWEN3VL_KV_FP8_V_PAIRS=1.
 #   attention (forty-fourth): benchmarks.attention_variants over both caches at 16/64/128 sequences
 #     (pages in order, then shuffled), then Nsight Compute on the table's launch at 128.
+#   attention-vt (forty-fourth): the same for V's pages transposed (kernels.attention's V_T).
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -334,6 +335,22 @@ if [ "$PART" = attention ]; then
     $W/ncu-attention-128-$COMMIT.txt | head -60 | cut -c1-140
   cd $OUT && tar czf results.tgz w; exit 0
 fi
+if [ "$PART" = attention-vt ]; then
+  # V's pages transposed (V_T): the fp8 cache's variants at 16/64/128 sequences, pages in order then
+  # shuffled, the bf16 cache's table and vt; Nsight Compute on vt at 128
+  timeout 300 python -m benchmarks.attention_variants --cache fp8 --out $W \
+    --variants table,s3,vt,vt-t64,vt-t128,vt-s3,vt-s4,vt-t128-s3,vt-t64-s4,vt-w8,vt-p512 > $W/attention-vt-$COMMIT.txt 2>&1
+  grep -E "^ *(bf16|fp8) " $W/attention-vt-$COMMIT.txt | cut -c1-120
+  timeout $(left 400) python -m benchmarks.attention_variants --shuffle --variants table,vt,vt-s3,vt-t128-s3 --out $W \
+    > $W/attention-vt-shuffled-$COMMIT.txt 2>&1
+  grep -E "^ *(bf16|fp8) " $W/attention-vt-shuffled-$COMMIT.txt | cut -c1-120
+  timeout $(left 560) /usr/local/cuda/bin/ncu --clock-control none -k regex:_paged_decode --launch-count 2 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    python -m benchmarks.attention_variants --ncu --seqs 128 --cache fp8 --variants vt > $W/ncu-attention-vt-128-$COMMIT.txt 2>&1
+  grep -E "_paged|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Limit Reg|Block Limit Shared|Warp Cycles Per Issued" \
+    $W/ncu-attention-vt-128-$COMMIT.txt | head -30 | cut -c1-140
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$PART" = sampled-profile ]; then
   for s in "0.7 0.8 20" "0 1.0 0"; do
     read t p k <<< "$s"; [ $(left 560) -lt 100 ] && break
@@ -345,4 +362,4 @@ if [ "$PART" = sampled-profile ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, fp8-kv-pairs, attention)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, fp8-kv-pairs, attention, attention-vt)"; exit 2
