@@ -20,8 +20,7 @@ import faulthandler
 
 import torch
 
-from kernels.attention import (decode_config, num_splits_for, paged_decode_attention, paged_decode_attention_reference,
-                               transpose_v_pages)
+from kernels.attention import decode_config, num_splits_for, paged_decode_attention, paged_decode_attention_reference
 
 from .common import against_table, print_table, variant_row, write_result
 from .roofline import measure as roofline
@@ -42,16 +41,6 @@ VARIANTS = {
     "p1024": {"target_programs": 1024},
     "p2048": {"target_programs": 2048},
     "prefetch": {"prefetch": True},
-    # V's pages laid out (Hkv, D, BS) (kernels.attention's V_T)
-    "vt": {"v_t": True},
-    "vt-t64": {"v_t": True, "PAGES_TOKENS": 64},
-    "vt-t128": {"v_t": True, "PAGES_TOKENS": 128},
-    "vt-s3": {"v_t": True, "num_stages": 3},
-    "vt-s4": {"v_t": True, "num_stages": 4},
-    "vt-t128-s3": {"v_t": True, "PAGES_TOKENS": 128, "num_stages": 3},
-    "vt-t64-s4": {"v_t": True, "PAGES_TOKENS": 64, "num_stages": 4},
-    "vt-w8": {"v_t": True, "num_warps": 8},
-    "vt-p512": {"v_t": True, "target_programs": 512},
 }
 
 
@@ -92,20 +81,16 @@ def main(argv=None) -> int:
             one = 2 * seqs * args.ctx * KV_HEADS * HEAD_DIM * (1 if fp8 else 2)
             copies = 2 if args.ncu else max(2, -(-CACHE_BYTES // one))
             cases = [inputs(seqs, args.ctx, fp8, args.shuffle, gen) for _ in range(copies)]
-            names = args.variants.split(",")
-            # the same caches with V's pages transposed, for the v_t variants
-            cases_t = ([(q, transpose_v_pages(c), t, n) for q, c, t, n in cases]
-                       if any(VARIANTS[n].get("v_t") for n in names) else [])
             want = paged_decode_attention_reference(*cases[0], scale).float()
             base = decode_config(seqs, dev, KV_HEADS, HEADS // KV_HEADS, fp8)
             floor_us = (one + 2 * 2 * seqs * HEADS * HEAD_DIM) / ((bandwidth or 1) * 1e12) * 1e6
-            for name in names:
+            for name in args.variants.split(","):
                 patch = dict(VARIANTS[name])
-                prefetch, v_t = patch.pop("prefetch", None), patch.pop("v_t", False)
+                prefetch = patch.pop("prefetch", None)
                 cfg = {**base, **patch}
 
-                def call(i, cfg=cfg, prefetch=prefetch, v_t=v_t, cases=cases_t if v_t else cases):
-                    return paged_decode_attention(*cases[i % len(cases)], scale, config=cfg, prefetch=prefetch, v_t=v_t)
+                def call(i, cfg=cfg, prefetch=prefetch, cases=cases):
+                    return paged_decode_attention(*cases[i % len(cases)], scale, config=cfg, prefetch=prefetch)
 
                 print(f"{kind} seqs={seqs} {name} ...", flush=True)
                 row = variant_row({"cache": kind, "seqs": seqs, "variant": name,
@@ -113,9 +98,9 @@ def main(argv=None) -> int:
                                   call, want, floor_us, copies * 4, args.ncu)
                 if row is not None:
                     print(row, flush=True)
-                    rows.append({**row, "config": str(cfg), "prefetch": prefetch, "v_t": v_t})
+                    rows.append({**row, "config": str(cfg), "prefetch": prefetch})
             against_table(rows, seqs=seqs, cache=kind)
-            del cases, cases_t
+            del cases
     if args.ncu:
         return 0
     print_table(rows, ["cache", "seqs", "variant", "splits", "us", "vs_table", "floor_us", "floor_over", "rel_err",

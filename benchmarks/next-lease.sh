@@ -64,7 +64,10 @@
 #     cache, the fp8 cache, the fp8 cache with QWEN3VL_KV_FP8_V_PAIRS=1.
 #   attention (forty-fourth): benchmarks.attention_variants over both caches at 16/64/128 sequences
 #     (pages in order, then shuffled), then Nsight Compute on the table's launch at 128.
-#   attention-vt (forty-fourth): the same for V's pages transposed (kernels.attention's V_T).
+#   attention-vt (forty-fourth; run at 1040a17, V_T 1.1-1.4x slower, removed): the same for V's pages
+#     transposed (kernels.attention's V_T, since removed).
+#   fp8-kv-s3 (forty-fourth): the fp8 cache's decode attention entry at 128 sequences with three
+#     stages, 30B fp8 c128 in engine_ab.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -351,6 +354,14 @@ if [ "$PART" = attention-vt ]; then
     $W/ncu-attention-vt-128-$COMMIT.txt | head -30 | cut -c1-140
   cd $OUT && tar czf results.tgz w; exit 0
 fi
+if [ "$PART" = fp8-kv-s3 ]; then
+  # the fp8 cache's table entry at 128 sequences with three stages (alone: 65.7 -> 60.8 us), in the step
+  echo '{"s3": {"paged_decode,device=NVIDIA_H200.json": {"fp8": {"128": {"num_stages": 3}}}}}' > $W/v.json
+  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+    --concurrency ${CONC:-128} --out-tokens 64 --routing uniform --kv-cache-dtype fp8_e4m3 > $W/ab-$PART-$COMMIT.txt 2>&1
+  tail -8 $W/ab-$PART-$COMMIT.txt | cut -c1-170
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$PART" = sampled-profile ]; then
   for s in "0.7 0.8 20" "0 1.0 0"; do
     read t p k <<< "$s"; [ $(left 560) -lt 100 ] && break
@@ -362,4 +373,4 @@ if [ "$PART" = sampled-profile ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, fp8-kv-pairs, attention, attention-vt)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, fp8-kv-pairs, attention, attention-vt, fp8-kv-s3)"; exit 2

@@ -64,22 +64,6 @@ def _widen(x, q_ptr, F16_DOT: tl.constexpr):
 
 
 @triton.jit
-def _v_t_tile(cache_ptr, stride_ckv, stride_cb, phys, slot_of, kvh, page_ok, live, q_ptr,
-              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, F16_DOT: tl.constexpr):
-    """V_T: a tile of V, (tokens, HEAD_DIM), from pages laid out (Hkv, HEAD_DIM, BLOCK_SIZE): each
-    (head, dim)'s tokens contiguous, so the P.V dot's operand, reduced over tokens, is read along
-    its reduction (a float8 cache's byte loads go: the token-major layout gives the dot V's
-    transpose, read from shared memory a byte at a time). Loaded by whole pages (the mask along a
-    page's tokens must be constant for wide loads), the tokens past `live` then zeroed (a slot past
-    the context may hold a stale value; its probability 0 times NaN would be NaN)."""
-    rows = cache_ptr + stride_ckv + phys * stride_cb + kvh * (HEAD_DIM * BLOCK_SIZE) + slot_of
-    rows = tl.max_contiguous(tl.multiple_of(rows, 16), BLOCK_SIZE)
-    dims = tl.arange(0, HEAD_DIM)
-    v = _widen(tl.load(rows[:, None] + dims[None, :] * BLOCK_SIZE, mask=page_ok[:, None], other=0.0), q_ptr, F16_DOT)
-    return tl.where(live[:, None], v, 0.0)
-
-
-@triton.jit
 def _paged_decode_kernel(
     # pointers
     q_ptr, cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, m_ptr, l_ptr,
@@ -91,7 +75,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, GROUP_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     qw_ptr=None, kw_ptr=None, cos_ptr=None, sin_ptr=None, slot_ptr=None, eps=0.0, stride_ct=0,
-    PREP: tl.constexpr = False, F16_DOT: tl.constexpr = False, V_T: tl.constexpr = False,
+    PREP: tl.constexpr = False, F16_DOT: tl.constexpr = False,
 ):
     """PREFETCH (a decode step, with PDL): the context lengths, block tables and the split's first
     tile of K/V are read before the wait for the kernel before, which writes only each sequence's
@@ -102,8 +86,7 @@ def _paged_decode_kernel(
     F16_DOT (a float8 cache, bf16 queries): q, K, V and the probabilities meet in float16 dots.
     e4m3 widens to float16 in one instruction for two values (to bfloat16 it took three an
     element: 30B fp8 c128's step 9.1% slower than a bf16 cache's), and float16 holds q's and the
-    probabilities' bf16 values exactly at their sizes here (|q| far below 65504).
-    V_T (not with PREP): the cache's V pages are laid out (Hkv, HEAD_DIM, BLOCK_SIZE) (`_v_t_tile`)."""
+    probabilities' bf16 values exactly at their sizes here (|q| far below 65504)."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -131,19 +114,10 @@ def _paged_decode_kernel(
         base0 = cache_ptr + phys[:, None] * stride_cb + slot_of[:, None] * stride_cs + kvh * stride_ch + dims[None, :]
         old = live0 & (page * BLOCK_SIZE + slot_of < ctx - 1)
         k0 = _widen(tl.load(base0, mask=old[:, None], other=0.0), q_ptr, F16_DOT)
-        if V_T:
-            v0 = _v_t_tile(cache_ptr, stride_ckv, stride_cb, phys, slot_of, kvh, page < last, old, q_ptr, HEAD_DIM,
-                           BLOCK_SIZE, F16_DOT)
-        else:
-            v0 = _widen(tl.load(base0 + stride_ckv, mask=old[:, None], other=0.0), q_ptr, F16_DOT)
+        v0 = _widen(tl.load(base0 + stride_ckv, mask=old[:, None], other=0.0), q_ptr, F16_DOT)
         if not PREP:    # the newest row's place (the block table is the step's input, not the kernel before's)
-            newest_page_at = cache_ptr + tl.load(block_tables_ptr + seq * stride_bt + newest_page).to(tl.int64) * stride_cb
-            newest = newest_page_at + ((ctx - 1) % BLOCK_SIZE) * stride_cs + kvh * stride_ch + dims
-            if V_T:
-                newest_v = (newest_page_at + stride_ckv + kvh * (HEAD_DIM * BLOCK_SIZE) + dims * BLOCK_SIZE
-                            + (ctx - 1) % BLOCK_SIZE)
-            else:
-                newest_v = newest + stride_ckv
+            newest = (cache_ptr + tl.load(block_tables_ptr + seq * stride_bt + newest_page).to(tl.int64) * stride_cb
+                      + ((ctx - 1) % BLOCK_SIZE) * stride_cs + kvh * stride_ch + dims)
         gdc_wait(USE_PDL)
     if PREP:
         row = q_ptr + seq * stride_qt
@@ -166,7 +140,7 @@ def _paged_decode_kernel(
             v0 = tl.where(new[:, None], v_new, v0)
         else:           # one row's load, not a masked tile's
             k0 = tl.where(new[:, None], tl.load(newest).to(k0.dtype)[None, :], k0)
-            v0 = tl.where(new[:, None], tl.load(newest_v).to(v0.dtype)[None, :], v0)
+            v0 = tl.where(new[:, None], tl.load(newest + stride_ckv).to(v0.dtype)[None, :], v0)
     m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
@@ -186,11 +160,7 @@ def _paged_decode_kernel(
             v = tl.where(new[:, None], v_new, tl.load(base + stride_ckv, mask=(live & ~new)[:, None], other=0.0))
         else:
             k = _widen(tl.load(base, mask=live[:, None], other=0.0), q_ptr, F16_DOT)
-            if V_T:
-                v = _v_t_tile(cache_ptr, stride_ckv, stride_cb, phys, slot_of, kvh, page < last, live, q_ptr,
-                              HEAD_DIM, BLOCK_SIZE, F16_DOT)
-            else:
-                v = _widen(tl.load(base + stride_ckv, mask=live[:, None], other=0.0), q_ptr, F16_DOT)
+            v = _widen(tl.load(base + stride_ckv, mask=live[:, None], other=0.0), q_ptr, F16_DOT)
         m_i, l_i, acc = online_softmax_step(q, k, v, live[None, :], scale, m_i, l_i, acc)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
@@ -285,15 +255,14 @@ def paged_decode_attention_prep(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                            num_splits: int | None = None, config: dict | None = None,
-                           prefetch: bool | None = None, prep: tuple | None = None, v_t: bool = False) -> torch.Tensor:
+                           prefetch: bool | None = None, prep: tuple | None = None) -> torch.Tensor:
     """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32.
     `config`: the launch shape (decode_config's keys; an entry's "merge_warps", 4 without it, is
     the merge launch's), else this device's table. `prefetch`: the
     kernel before wrote only each sequence's newest K/V (a decode step's q/k prep), so the rest may
     be read before waiting for it (the kernel's PREFETCH; default kernels.switches.PDL_PREFETCH for
     batches of at most kernels.switches.PREFETCH_MAX_SEQS sequences).
-    `prep`: paged_decode_attention_prep's (q a view of qkv). `v_t`: the cache's V pages are laid
-    out (Hkv, D, BS) (`transpose_v_pages`; not with `prep`)."""
+    `prep`: paged_decode_attention_prep's (q a view of qkv)."""
     s, h, d = q.shape
     _, _, bs, hkv, d2 = cache.shape
     if d2 != d or h % hkv or block_tables.shape[0] != s or context_lens.shape[0] != s:
@@ -306,8 +275,6 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     if cache.dtype not in (q.dtype, torch.float8_e4m3fn) or (prep is not None and cache.dtype != q.dtype):
         raise ValueError(f"paged_decode_attention: a {cache.dtype} cache for {q.dtype} queries (q's dtype, or "
                          "float8_e4m3fn without the prep inside)")
-    if v_t and (prep is not None or not cache.is_contiguous()):
-        raise ValueError("paged_decode_attention: V pages laid out (Hkv, D, BS) need a contiguous cache, and no prep")
     group = h // hkv
     out = torch.empty(s, h, d, dtype=q.dtype, device=q.device) if out is None else out
     cfg = {**DEFAULT_CONFIG, **config} if config else decode_config(s, q.device, hkv, group,
@@ -328,7 +295,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], F16_DOT=cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16, V_T=v_t,
+        num_stages=cfg["num_stages"], F16_DOT=cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
         PREFETCH=(switches.PDL_PREFETCH and s <= switches.PREFETCH_MAX_SEQS) if prefetch is None else prefetch,
         **(dict(zip(("qw_ptr", "kw_ptr", "eps", "cos_ptr", "sin_ptr", "slot_ptr"), prep), stride_ct=prep[3].stride(0),
                     PREP=True) if prep is not None else {}), **pdl(q),
@@ -339,35 +306,16 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     return out
 
 
-def v_pages(cache: torch.Tensor, v_t: bool = False) -> torch.Tensor:
-    """The V half of a cache (2, NB, BS, Hkv, D) as (NB, BS, Hkv, D), whichever its pages' layout
-    (`v_t`: (Hkv, D, BS) in memory; a strided view then)."""
-    _, nb, bs, hkv, d = cache.shape
-    return cache[1].view(nb, hkv, d, bs).permute(0, 3, 1, 2) if v_t else cache[1]
-
-
-def transpose_v_pages(cache: torch.Tensor) -> torch.Tensor:
-    """A copy of a token-major cache (2, NB, BS, Hkv, D) with its V pages laid out (Hkv, D, BS):
-    `paged_decode_attention(..., v_t=True)`'s cache (the same shape and bytes)."""
-    _, nb, bs, hkv, d = cache.shape
-    raw = cache.view(torch.uint8) if cache.element_size() == 1 else cache       # float8 copies as bytes
-    out = raw.clone()
-    out[1].view(nb, hkv, d, bs).copy_(raw[1].permute(0, 2, 3, 1))
-    return out.view(cache.dtype)
-
-
-def paged_decode_attention_reference(q, cache, block_tables, context_lens, scale, v_t: bool = False) -> torch.Tensor:
-    """Plain PyTorch, float32: gather each sequence's keys and values and attend (`v_t`: the
-    cache's V pages laid out (Hkv, D, BS))."""
+def paged_decode_attention_reference(q, cache, block_tables, context_lens, scale) -> torch.Tensor:
+    """Plain PyTorch, float32: gather each sequence's keys and values and attend."""
     s, h, d = q.shape
     bs, hkv = cache.shape[2], cache.shape[3]
-    values = v_pages(cache, v_t)
     out = torch.empty(s, h, d, dtype=torch.float32, device=q.device)
     for i in range(s):
         ctx = int(context_lens[i])
         blocks = block_tables[i, : -(-ctx // bs)].long()
         k = cache[0, blocks].flatten(0, 1)[:ctx].float().repeat_interleave(h // hkv, dim=1)
-        v = values[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(h // hkv, dim=1)
+        v = cache[1, blocks].flatten(0, 1)[:ctx].float().repeat_interleave(h // hkv, dim=1)
         p = torch.softmax(torch.einsum("hd,thd->ht", q[i].float(), k) * scale, dim=-1)
         out[i] = torch.einsum("ht,thd->hd", p, v)
     return out.to(q.dtype)
