@@ -219,7 +219,8 @@ def pick_config(table: dict, num_seqs: int, kv_heads: int | None, group: int | N
     is fixed), else the default; over the default's keys. With a float8 cache, the table's "fp8"
     entry under the same key, where there is one, goes over it: the H200's at 128 sequences
     (128-token tiles: 30B fp8's step 14.45 -> 13.56 ms, the bf16 cache's 13.64; doubling the
-    tiles at 1, 16 and 64 sequences lost: NOTES, forty-third session)."""
+    tiles at 1, 16 and 64 sequences lost: NOTES, forty-third session; three stages: 13.45 -> 13.27
+    ms, forty-fourth)."""
     over = table.get("fp8", {}) if fp8_cache else {}
     key = f"{num_seqs},{kv_heads},{group}"
     if key not in table:
