@@ -68,6 +68,7 @@
 #     transposed (kernels.attention's V_T, since removed).
 #   fp8-kv-s3 (forty-fourth): the fp8 cache's decode attention entry at 128 sequences with three
 #     stages, 30B fp8 c128 in engine_ab.
+#   attention-swap (forty-fourth): decode attention's SWAP variants over both caches, then ncu.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -362,6 +363,18 @@ if [ "$PART" = fp8-kv-s3 ]; then
   tail -8 $W/ab-$PART-$COMMIT.txt | cut -c1-170
   cd $OUT && tar czf results.tgz w; exit 0
 fi
+if [ "$PART" = attention-swap ]; then
+  # SWAP (the tile's tokens as the dots' M): both caches at 16/64/128 sequences, then ncu at 128 (fp8)
+  timeout 330 python -m benchmarks.attention_variants --out $W \
+    --variants table,swap,swap-t32,swap-t64,swap-t128,swap-s3,swap-s4,swap-w8,swap-t128-w8,swap-p512 > $W/attention-swap-$COMMIT.txt 2>&1
+  grep -E "^ *(bf16|fp8) " $W/attention-swap-$COMMIT.txt | cut -c1-120
+  timeout $(left 560) /usr/local/cuda/bin/ncu --clock-control none -k regex:_paged_decode --launch-count 4 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    python -m benchmarks.attention_variants --ncu --seqs 128 --variants swap > $W/ncu-attention-swap-128-$COMMIT.txt 2>&1
+  grep -E "_paged|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Limit Reg|Block Limit Shared|Warp Cycles Per Issued" \
+    $W/ncu-attention-swap-128-$COMMIT.txt | head -30 | cut -c1-140
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
 if [ "$PART" = sampled-profile ]; then
   for s in "0.7 0.8 20" "0 1.0 0"; do
     read t p k <<< "$s"; [ $(left 560) -lt 100 ] && break
@@ -373,4 +386,4 @@ if [ "$PART" = sampled-profile ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, fp8-kv-pairs, attention, attention-vt, fp8-kv-s3)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, fp8-kv-pairs, attention, attention-vt, fp8-kv-s3, attention-swap)"; exit 2
