@@ -41,16 +41,6 @@ VARIANTS = {
     "p1024": {"target_programs": 1024},
     "p2048": {"target_programs": 2048},
     "prefetch": {"prefetch": True},
-    # kernels.attention's SWAP: the tile's tokens as the dots' M (wgmma, K from registers)
-    "swap": {"swap": True},
-    "swap-t32": {"swap": True, "PAGES_TOKENS": 32},
-    "swap-t64": {"swap": True, "PAGES_TOKENS": 64},
-    "swap-t128": {"swap": True, "PAGES_TOKENS": 128},
-    "swap-s3": {"swap": True, "num_stages": 3},
-    "swap-s4": {"swap": True, "num_stages": 4},
-    "swap-w8": {"swap": True, "num_warps": 8},
-    "swap-t128-w8": {"swap": True, "PAGES_TOKENS": 128, "num_warps": 8},
-    "swap-p512": {"swap": True, "target_programs": 512},
 }
 
 
@@ -96,11 +86,11 @@ def main(argv=None) -> int:
             floor_us = (one + 2 * 2 * seqs * HEADS * HEAD_DIM) / ((bandwidth or 1) * 1e12) * 1e6
             for name in args.variants.split(","):
                 patch = dict(VARIANTS[name])
-                prefetch, swap = patch.pop("prefetch", None), patch.pop("swap", False)
+                prefetch = patch.pop("prefetch", None)
                 cfg = {**base, **patch}
 
-                def call(i, cfg=cfg, prefetch=prefetch, swap=swap, cases=cases):
-                    return paged_decode_attention(*cases[i % len(cases)], scale, config=cfg, prefetch=prefetch, swap=swap)
+                def call(i, cfg=cfg, prefetch=prefetch, cases=cases):
+                    return paged_decode_attention(*cases[i % len(cases)], scale, config=cfg, prefetch=prefetch)
 
                 print(f"{kind} seqs={seqs} {name} ...", flush=True)
                 row = variant_row({"cache": kind, "seqs": seqs, "variant": name,
@@ -108,7 +98,7 @@ def main(argv=None) -> int:
                                   call, want, floor_us, copies * 4, args.ncu)
                 if row is not None:
                     print(row, flush=True)
-                    rows.append({**row, "config": str(cfg), "prefetch": prefetch, "swap": swap})
+                    rows.append({**row, "config": str(cfg), "prefetch": prefetch})
             against_table(rows, seqs=seqs, cache=kind)
             del cases
     if args.ncu:

@@ -64,22 +64,6 @@ def _widen(x, q_ptr, F16_DOT: tl.constexpr):
 
 
 @triton.jit
-def _swapped_step(q, k, v, live, scale, m, l, acc_t):
-    """SWAP: online_softmax_step with the tile's tokens as the dots' M: scores (tokens, rows) =
-    K q^T, acc_t (HEAD_DIM, rows) += V^T P^T. The tokens fill a warpgroup's 64-row wgmma, and
-    K, widened in registers, is that dot's A operand straight from them; the query rows (the
-    group, padded) are its N."""
-    s = tl.dot(k, tl.trans(q)) * scale
-    s = tl.where(live[:, None], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 0))
-    alpha = tl.exp(m - m_new)
-    p = tl.exp(s - m_new[None, :])
-    l = l * alpha + tl.sum(p, 0)
-    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype))
-    return m_new, l, acc_t
-
-
-@triton.jit
 def _paged_decode_kernel(
     # pointers
     q_ptr, cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, m_ptr, l_ptr,
@@ -91,7 +75,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, GROUP_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     qw_ptr=None, kw_ptr=None, cos_ptr=None, sin_ptr=None, slot_ptr=None, eps=0.0, stride_ct=0,
-    PREP: tl.constexpr = False, F16_DOT: tl.constexpr = False, SWAP: tl.constexpr = False,
+    PREP: tl.constexpr = False, F16_DOT: tl.constexpr = False,
 ):
     """PREFETCH (a decode step, with PDL): the context lengths, block tables and the split's first
     tile of K/V are read before the wait for the kernel before, which writes only each sequence's
@@ -102,8 +86,7 @@ def _paged_decode_kernel(
     F16_DOT (a float8 cache, bf16 queries): q, K, V and the probabilities meet in float16 dots.
     e4m3 widens to float16 in one instruction for two values (to bfloat16 it took three an
     element: 30B fp8 c128's step 9.1% slower than a bf16 cache's), and float16 holds q's and the
-    probabilities' bf16 values exactly at their sizes here (|q| far below 65504).
-    SWAP (not with PREFETCH or PREP): each tile by `_swapped_step`."""
+    probabilities' bf16 values exactly at their sizes here (|q| far below 65504)."""
     if PREFETCH:
         gdc_launch(USE_PDL)
     else:
@@ -160,10 +143,7 @@ def _paged_decode_kernel(
             v0 = tl.where(new[:, None], tl.load(newest + stride_ckv).to(v0.dtype)[None, :], v0)
     m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
-    if SWAP:
-        acc_t = tl.zeros((HEAD_DIM, GROUP_PAD), tl.float32)
-    else:
-        acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
     start = first
     if PREFETCH:
         if first < last:                # a split with no pages folds in nothing (an all-masked tile is NaN)
@@ -181,12 +161,7 @@ def _paged_decode_kernel(
         else:
             k = _widen(tl.load(base, mask=live[:, None], other=0.0), q_ptr, F16_DOT)
             v = _widen(tl.load(base + stride_ckv, mask=live[:, None], other=0.0), q_ptr, F16_DOT)
-        if SWAP:
-            m_i, l_i, acc_t = _swapped_step(q, k, v, live, scale, m_i, l_i, acc_t)
-        else:
-            m_i, l_i, acc = online_softmax_step(q, k, v, live[None, :], scale, m_i, l_i, acc)
-    if SWAP:
-        acc = tl.trans(acc_t)
+        m_i, l_i, acc = online_softmax_step(q, k, v, live[None, :], scale, m_i, l_i, acc)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
                  (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -245,7 +220,7 @@ def pick_config(table: dict, num_seqs: int, kv_heads: int | None, group: int | N
     entry under the same key, where there is one, goes over it: the H200's at 128 sequences
     (128-token tiles: 30B fp8's step 14.45 -> 13.56 ms, the bf16 cache's 13.64; doubling the
     tiles at 1, 16 and 64 sequences lost: NOTES, forty-third session; three stages: 13.45 -> 13.27
-    ms, forty-fourth)."""
+    ms, forty-fourth) and at 16 (32-token tiles: 7.288 -> 7.172 ms, forty-fourth)."""
     over = table.get("fp8", {}) if fp8_cache else {}
     key = f"{num_seqs},{kv_heads},{group}"
     if key not in table:
@@ -281,15 +256,14 @@ def paged_decode_attention_prep(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                            num_splits: int | None = None, config: dict | None = None,
-                           prefetch: bool | None = None, prep: tuple | None = None, swap: bool = False) -> torch.Tensor:
+                           prefetch: bool | None = None, prep: tuple | None = None) -> torch.Tensor:
     """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32.
     `config`: the launch shape (decode_config's keys; an entry's "merge_warps", 4 without it, is
     the merge launch's), else this device's table. `prefetch`: the
     kernel before wrote only each sequence's newest K/V (a decode step's q/k prep), so the rest may
     be read before waiting for it (the kernel's PREFETCH; default kernels.switches.PDL_PREFETCH for
     batches of at most kernels.switches.PREFETCH_MAX_SEQS sequences).
-    `prep`: paged_decode_attention_prep's (q a view of qkv). `swap`: the kernel's SWAP (an
-    experiment: not with `prefetch` or `prep`)."""
+    `prep`: paged_decode_attention_prep's (q a view of qkv)."""
     s, h, d = q.shape
     _, _, bs, hkv, d2 = cache.shape
     if d2 != d or h % hkv or block_tables.shape[0] != s or context_lens.shape[0] != s:
@@ -302,8 +276,6 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     if cache.dtype not in (q.dtype, torch.float8_e4m3fn) or (prep is not None and cache.dtype != q.dtype):
         raise ValueError(f"paged_decode_attention: a {cache.dtype} cache for {q.dtype} queries (q's dtype, or "
                          "float8_e4m3fn without the prep inside)")
-    if swap and (prefetch or prep is not None):
-        raise ValueError("paged_decode_attention: swap takes no prefetch and no prep")
     group = h // hkv
     out = torch.empty(s, h, d, dtype=q.dtype, device=q.device) if out is None else out
     cfg = {**DEFAULT_CONFIG, **config} if config else decode_config(s, q.device, hkv, group,
@@ -325,8 +297,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], F16_DOT=cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
-        PREFETCH=(switches.PDL_PREFETCH and s <= switches.PREFETCH_MAX_SEQS and not swap) if prefetch is None
-        else prefetch, SWAP=swap,
+        PREFETCH=(switches.PDL_PREFETCH and s <= switches.PREFETCH_MAX_SEQS) if prefetch is None else prefetch,
         **(dict(zip(("qw_ptr", "kw_ptr", "eps", "cos_ptr", "sin_ptr", "slot_ptr"), prep), stride_ct=prep[3].stride(0),
                     PREP=True) if prep is not None else {}), **pdl(q),
     )
