@@ -44,19 +44,19 @@ VARIANTS = {
 }
 
 
-def inputs(seqs: int, ctx: int, fp8: bool, shuffle: bool, gen: torch.Generator):
+def inputs(seqs: int, ctx: int, fp8: bool, shuffle: bool, gen: torch.Generator, device: str = "cuda"):
     """(q, cache, block tables, context lengths): `seqs` sequences of `ctx` tokens, each in its own
     pages, the pages in order or shuffled over the cache."""
     from qwen3vl_backend.layers.attention import kv_cast
 
     per_seq = -(-ctx // PAGE)
     nb = seqs * per_seq
-    cache = torch.randn(2, nb, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    cache = torch.randn(2, nb, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
     cache = kv_cast(cache, torch.float8_e4m3fn) if fp8 else cache
-    order = torch.randperm(nb, device="cuda", generator=gen) if shuffle else torch.arange(nb, device="cuda")
+    order = torch.randperm(nb, device=device, generator=gen) if shuffle else torch.arange(nb, device=device)
     tables = order.to(torch.int32).view(seqs, per_seq)
-    q = torch.randn(seqs, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-    return q, cache, tables, torch.full((seqs,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(seqs, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
+    return q, cache, tables, torch.full((seqs,), ctx, device=device, dtype=torch.int32)
 
 
 def main(argv=None) -> int:

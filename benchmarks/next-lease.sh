@@ -59,16 +59,18 @@
 #     greedy: decode profiles (kernel timelines) and each graph's replay against the engine's step.
 #   fp8-kv (forty-third): the fp8 KV cache's GPU tests (TESTS=0 skips them), then 30B (CFG: FP8 or
 #     BF16) greedy at CONC (default 1,16) in engine_ab, --kv-cache-dtype fp8_e4m3 against auto.
-#   fp8-kv-pairs (forty-third, not run): the fp8 cache's kernel tests (V_PAIRS against the plain
-#     read) and graph decode's (TESTS=0 skips them), then 30B fp8 greedy at CONC (default 64,128) in engine_ab: the bf16
-#     cache, the fp8 cache, the fp8 cache with QWEN3VL_KV_FP8_V_PAIRS=1.
+#   fp8-kv-pairs (forty-third; run in the forty-fourth at 6b12935): V_PAIRS 0.5% / 2.1% slower at
+#     fp8-cache c64 / c128, so removed with its part.
 #   attention (forty-fourth): benchmarks.attention_variants over both caches at 16/64/128 sequences
 #     (pages in order, then shuffled), then Nsight Compute on the table's launch at 128.
-#   attention-vt (forty-fourth; run at 1040a17, V_T 1.1-1.4x slower, removed): the same for V's pages
-#     transposed (kernels.attention's V_T, since removed).
+#   attention-vt (forty-fourth; run at 1040a17): V's pages transposed (V_T) 1.1-1.4x slower, so
+#     removed with its part.
 #   fp8-kv-s3 (forty-fourth): the fp8 cache's decode attention entry at 128 sequences with three
-#     stages, 30B fp8 c128 in engine_ab.
-#   attention-swap (forty-fourth): decode attention's SWAP variants over both caches, then ncu.
+#     stages, 30B fp8 c128 in engine_ab (run at b9f5333; kept).
+#   attention-swap (forty-fourth; run at 42cd878): decode attention with the tokens as the dots' M
+#     (SWAP) 1.06-1.5x slower, so removed with its part.
+#   fp8-kv-t32 (forty-fourth): the fp8 cache's attention entry at 16 sequences with 32-token tiles,
+#     30B fp8 c16 in engine_ab (run at b702da2; kept).
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -313,16 +315,6 @@ if [ "$PART" = fp8-kv ]; then
   tail -12 $W/ab-$PART-$cfg-$COMMIT.txt | cut -c1-170
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-if [ "$PART" = fp8-kv-pairs ]; then
-  [ "${TESTS:-1}" = 1 ] && gpu_tests fp8-kv-pairs 200 tests/test_kernels.py tests/test_gpu.py \
-    -k "fp8_cache or paged_decode or fp8_kv or cuda_graph_decode_matches_eager"
-  echo '{"fp8kv": {"args": ["--kv-cache-dtype", "fp8_e4m3"]}, "fp8kv-pairs": {"args": ["--kv-cache-dtype", "fp8_e4m3"],
-    "env": {"QWEN3VL_KV_FP8_V_PAIRS": "1"}}}' > $W/v.json
-  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
-    --concurrency ${CONC:-64,128} --out-tokens 64 --routing uniform > $W/ab-$PART-$COMMIT.txt 2>&1
-  tail -12 $W/ab-$PART-$COMMIT.txt | cut -c1-170
-  cd $OUT && tar czf results.tgz w; exit 0
-fi
 if [ "$PART" = attention ]; then
   # decode attention alone at the step's shapes: launch variants over both caches (pages in order),
   # the table's against shuffled pages, then Nsight Compute on the table's launch at 128 sequences
@@ -339,40 +331,12 @@ if [ "$PART" = attention ]; then
     $W/ncu-attention-128-$COMMIT.txt | head -60 | cut -c1-140
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-if [ "$PART" = attention-vt ]; then
-  # V's pages transposed (V_T): the fp8 cache's variants at 16/64/128 sequences, pages in order then
-  # shuffled, the bf16 cache's table and vt; Nsight Compute on vt at 128
-  timeout 300 python -m benchmarks.attention_variants --cache fp8 --out $W \
-    --variants table,s3,vt,vt-t64,vt-t128,vt-s3,vt-s4,vt-t128-s3,vt-t64-s4,vt-w8,vt-p512 > $W/attention-vt-$COMMIT.txt 2>&1
-  grep -E "^ *(bf16|fp8) " $W/attention-vt-$COMMIT.txt | cut -c1-120
-  timeout $(left 400) python -m benchmarks.attention_variants --shuffle --variants table,vt,vt-s3,vt-t128-s3 --out $W \
-    > $W/attention-vt-shuffled-$COMMIT.txt 2>&1
-  grep -E "^ *(bf16|fp8) " $W/attention-vt-shuffled-$COMMIT.txt | cut -c1-120
-  timeout $(left 560) /usr/local/cuda/bin/ncu --clock-control none -k regex:_paged_decode --launch-count 2 \
-    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    python -m benchmarks.attention_variants --ncu --seqs 128 --cache fp8 --variants vt > $W/ncu-attention-vt-128-$COMMIT.txt 2>&1
-  grep -E "_paged|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Limit Reg|Block Limit Shared|Warp Cycles Per Issued" \
-    $W/ncu-attention-vt-128-$COMMIT.txt | head -30 | cut -c1-140
-  cd $OUT && tar czf results.tgz w; exit 0
-fi
 if [ "$PART" = fp8-kv-s3 ]; then
   # the fp8 cache's table entry at 128 sequences with three stages (alone: 65.7 -> 60.8 us), in the step
   echo '{"s3": {"paged_decode,device=NVIDIA_H200.json": {"fp8": {"128": {"num_stages": 3}}}}}' > $W/v.json
   timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
     --concurrency ${CONC:-128} --out-tokens 64 --routing uniform --kv-cache-dtype fp8_e4m3 > $W/ab-$PART-$COMMIT.txt 2>&1
   tail -8 $W/ab-$PART-$COMMIT.txt | cut -c1-170
-  cd $OUT && tar czf results.tgz w; exit 0
-fi
-if [ "$PART" = attention-swap ]; then
-  # SWAP (the tile's tokens as the dots' M): both caches at 16/64/128 sequences, then ncu at 128 (fp8)
-  timeout 330 python -m benchmarks.attention_variants --out $W \
-    --variants table,swap,swap-t32,swap-t64,swap-t128,swap-s3,swap-s4,swap-w8,swap-t128-w8,swap-p512 > $W/attention-swap-$COMMIT.txt 2>&1
-  grep -E "^ *(bf16|fp8) " $W/attention-swap-$COMMIT.txt | cut -c1-120
-  timeout $(left 560) /usr/local/cuda/bin/ncu --clock-control none -k regex:_paged_decode --launch-count 4 \
-    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    python -m benchmarks.attention_variants --ncu --seqs 128 --variants swap > $W/ncu-attention-swap-128-$COMMIT.txt 2>&1
-  grep -E "_paged|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Limit Reg|Block Limit Shared|Warp Cycles Per Issued" \
-    $W/ncu-attention-swap-128-$COMMIT.txt | head -30 | cut -c1-140
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$PART" = fp8-kv-t32 ]; then
@@ -394,4 +358,4 @@ if [ "$PART" = sampled-profile ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, fp8-kv-pairs, attention, attention-vt, fp8-kv-s3, attention-swap, fp8-kv-t32)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-s3, fp8-kv-t32)"; exit 2

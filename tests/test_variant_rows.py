@@ -29,3 +29,18 @@ def test_variant_rows_and_their_ratio_to_the_table():
     assert float(x["rel_err"]) == 0.1 and float(table["rel_err"]) == 0.0 and x["floor_over"] == round(1 / 3, 3)
     assert bad["error"].startswith("ZeroDivisionError") and "us" not in bad
     assert "vs_table" not in other            # M=2 has no table row of its own
+
+
+def test_attention_variants_inputs_own_their_pages():
+    """benchmarks.attention_variants' inputs: each sequence's pages cover its context (the last
+    one partly), every page is one sequence's alone, in order or shuffled; the cache in the dtype asked."""
+    from benchmarks.attention_variants import PAGE, inputs
+
+    gen = torch.Generator().manual_seed(0)
+    for shuffle in (False, True):
+        q, cache, tables, ctx = inputs(3, 40, fp8=shuffle, shuffle=shuffle, gen=gen, device="cpu")
+        assert tables.shape == (3, -(-40 // PAGE)) and cache.shape[1] == tables.numel()
+        assert sorted(tables.flatten().tolist()) == list(range(tables.numel()))
+        assert (tables.flatten().tolist() == list(range(tables.numel()))) != shuffle
+        assert cache.dtype == (torch.float8_e4m3fn if shuffle else torch.bfloat16)
+        assert q.shape == (3, 32, 128) and ctx.tolist() == [40] * 3
