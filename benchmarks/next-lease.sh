@@ -65,12 +65,11 @@
 #     (pages in order, then shuffled), then Nsight Compute on the table's launch at 128.
 #   attention-vt (forty-fourth; run at 1040a17): V's pages transposed (V_T) 1.1-1.4x slower, so
 #     removed with its part.
-#   fp8-kv-s3 (forty-fourth): the fp8 cache's decode attention entry at 128 sequences with three
-#     stages, 30B fp8 c128 in engine_ab (run at b9f5333; kept).
 #   attention-swap (forty-fourth; run at 42cd878): decode attention with the tokens as the dots' M
 #     (SWAP) 1.06-1.5x slower, so removed with its part.
-#   fp8-kv-t32 (forty-fourth): the fp8 cache's attention entry at 16 sequences with 32-token tiles,
-#     30B fp8 c16 in engine_ab (run at b702da2; kept).
+#   fp8-kv-entry (forty-fourth): a patch of the fp8 cache's decode attention entry at CONC
+#     sequences (ENTRY, its JSON), 30B fp8 in engine_ab. Run as (then two parts, same commands):
+#     CONC=128 ENTRY='{"num_stages": 3}' at b9f5333, CONC=16 ENTRY='{"PAGES_TOKENS": 32}' at b702da2.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -331,20 +330,12 @@ if [ "$PART" = attention ]; then
     $W/ncu-attention-128-$COMMIT.txt | head -60 | cut -c1-140
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-if [ "$PART" = fp8-kv-s3 ]; then
-  # the fp8 cache's table entry at 128 sequences with three stages (alone: 65.7 -> 60.8 us), in the step
-  echo '{"s3": {"paged_decode,device=NVIDIA_H200.json": {"fp8": {"128": {"num_stages": 3}}}}}' > $W/v.json
+if [ "$PART" = fp8-kv-entry ]; then
+  # a patch of the fp8 cache's decode attention entry for CONC sequences (ENTRY: its JSON), in the step
+  echo "{\"patch\": {\"paged_decode,device=NVIDIA_H200.json\": {\"fp8\": {\"$CONC\": $ENTRY}}}}" > $W/v.json
   timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
-    --concurrency ${CONC:-128} --out-tokens 64 --routing uniform --kv-cache-dtype fp8_e4m3 > $W/ab-$PART-$COMMIT.txt 2>&1
-  tail -8 $W/ab-$PART-$COMMIT.txt | cut -c1-170
-  cd $OUT && tar czf results.tgz w; exit 0
-fi
-if [ "$PART" = fp8-kv-t32 ]; then
-  # the fp8 cache's decode attention at 16 sequences with 32-token tiles (alone: 15.96 -> 13.16 us), in the step
-  echo '{"t32": {"paged_decode,device=NVIDIA_H200.json": {"fp8": {"16": {"PAGES_TOKENS": 32}}}}}' > $W/v.json
-  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
-    --concurrency ${CONC:-16} --out-tokens 64 --routing uniform --kv-cache-dtype fp8_e4m3 > $W/ab-$PART-$COMMIT.txt 2>&1
-  tail -8 $W/ab-$PART-$COMMIT.txt | cut -c1-170
+    --concurrency $CONC --out-tokens 64 --routing uniform --kv-cache-dtype fp8_e4m3 > $W/ab-$PART-$CONC-$COMMIT.txt 2>&1
+  tail -8 $W/ab-$PART-$CONC-$COMMIT.txt | cut -c1-170
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$PART" = sampled-profile ]; then
@@ -358,4 +349,4 @@ if [ "$PART" = sampled-profile ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-s3, fp8-kv-t32)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-entry)"; exit 2
