@@ -33,7 +33,7 @@ lint: venv
 	$(PY) -m ruff check --select F qwen3vl_backend kernels openai_frontend client benchmarks tests model_repository
 
 test: venv lint
-	QWEN3VL_TEST_CACHE=$(CACHE)/tests $(PY) -m pytest -q $(PYTEST_ARGS)
+	QWEN3VL_TEST_CACHE=$(CACHE)/tests $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 serve: venv tiny triton
 	$(PY) -m qwen3vl_backend.launch --model-path $(MODEL) --host 127.0.0.1 --port 8000 --enable-metrics --enable-cache-report
