@@ -68,8 +68,10 @@
 #   attention-swap (forty-fourth; run at 42cd878): decode attention with the tokens as the dots' M
 #     (SWAP) 1.06-1.5x slower, so removed with its part.
 #   fp8-kv-entry (forty-fourth): a patch of the fp8 cache's decode attention entry at CONC
-#     sequences (ENTRY, its JSON), 30B fp8 in engine_ab. Run as (then two parts, same commands):
+#     sequences (ENTRY, its JSON; KEY, the entry's key where it is not CONC), 30B fp8 in engine_ab. Run as (then two parts, same commands):
 #     CONC=128 ENTRY='{"num_stages": 3}' at b9f5333, CONC=16 ENTRY='{"PAGES_TOKENS": 32}' at b702da2.
+#   attention-c1 (forty-fourth): batch-1 attention_variants over both caches, then fp8-kv-entry at
+#     c1 (KEY 1,4,8: 32-token tiles).
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -330,9 +332,16 @@ if [ "$PART" = attention ]; then
     $W/ncu-attention-128-$COMMIT.txt | head -60 | cut -c1-140
   cd $OUT && tar czf results.tgz w; exit 0
 fi
+if [ "$PART" = attention-c1 ]; then
+  # batch 1 over both caches alone, then the fp8 cache's entry "1,4,8" with 32-token tiles in the step
+  timeout 120 python -m benchmarks.attention_variants --seqs 1 --variants table,t32,t128,p32,p128,t32-p128 --out $W \
+    > $W/attention-c1-$COMMIT.txt 2>&1
+  grep -E "^ *(bf16|fp8) " $W/attention-c1-$COMMIT.txt | cut -c1-120
+  PART=fp8-kv-entry CONC=1 KEY=1,4,8 ENTRY='{"PAGES_TOKENS": 32}'
+fi
 if [ "$PART" = fp8-kv-entry ]; then
   # a patch of the fp8 cache's decode attention entry for CONC sequences (ENTRY: its JSON), in the step
-  echo "{\"patch\": {\"paged_decode,device=NVIDIA_H200.json\": {\"fp8\": {\"$CONC\": $ENTRY}}}}" > $W/v.json
+  echo "{\"patch\": {\"paged_decode,device=NVIDIA_H200.json\": {\"fp8\": {\"${KEY:-$CONC}\": $ENTRY}}}}" > $W/v.json
   timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
     --concurrency $CONC --out-tokens 64 --routing uniform --kv-cache-dtype fp8_e4m3 > $W/ab-$PART-$CONC-$COMMIT.txt 2>&1
   tail -8 $W/ab-$PART-$CONC-$COMMIT.txt | cut -c1-170
@@ -349,4 +358,4 @@ if [ "$PART" = sampled-profile ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-entry)"; exit 2
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-entry, attention-c1)"; exit 2
