@@ -70,8 +70,8 @@
 #   fp8-kv-entry (forty-fourth): a patch of the fp8 cache's decode attention entry at CONC
 #     sequences (ENTRY, its JSON; KEY, the entry's key where it is not CONC), 30B fp8 in engine_ab. Run as (then two parts, same commands):
 #     CONC=128 ENTRY='{"num_stages": 3}' at b9f5333, CONC=16 ENTRY='{"PAGES_TOKENS": 32}' at b702da2.
-#   attention-c1 (forty-fourth): batch-1 attention_variants over both caches, then fp8-kv-entry at
-#     c1 (KEY 1,4,8: 32-token tiles).
+#   attention-c1 (forty-fourth; run at f07dc35): batch-1 attention_variants over both caches, then
+#     fp8-kv-entry at c1 (KEY 1,4,8: 32-token tiles, +1.9% in the step, not kept).
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
