@@ -50,7 +50,7 @@ def test_prefetching_kernels_load_before_they_wait(compiled, name):
 
 
 @pytest.mark.parametrize("name", ["paged_decode", "paged_decode PREP", "paged_decode fp8 cache",
-                                  "paged_decode fp8 cache V_PAIRS", "qkv_prep fp8 cache",
+                                  "qkv_prep fp8 cache",
                                   "grouped DENSE SPLIT_K W8A8"])
 def test_plain_kernels_wait_before_they_touch_memory(compiled, name):
     seq = compiled[name]
