@@ -68,8 +68,9 @@
 #   attention-swap (forty-fourth; run at 42cd878): decode attention with the tokens as the dots' M
 #     (SWAP) 1.06-1.5x slower, so removed with its part.
 #   fp8-kv-entry (forty-fourth): a patch of the fp8 cache's decode attention entry at CONC
-#     sequences (ENTRY, its JSON; KEY, the entry's key where it is not CONC), 30B fp8 in engine_ab. Run as (then two parts, same commands):
-#     CONC=128 ENTRY='{"num_stages": 3}' at b9f5333, CONC=16 ENTRY='{"PAGES_TOKENS": 32}' at b702da2.
+#     sequences (ENTRY, its JSON; KEY, the entry's key where it is not CONC), 30B fp8 in engine_ab.
+#     Run (as two parts then, the same commands) with CONC=128 ENTRY='{"num_stages": 3}' at
+#     b9f5333 and CONC=16 ENTRY='{"PAGES_TOKENS": 32}' at b702da2.
 #   attention-c1 (forty-fourth; run at f07dc35): batch-1 attention_variants over both caches, then
 #     fp8-kv-entry at c1 (KEY 1,4,8: 32-token tiles, +1.9% in the step, not kept).
 COMMIT=$1; PART=${2:-packed}
@@ -340,7 +341,7 @@ if [ "$PART" = attention-c1 ]; then
   PART=fp8-kv-entry CONC=1 KEY=1,4,8 ENTRY='{"PAGES_TOKENS": 32}'
 fi
 if [ "$PART" = fp8-kv-entry ]; then
-  # a patch of the fp8 cache's decode attention entry for CONC sequences (ENTRY: its JSON), in the step
+  # a patch of the fp8 cache's decode attention entry (KEY, else CONC; ENTRY: its JSON), in the step at CONC
   echo "{\"patch\": {\"paged_decode,device=NVIDIA_H200.json\": {\"fp8\": {\"${KEY:-$CONC}\": $ENTRY}}}}" > $W/v.json
   timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
     --concurrency $CONC --out-tokens 64 --routing uniform --kv-cache-dtype fp8_e4m3 > $W/ab-$PART-$CONC-$COMMIT.txt 2>&1
