@@ -73,6 +73,10 @@
 #     b9f5333 and CONC=16 ENTRY='{"PAGES_TOKENS": 32}' at b702da2.
 #   attention-c1 (forty-fourth; run at f07dc35): batch-1 attention_variants over both caches, then
 #     fp8-kv-entry at c1 (KEY 1,4,8: 32-token tiles, +1.9% in the step, not kept).
+#   c1-tiles (forty-fifth): batch-1 decode attention with 32-token tiles at 32 splits (attention_variants'
+#     t32-p128, the best alone for both caches in the forty-fourth) in the step: the table's "1,4,8"
+#     patched (the fp8 cache has no entry of its own there, so both caches take it); 30B (CFG: FP8 or
+#     BF16) at c1 in engine_ab over the caches in KV (default fp8_e4m3,auto).
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -359,4 +363,15 @@ if [ "$PART" = sampled-profile ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-entry, attention-c1)"; exit 2
+if [ "$PART" = c1-tiles ]; then
+  echo '{"patch": {"paged_decode,device=NVIDIA_H200.json": {"1,4,8": {"PAGES_TOKENS": 32, "target_programs": 128}}}}' > $W/v.json
+  cfg=$CONFIG; [ "${CFG:-FP8}" = FP8 ] && cfg=$CONFIG-FP8
+  for kv in $(echo ${KV:-fp8_e4m3,auto} | tr , ' '); do
+    [ $(left 560) -lt 150 ] && { echo "no time left for $kv"; break; }
+    timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $cfg \
+      --concurrency 1 --out-tokens 64 --routing uniform --kv-cache-dtype $kv > $W/ab-c1-tiles-$cfg-$kv-$COMMIT.txt 2>&1
+    echo "$cfg cache $kv ($(( $(date +%s) - START )) s in)"; tail -4 $W/ab-c1-tiles-$cfg-$kv-$COMMIT.txt | cut -c1-170
+  done
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-entry, attention-c1, c1-tiles)"; exit 2
