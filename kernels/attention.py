@@ -220,7 +220,9 @@ def pick_config(table: dict, num_seqs: int, kv_heads: int | None, group: int | N
     entry under the same key, where there is one, goes over it: the H200's at 128 sequences
     (128-token tiles: 30B fp8's step 14.45 -> 13.56 ms, the bf16 cache's 13.64; doubling the
     tiles at 1, 16 and 64 sequences lost: NOTES, forty-third session; three stages: 13.45 -> 13.27
-    ms, forty-fourth) and at 16 (32-token tiles: 7.288 -> 7.172 ms, forty-fourth)."""
+    ms, forty-fourth), at 16 (32-token tiles: 7.288 -> 7.172 ms, forty-fourth) and at one sequence
+    of 30B's heads (32-token tiles at 32 splits: 30B fp8's step 1.921 -> 1.898 ms, bf16's 2.341 ->
+    2.320; over a bf16 cache 1.892 -> 1.888, so not there: forty-fifth)."""
     over = table.get("fp8", {}) if fp8_cache else {}
     key = f"{num_seqs},{kv_heads},{group}"
     if key not in table:
