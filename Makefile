@@ -30,7 +30,7 @@ triton: venv
 	@$(PY) -m qwen3vl_backend.tools.install_triton --dest $(CACHE)/triton
 
 lint: venv
-	$(PY) -m ruff check --select F qwen3vl_backend kernels openai_frontend client benchmarks tests model_repository
+	$(PY) -m ruff check --select F qwen3vl_backend qwen3vl_kernels openai_frontend client benchmarks tests model_repository
 
 test: venv lint
 	QWEN3VL_TEST_CACHE=$(CACHE)/tests $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)

@@ -1,5 +1,5 @@
 """Paged decode attention at a decode step's shapes (30B-A3B: 32 query / 4 KV heads, D 128, 16-token
-pages) under launch variants of `kernels.attention.paged_decode_attention`: each a patch over the
+pages) under launch variants of `qwen3vl_kernels.attention.paged_decode_attention`: each a patch over the
 device table's entry ({} = the table's own), timed per call over cache copies cycled past L2 (a
 step's layers each read their own cache once), against the floor of the bytes read (the cache's K
 and V at its dtype, q and the output), with each variant's error against the float32 reference.
@@ -20,7 +20,7 @@ import faulthandler
 
 import torch
 
-from kernels.attention import decode_config, num_splits_for, paged_decode_attention, paged_decode_attention_reference
+from qwen3vl_kernels.attention import decode_config, num_splits_for, paged_decode_attention, paged_decode_attention_reference
 
 from .common import against_table, print_table, variant_row, write_result
 from .roofline import measure as roofline

@@ -1,5 +1,5 @@
 """The tensor-parallel step's collectives on this host's GPUs: all-reduce of (tokens, hidden) bf16,
-eager and inside a CUDA graph, the peer all-reduce (kernels/allreduce.py, two GPUs) inside a graph,
+eager and inside a CUDA graph, the peer all-reduce (qwen3vl_kernels/allreduce.py, two GPUs) inside a graph,
 and the step channel's broadcasts (engine/tp.py).
 
     python -m benchmarks.collectives [--tp 2] [--hidden 2048,4096] [--out DIR]
@@ -54,7 +54,7 @@ def _worker(rank: int, world: int, port: int, hiddens: list[int], queue, tokens=
     disable_multicast()
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    from kernels.allreduce import PeerAllReduce
+    from qwen3vl_kernels.allreduce import PeerAllReduce
 
     peer = PeerAllReduce.create(dist.group.WORLD, rank, world, torch.device("cuda", rank), torch.bfloat16)
     rows = []

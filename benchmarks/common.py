@@ -19,7 +19,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "qwen3vl_backend" / "data" / 
 
 def fp8_experts(w13: torch.Tensor, w2: torch.Tensor, block: tuple[int, int]):
     """Stacked expert weights (E, N, K) -> (q13, s13, q2, s2): each expert's block-fp8 weights and scales."""
-    from kernels.fp8 import quantize_weight_blocks
+    from qwen3vl_kernels.fp8 import quantize_weight_blocks
 
     return tuple(torch.stack(t) for w in (w13, w2) for t in zip(*(quantize_weight_blocks(x.float(), block) for x in w)))
 

@@ -1,10 +1,10 @@
 """The fp8 projections at decode batches (30B-A3B's qkv and o_proj, 16 and 64 rows) under launch
-variants of the one-expert grouped GEMM (`kernels.fused_moe.dense_fp8_gemm`): each a patch over
+variants of the one-expert grouped GEMM (`qwen3vl_kernels.fused_moe.dense_fp8_gemm`): each a patch over
 the device table's entry ({} = the table's own), timed per call over weight copies cycled past L2
 (a decode step reads each layer's weights once), against the bytes' floor, with each variant's
 error against the dequantized product and whether two runs of it give the same bits ("repeats").
 Each row is printed as it is measured, and a launch that hangs prints its stack every 90 s.
-The `gluon-*` variants are kernels.gluon_dense's launch shapes. (The thirty-fourth session's
+The `gluon-*` variants are qwen3vl_kernels.gluon_dense's launch shapes. (The thirty-fourth session's
 TILE_SCALE variants, in `results/dense-moe-decode-34/`, and the thirty-fifth's warp-specialized
 kernel, in `results/dense-ws-35/`, went with their code.)
 
@@ -21,8 +21,8 @@ import faulthandler
 
 import torch
 
-from kernels.fp8 import dense_config, dequantize_weight_blocks, quantize_weight_blocks
-from kernels.fused_moe import dense_fp8_gemm
+from qwen3vl_kernels.fp8 import dense_config, dequantize_weight_blocks, quantize_weight_blocks
+from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
 from .common import against_table, print_table, variant_row, write_result
 from .roofline import measure as roofline
@@ -37,7 +37,7 @@ VARIANTS = {
     "a8-n64-k2": {"A8": True, "BITS": False, "BLOCK_N": 64, "SPLIT_K": 2},
     "bits-n64-k4": {"A8": False, "BITS": True, "BLOCK_N": 64, "SPLIT_K": 4},
     "bits-n64-k4-swap": {"A8": False, "BITS": True, "BLOCK_N": 64, "SPLIT_K": 4, "SWAP_AB": True},
-    # kernels.gluon_dense (W8A8, each step's wgmma overlapping the last one's scaling): weight rows a
+    # qwen3vl_kernels.gluon_dense (W8A8, each step's wgmma overlapping the last one's scaling): weight rows a
     # program, K split, tiles in flight (num_stages), warps
     "gluon-n64-s4": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 4, "num_warps": 4}},
     "gluon-n64-s8": {"GLUON": {"BLOCK_N": 64, "SPLIT_K": 1, "num_stages": 8, "num_warps": 4}},

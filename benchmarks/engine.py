@@ -477,7 +477,7 @@ def main(argv=None):
 def burst(args, settings: dict, engine: LLMEngine, processor: Processor, weights_gib: float, ceil: dict,
           load_s: float) -> None:
     """--burst: what the first concurrent requests after a start meet (the serving warm-up only)."""
-    from kernels.jit_cache import compiled_kernels
+    from qwen3vl_kernels.jit_cache import compiled_kernels
 
     t = time.perf_counter()
     engine.warm_up(traffic=args.burst_warm_up == "traffic")

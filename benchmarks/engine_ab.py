@@ -7,7 +7,7 @@ Isolated kernel timings have misled here again and again (NOTES: a norm_route sh
 faster alone made the step 0.38 ms slower; a tuner's MoE table that lost in the step), while the
 same code repeats to ~0.01 ms inside one lease (twelfth session). So a table entry is chosen
 by running the engine benchmark once per variant. Each variant runs in its own copy of the code
-(kernels/, qwen3vl_backend/, benchmarks/) whose tables carry its patches; the unpatched tree runs
+(qwen3vl_kernels/, qwen3vl_backend/, benchmarks/) whose tables carry its patches; the unpatched tree runs
 first and last, so drift within the lease shows. `variants.json`:
 
     {"n64s6": {"E=64,...,block=128x128.json": {"1": {"BLOCK_N": 64, "num_stages": 6}}}, ...}
@@ -39,7 +39,10 @@ from pathlib import Path
 from .common import RESULTS, print_table, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
-TREES = ("kernels", "qwen3vl_backend", "benchmarks")
+TREES = ("qwen3vl_kernels", "qwen3vl_backend", "benchmarks")
+# a checkout from before the rename names its kernels' package `kernels/` (renamed: transformers 5.25
+# brings Hugging Face's `kernels`); a tree of one runs as it was
+OLD_KERNELS = "kernels"
 BASE = "base"
 PARTIAL = "engine-ab-partial.json"     # the rows so far; gone once the run's own JSON is written
 # each row's columns from benchmarks.engine's rows (None where a variant did not run)
@@ -67,11 +70,11 @@ def patch_tables(configs: Path, patches: dict) -> None:
             continue
         path = configs / name
         if Path(name).name != name or not path.exists():
-            raise SystemExit(f"variant patches {name!r}: no such table in kernels/configs")
+            raise SystemExit(f"variant patches {name!r}: no such table in qwen3vl_kernels/configs")
         shadows = shadowing_tables(configs, name, entries)
         if shadows:
             raise SystemExit(f"variant patches {name!r}, whose entries {sorted(shadows[0][1])} the shape's own "
-                             f"table {shadows[0][0]!r} overrides with its \"pairs\" (kernels.fused_moe.pair_config): "
+                             f"table {shadows[0][0]!r} overrides with its \"pairs\" (qwen3vl_kernels.fused_moe.pair_config): "
                              "patch that table's \"pairs\" instead")
         table = json.loads(path.read_text())
         path.write_text(json.dumps(merged(table, entries), indent=1) + "\n")
@@ -95,11 +98,13 @@ def shadowing_tables(configs: Path, name: str, entries: dict) -> list[tuple[str,
 
 def make_tree(dest: Path, patches: dict) -> Path:
     source = ROOT / patches[TREE] if TREE in patches else ROOT
-    for sub in TREES:
+    subs = [OLD_KERNELS if sub == TREES[0] and not (source / sub).is_dir() and (source / OLD_KERNELS).is_dir() else sub
+            for sub in TREES]
+    for sub in subs:
         if not (source / sub).is_dir():
             raise SystemExit(f"variant tree {patches[TREE]!r}: no {sub}/ there")
         shutil.copytree(source / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    patch_tables(dest / "kernels" / "configs", patches)
+    patch_tables(dest / subs[0] / "configs", patches)
     return dest
 
 

@@ -48,7 +48,7 @@ def ttft_ms(engine: LLMEngine, prompt) -> float:
 
 
 def vit_graph_rows(model_dir) -> list[dict]:
-    from kernels.varlen_attention import varlen_attention
+    from qwen3vl_kernels.varlen_attention import varlen_attention
     from qwen3vl_backend.engine.vision_graphs import VisionGraphs
     from qwen3vl_backend.layers.attention import varlen_attention_torch
     from qwen3vl_backend.loader import load_vision_model

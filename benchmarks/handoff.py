@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused_moe import sm_count
-from kernels.pdl import gdc_launch, gdc_wait, pdl
+from qwen3vl_kernels.fused_moe import sm_count
+from qwen3vl_kernels.pdl import gdc_launch, gdc_wait, pdl
 
 from .common import graph_time_ms, print_table, write_result
 

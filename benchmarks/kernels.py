@@ -16,10 +16,10 @@ from unittest import mock
 import torch
 import triton
 
-from kernels.attention import num_splits_for, paged_decode_attention
-from kernels.fused_moe import PAIR_PATH_MAX_M, fused_moe, lookup_config
-from kernels.fused_moe import route as route_kernel
-from kernels.linear import config_file
+from qwen3vl_kernels.attention import num_splits_for, paged_decode_attention
+from qwen3vl_kernels.fused_moe import PAIR_PATH_MAX_M, fused_moe, lookup_config
+from qwen3vl_kernels.fused_moe import route as route_kernel
+from qwen3vl_kernels.linear import config_file
 from qwen3vl_backend.layers.moe import route
 
 from .common import cuda_time_ms, fp8_experts, graph_time_ms, per_call_ms, print_table, write_result
@@ -131,9 +131,9 @@ LINEAR_SHAPES = {"qkv": (5120, 2048), "o_proj": (2048, 4096), "router": (128, 20
 
 def sweep_linear(ceil: dict, ms=None) -> tuple[list[dict], dict]:
     """The decoder's projections at decode sizes: cuBLAS (F.linear) against the skinny GEMM's
-    best launch shape; -> rows, and the table kernels.linear reads (per shape and M, the best
+    best launch shape; -> rows, and the table qwen3vl_kernels.linear reads (per shape and M, the best
     config or "cublas")."""
-    from kernels.linear import skinny_linear
+    from qwen3vl_kernels.linear import skinny_linear
 
     rows, table = [], {}
     for name, (n, k) in LINEAR_SHAPES.items():
@@ -168,7 +168,7 @@ def sweep_linear(ceil: dict, ms=None) -> tuple[list[dict], dict]:
 def sweep_varlen_attention() -> list[dict]:
     """The ViT's attention (16 heads, head dim 72) over one image's frame: our varlen kernel's
     launch shapes against SDPA on the same segment."""
-    from kernels.varlen_attention import varlen_attention_bounded
+    from qwen3vl_kernels.varlen_attention import varlen_attention_bounded
 
     rows = []
     for n in (3520, 784):
@@ -225,7 +225,7 @@ def sweep_decode_attention(fp8: bool = False) -> tuple[list[dict], dict]:
     batch size, 1024-token contexts (the benchmarks' ~1 k), graph replay; -> rows, {seqs: best}.
     `fp8`: over a float8 cache, -> {"fp8": {seqs: best}} (the table's overlay for one; alone these
     have misled before: engine_ab decides, as for the H200's "fp8" entry at 128)."""
-    from kernels.attention import DEFAULT_CONFIG, num_splits_for
+    from qwen3vl_kernels.attention import DEFAULT_CONFIG, num_splits_for
 
     hkv, d, ctx = 4, 128, 1024
     rows, table = [], ({} if fp8 else {"1": DEFAULT_CONFIG})   # batch 1: launch-bound, 32 splits whatever the aim
@@ -256,7 +256,7 @@ def sweep_decode_attention_one() -> tuple[list[dict], dict]:
     """Batch-1 paged decode attention per model's heads: splits (programs aimed at), tile tokens
     and warps, 1024-token context, each call on its own cache past L2 as a step's layers read
     theirs, graph replay; -> rows, {"1,KV heads,group": best}."""
-    from kernels.attention import DEFAULT_CONFIG, num_splits_for, paged_decode_attention
+    from qwen3vl_kernels.attention import DEFAULT_CONFIG, num_splits_for, paged_decode_attention
 
     ctx, d = 1024, 128
     rows, table = [], {}
@@ -289,7 +289,7 @@ def sweep_norm_route() -> tuple[list[dict], dict]:
     """The batch-1 norm + router launch's shapes (router rows a program, warps) per (hidden,
     experts), graph replay with the routers cycled past L2 as a decode step's layers read theirs;
     -> rows, {"D,E": best}."""
-    from kernels.fused_moe import NORM_ROUTE_CONFIG, norm_route
+    from qwen3vl_kernels.fused_moe import NORM_ROUTE_CONFIG, norm_route
 
     rows, table = [], {}
     for name, (d, e) in NORM_ROUTE_SHAPES.items():
@@ -324,7 +324,7 @@ def bench_quantize() -> list[dict]:
     the program-per-token kernel against the flat (token, group)-pair one, bit for bit the same.
     Sixteen calls on one input in one graph, per call (the input is what the kernel before just
     wrote, in L2; one call a graph measured the replay's own ~18 us: 971d3ba's file)."""
-    from kernels.fp8 import quantize_launch
+    from qwen3vl_kernels.fp8 import quantize_launch
 
     rows = []
     for t, k, column_major in ((954, 2048, False), (954, 2048, True), (954, 4096, True), (7632, 768, False),
@@ -344,7 +344,7 @@ def bench_align() -> list[dict]:
     2048 tokens at top-8) and decode batches: its chunk cap and warps swept, uniform routing,
     sixteen different id sets per graph (per call), each launch's output checked equal to the torch
     alignment's ("default": align_by_expert's own choice)."""
-    from kernels.fused_moe import ALIGN_MAX_BLOCK, align_by_expert, align_by_expert_reference
+    from qwen3vl_kernels.fused_moe import ALIGN_MAX_BLOCK, align_by_expert, align_by_expert_reference
 
     rows = []
     for tokens in (2048, 954, 512, 256, 64, 16):
@@ -373,8 +373,8 @@ def bench_fp8(ceil: dict) -> list[dict]:
     projections (fp8 GEMV / cuBLAS fp8 against the skinny GEMM / cuBLAS bf16) and the fused MoE
     with uniform routing (fp8 weights dequantized in registers against bf16 weights). Weights
     cycle past L2 as a decode step reads them."""
-    from kernels.fp8 import fp8_linear, quantize_weight_blocks
-    from kernels.linear import skinny_linear
+    from qwen3vl_kernels.fp8 import fp8_linear, quantize_weight_blocks
+    from qwen3vl_kernels.linear import skinny_linear
 
     bw, block = ceil["copy_bandwidth_tb_s"] * 1e12, (128, 128)
     rows = []
@@ -423,9 +423,9 @@ SWEEP_MS = (1, 4, 16)           # the GEMV sweeps' default rows (--ms); a table 
 def sweep_fp8_gemv(ms=None) -> tuple[list[dict], dict]:
     """The fp8 GEMV's launch shapes at decode sizes (graph replay per call, weights past L2) against
     the bf16 skinny GEMM on the same shape; -> rows (best per shape and M) and the table
-    kernels.fp8 reads."""
-    from kernels.fp8 import fp8_gemv, quantize_weight_blocks
-    from kernels.linear import skinny_linear
+    qwen3vl_kernels.fp8 reads."""
+    from qwen3vl_kernels.fp8 import fp8_gemv, quantize_weight_blocks
+    from qwen3vl_kernels.linear import skinny_linear
 
     rows, table = [], {}
     for name, (n, k) in FP8_GEMV_SHAPES.items():
@@ -437,7 +437,7 @@ def sweep_fp8_gemv(ms=None) -> tuple[list[dict], dict]:
             bf16 = per_call_ms(lambda i: skinny_linear(x, ws[i % len(ws)]))
             # GROUP_SCALE: the scales loaded once per block of a K step instead of once per column
             if m == 1:      # up to a whole row a step (BLOCK_K = K): one round trip per program;
-                # the row kernel (kernels.fp8._fp8_row_kernel): INT_CVT, the weights made float32 by
+                # the row kernel (qwen3vl_kernels.fp8._fp8_row_kernel): INT_CVT, the weights made float32 by
                 # integer ops, or HALF2, multiplied in float16 pairs
                 space = itertools.chain(
                     itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (4, 8), (False,),
@@ -480,8 +480,8 @@ def sweep_fp8_dense(ms=None) -> tuple[list[dict], dict]:
     block-scaled GEMM with its quantize launch); graph replay per call, weights past L2. -> rows
     (best per shape and M) and the fp8_dense table: the best shape where it beats that path by 3%,
     else "default"."""
-    from kernels import fp8
-    from kernels.fused_moe import dense_fp8_gemm
+    from qwen3vl_kernels import fp8
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
     block = (128, 128)
     rows, table = [], {}
@@ -523,25 +523,25 @@ def roofline_cache() -> dict:
 
 
 def _fp8_gemv_file(device_name: str):
-    from kernels.fp8 import gemv_config_file
+    from qwen3vl_kernels.fp8 import gemv_config_file
 
     return gemv_config_file(device_name, (128, 128))
 
 
 def _fp8_dense_file(device_name: str):
-    from kernels.fp8 import dense_config_file
+    from qwen3vl_kernels.fp8 import dense_config_file
 
     return dense_config_file(device_name, (128, 128))
 
 
 def _norm_route_file(device_name: str):
-    from kernels.fused_moe import norm_route_config_file
+    from qwen3vl_kernels.fused_moe import norm_route_config_file
 
     return norm_route_config_file(device_name)
 
 
 def _decode_attention_file(device_name: str):
-    from kernels.attention import config_file as attention_config_file
+    from qwen3vl_kernels.attention import config_file as attention_config_file
 
     return attention_config_file(device_name)
 
@@ -558,7 +558,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-configs", action="store_true",
-                    help="write the skinny GEMM's, the fp8 GEMV's and decode attention's swept tables to kernels/configs/ for this GPU")
+                    help="write the skinny GEMM's, the fp8 GEMV's and decode attention's swept tables to qwen3vl_kernels/configs/ for this GPU")
     ap.add_argument("--only", default="moe,linear,routing,varlen,attention,fp8,fp8gemv,fp8dense,decodeattn,decodeattn1,normroute",
                     help="comma-separated parts to run")
     ap.add_argument("--ms", default=None, help="the GEMV sweeps' batch sizes (default 1,4,16)")

@@ -1,6 +1,6 @@
 """The fused MoE's sorted path at prefill sizes (30B-A3B's experts, uniform routing) under launch
 variants: each a patch over the table's entry for that M ({} = the table's own; a "DOWN" key
-patches the down GEMM alone; "switches" sets kernels.switches values for the variant's calls),
+patches the down GEMM alone; "switches" sets qwen3vl_kernels.switches values for the variant's calls),
 timed per call over weight copies and routings captured back to back (a prefill reads each
 layer's experts once; the copies keep one call's from L2 for the next), against the table's
 entry and the bytes' floor (every expert's weights read once).
@@ -20,8 +20,8 @@ from unittest import mock
 
 import torch
 
-from kernels import switches
-from kernels.fused_moe import fused_moe, fused_moe_reference, lookup_config
+from qwen3vl_kernels import switches
+from qwen3vl_kernels.fused_moe import fused_moe, fused_moe_reference, lookup_config
 from qwen3vl_backend.layers.moe import route
 
 from .common import against_table, fp8_experts, print_table, variant_row, write_result

@@ -26,7 +26,7 @@
 #     the mRoPE table kernel, the argmax kernel), then 30B fp8 c1 in engine_ab against the commit
 #     before them (carry .ab: `git archive c684b19 kernels qwen3vl_backend benchmarks`) and with each
 #     kernel's switch off; step-edges-16: the same at c16 and bf16 c1, without the tests.
-#   lm-head (thirty-ninth): the vocabulary projection through kernels.linear.table_linear's skinny
+#   lm-head (thirty-ninth): the vocabulary projection through qwen3vl_kernels.linear.table_linear's skinny
 #     launches (a table entry each) against cuBLAS, 30B fp8 c1 in engine_ab.
 #   sampling (written in the thirty-ninth, not run): 30B fp8 and bf16 at c1/c16, greedy against
 #     Qwen3-VL's generation config (temperature 0.7, top_p 0.8, top_k 20): what the sampler costs.
@@ -77,6 +77,9 @@
 #     t32-p128, the best alone for both caches in the forty-fourth) in the step: the table's "1,4,8"
 #     patched (the fp8 cache has no entry of its own there, so both caches take it); 30B (CFG: FP8 or
 #     BF16) at c1 in engine_ab over the caches in KV (default fp8_e4m3,auto).
+#   gpu-suite (forty-fifth): the GPU tests of test_gpu, test_fp8, test_kernels, test_sampling and
+#     test_engine (after the kernels' package became qwen3vl_kernels).
+#   rows-kv (forty-fifth): 30B fp8 rows at c1/16/64/128 over the fp8 cache, then the bf16 cache.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -374,4 +377,18 @@ if [ "$PART" = c1-tiles ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-entry, attention-c1, c1-tiles)"; exit 2
+if [ "$PART" = gpu-suite ]; then
+  gpu_tests suite 520 -m gpu tests/test_gpu.py tests/test_fp8.py tests/test_kernels.py tests/test_sampling.py tests/test_engine.py
+  tail -3 $W/gpu-tests-suite-$COMMIT.txt | cut -c1-200
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+if [ "$PART" = rows-kv ]; then
+  for kv in fp8_e4m3 auto; do
+    [ $(left 560) -lt 200 ] && { echo "no time left for $kv"; break; }
+    timeout $(left 585) python -m benchmarks.engine --config $CONFIG-FP8 --concurrency 1,16,64,128 --out-tokens 64 \
+      --routing uniform --kv-cache-dtype $kv --out $W > $W/rows-kv-$kv-$COMMIT.txt 2>&1
+    echo "cache $kv ($(( $(date +%s) - START )) s in)"; tail -6 $W/rows-kv-$kv-$COMMIT.txt | cut -c1-170
+  done
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-entry, attention-c1, c1-tiles, gpu-suite, rows-kv)"; exit 2

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from kernels.fused_moe import fused_moe_pairs, fused_moe_reference, pair_config
+from qwen3vl_kernels.fused_moe import fused_moe_pairs, fused_moe_reference, pair_config
 from qwen3vl_backend.layers.moe import route
 
 from .common import fp8_experts, per_call_ms, print_table, write_result

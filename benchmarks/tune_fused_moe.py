@@ -1,4 +1,4 @@
-"""Offline tuner for the fused MoE's sorted path: writes kernels/configs/E=..,N=..,K=..,device=...json.
+"""Offline tuner for the fused MoE's sorted path: writes qwen3vl_kernels/configs/E=..,N=..,K=..,device=...json.
 
     python -m benchmarks.tune_fused_moe [--experts 128 --hidden 2048 --inter 768 --topk 8]
         [--fp8] [--ep N] [--ms 1,2,4,...] [--out FILE]
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels.fp8 import dequantize_weight_blocks
-from kernels.fused_moe import (PAIR_PATH_MAX_M, config_file, fused_moe, fused_moe_pairs, fused_moe_reference,
+from qwen3vl_kernels.fp8 import dequantize_weight_blocks
+from qwen3vl_kernels.fused_moe import (PAIR_PATH_MAX_M, config_file, fused_moe, fused_moe_pairs, fused_moe_reference,
                                lookup_config, pair_config)
 from qwen3vl_backend.layers.moe import route
 
@@ -218,7 +218,7 @@ def main(argv=None):
     ap.add_argument("--wide", action="store_true", help="prefill sizes (M > 512): 36 launch shapes, 256-wide N tiles")
     ap.add_argument("--cycled", action="store_true",
                     help="time each shape over 16 routings (experts past L2, as in a decode step)")
-    ap.add_argument("--out", default=None, help="write here instead of kernels/configs/")
+    ap.add_argument("--out", default=None, help="write here instead of qwen3vl_kernels/configs/")
     ap.add_argument("--pairs", action="store_true", help="tune the pair path (small M) and merge it into the table")
     ap.add_argument("--rows", default=None, help="--pairs: also write the timings (JSON rows) here")
     args = ap.parse_args(argv)

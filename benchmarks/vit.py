@@ -68,10 +68,10 @@ VIT_SWITCHES = ("VIT_FUSED_NORM", "VIT_GELU_EPILOGUE")
 
 @torch.no_grad()
 def switch_rows(visual, pcfg, w: int, h: int, repeats: int, variants: list[str]) -> list[dict]:
-    """--switches: kernels.switches' ViT variants ("base", a switch's name, or "all") in the
+    """--switches: qwen3vl_kernels.switches' ViT variants ("base", a switch's name, or "all") in the
     order given, one process: each variant's exact-grid graph captured under cuDNN-first and
     replayed, and its eager call; the embeddings' relative difference from the first variant's."""
-    from kernels import switches
+    from qwen3vl_kernels import switches
 
     grid = image_grid(w, h, pcfg)
     n = grid[1] * grid[2]
@@ -107,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1280x720,1920x1080,448x448")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--switches", default="",
-                    help="instead of the SDPA orders: kernels.switches' ViT variants in this order, comma-separated "
+                    help="instead of the SDPA orders: qwen3vl_kernels.switches' ViT variants in this order, comma-separated "
                          "(base, all, " + ", ".join(VIT_SWITCHES) + "), e.g. base,all,base")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

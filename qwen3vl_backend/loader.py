@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from kernels.fp8 import FP8
+from qwen3vl_kernels.fp8 import FP8
 
 from .layers.linear import ShapeMismatch, default_weight_loader
 from .model_config import ModelConfig, QuantConfig

@@ -25,7 +25,7 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 # every rank on the engine's one GPU, collectives over gloo, no CUDA graphs (gloo's collectives
 # cannot be captured): tensor parallelism's arithmetic on a one-GPU host, for tests; slow. With
-# QWEN3VL_PEER_ALLREDUCE=1 the sums go through kernels/allreduce.py between the two processes
+# QWEN3VL_PEER_ALLREDUCE=1 the sums go through qwen3vl_kernels/allreduce.py between the two processes
 ONE_DEVICE_ENV = "QWEN3VL_TP_ONE_DEVICE"
 
 
@@ -40,7 +40,7 @@ def disable_multicast(env: dict | None = None) -> dict:
     return target
 
 
-# the two-GPU one-shot all-reduce (kernels/allreduce.py) when the runner set one up, else None
+# the two-GPU one-shot all-reduce (qwen3vl_kernels/allreduce.py) when the runner set one up, else None
 _peer_all_reduce = None
 
 

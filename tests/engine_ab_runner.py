@@ -7,7 +7,10 @@ import json
 import os
 
 from benchmarks.common import write_result
-from kernels.tables import CONFIG_DIR
+if os.path.isdir("kernels"):       # a tree from before the kernels' package was renamed (engine_ab.OLD_KERNELS)
+    from kernels.tables import CONFIG_DIR
+else:
+    from qwen3vl_kernels.tables import CONFIG_DIR
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--concurrency", default="1")

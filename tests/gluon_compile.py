@@ -1,4 +1,4 @@
-"""Compiles kernels.gluon_dense's W8A8 kernel for Hopper (sm_90a) without a GPU and prints one JSON
+"""Compiles qwen3vl_kernels.gluon_dense's W8A8 kernel for Hopper (sm_90a) without a GPU and prints one JSON
 line per launch shape: its wgmma waits, TMA copies, PDL controls, and what ptxas (Triton's own)
 says of it: registers, spills, and whether it serialized the wgmmas (C7514: an instruction read a
 product's registers before its wait, which takes away the overlap the kernel is for). Run without
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from kernels import gluon_dense  # noqa: E402
+from qwen3vl_kernels import gluon_dense  # noqa: E402
 
 # (BLOCK_N, BLOCK_T, STAGES, STEPS, SPLIT_K, num_warps): 30B qkv/o_proj at 16 and 32 rows a program
 SHAPES = [(64, 32, 4, 16, 1, 4), (64, 16, 4, 4, 4, 4), (64, 32, 6, 8, 2, 4), (128, 32, 4, 8, 2, 8),

@@ -17,12 +17,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.attention import _paged_decode_kernel  # noqa: E402
-from kernels.fused_moe import (_grouped_gemm_kernel, _norm_route_kernel, _pair_down_kernel,  # noqa: E402
+from qwen3vl_kernels.attention import _paged_decode_kernel  # noqa: E402
+from qwen3vl_kernels.fused_moe import (_grouped_gemm_kernel, _norm_route_kernel, _pair_down_kernel,  # noqa: E402
                                _pair_gate_up_kernel)
-from kernels.linear import _skinny_kernel  # noqa: E402
-from kernels.rope import _qkv_prep_kernel  # noqa: E402
-from kernels.sample import _lse_kernel, _sample_parts_kernel, _sample_pick_kernel, _sample_select_kernel  # noqa: E402
+from qwen3vl_kernels.linear import _skinny_kernel  # noqa: E402
+from qwen3vl_kernels.rope import _qkv_prep_kernel  # noqa: E402
+from qwen3vl_kernels.sample import _lse_kernel, _sample_parts_kernel, _sample_pick_kernel, _sample_select_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 MARKS = ("ld.global", "st.global", "atom.global", "griddepcontrol.launch_dependents", "griddepcontrol.wait")

@@ -74,7 +74,7 @@ def record(fn, args: tuple, kwargs: dict) -> None:
     rec = {"module": fn.__module__, "name": fn.__name__, "types": types, "consts": consts,
            "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
     into = _ONLY[-1] if _ONLY else RECORDS
-    # what the GPU turns on and a CPU never asks for: PDL (kernels.pdl) and inline PTX (ASM, whose
+    # what the GPU turns on and a CPU never asks for: PDL (qwen3vl_kernels.pdl) and inline PTX (ASM, whose
     # interpreted launches run an emulation of it; only where a flag that uses it is on), each twin
     # also recorded
     gpu_only = [name for name, users in GPU_ONLY.items()

@@ -1,4 +1,4 @@
-"""The two-GPU peer all-reduce's protocol (kernels/allreduce.py), run by Triton's interpreter in
+"""The two-GPU peer all-reduce's protocol (qwen3vl_kernels/allreduce.py), run by Triton's interpreter in
 two processes over shared CPU memory: each 'rank' pushes into the other's buffer, raises the
 other's flag and waits for its own. What the hardware adds (NVLink, sys-scope ordering) is
 tests/test_parallel_gpu.py's."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kernels.allreduce import CHUNK, peer_all_reduce_
+from qwen3vl_kernels.allreduce import CHUNK, peer_all_reduce_
 from qwen3vl_backend import parallel
 
 

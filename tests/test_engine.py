@@ -313,20 +313,20 @@ def test_fused_decoder_path_gives_the_same_output(tiny_moe, prompts, reference, 
     switches on (else all off; PDL_PREFETCH is on by default), QWEN3VL_FUSED_DECODE_PREP (decode
     steps' q/k prep inside the attention kernel), QWEN3VL_PDL_PREFETCH (the kernels' reads before
     PDL's wait) and QWEN3VL_FUSED_INPUT_NORM (decode's input norm inside the qkv GEMV)."""
-    import kernels.attention
-    import kernels.fused_moe
-    from kernels import switches
+    import qwen3vl_kernels.attention
+    import qwen3vl_kernels.fused_moe
+    from qwen3vl_kernels import switches
     from qwen3vl_backend.engine.model_runner import select_kernels
 
     for switch in ("FUSED_DECODE_PREP", "PDL_PREFETCH", "FUSED_INPUT_NORM"):
         monkeypatch.setattr(switches, switch, prep_in_attention)
 
     calls = []
-    norm_route = kernels.fused_moe.norm_route
-    monkeypatch.setattr(kernels.fused_moe, "norm_route", lambda *a: calls.append(a[0].shape[0]) or norm_route(*a))
-    monkeypatch.setattr(kernels.attention, "MAX_SPLITS", 2)
+    norm_route = qwen3vl_kernels.fused_moe.norm_route
+    monkeypatch.setattr(qwen3vl_kernels.fused_moe, "norm_route", lambda *a: calls.append(a[0].shape[0]) or norm_route(*a))
+    monkeypatch.setattr(qwen3vl_kernels.attention, "MAX_SPLITS", 2)
     small = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": 64, "down_warps": 4}
-    monkeypatch.setattr(kernels.fused_moe, "PAIR_CONFIGS", {1: small})
+    monkeypatch.setattr(qwen3vl_kernels.fused_moe, "PAIR_CONFIGS", {1: small})
     engine = make_engine(tiny_moe, attention_backend="triton", moe_backend="triton")
     select_kernels(engine.runner.model, engine.cfg, fuse=True)
     attn = engine.runner.model.model.language_model.layers[0].self_attn
@@ -351,11 +351,11 @@ def test_decode_graph_inputs_from_host_lists(tiny_moe, prompts, reference, monke
     (a padding row), give the reference's greedy tokens."""
     import torch
 
-    import kernels.attention
-    from kernels.attention import paged_decode_attention
+    import qwen3vl_kernels.attention
+    from qwen3vl_kernels.attention import paged_decode_attention
     from qwen3vl_backend.engine.cuda_graphs import DecodeGraphs
 
-    monkeypatch.setattr(kernels.attention, "MAX_SPLITS", 2)     # the interpreter pays for every program
+    monkeypatch.setattr(qwen3vl_kernels.attention, "MAX_SPLITS", 2)     # the interpreter pays for every program
     engine = make_engine(tiny_moe)
     runner = engine.runner
     for layer in runner.model.model.language_model.layers:

@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_variants_run_in_their_own_trees(tmp_path, monkeypatch, capsys):
-    original = (HERE.parent / "kernels" / "configs" / TABLE).read_text()
+    original = (HERE.parent / "qwen3vl_kernels" / "configs" / TABLE).read_text()
     base = json.loads(original)["2048,128"]
     variants = tmp_path / "v.json"
     variants.write_text(json.dumps({"wide": {TABLE: {"2048,128": {"BLOCK_E": 16}}},
@@ -42,18 +42,19 @@ def test_variants_run_in_their_own_trees(tmp_path, monkeypatch, capsys):
     assert {r["routing"] for r in written["rows"] if r["concurrency"] is not None} == {"uniform"}
     assert "ENGINE_AB_TEST_SCALE" not in os.environ           # the variant's environment was its own
     assert [r["vs_base"] for r in written["rows"] if r["concurrency"] is not None][2] == pytest.approx(16.0 / b)
-    assert (HERE.parent / "kernels" / "configs" / TABLE).read_text() == original      # the checkout untouched
+    assert (HERE.parent / "qwen3vl_kernels" / "configs" / TABLE).read_text() == original      # the checkout untouched
     assert not (tmp_path / "res" / "engine-ab-partial.json").exists()                # done: the whole JSON only
 
 
 def test_a_variant_tree_runs_another_checkouts_code(tmp_path, monkeypatch):
     """A variant's "tree": another checkout's code (here a copy whose table differs, as an earlier
-    commit's would), with the variant's env on top; a tree without the code is refused."""
+    commit's would, in an earlier commit's layout: the kernels' package was `kernels/` then), with
+    the variant's env on top; a tree without the code is refused."""
     import shutil
 
     alt = tmp_path / "alt"
-    for sub in ("kernels", "qwen3vl_backend", "benchmarks"):
-        shutil.copytree(HERE.parent / sub, alt / sub, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    for sub, name in (("qwen3vl_kernels", "kernels"), ("qwen3vl_backend", None), ("benchmarks", None)):
+        shutil.copytree(HERE.parent / sub, alt / (name or sub), ignore=shutil.ignore_patterns("__pycache__", "results"))
     table = alt / "kernels" / "configs" / TABLE
     table.write_text(json.dumps({"2048,128": {"BLOCK_E": 5, "num_warps": 1}}))
     variants = tmp_path / "v.json"
@@ -62,11 +63,11 @@ def test_a_variant_tree_runs_another_checkouts_code(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     assert main(["--variants", str(variants), "--runner", "engine_ab_runner", "--out", str(tmp_path / "res")]) == 0
     rows = json.loads(next((tmp_path / "res").glob("engine-ab-*.json")).read_text())["rows"]
-    base = float(json.loads((HERE.parent / "kernels" / "configs" / TABLE).read_text())["2048,128"]["BLOCK_E"])
+    base = float(json.loads((HERE.parent / "qwen3vl_kernels" / "configs" / TABLE).read_text())["2048,128"]["BLOCK_E"])
     assert [(r["variant"], r["itl_p50_ms"]) for r in rows] == [("base", base), ("before", 5.0), ("before-x2", 10.0),
                                                               ("base (again)", base)]
     variants.write_text(json.dumps({"gone": {"tree": str(tmp_path / "nowhere")}}))
-    with pytest.raises(SystemExit, match="no kernels/ there"):
+    with pytest.raises(SystemExit, match="no qwen3vl_kernels/ there"):
         main(["--variants", str(variants), "--runner", "engine_ab_runner", "--out", str(tmp_path / "res2")])
 
 
@@ -134,7 +135,7 @@ def test_a_variant_named_base_is_refused(tmp_path):
 
 
 def test_a_pair_patch_that_a_shape_table_overrides_is_refused(tmp_path):
-    """kernels.fused_moe.pair_config reads a MoE shape table's own "pairs" before the shape-free
+    """qwen3vl_kernels.fused_moe.pair_config reads a MoE shape table's own "pairs" before the shape-free
     fp8 pair table, so a variant patching the latter at a size the former holds measures nothing
     (it happened twice). Refused; sizes the shape table lacks, and other devices' tables, pass.
     And the committed variant files patch no shadowed entry."""
@@ -150,7 +151,7 @@ def test_a_pair_patch_that_a_shape_table_overrides_is_refused(tmp_path):
     assert json.loads((tmp_path / pairs).read_text())["4"] == {"a": 3}
     patch_tables(tmp_path, {shape: {"pairs": {"1": {"a": 3}}}})
     assert json.loads((tmp_path / shape).read_text())["pairs"]["1"] == {"a": 3}
-    configs = HERE.parent / "kernels" / "configs"
+    configs = HERE.parent / "qwen3vl_kernels" / "configs"
     for path in (HERE.parent / "benchmarks" / "variants").glob("*.json"):
         for variant, patches in json.loads(path.read_text()).items():
             for name, entries in patches.items():

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import CACHE, data_uri, image_bytes, make_image
-from kernels.fp8 import (FP8, dequantize_weight_blocks, quantize_activations, quantize_weight_blocks, scale_grid,
+from qwen3vl_kernels.fp8 import (FP8, dequantize_weight_blocks, quantize_activations, quantize_weight_blocks, scale_grid,
                          w8a8_block_linear_reference)
 from qwen3vl_backend import generate
 from qwen3vl_backend.config import EngineConfig
@@ -269,7 +269,7 @@ def _fp8_experts(e, h, i, block, device):
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("n,k,block", [(40, 70, (32, 32)), (130, 96, (128, 128)), (64, 200, (16, 64))])
 def test_fp8_gemv_dequantizes_in_registers(m, n, k, block):
-    from kernels.fp8 import fp8_gemv
+    from qwen3vl_kernels.fp8 import fp8_gemv
 
     x = torch.randn(m, k, device=DEV)
     q, s = quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block)
@@ -283,7 +283,7 @@ def test_fp8_gemv_dequantizes_in_registers(m, n, k, block):
 @pytest.mark.parametrize("m,e,h,i,a,block", [(1, 8, 64, 64, 2, (32, 32)), (3, 6, 96, 32, 3, (16, 32)),
                                              (5, 4, 80, 32, 2, (32, 16))])
 def test_fp8_moe_pair_path(m, e, h, i, a, block):
-    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
+    from qwen3vl_kernels.fused_moe import fused_moe_pairs, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
     q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
@@ -300,7 +300,7 @@ def test_fp8_moe_pair_path(m, e, h, i, a, block):
 @pytest.mark.parametrize("fuse_silu", [True, False])
 @pytest.mark.parametrize("persistent", [0, 1])
 def test_fp8_moe_sorted_path(m, e, h, i, a, block, fuse_silu, persistent, monkeypatch):
-    from kernels.fused_moe import fused_moe, fused_moe_reference
+    from qwen3vl_kernels.fused_moe import fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
     monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", str(1 << 30))        # W8A16 here; W8A8 below
@@ -335,8 +335,8 @@ def _w8a8_moe_reference(x, d13, d2, w, ids, group):
 def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, persistent, scales_ahead, monkeypatch):
     """From W8A8_MIN_M tokens the activations are fp8 too: against the same quantization in torch.
     Each K step's scales loaded a step ahead or in the step (switches.SCALES_AHEAD): the same."""
-    from kernels import switches
-    from kernels.fused_moe import fused_moe, fused_moe_reference
+    from qwen3vl_kernels import switches
+    from qwen3vl_kernels.fused_moe import fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
     monkeypatch.setattr(switches, "SCALES_AHEAD", scales_ahead)
@@ -356,7 +356,7 @@ def test_fp8_moe_sorted_path_w8a8(m, e, h, i, a, block, persistent, scales_ahead
 def test_fp8_moe_down_gemm_takes_its_own_launch_shape(m, monkeypatch):
     """A config's "DOWN" entry launches the down GEMM with its own tile, warps and stages (not its
     rows' BLOCK_M), and the result is still the W8A8 product (one token: pair blocks)."""
-    import kernels.fused_moe as fm
+    import qwen3vl_kernels.fused_moe as fm
     from qwen3vl_backend.layers.moe import route
 
     monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "1")
@@ -379,7 +379,7 @@ def test_fp8_moe_down_gemm_takes_its_own_launch_shape(m, monkeypatch):
 @pytest.mark.parametrize("t,k,group", [(1, 128, 128), (5, 300, 128), (33, 200, 32), (4, 70, 64), (954, 2048, 128)])
 @pytest.mark.parametrize("column_major", [False, True])
 def test_activation_quantization_kernel(t, k, group, column_major):
-    from kernels.fp8 import quantize_activations_fp8
+    from qwen3vl_kernels.fp8 import quantize_activations_fp8
 
     x = (torch.randn(t, k) * torch.logspace(-3, 2, k)).to(DEV).bfloat16()
     x[0, :group] = 0.0                                      # an all-zero group keeps a finite scale
@@ -400,7 +400,7 @@ def test_flat_quantize_kernel_gives_the_per_token_kernels_bits(t, k, group, pad,
     (each launch on this device: the interpreter off a GPU). Four pairs a program, with 3, 4 and
     6 groups a row: tiles cross rows, and the last one has pairs past the end; rows `pad`
     elements apart."""
-    from kernels import fp8
+    from qwen3vl_kernels import fp8
 
     monkeypatch.setattr(fp8, "FLAT_QUANTIZE_ELEMENTS", 4 * group)
     base = (torch.randn(t, k + pad) * torch.logspace(-3, 2, k + pad)).to(DEV).bfloat16()
@@ -418,7 +418,7 @@ def test_flat_quantize_where_it_was_measured_faster(monkeypatch):
     variable forces either."""
     import importlib
 
-    from kernels import fp8, switches
+    from qwen3vl_kernels import fp8, switches
 
     assert fp8.flat_quantize_pays(7632, 768, 128) and fp8.flat_quantize_pays(4096, 1024, 128)
     for t, k in ((954, 2048), (954, 4096), (512, 768), (16, 2048), (7632, 2048), (4095, 768)):
@@ -436,8 +436,8 @@ def test_fp8_gpu_paths_at_30b_shapes(m):
     """Real 30B-A3B shapes in bf16 on the GPU: the linear path (GEMV, then cuBLAS's block fp8) at
     qkv's and o_proj's shapes (the H200 table's INT_CVT and HALF2 at one row) and both MoE paths,
     against the dequantized weights."""
-    from kernels.fp8 import fp8_linear
-    from kernels.fused_moe import fused_moe, fused_moe_reference, pair_path_max_m
+    from qwen3vl_kernels.fp8 import fp8_linear
+    from qwen3vl_kernels.fused_moe import fused_moe, fused_moe_reference, pair_path_max_m
     from qwen3vl_backend.layers.moe import route
 
     block = (128, 128)
@@ -473,7 +473,7 @@ def _exact_fp8_groups(m: int, k: int, group: int) -> torch.Tensor:
 def test_fp8_gemv_w8a8_exact_groups(m, n, k, block):
     """The GEMV's A8 mode (rows quantized per group in registers, fp8 dots) in the interpreter too,
     on rows exact in e4m3, against the same quantization in torch."""
-    from kernels.fp8 import fp8_gemv
+    from qwen3vl_kernels.fp8 import fp8_gemv
 
     x = _exact_fp8_groups(m, k, block[1]).to(DEV)
     q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
@@ -489,7 +489,7 @@ def test_fp8_gemv_w8a8_exact_groups(m, n, k, block):
 def test_fp8_gemv_w8a8(m, n, k, block):
     """A8: the GEMV quantizes its rows per group in registers and dots in fp8; against the same
     quantization in torch, and within e4m3's activation error of the float product."""
-    from kernels.fp8 import fp8_gemv
+    from qwen3vl_kernels.fp8 import fp8_gemv
 
     x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
     q, s = (t.cuda() for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
@@ -504,7 +504,7 @@ def test_fp8_row_kernel_reads_every_e4m3_value_exactly(mode, x_value):
     float16 products, on the CPU the emulation of its PTX) read each of the 254 finite e4m3 values,
     subnormals and both zeros, back exactly: one weight a row, unit scales, x all ones (HALF2:
     2^-8, whose 2^8 on x makes the product the weight)."""
-    from kernels.fp8 import fp8_gemv
+    from qwen3vl_kernels.fp8 import fp8_gemv
 
     values = torch.arange(256, dtype=torch.int32)
     values = values[(values & 0x7F) != 0x7F].to(torch.uint8)
@@ -532,7 +532,7 @@ def test_fp8_row_kernel_against_the_dequantized_weights(n, k, block, block_k, gr
     or of several, a partial last step, scales per column or a block at a time, a bias. HALF2
     (float16 pairs; on the CPU the emulation of its PTX) within float16's rounding of the float32
     product, and of INT_CVT's answer."""
-    from kernels.fp8 import fp8_gemv
+    from qwen3vl_kernels.fp8 import fp8_gemv
 
     x = (torch.randn(1, k) * torch.logspace(-1, 1, k)).to(DEV)
     q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * torch.logspace(-2, 0, k), block))
@@ -553,7 +553,7 @@ def test_fp8_row_kernel_half2_overflow_computes_again_exactly(dtype):
     columns that rows 16.. weigh (block rows of 16, programs of 8 rows). That answer differs
     from INT_CVT's where x carries more bits than float16 holds (float32); a bfloat16 x's
     products and sums can come out exact (they did on the H200), so there only its bound holds."""
-    from kernels.fp8 import fp8_gemv
+    from qwen3vl_kernels.fp8 import fp8_gemv
 
     n, k, block = 48, 256, (16, 64)
     w = torch.randn(n, k)
@@ -576,11 +576,11 @@ def test_fp8_row_kernel_half2_overflow_computes_again_exactly(dtype):
 def test_fp8_row_kernel_only_where_the_bytes_are_whole_ints(k, stride_pad, int_cvt, monkeypatch):
     """INT_CVT reads the weights four bytes at a time: K or a row stride not a multiple of four
     runs the converting kernel instead (same answer)."""
-    import kernels.fp8
+    import qwen3vl_kernels.fp8
 
     launched = []
     for name in ("_fp8_row_kernel", "_skinny_kernel"):
-        kernel = getattr(kernels.fp8, name)
+        kernel = getattr(qwen3vl_kernels.fp8, name)
 
         class Recorder:
             def __init__(self, kernel, name):
@@ -588,14 +588,14 @@ def test_fp8_row_kernel_only_where_the_bytes_are_whole_ints(k, stride_pad, int_c
 
             def __getitem__(self, grid):
                 return lambda *a, **kw: launched.append(self.name) or self.kernel[grid](*a, **kw)
-        monkeypatch.setattr(kernels.fp8, name, Recorder(kernel, name))
+        monkeypatch.setattr(qwen3vl_kernels.fp8, name, Recorder(kernel, name))
     block = (16, 64)
     q, s = quantize_weight_blocks(torch.randn(40, k), block)
     # padded rows made on the device (a copy there would be contiguous)
     q = torch.cat([q.view(torch.uint8), torch.zeros(40, stride_pad, dtype=torch.uint8)], 1).to(DEV).view(FP8)[:, :k]
     s, x = s.to(DEV), torch.randn(1, k, device=DEV)
     assert q.stride(0) == k + stride_pad
-    got = kernels.fp8.fp8_gemv(x, q, s, block, config={"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4,
+    got = qwen3vl_kernels.fp8.fp8_gemv(x, q, s, block, config={"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4,
                                                       "INT_CVT": True})
     assert launched == ["_fp8_row_kernel" if int_cvt else "_skinny_kernel"]
     assert _rel(got, x @ dequantize_weight_blocks(q, s, block).T) < KTOL
@@ -606,7 +606,7 @@ def test_fp8_row_kernel_only_where_the_bytes_are_whole_ints(k, stride_pad, int_c
 def test_fp8_gemv_scales_a_block_at_a_time(m, block_k, block):
     """GROUP_SCALE: a K step inside one scale block takes one scale, a step of whole blocks one
     per block (the last block partial: K = 300), the same answer as a scale per column."""
-    from kernels.fp8 import fp8_gemv
+    from qwen3vl_kernels.fp8 import fp8_gemv
 
     x = torch.randn(m, 300, device=DEV)
     q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(70, 300) * torch.logspace(-2, 0, 300), block))
@@ -621,7 +621,7 @@ def test_fp8_gemv_scales_a_block_at_a_time(m, block_k, block):
 def test_fp8_moe_pairs_scale_a_block_at_a_time(block_k, block):
     """The pair kernels' GROUP_SCALE (gate_up's and down's, each its own key): the same answer as
     a scale per column, with K steps inside one block or over whole blocks."""
-    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
+    from qwen3vl_kernels.fused_moe import fused_moe_pairs, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
     m, e, h, i, a = 2, 6, 96, 64, 3
@@ -653,7 +653,7 @@ def _pairs_with_another_ranks_experts(i: int, block: tuple[int, int]):
 
 def _local_reference(x, w, ids, d13, d2):
     """fused_moe_reference over this rank's experts only (another rank's slots add nothing)."""
-    from kernels.fused_moe import fused_moe_reference
+    from qwen3vl_kernels.fused_moe import fused_moe_reference
 
     keep = ids < d13.shape[0]
     return fused_moe_reference(x, d13, d2, w * keep, torch.where(keep, ids, 0))
@@ -667,7 +667,7 @@ def test_fp8_moe_pairs_never_read_another_ranks_scales(block_k, block, group_sca
     the reference's, with K steps inside one scale block and over several (GROUP_SCALE's loads,
     not masked by slot, once read them and made the token NaN), PREFETCH's first step, a K
     (intermediate 100) that ends mid-step, and a token whose pairs are all elsewhere (zeros)."""
-    from kernels.fused_moe import fused_moe_pairs
+    from qwen3vl_kernels.fused_moe import fused_moe_pairs
 
     x, w, ids, q13, s13, q2, s2, d13, d2 = _pairs_with_another_ranks_experts(100, block)
     cfg = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4, "DOWN_BLOCK_N": 16, "DOWN_BLOCK_K": block_k,
@@ -697,7 +697,7 @@ def test_moe_pairs_gate_up_through_a_tma_descriptor(fp8, i, block_k, prefetch, s
     block and over several (the TMA kernel scales a block at a time, the plain one here a column
     at a time), PREFETCH or not, another rank's experts (id E: scale rows of NaN where they
     would be) and a token whose pairs all lie elsewhere (zeros, act rows never written: NaN)."""
-    from kernels import fused_moe as fm
+    from qwen3vl_kernels import fused_moe as fm
 
     block = (32, 32)
     x, w, ids, q13, s13, q2, s2, d13, d2 = _pairs_with_another_ranks_experts(i, block)
@@ -723,7 +723,7 @@ def test_tma_rows_refuses_what_a_descriptor_cannot_read():
     """A descriptor needs contiguous rows 16 bytes apart and power-of-two box sides of at most 256
     (at least 16 bytes a box row), and fp8 scale blocks a power of two wide: anything else keeps
     the plain pair kernels."""
-    from kernels.fused_moe import tma_rows_ok
+    from qwen3vl_kernels.fused_moe import tma_rows_ok
 
     w = torch.zeros(4, 64, 96, dtype=torch.float8_e4m3fn)
     assert tma_rows_ok(w, 16, 32) and tma_rows_ok(w, 8, 256) and tma_rows_ok(w.float(), 16, 4)
@@ -738,7 +738,7 @@ def test_a_triton_without_tensor_descriptors_runs_the_plain_pair_kernels(monkeyp
     TMA key is ignored: the plain gate_up kernel runs and answers, not an ImportError mid-decode."""
     import builtins
 
-    from kernels import fused_moe as fm
+    from qwen3vl_kernels import fused_moe as fm
 
     real_import = builtins.__import__
 
@@ -766,8 +766,8 @@ def test_a_triton_without_tensor_descriptors_runs_the_plain_pair_kernels(monkeyp
 def test_fp8_gemv_with_the_input_norm_inside(group_scale):
     """NORM on the fp8 GEMV's row: the residual add and RMSNorm in the kernel give what the norm
     then the GEMV give; a launch shape asking for INT_CVT (whose kernel has no norm) returns None."""
-    from kernels.fp8 import fp8_gemv
-    from kernels.rmsnorm import rmsnorm_reference
+    from qwen3vl_kernels.fp8 import fp8_gemv
+    from qwen3vl_kernels.rmsnorm import rmsnorm_reference
 
     k, block = 256, (32, 64)
     x, res = torch.randn(1, k, device=DEV), torch.randn(1, k, device=DEV)
@@ -789,7 +789,7 @@ def test_moe_pairs_prefetch_gives_the_same_bits(fp8, down_k, group_scale):
     """PREFETCH (down reads its routing and first K step's weights before PDL's wait, gate_up
     lets it launch only after its own wait): the same bits as the plain kernels, with one K step
     (intermediate 64 in steps of 128), two or more, bf16-style and fp8 weights."""
-    from kernels.fused_moe import fused_moe_pairs, fused_moe_reference
+    from qwen3vl_kernels.fused_moe import fused_moe_pairs, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
     m, e, h, i, a, block = 3, 6, 96, 64, 3, (32, 32)
@@ -809,7 +809,7 @@ def test_moe_pairs_prefetch_gives_the_same_bits(fp8, down_k, group_scale):
 def test_fp8_gemv_steps_across_scale_blocks(block_n, block):
     """A K step of 256 over narrower scale blocks (each column its own block's scale), and
     programs asked for more rows than a scale block holds (they take fewer)."""
-    from kernels.fp8 import fp8_gemv
+    from qwen3vl_kernels.fp8 import fp8_gemv
 
     x = torch.randn(3, 300, device=DEV)
     q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(70, 300) * torch.logspace(-2, 0, 300), block))
@@ -827,7 +827,7 @@ def test_dense_fp8_gemm_is_the_dequantized_product(m, n, k, block, block_n):
     """The grouped GEMM with one expert and its rows in order (a decode batch's dense layer):
     W8A16 against the dequantized weights, at row counts that leave the last block of rows part
     padding (2, 5, 33, 130 over blocks of 16 and 32)."""
-    from kernels.fused_moe import dense_fp8_gemm
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
     x = torch.randn(m, k, device=DEV)
     q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * torch.logspace(-2, 0, k), block))
@@ -844,7 +844,7 @@ def test_dense_fp8_gemm_is_the_dequantized_product(m, n, k, block, block_n):
 def test_dense_fp8_gemm_bits_is_the_dequantized_product(m, n, k, block):
     """BITS: the weight tiles made bfloat16 by integer ops (2^-120 of their values, made up in the
     scale), x bfloat16: within bfloat16's rounding of the dequantized product, split over K too."""
-    from kernels.fused_moe import dense_fp8_gemm
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
     x = torch.randn(m, k, device=DEV).bfloat16()
     q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * torch.logspace(-3, 0, k), block))
@@ -861,7 +861,7 @@ def test_dense_fp8_gemm_bits_reads_every_e4m3_value():
     weight columns): normal values exact; a subnormal (exponent field 0, |v| < 2^-6) exact or
     flushed to zero (Triton's interpreter flushes bfloat16 subnormals; on a GPU, the tensor
     cores decide)."""
-    from kernels.fused_moe import dense_fp8_gemm
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
     codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
     values = codes.view(torch.float8_e4m3fn).float()
@@ -884,7 +884,7 @@ def test_dense_fp8_gemm_l2_prefetch_gives_the_same_bits(mode):
     """L2_PREFETCH moves PDL's wait after the program's weight lines are asked of L2 (its PTX on a
     GPU only): the same bits as without it, whole or split over K (K = 320: 3 splits of 2 or 1
     steps), at rows that leave the last block part padding."""
-    from kernels.fused_moe import dense_fp8_gemm
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
     x = torch.randn(21, 320, device=DEV)
     x = x.bfloat16() if mode == "bits" else x
@@ -901,7 +901,7 @@ def test_dense_fp8_gemm_split_k_leaves_its_counts_at_zero():
     """Split-K: each tile's last program sums the partials in split order and resets the tile's
     count, so the next launch (another shape, fewer splits) starts from zero and repeats exactly.
     K = 300 in 32-wide steps is 10 steps: 4 splits of 3, the last with 1; 16 splits cap at 10."""
-    from kernels.fused_moe import dense_fp8_gemm, tile_counts
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm, tile_counts
 
     x = torch.randn(20, 300, device=DEV)
     q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(70, 300) * 0.05, (32, 32)))
@@ -921,7 +921,7 @@ def test_swap_ab_gives_the_same_product(mode, monkeypatch):
     mode, dense (split over K too) and sorted MoE (gate_up with SiLU fused, down with the routing
     weights; 37 tokens, and one token's pair blocks). Square 32 x 32 tiles, so a result left
     transposed would keep its shape and be caught here."""
-    from kernels.fused_moe import dense_fp8_gemm, dense_gemm, fused_moe, fused_moe_reference
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm, dense_gemm, fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
     cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
@@ -974,7 +974,7 @@ def test_swap_ab_gives_the_same_product(mode, monkeypatch):
 def test_dense_fp8_gemm_w8a8(m, n, k, block):
     """A8: the rows quantized per token and group (one launch) and fp8 dots, against the same
     quantization in torch (rows exact in e4m3: the interpreter rounds to e4m3 unlike the GPU)."""
-    from kernels.fused_moe import dense_fp8_gemm
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
     x = _exact_fp8_groups(m, k, block[1]).to(DEV)
     q, s = (t.to(DEV) for t in quantize_weight_blocks(torch.randn(n, k) * k ** -0.5, block))
@@ -990,7 +990,7 @@ def test_dense_fp8_gemm_at_real_shapes(m, n, k, a8, bits):
     """The sweep's launch shapes (128-deep K steps, deep pipelines, SWAP_AB's wgmma) at 30B's and
     235B's projections, compiled: W8A16 (by conversion or by BITS's integer ops) within bf16's
     rounding of the dequantized product, W8A8 within e4m3's."""
-    from kernels.fused_moe import dense_fp8_gemm
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
     block = (128, 128)
     x = (torch.randn(m, k) * torch.logspace(-1, 1, k)).cuda().bfloat16()
@@ -1013,7 +1013,7 @@ def test_dense_fp8_gemm_only_where_the_table_names_the_shape(monkeypatch):
     """dense_config: the device's fp8_dense entry at the nearest tuned M of 2..DENSE_MAX_M rows;
     none at one row, past DENSE_MAX_M (prefill), for an unlisted shape, where the entry says
     "default", or off the GPU. fp8_linear then runs the grouped GEMM, and its answer is the layer's."""
-    import kernels.fp8 as fp8
+    import qwen3vl_kernels.fp8 as fp8
 
     shape = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
     table = {"96,256": {"16": shape, "64": "default", "1": {**shape, "BLOCK_M": 64}}}
@@ -1027,7 +1027,7 @@ def test_dense_fp8_gemm_only_where_the_table_names_the_shape(monkeypatch):
     assert fp8.dense_config(96, 256, 16, (32, 64), torch.device("cpu")) is None
 
     calls = []
-    import kernels.fused_moe as fused_moe
+    import qwen3vl_kernels.fused_moe as fused_moe
     real = fused_moe.dense_fp8_gemm
     monkeypatch.setattr(fused_moe, "dense_fp8_gemm", lambda *a: calls.append(a[-1]) or real(*a))
     monkeypatch.setattr(fp8, "dense_config", lambda n, k, m, block, device: shape if m > 1 else None)
@@ -1069,14 +1069,14 @@ def test_tiny_fp8_checkpoint_served_through_the_adapter(tmp_path):
 def test_w8a8_threshold_from_the_table_and_the_environment(monkeypatch):
     """The sorted path quantizes its activations from the table's "w8a8_min_m" (else W8A8_MIN_M),
     and QWEN3VL_W8A8_MIN_M overrides both: below it, no quantize launch, W8A16 dots."""
-    import kernels.fused_moe
-    from kernels.fused_moe import fused_moe, fused_moe_reference
+    import qwen3vl_kernels.fused_moe
+    from qwen3vl_kernels.fused_moe import fused_moe, fused_moe_reference
     from qwen3vl_backend.layers.moe import route
 
     torch.manual_seed(0)
     calls = []
-    real = kernels.fused_moe.quantize_activations_fp8
-    monkeypatch.setattr(kernels.fused_moe, "quantize_activations_fp8", lambda *a: calls.append(1) or real(*a))
+    real = qwen3vl_kernels.fused_moe.quantize_activations_fp8
+    monkeypatch.setattr(qwen3vl_kernels.fused_moe, "quantize_activations_fp8", lambda *a: calls.append(1) or real(*a))
     e, h, i, block = 4, 64, 32, (32, 32)
     q13, s13, q2, s2, d13, d2 = _fp8_experts(e, h, i, block, DEV)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
@@ -1091,10 +1091,10 @@ def test_w8a8_threshold_from_the_table_and_the_environment(monkeypatch):
         assert _rel(out, fused_moe_reference(x, d13, d2, w, ids)) < (KTOL if not calls else 0.25)
         return len(calls)
 
-    monkeypatch.setattr(kernels.fused_moe, "_moe_table", lambda *a: {"w8a8_min_m": 4})
+    monkeypatch.setattr(qwen3vl_kernels.fused_moe, "_moe_table", lambda *a: {"w8a8_min_m": 4})
     assert quantized(3) == 0 and quantized(4) == 2          # x, then the SiLU*up intermediate
     monkeypatch.setenv("QWEN3VL_W8A8_MIN_M", "6")
     assert quantized(5) == 0 and quantized(6) == 2
-    monkeypatch.setattr(kernels.fused_moe, "_moe_table", lambda *a: None)
+    monkeypatch.setattr(qwen3vl_kernels.fused_moe, "_moe_table", lambda *a: None)
     monkeypatch.delenv("QWEN3VL_W8A8_MIN_M")
     assert quantized(1) == 2                                 # W8A8_MIN_M

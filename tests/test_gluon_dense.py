@@ -1,4 +1,4 @@
-"""kernels.gluon_dense: the decode-size W8A8 GEMM in Gluon.
+"""qwen3vl_kernels.gluon_dense: the decode-size W8A8 GEMM in Gluon.
 
 Off a GPU (Triton's interpreter runs no Gluon) the kernel is compiled for sm_90a and its PTX and
 ptxas's report are checked for what it exists for: each K step's wgmma left in flight while the
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import gluon_dense
-from kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks, w8a8_block_linear_reference
+from qwen3vl_kernels import gluon_dense
+from qwen3vl_kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks, w8a8_block_linear_reference
 
 HERE = Path(__file__).resolve().parent
 CUDA = torch.cuda.is_available()
@@ -92,7 +92,7 @@ def test_gluon_w8a8_is_the_w8a8_product(m, n, k):
     rounding of the output, at every launch shape the sweep tries; split-K gives the same bits
     twice (its partials summed in split order). 100 rows are past the kernel: the entry's other
     keys launch the grouped GEMM (a Gluon shape's deep ring once reached it there and failed)."""
-    from kernels.fused_moe import dense_fp8_gemm
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
     block = (128, 128)
     torch.manual_seed(m * 7 + n)

@@ -117,7 +117,7 @@ def test_switches_keep_the_greedy_tokens(tiny_moe, monkeypatch, prefetch, prep, 
     qkv GEMV. Captured graphs with them give the tokens they give without (a stale newest K/V or
     routing would change them); also on the tiny FP8 checkpoint (the W8A8 and fp8 pair kernels)."""
     from conftest import CACHE
-    from kernels import switches
+    from qwen3vl_kernels import switches
     from qwen3vl_backend.tools.make_tiny_checkpoint import make_tiny_checkpoint
 
     path = str(tiny_moe)
@@ -150,7 +150,7 @@ def test_prefill_cuda_graph_matches_eager_prefill(tiny_moe, cudnn, monkeypatch):
     then the cases packed into one graph step against the eager batch of them.
     cudnn-first (switches.PREFILL_CUDNN): the graphs were captured with cuDNN's attention, and a
     replay runs it."""
-    from kernels import switches
+    from qwen3vl_kernels import switches
 
     monkeypatch.setattr(switches, "PREFILL_CUDNN", cudnn)
     path = str(tiny_moe)
@@ -317,7 +317,7 @@ def test_nvjpeg_damaged_jpegs_get_the_hosts_pixels():
 # -- ViT CUDA graphs -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["one_image", "two_images", "video"])
 def test_vit_cuda_graphs_equal_eager(tiny_moe, request, case):
-    from kernels.varlen_attention import varlen_attention
+    from qwen3vl_kernels.varlen_attention import varlen_attention
     from qwen3vl_backend.engine.vision_graphs import VisionGraphs
     from qwen3vl_backend.loader import load_vision_model
 
@@ -345,11 +345,11 @@ def test_vit_cuda_graphs_equal_eager(tiny_moe, request, case):
 
 @pytest.mark.parametrize("switch", ["VIT_FUSED_NORM", "VIT_GELU_EPILOGUE", "both"])
 def test_vit_switches_keep_the_embeddings(tiny_moe, monkeypatch, switch):
-    """The ViT's GPU switches (kernels.switches: the add + LayerNorm launch, the GELU epilogue)
+    """The ViT's GPU switches (qwen3vl_kernels.switches: the add + LayerNorm launch, the GELU epilogue)
     each, and both, against the plain path (both off), bf16, eager and in its exact-grid graph;
     the add + LayerNorm launch's stream equals PyTorch's add bit for bit at the ViT's width."""
-    from kernels import switches
-    from kernels.layernorm import add_layer_norm
+    from qwen3vl_kernels import switches
+    from qwen3vl_kernels.layernorm import add_layer_norm
     from qwen3vl_backend.engine.vision_graphs import VisionGraphs
     from qwen3vl_backend.loader import load_vision_model
 
@@ -421,7 +421,7 @@ def test_vit_exact_grid_graphs_equal_eager(tiny_moe):
 
 BURST = """
 import json, sys
-from kernels.jit_cache import compiled_by_kernel, compiled_kernels
+from qwen3vl_kernels.jit_cache import compiled_by_kernel, compiled_kernels
 from qwen3vl_backend.config import EngineConfig
 from qwen3vl_backend.engine.llm_engine import LLMEngine
 from qwen3vl_backend.processing.processor import Processor

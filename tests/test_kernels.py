@@ -11,13 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import paged_decode_attention, paged_decode_attention_reference
-from kernels.fused_moe import align_by_expert, align_by_expert_reference, fused_moe, fused_moe_pairs, fused_moe_reference
-from kernels.fused_moe import route as route_kernel
-from kernels.linear import skinny_linear, skinny_linear_reference
-from kernels.rmsnorm import rmsnorm, rmsnorm_reference
-from kernels.rope import kv_value, qkv_prep_, vision_rotary
-from kernels.varlen_attention import varlen_attention
+from qwen3vl_kernels.attention import paged_decode_attention, paged_decode_attention_reference
+from qwen3vl_kernels.fused_moe import align_by_expert, align_by_expert_reference, fused_moe, fused_moe_pairs, fused_moe_reference
+from qwen3vl_kernels.fused_moe import route as route_kernel
+from qwen3vl_kernels.linear import skinny_linear, skinny_linear_reference
+from qwen3vl_kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from qwen3vl_kernels.rope import kv_value, qkv_prep_, vision_rotary
+from qwen3vl_kernels.varlen_attention import varlen_attention
 from qwen3vl_backend.layers.rotary import apply_rotary, mrope_axis_map, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
 from qwen3vl_backend.layers.attention import kv_cast, varlen_attention_torch, write_kv
 from qwen3vl_backend.layers.moe import route
@@ -48,7 +48,7 @@ def moe_inputs(m, e, h, i, a, dtype=torch.float32, device="cpu"):
 def test_fused_moe_matches_reference(m, e, h, i, a, fuse_silu, persistent, monkeypatch):
     """Either gate_up epilogue (the config's FUSE_SILU; unfused, SiLU*up runs in torch after it),
     the grid a program per tile or persistent (off a GPU 4 programs, so each takes several tiles)."""
-    import kernels.fused_moe as fm
+    import qwen3vl_kernels.fused_moe as fm
     from launch_record import Counted
 
     x, w13, w2, w, ids = moe_inputs(m, e, h, i, a, device=DEV)
@@ -98,7 +98,7 @@ def test_route_kernel_matches_torch(t, e, a, renormalize):
 def test_route_kernel_breaks_ties_to_the_lower_id(e, a):
     """Logits with many equal values: the top-k slots hold the largest first and, among equals,
     the lower expert id first."""
-    from kernels.fused_moe import norm_route
+    from qwen3vl_kernels.fused_moe import norm_route
 
     logits = torch.randint(-3, 3, (5, e)).float()
     logits[0] = 1.0                                         # every expert tied
@@ -117,7 +117,7 @@ def test_route_kernel_breaks_ties_to_the_lower_id(e, a):
 def test_top_k_combine_skips_other_ranks_pairs():
     """The sorted path leaves the sentinel's rows unwritten (no zero fill): the combine must not
     read them, whatever they hold."""
-    from kernels.fused_moe import sum_top_k
+    from qwen3vl_kernels.fused_moe import sum_top_k
 
     pairs = torch.randn(3, 4, 40, device=DEV)
     ids = torch.tensor([[0, 5, 2, 5], [5, 5, 5, 5], [1, 2, 3, 4]], dtype=torch.int32, device=DEV)
@@ -132,7 +132,7 @@ def test_routers_map_ids_to_this_ranks_experts(first, local):
     """Expert parallelism: the routers (torch, the route kernel, norm + route in one launch) hand
     the experts ids as this rank sees them, id - first_expert for its own and the sentinel
     (num_local, weight 0) for the others', the weights of its own unchanged."""
-    from kernels.fused_moe import norm_route
+    from qwen3vl_kernels.fused_moe import norm_route
 
     e, a, d = 16, 4, 64
     g = torch.Generator().manual_seed(first + local)
@@ -162,7 +162,7 @@ def test_norm_route_kernel_equals_norm_then_router_then_route(d, e, a, fixed, co
     the RMSNorm kernel gives them, the routing as `route` on h's router logits (or on the fixed
     logits of the uniform-routing benchmarks), twice in a row (the arrival count resets itself),
     the second time with the router's rows read before PDL's wait."""
-    from kernels.fused_moe import norm_route
+    from qwen3vl_kernels.fused_moe import norm_route
 
     dtype = torch.bfloat16 if CUDA else torch.float32
     g = torch.Generator().manual_seed(d + e)
@@ -232,7 +232,7 @@ def test_skinny_linear_with_the_input_norm_inside(k, block_k):
     """NORM: one row's residual add and RMSNorm inside the GEMV (every program takes the row's
     statistics, program 0 writes the next residual): what the RMSNorm kernel and then the GEMV
     give, over several K steps and programs, a bias too."""
-    from kernels.linear import norm_arguments
+    from qwen3vl_kernels.linear import norm_arguments
 
     g = torch.Generator().manual_seed(k)
     x, res = torch.randn(1, k, generator=g).to(DEV), torch.randn(1, k, generator=g).to(DEV)
@@ -260,7 +260,7 @@ def test_skinny_linear_split_k_entries_run_the_dense_grouped_gemm(m, monkeypatch
     """A table entry with SPLIT_K (the MoE router's 128 x 2048 at 16-64 rows) runs the grouped
     GEMM's dense split-K launch, past MAX_M rows too: the product, the same bits when repeated,
     at a K that leaves a partial step (300 in 32-wide steps, 4 splits of 3 steps and the last 1)."""
-    from kernels import fused_moe, linear
+    from qwen3vl_kernels import fused_moe, linear
 
     g = torch.Generator().manual_seed(m)
     x, w = torch.randn(m, 300, generator=g).to(DEV), torch.randn(40, 300, generator=g).to(DEV)
@@ -323,8 +323,8 @@ def test_paged_decode_prep_is_qkv_prep_then_attention(splits, pages_tokens, pref
     paged_decode_attention: the same output, the same cache afterwards (the newest k and v written
     once, by the split holding them), qkv untouched; contexts of one token, a page and one past it,
     empty splits, several tiles a split, with and without PREFETCH."""
-    from kernels.attention import paged_decode_attention_prep
-    from kernels.rope import qkv_prep_
+    from qwen3vl_kernels.attention import paged_decode_attention_prep
+    from qwen3vl_kernels.rope import qkv_prep_
 
     s, h, hkv, d, bs, nb = 5, 8, 2, 32, 16, 32
     g = torch.Generator().manual_seed(splits * 7 + pages_tokens)
@@ -359,7 +359,7 @@ def test_paged_decode_reads_an_fp8_cache(splits, prefetch):
     (PREFETCH's early tile and newest row too), so the kernel answers as the reference over the
     same cache. A cache in neither q's dtype nor float8 is refused, and a float8 one with the prep
     inside (its newest K/V would stay unrounded in registers)."""
-    from kernels.attention import paged_decode_attention_prep
+    from qwen3vl_kernels.attention import paged_decode_attention_prep
 
     dtype = torch.bfloat16 if CUDA else torch.float32
     q, cache, tables, ctx = cache_inputs(4, 8, 2, 32, 16, 24, dtype, DEV)
@@ -379,7 +379,7 @@ def test_paged_decode_reads_an_fp8_cache(splits, prefetch):
 
 
 def test_paged_decode_table_prefers_the_exact_heads():
-    from kernels.attention import DEFAULT_CONFIG, pick_config
+    from qwen3vl_kernels.attention import DEFAULT_CONFIG, pick_config
 
     table = {1: {"target_programs": 128}, 16: {"target_programs": 512},
              "1,2,16": {"target_programs": 32, "PAGES_TOKENS": 128}}
@@ -446,7 +446,7 @@ def test_varlen_causal_attention_matches_reference(segments, h, kvh, d):
     a head dim that is no power of two, and a grid bounded above the longest segment (a graph's
     bucket) whose extra blocks and the trailing empty segment write nothing; q, k and v strided
     views of one qkv row."""
-    from kernels.varlen_attention import varlen_attention_bounded
+    from qwen3vl_kernels.varlen_attention import varlen_attention_bounded
 
     cu = [0]
     for n in segments:
@@ -462,10 +462,10 @@ def test_varlen_causal_attention_matches_reference(segments, h, kvh, d):
 
 
 def test_table_linear_runs_the_tables_own_launch_or_f_linear(monkeypatch):
-    """kernels.linear.table_linear (the vocabulary projection's): the skinny kernel where the table
+    """qwen3vl_kernels.linear.table_linear (the vocabulary projection's): the skinny kernel where the table
     names a launch for the shape and row count (one row here), F.linear where it has none, says
     "cublas", names only other row counts, or gives a SPLIT_K launch."""
-    import kernels.linear as kl
+    import qwen3vl_kernels.linear as kl
 
     launched = []
     skinny = kl.skinny_linear
@@ -492,11 +492,11 @@ def rope_tables(t, d, device):
 @pytest.mark.parametrize("t,d,interleaved", [(1, 128, True), (5, 64, False), (40, 128, True), (300, 32, True)])
 @pytest.mark.parametrize("expanded", [False, True])
 def test_mrope_cos_sin_kernel_gives_torchs_tables(t, d, interleaved, expanded):
-    """kernels.rope.mrope_cos_sin (one launch) against layers.rotary's six torch ops: decode's
+    """qwen3vl_kernels.rope.mrope_cos_sin (one launch) against layers.rotary's six torch ops: decode's
     positions (one row expanded over the three axes, stride 0) and a prompt's (three rows), with
     positions past 2^17 (the mRoPE ids of long videos) and both axis layouts: bit for bit on a GPU
     (both take CUDA's full-range cosf / sinf), float32's rounding of numpy's in the interpreter."""
-    from kernels.rope import mrope_cos_sin as kernel
+    from qwen3vl_kernels.rope import mrope_cos_sin as kernel
 
     g = torch.Generator().manual_seed(t + d)
     positions = torch.randint(0, 300_000, (1 if expanded else 3, t), generator=g).to(DEV)
@@ -547,7 +547,7 @@ def _kv_value_kernel(x_ptr, c_ptr, n, BLOCK: tl.constexpr):
 
 
 def kv_value_cast(x: torch.Tensor) -> torch.Tensor:
-    """x through kernels.rope.kv_value's cast: on a GPU the hardware's (torch's rounding), here the
+    """x through qwen3vl_kernels.rope.kv_value's cast: on a GPU the hardware's (torch's rounding), here the
     interpreter's, which rounds ties away from zero and can drop a rounding's carry into the
     exponent (1.97 -> 1.0 where torch gives 2.0)."""
     flat = x.contiguous().view(-1)
@@ -603,7 +603,7 @@ def test_vision_rotary_matches_the_torch_vit_path(n, heads, d, dtype):
 def test_add_layer_norm_matches_torch(n, d, dtype, delta):
     """The ViT's residual add + LayerNorm launch (d 1152 in the releases, and widths that are not
     powers of two): the stream bit for bit PyTorch's add, the normalised rows its LayerNorm's."""
-    from kernels.layernorm import add_layer_norm, add_layer_norm_reference
+    from qwen3vl_kernels.layernorm import add_layer_norm, add_layer_norm_reference
 
     x = (torch.randn(n, d, device=DEV) * 3 + 1).to(dtype)
     dx = torch.randn(n, d, device=DEV).to(dtype) if delta else None
@@ -709,7 +709,7 @@ def test_kernels_replay_in_a_cuda_graph():
 def test_varlen_causal_attention_gpu_bf16_text_shape(segments):
     """Packed prompts' prefill at 30B-A3B's attention (32 query heads, 4 KV heads of 128),
     bf16 on the GPU's launch shape, against SDPA segment by segment."""
-    from kernels.varlen_attention import varlen_attention_bounded
+    from qwen3vl_kernels.varlen_attention import varlen_attention_bounded
 
     cu = [0]
     for n in segments:
@@ -734,7 +734,7 @@ def test_varlen_attention_gpu_bf16_vit_shape(n):
 def test_bitmask_kernel_masks_exactly_the_clear_bits(b, v, rows):
     """Grammar masks: the kernel against the torch expansion, at vocabularies that end mid-word and
     mid-block, on a subset of the rows, in rows' order; unmasked rows and allowed tokens untouched."""
-    from kernels.bitmask import apply_token_bitmask_, apply_token_bitmask_reference_
+    from qwen3vl_kernels.bitmask import apply_token_bitmask_, apply_token_bitmask_reference_
 
     g = torch.Generator().manual_seed(v)
     logits = torch.randn(b, v, generator=g)
@@ -758,7 +758,7 @@ def test_jit_functions_return_values_only_at_their_end():
     from pathlib import Path
 
     found = [(f"{path.name}:{node.name}", node)
-             for path in sorted((Path(__file__).resolve().parent.parent / "kernels").glob("*.py"))
+             for path in sorted((Path(__file__).resolve().parent.parent / "qwen3vl_kernels").glob("*.py"))
              for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list)]
     assert len(found) > 10 and any(name.endswith(":block_scaled") for name, _ in found)
@@ -771,10 +771,10 @@ def test_jit_functions_return_values_only_at_their_end():
 
 
 def test_every_launch_table_falls_back_to_the_home_devices():
-    """One lookup for every kernel's tuned table (kernels/tables.py): a GPU with no table of its
+    """One lookup for every kernel's tuned table (qwen3vl_kernels/tables.py): a GPU with no table of its
     own reads the H200's (where they were tuned), one with its own reads that, and off a GPU the
     fused MoE reads none (the interpreter keeps the defaults)."""
-    from kernels import attention, fp8, fused_moe, linear
+    from qwen3vl_kernels import attention, fp8, fused_moe, linear
 
     other, home = "NVIDIA Imaginary GPU", "NVIDIA H200"
     readers = {
@@ -799,7 +799,7 @@ def test_one_row_and_several_never_share_a_launch_table_entry():
     stands in for 2-16 rows (padded to 16 for tl.dot), nor the other way round: the default
     instead. (A one-row entry with 2048-wide K steps made 235B's o_proj at 16 rows a 16 x 2048
     dot tile, three times slower a step.)"""
-    from kernels.linear import nearest_m
+    from qwen3vl_kernels.linear import nearest_m
 
     table = {"8,16": {"1": "one", "4": "four", "16": "sixteen"}, "8,32": {"1": "one"}, "8,64": {"16": "sixteen"}}
     assert [nearest_m(table, 8, 16, m, "d") for m in (1, 2, 5, 12, 16)] == ["one", "four", "four", "sixteen", "sixteen"]
@@ -809,12 +809,12 @@ def test_one_row_and_several_never_share_a_launch_table_entry():
 
 
 def test_the_skinny_tables_split_k_entries_are_dense_launches():
-    """A skinny_linear table entry with SPLIT_K is a kernels.fused_moe.dense_gemm launch: it names
+    """A skinny_linear table entry with SPLIT_K is a qwen3vl_kernels.fused_moe.dense_gemm launch: it names
     every key that launch reads, and its rows reach past MAX_M only up to SPLIT_MAX_M."""
     import json
 
-    from kernels.linear import SPLIT_MAX_M
-    from kernels.tables import CONFIG_DIR
+    from qwen3vl_kernels.linear import SPLIT_MAX_M
+    from qwen3vl_kernels.tables import CONFIG_DIR
 
     keys = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "SPLIT_K"}
     found = 0
@@ -834,11 +834,11 @@ def test_kernel_warps_switch_sets_the_small_launches_warps(monkeypatch):
         pytest.skip("recording launches needs the interpreter (the CPU tests' mode)")
     import launch_record
 
-    from kernels import switches
-    from kernels.fp8 import quantize_launch
-    from kernels.fused_moe import align_by_expert, route, sum_top_k
-    from kernels.rmsnorm import rmsnorm
-    from kernels.rope import qkv_prep_
+    from qwen3vl_kernels import switches
+    from qwen3vl_kernels.fp8 import quantize_launch
+    from qwen3vl_kernels.fused_moe import align_by_expert, route, sum_top_k
+    from qwen3vl_kernels.rmsnorm import rmsnorm
+    from qwen3vl_kernels.rope import qkv_prep_
 
     assert switches.parse_kernel_warps(" rmsnorm=2, sum_top_k=1,") == {"rmsnorm": 2, "sum_top_k": 1}
     assert switches.parse_kernel_warps("") == {}

@@ -245,7 +245,7 @@ def _workers(root: int) -> list[int]:
 def _kernel_experts(w13, w2, fp8: bool, block, dev):
     """-> (the weights as the reference multiplies them, the kernels' own on `dev`, their scale
     keywords): with fp8, the weights quantized in `block` blocks, the reference's dequantized."""
-    from kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks
+    from qwen3vl_kernels.fp8 import dequantize_weight_blocks, quantize_weight_blocks
 
     if not fp8:
         return w13, w2, w13.to(dev), w2.to(dev), {}
@@ -264,8 +264,8 @@ def test_moe_kernels_skip_pairs_routed_to_other_ranks(m, persistent, fp8, monkey
     asking for the persistent launch gets the per-tile one (the persistent kernel would read the
     sentinel's blocks as an expert past the weights' end: their rows are dropped by the combine,
     so only the launch shows it)."""
-    import kernels.fused_moe as fm
-    from kernels.fused_moe import fused_moe
+    import qwen3vl_kernels.fused_moe as fm
+    from qwen3vl_kernels.fused_moe import fused_moe
     from launch_record import Counted
     from qwen3vl_backend.layers.moe import moe_experts_torch
 
@@ -302,7 +302,7 @@ def test_expert_halves_sum_to_the_whole_layer(m, w8a8, inter, a, monkeypatch):
     tp 2 + ep 2 tiny fp8 model's first logits were 25% off tp 1's with W8A8 and right with W8A16
     (NOTES, sixteenth session): this is the same sum on one GPU, where the bits should agree up
     to the order of the two halves' additions."""
-    from kernels.fused_moe import fused_moe
+    from qwen3vl_kernels.fused_moe import fused_moe
     from qwen3vl_backend.layers.moe import route
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -335,8 +335,8 @@ def test_one_token_sorted_path_takes_a_block_per_pair(fp8, w8a8, monkeypatch):
     and nothing at all for a token with no pair here. Seeded: against the reference's unquantized
     activations W8A8's error is a draw (80 draws: mean 4.2%, largest 8.2%), and an unseeded draw
     depended on the tests before it (a new test's draws made one fail at 7.0%)."""
-    import kernels.fused_moe
-    from kernels.fused_moe import align_by_expert as align, fused_moe
+    import qwen3vl_kernels.fused_moe
+    from qwen3vl_kernels.fused_moe import align_by_expert as align, fused_moe
     from qwen3vl_backend.layers.moe import moe_experts_torch
 
     torch.manual_seed(0)
@@ -353,7 +353,7 @@ def test_one_token_sorted_path_takes_a_block_per_pair(fp8, w8a8, monkeypatch):
         got = {}
         for pair_blocks in (True, False):      # the config chooses: no sorting launch, or one
             sorts = []
-            monkeypatch.setattr(kernels.fused_moe, "align_by_expert", lambda *args: sorts.append(1) or align(*args))
+            monkeypatch.setattr(qwen3vl_kernels.fused_moe, "align_by_expert", lambda *args: sorts.append(1) or align(*args))
             got[pair_blocks] = fused_moe(x.to(dev), k13, k2, weights.to(dev), ids.to(dev),
                                          {**cfg, "PAIR_BLOCKS": pair_blocks}, sentinel=True, **kw).cpu()
             assert len(sorts) == (0 if pair_blocks else 1)
@@ -437,7 +437,7 @@ def test_prompt_logprobs_at_tp2_match_tp1(tiny_moe):
 
 def test_the_tuner_hands_batches_to_the_pair_path_up_to_the_first_loss():
     from benchmarks.tune_fused_moe import pair_crossover
-    from kernels.fused_moe import PAIR_PATH_MAX_M
+    from qwen3vl_kernels.fused_moe import PAIR_PATH_MAX_M
 
     assert pair_crossover([(2, True), (4, True), (8, False), (16, True)]) == 4
     assert pair_crossover([(2, False)]) == 1                     # batch 1 not timed: stays on pairs

@@ -101,7 +101,7 @@ def test_tp2_on_two_gpus_answers_as_tp1(model, layouts, request):
 def _peer_rank(rank, port, queue):
     import torch.distributed as dist
 
-    from kernels.allreduce import PeerAllReduce
+    from qwen3vl_kernels.allreduce import PeerAllReduce
     from qwen3vl_backend.parallel import disable_multicast
 
     disable_multicast()

@@ -134,7 +134,7 @@ def test_interleaved_and_contiguous_mrope_differ(tiny_moe):
 
 @pytest.mark.parametrize("cap", [False, True])
 def test_video_pixel_cap_matches_the_reference(tiny_dense, cap):
-    """transformers' per-frame pixel cap (`cap_pixels_per_frame`): off by default as in 5.24, and
+    """transformers' per-frame pixel cap (`cap_pixels_per_frame`): off by default as in 5.25, and
     when a checkpoint's video_preprocessor_config turns it on, the same grid and pixels as the
     reference. Eight 1280x720 frames: the cap binds (786,432 pixels a frame), the budget does not."""
     import dataclasses
@@ -155,3 +155,24 @@ def test_video_pixel_cap_matches_the_reference(tiny_dense, cap):
     assert list(grid) == ref["video_grid_thw"][0].tolist()
     assert (grid[1] * grid[2] * 16 * 16 <= 768 * 32 * 32) == cap         # within 768 merged patches a frame
     torch.testing.assert_close(normalize_patches(patches, cfg), ref["pixel_values_videos"], rtol=0, atol=1e-6)
+
+
+def test_our_packages_take_no_name_another_installed_distribution_has():
+    """The oracle's own dependencies import by top-level name: transformers 5.25 requires Hugging
+    Face's `kernels`, whose name our Triton kernels' package had until it became
+    `qwen3vl_kernels`. With both, run from the repository root (as the tests and the server run),
+    `from kernels import ...` inside transformers found ours and no Qwen3-VL model could be imported;
+    installed from a wheel, one package's files would land on the other's. So none of the packages
+    pyproject.toml installs may be a top-level name another installed distribution provides."""
+    import importlib.metadata as md
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    include = re.search(r"\[tool\.setuptools\.packages\.find\]\s*include\s*=\s*\[([^\]]*)\]", text)
+    ours = {name.strip().strip('"').rstrip("*") for name in include.group(1).split(",") if name.strip()}
+    assert {"qwen3vl_backend", "qwen3vl_kernels"} <= ours, ours
+    provided = md.packages_distributions()
+    clashes = {name: sorted(set(provided[name]) - {"qwen3vl-triton"}) for name in ours
+               if set(provided.get(name, ())) - {"qwen3vl-triton"}}
+    assert not clashes, f"installed distributions provide these top-level names too: {clashes}"

@@ -147,6 +147,26 @@ def test_image_pads_expanded_as_ids_equal_the_expanded_texts_tokens(tiny_dense):
     assert got.prompt_ids.count(proc.image_pad_id) == (24 + 4 + 12) // 4
 
 
+def test_a_video_takes_the_templates_vision_pair_with_it(tiny_dense):
+    """A video's frames each bring their own `<|vision_start|>...<|vision_end|>`, so the template's
+    pair around its `<|video_pad|>` goes with it (Qwen's processor and transformers 5.25; 5.24 kept
+    it around all the frames); a bare video pad (a raw prompt) is replaced alone, and an image's
+    pair just before stays."""
+    from qwen3vl_backend.processing.processor import VIDEO_PAD, VISION_END, VISION_START, MediaItem
+
+    proc = Processor(tiny_dense)
+    video = MediaItem("video", None, (2, 2, 4), "v", 4, timestamps=[0.5, 1.5])
+    frames = "".join(f"<{t} seconds>{VISION_START}{VIDEO_PAD * 2}{VISION_END}" for t in (0.5, 1.5))
+    assert proc._expand(f"a{VISION_START}{VIDEO_PAD}{VISION_END}b", [video]) == f"a{frames}b"
+    assert proc._expand(f"a{VIDEO_PAD}b", [video]) == f"a{frames}b"
+    assert proc._expand(f"{VISION_START}{VIDEO_PAD}b", [video]) == f"{VISION_START}{frames}b"   # not a pair
+    image = MediaItem("image", None, (1, 2, 2), "i", 1)
+    got = proc._expand(f"{VISION_START}<|image_pad|>{VISION_END}{VISION_START}{VIDEO_PAD}{VISION_END}.", [image, video])
+    assert got == f"{VISION_START}<|image_pad|>{VISION_END}{frames}."
+    ids = proc.build_prompt(f"x{VISION_START}{VIDEO_PAD}{VISION_END}y", [video]).prompt_ids
+    assert ids.count(proc.tokenizer.encode(VISION_START)[0]) == 2 == ids.count(proc.tokenizer.encode(VISION_END)[0])
+
+
 @pytest.mark.parametrize("h,w", [(64, 96), (704, 1280), (32, 320)])
 def test_image_patchify_equals_the_repeated_frames(h, w):
     """The image path gathers the frame's patches once and repeats them over the temporal patch:

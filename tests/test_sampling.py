@@ -106,11 +106,11 @@ def test_candidates_keep_filter_probs_distribution(kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_logsumexp_kernel_matches_torch(dtype):
-    """kernels.sample.row_logsumexp (the larger batches' softmax denominator: parts' maxima and sums,
+    """qwen3vl_kernels.sample.row_logsumexp (the larger batches' softmax denominator: parts' maxima and sums,
     then one program a row) against the torch path's: rows of different temperatures, a vocabulary
     no multiple of the parts, a row of NaN (-inf), one with a +inf (the largest float) and one of
     -inf; at the vocabulary and 64 parts on a GPU."""
-    from kernels.sample import row_logsumexp
+    from qwen3vl_kernels.sample import row_logsumexp
     from qwen3vl_backend.layers.sampler import _filter_rows, _logsumexp
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -199,8 +199,8 @@ def _kernel_rows(params, dev):
 def test_sample_kernel_takes_batches_with_top_k_only(monkeypatch):
     """kernel_top_k: batches whose rows each have a top_k up to MAX_K (past the vocabulary: the
     vocabulary), the switch on; else the torch path."""
-    from kernels import switches
-    from kernels.sample import MAX_K
+    from qwen3vl_kernels import switches
+    from qwen3vl_kernels.sample import MAX_K
     from qwen3vl_backend.layers.sampler import kernel_top_k
 
     def rows(n, k=20, **kw):
@@ -217,13 +217,13 @@ def test_sample_kernel_takes_batches_with_top_k_only(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sample_kernel_draws_as_the_torch_path(dtype):
-    """kernels.sample (parts' maxima and log-sum-exp, each part's candidates at or above the row's
+    """qwen3vl_kernels.sample (parts' maxima and log-sum-exp, each part's candidates at or above the row's
     threshold, then one program a row) against `candidates` + the same race for the same uniforms:
     rows of different temperature, top_k, top_p and min_p, a vocabulary no multiple of the parts;
     fewer parts than candidates (no threshold: each part's largest) and as many (the threshold from
     their maxima; the ties test below takes more parts). The logits are distinct multiples of 1/16, exact in bf16 (a tie's order is the
     kernel's own: lower index first)."""
-    from kernels.sample import candidates_width, sample_top_k
+    from qwen3vl_kernels.sample import candidates_width, sample_top_k
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(7)
@@ -247,7 +247,7 @@ def test_sample_kernel_threshold_keeps_ties_and_flat_rows():
     (ties across and within parts), a flat row and a row of -inf but three draw as with two parts
     (every part's KP largest, no threshold). Keys order ties by index, so both see the same
     candidates; the draw stays among the row's top_k values."""
-    from kernels.sample import sample_top_k
+    from qwen3vl_kernels.sample import sample_top_k
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(5)
@@ -269,7 +269,7 @@ def test_sample_kernel_threshold_keeps_ties_and_flat_rows():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sample_kernel_at_the_vocabulary_gpu():
     """The serving launch (64 parts a row, 151,936 columns, top_k up to 64) against the torch path's race."""
-    from kernels.sample import MAX_K, candidates_width, sample_top_k
+    from qwen3vl_kernels.sample import MAX_K, candidates_width, sample_top_k
 
     g = torch.Generator(device="cuda").manual_seed(11)
     logits = torch.randn(16, 151936, device="cuda", generator=g) * 2
@@ -283,7 +283,7 @@ def test_sample_kernel_at_the_vocabulary_gpu():
 
 def test_sample_kernel_warm_launches_every_width():
     """warm (LLMEngine.warm_up on a GPU) launches each candidates width a top_k up to MAX_K takes."""
-    from kernels import sample
+    from qwen3vl_kernels import sample
 
     launched = []
     real = sample.sample_top_k
@@ -299,7 +299,7 @@ def test_sample_kernel_frequencies_and_non_finite_rows():
     """A row of NaN draws its first token, a +inf takes the mass, a row of -inf but one draws that
     one; on a GPU also: many rows of one distribution in one launch draw its filtered probabilities
     (the interpreter would take minutes; the draw against the torch path's race is tested above)."""
-    from kernels.sample import sample_top_k
+    from qwen3vl_kernels.sample import sample_top_k
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     n = 1200 if dev == "cuda" else 3
@@ -372,10 +372,10 @@ def test_greedy_rows_of_bf16_logits_with_bans():
 @pytest.mark.parametrize("v", [1, 63, 64, 1000, 151936])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_argmax_kernel_picks_torchs_index(v, dtype):
-    """kernels.argmax (a row split over 64 programs, then one a row) against torch.argmax: random
+    """qwen3vl_kernels.argmax (a row split over 64 programs, then one a row) against torch.argmax: random
     rows, rows whose maximum repeats within a program's chunk and across chunks (the first
     wins), all -inf, and the maximum in the last, partial chunk."""
-    from kernels.argmax import argmax_rows
+    from qwen3vl_kernels.argmax import argmax_rows
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(v)

@@ -121,7 +121,7 @@ def test_a_videos_frames_split_across_gpus(tiny_moe, video_file):
 def test_split_encoding_on_two_gpus(tiny_moe):
     """The tiny ViT on two GPUs (CUDA graphs on each), either GPU first: the split answer lands on
     the GPU asked for and matches one GPU's; so does one image's, encoded on the other GPU."""
-    from kernels.varlen_attention import varlen_attention
+    from qwen3vl_kernels.varlen_attention import varlen_attention
     from qwen3vl_backend.engine.vision_graphs import VisionGraphs
     from qwen3vl_backend.loader import load_vision_model
 

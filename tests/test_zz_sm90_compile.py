@@ -86,7 +86,7 @@ def pair_kernel_records() -> list[dict]:
     import torch
 
     import launch_record
-    from kernels.fused_moe import fused_moe_pairs
+    from qwen3vl_kernels.fused_moe import fused_moe_pairs
 
     e, inter, hidden, a, block = 8, 256, 512, 4, (128, 128)
     cfg = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "DOWN_BLOCK_N": 8, "DOWN_BLOCK_K": 256,
@@ -157,7 +157,7 @@ def test_half2_row_kernel_compiles_to_packed_half_ptx():
     import torch
 
     import launch_record
-    from kernels.fp8 import fp8_gemv
+    from qwen3vl_kernels.fp8 import fp8_gemv
 
     with launch_record.only_recording() as rec:
         for group_scale in (False, True):
@@ -178,7 +178,7 @@ def test_bits_dense_gemm_compiles_to_integer_conversion_ptx():
     import torch
 
     import launch_record
-    from kernels.fused_moe import dense_fp8_gemm
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
     with launch_record.only_recording() as rec:
         dense_fp8_gemm(torch.empty(16, 2048, dtype=torch.bfloat16), torch.empty(5120, 2048, dtype=torch.float8_e4m3fn),
@@ -199,7 +199,7 @@ def test_dense_gemm_l2_prefetch_comes_before_the_pdl_wait():
     import torch
 
     import launch_record
-    from kernels.fused_moe import dense_fp8_gemm
+    from qwen3vl_kernels.fused_moe import dense_fp8_gemm
 
     base = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 6,
             "L2_PREFETCH": True}
@@ -215,7 +215,7 @@ def test_dense_gemm_l2_prefetch_comes_before_the_pdl_wait():
 
 
 def h200_table_launches() -> list[dict]:
-    """The launches the H200's decode tables configure (kernels/configs: the fp8 GEMV, the skinny
+    """The launches the H200's decode tables configure (qwen3vl_kernels/configs: the fp8 GEMV, the skinny
     GEMM and its split-K entries, the fp8 dense GEMM, the MoE pair kernels, the sorted MoE path's
     decode batches) and the small decode launches that run one warp, made by the launch
     functions themselves at the tables' shapes on the CPU with launch_record.only_recording: the
@@ -223,9 +223,9 @@ def h200_table_launches() -> list[dict]:
     import torch
 
     import launch_record
-    from kernels import fp8 as kfp8, linear, tables
-    from kernels.fused_moe import align_by_expert, dense_fp8_gemm, fused_moe, fused_moe_pairs, route
-    from kernels.rope import qkv_prep_
+    from qwen3vl_kernels import fp8 as kfp8, linear, tables
+    from qwen3vl_kernels.fused_moe import align_by_expert, dense_fp8_gemm, fused_moe, fused_moe_pairs, route
+    from qwen3vl_kernels.rope import qkv_prep_
 
     name, block = "NVIDIA_H200", (128, 128)
     configs = Path(tables.__file__).parent / "configs"
@@ -293,7 +293,7 @@ def h200_table_launches() -> list[dict]:
                 if m.isdigit() and isinstance(cfg, dict) and int(m) <= kfp8.DENSE_MAX_M:
                     fused_moe(torch.empty(int(m), hidden, dtype=bf16), w13, w2, torch.ones(int(m), 8),
                               torch.zeros(int(m), 8, dtype=torch.int32), cfg, s13, s2, block)
-        # the small decode launches' one-warp defaults (kernels.switches.KERNEL_WARPS), 30B's shapes
+        # the small decode launches' one-warp defaults (qwen3vl_kernels.switches.KERNEL_WARPS), 30B's shapes
         hq, hkv, d = 32, 4, 128
         for t in (1, 16, 64):
             qkv_prep_(torch.empty(t, (hq + 2 * hkv) * d, dtype=bf16), hq, hkv, torch.empty(d, dtype=bf16),

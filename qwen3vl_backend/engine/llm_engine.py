@@ -222,8 +222,8 @@ class LLMEngine:
                         SamplingParams(temperature=1.0, top_p=0.9, seed=0, max_tokens=2, ignore_eos=True)):
             self.generate([prompt(16, True)], sampled)
         if self.runner.device.type == "cuda":           # and the sampling kernel's other widths (top_k up to 64)
-            from kernels import switches
-            from kernels.sample import warm
+            from qwen3vl_kernels import switches
+            from qwen3vl_kernels.sample import warm
 
             if switches.SAMPLE_KERNEL:
                 warm(self.vocab_size, self.runner.dtype, self.runner.device)

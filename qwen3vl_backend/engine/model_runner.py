@@ -60,7 +60,7 @@ def vision_attention(backend: str):
     if backend == "sdpa":
         return varlen_attention_torch
     if backend == "triton":
-        from kernels.varlen_attention import varlen_attention
+        from qwen3vl_kernels.varlen_attention import varlen_attention
         return varlen_attention
     try:
         from flash_attn import flash_attn_varlen_func
@@ -91,12 +91,12 @@ def select_kernels(model, cfg: EngineConfig, fuse: bool | None = None) -> None:
         model.model.visual.attn_fn = vision_attention(cfg.mm_attention_backend)
     triton_attn, triton_moe = cfg.attention_backend == "triton", cfg.moe_backend == "triton"
     if triton_attn or triton_moe:
-        from kernels import switches
-        from kernels.attention import paged_decode_attention, paged_decode_attention_prep
-        from kernels.fused_moe import fused_moe, norm_route, route
-        from kernels.linear import skinny_linear, table_linear
-        from kernels.rmsnorm import rmsnorm
-        from kernels.rope import mrope_cos_sin, qkv_prep_
+        from qwen3vl_kernels import switches
+        from qwen3vl_kernels.attention import paged_decode_attention, paged_decode_attention_prep
+        from qwen3vl_kernels.fused_moe import fused_moe, norm_route, route
+        from qwen3vl_kernels.linear import skinny_linear, table_linear
+        from qwen3vl_kernels.rmsnorm import rmsnorm
+        from qwen3vl_kernels.rope import mrope_cos_sin, qkv_prep_
     on_gpu = cfg.device.startswith("cuda") if fuse is None else fuse
     lm = model.model.language_model
     if triton_attn and on_gpu and switches.ROPE_KERNEL:
@@ -189,7 +189,7 @@ class ModelRunner:
             if cfg.nnodes == 1:
                 # two GPUs of this host: sums up to its capacity by the peer all-reduce. Before the
                 # weights and the KV cache are sized: mapping the other GPU's buffer costs memory there.
-                from kernels.allreduce import PeerAllReduce
+                from qwen3vl_kernels.allreduce import PeerAllReduce
 
                 self.peer_all_reduce = PeerAllReduce.create(torch.distributed.group.WORLD, rank, cfg.tp_size,
                                                             self.device, self.dtype, same_device=one_device())

@@ -11,7 +11,7 @@ conversations. Chunks after a cached prefix, and batches with decode rows, run e
 
 One prompt replays its bucket's graph, whose attention is SDPA's (cuDNN's where it serves).
 Several (up to `max_seqs`) replay a packed graph: the same model over their concatenated tokens,
-attention causal within each prompt (kernels.varlen_attention, its segment table `cu` a device
+attention causal within each prompt (qwen3vl_kernels.varlen_attention, its segment table `cu` a device
 buffer), the logits of each prompt's last token. Up to about a thousand tokens a step costs
 about what reading the weights costs, so short prompts share one nearly free (30B-A3B fp8 on an
 H200: ~11 ms at 128 tokens, ~17.6 at 1024, ~30 at 2048; NOTES, thirty-first session).
@@ -33,7 +33,7 @@ import itertools
 
 import torch
 
-from kernels import switches
+from qwen3vl_kernels import switches
 
 from ..device import device_tensor
 from ..layers.attention import CUDNN_FIRST, AttentionMetadata, sdpa_priority

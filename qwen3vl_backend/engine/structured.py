@@ -160,9 +160,9 @@ def apply_masks(logits: torch.Tensor, rows: list[int], masks: list[np.ndarray]) 
     words = device_tensor(torch.from_numpy(np.stack(masks)), torch.int32, out.device)
     index = device_tensor(rows, torch.long, out.device)
     if out.is_cuda:
-        from kernels.bitmask import apply_token_bitmask_
+        from qwen3vl_kernels.bitmask import apply_token_bitmask_
 
         return apply_token_bitmask_(out, words, index)
-    from kernels.bitmask import apply_token_bitmask_reference_
+    from qwen3vl_kernels.bitmask import apply_token_bitmask_reference_
 
     return apply_token_bitmask_reference_(out, words, index)

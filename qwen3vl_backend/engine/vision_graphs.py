@@ -16,7 +16,7 @@ batch's grids seen before (a server meets the same image sizes again and again) 
 their second arrival, the patch embedding included, at most `max_exact` of them (the least
 recently used goes) and up to `max_exact_patches`. Everything else runs eagerly. On the H200 the
 eager ViT of a 1280x720 image took 28.6 ms for 16.3 ms of GPU work until its rotary became one
-kernel (kernels.rope.vision_rotary); since, 13.2 ms for 13.0, and the exact graph saves 1-3 ms of
+kernel (qwen3vl_kernels.rope.vision_rotary); since, 13.2 ms for 13.0, and the exact graph saves 1-3 ms of
 a first token. Without `capture` (CPU) the padded computation runs eagerly: tests check it there.
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.varlen_attention import varlen_attention_bounded
+from qwen3vl_kernels.varlen_attention import varlen_attention_bounded
 
 from ..layers.attention import CUDNN_FIRST, sdpa_priority
 from ..models.vision import grids_key

@@ -7,7 +7,7 @@ values live in fixed-size blocks of a per-layer cache `(2, num_blocks, block_siz
 prefill (query_len > 1, possibly after a cached prefix), decode (query_len == 1) and both mixed.
 
 An fp8 cache (`--kv-cache-dtype fp8_e4m3`) holds each K/V value as float8 e4m3, rounded to
-nearest and saturated at +-448 (kernels.fp8.FP8_MAX), with no scale: Qwen3's keys leave a per-head
+nearest and saturated at +-448 (qwen3vl_kernels.fp8.FP8_MAX), with no scale: Qwen3's keys leave a per-head
 RMSNorm (unit RMS times its weights), and Qwen's FP8 configs name no KV scales (SGLang and vLLM
 take 1.0 then too). Readers widen it: the torch path to the queries' dtype, the decode kernel to
 float16 for bf16 queries. A prompt's own prefill attends to its new keys in the model's dtype;
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.fp8 import FP8, FP8_MAX
+from qwen3vl_kernels.fp8 import FP8, FP8_MAX
 
 # SDPA's backends in the order it tries them, cuDNN's first. torch 2.11 tries FlashAttention-2
 # first; at the ViT's head dim 72 cuDNN's kernel is the faster (tenth session, H200: a 1280x720
@@ -109,7 +109,7 @@ def packed_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              scale: float) -> torch.Tensor:
     """q (T, H, D) of fresh prompts packed by meta.cu_seqlens_t, each causal over its own new keys
     (Triton's kernel: the segment table stays on the device, so a CUDA graph holds the step)."""
-    from kernels.varlen_attention import varlen_attention_bounded
+    from qwen3vl_kernels.varlen_attention import varlen_attention_bounded
 
     return varlen_attention_bounded(q, k, v, meta.cu_seqlens_t, meta.max_query_len, scale, causal=True)
 

@@ -48,7 +48,7 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=No
 
 class UnquantizedLinearMethod:
     """bf16/float32 weights. `skinny`: a kernel for 2-D inputs of few rows (decode batches on a
-    GPU, kernels.linear.skinny_linear), chosen by the model runner; F.linear otherwise."""
+    GPU, qwen3vl_kernels.linear.skinny_linear), chosen by the model runner; F.linear otherwise."""
 
     def __init__(self):
         self.skinny = None
@@ -239,7 +239,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """The output projection over the vocabulary; each rank's logits are its rows (gathered
     before sampling when tp > 1)."""
 
-    # kernels.linear.table_linear on a GPU (the model runner's choice): a tuned launch for the
+    # qwen3vl_kernels.linear.table_linear on a GPU (the model runner's choice): a tuned launch for the
     # vocabulary's shape where the device's table has one, else F.linear
     skinny = None
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
-from kernels.fused_moe import NORM_ROUTE_MAX_D
+from qwen3vl_kernels.fp8 import FP8, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
+from qwen3vl_kernels.fused_moe import NORM_ROUTE_MAX_D
 
 from ..parallel import Parallel, all_reduce, check_moe_split
 from .linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, ShapeMismatch, UnquantizedLinearMethod
@@ -37,7 +37,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, first_expe
 def moe_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       weights: torch.Tensor, ids: torch.Tensor, sentinel: bool = False) -> torch.Tensor:
     """Reference expert computation, one expert at a time over the tokens routed to it. Ids past
-    the experts held (`sentinel`: other ranks' experts, as kernels.fused_moe takes them) add nothing."""
+    the experts held (`sentinel`: other ranks' experts, as qwen3vl_kernels.fused_moe takes them) add nothing."""
     out = torch.zeros_like(x)
     weights = weights.to(x.dtype)
     for e in ids.unique().tolist():
@@ -168,7 +168,7 @@ class FusedMoE(nn.Module):
         W8A8 reference, one expert at a time: activations quantized per token and group, SiLU(gate)
         * up quantized again before the down projection."""
         if x.is_cuda:
-            from kernels.fused_moe import fused_moe
+            from qwen3vl_kernels.fused_moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, ids, w13_scale=self.w13_weight_scale_inv,
                              w2_scale=self.w2_weight_scale_inv, block=self.block, sentinel=self.num_local < self.num_experts)
@@ -204,8 +204,8 @@ class SparseMoE(nn.Module):
         self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, par.moe_tp_size, par.moe_tp_rank,
                                 fp8_block, fp8_online, par.ep_size, par.ep_rank)
         self.experts_fn = moe_experts_torch
-        self.route_fn = route          # kernels.fused_moe.route on GPU (one launch)
-        # kernels.fused_moe.norm_route on GPU: the norm before this layer and the router in one launch
+        self.route_fn = route          # qwen3vl_kernels.fused_moe.route on GPU (one launch)
+        # qwen3vl_kernels.fused_moe.norm_route on GPU: the norm before this layer and the router in one launch
         self.norm_route_fn = None
         self.fixed_logits = None       # route_uniformly's: the router runs, the top-k is taken over these
         self._counter = None           # norm_route's arrival count (allocated on first use)

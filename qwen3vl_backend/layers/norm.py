@@ -9,7 +9,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-        self.kernel = None             # kernels.rmsnorm.rmsnorm on GPU, set by the model runner
+        self.kernel = None             # qwen3vl_kernels.rmsnorm.rmsnorm on GPU, set by the model runner
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`: (norm(x + residual), x + residual), the sum also the new residual."""

@@ -1,4 +1,4 @@
-"""Quantization methods for the layer seam: block-scaled FP8 (kernels/fp8.py has the format).
+"""Quantization methods for the layer seam: block-scaled FP8 (qwen3vl_kernels/fp8.py has the format).
 
 `Fp8BlockLinearMethod` gives a linear layer an fp8 `weight` (N, K) and a float32
 `weight_scale_inv` (ceil(N/bn), ceil(K/bk)). Each checkpoint tensor lands where the layer's
@@ -7,7 +7,7 @@ gate, up) must start on a block boundary. With `online` (`--quantization fp8` on
 checkpoint), each tensor is quantized as it loads and its scales come with it.
 
 On CPU the product is the W8A8 reference (activations per token and bk group, dynamic); on a
-GPU kernels.fp8.fp8_linear (an fp8-weight GEMV for decode rows, cuBLAS's block-scaled GEMM for
+GPU qwen3vl_kernels.fp8.fp8_linear (an fp8-weight GEMV for decode rows, cuBLAS's block-scaled GEMM for
 prefill).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.fp8 import FP8, fp8_gemv, fp8_linear, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
+from qwen3vl_kernels.fp8 import FP8, fp8_gemv, fp8_linear, quantize_weight_blocks, scale_grid, w8a8_block_linear_reference
 
 from .linear import UnquantizedLinearMethod, _part, copy_checked
 

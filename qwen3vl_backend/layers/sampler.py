@@ -86,13 +86,13 @@ def ban_tokens(logits: torch.Tensor, banned: list) -> torch.Tensor:
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's first maximal index (int64): kernels.argmax on a GPU (kernels.switches.ARGMAX_KERNEL),
+    """Each row's first maximal index (int64): qwen3vl_kernels.argmax on a GPU (qwen3vl_kernels.switches.ARGMAX_KERNEL),
     else torch's."""
     if logits.is_cuda and logits.stride(-1) == 1:
-        from kernels import switches
+        from qwen3vl_kernels import switches
 
         if switches.ARGMAX_KERNEL:
-            from kernels.argmax import argmax_rows
+            from qwen3vl_kernels.argmax import argmax_rows
 
             return argmax_rows(logits)
     return logits.argmax(dim=-1)
@@ -115,7 +115,7 @@ def _top_ks(params: list[SamplingParams], vocab: int) -> list[int]:
 
 def _filter_rows(params: list[SamplingParams], ks: list[int], device) -> torch.Tensor:
     """The rows' filters in one copy to the device, (B, 4) float32: temperature, top_p (2 for none:
-    1 keeps everything), min_p, top_k (`ks`). What `candidates` and kernels.sample read."""
+    1 keeps everything), min_p, top_k (`ks`). What `candidates` and qwen3vl_kernels.sample read."""
     return device_tensor([[p.temperature, p.top_p if p.top_p < 1.0 else 2.0, p.min_p, k] for p, k in zip(params, ks)],
                          torch.float32, device)
 
@@ -150,18 +150,18 @@ def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torc
 
 def _logsumexp(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """(B, 1) float32: each row's log-sum-exp of logits / temperature (rows[:, 0]) over the
-    vocabulary. On a GPU kernels.sample.row_logsumexp, one read of the logits in their dtype (at
+    vocabulary. On a GPU qwen3vl_kernels.sample.row_logsumexp, one read of the logits in their dtype (at
     128 rows of 151,936 torch's path first wrote two float32 copies of 78 MB); else torch's, with
     the same treatment of NaN (-inf) and +inf (the largest float)."""
     if logits.is_cuda and logits.stride(-1) == 1:
-        from kernels.sample import row_logsumexp
+        from qwen3vl_kernels.sample import row_logsumexp
 
         return row_logsumexp(logits, rows)
     return torch.logsumexp(_scaled(logits, rows), dim=-1, keepdim=True)
 
 
 def _scaled(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x / temperature in float32, NaN as -inf and +inf as the largest float (as kernels.sample
+    """x / temperature in float32, NaN as -inf and +inf as the largest float (as qwen3vl_kernels.sample
     takes them: a row's +inf then holds its whole mass, and NaN none)."""
     return (x.float() / rows[:, :1]).nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
                                                 neginf=float("-inf"))
@@ -177,10 +177,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 
 def kernel_top_k(params: list[SamplingParams], vocab: int) -> int:
-    """The largest top_k where kernels.sample would draw this batch on a GPU (rows each with a
-    top_k up to its MAX_K; kernels.switches.SAMPLE_KERNEL on), else 0."""
-    from kernels import switches
-    from kernels.sample import MAX_K
+    """The largest top_k where qwen3vl_kernels.sample would draw this batch on a GPU (rows each with a
+    top_k up to its MAX_K; qwen3vl_kernels.switches.SAMPLE_KERNEL on), else 0."""
+    from qwen3vl_kernels import switches
+    from qwen3vl_kernels.sample import MAX_K
 
     if not switches.SAMPLE_KERNEL or not params or any(p.top_k <= 0 for p in params):
         return 0
@@ -190,11 +190,11 @@ def kernel_top_k(params: list[SamplingParams], vocab: int) -> int:
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """One draw per row from the same distribution `filter_probs` gives, for the whole batch at once:
-    kernels.sample's three launches where `kernel_top_k` allows (the logits in their own dtype),
+    qwen3vl_kernels.sample's three launches where `kernel_top_k` allows (the logits in their own dtype),
     else `candidates`, then one race over them."""
     k = kernel_top_k(params, logits.shape[-1]) if logits.is_cuda and logits.stride(-1) == 1 else 0
     if k:
-        from kernels.sample import candidates_width, sample_top_k
+        from qwen3vl_kernels.sample import candidates_width, sample_top_k
 
         rows = _filter_rows(params, _top_ks(params, logits.shape[-1]), logits.device)
         return sample_top_k(logits, rows, torch.rand(len(params), candidates_width(k), device=logits.device))

@@ -35,7 +35,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         # float32 and kept off the module's buffers, so a cast to bf16 cannot round them
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.rope_fn = mrope_cos_sin     # kernels.rope.mrope_cos_sin on a GPU (engine.model_runner.select_kernels)
+        self.rope_fn = mrope_cos_sin     # qwen3vl_kernels.rope.mrope_cos_sin on a GPU (engine.model_runner.select_kernels)
 
     @property
     def visual(self) -> VisionModel:

@@ -33,8 +33,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
         self.attn_fn = paged_attention_torch
         self.decode_fn = None          # a paged decode kernel, set by the model runner on GPU
-        self.prep_fn = None            # q/k norm + rotary + cache write in one kernel (kernels.rope.qkv_prep_)
-        # decode steps: prep_fn's work inside the decode kernel (kernels.attention.paged_decode_attention_prep)
+        self.prep_fn = None            # q/k norm + rotary + cache write in one kernel (qwen3vl_kernels.rope.qkv_prep_)
+        # decode steps: prep_fn's work inside the decode kernel (qwen3vl_kernels.attention.paged_decode_attention_prep)
         self.decode_prep_fn = None
 
     def forward(self, x, cos, sin, cache: torch.Tensor, meta: AttentionMetadata, qkv=None):

@@ -50,7 +50,7 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         qkv = self.qkv(x)
         if qkv.is_cuda:         # one kernel; q, k, v come heads-major, as attention reads them
-            from kernels.rope import vision_rotary
+            from qwen3vl_kernels.rope import vision_rotary
 
             q, k, v = vision_rotary(qkv, cos, sin, self.num_heads)
         else:
@@ -68,7 +68,7 @@ class VisionMLP(nn.Module):
 
     def forward(self, x):
         if x.is_cuda and x.dim() == 2 and self.linear_fc1.bias is not None:
-            from kernels import switches
+            from qwen3vl_kernels import switches
 
             if switches.VIT_GELU_EPILOGUE:      # the tanh GELU in cuBLASLt's epilogue: one pass fewer
                 return self.linear_fc2(torch._addmm_activation(self.linear_fc1.bias, x, self.linear_fc1.weight.t(),
@@ -162,7 +162,7 @@ class VisionModel(nn.Module):
     def encode(self, x, cos, sin, cu, attn_fn):
         """Blocks, merger and DeepStack mergers: what the ViT CUDA graphs capture."""
         if x.is_cuda and x.dim() == 2:
-            from kernels import switches
+            from qwen3vl_kernels import switches
 
             if switches.VIT_FUSED_NORM:
                 return self._encode_fused_norms(x, cos, sin, cu, attn_fn)
@@ -175,8 +175,8 @@ class VisionModel(nn.Module):
 
     def _encode_fused_norms(self, x, cos, sin, cu, attn_fn):
         """encode with each residual add and the LayerNorm after it in one launch
-        (kernels.layernorm.add_layer_norm): the stream it writes is PyTorch's add's, bit for bit."""
-        from kernels.layernorm import add_layer_norm
+        (qwen3vl_kernels.layernorm.add_layer_norm): the stream it writes is PyTorch's add's, bit for bit."""
+        from qwen3vl_kernels.layernorm import add_layer_norm
 
         def norm(s, delta, ln):
             return add_layer_norm(s, delta, ln.weight, ln.bias, ln.eps)

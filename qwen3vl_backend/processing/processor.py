@@ -1,8 +1,9 @@
 """Chat request -> prompt token ids, media pixel tensors and mRoPE positions.
 
 Mirrors transformers' Qwen3VLProcessor: render the chat template, replace each image pad with
-one pad per merged patch and each video pad with `<t seconds><|vision_start|>pads<|vision_end|>`
-per temporal patch, tokenize the expanded text, then compute 3-D positions.
+one pad per merged patch and each video (the template's `<|vision_start|><|video_pad|><|vision_end|>`,
+or a bare video pad) with `<t seconds><|vision_start|>pads<|vision_end|>` per temporal patch,
+tokenize the expanded text, then compute 3-D positions.
 """
 
 from __future__ import annotations
@@ -200,9 +201,14 @@ class Processor:
                 m = videos[vid_i]
                 vid_i += 1
                 per_frame = m.grid_thw[1] * m.grid_thw[2] // unit
-                out.append(text[pos:v] + "".join(
+                # the template's `<|vision_start|><|video_pad|><|vision_end|>` goes whole: each frame
+                # brings its own pair (Qwen's processor and transformers 5.25; 5.24 kept an outer pair too)
+                end = v + len(VIDEO_PAD)
+                wrapped = (v - len(VISION_START) >= pos and text.startswith(VISION_START, v - len(VISION_START))
+                           and text.startswith(VISION_END, end))
+                out.append(text[pos:v - len(VISION_START) if wrapped else v] + "".join(
                     f"<{ts:.1f} seconds>{VISION_START}{VIDEO_PAD * per_frame}{VISION_END}" for ts in m.timestamps))
-                pos = v + len(VIDEO_PAD)
+                pos = end + len(VISION_END) if wrapped else end
         return "".join(out)
 
 

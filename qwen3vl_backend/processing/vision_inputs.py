@@ -43,7 +43,7 @@ class VisionProcessingConfig:
     video_fps: float = 2.0
     video_min_frames: int = 4
     video_max_frames: int = 768
-    # transformers' per-frame pixel cap (qwen-vl-utils' behaviour); its default is still off in 5.24
+    # transformers' per-frame pixel cap (qwen-vl-utils' behaviour); its default is still off in 5.25
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 768
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from kernels.fp8 import FP8, dequantize_weight_blocks, quantize_weight_blocks
+from qwen3vl_kernels.fp8 import FP8, dequantize_weight_blocks, quantize_weight_blocks
 
 from ..loader import build_model, checkpoint_tensors
 from ..model_config import DENSE_ARCH, MOE_ARCH, ModelConfig, QuantConfig

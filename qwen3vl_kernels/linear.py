@@ -5,7 +5,7 @@ traffic, where cuBLAS picks small-tile kernels (with a split-K reduction for lon
 half the copy bandwidth on 17-21 MB matrices. Here each program streams BLOCK_N weight rows once:
 M == 1 multiplies and sums in registers; 2 <= M <= 16 pads the rows to 16 for tl.dot.
 
-Launch shapes per (N, K) and M are data (kernels/configs/skinny_linear,device=*.json), written by
+Launch shapes per (N, K) and M are data (qwen3vl_kernels/configs/skinny_linear,device=*.json), written by
 `python -m benchmarks.kernels --tune-linear`; a shape the table marks "cublas" (or M past the
 table) runs F.linear, and an entry with SPLIT_K (up to SPLIT_MAX_M rows) the split-K grouped GEMM.
 """
@@ -25,7 +25,7 @@ from .tables import device_file, device_table
 
 MAX_M = 16
 # A table entry with SPLIT_K runs the grouped GEMM's dense split-K launch instead
-# (kernels.fused_moe.dense_gemm), up to this many rows: for shapes whose N is too narrow to fill
+# (qwen3vl_kernels.fused_moe.dense_gemm), up to this many rows: for shapes whose N is too narrow to fill
 # the GPU with programs that each stream all of K (the MoE router's 128 x 2048: 6 us at 16 rows
 # through this kernel, 5.4 at 64 through cuBLAS, for 0.5 MB).
 SPLIT_MAX_M = 128
@@ -36,7 +36,7 @@ DEFAULT_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 def e4m3_groups(x):
     """float32 rows, each one group of a token's columns -> (the rows over their scales, clamped
     to e4m3's range, not yet cast; the scales, amax / 448, at least 1e-12 / 448): the activations'
-    per-group quantization, one definition for every kernel that makes W8A8 inputs (kernels.fp8's
+    per-group quantization, one definition for every kernel that makes W8A8 inputs (qwen3vl_kernels.fp8's
     quantize launches, the skinny GEMM's A8), so that they agree bit for bit."""
     scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-12) / 448.0
     return tl.clamp(x / scale[:, None], -448.0, 448.0), scale
@@ -70,7 +70,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
                    A8: tl.constexpr = False, USE_PDL: tl.constexpr = False, GROUP_SCALE: tl.constexpr = False,
                    res_ptr=None, nw_ptr=None, new_res_ptr=None, eps=0.0, NORM: tl.constexpr = False,
                    K_PAD: tl.constexpr = 1):
-    """HAS_SCALE: w is fp8 with a float32 scale per BN x BK block (kernels/fp8.py). BLOCK_N divides
+    """HAS_SCALE: w is fp8 with a float32 scale per BN x BK block (qwen3vl_kernels/fp8.py). BLOCK_N divides
     BN, so a program's rows share one row of the scale grid: the scales multiply x's columns
     (BLOCK_K of them per step, any BLOCK_K), and the weight costs one conversion per element, as
     bf16 does. A8 (with HAS_SCALE, M_PAD 16, BLOCK_K == BK): each program quantizes its x rows per
@@ -79,7 +79,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, stride_xm, stride
     loads its scales once per block instead of once per column.
     NORM (one row, M_PAD 1): x is the layer's input before its RMSNorm: each program takes
     s = x + residual (`res_ptr`) and its statistics over all K (K_PAD >= K) and multiplies by
-    RMSNorm(s) (weight `nw_ptr`), as kernels.rmsnorm rounds it; program 0 writes s to
+    RMSNorm(s) (weight `nw_ptr`), as qwen3vl_kernels.rmsnorm rounds it; program 0 writes s to
     `new_res_ptr` (the next residual). One launch a decode layer fewer."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -191,7 +191,7 @@ def config_file(device_name: str) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _table(device_name: str) -> dict:
-    """{"N,K": {"M": config or "cublas"}} (kernels/tables.py's lookup), or {}."""
+    """{"N,K": {"M": config or "cublas"}} (qwen3vl_kernels/tables.py's lookup), or {}."""
     return device_table(config_file, device_name) or {}
 
 

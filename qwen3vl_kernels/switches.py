@@ -12,15 +12,15 @@ at concurrency 1 / 16 / 64:
   router's kernel has finished). fp8 0.965 / 0.998 / 1.000, bf16 0.965 / 1.004 / 1.009 (the last
   two decode attention's alone: hence the cap).
 - FUSED_DECODE_PREP (QWEN3VL_FUSED_DECODE_PREP), off: decode steps run
-  kernels.attention.paged_decode_attention_prep, the q/k prep inside the attention launch. fp8
+  qwen3vl_kernels.attention.paged_decode_attention_prep, the q/k prep inside the attention launch. fp8
   1.031 / 1.075 / 1.24: slower everywhere (likely because each split recomputes the prep).
 - FUSED_INPUT_NORM (QWEN3VL_FUSED_INPUT_NORM), off: a decode row's residual add and input RMSNorm
-  inside the qkv GEMV (kernels.linear's NORM; DecoderLayer.fuse_input_norm). fp8 0.994 at c1,
+  inside the qkv GEMV (qwen3vl_kernels.linear's NORM; DecoderLayer.fuse_input_norm). fp8 0.994 at c1,
   bf16 1.011 (its 2-row programs each re-read the row for the statistics); 1.000 at 16 and 64.
 - FLAT_QUANTIZE (QWEN3VL_FLAT_QUANTIZE): activations quantized per group by
-  kernels.fp8._quantize_flat_kernel (a fixed tile of (token, group) pairs a program) where K is
+  qwen3vl_kernels.fp8._quantize_flat_kernel (a fixed tile of (token, group) pairs a program) where K is
   whole groups, instead of a program per token. Bit for bit the same values. Unset: by shape
-  (kernels.fp8.flat_quantize_pays: many rows of few groups, a prefill's MoE intermediates, where
+  (qwen3vl_kernels.fp8.flat_quantize_pays: many rows of few groups, a prefill's MoE intermediates, where
   it took 7632 x 768 in 4.7 us against 10 on an H200; it lost at the 954-row inputs of K 2048
   and 4096, 3.0 against 2.2 us, and at 16-512 rows); 1 always, 0 never.
 - PREFILL_CUDNN (QWEN3VL_PREFILL_CUDNN), on: the prefill CUDA graphs (engine/prefill_graphs.py)
@@ -30,26 +30,26 @@ at concurrency 1 / 16 / 64:
   flash 52 / 163 us, cuDNN 30 / 78; 235B's 64 heads: 90 / 270 against 47 / 139. 30B fp8 TTFT
   (engine, p50 of 8): 38.9 ms against 43.4 and 39.9 for the base runs before and after it.
 - VIT_FUSED_NORM (QWEN3VL_VIT_FUSED_NORM), on: the ViT's residual adds and the LayerNorms after
-  them in one launch each (kernels.layernorm.add_layer_norm). VIT_GELU_EPILOGUE
+  them in one launch each (qwen3vl_kernels.layernorm.add_layer_norm). VIT_GELU_EPILOGUE
   (QWEN3VL_VIT_GELU_EPILOGUE), on: the ViT MLP's tanh GELU in fc1's cuBLASLt epilogue
   (torch._addmm_activation). On an H200 (benchmarks.vit --switches, 30B's ViT, one 1280x720
   image's exact-grid graph, thirty-second session): 13.08 / 13.04 ms base, 12.62 with the first,
   12.73 with the second, 12.36 / 12.42 with both (and q/k/v laid out token-major, which alone
   gave 13.05 and was removed); engine TTFT (fp8, ViT graphs, p50 of 8, alternated) 36.2 / 35.9 ms
   off, 34.0 / 34.8 on.
-- SCALES_AHEAD (QWEN3VL_SCALES_AHEAD), on: the fp8 grouped and dense GEMMs (kernels.fused_moe's
+- SCALES_AHEAD (QWEN3VL_SCALES_AHEAD), on: the fp8 grouped and dense GEMMs (qwen3vl_kernels.fused_moe's
   _k_steps, tiles inside one scale block) load each K step's weight and activation scales one
   step ahead, instead of in the step. The fused MoE at 954 / 2048 / 4096 tokens 1.0-2.1% faster
   (gate_up's global-load stalls ~2.0 -> ~1.6 a instruction in Nsight Compute); decode steps at
   1 / 16 / 64 unchanged (thirty-third session).
 - ROPE_KERNEL (QWEN3VL_ROPE_KERNEL), on: a step's mRoPE cos/sin tables in one launch
-  (kernels.rope.mrope_cos_sin) instead of torch's six (float, multiply, gather, cat, cos, sin:
+  (qwen3vl_kernels.rope.mrope_cos_sin) instead of torch's six (float, multiply, gather, cat, cos, sin:
   ~10 us of a batch-1 decode step's graph in the H200 profiles). The same values.
-- ARGMAX_KERNEL (QWEN3VL_ARGMAX_KERNEL), on: greedy sampling's argmax by kernels.argmax (a row split
+- ARGMAX_KERNEL (QWEN3VL_ARGMAX_KERNEL), on: greedy sampling's argmax by qwen3vl_kernels.argmax (a row split
   over 64 programs, then one a row) instead of torch's one block a row (8.3 us for a 151,936-wide
   row in the H200's batch-1 profiles). The same index.
 - SAMPLE_KERNEL (QWEN3VL_SAMPLE_KERNEL), on: batches whose rows all sample (unseeded, no
-  penalties) with a top_k up to kernels.sample.MAX_K draw in kernels.sample's launches instead of
+  penalties) with a top_k up to qwen3vl_kernels.sample.MAX_K draw in qwen3vl_kernels.sample's launches instead of
   the torch path's ~20 (layers.sampler.sample_batch). 30B, the release's sampling (0.7 / 0.8 /
   20), decode step on an H200 (fortieth session, each part sorting its chunk): fp8 c1 1.928 ms
   against 2.064 off (greedy 1.89), c16 7.22 against 7.31; bf16 c1 2.34 against 2.47 (greedy
@@ -89,8 +89,8 @@ VIT_GELU_EPILOGUE = _on("QWEN3VL_VIT_GELU_EPILOGUE", "1")
 SCALES_AHEAD = _on("QWEN3VL_SCALES_AHEAD", "1")
 FLAT_QUANTIZE = {"1": True, "0": False}.get(os.environ.get("QWEN3VL_FLAT_QUANTIZE", ""))     # None: by shape
 
-# the launches whose warps KERNEL_WARPS may set: kernels.rmsnorm.rmsnorm, kernels.fp8's activation
-# quantize (both kernels), kernels.fused_moe's sum_top_k, route and align_by_expert, kernels.rope.qkv_prep_
+# the launches whose warps KERNEL_WARPS may set: qwen3vl_kernels.rmsnorm.rmsnorm, qwen3vl_kernels.fp8's activation
+# quantize (both kernels), qwen3vl_kernels.fused_moe's sum_top_k, route and align_by_expert, qwen3vl_kernels.rope.qkv_prep_
 KERNEL_WARPS_NAMES = ("rmsnorm", "quantize", "sum_top_k", "route", "align", "qkv_prep")
 
 

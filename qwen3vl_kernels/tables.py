@@ -1,4 +1,4 @@
-"""Tuned launch tables (`kernels/configs/*.json`, written by the benchmarks' sweeps), read through
+"""Tuned launch tables (`qwen3vl_kernels/configs/*.json`, written by the benchmarks' sweeps), read through
 one lookup by every kernel.
 
 A GPU reads its own table, else the H200's (where the tables were tuned: another Hopper's best

@@ -237,7 +237,7 @@ def paged_decode_attention_prep(qkv: torch.Tensor, n_q: int, n_kv: int, q_weight
                                 k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                                 cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                                 context_lens: torch.Tensor, scale: float, **launch) -> torch.Tensor:
-    """kernels.rope.qkv_prep_ and paged_decode_attention in one launch, for a decode step (one token
+    """qwen3vl_kernels.rope.qkv_prep_ and paged_decode_attention in one launch, for a decode step (one token
     a sequence, its slot the position context_lens - 1): qkv (S, (Hq + 2 Hkv) * D) as the fused
     projection leaves it (unchanged here); the newest k and v are written to the cache (2, NB, BS,
     Hkv, D, contiguous) in the same launch that reads it, so no sequence may read another's newest
@@ -263,8 +263,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     `config`: the launch shape (decode_config's keys; an entry's "merge_warps", 4 without it, is
     the merge launch's), else this device's table. `prefetch`: the
     kernel before wrote only each sequence's newest K/V (a decode step's q/k prep), so the rest may
-    be read before waiting for it (the kernel's PREFETCH; default kernels.switches.PDL_PREFETCH for
-    batches of at most kernels.switches.PREFETCH_MAX_SEQS sequences).
+    be read before waiting for it (the kernel's PREFETCH; default qwen3vl_kernels.switches.PDL_PREFETCH for
+    batches of at most qwen3vl_kernels.switches.PREFETCH_MAX_SEQS sequences).
     `prep`: paged_decode_attention_prep's (q a view of qkv)."""
     s, h, d = q.shape
     _, _, bs, hkv, d2 = cache.shape

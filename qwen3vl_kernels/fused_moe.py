@@ -175,7 +175,7 @@ def _grouped_gemm_kernel(
     partial tile in `ws_ptr` (SPLIT_K, num_valid, N); the program that finishes a tile last (an
     atomic count per tile, reset by it) sums the partials in split order, so the answer does not
     depend on which finished first. BITS (SCALE_MODE 2, a bfloat16, not A_SCALED): the weight
-    tiles become bfloat16 by integer ops (kernels.fp8._e4m3_bf16_bits; ASM: its PTX, on the GPU),
+    tiles become bfloat16 by integer ops (qwen3vl_kernels.fp8._e4m3_bf16_bits; ASM: its PTX, on the GPU),
     2^-120 of their values, made up in the scale. L2_PREFETCH (DENSE, ASM): before PDL's wait the
     program asks L2 for its weight tile's lines over its K steps (LINES: a row's, a power of two),
     which no kernel writes, while the kernel before it still runs. SWAP_AB: every dot as (b^T a^T)^T
@@ -716,7 +716,7 @@ def _pair_gate_up_tma_kernel(x_ptr, w_desc, ids_ptr, act_ptr, s_ptr, inter, K, t
 
 def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                    cfg: dict) -> torch.Tensor:
-    """y = x @ W.T for a decode batch's rows, W fp8 (N, K) in `block` scale blocks (kernels/fp8.py):
+    """y = x @ W.T for a decode batch's rows, W fp8 (N, K) in `block` scale blocks (qwen3vl_kernels/fp8.py):
     the grouped GEMM with one expert and its rows in order (DENSE), so neither a sort nor ids.
     cfg: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, A8 (the rows quantized per
     token and block-wide group first, one launch, and fp8 tensor-core dots: W8A8; else the weight
@@ -725,7 +725,7 @@ def dense_fp8_gemm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block
     (each program asks L2 for its weights before PDL's wait, while the kernel before runs; the
     PTX on a GPU only), SWAP_AB (the dots with the weight rows as the tensor cores' M side, so a
     16-row batch runs sm_90's wgmma where BLOCK_N is 64 or more), GLUON (a launch shape of
-    kernels.gluon_dense's W8A8 GEMM, taken where it can run: 1-64 rows on a Hopper GPU; the keys
+    qwen3vl_kernels.gluon_dense's W8A8 GEMM, taken where it can run: 1-64 rows on a Hopper GPU; the keys
     beside it are the launch elsewhere). x (M, K) bf16/float32 -> (M, N) in x's dtype."""
     return dense_gemm(x, wq, cfg, scale, block)
 
@@ -734,7 +734,7 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
                block: tuple[int, int] | None = None) -> torch.Tensor:
     """dense_fp8_gemm's launch; without `scale`, w is in x's dtype (bf16/float32 weights: a small
     layer's GEMM split over K, e.g. 30B's MoE router, 128 x 2048, at 16 rows, where the skinny
-    kernel's few programs each streamed all of K: kernels.linear.skinny_linear's SPLIT_K entries)."""
+    kernel's few programs each streamed all of K: qwen3vl_kernels.linear.skinny_linear's SPLIT_K entries)."""
     m, k = x.shape
     n = w.shape[0]
     fp8 = scale is not None
@@ -748,7 +748,7 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
     a8 = bool(cfg.get("A8")) and mode == 2 and block_k >= 32
     bits = bool(cfg.get("BITS")) and mode == 2 and not a8 and x.dtype == torch.bfloat16
     x = x if x.stride(-1) == 1 else x.contiguous()
-    glu = cfg.get("GLUON")          # kernels.gluon_dense's launch shape; the keys beside it where it cannot run
+    glu = cfg.get("GLUON")          # qwen3vl_kernels.gluon_dense's launch shape; the keys beside it where it cannot run
     if (fp8 and glu and x.is_cuda and gluon_dense.launch_ok(m, n, k, block, glu["BLOCK_N"])
             and gluon_dense.fits(m, k, glu)):
         return _dense_gluon(x, w, scale, block, glu)
@@ -779,7 +779,7 @@ def dense_gemm(x: torch.Tensor, w: torch.Tensor, cfg: dict, scale: torch.Tensor 
 def _dense_gluon(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                  cfg: dict) -> torch.Tensor:
     """dense_gemm's GLUON launch shape (cfg: BLOCK_N, SPLIT_K, num_stages, num_warps): the rows
-    quantized per token and 128-wide group (one launch), then kernels.gluon_dense's W8A8 GEMM
+    quantized per token and 128-wide group (one launch), then qwen3vl_kernels.gluon_dense's W8A8 GEMM
     (each K step's product overlapping the scaling of the step before), split over K as SPLIT_K
     asks."""
     m, k = x.shape
@@ -879,7 +879,7 @@ def fused_moe_pairs(x, w13, w2, topk_weights, topk_ids, config: dict | None = No
     weights and the top-k combine per token (two launches). With scales, w13/w2 are fp8 blocks
     dequantized in registers. `config` overrides the table's keys it names. `prefetch`: the
     kernels' PREFETCH, down reading its routing and first weights before PDL's wait (default
-    kernels.switches.PDL_PREFETCH)."""
+    qwen3vl_kernels.switches.PDL_PREFETCH)."""
     prefetch = switches.PDL_PREFETCH if prefetch is None else prefetch
     m, h = x.shape
     e, two_i, _ = w13.shape
@@ -1087,7 +1087,7 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     between launches (this resets it). -> (h = norm(x + residual), x + residual, weights (1, A)
     float32, ids (1, A) int32), as RMSNorm then `route(h @ gate_weight.T, ..., first_expert,
     num_local)` give them. `config`: the launch shape (norm_route_config's keys), else the table's.
-    `prefetch`: the kernel's PREFETCH (default kernels.switches.PDL_PREFETCH)."""
+    `prefetch`: the kernel's PREFETCH (default qwen3vl_kernels.switches.PDL_PREFETCH)."""
     m, d = x.shape
     e = gate_weight.shape[0]
     if (m != 1 or d > NORM_ROUTE_MAX_D or residual.shape != x.shape or gate_weight.shape[1] != d or top_k > e
@@ -1118,7 +1118,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               sentinel: bool = False) -> torch.Tensor:
     """x (M, H), w13 (E, 2I, H), w2 (E, H, I), routing (M, A) -> (M, H). With `w13_scale`
     (E, ceil(2I/bn), ceil(H/bk)) and `w2_scale` (E, ceil(H/bn), ceil(I/bk)), the weights are fp8
-    blocks (kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
+    blocks (qwen3vl_kernels/fp8.py). `sentinel`: ids may equal E, pairs routed to another rank's experts
     (expert parallelism), which add nothing here."""
     m, h = x.shape
     e, two_i, h2 = w13.shape
@@ -1230,7 +1230,7 @@ def _moe_table(e: int, inter: int, hidden: int, device: torch.device, fp8_block=
 @functools.lru_cache(maxsize=None)
 def _find_moe_table(e: int, inter: int, hidden: int, name: str, cuda: bool, fp8_block) -> dict | None:
     """The first table that exists: for the dtype, then the bf16 one standing in for fp8, each
-    this GPU's or the home device's (kernels/tables.py); None (the default config, warned once)
+    this GPU's or the home device's (qwen3vl_kernels/tables.py); None (the default config, warned once)
     without any. Off a GPU none is read."""
     for blk in ((fp8_block, None) if fp8_block else (None,)):
         table = device_table(lambda n: config_file(e, inter, hidden, n, blk), name) if cuda else None

@@ -9,7 +9,7 @@ sum over k-groups g of (Xq_g . Wq_g^T) * xs[t, g] * S[n // bn, g].
 Shapes: T = tokens, N = output features, K = input features, bn x bk = the block.
 The references are what the GPU paths are checked against; on CPU the layers run them.
 
-GPU paths (`fp8_linear`): up to 16 rows (decode), the skinny GEMM's kernel (kernels/linear.py)
+GPU paths (`fp8_linear`): up to 16 rows (decode), the skinny GEMM's kernel (qwen3vl_kernels/linear.py)
 streams the fp8 weight once: a program's rows share one row of scale blocks, so the scales
 multiply x's columns and each weight element costs one conversion, as a bf16 one does (fp8
 weights, bf16 activations: half the bytes, which is what a decode step pays for). At one row a
@@ -23,7 +23,7 @@ against INT_CVT's 5.9. Its launch shapes per (N, K) and M are a table per device
 fp8 GEMM (torch.nn.functional.scaled_mm, activations quantized per 1x128 group by one Triton
 launch) where the shapes are whole 128 blocks, else to a bf16 matmul of the dequantized weight.
 A decode batch (2 to DENSE_MAX_M rows) may instead take the fused MoE's grouped GEMM with one
-expert (`kernels.fused_moe.dense_fp8_gemm`), where the device's fp8_dense table has a launch shape
+expert (`qwen3vl_kernels.fused_moe.dense_fp8_gemm`), where the device's fp8_dense table has a launch shape
 for its (N, K) and M. On an H200 cuBLAS's kernel there (128x128 tiles, 16-40 of them for these
 shapes) took 11 us for 30B's qkv at 64 rows against bf16's 8.4, and the GEMV 18 us at 16 rows
 (`benchmarks.kernels --only fp8dense --write-configs` times both paths and writes the table).
@@ -244,7 +244,7 @@ def dense_config(n: int, k: int, m: int, block: tuple[int, int], device: torch.d
 def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
              bias: torch.Tensor | None = None, config: dict | None = None, norm: tuple | None = None) -> torch.Tensor | None:
     """x (M <= 16, K) in bf16/float32, Wq (N, K) fp8, S (ceil(N/bn), ceil(K/bk)) -> (M, N) in x's dtype.
-    `norm` (kernels.linear.norm_arguments'): x is one row before its residual add and RMSNorm, done
+    `norm` (qwen3vl_kernels.linear.norm_arguments'): x is one row before its residual add and RMSNorm, done
     in the kernel; None is returned where the launch shape asks for INT_CVT or HALF2 (their kernel
     has no norm)."""
     m, k = x.shape
@@ -487,7 +487,7 @@ def _row_kernel_ok(cfg: dict, wq: torch.Tensor, block: tuple[int, int], block_k:
 
 
 def group_scale_ok(asked, block_k: int, bk: int) -> bool:
-    """GROUP_SCALE (a K step's scales loaded once per scale block, kernels.linear.block_scaled)
+    """GROUP_SCALE (a K step's scales loaded once per scale block, qwen3vl_kernels.linear.block_scaled)
     where a launch shape asks for it and the step and the block are both powers of two, so that
     one is whole blocks of the other or lies inside one."""
     return bool(asked) and all(v > 0 and v & (v - 1) == 0 for v in (block_k, bk))

@@ -9,7 +9,7 @@ So the wait comes before every PDL kernel's first read or write of anything a ke
 it is never launched with the flag. CUDA graphs keep the overlap (captured as programmatic edges).
 
 QWEN3VL_PDL=0 turns it off (for comparison, or a driver that mishandles it). Reading before the
-wait what the kernel before does not write is kernels.switches.PDL_PREFETCH (on: 3.5% off a
+wait what the kernel before does not write is qwen3vl_kernels.switches.PDL_PREFETCH (on: 3.5% off a
 batch-1 decode step on an H200).
 """
 

@@ -14,14 +14,14 @@ registers while in flight, and ptxas then serializes every wgmma (its C7514).
 The launch: the weight rows are the wgmma's M side (BLOCK_N of them, 64 or 128, inside one
 weight-scale block), the batch's rows its N side (BLOCK_T: 16 or 32; 64 rows are two programs:
 at 64 a program spilled), K in 128-wide steps (one scale block each); a STAGES-deep ring of TMA
-loads with an mbarrier a stage. The rows come quantized by kernels.fp8's launch before it.
+loads with an mbarrier a stage. The rows come quantized by qwen3vl_kernels.fp8's launch before it.
 Quantized in the kernel they were slower on the H200, whether all of a program's K steps before
 its first product (01f27f1) or a step at a time while the step before is multiplied (f2d9306's
 ROWS, 2-5x slower; NOTES, thirty-sixth and thirty-seventh sessions). PDL: the weight tiles are
 asked for before the wait for the kernel before (nothing writes them), the activations after.
 SPLIT_K: program_id(2) takes STEPS of the K steps and stores its float32 partial; the tile's
 last program (an atomic count, reset by it) sums the partials in split order, so the bits do not
-depend on which split finished first (as kernels.fused_moe's split-K launches).
+depend on which split finished first (as qwen3vl_kernels.fused_moe's split-K launches).
 
 GPU only (sm_90): Triton's interpreter runs no Gluon. CPU tests compile it for sm_90 and check the
 overlap in its PTX and ptxas's report (tests/test_gluon_dense.py); GPU tests check it against the
@@ -218,10 +218,10 @@ def steps_split(k: int, split: int) -> tuple[int, int]:
 
 def w8a8(a8: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
          y: torch.Tensor, cfg: dict, split: int, ws: torch.Tensor, counts: torch.Tensor, pdl_kw: dict) -> torch.Tensor:
-    """y (M, N) = a8 (M, K) fp8 with its row scales sa (M, K/128) float32 (kernels.fp8's quantize
+    """y (M, N) = a8 (M, K) fp8 with its row scales sa (M, K/128) float32 (qwen3vl_kernels.fp8's quantize
     launch) times wq (N, K) fp8 with `scale` (ceil(N/bn), K/128). cfg: BLOCK_N, num_stages,
     num_warps; split > 1: ws (split, M, N) float32 and the per-tile counts
-    (kernels.fused_moe._split_k_buffers)."""
+    (qwen3vl_kernels.fused_moe._split_k_buffers)."""
     m, k = a8.shape
     n = wq.shape[0]
     block_n = cfg["BLOCK_N"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-PACKAGES = ("kernels", "qwen3vl_backend")
+PACKAGES = ("qwen3vl_kernels", "qwen3vl_backend")
 
 
 def compiled_by_kernel() -> dict[str, int]:
