@@ -20,7 +20,8 @@ import faulthandler
 
 import torch
 
-from qwen3vl_kernels.attention import decode_config, num_splits_for, paged_decode_attention, paged_decode_attention_reference
+from qwen3vl_kernels.attention import (decode_config, num_splits_for, paged_decode_attention,
+                                       paged_decode_attention_reference)
 
 from .common import against_table, print_table, variant_row, write_result
 from .roofline import measure as roofline

@@ -74,7 +74,8 @@ def patch_tables(configs: Path, patches: dict) -> None:
         shadows = shadowing_tables(configs, name, entries)
         if shadows:
             raise SystemExit(f"variant patches {name!r}, whose entries {sorted(shadows[0][1])} the shape's own "
-                             f"table {shadows[0][0]!r} overrides with its \"pairs\" (qwen3vl_kernels.fused_moe.pair_config): "
+                             f"table {shadows[0][0]!r} overrides with its \"pairs\" "
+                             "(qwen3vl_kernels.fused_moe.pair_config): "
                              "patch that table's \"pairs\" instead")
         table = json.loads(path.read_text())
         path.write_text(json.dumps(merged(table, entries), indent=1) + "\n")

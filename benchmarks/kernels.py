@@ -558,7 +558,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-configs", action="store_true",
-                    help="write the skinny GEMM's, the fp8 GEMV's and decode attention's swept tables to qwen3vl_kernels/configs/ for this GPU")
+                    help="write the skinny GEMM's, the fp8 GEMV's and decode attention's swept tables to "
+                         "qwen3vl_kernels/configs/ for this GPU")
     ap.add_argument("--only", default="moe,linear,routing,varlen,attention,fp8,fp8gemv,fp8dense,decodeattn,decodeattn1,normroute",
                     help="comma-separated parts to run")
     ap.add_argument("--ms", default=None, help="the GEMV sweeps' batch sizes (default 1,4,16)")

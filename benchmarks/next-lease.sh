@@ -378,7 +378,8 @@ if [ "$PART" = c1-tiles ]; then
   cd $OUT && tar czf results.tgz w; exit 0
 fi
 if [ "$PART" = gpu-suite ]; then
-  gpu_tests suite 520 -m gpu tests/test_gpu.py tests/test_fp8.py tests/test_kernels.py tests/test_sampling.py tests/test_engine.py
+  gpu_tests suite 520 -m gpu tests/test_gpu.py tests/test_fp8.py tests/test_kernels.py tests/test_sampling.py \
+    tests/test_engine.py
   tail -3 $W/gpu-tests-suite-$COMMIT.txt | cut -c1-200
   cd $OUT && tar czf results.tgz w; exit 0
 fi
