@@ -80,6 +80,10 @@
 #   gpu-suite (forty-fifth): the GPU tests of test_gpu, test_fp8, test_kernels, test_sampling and
 #     test_engine (after the kernels' package became qwen3vl_kernels).
 #   rows-kv (forty-fifth): 30B fp8 rows at c1/16/64/128 over the fp8 cache, then the bf16 cache.
+#   attention-regs (forty-fifth): decode attention with its registers capped ("maxnreg": the fp8
+#     cache's 128-token tiles take 204 a thread on sm_90, 2 blocks an SM; 168 makes 3, 128 makes 4,
+#     spilling 24 / 136 bytes): attention_variants at 64 and 128 sequences over both caches, then
+#     30B fp8 over the fp8 cache at c64,c128 in engine_ab with the fp8 entries capped at 168 / 128.
 COMMIT=$1; PART=${2:-packed}
 source .gpurun/common.sh; ln -sfn .gpurun/bundle .gpu-bundle; source .gpu-bundle/activate.sh .gpu-bundle
 W=$OUT/w; mkdir -p $W; START=$(date +%s)
@@ -392,4 +396,16 @@ if [ "$PART" = rows-kv ]; then
   done
   cd $OUT && tar czf results.tgz w; exit 0
 fi
-echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-entry, attention-c1, c1-tiles, gpu-suite, rows-kv)"; exit 2
+if [ "$PART" = attention-regs ]; then
+  timeout 150 python -m benchmarks.attention_variants --seqs 64,128 --variants table,r168,r128 --out $W \
+    > $W/attention-regs-$COMMIT.txt 2>&1
+  grep -E "^ *(bf16|fp8) " $W/attention-regs-$COMMIT.txt | cut -c1-120
+  T='"paged_decode,device=NVIDIA_H200.json"'
+  echo "{\"r168\": {$T: {\"fp8\": {\"64\": {\"maxnreg\": 168}, \"128\": {\"maxnreg\": 168}}}},
+         \"r128\": {$T: {\"fp8\": {\"64\": {\"maxnreg\": 128}, \"128\": {\"maxnreg\": 128}}}}}" > $W/v.json
+  timeout $(left 585) python -m benchmarks.engine_ab --variants $W/v.json --out $W -- --config $CONFIG-FP8 \
+    --concurrency 64,128 --out-tokens 64 --routing uniform --kv-cache-dtype fp8_e4m3 > $W/ab-regs-$COMMIT.txt 2>&1
+  tail -10 $W/ab-regs-$COMMIT.txt | cut -c1-170
+  cd $OUT && tar czf results.tgz w; exit 0
+fi
+echo "unknown part $PART (packed, pack-cap, pack-images, rows, profile, vit, final, moe, step-edges, step-edges-16, lm-head, sampling, sampler, sample-kernel, sample-rows, sampler-large, sampler-large-bf16, sample-select, sampled-profile, fp8-kv, attention, fp8-kv-entry, attention-c1, c1-tiles, gpu-suite, rows-kv, attention-regs)"; exit 2

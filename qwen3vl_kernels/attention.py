@@ -261,7 +261,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
                            prefetch: bool | None = None, prep: tuple | None = None) -> torch.Tensor:
     """q (S, H, D), cache (2, NB, BS, Hkv, D), block_tables (S, max_blocks) int32, context_lens (S,) int32.
     `config`: the launch shape (decode_config's keys; an entry's "merge_warps", 4 without it, is
-    the merge launch's), else this device's table. `prefetch`: the
+    the merge launch's; its "maxnreg", where set, caps the kernel's registers a thread: ptxas
+    spills past it), else this device's table. `prefetch`: the
     kernel before wrote only each sequence's newest K/V (a decode step's q/k prep), so the rest may
     be read before waiting for it (the kernel's PREFETCH; default qwen3vl_kernels.switches.PDL_PREFETCH for
     batches of at most qwen3vl_kernels.switches.PREFETCH_MAX_SEQS sequences).
@@ -299,6 +300,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         HEAD_DIM=d, BLOCK_SIZE=bs, PAGES=max(1, cfg["PAGES_TOKENS"] // bs),
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], F16_DOT=cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         PREFETCH=(switches.PDL_PREFETCH and s <= switches.PREFETCH_MAX_SEQS) if prefetch is None else prefetch,
         **(dict(zip(("qw_ptr", "kw_ptr", "eps", "cos_ptr", "sin_ptr", "slot_ptr"), prep), stride_ct=prep[3].stride(0),
                     PREP=True) if prep is not None else {}), **pdl(q),

@@ -1,7 +1,7 @@
 """Every distinct Triton kernel launch the interpreter runs in this test session, recorded so that
 tests/test_zz_sm90_compile.py can compile each for an H100/H200 (sm_90) at the session's end:
 the argument types (tensors' dtypes as pointer types, ints, floats), the constexpr values and the
-launch's num_warps / num_stages, and which arguments the launch specialized (`_specialized`); a
+launch's num_warps / num_stages (and maxnreg where it sets one), and which arguments the launch specialized (`_specialized`); a
 kernel taking USE_PDL or ASM also with them on, as the GPU launches it. The interpreter runs a
 kernel's Python, so what only the compiler refuses (a loop-carried variable changing type, a
 constexpr branch compiled past a return) passes every CPU test and fails on the GPU."""
@@ -72,7 +72,8 @@ def record(fn, args: tuple, kwargs: dict) -> None:
             if spec is not None:
                 (aligned if spec == "aligned" else ones).append(name)
     rec = {"module": fn.__module__, "name": fn.__name__, "types": types, "consts": consts,
-           "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+           "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3),
+           **({"maxnreg": kwargs["maxnreg"]} if kwargs.get("maxnreg") else {})}
     into = _ONLY[-1] if _ONLY else RECORDS
     # what the GPU turns on and a CPU never asks for: PDL (qwen3vl_kernels.pdl) and inline PTX (ASM, whose
     # interpreted launches run an emulation of it; only where a flag that uses it is on), each twin

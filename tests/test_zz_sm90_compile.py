@@ -44,7 +44,8 @@ def _compile_one(rec: dict) -> str | None:
                                       **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
     try:
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
+                                options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"],
+                                         **({"maxnreg": rec["maxnreg"]} if rec.get("maxnreg") else {})})
     except Exception as e:                   # the compiler's own errors are many types
         lines = [line for line in str(e).splitlines() if line.strip()]
         return f"{type(e).__name__}: {lines[-1] if lines else e}"
@@ -56,10 +57,12 @@ def _compile_one(rec: dict) -> str | None:
     where = [kernel.asm["ptx"].find(text) for text in rec.get("ptx_order", ())]
     if -1 in where or where != sorted(where):
         return f"PTX without {rec['ptx_order']} in that order: first at {where}"
-    if "max_stack" in rec:
+    if "max_stack" in rec or "max_regs" in rec:
         regs, stack = sm90_resources(kernel.asm["cubin"])
-        if stack > rec["max_stack"]:
+        if stack > rec.get("max_stack", stack):
             return f"{regs} registers and a {stack}-byte stack frame (registers spilled)"
+        if regs > rec.get("max_regs", regs):
+            return f"{regs} registers a thread, over {rec['max_regs']}"
     return None
 
 
@@ -211,6 +214,29 @@ def test_dense_gemm_l2_prefetch_comes_before_the_pdl_wait():
     records = [{**r, "ptx_order": ["prefetch.global.L2", "griddepcontrol.wait"]} for r in rec.records.values()
                if r["name"] == "_grouped_gemm_kernel" and r["consts"]["ASM"] and r["consts"]["USE_PDL"]]
     assert len(records) == 3, rec.records
+    _assert_all_compile(records)
+
+
+def test_decode_attention_register_cap_reaches_the_compile():
+    """A decode attention entry's "maxnreg" (attention_variants' r168 / r128) is the launch's: the
+    fp8 cache's 128-token tiles at 30B's heads, 204 registers a thread uncapped on sm_90, compile
+    within the cap (ptxas spills the rest; no spill limit here)."""
+    _needs_interpreter()
+    import torch
+
+    import launch_record
+    from qwen3vl_kernels.attention import paged_decode_attention
+
+    q = torch.empty(64, 32, 128, dtype=torch.bfloat16)
+    cache = torch.empty(2, 64 * 64, 16, 4, 128, dtype=torch.float8_e4m3fn)
+    tables, lens = torch.zeros(64, 64, dtype=torch.int32), torch.full((64,), 1000, dtype=torch.int32)
+    with launch_record.only_recording() as rec:
+        for cap in (168, 128):
+            paged_decode_attention(q, cache, tables, lens, 0.1, prefetch=False,
+                                   config={"PAGES_TOKENS": 128, "num_stages": 3, "maxnreg": cap})
+    records = [{**r, "max_regs": r.get("maxnreg")} for r in rec.records.values()
+               if r["name"] == "_paged_decode_kernel" and r["consts"]["USE_PDL"]]
+    assert sorted(r["max_regs"] or 0 for r in records) == [128, 168], records
     _assert_all_compile(records)
 
 
