@@ -35,7 +35,7 @@ def _compile_one(rec: dict) -> str | None:
     fn = getattr(importlib.import_module(rec["module"]), rec["name"])
     # as launched, where the record asks for the resource check (registers differ otherwise): the
     # arguments the launch found divisible by 16 marked so, those equal to 1 made constants
-    as_launched = "max_stack" in rec
+    as_launched = "max_stack" in rec or "max_regs" in rec
     attrs = ({(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in rec.get("aligned", ())}
              if as_launched else None)
     ones = {name: 1 for name in rec.get("ones", ())} if as_launched else {}
