@@ -146,6 +146,22 @@ def _k_steps(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, as_ptrs, valid, k_first, steps, 
 
 
 @triton.jit
+def _silu_and_weight(acc, acc_up, w_early, weights_ptr, pair, valid, FUSE_SILU: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, WEIGHTS_EARLY: tl.constexpr):
+    """The grouped GEMM's tile before its store: FUSE_SILU's SiLU(gate) * up, then MUL_WEIGHT's
+    routing weight a row (`w_early`, loaded before the K steps with WEIGHTS_EARLY, else here)."""
+    if FUSE_SILU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_WEIGHT:
+        if WEIGHTS_EARLY:
+            w = w_early
+        else:
+            w = tl.load(weights_ptr + pair, mask=valid, other=0.0)
+        acc = acc * w[:, None]
+    return acc
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, s_ptr,
@@ -238,19 +254,13 @@ def _grouped_gemm_kernel(
     else:
         s_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
         s_up_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn
+    w_early = None
     if MUL_WEIGHT and WEIGHTS_EARLY:
         w_early = tl.load(weights_ptr + pair, mask=valid, other=0.0)
     acc, acc_up = _k_steps(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, as_ptr + a_row.to(tl.int64) * stride_asm, valid,
                            k_first, steps, N, K, stride_ak, stride_bk, stride_bn, FUSE_SILU, SCALE_MODE, A_SCALED,
                            BITS, ASM, SWAP_AB, SCALES_AHEAD, BLOCK_M, BLOCK_N, BLOCK_K, BK)
-    if FUSE_SILU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if MUL_WEIGHT:
-        if WEIGHTS_EARLY:
-            w = w_early
-        else:
-            w = tl.load(weights_ptr + pair, mask=valid, other=0.0)
-        acc = acc * w[:, None]
+    acc = _silu_and_weight(acc, acc_up, w_early, weights_ptr, pair, valid, FUSE_SILU, MUL_WEIGHT, WEIGHTS_EARLY)
     out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ptrs = c_ptr + pair[:, None].to(tl.int64) * stride_cm + out_n[None, :] * stride_cn
     c_mask = valid[:, None] & (out_n[None, :] < N)
@@ -314,19 +324,13 @@ def _grouped_gemm_persistent_kernel(
         b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
         s_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N) // BN) * stride_sn
         s_up_ptrs = s_ptr + expert * stride_se + ((pid_n * BLOCK_N + N) // BN) * stride_sn
+        w_early = None
         if MUL_WEIGHT and WEIGHTS_EARLY:
             w_early = tl.load(weights_ptr + pair, mask=valid, other=0.0)
         acc, acc_up = _k_steps(a_ptrs, b_ptrs, s_ptrs, s_up_ptrs, as_ptr + a_row.to(tl.int64) * stride_asm, valid,
                                0, steps, N, K, stride_ak, stride_bk, stride_bn, FUSE_SILU, 2 if SCALED else 0,
                                A_SCALED, False, False, False, SCALES_AHEAD, BLOCK_M, BLOCK_N, BLOCK_K, BK)
-        if FUSE_SILU:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-        if MUL_WEIGHT:
-            if WEIGHTS_EARLY:
-                w = w_early
-            else:
-                w = tl.load(weights_ptr + pair, mask=valid, other=0.0)
-            acc = acc * w[:, None]
+        acc = _silu_and_weight(acc, acc_up, w_early, weights_ptr, pair, valid, FUSE_SILU, MUL_WEIGHT, WEIGHTS_EARLY)
         out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(c_ptr + pair[:, None].to(tl.int64) * stride_cm + out_n[None, :] * stride_cn,
                  acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (out_n[None, :] < N))
