@@ -99,8 +99,8 @@ def shadowing_tables(configs: Path, name: str, entries: dict) -> list[tuple[str,
 
 def make_tree(dest: Path, patches: dict) -> Path:
     source = ROOT / patches[TREE] if TREE in patches else ROOT
-    subs = [OLD_KERNELS if sub == TREES[0] and not (source / sub).is_dir() and (source / OLD_KERNELS).is_dir() else sub
-            for sub in TREES]
+    old = not (source / TREES[0]).is_dir() and (source / OLD_KERNELS).is_dir()
+    subs = (OLD_KERNELS if old else TREES[0], *TREES[1:])
     for sub in subs:
         if not (source / sub).is_dir():
             raise SystemExit(f"variant tree {patches[TREE]!r}: no {sub}/ there")

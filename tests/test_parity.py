@@ -173,6 +173,6 @@ def test_our_packages_take_no_name_another_installed_distribution_has():
     ours = {name.strip().strip('"').rstrip("*") for name in include.group(1).split(",") if name.strip()}
     assert {"qwen3vl_backend", "qwen3vl_kernels"} <= ours, ours
     provided = md.packages_distributions()
-    clashes = {name: sorted(set(provided[name]) - {"qwen3vl-triton"}) for name in ours
-               if set(provided.get(name, ())) - {"qwen3vl-triton"}}
+    others = {name: sorted(set(provided.get(name, ())) - {"qwen3vl-triton"}) for name in ours}
+    clashes = {name: dists for name, dists in others.items() if dists}
     assert not clashes, f"installed distributions provide these top-level names too: {clashes}"

@@ -203,10 +203,9 @@ class Processor:
                 per_frame = m.grid_thw[1] * m.grid_thw[2] // unit
                 # the template's `<|vision_start|><|video_pad|><|vision_end|>` goes whole: each frame
                 # brings its own pair (Qwen's processor and transformers 5.25; 5.24 kept an outer pair too)
-                end = v + len(VIDEO_PAD)
-                wrapped = (v - len(VISION_START) >= pos and text.startswith(VISION_START, v - len(VISION_START))
-                           and text.startswith(VISION_END, end))
-                out.append(text[pos:v - len(VISION_START) if wrapped else v] + "".join(
+                start, end = v - len(VISION_START), v + len(VIDEO_PAD)
+                wrapped = start >= pos and text.startswith(VISION_START, start) and text.startswith(VISION_END, end)
+                out.append(text[pos:start if wrapped else v] + "".join(
                     f"<{ts:.1f} seconds>{VISION_START}{VIDEO_PAD * per_frame}{VISION_END}" for ts in m.timestamps))
                 pos = end + len(VISION_END) if wrapped else end
         return "".join(out)
