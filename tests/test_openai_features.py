@@ -418,3 +418,26 @@ def test_deeply_nested_json_is_a_400_everywhere_it_is_parsed(tiny_moe):
             parse_json_object(huge, what)
     with pytest.raises(RequestError, match="json_schema is nested too deeply"):
         grammar_for({"json_schema": deep})
+
+
+def test_a_grammar_that_matches_nothing_is_refused_before_admission(tiny_moe):
+    """A schema or grammar can compile and still match no string; llguidance finds out only at the
+    first mask, where the engine took it as a failure of its own mid-request (the probe's
+    `{"$ref": "#"}` was a 500). It is refused when the request is added, as the client's; grammars
+    that match something keep their first mask."""
+    import numpy as np
+
+    from qwen3vl_backend.engine.structured import Constraint
+    from qwen3vl_backend.errors import RequestError
+
+    vocab = json.loads((tiny_moe / "config.json").read_text())["text_config"]["vocab_size"]
+    for spec in ({"json_schema": {"$ref": "#"}}, {"grammar": "start: start start"},
+                 {"regex": "[^\\x00-\\U0010ffff]"}):
+        with pytest.raises(RequestError, match="admits no output"):
+            Constraint(spec, tiny_moe, vocab, [0])
+    for spec in ({"json_schema": {"type": "integer"}}, {"regex": "yes|no"}, {"choice": ["a", "b"]}):
+        c = Constraint(spec, tiny_moe, vocab, [0])
+        again = Constraint(spec, tiny_moe, vocab, [0])
+        first = c.allowed()
+        assert c.failed is None and not c.done and np.unpackbits(first.view(np.uint8)).sum() > 0
+        assert np.array_equal(first, again.allowed())

@@ -559,6 +559,9 @@ HOSTILE = [
     ("schema_that_does_not_compile", {**_msg("x"), "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400,
      "structured_output does not compile"),
+    ("schema_that_matches_nothing", {**_msg("x"), "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}}, 400,
+     "structured_output admits no output"),
     ("response_format_unknown", {**_msg("x"), "response_format": {"type": "xml"}}, 400, "response_format type must be"),
     ("top_logprobs_past_20", {**_msg("x"), "logprobs": True, "top_logprobs": 99}, 400,
      "'top_logprobs' must be an integer from 0 to 20"),

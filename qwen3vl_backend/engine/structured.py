@@ -114,6 +114,13 @@ class Constraint:
             raise RequestError(f"structured_output does not compile: {self.matcher.get_error()}")
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
+        # the first mask, computed once here too (~0.1 ms): a grammar that compiles but matches no
+        # string (`{"$ref": "#"}`, a Lark start rule made only of itself, a regex of an empty
+        # class) puts the matcher in error on it, which at the first step failed the admitted
+        # request as the server's error (a 500)
+        self.matcher.compute_bitmask()
+        if self.matcher.is_error():
+            raise RequestError("structured_output admits no output (the grammar matches no string)")
 
     def allowed(self) -> np.ndarray:
         """Bitmask (ceil(V / 32),) int32: bit t % 32 of word t // 32 set when token t may come next."""
