@@ -109,6 +109,52 @@ def check_response_format(value) -> dict | None:
     raise APIError(400, "response_format type must be text, json_object or json_schema", param="response_format")
 
 
+# vLLM's and SGLang's own request fields that constrain the output (what their users send through
+# an OpenAI client's extra_body), each read as one of the engine's structured_output kinds; a
+# server that ignored them would answer unconstrained text as if it had obeyed
+EXTRA_CONSTRAINTS = {
+    "guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",   # vLLM before 0.11
+    "guided_grammar": "grammar",
+    "json_schema": "json_schema", "regex": "regex", "ebnf": "grammar",                   # SGLang
+}
+# vLLM's structured_outputs object: its keys that constrain, and those that only tune how (ignored:
+# the engine's JSON is already without free whitespace, and it has one backend)
+STRUCTURED_OUTPUTS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                      "json_object": "json_object"}
+STRUCTURED_OUTPUTS_TUNING = {"disable_fallback", "disable_any_whitespace", "backend"}
+
+
+def check_structured(body: dict) -> dict | None:
+    """The one structured_output that response_format, vLLM's structured_outputs or guided_*
+    fields, or SGLang's regex / json_schema / ebnf ask for (None: free text); 400 when more than
+    one constrains the same request, or for what is not served (vLLM's structural_tag,
+    whitespace_pattern, disable_additional_properties). The grammar itself is compiled by the
+    engine, whose refusal is a 400 too."""
+    found = []
+    rf = check_response_format(body.get("response_format"))
+    if rf is not None:
+        found.append(("response_format", rf))
+    for name, kind in EXTRA_CONSTRAINTS.items():
+        if body.get(name) is not None:
+            found.append((name, {kind: body[name]}))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise APIError(400, "'structured_outputs' must be an object", param="structured_outputs")
+        for key, value in so.items():
+            if value is None or value is False or key in STRUCTURED_OUTPUTS_TUNING:
+                continue
+            if key not in STRUCTURED_OUTPUTS:
+                raise APIError(400, f"structured_outputs.{key} is not supported by this server (it takes "
+                                    f"{', '.join(STRUCTURED_OUTPUTS)})", param="structured_outputs",
+                               code="unsupported_parameter")
+            found.append((f"structured_outputs.{key}", {STRUCTURED_OUTPUTS[key]: value}))
+    if len(found) > 1:
+        raise APIError(400, f"only one constraint on the output per request; got {found[0][0]} and "
+                            f"{found[1][0]}", param=found[1][0].split(".")[0])
+    return found[0][1] if found else None
+
+
 def from_triton(message: str, client_error: bool, request_id: str = "", unavailable: bool = False) -> APIError:
     """A Triton-side failure as an OpenAI error: 400 with its message for what the client sent;
     503 while the model server is down or restarting; otherwise 500 without the server's detail
@@ -160,7 +206,7 @@ def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> Ch
     stream, include_usage, continuous = check_stream_options(body)
     n = check_n(body)
     tools, parallel, forced = check_tools(body)
-    structured = check_response_format(body.get("response_format"))
+    structured = check_structured(body)
     if forced is not None and structured is not None:
         raise APIError(400, "response_format and a forced tool_choice cannot both constrain the answer",
                        param="response_format")
@@ -305,6 +351,9 @@ def check_completion_request(body, served_model: str) -> CompletionRequest:
         sampling["logprobs"] = logprobs
         if echo:                                        # the prompt's own logprobs too (loglikelihood evals)
             sampling["prompt_logprobs"] = logprobs
+    structured = check_structured(body)
+    if structured is not None:
+        sampling["structured_output"] = structured
     return CompletionRequest(prompts, sampling, stream, include_usage, continuous, n, echo)
 
 

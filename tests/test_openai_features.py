@@ -239,6 +239,12 @@ def test_continuous_usage_and_models_card(tiny_moe):
     ({"top_logprobs": 3}, 400, "'top_logprobs' needs 'logprobs': true"),
     ({"logprobs": True, "top_logprobs": 21}, 400, "'top_logprobs' must be an integer from 0 to 20"),
     ({"best_of": 2}, 400, "'best_of' is not supported"),
+    ({"guided_regex": "a+", "response_format": {"type": "json_object"}}, 400,
+     "only one constraint on the output per request; got response_format and guided_regex"),
+    ({"regex": "a+", "structured_outputs": {"choice": ["a"]}}, 400, "got regex and structured_outputs.choice"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, 400, "structured_outputs.structural_tag is not supported"),
+    ({"structured_outputs": ["json"]}, 400, "'structured_outputs' must be an object"),
+    ({"tools": TOOLS, "tool_choice": "required", "ebnf": 'root ::= "x"'}, 400, "cannot both constrain"),
 ])
 def test_malformed_feature_requests_get_a_clear_400(tiny_moe, extra, status, message):
     ai = _client(tiny_moe, FakeTriton("x"))
@@ -441,3 +447,38 @@ def test_a_grammar_that_matches_nothing_is_refused_before_admission(tiny_moe):
         first = c.allowed()
         assert c.failed is None and not c.done and np.unpackbits(first.view(np.uint8)).sum() > 0
         assert np.array_equal(first, again.allowed())
+
+
+def test_vllm_and_sglang_constraint_fields_become_structured_output(tiny_moe):
+    """What vLLM's and SGLang's users send to constrain an answer (guided_*, structured_outputs,
+    SGLang's regex / json_schema / ebnf) reaches the engine as its one structured_output, on chat
+    and on completions; unset (null / false) fields and structured_outputs' tuning keys constrain
+    nothing. Before, all of them were ignored: free text, answered as if constrained."""
+    fake = FakeTriton("x")
+    ai = _client(tiny_moe, fake)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    cases = [
+        ({"guided_json": schema}, {"json_schema": schema}),
+        ({"guided_regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+        ({"guided_choice": ["yes", "no"]}, {"choice": ["yes", "no"]}),
+        ({"guided_grammar": 'root ::= "a"'}, {"grammar": 'root ::= "a"'}),
+        ({"regex": "b+", "guided_json": None}, {"regex": "b+"}),
+        ({"json_schema": json.dumps(schema)}, {"json_schema": json.dumps(schema)}),
+        ({"ebnf": 'root ::= "yes"'}, {"grammar": 'root ::= "yes"'}),
+        ({"structured_outputs": {"json": schema, "disable_any_whitespace": True, "regex": None}}, {"json_schema": schema}),
+        ({"structured_outputs": {"json_object": True}}, {"json_object": True}),
+        ({"structured_outputs": {"grammar": "start: \"a\"", "json_object": False}}, {"grammar": "start: \"a\""}),
+        ({"structured_outputs": {}}, None),
+    ]
+
+    async def go():
+        for extra, _ in cases:
+            await ai.chat.completions.create(model="tiny-moe", messages=USER, extra_body=extra)
+        for extra, _ in cases[:3]:
+            await ai.completions.create(model="tiny-moe", prompt="Once", max_tokens=3, extra_body=extra)
+        await ai.completions.create(model="tiny-moe", prompt="Once", max_tokens=3,
+                                    extra_body={"response_format": {"type": "json_object"}})
+    _run(go())
+    sent = [s[3].get("structured_output") for s in fake.sent]
+    assert sent == [want for _, want in cases] + [want for _, want in cases[:3]] + [{"json_object": True}]
+    assert [s[0] for s in fake.sent[-4:]] == ["llm"] * 4       # completions go to llm with the same sampling

@@ -878,6 +878,30 @@ def test_forced_tool_call_and_strict_schema_hold_for_a_random_model(client):
         assert out.choices[0].finish_reason == "stop" and _valid_weather_args(json.loads(out.choices[0].message.content))
 
 
+def test_vllm_and_sglang_constraints_hold_for_a_random_model(client):
+    """vLLM's and SGLang's own constraint fields, served: an EBNF (GBNF) grammar, a choice and a
+    regex hold on chat and on completions for the random tiny model, which free would write
+    neither; a GBNF grammar that does not parse is the client's 400."""
+    import re
+
+    import openai
+
+    msgs = [{"role": "user", "content": "Pick."}]
+    for seed in (1, 2):
+        kw = dict(model="tiny-moe", temperature=1.0, seed=seed, max_tokens=24)
+        sku = client.chat.completions.create(messages=msgs, **kw, extra_body={
+            "ebnf": 'root ::= [0-9]{3} "-" word\nword ::= "red" | "blue"'}).choices[0]
+        pick = client.chat.completions.create(messages=msgs, **kw, extra_body={
+            "guided_choice": ["left", "right"]}).choices[0]
+        code = client.completions.create(prompt="Code:", **kw, extra_body={
+            "structured_outputs": {"regex": "[A-Z]{2}[0-9]{2}"}}).choices[0]
+        assert re.fullmatch(r"[0-9]{3}-(red|blue)", sku.message.content) and sku.finish_reason == "stop"
+        assert pick.message.content in ("left", "right") and pick.finish_reason == "stop"
+        assert re.fullmatch(r"[A-Z]{2}[0-9]{2}", code.text) and code.finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="structured_output grammar does not compile"):
+        client.chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=4, extra_body={"ebnf": "root ::= ("})
+
+
 def test_structured_output_through_tritonclient_on_the_ensemble(server):
     """Triton users set it in sampling_parameters, as any other sampling field."""
     schema = WEATHER_TOOL["function"]["parameters"]

@@ -7,12 +7,13 @@
 | `json_schema` | JSON valid under the schema (an object, or its JSON text) |
 | `json_object` (true) | any JSON object |
 | `regex` | a match of the regular expression |
-| `grammar` | a sentence of the Lark grammar (llguidance's dialect, `%json{...}` included) |
+| `grammar` | a sentence of a Lark grammar (llguidance's dialect, `%json{...}` too) or of a GBNF one (`root ::=`) |
 | `choice` | exactly one of the listed strings |
 
 Each step the engine asks the request's matcher for the tokens allowed next (a bitmask over the
 vocabulary, computed on the host), the sampler masks the rest, and the sampled token is fed back
-to the matcher. Why llguidance (README, "Structured output"): no dependencies (xgrammar needs
+to the matcher. GBNF (vLLM's and SGLang's EBNF) is converted to Lark by llguidance's own
+converter. Why llguidance (README, "Structured output"): no dependencies (xgrammar needs
 torch, transformers, triton and tvm-ffi at run time), and the masks measured as cheap.
 """
 
@@ -58,8 +59,14 @@ def grammar_for(spec) -> str:
             return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=COMPACT)
         if kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(_text(value, kind))
-        if kind == "grammar":
-            return llguidance.LLMatcher.grammar_from_lark(_text(value, kind))
+        if kind == "grammar":       # Lark, or GBNF (`root ::= ...`: vLLM's and SGLang's EBNF) converted to it
+            from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+            try:
+                lark = any_to_lark(_text(value, kind))
+            except GbnfToLarkError as e:
+                raise ValueError(str(e)) from None
+            return llguidance.LLMatcher.grammar_from_lark(lark)
         if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
             raise RequestError("structured_output choice must be a non-empty list of strings")
         return llguidance.grammar_from("choice", json.dumps(value))
