@@ -179,18 +179,22 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         ids, thinking = None, False
         if prompts is not None:
             try:
-                ids, thinking = await asyncio.to_thread(prompts.ids, messages, req.tools, req.template_kwargs)
+                ids, thinking = await asyncio.to_thread(prompts.ids, messages, req.tools, req.template_kwargs,
+                                                        req.add_generation_prompt, req.continue_final_message)
             except RequestError as e:
                 raise APIError(400, str(e), param="messages") from e
             timing.mark("prompt")
-        # preprocess reads `messages`, `tools` and `chat_template_kwargs` from a JSON object and takes
+        # preprocess reads `messages`, `tools`, `chat_template_kwargs` and how the prompt ends
+        # (add_generation_prompt, continue_final_message) from a JSON object and takes
         # sampling from its own input. Media urls (data URIs by now) go as the `media` input, named
         # "media-input:N" in the JSON, so preprocess does not parse them again; without media the
         # request's bytes go on as they came unless they must change (tools dropped by tool_choice none)
         stripped, media = split_media(messages)
         same = not media and messages is body["messages"] and (req.tools or None) == (body.get("tools") or None)
         text = raw if same else json.dumps({"messages": stripped, "tools": req.tools,
-                                            "chat_template_kwargs": req.template_kwargs}).encode()
+                                            "chat_template_kwargs": req.template_kwargs,
+                                            "add_generation_prompt": req.add_generation_prompt,
+                                            "continue_final_message": req.continue_final_message}).encode()
 
         def open_stream(i: int):
             sampling = choice_sampling(req.sampling, req.n, i)

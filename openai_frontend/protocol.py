@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from qwen3vl_backend.processing.chat import RequestError, check_template_extras, normalize_messages
+from qwen3vl_backend.processing.chat import RequestError, check_prompt_end, check_template_extras, normalize_messages
 from qwen3vl_backend.sampling_params import MAX_LOGPROBS, SAMPLING_FIELDS, SamplingError, SamplingParams
 
 log = logging.getLogger("openai_frontend")
@@ -26,7 +26,29 @@ class APIError(Exception):
 
 # OpenAI chat fields this server does not implement yet, with the values that mean "not used":
 # a request that uses one is refused naming it, never served as if it had not asked.
+# vLLM's and SGLang's request fields that change the answer and are not served here: refused when
+# set to anything but their default, rather than ignored (the answer would differ from what was asked)
+ENGINE_EXTRAS_UNSUPPORTED = {
+    "use_beam_search": lambda v: v in (None, False),
+    "length_penalty": lambda v: v in (None, 1),
+    "allowed_token_ids": lambda v: v in (None, []),
+    "bad_words": lambda v: v in (None, []),
+    "truncate_prompt_tokens": lambda v: v is None,
+    "logits_processors": lambda v: v in (None, []),
+    "return_tokens_as_token_ids": lambda v: v in (None, False),
+    "spaces_between_special_tokens": lambda v: v in (None, True),
+    "prompt_logprobs": lambda v: v is None,          # completions: `echo` with `logprobs` scores the prompt
+    "no_stop_trim": lambda v: v in (None, False),    # SGLang's; vLLM's include_stop_str_in_output is served
+    "lora_path": lambda v: v is None,
+    "custom_logit_processor": lambda v: v is None,
+    "return_hidden_states": lambda v: v in (None, False),
+}
 UNSUPPORTED = {
+    **ENGINE_EXTRAS_UNSUPPORTED,
+    "chat_template": lambda v: v is None,             # a client's own Jinja: the checkpoint's template only
+    "documents": lambda v: v in (None, []),
+    "mm_processor_kwargs": lambda v: v in (None, {}),
+    "echo": lambda v: v in (None, False),
     "functions": lambda v: v in (None, []),
     "function_call": lambda v: v in (None, "none", "auto"),
     "logit_bias": lambda v: v in (None, {}),
@@ -50,6 +72,8 @@ class ChatRequest:
     tools: list | None = None          # rendered for the model and its <tool_call> blocks parsed (tool_choice auto)
     parallel_tool_calls: bool = True
     template_kwargs: dict = field(default_factory=dict)
+    add_generation_prompt: bool = True         # vLLM's: how the prompt ends (chat.check_prompt_end)
+    continue_final_message: bool = False
 
 
 def check_tools(body: dict) -> tuple[list | None, bool, dict | None]:
@@ -226,7 +250,12 @@ def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> Ch
         _, kwargs = check_template_extras(None, body.get("chat_template_kwargs"))
     except RequestError as e:
         raise APIError(400, str(e), param="chat_template_kwargs") from e
-    return ChatRequest(sampling, stream, include_usage, continuous, n, tools, parallel, kwargs)
+    ends = body.get("add_generation_prompt", True), body.get("continue_final_message", False)
+    try:
+        check_prompt_end(*ends)
+    except RequestError as e:
+        raise APIError(400, str(e), param="continue_final_message") from e
+    return ChatRequest(sampling, stream, include_usage, continuous, n, tools, parallel, kwargs, *ends)
 
 
 def check_sampling(body: dict, defaults: dict | None = None) -> dict:
@@ -303,6 +332,7 @@ def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, u
 
 
 COMPLETIONS_UNSUPPORTED = {
+    **ENGINE_EXTRAS_UNSUPPORTED,
     "suffix": lambda v: v in (None, ""),
     "best_of": lambda v: v in (None, 1),
     "logit_bias": lambda v: v in (None, {}),

@@ -19,11 +19,13 @@ class TextPrompts:
         self.template = load_chat_template(model_dir)
         self.tokenizer = Tokenizer(model_dir)
 
-    def ids(self, messages, tools=None, template_kwargs=None) -> tuple[list[int] | None, bool]:
+    def ids(self, messages, tools=None, template_kwargs=None, add_generation_prompt=True,
+            continue_final_message=False) -> tuple[list[int] | None, bool]:
         """-> (the prompt's token ids, or None when the chat has media (the ensemble's work);
         whether the prompt ends inside an opened <think>, as a Thinking checkpoint's template
         leaves it)."""
-        text, media = render_chat(self.template, messages, tools, template_kwargs)
+        text, media = render_chat(self.template, messages, tools, template_kwargs, add_generation_prompt,
+                                  continue_final_message)
         thinking = text.rstrip().endswith("<think>")
         return (None if media else self.tokenizer.encode(text)), thinking
 

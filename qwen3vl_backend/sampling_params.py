@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, fields
 # request-body fields that are sampling parameters (OpenAI names included)
 SAMPLING_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                    "stop", "stop_token_ids", "ignore_eos", "min_tokens", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty")
+                   "presence_penalty", "frequency_penalty", "skip_special_tokens", "include_stop_str_in_output")
 
 # generation_config.json's fields that are sampling defaults (vLLM's and SGLang's list)
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -67,6 +67,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False   # a matched stop string ends the text, not cut from it (vLLM's)
     logprobs: int | None = None    # each output token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None     # each prompt token's logprob (after the first) and its top alternatives
     structured_output: dict | None = None   # {json_schema | json_object | regex | grammar | choice: ...} (engine/structured.py)
@@ -110,6 +111,7 @@ class SamplingParams:
             _check(_is_num(v) and -2 <= v <= 2, f"{name} must be in [-2, 2], got {_short(v)}")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos must be a boolean")
         _check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens must be a boolean")
+        _check(isinstance(self.include_stop_str_in_output, bool), "include_stop_str_in_output must be a boolean")
 
     @property
     def greedy(self) -> bool:

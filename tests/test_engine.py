@@ -125,6 +125,14 @@ def test_stop_string_truncates_and_finishes(tiny_moe, prompts):
     out = engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
     assert out["finish_reason"] == "stop"
     assert out["text"] == full["text"][: full["text"].find(stop)]
+    # vLLM's include_stop_str_in_output: the text ends with the stop string; of two stops the one
+    # that comes first ends it, whatever the list's order, and of two starting there the first listed
+    later, first = full["text"][7:9], full["text"][5:7]
+    assert full["text"].find(later) > full["text"].find(first)
+    for stops, end in (([stop], stop), ([later, first], first), ([first + full["text"][7], first], first + full["text"][7])):
+        kept = engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=stops,
+                                                            include_stop_str_in_output=True))[0]
+        assert kept["finish_reason"] == "stop" and kept["text"] == full["text"][: full["text"].find(end) + len(end)]
 
 
 def test_stop_token_ids_and_min_tokens(tiny_moe, prompts, reference):

@@ -245,6 +245,16 @@ def test_continuous_usage_and_models_card(tiny_moe):
     ({"structured_outputs": {"structural_tag": "{}"}}, 400, "structured_outputs.structural_tag is not supported"),
     ({"structured_outputs": ["json"]}, 400, "'structured_outputs' must be an object"),
     ({"tools": TOOLS, "tool_choice": "required", "ebnf": 'root ::= "x"'}, 400, "cannot both constrain"),
+    ({"continue_final_message": True}, 400, "continue_final_message and add_generation_prompt cannot both be true"),
+    ({"add_generation_prompt": "no"}, 400, "'add_generation_prompt' must be a boolean"),
+    ({"continue_final_message": True, "add_generation_prompt": False}, 400,
+     "continue_final_message needs the last message to be the assistant's"),
+    ({"include_stop_str_in_output": 1}, 400, "include_stop_str_in_output must be a boolean"),
+    ({"use_beam_search": True}, 400, "'use_beam_search' is not supported"),
+    ({"chat_template": "{{ 7 * 7 }}"}, 400, "'chat_template' is not supported"),
+    ({"echo": True}, 400, "'echo' is not supported"),
+    ({"prompt_logprobs": 2}, 400, "'prompt_logprobs' is not supported"),
+    ({"bad_words": ["x"]}, 400, "'bad_words' is not supported"),
 ])
 def test_malformed_feature_requests_get_a_clear_400(tiny_moe, extra, status, message):
     ai = _client(tiny_moe, FakeTriton("x"))
@@ -482,3 +492,36 @@ def test_vllm_and_sglang_constraint_fields_become_structured_output(tiny_moe):
     sent = [s[3].get("structured_output") for s in fake.sent]
     assert sent == [want for _, want in cases] + [want for _, want in cases[:3]] + [{"json_object": True}]
     assert [s[0] for s in fake.sent[-4:]] == ["llm"] * 4       # completions go to llm with the same sampling
+
+
+def test_vllm_prompt_end_and_stop_fields_reach_the_engine(tiny_moe):
+    """vLLM's add_generation_prompt / continue_final_message shape the prompt's end, on the text
+    path (ids rendered in the adapter) and the media path (the JSON preprocess renders); its
+    skip_special_tokens and include_stop_str_in_output reach the engine's sampling. Before, all
+    four were ignored."""
+    from conftest import data_uri, image_bytes, make_image
+
+    fake = FakeTriton("x")
+    ai = _client(tiny_moe, fake)
+    prefill = [*USER, {"role": "assistant", "content": "The weather in Paris is"}]
+    opened = {"continue_final_message": True, "add_generation_prompt": False}
+
+    async def go():
+        await ai.chat.completions.create(model="tiny-moe", messages=USER)
+        await ai.chat.completions.create(model="tiny-moe", messages=USER, extra_body={"add_generation_prompt": False})
+        await ai.chat.completions.create(model="tiny-moe", messages=prefill, extra_body=opened)
+        await ai.chat.completions.create(model="tiny-moe", messages=USER, stop=["Par"], extra_body={
+            "skip_special_tokens": False, "include_stop_str_in_output": True})
+        image = {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(32, 32, 1)))}}
+        await ai.chat.completions.create(model="tiny-moe", extra_body=opened, messages=[
+            {"role": "user", "content": [image, {"type": "text", "text": "Describe."}]}, prefill[-1]])
+    _run(go())
+    tok = Tokenizer(tiny_moe)
+    default, closed, continued = (tok.decode(s[2], skip_special_tokens=False) for s in fake.sent[:3])
+    assert default.endswith("<|im_start|>assistant\n")
+    assert closed == default[: -len("<|im_start|>assistant\n")] and closed.endswith("<|im_end|>\n")
+    assert continued == closed + "<|im_start|>assistant\nThe weather in Paris is"
+    sampling = fake.sent[3][3]
+    assert sampling["skip_special_tokens"] is False and sampling["include_stop_str_in_output"] is True
+    kind, _, sent, _ = fake.sent[4]
+    assert kind == "ensemble" and sent["continue_final_message"] is True and sent["add_generation_prompt"] is False

@@ -882,8 +882,6 @@ def test_vllm_and_sglang_constraints_hold_for_a_random_model(client):
     """vLLM's and SGLang's own constraint fields, served: an EBNF (GBNF) grammar, a choice and a
     regex hold on chat and on completions for the random tiny model, which free would write
     neither; a GBNF grammar that does not parse is the client's 400."""
-    import re
-
     import openai
 
     msgs = [{"role": "user", "content": "Pick."}]
@@ -900,6 +898,32 @@ def test_vllm_and_sglang_constraints_hold_for_a_random_model(client):
         assert re.fullmatch(r"[A-Z]{2}[0-9]{2}", code.text) and code.finish_reason == "stop"
     with pytest.raises(openai.BadRequestError, match="structured_output grammar does not compile"):
         client.chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=4, extra_body={"ebnf": "root ::= ("})
+
+
+def test_continue_final_message_served_on_both_paths(client, local_engine, tiny_moe):
+    """vLLM's continue_final_message (with add_generation_prompt false): the model goes on with the
+    assistant's prefilled text. Text-only chats are rendered by the adapter: the served greedy
+    answer is the local engine's on the rendered prompt. Chats with media are rendered by
+    preprocess: the prompt grows by exactly the prefill's tokens."""
+    from qwen3vl_backend.processing.chat import load_chat_template, render_chat
+
+    template, tok = load_chat_template(tiny_moe), local_engine.tokenizer
+    prefill = {"role": "assistant", "content": "Sure. The sky over the"}
+    chat = [{"role": "user", "content": "Tell me a story."}, prefill]
+    opened = {"continue_final_message": True, "add_generation_prompt": False}
+    rendered, _ = render_chat(template, chat, **opened)
+    assert rendered.endswith("<|im_start|>assistant\nSure. The sky over the")
+    expected = local_engine.generate([tok.encode(rendered)], SamplingParams(temperature=0, max_tokens=8))[0]
+    out = client.chat.completions.create(model="tiny-moe", messages=chat, temperature=0, max_tokens=8, extra_body=opened)
+    assert out.choices[0].message.content == expected["text"]
+
+    image = {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(64, 64, 5)))}}
+    asked = [{"role": "user", "content": [image, {"type": "text", "text": "Tell me a story."}]}]
+    plain = client.chat.completions.create(model="tiny-moe", messages=asked, temperature=0, max_tokens=2)
+    more = client.chat.completions.create(model="tiny-moe", messages=[*asked, prefill], temperature=0, max_tokens=2,
+                                          extra_body=opened)
+    grow = len(tok.encode(rendered)) - len(tok.encode(render_chat(template, chat[:1])[0]))
+    assert grow > 3 and more.usage.prompt_tokens - plain.usage.prompt_tokens == grow
 
 
 def test_structured_output_through_tritonclient_on_the_ensemble(server):

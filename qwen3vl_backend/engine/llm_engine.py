@@ -432,7 +432,9 @@ class LLMEngine:
                 reason = "stop"
         if reason is not None and stop_hit is None:
             req.detok.flush()
-        text = req.detok.text if stop_hit is None else req.detok.text[:stop_hit]
+        text = req.detok.text
+        if stop_hit is not None:
+            text = text[:stop_hit[1] if p.include_stop_str_in_output else stop_hit[0]]
         emit_upto = len(text) if reason is not None else max(req.sent, len(text) - req.hold)
         delta = text[req.sent:emit_upto]
         req.sent = emit_upto
@@ -496,9 +498,14 @@ class _MasksAfter:
         return self.masks
 
 
-def _find_stop(text: str, stops: list[str], search_from: int) -> int | None:
-    hits = [i for s in stops if (i := text.find(s, search_from)) >= 0]
-    return min(hits) if hits else None
+def _find_stop(text: str, stops: list[str], search_from: int) -> tuple[int, int] | None:
+    """The first stop string in `text` from `search_from`: (where it starts, where it ends), the
+    earliest, and of those starting there the first listed; None where none is."""
+    hits = [(i, k) for k, s in enumerate(stops) if (i := text.find(s, search_from)) >= 0]
+    if not hits:
+        return None
+    i, k = min(hits)
+    return i, i + len(stops[k])
 
 
 def cache_keys(prompt: ProcessedPrompt, pad_ids: tuple[int, ...]) -> list:

@@ -137,18 +137,46 @@ def check_template_extras(tools, template_kwargs) -> tuple[list | None, dict]:
     return (tools or None), kwargs
 
 
-def render_chat(template: ChatTemplate, messages, tools=None, template_kwargs=None) -> tuple[str, list[MediaRef]]:
+def check_prompt_end(add_generation_prompt, continue_final_message) -> None:
+    """vLLM's two flags for how a chat prompt ends: the assistant's header opened for a new answer
+    (the default), or the last (assistant) message left open for the model to go on with it."""
+    for name, v in (("add_generation_prompt", add_generation_prompt), ("continue_final_message", continue_final_message)):
+        if not isinstance(v, bool):
+            raise RequestError(f"'{name}' must be a boolean")
+    if add_generation_prompt and continue_final_message:
+        raise RequestError("continue_final_message and add_generation_prompt cannot both be true "
+                           "(set add_generation_prompt to false)")
+
+
+def render_chat(template: ChatTemplate, messages, tools=None, template_kwargs=None, add_generation_prompt=True,
+                continue_final_message=False) -> tuple[str, list[MediaRef]]:
     """OpenAI messages (and tools, chat_template_kwargs such as enable_thinking) -> (the prompt
-    text, one pad per media item; the media in order)."""
+    text, one pad per media item; the media in order). `continue_final_message`: the prompt ends
+    with the last message's text, which must be the assistant's (a prefilled answer), cut where
+    the template renders it (the end of its turn is dropped)."""
     tools, kwargs = check_template_extras(tools, template_kwargs)
+    check_prompt_end(add_generation_prompt, continue_final_message)
     template_messages, refs = normalize_messages(messages)
-    text = template.render(template_messages, add_generation_prompt=True, tools=tools, **kwargs)
+    text = template.render(template_messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)
+    if continue_final_message:
+        text = _open_final_message(text, template_messages[-1])
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise RequestError("the messages contain text that is not valid Unicode (an unpaired surrogate "
                            "such as \\ud800)") from None
     return text, refs
+
+
+def _open_final_message(text: str, last: dict) -> str:
+    if last["role"] != "assistant":
+        raise RequestError("continue_final_message needs the last message to be the assistant's")
+    content = last["content"]
+    final = content if isinstance(content, str) else "".join(p.get("text", "") for p in content if is_text_part(p))
+    at = text.rfind(final) if final else -1
+    if at < 0:
+        raise RequestError("continue_final_message needs the last message's text, as the chat template renders it")
+    return text[:at + len(final)]
 
 
 def parse_mm_limits(text: str) -> dict[str, int]:

@@ -128,8 +128,10 @@ class Processor:
         return grid[0] * grid[1] * grid[2] // self.cfg.merge_size ** 2
 
     # -- prompt --------------------------------------------------------------------------------
-    def render(self, messages: list[dict], tools=None, template_kwargs=None) -> tuple[str, list[MediaRef]]:
-        return render_chat(self.template, messages, tools, template_kwargs)
+    def render(self, messages: list[dict], tools=None, template_kwargs=None, add_generation_prompt=True,
+               continue_final_message=False) -> tuple[str, list[MediaRef]]:
+        return render_chat(self.template, messages, tools, template_kwargs, add_generation_prompt,
+                           continue_final_message)
 
     def process_messages(self, messages: list[dict], policy: MediaPolicy = TRUSTED, run_jobs=None,
                          normalize: bool = True) -> ProcessedPrompt:

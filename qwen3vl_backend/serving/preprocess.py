@@ -111,7 +111,9 @@ class Preprocessor:
                 if body.get(k) is not None and k not in sampling:   # null is OpenAI's "unset"
                     sampling[k] = body[k]
             text, refs = self.processor.render(_with_images(body["messages"], images), body.get("tools"),
-                                               body.get("chat_template_kwargs"))
+                                               body.get("chat_template_kwargs"),
+                                               body.get("add_generation_prompt", True),
+                                               body.get("continue_final_message", False))
             refs = _resolve_media_inputs(refs, media)
         else:
             text = text_input
