@@ -140,12 +140,23 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         return JSONResponse({"status": "ok" if ok else "unavailable", "video_decoder": decoder},
                             status_code=200 if ok else 503)
 
-    @app.get("/v1/models")
-    async def models():
+    def model_card() -> dict:
         card = {"id": settings.served_model_name, "object": "model", "created": 0, "owned_by": "qwen3vl-triton"}
         if settings.max_model_len:
             card["max_model_len"] = settings.max_model_len
-        return {"object": "list", "data": [card]}
+        return card
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        """OpenAI's retrieve (`client.models.retrieve`): the served model's card, or a 404."""
+        if model != settings.served_model_name:
+            raise APIError(404, f"The model '{model}' does not exist. This server serves "
+                                f"'{settings.served_model_name}'.", param="model", code="model_not_found")
+        return model_card()
 
     @app.get("/metrics")
     async def prometheus():

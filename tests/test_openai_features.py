@@ -213,11 +213,15 @@ def test_continuous_usage_and_models_card(tiny_moe):
                                                                           "continuous_usage_stats": True}):
             usages.append(ch.usage.completion_tokens if ch.usage else None)
         models = await ai.models.list()
-        return usages, models
+        return usages, models, await ai.models.retrieve("tiny-moe")
 
-    usages, models = _run(go())
+    usages, models, one = _run(go())
     assert None not in usages and usages[-1] == 3 and usages == sorted(usages)
     assert models.data[0].id == "tiny-moe" and models.data[0].max_model_len == 1024
+    assert one.model_dump() == models.data[0].model_dump()       # OpenAI's retrieve (SGLang has it too)
+    with pytest.raises(openai.NotFoundError) as e:
+        _run(ai.models.retrieve("Qwen/Qwen3-VL-8B-Instruct"))
+    assert "does not exist" in e.value.message and e.value.body["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize("extra,status,message", [
