@@ -33,7 +33,8 @@ from .media import MediaFetcher, split_media
 from .text_prompts import TextPrompts
 
 from .parsers import OutputParser, parse_whole
-from .protocol import (APIError, chat_completion, check_chat_request, check_completion_request, choice_sampling, chunk,
+from .protocol import (APIError, chat_completion, check_chat_request, check_completion_request,
+                       check_detokenize_request, check_tokenize_request, choice_sampling, chunk,
                        completion_id, from_triton, text_chunk, text_completion, usage)
 from .triton_client import TritonLLMClient, TritonRequestError
 
@@ -157,6 +158,42 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
             raise APIError(404, f"The model '{model}' does not exist. This server serves "
                                 f"'{settings.served_model_name}'.", param="model", code="model_not_found")
         return model_card()
+
+    def _tokenizer_here():
+        if prompts is None:
+            raise APIError(501, "this adapter was started without --model-path: it has no tokenizer",
+                           "not_implemented")
+        return prompts
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's: a prompt's (`prompt`) or a text-only chat's (`messages`, with `tools`,
+        `chat_template_kwargs`, `add_generation_prompt`, `continue_final_message`) token ids, their
+        count and the context size; `return_token_strs` adds each token's string."""
+        _, body = await _json_body(request, settings.max_request_body_bytes)
+        text_prompts = _tokenizer_here()
+        req = check_tokenize_request(body, settings.served_model_name)
+        try:
+            if req.prompt is not None:
+                ids = await asyncio.to_thread(text_prompts.tokenizer.encode, req.prompt)
+            else:
+                ids, _ = await asyncio.to_thread(text_prompts.ids, req.messages, req.tools, req.template_kwargs,
+                                                 req.add_generation_prompt, req.continue_final_message)
+        except RequestError as e:
+            raise APIError(400, str(e), param="messages") from e
+        if ids is None:
+            raise APIError(400, "/tokenize counts text-only chats: an image's or video's tokens depend on its size "
+                                "after resizing (a chat's usage.prompt_tokens has them)", param="messages")
+        strs = [text_prompts.tokenizer.id_to_token(t) for t in ids] if req.token_strs else None
+        return {"count": len(ids), "max_model_len": settings.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's: token ids -> their text (special tokens kept)."""
+        _, body = await _json_body(request, settings.max_request_body_bytes)
+        text_prompts = _tokenizer_here()
+        ids = check_detokenize_request(body, settings.served_model_name, text_prompts.tokenizer.vocab_size)
+        return {"prompt": await asyncio.to_thread(text_prompts.tokenizer.decode, ids, False)}
 
     @app.get("/metrics")
     async def prometheus():

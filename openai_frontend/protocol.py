@@ -405,3 +405,48 @@ def text_chunk(cid: str, model: str, index: int, text: str, finish_reason: str |
     if usage_ is not None:
         out["usage"] = usage_
     return out
+
+
+@dataclass
+class TokenizeRequest:
+    prompt: str | None                 # a plain prompt, or else a chat:
+    messages: list | None
+    tools: list | None
+    template_kwargs: dict
+    add_generation_prompt: bool
+    continue_final_message: bool
+    token_strs: bool
+
+
+def check_tokenize_request(body, served_model: str) -> TokenizeRequest:
+    """vLLM's /tokenize body: `prompt` (a string) or `messages`; 400 for anything else."""
+    _check_body(body, served_model)
+    for name in ("add_special_tokens", "return_token_strs"):
+        if not isinstance(body.get(name, False), bool):
+            raise APIError(400, f"'{name}' must be a boolean", param=name)
+    if body.get("chat_template") is not None:
+        raise APIError(400, "'chat_template' is not supported by this server yet", param="chat_template",
+                       code="unsupported_parameter")
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if (prompt is None) == (messages is None):
+        raise APIError(400, "/tokenize takes either 'prompt' (a string) or 'messages'", param="prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise APIError(400, "'prompt' must be a string", param="prompt")
+    add_generation_prompt = body.get("add_generation_prompt", messages is not None)
+    continue_final_message = body.get("continue_final_message", False)
+    try:
+        tools, kwargs = check_template_extras(body.get("tools"), body.get("chat_template_kwargs"))
+        check_prompt_end(add_generation_prompt, continue_final_message)
+    except RequestError as e:
+        raise APIError(400, str(e)) from e
+    return TokenizeRequest(prompt, messages, tools, kwargs, add_generation_prompt, continue_final_message,
+                           body.get("return_token_strs", False))
+
+
+def check_detokenize_request(body, served_model: str, vocab_size: int) -> list[int]:
+    """vLLM's /detokenize body: `tokens`, ids of the vocabulary; 400 for anything else."""
+    _check_body(body, served_model)
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(_is_id(t) and 0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab_size})", param="tokens")
+    return ids

@@ -529,3 +529,49 @@ def test_vllm_prompt_end_and_stop_fields_reach_the_engine(tiny_moe):
     assert sampling["skip_special_tokens"] is False and sampling["include_stop_str_in_output"] is True
     kind, _, sent, _ = fake.sent[4]
     assert kind == "ensemble" and sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+
+
+def test_tokenize_and_detokenize_as_vllm_answers_them(tiny_moe):
+    """vLLM's /tokenize (a prompt, or a text-only chat rendered as the chat endpoint renders it) and
+    /detokenize; what they cannot answer (a chat with media, ids outside the vocabulary, both or
+    neither of prompt and messages) is a 400."""
+    from conftest import data_uri, image_bytes, make_image
+
+    fake = FakeTriton("x")
+    app = create_app(FrontendSettings(served_model_name="tiny-moe", model_path=str(tiny_moe), max_model_len=1024),
+                     client_factory=lambda: fake)
+    tok = Tokenizer(tiny_moe)
+    prefill = [*USER, {"role": "assistant", "content": "It is"}]
+    image = {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(32, 32, 1)))}}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://adapter") as http:
+            def post(path, body):
+                return http.post(path, json=body)
+            out = [await post("/tokenize", {"model": "tiny-moe", "prompt": "Hello world", "return_token_strs": True}),
+                   await post("/tokenize", {"messages": USER}),
+                   await post("/tokenize", {"messages": prefill, "continue_final_message": True,
+                                            "add_generation_prompt": False})]
+            await http.post("/v1/chat/completions", json={"model": "tiny-moe", "messages": USER})
+            await http.post("/v1/chat/completions", json={"model": "tiny-moe", "messages": prefill,
+                                                          "continue_final_message": True, "add_generation_prompt": False})
+            ids = out[1].json()["tokens"]
+            out.append(await post("/detokenize", {"tokens": ids}))
+            bad = [await post("/tokenize", {"messages": [{"role": "user", "content": [image]}]}),
+                   await post("/tokenize", {"prompt": "x", "messages": USER}),
+                   await post("/tokenize", {}),
+                   await post("/tokenize", {"prompt": [1, 2]}),
+                   await post("/tokenize", {"prompt": "x", "model": "other"}),
+                   await post("/detokenize", {"tokens": [1, tok.vocab_size]}),
+                   await post("/detokenize", {"tokens": [True]}),
+                   await post("/detokenize", {"tokens": "1 2"})]
+            return out, bad
+    (plain, chat, continued, text), bad = _run(go())
+    assert plain.json() == {"count": 2, "max_model_len": 1024, "tokens": tok.encode("Hello world"),
+                            "token_strs": [tok.id_to_token(t) for t in tok.encode("Hello world")]}
+    assert chat.json()["tokens"] == fake.sent[0][2] and chat.json()["count"] == len(fake.sent[0][2])
+    assert continued.json()["tokens"] == fake.sent[1][2] and chat.json()["token_strs"] is None
+    assert text.json()["prompt"] == tok.decode(fake.sent[0][2], skip_special_tokens=False)
+    assert text.json()["prompt"].startswith("<|im_start|>user\n")
+    assert [r.status_code for r in bad] == [400, 400, 400, 400, 404, 400, 400, 400], [r.text for r in bad]
+    assert "text-only chats" in bad[0].json()["error"]["message"]
