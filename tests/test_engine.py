@@ -684,3 +684,23 @@ def test_warm_up_runs_the_steps_of_concurrent_traffic(tiny_moe):
     before = len(steps)
     engine.warm_up(traffic=False)
     assert not any(len(s) > 1 for s in steps[before:])         # single prompts only
+
+
+def test_a_grammar_past_llguidance_limits_ends_its_request_alone_as_the_clients(tiny_moe, prompts):
+    """A grammar can compile and still exhaust llguidance's parser mid-answer (`root ::= "a" root`
+    forces ever more items). That request ends with the reason, marked as the client's (the
+    server answers 400, not 500); the request beside it is unaffected."""
+    engine = make_engine(tiny_moe)
+    alone = engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    engine.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), "free")
+    engine.add_request(prompts[1], SamplingParams(temperature=0, max_tokens=40,
+                                                  structured_output={"grammar": 'root ::= "a" root'}), "grammar")
+    outs: dict = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    last = outs["grammar"][-1]
+    assert last.finish_reason == "error" and last.client_error
+    assert last.error.startswith("structured_output stopped after ") and "Too many items" in last.error
+    assert "<state>" not in last.error and "\n" not in last.error        # llguidance's dump stays in the log
+    assert "".join(o.delta_text for o in outs["free"]) == alone["text"] and outs["free"][-1].finish_reason == "length"

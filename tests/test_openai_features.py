@@ -455,6 +455,11 @@ def test_a_grammar_that_matches_nothing_is_refused_before_admission(tiny_moe):
                  {"regex": "[^\\x00-\\U0010ffff]"}):
         with pytest.raises(RequestError, match="admits no output"):
             Constraint(spec, tiny_moe, vocab, [0])
+    for spec, message in (({"choice": []}, "structured_output choice must be a non-empty list of strings"),
+                          ({"regex": 5}, "structured_output regex must be a non-empty string")):
+        with pytest.raises(RequestError) as e:          # said once, not inside "does not compile: ..."
+            Constraint(spec, tiny_moe, vocab, [0])
+        assert str(e.value) == message
     for spec in ({"json_schema": {"type": "integer"}}, {"regex": "yes|no"}, {"choice": ["a", "b"]}):
         c = Constraint(spec, tiny_moe, vocab, [0])
         again = Constraint(spec, tiny_moe, vocab, [0])

@@ -559,6 +559,8 @@ HOSTILE = [
     ("schema_that_does_not_compile", {**_msg("x"), "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400,
      "structured_output does not compile"),
+    ("grammar_past_llguidance_limits", {**_msg("x"), "ebnf": 'root ::= "a" root', "max_tokens": 40}, 400,
+     "structured_output stopped after"),
     ("schema_that_matches_nothing", {**_msg("x"), "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}}, 400,
      "structured_output admits no output"),
@@ -580,6 +582,20 @@ def test_hostile_requests_get_a_clear_4xx(server, name, body, status, message):
     assert message in err
     for leak in ("Traceback", "/work/", ".py", "object at 0x", "BytesIO"):
         assert leak not in err
+
+
+def test_a_grammar_that_gives_out_mid_stream_ends_it_with_the_reason(server):
+    """Streaming, the 200 has gone out before llguidance's limits stop the grammar: the stream ends
+    with an error event that says why (the client's), not an internal error; the server serves on."""
+    body = {**_msg("x"), "ebnf": 'root ::= [0-9]{6} a\na ::= "a" a', "max_tokens": 40, "stream": True}
+    with httpx.Client(timeout=120) as h, h.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    digits = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e.get("choices"))
+    assert re.fullmatch(r"[0-9]{6}", digits)                 # the grammar's tokens came, then its end
+    assert "structured_output stopped after 6 tokens" in events[-1]["error"]["message"]
+    assert events[-1]["error"]["type"] == "invalid_request_error"
+    assert _chat_ok(server)
 
 
 def test_prompt_past_the_context_is_refused_before_the_vit(server):

@@ -45,6 +45,7 @@ class RequestOutput:
     num_output_tokens: int
     cached_tokens: int
     error: str | None = None          # finish_reason "error": this request alone failed inside a step
+    client_error: bool = False        # ... because of what it asked (a RequestError: its grammar gave out), a 400
     # per new token, when the request asked (SamplingParams.logprobs): (token id, logprob,
     # [(id, logprob), ...] its top alternatives); the model's raw log-softmax
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
@@ -371,14 +372,19 @@ class LLMEngine:
                     + self._run_isolating(batch[mid:], banned, pending, masks))
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
-        """End one request because of an error in its own step (the others are unaffected)."""
-        log.error("request %s failed in the engine: %s: %s", seq.request_id, type(error).__name__, error)
+        """End one request because of an error in its own step (the others are unaffected). A
+        RequestError is the request's own doing and its message goes to the client; any other
+        error's stays in the log."""
+        client = isinstance(error, RequestError)
+        (log.warning if client else log.error)("request %s failed in the engine: %s: %s", seq.request_id,
+                                               type(error).__name__, error)
         self._requests.pop(seq.request_id, None)
         self.scheduler.finish(seq, "error")
         self.runner.sampler.forget(seq.request_id)
         self._failed.append(RequestOutput(seq.request_id, [], "", True, "error", seq.num_prompt,
                                           sum(t >= 0 for t in seq.output_ids), seq.num_cached_prompt,
-                                          error=f"{type(error).__name__} while computing this request"))
+                                          error=str(error) if client else f"{type(error).__name__} while computing "
+                                                                          "this request", client_error=client))
 
     def _finish_step(self, step: _Step) -> list[RequestOutput]:
         """Read the step's tokens back and turn them into outputs (kept in `step.outputs` too)."""
@@ -418,8 +424,9 @@ class LLMEngine:
         reason = None
         if req.constraint is not None:
             req.constraint.consume(token)
-            if req.constraint.failed:
-                raise RuntimeError(f"structured output: {req.constraint.failed}")
+            if req.constraint.failed:         # llguidance's limits on the client's grammar (its Earley items)
+                reason = req.constraint.failed.strip().splitlines()[0]
+                raise RequestError(f"structured_output stopped after {pos} tokens: {reason}")
         n_out = pos + 1
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"

@@ -70,6 +70,8 @@ def grammar_for(spec) -> str:
         if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
             raise RequestError("structured_output choice must be a non-empty list of strings")
         return llguidance.grammar_from("choice", json.dumps(value))
+    except RequestError:            # the checks above: their own message
+        raise
     except ValueError as e:
         raise RequestError(f"structured_output {kind} does not compile: {e}") from None
     except RecursionError:

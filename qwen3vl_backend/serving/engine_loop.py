@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..engine.llm_engine import LLMEngine, RequestOutput
+from ..errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,11 @@ class _Cancel:
 
 class EngineRequestError(RuntimeError):
     """A request the engine had to end because its own step failed (a server fault: HTTP 500)."""
+
+
+class EngineClientError(RequestError):
+    """A request the engine ended because of what it asked, mid-answer (its grammar past
+    llguidance's limits): the client's, HTTP 400, with the reason."""
 
 
 @dataclass
@@ -110,7 +116,8 @@ class EngineLoop:
                         if out.finished:
                             self._live.pop(out.request_id, None)
                         if sub is not None:
-                            self._deliver(sub, out if out.error is None else EngineRequestError(out.error))
+                            self._deliver(sub, out if out.error is None else (
+                                EngineClientError if out.client_error else EngineRequestError)(out.error))
                 if self._on_stats is not None:
                     stats = self.stats()
                     if stats != self._last_stats:
