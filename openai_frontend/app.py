@@ -33,6 +33,8 @@ from .media import MediaFetcher, split_media
 from .text_prompts import TextPrompts
 
 from .parsers import OutputParser, parse_whole
+from .native import check_generate_request, logprob_entries
+from .native import finish_reason as native_finish
 from .protocol import (APIError, chat_completion, check_chat_request, check_completion_request,
                        check_detokenize_request, check_tokenize_request, choice_sampling, chunk,
                        completion_id, from_triton, text_chunk, text_completion, usage)
@@ -361,6 +363,91 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                     await d.aclose()
             yield "data: [DONE]\n\n"
         return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        """SGLang's native endpoint (native.py): prompts with the template applied, SGLang's
+        sampling names, its answer and stream shapes."""
+        _, body = await _json_body(request, settings.max_request_body_bytes)
+        req = check_generate_request(body, settings.served_model_name)
+        text_prompts = _tokenizer_here()
+        rid = req.rid or uuid.uuid4().hex
+        start = time.monotonic()
+        vocab = text_prompts.tokenizer.vocab_size
+        prompt_ids = {}                        # a text-only prompt's ids, by prompt (the adapter tokenizes)
+        for job in req.jobs:
+            key = id(job.prompt)
+            if job.images or key in prompt_ids:
+                continue
+            p = job.prompt
+            ids = await asyncio.to_thread(text_prompts.tokenizer.encode, p) if isinstance(p, str) else list(p)
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"input_ids must be in [0, {vocab})", param="input_ids")
+            prompt_ids[key] = ids
+
+        def sub(job):
+            return rid if len(req.jobs) == 1 else f"{rid}-{job.index}"
+
+        def open_stream(job):
+            if job.images:
+                return client().stream(sub(job), job.prompt.encode(), job.sampling, images=job.images)
+            return client().stream_ids(sub(job), prompt_ids[id(job.prompt)], job.sampling)
+
+        streams = [open_stream(job) for job in req.jobs]
+
+        def answer(job, text, last, entries, count) -> dict:
+            meta = {"id": sub(job), "finish_reason": native_finish(last.finish_reason, count),
+                    "prompt_tokens": last.num_input_tokens or 0, "completion_tokens": count,
+                    "cached_tokens": last.num_cached_tokens or 0, "e2e_latency": time.monotonic() - start}
+            if req.logprobs:
+                meta["output_token_logprobs"], meta["output_top_logprobs"] = logprob_entries(entries)
+            return {"text": text, "meta_info": meta}
+
+        try:
+            firsts = await _firsts(streams, rid)
+        except BaseException:
+            for d in streams:
+                await d.aclose()
+            raise
+        first_at = time.monotonic()
+        metrics.ttft.observe(first_at - start)
+        if not req.stream:
+            async def whole():
+                results = await asyncio.gather(*(_collect(d, rid, f) for d, f in zip(streams, firsts)))
+                out = [answer(job, text, last, entries, last.num_output_tokens or 0)
+                       for job, (text, last, _, entries) in zip(req.jobs, results)]
+                metrics.finished(start, first_at, sum(o["meta_info"]["prompt_tokens"] for o in out),
+                                 sum(o["meta_info"]["completion_tokens"] for o in out))
+                return out[0] if req.single else out
+            try:
+                out = await _unless_gone(request, whole())
+            finally:
+                for d in streams:
+                    await d.aclose()
+            return Response(status_code=499) if out is None else JSONResponse(out, headers={"x-request-id": rid})
+
+        async def sse():
+            texts, counts = [""] * len(streams), [0] * len(streams)
+            entries: list[list] = [[] for _ in streams]
+            try:
+                async for k, d in _merged(firsts, streams):
+                    texts[k] += d.text
+                    counts[k] = d.num_output_tokens or counts[k]
+                    entries[k] += d.logprobs or []
+                    if d.text or d.finish_reason:
+                        out = answer(req.jobs[k], texts[k], d, entries[k], counts[k])
+                        if not req.single:
+                            out["index"] = k
+                        yield _event(out)
+            except TritonRequestError as e:
+                yield _event(from_triton(str(e), e.client_error, rid, e.unavailable).body())
+            else:
+                metrics.finished(start, first_at, sum(f.num_input_tokens or 0 for f in firsts), sum(counts))
+            finally:
+                for d in streams:
+                    await d.aclose()
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"x-request-id": rid})
 
     async def _first(deltas, rid):
         try:

@@ -85,13 +85,16 @@ class TritonLLMClient:
             await self.shm.close()
         await self._client.close()
 
-    def stream(self, request_id: str, text: bytes, sampling: dict, media: list[str] = ()):
+    def stream(self, request_id: str, text: bytes, sampling: dict, media: list[str] = (), images: list[str] = ()):
         """`text`: the JSON chat request (its `messages` are used), through the ensemble; `media`:
-        the sources its media parts name as "media-input:N". Yields Delta per response until the
+        the sources its media parts name as "media-input:N". Or a plain prompt with `images`, the
+        ensemble's `image` input (the native /generate). Yields Delta per response until the
         final one; raises TritonRequestError."""
         prompt = [("text_input", np.array([text], dtype=np.object_))]
         if media:
             prompt.append(("media", np.array([m.encode() for m in media], dtype=np.object_)))
+        if images:
+            prompt.append(("image", np.array([m.encode() for m in images], dtype=np.object_)))
         return self._stream(self.model_name, request_id, prompt, sampling)
 
     def stream_ids(self, request_id: str, ids: list[int], sampling: dict):

@@ -37,9 +37,9 @@ class FakeTriton:
     async def close(self):
         pass
 
-    def stream(self, rid, text, sampling, media=()):
-        self.sent.append(("ensemble", rid, json.loads(text), sampling))
-        self.media = list(media)
+    def stream(self, rid, text, sampling, media=(), images=()):
+        self.sent.append(("ensemble", rid, json.loads(text) if text.startswith(b"{") else text.decode(), sampling))
+        self.media, self.images = list(media), list(images)
         return self._deltas(sampling)
 
     def stream_ids(self, rid, ids, sampling):
@@ -580,3 +580,62 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(tiny_moe):
     assert text.json()["prompt"].startswith("<|im_start|>user\n")
     assert [r.status_code for r in bad] == [400, 400, 400, 400, 404, 400, 400, 400], [r.text for r in bad]
     assert "text-only chats" in bad[0].json()["error"]["message"]
+
+
+def test_sglang_generate_maps_its_fields_and_answers_in_its_shapes(tiny_moe):
+    """SGLang's native /generate: text prompts are tokenized here and go to llm, prompts with
+    image_data go through the ensemble with the `image` input; SGLang's sampling names become the
+    engine's (max_new_tokens defaults to SGLang's 128); a batch and n answer a list in prompt-major
+    order; streams carry the text so far, as SGLang's do; fields not served are a 400."""
+    from conftest import data_uri, image_bytes, make_image
+
+    fake = FakeTriton("abcdefg")
+    app = create_app(FrontendSettings(served_model_name="tiny-moe", model_path=str(tiny_moe), max_model_len=1024),
+                     client_factory=lambda: fake)
+    tok = Tokenizer(tiny_moe)
+    image = data_uri(image_bytes(make_image(32, 32, 1)))
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://adapter") as http:
+            one = await http.post("/generate", json={"text": "Hi there", "rid": "r1", "sampling_params": {
+                "max_new_tokens": 5, "temperature": 0, "no_stop_trim": True, "min_new_tokens": 1, "stream_interval": 4,
+                "ebnf": 'root ::= "a"'}})
+            batch = await http.post("/generate", json={
+                "text": ["A", "<|vision_start|><|image_pad|><|vision_end|>What?"], "image_data": [None, image],
+                "sampling_params": [{"n": 2, "sampling_seed": 7}, {}], "return_logprob": True, "top_logprobs_num": 2})
+            ids = await http.post("/generate", json={"input_ids": [[1, 2, 3]], "sampling_params": {"max_new_tokens": 3}})
+            async with http.stream("POST", "/generate", json={"text": "Hi", "stream": True}) as r:
+                events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            bad = [await http.post("/generate", json=b) for b in (
+                {"text": "x", "input_ids": [1]}, {}, {"text": ""}, {"input_ids": [1, "2"]},
+                {"text": "x", "sampling_params": {"max_tokens": 3}},
+                {"text": "x", "sampling_params": {"regex": "a", "json_schema": "{}"}},
+                {"text": "x", "sampling_params": {"logit_bias": {"1": 2}}},
+                {"text": "x", "logprob_start_len": 0}, {"text": "x", "input_embeds": [[0.1]]},
+                {"input_ids": [1], "image_data": image}, {"text": "{x", "image_data": image},
+                {"text": ["a", "b"], "image_data": [image]}, {"text": "x", "sampling_params": {"n": 17}},
+                {"text": "x", "top_logprobs_num": 21}, {"input_ids": [1, 10**9]},
+                {"text": "x", "sampling_params": {"temperature": -1}})]
+            return one, batch, ids, events, bad
+    one, batch, ids, events, bad = _run(go())
+    assert one.status_code == 200, one.text
+    answer = one.json()
+    assert answer["text"] == "abcdefg" and answer["meta_info"]["id"] == "r1"
+    assert answer["meta_info"]["finish_reason"] == {"type": "stop"} and answer["meta_info"]["completion_tokens"] == 3
+    kind, rid, sent_ids, sampling = fake.sent[0]
+    assert kind == "llm" and rid == "r1" and sent_ids == tok.encode("Hi there")
+    assert sampling == {"max_tokens": 5, "temperature": 0, "include_stop_str_in_output": True, "min_tokens": 1,
+                        "structured_output": {"grammar": 'root ::= "a"'}}
+    assert batch.status_code == 200, batch.text
+    a, b, c = batch.json()
+    assert [s[0] for s in fake.sent[1:4]] == ["llm", "llm", "ensemble"]
+    assert [s[3].get("seed") for s in fake.sent[1:3]] == [7, 8] and fake.sent[1][3]["max_tokens"] == 128
+    assert fake.sent[3][2] == "<|vision_start|><|image_pad|><|vision_end|>What?" and fake.images == [image]
+    assert a["meta_info"]["output_token_logprobs"][0] == [-0.5, 101, None]
+    assert a["meta_info"]["output_top_logprobs"][0] == [[0.0, 200, None], [-0.1, 201, None]]
+    assert fake.sent[4][0] == "llm" and fake.sent[4][2] == [1, 2, 3] and isinstance(ids.json(), list)
+    texts = [json.loads(e[6:])["text"] for e in events[:-1]]
+    assert events[-1] == "data: [DONE]" and texts == ["abc", "abcdef", "abcdefg"]      # the text so far
+    assert json.loads(events[-2][6:])["meta_info"]["finish_reason"] == {"type": "stop"}
+    assert [r.status_code for r in bad] == [400] * len(bad), [r.text for r in bad]
+    assert len(fake.sent) == 6                                                      # none of them ran

@@ -942,6 +942,36 @@ def test_continue_final_message_served_on_both_paths(client, local_engine, tiny_
     assert grow > 3 and more.usage.prompt_tokens - plain.usage.prompt_tokens == grow
 
 
+def test_sglang_generate_served_as_the_chat_endpoint_answers(server, client, local_engine):
+    """SGLang's /generate with the template applied by the caller answers what the chat endpoint
+    answers for the same chat: a text prompt (tokenized by the adapter, to llm) and one with an
+    image (the ensemble's `image` input), greedy, same text and prompt tokens; streamed, the
+    events carry the text so far and end with [DONE]."""
+    tok = local_engine.tokenizer
+    image = data_uri(image_bytes(make_image(64, 48, 3)))
+    greedy = {"temperature": 0, "max_new_tokens": 6}
+    for content, prompt, data in (
+            ("What is it?", "<|im_start|>user\nWhat is it?<|im_end|>\n<|im_start|>assistant\n", None),
+            ([_img(image), {"type": "text", "text": "What is it?"}],
+             "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n"
+             "<|im_start|>assistant\n", image)):
+        chat = client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": content}],
+                                              temperature=0, max_tokens=6)
+        r = httpx.post(f"{server.url}/generate", json={"text": prompt, "image_data": data, "sampling_params": greedy},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        meta = r.json()["meta_info"]
+        assert r.json()["text"] == chat.choices[0].message.content
+        assert meta["prompt_tokens"] == chat.usage.prompt_tokens and meta["completion_tokens"] == chat.usage.completion_tokens
+    assert chat.usage.prompt_tokens > len(tok.encode(prompt))            # the image's pads were expanded
+    with httpx.Client(timeout=60) as h, h.stream("POST", f"{server.url}/generate", json={
+            "text": prompt, "image_data": data, "sampling_params": greedy, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    texts = [json.loads(e)["text"] for e in events[:-1]]
+    assert events[-1] == "[DONE]" and texts[-1] == chat.choices[0].message.content
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+
+
 def test_structured_output_through_tritonclient_on_the_ensemble(server):
     """Triton users set it in sampling_parameters, as any other sampling field."""
     schema = WEATHER_TOOL["function"]["parameters"]
