@@ -143,6 +143,30 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         return JSONResponse({"status": "ok" if ok else "unavailable", "video_decoder": decoder},
                             status_code=200 if ok else 503)
 
+    @app.get("/health_generate")
+    async def health_generate():
+        """SGLang's: ready, and one token generated through `llm` within 20 s (the model itself
+        answers, not only the server)."""
+        if prompts is None or not await client().ready():
+            return await health()
+        deltas = client().stream_ids(f"health-{uuid.uuid4().hex}", prompts.tokenizer.encode("Hi"),
+                                     {"max_tokens": 1, "temperature": 0})
+        try:
+            async with asyncio.timeout(20):
+                ok = any([d.finish_reason async for d in deltas])
+        except (TimeoutError, TritonRequestError):
+            ok = False
+        finally:
+            await deltas.aclose()
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/get_model_info")
+    async def model_info():
+        """SGLang's: what is served."""
+        return {"model_path": settings.model_path, "tokenizer_path": settings.model_path,
+                "served_model_name": settings.served_model_name, "is_generation": True,
+                "max_model_len": settings.max_model_len}
+
     def model_card() -> dict:
         card = {"id": settings.served_model_name, "object": "model", "created": 0, "owned_by": "qwen3vl-triton"}
         if settings.max_model_len:

@@ -639,3 +639,27 @@ def test_sglang_generate_maps_its_fields_and_answers_in_its_shapes(tiny_moe):
     assert json.loads(events[-2][6:])["meta_info"]["finish_reason"] == {"type": "stop"}
     assert [r.status_code for r in bad] == [400] * len(bad), [r.text for r in bad]
     assert len(fake.sent) == 6                                                      # none of them ran
+
+
+def test_sglang_health_generate_and_model_info(tiny_moe):
+    """/health_generate answers 200 only once `llm` has generated a token (one greedy token of a
+    tiny prompt), 503 when that fails; /get_model_info names what is served."""
+    from openai_frontend.triton_client import TritonRequestError
+
+    class Broken(FakeTriton):
+        async def _deltas(self, sampling):
+            raise TritonRequestError("internal error in llm", False)
+            yield
+
+    async def go(fake):
+        app = create_app(FrontendSettings(served_model_name="tiny-moe", model_path=str(tiny_moe), max_model_len=1024),
+                         client_factory=lambda: fake)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://adapter") as http:
+            return await http.get("/health_generate"), await http.get("/get_model_info")
+    fake = FakeTriton("x")
+    (ok, info), (broken, _) = _run(go(fake)), _run(go(Broken("x")))
+    assert ok.status_code == 200 and ok.json()["status"] == "ok"
+    assert fake.sent[0][0] == "llm" and fake.sent[0][3] == {"max_tokens": 1, "temperature": 0}
+    assert broken.status_code == 503 and broken.json()["status"] == "unavailable"
+    assert info.json() == {"model_path": str(tiny_moe), "tokenizer_path": str(tiny_moe), "served_model_name": "tiny-moe",
+                           "is_generation": True, "max_model_len": 1024}
