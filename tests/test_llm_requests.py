@@ -159,3 +159,28 @@ def test_an_error_ends_the_stream_as_the_clients_or_the_servers(error, code, sho
     assert flags == FINAL and finished == [1] and response.error.code == code
     assert response.error.message.startswith(shown)
     assert "Traceback" not in response.error.message
+
+
+def test_every_llm_parameter_is_an_engine_setting_and_a_misspelt_one_is_refused(tmp_path, tiny_moe):
+    """The llm model builds its EngineConfig from all of its config.pbtxt parameters but the Python
+    backend's own: the shipped ones are all engine settings, and a misspelt one fails the load by
+    name (it was dropped silently before: the server ran with the default)."""
+    from qwen3vl_backend.config import ConfigError, EngineConfig
+    from qwen3vl_backend.launch import _PARAM, TEMPLATE
+    from qwen3vl_backend.serving.triton_params import model_settings
+
+    def args(params: dict) -> dict:
+        return {"model_config": json.dumps({"name": "llm", "parameters": {k: {"string_value": v}
+                                                                          for k, v in params.items()}}),
+                "model_repository": str(tmp_path / "llm")}
+    text = (TEMPLATE / "llm" / "config.pbtxt").read_text()
+    shipped = {m.group(1): "x" for m in _PARAM.finditer(text)}
+    assert {"FORCE_CPU_ONLY_INPUT_TENSORS", "EXECUTION_ENV_PATH", "model_path", "max_num_seqs"} <= set(shipped)
+    settings = model_settings(args(shipped))
+    assert set(settings) == set(shipped) - {"FORCE_CPU_ONLY_INPUT_TENSORS", "EXECUTION_ENV_PATH"}
+    names = {f for f in EngineConfig.__dataclass_fields__}
+    assert set(settings) <= names
+    good = model_settings(args({"FORCE_CPU_ONLY_INPUT_TENSORS": "no", "max_num_seqs": "4", "model_path": str(tiny_moe)}))
+    assert EngineConfig.from_settings(good).max_num_seqs == 4
+    with pytest.raises(ConfigError, match="unknown engine setting 'max_num_seq'"):
+        EngineConfig.from_settings(model_settings(args({"max_num_seq": "4", "model_path": str(tiny_moe)})))

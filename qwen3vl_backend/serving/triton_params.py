@@ -11,7 +11,8 @@ import json
 import logging
 import os
 
-RESERVED = {"EXECUTION_ENV_PATH"}
+# the Python backend's own parameters: not the model's settings
+RESERVED = {"EXECUTION_ENV_PATH", "FORCE_CPU_ONLY_INPUT_TENSORS"}
 log = logging.getLogger("qwen3vl")
 
 

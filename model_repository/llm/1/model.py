@@ -6,7 +6,6 @@ back through the request's sender as the engine produces them: one per text delt
 the responses live in qwen3vl_backend/serving/llm_requests.py, tested without tritonserver.
 """
 
-import dataclasses
 import time
 import uuid
 
@@ -21,13 +20,10 @@ from qwen3vl_backend.serving.stage_timing import STAGE_TIMING
 from qwen3vl_backend.serving.triton_metrics import TritonEngineMetrics
 from qwen3vl_backend.serving.triton_params import error_response, model_settings
 
-ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
-
-
 class TritonPythonModel:
     def initialize(self, args):
-        s = model_settings(args)
-        self.engine = LLMEngine(EngineConfig.from_settings({k: v for k, v in s.items() if k in ENGINE_KEYS}))
+        # every parameter is an engine setting: a misspelt one fails the load, naming it
+        self.engine = LLMEngine(EngineConfig.from_settings(model_settings(args)))
         # the first requests' kernels compile now, not in their time to first token
         pb_utils.Logger.log_info(f"llm: warmed up in {self.engine.warm_up():.1f} s")
         self.merge_unit = self.engine.runner.model_cfg.vision.spatial_merge_size ** 2
