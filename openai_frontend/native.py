@@ -32,12 +32,11 @@ SAMPLING_NAMES = {
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "stop": "stop",
     "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "skip_special_tokens": "skip_special_tokens",
     "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty", "no_stop_trim": "include_stop_str_in_output",
+    "frequency_penalty": "frequency_penalty", "no_stop_trim": "include_stop_str_in_output", "logit_bias": "logit_bias",
 }
 SAMPLING_CONSTRAINTS = {"json_schema": "json_schema", "regex": "regex", "ebnf": "grammar"}
 # accepted at their defaults only (anything else would change the answer)
-SAMPLING_DEFAULTS = {"spaces_between_special_tokens": True, "logit_bias": None, "custom_params": None,
-                     "structural_tag": None}
+SAMPLING_DEFAULTS = {"spaces_between_special_tokens": True, "custom_params": None, "structural_tag": None}
 SAMPLING_IGNORED = {"stream_interval"}        # how often a stream sends: this server sends every token
 DEFAULT_MAX_NEW_TOKENS = 128                  # SGLang's
 # request fields that would change the answer: served only at SGLang's defaults

@@ -51,7 +51,6 @@ UNSUPPORTED = {
     "echo": lambda v: v in (None, False),
     "functions": lambda v: v in (None, []),
     "function_call": lambda v: v in (None, "none", "auto"),
-    "logit_bias": lambda v: v in (None, {}),
     "best_of": lambda v: v in (None, 1),
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
@@ -335,7 +334,6 @@ COMPLETIONS_UNSUPPORTED = {
     **ENGINE_EXTRAS_UNSUPPORTED,
     "suffix": lambda v: v in (None, ""),
     "best_of": lambda v: v in (None, 1),
-    "logit_bias": lambda v: v in (None, {}),
 }
 
 

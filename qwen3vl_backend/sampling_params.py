@@ -36,13 +36,15 @@ from dataclasses import dataclass, field, fields
 # request-body fields that are sampling parameters (OpenAI names included)
 SAMPLING_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                    "stop", "stop_token_ids", "ignore_eos", "min_tokens", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty", "skip_special_tokens", "include_stop_str_in_output")
+                   "presence_penalty", "frequency_penalty", "skip_special_tokens", "include_stop_str_in_output",
+                   "logit_bias")
 
 # generation_config.json's fields that are sampling defaults (vLLM's and SGLang's list)
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 GREEDY_BELOW = 1e-5
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 32, 1024, 256
+MAX_LOGIT_BIAS = 1024        # token ids a request may bias (OpenAI's values: -100 to 100)
 _MAX_INT32 = 2**31 - 1
 MAX_LOGPROBS = 20
 
@@ -71,6 +73,9 @@ class SamplingParams:
     logprobs: int | None = None    # each output token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None     # each prompt token's logprob (after the first) and its top alternatives
     structured_output: dict | None = None   # {json_schema | json_object | regex | grammar | choice: ...} (engine/structured.py)
+    # OpenAI's: token id -> a value added to its logit before sampling (-100 bans it, 100 forces
+    # it); JSON's string keys become ints. Logprobs stay the model's own.
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -112,6 +117,8 @@ class SamplingParams:
         _check(isinstance(self.ignore_eos, bool), "ignore_eos must be a boolean")
         _check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens must be a boolean")
         _check(isinstance(self.include_stop_str_in_output, bool), "include_stop_str_in_output must be a boolean")
+        if self.logit_bias is not None:
+            self.logit_bias = _checked_bias(self.logit_bias) or None
 
     @property
     def greedy(self) -> bool:
@@ -155,6 +162,20 @@ def _coerce(name: str, value, kind: str):
     except ValueError:
         raise SamplingError(f"{name} must be a {kind.split(' ')[0]}, got {_short(value)}") from None
     return value
+
+
+def _checked_bias(bias) -> dict[int, float]:
+    """logit_bias with int keys; SamplingError unless each key is a token id (an int, or its
+    decimal string as JSON writes it) and each value a number in [-100, 100]."""
+    message = (f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids (as integers or decimal strings) to "
+               "numbers in [-100, 100]")
+    _check(isinstance(bias, dict) and len(bias) <= MAX_LOGIT_BIAS, message)
+    out = {}
+    for key, value in bias.items():
+        ok_key = _is_int(key) or (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10)
+        _check(ok_key and 0 <= int(key) <= _MAX_INT32 and _is_num(value) and -100 <= value <= 100, message)
+        out[int(key)] = float(value)
+    return out
 
 
 def _check(ok: bool, message: str) -> None:

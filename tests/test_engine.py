@@ -704,3 +704,46 @@ def test_a_grammar_past_llguidance_limits_ends_its_request_alone_as_the_clients(
     assert last.error.startswith("structured_output stopped after ") and "Too many items" in last.error
     assert "<state>" not in last.error and "\n" not in last.error        # llguidance's dump stays in the log
     assert "".join(o.delta_text for o in outs["free"]) == alone["text"] and outs["free"][-1].finish_reason == "length"
+
+
+def test_logit_bias_moves_only_its_own_request(tiny_moe, prompts, reference):
+    """OpenAI's logit_bias on the sampled logits: -100 on greedy's first token makes another come
+    first, +100 on a token forces it (greedy and seeded sampling alike, with a penalty taking the
+    per-row path); the request batched beside them decodes as it does alone; logprobs stay the
+    model's own."""
+    engine = make_engine(tiny_moe)
+    first, forced = reference[0][0], 1234
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logit_bias={str(first): -100}),
+              SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logit_bias={forced: 100}, logprobs=0),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=4, ignore_eos=True, logit_bias={forced: 100}),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=4, ignore_eos=True, repetition_penalty=1.1,
+                             logit_bias={forced: 100})]
+    for i, (p, sp) in enumerate(zip([prompts[0], prompts[1], prompts[0], prompts[0], prompts[0]], params)):
+        engine.add_request(p, sp, f"r{i}")
+    tokens, logprobs = {}, {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+            logprobs.setdefault(o.request_id, []).extend(o.logprobs or [])
+    assert tokens["r0"][0] != first
+    assert tokens["r1"] == reference[1][:4]
+    assert all(tokens[f"r{i}"] == [forced] * 4 for i in (2, 3, 4))
+    # the forced token's logprob is the model's (far from 0, which the biased distribution gives it)
+    assert [t for t, _, _ in logprobs["r2"]] == [forced] * 4 and all(lp < -1 for _, lp, _ in logprobs["r2"])
+    # greedy requests alone take the batch's one-argmax path
+    alone = engine.generate([prompts[0], prompts[1]], [params[0], params[2]])
+    assert alone[0]["output_token_ids"] == tokens["r0"] and alone[1]["output_token_ids"] == [forced] * 4
+
+
+def test_logit_bias_is_checked_where_it_is_read(tiny_moe, prompts):
+    from qwen3vl_backend.errors import RequestError
+    from qwen3vl_backend.sampling_params import SamplingError
+
+    for bias in ({"-1": 1}, {"1": 101}, {"1": float("nan")}, {"x": 1}, {"1": True}, [1, 2], {str(i): 1 for i in range(1025)}):
+        with pytest.raises(SamplingError, match="logit_bias must map"):
+            SamplingParams(logit_bias=bias)
+    assert SamplingParams(logit_bias={"7": 2, 8: -1.5}).logit_bias == {7: 2.0, 8: -1.5}
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    with pytest.raises(RequestError, match="logit_bias token ids must be in"):
+        make_engine(tiny_moe).add_request(prompts[0], SamplingParams(logit_bias={10**9: 1}))

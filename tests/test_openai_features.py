@@ -259,6 +259,8 @@ def test_continuous_usage_and_models_card(tiny_moe):
     ({"echo": True}, 400, "'echo' is not supported"),
     ({"prompt_logprobs": 2}, 400, "'prompt_logprobs' is not supported"),
     ({"bad_words": ["x"]}, 400, "'bad_words' is not supported"),
+    ({"logit_bias": {"5": 101}}, 400, "logit_bias must map"),
+    ({"logit_bias": {"-5": 1}}, 400, "logit_bias must map"),
 ])
 def test_malformed_feature_requests_get_a_clear_400(tiny_moe, extra, status, message):
     ai = _client(tiny_moe, FakeTriton("x"))
@@ -519,8 +521,8 @@ def test_vllm_prompt_end_and_stop_fields_reach_the_engine(tiny_moe):
         await ai.chat.completions.create(model="tiny-moe", messages=USER)
         await ai.chat.completions.create(model="tiny-moe", messages=USER, extra_body={"add_generation_prompt": False})
         await ai.chat.completions.create(model="tiny-moe", messages=prefill, extra_body=opened)
-        await ai.chat.completions.create(model="tiny-moe", messages=USER, stop=["Par"], extra_body={
-            "skip_special_tokens": False, "include_stop_str_in_output": True})
+        await ai.chat.completions.create(model="tiny-moe", messages=USER, stop=["Par"], logit_bias={"9": -100},
+                                         extra_body={"skip_special_tokens": False, "include_stop_str_in_output": True})
         image = {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(32, 32, 1)))}}
         await ai.chat.completions.create(model="tiny-moe", extra_body=opened, messages=[
             {"role": "user", "content": [image, {"type": "text", "text": "Describe."}]}, prefill[-1]])
@@ -532,6 +534,7 @@ def test_vllm_prompt_end_and_stop_fields_reach_the_engine(tiny_moe):
     assert continued == closed + "<|im_start|>assistant\nThe weather in Paris is"
     sampling = fake.sent[3][3]
     assert sampling["skip_special_tokens"] is False and sampling["include_stop_str_in_output"] is True
+    assert sampling["logit_bias"] == {"9": -100}
     kind, _, sent, _ = fake.sent[4]
     assert kind == "ensemble" and sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
 
@@ -610,7 +613,7 @@ def test_sglang_generate_maps_its_fields_and_answers_in_its_shapes(tiny_moe):
                 {"text": "x", "input_ids": [1]}, {}, {"text": ""}, {"input_ids": [1, "2"]},
                 {"text": "x", "sampling_params": {"max_tokens": 3}},
                 {"text": "x", "sampling_params": {"regex": "a", "json_schema": "{}"}},
-                {"text": "x", "sampling_params": {"logit_bias": {"1": 2}}},
+                {"text": "x", "sampling_params": {"custom_params": {"a": 1}}},
                 {"text": "x", "logprob_start_len": 0}, {"text": "x", "input_embeds": [[0.1]]},
                 {"input_ids": [1], "image_data": image}, {"text": "{x", "image_data": image},
                 {"text": ["a", "b"], "image_data": [image]}, {"text": "x", "sampling_params": {"n": 17}},

@@ -567,8 +567,9 @@ HOSTILE = [
     ("response_format_unknown", {**_msg("x"), "response_format": {"type": "xml"}}, 400, "response_format type must be"),
     ("top_logprobs_past_20", {**_msg("x"), "logprobs": True, "top_logprobs": 99}, 400,
      "'top_logprobs' must be an integer from 0 to 20"),
-    ("logprobs_on_triton_past_20", {**_msg("x"), "logprobs": True, "top_logprobs": 20, "max_tokens": 1,
-                                    "logit_bias": {"1": 5}}, 400, "'logit_bias' is not supported"),
+    ("logit_bias_past_100", {**_msg("x"), "logit_bias": {"1": 500}}, 400, "logit_bias must map"),
+    ("logit_bias_past_the_vocabulary", {**_msg("x"), "logit_bias": {"999999": 5}}, 400,
+     "logit_bias token ids must be in"),
     ("image_tokens_past_context", _msg([_img(data_uri(image_bytes(make_image(1400, 1400, 2), "JPEG"), "image/jpeg"))]), 400,
      f"does not fit the context of {MAX_MODEL_LEN} tokens"),
 ]
@@ -616,6 +617,22 @@ def test_extreme_but_valid_values_are_served(server):
     tiny["image_url"].update(min_pixels=10**12, max_pixels=10**12)      # can only lower the server's limits
     r = _post(server, _msg([tiny, {"type": "text", "text": "what?"}]))
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] < 200
+
+
+def test_logit_bias_forces_and_bans_tokens_when_served(client, local_engine):
+    """OpenAI's logit_bias through the adapter and Triton: +100 on a token makes the random model
+    write only it; -100 on greedy's first token makes another come first."""
+    msgs = [{"role": "user", "content": "Say something."}]
+    tok = local_engine.tokenizer
+    word = tok.encode(" yes")[0]
+    forced = client.chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=3, temperature=0,
+                                            logit_bias={str(word): 100})
+    assert forced.choices[0].message.content == tok.decode([word] * 3)
+    plain = client.chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=1, temperature=0, logprobs=True)
+    first = plain.choices[0].logprobs.content[0].token
+    banned = client.chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=1, temperature=0, logprobs=True,
+                                            logit_bias={str(tok.encode(first)[0]): -100})
+    assert banned.choices[0].logprobs.content[0].token != first
 
 
 def test_request_body_limit_is_413(server):

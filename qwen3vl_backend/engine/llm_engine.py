@@ -157,6 +157,8 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token ids must be in [0, {v})")
         if any(t >= v for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {v})")
+        if params.logit_bias and max(params.logit_bias) >= v:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {v})")
         if params.max_tokens > self.cfg.max_model_len:
             raise InvalidRequestError(f"max_tokens {params.max_tokens} exceeds the context of "
                                       f"{self.cfg.max_model_len} tokens")

@@ -85,6 +85,17 @@ def ban_tokens(logits: torch.Tensor, banned: list) -> torch.Tensor:
     return logits.index_put((index[:, 0], index[:, 1]), logits.new_full((), float("-inf")))
 
 
+def bias_and_ban(logits: torch.Tensor, rows: list) -> torch.Tensor:
+    """logits (B, V) with each row's logit_bias added (in float32) and then its banned ids at
+    -inf (ban_tokens), out of place; the logits themselves where no row has either."""
+    pairs = [(i, t, b) for i, r in enumerate(rows) if r.params.logit_bias for t, b in r.params.logit_bias.items()]
+    if pairs:
+        index = device_tensor([(i, t) for i, t, _ in pairs], torch.long, logits.device)
+        values = device_tensor([b for _, _, b in pairs], torch.float32, logits.device)
+        logits = logits.float().index_put((index[:, 0], index[:, 1]), values, accumulate=True)
+    return ban_tokens(logits, [r.banned_ids for r in rows])
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first maximal index (int64): qwen3vl_kernels.argmax on a GPU (qwen3vl_kernels.switches.ARGMAX_KERNEL),
     else torch's."""
@@ -237,11 +248,11 @@ class Sampler:
         """logits (B, V), a row each -> the B sampled ids (int64) on the logits' device."""
         if all(_plain_greedy(r.params) for r in rows):           # the common serving case: one argmax
             # in the logits' own dtype: float32 holds each bf16 value exactly, so the same argmax
-            return argmax(ban_tokens(logits, [r.banned_ids for r in rows]))
+            return argmax(bias_and_ban(logits, rows))
         batched = [i for i, r in enumerate(rows) if _plain_sampling(r.params)]
         if len(batched) == len(rows):                     # unseeded, no penalties: one batched draw
-            return sample_batch(ban_tokens(logits, [r.banned_ids for r in rows]), [r.params for r in rows])
-        logits = ban_tokens(logits.float(), [r.banned_ids for r in rows])
+            return sample_batch(bias_and_ban(logits, rows), [r.params for r in rows])
+        logits = bias_and_ban(logits.float(), rows)
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if batched:
             index = device_tensor(batched, torch.long, logits.device)
