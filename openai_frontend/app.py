@@ -395,7 +395,9 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         _, body = await _json_body(request, settings.max_request_body_bytes)
         req = check_generate_request(body, settings.served_model_name)
         text_prompts = _tokenizer_here()
-        rid = req.rid or uuid.uuid4().hex
+        # Triton's request ids are ours, never the client's `rid` (answered as meta_info.id): a
+        # cancel goes by request id, and a client that reused another's rid could end its request
+        rid, shown = uuid.uuid4().hex, req.rid
         start = time.monotonic()
         vocab = text_prompts.tokenizer.vocab_size
         prompt_ids = {}                        # a text-only prompt's ids, by prompt (the adapter tokenizes)
@@ -409,8 +411,8 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                 raise APIError(400, f"input_ids must be in [0, {vocab})", param="input_ids")
             prompt_ids[key] = ids
 
-        def sub(job):
-            return rid if len(req.jobs) == 1 else f"{rid}-{job.index}"
+        def sub(job, base=rid):
+            return base if len(req.jobs) == 1 else f"{base}-{job.index}"
 
         def open_stream(job):
             if job.images:
@@ -420,11 +422,12 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         streams = [open_stream(job) for job in req.jobs]
 
         def answer(job, text, last, entries, count) -> dict:
-            meta = {"id": sub(job), "finish_reason": native_finish(last.finish_reason, count),
+            meta = {"id": sub(job, shown or rid), "finish_reason": native_finish(last.finish_reason, count),
                     "prompt_tokens": last.num_input_tokens or 0, "completion_tokens": count,
                     "cached_tokens": last.num_cached_tokens or 0, "e2e_latency": time.monotonic() - start}
             if req.logprobs:
-                meta["output_token_logprobs"], meta["output_top_logprobs"] = logprob_entries(entries)
+                meta["output_token_logprobs"], meta["output_top_logprobs"] = logprob_entries(
+                    entries, token_text if req.text_in_logprobs else None)
             return {"text": text, "meta_info": meta}
 
         try:

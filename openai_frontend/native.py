@@ -60,7 +60,8 @@ class GenerateRequest:
     single: bool                   # one prompt and one sample: the answer is an object, not a list
     stream: bool
     logprobs: bool
-    rid: str | None
+    rid: str | None                # the client's, shown as meta_info.id (never Triton's request id)
+    text_in_logprobs: bool = False
 
 
 def check_generate_request(body, served_model: str) -> GenerateRequest:
@@ -107,9 +108,10 @@ def check_generate_request(body, served_model: str) -> GenerateRequest:
         top = 0
     if not _is_id(top) or not 0 <= top <= 20:
         raise APIError(400, "'top_logprobs_num' must be an integer from 0 to 20", param="top_logprobs_num")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be a boolean", param="stream")
+    stream, text_in = body.get("stream", False), body.get("return_text_in_logprobs", False)
+    for name, value in (("stream", stream), ("return_text_in_logprobs", text_in)):
+        if not isinstance(value, bool):
+            raise APIError(400, f"'{name}' must be a boolean", param=name)
     rid = body.get("rid")
     if rid is not None and not (isinstance(rid, str) and 0 < len(rid) <= 128 and rid.isprintable()):
         raise APIError(400, "'rid' must be a string of at most 128 printable characters", param="rid")
@@ -123,7 +125,8 @@ def check_generate_request(body, served_model: str) -> GenerateRequest:
             jobs.append(GenerateJob(p, imgs, seeded, len(jobs)))
     if len(jobs) > MAX_JOBS:
         raise APIError(400, f"at most {MAX_JOBS} prompts x samples a request, got {len(jobs)}", param="text")
-    return GenerateRequest(jobs, single=not batch and len(jobs) == 1, stream=stream, logprobs=logprobs, rid=rid)
+    return GenerateRequest(jobs, single=not batch and len(jobs) == 1, stream=stream, logprobs=logprobs, rid=rid,
+                           text_in_logprobs=text_in)
 
 
 def engine_sampling(params: dict) -> tuple[dict, int]:
@@ -185,8 +188,10 @@ def finish_reason(reason: str | None, completion_tokens: int) -> dict | None:
     return {"type": reason}
 
 
-def logprob_entries(entries) -> tuple[list, list]:
-    """(token id, logprob, top) entries -> SGLang's output_token_logprobs ([logprob, id, null])
-    and output_top_logprobs ([[logprob, id, null], ...] per token)."""
-    return ([[lp, tid, None] for tid, lp, _ in entries],
-            [[[b, a, None] for a, b in top] for _, _, top in entries])
+def logprob_entries(entries, text=None) -> tuple[list, list]:
+    """(token id, logprob, top) entries -> SGLang's output_token_logprobs ([logprob, id, its text])
+    and output_top_logprobs ([[logprob, id, its text], ...] per token); the text is null unless
+    `text` (token id -> str) is given (return_text_in_logprobs)."""
+    def one(tid, lp):
+        return [lp, tid, None if text is None else text(tid)]
+    return [one(tid, lp) for tid, lp, _ in entries], [[one(a, b) for a, b in top] for _, _, top in entries]

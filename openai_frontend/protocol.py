@@ -24,8 +24,6 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-# OpenAI chat fields this server does not implement yet, with the values that mean "not used":
-# a request that uses one is refused naming it, never served as if it had not asked.
 # vLLM's and SGLang's request fields that change the answer and are not served here: refused when
 # set to anything but their default, rather than ignored (the answer would differ from what was asked)
 ENGINE_EXTRAS_UNSUPPORTED = {
@@ -43,6 +41,8 @@ ENGINE_EXTRAS_UNSUPPORTED = {
     "custom_logit_processor": lambda v: v is None,
     "return_hidden_states": lambda v: v in (None, False),
 }
+# OpenAI chat fields this server does not implement yet, with the values that mean "not used":
+# a request that uses one is refused naming it, never served as if it had not asked.
 UNSUPPORTED = {
     **ENGINE_EXTRAS_UNSUPPORTED,
     "chat_template": lambda v: v is None,             # a client's own Jinja: the checkpoint's template only
@@ -330,7 +330,9 @@ def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, u
     return out
 
 
-COMPLETIONS_UNSUPPORTED = {
+COMPLETIONS_# OpenAI chat fields this server does not implement yet, with the values that mean "not used":
+# a request that uses one is refused naming it, never served as if it had not asked.
+UNSUPPORTED = {
     **ENGINE_EXTRAS_UNSUPPORTED,
     "suffix": lambda v: v in (None, ""),
     "best_of": lambda v: v in (None, 1),

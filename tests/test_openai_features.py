@@ -605,7 +605,8 @@ def test_sglang_generate_maps_its_fields_and_answers_in_its_shapes(tiny_moe):
                 "ebnf": 'root ::= "a"'}})
             batch = await http.post("/generate", json={
                 "text": ["A", "<|vision_start|><|image_pad|><|vision_end|>What?"], "image_data": [None, image],
-                "sampling_params": [{"n": 2, "sampling_seed": 7}, {}], "return_logprob": True, "top_logprobs_num": 2})
+                "sampling_params": [{"n": 2, "sampling_seed": 7}, {}], "return_logprob": True, "top_logprobs_num": 2,
+                "return_text_in_logprobs": True})
             ids = await http.post("/generate", json={"input_ids": [[1, 2, 3]], "sampling_params": {"max_new_tokens": 3}})
             async with http.stream("POST", "/generate", json={"text": "Hi", "stream": True}) as r:
                 events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
@@ -626,7 +627,7 @@ def test_sglang_generate_maps_its_fields_and_answers_in_its_shapes(tiny_moe):
     assert answer["text"] == "abcdefg" and answer["meta_info"]["id"] == "r1"
     assert answer["meta_info"]["finish_reason"] == {"type": "stop"} and answer["meta_info"]["completion_tokens"] == 3
     kind, rid, sent_ids, sampling = fake.sent[0]
-    assert kind == "llm" and rid == "r1" and sent_ids == tok.encode("Hi there")
+    assert kind == "llm" and rid != "r1" and len(rid) == 32 and sent_ids == tok.encode("Hi there")   # ours
     assert sampling == {"max_tokens": 5, "temperature": 0, "include_stop_str_in_output": True, "min_tokens": 1,
                         "structured_output": {"grammar": 'root ::= "a"'}}
     assert batch.status_code == 200, batch.text
@@ -634,8 +635,9 @@ def test_sglang_generate_maps_its_fields_and_answers_in_its_shapes(tiny_moe):
     assert [s[0] for s in fake.sent[1:4]] == ["llm", "llm", "ensemble"]
     assert [s[3].get("seed") for s in fake.sent[1:3]] == [7, 8] and fake.sent[1][3]["max_tokens"] == 128
     assert fake.sent[3][2] == "<|vision_start|><|image_pad|><|vision_end|>What?" and fake.images == [image]
-    assert a["meta_info"]["output_token_logprobs"][0] == [-0.5, 101, None]
-    assert a["meta_info"]["output_top_logprobs"][0] == [[0.0, 200, None], [-0.1, 201, None]]
+    assert a["meta_info"]["output_token_logprobs"][0] == [-0.5, 101, tok.decode([101], skip_special_tokens=False)]
+    assert a["meta_info"]["output_top_logprobs"][0] == [[0.0, 200, tok.decode([200], skip_special_tokens=False)],
+                                                        [-0.1, 201, tok.decode([201], skip_special_tokens=False)]]
     assert fake.sent[4][0] == "llm" and fake.sent[4][2] == [1, 2, 3] and isinstance(ids.json(), list)
     texts = [json.loads(e[6:])["text"] for e in events[:-1]]
     assert events[-1] == "data: [DONE]" and texts == ["abc", "abcdef", "abcdefg"]      # the text so far
