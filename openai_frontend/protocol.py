@@ -330,9 +330,7 @@ def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, u
     return out
 
 
-COMPLETIONS_# OpenAI chat fields this server does not implement yet, with the values that mean "not used":
-# a request that uses one is refused naming it, never served as if it had not asked.
-UNSUPPORTED = {
+COMPLETIONS_UNSUPPORTED = {
     **ENGINE_EXTRAS_UNSUPPORTED,
     "suffix": lambda v: v in (None, ""),
     "best_of": lambda v: v in (None, 1),
