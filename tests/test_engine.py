@@ -129,7 +129,8 @@ def test_stop_string_truncates_and_finishes(tiny_moe, prompts):
     # that comes first ends it, whatever the list's order, and of two starting there the first listed
     later, first = full["text"][7:9], full["text"][5:7]
     assert full["text"].find(later) > full["text"].find(first)
-    for stops, end in (([stop], stop), ([later, first], first), ([first + full["text"][7], first], first + full["text"][7])):
+    longer = first + full["text"][7]
+    for stops, end in (([stop], stop), ([later, first], first), ([longer, first], longer)):
         kept = engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=stops,
                                                             include_stop_str_in_output=True))[0]
         assert kept["finish_reason"] == "stop" and kept["text"] == full["text"][: full["text"].find(end) + len(end)]
@@ -740,7 +741,8 @@ def test_logit_bias_is_checked_where_it_is_read(tiny_moe, prompts):
     from qwen3vl_backend.errors import RequestError
     from qwen3vl_backend.sampling_params import SamplingError
 
-    for bias in ({"-1": 1}, {"1": 101}, {"1": float("nan")}, {"x": 1}, {"1": True}, [1, 2], {str(i): 1 for i in range(1025)}):
+    for bias in ({"-1": 1}, {"1": 101}, {"1": float("nan")}, {"x": 1}, {"1": True}, [1, 2],
+                 {str(i): 1 for i in range(1025)}):
         with pytest.raises(SamplingError, match="logit_bias must map"):
             SamplingParams(logit_bias=bias)
     assert SamplingParams(logit_bias={"7": 2, 8: -1.5}).logit_bias == {7: 2.0, 8: -1.5}

@@ -180,7 +180,8 @@ def test_every_llm_parameter_is_an_engine_setting_and_a_misspelt_one_is_refused(
     assert set(settings) == set(shipped) - {"FORCE_CPU_ONLY_INPUT_TENSORS", "EXECUTION_ENV_PATH"}
     names = {f for f in EngineConfig.__dataclass_fields__}
     assert set(settings) <= names
-    good = model_settings(args({"FORCE_CPU_ONLY_INPUT_TENSORS": "no", "max_num_seqs": "4", "model_path": str(tiny_moe)}))
+    good = model_settings(args({"FORCE_CPU_ONLY_INPUT_TENSORS": "no", "max_num_seqs": "4",
+                                "model_path": str(tiny_moe)}))
     assert EngineConfig.from_settings(good).max_num_seqs == 4
     with pytest.raises(ConfigError, match="unknown engine setting 'max_num_seq'"):
         EngineConfig.from_settings(model_settings(args({"max_num_seq": "4", "model_path": str(tiny_moe)})))

@@ -486,7 +486,8 @@ def test_vllm_and_sglang_constraint_fields_become_structured_output(tiny_moe):
         ({"regex": "b+", "guided_json": None}, {"regex": "b+"}),
         ({"json_schema": json.dumps(schema)}, {"json_schema": json.dumps(schema)}),
         ({"ebnf": 'root ::= "yes"'}, {"grammar": 'root ::= "yes"'}),
-        ({"structured_outputs": {"json": schema, "disable_any_whitespace": True, "regex": None}}, {"json_schema": schema}),
+        ({"structured_outputs": {"json": schema, "disable_any_whitespace": True, "regex": None}},
+         {"json_schema": schema}),
         ({"structured_outputs": {"json_object": True}}, {"json_object": True}),
         ({"structured_outputs": {"grammar": "start: \"a\"", "json_object": False}}, {"grammar": "start: \"a\""}),
         ({"structured_outputs": {}}, None),
@@ -562,7 +563,8 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(tiny_moe):
                                             "add_generation_prompt": False})]
             await http.post("/v1/chat/completions", json={"model": "tiny-moe", "messages": USER})
             await http.post("/v1/chat/completions", json={"model": "tiny-moe", "messages": prefill,
-                                                          "continue_final_message": True, "add_generation_prompt": False})
+                                                          "continue_final_message": True,
+                                                          "add_generation_prompt": False})
             ids = out[1].json()["tokens"]
             out.append(await post("/detokenize", {"tokens": ids}))
             bad = [await post("/tokenize", {"messages": [{"role": "user", "content": [image]}]}),
@@ -607,7 +609,8 @@ def test_sglang_generate_maps_its_fields_and_answers_in_its_shapes(tiny_moe):
                 "text": ["A", "<|vision_start|><|image_pad|><|vision_end|>What?"], "image_data": [None, image],
                 "sampling_params": [{"n": 2, "sampling_seed": 7}, {}], "return_logprob": True, "top_logprobs_num": 2,
                 "return_text_in_logprobs": True})
-            ids = await http.post("/generate", json={"input_ids": [[1, 2, 3]], "sampling_params": {"max_new_tokens": 3}})
+            ids = await http.post("/generate", json={"input_ids": [[1, 2, 3]],
+                                                     "sampling_params": {"max_new_tokens": 3}})
             async with http.stream("POST", "/generate", json={"text": "Hi", "stream": True}) as r:
                 events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
             bad = [await http.post("/generate", json=b) for b in (
@@ -666,5 +669,5 @@ def test_sglang_health_generate_and_model_info(tiny_moe):
     assert ok.status_code == 200 and ok.json()["status"] == "ok"
     assert fake.sent[0][0] == "llm" and fake.sent[0][3] == {"max_tokens": 1, "temperature": 0}
     assert broken.status_code == 503 and broken.json()["status"] == "unavailable"
-    assert info.json() == {"model_path": str(tiny_moe), "tokenizer_path": str(tiny_moe), "served_model_name": "tiny-moe",
-                           "is_generation": True, "max_model_len": 1024}
+    assert info.json() == {"model_path": str(tiny_moe), "tokenizer_path": str(tiny_moe),
+                           "served_model_name": "tiny-moe", "is_generation": True, "max_model_len": 1024}

@@ -947,7 +947,8 @@ def test_continue_final_message_served_on_both_paths(client, local_engine, tiny_
     rendered, _ = render_chat(template, chat, **opened)
     assert rendered.endswith("<|im_start|>assistant\nSure. The sky over the")
     expected = local_engine.generate([tok.encode(rendered)], SamplingParams(temperature=0, max_tokens=8))[0]
-    out = client.chat.completions.create(model="tiny-moe", messages=chat, temperature=0, max_tokens=8, extra_body=opened)
+    out = client.chat.completions.create(model="tiny-moe", messages=chat, temperature=0, max_tokens=8,
+                                         extra_body=opened)
     assert out.choices[0].message.content == expected["text"]
 
     image = {"type": "image_url", "image_url": {"url": data_uri(image_bytes(make_image(64, 64, 5)))}}
@@ -979,7 +980,8 @@ def test_sglang_generate_served_as_the_chat_endpoint_answers(server, client, loc
         assert r.status_code == 200, r.text
         meta = r.json()["meta_info"]
         assert r.json()["text"] == chat.choices[0].message.content
-        assert meta["prompt_tokens"] == chat.usage.prompt_tokens and meta["completion_tokens"] == chat.usage.completion_tokens
+        assert meta["prompt_tokens"] == chat.usage.prompt_tokens
+        assert meta["completion_tokens"] == chat.usage.completion_tokens
     assert chat.usage.prompt_tokens > len(tok.encode(prompt))            # the image's pads were expanded
     with httpx.Client(timeout=60) as h, h.stream("POST", f"{server.url}/generate", json={
             "text": prompt, "image_data": data, "sampling_params": greedy, "stream": True}) as r:

@@ -140,7 +140,8 @@ def check_template_extras(tools, template_kwargs) -> tuple[list | None, dict]:
 def check_prompt_end(add_generation_prompt, continue_final_message) -> None:
     """vLLM's two flags for how a chat prompt ends: the assistant's header opened for a new answer
     (the default), or the last (assistant) message left open for the model to go on with it."""
-    for name, v in (("add_generation_prompt", add_generation_prompt), ("continue_final_message", continue_final_message)):
+    for name, v in (("add_generation_prompt", add_generation_prompt),
+                    ("continue_final_message", continue_final_message)):
         if not isinstance(v, bool):
             raise RequestError(f"'{name}' must be a boolean")
     if add_generation_prompt and continue_final_message:

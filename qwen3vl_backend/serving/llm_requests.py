@@ -124,7 +124,8 @@ class ResponseStream:
         if self.flags["return_num_output_tokens"]:
             tensors.append(pb_utils.Tensor("num_output_tokens", np.array([out.num_output_tokens], np.uint32)))
         if self.logprobs:
-            tensors.append(pb_utils.Tensor("logprobs", np.array([json.dumps(self.logprobs).encode()], dtype=np.object_)))
+            tensors.append(pb_utils.Tensor("logprobs", np.array([json.dumps(self.logprobs).encode()],
+                                                                dtype=np.object_)))
             self.logprobs = []
         if self.prompt_logprobs is not None:
             tensors.append(pb_utils.Tensor("prompt_logprobs", np.array([json.dumps(self.prompt_logprobs).encode()],
