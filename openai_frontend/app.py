@@ -287,12 +287,7 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         if not req.stream:
             return await _complete_unless_gone(request, streams, parser, cid, start, rid, headers,
                                                req.sampling.get("logprobs") is not None, timing)
-        try:   # errors before any output still get a proper status code
-            firsts = await _firsts(streams, rid)
-        except BaseException:
-            for d in streams:
-                await d.aclose()
-            raise
+        firsts = await _opened(streams, rid)     # errors before any output still get a proper status code
         timing.mark("first")
         headers["server-timing"] = timing.header()
         return StreamingResponse(_sse(firsts, streams, parser, req, cid, start, rid),
@@ -344,12 +339,7 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                 for d in streams:
                     await d.aclose()
             return Response(status_code=499) if out is None else JSONResponse(out, headers=headers)
-        try:
-            firsts = await _firsts(streams, rid)
-        except BaseException:
-            for d in streams:
-                await d.aclose()
-            raise
+        firsts = await _opened(streams, rid)
 
         first_at = time.monotonic()
         metrics.ttft.observe(first_at - start)
@@ -430,20 +420,15 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                     entries, token_text if req.text_in_logprobs else None)
             return {"text": text, "meta_info": meta}
 
-        try:
-            firsts = await _firsts(streams, rid)
-        except BaseException:
-            for d in streams:
-                await d.aclose()
-            raise
-        first_at = time.monotonic()
-        metrics.ttft.observe(first_at - start)
         if not req.stream:
-            async def whole():
+            async def whole():        # all of it under _unless_gone: a client gone in the prefill cancels it
+                firsts = await _firsts(streams, rid)
                 results = await asyncio.gather(*(_collect(d, rid, f) for d, f in zip(streams, firsts)))
+                first = min(r[2] for r in results)
+                metrics.ttft.observe(first - start)
                 out = [answer(job, text, last, entries, last.num_output_tokens or 0)
                        for job, (text, last, _, entries) in zip(req.jobs, results)]
-                metrics.finished(start, first_at, sum(o["meta_info"]["prompt_tokens"] for o in out),
+                metrics.finished(start, first, sum(o["meta_info"]["prompt_tokens"] for o in out),
                                  sum(o["meta_info"]["completion_tokens"] for o in out))
                 return out[0] if req.single else out
             try:
@@ -452,6 +437,9 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                 for d in streams:
                     await d.aclose()
             return Response(status_code=499) if out is None else JSONResponse(out, headers={"x-request-id": rid})
+        firsts = await _opened(streams, rid)
+        first_at = time.monotonic()
+        metrics.ttft.observe(first_at - start)
 
         async def sse():
             texts, counts = [""] * len(streams), [0] * len(streams)
@@ -475,6 +463,16 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                     await d.aclose()
             yield "data: [DONE]\n\n"
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"x-request-id": rid})
+
+    async def _opened(streams, rid):
+        """The streams' first deltas (_firsts) for a streamed answer; when one fails, every stream
+        is closed (its request cancelled in Triton) before the error goes on."""
+        try:
+            return await _firsts(streams, rid)
+        except BaseException:
+            for d in streams:
+                await d.aclose()
+            raise
 
     async def _first(deltas, rid):
         try:

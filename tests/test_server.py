@@ -729,6 +729,31 @@ def _leave_midway(server, body, streaming: bool) -> str:
     return "finished"
 
 
+def test_generate_requests_whose_clients_leave_end_in_the_engine(server):
+    """SGLang's /generate, streamed or not: a client that leaves mid-answer (the whole one still
+    waiting, the streamed one after a few events) has its requests, n of them, cancelled: the
+    engine ends empty."""
+    body = {"text": "<|im_start|>user\nTell me a long story.<|im_end|>\n<|im_start|>assistant\n",
+            "sampling_params": {"max_new_tokens": MAX_MODEL_LEN - 40, "ignore_eos": True, "n": 2, "temperature": 1.0}}
+    r = httpx.post(f"{server.url}/generate", json={**body, "sampling_params": {"max_new_tokens": 2}}, timeout=60)
+    assert r.status_code == 200, r.text
+    cancelled = _metric(server, "qwen3vl_requests_cancelled_total") or 0.0
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/generate", json=body, timeout=httpx.Timeout(1.5))
+    with httpx.Client(timeout=120) as h, h.stream("POST", f"{server.url}/generate", json={**body, "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if _metric(server, "qwen3vl_requests_cancelled_total") >= cancelled + 4 and _metric(
+                server, "qwen3vl_num_running") == 0:
+            break
+        time.sleep(0.5)
+    assert _metric(server, "qwen3vl_requests_cancelled_total") == cancelled + 4      # two requests, n=2 each
+    assert _metric(server, "qwen3vl_num_running") == 0 and _metric(server, "qwen3vl_num_waiting") == 0
+
+
 def test_load_with_disconnects_and_hostile_requests(server, http_media):
     """32 honest requests (half streaming), a fifth of them abandoned mid-way, every hostile
     request above mixed in: each honest request that stayed gets the text it gets alone, and the
