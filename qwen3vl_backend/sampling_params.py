@@ -44,7 +44,7 @@ GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penal
 
 GREEDY_BELOW = 1e-5
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 32, 1024, 256
-MAX_LOGIT_BIAS = 1024        # token ids a request may bias (OpenAI's values: -100 to 100)
+MAX_LOGIT_BIAS = 300         # token ids a request may bias (OpenAI's values: -100 to 100)
 _MAX_INT32 = 2**31 - 1
 MAX_LOGPROBS = 20
 

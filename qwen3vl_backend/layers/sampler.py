@@ -85,17 +85,6 @@ def ban_tokens(logits: torch.Tensor, banned: list) -> torch.Tensor:
     return logits.index_put((index[:, 0], index[:, 1]), logits.new_full((), float("-inf")))
 
 
-def bias_and_ban(logits: torch.Tensor, rows: list) -> torch.Tensor:
-    """logits (B, V) with each row's logit_bias added (in float32) and then its banned ids at
-    -inf (ban_tokens), out of place; the logits themselves where no row has either."""
-    pairs = [(i, t, b) for i, r in enumerate(rows) if r.params.logit_bias for t, b in r.params.logit_bias.items()]
-    if pairs:
-        index = device_tensor([(i, t) for i, t, _ in pairs], torch.long, logits.device)
-        values = device_tensor([b for _, _, b in pairs], torch.float32, logits.device)
-        logits = logits.float().index_put((index[:, 0], index[:, 1]), values, accumulate=True)
-    return ban_tokens(logits, [r.banned_ids for r in rows])
-
-
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first maximal index (int64): qwen3vl_kernels.argmax on a GPU (qwen3vl_kernels.switches.ARGMAX_KERNEL),
     else torch's."""
@@ -240,19 +229,44 @@ class SampleRow(NamedTuple):
 class Sampler:
     def __init__(self):
         self._generators: dict[str, torch.Generator] = {}
+        # a request's logit_bias as (token ids, values) on the device, made at its first step: up to
+        # MAX_LOGIT_BIAS pairs a request are not rebuilt from Python each step
+        self._bias: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._bias.pop(request_id, None)
+
+    def bias_and_ban(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """logits (B, V) with each row's logit_bias added (in float32) and then its banned ids at
+        -inf (ban_tokens), out of place; the logits themselves where no row has either."""
+        biased = [(i, r) for i, r in enumerate(rows) if r.params.logit_bias]
+        if biased:
+            parts = [self._bias_of(r, logits.device) for _, r in biased]
+            counts = [len(ids) for ids, _ in parts]
+            where = device_tensor([i for i, _ in biased], torch.long, logits.device)
+            row = torch.repeat_interleave(where, device_tensor(counts, torch.long, logits.device),
+                                          output_size=sum(counts))      # known here: no host sync
+            ids, values = (torch.cat(x) for x in zip(*parts))
+            logits = logits.float().index_put((row, ids), values, accumulate=True)
+        return ban_tokens(logits, [r.banned_ids for r in rows])
+
+    def _bias_of(self, row: SampleRow, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if row.request_id not in self._bias:
+            bias = row.params.logit_bias
+            self._bias[row.request_id] = (device_tensor(list(bias), torch.long, device),
+                                          device_tensor(list(bias.values()), torch.float32, device))
+        return self._bias[row.request_id]
 
     def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """logits (B, V), a row each -> the B sampled ids (int64) on the logits' device."""
         if all(_plain_greedy(r.params) for r in rows):           # the common serving case: one argmax
             # in the logits' own dtype: float32 holds each bf16 value exactly, so the same argmax
-            return argmax(bias_and_ban(logits, rows))
+            return argmax(self.bias_and_ban(logits, rows))
         batched = [i for i, r in enumerate(rows) if _plain_sampling(r.params)]
         if len(batched) == len(rows):                     # unseeded, no penalties: one batched draw
-            return sample_batch(bias_and_ban(logits, rows), [r.params for r in rows])
-        logits = bias_and_ban(logits.float(), rows)
+            return sample_batch(self.bias_and_ban(logits, rows), [r.params for r in rows])
+        logits = self.bias_and_ban(logits.float(), rows)
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if batched:
             index = device_tensor(batched, torch.long, logits.device)
