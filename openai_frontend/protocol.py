@@ -36,7 +36,6 @@ ENGINE_EXTRAS_UNSUPPORTED = {
     "return_tokens_as_token_ids": lambda v: v in (None, False),
     "spaces_between_special_tokens": lambda v: v in (None, True),
     "prompt_logprobs": lambda v: v is None,          # completions: `echo` with `logprobs` scores the prompt
-    "no_stop_trim": lambda v: v in (None, False),    # SGLang's; vLLM's include_stop_str_in_output is served
     "lora_path": lambda v: v is None,
     "custom_logit_processor": lambda v: v is None,
     "return_hidden_states": lambda v: v in (None, False),
@@ -260,6 +259,8 @@ def check_chat_request(body, served_model: str, mm_limits: dict[str, int]) -> Ch
 def check_sampling(body: dict, defaults: dict | None = None) -> dict:
     """The body's sampling fields (None: unset), `defaults` for a max_tokens it leaves out; 400 if invalid."""
     sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
+    if body.get("no_stop_trim") is not None and "include_stop_str_in_output" not in sampling:
+        sampling["include_stop_str_in_output"] = body["no_stop_trim"]      # SGLang's name for it
     if "max_tokens" not in sampling and "max_completion_tokens" not in sampling:
         sampling.update(defaults or {})
     try:

@@ -536,6 +536,8 @@ def test_vllm_prompt_end_and_stop_fields_reach_the_engine(tiny_moe):
     sampling = fake.sent[3][3]
     assert sampling["skip_special_tokens"] is False and sampling["include_stop_str_in_output"] is True
     assert sampling["logit_bias"] == {"9": -100}
+    trimmed = _run(ai.chat.completions.create(model="tiny-moe", messages=USER, extra_body={"no_stop_trim": True}))
+    assert trimmed and fake.sent[-1][3]["include_stop_str_in_output"] is True          # SGLang's name for it
     kind, _, sent, _ = fake.sent[4]
     assert kind == "ensemble" and sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
 
