@@ -433,6 +433,24 @@ def test_unset_sampling_fields_take_the_checkpoints_defaults(client, tiny_moe, l
     assert served != plain["text"]
 
 
+def test_an_empty_text_input_is_named_as_such(server):
+    """A direct Triton client's empty prompt: the error says so (it was llm's 'input_ids is
+    required', an input the client never sends to the ensemble)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    results = queue.Queue()
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    t = grpcclient.InferInput("text_input", [1], "BYTES")
+    t.set_data_from_numpy(np.array([b""], dtype=np.object_))
+    c.async_stream_infer("qwen3vl", [t], request_id="empty")
+    result, error = results.get(timeout=60)
+    c.stop_stream()
+    assert result is None and isinstance(error, InferenceServerException)
+    assert "invalid request: text_input is empty" in str(error)
+
+
 def test_llm_alone_with_token_ids(server, local_engine):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype

@@ -117,6 +117,8 @@ class Preprocessor:
             refs = _resolve_media_inputs(refs, media)
         else:
             text = text_input
+            if not text and not images:         # else llm's "input_ids is required", for a prompt never sent
+                raise RequestError("text_input is empty: send a prompt, a JSON chat, or images")
             if images and IMAGE_PAD not in text:
                 text = f"{VISION_START}{IMAGE_PAD}{VISION_END}" * len(images) + text
             refs = [MediaRef("image", img) for img in images]
