@@ -20,6 +20,7 @@ the text has none).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from qwen3vl_backend.sampling_params import SamplingError, SamplingParams
@@ -157,8 +158,12 @@ def engine_sampling(params: dict) -> tuple[dict, int]:
         out["structured_output"] = constraint
     try:
         SamplingParams.from_dict(out)
-    except SamplingError as e:
-        raise APIError(400, str(e), param="sampling_params") from e
+    except SamplingError as e:         # said in the caller's names
+        message = str(e)
+        for theirs, ours in SAMPLING_NAMES.items():
+            if theirs != ours:
+                message = re.sub(rf"\b{ours}\b", theirs, message)
+        raise APIError(400, message, param="sampling_params") from e
     return out, n
 
 

@@ -648,6 +648,9 @@ def test_sglang_generate_maps_its_fields_and_answers_in_its_shapes(tiny_moe):
     assert events[-1] == "data: [DONE]" and texts == ["abc", "abcdef", "abcdefg"]      # the text so far
     assert json.loads(events[-2][6:])["meta_info"]["finish_reason"] == {"type": "stop"}
     assert [r.status_code for r in bad] == [400] * len(bad), [r.text for r in bad]
+    assert "temperature must be" in bad[-1].json()["error"]["message"]
+    named = _run(_post_generate(app, {"text": "x", "sampling_params": {"max_new_tokens": 0, "no_stop_trim": 1}}))
+    assert "max_new_tokens must be a positive integer" in named.json()["error"]["message"]      # the caller's name
     assert len(fake.sent) == 6                                                      # none of them ran
 
 
@@ -673,3 +676,8 @@ def test_sglang_health_generate_and_model_info(tiny_moe):
     assert broken.status_code == 503 and broken.json()["status"] == "unavailable"
     assert info.json() == {"model_path": str(tiny_moe), "tokenizer_path": str(tiny_moe),
                            "served_model_name": "tiny-moe", "is_generation": True, "max_model_len": 1024}
+
+
+async def _post_generate(app, body):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://adapter") as http:
+        return await http.post("/generate", json=body)
