@@ -163,13 +163,16 @@ def test_one_sampled_row_draws_from_its_filtered_distribution():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sampler_queues_every_path_without_a_host_sync():
     """The engine prepares the next step while this one runs: no draw may wait for the GPU (unseeded
-    top-k candidates alone and batched, top-p over the sorted vocabulary, seeded, penalised, greedy)."""
-    logits = torch.randn(5, 151936, device="cuda").to(torch.bfloat16)
+    top-k candidates alone and batched, top-p over the sorted vocabulary, seeded, penalised, greedy,
+    and logit_bias on a greedy and a sampled row, which it forces)."""
+    logits = torch.randn(7, 151936, device="cuda").to(torch.bfloat16)
     rows = [SampleRow("a", SamplingParams(temperature=0.7, top_p=0.8, top_k=20), [], []),
             SampleRow("b", SamplingParams(temperature=1.0, top_p=0.9), [], []),
             SampleRow("c", SamplingParams(temperature=0.7, top_k=20, seed=3), [], []),
             SampleRow("d", SamplingParams(temperature=0.7, repetition_penalty=1.2), [5, 7], [9]),
-            SampleRow("e", SamplingParams(temperature=0), [], [], {3})]
+            SampleRow("e", SamplingParams(temperature=0), [], [], {3}),
+            SampleRow("f", SamplingParams(temperature=0, logit_bias={7: 100}), [], []),
+            SampleRow("g", SamplingParams(temperature=1.0, logit_bias={"11": 100, "12": -100}), [], [])]
     s = Sampler()
     s.sample(logits, rows)                          # the seeded row's generator is made here
     torch.cuda.synchronize()
@@ -180,6 +183,7 @@ def test_sampler_queues_every_path_without_a_host_sync():
         torch.cuda.set_sync_debug_mode(0)
     assert all(((o >= 0) & (o < 151936)).all() for o in outs)
     assert outs[0][4].item() == int(logits[4].float().index_fill(0, torch.tensor([3], device="cuda"), -1e9).argmax())
+    assert outs[0][5:].tolist() == [7, 11]
 
 
 def _race_reference(logits, params, u):
