@@ -185,6 +185,14 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
                                 f"'{settings.served_model_name}'.", param="model", code="model_not_found")
         return model_card()
 
+    async def _prompt_ids(p, what: str, param: str) -> list[int]:
+        """A text prompt tokenized (off the event loop), or token ids checked against the vocabulary."""
+        ids = await asyncio.to_thread(prompts.tokenizer.encode, p) if isinstance(p, str) else list(p)
+        vocab = prompts.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"{what} must be in [0, {vocab})", param=param)
+        return ids
+
     def _tokenizer_here():
         if prompts is None:
             raise APIError(501, "this adapter was started without --model-path: it has no tokenizer",
@@ -301,12 +309,9 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         if prompts is None:
             raise APIError(400, "/v1/completions needs the adapter started with --model-path (the launcher does)")
         cid, start = "cmpl-" + uuid.uuid4().hex, time.monotonic()
-        vocab = prompts.tokenizer.vocab_size
         jobs = []                            # (prompt ids, echo text) per choice, prompt-major as OpenAI orders them
         for p in req.prompts:
-            ids = await asyncio.to_thread(prompts.tokenizer.encode, p) if isinstance(p, str) else list(p)
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            ids = await _prompt_ids(p, "prompt token ids", "prompt")
             echo = (p if isinstance(p, str) else prompts.tokenizer.decode(ids)) if req.echo else ""
             jobs += [(ids, echo)] * req.n
 
@@ -384,22 +389,15 @@ def create_app(settings: FrontendSettings, client_factory=None) -> FastAPI:
         sampling names, its answer and stream shapes."""
         _, body = await _json_body(request, settings.max_request_body_bytes)
         req = check_generate_request(body, settings.served_model_name)
-        text_prompts = _tokenizer_here()
+        _tokenizer_here()                      # 501 without one: text prompts are tokenized here
         # Triton's request ids are ours, never the client's `rid` (answered as meta_info.id): a
         # cancel goes by request id, and a client that reused another's rid could end its request
         rid, shown = uuid.uuid4().hex, req.rid
         start = time.monotonic()
-        vocab = text_prompts.tokenizer.vocab_size
         prompt_ids = {}                        # a text-only prompt's ids, by prompt (the adapter tokenizes)
         for job in req.jobs:
-            key = id(job.prompt)
-            if job.images or key in prompt_ids:
-                continue
-            p = job.prompt
-            ids = await asyncio.to_thread(text_prompts.tokenizer.encode, p) if isinstance(p, str) else list(p)
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"input_ids must be in [0, {vocab})", param="input_ids")
-            prompt_ids[key] = ids
+            if not job.images and id(job.prompt) not in prompt_ids:
+                prompt_ids[id(job.prompt)] = await _prompt_ids(job.prompt, "input_ids", "input_ids")
 
         def sub(job, base=rid):
             return base if len(req.jobs) == 1 else f"{base}-{job.index}"
